@@ -1,0 +1,69 @@
+//! hostd's configuration file (TOML). Every field is optional; the command line wins.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// gRPC address of the `HostService`.
+    pub listen: Option<SocketAddr>,
+    /// Address of the dedicated live-migration stream.
+    pub migration_listen: Option<SocketAddr>,
+    /// Where VM consoles' logs and runtime sockets go.
+    pub run_dir: Option<PathBuf>,
+    /// The iSCSI initiator name this host logs in with.
+    pub initiator_iqn: Option<String>,
+    /// Memory kept back for the host itself, in bytes.
+    pub reserved_memory_bytes: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_known_fields_and_rejects_unknown_ones() {
+        let cfg =
+            Config::parse("listen = \"127.0.0.11:7001\"\ninitiator_iqn = \"iqn.2026-11.lab:h1\"\n")
+                .unwrap();
+        assert_eq!(cfg.listen, Some("127.0.0.11:7001".parse().unwrap()));
+        assert_eq!(cfg.initiator_iqn.as_deref(), Some("iqn.2026-11.lab:h1"));
+        assert!(Config::parse("listne = \"127.0.0.1:1\"").is_err());
+    }
+}

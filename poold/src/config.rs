@@ -1,0 +1,70 @@
+//! poold's configuration file (TOML). Every field is optional; the command line wins.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This member's Raft id (non-zero, unique in the pool).
+    pub member_id: Option<u64>,
+    /// gRPC address of `PoolService` and of the peer transport.
+    pub listen: Option<SocketAddr>,
+    /// Raft log, hard state and snapshots.
+    pub data_dir: Option<PathBuf>,
+    /// The initial members: id → address. Only read when the data directory is empty.
+    #[serde(default)]
+    pub initial_members: BTreeMap<u64, SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_members_and_rejects_unknown_fields() {
+        let cfg = Config::parse(
+            "member_id = 2\n[initial_members]\n1 = \"127.0.0.1:7101\"\n2 = \"127.0.0.1:7102\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.member_id, Some(2));
+        assert_eq!(cfg.initial_members.len(), 2);
+        assert!(Config::parse("member = 2").is_err());
+    }
+}

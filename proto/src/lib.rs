@@ -1,0 +1,208 @@
+//! The management contract of the pool: every message and service that crosses a process
+//! boundary between `poolctl`, `poold`, `hostd` and `storaged`.
+//!
+//! # Layout
+//! - `proto/storage.proto` → [`storage`]: `StorageService` (thin pools, volumes,
+//!   snapshots, clones, iSCSI exports and access grants).
+//! - `proto/host.proto` → [`host`]: `HostService` (VM lifecycle, console, disks, live
+//!   migration, host info and metrics).
+//! - `proto/pool.proto` → [`coordinator`]: `PoolService` (the pool as people see it),
+//!   `HostAgentService` (hostd's heartbeats) and `CoordinatorPeerService` (Raft transport).
+//!
+//! The code is generated at build time by `tonic-prost-build` from descriptors that
+//! `protox` compiles in-process; no system `protoc` is involved.
+//!
+//! ```
+//! use prost::Message;
+//! use proto::storage::CreateVolumeRequest;
+//!
+//! let req = CreateVolumeRequest { name: "disk0".into(), virtual_size_bytes: 1 << 30, ..Default::default() };
+//! let bytes = req.encode_to_vec();
+//! assert_eq!(CreateVolumeRequest::decode(bytes.as_slice()).unwrap(), req);
+//! ```
+
+/// Generated modules, nested as the protobuf packages are (`pool.v1`, `pool.host.v1`,
+/// `pool.storage.v1`) so that the generated cross-package paths resolve. Clippy's style
+/// lints are for code people write, not for what prost generates.
+#[allow(clippy::all)]
+pub mod pool {
+    pub mod v1 {
+        tonic::include_proto!("pool.v1");
+    }
+    pub mod host {
+        pub mod v1 {
+            tonic::include_proto!("pool.host.v1");
+        }
+    }
+    pub mod storage {
+        pub mod v1 {
+            tonic::include_proto!("pool.storage.v1");
+        }
+    }
+}
+
+pub use pool::host::v1 as host;
+pub use pool::storage::v1 as storage;
+pub use pool::v1 as coordinator;
+
+/// Re-exported so users of the contract name one version of each.
+pub use prost;
+pub use prost_types;
+pub use tonic;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+    use std::collections::HashMap;
+
+    fn round_trip<M: Message + Default + PartialEq + std::fmt::Debug>(msg: M) {
+        let bytes = msg.encode_to_vec();
+        assert!(
+            !bytes.is_empty(),
+            "a populated message encodes to some bytes"
+        );
+        let back = M::decode(bytes.as_slice()).expect("decodes");
+        assert_eq!(back, msg);
+    }
+
+    fn ts(seconds: i64) -> Option<prost_types::Timestamp> {
+        Some(prost_types::Timestamp { seconds, nanos: 7 })
+    }
+
+    #[test]
+    fn storage_messages_round_trip() {
+        round_trip(storage::CreatePoolRequest {
+            name: "sr0".into(),
+            backing_kind: storage::BackingKind::File as i32,
+            backing_path: "/var/lib/pool/sr0.img".into(),
+            size_bytes: 20 << 30,
+            chunk_size_bytes: 64 << 10,
+            warning_threshold_percent: 80,
+        });
+        round_trip(storage::Volume {
+            id: "7f1c0d7e-5a44-4c4f-9a52-0f5d2b1e9a10".into(),
+            pool_id: "p".into(),
+            name: "disk".into(),
+            kind: storage::VolumeKind::Snapshot as i32,
+            origin_id: "o".into(),
+            virtual_size_bytes: u64::MAX,
+            allocated_bytes: 1,
+            exclusive_bytes: 2,
+            shared_bytes: 3,
+            read_only: true,
+            block_size_bytes: 4096,
+            created_at: ts(1_700_000_000),
+            labels: HashMap::from([("owner".into(), "lab".into())]),
+        });
+        round_trip(storage::GrantAccessRequest {
+            export_id: "e".into(),
+            initiator_iqn: "iqn.2026-11.lab.pool:host1".into(),
+            chap: Some(storage::ChapCredentials {
+                username: "u".into(),
+                secret: "s".into(),
+            }),
+            mutual_chap: None,
+        });
+    }
+
+    #[test]
+    fn host_messages_round_trip() {
+        round_trip(host::CreateVmRequest {
+            vm_id: "vm".into(),
+            config: Some(host::VmConfig {
+                name: "demo".into(),
+                vcpus: 2,
+                memory_bytes: 512 << 20,
+                boot: Some(host::BootSource {
+                    kernel_path: "guest.elf".into(),
+                    initrd_path: String::new(),
+                    command_line: "mode=heartbeat".into(),
+                    protocol: host::BootProtocol::Pvh as i32,
+                }),
+                disks: vec![host::DiskConfig {
+                    id: "vda".into(),
+                    backend: Some(host::disk_config::Backend::Iscsi(host::IscsiDisk {
+                        portal: "127.0.0.1:3260".into(),
+                        target_iqn: "iqn.2026-11.lab.pool:vol".into(),
+                        lun: 0,
+                        ..Default::default()
+                    })),
+                    read_only: false,
+                }],
+                cpuid_mask: vec![host::CpuidEntry {
+                    function: 1,
+                    index: 0,
+                    eax: 1,
+                    ebx: 2,
+                    ecx: 3,
+                    edx: 4,
+                }],
+                console_buffer_bytes: 65536,
+                labels: HashMap::new(),
+            }),
+            start: true,
+        });
+        round_trip(host::MigrationProgress {
+            migration_id: "m".into(),
+            vm_id: "vm".into(),
+            phase: host::MigrationPhase::DirtyRounds as i32,
+            round: 3,
+            bytes_sent: 1 << 29,
+            downtime_ms: 12,
+            ..Default::default()
+        });
+    }
+
+    #[test]
+    fn pool_messages_round_trip() {
+        round_trip(coordinator::MigrateVmRequest {
+            request_id: "r1".into(),
+            vm_id: "vm".into(),
+            destination_host_id: "h2".into(),
+            downtime_budget_ms: 300,
+            auto_converge: true,
+        });
+        round_trip(coordinator::TaskResponse {
+            task: Some(coordinator::Task {
+                id: "t".into(),
+                kind: "vm.migrate".into(),
+                state: coordinator::TaskState::Running as i32,
+                progress_percent: 40,
+                created_at: ts(1),
+                results: HashMap::from([("downtime_ms".into(), "31".into())]),
+                ..Default::default()
+            }),
+        });
+        round_trip(coordinator::CreateVmRequest {
+            request_id: "r2".into(),
+            spec: Some(coordinator::VmSpec {
+                name: "web".into(),
+                vcpus: 1,
+                memory_bytes: 1 << 30,
+                ha_priority: coordinator::HaRestartPriority::Restart as i32,
+                ..Default::default()
+            }),
+            source: Some(coordinator::create_vm_request::Source::TemplateId(
+                "tpl".into(),
+            )),
+            sr_id: String::new(),
+            start: true,
+            host_id: String::new(),
+        });
+    }
+
+    #[test]
+    fn enums_have_unspecified_zero() {
+        assert_eq!(
+            storage::VolumeKind::default(),
+            storage::VolumeKind::Unspecified
+        );
+        assert_eq!(host::PowerState::default(), host::PowerState::Unspecified);
+        assert_eq!(coordinator::Role::default(), coordinator::Role::Unspecified);
+        assert_eq!(
+            coordinator::TaskState::default(),
+            coordinator::TaskState::Unspecified
+        );
+    }
+}
