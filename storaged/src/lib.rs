@@ -1,2 +1,27 @@
 //! `storaged`: thin pools and thin volumes (LVM-thin-like) on a file or block device,
 //! exported as iSCSI LUNs and managed through the `StorageService` of `proto/`.
+//!
+//! # Layout
+//! - [`superblock`]: the checksummed header that makes a device a pool.
+//! - [`backing`]: the file or block device: positional I/O, sync, hole punching, locking.
+//! - [`tree`]: the mapping tree with shared, reference-counted nodes (snapshots in O(1)).
+//! - [`space`]: per-chunk reference counts and the rules for reusing freed chunks.
+//! - [`meta`]: the sled store and the on-disk encoding of every record.
+//! - [`pool`]: [`ThinPool`], tying them together: data path, commits, volumes, fsck.
+//! - [`volume`]: [`ThinVolume`], a volume as an `iscsi_target::BlockDevice`.
+
+pub mod backing;
+pub mod meta;
+pub mod pool;
+pub mod space;
+pub mod superblock;
+pub mod tree;
+pub mod volume;
+
+pub use backing::BackingKind;
+pub use meta::VolumeKind;
+pub use pool::{
+    CheckReport, CreateOptions, ImportOptions, PoolError, ThinPool, Usage, VolumeInfo,
+    valid_chunk_size,
+};
+pub use volume::ThinVolume;
