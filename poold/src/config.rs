@@ -16,8 +16,19 @@ pub struct Config {
     /// Raft log, hard state and snapshots.
     pub data_dir: Option<PathBuf>,
     /// The initial members: id → address. Only read when the data directory is empty.
+    /// A joining member lists the existing ones here, to reach them before its snapshot.
     #[serde(default)]
     pub initial_members: BTreeMap<u64, SocketAddr>,
+    /// Name of the pool: members refuse Raft messages from another pool.
+    pub pool_id: Option<String>,
+    /// Start empty and wait to be added (AddMember) to an existing pool.
+    pub join: Option<bool>,
+    /// Raft tick in milliseconds (elections after 10–20 ticks, heartbeats every 2).
+    pub tick_ms: Option<u64>,
+    /// Snapshot the state and compact the log every this many entries.
+    pub snapshot_interval: Option<u64>,
+    /// Entries kept behind a snapshot for slightly slow followers.
+    pub snapshot_keep_entries: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,9 +1,13 @@
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use poold::config::Config;
+use poold::consensus::NodeConfig;
+use poold::server::{Member, MemberConfig};
 
 /// Pool coordinator: a Raft member that keeps the pool's state and serves PoolService.
 #[derive(Debug, Parser)]
@@ -12,29 +16,127 @@ struct Args {
     /// TOML configuration file.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// gRPC listen address (overrides the config file).
+    /// This member's Raft id (non-zero).
+    #[arg(long)]
+    member_id: Option<u64>,
+    /// gRPC listen address (PoolService, HostAgentService and the peer transport).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Directory of the Raft log, hard state and snapshots.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// An initial member, ID=ADDRESS; repeat for each (all founding members get the same list).
+    #[arg(long = "member", value_parser = parse_member)]
+    members: Vec<(u64, SocketAddr)>,
+    /// Pool name; members refuse Raft messages from another pool.
+    #[arg(long)]
+    pool_id: Option<String>,
+    /// Start empty and wait to be added to an existing pool (AddMember on the leader).
+    #[arg(long)]
+    join: bool,
+    /// Raft tick in milliseconds.
+    #[arg(long)]
+    tick_ms: Option<u64>,
+    /// Snapshot and compact the log every this many entries.
+    #[arg(long)]
+    snapshot_interval: Option<u64>,
+    /// Entries kept behind a snapshot.
+    #[arg(long)]
+    snapshot_keep_entries: Option<u64>,
     /// Log filter, e.g. "info" or "poold=debug" (RUST_LOG wins when set).
-    #[arg(long, default_value = "info")]
+    #[arg(long, default_value = "info,raft=warn")]
     log: String,
+}
+
+fn parse_member(s: &str) -> Result<(u64, SocketAddr), String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected ID=ADDRESS"))?;
+    let id: u64 = id.parse().map_err(|e| format!("{id:?}: {e}"))?;
+    if id == 0 {
+        return Err("member ids are non-zero".into());
+    }
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("{addr:?}: {e}"))?;
+    Ok((id, addr))
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(&args.log);
-    let mut config = match &args.config {
+    let mut cfg = match &args.config {
         Some(path) => Config::load(path).context("loading configuration")?,
         None => Config::default(),
     };
-    if args.listen.is_some() {
-        config.listen = args.listen;
+    if args.member_id.is_some() {
+        cfg.member_id = args.member_id;
     }
-    tracing::info!(?config, "poold starting");
-    anyhow::bail!(
-        "poold cannot coordinate a pool yet: Raft, the pool state machine and PoolService \
-         belong to the poold issue, which has not landed; refusing to pretend to serve"
-    )
+    if args.listen.is_some() {
+        cfg.listen = args.listen;
+    }
+    if args.data_dir.is_some() {
+        cfg.data_dir = args.data_dir.clone();
+    }
+    if !args.members.is_empty() {
+        cfg.initial_members = args.members.iter().copied().collect();
+    }
+    if args.pool_id.is_some() {
+        cfg.pool_id = args.pool_id.clone();
+    }
+    if args.join {
+        cfg.join = Some(true);
+    }
+    let id = cfg
+        .member_id
+        .filter(|id| *id != 0)
+        .context("a non-zero member id is required (--member-id or member_id)")?;
+    let listen = cfg
+        .listen
+        .or_else(|| cfg.initial_members.get(&id).copied())
+        .context("a listen address is required (--listen, or this member in --member)")?;
+    let data_dir = cfg
+        .data_dir
+        .clone()
+        .context("a data directory is required (--data-dir or data_dir)")?;
+    let mut node = NodeConfig::new(id, cfg.pool_id.as_deref().unwrap_or("pool"));
+    if let Some(t) = args.tick_ms.or(cfg.tick_ms) {
+        node.tick = Duration::from_millis(t.max(1));
+    }
+    if let Some(n) = args.snapshot_interval.or(cfg.snapshot_interval) {
+        node.snapshot_interval = n.max(1);
+    }
+    if let Some(n) = args.snapshot_keep_entries.or(cfg.snapshot_keep_entries) {
+        node.snapshot_keep_entries = n;
+    }
+    let initial: BTreeMap<u64, String> = cfg
+        .initial_members
+        .iter()
+        .map(|(k, v)| (*k, v.to_string()))
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        tracing::info!(id, %listen, data_dir = %data_dir.display(), "poold starting");
+        let member = Member::start(MemberConfig {
+            node,
+            data_dir,
+            initial_members: initial,
+            join: cfg.join.unwrap_or(false),
+        })
+        .context("starting the Raft member")?;
+        member
+            .run(listener, async {
+                let _ = tokio::signal::ctrl_c().await;
+                tracing::info!("shutting down");
+            })
+            .await
+            .context("serving")?;
+        Ok(())
+    })
 }
 
 fn init_logging(default: &str) {

@@ -1,0 +1,729 @@
+//! The one thread that owns the Raft `RawNode`, its storage and the state machine.
+//!
+//! Everything else talks to it through [`NodeHandle`]: gRPC handlers send proposals,
+//! reads and incoming Raft messages into its channel and wait on a oneshot reply. The
+//! thread drains its channel, ticks, and runs one ordered `on_ready` pass (see
+//! [`Node::on_ready`] for why each step comes where it does). It is a plain thread, not a
+//! tokio task, because the fsync in that pass blocks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, Message};
+use raft::{RawNode, SnapshotStatus, StateRole};
+use tokio::sync::{oneshot, watch};
+
+use super::storage::DiskStorage;
+use super::transport::Transport;
+use crate::state::command::{Command, CommandResult, MemberChange};
+use crate::state::machine::PoolState;
+use crate::state::snapshot;
+
+/// Settings of the Raft member.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: u64,
+    pub pool_id: String,
+    pub tick: Duration,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Take a state-machine snapshot (and compact the log) every this many applied entries.
+    pub snapshot_interval: u64,
+    /// Entries kept behind a snapshot for followers that are only a little behind.
+    pub snapshot_keep_entries: u64,
+    /// Addresses of members known before the replicated member list is (a joining member).
+    pub seeds: BTreeMap<u64, String>,
+}
+
+impl NodeConfig {
+    pub fn new(id: u64, pool_id: &str) -> Self {
+        NodeConfig {
+            id,
+            pool_id: pool_id.to_owned(),
+            tick: Duration::from_millis(100),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_interval: 10_000,
+            snapshot_keep_entries: 1_000,
+            seeds: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum NodeError {
+    #[error("this member is not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<u64> },
+    #[error("the proposal was dropped: {0}")]
+    Dropped(String),
+    #[error("leadership changed before the proposal was applied; its outcome is unknown")]
+    LeadershipLost,
+    #[error("the Raft member has stopped")]
+    Stopped,
+    #[error("membership change refused: {0}")]
+    BadMemberChange(String),
+}
+
+/// What the node thread publishes after each pass.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub leader_id: u64,
+    pub term: u64,
+    pub role: String,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub first_log_index: u64,
+    pub last_log_index: u64,
+    pub snapshot_index: u64,
+    pub snapshots_installed: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    pub voters_outgoing: Vec<u64>,
+    /// Leader only: each member's match index and whether it was heard from recently.
+    pub progress: BTreeMap<u64, (u64, bool)>,
+}
+
+/// State shared by the node thread (the only writer) and the request handlers.
+pub struct Shared {
+    pub state: RwLock<PoolState>,
+    pub status: Mutex<NodeStatus>,
+    pub applied: watch::Sender<u64>,
+}
+
+type ProposeReply = oneshot::Sender<Result<(CommandResult, u64), NodeError>>;
+
+pub enum NodeMsg {
+    /// A message from another member.
+    Raft(Box<Message>),
+    Propose {
+        command: Vec<u8>,
+        reply: ProposeReply,
+    },
+    ConfChange {
+        change: Box<ConfChangeV2>,
+        reply: ProposeReply,
+    },
+    /// Linearizable read: replies with the index the state machine must reach first.
+    ReadIndex {
+        reply: oneshot::Sender<Result<u64, NodeError>>,
+    },
+    Unreachable(u64),
+    SnapshotSent {
+        to: u64,
+        ok: bool,
+    },
+    Campaign,
+}
+
+/// A cheap handle to the node thread.
+#[derive(Clone)]
+pub struct NodeHandle {
+    tx: Sender<NodeMsg>,
+    pub shared: Arc<Shared>,
+    pub id: u64,
+}
+
+impl NodeHandle {
+    pub fn send(&self, msg: NodeMsg) -> Result<(), NodeError> {
+        self.tx.send(msg).map_err(|_| NodeError::Stopped)
+    }
+
+    /// Proposes an encoded command on this member (which must lead) and waits until it is
+    /// applied here; returns its result and log index.
+    pub async fn propose(&self, command: Vec<u8>) -> Result<(CommandResult, u64), NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(NodeMsg::Propose { command, reply })?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    pub async fn conf_change(
+        &self,
+        change: ConfChangeV2,
+    ) -> Result<(CommandResult, u64), NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(NodeMsg::ConfChange {
+            change: Box::new(change),
+            reply,
+        })?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// Waits until this member's state machine reflects every write committed before the
+    /// call (Raft ReadIndex, confirmed by a quorum of heartbeats).
+    pub async fn read_barrier(&self) -> Result<(), NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(NodeMsg::ReadIndex { reply })?;
+        let index = rx.await.map_err(|_| NodeError::Stopped)??;
+        let mut applied = self.shared.applied.subscribe();
+        applied
+            .wait_for(|a| *a >= index)
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        Ok(())
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        self.shared.status.lock().expect("status lock").clone()
+    }
+
+    pub fn state(&self) -> std::sync::RwLockReadGuard<'_, PoolState> {
+        self.shared.state.read().expect("state lock")
+    }
+}
+
+static INCARNATION: AtomicU64 = AtomicU64::new(0);
+
+struct Node {
+    cfg: NodeConfig,
+    raw: RawNode<DiskStorage>,
+    shared: Arc<Shared>,
+    transport: Transport,
+    /// Identifies this process's proposals in entry contexts: member id, a random
+    /// incarnation (so a restarted process never answers for its predecessor's entries)
+    /// and a counter.
+    incarnation: u64,
+    next_proposal: u64,
+    proposals: HashMap<u64, ProposeReply>,
+    /// Reads waiting for the next ReadIndex round, and rounds in flight.
+    reads_waiting: Vec<oneshot::Sender<Result<u64, NodeError>>>,
+    reads_in_flight: HashMap<u64, Vec<oneshot::Sender<Result<u64, NodeError>>>>,
+    next_read: u64,
+    conf_state: ConfState,
+    leader_seen: (u64, u64),
+    snapshots_installed: u64,
+}
+
+/// Starts the node thread. `storage` must be bootstrapped already (or empty, for a member
+/// that joins an existing group and waits for its snapshot).
+pub fn start(
+    cfg: NodeConfig,
+    storage: DiskStorage,
+    transport_rt: tokio::runtime::Handle,
+    faults: Arc<super::transport::Faults>,
+) -> Result<NodeHandle, Box<dyn std::error::Error + Send + Sync>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let snap_meta = storage.snapshot_metadata().clone();
+    let (state, conf_state) = if snap_meta.index == 0 {
+        (
+            PoolState::new(&cfg.pool_id, BTreeMap::new()),
+            ConfState::default(),
+        )
+    } else {
+        let mut s = snapshot::decode(&storage.snapshot_data()?)?;
+        s.applied_index = snap_meta.index;
+        (s, snap_meta.get_conf_state().clone())
+    };
+    let applied = state.applied_index;
+    let shared = Arc::new(Shared {
+        state: RwLock::new(state),
+        status: Mutex::new(NodeStatus {
+            id: cfg.id,
+            ..Default::default()
+        }),
+        applied: watch::channel(applied).0,
+    });
+    let raft_cfg = raft::Config {
+        id: cfg.id,
+        election_tick: cfg.election_ticks,
+        heartbeat_tick: cfg.heartbeat_ticks,
+        applied,
+        max_size_per_msg: 1 << 20,
+        max_inflight_msgs: 256,
+        check_quorum: true,
+        pre_vote: true,
+        read_only_option: raft::ReadOnlyOption::Safe,
+        ..Default::default()
+    };
+    raft_cfg.validate()?;
+    let raw = RawNode::new(&raft_cfg, storage, &super::log::logger(cfg.id))?;
+    let handle = NodeHandle {
+        tx: tx.clone(),
+        shared: shared.clone(),
+        id: cfg.id,
+    };
+    let mut transport = Transport::new(
+        cfg.id,
+        cfg.pool_id.clone(),
+        transport_rt,
+        tx,
+        shared.clone(),
+        faults,
+    );
+    transport.seeds = cfg.seeds.clone();
+    let incarnation = rand::random::<u64>() ^ INCARNATION.fetch_add(1, Ordering::Relaxed);
+    let mut node = Node {
+        cfg,
+        raw,
+        shared,
+        transport,
+        incarnation,
+        next_proposal: 1,
+        proposals: HashMap::new(),
+        reads_waiting: Vec::new(),
+        reads_in_flight: HashMap::new(),
+        next_read: 1,
+        conf_state,
+        leader_seen: (0, 0),
+        snapshots_installed: 0,
+    };
+    node.publish();
+    std::thread::Builder::new()
+        .name(format!("raft-{}", node.cfg.id))
+        .spawn(move || node.run(rx))?;
+    Ok(handle)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Node {
+    fn run(mut self, rx: Receiver<NodeMsg>) {
+        let mut last_tick = Instant::now();
+        loop {
+            let wait = self.cfg.tick.saturating_sub(last_tick.elapsed());
+            match rx.recv_timeout(wait) {
+                Ok(m) => self.handle(m),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            // Take everything already queued so one Ready (one fsync) covers it all:
+            // this batching is what lets throughput grow with concurrent clients.
+            for _ in 0..8192 {
+                match rx.try_recv() {
+                    Ok(m) => self.handle(m),
+                    Err(_) => break,
+                }
+            }
+            if last_tick.elapsed() >= self.cfg.tick {
+                self.raw.tick();
+                last_tick = Instant::now();
+            }
+            self.start_read_round();
+            if let Err(e) = self.on_ready() {
+                // The storage failed: this member cannot go on safely. Stop; the others
+                // keep the pool going and this one recovers from its disk on restart.
+                tracing::error!(error = %e, "Raft storage failed; stopping this member");
+                std::process::exit(70);
+            }
+            self.publish();
+        }
+        tracing::info!("Raft member stopped");
+    }
+
+    fn handle(&mut self, m: NodeMsg) {
+        match m {
+            NodeMsg::Raft(msg) => {
+                if let Err(e) = self.raw.step(*msg) {
+                    tracing::debug!(error = %e, "dropped a Raft message");
+                }
+            }
+            NodeMsg::Propose { command, reply } => {
+                if self.raw.raft.state != StateRole::Leader {
+                    let _ = reply.send(Err(self.not_leader()));
+                    return;
+                }
+                let pid = self.next_proposal;
+                self.next_proposal += 1;
+                match self.raw.propose(self.context(pid), command) {
+                    Ok(()) => {
+                        self.proposals.insert(pid, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NodeError::Dropped(e.to_string())));
+                    }
+                }
+            }
+            NodeMsg::ConfChange { change, reply } => {
+                if self.raw.raft.state != StateRole::Leader {
+                    let _ = reply.send(Err(self.not_leader()));
+                    return;
+                }
+                if let Err(why) = self.check_conf_change(&change) {
+                    let _ = reply.send(Err(NodeError::BadMemberChange(why)));
+                    return;
+                }
+                let pid = self.next_proposal;
+                self.next_proposal += 1;
+                match self.raw.propose_conf_change(self.context(pid), *change) {
+                    Ok(()) => {
+                        self.proposals.insert(pid, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NodeError::BadMemberChange(e.to_string())));
+                    }
+                }
+            }
+            NodeMsg::ReadIndex { reply } => self.reads_waiting.push(reply),
+            NodeMsg::Unreachable(id) => self.raw.report_unreachable(id),
+            NodeMsg::SnapshotSent { to, ok } => self.raw.report_snapshot(
+                to,
+                if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                },
+            ),
+            NodeMsg::Campaign => {
+                let _ = self.raw.campaign();
+            }
+        }
+    }
+
+    fn not_leader(&self) -> NodeError {
+        let l = self.raw.raft.leader_id;
+        NodeError::NotLeader {
+            leader: (l != 0).then_some(l),
+        }
+    }
+
+    fn context(&self, pid: u64) -> Vec<u8> {
+        let mut c = Vec::with_capacity(24);
+        c.extend_from_slice(&self.cfg.id.to_be_bytes());
+        c.extend_from_slice(&self.incarnation.to_be_bytes());
+        c.extend_from_slice(&pid.to_be_bytes());
+        c
+    }
+
+    fn own_proposal(&self, ctx: &[u8]) -> Option<u64> {
+        if ctx.len() == 24
+            && ctx[..8] == self.cfg.id.to_be_bytes()
+            && ctx[8..16] == self.incarnation.to_be_bytes()
+        {
+            Some(u64::from_be_bytes(ctx[16..].try_into().expect("8 bytes")))
+        } else {
+            None
+        }
+    }
+
+    /// Refuses a change that would leave the group without a reachable quorum, or that
+    /// removes the last voter.
+    fn check_conf_change(&self, cc: &ConfChangeV2) -> Result<(), String> {
+        use raft::eraftpb::ConfChangeType::*;
+        if !self.conf_state.voters_outgoing.is_empty() {
+            return Err("a joint-consensus change is still in progress; retry shortly".into());
+        }
+        let mut voters: Vec<u64> = self.conf_state.voters.clone();
+        for c in cc.changes.iter() {
+            match c.change_type {
+                AddNode => {
+                    if !voters.contains(&c.node_id) {
+                        voters.push(c.node_id);
+                    }
+                }
+                RemoveNode => {
+                    if !self.conf_state.voters.contains(&c.node_id)
+                        && !self.conf_state.learners.contains(&c.node_id)
+                    {
+                        return Err(format!("member {} is not in the group", c.node_id));
+                    }
+                    voters.retain(|v| *v != c.node_id);
+                }
+                AddLearnerNode => voters.retain(|v| *v != c.node_id),
+            }
+        }
+        if voters.is_empty() {
+            return Err("the change would leave no voter".into());
+        }
+        let prs = self.raw.raft.prs();
+        let active = voters
+            .iter()
+            .filter(|v| {
+                **v == self.cfg.id
+                    || prs
+                        .get(**v)
+                        .is_some_and(|p| p.recent_active && p.matched > 0)
+            })
+            .count();
+        let existing_new = voters
+            .iter()
+            .filter(|v| self.conf_state.voters.contains(v))
+            .count();
+        // New voters start empty: they count only once they have caught up, so a change
+        // that needs them for its quorum would stall the pool. Require a quorum of the new
+        // configuration among members that are up to date and heard from recently.
+        if active < voters.len() / 2 + 1 {
+            return Err(format!(
+                "the new configuration {voters:?} needs {} reachable, caught-up voters but has {active} \
+                 ({existing_new} existing); bring members back or add learners first",
+                voters.len() / 2 + 1
+            ));
+        }
+        Ok(())
+    }
+
+    fn start_read_round(&mut self) {
+        if self.reads_waiting.is_empty() {
+            return;
+        }
+        if self.raw.raft.leader_id == 0 {
+            for r in self.reads_waiting.drain(..) {
+                let _ = r.send(Err(NodeError::NotLeader { leader: None }));
+            }
+            return;
+        }
+        let id = self.next_read;
+        self.next_read += 1;
+        let mut ctx = self.incarnation.to_be_bytes().to_vec();
+        ctx.extend_from_slice(&id.to_be_bytes());
+        self.raw.read_index(ctx);
+        self.reads_in_flight
+            .insert(id, std::mem::take(&mut self.reads_waiting));
+    }
+
+    /// One ordered pass over what raft-rs has ready.
+    fn on_ready(&mut self) -> Result<(), raft::Error> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+
+        // 1. A leader's messages (appends, heartbeats) go out before its own log write:
+        //    the leader may append to followers in parallel with persisting its entries
+        //    (Raft thesis §10.2.1), since it counts itself only once they are persisted.
+        if !ready.messages().is_empty() {
+            self.transport.send(ready.take_messages());
+        }
+
+        // 2. A snapshot from the leader replaces log and state machine. It comes before
+        //    entries and committed entries because those continue from it.
+        if !ready.snapshot().is_empty() {
+            let snap = ready.snapshot().clone();
+            let mut state = snapshot::decode(&snap.data)
+                .map_err(|e| raft::Error::Store(raft::StorageError::Other(Box::new(e))))?;
+            let index = snap.get_metadata().index;
+            self.raw.mut_store().apply_snapshot(&snap)?;
+            state.applied_index = index;
+            self.conf_state = snap.get_metadata().get_conf_state().clone();
+            *self.shared.state.write().expect("state lock") = state;
+            self.snapshots_installed += 1;
+            self.shared.applied.send_replace(index);
+            tracing::info!(index, "installed a snapshot from the leader");
+        }
+
+        // 3. Committed entries are already durable here (raft-rs hands out only entries
+        //    this member persisted), so applying them need not wait for this pass's fsync.
+        let committed = ready.take_committed_entries();
+        self.apply(committed)?;
+
+        // 4. New entries and the hard state (term, vote) are written and fsynced before
+        //    anything that acknowledges them leaves: a vote or an append response sent
+        //    before the fsync could be forgotten by a crash, which breaks Raft's safety.
+        if !ready.entries().is_empty() {
+            self.raw.mut_store().append(ready.entries())?;
+        }
+        if let Some(hs) = ready.hs() {
+            self.raw.mut_store().set_hard_state(hs)?;
+        }
+        if !ready.entries().is_empty() || ready.hs().is_some() || !ready.snapshot().is_empty() {
+            self.raw.store().sync()?;
+        }
+
+        // 5. Now the messages that depend on what was just persisted.
+        if !ready.persisted_messages().is_empty() {
+            self.transport.send(ready.take_persisted_messages());
+        }
+
+        // 6. ReadIndex answers: each waiter reads once its state machine reaches `index`.
+        for rs in ready.take_read_states() {
+            if rs.request_ctx.len() == 16 && rs.request_ctx[..8] == self.incarnation.to_be_bytes() {
+                let id = u64::from_be_bytes(rs.request_ctx[8..].try_into().expect("8 bytes"));
+                for w in self.reads_in_flight.remove(&id).unwrap_or_default() {
+                    let _ = w.send(Ok(rs.index));
+                }
+            }
+        }
+
+        // 7. Tell raft-rs this Ready is handled. The light ready that follows carries the
+        //    commit index (persisted lazily: it can be recomputed), messages, and entries
+        //    that became committed by this member's own append.
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit)?;
+        }
+        self.transport.send(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.raw.advance_apply();
+
+        // 8. Leadership changes: proposals and reads of a deposed leader may never be
+        //    answered by the log, so their waiters learn the outcome is unknown now (a
+        //    client retries with the same request id; idempotency makes that safe).
+        let seen = (self.raw.raft.term, self.raw.raft.leader_id);
+        if seen != self.leader_seen {
+            self.leader_seen = seen;
+            if self.raw.raft.state != StateRole::Leader {
+                for (_, r) in self.proposals.drain() {
+                    let _ = r.send(Err(NodeError::LeadershipLost));
+                }
+            }
+            for (_, ws) in self.reads_in_flight.drain() {
+                for w in ws {
+                    let _ = w.send(Err(NodeError::LeadershipLost));
+                }
+            }
+        }
+
+        // 9. Compaction last, so a snapshot covers everything applied in this pass.
+        self.maybe_snapshot()?;
+        Ok(())
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), raft::Error> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut last = 0;
+        let mut replies = Vec::new();
+        {
+            let mut state = self.shared.state.write().expect("state lock");
+            for e in entries {
+                last = e.index;
+                let pid = self.own_proposal(&e.context);
+                match e.entry_type {
+                    EntryType::EntryNormal => {
+                        if e.data.is_empty() {
+                            // A new leader's empty entry.
+                            state.applied_index = e.index;
+                            continue;
+                        }
+                        let result = match Command::decode(e.data.as_ref()) {
+                            Ok(cmd) => state.apply(e.index, &cmd),
+                            Err(err) => {
+                                state.applied_index = e.index;
+                                CommandResult::error(
+                                    tonic::Code::Internal,
+                                    format!("undecodable command at index {}: {err}", e.index),
+                                )
+                            }
+                        };
+                        if let Some(pid) = pid {
+                            replies.push((pid, Ok((result, e.index))));
+                        }
+                    }
+                    EntryType::EntryConfChangeV2 | EntryType::EntryConfChange => {
+                        let cc: ConfChangeV2 = if e.entry_type == EntryType::EntryConfChangeV2 {
+                            ConfChangeV2::parse_from_bytes(&e.data).map_err(|err| {
+                                raft::Error::Store(raft::StorageError::Other(Box::new(err)))
+                            })?
+                        } else {
+                            let v1 = raft::eraftpb::ConfChange::parse_from_bytes(&e.data).map_err(
+                                |err| raft::Error::Store(raft::StorageError::Other(Box::new(err))),
+                            )?;
+                            // Only V2 changes are proposed here; a V1 entry is read as
+                            // the single change it is.
+                            let mut one = raft::eraftpb::ConfChangeSingle::default();
+                            one.change_type = v1.change_type;
+                            one.node_id = v1.node_id;
+                            let mut v2 = ConfChangeV2::default();
+                            v2.changes.push(one);
+                            v2.context = v1.context;
+                            v2
+                        };
+                        let outcome = match self.raw.apply_conf_change(&cc) {
+                            Ok(cs) => {
+                                self.conf_state = cs;
+                                let change =
+                                    MemberChange::decode(cc.context.as_ref()).unwrap_or_default();
+                                let mut all = self.conf_state.voters.clone();
+                                all.extend(&self.conf_state.learners);
+                                all.extend(&self.conf_state.voters_outgoing);
+                                all.extend(&self.conf_state.learners_next);
+                                state.apply_member_change(e.index, &change, &all);
+                                let task = change.task_id.clone();
+                                Ok((
+                                    CommandResult::ok(
+                                        state.tasks.get(&task).cloned().unwrap_or_default(),
+                                    ),
+                                    e.index,
+                                ))
+                            }
+                            Err(err) => {
+                                state.applied_index = e.index;
+                                Err(NodeError::BadMemberChange(err.to_string()))
+                            }
+                        };
+                        if let Some(pid) = pid {
+                            replies.push((pid, outcome));
+                        }
+                    }
+                }
+            }
+        }
+        for (pid, r) in replies {
+            if let Some(reply) = self.proposals.remove(&pid) {
+                let _ = reply.send(r);
+            }
+        }
+        self.shared.applied.send_replace(last);
+        Ok(())
+    }
+
+    fn maybe_snapshot(&mut self) -> Result<(), raft::Error> {
+        let applied = self.shared.state.read().expect("state lock").applied_index;
+        let snap_index = self.raw.store().snapshot_metadata().index;
+        if applied < snap_index + self.cfg.snapshot_interval {
+            return Ok(());
+        }
+        let data = snapshot::encode(&self.shared.state.read().expect("state lock"));
+        let compact_to = applied.saturating_sub(self.cfg.snapshot_keep_entries);
+        let cs = self.conf_state.clone();
+        self.raw
+            .mut_store()
+            .save_snapshot(applied, &cs, &data, compact_to)?;
+        tracing::info!(
+            applied,
+            compact_to,
+            bytes = data.len(),
+            "took a state snapshot and compacted the log"
+        );
+        Ok(())
+    }
+
+    fn publish(&mut self) {
+        let r = &self.raw.raft;
+        let store = self.raw.store();
+        let mut progress = BTreeMap::new();
+        if r.state == StateRole::Leader {
+            for (id, p) in r.prs().iter() {
+                progress.insert(*id, (p.matched, p.recent_active));
+            }
+        }
+        let st = NodeStatus {
+            id: self.cfg.id,
+            leader_id: r.leader_id,
+            term: r.term,
+            role: match r.state {
+                StateRole::Leader => "leader",
+                StateRole::Follower => "follower",
+                StateRole::Candidate => "candidate",
+                StateRole::PreCandidate => "pre-candidate",
+            }
+            .to_owned(),
+            commit_index: r.raft_log.committed,
+            applied_index: *self.shared.applied.borrow(),
+            first_log_index: store.first_index(),
+            last_log_index: store.last_index(),
+            snapshot_index: store.snapshot_metadata().index,
+            snapshots_installed: self.snapshots_installed,
+            voters: self.conf_state.voters.clone(),
+            learners: self.conf_state.learners.clone(),
+            voters_outgoing: self.conf_state.voters_outgoing.clone(),
+            progress,
+        };
+        *self.shared.status.lock().expect("status lock") = st;
+    }
+}
+
+/// Milliseconds since the epoch, for stamping commands at proposal time.
+pub fn stamp() -> u64 {
+    now_ms()
+}

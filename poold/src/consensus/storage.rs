@@ -1,0 +1,540 @@
+//! The Raft log, hard state and snapshot of one member, durable in sled.
+//!
+//! Everything lives in one sled tree so that one [`sled::Batch`] is atomic: the entries of
+//! a `Ready`, the hard state that goes with them and (when one arrives) a snapshot are
+//! written together, then [`DiskStorage::sync`] fsyncs before anything that depends on
+//! them (an acknowledgement to the leader, a vote) leaves this member.
+//!
+//! # On-disk layout (format version 1)
+//! | key | value |
+//! |---|---|
+//! | `b"m/format"` | u32 BE, [`FORMAT_VERSION`] |
+//! | `b"m/member"` | u64 BE, the member id the directory belongs to |
+//! | `b"m/hard"` | `eraftpb.HardState` |
+//! | `b"m/trunc"` | u64 BE index ‖ u64 BE term of the last entry removed by compaction |
+//! | `b"m/snapmeta"` | `eraftpb.SnapshotMetadata` of the newest state-machine snapshot |
+//! | `b"s/data"` | that snapshot's data (the encoded pool state) |
+//! | `b"l/" ‖ index BE` | `eraftpb.Entry` |
+//!
+//! The conf state raft-rs sees at start is the snapshot's: the node replays every committed
+//! entry after the snapshot (conf changes included) into a state machine rebuilt from that
+//! snapshot, so the two always describe the same point of the log.
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, StorageError};
+use std::path::{Path, PathBuf};
+
+/// The layout written by this code; a directory of another version is refused.
+pub const FORMAT_VERSION: u32 = 1;
+/// Versions this code reads.
+pub const FORMAT_VERSIONS_ACCEPTED: std::ops::RangeInclusive<u32> = 1..=1;
+
+const K_FORMAT: &[u8] = b"m/format";
+const K_MEMBER: &[u8] = b"m/member";
+const K_HARD: &[u8] = b"m/hard";
+const K_TRUNC: &[u8] = b"m/trunc";
+const K_SNAPMETA: &[u8] = b"m/snapmeta";
+const K_SNAPDATA: &[u8] = b"s/data";
+const LOG_PREFIX: &[u8] = b"l/";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageOpenError {
+    #[error("cannot open the Raft store in {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("the Raft store in {path} has format version {found}, this poold reads {accepted:?}")]
+    Version {
+        path: PathBuf,
+        found: u32,
+        accepted: std::ops::RangeInclusive<u32>,
+    },
+    #[error("the Raft store in {path} belongs to member {found}, not {expected}")]
+    WrongMember {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+    #[error("the Raft store in {path} is damaged: {what}")]
+    Corrupt { path: PathBuf, what: String },
+    #[error("Raft store I/O failed")]
+    Io(#[source] sled::Error),
+}
+
+fn log_key(index: u64) -> [u8; 10] {
+    let mut k = [0u8; 10];
+    k[..2].copy_from_slice(LOG_PREFIX);
+    k[2..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn be_u64(b: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(b.try_into().ok()?))
+}
+
+fn store_err(e: impl std::error::Error + Send + Sync + 'static) -> raft::Error {
+    raft::Error::Store(StorageError::Other(Box::new(e)))
+}
+
+/// A member's durable Raft state. Reads go to sled (whose page cache keeps the hot tail in
+/// memory); the few numbers raft-rs asks for all the time are mirrored in memory.
+pub struct DiskStorage {
+    db: sled::Db,
+    path: PathBuf,
+    hard: HardState,
+    /// The snapshot's metadata; its conf state is the one handed to raft-rs at start.
+    snap_meta: SnapshotMetadata,
+    /// Index and term of the last entry removed from the log.
+    trunc: (u64, u64),
+    last_index: u64,
+}
+
+impl DiskStorage {
+    /// Opens (or creates) the store of `member_id` in `dir`.
+    pub fn open(dir: &Path, member_id: u64) -> Result<Self, StorageOpenError> {
+        let path = dir.to_owned();
+        let db = sled::Config::new()
+            .path(dir)
+            // poold syncs explicitly after each Ready; sled's timer would only add writes.
+            .flush_every_ms(None)
+            .open()
+            .map_err(|source| StorageOpenError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let corrupt = |what: &str| StorageOpenError::Corrupt {
+            path: path.clone(),
+            what: what.to_owned(),
+        };
+        match db.get(K_FORMAT).map_err(StorageOpenError::Io)? {
+            Some(v) => {
+                let found = u32::from_be_bytes(
+                    v.as_ref()
+                        .try_into()
+                        .map_err(|_| corrupt("format version"))?,
+                );
+                if !FORMAT_VERSIONS_ACCEPTED.contains(&found) {
+                    return Err(StorageOpenError::Version {
+                        path,
+                        found,
+                        accepted: FORMAT_VERSIONS_ACCEPTED,
+                    });
+                }
+            }
+            None => {
+                db.insert(K_FORMAT, &FORMAT_VERSION.to_be_bytes())
+                    .map_err(StorageOpenError::Io)?;
+            }
+        }
+        match db.get(K_MEMBER).map_err(StorageOpenError::Io)? {
+            Some(v) => {
+                let found = be_u64(&v).ok_or_else(|| corrupt("member id"))?;
+                if found != member_id {
+                    return Err(StorageOpenError::WrongMember {
+                        path,
+                        found,
+                        expected: member_id,
+                    });
+                }
+            }
+            None => {
+                db.insert(K_MEMBER, &member_id.to_be_bytes())
+                    .map_err(StorageOpenError::Io)?;
+            }
+        }
+        let hard = match db.get(K_HARD).map_err(StorageOpenError::Io)? {
+            Some(v) => HardState::parse_from_bytes(&v).map_err(|_| corrupt("hard state"))?,
+            None => HardState::default(),
+        };
+        let snap_meta = match db.get(K_SNAPMETA).map_err(StorageOpenError::Io)? {
+            Some(v) => {
+                SnapshotMetadata::parse_from_bytes(&v).map_err(|_| corrupt("snapshot metadata"))?
+            }
+            None => SnapshotMetadata::default(),
+        };
+        let trunc = match db.get(K_TRUNC).map_err(StorageOpenError::Io)? {
+            Some(v) if v.len() == 16 => (
+                be_u64(&v[..8]).ok_or_else(|| corrupt("truncation"))?,
+                be_u64(&v[8..]).ok_or_else(|| corrupt("truncation"))?,
+            ),
+            Some(_) => return Err(corrupt("truncation record")),
+            None => (0, 0),
+        };
+        let last_index = match db
+            .scan_prefix(LOG_PREFIX)
+            .next_back()
+            .transpose()
+            .map_err(StorageOpenError::Io)?
+        {
+            Some((k, _)) => be_u64(&k[2..]).ok_or_else(|| corrupt("log key"))?,
+            None => trunc.0,
+        };
+        db.flush().map_err(StorageOpenError::Io)?;
+        Ok(DiskStorage {
+            db,
+            path,
+            hard,
+            snap_meta,
+            trunc,
+            last_index,
+        })
+    }
+
+    /// True when this directory has never held Raft state.
+    pub fn is_empty(&self) -> bool {
+        self.last_index == 0 && self.snap_meta.index == 0 && self.hard.term == 0
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bootstraps a new group: the initial configuration and state machine as a snapshot at
+    /// index 1, term 1, identical on every founding member. Starting the log after index 1
+    /// means a member added later always begins from a snapshot, which carries the member
+    /// addresses and pool id it cannot learn from the log alone.
+    pub fn bootstrap(&mut self, voters: &[u64], state: Vec<u8>) -> Result<(), raft::Error> {
+        let mut snap = Snapshot::default();
+        snap.mut_metadata().index = 1;
+        snap.mut_metadata().term = 1;
+        snap.mut_metadata().set_conf_state(ConfState::from((
+            voters.iter().copied(),
+            std::iter::empty(),
+        )));
+        snap.data = state.into();
+        self.apply_snapshot(&snap)?;
+        self.sync()
+    }
+
+    /// Appends entries from a `Ready`, replacing any conflicting suffix; not yet durable.
+    pub fn append(&mut self, entries: &[Entry]) -> Result<(), raft::Error> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        let last = entries[entries.len() - 1].index;
+        if first.index <= self.trunc.0 {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            batch.insert(
+                &log_key(e.index)[..],
+                e.write_to_bytes().map_err(store_err)?,
+            );
+        }
+        // A new leader may overwrite a suffix this member held: drop what lies beyond.
+        for i in (last + 1)..=self.last_index {
+            batch.remove(&log_key(i)[..]);
+        }
+        self.db.apply_batch(batch).map_err(store_err)?;
+        self.last_index = last;
+        Ok(())
+    }
+
+    pub fn set_hard_state(&mut self, hs: &HardState) -> Result<(), raft::Error> {
+        self.db
+            .insert(K_HARD, hs.write_to_bytes().map_err(store_err)?)
+            .map_err(store_err)?;
+        self.hard = hs.clone();
+        Ok(())
+    }
+
+    pub fn set_commit(&mut self, commit: u64) -> Result<(), raft::Error> {
+        let mut hs = self.hard.clone();
+        hs.commit = commit;
+        self.set_hard_state(&hs)
+    }
+
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard
+    }
+
+    /// Makes every write so far durable (fsync).
+    pub fn sync(&self) -> Result<(), raft::Error> {
+        self.db.flush().map(|_| ()).map_err(store_err)
+    }
+
+    /// Replaces the log by a snapshot received from the leader (or the bootstrap one).
+    pub fn apply_snapshot(&mut self, snap: &Snapshot) -> Result<(), raft::Error> {
+        let meta = snap.get_metadata();
+        if meta.index < self.trunc.0 {
+            return Err(raft::Error::Store(StorageError::SnapshotOutOfDate));
+        }
+        let mut batch = sled::Batch::default();
+        for r in self.db.scan_prefix(LOG_PREFIX).keys() {
+            batch.remove(r.map_err(store_err)?);
+        }
+        batch.insert(K_SNAPMETA, meta.write_to_bytes().map_err(store_err)?);
+        batch.insert(K_SNAPDATA, snap.data.as_ref());
+        let trunc = (meta.index, meta.term);
+        batch.insert(K_TRUNC, &trunc_bytes(trunc)[..]);
+        let mut hs = self.hard.clone();
+        hs.term = hs.term.max(meta.term);
+        hs.commit = meta.index;
+        batch.insert(K_HARD, hs.write_to_bytes().map_err(store_err)?);
+        self.db.apply_batch(batch).map_err(store_err)?;
+        self.hard = hs;
+        self.snap_meta = meta.clone();
+        self.trunc = trunc;
+        self.last_index = meta.index;
+        Ok(())
+    }
+
+    /// Stores a snapshot of the state machine taken at `index` (already applied), then
+    /// drops log entries up to `compact_to` (≤ `index`), keeping the tail a slightly slow
+    /// follower still needs.
+    pub fn save_snapshot(
+        &mut self,
+        index: u64,
+        conf_state: &ConfState,
+        data: &[u8],
+        compact_to: u64,
+    ) -> Result<(), raft::Error> {
+        let term = raft::Storage::term(self, index)?;
+        let mut meta = SnapshotMetadata::default();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(conf_state.clone());
+        let compact_to = compact_to.min(index);
+        let mut batch = sled::Batch::default();
+        batch.insert(K_SNAPMETA, meta.write_to_bytes().map_err(store_err)?);
+        batch.insert(K_SNAPDATA, data);
+        let mut new_trunc = self.trunc;
+        if compact_to > self.trunc.0 {
+            let compact_term = raft::Storage::term(self, compact_to)?;
+            for i in (self.trunc.0 + 1)..=compact_to {
+                batch.remove(&log_key(i)[..]);
+            }
+            new_trunc = (compact_to, compact_term);
+            batch.insert(K_TRUNC, &trunc_bytes(new_trunc)[..]);
+        }
+        self.db.apply_batch(batch).map_err(store_err)?;
+        self.sync()?;
+        self.snap_meta = meta;
+        self.trunc = new_trunc;
+        Ok(())
+    }
+
+    pub fn snapshot_metadata(&self) -> &SnapshotMetadata {
+        &self.snap_meta
+    }
+
+    /// The stored snapshot's data (the encoded state machine).
+    pub fn snapshot_data(&self) -> Result<Vec<u8>, raft::Error> {
+        Ok(self
+            .db
+            .get(K_SNAPDATA)
+            .map_err(store_err)?
+            .map(|v| v.to_vec())
+            .unwrap_or_default())
+    }
+
+    pub fn first_index(&self) -> u64 {
+        self.trunc.0 + 1
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.last_index
+    }
+
+    fn entry(&self, index: u64) -> Result<Entry, raft::Error> {
+        let v = self
+            .db
+            .get(log_key(index))
+            .map_err(store_err)?
+            .ok_or(raft::Error::Store(StorageError::Unavailable))?;
+        Entry::parse_from_bytes(&v).map_err(|e| raft::Error::Store(StorageError::Other(e.into())))
+    }
+}
+
+fn trunc_bytes((index, term): (u64, u64)) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&index.to_be_bytes());
+    b[8..].copy_from_slice(&term.to_be_bytes());
+    b
+}
+
+impl raft::Storage for DiskStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(
+            self.hard.clone(),
+            self.snap_meta.get_conf_state().clone(),
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low <= self.trunc.0 {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last_index + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let max = max_size.into().unwrap_or(u64::MAX);
+        let mut out = Vec::with_capacity((high - low) as usize);
+        let mut size = 0u64;
+        for r in self.db.range(log_key(low)..log_key(high)) {
+            let (_, v) = r.map_err(store_err)?;
+            let e = Entry::parse_from_bytes(&v)
+                .map_err(|e| raft::Error::Store(StorageError::Other(e.into())))?;
+            size += u64::from(e.compute_size());
+            // The first entry is always returned, whatever its size.
+            if !out.is_empty() && size > max {
+                break;
+            }
+            out.push(e);
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx == self.trunc.0 {
+            return Ok(self.trunc.1);
+        }
+        if idx == self.snap_meta.index && idx != 0 {
+            return Ok(self.snap_meta.term);
+        }
+        if idx < self.trunc.0 {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > self.last_index {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(self.entry(idx)?.term)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.trunc.0 + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last_index)
+    }
+
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // The stored snapshot is always at least as new as the compacted prefix, which is
+        // what a follower that needs one lacks.
+        let mut snap = Snapshot::default();
+        snap.set_metadata(self.snap_meta.clone());
+        snap.data = self.snapshot_data()?.into();
+        Ok(snap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::Storage;
+
+    fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
+        let mut e = Entry::default();
+        e.index = index;
+        e.term = term;
+        e.data = data.to_vec().into();
+        e
+    }
+
+    #[test]
+    fn log_hard_state_and_snapshot_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = DiskStorage::open(dir.path(), 7).unwrap();
+            assert!(s.is_empty());
+            s.bootstrap(&[7, 8, 9], b"state0".to_vec()).unwrap();
+            s.append(&[entry(2, 1, b"a"), entry(3, 2, b"b"), entry(4, 2, b"c")])
+                .unwrap();
+            let mut hs = s.hard_state().clone();
+            hs.vote = 8;
+            hs.term = 2;
+            hs.commit = 3;
+            s.set_hard_state(&hs).unwrap();
+            s.sync().unwrap();
+        }
+        let s = DiskStorage::open(dir.path(), 7).unwrap();
+        assert!(!s.is_empty());
+        let st = s.initial_state().unwrap();
+        assert_eq!(st.hard_state.vote, 8);
+        assert_eq!(st.hard_state.commit, 3);
+        assert_eq!(st.conf_state.voters, vec![7, 8, 9]);
+        assert_eq!(s.first_index(), 2);
+        assert_eq!(s.last_index(), 4);
+        assert_eq!(s.term(1).unwrap(), 1);
+        assert_eq!(s.term(4).unwrap(), 2);
+        let es = s
+            .entries(2, 5, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(es.len(), 3);
+        assert_eq!(&es[2].data[..], b"c");
+        assert_eq!(s.snapshot(0, 8).unwrap().data.as_ref(), b"state0");
+        drop(s);
+        assert!(matches!(
+            DiskStorage::open(dir.path(), 9),
+            Err(StorageOpenError::WrongMember { found: 7, .. })
+        ));
+    }
+
+    #[test]
+    fn conflicting_suffix_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = DiskStorage::open(dir.path(), 1).unwrap();
+        s.bootstrap(&[1], vec![]).unwrap();
+        s.append(&[entry(2, 1, b"a"), entry(3, 1, b"b"), entry(4, 1, b"c")])
+            .unwrap();
+        s.append(&[entry(3, 2, b"x")]).unwrap();
+        assert_eq!(s.last_index(), 3);
+        assert_eq!(s.term(3).unwrap(), 2);
+        assert!(s.term(4).is_err());
+    }
+
+    #[test]
+    fn compaction_keeps_terms_and_refuses_compacted_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = DiskStorage::open(dir.path(), 1).unwrap();
+        s.bootstrap(&[1], vec![]).unwrap();
+        let es: Vec<Entry> = (2..=20).map(|i| entry(i, 3, b"e")).collect();
+        s.append(&es).unwrap();
+        let cs = ConfState::from((vec![1u64], Vec::<u64>::new()));
+        s.save_snapshot(15, &cs, b"snap15", 10).unwrap();
+        assert_eq!(s.first_index(), 11);
+        assert_eq!(s.term(10).unwrap(), 3);
+        assert_eq!(s.term(15).unwrap(), 3);
+        assert!(matches!(
+            s.entries(5, 12, None, GetEntriesContext::empty(false)),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+        assert_eq!(
+            s.entries(11, 21, None, GetEntriesContext::empty(false))
+                .unwrap()
+                .len(),
+            10
+        );
+        let snap = s.snapshot(0, 2).unwrap();
+        assert_eq!(snap.get_metadata().index, 15);
+        assert_eq!(snap.data.as_ref(), b"snap15");
+        drop(s);
+        let s = DiskStorage::open(dir.path(), 1).unwrap();
+        assert_eq!(s.first_index(), 11);
+        assert_eq!(s.last_index(), 20);
+    }
+
+    #[test]
+    fn size_limit_returns_at_least_one_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = DiskStorage::open(dir.path(), 1).unwrap();
+        s.bootstrap(&[1], vec![]).unwrap();
+        s.append(&[entry(2, 1, &[0; 100]), entry(3, 1, &[0; 100])])
+            .unwrap();
+        let es = s
+            .entries(2, 4, Some(1), GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(es.len(), 1);
+    }
+}

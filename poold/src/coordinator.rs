@@ -1,0 +1,280 @@
+//! The member's request logic between the gRPC services and the Raft node: writes go to
+//! the leader (forwarded when this member follows), reads pass a ReadIndex barrier first,
+//! placements are scheduled and committed, host heartbeats are tracked.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use proto::coordinator as pb;
+use proto::coordinator::coordinator_peer_service_client::CoordinatorPeerServiceClient;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::consensus::transport::{Faults, member_address};
+use crate::consensus::{NodeError, NodeHandle};
+use crate::scheduler;
+use crate::state::PoolState;
+use crate::state::command::{Command, CommandResult, Op};
+
+/// How long a write may wait for a leader and its commit before the caller hears
+/// "unavailable" (and retries with the same request id).
+pub const WRITE_DEADLINE: Duration = Duration::from_secs(8);
+/// How long a read may wait for its ReadIndex barrier.
+pub const READ_DEADLINE: Duration = Duration::from_secs(5);
+
+/// What the leader keeps in memory about each host between committed reports.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    pub last_seen: Instant,
+    pub last_committed: Instant,
+    pub sequence: u64,
+    pub vms: BTreeMap<String, i32>,
+    pub metrics: Option<proto::host::HostMetrics>,
+}
+
+pub struct Coordinator {
+    pub node: NodeHandle,
+    pub faults: Arc<Faults>,
+    pub seeds: BTreeMap<u64, String>,
+    peers: Mutex<HashMap<u64, (String, CoordinatorPeerServiceClient<Channel>)>>,
+    /// Leader-only soft state: hosts' last heartbeats, and when this member became leader
+    /// (hosts it has not heard from yet get the timeout counted from then).
+    pub liveness: Mutex<HashMap<String, Liveness>>,
+    pub leader_since: Mutex<Option<(u64, Instant)>>,
+}
+
+pub fn node_status(e: NodeError) -> Status {
+    match e {
+        NodeError::NotLeader { .. } | NodeError::LeadershipLost | NodeError::Dropped(_) => {
+            Status::unavailable(format!("{e}; retry with the same request_id"))
+        }
+        NodeError::Stopped => Status::unavailable("this member is shutting down"),
+        NodeError::BadMemberChange(m) => Status::failed_precondition(m),
+    }
+}
+
+fn retryable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Aborted | Code::DeadlineExceeded
+    )
+}
+
+impl Coordinator {
+    pub fn new(node: NodeHandle, faults: Arc<Faults>, seeds: BTreeMap<u64, String>) -> Self {
+        Coordinator {
+            node,
+            faults,
+            seeds,
+            peers: Mutex::new(HashMap::new()),
+            liveness: Mutex::new(HashMap::new()),
+            leader_since: Mutex::new(None),
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.node.id
+    }
+
+    pub fn pool_id(&self) -> String {
+        self.node.state().pool_id.clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        let st = self.node.status();
+        st.leader_id == st.id
+    }
+
+    /// Makes a command for `op` with the caller's request id (or a fresh one, so that the
+    /// retries below stay idempotent).
+    pub fn command(&self, request_id: &str, op: Op) -> Command {
+        Command {
+            request_id: if request_id.is_empty() {
+                format!("auto-{}", uuid::Uuid::new_v4())
+            } else {
+                request_id.to_owned()
+            },
+            at_ms: crate::consensus::node::stamp(),
+            task_id: uuid::Uuid::new_v4().to_string(),
+            requested_by: String::new(),
+            op: Some(op),
+        }
+    }
+
+    /// Commits a command through the leader and returns its result, retrying while there
+    /// is no leader or leadership moves.
+    pub async fn submit(&self, cmd: &Command) -> Result<CommandResult, Status> {
+        let bytes = cmd.encode_to_vec();
+        let deadline = Instant::now() + WRITE_DEADLINE;
+        let mut last = Status::unavailable("no leader elected yet");
+        while Instant::now() < deadline {
+            match self.submit_once(&bytes, deadline).await {
+                Ok(r) => return Ok(r),
+                Err(s) if retryable(&s) => {
+                    last = s;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(s) => return Err(s),
+            }
+        }
+        Err(Status::unavailable(format!(
+            "could not commit within {WRITE_DEADLINE:?}: {}; retry with the same request_id",
+            last.message()
+        )))
+    }
+
+    async fn submit_once(&self, bytes: &[u8], deadline: Instant) -> Result<CommandResult, Status> {
+        let st = self.node.status();
+        if st.leader_id == 0 {
+            return Err(Status::unavailable("no leader elected yet"));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if st.leader_id == st.id {
+            let r = tokio::time::timeout(left, self.node.propose(bytes.to_vec()))
+                .await
+                .map_err(|_| Status::deadline_exceeded("commit timed out"))?
+                .map_err(node_status)?;
+            return Ok(r.0);
+        }
+        if self.faults.blocks(st.leader_id) {
+            return Err(Status::unavailable(format!(
+                "leader {} is unreachable from this member",
+                st.leader_id
+            )));
+        }
+        let mut client = self.peer_client(st.leader_id)?;
+        let req = pb::ProposeRequest {
+            pool_id: self.pool_id(),
+            command: bytes.to_vec(),
+            from_member_id: self.id(),
+        };
+        let resp = tokio::time::timeout(left, client.propose(req))
+            .await
+            .map_err(|_| Status::deadline_exceeded("forwarded commit timed out"))??;
+        CommandResult::decode(resp.into_inner().result.as_slice())
+            .map_err(|e| Status::internal(format!("leader sent an undecodable result: {e}")))
+    }
+
+    /// A client for another member's CoordinatorPeerService (connected lazily).
+    pub fn peer_client(&self, id: u64) -> Result<CoordinatorPeerServiceClient<Channel>, Status> {
+        let addr = member_address(&self.node.shared, &self.seeds, id)
+            .ok_or_else(|| Status::unavailable(format!("no address known for member {id}")))?;
+        let mut peers = self.peers.lock().expect("peers lock");
+        if let Some((a, c)) = peers.get(&id)
+            && *a == addr
+        {
+            return Ok(c.clone());
+        }
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::internal(format!("bad address {addr}: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let c = CoordinatorPeerServiceClient::new(ch)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        peers.insert(id, (addr, c.clone()));
+        Ok(c)
+    }
+
+    /// Commits and turns the result into the call's answer.
+    pub async fn write(&self, request_id: &str, op: Op) -> Result<pb::Task, Status> {
+        let cmd = self.command(request_id, op);
+        self.submit(&cmd).await?.into_status()
+    }
+
+    /// Runs `f` on state that includes every write committed before the call.
+    pub async fn read<T>(&self, f: impl FnOnce(&PoolState) -> T) -> Result<T, Status> {
+        if self.faults.enabled() {
+            let st = self.node.status();
+            if st.leader_id != st.id && self.faults.blocks(st.leader_id) {
+                return Err(Status::unavailable(
+                    "the leader is unreachable from this member",
+                ));
+            }
+        }
+        tokio::time::timeout(READ_DEADLINE, self.node.read_barrier())
+            .await
+            .map_err(|_| Status::unavailable("read barrier timed out: no quorum reachable"))?
+            .map_err(node_status)?;
+        Ok(f(&self.node.state()))
+    }
+
+    /// Chooses a host for the VM (or `preferred` after checking it) on current state.
+    pub async fn schedule(&self, spec: &pb::VmSpec, preferred: &str) -> Result<String, Status> {
+        self.read(|s| {
+            let demand = s.demand(spec);
+            let policy = s.policy();
+            if !preferred.is_empty() {
+                let h = s
+                    .hosts
+                    .get(preferred)
+                    .ok_or_else(|| Status::not_found(format!("no host with id {preferred}")))?;
+                let r = scheduler::hard_filters(&s.candidate(h), &demand, &policy);
+                if !r.is_empty() {
+                    return Err(Status::failed_precondition(format!(
+                        "host {preferred} cannot take the VM: {}",
+                        r.iter()
+                            .map(|x| x.to_string())
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    )));
+                }
+                return Ok(preferred.to_owned());
+            }
+            let hosts = s.candidates();
+            scheduler::place(&hosts, &demand, &policy)
+                .map(|i| hosts[i].id.clone())
+                .map_err(|u| Status::resource_exhausted(u.to_string()))
+        })
+        .await?
+    }
+
+    /// Places and commits: scheduling is redone when the commit finds that another
+    /// placement took the room first (the state machine answers ABORTED then).
+    pub async fn place_and_commit(
+        &self,
+        request_id: &str,
+        spec: &pb::VmSpec,
+        preferred: &str,
+        make: impl Fn(String) -> Op,
+    ) -> Result<pb::Task, Status> {
+        let request_id = if request_id.is_empty() {
+            format!("auto-{}", uuid::Uuid::new_v4())
+        } else {
+            request_id.to_owned()
+        };
+        let mut last = Status::aborted("placement conflict");
+        for _ in 0..5 {
+            let host = self.schedule(spec, preferred).await?;
+            let cmd = self.command(&request_id, make(host));
+            match self.submit(&cmd).await?.into_status() {
+                Err(s) if s.code() == Code::Aborted => last = s,
+                other => return other,
+            }
+        }
+        Err(last)
+    }
+
+    /// Keeps `leader_since` current; called by the leader-only loops.
+    pub fn leader_term_start(&self) -> Option<Instant> {
+        let st = self.node.status();
+        let mut ls = self.leader_since.lock().expect("leader lock");
+        if st.leader_id != st.id {
+            *ls = None;
+            return None;
+        }
+        match *ls {
+            Some((term, since)) if term == st.term => Some(since),
+            _ => {
+                let now = Instant::now();
+                *ls = Some((st.term, now));
+                // A new leader knows nothing of the hosts' heartbeats: start afresh.
+                self.liveness.lock().expect("liveness lock").clear();
+                Some(now)
+            }
+        }
+    }
+}

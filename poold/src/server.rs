@@ -1,0 +1,132 @@
+//! Starting a member: open (or bootstrap) its Raft store, start the node thread and the
+//! leader-only loops, and serve the gRPC services on a bound listener until shutdown.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::coordinator::coordinator_peer_service_server::CoordinatorPeerServiceServer;
+use proto::coordinator::host_agent_service_server::HostAgentServiceServer;
+use proto::coordinator::pool_service_server::PoolServiceServer;
+use tokio::net::TcpListener;
+
+use crate::consensus::node::{self, NodeConfig};
+use crate::consensus::storage::{DiskStorage, StorageOpenError};
+use crate::consensus::transport::Faults;
+use crate::coordinator::Coordinator;
+use crate::service::{agent, peer, pool};
+use crate::state::{PoolState, snapshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Storage(#[from] StorageOpenError),
+    #[error("bootstrapping the Raft store failed")]
+    Bootstrap(#[source] raft::Error),
+    #[error("member {id} is not among the initial members {members:?}")]
+    NotAMember { id: u64, members: Vec<u64> },
+    #[error(
+        "the data directory is empty and there are no initial members: give them, or --join an existing pool"
+    )]
+    NothingToStart,
+    #[error("starting the Raft node failed: {0}")]
+    Node(String),
+    #[error("serving gRPC failed")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+/// What a member needs to start.
+#[derive(Debug, Clone)]
+pub struct MemberConfig {
+    pub node: NodeConfig,
+    pub data_dir: PathBuf,
+    /// The founding members (id → address). Used only when the data directory is empty
+    /// and `join` is false; every founding member must be given the same map.
+    pub initial_members: BTreeMap<u64, String>,
+    /// Start empty and wait for the leader's snapshot (after AddMember on the pool).
+    pub join: bool,
+}
+
+pub struct Member {
+    pub coordinator: Arc<Coordinator>,
+}
+
+impl Member {
+    /// Opens the store, bootstraps a new group if needed, starts the node thread.
+    pub fn start(cfg: MemberConfig) -> Result<Member, StartError> {
+        let id = cfg.node.id;
+        let mut storage = DiskStorage::open(&cfg.data_dir, id)?;
+        if storage.is_empty() && !cfg.join {
+            if cfg.initial_members.is_empty() {
+                return Err(StartError::NothingToStart);
+            }
+            if !cfg.initial_members.contains_key(&id) {
+                return Err(StartError::NotAMember {
+                    id,
+                    members: cfg.initial_members.keys().copied().collect(),
+                });
+            }
+            let state = PoolState::new(&cfg.node.pool_id, cfg.initial_members.clone());
+            let voters: Vec<u64> = cfg.initial_members.keys().copied().collect();
+            storage
+                .bootstrap(&voters, snapshot::encode(&state))
+                .map_err(StartError::Bootstrap)?;
+            tracing::info!(?voters, "bootstrapped a new pool");
+        }
+        let faults = Arc::new(Faults::from_env());
+        let mut node_cfg = cfg.node.clone();
+        node_cfg.seeds = cfg.initial_members.clone();
+        let handle = node::start(
+            node_cfg,
+            storage,
+            tokio::runtime::Handle::current(),
+            faults.clone(),
+        )
+        .map_err(|e| StartError::Node(e.to_string()))?;
+        Ok(Member {
+            coordinator: Arc::new(Coordinator::new(handle, faults, cfg.initial_members)),
+        })
+    }
+
+    /// Serves PoolService, HostAgentService and CoordinatorPeerService on `listener`
+    /// until `shutdown` completes.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        let c = self.coordinator;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mon = tokio::spawn(agent::monitor(c.clone(), stop_rx.clone()));
+        let rec = tokio::spawn(crate::reconcile::run(
+            c.clone(),
+            Arc::new(crate::reconcile::GrpcHostActions::default()),
+            stop_rx,
+        ));
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let result = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .add_service(
+                PoolServiceServer::new(pool::PoolApi { c: c.clone() })
+                    .max_decoding_message_size(16 << 20),
+            )
+            .add_service(HostAgentServiceServer::new(agent::AgentApi {
+                c: c.clone(),
+            }))
+            .add_service(
+                CoordinatorPeerServiceServer::new(peer::PeerApi { c: c.clone() })
+                    .max_decoding_message_size(usize::MAX)
+                    .max_encoding_message_size(usize::MAX),
+            )
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+            .map_err(StartError::Serve);
+        let _ = stop_tx.send(true);
+        mon.abort();
+        rec.abort();
+        result
+    }
+}

@@ -1,0 +1,294 @@
+//! The commands the Raft log carries, and their results: protobuf messages declared here
+//! with prost's derive (no `.proto` file: they never leave the coordinator group).
+//!
+//! A command carries everything its apply needs that is not in the state: the time the
+//! proposer stamped, the ids it generated, the host a placement chose. Apply never reads a
+//! clock or a random source, so every member reaches the same state from the same log.
+//!
+//! Field numbers are the format: new fields get new numbers, none is reused.
+
+use proto::coordinator as pb;
+use proto::host as hpb;
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Command {
+    /// The client's idempotency key; empty for internal commands.
+    #[prost(string, tag = "1")]
+    pub request_id: String,
+    /// Milliseconds since the Unix epoch, from the proposer's clock.
+    #[prost(uint64, tag = "2")]
+    pub at_ms: u64,
+    /// The task this command starts.
+    #[prost(string, tag = "3")]
+    pub task_id: String,
+    #[prost(string, tag = "4")]
+    pub requested_by: String,
+    #[prost(
+        oneof = "Op",
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24"
+    )]
+    pub op: Option<Op>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Op {
+    #[prost(message, tag = "10")]
+    UpdateSettings(pb::PoolSettings),
+    #[prost(message, tag = "11")]
+    SetHa(pb::HaSettings),
+    #[prost(message, tag = "12")]
+    JoinHost(JoinHost),
+    #[prost(message, tag = "13")]
+    SetHostState(SetHostState),
+    #[prost(message, tag = "14")]
+    RemoveHost(ObjectId),
+    #[prost(message, tag = "15")]
+    HostReport(HostReport),
+    #[prost(message, tag = "16")]
+    MarkUnreachable(MarkUnreachable),
+    #[prost(message, tag = "17")]
+    CreateSr(pb::StorageRepository),
+    #[prost(message, tag = "18")]
+    RemoveSr(ObjectId),
+    #[prost(message, tag = "19")]
+    CreateVm(CreateVm),
+    #[prost(message, tag = "20")]
+    UpdateVm(UpdateVm),
+    #[prost(message, tag = "21")]
+    SetVmPower(SetVmPower),
+    #[prost(message, tag = "22")]
+    DestroyVm(ObjectId),
+    #[prost(message, tag = "23")]
+    CreateVolume(CreateVolume),
+    #[prost(message, tag = "24")]
+    DeleteVolume(ObjectId),
+}
+
+impl Op {
+    /// The task kind people see, e.g. "vm.create".
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::UpdateSettings(_) => "pool.update_settings",
+            Op::SetHa(_) => "pool.set_ha",
+            Op::JoinHost(_) => "host.join",
+            Op::SetHostState(s) => match pb::HostState::try_from(s.state) {
+                Ok(pb::HostState::Enabled) => "host.enable",
+                Ok(pb::HostState::Disabled) => "host.disable",
+                Ok(pb::HostState::Maintenance) => "host.maintenance",
+                _ => "host.set_state",
+            },
+            Op::RemoveHost(_) => "host.remove",
+            Op::HostReport(_) => "host.report",
+            Op::MarkUnreachable(_) => "host.mark_unreachable",
+            Op::CreateSr(_) => "sr.create",
+            Op::RemoveSr(_) => "sr.remove",
+            Op::CreateVm(_) => "vm.create",
+            Op::UpdateVm(_) => "vm.update",
+            Op::SetVmPower(p) => match hpb::PowerState::try_from(p.desired) {
+                Ok(hpb::PowerState::Running) if p.reboot => "vm.reboot",
+                Ok(hpb::PowerState::Running) => "vm.start",
+                Ok(hpb::PowerState::Stopped) => "vm.shutdown",
+                Ok(hpb::PowerState::Paused) => "vm.pause",
+                _ => "vm.power",
+            },
+            Op::DestroyVm(_) => "vm.destroy",
+            Op::CreateVolume(_) => "volume.create",
+            Op::DeleteVolume(_) => "volume.delete",
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ObjectId {
+    #[prost(string, tag = "1")]
+    pub id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct JoinHost {
+    #[prost(string, tag = "1")]
+    pub host_id: String,
+    #[prost(string, tag = "2")]
+    pub name: String,
+    #[prost(string, tag = "3")]
+    pub address: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SetHostState {
+    #[prost(string, tag = "1")]
+    pub host_id: String,
+    /// A `pool.v1.HostState`.
+    #[prost(int32, tag = "2")]
+    pub state: i32,
+}
+
+/// What a heartbeat changed, committed by the leader (heartbeats that change nothing stay
+/// in the leader's memory).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HostReport {
+    #[prost(string, tag = "1")]
+    pub host_id: String,
+    #[prost(message, optional, tag = "2")]
+    pub info: Option<hpb::HostInfo>,
+    #[prost(message, optional, tag = "3")]
+    pub metrics: Option<hpb::HostMetrics>,
+    #[prost(message, repeated, tag = "4")]
+    pub vms: Vec<ReportedVm>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReportedVm {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    /// A `pool.host.v1.PowerState`.
+    #[prost(int32, tag = "2")]
+    pub power_state: i32,
+    #[prost(int32, tag = "3")]
+    pub last_stop_reason: i32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MarkUnreachable {
+    #[prost(string, repeated, tag = "1")]
+    pub host_ids: Vec<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CreateVm {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    #[prost(message, optional, tag = "2")]
+    pub spec: Option<pb::VmSpec>,
+    #[prost(string, tag = "3")]
+    pub template_id: String,
+    /// Non-empty: start at once on this host (placed by the leader before proposing).
+    #[prost(string, tag = "4")]
+    pub start_on_host: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UpdateVm {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    #[prost(message, optional, tag = "2")]
+    pub spec: Option<pb::VmSpec>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SetVmPower {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    /// A `pool.host.v1.PowerState`: RUNNING, STOPPED or PAUSED.
+    #[prost(int32, tag = "2")]
+    pub desired: i32,
+    /// For a start: the host the scheduler chose (checked again at apply).
+    #[prost(string, tag = "3")]
+    pub host_id: String,
+    #[prost(bool, tag = "4")]
+    pub force: bool,
+    #[prost(bool, tag = "5")]
+    pub reboot: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CreateVolume {
+    #[prost(string, tag = "1")]
+    pub volume_id: String,
+    #[prost(string, tag = "2")]
+    pub sr_id: String,
+    #[prost(string, tag = "3")]
+    pub name: String,
+    #[prost(uint64, tag = "4")]
+    pub virtual_size_bytes: u64,
+    #[prost(map = "string, string", tag = "5")]
+    pub labels: std::collections::HashMap<String, String>,
+}
+
+/// The outcome of one command, returned to the proposer and kept under the request id.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CommandResult {
+    #[prost(message, optional, tag = "1")]
+    pub task: Option<pb::Task>,
+    /// A `tonic::Code` as i32; 0 = OK.
+    #[prost(int32, tag = "2")]
+    pub code: i32,
+    #[prost(string, tag = "3")]
+    pub message: String,
+}
+
+impl CommandResult {
+    pub fn ok(task: pb::Task) -> Self {
+        CommandResult {
+            task: Some(task),
+            code: 0,
+            message: String::new(),
+        }
+    }
+
+    pub fn error(code: tonic::Code, message: impl Into<String>) -> Self {
+        CommandResult {
+            task: None,
+            code: code as i32,
+            message: message.into(),
+        }
+    }
+
+    pub fn into_status(self) -> Result<pb::Task, tonic::Status> {
+        if self.code == 0 {
+            Ok(self.task.unwrap_or_default())
+        } else {
+            Err(tonic::Status::new(
+                tonic::Code::from(self.code),
+                self.message,
+            ))
+        }
+    }
+}
+
+/// A member's address, carried in the context of a conf change entry.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MemberChange {
+    #[prost(message, repeated, tag = "1")]
+    pub members: Vec<MemberRecord>,
+    #[prost(string, tag = "2")]
+    pub request_id: String,
+    #[prost(string, tag = "3")]
+    pub task_id: String,
+    #[prost(uint64, tag = "4")]
+    pub at_ms: u64,
+}
+
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct MemberRecord {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(string, tag = "2")]
+    pub address: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn command_round_trips() {
+        let c = Command {
+            request_id: "r".into(),
+            at_ms: 42,
+            task_id: "t".into(),
+            requested_by: "admin".into(),
+            op: Some(Op::SetVmPower(SetVmPower {
+                vm_id: "vm".into(),
+                desired: hpb::PowerState::Running as i32,
+                host_id: "h".into(),
+                force: false,
+                reboot: false,
+            })),
+        };
+        let back = Command::decode(c.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(back.op.unwrap().kind(), "vm.start");
+    }
+}

@@ -1,0 +1,242 @@
+//! The state machine's snapshot format: what a member stores when it compacts its log and
+//! what a slow follower receives instead of the entries it missed.
+//!
+//! Layout: the 8-byte magic `POOLSNAP`, a u32 big-endian format version, then one protobuf
+//! message ([`SnapshotV1`]). The persisted type is separate from the runtime
+//! [`PoolState`]: derived data (per-host allocations) is rebuilt on load, not stored.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use prost::Message;
+use proto::coordinator as pb;
+
+use super::command::{CommandResult, MemberRecord};
+use super::machine::{PoolState, RequestRecord};
+
+pub const MAGIC: &[u8; 8] = b"POOLSNAP";
+pub const VERSION: u32 = 1;
+pub const VERSIONS_ACCEPTED: std::ops::RangeInclusive<u32> = 1..=1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot is {len} bytes, shorter than its 12-byte header")]
+    Short { len: usize },
+    #[error("snapshot does not start with the POOLSNAP magic")]
+    Magic,
+    #[error("snapshot format version {found}; this poold reads {accepted:?}")]
+    Version {
+        found: u32,
+        accepted: std::ops::RangeInclusive<u32>,
+    },
+    #[error("snapshot body does not decode")]
+    Decode(#[source] prost::DecodeError),
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SnapshotV1 {
+    #[prost(string, tag = "1")]
+    pub pool_id: String,
+    #[prost(uint64, tag = "2")]
+    pub applied_index: u64,
+    #[prost(message, optional, tag = "3")]
+    pub settings: Option<pb::PoolSettings>,
+    #[prost(message, optional, tag = "4")]
+    pub ha: Option<pb::HaSettings>,
+    #[prost(message, repeated, tag = "5")]
+    pub members: Vec<MemberRecord>,
+    #[prost(message, repeated, tag = "6")]
+    pub hosts: Vec<pb::Host>,
+    #[prost(message, repeated, tag = "7")]
+    pub srs: Vec<pb::StorageRepository>,
+    #[prost(message, repeated, tag = "8")]
+    pub volumes: Vec<proto::storage::Volume>,
+    #[prost(message, repeated, tag = "9")]
+    pub vms: Vec<pb::Vm>,
+    /// In creation order.
+    #[prost(message, repeated, tag = "10")]
+    pub tasks: Vec<pb::Task>,
+    /// In arrival order.
+    #[prost(message, repeated, tag = "11")]
+    pub requests: Vec<RequestV1>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RequestV1 {
+    #[prost(string, tag = "1")]
+    pub request_id: String,
+    #[prost(uint64, tag = "2")]
+    pub at_ms: u64,
+    #[prost(string, tag = "3")]
+    pub kind: String,
+    #[prost(message, optional, tag = "4")]
+    pub result: Option<CommandResult>,
+}
+
+/// Encodes the state.
+pub fn encode(s: &PoolState) -> Vec<u8> {
+    let body = SnapshotV1 {
+        pool_id: s.pool_id.clone(),
+        applied_index: s.applied_index,
+        settings: Some(s.settings.clone()),
+        ha: Some(s.ha),
+        members: s
+            .members
+            .iter()
+            .map(|(id, address)| MemberRecord {
+                id: *id,
+                address: address.clone(),
+            })
+            .collect(),
+        hosts: s.hosts.values().cloned().collect(),
+        srs: s.srs.values().cloned().collect(),
+        volumes: s.volumes.values().cloned().collect(),
+        vms: s.vms.values().cloned().collect(),
+        tasks: s
+            .task_order
+            .iter()
+            .filter_map(|id| s.tasks.get(id).cloned())
+            .collect(),
+        requests: s
+            .request_order
+            .iter()
+            .filter_map(|(_, id)| {
+                s.requests.get(id).map(|r| RequestV1 {
+                    request_id: id.clone(),
+                    at_ms: r.at_ms,
+                    kind: r.kind.clone(),
+                    result: Some(r.result.clone()),
+                })
+            })
+            .collect(),
+    };
+    let mut out = Vec::with_capacity(12 + body.encoded_len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_be_bytes());
+    body.encode(&mut out).expect("a Vec grows as needed");
+    out
+}
+
+/// Decodes a snapshot written by [`encode`] (any accepted version).
+pub fn decode(bytes: &[u8]) -> Result<PoolState, SnapshotError> {
+    if bytes.len() < 12 {
+        return Err(SnapshotError::Short { len: bytes.len() });
+    }
+    if &bytes[..8] != MAGIC {
+        return Err(SnapshotError::Magic);
+    }
+    let found = u32::from_be_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if !VERSIONS_ACCEPTED.contains(&found) {
+        return Err(SnapshotError::Version {
+            found,
+            accepted: VERSIONS_ACCEPTED,
+        });
+    }
+    let b = SnapshotV1::decode(&bytes[12..]).map_err(SnapshotError::Decode)?;
+    let mut s = PoolState::new(
+        &b.pool_id,
+        b.members.into_iter().map(|m| (m.id, m.address)).collect(),
+    );
+    s.applied_index = b.applied_index;
+    s.settings = b.settings.unwrap_or_else(super::machine::default_settings);
+    s.ha = b.ha.unwrap_or_default();
+    s.hosts = b.hosts.into_iter().map(|h| (h.id.clone(), h)).collect();
+    s.srs = b.srs.into_iter().map(|x| (x.id.clone(), x)).collect();
+    s.volumes = b.volumes.into_iter().map(|x| (x.id.clone(), x)).collect();
+    s.vms = b.vms.into_iter().map(|x| (x.id.clone(), x)).collect();
+    s.task_order = b.tasks.iter().map(|t| t.id.clone()).collect();
+    s.tasks = b.tasks.into_iter().map(|t| (t.id.clone(), t)).collect();
+    let mut order = VecDeque::new();
+    let mut requests = BTreeMap::new();
+    for r in b.requests {
+        order.push_back((r.at_ms, r.request_id.clone()));
+        requests.insert(
+            r.request_id,
+            RequestRecord {
+                at_ms: r.at_ms,
+                kind: r.kind,
+                result: r.result.unwrap_or_default(),
+            },
+        );
+    }
+    s.requests = requests;
+    s.request_order = order;
+    s.rebuild_alloc();
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::command::*;
+
+    #[test]
+    fn state_round_trips_with_derived_data_rebuilt() {
+        let mut s = PoolState::new("pool-a", BTreeMap::from([(1, "127.0.0.1:1".to_string())]));
+        let ops = [
+            Op::JoinHost(JoinHost {
+                host_id: "h1".into(),
+                name: "one".into(),
+                address: "10.0.0.1:7000".into(),
+            }),
+            Op::HostReport(HostReport {
+                host_id: "h1".into(),
+                info: Some(proto::host::HostInfo {
+                    memory_total_bytes: 8 << 30,
+                    logical_cpus: 4,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            Op::CreateVm(CreateVm {
+                vm_id: "vm1".into(),
+                spec: Some(pb::VmSpec {
+                    name: "web".into(),
+                    vcpus: 2,
+                    memory_bytes: 1 << 30,
+                    ..Default::default()
+                }),
+                template_id: String::new(),
+                start_on_host: "h1".into(),
+            }),
+        ];
+        for (i, op) in ops.into_iter().enumerate() {
+            let r = s.apply(
+                i as u64 + 2,
+                &Command {
+                    request_id: format!("r{i}"),
+                    at_ms: 1000 + i as u64,
+                    task_id: format!("t{i}"),
+                    requested_by: String::new(),
+                    op: Some(op),
+                },
+            );
+            assert_eq!(r.code, 0, "{}", r.message);
+        }
+        let bytes = encode(&s);
+        let back = decode(&bytes).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.alloc["h1"].vcpus, 2);
+    }
+
+    #[test]
+    fn bad_headers_are_refused() {
+        assert!(matches!(
+            decode(b"short"),
+            Err(SnapshotError::Short { len: 5 })
+        ));
+        assert!(matches!(
+            decode(b"NOTASNAP\0\0\0\x01"),
+            Err(SnapshotError::Magic)
+        ));
+        let mut v = MAGIC.to_vec();
+        v.extend_from_slice(&9u32.to_be_bytes());
+        assert!(matches!(
+            decode(&v),
+            Err(SnapshotError::Version { found: 9, .. })
+        ));
+        let mut v = MAGIC.to_vec();
+        v.extend_from_slice(&1u32.to_be_bytes());
+        v.extend_from_slice(&[0xff, 0xff, 0xff]);
+        assert!(matches!(decode(&v), Err(SnapshotError::Decode(_))));
+    }
+}

@@ -1,0 +1,291 @@
+//! A pool of real `poold` processes on 127.0.0.1 for the cluster tests.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use poold::client::PoolClient;
+use proto::coordinator as pb;
+use proto::coordinator::coordinator_peer_service_client::CoordinatorPeerServiceClient;
+use tonic::transport::Endpoint;
+
+/// Cluster tests start several processes each; running them one at a time keeps a
+/// 2-core machine from starving elections.
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().unwrap().port()
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub addrs: BTreeMap<u64, String>,
+    pub procs: BTreeMap<u64, Child>,
+    pub extra: Vec<String>,
+    /// Members started with --join (not founding members).
+    pub joined: BTreeMap<u64, String>,
+}
+
+impl Cluster {
+    pub fn start(n: u64, extra: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addrs: BTreeMap<u64, String> = (1..=n)
+            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+            .collect();
+        let mut c = Cluster {
+            dir,
+            addrs,
+            procs: BTreeMap::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            joined: BTreeMap::new(),
+        };
+        for id in 1..=n {
+            c.spawn(id);
+        }
+        c
+    }
+
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("m{id}"))
+    }
+
+    fn command(&self, id: u64, addr: &str, join: bool) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_poold"));
+        cmd.arg("--member-id")
+            .arg(id.to_string())
+            .arg("--listen")
+            .arg(addr)
+            .arg("--data-dir")
+            .arg(self.data_dir(id))
+            .arg("--pool-id")
+            .arg("test-pool")
+            .arg("--log")
+            .arg(std::env::var("POOLD_TEST_LOG").unwrap_or_else(|_| "warn".into()));
+        for (m, a) in &self.addrs {
+            cmd.arg("--member").arg(format!("{m}={a}"));
+        }
+        if join {
+            cmd.arg("--join");
+        }
+        cmd.args(&self.extra)
+            .env("POOLD_FAULT_INJECTION", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        if std::env::var("POOLD_TEST_LOG").is_err() {
+            cmd.stderr(Stdio::null());
+        }
+        cmd
+    }
+
+    pub fn spawn(&mut self, id: u64) {
+        let (addr, join) = match self.addrs.get(&id) {
+            Some(a) => (a.clone(), false),
+            None => (self.joined[&id].clone(), true),
+        };
+        let child = self.command(id, &addr, join).spawn().expect("spawn poold");
+        self.procs.insert(id, child);
+    }
+
+    /// Starts a new member that joins the pool (after AddMember).
+    pub fn spawn_joiner(&mut self, id: u64) -> String {
+        let addr = format!("127.0.0.1:{}", free_port());
+        self.joined.insert(id, addr.clone());
+        self.spawn(id);
+        addr
+    }
+
+    /// SIGKILL: the member dies without any chance to flush.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut c) = self.procs.remove(&id) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn alive(&self) -> Vec<u64> {
+        self.procs.keys().copied().collect()
+    }
+
+    pub fn addr(&self, id: u64) -> String {
+        self.addrs
+            .get(&id)
+            .or_else(|| self.joined.get(&id))
+            .cloned()
+            .expect("member address")
+    }
+
+    pub fn client(&self) -> PoolClient {
+        let mut all: Vec<String> = self.addrs.values().cloned().collect();
+        all.extend(self.joined.values().cloned());
+        PoolClient::new(all)
+    }
+
+    pub fn client_of(&self, ids: &[u64]) -> PoolClient {
+        PoolClient::new(ids.iter().map(|id| self.addr(*id)))
+    }
+
+    pub fn peer(&self, id: u64) -> CoordinatorPeerServiceClient<tonic::transport::Channel> {
+        let ch = Endpoint::from_shared(format!("http://{}", self.addr(id)))
+            .unwrap()
+            .connect_timeout(Duration::from_millis(500))
+            .connect_lazy();
+        CoordinatorPeerServiceClient::new(ch)
+    }
+
+    pub async fn status(&self, id: u64) -> Option<pb::MemberStatus> {
+        let mut p = self.peer(id);
+        match tokio::time::timeout(
+            Duration::from_secs(1),
+            p.get_member_status(pb::MemberStatusRequest {}),
+        )
+        .await
+        {
+            Ok(Ok(r)) => Some(r.into_inner()),
+            _ => None,
+        }
+    }
+
+    /// Waits until one of `among` leads and every other of them agrees.
+    pub async fn leader_among(&self, among: &[u64], within: Duration) -> u64 {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut leaders = Vec::new();
+            for id in among {
+                if let Some(s) = self.status(*id).await {
+                    leaders.push((s.member_id, s.leader_id, s.role.clone()));
+                }
+            }
+            if let Some((l, _, _)) = leaders.iter().find(|(_, _, r)| r == "leader")
+                && leaders.len() == among.len()
+                && leaders.iter().all(|(_, x, _)| x == l)
+            {
+                return *l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no agreed leader among {among:?} within {within:?}: {leaders:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn leader(&self, within: Duration) -> u64 {
+        let alive = self.alive();
+        self.leader_among(&alive, within).await
+    }
+
+    /// Cuts `id` off from every other member (both ways, on both sides).
+    pub async fn isolate(&self, id: u64) {
+        let all: Vec<u64> = self
+            .addrs
+            .keys()
+            .chain(self.joined.keys())
+            .copied()
+            .collect();
+        for m in self.alive() {
+            let isolate_from: Vec<u64> = if m == id {
+                all.iter().copied().filter(|x| *x != id).collect()
+            } else {
+                vec![id]
+            };
+            self.peer(m)
+                .set_faults(pb::SetFaultsRequest { isolate_from })
+                .await
+                .expect("set_faults");
+        }
+    }
+
+    /// Splits the members into two sides that cannot talk to each other.
+    pub async fn partition(&self, side_a: &[u64]) {
+        let all: Vec<u64> = self
+            .addrs
+            .keys()
+            .chain(self.joined.keys())
+            .copied()
+            .collect();
+        for m in self.alive() {
+            let mine = side_a.contains(&m);
+            let isolate_from: Vec<u64> = all
+                .iter()
+                .copied()
+                .filter(|x| side_a.contains(x) != mine)
+                .collect();
+            let _ = self
+                .peer(m)
+                .set_faults(pb::SetFaultsRequest { isolate_from })
+                .await;
+        }
+    }
+
+    pub async fn heal(&self) {
+        for m in self.alive() {
+            let _ = self
+                .peer(m)
+                .set_faults(pb::SetFaultsRequest {
+                    isolate_from: vec![],
+                })
+                .await;
+        }
+    }
+
+    /// Waits until `id` has applied at least `index`.
+    pub async fn wait_applied(&self, id: u64, index: u64, within: Duration) -> pb::MemberStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.status(id).await
+                && s.applied_index >= index
+            {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "member {id} did not apply index {index} within {within:?}: {:?}",
+                self.status(id).await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.procs.keys().copied().collect();
+        for id in ids {
+            self.kill(id);
+        }
+    }
+}
+
+/// Joins a host with a given address through the client (retrying safely).
+pub async fn join_host(c: &mut PoolClient, address: &str) -> Result<pb::Task, tonic::Status> {
+    let req = pb::JoinHostRequest {
+        request_id: poold::client::new_request_id(),
+        name: address.to_owned(),
+        address: address.to_owned(),
+    };
+    c.call(|mut p| {
+        let req = req.clone();
+        async move { p.join_host(req).await }
+    })
+    .await
+    .map(|r| r.task.unwrap_or_default())
+}
+
+pub async fn list_hosts(c: &mut PoolClient) -> Vec<pb::Host> {
+    c.call(|mut p| async move {
+        p.list_hosts(pb::ListHostsRequest {
+            page: Some(pb::PageRequest {
+                page_size: 1000,
+                page_token: String::new(),
+            }),
+            state: 0,
+        })
+        .await
+    })
+    .await
+    .expect("list hosts")
+    .hosts
+}
