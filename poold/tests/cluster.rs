@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use proto::coordinator as pb;
 
 const ELECTION: Duration = Duration::from_secs(15);
 
@@ -49,4 +50,262 @@ async fn three_members_fail_over_when_the_leader_dies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_members_fail_over_when_the_leader_dies() {
     failover(5).await;
+}
+
+async fn set_name(c: &mut poold::client::PoolClient, name: &str) -> Result<(), tonic::Status> {
+    let req = pb::UpdatePoolSettingsRequest {
+        request_id: poold::client::new_request_id(),
+        settings: Some(pb::PoolSettings {
+            name: name.to_owned(),
+            placement: pb::PlacementStrategy::Spread as i32,
+            cpu_overcommit_percent: 400,
+            memory_overcommit_percent: 100,
+            host_heartbeat_timeout_seconds: 30,
+            migration_downtime_budget_ms: 300,
+        }),
+    };
+    c.call(|mut p| {
+        let req = req.clone();
+        async move { p.update_pool_settings(req).await }
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn get_name(c: &mut poold::client::PoolClient) -> Result<String, tonic::Status> {
+    c.call(|mut p| async move { p.get_pool(pb::GetPoolRequest {}).await })
+        .await
+        .map(|p| p.settings.unwrap_or_default().name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_every_member_keeps_the_state() {
+    let _serial = SERIAL.lock().await;
+    let mut cl = Cluster::start(3, &[]);
+    cl.leader(ELECTION).await;
+    let mut c = cl.client();
+    for i in 0..30 {
+        join_host(&mut c, &format!("10.1.0.{i}:7000"))
+            .await
+            .expect("write");
+    }
+    set_name(&mut c, "before-restart").await.unwrap();
+    let before = list_hosts(&mut c).await;
+    for id in 1..=3 {
+        cl.kill(id);
+    }
+    for id in 1..=3 {
+        cl.spawn(id);
+    }
+    cl.leader(ELECTION).await;
+    let mut c = cl.client();
+    let after = list_hosts(&mut c).await;
+    assert_eq!(after, before, "hosts survive a restart of every member");
+    assert_eq!(get_name(&mut c).await.unwrap(), "before-restart");
+    // And the pool still takes writes.
+    join_host(&mut c, "10.1.1.1:7000")
+        .await
+        .expect("write after restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minority_partition_cannot_commit() {
+    let _serial = SERIAL.lock().await;
+    let cl = Cluster::start(3, &[]);
+    let old = cl.leader(ELECTION).await;
+    let mut c = cl.client();
+    set_name(&mut c, "agreed").await.unwrap();
+    cl.isolate(old).await;
+    // The cut-off leader cannot commit: the write fails (it never waits forever).
+    let mut minority = cl.client_of(&[old]);
+    minority.deadline = Duration::from_secs(4);
+    minority.attempt_timeout = Duration::from_secs(2);
+    let r = set_name(&mut minority, "minority-write").await;
+    assert!(
+        r.is_err(),
+        "a write on the minority side must not be acknowledged"
+    );
+    // Reads there fail too rather than serve possibly stale state.
+    assert!(get_name(&mut minority).await.is_err());
+    // The majority elects a new leader and goes on.
+    let majority: Vec<u64> = cl.alive().into_iter().filter(|m| *m != old).collect();
+    let new = cl.leader_among(&majority, ELECTION).await;
+    assert_ne!(new, old);
+    let mut maj = cl.client_of(&majority);
+    set_name(&mut maj, "majority-write").await.unwrap();
+    cl.heal().await;
+    let st = cl.status(new).await.unwrap();
+    cl.wait_applied(old, st.commit_index, ELECTION).await;
+    let mut all = cl.client();
+    assert_eq!(get_name(&mut all).await.unwrap(), "majority-write");
+    let mut back = cl.client_of(&[old]);
+    assert_eq!(
+        get_name(&mut back).await.unwrap(),
+        "majority-write",
+        "the old leader's uncommitted write was discarded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_down_for_10k_entries_catches_up_by_snapshot() {
+    let _serial = SERIAL.lock().await;
+    let mut cl = Cluster::start(
+        3,
+        &[
+            "--snapshot-interval",
+            "1000",
+            "--snapshot-keep-entries",
+            "200",
+        ],
+    );
+    let leader = cl.leader(ELECTION).await;
+    let lagging = if leader == 3 { 2 } else { 3 };
+    let mut c = cl.client();
+    set_name(&mut c, "start").await.unwrap();
+    let at_kill = cl.status(leader).await.unwrap().commit_index;
+    cl.kill(lagging);
+    let alive = cl.alive();
+    cl.leader_among(&alive, ELECTION).await;
+    // 10,000 writes from 32 concurrent writers.
+    let mut tasks = Vec::new();
+    for w in 0..32 {
+        let mut c = cl.client_of(&alive);
+        c.find_leader().await;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..(10_000 / 32 + 1) {
+                set_name(&mut c, &format!("w{w}-{i}")).await.expect("write");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    set_name(&mut c, "final").await.unwrap();
+    let leader = cl.leader_among(&alive, ELECTION).await;
+    let lst = cl.status(leader).await.unwrap();
+    assert!(lst.commit_index >= at_kill + 10_000);
+    assert!(
+        lst.first_log_index > at_kill + 1,
+        "the leader compacted past what the lagging member has: {lst:?}"
+    );
+    cl.spawn(lagging);
+    let st = cl
+        .wait_applied(lagging, lst.commit_index, Duration::from_secs(60))
+        .await;
+    assert!(
+        st.snapshots_installed >= 1,
+        "caught up through a snapshot: {st:?}"
+    );
+    let mut only = cl.client_of(&[lagging]);
+    assert_eq!(get_name(&mut only).await.unwrap(), "final");
+}
+
+async fn add_member(
+    c: &mut poold::client::PoolClient,
+    id: u64,
+    address: &str,
+    role: pb::MemberRole,
+    replaces: u64,
+) -> Result<(), tonic::Status> {
+    let req = pb::AddMemberRequest {
+        request_id: poold::client::new_request_id(),
+        member_id: id,
+        address: address.to_owned(),
+        role: role as i32,
+        replaces_member_id: replaces,
+    };
+    c.call(|mut p| {
+        let req = req.clone();
+        async move { p.add_member(req).await }
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn voters(cl: &Cluster, id: u64, want: &[u64]) {
+    let deadline = std::time::Instant::now() + ELECTION;
+    loop {
+        let st = cl.status(id).await;
+        if let Some(st) = &st {
+            let mut v = st.voters.clone();
+            v.sort_unstable();
+            if v == want && st.voters_outgoing.is_empty() {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "voters never became {want:?}: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_added_replaced_and_removed_through_the_api() {
+    let _serial = SERIAL.lock().await;
+    let mut cl = Cluster::start(3, &[]);
+    cl.leader(ELECTION).await;
+    let mut c = cl.client();
+    join_host(&mut c, "10.2.0.1:7000").await.unwrap();
+    // Add member 4 as a learner, then promote it.
+    let a4 = cl.spawn_joiner(4);
+    add_member(&mut c, 4, &a4, pb::MemberRole::Learner, 0)
+        .await
+        .unwrap();
+    let lst = cl.status(cl.leader(ELECTION).await).await.unwrap();
+    let st4 = cl.wait_applied(4, lst.commit_index, ELECTION).await;
+    assert_eq!(st4.learners, vec![4]);
+    add_member(&mut c, 4, &a4, pb::MemberRole::Voter, 0)
+        .await
+        .unwrap();
+    voters(&cl, 1, &[1, 2, 3, 4]).await;
+    // Replace member 1 by member 5 in one joint-consensus change.
+    let a5 = cl.spawn_joiner(5);
+    add_member(&mut c, 5, &a5, pb::MemberRole::Voter, 1)
+        .await
+        .unwrap();
+    voters(&cl, 2, &[2, 3, 4, 5]).await;
+    cl.kill(1);
+    let mut c = cl.client();
+    let hosts = list_hosts(&mut c).await;
+    assert_eq!(hosts.len(), 1, "member 5 got the state");
+    let mut only5 = cl.client_of(&[5]);
+    assert_eq!(list_hosts(&mut only5).await.len(), 1);
+    // Remove member 5 → voters 2,3,4.
+    let req = pb::RemoveMemberRequest {
+        request_id: poold::client::new_request_id(),
+        member_id: 5,
+    };
+    c.call(|mut p| {
+        let req = req.clone();
+        async move { p.remove_member(req).await }
+    })
+    .await
+    .unwrap();
+    voters(&cl, 2, &[2, 3, 4]).await;
+    cl.kill(5);
+    // With member 4 down, removing 3 would leave {2, 4} with one live voter: refused.
+    cl.kill(4);
+    // Long enough for the leader to stop counting member 4 as recently heard from.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cl.leader_among(&[2, 3], ELECTION).await;
+    let mut c = cl.client_of(&[2, 3]);
+    let req = pb::RemoveMemberRequest {
+        request_id: poold::client::new_request_id(),
+        member_id: 3,
+    };
+    let err = c
+        .call(|mut p| {
+            let req = req.clone();
+            async move { p.remove_member(req).await }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("reachable"), "{err}");
+    voters(&cl, 2, &[2, 3, 4]).await;
+    join_host(&mut c, "10.2.0.2:7000")
+        .await
+        .expect("the pool still commits");
 }

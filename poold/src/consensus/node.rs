@@ -197,6 +197,8 @@ struct Node {
     conf_state: ConfState,
     leader_seen: (u64, u64),
     snapshots_installed: u64,
+    /// When each peer was last heard from: whether a change keeps a live quorum.
+    last_heard: HashMap<u64, Instant>,
 }
 
 /// Starts the node thread. `storage` must be bootstrapped already (or empty, for a member
@@ -271,6 +273,7 @@ pub fn start(
         conf_state,
         leader_seen: (0, 0),
         snapshots_installed: 0,
+        last_heard: HashMap::new(),
     };
     node.publish();
     std::thread::Builder::new()
@@ -309,7 +312,8 @@ impl Node {
                 last_tick = Instant::now();
             }
             self.start_read_round();
-            if let Err(e) = self.on_ready() {
+            // Compaction after the pass, so a snapshot covers everything it applied.
+            if let Err(e) = self.on_ready().and_then(|_| self.maybe_snapshot()) {
                 // The storage failed: this member cannot go on safely. Stop; the others
                 // keep the pool going and this one recovers from its disk on restart.
                 tracing::error!(error = %e, "Raft storage failed; stopping this member");
@@ -323,6 +327,7 @@ impl Node {
     fn handle(&mut self, m: NodeMsg) {
         match m {
             NodeMsg::Raft(msg) => {
+                self.last_heard.insert(msg.from, Instant::now());
                 if let Err(e) = self.raw.step(*msg) {
                     tracing::debug!(error = %e, "dropped a Raft message");
                 }
@@ -435,13 +440,13 @@ impl Node {
             return Err("the change would leave no voter".into());
         }
         let prs = self.raw.raft.prs();
+        let window = self.cfg.tick * self.cfg.election_ticks as u32;
         let active = voters
             .iter()
             .filter(|v| {
                 **v == self.cfg.id
-                    || prs
-                        .get(**v)
-                        .is_some_and(|p| p.recent_active && p.matched > 0)
+                    || (prs.get(**v).is_some_and(|p| p.matched > 0)
+                        && self.last_heard.get(v).is_some_and(|t| t.elapsed() < window))
             })
             .count();
         let existing_new = voters
@@ -571,9 +576,6 @@ impl Node {
                 }
             }
         }
-
-        // 9. Compaction last, so a snapshot covers everything applied in this pass.
-        self.maybe_snapshot()?;
         Ok(())
     }
 
@@ -670,7 +672,8 @@ impl Node {
     fn maybe_snapshot(&mut self) -> Result<(), raft::Error> {
         let applied = self.shared.state.read().expect("state lock").applied_index;
         let snap_index = self.raw.store().snapshot_metadata().index;
-        if applied < snap_index + self.cfg.snapshot_interval {
+        let wanted = self.raw.store().take_snapshot_wanted() && applied > snap_index;
+        if !wanted && applied < snap_index + self.cfg.snapshot_interval {
             return Ok(());
         }
         let data = snapshot::encode(&self.shared.state.read().expect("state lock"));

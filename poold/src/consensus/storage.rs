@@ -90,6 +90,9 @@ pub struct DiskStorage {
     /// Index and term of the last entry removed from the log.
     trunc: (u64, u64),
     last_index: u64,
+    /// Set when raft-rs asked for a snapshot the stored one cannot serve (it predates the
+    /// member it is for); the node thread takes a fresh one and raft-rs asks again.
+    snapshot_wanted: std::cell::Cell<bool>,
 }
 
 impl DiskStorage {
@@ -180,6 +183,7 @@ impl DiskStorage {
             snap_meta,
             trunc,
             last_index,
+            snapshot_wanted: std::cell::Cell::new(false),
         })
     }
 
@@ -318,6 +322,11 @@ impl DiskStorage {
         Ok(())
     }
 
+    /// Whether raft-rs asked for a snapshot newer than the stored one (and clears it).
+    pub fn take_snapshot_wanted(&self) -> bool {
+        self.snapshot_wanted.replace(false)
+    }
+
     pub fn snapshot_metadata(&self) -> &SnapshotMetadata {
         &self.snap_meta
     }
@@ -419,9 +428,22 @@ impl raft::Storage for DiskStorage {
         Ok(self.last_index)
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         // The stored snapshot is always at least as new as the compacted prefix, which is
-        // what a follower that needs one lacks.
+        // what a follower that needs one lacks. But raft-rs refuses to install a snapshot
+        // whose configuration does not name the receiver, so a member added after it was
+        // taken needs a fresh one.
+        let cs = self.snap_meta.get_conf_state();
+        let names = cs.voters.contains(&to)
+            || cs.learners.contains(&to)
+            || cs.voters_outgoing.contains(&to)
+            || cs.learners_next.contains(&to);
+        if !names || self.snap_meta.index < request_index {
+            self.snapshot_wanted.set(true);
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
         let mut snap = Snapshot::default();
         snap.set_metadata(self.snap_meta.clone());
         snap.data = self.snapshot_data()?.into();
