@@ -1,0 +1,243 @@
+//! The virtio-blk device: what it offers the driver, its config space, and the worker
+//! thread that serves its queue once the driver has set it up.
+
+use std::os::unix::io::AsRawFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::Disk;
+use super::request::{
+    Desc, DiskContext, MAX_SEGMENTS, Request, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES, complete,
+};
+use crate::devices::virtio::{
+    ActivateContext, ActivateError, INT_VRING, VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK, VirtioDevice,
+    VirtioInterrupt,
+};
+use crate::vmm::GuestRam;
+
+const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+
+pub const QUEUE_SIZE: u16 = 256;
+const CONFIG_LEN: usize = 64;
+/// Largest discard / write-zeroes request, in sectors (4 GiB - 512).
+const MAX_DISCARD_SECTORS: u32 = u32::MAX >> 9;
+
+struct Worker {
+    thread: JoinHandle<()>,
+    stop: EventFd,
+}
+
+pub struct Block {
+    disk: Disk,
+    config: [u8; CONFIG_LEN],
+    features: u64,
+    queue_sizes: [u16; 1],
+    worker: Option<Worker>,
+}
+
+impl Block {
+    pub fn new(disk: Disk) -> Self {
+        let capacity = disk.backend.size() / SECTOR_SIZE;
+        let mut features = VIRTIO_F_VERSION_1
+            | VIRTIO_F_RING_EVENT_IDX
+            | VIRTIO_F_RING_INDIRECT_DESC
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_FLUSH;
+        if disk.read_only {
+            features |= VIRTIO_BLK_F_RO;
+        } else {
+            features |= VIRTIO_BLK_F_WRITE_ZEROES;
+            if disk.backend.supports_discard() {
+                features |= VIRTIO_BLK_F_DISCARD;
+            }
+        }
+        // struct virtio_blk_config, the fields up to write_zeroes_may_unmap.
+        let mut config = [0u8; CONFIG_LEN];
+        config[0..8].copy_from_slice(&capacity.to_le_bytes());
+        config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes()); // seg_max
+        config[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+        config[40..44].copy_from_slice(&MAX_SEGMENTS.to_le_bytes());
+        config[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard alignment, sectors
+        config[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+        config[52..56].copy_from_slice(&MAX_SEGMENTS.to_le_bytes());
+        config[56] = 1; // write_zeroes_may_unmap
+        Self {
+            disk,
+            config,
+            features,
+            queue_sizes: [QUEUE_SIZE],
+            worker: None,
+        }
+    }
+
+    fn context(&self) -> DiskContext {
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
+        let name = self.disk.id.as_bytes();
+        let n = name.len().min(VIRTIO_BLK_ID_BYTES);
+        id[..n].copy_from_slice(&name[..n]);
+        DiskContext {
+            backend: self.disk.backend.clone(),
+            read_only: self.disk.read_only,
+            capacity: self.disk.backend.size() / SECTOR_SIZE,
+            id,
+            metrics: self.disk.metrics.clone(),
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let start = offset as usize;
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = self.config.get(start + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.reset();
+        let queue = ctx.queues.remove(0);
+        let kick = ctx.kicks.remove(0);
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let worker_stop = stop.try_clone().map_err(ActivateError::Worker)?;
+        let disk = self.context();
+        let name = format!("blk-{}", self.disk.id);
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || serve(ctx.mem, queue, kick, worker_stop, ctx.interrupt, disk))
+            .map_err(ActivateError::Worker)?;
+        self.worker = Some(Worker { thread, stop });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(w) = self.worker.take() {
+            let _ = w.stop.write(1);
+            if w.thread.join().is_err() {
+                tracing::error!(disk = %self.disk.id, "virtio-blk worker panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}
+
+/// Waits for readability on either fd; true when `stop` fired.
+fn wait(kick: &EventFd, stop: &EventFd) -> bool {
+    let mut fds = [
+        libc::pollfd {
+            fd: kick.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfd that outlives the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r >= 0 {
+            return fds[1].revents != 0;
+        }
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            tracing::error!(error = %std::io::Error::last_os_error(), "virtio-blk poll");
+            return true;
+        }
+    }
+}
+
+/// The queue worker: serves requests until the device is reset.
+fn serve(
+    mem: GuestRam,
+    mut queue: Queue,
+    kick: EventFd,
+    stop: EventFd,
+    interrupt: Arc<VirtioInterrupt>,
+    disk: DiskContext,
+) {
+    let mut bounce = Vec::new();
+    // The driver may have queued requests before it set DRIVER_OK.
+    process(&mem, &mut queue, &interrupt, &disk, &mut bounce);
+    while !wait(&kick, &stop) {
+        let _ = kick.read();
+        process(&mem, &mut queue, &interrupt, &disk, &mut bounce);
+    }
+}
+
+/// Serves every available request, then tells the driver if it wants to know.
+pub fn process(
+    mem: &GuestRam,
+    queue: &mut Queue,
+    interrupt: &VirtioInterrupt,
+    disk: &DiskContext,
+    bounce: &mut Vec<u8>,
+) {
+    let mut served = 0usize;
+    loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            tracing::warn!(disk = %disk.id_str(), error = %e, "virtio-blk queue");
+            return;
+        }
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let descs: Vec<Desc> = chain
+                .map(|d| Desc {
+                    addr: d.addr(),
+                    len: d.len(),
+                    writable: d.is_write_only(),
+                })
+                .collect();
+            let used_len = match Request::parse(&descs, mem) {
+                Ok(req) => req.execute(mem, disk, bounce).used_len,
+                Err((e, status)) => {
+                    disk.metrics.invalid();
+                    tracing::debug!(disk = %disk.id_str(), error = %e, "malformed virtio-blk request");
+                    status.map_or(0, |s| {
+                        complete(mem, s, super::request::VIRTIO_BLK_S_IOERR, 0).used_len
+                    })
+                }
+            };
+            if let Err(e) = queue.add_used(mem, head, used_len) {
+                tracing::warn!(disk = %disk.id_str(), error = %e, "virtio-blk used ring");
+            }
+            served += 1;
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(e) => {
+                tracing::warn!(disk = %disk.id_str(), error = %e, "virtio-blk queue");
+                break;
+            }
+        }
+    }
+    if served > 0 && queue.needs_notification(mem).unwrap_or(true) {
+        interrupt.signal(INT_VRING);
+    }
+}

@@ -1,0 +1,491 @@
+//! The VMM core: one [`Vm`] is one KVM virtual machine in this process — its memory,
+//! in-kernel irqchip and PIT, devices, and one thread per vCPU.
+//!
+//! Building a VM does everything that can fail before any guest code runs (memory, boot
+//! images, devices, vCPU state), so a bad request leaves nothing behind: the `Vm` value
+//! is simply dropped. [`Vm::start`] then spawns the vCPU threads; the VM runs until the
+//! guest powers off or resets, a vCPU crashes, or the owner stops it, and
+//! [`Vm::wait_exit`] says which.
+//!
+//! A reboot is a new `Vm` built from the same [`VmSpec`]: fresh memory and vCPUs, the
+//! same disks (their backends and counters live in [`Disk`]).
+
+pub mod boot;
+pub mod cpuid;
+pub mod layout;
+pub mod mptable;
+pub mod run;
+pub mod vcpu;
+
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+pub use boot::{BootError, BootProtocol, BootSpec, Entry};
+pub use cpuid::{CpuidError, CpuidRegs};
+pub use run::{ExitHandle, RunControl, RunError, VmExit};
+
+use crate::console::ConsoleOut;
+use crate::devices::IrqLine;
+use crate::devices::bus::{Bus, BusDevice, BusError};
+use crate::devices::debug_exit::DebugExit;
+use crate::devices::i8042::I8042;
+use crate::devices::serial::SerialDevice;
+use crate::devices::speaker::PcSpeaker;
+use crate::devices::virtio::VirtioInterrupt;
+use crate::devices::virtio::block::{Block, BlockMetricsSnapshot, Disk};
+use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use vcpu::{Vcpu, VcpuError};
+
+/// Guest memory, with a bitmap of the pages the VMM itself writes (device DMA), which
+/// KVM's dirty log does not see; live migration reads both.
+pub type GuestRam = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
+/// The smallest guest we build.
+pub const MIN_MEMORY_BYTES: u64 = 8 << 20;
+/// APIC ids are 8 bits and the IOAPIC takes the id after the last vCPU.
+pub const MAX_VCPUS: u32 = 254;
+
+/// What a VM is made of.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    pub boot: BootSpec,
+    pub disks: Vec<Disk>,
+    /// Pool-wide CPUID mask (see [`cpuid::apply_mask`]); empty for the host's features.
+    pub cpuid_mask: Vec<CpuidRegs>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("/dev/kvm is not usable (is the kvm module loaded, and may this user open it?)")]
+    KvmUnavailable(#[source] kvm_ioctls::Error),
+    #[error("{op} failed")]
+    Kvm {
+        op: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("a VM has 1 to {max} vCPUs, not {requested}")]
+    VcpuCount { requested: u32, max: u32 },
+    #[error(
+        "guest memory must be a multiple of 4 KiB between {min} and {max} bytes; {requested} bytes was asked"
+    )]
+    MemorySize { requested: u64, min: u64, max: u64 },
+    #[error("a VM has at most {max} disks, not {count}")]
+    TooManyDisks { count: usize, max: usize },
+    #[error("disk id {id:?} is used twice")]
+    DuplicateDisk { id: String },
+    #[error("disk id {id:?} is not 1 to 20 printable ASCII characters")]
+    BadDiskId { id: String },
+    #[error("cannot allocate {bytes} bytes of guest memory")]
+    Memory {
+        bytes: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Cpuid(#[from] CpuidError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot set up {device}")]
+    Device {
+        device: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot place {device} on the bus")]
+    Bus {
+        device: String,
+        #[source]
+        source: BusError,
+    },
+    #[error("cannot start the thread of vCPU {index}")]
+    Thread {
+        index: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the VM was already started")]
+    AlreadyStarted,
+    #[error(transparent)]
+    Run(#[from] RunError),
+}
+
+/// Total RAM of this host, the hard ceiling for one guest.
+pub fn host_memory_bytes() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    (pages.max(0) as u64).saturating_mul(page.max(0) as u64)
+}
+
+impl VmSpec {
+    /// Checks what can be checked without KVM.
+    pub fn validate(&self) -> Result<(), VmError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(VmError::VcpuCount {
+                requested: self.vcpus,
+                max: MAX_VCPUS,
+            });
+        }
+        let max = host_memory_bytes();
+        if self.memory_bytes < MIN_MEMORY_BYTES
+            || self.memory_bytes > max
+            || !self.memory_bytes.is_multiple_of(4096)
+        {
+            return Err(VmError::MemorySize {
+                requested: self.memory_bytes,
+                min: MIN_MEMORY_BYTES,
+                max,
+            });
+        }
+        if self.disks.len() > layout::MAX_VIRTIO_DEVICES {
+            return Err(VmError::TooManyDisks {
+                count: self.disks.len(),
+                max: layout::MAX_VIRTIO_DEVICES,
+            });
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            if d.id.is_empty() || d.id.len() > 20 || !d.id.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(VmError::BadDiskId { id: d.id.clone() });
+            }
+            if self.disks[..i].iter().any(|o| o.id == d.id) {
+                return Err(VmError::DuplicateDisk { id: d.id.clone() });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { op, source }
+}
+
+fn dev_err(device: &str) -> impl FnOnce(std::io::Error) -> VmError + '_ {
+    move |source| VmError::Device {
+        device: device.to_owned(),
+        source,
+    }
+}
+
+/// An interrupt line wired into the in-kernel irqchip.
+fn irq_line(vm: &VmFd, gsi: u32, device: &str) -> Result<IrqLine, VmError> {
+    let line = IrqLine::new(gsi).map_err(dev_err(device))?;
+    vm.register_irqfd(line.eventfd(), gsi)
+        .map_err(kvm_err("KVM_IRQFD"))?;
+    Ok(line)
+}
+
+fn place(
+    bus: &mut Bus,
+    base: u64,
+    len: u64,
+    dev: Arc<Mutex<dyn BusDevice>>,
+    name: &str,
+) -> Result<(), VmError> {
+    bus.insert(base, len, dev).map_err(|source| VmError::Bus {
+        device: name.to_owned(),
+        source,
+    })
+}
+
+pub struct Vm {
+    // Field order is drop order: threads are joined in Drop before any of these go.
+    ctl: Arc<RunControl>,
+    vcpus: Vec<Vcpu>,
+    threads: Vec<JoinHandle<()>>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    serial: Arc<Mutex<SerialDevice>>,
+    i8042: Arc<Mutex<I8042>>,
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
+    disks: Vec<Disk>,
+    memory_bytes: u64,
+    entry: Entry,
+    vm_fd: Arc<VmFd>,
+    _kvm: Kvm,
+    // After the VM fd: KVM's memory slots point into this mapping.
+    memory: GuestRam,
+}
+
+impl Vm {
+    /// Builds the VM, stopped: nothing runs until [`Vm::start`].
+    pub fn new(spec: &VmSpec, console: Arc<dyn ConsoleOut>) -> Result<Self, VmError> {
+        spec.validate()?;
+        let kvm = Kvm::new().map_err(VmError::KvmUnavailable)?;
+        let max = (kvm.get_max_vcpus() as u32).min(MAX_VCPUS);
+        if spec.vcpus > max {
+            return Err(VmError::VcpuCount {
+                requested: spec.vcpus,
+                max,
+            });
+        }
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        vm_fd
+            .set_tss_address(layout::KVM_TSS_ADDR as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        // The irqchip must exist before any vCPU, so every vCPU gets an in-kernel LAPIC.
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm_fd
+            .create_pit2(kvm_pit_config::default())
+            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let regions: Vec<(GuestAddress, usize)> = layout::ram_regions(spec.memory_bytes)
+            .into_iter()
+            .map(|(start, len)| (GuestAddress(start), len as usize))
+            .collect();
+        let memory = GuestRam::from_ranges(&regions).map_err(|source| VmError::Memory {
+            bytes: spec.memory_bytes,
+            source,
+        })?;
+        for (slot, region) in memory.iter().enumerate() {
+            let host = memory
+                .get_host_address(region.start_addr())
+                .expect("a region's start is inside it");
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the mapping described by `r` belongs to `memory`, which this Vm owns
+            // and keeps alive until after the VM fd (and so the memory slot) is closed.
+            unsafe { vm_fd.set_user_memory_region(r) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        let ctl = RunControl::new();
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            irq_line(&vm_fd, layout::IRQ_SERIAL, "serial port")?,
+            console,
+        )));
+        place(
+            &mut pio,
+            u64::from(layout::PORT_SERIAL),
+            u64::from(layout::PORT_SERIAL_LEN),
+            serial.clone(),
+            "serial port",
+        )?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(
+            irq_line(&vm_fd, layout::IRQ_KEYBOARD, "i8042")?,
+            ctl.exit_handle(),
+        )));
+        place(
+            &mut pio,
+            u64::from(layout::PORT_I8042_DATA),
+            1,
+            i8042.clone(),
+            "i8042",
+        )?;
+        pio.insert_at_offset(u64::from(layout::PORT_I8042_COMMAND), 1, i8042.clone(), 4)
+            .map_err(|source| VmError::Bus {
+                device: "i8042".into(),
+                source,
+            })?;
+        place(
+            &mut pio,
+            u64::from(layout::PORT_SPEAKER),
+            1,
+            Arc::new(Mutex::new(PcSpeaker::new(vm_fd.clone()))),
+            "port 0x61",
+        )?;
+        place(
+            &mut pio,
+            u64::from(layout::PORT_DEBUG_EXIT),
+            u64::from(layout::PORT_DEBUG_EXIT_LEN),
+            Arc::new(Mutex::new(DebugExit::new(ctl.exit_handle()))),
+            "debug-exit port",
+        )?;
+
+        let mut virtio = Vec::new();
+        let mut extra_cmdline = Vec::new();
+        for (i, disk) in spec.disks.iter().enumerate() {
+            let name = format!("virtio-blk {}", disk.id);
+            let (base, gsi) = layout::virtio_mmio_window(i);
+            let interrupt = Arc::new(VirtioInterrupt::new(irq_line(&vm_fd, gsi, &name)?));
+            let transport = MmioTransport::new(
+                Box::new(Block::new(disk.clone())),
+                memory.clone(),
+                interrupt,
+            )
+            .map_err(dev_err(&name))?;
+            for (q, kick) in transport.kicks().iter().enumerate() {
+                vm_fd
+                    .register_ioevent(
+                        kick,
+                        &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
+                        q as u32,
+                    )
+                    .map_err(kvm_err("KVM_IOEVENTFD"))?;
+            }
+            let transport = Arc::new(Mutex::new(transport));
+            place(
+                &mut mmio,
+                base,
+                layout::VIRTIO_MMIO_SIZE,
+                transport.clone(),
+                &name,
+            )?;
+            virtio.push(transport);
+            extra_cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        }
+
+        let entry = boot::load(
+            &memory,
+            &spec.boot,
+            spec.memory_bytes,
+            spec.vcpus as u8,
+            &extra_cmdline,
+        )?;
+
+        let supported = cpuid::supported(&kvm)?;
+        let mut vcpus = Vec::with_capacity(spec.vcpus as usize);
+        for index in 0..spec.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let tsc_khz = fd.get_tsc_khz().ok();
+            let table = cpuid::for_vcpu(&supported, index, spec.vcpus, tsc_khz, &spec.cpuid_mask)?;
+            let vcpu = Vcpu { fd, index };
+            vcpu.configure(&table)?;
+            if index == 0 {
+                vcpu.set_boot_registers(entry)?;
+            }
+            vcpus.push(vcpu);
+        }
+
+        Ok(Self {
+            ctl,
+            vcpus,
+            threads: Vec::new(),
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            serial,
+            i8042,
+            virtio,
+            disks: spec.disks.clone(),
+            memory,
+            memory_bytes: spec.memory_bytes,
+            entry,
+            vm_fd,
+            _kvm: kvm,
+        })
+    }
+
+    /// Starts the vCPU threads.
+    pub fn start(&mut self) -> Result<(), VmError> {
+        if self.vcpus.is_empty() {
+            return Err(VmError::AlreadyStarted);
+        }
+        for vcpu in self.vcpus.drain(..) {
+            let index = vcpu.index;
+            let (ctl, pio, mmio) = (self.ctl.clone(), self.pio.clone(), self.mmio.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu.run(ctl, pio, mmio));
+            match spawned {
+                Ok(t) => self.threads.push(t),
+                Err(source) => {
+                    self.ctl.request_exit(VmExit::Crash {
+                        vcpu: index,
+                        detail: format!("cannot start its thread: {source}"),
+                    });
+                    return Err(VmError::Thread { index, source });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pauses every vCPU; returns once none is running guest code.
+    pub fn pause(&self, timeout: Duration) -> Result<(), VmError> {
+        Ok(self.ctl.pause(timeout)?)
+    }
+
+    pub fn resume(&self) -> Result<(), VmError> {
+        Ok(self.ctl.resume()?)
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.ctl.is_paused()
+    }
+
+    /// Asks the guest to shut down: Ctrl-Alt-Del on the i8042.
+    pub fn request_shutdown(&self) {
+        crate::devices::bus::lock(&self.i8042).send_ctrl_alt_del();
+    }
+
+    /// Stops the vCPUs at once (the first stop reason recorded wins).
+    pub fn stop(&self) {
+        self.ctl.request_exit(VmExit::Stopped);
+    }
+
+    /// Waits until the VM stops; `None` on timeout.
+    pub fn wait_exit(&self, timeout: Option<Duration>) -> Option<VmExit> {
+        self.ctl.wait_exit(timeout)
+    }
+
+    pub fn exit_reason(&self) -> Option<VmExit> {
+        self.ctl.exit_reason()
+    }
+
+    /// Console input for the guest's serial port; returns the bytes accepted.
+    pub fn console_input(&self, data: &[u8]) -> usize {
+        crate::devices::bus::lock(&self.serial).enqueue_input(data)
+    }
+
+    pub fn entry(&self) -> Entry {
+        self.entry
+    }
+
+    pub fn memory(&self) -> &GuestRam {
+        &self.memory
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_bytes
+    }
+
+    pub fn vcpu_cpu_ns(&self) -> u64 {
+        self.ctl.vcpu_cpu_ns()
+    }
+
+    pub fn disk_metrics(&self) -> Vec<(String, BlockMetricsSnapshot)> {
+        self.disks
+            .iter()
+            .map(|d| (d.id.clone(), d.metrics.snapshot()))
+            .collect()
+    }
+
+    /// The KVM VM, for what lives outside this module (dirty logging, state save).
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm_fd
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.ctl.request_exit(VmExit::Stopped);
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("a vCPU thread panicked");
+            }
+        }
+        // Device workers stop as the transports drop, before the memory goes.
+        self.virtio.clear();
+    }
+}
