@@ -1,0 +1,256 @@
+//! Load generator for bench/raft.sh: drives small writes into a pool (PoolService
+//! UpdatePoolSettings through the leader) or into etcd (KV.Put over etcd's gRPC API) with
+//! N concurrent clients, the same shape for both, and times the scheduler.
+//!
+//! Prints one line: `RESULT <name> ops=<n> secs=<s> ops_per_s=<x> p50_us=<x> p99_us=<x>`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use poold::client::PoolClient;
+use poold::scheduler::{BatchScheduler, Demand, HostCandidate, Policy};
+use proto::coordinator as pb;
+use proto::coordinator::HostState;
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Small pool writes through the leader.
+    Pool {
+        #[arg(long, value_delimiter = ',')]
+        members: Vec<String>,
+        #[arg(long)]
+        clients: usize,
+        #[arg(long, default_value = "10")]
+        seconds: u64,
+    },
+    /// etcd KV.Put of a similar size.
+    Etcd {
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        clients: usize,
+        #[arg(long, default_value = "10")]
+        seconds: u64,
+    },
+    /// Placements per second of the batch scheduler.
+    Scheduler {
+        #[arg(long, default_value = "1000")]
+        hosts: usize,
+        #[arg(long, default_value = "10000")]
+        vms: usize,
+    },
+}
+
+mod etcd {
+    //! The two messages of etcd's `etcdserverpb.KV/Put` this benchmark uses, with etcd's
+    //! field numbers (api/etcdserverpb/rpc.proto).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PutRequest {
+        #[prost(bytes = "vec", tag = "1")]
+        pub key: Vec<u8>,
+        #[prost(bytes = "vec", tag = "2")]
+        pub value: Vec<u8>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ResponseHeader {
+        #[prost(uint64, tag = "1")]
+        pub cluster_id: u64,
+        #[prost(uint64, tag = "2")]
+        pub member_id: u64,
+        #[prost(int64, tag = "3")]
+        pub revision: i64,
+        #[prost(uint64, tag = "4")]
+        pub raft_term: u64,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PutResponse {
+        #[prost(message, optional, tag = "1")]
+        pub header: Option<ResponseHeader>,
+    }
+}
+
+fn report(name: &str, mut lat: Vec<u64>, secs: f64) {
+    lat.sort_unstable();
+    let n = lat.len();
+    let pct = |p: f64| {
+        if n == 0 {
+            0
+        } else {
+            lat[((n as f64 * p) as usize).min(n - 1)]
+        }
+    };
+    println!(
+        "RESULT {name} ops={n} secs={secs:.2} ops_per_s={:.0} p50_us={} p99_us={}",
+        n as f64 / secs,
+        pct(0.50),
+        pct(0.99)
+    );
+}
+
+fn settings(name: String) -> pb::PoolSettings {
+    pb::PoolSettings {
+        name,
+        placement: pb::PlacementStrategy::Spread as i32,
+        cpu_overcommit_percent: 400,
+        memory_overcommit_percent: 100,
+        host_heartbeat_timeout_seconds: 30,
+        migration_downtime_budget_ms: 300,
+    }
+}
+
+async fn run_clients<F, Fut>(clients: usize, seconds: u64, make: F) -> (Vec<u64>, f64)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Vec<u64>> + Send + 'static,
+{
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..clients).map(|i| tokio::spawn(make(i))).collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("client task"));
+    }
+    let _ = seconds;
+    (all, start.elapsed().as_secs_f64())
+}
+
+async fn pool(members: Vec<String>, clients: usize, seconds: u64) -> anyhow::Result<()> {
+    let mut c = PoolClient::new(&members);
+    anyhow::ensure!(c.find_leader().await, "no pool leader found among {members:?}");
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let c = Arc::new(c);
+    let (lat, secs) = run_clients(clients, seconds, |i| {
+        let mut c = (*c).clone();
+        async move {
+            let mut lat = Vec::new();
+            let mut n = 0u64;
+            while Instant::now() < until {
+                n += 1;
+                let req = pb::UpdatePoolSettingsRequest {
+                    request_id: poold::client::new_request_id(),
+                    settings: Some(settings(format!("bench-{i}-{n}"))),
+                };
+                let t = Instant::now();
+                let r = c
+                    .call(|mut p| {
+                        let req = req.clone();
+                        async move { p.update_pool_settings(req).await }
+                    })
+                    .await;
+                if r.is_ok() {
+                    lat.push(t.elapsed().as_micros() as u64);
+                }
+            }
+            lat
+        }
+    })
+    .await;
+    report(&format!("pool_c{clients}"), lat, secs);
+    Ok(())
+}
+
+async fn etcd_put(endpoint: String, clients: usize, seconds: u64) -> anyhow::Result<()> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to etcd at {endpoint}"))?;
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let (lat, secs) = run_clients(clients, seconds, |i| {
+        let ch = ch.clone();
+        async move {
+            let mut grpc = tonic::client::Grpc::new(ch);
+            let mut lat = Vec::new();
+            let mut n = 0u64;
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static("/etcdserverpb.KV/Put");
+            while Instant::now() < until {
+                n += 1;
+                // Key and value sized like the pool write (a name and a request id).
+                let req = etcd::PutRequest {
+                    key: format!("bench/{i}").into_bytes(),
+                    value: format!("bench-{i}-{n}-{}", uuid::Uuid::new_v4()).into_bytes(),
+                };
+                let t = Instant::now();
+                if grpc.ready().await.is_err() {
+                    break;
+                }
+                let codec = tonic_prost::ProstCodec::<etcd::PutRequest, etcd::PutResponse>::default();
+                let r = grpc.unary(tonic::Request::new(req), path.clone(), codec).await;
+                if r.is_ok() {
+                    lat.push(t.elapsed().as_micros() as u64);
+                }
+            }
+            lat
+        }
+    })
+    .await;
+    report(&format!("etcd_c{clients}"), lat, secs);
+    Ok(())
+}
+
+fn scheduler(hosts: usize, vms: usize) {
+    let features: Vec<String> = ["sse4_2", "avx", "avx2", "aes", "xsave", "avx512f"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let cands: Vec<HostCandidate> = (0..hosts)
+        .map(|i| HostCandidate {
+            id: format!("host-{i:05}"),
+            state: if i % 50 == 0 { HostState::Disabled } else { HostState::Enabled },
+            memory_bytes: (256u64 + (i as u64 % 4) * 128) << 30,
+            logical_cpus: 64,
+            memory_allocated_bytes: 0,
+            vcpus_allocated: 0,
+            cpu_features: features[..if i % 3 == 0 { 6 } else { 5 }].to_vec(),
+            ip: format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256),
+            groups: vec![],
+        })
+        .collect();
+    let demands: Vec<Demand> = (0..vms)
+        .map(|i| Demand {
+            vcpus: 1 + (i % 4) as u32,
+            memory_bytes: (1u64 + (i % 8) as u64) << 30,
+            required_cpu_features: if i % 10 == 0 { vec!["avx512f".into()] } else { vec![] },
+            affinity_group: if i % 7 == 0 { format!("aff-{}", i % 70) } else { String::new() },
+            anti_affinity_group: if i % 5 == 0 { format!("anti-{}", i % 500) } else { String::new() },
+            srs: vec![],
+        })
+        .collect();
+    let policy = Policy {
+        cpu_overcommit_percent: 400,
+        ..Policy::default()
+    };
+    let start = Instant::now();
+    let mut s = BatchScheduler::new(&cands, policy);
+    let mut placed = 0usize;
+    for d in &demands {
+        if s.place(d).is_some() {
+            placed += 1;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "RESULT scheduler hosts={hosts} vms={vms} placed={placed} secs={secs:.3} placements_per_s={:.0}",
+        vms as f64 / secs
+    );
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match args.cmd {
+        Cmd::Pool { members, clients, seconds } => rt.block_on(pool(members, clients, seconds)),
+        Cmd::Etcd { endpoint, clients, seconds } => rt.block_on(etcd_put(endpoint, clients, seconds)),
+        Cmd::Scheduler { hosts, vms } => {
+            scheduler(hosts, vms);
+            Ok(())
+        }
+    }
+}
