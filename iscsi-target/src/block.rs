@@ -73,6 +73,12 @@ pub trait BlockDevice: Send + Sync {
         false
     }
 
+    /// Bytes per physical block: the unit below which writes cost a read-modify-write.
+    /// Reported in READ CAPACITY(16) so initiators align to it.
+    fn physical_block_size(&self) -> u32 {
+        self.block_size()
+    }
+
     fn provisioning(&self) -> Provisioning {
         Provisioning {
             thin: false,
@@ -136,6 +142,28 @@ pub trait BlockDevice: Send + Sync {
             mapped: true,
         }])
     }
+
+    /// Makes `len` bytes at `dst_offset` of this device hold what `src` holds at
+    /// `src_offset`, without moving the data through the caller when the two devices can
+    /// share it (chunks of one thin pool, extents of one file system). `Ok(false)` means
+    /// "not supported for this pair": the caller copies the data itself (EXTENDED COPY
+    /// does). Ranges are checked by the caller and block-aligned.
+    fn clone_range_from(
+        &self,
+        src: &dyn BlockDevice,
+        src_offset: u64,
+        dst_offset: u64,
+        len: u64,
+    ) -> Result<bool, BlockError> {
+        let _ = (src, src_offset, dst_offset, len);
+        Ok(false)
+    }
+
+    /// The concrete device, so [`BlockDevice::clone_range_from`] can recognise a source of
+    /// its own kind. Implementations that share data override this to return `Some(self)`.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// Checks that `offset..offset+len` is block-aligned and inside the device.
@@ -160,13 +188,16 @@ pub fn check_range<D: BlockDevice + ?Sized>(
     }
 }
 
-/// A LUN backed by a plain file (tests and quick labs); thick, no discard.
+/// A LUN backed by a plain file (tests and quick labs). Thin when the file system can
+/// punch holes: discard deallocates, and GET LBA STATUS reports holes as unmapped.
 #[derive(Debug)]
 pub struct FileBlockDevice {
     file: File,
     size: u64,
     block_size: u32,
     read_only: bool,
+    /// Punching holes works here (checked once at open).
+    thin: bool,
 }
 
 impl FileBlockDevice {
@@ -190,12 +221,57 @@ impl FileBlockDevice {
         }
         let len = file.metadata()?.len();
         let size = len - len % u64::from(block_size);
+        // Punching a hole past the end (the size is kept) changes nothing and tells
+        // whether the file system supports it.
+        let thin = !read_only && punch_hole(&file, len, 1).is_ok();
         Ok(Self {
             file,
             size,
             block_size,
             read_only,
+            thin,
         })
+    }
+}
+
+fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    };
+    // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by
+    // `file`, which outlives the call.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            n,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `lseek` with SEEK_DATA or SEEK_HOLE; `None` past the last data (ENXIO).
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    let Ok(off) = libc::off_t::try_from(offset) else {
+        return Err(std::io::ErrorKind::InvalidInput.into());
+    };
+    // SAFETY: lseek only reads its integer arguments; the descriptor is owned by `file`.
+    let rc = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if rc >= 0 {
+        return Ok(Some(rc as u64));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(e)
     }
 }
 
@@ -227,6 +303,157 @@ impl BlockDevice for FileBlockDevice {
 
     fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn physical_block_size(&self) -> u32 {
+        // File systems allocate (and punch holes) in 4 KiB blocks.
+        self.block_size.max(4096)
+    }
+
+    fn provisioning(&self) -> Provisioning {
+        Provisioning {
+            thin: self.thin,
+            reads_zero_after_unmap: self.thin,
+            unmap_granularity: if self.thin { 4096 } else { 0 },
+        }
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        check_range(self, offset, len)?;
+        if !self.thin || len == 0 {
+            return Ok(());
+        }
+        punch_hole(&self.file, offset, len).map_err(BlockError::Io)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BlockError> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        check_range(self, offset, len)?;
+        if unmap && self.thin {
+            // A punched hole reads back as zeros.
+            return punch_hole(&self.file, offset, len).map_err(BlockError::Io);
+        }
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64);
+            self.write_at(offset + done, &zeros[..n as usize])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BlockError> {
+        check_range(self, offset, len)?;
+        if !self.thin {
+            return Ok(vec![Extent {
+                offset,
+                len,
+                mapped: true,
+            }]);
+        }
+        let bs = u64::from(self.block_size);
+        let end = offset + len;
+        let mut out = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let data = seek(&self.file, at, libc::SEEK_DATA)
+                .map_err(BlockError::Io)?
+                .unwrap_or(end)
+                .min(end);
+            // A hole from `at` to the next data; round to whole blocks (a partly written
+            // block counts as mapped).
+            let hole_end = (data / bs * bs).max(at);
+            if hole_end > at {
+                out.push(Extent {
+                    offset: at,
+                    len: hole_end - at,
+                    mapped: false,
+                });
+                at = hole_end;
+            }
+            if at >= end {
+                break;
+            }
+            let hole = seek(&self.file, at, libc::SEEK_HOLE)
+                .map_err(BlockError::Io)?
+                .unwrap_or(end)
+                .min(end);
+            let data_end = hole.div_ceil(bs) * bs;
+            let data_end = data_end.clamp(at + bs, end);
+            out.push(Extent {
+                offset: at,
+                len: data_end - at,
+                mapped: true,
+            });
+            at = data_end;
+        }
+        Ok(out)
+    }
+
+    fn clone_range_from(
+        &self,
+        src: &dyn BlockDevice,
+        src_offset: u64,
+        dst_offset: u64,
+        len: u64,
+    ) -> Result<bool, BlockError> {
+        let Some(src) = src
+            .as_any()
+            .and_then(|a| a.downcast_ref::<FileBlockDevice>())
+        else {
+            return Ok(false);
+        };
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        check_range(src, src_offset, len)?;
+        check_range(self, dst_offset, len)?;
+        // The kernel copies (or, on file systems that share extents, reflinks) without
+        // the data passing through us.
+        use std::os::fd::AsRawFd;
+        let (mut from, mut to) = (src_offset as libc::loff_t, dst_offset as libc::loff_t);
+        let mut left = len;
+        while left > 0 {
+            // SAFETY: both descriptors are owned by live `File`s; the offsets point at
+            // local variables that outlive the call.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.file.as_raw_fd(),
+                    &mut from,
+                    self.file.as_raw_fd(),
+                    &mut to,
+                    left.min(1 << 30) as usize,
+                    0,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if left == len
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
+                    )
+                {
+                    return Ok(false);
+                }
+                return Err(BlockError::Io(e));
+            }
+            if n == 0 {
+                return Err(BlockError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            left -= n as u64;
+        }
+        Ok(true)
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 }
 
@@ -264,5 +491,33 @@ mod tests {
         dev.read_at(512, &mut buf).unwrap();
         assert_eq!(buf, [0u8; 512]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn file_device_punches_holes_and_reports_extents() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev =
+            FileBlockDevice::open(&dir.path().join("lun"), Some(1 << 20), 512, false).unwrap();
+        if !dev.provisioning().thin {
+            eprintln!("skipping: this file system cannot punch holes");
+            return;
+        }
+        dev.write_at(64 * 1024, &[1u8; 8192]).unwrap();
+        let ext = dev.extents(0, 1 << 20).unwrap();
+        assert!(ext.iter().any(|e| e.mapped && e.offset <= 64 * 1024));
+        assert!(ext.iter().any(|e| !e.mapped && e.offset == 0));
+        assert_eq!(ext.iter().map(|e| e.len).sum::<u64>(), 1 << 20);
+        dev.discard(64 * 1024, 8192).unwrap();
+        let mut buf = [9u8; 8192];
+        dev.read_at(64 * 1024, &mut buf).unwrap();
+        assert_eq!(buf, [0u8; 8192]);
+        assert!(dev.extents(0, 1 << 20).unwrap().iter().all(|e| !e.mapped));
+        // Copy between two files without reading through us.
+        let other =
+            FileBlockDevice::open(&dir.path().join("b"), Some(1 << 20), 512, false).unwrap();
+        other.write_at(0, &[5u8; 4096]).unwrap();
+        assert!(dev.clone_range_from(&other, 0, 8192, 4096).unwrap());
+        dev.read_at(8192, &mut buf[..4096]).unwrap();
+        assert_eq!(&buf[..4096], &[5u8; 4096]);
     }
 }

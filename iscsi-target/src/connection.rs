@@ -25,7 +25,7 @@ use iscsi_pdu::{PduError, serial, text};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 
 use crate::login::{Established, Login, Step};
 use crate::lun::{Lun, push_ua};
@@ -640,8 +640,15 @@ async fn write_all_vectored(
     Ok(())
 }
 
+/// Data buffers (write data collected, read data produced) one connection may hold at
+/// once; a command that would go over is answered TASK SET FULL.
+const CONNECTION_MEMORY: u64 = 256 << 20;
+/// Unit of [`CONNECTION_MEMORY`] permits.
+const MEMORY_UNIT: u64 = 4096;
+
 /// A write command collecting its data.
 struct PendingWrite {
+    permit: Option<OwnedSemaphorePermit>,
     cmd: ScsiCommand,
     lun: Arc<Lun>,
     cdb: Bytes,
@@ -689,6 +696,7 @@ struct Ffp {
     ping: Option<(u32, tokio::time::Instant)>,
     local: Option<SocketAddr>,
     logout: bool,
+    memory: Arc<Semaphore>,
 }
 
 async fn normal_session(
@@ -737,6 +745,7 @@ async fn normal_session(
         ping: None,
         local,
         logout: false,
+        memory: Arc::new(Semaphore::new((CONNECTION_MEMORY / MEMORY_UNIT) as usize)),
     };
     let result = ffp.run(&mut reader).await;
     match &result {
@@ -1011,17 +1020,40 @@ impl Ffp {
             self.no_such_lun(c, &cdb);
             return Ok(());
         };
-        if !c.write || c.expected_data_len == 0 {
-            self.execute(c, lun, cdb, Bytes::new());
-            return Ok(());
-        }
         let edtl = c.expected_data_len;
-        let immediate = pdu.data;
-        if u64::from(edtl) > 2 * MAX_TRANSFER_BYTES + 4096 {
+        if c.write && u64::from(edtl) > 2 * MAX_TRANSFER_BYTES + 4096 {
             // More than any command we serve can take: refuse before any data is buffered.
             self.respond_check(c, Sense::invalid_cdb_field(0, None));
             return Ok(());
         }
+        let units = u64::from(edtl)
+            .min(MAX_TRANSFER_BYTES)
+            .div_ceil(MEMORY_UNIT) as u32;
+        let permit = if units == 0 {
+            None
+        } else {
+            match self.memory.clone().try_acquire_many_owned(units) {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    let reply = scsi::Reply {
+                        status: status::TASK_SET_FULL,
+                        ..Default::default()
+                    };
+                    self.send(build_response(
+                        &c,
+                        reply,
+                        self.params.max_xmit_data_segment,
+                        self.params.max_burst,
+                    ));
+                    return Ok(());
+                }
+            }
+        };
+        if !c.write || c.expected_data_len == 0 {
+            self.execute(c, lun, cdb, Bytes::new(), permit);
+            return Ok(());
+        }
+        let immediate = pdu.data;
         if immediate.len() > edtl as usize
             || (!immediate.is_empty() && !self.params.immediate_data)
             || immediate.len() > self.params.first_burst as usize
@@ -1031,7 +1063,7 @@ impl Ffp {
             ));
         }
         if immediate.len() == edtl as usize {
-            self.execute(c, lun, cdb, immediate);
+            self.execute(c, lun, cdb, immediate, permit);
             return Ok(());
         }
         let unsolicited = if !self.params.initial_r2t && !c.final_ {
@@ -1042,6 +1074,7 @@ impl Ffp {
         let mut buf = Vec::with_capacity(edtl as usize);
         buf.extend_from_slice(&immediate);
         let w = PendingWrite {
+            permit,
             cmd: c,
             lun,
             cdb,
@@ -1183,7 +1216,7 @@ impl Ffp {
         let unsolicited_done = w.unsolicited_done;
         if complete {
             let w = self.pending.remove(&d.itt).expect("present above");
-            self.execute(w.cmd, w.lun, w.cdb, Bytes::from(w.buf));
+            self.execute(w.cmd, w.lun, w.cdb, Bytes::from(w.buf), w.permit);
         } else if unsolicited_done {
             self.pump_r2t(d.itt);
         }
@@ -1227,7 +1260,9 @@ impl Ffp {
                     .next()
                     .cloned();
                 match first {
-                    Some(lun) => self.execute(c, lun, Bytes::copy_from_slice(cdb), Bytes::new()),
+                    Some(lun) => {
+                        self.execute(c, lun, Bytes::copy_from_slice(cdb), Bytes::new(), None)
+                    }
                     None => {
                         let alloc = if cdb.len() >= 10 {
                             u32::from_be_bytes([cdb[6], cdb[7], cdb[8], cdb[9]]) as usize
@@ -1269,7 +1304,14 @@ impl Ffp {
     }
 
     /// Runs a command on a blocking thread; its response goes straight to the writer.
-    fn execute(&self, c: ScsiCommand, lun: Arc<Lun>, cdb: Bytes, data: Bytes) {
+    fn execute(
+        &self,
+        c: ScsiCommand,
+        lun: Arc<Lun>,
+        cdb: Bytes,
+        data: Bytes,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
         let entry = Arc::new(TaskEntry {
             lun: lun.id,
             aborted: Default::default(),
@@ -1286,6 +1328,8 @@ impl Ffp {
         let max_seg = self.params.max_xmit_data_segment;
         let max_burst = self.params.max_burst;
         tokio::task::spawn_blocking(move || {
+            // Held until the response is queued: the buffers count against the budget.
+            let _permit = permit;
             let reply = if entry.aborted.load(Ordering::SeqCst) {
                 None
             } else {
@@ -1298,16 +1342,18 @@ impl Ffp {
                 };
                 Some(scsi::execute(&ctx, &cdb))
             };
-            // Drop the task from the map before the response can reach the initiator,
-            // so a reused tag never finds this entry.
-            {
+            // Leave the task map and read the abort flag under one lock, so an ABORT TASK
+            // either finds the task (and its response is never sent) or does not (and
+            // answers that the task does not exist while the response goes out).
+            let send = {
                 let mut tasks = session.tasks.lock().expect("task map poisoned");
                 if tasks.get(&c.itt).is_some_and(|t| Arc::ptr_eq(t, &entry)) {
                     tasks.remove(&c.itt);
                 }
-            }
+                !entry.aborted.load(Ordering::SeqCst)
+            };
             if let Some(reply) = reply
-                && !entry.aborted.load(Ordering::SeqCst)
+                && send
             {
                 let _ = tx.send(Out::Pdus(build_response(&c, reply, max_seg, max_burst)));
             }
@@ -1340,16 +1386,16 @@ impl Ffp {
                     respond(&self.tx, tmf::FUNCTION_COMPLETE);
                     return;
                 }
-                let task = self
-                    .session
-                    .tasks
-                    .lock()
-                    .expect("task map poisoned")
-                    .get(&r)
-                    .cloned();
+                let task = {
+                    let tasks = self.session.tasks.lock().expect("task map poisoned");
+                    let t = tasks.get(&r).cloned();
+                    if let Some(t) = &t {
+                        t.aborted.store(true, Ordering::SeqCst);
+                    }
+                    t
+                };
                 match task {
                     Some(task) => {
-                        task.aborted.store(true, Ordering::SeqCst);
                         let tx = self.tx.clone();
                         tokio::spawn(async move {
                             wait_tasks(vec![task]).await;
@@ -1357,16 +1403,17 @@ impl Ffp {
                         });
                     }
                     None => {
-                        // Not here: done already (its CmdSN was taken) or never seen.
-                        let taken = serial::lt(t.ref_cmd_sn, self.exp_cmd_sn());
-                        respond(
-                            &self.tx,
-                            if taken {
-                                tmf::FUNCTION_COMPLETE
-                            } else {
-                                tmf::TASK_DOES_NOT_EXIST
-                            },
-                        );
+                        // Not here. A RefCmdSN still inside the window names a command
+                        // yet to arrive: it counts as received and aborted (§11.5.1).
+                        // Otherwise the task finished (its response is out) or never was.
+                        let exp = self.exp_cmd_sn();
+                        if serial::in_window(t.ref_cmd_sn, exp, self.max_cmd_sn())
+                            && serial::lt(t.ref_cmd_sn, t.cmd_sn)
+                        {
+                            respond(&self.tx, tmf::FUNCTION_COMPLETE);
+                        } else {
+                            respond(&self.tx, tmf::TASK_DOES_NOT_EXIST);
+                        }
                     }
                 }
             }

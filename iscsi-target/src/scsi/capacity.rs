@@ -22,7 +22,10 @@ pub fn read_capacity_16(ctx: &Ctx<'_>, cdb: &[u8]) -> CmdResult {
     let mut d = vec![0u8; 32];
     d[..8].copy_from_slice(&last.to_be_bytes());
     d[8..12].copy_from_slice(&ctx.lun.block_size().to_be_bytes());
-    // Byte 12: no protection information. Byte 13: one logical block per physical.
+    // Byte 12: no protection information. Byte 13: logical blocks per physical block
+    // exponent.
+    let per_physical = (ctx.lun.device.physical_block_size() / ctx.lun.block_size()).max(1);
+    d[13] = per_physical.trailing_zeros() as u8;
     if prov.thin {
         d[14] |= 0x80; // LBPME
         if prov.reads_zero_after_unmap {

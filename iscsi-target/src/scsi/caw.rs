@@ -16,6 +16,10 @@ pub fn compare_and_write(ctx: &Ctx<'_>, cdb: &[u8], reply: &mut Reply) -> CmdRes
         return Err(Sense::invalid_cdb_field(1, Some(7)).into());
     }
     if blocks == 0 {
+        // Nothing to compare; Data-Out with it means the CDB cannot describe the transfer.
+        if ctx.edtl != 0 {
+            return Err(Sense::invalid_cdb_field(13, None).into());
+        }
         return Ok(Vec::new());
     }
     if blocks > u64::from(MAX_COMPARE_AND_WRITE_BLOCKS) || 2 * blocks * bs > MAX_TRANSFER_BYTES {

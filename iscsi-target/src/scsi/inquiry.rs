@@ -11,8 +11,8 @@ pub const REVISION: &[u8; 4] = b"0001";
 /// Most UNMAP descriptors and blocks per command, and most blocks per WRITE SAME
 /// (reported in VPD 0xB0 and enforced).
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
-pub const MAX_UNMAP_BLOCKS: u32 = 1 << 22;
-pub const MAX_WRITE_SAME_BLOCKS: u64 = 1 << 22;
+pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
+pub const MAX_WRITE_SAME_BLOCKS: u64 = 1 << 20;
 /// Most blocks one COMPARE AND WRITE compares.
 pub const MAX_COMPARE_AND_WRITE_BLOCKS: u8 = 255;
 

@@ -29,7 +29,7 @@ use sense::{Failure, Sense, status};
 
 /// Largest single transfer we accept (reported in VPD 0xB0): bounds the memory one
 /// command can take.
-pub const MAX_TRANSFER_BYTES: u64 = 8 << 20;
+pub const MAX_TRANSFER_BYTES: u64 = 64 << 20;
 
 /// What the command set needs from the target around it.
 pub trait Fabric: Sync {
@@ -64,6 +64,9 @@ pub struct Reply {
     /// Sense data, already encoded (fixed or descriptor format).
     pub sense: Vec<u8>,
     pub data_in: Vec<u8>,
+    /// Bytes of Data-In the CDB asked for when `data_in` holds only the part the initiator
+    /// can take (reads stop at the expected transfer length), for residual accounting.
+    pub data_in_len: Option<u64>,
     /// Bytes of Data-Out the CDB asked for, for residual accounting.
     pub data_out_len: u32,
 }
@@ -117,6 +120,7 @@ pub mod op {
     pub const RECEIVE_COPY_RESULTS: u8 = 0x84;
     pub const READ_16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
+    pub const ORWRITE_16: u8 = 0x8b;
     pub const WRITE_16: u8 = 0x8a;
     pub const WRITE_VERIFY_16: u8 = 0x8e;
     pub const VERIFY_16: u8 = 0x8f;
@@ -183,6 +187,14 @@ pub fn cdb_len(opcode: u8) -> Option<usize> {
 
 /// Runs one command. Never panics on any CDB or data.
 pub fn execute(ctx: &Ctx<'_>, cdb: &[u8]) -> Reply {
+    let mut reply = execute_inner(ctx, cdb);
+    if reply.status != status::GOOD {
+        reply.data_in_len = None;
+    }
+    reply
+}
+
+fn execute_inner(ctx: &Ctx<'_>, cdb: &[u8]) -> Reply {
     let mut reply = Reply::default();
     let d_sense = ctx.lun.state().mode.d_sense;
     let result = match cdb_len(cdb.first().copied().unwrap_or(0xff)) {
@@ -258,7 +270,7 @@ fn dispatch(ctx: &Ctx<'_>, cdb: &[u8], reply: &mut Reply) -> CmdResult {
             SAI_GET_LBA_STATUS => lba_status::get_lba_status(ctx, cdb),
             _ => Err(Sense::invalid_cdb_field(1, Some(4)).into()),
         },
-        READ_6 | READ_10 | READ_12 | READ_16 => rw::read(ctx, cdb),
+        READ_6 | READ_10 | READ_12 | READ_16 => rw::read(ctx, cdb, reply),
         WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16 => rw::write(ctx, cdb, false, reply),
         WRITE_VERIFY_10 | WRITE_VERIFY_12 | WRITE_VERIFY_16 => rw::write(ctx, cdb, true, reply),
         VERIFY_10 | VERIFY_12 | VERIFY_16 => rw::verify(ctx, cdb, reply),
@@ -267,6 +279,7 @@ fn dispatch(ctx: &Ctx<'_>, cdb: &[u8], reply: &mut Reply) -> CmdResult {
         UNMAP => unmap::unmap(ctx, cdb, reply),
         WRITE_SAME_10 | WRITE_SAME_16 => write_same::write_same(ctx, cdb, reply),
         COMPARE_AND_WRITE => caw::compare_and_write(ctx, cdb, reply),
+        ORWRITE_16 => rw::or_write(ctx, cdb, reply),
         MODE_SENSE_6 | MODE_SENSE_10 => mode::mode_sense(ctx, cdb),
         MODE_SELECT_6 | MODE_SELECT_10 => mode::mode_select(ctx, cdb, reply),
         START_STOP_UNIT => unit::start_stop_unit(ctx, cdb),

@@ -79,6 +79,11 @@ static COMMANDS: &[Supported] = &[
         &[0x89, 0xf8, F, F, F, F, F, F, F, F, 0, 0, 0, F, 0x1f, C],
     ),
     cmd(
+        0x8b,
+        None,
+        &[0x8b, 0xf8, F, F, F, F, F, F, F, F, F, F, F, F, 0x1f, C],
+    ),
+    cmd(
         0x8a,
         None,
         &[0x8a, 0xfa, F, F, F, F, F, F, F, F, F, F, F, F, 0x1f, C],

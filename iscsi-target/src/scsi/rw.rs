@@ -31,6 +31,7 @@ pub fn parse(cdb: &[u8]) -> BlockCdb {
         }
         op::READ_16
         | op::WRITE_16
+        | op::ORWRITE_16
         | op::VERIFY_16
         | op::WRITE_VERIFY_16
         | op::PRE_FETCH_16
@@ -59,12 +60,16 @@ fn check_transfer(ctx: &Ctx<'_>, c: &BlockCdb) -> Result<u64, Failure> {
     Ok(bytes)
 }
 
-pub fn read(ctx: &Ctx<'_>, cdb: &[u8]) -> CmdResult {
+/// READ. Reads no more than the initiator expects: the rest would be cut off anyway and
+/// only counts as residual.
+pub fn read(ctx: &Ctx<'_>, cdb: &[u8], reply: &mut Reply) -> CmdResult {
     let c = parse(cdb);
     let bytes = check_transfer(ctx, &c)?;
     let bs = u64::from(ctx.lun.block_size());
-    let mut buf = vec![0u8; bytes as usize];
-    if bytes > 0 {
+    reply.data_in_len = Some(bytes);
+    let wanted = bytes.min(u64::from(ctx.edtl).div_ceil(bs) * bs);
+    let mut buf = vec![0u8; wanted as usize];
+    if wanted > 0 {
         ctx.lun
             .device
             .read_at(c.lba * bs, &mut buf)
@@ -142,6 +147,43 @@ pub fn verify(ctx: &Ctx<'_>, cdb: &[u8], reply: &mut Reply) -> CmdResult {
         Some(at) => Err(Sense::MISCOMPARE_DURING_VERIFY.with_info(at as u32).into()),
         None => Ok(Vec::new()),
     }
+}
+
+/// ORWRITE(16): ORs the Data-Out into the medium, atomically with respect to other
+/// writes of the range.
+pub fn or_write(ctx: &Ctx<'_>, cdb: &[u8], reply: &mut Reply) -> CmdResult {
+    let c = parse(cdb);
+    let bytes = check_transfer(ctx, &c)?;
+    reply.data_out_len = bytes as u32;
+    check_writable(ctx)?;
+    if bytes == 0 {
+        return Ok(Vec::new());
+    }
+    if (ctx.data_out.len() as u64) < bytes {
+        return Err(Sense::PARAMETER_LIST_LENGTH_ERROR.into());
+    }
+    let bs = u64::from(ctx.lun.block_size());
+    let offset = c.lba * bs;
+    let _range = ctx.lun.writes.lock(offset, bytes);
+    let mut medium = vec![0u8; bytes as usize];
+    ctx.lun
+        .device
+        .read_at(offset, &mut medium)
+        .map_err(|e| Failure::from(sense_for(&e, true)))?;
+    for (m, d) in medium.iter_mut().zip(ctx.data_out) {
+        *m |= d;
+    }
+    ctx.lun
+        .device
+        .write_at(offset, &medium)
+        .map_err(|e| Failure::from(sense_for(&e, false)))?;
+    if c.fua || super::mode::write_through(ctx)? {
+        ctx.lun
+            .device
+            .flush()
+            .map_err(|e| Failure::from(sense_for(&e, false)))?;
+    }
+    Ok(Vec::new())
 }
 
 /// PRE-FETCH: the data is as close to the initiator as it gets already; checks the range.

@@ -29,6 +29,10 @@ pub fn write_same(ctx: &Ctx<'_>, cdb: &[u8], reply: &mut Reply) -> CmdResult {
         // PBDATA / LBDATA: obsolete in SBC-3, not supported.
         return Err(Sense::invalid_cdb_field(1, Some(2)).into());
     }
+    if unmap && !ctx.lun.device.provisioning().thin {
+        // Only a thin LUN can unmap; LBPWS says so in VPD 0xB2.
+        return Err(Sense::invalid_cdb_field(1, Some(3)).into());
+    }
     let bs = u64::from(ctx.lun.block_size());
     let capacity = ctx.lun.blocks();
     if blocks == 0 {
@@ -56,16 +60,22 @@ pub fn write_same(ctx: &Ctx<'_>, cdb: &[u8], reply: &mut Reply) -> CmdResult {
     let offset = lba * bs;
     let len = blocks * bs;
     let _range = ctx.lun.writes.lock(offset, len);
-    let zero = pattern.iter().all(|&b| b == 0);
-    let prov = ctx.lun.device.provisioning();
     let map = |e| Failure::from(sense_for(&e, false));
-    if zero {
-        // Unmapping is only an answer when unmapped blocks read back as this pattern.
-        let may_unmap = unmap && prov.thin && prov.reads_zero_after_unmap;
+    if unmap {
+        // The initiator asked for the range to be deallocated (the LUN is thin, checked
+        // above); it then reads as zeros when LBPRZ says so, whatever the pattern.
         return ctx
             .lun
             .device
-            .write_zeroes(offset, len, may_unmap)
+            .write_zeroes(offset, len, true)
+            .map(|()| Vec::new())
+            .map_err(map);
+    }
+    if pattern.iter().all(|&b| b == 0) {
+        return ctx
+            .lun
+            .device
+            .write_zeroes(offset, len, false)
             .map(|()| Vec::new())
             .map_err(map);
     }
