@@ -1617,7 +1617,7 @@ fn build_response(
 ) -> Vec<(Header, Bytes)> {
     let edtl = c.expected_data_len;
     let mut data = reply.data_in;
-    let produced = data.len() as u64;
+    let produced = reply.data_in_len.unwrap_or(data.len() as u64);
     // Residuals compare what the command moved with what the initiator expected.
     let moved = if c.write && !c.read {
         u64::from(reply.data_out_len)

@@ -178,7 +178,8 @@ fn run_segments(
                 .checked_add(bytes / dbs)
                 .is_none_or(|e| e > dst.blocks())
         {
-            return Err(Sense::LBA_OUT_OF_RANGE.into());
+            // The segment reaches past a copy target: the copy is aborted (SPC-4 §6.4.3.2).
+            return Err(Sense::new(super::sense::key::COPY_ABORTED, 0, 0).into());
         }
         if bytes > 0 {
             copy(&*src.device, dst, so, doff, bytes)?;
