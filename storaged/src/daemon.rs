@@ -1,0 +1,134 @@
+//! The daemon: loads its configuration, imports its pools, serves `StorageService` over
+//! gRPC and commits every pool periodically (so freed space becomes reusable and data
+//! reaches the disk even when no client flushes). Stops cleanly on SIGINT/SIGTERM,
+//! committing every pool before it exits.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::service::{Storage, StorageApi};
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// gRPC address of `StorageService`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Where the daemon keeps the list of its pools.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Seconds between background commits of every pool.
+    #[serde(default = "default_commit_interval")]
+    pub commit_interval_seconds: u64,
+}
+
+fn default_listen() -> SocketAddr {
+    "127.0.0.1:7300".parse().expect("valid address")
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/storaged")
+}
+
+fn default_commit_interval() -> u64 {
+    5
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: default_listen(),
+            state_dir: default_state_dir(),
+            commit_interval_seconds: default_commit_interval(),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+pub fn run(config: Option<&Path>) -> anyhow::Result<()> {
+    let config = match config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let storage = {
+        let dir = config.state_dir.clone();
+        tokio::task::spawn_blocking(move || Storage::open(Some(&dir))).await??
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding the gRPC address {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, pools = storage.pools().len(), "storaged serving StorageService");
+    // Tests and tools read this line to learn the bound port.
+    println!("LISTENING {addr}");
+
+    let committer = {
+        let storage = storage.clone();
+        let every = Duration::from_secs(config.commit_interval_seconds.max(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let s = storage.clone();
+                let _ = tokio::task::spawn_blocking(move || s.flush_all()).await;
+            }
+        })
+    };
+
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(
+            proto::storage::storage_service_server::StorageServiceServer::new(StorageApi::new(
+                storage.clone(),
+            )),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .await
+        .context("serving gRPC")?;
+    committer.abort();
+    let s: Arc<Storage> = storage;
+    tokio::task::spawn_blocking(move || s.flush_all()).await?;
+    tracing::info!("storaged stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_and_unknown_fields() {
+        let c: Config = toml::from_str("listen = \"127.0.0.1:0\"").unwrap();
+        assert_eq!(c.commit_interval_seconds, 5);
+        assert!(toml::from_str::<Config>("lsten = 1").is_err());
+    }
+}
