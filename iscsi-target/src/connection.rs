@@ -95,11 +95,11 @@ pub(crate) async fn serve(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr
     };
     let login = tokio::time::timeout(
         inner.options.login_timeout,
-        login_phase(&inner, &mut reader, &mut wr),
+        login_phase(&inner, &mut reader, &mut wr, peer),
     )
     .await;
-    let est = match login {
-        Ok(Ok(Some(est))) => est,
+    let (est, session) = match login {
+        Ok(Ok(Some(done))) => done,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "login ended");
@@ -121,7 +121,10 @@ pub(crate) async fn serve(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr
                 tracing::debug!(%peer, error = %e, "discovery session ended");
             }
         }
-        SessionType::Normal => normal_session(inner, reader, wr, est, peer).await,
+        SessionType::Normal => {
+            let session = session.expect("normal sessions are admitted");
+            normal_session(inner, reader, wr, est, session).await
+        }
     }
 }
 
@@ -129,7 +132,8 @@ async fn login_phase(
     inner: &Inner,
     reader: &mut PduReader,
     wr: &mut OwnedWriteHalf,
-) -> Result<Option<Established>, ConnError> {
+    peer: SocketAddr,
+) -> Result<Option<(Established, Option<Arc<SessionHandle>>)>, ConnError> {
     let mut login = Login::new(inner);
     loop {
         let pdu = reader.next().await?;
@@ -160,12 +164,16 @@ async fn login_phase(
             }
             Step::Complete(mut r, data) => {
                 let est = login.established();
+                let mut session = None;
                 match est.session_type {
                     SessionType::Discovery => {
                         r.tsih = inner.new_tsih();
                     }
-                    SessionType::Normal => match admit(inner, &est).await {
-                        Ok(tsih) => r.tsih = tsih,
+                    SessionType::Normal => match admit(inner, &est, peer).await {
+                        Ok(s) => {
+                            r.tsih = s.tsih;
+                            session = Some(s);
+                        }
                         Err(status) => {
                             let fail = LoginResponse {
                                 transit: false,
@@ -186,16 +194,23 @@ async fn login_phase(
                         }
                     },
                 }
-                write_pdu(
+                if let Err(e) = write_pdu(
                     wr,
                     &Header::LoginResponse(r),
                     &data,
                     &FrameConfig::default(),
                 )
-                .await?;
+                .await
+                {
+                    if let Some(s) = session {
+                        inner.unregister(s.id);
+                        s.closed.send_replace(true);
+                    }
+                    return Err(e);
+                }
                 let mut est = est;
                 est.tsih = r.tsih;
-                return Ok(Some(est));
+                return Ok(Some((est, session)));
             }
         }
     }
@@ -203,7 +218,11 @@ async fn login_phase(
 
 /// Decides the TSIH of a completed normal login: a new session (reinstating one with the
 /// same initiator, ISID and target), or a connection that replaces the one a session has.
-async fn admit(inner: &Inner, est: &Established) -> Result<u16, (u8, u8)> {
+async fn admit(
+    inner: &Inner,
+    est: &Established,
+    peer: SocketAddr,
+) -> Result<Arc<SessionHandle>, (u8, u8)> {
     let target = est.target.as_ref().expect("normal sessions have a target");
     let same = |s: &SessionHandle| {
         s.initiator == est.initiator && s.isid == est.isid && s.target == target.iqn
@@ -233,24 +252,41 @@ async fn admit(inner: &Inner, est: &Established) -> Result<u16, (u8, u8)> {
             return Err(login_status::SERVICE_UNAVAILABLE);
         }
     }
-    // The ACL may have changed while we waited.
-    if target
+    // Register first, then look at the ACL: a revoke either removes the grant before
+    // this check (the login is refused) or finds the session registered (and drops it).
+    let tsih = if est.tsih != 0 {
+        est.tsih
+    } else {
+        inner.new_tsih()
+    };
+    let session = Arc::new(SessionHandle::new(
+        inner.new_session_id(),
+        tsih,
+        est.isid,
+        est.initiator.clone(),
+        target.iqn.clone(),
+        peer,
+    ));
+    inner.register(session.clone());
+    let refuse = if target
         .acl
         .read()
         .expect("ACL lock poisoned")
         .access(&est.initiator)
         .is_none()
     {
-        return Err(login_status::AUTHORIZATION_FAILURE);
-    }
-    if inner.target(&target.iqn).is_none() {
-        return Err(login_status::TARGET_REMOVED);
-    }
-    Ok(if est.tsih != 0 {
-        est.tsih
+        Some(login_status::AUTHORIZATION_FAILURE)
+    } else if inner.target(&target.iqn).is_none() {
+        Some(login_status::TARGET_REMOVED)
     } else {
-        inner.new_tsih()
-    })
+        None
+    };
+    if let Some(status) = refuse {
+        inner.unregister(session.id);
+        session.closed.send_replace(true);
+        return Err(status);
+    }
+    Ok(session)
 }
 
 /// A discovery session: SendTargets, NOP and Logout, answered one at a time.
@@ -704,19 +740,11 @@ async fn normal_session(
     mut reader: PduReader,
     wr: OwnedWriteHalf,
     est: Established,
-    peer: SocketAddr,
+    session: Arc<SessionHandle>,
 ) {
     let target = est.target.clone().expect("normal sessions have a target");
     let local = wr.local_addr().ok();
-    let session = Arc::new(SessionHandle::new(
-        inner.new_session_id(),
-        est.tsih,
-        est.isid,
-        est.initiator.clone(),
-        target.iqn.clone(),
-        peer,
-    ));
-    inner.register(session.clone());
+    let peer = session.peer;
     tracing::info!(initiator = %est.initiator, target = %target.iqn, tsih = est.tsih, %peer, "session started");
     let sn = Arc::new(Sn {
         exp_cmd_sn: AtomicU32::new(est.cmd_sn),
