@@ -110,14 +110,20 @@ fn checker_accepts_and_rejects_known_histories() {
     assert!(linearizable(&[w("a", 0, 5), r("0", 1, 2)], "0"));
     assert!(linearizable(&[w("a", 0, 5), r("a", 1, 2)], "0"));
     // Once a read saw the new value, a later read must not see the old one.
-    assert!(!linearizable(&[w("a", 0, 10), r("a", 1, 2), r("0", 3, 4)], "0"));
+    assert!(!linearizable(
+        &[w("a", 0, 10), r("a", 1, 2), r("0", 3, 4)],
+        "0"
+    ));
     // An unknown-outcome write may have happened late, or never.
     let lost = Op {
         kind: Kind::Write("x".into()),
         invoke: 0,
         complete: None,
     };
-    assert!(linearizable(&[lost.clone(), r("0", 5, 6), r("x", 7, 8)], "0"));
+    assert!(linearizable(
+        &[lost.clone(), r("0", 5, 6), r("x", 7, 8)],
+        "0"
+    ));
     assert!(linearizable(&[lost.clone(), r("0", 5, 6)], "0"));
     assert!(!linearizable(&[lost, r("x", 5, 6), r("0", 7, 8)], "0"));
 }
@@ -213,11 +219,19 @@ async fn register_history_is_linearizable_under_kills_and_partitions() {
         w.await.unwrap();
     }
     let ops = history.lock().unwrap().clone();
-    let writes = ops.iter().filter(|o| matches!(o.kind, Kind::Write(_))).count();
+    let writes = ops
+        .iter()
+        .filter(|o| matches!(o.kind, Kind::Write(_)))
+        .count();
     let reads = ops.len() - writes;
     let unknown = ops.iter().filter(|o| o.complete.is_none()).count();
-    eprintln!("history: {writes} writes ({unknown} of unknown outcome), {reads} reads, {round} nemesis rounds");
-    assert!(writes > 20 && reads > 20, "the history is too short to mean anything");
+    eprintln!(
+        "history: {writes} writes ({unknown} of unknown outcome), {reads} reads, {round} nemesis rounds"
+    );
+    assert!(
+        writes > 20 && reads > 20,
+        "the history is too short to mean anything"
+    );
     let ok = std::thread::Builder::new()
         .stack_size(64 << 20)
         .spawn(move || linearizable(&ops, "pool"))

@@ -123,7 +123,10 @@ where
 
 async fn pool(members: Vec<String>, clients: usize, seconds: u64) -> anyhow::Result<()> {
     let mut c = PoolClient::new(&members);
-    anyhow::ensure!(c.find_leader().await, "no pool leader found among {members:?}");
+    anyhow::ensure!(
+        c.find_leader().await,
+        "no pool leader found among {members:?}"
+    );
     let until = Instant::now() + Duration::from_secs(seconds);
     let c = Arc::new(c);
     let (lat, secs) = run_clients(clients, seconds, |i| {
@@ -181,8 +184,11 @@ async fn etcd_put(endpoint: String, clients: usize, seconds: u64) -> anyhow::Res
                 if grpc.ready().await.is_err() {
                     break;
                 }
-                let codec = tonic_prost::ProstCodec::<etcd::PutRequest, etcd::PutResponse>::default();
-                let r = grpc.unary(tonic::Request::new(req), path.clone(), codec).await;
+                let codec =
+                    tonic_prost::ProstCodec::<etcd::PutRequest, etcd::PutResponse>::default();
+                let r = grpc
+                    .unary(tonic::Request::new(req), path.clone(), codec)
+                    .await;
                 if r.is_ok() {
                     lat.push(t.elapsed().as_micros() as u64);
                 }
@@ -203,7 +209,11 @@ fn scheduler(hosts: usize, vms: usize) {
     let cands: Vec<HostCandidate> = (0..hosts)
         .map(|i| HostCandidate {
             id: format!("host-{i:05}"),
-            state: if i % 50 == 0 { HostState::Disabled } else { HostState::Enabled },
+            state: if i % 50 == 0 {
+                HostState::Disabled
+            } else {
+                HostState::Enabled
+            },
             memory_bytes: (256u64 + (i as u64 % 4) * 128) << 30,
             logical_cpus: 64,
             memory_allocated_bytes: 0,
@@ -217,9 +227,21 @@ fn scheduler(hosts: usize, vms: usize) {
         .map(|i| Demand {
             vcpus: 1 + (i % 4) as u32,
             memory_bytes: (1u64 + (i % 8) as u64) << 30,
-            required_cpu_features: if i % 10 == 0 { vec!["avx512f".into()] } else { vec![] },
-            affinity_group: if i % 7 == 0 { format!("aff-{}", i % 70) } else { String::new() },
-            anti_affinity_group: if i % 5 == 0 { format!("anti-{}", i % 500) } else { String::new() },
+            required_cpu_features: if i % 10 == 0 {
+                vec!["avx512f".into()]
+            } else {
+                vec![]
+            },
+            affinity_group: if i % 7 == 0 {
+                format!("aff-{}", i % 70)
+            } else {
+                String::new()
+            },
+            anti_affinity_group: if i % 5 == 0 {
+                format!("anti-{}", i % 500)
+            } else {
+                String::new()
+            },
             srs: vec![],
         })
         .collect();
@@ -244,10 +266,20 @@ fn scheduler(hosts: usize, vms: usize) {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match args.cmd {
-        Cmd::Pool { members, clients, seconds } => rt.block_on(pool(members, clients, seconds)),
-        Cmd::Etcd { endpoint, clients, seconds } => rt.block_on(etcd_put(endpoint, clients, seconds)),
+        Cmd::Pool {
+            members,
+            clients,
+            seconds,
+        } => rt.block_on(pool(members, clients, seconds)),
+        Cmd::Etcd {
+            endpoint,
+            clients,
+            seconds,
+        } => rt.block_on(etcd_put(endpoint, clients, seconds)),
         Cmd::Scheduler { hosts, vms } => {
             scheduler(hosts, vms);
             Ok(())

@@ -48,8 +48,8 @@ impl NodeConfig {
             tick: Duration::from_millis(100),
             election_ticks: 10,
             heartbeat_ticks: 2,
-            snapshot_interval: 10_000,
-            snapshot_keep_entries: 1_000,
+            snapshot_interval: 50_000,
+            snapshot_keep_entries: 5_000,
             seeds: BTreeMap::new(),
         }
     }

@@ -1,20 +1,25 @@
 //! The Raft log, hard state and snapshot of one member, durable in sled.
 //!
-//! Everything lives in one sled tree so that one [`sled::Batch`] is atomic: the entries of
-//! a `Ready`, the hard state that goes with them and (when one arrives) a snapshot are
-//! written together, then [`DiskStorage::sync`] fsyncs before anything that depends on
-//! them (an acknowledgement to the leader, a vote) leaves this member.
+//! Three sled trees: `log` (the entries), `meta` (hard state, truncation point, identity)
+//! and `snap` (the newest state-machine snapshot and its metadata). Keeping the large
+//! snapshot away from the small, hot hard-state record matters: sled rewrites whole tree
+//! nodes, and a hard-state update must not drag a multi-megabyte value along. The entries
+//! of a `Ready` and its hard state are written, then [`DiskStorage::sync`] fsyncs (sled's
+//! flush covers every tree) before anything that depends on them (an acknowledgement to
+//! the leader, a vote) leaves this member. sled recovers a prefix of its write log, so a
+//! crash keeps writes in the order they were made; [`DiskStorage::open`] repairs the one
+//! window that order leaves (a snapshot stored but the log not yet cut behind it).
 //!
-//! # On-disk layout (format version 1)
-//! | key | value |
-//! |---|---|
-//! | `b"m/format"` | u32 BE, [`FORMAT_VERSION`] |
-//! | `b"m/member"` | u64 BE, the member id the directory belongs to |
-//! | `b"m/hard"` | `eraftpb.HardState` |
-//! | `b"m/trunc"` | u64 BE index ‖ u64 BE term of the last entry removed by compaction |
-//! | `b"m/snapmeta"` | `eraftpb.SnapshotMetadata` of the newest state-machine snapshot |
-//! | `b"s/data"` | that snapshot's data (the encoded pool state) |
-//! | `b"l/" ‖ index BE` | `eraftpb.Entry` |
+//! # On-disk layout (format version 2)
+//! | tree | key | value |
+//! |---|---|---|
+//! | meta | `format` | u32 BE, [`FORMAT_VERSION`] |
+//! | meta | `member` | u64 BE, the member id the directory belongs to |
+//! | meta | `hard` | `eraftpb.HardState` |
+//! | meta | `trunc` | u64 BE index ‖ u64 BE term of the last entry removed from the log |
+//! | snap | `meta` | `eraftpb.SnapshotMetadata` of the newest state-machine snapshot |
+//! | snap | `data` | that snapshot's data (the encoded pool state) |
+//! | log | index BE | `eraftpb.Entry` |
 //!
 //! The conf state raft-rs sees at start is the snapshot's: the node replays every committed
 //! entry after the snapshot (conf changes included) into a state machine rebuilt from that
@@ -26,17 +31,16 @@ use raft::{GetEntriesContext, RaftState, StorageError};
 use std::path::{Path, PathBuf};
 
 /// The layout written by this code; a directory of another version is refused.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Versions this code reads.
-pub const FORMAT_VERSIONS_ACCEPTED: std::ops::RangeInclusive<u32> = 1..=1;
+pub const FORMAT_VERSIONS_ACCEPTED: std::ops::RangeInclusive<u32> = 2..=2;
 
-const K_FORMAT: &[u8] = b"m/format";
-const K_MEMBER: &[u8] = b"m/member";
-const K_HARD: &[u8] = b"m/hard";
-const K_TRUNC: &[u8] = b"m/trunc";
-const K_SNAPMETA: &[u8] = b"m/snapmeta";
-const K_SNAPDATA: &[u8] = b"s/data";
-const LOG_PREFIX: &[u8] = b"l/";
+const K_FORMAT: &[u8] = b"format";
+const K_MEMBER: &[u8] = b"member";
+const K_HARD: &[u8] = b"hard";
+const K_TRUNC: &[u8] = b"trunc";
+const K_SNAPMETA: &[u8] = b"meta";
+const K_SNAPDATA: &[u8] = b"data";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageOpenError {
@@ -64,11 +68,8 @@ pub enum StorageOpenError {
     Io(#[source] sled::Error),
 }
 
-fn log_key(index: u64) -> [u8; 10] {
-    let mut k = [0u8; 10];
-    k[..2].copy_from_slice(LOG_PREFIX);
-    k[2..].copy_from_slice(&index.to_be_bytes());
-    k
+fn log_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
 }
 
 fn be_u64(b: &[u8]) -> Option<u64> {
@@ -83,6 +84,9 @@ fn store_err(e: impl std::error::Error + Send + Sync + 'static) -> raft::Error {
 /// memory); the few numbers raft-rs asks for all the time are mirrored in memory.
 pub struct DiskStorage {
     db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+    snap: sled::Tree,
     path: PathBuf,
     hard: HardState,
     /// The snapshot's metadata; its conf state is the one handed to raft-rs at start.
@@ -108,11 +112,15 @@ impl DiskStorage {
                 path: path.clone(),
                 source,
             })?;
+        let io = StorageOpenError::Io;
+        let log = db.open_tree("log").map_err(io)?;
+        let meta = db.open_tree("meta").map_err(io)?;
+        let snap = db.open_tree("snap").map_err(io)?;
         let corrupt = |what: &str| StorageOpenError::Corrupt {
             path: path.clone(),
             what: what.to_owned(),
         };
-        match db.get(K_FORMAT).map_err(StorageOpenError::Io)? {
+        match meta.get(K_FORMAT).map_err(io)? {
             Some(v) => {
                 let found = u32::from_be_bytes(
                     v.as_ref()
@@ -128,11 +136,11 @@ impl DiskStorage {
                 }
             }
             None => {
-                db.insert(K_FORMAT, &FORMAT_VERSION.to_be_bytes())
-                    .map_err(StorageOpenError::Io)?;
+                meta.insert(K_FORMAT, &FORMAT_VERSION.to_be_bytes())
+                    .map_err(io)?;
             }
         }
-        match db.get(K_MEMBER).map_err(StorageOpenError::Io)? {
+        match meta.get(K_MEMBER).map_err(io)? {
             Some(v) => {
                 let found = be_u64(&v).ok_or_else(|| corrupt("member id"))?;
                 if found != member_id {
@@ -144,21 +152,21 @@ impl DiskStorage {
                 }
             }
             None => {
-                db.insert(K_MEMBER, &member_id.to_be_bytes())
-                    .map_err(StorageOpenError::Io)?;
+                meta.insert(K_MEMBER, &member_id.to_be_bytes())
+                    .map_err(io)?;
             }
         }
-        let hard = match db.get(K_HARD).map_err(StorageOpenError::Io)? {
+        let mut hard = match meta.get(K_HARD).map_err(io)? {
             Some(v) => HardState::parse_from_bytes(&v).map_err(|_| corrupt("hard state"))?,
             None => HardState::default(),
         };
-        let snap_meta = match db.get(K_SNAPMETA).map_err(StorageOpenError::Io)? {
+        let snap_meta = match snap.get(K_SNAPMETA).map_err(io)? {
             Some(v) => {
                 SnapshotMetadata::parse_from_bytes(&v).map_err(|_| corrupt("snapshot metadata"))?
             }
             None => SnapshotMetadata::default(),
         };
-        let trunc = match db.get(K_TRUNC).map_err(StorageOpenError::Io)? {
+        let mut trunc = match meta.get(K_TRUNC).map_err(io)? {
             Some(v) if v.len() == 16 => (
                 be_u64(&v[..8]).ok_or_else(|| corrupt("truncation"))?,
                 be_u64(&v[8..]).ok_or_else(|| corrupt("truncation"))?,
@@ -166,18 +174,59 @@ impl DiskStorage {
             Some(_) => return Err(corrupt("truncation record")),
             None => (0, 0),
         };
-        let last_index = match db
-            .scan_prefix(LOG_PREFIX)
-            .next_back()
-            .transpose()
-            .map_err(StorageOpenError::Io)?
-        {
-            Some((k, _)) => be_u64(&k[2..]).ok_or_else(|| corrupt("log key"))?,
+        // Entries at or below the truncation point are garbage a crash left behind.
+        let mut stale = sled::Batch::default();
+        let mut any_stale = false;
+        for k in log.range(..log_key(trunc.0 + 1)).keys() {
+            stale.remove(k.map_err(io)?);
+            any_stale = true;
+        }
+        if any_stale {
+            log.apply_batch(stale).map_err(io)?;
+        }
+        let mut last_index = match log.last().map_err(io)? {
+            Some((k, _)) => be_u64(&k).ok_or_else(|| corrupt("log key"))?,
             None => trunc.0,
         };
-        db.flush().map_err(StorageOpenError::Io)?;
+        // A snapshot from the leader is stored before the log is cut behind it; when a
+        // crash fell in between, finish the job: the log does not reach the snapshot, or
+        // disagrees with it at its index.
+        if snap_meta.index > trunc.0 {
+            let agrees = snap_meta.index <= last_index
+                && match log.get(log_key(snap_meta.index)).map_err(io)? {
+                    Some(v) => {
+                        Entry::parse_from_bytes(&v)
+                            .map_err(|_| corrupt("log entry"))?
+                            .term
+                            == snap_meta.term
+                    }
+                    None => false,
+                };
+            if !agrees {
+                let mut b = sled::Batch::default();
+                for k in log.iter().keys() {
+                    b.remove(k.map_err(io)?);
+                }
+                log.apply_batch(b).map_err(io)?;
+                trunc = (snap_meta.index, snap_meta.term);
+                last_index = snap_meta.index;
+                hard.commit = hard.commit.max(snap_meta.index);
+                hard.term = hard.term.max(snap_meta.term);
+                let mut m = sled::Batch::default();
+                m.insert(K_TRUNC, &trunc_bytes(trunc)[..]);
+                m.insert(
+                    K_HARD,
+                    hard.write_to_bytes().map_err(|_| corrupt("hard state"))?,
+                );
+                meta.apply_batch(m).map_err(io)?;
+            }
+        }
+        db.flush().map_err(io)?;
         Ok(DiskStorage {
             db,
+            log,
+            meta,
+            snap,
             path,
             hard,
             snap_meta,
@@ -233,13 +282,13 @@ impl DiskStorage {
         for i in (last + 1)..=self.last_index {
             batch.remove(&log_key(i)[..]);
         }
-        self.db.apply_batch(batch).map_err(store_err)?;
+        self.log.apply_batch(batch).map_err(store_err)?;
         self.last_index = last;
         Ok(())
     }
 
     pub fn set_hard_state(&mut self, hs: &HardState) -> Result<(), raft::Error> {
-        self.db
+        self.meta
             .insert(K_HARD, hs.write_to_bytes().map_err(store_err)?)
             .map_err(store_err)?;
         self.hard = hs.clone();
@@ -261,25 +310,34 @@ impl DiskStorage {
         self.db.flush().map(|_| ()).map_err(store_err)
     }
 
+    fn store_snapshot(&self, meta: &SnapshotMetadata, data: &[u8]) -> Result<(), raft::Error> {
+        // Metadata and data in one batch of one tree: they never disagree after a crash.
+        let mut b = sled::Batch::default();
+        b.insert(K_SNAPMETA, meta.write_to_bytes().map_err(store_err)?);
+        b.insert(K_SNAPDATA, data);
+        self.snap.apply_batch(b).map_err(store_err)
+    }
+
     /// Replaces the log by a snapshot received from the leader (or the bootstrap one).
     pub fn apply_snapshot(&mut self, snap: &Snapshot) -> Result<(), raft::Error> {
         let meta = snap.get_metadata();
         if meta.index < self.trunc.0 {
             return Err(raft::Error::Store(StorageError::SnapshotOutOfDate));
         }
-        let mut batch = sled::Batch::default();
-        for r in self.db.scan_prefix(LOG_PREFIX).keys() {
-            batch.remove(r.map_err(store_err)?);
-        }
-        batch.insert(K_SNAPMETA, meta.write_to_bytes().map_err(store_err)?);
-        batch.insert(K_SNAPDATA, snap.data.as_ref());
+        self.store_snapshot(meta, &snap.data)?;
         let trunc = (meta.index, meta.term);
-        batch.insert(K_TRUNC, &trunc_bytes(trunc)[..]);
         let mut hs = self.hard.clone();
         hs.term = hs.term.max(meta.term);
         hs.commit = meta.index;
-        batch.insert(K_HARD, hs.write_to_bytes().map_err(store_err)?);
-        self.db.apply_batch(batch).map_err(store_err)?;
+        let mut m = sled::Batch::default();
+        m.insert(K_TRUNC, &trunc_bytes(trunc)[..]);
+        m.insert(K_HARD, hs.write_to_bytes().map_err(store_err)?);
+        self.meta.apply_batch(m).map_err(store_err)?;
+        let mut b = sled::Batch::default();
+        for k in self.log.iter().keys() {
+            b.remove(k.map_err(store_err)?);
+        }
+        self.log.apply_batch(b).map_err(store_err)?;
         self.hard = hs;
         self.snap_meta = meta.clone();
         self.trunc = trunc;
@@ -302,23 +360,22 @@ impl DiskStorage {
         meta.index = index;
         meta.term = term;
         meta.set_conf_state(conf_state.clone());
+        self.store_snapshot(&meta, data)?;
         let compact_to = compact_to.min(index);
-        let mut batch = sled::Batch::default();
-        batch.insert(K_SNAPMETA, meta.write_to_bytes().map_err(store_err)?);
-        batch.insert(K_SNAPDATA, data);
-        let mut new_trunc = self.trunc;
         if compact_to > self.trunc.0 {
-            let compact_term = raft::Storage::term(self, compact_to)?;
+            let new_trunc = (compact_to, raft::Storage::term(self, compact_to)?);
+            self.meta
+                .insert(K_TRUNC, &trunc_bytes(new_trunc)[..])
+                .map_err(store_err)?;
+            let mut b = sled::Batch::default();
             for i in (self.trunc.0 + 1)..=compact_to {
-                batch.remove(&log_key(i)[..]);
+                b.remove(&log_key(i)[..]);
             }
-            new_trunc = (compact_to, compact_term);
-            batch.insert(K_TRUNC, &trunc_bytes(new_trunc)[..]);
+            self.log.apply_batch(b).map_err(store_err)?;
+            self.trunc = new_trunc;
         }
-        self.db.apply_batch(batch).map_err(store_err)?;
         self.sync()?;
         self.snap_meta = meta;
-        self.trunc = new_trunc;
         Ok(())
     }
 
@@ -334,7 +391,7 @@ impl DiskStorage {
     /// The stored snapshot's data (the encoded state machine).
     pub fn snapshot_data(&self) -> Result<Vec<u8>, raft::Error> {
         Ok(self
-            .db
+            .snap
             .get(K_SNAPDATA)
             .map_err(store_err)?
             .map(|v| v.to_vec())
@@ -351,7 +408,7 @@ impl DiskStorage {
 
     fn entry(&self, index: u64) -> Result<Entry, raft::Error> {
         let v = self
-            .db
+            .log
             .get(log_key(index))
             .map_err(store_err)?
             .ok_or(raft::Error::Store(StorageError::Unavailable))?;
@@ -390,7 +447,7 @@ impl raft::Storage for DiskStorage {
         let max = max_size.into().unwrap_or(u64::MAX);
         let mut out = Vec::with_capacity((high - low) as usize);
         let mut size = 0u64;
-        for r in self.db.range(log_key(low)..log_key(high)) {
+        for r in self.log.range(log_key(low)..log_key(high)) {
             let (_, v) = r.map_err(store_err)?;
             let e = Entry::parse_from_bytes(&v)
                 .map_err(|e| raft::Error::Store(StorageError::Other(e.into())))?;
@@ -538,13 +595,45 @@ mod tests {
                 .len(),
             10
         );
-        let snap = s.snapshot(0, 2).unwrap();
+        // A member the snapshot's configuration does not name gets a fresh one later.
+        assert!(matches!(
+            s.snapshot(0, 2),
+            Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable
+            ))
+        ));
+        assert!(s.take_snapshot_wanted());
+        assert!(!s.take_snapshot_wanted());
+        let snap = s.snapshot(0, 1).unwrap();
         assert_eq!(snap.get_metadata().index, 15);
         assert_eq!(snap.data.as_ref(), b"snap15");
         drop(s);
         let s = DiskStorage::open(dir.path(), 1).unwrap();
         assert_eq!(s.first_index(), 11);
         assert_eq!(s.last_index(), 20);
+    }
+
+    #[test]
+    fn a_snapshot_stored_before_the_log_was_cut_is_finished_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = DiskStorage::open(dir.path(), 1).unwrap();
+            s.bootstrap(&[1, 2], vec![]).unwrap();
+            s.append(&[entry(2, 1, b"a"), entry(3, 1, b"b")]).unwrap();
+            // The crash window of apply_snapshot: snapshot stored, log and meta untouched.
+            let mut meta = SnapshotMetadata::default();
+            meta.index = 50;
+            meta.term = 4;
+            meta.set_conf_state(ConfState::from((vec![1u64, 2], Vec::<u64>::new())));
+            s.store_snapshot(&meta, b"s50").unwrap();
+            s.sync().unwrap();
+        }
+        let s = DiskStorage::open(dir.path(), 1).unwrap();
+        assert_eq!(s.first_index(), 51);
+        assert_eq!(s.last_index(), 50);
+        assert_eq!(s.term(50).unwrap(), 4);
+        assert_eq!(s.hard_state().commit, 50);
+        assert_eq!(s.snapshot_data().unwrap(), b"s50");
     }
 
     #[test]

@@ -215,14 +215,29 @@ pub struct CommandResult {
     pub code: i32,
     #[prost(string, tag = "3")]
     pub message: String,
+    /// In a remembered result: the task's id, stored instead of the task itself (which
+    /// lives in the task list while it is kept).
+    #[prost(string, tag = "4")]
+    pub task_id: String,
 }
 
 impl CommandResult {
+    /// The compact form kept under a request id.
+    pub fn remembered(&self) -> CommandResult {
+        CommandResult {
+            task: None,
+            code: self.code,
+            message: self.message.clone(),
+            task_id: self.task.as_ref().map(|t| t.id.clone()).unwrap_or_default(),
+        }
+    }
+
     pub fn ok(task: pb::Task) -> Self {
         CommandResult {
             task: Some(task),
             code: 0,
             message: String::new(),
+            task_id: String::new(),
         }
     }
 
@@ -231,6 +246,7 @@ impl CommandResult {
             task: None,
             code: code as i32,
             message: message.into(),
+            task_id: String::new(),
         }
     }
 

@@ -16,10 +16,11 @@ use crate::scheduler::{self, Demand, HostCandidate, Policy, SrReach};
 
 /// Finished tasks kept for GetTask/ListTasks; older ones are forgotten first.
 pub const TASKS_KEPT: usize = 10_000;
-/// How long a request id is remembered: a retry later than this acts again.
-pub const REQUEST_TTL_MS: u64 = 24 * 3600 * 1000;
+/// How long a request id is remembered: a retry later than this acts again. Clients
+/// retry for seconds, not hours.
+pub const REQUEST_TTL_MS: u64 = 3600 * 1000;
 /// Request ids kept at most, whatever their age.
-pub const REQUESTS_KEPT: usize = 200_000;
+pub const REQUESTS_KEPT: usize = 100_000;
 
 pub(crate) fn ts(ms: u64) -> Option<proto::prost_types::Timestamp> {
     Some(proto::prost_types::Timestamp {
@@ -28,7 +29,8 @@ pub(crate) fn ts(ms: u64) -> Option<proto::prost_types::Timestamp> {
     })
 }
 
-/// A remembered request: its kind (a retry must ask the same thing) and its result.
+/// A remembered request: its kind (a retry must ask the same thing) and its result in the
+/// compact form of [`CommandResult::remembered`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct RequestRecord {
     pub at_ms: u64,
@@ -121,7 +123,25 @@ impl PoolState {
         }
         self.requests.get(request_id).map(|r| {
             if r.kind == kind {
-                r.result.clone()
+                let mut res = r.result.clone();
+                if res.code == 0 {
+                    // The task itself while it is kept; once forgotten it had finished.
+                    res.task =
+                        Some(
+                            self.tasks
+                                .get(&res.task_id)
+                                .cloned()
+                                .unwrap_or_else(|| pb::Task {
+                                    id: res.task_id.clone(),
+                                    kind: kind.to_owned(),
+                                    state: pb::TaskState::Succeeded as i32,
+                                    request_id: request_id.to_owned(),
+                                    ..Default::default()
+                                }),
+                        );
+                    res.task_id.clear();
+                }
+                res
             } else {
                 err(
                     Code::InvalidArgument,
@@ -185,7 +205,7 @@ impl PoolState {
                 RequestRecord {
                     at_ms: cmd.at_ms,
                     kind: kind.to_owned(),
-                    result: result.clone(),
+                    result: result.remembered(),
                 },
             );
             self.request_order
@@ -813,7 +833,7 @@ impl PoolState {
                     RequestRecord {
                         at_ms: ch.at_ms,
                         kind: "pool.member_change".into(),
-                        result: CommandResult::ok(task),
+                        result: CommandResult::ok(task).remembered(),
                     },
                 );
                 self.request_order
