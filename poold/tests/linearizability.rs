@@ -35,7 +35,7 @@ fn linearizable(ops: &[Op], init: &str) -> bool {
     let n = ops.len();
     let words = n.div_ceil(64).max(1);
     let mut values: Vec<String> = vec![init.to_owned()];
-    let mut intern = |v: &str, values: &mut Vec<String>| -> usize {
+    let intern = |v: &str, values: &mut Vec<String>| -> usize {
         match values.iter().position(|x| x == v) {
             Some(i) => i,
             None => {
@@ -166,7 +166,7 @@ async fn register_history_is_linearizable_under_kills_and_partitions() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 i += 1;
                 let invoke = ns();
-                if (i + w) % 2 == 0 {
+                if (i + w).is_multiple_of(2) {
                     let v = format!("c{w}-{i}");
                     let req = pb::UpdatePoolSettingsRequest {
                         request_id: poold::client::new_request_id(),
@@ -203,7 +203,7 @@ async fn register_history_is_linearizable_under_kills_and_partitions() {
     while t0.elapsed() < run_for {
         round += 1;
         let victim = 1 + (round * 7 + 3) % members;
-        if round % 2 == 0 {
+        if round.is_multiple_of(2) {
             cl.kill(victim);
             tokio::time::sleep(Duration::from_millis(1500)).await;
             cl.spawn(victim);
