@@ -7,7 +7,8 @@
 //!   sessions) and `run(listener, shutdown)`.
 //! - [`config`]: what the management API takes.
 //! - `login`: the login state machine (security and operational negotiation, CHAP).
-//! - `connection`: one TCP connection: login, discovery, full feature phase.
+//! - `connection`: one TCP connection: login and discovery, then hands a normal session
+//!   to `engine`, the full feature phase on a blocking thread of its own.
 //! - [`session`]: negotiated parameters and live sessions.
 //! - [`lun`]: a LUN's run-time state shared by all sessions.
 //! - [`pr`]: persistent reservations and the [`pr::PrStore`] that keeps them.
@@ -37,6 +38,7 @@
 pub mod block;
 pub mod config;
 mod connection;
+mod engine;
 mod login;
 pub mod lun;
 pub mod pr;

@@ -81,6 +81,9 @@ pub struct SessionHandle {
     pub closed: watch::Sender<bool>,
     /// Tasks in flight by initiator task tag.
     pub tasks: Mutex<HashMap<u32, Arc<TaskEntry>>>,
+    /// The connection's socket, shut down by [`SessionHandle::request_close`] so a
+    /// blocked read ends at once.
+    socket: Mutex<Option<std::net::TcpStream>>,
 }
 
 impl SessionHandle {
@@ -105,12 +108,25 @@ impl SessionHandle {
             kill: watch::channel(false).0,
             closed: watch::channel(false).0,
             tasks: Mutex::new(HashMap::new()),
+            socket: Mutex::new(None),
         }
+    }
+
+    /// Gives the session the socket `request_close` shuts down.
+    pub(crate) fn attach_socket(&self, s: std::net::TcpStream) {
+        let closing = *self.kill.borrow();
+        if closing {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        *self.socket.lock().expect("socket lock poisoned") = Some(s);
     }
 
     /// Asks the connection to close; returns at once.
     pub fn request_close(&self) {
         self.kill.send_replace(true);
+        if let Some(s) = &*self.socket.lock().expect("socket lock poisoned") {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     /// Waits until the connection is closed and its tasks are finished.
