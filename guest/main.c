@@ -125,6 +125,31 @@ static __attribute__((noreturn)) void finish(int status)
 			__asm__ __volatile__("pause");
 		}
 	}
+	if (arg_is("then", "echo", "poweroff")) {
+		/* Console input, a line at a time, echoed back as "ECHO <line>". */
+		char line[128];
+		usize n = 0;
+		for (u64 next = now_ms();;) {
+			while (inb(PORT_SERIAL + 5) & 1) {
+				char c = (char)inb(PORT_SERIAL);
+				if (c == '\r' || c == '\n') {
+					line[n] = 0;
+					if (n)
+						printf("ECHO %s\n", line);
+					n = 0;
+				} else if (n < sizeof line - 1) {
+					line[n++] = c;
+				}
+			}
+			if (now_ms() >= next) {
+				if (shutdown_requested())
+					poweroff(status);
+				next = now_ms() + 10;
+			}
+			for (int i = 0; i < 1000; i++)
+				__asm__ __volatile__("pause");
+		}
+	}
 	if (arg_is("then", "triple-fault", "poweroff"))
 		triple_fault();
 	if (arg_is("then", "fault", "poweroff"))

@@ -18,6 +18,11 @@ pub struct Config {
     pub initiator_iqn: Option<String>,
     /// Memory kept back for the host itself, in bytes.
     pub reserved_memory_bytes: Option<u64>,
+    /// This host's id in the pool (default: the hostname).
+    pub host_id: Option<String>,
+    /// Stop VMs when the daemon exits (VM processes die with it). By default VMs keep
+    /// running and the next daemon finds them again.
+    pub tie_vms_to_daemon: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -10,10 +10,17 @@
 //! - [`console`]: a VM's console history (bounded ring), log file and live subscribers.
 //! - [`testguest`]: the test guest built from `guest/`, and the host side of its
 //!   patterns and checksums.
+//! - [`supervisor`]: one process per VM — the daemon's VM table and lifecycle, the VM
+//!   process, and the control channel between them.
+//! - [`service`]: `HostService` over gRPC.
+//! - [`host`]: host CPU, memory and KVM facts, process resource use.
 //! - [`config`]: the daemon's TOML configuration.
 
 pub mod config;
 pub mod console;
 pub mod devices;
+pub mod host;
+pub mod service;
+pub mod supervisor;
 pub mod testguest;
 pub mod vmm;

@@ -1,28 +1,199 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use hostd::config::Config;
+use hostd::console::ConsoleOut;
+use hostd::devices::virtio::block::{Disk, FileBackend};
+use hostd::service::{HostIdentity, HostServer};
+use hostd::supervisor::manager::{Manager, ManagerConfig};
+use hostd::vmm::{BootProtocol, BootSpec, Vm, VmExit, VmSpec};
+
+const DEFAULT_LISTEN: &str = "0.0.0.0:7000";
+const DEFAULT_RUN_DIR: &str = "/run/hostd";
+const DEFAULT_RESERVED_MEMORY: u64 = 512 << 20;
 
 /// Host agent: runs KVM guests whose disks are iSCSI volumes and serves HostService.
 #[derive(Debug, Parser)]
 #[command(name = "hostd", version, about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Cmd>,
     /// TOML configuration file.
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     config: Option<PathBuf>,
-    /// gRPC listen address (overrides the config file).
+    /// gRPC listen address (overrides the config file; default 0.0.0.0:7000).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Directory for VM processes' sockets and logs (default /run/hostd).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Stop this daemon's VMs when it exits (default: they keep running).
+    #[arg(long)]
+    tie_vms: bool,
     /// Log filter, e.g. "info" or "hostd=debug" (RUST_LOG wins when set).
-    #[arg(long, default_value = "info")]
+    #[arg(long, default_value = "info", global = true)]
     log: String,
 }
 
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run one VM in the foreground, its serial console on stdout; exits with the
+    /// guest's debug-exit status (or 0 on a plain power-off).
+    Run {
+        /// Kernel: a PVH ELF (e.g. the test guest), a vmlinux ELF, or a bzImage.
+        #[arg(long)]
+        kernel: PathBuf,
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        #[arg(long, default_value_t = 128)]
+        memory_mib: u64,
+        /// A raw disk image; repeat for more disks. Append ",ro" for read-only.
+        #[arg(long)]
+        disk: Vec<String>,
+        /// Print to stderr how long it took from start to the first console byte.
+        #[arg(long)]
+        time_first_byte: bool,
+    },
+    /// Write the test guest built into this binary to a file.
+    GuestElf {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Internal: the process of one VM, started by the daemon.
+    #[command(hide = true)]
+    Vmm {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
 fn main() -> anyhow::Result<()> {
+    let started = Instant::now();
     let args = Args::parse();
     init_logging(&args.log);
+    match args.command {
+        Some(Cmd::Vmm { ref dir }) => {
+            hostd::supervisor::child::run(dir).context("VM process")?;
+            Ok(())
+        }
+        Some(Cmd::GuestElf { ref out }) => {
+            std::fs::write(out, hostd::testguest::ELF)
+                .with_context(|| format!("writing {}", out.display()))?;
+            Ok(())
+        }
+        Some(Cmd::Run {
+            ref kernel,
+            ref initrd,
+            ref cmdline,
+            vcpus,
+            memory_mib,
+            ref disk,
+            time_first_byte,
+        }) => run_one(
+            started,
+            kernel,
+            initrd.as_ref(),
+            cmdline,
+            vcpus,
+            memory_mib,
+            disk,
+            time_first_byte,
+        ),
+        None => daemon(args),
+    }
+}
+
+/// Console output to stdout, noting when the first byte came.
+struct Stdout {
+    started: Instant,
+    report: bool,
+    first: std::sync::Once,
+}
+
+impl ConsoleOut for Stdout {
+    fn write(&self, data: &[u8]) {
+        use std::io::Write;
+        if self.report {
+            self.first.call_once(|| {
+                eprintln!(
+                    "first console byte after {:.3} ms",
+                    self.started.elapsed().as_secs_f64() * 1000.0
+                )
+            });
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(data);
+        let _ = out.flush();
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_one(
+    started: Instant,
+    kernel: &std::path::Path,
+    initrd: Option<&PathBuf>,
+    cmdline: &str,
+    vcpus: u32,
+    memory_mib: u64,
+    disks: &[String],
+    time_first_byte: bool,
+) -> anyhow::Result<()> {
+    let disks = disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let (path, ro) = match d.strip_suffix(",ro") {
+                Some(p) => (p, true),
+                None => (d.as_str(), false),
+            };
+            let backend = FileBackend::open(path.as_ref(), ro)?;
+            Ok(Disk::new(
+                format!("vd{}", (b'a' + i as u8) as char),
+                Arc::new(backend),
+                ro,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let spec = VmSpec {
+        vcpus,
+        memory_bytes: memory_mib << 20,
+        boot: BootSpec {
+            kernel: kernel.to_owned(),
+            initrd: initrd.cloned(),
+            cmdline: cmdline.to_owned(),
+            protocol: BootProtocol::Auto,
+        },
+        disks,
+        cpuid_mask: Vec::new(),
+    };
+    let out: Arc<dyn ConsoleOut> = Arc::new(Stdout {
+        started,
+        report: time_first_byte,
+        first: std::sync::Once::new(),
+    });
+    loop {
+        let mut vm = Vm::new(&spec, out.clone()).context("building the VM")?;
+        vm.start()?;
+        match vm.wait_exit(None) {
+            Some(VmExit::Reset) => continue,
+            Some(VmExit::Poweroff { status }) => {
+                std::process::exit(i32::from(status.unwrap_or(0)));
+            }
+            Some(other) => anyhow::bail!("VM stopped: {other}"),
+            None => unreachable!("waiting without a timeout returns only on exit"),
+        }
+    }
+}
+
+fn daemon(args: Args) -> anyhow::Result<()> {
     let mut config = match &args.config {
         Some(path) => Config::load(path).context("loading configuration")?,
         None => Config::default(),
@@ -30,8 +201,71 @@ fn main() -> anyhow::Result<()> {
     if args.listen.is_some() {
         config.listen = args.listen;
     }
+    if args.run_dir.is_some() {
+        config.run_dir = args.run_dir.clone();
+    }
+    if args.tie_vms {
+        config.tie_vms_to_daemon = Some(true);
+    }
     tracing::info!(?config, "hostd starting");
-    anyhow::bail!("the hostd daemon is being built")
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let tie = config.tie_vms_to_daemon.unwrap_or(false);
+        let manager = Manager::new(ManagerConfig {
+            run_dir: config
+                .run_dir
+                .clone()
+                .unwrap_or_else(|| DEFAULT_RUN_DIR.into()),
+            vmm_binary: std::env::current_exe().context("finding the hostd binary")?,
+            reserved_memory_bytes: config
+                .reserved_memory_bytes
+                .unwrap_or(DEFAULT_RESERVED_MEMORY),
+            tie_vms_to_daemon: tie,
+        })
+        .await?;
+        let listen = config
+            .listen
+            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("a valid default"));
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening on {listen}"))?;
+        let addr = listener.local_addr()?;
+        // Tests and scripts read this line to learn the port when asking for port 0.
+        println!("hostd listening on {addr}");
+        tracing::info!(%addr, "serving HostService");
+        let identity = HostIdentity {
+            host_id: config.host_id.clone().unwrap_or_else(hostd::host::hostname),
+            initiator_iqn: config.initiator_iqn.clone().unwrap_or_default(),
+            migration_address: config
+                .migration_listen
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+        };
+        hostd::service::serve(
+            listener,
+            HostServer::new(manager.clone(), identity),
+            shutdown_signal(),
+        )
+        .await
+        .context("serving")?;
+        if tie {
+            manager.stop_all().await;
+        }
+        tracing::info!("hostd stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
 
 fn init_logging(default: &str) {

@@ -439,6 +439,11 @@ impl Vm {
         self.ctl.wait_exit(timeout)
     }
 
+    /// The run control, for a thread that waits for the VM to stop.
+    pub fn run_control(&self) -> Arc<RunControl> {
+        self.ctl.clone()
+    }
+
     pub fn exit_reason(&self) -> Option<VmExit> {
         self.ctl.exit_reason()
     }

@@ -1,0 +1,339 @@
+//! `HostService` (proto/host.proto) over the [`Manager`]: VM lifecycle, console streams,
+//! disks, host information and metrics. Live migration answers `Unimplemented` until it
+//! is built.
+//!
+//! VMs run in their own processes, so a client that disconnects (or a daemon that
+//! restarts) leaves them running.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::host::host_service_server::{HostService, HostServiceServer};
+use proto::host::*;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::host::{CpuSampler, cpu_info, hostname, kvm_status, logical_cpus, meminfo};
+use crate::supervisor::manager::{Manager, ManagerError};
+use crate::supervisor::spec::SpecError;
+
+/// Identity of this host, for `GetHostInfo`.
+#[derive(Debug, Clone, Default)]
+pub struct HostIdentity {
+    pub host_id: String,
+    pub initiator_iqn: String,
+    pub migration_address: String,
+}
+
+pub struct HostServer {
+    manager: Arc<Manager>,
+    identity: HostIdentity,
+    cpu: Mutex<CpuSampler>,
+}
+
+impl HostServer {
+    pub fn new(manager: Arc<Manager>, identity: HostIdentity) -> Self {
+        let mut sampler = CpuSampler::default();
+        sampler.sample();
+        Self {
+            manager,
+            identity,
+            cpu: Mutex::new(sampler),
+        }
+    }
+}
+
+/// Serves `HostService` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    server: HostServer,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(HostServiceServer::new(server))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+fn status(e: ManagerError) -> Status {
+    let msg = e.to_string();
+    match e {
+        ManagerError::NotFound(_) => Status::not_found(msg),
+        ManagerError::AlreadyExists { .. } => Status::already_exists(msg),
+        ManagerError::BadId(_) => Status::invalid_argument(msg),
+        ManagerError::Spec(SpecError::IscsiUnavailable { .. }) => Status::unimplemented(msg),
+        ManagerError::Spec(s) if s.is_not_found() => Status::not_found(msg),
+        ManagerError::Spec(_) => Status::invalid_argument(msg),
+        ManagerError::WrongState { .. } | ManagerError::Disk { .. } => {
+            Status::failed_precondition(msg)
+        }
+        ManagerError::NoMemory { .. } => Status::resource_exhausted(msg),
+        ManagerError::StartFailed { .. } | ManagerError::Command { .. } => {
+            Status::failed_precondition(msg)
+        }
+        ManagerError::Unresponsive { .. } => Status::unavailable(msg),
+        ManagerError::Io { .. } | ManagerError::Spawn { .. } => Status::internal(msg),
+    }
+}
+
+const MIGRATION: &str = "live migration is not built yet (it is a later issue of hostd); \
+                         the VM stays where it is";
+
+#[tonic::async_trait]
+impl HostService for HostServer {
+    async fn get_host_info(
+        &self,
+        _: Request<GetHostInfoRequest>,
+    ) -> Result<Response<HostInfo>, Status> {
+        let (kvm_available, notes) = kvm_status();
+        Ok(Response::new(HostInfo {
+            host_id: self.identity.host_id.clone(),
+            hostname: hostname(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            initiator_iqn: self.identity.initiator_iqn.clone(),
+            cpu: Some(cpu_info()),
+            memory_total_bytes: meminfo().total_bytes,
+            memory_available_bytes: self.manager.memory_available().await,
+            logical_cpus: logical_cpus(),
+            migration_address: self.identity.migration_address.clone(),
+            kvm_available,
+            notes,
+        }))
+    }
+
+    async fn get_host_metrics(
+        &self,
+        _: Request<GetHostMetricsRequest>,
+    ) -> Result<Response<HostMetrics>, Status> {
+        let cpu_percent = self.cpu.lock().unwrap_or_else(|p| p.into_inner()).sample();
+        let mem = meminfo();
+        let (vms_running, vcpus_assigned, memory_assigned) = self.manager.usage().await;
+        Ok(Response::new(HostMetrics {
+            at: Some(crate::supervisor::child::prost_types_now()),
+            cpu_percent,
+            memory_total_bytes: mem.total_bytes,
+            memory_used_bytes: mem.total_bytes.saturating_sub(mem.available_bytes),
+            memory_assigned_to_vms_bytes: memory_assigned,
+            vms_running,
+            vcpus_assigned,
+            vms: self.manager.all_metrics().await,
+        }))
+    }
+
+    async fn create_vm(&self, req: Request<CreateVmRequest>) -> Result<Response<Vm>, Status> {
+        let req = req.into_inner();
+        let config = req
+            .config
+            .ok_or_else(|| Status::invalid_argument("config is required"))?;
+        self.manager
+            .create(req.vm_id, config, req.start)
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn start_vm(&self, req: Request<VmRequest>) -> Result<Response<Vm>, Status> {
+        self.manager
+            .start(&req.into_inner().vm_id)
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn pause_vm(&self, req: Request<VmRequest>) -> Result<Response<Vm>, Status> {
+        self.manager
+            .pause(&req.into_inner().vm_id)
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn resume_vm(&self, req: Request<VmRequest>) -> Result<Response<Vm>, Status> {
+        self.manager
+            .resume(&req.into_inner().vm_id)
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn reboot_vm(&self, req: Request<RebootVmRequest>) -> Result<Response<Vm>, Status> {
+        let req = req.into_inner();
+        self.manager
+            .reboot(&req.vm_id, req.force)
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn shutdown_vm(&self, req: Request<ShutdownVmRequest>) -> Result<Response<Vm>, Status> {
+        let req = req.into_inner();
+        self.manager
+            .shutdown(
+                &req.vm_id,
+                req.force,
+                Duration::from_secs(u64::from(req.timeout_seconds)),
+            )
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn destroy_vm(
+        &self,
+        req: Request<VmRequest>,
+    ) -> Result<Response<DestroyVmResponse>, Status> {
+        self.manager
+            .destroy(&req.into_inner().vm_id)
+            .await
+            .map(|()| Response::new(DestroyVmResponse {}))
+            .map_err(status)
+    }
+
+    async fn get_vm(&self, req: Request<VmRequest>) -> Result<Response<Vm>, Status> {
+        self.manager
+            .get_vm(&req.into_inner().vm_id)
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn list_vms(
+        &self,
+        req: Request<ListVmsRequest>,
+    ) -> Result<Response<ListVmsResponse>, Status> {
+        let req = req.into_inner();
+        let (vms, next_page_token) = self
+            .manager
+            .list(req.page_size as usize, &req.page_token)
+            .await;
+        Ok(Response::new(ListVmsResponse {
+            vms,
+            next_page_token,
+        }))
+    }
+
+    async fn get_vm_metrics(&self, req: Request<VmRequest>) -> Result<Response<VmMetrics>, Status> {
+        self.manager
+            .metrics(&req.into_inner().vm_id)
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    type StreamConsoleStream = ReceiverStream<Result<ConsoleOutput, Status>>;
+
+    async fn stream_console(
+        &self,
+        req: Request<Streaming<ConsoleInput>>,
+    ) -> Result<Response<Self::StreamConsoleStream>, Status> {
+        let mut input = req.into_inner();
+        let first = input
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the first message must name the VM"))?;
+        let vm_id = first.vm_id.clone();
+        let console = self.manager.console(&vm_id).await.map_err(status)?;
+        let sub = console.subscribe();
+        let (tx, rx) = mpsc::channel(256);
+        if !first.live_only {
+            let history = ConsoleOutput {
+                data: sub.history,
+                dropped_bytes: sub.dropped_bytes,
+            };
+            let _ = tx.send(Ok(history)).await;
+        }
+        if !first.data.is_empty() {
+            self.manager
+                .console_input(&vm_id, first.data)
+                .await
+                .map_err(status)?;
+        }
+        let mut live = sub.live;
+        let out = tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = match live.recv().await {
+                    Ok(data) => ConsoleOutput {
+                        data: data.to_vec(),
+                        dropped_bytes: 0,
+                    },
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => ConsoleOutput {
+                        data: Vec::new(),
+                        dropped_bytes: n,
+                    },
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                };
+                if out.send(Ok(msg)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let manager = self.manager.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(msg)) = input.message().await {
+                if msg.data.is_empty() {
+                    continue;
+                }
+                if let Err(e) = manager.console_input(&vm_id, msg.data).await {
+                    let _ = tx.send(Err(status(e))).await;
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn attach_disk(&self, req: Request<AttachDiskRequest>) -> Result<Response<Vm>, Status> {
+        let req = req.into_inner();
+        let disk = req
+            .disk
+            .ok_or_else(|| Status::invalid_argument("disk is required"))?;
+        self.manager
+            .attach_disk(&req.vm_id, disk)
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn detach_disk(&self, req: Request<DetachDiskRequest>) -> Result<Response<Vm>, Status> {
+        let req = req.into_inner();
+        self.manager
+            .detach_disk(&req.vm_id, &req.disk_id)
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
+    async fn prepare_migration_receive(
+        &self,
+        _: Request<PrepareMigrationReceiveRequest>,
+    ) -> Result<Response<PrepareMigrationReceiveResponse>, Status> {
+        Err(Status::unimplemented(MIGRATION))
+    }
+
+    type StartMigrationSendStream = ReceiverStream<Result<MigrationProgress, Status>>;
+
+    async fn start_migration_send(
+        &self,
+        _: Request<StartMigrationSendRequest>,
+    ) -> Result<Response<Self::StartMigrationSendStream>, Status> {
+        Err(Status::unimplemented(MIGRATION))
+    }
+
+    async fn get_migration(
+        &self,
+        _: Request<GetMigrationRequest>,
+    ) -> Result<Response<MigrationProgress>, Status> {
+        Err(Status::unimplemented(MIGRATION))
+    }
+
+    async fn cancel_migration(
+        &self,
+        _: Request<CancelMigrationRequest>,
+    ) -> Result<Response<MigrationProgress>, Status> {
+        Err(Status::unimplemented(MIGRATION))
+    }
+}

@@ -1,0 +1,18 @@
+//! One process per VM.
+//!
+//! `hostd` (the daemon) keeps the table of VMs and runs each running VM in its own
+//! `hostd vmm` process: a guest that crashes the VMM's device code, a VMM bug, or a VM
+//! that has to be killed takes only that process with it, never the daemon or other
+//! VMs; the kernel accounts each VM's memory and CPU to its own process; and VMs keep
+//! running while the daemon restarts.
+//!
+//! - [`manager`]: the daemon's side (table of VMs, spawning, lifecycle, state).
+//! - [`child`]: the VM process (runs the [`crate::vmm::Vm`], reboots it, reports).
+//! - [`protocol`] and [`frame`]: the control channel between the two.
+//! - [`spec`]: checking a `VmConfig` and turning it into a `VmSpec`.
+
+pub mod child;
+pub mod frame;
+pub mod manager;
+pub mod protocol;
+pub mod spec;

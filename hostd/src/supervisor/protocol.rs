@@ -1,0 +1,146 @@
+//! Messages of the control channel between `hostd` and a VM's process. Commands go to the
+//! VM process, each answered by a [`Reply`] with the same id; the VM process also sends
+//! [`VmState`] changes and console output unasked.
+//!
+//! Defined here rather than in `proto/`: this channel never leaves the host and both ends
+//! are this crate, so it may change with it. It reuses `proto::host` messages where they
+//! fit (the VM's configuration, its metrics).
+
+use proto::host::{PowerState, StopReason, VmConfig, VmMetrics};
+
+/// What the VM process is started with, in `vm.pb` in its directory.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VmRecord {
+    #[prost(string, tag = "1")]
+    pub id: String,
+    #[prost(message, optional, tag = "2")]
+    pub config: Option<VmConfig>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Empty {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Polite {
+    /// Stop (or reset) at once instead of asking the guest.
+    #[prost(bool, tag = "1")]
+    pub force: bool,
+    /// How long the guest may take before it is forced.
+    #[prost(uint32, tag = "2")]
+    pub timeout_ms: u32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Command {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(oneof = "command::Op", tags = "2, 3, 4, 5, 6, 7, 8, 9")]
+    pub op: Option<command::Op>,
+}
+
+pub mod command {
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Op {
+        #[prost(message, tag = "2")]
+        Pause(super::Empty),
+        #[prost(message, tag = "3")]
+        Resume(super::Empty),
+        #[prost(message, tag = "4")]
+        Reboot(super::Polite),
+        #[prost(message, tag = "5")]
+        Shutdown(super::Polite),
+        #[prost(message, tag = "6")]
+        Status(super::Empty),
+        #[prost(message, tag = "7")]
+        Metrics(super::Empty),
+        #[prost(bytes, tag = "8")]
+        ConsoleInput(Vec<u8>),
+        /// Stop the VM at once (force stop).
+        #[prost(message, tag = "9")]
+        Stop(super::Empty),
+    }
+}
+
+/// Where the VM is now. `power` and `last_stop` hold `proto::host` enum values.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VmState {
+    #[prost(enumeration = "PowerState", tag = "1")]
+    pub power: i32,
+    #[prost(enumeration = "StopReason", tag = "2")]
+    pub last_stop: i32,
+    #[prost(string, tag = "3")]
+    pub detail: String,
+    /// Boots so far (1 after the first; a guest reset adds one).
+    #[prost(uint32, tag = "4")]
+    pub boots: u32,
+    #[prost(uint64, tag = "5")]
+    pub started_at_unix_ms: u64,
+    /// Set on the last state a VM process sends before it exits.
+    #[prost(bool, tag = "6")]
+    pub last: bool,
+    /// The VM process.
+    #[prost(uint32, tag = "7")]
+    pub pid: u32,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Reply {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// Empty on success.
+    #[prost(string, tag = "2")]
+    pub error: String,
+    #[prost(message, optional, tag = "3")]
+    pub state: Option<VmState>,
+    #[prost(message, optional, tag = "4")]
+    pub metrics: Option<VmMetrics>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Event {
+    #[prost(oneof = "event::Kind", tags = "1, 2, 3")]
+    pub kind: Option<event::Kind>,
+}
+
+pub mod event {
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Kind {
+        #[prost(message, tag = "1")]
+        Reply(super::Reply),
+        #[prost(message, tag = "2")]
+        State(super::VmState),
+        #[prost(bytes, tag = "3")]
+        Console(Vec<u8>),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn events_round_trip_with_embedded_proto_messages() {
+        let e = Event {
+            kind: Some(event::Kind::Reply(Reply {
+                id: 9,
+                error: String::new(),
+                state: Some(VmState {
+                    power: PowerState::Paused as i32,
+                    last_stop: StopReason::GuestReset as i32,
+                    detail: "x".into(),
+                    boots: 2,
+                    started_at_unix_ms: 1,
+                    last: false,
+                    pid: 42,
+                }),
+                metrics: Some(VmMetrics {
+                    vm_id: "vm".into(),
+                    vcpu_time_ns: 5,
+                    ..Default::default()
+                }),
+            })),
+        };
+        assert_eq!(Event::decode(e.encode_to_vec().as_slice()).unwrap(), e);
+    }
+}
