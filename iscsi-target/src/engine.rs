@@ -64,6 +64,9 @@ const TICK: Duration = Duration::from_millis(250);
 const COPY_LIMIT: usize = 16 * 1024;
 /// Most PDUs one batch collects before its responses go out.
 const BATCH: usize = 64;
+/// Transfers this large run on the blocking pool: their copies then overlap with the
+/// engine reading the next commands.
+const BIG_TRANSFER: u32 = 256 * 1024;
 
 /// Sequence numbers the engine and the blocking pool share.
 struct Sn {
@@ -918,7 +921,7 @@ impl Engine {
         data: Bytes,
         permit: Option<OwnedSemaphorePermit>,
     ) {
-        if !may_take_long(&cdb) {
+        if !may_take_long(&cdb) && c.expected_data_len < BIG_TRANSFER {
             let reply = {
                 let ctx = Ctx {
                     lun: &lun,
