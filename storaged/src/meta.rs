@@ -76,6 +76,8 @@ pub struct VolumeRecord {
     pub block_size: u32,
     pub root: NodeId,
     pub height: u8,
+    /// Virtual chunks mapped (allocated) in this volume.
+    pub mapped: u64,
     pub created_at: u64,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -139,15 +141,30 @@ pub fn export_key(id: &Uuid) -> Vec<u8> {
 
 impl MetaStore {
     fn open_db(path: &Path) -> Result<sled::Db, MetaError> {
-        sled::Config::new()
-            .path(path)
-            // Commits flush explicitly; a timer adds nothing but extra syncs.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|source| MetaError::Open {
-                path: path.to_owned(),
-                source,
-            })
+        // sled's background threads can hold a dropped database for a moment, and its
+        // file lock with it: a re-open right after a close waits for them, briefly.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let result = sled::Config::new()
+                .path(path)
+                // Commits flush explicitly; a timer adds nothing but extra syncs.
+                .flush_every_ms(None)
+                .open();
+            match result {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => {
+                    return other.map_err(|source| MetaError::Open {
+                        path: path.to_owned(),
+                        source,
+                    });
+                }
+            }
+        }
     }
 
     /// Creates the store for a new pool; refuses a directory that already holds one.

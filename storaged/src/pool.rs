@@ -310,6 +310,24 @@ fn pieces(offset: u64, len: usize, chunk_size: u64) -> impl Iterator<Item = Piec
     })
 }
 
+/// Ranges of the data area `(position, offset in the caller's buffer, length)`, merged
+/// when both are contiguous, so neighbouring chunks cost one system call.
+#[derive(Debug, Default)]
+struct Segments(Vec<(u64, usize, usize)>);
+
+impl Segments {
+    fn push(&mut self, pos: u64, at: usize, len: usize) {
+        if let Some(last) = self.0.last_mut()
+            && last.0 + last.2 as u64 == pos
+            && last.1 + last.2 == at
+        {
+            last.2 += len;
+            return;
+        }
+        self.0.push((pos, at, len));
+    }
+}
+
 fn validate_name(name: &str) -> Result<(), PoolError> {
     if name.is_empty() || name.len() > MAX_NAME || name.chars().any(|c| c.is_control()) {
         return Err(PoolError::InvalidArgument(format!(
@@ -360,8 +378,8 @@ struct Derived {
     fatal: Vec<String>,
 }
 
-fn derive(
-    nodes: &HashMap<NodeId, Node>,
+fn derive<'a>(
+    nodes: impl Fn(NodeId) -> Option<&'a Node>,
     volumes: &HashMap<Uuid, VolumeRecord>,
     chunk_count: usize,
 ) -> Derived {
@@ -390,7 +408,7 @@ fn derive(
             continue;
         }
         level_of.insert(id, level);
-        let Some(node) = nodes.get(&id) else {
+        let Some(node) = nodes(id) else {
             fatal.push(format!("{parent} references missing node {id}"));
             continue;
         };
@@ -666,7 +684,11 @@ impl ThinPool {
         let volumes: HashMap<Uuid, VolumeRecord> =
             loaded.volumes.into_iter().map(|v| (v.id, v)).collect();
         let mut nodes = loaded.nodes;
-        let derived = derive(&nodes, &volumes, loaded.meta.chunk_count as usize);
+        let derived = derive(
+            |id| nodes.get(&id),
+            &volumes,
+            loaded.meta.chunk_count as usize,
+        );
         if !derived.fatal.is_empty() {
             return Err(PoolError::Corrupt {
                 problems: derived.fatal,
@@ -813,15 +835,15 @@ impl ThinPool {
         let st = self.read_state();
         let rec = st.volume(volume)?;
         Self::check_io(rec, offset, buf.len() as u64)?;
+        let mut segs = Segments::default();
         for p in pieces(offset, buf.len(), self.inner.chunk_size) {
-            let dst = &mut buf[p.at..p.at + p.len];
             match st.forest.lookup(rec.root, rec.height, p.vchunk).chunk {
-                Some(c) => self
-                    .inner
-                    .backing
-                    .read_at(self.data_pos(c) + p.within, dst)?,
-                None => dst.fill(0),
+                Some(c) => segs.push(self.data_pos(c) + p.within, p.at, p.len),
+                None => buf[p.at..p.at + p.len].fill(0),
             }
+        }
+        for &(pos, at, len) in &segs.0 {
+            self.inner.backing.read_at(pos, &mut buf[at..at + len])?;
         }
         Ok(())
     }
@@ -837,23 +859,32 @@ impl ThinPool {
                 return Err(PoolError::ReadOnly { id: volume });
             }
             Self::check_io(rec, offset, data.len() as u64)?;
+            let mut segs = Segments::default();
             for p in pieces(offset, data.len(), self.inner.chunk_size) {
                 let l = st.forest.lookup(rec.root, rec.height, p.vchunk);
                 match l.chunk {
                     Some(c) if l.exclusive_path && st.space.writable_in_place(c) => {
-                        self.inner
-                            .backing
-                            .write_at(self.data_pos(c) + p.within, &data[p.at..p.at + p.len])?;
+                        segs.push(self.data_pos(c) + p.within, p.at, p.len);
                     }
                     _ => slow.push(p),
                 }
             }
+            // Under the shared lock: no chunk written here can be freed meanwhile.
+            self.write_segments(&segs, data)?;
         }
         if !slow.is_empty() {
             let mut st = self.write_state();
+            let mut segs = Segments::default();
             for p in slow {
-                self.write_piece_locked(&mut st, volume, p, &data[p.at..p.at + p.len])?;
+                if let Some(pos) =
+                    self.place_piece_locked(&mut st, volume, p, &data[p.at..p.at + p.len])?
+                {
+                    segs.push(pos, p.at, p.len);
+                }
             }
+            // Still under the exclusive lock: nobody reads the new mappings before their
+            // data is there.
+            self.write_segments(&segs, data)?;
         }
         // After the data is written: a flush that starts after this write returns will
         // see the flag and sync it.
@@ -861,8 +892,14 @@ impl ThinPool {
         Ok(())
     }
 
-    /// Writes one piece with the metadata lock held: in place, into a new chunk, or by
-    /// copying a shared chunk first.
+    fn write_segments(&self, segs: &Segments, data: &[u8]) -> Result<(), PoolError> {
+        for &(pos, at, len) in &segs.0 {
+            self.inner.backing.write_at(pos, &data[at..at + len])?;
+        }
+        Ok(())
+    }
+
+    /// Writes one piece with the metadata lock held.
     fn write_piece_locked(
         &self,
         st: &mut State,
@@ -870,6 +907,22 @@ impl ThinPool {
         p: Piece,
         data: &[u8],
     ) -> Result<(), PoolError> {
+        if let Some(pos) = self.place_piece_locked(st, volume, p, data)? {
+            self.inner.backing.write_at(pos, data)?;
+        }
+        Ok(())
+    }
+
+    /// Writes one piece, or returns where its data must go, with the metadata lock held:
+    /// in place, into a new chunk, or by copying a shared chunk first (done here, before
+    /// the new mapping exists).
+    fn place_piece_locked(
+        &self,
+        st: &mut State,
+        volume: Uuid,
+        p: Piece,
+        data: &[u8],
+    ) -> Result<Option<u64>, PoolError> {
         let State {
             forest,
             space,
@@ -893,10 +946,7 @@ impl ThinPool {
             && l.exclusive_path
             && space.writable_in_place(c)
         {
-            self.inner
-                .backing
-                .write_at(self.data_pos(c) + p.within, data)?;
-            return Ok(());
+            return Ok(Some(self.data_pos(c) + p.within));
         }
         if space.available() == 0 {
             return Err(PoolError::NoSpace);
@@ -911,36 +961,35 @@ impl ThinPool {
         if let Some(c) = old
             && space.writable_in_place(c)
         {
-            self.inner
-                .backing
-                .write_at(self.data_pos(c) + p.within, data)?;
-            return Ok(());
+            return Ok(Some(self.data_pos(c) + p.within));
         }
         let (new, zeroed) = space.allocate().ok_or(PoolError::NoSpace)?;
         let cs = self.inner.chunk_size as usize;
         let whole = p.within == 0 && data.len() == cs;
-        let result = if whole || (old.is_none() && zeroed) {
-            self.inner
-                .backing
-                .write_at(self.data_pos(new) + p.within, data)
-        } else {
+        let deferred = whole || (old.is_none() && zeroed);
+        if !deferred {
+            // The rest of the chunk must hold the old data (copy on write) or zeros.
             let mut buf = vec![0u8; cs];
-            let copied = match old {
+            let result = match old {
                 Some(c) => self.inner.backing.read_at(self.data_pos(c), &mut buf),
                 None => Ok(()),
-            };
-            copied.and_then(|()| {
+            }
+            .and_then(|()| {
                 buf[p.within as usize..p.within as usize + data.len()].copy_from_slice(data);
                 self.inner.backing.write_at(self.data_pos(new), &buf)
-            })
-        };
-        if let Err(e) = result {
-            space.decref(new);
-            return Err(e.into());
+            });
+            if let Err(e) = result {
+                space.decref(new);
+                return Err(e.into());
+            }
         }
         forest.leaf_set(leaf, p.vchunk, new);
-        if let Some(c) = old {
-            space.decref(c);
+        match old {
+            Some(c) => space.decref(c),
+            None => {
+                rec.mapped += 1;
+                dirty_volumes.insert(volume);
+            }
         }
         let used_pct = space.used() * 100 / space.total().max(1);
         if used_pct >= u64::from(meta.warning_threshold_percent) {
@@ -951,7 +1000,7 @@ impl ThinPool {
         } else {
             *warned = false;
         }
-        Ok(())
+        Ok(deferred.then(|| self.data_pos(new) + p.within))
     }
 
     /// Frees whole chunks of the range (reference-aware) and zeroes partial ones; the
@@ -1014,11 +1063,10 @@ impl ThinPool {
             let mut root = rec.root;
             for (v, _) in forest.mapped_range(root, rec.height, first_full, end_full) {
                 forest.unmap(&mut root, rec.height, v, space);
-            }
-            if root != rec.root {
-                rec.root = root;
+                rec.mapped -= 1;
                 dirty_volumes.insert(volume);
             }
+            rec.root = root;
         }
         self.inner.data_dirty.store(true, Ordering::Release);
         Ok(())
@@ -1252,6 +1300,7 @@ impl ThinPool {
                 block_size,
                 root: NO_NODE,
                 height: height_for(size.div_ceil(self.inner.chunk_size)),
+                mapped: 0,
                 created_at: now(),
                 labels,
             };
@@ -1274,12 +1323,12 @@ impl ThinPool {
     ) -> Result<VolumeInfo, PoolError> {
         self.check_failed()?;
         validate_name(name)?;
-        let id = {
+        let rec = {
             let mut st = self.write_state();
             if st.name_taken(name) {
                 return Err(PoolError::NameTaken(name.to_owned()));
             }
-            let src = st.volume(source)?.clone();
+            let src = st.volume(source)?;
             let rec = VolumeRecord {
                 id: Uuid::new_v4(),
                 name: name.to_owned(),
@@ -1289,20 +1338,34 @@ impl ThinPool {
                 block_size: src.block_size,
                 root: src.root,
                 height: src.height,
+                mapped: src.mapped,
                 created_at: now(),
                 labels,
             };
             // O(1): one more reference on the root, whatever the volume holds.
-            st.forest.incref(src.root);
-            let id = rec.id;
-            st.volumes.insert(id, rec);
-            st.dirty_volumes.insert(id);
-            id
+            st.forest.incref(rec.root);
+            st.volumes.insert(rec.id, rec.clone());
+            st.dirty_volumes.insert(rec.id);
+            rec
         };
         // The commit syncs data first, so the snapshot's chunks hold what was written.
         self.flush()?;
-        tracing::info!(pool = %self.inner.id, source = %source, id = %id, ?kind, name, "derived volume");
-        self.volume_info(id)
+        tracing::info!(pool = %self.inner.id, source = %source, id = %rec.id, ?kind, name, "derived volume");
+        // Just taken, it shares every chunk with its source: no walk needed to say so.
+        let allocated = rec.mapped * self.inner.chunk_size;
+        Ok(VolumeInfo {
+            id: rec.id,
+            name: rec.name,
+            kind: rec.kind,
+            origin: rec.origin,
+            size: rec.size,
+            block_size: rec.block_size,
+            allocated_bytes: allocated,
+            exclusive_bytes: 0,
+            shared_bytes: allocated,
+            created_at: rec.created_at,
+            labels: rec.labels,
+        })
     }
 
     /// A read-only, point-in-time copy of a volume (or clone).
@@ -1350,6 +1413,7 @@ impl ThinPool {
             let rec = volumes.get_mut(&volume).expect("checked");
             rec.root = snap.root;
             rec.height = snap.height;
+            rec.mapped = snap.mapped;
             rec.size = snap.size;
             dirty_volumes.insert(volume);
         }
@@ -1416,6 +1480,7 @@ impl ThinPool {
                 for (v, _) in forest.mapped_range(root, rec.height, new_size.div_ceil(cs), u64::MAX)
                 {
                     forest.unmap(&mut root, rec.height, v, space);
+                    rec.mapped -= 1;
                 }
                 rec.root = root;
                 rec.size = new_size;
@@ -1561,9 +1626,30 @@ impl ThinPool {
         let mut report = CheckReport::default();
         {
             let mut st = self.write_state();
-            let nodes: HashMap<NodeId, Node> =
-                st.forest.nodes().map(|(id, n)| (*id, n.clone())).collect();
-            let derived = derive(&nodes, &st.volumes, st.space.total() as usize);
+            let derived = derive(
+                |id| st.forest.node(id),
+                &st.volumes,
+                st.space.total() as usize,
+            );
+            let mut mapped_fixes = Vec::new();
+            for v in st.volumes.values() {
+                let mut walked = 0u64;
+                st.forest
+                    .walk(v.root, v.height, |_| 0, |_, _, _| walked += 1);
+                if walked != v.mapped {
+                    report.problems.push(format!(
+                        "volume {} records {} mapped chunks, its tree maps {walked}",
+                        v.id, v.mapped
+                    ));
+                    mapped_fixes.push((v.id, walked));
+                }
+            }
+            if repair {
+                for (id, walked) in mapped_fixes {
+                    st.volumes.get_mut(&id).expect("listed above").mapped = walked;
+                    st.dirty_volumes.insert(id);
+                }
+            }
             report.problems.extend(derived.fatal.iter().cloned());
             report.problems.extend(st.import_problems.iter().cloned());
             report.double_allocations = st.import_problems.len() as u64;
