@@ -1,6 +1,7 @@
 //! The Raft log, hard state and snapshot of one member, durable in sled.
 //!
-//! Three sled trees: `log` (the entries), `meta` (hard state, truncation point, identity)
+//! Three sled trees: `log` (the entries, one record per `Ready`: sled's cost is per key,
+//! so a batch of 64 entries costs about what one does), `meta` (hard state, truncation point, identity)
 //! and `snap` (the newest state-machine snapshot and its metadata). Keeping the large
 //! snapshot away from the small, hot hard-state record matters: sled rewrites whole tree
 //! nodes, and a hard-state update must not drag a multi-megabyte value along. The entries
@@ -19,7 +20,11 @@
 //! | meta | `trunc` | u64 BE index ‖ u64 BE term of the last entry removed from the log |
 //! | snap | `meta` | `eraftpb.SnapshotMetadata` of the newest state-machine snapshot |
 //! | snap | `data` | that snapshot's data (the encoded pool state) |
-//! | log | index BE | `eraftpb.Entry` |
+//! | log | first index BE | the entries of one `Ready`: (u32 BE length ‖ `eraftpb.Entry`)… |
+//!
+//! The log between the compaction point and its end is also kept in memory (it is bounded
+//! by the snapshot interval), so raft-rs's many `term` and `entries` calls never touch disk;
+//! sled is written on the hot path and read only at start.
 //!
 //! The conf state raft-rs sees at start is the snapshot's: the node replays every committed
 //! entry after the snapshot (conf changes included) into a state machine rebuilt from that
@@ -28,6 +33,7 @@
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
 /// The layout written by this code; a directory of another version is refused.
@@ -94,6 +100,8 @@ pub struct DiskStorage {
     /// Index and term of the last entry removed from the log.
     trunc: (u64, u64),
     last_index: u64,
+    /// Entries `trunc.0 + 1 ..= last_index`, as on disk.
+    entries: VecDeque<Entry>,
     /// Set when raft-rs asked for a snapshot the stored one cannot serve (it predates the
     /// member it is for); the node thread takes a fresh one and raft-rs asks again.
     snapshot_wanted: std::cell::Cell<bool>,
@@ -174,40 +182,44 @@ impl DiskStorage {
             Some(_) => return Err(corrupt("truncation record")),
             None => (0, 0),
         };
-        // Entries at or below the truncation point are garbage a crash left behind.
+        // Load the log; records wholly at or below the truncation point are garbage a
+        // crash left behind.
+        let mut entries: VecDeque<Entry> = VecDeque::new();
         let mut stale = sled::Batch::default();
-        let mut any_stale = false;
-        for k in log.range(..log_key(trunc.0 + 1)).keys() {
-            stale.remove(k.map_err(io)?);
-            any_stale = true;
+        for r in log.iter() {
+            let (k, v) = r.map_err(io)?;
+            let group = decode_group(&v).ok_or_else(|| corrupt("log record"))?;
+            if group.last().is_none_or(|e| e.index <= trunc.0) {
+                stale.remove(k);
+                continue;
+            }
+            for e in group {
+                if e.index > trunc.0 {
+                    if entries.back().is_some_and(|l| l.index + 1 != e.index) {
+                        return Err(corrupt("gap in the log"));
+                    }
+                    entries.push_back(e);
+                }
+            }
         }
-        if any_stale {
-            log.apply_batch(stale).map_err(io)?;
+        log.apply_batch(stale).map_err(io)?;
+        if entries.front().is_some_and(|e| e.index != trunc.0 + 1) {
+            return Err(corrupt("log does not start after the truncation point"));
         }
-        let mut last_index = match log.last().map_err(io)? {
-            Some((k, _)) => be_u64(&k).ok_or_else(|| corrupt("log key"))?,
-            None => trunc.0,
-        };
+        let mut last_index = entries.back().map_or(trunc.0, |e| e.index);
         // A snapshot from the leader is stored before the log is cut behind it; when a
         // crash fell in between, finish the job: the log does not reach the snapshot, or
         // disagrees with it at its index.
         if snap_meta.index > trunc.0 {
             let agrees = snap_meta.index <= last_index
-                && match log.get(log_key(snap_meta.index)).map_err(io)? {
-                    Some(v) => {
-                        Entry::parse_from_bytes(&v)
-                            .map_err(|_| corrupt("log entry"))?
-                            .term
-                            == snap_meta.term
-                    }
-                    None => false,
-                };
+                && entries[(snap_meta.index - trunc.0 - 1) as usize].term == snap_meta.term;
             if !agrees {
                 let mut b = sled::Batch::default();
                 for k in log.iter().keys() {
                     b.remove(k.map_err(io)?);
                 }
                 log.apply_batch(b).map_err(io)?;
+                entries.clear();
                 trunc = (snap_meta.index, snap_meta.term);
                 last_index = snap_meta.index;
                 hard.commit = hard.commit.max(snap_meta.index);
@@ -232,6 +244,7 @@ impl DiskStorage {
             snap_meta,
             trunc,
             last_index,
+            entries,
             snapshot_wanted: std::cell::Cell::new(false),
         })
     }
@@ -267,23 +280,43 @@ impl DiskStorage {
         let Some(first) = entries.first() else {
             return Ok(());
         };
-        let last = entries[entries.len() - 1].index;
         if first.index <= self.trunc.0 {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
+        if first.index > self.last_index + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
         let mut batch = sled::Batch::default();
-        for e in entries {
-            batch.insert(
-                &log_key(e.index)[..],
-                e.write_to_bytes().map_err(store_err)?,
-            );
+        if first.index <= self.last_index {
+            // A new leader overwrites a suffix this member held: cut the record that holds
+            // `first.index` short and drop every later record.
+            if let Some((k, v)) = self
+                .log
+                .range(..=log_key(first.index))
+                .next_back()
+                .transpose()
+                .map_err(store_err)?
+            {
+                let start = be_u64(&k).unwrap_or(0);
+                if start < first.index {
+                    let kept: Vec<Entry> = decode_group(&v)
+                        .ok_or_else(|| store_err(CorruptRecord))?
+                        .into_iter()
+                        .filter(|e| e.index < first.index)
+                        .collect();
+                    batch.insert(k, encode_group(&kept)?);
+                }
+            }
+            for k in self.log.range(log_key(first.index)..).keys() {
+                batch.remove(k.map_err(store_err)?);
+            }
+            let keep = (first.index - self.trunc.0 - 1) as usize;
+            self.entries.truncate(keep);
         }
-        // A new leader may overwrite a suffix this member held: drop what lies beyond.
-        for i in (last + 1)..=self.last_index {
-            batch.remove(&log_key(i)[..]);
-        }
+        batch.insert(&log_key(first.index)[..], encode_group(entries)?);
         self.log.apply_batch(batch).map_err(store_err)?;
-        self.last_index = last;
+        self.entries.extend(entries.iter().cloned());
+        self.last_index = entries[entries.len() - 1].index;
         Ok(())
     }
 
@@ -338,6 +371,7 @@ impl DiskStorage {
             b.remove(k.map_err(store_err)?);
         }
         self.log.apply_batch(b).map_err(store_err)?;
+        self.entries.clear();
         self.hard = hs;
         self.snap_meta = meta.clone();
         self.trunc = trunc;
@@ -367,11 +401,25 @@ impl DiskStorage {
             self.meta
                 .insert(K_TRUNC, &trunc_bytes(new_trunc)[..])
                 .map_err(store_err)?;
+            // Drop the records that lie wholly at or below the new truncation point; one
+            // that straddles it stays, its early entries ignored from now on.
+            let keys: Vec<u64> = self
+                .log
+                .iter()
+                .keys()
+                .map(|k| k.map(|k| be_u64(&k).unwrap_or(0)))
+                .collect::<Result<_, _>>()
+                .map_err(store_err)?;
             let mut b = sled::Batch::default();
-            for i in (self.trunc.0 + 1)..=compact_to {
-                b.remove(&log_key(i)[..]);
+            for (i, start) in keys.iter().enumerate() {
+                let end = keys.get(i + 1).map_or(self.last_index, |next| next - 1);
+                if end <= compact_to {
+                    b.remove(&log_key(*start)[..]);
+                }
             }
             self.log.apply_batch(b).map_err(store_err)?;
+            let drop = (compact_to - self.trunc.0) as usize;
+            self.entries.drain(..drop.min(self.entries.len()));
             self.trunc = new_trunc;
         }
         self.sync()?;
@@ -406,14 +454,38 @@ impl DiskStorage {
         self.last_index
     }
 
-    fn entry(&self, index: u64) -> Result<Entry, raft::Error> {
-        let v = self
-            .log
-            .get(log_key(index))
-            .map_err(store_err)?
-            .ok_or(raft::Error::Store(StorageError::Unavailable))?;
-        Entry::parse_from_bytes(&v).map_err(|e| raft::Error::Store(StorageError::Other(e.into())))
+    fn entry(&self, index: u64) -> Result<&Entry, raft::Error> {
+        if index <= self.trunc.0 || index > self.last_index {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(&self.entries[(index - self.trunc.0 - 1) as usize])
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("a log record does not decode")]
+struct CorruptRecord;
+
+fn encode_group(entries: &[Entry]) -> Result<Vec<u8>, raft::Error> {
+    let mut out = Vec::new();
+    for e in entries {
+        let b = e.write_to_bytes().map_err(store_err)?;
+        out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        out.extend_from_slice(&b);
+    }
+    Ok(out)
+}
+
+/// The entries of one log record; `None` when it is damaged.
+fn decode_group(mut v: &[u8]) -> Option<Vec<Entry>> {
+    let mut out = Vec::new();
+    while !v.is_empty() {
+        let len = u32::from_be_bytes(v.get(..4)?.try_into().ok()?) as usize;
+        let body = v.get(4..4 + len)?;
+        out.push(Entry::parse_from_bytes(body).ok()?);
+        v = &v[4 + len..];
+    }
+    Some(out)
 }
 
 fn trunc_bytes((index, term): (u64, u64)) -> [u8; 16] {
@@ -445,18 +517,17 @@ impl raft::Storage for DiskStorage {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
         let max = max_size.into().unwrap_or(u64::MAX);
-        let mut out = Vec::with_capacity((high - low) as usize);
+        let from = (low - self.trunc.0 - 1) as usize;
+        let to = (high - self.trunc.0 - 1) as usize;
+        let mut out = Vec::with_capacity(to - from);
         let mut size = 0u64;
-        for r in self.log.range(log_key(low)..log_key(high)) {
-            let (_, v) = r.map_err(store_err)?;
-            let e = Entry::parse_from_bytes(&v)
-                .map_err(|e| raft::Error::Store(StorageError::Other(e.into())))?;
+        for e in self.entries.range(from..to) {
             size += u64::from(e.compute_size());
             // The first entry is always returned, whatever its size.
             if !out.is_empty() && size > max {
                 break;
             }
-            out.push(e);
+            out.push(e.clone());
         }
         Ok(out)
     }
@@ -567,10 +638,21 @@ mod tests {
         s.bootstrap(&[1], vec![]).unwrap();
         s.append(&[entry(2, 1, b"a"), entry(3, 1, b"b"), entry(4, 1, b"c")])
             .unwrap();
+        s.append(&[entry(5, 1, b"d")]).unwrap();
+        // A new leader's entry at 3 cuts the first record short and drops the second.
         s.append(&[entry(3, 2, b"x")]).unwrap();
         assert_eq!(s.last_index(), 3);
         assert_eq!(s.term(3).unwrap(), 2);
         assert!(s.term(4).is_err());
+        s.sync().unwrap();
+        drop(s);
+        let s = DiskStorage::open(dir.path(), 1).unwrap();
+        assert_eq!(s.last_index(), 3);
+        let es = s
+            .entries(2, 4, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(&es[0].data[..], b"a");
+        assert_eq!(&es[1].data[..], b"x");
     }
 
     #[test]

@@ -1,0 +1,251 @@
+//! PoolService and HostAgentService against a real 3-member pool: idempotent creates,
+//! placement through Raft with reasons when nothing fits, heartbeats that mark a silent
+//! host unreachable (and forwarding from followers).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use proto::coordinator as pb;
+use proto::coordinator::host_agent_service_client::HostAgentServiceClient;
+use proto::host as hpb;
+
+const ELECTION: Duration = Duration::from_secs(15);
+
+fn host_info(gib: u64, cpus: u32, features: &[&str]) -> hpb::HostInfo {
+    hpb::HostInfo {
+        memory_total_bytes: gib << 30,
+        memory_available_bytes: gib << 30,
+        logical_cpus: cpus,
+        cpu: Some(hpb::CpuInfo {
+            features: features.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn heartbeat(
+    addr: &str,
+    host_id: &str,
+    info: &hpb::HostInfo,
+    seq: u64,
+) -> Result<pb::HeartbeatResponse, tonic::Status> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    HostAgentServiceClient::new(ch)
+        .heartbeat(pb::HeartbeatRequest {
+            host_id: host_id.into(),
+            info: Some(info.clone()),
+            metrics: None,
+            vms: vec![],
+            sequence: seq,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn get_host(c: &mut poold::client::PoolClient, id: &str) -> pb::Host {
+    let id = id.to_owned();
+    c.call(|mut p| {
+        let id = id.clone();
+        async move { p.get_host(pb::GetHostRequest { host_id: id }).await }
+    })
+    .await
+    .expect("get host")
+}
+
+fn spec(name: &str, vcpus: u32, gib: u64) -> pb::VmSpec {
+    pb::VmSpec {
+        name: name.into(),
+        vcpus,
+        memory_bytes: gib << 30,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_is_idempotent_placement_commits_and_explains() {
+    let _serial = SERIAL.lock().await;
+    let cl = Cluster::start(3, &[]);
+    let leader = cl.leader(ELECTION).await;
+    let follower = cl.alive().into_iter().find(|m| *m != leader).unwrap();
+    let mut c = cl.client();
+    let mut ids = Vec::new();
+    for (i, gib) in [(0, 8u64), (1, 16)] {
+        let t = join_host(&mut c, &format!("10.3.0.{i}:7000"))
+            .await
+            .unwrap();
+        ids.push(t.target_id.clone());
+        // Heartbeats go to a follower, which forwards them to the leader.
+        heartbeat(
+            &cl.addr(follower),
+            &t.target_id,
+            &host_info(gib, 4, &["avx2"]),
+            1,
+        )
+        .await
+        .expect("heartbeat through a follower");
+    }
+    // A retried create with the same request id makes one VM, even through another member.
+    let req = pb::CreateVmRequest {
+        request_id: "create-web-1".into(),
+        spec: Some(spec("web", 2, 4)),
+        source: None,
+        sr_id: String::new(),
+        start: true,
+        host_id: String::new(),
+    };
+    let mut first = cl.client_of(&[leader]);
+    let t1 = first
+        .call(|mut p| {
+            let req = req.clone();
+            async move { p.create_vm(req).await }
+        })
+        .await
+        .unwrap()
+        .task
+        .unwrap();
+    let mut second = cl.client_of(&[follower]);
+    let t2 = second
+        .call(|mut p| {
+            let req = req.clone();
+            async move { p.create_vm(req).await }
+        })
+        .await
+        .unwrap()
+        .task
+        .unwrap();
+    assert_eq!(t1.id, t2.id);
+    assert_eq!(t1.target_id, t2.target_id);
+    let vms = c
+        .call(|mut p| async move {
+            p.list_vms(pb::ListVmsRequest {
+                page: None,
+                host_id: String::new(),
+            })
+            .await
+        })
+        .await
+        .unwrap()
+        .vms;
+    assert_eq!(vms.len(), 1, "one VM for one request id");
+    // Spread put it on the emptier, larger host, and the host's allocation says so.
+    assert_eq!(vms[0].host_id, ids[1]);
+    let h = get_host(&mut c, &ids[1]).await;
+    assert_eq!(h.memory_allocated_bytes, 4 << 30);
+    assert_eq!(h.vm_ids, vec![vms[0].id.clone()]);
+    // A VM larger than any host: a clear error, nothing written.
+    let big = pb::CreateVmRequest {
+        request_id: "create-big".into(),
+        spec: Some(spec("big", 2, 64)),
+        source: None,
+        sr_id: String::new(),
+        start: true,
+        host_id: String::new(),
+    };
+    let err = c
+        .call(|mut p| {
+            let big = big.clone();
+            async move { p.create_vm(big).await }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("memory"), "{err}");
+    let why = c
+        .call(|mut p| async move {
+            p.explain_placement(pb::ExplainPlacementRequest {
+                vm_id: String::new(),
+                spec: Some(pb::VmSpec {
+                    required_cpu_features: vec!["avx512f".into()],
+                    ..spec("needs-avx512", 1, 1)
+                }),
+            })
+            .await
+        })
+        .await
+        .unwrap();
+    assert!(why.chosen_host_id.is_empty());
+    assert_eq!(why.hosts.len(), 2);
+    assert!(
+        why.hosts
+            .iter()
+            .all(|h| !h.eligible && h.reasons[0].contains("avx512f"))
+    );
+    // Unknown ids are NOT_FOUND.
+    let err = c
+        .call(|mut p| async move {
+            p.start_vm(pb::VmPowerRequest {
+                request_id: "s".into(),
+                vm_id: "no-such-vm".into(),
+                force: false,
+                host_id: String::new(),
+            })
+            .await
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_stops_heartbeating_becomes_unreachable_and_comes_back() {
+    let _serial = SERIAL.lock().await;
+    let cl = Cluster::start(3, &[]);
+    let leader = cl.leader(ELECTION).await;
+    let mut c = cl.client();
+    let req = pb::UpdatePoolSettingsRequest {
+        request_id: poold::client::new_request_id(),
+        settings: Some(pb::PoolSettings {
+            name: "hb".into(),
+            placement: pb::PlacementStrategy::Pack as i32,
+            cpu_overcommit_percent: 100,
+            memory_overcommit_percent: 100,
+            host_heartbeat_timeout_seconds: 2,
+            migration_downtime_budget_ms: 300,
+        }),
+    };
+    c.call(|mut p| {
+        let req = req.clone();
+        async move { p.update_pool_settings(req).await }
+    })
+    .await
+    .unwrap();
+    let id = join_host(&mut c, "10.4.0.1:7000").await.unwrap().target_id;
+    let info = host_info(8, 4, &[]);
+    let mut seq = 0;
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        seq += 1;
+        let r = heartbeat(&cl.addr(leader), &id, &info, seq).await.unwrap();
+        assert_eq!(r.state, pb::HostState::Enabled as i32);
+        assert!(r.next_heartbeat_ms > 0);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(get_host(&mut c, &id).await.state(), pb::HostState::Enabled);
+    // Silence: past the 2 s timeout the leader marks it unreachable.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if get_host(&mut c, &id).await.state() == pb::HostState::Unreachable {
+            break;
+        }
+        assert!(Instant::now() < deadline, "host never marked unreachable");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The next heartbeat brings it back.
+    let r = heartbeat(&cl.addr(leader), &id, &info, seq + 1)
+        .await
+        .unwrap();
+    assert_eq!(r.state, pb::HostState::Enabled as i32);
+    assert_eq!(get_host(&mut c, &id).await.state(), pb::HostState::Enabled);
+    // A host that never joined is told so.
+    let err = heartbeat(&cl.addr(leader), "stranger", &info, 1)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
