@@ -137,7 +137,25 @@ pub(crate) async fn serve(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr
                 }
             };
             tracing::info!(initiator = %est.initiator, target = %session.target, tsih = session.tsih, %peer, "session started");
-            let _ = tokio::task::spawn_blocking(move || engine.run()).await;
+            // A thread of its own rather than one from the blocking pool: sessions live
+            // long, and the pool is for the commands they hand off.
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            let spawned = std::thread::Builder::new()
+                .name(format!("iscsi-tsih-{}", session.tsih))
+                .spawn(move || {
+                    engine.run();
+                    let _ = done_tx.send(());
+                });
+            match spawned {
+                Ok(_) => {
+                    let _ = done_rx.await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no thread for the session");
+                    inner.unregister(session.id);
+                    session.closed.send_replace(true);
+                }
+            }
         }
     }
 }
