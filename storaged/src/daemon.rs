@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
+use crate::export::Exports;
 use crate::service::{Storage, StorageApi};
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -25,6 +26,23 @@ pub struct Config {
     /// Seconds between background commits of every pool.
     #[serde(default = "default_commit_interval")]
     pub commit_interval_seconds: u64,
+    /// Address of the iSCSI target.
+    #[serde(default = "default_iscsi_listen")]
+    pub iscsi_listen: SocketAddr,
+    /// Portals exports advertise (host:port); empty means the iSCSI listen address.
+    #[serde(default)]
+    pub portals: Vec<String>,
+    /// Prefix of the target names derived from volume ids.
+    #[serde(default = "default_iqn_prefix")]
+    pub iqn_prefix: String,
+}
+
+fn default_iscsi_listen() -> SocketAddr {
+    "127.0.0.1:3260".parse().expect("valid address")
+}
+
+fn default_iqn_prefix() -> String {
+    "iqn.2026-11.org.pool.storaged".into()
 }
 
 fn default_listen() -> SocketAddr {
@@ -45,6 +63,9 @@ impl Default for Config {
             listen: default_listen(),
             state_dir: default_state_dir(),
             commit_interval_seconds: default_commit_interval(),
+            iscsi_listen: default_iscsi_listen(),
+            portals: Vec::new(),
+            iqn_prefix: default_iqn_prefix(),
         }
     }
 }
@@ -78,9 +99,44 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the gRPC address {}", config.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, pools = storage.pools().len(), "storaged serving StorageService");
-    // Tests and tools read this line to learn the bound port.
+    let iscsi_listener = tokio::net::TcpListener::bind(config.iscsi_listen)
+        .await
+        .with_context(|| format!("binding the iSCSI address {}", config.iscsi_listen))?;
+    let iscsi_addr = iscsi_listener.local_addr()?;
+
+    // Persistent reservations survive restarts in the state directory.
+    let pr_store = iscsi_target::FilePrStore::new(config.state_dir.join("reservations"))
+        .context("opening the reservation store")?;
+    let target = iscsi_target::TargetServer::new(
+        iscsi_target::ServerOptions::default(),
+        std::sync::Arc::new(pr_store),
+    );
+    let portals = if config.portals.is_empty() {
+        vec![iscsi_addr.to_string()]
+    } else {
+        config.portals.clone()
+    };
+    let exports = Exports::new(target.clone(), config.iqn_prefix.clone(), portals);
+    for pool in storage.pools() {
+        exports.load(&pool).await;
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let iscsi = {
+        let target = target.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = target.run(iscsi_listener, stopped).await {
+                tracing::error!("iSCSI target stopped: {e}");
+            }
+        })
+    };
+    tracing::info!(%addr, %iscsi_addr, pools = storage.pools().len(), "storaged serving StorageService and iSCSI");
+    // Tests and tools read these lines to learn the bound ports.
     println!("LISTENING {addr}");
+    println!("ISCSI {iscsi_addr}");
 
     let committer = {
         let storage = storage.clone();
@@ -99,11 +155,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .add_service(
             proto::storage::storage_service_server::StorageServiceServer::new(StorageApi::new(
                 storage.clone(),
+                exports,
             )),
         )
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
         .context("serving gRPC")?;
+    // The target stops after gRPC, so no request is left half done; sessions are closed
+    // and their commands finished before the pools' last commit below.
+    let _ = stop_tx.send(true);
+    let _ = iscsi.await;
     committer.abort();
     let s: Arc<Storage> = storage;
     tokio::task::spawn_blocking(move || s.flush_all()).await?;

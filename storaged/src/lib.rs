@@ -9,12 +9,14 @@
 //! - [`meta`]: the sled store and the on-disk encoding of every record.
 //! - [`pool`]: [`ThinPool`], tying them together: data path, commits, volumes, fsck.
 //! - [`volume`]: [`ThinVolume`], a volume as an `iscsi_target::BlockDevice`.
+//! - [`export`]: volumes served as iSCSI LUNs, grants and revokes (fencing).
 //! - [`service`]: `StorageService` (gRPC) over the daemon's pools; [`daemon`]: the process.
 //! - [`exercise`]: the deterministic workload of the crash-consistency test.
 
 pub mod backing;
 pub mod daemon;
 pub mod exercise;
+pub mod export;
 pub mod meta;
 pub mod pool;
 pub mod service;

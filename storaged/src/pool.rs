@@ -1072,6 +1072,79 @@ impl ThinPool {
         Ok(())
     }
 
+    /// Makes `len` bytes of `dst` at `dst_offset` hold what `src` holds at `src_offset`
+    /// by sharing chunks instead of copying them: whole chunks are mapped into `dst` with
+    /// one more reference (copy on write keeps the two apart afterwards); a partial chunk
+    /// at the end is copied. Returns `false`, changing nothing, when the offsets are not
+    /// chunk-aligned (the caller copies instead).
+    pub fn clone_range(
+        &self,
+        src: Uuid,
+        src_offset: u64,
+        dst: Uuid,
+        dst_offset: u64,
+        len: u64,
+    ) -> Result<bool, PoolError> {
+        self.check_failed()?;
+        let cs = self.inner.chunk_size;
+        if !src_offset.is_multiple_of(cs) || !dst_offset.is_multiple_of(cs) {
+            return Ok(false);
+        }
+        let whole = len / cs;
+        let tail = len % cs;
+        {
+            let mut st = self.write_state();
+            let s = st.volume(src)?.clone();
+            let d = st.volume(dst)?;
+            if d.read_only() {
+                return Err(PoolError::ReadOnly { id: dst });
+            }
+            Self::check_io(&s, src_offset, len)?;
+            Self::check_io(d, dst_offset, len)?;
+            let State {
+                forest,
+                space,
+                volumes,
+                dirty_volumes,
+                ..
+            } = &mut *st;
+            for i in 0..whole {
+                let from = forest.lookup(s.root, s.height, src_offset / cs + i).chunk;
+                let to_v = dst_offset / cs + i;
+                let d = volumes.get_mut(&dst).expect("checked");
+                let mut root = d.root;
+                match from {
+                    Some(c) => {
+                        let leaf = forest.leaf_for_write(&mut root, d.height, to_v, space);
+                        let old = forest.leaf_get(leaf, to_v);
+                        if old != Some(c) {
+                            space.incref(c);
+                            forest.leaf_set(leaf, to_v, c);
+                            match old {
+                                Some(o) => space.decref(o),
+                                None => d.mapped += 1,
+                            }
+                        }
+                    }
+                    None => {
+                        if forest.unmap(&mut root, d.height, to_v, space).is_some() {
+                            d.mapped -= 1;
+                        }
+                    }
+                }
+                d.root = root;
+                dirty_volumes.insert(dst);
+            }
+        }
+        if tail > 0 {
+            let mut buf = vec![0u8; tail as usize];
+            self.read(src, src_offset + whole * cs, &mut buf)?;
+            self.write(dst, dst_offset + whole * cs, &buf)?;
+        }
+        self.inner.data_dirty.store(true, Ordering::Release);
+        Ok(true)
+    }
+
     /// Which chunks of the range are mapped: `(offset, len, mapped)` runs.
     pub fn extents(
         &self,
@@ -1241,6 +1314,13 @@ impl ThinPool {
             created_at: rec.created_at,
             labels: rec.labels.clone(),
         }
+    }
+
+    /// A volume's size and whether it is read-only, without walking its tree.
+    pub fn volume_size(&self, id: Uuid) -> Result<(u64, bool), PoolError> {
+        let st = self.read_state();
+        let rec = st.volume(id)?;
+        Ok((rec.size, rec.read_only()))
     }
 
     pub fn volume_info(&self, id: Uuid) -> Result<VolumeInfo, PoolError> {

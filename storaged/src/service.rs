@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::backing::BackingError;
+use crate::export::{Chap, ExportError, ExportRecord, Exports, Grant};
 use crate::pool::{CreateOptions, ImportOptions, PoolError, ThinPool, Usage, VolumeInfo};
 use crate::{BackingKind, VolumeKind};
 
@@ -338,15 +339,46 @@ fn volume_id(field: &str, s: &str) -> Result<Uuid, Status> {
     parse_id(field, s)
 }
 
-/// The gRPC face of [`Storage`].
+/// The gRPC face of [`Storage`] and its [`Exports`].
 #[derive(Debug, Clone)]
 pub struct StorageApi {
     storage: Arc<Storage>,
+    exports: Arc<Exports>,
 }
 
 impl StorageApi {
-    pub fn new(storage: Arc<Storage>) -> Self {
-        StorageApi { storage }
+    pub fn new(storage: Arc<Storage>, exports: Arc<Exports>) -> Self {
+        StorageApi { storage, exports }
+    }
+
+    fn pb_export(&self, rec: &ExportRecord) -> pb::Export {
+        pb::Export {
+            id: rec.id.to_string(),
+            volume_id: rec.volume_id.to_string(),
+            target_iqn: rec.target_iqn.clone(),
+            lun: u32::from(rec.lun),
+            portals: self.exports.portals().to_vec(),
+            read_only: rec.read_only,
+            grants: rec.grants.iter().map(|g| pb_grant(&rec.id, g)).collect(),
+            sessions: self
+                .exports
+                .sessions(rec)
+                .into_iter()
+                .map(|s| pb::IscsiSession {
+                    initiator_iqn: s.initiator,
+                    isid: s.isid.iter().map(|b| format!("{b:02x}")).collect(),
+                    tsih: u32::from(s.tsih),
+                    peer_address: s.peer.to_string(),
+                    logged_in_at: s
+                        .since
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .ok()
+                        .and_then(|d| timestamp(d.as_secs())),
+                })
+                .collect(),
+            serial: rec.serial.clone(),
+            naa_id: rec.naa().iter().map(|b| format!("{b:02x}")).collect(),
+        }
     }
 }
 
@@ -416,6 +448,7 @@ impl StorageService for StorageApi {
             Ok(pool)
         })
         .await?;
+        self.exports.load(&pool).await;
         Ok(Response::new(pb_pool(&pool)))
     }
 
@@ -571,6 +604,19 @@ impl StorageService for StorageApi {
         let r = req.into_inner();
         let id = volume_id("volume_id", &r.volume_id)?;
         let pool = self.storage.pool_of(id)?;
+        let exports = self.exports.of_volume(id).await;
+        if !exports.is_empty() && !r.force {
+            return Err(Status::failed_precondition(format!(
+                "volume {id} is exported ({} export(s)); delete them first or pass force",
+                exports.len()
+            )));
+        }
+        for e in exports {
+            self.exports
+                .delete(&pool, e.id)
+                .await
+                .map_err(export_status)?;
+        }
         let freed = blocking(move || pool.delete_volume(id).map_err(status)).await?;
         Ok(Response::new(pb::DeleteVolumeResponse {
             freed_bytes: freed,
@@ -620,60 +666,186 @@ impl StorageService for StorageApi {
 
     async fn create_export(
         &self,
-        _req: Request<pb::CreateExportRequest>,
+        req: Request<pb::CreateExportRequest>,
     ) -> Result<Response<pb::Export>, Status> {
-        Err(exports_pending())
+        let r = req.into_inner();
+        let id = volume_id("volume_id", &r.volume_id)?;
+        let pool = self.storage.pool_of(id)?;
+        if !r.target_iqn.is_empty() && !iscsi_target::server::valid_iscsi_name(&r.target_iqn) {
+            return Err(Status::invalid_argument(format!(
+                "target_iqn {:?} is not a valid iSCSI name",
+                r.target_iqn
+            )));
+        }
+        let rec = self
+            .exports
+            .create(&pool, id, &r.target_iqn, r.lun, r.read_only)
+            .await
+            .map_err(export_status)?;
+        Ok(Response::new(self.pb_export(&rec)))
     }
 
     async fn get_export(
         &self,
-        _req: Request<pb::GetExportRequest>,
+        req: Request<pb::GetExportRequest>,
     ) -> Result<Response<pb::Export>, Status> {
-        Err(exports_pending())
+        let id = parse_id("export_id", &req.into_inner().export_id)?;
+        let rec = self.exports.get(id).await.map_err(export_status)?;
+        Ok(Response::new(self.pb_export(&rec)))
     }
 
     async fn list_exports(
         &self,
-        _req: Request<pb::ListExportsRequest>,
+        req: Request<pb::ListExportsRequest>,
     ) -> Result<Response<pb::ListExportsResponse>, Status> {
-        Err(exports_pending())
+        let r = req.into_inner();
+        let all = if r.volume_id.is_empty() {
+            self.exports.list().await
+        } else {
+            self.exports
+                .of_volume(volume_id("volume_id", &r.volume_id)?)
+                .await
+        };
+        let all: Vec<pb::Export> = all.iter().map(|e| self.pb_export(e)).collect();
+        let (exports, next_page_token) = page(all, r.page_size, &r.page_token)?;
+        Ok(Response::new(pb::ListExportsResponse {
+            exports,
+            next_page_token,
+        }))
     }
 
     async fn delete_export(
         &self,
-        _req: Request<pb::DeleteExportRequest>,
+        req: Request<pb::DeleteExportRequest>,
     ) -> Result<Response<pb::DeleteExportResponse>, Status> {
-        Err(exports_pending())
+        let id = parse_id("export_id", &req.into_inner().export_id)?;
+        let rec = self.exports.get(id).await.map_err(export_status)?;
+        let pool = self.storage.pool(&rec.pool_id.to_string())?;
+        let dropped = self
+            .exports
+            .delete(&pool, id)
+            .await
+            .map_err(export_status)?;
+        Ok(Response::new(pb::DeleteExportResponse {
+            sessions_dropped: dropped,
+        }))
     }
 
     async fn grant_access(
         &self,
-        _req: Request<pb::GrantAccessRequest>,
+        req: Request<pb::GrantAccessRequest>,
     ) -> Result<Response<pb::AccessGrant>, Status> {
-        Err(exports_pending())
+        let r = req.into_inner();
+        let id = parse_id("export_id", &r.export_id)?;
+        if !iscsi_target::server::valid_iscsi_name(&r.initiator_iqn) {
+            return Err(Status::invalid_argument(format!(
+                "initiator_iqn {:?} is not a valid iSCSI name",
+                r.initiator_iqn
+            )));
+        }
+        let chap = chap_field("chap", r.chap)?;
+        let mutual = chap_field("mutual_chap", r.mutual_chap)?;
+        if mutual.is_some() && chap.is_none() {
+            return Err(Status::invalid_argument(
+                "mutual_chap needs chap: the target proves itself only to an initiator that proved itself",
+            ));
+        }
+        let rec = self.exports.get(id).await.map_err(export_status)?;
+        let pool = self.storage.pool(&rec.pool_id.to_string())?;
+        let grant = Exports::new_grant(&r.initiator_iqn, chap, mutual);
+        self.exports
+            .grant(&pool, id, grant.clone())
+            .await
+            .map_err(export_status)?;
+        Ok(Response::new(pb_grant(&rec.id, &grant)))
     }
 
     async fn revoke_access(
         &self,
-        _req: Request<pb::RevokeAccessRequest>,
+        req: Request<pb::RevokeAccessRequest>,
     ) -> Result<Response<pb::RevokeAccessResponse>, Status> {
-        Err(exports_pending())
+        let r = req.into_inner();
+        let id = parse_id("export_id", &r.export_id)?;
+        let rec = self.exports.get(id).await.map_err(export_status)?;
+        let pool = self.storage.pool(&rec.pool_id.to_string())?;
+        let dropped = self
+            .exports
+            .revoke(&pool, id, &r.initiator_iqn)
+            .await
+            .map_err(export_status)?;
+        Ok(Response::new(pb::RevokeAccessResponse {
+            sessions_dropped: dropped,
+        }))
     }
 
     async fn list_access(
         &self,
-        _req: Request<pb::ListAccessRequest>,
+        req: Request<pb::ListAccessRequest>,
     ) -> Result<Response<pb::ListAccessResponse>, Status> {
-        Err(exports_pending())
+        let r = req.into_inner();
+        let id = parse_id("export_id", &r.export_id)?;
+        let rec = self.exports.get(id).await.map_err(export_status)?;
+        let all: Vec<pb::AccessGrant> = rec.grants.iter().map(|g| pb_grant(&rec.id, g)).collect();
+        let (grants, next_page_token) = page(all, r.page_size, &r.page_token)?;
+        Ok(Response::new(pb::ListAccessResponse {
+            grants,
+            next_page_token,
+        }))
     }
 }
 
-/// Exports need the iSCSI target, which is not wired into storaged yet.
-fn exports_pending() -> Status {
-    Status::unimplemented(
-        "iSCSI exports are not served by this storaged yet (the iscsi-target integration has not landed); \
-         pools, volumes, snapshots and clones work",
-    )
+fn chap_field(field: &str, c: Option<pb::ChapCredentials>) -> Result<Option<Chap>, Status> {
+    match c {
+        None => Ok(None),
+        Some(c) if c.username.is_empty() && c.secret.is_empty() => Ok(None),
+        Some(c) => {
+            if c.username.is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "{field}.username is required"
+                )));
+            }
+            // RFC 7143 section 12.1.3: secrets of at least 12 bytes (96 bits).
+            if c.secret.len() < 12 || c.secret.len() > 255 {
+                return Err(Status::invalid_argument(format!(
+                    "{field}.secret must be 12 to 255 bytes"
+                )));
+            }
+            Ok(Some(Chap {
+                user: c.username,
+                secret: c.secret,
+            }))
+        }
+    }
+}
+
+fn pb_grant(export: &Uuid, g: &Grant) -> pb::AccessGrant {
+    // Secrets are write-only: the user name says which credentials are set.
+    let creds = |c: &Option<Chap>| {
+        c.as_ref().map(|c| pb::ChapCredentials {
+            username: c.user.clone(),
+            secret: String::new(),
+        })
+    };
+    pb::AccessGrant {
+        export_id: export.to_string(),
+        initiator_iqn: g.initiator.clone(),
+        chap: creds(&g.chap),
+        mutual_chap: creds(&g.mutual_chap),
+        granted_at: timestamp(g.granted_at),
+    }
+}
+
+pub fn export_status(e: ExportError) -> Status {
+    let msg = e.to_string();
+    match e {
+        ExportError::NoExport(_) | ExportError::NoGrant { .. } => Status::not_found(msg),
+        ExportError::AlreadyExported { .. } | ExportError::LunTaken { .. } => {
+            Status::already_exists(msg)
+        }
+        ExportError::BadLun(_) => Status::invalid_argument(msg),
+        ExportError::Pool(p) => status(p),
+        ExportError::Target(t) => Status::failed_precondition(format!("{msg}: {t}")),
+    }
 }
 
 #[cfg(test)]

@@ -318,3 +318,43 @@ fn snapshot_of_a_large_volume_copies_nothing() {
     assert_eq!(read(&pool, snaps[19], 5 * CHUNK, 512), vec![1; 512]);
     assert_eq!(read(&pool, vol, 5 * CHUNK, 512), vec![2; 512]);
 }
+
+#[test]
+fn clone_range_shares_chunks_instead_of_copying() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = create(&dir.path().join("p.img"), 64);
+    let a = pool
+        .create_volume("a", 8 * CHUNK, 512, BTreeMap::new())
+        .unwrap()
+        .id;
+    let b = pool
+        .create_volume("b", 8 * CHUNK, 512, BTreeMap::new())
+        .unwrap()
+        .id;
+    pool.write(a, 0, &vec![0x61; (3 * CHUNK) as usize]).unwrap();
+    pool.write(b, 4 * CHUNK, &vec![0x62; CHUNK as usize])
+        .unwrap();
+    let used = pool.usage().used_chunks;
+    // Two whole chunks shared, and half a chunk copied.
+    assert!(
+        pool.clone_range(a, 0, b, 3 * CHUNK, 2 * CHUNK + CHUNK / 2)
+            .unwrap()
+    );
+    assert_eq!(
+        read(&pool, b, 3 * CHUNK, (2 * CHUNK + CHUNK / 2) as usize),
+        vec![0x61; (2 * CHUNK + CHUNK / 2) as usize]
+    );
+    assert_eq!(read(&pool, b, 5 * CHUNK + CHUNK / 2, 512), vec![0; 512]);
+    // b's old chunk 4 was replaced and freed; one chunk allocated for the copied half.
+    assert_eq!(pool.usage().used_chunks, used);
+    assert_eq!(pool.volume_info(b).unwrap().shared_bytes, 2 * CHUNK);
+    // Copy on write keeps them apart afterwards.
+    pool.write(a, 0, &[0x71; 512]).unwrap();
+    assert_eq!(read(&pool, b, 3 * CHUNK, 512), vec![0x61; 512]);
+    pool.write(b, 4 * CHUNK, &[0x72; 512]).unwrap();
+    assert_eq!(read(&pool, a, CHUNK, 512), vec![0x61; 512]);
+    // Unaligned offsets are left to the caller.
+    assert!(!pool.clone_range(a, 512, b, 0, CHUNK).unwrap());
+    pool.flush().unwrap();
+    assert!(pool.check(false).unwrap().clean());
+}
