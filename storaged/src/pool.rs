@@ -684,6 +684,13 @@ impl ThinPool {
         let volumes: HashMap<Uuid, VolumeRecord> =
             loaded.volumes.into_iter().map(|v| (v.id, v)).collect();
         let mut nodes = loaded.nodes;
+        // Never hand out an id a stored node has, orphans included: a repair deletes
+        // orphans by id.
+        let next_node_id = nodes
+            .keys()
+            .max()
+            .map_or(1, |m| m + 1)
+            .max(loaded.meta.next_node_id);
         let derived = derive(
             |id| nodes.get(&id),
             &volumes,
@@ -723,7 +730,7 @@ impl ThinPool {
                 sb.pool_id
             );
         }
-        let forest = Forest::from_nodes(nodes, loaded.meta.next_node_id);
+        let forest = Forest::from_nodes(nodes, next_node_id);
         let mut space = SpaceMap::from_refs(refs, false);
         // Free chunks may hold data of volumes deleted before a crash: punch them now so
         // that a new chunk reads as zeros without being written first.
