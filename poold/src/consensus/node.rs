@@ -38,6 +38,8 @@ pub struct NodeConfig {
     pub snapshot_keep_entries: u64,
     /// Addresses of members known before the replicated member list is (a joining member).
     pub seeds: BTreeMap<u64, String>,
+    /// Append messages in flight to one follower before the leader waits for an answer.
+    pub max_inflight_appends: usize,
 }
 
 impl NodeConfig {
@@ -51,6 +53,7 @@ impl NodeConfig {
             snapshot_interval: 50_000,
             snapshot_keep_entries: 5_000,
             seeds: BTreeMap::new(),
+            max_inflight_appends: 256,
         }
     }
 }
@@ -236,7 +239,7 @@ pub fn start(
         heartbeat_tick: cfg.heartbeat_ticks,
         applied,
         max_size_per_msg: 1 << 20,
-        max_inflight_msgs: 256,
+        max_inflight_msgs: cfg.max_inflight_appends,
         check_quorum: true,
         pre_vote: true,
         read_only_option: raft::ReadOnlyOption::Safe,
