@@ -32,9 +32,24 @@ pub struct Config {
     /// Portals exports advertise (host:port); empty means the iSCSI listen address.
     #[serde(default)]
     pub portals: Vec<String>,
+    /// Pools to import at start besides those the daemon already knows.
+    #[serde(default)]
+    pub pools: Vec<PoolConfig>,
     /// Prefix of the target names derived from volume ids.
     #[serde(default = "default_iqn_prefix")]
     pub iqn_prefix: String,
+}
+
+/// A pool named in the configuration file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// A backing file...
+    pub file: Option<PathBuf>,
+    /// ...or a block device.
+    pub device: Option<PathBuf>,
+    /// Where the metadata is, when not where the superblock says.
+    pub meta_dir: Option<PathBuf>,
 }
 
 fn default_iscsi_listen() -> SocketAddr {
@@ -65,6 +80,7 @@ impl Default for Config {
             commit_interval_seconds: default_commit_interval(),
             iscsi_listen: default_iscsi_listen(),
             portals: Vec::new(),
+            pools: Vec::new(),
             iqn_prefix: default_iqn_prefix(),
         }
     }
@@ -93,7 +109,30 @@ pub fn run(config: Option<&Path>) -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let storage = {
         let dir = config.state_dir.clone();
-        tokio::task::spawn_blocking(move || Storage::open(Some(&dir))).await??
+        let pools = config.pools.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let storage = Storage::open(Some(&dir))?;
+            for p in pools {
+                let (kind, path) = match (p.file, p.device) {
+                    (Some(f), None) => (crate::BackingKind::File, f),
+                    (None, Some(d)) => (crate::BackingKind::BlockDevice, d),
+                    _ => anyhow::bail!("a [[pools]] entry needs exactly one of file and device"),
+                };
+                if storage.pools().iter().any(|q| q.backing_path() == path) {
+                    continue;
+                }
+                let pool = crate::ThinPool::import(&crate::ImportOptions {
+                    kind,
+                    path: path.clone(),
+                    meta_dir: p.meta_dir,
+                    expected_id: None,
+                })
+                .with_context(|| format!("importing the pool on {}", path.display()))?;
+                storage.add(pool);
+            }
+            Ok(storage)
+        })
+        .await??
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

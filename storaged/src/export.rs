@@ -92,6 +92,68 @@ impl ExportRecord {
     }
 }
 
+/// Export records as a pool's metadata holds them (those read at import).
+pub fn recorded(pool: &ThinPool) -> Vec<ExportRecord> {
+    pool.imported_records()
+        .iter()
+        .filter_map(|(_, v)| serde_json::from_slice(v).ok())
+        .collect()
+}
+
+/// Adds an export to a pool that no daemon serves (offline configuration: the daemon
+/// serves it when it imports the pool).
+pub fn add_offline(
+    pool: &ThinPool,
+    volume: Uuid,
+    target_iqn: &str,
+    lun: u16,
+    read_only: bool,
+    grants: Vec<Grant>,
+) -> Result<ExportRecord, ExportError> {
+    pool.volume_size(volume)?;
+    if lun >= 16384 {
+        return Err(ExportError::BadLun(u32::from(lun)));
+    }
+    let existing = recorded(pool);
+    if let Some(r) = existing.iter().find(|r| r.volume_id == volume) {
+        return Err(ExportError::AlreadyExported {
+            volume,
+            export: r.id,
+        });
+    }
+    if existing
+        .iter()
+        .any(|r| r.target_iqn == target_iqn && r.lun == lun)
+    {
+        return Err(ExportError::LunTaken {
+            iqn: target_iqn.to_owned(),
+            lun,
+        });
+    }
+    let rec = ExportRecord {
+        id: Uuid::new_v4(),
+        pool_id: pool.id(),
+        volume_id: volume,
+        target_iqn: target_iqn.to_owned(),
+        lun,
+        read_only,
+        serial: volume.simple().to_string(),
+        grants,
+    };
+    Exports::persist(pool, &rec)?;
+    Ok(rec)
+}
+
+/// Removes an export from a pool that no daemon serves.
+pub fn delete_offline(pool: &ThinPool, id: Uuid) -> Result<(), ExportError> {
+    if !recorded(pool).iter().any(|r| r.id == id) {
+        return Err(ExportError::NoExport(id));
+    }
+    pool.stage_record(export_key(&id), None);
+    pool.flush()?;
+    Ok(())
+}
+
 /// The exports of one storaged and the target that serves them.
 #[derive(Debug)]
 pub struct Exports {

@@ -36,6 +36,9 @@ enum Command {
     /// Thin volumes, snapshots and clones.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// iSCSI exports of a pool's volumes (served when a daemon imports the pool).
+    #[command(subcommand)]
+    Export(ExportCommand),
     /// Check a pool's mappings against its reference counts and free map.
     Fsck {
         #[command(flatten)]
@@ -198,6 +201,38 @@ enum VolumeCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum ExportCommand {
+    /// Export a volume as a LUN of an iSCSI target.
+    Create {
+        #[command(flatten)]
+        pool: PoolLocation,
+        /// The volume's name or id.
+        volume: String,
+        /// Target name; by default derived from the volume id.
+        #[arg(long)]
+        target_iqn: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        lun: u16,
+        #[arg(long)]
+        read_only: bool,
+        /// Initiators allowed to log in (without CHAP); repeat for several.
+        #[arg(long = "allow")]
+        allow: Vec<String>,
+    },
+    /// List exports.
+    List {
+        #[command(flatten)]
+        pool: PoolLocation,
+    },
+    /// Remove an export.
+    Delete {
+        #[command(flatten)]
+        pool: PoolLocation,
+        export: uuid::Uuid,
+    },
+}
+
 /// Parses "4096", "64K", "20G", "1.5T" (binary units).
 fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -304,6 +339,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve { config } => storaged::daemon::run(config.as_deref()),
         Command::Pool(cmd) => pool_command(cmd),
         Command::Volume(cmd) => volume_command(cmd),
+        Command::Export(cmd) => export_command(cmd),
         Command::Fsck { pool, repair } => {
             let pool = pool.import()?;
             let report = pool.check(repair)?;
@@ -419,6 +455,63 @@ fn volume_command(cmd: VolumeCommand) -> anyhow::Result<()> {
             let p = pool.import()?;
             let freed = p.delete_volume(resolve(&p, &volume)?)?;
             println!("deleted; {} freed", human(freed));
+        }
+    }
+    Ok(())
+}
+
+fn export_command(cmd: ExportCommand) -> anyhow::Result<()> {
+    use storaged::export;
+    let print = |recs: &[export::ExportRecord]| {
+        println!(
+            "{:<36}  {:<60}  {:>4}  {:<36}  ALLOWED",
+            "ID", "TARGET", "LUN", "VOLUME"
+        );
+        for r in recs {
+            let allowed: Vec<&str> = r.grants.iter().map(|g| g.initiator.as_str()).collect();
+            println!(
+                "{:<36}  {:<60}  {:>4}  {:<36}  {}",
+                r.id,
+                r.target_iqn,
+                r.lun,
+                r.volume_id,
+                allowed.join(",")
+            );
+        }
+    };
+    match cmd {
+        ExportCommand::Create {
+            pool,
+            volume,
+            target_iqn,
+            lun,
+            read_only,
+            allow,
+        } => {
+            let p = pool.import()?;
+            let vol = resolve(&p, &volume)?;
+            let iqn = target_iqn.unwrap_or_else(|| {
+                format!("{}:{vol}", storaged::daemon::Config::default().iqn_prefix)
+            });
+            if !iscsi_target::server::valid_iscsi_name(&iqn) {
+                bail!("{iqn:?} is not a valid iSCSI name");
+            }
+            for a in &allow {
+                if !iscsi_target::server::valid_iscsi_name(a) {
+                    bail!("initiator {a:?} is not a valid iSCSI name");
+                }
+            }
+            let grants = allow
+                .iter()
+                .map(|a| export::Exports::new_grant(a, None, None))
+                .collect();
+            let rec = export::add_offline(&p, vol, &iqn, lun, read_only, grants)?;
+            print(&[rec]);
+        }
+        ExportCommand::List { pool } => print(&export::recorded(&pool.import()?)),
+        ExportCommand::Delete { pool, export } => {
+            export::delete_offline(&pool.import()?, export)?;
+            println!("deleted");
         }
     }
     Ok(())
