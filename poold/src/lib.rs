@@ -1,20 +1,36 @@
 //! `poold`, the pool coordinator: one member of a Raft group that keeps the pool's state
 //! (hosts, storage repositories, volumes, VMs, tasks), schedules VMs, watches host
 //! heartbeats and reconciles what should run with what does. Every member serves the
-//! `PoolService` of `proto/`; followers forward writes to the leader.
+//! `PoolService` of `proto/`; followers forward writes to the leader. There is no master
+//! to lose: leadership moves by itself when a member dies.
 //!
 //! # Layout
-//! - [`consensus`]: Raft (raft-rs): the durable store, the node thread with its ordered
-//!   `on_ready` pass, the gRPC transport between members.
-//! - [`state`]: the replicated state machine: commands, deterministic apply, snapshots.
-//! - [`scheduler`]: placement filters and scores, pure.
-//! - [`coordinator`]: request logic between services and Raft (forwarding, ReadIndex
-//!   reads, placement commits).
+//! - [`consensus`]: Raft (raft-rs 0.7, pre-vote and check-quorum on): the durable store
+//!   (sled, fsync before acknowledging), the node thread with its ordered `on_ready` pass,
+//!   the gRPC transport between members, the test-only fault injector.
+//! - [`state`]: the replicated state machine: commands, deterministic apply (no clock, no
+//!   randomness: the proposer stamps both into the command), idempotency keys, the
+//!   versioned snapshot format.
+//! - [`scheduler`]: placement filters and scores, pure; the state machine re-runs the
+//!   filters when a placement commits, so racing placements never overcommit a host.
+//! - [`coordinator`]: request logic between services and Raft: forwarding to the leader,
+//!   linearizable reads through ReadIndex, schedule-then-commit.
 //! - [`service`]: the gRPC services (PoolService, HostAgentService, CoordinatorPeerService).
-//! - [`reconcile`]: desired versus reported state, acted on through hosts.
+//! - [`reconcile`]: desired versus reported state, acted on through a narrow
+//!   [`reconcile::HostActions`] interface (gRPC to hostd).
 //! - [`client`]: a multi-member client that finds the leader and retries safely.
-//! - [`server`]: starting a member and serving it.
+//! - [`server`]: starting (or bootstrapping, or joining) a member and serving it.
 //! - [`config`]: the daemon's TOML configuration.
+//!
+//! # What a write goes through
+//! client → any member's PoolService → (follower: `CoordinatorPeerService.Propose` to the
+//! leader) → the leader's node thread proposes → entries fsynced on a quorum → applied in
+//! log order on every member → the result (a Task, or a clear error) goes back. A retry
+//! with the same `request_id` returns the first result (kept for an hour).
+//!
+//! PoolService calls that need storaged or hostd to act (volume snapshots and clones,
+//! templates, migration, console, users and audit) answer UNIMPLEMENTED with a message
+//! saying so; the pool state for them is the next step.
 
 // raft-rs's rust-protobuf types are built field by field, the way their own docs do it.
 #![allow(clippy::field_reassign_with_default)]

@@ -327,12 +327,6 @@ impl HostActions for GrpcHostActions {
     }
 }
 
-impl Default for PoolState {
-    fn default() -> Self {
-        PoolState::new("", BTreeMap::new())
-    }
-}
-
 /// Leader-only loop: a reconciliation round every second.
 pub async fn run(
     c: Arc<Coordinator>,

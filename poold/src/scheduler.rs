@@ -19,7 +19,7 @@
 //! Scores: **pack** prefers the fullest host after placement (fewer hosts busy), **spread**
 //! the emptiest; ties go to the host that sorts first, so the choice is deterministic.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use proto::coordinator::{HostState, PlacementStrategy};
 
@@ -425,22 +425,6 @@ impl BatchScheduler {
         }
         Some(&self.hosts[i].id)
     }
-}
-
-/// Builds candidates from allocation sums: a helper for callers that keep per-host totals.
-pub fn groups_by_host<'a>(
-    placed: impl Iterator<Item = (&'a str, &'a str, &'a str)>,
-) -> BTreeMap<String, Vec<String>> {
-    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (host, affinity, anti) in placed {
-        let e = out.entry(host.to_owned()).or_default();
-        for g in [affinity, anti] {
-            if !g.is_empty() && !e.iter().any(|x| x == g) {
-                e.push(g.to_owned());
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]

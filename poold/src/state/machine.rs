@@ -69,6 +69,12 @@ pub struct PoolState {
     pub alloc: BTreeMap<String, Allocation>,
 }
 
+impl Default for PoolState {
+    fn default() -> Self {
+        PoolState::new("", BTreeMap::new())
+    }
+}
+
 pub fn default_settings() -> pb::PoolSettings {
     pb::PoolSettings {
         name: "pool".into(),
