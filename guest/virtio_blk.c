@@ -246,6 +246,8 @@ static int blk_init(struct blk *b)
 	b->capacity = (u64)rd(b, VM_CONFIG) | ((u64)rd(b, VM_CONFIG + 4) << 32);
 	b->avail_idx = 0;
 	b->used_seen = 0;
+	/* The guest polls the used ring: no interrupts, please (VRING_AVAIL_F_NO_INTERRUPT). */
+	b->avail[0] = 1;
 	return 0;
 }
 

@@ -212,6 +212,14 @@ fn daemon(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    // VM processes run the lean hostd-vmm beside this binary when it is there.
+    let exe = std::env::current_exe().context("finding the hostd binary")?;
+    let lean = exe.with_file_name("hostd-vmm");
+    let (vmm_binary, vmm_args) = if lean.exists() {
+        (lean, Vec::new())
+    } else {
+        (exe, vec!["vmm".to_owned()])
+    };
     rt.block_on(async move {
         let tie = config.tie_vms_to_daemon.unwrap_or(false);
         let manager = Manager::new(ManagerConfig {
@@ -219,7 +227,8 @@ fn daemon(args: Args) -> anyhow::Result<()> {
                 .run_dir
                 .clone()
                 .unwrap_or_else(|| DEFAULT_RUN_DIR.into()),
-            vmm_binary: std::env::current_exe().context("finding the hostd binary")?,
+            vmm_binary,
+            vmm_args,
             reserved_memory_bytes: config
                 .reserved_memory_bytes
                 .unwrap_or(DEFAULT_RESERVED_MEMORY),

@@ -31,7 +31,8 @@ impl Daemon {
     async fn start_with(run_dir: &Path, reserved: u64) -> Daemon {
         let manager = Manager::new(ManagerConfig {
             run_dir: run_dir.to_owned(),
-            vmm_binary: env!("CARGO_BIN_EXE_hostd").into(),
+            vmm_binary: env!("CARGO_BIN_EXE_hostd-vmm").into(),
+            vmm_args: vec![],
             reserved_memory_bytes: reserved,
             tie_vms_to_daemon: true,
         })
@@ -681,6 +682,10 @@ async fn disks_metrics_and_console_input_through_the_service() {
         .into_inner();
     assert_eq!(m.memory_bytes, 64 << 20);
     assert!(m.vcpu_time_ns > 0 && m.rss_bytes > 0, "{m:?}");
+    assert!(
+        m.guest_resident_bytes > 0 && m.guest_resident_bytes < m.rss_bytes,
+        "the guest's touched RAM is part of the VM process's RSS: {m:?}"
+    );
     let disk_m = &m.disks[0];
     assert_eq!(disk_m.disk_id, "vda");
     assert!(

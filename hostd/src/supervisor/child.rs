@@ -467,6 +467,7 @@ impl Runner {
             vcpu_time_ns: vm.vcpu_cpu_ns(),
             memory_bytes: vm.memory_bytes(),
             rss_bytes: crate::host::process_rss_bytes(std::process::id()).unwrap_or(0),
+            guest_resident_bytes: vm.guest_resident_bytes(),
             disks: vm
                 .disk_metrics()
                 .into_iter()

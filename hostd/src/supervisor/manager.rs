@@ -37,8 +37,10 @@ const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct ManagerConfig {
     /// Where VM directories live.
     pub run_dir: PathBuf,
-    /// The `hostd` binary to run VM processes with (`hostd vmm`).
+    /// The program VM processes run: `hostd-vmm` (with no `vmm_args`), or `hostd` with
+    /// `vmm_args = ["vmm"]`. Either is then given `--dir <vm dir>`.
     pub vmm_binary: PathBuf,
+    pub vmm_args: Vec<String>,
     /// Memory kept back for the host itself.
     pub reserved_memory_bytes: u64,
     /// VM processes die with the daemon (for tests); otherwise they outlive it and the
@@ -457,7 +459,7 @@ impl Manager {
             .open(dir.join(VMM_LOG))
             .map_err(io(dir))?;
         let mut cmd = tokio::process::Command::new(&self.cfg.vmm_binary);
-        cmd.arg("vmm")
+        cmd.args(&self.cfg.vmm_args)
             .arg("--dir")
             .arg(dir)
             .stdin(std::process::Stdio::null())

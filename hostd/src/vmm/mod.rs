@@ -465,6 +465,35 @@ impl Vm {
         self.memory_bytes
     }
 
+    /// Guest RAM the host has backed so far (resident pages of the guest's mappings).
+    pub fn guest_resident_bytes(&self) -> u64 {
+        const CHUNK: usize = 1 << 30;
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let mut vec = vec![0u8; CHUNK / page];
+        let mut resident = 0u64;
+        for region in self.memory.iter() {
+            let Ok(host) = self.memory.get_host_address(region.start_addr()) else {
+                continue;
+            };
+            let len = region.len() as usize;
+            let mut off = 0;
+            while off < len {
+                let n = CHUNK.min(len - off);
+                // SAFETY: [host + off, host + off + n) lies inside this region's mapping,
+                // which `self.memory` keeps mapped; `vec` has a byte for each of its pages.
+                let r = unsafe { libc::mincore(host.add(off).cast(), n, vec.as_mut_ptr()) };
+                if r == 0 {
+                    let pages = n.div_ceil(page);
+                    resident +=
+                        vec[..pages].iter().filter(|b| *b & 1 == 1).count() as u64 * page as u64;
+                }
+                off += n;
+            }
+        }
+        resident
+    }
+
     pub fn vcpu_cpu_ns(&self) -> u64 {
         self.ctl.vcpu_cpu_ns()
     }

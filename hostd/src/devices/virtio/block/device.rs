@@ -3,7 +3,9 @@
 
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
@@ -26,6 +28,8 @@ const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
 const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
 
 pub const QUEUE_SIZE: u16 = 256;
+/// How long the worker watches for the next request before sleeping.
+const POLL_WINDOW: Duration = Duration::from_micros(50);
 const CONFIG_LEN: usize = 64;
 /// Largest discard / write-zeroes request, in sectors (4 GiB - 512).
 const MAX_DISCARD_SECTORS: u32 = u32::MAX >> 9;
@@ -186,8 +190,29 @@ fn serve(
     process(&mem, &mut queue, &interrupt, &disk, &mut bounce);
     while !wait(&kick, &stop) {
         let _ = kick.read();
-        process(&mem, &mut queue, &interrupt, &disk, &mut bounce);
+        loop {
+            process(&mem, &mut queue, &interrupt, &disk, &mut bounce);
+            if !poll_for_more(&mem, &queue) {
+                break;
+            }
+        }
     }
+}
+
+/// After a batch, watches the available ring for a short while before going back to
+/// sleep: a driver waiting for a completion usually submits its next request within
+/// microseconds, and catching it here saves a thread wake-up (tens of microseconds on a
+/// busy host) per request. Returns true when a request arrived.
+fn poll_for_more(mem: &GuestRam, queue: &Queue) -> bool {
+    let until = Instant::now() + POLL_WINDOW;
+    while Instant::now() < until {
+        match queue.avail_idx(mem, Ordering::Acquire) {
+            Ok(idx) if idx.0 != queue.next_avail() => return true,
+            Ok(_) => std::hint::spin_loop(),
+            Err(_) => return false,
+        }
+    }
+    false
 }
 
 /// Serves every available request, then tells the driver if it wants to know.

@@ -1,0 +1,441 @@
+//! The VMM benchmark behind `bench/vmm.sh`: VM start time next to QEMU booting the same
+//! guest in the same run, memory overhead per VM, and guest virtio-blk throughput.
+//!
+//! Usage: `vmm_bench <hostd binary> [runs]`. Prints a table, then `BENCH` lines.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use proto::host::host_service_client::HostServiceClient;
+use proto::host::*;
+
+const MARKER: &[u8] = b"GUEST start";
+const GUEST_MIB: u64 = 128;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Spawns `cmd`, returns the milliseconds until `MARKER` appears on its stdout and the
+/// milliseconds until any byte appears; then waits for it to exit (the guest powers off).
+fn time_to_marker(mut cmd: Command) -> (f64, f64) {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .stdin(Stdio::null());
+    let start = Instant::now();
+    let mut child = cmd.spawn().expect("spawn");
+    let mut out = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut first = None;
+    let mut buf = [0u8; 4096];
+    let marker = loop {
+        let n = out.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            panic!(
+                "{cmd:?} ended before printing the marker: {}",
+                String::from_utf8_lossy(&seen)
+            );
+        }
+        first.get_or_insert_with(|| start.elapsed());
+        seen.extend_from_slice(&buf[..n]);
+        if seen.windows(MARKER.len()).any(|w| w == MARKER) {
+            break start.elapsed();
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+        }
+        let _ = out.read(&mut buf);
+    }
+    let _ = child.wait();
+    (
+        marker.as_secs_f64() * 1000.0,
+        first.unwrap().as_secs_f64() * 1000.0,
+    )
+}
+
+fn qemu(machine: &str, guest: &Path, cmdline: &str) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-M", machine, "-enable-kvm", "-cpu", "qemu64", "-m"])
+        .arg(GUEST_MIB.to_string())
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "stdio",
+        ])
+        .args([
+            "-no-reboot",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        ])
+        .arg("-kernel")
+        .arg(guest)
+        .arg("-append")
+        .arg(cmdline);
+    c
+}
+
+fn hostd_run(hostd: &Path, guest: &Path, cmdline: &str) -> Command {
+    let mut c = Command::new(hostd);
+    c.args(["--log", "error", "run", "--kernel"])
+        .arg(guest)
+        .args(["--memory-mib", &GUEST_MIB.to_string(), "--cmdline", cmdline]);
+    c
+}
+
+/// (total RSS, RSS of the mapping that is exactly `guest_bytes` long) of a process.
+fn rss_split(pid: u32, guest_bytes: u64) -> Option<(u64, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let (mut total, mut guest) = (0u64, 0u64);
+    let mut in_guest = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-')
+            && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+        {
+            in_guest = b - a == guest_bytes;
+            continue;
+        }
+        if let Some(v) = line.strip_prefix("Rss:") {
+            let kib: u64 = v.split_whitespace().next()?.parse().ok()?;
+            total += kib * 1024;
+            if in_guest {
+                guest += kib * 1024;
+            }
+        }
+    }
+    Some((total, guest))
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+struct Daemon {
+    child: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of the daemon this program started; --tie-vms takes its VMs.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn start_daemon(hostd: &Path) -> Daemon {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(hostd)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--tie-vms",
+            "--log",
+            "warn",
+            "--run-dir",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start hostd");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("hostd listening on ")
+        .expect("address line")
+        .to_owned();
+    Daemon {
+        child,
+        addr,
+        _dir: dir,
+    }
+}
+
+fn vm_config(guest: &Path, cmdline: &str, disks: Vec<DiskConfig>) -> VmConfig {
+    VmConfig {
+        name: "bench".into(),
+        vcpus: 1,
+        memory_bytes: GUEST_MIB << 20,
+        boot: Some(BootSource {
+            kernel_path: guest.display().to_string(),
+            command_line: cmdline.into(),
+            ..Default::default()
+        }),
+        disks,
+        ..Default::default()
+    }
+}
+
+async fn wait_console(
+    c: &mut HostServiceClient<tonic::transport::Channel>,
+    id: &str,
+    needle: &str,
+) -> String {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(ConsoleInput {
+        vm_id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut s = c
+        .stream_console(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut text = String::new();
+    while !text.contains(needle) {
+        match tokio::time::timeout(Duration::from_secs(120), s.message()).await {
+            Ok(Ok(Some(m))) => text.push_str(&String::from_utf8_lossy(&m.data)),
+            _ => panic!("VM {id} never printed {needle:?}: {text}"),
+        }
+    }
+    text
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let hostd = PathBuf::from(args.get(1).expect("usage: vmm_bench <hostd binary> [runs]"));
+    let runs: usize = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(20);
+    let work = tempfile::tempdir().unwrap();
+    let guest = work.path().join("guest.elf");
+    let st = Command::new(&hostd)
+        .args(["guest-elf", "--out"])
+        .arg(&guest)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let have_qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+
+    // ---- start time: process start to the guest's first line, same guest, same run ----
+    let cmdline = "seed=1";
+    let (mut ours, mut ours_any, mut pc, mut pc_any, mut micro, mut micro_any) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for _ in 0..runs {
+        let (m, a) = time_to_marker(hostd_run(&hostd, &guest, cmdline));
+        ours.push(m);
+        ours_any.push(a);
+        if have_qemu {
+            let (m, a) = time_to_marker(qemu("microvm", &guest, cmdline));
+            micro.push(m);
+            micro_any.push(a);
+            let (m, a) = time_to_marker(qemu("pc", &guest, cmdline));
+            pc.push(m);
+            pc_any.push(a);
+        }
+    }
+
+    // ---- through the daemon: CreateVm(start) to the guest's first line ----
+    let daemon = start_daemon(&hostd);
+    let mut c = HostServiceClient::connect(format!("http://{}", daemon.addr))
+        .await
+        .unwrap();
+    let mut via_daemon = vec![];
+    for i in 0..runs {
+        let id = format!("start{i}");
+        let t = Instant::now();
+        c.create_vm(CreateVmRequest {
+            vm_id: id.clone(),
+            config: Some(vm_config(&guest, "then=spin", vec![])),
+            start: true,
+        })
+        .await
+        .unwrap();
+        wait_console(&mut c, &id, "GUEST start").await;
+        via_daemon.push(t.elapsed().as_secs_f64() * 1000.0);
+        c.destroy_vm(VmRequest { vm_id: id }).await.unwrap();
+    }
+
+    // ---- memory overhead: RSS minus the guest RAM it touched, per VM process ----
+    let n_vms = 5;
+    let mut overheads = vec![];
+    for i in 0..n_vms {
+        let id = format!("mem{i}");
+        let vm = c
+            .create_vm(CreateVmRequest {
+                vm_id: id.clone(),
+                config: Some(vm_config(&guest, "mode=heartbeat hb_ms=50", vec![])),
+                start: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        wait_console(&mut c, &id, "HB seq=3 ").await;
+        // The VM process says how much guest RAM is resident (mincore over its mapping);
+        // its RSS comes from /proc like any process's.
+        let m = c
+            .get_vm_metrics(VmRequest { vm_id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let total = hostd::host::process_rss_bytes(vm.vmm_pid).expect("VM process RSS");
+        let guest_rss = m.guest_resident_bytes;
+        overheads.push((total - guest_rss, total, guest_rss));
+    }
+    let qemu_overhead = if have_qemu {
+        let mut q = qemu("microvm", &guest, "mode=heartbeat hb_ms=50");
+        q.stdout(Stdio::piped()).stderr(Stdio::null());
+        let mut child = q.spawn().unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("HB seq=3 ") {
+            let n = out.read(&mut buf).unwrap();
+            assert!(n > 0, "qemu stopped");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        let r = rss_split(child.id(), GUEST_MIB << 20);
+        let _ = child.kill();
+        let _ = child.wait();
+        r
+    } else {
+        None
+    };
+
+    for i in 0..n_vms {
+        c.destroy_vm(VmRequest {
+            vm_id: format!("mem{i}"),
+        })
+        .await
+        .unwrap();
+    }
+
+    // ---- guest virtio-blk on a raw file, next to reading the file directly ----
+    let img = work.path().join("disk.img");
+    std::fs::write(&img, vec![0x5au8; 64 << 20]).unwrap();
+    c.create_vm(CreateVmRequest {
+        vm_id: "blk".into(),
+        config: Some(vm_config(
+            &guest,
+            "blk=randread blk_s=3 blk_qd=1 then=spin",
+            vec![DiskConfig {
+                id: "vda".into(),
+                backend: Some(disk_config::Backend::FilePath(img.display().to_string())),
+                read_only: true,
+            }],
+        )),
+        start: true,
+    })
+    .await
+    .unwrap();
+    let text = wait_console(&mut c, "blk", "BLK done").await;
+    let guest_iops: f64 = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("iops="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let direct_iops = {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(&img).unwrap();
+        let blocks = (64u64 << 20) / 4096;
+        let mut rng = 1u64;
+        let mut buf = vec![0u8; 4096];
+        let t = Instant::now();
+        let mut ops = 0u64;
+        while t.elapsed() < Duration::from_secs(3) {
+            rng = hostd::testguest::mix64(rng.wrapping_add(0x9e37_79b9_7f4a_7c15));
+            f.read_exact_at(&mut buf, (rng % blocks) * 4096).unwrap();
+            ops += 1;
+        }
+        ops as f64 / t.elapsed().as_secs_f64()
+    };
+    drop(daemon);
+
+    // ---- report ----
+    let ours_ms = median(ours.clone());
+    println!(
+        "VM start: process start to the guest's first line (\"GUEST start\"), median of {runs}, same guest ELF"
+    );
+    println!(
+        "  {:<52} {:>9.2} ms  (first byte {:.2} ms)",
+        "hostd run",
+        ours_ms,
+        median(ours_any)
+    );
+    println!(
+        "  {:<52} {:>9.2} ms",
+        "hostd daemon: CreateVm(start) to console line",
+        median(via_daemon.clone())
+    );
+    let mut ratio = None;
+    if have_qemu {
+        let (m, p) = (median(micro.clone()), median(pc.clone()));
+        println!(
+            "  {:<52} {:>9.2} ms  (first byte {:.2} ms)",
+            "qemu -M microvm -kernel guest.elf (qboot)",
+            m,
+            median(micro_any)
+        );
+        println!(
+            "  {:<52} {:>9.2} ms  (first byte {:.2} ms, SeaBIOS)",
+            "qemu -M pc -kernel guest.elf (the default machine)",
+            p,
+            median(pc_any)
+        );
+        println!(
+            "  hostd / qemu microvm = {:.3}; hostd / qemu pc = {:.4}",
+            ours_ms / m,
+            ours_ms / p
+        );
+        ratio = Some(ours_ms / m);
+    } else {
+        println!("  qemu-system-x86_64 not installed: no comparison");
+    }
+    let mean_over = overheads.iter().map(|o| o.0).sum::<u64>() / overheads.len() as u64;
+    println!(
+        "VMM memory overhead per VM ({n_vms} VMs of {GUEST_MIB} MiB, heartbeat guest, hostd-vmm processes): RSS - guest RAM resident"
+    );
+    for (i, (o, t, g)) in overheads.iter().enumerate() {
+        println!(
+            "  vm{i}: rss {:.2} MiB, guest {:.3} MiB, overhead {:.2} MiB",
+            mib(*t),
+            mib(*g),
+            mib(*o)
+        );
+    }
+    println!("  mean overhead {:.2} MiB", mib(mean_over));
+    if let Some((t, g)) = qemu_overhead {
+        println!(
+            "  qemu microvm, same guest: rss {:.2} MiB, guest RAM mapping {:.3} MiB, overhead {:.2} MiB",
+            mib(t),
+            mib(g),
+            mib(t - g)
+        );
+    }
+    println!("Guest virtio-blk 4 KiB random reads, queue depth 1, on a raw file (page cache)");
+    println!(
+        "  guest through virtio-blk: {guest_iops:.0} IOPS; host pread of the same file: {direct_iops:.0} IOPS; ratio {:.3}",
+        guest_iops / direct_iops
+    );
+    println!(
+        "  virtio-blk vs the iscsi-initiator reading the same volume directly: pending (the iscsi-initiator crate has not landed)"
+    );
+    if let Some(r) = ratio {
+        println!("BENCH vmm_start_vs_qemu {r:.4} ratio");
+    }
+    println!("BENCH vmm_start_ms {ours_ms:.2} ms");
+    println!("BENCH vmm_overhead_mib {:.2} MiB", mib(mean_over));
+}
