@@ -3,7 +3,7 @@
 //! Everything else talks to it through [`NodeHandle`]: gRPC handlers send proposals,
 //! reads and incoming Raft messages into its channel and wait on a oneshot reply. The
 //! thread drains its channel, ticks, and runs one ordered `on_ready` pass (see
-//! [`Node::on_ready`] for why each step comes where it does). It is a plain thread, not a
+//! `Node::on_ready` for why each step comes where it does). It is a plain thread, not a
 //! tokio task, because the fsync in that pass blocks.
 
 use std::collections::{BTreeMap, HashMap};

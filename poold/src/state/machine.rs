@@ -90,7 +90,7 @@ fn err(code: Code, msg: impl Into<String>) -> CommandResult {
     CommandResult::error(code, msg)
 }
 
-/// The IP part of "ip:port" or "[v6]:port" (the whole string when there is no port).
+/// The IP part of "ip:port" or "\[v6\]:port" (the whole string when there is no port).
 pub fn address_ip(addr: &str) -> String {
     if let Ok(sa) = addr.parse::<std::net::SocketAddr>() {
         return sa.ip().to_string();
