@@ -75,35 +75,67 @@ fn unix_ms() -> u64 {
 }
 
 /// The control connection the daemon holds now, if any; every event goes through it.
-/// The newest connection wins: a restarted daemon takes over from one that is gone.
+/// The newest connection wins: a restarted daemon takes over from one that is gone. The
+/// last state published is kept and sent to each new connection first, so a daemon that
+/// connects after the VM booted still learns it did.
 #[derive(Clone, Default)]
-struct Outbox(Arc<Mutex<(u64, Option<UnixStream>)>>);
+struct Outbox(Arc<Mutex<OutboxInner>>);
 
-impl Outbox {
-    fn send(&self, e: &Event) {
+#[derive(Default)]
+struct OutboxInner {
+    generation: u64,
+    stream: Option<UnixStream>,
+    state: Option<VmState>,
+}
+
+impl OutboxInner {
+    fn write(&mut self, e: &Event) {
         let bytes = frame::encode(e);
-        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = slot.1.as_mut()
+        if let Some(s) = self.stream.as_mut()
             && s.write_all(&bytes).is_err()
         {
-            // The daemon went away; the next one connects and asks for the state again.
-            slot.1 = None;
+            // The daemon went away; the next one connects and gets the state again.
+            self.stream = None;
         }
     }
+}
 
-    /// Makes `stream` the connection events go to; returns its generation.
+impl Outbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutboxInner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn send(&self, e: &Event) {
+        self.lock().write(e);
+    }
+
+    fn publish(&self, state: VmState) {
+        let mut inner = self.lock();
+        inner.write(&Event {
+            kind: Some(event::Kind::State(state.clone())),
+        });
+        inner.state = Some(state);
+    }
+
+    /// Makes `stream` the connection events go to, sends it the current state, and
+    /// returns its generation.
     fn replace(&self, stream: UnixStream) -> u64 {
-        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        slot.0 += 1;
-        slot.1 = Some(stream);
-        slot.0
+        let mut inner = self.lock();
+        inner.generation += 1;
+        inner.stream = Some(stream);
+        if let Some(state) = inner.state.clone() {
+            inner.write(&Event {
+                kind: Some(event::Kind::State(state)),
+            });
+        }
+        inner.generation
     }
 
     /// Forgets the connection of `generation` if it is still the current one.
     fn forget(&self, generation: u64) {
-        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.0 == generation {
-            slot.1 = None;
+        let mut inner = self.lock();
+        if inner.generation == generation {
+            inner.stream = None;
         }
     }
 }
@@ -254,9 +286,7 @@ struct Runner {
 
 impl Runner {
     fn publish(&self) {
-        self.outbox.send(&Event {
-            kind: Some(event::Kind::State(self.state.clone())),
-        });
+        self.outbox.publish(self.state.clone());
     }
 
     fn reply(&self, id: u64, error: String, metrics: Option<VmMetrics>) {
