@@ -497,14 +497,30 @@ impl PoolService for PoolApi {
 
     async fn create_vm(&self, r: Request<pb::CreateVmRequest>) -> R<pb::TaskResponse> {
         let r = r.into_inner();
-        let spec = r
-            .spec
-            .ok_or_else(|| Status::invalid_argument("spec is required"))?;
-        let template_id = match r.source {
-            Some(pb::create_vm_request::Source::TemplateId(_)) => {
-                return Err(not_yet("CreateVm from a template (cloning its disks)"));
+        let (spec, template_id) = match r.source {
+            Some(pb::create_vm_request::Source::TemplateId(tid)) => {
+                let t = self
+                    .c
+                    .read(|s| s.templates.get(&tid).cloned())
+                    .await?
+                    .ok_or_else(|| Status::not_found(format!("no template with id {tid}")))?;
+                if !t.disk_volumes.is_empty() {
+                    return Err(not_yet(
+                        "CreateVm from a template with disks (cloning them)",
+                    ));
+                }
+                let mut spec = t.spec.unwrap_or_default();
+                // The VM's own name, when given, replaces the template's.
+                if let Some(name) = r.spec.map(|s| s.name).filter(|n| !n.is_empty()) {
+                    spec.name = name;
+                }
+                (spec, tid)
             }
-            _ => String::new(),
+            _ => (
+                r.spec
+                    .ok_or_else(|| Status::invalid_argument("spec is required"))?,
+                String::new(),
+            ),
         };
         if let Some(prev) = self
             .c
@@ -689,23 +705,65 @@ impl PoolService for PoolApi {
         Ok(Response::new(resp))
     }
 
-    async fn create_template(&self, _r: Request<pb::CreateTemplateRequest>) -> R<pb::TaskResponse> {
-        Err(not_yet("CreateTemplate"))
+    async fn create_template(&self, r: Request<pb::CreateTemplateRequest>) -> R<pb::TaskResponse> {
+        let r = r.into_inner();
+        need("name", &r.name)?;
+        let spec = match r.source {
+            Some(pb::create_template_request::Source::Spec(spec)) => spec,
+            Some(pb::create_template_request::Source::VmId(_)) => {
+                return Err(not_yet("CreateTemplate from a VM (snapshotting its disks)"));
+            }
+            None => return Err(Status::invalid_argument("give a spec or a vm_id")),
+        };
+        let t = pb::Template {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: r.name,
+            spec: Some(spec),
+            disk_volumes: Default::default(),
+            created_at: None,
+        };
+        task(self.c.write(&r.request_id, Op::CreateTemplate(t)).await?)
     }
 
-    async fn get_template(&self, _r: Request<pb::GetTemplateRequest>) -> R<pb::Template> {
-        Err(not_yet("GetTemplate"))
+    async fn get_template(&self, r: Request<pb::GetTemplateRequest>) -> R<pb::Template> {
+        let id = r.into_inner().template_id;
+        self.c
+            .read(|s| s.templates.get(&id).cloned())
+            .await?
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no template with id {id}")))
     }
 
     async fn list_templates(
         &self,
-        _r: Request<pb::ListTemplatesRequest>,
+        r: Request<pb::ListTemplatesRequest>,
     ) -> R<pb::ListTemplatesResponse> {
-        Err(not_yet("ListTemplates"))
+        let r = r.into_inner();
+        let (templates, next) = self
+            .c
+            .read(|s| {
+                page(
+                    s.templates.iter().map(|(k, v)| (k.clone(), v.clone())),
+                    r.page.as_ref(),
+                )
+            })
+            .await?;
+        Ok(Response::new(pb::ListTemplatesResponse {
+            templates,
+            next_page_token: next,
+        }))
     }
 
-    async fn delete_template(&self, _r: Request<pb::DeleteTemplateRequest>) -> R<pb::TaskResponse> {
-        Err(not_yet("DeleteTemplate"))
+    async fn delete_template(&self, r: Request<pb::DeleteTemplateRequest>) -> R<pb::TaskResponse> {
+        let r = r.into_inner();
+        task(
+            self.c
+                .write(
+                    &r.request_id,
+                    Op::DeleteTemplate(ObjectId { id: r.template_id }),
+                )
+                .await?,
+        )
     }
 
     async fn get_ha_settings(&self, _r: Request<pb::GetHaSettingsRequest>) -> R<pb::HaSettings> {

@@ -25,7 +25,7 @@ pub struct Command {
     pub requested_by: String,
     #[prost(
         oneof = "Op",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26"
     )]
     pub op: Option<Op>,
 }
@@ -62,6 +62,10 @@ pub enum Op {
     CreateVolume(CreateVolume),
     #[prost(message, tag = "24")]
     DeleteVolume(ObjectId),
+    #[prost(message, tag = "25")]
+    CreateTemplate(pb::Template),
+    #[prost(message, tag = "26")]
+    DeleteTemplate(ObjectId),
 }
 
 impl Op {
@@ -94,6 +98,8 @@ impl Op {
             Op::DestroyVm(_) => "vm.destroy",
             Op::CreateVolume(_) => "volume.create",
             Op::DeleteVolume(_) => "volume.delete",
+            Op::CreateTemplate(_) => "template.create",
+            Op::DeleteTemplate(_) => "template.delete",
         }
     }
 }

@@ -58,6 +58,7 @@ pub struct PoolState {
     pub srs: BTreeMap<String, pb::StorageRepository>,
     pub volumes: BTreeMap<String, proto::storage::Volume>,
     pub vms: BTreeMap<String, pb::Vm>,
+    pub templates: BTreeMap<String, pb::Template>,
     pub tasks: BTreeMap<String, pb::Task>,
     /// Task ids in creation order, for pruning.
     pub task_order: VecDeque<String>,
@@ -112,6 +113,7 @@ impl PoolState {
             srs: BTreeMap::new(),
             volumes: BTreeMap::new(),
             vms: BTreeMap::new(),
+            templates: BTreeMap::new(),
             tasks: BTreeMap::new(),
             task_order: VecDeque::new(),
             requests: BTreeMap::new(),
@@ -468,12 +470,49 @@ impl PoolState {
                 self.volumes.remove(&r.id);
                 Ok((r.id.clone(), Succeeded, String::new()))
             }
+            Op::CreateTemplate(t) => {
+                let spec = t
+                    .spec
+                    .clone()
+                    .ok_or_else(|| err(Code::InvalidArgument, "a template needs a spec"))?;
+                if t.name.is_empty() {
+                    return Err(err(Code::InvalidArgument, "a template needs a name"));
+                }
+                self.validate_spec(&spec)?;
+                if let Some(o) = self.templates.values().find(|o| o.name == t.name) {
+                    return Err(err(
+                        Code::AlreadyExists,
+                        format!("template {} is already named {:?}", o.id, t.name),
+                    ));
+                }
+                let mut t = t.clone();
+                t.created_at = ts(cmd.at_ms);
+                t.disk_volumes = spec
+                    .disks
+                    .iter()
+                    .map(|d| (d.disk_id.clone(), d.volume_id.clone()))
+                    .collect();
+                self.templates.insert(t.id.clone(), t.clone());
+                Ok((t.id, Succeeded, String::new()))
+            }
+            Op::DeleteTemplate(r) => {
+                if self.templates.remove(&r.id).is_none() {
+                    return Err(err(Code::NotFound, format!("no template with id {}", r.id)));
+                }
+                Ok((r.id.clone(), Succeeded, String::new()))
+            }
             Op::CreateVm(c) => {
                 let spec = c
                     .spec
                     .clone()
                     .ok_or_else(|| err(Code::InvalidArgument, "a VM needs a spec"))?;
                 self.validate_spec(&spec)?;
+                if !c.template_id.is_empty() && !self.templates.contains_key(&c.template_id) {
+                    return Err(err(
+                        Code::NotFound,
+                        format!("no template with id {}", c.template_id),
+                    ));
+                }
                 if self.vms.contains_key(&c.vm_id) {
                     return Err(err(Code::AlreadyExists, format!("VM {} exists", c.vm_id)));
                 }
@@ -1100,6 +1139,50 @@ mod tests {
         assert_eq!(r.code, Code::FailedPrecondition as i32);
         s.apply(5, &cmd("", 4, report("h1", 8, 4)));
         assert_eq!(s.hosts["h1"].state(), pb::HostState::Enabled);
+    }
+
+    #[test]
+    fn templates_are_created_used_and_deleted() {
+        let mut s = PoolState::new("p", BTreeMap::new());
+        let t = pb::Template {
+            id: "tpl1".into(),
+            name: "small".into(),
+            spec: Some(spec("small", 1, 1)),
+            ..Default::default()
+        };
+        assert_eq!(
+            s.apply(2, &cmd("t1", 1, Op::CreateTemplate(t.clone())))
+                .code,
+            0
+        );
+        assert!(s.templates["tpl1"].created_at.is_some());
+        // Same name again: refused.
+        let dup = pb::Template {
+            id: "tpl2".into(),
+            ..t.clone()
+        };
+        assert_eq!(
+            s.apply(3, &cmd("t2", 2, Op::CreateTemplate(dup))).code,
+            Code::AlreadyExists as i32
+        );
+        let mut c = CreateVm {
+            vm_id: "vm1".into(),
+            spec: Some(spec("from-tpl", 1, 1)),
+            template_id: "tpl1".into(),
+            start_on_host: String::new(),
+        };
+        assert_eq!(s.apply(4, &cmd("v1", 3, Op::CreateVm(c.clone()))).code, 0);
+        assert_eq!(s.vms["vm1"].template_id, "tpl1");
+        c.vm_id = "vm2".into();
+        c.template_id = "nope".into();
+        assert_eq!(
+            s.apply(5, &cmd("v2", 4, Op::CreateVm(c))).code,
+            Code::NotFound as i32
+        );
+        let del = Op::DeleteTemplate(ObjectId { id: "tpl1".into() });
+        assert_eq!(s.apply(6, &cmd("d1", 5, del.clone())).code, 0);
+        assert!(s.templates.is_empty());
+        assert_eq!(s.apply(7, &cmd("d2", 6, del)).code, Code::NotFound as i32);
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub struct SnapshotV1 {
     /// In arrival order.
     #[prost(message, repeated, tag = "11")]
     pub requests: Vec<RequestV1>,
+    #[prost(message, repeated, tag = "12")]
+    pub templates: Vec<pb::Template>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -91,6 +93,7 @@ pub fn encode(s: &PoolState) -> Vec<u8> {
         srs: s.srs.values().cloned().collect(),
         volumes: s.volumes.values().cloned().collect(),
         vms: s.vms.values().cloned().collect(),
+        templates: s.templates.values().cloned().collect(),
         tasks: s
             .task_order
             .iter()
@@ -143,6 +146,7 @@ pub fn decode(bytes: &[u8]) -> Result<PoolState, SnapshotError> {
     s.srs = b.srs.into_iter().map(|x| (x.id.clone(), x)).collect();
     s.volumes = b.volumes.into_iter().map(|x| (x.id.clone(), x)).collect();
     s.vms = b.vms.into_iter().map(|x| (x.id.clone(), x)).collect();
+    s.templates = b.templates.into_iter().map(|x| (x.id.clone(), x)).collect();
     s.task_order = b.tasks.iter().map(|t| t.id.clone()).collect();
     s.tasks = b.tasks.into_iter().map(|t| (t.id.clone(), t)).collect();
     let mut order = VecDeque::new();
@@ -187,6 +191,17 @@ mod tests {
                 }),
                 ..Default::default()
             }),
+            Op::CreateTemplate(pb::Template {
+                id: "tpl".into(),
+                name: "tiny".into(),
+                spec: Some(pb::VmSpec {
+                    name: "tiny".into(),
+                    vcpus: 1,
+                    memory_bytes: 64 << 20,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             Op::CreateVm(CreateVm {
                 vm_id: "vm1".into(),
                 spec: Some(pb::VmSpec {
@@ -215,6 +230,7 @@ mod tests {
         let bytes = encode(&s);
         let back = decode(&bytes).unwrap();
         assert_eq!(back, s);
+        assert_eq!(back.templates.len(), 1);
         assert_eq!(back.alloc["h1"].vcpus, 2);
     }
 
