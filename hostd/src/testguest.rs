@@ -61,10 +61,12 @@ pub struct Heartbeat {
     pub bad: u64,
 }
 
-/// Every heartbeat line in `console`, in order.
+/// Every complete heartbeat line in `console`, in order (a line still being printed is
+/// left out).
 pub fn heartbeats(console: &str) -> Vec<Heartbeat> {
     console
-        .lines()
+        .split_inclusive('\n')
+        .filter_map(|l| l.strip_suffix('\n'))
         .filter_map(|l| l.strip_prefix("HB "))
         .filter_map(|rest| {
             let field = |k: &str, hex: bool| {
@@ -109,9 +111,15 @@ mod tests {
     #[test]
     fn heartbeat_lines_parse_and_sums_chain() {
         let s1 = heartbeat_sum(7, 1);
-        let text = format!("noise\nHB seq=1 ms=100 sum={s1:016x} writes=5 bad=0\nHB seq=x\n");
+        let text = format!(
+            "noise\nHB seq=1 ms=100 sum={s1:016x} writes=5 bad=0\nHB seq=x\nHB seq=2 ms=200 sum=12 writes=1 bad=0"
+        );
         let hb = heartbeats(&text);
-        assert_eq!(hb.len(), 1);
+        assert_eq!(
+            hb.len(),
+            1,
+            "the unfinished last line is not a heartbeat yet"
+        );
         assert_eq!(hb[0].sum, s1);
         assert_eq!(
             heartbeat_sum(7, 2),

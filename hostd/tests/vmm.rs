@@ -311,3 +311,92 @@ fn vcpu_time_is_accounted() {
         vm.vcpu_cpu_ns()
     );
 }
+
+/// Pauses `vm`, saves it, drops it, and builds and starts a new VM from the snapshot.
+fn move_vm(vm: Vm, spec: &VmSpec) -> (Vm, Arc<Console>) {
+    vm.pause(Duration::from_secs(5)).unwrap();
+    let snapshot = vm.save().expect("a paused VM saves");
+    drop(vm);
+    let console = Console::new(1 << 20, None).unwrap();
+    let mut next = Vm::restore(spec, console.clone(), &snapshot).expect("the snapshot restores");
+    assert_eq!(next.entry(), None);
+    next.start().unwrap();
+    (next, console)
+}
+
+#[test]
+fn a_saved_vm_restored_into_a_new_vm_goes_on_where_it_paused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(&dir, "d.img", 8 << 20);
+    let mut s = spec(
+        "seed=21 blk=randread blk_s=1 blk_qd=8 mode=heartbeat hb_ms=20 dirty_mib_s=50 dirty_mib=4",
+    );
+    s.vcpus = 2;
+    s.disks = vec![disk("vda", &img, true)];
+    let (a, console_a) = boot(&s);
+    // First move: in the middle of the disk reads, eight requests in flight.
+    assert!(console_a.wait_for("BLK dev=0 capacity=", WAIT));
+    std::thread::sleep(Duration::from_millis(300));
+    let (b, console_b) = move_vm(a, &s);
+    assert!(
+        console_b.wait_for("BLK done devices=1 result=ok\n", WAIT),
+        "no request lost: {}",
+        console_b.text()
+    );
+    let text_b = console_b.text();
+    assert!(
+        text_b.contains(" errors=0\n") && !text_b.contains("timeout"),
+        "{text_b}"
+    );
+    // Second move: while it dirties memory and beats.
+    assert!(console_b.wait_for("HB seq=10 ", WAIT));
+    let (c, console_c) = move_vm(b, &s);
+    let text_b = console_b.text();
+    let deadline = Instant::now() + WAIT;
+    while heartbeats(&console_c.text()).len() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeats after the move: {}",
+            console_c.text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    c.stop();
+    // One output stream across the three VMs: every heartbeat once, in order, with the
+    // checksum of its sequence number and no page of dirtied memory lost.
+    let all = format!("{}{}{}", console_a.text(), text_b, console_c.text());
+    let hbs = heartbeats(&all);
+    for (i, hb) in hbs.iter().enumerate() {
+        assert_eq!(hb.seq, i as u64 + 1, "{all}");
+        assert_eq!(hb.sum, heartbeat_sum(21, hb.seq));
+        assert_eq!(hb.bad, 0, "{all}");
+    }
+    assert!(hbs.last().unwrap().writes > 0);
+}
+
+#[test]
+fn snapshots_are_refused_while_running_and_do_not_fit_other_vms() {
+    let (vm, _console) = boot(&spec("mode=heartbeat hb_ms=20"));
+    assert!(matches!(
+        vm.save(),
+        Err(VmError::Persist(hostd::vmm::PersistError::NotPaused))
+    ));
+    vm.pause(Duration::from_secs(5)).unwrap();
+    let snap = vm.save().unwrap();
+    let mut other = spec("");
+    other.memory_bytes = 128 << 20;
+    assert!(matches!(
+        Vm::restore(&other, Console::new(16, None).unwrap(), &snap),
+        Err(VmError::Persist(
+            hostd::vmm::PersistError::MemorySize { .. }
+        ))
+    ));
+    other.memory_bytes = 64 << 20;
+    other.vcpus = 2;
+    assert!(matches!(
+        Vm::restore(&other, Console::new(16, None).unwrap(), &snap),
+        Err(VmError::Persist(hostd::vmm::PersistError::VcpuCount { .. }))
+    ));
+    vm.resume().unwrap();
+    vm.stop();
+}

@@ -34,6 +34,16 @@ const CTR_KBD_INT: u8 = 0x01;
 const CTRL_ALT_DEL: [u8; 6] = [0x1d, 0x38, 0x53, 0xd3, 0xb8, 0x9d];
 const BUFFER_MAX: usize = 16;
 
+/// The controller's saved state.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct I8042State {
+    pub status: u8,
+    pub ctr: u8,
+    pub outp: u8,
+    pub pending: Option<u8>,
+    pub buffer: Vec<u8>,
+}
+
 pub struct I8042 {
     status: u8,
     ctr: u8,
@@ -56,6 +66,26 @@ impl I8042 {
             irq,
             exit,
         }
+    }
+
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            ctr: self.ctr,
+            outp: self.outp,
+            pending: self.pending,
+            buffer: self.buffer.iter().copied().collect(),
+        }
+    }
+
+    pub fn from_state(state: &I8042State, irq: IrqLine, exit: ExitHandle) -> Self {
+        let mut d = Self::new(irq, exit);
+        d.status = state.status;
+        d.ctr = state.ctr;
+        d.outp = state.outp;
+        d.pending = state.pending;
+        d.buffer = state.buffer.iter().copied().take(BUFFER_MAX).collect();
+        d
     }
 
     fn push(&mut self, byte: u8) {
@@ -166,6 +196,17 @@ mod tests {
         assert_eq!(read(&mut d, OFFSET_DATA), 0x47);
         assert_eq!(read(&mut d, OFFSET_COMMAND) & STATUS_OUTPUT_FULL, 0);
         assert_eq!(ctl.exit_reason(), None);
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let (mut d, ctl, _) = device();
+        d.write(OFFSET_COMMAND, &[CMD_WRITE_CTR]);
+        d.send_ctrl_alt_del();
+        let s = d.state();
+        let mut e = I8042::from_state(&s, IrqLine::new(1).unwrap(), ctl.exit_handle());
+        assert_eq!(e.state(), s);
+        assert_eq!(read(&mut e, OFFSET_DATA), CTRL_ALT_DEL[0]);
     }
 
     #[test]

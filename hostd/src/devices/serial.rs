@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use std::sync::Arc;
 
 use vm_superio::Serial;
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 
 use super::IrqLine;
 use super::bus::BusDevice;
@@ -34,6 +34,21 @@ impl SerialDevice {
         Self {
             uart: Serial::new(irq, ConsoleWriter(out)),
         }
+    }
+
+    /// A UART in a saved state (registers and unread input).
+    pub fn from_state(
+        state: &SerialState,
+        irq: IrqLine,
+        out: Arc<dyn ConsoleOut>,
+    ) -> io::Result<Self> {
+        Serial::from_state(state, irq, NoEvents, ConsoleWriter(out))
+            .map(|uart| Self { uart })
+            .map_err(|e| io::Error::other(format!("serial state: {e:?}")))
+    }
+
+    pub fn state(&self) -> SerialState {
+        self.uart.state()
     }
 
     /// Queues console input for the guest; returns how many bytes fit in the FIFO.
@@ -91,6 +106,20 @@ mod tests {
         let mut lsr = [0u8];
         serial.read(5, &mut lsr);
         assert_ne!(lsr[0] & 0x20, 0);
+    }
+
+    #[test]
+    fn state_round_trips_with_unread_input() {
+        let console = Console::new(1024, None).unwrap();
+        let mut a = SerialDevice::new(IrqLine::new(4).unwrap(), console.clone());
+        a.write(3, &[0x03]); // line control: 8 bits
+        a.enqueue_input(b"xy");
+        let mut b =
+            SerialDevice::from_state(&a.state(), IrqLine::new(4).unwrap(), console).unwrap();
+        assert_eq!(b.state(), a.state());
+        let mut d = [0u8];
+        b.read(0, &mut d);
+        assert_eq!(d[0], b'x');
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod boot;
 pub mod cpuid;
 pub mod layout;
 pub mod mptable;
+pub mod persist;
 pub mod run;
 pub mod vcpu;
 
@@ -23,11 +24,14 @@ use std::time::Duration;
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 pub use boot::{BootError, BootProtocol, BootSpec, Entry};
 pub use cpuid::{CpuidError, CpuidRegs};
+pub use persist::{PersistError, VmSnapshot};
 pub use run::{ExitHandle, RunControl, RunError, VmExit};
+
+use persist::{DeviceStates, VcpuRequest};
 
 use crate::console::ConsoleOut;
 use crate::devices::IrqLine;
@@ -117,6 +121,14 @@ pub enum VmError {
     AlreadyStarted,
     #[error(transparent)]
     Run(#[from] RunError),
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    #[error("cannot restore {device}")]
+    Restore {
+        device: String,
+        #[source]
+        source: crate::devices::virtio::mmio::RestoreError,
+    },
 }
 
 /// Total RAM of this host, the hard ceiling for one guest.
@@ -210,7 +222,7 @@ pub struct Vm {
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     disks: Vec<Disk>,
     memory_bytes: u64,
-    entry: Entry,
+    entry: Option<Entry>,
     vm_fd: Arc<VmFd>,
     _kvm: Kvm,
     // After the VM fd: KVM's memory slots point into this mapping.
@@ -220,6 +232,46 @@ pub struct Vm {
 impl Vm {
     /// Builds the VM, stopped: nothing runs until [`Vm::start`].
     pub fn new(spec: &VmSpec, console: Arc<dyn ConsoleOut>) -> Result<Self, VmError> {
+        Self::build(spec, console, None)
+    }
+
+    /// Builds a VM from a snapshot taken by [`Vm::save`] of a VM with the same spec: the
+    /// same memory, devices and vCPU state, ready to go on where the other one paused.
+    pub fn restore(
+        spec: &VmSpec,
+        console: Arc<dyn ConsoleOut>,
+        snapshot: &VmSnapshot,
+    ) -> Result<Self, VmError> {
+        if snapshot.vcpus.len() != spec.vcpus as usize {
+            return Err(PersistError::VcpuCount {
+                have: snapshot.vcpus.len(),
+                want: spec.vcpus as usize,
+            }
+            .into());
+        }
+        if snapshot.devices.virtio.len() != spec.disks.len() {
+            return Err(PersistError::DeviceCount {
+                have: snapshot.devices.virtio.len(),
+                want: spec.disks.len(),
+            }
+            .into());
+        }
+        let have: u64 = snapshot.memory.iter().map(|(_, m)| m.len() as u64).sum();
+        if have != spec.memory_bytes {
+            return Err(PersistError::MemorySize {
+                have,
+                want: spec.memory_bytes,
+            }
+            .into());
+        }
+        Self::build(spec, console, Some(snapshot))
+    }
+
+    fn build(
+        spec: &VmSpec,
+        console: Arc<dyn ConsoleOut>,
+        snapshot: Option<&VmSnapshot>,
+    ) -> Result<Self, VmError> {
         spec.validate()?;
         let kvm = Kvm::new().map_err(VmError::KvmUnavailable)?;
         let max = (kvm.get_max_vcpus() as u32).min(MAX_VCPUS);
@@ -269,10 +321,12 @@ impl Vm {
         let ctl = RunControl::new();
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            irq_line(&vm_fd, layout::IRQ_SERIAL, "serial port")?,
-            console,
-        )));
+        let serial_irq = irq_line(&vm_fd, layout::IRQ_SERIAL, "serial port")?;
+        let serial = Arc::new(Mutex::new(match snapshot {
+            Some(s) => SerialDevice::from_state(&s.devices.serial, serial_irq, console)
+                .map_err(dev_err("serial port"))?,
+            None => SerialDevice::new(serial_irq, console),
+        }));
         place(
             &mut pio,
             u64::from(layout::PORT_SERIAL),
@@ -280,10 +334,11 @@ impl Vm {
             serial.clone(),
             "serial port",
         )?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(
-            irq_line(&vm_fd, layout::IRQ_KEYBOARD, "i8042")?,
-            ctl.exit_handle(),
-        )));
+        let kbd_irq = irq_line(&vm_fd, layout::IRQ_KEYBOARD, "i8042")?;
+        let i8042 = Arc::new(Mutex::new(match snapshot {
+            Some(s) => I8042::from_state(&s.devices.i8042, kbd_irq, ctl.exit_handle()),
+            None => I8042::new(kbd_irq, ctl.exit_handle()),
+        }));
         place(
             &mut pio,
             u64::from(layout::PORT_I8042_DATA),
@@ -317,12 +372,19 @@ impl Vm {
             let name = format!("virtio-blk {}", disk.id);
             let (base, gsi) = layout::virtio_mmio_window(i);
             let interrupt = Arc::new(VirtioInterrupt::new(irq_line(&vm_fd, gsi, &name)?));
-            let transport = MmioTransport::new(
-                Box::new(Block::new(disk.clone())),
-                memory.clone(),
-                interrupt,
-            )
-            .map_err(dev_err(&name))?;
+            let device = Box::new(Block::new(disk.clone()));
+            let transport = match snapshot {
+                Some(s) => {
+                    MmioTransport::restore(device, memory.clone(), interrupt, &s.devices.virtio[i])
+                        .map_err(|source| VmError::Restore {
+                            device: name.clone(),
+                            source,
+                        })?
+                }
+                None => {
+                    MmioTransport::new(device, memory.clone(), interrupt).map_err(dev_err(&name))?
+                }
+            };
             for (q, kick) in transport.kicks().iter().enumerate() {
                 vm_fd
                     .register_ioevent(
@@ -344,13 +406,28 @@ impl Vm {
             extra_cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
         }
 
-        let entry = boot::load(
-            &memory,
-            &spec.boot,
-            spec.memory_bytes,
-            spec.vcpus as u8,
-            &extra_cmdline,
-        )?;
+        let entry = match snapshot {
+            None => Some(boot::load(
+                &memory,
+                &spec.boot,
+                spec.memory_bytes,
+                spec.vcpus as u8,
+                &extra_cmdline,
+            )?),
+            Some(s) => {
+                for (start, bytes) in &s.memory {
+                    memory
+                        .write_slice(bytes, GuestAddress(*start))
+                        .map_err(PersistError::Memory)?;
+                }
+                None
+            }
+        };
+        let msr_indices = Arc::new(
+            kvm.get_msr_index_list()
+                .map(|l| l.as_slice().to_vec())
+                .unwrap_or_default(),
+        );
 
         let supported = cpuid::supported(&kvm)?;
         let mut vcpus = Vec::with_capacity(spec.vcpus as usize);
@@ -360,12 +437,21 @@ impl Vm {
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let tsc_khz = fd.get_tsc_khz().ok();
             let table = cpuid::for_vcpu(&supported, index, spec.vcpus, tsc_khz, &spec.cpuid_mask)?;
-            let vcpu = Vcpu { fd, index };
+            let vcpu = Vcpu {
+                fd,
+                index,
+                msr_indices: msr_indices.clone(),
+            };
             vcpu.configure(&table)?;
-            if index == 0 {
-                vcpu.set_boot_registers(entry)?;
+            match (snapshot, entry) {
+                (Some(s), _) => persist::restore_vcpu(&vcpu.fd, index, &s.vcpus[index as usize])?,
+                (None, Some(entry)) if index == 0 => vcpu.set_boot_registers(entry)?,
+                _ => {}
             }
             vcpus.push(vcpu);
+        }
+        if let Some(s) = snapshot {
+            persist::restore_kvm_vm(&vm_fd, &s.kvm)?;
         }
 
         Ok(Self {
@@ -391,7 +477,9 @@ impl Vm {
         if self.vcpus.is_empty() {
             return Err(VmError::AlreadyStarted);
         }
-        for vcpu in self.vcpus.drain(..) {
+        let count = self.vcpus.len();
+        self.ctl.vcpus_starting(count);
+        for (n, vcpu) in self.vcpus.drain(..).enumerate() {
             let index = vcpu.index;
             let (ctl, pio, mmio) = (self.ctl.clone(), self.pio.clone(), self.mmio.clone());
             let spawned = std::thread::Builder::new()
@@ -400,6 +488,7 @@ impl Vm {
             match spawned {
                 Ok(t) => self.threads.push(t),
                 Err(source) => {
+                    self.ctl.vcpus_not_started(count - n);
                     self.ctl.request_exit(VmExit::Crash {
                         vcpu: index,
                         detail: format!("cannot start its thread: {source}"),
@@ -453,8 +542,63 @@ impl Vm {
         crate::devices::bus::lock(&self.serial).enqueue_input(data)
     }
 
-    pub fn entry(&self) -> Entry {
+    /// Where the boot vCPU started (None for a VM restored from a snapshot).
+    pub fn entry(&self) -> Option<Entry> {
         self.entry
+    }
+
+    /// Saves the state of a paused (or not yet started) VM: vCPUs, in-kernel devices,
+    /// user-space devices and a copy of guest memory. The VM stays paused and can be
+    /// resumed afterwards.
+    pub fn save(&self) -> Result<VmSnapshot, VmError> {
+        const VCPU_TIMEOUT: Duration = Duration::from_secs(10);
+        let vcpus = if !self.vcpus.is_empty() {
+            self.vcpus
+                .iter()
+                .map(|v| persist::save_vcpu(&v.fd, v.index, &v.msr_indices))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            if !self.ctl.is_paused() {
+                return Err(PersistError::NotPaused.into());
+            }
+            let mut out = Vec::with_capacity(self.threads.len());
+            for index in 0..self.threads.len() {
+                let (tx, rx) = std::sync::mpsc::channel();
+                self.ctl.send_request(index, VcpuRequest::Save(tx))?;
+                let state =
+                    rx.recv_timeout(VCPU_TIMEOUT)
+                        .map_err(|_| PersistError::VcpuTimeout {
+                            index: index as u32,
+                            secs: VCPU_TIMEOUT.as_secs(),
+                        })??;
+                out.push(state);
+            }
+            out
+        };
+        let kvm = persist::save_kvm_vm(&self.vm_fd)?;
+        let devices = DeviceStates {
+            serial: crate::devices::bus::lock(&self.serial).state(),
+            i8042: crate::devices::bus::lock(&self.i8042).state(),
+            virtio: self
+                .virtio
+                .iter()
+                .map(|t| crate::devices::bus::lock(t).save())
+                .collect(),
+        };
+        let mut memory = Vec::new();
+        for region in self.memory.iter() {
+            let mut bytes = vec![0u8; region.len() as usize];
+            self.memory
+                .read_slice(&mut bytes, region.start_addr())
+                .map_err(PersistError::Memory)?;
+            memory.push((region.start_addr().0, bytes));
+        }
+        Ok(VmSnapshot {
+            vcpus,
+            kvm,
+            devices,
+            memory,
+        })
     }
 
     pub fn memory(&self) -> &GuestRam {

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 
+use super::persist::VcpuRequest;
+
 /// Why a VM stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmExit {
@@ -51,6 +53,8 @@ const TARGET_STOP: u8 = 2;
 pub enum RunError {
     #[error("the VM has stopped ({0})")]
     Stopped(VmExit),
+    #[error("the VM is not paused")]
+    NotPaused,
     #[error("{parked} of {running} vCPUs paused within {timeout:?}")]
     PauseTimeout {
         parked: usize,
@@ -68,6 +72,8 @@ struct Inner {
     /// for CPU accounting.
     threads: Vec<Option<libc::pthread_t>>,
     tids: Vec<Option<libc::pid_t>>,
+    /// Work for each parked vCPU thread.
+    requests: Vec<Option<VcpuRequest>>,
     /// CPU time of vCPU threads that have finished.
     finished_cpu_ns: u64,
 }
@@ -131,6 +137,7 @@ impl RunControl {
                 parked: 0,
                 threads: Vec::new(),
                 tids: Vec::new(),
+                requests: Vec::new(),
                 finished_cpu_ns: 0,
             }),
             cv: Condvar::new(),
@@ -263,19 +270,31 @@ impl RunControl {
 
     // ---- the vCPU side ----
 
+    /// Called before `count` vCPU threads are spawned, so that a pause that comes before
+    /// they run waits for them too.
+    pub(crate) fn vcpus_starting(&self, count: usize) {
+        let mut inner = self.lock();
+        inner.running += count;
+        inner.threads.resize(count, None);
+        inner.tids.resize(count, None);
+        inner.requests.resize_with(count, || None);
+    }
+
+    /// Takes back the count of vCPU threads that could not be spawned.
+    pub(crate) fn vcpus_not_started(&self, count: usize) {
+        let mut inner = self.lock();
+        inner.running -= count;
+        self.cv.notify_all();
+    }
+
     /// Called by vCPU thread `index` when it starts; `run` is its `kvm_run`.
     pub(crate) fn vcpu_enter(&self, index: usize, run: *mut kvm_run) {
         KVM_RUN.with(|p| p.set(run));
         let mut inner = self.lock();
-        if inner.threads.len() <= index {
-            inner.threads.resize(index + 1, None);
-            inner.tids.resize(index + 1, None);
-        }
         // SAFETY: pthread_self and gettid have no preconditions.
         inner.threads[index] = Some(unsafe { libc::pthread_self() });
         // SAFETY: as above.
         inner.tids[index] = Some(unsafe { libc::gettid() });
-        inner.running += 1;
     }
 
     /// Called by vCPU thread `index` before it returns.
@@ -290,8 +309,23 @@ impl RunControl {
         self.cv.notify_all();
     }
 
-    /// Called before every `KVM_RUN`: parks while paused; false when the vCPU must stop.
-    pub(crate) fn vcpu_gate(&self) -> bool {
+    /// Hands a parked vCPU thread some work (saving its state); the VM must be paused.
+    pub fn send_request(&self, index: usize, req: VcpuRequest) -> Result<(), RunError> {
+        let mut inner = self.lock();
+        if let Some(exit) = &inner.exit {
+            return Err(RunError::Stopped(exit.clone()));
+        }
+        if self.target.load(Ordering::Acquire) != TARGET_PAUSE || index >= inner.requests.len() {
+            return Err(RunError::NotPaused);
+        }
+        inner.requests[index] = Some(req);
+        self.cv.notify_all();
+        Ok(())
+    }
+
+    /// Called by vCPU thread `index` before every `KVM_RUN`: parks while paused, doing
+    /// the work sent to it meanwhile; false when the vCPU must stop.
+    pub(crate) fn vcpu_gate(&self, index: usize, mut on_request: impl FnMut(VcpuRequest)) -> bool {
         match self.target.load(Ordering::Acquire) {
             TARGET_RUN => return true,
             TARGET_STOP => return false,
@@ -301,6 +335,12 @@ impl RunControl {
         inner.parked += 1;
         self.cv.notify_all();
         while self.target.load(Ordering::Acquire) == TARGET_PAUSE {
+            if let Some(req) = inner.requests.get_mut(index).and_then(Option::take) {
+                drop(inner);
+                on_request(req);
+                inner = self.lock();
+                continue;
+            }
             inner = self.cv.wait(inner).unwrap_or_else(|p| p.into_inner());
         }
         inner.parked -= 1;
@@ -343,6 +383,7 @@ mod tests {
     #[test]
     fn pause_waits_for_every_running_vcpu_to_park() {
         let ctl = RunControl::new();
+        ctl.vcpus_starting(2);
         let spins = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let threads: Vec<_> = (0..2)
             .map(|i| {
@@ -350,7 +391,7 @@ mod tests {
                 let spins = spins.clone();
                 std::thread::spawn(move || {
                     ctl.vcpu_enter(i, std::ptr::null_mut());
-                    while ctl.vcpu_gate() {
+                    while ctl.vcpu_gate(i, |_| {}) {
                         spins.fetch_add(1, Ordering::Relaxed);
                         std::thread::sleep(Duration::from_micros(50));
                     }

@@ -10,6 +10,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::boot::{Entry, boot_gdt};
 use super::layout::{BOOT_GDT, BOOT_IDT, BOOT_STACK, PML4, PVH_INFO, ZERO_PAGE};
+use super::persist::{self, VcpuRequest};
 use super::run::{RunControl, VmExit};
 use crate::devices::bus::Bus;
 
@@ -59,6 +60,8 @@ const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 pub struct Vcpu {
     pub(crate) fd: VcpuFd,
     pub(crate) index: u32,
+    /// The MSRs a state save reads (what KVM says it can save and restore).
+    pub(crate) msr_indices: Arc<Vec<u32>>,
 }
 
 fn kvm_err(index: u32, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -189,7 +192,7 @@ impl Vcpu {
         ctl.vcpu_enter(index, run_ptr);
         let mut last_unhandled_log: Option<Instant> = None;
         let mut unhandled: u64 = 0;
-        while ctl.vcpu_gate() {
+        while ctl.vcpu_gate(index, |req| self.handle(req)) {
             let exit = match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     if !pio.write(u64::from(port), data) {
@@ -275,6 +278,14 @@ impl Vcpu {
             }
         }
         ctl.vcpu_leave(index);
+    }
+
+    fn handle(&mut self, req: VcpuRequest) {
+        match req {
+            VcpuRequest::Save(reply) => {
+                let _ = reply.send(persist::save_vcpu(&self.fd, self.index, &self.msr_indices));
+            }
+        }
     }
 
     /// Says what KVM could not do, with where the guest was.

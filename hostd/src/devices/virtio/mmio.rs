@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
@@ -39,6 +39,35 @@ const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
 const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
 const REG_CONFIG_GENERATION: u64 = 0x0fc;
 const REG_CONFIG: u64 = 0x100;
+
+/// A transport's saved state: the registers the driver programmed and each queue's
+/// configuration and ring positions.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MmioState {
+    pub queue_select: u32,
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub acked_features: u64,
+    pub status: u32,
+    pub config_generation: u32,
+    pub interrupt_status: u32,
+    pub active: bool,
+    pub queues: Vec<QueueState>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("saved queue {index} is not valid")]
+    Queue {
+        index: usize,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    #[error("the saved transport has {have} queues, the device {want}")]
+    QueueCount { have: usize, want: usize },
+    #[error("cannot set up the transport")]
+    Io(#[source] std::io::Error),
+}
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -159,6 +188,15 @@ impl MmioTransport {
                 return self.needs_reset(ActivateError::BadQueue { index });
             }
         }
+        let mut queues = std::mem::take(&mut self.queues);
+        for q in queues.iter_mut() {
+            q.set_event_idx(self.acked_features & VIRTIO_F_RING_EVENT_IDX != 0);
+        }
+        self.start_device(queues);
+    }
+
+    /// Hands the device its queues and starts it.
+    fn start_device(&mut self, queues: Vec<Queue>) {
         let kicks = match self
             .kicks
             .iter()
@@ -168,10 +206,6 @@ impl MmioTransport {
             Ok(k) => k,
             Err(e) => return self.needs_reset(ActivateError::Worker(e)),
         };
-        let mut queues = std::mem::take(&mut self.queues);
-        for q in queues.iter_mut() {
-            q.set_event_idx(self.acked_features & VIRTIO_F_RING_EVENT_IDX != 0);
-        }
         let ctx = ActivateContext {
             mem: self.mem.clone(),
             queues,
@@ -186,6 +220,67 @@ impl MmioTransport {
                 self.needs_reset(e);
             }
         }
+    }
+
+    /// Saves the transport. A running device is quiesced for the moment it takes to
+    /// read its queues and then started again with them.
+    pub fn save(&mut self) -> MmioState {
+        let queues = if self.active {
+            let queues = self.device.quiesce();
+            let states = queues.iter().map(Queue::state).collect();
+            self.start_device(queues);
+            states
+        } else {
+            self.queues.iter().map(Queue::state).collect()
+        };
+        MmioState {
+            queue_select: self.queue_select,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            acked_features: self.acked_features,
+            status: self.status,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            active: self.active,
+            queues,
+        }
+    }
+
+    /// A transport in a saved state; a device that was running is started again.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestRam,
+        interrupt: Arc<VirtioInterrupt>,
+        state: &MmioState,
+    ) -> Result<Self, RestoreError> {
+        let mut t = Self::new(device, mem, interrupt).map_err(RestoreError::Io)?;
+        if state.queues.len() != t.queues.len() {
+            return Err(RestoreError::QueueCount {
+                have: state.queues.len(),
+                want: t.queues.len(),
+            });
+        }
+        let queues = state
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(index, q)| {
+                Queue::try_from(*q).map_err(|source| RestoreError::Queue { index, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        t.queue_select = state.queue_select;
+        t.device_features_select = state.device_features_select;
+        t.driver_features_select = state.driver_features_select;
+        t.acked_features = state.acked_features;
+        t.status = state.status;
+        t.config_generation = state.config_generation;
+        t.interrupt.restore_status(state.interrupt_status);
+        if state.active {
+            t.start_device(queues);
+        } else {
+            t.queues = queues;
+        }
+        Ok(t)
     }
 
     fn needs_reset(&mut self, e: ActivateError) {
@@ -371,6 +466,25 @@ mod tests {
         fn reset(&mut self) {
             self.0.lock().unwrap().resets += 1;
         }
+        fn quiesce(&mut self) -> Vec<Queue> {
+            let sizes = self
+                .0
+                .lock()
+                .unwrap()
+                .activated
+                .clone()
+                .map(|a| a.1)
+                .unwrap_or_default();
+            sizes
+                .iter()
+                .map(|&s| {
+                    let mut q = Queue::new(16).unwrap();
+                    q.set_size(s);
+                    q.set_next_avail(3);
+                    q
+                })
+                .collect()
+        }
     }
 
     fn transport() -> (MmioTransport, Arc<Mutex<Probe>>) {
@@ -455,6 +569,34 @@ mod tests {
         assert_eq!(probe.lock().unwrap().resets, 1);
         assert_eq!(rd(&mut t, REG_STATUS), 0);
         assert_eq!(rd(&mut t, REG_QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn a_saved_running_transport_restores_running_with_its_ring_positions() {
+        let (mut t, probe) = transport();
+        negotiate(&mut t, 0b100, 1);
+        setup_queue(&mut t);
+        wr(&mut t, REG_STATUS, 0xf);
+        let state = t.save();
+        assert!(state.active);
+        assert_eq!(
+            state.queues[0].next_avail, 3,
+            "the device's queue, not a fresh one"
+        );
+        assert_eq!(state.acked_features, VIRTIO_F_VERSION_1 | 0b100);
+        let probe2 = Arc::new(Mutex::new(Probe::default()));
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let irq = Arc::new(VirtioInterrupt::new(IrqLine::new(5).unwrap()));
+        let mut r =
+            MmioTransport::restore(Box::new(Fake(probe2.clone())), mem, irq, &state).unwrap();
+        assert!(r.is_active());
+        assert_eq!(rd(&mut r, REG_STATUS), 0xf);
+        assert_eq!(
+            probe2.lock().unwrap().activated,
+            Some((VIRTIO_F_VERSION_1 | 0b100, vec![8]))
+        );
+        // The source was started again after the save.
+        assert_eq!(probe.lock().unwrap().activated.as_ref().unwrap().1, vec![8]);
     }
 
     #[test]

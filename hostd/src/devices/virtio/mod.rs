@@ -63,6 +63,11 @@ impl VirtioInterrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Sets the status register as saved, without raising the line.
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
@@ -100,4 +105,8 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
     /// Stops processing (the driver reset the device, or the VM is going away).
     fn reset(&mut self);
+    /// Stops processing after the requests in hand and gives the queues back, in the
+    /// state they reached, so they can be saved and the device activated again with
+    /// them. Empty when the device is not active.
+    fn quiesce(&mut self) -> Vec<Queue>;
 }

@@ -35,7 +35,7 @@ const CONFIG_LEN: usize = 64;
 const MAX_DISCARD_SECTORS: u32 = u32::MAX >> 9;
 
 struct Worker {
-    thread: JoinHandle<()>,
+    thread: JoinHandle<Queue>,
     stop: EventFd,
 }
 
@@ -134,10 +134,19 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            let _ = w.stop.write(1);
-            if w.thread.join().is_err() {
+        self.quiesce();
+    }
+
+    fn quiesce(&mut self) -> Vec<Queue> {
+        let Some(w) = self.worker.take() else {
+            return Vec::new();
+        };
+        let _ = w.stop.write(1);
+        match w.thread.join() {
+            Ok(queue) => vec![queue],
+            Err(_) => {
                 tracing::error!(disk = %self.disk.id, "virtio-blk worker panicked");
+                Vec::new()
             }
         }
     }
@@ -176,7 +185,7 @@ fn wait(kick: &EventFd, stop: &EventFd) -> bool {
     }
 }
 
-/// The queue worker: serves requests until the device is reset.
+/// The queue worker: serves requests until it is stopped, then hands the queue back.
 fn serve(
     mem: GuestRam,
     mut queue: Queue,
@@ -184,7 +193,7 @@ fn serve(
     stop: EventFd,
     interrupt: Arc<VirtioInterrupt>,
     disk: DiskContext,
-) {
+) -> Queue {
     let mut bounce = Vec::new();
     // The driver may have queued requests before it set DRIVER_OK.
     process(&mem, &mut queue, &interrupt, &disk, &mut bounce);
@@ -197,6 +206,7 @@ fn serve(
             }
         }
     }
+    queue
 }
 
 /// After a batch, watches the available ring for a short while before going back to

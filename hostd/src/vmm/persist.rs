@@ -1,0 +1,220 @@
+//! Saving a paused VM's state and building a VM from it: what KVM holds for each vCPU
+//! (registers, FPU/XSAVE, LAPIC, MSRs, MP state, pending events) and for the VM
+//! (PIC, IOAPIC, PIT, clock), what each device holds, and the guest memory.
+//!
+//! This is the ground live migration stands on: the same snapshot, taken after the last
+//! dirty round, is what the source sends and the destination restores. Saved types are
+//! plain data kept apart from the runtime ones (Firecracker's persist.rs pattern); their
+//! wire encoding belongs to the migration stream.
+
+use std::sync::mpsc::Sender;
+
+use kvm_bindings::{
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_clock_data,
+    kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
+use kvm_ioctls::{VcpuFd, VmFd};
+
+use crate::devices::i8042::I8042State;
+use crate::devices::virtio::mmio::MmioState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("vCPU {index}: {op} failed")]
+    Vcpu {
+        index: u32,
+        op: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{op} failed")]
+    Vm {
+        op: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index} did not answer a state request within {secs} s")]
+    VcpuTimeout { index: u32, secs: u64 },
+    #[error("the snapshot has {have} vCPUs, the VM {want}")]
+    VcpuCount { have: usize, want: usize },
+    #[error("the snapshot's memory is {have} bytes, the VM's {want}")]
+    MemorySize { have: u64, want: u64 },
+    #[error("the snapshot has {have} virtio devices, the VM {want}")]
+    DeviceCount { have: usize, want: usize },
+    #[error("cannot copy guest memory")]
+    Memory(#[source] vm_memory::GuestMemoryError),
+    #[error("the VM must be paused to save its state")]
+    NotPaused,
+}
+
+/// One vCPU, as KVM holds it.
+pub struct VcpuState {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: Box<kvm_xsave>,
+    pub xcrs: kvm_xcrs,
+    pub debug_regs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub mp_state: kvm_mp_state,
+    pub events: kvm_vcpu_events,
+}
+
+/// The VM-wide in-kernel devices and clock.
+#[derive(Clone)]
+pub struct KvmVmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+/// The user-space devices.
+#[derive(Clone)]
+pub struct DeviceStates {
+    pub serial: vm_superio::serial::SerialState,
+    pub i8042: I8042State,
+    pub virtio: Vec<MmioState>,
+}
+
+/// Everything needed to build the same VM again, paused at the same instruction.
+pub struct VmSnapshot {
+    pub vcpus: Vec<VcpuState>,
+    pub kvm: KvmVmState,
+    pub devices: DeviceStates,
+    /// Guest RAM, region by region (guest-physical start, bytes).
+    pub memory: Vec<(u64, Vec<u8>)>,
+}
+
+/// Work a parked vCPU thread does for the VM's owner (vCPU ioctls belong to the thread
+/// that runs the vCPU).
+pub enum VcpuRequest {
+    Save(Sender<Result<VcpuState, PersistError>>),
+}
+
+fn vcpu_err(index: u32, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PersistError {
+    move |source| PersistError::Vcpu { index, op, source }
+}
+
+fn vm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PersistError {
+    move |source| PersistError::Vm { op, source }
+}
+
+/// Reads the MSRs in `indices` that this host lets us read; ones KVM lists but refuses
+/// (it happens, on PVM among others) are left out rather than failing the save.
+fn read_msrs(fd: &VcpuFd, index: u32, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, PersistError> {
+    let mut wanted: Vec<u32> = indices.to_vec();
+    loop {
+        let entries: Vec<kvm_msr_entry> = wanted
+            .iter()
+            .map(|&i| kvm_msr_entry {
+                index: i,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| PersistError::Vcpu {
+            index,
+            op: "KVM_GET_MSRS (too many MSRs)",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        let read = fd
+            .get_msrs(&mut msrs)
+            .map_err(vcpu_err(index, "KVM_GET_MSRS"))?;
+        if read == wanted.len() {
+            return Ok(msrs.as_slice().to_vec());
+        }
+        // KVM stops at the first MSR it cannot read: drop that one and go again.
+        wanted.remove(read);
+    }
+}
+
+pub fn save_vcpu(fd: &VcpuFd, index: u32, msr_indices: &[u32]) -> Result<VcpuState, PersistError> {
+    let i = index;
+    Ok(VcpuState {
+        mp_state: fd.get_mp_state().map_err(vcpu_err(i, "KVM_GET_MP_STATE"))?,
+        regs: fd.get_regs().map_err(vcpu_err(i, "KVM_GET_REGS"))?,
+        sregs: fd.get_sregs().map_err(vcpu_err(i, "KVM_GET_SREGS"))?,
+        xsave: Box::new(fd.get_xsave().map_err(vcpu_err(i, "KVM_GET_XSAVE"))?),
+        xcrs: fd.get_xcrs().map_err(vcpu_err(i, "KVM_GET_XCRS"))?,
+        debug_regs: fd
+            .get_debug_regs()
+            .map_err(vcpu_err(i, "KVM_GET_DEBUGREGS"))?,
+        lapic: fd.get_lapic().map_err(vcpu_err(i, "KVM_GET_LAPIC"))?,
+        msrs: read_msrs(fd, i, msr_indices)?,
+        events: fd
+            .get_vcpu_events()
+            .map_err(vcpu_err(i, "KVM_GET_VCPU_EVENTS"))?,
+    })
+}
+
+/// Sets a vCPU that has not run yet to a saved state (the order Firecracker uses: the
+/// LAPIC before the events, the MP state last but one).
+pub fn restore_vcpu(fd: &VcpuFd, index: u32, s: &VcpuState) -> Result<(), PersistError> {
+    let i = index;
+    let msrs = Msrs::from_entries(&s.msrs).map_err(|_| PersistError::Vcpu {
+        index,
+        op: "KVM_SET_MSRS (too many MSRs)",
+        source: kvm_ioctls::Error::new(libc::E2BIG),
+    })?;
+    let written = fd.set_msrs(&msrs).map_err(vcpu_err(i, "KVM_SET_MSRS"))?;
+    if written != s.msrs.len() {
+        tracing::warn!(
+            vcpu = i,
+            written,
+            saved = s.msrs.len(),
+            "not every saved MSR was restored"
+        );
+    }
+    fd.set_regs(&s.regs).map_err(vcpu_err(i, "KVM_SET_REGS"))?;
+    fd.set_sregs(&s.sregs)
+        .map_err(vcpu_err(i, "KVM_SET_SREGS"))?;
+    // SAFETY: this process never enables dynamically-enabled XSTATE features
+    // (arch_prctl ARCH_REQ_XCOMP_GUEST_PERM), so the kernel's XSAVE area for this vCPU
+    // fits the 4096-byte kvm_xsave it reads from.
+    unsafe { fd.set_xsave(&s.xsave) }.map_err(vcpu_err(i, "KVM_SET_XSAVE"))?;
+    fd.set_xcrs(&s.xcrs).map_err(vcpu_err(i, "KVM_SET_XCRS"))?;
+    fd.set_debug_regs(&s.debug_regs)
+        .map_err(vcpu_err(i, "KVM_SET_DEBUGREGS"))?;
+    fd.set_lapic(&s.lapic)
+        .map_err(vcpu_err(i, "KVM_SET_LAPIC"))?;
+    fd.set_mp_state(s.mp_state)
+        .map_err(vcpu_err(i, "KVM_SET_MP_STATE"))?;
+    fd.set_vcpu_events(&s.events)
+        .map_err(vcpu_err(i, "KVM_SET_VCPU_EVENTS"))?;
+    Ok(())
+}
+
+fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, PersistError> {
+    let mut chip = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut chip)
+        .map_err(vm_err("KVM_GET_IRQCHIP"))?;
+    Ok(chip)
+}
+
+pub fn save_kvm_vm(vm: &VmFd) -> Result<KvmVmState, PersistError> {
+    Ok(KvmVmState {
+        pic_master: irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: irqchip(vm, KVM_IRQCHIP_IOAPIC)?,
+        pit: vm.get_pit2().map_err(vm_err("KVM_GET_PIT2"))?,
+        clock: vm.get_clock().map_err(vm_err("KVM_GET_CLOCK"))?,
+    })
+}
+
+pub fn restore_kvm_vm(vm: &VmFd, s: &KvmVmState) -> Result<(), PersistError> {
+    for chip in [&s.pic_master, &s.pic_slave, &s.ioapic] {
+        vm.set_irqchip(chip).map_err(vm_err("KVM_SET_IRQCHIP"))?;
+    }
+    vm.set_pit2(&s.pit).map_err(vm_err("KVM_SET_PIT2"))?;
+    // Only the clock value: the flags KVM_GET_CLOCK reports are not all settable.
+    let clock = kvm_clock_data {
+        clock: s.clock.clock,
+        ..Default::default()
+    };
+    vm.set_clock(&clock).map_err(vm_err("KVM_SET_CLOCK"))
+}
