@@ -233,6 +233,9 @@ impl DiskStorage {
                 meta.apply_batch(m).map_err(io)?;
             }
         }
+        // A snapshot holds only committed state, so the commit index is at least its index
+        // (the commit index is written lazily, without its own fsync).
+        hard.commit = hard.commit.max(snap_meta.index);
         db.flush().map_err(io)?;
         Ok(DiskStorage {
             db,
