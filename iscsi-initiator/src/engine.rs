@@ -371,7 +371,7 @@ impl<'q> Engine<'q> {
             tracing::debug!(error = %e, "connection lost while logging out");
             exit = Exit::LoggedOut;
         }
-        self.teardown(&exit);
+        self.teardown();
         exit
     }
 
@@ -451,7 +451,7 @@ impl<'q> Engine<'q> {
     }
 
     /// Puts every command in flight back at the front of the queue, oldest first.
-    fn teardown(&mut self, exit: &Exit) {
+    fn teardown(&mut self) {
         let mut tasks = self.slots.drain();
         let base = self.exp_cmd_sn;
         tasks.sort_by_key(|t| t.cmd_sn.wrapping_sub(base));
@@ -463,16 +463,16 @@ impl<'q> Engine<'q> {
                 if req.timeouts > self.cfg.max_retries {
                     self.fail_timeout(req);
                 } else {
+                    self.counters.retries.fetch_add(1, Ordering::Relaxed);
                     self.queue.push_front(req);
                 }
             }
         }
+        // Logged out: the session closes and answers it (with everything still queued)
+        // once its state says so. Not logged out: the session sends it again after
+        // the next login.
         if let Some(reply) = self.logout_reply.take() {
-            match exit {
-                Exit::LoggedOut => reply.finish(Ok(Done::Logout)),
-                // Not logged out: let the session retry it on the next connection.
-                _ => self.queue.push_front(reply),
-            }
+            self.queue.push_front(reply);
         }
         self.counters
             .in_flight

@@ -495,6 +495,7 @@ impl Actor {
                     },
                     _ = tokio::time::sleep_until(deadline), if !failed => {
                         failed = true;
+                        self.set_state(SessionState::Failed { since: lost_at });
                         self.fail_queue(&last);
                     }
                     _ = tokio::time::sleep_until(next_try) => break,
@@ -539,6 +540,7 @@ impl Actor {
                     },
                     _ = tokio::time::sleep_until(deadline), if !failed => {
                         failed = true;
+                        self.set_state(SessionState::Failed { since: lost_at });
                         self.fail_queue(&last);
                     }
                 }
@@ -551,7 +553,6 @@ impl Actor {
                 }
             }
             if failed {
-                self.set_state(SessionState::Failed { since: lost_at });
                 self.fail_queue(&last);
             }
             // Backoff with ±25 % jitter so a pool of hosts does not reconnect in step.
@@ -565,7 +566,8 @@ impl Actor {
     /// should stop (a logout).
     fn accept_while_down(&mut self, r: Request, failed: bool, last: &Arc<SessionDown>) -> bool {
         if matches!(r.op, Op::Logout) {
-            r.finish(Ok(Done::Logout));
+            // Answered (as closed) by `close`, once the state says so.
+            self.queue.push_back(r);
             return false;
         }
         if failed {
