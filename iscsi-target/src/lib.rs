@@ -36,6 +36,7 @@
 //! ```
 
 pub mod block;
+mod buffers;
 pub mod config;
 mod connection;
 mod engine;
