@@ -129,6 +129,10 @@ pub struct SessionConfig {
     /// How many times a command that gets a UNIT ATTENTION, BUSY, TASK SET FULL or
     /// ABORTED COMMAND, or that times out, is retried before its caller sees the error.
     pub max_retries: u32,
+    /// Bytes of acknowledged, not yet flushed writes the session keeps to replay after
+    /// a reconnect (see [`crate::journal`]); past it the session flushes by itself.
+    /// 0 turns the journal off.
+    pub journal_limit: usize,
 }
 
 impl SessionConfig {
@@ -151,6 +155,7 @@ impl SessionConfig {
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             max_retries: 8,
+            journal_limit: 64 << 20,
         }
     }
 

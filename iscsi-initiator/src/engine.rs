@@ -38,7 +38,9 @@ use tokio::time::Instant;
 use crate::config::{Negotiated, SessionConfig};
 use crate::connection::ConnError;
 use crate::error::Error;
+use crate::journal::{self, Entry, Journal};
 use crate::login::LoggedIn;
+use crate::scsi::sense::{self, CommandInfo, Verdict};
 use crate::session::Counters;
 use crate::task::{Command, Done, Op, Outcome, Request};
 
@@ -79,6 +81,16 @@ enum Owner {
     KeepAlive,
     /// Our Logout Request.
     Logout,
+    /// A journaled write sent again on a new connection.
+    Replay {
+        entry: Entry,
+        cmd: Command,
+        attempts: u32,
+    },
+    /// Our own SYNCHRONIZE CACHE, when the journal grows past its limit.
+    Flush {
+        cmd: Command,
+    },
 }
 
 #[derive(Debug)]
@@ -92,6 +104,8 @@ struct Task {
     next_data_sn: u32,
     /// Our ABORT TASK for this command, once it timed out.
     aborting: Option<u32>,
+    /// For a SYNCHRONIZE CACHE: the journal mark it covers.
+    flush_mark: u64,
 }
 
 impl Task {
@@ -99,13 +113,20 @@ impl Task {
         match &mut self.owner {
             Owner::Caller(Request {
                 op: Op::Scsi(c), ..
-            }) => Some(c),
+            })
+            | Owner::Replay { cmd: c, .. }
+            | Owner::Flush { cmd: c } => Some(c),
             _ => None,
         }
     }
 
+    /// A SCSI command (of a caller or our own), which holds a CmdSN and a queue slot.
     fn is_scsi(&self) -> bool {
-        matches!(&self.owner, Owner::Caller(r) if r.is_scsi())
+        match &self.owner {
+            Owner::Caller(r) => r.is_scsi(),
+            Owner::Replay { .. } | Owner::Flush { .. } => true,
+            _ => false,
+        }
     }
 }
 
@@ -291,11 +312,24 @@ pub(crate) struct Engine<'q> {
     tx_cfg: FrameConfig,
     rx: BytesMut,
     direct: Option<Direct>,
+    /// Bytes to read next on their own (the trailer of a direct placement and the next
+    /// header), so that a following long segment is not pulled into `rx`.
+    small_read: usize,
     scratch: Vec<u8>,
     tx: TxQueue,
     slots: Slots,
     /// Requests not yet sent, shared with the session across reconnects.
     queue: &'q mut VecDeque<Request>,
+    /// Acknowledged writes not yet flushed, shared with the session likewise.
+    journal: &'q mut Journal,
+    /// Journal entries still to replay on this connection, oldest first, with the
+    /// attempts each has had.
+    replay: VecDeque<(Entry, u32)>,
+    /// Replays in flight, whose ranges later replays must not overlap.
+    replaying: Vec<Entry>,
+    /// Our own flushes in flight, and when we may try again after one failed.
+    own_flushes: usize,
+    own_flush_after: Instant,
     /// Requests in `queue` that are not SCSI commands (they skip the window).
     immediate_queued: usize,
     scsi_in_flight: usize,
@@ -320,9 +354,21 @@ impl<'q> Engine<'q> {
         logged: LoggedIn,
         cfg: Arc<SessionConfig>,
         queue: &'q mut VecDeque<Request>,
+        journal: &'q mut Journal,
         counters: Arc<Counters>,
     ) -> Self {
         let immediate_queued = queue.iter().filter(|r| !r.is_scsi()).count();
+        // Every new connection first writes again what was acknowledged and not
+        // flushed: the target may have lost it (see `journal`).
+        journal.reconnected();
+        let replay: VecDeque<(Entry, u32)> = journal.entries().map(|e| (e.clone(), 0)).collect();
+        if !replay.is_empty() {
+            tracing::info!(
+                commands = replay.len(),
+                bytes = journal.bytes(),
+                "replaying acknowledged writes not yet flushed"
+            );
+        }
         Self {
             stream: logged.framed.stream,
             params: logged.params,
@@ -330,10 +376,16 @@ impl<'q> Engine<'q> {
             tx_cfg: logged.framed.tx_cfg,
             rx: logged.framed.rx,
             direct: None,
+            small_read: 0,
             scratch: vec![0u8; 64 * 1024],
             tx: TxQueue::default(),
             slots: Slots::default(),
             queue,
+            journal,
+            replay,
+            replaying: Vec::new(),
+            own_flushes: 0,
+            own_flush_after: Instant::now(),
             immediate_queued,
             scsi_in_flight: 0,
             cmd_sn: logged.cmd_sn,
@@ -525,22 +577,29 @@ impl<'q> Engine<'q> {
                 self.send_immediate(r);
             }
         }
-        let depth = self.cfg.limits.queue_depth.max(1) as usize;
-        while let Some(front) = self.queue.front() {
+        self.pump_own();
+        // Callers' commands wait until every replay is done.
+        while self.replay.is_empty() && self.replaying.is_empty() {
+            let Some(front) = self.queue.front() else {
+                break;
+            };
             if front.abandoned() {
                 self.queue.pop_front();
                 continue;
             }
-            if self.leaving.is_some() || self.scsi_in_flight >= depth || self.tx.len > TX_HIGH_WATER
-            {
+            let write = front
+                .command()
+                .is_some_and(|c| journal::kind(&c.cdb) == journal::Kind::Volatile);
+            if write && self.own_flushes > 0 && self.journal.full() {
+                // The journal is full and our flush will empty it: writes wait for it
+                // rather than push out entries a replay would need.
                 break;
             }
-            if !serial::le(self.cmd_sn, self.max_cmd_sn) {
-                self.window_closed_since.get_or_insert_with(Instant::now);
+            if !self.can_send_command() {
                 break;
             }
             let req = self.queue.pop_front().expect("front checked");
-            self.send_scsi(req);
+            self.send_command(Owner::Caller(req));
         }
         if self.queue.is_empty() || serial::le(self.cmd_sn, self.max_cmd_sn) {
             self.window_closed_since = None;
@@ -564,24 +623,44 @@ impl<'q> Engine<'q> {
                 received: 0,
                 next_data_sn: 0,
                 aborting: None,
+                flush_mark: 0,
             })
             .expect("callers check for a free slot")
     }
 
-    fn send_scsi(&mut self, req: Request) {
-        let Op::Scsi(cmd) = &req.op else {
-            unreachable!("only SCSI commands are sent by send_scsi")
-        };
+    /// Whether one more SCSI command may go now: window open, queue depth and send
+    /// buffer not exhausted, not leaving.
+    fn can_send_command(&mut self) -> bool {
+        let depth = self.cfg.limits.queue_depth.max(1) as usize;
+        if self.leaving.is_some()
+            || self.scsi_in_flight >= depth
+            || self.tx.len > TX_HIGH_WATER
+            || self.slots.full()
+        {
+            return false;
+        }
+        if !serial::le(self.cmd_sn, self.max_cmd_sn) {
+            self.window_closed_since.get_or_insert_with(Instant::now);
+            return false;
+        }
+        true
+    }
+
+    /// Sends a SCSI command (a caller's, a replay, or our own flush) with the next CmdSN:
+    /// the command PDU with any immediate data, then any unsolicited Data-Out.
+    fn send_command(&mut self, owner: Owner) {
+        let cmd_sn = self.cmd_sn;
+        let itt = self.new_task(owner, cmd_sn, self.cfg.timeouts.command);
+        let mark = self.journal.mark();
+        let task = self.slots.get_mut(itt).expect("just inserted");
+        let cmd = task.command().expect("only commands are sent here");
         let (lun, cdb, attr) = (cmd.lun, cmd.cdb, cmd.attr);
         let data_out = cmd.data_out.clone();
         let read_len = cmd.data_in.len();
-        let write_len = data_out.len();
-        let cmd_sn = self.cmd_sn;
-        if self.slots.full() {
-            self.queue.push_front(req);
-            return;
+        if journal::kind(&cdb) == journal::Kind::Flush {
+            task.flush_mark = mark;
         }
-        let itt = self.new_task(Owner::Caller(req), cmd_sn, self.cfg.timeouts.command);
+        let write_len = data_out.len();
         self.cmd_sn = self.cmd_sn.wrapping_add(1);
         self.scsi_in_flight += 1;
         let in_flight = self.scsi_in_flight as u64;
@@ -626,6 +705,45 @@ impl<'q> Engine<'q> {
                 immediate,
                 unsolicited - immediate,
             );
+        }
+    }
+
+    /// Replays journaled writes (never two overlapping ones at once, so none can land
+    /// after a newer one), and flushes by ourselves when the journal is over its limit.
+    fn pump_own(&mut self) {
+        while let Some((e, _)) = self.replay.front() {
+            if self.replaying.iter().any(|r| r.overlaps(e)) || !self.can_send_command() {
+                return;
+            }
+            let (entry, attempts) = self.replay.pop_front().expect("front checked");
+            self.replaying.push(entry.clone());
+            self.counters.replayed.fetch_add(1, Ordering::Relaxed);
+            let cmd = entry.command();
+            self.send_command(Owner::Replay {
+                entry,
+                cmd,
+                attempts,
+            });
+        }
+        if !self.replaying.is_empty()
+            || self.own_flushes > 0
+            || !self.journal.wants_flush()
+            || Instant::now() < self.own_flush_after
+        {
+            return;
+        }
+        let mut luns: Vec<u64> = self.journal.entries().map(|e| e.lun).collect();
+        luns.sort_unstable();
+        luns.dedup();
+        for lun in luns {
+            if !self.can_send_command() {
+                return;
+            }
+            let cdb = crate::scsi::sync_cache::cdb();
+            self.own_flushes += 1;
+            self.send_command(Owner::Flush {
+                cmd: Command::new(lun, &cdb),
+            });
         }
     }
 
@@ -792,6 +910,13 @@ impl<'q> Engine<'q> {
                         after: self.cfg.timeouts.task_management,
                     });
                 }
+                Owner::Replay { .. } | Owner::Flush { .. } => {
+                    // Our own commands: the next connection replays or flushes again.
+                    return Err(ConnError::Timeout {
+                        what: "replayed write or own flush",
+                        after: self.cfg.timeouts.command,
+                    });
+                }
                 Owner::Abort { .. } => {
                     return Err(ConnError::Timeout {
                         what: "ABORT TASK",
@@ -871,8 +996,34 @@ impl<'q> Engine<'q> {
                         d.at += n;
                         d.remaining -= n;
                         if d.remaining == 0 {
+                            // Read just the trailer and the next header: if that is another
+                            // long Data-In, its segment goes straight to its buffer too
+                            // instead of through the receive buffer.
+                            let hd = if self.rx_cfg.header_digest {
+                                DIGEST_LEN
+                            } else {
+                                0
+                            };
+                            self.small_read = d.trailer + BHS_LEN + hd;
                             self.process_rx()?;
                         }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(ConnError::Io(e)),
+                }
+                continue;
+            }
+            if self.small_read > 0 {
+                let mut head = [0u8; BHS_LEN + 2 * DIGEST_LEN + 3];
+                let want = self.small_read.min(head.len());
+                match self.stream.try_read(&mut head[..want]) {
+                    Ok(0) => return Err(ConnError::Closed),
+                    Ok(n) => {
+                        self.last_rx = Instant::now();
+                        self.small_read -= n;
+                        self.rx.extend_from_slice(&head[..n]);
+                        self.process_rx()?;
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -1177,18 +1328,75 @@ impl<'q> Engine<'q> {
         self.counters
             .in_flight
             .store(self.scsi_in_flight as u64, Ordering::Relaxed);
-        let Owner::Caller(req) = task.owner else {
-            return;
-        };
-        let Request { op, reply, .. } = req;
-        if let Op::Scsi(command) = op {
-            let _ = reply.send(Ok(Done::Scsi(Outcome {
-                command,
-                received: task.received,
-                response,
-                status,
-                sense,
-            })));
+        let good = response == 0 && status == sense::status::GOOD;
+        match task.owner {
+            Owner::Caller(req) => {
+                let Request { op, reply, .. } = req;
+                let Op::Scsi(command) = op else {
+                    return;
+                };
+                let mut writes_lost = false;
+                if good {
+                    match journal::kind(&command.cdb) {
+                        journal::Kind::Volatile => self.journal.record(&command),
+                        journal::Kind::Flush => {
+                            self.journal.flushed(command.lun, task.flush_mark);
+                            writes_lost = std::mem::take(&mut self.journal.lost);
+                        }
+                        journal::Kind::Other => {}
+                    }
+                }
+                let _ = reply.send(Ok(Done::Scsi(Outcome {
+                    command,
+                    received: task.received,
+                    response,
+                    status,
+                    sense,
+                    writes_lost,
+                })));
+            }
+            Owner::Replay {
+                entry, attempts, ..
+            } => {
+                self.replaying.retain(|e| e.seq != entry.seq);
+                if good {
+                    return;
+                }
+                let info = CommandInfo::named("replayed write");
+                let verdict = if response == 0 {
+                    sense::classify(&info, status, sense.as_deref())
+                } else {
+                    Verdict::Retry {
+                        delay_ms: 0,
+                        why: "target failure",
+                    }
+                };
+                match verdict {
+                    Verdict::Done => {}
+                    Verdict::Retry { .. } if attempts < self.cfg.max_retries => {
+                        self.replay.push_front((entry, attempts + 1));
+                    }
+                    Verdict::Retry { why, .. } => {
+                        tracing::error!(why, "a replayed write kept failing; it may be lost");
+                        self.journal.lost = true;
+                    }
+                    Verdict::Fail(e) => {
+                        tracing::error!(error = %e, "the target refused a replayed write; it may be lost");
+                        self.journal.lost = true;
+                    }
+                }
+            }
+            Owner::Flush { cmd } => {
+                self.own_flushes -= 1;
+                if good {
+                    self.counters.own_flushes.fetch_add(1, Ordering::Relaxed);
+                    self.journal.flushed(cmd.lun, task.flush_mark);
+                } else {
+                    tracing::warn!(status, response, "our own SYNCHRONIZE CACHE failed");
+                    self.own_flush_after = Instant::now() + Duration::from_secs(1);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -1356,6 +1564,18 @@ impl<'q> Engine<'q> {
                 }
             }
             Owner::KeepAlive => self.keepalive = None,
+            Owner::Replay { entry, .. } => {
+                self.replaying.retain(|e| e.seq != entry.seq);
+                tracing::error!(
+                    reason,
+                    "the target rejected a replayed write; it may be lost"
+                );
+                self.journal.lost = true;
+            }
+            Owner::Flush { .. } => {
+                self.own_flushes -= 1;
+                self.own_flush_after = Instant::now() + Duration::from_secs(1);
+            }
             Owner::Abort { .. } | Owner::Logout => {
                 return Err(ConnError::protocol(format!(
                     "the target rejected our {opcode:?} (reason {reason:#x})"
@@ -1381,6 +1601,7 @@ mod tests {
             received: 0,
             next_data_sn: 0,
             aborting: None,
+            flush_mark: 0,
         };
         let a = s.insert(mk).unwrap();
         assert!(s.remove(a).is_some());

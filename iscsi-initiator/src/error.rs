@@ -110,6 +110,11 @@ pub enum Error {
     Status { command: &'static str, status: u8 },
     #[error("{command}: the target failed the command (iSCSI response {response:#04x})")]
     TargetFailure { command: &'static str, response: u8 },
+    /// A flush succeeded, but writes acknowledged before it may not be on the target: it
+    /// restarted before they were flushed, and they could not all be written again (the
+    /// journal had overflowed, or the target refused a replay).
+    #[error("{command}: writes acknowledged earlier may have been lost by a target restart")]
+    WritesLost { command: &'static str },
     /// The target returned less data than the command needs.
     #[error("{command}: {got} of {expected} bytes returned")]
     ShortData {

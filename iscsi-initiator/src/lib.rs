@@ -19,6 +19,7 @@
 //!   Data-Out, Data-In placement, NOP keepalive, aborts, logout.
 //! - [`session`]: the shared handle and the task that reconnects and retries.
 //! - [`lun`] and [`scsi`]: the block API, one file per command, and sense decoding.
+//! - [`journal`]: acknowledged writes kept until a flush, replayed after a reconnect.
 //! - [`error`]: the typed errors callers match on.
 //! - [`blocking`]: a synchronous adapter for threads outside the runtime.
 //!
@@ -47,6 +48,7 @@ pub mod connection;
 pub mod discovery;
 mod engine;
 pub mod error;
+pub mod journal;
 pub mod login;
 pub mod lun;
 pub mod scsi;

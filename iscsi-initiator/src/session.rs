@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use crate::config::{Negotiated, SessionConfig, random_isid};
 use crate::engine::{Engine, Exit};
 use crate::error::{Error, SessionDown};
+use crate::journal::Journal;
 use crate::login::{self, LoggedIn, LoginIds, SessionKind};
 use crate::lun::Lun;
 use crate::scsi::luns;
@@ -46,6 +47,8 @@ pub struct Counters {
     pub target_pings: AtomicU64,
     pub r2ts: AtomicU64,
     pub direct_bytes: AtomicU64,
+    pub replayed: AtomicU64,
+    pub own_flushes: AtomicU64,
     pub in_flight: AtomicU64,
     pub max_in_flight: AtomicU64,
 }
@@ -69,6 +72,10 @@ pub struct Stats {
     pub r2ts: u64,
     /// Data-In bytes read straight into callers' buffers.
     pub direct_bytes: u64,
+    /// Acknowledged, unflushed writes sent again after a reconnect.
+    pub replayed: u64,
+    /// SYNCHRONIZE CACHEs the session sent by itself to bound its journal.
+    pub own_flushes: u64,
     /// Commands in flight now, and the most ever at once.
     pub in_flight: u64,
     pub max_in_flight: u64,
@@ -180,6 +187,7 @@ impl Session {
             isid,
             rx,
             queue: VecDeque::new(),
+            journal: Journal::new(cfg.journal_limit),
             status: status.clone(),
             counters: counters.clone(),
         };
@@ -234,6 +242,8 @@ impl Session {
             target_pings: g(&c.target_pings),
             r2ts: g(&c.r2ts),
             direct_bytes: g(&c.direct_bytes),
+            replayed: g(&c.replayed),
+            own_flushes: g(&c.own_flushes),
             in_flight: g(&c.in_flight),
             max_in_flight: g(&c.max_in_flight),
         }
@@ -291,6 +301,9 @@ impl Session {
                 Done::Scsi(out) => out,
                 other => return Err(unexpected(info.name, &other)),
             };
+            if out.writes_lost {
+                return Err(Error::WritesLost { command: info.name });
+            }
             let verdict = if out.response != 0 {
                 Verdict::Retry {
                     delay_ms: 50,
@@ -397,6 +410,7 @@ struct Actor {
     isid: [u8; 6],
     rx: mpsc::Receiver<Request>,
     queue: VecDeque<Request>,
+    journal: Journal,
     status: Arc<Mutex<Status>>,
     counters: Arc<Counters>,
 }
@@ -419,6 +433,7 @@ impl Actor {
                 logged,
                 self.cfg.clone(),
                 &mut self.queue,
+                &mut self.journal,
                 self.counters.clone(),
             );
             let cause = match engine.run(&mut self.rx).await {

@@ -69,6 +69,9 @@ pub struct Outcome {
     pub status: u8,
     /// Raw sense data (without the 2-byte length) of a CHECK CONDITION.
     pub sense: Option<Bytes>,
+    /// A successful flush that must still be reported as failed: writes acknowledged
+    /// earlier may have been lost by a target restart (see the journal).
+    pub writes_lost: bool,
 }
 
 /// What a request asks of the engine.
@@ -132,5 +135,12 @@ impl Request {
 
     pub fn is_scsi(&self) -> bool {
         matches!(self.op, Op::Scsi(_))
+    }
+
+    pub fn command(&self) -> Option<&Command> {
+        match &self.op {
+            Op::Scsi(c) => Some(c),
+            _ => None,
+        }
     }
 }

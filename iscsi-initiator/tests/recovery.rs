@@ -295,3 +295,185 @@ fn short_freeze_is_invisible_to_callers() {
         session.logout().await.unwrap();
     });
 }
+
+/// A device with a volatile write cache: writes are kept in memory until a flush moves
+/// them to the file; `crash` throws away what was not flushed, as a power loss or a
+/// thin pool that commits its chunk map on flush would. `refuse_writes` makes every
+/// later write fail.
+struct VolatileDevice {
+    inner: iscsi_target::FileBlockDevice,
+    cache: std::sync::Mutex<std::collections::BTreeMap<u64, Vec<u8>>>,
+    flushes: AtomicU64,
+    refuse_writes: AtomicBool,
+}
+
+impl VolatileDevice {
+    fn crash(&self) {
+        self.cache.lock().unwrap().clear();
+    }
+}
+
+impl iscsi_target::BlockDevice for VolatileDevice {
+    fn block_size(&self) -> u32 {
+        512
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), iscsi_target::BlockError> {
+        self.inner.read_at(offset, buf)?;
+        let cache = self.cache.lock().unwrap();
+        for (i, block) in buf.chunks_mut(512).enumerate() {
+            if let Some(c) = cache.get(&(offset / 512 + i as u64)) {
+                block.copy_from_slice(c);
+            }
+        }
+        Ok(())
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), iscsi_target::BlockError> {
+        if self.refuse_writes.load(Ordering::Relaxed) {
+            return Err(iscsi_target::BlockError::NoSpace);
+        }
+        let mut cache = self.cache.lock().unwrap();
+        for (i, block) in data.chunks(512).enumerate() {
+            cache.insert(offset / 512 + i as u64, block.to_vec());
+        }
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), iscsi_target::BlockError> {
+        let blocks = std::mem::take(&mut *self.cache.lock().unwrap());
+        for (lba, data) in blocks {
+            self.inner.write_at(lba * 512, &data)?;
+        }
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.inner.flush()
+    }
+}
+
+fn volatile_peer() -> (Arc<VolatileDevice>, common::Ours) {
+    let dir = tempfile::tempdir().unwrap();
+    let inner =
+        iscsi_target::FileBlockDevice::open(&dir.path().join("v.img"), Some(16 << 20), 512, false)
+            .unwrap();
+    std::mem::forget(dir);
+    let dev = Arc::new(VolatileDevice {
+        inner,
+        cache: Default::default(),
+        flushes: AtomicU64::new(0),
+        refuse_writes: AtomicBool::new(false),
+    });
+    let o = common::Ours::start(PeerOptions {
+        device: Some(dev.clone()),
+        ..PeerOptions::default()
+    });
+    (dev, o)
+}
+
+/// Writes acknowledged before a target restart that loses its unflushed writes are
+/// written again by the session after it reconnects: the flush that follows really
+/// covers them.
+#[test]
+fn unflushed_writes_survive_a_target_that_loses_its_cache() {
+    let (dev, mut o) = volatile_peer();
+    let rt = runtime();
+    let mut cfg = common::test_config(format!("127.0.0.1:{}", o.port), &o.iqn);
+    if std::env::var_os("INITIATOR_TEST_NO_JOURNAL").is_some() {
+        // Shows the test can fail: without the journal the unflushed writes are gone.
+        cfg.journal_limit = 0;
+    }
+    cfg.timeouts.max_backoff = Duration::from_millis(100);
+    let session = rt.block_on(Session::connect(cfg)).unwrap();
+    let lun = rt.block_on(session.lun(0)).unwrap();
+    rt.block_on(async {
+        // Durable before the crash.
+        lun.write(0, Bytes::from(pattern(0, 1, 4096)))
+            .await
+            .unwrap();
+        lun.flush().await.unwrap();
+        // Acknowledged, not flushed; block 8 written twice (the later one must win).
+        lun.write(8, Bytes::from(pattern(8, 1, 4096)))
+            .await
+            .unwrap();
+        lun.write(100, Bytes::from(pattern(100, 1, 8192)))
+            .await
+            .unwrap();
+        lun.write(8, Bytes::from(pattern(8, 2, 4096)))
+            .await
+            .unwrap();
+        lun.write_same(300, 8, Bytes::from(pattern(300, 1, 512)), false)
+            .await
+            .unwrap();
+    });
+    // The target dies with its cache.
+    o.stop();
+    dev.crash();
+    o.start_again();
+    rt.block_on(async {
+        lun.flush().await.unwrap();
+    });
+    // The device (after yet another crash) holds everything that was acknowledged.
+    dev.crash();
+    rt.block_on(async {
+        assert!(lun.read(0, 8).await.unwrap() == pattern(0, 1, 4096));
+        assert!(
+            lun.read(8, 8).await.unwrap() == pattern(8, 2, 4096),
+            "the newer write won"
+        );
+        assert!(lun.read(100, 16).await.unwrap() == pattern(100, 1, 8192));
+        let same = lun.read(300, 8).await.unwrap();
+        assert!(same.chunks(512).all(|c| c == &pattern(300, 1, 512)[..]));
+    });
+    let st = session.stats();
+    assert!(st.replayed >= 4, "{st:?}");
+    rt.block_on(session.logout()).unwrap();
+}
+
+/// Past its limit the journal flushes by itself; and when a replay is refused, the next
+/// flush says that writes may be lost instead of succeeding.
+#[test]
+fn journal_is_bounded_and_lost_writes_are_reported() {
+    let (dev, mut o) = volatile_peer();
+    let rt = runtime();
+    let mut cfg = iscsi_initiator::SessionConfig::new(
+        format!("127.0.0.1:{}", o.port),
+        o.iqn.clone(),
+        common::INITIATOR,
+    );
+    cfg.journal_limit = 256 * 1024;
+    cfg.timeouts.max_backoff = Duration::from_millis(100);
+    let session = rt.block_on(Session::connect(cfg)).unwrap();
+    let lun = rt.block_on(session.lun(0)).unwrap();
+    rt.block_on(async {
+        for i in 0..64u64 {
+            lun.write(i * 16, Bytes::from(vec![i as u8; 8192]))
+                .await
+                .unwrap();
+        }
+    });
+    // Our flush runs beside the callers' commands: give it a moment to finish.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while session.stats().own_flushes == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = session.stats();
+    assert!(
+        st.own_flushes >= 1,
+        "no flush of our own after 512 KiB: {st:?}"
+    );
+    assert!(dev.flushes.load(Ordering::Relaxed) >= 1);
+    rt.block_on(async {
+        lun.write(2000, Bytes::from(vec![7u8; 4096])).await.unwrap();
+    });
+    o.stop();
+    dev.crash();
+    dev.refuse_writes.store(true, Ordering::Relaxed);
+    o.start_again();
+    match rt.block_on(lun.flush()) {
+        Err(Error::WritesLost { .. }) => {}
+        other => panic!("flush after a refused replay: {other:?}"),
+    }
+    // Reported once; the session goes on.
+    dev.refuse_writes.store(false, Ordering::Relaxed);
+    rt.block_on(lun.flush()).unwrap();
+    rt.block_on(session.logout()).unwrap();
+}

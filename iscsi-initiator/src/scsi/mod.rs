@@ -20,16 +20,20 @@ pub mod opcode {
     pub const TEST_UNIT_READY: u8 = 0x00;
     pub const INQUIRY: u8 = 0x12;
     pub const READ_CAPACITY_10: u8 = 0x25;
+    pub const WRITE_10: u8 = 0x2a;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
+    pub const WRITE_SAME_10: u8 = 0x41;
     pub const UNMAP: u8 = 0x42;
     pub const PERSISTENT_RESERVE_IN: u8 = 0x5e;
     pub const PERSISTENT_RESERVE_OUT: u8 = 0x5f;
     pub const READ_16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE_16: u8 = 0x8a;
+    pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
     pub const WRITE_SAME_16: u8 = 0x93;
     pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
     pub const REPORT_LUNS: u8 = 0xa0;
+    pub const WRITE_12: u8 = 0xaa;
 }
 
 pub(crate) fn be16(b: &[u8], at: usize) -> u16 {

@@ -442,6 +442,18 @@ impl Drop for Ours {
     }
 }
 
+/// A session config with short timeouts suited to tests.
+pub fn test_config(portal: impl Into<String>, iqn: &str) -> SessionConfig {
+    let mut c = SessionConfig::new(portal, iqn, INITIATOR);
+    c.timeouts.connect = Duration::from_secs(2);
+    c.timeouts.login = Duration::from_secs(5);
+    c.timeouts.command = Duration::from_secs(10);
+    c.timeouts.task_management = Duration::from_secs(5);
+    c.timeouts.replacement = Duration::from_secs(30);
+    c.timeouts.max_backoff = Duration::from_millis(500);
+    c
+}
+
 /// Either target, for tests that run against both.
 pub enum Peer {
     Tgt(Tgt),
@@ -500,14 +512,7 @@ impl Peer {
 
     /// A session config with short timeouts suited to tests.
     pub fn config(&self) -> SessionConfig {
-        let mut c = SessionConfig::new(self.portal(), self.iqn(), INITIATOR);
-        c.timeouts.connect = Duration::from_secs(2);
-        c.timeouts.login = Duration::from_secs(5);
-        c.timeouts.command = Duration::from_secs(10);
-        c.timeouts.task_management = Duration::from_secs(5);
-        c.timeouts.replacement = Duration::from_secs(30);
-        c.timeouts.max_backoff = Duration::from_millis(500);
-        c
+        test_config(self.portal(), self.iqn())
     }
 
     /// The config with the CHAP credentials the peer expects.

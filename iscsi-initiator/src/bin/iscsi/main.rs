@@ -46,6 +46,9 @@ struct Common {
     /// Seconds a session may stay down before calls fail.
     #[arg(long, global = true, default_value_t = 30)]
     replacement_timeout: u64,
+    /// MaxRecvDataSegmentLength we declare (bytes).
+    #[arg(long, global = true, default_value_t = 256 * 1024)]
+    max_recv_segment: u32,
     /// Runtime worker threads (1: a single-threaded runtime).
     #[arg(long, global = true, default_value_t = 1)]
     threads: usize,
@@ -115,6 +118,7 @@ impl Common {
         cfg.header_digest = self.header_digest;
         cfg.data_digest = self.data_digest;
         cfg.timeouts.replacement = Duration::from_secs(self.replacement_timeout);
+        cfg.limits.max_recv_data_segment = self.max_recv_segment;
         Ok(cfg)
     }
 

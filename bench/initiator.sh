@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# bench/initiator.sh: our initiator (`iscsi bench`) against libiscsi's iscsi-perf, both
+# reading the same tgt LUN on loopback in one run.
+#
+# Rows: 4 KiB random read at QD32, 1 MiB sequential read at QD8. Both clients run the
+# same fixed load for BENCH_SECONDS; the runs alternate (ours, libiscsi, libiscsi, ours,
+# ...) for BENCH_ROUNDS rounds so that background load on a shared machine hits both
+# alike, and each cell is the median of its rounds.
+#
+# Ends with BENCH lines: initiator_vs_libiscsi_randread4k_qd32 and
+# initiator_vs_libiscsi_seqread1m (ours / libiscsi), then the absolute figures.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
+if ! command -v iscsi-perf >/dev/null || ! command -v tgtd >/dev/null; then
+  echo "installing libiscsi-bin and tgt" >&2
+  as_root apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq libiscsi-bin tgt >/dev/null
+fi
+
+seconds=${BENCH_SECONDS:-5}
+rounds=${BENCH_ROUNDS:-5}
+size_mb=${BENCH_LUN_MB:-1024}
+port=${BENCH_INITIATOR_PORT:-13281}
+seq_qd=${BENCH_SEQ_QD:-8}
+iqn=iqn.2024-01.org.pool.bench:initiator
+initiator=iqn.2024-01.org.pool.bench:client
+
+work=$(mktemp -d /tmp/iscsi-initiator-bench.XXXXXX)
+tgt_pid=""
+export TGT_IPC_SOCKET=$work/tgtd.sock
+cleanup() {
+  if [ -n "$tgt_pid" ]; then
+    # tgtd ignores SIGTERM: take it offline and delete it through its own socket.
+    tgtadm --op update --mode sys --name State -v offline >/dev/null 2>&1 || true
+    tgtadm --lld iscsi --op delete --mode target --tid 1 --force >/dev/null 2>&1 || true
+    tgtadm --op delete --mode system >/dev/null 2>&1 || true
+    for _ in $(seq 50); do kill -0 "$tgt_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$tgt_pid" 2>/dev/null || true
+    wait "$tgt_pid" 2>/dev/null || true
+  fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+wait_port() {
+  for _ in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2
+  return 1
+}
+
+echo "building" >&2
+cargo build -q -p iscsi-initiator --release --bin iscsi
+ours_bin=${CARGO_TARGET_DIR:-$root/target}/release/iscsi
+
+echo "preparing a ${size_mb} MiB LUN in the page cache" >&2
+head -c "$((size_mb << 20))" /dev/urandom >"$work/lun.img"
+cat "$work/lun.img" >/dev/null
+
+tgtd -f --iscsi "portal=127.0.0.1:$port" >"$work/tgt.log" 2>&1 &
+tgt_pid=$!
+wait_port "$port"
+for _ in $(seq 50); do [ -S "$work/tgtd.sock.0" ] && break; sleep 0.1; done
+tgtadm --lld iscsi --op new --mode target --tid 1 -T "$iqn"
+tgtadm --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$work/lun.img"
+tgtadm --lld iscsi --op bind --mode target --tid 1 -I ALL
+url="iscsi://127.0.0.1:$port/$iqn/1"
+
+# Both print IOPS: iscsi-perf ends with "iops average N (M MB/s)", ours with "iops=N ...".
+perf_iops() {
+  local qd=$1 blocks=$2 random=$3 out
+  out=$(timeout $((seconds + 20)) iscsi-perf -i "$initiator" -m "$qd" -b "$blocks" $random \
+    -t "$seconds" "$url" 2>&1 | tr '\r' '\n' || true)
+  grep -oE '^ *iops average [0-9]+' <<<"$out" | tail -1 | awk '{print $3}'
+}
+ours_iops() {
+  local qd=$1 bs=$2 random=$3 out
+  out=$(timeout $((seconds + 20)) "$ours_bin" --initiator "$initiator" bench "$url" --op read \
+    --bs "$bs" --qd "$qd" $random --seconds "$seconds" 2>&1 || true)
+  sed -n 's/^iops=\([0-9]*\) .*/\1/p' <<<"$out" | tail -1
+}
+median() { printf '%s\n' "$@" | grep -E '^[0-9]+$' | sort -n | awk '{v[NR]=$1} END { if (NR) print v[int((NR+1)/2)]; else print 0 }'; }
+ratio() { awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "0" }'; }
+
+declare -A ours theirs runs_o runs_t
+rows="randread4k_qd32 seqread1m"
+for row in $rows; do
+  echo "measuring $row ($rounds rounds of ${seconds}s each, alternating)" >&2
+  o=() t=()
+  for ((i = 0; i < rounds; i++)); do
+    case $row in
+      randread4k_qd32) oa=(32 4096 --random) ta=(32 8 -r) ;;
+      seqread1m) oa=("$seq_qd" 1048576 "") ta=("$seq_qd" 2048 "") ;;
+    esac
+    if ((i % 2 == 0)); then
+      o+=("$(ours_iops "${oa[@]}")"); t+=("$(perf_iops "${ta[@]}")")
+    else
+      t+=("$(perf_iops "${ta[@]}")"); o+=("$(ours_iops "${oa[@]}")")
+    fi
+  done
+  ours[$row]=$(median "${o[@]}")
+  theirs[$row]=$(median "${t[@]}")
+  runs_o[$row]="${o[*]}"
+  runs_t[$row]="${t[*]}"
+done
+
+echo
+printf '%-18s %12s %12s %8s   %s\n' ROW OURS LIBISCSI RATIO "RUNS (ours | libiscsi)"
+for row in $rows; do
+  unit=IOPS
+  [ "$row" = seqread1m ] && unit="MiB/s"
+  printf '%-18s %12s %12s %8s   %s | %s  (%s, median)\n' "$row" "${ours[$row]}" "${theirs[$row]}" \
+    "$(ratio "${ours[$row]}" "${theirs[$row]}")" "${runs_o[$row]}" "${runs_t[$row]}" "$unit"
+done
+echo
+echo "BENCH initiator_vs_libiscsi_randread4k_qd32 $(ratio "${ours[randread4k_qd32]}" "${theirs[randread4k_qd32]}") x"
+echo "BENCH initiator_vs_libiscsi_seqread1m $(ratio "${ours[seqread1m]}" "${theirs[seqread1m]}") x"
+echo "BENCH initiator_randread4k_qd32 ${ours[randread4k_qd32]} IOPS"
+echo "BENCH libiscsi_randread4k_qd32 ${theirs[randread4k_qd32]} IOPS"
+echo "BENCH initiator_seqread1m ${ours[seqread1m]} MiBs"
+echo "BENCH libiscsi_seqread1m ${theirs[seqread1m]} MiBs"
