@@ -233,6 +233,7 @@ fn daemon(args: Args) -> anyhow::Result<()> {
                 .reserved_memory_bytes
                 .unwrap_or(DEFAULT_RESERVED_MEMORY),
             tie_vms_to_daemon: tie,
+            initiator_iqn: config.initiator_iqn.clone().unwrap_or_default(),
         })
         .await?;
         let listen = config

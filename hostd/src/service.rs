@@ -59,12 +59,12 @@ pub async fn serve(
 }
 
 fn status(e: ManagerError) -> Status {
-    let msg = e.to_string();
+    let msg = crate::error_chain(&e);
     match e {
         ManagerError::NotFound(_) => Status::not_found(msg),
         ManagerError::AlreadyExists { .. } => Status::already_exists(msg),
         ManagerError::BadId(_) => Status::invalid_argument(msg),
-        ManagerError::Spec(SpecError::IscsiUnavailable { .. }) => Status::unimplemented(msg),
+        ManagerError::Spec(SpecError::NoInitiatorName { .. }) => Status::failed_precondition(msg),
         ManagerError::Spec(s) if s.is_not_found() => Status::not_found(msg),
         ManagerError::Spec(_) => Status::invalid_argument(msg),
         ManagerError::WrongState { .. } | ManagerError::Disk { .. } => {

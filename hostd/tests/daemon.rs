@@ -1,186 +1,15 @@
 //! `HostService` end to end: a real gRPC server on loopback, VMs in real `hostd vmm`
 //! processes running the test guest on real KVM.
 
-use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hostd::service::{HostIdentity, HostServer};
-use hostd::supervisor::manager::{Manager, ManagerConfig};
+mod common;
+
+use common::*;
 use hostd::testguest::{self, heartbeat_sum, heartbeats};
 use proto::host::host_service_client::HostServiceClient;
 use proto::host::*;
-use tokio::sync::oneshot;
 use tonic::Code;
-use tonic::transport::Channel;
-
-const WAIT: Duration = Duration::from_secs(30);
-
-struct Daemon {
-    addr: std::net::SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    manager: Arc<Manager>,
-}
-
-impl Daemon {
-    async fn start(run_dir: &Path) -> Daemon {
-        Self::start_with(run_dir, 256 << 20).await
-    }
-
-    async fn start_with(run_dir: &Path, reserved: u64) -> Daemon {
-        let manager = Manager::new(ManagerConfig {
-            run_dir: run_dir.to_owned(),
-            vmm_binary: env!("CARGO_BIN_EXE_hostd-vmm").into(),
-            vmm_args: vec![],
-            reserved_memory_bytes: reserved,
-            tie_vms_to_daemon: true,
-        })
-        .await
-        .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel();
-        let server = HostServer::new(
-            manager.clone(),
-            HostIdentity {
-                host_id: "test-host".into(),
-                ..Default::default()
-            },
-        );
-        let task = tokio::spawn(async move {
-            hostd::service::serve(listener, server, async {
-                let _ = rx.await;
-            })
-            .await
-            .unwrap();
-        });
-        Daemon {
-            addr,
-            stop: Some(tx),
-            task: Some(task),
-            manager,
-        }
-    }
-
-    async fn client(&self) -> HostServiceClient<Channel> {
-        HostServiceClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
-    }
-
-    /// Stops serving; VMs are left running (as a daemon restart would).
-    async fn stop_serving(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.task.take() {
-            t.await.unwrap();
-        }
-    }
-}
-
-fn config(cmdline: &str) -> VmConfig {
-    VmConfig {
-        name: "t".into(),
-        vcpus: 1,
-        memory_bytes: 64 << 20,
-        boot: Some(BootSource {
-            kernel_path: testguest::ELF_PATH.into(),
-            command_line: cmdline.into(),
-            ..Default::default()
-        }),
-        console_buffer_bytes: 1 << 20,
-        ..Default::default()
-    }
-}
-
-async fn create(c: &mut HostServiceClient<Channel>, id: &str, cfg: VmConfig, start: bool) -> Vm {
-    c.create_vm(CreateVmRequest {
-        vm_id: id.into(),
-        config: Some(cfg),
-        start,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-}
-
-async fn get(c: &mut HostServiceClient<Channel>, id: &str) -> Vm {
-    c.get_vm(VmRequest { vm_id: id.into() })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-/// The console as a stream reader that accumulates everything it has seen.
-struct ConsoleReader {
-    text: String,
-    stream: tonic::Streaming<ConsoleOutput>,
-    input: tokio::sync::mpsc::Sender<ConsoleInput>,
-}
-
-impl ConsoleReader {
-    async fn open(c: &mut HostServiceClient<Channel>, id: &str) -> ConsoleReader {
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tx.send(ConsoleInput {
-            vm_id: id.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let stream = c
-            .stream_console(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        ConsoleReader {
-            text: String::new(),
-            stream,
-            input: tx,
-        }
-    }
-
-    /// Reads until `needle` has been seen (counting from `from` bytes on).
-    async fn wait_for_from(&mut self, needle: &str, from: usize) -> bool {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if self.text.get(from..).is_some_and(|t| t.contains(needle)) {
-                return true;
-            }
-            match tokio::time::timeout_at(deadline, self.stream.message()).await {
-                Ok(Ok(Some(out))) => self.text.push_str(&String::from_utf8_lossy(&out.data)),
-                _ => return false,
-            }
-        }
-    }
-
-    async fn wait_for(&mut self, needle: &str) -> bool {
-        self.wait_for_from(needle, 0).await
-    }
-}
-
-async fn wait_state(c: &mut HostServiceClient<Channel>, id: &str, want: PowerState) -> Vm {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let vm = get(c, id).await;
-        if vm.power_state == want as i32 {
-            return vm;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "VM {id} never became {want:?}: {vm:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn process_alive(pid: u32) -> bool {
-    // A zombie is dead for our purposes.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
-        .unwrap_or(false)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lifecycle_create_start_pause_resume_reboot_shutdown_destroy() {
@@ -489,26 +318,6 @@ async fn bad_requests_get_clear_errors_and_leave_nothing_behind() {
         get(&mut c, "big").await.power_state,
         PowerState::Stopped as i32
     );
-
-    let mut cfg = config("");
-    cfg.disks.push(DiskConfig {
-        id: "vda".into(),
-        backend: Some(disk_config::Backend::Iscsi(IscsiDisk {
-            portal: "127.0.0.1:3260".into(),
-            target_iqn: "iqn.2026-11.lab:vol1".into(),
-            ..Default::default()
-        })),
-        read_only: false,
-    });
-    let err = c
-        .create_vm(CreateVmRequest {
-            vm_id: "i".into(),
-            config: Some(cfg),
-            start: false,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented, "{err}");
 
     // A file that exists but is no kernel: the create is rolled back when the start fails.
     let junk = dir.path().join("junk");

@@ -188,9 +188,9 @@ pub fn run(dir: &Path) -> Result<(), ChildError> {
             .expect("spawning the console thread");
     }
 
-    let spec = match spec::to_spec(&config) {
+    let spec = match spec::to_spec(&config, &record.initiator_iqn) {
         Ok(s) => s,
-        Err(e) => return Err(runner.fail_to_start(e.to_string())),
+        Err(e) => return Err(runner.fail_to_start(crate::error_chain(&e))),
     };
     let result = runner.run(&spec, &rx);
     console.flush();
@@ -321,7 +321,7 @@ impl Runner {
                 Ok(vm)
             }) {
                 Ok(vm) => vm,
-                Err(e) => return Err(self.fail_to_start(e.to_string())),
+                Err(e) => return Err(self.fail_to_start(crate::error_chain(&e))),
             };
             self.state.boots += 1;
             self.state.power = PowerState::Running as i32;

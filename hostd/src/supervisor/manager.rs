@@ -46,6 +46,8 @@ pub struct ManagerConfig {
     /// VM processes die with the daemon (for tests); otherwise they outlive it and the
     /// next daemon finds them again.
     pub tie_vms_to_daemon: bool,
+    /// The iSCSI name VM processes log in to targets with (empty: no iSCSI disks).
+    pub initiator_iqn: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -360,7 +362,7 @@ impl Manager {
         if !valid_id(&id) {
             return Err(ManagerError::BadId(id));
         }
-        spec::validate(&config)?;
+        spec::validate(&config, &self.cfg.initiator_iqn)?;
         let entry = Entry::new(
             id.clone(),
             config,
@@ -415,7 +417,7 @@ impl Manager {
             });
         }
         let config = entry.lock().config.clone();
-        spec::validate(&config)?;
+        spec::validate(&config, &self.cfg.initiator_iqn)?;
         {
             let vms = self.vms.lock().await;
             let total = crate::host::meminfo().total_bytes;
@@ -449,6 +451,7 @@ impl Manager {
         let record = VmRecord {
             id: entry.id.clone(),
             config: Some(config),
+            initiator_iqn: self.cfg.initiator_iqn.clone(),
         };
         std::fs::write(dir.join(RECORD_FILE), record.encode_to_vec()).map_err(io(dir))?;
         let sock = dir.join(CONTROL_SOCKET);
@@ -845,7 +848,7 @@ impl Manager {
             "stopped (disks are announced at boot)",
             |s| !is_live(s),
         )?;
-        spec::validate_disk(&disk)?;
+        spec::validate_disk(&disk, &self.cfg.initiator_iqn)?;
         let mut config = entry.lock().config.clone();
         if config.disks.iter().any(|d| d.id == disk.id) {
             return Err(ManagerError::Disk {
@@ -855,7 +858,7 @@ impl Manager {
             });
         }
         config.disks.push(disk);
-        spec::validate(&config)?;
+        spec::validate(&config, &self.cfg.initiator_iqn)?;
         entry.lock().config = config;
         Ok(entry.to_proto())
     }

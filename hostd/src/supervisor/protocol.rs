@@ -15,6 +15,9 @@ pub struct VmRecord {
     pub id: String,
     #[prost(message, optional, tag = "2")]
     pub config: Option<VmConfig>,
+    /// The iSCSI name to log in to targets with.
+    #[prost(string, tag = "3")]
+    pub initiator_iqn: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use proto::host::{BootProtocol as ProtoBoot, DiskConfig, VmConfig, disk_config};
 
 use crate::devices::virtio::block::backend::OpenError;
+use crate::devices::virtio::block::iscsi::{self, IscsiBackend, IscsiError, IscsiTarget};
 use crate::devices::virtio::block::{Disk, FileBackend};
 use crate::vmm::{BootProtocol, BootSpec, CpuidRegs, MAX_VCPUS, MIN_MEMORY_BYTES, VmSpec, layout};
 
@@ -51,11 +52,19 @@ pub enum SpecError {
         #[source]
         source: OpenError,
     },
+    #[error("disk {id:?}: {reason}")]
+    IscsiConfig { id: String, reason: String },
     #[error(
-        "disk {id:?} is an iSCSI volume ({target}); this hostd has no iSCSI initiator yet \
-         (the iscsi-initiator crate has not landed), so only file-backed disks can be attached"
+        "disk {id:?} is an iSCSI volume but this host has no initiator name (set initiator_iqn \
+         in hostd's configuration)"
     )]
-    IscsiUnavailable { id: String, target: String },
+    NoInitiatorName { id: String },
+    #[error("disk {id:?}")]
+    Iscsi {
+        id: String,
+        #[source]
+        source: IscsiError,
+    },
 }
 
 impl SpecError {
@@ -82,8 +91,8 @@ fn disk_id_ok(id: &str) -> bool {
     !id.is_empty() && id.len() <= 20 && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// Checks a configuration without opening disks for writing or touching KVM.
-pub fn validate(config: &VmConfig) -> Result<(), SpecError> {
+/// Checks a configuration without logging in to targets or touching KVM.
+pub fn validate(config: &VmConfig, initiator_iqn: &str) -> Result<(), SpecError> {
     let boot = config.boot.as_ref().ok_or(SpecError::NoKernel)?;
     if boot.kernel_path.is_empty() {
         return Err(SpecError::NoKernel);
@@ -124,7 +133,7 @@ pub fn validate(config: &VmConfig) -> Result<(), SpecError> {
         });
     }
     for (i, d) in config.disks.iter().enumerate() {
-        validate_disk(d)?;
+        validate_disk(d, initiator_iqn)?;
         if config.disks[..i].iter().any(|o| o.id == d.id) {
             return Err(SpecError::DuplicateDisk { id: d.id.clone() });
         }
@@ -132,13 +141,65 @@ pub fn validate(config: &VmConfig) -> Result<(), SpecError> {
     Ok(())
 }
 
-/// Checks one disk: its id, and that its backend can be used (a file is opened, with the
-/// access it will need, and closed again).
-pub fn validate_disk(d: &DiskConfig) -> Result<(), SpecError> {
+/// Checks one disk: its id, and that its backend can be used. A file is opened, with the
+/// access it will need, and closed again; an iSCSI disk's settings are checked (the login
+/// itself happens in the VM process that will use the session).
+pub fn validate_disk(d: &DiskConfig, initiator_iqn: &str) -> Result<(), SpecError> {
     if !disk_id_ok(&d.id) {
         return Err(SpecError::DiskId { id: d.id.clone() });
     }
-    open_disk(d).map(|_| ())
+    match &d.backend {
+        Some(disk_config::Backend::Iscsi(_)) => iscsi_target(d, initiator_iqn).map(|_| ()),
+        _ => open_file_disk(d).map(|_| ()),
+    }
+}
+
+fn iscsi_target(d: &DiskConfig, initiator_iqn: &str) -> Result<IscsiTarget, SpecError> {
+    let Some(disk_config::Backend::Iscsi(i)) = &d.backend else {
+        return Err(SpecError::NoBackend { id: d.id.clone() });
+    };
+    let bad = |reason: &str| SpecError::IscsiConfig {
+        id: d.id.clone(),
+        reason: reason.into(),
+    };
+    if i.portal.is_empty() {
+        return Err(bad("the portal (host:port) is empty"));
+    }
+    if i.target_iqn.is_empty() {
+        return Err(bad("the target name is empty"));
+    }
+    let lun = u16::try_from(i.lun)
+        .ok()
+        .filter(|l| *l < 16384)
+        .ok_or_else(|| bad("the LUN must be below 16384"))?;
+    let pair =
+        |user: &str, secret: &str, what: &str| -> Result<Option<(String, String)>, SpecError> {
+            match (user.is_empty(), secret.is_empty()) {
+                (true, true) => Ok(None),
+                (false, false) => Ok(Some((user.to_owned(), secret.to_owned()))),
+                _ => Err(bad(&format!("{what} needs both a user name and a secret"))),
+            }
+        };
+    let chap = pair(&i.chap_username, &i.chap_secret, "CHAP")?;
+    let mutual_chap = pair(
+        &i.mutual_chap_username,
+        &i.mutual_chap_secret,
+        "mutual CHAP",
+    )?;
+    if mutual_chap.is_some() && chap.is_none() {
+        return Err(bad("mutual CHAP needs CHAP as well"));
+    }
+    if initiator_iqn.is_empty() {
+        return Err(SpecError::NoInitiatorName { id: d.id.clone() });
+    }
+    Ok(IscsiTarget {
+        portal: i.portal.clone(),
+        target_iqn: i.target_iqn.clone(),
+        lun,
+        initiator_iqn: initiator_iqn.to_owned(),
+        chap,
+        mutual_chap,
+    })
 }
 
 fn protocol(p: i32) -> Result<BootProtocol, SpecError> {
@@ -150,7 +211,7 @@ fn protocol(p: i32) -> Result<BootProtocol, SpecError> {
     }
 }
 
-fn open_disk(d: &DiskConfig) -> Result<Disk, SpecError> {
+fn open_file_disk(d: &DiskConfig) -> Result<Disk, SpecError> {
     match &d.backend {
         Some(disk_config::Backend::FilePath(path)) => {
             let backend = FileBackend::open(Path::new(path), d.read_only).map_err(|source| {
@@ -161,17 +222,46 @@ fn open_disk(d: &DiskConfig) -> Result<Disk, SpecError> {
             })?;
             Ok(Disk::new(d.id.clone(), Arc::new(backend), d.read_only))
         }
-        Some(disk_config::Backend::Iscsi(i)) => Err(SpecError::IscsiUnavailable {
-            id: d.id.clone(),
-            target: format!("{} lun {} at {}", i.target_iqn, i.lun, i.portal),
-        }),
-        None => Err(SpecError::NoBackend { id: d.id.clone() }),
+        _ => Err(SpecError::NoBackend { id: d.id.clone() }),
     }
 }
 
-/// Builds the VMM's spec, opening every disk.
-pub fn to_spec(config: &VmConfig) -> Result<VmSpec, SpecError> {
-    validate(config)?;
+/// Opens disks, logging in to iSCSI targets on a runtime made for the first one.
+struct Opener<'a> {
+    initiator_iqn: &'a str,
+    rt: Option<Arc<tokio::runtime::Runtime>>,
+}
+
+impl Opener<'_> {
+    fn open(&mut self, d: &DiskConfig) -> Result<Disk, SpecError> {
+        if !matches!(d.backend, Some(disk_config::Backend::Iscsi(_))) {
+            return open_file_disk(d);
+        }
+        let target = iscsi_target(d, self.initiator_iqn)?;
+        let err = |source| SpecError::Iscsi {
+            id: d.id.clone(),
+            source,
+        };
+        let rt = match &self.rt {
+            Some(rt) => rt.clone(),
+            None => {
+                let rt = iscsi::runtime().map_err(err)?;
+                self.rt = Some(rt.clone());
+                rt
+            }
+        };
+        let backend = IscsiBackend::open(rt, &target).map_err(err)?;
+        Ok(Disk::new(d.id.clone(), Arc::new(backend), d.read_only))
+    }
+}
+
+/// Builds the VMM's spec, opening every disk (logging in to iSCSI targets).
+pub fn to_spec(config: &VmConfig, initiator_iqn: &str) -> Result<VmSpec, SpecError> {
+    validate(config, initiator_iqn)?;
+    let mut opener = Opener {
+        initiator_iqn,
+        rt: None,
+    };
     let boot = config.boot.as_ref().ok_or(SpecError::NoKernel)?;
     Ok(VmSpec {
         vcpus: config.vcpus,
@@ -185,7 +275,7 @@ pub fn to_spec(config: &VmConfig) -> Result<VmSpec, SpecError> {
         disks: config
             .disks
             .iter()
-            .map(open_disk)
+            .map(|d| opener.open(d))
             .collect::<Result<_, _>>()?,
         cpuid_mask: config
             .cpuid_mask
@@ -234,7 +324,7 @@ mod tests {
         img.as_file().set_len(1 << 20).unwrap();
         let mut c = config(crate::testguest::ELF_PATH);
         c.disks.push(file_disk("vda", img.path()));
-        let spec = to_spec(&c).unwrap();
+        let spec = to_spec(&c, "").unwrap();
         assert_eq!(spec.disks[0].backend.size(), 1 << 20);
         assert_eq!(spec.boot.protocol, BootProtocol::Auto);
     }
@@ -243,33 +333,33 @@ mod tests {
     fn each_bad_field_gets_its_own_error() {
         let kernel = crate::testguest::ELF_PATH;
         assert!(matches!(
-            validate(&VmConfig::default()),
+            validate(&VmConfig::default(), ""),
             Err(SpecError::NoKernel)
         ));
-        let e = validate(&config("/nonexistent/k")).unwrap_err();
+        let e = validate(&config("/nonexistent/k"), "").unwrap_err();
         assert!(matches!(e, SpecError::KernelMissing { .. }) && e.is_not_found());
         let mut c = config(kernel);
         c.vcpus = 0;
-        assert!(matches!(validate(&c), Err(SpecError::Vcpus { .. })));
+        assert!(matches!(validate(&c, ""), Err(SpecError::Vcpus { .. })));
         let mut c = config(kernel);
         c.memory_bytes = 4096;
-        assert!(matches!(validate(&c), Err(SpecError::Memory { .. })));
+        assert!(matches!(validate(&c, ""), Err(SpecError::Memory { .. })));
         let mut c = config(kernel);
         c.boot.as_mut().unwrap().protocol = 42;
-        assert!(matches!(validate(&c), Err(SpecError::BadProtocol(42))));
+        assert!(matches!(validate(&c, ""), Err(SpecError::BadProtocol(42))));
         let mut c = config(kernel);
         c.disks.push(DiskConfig {
             id: "vda".into(),
             ..Default::default()
         });
-        assert!(matches!(validate(&c), Err(SpecError::NoBackend { .. })));
+        assert!(matches!(validate(&c, ""), Err(SpecError::NoBackend { .. })));
         let mut c = config(kernel);
         c.disks.push(file_disk("has space", Path::new("/x")));
-        assert!(matches!(validate(&c), Err(SpecError::DiskId { .. })));
+        assert!(matches!(validate(&c, ""), Err(SpecError::DiskId { .. })));
         let mut c = config(kernel);
         c.disks
             .push(file_disk("vda", Path::new("/nonexistent/disk")));
-        let e = validate(&c).unwrap_err();
+        let e = validate(&c, "").unwrap_err();
         assert!(e.is_not_found(), "{e}");
         let mut c = config(kernel);
         c.disks.push(DiskConfig {
@@ -281,7 +371,13 @@ mod tests {
             })),
             read_only: false,
         });
-        let e = validate(&c).unwrap_err();
-        assert!(e.to_string().contains("no iSCSI initiator"), "{e}");
+        let e = validate(&c, "").unwrap_err();
+        assert!(matches!(e, SpecError::NoInitiatorName { .. }), "{e}");
+        validate(&c, "iqn.2026-11.lab:host1").unwrap();
+        if let Some(disk_config::Backend::Iscsi(i)) = &mut c.disks[0].backend {
+            i.chap_username = "u".into();
+        }
+        let e = validate(&c, "iqn.2026-11.lab:host1").unwrap_err();
+        assert!(e.to_string().contains("CHAP needs both"), "{e}");
     }
 }

@@ -35,8 +35,15 @@ pub enum BackendError {
 /// A disk's storage. Offsets and lengths are in bytes; the device has already checked
 /// that every access lies within `size()`.
 pub trait BlockBackend: Send + Sync {
-    /// Size in bytes (a multiple of 512).
+    /// Size in bytes (a multiple of the block size).
     fn size(&self) -> u64;
+
+    /// The smallest unit the storage reads and writes (512 or 4096); the device refuses
+    /// requests not aligned to it.
+    fn block_size(&self) -> u32 {
+        512
+    }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError>;
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BackendError>;
     /// Makes every completed write durable.

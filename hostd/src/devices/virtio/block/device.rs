@@ -23,6 +23,7 @@ use crate::vmm::GuestRam;
 
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
 const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
@@ -54,6 +55,7 @@ impl Block {
             | VIRTIO_F_RING_EVENT_IDX
             | VIRTIO_F_RING_INDIRECT_DESC
             | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_BLK_SIZE
             | VIRTIO_BLK_F_FLUSH;
         if disk.read_only {
             features |= VIRTIO_BLK_F_RO;
@@ -67,6 +69,7 @@ impl Block {
         let mut config = [0u8; CONFIG_LEN];
         config[0..8].copy_from_slice(&capacity.to_le_bytes());
         config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes()); // seg_max
+        config[20..24].copy_from_slice(&disk.backend.block_size().to_le_bytes()); // blk_size
         config[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
         config[40..44].copy_from_slice(&MAX_SEGMENTS.to_le_bytes());
         config[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard alignment, sectors
@@ -91,6 +94,7 @@ impl Block {
             backend: self.disk.backend.clone(),
             read_only: self.disk.read_only,
             capacity: self.disk.backend.size() / SECTOR_SIZE,
+            block_size: self.disk.backend.block_size(),
             id,
             metrics: self.disk.metrics.clone(),
         }

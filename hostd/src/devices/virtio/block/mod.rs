@@ -3,10 +3,12 @@
 //!
 //! Files, one role each (the Firecracker layout): [`device`] (config space, features,
 //! activation and the queue worker), [`request`] (parse and execute one request),
-//! [`backend`] (the storage trait and the raw-file backend), [`metrics`] (counters).
+//! [`backend`] (the storage trait and the raw-file backend), [`iscsi`] (the iSCSI
+//! backend), [`metrics`] (counters).
 
 pub mod backend;
 pub mod device;
+pub mod iscsi;
 pub mod metrics;
 pub mod request;
 

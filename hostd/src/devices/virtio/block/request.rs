@@ -78,6 +78,12 @@ pub enum ParseError {
     Direction { index: usize, kind: RequestType },
     #[error("{len} data bytes is not a whole number of sectors")]
     Unaligned { len: u64 },
+    #[error("bytes {offset}+{len} are not aligned to the disk's {block_size}-byte blocks")]
+    Misaligned {
+        offset: u64,
+        len: u64,
+        block_size: u32,
+    },
     #[error("sectors {sector}+{count} lie past the end of the disk ({capacity} sectors)")]
     OutOfRange {
         sector: u64,
@@ -161,8 +167,8 @@ impl Request {
         self.data.iter().map(|(_, l)| u64::from(*l)).sum()
     }
 
-    /// Checks a read or write against the disk's size.
-    fn check_rw(&self, capacity: u64) -> Result<u64, ParseError> {
+    /// Checks a read or write against the disk's size and block size.
+    fn check_rw(&self, capacity: u64, block_size: u32) -> Result<u64, ParseError> {
         let len = self.data_len();
         if len > MAX_REQUEST_BYTES {
             return Err(ParseError::TooLarge {
@@ -174,6 +180,7 @@ impl Request {
             return Err(ParseError::Unaligned { len });
         }
         check_range(self.sector, len / SECTOR_SIZE, capacity)?;
+        check_aligned(self.sector * SECTOR_SIZE, len, block_size)?;
         Ok(len)
     }
 
@@ -201,7 +208,7 @@ impl Request {
     }
 
     fn read(&self, mem: &GuestRam, disk: &DiskContext, bounce: &mut Vec<u8>) -> (u8, u32) {
-        let len = match self.check_rw(disk.capacity) {
+        let len = match self.check_rw(disk.capacity, disk.block_size) {
             Ok(len) => len,
             Err(e) => return invalid(disk, &e),
         };
@@ -227,7 +234,7 @@ impl Request {
             disk.metrics.error();
             return (VIRTIO_BLK_S_IOERR, 0);
         }
-        let len = match self.check_rw(disk.capacity) {
+        let len = match self.check_rw(disk.capacity, disk.block_size) {
             Ok(len) => len,
             Err(e) => return invalid(disk, &e),
         };
@@ -304,7 +311,9 @@ impl Request {
                 disk.metrics.invalid();
                 return (VIRTIO_BLK_S_UNSUPP, 0);
             }
-            if let Err(e) = check_range(sector, sectors, disk.capacity) {
+            if let Err(e) = check_range(sector, sectors, disk.capacity).and_then(|()| {
+                check_aligned(sector * SECTOR_SIZE, sectors * SECTOR_SIZE, disk.block_size)
+            }) {
                 return invalid(disk, &e);
             }
             let (off, bytes) = (sector * SECTOR_SIZE, sectors * SECTOR_SIZE);
@@ -331,6 +340,19 @@ fn check_range(sector: u64, count: u64, capacity: u64) -> Result<(), ParseError>
             count,
             capacity,
         }),
+    }
+}
+
+fn check_aligned(offset: u64, len: u64, block_size: u32) -> Result<(), ParseError> {
+    let bs = u64::from(block_size);
+    if offset.is_multiple_of(bs) && len.is_multiple_of(bs) {
+        Ok(())
+    } else {
+        Err(ParseError::Misaligned {
+            offset,
+            len,
+            block_size,
+        })
     }
 }
 
@@ -371,6 +393,8 @@ pub struct DiskContext {
     pub read_only: bool,
     /// Capacity in sectors.
     pub capacity: u64,
+    /// The backend's block size; requests must be aligned to it.
+    pub block_size: u32,
     /// The id GET_ID returns: the disk's name, zero-padded.
     pub id: [u8; VIRTIO_BLK_ID_BYTES],
     pub metrics: std::sync::Arc<BlockMetrics>,
@@ -410,6 +434,7 @@ mod tests {
                 backend: Arc::new(backend),
                 read_only,
                 capacity: 64,
+                block_size: 512,
                 id,
                 metrics: Arc::new(BlockMetrics::default()),
             },
@@ -549,6 +574,27 @@ mod tests {
             Request::parse(&c, &m).unwrap_err().0,
             ParseError::GuestMemory { .. }
         ));
+    }
+
+    #[test]
+    fn requests_not_aligned_to_a_4k_disk_are_refused() {
+        let (m, (mut d, _img)) = (mem(), disk(false));
+        d.block_size = 4096;
+        header(&m, VIRTIO_BLK_T_IN, 1);
+        assert_eq!(
+            run(&m, &d, &chain(&[(DATA, 4096, true)])).status,
+            Some(VIRTIO_BLK_S_IOERR)
+        );
+        header(&m, VIRTIO_BLK_T_IN, 8);
+        assert_eq!(
+            run(&m, &d, &chain(&[(DATA, 512, true)])).status,
+            Some(VIRTIO_BLK_S_IOERR)
+        );
+        header(&m, VIRTIO_BLK_T_IN, 8);
+        assert_eq!(
+            run(&m, &d, &chain(&[(DATA, 4096, true)])).status,
+            Some(VIRTIO_BLK_S_OK)
+        );
     }
 
     #[test]

@@ -1,0 +1,202 @@
+//! The iSCSI backend: a disk that is a LUN of an iSCSI target, reached through one
+//! `iscsi-initiator` session per disk.
+//!
+//! The session lives on a small tokio runtime owned by the VM process; the virtio-blk
+//! worker calls the blocking face of the LUN ([`iscsi_initiator::blocking::BlockingLun`]),
+//! and commands from several callers pipeline on the one session. The session logs out
+//! when the disk is dropped (the VM stops or is destroyed).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use iscsi_initiator::blocking::BlockingLun;
+use iscsi_initiator::{Chap, Session, SessionConfig};
+use tokio::runtime::Runtime;
+
+use super::backend::{BackendError, BlockBackend};
+
+/// How long a logout may take when the disk goes away.
+const LOGOUT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a disk is and who we are to the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IscsiTarget {
+    pub portal: String,
+    pub target_iqn: String,
+    pub lun: u16,
+    pub initiator_iqn: String,
+    pub chap: Option<(String, String)>,
+    pub mutual_chap: Option<(String, String)>,
+}
+
+impl IscsiTarget {
+    fn describe(&self) -> String {
+        format!(
+            "iscsi {} lun {} at {}",
+            self.target_iqn, self.lun, self.portal
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IscsiError {
+    #[error("cannot start the iSCSI runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("opening {target}")]
+    Login {
+        target: String,
+        #[source]
+        source: Box<iscsi_initiator::Error>,
+    },
+    #[error("{target} has no LUN {lun}")]
+    Lun {
+        target: String,
+        lun: u16,
+        #[source]
+        source: Box<iscsi_initiator::Error>,
+    },
+    #[error("{target} has {block_size}-byte blocks; virtio-blk disks here need 512 or 4096")]
+    BlockSize { target: String, block_size: u32 },
+}
+
+/// A runtime for the iSCSI sessions of one VM process, made when the first iSCSI disk
+/// is opened.
+pub fn runtime() -> Result<Arc<Runtime>, IscsiError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("iscsi")
+        .enable_all()
+        .build()
+        .map(Arc::new)
+        .map_err(IscsiError::Runtime)
+}
+
+pub struct IscsiBackend {
+    lun: BlockingLun,
+    session: Session,
+    describe: String,
+    discard: bool,
+    // Last: the runtime the session's tasks run on outlives them.
+    rt: Arc<Runtime>,
+}
+
+impl IscsiBackend {
+    /// Logs in and opens the LUN.
+    pub fn open(rt: Arc<Runtime>, target: &IscsiTarget) -> Result<Self, IscsiError> {
+        let mut cfg = SessionConfig::new(
+            target.portal.clone(),
+            target.target_iqn.clone(),
+            target.initiator_iqn.clone(),
+        );
+        cfg.chap = target
+            .chap
+            .as_ref()
+            .map(|(u, s)| Chap::new(u.clone(), s.as_bytes().to_vec()));
+        cfg.mutual_chap = target
+            .mutual_chap
+            .as_ref()
+            .map(|(u, s)| Chap::new(u.clone(), s.as_bytes().to_vec()));
+        let describe = target.describe();
+        let session = rt
+            .block_on(Session::connect(cfg))
+            .map_err(|source| IscsiError::Login {
+                target: describe.clone(),
+                source: Box::new(source),
+            })?;
+        let lun = match rt.block_on(session.lun(target.lun)) {
+            Ok(lun) => lun,
+            Err(source) => {
+                let _ = rt.block_on(async {
+                    tokio::time::timeout(LOGOUT_TIMEOUT, session.logout()).await
+                });
+                return Err(IscsiError::Lun {
+                    target: describe,
+                    lun: target.lun,
+                    source: Box::new(source),
+                });
+            }
+        };
+        if !matches!(lun.block_size(), 512 | 4096) {
+            return Err(IscsiError::BlockSize {
+                target: describe,
+                block_size: lun.block_size(),
+            });
+        }
+        let discard = lun.limits().max_unmap_blocks > 0;
+        Ok(Self {
+            lun: BlockingLun::new(lun, rt.handle().clone()),
+            session,
+            describe,
+            discard,
+            rt,
+        })
+    }
+}
+
+fn io_err(op: &'static str, offset: u64, len: u64, e: iscsi_initiator::Error) -> BackendError {
+    BackendError::Io {
+        op,
+        offset,
+        len,
+        source: std::io::Error::other(e),
+    }
+}
+
+impl BlockBackend for IscsiBackend {
+    fn size(&self) -> u64 {
+        self.lun.size()
+    }
+
+    fn block_size(&self) -> u32 {
+        self.lun.lun().block_size()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        let len = buf.len() as u64;
+        self.lun
+            .read_at(offset, buf)
+            .map_err(|e| io_err("read", offset, len, e))
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), BackendError> {
+        self.lun
+            .write_at(offset, buf)
+            .map_err(|e| io_err("write", offset, buf.len() as u64, e))
+    }
+
+    fn flush(&self) -> Result<(), BackendError> {
+        self.lun.flush().map_err(|e| io_err("flush", 0, 0, e))
+    }
+
+    fn supports_discard(&self) -> bool {
+        self.discard
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        self.lun
+            .discard(offset, len)
+            .map_err(|e| io_err("discard", offset, len, e))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        self.lun
+            .write_zeroes(offset, len, false)
+            .map_err(|e| io_err("write-zeroes", offset, len, e))
+    }
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}
+
+impl Drop for IscsiBackend {
+    fn drop(&mut self) {
+        let session = self.session.clone();
+        let logout = self
+            .rt
+            .block_on(async move { tokio::time::timeout(LOGOUT_TIMEOUT, session.logout()).await });
+        if !matches!(logout, Ok(Ok(()))) {
+            tracing::warn!(disk = %self.describe, "iSCSI logout did not complete cleanly");
+        }
+    }
+}

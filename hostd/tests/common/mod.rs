@@ -1,0 +1,190 @@
+//! Shared by the daemon tests: a `HostService` server on loopback with VMs in real
+//! `hostd-vmm` processes, and client helpers.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hostd::service::{HostIdentity, HostServer};
+use hostd::supervisor::manager::{Manager, ManagerConfig};
+use hostd::testguest;
+use proto::host::host_service_client::HostServiceClient;
+use proto::host::*;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+pub const WAIT: Duration = Duration::from_secs(30);
+pub const INITIATOR: &str = "iqn.2026-11.lab.pool:test-host";
+
+pub struct Daemon {
+    pub addr: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pub manager: Arc<Manager>,
+}
+
+impl Daemon {
+    pub async fn start(run_dir: &Path) -> Daemon {
+        Self::start_with(run_dir, 256 << 20).await
+    }
+
+    pub async fn start_with(run_dir: &Path, reserved: u64) -> Daemon {
+        let manager = Manager::new(ManagerConfig {
+            run_dir: run_dir.to_owned(),
+            vmm_binary: env!("CARGO_BIN_EXE_hostd-vmm").into(),
+            vmm_args: vec![],
+            reserved_memory_bytes: reserved,
+            tie_vms_to_daemon: true,
+            initiator_iqn: INITIATOR.into(),
+        })
+        .await
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let server = HostServer::new(
+            manager.clone(),
+            HostIdentity {
+                host_id: "test-host".into(),
+                ..Default::default()
+            },
+        );
+        let task = tokio::spawn(async move {
+            hostd::service::serve(listener, server, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        Daemon {
+            addr,
+            stop: Some(tx),
+            task: Some(task),
+            manager,
+        }
+    }
+
+    pub async fn client(&self) -> HostServiceClient<Channel> {
+        HostServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+    }
+
+    /// Stops serving; VMs are left running (as a daemon restart would).
+    pub async fn stop_serving(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap();
+        }
+    }
+}
+
+pub fn config(cmdline: &str) -> VmConfig {
+    VmConfig {
+        name: "t".into(),
+        vcpus: 1,
+        memory_bytes: 64 << 20,
+        boot: Some(BootSource {
+            kernel_path: testguest::ELF_PATH.into(),
+            command_line: cmdline.into(),
+            ..Default::default()
+        }),
+        console_buffer_bytes: 1 << 20,
+        ..Default::default()
+    }
+}
+
+pub async fn create(
+    c: &mut HostServiceClient<Channel>,
+    id: &str,
+    cfg: VmConfig,
+    start: bool,
+) -> Vm {
+    c.create_vm(CreateVmRequest {
+        vm_id: id.into(),
+        config: Some(cfg),
+        start,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+pub async fn get(c: &mut HostServiceClient<Channel>, id: &str) -> Vm {
+    c.get_vm(VmRequest { vm_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The console as a stream reader that accumulates everything it has seen.
+pub struct ConsoleReader {
+    pub text: String,
+    pub stream: tonic::Streaming<ConsoleOutput>,
+    pub input: tokio::sync::mpsc::Sender<ConsoleInput>,
+}
+
+impl ConsoleReader {
+    pub async fn open(c: &mut HostServiceClient<Channel>, id: &str) -> ConsoleReader {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(ConsoleInput {
+            vm_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let stream = c
+            .stream_console(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        ConsoleReader {
+            text: String::new(),
+            stream,
+            input: tx,
+        }
+    }
+
+    /// Reads until `needle` has been seen (counting from `from` bytes on).
+    pub async fn wait_for_from(&mut self, needle: &str, from: usize) -> bool {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if self.text.get(from..).is_some_and(|t| t.contains(needle)) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, self.stream.message()).await {
+                Ok(Ok(Some(out))) => self.text.push_str(&String::from_utf8_lossy(&out.data)),
+                _ => return false,
+            }
+        }
+    }
+
+    pub async fn wait_for(&mut self, needle: &str) -> bool {
+        self.wait_for_from(needle, 0).await
+    }
+}
+
+pub async fn wait_state(c: &mut HostServiceClient<Channel>, id: &str, want: PowerState) -> Vm {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let vm = get(c, id).await;
+        if vm.power_state == want as i32 {
+            return vm;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VM {id} never became {want:?}: {vm:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn process_alive(pid: u32) -> bool {
+    // A zombie is dead for our purposes.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
+        .unwrap_or(false)
+}

@@ -1,0 +1,263 @@
+//! Guest disks on iSCSI volumes: the test guest's virtio-blk requests go through the VM
+//! process's iscsi-initiator session to an iscsi-target server on loopback, and the
+//! pattern it writes is found in the target's LUN file.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::*;
+use hostd::testguest;
+use iscsi_target::{
+    BlockDevice, ChapCredentials, FileBlockDevice, InitiatorAccess, LunConfig, ServerOptions,
+    TargetConfig, TargetServer, naa_from_serial,
+};
+use proto::host::*;
+use tonic::Code;
+
+const TARGET_IQN: &str = "iqn.2026-11.lab.pool:vol";
+const CHAP_USER: &str = "host1";
+const CHAP_SECRET: &str = "host1-secret-42";
+
+/// An iscsi-target server on loopback, on a runtime of its own (in its own thread, so
+/// that it can be stopped from inside the test's runtime).
+struct Target {
+    port: u16,
+    luns: Vec<PathBuf>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Target {
+    /// LUN i is a file of `sizes[i]` bytes; `chap`: the host must log in with CHAP.
+    fn start(dir: &Path, sizes: &[u64], chap: bool) -> Target {
+        let server = TargetServer::in_memory(ServerOptions {
+            nop_interval: None,
+            ..ServerOptions::default()
+        });
+        let mut luns = Vec::new();
+        let mut configs = Vec::new();
+        for (i, size) in sizes.iter().enumerate() {
+            let path = dir.join(format!("lun{i}.img"));
+            let device: Arc<dyn BlockDevice> =
+                Arc::new(FileBlockDevice::open(&path, Some(*size), 512, false).unwrap());
+            let serial = format!("hostd-test-{i}");
+            configs.push(LunConfig {
+                id: i as u16,
+                device,
+                naa: naa_from_serial(&serial),
+                serial,
+            });
+            luns.push(path);
+        }
+        server
+            .add_target(TargetConfig {
+                iqn: TARGET_IQN.into(),
+                alias: None,
+                luns: configs,
+                allow_any_initiator: !chap,
+                initiators: if chap {
+                    vec![InitiatorAccess {
+                        name: INITIATOR.into(),
+                        chap: Some(ChapCredentials {
+                            user: CHAP_USER.into(),
+                            secret: CHAP_SECRET.as_bytes().to_vec(),
+                        }),
+                        mutual_chap: None,
+                    }]
+                } else {
+                    Vec::new()
+                },
+            })
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                server
+                    .run(listener, async {
+                        let _ = stopped.await;
+                    })
+                    .await
+                    .unwrap();
+            });
+            rt.shutdown_timeout(std::time::Duration::from_secs(5));
+        });
+        Target {
+            port,
+            luns,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn disk(&self, id: &str, lun: u32, read_only: bool, chap: Option<(&str, &str)>) -> DiskConfig {
+        DiskConfig {
+            id: id.into(),
+            backend: Some(disk_config::Backend::Iscsi(IscsiDisk {
+                portal: format!("127.0.0.1:{}", self.port),
+                target_iqn: TARGET_IQN.into(),
+                lun,
+                chap_username: chap.map(|c| c.0.to_owned()).unwrap_or_default(),
+                chap_secret: chap.map(|c| c.1.to_owned()).unwrap_or_default(),
+                volume_id: format!("vol-{lun}"),
+                ..Default::default()
+            })),
+            read_only,
+        }
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_guest_pattern_lands_on_the_iscsi_volume_and_read_only_volumes_refuse_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start(dir.path(), &[8 << 20, 4 << 20], true);
+    std::fs::write(&target.luns[1], vec![0x33u8; 4 << 20]).unwrap();
+    let d = Daemon::start(dir.path()).await;
+    let mut c = d.client().await;
+    let mut cfg = config("seed=13 blk=rw blk_kib=1024 then=spin");
+    let chap = Some((CHAP_USER, CHAP_SECRET));
+    cfg.disks = vec![
+        target.disk("vda", 0, false, chap),
+        target.disk("vdb", 1, true, chap),
+    ];
+    let vm = create(&mut c, "iscsi", cfg, true).await;
+    assert_eq!(vm.power_state, PowerState::Running as i32);
+    let mut console = ConsoleReader::open(&mut c, "iscsi").await;
+    assert!(
+        console.wait_for("BLK done devices=2 result=ok\n").await,
+        "{}",
+        console.text
+    );
+    assert!(
+        console.text.contains("BLK dev=1 ro-write=rejected"),
+        "{}",
+        console.text
+    );
+    let m = c
+        .get_vm_metrics(VmRequest {
+            vm_id: "iscsi".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let vda = m.disks.iter().find(|d| d.disk_id == "vda").unwrap();
+    assert!(vda.write_bytes >= 1 << 20 && vda.flush_ops >= 1, "{vda:?}");
+    // The guest flushed; the bytes are on the target's LUN, whatever the VM does next.
+    c.destroy_vm(VmRequest {
+        vm_id: "iscsi".into(),
+    })
+    .await
+    .unwrap();
+    let lun0 = std::fs::read(&target.luns[0]).unwrap();
+    assert_eq!(testguest::check_pattern(13, 0, 0, &lun0[..1 << 20]), Ok(()));
+    assert!(
+        lun0[(1 << 20)..(1 << 20) + 16 * 512]
+            .iter()
+            .all(|&b| b == 0),
+        "write-zeroes"
+    );
+    assert_eq!(
+        std::fs::read(&target.luns[1]).unwrap(),
+        vec![0x33u8; 4 << 20]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_that_refuses_login_or_lacks_the_lun_is_a_clear_error_and_nothing_is_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start(dir.path(), &[4 << 20], true);
+    let d = Daemon::start(dir.path()).await;
+    let mut c = d.client().await;
+    let attempt = |disk: DiskConfig| {
+        let mut cfg = config("");
+        cfg.disks = vec![disk];
+        CreateVmRequest {
+            vm_id: "v".into(),
+            config: Some(cfg),
+            start: true,
+        }
+    };
+
+    let err = c
+        .create_vm(attempt(target.disk(
+            "vda",
+            0,
+            false,
+            Some((CHAP_USER, "wrong-secret-000")),
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("cannot log in"), "{err}");
+    assert!(err.message().contains("refused"), "{err}");
+
+    let err = c
+        .create_vm(attempt(target.disk("vda", 0, false, None)))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("cannot log in"), "{err}");
+
+    let err = c
+        .create_vm(attempt(target.disk(
+            "vda",
+            7,
+            false,
+            Some((CHAP_USER, CHAP_SECRET)),
+        )))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("has no LUN 7"), "{err}");
+
+    let mut nowhere = target.disk("vda", 0, false, None);
+    if let Some(disk_config::Backend::Iscsi(i)) = &mut nowhere.backend {
+        i.portal = format!("127.0.0.1:{}", common_free_port());
+    }
+    let err = c.create_vm(attempt(nowhere)).await.unwrap_err();
+    assert!(err.message().contains("cannot log in"), "{err}");
+
+    let vms = c
+        .list_vms(ListVmsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .vms;
+    assert!(vms.is_empty(), "{vms:?}");
+    assert!(!dir.path().join("vms/v").exists());
+
+    // Bad settings are refused before anything starts.
+    let mut half_chap = target.disk("vda", 0, false, None);
+    if let Some(disk_config::Backend::Iscsi(i)) = &mut half_chap.backend {
+        i.chap_username = CHAP_USER.into();
+    }
+    let err = c.create_vm(attempt(half_chap)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+}
+
+fn common_free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
