@@ -91,7 +91,9 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_recv_data_segment: 256 * 1024,
+            // Long segments: a 1 MiB read is one Data-In, placed straight into the
+            // caller's buffer, and the target sends one PDU instead of four.
+            max_recv_data_segment: 1024 * 1024,
             max_burst: 1024 * 1024,
             first_burst: 256 * 1024,
             immediate_data: true,

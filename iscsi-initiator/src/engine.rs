@@ -437,7 +437,17 @@ impl<'q> Engine<'q> {
         {
             return Exit::Failed(e);
         }
+        let mut next_check = Instant::now() + TICK;
         loop {
+            // Timers are checked here too: on a busy connection the socket is always
+            // ready and the tick branch below would never be polled.
+            let now = Instant::now();
+            if now >= next_check {
+                next_check = now + TICK;
+                if let Err(e) = self.on_tick() {
+                    return Exit::Failed(e);
+                }
+            }
             if self.completed > 0 {
                 // Let the callers whose commands just finished run and submit their next
                 // ones, so that they leave together in one write.
@@ -486,11 +496,7 @@ impl<'q> Engine<'q> {
                         }
                     }
                 },
-                _ = tick.tick() => {
-                    if let Err(e) = self.on_tick() {
-                        return Exit::Failed(e);
-                    }
-                }
+                _ = tick.tick() => {}
             }
         }
     }

@@ -137,8 +137,8 @@ pub enum SessionDown {
     Connection(#[source] ConnError),
     #[error("logging in again failed")]
     Login(#[source] LoginError),
-    #[error("the target refused the session's commands")]
-    Refused,
+    #[error("the target asked the session to log out")]
+    TargetLogout,
 }
 
 impl Error {

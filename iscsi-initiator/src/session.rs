@@ -444,7 +444,7 @@ impl Actor {
                 }
                 Exit::Relogin => {
                     tracing::info!(target = %self.cfg.target, "logged out at the target's request");
-                    Arc::new(SessionDown::Refused)
+                    Arc::new(SessionDown::TargetLogout)
                 }
                 Exit::Failed(e) => {
                     tracing::warn!(target = %self.cfg.target, error = %chain(&e),

@@ -57,8 +57,8 @@ async fn roundtrip(lun: &iscsi_initiator::Lun, lens: &[usize]) {
 }
 
 /// Lengths around every boundary that splits a transfer: the data segment limits
-/// (8 KiB, 256 KiB), FirstBurstLength (64 KiB, 256 KiB), MaxBurstLength (256 KiB,
-/// 1 MiB) and our own maximum transfer (8 MiB).
+/// (tgt's 8 KiB, ours 256 KiB, our own 1 MiB), FirstBurstLength (64 KiB, 256 KiB),
+/// MaxBurstLength (256 KiB, 1 MiB) and our own maximum transfer (8 MiB).
 const LENGTHS: &[usize] = &[
     512,
     4096,
@@ -71,6 +71,7 @@ const LENGTHS: &[usize] = &[
     262144 - 512,
     262144,
     262144 + 512,
+    (1 << 20) - 512,
     1 << 20,
     (1 << 20) + 512,
     3 << 20,

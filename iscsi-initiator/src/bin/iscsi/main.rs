@@ -47,7 +47,7 @@ struct Common {
     #[arg(long, global = true, default_value_t = 30)]
     replacement_timeout: u64,
     /// MaxRecvDataSegmentLength we declare (bytes).
-    #[arg(long, global = true, default_value_t = 256 * 1024)]
+    #[arg(long, global = true, default_value_t = 1024 * 1024)]
     max_recv_segment: u32,
     /// Runtime worker threads (1: a single-threaded runtime).
     #[arg(long, global = true, default_value_t = 1)]
