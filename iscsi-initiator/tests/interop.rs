@@ -615,3 +615,48 @@ fn read_only_lun_is_write_protected_ours() {
         s.logout().await.unwrap();
     });
 }
+
+/// The synchronous adapter, driven from plain threads as a virtio-blk worker would.
+fn blocking_adapter(p: Peer) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let lun = rt.block_on(async {
+        let s = Session::connect(p.config()).await.unwrap();
+        s.lun(p.lun()).await.unwrap()
+    });
+    let dev = iscsi_initiator::blocking::BlockingLun::new(lun, rt.handle().clone());
+    assert_eq!(dev.size(), 64 << 20);
+    std::thread::scope(|scope| {
+        for t in 0..4u64 {
+            let dev = &dev;
+            scope.spawn(move || {
+                for i in 0..16u64 {
+                    let off = (t * 16 + i) * 8192;
+                    let data = pattern(off, t, 8192);
+                    dev.write_at(off, &data).unwrap();
+                    let mut back = vec![0u8; 8192];
+                    dev.read_at(off, &mut back).unwrap();
+                    assert!(back == data);
+                }
+            });
+        }
+    });
+    dev.flush().unwrap();
+    dev.write_zeroes(0, 8192, false).unwrap();
+    let mut back = vec![1u8; 8192];
+    dev.read_at(0, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0));
+    assert!(matches!(
+        dev.read_at(100, &mut back),
+        Err(Error::InvalidArgument { .. })
+    ));
+    match dev.discard(8192, 65536) {
+        Ok(()) | Err(Error::Unsupported { .. }) => {}
+        Err(e) => panic!("discard: {e}"),
+    }
+    rt.block_on(dev.lun().session().logout()).unwrap();
+}
+against_both!(blocking_adapter, PeerOptions::default(), blocking_adapter);

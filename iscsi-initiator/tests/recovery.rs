@@ -477,3 +477,73 @@ fn journal_is_bounded_and_lost_writes_are_reported() {
     rt.block_on(lun.flush()).unwrap();
     rt.block_on(session.logout()).unwrap();
 }
+
+/// A device whose first `slow` reads of block 4096 take two seconds.
+struct SlowDevice {
+    inner: iscsi_target::FileBlockDevice,
+    slow: AtomicU64,
+}
+
+impl iscsi_target::BlockDevice for SlowDevice {
+    fn block_size(&self) -> u32 {
+        512
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), iscsi_target::BlockError> {
+        if offset == 4096 * 512
+            && self
+                .slow
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), iscsi_target::BlockError> {
+        self.inner.write_at(offset, data)
+    }
+    fn flush(&self) -> Result<(), iscsi_target::BlockError> {
+        self.inner.flush()
+    }
+}
+
+/// A command that takes longer than the command timeout on a live connection is
+/// aborted with ABORT TASK and sent again; the caller sees it succeed, and the session
+/// keeps its connection.
+#[test]
+fn slow_command_is_aborted_and_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let inner =
+        iscsi_target::FileBlockDevice::open(&dir.path().join("s.img"), Some(8 << 20), 512, false)
+            .unwrap();
+    let o = common::Ours::start(PeerOptions {
+        device: Some(Arc::new(SlowDevice {
+            inner,
+            slow: AtomicU64::new(1),
+        })),
+        ..PeerOptions::default()
+    });
+    let rt = runtime();
+    let mut cfg = common::test_config(format!("127.0.0.1:{}", o.port), &o.iqn);
+    cfg.timeouts.command = Duration::from_millis(700);
+    cfg.timeouts.task_management = Duration::from_secs(5);
+    rt.block_on(async {
+        let session = Session::connect(cfg).await.unwrap();
+        let lun = session.lun(0).await.unwrap();
+        lun.write(4096, Bytes::from(vec![4u8; 512])).await.unwrap();
+        let t0 = Instant::now();
+        let data = lun.read(4096, 1).await.unwrap();
+        assert!(data.iter().all(|&b| b == 4));
+        assert!(t0.elapsed() >= Duration::from_millis(700));
+        let st = session.stats();
+        assert!(st.aborts >= 1, "{st:?}");
+        assert_eq!(
+            st.reconnects, 0,
+            "the abort was answered: no reconnect needed"
+        );
+        session.logout().await.unwrap();
+    });
+}
