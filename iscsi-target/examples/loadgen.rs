@@ -4,7 +4,10 @@
 //! and R2T as the target negotiates. Prints one line: `iops=N mib_s=N lat_us=N`.
 //!
 //! With `--local FILE` it measures the file itself instead (pread/pwrite from QD threads),
-//! the "raw" row of the benchmark.
+//! the "raw" row of the benchmark. With `--tcp-ceiling` it measures the most any target
+//! could send over loopback TCP here: one thread writes a cached `--bs` buffer over and
+//! over, another reads it (no storage, no iSCSI). With `--once` it covers the span once
+//! (sequentially) and stops, to fill a LUN before it is measured.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -50,6 +53,12 @@ struct Args {
     span: Option<u64>,
     #[arg(long, default_value = "iqn.2024-01.org.pool:loadgen")]
     initiator: String,
+    /// Cover the span once, sequentially, then stop (instead of running --seconds).
+    #[arg(long)]
+    once: bool,
+    /// Measure a plain loopback TCP stream instead of a target or file.
+    #[arg(long)]
+    tcp_ceiling: bool,
 }
 
 struct Stats {
@@ -89,6 +98,7 @@ fn main() -> anyhow::Result<()> {
         bail!("--op is read or write");
     }
     let (ios, secs, lat_ns) = match (&args.local, &args.url) {
+        _ if args.tcp_ceiling => tcp_ceiling(&args)?,
         (Some(path), _) => local(&args, path)?,
         (None, Some(url)) => remote(&args, url)?,
         _ => bail!("give --url or --local"),
@@ -102,6 +112,41 @@ fn main() -> anyhow::Result<()> {
     };
     println!("iops={iops:.0} mib_s={mib_s:.1} lat_us={lat_us:.1}");
     Ok(())
+}
+
+/// One sender writing the same cached buffer, one receiver reading into its own, over
+/// loopback TCP: the ceiling for any target's sequential reads on this machine.
+fn tcp_ceiling(args: &Args) -> anyhow::Result<(u64, f64, u64)> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let bs = args.bs as usize;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> std::io::Result<()> {
+            let mut s = TcpStream::connect(addr)?;
+            let buf = vec![0x5au8; bs];
+            while !stop.load(Ordering::Relaxed) {
+                s.write_all(&buf)?;
+            }
+            Ok(())
+        })
+    };
+    let (mut rx, _) = listener.accept()?;
+    let mut buf = vec![0u8; bs];
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(args.seconds);
+    let mut bytes = 0u64;
+    while Instant::now() < deadline {
+        rx.read_exact(&mut buf)?;
+        bytes += bs as u64;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    drop(rx);
+    // The sender ends with a write error once the receiver is gone.
+    let _ = sender.join();
+    Ok((bytes / args.bs, elapsed, 0))
 }
 
 fn local(args: &Args, path: &std::path::Path) -> anyhow::Result<(u64, f64, u64)> {
@@ -528,7 +573,13 @@ fn remote(args: &Args, url: &str) -> anyhow::Result<(u64, f64, u64)> {
     let deadline = start + Duration::from_secs_f64(args.seconds);
     let mut itt: u32 = 16;
     let block = 512u64;
-    while Instant::now() < deadline {
+    let mut issued = 0u64;
+    while if args.once {
+        issued < offs.slots
+    } else {
+        Instant::now() < deadline
+    } {
+        issued += 1;
         {
             let (lock, cv) = &*inflight;
             let mut m = lock.lock().expect("inflight");
