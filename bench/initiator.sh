@@ -12,7 +12,8 @@
 # less with background load than the rates do.
 #
 # Ends with BENCH lines: initiator_vs_libiscsi_randread4k_qd32 and
-# initiator_vs_libiscsi_seqread1m (ours / libiscsi), then the absolute figures.
+# initiator_vs_libiscsi_seqread1m (ours / libiscsi: the median over rounds of the ratio
+# of the two back-to-back runs of a round), then the absolute figures (medians).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -98,7 +99,7 @@ ours_iops() {
 median() { printf '%s\n' "$@" | grep -E '^[0-9.]+$' | sort -g | awk '{v[NR]=$1} END { if (NR) print v[int((NR+1)/2)]; else print 0 }'; }
 ratio() { awk -v a="${1:-0}" -v b="${2:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "0" }'; }
 
-declare -A ours theirs runs_o runs_t cpu_o cpu_t
+declare -A ours theirs runs_o runs_t cpu_o cpu_t paired
 rows="randread4k_qd32 seqread1m"
 for row in $rows; do
   echo "measuring $row ($rounds rounds of ${seconds}s each, alternating)" >&2
@@ -116,6 +117,11 @@ for row in $rows; do
       read -r a b <<<"$(ours_iops "${oa[@]}")"; o+=("$a"); co+=("$b")
     fi
   done
+  # Each round's two runs ran back to back, under much the same background load: the
+  # median of the per-round ratios cancels most of the drift between rounds.
+  r=()
+  for ((i = 0; i < rounds; i++)); do r+=("$(ratio "${o[$i]}" "${t[$i]}")"); done
+  paired[$row]=$(median "${r[@]}")
   ours[$row]=$(median "${o[@]}")
   theirs[$row]=$(median "${t[@]}")
   cpu_o[$row]=$(median "${co[@]}")
@@ -125,21 +131,23 @@ for row in $rows; do
 done
 
 echo
-printf '%-18s %10s %10s %7s %14s %14s\n' ROW OURS LIBISCSI RATIO "OURS CPU/IO" "LIBISCSI CPU/IO"
+printf '%-18s %10s %10s %8s %8s %14s %16s\n' ROW OURS LIBISCSI RATIO PAIRED "OURS CPU/IO" "LIBISCSI CPU/IO"
 for row in $rows; do
   unit=IOPS
   [ "$row" = seqread1m ] && unit="MiB/s"
-  printf '%-18s %10s %10s %7s %12s us %12s us   (%s, medians of %s rounds)\n' "$row" "${ours[$row]}" \
-    "${theirs[$row]}" "$(ratio "${ours[$row]}" "${theirs[$row]}")" "${cpu_o[$row]}" "${cpu_t[$row]}" \
-    "$unit" "$rounds"
+  printf '%-18s %10s %10s %8s %8s %11s us %13s us   (%s, medians of %s rounds)\n' "$row" \
+    "${ours[$row]}" "${theirs[$row]}" "$(ratio "${ours[$row]}" "${theirs[$row]}")" "${paired[$row]}" \
+    "${cpu_o[$row]}" "${cpu_t[$row]}" "$unit" "$rounds"
 done
+echo "RATIO: median ours / median libiscsi; PAIRED: median of each round's ours / libiscsi"
+echo "(the BENCH ratios below are the PAIRED ones)"
 echo
 for row in $rows; do
   echo "runs $row: ours ${runs_o[$row]} | libiscsi ${runs_t[$row]}"
 done
 echo
-echo "BENCH initiator_vs_libiscsi_randread4k_qd32 $(ratio "${ours[randread4k_qd32]}" "${theirs[randread4k_qd32]}") x"
-echo "BENCH initiator_vs_libiscsi_seqread1m $(ratio "${ours[seqread1m]}" "${theirs[seqread1m]}") x"
+echo "BENCH initiator_vs_libiscsi_randread4k_qd32 ${paired[randread4k_qd32]} x"
+echo "BENCH initiator_vs_libiscsi_seqread1m ${paired[seqread1m]} x"
 echo "BENCH initiator_randread4k_qd32 ${ours[randread4k_qd32]} IOPS"
 echo "BENCH libiscsi_randread4k_qd32 ${theirs[randread4k_qd32]} IOPS"
 echo "BENCH initiator_seqread1m ${ours[seqread1m]} MiBs"

@@ -59,6 +59,43 @@ const TICK: Duration = Duration::from_millis(100);
 /// Reads per wake-up before the engine looks at its other work.
 const READS_PER_WAKE: usize = 32;
 
+/// What one read from the socket gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// `n` bytes (0: the peer closed); `drained` when fewer came than there was room
+    /// for, so the socket is empty for now.
+    Data { n: usize, drained: bool },
+    /// Nothing to read.
+    Empty,
+}
+
+/// One read through `read`, which returns at most `want` bytes. A short read means the
+/// socket is drained: its readiness is cleared at once (tokio keeps it if an event came
+/// in meanwhile), which spares the read that would only have said EAGAIN.
+fn read_once(
+    stream: &TcpStream,
+    want: usize,
+    read: impl FnOnce() -> std::io::Result<usize>,
+) -> std::io::Result<Read> {
+    let mut short = None;
+    let r = stream.try_io(Interest::READABLE, || {
+        let n = read()?;
+        if n > 0 && n < want {
+            short = Some(n);
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match r {
+        Ok(n) => Ok(Read::Data { n, drained: false }),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(match short {
+            Some(n) => Read::Data { n, drained: true },
+            None => Read::Empty,
+        }),
+        Err(e) => Err(e),
+    }
+}
+
 /// Why the engine returned.
 #[derive(Debug)]
 pub(crate) enum Exit {
@@ -438,6 +475,7 @@ impl<'q> Engine<'q> {
             return Exit::Failed(e);
         }
         let mut next_check = Instant::now() + TICK;
+        let mut busy = false;
         loop {
             // Timers are checked here too: on a busy connection the socket is always
             // ready and the tick branch below would never be polled.
@@ -448,12 +486,15 @@ impl<'q> Engine<'q> {
                     return Exit::Failed(e);
                 }
             }
-            if self.completed > 0 {
-                // Let the callers whose commands just finished run and submit their next
-                // ones, so that they leave together in one write.
-                self.completed = 0;
+            if self.completed > 0 && busy {
+                // The socket still has data: let the callers whose commands just finished
+                // run and submit their next ones before reading on. (When it is drained
+                // they run anyway while this task waits, and their submissions leave
+                // together in one write.)
                 tokio::task::yield_now().await;
             }
+            self.completed = 0;
+            busy = false;
             if accepting {
                 for _ in 0..1024 {
                     match submissions.try_recv() {
@@ -478,11 +519,12 @@ impl<'q> Engine<'q> {
                 biased;
                 ready = self.stream.ready(interest) => match ready {
                     Ok(r) => {
-                        if (r.is_readable() || r.is_read_closed())
-                            && let Err(e) = self.on_readable()
-                        {
-                            // A logout answered just before the close still counts.
-                            return self.exit.take().unwrap_or(Exit::Failed(e));
+                        if r.is_readable() || r.is_read_closed() {
+                            match self.on_readable() {
+                                Ok(drained) => busy = !drained,
+                                // A logout answered just before the close still counts.
+                                Err(e) => return self.exit.take().unwrap_or(Exit::Failed(e)),
+                            }
                         }
                     }
                     Err(e) => return Exit::Failed(ConnError::Io(e)),
@@ -980,12 +1022,14 @@ impl<'q> Engine<'q> {
 
     // ---- receiving ----
 
-    fn on_readable(&mut self) -> Result<(), ConnError> {
+    /// Reads and handles what the socket has. Returns whether the socket was drained
+    /// (false when it stopped after [`READS_PER_WAKE`] reads with more to come).
+    fn on_readable(&mut self) -> Result<bool, ConnError> {
         for _ in 0..READS_PER_WAKE {
             if self.exit.is_some() {
-                return Ok(());
+                return Ok(true);
             }
-            if let Some(d) = self.direct.as_mut().filter(|d| d.remaining > 0) {
+            let read = if let Some(d) = self.direct.as_mut().filter(|d| d.remaining > 0) {
                 let buf: &mut [u8] =
                     match self.slots.get_mut(d.header.itt).and_then(|t| t.command()) {
                         Some(cmd) if !d.discard => &mut cmd.data_in[d.at..d.at + d.remaining],
@@ -995,61 +1039,56 @@ impl<'q> Engine<'q> {
                             &mut self.scratch[..n]
                         }
                     };
-                match self.stream.try_read(buf) {
-                    Ok(0) => return Err(ConnError::Closed),
-                    Ok(n) => {
-                        self.last_rx = Instant::now();
-                        d.at += n;
-                        d.remaining -= n;
-                        if d.remaining == 0 {
-                            // Read just the trailer and the next header: if that is another
-                            // long Data-In, its segment goes straight to its buffer too
-                            // instead of through the receive buffer.
-                            let hd = if self.rx_cfg.header_digest {
-                                DIGEST_LEN
-                            } else {
-                                0
-                            };
-                            self.small_read = d.trailer + BHS_LEN + hd;
-                            self.process_rx()?;
-                        }
+                let want = buf.len();
+                let stream = &self.stream;
+                let read = read_once(stream, want, || stream.try_read(buf));
+                if let Ok(Read::Data { n, .. }) = read {
+                    d.at += n;
+                    d.remaining -= n;
+                    if d.remaining == 0 {
+                        // Read just the trailer and the next header: if that is another
+                        // long Data-In, its segment goes straight to its buffer too
+                        // instead of through the receive buffer.
+                        let hd = if self.rx_cfg.header_digest {
+                            DIGEST_LEN
+                        } else {
+                            0
+                        };
+                        self.small_read = d.trailer + BHS_LEN + hd;
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(ConnError::Io(e)),
                 }
-                continue;
-            }
-            if self.small_read > 0 {
+                read
+            } else if self.small_read > 0 {
                 let mut head = [0u8; BHS_LEN + 2 * DIGEST_LEN + 3];
                 let want = self.small_read.min(head.len());
-                match self.stream.try_read(&mut head[..want]) {
-                    Ok(0) => return Err(ConnError::Closed),
-                    Ok(n) => {
-                        self.last_rx = Instant::now();
-                        self.small_read -= n;
-                        self.rx.extend_from_slice(&head[..n]);
-                        self.process_rx()?;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(ConnError::Io(e)),
+                let stream = &self.stream;
+                let read = read_once(stream, want, || stream.try_read(&mut head[..want]));
+                if let Ok(Read::Data { n, .. }) = read {
+                    self.small_read -= n;
+                    self.rx.extend_from_slice(&head[..n]);
                 }
-                continue;
-            }
-            self.rx.reserve(RX_CHUNK);
-            match self.stream.try_read_buf(&mut self.rx) {
-                Ok(0) => return Err(ConnError::Closed),
-                Ok(_) => {
+                read
+            } else {
+                self.rx.reserve(RX_CHUNK);
+                let want = self.rx.capacity() - self.rx.len();
+                let (stream, rx) = (&self.stream, &mut self.rx);
+                read_once(stream, want, || stream.try_read_buf(rx))
+            };
+            match read {
+                Ok(Read::Data { n: 0, .. }) => return Err(ConnError::Closed),
+                Ok(Read::Data { drained, .. }) => {
                     self.last_rx = Instant::now();
                     self.process_rx()?;
+                    if drained {
+                        return Ok(true);
+                    }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Ok(Read::Empty) => return Ok(true),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(ConnError::Io(e)),
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Handles every whole PDU in the receive buffer, and starts direct placement of a

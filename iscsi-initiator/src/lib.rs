@@ -9,6 +9,23 @@
 //! and sends every unfinished command again; callers see an error only when the session
 //! stays down past its replacement timeout. Every wait is bounded.
 //!
+//! # Guarantees
+//!
+//! - Every wait is bounded: a command attempt by [`Timeouts::command`] (then ABORT TASK,
+//!   then a new connection), a session outage by [`Timeouts::replacement`] (then
+//!   [`Error::SessionFailed`]), logins, pings and task management by their own limits.
+//! - A command is answered exactly once: with its outcome, or with an error once the
+//!   session gives up on it. Commands cut off by a lost connection are sent again, in
+//!   CmdSN order, on the next one.
+//! - An acknowledged write is not silently lost: until a SYNCHRONIZE CACHE covers it,
+//!   the session keeps it and writes it again on every new connection (see [`journal`]),
+//!   so even a target that lost its cache when it restarted ends up with the data, or the
+//!   next flush fails with [`Error::WritesLost`].
+//! - Reservations survive reconnects: the session logs in again with the same ISID, so
+//!   the I_T nexus (and with it every registration and reservation) stays the same.
+//! - UNIT ATTENTION, BUSY, TASK SET FULL and ABORTED COMMAND are retried a bounded
+//!   number of times; every other outcome is a typed [`Error`].
+//!
 //! # Layout
 //! - [`config`]: what a session is opened with (names, CHAP, digests, limits,
 //!   timeouts) and what login negotiated.

@@ -2,8 +2,8 @@
 //! negotiation (None, CHAP, mutual CHAP), operational negotiation of our [`Limits`], and
 //! the stage transitions up to the full feature phase.
 //!
-//! [`Negotiation`] is the pure part: it builds each request's keys and digests each
-//! response. [`login`] drives it over a [`Framed`] connection, one PDU at a time.
+//! `Negotiation` is the pure part: it builds each request's keys and digests each
+//! response. `login` drives it over a connection, one PDU at a time.
 
 use std::collections::HashSet;
 

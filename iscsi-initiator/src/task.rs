@@ -1,4 +1,4 @@
-//! What callers hand the session's engine and what comes back: a [`Request`] with its
+//! What callers hand the session's engine and what comes back: a request with its
 //! reply channel, and for SCSI commands the [`Command`] (kept whole so that it can be sent
 //! again after a reconnect) and its [`Outcome`].
 

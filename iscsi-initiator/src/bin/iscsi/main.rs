@@ -58,12 +58,12 @@ struct Common {
 enum Cmd {
     /// List the targets a portal offers (SendTargets).
     Discover {
-        /// HOST[:PORT]
+        /// HOST or HOST:PORT
         portal: String,
     },
     /// List targets, their LUNs, sizes and products.
     Ls {
-        /// HOST[:PORT]
+        /// HOST or HOST:PORT
         portal: String,
     },
     /// Standard INQUIRY data, serial number and identifiers of a LUN.
