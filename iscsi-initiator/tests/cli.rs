@@ -119,6 +119,11 @@ fn tool(p: Peer) {
         Duration::from_secs(10),
     );
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("iscsi://HOST[:PORT]/TARGET/LUN"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("iscsi: ") && err.contains("iscsi://HOST[:PORT]/TARGET/LUN"),
+        "{err}"
+    );
+    assert!(!err.contains("backtrace"), "{err}");
 }
 against_both!(tool, PeerOptions::default(), tool);

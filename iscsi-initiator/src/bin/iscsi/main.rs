@@ -125,9 +125,8 @@ impl Common {
     async fn open(&self, url: &str) -> anyhow::Result<(Session, iscsi_initiator::Lun)> {
         let u = LunUrl::parse(url)?;
         let cfg = self.config(&u.portal, &u.target, u.chap.clone())?;
-        let session = Session::connect(cfg)
-            .await
-            .with_context(|| format!("logging in to {}", u.target))?;
+        // The error names the target and portal itself.
+        let session = Session::connect(cfg).await?;
         let lun = session
             .lun(u.lun)
             .await
@@ -136,7 +135,15 @@ impl Common {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    if let Err(e) = real_main() {
+        // The cause chain on one line, without a backtrace.
+        eprintln!("iscsi: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
