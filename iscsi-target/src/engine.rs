@@ -695,7 +695,7 @@ impl Engine {
         } else {
             immediate.len() as u32
         };
-        let mut buf = crate::buffers::take_empty(edtl as usize);
+        let mut buf = Vec::with_capacity(edtl as usize);
         buf.extend_from_slice(&immediate);
         let w = PendingWrite {
             permit,
@@ -848,13 +848,7 @@ impl Engine {
         let unsolicited_done = w.unsolicited_done;
         if complete {
             let w = self.pending.remove(&d.itt).expect("present above");
-            self.execute(
-                w.cmd,
-                w.lun,
-                w.cdb,
-                crate::buffers::into_bytes(w.buf),
-                w.permit,
-            );
+            self.execute(w.cmd, w.lun, w.cdb, Bytes::from(w.buf), w.permit);
         } else if unsolicited_done {
             self.pump_r2t(d.itt);
         }
@@ -1318,7 +1312,7 @@ fn build_response(
         data.clear();
     }
     data.truncate(edtl as usize);
-    let data = crate::buffers::into_bytes(data);
+    let data = Bytes::from(data);
     let mut pdus = Vec::new();
     let collapse = reply.status == status::GOOD && reply.sense.is_empty() && !data.is_empty();
     let max_seg = max_seg.max(512) as usize;

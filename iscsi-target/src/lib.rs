@@ -36,7 +36,6 @@
 //! ```
 
 pub mod block;
-mod buffers;
 pub mod config;
 mod connection;
 mod engine;

@@ -68,8 +68,7 @@ pub fn read(ctx: &Ctx<'_>, cdb: &[u8], reply: &mut Reply) -> CmdResult {
     let bs = u64::from(ctx.lun.block_size());
     reply.data_in_len = Some(bytes);
     let wanted = bytes.min(u64::from(ctx.edtl).div_ceil(bs) * bs);
-    // Straight into the buffer the Data-In PDUs are sent from, reused from earlier reads.
-    let mut buf = crate::buffers::take(wanted as usize);
+    let mut buf = vec![0u8; wanted as usize];
     if wanted > 0 {
         ctx.lun
             .device
