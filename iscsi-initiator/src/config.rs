@@ -133,7 +133,8 @@ pub struct SessionConfig {
     pub max_retries: u32,
     /// Bytes of acknowledged, not yet flushed writes the session keeps to replay after
     /// a reconnect (see [`crate::journal`]); past it the session flushes by itself.
-    /// 0 turns the journal off.
+    /// 0 turns the journal off. The default (32 MiB) is the most memory a session holds
+    /// for it; a guest that flushes every few seconds rarely gets near it.
     pub journal_limit: usize,
 }
 
@@ -157,7 +158,7 @@ impl SessionConfig {
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             max_retries: 8,
-            journal_limit: 64 << 20,
+            journal_limit: 32 << 20,
         }
     }
 
