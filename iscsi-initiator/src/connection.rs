@@ -80,11 +80,23 @@ impl Framed {
         })
     }
 
-    /// Sends one PDU.
-    pub async fn send(&mut self, header: &Header, data: &[u8]) -> Result<(), ConnError> {
+    /// Sends one PDU, waiting at most until `deadline` for the socket to take it.
+    pub async fn send(
+        &mut self,
+        header: &Header,
+        data: &[u8],
+        deadline: tokio::time::Instant,
+        limit: Duration,
+    ) -> Result<(), ConnError> {
         let mut out = Vec::with_capacity(64 + data.len());
         frame::encode(header, &[], data, &self.tx_cfg, &mut out).map_err(ConnError::Pdu)?;
-        self.stream.write_all(&out).await.map_err(ConnError::Io)
+        match tokio::time::timeout_at(deadline, self.stream.write_all(&out)).await {
+            Ok(r) => r.map_err(ConnError::Io),
+            Err(_) => Err(ConnError::Timeout {
+                what: "sending a PDU",
+                after: limit,
+            }),
+        }
     }
 
     /// Receives one PDU, waiting at most until `deadline`.

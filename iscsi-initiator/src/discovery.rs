@@ -88,7 +88,7 @@ pub async fn discover(cfg: &SessionConfig) -> Result<Vec<DiscoveredTarget>, Erro
         };
         logged
             .framed
-            .send(&Header::TextRequest(req), &data)
+            .send(&Header::TextRequest(req), &data, deadline, limit)
             .await
             .map_err(conn_err)?;
         cmd_sn = cmd_sn.wrapping_add(1);
@@ -133,7 +133,7 @@ pub async fn discover(cfg: &SessionConfig) -> Result<Vec<DiscoveredTarget>, Erro
     };
     if let Err(e) = logged
         .framed
-        .send(&Header::LogoutRequest(logout), &[])
+        .send(&Header::LogoutRequest(logout), &[], deadline, limit)
         .await
     {
         tracing::debug!(error = %e, "discovery logout not sent");

@@ -671,7 +671,12 @@ pub(crate) async fn login(
         };
         tracing::trace!(csg, transit, nsg, ?keys, "login request");
         framed
-            .send(&Header::LoginRequest(req), &text::encode(&keys))
+            .send(
+                &Header::LoginRequest(req),
+                &text::encode(&keys),
+                deadline,
+                limit,
+            )
             .await?;
         let pdu = framed.recv(deadline, "login", limit).await?;
         let resp = match pdu.header().map_err(ConnError::Pdu)? {
