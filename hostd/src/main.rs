@@ -34,6 +34,9 @@ struct Args {
     /// Stop this daemon's VMs when it exits (default: they keep running).
     #[arg(long)]
     tie_vms: bool,
+    /// The iSCSI name this host logs in to targets with (overrides the config file).
+    #[arg(long)]
+    initiator_iqn: Option<String>,
     /// Log filter, e.g. "info" or "hostd=debug" (RUST_LOG wins when set).
     #[arg(long, default_value = "info", global = true)]
     log: String,
@@ -206,6 +209,9 @@ fn daemon(args: Args) -> anyhow::Result<()> {
     }
     if args.tie_vms {
         config.tie_vms_to_daemon = Some(true);
+    }
+    if args.initiator_iqn.is_some() {
+        config.initiator_iqn = args.initiator_iqn.clone();
     }
     tracing::info!(?config, "hostd starting");
     let rt = tokio::runtime::Builder::new_multi_thread()

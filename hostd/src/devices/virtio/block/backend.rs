@@ -32,6 +32,20 @@ pub enum BackendError {
     Unsupported { op: &'static str },
 }
 
+/// Called once with the outcome of an operation started through [`AsyncBlockIo`], from
+/// whatever thread finished it.
+pub type Done<T> = Box<dyn FnOnce(Result<T, BackendError>) + Send>;
+
+/// Optional non-blocking face of a backend whose I/O completes elsewhere (an iSCSI
+/// session's own runtime): the device starts each read, write or flush and goes on with
+/// the next request; the completion runs on the backend's thread. Many operations may be
+/// in flight at once, and they complete in any order.
+pub trait AsyncBlockIo: Send + Sync {
+    fn read(&self, offset: u64, len: usize, done: Done<Vec<u8>>);
+    fn write(&self, offset: u64, data: Vec<u8>, done: Done<()>);
+    fn flush(&self, done: Done<()>);
+}
+
 /// A disk's storage. Offsets and lengths are in bytes; the device has already checked
 /// that every access lies within `size()`.
 pub trait BlockBackend: Send + Sync {
@@ -66,6 +80,11 @@ pub trait BlockBackend: Send + Sync {
 
     /// For logs and errors: what this backend is ("file /var/lib/x.img", "iscsi ...").
     fn describe(&self) -> String;
+
+    /// The non-blocking face, for backends that have one.
+    fn async_io(&self) -> Option<&dyn AsyncBlockIo> {
+        None
+    }
 }
 
 /// Writes zeros over a range, a megabyte at a time.

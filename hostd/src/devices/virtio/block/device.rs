@@ -2,8 +2,8 @@
 //! thread that serves its queue once the driver has set it up.
 
 use std::os::unix::io::AsRawFd;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -12,8 +12,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::Disk;
 use super::request::{
-    Desc, DiskContext, MAX_SEGMENTS, Request, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES, complete,
+    Desc, DiskContext, MAX_SEGMENTS, Request, SECTOR_SIZE, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
+    complete,
 };
+use crate::devices::bus::lock;
 use crate::devices::virtio::{
     ActivateContext, ActivateError, INT_VRING, VIRTIO_F_RING_EVENT_IDX,
     VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK, VirtioDevice,
@@ -31,6 +33,8 @@ const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
 pub const QUEUE_SIZE: u16 = 256;
 /// How long the worker watches for the next request before sleeping.
 const POLL_WINDOW: Duration = Duration::from_micros(50);
+/// How long a stopping worker waits for requests in flight in the backend.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 const CONFIG_LEN: usize = 64;
 /// Largest discard / write-zeroes request, in sectors (4 GiB - 512).
 const MAX_DISCARD_SECTORS: u32 = u32::MAX >> 9;
@@ -189,94 +193,174 @@ fn wait(kick: &EventFd, stop: &EventFd) -> bool {
     }
 }
 
-/// The queue worker: serves requests until it is stopped, then hands the queue back.
+/// What the worker and in-flight asynchronous requests share.
+struct Shared {
+    mem: GuestRam,
+    queue: Mutex<Queue>,
+    interrupt: Arc<VirtioInterrupt>,
+    disk: DiskContext,
+    /// Requests handed to the backend's asynchronous face and not completed yet.
+    inflight: Mutex<usize>,
+    drained: Condvar,
+}
+
+impl Shared {
+    /// Returns a finished request's descriptors to the driver and tells it, if it wants.
+    fn complete(&self, head: u16, used_len: u32) {
+        let mut q = lock(&self.queue);
+        if let Err(e) = q.add_used(&self.mem, head, used_len) {
+            tracing::warn!(disk = %self.disk.id_str(), error = %e, "virtio-blk used ring");
+        }
+        if q.needs_notification(&self.mem).unwrap_or(true) {
+            self.interrupt.signal(INT_VRING);
+        }
+    }
+
+    fn finished_async(&self) {
+        let mut n = lock(&self.inflight);
+        *n -= 1;
+        if *n == 0 {
+            self.drained.notify_all();
+        }
+    }
+
+    /// Waits until every asynchronous request has completed.
+    fn drain(&self) {
+        let mut n = lock(&self.inflight);
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while *n > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::error!(disk = %self.disk.id_str(), inflight = *n, "requests still in flight at stop");
+                return;
+            }
+            n = self
+                .drained
+                .wait_timeout(n, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
+/// The queue worker: serves requests until it is stopped, then waits for the requests
+/// still in flight and hands the queue back.
 fn serve(
     mem: GuestRam,
-    mut queue: Queue,
+    queue: Queue,
     kick: EventFd,
     stop: EventFd,
     interrupt: Arc<VirtioInterrupt>,
     disk: DiskContext,
 ) -> Queue {
+    let shared = Arc::new(Shared {
+        mem,
+        queue: Mutex::new(queue),
+        interrupt,
+        disk,
+        inflight: Mutex::new(0),
+        drained: Condvar::new(),
+    });
     let mut bounce = Vec::new();
     // The driver may have queued requests before it set DRIVER_OK.
-    process(&mem, &mut queue, &interrupt, &disk, &mut bounce);
+    process(&shared, &mut bounce);
     while !wait(&kick, &stop) {
         let _ = kick.read();
         loop {
-            process(&mem, &mut queue, &interrupt, &disk, &mut bounce);
-            if !poll_for_more(&mem, &queue) {
+            process(&shared, &mut bounce);
+            if !poll_for_more(&shared) {
                 break;
             }
         }
     }
-    queue
+    shared.drain();
+    std::mem::take(&mut *lock(&shared.queue))
 }
 
 /// After a batch, watches the available ring for a short while before going back to
 /// sleep: a driver waiting for a completion usually submits its next request within
 /// microseconds, and catching it here saves a thread wake-up (tens of microseconds on a
 /// busy host) per request. Returns true when a request arrived.
-fn poll_for_more(mem: &GuestRam, queue: &Queue) -> bool {
+fn poll_for_more(shared: &Shared) -> bool {
     let until = Instant::now() + POLL_WINDOW;
     while Instant::now() < until {
-        match queue.avail_idx(mem, Ordering::Acquire) {
-            Ok(idx) if idx.0 != queue.next_avail() => return true,
-            Ok(_) => std::hint::spin_loop(),
+        let q = lock(&shared.queue);
+        match q.avail_idx(&shared.mem, Ordering::Acquire) {
+            Ok(idx) if idx.0 != q.next_avail() => return true,
+            Ok(_) => {
+                drop(q);
+                std::hint::spin_loop();
+            }
             Err(_) => return false,
         }
     }
     false
 }
 
-/// Serves every available request, then tells the driver if it wants to know.
-pub fn process(
-    mem: &GuestRam,
-    queue: &mut Queue,
-    interrupt: &VirtioInterrupt,
-    disk: &DiskContext,
-    bounce: &mut Vec<u8>,
-) {
-    let mut served = 0usize;
+/// Serves every available request: at once on this thread, or handed to the backend's
+/// asynchronous face when it has one.
+fn process(shared: &Arc<Shared>, bounce: &mut Vec<u8>) {
     loop {
-        if let Err(e) = queue.disable_notification(mem) {
-            tracing::warn!(disk = %disk.id_str(), error = %e, "virtio-blk queue");
-            return;
-        }
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let descs: Vec<Desc> = chain
-                .map(|d| Desc {
-                    addr: d.addr(),
-                    len: d.len(),
-                    writable: d.is_write_only(),
-                })
-                .collect();
-            let used_len = match Request::parse(&descs, mem) {
-                Ok(req) => req.execute(mem, disk, bounce).used_len,
-                Err((e, status)) => {
-                    disk.metrics.invalid();
-                    tracing::debug!(disk = %disk.id_str(), error = %e, "malformed virtio-blk request");
-                    status.map_or(0, |s| {
-                        complete(mem, s, super::request::VIRTIO_BLK_S_IOERR, 0).used_len
-                    })
-                }
-            };
-            if let Err(e) = queue.add_used(mem, head, used_len) {
-                tracing::warn!(disk = %disk.id_str(), error = %e, "virtio-blk used ring");
+        let mut batch = Vec::new();
+        {
+            let mut q = lock(&shared.queue);
+            if let Err(e) = q.disable_notification(&shared.mem) {
+                tracing::warn!(disk = %shared.disk.id_str(), error = %e, "virtio-blk queue");
+                return;
             }
-            served += 1;
+            while let Some(chain) = q.pop_descriptor_chain(&shared.mem) {
+                let head = chain.head_index();
+                let descs: Vec<Desc> = chain
+                    .map(|d| Desc {
+                        addr: d.addr(),
+                        len: d.len(),
+                        writable: d.is_write_only(),
+                    })
+                    .collect();
+                batch.push((head, descs));
+            }
         }
-        match queue.enable_notification(mem) {
+        for (head, descs) in batch {
+            handle(shared, head, &descs, bounce);
+        }
+        match lock(&shared.queue).enable_notification(&shared.mem) {
             Ok(true) => continue,
             Ok(false) => break,
             Err(e) => {
-                tracing::warn!(disk = %disk.id_str(), error = %e, "virtio-blk queue");
+                tracing::warn!(disk = %shared.disk.id_str(), error = %e, "virtio-blk queue");
                 break;
             }
         }
     }
-    if served > 0 && queue.needs_notification(mem).unwrap_or(true) {
-        interrupt.signal(INT_VRING);
+}
+
+fn handle(shared: &Arc<Shared>, head: u16, descs: &[Desc], bounce: &mut Vec<u8>) {
+    let (mem, disk) = (&shared.mem, &shared.disk);
+    let req = match Request::parse(descs, mem) {
+        Ok(req) => req,
+        Err((e, status)) => {
+            disk.metrics.invalid();
+            tracing::debug!(disk = %disk.id_str(), error = %e, "malformed virtio-blk request");
+            let used = status.map_or(0, |s| complete(mem, s, VIRTIO_BLK_S_IOERR, 0).used_len);
+            return shared.complete(head, used);
+        }
+    };
+    match disk.backend.async_io() {
+        Some(io) if req.is_async_kind() => {
+            *lock(&shared.inflight) += 1;
+            let later = shared.clone();
+            let now = req.start_async(mem, disk, io, move |c| {
+                later.complete(head, c.used_len);
+                later.finished_async();
+            });
+            if let Some(c) = now {
+                shared.complete(head, c.used_len);
+                shared.finished_async();
+            }
+        }
+        _ => {
+            let c = req.execute(mem, disk, bounce);
+            shared.complete(head, c.used_len);
+        }
     }
 }

@@ -13,7 +13,7 @@ use iscsi_initiator::blocking::BlockingLun;
 use iscsi_initiator::{Chap, Session, SessionConfig};
 use tokio::runtime::Runtime;
 
-use super::backend::{BackendError, BlockBackend};
+use super::backend::{AsyncBlockIo, BackendError, BlockBackend, Done};
 
 /// How long a logout may take when the disk goes away.
 const LOGOUT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,6 +73,7 @@ pub fn runtime() -> Result<Arc<Runtime>, IscsiError> {
 
 pub struct IscsiBackend {
     lun: BlockingLun,
+    async_lun: iscsi_initiator::Lun,
     session: Session,
     describe: String,
     discard: bool,
@@ -124,6 +125,7 @@ impl IscsiBackend {
         }
         let discard = lun.limits().max_unmap_blocks > 0;
         Ok(Self {
+            async_lun: lun.clone(),
             lun: BlockingLun::new(lun, rt.handle().clone()),
             session,
             describe,
@@ -186,6 +188,44 @@ impl BlockBackend for IscsiBackend {
 
     fn describe(&self) -> String {
         self.describe.clone()
+    }
+
+    fn async_io(&self) -> Option<&dyn AsyncBlockIo> {
+        Some(self)
+    }
+}
+
+/// Reads, writes and flushes as tasks on the session's runtime: the virtio worker hands
+/// a request over and goes on, the session pipelines what is in flight, and the task
+/// completes the request from the runtime's thread as soon as the response arrives.
+impl AsyncBlockIo for IscsiBackend {
+    fn read(&self, offset: u64, len: usize, done: Done<Vec<u8>>) {
+        let lun = self.async_lun.clone();
+        let lba = offset / u64::from(lun.block_size());
+        self.rt.spawn(async move {
+            let r = lun.read_into(lba, bytes::BytesMut::zeroed(len)).await;
+            done(
+                r.map(|b| b.to_vec())
+                    .map_err(|e| io_err("read", offset, len as u64, e)),
+            );
+        });
+    }
+
+    fn write(&self, offset: u64, data: Vec<u8>, done: Done<()>) {
+        let lun = self.async_lun.clone();
+        let lba = offset / u64::from(lun.block_size());
+        let len = data.len() as u64;
+        self.rt.spawn(async move {
+            let r = lun.write(lba, bytes::Bytes::from(data)).await;
+            done(r.map_err(|e| io_err("write", offset, len, e)));
+        });
+    }
+
+    fn flush(&self, done: Done<()>) {
+        let lun = self.async_lun.clone();
+        self.rt.spawn(async move {
+            done(lun.flush().await.map_err(|e| io_err("flush", 0, 0, e)));
+        });
     }
 }
 
