@@ -165,6 +165,25 @@ impl ConsoleReader {
     pub async fn wait_for(&mut self, needle: &str) -> bool {
         self.wait_for_from(needle, 0).await
     }
+
+    /// Reads until a complete heartbeat line has arrived after byte `from`, and returns
+    /// the last one (a line still being printed does not count).
+    pub async fn heartbeat_after(&mut self, from: usize) -> Option<hostd::testguest::Heartbeat> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(hb) = self
+                .text
+                .get(from..)
+                .and_then(|t| hostd::testguest::heartbeats(t).last().copied())
+            {
+                return Some(hb);
+            }
+            match tokio::time::timeout_at(deadline, self.stream.message()).await {
+                Ok(Ok(Some(out))) => self.text.push_str(&String::from_utf8_lossy(&out.data)),
+                _ => return None,
+            }
+        }
+    }
 }
 
 pub async fn wait_state(c: &mut HostServiceClient<Channel>, id: &str, want: PowerState) -> Vm {
