@@ -12,6 +12,7 @@ use proto::coordinator::coordinator_peer_service_client::CoordinatorPeerServiceC
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use crate::auth::Caller;
 use crate::consensus::transport::{Faults, member_address};
 use crate::consensus::{NodeError, NodeHandle};
 use crate::scheduler;
@@ -55,6 +56,22 @@ pub fn node_status(e: NodeError) -> Status {
     }
 }
 
+/// Metadata key marking a refusal that the state machine already wrote to the audit log.
+pub const AUDITED: &str = "x-pool-audited";
+
+fn audited(mut s: Status) -> Status {
+    s.metadata_mut()
+        .insert(AUDITED, tonic::metadata::MetadataValue::from_static("1"));
+    s
+}
+
+pub fn task_finished(t: &pb::Task) -> bool {
+    matches!(
+        pb::TaskState::try_from(t.state),
+        Ok(pb::TaskState::Succeeded | pb::TaskState::Failed | pb::TaskState::Cancelled)
+    )
+}
+
 fn retryable(s: &Status) -> bool {
     matches!(
         s.code(),
@@ -88,8 +105,9 @@ impl Coordinator {
     }
 
     /// Makes a command for `op` with the caller's request id (or a fresh one, so that the
-    /// retries below stay idempotent).
-    pub fn command(&self, request_id: &str, op: Op) -> Command {
+    /// retries below stay idempotent). A command a person asked for (the caller names a
+    /// method) is written to the audit log when applied.
+    pub fn command(&self, caller: &Caller, request_id: &str, op: Op) -> Command {
         Command {
             request_id: if request_id.is_empty() {
                 format!("auto-{}", uuid::Uuid::new_v4())
@@ -98,7 +116,9 @@ impl Coordinator {
             },
             at_ms: crate::consensus::node::stamp(),
             task_id: uuid::Uuid::new_v4().to_string(),
-            requested_by: String::new(),
+            requested_by: caller.name.clone(),
+            method: caller.method.clone(),
+            peer: caller.peer.clone(),
             op: Some(op),
         }
     }
@@ -179,10 +199,50 @@ impl Coordinator {
         Ok(c)
     }
 
-    /// Commits and turns the result into the call's answer.
-    pub async fn write(&self, request_id: &str, op: Op) -> Result<pb::Task, Status> {
-        let cmd = self.command(request_id, op);
-        self.submit(&cmd).await?.into_status()
+    /// Commits and turns the result into the call's answer. A refusal by the state
+    /// machine carries the [`AUDITED`] mark (the apply wrote it to the audit log).
+    pub async fn write(
+        &self,
+        caller: &Caller,
+        request_id: &str,
+        op: Op,
+    ) -> Result<pb::Task, Status> {
+        let cmd = self.command(caller, request_id, op);
+        self.submit(&cmd).await?.into_status().map_err(audited)
+    }
+
+    /// [`Coordinator::write`], then waits up to `wait` for the task to end, so a quick job
+    /// answers finished (the caller follows a longer one with GetTask or WatchTask).
+    pub async fn write_and_wait(
+        &self,
+        caller: &Caller,
+        request_id: &str,
+        op: Op,
+        wait: Duration,
+    ) -> Result<pb::Task, Status> {
+        let task = self.write(caller, request_id, op).await?;
+        Ok(self.wait_task(task, wait).await)
+    }
+
+    /// The task once it ends, or as it is after `wait`.
+    pub async fn wait_task(&self, task: pb::Task, wait: Duration) -> pb::Task {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut applied = self.node.shared.applied.subscribe();
+        let mut last = task;
+        loop {
+            if let Some(t) = self.node.state().tasks.get(&last.id) {
+                last = t.clone();
+            }
+            if task_finished(&last) {
+                return last;
+            }
+            if tokio::time::timeout_at(deadline, applied.changed())
+                .await
+                .is_err()
+            {
+                return last;
+            }
+        }
     }
 
     /// Runs `f` on state that includes every write committed before the call.
@@ -236,6 +296,7 @@ impl Coordinator {
     /// placement took the room first (the state machine answers ABORTED then).
     pub async fn place_and_commit(
         &self,
+        caller: &Caller,
         request_id: &str,
         spec: &pb::VmSpec,
         preferred: &str,
@@ -249,10 +310,10 @@ impl Coordinator {
         let mut last = Status::aborted("placement conflict");
         for _ in 0..5 {
             let host = self.schedule(spec, preferred).await?;
-            let cmd = self.command(&request_id, make(host));
+            let cmd = self.command(caller, &request_id, make(host));
             match self.submit(&cmd).await?.into_status() {
                 Err(s) if s.code() == Code::Aborted => last = s,
-                other => return other,
+                other => return other.map_err(audited),
             }
         }
         Err(last)

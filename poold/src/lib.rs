@@ -35,10 +35,13 @@
 // raft-rs's rust-protobuf types are built field by field, the way their own docs do it.
 #![allow(clippy::field_reassign_with_default)]
 
+pub mod auth;
+pub mod backend;
 pub mod client;
 pub mod config;
 pub mod consensus;
 pub mod coordinator;
+pub mod jobs;
 pub mod reconcile;
 pub mod scheduler;
 pub mod server;

@@ -43,6 +43,11 @@ struct Args {
     /// Entries kept behind a snapshot.
     #[arg(long)]
     snapshot_keep_entries: Option<u64>,
+    /// A file holding the first administrator's password: when the pool has no user yet,
+    /// user "admin" (pool-admin) is created with it. Without it, a pool with no user is
+    /// open until one is created.
+    #[arg(long)]
+    admin_password_file: Option<PathBuf>,
     /// Log filter, e.g. "info" or "poold=debug" (RUST_LOG wins when set).
     #[arg(long, default_value = "info,raft=warn")]
     log: String,
@@ -107,6 +112,16 @@ fn main() -> anyhow::Result<()> {
     if let Some(n) = args.snapshot_keep_entries.or(cfg.snapshot_keep_entries) {
         node.snapshot_keep_entries = n;
     }
+    let admin_password = match args.admin_password_file.as_ref() {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading {}", p.display()))?
+                .trim_end_matches(['\n', '\r'])
+                .to_owned(),
+        )
+        .filter(|p| !p.is_empty()),
+        None => None,
+    };
     let initial: BTreeMap<u64, String> = cfg
         .initial_members
         .iter()
@@ -126,6 +141,7 @@ fn main() -> anyhow::Result<()> {
             data_dir,
             initial_members: initial,
             join: cfg.join.unwrap_or(false),
+            admin_password,
         })
         .context("starting the Raft member")?;
         member

@@ -1,30 +1,41 @@
 //! Reconciliation: the leader compares what the pool wants (committed VM placements and
-//! desired power states) with what hosts report in their heartbeats, and acts on hosts to
+//! desired power states) with what hosts report, and acts on hosts and on the storage to
 //! close the gap.
 //!
 //! [`plan`] is pure and idempotent: the same state and reports give the same actions, and
 //! an action that already took effect drops out of the next plan. So a new leader needs no
-//! hand-over: it plans from the replicated state and the heartbeats it receives, and picks
-//! up where the old one stopped. [`Reconciler`] paces the actions (the same one is not
+//! hand-over: it plans from the replicated state and the reports it receives, and picks up
+//! where the old one stopped. [`Reconciler`] paces the actions (the same one is not
 //! re-sent while it may still be in flight) and runs them through [`HostActions`], the
-//! narrow interface to hosts; [`GrpcHostActions`] implements it over hostd's HostService.
+//! narrow interface to hosts; [`Actuator`] implements it over hostd and storaged.
+//!
+//! Storage access follows the VMs:
+//! - before a host creates a VM, each disk's volume is exported and the host's initiator
+//!   granted ([`crate::jobs::vm::disk_access`]), and hostd gets iSCSI disk configs;
+//! - [`plan_access`] revokes a pool host's grant on a volume once no VM that uses the
+//!   volume is placed on, migrating to, or still running on that host. Hosts the pool
+//!   cannot see (unreachable) keep their grants: cutting them off is fencing's job, done
+//!   only with HA on and in its order (see [`crate::jobs::ha`]).
+//!
+//! VMs held by a job that pauses or moves them (snapshot, migration, reboot) are left to
+//! that job.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proto::coordinator as pb;
 use proto::host as hpb;
-use proto::host::host_service_client::HostServiceClient;
-use tokio::sync::Mutex;
+use proto::storage as spb;
 
 use crate::coordinator::Coordinator;
+use crate::jobs::{Env, JobError};
 use crate::state::PoolState;
 
 /// What the reconciler does to one VM on one host.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Action {
-    /// Define the VM on the host and boot it.
+    /// Grant the host the VM's disks, define the VM there and boot it.
     Create {
         vm_id: String,
     },
@@ -41,7 +52,8 @@ pub enum Action {
     Resume {
         vm_id: String,
     },
-    /// The host runs a VM the pool placed elsewhere (or no longer knows): stop and forget it.
+    /// The host has a VM the pool placed elsewhere, stopped, or no longer knows: stop
+    /// and forget it.
     DestroyStale {
         vm_id: String,
     },
@@ -57,12 +69,6 @@ pub struct Step {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActionError {
-    #[error("host {address} cannot be reached")]
-    Connect {
-        address: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
     #[error("host {address} refused {what}")]
     Refused {
         address: String,
@@ -72,24 +78,37 @@ pub enum ActionError {
     },
     #[error("VM {vm_id} is no longer in the pool state")]
     UnknownVm { vm_id: String },
+    #[error("preparing the VM's disks failed")]
+    Disks(#[source] JobError),
 }
 
 /// Reported power states: host id → VM id → `pool.host.v1.PowerState`.
 pub type Reported = BTreeMap<String, BTreeMap<String, i32>>;
 
+fn active(p: i32) -> bool {
+    matches!(
+        hpb::PowerState::try_from(p),
+        Ok(hpb::PowerState::Running | hpb::PowerState::Paused | hpb::PowerState::Migrating)
+    )
+}
+
 /// The actions that bring hosts to the desired state. Hosts that did not report (never
-/// heard from, unreachable, fenced) are left alone: what they run is unknown.
+/// heard from) or are unreachable are left alone: what they run is unknown. A fenced host
+/// that reports again only has its stale VMs removed.
 pub fn plan(state: &PoolState, reported: &Reported) -> Vec<Step> {
     use hpb::PowerState as P;
+    let held: BTreeSet<&str> = state
+        .jobs
+        .values()
+        .filter(|j| j.holds_vm_still())
+        .filter_map(|j| j.busy_vm())
+        .collect();
     let mut out = Vec::new();
     for (host_id, vms) in reported {
         let Some(host) = state.hosts.get(host_id) else {
             continue;
         };
-        if matches!(
-            host.state(),
-            pb::HostState::Unreachable | pb::HostState::Fenced
-        ) {
+        if host.state() == pb::HostState::Unreachable {
             continue;
         }
         let step = |action| Step {
@@ -99,6 +118,9 @@ pub fn plan(state: &PoolState, reported: &Reported) -> Vec<Step> {
         };
         // VMs the pool placed on this host.
         for vm in state.vms.values().filter(|v| v.host_id == *host_id) {
+            if held.contains(vm.id.as_str()) {
+                continue;
+            }
             let have = vms.get(&vm.id).and_then(|p| P::try_from(*p).ok());
             let id = vm.id.clone();
             let a = match (vm.desired_power_state(), have) {
@@ -107,21 +129,99 @@ pub fn plan(state: &PoolState, reported: &Reported) -> Vec<Step> {
                 (P::Running, Some(P::Paused)) => Some(Action::Resume { vm_id: id }),
                 (P::Paused, Some(P::Running)) => Some(Action::Pause { vm_id: id }),
                 (P::Stopped, Some(P::Running | P::Paused)) => Some(Action::Stop {
+                    force: state.force_stop.contains(&id),
                     vm_id: id,
-                    force: false,
                 }),
                 _ => None,
             };
             out.extend(a.map(step));
         }
-        // VMs the host runs that the pool does not place there.
-        for (vm_id, p) in vms {
+        // VMs the host has that the pool does not place there: running ones are stopped,
+        // stopped definitions are removed (a later start defines the VM afresh).
+        for vm_id in vms.keys() {
             let placed_here = state.vms.get(vm_id).is_some_and(|v| v.host_id == *host_id);
-            let active = matches!(P::try_from(*p), Ok(P::Running | P::Paused));
-            if !placed_here && active {
+            let migrating_here = state
+                .migration_of(vm_id)
+                .is_some_and(|m| m.destination_host_id == *host_id || m.source_host_id == *host_id);
+            if !placed_here && !migrating_here && !held.contains(vm_id.as_str()) {
                 out.push(step(Action::DestroyStale {
                     vm_id: vm_id.clone(),
                 }));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A grant to take back: `initiator` (of `host_id`) on `export_id` of storaged `address`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Revoke {
+    pub address: String,
+    pub export_id: String,
+    pub initiator: String,
+    pub host_id: String,
+}
+
+/// Grants of pool hosts that no VM needs any more. `exports`: storaged address → its
+/// exports as listed.
+pub fn plan_access(
+    state: &PoolState,
+    reported: &Reported,
+    exports: &BTreeMap<String, Vec<spb::Export>>,
+) -> Vec<Revoke> {
+    // Hosts whose grants the reconciler manages: those it can see.
+    let hosts: BTreeMap<String, &pb::Host> = state
+        .hosts
+        .values()
+        .filter(|h| {
+            matches!(
+                h.state(),
+                pb::HostState::Enabled | pb::HostState::Disabled | pb::HostState::Maintenance
+            ) && reported.contains_key(&h.id)
+        })
+        .filter_map(|h| {
+            let iqn = h.info.as_ref()?.initiator_iqn.clone();
+            (!iqn.is_empty()).then_some((iqn, h))
+        })
+        .collect();
+    let mut wanted: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for vm in state.vms.values() {
+        let mut on: BTreeSet<&str> = BTreeSet::new();
+        if !vm.host_id.is_empty() {
+            on.insert(&vm.host_id);
+        }
+        if let Some(m) = state.migration_of(&vm.id) {
+            on.insert(&m.destination_host_id);
+            on.insert(&m.source_host_id);
+        }
+        for (h, vms) in reported {
+            if vms.get(&vm.id).is_some_and(|p| active(*p)) {
+                on.insert(h);
+            }
+        }
+        for d in vm.spec.iter().flat_map(|s| &s.disks) {
+            wanted.entry(&d.volume_id).or_default().extend(on.iter());
+        }
+    }
+    let mut out = Vec::new();
+    for (address, list) in exports {
+        for e in list {
+            for g in &e.grants {
+                let Some(h) = hosts.get(&g.initiator_iqn) else {
+                    continue;
+                };
+                let needed = wanted
+                    .get(e.volume_id.as_str())
+                    .is_some_and(|w| w.contains(h.id.as_str()));
+                if !needed {
+                    out.push(Revoke {
+                        address: address.clone(),
+                        export_id: e.id.clone(),
+                        initiator: g.initiator_iqn.clone(),
+                        host_id: h.id.clone(),
+                    });
+                }
             }
         }
     }
@@ -161,107 +261,64 @@ impl Reconciler {
         let steps = plan(state, reported);
         self.recent
             .retain(|s, at| steps.contains(s) && now.duration_since(*at) < Self::RETRY_AFTER);
-        let mut done = Vec::new();
-        for s in steps {
-            if self.recent.contains_key(&s) {
-                continue;
-            }
+        let due: Vec<Step> = steps
+            .into_iter()
+            .filter(|s| !self.recent.contains_key(s))
+            .collect();
+        for s in &due {
             self.recent.insert(s.clone(), now);
-            let vm_id = match &s.action {
-                Action::Create { vm_id }
-                | Action::Start { vm_id }
-                | Action::Stop { vm_id, .. }
-                | Action::Pause { vm_id }
-                | Action::Resume { vm_id }
-                | Action::DestroyStale { vm_id } => vm_id,
-            };
-            let r = self.actions.perform(&s, state.vms.get(vm_id)).await;
-            done.push((s, r));
         }
-        done
-    }
-}
-
-/// The hostd configuration of a pool VM.
-pub fn vm_config(state: &PoolState, vm: &pb::Vm) -> hpb::VmConfig {
-    let spec = vm.spec.clone().unwrap_or_default();
-    let disks = spec
-        .disks
-        .iter()
-        .map(|d| {
-            let portal = state
-                .volumes
-                .get(&d.volume_id)
-                .and_then(|v| state.srs.get(&v.pool_id))
-                .and_then(|sr| sr.portals.first().cloned())
-                .unwrap_or_default();
-            hpb::DiskConfig {
-                id: d.disk_id.clone(),
-                backend: Some(hpb::disk_config::Backend::Iscsi(hpb::IscsiDisk {
-                    portal,
-                    volume_id: d.volume_id.clone(),
-                    ..Default::default()
-                })),
-                read_only: d.read_only,
+        // Hosts act at once; one slow host does not hold up the others.
+        let runs = due.into_iter().map(|s| {
+            let actions = self.actions.clone();
+            let vm = state.vms.get(vm_of(&s.action)).cloned();
+            async move {
+                let r = actions.perform(&s, vm.as_ref()).await;
+                (s, r)
             }
-        })
-        .collect();
-    hpb::VmConfig {
-        name: spec.name,
-        vcpus: spec.vcpus,
-        memory_bytes: spec.memory_bytes,
-        boot: spec.boot,
-        disks,
-        cpuid_mask: vec![],
-        console_buffer_bytes: 64 << 10,
-        labels: spec.labels,
+        });
+        join_all(runs).await
     }
 }
 
-/// [`HostActions`] over hostd's gRPC HostService.
-#[derive(Default)]
-pub struct GrpcHostActions {
-    clients: Mutex<HashMap<String, HostServiceClient<tonic::transport::Channel>>>,
-    /// Pool state needed to build VM configs, set by the loop before each round.
-    pub state: Mutex<Option<Arc<PoolState>>>,
+fn vm_of(a: &Action) -> &str {
+    match a {
+        Action::Create { vm_id }
+        | Action::Start { vm_id }
+        | Action::Stop { vm_id, .. }
+        | Action::Pause { vm_id }
+        | Action::Resume { vm_id }
+        | Action::DestroyStale { vm_id } => vm_id,
+    }
 }
 
-impl GrpcHostActions {
-    async fn client(
-        &self,
-        address: &str,
-    ) -> Result<HostServiceClient<tonic::transport::Channel>, ActionError> {
-        if let Some(c) = self.clients.lock().await.get(address) {
-            return Ok(c.clone());
+/// Runs futures concurrently and collects their outputs in order.
+async fn join_all<F: std::future::Future + Send + 'static>(
+    fs: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
         }
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .map(|e| {
-                e.connect_timeout(Duration::from_secs(2))
-                    .timeout(Duration::from_secs(30))
-            })
-            .map_err(|source| ActionError::Connect {
-                address: address.to_owned(),
-                source,
-            })?
-            .connect()
-            .await
-            .map_err(|source| ActionError::Connect {
-                address: address.to_owned(),
-                source,
-            })?;
-        let c = HostServiceClient::new(ch);
-        self.clients
-            .lock()
-            .await
-            .insert(address.to_owned(), c.clone());
-        Ok(c)
     }
+    out
+}
+
+/// [`HostActions`] over hostd (and storaged, for the disks of a VM being created).
+pub struct Actuator {
+    pub env: Env,
 }
 
 #[tonic::async_trait]
-impl HostActions for GrpcHostActions {
+impl HostActions for Actuator {
     async fn perform(&self, step: &Step, vm: Option<&pb::Vm>) -> Result<(), ActionError> {
-        let mut c = self.client(&step.address).await?;
+        let h = &self.env.hosts;
+        let addr = step.address.as_str();
         let refused = |what: &str| {
             let address = step.address.clone();
             let what = what.to_owned();
@@ -276,73 +333,65 @@ impl HostActions for GrpcHostActions {
                 let vm = vm.ok_or_else(|| ActionError::UnknownVm {
                     vm_id: vm_id.clone(),
                 })?;
-                let state = self.state.lock().await.clone().unwrap_or_default();
-                c.create_vm(hpb::CreateVmRequest {
-                    vm_id: vm_id.clone(),
-                    config: Some(vm_config(&state, vm)),
-                    start: true,
-                })
+                let disks = crate::jobs::vm::disk_access(&self.env, vm, &step.host_id)
+                    .await
+                    .map_err(ActionError::Disks)?;
+                let start = vm.desired_power_state() == hpb::PowerState::Running;
+                h.create_vm(
+                    addr,
+                    hpb::CreateVmRequest {
+                        vm_id: vm_id.clone(),
+                        config: Some(crate::jobs::vm::vm_config(vm, disks)),
+                        start,
+                    },
+                )
                 .await
                 .map_err(refused("CreateVm"))?;
             }
             Action::Start { vm_id } => {
-                c.start_vm(hpb::VmRequest {
-                    vm_id: vm_id.clone(),
-                })
-                .await
-                .map_err(refused("StartVm"))?;
+                h.start_vm(addr, vm_id).await.map_err(refused("StartVm"))?;
             }
             Action::Stop { vm_id, force } => {
-                c.shutdown_vm(hpb::ShutdownVmRequest {
-                    vm_id: vm_id.clone(),
-                    force: *force,
-                    timeout_seconds: 60,
-                })
-                .await
-                .map_err(refused("ShutdownVm"))?;
+                h.shutdown_vm(addr, vm_id, *force)
+                    .await
+                    .map_err(refused("ShutdownVm"))?;
             }
             Action::Pause { vm_id } => {
-                c.pause_vm(hpb::VmRequest {
-                    vm_id: vm_id.clone(),
-                })
-                .await
-                .map_err(refused("PauseVm"))?;
+                h.pause_vm(addr, vm_id).await.map_err(refused("PauseVm"))?;
             }
             Action::Resume { vm_id } => {
-                c.resume_vm(hpb::VmRequest {
-                    vm_id: vm_id.clone(),
-                })
-                .await
-                .map_err(refused("ResumeVm"))?;
+                h.resume_vm(addr, vm_id)
+                    .await
+                    .map_err(refused("ResumeVm"))?;
             }
-            Action::DestroyStale { vm_id } => {
-                c.destroy_vm(hpb::VmRequest {
-                    vm_id: vm_id.clone(),
-                })
-                .await
-                .map_err(refused("DestroyVm"))?;
-            }
+            Action::DestroyStale { vm_id } => match h.destroy_vm(addr, vm_id).await {
+                Ok(()) => {}
+                Err(s) if s.code() == tonic::Code::NotFound => {}
+                Err(s) => return Err(refused("DestroyVm")(s)),
+            },
         }
         Ok(())
     }
 }
 
-/// Leader-only loop: a reconciliation round every second.
-pub async fn run(
-    c: Arc<Coordinator>,
-    actions: Arc<GrpcHostActions>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut rec = Reconciler::new(actions.clone());
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+/// Leader-only loop: a reconciliation round every second (VMs), and one every two
+/// seconds for storage access.
+pub async fn run(c: Arc<Coordinator>, env: Env, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut rec = Reconciler::new(Arc::new(Actuator { env: env.clone() }));
+    let mut revoked: HashMap<Revoke, Instant> = HashMap::new();
+    let mut round = 0u64;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.changed() => {}
+        }
         if *shutdown.borrow() {
             return;
         }
         if c.leader_term_start().is_none() {
             continue;
         }
+        round += 1;
         let reported: Reported = c
             .liveness
             .lock()
@@ -354,13 +403,41 @@ pub async fn run(
             continue;
         }
         let state = Arc::new(c.node.state().clone());
-        *actions.state.lock().await = Some(state.clone());
         for (step, r) in rec.round(&state, &reported, Instant::now()).await {
             match r {
                 Ok(()) => tracing::info!(?step, "reconciled"),
                 Err(e) => {
-                    tracing::warn!(?step, error = %e, "reconciliation step failed; will retry")
+                    tracing::warn!(?step, error = %e, cause = ?std::error::Error::source(&e), "reconciliation step failed; will retry")
                 }
+            }
+        }
+        if !round.is_multiple_of(4) {
+            continue;
+        }
+        let mut addrs: Vec<String> = state.srs.values().map(|s| s.address.clone()).collect();
+        addrs.sort();
+        addrs.dedup();
+        let mut exports = BTreeMap::new();
+        for a in addrs {
+            if let Ok(list) = env.storage.list_exports(&a, "").await {
+                exports.insert(a, list);
+            }
+        }
+        let now = Instant::now();
+        revoked.retain(|_, at| now.duration_since(*at) < Reconciler::RETRY_AFTER);
+        for r in plan_access(&state, &reported, &exports) {
+            if revoked.contains_key(&r) {
+                continue;
+            }
+            revoked.insert(r.clone(), now);
+            match env
+                .storage
+                .revoke(&r.address, &r.export_id, &r.initiator)
+                .await
+            {
+                Ok(n) => tracing::info!(?r, sessions = n, "revoked a grant no VM needs"),
+                Err(e) if e.code() == tonic::Code::NotFound => {}
+                Err(e) => tracing::warn!(?r, error = %e, "revoke failed; will retry"),
             }
         }
     }

@@ -47,10 +47,14 @@ pub struct MemberConfig {
     pub initial_members: BTreeMap<u64, String>,
     /// Start empty and wait for the leader's snapshot (after AddMember on the pool).
     pub join: bool,
+    /// When the pool has no user yet, the leader creates "admin" (pool-admin) with this
+    /// password, so the pool is never open.
+    pub admin_password: Option<String>,
 }
 
 pub struct Member {
     pub coordinator: Arc<Coordinator>,
+    admin_password: Option<String>,
 }
 
 impl Member {
@@ -87,6 +91,7 @@ impl Member {
         .map_err(|e| StartError::Node(e.to_string()))?;
         Ok(Member {
             coordinator: Arc::new(Coordinator::new(handle, faults, cfg.initial_members)),
+            admin_password: cfg.admin_password,
         })
     }
 
@@ -99,19 +104,44 @@ impl Member {
     ) -> Result<(), StartError> {
         let c = self.coordinator;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let mon = tokio::spawn(agent::monitor(c.clone(), stop_rx.clone()));
-        let rec = tokio::spawn(crate::reconcile::run(
-            c.clone(),
-            Arc::new(crate::reconcile::GrpcHostActions::default()),
-            stop_rx,
-        ));
+        let grpc = Arc::new(crate::backend::Grpc::default());
+        let env = crate::jobs::Env {
+            ledger: c.clone(),
+            storage: grpc.clone(),
+            hosts: grpc.clone(),
+        };
+        // The leader-only loops; each idles on a follower.
+        let loops = vec![
+            tokio::spawn(agent::monitor(c.clone(), stop_rx.clone())),
+            tokio::spawn(agent::poll_hosts(c.clone(), grpc.clone(), stop_rx.clone())),
+            tokio::spawn(crate::reconcile::run(
+                c.clone(),
+                env.clone(),
+                stop_rx.clone(),
+            )),
+            tokio::spawn(crate::jobs::run(c.clone(), env.clone(), stop_rx.clone())),
+            tokio::spawn(crate::jobs::ha::run(c.clone(), stop_rx.clone())),
+            tokio::spawn(crate::jobs::storage::refresh_loop(
+                c.clone(),
+                env.clone(),
+                stop_rx.clone(),
+            )),
+            tokio::spawn(bootstrap_admin(
+                c.clone(),
+                self.admin_password.clone(),
+                stop_rx.clone(),
+            )),
+        ];
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .add_service(
-                PoolServiceServer::new(pool::PoolApi { c: c.clone() })
-                    .max_decoding_message_size(16 << 20),
+                PoolServiceServer::new(pool::PoolApi {
+                    c: c.clone(),
+                    hosts: grpc.clone(),
+                })
+                .max_decoding_message_size(16 << 20),
             )
             .add_service(HostAgentServiceServer::new(agent::AgentApi {
                 c: c.clone(),
@@ -125,8 +155,52 @@ impl Member {
             .await
             .map_err(StartError::Serve);
         let _ = stop_tx.send(true);
-        mon.abort();
-        rec.abort();
+        for l in loops {
+            l.abort();
+        }
         result
+    }
+}
+
+/// Creates the first user ("admin", pool-admin) when the pool has none, once a leader is
+/// elected; a fixed request id makes the members that try it act once.
+async fn bootstrap_admin(
+    c: Arc<Coordinator>,
+    password: Option<String>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let Some(password) = password else { return };
+    loop {
+        if !c.node.state().users.is_empty() {
+            return;
+        }
+        if c.is_leader() {
+            let op = crate::state::command::Op::CreateUser(crate::state::command::CreateUser {
+                user: Some(proto::coordinator::User {
+                    id: uuid::Uuid::new_v4().to_string(),
+                    name: "admin".into(),
+                    roles: vec![proto::coordinator::Role::PoolAdmin as i32],
+                    created_at: None,
+                }),
+                password_hash: crate::auth::hash_password(&password),
+                token_key: rand::random::<[u8; 32]>().to_vec(),
+            });
+            let caller = crate::auth::Caller {
+                name: "bootstrap".into(),
+                method: "CreateUser".into(),
+                ..crate::auth::Caller::internal()
+            };
+            match c.write(&caller, "bootstrap-admin", op).await {
+                Ok(_) => {
+                    tracing::info!("created the first user, admin");
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "could not create the first user yet"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.changed() => return,
+        }
     }
 }

@@ -4,8 +4,10 @@
 //! commits a report through Raft only when something the pool acts on changed (the host
 //! comes back from unreachable, its info or a VM's power state changed) or every
 //! [`REPORT_EVERY`] to refresh `last_heartbeat_at`. A follower forwards heartbeats to the
-//! leader. [`monitor`] marks hosts unreachable once they miss heartbeats past the pool's
-//! timeout, counting from the leader's own start of term for hosts it never heard from.
+//! leader. [`poll_hosts`] asks each host itself (for hostd that does not call Heartbeat),
+//! feeding the same path ([`observe`]). [`monitor`] marks hosts unreachable once they
+//! miss heartbeats past the pool's timeout, counting from the leader's own start of term
+//! for hosts it never heard from.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,104 +38,214 @@ impl HostAgentService for AgentApi {
         if !self.c.is_leader() {
             return forward(&self.c, req).await;
         }
-        self.c.leader_term_start();
-        let (host, timeout_s, placed) = {
-            let s = self.c.node.state();
-            let host = s.hosts.get(&req.host_id).cloned().ok_or_else(|| {
-                Status::not_found(format!(
-                    "host {} has not joined this pool; call JoinHost first",
-                    req.host_id
-                ))
-            })?;
-            let placed: Vec<(String, String)> = req
+        observe(&self.c, req).await.map(Response::new)
+    }
+}
+
+/// The leader takes in what a host reports (by its own heartbeat or by the leader's
+/// poll): liveness in memory, a committed report when something the pool acts on
+/// changed. Answers with the host's state and the VMs it must stop.
+pub async fn observe(
+    c: &Coordinator,
+    req: pb::HeartbeatRequest,
+) -> Result<pb::HeartbeatResponse, Status> {
+    c.leader_term_start();
+    let (host, timeout_s) = {
+        let s = c.node.state();
+        let host = s.hosts.get(&req.host_id).cloned().ok_or_else(|| {
+            Status::not_found(format!(
+                "host {} has not joined this pool; call JoinHost first",
+                req.host_id
+            ))
+        })?;
+        (host, s.settings.host_heartbeat_timeout_seconds)
+    };
+    let now = Instant::now();
+    let reported: std::collections::BTreeMap<String, i32> = req
+        .vms
+        .iter()
+        .map(|v| (v.id.clone(), v.power_state))
+        .collect();
+    let must_commit = {
+        let mut live = c.liveness.lock().expect("liveness lock");
+        let prev = live.get(&req.host_id).cloned();
+        let state = c.node.state();
+        let vm_changed = req.vms.iter().any(|v| {
+            state.vms.get(&v.id).is_some_and(|x| {
+                x.host_id == req.host_id
+                    && (x.power_state != v.power_state || x.last_stop_reason != v.last_stop_reason)
+            })
+        });
+        let info_changed = req.info.is_some() && req.info != host.info;
+        let stale = prev
+            .as_ref()
+            .is_none_or(|p| now.duration_since(p.last_committed) >= REPORT_EVERY);
+        // Back from unreachable; or fenced and its VMs changed (it may rejoin once none
+        // runs).
+        let back = host.state() == pb::HostState::Unreachable
+            || (host.state() == pb::HostState::Fenced
+                && prev.as_ref().is_none_or(|p| p.vms != reported));
+        let must = vm_changed || info_changed || stale || back;
+        live.insert(
+            req.host_id.clone(),
+            Liveness {
+                last_seen: now,
+                last_committed: if must {
+                    now
+                } else {
+                    prev.as_ref().map_or(now, |p| p.last_committed)
+                },
+                sequence: req.sequence,
+                vms: reported.clone(),
+                metrics: req.metrics.clone(),
+            },
+        );
+        must
+    };
+    let mut state = host.state();
+    if must_commit {
+        let op = Op::HostReport(HostReport {
+            host_id: req.host_id.clone(),
+            info: req.info.clone(),
+            metrics: req.metrics.clone(),
+            vms: req
                 .vms
                 .iter()
-                .map(|v| {
-                    (
-                        v.id.clone(),
-                        s.vms
-                            .get(&v.id)
-                            .map(|x| x.host_id.clone())
-                            .unwrap_or_default(),
-                    )
+                .map(|v| ReportedVm {
+                    vm_id: v.id.clone(),
+                    power_state: v.power_state,
+                    last_stop_reason: v.last_stop_reason,
                 })
-                .collect();
-            (host, s.settings.host_heartbeat_timeout_seconds, placed)
-        };
-        let now = Instant::now();
-        let reported: std::collections::BTreeMap<String, i32> = req
-            .vms
+                .collect(),
+        });
+        let cmd = c.command(&crate::auth::Caller::internal(), "", op);
+        c.submit(&cmd).await?.into_status()?;
+        state = c
+            .node
+            .state()
+            .hosts
+            .get(&req.host_id)
+            .map_or(state, |h| h.state());
+    }
+    // VMs the host runs that the pool does not place there.
+    let stale_vm_ids = {
+        let s = c.node.state();
+        req.vms
             .iter()
-            .map(|v| (v.id.clone(), v.power_state))
-            .collect();
-        let must_commit = {
-            let mut live = self.c.liveness.lock().expect("liveness lock");
-            let prev = live.get(&req.host_id).cloned();
-            let state = self.c.node.state();
-            let vm_changed = req.vms.iter().any(|v| {
-                state
-                    .vms
-                    .get(&v.id)
-                    .is_some_and(|x| x.host_id == req.host_id && x.power_state != v.power_state)
-            });
-            let info_changed = req.info.is_some() && req.info != host.info;
-            let stale = prev
-                .as_ref()
-                .is_none_or(|p| now.duration_since(p.last_committed) >= REPORT_EVERY);
-            let back = host.state() == pb::HostState::Unreachable;
-            let must = vm_changed || info_changed || stale || back;
-            live.insert(
-                req.host_id.clone(),
-                Liveness {
-                    last_seen: now,
-                    last_committed: if must {
-                        now
-                    } else {
-                        prev.as_ref().map_or(now, |p| p.last_committed)
-                    },
-                    sequence: req.sequence,
-                    vms: reported.clone(),
-                    metrics: req.metrics.clone(),
-                },
-            );
-            must
-        };
-        let mut state = host.state();
-        if must_commit {
-            let op = Op::HostReport(HostReport {
-                host_id: req.host_id.clone(),
-                info: req.info.clone(),
-                metrics: req.metrics.clone(),
-                vms: req
-                    .vms
-                    .iter()
-                    .map(|v| ReportedVm {
-                        vm_id: v.id.clone(),
-                        power_state: v.power_state,
-                        last_stop_reason: v.last_stop_reason,
-                    })
-                    .collect(),
-            });
-            let cmd = self.c.command("", op);
-            self.c.submit(&cmd).await?.into_status()?;
-            state = self
-                .c
-                .node
-                .state()
-                .hosts
-                .get(&req.host_id)
-                .map_or(state, |h| h.state());
+            .filter(|v| {
+                matches!(
+                    proto::host::PowerState::try_from(v.power_state),
+                    Ok(proto::host::PowerState::Running
+                        | proto::host::PowerState::Paused
+                        | proto::host::PowerState::Migrating)
+                )
+            })
+            .filter(|v| {
+                let placed_here = s.vms.get(&v.id).is_some_and(|x| x.host_id == req.host_id);
+                let migrating = s.migration_of(&v.id).is_some_and(|m| {
+                    m.destination_host_id == req.host_id || m.source_host_id == req.host_id
+                });
+                !placed_here && !migrating
+            })
+            .map(|v| v.id.clone())
+            .collect()
+    };
+    Ok(pb::HeartbeatResponse {
+        state: state as i32,
+        stale_vm_ids,
+        next_heartbeat_ms: (timeout_s.max(3) * 1000 / 3).min(5000),
+    })
+}
+
+/// How often the leader polls each host.
+pub const POLL_EVERY: Duration = Duration::from_secs(1);
+/// Host info (CPU, memory, initiator) is fetched again this often.
+const INFO_EVERY: Duration = Duration::from_secs(15);
+
+/// Leader-only loop: asks every host what it runs (hostd's ListVms, GetHostInfo,
+/// GetHostMetrics) and takes the answers in as heartbeats. A host that does not answer
+/// is not seen; past the heartbeat timeout [`monitor`] marks it unreachable. This is how
+/// the pool watches hosts whose hostd does not call Heartbeat itself.
+pub async fn poll_hosts(
+    c: Arc<Coordinator>,
+    hosts: Arc<dyn crate::backend::HostOps>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let info_at: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>> =
+        Default::default();
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(POLL_EVERY) => {}
+            _ = shutdown.changed() => {}
         }
-        let stale_vm_ids = placed
-            .into_iter()
-            .filter(|(_, placed_on)| *placed_on != req.host_id)
-            .map(|(id, _)| id)
+        if *shutdown.borrow() {
+            return;
+        }
+        if c.leader_term_start().is_none() {
+            info_at.lock().expect("info lock").clear();
+            continue;
+        }
+        seq += 1;
+        let targets: Vec<(String, String)> = c
+            .node
+            .state()
+            .hosts
+            .values()
+            .map(|h| (h.id.clone(), h.address.clone()))
             .collect();
-        Ok(Response::new(pb::HeartbeatResponse {
-            state: state as i32,
-            stale_vm_ids,
-            next_heartbeat_ms: (timeout_s.max(3) * 1000 / 3).min(5000),
-        }))
+        let polls = targets.into_iter().map(|(id, addr)| {
+            let c = c.clone();
+            let hosts = hosts.clone();
+            let info_at = info_at.clone();
+            tokio::spawn(async move {
+                let want_info = info_at
+                    .lock()
+                    .expect("info lock")
+                    .get(&id)
+                    .is_none_or(|t| t.elapsed() >= INFO_EVERY);
+                let vms = match hosts.list_vms(&addr).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::debug!(host = %id, error = %e, "host did not answer the poll");
+                        return;
+                    }
+                };
+                let info = if want_info {
+                    match hosts.info(&addr).await {
+                        Ok(i) => {
+                            info_at
+                                .lock()
+                                .expect("info lock")
+                                .insert(id.clone(), Instant::now());
+                            Some(i)
+                        }
+                        Err(_) => return,
+                    }
+                } else {
+                    None
+                };
+                let metrics = if want_info {
+                    hosts.metrics(&addr).await.ok()
+                } else {
+                    None
+                };
+                let req = pb::HeartbeatRequest {
+                    host_id: id.clone(),
+                    info,
+                    metrics,
+                    vms,
+                    sequence: seq,
+                };
+                if let Err(e) = observe(&c, req).await {
+                    tracing::debug!(host = %id, error = %e, "poll not recorded");
+                }
+            })
+        });
+        let handles: Vec<_> = polls.collect();
+        for h in handles {
+            let _ = h.await;
+        }
     }
 }
 
@@ -196,7 +308,11 @@ pub async fn monitor(c: Arc<Coordinator>, shutdown: tokio::sync::watch::Receiver
             continue;
         }
         tracing::warn!(hosts = ?due, "hosts missed heartbeats past the timeout: marking unreachable");
-        let cmd = c.command("", Op::MarkUnreachable(MarkUnreachable { host_ids: due }));
+        let cmd = c.command(
+            &crate::auth::Caller::internal(),
+            "",
+            Op::MarkUnreachable(MarkUnreachable { host_ids: due }),
+        );
         if let Err(e) = c.submit(&cmd).await {
             tracing::warn!(error = %e, "could not mark hosts unreachable");
         }

@@ -23,9 +23,16 @@ pub struct Command {
     pub task_id: String,
     #[prost(string, tag = "4")]
     pub requested_by: String,
+    /// The gRPC method a person called (e.g. "StartVm"); empty for internal commands.
+    /// A command with a method is written to the audit log when it is applied.
+    #[prost(string, tag = "5")]
+    pub method: String,
+    /// The caller's address, for the audit log.
+    #[prost(string, tag = "6")]
+    pub peer: String,
     #[prost(
         oneof = "Op",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35"
     )]
     pub op: Option<Op>,
 }
@@ -66,6 +73,29 @@ pub enum Op {
     CreateTemplate(pb::Template),
     #[prost(message, tag = "26")]
     DeleteTemplate(ObjectId),
+    /// Starts a long operation that the leader carries out (see `crate::jobs`).
+    #[prost(message, tag = "27")]
+    StartJob(Job),
+    /// A job's progress and the outputs of the steps it finished.
+    #[prost(message, tag = "28")]
+    JobStep(JobStep),
+    /// A job's end: its effects on the pool state, or its error.
+    #[prost(message, tag = "29")]
+    FinishJob(FinishJob),
+    #[prost(message, tag = "30")]
+    CancelJob(ObjectId),
+    /// A call refused before it reached the log (permission, bad input), kept for audit.
+    #[prost(message, tag = "31")]
+    Audit(pb::AuditEvent),
+    #[prost(message, tag = "32")]
+    CreateUser(CreateUser),
+    #[prost(message, tag = "33")]
+    DeleteUser(ObjectId),
+    #[prost(message, tag = "34")]
+    SetRole(SetRole),
+    /// Figures storaged reported: repository usage and reachability, volume allocation.
+    #[prost(message, tag = "35")]
+    StorageRefresh(StorageRefresh),
 }
 
 impl Op {
@@ -89,6 +119,7 @@ impl Op {
             Op::CreateVm(_) => "vm.create",
             Op::UpdateVm(_) => "vm.update",
             Op::SetVmPower(p) => match hpb::PowerState::try_from(p.desired) {
+                Ok(hpb::PowerState::Running) if p.ha_restart => "vm.ha_restart",
                 Ok(hpb::PowerState::Running) if p.reboot => "vm.reboot",
                 Ok(hpb::PowerState::Running) => "vm.start",
                 Ok(hpb::PowerState::Stopped) => "vm.shutdown",
@@ -100,6 +131,16 @@ impl Op {
             Op::DeleteVolume(_) => "volume.delete",
             Op::CreateTemplate(_) => "template.create",
             Op::DeleteTemplate(_) => "template.delete",
+            Op::StartJob(j) => j.kind(),
+            Op::JobStep(_) => "job.step",
+            Op::FinishJob(_) => "job.finish",
+            Op::CancelJob(_) => "task.cancel",
+            Op::Audit(_) => "audit",
+            Op::CreateUser(_) => "user.create",
+            Op::DeleteUser(_) => "user.delete",
+            Op::SetRole(r) if r.grant => "user.grant_role",
+            Op::SetRole(_) => "user.revoke_role",
+            Op::StorageRefresh(_) => "sr.refresh",
         }
     }
 }
@@ -195,6 +236,9 @@ pub struct SetVmPower {
     pub force: bool,
     #[prost(bool, tag = "5")]
     pub reboot: bool,
+    /// Placed by HA after its host was fenced.
+    #[prost(bool, tag = "6")]
+    pub ha_restart: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -209,6 +253,379 @@ pub struct CreateVolume {
     pub virtual_size_bytes: u64,
     #[prost(map = "string, string", tag = "5")]
     pub labels: std::collections::HashMap<String, String>,
+}
+
+/// A long operation: what was asked, and what its finished steps produced. Kept in the
+/// state while it runs, so a new leader resumes it (every step is idempotent).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Job {
+    #[prost(string, tag = "1")]
+    pub task_id: String,
+    /// Step outputs committed so far (step name → value, e.g. a volume id).
+    #[prost(map = "string, string", tag = "2")]
+    pub outputs: std::collections::HashMap<String, String>,
+    #[prost(bool, tag = "3")]
+    pub cancel_requested: bool,
+    #[prost(oneof = "JobSpec", tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20")]
+    pub spec: Option<JobSpec>,
+}
+
+impl Job {
+    pub fn kind(&self) -> &'static str {
+        match &self.spec {
+            Some(JobSpec::CreateSr(_)) => "sr.create",
+            Some(JobSpec::Volume(v)) => match VolumeAction::try_from(v.action) {
+                Ok(VolumeAction::Create) => "volume.create",
+                Ok(VolumeAction::Resize) => "volume.resize",
+                Ok(VolumeAction::Snapshot) => "volume.snapshot",
+                Ok(VolumeAction::Clone) => "volume.clone",
+                Ok(VolumeAction::Revert) => "volume.revert",
+                Ok(VolumeAction::Delete) => "volume.delete",
+                _ => "volume.unknown",
+            },
+            Some(JobSpec::VmFromTemplate(_)) => "vm.create",
+            Some(JobSpec::TemplateFromVm(_)) => "template.create",
+            Some(JobSpec::SnapshotVm(_)) => "vm.snapshot",
+            Some(JobSpec::RevertVm(_)) => "vm.revert",
+            Some(JobSpec::CloneVm(_)) => "vm.clone",
+            Some(JobSpec::DestroyVm(_)) => "vm.destroy",
+            Some(JobSpec::MigrateVm(_)) => "vm.migrate",
+            Some(JobSpec::FenceHost(_)) => "host.fence",
+            Some(JobSpec::RebootVm(_)) => "vm.reboot",
+            None => "job.empty",
+        }
+    }
+
+    /// The existing VM this job holds: no other job may work on it meanwhile, and
+    /// reconciliation leaves it alone (a snapshot pauses it, a migration moves it).
+    pub fn busy_vm(&self) -> Option<&str> {
+        match &self.spec {
+            Some(JobSpec::TemplateFromVm(j)) => Some(&j.vm_id),
+            Some(JobSpec::SnapshotVm(j)) => Some(&j.vm_id),
+            Some(JobSpec::RevertVm(j)) => Some(&j.vm_id),
+            Some(JobSpec::DestroyVm(j)) => Some(&j.vm_id),
+            Some(JobSpec::MigrateVm(j)) => Some(&j.vm_id),
+            Some(JobSpec::RebootVm(j)) => Some(&j.vm_id),
+            Some(JobSpec::CloneVm(j)) => Some(&j.source_id),
+            _ => None,
+        }
+    }
+
+    /// Whether reconciliation must leave the VM alone while this job runs (it pauses the
+    /// VM or moves it between hosts).
+    pub fn holds_vm_still(&self) -> bool {
+        matches!(
+            &self.spec,
+            Some(JobSpec::SnapshotVm(_))
+                | Some(JobSpec::MigrateVm(_))
+                | Some(JobSpec::CloneVm(_))
+                | Some(JobSpec::RebootVm(_))
+        )
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum JobSpec {
+    #[prost(message, tag = "10")]
+    CreateSr(CreateSrJob),
+    #[prost(message, tag = "11")]
+    Volume(VolumeJob),
+    #[prost(message, tag = "12")]
+    VmFromTemplate(VmFromTemplateJob),
+    #[prost(message, tag = "13")]
+    TemplateFromVm(TemplateFromVmJob),
+    #[prost(message, tag = "14")]
+    SnapshotVm(SnapshotVmJob),
+    #[prost(message, tag = "15")]
+    RevertVm(RevertVmJob),
+    #[prost(message, tag = "16")]
+    CloneVm(CloneVmJob),
+    #[prost(message, tag = "17")]
+    DestroyVm(DestroyVmJob),
+    #[prost(message, tag = "18")]
+    MigrateVm(MigrateVmJob),
+    #[prost(message, tag = "19")]
+    FenceHost(FenceHostJob),
+    #[prost(message, tag = "20")]
+    RebootVm(RebootVmJob),
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CreateSrJob {
+    /// The repository as it will be recorded (thin_pool_id empty until created).
+    #[prost(message, optional, tag = "1")]
+    pub sr: Option<pb::StorageRepository>,
+    #[prost(message, optional, tag = "2")]
+    pub create_pool: Option<proto::storage::CreatePoolRequest>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum VolumeAction {
+    Unspecified = 0,
+    Create = 1,
+    Resize = 2,
+    Snapshot = 3,
+    Clone = 4,
+    Revert = 5,
+    Delete = 6,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VolumeJob {
+    #[prost(enumeration = "VolumeAction", tag = "1")]
+    pub action: i32,
+    /// The volume acted on (resize, snapshot, clone source, revert, delete).
+    #[prost(string, tag = "2")]
+    pub volume_id: String,
+    /// Create: the repository.
+    #[prost(string, tag = "3")]
+    pub sr_id: String,
+    /// Create, snapshot, clone: the new volume's name.
+    #[prost(string, tag = "4")]
+    pub name: String,
+    /// Create, resize.
+    #[prost(uint64, tag = "5")]
+    pub size_bytes: u64,
+    #[prost(map = "string, string", tag = "6")]
+    pub labels: std::collections::HashMap<String, String>,
+    /// Revert: the snapshot.
+    #[prost(string, tag = "7")]
+    pub snapshot_id: String,
+    /// Resize: allow shrinking.
+    #[prost(bool, tag = "8")]
+    pub force: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VmFromTemplateJob {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    #[prost(string, tag = "2")]
+    pub template_id: String,
+    /// The template's spec with the VM's name; disks are filled in by the job.
+    #[prost(message, optional, tag = "3")]
+    pub spec: Option<pb::VmSpec>,
+    /// Repository of the cloned disks; empty: each template disk's own.
+    #[prost(string, tag = "4")]
+    pub sr_id: String,
+    #[prost(bool, tag = "5")]
+    pub start: bool,
+    #[prost(string, tag = "6")]
+    pub host_id: String,
+    /// The client's request id, from which the start's own id is derived.
+    #[prost(string, tag = "7")]
+    pub request_id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TemplateFromVmJob {
+    #[prost(string, tag = "1")]
+    pub template_id: String,
+    #[prost(string, tag = "2")]
+    pub vm_id: String,
+    #[prost(string, tag = "3")]
+    pub name: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SnapshotVmJob {
+    #[prost(string, tag = "1")]
+    pub snapshot_id: String,
+    #[prost(string, tag = "2")]
+    pub vm_id: String,
+    #[prost(string, tag = "3")]
+    pub name: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RevertVmJob {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    #[prost(string, tag = "2")]
+    pub snapshot_id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CloneVmJob {
+    /// The new VM.
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    /// A VM or a VM snapshot.
+    #[prost(string, tag = "2")]
+    pub source_id: String,
+    #[prost(string, tag = "3")]
+    pub name: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DestroyVmJob {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    #[prost(bool, tag = "2")]
+    pub delete_disks: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MigrateVmJob {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    #[prost(string, tag = "2")]
+    pub source_host_id: String,
+    #[prost(string, tag = "3")]
+    pub destination_host_id: String,
+    #[prost(uint32, tag = "4")]
+    pub downtime_budget_ms: u32,
+    #[prost(bool, tag = "5")]
+    pub auto_converge: bool,
+    /// One-time token the source presents to the destination.
+    #[prost(string, tag = "6")]
+    pub token: String,
+    /// Part of a host evacuation: after the last VM, the host enters maintenance.
+    #[prost(string, tag = "7")]
+    pub evacuating_host_id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FenceHostJob {
+    #[prost(string, tag = "1")]
+    pub host_id: String,
+    /// The initiator whose access is revoked (the host's, as it last reported it).
+    #[prost(string, tag = "2")]
+    pub initiator_iqn: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RebootVmJob {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    #[prost(bool, tag = "2")]
+    pub force: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct JobStep {
+    #[prost(string, tag = "1")]
+    pub task_id: String,
+    #[prost(uint32, tag = "2")]
+    pub progress_percent: u32,
+    #[prost(string, tag = "3")]
+    pub status_message: String,
+    #[prost(map = "string, string", tag = "4")]
+    pub outputs: std::collections::HashMap<String, String>,
+    /// Figures for the task's results (e.g. a migration's round).
+    #[prost(map = "string, string", tag = "5")]
+    pub results: std::collections::HashMap<String, String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FinishJob {
+    #[prost(string, tag = "1")]
+    pub task_id: String,
+    /// A `tonic::Code` as i32; 0: succeeded and the effects apply.
+    #[prost(int32, tag = "2")]
+    pub code: i32,
+    #[prost(string, tag = "3")]
+    pub message: String,
+    #[prost(message, repeated, tag = "4")]
+    pub effects: Vec<Effect>,
+    #[prost(map = "string, string", tag = "5")]
+    pub results: std::collections::HashMap<String, String>,
+    /// Non-empty: the object the task created (its target from now on).
+    #[prost(string, tag = "6")]
+    pub target_id: String,
+}
+
+/// One change a finished job makes to the pool state. Effects are built so that applying
+/// them cannot fail: upserts, and removals that tolerate absence.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Effect {
+    #[prost(oneof = "EffectKind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
+    pub kind: Option<EffectKind>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum EffectKind {
+    /// Inserts or replaces a volume (its `pool_id` is the repository id).
+    #[prost(message, tag = "1")]
+    PutVolume(proto::storage::Volume),
+    #[prost(string, tag = "2")]
+    RemoveVolume(String),
+    #[prost(message, tag = "3")]
+    PutSr(pb::StorageRepository),
+    /// A new VM (stopped).
+    #[prost(message, tag = "4")]
+    CreateVm(CreateVm),
+    /// Replaces a VM's spec (revert).
+    #[prost(message, tag = "5")]
+    SetVmSpec(UpdateVm),
+    #[prost(string, tag = "6")]
+    RemoveVm(String),
+    #[prost(message, tag = "7")]
+    PutTemplate(pb::Template),
+    #[prost(message, tag = "8")]
+    PutVmSnapshot(pb::VmSnapshot),
+    #[prost(string, tag = "9")]
+    RemoveVmSnapshot(String),
+    /// The host is cut off at the storage: it becomes FENCED and its VMs leave it (HA
+    /// ones wait for a new placement, the others are stopped).
+    #[prost(string, tag = "10")]
+    HostFenced(String),
+    /// A migration switched over: the VM now runs on `to`.
+    #[prost(message, tag = "11")]
+    MoveVm(MoveVm),
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MoveVm {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    #[prost(string, tag = "2")]
+    pub to_host_id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CreateUser {
+    #[prost(message, optional, tag = "1")]
+    pub user: Option<pb::User>,
+    /// `pbkdf2-sha256$<iterations>$<salt hex>$<hash hex>`, computed by the proposer.
+    #[prost(string, tag = "2")]
+    pub password_hash: String,
+    /// The pool's token-signing key, chosen by the proposer; kept only when the pool has
+    /// none yet (the first user).
+    #[prost(bytes = "vec", tag = "3")]
+    pub token_key: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SetRole {
+    #[prost(string, tag = "1")]
+    pub user_id: String,
+    #[prost(enumeration = "pb::Role", tag = "2")]
+    pub role: i32,
+    #[prost(bool, tag = "3")]
+    pub grant: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StorageRefresh {
+    #[prost(message, repeated, tag = "1")]
+    pub srs: Vec<SrFigures>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SrFigures {
+    #[prost(string, tag = "1")]
+    pub sr_id: String,
+    #[prost(bool, tag = "2")]
+    pub reachable: bool,
+    #[prost(message, optional, tag = "3")]
+    pub usage: Option<proto::storage::PoolUsage>,
+    #[prost(string, repeated, tag = "4")]
+    pub portals: Vec<String>,
+    /// Volumes as storaged reports them (only those the pool knows are updated).
+    #[prost(message, repeated, tag = "5")]
+    pub volumes: Vec<proto::storage::Volume>,
 }
 
 /// The outcome of one command, returned to the proposer and kept under the request id.
@@ -301,12 +718,15 @@ mod tests {
             at_ms: 42,
             task_id: "t".into(),
             requested_by: "admin".into(),
+            method: String::new(),
+            peer: String::new(),
             op: Some(Op::SetVmPower(SetVmPower {
                 vm_id: "vm".into(),
                 desired: hpb::PowerState::Running as i32,
                 host_id: "h".into(),
                 force: false,
                 reboot: false,
+                ha_restart: false,
             })),
         };
         let back = Command::decode(c.encode_to_vec().as_slice()).unwrap();

@@ -68,7 +68,27 @@ pub struct PoolState {
     pub applied_index: u64,
     /// Derived: allocations per host.
     pub alloc: BTreeMap<String, Allocation>,
+    /// Long operations the leader carries out, by task id.
+    pub jobs: BTreeMap<String, Job>,
+    pub vm_snapshots: BTreeMap<String, pb::VmSnapshot>,
+    pub users: BTreeMap<String, UserRecord>,
+    /// Key that signs login tokens; set with the first user.
+    pub token_key: Vec<u8>,
+    /// Newest last; at most [`AUDIT_KEPT`].
+    pub audit: VecDeque<pb::AuditEvent>,
+    /// VMs whose shutdown was asked with force (cleared once they stop).
+    pub force_stop: BTreeSet<String>,
 }
+
+/// A user and the hash of their password.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserRecord {
+    pub user: pb::User,
+    pub password_hash: String,
+}
+
+/// Audit events kept; older ones are forgotten first.
+pub const AUDIT_KEPT: usize = 20_000;
 
 impl Default for PoolState {
     fn default() -> Self {
@@ -120,6 +140,12 @@ impl PoolState {
             request_order: VecDeque::new(),
             applied_index: 0,
             alloc: BTreeMap::new(),
+            jobs: BTreeMap::new(),
+            vm_snapshots: BTreeMap::new(),
+            users: BTreeMap::new(),
+            token_key: Vec::new(),
+            audit: VecDeque::new(),
+            force_stop: BTreeSet::new(),
         }
     }
 
@@ -197,6 +223,13 @@ impl PoolState {
                     } else {
                         None
                     },
+                    cancellable: matches!(
+                        op,
+                        Op::StartJob(Job {
+                            spec: Some(JobSpec::MigrateVm(_)),
+                            ..
+                        })
+                    ),
                     ..Default::default()
                 };
                 if !task.id.is_empty() {
@@ -207,6 +240,9 @@ impl PoolState {
             }
             Err(e) => e,
         };
+        if !cmd.method.is_empty() {
+            self.record_audit(cmd, &result);
+        }
         if !cmd.request_id.is_empty() && result.code != Code::Aborted as i32 {
             self.requests.insert(
                 cmd.request_id.clone(),
@@ -365,11 +401,32 @@ impl PoolState {
                     h.last_metrics = r.metrics.clone();
                 }
                 h.last_heartbeat_at = ts(cmd.at_ms);
-                if h.state() == pb::HostState::Unreachable {
-                    h.state = pb::HostState::Enabled as i32;
+                let state = h.state();
+                let fencing = self.fence_job(&r.host_id).is_some();
+                let runs_something = r.vms.iter().any(|v| {
+                    matches!(
+                        hpb::PowerState::try_from(v.power_state),
+                        Ok(hpb::PowerState::Running
+                            | hpb::PowerState::Paused
+                            | hpb::PowerState::Migrating)
+                    )
+                });
+                let h = self.host_mut(&r.host_id)?;
+                match state {
+                    // Back before it was fenced: nothing was restarted elsewhere.
+                    pb::HostState::Unreachable if !fencing => {
+                        h.state = pb::HostState::Enabled as i32
+                    }
+                    // A fenced host rejoins once it runs none of its old VMs.
+                    pb::HostState::Fenced if !runs_something => {
+                        h.state = pb::HostState::Enabled as i32
+                    }
+                    _ => {}
                 }
-                for rv in &r.vms {
-                    self.apply_reported_vm(&r.host_id, rv, cmd.at_ms);
+                if state != pb::HostState::Fenced {
+                    for rv in &r.vms {
+                        self.apply_reported_vm(&r.host_id, rv, cmd.at_ms);
+                    }
                 }
                 Ok((r.host_id.clone(), Succeeded, String::new()))
             }
@@ -614,6 +671,9 @@ impl PoolState {
                         {
                             v.host_id.clear();
                         }
+                        if desired == hpb::PowerState::Stopped && p.force && !v.host_id.is_empty() {
+                            self.force_stop.insert(p.vm_id.clone());
+                        }
                     }
                     _ => {
                         return Err(err(
@@ -632,6 +692,49 @@ impl PoolState {
                     if done { Succeeded } else { Running },
                     String::new(),
                 ))
+            }
+            Op::StartJob(j) => {
+                let mut j = j.clone();
+                j.task_id = cmd.task_id.clone();
+                j.outputs.clear();
+                j.cancel_requested = false;
+                let target = self.check_job(&j)?;
+                self.jobs.insert(j.task_id.clone(), j);
+                Ok((target, Running, "queued".into()))
+            }
+            Op::JobStep(st) => Ok((self.job_step(st)?, Succeeded, String::new())),
+            Op::FinishJob(f) => self.finish_job(f, cmd.at_ms),
+            Op::CancelJob(r) => {
+                let job = self.jobs.get_mut(&r.id).ok_or_else(|| {
+                    err(
+                        Code::FailedPrecondition,
+                        format!("task {} is not running (or cannot be cancelled)", r.id),
+                    )
+                })?;
+                if !matches!(job.spec, Some(JobSpec::MigrateVm(_))) {
+                    return Err(err(
+                        Code::FailedPrecondition,
+                        format!("task {} ({}) cannot be cancelled", r.id, job.kind()),
+                    ));
+                }
+                job.cancel_requested = true;
+                if let Some(t) = self.tasks.get_mut(&r.id) {
+                    t.status_message = "cancelling".into();
+                }
+                Ok((r.id.clone(), Succeeded, String::new()))
+            }
+            Op::Audit(e) => {
+                let mut e = e.clone();
+                e.at = ts(cmd.at_ms);
+                self.push_audit(e);
+                Ok((String::new(), Succeeded, String::new()))
+            }
+            Op::CreateUser(c) => Ok((self.create_user(c, cmd.at_ms)?, Succeeded, String::new())),
+            Op::DeleteUser(r) => Ok((self.delete_user(&r.id)?, Succeeded, String::new())),
+            Op::SetRole(r) => Ok((self.set_role(r)?, Succeeded, String::new())),
+            Op::StorageRefresh(r) => {
+                self.storage_refresh(r);
+                Ok((String::new(), Succeeded, String::new()))
             }
             Op::DestroyVm(r) => {
                 let vm = self
@@ -664,23 +767,42 @@ impl PoolState {
         let Some(vm) = self.vms.get_mut(&rv.vm_id) else {
             return;
         };
-        if !vm.host_id.is_empty() && vm.host_id != host_id {
-            // A stale copy on a host the pool moved the VM away from; reconciliation stops it.
+        if vm.host_id != host_id {
+            // A stale copy on a host the pool moved the VM away from (or a stopped VM's
+            // leftover definition); reconciliation removes it.
             return;
         }
         vm.power_state = rv.power_state;
         vm.last_stop_reason = rv.last_stop_reason;
+        let stopped = matches!(
+            vm.power_state(),
+            hpb::PowerState::Stopped | hpb::PowerState::Crashed
+        );
+        // The guest powered itself off: the pool takes that as the VM's wish (a crash,
+        // by contrast, is restarted).
         if vm.power_state() == hpb::PowerState::Stopped
-            && vm.desired_power_state() == hpb::PowerState::Stopped
+            && vm.last_stop_reason() == hpb::StopReason::GuestPoweroff
+            && vm.desired_power_state() == hpb::PowerState::Running
         {
-            vm.host_id.clear();
+            vm.desired_power_state = hpb::PowerState::Stopped as i32;
         }
+        if stopped && vm.desired_power_state() == hpb::PowerState::Stopped {
+            vm.host_id.clear();
+            vm.power_state = hpb::PowerState::Stopped as i32;
+        }
+        if stopped {
+            self.force_stop.remove(&rv.vm_id);
+        }
+        let Some(vm) = self.vms.get(&rv.vm_id) else {
+            return;
+        };
         if vm.power_state == vm.desired_power_state {
             let vm_id = vm.id.clone();
             for t in self.tasks.values_mut() {
                 if t.target_id == vm_id
                     && t.state == pb::TaskState::Running as i32
                     && t.kind.starts_with("vm.")
+                    && !self.jobs.contains_key(&t.id)
                 {
                     t.state = pb::TaskState::Succeeded as i32;
                     t.progress_percent = 100;
@@ -691,7 +813,7 @@ impl PoolState {
         self.rebuild_alloc_host(host_id);
     }
 
-    fn validate_spec(&self, spec: &pb::VmSpec) -> Result<(), CommandResult> {
+    pub(crate) fn validate_spec(&self, spec: &pb::VmSpec) -> Result<(), CommandResult> {
         if spec.name.is_empty() {
             return Err(err(Code::InvalidArgument, "a VM needs a name"));
         }
@@ -717,12 +839,21 @@ impl PoolState {
                     format!("disk {}: no volume {}", d.disk_id, d.volume_id),
                 ));
             }
+            if let Some(t) = self.volume_being_deleted(&d.volume_id) {
+                return Err(err(
+                    Code::FailedPrecondition,
+                    format!(
+                        "disk {}: volume {} is being deleted by task {t}",
+                        d.disk_id, d.volume_id
+                    ),
+                ));
+            }
         }
         Ok(())
     }
 
     /// The same filters the scheduler ran, run again at commit time.
-    fn check_fits(&self, vm: &pb::Vm, host_id: &str) -> Result<(), CommandResult> {
+    pub(crate) fn check_fits(&self, vm: &pb::Vm, host_id: &str) -> Result<(), CommandResult> {
         let h = self
             .hosts
             .get(host_id)
@@ -929,6 +1060,8 @@ mod tests {
             at_ms,
             task_id: format!("task-{request_id}"),
             requested_by: String::new(),
+            method: String::new(),
+            peer: String::new(),
             op: Some(op),
         }
     }
@@ -1029,6 +1162,7 @@ mod tests {
                 host_id: "h".into(),
                 force: false,
                 reboot: false,
+                ha_restart: false,
             }),
             Op::RemoveSr(ObjectId { id: "nope".into() }),
         ]

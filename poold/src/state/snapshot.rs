@@ -2,7 +2,9 @@
 //! what a slow follower receives instead of the entries it missed.
 //!
 //! Layout: the 8-byte magic `POOLSNAP`, a u32 big-endian format version, then one protobuf
-//! message ([`SnapshotV1`]). The persisted type is separate from the runtime
+//! message ([`SnapshotV1`]; fields added since version 1 was first written — jobs, VM
+//! snapshots, users, audit — decode as empty from older snapshots, so the version stays).
+//! The persisted type is separate from the runtime
 //! [`PoolState`]: derived data (per-host allocations) is rebuilt on load, not stored.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -10,8 +12,8 @@ use std::collections::{BTreeMap, VecDeque};
 use prost::Message;
 use proto::coordinator as pb;
 
-use super::command::{CommandResult, MemberRecord};
-use super::machine::{PoolState, RequestRecord};
+use super::command::{CommandResult, Job, MemberRecord};
+use super::machine::{PoolState, RequestRecord, UserRecord};
 
 pub const MAGIC: &[u8; 8] = b"POOLSNAP";
 pub const VERSION: u32 = 1;
@@ -60,6 +62,27 @@ pub struct SnapshotV1 {
     pub requests: Vec<RequestV1>,
     #[prost(message, repeated, tag = "12")]
     pub templates: Vec<pb::Template>,
+    #[prost(message, repeated, tag = "13")]
+    pub jobs: Vec<Job>,
+    #[prost(message, repeated, tag = "14")]
+    pub vm_snapshots: Vec<pb::VmSnapshot>,
+    #[prost(message, repeated, tag = "15")]
+    pub users: Vec<UserV1>,
+    #[prost(bytes = "vec", tag = "16")]
+    pub token_key: Vec<u8>,
+    /// Oldest first.
+    #[prost(message, repeated, tag = "17")]
+    pub audit: Vec<pb::AuditEvent>,
+    #[prost(string, repeated, tag = "18")]
+    pub force_stop: Vec<String>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UserV1 {
+    #[prost(message, optional, tag = "1")]
+    pub user: Option<pb::User>,
+    #[prost(string, tag = "2")]
+    pub password_hash: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -94,6 +117,19 @@ pub fn encode(s: &PoolState) -> Vec<u8> {
         volumes: s.volumes.values().cloned().collect(),
         vms: s.vms.values().cloned().collect(),
         templates: s.templates.values().cloned().collect(),
+        jobs: s.jobs.values().cloned().collect(),
+        vm_snapshots: s.vm_snapshots.values().cloned().collect(),
+        users: s
+            .users
+            .values()
+            .map(|u| UserV1 {
+                user: Some(u.user.clone()),
+                password_hash: u.password_hash.clone(),
+            })
+            .collect(),
+        token_key: s.token_key.clone(),
+        audit: s.audit.iter().cloned().collect(),
+        force_stop: s.force_stop.iter().cloned().collect(),
         tasks: s
             .task_order
             .iter()
@@ -147,6 +183,29 @@ pub fn decode(bytes: &[u8]) -> Result<PoolState, SnapshotError> {
     s.volumes = b.volumes.into_iter().map(|x| (x.id.clone(), x)).collect();
     s.vms = b.vms.into_iter().map(|x| (x.id.clone(), x)).collect();
     s.templates = b.templates.into_iter().map(|x| (x.id.clone(), x)).collect();
+    s.jobs = b.jobs.into_iter().map(|j| (j.task_id.clone(), j)).collect();
+    s.vm_snapshots = b
+        .vm_snapshots
+        .into_iter()
+        .map(|x| (x.id.clone(), x))
+        .collect();
+    s.users = b
+        .users
+        .into_iter()
+        .filter_map(|u| {
+            let user = u.user?;
+            Some((
+                user.id.clone(),
+                UserRecord {
+                    user,
+                    password_hash: u.password_hash,
+                },
+            ))
+        })
+        .collect();
+    s.token_key = b.token_key;
+    s.audit = b.audit.into_iter().collect();
+    s.force_stop = b.force_stop.into_iter().collect();
     s.task_order = b.tasks.iter().map(|t| t.id.clone()).collect();
     s.tasks = b.tasks.into_iter().map(|t| (t.id.clone(), t)).collect();
     let mut order = VecDeque::new();
@@ -222,6 +281,8 @@ mod tests {
                     at_ms: 1000 + i as u64,
                     task_id: format!("t{i}"),
                     requested_by: String::new(),
+                    method: String::new(),
+                    peer: String::new(),
                     op: Some(op),
                 },
             );

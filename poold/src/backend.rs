@@ -1,0 +1,562 @@
+//! The daemons the pool acts through, seen from the coordinator: narrow traits over the
+//! parts of `StorageService` (storaged) and `HostService` (hostd) that jobs and
+//! reconciliation use, and their gRPC implementations.
+//!
+//! Every method takes the daemon's address, so one value serves every storaged and every
+//! host of the pool. Errors are the daemons' own `tonic::Status`, with a failure to
+//! connect or a call past its time limit turned into UNAVAILABLE / DEADLINE_EXCEEDED:
+//! callers tell "try again later" from "refused" by the code ([`transient`]).
+//! Unit tests of jobs and reconciliation put test doubles behind these traits; the daemons
+//! themselves are exercised by the end-to-end tests.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use proto::host as hpb;
+use proto::host::host_service_client::HostServiceClient;
+use proto::storage as spb;
+use proto::storage::storage_service_client::StorageServiceClient;
+use tonic::codegen::tokio_stream::{Stream, StreamExt};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// A stream of migration progress reports from the source host.
+pub type ProgressStream =
+    Pin<Box<dyn Stream<Item = Result<hpb::MigrationProgress, Status>> + Send>>;
+
+/// Whether a failed call may succeed if tried again later (the daemon was unreachable,
+/// slow, or busy), as opposed to a refusal that will not change by itself.
+pub fn transient(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::Unknown
+            | Code::Cancelled
+    )
+}
+
+/// The StorageService calls the pool makes.
+#[tonic::async_trait]
+pub trait StorageOps: Send + Sync {
+    async fn create_pool(
+        &self,
+        addr: &str,
+        r: spb::CreatePoolRequest,
+    ) -> Result<spb::ThinPool, Status>;
+    async fn list_pools(&self, addr: &str) -> Result<Vec<spb::ThinPool>, Status>;
+    async fn pool_usage(&self, addr: &str, pool_id: &str) -> Result<spb::PoolUsage, Status>;
+    async fn create_volume(
+        &self,
+        addr: &str,
+        r: spb::CreateVolumeRequest,
+    ) -> Result<spb::Volume, Status>;
+    async fn get_volume(&self, addr: &str, id: &str) -> Result<spb::Volume, Status>;
+    /// Every volume, snapshot and clone of a thin pool.
+    async fn list_volumes(&self, addr: &str, pool_id: &str) -> Result<Vec<spb::Volume>, Status>;
+    async fn resize_volume(
+        &self,
+        addr: &str,
+        r: spb::ResizeVolumeRequest,
+    ) -> Result<spb::Volume, Status>;
+    async fn delete_volume(&self, addr: &str, id: &str, force: bool) -> Result<(), Status>;
+    async fn snapshot(
+        &self,
+        addr: &str,
+        r: spb::CreateSnapshotRequest,
+    ) -> Result<spb::Volume, Status>;
+    async fn clone_volume(
+        &self,
+        addr: &str,
+        r: spb::CloneVolumeRequest,
+    ) -> Result<spb::Volume, Status>;
+    async fn revert(
+        &self,
+        addr: &str,
+        volume_id: &str,
+        snapshot_id: &str,
+    ) -> Result<spb::Volume, Status>;
+    async fn create_export(&self, addr: &str, volume_id: &str) -> Result<spb::Export, Status>;
+    /// Exports of one volume, or every export when `volume_id` is empty.
+    async fn list_exports(&self, addr: &str, volume_id: &str) -> Result<Vec<spb::Export>, Status>;
+    async fn grant(&self, addr: &str, export_id: &str, initiator: &str) -> Result<(), Status>;
+    /// Returns once the initiator's sessions are closed and their commands finished.
+    async fn revoke(&self, addr: &str, export_id: &str, initiator: &str) -> Result<u32, Status>;
+}
+
+/// The HostService calls the pool makes.
+#[tonic::async_trait]
+pub trait HostOps: Send + Sync {
+    async fn info(&self, addr: &str) -> Result<hpb::HostInfo, Status>;
+    async fn metrics(&self, addr: &str) -> Result<hpb::HostMetrics, Status>;
+    async fn list_vms(&self, addr: &str) -> Result<Vec<hpb::Vm>, Status>;
+    async fn create_vm(&self, addr: &str, r: hpb::CreateVmRequest) -> Result<hpb::Vm, Status>;
+    async fn start_vm(&self, addr: &str, vm_id: &str) -> Result<hpb::Vm, Status>;
+    async fn pause_vm(&self, addr: &str, vm_id: &str) -> Result<hpb::Vm, Status>;
+    async fn resume_vm(&self, addr: &str, vm_id: &str) -> Result<hpb::Vm, Status>;
+    async fn reboot_vm(&self, addr: &str, vm_id: &str, force: bool) -> Result<hpb::Vm, Status>;
+    async fn shutdown_vm(&self, addr: &str, vm_id: &str, force: bool) -> Result<hpb::Vm, Status>;
+    async fn destroy_vm(&self, addr: &str, vm_id: &str) -> Result<(), Status>;
+    async fn prepare_migration_receive(
+        &self,
+        addr: &str,
+        r: hpb::PrepareMigrationReceiveRequest,
+    ) -> Result<hpb::PrepareMigrationReceiveResponse, Status>;
+    async fn start_migration_send(
+        &self,
+        addr: &str,
+        r: hpb::StartMigrationSendRequest,
+    ) -> Result<ProgressStream, Status>;
+    async fn get_migration(
+        &self,
+        addr: &str,
+        migration_id: &str,
+    ) -> Result<hpb::MigrationProgress, Status>;
+    async fn cancel_migration(&self, addr: &str, migration_id: &str) -> Result<(), Status>;
+}
+
+/// gRPC clients of every storaged and hostd the pool talks to, one lazily connected
+/// channel per address.
+pub struct Grpc {
+    channels: Mutex<HashMap<String, Channel>>,
+    /// Limit of one ordinary call.
+    pub call_timeout: Duration,
+    /// Limit of a revoke, which waits for the initiator's commands to finish.
+    pub revoke_timeout: Duration,
+}
+
+impl Default for Grpc {
+    fn default() -> Self {
+        Grpc {
+            channels: Mutex::new(HashMap::new()),
+            call_timeout: Duration::from_secs(15),
+            revoke_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Grpc {
+    fn channel(&self, addr: &str) -> Result<Channel, Status> {
+        let mut map = self.channels.lock().expect("channel cache lock");
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::invalid_argument(format!("bad daemon address {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        map.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    fn storage(&self, addr: &str) -> Result<StorageServiceClient<Channel>, Status> {
+        Ok(StorageServiceClient::new(self.channel(addr)?))
+    }
+
+    fn host(&self, addr: &str) -> Result<HostServiceClient<Channel>, Status> {
+        Ok(HostServiceClient::new(self.channel(addr)?))
+    }
+}
+
+/// Runs one call with a time limit; the answer's body, or its status.
+async fn within<T>(
+    limit: Duration,
+    what: &str,
+    addr: &str,
+    f: impl std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, Status> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(Status::new(
+            s.code(),
+            format!("{what} at {addr}: {}", s.message()),
+        )),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "{what} at {addr}: no answer within {limit:?}"
+        ))),
+    }
+}
+
+#[tonic::async_trait]
+impl StorageOps for Grpc {
+    async fn create_pool(
+        &self,
+        addr: &str,
+        r: spb::CreatePoolRequest,
+    ) -> Result<spb::ThinPool, Status> {
+        let mut c = self.storage(addr)?;
+        within(self.call_timeout, "CreatePool", addr, c.create_pool(r)).await
+    }
+
+    async fn list_pools(&self, addr: &str) -> Result<Vec<spb::ThinPool>, Status> {
+        let mut c = self.storage(addr)?;
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let r = within(
+                self.call_timeout,
+                "ListPools",
+                addr,
+                c.list_pools(spb::ListPoolsRequest {
+                    page_size: 0,
+                    page_token: token.clone(),
+                }),
+            )
+            .await?;
+            out.extend(r.pools);
+            if r.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            token = r.next_page_token;
+        }
+    }
+
+    async fn pool_usage(&self, addr: &str, pool_id: &str) -> Result<spb::PoolUsage, Status> {
+        let mut c = self.storage(addr)?;
+        let r = spb::GetPoolUsageRequest {
+            pool_id: pool_id.to_owned(),
+        };
+        within(self.call_timeout, "GetPoolUsage", addr, c.get_pool_usage(r)).await
+    }
+
+    async fn create_volume(
+        &self,
+        addr: &str,
+        r: spb::CreateVolumeRequest,
+    ) -> Result<spb::Volume, Status> {
+        let mut c = self.storage(addr)?;
+        within(self.call_timeout, "CreateVolume", addr, c.create_volume(r)).await
+    }
+
+    async fn get_volume(&self, addr: &str, id: &str) -> Result<spb::Volume, Status> {
+        let mut c = self.storage(addr)?;
+        let r = spb::GetVolumeRequest {
+            volume_id: id.to_owned(),
+        };
+        within(self.call_timeout, "GetVolume", addr, c.get_volume(r)).await
+    }
+
+    async fn list_volumes(&self, addr: &str, pool_id: &str) -> Result<Vec<spb::Volume>, Status> {
+        let mut c = self.storage(addr)?;
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let r = within(
+                self.call_timeout,
+                "ListVolumes",
+                addr,
+                c.list_volumes(spb::ListVolumesRequest {
+                    pool_id: pool_id.to_owned(),
+                    page_size: 0,
+                    page_token: token.clone(),
+                    kind: 0,
+                }),
+            )
+            .await?;
+            out.extend(r.volumes);
+            if r.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            token = r.next_page_token;
+        }
+    }
+
+    async fn resize_volume(
+        &self,
+        addr: &str,
+        r: spb::ResizeVolumeRequest,
+    ) -> Result<spb::Volume, Status> {
+        let mut c = self.storage(addr)?;
+        within(self.call_timeout, "ResizeVolume", addr, c.resize_volume(r)).await
+    }
+
+    async fn delete_volume(&self, addr: &str, id: &str, force: bool) -> Result<(), Status> {
+        let mut c = self.storage(addr)?;
+        let r = spb::DeleteVolumeRequest {
+            volume_id: id.to_owned(),
+            force,
+        };
+        within(
+            self.revoke_timeout,
+            "DeleteVolume",
+            addr,
+            c.delete_volume(r),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn snapshot(
+        &self,
+        addr: &str,
+        r: spb::CreateSnapshotRequest,
+    ) -> Result<spb::Volume, Status> {
+        let mut c = self.storage(addr)?;
+        within(
+            self.call_timeout,
+            "CreateSnapshot",
+            addr,
+            c.create_snapshot(r),
+        )
+        .await
+    }
+
+    async fn clone_volume(
+        &self,
+        addr: &str,
+        r: spb::CloneVolumeRequest,
+    ) -> Result<spb::Volume, Status> {
+        let mut c = self.storage(addr)?;
+        within(self.call_timeout, "CloneVolume", addr, c.clone_volume(r)).await
+    }
+
+    async fn revert(
+        &self,
+        addr: &str,
+        volume_id: &str,
+        snapshot_id: &str,
+    ) -> Result<spb::Volume, Status> {
+        let mut c = self.storage(addr)?;
+        let r = spb::RevertVolumeRequest {
+            volume_id: volume_id.to_owned(),
+            snapshot_id: snapshot_id.to_owned(),
+        };
+        within(self.call_timeout, "RevertVolume", addr, c.revert_volume(r)).await
+    }
+
+    async fn create_export(&self, addr: &str, volume_id: &str) -> Result<spb::Export, Status> {
+        let mut c = self.storage(addr)?;
+        let r = spb::CreateExportRequest {
+            volume_id: volume_id.to_owned(),
+            ..Default::default()
+        };
+        within(self.call_timeout, "CreateExport", addr, c.create_export(r)).await
+    }
+
+    async fn list_exports(&self, addr: &str, volume_id: &str) -> Result<Vec<spb::Export>, Status> {
+        let mut c = self.storage(addr)?;
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let r = within(
+                self.call_timeout,
+                "ListExports",
+                addr,
+                c.list_exports(spb::ListExportsRequest {
+                    volume_id: volume_id.to_owned(),
+                    page_size: 0,
+                    page_token: token.clone(),
+                }),
+            )
+            .await?;
+            out.extend(r.exports);
+            if r.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            token = r.next_page_token;
+        }
+    }
+
+    async fn grant(&self, addr: &str, export_id: &str, initiator: &str) -> Result<(), Status> {
+        let mut c = self.storage(addr)?;
+        let r = spb::GrantAccessRequest {
+            export_id: export_id.to_owned(),
+            initiator_iqn: initiator.to_owned(),
+            chap: None,
+            mutual_chap: None,
+        };
+        within(self.call_timeout, "GrantAccess", addr, c.grant_access(r))
+            .await
+            .map(|_| ())
+    }
+
+    async fn revoke(&self, addr: &str, export_id: &str, initiator: &str) -> Result<u32, Status> {
+        let mut c = self.storage(addr)?;
+        let r = spb::RevokeAccessRequest {
+            export_id: export_id.to_owned(),
+            initiator_iqn: initiator.to_owned(),
+        };
+        within(
+            self.revoke_timeout,
+            "RevokeAccess",
+            addr,
+            c.revoke_access(r),
+        )
+        .await
+        .map(|r| r.sessions_dropped)
+    }
+}
+
+#[tonic::async_trait]
+impl HostOps for Grpc {
+    async fn info(&self, addr: &str) -> Result<hpb::HostInfo, Status> {
+        let mut c = self.host(addr)?;
+        within(
+            Duration::from_secs(2),
+            "GetHostInfo",
+            addr,
+            c.get_host_info(hpb::GetHostInfoRequest {}),
+        )
+        .await
+    }
+
+    async fn metrics(&self, addr: &str) -> Result<hpb::HostMetrics, Status> {
+        let mut c = self.host(addr)?;
+        within(
+            Duration::from_secs(2),
+            "GetHostMetrics",
+            addr,
+            c.get_host_metrics(hpb::GetHostMetricsRequest {}),
+        )
+        .await
+    }
+
+    async fn list_vms(&self, addr: &str) -> Result<Vec<hpb::Vm>, Status> {
+        let mut c = self.host(addr)?;
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let r = within(
+                Duration::from_secs(2),
+                "ListVms",
+                addr,
+                c.list_vms(hpb::ListVmsRequest {
+                    page_size: 0,
+                    page_token: token.clone(),
+                }),
+            )
+            .await?;
+            out.extend(r.vms);
+            if r.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            token = r.next_page_token;
+        }
+    }
+
+    async fn create_vm(&self, addr: &str, r: hpb::CreateVmRequest) -> Result<hpb::Vm, Status> {
+        let mut c = self.host(addr)?;
+        within(self.call_timeout, "CreateVm", addr, c.create_vm(r)).await
+    }
+
+    async fn start_vm(&self, addr: &str, vm_id: &str) -> Result<hpb::Vm, Status> {
+        let mut c = self.host(addr)?;
+        let r = hpb::VmRequest {
+            vm_id: vm_id.to_owned(),
+        };
+        within(self.call_timeout, "StartVm", addr, c.start_vm(r)).await
+    }
+
+    async fn pause_vm(&self, addr: &str, vm_id: &str) -> Result<hpb::Vm, Status> {
+        let mut c = self.host(addr)?;
+        let r = hpb::VmRequest {
+            vm_id: vm_id.to_owned(),
+        };
+        within(self.call_timeout, "PauseVm", addr, c.pause_vm(r)).await
+    }
+
+    async fn resume_vm(&self, addr: &str, vm_id: &str) -> Result<hpb::Vm, Status> {
+        let mut c = self.host(addr)?;
+        let r = hpb::VmRequest {
+            vm_id: vm_id.to_owned(),
+        };
+        within(self.call_timeout, "ResumeVm", addr, c.resume_vm(r)).await
+    }
+
+    async fn reboot_vm(&self, addr: &str, vm_id: &str, force: bool) -> Result<hpb::Vm, Status> {
+        let mut c = self.host(addr)?;
+        let r = hpb::RebootVmRequest {
+            vm_id: vm_id.to_owned(),
+            force,
+        };
+        within(self.call_timeout, "RebootVm", addr, c.reboot_vm(r)).await
+    }
+
+    async fn shutdown_vm(&self, addr: &str, vm_id: &str, force: bool) -> Result<hpb::Vm, Status> {
+        let mut c = self.host(addr)?;
+        let r = hpb::ShutdownVmRequest {
+            vm_id: vm_id.to_owned(),
+            force,
+            timeout_seconds: if force { 0 } else { 60 },
+        };
+        within(
+            Duration::from_secs(90),
+            "ShutdownVm",
+            addr,
+            c.shutdown_vm(r),
+        )
+        .await
+    }
+
+    async fn destroy_vm(&self, addr: &str, vm_id: &str) -> Result<(), Status> {
+        let mut c = self.host(addr)?;
+        let r = hpb::VmRequest {
+            vm_id: vm_id.to_owned(),
+        };
+        within(self.call_timeout, "DestroyVm", addr, c.destroy_vm(r))
+            .await
+            .map(|_| ())
+    }
+
+    async fn prepare_migration_receive(
+        &self,
+        addr: &str,
+        r: hpb::PrepareMigrationReceiveRequest,
+    ) -> Result<hpb::PrepareMigrationReceiveResponse, Status> {
+        let mut c = self.host(addr)?;
+        within(
+            self.call_timeout,
+            "PrepareMigrationReceive",
+            addr,
+            c.prepare_migration_receive(r),
+        )
+        .await
+    }
+
+    async fn start_migration_send(
+        &self,
+        addr: &str,
+        r: hpb::StartMigrationSendRequest,
+    ) -> Result<ProgressStream, Status> {
+        let mut c = self.host(addr)?;
+        let s = within(
+            self.call_timeout,
+            "StartMigrationSend",
+            addr,
+            c.start_migration_send(r),
+        )
+        .await?;
+        Ok(Box::pin(s.map(|m| m)))
+    }
+
+    async fn get_migration(
+        &self,
+        addr: &str,
+        migration_id: &str,
+    ) -> Result<hpb::MigrationProgress, Status> {
+        let mut c = self.host(addr)?;
+        let r = hpb::GetMigrationRequest {
+            migration_id: migration_id.to_owned(),
+        };
+        within(self.call_timeout, "GetMigration", addr, c.get_migration(r)).await
+    }
+
+    async fn cancel_migration(&self, addr: &str, migration_id: &str) -> Result<(), Status> {
+        let mut c = self.host(addr)?;
+        let r = hpb::CancelMigrationRequest {
+            migration_id: migration_id.to_owned(),
+        };
+        within(
+            self.call_timeout,
+            "CancelMigration",
+            addr,
+            c.cancel_migration(r),
+        )
+        .await
+        .map(|_| ())
+    }
+}

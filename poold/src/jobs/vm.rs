@@ -1,0 +1,602 @@
+//! VM jobs: templates, snapshots, reverts, clones, destroys, reboots; and the disk access
+//! a host needs before it runs a VM (each disk's volume exported, the host's initiator
+//! granted).
+//!
+//! **Crash consistency.** A VM snapshot (and a clone of a running VM) is a set of volume
+//! snapshots that must look like the disks at one instant, as after a power cut: a write
+//! the guest saw acknowledged before another is never missing when the other is there.
+//! A stopped VM writes nothing, so its disks are snapshotted one after the other. A
+//! running VM with more than one disk is paused through hostd first (its vCPUs stop, so
+//! the guest issues no new write; every write it saw acknowledged has reached storaged),
+//! its disks are snapshotted, and it is resumed; one disk alone needs no pause, since
+//! storaged takes each snapshot atomically. The pause is recorded as a step output
+//! before it is made, so a new leader that takes the job over resumes the VM.
+
+use std::collections::HashMap;
+
+use proto::coordinator as pb;
+use proto::host as hpb;
+use proto::storage as spb;
+use tonic::Code;
+
+use super::storage::{Make, SrLoc, delete_once, make_once, volume_loc};
+use super::{Env, Finish, JobError, read};
+use crate::state::PoolState;
+use crate::state::command::*;
+use crate::state::jobs::vm_stopped;
+
+/// A VM's disks with where their volumes live.
+fn disks_of(s: &PoolState, spec: &pb::VmSpec) -> Result<Vec<(pb::VmDisk, SrLoc)>, JobError> {
+    spec.disks
+        .iter()
+        .map(|d| Ok((d.clone(), volume_loc(s, &d.volume_id)?)))
+        .collect()
+}
+
+fn vm_of(s: &PoolState, id: &str) -> Result<pb::Vm, JobError> {
+    s.vms
+        .get(id)
+        .cloned()
+        .ok_or_else(|| JobError::refused(Code::NotFound, format!("no VM with id {id}")))
+}
+
+pub fn host_addr(s: &PoolState, host_id: &str) -> Result<String, JobError> {
+    s.hosts
+        .get(host_id)
+        .map(|h| h.address.clone())
+        .ok_or_else(|| JobError::refused(Code::NotFound, format!("no host with id {host_id}")))
+}
+
+/// The initiator name a host logs in with, as it reported it.
+pub fn host_initiator(s: &PoolState, host_id: &str) -> Result<String, JobError> {
+    let h = s
+        .hosts
+        .get(host_id)
+        .ok_or_else(|| JobError::refused(Code::NotFound, format!("no host with id {host_id}")))?;
+    let iqn = h
+        .info
+        .as_ref()
+        .map(|i| i.initiator_iqn.clone())
+        .unwrap_or_default();
+    if iqn.is_empty() {
+        return Err(JobError::refused(
+            Code::FailedPrecondition,
+            format!(
+                "host {} ({}) reports no iSCSI initiator name; set initiator_iqn in its hostd configuration",
+                h.name, h.id
+            ),
+        ));
+    }
+    Ok(iqn)
+}
+
+/// Makes sure the host may reach each disk's volume (exported, its initiator granted) and
+/// returns the disks as hostd takes them.
+pub async fn disk_access(
+    env: &Env,
+    vm: &pb::Vm,
+    host_id: &str,
+) -> Result<Vec<hpb::DiskConfig>, JobError> {
+    let spec = vm.spec.clone().unwrap_or_default();
+    let (disks, iqn) = read(&*env.ledger, |s| {
+        Ok::<_, JobError>((disks_of(s, &spec)?, host_initiator(s, host_id)?))
+    })?;
+    let mut out = Vec::new();
+    for (d, loc) in disks {
+        let export = export_of(env, &loc, &d.volume_id).await?;
+        env.storage
+            .grant(&loc.address, &export.id, &iqn)
+            .await
+            .map_err(|s| {
+                JobError::from_status(
+                    format!("granting host {host_id} access to volume {}", d.volume_id),
+                    s,
+                )
+            })?;
+        let portal = export.portals.first().cloned().ok_or_else(|| {
+            JobError::refused(
+                Code::FailedPrecondition,
+                format!("storaged at {} lists no iSCSI portal", loc.address),
+            )
+        })?;
+        out.push(hpb::DiskConfig {
+            id: d.disk_id.clone(),
+            backend: Some(hpb::disk_config::Backend::Iscsi(hpb::IscsiDisk {
+                portal,
+                target_iqn: export.target_iqn.clone(),
+                lun: export.lun,
+                volume_id: d.volume_id.clone(),
+                ..Default::default()
+            })),
+            read_only: d.read_only,
+        });
+    }
+    Ok(out)
+}
+
+/// The volume's export, created when it has none.
+pub async fn export_of(env: &Env, loc: &SrLoc, volume_id: &str) -> Result<spb::Export, JobError> {
+    let listed = env
+        .storage
+        .list_exports(&loc.address, volume_id)
+        .await
+        .map_err(|s| JobError::from_status(format!("listing exports of volume {volume_id}"), s))?;
+    if let Some(e) = listed.into_iter().next() {
+        return Ok(e);
+    }
+    match env.storage.create_export(&loc.address, volume_id).await {
+        Ok(e) => Ok(e),
+        Err(s) if s.code() == Code::AlreadyExists => env
+            .storage
+            .list_exports(&loc.address, volume_id)
+            .await
+            .ok()
+            .and_then(|l| l.into_iter().next())
+            .ok_or_else(|| JobError::from_status(format!("exporting volume {volume_id}"), s)),
+        Err(s) => Err(JobError::from_status(
+            format!("exporting volume {volume_id}"),
+            s,
+        )),
+    }
+}
+
+/// hostd's configuration of a pool VM with the given disks.
+pub fn vm_config(vm: &pb::Vm, disks: Vec<hpb::DiskConfig>) -> hpb::VmConfig {
+    let spec = vm.spec.clone().unwrap_or_default();
+    hpb::VmConfig {
+        name: spec.name,
+        vcpus: spec.vcpus,
+        memory_bytes: spec.memory_bytes,
+        boot: spec.boot,
+        disks,
+        cpuid_mask: vec![],
+        console_buffer_bytes: 1 << 20,
+        labels: spec.labels,
+    }
+}
+
+fn short(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
+/// Crash-consistent snapshots of all of a VM's disks (see the module docs); returns
+/// disk id → snapshot volume. `step` prefixes the step names.
+async fn snapshot_disks(
+    env: &Env,
+    job: &Job,
+    vm: &pb::Vm,
+    step: &str,
+    label: &str,
+) -> Result<Vec<(String, spb::Volume)>, JobError> {
+    let spec = vm.spec.clone().unwrap_or_default();
+    let disks = read(&*env.ledger, |s| disks_of(s, &spec))?;
+    let running = !vm.host_id.is_empty()
+        && matches!(
+            vm.power_state(),
+            hpb::PowerState::Running | hpb::PowerState::Paused
+        );
+    let pause = running && disks.len() > 1 && vm.power_state() == hpb::PowerState::Running;
+    let paused_by_us = job.outputs.get("paused").cloned();
+    let addr = if running || paused_by_us.is_some() {
+        Some(read(&*env.ledger, |s| {
+            host_addr(s, paused_by_us.as_deref().unwrap_or(&vm.host_id))
+        })?)
+    } else {
+        None
+    };
+    if pause && paused_by_us.is_none() {
+        env.step(
+            &job.task_id,
+            10,
+            "pausing the VM",
+            &[("paused", &vm.host_id)],
+        )
+        .await?;
+    }
+    if (pause || paused_by_us.is_some())
+        && let Some(addr) = &addr
+    {
+        match env.hosts.pause_vm(addr, &vm.id).await {
+            // Already paused (by this job's previous attempt).
+            Ok(_) => {}
+            Err(s) if s.code() == Code::FailedPrecondition => {}
+            Err(s) => return Err(JobError::from_status(format!("pausing VM {}", vm.id), s)),
+        }
+    }
+    let mut out = Vec::new();
+    let mut result = Ok(());
+    for (d, loc) in &disks {
+        let name = format!(
+            "{}.{label}.{}.{}",
+            spec.name,
+            d.disk_id,
+            short(&job.task_id)
+        );
+        match make_once(
+            env,
+            loc,
+            &job.task_id,
+            &format!("{step}:{}", d.disk_id),
+            Make::Snapshot,
+            &d.volume_id,
+            &name,
+            &HashMap::new(),
+        )
+        .await
+        {
+            Ok(v) => out.push((d.disk_id.clone(), v)),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    if (pause || paused_by_us.is_some())
+        && let Some(addr) = &addr
+    {
+        // Resumed whatever happened to the snapshots.
+        match env.hosts.resume_vm(addr, &vm.id).await {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::FailedPrecondition => {}
+            Err(s) => return Err(JobError::from_status(format!("resuming VM {}", vm.id), s)),
+        }
+    }
+    result.map(|()| out)
+}
+
+pub async fn snapshot_vm(env: &Env, job: &Job, j: &SnapshotVmJob) -> Result<Finish, JobError> {
+    let vm = read(&*env.ledger, |s| vm_of(s, &j.vm_id))?;
+    let snaps = snapshot_disks(env, job, &vm, "disk", "snap").await?;
+    let mut f = Finish {
+        target: j.snapshot_id.clone(),
+        ..Default::default()
+    }
+    .result("snapshot_id", &j.snapshot_id);
+    let mut map = HashMap::new();
+    for (disk, v) in snaps {
+        map.insert(disk, v.id.clone());
+        f = f.effect(EffectKind::PutVolume(v));
+    }
+    Ok(f.effect(EffectKind::PutVmSnapshot(pb::VmSnapshot {
+        id: j.snapshot_id.clone(),
+        vm_id: vm.id.clone(),
+        name: j.name.clone(),
+        spec: vm.spec.clone(),
+        disk_snapshots: map,
+        created_at: None,
+    })))
+}
+
+pub async fn revert_vm(env: &Env, job: &Job, j: &RevertVmJob) -> Result<Finish, JobError> {
+    let (vm, snap) = read(&*env.ledger, |s| {
+        let vm = vm_of(s, &j.vm_id)?;
+        let snap = s.vm_snapshots.get(&j.snapshot_id).cloned().ok_or_else(|| {
+            JobError::refused(Code::NotFound, format!("no VM snapshot {}", j.snapshot_id))
+        })?;
+        Ok::<_, JobError>((vm, snap))
+    })?;
+    if !vm_stopped(&vm) {
+        return Err(JobError::refused(
+            Code::FailedPrecondition,
+            format!(
+                "VM {} started meanwhile; shut it down and revert again",
+                vm.id
+            ),
+        ));
+    }
+    let current: HashMap<String, String> = vm
+        .spec
+        .as_ref()
+        .map(|s| {
+            s.disks
+                .iter()
+                .map(|d| (d.disk_id.clone(), d.volume_id.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut spec = snap.spec.clone().unwrap_or_default();
+    let mut f = Finish::default();
+    for d in spec.disks.iter_mut() {
+        let snap_vol = snap
+            .disk_snapshots
+            .get(&d.disk_id)
+            .cloned()
+            .ok_or_else(|| {
+                JobError::refused(
+                    Code::FailedPrecondition,
+                    format!("snapshot {} has no copy of disk {}", snap.id, d.disk_id),
+                )
+            })?;
+        let loc = read(&*env.ledger, |s| volume_loc(s, &snap_vol))?;
+        match current.get(&d.disk_id) {
+            // The same volume still backs the disk: its content goes back.
+            Some(vol) if *vol == d.volume_id => {
+                let v = env
+                    .storage
+                    .revert(&loc.address, vol, &snap_vol)
+                    .await
+                    .map_err(|s| JobError::from_status(format!("reverting volume {vol}"), s))?;
+                f = f.effect(EffectKind::PutVolume(super::storage::pooled(v, &loc.sr_id)));
+            }
+            // The disk was removed or replaced since: a clone of the snapshot backs it.
+            _ => {
+                let name = format!("{}.{}.{}", spec.name, d.disk_id, short(&job.task_id));
+                let v = make_once(
+                    env,
+                    &loc,
+                    &job.task_id,
+                    &format!("restore:{}", d.disk_id),
+                    Make::Clone,
+                    &snap_vol,
+                    &name,
+                    &HashMap::new(),
+                )
+                .await?;
+                d.volume_id = v.id.clone();
+                f = f.effect(EffectKind::PutVolume(v));
+            }
+        }
+    }
+    spec.name = vm
+        .spec
+        .as_ref()
+        .map(|s| s.name.clone())
+        .unwrap_or(spec.name);
+    Ok(f.effect(EffectKind::SetVmSpec(UpdateVm {
+        vm_id: vm.id.clone(),
+        spec: Some(spec),
+    })))
+}
+
+pub async fn clone_vm(env: &Env, job: &Job, j: &CloneVmJob) -> Result<Finish, JobError> {
+    enum Source {
+        Vm(pb::Vm),
+        Snapshot(pb::VmSnapshot),
+    }
+    let source = read(&*env.ledger, |s| {
+        if let Some(vm) = s.vms.get(&j.source_id) {
+            Ok(Source::Vm(vm.clone()))
+        } else if let Some(snap) = s.vm_snapshots.get(&j.source_id) {
+            Ok(Source::Snapshot(snap.clone()))
+        } else {
+            Err(JobError::refused(
+                Code::NotFound,
+                format!("no VM or VM snapshot {}", j.source_id),
+            ))
+        }
+    })?;
+    let mut f = Finish {
+        target: j.vm_id.clone(),
+        ..Default::default()
+    }
+    .result("vm_id", &j.vm_id);
+    // Disk id → the volume to clone from, and temporary snapshots to drop afterwards.
+    let (mut spec, from, temporary): (pb::VmSpec, HashMap<String, String>, Vec<spb::Volume>) =
+        match source {
+            Source::Snapshot(snap) => (
+                snap.spec.clone().unwrap_or_default(),
+                snap.disk_snapshots.clone(),
+                vec![],
+            ),
+            Source::Vm(vm) if vm_stopped(&vm) => {
+                let spec = vm.spec.clone().unwrap_or_default();
+                let from = spec
+                    .disks
+                    .iter()
+                    .map(|d| (d.disk_id.clone(), d.volume_id.clone()))
+                    .collect();
+                (spec, from, vec![])
+            }
+            Source::Vm(vm) => {
+                let snaps = snapshot_disks(env, job, &vm, "tmp", "clone-src").await?;
+                let from = snaps
+                    .iter()
+                    .map(|(d, v)| (d.clone(), v.id.clone()))
+                    .collect();
+                (
+                    vm.spec.clone().unwrap_or_default(),
+                    from,
+                    snaps.into_iter().map(|(_, v)| v).collect(),
+                )
+            }
+        };
+    spec.name = j.name.clone();
+    for d in spec.disks.iter_mut() {
+        let src = from.get(&d.disk_id).cloned().ok_or_else(|| {
+            JobError::refused(
+                Code::FailedPrecondition,
+                format!("the source has no copy of disk {}", d.disk_id),
+            )
+        })?;
+        let loc = read(&*env.ledger, |s| volume_loc(s, &src)).or_else(|e| {
+            // A temporary snapshot is not in the pool state: its repository is the
+            // original volume's.
+            temporary
+                .iter()
+                .find(|t| t.id == src)
+                .map(|t| read(&*env.ledger, |s| super::storage::sr_loc(s, &t.pool_id)))
+                .unwrap_or(Err(e))
+        })?;
+        let name = format!("{}.{}.{}", j.name, d.disk_id, short(&job.task_id));
+        let v = make_once(
+            env,
+            &loc,
+            &job.task_id,
+            &format!("clone:{}", d.disk_id),
+            Make::Clone,
+            &src,
+            &name,
+            &HashMap::new(),
+        )
+        .await?;
+        d.volume_id = v.id.clone();
+        f = f.effect(EffectKind::PutVolume(v));
+    }
+    for t in &temporary {
+        let loc = read(&*env.ledger, |s| super::storage::sr_loc(s, &t.pool_id))?;
+        delete_once(env, &loc, &t.id).await?;
+    }
+    Ok(f.effect(EffectKind::CreateVm(CreateVm {
+        vm_id: j.vm_id.clone(),
+        spec: Some(spec),
+        template_id: String::new(),
+        start_on_host: String::new(),
+    })))
+}
+
+pub async fn template_from_vm(
+    env: &Env,
+    job: &Job,
+    j: &TemplateFromVmJob,
+) -> Result<Finish, JobError> {
+    let vm = read(&*env.ledger, |s| vm_of(s, &j.vm_id))?;
+    if !vm_stopped(&vm) {
+        return Err(JobError::refused(
+            Code::FailedPrecondition,
+            format!("VM {} started meanwhile; shut it down first", vm.id),
+        ));
+    }
+    let snaps = snapshot_disks(env, job, &vm, "tpl", "template").await?;
+    let mut spec = vm.spec.clone().unwrap_or_default();
+    spec.name = j.name.clone();
+    let mut f = Finish {
+        target: j.template_id.clone(),
+        ..Default::default()
+    }
+    .result("template_id", &j.template_id);
+    let mut map = HashMap::new();
+    for d in spec.disks.iter_mut() {
+        if let Some((_, v)) = snaps.iter().find(|(id, _)| *id == d.disk_id) {
+            d.volume_id = v.id.clone();
+            map.insert(d.disk_id.clone(), v.id.clone());
+            f = f.effect(EffectKind::PutVolume(v.clone()));
+        }
+    }
+    Ok(f.effect(EffectKind::PutTemplate(pb::Template {
+        id: j.template_id.clone(),
+        name: j.name.clone(),
+        spec: Some(spec),
+        disk_volumes: map,
+        created_at: None,
+    })))
+}
+
+pub async fn from_template(
+    env: &Env,
+    job: &Job,
+    j: &VmFromTemplateJob,
+) -> Result<Finish, JobError> {
+    let t = read(&*env.ledger, |s| s.templates.get(&j.template_id).cloned()).ok_or_else(|| {
+        JobError::refused(Code::NotFound, format!("no template {}", j.template_id))
+    })?;
+    let mut spec = j.spec.clone().unwrap_or_default();
+    spec.disks = t.spec.clone().unwrap_or_default().disks;
+    let mut f = Finish {
+        target: j.vm_id.clone(),
+        ..Default::default()
+    }
+    .result("vm_id", &j.vm_id);
+    for d in spec.disks.iter_mut() {
+        let src = t
+            .disk_volumes
+            .get(&d.disk_id)
+            .cloned()
+            .unwrap_or(d.volume_id.clone());
+        let loc = read(&*env.ledger, |s| volume_loc(s, &src))?;
+        if !j.sr_id.is_empty() && j.sr_id != loc.sr_id {
+            return Err(JobError::refused(
+                Code::InvalidArgument,
+                format!(
+                    "template disk {} lives in repository {}; clones stay in their source's repository (omit sr_id)",
+                    d.disk_id, loc.sr_id
+                ),
+            ));
+        }
+        let name = format!("{}.{}.{}", spec.name, d.disk_id, short(&job.task_id));
+        let v = make_once(
+            env,
+            &loc,
+            &job.task_id,
+            &format!("clone:{}", d.disk_id),
+            Make::Clone,
+            &src,
+            &name,
+            &HashMap::new(),
+        )
+        .await?;
+        d.volume_id = v.id.clone();
+        d.read_only = false;
+        f = f.effect(EffectKind::PutVolume(v));
+    }
+    if j.start {
+        f = f.result("start", "requested");
+    }
+    Ok(f.effect(EffectKind::CreateVm(CreateVm {
+        vm_id: j.vm_id.clone(),
+        spec: Some(spec),
+        template_id: j.template_id.clone(),
+        start_on_host: String::new(),
+    })))
+}
+
+pub async fn destroy_vm(env: &Env, job: &Job, j: &DestroyVmJob) -> Result<Finish, JobError> {
+    let vm = read(&*env.ledger, |s| vm_of(s, &j.vm_id))?;
+    if !vm_stopped(&vm) {
+        return Err(JobError::refused(
+            Code::FailedPrecondition,
+            format!("VM {} started meanwhile; shut it down first", vm.id),
+        ));
+    }
+    let mut f = Finish::default();
+    if j.delete_disks {
+        let spec = vm.spec.clone().unwrap_or_default();
+        let mut deleted = 0;
+        for (i, d) in spec.disks.iter().enumerate() {
+            // Shared with another VM, a template or a snapshot: kept.
+            let (shared, loc) = read(&*env.ledger, |s| {
+                let shared = s.vms.values().any(|o| {
+                    o.id != vm.id
+                        && o.spec
+                            .as_ref()
+                            .is_some_and(|x| x.disks.iter().any(|x| x.volume_id == d.volume_id))
+                }) || s
+                    .templates
+                    .values()
+                    .any(|t| t.disk_volumes.values().any(|v| *v == d.volume_id))
+                    || s.vm_snapshots
+                        .values()
+                        .any(|t| t.disk_snapshots.values().any(|v| *v == d.volume_id));
+                (shared, volume_loc(s, &d.volume_id))
+            });
+            let Ok(loc) = loc else { continue };
+            if shared {
+                continue;
+            }
+            env.step(
+                &job.task_id,
+                (i * 90 / spec.disks.len().max(1)) as u32,
+                &format!("deleting disk {}", d.disk_id),
+                &[],
+            )
+            .await?;
+            delete_once(env, &loc, &d.volume_id).await?;
+            deleted += 1;
+            f = f.effect(EffectKind::RemoveVolume(d.volume_id.clone()));
+        }
+        f = f.result("disks_deleted", deleted);
+    }
+    Ok(f.effect(EffectKind::RemoveVm(vm.id.clone())))
+}
+
+pub async fn reboot_vm(env: &Env, j: &RebootVmJob) -> Result<Finish, JobError> {
+    let (vm, addr) = read(&*env.ledger, |s| {
+        let vm = vm_of(s, &j.vm_id)?;
+        let addr = host_addr(s, &vm.host_id)?;
+        Ok::<_, JobError>((vm, addr))
+    })?;
+    env.hosts
+        .reboot_vm(&addr, &vm.id, j.force)
+        .await
+        .map_err(|s| JobError::from_status(format!("rebooting VM {}", vm.id), s))?;
+    Ok(Finish::default())
+}

@@ -1,0 +1,622 @@
+//! The state machine's side of long operations ([`Job`]s): what is checked when one
+//! starts (so a job that cannot succeed is refused before anything is done), how its
+//! progress is recorded, and the effects it has when it finishes.
+//!
+//! A job holds the existing VM it works on ([`Job::busy_vm`]): a second job on the same
+//! VM is refused until the first ends, and reconciliation leaves a VM alone while a job
+//! pauses or moves it.
+
+#![allow(clippy::result_large_err)]
+
+use proto::coordinator as pb;
+use proto::host as hpb;
+use proto::storage as spb;
+use tonic::Code;
+
+use super::command::*;
+use super::machine::{PoolState, ts};
+
+fn err(code: Code, msg: impl Into<String>) -> CommandResult {
+    CommandResult::error(code, msg)
+}
+
+/// Whether a VM is stopped both in what the pool wants and what its host reported.
+pub fn vm_stopped(vm: &pb::Vm) -> bool {
+    vm.desired_power_state() == hpb::PowerState::Stopped
+        && matches!(
+            vm.power_state(),
+            hpb::PowerState::Stopped | hpb::PowerState::Unspecified | hpb::PowerState::Crashed
+        )
+}
+
+impl PoolState {
+    fn volume(&self, id: &str) -> Result<&spb::Volume, CommandResult> {
+        self.volumes
+            .get(id)
+            .ok_or_else(|| err(Code::NotFound, format!("no volume with id {id}")))
+    }
+
+    fn vm(&self, id: &str) -> Result<&pb::Vm, CommandResult> {
+        self.vms
+            .get(id)
+            .ok_or_else(|| err(Code::NotFound, format!("no VM with id {id}")))
+    }
+
+    /// Who uses a volume, for people: "disk vda of VM x", "template t", "snapshot s of VM x".
+    pub fn volume_user(&self, volume_id: &str) -> Option<String> {
+        for vm in self.vms.values() {
+            if let Some(d) = vm
+                .spec
+                .as_ref()
+                .and_then(|s| s.disks.iter().find(|d| d.volume_id == volume_id))
+            {
+                return Some(format!("disk {} of VM {}", d.disk_id, vm.id));
+            }
+        }
+        for t in self.templates.values() {
+            if t.disk_volumes.values().any(|v| v == volume_id) {
+                return Some(format!("template {} ({})", t.id, t.name));
+            }
+        }
+        for s in self.vm_snapshots.values() {
+            if s.disk_snapshots.values().any(|v| v == volume_id) {
+                return Some(format!("snapshot {} of VM {}", s.id, s.vm_id));
+            }
+        }
+        None
+    }
+
+    /// A volume a pending delete job is about to remove (so no new user may take it).
+    pub fn volume_being_deleted(&self, volume_id: &str) -> Option<&str> {
+        self.jobs.values().find_map(|j| match &j.spec {
+            Some(JobSpec::Volume(v))
+                if v.action == VolumeAction::Delete as i32 && v.volume_id == volume_id =>
+            {
+                Some(j.task_id.as_str())
+            }
+            _ => None,
+        })
+    }
+
+    /// Checks a job before it starts; returns the task's target id.
+    pub(crate) fn check_job(&self, job: &Job) -> Result<String, CommandResult> {
+        if let Some(vm) = job.busy_vm()
+            && let Some(other) = self
+                .jobs
+                .values()
+                .find(|o| o.busy_vm() == Some(vm) && o.task_id != job.task_id)
+        {
+            return Err(err(
+                Code::FailedPrecondition,
+                format!(
+                    "VM {vm} is busy with task {} ({}); wait for it to end",
+                    other.task_id,
+                    other.kind()
+                ),
+            ));
+        }
+        let spec = job
+            .spec
+            .as_ref()
+            .ok_or_else(|| err(Code::InvalidArgument, "empty job"))?;
+        match spec {
+            JobSpec::CreateSr(j) => {
+                let sr =
+                    j.sr.as_ref()
+                        .ok_or_else(|| err(Code::InvalidArgument, "no repository given"))?;
+                if sr.id.is_empty() || sr.name.is_empty() || sr.address.is_empty() {
+                    return Err(err(
+                        Code::InvalidArgument,
+                        "a storage repository needs an id, a name and a storaged address",
+                    ));
+                }
+                if sr.thin_pool_id.is_empty() && j.create_pool.is_none() {
+                    return Err(err(
+                        Code::InvalidArgument,
+                        "give thin_pool_id (adopt an existing pool) or create_pool",
+                    ));
+                }
+                if let Some(o) = self.srs.values().find(|o| o.name == sr.name) {
+                    return Err(err(
+                        Code::AlreadyExists,
+                        format!("repository {} is already named {:?}", o.id, sr.name),
+                    ));
+                }
+                if !sr.thin_pool_id.is_empty()
+                    && let Some(o) = self
+                        .srs
+                        .values()
+                        .find(|o| o.address == sr.address && o.thin_pool_id == sr.thin_pool_id)
+                {
+                    return Err(err(
+                        Code::AlreadyExists,
+                        format!(
+                            "repository {} already uses thin pool {} of {}",
+                            o.id, sr.thin_pool_id, sr.address
+                        ),
+                    ));
+                }
+                Ok(sr.id.clone())
+            }
+            JobSpec::Volume(v) => self.check_volume_job(v),
+            JobSpec::VmFromTemplate(j) => {
+                let t = self.templates.get(&j.template_id).ok_or_else(|| {
+                    err(
+                        Code::NotFound,
+                        format!("no template with id {}", j.template_id),
+                    )
+                })?;
+                if !j.sr_id.is_empty() && !self.srs.contains_key(&j.sr_id) {
+                    return Err(err(
+                        Code::NotFound,
+                        format!("no storage repository {}", j.sr_id),
+                    ));
+                }
+                for (disk, vol) in &t.disk_volumes {
+                    if !self.volumes.contains_key(vol) {
+                        return Err(err(
+                            Code::FailedPrecondition,
+                            format!("template {} disk {disk}: its volume {vol} is gone", t.id),
+                        ));
+                    }
+                }
+                let mut spec = j.spec.clone().unwrap_or_default();
+                spec.disks.clear();
+                self.validate_spec(&spec)?;
+                if self.vms.contains_key(&j.vm_id) {
+                    return Err(err(Code::AlreadyExists, format!("VM {} exists", j.vm_id)));
+                }
+                Ok(j.vm_id.clone())
+            }
+            JobSpec::TemplateFromVm(j) => {
+                let vm = self.vm(&j.vm_id)?;
+                if !vm_stopped(vm) {
+                    return Err(err(
+                        Code::FailedPrecondition,
+                        format!(
+                            "VM {} is {}: a template is made from a stopped VM; shut it down first",
+                            vm.id,
+                            vm.power_state().as_str_name()
+                        ),
+                    ));
+                }
+                if j.name.is_empty() {
+                    return Err(err(Code::InvalidArgument, "a template needs a name"));
+                }
+                if let Some(o) = self.templates.values().find(|o| o.name == j.name) {
+                    return Err(err(
+                        Code::AlreadyExists,
+                        format!("template {} is already named {:?}", o.id, j.name),
+                    ));
+                }
+                Ok(j.template_id.clone())
+            }
+            JobSpec::SnapshotVm(j) => {
+                self.vm(&j.vm_id)?;
+                Ok(j.vm_id.clone())
+            }
+            JobSpec::RevertVm(j) => {
+                let vm = self.vm(&j.vm_id)?;
+                let snap = self.vm_snapshots.get(&j.snapshot_id).ok_or_else(|| {
+                    err(
+                        Code::NotFound,
+                        format!("no VM snapshot with id {}", j.snapshot_id),
+                    )
+                })?;
+                if snap.vm_id != j.vm_id {
+                    return Err(err(
+                        Code::InvalidArgument,
+                        format!(
+                            "snapshot {} is of VM {}, not {}",
+                            snap.id, snap.vm_id, vm.id
+                        ),
+                    ));
+                }
+                if !vm_stopped(vm) {
+                    return Err(err(
+                        Code::FailedPrecondition,
+                        format!("VM {} is running: shut it down before reverting it", vm.id),
+                    ));
+                }
+                Ok(j.vm_id.clone())
+            }
+            JobSpec::CloneVm(j) => {
+                if j.name.is_empty() {
+                    return Err(err(Code::InvalidArgument, "the clone needs a name"));
+                }
+                if !self.vms.contains_key(&j.source_id)
+                    && !self.vm_snapshots.contains_key(&j.source_id)
+                {
+                    return Err(err(
+                        Code::NotFound,
+                        format!("no VM or VM snapshot with id {}", j.source_id),
+                    ));
+                }
+                Ok(j.vm_id.clone())
+            }
+            JobSpec::DestroyVm(j) => {
+                let vm = self.vm(&j.vm_id)?;
+                if !vm_stopped(vm) {
+                    return Err(err(
+                        Code::FailedPrecondition,
+                        format!(
+                            "VM {} is {} on host {}: shut it down first",
+                            vm.id,
+                            vm.power_state().as_str_name(),
+                            vm.host_id
+                        ),
+                    ));
+                }
+                Ok(j.vm_id.clone())
+            }
+            JobSpec::MigrateVm(j) => {
+                let vm = self.vm(&j.vm_id)?;
+                if vm.desired_power_state() != hpb::PowerState::Running
+                    || vm.power_state() != hpb::PowerState::Running
+                {
+                    return Err(err(
+                        Code::FailedPrecondition,
+                        format!(
+                            "VM {} is {}: only a running VM is live-migrated",
+                            vm.id,
+                            vm.power_state().as_str_name()
+                        ),
+                    ));
+                }
+                if vm.host_id != j.source_host_id {
+                    return Err(err(
+                        Code::Aborted,
+                        format!("VM {} moved to host {} meanwhile", vm.id, vm.host_id),
+                    ));
+                }
+                if j.destination_host_id == j.source_host_id {
+                    return Err(err(
+                        Code::InvalidArgument,
+                        format!("VM {} already runs on host {}", vm.id, vm.host_id),
+                    ));
+                }
+                let mut probe = vm.clone();
+                probe.host_id.clear();
+                self.check_fits(&probe, &j.destination_host_id)
+                    .map_err(|e| CommandResult {
+                        code: Code::FailedPrecondition as i32,
+                        ..e
+                    })?;
+                Ok(j.vm_id.clone())
+            }
+            JobSpec::FenceHost(j) => {
+                let h = self
+                    .hosts
+                    .get(&j.host_id)
+                    .ok_or_else(|| err(Code::NotFound, format!("no host with id {}", j.host_id)))?;
+                if h.state() != pb::HostState::Unreachable {
+                    return Err(err(
+                        Code::FailedPrecondition,
+                        format!(
+                            "host {} is {}: only an unreachable host is fenced",
+                            h.id,
+                            h.state().as_str_name()
+                        ),
+                    ));
+                }
+                if let Some(o) = self.fence_job(&j.host_id) {
+                    return Err(err(
+                        Code::AlreadyExists,
+                        format!("host {} is being fenced by task {o}", j.host_id),
+                    ));
+                }
+                Ok(j.host_id.clone())
+            }
+            JobSpec::RebootVm(j) => {
+                let vm = self.vm(&j.vm_id)?;
+                if vm.host_id.is_empty() || vm.power_state() != hpb::PowerState::Running {
+                    return Err(err(
+                        Code::FailedPrecondition,
+                        format!("VM {} is not running", vm.id),
+                    ));
+                }
+                Ok(j.vm_id.clone())
+            }
+        }
+    }
+
+    /// The task fencing a host, if one runs.
+    pub fn fence_job(&self, host_id: &str) -> Option<&str> {
+        self.jobs.values().find_map(|j| match &j.spec {
+            Some(JobSpec::FenceHost(f)) if f.host_id == host_id => Some(j.task_id.as_str()),
+            _ => None,
+        })
+    }
+
+    /// The migration a VM is in, if any.
+    pub fn migration_of(&self, vm_id: &str) -> Option<&MigrateVmJob> {
+        self.jobs.values().find_map(|j| match &j.spec {
+            Some(JobSpec::MigrateVm(m)) if m.vm_id == vm_id => Some(m),
+            _ => None,
+        })
+    }
+
+    fn check_volume_job(&self, v: &VolumeJob) -> Result<String, CommandResult> {
+        let action = VolumeAction::try_from(v.action)
+            .ok()
+            .filter(|a| *a != VolumeAction::Unspecified)
+            .ok_or_else(|| err(Code::InvalidArgument, "unknown volume action"))?;
+        if action == VolumeAction::Create {
+            if !self.srs.contains_key(&v.sr_id) {
+                return Err(err(
+                    Code::NotFound,
+                    format!("no storage repository {}", v.sr_id),
+                ));
+            }
+            if v.name.is_empty() {
+                return Err(err(Code::InvalidArgument, "a volume needs a name"));
+            }
+            if v.size_bytes == 0 || !v.size_bytes.is_multiple_of(512) {
+                return Err(err(
+                    Code::InvalidArgument,
+                    format!(
+                        "virtual_size_bytes must be a non-zero multiple of 512, not {}",
+                        v.size_bytes
+                    ),
+                ));
+            }
+            return Ok(String::new());
+        }
+        let vol = self.volume(&v.volume_id)?;
+        if let Some(t) = self.volume_being_deleted(&v.volume_id) {
+            return Err(err(
+                Code::FailedPrecondition,
+                format!("volume {} is being deleted by task {t}", v.volume_id),
+            ));
+        }
+        let running_user = || {
+            self.vms.values().find(|vm| {
+                !vm_stopped(vm)
+                    && vm
+                        .spec
+                        .as_ref()
+                        .is_some_and(|s| s.disks.iter().any(|d| d.volume_id == v.volume_id))
+            })
+        };
+        match action {
+            VolumeAction::Resize => {
+                if v.size_bytes == 0 || !v.size_bytes.is_multiple_of(512) {
+                    return Err(err(
+                        Code::InvalidArgument,
+                        "new_virtual_size_bytes must be a non-zero multiple of 512",
+                    ));
+                }
+                if v.size_bytes < vol.virtual_size_bytes {
+                    if !v.force {
+                        return Err(err(
+                            Code::FailedPrecondition,
+                            format!(
+                                "shrinking volume {} from {} to {} bytes discards data; pass force",
+                                vol.id, vol.virtual_size_bytes, v.size_bytes
+                            ),
+                        ));
+                    }
+                    if let Some(vm) = running_user() {
+                        return Err(err(
+                            Code::FailedPrecondition,
+                            format!(
+                                "volume {} is a disk of running VM {}: stop it before shrinking",
+                                vol.id, vm.id
+                            ),
+                        ));
+                    }
+                }
+            }
+            VolumeAction::Snapshot | VolumeAction::Clone => {
+                if v.name.is_empty() {
+                    return Err(err(Code::InvalidArgument, "the new volume needs a name"));
+                }
+            }
+            VolumeAction::Revert => {
+                let snap = self.volume(&v.snapshot_id)?;
+                if snap.kind != spb::VolumeKind::Snapshot as i32 {
+                    return Err(err(
+                        Code::InvalidArgument,
+                        format!("{} is not a snapshot", v.snapshot_id),
+                    ));
+                }
+                if let Some(vm) = running_user() {
+                    return Err(err(
+                        Code::FailedPrecondition,
+                        format!(
+                            "volume {} is a disk of running VM {}: stop it before reverting",
+                            vol.id, vm.id
+                        ),
+                    ));
+                }
+            }
+            VolumeAction::Delete => {
+                if let Some(user) = self.volume_user(&v.volume_id) {
+                    return Err(err(
+                        Code::FailedPrecondition,
+                        format!("volume {} is used by {user}; remove that first", vol.id),
+                    ));
+                }
+            }
+            VolumeAction::Create | VolumeAction::Unspecified => {}
+        }
+        Ok(v.volume_id.clone())
+    }
+
+    /// Applies a finished job: its effects (when it succeeded) and its task's end.
+    pub(crate) fn finish_job(
+        &mut self,
+        f: &FinishJob,
+        at_ms: u64,
+    ) -> Result<(String, pb::TaskState, String), CommandResult> {
+        let Some(job) = self.jobs.remove(&f.task_id) else {
+            return Err(err(
+                Code::FailedPrecondition,
+                format!("task {} is not running", f.task_id),
+            ));
+        };
+        let ok = f.code == 0;
+        if ok {
+            for e in &f.effects {
+                self.apply_effect(e, at_ms);
+            }
+            self.rebuild_alloc();
+        }
+        // The last VM of an evacuation has left: the host enters maintenance.
+        if let Some(JobSpec::MigrateVm(m)) = &job.spec
+            && !m.evacuating_host_id.is_empty()
+        {
+            let host = &m.evacuating_host_id;
+            let empty = self.alloc.get(host).is_none_or(|a| a.vm_ids.is_empty());
+            let others = self.jobs.values().any(
+                |j| matches!(&j.spec, Some(JobSpec::MigrateVm(o)) if o.evacuating_host_id == *host),
+            );
+            if empty
+                && !others
+                && let Some(h) = self.hosts.get_mut(host)
+                && h.state() == pb::HostState::Disabled
+            {
+                h.state = pb::HostState::Maintenance as i32;
+            }
+        }
+        let task = self.tasks.get_mut(&f.task_id);
+        let mut target = f.target_id.clone();
+        if let Some(t) = task {
+            t.state = if ok {
+                pb::TaskState::Succeeded
+            } else if f.code == Code::Cancelled as i32 {
+                pb::TaskState::Cancelled
+            } else {
+                pb::TaskState::Failed
+            } as i32;
+            if ok {
+                t.progress_percent = 100;
+            }
+            t.finished_at = ts(at_ms);
+            t.cancellable = false;
+            if !f.target_id.is_empty() {
+                t.target_id = f.target_id.clone();
+            }
+            target = t.target_id.clone();
+            for (k, v) in &f.results {
+                t.results.insert(k.clone(), v.clone());
+            }
+            if !ok {
+                t.error_code = format!("{:?}", Code::from(f.code));
+                t.error_message = f.message.clone();
+                t.status_message = f.message.clone();
+            } else {
+                t.status_message = "done".into();
+            }
+        }
+        Ok((target, pb::TaskState::Succeeded, String::new()))
+    }
+
+    pub(crate) fn job_step(&mut self, s: &JobStep) -> Result<String, CommandResult> {
+        let job = self.jobs.get_mut(&s.task_id).ok_or_else(|| {
+            err(
+                Code::FailedPrecondition,
+                format!("task {} is not running", s.task_id),
+            )
+        })?;
+        for (k, v) in &s.outputs {
+            job.outputs.insert(k.clone(), v.clone());
+        }
+        if let Some(t) = self.tasks.get_mut(&s.task_id) {
+            t.progress_percent = s.progress_percent.min(99);
+            if !s.status_message.is_empty() {
+                t.status_message = s.status_message.clone();
+            }
+            for (k, v) in &s.results {
+                t.results.insert(k.clone(), v.clone());
+            }
+        }
+        Ok(s.task_id.clone())
+    }
+
+    fn apply_effect(&mut self, e: &Effect, at_ms: u64) {
+        let Some(kind) = &e.kind else { return };
+        match kind {
+            EffectKind::PutVolume(v) => {
+                self.volumes.insert(v.id.clone(), v.clone());
+            }
+            EffectKind::RemoveVolume(id) => {
+                self.volumes.remove(id);
+            }
+            EffectKind::PutSr(sr) => {
+                self.srs.insert(sr.id.clone(), sr.clone());
+            }
+            EffectKind::CreateVm(c) => {
+                if self.vms.contains_key(&c.vm_id) {
+                    return;
+                }
+                self.vms.insert(
+                    c.vm_id.clone(),
+                    pb::Vm {
+                        id: c.vm_id.clone(),
+                        spec: c.spec.clone(),
+                        desired_power_state: hpb::PowerState::Stopped as i32,
+                        power_state: hpb::PowerState::Stopped as i32,
+                        template_id: c.template_id.clone(),
+                        created_at: ts(at_ms),
+                        last_stop_reason: hpb::StopReason::None as i32,
+                        ..Default::default()
+                    },
+                );
+            }
+            EffectKind::SetVmSpec(u) => {
+                if let Some(vm) = self.vms.get_mut(&u.vm_id)
+                    && u.spec.is_some()
+                {
+                    vm.spec = u.spec.clone();
+                }
+            }
+            EffectKind::RemoveVm(id) => {
+                self.vms.remove(id);
+                self.force_stop.remove(id);
+            }
+            EffectKind::PutTemplate(t) => {
+                let mut t = t.clone();
+                if t.created_at.is_none() {
+                    t.created_at = ts(at_ms);
+                }
+                self.templates.insert(t.id.clone(), t);
+            }
+            EffectKind::PutVmSnapshot(s) => {
+                let mut s = s.clone();
+                if s.created_at.is_none() {
+                    s.created_at = ts(at_ms);
+                }
+                self.vm_snapshots.insert(s.id.clone(), s);
+            }
+            EffectKind::RemoveVmSnapshot(id) => {
+                self.vm_snapshots.remove(id);
+            }
+            EffectKind::HostFenced(host_id) => {
+                if let Some(h) = self.hosts.get_mut(host_id) {
+                    h.state = pb::HostState::Fenced as i32;
+                }
+                for vm in self.vms.values_mut().filter(|v| v.host_id == *host_id) {
+                    vm.host_id.clear();
+                    vm.power_state = hpb::PowerState::Stopped as i32;
+                    vm.last_stop_reason = hpb::StopReason::Fenced as i32;
+                    let ha = matches!(
+                        vm.spec.as_ref().map(|s| s.ha_priority()),
+                        Some(pb::HaRestartPriority::Restart | pb::HaRestartPriority::BestEffort)
+                    );
+                    if !(ha && vm.desired_power_state() != hpb::PowerState::Stopped) {
+                        vm.desired_power_state = hpb::PowerState::Stopped as i32;
+                    } else {
+                        // A paused HA VM comes back running.
+                        vm.desired_power_state = hpb::PowerState::Running as i32;
+                    }
+                }
+            }
+            EffectKind::MoveVm(m) => {
+                if let Some(vm) = self.vms.get_mut(&m.vm_id) {
+                    vm.host_id = m.to_host_id.clone();
+                }
+            }
+        }
+    }
+}
