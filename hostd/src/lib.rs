@@ -15,11 +15,15 @@
 //! - [`service`]: `HostService` over gRPC.
 //! - [`host`]: host CPU, memory and KVM facts, process resource use.
 //! - [`config`]: the daemon's TOML configuration.
+//! - [`agent`]: registering with the pool and heartbeating.
+//! - [`migration`]: live migration between hosts.
 
+pub mod agent;
 pub mod config;
 pub mod console;
 pub mod devices;
 pub mod host;
+pub mod migration;
 pub mod service;
 pub mod supervisor;
 pub mod testguest;
