@@ -22,8 +22,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region};
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use vm_memory::mmap::MmapRegion;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 pub use boot::{BootError, BootProtocol, BootSpec, Entry};
@@ -131,6 +132,54 @@ pub enum VmError {
     },
 }
 
+/// Pages of one RAM region written since the last look: bit `i` of `bits` (word
+/// `i / 64`, bit `i % 64`) is the page at `start + i * 4096`.
+#[derive(Debug, Clone)]
+pub struct DirtyRegion {
+    pub start: u64,
+    pub len: u64,
+    pub bits: Vec<u64>,
+}
+
+impl DirtyRegion {
+    pub fn count(&self) -> u64 {
+        self.bits.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+}
+
+/// Guest RAM for `memory_bytes`, laid out as every VM's is (see [`layout::ram_regions`]).
+pub fn new_guest_ram(memory_bytes: u64) -> Result<GuestRam, VmError> {
+    let regions: Vec<(GuestAddress, usize)> = layout::ram_regions(memory_bytes)
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    GuestRam::from_ranges(&regions).map_err(|source| VmError::Memory {
+        bytes: memory_bytes,
+        source,
+    })
+}
+
+/// (Re)registers each RAM region of `memory` as KVM memory slot `index` with `flags`.
+fn set_memory_slots(vm_fd: &VmFd, memory: &GuestRam, flags: u32) -> Result<(), VmError> {
+    for (slot, region) in memory.iter().enumerate() {
+        let host = memory
+            .get_host_address(region.start_addr())
+            .expect("a region's start is inside it");
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the mapping described by `r` belongs to `memory`, which the Vm owns
+        // and keeps alive until after the VM fd (and so the memory slot) is closed.
+        unsafe { vm_fd.set_user_memory_region(r) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
 /// Total RAM of this host, the hard ceiling for one guest.
 pub fn host_memory_bytes() -> u64 {
     // SAFETY: sysconf has no preconditions.
@@ -223,6 +272,9 @@ pub struct Vm {
     disks: Vec<Disk>,
     memory_bytes: u64,
     entry: Option<Entry>,
+    /// The CPUID table vCPU 0 was given (what a migration destination must offer).
+    guest_cpuid: Vec<CpuidRegs>,
+    vcpu_count: u32,
     vm_fd: Arc<VmFd>,
     _kvm: Kvm,
     // After the VM fd: KVM's memory slots point into this mapping.
@@ -232,7 +284,7 @@ pub struct Vm {
 impl Vm {
     /// Builds the VM, stopped: nothing runs until [`Vm::start`].
     pub fn new(spec: &VmSpec, console: Arc<dyn ConsoleOut>) -> Result<Self, VmError> {
-        Self::build(spec, console, None)
+        Self::build(spec, console, None, None)
     }
 
     /// Builds a VM from a snapshot taken by [`Vm::save`] of a VM with the same spec: the
@@ -264,13 +316,47 @@ impl Vm {
             }
             .into());
         }
-        Self::build(spec, console, Some(snapshot))
+        Self::build(spec, console, Some(snapshot), None)
+    }
+
+    /// Builds a VM from a snapshot whose memory is already in `memory` (an incoming
+    /// migration writes the pages there as they arrive; `snapshot.memory` is ignored).
+    pub fn restore_into(
+        spec: &VmSpec,
+        console: Arc<dyn ConsoleOut>,
+        snapshot: &VmSnapshot,
+        memory: GuestRam,
+    ) -> Result<Self, VmError> {
+        if snapshot.vcpus.len() != spec.vcpus as usize {
+            return Err(PersistError::VcpuCount {
+                have: snapshot.vcpus.len(),
+                want: spec.vcpus as usize,
+            }
+            .into());
+        }
+        if snapshot.devices.virtio.len() != spec.disks.len() {
+            return Err(PersistError::DeviceCount {
+                have: snapshot.devices.virtio.len(),
+                want: spec.disks.len(),
+            }
+            .into());
+        }
+        let have: u64 = memory.iter().map(|r| r.len()).sum();
+        if have != spec.memory_bytes {
+            return Err(PersistError::MemorySize {
+                have,
+                want: spec.memory_bytes,
+            }
+            .into());
+        }
+        Self::build(spec, console, Some(snapshot), Some(memory))
     }
 
     fn build(
         spec: &VmSpec,
         console: Arc<dyn ConsoleOut>,
         snapshot: Option<&VmSnapshot>,
+        given_memory: Option<GuestRam>,
     ) -> Result<Self, VmError> {
         spec.validate()?;
         let kvm = Kvm::new().map_err(VmError::KvmUnavailable)?;
@@ -293,31 +379,14 @@ impl Vm {
             .create_pit2(kvm_pit_config::default())
             .map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let regions: Vec<(GuestAddress, usize)> = layout::ram_regions(spec.memory_bytes)
-            .into_iter()
-            .map(|(start, len)| (GuestAddress(start), len as usize))
-            .collect();
-        let memory = GuestRam::from_ranges(&regions).map_err(|source| VmError::Memory {
-            bytes: spec.memory_bytes,
-            source,
-        })?;
-        for (slot, region) in memory.iter().enumerate() {
-            let host = memory
-                .get_host_address(region.start_addr())
-                .expect("a region's start is inside it");
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the mapping described by `r` belongs to `memory`, which this Vm owns
-            // and keeps alive until after the VM fd (and so the memory slot) is closed.
-            unsafe { vm_fd.set_user_memory_region(r) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        }
+        let memory_given = given_memory.is_some();
+        let memory = match given_memory {
+            Some(m) => m,
+            None => new_guest_ram(spec.memory_bytes)?,
+        };
+        set_memory_slots(&vm_fd, &memory, 0)?;
 
+        let from_stream = snapshot.is_some() && memory_given;
         let ctl = RunControl::new();
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
@@ -414,6 +483,7 @@ impl Vm {
                 spec.vcpus as u8,
                 &extra_cmdline,
             )?),
+            Some(_) if from_stream => None,
             Some(s) => {
                 for (start, bytes) in &s.memory {
                     memory
@@ -430,6 +500,7 @@ impl Vm {
         );
 
         let supported = cpuid::supported(&kvm)?;
+        let mut guest_cpuid = Vec::new();
         let mut vcpus = Vec::with_capacity(spec.vcpus as usize);
         for index in 0..spec.vcpus {
             let fd = vm_fd
@@ -437,6 +508,9 @@ impl Vm {
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let tsc_khz = fd.get_tsc_khz().ok();
             let table = cpuid::for_vcpu(&supported, index, spec.vcpus, tsc_khz, &spec.cpuid_mask)?;
+            if index == 0 {
+                guest_cpuid = table.as_slice().iter().map(CpuidRegs::from).collect();
+            }
             let vcpu = Vcpu {
                 fd,
                 index,
@@ -467,6 +541,8 @@ impl Vm {
             memory,
             memory_bytes: spec.memory_bytes,
             entry,
+            guest_cpuid,
+            vcpu_count: spec.vcpus,
             vm_fd,
             _kvm: kvm,
         })
@@ -551,6 +627,22 @@ impl Vm {
     /// user-space devices and a copy of guest memory. The VM stays paused and can be
     /// resumed afterwards.
     pub fn save(&self) -> Result<VmSnapshot, VmError> {
+        let mut snapshot = self.save_state()?;
+        for region in self.memory.iter() {
+            let mut bytes = vec![0u8; region.len() as usize];
+            self.memory
+                .read_slice(&mut bytes, region.start_addr())
+                .map_err(PersistError::Memory)?;
+            snapshot.memory.push((region.start_addr().0, bytes));
+        }
+        Ok(snapshot)
+    }
+
+    /// Saves everything but guest memory (`memory` is left empty): what live migration
+    /// sends at switchover, after the last dirty pages. In-flight disk requests are
+    /// completed first (the devices quiesce), so their writes to guest memory are in
+    /// the dirty bitmap the caller reads next.
+    pub fn save_state(&self) -> Result<VmSnapshot, VmError> {
         const VCPU_TIMEOUT: Duration = Duration::from_secs(10);
         let vcpus = if !self.vcpus.is_empty() {
             self.vcpus
@@ -585,20 +677,55 @@ impl Vm {
                 .map(|t| crate::devices::bus::lock(t).save())
                 .collect(),
         };
-        let mut memory = Vec::new();
-        for region in self.memory.iter() {
-            let mut bytes = vec![0u8; region.len() as usize];
-            self.memory
-                .read_slice(&mut bytes, region.start_addr())
-                .map_err(PersistError::Memory)?;
-            memory.push((region.start_addr().0, bytes));
-        }
         Ok(VmSnapshot {
             vcpus,
             kvm,
             devices,
-            memory,
+            memory: Vec::new(),
         })
+    }
+
+    pub fn vcpu_count(&self) -> u32 {
+        self.vcpu_count
+    }
+
+    /// The CPUID table the guest's vCPU 0 sees.
+    pub fn guest_cpuid(&self) -> &[CpuidRegs] {
+        &self.guest_cpuid
+    }
+
+    /// Turns KVM's dirty-page logging of guest RAM on or off, and clears the bitmap of
+    /// pages the VMM wrote.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmError> {
+        let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        set_memory_slots(&self.vm_fd, &self.memory, flags)?;
+        for region in self.memory.iter() {
+            MmapRegion::bitmap(&**region).reset();
+        }
+        Ok(())
+    }
+
+    /// The pages written since the last call (or since logging was turned on), region
+    /// by region: KVM's dirty log (the guest's writes) ORed with the VMM's own bitmap
+    /// (device writes, which KVM does not see). Both are cleared.
+    pub fn take_dirty_pages(&self) -> Result<Vec<DirtyRegion>, VmError> {
+        let mut out = Vec::new();
+        for (slot, region) in self.memory.iter().enumerate() {
+            let mut bits = self
+                .vm_fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+            let vmm = MmapRegion::bitmap(&**region).get_and_reset();
+            for (k, v) in bits.iter_mut().zip(vmm) {
+                *k |= v;
+            }
+            out.push(DirtyRegion {
+                start: region.start_addr().0,
+                len: region.len(),
+                bits,
+            });
+        }
+        Ok(out)
     }
 
     pub fn memory(&self) -> &GuestRam {

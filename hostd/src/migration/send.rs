@@ -1,0 +1,466 @@
+//! The source side: from a running VM to a running VM on the destination.
+//!
+//! 1. Connect, Hello (token, VM shape, guest CPUID), wait for Accept.
+//! 2. Turn on dirty logging; send every page (zero pages as a count).
+//! 3. Rounds: take the dirty pages (KVM's log ORed with the VMM's own writes), estimate
+//!    how long sending them with the VM paused would take at the link rate measured so
+//!    far; if that fits the downtime budget, switch over, else send them and go again.
+//!    With auto-converge, a guest that dirties faster than the link is throttled in
+//!    steps of 20 % of its vCPU time (up to 80 %).
+//! 4. Switchover: pause, save the state (devices finish in-flight disk requests first),
+//!    send the last dirty pages and the state, wait until the destination has built the
+//!    VM, send Go, wait for Resumed.
+//!
+//! Any error before Go resumes the VM here and turns dirty logging off again.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use proto::host::{MigrationPhase, MigrationProgress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::conn::Conn;
+use super::wire::{self, Frame, Hello, PAGE};
+use super::{MigrationError, state};
+use crate::vmm::{DirtyRegion, GuestRam, RunControl, Vm};
+
+/// Pages per Pages frame.
+const RUN_PAGES: usize = 256;
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the destination may take to build the VM from the state.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+const THROTTLE_STEP: u32 = 20;
+const THROTTLE_MAX: u32 = 80;
+const THROTTLE_PERIOD: Duration = Duration::from_millis(50);
+const REPORT_EVERY: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    pub vm_id: String,
+    pub token: String,
+    /// host:port of the destination's migration listener.
+    pub destination: String,
+    pub downtime_budget: Duration,
+    pub max_rounds: u32,
+    pub timeout: Duration,
+    pub auto_converge: bool,
+    /// Bytes per second; 0: no limit.
+    pub bandwidth_limit: u64,
+}
+
+/// How a completed migration went.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// From pausing here to the destination's Resumed.
+    pub downtime: Duration,
+    pub total: Duration,
+    pub rounds: u32,
+    pub bytes_sent: u64,
+    /// Resumed arrived. If not, Go was sent but the destination's answer was lost: the
+    /// VM must still not run here again.
+    pub confirmed: bool,
+    pub throttle_percent: u32,
+}
+
+/// Pauses the vCPUs for `percent` of every period, on a thread of its own.
+struct Throttle {
+    percent: Arc<AtomicU32>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Throttle {
+    fn new(ctl: Arc<RunControl>) -> Self {
+        let percent = Arc::new(AtomicU32::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (percent.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("mig-throttle".into())
+            .spawn(move || {
+                while !s.load(Ordering::Acquire) {
+                    let pct = p.load(Ordering::Acquire).min(THROTTLE_MAX);
+                    let off = THROTTLE_PERIOD * pct / 100;
+                    if pct > 0 && ctl.pause(PAUSE_TIMEOUT).is_ok() {
+                        std::thread::sleep(off);
+                        let _ = ctl.resume();
+                    }
+                    std::thread::sleep(THROTTLE_PERIOD - off);
+                }
+            })
+            .ok();
+        Self {
+            percent,
+            stop,
+            thread,
+        }
+    }
+
+    fn step_up(&self) -> u32 {
+        let now = (self.percent.load(Ordering::Acquire) + THROTTLE_STEP).min(THROTTLE_MAX);
+        self.percent.store(now, Ordering::Release);
+        now
+    }
+
+    fn get(&self) -> u32 {
+        self.percent.load(Ordering::Acquire)
+    }
+
+    /// Stops throttling; the vCPUs run freely when this returns.
+    fn finish(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+struct Sender<'a> {
+    vm: &'a Vm,
+    mem: GuestRam,
+    conn: Conn,
+    opts: &'a SendOptions,
+    cancel: &'a AtomicBool,
+    started: Instant,
+    buf: Vec<u8>,
+    progress: MigrationProgress,
+    report: &'a mut dyn FnMut(&MigrationProgress),
+    last_report: Instant,
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(8).all(|w| w == [0u8; 8])
+}
+
+impl Sender<'_> {
+    fn check(&self) -> Result<(), MigrationError> {
+        if self.cancel.load(Ordering::Acquire) {
+            return Err(MigrationError::Cancelled);
+        }
+        if self.started.elapsed() > self.opts.timeout {
+            return Err(MigrationError::Timeout {
+                secs: self.opts.timeout.as_secs(),
+            });
+        }
+        Ok(())
+    }
+
+    fn report(&mut self, force: bool) {
+        if force || self.last_report.elapsed() >= REPORT_EVERY {
+            self.last_report = Instant::now();
+            self.progress.bytes_sent = self.conn.sent;
+            self.progress.total_time_ms = self.started.elapsed().as_millis() as u32;
+            (self.report)(&self.progress);
+        }
+    }
+
+    /// Sends `pages` pages from `gpa`: runs of zero pages as Zero frames, the others as
+    /// Pages frames.
+    fn send_run(&mut self, gpa: u64, pages: usize) -> Result<(), MigrationError> {
+        let len = pages * PAGE;
+        self.buf.resize(len, 0);
+        self.mem
+            .read_slice(&mut self.buf[..len], GuestAddress(gpa))
+            .map_err(MigrationError::Memory)?;
+        let buf = std::mem::take(&mut self.buf);
+        let mut i = 0;
+        let r: Result<(), MigrationError> = (|| {
+            while i < pages {
+                let zero = is_zero(&buf[i * PAGE..(i + 1) * PAGE]);
+                let mut j = i + 1;
+                while j < pages && is_zero(&buf[j * PAGE..(j + 1) * PAGE]) == zero {
+                    j += 1;
+                }
+                let at = gpa + (i * PAGE) as u64;
+                if zero {
+                    self.conn.send(&Frame::Zero {
+                        gpa: at,
+                        pages: (j - i) as u32,
+                    })?;
+                } else {
+                    self.conn.send_pages(at, &buf[i * PAGE..j * PAGE])?;
+                }
+                i = j;
+            }
+            Ok(())
+        })();
+        self.buf = buf;
+        r?;
+        self.limit_bandwidth();
+        Ok(())
+    }
+
+    fn limit_bandwidth(&self) {
+        let limit = self.opts.bandwidth_limit;
+        if limit == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(self.conn.sent as f64 / limit as f64);
+        let spent = self.started.elapsed();
+        if due > spent {
+            std::thread::sleep(due - spent);
+        }
+    }
+
+    fn full_pass(&mut self) -> Result<(), MigrationError> {
+        let regions: Vec<(u64, u64)> = self
+            .mem
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect();
+        for (start, len) in regions {
+            let pages = (len as usize) / PAGE;
+            let mut p = 0;
+            while p < pages {
+                self.check()?;
+                let n = RUN_PAGES.min(pages - p);
+                self.send_run(start + (p * PAGE) as u64, n)?;
+                p += n;
+                self.report(false);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends every page set in `dirty`.
+    fn send_dirty(&mut self, dirty: &[DirtyRegion]) -> Result<(), MigrationError> {
+        for region in dirty {
+            let pages = (region.len as usize) / PAGE;
+            let bit = |p: usize| region.bits[p / 64] & (1 << (p % 64)) != 0;
+            let mut p = 0;
+            while p < pages {
+                if region.bits[p / 64] == 0 {
+                    p = (p / 64 + 1) * 64;
+                    continue;
+                }
+                if !bit(p) {
+                    p += 1;
+                    continue;
+                }
+                let mut q = p + 1;
+                while q < pages && q - p < RUN_PAGES && bit(q) {
+                    q += 1;
+                }
+                self.send_run(region.start + (p * PAGE) as u64, q - p)?;
+                p = q;
+            }
+            self.check()?;
+        }
+        Ok(())
+    }
+}
+
+fn merge(into: &mut [DirtyRegion], more: Vec<DirtyRegion>) {
+    for (a, b) in into.iter_mut().zip(more) {
+        for (x, y) in a.bits.iter_mut().zip(b.bits) {
+            *x |= y;
+        }
+    }
+}
+
+fn dirty_bytes(d: &[DirtyRegion]) -> u64 {
+    d.iter().map(DirtyRegion::count).sum::<u64>() * PAGE as u64
+}
+
+/// Moves `vm` (running) to the destination. On success the VM here is paused and must
+/// be stopped, never resumed; on error it runs here as before. `base` carries the ids
+/// for progress reports, which go to `report`.
+pub fn send(
+    vm: &Vm,
+    opts: &SendOptions,
+    cancel: &AtomicBool,
+    base: MigrationProgress,
+    report: &mut dyn FnMut(&MigrationProgress),
+) -> Result<Sent, MigrationError> {
+    let started = Instant::now();
+    let mut progress = base;
+    progress.memory_total_bytes = vm.memory_bytes();
+    progress.phase = MigrationPhase::CheckingCpu as i32;
+    report(&progress);
+    let addr = opts
+        .destination
+        .to_socket_addrs()
+        .map_err(|source| MigrationError::Connect {
+            addr: opts.destination.clone(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| MigrationError::Connect {
+            addr: opts.destination.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+        })?;
+    let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|source| {
+        MigrationError::Connect {
+            addr: opts.destination.clone(),
+            source,
+        }
+    })?;
+    let mut conn = Conn::new(stream, IO_TIMEOUT)?;
+    conn.send(&Frame::Hello(Hello {
+        version: wire::VERSION,
+        token: opts.token.clone(),
+        vm_id: opts.vm_id.clone(),
+        memory_bytes: vm.memory_bytes(),
+        vcpus: vm.vcpu_count(),
+        cpuid: vm.guest_cpuid().to_vec(),
+    }))?;
+    match conn.recv()? {
+        Frame::Accept => {}
+        other => return Err(MigrationError::unexpected("Accept", &other)),
+    }
+
+    vm.set_dirty_logging(true)?;
+    let mut s = Sender {
+        vm,
+        mem: vm.memory().clone(),
+        conn,
+        opts,
+        cancel,
+        started,
+        buf: Vec::with_capacity(RUN_PAGES * PAGE),
+        progress,
+        report,
+        last_report: Instant::now(),
+    };
+    let mut throttle = opts.auto_converge.then(|| Throttle::new(vm.run_control()));
+    let mut paused = false;
+    let result = run(&mut s, &mut throttle, &mut paused);
+    if let Some(t) = throttle.as_mut() {
+        t.finish();
+    }
+    match result {
+        Ok(sent) => Ok(sent),
+        Err(e) => {
+            // Not committed: the VM goes on here.
+            if paused && let Err(r) = vm.resume() {
+                tracing::error!(error = %r, "cannot resume the VM after a failed migration");
+            }
+            if let Err(d) = vm.set_dirty_logging(false) {
+                tracing::warn!(error = %d, "cannot turn dirty logging off");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn run(
+    s: &mut Sender,
+    throttle: &mut Option<Throttle>,
+    paused: &mut bool,
+) -> Result<Sent, MigrationError> {
+    s.progress.phase = MigrationPhase::FullCopy as i32;
+    s.report(true);
+    let mut last_take = Instant::now();
+    let pass_start = Instant::now();
+    s.full_pass()?;
+    // Link rate in bytes of pages moved per second, from the last pass that moved
+    // enough to measure.
+    let mut link_rate =
+        (s.vm.memory_bytes() as f64 / pass_start.elapsed().as_secs_f64().max(1e-3)) as u64;
+    let budget_us = s.opts.downtime_budget.as_micros() as u64;
+    let mut round = 0u32;
+    let pending = loop {
+        s.check()?;
+        let dirty = s.vm.take_dirty_pages()?;
+        let interval = last_take.elapsed();
+        last_take = Instant::now();
+        let bytes = dirty_bytes(&dirty);
+        let dirty_rate = (bytes as f64 / interval.as_secs_f64().max(1e-3)) as u64;
+        let expected_us = bytes * 1_000_000 / link_rate.max(1);
+        let expected_ms = expected_us.div_ceil(1000);
+        s.progress.phase = MigrationPhase::DirtyRounds as i32;
+        s.progress.round = round;
+        s.progress.dirty_bytes_last_round = bytes;
+        s.progress.dirty_rate_bytes_per_second = dirty_rate;
+        s.progress.link_bytes_per_second = link_rate;
+        s.progress.expected_downtime_ms = expected_ms as u32;
+        s.progress.throttle_percent = throttle.as_ref().map_or(0, Throttle::get);
+        s.report(true);
+        if bytes == 0 || expected_us <= budget_us {
+            break dirty;
+        }
+        if round >= s.opts.max_rounds {
+            return Err(MigrationError::NoConvergence {
+                rounds: round,
+                dirty_bytes: bytes,
+                expected_ms,
+                budget_ms: budget_us / 1000,
+            });
+        }
+        if let Some(t) = throttle.as_ref()
+            && round >= 1
+            && dirty_rate > link_rate / 2
+        {
+            let pct = t.step_up();
+            tracing::info!(
+                round,
+                dirty_rate,
+                link_rate,
+                throttle = pct,
+                "auto-converge"
+            );
+        }
+        let t0 = Instant::now();
+        s.send_dirty(&dirty)?;
+        let took = t0.elapsed().as_secs_f64();
+        if bytes >= (4 << 20) && took > 0.0 {
+            link_rate = (bytes as f64 / took) as u64;
+        }
+        round += 1;
+    };
+
+    // Switchover.
+    if let Some(t) = throttle.as_mut() {
+        t.finish();
+    }
+    s.progress.phase = MigrationPhase::Switchover as i32;
+    s.report(true);
+    let paused_at = Instant::now();
+    s.vm.pause(PAUSE_TIMEOUT)?;
+    *paused = true;
+    let mut pending = pending;
+    let snapshot = s.vm.save_state()?;
+    merge(&mut pending, s.vm.take_dirty_pages()?);
+    s.send_dirty(&pending)?;
+    s.conn.send(&Frame::State(state::encode(&snapshot)))?;
+    s.conn.set_timeout(RESTORE_TIMEOUT);
+    match s.conn.recv()? {
+        Frame::Restored => {}
+        other => return Err(MigrationError::unexpected("Restored", &other)),
+    }
+    if s.cancel.load(Ordering::Acquire) {
+        return Err(MigrationError::Cancelled);
+    }
+    // The point of no return: from here the guest runs only on the destination.
+    s.conn.send(&Frame::Go)?;
+    let confirmed = match s.conn.recv() {
+        Ok(Frame::Resumed) => true,
+        Ok(other) => {
+            tracing::error!(frame = ?other, "after Go the destination answered something else");
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "after Go the destination's Resumed was lost");
+            false
+        }
+    };
+    let downtime = paused_at.elapsed();
+    Ok(Sent {
+        downtime,
+        total: s.started.elapsed(),
+        rounds: round,
+        bytes_sent: s.conn.sent,
+        confirmed,
+        throttle_percent: throttle.as_ref().map_or(0, Throttle::get),
+    })
+}

@@ -1,0 +1,295 @@
+//! The saved VM state (a [`VmSnapshot`] without its memory) as the bytes of a State
+//! frame. KVM's structures go as their exact bytes (their layout is the kernel ABI, the
+//! same on both hosts; zerocopy checks they have no padding); everything else field by
+//! field, little-endian. The blob starts with its own version.
+
+use kvm_bindings::kvm_msr_entry;
+use virtio_queue::QueueState;
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+use crate::devices::i8042::I8042State;
+use crate::devices::virtio::mmio::MmioState;
+use crate::vmm::VmSnapshot;
+use crate::vmm::persist::{DeviceStates, KvmVmState, VcpuState};
+
+pub const STATE_VERSION: u16 = 1;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StateError {
+    #[error("saved state version {0} is not one this build reads ({STATE_VERSION})")]
+    Version(u16),
+    #[error("saved state ends early reading {what}")]
+    Short { what: &'static str },
+    #[error("saved state has {0} bytes after its end")]
+    Trailing(usize),
+    #[error("saved state has an implausible {what} count {count}")]
+    Count { what: &'static str, count: u32 },
+}
+
+struct W(Vec<u8>);
+
+impl W {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bool(&mut self, v: bool) {
+        self.u8(u8::from(v));
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u32(b.len() as u32);
+        self.0.extend_from_slice(b);
+    }
+    fn raw<T: IntoBytes + Immutable>(&mut self, v: &T) {
+        self.0.extend_from_slice(v.as_bytes());
+    }
+}
+
+struct R<'a>(&'a [u8]);
+
+impl<'a> R<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], StateError> {
+        if self.0.len() < n {
+            return Err(StateError::Short { what });
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self, what: &'static str) -> Result<u8, StateError> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn u16(&mut self, what: &'static str) -> Result<u16, StateError> {
+        Ok(u16::from_le_bytes(
+            self.take(2, what)?.try_into().expect("2"),
+        ))
+    }
+    fn u32(&mut self, what: &'static str) -> Result<u32, StateError> {
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().expect("4"),
+        ))
+    }
+    fn u64(&mut self, what: &'static str) -> Result<u64, StateError> {
+        Ok(u64::from_le_bytes(
+            self.take(8, what)?.try_into().expect("8"),
+        ))
+    }
+    fn bool(&mut self, what: &'static str) -> Result<bool, StateError> {
+        Ok(self.u8(what)? != 0)
+    }
+    fn count(&mut self, what: &'static str, max: u32) -> Result<usize, StateError> {
+        let n = self.u32(what)?;
+        if n > max {
+            return Err(StateError::Count { what, count: n });
+        }
+        Ok(n as usize)
+    }
+    fn bytes(&mut self, what: &'static str) -> Result<Vec<u8>, StateError> {
+        let n = self.count(what, 1 << 20)?;
+        Ok(self.take(n, what)?.to_vec())
+    }
+    fn raw<T: FromBytes>(&mut self, what: &'static str) -> Result<T, StateError> {
+        let b = self.take(std::mem::size_of::<T>(), what)?;
+        T::read_from_bytes(b).map_err(|_| StateError::Short { what })
+    }
+}
+
+fn put_vcpu(w: &mut W, v: &VcpuState) {
+    w.raw(&v.regs);
+    w.raw(&v.sregs);
+    w.raw(&*v.xsave);
+    w.raw(&v.xcrs);
+    w.raw(&v.debug_regs);
+    w.raw(&v.lapic);
+    w.u32(v.msrs.len() as u32);
+    for m in &v.msrs {
+        w.raw(m);
+    }
+    w.raw(&v.mp_state);
+    w.raw(&v.events);
+}
+
+fn get_vcpu(r: &mut R) -> Result<VcpuState, StateError> {
+    Ok(VcpuState {
+        regs: r.raw("regs")?,
+        sregs: r.raw("sregs")?,
+        xsave: Box::new(r.raw("xsave")?),
+        xcrs: r.raw("xcrs")?,
+        debug_regs: r.raw("debug registers")?,
+        lapic: r.raw("LAPIC")?,
+        msrs: {
+            let n = r.count("MSR", 4096)?;
+            (0..n)
+                .map(|_| r.raw::<kvm_msr_entry>("MSR"))
+                .collect::<Result<_, _>>()?
+        },
+        mp_state: r.raw("MP state")?,
+        events: r.raw("vCPU events")?,
+    })
+}
+
+fn put_queue(w: &mut W, q: &QueueState) {
+    w.u16(q.max_size);
+    w.u16(q.next_avail);
+    w.u16(q.next_used);
+    w.bool(q.event_idx_enabled);
+    w.u16(q.size);
+    w.bool(q.ready);
+    w.u64(q.desc_table);
+    w.u64(q.avail_ring);
+    w.u64(q.used_ring);
+}
+
+fn get_queue(r: &mut R) -> Result<QueueState, StateError> {
+    Ok(QueueState {
+        max_size: r.u16("queue")?,
+        next_avail: r.u16("queue")?,
+        next_used: r.u16("queue")?,
+        event_idx_enabled: r.bool("queue")?,
+        size: r.u16("queue")?,
+        ready: r.bool("queue")?,
+        desc_table: r.u64("queue")?,
+        avail_ring: r.u64("queue")?,
+        used_ring: r.u64("queue")?,
+    })
+}
+
+/// The state's bytes (memory, if any, is left out: it travels as pages).
+pub fn encode(s: &VmSnapshot) -> Vec<u8> {
+    let mut w = W(Vec::with_capacity(16 << 10));
+    w.u16(STATE_VERSION);
+    w.u32(s.vcpus.len() as u32);
+    for v in &s.vcpus {
+        put_vcpu(&mut w, v);
+    }
+    let k = &s.kvm;
+    w.raw(&k.pic_master);
+    w.raw(&k.pic_slave);
+    w.raw(&k.ioapic);
+    w.raw(&k.pit);
+    w.raw(&k.clock);
+    let ser = &s.devices.serial;
+    for b in [
+        ser.baud_divisor_low,
+        ser.baud_divisor_high,
+        ser.interrupt_enable,
+        ser.interrupt_identification,
+        ser.line_control,
+        ser.line_status,
+        ser.modem_control,
+        ser.modem_status,
+        ser.scratch,
+    ] {
+        w.u8(b);
+    }
+    w.bytes(&ser.in_buffer);
+    let k = &s.devices.i8042;
+    w.u8(k.status);
+    w.u8(k.ctr);
+    w.u8(k.outp);
+    w.bool(k.pending.is_some());
+    w.u8(k.pending.unwrap_or(0));
+    w.bytes(&k.buffer);
+    w.u32(s.devices.virtio.len() as u32);
+    for m in &s.devices.virtio {
+        w.u32(m.queue_select);
+        w.u32(m.device_features_select);
+        w.u32(m.driver_features_select);
+        w.u64(m.acked_features);
+        w.u32(m.status);
+        w.u32(m.config_generation);
+        w.u32(m.interrupt_status);
+        w.bool(m.active);
+        w.u32(m.queues.len() as u32);
+        for q in &m.queues {
+            put_queue(&mut w, q);
+        }
+    }
+    w.0
+}
+
+pub fn decode(bytes: &[u8]) -> Result<VmSnapshot, StateError> {
+    let mut r = R(bytes);
+    let version = r.u16("version")?;
+    if version != STATE_VERSION {
+        return Err(StateError::Version(version));
+    }
+    let n = r.count("vCPU", crate::vmm::MAX_VCPUS)?;
+    let vcpus = (0..n)
+        .map(|_| get_vcpu(&mut r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let kvm = KvmVmState {
+        pic_master: r.raw("PIC")?,
+        pic_slave: r.raw("PIC")?,
+        ioapic: r.raw("IOAPIC")?,
+        pit: r.raw("PIT")?,
+        clock: r.raw("clock")?,
+    };
+    let serial = vm_superio::serial::SerialState {
+        baud_divisor_low: r.u8("serial")?,
+        baud_divisor_high: r.u8("serial")?,
+        interrupt_enable: r.u8("serial")?,
+        interrupt_identification: r.u8("serial")?,
+        line_control: r.u8("serial")?,
+        line_status: r.u8("serial")?,
+        modem_control: r.u8("serial")?,
+        modem_status: r.u8("serial")?,
+        scratch: r.u8("serial")?,
+        in_buffer: r.bytes("serial input")?,
+    };
+    let i8042 = I8042State {
+        status: r.u8("i8042")?,
+        ctr: r.u8("i8042")?,
+        outp: r.u8("i8042")?,
+        pending: {
+            let some = r.bool("i8042")?;
+            let v = r.u8("i8042")?;
+            some.then_some(v)
+        },
+        buffer: r.bytes("i8042 buffer")?,
+    };
+    let n = r.count(
+        "virtio device",
+        crate::vmm::layout::MAX_VIRTIO_DEVICES as u32,
+    )?;
+    let mut virtio = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut m = MmioState {
+            queue_select: r.u32("virtio")?,
+            device_features_select: r.u32("virtio")?,
+            driver_features_select: r.u32("virtio")?,
+            acked_features: r.u64("virtio")?,
+            status: r.u32("virtio")?,
+            config_generation: r.u32("virtio")?,
+            interrupt_status: r.u32("virtio")?,
+            active: r.bool("virtio")?,
+            queues: Vec::new(),
+        };
+        let q = r.count("virtio queue", 64)?;
+        for _ in 0..q {
+            m.queues.push(get_queue(&mut r)?);
+        }
+        virtio.push(m);
+    }
+    if !r.0.is_empty() {
+        return Err(StateError::Trailing(r.0.len()));
+    }
+    Ok(VmSnapshot {
+        vcpus,
+        kvm,
+        devices: DeviceStates {
+            serial,
+            i8042,
+            virtio,
+        },
+        memory: Vec::new(),
+    })
+}
