@@ -1,10 +1,11 @@
 //! `HostService` (proto/host.proto) over the [`Manager`]: VM lifecycle, console streams,
-//! disks, host information and metrics. Live migration answers `Unimplemented` until it
-//! is built.
+//! disks, host information and metrics, live migration (the destination is prepared, the
+//! source sends, progress streams back; see [`crate::migration`]).
 //!
 //! VMs run in their own processes, so a client that disconnects (or a daemon that
 //! restarts) leaves them running.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,7 +18,8 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::host::{CpuSampler, cpu_info, hostname, kvm_status, logical_cpus, meminfo};
-use crate::supervisor::manager::{Manager, ManagerError};
+use crate::supervisor::manager::{Manager, ManagerError, migration_ended};
+use crate::supervisor::protocol::MigrateSend;
 use crate::supervisor::spec::SpecError;
 
 /// Identity of this host, for `GetHostInfo`.
@@ -32,6 +34,8 @@ pub struct HostServer {
     manager: Arc<Manager>,
     identity: HostIdentity,
     cpu: Mutex<CpuSampler>,
+    /// Outgoing migrations started here: migration id to VM id.
+    migrations: Mutex<HashMap<String, String>>,
 }
 
 impl HostServer {
@@ -42,6 +46,7 @@ impl HostServer {
             manager,
             identity,
             cpu: Mutex::new(sampler),
+            migrations: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -78,9 +83,6 @@ fn status(e: ManagerError) -> Status {
         ManagerError::Io { .. } | ManagerError::Spawn { .. } => Status::internal(msg),
     }
 }
-
-const MIGRATION: &str = "live migration is not built yet (it is a later issue of hostd); \
-                         the VM stays where it is";
 
 #[tonic::async_trait]
 impl HostService for HostServer {
@@ -309,31 +311,191 @@ impl HostService for HostServer {
 
     async fn prepare_migration_receive(
         &self,
-        _: Request<PrepareMigrationReceiveRequest>,
+        req: Request<PrepareMigrationReceiveRequest>,
     ) -> Result<Response<PrepareMigrationReceiveResponse>, Status> {
-        Err(Status::unimplemented(MIGRATION))
+        let local = req.local_addr();
+        let req = req.into_inner();
+        let config = req
+            .config
+            .ok_or_else(|| Status::invalid_argument("config is required"))?;
+        if req.token.len() < 8 {
+            return Err(Status::invalid_argument(
+                "the migration token must be at least 8 characters",
+            ));
+        }
+        let ip = self.migration_ip(local);
+        let address = self
+            .manager
+            .prepare_incoming(&req.vm_id, config, &req.token, &ip)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(PrepareMigrationReceiveResponse {
+            address,
+            migration_id: format!("in-{}", req.vm_id),
+        }))
     }
 
     type StartMigrationSendStream = ReceiverStream<Result<MigrationProgress, Status>>;
 
     async fn start_migration_send(
         &self,
-        _: Request<StartMigrationSendRequest>,
+        req: Request<StartMigrationSendRequest>,
     ) -> Result<Response<Self::StartMigrationSendStream>, Status> {
-        Err(Status::unimplemented(MIGRATION))
+        let req = req.into_inner();
+        if req.destination_address.is_empty() || req.token.is_empty() {
+            return Err(Status::invalid_argument(
+                "destination_address and token are required",
+            ));
+        }
+        let migration_id = uuid::Uuid::new_v4().to_string();
+        let mut progress = self
+            .manager
+            .migrate_send(
+                &req.vm_id,
+                MigrateSend {
+                    migration_id: migration_id.clone(),
+                    destination: req.destination_address,
+                    token: req.token,
+                    downtime_budget_ms: req.downtime_budget_ms,
+                    max_rounds: req.max_rounds,
+                    timeout_seconds: req.timeout_seconds,
+                    auto_converge: req.auto_converge,
+                    bandwidth_limit_bytes_per_second: req.bandwidth_limit_bytes_per_second,
+                },
+            )
+            .await
+            .map_err(status)?;
+        self.migrations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(migration_id.clone(), req.vm_id.clone());
+        let (tx, rx) = mpsc::channel(64);
+        let manager = self.manager.clone();
+        let vm_id = req.vm_id;
+        tokio::spawn(async move {
+            // Runs to the migration's end even if the client goes away: GetMigration
+            // answers from the same state.
+            let mut client = true;
+            loop {
+                let p = progress.borrow_and_update().clone();
+                if let Some(p) = p {
+                    let ended = migration_ended(&p);
+                    if client && tx.send(Ok(p.clone())).await.is_err() {
+                        client = false;
+                    }
+                    if ended {
+                        if p.phase == MigrationPhase::Completed as i32 {
+                            manager.forget_migrated(&vm_id).await;
+                        }
+                        break;
+                    }
+                }
+                if progress.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn get_migration(
         &self,
-        _: Request<GetMigrationRequest>,
+        req: Request<GetMigrationRequest>,
     ) -> Result<Response<MigrationProgress>, Status> {
-        Err(Status::unimplemented(MIGRATION))
+        let mid = req.into_inner().migration_id;
+        let vm_id = self.migration_vm(&mid)?;
+        match self.manager.migration(&vm_id).await {
+            Ok(Some(p)) if p.migration_id == mid => Ok(Response::new(p)),
+            // The VM left this host when the migration completed.
+            Err(ManagerError::NotFound(_)) => Ok(Response::new(MigrationProgress {
+                migration_id: mid,
+                vm_id,
+                phase: MigrationPhase::Completed as i32,
+                ..Default::default()
+            })),
+            Ok(_) => Err(Status::not_found(format!("no migration {mid}"))),
+            Err(e) => Err(status(e)),
+        }
     }
 
     async fn cancel_migration(
         &self,
-        _: Request<CancelMigrationRequest>,
+        req: Request<CancelMigrationRequest>,
     ) -> Result<Response<MigrationProgress>, Status> {
-        Err(Status::unimplemented(MIGRATION))
+        let mid = req.into_inner().migration_id;
+        let vm_id = self.migration_vm(&mid)?;
+        let current = self.manager.migration(&vm_id).await.map_err(status)?;
+        match current {
+            Some(p) if p.migration_id == mid && migration_ended(&p) => {
+                return Err(Status::failed_precondition(format!(
+                    "migration {mid} has already ended ({})",
+                    MigrationPhase::try_from(p.phase)
+                        .map(|x| x.as_str_name())
+                        .unwrap_or("?")
+                )));
+            }
+            Some(p) if p.migration_id == mid => {}
+            _ => return Err(Status::not_found(format!("no migration {mid}"))),
+        }
+        self.manager
+            .cancel_migration(&vm_id)
+            .await
+            .map_err(status)?;
+        // The outcome: Cancelled, or Completed if the switchover was committed first.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.manager.migration(&vm_id).await {
+                Ok(Some(p)) if migration_ended(&p) => return Ok(Response::new(p)),
+                Ok(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                Ok(p) => return Ok(Response::new(p.unwrap_or_default())),
+                Err(ManagerError::NotFound(_)) => {
+                    return Ok(Response::new(MigrationProgress {
+                        migration_id: mid,
+                        vm_id,
+                        phase: MigrationPhase::Completed as i32,
+                        ..Default::default()
+                    }));
+                }
+                Err(e) => return Err(status(e)),
+            }
+        }
+    }
+}
+
+impl HostServer {
+    /// The address incoming VMs listen on: the configured migration address's host,
+    /// else the address the request came in on (so the source reaches it the way it
+    /// reached this service), else loopback.
+    fn migration_ip(&self, local: Option<std::net::SocketAddr>) -> String {
+        if let Ok(a) = self
+            .identity
+            .migration_address
+            .parse::<std::net::SocketAddr>()
+        {
+            return a.ip().to_string();
+        }
+        if let Some(ip) = self
+            .identity
+            .migration_address
+            .rsplit_once(':')
+            .map(|(h, _)| h.to_owned())
+            .filter(|h| !h.is_empty())
+        {
+            return ip;
+        }
+        local
+            .map(|a| a.ip().to_string())
+            .unwrap_or_else(|| "127.0.0.1".into())
+    }
+
+    fn migration_vm(&self, mid: &str) -> Result<String, Status> {
+        self.migrations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(mid)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("no migration {mid} on this host")))
     }
 }

@@ -268,3 +268,194 @@ fn a_guest_that_cannot_converge_stays_on_the_source_and_a_retry_moves_it() {
     vm.stop();
     assert!(assert_chain(&format!("{}{}", console_a.text(), console.text()), 13) > 5);
 }
+
+// ---------------------------------------------------------------------------------------
+// Through HostService: two daemons, VMs in their own processes.
+
+mod daemons {
+    use super::common::{self, Daemon, WAIT};
+    use super::*;
+    use proto::host::host_service_client::HostServiceClient;
+    use proto::host::*;
+    use tonic::transport::Channel;
+
+    const TOKEN: &str = "0123456789abcdef";
+    const SEED: u64 = 7;
+
+    struct Pool {
+        _dir: tempfile::TempDir,
+        img: PathBuf,
+        hosts: [Daemon; 2],
+    }
+
+    async fn pool() -> Pool {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("shared.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let a = Daemon::start_at(&dir.path().join("a"), 256 << 20, "127.0.0.1").await;
+        let b = Daemon::start_at(&dir.path().join("b"), 256 << 20, "127.0.0.2").await;
+        Pool {
+            _dir: dir,
+            img,
+            hosts: [a, b],
+        }
+    }
+
+    fn vm_config(img: &Path, dirty_mib_s: u32) -> VmConfig {
+        let mut cfg = common::config(&format!(
+            "seed={SEED} blk=write mode=heartbeat hb_ms=20 dirty_mib_s={dirty_mib_s} dirty_mib=8"
+        ));
+        cfg.vcpus = 2;
+        cfg.disks = vec![DiskConfig {
+            id: "vda".into(),
+            backend: Some(disk_config::Backend::FilePath(img.display().to_string())),
+            read_only: false,
+        }];
+        cfg
+    }
+
+    async fn console_text(d: &Daemon, id: &str) -> String {
+        d.manager.console(id).await.unwrap().text()
+    }
+
+    /// Waits for `n` more complete heartbeats on `d`'s console of VM `id`.
+    async fn more_heartbeats(d: &Daemon, id: &str, n: usize) {
+        let console = d.manager.console(id).await.unwrap();
+        let start = heartbeats(&console.text()).len();
+        let deadline = Instant::now() + WAIT;
+        while heartbeats(&console.text()).len() < start + n {
+            assert!(
+                Instant::now() < deadline,
+                "no heartbeats on {}: {}",
+                d.addr,
+                console.text()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    struct Attempt {
+        progress: Vec<MigrationProgress>,
+    }
+
+    impl Attempt {
+        fn last(&self) -> &MigrationProgress {
+            self.progress.last().expect("some progress")
+        }
+        fn phase(&self) -> MigrationPhase {
+            MigrationPhase::try_from(self.last().phase).unwrap()
+        }
+    }
+
+    async fn prepare(dst: &mut HostServiceClient<Channel>, img: &Path, dirty: u32) -> String {
+        dst.prepare_migration_receive(PrepareMigrationReceiveRequest {
+            vm_id: "m1".into(),
+            config: Some(vm_config(img, dirty)),
+            token: TOKEN.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .address
+    }
+
+    fn request(address: &str, token: &str) -> StartMigrationSendRequest {
+        StartMigrationSendRequest {
+            vm_id: "m1".into(),
+            destination_address: address.into(),
+            token: token.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Sends and follows the progress stream to its end; `during` sees each report
+    /// and may act (kill, cut, cancel).
+    async fn send(
+        src: &mut HostServiceClient<Channel>,
+        req: StartMigrationSendRequest,
+        mut during: impl AsyncFnMut(&MigrationProgress),
+    ) -> Attempt {
+        let mut stream = src.start_migration_send(req).await.unwrap().into_inner();
+        let mut progress = Vec::new();
+        loop {
+            match tokio::time::timeout(WAIT, stream.message()).await {
+                Ok(Ok(Some(p))) => {
+                    during(&p).await;
+                    progress.push(p);
+                }
+                Ok(Ok(None)) => break,
+                other => panic!("progress stream: {other:?} after {progress:?}"),
+            }
+        }
+        Attempt { progress }
+    }
+
+    fn assert_pattern(img: &Path) {
+        let bytes = std::fs::read(img).unwrap();
+        assert_eq!(
+            check_pattern(SEED, 0, 0, &bytes[..256 << 10]),
+            Ok(()),
+            "the disk pattern"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_vm_migrates_back_and_forth_ten_times_without_losing_a_beat() {
+        let p = pool().await;
+        let mut clients = [p.hosts[0].client().await, p.hosts[1].client().await];
+        common::create(&mut clients[0], "m1", vm_config(&p.img, 32), true).await;
+        more_heartbeats(&p.hosts[0], "m1", 5).await;
+        assert_pattern(&p.img);
+        let mut texts = Vec::new();
+        let hops: usize = std::env::var("HOSTD_MIGRATION_HOPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10);
+        let mut downtimes = Vec::new();
+        for hop in 0..hops {
+            let (s, d) = (hop % 2, 1 - hop % 2);
+            let src_console = p.hosts[s].manager.console("m1").await.unwrap();
+            let address = prepare(&mut clients[d], &p.img, 32).await;
+            let a = send(&mut clients[s], request(&address, TOKEN), async |_| {}).await;
+            assert_eq!(
+                a.phase(),
+                MigrationPhase::Completed,
+                "hop {hop}: {:?}",
+                a.last()
+            );
+            assert!(a.last().error.is_empty(), "{:?}", a.last());
+            downtimes.push(a.last().downtime_ms);
+            assert!(
+                a.progress
+                    .iter()
+                    .any(|x| x.phase == MigrationPhase::FullCopy as i32),
+                "{:?}",
+                a.progress
+            );
+            let vm = common::wait_state(&mut clients[d], "m1", PowerState::Running).await;
+            assert!(common::process_alive(vm.vmm_pid));
+            more_heartbeats(&p.hosts[d], "m1", 2).await;
+            texts.push(src_console.text());
+            // The source let the VM go.
+            let deadline = Instant::now() + WAIT;
+            while clients[s]
+                .get_vm(VmRequest { vm_id: "m1".into() })
+                .await
+                .is_ok()
+            {
+                assert!(Instant::now() < deadline, "the source never forgot the VM");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_pattern(&p.img);
+        }
+        let last = hops % 2;
+        texts.push(console_text(&p.hosts[last], "m1").await);
+        let all = texts.concat();
+        let n = assert_chain(&all, SEED);
+        eprintln!("{hops} hops, {n} heartbeats, downtimes (ms): {downtimes:?}");
+        assert!(n > 5 + 2 * hops, "{all}");
+    }
+}

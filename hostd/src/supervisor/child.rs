@@ -9,17 +9,23 @@
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
-use proto::host::{DiskMetrics, PowerState, StopReason, VmMetrics};
+use proto::host::{
+    DiskMetrics, MigrationPhase, MigrationProgress, PowerState, StopReason, VmMetrics,
+};
 
 use super::frame;
-use super::protocol::{Command, Event, Reply, VmRecord, VmState, command, event};
+use super::protocol::{
+    Command, Event, IncomingRecord, MigrateSend, Reply, VmRecord, VmState, command, event,
+};
 use super::spec;
 use crate::console::Console;
+use crate::migration::{self, Incoming, MigrationError, SendOptions};
 use crate::vmm::{Vm, VmExit, VmSpec};
 
 pub const RECORD_FILE: &str = "vm.pb";
@@ -145,6 +151,16 @@ enum Msg {
     Exited(VmExit),
 }
 
+/// How a migration the runner started ended.
+enum MigrateEnd {
+    /// The VM runs on the destination.
+    Moved,
+    /// It runs here still.
+    StayedHere,
+    /// It stopped meanwhile (the guest stopped, or a stop was asked: then true).
+    Exited(VmExit, bool),
+}
+
 /// Runs the VM process; returns when the VM has stopped for good.
 pub fn run(dir: &Path) -> Result<(), ChildError> {
     let record = read_record(dir)?;
@@ -188,11 +204,24 @@ pub fn run(dir: &Path) -> Result<(), ChildError> {
             .expect("spawning the console thread");
     }
 
+    // Disks are opened (iSCSI sessions logged in) here, before the VM boots or, for an
+    // incoming migration, before the source is told to switch over.
     let spec = match spec::to_spec(&config, &record.initiator_iqn) {
         Ok(s) => s,
         Err(e) => return Err(runner.fail_to_start(crate::error_chain(&e))),
     };
-    let result = runner.run(&spec, &rx);
+    let first = match &record.incoming {
+        Some(inc) => match runner.receive(&spec, inc, &rx) {
+            Some(vm) => Some(vm),
+            None => {
+                console.flush();
+                let _ = std::fs::remove_file(&sock_path);
+                return Ok(());
+            }
+        },
+        None => None,
+    };
+    let result = runner.run(&spec, &rx, first);
     console.flush();
     let _ = std::fs::remove_file(&sock_path);
     result
@@ -273,7 +302,11 @@ fn forward_console(console: &Console, outbox: &Outbox) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Intent {
     Reboot,
-    Stop { forced: bool },
+    Stop {
+        forced: bool,
+    },
+    /// The VM now runs on another host.
+    MigratedAway,
 }
 
 struct Runner {
@@ -314,12 +347,21 @@ impl Runner {
         ChildError::Boot(detail)
     }
 
-    fn run(&mut self, spec: &VmSpec, rx: &mpsc::Receiver<Msg>) -> Result<(), ChildError> {
+    fn run(
+        &mut self,
+        spec: &VmSpec,
+        rx: &mpsc::Receiver<Msg>,
+        mut first: Option<Vm>,
+    ) -> Result<(), ChildError> {
         loop {
-            let mut vm = match Vm::new(spec, self.console.clone()).and_then(|mut vm| {
-                vm.start()?;
-                Ok(vm)
-            }) {
+            let built = match first.take() {
+                Some(vm) => Ok(vm),
+                None => Vm::new(spec, self.console.clone()).and_then(|mut vm| {
+                    vm.start()?;
+                    Ok(vm)
+                }),
+            };
+            let mut vm = match built {
                 Ok(vm) => vm,
                 Err(e) => return Err(self.fail_to_start(crate::error_chain(&e))),
             };
@@ -343,6 +385,10 @@ impl Runner {
             drop(vm);
             tracing::info!(%exit, ?intent, "VM stopped");
             match (intent, &exit) {
+                (Some(Intent::MigratedAway), _) => {
+                    let detail = std::mem::take(&mut self.state.detail);
+                    self.finish(PowerState::Stopped, StopReason::MigratedAway, detail)
+                }
                 (Some(Intent::Reboot), _) | (None, VmExit::Reset) => {
                     self.state.last_stop = if intent.is_some() {
                         StopReason::Forced as i32
@@ -451,6 +497,23 @@ impl Runner {
                     metrics = Some(self.metrics(vm));
                     Ok(())
                 }
+                Some(command::Op::MigrateSend(m)) if intent.is_none() && !vm.is_paused() => {
+                    self.reply(id, String::new(), None);
+                    match self.migrate(vm, rx, &m) {
+                        MigrateEnd::Moved => {
+                            return (VmExit::Stopped, Some(Intent::MigratedAway));
+                        }
+                        MigrateEnd::StayedHere => {}
+                        MigrateEnd::Exited(exit, stop) => {
+                            return (exit, stop.then_some(Intent::Stop { forced: true }));
+                        }
+                    }
+                    continue;
+                }
+                Some(command::Op::MigrateSend(_)) => {
+                    Err("only a running VM with no stop or reboot under way can migrate".into())
+                }
+                Some(command::Op::CancelMigration(_)) => Err("no migration is under way".into()),
                 Some(command::Op::ConsoleInput(data)) => {
                     let n = vm.console_input(&data);
                     if n < data.len() {
@@ -466,6 +529,243 @@ impl Runner {
                 None => Err("empty command".into()),
             };
             self.reply(id, result.err().unwrap_or_default(), metrics);
+        }
+    }
+
+    /// Sends the VM to another host while serving commands. Status and metrics are
+    /// answered, a stop cancels the migration first, anything else waits its turn.
+    fn migrate(&mut self, vm: &Vm, rx: &mpsc::Receiver<Msg>, m: &MigrateSend) -> MigrateEnd {
+        let opts = SendOptions {
+            vm_id: self.id.clone(),
+            token: m.token.clone(),
+            destination: m.destination.clone(),
+            downtime_budget: match m.downtime_budget_ms {
+                0 => migration::DEFAULT_DOWNTIME,
+                ms => Duration::from_millis(u64::from(ms)),
+            },
+            max_rounds: match m.max_rounds {
+                0 => migration::DEFAULT_MAX_ROUNDS,
+                n => n,
+            },
+            timeout: match m.timeout_seconds {
+                0 => migration::DEFAULT_TIMEOUT,
+                s => Duration::from_secs(u64::from(s)),
+            },
+            auto_converge: m.auto_converge,
+            bandwidth_limit: m.bandwidth_limit_bytes_per_second,
+        };
+        let base = MigrationProgress {
+            migration_id: m.migration_id.clone(),
+            vm_id: self.id.clone(),
+            ..Default::default()
+        };
+        let cancel = AtomicBool::new(false);
+        self.state.power = PowerState::Migrating as i32;
+        self.publish();
+        tracing::info!(migration = %m.migration_id, to = %m.destination, "migration starting");
+        let mut exited: Option<VmExit> = None;
+        let mut stop_asked = false;
+        let outbox = self.outbox.clone();
+        let result = std::thread::scope(|scope| {
+            let sender = scope.spawn(|| {
+                let mut report = |p: &MigrationProgress| {
+                    outbox.send(&Event {
+                        kind: Some(event::Kind::Migration(p.clone())),
+                    });
+                };
+                migration::send(vm, &opts, &cancel, base.clone(), &mut report)
+            });
+            while !sender.is_finished() {
+                let msg = match rx.recv_timeout(Duration::from_millis(20)) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        cancel.store(true, Ordering::Release);
+                        continue;
+                    }
+                };
+                let cmd = match msg {
+                    Msg::Exited(exit) => {
+                        cancel.store(true, Ordering::Release);
+                        exited = Some(exit);
+                        continue;
+                    }
+                    Msg::Cmd(cmd) => cmd,
+                };
+                let (error, metrics) = match cmd.op {
+                    Some(command::Op::Status(_)) => (String::new(), None),
+                    Some(command::Op::Metrics(_)) => (String::new(), Some(self.metrics(vm))),
+                    Some(command::Op::CancelMigration(_)) => {
+                        cancel.store(true, Ordering::Release);
+                        (String::new(), None)
+                    }
+                    Some(command::Op::Stop(_)) => {
+                        cancel.store(true, Ordering::Release);
+                        stop_asked = true;
+                        (String::new(), None)
+                    }
+                    _ => (
+                        "a live migration is under way; cancel it first".into(),
+                        None,
+                    ),
+                };
+                self.reply(cmd.id, error, metrics);
+            }
+            sender.join().unwrap_or_else(|_| {
+                Err(MigrationError::Io {
+                    what: "the migration thread panicked",
+                    source: std::io::Error::other("panic"),
+                })
+            })
+        });
+        let mut last = base;
+        last.memory_total_bytes = vm.memory_bytes();
+        match result {
+            Ok(sent) => {
+                last.phase = MigrationPhase::Completed as i32;
+                last.round = sent.rounds;
+                last.bytes_sent = sent.bytes_sent;
+                last.downtime_ms = sent.downtime.as_millis() as u32;
+                last.total_time_ms = sent.total.as_millis() as u32;
+                last.throttle_percent = sent.throttle_percent;
+                if !sent.confirmed {
+                    last.error = "the destination's confirmation was lost after switchover".into();
+                }
+                tracing::info!(downtime = ?sent.downtime, total = ?sent.total, rounds = sent.rounds, "migrated");
+                self.state.detail = format!("migrated to {}", m.destination);
+                self.outbox.send(&Event {
+                    kind: Some(event::Kind::Migration(last)),
+                });
+                // The guest runs on the destination now; never here again.
+                vm.stop();
+                MigrateEnd::Moved
+            }
+            Err(e) => {
+                let cancelled = matches!(e, MigrationError::Cancelled);
+                last.phase = if cancelled {
+                    MigrationPhase::Cancelled
+                } else {
+                    MigrationPhase::Failed
+                } as i32;
+                last.error = crate::error_chain(&e);
+                tracing::warn!(error = %last.error, "migration did not complete; the VM runs here");
+                self.outbox.send(&Event {
+                    kind: Some(event::Kind::Migration(last)),
+                });
+                if let Some(exit) = exited {
+                    return MigrateEnd::Exited(exit, false);
+                }
+                if stop_asked {
+                    vm.stop();
+                    return MigrateEnd::Exited(VmExit::Stopped, true);
+                }
+                self.state.power = PowerState::Running as i32;
+                self.publish();
+                MigrateEnd::StayedHere
+            }
+        }
+    }
+
+    /// Waits for an incoming VM and receives it; `None` if it never came (the reason is
+    /// published as the last state).
+    fn receive(
+        &mut self,
+        spec: &VmSpec,
+        inc: &IncomingRecord,
+        rx: &mpsc::Receiver<Msg>,
+    ) -> Option<Vm> {
+        let ip = if inc.listen_ip.is_empty() {
+            "127.0.0.1"
+        } else {
+            inc.listen_ip.as_str()
+        };
+        let listener = match std::net::TcpListener::bind((ip, 0)) {
+            Ok(l) => l,
+            Err(e) => {
+                self.fail_to_start(format!("cannot listen for the migration on {ip}: {e}"));
+                return None;
+            }
+        };
+        let addr = match listener.local_addr() {
+            Ok(a) => a,
+            Err(e) => {
+                self.fail_to_start(format!("migration listener: {e}"));
+                return None;
+            }
+        };
+        let wait = match inc.wait_seconds {
+            0 => Duration::from_secs(600),
+            s => Duration::from_secs(u64::from(s)),
+        };
+        self.state.power = PowerState::Migrating as i32;
+        self.state.migration_address = addr.to_string();
+        self.publish();
+        tracing::info!(%addr, "waiting for the incoming VM");
+        let incoming = Incoming {
+            vm_id: self.id.clone(),
+            token: inc.token.clone(),
+            spec: spec.clone(),
+        };
+        let abort = AtomicBool::new(false);
+        let console: Arc<dyn crate::console::ConsoleOut> = self.console.clone();
+        let result = std::thread::scope(|scope| {
+            let receiver = scope.spawn(|| {
+                migration::receive(
+                    &listener,
+                    &incoming,
+                    console,
+                    &abort,
+                    Instant::now() + wait,
+                    &mut || {},
+                )
+            });
+            while !receiver.is_finished() {
+                let msg = match rx.recv_timeout(Duration::from_millis(20)) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        abort.store(true, Ordering::Release);
+                        continue;
+                    }
+                };
+                let Msg::Cmd(cmd) = msg else { continue };
+                let error = match cmd.op {
+                    Some(command::Op::Status(_)) | Some(command::Op::Metrics(_)) => String::new(),
+                    Some(command::Op::Stop(_)) | Some(command::Op::Shutdown(_)) => {
+                        abort.store(true, Ordering::Release);
+                        String::new()
+                    }
+                    _ => "the VM is arriving by live migration".into(),
+                };
+                self.reply(cmd.id, error, None);
+            }
+            receiver.join().unwrap_or_else(|_| {
+                Err(MigrationError::Io {
+                    what: "the receiving thread panicked",
+                    source: std::io::Error::other("panic"),
+                })
+            })
+        });
+        self.state.migration_address.clear();
+        match result {
+            Ok(vm) => {
+                tracing::info!("incoming VM running");
+                Some(vm)
+            }
+            Err(e) => {
+                let detail = format!(
+                    "incoming migration did not complete: {}",
+                    crate::error_chain(&e)
+                );
+                tracing::warn!(%detail);
+                let reason = if matches!(e, MigrationError::Cancelled) {
+                    StopReason::Forced
+                } else {
+                    StopReason::VmmError
+                };
+                self.finish(PowerState::Stopped, reason, detail);
+                None
+            }
         }
     }
 

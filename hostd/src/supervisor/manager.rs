@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use proto::host::{DiskConfig, PowerState, StopReason, Vm as VmProto, VmConfig, VmMetrics};
+use proto::host::{
+    DiskConfig, MigrationPhase, MigrationProgress, PowerState, StopReason, Vm as VmProto, VmConfig,
+    VmMetrics,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
@@ -21,7 +24,10 @@ use tokio::sync::{oneshot, watch};
 
 use super::child::{CONSOLE_LOG, CONTROL_SOCKET, RECORD_FILE, VMM_LOG};
 use super::frame;
-use super::protocol::{Command, Empty, Event, Polite, Reply, VmRecord, VmState, command, event};
+use super::protocol::{
+    Command, Empty, Event, IncomingRecord, MigrateSend, Polite, Reply, VmRecord, VmState, command,
+    event,
+};
 use super::spec::{self, SpecError};
 use crate::console::{Console, ConsoleOut, DEFAULT_BUFFER_BYTES};
 
@@ -123,6 +129,16 @@ struct Entry {
     op: tokio::sync::Mutex<()>,
     /// The VM process, when this daemon started it.
     child: Mutex<Option<tokio::process::Child>>,
+    /// The latest progress of this VM's outgoing migration, if it ever had one.
+    migration: watch::Sender<Option<MigrationProgress>>,
+}
+
+/// Whether a migration in this phase is over.
+pub fn migration_ended(p: &MigrationProgress) -> bool {
+    matches!(
+        MigrationPhase::try_from(p.phase),
+        Ok(MigrationPhase::Completed | MigrationPhase::Failed | MigrationPhase::Cancelled)
+    )
 }
 
 pub struct Manager {
@@ -170,6 +186,7 @@ impl Entry {
             changed: watch::channel(0).0,
             op: tokio::sync::Mutex::new(()),
             child: Mutex::new(None),
+            migration: watch::channel(None).0,
         })
     }
 
@@ -203,7 +220,13 @@ impl Entry {
                 nanos: ((r.state.started_at_unix_ms % 1000) * 1_000_000) as i32,
             }),
             vmm_pid: r.pid,
-            migration_id: String::new(),
+            migration_id: self
+                .migration
+                .borrow()
+                .as_ref()
+                .filter(|p| !migration_ended(p))
+                .map(|p| p.migration_id.clone())
+                .unwrap_or_default(),
         }
     }
 
@@ -433,7 +456,7 @@ impl Manager {
             }
         }
         let dir = self.vm_dir(id);
-        self.spawn(&entry, &dir, config).await?;
+        self.spawn(&entry, &dir, config, None).await?;
         Ok(entry.to_proto())
     }
 
@@ -442,6 +465,7 @@ impl Manager {
         entry: &Arc<Entry>,
         dir: &Path,
         config: VmConfig,
+        incoming: Option<IncomingRecord>,
     ) -> Result<(), ManagerError> {
         let io = |path: &Path| {
             let path = path.to_owned();
@@ -452,6 +476,7 @@ impl Manager {
             id: entry.id.clone(),
             config: Some(config),
             initiator_iqn: self.cfg.initiator_iqn.clone(),
+            incoming,
         };
         std::fs::write(dir.join(RECORD_FILE), record.encode_to_vec()).map_err(io(dir))?;
         let sock = dir.join(CONTROL_SOCKET);
@@ -526,7 +551,9 @@ impl Manager {
             loop {
                 if *rx.borrow_and_update() != seen {
                     let s = entry.lock().state.clone();
-                    if s.last || power(&s) == PowerState::Running {
+                    let listening =
+                        power(&s) == PowerState::Migrating && !s.migration_address.is_empty();
+                    if s.last || power(&s) == PowerState::Running || listening {
                         return s;
                     }
                 }
@@ -573,6 +600,9 @@ impl Manager {
                     match frame::decode::<Event>(&mut buf) {
                         Ok(Some(ev)) => match ev.kind {
                             Some(event::Kind::Console(data)) => entry.console.write(&data),
+                            Some(event::Kind::Migration(p)) => {
+                                entry.migration.send_replace(Some(p));
+                            }
                             Some(event::Kind::State(s)) => {
                                 final_seen |= s.last;
                                 entry.set_state(s);
@@ -598,6 +628,14 @@ impl Manager {
                 }
             }
             *entry.conn.lock().await = None;
+            entry.migration.send_if_modified(|m| match m {
+                Some(p) if !migration_ended(p) => {
+                    p.phase = MigrationPhase::Failed as i32;
+                    p.error = "the VM process ended during the migration".into();
+                    true
+                }
+                _ => false,
+            });
             entry
                 .pending
                 .lock()
@@ -884,6 +922,159 @@ impl Manager {
         }
         drop(r);
         Ok(entry.to_proto())
+    }
+
+    /// Prepares to receive VM `id` by live migration: starts its process, which opens
+    /// the disks (logging in to iSCSI volumes) and listens on `listen_ip` for the source
+    /// presenting `token`. Returns the listener's host:port. A stopped VM of the same id
+    /// (a failed earlier attempt) is replaced; a live one is refused.
+    pub async fn prepare_incoming(
+        self: &Arc<Self>,
+        id: &str,
+        config: VmConfig,
+        token: &str,
+        listen_ip: &str,
+    ) -> Result<String, ManagerError> {
+        if !valid_id(id) {
+            return Err(ManagerError::BadId(id.into()));
+        }
+        spec::validate(&config, &self.cfg.initiator_iqn)?;
+        let entry = Entry::new(
+            id.to_owned(),
+            config.clone(),
+            VmState {
+                power: PowerState::Migrating as i32,
+                last_stop: StopReason::None as i32,
+                ..Default::default()
+            },
+        );
+        {
+            let mut vms = self.vms.lock().await;
+            if let Some(old) = vms.get(id) {
+                let state = old.power();
+                if is_live(state) {
+                    return Err(ManagerError::WrongState {
+                        id: id.into(),
+                        state,
+                        what: "receiving it by migration",
+                        need: "absent or stopped here",
+                    });
+                }
+            }
+            let total = crate::host::meminfo().total_bytes;
+            let available = total
+                .saturating_sub(self.cfg.reserved_memory_bytes)
+                .saturating_sub(Self::memory_in_use(&vms, id));
+            if config.memory_bytes > available {
+                return Err(ManagerError::NoMemory {
+                    id: id.into(),
+                    need: config.memory_bytes,
+                    available,
+                });
+            }
+            vms.insert(id.to_owned(), entry.clone());
+        }
+        let dir = self.vm_dir(id);
+        let _ = std::fs::remove_dir_all(&dir);
+        let incoming = IncomingRecord {
+            token: token.to_owned(),
+            listen_ip: listen_ip.to_owned(),
+            wait_seconds: 0,
+        };
+        let _op = entry.op.lock().await;
+        match self.spawn(&entry, &dir, config, Some(incoming)).await {
+            Ok(()) => {
+                let s = entry.lock().state.clone();
+                if s.last {
+                    return Err(ManagerError::StartFailed {
+                        id: id.into(),
+                        detail: s.detail,
+                    });
+                }
+                Ok(s.migration_address)
+            }
+            Err(e) => {
+                self.vms.lock().await.remove(id);
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts sending VM `id` to another host; progress arrives on the returned
+    /// receiver until a phase that ends it.
+    pub async fn migrate_send(
+        &self,
+        id: &str,
+        m: MigrateSend,
+    ) -> Result<watch::Receiver<Option<MigrationProgress>>, ManagerError> {
+        let entry = self.get(id).await?;
+        let _op = entry.op.lock().await;
+        Self::require(&entry, "live migration", "running", |s| {
+            s == PowerState::Running
+        })?;
+        if let Some(p) = entry.migration.borrow().as_ref()
+            && !migration_ended(p)
+        {
+            return Err(ManagerError::Command {
+                id: id.into(),
+                detail: format!("migration {} is under way", p.migration_id),
+            });
+        }
+        entry.migration.send_replace(Some(MigrationProgress {
+            migration_id: m.migration_id.clone(),
+            vm_id: id.into(),
+            phase: MigrationPhase::Preparing as i32,
+            memory_total_bytes: entry.lock().config.memory_bytes,
+            ..Default::default()
+        }));
+        let rx = entry.migration.subscribe();
+        if let Err(e) = entry.command(command::Op::MigrateSend(m)).await {
+            entry.migration.send_modify(|p| {
+                if let Some(p) = p {
+                    p.phase = MigrationPhase::Failed as i32;
+                    p.error = crate::error_chain(&e);
+                }
+            });
+            return Err(e);
+        }
+        Ok(rx)
+    }
+
+    /// The latest progress of VM `id`'s migration.
+    pub async fn migration(&self, id: &str) -> Result<Option<MigrationProgress>, ManagerError> {
+        Ok(self.get(id).await?.migration.borrow().clone())
+    }
+
+    /// Asks VM `id`'s process to cancel its migration (it answers at once; the outcome
+    /// comes as progress: Cancelled, or Completed if the switchover was already
+    /// committed).
+    pub async fn cancel_migration(&self, id: &str) -> Result<(), ManagerError> {
+        let entry = self.get(id).await?;
+        entry
+            .command(command::Op::CancelMigration(Empty {}))
+            .await
+            .map(|_| ())
+    }
+
+    /// Forgets VM `id` once its process has ended after migrating away (its directory
+    /// goes too: the VM lives on another host now).
+    pub async fn forget_migrated(&self, id: &str) {
+        let Ok(entry) = self.get(id).await else {
+            return;
+        };
+        let gone = entry
+            .wait_until(STOP_GRACE, |s| {
+                s.last && s.last_stop == StopReason::MigratedAway as i32
+            })
+            .await;
+        if gone {
+            let mut vms = self.vms.lock().await;
+            if vms.get(id).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
+                vms.remove(id);
+                let _ = std::fs::remove_dir_all(self.vm_dir(id));
+            }
+        }
     }
 
     /// Stops every VM this daemon runs (for a daemon told to take its VMs with it).

@@ -18,6 +18,44 @@ pub struct VmRecord {
     /// The iSCSI name to log in to targets with.
     #[prost(string, tag = "3")]
     pub initiator_iqn: String,
+    /// Set when the VM arrives by live migration instead of booting.
+    #[prost(message, optional, tag = "4")]
+    pub incoming: Option<IncomingRecord>,
+}
+
+/// What an incoming VM's process waits for.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct IncomingRecord {
+    /// The source must present this token.
+    #[prost(string, tag = "1")]
+    pub token: String,
+    /// The address to listen on (the port is chosen by the kernel).
+    #[prost(string, tag = "2")]
+    pub listen_ip: String,
+    /// How long to wait for the source before giving up; 0: ten minutes.
+    #[prost(uint32, tag = "3")]
+    pub wait_seconds: u32,
+}
+
+/// Send the VM to another host (see `proto::host::StartMigrationSendRequest`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MigrateSend {
+    #[prost(string, tag = "1")]
+    pub migration_id: String,
+    #[prost(string, tag = "2")]
+    pub destination: String,
+    #[prost(string, tag = "3")]
+    pub token: String,
+    #[prost(uint32, tag = "4")]
+    pub downtime_budget_ms: u32,
+    #[prost(uint32, tag = "5")]
+    pub max_rounds: u32,
+    #[prost(uint32, tag = "6")]
+    pub timeout_seconds: u32,
+    #[prost(bool, tag = "7")]
+    pub auto_converge: bool,
+    #[prost(uint64, tag = "8")]
+    pub bandwidth_limit_bytes_per_second: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -37,7 +75,7 @@ pub struct Polite {
 pub struct Command {
     #[prost(uint64, tag = "1")]
     pub id: u64,
-    #[prost(oneof = "command::Op", tags = "2, 3, 4, 5, 6, 7, 8, 9")]
+    #[prost(oneof = "command::Op", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
     pub op: Option<command::Op>,
 }
 
@@ -61,6 +99,12 @@ pub mod command {
         /// Stop the VM at once (force stop).
         #[prost(message, tag = "9")]
         Stop(super::Empty),
+        /// Start sending the VM to another host; progress comes as `Migration` events.
+        #[prost(message, tag = "10")]
+        MigrateSend(super::MigrateSend),
+        /// Cancel the migration under way (refused once the switchover is committed).
+        #[prost(message, tag = "11")]
+        CancelMigration(super::Empty),
     }
 }
 
@@ -84,6 +128,9 @@ pub struct VmState {
     /// The VM process.
     #[prost(uint32, tag = "7")]
     pub pid: u32,
+    /// An incoming VM's migration listener, host:port.
+    #[prost(string, tag = "8")]
+    pub migration_address: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -101,7 +148,7 @@ pub struct Reply {
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Event {
-    #[prost(oneof = "event::Kind", tags = "1, 2, 3")]
+    #[prost(oneof = "event::Kind", tags = "1, 2, 3, 4")]
     pub kind: Option<event::Kind>,
 }
 
@@ -114,6 +161,8 @@ pub mod event {
         State(super::VmState),
         #[prost(bytes, tag = "3")]
         Console(Vec<u8>),
+        #[prost(message, tag = "4")]
+        Migration(proto::host::MigrationProgress),
     }
 }
 
@@ -136,6 +185,7 @@ mod tests {
                     started_at_unix_ms: 1,
                     last: false,
                     pid: 42,
+                    migration_address: String::new(),
                 }),
                 metrics: Some(VmMetrics {
                     vm_id: "vm".into(),

@@ -30,6 +30,12 @@ impl Daemon {
     }
 
     pub async fn start_with(run_dir: &Path, reserved: u64) -> Daemon {
+        Self::start_at(run_dir, reserved, "127.0.0.1").await
+    }
+
+    /// A daemon serving on `ip` (any 127.0.0.0/8 address works on Linux without setup),
+    /// so two daemons in one test look like two hosts.
+    pub async fn start_at(run_dir: &Path, reserved: u64, ip: &str) -> Daemon {
         let manager = Manager::new(ManagerConfig {
             run_dir: run_dir.to_owned(),
             vmm_binary: env!("CARGO_BIN_EXE_hostd-vmm").into(),
@@ -40,7 +46,7 @@ impl Daemon {
         })
         .await
         .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
         let server = HostServer::new(
