@@ -22,6 +22,15 @@ use proto::host::MigrationProgress;
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// The tests here take turns: each runs guests that spin on every vCPU, and on a
+/// two-core machine running them side by side starves the guests whose behaviour a test
+/// looks at (a guest that never runs dirties no memory).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn spec(cmdline: &str, disk: Option<&Path>) -> VmSpec {
     VmSpec {
         vcpus: 2,
@@ -121,6 +130,7 @@ fn assert_chain(text: &str, seed: u64) -> usize {
 
 #[test]
 fn a_dirtying_guest_moves_over_the_stream_and_goes_on_where_it_was() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let img = image(&dir, 8 << 20);
     let cmd = "seed=5 blk=write mode=heartbeat hb_ms=20 dirty_mib_s=64 dirty_mib=8";
@@ -174,6 +184,7 @@ fn a_dirtying_guest_moves_over_the_stream_and_goes_on_where_it_was() {
 
 #[test]
 fn a_wrong_token_is_refused_before_any_page_and_the_source_runs_on() {
+    let _serial = serial();
     let cmd = "seed=9 mode=heartbeat hb_ms=20";
     let console_a = Console::new(1 << 20, None).unwrap();
     let mut a = Vm::new(&spec(cmd, None), console_a.clone()).unwrap();
@@ -215,6 +226,7 @@ fn a_wrong_token_is_refused_before_any_page_and_the_source_runs_on() {
 
 #[test]
 fn a_guest_that_cannot_converge_stays_on_the_source_and_a_retry_moves_it() {
+    let _serial = serial();
     let cmd = "seed=13 mode=heartbeat hb_ms=20 dirty_mib_s=64 dirty_mib=8";
     let console_a = Console::new(1 << 20, None).unwrap();
     let mut a = Vm::new(&spec(cmd, None), console_a.clone()).unwrap();
@@ -241,8 +253,10 @@ fn a_guest_that_cannot_converge_stays_on_the_source_and_a_retry_moves_it() {
     let last = reports.last().unwrap();
     assert_eq!(last.round, 3);
     assert!(
-        last.dirty_bytes_last_round > 0 && last.dirty_rate_bytes_per_second > 0,
-        "the dirty log sees the guest's writes: {last:?}"
+        reports
+            .iter()
+            .any(|r| r.dirty_bytes_last_round > 0 && r.dirty_rate_bytes_per_second > 0),
+        "the dirty log sees the guest's writes: {reports:?}"
     );
     assert!(!a.is_paused());
     let n = heartbeats(&console_a.text()).len();
@@ -403,17 +417,33 @@ mod daemons {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::await_holding_lock)] // held on purpose: see SERIAL
     async fn a_vm_migrates_back_and_forth_ten_times_without_losing_a_beat() {
+        let _serial = serial();
+        back_and_forth(10).await;
+    }
+
+    /// The long run: `cargo test -p hostd --test migration -- --ignored` (1000 hops, or
+    /// HOSTD_MIGRATION_HOPS).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "long: 1000 migrations"]
+    #[allow(clippy::await_holding_lock)] // held on purpose: see SERIAL
+    async fn a_vm_migrates_a_thousand_times() {
+        let _serial = serial();
+        let hops = std::env::var("HOSTD_MIGRATION_HOPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000);
+        back_and_forth(hops).await;
+    }
+
+    async fn back_and_forth(hops: usize) {
         let p = pool().await;
         let mut clients = [p.hosts[0].client().await, p.hosts[1].client().await];
         common::create(&mut clients[0], "m1", vm_config(&p.img, 32), true).await;
         more_heartbeats(&p.hosts[0], "m1", 5).await;
         assert_pattern(&p.img);
         let mut texts = Vec::new();
-        let hops: usize = std::env::var("HOSTD_MIGRATION_HOPS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(10);
         let mut downtimes = Vec::new();
         for hop in 0..hops {
             let (s, d) = (hop % 2, 1 - hop % 2);
@@ -457,5 +487,197 @@ mod daemons {
         let n = assert_chain(&all, SEED);
         eprintln!("{hops} hops, {n} heartbeats, downtimes (ms): {downtimes:?}");
         assert!(n > 5 + 2 * hops, "{all}");
+    }
+
+    /// A VM running on host 0 with some heartbeats behind it.
+    async fn running(p: &Pool) -> [HostServiceClient<Channel>; 2] {
+        let mut clients = [p.hosts[0].client().await, p.hosts[1].client().await];
+        common::create(&mut clients[0], "m1", vm_config(&p.img, 32), true).await;
+        more_heartbeats(&p.hosts[0], "m1", 3).await;
+        clients
+    }
+
+    /// After a failed attempt: the VM runs on host 0, beating, and a clean retry moves it.
+    async fn still_on_source_then_retry(p: &Pool, clients: &mut [HostServiceClient<Channel>; 2]) {
+        let vm = common::get(&mut clients[0], "m1").await;
+        assert_eq!(vm.power_state, PowerState::Running as i32, "{vm:?}");
+        more_heartbeats(&p.hosts[0], "m1", 2).await;
+        let src_console = p.hosts[0].manager.console("m1").await.unwrap();
+        let address = prepare(&mut clients[1], &p.img, 32).await;
+        let a = send(&mut clients[0], request(&address, TOKEN), async |_| {}).await;
+        assert_eq!(a.phase(), MigrationPhase::Completed, "{:?}", a.last());
+        common::wait_state(&mut clients[1], "m1", PowerState::Running).await;
+        more_heartbeats(&p.hosts[1], "m1", 2).await;
+        let all = format!(
+            "{}{}",
+            src_console.text(),
+            console_text(&p.hosts[1], "m1").await
+        );
+        assert!(assert_chain(&all, SEED) > 5);
+        assert_pattern(&p.img);
+    }
+
+    fn slow(address: &str) -> StartMigrationSendRequest {
+        StartMigrationSendRequest {
+            bandwidth_limit_bytes_per_second: 4 << 20,
+            ..request(address, TOKEN)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::await_holding_lock)] // held on purpose: see SERIAL
+    async fn a_wrong_token_fails_before_any_page_and_the_vm_stays() {
+        let _serial = serial();
+        let p = pool().await;
+        let mut clients = running(&p).await;
+        let address = prepare(&mut clients[1], &p.img, 32).await;
+        let a = send(
+            &mut clients[0],
+            request(&address, "not-the-token-at-all"),
+            async |_| {},
+        )
+        .await;
+        assert_eq!(a.phase(), MigrationPhase::Failed);
+        assert!(
+            a.last().error.contains("wrong migration token"),
+            "{:?}",
+            a.last()
+        );
+        assert!(
+            a.progress.iter().all(|x| x.bytes_sent == 0),
+            "no page moved: {:?}",
+            a.progress
+        );
+        // The prepared destination still waits and takes the right token.
+        let vm = common::get(&mut clients[1], "m1").await;
+        assert_eq!(vm.power_state, PowerState::Migrating as i32);
+        let src_console = p.hosts[0].manager.console("m1").await.unwrap();
+        let a = send(&mut clients[0], request(&address, TOKEN), async |_| {}).await;
+        assert_eq!(a.phase(), MigrationPhase::Completed, "{:?}", a.last());
+        common::wait_state(&mut clients[1], "m1", PowerState::Running).await;
+        more_heartbeats(&p.hosts[1], "m1", 2).await;
+        let all = format!(
+            "{}{}",
+            src_console.text(),
+            console_text(&p.hosts[1], "m1").await
+        );
+        assert!(assert_chain(&all, SEED) > 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::await_holding_lock)] // held on purpose: see SERIAL
+    async fn killing_the_destination_mid_transfer_leaves_the_vm_on_the_source() {
+        let _serial = serial();
+        let p = pool().await;
+        let mut clients = running(&p).await;
+        let address = prepare(&mut clients[1], &p.img, 32).await;
+        let pid = common::get(&mut clients[1], "m1").await.vmm_pid;
+        assert!(pid > 0);
+        let mut killed = false;
+        let a = send(&mut clients[0], slow(&address), async |x| {
+            if !killed && x.bytes_sent > (1 << 20) {
+                killed = true;
+                // SAFETY: kill(2) of the destination's VM process this test started.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        })
+        .await;
+        assert!(killed, "{:?}", a.progress);
+        assert_eq!(a.phase(), MigrationPhase::Failed, "{:?}", a.last());
+        assert!(!a.last().error.is_empty());
+        still_on_source_then_retry(&p, &mut clients).await;
+    }
+
+    /// Forwards one connection to `to` and cuts both ways after `limit` bytes from the
+    /// client.
+    fn cutting_proxy(to: String, limit: usize) -> String {
+        use std::io::{Read, Write};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (mut client, _) = l.accept().unwrap();
+            let mut server = std::net::TcpStream::connect(&to).unwrap();
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s2, &mut c2);
+            });
+            let mut buf = vec![0u8; 64 << 10];
+            let mut moved = 0;
+            while moved < limit {
+                let n = match client.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if server.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                moved += n;
+            }
+            let _ = client.shutdown(std::net::Shutdown::Both);
+            let _ = server.shutdown(std::net::Shutdown::Both);
+        });
+        addr
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::await_holding_lock)] // held on purpose: see SERIAL
+    async fn a_cut_connection_leaves_the_vm_on_the_source() {
+        let _serial = serial();
+        let p = pool().await;
+        let mut clients = running(&p).await;
+        let address = prepare(&mut clients[1], &p.img, 32).await;
+        let proxy = cutting_proxy(address, 2 << 20);
+        let a = send(&mut clients[0], slow(&proxy), async |_| {}).await;
+        assert_eq!(a.phase(), MigrationPhase::Failed, "{:?}", a.last());
+        // The destination dropped what it had.
+        let vm = common::wait_state(&mut clients[1], "m1", PowerState::Stopped).await;
+        assert!(vm.last_stop_detail.contains("incoming migration"), "{vm:?}");
+        still_on_source_then_retry(&p, &mut clients).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::await_holding_lock)] // held on purpose: see SERIAL
+    async fn a_cancelled_migration_leaves_the_vm_on_the_source() {
+        let _serial = serial();
+        let p = pool().await;
+        let mut clients = running(&p).await;
+        let address = prepare(&mut clients[1], &p.img, 32).await;
+        let mut canceller = p.hosts[0].client().await;
+        let mut answer = None;
+        let a = send(&mut clients[0], slow(&address), async |x| {
+            if answer.is_none() && x.bytes_sent > (1 << 20) {
+                let got = canceller
+                    .get_migration(GetMigrationRequest {
+                        migration_id: x.migration_id.clone(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(got.migration_id, x.migration_id);
+                answer = Some(
+                    canceller
+                        .cancel_migration(CancelMigrationRequest {
+                            migration_id: x.migration_id.clone(),
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner(),
+                );
+            }
+        })
+        .await;
+        let answer = answer.expect("cancelled mid-way");
+        assert_eq!(answer.phase, MigrationPhase::Cancelled as i32, "{answer:?}");
+        assert_eq!(a.phase(), MigrationPhase::Cancelled);
+        // Cancelling again says it is over.
+        let err = canceller
+            .cancel_migration(CancelMigrationRequest {
+                migration_id: answer.migration_id.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        common::wait_state(&mut clients[1], "m1", PowerState::Stopped).await;
+        still_on_source_then_retry(&p, &mut clients).await;
     }
 }

@@ -45,6 +45,8 @@ pub struct SendOptions {
     pub token: String,
     /// host:port of the destination's migration listener.
     pub destination: String,
+    /// The pause the guest may see at switchover; zero never fits (pre-copy runs to
+    /// `max_rounds` and fails: a way to probe a guest without moving it).
     pub downtime_budget: Duration,
     pub max_rounds: u32,
     pub timeout: Duration,
@@ -386,7 +388,9 @@ fn run(
         s.progress.expected_downtime_ms = expected_ms as u32;
         s.progress.throttle_percent = throttle.as_ref().map_or(0, Throttle::get);
         s.report(true);
-        if bytes == 0 || expected_us <= budget_us {
+        // A zero budget never fits: pre-copy runs to the round limit (for probing a
+        // guest's dirty rate; the RPC turns 0 into the default budget).
+        if budget_us > 0 && expected_us <= budget_us {
             break dirty;
         }
         if round >= s.opts.max_rounds {

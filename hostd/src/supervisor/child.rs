@@ -649,19 +649,22 @@ impl Runner {
                 } as i32;
                 last.error = crate::error_chain(&e);
                 tracing::warn!(error = %last.error, "migration did not complete; the VM runs here");
+                // The state first, then the outcome: whoever sees the outcome and tries
+                // again finds the VM running.
+                let end = if let Some(exit) = exited {
+                    MigrateEnd::Exited(exit, false)
+                } else if stop_asked {
+                    vm.stop();
+                    MigrateEnd::Exited(VmExit::Stopped, true)
+                } else {
+                    self.state.power = PowerState::Running as i32;
+                    self.publish();
+                    MigrateEnd::StayedHere
+                };
                 self.outbox.send(&Event {
                     kind: Some(event::Kind::Migration(last)),
                 });
-                if let Some(exit) = exited {
-                    return MigrateEnd::Exited(exit, false);
-                }
-                if stop_asked {
-                    vm.stop();
-                    return MigrateEnd::Exited(VmExit::Stopped, true);
-                }
-                self.state.power = PowerState::Running as i32;
-                self.publish();
-                MigrateEnd::StayedHere
+                end
             }
         }
     }
