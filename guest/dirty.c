@@ -45,6 +45,7 @@ int heartbeat_run(void)
 	u64 hb_count = arg_u64("hb_count", 0);
 	u64 rate_mib_s = arg_u64("dirty_mib_s", 0);
 	u64 region_mib = arg_u64("dirty_mib", rate_mib_s ? 16 : 0);
+	u64 catchup = arg_u64("dirty_catchup", 1);
 	if (!hb_ms)
 		hb_ms = 1;
 	u64 pages = region_mib * (1024 * 1024 / PAGE);
@@ -64,9 +65,12 @@ int heartbeat_run(void)
 		u64 now = now_ms();
 		if (pages) {
 			due = (now - start) * pages_per_s / 1000;
-			/* After a long pause do not rewrite the region many times over at once. */
-			if (due > writes + pages)
-				writes = due - pages;
+			/* After a long pause do not rewrite the region many times over at once;
+			 * with dirty_catchup=0 not even once: time the vCPU did not get is work
+			 * not done, as for a guest whose work is bound by its CPU. */
+			u64 slack = catchup ? pages : pages_per_s / 1000 + 1;
+			if (due > writes + slack)
+				writes = due - slack;
 			while (writes < due) {
 				gens[cursor]++;
 				page_fill(region + cursor * WORDS, cursor, gens[cursor]);

@@ -681,3 +681,38 @@ mod daemons {
         still_on_source_then_retry(&p, &mut clients).await;
     }
 }
+
+#[test]
+fn auto_converge_throttles_a_guest_that_outruns_the_link() {
+    let _serial = serial();
+    let cmd = "seed=17 mode=heartbeat hb_ms=20 dirty_mib_s=100 dirty_mib=16 dirty_catchup=0";
+    let console_a = Console::new(1 << 20, None).unwrap();
+    let mut a = Vm::new(&spec(cmd, None), console_a.clone()).unwrap();
+    a.start().unwrap();
+    wait_heartbeats(&console_a, 3);
+    let (addr, dest) = destination(spec(cmd, None), "t");
+    let mut opts = options(&addr, "t");
+    // 24 MiB/s: the guest rewrites its 16 MiB faster than that.
+    opts.bandwidth_limit = 24 << 20;
+    opts.auto_converge = true;
+    let mut reports: Vec<MigrationProgress> = Vec::new();
+    let sent = migration::send(
+        &a,
+        &opts,
+        &AtomicBool::new(false),
+        MigrationProgress::default(),
+        &mut |p| reports.push(p.clone()),
+    )
+    .unwrap_or_else(|e| panic!("{}: {reports:?}", hostd::error_chain(&e)));
+    assert!(
+        sent.throttle_percent > 0 && reports.iter().any(|r| r.throttle_percent > 0),
+        "throttled and reported: {sent:?} {reports:?}"
+    );
+    a.stop();
+    let (vm, console) = dest.join().unwrap();
+    let vm = vm.unwrap();
+    let n = heartbeats(&console.text()).len();
+    wait_heartbeats(&console, n + 2);
+    vm.stop();
+    assert!(assert_chain(&format!("{}{}", console_a.text(), console.text()), 17) > 4);
+}

@@ -5,8 +5,8 @@
 //! 3. Rounds: take the dirty pages (KVM's log ORed with the VMM's own writes), estimate
 //!    how long sending them with the VM paused would take at the link rate measured so
 //!    far; if that fits the downtime budget, switch over, else send them and go again.
-//!    With auto-converge, a guest that dirties faster than the link is throttled in
-//!    steps of 20 % of its vCPU time (up to 80 %).
+//!    With auto-converge, a guest that dirties faster than half the link rate is
+//!    throttled: 20 % of its vCPU time, then 10 % more each round, up to 99 %.
 //! 4. Switchover: pause, save the state (devices finish in-flight disk requests first),
 //!    send the last dirty pages and the state, wait until the destination has built the
 //!    VM, send Go, wait for Resumed.
@@ -34,8 +34,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the destination may take to build the VM from the state.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
-const THROTTLE_STEP: u32 = 20;
-const THROTTLE_MAX: u32 = 80;
+/// Auto-converge takes this share of vCPU time first, then this much more each round
+/// that still does not converge, up to the maximum (QEMU's steps).
+const THROTTLE_FIRST: u32 = 20;
+const THROTTLE_STEP: u32 = 10;
+const THROTTLE_MAX: u32 = 99;
 const THROTTLE_PERIOD: Duration = Duration::from_millis(50);
 const REPORT_EVERY: Duration = Duration::from_millis(200);
 
@@ -103,7 +106,10 @@ impl Throttle {
     }
 
     fn step_up(&self) -> u32 {
-        let now = (self.percent.load(Ordering::Acquire) + THROTTLE_STEP).min(THROTTLE_MAX);
+        let now = match self.percent.load(Ordering::Acquire) {
+            0 => THROTTLE_FIRST,
+            p => (p + THROTTLE_STEP).min(THROTTLE_MAX),
+        };
         self.percent.store(now, Ordering::Release);
         now
     }
@@ -364,11 +370,13 @@ fn run(
     s.report(true);
     let mut last_take = Instant::now();
     let pass_start = Instant::now();
+    let sent_before = s.conn.sent;
     s.full_pass()?;
-    // Link rate in bytes of pages moved per second, from the last pass that moved
-    // enough to measure.
+    // Link rate: bytes on the wire per second, from the last pass that moved enough to
+    // measure. (Zero pages cost almost nothing to send, so pages per second would
+    // promise far more than a round of dirty pages, which are rarely zero, gets.)
     let mut link_rate =
-        (s.vm.memory_bytes() as f64 / pass_start.elapsed().as_secs_f64().max(1e-3)) as u64;
+        ((s.conn.sent - sent_before) as f64 / pass_start.elapsed().as_secs_f64().max(1e-3)) as u64;
     let budget_us = s.opts.downtime_budget.as_micros() as u64;
     let mut round = 0u32;
     let pending = loop {
@@ -414,11 +422,12 @@ fn run(
                 "auto-converge"
             );
         }
-        let t0 = Instant::now();
+        let (t0, sent0) = (Instant::now(), s.conn.sent);
         s.send_dirty(&dirty)?;
         let took = t0.elapsed().as_secs_f64();
-        if bytes >= (4 << 20) && took > 0.0 {
-            link_rate = (bytes as f64 / took) as u64;
+        let wire = s.conn.sent - sent0;
+        if wire >= (4 << 20) && took > 0.0 {
+            link_rate = (wire as f64 / took) as u64;
         }
         round += 1;
     };
