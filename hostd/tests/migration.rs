@@ -489,6 +489,154 @@ mod daemons {
         assert!(n > 5 + 2 * hops, "{all}");
     }
 
+    /// An iscsi-target server on loopback with one 8 MiB LUN any initiator may use, on
+    /// a runtime of its own.
+    struct Target {
+        port: u16,
+        lun: PathBuf,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    const TARGET_IQN: &str = "iqn.2026-11.lab.pool:migrating-vol";
+
+    impl Target {
+        fn start(dir: &Path) -> Target {
+            use iscsi_target::*;
+            let server = TargetServer::in_memory(ServerOptions {
+                nop_interval: None,
+                ..ServerOptions::default()
+            });
+            let lun = dir.join("lun0.img");
+            let device: Arc<dyn BlockDevice> =
+                Arc::new(FileBlockDevice::open(&lun, Some(8 << 20), 512, false).unwrap());
+            server
+                .add_target(TargetConfig {
+                    iqn: TARGET_IQN.into(),
+                    alias: None,
+                    luns: vec![LunConfig {
+                        id: 0,
+                        device,
+                        naa: naa_from_serial("migrating"),
+                        serial: "migrating".into(),
+                    }],
+                    allow_any_initiator: true,
+                    initiators: Vec::new(),
+                })
+                .unwrap();
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let thread = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                    server
+                        .run(listener, async {
+                            let _ = stopped.await;
+                        })
+                        .await
+                        .unwrap();
+                });
+                rt.shutdown_timeout(Duration::from_secs(5));
+            });
+            Target {
+                port,
+                lun,
+                stop: Some(stop),
+                thread: Some(thread),
+            }
+        }
+    }
+
+    impl Drop for Target {
+        fn drop(&mut self) {
+            if let Some(s) = self.stop.take() {
+                let _ = s.send(());
+            }
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::await_holding_lock)] // held on purpose: see SERIAL
+    async fn a_vm_on_an_iscsi_volume_migrates_and_both_hosts_log_in() {
+        let _serial = serial();
+        let dir = tempfile::tempdir().unwrap();
+        let target = Target::start(dir.path());
+        let hosts = [
+            Daemon::start_host(
+                &dir.path().join("a"),
+                256 << 20,
+                "127.0.0.1",
+                "iqn.2026-11.lab.pool:host-a",
+            )
+            .await,
+            Daemon::start_host(
+                &dir.path().join("b"),
+                256 << 20,
+                "127.0.0.2",
+                "iqn.2026-11.lab.pool:host-b",
+            )
+            .await,
+        ];
+        let mut clients = [hosts[0].client().await, hosts[1].client().await];
+        let mut cfg = vm_config(&dir.path().join("unused"), 32);
+        cfg.disks = vec![DiskConfig {
+            id: "vda".into(),
+            backend: Some(disk_config::Backend::Iscsi(IscsiDisk {
+                portal: format!("127.0.0.1:{}", target.port),
+                target_iqn: TARGET_IQN.into(),
+                lun: 0,
+                volume_id: "vol-0".into(),
+                ..Default::default()
+            })),
+            read_only: false,
+        }];
+        common::create(&mut clients[0], "m1", cfg.clone(), true).await;
+        more_heartbeats(&hosts[0], "m1", 3).await;
+        let mut texts = Vec::new();
+        for hop in 0..4 {
+            let (s, d) = (hop % 2, 1 - hop % 2);
+            let src_console = hosts[s].manager.console("m1").await.unwrap();
+            let address = clients[d]
+                .prepare_migration_receive(PrepareMigrationReceiveRequest {
+                    vm_id: "m1".into(),
+                    config: Some(cfg.clone()),
+                    token: TOKEN.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .address;
+            let a = send(&mut clients[s], request(&address, TOKEN), async |_| {}).await;
+            assert_eq!(
+                a.phase(),
+                MigrationPhase::Completed,
+                "hop {hop}: {:?}",
+                a.last()
+            );
+            common::wait_state(&mut clients[d], "m1", PowerState::Running).await;
+            more_heartbeats(&hosts[d], "m1", 2).await;
+            texts.push(src_console.text());
+            let lun = std::fs::read(&target.lun).unwrap();
+            assert_eq!(
+                check_pattern(SEED, 0, 0, &lun[..256 << 10]),
+                Ok(()),
+                "hop {hop}"
+            );
+        }
+        texts.push(console_text(&hosts[0], "m1").await);
+        assert!(assert_chain(&texts.concat(), SEED) > 10);
+    }
+
     /// A VM running on host 0 with some heartbeats behind it.
     async fn running(p: &Pool) -> [HostServiceClient<Channel>; 2] {
         let mut clients = [p.hosts[0].client().await, p.hosts[1].client().await];

@@ -36,13 +36,24 @@ impl Daemon {
     /// A daemon serving on `ip` (any 127.0.0.0/8 address works on Linux without setup),
     /// so two daemons in one test look like two hosts.
     pub async fn start_at(run_dir: &Path, reserved: u64, ip: &str) -> Daemon {
+        Self::start_host(run_dir, reserved, ip, INITIATOR).await
+    }
+
+    /// As [`Daemon::start_at`], logging in to iSCSI targets as `initiator_iqn` (two
+    /// hosts on one target need names of their own).
+    pub async fn start_host(
+        run_dir: &Path,
+        reserved: u64,
+        ip: &str,
+        initiator_iqn: &str,
+    ) -> Daemon {
         let manager = Manager::new(ManagerConfig {
             run_dir: run_dir.to_owned(),
             vmm_binary: env!("CARGO_BIN_EXE_hostd-vmm").into(),
             vmm_args: vec![],
             reserved_memory_bytes: reserved,
             tie_vms_to_daemon: true,
-            initiator_iqn: INITIATOR.into(),
+            initiator_iqn: initiator_iqn.into(),
         })
         .await
         .unwrap();
