@@ -293,3 +293,115 @@ pub fn decode(bytes: &[u8]) -> Result<VmSnapshot, StateError> {
         memory: Vec::new(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::{kvm_msr_entry, kvm_xsave};
+
+    fn sample() -> VmSnapshot {
+        let mut regs = kvm_bindings::kvm_regs {
+            rip: 0x1234,
+            rsp: 0x8000,
+            ..Default::default()
+        };
+        regs.rflags = 0x202;
+        let xsave = || {
+            let mut x = kvm_xsave::default();
+            x.region[7] = 0xdead_beef;
+            Box::new(x)
+        };
+        let vcpu = |i: u64| VcpuState {
+            regs: kvm_bindings::kvm_regs { rax: i, ..regs },
+            sregs: Default::default(),
+            xsave: xsave(),
+            xcrs: Default::default(),
+            debug_regs: Default::default(),
+            lapic: Default::default(),
+            msrs: vec![kvm_msr_entry {
+                index: 0x10,
+                data: 99 + i,
+                ..Default::default()
+            }],
+            mp_state: Default::default(),
+            events: Default::default(),
+        };
+        VmSnapshot {
+            vcpus: vec![vcpu(0), vcpu(1)],
+            kvm: KvmVmState {
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+                pit: Default::default(),
+                clock: kvm_bindings::kvm_clock_data {
+                    clock: 123_456,
+                    ..Default::default()
+                },
+            },
+            devices: DeviceStates {
+                serial: vm_superio::serial::SerialState {
+                    in_buffer: b"typed".to_vec(),
+                    ..Default::default()
+                },
+                i8042: I8042State {
+                    status: 1,
+                    ctr: 2,
+                    outp: 3,
+                    pending: Some(4),
+                    buffer: vec![5, 6],
+                },
+                virtio: vec![MmioState {
+                    queue_select: 0,
+                    device_features_select: 1,
+                    driver_features_select: 0,
+                    acked_features: 1 << 32,
+                    status: 15,
+                    config_generation: 0,
+                    interrupt_status: 1,
+                    active: true,
+                    queues: vec![QueueState {
+                        max_size: 256,
+                        next_avail: 7,
+                        next_used: 7,
+                        event_idx_enabled: true,
+                        size: 128,
+                        ready: true,
+                        desc_table: 0x10_0000,
+                        avail_ring: 0x10_1000,
+                        used_ring: 0x10_2000,
+                    }],
+                }],
+            },
+            memory: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn state_round_trips_field_for_field() {
+        let bytes = encode(&sample());
+        let back = decode(&bytes).unwrap();
+        assert_eq!(encode(&back), bytes);
+        assert_eq!(back.vcpus[1].regs.rax, 1);
+        assert_eq!(back.vcpus[0].regs.rip, 0x1234);
+        assert_eq!(back.vcpus[1].msrs[0].data, 100);
+        assert_eq!(back.vcpus[0].xsave.region[7], 0xdead_beef);
+        assert_eq!(back.kvm.clock.clock, 123_456);
+        assert_eq!(back.devices.serial.in_buffer, b"typed");
+        assert_eq!(back.devices.i8042.pending, Some(4));
+        assert_eq!(back.devices.virtio[0].queues[0].used_ring, 0x10_2000);
+    }
+
+    #[test]
+    fn damaged_state_is_an_error_not_a_panic() {
+        let bytes = encode(&sample());
+        for cut in [0, 1, 2, 100, bytes.len() / 2, bytes.len() - 1] {
+            assert!(decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(decode(&longer).err(), Some(StateError::Trailing(1)));
+        let mut other = bytes;
+        other[0] = 9;
+        assert_eq!(decode(&other).err(), Some(StateError::Version(9)));
+    }
+}
