@@ -1,2 +1,533 @@
 //! The host's side of the pool: registering with the coordinators and heartbeating
 //! (metrics and the VMs this host runs), and obeying what the pool answers.
+//!
+//! The pool knows a host by an id it gives at `JoinHost` and by the `HostService` address
+//! it reaches the host at (unique in a pool). The agent finds its id by that address
+//! (`ListHosts`), joins first when the pool does not know the address yet (unless joining
+//! is off), then calls `HostAgentService.Heartbeat` every interval the pool asks for.
+//!
+//! Any member takes a heartbeat (a follower forwards it to the leader), so the agent keeps
+//! using the member that answered last and moves to the next one when it does not answer.
+//! When no member answers it backs off (doubling up to [`MAX_BACKOFF`]) and keeps trying;
+//! the VMs keep running meanwhile: they are processes of their own and the agent only
+//! reads the host's state. What the agent acts on is the pool's answer: VMs it names stale
+//! (the pool placed them elsewhere, e.g. after fencing this host) are stopped and
+//! forgotten here, so a fenced host rejoins once none of its old VMs runs.
+//!
+//! The agent reads and changes the host through the `HostService` trait it serves (an
+//! in-process call, no network), so it sees exactly what the pool's own polls see.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proto::coordinator as pb;
+use proto::coordinator::host_agent_service_client::HostAgentServiceClient;
+use proto::coordinator::pool_service_client::PoolServiceClient;
+use proto::host as hpb;
+use proto::host::host_service_server::HostService;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use crate::config::PoolConfig;
+
+/// Heartbeat interval when neither the pool nor the configuration says otherwise.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest wait between tries while the pool is unreachable.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// One call to one member.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Host info (CPU, memory, initiator name) is sent again this often.
+const INFO_EVERY: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("[pool] names no coordinator")]
+    NoCoordinators,
+    #[error("coordinator address {address:?} is not valid")]
+    BadCoordinator {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error(
+        "the pool cannot reach this host at the wildcard address {listen}: set [pool] advertise \
+         (or --pool-advertise) to the address it should use"
+    )]
+    NoAdvertise { listen: SocketAddr },
+    #[error("[pool] token is not a valid header value")]
+    BadToken,
+    #[error("the pool refused {what}")]
+    Refused {
+        what: &'static str,
+        #[source]
+        status: Status,
+    },
+    #[error("no coordinator answered {what} (last: {last})")]
+    Unreachable { what: &'static str, last: String },
+    #[error("the pool knows no host at {address} and joining is off ([pool] join = false)")]
+    NotJoined { address: String },
+    #[error("joining the pool as {address} failed: {message}")]
+    JoinFailed { address: String, message: String },
+    #[error("this host's {what} failed")]
+    Local {
+        what: &'static str,
+        #[source]
+        status: Status,
+    },
+}
+
+impl AgentError {
+    fn code(&self) -> Option<Code> {
+        match self {
+            AgentError::Refused { status, .. } => Some(status.code()),
+            _ => None,
+        }
+    }
+}
+
+/// What the agent needs to know, resolved from the `[pool]` section and the daemon's flags.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    pub coordinators: Vec<String>,
+    /// The `HostService` address the pool reaches this host at.
+    pub address: String,
+    /// The name to join under.
+    pub name: String,
+    pub join: bool,
+    /// Until the pool asks for another.
+    pub interval: Duration,
+    pub token: Option<String>,
+}
+
+impl AgentConfig {
+    /// `listen` is where `HostService` is bound; it is the advertised address unless the
+    /// section names one, and cannot be when it is a wildcard.
+    pub fn new(pool: &PoolConfig, listen: SocketAddr, name: &str) -> Result<Self, AgentError> {
+        if pool.coordinators.is_empty() {
+            return Err(AgentError::NoCoordinators);
+        }
+        let address = match &pool.advertise {
+            Some(a) => a.clone(),
+            None if listen.ip().is_unspecified() => {
+                return Err(AgentError::NoAdvertise { listen });
+            }
+            None => listen.to_string(),
+        };
+        Ok(AgentConfig {
+            coordinators: pool.coordinators.clone(),
+            address,
+            name: pool.name.clone().unwrap_or_else(|| name.to_owned()),
+            join: pool.join.unwrap_or(true),
+            interval: pool
+                .heartbeat_interval_ms
+                .map_or(DEFAULT_INTERVAL, Duration::from_millis),
+            token: pool.token.clone(),
+        })
+    }
+}
+
+/// The coordinator members, with the one that answered last first in line.
+struct Members {
+    addrs: Vec<String>,
+    channels: Vec<Channel>,
+    current: usize,
+    token: Option<MetadataValue<Ascii>>,
+}
+
+fn retryable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::Cancelled
+            | Code::Unknown
+    )
+}
+
+impl Members {
+    fn new(addrs: &[String], token: Option<&str>) -> Result<Self, AgentError> {
+        let channels = addrs
+            .iter()
+            .map(|a| {
+                Endpoint::from_shared(format!("http://{a}"))
+                    .map(|e| {
+                        e.connect_timeout(Duration::from_secs(1))
+                            .tcp_nodelay(true)
+                            .connect_lazy()
+                    })
+                    .map_err(|source| AgentError::BadCoordinator {
+                        address: a.clone(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let token = token
+            .map(|t| {
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| AgentError::BadToken)
+            })
+            .transpose()?;
+        Ok(Members {
+            addrs: addrs.to_vec(),
+            channels,
+            current: 0,
+            token,
+        })
+    }
+
+    fn request<T>(&self, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        if let Some(t) = &self.token {
+            r.metadata_mut().insert("authorization", t.clone());
+        }
+        r
+    }
+
+    /// Runs `f` on each member in turn, from the current one, until one answers; a
+    /// refusal that another member would repeat (anything but unavailability) ends it.
+    async fn call<T, F, Fut>(&mut self, what: &'static str, mut f: F) -> Result<T, AgentError>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let mut last = String::from("no member tried");
+        for _ in 0..self.addrs.len() {
+            let i = self.current;
+            match tokio::time::timeout(CALL_TIMEOUT, f(self.channels[i].clone())).await {
+                Ok(Ok(r)) => return Ok(r.into_inner()),
+                Ok(Err(status)) if !retryable(&status) => {
+                    return Err(AgentError::Refused { what, status });
+                }
+                Ok(Err(s)) => last = format!("{}: {}", self.addrs[i], s.message()),
+                Err(_) => last = format!("{}: no answer within {CALL_TIMEOUT:?}", self.addrs[i]),
+            }
+            self.current = (i + 1) % self.addrs.len();
+        }
+        Err(AgentError::Unreachable { what, last })
+    }
+}
+
+/// The heartbeat client of one hostd process.
+pub struct Agent<H> {
+    cfg: AgentConfig,
+    host: Arc<H>,
+    members: Members,
+    /// The pool's id of this host, once known.
+    host_id: Option<String>,
+    sequence: u64,
+    info_sent_at: Option<Instant>,
+    state: pb::HostState,
+}
+
+impl<H: HostService> Agent<H> {
+    pub fn new(cfg: AgentConfig, host: Arc<H>) -> Result<Self, AgentError> {
+        let members = Members::new(&cfg.coordinators, cfg.token.as_deref())?;
+        Ok(Agent {
+            cfg,
+            host,
+            members,
+            host_id: None,
+            sequence: 0,
+            info_sent_at: None,
+            state: pb::HostState::Unspecified,
+        })
+    }
+
+    /// The pool's id of this host, once the agent has found or joined it.
+    pub fn host_id(&self) -> Option<&str> {
+        self.host_id.as_deref()
+    }
+
+    /// The host's state in the pool, as of the last answered heartbeat.
+    pub fn state(&self) -> pb::HostState {
+        self.state
+    }
+
+    /// Heartbeats until `shutdown` completes; never gives up on an unreachable pool.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut wait = Duration::ZERO;
+        let mut failures = 0u32;
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            match self.beat().await {
+                Ok(resp) => {
+                    if failures > 0 {
+                        tracing::info!(
+                            host_id = self.host_id.as_deref().unwrap_or(""),
+                            "the pool answers again"
+                        );
+                    }
+                    failures = 0;
+                    wait = match resp.next_heartbeat_ms {
+                        0 => self.cfg.interval,
+                        ms => Duration::from_millis(u64::from(ms)).min(self.cfg.interval * 10),
+                    };
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    wait = backoff(self.cfg.interval, failures);
+                    let msg = crate::error_chain(&e);
+                    // The first failure and then one in ten: an outage is not a log flood.
+                    if failures == 1 || failures.is_multiple_of(10) {
+                        tracing::warn!(failures, retry_in = ?wait, error = %msg, "heartbeat failed; VMs keep running");
+                    } else {
+                        tracing::debug!(failures, error = %msg, "heartbeat failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// One heartbeat: finds (or joins as) this host first if needed, reports, and stops
+    /// the VMs the pool calls stale.
+    pub async fn beat(&mut self) -> Result<pb::HeartbeatResponse, AgentError> {
+        let host_id = match &self.host_id {
+            Some(id) => id.clone(),
+            None => {
+                let id = self.resolve().await?;
+                tracing::info!(host_id = %id, address = %self.cfg.address, "registered with the pool");
+                self.host_id = Some(id.clone());
+                self.info_sent_at = None;
+                id
+            }
+        };
+        let vms = self.local_vms().await?;
+        let info = if self.info_sent_at.is_none_or(|t| t.elapsed() >= INFO_EVERY) {
+            let mut info = self
+                .host
+                .get_host_info(Request::new(hpb::GetHostInfoRequest {}))
+                .await
+                .map_err(|status| AgentError::Local {
+                    what: "GetHostInfo",
+                    status,
+                })?
+                .into_inner();
+            info.host_id = host_id.clone();
+            Some(info)
+        } else {
+            None
+        };
+        let metrics = self
+            .host
+            .get_host_metrics(Request::new(hpb::GetHostMetricsRequest {}))
+            .await
+            .ok()
+            .map(|r| r.into_inner());
+        self.sequence += 1;
+        let sent_info = info.is_some();
+        let msg = pb::HeartbeatRequest {
+            host_id,
+            info,
+            metrics,
+            vms,
+            sequence: self.sequence,
+        };
+        let token = self.members.token.clone();
+        let res = self
+            .members
+            .call("the heartbeat", |ch| {
+                let mut req = Request::new(msg.clone());
+                if let Some(t) = &token {
+                    req.metadata_mut().insert("authorization", t.clone());
+                }
+                async move { HostAgentServiceClient::new(ch).heartbeat(req).await }
+            })
+            .await;
+        let resp = match res {
+            Ok(r) => r,
+            Err(e) => {
+                if e.code() == Some(Code::NotFound) {
+                    // Removed from the pool (or a new pool): find or join again next time.
+                    self.host_id = None;
+                }
+                return Err(e);
+            }
+        };
+        if sent_info {
+            self.info_sent_at = Some(Instant::now());
+        }
+        let state = pb::HostState::try_from(resp.state).unwrap_or(pb::HostState::Unspecified);
+        if state != self.state {
+            tracing::info!(from = ?self.state, to = ?state, "host state in the pool");
+            self.state = state;
+        }
+        for vm_id in &resp.stale_vm_ids {
+            self.stop_stale(vm_id).await;
+        }
+        Ok(resp)
+    }
+
+    /// Stops and forgets a VM the pool placed elsewhere. Its volumes are logged out; the
+    /// pool fenced this host at the storage before restarting it elsewhere, so no write of
+    /// ours can reach them anyway.
+    async fn stop_stale(&self, vm_id: &str) {
+        tracing::warn!(vm_id, "the pool placed this VM elsewhere: stopping it here");
+        let req = Request::new(hpb::VmRequest {
+            vm_id: vm_id.to_owned(),
+        });
+        if let Err(s) = self.host.destroy_vm(req).await
+            && s.code() != Code::NotFound
+        {
+            tracing::warn!(vm_id, error = %s.message(), "could not stop a stale VM; will retry at the next heartbeat");
+        }
+    }
+
+    async fn local_vms(&self) -> Result<Vec<hpb::Vm>, AgentError> {
+        let mut out = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let r = self
+                .host
+                .list_vms(Request::new(hpb::ListVmsRequest {
+                    page_size: 0,
+                    page_token: page_token.clone(),
+                }))
+                .await
+                .map_err(|status| AgentError::Local {
+                    what: "ListVms",
+                    status,
+                })?
+                .into_inner();
+            out.extend(r.vms);
+            if r.next_page_token.is_empty() || r.next_page_token == page_token {
+                return Ok(out);
+            }
+            page_token = r.next_page_token;
+        }
+    }
+
+    /// This host's id in the pool: found by its address, or given by joining.
+    async fn resolve(&mut self) -> Result<String, AgentError> {
+        if let Some(id) = self.find_by_address().await? {
+            return Ok(id);
+        }
+        if !self.cfg.join {
+            return Err(AgentError::NotJoined {
+                address: self.cfg.address.clone(),
+            });
+        }
+        let join = self.members.request(pb::JoinHostRequest {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            name: self.cfg.name.clone(),
+            address: self.cfg.address.clone(),
+        });
+        let (meta, _, msg) = join.into_parts();
+        let res = self
+            .members
+            .call("joining", |ch| {
+                let req = Request::from_parts(meta.clone(), Default::default(), msg.clone());
+                async move { PoolServiceClient::new(ch).join_host(req).await }
+            })
+            .await;
+        match res {
+            Ok(pb::TaskResponse { task: Some(t) })
+                if t.state == pb::TaskState::Succeeded as i32 && !t.target_id.is_empty() =>
+            {
+                return Ok(t.target_id);
+            }
+            Ok(pb::TaskResponse { task: Some(t) }) if t.error_code != "ALREADY_EXISTS" => {
+                return Err(AgentError::JoinFailed {
+                    address: self.cfg.address.clone(),
+                    message: format!("{}: {}", t.error_code, t.error_message),
+                });
+            }
+            // Someone joined this address meanwhile (or our earlier try committed).
+            Err(e) if e.code() != Some(Code::AlreadyExists) => return Err(e),
+            _ => {}
+        }
+        self.find_by_address()
+            .await?
+            .ok_or_else(|| AgentError::JoinFailed {
+                address: self.cfg.address.clone(),
+                message: "joined, but the pool does not list the host".into(),
+            })
+    }
+
+    async fn find_by_address(&mut self) -> Result<Option<String>, AgentError> {
+        let mut page_token = String::new();
+        loop {
+            let (meta, _, msg) = self
+                .members
+                .request(pb::ListHostsRequest {
+                    page: Some(pb::PageRequest {
+                        page_size: 0,
+                        page_token: page_token.clone(),
+                    }),
+                    state: 0,
+                })
+                .into_parts();
+            let r = self
+                .members
+                .call("listing hosts", |ch| {
+                    let req = Request::from_parts(meta.clone(), Default::default(), msg.clone());
+                    async move { PoolServiceClient::new(ch).list_hosts(req).await }
+                })
+                .await?;
+            if let Some(h) = r.hosts.iter().find(|h| h.address == self.cfg.address) {
+                return Ok(Some(h.id.clone()));
+            }
+            if r.next_page_token.is_empty() || r.next_page_token == page_token {
+                return Ok(None);
+            }
+            page_token = r.next_page_token;
+        }
+    }
+}
+
+/// The wait after `failures` failed heartbeats in a row: the interval, doubled each time,
+/// at most [`MAX_BACKOFF`].
+pub fn backoff(interval: Duration, failures: u32) -> Duration {
+    let doubled = interval.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    doubled.min(MAX_BACKOFF.max(interval))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let i = Duration::from_millis(500);
+        assert_eq!(backoff(i, 1), i);
+        assert_eq!(backoff(i, 2), i * 2);
+        assert_eq!(backoff(i, 3), i * 4);
+        assert_eq!(backoff(i, 100), MAX_BACKOFF);
+        // An interval longer than the cap is never shortened.
+        assert_eq!(backoff(Duration::from_secs(30), 5), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn config_from_the_pool_section() {
+        let listen: SocketAddr = "127.0.0.11:7000".parse().unwrap();
+        let mut pool = PoolConfig::default();
+        assert!(matches!(
+            AgentConfig::new(&pool, listen, "h1"),
+            Err(AgentError::NoCoordinators)
+        ));
+        pool.coordinators = vec!["127.0.0.1:7101".into()];
+        let cfg = AgentConfig::new(&pool, listen, "h1").unwrap();
+        assert_eq!(cfg.address, "127.0.0.11:7000");
+        assert_eq!(cfg.name, "h1");
+        assert!(cfg.join);
+        assert_eq!(cfg.interval, DEFAULT_INTERVAL);
+        let wild: SocketAddr = "0.0.0.0:7000".parse().unwrap();
+        assert!(matches!(
+            AgentConfig::new(&pool, wild, "h1"),
+            Err(AgentError::NoAdvertise { .. })
+        ));
+        pool.advertise = Some("10.0.0.5:7000".into());
+        pool.join = Some(false);
+        let cfg = AgentConfig::new(&pool, wild, "h1").unwrap();
+        assert_eq!(cfg.address, "10.0.0.5:7000");
+        assert!(!cfg.join);
+    }
+}

@@ -23,6 +23,30 @@ pub struct Config {
     /// Stop VMs when the daemon exits (VM processes die with it). By default VMs keep
     /// running and the next daemon finds them again.
     pub tie_vms_to_daemon: Option<bool>,
+    /// Membership of a pool: without this section the host runs on its own.
+    pub pool: Option<PoolConfig>,
+}
+
+/// The `[pool]` section: where the coordinators are and how this host is known to them.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Coordinator members (`host:port`), any of them; heartbeats reach the leader through
+    /// whichever answers.
+    #[serde(default)]
+    pub coordinators: Vec<String>,
+    /// The `HostService` address the pool reaches this host at (default: `listen`, when
+    /// that is not a wildcard address).
+    pub advertise: Option<String>,
+    /// The name this host joins under (default: `host_id`, else the hostname).
+    pub name: Option<String>,
+    /// Join the pool when it does not know this host's address yet (default true).
+    pub join: Option<bool>,
+    /// Heartbeat interval in milliseconds until the pool asks for another (default 1000).
+    pub heartbeat_interval_ms: Option<u64>,
+    /// Token sent as `authorization: Bearer` on the pool calls that need a user (looking up
+    /// and joining); heartbeats need none.
+    pub token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,5 +94,21 @@ mod tests {
         assert_eq!(cfg.listen, Some("127.0.0.11:7001".parse().unwrap()));
         assert_eq!(cfg.initiator_iqn.as_deref(), Some("iqn.2026-11.lab:h1"));
         assert!(Config::parse("listne = \"127.0.0.1:1\"").is_err());
+    }
+
+    #[test]
+    fn pool_section() {
+        let cfg = Config::parse(
+            "[pool]\ncoordinators = [\"127.0.0.1:7101\", \"127.0.0.1:7102\"]\n\
+             advertise = \"127.0.0.11:7000\"\nheartbeat_interval_ms = 500\n",
+        )
+        .unwrap();
+        let pool = cfg.pool.unwrap();
+        assert_eq!(pool.coordinators.len(), 2);
+        assert_eq!(pool.advertise.as_deref(), Some("127.0.0.11:7000"));
+        assert_eq!(pool.heartbeat_interval_ms, Some(500));
+        assert_eq!(pool.join, None);
+        assert!(Config::parse("[pool]\ncoordinator = []\n").is_err());
+        assert_eq!(Config::parse("").unwrap().pool, None);
     }
 }

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use hostd::agent::{Agent, AgentConfig};
 use hostd::config::Config;
 use hostd::console::ConsoleOut;
 use hostd::devices::virtio::block::{Disk, FileBackend};
@@ -37,6 +38,19 @@ struct Args {
     /// The iSCSI name this host logs in to targets with (overrides the config file).
     #[arg(long)]
     initiator_iqn: Option<String>,
+    /// This host's name (default: the config's host_id, else the hostname).
+    #[arg(long)]
+    host_id: Option<String>,
+    /// Join the pool of these coordinator members (comma-separated; adds or replaces the
+    /// config's [pool] coordinators).
+    #[arg(long, value_delimiter = ',')]
+    pool: Vec<String>,
+    /// The address the pool reaches this host's HostService at (default: --listen).
+    #[arg(long)]
+    pool_advertise: Option<String>,
+    /// Heartbeat interval in milliseconds until the pool asks for another.
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
     /// Log filter, e.g. "info" or "hostd=debug" (RUST_LOG wins when set).
     #[arg(long, default_value = "info", global = true)]
     log: String,
@@ -213,6 +227,21 @@ fn daemon(args: Args) -> anyhow::Result<()> {
     if args.initiator_iqn.is_some() {
         config.initiator_iqn = args.initiator_iqn.clone();
     }
+    if args.host_id.is_some() {
+        config.host_id = args.host_id.clone();
+    }
+    if !args.pool.is_empty() || args.pool_advertise.is_some() || args.heartbeat_ms.is_some() {
+        let pool = config.pool.get_or_insert_with(Default::default);
+        if !args.pool.is_empty() {
+            pool.coordinators = args.pool.clone();
+        }
+        if args.pool_advertise.is_some() {
+            pool.advertise = args.pool_advertise.clone();
+        }
+        if args.heartbeat_ms.is_some() {
+            pool.heartbeat_interval_ms = args.heartbeat_ms;
+        }
+    }
     tracing::info!(?config, "hostd starting");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -260,13 +289,34 @@ fn daemon(args: Args) -> anyhow::Result<()> {
                 .map(|a| a.to_string())
                 .unwrap_or_default(),
         };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let agent = match &config.pool {
+            Some(pool) => {
+                let cfg = AgentConfig::new(pool, addr, &identity.host_id)
+                    .context("joining the pool ([pool] section)")?;
+                tracing::info!(coordinators = ?cfg.coordinators, address = %cfg.address, "heartbeating to the pool");
+                let local = Arc::new(HostServer::new(manager.clone(), identity.clone()));
+                let agent = Agent::new(cfg, local).context("joining the pool")?;
+                let mut stop = stop_rx.clone();
+                Some(tokio::spawn(agent.run(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })))
+            }
+            None => None,
+        };
         hostd::service::serve(
             listener,
             HostServer::new(manager.clone(), identity),
-            shutdown_signal(),
+            async move {
+                shutdown_signal().await;
+                let _ = stop_tx.send(true);
+            },
         )
         .await
         .context("serving")?;
+        if let Some(agent) = agent {
+            let _ = agent.await;
+        }
         if tie {
             manager.stop_all().await;
         }
