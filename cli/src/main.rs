@@ -44,11 +44,7 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a one-machine pool: hosts, coordinator members and a file-backed storage box.
-    Lab {
-        /// Where the lab keeps its state; running again resumes the same pool.
-        #[arg(long, default_value = "./lab-data")]
-        data_dir: PathBuf,
-    },
+    Lab(lab::LabArgs),
     /// Coordinator members and who leads.
     MemberList,
     /// Hosts of the pool.
@@ -200,6 +196,15 @@ enum Command {
         vm: String,
     },
     TemplateList,
+    /// Change pool settings; what is not given stays as it is.
+    PoolSet {
+        /// Seconds without heartbeats before a host counts as unreachable.
+        #[arg(long)]
+        heartbeat_timeout: Option<u32>,
+        /// Default downtime budget of live migrations, in milliseconds.
+        #[arg(long)]
+        downtime_ms: Option<u32>,
+    },
     /// Turn HA on: hosts that stop heartbeating are fenced and their VMs restarted.
     PoolHaEnable {
         /// Host failures to plan room for.
@@ -244,9 +249,11 @@ macro_rules! call {
             async move { p.$method(req).await }
         })
         .await
-        .map_err(explain)
+        .map_err($crate::explain)
     }};
 }
+
+mod lab;
 
 /// Turns a gRPC status into an error that says what to do.
 fn explain(s: tonic::Status) -> anyhow::Error {
@@ -508,6 +515,19 @@ impl Ctl {
             "disk",
         )
     }
+
+    async fn template_id(&mut self, name_or_id: &str) -> anyhow::Result<String> {
+        let r = call!(
+            self.client,
+            list_templates,
+            pb::ListTemplatesRequest { page: None }
+        )?;
+        pick(
+            r.templates.iter().map(|t| (t.id.as_str(), t.name.as_str())),
+            name_or_id,
+            "template",
+        )
+    }
 }
 
 /// The id of the one object whose id or name is `key`.
@@ -539,6 +559,7 @@ fn what_verb(what: &str) -> &'static str {
         "host" => "host",
         "VM" => "vm",
         "disk" => "vdi",
+        "template" => "template",
         _ => "sr",
     }
 }
@@ -559,8 +580,8 @@ fn main() -> anyhow::Result<()> {
         }
         None => Config::default(),
     };
-    if let Command::Lab { data_dir } = &args.command {
-        return lab(data_dir);
+    if let Command::Lab(lab) = args.command {
+        return lab::lab(lab);
     }
     let members = if !args.pool.is_empty() {
         args.pool.clone()
@@ -593,7 +614,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Lab { .. } => unreachable!("handled before connecting"),
+        Command::Lab(_) => bail!("poolctl lab runs on its own, not against a pool"),
         Command::MemberList => {
             let r = call!(ctl.client, list_members, pb::ListMembersRequest {})?;
             let mut t = Table::new(&["ID", "ADDRESS", "ROLE", "LEADER", "REACHABLE"]);
@@ -862,7 +883,9 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
                 });
             }
             let source = match template {
-                Some(t) => Some(pb::create_vm_request::Source::TemplateId(t)),
+                Some(t) => Some(pb::create_vm_request::Source::TemplateId(
+                    ctl.template_id(&t).await?,
+                )),
                 None => Some(pb::create_vm_request::Source::FromDisks(true)),
             };
             let spec = pb::VmSpec {
@@ -891,7 +914,31 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
                     host_id: String::new(),
                 }
             )?;
-            ctl.follow(r).await?;
+            let task = ctl.follow(r).await?;
+            // A VM made from a template is created by a job that clones its disks; the
+            // pool notes the start it was asked for ("start": "requested") and leaves it
+            // to the caller once the VM exists.
+            if start
+                && ctl.wait
+                && task.results.get("start").map(String::as_str) == Some("requested")
+            {
+                let vm_id = task
+                    .results
+                    .get("vm_id")
+                    .cloned()
+                    .unwrap_or(task.target_id.clone());
+                let r = call!(
+                    ctl.client,
+                    start_vm,
+                    pb::VmPowerRequest {
+                        request_id: new_request_id(),
+                        vm_id,
+                        force: false,
+                        host_id: String::new(),
+                    }
+                )?;
+                ctl.follow(r).await?;
+            }
         }
         Command::VmList => {
             let vms = ctl.vms().await?;
@@ -1070,6 +1117,28 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
             }
             ctl.print(&t);
         }
+        Command::PoolSet {
+            heartbeat_timeout,
+            downtime_ms,
+        } => {
+            let pool = call!(ctl.client, get_pool, pb::GetPoolRequest {})?;
+            let mut settings = pool.settings.unwrap_or_default();
+            if let Some(t) = heartbeat_timeout {
+                settings.host_heartbeat_timeout_seconds = t;
+            }
+            if let Some(d) = downtime_ms {
+                settings.migration_downtime_budget_ms = d;
+            }
+            let r = call!(
+                ctl.client,
+                update_pool_settings,
+                pb::UpdatePoolSettingsRequest {
+                    request_id: new_request_id(),
+                    settings: Some(settings),
+                }
+            )?;
+            ctl.follow(r).await?;
+        }
         Command::PoolHaEnable { failures, timeout } => {
             let r = call!(
                 ctl.client,
@@ -1209,12 +1278,4 @@ async fn console(ctl: &mut Ctl, vm_id: String) -> anyhow::Result<()> {
             }
         }
     }
-}
-
-fn lab(data_dir: &std::path::Path) -> anyhow::Result<()> {
-    anyhow::bail!(
-        "the one-machine pool cannot start yet (data dir {}): it needs hostd, poold and storaged \
-         to be wired together, which the end-to-end issue does; nothing was started",
-        data_dir.display()
-    )
 }

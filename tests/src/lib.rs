@@ -22,6 +22,7 @@ pub fn binary(name: &str) -> PathBuf {
         // Every binary is named after its package, but the VM process hostd runs.
         let package = match name {
             "hostd-vmm" => "hostd",
+            "iscsi" => "iscsi-initiator",
             other => other,
         };
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -102,11 +103,15 @@ impl Coordinators {
             ])
             .arg("--data-dir")
             .arg(dir.join(format!("poold-{id}")))
-            .args(["--log", "warn"]);
+            .args(["--log", "info,raft=warn"]);
             for (j, a) in addrs.iter().enumerate() {
                 cmd.arg("--member").arg(format!("{}={a}", j + 1));
             }
-            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            // Each member's log stays in the test's directory for when a test fails.
+            let log = std::fs::File::create(dir.join(format!("poold-{id}.log")))
+                .map(Stdio::from)
+                .unwrap_or_else(|_| Stdio::null());
+            cmd.stdout(Stdio::null()).stderr(log);
             procs.push(Process::spawn(&format!("poold-{id}"), cmd));
         }
         Coordinators {
@@ -143,4 +148,154 @@ pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A daemon whose stdout lines are collected (daemons print their bound addresses there)
+/// and whose stderr goes to a log file, read when a test fails.
+pub struct Daemon {
+    pub proc: Process,
+    pub log: PathBuf,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Daemon {
+        let err = std::fs::File::create(log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+        cmd.stdout(Stdio::piped()).stderr(Stdio::from(err));
+        let mut proc = Process::spawn(name, cmd);
+        let out = proc.child.stdout.take().expect("piped stdout");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                sink.lock().expect("lines lock").push(line);
+            }
+        });
+        Daemon {
+            proc,
+            log: log.to_owned(),
+            lines,
+        }
+    }
+
+    /// The rest of the first stdout line that starts with `prefix`, waiting up to `limit`.
+    pub fn wait_line(&mut self, prefix: &str, limit: Duration) -> String {
+        let found = wait_for(limit, || {
+            if let Ok(Some(status)) = self.proc.child.try_wait() {
+                panic!(
+                    "{} exited ({status}) before printing {prefix:?}; its log:\n{}",
+                    self.proc.name,
+                    self.log_text()
+                );
+            }
+            self.lines
+                .lock()
+                .expect("lines lock")
+                .iter()
+                .find_map(|l| l.strip_prefix(prefix).map(str::to_owned))
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "{} did not print {prefix:?} within {limit:?}; its log:\n{}",
+                self.proc.name,
+                self.log_text()
+            )
+        })
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// `storaged` on loopback with its state under `dir`; pools are created through the pool
+/// (`poolctl sr-create --file`).
+pub struct Storaged {
+    pub daemon: Daemon,
+    /// StorageService.
+    pub addr: String,
+    pub iscsi: String,
+}
+
+impl Storaged {
+    pub fn start(dir: &Path) -> Storaged {
+        std::fs::create_dir_all(dir).expect("storaged dir");
+        let config = dir.join("storaged.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:0\"\niscsi_listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n",
+                dir.join("state").display()
+            ),
+        )
+        .expect("storaged config");
+        let mut cmd = Command::new(binary("storaged"));
+        cmd.args(["--log", "info", "serve", "--config"])
+            .arg(&config);
+        let mut daemon = Daemon::spawn("storaged", cmd, &dir.join("storaged.log"));
+        let addr = daemon.wait_line("LISTENING ", Duration::from_secs(30));
+        let iscsi = daemon.wait_line("ISCSI ", Duration::from_secs(5));
+        Storaged {
+            daemon,
+            addr,
+            iscsi,
+        }
+    }
+}
+
+/// One `hostd` on `ip` (e.g. 127.0.0.11) that joins the pool by itself and heartbeats;
+/// its VMs die with it (`--tie-vms`), so a killed host leaves nothing behind.
+pub struct Hostd {
+    pub daemon: Daemon,
+    pub name: String,
+    /// HostService, the address the pool knows the host by.
+    pub addr: String,
+    pub iqn: String,
+}
+
+impl Hostd {
+    pub fn start(dir: &Path, name: &str, ip: &str, pool: &str) -> Hostd {
+        let run = dir.join(name);
+        std::fs::create_dir_all(&run).expect("hostd run dir");
+        // The daemon starts VM processes with the lean binary beside it when it is built.
+        let _ = binary("hostd-vmm");
+        let iqn = format!("iqn.2026-11.org.pool.e2e:{name}");
+        let mut cmd = Command::new(binary("hostd"));
+        cmd.args(["--listen", &format!("{ip}:0"), "--tie-vms"])
+            .arg("--run-dir")
+            .arg(&run)
+            .args(["--initiator-iqn", &iqn, "--host-id", name])
+            .args(["--pool", pool, "--heartbeat-ms", "500", "--log", "info"]);
+        let mut daemon = Daemon::spawn(name, cmd, &dir.join(format!("{name}.log")));
+        let addr = daemon.wait_line("hostd listening on ", Duration::from_secs(30));
+        Hostd {
+            daemon,
+            name: name.to_owned(),
+            addr,
+            iqn,
+        }
+    }
+}
+
+/// The stdout and stderr of a command, for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs `poolctl` and panics with its output unless it succeeds.
+pub fn poolctl_ok(pool: &str, args: &[&str]) -> String {
+    let o = poolctl(pool, args);
+    assert!(
+        o.status.success(),
+        "poolctl {}: {}",
+        args.join(" "),
+        text(&o)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# bench/pool.sh: the whole pool with real processes (release build).
+#   ha_restart_s  from SIGKILL of a host running an HA-protected VM until the pool shows the
+#                 VM running on another host (heartbeat and HA timeouts 2 s, fencing at
+#                 storaged, placement, boot); median of HA_RUNS runs (default 3).
+#   lab_ready_s   `poolctl lab` from an empty directory until it prints that the lab is
+#                 ready (3 coordinators, storaged, 3 hosts joined, SR, template, demo VM).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${HA_RUNS:-3}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+cargo build --release -q -p poold -p storaged -p hostd -p poolctl -p iscsi-initiator --bins
+cargo test --release -q -p e2e-tests --test pool --no-run
+
+median() { sort -n | awk '{a[NR]=$1} END {if (NR==0) exit 1; if (NR%2) print a[(NR+1)/2]; else printf "%.2f\n", (a[NR/2]+a[NR/2+1])/2}'; }
+
+ha=()
+for i in $(seq "$runs"); do
+  out=$(cargo test --release -q -p e2e-tests --test pool ha_restarts -- --nocapture 2>&1) || {
+    echo "$out" | tail -40 >&2
+    echo "HA run $i failed" >&2
+    exit 1
+  }
+  v=$(echo "$out" | awk '/^BENCH ha_restart_s/ {print $3}')
+  echo "run $i: ha_restart_s $v" >&2
+  ha+=("$v")
+done
+
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+lab=$("$CARGO_TARGET_DIR/release/poolctl" lab --dir "$dir" --exit-when-ready 2>"$dir.err") || {
+  tail -20 "$dir.err" >&2
+  echo "the lab did not start" >&2
+  exit 1
+}
+rm -f "$dir.err"
+ready=$(echo "$lab" | awk '/^LAB READY/ {print $3}')
+
+echo "BENCH ha_restart_s $(printf '%s\n' "${ha[@]}" | median) s"
+echo "BENCH lab_ready_s $ready s"

@@ -1,0 +1,409 @@
+//! The whole pool with real processes: three `poold` members, three `hostd` on
+//! 127.0.0.11-13 that join the pool by themselves and heartbeat, and one `storaged` with a
+//! file-backed thin pool; driven through `poolctl` as a person would.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use e2e_tests::{Coordinators, Hostd, Storaged, binary, poolctl, poolctl_ok, text, wait_for};
+
+/// A running pool and where its parts are.
+struct Pool {
+    coordinators: Coordinators,
+    storaged: Storaged,
+    hosts: Vec<Hostd>,
+    p: String,
+}
+
+impl Pool {
+    fn start(dir: &Path, hosts: usize) -> Pool {
+        let coordinators = Coordinators::start(dir, 3);
+        let p = coordinators.pool_arg();
+        wait_for(Duration::from_secs(30), || {
+            let o = poolctl(&p, &["member-list", "--json"]);
+            (o.status.success() && String::from_utf8_lossy(&o.stdout).contains("\"leader\": true"))
+                .then_some(())
+        })
+        .expect("a leader within 30 s");
+        let storaged = Storaged::start(&dir.join("storaged"));
+        let hosts = (0..hosts)
+            .map(|i| {
+                Hostd::start(
+                    dir,
+                    &format!("h{}", i + 1),
+                    &format!("127.0.0.{}", 11 + i),
+                    &p,
+                )
+            })
+            .collect();
+        Pool {
+            coordinators,
+            storaged,
+            hosts,
+            p,
+        }
+    }
+
+    fn ctl(&self, args: &[&str]) -> String {
+        poolctl_ok(&self.p, args)
+    }
+
+    /// The logs of every daemon, for a failing assertion.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for h in &self.hosts {
+            out += &format!("--- {} ---\n{}\n", h.name, tail(&h.daemon.log_text()));
+        }
+        out += &format!(
+            "--- storaged ---\n{}\n",
+            tail(&self.storaged.daemon.log_text())
+        );
+        for i in 1..=3 {
+            let log = std::fs::read_to_string(self.coordinators.dir.join(format!("poold-{i}.log")))
+                .unwrap_or_default();
+            out += &format!("--- poold-{i} ---\n{}\n", tail(&log));
+        }
+        out
+    }
+
+    /// The JSON line of the VM named `name` in `vm-list --json`.
+    fn vm(&self, name: &str) -> Option<String> {
+        let o = poolctl(&self.p, &["vm-list", "--json"]);
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find(|l| l.contains(&format!("\"name\": \"{name}\"")))
+            .map(str::to_owned)
+    }
+
+    /// Waits until the VM's line in `vm-list --json` contains `want`.
+    fn wait_vm(&self, name: &str, want: &str, limit: Duration) -> String {
+        wait_for(limit, || self.vm(name).filter(|l| l.contains(want))).unwrap_or_else(|| {
+            panic!(
+                "VM {name} not {want} within {limit:?}: {:?}\n{}",
+                self.vm(name),
+                self.logs()
+            )
+        })
+    }
+}
+
+fn tail(s: &str) -> &str {
+    let cut = s.len().saturating_sub(6000);
+    let cut = (cut..s.len())
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(s.len());
+    &s[cut..]
+}
+
+/// The value of `"key": "value"` in a JSON line.
+fn field(line: &str, key: &str) -> String {
+    let pat = format!("\"{key}\": \"");
+    let start = line
+        .find(&pat)
+        .map(|i| i + pat.len())
+        .unwrap_or_else(|| panic!("no {key} in {line}"));
+    line[start..]
+        .split('"')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Streams the VM's console through `poolctl vm-console` until a line starting with
+/// `prefix` shows, and returns that line.
+fn console_line(p: &str, vm: &str, prefix: &str, limit: Duration) -> Option<String> {
+    let mut child = Command::new(binary("poolctl"))
+        .args(["--pool", p, "vm-console", vm])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run poolctl vm-console");
+    let mut out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut seen = String::new();
+    let found = loop {
+        if let Some(l) = seen
+            .lines()
+            .find(|l| l.starts_with(prefix) && seen.contains(&format!("{l}\n")))
+        {
+            break Some(l.to_owned());
+        }
+        let left = limit.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            break None;
+        }
+        match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+            Ok(b) => seen.push_str(&String::from_utf8_lossy(&b)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break None,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    if found.is_none() {
+        eprintln!("console of {vm} without {prefix:?}:\n{seen}");
+    }
+    found
+}
+
+/// The test guest, written where every host reads it (the hosts share this machine).
+fn guest_elf(dir: &Path) -> String {
+    let path = dir.join("guest.elf");
+    let o = Command::new(binary("hostd"))
+        .args(["guest-elf", "--out"])
+        .arg(&path)
+        .output()
+        .expect("run hostd guest-elf");
+    assert!(o.status.success(), "{}", text(&o));
+    path.display().to_string()
+}
+
+/// Hosts join by themselves, then a VM goes through its whole life: SR, disk, VM, template,
+/// a VM from the template started on a host, its guest's heartbeat on the console, a
+/// clean shutdown and destroy.
+#[test]
+fn hosts_join_and_a_vm_lives_its_life() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::start(dir.path(), 3);
+
+    // Every hostd joined and heartbeats: three enabled hosts with their info.
+    let hosts = wait_for(Duration::from_secs(30), || {
+        let o = poolctl(&pool.p, &["host-list", "--json"]);
+        let s = String::from_utf8_lossy(&o.stdout).into_owned();
+        (s.matches("\"state\": \"enabled\"").count() == 3).then_some(s)
+    })
+    .unwrap_or_else(|| panic!("three hosts joined\n{}", pool.logs()));
+    for h in &pool.hosts {
+        let line = hosts
+            .lines()
+            .find(|l| l.contains(&format!("\"address\": \"{}\"", h.addr)))
+            .unwrap_or_else(|| panic!("{} at {} listed: {hosts}", h.name, h.addr));
+        assert!(
+            line.contains(&format!("\"name\": \"{}\"", h.name)),
+            "{line}"
+        );
+    }
+
+    let img = dir.path().join("sr1.img").display().to_string();
+    pool.ctl(&[
+        "sr-create",
+        "sr1",
+        &pool.storaged.addr,
+        "--file",
+        &img,
+        "--size",
+        "1G",
+    ]);
+    pool.ctl(&["vdi-create", "base-disk", "--sr", "sr1", "--size", "16M"]);
+    let elf = guest_elf(dir.path());
+    pool.ctl(&[
+        "vm-create",
+        "base",
+        "--disk",
+        "base-disk",
+        "--kernel",
+        &elf,
+        "--cmdline",
+        "seed=7 blk=rw mode=heartbeat hb_ms=200",
+        "--memory",
+        "64M",
+    ]);
+    pool.ctl(&["template-create", "guest", "base"]);
+    let t = pool.ctl(&["template-list"]);
+    assert!(t.contains("guest"), "{t}");
+
+    pool.ctl(&[
+        "vm-create",
+        "demo",
+        "--template",
+        "guest",
+        "--memory",
+        "64M",
+        "--start",
+    ]);
+    let line = pool.wait_vm("demo", "\"power\": \"running\"", Duration::from_secs(60));
+    let host = field(&line, "host");
+    assert!(!host.is_empty(), "{line}");
+
+    // The guest runs on its iSCSI disk and prints heartbeats we can read through the pool.
+    let hb = console_line(&pool.p, "demo", "HB seq=", Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("a guest heartbeat on the console\n{}", pool.logs()));
+    assert!(hb.contains("bad=0"), "{hb}");
+    let blk =
+        console_line(&pool.p, "demo", "BLK done", Duration::from_secs(10)).unwrap_or_else(|| {
+            panic!(
+                "the disk check line in the console history\n{}",
+                pool.logs()
+            )
+        });
+    assert!(blk.contains("result=ok"), "{blk}");
+
+    pool.ctl(&["vm-shutdown", "demo"]);
+    pool.wait_vm("demo", "\"power\": \"stopped\"", Duration::from_secs(60));
+    pool.ctl(&["vm-destroy", "demo", "--delete-disks"]);
+    assert!(pool.vm("demo").is_none(), "demo destroyed");
+    let vdis = pool.ctl(&["vdi-list"]);
+    assert!(
+        vdis.contains("base-disk"),
+        "the template's source disk stays: {vdis}"
+    );
+}
+
+/// Whether `initiator` may open the LUN of `target` (an `iscsi capacity` through the
+/// portal): a fenced host's name must be refused, a granted one must not.
+fn can_open(portal: &str, target: &str, initiator: &str) -> bool {
+    let o = Command::new(binary("iscsi"))
+        .args([
+            "--initiator",
+            initiator,
+            "--replacement-timeout",
+            "2",
+            "capacity",
+        ])
+        .arg(format!("iscsi://{portal}/{target}/0"))
+        .output()
+        .expect("run iscsi capacity");
+    o.status.success()
+}
+
+/// The targets a portal shows to `initiator` (SendTargets).
+fn targets(portal: &str, initiator: &str) -> Vec<String> {
+    let o = Command::new(binary("iscsi"))
+        .args(["--initiator", initiator, "discover", portal])
+        .output()
+        .expect("run iscsi discover");
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with("iqn."))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A host running an HA-protected VM dies (SIGKILL; its VM processes die with it). The
+/// pool marks it unreachable, fences it at storaged (its initiator can no longer open the
+/// VM's disk) and restarts the VM on another host, where the guest runs again.
+#[test]
+fn ha_restarts_a_dead_hosts_vm_elsewhere_after_fencing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pool = Pool::start(dir.path(), 2);
+    wait_for(Duration::from_secs(30), || {
+        let o = poolctl(&pool.p, &["host-list", "--json"]);
+        (String::from_utf8_lossy(&o.stdout)
+            .matches("\"state\": \"enabled\"")
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("two hosts joined\n{}", pool.logs()));
+    pool.ctl(&["pool-set", "--heartbeat-timeout", "2"]);
+    pool.ctl(&["pool-ha-enable", "--failures", "1", "--timeout", "2"]);
+    let img = dir.path().join("sr1.img").display().to_string();
+    pool.ctl(&[
+        "sr-create",
+        "sr1",
+        &pool.storaged.addr,
+        "--file",
+        &img,
+        "--size",
+        "1G",
+    ]);
+    pool.ctl(&["vdi-create", "ha-disk", "--sr", "sr1", "--size", "16M"]);
+    let elf = guest_elf(dir.path());
+    pool.ctl(&[
+        "vm-create",
+        "ha-vm",
+        "--disk",
+        "ha-disk",
+        "--kernel",
+        &elf,
+        "--cmdline",
+        "seed=9 blk=rw mode=heartbeat hb_ms=100",
+        "--memory",
+        "64M",
+        "--ha",
+        "restart",
+        "--start",
+    ]);
+    let line = pool.wait_vm("ha-vm", "\"power\": \"running\"", Duration::from_secs(60));
+    let first = field(&line, "host");
+    console_line(&pool.p, "ha-vm", "HB seq=", Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("the guest runs before the failure\n{}", pool.logs()));
+
+    // Which hostd that is, and the VM's target as its initiator sees it.
+    let hosts = poolctl_ok(&pool.p, &["host-list", "--json"]);
+    let victim_addr = field(
+        hosts
+            .lines()
+            .find(|l| l.contains(&format!("\"id\": \"{first}\"")))
+            .expect("host listed"),
+        "address",
+    );
+    let victim = pool
+        .hosts
+        .iter()
+        .position(|h| h.addr == victim_addr)
+        .expect("a host of ours");
+    let victim_iqn = pool.hosts[victim].iqn.clone();
+    let survivor_iqn = pool.hosts[1 - victim].iqn.clone();
+    let portal = pool.storaged.iscsi.clone();
+    let seen = targets(&portal, &victim_iqn);
+    assert_eq!(
+        seen.len(),
+        1,
+        "the VM's one disk is granted to its host: {seen:?}"
+    );
+    let target = seen[0].clone();
+    assert!(
+        can_open(&portal, &target, &victim_iqn),
+        "the running host can open its disk"
+    );
+
+    let died = Instant::now();
+    pool.hosts[victim].daemon.proc.kill();
+    let line = pool.wait_vm("ha-vm", "\"power\": \"running\"", Duration::from_secs(90));
+    // Running again, and somewhere else.
+    let line = if field(&line, "host") == first {
+        wait_for(Duration::from_secs(90), || {
+            pool.vm("ha-vm")
+                .filter(|l| l.contains("\"power\": \"running\"") && field(l, "host") != first)
+        })
+        .unwrap_or_else(|| panic!("ha-vm restarted elsewhere\n{}", pool.logs()))
+    } else {
+        line
+    };
+    let restarted = died.elapsed();
+    assert_ne!(field(&line, "host"), first);
+    println!("BENCH ha_restart_s {:.2} s", restarted.as_secs_f64());
+
+    // The dead host is fenced: it is marked so, and its initiator can no longer open the
+    // disk, which the new host can.
+    let hosts = poolctl_ok(&pool.p, &["host-list", "--json"]);
+    let dead = hosts
+        .lines()
+        .find(|l| l.contains(&format!("\"id\": \"{first}\"")))
+        .expect("listed");
+    assert!(dead.contains("\"state\": \"fenced\""), "{dead}");
+    assert!(
+        !can_open(&portal, &target, &victim_iqn),
+        "the fenced host's initiator is refused"
+    );
+    assert!(
+        can_open(&portal, &target, &survivor_iqn),
+        "the new host's initiator is granted"
+    );
+    let hb = console_line(&pool.p, "ha-vm", "HB seq=", Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("the guest runs on the new host\n{}", pool.logs()));
+    assert!(hb.contains("bad=0"), "{hb}");
+}
