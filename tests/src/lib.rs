@@ -89,36 +89,55 @@ impl Coordinators {
         let addrs: Vec<String> = (0..n)
             .map(|_| format!("127.0.0.1:{}", free_port()))
             .collect();
-        let mut procs = Vec::new();
-        for (i, addr) in addrs.iter().enumerate() {
-            let id = i + 1;
-            let mut cmd = Command::new(binary("poold"));
-            cmd.args([
-                "--member-id",
-                &id.to_string(),
-                "--listen",
-                addr,
-                "--pool-id",
-                "e2e",
-            ])
-            .arg("--data-dir")
-            .arg(dir.join(format!("poold-{id}")))
-            .args(["--log", "info,raft=warn"]);
-            for (j, a) in addrs.iter().enumerate() {
-                cmd.arg("--member").arg(format!("{}={a}", j + 1));
-            }
-            // Each member's log stays in the test's directory for when a test fails.
-            let log = std::fs::File::create(dir.join(format!("poold-{id}.log")))
-                .map(Stdio::from)
-                .unwrap_or_else(|_| Stdio::null());
-            cmd.stdout(Stdio::null()).stderr(log);
-            procs.push(Process::spawn(&format!("poold-{id}"), cmd));
-        }
+        let procs = (1..=n).map(|id| Self::member(dir, &addrs, id)).collect();
         Coordinators {
             dir: dir.to_owned(),
             addrs,
             procs,
         }
+    }
+
+    fn member(dir: &Path, addrs: &[String], id: usize) -> Process {
+        let mut cmd = Command::new(binary("poold"));
+        cmd.args([
+            "--member-id",
+            &id.to_string(),
+            "--listen",
+            &addrs[id - 1],
+            "--pool-id",
+            "e2e",
+        ])
+        .arg("--data-dir")
+        .arg(dir.join(format!("poold-{id}")))
+        .args(["--log", "info,raft=warn"]);
+        for (j, a) in addrs.iter().enumerate() {
+            cmd.arg("--member").arg(format!("{}={a}", j + 1));
+        }
+        // Each member's log stays in the test's directory for when a test fails (appended
+        // to across restarts).
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("poold-{id}.log")))
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null());
+        cmd.stdout(Stdio::null()).stderr(log);
+        Process::spawn(&format!("poold-{id}"), cmd)
+    }
+
+    /// SIGKILLs every member (their state stays on disk).
+    pub fn kill_all(&mut self) {
+        for p in &mut self.procs {
+            p.kill();
+        }
+    }
+
+    /// Starts every member again on the same addresses and data directories.
+    pub fn restart_all(&mut self) {
+        self.kill_all();
+        self.procs = (1..=self.addrs.len())
+            .map(|id| Self::member(&self.dir, &self.addrs, id))
+            .collect();
     }
 
     pub fn pool_arg(&self) -> String {

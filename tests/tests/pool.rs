@@ -250,6 +250,45 @@ fn hosts_join_and_a_vm_lives_its_life() {
         });
     assert!(blk.contains("result=ok"), "{blk}");
 
+    // With every coordinator gone the hosts keep their VMs running and keep trying;
+    // when the pool is back they report again.
+    let mut pool = pool;
+    pool.coordinators.kill_all();
+    // The pool asked for a heartbeat every 5 s (a third of its 30 s timeout, at most 5 s).
+    wait_for(Duration::from_secs(20), || {
+        pool.hosts
+            .iter()
+            .all(|h| h.daemon.log_text().contains("VMs keep running"))
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("every host saw its heartbeat fail\n{}", pool.logs()));
+    for h in &mut pool.hosts {
+        assert!(
+            h.daemon.proc.child.try_wait().unwrap().is_none(),
+            "{} keeps running without the pool",
+            h.name
+        );
+    }
+    let procs = processes_with(&format!("{}/", dir.path().display()))
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("vmm"))
+        })
+        .count();
+    assert_eq!(procs, 1, "the demo VM's process still runs");
+    pool.coordinators.restart_all();
+    let hb = console_line(&pool.p, "demo", "HB seq=", Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("the guest ran on through the outage\n{}", pool.logs()));
+    assert!(hb.contains("bad=0"), "{hb}");
+    wait_for(Duration::from_secs(30), || {
+        pool.hosts
+            .iter()
+            .all(|h| h.daemon.log_text().contains("the pool answers again"))
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("every host heartbeats again\n{}", pool.logs()));
+
     pool.ctl(&["vm-shutdown", "demo"]);
     pool.wait_vm("demo", "\"power\": \"stopped\"", Duration::from_secs(60));
     pool.ctl(&["vm-destroy", "demo", "--delete-disks"]);
@@ -406,4 +445,161 @@ fn ha_restarts_a_dead_hosts_vm_elsewhere_after_fencing_it() {
     let hb = console_line(&pool.p, "ha-vm", "HB seq=", Duration::from_secs(30))
         .unwrap_or_else(|| panic!("the guest runs on the new host\n{}", pool.logs()));
     assert!(hb.contains("bad=0"), "{hb}");
+}
+
+/// Processes whose command line mentions `needle` (e.g. a host's run directory).
+fn processes_with(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
+            && String::from_utf8_lossy(&cmd).contains(needle)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// A host cut off from the pool but still alive (its hostd frozen with SIGSTOP, its VM
+/// process running on): the pool fences it at storaged and restarts the VM elsewhere.
+/// When the host comes back, the heartbeat answer names the VM stale, the host stops its
+/// old copy, and rejoins enabled; the VM runs once, on the new host.
+#[test]
+fn a_fenced_host_that_comes_back_stops_its_stale_vm_and_rejoins() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::start(dir.path(), 2);
+    wait_for(Duration::from_secs(30), || {
+        let o = poolctl(&pool.p, &["host-list", "--json"]);
+        (String::from_utf8_lossy(&o.stdout)
+            .matches("\"state\": \"enabled\"")
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("two hosts joined\n{}", pool.logs()));
+    pool.ctl(&["pool-set", "--heartbeat-timeout", "2"]);
+    pool.ctl(&["pool-ha-enable", "--failures", "1", "--timeout", "2"]);
+    let img = dir.path().join("sr1.img").display().to_string();
+    pool.ctl(&[
+        "sr-create",
+        "sr1",
+        &pool.storaged.addr,
+        "--file",
+        &img,
+        "--size",
+        "1G",
+    ]);
+    pool.ctl(&["vdi-create", "p-disk", "--sr", "sr1", "--size", "16M"]);
+    let elf = guest_elf(dir.path());
+    pool.ctl(&[
+        "vm-create",
+        "p-vm",
+        "--disk",
+        "p-disk",
+        "--kernel",
+        &elf,
+        "--cmdline",
+        "seed=3 blk=rw mode=heartbeat hb_ms=100",
+        "--memory",
+        "64M",
+        "--ha",
+        "restart",
+        "--start",
+    ]);
+    let line = pool.wait_vm("p-vm", "\"power\": \"running\"", Duration::from_secs(60));
+    let vm_id = field(&line, "id");
+    let first = field(&line, "host");
+    let hosts = poolctl_ok(&pool.p, &["host-list", "--json"]);
+    let addr = field(
+        hosts
+            .lines()
+            .find(|l| l.contains(&format!("\"id\": \"{first}\"")))
+            .expect("host listed"),
+        "address",
+    );
+    let victim = pool
+        .hosts
+        .iter()
+        .position(|h| h.addr == addr)
+        .expect("ours");
+    let run_dir = dir
+        .path()
+        .join(&pool.hosts[victim].name)
+        .display()
+        .to_string();
+    let vm_procs = processes_with(&format!("{run_dir}/"));
+    assert!(
+        !vm_procs.is_empty(),
+        "the VM's process runs under {run_dir}"
+    );
+
+    // Cut the host off: hostd stops answering, its VM process keeps running.
+    let hostd_pid = pool.hosts[victim].daemon.proc.pid();
+    signal(hostd_pid, "-STOP");
+    let line = wait_for(Duration::from_secs(90), || {
+        pool.vm("p-vm")
+            .filter(|l| l.contains("\"power\": \"running\"") && field(l, "host") != first)
+    })
+    .unwrap_or_else(|| {
+        signal(hostd_pid, "-CONT");
+        panic!("p-vm restarted elsewhere\n{}", pool.logs())
+    });
+    assert_eq!(field(&line, "id"), vm_id);
+    assert!(
+        vm_procs
+            .iter()
+            .any(|p| Path::new(&format!("/proc/{p}")).exists()),
+        "the old copy still runs while its host is frozen (the test would prove nothing)"
+    );
+    let hosts = poolctl_ok(&pool.p, &["host-list", "--json"]);
+    assert!(
+        hosts
+            .lines()
+            .any(|l| l.contains(&format!("\"id\": \"{first}\"")) && l.contains("fenced")),
+        "{hosts}"
+    );
+
+    // Back: the agent's heartbeat learns the VM is stale and stops the old copy; the host
+    // rejoins once it runs none of its old VMs.
+    signal(hostd_pid, "-CONT");
+    wait_for(Duration::from_secs(30), || {
+        vm_procs
+            .iter()
+            .all(|p| !Path::new(&format!("/proc/{p}")).exists())
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("the stale copy stopped\n{}", pool.logs()));
+    wait_for(Duration::from_secs(30), || {
+        let o = poolctl(&pool.p, &["host-list", "--json"]);
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .any(|l| {
+                l.contains(&format!("\"id\": \"{first}\"")) && l.contains("\"state\": \"enabled\"")
+            })
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("the host rejoined enabled\n{}", pool.logs()));
+    let line = pool.vm("p-vm").expect("listed");
+    assert!(
+        line.contains("\"power\": \"running\"") && field(&line, "host") != first,
+        "{line}"
+    );
+    // The agent (on the heartbeat's answer) and reconciliation both stop stale copies;
+    // whichever came first, say which.
+    let by_agent = pool.hosts[victim]
+        .daemon
+        .log_text()
+        .contains("placed this VM elsewhere");
+    println!("stale copy stopped by the host's agent: {by_agent}");
 }
