@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
@@ -268,6 +268,10 @@ struct Inner {
     commit_lock: Mutex<()>,
     /// Data written since the last `fdatasync`.
     data_dirty: AtomicBool,
+    /// Writes into freshly allocated chunks whose mapping is already in place but whose
+    /// data is still being written without the state lock (see [`ThinPool::write`]).
+    unlocked_writes: Mutex<usize>,
+    unlocked_done: Condvar,
     failed: AtomicBool,
     /// Records other layers keep in this pool's metadata, as found at import.
     imported_records: Vec<(Vec<u8>, Vec<u8>)>,
@@ -277,6 +281,70 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct ThinPool {
     inner: Arc<Inner>,
+}
+
+/// Where a piece of a write goes.
+#[derive(Debug, Clone, Copy)]
+struct Placed {
+    pos: u64,
+    /// A chunk allocated for this piece that reads zeros: until the data lands, readers of
+    /// it see what the unmapped range held, so the data may be written without the lock.
+    fresh: bool,
+}
+
+/// Widens the window between placing a fresh chunk and writing its data, for tests that
+/// race other operations against it: debug builds read `STORAGED_TEST_UNLOCKED_WRITE_DELAY_US`.
+fn unlocked_write_delay() {
+    #[cfg(debug_assertions)]
+    {
+        static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let us = *DELAY.get_or_init(|| {
+            std::env::var("STORAGED_TEST_UNLOCKED_WRITE_DELAY_US")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        });
+        if us > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(us));
+        }
+    }
+}
+
+/// Counts writes in flight into fresh chunks, from their placement until their data is
+/// written (or failed); [`ThinPool::write_state`] waits for the count to reach zero.
+struct UnlockedWrites<'a> {
+    inner: &'a Inner,
+    n: usize,
+}
+
+impl<'a> UnlockedWrites<'a> {
+    /// Called with the state lock held, before it is released.
+    fn start(inner: &'a Inner, n: usize) -> Self {
+        if n > 0 {
+            *inner
+                .unlocked_writes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) += n;
+        }
+        UnlockedWrites { inner, n }
+    }
+}
+
+impl Drop for UnlockedWrites<'_> {
+    fn drop(&mut self) {
+        if self.n == 0 {
+            return;
+        }
+        let mut n = self
+            .inner
+            .unlocked_writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *n -= self.n;
+        if *n == 0 {
+            self.inner.unlocked_done.notify_all();
+        }
+    }
 }
 
 /// The part of a write or read that falls in one chunk.
@@ -634,6 +702,8 @@ impl ThinPool {
                 }),
                 commit_lock: Mutex::new(()),
                 data_dirty: AtomicBool::new(false),
+                unlocked_writes: Mutex::new(0),
+                unlocked_done: Condvar::new(),
                 failed: AtomicBool::new(false),
                 imported_records,
             }),
@@ -794,7 +864,30 @@ impl ThinPool {
         self.inner.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The state, exclusively, once no unlocked write is in flight: whoever takes it may
+    /// share, free or copy any chunk. New unlocked writes start only under this lock, so
+    /// the wait ends (those writes need no lock to finish).
     fn write_state(&self) -> RwLockWriteGuard<'_, State> {
+        let st = self.write_state_for_allocation();
+        let mut n = self
+            .inner
+            .unlocked_writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        while *n > 0 {
+            n = self
+                .inner
+                .unlocked_done
+                .wait(n)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        drop(n);
+        st
+    }
+
+    /// The state, exclusively, with unlocked writes possibly in flight: only for placing
+    /// new pieces of a write, which neither shares, frees nor reads any chunk they touch.
+    fn write_state_for_allocation(&self) -> RwLockWriteGuard<'_, State> {
         self.inner.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -880,18 +973,39 @@ impl ThinPool {
             self.write_segments(&segs, data)?;
         }
         if !slow.is_empty() {
-            let mut st = self.write_state();
-            let mut segs = Segments::default();
-            for p in slow {
-                if let Some(pos) =
-                    self.place_piece_locked(&mut st, volume, p, &data[p.at..p.at + p.len])?
-                {
-                    segs.push(pos, p.at, p.len);
+            // Pieces landing in fresh, zeroed chunks are written after the lock is
+            // released, so allocating writers do not queue behind each other's I/O: until
+            // the data lands a reader of the new mapping sees zeros, which is what the
+            // range held. Every other piece is written under the lock, so nobody reads a
+            // new mapping before its data is there.
+            let mut fresh = Segments::default();
+            let unlocked = {
+                let mut st = self.write_state_for_allocation();
+                let mut segs = Segments::default();
+                let mut placed = Ok(());
+                for p in slow {
+                    match self.place_piece_locked(&mut st, volume, p, &data[p.at..p.at + p.len]) {
+                        Ok(Some(Placed { pos, fresh: true })) => fresh.push(pos, p.at, p.len),
+                        Ok(Some(Placed { pos, fresh: false })) => segs.push(pos, p.at, p.len),
+                        Ok(None) => {}
+                        Err(e) => {
+                            placed = Err(e);
+                            break;
+                        }
+                    }
                 }
-            }
-            // Still under the exclusive lock: nobody reads the new mappings before their
-            // data is there.
-            self.write_segments(&segs, data)?;
+                // Pieces placed before an error are mapped: their data goes out either way.
+                let under_lock = self.write_segments(&segs, data);
+                let guard = UnlockedWrites::start(&self.inner, fresh.0.len());
+                (placed, under_lock, guard)
+            };
+            let (placed, under_lock, guard) = unlocked;
+            unlocked_write_delay();
+            let result = self.write_segments(&fresh, data);
+            drop(guard);
+            placed?;
+            under_lock?;
+            result?;
         }
         // After the data is written: a flush that starts after this write returns will
         // see the flag and sync it.
@@ -914,7 +1028,7 @@ impl ThinPool {
         p: Piece,
         data: &[u8],
     ) -> Result<(), PoolError> {
-        if let Some(pos) = self.place_piece_locked(st, volume, p, data)? {
+        if let Some(Placed { pos, .. }) = self.place_piece_locked(st, volume, p, data)? {
             self.inner.backing.write_at(pos, data)?;
         }
         Ok(())
@@ -929,7 +1043,7 @@ impl ThinPool {
         volume: Uuid,
         p: Piece,
         data: &[u8],
-    ) -> Result<Option<u64>, PoolError> {
+    ) -> Result<Option<Placed>, PoolError> {
         let State {
             forest,
             space,
@@ -953,7 +1067,10 @@ impl ThinPool {
             && l.exclusive_path
             && space.writable_in_place(c)
         {
-            return Ok(Some(self.data_pos(c) + p.within));
+            return Ok(Some(Placed {
+                pos: self.data_pos(c) + p.within,
+                fresh: false,
+            }));
         }
         if space.available() == 0 {
             return Err(PoolError::NoSpace);
@@ -968,7 +1085,10 @@ impl ThinPool {
         if let Some(c) = old
             && space.writable_in_place(c)
         {
-            return Ok(Some(self.data_pos(c) + p.within));
+            return Ok(Some(Placed {
+                pos: self.data_pos(c) + p.within,
+                fresh: false,
+            }));
         }
         let (new, zeroed) = space.allocate().ok_or(PoolError::NoSpace)?;
         let cs = self.inner.chunk_size as usize;
@@ -1007,7 +1127,10 @@ impl ThinPool {
         } else {
             *warned = false;
         }
-        Ok(deferred.then(|| self.data_pos(new) + p.within))
+        Ok(deferred.then(|| Placed {
+            pos: self.data_pos(new) + p.within,
+            fresh: old.is_none() && zeroed,
+        }))
     }
 
     /// Frees whole chunks of the range (reference-aware) and zeroes partial ones; the
