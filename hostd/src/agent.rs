@@ -505,6 +505,72 @@ mod tests {
         assert_eq!(backoff(Duration::from_secs(30), 5), Duration::from_secs(30));
     }
 
+    /// A coordinator that takes heartbeats and counts them.
+    struct Counting(Arc<std::sync::atomic::AtomicU32>);
+
+    #[tonic::async_trait]
+    impl proto::coordinator::host_agent_service_server::HostAgentService for Counting {
+        async fn heartbeat(
+            &self,
+            r: Request<pb::HeartbeatRequest>,
+        ) -> Result<tonic::Response<pb::HeartbeatResponse>, Status> {
+            if r.into_inner().host_id != "h1" {
+                return Err(Status::not_found("no such host"));
+            }
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(tonic::Response::new(pb::HeartbeatResponse {
+                state: pb::HostState::Enabled as i32,
+                stale_vm_ids: vec![],
+                next_heartbeat_ms: 100,
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_move_past_a_dead_member_and_stay_with_the_live_one() {
+        use proto::coordinator::host_agent_service_server::HostAgentServiceServer;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live = listener.local_addr().unwrap().to_string();
+        let count = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let server = tonic::transport::Server::builder()
+            .add_service(HostAgentServiceServer::new(Counting(count.clone())))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        let server = tokio::spawn(server);
+        // A port nobody listens on: bound, then closed.
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let mut m = Members::new(&[dead.clone(), live.clone()], None).unwrap();
+        let beat = |host: &'static str| {
+            move |ch: Channel| async move {
+                HostAgentServiceClient::new(ch)
+                    .heartbeat(pb::HeartbeatRequest {
+                        host_id: host.into(),
+                        ..Default::default()
+                    })
+                    .await
+            }
+        };
+        let r = m.call("the heartbeat", beat("h1")).await.unwrap();
+        assert_eq!(r.state, pb::HostState::Enabled as i32);
+        assert_eq!(m.current, 1, "the live member is first in line now");
+        m.call("the heartbeat", beat("h1")).await.unwrap();
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 2);
+        // A refusal is final: not retried on the dead member, and its code is kept.
+        let e = m.call("the heartbeat", beat("nobody")).await.unwrap_err();
+        assert_eq!(e.code(), Some(Code::NotFound));
+        assert_eq!(m.current, 1);
+        // With every member gone the error says which was tried last.
+        server.abort();
+        let _ = server.await;
+        let mut m = Members::new(&[dead.clone()], None).unwrap();
+        match m.call("the heartbeat", beat("h1")).await {
+            Err(AgentError::Unreachable { last, .. }) => assert!(last.contains(&dead), "{last}"),
+            other => panic!("expected Unreachable, got {other:?}"),
+        }
+    }
+
     #[test]
     fn config_from_the_pool_section() {
         let listen: SocketAddr = "127.0.0.11:7000".parse().unwrap();
