@@ -564,7 +564,7 @@ mod tests {
         // With every member gone the error says which was tried last.
         server.abort();
         let _ = server.await;
-        let mut m = Members::new(&[dead.clone()], None).unwrap();
+        let mut m = Members::new(std::slice::from_ref(&dead), None).unwrap();
         match m.call("the heartbeat", beat("h1")).await {
             Err(AgentError::Unreachable { last, .. }) => assert!(last.contains(&dead), "{last}"),
             other => panic!("expected Unreachable, got {other:?}"),
