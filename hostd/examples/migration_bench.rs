@@ -1,0 +1,363 @@
+//! Live-migration benchmark: the test guest hops back and forth between two VMs of this
+//! process over the real migration stream on loopback TCP (the same code the VM
+//! processes run), idle and while it rewrites memory; then the same guest ELF, command
+//! line, vCPUs and memory under QEMU (`-enable-kvm -cpu qemu64`, `-incoming tcp:`, QMP
+//! `migrate` with the same 300 ms downtime limit and no bandwidth cap), hop for hop.
+//!
+//! `cargo run --release -p hostd --example migration_bench -- [hops] [vcpus] [mib]`
+//! prints lines `RESULT <who> <scenario> downtime_ms=<median> p99=<..> total_ms=<median>
+//! p99=<..>` (bench/migration.sh reads them).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use hostd::console::Console;
+use hostd::migration::{self, Incoming, SendOptions};
+use hostd::testguest::{self, heartbeat_sum, heartbeats};
+use hostd::vmm::{BootProtocol, BootSpec, Vm, VmSpec};
+use proto::host::MigrationProgress;
+
+fn spec(cmdline: &str, vcpus: u32, mib: u64) -> VmSpec {
+    VmSpec {
+        vcpus,
+        memory_bytes: mib << 20,
+        boot: BootSpec {
+            kernel: testguest::elf_path().to_owned(),
+            initrd: None,
+            cmdline: cmdline.into(),
+            protocol: BootProtocol::Auto,
+        },
+        disks: vec![],
+        cpuid_mask: vec![],
+    }
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let i = ((s.len() as f64 - 1.0) * p).round() as usize;
+    s[i.min(s.len() - 1)]
+}
+
+fn wait_heartbeats(console: &Console, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while heartbeats(&console.text()).len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeats: {}",
+            console.text()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn run(name: &str, cmd: &str, seed: u64, hops: usize, vcpus: u32, mib: u64) {
+    let console = Console::new(4 << 20, None).unwrap();
+    let mut vm = Vm::new(&spec(cmd, vcpus, mib), console.clone()).unwrap();
+    vm.start().unwrap();
+    wait_heartbeats(&console, 3);
+    let (mut downtimes, mut totals) = (Vec::new(), Vec::new());
+    let mut texts = Vec::new();
+    let mut current = (vm, console);
+    for hop in 0..hops {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let inc = Incoming {
+            vm_id: "bench".into(),
+            token: "bench-token".into(),
+            spec: spec(cmd, vcpus, mib),
+        };
+        let dest = std::thread::spawn(move || {
+            let console = Console::new(4 << 20, None).unwrap();
+            let abort = AtomicBool::new(false);
+            let vm = migration::receive(
+                &listener,
+                &inc,
+                console.clone(),
+                &abort,
+                Instant::now() + Duration::from_secs(60),
+                &mut || {},
+            );
+            (vm, console)
+        });
+        let opts = SendOptions {
+            vm_id: "bench".into(),
+            token: "bench-token".into(),
+            destination: addr,
+            downtime_budget: migration::DEFAULT_DOWNTIME,
+            max_rounds: migration::DEFAULT_MAX_ROUNDS,
+            timeout: Duration::from_secs(60),
+            auto_converge: false,
+            bandwidth_limit: 0,
+        };
+        let sent = migration::send(
+            &current.0,
+            &opts,
+            &AtomicBool::new(false),
+            MigrationProgress::default(),
+            &mut |_| {},
+        )
+        .unwrap_or_else(|e| panic!("{name} hop {hop}: {}", hostd::error_chain(&e)));
+        current.0.stop();
+        texts.push(current.1.text());
+        let (vm, console) = dest.join().unwrap();
+        let vm = vm.unwrap();
+        downtimes.push(sent.downtime.as_secs_f64() * 1000.0);
+        totals.push(sent.total.as_secs_f64() * 1000.0);
+        eprintln!(
+            "{name} hop {hop}: downtime {:.1} ms, total {:.1} ms, rounds {}, {} KiB",
+            downtimes[hop],
+            totals[hop],
+            sent.rounds,
+            sent.bytes_sent >> 10
+        );
+        // Let the guest run on its new host before it moves again.
+        let n = heartbeats(&console.text()).len();
+        wait_heartbeats(&console, n + 2);
+        current = (vm, console);
+    }
+    current.0.stop();
+    texts.push(current.1.text());
+    // The guest went on where it was every time.
+    let all = texts.concat();
+    for (i, hb) in heartbeats(&all).iter().enumerate() {
+        assert_eq!(
+            hb.seq,
+            i as u64 + 1,
+            "{name}: heartbeats skipped or repeated"
+        );
+        assert_eq!(
+            hb.sum,
+            heartbeat_sum(seed, hb.seq),
+            "{name}: checksum broke"
+        );
+        assert_eq!(hb.bad, 0, "{name}: dirtied memory lost");
+    }
+    println!(
+        "RESULT hostd {name} downtime_ms={:.2} p99={:.2} total_ms={:.2} p99={:.2}",
+        percentile(&downtimes, 0.5),
+        percentile(&downtimes, 0.99),
+        percentile(&totals, 0.5),
+        percentile(&totals, 0.99),
+    );
+}
+
+/// A QMP connection: one JSON object per line each way.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Qmp {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "QMP {}: {e}", path.display());
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut q = Qmp {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        };
+        let mut greeting = String::new();
+        q.reader.read_line(&mut greeting).unwrap();
+        q.cmd(r#"{"execute":"qmp_capabilities"}"#);
+        q
+    }
+
+    /// Sends a command; returns its answer line (events in between are skipped), or
+    /// an empty line if QEMU closed the connection (it does on quit).
+    fn cmd(&mut self, json: &str) -> String {
+        if writeln!(self.writer, "{json}").is_err() {
+            return String::new();
+        }
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return String::new();
+            }
+            if line.contains("\"return\"") || line.contains("\"error\"") {
+                return line;
+            }
+        }
+    }
+}
+
+/// The number after `"key": ` in a QMP answer.
+fn json_u64(line: &str, key: &str) -> Option<u64> {
+    let at = line.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let digits: String = line[at..]
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+struct QemuVm {
+    child: Child,
+    qmp: Qmp,
+    serial: PathBuf,
+}
+
+impl QemuVm {
+    fn quit(&mut self) {
+        self.qmp.cmd(r#"{"execute":"quit"}"#);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for QemuVm {
+    /// Never leaves a QEMU behind, whatever happened.
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn qemu_vm(dir: &Path, n: usize, cmd: &str, vcpus: u32, mib: u64, incoming: Option<u16>) -> QemuVm {
+    let sock = dir.join(format!("q{n}.qmp"));
+    let serial = dir.join(format!("q{n}.log"));
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args(["-M", "pc", "-enable-kvm", "-cpu", "qemu64", "-smp"])
+        .arg(vcpus.to_string())
+        .arg("-m")
+        .arg(mib.to_string())
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .args([
+            "-no-reboot",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        ])
+        .arg("-kernel")
+        .arg(testguest::elf_path())
+        .arg("-append")
+        .arg(cmd)
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if let Some(port) = incoming {
+        c.arg("-incoming").arg(format!("tcp:127.0.0.1:{port}"));
+    }
+    let child = c.spawn().expect("starting qemu-system-x86_64");
+    QemuVm {
+        child,
+        qmp: Qmp::connect(&sock),
+        serial,
+    }
+}
+
+fn serial_heartbeats(q: &QemuVm) -> usize {
+    heartbeats(&String::from_utf8_lossy(
+        &std::fs::read(&q.serial).unwrap_or_default(),
+    ))
+    .len()
+}
+
+fn wait_serial(q: &QemuVm, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while serial_heartbeats(q) < n {
+        assert!(Instant::now() < deadline, "QEMU guest: no heartbeats");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn run_qemu(name: &str, cmd: &str, hops: usize, vcpus: u32, mib: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut current = qemu_vm(dir.path(), 0, cmd, vcpus, mib, None);
+    wait_serial(&current, 3);
+    let (mut downtimes, mut totals) = (Vec::new(), Vec::new());
+    for hop in 0..hops {
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let dest = qemu_vm(dir.path(), hop + 1, cmd, vcpus, mib, Some(port));
+        current.qmp.cmd(
+            r#"{"execute":"migrate-set-parameters","arguments":{"downtime-limit":300,"max-bandwidth":100000000000}}"#,
+        );
+        let answer = current.qmp.cmd(&format!(
+            r#"{{"execute":"migrate","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#
+        ));
+        assert!(answer.contains("return"), "migrate: {answer}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let done = loop {
+            let q = current.qmp.cmd(r#"{"execute":"query-migrate"}"#);
+            if q.contains("\"status\": \"completed\"") {
+                break q;
+            }
+            assert!(
+                !q.contains("\"status\": \"failed\"") && Instant::now() < deadline,
+                "QEMU migration: {q}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let downtime = json_u64(&done, "downtime").expect("downtime") as f64;
+        let total = json_u64(&done, "total-time").expect("total-time") as f64;
+        eprintln!("qemu {name} hop {hop}: downtime {downtime} ms, total {total} ms");
+        downtimes.push(downtime);
+        totals.push(total);
+        current.quit();
+        let n = serial_heartbeats(&dest);
+        wait_serial(&dest, n + 2);
+        current = dest;
+    }
+    current.quit();
+    println!(
+        "RESULT qemu {name} downtime_ms={:.2} p99={:.2} total_ms={:.2} p99={:.2}",
+        percentile(&downtimes, 0.5),
+        percentile(&downtimes, 0.99),
+        percentile(&totals, 0.5),
+        percentile(&totals, 0.99),
+    );
+}
+
+const IDLE: &str = "seed=3 mode=heartbeat hb_ms=50";
+const DIRTY: &str = "seed=4 mode=heartbeat hb_ms=50 dirty_mib_s=64 dirty_mib=32";
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let hops: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
+    let vcpus: u32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(2);
+    let mib: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(256);
+    run("idle", IDLE, 3, hops, vcpus, mib);
+    run("dirty", DIRTY, 4, hops, vcpus, mib);
+    let have_qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if have_qemu {
+        run_qemu("idle", IDLE, hops, vcpus, mib);
+        run_qemu("dirty", DIRTY, hops, vcpus, mib);
+    } else {
+        println!("qemu-system-x86_64 not installed: no comparison");
+    }
+}
