@@ -3,10 +3,10 @@
 #   - VM start: process start to the guest's first console line, median of RUNS (20),
 #     for `hostd run`, the daemon (CreateVm(start) to console), and QEMU (microvm and pc);
 #   - memory overhead per VM: VM process RSS minus the guest RAM it has touched;
-#   - guest virtio-blk 4 KiB random reads on a raw file next to host pread (information).
+#   - guest virtio-blk 4 KiB random reads on an iSCSI volume (our target on loopback) next
+#     to iscsi-initiator reading the same LUN directly at the same queue depth, and on a
+#     raw file next to host pread (information).
 # Needs /dev/kvm; QEMU from Debian (qemu-system-x86) for the comparison rows.
-# The virtio-blk vs direct iscsi-initiator row is pending until iscsi-initiator exists,
-# so BENCH vmm_virtio_vs_direct is not printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-20}
@@ -16,4 +16,3 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
 fi
 cargo build -q --release -p hostd --bin hostd --bin hostd-vmm --example vmm_bench
 "$CARGO_TARGET_DIR/release/examples/vmm_bench" "$CARGO_TARGET_DIR/release/hostd" "$RUNS"
-echo "vmm_virtio_vs_direct: not measured — the iscsi-initiator crate has not landed, so there is no direct initiator to compare with (a virtio-blk vs host-pread figure on a raw file is printed above for information)"
