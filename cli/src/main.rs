@@ -34,6 +34,9 @@ struct Args {
     /// Return as soon as the pool accepted a change instead of waiting for its task.
     #[arg(long, global = true)]
     no_wait: bool,
+    /// Token from `poolctl login`, sent on every call (wins over the config file's).
+    #[arg(long, global = true, env = "POOLCTL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Log filter (RUST_LOG wins when set).
     #[arg(long, global = true, default_value = "warn")]
     log: String,
@@ -213,6 +216,12 @@ enum Command {
         /// Seconds without heartbeats before a host counts as dead.
         #[arg(long, default_value_t = 15)]
         timeout: u32,
+    },
+    /// Log in and print a token for --token / POOLCTL_TOKEN / the config file.
+    Login {
+        user: String,
+        #[arg(long, env = "POOLCTL_PASSWORD", hide_env_values = true)]
+        password: String,
     },
     UserAdd {
         name: String,
@@ -594,14 +603,15 @@ fn main() -> anyhow::Result<()> {
             "127.0.0.1:7103".to_owned(),
         ]
     };
-    if config.token.is_some() {
-        tracing::debug!("a token is configured");
-    }
+    let token = args.token.clone().or(config.token.clone());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
         let mut client = PoolClient::new(&members);
+        if let Some(t) = &token {
+            client.set_token(t.trim())?;
+        }
         client.find_leader().await;
         let mut ctl = Ctl {
             client,
@@ -1153,6 +1163,22 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
                 }
             )?;
             ctl.follow(r).await?;
+        }
+        Command::Login { user, password } => {
+            let r = call!(
+                ctl.client,
+                login,
+                pb::LoginRequest {
+                    user_name: user,
+                    password
+                }
+            )?;
+            if ctl.json {
+                println!("{{\"token\": {}}}", output::json_string(&r.token));
+            } else {
+                println!("{}", r.token);
+                eprintln!("pass it as --token, POOLCTL_TOKEN or `token` in the config file");
+            }
         }
         Command::UserAdd {
             name,

@@ -23,8 +23,32 @@ use std::time::{Duration, Instant};
 use proto::coordinator as pb;
 use proto::coordinator::coordinator_peer_service_client::CoordinatorPeerServiceClient;
 use proto::coordinator::pool_service_client::PoolServiceClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Response, Status};
+use tonic::{Code, Request, Response, Status};
+
+/// Sends `authorization: Bearer <token>` on every call once a token is set.
+#[derive(Clone, Default)]
+pub struct Auth(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Auth {
+    fn call(&mut self, mut r: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
+}
+
+/// The PoolService client a [`PoolClient::call`] closure gets.
+pub type PoolApi = PoolServiceClient<InterceptedService<Channel, Auth>>;
+
+/// A token that cannot go in a gRPC header.
+#[derive(Debug, thiserror::Error)]
+#[error("the token is not a valid header value (printable ASCII only)")]
+pub struct BadToken;
 
 /// A fresh idempotency key.
 pub fn new_request_id() -> String {
@@ -47,6 +71,7 @@ pub fn retryable(s: &Status) -> bool {
 pub struct PoolClient {
     addrs: Vec<String>,
     channels: Vec<Channel>,
+    auth: Auth,
     current: usize,
     /// How long one call may keep retrying.
     pub deadline: Duration,
@@ -74,6 +99,7 @@ impl PoolClient {
         PoolClient {
             addrs,
             channels,
+            auth: Auth::default(),
             current: 0,
             deadline: Duration::from_secs(20),
             attempt_timeout: Duration::from_secs(10),
@@ -85,8 +111,16 @@ impl PoolClient {
         &self.addrs[self.current]
     }
 
-    fn pool(&self, i: usize) -> PoolServiceClient<Channel> {
-        PoolServiceClient::new(self.channels[i].clone()).max_decoding_message_size(64 << 20)
+    /// Sends `token` (from Login) with every later call.
+    pub fn set_token(&mut self, token: &str) -> Result<(), BadToken> {
+        let v = format!("Bearer {token}").parse().map_err(|_| BadToken)?;
+        self.auth = Auth(Some(v));
+        Ok(())
+    }
+
+    fn pool(&self, i: usize) -> PoolApi {
+        PoolServiceClient::with_interceptor(self.channels[i].clone(), self.auth.clone())
+            .max_decoding_message_size(64 << 20)
     }
 
     /// Asks the members who leads and sends later calls there; false when none knows.
@@ -128,7 +162,7 @@ impl PoolClient {
     /// it succeeds, fails for good, or the deadline passes.
     pub async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T, Status>
     where
-        F: FnMut(PoolServiceClient<Channel>) -> Fut,
+        F: FnMut(PoolApi) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         let start = Instant::now();

@@ -68,3 +68,121 @@ fn hosts_and_tasks_through_poolctl() {
     assert!(!o.status.success());
     assert!(text(&o).contains("is the pool running"), "{}", text(&o));
 }
+
+/// Runs poolctl with a token (or none) and returns whether it succeeded and its output.
+fn as_user(p: &str, token: Option<&str>, args: &[&str]) -> (bool, String) {
+    let mut all = Vec::new();
+    if let Some(t) = token {
+        all.extend(["--token", t]);
+    }
+    all.extend_from_slice(args);
+    let o = poolctl(p, &all);
+    (o.status.success(), text(&o))
+}
+
+#[test]
+fn roles_decide_what_each_user_may_do_and_the_audit_log_says_who_did_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Coordinators::start(dir.path(), 3);
+    let p = pool.pool_arg();
+    wait_for(Duration::from_secs(30), || {
+        poolctl(&p, &["member-list"]).status.success().then_some(())
+    })
+    .expect("a leader within 30 s");
+
+    // An open pool: the first user must be a pool-admin; after that, no token, no entry.
+    let (ok, out) = as_user(
+        &p,
+        None,
+        &[
+            "user-add",
+            "alice",
+            "--password",
+            "a-secret",
+            "--role",
+            "pool-admin",
+        ],
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = as_user(&p, None, &["host-list"]);
+    assert!(
+        !ok,
+        "a pool with users refuses calls without a token: {out}"
+    );
+    assert!(
+        out.contains("Unauthenticated") && out.contains("log in"),
+        "{out}"
+    );
+
+    let (ok, out) = as_user(&p, None, &["login", "alice", "--password", "wrong"]);
+    assert!(!ok, "a wrong password is refused: {out}");
+    let (ok, out) = as_user(&p, None, &["login", "alice", "--password", "a-secret"]);
+    assert!(ok, "{out}");
+    let admin = out.lines().next().unwrap().trim().to_owned();
+    assert!(admin.starts_with("v1."), "{out}");
+
+    let (ok, out) = as_user(
+        &p,
+        Some(&admin),
+        &[
+            "user-add",
+            "bob",
+            "--password",
+            "b-secret",
+            "--role",
+            "read-only",
+        ],
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = as_user(&p, None, &["login", "bob", "--password", "b-secret"]);
+    assert!(ok, "{out}");
+    let reader = out.lines().next().unwrap().trim().to_owned();
+
+    // read-only reads but changes nothing; a grant by the admin lets it act.
+    let (ok, out) = as_user(&p, Some(&reader), &["host-list"]);
+    assert!(ok, "{out}");
+    let (ok, out) = as_user(&p, Some(&reader), &["host-join", "h1", "127.0.0.1:7001"]);
+    assert!(!ok, "read-only cannot join a host: {out}");
+    assert!(
+        out.contains("PermissionDenied") && out.contains("pool-admin"),
+        "{out}"
+    );
+    let (ok, out) = as_user(&p, Some(&admin), &["host-list", "--json"]);
+    assert!(
+        ok && !out.contains("h1"),
+        "the refused call changed nothing: {out}"
+    );
+    let (ok, out) = as_user(&p, Some(&admin), &["role-grant", "bob", "pool-operator"]);
+    assert!(ok, "{out}");
+    let (ok, out) = as_user(&p, Some(&reader), &["host-join", "h1", "127.0.0.1:7001"]);
+    assert!(ok, "a granted role takes effect on the same token: {out}");
+    let (ok, out) = as_user(
+        &p,
+        Some(&reader),
+        &[
+            "user-add",
+            "eve",
+            "--password",
+            "e-secret",
+            "--role",
+            "pool-admin",
+        ],
+    );
+    assert!(!ok, "pool-operator cannot add users: {out}");
+
+    // The audit log names who did what, refusals included; reading it needs pool-operator.
+    let (ok, out) = as_user(&p, Some(&admin), &["audit-log", "--json"]);
+    assert!(ok, "{out}");
+    let line = |user: &str, method: &str| {
+        out.lines()
+            .find(|l| l.contains(&format!("\"user\": \"{user}\"")) && l.contains(method))
+            .map(str::to_owned)
+    };
+    assert!(line("alice", "CreateUser").is_some(), "{out}");
+    assert!(line("bob", "JoinHost").is_some(), "{out}");
+    let refused = out
+        .lines()
+        .filter(|l| l.contains("\"user\": \"bob\"") && l.contains("JoinHost"))
+        .count();
+    assert!(refused >= 2, "the refused join is audited too: {out}");
+}
