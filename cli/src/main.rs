@@ -925,29 +925,14 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
                 }
             )?;
             let task = ctl.follow(r).await?;
-            // A VM made from a template is created by a job that clones its disks; the
-            // pool notes the start it was asked for ("start": "requested") and leaves it
-            // to the caller once the VM exists.
-            if start
-                && ctl.wait
-                && task.results.get("start").map(String::as_str) == Some("requested")
+            // A VM made from a template is created, placed and started by a job that clones
+            // its disks first; when no host has room it is created stopped.
+            if let Some(note) = task
+                .results
+                .get("start")
+                .filter(|n| n.starts_with("not started"))
             {
-                let vm_id = task
-                    .results
-                    .get("vm_id")
-                    .cloned()
-                    .unwrap_or(task.target_id.clone());
-                let r = call!(
-                    ctl.client,
-                    start_vm,
-                    pb::VmPowerRequest {
-                        request_id: new_request_id(),
-                        vm_id,
-                        force: false,
-                        host_id: String::new(),
-                    }
-                )?;
-                ctl.follow(r).await?;
+                eprintln!("{note}\nhint: free room on a host, then `poolctl vm-start`");
             }
         }
         Command::VmList => {

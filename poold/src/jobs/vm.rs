@@ -21,6 +21,7 @@ use tonic::Code;
 
 use super::storage::{Make, SrLoc, delete_once, make_once, volume_loc};
 use super::{Env, Finish, JobError, read};
+use crate::scheduler;
 use crate::state::PoolState;
 use crate::state::command::*;
 use crate::state::jobs::vm_stopped;
@@ -528,14 +529,27 @@ pub async fn from_template(
         d.read_only = false;
         f = f.effect(EffectKind::PutVolume(v));
     }
+    // Placed here and started by the commit that creates it (reconciliation boots it); a
+    // VM no host has room for is created stopped, and the task says why.
+    let mut start_on_host = String::new();
     if j.start {
-        f = f.result("start", "requested");
+        let placed = read(&*env.ledger, |s| {
+            let hosts = s.candidates();
+            scheduler::place(&hosts, &s.demand(&spec), &s.policy()).map(|i| hosts[i].id.clone())
+        });
+        match placed {
+            Ok(host) => {
+                f = f.result("start", format!("placed on host {host}"));
+                start_on_host = host;
+            }
+            Err(u) => f = f.result("start", format!("not started: {u}")),
+        }
     }
     Ok(f.effect(EffectKind::CreateVm(CreateVm {
         vm_id: j.vm_id.clone(),
         spec: Some(spec),
         template_id: j.template_id.clone(),
-        start_on_host: String::new(),
+        start_on_host,
     })))
 }
 

@@ -456,9 +456,11 @@ impl PoolState {
             ));
         };
         let ok = f.code == 0;
+        // Results the apply itself decides (a placement that no longer fits), over the job's.
+        let mut decided = Vec::new();
         if ok {
             for e in &f.effects {
-                self.apply_effect(e, at_ms);
+                decided.extend(self.apply_effect(e, at_ms));
             }
             self.rebuild_alloc();
         }
@@ -498,7 +500,7 @@ impl PoolState {
                 t.target_id = f.target_id.clone();
             }
             target = t.target_id.clone();
-            for (k, v) in &f.results {
+            for (k, v) in f.results.iter().chain(decided.iter().map(|(k, v)| (k, v))) {
                 t.results.insert(k.clone(), v.clone());
             }
             if !ok {
@@ -534,8 +536,9 @@ impl PoolState {
         Ok(s.task_id.clone())
     }
 
-    fn apply_effect(&mut self, e: &Effect, at_ms: u64) {
-        let Some(kind) = &e.kind else { return };
+    /// Applies one effect; returns a task result it decided, if any.
+    fn apply_effect(&mut self, e: &Effect, at_ms: u64) -> Option<(String, String)> {
+        let Some(kind) = &e.kind else { return None };
         match kind {
             EffectKind::PutVolume(v) => {
                 self.volumes.insert(v.id.clone(), v.clone());
@@ -548,21 +551,34 @@ impl PoolState {
             }
             EffectKind::CreateVm(c) => {
                 if self.vms.contains_key(&c.vm_id) {
-                    return;
+                    return None;
                 }
-                self.vms.insert(
-                    c.vm_id.clone(),
-                    pb::Vm {
-                        id: c.vm_id.clone(),
-                        spec: c.spec.clone(),
-                        desired_power_state: hpb::PowerState::Stopped as i32,
-                        power_state: hpb::PowerState::Stopped as i32,
-                        template_id: c.template_id.clone(),
-                        created_at: ts(at_ms),
-                        last_stop_reason: hpb::StopReason::None as i32,
-                        ..Default::default()
-                    },
-                );
+                let mut vm = pb::Vm {
+                    id: c.vm_id.clone(),
+                    spec: c.spec.clone(),
+                    desired_power_state: hpb::PowerState::Stopped as i32,
+                    power_state: hpb::PowerState::Stopped as i32,
+                    template_id: c.template_id.clone(),
+                    created_at: ts(at_ms),
+                    last_stop_reason: hpb::StopReason::None as i32,
+                    ..Default::default()
+                };
+                // The job placed it when asked to start it; checked again here, since the
+                // host may have filled up while the disks were cloned.
+                let mut decided = None;
+                if !c.start_on_host.is_empty() {
+                    match self.check_fits(&vm, &c.start_on_host) {
+                        Ok(()) => {
+                            vm.desired_power_state = hpb::PowerState::Running as i32;
+                            vm.host_id = c.start_on_host.clone();
+                        }
+                        Err(e) => {
+                            decided = Some(("start".into(), format!("not started: {}", e.message)))
+                        }
+                    }
+                }
+                self.vms.insert(c.vm_id.clone(), vm);
+                return decided;
             }
             EffectKind::SetVmSpec(u) => {
                 if let Some(vm) = self.vms.get_mut(&u.vm_id)
@@ -618,5 +634,6 @@ impl PoolState {
                 }
             }
         }
+        None
     }
 }
