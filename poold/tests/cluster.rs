@@ -270,6 +270,9 @@ async fn members_are_added_replaced_and_removed_through_the_api() {
     let mut c = cl.client();
     let hosts = list_hosts(&mut c).await;
     assert_eq!(hosts.len(), 1, "member 5 got the state");
+    // Member 1 may have led: member 5 answers reads once it follows the new leader.
+    let lst = cl.status(cl.leader(ELECTION).await).await.unwrap();
+    cl.wait_applied(5, lst.commit_index, ELECTION).await;
     let mut only5 = cl.client_of(&[5]);
     assert_eq!(list_hosts(&mut only5).await.len(), 1);
     // Remove member 5 → voters 2,3,4.
