@@ -50,6 +50,11 @@ enum Command {
     Lab(lab::LabArgs),
     /// Coordinator members and who leads.
     MemberList,
+    /// Move coordinator leadership to another voting member (before maintenance).
+    MemberTransfer {
+        /// The member id that should lead.
+        member: u64,
+    },
     /// Hosts of the pool.
     HostList,
     /// Add a host (a running hostd) to the pool.
@@ -643,6 +648,16 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
                     m.reachable.into(),
                 ]);
             }
+            ctl.print(&t);
+        }
+        Command::MemberTransfer { member } => {
+            let r = call!(
+                ctl.client,
+                transfer_leadership,
+                pb::TransferLeadershipRequest { member_id: member }
+            )?;
+            let mut t = Table::new(&["LEADER", "TERM"]);
+            t.row(vec![r.leader_id.into(), r.term.into()]);
             ctl.print(&t);
         }
         Command::HostList => {

@@ -101,6 +101,7 @@ pub const METHODS: &[(&str, Level, bool)] = &[
     ("UpdatePoolSettings", Level::PoolOperator, true),
     ("AddMember", Level::PoolOperator, true),
     ("RemoveMember", Level::PoolOperator, true),
+    ("TransferLeadership", Level::PoolOperator, true),
     ("JoinHost", Level::PoolOperator, true),
     ("EnableHost", Level::PoolOperator, true),
     ("DisableHost", Level::PoolOperator, true),

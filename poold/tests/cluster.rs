@@ -241,12 +241,26 @@ async fn voters(cl: &Cluster, id: u64, want: &[u64]) {
     }
 }
 
+async fn transfer_leadership(
+    c: &mut poold::client::PoolClient,
+    to: u64,
+) -> pb::TransferLeadershipResponse {
+    c.call(|mut p| async move {
+        p.transfer_leadership(pb::TransferLeadershipRequest { member_id: to })
+            .await
+    })
+    .await
+    .unwrap_or_else(|e| panic!("leadership to member {to}: {e}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_are_added_replaced_and_removed_through_the_api() {
     let _serial = SERIAL.lock().await;
     let mut cl = Cluster::start(3, &[]);
     cl.leader(ELECTION).await;
     let mut c = cl.client();
+    // Member 1 leads, so replacing it below also moves leadership.
+    assert_eq!(transfer_leadership(&mut c, 1).await.leader_id, 1);
     join_host(&mut c, "10.2.0.1:7000").await.unwrap();
     // Add member 4 as a learner, then promote it.
     let a4 = cl.spawn_joiner(4);
@@ -260,21 +274,46 @@ async fn members_are_added_replaced_and_removed_through_the_api() {
         .await
         .unwrap();
     voters(&cl, 1, &[1, 2, 3, 4]).await;
-    // Replace member 1 by member 5 in one joint-consensus change.
+    // Replace member 1 by member 5 in one joint-consensus change. Member 1 never talks to
+    // member 5, so 5 is still empty when 1 goes.
+    cl.peer(1)
+        .set_faults(pb::SetFaultsRequest {
+            isolate_from: vec![5],
+        })
+        .await
+        .unwrap();
     let a5 = cl.spawn_joiner(5);
     add_member(&mut c, 5, &a5, pb::MemberRole::Voter, 1)
         .await
         .unwrap();
     voters(&cl, 2, &[2, 3, 4, 5]).await;
+    assert_eq!(cl.status(5).await.unwrap().applied_index, 0);
+    // Member 4 takes over: it joined late itself (its log starts at a snapshot, so it must
+    // send 5 one), and 5 was started knowing only members 1-3, so it must answer a leader
+    // whose address it learns from the leader's own messages.
+    let moved = transfer_leadership(&mut c, 4).await;
+    assert_eq!(moved.leader_id, 4);
     cl.kill(1);
     let mut c = cl.client();
     let hosts = list_hosts(&mut c).await;
     assert_eq!(hosts.len(), 1, "member 5 got the state");
-    // Member 1 may have led: member 5 answers reads once it follows the new leader.
-    let lst = cl.status(cl.leader(ELECTION).await).await.unwrap();
-    cl.wait_applied(5, lst.commit_index, ELECTION).await;
+    let lst = cl.status(4).await.unwrap();
+    let st5 = cl.wait_applied(5, lst.commit_index, ELECTION).await;
+    assert_eq!(st5.leader_id, 4);
+    assert!(st5.snapshots_installed >= 1, "{st5:?}");
     let mut only5 = cl.client_of(&[5]);
     assert_eq!(list_hosts(&mut only5).await.len(), 1);
+    // A transfer to a member that is not a voter is refused, and nothing moves.
+    let err = c
+        .call(|mut p| async move {
+            p.transfer_leadership(pb::TransferLeadershipRequest { member_id: 9 })
+                .await
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("not a voter"), "{err}");
+    assert_eq!(cl.status(4).await.unwrap().leader_id, 4);
     // Remove member 5 → voters 2,3,4.
     let req = pb::RemoveMemberRequest {
         request_id: poold::client::new_request_id(),

@@ -27,6 +27,35 @@ fn hosts_and_tasks_through_poolctl() {
     .expect("a leader within 30 s");
     assert_eq!(members.matches("\"id\":").count(), 3, "{members}");
 
+    // Leadership moves on request to another member, and member-list shows it there.
+    let leader_line = |json: &str| {
+        json.lines()
+            .find(|l| l.contains("\"leader\": true"))
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    let next = if leader_line(&members).contains("\"id\": 2,") {
+        "3"
+    } else {
+        "2"
+    };
+    let o = poolctl(&p, &["member-transfer", next, "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("\"leader\": {next}")),
+        "{}",
+        text(&o)
+    );
+    let o = poolctl(&p, &["member-list", "--json"]);
+    let members = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        leader_line(&members).contains(&format!("\"id\": {next},")),
+        "{members}"
+    );
+    let o = poolctl(&p, &["member-transfer", "9"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("not a voter"), "{}", text(&o));
+
     let o = poolctl(&p, &["host-join", "h1", "127.0.0.1:7001"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("succeeded"), "{}", text(&o));

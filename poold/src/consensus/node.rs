@@ -97,6 +97,9 @@ pub struct Shared {
     pub state: RwLock<PoolState>,
     pub status: Mutex<NodeStatus>,
     pub applied: watch::Sender<u64>,
+    /// Member addresses learned from the members that sent us Raft messages; used only
+    /// for members the replicated state does not name yet (see `member_address`).
+    pub learned_addresses: RwLock<BTreeMap<u64, String>>,
 }
 
 type ProposeReply = oneshot::Sender<Result<(CommandResult, u64), NodeError>>;
@@ -121,7 +124,11 @@ pub enum NodeMsg {
         to: u64,
         ok: bool,
     },
-    Campaign,
+    /// Leader only: hand leadership to voter `to`.
+    TransferLeader {
+        to: u64,
+        reply: oneshot::Sender<Result<(), NodeError>>,
+    },
 }
 
 /// A cheap handle to the node thread.
@@ -154,6 +161,14 @@ impl NodeHandle {
             change: Box::new(change),
             reply,
         })?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// Asks this member, which must lead, to hand leadership to `to`; returns once the
+    /// handover has started (the caller watches the status for its end).
+    pub async fn transfer_leader(&self, to: u64) -> Result<(), NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(NodeMsg::TransferLeader { to, reply })?;
         rx.await.map_err(|_| NodeError::Stopped)?
     }
 
@@ -232,6 +247,7 @@ pub fn start(
             ..Default::default()
         }),
         applied: watch::channel(applied).0,
+        learned_addresses: RwLock::new(BTreeMap::new()),
     });
     let raft_cfg = raft::Config {
         id: cfg.id,
@@ -381,8 +397,23 @@ impl Node {
                     SnapshotStatus::Failure
                 },
             ),
-            NodeMsg::Campaign => {
-                let _ = self.raw.campaign();
+            NodeMsg::TransferLeader { to, reply } => {
+                if self.raw.raft.state != StateRole::Leader {
+                    let _ = reply.send(Err(self.not_leader()));
+                    return;
+                }
+                if !self.conf_state.voters.contains(&to) {
+                    let _ = reply.send(Err(NodeError::BadMemberChange(format!(
+                        "member {to} is not a voter, so it cannot lead"
+                    ))));
+                    return;
+                }
+                if to != self.cfg.id {
+                    // raft-rs waits until `to` has the whole log, then tells it to
+                    // campaign at once; proposals meanwhile are refused as not leader.
+                    self.raw.transfer_leader(to);
+                }
+                let _ = reply.send(Ok(()));
             }
         }
     }

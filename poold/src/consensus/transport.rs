@@ -57,16 +57,26 @@ impl Faults {
     }
 }
 
-/// Where to reach members: the replicated member list first, then the addresses given on
-/// the command line (a member that joins knows no one until its first snapshot).
+/// Where to reach members: the replicated member list first; then, for a member that has
+/// just joined and knows no one until its first snapshot, the address a member sent its
+/// messages from, and last the addresses given on the command line.
 pub fn member_address(shared: &Shared, seeds: &BTreeMap<u64, String>, id: u64) -> Option<String> {
-    shared
+    let known = shared
         .state
         .read()
         .expect("state lock")
         .members
         .get(&id)
-        .cloned()
+        .cloned();
+    known
+        .or_else(|| {
+            shared
+                .learned_addresses
+                .read()
+                .expect("addresses lock")
+                .get(&id)
+                .cloned()
+        })
         .or_else(|| seeds.get(&id).cloned())
 }
 
@@ -124,6 +134,8 @@ impl Transport {
                 let (tx, rx) = mpsc::unbounded_channel();
                 self.rt.spawn(peer_task(PeerTask {
                     from: self.id,
+                    from_address: member_address(&self.shared, &self.seeds, self.id)
+                        .unwrap_or_default(),
                     to,
                     address: address.clone(),
                     pool_id: self.pool_id.clone(),
@@ -140,6 +152,7 @@ impl Transport {
 
 struct PeerTask {
     from: u64,
+    from_address: String,
     to: u64,
     address: String,
     pool_id: String,
@@ -216,6 +229,7 @@ async fn peer_task(mut p: PeerTask) {
                 pool_id: p.pool_id.clone(),
                 from_member_id: p.from,
                 message: bytes,
+                from_address: p.from_address.clone(),
             };
             if stx.send(env).await.is_err() {
                 let _ = p.node_tx.send(NodeMsg::Unreachable(p.to));

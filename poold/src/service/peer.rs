@@ -26,6 +26,8 @@ impl CoordinatorPeerService for PeerApi {
         let mut stream = r.into_inner();
         let pool_id = self.c.pool_id();
         let me = self.c.id();
+        // One stream carries one member's messages: its address is noted once.
+        let mut learned = false;
         while let Some(env) = stream.message().await? {
             if env.pool_id != pool_id {
                 return Err(Status::permission_denied(format!(
@@ -43,6 +45,16 @@ impl CoordinatorPeerService for PeerApi {
                     "message for member {} reached member {me}",
                     msg.to
                 )));
+            }
+            if !env.from_address.is_empty() && !learned {
+                learned = true;
+                self.c
+                    .node
+                    .shared
+                    .learned_addresses
+                    .write()
+                    .expect("addresses lock")
+                    .insert(env.from_member_id, env.from_address.clone());
             }
             self.c
                 .node

@@ -25,6 +25,9 @@ use crate::state::command::*;
 /// How long a call waits for the job it started before answering with the running task.
 pub const QUICK: Duration = Duration::from_secs(3);
 
+/// How long a leadership transfer may take: the new leader must first have the whole log.
+const LEADERSHIP_TRANSFER_DEADLINE: Duration = Duration::from_secs(5);
+
 pub struct PoolApi {
     pub c: Arc<Coordinator>,
     pub hosts: Arc<dyn crate::backend::HostOps>,
@@ -529,6 +532,67 @@ impl PoolService for PoolApi {
             )
             .await;
         self.done(&who, res)
+    }
+
+    async fn transfer_leadership(
+        &self,
+        r: Request<pb::TransferLeadershipRequest>,
+    ) -> R<pb::TransferLeadershipResponse> {
+        let who = self.who(&r, "TransferLeadership")?;
+        let to = r.into_inner().member_id;
+        let res = async {
+            if to == 0 {
+                return Err(Status::invalid_argument("member_id must be non-zero"));
+            }
+            // Not the leader: Unavailable, and the client retries on the leader.
+            self.c.node.transfer_leader(to).await.map_err(node_status)?;
+            let deadline = tokio::time::Instant::now() + LEADERSHIP_TRANSFER_DEADLINE;
+            loop {
+                let (mut leader, mut term) = {
+                    let st = self.c.node.shared.status.lock().expect("status lock");
+                    (st.leader_id, st.term)
+                };
+                // A leader that is leaving the group hears nothing from its successor, so
+                // ask the successor itself.
+                if leader != to
+                    && let Ok(mut p) = self.c.peer_client(to)
+                    && let Ok(Ok(st)) = tokio::time::timeout(
+                        Duration::from_millis(500),
+                        p.get_member_status(pb::MemberStatusRequest {}),
+                    )
+                    .await
+                {
+                    let st = st.into_inner();
+                    if st.leader_id == to {
+                        (leader, term) = (to, st.term);
+                    }
+                }
+                if leader == to {
+                    return Ok(pb::TransferLeadershipResponse {
+                        leader_id: leader,
+                        term,
+                    });
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(Status::deadline_exceeded(format!(
+                        "member {to} did not take over within {LEADERSHIP_TRANSFER_DEADLINE:?} \
+                         (leader now {leader}); it may be behind or unreachable: check \
+                         ListMembers and try again"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        .await;
+        if let Err(s) = &res {
+            self.audit(&who, s);
+        } else {
+            self.audit(
+                &who,
+                &Status::ok(format!("leadership moved to member {to}")),
+            );
+        }
+        res.map(Response::new)
     }
 
     async fn join_host(&self, r: Request<pb::JoinHostRequest>) -> R<pb::TaskResponse> {
