@@ -24,6 +24,9 @@ typedef unsigned long usize;
 #define PORT_EXIT 0xf4
 #define PORT_I8042_CMD 0x64
 #define PORT_I8042_DATA 0x60
+/* hostd's idle port: a read parks this vCPU until an interrupt (HLT at CPL 3 faults) and
+ * reads 1 (woken) or 0 (timed out); a VMM without it (QEMU) reads 0xff. */
+#define PORT_IDLE 0x4f0
 
 /* Exit statuses the guest reports through PORT_EXIT. */
 #define EXIT_OK 0

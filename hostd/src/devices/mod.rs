@@ -1,4 +1,5 @@
-//! The devices a VM has: legacy ports (16550 serial, i8042, debug exit, port 0x61) and virtio-blk
+//! The devices a VM has: legacy ports (16550 serial, i8042, debug exit, port 0x61, the idle
+//! port) and virtio-blk
 //! over virtio-mmio, with the bus that dispatches guest accesses to them.
 //!
 //! Every device follows one shape: it is a [`bus::BusDevice`] the vCPU threads call on
@@ -9,11 +10,13 @@
 pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
+pub mod idle;
 pub mod serial;
 pub mod speaker;
 pub mod virtio;
 
 use std::io;
+use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -22,6 +25,8 @@ use vmm_sys_util::eventfd::EventFd;
 pub struct IrqLine {
     evt: EventFd,
     gsi: u32,
+    /// vCPUs idling on the idle port wake when the line fires.
+    wake: Option<Arc<idle::IdleWake>>,
 }
 
 impl IrqLine {
@@ -29,7 +34,14 @@ impl IrqLine {
         Ok(Self {
             evt: EventFd::new(libc::EFD_NONBLOCK)?,
             gsi,
+            wake: None,
         })
+    }
+
+    /// The same line, also waking the VM's idle vCPUs when it fires.
+    pub fn waking(mut self, wake: Arc<idle::IdleWake>) -> Self {
+        self.wake = Some(wake);
+        self
     }
 
     pub fn gsi(&self) -> u32 {
@@ -44,11 +56,16 @@ impl IrqLine {
         Ok(Self {
             evt: self.evt.try_clone()?,
             gsi: self.gsi,
+            wake: self.wake.clone(),
         })
     }
 
     pub fn trigger(&self) -> io::Result<()> {
-        self.evt.write(1)
+        let r = self.evt.write(1);
+        if let Some(w) = &self.wake {
+            w.wake();
+        }
+        r
     }
 }
 

@@ -50,6 +50,8 @@ pub const PORT_SERIAL_LEN: u16 = 8;
 /// Debug-exit port (the same convention as QEMU's isa-debug-exit at iobase 0xf4).
 pub const PORT_DEBUG_EXIT: u16 = 0xf4;
 pub const PORT_DEBUG_EXIT_LEN: u16 = 4;
+/// The idle port (see `devices::idle`): a read parks the vCPU until an interrupt.
+pub const PORT_IDLE: u16 = 0x4f0;
 
 pub const IRQ_KEYBOARD: u32 = 1;
 pub const IRQ_SERIAL: u32 = 4;

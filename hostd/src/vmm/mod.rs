@@ -239,8 +239,10 @@ fn dev_err(device: &str) -> impl FnOnce(std::io::Error) -> VmError + '_ {
 }
 
 /// An interrupt line wired into the in-kernel irqchip.
-fn irq_line(vm: &VmFd, gsi: u32, device: &str) -> Result<IrqLine, VmError> {
-    let line = IrqLine::new(gsi).map_err(dev_err(device))?;
+fn irq_line(vm: &VmFd, ctl: &RunControl, gsi: u32, device: &str) -> Result<IrqLine, VmError> {
+    let line = IrqLine::new(gsi)
+        .map_err(dev_err(device))?
+        .waking(ctl.idle.clone());
     vm.register_irqfd(line.eventfd(), gsi)
         .map_err(kvm_err("KVM_IRQFD"))?;
     Ok(line)
@@ -390,7 +392,7 @@ impl Vm {
         let ctl = RunControl::new();
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
-        let serial_irq = irq_line(&vm_fd, layout::IRQ_SERIAL, "serial port")?;
+        let serial_irq = irq_line(&vm_fd, &ctl, layout::IRQ_SERIAL, "serial port")?;
         let serial = Arc::new(Mutex::new(match snapshot {
             Some(s) => SerialDevice::from_state(&s.devices.serial, serial_irq, console)
                 .map_err(dev_err("serial port"))?,
@@ -403,7 +405,7 @@ impl Vm {
             serial.clone(),
             "serial port",
         )?;
-        let kbd_irq = irq_line(&vm_fd, layout::IRQ_KEYBOARD, "i8042")?;
+        let kbd_irq = irq_line(&vm_fd, &ctl, layout::IRQ_KEYBOARD, "i8042")?;
         let i8042 = Arc::new(Mutex::new(match snapshot {
             Some(s) => I8042::from_state(&s.devices.i8042, kbd_irq, ctl.exit_handle()),
             None => I8042::new(kbd_irq, ctl.exit_handle()),
@@ -440,7 +442,7 @@ impl Vm {
         for (i, disk) in spec.disks.iter().enumerate() {
             let name = format!("virtio-blk {}", disk.id);
             let (base, gsi) = layout::virtio_mmio_window(i);
-            let interrupt = Arc::new(VirtioInterrupt::new(irq_line(&vm_fd, gsi, &name)?));
+            let interrupt = Arc::new(VirtioInterrupt::new(irq_line(&vm_fd, &ctl, gsi, &name)?));
             let device = Box::new(Block::new(disk.clone()));
             let transport = match snapshot {
                 Some(s) => {

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::kvm_run;
 
 use super::persist::VcpuRequest;
+use crate::devices::idle::IdleWake;
 
 /// Why a VM stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +83,8 @@ pub struct RunControl {
     target: AtomicU8,
     inner: Mutex<Inner>,
     cv: Condvar,
+    /// Where vCPUs idle on the idle port; the interrupt lines and every kick wake them.
+    pub idle: Arc<IdleWake>,
 }
 
 /// What devices hold to stop the VM (power off, reset).
@@ -141,6 +144,7 @@ impl RunControl {
                 finished_cpu_ns: 0,
             }),
             cv: Condvar::new(),
+            idle: Arc::new(IdleWake::default()),
         })
     }
 
@@ -157,11 +161,17 @@ impl RunControl {
         self.lock().exit.clone()
     }
 
+    /// True once the vCPUs are asked to leave `KVM_RUN` (pause or stop).
+    pub(crate) fn wants_vcpus_out(&self) -> bool {
+        self.target.load(Ordering::Acquire) != TARGET_RUN
+    }
+
     pub fn is_paused(&self) -> bool {
         self.target.load(Ordering::Acquire) == TARGET_PAUSE
     }
 
-    fn kick_all(inner: &Inner) {
+    fn kick_all(&self, inner: &Inner) {
+        self.idle.wake();
         for tid in inner.threads.iter().flatten() {
             // SAFETY: the pthread is alive: a vCPU thread clears its slot under this lock
             // before it exits, and we hold the lock.
@@ -177,7 +187,7 @@ impl RunControl {
             inner.exit = Some(exit);
         }
         self.target.store(TARGET_STOP, Ordering::Release);
-        Self::kick_all(&inner);
+        self.kick_all(&inner);
         self.cv.notify_all();
     }
 
@@ -189,7 +199,7 @@ impl RunControl {
             return Err(RunError::Stopped(exit.clone()));
         }
         self.target.store(TARGET_PAUSE, Ordering::Release);
-        Self::kick_all(&inner);
+        self.kick_all(&inner);
         while inner.parked < inner.running && inner.exit.is_none() {
             let now = Instant::now();
             if now >= deadline {
@@ -209,7 +219,7 @@ impl RunControl {
                 .0;
             // A kick can be lost if it landed between a thread's check and its park;
             // resending is harmless.
-            Self::kick_all(&inner);
+            self.kick_all(&inner);
         }
         match &inner.exit {
             Some(exit) => Err(RunError::Stopped(exit.clone())),

@@ -9,10 +9,11 @@ use kvm_bindings::{CpuId, Msrs, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, k
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::boot::{Entry, boot_gdt};
-use super::layout::{BOOT_GDT, BOOT_IDT, BOOT_STACK, PML4, PVH_INFO, ZERO_PAGE};
+use super::layout::{self, BOOT_GDT, BOOT_IDT, BOOT_STACK, PML4, PVH_INFO, ZERO_PAGE};
 use super::persist::{self, VcpuRequest};
 use super::run::{RunControl, VmExit};
 use crate::devices::bus::Bus;
+use crate::devices::idle::MAX_IDLE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -192,12 +193,40 @@ impl Vcpu {
         ctl.vcpu_enter(index, run_ptr);
         let mut last_unhandled_log: Option<Instant> = None;
         let mut unhandled: u64 = 0;
-        while ctl.vcpu_gate(index, |req| self.handle(req)) {
-            let exit = match self.fd.run() {
+        let mut idle_seen = 0u64;
+        let mut io_pending = false;
+        loop {
+            // A port or MMIO access is finished by KVM only at the next KVM_RUN (the data
+            // of a read lands in the register then, and RIP moves on). State saved before
+            // that would replay the access, so finish it first, entering with
+            // immediate_exit set (KVM completes the access and returns at once).
+            if io_pending && ctl.wants_vcpus_out() {
+                self.fd.set_kvm_immediate_exit(1);
+                let _ = self.fd.run();
+                self.fd.set_kvm_immediate_exit(0);
+            }
+            if !ctl.vcpu_gate(index, |req| self.handle(req)) {
+                break;
+            }
+            let ran = self.fd.run();
+            io_pending = matches!(
+                ran,
+                Ok(VcpuExit::IoIn(..)
+                    | VcpuExit::IoOut(..)
+                    | VcpuExit::MmioRead(..)
+                    | VcpuExit::MmioWrite(..))
+            );
+            let exit = match ran {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     if !pio.write(u64::from(port), data) {
                         unhandled += 1;
                     }
+                    None
+                }
+                Ok(VcpuExit::IoIn(layout::PORT_IDLE, data)) => {
+                    // Parks outside the bus (and its device locks), like HLT would.
+                    let woke = ctl.idle.wait(&mut idle_seen, MAX_IDLE);
+                    data.fill(u8::from(woke));
                     None
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
