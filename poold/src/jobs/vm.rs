@@ -614,3 +614,98 @@ pub async fn reboot_vm(env: &Env, j: &RebootVmJob) -> Result<Finish, JobError> {
         .map_err(|s| JobError::from_status(format!("rebooting VM {}", vm.id), s))?;
     Ok(Finish::default())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::test_utils::World;
+    use crate::state::command::Command;
+
+    /// A VM from a template with start was placed by its job; the host filled up while
+    /// the disks were cloned, so the commit creates it stopped and the task says why.
+    #[test]
+    fn a_vm_that_no_longer_fits_at_commit_is_created_stopped() {
+        let world = World::two_hosts_one_running_vm();
+        let spec = |name: &str, gib: u64| pb::VmSpec {
+            name: name.into(),
+            vcpus: 1,
+            memory_bytes: gib << 30,
+            ..Default::default()
+        };
+        {
+            let mut s = world.ledger.state.lock().unwrap();
+            s.templates.insert(
+                "t1".into(),
+                pb::Template {
+                    id: "t1".into(),
+                    name: "t1".into(),
+                    spec: Some(spec("t1", 6)),
+                    disk_volumes: [("vda".to_string(), "vol1".to_string())].into(),
+                    ..Default::default()
+                },
+            );
+        }
+        let start = |vm: &str| {
+            world.start_job(Job {
+                spec: Some(JobSpec::VmFromTemplate(VmFromTemplateJob {
+                    vm_id: vm.into(),
+                    template_id: "t1".into(),
+                    spec: Some(spec(vm, 6)),
+                    start: true,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            })
+        };
+        let finish = |task: &str, vm: &str, host: &str| {
+            let mut s = world.ledger.state.lock().unwrap();
+            let n = s.applied_index + 1;
+            let f = FinishJob {
+                task_id: task.into(),
+                effects: vec![Effect {
+                    kind: Some(EffectKind::CreateVm(CreateVm {
+                        vm_id: vm.into(),
+                        spec: Some(spec(vm, 6)),
+                        template_id: "t1".into(),
+                        start_on_host: host.into(),
+                    })),
+                }],
+                results: [("start".to_string(), format!("placed on host {host}"))].into(),
+                ..Default::default()
+            };
+            let r = s.apply(
+                n,
+                &Command {
+                    at_ms: 900,
+                    op: Some(Op::FinishJob(f)),
+                    ..Default::default()
+                },
+            );
+            assert_eq!(r.code, 0, "{}", r.message);
+        };
+
+        // Both placed on h2 (8 GiB, empty) by their jobs; the first commit takes 6 GiB.
+        let (t2, t3) = (start("vm2"), start("vm3"));
+        finish(&t2, "vm2", "h2");
+        finish(&t3, "vm3", "h2");
+        let s = world.state();
+        assert_eq!(s.vms["vm2"].desired_power_state(), hpb::PowerState::Running);
+        assert_eq!(s.vms["vm2"].host_id, "h2");
+        let vm3 = &s.vms["vm3"];
+        assert_eq!(vm3.desired_power_state(), hpb::PowerState::Stopped);
+        assert!(vm3.host_id.is_empty(), "{vm3:?}");
+        let task = &s.tasks[&t3];
+        assert_eq!(task.state(), pb::TaskState::Succeeded);
+        let said = &task.results["start"];
+        assert!(said.starts_with("not started:"), "{said}");
+        assert!(said.contains("memory"), "{said}");
+        // The host's allocation counts only the VM that runs there.
+        let h2: u64 = s
+            .vms
+            .values()
+            .filter(|v| v.host_id == "h2")
+            .map(|v| v.spec.as_ref().map_or(0, |s| s.memory_bytes))
+            .sum();
+        assert_eq!(h2, 6 << 30);
+    }
+}
