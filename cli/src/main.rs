@@ -64,17 +64,11 @@ enum Command {
         address: String,
     },
     /// Let a host receive VMs again.
-    HostEnable {
-        host: String,
-    },
+    HostEnable { host: String },
     /// Keep a host from receiving new VMs.
-    HostDisable {
-        host: String,
-    },
+    HostDisable { host: String },
     /// Live-migrate every VM away from a host, then put it in maintenance.
-    HostEvacuate {
-        host: String,
-    },
+    HostEvacuate { host: String },
     /// Add a storage repository: a storaged endpoint and one of its thin pools.
     SrCreate {
         name: String,
@@ -105,24 +99,13 @@ enum Command {
         sr: Option<String>,
     },
     /// Take a read-only snapshot of a disk.
-    VdiSnapshot {
-        vdi: String,
-        name: String,
-    },
+    VdiSnapshot { vdi: String, name: String },
     /// Make a writable clone of a disk or snapshot.
-    VdiClone {
-        vdi: String,
-        name: String,
-    },
+    VdiClone { vdi: String, name: String },
     /// Revert a disk to one of its snapshots.
-    VdiRevert {
-        vdi: String,
-        snapshot: String,
-    },
+    VdiRevert { vdi: String, snapshot: String },
     /// Delete a disk, snapshot or clone.
-    VdiDestroy {
-        vdi: String,
-    },
+    VdiDestroy { vdi: String },
     /// Create a VM from a template or from existing disks.
     VmCreate {
         name: String,
@@ -147,24 +130,39 @@ enum Command {
         #[arg(long, default_value = "none")]
         ha: String,
     },
+    /// Change a VM's settings; what is not given stays as it is (vCPUs and memory only
+    /// while it is stopped; a new command line takes effect at its next boot).
+    VmSet {
+        vm: String,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        #[arg(long, value_parser = parse_size)]
+        memory: Option<u64>,
+        #[arg(long)]
+        cmdline: Option<String>,
+    },
     /// VMs and where they run.
     VmList,
+    /// Start a stopped VM.
     VmStart {
         vm: String,
         /// On this host; by default the scheduler chooses.
         #[arg(long)]
         host: Option<String>,
     },
+    /// Ask the guest to power off (--force: stop it at once).
     VmShutdown {
         vm: String,
         #[arg(long)]
         force: bool,
     },
+    /// Ask the guest to reboot (--force: reset it at once).
     VmReboot {
         vm: String,
         #[arg(long)]
         force: bool,
     },
+    /// Remove a stopped VM (its disks stay unless --delete-disks).
     VmDestroy {
         vm: String,
         /// Also delete its disks.
@@ -182,27 +180,22 @@ enum Command {
         downtime_ms: u32,
     },
     /// The VM's metadata and crash-consistent snapshots of all its disks, together.
-    VmSnapshot {
-        vm: String,
-        name: String,
-    },
+    VmSnapshot { vm: String, name: String },
+    /// Snapshots of a VM.
+    VmSnapshotList { vm: String },
+    /// Put a stopped VM back as it was at one of its snapshots (metadata and disks).
     VmRevert {
         vm: String,
+        /// The snapshot's name or id.
         snapshot: String,
     },
-    VmClone {
-        vm: String,
-        name: String,
-    },
+    /// A new VM with the spec of this one and clones of its disks.
+    VmClone { vm: String, name: String },
     /// Stream a VM's serial console (Ctrl-] leaves).
-    VmConsole {
-        vm: String,
-    },
+    VmConsole { vm: String },
     /// Make a template of a stopped VM.
-    TemplateCreate {
-        name: String,
-        vm: String,
-    },
+    TemplateCreate { name: String, vm: String },
+    /// Templates VMs can be created from.
     TemplateList,
     /// Change pool settings; what is not given stays as it is.
     PoolSet {
@@ -228,6 +221,7 @@ enum Command {
         #[arg(long, env = "POOLCTL_PASSWORD", hide_env_values = true)]
         password: String,
     },
+    /// Add a user with a password and roles.
     UserAdd {
         name: String,
         #[arg(long, env = "POOLCTL_NEW_PASSWORD")]
@@ -235,10 +229,9 @@ enum Command {
         #[arg(long)]
         role: Vec<String>,
     },
-    RoleGrant {
-        user: String,
-        role: String,
-    },
+    /// Give a user one more role.
+    RoleGrant { user: String, role: String },
+    /// Who did what, when, and how it ended.
     AuditLog,
     /// Tasks (long operations) and their progress.
     TaskList,
@@ -445,6 +438,29 @@ impl Ctl {
                 }
             )?;
             out.extend(r.vms);
+            if r.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            token = r.next_page_token;
+        }
+    }
+
+    async fn vm_snapshots(&mut self, vm_id: &str) -> anyhow::Result<Vec<pb::VmSnapshot>> {
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let r = call!(
+                self.client,
+                list_vm_snapshots,
+                pb::ListVmSnapshotsRequest {
+                    vm_id: vm_id.to_owned(),
+                    page: Some(pb::PageRequest {
+                        page_size: 1000,
+                        page_token: token.clone()
+                    }),
+                }
+            )?;
+            out.extend(r.snapshots);
             if r.next_page_token.is_empty() {
                 return Ok(out);
             }
@@ -950,6 +966,40 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
                 eprintln!("{note}\nhint: free room on a host, then `poolctl vm-start`");
             }
         }
+        Command::VmSet {
+            vm,
+            vcpus,
+            memory,
+            cmdline,
+        } => {
+            let vm_id = ctl.vm_id(&vm).await?;
+            let current = ctl.vms().await?.into_iter().find(|v| v.id == vm_id);
+            let mut spec = current
+                .and_then(|v| v.spec)
+                .with_context(|| format!("VM {vm} has no spec"))?;
+            if let Some(n) = vcpus {
+                spec.vcpus = n;
+            }
+            if let Some(m) = memory {
+                spec.memory_bytes = m;
+            }
+            if let Some(c) = cmdline {
+                spec.boot
+                    .as_mut()
+                    .context("the VM has no kernel to give a command line to")?
+                    .command_line = c;
+            }
+            let r = call!(
+                ctl.client,
+                update_vm,
+                pb::UpdateVmRequest {
+                    request_id: new_request_id(),
+                    vm_id,
+                    spec: Some(spec)
+                }
+            )?;
+            ctl.follow(r).await?;
+        }
         Command::VmList => {
             let vms = ctl.vms().await?;
             let mut t = Table::new(&["ID", "NAME", "POWER", "WANTED", "HOST", "VCPUS", "MEMORY"]);
@@ -1065,15 +1115,34 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
             )?;
             ctl.follow(r).await?;
         }
+        Command::VmSnapshotList { vm } => {
+            let vm_id = ctl.vm_id(&vm).await?;
+            let mut t = Table::new(&["ID", "NAME", "DISKS", "CREATED"]);
+            for s in ctl.vm_snapshots(&vm_id).await? {
+                t.row(vec![
+                    s.id.into(),
+                    s.name.into(),
+                    (s.disk_snapshots.len() as u64).into(),
+                    ts(&s.created_at).into(),
+                ]);
+            }
+            ctl.print(&t);
+        }
         Command::VmRevert { vm, snapshot } => {
             let vm_id = ctl.vm_id(&vm).await?;
+            let snaps = ctl.vm_snapshots(&vm_id).await?;
+            let snapshot_id = pick(
+                snaps.iter().map(|s| (s.id.as_str(), s.name.as_str())),
+                &snapshot,
+                "snapshot of this VM",
+            )?;
             let r = call!(
                 ctl.client,
                 revert_vm,
                 pb::RevertVmRequest {
                     request_id: new_request_id(),
                     vm_id,
-                    snapshot_id: snapshot
+                    snapshot_id
                 }
             )?;
             ctl.follow(r).await?;
@@ -1272,12 +1341,7 @@ async fn console(ctl: &mut Ctl, vm_id: String) -> anyhow::Result<()> {
     .await?;
     // A console stream cannot be replayed on another member once it has started, so it
     // goes to one member (the leader found at start), without the client's retries.
-    let addr = ctl.client.current().to_owned();
-    let mut p = proto::coordinator::pool_service_client::PoolServiceClient::connect(format!(
-        "http://{addr}"
-    ))
-    .await
-    .with_context(|| format!("connecting to {addr}"))?;
+    let mut p = ctl.client.current_api();
     let mut outputs = p
         .stream_vm_console(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await

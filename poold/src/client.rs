@@ -118,6 +118,12 @@ impl PoolClient {
         Ok(())
     }
 
+    /// A client of the member calls go to first, with the token: for a call that must
+    /// stay on one member (a stream), without [`PoolClient::call`]'s retries.
+    pub fn current_api(&self) -> PoolApi {
+        self.pool(self.current)
+    }
+
     fn pool(&self, i: usize) -> PoolApi {
         PoolServiceClient::with_interceptor(self.channels[i].clone(), self.auth.clone())
             .max_decoding_message_size(64 << 20)

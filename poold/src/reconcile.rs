@@ -39,6 +39,7 @@ pub enum Action {
     Create {
         vm_id: String,
     },
+    /// The host has the VM stopped: boot it again, defined afresh from the pool's spec.
     Start {
         vm_id: String,
     },
@@ -329,7 +330,17 @@ impl HostActions for Actuator {
             }
         };
         match &step.action {
-            Action::Create { vm_id } => {
+            Action::Create { vm_id } | Action::Start { vm_id } => {
+                // A stopped VM is booted from the pool's spec, not from the definition the
+                // host kept: the spec may have changed since (command line, memory, disks
+                // after a revert), so that definition goes first.
+                if matches!(step.action, Action::Start { .. }) {
+                    match h.destroy_vm(addr, vm_id).await {
+                        Ok(()) => {}
+                        Err(s) if s.code() == tonic::Code::NotFound => {}
+                        Err(s) => return Err(refused("DestroyVm")(s)),
+                    }
+                }
                 let vm = vm.ok_or_else(|| ActionError::UnknownVm {
                     vm_id: vm_id.clone(),
                 })?;
@@ -347,9 +358,6 @@ impl HostActions for Actuator {
                 )
                 .await
                 .map_err(refused("CreateVm"))?;
-            }
-            Action::Start { vm_id } => {
-                h.start_vm(addr, vm_id).await.map_err(refused("StartVm"))?;
             }
             Action::Stop { vm_id, force } => {
                 h.shutdown_vm(addr, vm_id, *force)

@@ -2,6 +2,8 @@
 //! `poold`) and `poolctl` as processes and drive them as users do. This library holds
 //! what those tests share; the tests are under `tests/tests/`.
 
+pub mod pool;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

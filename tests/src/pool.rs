@@ -1,0 +1,269 @@
+//! A whole pool for the end-to-end tests: three coordinator members, `storaged` and some
+//! hosts, with helpers to drive it through `poolctl` and to watch its guests.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Coordinators, Hostd, Storaged, binary, poolctl, poolctl_ok, text, wait_for};
+
+/// A running pool and where its parts are.
+pub struct Pool {
+    pub coordinators: Coordinators,
+    pub storaged: Storaged,
+    pub hosts: Vec<Hostd>,
+    pub p: String,
+    /// Sent by `ctl`, `vm` and `wait_vm` once the pool has users.
+    pub token: Option<String>,
+}
+
+impl Pool {
+    pub fn start(dir: &Path, hosts: usize) -> Pool {
+        let coordinators = Coordinators::start(dir, 3);
+        let p = coordinators.pool_arg();
+        wait_for(Duration::from_secs(30), || {
+            let o = poolctl(&p, &["member-list", "--json"]);
+            (o.status.success() && String::from_utf8_lossy(&o.stdout).contains("\"leader\": true"))
+                .then_some(())
+        })
+        .expect("a leader within 30 s");
+        let storaged = Storaged::start(&dir.join("storaged"));
+        let hosts = (0..hosts)
+            .map(|i| {
+                Hostd::start(
+                    dir,
+                    &format!("h{}", i + 1),
+                    &format!("127.0.0.{}", 11 + i),
+                    &p,
+                )
+            })
+            .collect();
+        Pool {
+            coordinators,
+            storaged,
+            hosts,
+            p,
+            token: None,
+        }
+    }
+
+    /// `args` after `--token` when the pool has one.
+    fn with_token<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut all = Vec::new();
+        if let Some(t) = &self.token {
+            all.extend(["--token", t.as_str()]);
+        }
+        all.extend_from_slice(args);
+        all
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> String {
+        poolctl_ok(&self.p, &self.with_token(args))
+    }
+
+    /// The logs of every daemon, for a failing assertion.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for h in &self.hosts {
+            out += &format!("--- {} ---\n{}\n", h.name, tail(&h.daemon.log_text()));
+        }
+        out += &format!(
+            "--- storaged ---\n{}\n",
+            tail(&self.storaged.daemon.log_text())
+        );
+        for i in 1..=3 {
+            let log = std::fs::read_to_string(self.coordinators.dir.join(format!("poold-{i}.log")))
+                .unwrap_or_default();
+            out += &format!("--- poold-{i} ---\n{}\n", tail(&log));
+        }
+        out
+    }
+
+    /// The JSON line of the VM named `name` in `vm-list --json`.
+    pub fn vm(&self, name: &str) -> Option<String> {
+        let o = poolctl(&self.p, &self.with_token(&["vm-list", "--json"]));
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find(|l| l.contains(&format!("\"name\": \"{name}\"")))
+            .map(str::to_owned)
+    }
+
+    /// Waits until the VM's line in `vm-list --json` contains `want`.
+    pub fn wait_vm(&self, name: &str, want: &str, limit: Duration) -> String {
+        wait_for(limit, || self.vm(name).filter(|l| l.contains(want))).unwrap_or_else(|| {
+            panic!(
+                "VM {name} not {want} within {limit:?}: {:?}\n{}",
+                self.vm(name),
+                self.logs()
+            )
+        })
+    }
+}
+
+pub fn tail(s: &str) -> &str {
+    let cut = s.len().saturating_sub(6000);
+    let cut = (cut..s.len())
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(s.len());
+    &s[cut..]
+}
+
+/// The value of `"key": "value"` in a JSON line.
+pub fn field(line: &str, key: &str) -> String {
+    let pat = format!("\"{key}\": \"");
+    let start = line
+        .find(&pat)
+        .map(|i| i + pat.len())
+        .unwrap_or_else(|| panic!("no {key} in {line}"));
+    line[start..]
+        .split('"')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Streams the VM's console through `poolctl vm-console` until a line starting with
+/// `prefix` shows, and returns that line.
+pub fn console_line(p: &str, vm: &str, prefix: &str, limit: Duration) -> Option<String> {
+    console_until(p, None, vm, limit, |seen| {
+        seen.lines()
+            .find(|l| l.starts_with(prefix) && seen.contains(&format!("{l}\n")))
+            .map(str::to_owned)
+    })
+}
+
+/// The first whole line starting with `prefix` that comes after a line containing
+/// `after` (say, the `GUEST start` line of one boot, whose command line is unique).
+pub fn line_after(seen: &str, after: &str, prefix: &str) -> Option<String> {
+    let from = seen.find(after)?;
+    let rest = &seen[from..];
+    rest.lines()
+        .skip(1)
+        .find(|l| l.starts_with(prefix) && rest.contains(&format!("{l}\n")))
+        .map(str::to_owned)
+}
+
+/// Streams the VM's console (as the token's user, if given) until `found` returns
+/// something for the text seen so far, or `limit` passes.
+pub fn console_until(
+    p: &str,
+    token: Option<&str>,
+    vm: &str,
+    limit: Duration,
+    mut found: impl FnMut(&str) -> Option<String>,
+) -> Option<String> {
+    let mut cmd = Command::new(binary("poolctl"));
+    cmd.args(["--pool", p]);
+    if let Some(t) = token {
+        cmd.args(["--token", t]);
+    }
+    let mut child = cmd
+        .args(["vm-console", vm])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run poolctl vm-console");
+    let mut out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut seen = String::new();
+    let result = loop {
+        if let Some(r) = found(&seen) {
+            break Some(r);
+        }
+        let left = limit.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            break None;
+        }
+        match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+            Ok(b) => seen.push_str(&String::from_utf8_lossy(&b)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break None,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    if result.is_none() {
+        eprintln!(
+            "console of {vm} did not show what was awaited:\n{}",
+            tail(&seen)
+        );
+    }
+    result
+}
+
+/// The test guest, written where every host reads it (the hosts share this machine).
+pub fn guest_elf(dir: &Path) -> String {
+    let path = dir.join("guest.elf");
+    let o = Command::new(binary("hostd"))
+        .args(["guest-elf", "--out"])
+        .arg(&path)
+        .output()
+        .expect("run hostd guest-elf");
+    assert!(o.status.success(), "{}", text(&o));
+    path.display().to_string()
+}
+
+/// Whether `initiator` may open the LUN of `target` (an `iscsi capacity` through the
+/// portal): a fenced host's name must be refused, a granted one must not.
+pub fn can_open(portal: &str, target: &str, initiator: &str) -> bool {
+    let o = Command::new(binary("iscsi"))
+        .args([
+            "--initiator",
+            initiator,
+            "--replacement-timeout",
+            "2",
+            "capacity",
+        ])
+        .arg(format!("iscsi://{portal}/{target}/0"))
+        .output()
+        .expect("run iscsi capacity");
+    o.status.success()
+}
+
+/// The targets a portal shows to `initiator` (SendTargets).
+pub fn targets(portal: &str, initiator: &str) -> Vec<String> {
+    let o = Command::new(binary("iscsi"))
+        .args(["--initiator", initiator, "discover", portal])
+        .output()
+        .expect("run iscsi discover");
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with("iqn."))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Processes whose command line mentions `needle` (e.g. a host's run directory).
+pub fn processes_with(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
+            && String::from_utf8_lossy(&cmd).contains(needle)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {pid}");
+}
