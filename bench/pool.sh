@@ -2,12 +2,12 @@
 # bench/pool.sh: the whole pool with real processes (release build).
 #   ha_restart_s  from SIGKILL of a host running an HA-protected VM until the pool shows the
 #                 VM running on another host (heartbeat and HA timeouts 2 s, fencing at
-#                 storaged, placement, boot); median of HA_RUNS runs (default 3).
+#                 storaged, placement, boot); median of HA_RUNS runs (default 10).
 #   lab_ready_s   `poolctl lab` from an empty directory until it prints that the lab is
 #                 ready (3 coordinators, storaged, 3 hosts joined, SR, template, demo VM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-runs=${HA_RUNS:-3}
+runs=${HA_RUNS:-10}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --release -q -p poold -p storaged -p hostd -p poolctl -p iscsi-initiator --bins
 cargo test --release -q -p e2e-tests --test pool --no-run
