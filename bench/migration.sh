@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # bench/migration.sh: live migration of the test guest, hostd against QEMU in the same run.
 #   - hostd: the guest hops back and forth between two VMs over the migration stream on
-#     loopback TCP (examples/migration_bench.rs), HOPS times (10), idle and while it
-#     rewrites 32 MiB at 64 MiB/s; every hop's heartbeats and checksums are checked;
-#   - QEMU: the same guest ELF, command line, 2 vCPUs and 256 MiB (-enable-kvm -cpu
+#     loopback TCP (examples/migration_bench.rs), HOPS times (10), 2 vCPUs and MIB (512)
+#     MiB of guest RAM, idle and while it rewrites 32 MiB at 50 MiB/s; every hop's
+#     heartbeats and checksums are checked;
+#   - QEMU: the same guest ELF, command line, 2 vCPUs and memory (-enable-kvm -cpu
 #     qemu64, -incoming tcp:127.0.0.1:PORT, QMP migrate, downtime-limit 300 ms like ours,
 #     no bandwidth cap), hop for hop; downtime and total time as QEMU reports them.
 # Figures: median and p99 of the hops; ratios are hostd / QEMU medians (below 1: hostd
@@ -16,7 +17,7 @@ if ! command -v qemu-system-x86_64 >/dev/null; then
   echo "qemu-system-x86_64 missing: apt-get install qemu-system-x86 qemu-utils qemu-block-extra" >&2
 fi
 cargo build -q --release -p hostd --example migration_bench
-out=$("$CARGO_TARGET_DIR/release/examples/migration_bench" "$HOPS" 2 256)
+out=$("$CARGO_TARGET_DIR/release/examples/migration_bench" "$HOPS" 2 "${MIB:-512}")
 echo "$out"
 field() { # who scenario key
   awk -v w="$1" -v s="$2" -v k="$3" '$1=="RESULT" && $2==w && $3==s {

@@ -340,7 +340,7 @@ fn run_qemu(name: &str, cmd: &str, hops: usize, vcpus: u32, mib: u64) {
 }
 
 const IDLE: &str = "seed=3 mode=heartbeat hb_ms=50";
-const DIRTY: &str = "seed=4 mode=heartbeat hb_ms=50 dirty_mib_s=64 dirty_mib=32";
+const DIRTY: &str = "seed=4 mode=heartbeat hb_ms=50 dirty_mib_s=50 dirty_mib=32";
 
 fn main() {
     let mut args = std::env::args().skip(1);
