@@ -38,6 +38,15 @@ async fn lifecycle_create_start_pause_resume_reboot_shutdown_destroy() {
     let pid = vm.vmm_pid;
     assert!(pid > 0 && process_alive(pid));
     assert!(vm.started_at.is_some());
+    // The VM's record may hold CHAP secrets or a migration token: owner-only.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("vms/vm1/vm.pb"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
 
     let mut console = ConsoleReader::open(&mut c, "vm1").await;
     assert!(console.wait_for("HB seq=3 ").await, "{}", console.text);

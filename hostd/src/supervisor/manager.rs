@@ -478,7 +478,20 @@ impl Manager {
             initiator_iqn: self.cfg.initiator_iqn.clone(),
             incoming,
         };
-        std::fs::write(dir.join(RECORD_FILE), record.encode_to_vec()).map_err(io(dir))?;
+        // The record holds CHAP secrets and a migration's token: readable by us only.
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let path = dir.join(RECORD_FILE);
+            let _ = std::fs::remove_file(&path);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|mut f| f.write_all(&record.encode_to_vec()))
+                .map_err(io(&path))?;
+        }
         let sock = dir.join(CONTROL_SOCKET);
         let _ = std::fs::remove_file(&sock);
         let log = std::fs::OpenOptions::new()
