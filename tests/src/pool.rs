@@ -62,6 +62,17 @@ impl Pool {
         poolctl_ok(&self.p, &self.with_token(args))
     }
 
+    /// Waits until every host of ours has joined and is enabled; returns `host-list --json`.
+    pub fn wait_hosts_enabled(&self) -> String {
+        let n = self.hosts.len();
+        wait_for(Duration::from_secs(30), || {
+            let o = poolctl(&self.p, &self.with_token(&["host-list", "--json"]));
+            let s = String::from_utf8_lossy(&o.stdout).into_owned();
+            (s.matches("\"state\": \"enabled\"").count() == n).then_some(s)
+        })
+        .unwrap_or_else(|| panic!("{n} hosts joined\n{}", self.logs()))
+    }
+
     /// The logs of every daemon, for a failing assertion.
     pub fn logs(&self) -> String {
         let mut out = String::new();

@@ -19,12 +19,7 @@ fn hosts_join_and_a_vm_lives_its_life() {
     let pool = Pool::start(dir.path(), 3);
 
     // Every hostd joined and heartbeats: three enabled hosts with their info.
-    let hosts = wait_for(Duration::from_secs(30), || {
-        let o = poolctl(&pool.p, &["host-list", "--json"]);
-        let s = String::from_utf8_lossy(&o.stdout).into_owned();
-        (s.matches("\"state\": \"enabled\"").count() == 3).then_some(s)
-    })
-    .unwrap_or_else(|| panic!("three hosts joined\n{}", pool.logs()));
+    let hosts = pool.wait_hosts_enabled();
     for h in &pool.hosts {
         let line = hosts
             .lines()
@@ -147,15 +142,7 @@ fn hosts_join_and_a_vm_lives_its_life() {
 fn ha_restarts_a_dead_hosts_vm_elsewhere_after_fencing_it() {
     let dir = tempfile::tempdir().unwrap();
     let mut pool = Pool::start(dir.path(), 2);
-    wait_for(Duration::from_secs(30), || {
-        let o = poolctl(&pool.p, &["host-list", "--json"]);
-        (String::from_utf8_lossy(&o.stdout)
-            .matches("\"state\": \"enabled\"")
-            .count()
-            == 2)
-            .then_some(())
-    })
-    .unwrap_or_else(|| panic!("two hosts joined\n{}", pool.logs()));
+    pool.wait_hosts_enabled();
     pool.ctl(&["pool-set", "--heartbeat-timeout", "2"]);
     pool.ctl(&["pool-ha-enable", "--failures", "1", "--timeout", "2"]);
     let img = dir.path().join("sr1.img").display().to_string();
@@ -265,15 +252,7 @@ fn ha_restarts_a_dead_hosts_vm_elsewhere_after_fencing_it() {
 fn a_fenced_host_that_comes_back_stops_its_stale_vm_and_rejoins() {
     let dir = tempfile::tempdir().unwrap();
     let pool = Pool::start(dir.path(), 2);
-    wait_for(Duration::from_secs(30), || {
-        let o = poolctl(&pool.p, &["host-list", "--json"]);
-        (String::from_utf8_lossy(&o.stdout)
-            .matches("\"state\": \"enabled\"")
-            .count()
-            == 2)
-            .then_some(())
-    })
-    .unwrap_or_else(|| panic!("two hosts joined\n{}", pool.logs()));
+    pool.wait_hosts_enabled();
     pool.ctl(&["pool-set", "--heartbeat-timeout", "2"]);
     pool.ctl(&["pool-ha-enable", "--failures", "1", "--timeout", "2"]);
     let img = dir.path().join("sr1.img").display().to_string();

@@ -134,15 +134,7 @@ fn seq(hb: &str) -> u64 {
 fn the_seed_lab_from_sr_to_destroy_with_every_role() {
     let dir = tempfile::tempdir().unwrap();
     let pool = Pool::start(dir.path(), 3);
-    wait_for(Duration::from_secs(30), || {
-        let o = poolctl(&pool.p, &["host-list", "--json"]);
-        (String::from_utf8_lossy(&o.stdout)
-            .matches("\"state\": \"enabled\"")
-            .count()
-            == 3)
-            .then_some(())
-    })
-    .unwrap_or_else(|| panic!("three hosts joined\n{}", pool.logs()));
+    pool.wait_hosts_enabled();
 
     // Users: the first is a pool-admin (the pool is open until then); one per role.
     let p = pool.p.clone();
