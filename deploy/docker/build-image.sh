@@ -21,8 +21,11 @@ if [ "$missing" = 1 ]; then
 fi
 busybox=$(command -v busybox || true)
 [ -n "$busybox" ] || { echo "busybox missing: apt-get install busybox-static" >&2; exit 1; }
-file -L "$busybox" 2>/dev/null | grep -q 'statically linked' ||
-  { echo "$busybox is not static: apt-get install busybox-static" >&2; exit 1; }
+# A dynamic busybox would need its libraries in the image too.
+if ldd "$busybox" >/dev/null 2>&1; then
+  echo "$busybox is not static: apt-get install busybox-static" >&2
+  exit 1
+fi
 
 if [ -n "${ROOTFS:-}" ]; then
   root=$ROOTFS
