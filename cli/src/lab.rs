@@ -451,6 +451,7 @@ async fn setup(
                     cmdline: "seed=1 blk=rw mode=heartbeat hb_ms=1000".into(),
                     start: false,
                     ha: "none".into(),
+                    ha_order: 0,
                 },
             )
             .await?;
@@ -483,6 +484,7 @@ async fn setup(
                 cmdline: String::new(),
                 start: true,
                 ha: "restart".into(),
+                ha_order: 0,
             },
         )
         .await?;

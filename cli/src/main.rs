@@ -93,6 +93,18 @@ enum Command {
         #[arg(long, value_parser = parse_size)]
         size: u64,
     },
+    /// Copy a raw disk image into a new disk (straight to the storage, over iSCSI).
+    VdiImport {
+        file: std::path::PathBuf,
+        name: String,
+        #[arg(long)]
+        sr: String,
+    },
+    /// Copy a disk or snapshot into a new raw image file (zero blocks stay holes).
+    VdiExport {
+        vdi: String,
+        file: std::path::PathBuf,
+    },
     /// Virtual disks.
     VdiList {
         #[arg(long)]
@@ -129,6 +141,9 @@ enum Command {
         /// HA restart priority: none, best-effort or restart.
         #[arg(long, default_value = "none")]
         ha: String,
+        /// HA restart order within its priority: lower restarts first.
+        #[arg(long, default_value_t = 0)]
+        ha_order: u32,
     },
     /// Change a VM's settings; what is not given stays as it is (vCPUs and memory only
     /// while it is stopped; a new command line takes effect at its next boot).
@@ -140,6 +155,12 @@ enum Command {
         memory: Option<u64>,
         #[arg(long)]
         cmdline: Option<String>,
+        /// HA restart priority: none, best-effort or restart.
+        #[arg(long)]
+        ha: Option<String>,
+        /// HA restart order within its priority: lower restarts first.
+        #[arg(long)]
+        ha_order: Option<u32>,
     },
     /// VMs and where they run.
     VmList,
@@ -261,8 +282,18 @@ macro_rules! call {
 }
 
 mod lab;
+mod transfer;
 
 /// Turns a gRPC status into an error that says what to do.
+fn ha_priority(name: &str) -> anyhow::Result<i32> {
+    Ok(match name {
+        "none" => pb::HaRestartPriority::None,
+        "best-effort" => pb::HaRestartPriority::BestEffort,
+        "restart" => pb::HaRestartPriority::Restart,
+        other => bail!("--ha {other:?}: use none, best-effort or restart"),
+    } as i32)
+}
+
 fn explain(s: tonic::Status) -> anyhow::Error {
     let hint = match s.code() {
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
@@ -812,6 +843,33 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
             )?;
             ctl.follow(r).await?;
         }
+        Command::VdiImport { file, name, sr } => {
+            let len = std::fs::metadata(&file)
+                .with_context(|| format!("reading {}", file.display()))?
+                .len();
+            // Whole MiB: any block size divides it.
+            let size = len.div_ceil(1 << 20).max(1) << 20;
+            let sr_id = ctl.sr_id(&sr).await?;
+            let r = call!(
+                ctl.client,
+                create_volume,
+                pb::CreateVolumeRequest {
+                    request_id: new_request_id(),
+                    sr_id,
+                    name,
+                    virtual_size_bytes: size,
+                    labels: Default::default(),
+                }
+            )?;
+            let task = ctl.follow(r).await?;
+            transfer::import(&mut ctl.client, &task.target_id, &file).await?;
+            eprintln!("imported {} ({len} bytes)", file.display());
+        }
+        Command::VdiExport { vdi, file } => {
+            let volume_id = ctl.vdi_id(&vdi).await?;
+            transfer::export(&mut ctl.client, &volume_id, &file).await?;
+            eprintln!("exported to {}", file.display());
+        }
         Command::VdiList { sr } => {
             let sr_id = match sr {
                 Some(s) => ctl.sr_id(&s).await?,
@@ -908,13 +966,9 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
             cmdline,
             start,
             ha,
+            ha_order,
         } => {
-            let ha_priority = match ha.as_str() {
-                "none" => pb::HaRestartPriority::None,
-                "best-effort" => pb::HaRestartPriority::BestEffort,
-                "restart" => pb::HaRestartPriority::Restart,
-                other => bail!("--ha {other:?}: use none, best-effort or restart"),
-            } as i32;
+            let ha_priority = ha_priority(&ha)?;
             let mut disks = Vec::new();
             for (i, d) in disk.iter().enumerate() {
                 disks.push(pb::VmDisk {
@@ -941,6 +995,7 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
                 }),
                 disks,
                 ha_priority,
+                ha_order,
                 ..Default::default()
             };
             let r = call!(
@@ -971,6 +1026,8 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
             vcpus,
             memory,
             cmdline,
+            ha,
+            ha_order,
         } => {
             let vm_id = ctl.vm_id(&vm).await?;
             let current = ctl.vms().await?.into_iter().find(|v| v.id == vm_id);
@@ -982,6 +1039,12 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
             }
             if let Some(m) = memory {
                 spec.memory_bytes = m;
+            }
+            if let Some(h) = ha {
+                spec.ha_priority = ha_priority(&h)?;
+            }
+            if let Some(o) = ha_order {
+                spec.ha_order = o;
             }
             if let Some(c) = cmdline {
                 spec.boot
@@ -1002,9 +1065,12 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
         }
         Command::VmList => {
             let vms = ctl.vms().await?;
-            let mut t = Table::new(&["ID", "NAME", "POWER", "WANTED", "HOST", "VCPUS", "MEMORY"]);
+            let mut t = Table::new(&[
+                "ID", "NAME", "POWER", "WANTED", "HOST", "VCPUS", "MEMORY", "DISKS",
+            ]);
             for v in vms {
                 let spec = v.spec.unwrap_or_default();
+                let disks: Vec<&str> = spec.disks.iter().map(|d| d.volume_id.as_str()).collect();
                 t.row(vec![
                     v.id.into(),
                     spec.name.into(),
@@ -1013,6 +1079,7 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
                     v.host_id.into(),
                     spec.vcpus.into(),
                     human_bytes(spec.memory_bytes).into(),
+                    disks.join(",").into(),
                 ]);
             }
             ctl.print(&t);

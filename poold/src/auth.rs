@@ -89,6 +89,8 @@ pub const METHODS: &[(&str, Level, bool)] = &[
     ("CloneVolume", Level::VmAdmin, true),
     ("RevertVolume", Level::VmAdmin, true),
     ("DeleteVolume", Level::VmAdmin, true),
+    ("OpenVolumeAccess", Level::VmAdmin, true),
+    ("CloseVolumeAccess", Level::VmAdmin, true),
     ("CreateVm", Level::VmAdmin, true),
     ("UpdateVm", Level::VmAdmin, true),
     ("DestroyVm", Level::VmAdmin, true),

@@ -140,6 +140,7 @@ impl Member {
                 PoolServiceServer::new(pool::PoolApi {
                     c: c.clone(),
                     hosts: grpc.clone(),
+                    storage: grpc.clone(),
                 })
                 .max_decoding_message_size(16 << 20),
             )

@@ -387,10 +387,68 @@ fn the_seed_lab_from_sr_to_destroy_with_every_role() {
     let blk = lab.after_boot("web-copy", "boot=4", "BLK done");
     assert!(blk.contains("result=ok"), "clone: {blk}");
 
+    // Export and import: refused while the disk's VM runs; once it is stopped, its disk
+    // goes out to a raw image and back in as a new disk, and a VM booted from that disk
+    // finds pattern 5 on it.
+    let disk = field(&lab.vm_line("web"), "disks");
+    let image = dir.path().join("web.raw");
+    let image_arg = image.display().to_string();
+    let (ok, out) = run(
+        &lab.pool.p,
+        &lab.tokens["vm-admin"],
+        &["vdi-export", &disk, &image_arg],
+    );
+    assert!(!ok && out.contains("shut it down"), "{out}");
+    lab.ok("vm-operator", &["vm-shutdown", "web"]);
+    lab.pool
+        .wait_vm("web", "\"power\": \"stopped\"", Duration::from_secs(60));
+    lab.denied(
+        "vm-operator",
+        &["vdi-export", &disk, &image_arg],
+        "vm-admin",
+    );
+    lab.ok("vm-admin", &["vdi-export", &disk, &image_arg]);
+    let len = std::fs::metadata(&image).unwrap().len();
+    assert!(len >= 16 << 20, "the whole disk: {len} bytes");
+    lab.ok(
+        "vm-admin",
+        &["vdi-import", &image_arg, "web-import", "--sr", "sr1"],
+    );
+    let again = dir.path().join("web-import.raw");
+    lab.ok(
+        "vm-admin",
+        &["vdi-export", "web-import", &again.display().to_string()],
+    );
+    assert!(
+        std::fs::read(&image).unwrap() == std::fs::read(&again).unwrap(),
+        "export, import, export: the same bytes"
+    );
+    lab.ok(
+        "vm-admin",
+        &[
+            "vm-create",
+            "imported",
+            "--disk",
+            "web-import",
+            "--kernel",
+            &elf,
+            "--cmdline",
+            "seed=5 blk=verify mode=heartbeat hb_ms=200 boot=5",
+            "--memory",
+            "64M",
+            "--start",
+        ],
+    );
+    let blk = lab.after_boot("imported", "boot=5", "BLK done");
+    assert!(blk.contains("result=ok"), "imported disk: {blk}");
+    lab.ok("vm-operator", &["vm-start", "web"]);
+    lab.pool
+        .wait_vm("web", "\"power\": \"running\"", Duration::from_secs(60));
+
     // Destroy: refused while running and to a vm-operator; then everything goes.
     let (ok, out) = run(&lab.pool.p, &lab.tokens["vm-admin"], &["vm-destroy", "web"]);
     assert!(!ok, "a running VM is not destroyed: {out}");
-    for vm in ["web", "web-copy"] {
+    for vm in ["web", "web-copy", "imported"] {
         lab.ok("vm-operator", &["vm-shutdown", vm]);
         lab.pool
             .wait_vm(vm, "\"power\": \"stopped\"", Duration::from_secs(60));
@@ -409,6 +467,7 @@ fn the_seed_lab_from_sr_to_destroy_with_every_role() {
         ("otto", "StartVm"),
         ("olga", "EvacuateHost"),
         ("vera", "DestroyVm"),
+        ("vera", "OpenVolumeAccess"),
     ] {
         assert!(
             audit

@@ -31,6 +31,7 @@ const LEADERSHIP_TRANSFER_DEADLINE: Duration = Duration::from_secs(5);
 pub struct PoolApi {
     pub c: Arc<Coordinator>,
     pub hosts: Arc<dyn crate::backend::HostOps>,
+    pub storage: Arc<dyn crate::backend::StorageOps>,
 }
 
 type R<T> = Result<Response<T>, Status>;
@@ -75,7 +76,56 @@ fn job(spec: JobSpec) -> Op {
     })
 }
 
+/// A job-layer refusal as the call's answer.
+fn job_status(e: crate::jobs::JobError) -> Status {
+    match e {
+        crate::jobs::JobError::Refused { code, message } => Status::new(code, message),
+        crate::jobs::JobError::Transient { what, source } => {
+            Status::new(source.code(), format!("{what}: {}", source.message()))
+        }
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
 impl PoolApi {
+    fn env(&self) -> crate::jobs::Env {
+        crate::jobs::Env {
+            ledger: self.c.clone(),
+            storage: self.storage.clone(),
+            hosts: self.hosts.clone(),
+        }
+    }
+
+    /// Where a volume is and its size; refused while a VM that is not stopped uses it
+    /// (blocks written under a running guest would corrupt its disk).
+    async fn volume_for_access(
+        &self,
+        volume_id: &str,
+    ) -> Result<(crate::jobs::storage::SrLoc, u64), Status> {
+        self.c
+            .read(|s| {
+                let loc = crate::jobs::storage::volume_loc(s, volume_id).map_err(job_status)?;
+                let size = s.volumes[volume_id].virtual_size_bytes;
+                let user = s.vms.values().find(|vm| {
+                    let uses = vm
+                        .spec
+                        .as_ref()
+                        .is_some_and(|sp| sp.disks.iter().any(|d| d.volume_id == volume_id));
+                    let stopped = vm.desired_power_state() == hpb::PowerState::Stopped
+                        && vm.power_state() == hpb::PowerState::Stopped;
+                    uses && !stopped
+                });
+                if let Some(vm) = user {
+                    return Err(Status::failed_precondition(format!(
+                        "volume {volume_id} is a disk of VM {} which is not stopped: shut it \
+                         down, or export a snapshot of the volume",
+                        vm.spec.as_ref().map_or(vm.id.as_str(), |s| s.name.as_str())
+                    )));
+                }
+                Ok((loc, size))
+            })
+            .await?
+    }
     /// Authorizes a call; a refused change is audited.
     fn who<T>(&self, r: &Request<T>, method: &str) -> Result<Caller, Status> {
         let header = r
@@ -532,6 +582,84 @@ impl PoolService for PoolApi {
             )
             .await;
         self.done(&who, res)
+    }
+
+    async fn open_volume_access(&self, r: Request<pb::VolumeAccessRequest>) -> R<pb::VolumeAccess> {
+        let who = self.who(&r, "OpenVolumeAccess")?;
+        let r = r.into_inner();
+        let res = async {
+            need("volume_id", &r.volume_id)?;
+            need("initiator_iqn", &r.initiator_iqn)?;
+            let (loc, size) = self.volume_for_access(&r.volume_id).await?;
+            let env = self.env();
+            let export = crate::jobs::vm::export_of(&env, &loc, &r.volume_id)
+                .await
+                .map_err(job_status)?;
+            self.storage
+                .grant(&loc.address, &export.id, &r.initiator_iqn)
+                .await?;
+            let portal = export.portals.first().cloned().ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "storaged at {} lists no iSCSI portal",
+                    loc.address
+                ))
+            })?;
+            Ok(pb::VolumeAccess {
+                portal,
+                target_iqn: export.target_iqn,
+                lun: export.lun,
+                size_bytes: size,
+            })
+        }
+        .await;
+        self.audit(
+            &who,
+            res.as_ref().err().unwrap_or(&Status::ok(format!(
+                "{} for {}",
+                r.volume_id, r.initiator_iqn
+            ))),
+        );
+        res.map(Response::new)
+    }
+
+    async fn close_volume_access(
+        &self,
+        r: Request<pb::VolumeAccessRequest>,
+    ) -> R<pb::CloseVolumeAccessResponse> {
+        let who = self.who(&r, "CloseVolumeAccess")?;
+        let r = r.into_inner();
+        let res = async {
+            need("volume_id", &r.volume_id)?;
+            need("initiator_iqn", &r.initiator_iqn)?;
+            let loc = self
+                .c
+                .read(|s| crate::jobs::storage::volume_loc(s, &r.volume_id))
+                .await?
+                .map_err(job_status)?;
+            let mut dropped = 0;
+            for e in self
+                .storage
+                .list_exports(&loc.address, &r.volume_id)
+                .await?
+            {
+                dropped += self
+                    .storage
+                    .revoke(&loc.address, &e.id, &r.initiator_iqn)
+                    .await?;
+            }
+            Ok(pb::CloseVolumeAccessResponse {
+                sessions_dropped: dropped,
+            })
+        }
+        .await;
+        self.audit(
+            &who,
+            res.as_ref().err().unwrap_or(&Status::ok(format!(
+                "{} for {}",
+                r.volume_id, r.initiator_iqn
+            ))),
+        );
+        res.map(Response::new)
     }
 
     async fn transfer_leadership(

@@ -1,0 +1,210 @@
+//! `vdi-import` and `vdi-export`: raw disk images in and out of the pool's volumes.
+//!
+//! The data does not pass through the coordinator: it grants this client's own initiator
+//! name access to the volume (OpenVolumeAccess) and poolctl reads or writes the blocks
+//! over iSCSI straight from storaged, several requests in flight, then revokes the grant.
+//! Zero blocks are neither written (a fresh thin volume reads zeros) nor stored in the
+//! exported file (they stay holes).
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use iscsi_initiator::{Session, SessionConfig};
+use poold::client::{PoolClient, new_request_id};
+use proto::coordinator as pb;
+use tokio::task::JoinSet;
+
+use crate::output::Progress;
+
+/// Requests of this size at most (the LUN's limit may lower it), this many in flight.
+const CHUNK: usize = 1 << 20;
+const IN_FLIGHT: usize = 8;
+
+/// An open grant, revoked on every way out.
+struct Access {
+    volume_id: String,
+    initiator: String,
+    session: Option<Session>,
+    lun: iscsi_initiator::Lun,
+}
+
+async fn open(client: &mut PoolClient, volume_id: &str) -> anyhow::Result<Access> {
+    let initiator = format!("iqn.2026-11.org.pool.poolctl:{}", new_request_id());
+    let req = pb::VolumeAccessRequest {
+        volume_id: volume_id.to_owned(),
+        initiator_iqn: initiator.clone(),
+    };
+    let access = client
+        .call(|mut p| {
+            let req = req.clone();
+            async move { p.open_volume_access(req).await }
+        })
+        .await
+        .map_err(crate::explain)?;
+    let cfg = SessionConfig::new(access.portal.clone(), access.target_iqn, initiator.clone());
+    let opened = async {
+        let session = Session::connect(cfg)
+            .await
+            .with_context(|| format!("logging in to {}", access.portal))?;
+        let lun = session.lun(access.lun as u16).await?;
+        anyhow::Ok((session, lun))
+    }
+    .await;
+    match opened {
+        Ok((session, lun)) => Ok(Access {
+            volume_id: volume_id.to_owned(),
+            initiator,
+            session: Some(session),
+            lun,
+        }),
+        Err(e) => {
+            close_grant(client, volume_id, &initiator).await;
+            Err(e)
+        }
+    }
+}
+
+async fn close_grant(client: &mut PoolClient, volume_id: &str, initiator: &str) {
+    let req = pb::VolumeAccessRequest {
+        volume_id: volume_id.to_owned(),
+        initiator_iqn: initiator.to_owned(),
+    };
+    if let Err(e) = client
+        .call(|mut p| {
+            let req = req.clone();
+            async move { p.close_volume_access(req).await }
+        })
+        .await
+    {
+        eprintln!("warning: the grant of {initiator} on volume {volume_id} stays: {e}");
+    }
+}
+
+impl Access {
+    async fn close(mut self, client: &mut PoolClient) {
+        if let Some(s) = self.session.take() {
+            let _ = s.logout().await;
+        }
+        close_grant(client, &self.volume_id, &self.initiator).await;
+    }
+
+    fn chunk(&self) -> usize {
+        let bs = self.lun.block_size() as usize;
+        let max = self.lun.max_transfer().max(bs);
+        (CHUNK.min(max) / bs) * bs
+    }
+}
+
+fn zeros(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == 0)
+}
+
+fn rate(bytes: u64, since: Instant) -> String {
+    let secs = since.elapsed().as_secs_f64().max(1e-6);
+    format!("{:.0} MiB/s", bytes as f64 / secs / (1 << 20) as f64)
+}
+
+/// Writes `file` into volume `volume_id` (which must be at least as large).
+pub async fn import(client: &mut PoolClient, volume_id: &str, file: &Path) -> anyhow::Result<()> {
+    let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let len = f.metadata()?.len();
+    let access = open(client, volume_id).await?;
+    let r = copy_in(&access, &f, len).await;
+    access.close(client).await;
+    r
+}
+
+async fn copy_in(a: &Access, f: &std::fs::File, len: u64) -> anyhow::Result<()> {
+    if len > a.lun.size() {
+        bail!("the image has {len} bytes, the disk only {}", a.lun.size());
+    }
+    let bs = u64::from(a.lun.block_size());
+    let chunk = a.chunk() as u64;
+    let mut bar = Progress::new();
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    let mut offset = 0u64;
+    while offset < len {
+        let n = chunk.min(len - offset);
+        // The last piece is padded with zeros to a whole block.
+        let mut buf = vec![0u8; n.div_ceil(bs) as usize * bs as usize];
+        f.read_exact_at(&mut buf[..n as usize], offset)?;
+        if !zeros(&buf) {
+            if tasks.len() >= IN_FLIGHT {
+                tasks.join_next().await.expect("a task")??;
+            }
+            let lun = a.lun.clone();
+            let lba = offset / bs;
+            tasks.spawn(async move { lun.write(lba, buf.into()).await });
+        }
+        offset += n;
+        bar.show(
+            (offset * 100 / len.max(1)) as u32,
+            &format!(
+                "{} of {} MiB, {}",
+                offset >> 20,
+                len >> 20,
+                rate(offset, start)
+            ),
+        );
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    a.lun.flush().await.context("flushing the disk")?;
+    bar.done();
+    Ok(())
+}
+
+/// Reads volume `volume_id` into `file` (created; zero blocks left as holes).
+pub async fn export(client: &mut PoolClient, volume_id: &str, file: &Path) -> anyhow::Result<()> {
+    let access = open(client, volume_id).await?;
+    let r = copy_out(&access, file).await;
+    access.close(client).await;
+    r
+}
+
+async fn copy_out(a: &Access, file: &Path) -> anyhow::Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(file)
+        .with_context(|| format!("creating {} (it must not exist)", file.display()))?;
+    let len = a.lun.size();
+    f.set_len(len)?;
+    let bs = u64::from(a.lun.block_size());
+    let chunk = a.chunk() as u64;
+    let mut bar = Progress::new();
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    let mut offset = 0u64;
+    let mut done = 0u64;
+    let store = |(at, data): (u64, bytes::Bytes)| -> anyhow::Result<()> {
+        if !zeros(&data) {
+            f.write_all_at(&data, at)?;
+        }
+        Ok(())
+    };
+    while offset < len || !tasks.is_empty() {
+        if offset < len && tasks.len() < IN_FLIGHT {
+            let n = chunk.min(len - offset);
+            let lun = a.lun.clone();
+            let at = offset;
+            tasks.spawn(async move { lun.read(at / bs, (n / bs) as u32).await.map(|d| (at, d)) });
+            offset += n;
+            continue;
+        }
+        let (at, data) = tasks.join_next().await.expect("a task")??;
+        done += data.len() as u64;
+        store((at, data))?;
+        bar.show(
+            (done * 100 / len.max(1)) as u32,
+            &format!("{} of {} MiB, {}", done >> 20, len >> 20, rate(done, start)),
+        );
+    }
+    f.sync_all()?;
+    bar.done();
+    Ok(())
+}
