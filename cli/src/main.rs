@@ -476,6 +476,23 @@ impl Ctl {
         }
     }
 
+    /// Creates a disk and follows its task to the end.
+    async fn create_vdi(&mut self, sr: &str, name: String, size: u64) -> anyhow::Result<pb::Task> {
+        let sr_id = self.sr_id(sr).await?;
+        let r = call!(
+            self.client,
+            create_volume,
+            pb::CreateVolumeRequest {
+                request_id: new_request_id(),
+                sr_id,
+                name,
+                virtual_size_bytes: size,
+                labels: Default::default(),
+            }
+        )?;
+        self.follow(r).await
+    }
+
     async fn vm_snapshots(&mut self, vm_id: &str) -> anyhow::Result<Vec<pb::VmSnapshot>> {
         let mut out = Vec::new();
         let mut token = String::new();
@@ -829,19 +846,7 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
             ctl.print(&t);
         }
         Command::VdiCreate { name, sr, size } => {
-            let sr_id = ctl.sr_id(&sr).await?;
-            let r = call!(
-                ctl.client,
-                create_volume,
-                pb::CreateVolumeRequest {
-                    request_id: new_request_id(),
-                    sr_id,
-                    name,
-                    virtual_size_bytes: size,
-                    labels: Default::default(),
-                }
-            )?;
-            ctl.follow(r).await?;
+            ctl.create_vdi(&sr, name, size).await?;
         }
         Command::VdiImport { file, name, sr } => {
             let len = std::fs::metadata(&file)
@@ -849,19 +854,7 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
                 .len();
             // Whole MiB: any block size divides it.
             let size = len.div_ceil(1 << 20).max(1) << 20;
-            let sr_id = ctl.sr_id(&sr).await?;
-            let r = call!(
-                ctl.client,
-                create_volume,
-                pb::CreateVolumeRequest {
-                    request_id: new_request_id(),
-                    sr_id,
-                    name,
-                    virtual_size_bytes: size,
-                    labels: Default::default(),
-                }
-            )?;
-            let task = ctl.follow(r).await?;
+            let task = ctl.create_vdi(&sr, name, size).await?;
             transfer::import(&mut ctl.client, &task.target_id, &file).await?;
             eprintln!("imported {} ({len} bytes)", file.display());
         }

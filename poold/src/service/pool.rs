@@ -96,6 +96,12 @@ impl PoolApi {
         }
     }
 
+    /// Audits a grant or a revoke, whichever way it went.
+    fn audit_access<T>(&self, who: &Caller, r: &pb::VolumeAccessRequest, res: &Result<T, Status>) {
+        let ok = Status::ok(format!("{} for {}", r.volume_id, r.initiator_iqn));
+        self.audit(who, res.as_ref().err().unwrap_or(&ok));
+    }
+
     /// Where a volume is and its size; refused while a VM that is not stopped uses it
     /// (blocks written under a running guest would corrupt its disk).
     async fn volume_for_access(
@@ -612,13 +618,7 @@ impl PoolService for PoolApi {
             })
         }
         .await;
-        self.audit(
-            &who,
-            res.as_ref().err().unwrap_or(&Status::ok(format!(
-                "{} for {}",
-                r.volume_id, r.initiator_iqn
-            ))),
-        );
+        self.audit_access(&who, &r, &res);
         res.map(Response::new)
     }
 
@@ -652,13 +652,7 @@ impl PoolService for PoolApi {
             })
         }
         .await;
-        self.audit(
-            &who,
-            res.as_ref().err().unwrap_or(&Status::ok(format!(
-                "{} for {}",
-                r.volume_id, r.initiator_iqn
-            ))),
-        );
+        self.audit_access(&who, &r, &res);
         res.map(Response::new)
     }
 
