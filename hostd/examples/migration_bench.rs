@@ -110,8 +110,12 @@ fn run(name: &str, cmd: &str, seed: u64, hops: usize, vcpus: u32, mib: u64) {
         downtimes.push(sent.downtime.as_secs_f64() * 1000.0);
         totals.push(sent.total.as_secs_f64() * 1000.0);
         eprintln!(
-            "{name} hop {hop}: downtime {:.1} ms, total {:.1} ms, rounds {}, {} KiB",
+            "{name} hop {hop}: downtime {:.1} ms (pause {:.2}, last delta {:.2}, restore {:.2}, resume {:.2}), total {:.1} ms, rounds {}, {} KiB",
             downtimes[hop],
+            sent.switchover.pause.as_secs_f64() * 1000.0,
+            sent.switchover.last_delta.as_secs_f64() * 1000.0,
+            sent.switchover.restore.as_secs_f64() * 1000.0,
+            sent.switchover.resume.as_secs_f64() * 1000.0,
             totals[hop],
             sent.rounds,
             sent.bytes_sent >> 10

@@ -225,6 +225,40 @@ fn a_wrong_token_is_refused_before_any_page_and_the_source_runs_on() {
 }
 
 #[test]
+fn a_destination_that_cannot_make_the_vm_refuses_before_any_page_and_the_source_runs_on() {
+    let _serial = serial();
+    let cmd = "seed=11 mode=heartbeat hb_ms=20";
+    let console_a = Console::new(1 << 20, None).unwrap();
+    let mut a = Vm::new(&spec(cmd, None), console_a.clone()).unwrap();
+    a.start().unwrap();
+    wait_heartbeats(&console_a, 2);
+    // The destination makes its KVM VM before it accepts the stream: a spec it cannot
+    // build (two disks with one id) is refused then, with the reason.
+    let dir = tempfile::tempdir().unwrap();
+    let mut bad = spec(cmd, Some(&image(&dir, 1 << 20)));
+    bad.disks.push(bad.disks[0].clone());
+    let (addr, dest) = destination(bad, "t");
+    let err = migration::send(
+        &a,
+        &options(&addr, "t"),
+        &AtomicBool::new(false),
+        MigrationProgress::default(),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, MigrationError::Refused { reason } if reason.contains("cannot make the VM here") && reason.contains("vda")),
+        "{err:?}"
+    );
+    assert!(dest.join().unwrap().0.is_err());
+    assert!(!a.is_paused());
+    let n = heartbeats(&console_a.text()).len();
+    wait_heartbeats(&console_a, n + 2);
+    a.stop();
+    assert!(assert_chain(&console_a.text(), 11) > 3);
+}
+
+#[test]
 fn a_guest_that_cannot_converge_stays_on_the_source_and_a_retry_moves_it() {
     let _serial = serial();
     let cmd = "seed=13 mode=heartbeat hb_ms=20 dirty_mib_s=64 dirty_mib=8";

@@ -268,7 +268,7 @@ fn main() {
         ("4K random read QD32", 32, false),
     ] {
         let lists = random_offsets(&mut rng, qd, per_thread, span, K4 as u64);
-        let (t, r) = side_by_side(&thin, &raw, 3, qd, &lists, K4, write, limit);
+        let (t, r) = side_by_side(&thin, &raw, 5, qd, &lists, K4, write, limit);
         rows.push(Row {
             name,
             thin: t,
@@ -283,7 +283,7 @@ fn main() {
         let (t, r) = side_by_side(
             &thin,
             &raw,
-            3,
+            5,
             1,
             &sequential(span),
             M1,

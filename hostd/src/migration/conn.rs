@@ -9,10 +9,16 @@ use std::time::Duration;
 use super::MigrationError;
 use super::wire::{self, Frame};
 
+/// Room the receive buffer keeps for one read.
+const READ_ROOM: usize = 1 << 20;
+
 pub struct Conn {
     stream: TcpStream,
+    /// Received bytes are `buf[pos..end]`; the rest is room for the next read (zeroed
+    /// once when the buffer grows, not on every read).
     buf: Vec<u8>,
     pos: usize,
+    end: usize,
     out: Vec<u8>,
     /// Payload bytes written so far.
     pub sent: u64,
@@ -30,8 +36,9 @@ impl Conn {
             })?;
         Ok(Self {
             stream,
-            buf: Vec::with_capacity(2 << 20),
+            buf: vec![0; 2 * READ_ROOM],
             pos: 0,
+            end: 0,
             out: Vec::new(),
             sent: 0,
         })
@@ -71,38 +78,36 @@ impl Conn {
     /// sends something that does not decode.
     pub fn recv(&mut self) -> Result<Frame, MigrationError> {
         loop {
-            if let Some((frame, n)) = wire::decode(&self.buf[self.pos..])? {
+            if let Some((frame, n)) = wire::decode(&self.buf[self.pos..self.end])? {
                 self.pos += n;
-                if self.pos == self.buf.len() {
-                    self.buf.clear();
-                    self.pos = 0;
+                if self.pos == self.end {
+                    (self.pos, self.end) = (0, 0);
                 }
                 return Ok(frame);
             }
-            if self.pos > 0 {
-                self.buf.drain(..self.pos);
-                self.pos = 0;
-            }
-            let have = self.buf.len();
-            self.buf.resize(have + (1 << 20), 0);
-            let n = match self.stream.read(&mut self.buf[have..]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
-                    self.buf.truncate(have);
-                    continue;
+            if self.buf.len() - self.end < READ_ROOM {
+                // Move the partial frame to the front; grow only for a frame larger
+                // than the buffer (decode bounds it by MAX_PAYLOAD).
+                self.buf.copy_within(self.pos..self.end, 0);
+                (self.pos, self.end) = (0, self.end - self.pos);
+                if self.buf.len() - self.end < READ_ROOM {
+                    self.buf.resize(self.end + READ_ROOM, 0);
                 }
+            }
+            let n = match self.stream.read(&mut self.buf[self.end..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(source) => {
-                    self.buf.truncate(have);
                     return Err(MigrationError::Io {
                         what: "receiving",
                         source,
                     });
                 }
             };
-            self.buf.truncate(have + n);
             if n == 0 {
                 return Err(MigrationError::Closed);
             }
+            self.end += n;
         }
     }
 }

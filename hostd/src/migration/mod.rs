@@ -30,7 +30,7 @@ pub mod wire;
 use std::time::Duration;
 
 pub use receive::{Incoming, receive};
-pub use send::{SendOptions, Sent, send};
+pub use send::{SendOptions, Sent, Switchover, send};
 
 /// Default downtime budget.
 pub const DEFAULT_DOWNTIME: Duration = Duration::from_millis(300);

@@ -1,6 +1,7 @@
 //! The destination side: waits for the source on a listener, checks the token and the
 //! VM's shape and CPU features before anything else, takes the pages into fresh guest
-//! memory, builds the VM from the state, and runs it once the source says Go.
+//! memory of a VM made ready beforehand, applies the state, and runs it once the source
+//! says Go.
 //!
 //! A connection that fails before it is accepted (wrong token, not a migration stream,
 //! a VM of another shape) is answered and dropped, and the listener waits for the next:
@@ -125,8 +126,20 @@ fn serve(
         });
         return Err(Failed::Refused(MigrationError::Rejected { reason }));
     }
+    // The KVM VM, its memory slots and vCPUs are made now, while pre-copy runs, so the
+    // switchover only applies state. A host that cannot make them refuses the stream.
+    let shell = match new_guest_ram(inc.spec.memory_bytes).and_then(|m| Vm::prepare(&inc.spec, m)) {
+        Ok(shell) => shell,
+        Err(e) => {
+            let reason = format!("cannot make the VM here: {}", crate::error_chain(&e));
+            let _ = conn.send(&Frame::Refuse {
+                reason: reason.clone(),
+            });
+            return Err(Failed::Fatal(MigrationError::Rejected { reason }));
+        }
+    };
+    let memory = shell.memory().clone();
     let fatal = Failed::Fatal;
-    let memory = new_guest_ram(inc.spec.memory_bytes).map_err(|e| fatal(e.into()))?;
     conn.send(&Frame::Accept).map_err(fatal)?;
     on_accept();
     conn.set_timeout(IO_TIMEOUT);
@@ -148,11 +161,12 @@ fn serve(
             Frame::Zero { gpa, pages } => {
                 write_zeros(&memory, &mut written, gpa, pages).map_err(fatal)?
             }
+            Frame::Sync => conn.send(&Frame::Synced).map_err(fatal)?,
             Frame::State(bytes) => break state::decode(&bytes).map_err(|e| fatal(e.into()))?,
             other => return Err(fatal(MigrationError::unexpected("Pages or State", &other))),
         }
     };
-    let mut vm = match Vm::restore_into(&inc.spec, console, &snapshot, memory) {
+    let mut vm = match Vm::restore_into(&inc.spec, console, &snapshot, shell) {
         Ok(vm) => vm,
         Err(e) => {
             let _ = conn.send(&Frame::Refuse {

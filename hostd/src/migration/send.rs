@@ -41,6 +41,8 @@ const THROTTLE_STEP: u32 = 10;
 const THROTTLE_MAX: u32 = 99;
 const THROTTLE_PERIOD: Duration = Duration::from_millis(50);
 const REPORT_EVERY: Duration = Duration::from_millis(200);
+/// A last round this small is sent paused however fast the dirty set shrinks.
+const SMALL_ROUND: u64 = 256 << 10;
 
 #[derive(Debug, Clone)]
 pub struct SendOptions {
@@ -70,6 +72,21 @@ pub struct Sent {
     /// VM must still not run here again.
     pub confirmed: bool,
     pub throttle_percent: u32,
+    /// Where the downtime went.
+    pub switchover: Switchover,
+}
+
+/// The steps of the downtime, each from the end of the one before.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Switchover {
+    /// Until every vCPU was out of the guest.
+    pub pause: Duration,
+    /// Saving vCPU and device state and sending the last dirty pages and the state.
+    pub last_delta: Duration,
+    /// Until the destination had built the VM from the state (Restored).
+    pub restore: Duration,
+    /// Go until the destination's vCPUs ran (Resumed).
+    pub resume: Duration,
 }
 
 /// Pauses the vCPUs for `percent` of every period, on a thread of its own.
@@ -414,6 +431,8 @@ fn run(
     let mut link_rate =
         ((s.conn.sent - sent_before) as f64 / pass_start.elapsed().as_secs_f64().max(1e-3)) as u64;
     let budget_us = s.opts.downtime_budget.as_micros() as u64;
+    // Guest bytes the last pass covered (the full pass: all of RAM).
+    let mut last_sent = s.vm.memory_bytes();
     let mut round = 0u32;
     let pending = loop {
         s.check()?;
@@ -434,7 +453,13 @@ fn run(
         s.report(true);
         // A zero budget never fits: pre-copy runs to the round limit (for probing a
         // guest's dirty rate; the RPC turns 0 into the default budget).
-        if budget_us > 0 && expected_us <= budget_us {
+        let fits = budget_us > 0 && expected_us <= budget_us;
+        // While the dirty set still shrinks fast, one more round sent with the guest
+        // running costs less than sending this one paused: go on until it stops
+        // shrinking fourfold or is small. (Each such round is a quarter of the one
+        // before, so there are few.)
+        let shrinking = bytes > SMALL_ROUND && bytes.saturating_mul(4) <= last_sent;
+        if fits && (!shrinking || round >= s.opts.max_rounds) {
             break dirty;
         }
         if round >= s.opts.max_rounds {
@@ -462,6 +487,7 @@ fn run(
         s.send_dirty(&dirty)?;
         let took = t0.elapsed().as_secs_f64();
         let wire = s.conn.sent - sent0;
+        last_sent = bytes;
         if wire >= (4 << 20) && took > 0.0 {
             link_rate = (wire as f64 / took) as u64;
         }
@@ -474,19 +500,35 @@ fn run(
     }
     s.progress.phase = MigrationPhase::Switchover as i32;
     s.report(true);
+    // The destination may still be copying earlier rounds out of its socket buffers:
+    // let it catch up while the guest runs, so the pause only carries the last delta.
+    s.conn.send(&Frame::Sync)?;
+    match s.conn.recv()? {
+        Frame::Synced => {}
+        other => return Err(MigrationError::unexpected("Synced", &other)),
+    }
     let paused_at = Instant::now();
+    let mut steps = Switchover::default();
+    let mut step = paused_at;
+    let mut lap = |d: &mut Duration| {
+        *d = step.elapsed();
+        step = Instant::now();
+    };
     s.vm.pause(PAUSE_TIMEOUT)?;
     *paused = true;
+    lap(&mut steps.pause);
     let mut pending = pending;
     let snapshot = s.vm.save_state()?;
     merge(&mut pending, s.vm.take_dirty_pages()?);
     s.send_dirty(&pending)?;
     s.conn.send(&Frame::State(state::encode(&snapshot)))?;
+    lap(&mut steps.last_delta);
     s.conn.set_timeout(RESTORE_TIMEOUT);
     match s.conn.recv()? {
         Frame::Restored => {}
         other => return Err(MigrationError::unexpected("Restored", &other)),
     }
+    lap(&mut steps.restore);
     if s.cancel.load(Ordering::Acquire) {
         return Err(MigrationError::Cancelled);
     }
@@ -503,8 +545,10 @@ fn run(
             false
         }
     };
+    lap(&mut steps.resume);
     let downtime = paused_at.elapsed();
     Ok(Sent {
+        switchover: steps,
         downtime,
         total: s.started.elapsed(),
         rounds: round,

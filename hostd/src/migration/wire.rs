@@ -11,7 +11,10 @@
 //! Hello(version, token, vm, memory, vCPUs, guest CPUID)
 //!                         ← Accept | Refuse(reason)      (token and CPU checked here)
 //! Pages / Zero ...          full pass, then dirty rounds
-//! State(saved vCPU, irqchip, clock and device state)     (the VM is paused now)
+//! Sync                      (version 2) the last round fits: catch up
+//!                         ← Synced                       (everything before Sync is in)
+//! Pages / Zero ...          the last delta (the VM is paused now)
+//! State(saved vCPU, irqchip, clock and device state)
 //!                         ← Restored | Refuse(reason)    (the VM is built, not running)
 //! Go                        the source's point of no return
 //!                         ← Resumed
@@ -24,8 +27,8 @@ use crate::vmm::CpuidRegs;
 /// "HMIG", first bytes of a Hello.
 pub const MAGIC: [u8; 4] = *b"HMIG";
 /// The version this build speaks.
-pub const VERSION: u16 = 1;
-/// The oldest version this build accepts.
+pub const VERSION: u16 = 2;
+/// The oldest version this build accepts (version 1 streams only lack Sync).
 pub const MIN_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 8;
 /// A frame's payload is at most this long (a run of pages is 1 MiB; the saved state of
@@ -42,6 +45,8 @@ const KIND_STATE: u8 = 6;
 const KIND_RESTORED: u8 = 7;
 const KIND_GO: u8 = 8;
 const KIND_RESUMED: u8 = 9;
+const KIND_SYNC: u8 = 10;
+const KIND_SYNCED: u8 = 11;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
@@ -76,6 +81,9 @@ pub enum Frame {
     Restored,
     Go,
     Resumed,
+    /// Answer Synced once everything before this frame is in guest memory.
+    Sync,
+    Synced,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -155,6 +163,8 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
         Frame::Restored => KIND_RESTORED,
         Frame::Go => KIND_GO,
         Frame::Resumed => KIND_RESUMED,
+        Frame::Sync => KIND_SYNC,
+        Frame::Synced => KIND_SYNCED,
     };
     out.extend_from_slice(&header(kind, p.len()));
     out.extend_from_slice(&p);
@@ -214,7 +224,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
         return Ok(None);
     };
     let kind = h[0];
-    if !(KIND_HELLO..=KIND_RESUMED).contains(&kind) {
+    if !(KIND_HELLO..=KIND_SYNCED).contains(&kind) {
         return Err(WireError::UnknownKind(kind));
     }
     if h[1..4] != [0, 0, 0] {
@@ -332,6 +342,8 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
         KIND_RESTORED => empty("Restored", Frame::Restored)?,
         KIND_GO => empty("Go", Frame::Go)?,
         KIND_RESUMED => empty("Resumed", Frame::Resumed)?,
+        KIND_SYNC => empty("Sync", Frame::Sync)?,
+        KIND_SYNCED => empty("Synced", Frame::Synced)?,
         _ => unreachable!("kind checked above"),
     };
     Ok(Some((frame, HEADER_LEN + len)))
@@ -374,6 +386,8 @@ mod tests {
             Frame::Restored,
             Frame::Go,
             Frame::Resumed,
+            Frame::Sync,
+            Frame::Synced,
         ]
     }
 

@@ -261,6 +261,81 @@ fn place(
     })
 }
 
+/// A KVM VM with its irqchip, PIT, memory slots and configured vCPUs, and nothing in it
+/// yet: no devices, no vCPU state, nothing running.
+pub struct Shell {
+    vcpus: Vec<Vcpu>,
+    guest_cpuid: Vec<CpuidRegs>,
+    vm_fd: Arc<VmFd>,
+    kvm: Kvm,
+    // After the VM fd: KVM's memory slots point into this mapping.
+    memory: GuestRam,
+}
+
+impl Shell {
+    fn new(spec: &VmSpec, memory: GuestRam) -> Result<Self, VmError> {
+        spec.validate()?;
+        let kvm = Kvm::new().map_err(VmError::KvmUnavailable)?;
+        let max = (kvm.get_max_vcpus() as u32).min(MAX_VCPUS);
+        if spec.vcpus > max {
+            return Err(VmError::VcpuCount {
+                requested: spec.vcpus,
+                max,
+            });
+        }
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        vm_fd
+            .set_tss_address(layout::KVM_TSS_ADDR as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        // The irqchip must exist before any vCPU, so every vCPU gets an in-kernel LAPIC.
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm_fd
+            .create_pit2(kvm_pit_config::default())
+            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        set_memory_slots(&vm_fd, &memory, 0)?;
+
+        let msr_indices = Arc::new(
+            kvm.get_msr_index_list()
+                .map(|l| l.as_slice().to_vec())
+                .unwrap_or_default(),
+        );
+        let supported = cpuid::supported(&kvm)?;
+        let mut guest_cpuid = Vec::new();
+        let mut vcpus = Vec::with_capacity(spec.vcpus as usize);
+        for index in 0..spec.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let tsc_khz = fd.get_tsc_khz().ok();
+            let table = cpuid::for_vcpu(&supported, index, spec.vcpus, tsc_khz, &spec.cpuid_mask)?;
+            if index == 0 {
+                guest_cpuid = table.as_slice().iter().map(CpuidRegs::from).collect();
+            }
+            let vcpu = Vcpu {
+                fd,
+                index,
+                msr_indices: msr_indices.clone(),
+            };
+            vcpu.configure(&table)?;
+            vcpus.push(vcpu);
+        }
+        Ok(Self {
+            vcpus,
+            guest_cpuid,
+            vm_fd,
+            kvm,
+            memory,
+        })
+    }
+
+    /// The guest memory the shell's slots map.
+    pub fn memory(&self) -> &GuestRam {
+        &self.memory
+    }
+}
+
 pub struct Vm {
     // Field order is drop order: threads are joined in Drop before any of these go.
     ctl: Arc<RunControl>,
@@ -321,15 +396,32 @@ impl Vm {
         Self::build(spec, console, Some(snapshot), None)
     }
 
-    /// Builds a VM from a snapshot whose memory is already in `memory` (an incoming
-    /// migration writes the pages there as they arrive; `snapshot.memory` is ignored).
+    /// The part of building a VM that needs no state: the KVM VM with its irqchip, PIT,
+    /// memory slots over `memory` and configured vCPUs. An incoming migration makes it
+    /// before the pages arrive, so the switchover only applies state
+    /// ([`Vm::restore_into`]); registering the memory slots alone takes milliseconds.
+    pub fn prepare(spec: &VmSpec, memory: GuestRam) -> Result<Shell, VmError> {
+        let have: u64 = memory.iter().map(|r| r.len()).sum();
+        if have != spec.memory_bytes {
+            return Err(PersistError::MemorySize {
+                have,
+                want: spec.memory_bytes,
+            }
+            .into());
+        }
+        Shell::new(spec, memory)
+    }
+
+    /// Builds a VM in `shell` (made by [`Vm::prepare`] for the same spec) from a snapshot
+    /// whose memory is already in the shell's memory (an incoming migration writes the
+    /// pages there as they arrive; `snapshot.memory` is ignored).
     pub fn restore_into(
         spec: &VmSpec,
         console: Arc<dyn ConsoleOut>,
         snapshot: &VmSnapshot,
-        memory: GuestRam,
+        shell: Shell,
     ) -> Result<Self, VmError> {
-        if snapshot.vcpus.len() != spec.vcpus as usize {
+        if snapshot.vcpus.len() != spec.vcpus as usize || shell.vcpus.len() != spec.vcpus as usize {
             return Err(PersistError::VcpuCount {
                 have: snapshot.vcpus.len(),
                 want: spec.vcpus as usize,
@@ -343,52 +435,40 @@ impl Vm {
             }
             .into());
         }
-        let have: u64 = memory.iter().map(|r| r.len()).sum();
-        if have != spec.memory_bytes {
-            return Err(PersistError::MemorySize {
-                have,
-                want: spec.memory_bytes,
-            }
-            .into());
-        }
-        Self::build(spec, console, Some(snapshot), Some(memory))
+        Self::assemble(shell, spec, console, Some(snapshot), true)
     }
 
     fn build(
         spec: &VmSpec,
         console: Arc<dyn ConsoleOut>,
         snapshot: Option<&VmSnapshot>,
-        given_memory: Option<GuestRam>,
+        memory: Option<GuestRam>,
     ) -> Result<Self, VmError> {
-        spec.validate()?;
-        let kvm = Kvm::new().map_err(VmError::KvmUnavailable)?;
-        let max = (kvm.get_max_vcpus() as u32).min(MAX_VCPUS);
-        if spec.vcpus > max {
-            return Err(VmError::VcpuCount {
-                requested: spec.vcpus,
-                max,
-            });
-        }
-        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
-        vm_fd
-            .set_tss_address(layout::KVM_TSS_ADDR as usize)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        // The irqchip must exist before any vCPU, so every vCPU gets an in-kernel LAPIC.
-        vm_fd
-            .create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        vm_fd
-            .create_pit2(kvm_pit_config::default())
-            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
-        let memory_given = given_memory.is_some();
-        let memory = match given_memory {
+        let memory = match memory {
             Some(m) => m,
             None => new_guest_ram(spec.memory_bytes)?,
         };
-        set_memory_slots(&vm_fd, &memory, 0)?;
+        let shell = Shell::new(spec, memory)?;
+        Self::assemble(shell, spec, console, snapshot, false)
+    }
 
-        let from_stream = snapshot.is_some() && memory_given;
+    /// Devices, boot or saved state and vCPU registers on top of a shell. `from_stream`:
+    /// the snapshot's memory is already in the shell's (a migration), not in the snapshot.
+    fn assemble(
+        shell: Shell,
+        spec: &VmSpec,
+        console: Arc<dyn ConsoleOut>,
+        snapshot: Option<&VmSnapshot>,
+        from_stream: bool,
+    ) -> Result<Self, VmError> {
+        let Shell {
+            kvm,
+            vm_fd,
+            memory,
+            vcpus,
+            guest_cpuid,
+        } = shell;
+
         let ctl = RunControl::new();
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
@@ -495,36 +575,14 @@ impl Vm {
                 None
             }
         };
-        let msr_indices = Arc::new(
-            kvm.get_msr_index_list()
-                .map(|l| l.as_slice().to_vec())
-                .unwrap_or_default(),
-        );
-
-        let supported = cpuid::supported(&kvm)?;
-        let mut guest_cpuid = Vec::new();
-        let mut vcpus = Vec::with_capacity(spec.vcpus as usize);
-        for index in 0..spec.vcpus {
-            let fd = vm_fd
-                .create_vcpu(u64::from(index))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let tsc_khz = fd.get_tsc_khz().ok();
-            let table = cpuid::for_vcpu(&supported, index, spec.vcpus, tsc_khz, &spec.cpuid_mask)?;
-            if index == 0 {
-                guest_cpuid = table.as_slice().iter().map(CpuidRegs::from).collect();
-            }
-            let vcpu = Vcpu {
-                fd,
-                index,
-                msr_indices: msr_indices.clone(),
-            };
-            vcpu.configure(&table)?;
+        for vcpu in &vcpus {
             match (snapshot, entry) {
-                (Some(s), _) => persist::restore_vcpu(&vcpu.fd, index, &s.vcpus[index as usize])?,
-                (None, Some(entry)) if index == 0 => vcpu.set_boot_registers(entry)?,
+                (Some(s), _) => {
+                    persist::restore_vcpu(&vcpu.fd, vcpu.index, &s.vcpus[vcpu.index as usize])?
+                }
+                (None, Some(entry)) if vcpu.index == 0 => vcpu.set_boot_registers(entry)?,
                 _ => {}
             }
-            vcpus.push(vcpu);
         }
         if let Some(s) = snapshot {
             persist::restore_kvm_vm(&vm_fd, &s.kvm)?;
