@@ -528,6 +528,7 @@ mod daemons {
     struct Target {
         port: u16,
         lun: PathBuf,
+        server: iscsi_target::TargetServer,
         stop: Option<tokio::sync::oneshot::Sender<()>>,
         thread: Option<std::thread::JoinHandle<()>>,
     }
@@ -536,6 +537,11 @@ mod daemons {
 
     impl Target {
         fn start(dir: &Path) -> Target {
+            Self::start_for(dir, None)
+        }
+
+        /// With `initiators`, only those may log in (until [`TargetServer::grant`]).
+        fn start_for(dir: &Path, initiators: Option<&[&str]>) -> Target {
             use iscsi_target::*;
             let server = TargetServer::in_memory(ServerOptions {
                 nop_interval: None,
@@ -554,10 +560,15 @@ mod daemons {
                         naa: naa_from_serial("migrating"),
                         serial: "migrating".into(),
                     }],
-                    allow_any_initiator: true,
-                    initiators: Vec::new(),
+                    allow_any_initiator: initiators.is_none(),
+                    initiators: initiators
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|n| InitiatorAccess::open(*n))
+                        .collect(),
                 })
                 .unwrap();
+            let handle = server.clone();
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             listener.set_nonblocking(true).unwrap();
             let port = listener.local_addr().unwrap().port();
@@ -582,6 +593,7 @@ mod daemons {
             Target {
                 port,
                 lun,
+                server: handle,
                 stop: Some(stop),
                 thread: Some(thread),
             }
@@ -669,6 +681,78 @@ mod daemons {
         }
         texts.push(console_text(&hosts[0], "m1").await);
         assert!(assert_chain(&texts.concat(), SEED) > 10);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::await_holding_lock)] // held on purpose: see SERIAL
+    async fn a_refused_iscsi_login_on_the_destination_leaves_the_vm_on_the_source() {
+        let _serial = serial();
+        let dir = tempfile::tempdir().unwrap();
+        let (a_iqn, b_iqn) = ("iqn.2026-11.lab.pool:host-a", "iqn.2026-11.lab.pool:host-b");
+        let target = Target::start_for(dir.path(), Some(&[a_iqn]));
+        let hosts = [
+            Daemon::start_host(&dir.path().join("a"), 256 << 20, "127.0.0.1", a_iqn).await,
+            Daemon::start_host(&dir.path().join("b"), 256 << 20, "127.0.0.2", b_iqn).await,
+        ];
+        let mut clients = [hosts[0].client().await, hosts[1].client().await];
+        let mut cfg = vm_config(&dir.path().join("unused"), 32);
+        cfg.disks = vec![DiskConfig {
+            id: "vda".into(),
+            backend: Some(disk_config::Backend::Iscsi(IscsiDisk {
+                portal: format!("127.0.0.1:{}", target.port),
+                target_iqn: TARGET_IQN.into(),
+                lun: 0,
+                volume_id: "vol-0".into(),
+                ..Default::default()
+            })),
+            read_only: false,
+        }];
+        common::create(&mut clients[0], "m1", cfg.clone(), true).await;
+        more_heartbeats(&hosts[0], "m1", 3).await;
+        let prepare = PrepareMigrationReceiveRequest {
+            vm_id: "m1".into(),
+            config: Some(cfg.clone()),
+            token: TOKEN.into(),
+        };
+        // Host b may not log in: the prepare fails, saying why, and nothing moved.
+        let err = clients[1]
+            .prepare_migration_receive(prepare.clone())
+            .await
+            .unwrap_err();
+        assert!(
+            err.message().to_lowercase().contains("login"),
+            "{}",
+            err.message()
+        );
+        assert!(
+            clients[1]
+                .get_vm(VmRequest { vm_id: "m1".into() })
+                .await
+                .is_err(),
+            "a failed prepare left a VM behind on the destination"
+        );
+        common::wait_state(&mut clients[0], "m1", PowerState::Running).await;
+        more_heartbeats(&hosts[0], "m1", 2).await;
+        // Once the target lets host b in, the retry moves the VM.
+        target
+            .server
+            .grant(TARGET_IQN, iscsi_target::InitiatorAccess::open(b_iqn))
+            .unwrap();
+        let src_console = hosts[0].manager.console("m1").await.unwrap();
+        let address = clients[1]
+            .prepare_migration_receive(prepare)
+            .await
+            .unwrap()
+            .into_inner()
+            .address;
+        let a = send(&mut clients[0], request(&address, TOKEN), async |_| {}).await;
+        assert_eq!(a.phase(), MigrationPhase::Completed, "{:?}", a.last());
+        common::wait_state(&mut clients[1], "m1", PowerState::Running).await;
+        more_heartbeats(&hosts[1], "m1", 2).await;
+        let lun = std::fs::read(&target.lun).unwrap();
+        assert_eq!(check_pattern(SEED, 0, 0, &lun[..256 << 10]), Ok(()));
+        let texts = [src_console.text(), console_text(&hosts[1], "m1").await];
+        assert!(assert_chain(&texts.concat(), SEED) > 5);
     }
 
     /// A VM running on host 0 with some heartbeats behind it.

@@ -713,10 +713,16 @@ impl Vm {
             if !self.ctl.is_paused() {
                 return Err(PersistError::NotPaused.into());
             }
-            let mut out = Vec::with_capacity(self.threads.len());
+            // Every vCPU thread saves its own state at once (they are parked): the
+            // switchover of a migration waits for the slowest, not for the sum.
+            let mut replies = Vec::with_capacity(self.threads.len());
             for index in 0..self.threads.len() {
                 let (tx, rx) = std::sync::mpsc::channel();
                 self.ctl.send_request(index, VcpuRequest::Save(tx))?;
+                replies.push(rx);
+            }
+            let mut out = Vec::with_capacity(self.threads.len());
+            for (index, rx) in replies.into_iter().enumerate() {
                 let state =
                     rx.recv_timeout(VCPU_TIMEOUT)
                         .map_err(|_| PersistError::VcpuTimeout {
