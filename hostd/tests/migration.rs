@@ -458,7 +458,7 @@ mod daemons {
     }
 
     /// The long run: `cargo test -p hostd --test migration -- --ignored` (1000 hops, or
-    /// HOSTD_MIGRATION_HOPS).
+    /// HOSTD_MIGRATION_HOPS, a hundred of them after a failed attempt).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "long: 1000 migrations"]
     #[allow(clippy::await_holding_lock)] // held on purpose: see SERIAL
@@ -479,9 +479,63 @@ mod daemons {
         assert_pattern(&p.img);
         let mut texts = Vec::new();
         let mut downtimes = Vec::new();
+        // Every tenth hop first fails on purpose (the destination's VM process killed
+        // mid-transfer, or the connection cut), and must leave the VM running where it was.
+        let mut faults = [0usize; 2];
         for hop in 0..hops {
             let (s, d) = (hop % 2, 1 - hop % 2);
             let src_console = p.hosts[s].manager.console("m1").await.unwrap();
+            if hop % 10 == 5 {
+                let kind = (hop / 10) % 2;
+                let address = prepare(&mut clients[d], &p.img, 32).await;
+                let a = if kind == 0 {
+                    let pid = common::get(&mut clients[d], "m1").await.vmm_pid;
+                    let mut killed = false;
+                    let a = send(&mut clients[s], slow(&address), async |x| {
+                        if !killed && x.bytes_sent > (1 << 20) {
+                            killed = true;
+                            // SAFETY: kill(2) of the destination's VM process this test
+                            // started.
+                            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                        }
+                    })
+                    .await;
+                    assert!(killed, "hop {hop}: {:?}", a.progress);
+                    a
+                } else {
+                    let cut_at = (1 << 20) + (hop * 4096) % (1 << 20);
+                    send(
+                        &mut clients[s],
+                        slow(&cutting_proxy(address, cut_at)),
+                        async |_| {},
+                    )
+                    .await
+                };
+                assert_eq!(
+                    a.phase(),
+                    MigrationPhase::Failed,
+                    "hop {hop}: {:?}",
+                    a.last()
+                );
+                assert!(!a.last().error.is_empty(), "hop {hop}: {:?}", a.last());
+                let vm = common::get(&mut clients[s], "m1").await;
+                assert_eq!(
+                    vm.power_state,
+                    PowerState::Running as i32,
+                    "hop {hop}: {vm:?}"
+                );
+                more_heartbeats(&p.hosts[s], "m1", 1).await;
+                // The destination drops what it had once it sees the stream end (a prepare
+                // before then is refused: the VM is still Migrating there).
+                let deadline = Instant::now() + WAIT;
+                while let Ok(vm) = clients[d].get_vm(VmRequest { vm_id: "m1".into() }).await
+                    && vm.get_ref().power_state == PowerState::Migrating as i32
+                {
+                    assert!(Instant::now() < deadline, "hop {hop}: destination stuck");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                faults[kind] += 1;
+            }
             let address = prepare(&mut clients[d], &p.img, 32).await;
             let a = send(&mut clients[s], request(&address, TOKEN), async |_| {}).await;
             assert_eq!(
@@ -519,7 +573,10 @@ mod daemons {
         texts.push(console_text(&p.hosts[last], "m1").await);
         let all = texts.concat();
         let n = assert_chain(&all, SEED);
-        eprintln!("{hops} hops, {n} heartbeats, downtimes (ms): {downtimes:?}");
+        eprintln!(
+            "{hops} hops, {n} heartbeats; faults survived: {} destinations killed, {} connections cut; downtimes (ms): {downtimes:?}",
+            faults[0], faults[1]
+        );
         assert!(n > 5 + 2 * hops, "{all}");
     }
 
