@@ -123,10 +123,15 @@ where
 
 async fn pool(members: Vec<String>, clients: usize, seconds: u64) -> anyhow::Result<()> {
     let mut c = PoolClient::new(&members);
-    anyhow::ensure!(
-        c.find_leader().await,
-        "no pool leader found among {members:?}"
-    );
+    // Members started a moment ago may still be electing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c.find_leader().await {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no pool leader found among {members:?} in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let until = Instant::now() + Duration::from_secs(seconds);
     let c = Arc::new(c);
     let (lat, secs) = run_clients(clients, seconds, |i| {
