@@ -5,7 +5,7 @@
 // stored under its request id); boxing it on this cold path would buy nothing.
 #![allow(clippy::result_large_err)]
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use proto::coordinator as pb;
 use proto::host as hpb;
@@ -62,7 +62,9 @@ pub struct PoolState {
     pub tasks: BTreeMap<String, pb::Task>,
     /// Task ids in creation order, for pruning.
     pub task_order: VecDeque<String>,
-    pub requests: BTreeMap<String, RequestRecord>,
+    /// Looked up on every write (a hash, not a tree of string compares); their order
+    /// is `request_order`.
+    pub requests: HashMap<String, RequestRecord>,
     pub request_order: VecDeque<(u64, String)>,
     /// Raft index of the last applied entry.
     pub applied_index: u64,
@@ -136,7 +138,7 @@ impl PoolState {
             templates: BTreeMap::new(),
             tasks: BTreeMap::new(),
             task_order: VecDeque::new(),
-            requests: BTreeMap::new(),
+            requests: HashMap::new(),
             request_order: VecDeque::new(),
             applied_index: 0,
             alloc: BTreeMap::new(),

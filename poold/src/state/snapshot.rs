@@ -7,7 +7,7 @@
 //! The persisted type is separate from the runtime
 //! [`PoolState`]: derived data (per-host allocations) is rebuilt on load, not stored.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
 use prost::Message;
 use proto::coordinator as pb;
@@ -209,7 +209,7 @@ pub fn decode(bytes: &[u8]) -> Result<PoolState, SnapshotError> {
     s.task_order = b.tasks.iter().map(|t| t.id.clone()).collect();
     s.tasks = b.tasks.into_iter().map(|t| (t.id.clone(), t)).collect();
     let mut order = VecDeque::new();
-    let mut requests = BTreeMap::new();
+    let mut requests = std::collections::HashMap::with_capacity(b.requests.len());
     for r in b.requests {
         order.push_back((r.at_ms, r.request_id.clone()));
         requests.insert(
@@ -231,6 +231,7 @@ pub fn decode(bytes: &[u8]) -> Result<PoolState, SnapshotError> {
 mod tests {
     use super::*;
     use crate::state::command::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn state_round_trips_with_derived_data_rebuilt() {
