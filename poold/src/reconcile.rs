@@ -155,7 +155,8 @@ pub fn plan(state: &PoolState, reported: &Reported) -> Vec<Step> {
     out
 }
 
-/// A grant to take back: `initiator` (of `host_id`) on `export_id` of storaged `address`.
+/// A grant to take back: `initiator` (of `host_id`, empty for a client outside the pool)
+/// on `export_id` of storaged `address`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Revoke {
     pub address: String,
@@ -164,8 +165,10 @@ pub struct Revoke {
     pub host_id: String,
 }
 
-/// Grants of pool hosts that no VM needs any more. `exports`: storaged address → its
-/// exports as listed.
+/// Grants to take back: those of pool hosts that no VM needs any more, and those of
+/// clients outside the pool (an import or export's access) to a volume that a running VM
+/// uses, which the VM's start revoked unless the grant raced it. `exports`: storaged
+/// address → its exports as listed.
 pub fn plan_access(
     state: &PoolState,
     reported: &Reported,
@@ -186,8 +189,28 @@ pub fn plan_access(
             (!iqn.is_empty()).then_some((iqn, h))
         })
         .collect();
+    let pool_initiators: BTreeSet<&str> = state
+        .hosts
+        .values()
+        .filter_map(|h| h.info.as_ref().map(|i| i.initiator_iqn.as_str()))
+        .filter(|i| !i.is_empty())
+        .collect();
+    // Volumes a VM runs on (as its host reports, or moving): no outside client may have them.
+    let mut in_use: BTreeSet<&str> = BTreeSet::new();
     let mut wanted: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     for vm in state.vms.values() {
+        let running = state.migration_of(&vm.id).is_some()
+            || reported
+                .values()
+                .any(|vms| vms.get(&vm.id).is_some_and(|p| active(*p)));
+        if running {
+            in_use.extend(
+                vm.spec
+                    .iter()
+                    .flat_map(|s| &s.disks)
+                    .map(|d| d.volume_id.as_str()),
+            );
+        }
         let mut on: BTreeSet<&str> = BTreeSet::new();
         if !vm.host_id.is_empty() {
             on.insert(&vm.host_id);
@@ -209,6 +232,17 @@ pub fn plan_access(
     for (address, list) in exports {
         for e in list {
             for g in &e.grants {
+                if !pool_initiators.contains(g.initiator_iqn.as_str()) {
+                    if in_use.contains(e.volume_id.as_str()) {
+                        out.push(Revoke {
+                            address: address.clone(),
+                            export_id: e.id.clone(),
+                            initiator: g.initiator_iqn.clone(),
+                            host_id: String::new(),
+                        });
+                    }
+                    continue;
+                }
                 let Some(h) = hosts.get(&g.initiator_iqn) else {
                     continue;
                 };
@@ -457,6 +491,61 @@ mod tests {
     use crate::state::command::*;
     use hpb::PowerState as P;
     use std::sync::Mutex as StdMutex;
+
+    #[test]
+    fn a_clients_grant_goes_only_from_a_volume_a_vm_runs_on() {
+        let state = crate::jobs::test_utils::World::two_hosts_one_running_vm().state();
+        let export = |id: &str, vol: &str, grants: &[&str]| spb::Export {
+            id: id.into(),
+            volume_id: vol.into(),
+            grants: grants
+                .iter()
+                .map(|g| spb::AccessGrant {
+                    initiator_iqn: (*g).into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let client = "iqn.2026-11.lab:poolctl-export";
+        let exports = BTreeMap::from([(
+            "st:1".to_string(),
+            vec![
+                export("e-vol1", "vol1", &["iqn.h1", client]),
+                export("e-vol9", "vol9", &[client]),
+            ],
+        )]);
+        let running: Reported = BTreeMap::from([
+            (
+                "h1".into(),
+                BTreeMap::from([("vm1".into(), P::Running as i32)]),
+            ),
+            ("h2".into(), BTreeMap::new()),
+        ]);
+        let revokes = plan_access(&state, &running, &exports);
+        assert_eq!(
+            revokes,
+            vec![Revoke {
+                address: "st:1".into(),
+                export_id: "e-vol1".into(),
+                initiator: client.into(),
+                host_id: String::new(),
+            }]
+        );
+        // Stopped, its disk may be exported or imported.
+        let stopped: Reported = BTreeMap::from([
+            (
+                "h1".into(),
+                BTreeMap::from([("vm1".into(), P::Stopped as i32)]),
+            ),
+            ("h2".into(), BTreeMap::new()),
+        ]);
+        assert!(
+            plan_access(&state, &stopped, &exports)
+                .iter()
+                .all(|r| r.initiator != client)
+        );
+    }
 
     fn state_with(vms: &[(&str, &str, P)]) -> PoolState {
         let mut s = PoolState::new("p", BTreeMap::new());

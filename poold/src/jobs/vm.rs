@@ -79,12 +79,48 @@ pub async fn disk_access(
     host_id: &str,
 ) -> Result<Vec<hpb::DiskConfig>, JobError> {
     let spec = vm.spec.clone().unwrap_or_default();
-    let (disks, iqn) = read(&*env.ledger, |s| {
-        Ok::<_, JobError>((disks_of(s, &spec)?, host_initiator(s, host_id)?))
+    let (disks, iqn, pool_initiators) = read(&*env.ledger, |s| {
+        let pool: std::collections::BTreeSet<String> = s
+            .hosts
+            .values()
+            .filter_map(|h| h.info.as_ref().map(|i| i.initiator_iqn.clone()))
+            .filter(|i| !i.is_empty())
+            .collect();
+        Ok::<_, JobError>((disks_of(s, &spec)?, host_initiator(s, host_id)?, pool))
     })?;
     let mut out = Vec::new();
     for (d, loc) in disks {
         let export = export_of(env, &loc, &d.volume_id).await?;
+        // The VM takes its volumes over: access opened for a client outside the pool (an
+        // import or export, OpenVolumeAccess) ends here, its sessions dropped, so nothing
+        // but the VM's host writes the disk while the VM runs.
+        for g in &export.grants {
+            if pool_initiators.contains(&g.initiator_iqn) {
+                continue;
+            }
+            match env
+                .storage
+                .revoke(&loc.address, &export.id, &g.initiator_iqn)
+                .await
+            {
+                Ok(sessions) => tracing::warn!(
+                    volume = %d.volume_id,
+                    initiator = %g.initiator_iqn,
+                    sessions,
+                    "a VM starts on the volume: revoked a client's access"
+                ),
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(s) => {
+                    return Err(JobError::from_status(
+                        format!(
+                            "revoking {}'s access to volume {}",
+                            g.initiator_iqn, d.volume_id
+                        ),
+                        s,
+                    ));
+                }
+            }
+        }
         env.storage
             .grant(&loc.address, &export.id, &iqn)
             .await
@@ -620,6 +656,31 @@ mod tests {
     use super::*;
     use crate::jobs::test_utils::World;
     use crate::state::command::Command;
+
+    /// Access opened for a client outside the pool ends when a VM starts on the volume;
+    /// pool hosts' grants are the reconciler's to manage.
+    #[tokio::test]
+    async fn a_vm_starting_on_a_volume_revokes_a_clients_access_first() {
+        let world = World::two_hosts_one_running_vm();
+        world.storage.grant_now("e-vol1", "iqn.h1");
+        world
+            .storage
+            .grant_now("e-vol1", "iqn.2026-11.lab:poolctl-import");
+        let vm = world.state().vms["vm1"].clone();
+        let disks = disk_access(&world.env(), &vm, "h2").await.unwrap();
+        assert_eq!(disks.len(), 1);
+        let calls = world.storage.calls();
+        let revoke = world
+            .storage
+            .position("revoke:e-vol1:iqn.2026-11.lab:poolctl-import")
+            .unwrap_or_else(|| panic!("the client's grant stayed: {calls:?}"));
+        let grant = world.storage.position("grant:e-vol1:iqn.h2").unwrap();
+        assert!(revoke < grant, "{calls:?}");
+        assert!(
+            !calls.iter().any(|c| c == "revoke:e-vol1:iqn.h1"),
+            "{calls:?}"
+        );
+    }
 
     /// A VM from a template with start was placed by its job; the host filled up while
     /// the disks were cloned, so the commit creates it stopped and the task says why.
