@@ -162,6 +162,25 @@ impl Grpc {
     }
 }
 
+/// Every item of a List call: `page` fetches the page a token names and returns its
+/// items and the next token (empty after the last page).
+async fn all_pages<T, F, Fut>(mut page: F) -> Result<Vec<T>, Status>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), Status>>,
+{
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = page(token).await?;
+        out.extend(items);
+        if next.is_empty() {
+            return Ok(out);
+        }
+        token = next;
+    }
+}
+
 /// Runs one call with a time limit; the answer's body, or its status.
 async fn within<T>(
     limit: Duration,
@@ -193,26 +212,19 @@ impl StorageOps for Grpc {
     }
 
     async fn list_pools(&self, addr: &str) -> Result<Vec<spb::ThinPool>, Status> {
-        let mut c = self.storage(addr)?;
-        let mut out = Vec::new();
-        let mut token = String::new();
-        loop {
-            let r = within(
-                self.call_timeout,
-                "ListPools",
-                addr,
-                c.list_pools(spb::ListPoolsRequest {
+        let c = self.storage(addr)?;
+        all_pages(|page_token| {
+            let mut c = c.clone();
+            async move {
+                let r = spb::ListPoolsRequest {
                     page_size: 0,
-                    page_token: token.clone(),
-                }),
-            )
-            .await?;
-            out.extend(r.pools);
-            if r.next_page_token.is_empty() {
-                return Ok(out);
+                    page_token,
+                };
+                let r = within(self.call_timeout, "ListPools", addr, c.list_pools(r)).await?;
+                Ok((r.pools, r.next_page_token))
             }
-            token = r.next_page_token;
-        }
+        })
+        .await
     }
 
     async fn pool_usage(&self, addr: &str, pool_id: &str) -> Result<spb::PoolUsage, Status> {
@@ -241,28 +253,21 @@ impl StorageOps for Grpc {
     }
 
     async fn list_volumes(&self, addr: &str, pool_id: &str) -> Result<Vec<spb::Volume>, Status> {
-        let mut c = self.storage(addr)?;
-        let mut out = Vec::new();
-        let mut token = String::new();
-        loop {
-            let r = within(
-                self.call_timeout,
-                "ListVolumes",
-                addr,
-                c.list_volumes(spb::ListVolumesRequest {
+        let c = self.storage(addr)?;
+        all_pages(|page_token| {
+            let mut c = c.clone();
+            async move {
+                let r = spb::ListVolumesRequest {
                     pool_id: pool_id.to_owned(),
                     page_size: 0,
-                    page_token: token.clone(),
+                    page_token,
                     kind: 0,
-                }),
-            )
-            .await?;
-            out.extend(r.volumes);
-            if r.next_page_token.is_empty() {
-                return Ok(out);
+                };
+                let r = within(self.call_timeout, "ListVolumes", addr, c.list_volumes(r)).await?;
+                Ok((r.volumes, r.next_page_token))
             }
-            token = r.next_page_token;
-        }
+        })
+        .await
     }
 
     async fn resize_volume(
@@ -338,27 +343,20 @@ impl StorageOps for Grpc {
     }
 
     async fn list_exports(&self, addr: &str, volume_id: &str) -> Result<Vec<spb::Export>, Status> {
-        let mut c = self.storage(addr)?;
-        let mut out = Vec::new();
-        let mut token = String::new();
-        loop {
-            let r = within(
-                self.call_timeout,
-                "ListExports",
-                addr,
-                c.list_exports(spb::ListExportsRequest {
+        let c = self.storage(addr)?;
+        all_pages(|page_token| {
+            let mut c = c.clone();
+            async move {
+                let r = spb::ListExportsRequest {
                     volume_id: volume_id.to_owned(),
                     page_size: 0,
-                    page_token: token.clone(),
-                }),
-            )
-            .await?;
-            out.extend(r.exports);
-            if r.next_page_token.is_empty() {
-                return Ok(out);
+                    page_token,
+                };
+                let r = within(self.call_timeout, "ListExports", addr, c.list_exports(r)).await?;
+                Ok((r.exports, r.next_page_token))
             }
-            token = r.next_page_token;
-        }
+        })
+        .await
     }
 
     async fn grant(&self, addr: &str, export_id: &str, initiator: &str) -> Result<(), Status> {
@@ -416,26 +414,19 @@ impl HostOps for Grpc {
     }
 
     async fn list_vms(&self, addr: &str) -> Result<Vec<hpb::Vm>, Status> {
-        let mut c = self.host(addr)?;
-        let mut out = Vec::new();
-        let mut token = String::new();
-        loop {
-            let r = within(
-                Duration::from_secs(2),
-                "ListVms",
-                addr,
-                c.list_vms(hpb::ListVmsRequest {
+        let c = self.host(addr)?;
+        all_pages(|page_token| {
+            let mut c = c.clone();
+            async move {
+                let r = hpb::ListVmsRequest {
                     page_size: 0,
-                    page_token: token.clone(),
-                }),
-            )
-            .await?;
-            out.extend(r.vms);
-            if r.next_page_token.is_empty() {
-                return Ok(out);
+                    page_token,
+                };
+                let r = within(Duration::from_secs(2), "ListVms", addr, c.list_vms(r)).await?;
+                Ok((r.vms, r.next_page_token))
             }
-            token = r.next_page_token;
-        }
+        })
+        .await
     }
 
     async fn create_vm(&self, addr: &str, r: hpb::CreateVmRequest) -> Result<hpb::Vm, Status> {
