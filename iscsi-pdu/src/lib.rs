@@ -8,6 +8,7 @@
 //! - [`text`]: `key=value` text parameters and the negotiation rules of every RFC 7143 key.
 //! - [`chap`]: CHAP (MD5) responses and the `0x`/`0b` binary encodings.
 //! - [`serial`]: serial-number comparisons for CmdSN, StatSN, DataSN.
+//! - [`scsi`]: SCSI status bytes and sense keys.
 //!
 //! ```
 //! use bytes::BytesMut;
@@ -29,6 +30,7 @@
 pub mod bhs;
 pub mod chap;
 pub mod frame;
+pub mod scsi;
 pub mod serial;
 pub mod text;
 
