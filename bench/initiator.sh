@@ -18,12 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
-if ! command -v iscsi-perf >/dev/null || ! command -v tgtd >/dev/null; then
-  echo "installing libiscsi-bin and tgt" >&2
-  as_root apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq libiscsi-bin tgt >/dev/null
-fi
+. bench/lib.sh
+need_iscsi_tools
 
 seconds=${BENCH_SECONDS:-5}
 rounds=${BENCH_ROUNDS:-5}
@@ -34,30 +30,11 @@ iqn=iqn.2024-01.org.pool.bench:initiator
 initiator=iqn.2024-01.org.pool.bench:client
 
 work=$(mktemp -d /tmp/iscsi-initiator-bench.XXXXXX)
-tgt_pid=""
-export TGT_IPC_SOCKET=$work/tgtd.sock
 cleanup() {
-  if [ -n "$tgt_pid" ]; then
-    # tgtd ignores SIGTERM: take it offline and delete it through its own socket.
-    tgtadm --op update --mode sys --name State -v offline >/dev/null 2>&1 || true
-    tgtadm --lld iscsi --op delete --mode target --tid 1 --force >/dev/null 2>&1 || true
-    tgtadm --op delete --mode system >/dev/null 2>&1 || true
-    for _ in $(seq 50); do kill -0 "$tgt_pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$tgt_pid" 2>/dev/null || true
-    wait "$tgt_pid" 2>/dev/null || true
-  fi
+  tgt_stop
   rm -rf "$work"
 }
 trap cleanup EXIT
-
-wait_port() {
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "nothing listens on port $1" >&2
-  return 1
-}
 
 echo "building" >&2
 cargo build -q -p iscsi-initiator --release --bin iscsi
@@ -67,13 +44,7 @@ echo "preparing a ${size_mb} MiB LUN in the page cache" >&2
 head -c "$((size_mb << 20))" /dev/urandom >"$work/lun.img"
 cat "$work/lun.img" >/dev/null
 
-tgtd -f --iscsi "portal=127.0.0.1:$port" >"$work/tgt.log" 2>&1 &
-tgt_pid=$!
-wait_port "$port"
-for _ in $(seq 50); do [ -S "$work/tgtd.sock.0" ] && break; sleep 0.1; done
-tgtadm --lld iscsi --op new --mode target --tid 1 -T "$iqn"
-tgtadm --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$work/lun.img"
-tgtadm --lld iscsi --op bind --mode target --tid 1 -I ALL
+tgt_start "$work" "$port" "$iqn" "$work/lun.img"
 url="iscsi://127.0.0.1:$port/$iqn/1"
 
 # Each prints "IOPS CPU_US_PER_IO": the rate, and the client's own CPU time (user + system)

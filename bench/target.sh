@@ -26,12 +26,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
-if ! command -v iscsi-perf >/dev/null || ! command -v tgtd >/dev/null; then
-  echo "installing libiscsi-bin and tgt" >&2
-  as_root apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq libiscsi-bin tgt >/dev/null
-fi
+. bench/lib.sh
+need_iscsi_tools
 
 seconds=${BENCH_SECONDS:-4}
 rounds=${BENCH_ROUNDS:-3}
@@ -48,9 +44,7 @@ export RUST_BACKTRACE=0
 
 work=$(mktemp -d /tmp/iscsi-bench.XXXXXX)
 ours_pid=""
-tgt_pid=""
 thin_pid=""
-export TGT_IPC_SOCKET=$work/tgtd.sock
 stop_pid() {
   local pid=$1
   [ -n "$pid" ] || return 0
@@ -62,25 +56,10 @@ stop_pid() {
 cleanup() {
   stop_pid "$ours_pid"
   stop_pid "$thin_pid"
-  if [ -n "$tgt_pid" ]; then
-    tgtadm --op update --mode sys --name State -v offline >/dev/null 2>&1 || true
-    tgtadm --op delete --mode system >/dev/null 2>&1 || true
-    for _ in $(seq 50); do kill -0 "$tgt_pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$tgt_pid" 2>/dev/null || true
-    wait "$tgt_pid" 2>/dev/null || true
-  fi
+  tgt_stop
   rm -rf "$work"
 }
 trap cleanup EXIT
-
-wait_port() {
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "nothing listens on port $1" >&2
-  return 1
-}
 
 echo "building" >&2
 cargo build -q --release -p iscsi-target --example serve --example loadgen -p storaged --bin storaged
@@ -101,8 +80,7 @@ dd if="$work/ours.img" of="$work/tgt.img" bs=1M status=none
 "$bin/serve" --file "$work/ours.img" --listen "127.0.0.1:$ours_port" --iqn "$ours_iqn" \
   >"$work/ours.log" 2>&1 &
 ours_pid=$!
-tgtd -f --iscsi "portal=127.0.0.1:$tgt_port" >"$work/tgt.log" 2>&1 &
-tgt_pid=$!
+tgt_start "$work" "$tgt_port" "$tgt_iqn" "$work/tgt.img"
 
 # The pool has room for the whole volume and then some; the volume is as big as the files.
 "$storaged" pool create --file "$work/pool.img" --size "$((size_mb + 256))M" >/dev/null
@@ -120,11 +98,7 @@ EOF
 thin_pid=$!
 
 wait_port "$ours_port"
-wait_port "$tgt_port"
 wait_port "$thin_port"
-tgtadm --lld iscsi --op new --mode target --tid 1 -T "$tgt_iqn"
-tgtadm --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$work/tgt.img"
-tgtadm --lld iscsi --op bind --mode target --tid 1 -I ALL
 ours_url="iscsi://127.0.0.1:$ours_port/$ours_iqn/0"
 tgt_url="iscsi://127.0.0.1:$tgt_port/$tgt_iqn/1"
 thin_url="iscsi://127.0.0.1:$thin_port/$thin_iqn/0"

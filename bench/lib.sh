@@ -1,0 +1,47 @@
+# Shared by the iSCSI benchmarks (sourced, not run): tools, port waits and tgt.
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
+
+# libiscsi's tools (iscsi-perf) and tgt, installed when missing.
+need_iscsi_tools() {
+  if ! command -v iscsi-perf >/dev/null || ! command -v tgtd >/dev/null; then
+    echo "installing libiscsi-bin and tgt" >&2
+    as_root apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq libiscsi-bin tgt >/dev/null
+  fi
+}
+
+wait_port() {
+  for _ in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2
+  return 1
+}
+
+tgt_pid=""
+# tgt_start WORKDIR PORT IQN IMAGE: tgtd on 127.0.0.1:PORT serving IMAGE as LUN 1 of
+# target IQN to any initiator; its control socket lives in WORKDIR.
+tgt_start() {
+  export TGT_IPC_SOCKET=$1/tgtd.sock
+  tgtd -f --iscsi "portal=127.0.0.1:$2" >"$1/tgt.log" 2>&1 &
+  tgt_pid=$!
+  wait_port "$2"
+  for _ in $(seq 50); do [ -S "$1/tgtd.sock.0" ] && break; sleep 0.1; done
+  tgtadm --lld iscsi --op new --mode target --tid 1 -T "$3"
+  tgtadm --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$4"
+  tgtadm --lld iscsi --op bind --mode target --tid 1 -I ALL
+}
+
+# tgtd ignores SIGTERM: take it offline and delete it through its own socket.
+tgt_stop() {
+  [ -n "$tgt_pid" ] || return 0
+  tgtadm --op update --mode sys --name State -v offline >/dev/null 2>&1 || true
+  tgtadm --lld iscsi --op delete --mode target --tid 1 --force >/dev/null 2>&1 || true
+  tgtadm --op delete --mode system >/dev/null 2>&1 || true
+  for _ in $(seq 50); do kill -0 "$tgt_pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$tgt_pid" 2>/dev/null || true
+  wait "$tgt_pid" 2>/dev/null || true
+  tgt_pid=""
+}
