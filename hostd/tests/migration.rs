@@ -674,37 +674,7 @@ mod daemons {
         let _serial = serial();
         let dir = tempfile::tempdir().unwrap();
         let target = Target::start(dir.path());
-        let hosts = [
-            Daemon::start_host(
-                &dir.path().join("a"),
-                256 << 20,
-                "127.0.0.1",
-                "iqn.2026-11.lab.pool:host-a",
-            )
-            .await,
-            Daemon::start_host(
-                &dir.path().join("b"),
-                256 << 20,
-                "127.0.0.2",
-                "iqn.2026-11.lab.pool:host-b",
-            )
-            .await,
-        ];
-        let mut clients = [hosts[0].client().await, hosts[1].client().await];
-        let mut cfg = vm_config(&dir.path().join("unused"), 32);
-        cfg.disks = vec![DiskConfig {
-            id: "vda".into(),
-            backend: Some(disk_config::Backend::Iscsi(IscsiDisk {
-                portal: format!("127.0.0.1:{}", target.port),
-                target_iqn: TARGET_IQN.into(),
-                lun: 0,
-                volume_id: "vol-0".into(),
-                ..Default::default()
-            })),
-            read_only: false,
-        }];
-        common::create(&mut clients[0], "m1", cfg.clone(), true).await;
-        more_heartbeats(&hosts[0], "m1", 3).await;
+        let (hosts, mut clients, cfg) = on_iscsi(dir.path(), &target).await;
         let mut texts = Vec::new();
         for hop in 0..4 {
             let (s, d) = (hop % 2, 1 - hop % 2);
@@ -745,27 +715,8 @@ mod daemons {
     async fn a_refused_iscsi_login_on_the_destination_leaves_the_vm_on_the_source() {
         let _serial = serial();
         let dir = tempfile::tempdir().unwrap();
-        let (a_iqn, b_iqn) = ("iqn.2026-11.lab.pool:host-a", "iqn.2026-11.lab.pool:host-b");
-        let target = Target::start_for(dir.path(), Some(&[a_iqn]));
-        let hosts = [
-            Daemon::start_host(&dir.path().join("a"), 256 << 20, "127.0.0.1", a_iqn).await,
-            Daemon::start_host(&dir.path().join("b"), 256 << 20, "127.0.0.2", b_iqn).await,
-        ];
-        let mut clients = [hosts[0].client().await, hosts[1].client().await];
-        let mut cfg = vm_config(&dir.path().join("unused"), 32);
-        cfg.disks = vec![DiskConfig {
-            id: "vda".into(),
-            backend: Some(disk_config::Backend::Iscsi(IscsiDisk {
-                portal: format!("127.0.0.1:{}", target.port),
-                target_iqn: TARGET_IQN.into(),
-                lun: 0,
-                volume_id: "vol-0".into(),
-                ..Default::default()
-            })),
-            read_only: false,
-        }];
-        common::create(&mut clients[0], "m1", cfg.clone(), true).await;
-        more_heartbeats(&hosts[0], "m1", 3).await;
+        let target = Target::start_for(dir.path(), Some(&[HOST_IQNS[0]]));
+        let (hosts, mut clients, cfg) = on_iscsi(dir.path(), &target).await;
         let prepare = PrepareMigrationReceiveRequest {
             vm_id: "m1".into(),
             config: Some(cfg.clone()),
@@ -793,7 +744,10 @@ mod daemons {
         // Once the target lets host b in, the retry moves the VM.
         target
             .server
-            .grant(TARGET_IQN, iscsi_target::InitiatorAccess::open(b_iqn))
+            .grant(
+                TARGET_IQN,
+                iscsi_target::InitiatorAccess::open(HOST_IQNS[1]),
+            )
             .unwrap();
         let src_console = hosts[0].manager.console("m1").await.unwrap();
         let address = clients[1]
@@ -810,6 +764,36 @@ mod daemons {
         assert_eq!(check_pattern(SEED, 0, 0, &lun[..256 << 10]), Ok(()));
         let texts = [src_console.text(), console_text(&hosts[1], "m1").await];
         assert!(assert_chain(&texts.concat(), SEED) > 5);
+    }
+
+    const HOST_IQNS: [&str; 2] = ["iqn.2026-11.lab.pool:host-a", "iqn.2026-11.lab.pool:host-b"];
+
+    /// Two hosts (127.0.0.1 and 127.0.0.2, initiators HOST_IQNS) and VM m1 running on the
+    /// first with its disk on `target`'s LUN; the hosts, their clients and the VM's config.
+    async fn on_iscsi(
+        dir: &Path,
+        target: &Target,
+    ) -> ([Daemon; 2], [HostServiceClient<Channel>; 2], VmConfig) {
+        let hosts = [
+            Daemon::start_host(&dir.join("a"), 256 << 20, "127.0.0.1", HOST_IQNS[0]).await,
+            Daemon::start_host(&dir.join("b"), 256 << 20, "127.0.0.2", HOST_IQNS[1]).await,
+        ];
+        let mut clients = [hosts[0].client().await, hosts[1].client().await];
+        let mut cfg = vm_config(&dir.join("unused"), 32);
+        cfg.disks = vec![DiskConfig {
+            id: "vda".into(),
+            backend: Some(disk_config::Backend::Iscsi(IscsiDisk {
+                portal: format!("127.0.0.1:{}", target.port),
+                target_iqn: TARGET_IQN.into(),
+                lun: 0,
+                volume_id: "vol-0".into(),
+                ..Default::default()
+            })),
+            read_only: false,
+        }];
+        common::create(&mut clients[0], "m1", cfg.clone(), true).await;
+        more_heartbeats(&hosts[0], "m1", 3).await;
+        (hosts, clients, cfg)
     }
 
     /// A VM running on host 0 with some heartbeats behind it.
