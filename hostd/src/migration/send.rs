@@ -83,7 +83,7 @@ pub struct Switchover {
     pub pause: Duration,
     /// Saving vCPU and device state and sending the last dirty pages and the state.
     pub last_delta: Duration,
-    /// Until the destination had built the VM from the state (Restored).
+    /// Until the destination had applied the state to its prepared VM (Restored).
     pub restore: Duration,
     /// Go until the destination's vCPUs ran (Resumed).
     pub resume: Duration,

@@ -361,7 +361,7 @@ pub struct Vm {
 impl Vm {
     /// Builds the VM, stopped: nothing runs until [`Vm::start`].
     pub fn new(spec: &VmSpec, console: Arc<dyn ConsoleOut>) -> Result<Self, VmError> {
-        Self::build(spec, console, None, None)
+        Self::build(spec, console, None)
     }
 
     /// Builds a VM from a snapshot taken by [`Vm::save`] of a VM with the same spec: the
@@ -393,7 +393,7 @@ impl Vm {
             }
             .into());
         }
-        Self::build(spec, console, Some(snapshot), None)
+        Self::build(spec, console, Some(snapshot))
     }
 
     /// The part of building a VM that needs no state: the KVM VM with its irqchip, PIT,
@@ -442,13 +442,8 @@ impl Vm {
         spec: &VmSpec,
         console: Arc<dyn ConsoleOut>,
         snapshot: Option<&VmSnapshot>,
-        memory: Option<GuestRam>,
     ) -> Result<Self, VmError> {
-        let memory = match memory {
-            Some(m) => m,
-            None => new_guest_ram(spec.memory_bytes)?,
-        };
-        let shell = Shell::new(spec, memory)?;
+        let shell = Shell::new(spec, new_guest_ram(spec.memory_bytes)?)?;
         Self::assemble(shell, spec, console, snapshot, false)
     }
 
