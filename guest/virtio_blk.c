@@ -112,8 +112,12 @@ struct blk {
 static int use_idle = -1;
 /* Before parking, poll this long: a completion that is that close costs less to catch
  * spinning than an exit and a wake-up. Linux guests do the same (cpuidle-haltpoll, whose
- * default window, guest_halt_poll_ns, is 200 us). */
-#define IDLE_POLL_US 200
+ * default window, guest_halt_poll_ns, is 200 us). blk_poll_us sets it. */
+static u64 idle_poll_us = 200;
+/* The window while several requests are in flight (blk_poll_many_us): the host threads
+ * that complete them need the CPU this vCPU would spin on, and one wake-up then reaps
+ * several completions, so parking at once serves them faster. */
+static u64 idle_poll_many_us = 0;
 
 static u32 rd(struct blk *b, u32 off) { return mmio_read32(b->base + off); }
 static void wr(struct blk *b, u32 off, u32 v) { mmio_write32(b->base + off, v); }
@@ -257,6 +261,8 @@ static int blk_init(struct blk *b)
 	 * they only end that wait, and are never delivered (IF stays 0). */
 	if (use_idle < 0)
 		use_idle = arg_u64("blk_idle", 1) != 0;
+	idle_poll_us = arg_u64("blk_poll_us", 200);
+	idle_poll_many_us = arg_u64("blk_poll_many_us", 0);
 	b->avail[0] = 1;
 	return 0;
 }
@@ -325,9 +331,10 @@ static int reap_ready(struct blk *b)
  * nothing); they are asked for only right before parking, and the ring is read once more
  * after asking, so a completion in between is not slept through (virtio drivers do the
  * same with their callbacks). */
-static int reap(struct blk *b)
+static int reap(struct blk *b, u64 inflight)
 {
 	u64 polled_from = rdtsc(), deadline = polled_from + 10000 * tsc_per_ms;
+	u64 window = (inflight > 1 ? idle_poll_many_us : idle_poll_us) * tsc_per_ms / 1000;
 	int parked = 0;
 	for (;;) {
 		u16 idx = (u16)(b->used[0] >> 16);
@@ -344,7 +351,7 @@ static int reap(struct blk *b)
 				b->avail[0] = 1;
 			return -1;
 		}
-		if (use_idle && rdtsc() - polled_from > IDLE_POLL_US * tsc_per_ms / 1000) {
+		if (use_idle && rdtsc() - polled_from >= window) {
 			if (!parked) {
 				parked = 1;
 				b->avail[0] = 0;
@@ -367,7 +374,7 @@ static int reap(struct blk *b)
 static int request(struct blk *b, u32 type, u64 sector, void *data, u32 len)
 {
 	submit(b, 0, type, sector, data, len);
-	int k = reap(b);
+	int k = reap(b, 1);
 	if (k < 0) {
 		printf("BLK dev=%u error=timeout type=%u sector=%lu\n", b->index, type, sector);
 		return -1;
@@ -445,7 +452,7 @@ static int randread(struct blk *b, u64 seed)
 		submit(b, k, T_IN, (splitmix64(&rng) % blocks) * 8, bufs + k * 4096, 4096);
 	u64 inflight = qd;
 	for (;;) {
-		int k = reap(b);
+		int k = reap(b, inflight);
 		if (k < 0) {
 			printf("BLK dev=%u randread error=timeout\n", b->index);
 			return -1;
@@ -469,7 +476,7 @@ static int randread(struct blk *b, u64 seed)
 			break;
 	}
 	for (; inflight; inflight--)
-		if (reap(b) < 0)
+		if (reap(b, inflight) < 0)
 			break;
 	u64 ms = (rdtsc() - t0) / tsc_per_ms;
 	printf("BLK dev=%u randread qd=%lu ops=%lu ms=%lu iops=%lu errors=%lu\n", b->index, qd, ops, ms,

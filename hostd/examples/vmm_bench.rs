@@ -333,8 +333,9 @@ async fn guest_iscsi_iops(
         config: Some(vm_config(
             guest,
             &format!(
-                "blk=randread blk_s={IO_SECONDS} blk_qd={qd} blk_idle={} then=spin",
-                u8::from(idle)
+                "blk=randread blk_s={IO_SECONDS} blk_qd={qd} blk_idle={} then=spin {}",
+                u8::from(idle),
+                std::env::var("VMM_BENCH_GUEST_ARGS").unwrap_or_default()
             ),
             vec![DiskConfig {
                 id: "vda".into(),
@@ -412,7 +413,8 @@ async fn main() {
         .is_ok_and(|s| s.success());
 
     if std::env::var_os("VMM_BENCH_ONLY_BLK").is_some() {
-        // For working on the block path: the iSCSI rows alone.
+        // For working on the block path: the iSCSI rows alone (VMM_BENCH_GUEST_ARGS adds
+        // guest arguments to them, e.g. `blk_poll_many_us=30`).
         let daemon = start_daemon(&hostd);
         let mut c = HostServiceClient::connect(format!("http://{}", daemon.addr))
             .await
