@@ -1,10 +1,12 @@
-# Shared by the iSCSI benchmarks (sourced, not run): tools, port waits and tgt.
+# Shared by the iSCSI benchmarks and tests/conformance/run.sh (sourced, not run): tools,
+# port waits and tgt.
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
 
 # libiscsi's tools (iscsi-perf) and tgt, installed when missing.
 need_iscsi_tools() {
-  if ! command -v iscsi-perf >/dev/null || ! command -v tgtd >/dev/null; then
+  if ! command -v iscsi-perf >/dev/null || ! command -v iscsi-test-cu >/dev/null ||
+    ! command -v tgtd >/dev/null; then
     echo "installing libiscsi-bin and tgt" >&2
     as_root apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq libiscsi-bin tgt >/dev/null
@@ -21,8 +23,9 @@ wait_port() {
 }
 
 tgt_pid=""
-# tgt_start WORKDIR PORT IQN IMAGE: tgtd on 127.0.0.1:PORT serving IMAGE as LUN 1 of
-# target IQN to any initiator; its control socket lives in WORKDIR.
+# tgt_start WORKDIR PORT IQN IMAGE [LUN-PARAMS]: tgtd on 127.0.0.1:PORT serving IMAGE as
+# LUN 1 of target IQN to any initiator (LUN 0 is tgt's controller); its control socket
+# lives in WORKDIR. LUN-PARAMS (e.g. thin_provisioning=1) go to the LUN.
 tgt_start() {
   export TGT_IPC_SOCKET=$1/tgtd.sock
   tgtd -f --iscsi "portal=127.0.0.1:$2" >"$1/tgt.log" 2>&1 &
@@ -31,6 +34,9 @@ tgt_start() {
   for _ in $(seq 50); do [ -S "$1/tgtd.sock.0" ] && break; sleep 0.1; done
   tgtadm --lld iscsi --op new --mode target --tid 1 -T "$3"
   tgtadm --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$4"
+  if [ -n "${5:-}" ]; then
+    tgtadm --lld iscsi --op update --mode logicalunit --tid 1 --lun 1 --params "$5"
+  fi
   tgtadm --lld iscsi --op bind --mode target --tid 1 -I ALL
 }
 

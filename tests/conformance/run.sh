@@ -29,12 +29,9 @@ cd "$(dirname "$0")/../.."
 root=$(pwd)
 started=$(date +%s)
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
-if ! command -v iscsi-test-cu >/dev/null || ! command -v tgtd >/dev/null; then
-  echo "installing libiscsi-bin and tgt" >&2
-  as_root apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq libiscsi-bin tgt >/dev/null
-fi
+# as_root, need_iscsi_tools, wait_port, tgt_start and tgt_stop.
+source "$root/bench/lib.sh"
+need_iscsi_tools
 
 timeout_s=${CONFORMANCE_TIMEOUT:-60}
 lun_mb=${CONFORMANCE_LUN_MB:-64}
@@ -51,9 +48,7 @@ thin_iqn=iqn.2024-01.org.pool.conformance:thin
 
 work=$(mktemp -d /tmp/iscsi-conformance.XXXXXX)
 ours_pid=""
-tgt_pid=""
 thin_pid=""
-export TGT_IPC_SOCKET=$work/tgtd.sock
 stop_pid() {
   local pid=$1
   [ -n "$pid" ] || return 0
@@ -65,26 +60,10 @@ stop_pid() {
 cleanup() {
   stop_pid "$ours_pid"
   stop_pid "$thin_pid"
-  if [ -n "$tgt_pid" ]; then
-    # tgtd ignores SIGTERM: take it offline and delete it through its own socket.
-    tgtadm --op update --mode sys --name State -v offline >/dev/null 2>&1 || true
-    tgtadm --op delete --mode system >/dev/null 2>&1 || true
-    for _ in $(seq 50); do kill -0 "$tgt_pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$tgt_pid" 2>/dev/null || true
-    wait "$tgt_pid" 2>/dev/null || true
-  fi
+  tgt_stop
   rm -rf "$work"
 }
 trap cleanup EXIT
-
-wait_port() {
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "nothing listens on port $1" >&2
-  return 1
-}
 
 echo "building the target and storaged ($profile profile)" >&2
 packages=(-p iscsi-target --example serve)
@@ -125,14 +104,8 @@ fi
 tgt_url=""
 if [ -z "${CONFORMANCE_SKIP_TGT:-}" ]; then
   truncate -s "${lun_mb}M" "$work/tgt.img"
-  tgtd -f --iscsi "portal=127.0.0.1:$tgt_port" >"$work/tgt.log" 2>&1 &
-  tgt_pid=$!
-  wait_port "$tgt_port"
-  tgtadm --lld iscsi --op new --mode target --tid 1 -T "$tgt_iqn"
-  tgtadm --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$work/tgt.img"
   # Thin provisioning on, as the issue measured tgt: its UNMAP and GET LBA STATUS tests run.
-  tgtadm --lld iscsi --op update --mode logicalunit --tid 1 --lun 1 --params thin_provisioning=1
-  tgtadm --lld iscsi --op bind --mode target --tid 1 -I ALL
+  tgt_start "$work" "$tgt_port" "$tgt_iqn" "$work/tgt.img" thin_provisioning=1
   # LUN 0 of a tgt target is its controller; the disk is LUN 1.
   tgt_url="iscsi://127.0.0.1:$tgt_port/$tgt_iqn/1"
 fi
