@@ -213,6 +213,31 @@ pub fn console_until(
     result
 }
 
+/// `poolctl vm-create` arguments for a 64 MiB VM `name` that boots the test guest
+/// (`kernel`) with `cmdline` from `disk`; `extra` follows (`--ha restart`, `--start`).
+pub fn guest_vm<'a>(
+    name: &'a str,
+    disk: &'a str,
+    kernel: &'a str,
+    cmdline: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "vm-create",
+        name,
+        "--disk",
+        disk,
+        "--kernel",
+        kernel,
+        "--cmdline",
+        cmdline,
+        "--memory",
+        "64M",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// The test guest, written where every host reads it (the hosts share this machine).
 pub fn guest_elf(dir: &Path) -> String {
     let path = dir.join("guest.elf");

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use e2e_tests::pool::{console_line, guest_elf};
+use e2e_tests::pool::{console_line, guest_elf, guest_vm};
 use e2e_tests::{binary, poolctl, poolctl_ok, text, wait_for};
 
 const POOL: &str = "172.28.0.11:7101,172.28.0.12:7101,172.28.0.13:7101";
@@ -161,19 +161,13 @@ fn the_compose_image_runs_and_the_compose_pool_boots_a_vm() {
     poolctl_ok(POOL, &["vdi-create", "d1", "--sr", "sr1", "--size", "16M"]);
     poolctl_ok(
         POOL,
-        &[
-            "vm-create",
+        &guest_vm(
             "v1",
-            "--disk",
             "d1",
-            "--kernel",
             "/srv/pool/guest.elf",
-            "--cmdline",
             "seed=2 blk=rw mode=heartbeat hb_ms=100",
-            "--memory",
-            "64M",
-            "--start",
-        ],
+            &["--start"],
+        ),
     );
     let hb = console_line(POOL, "v1", "HB seq=", Duration::from_secs(90))
         .unwrap_or_else(|| panic!("v1 beats in the compose pool\n{}", logs()));

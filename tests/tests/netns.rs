@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use e2e_tests::pool::{console_line, field, guest_elf};
+use e2e_tests::pool::{console_line, field, guest_elf, guest_vm};
 use e2e_tests::{binary, poolctl, poolctl_ok, text, wait_for};
 
 const POOL: &str = "10.77.0.1:7101,10.77.0.1:7102,10.77.0.1:7103";
@@ -145,21 +145,13 @@ fn the_netns_lab_fences_a_cut_off_host_and_takes_it_back() {
     let elf = guest_elf(tmp.path());
     poolctl_ok(
         POOL,
-        &[
-            "vm-create",
+        &guest_vm(
             "v1",
-            "--disk",
             "d1",
-            "--kernel",
             &elf,
-            "--cmdline",
             "seed=4 blk=rw mode=heartbeat hb_ms=100",
-            "--memory",
-            "64M",
-            "--ha",
-            "restart",
-            "--start",
-        ],
+            &["--ha", "restart", "--start"],
+        ),
     );
     let line = wait_for(Duration::from_secs(60), || {
         vm_line("v1").filter(|l| l.contains("\"power\": \"running\""))

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use e2e_tests::pool::{
-    Pool, can_open, console_line, field, guest_elf, processes_with, signal, targets,
+    Pool, can_open, console_line, field, guest_elf, guest_vm, processes_with, signal, targets,
 };
 use e2e_tests::{poolctl, poolctl_ok, wait_for};
 
@@ -43,18 +43,13 @@ fn hosts_join_and_a_vm_lives_its_life() {
     ]);
     pool.ctl(&["vdi-create", "base-disk", "--sr", "sr1", "--size", "16M"]);
     let elf = guest_elf(dir.path());
-    pool.ctl(&[
-        "vm-create",
+    pool.ctl(&guest_vm(
         "base",
-        "--disk",
         "base-disk",
-        "--kernel",
         &elf,
-        "--cmdline",
         "seed=7 blk=rw mode=heartbeat hb_ms=200",
-        "--memory",
-        "64M",
-    ]);
+        &[],
+    ));
     pool.ctl(&["template-create", "guest", "base"]);
     let t = pool.ctl(&["template-list"]);
     assert!(t.contains("guest"), "{t}");
@@ -157,21 +152,13 @@ fn ha_restarts_a_dead_hosts_vm_elsewhere_after_fencing_it() {
     ]);
     pool.ctl(&["vdi-create", "ha-disk", "--sr", "sr1", "--size", "16M"]);
     let elf = guest_elf(dir.path());
-    pool.ctl(&[
-        "vm-create",
+    pool.ctl(&guest_vm(
         "ha-vm",
-        "--disk",
         "ha-disk",
-        "--kernel",
         &elf,
-        "--cmdline",
         "seed=9 blk=rw mode=heartbeat hb_ms=100",
-        "--memory",
-        "64M",
-        "--ha",
-        "restart",
-        "--start",
-    ]);
+        &["--ha", "restart", "--start"],
+    ));
     let line = pool.wait_vm("ha-vm", "\"power\": \"running\"", Duration::from_secs(60));
     let first = field(&line, "host");
     console_line(&pool.p, "ha-vm", "HB seq=", Duration::from_secs(30))
@@ -267,21 +254,13 @@ fn a_fenced_host_that_comes_back_stops_its_stale_vm_and_rejoins() {
     ]);
     pool.ctl(&["vdi-create", "p-disk", "--sr", "sr1", "--size", "16M"]);
     let elf = guest_elf(dir.path());
-    pool.ctl(&[
-        "vm-create",
+    pool.ctl(&guest_vm(
         "p-vm",
-        "--disk",
         "p-disk",
-        "--kernel",
         &elf,
-        "--cmdline",
         "seed=3 blk=rw mode=heartbeat hb_ms=100",
-        "--memory",
-        "64M",
-        "--ha",
-        "restart",
-        "--start",
-    ]);
+        &["--ha", "restart", "--start"],
+    ));
     let line = pool.wait_vm("p-vm", "\"power\": \"running\"", Duration::from_secs(60));
     let vm_id = field(&line, "id");
     let first = field(&line, "host");

@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use e2e_tests::pool::{Pool, can_open, console_until, field, guest_elf, line_after, targets};
+use e2e_tests::pool::{
+    Pool, can_open, console_until, field, guest_elf, guest_vm, line_after, targets,
+};
 use e2e_tests::{Hostd, poolctl, text, wait_for};
 
 /// Runs poolctl as the holder of `token`; whether it succeeded and its output.
@@ -226,18 +228,13 @@ fn the_seed_lab_from_sr_to_destroy_with_every_role() {
     let elf = guest_elf(dir.path());
     lab.ok(
         "vm-admin",
-        &[
-            "vm-create",
+        &guest_vm(
             "base",
-            "--disk",
             "base-disk",
-            "--kernel",
             &elf,
-            "--cmdline",
             "seed=5 blk=rw mode=heartbeat hb_ms=200 boot=1",
-            "--memory",
-            "64M",
-        ],
+            &[],
+        ),
     );
     lab.ok("vm-admin", &["template-create", "guest", "base"]);
     lab.ok(
@@ -425,19 +422,13 @@ fn the_seed_lab_from_sr_to_destroy_with_every_role() {
     );
     lab.ok(
         "vm-admin",
-        &[
-            "vm-create",
+        &guest_vm(
             "imported",
-            "--disk",
             "web-import",
-            "--kernel",
             &elf,
-            "--cmdline",
             "seed=5 blk=verify mode=heartbeat hb_ms=200 boot=5",
-            "--memory",
-            "64M",
-            "--start",
-        ],
+            &["--start"],
+        ),
     );
     let blk = lab.after_boot("imported", "boot=5", "BLK done");
     assert!(blk.contains("result=ok"), "imported disk: {blk}");
