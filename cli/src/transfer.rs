@@ -101,9 +101,18 @@ fn zeros(b: &[u8]) -> bool {
     b.iter().all(|&x| x == 0)
 }
 
-fn rate(bytes: u64, since: Instant) -> String {
-    let secs = since.elapsed().as_secs_f64().max(1e-6);
-    format!("{:.0} MiB/s", bytes as f64 / secs / (1 << 20) as f64)
+/// Redraws the bar: `done` of `total` bytes moved since `start`.
+fn show_progress(bar: &mut Progress, done: u64, total: u64, start: Instant) {
+    let secs = start.elapsed().as_secs_f64().max(1e-6);
+    bar.show(
+        (done * 100 / total.max(1)) as u32,
+        &format!(
+            "{} of {} MiB, {:.0} MiB/s",
+            done >> 20,
+            total >> 20,
+            done as f64 / secs / (1 << 20) as f64
+        ),
+    );
 }
 
 /// Writes `file` into volume `volume_id` (which must be at least as large).
@@ -140,15 +149,7 @@ async fn copy_in(a: &Access, f: &std::fs::File, len: u64) -> anyhow::Result<()> 
             tasks.spawn(async move { lun.write(lba, buf.into()).await });
         }
         offset += n;
-        bar.show(
-            (offset * 100 / len.max(1)) as u32,
-            &format!(
-                "{} of {} MiB, {}",
-                offset >> 20,
-                len >> 20,
-                rate(offset, start)
-            ),
-        );
+        show_progress(&mut bar, offset, len, start);
     }
     while let Some(r) = tasks.join_next().await {
         r??;
@@ -199,10 +200,7 @@ async fn copy_out(a: &Access, file: &Path) -> anyhow::Result<()> {
         let (at, data) = tasks.join_next().await.expect("a task")??;
         done += data.len() as u64;
         store((at, data))?;
-        bar.show(
-            (done * 100 / len.max(1)) as u32,
-            &format!("{} of {} MiB, {}", done >> 20, len >> 20, rate(done, start)),
-        );
+        show_progress(&mut bar, done, len, start);
     }
     f.sync_all()?;
     bar.done();
