@@ -288,8 +288,19 @@ impl Drop for Target {
     }
 }
 
-/// 4 KiB random reads straight through the initiator, `qd` in flight, for IO_SECONDS.
+/// 4 KiB random reads straight through the initiator, `qd` in flight, for IO_SECONDS, on
+/// the same kind of runtime as a VM's iSCSI disks (one worker thread): on the bench's own
+/// two-worker runtime, every read would pay for waking the other worker.
 async fn direct_iops(port: u16, qd: usize) -> f64 {
+    let rt = hostd::devices::virtio::block::iscsi::runtime().unwrap();
+    let iops = rt.spawn(direct_iops_on(port, qd)).await.unwrap();
+    if let Ok(rt) = std::sync::Arc::try_unwrap(rt) {
+        rt.shutdown_background();
+    }
+    iops
+}
+
+async fn direct_iops_on(port: u16, qd: usize) -> f64 {
     let cfg =
         iscsi_initiator::SessionConfig::new(format!("127.0.0.1:{port}"), TARGET_IQN, INITIATOR);
     let session = iscsi_initiator::Session::connect(cfg).await.unwrap();
@@ -649,7 +660,18 @@ async fn main() {
     }
     println!("BENCH vmm_start_ms {ours_ms:.2} ms");
     println!("BENCH vmm_overhead_mib {:.2} MiB", mib(mean_over));
-    // The guest as a real one runs: waiting for its interrupts, not spinning.
-    let (_, g, _, d) = iscsi_rows[0];
-    println!("BENCH vmm_virtio_vs_direct {:.3} ratio", g / d);
+    // The guest as a real one runs (waiting for its interrupts, not spinning), at the
+    // queue depth where it compares worst. At depth 1 on this kind of machine the direct
+    // loop leaves both CPUs idle between reads and pays for waking them, which the guest's
+    // short poll avoids, so that row alone would flatter the guest.
+    let worst = iscsi_rows
+        .iter()
+        .map(|&(qd, g, _, d)| (g / d, qd))
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+        .expect("iSCSI rows");
+    println!(
+        "  (the BENCH ratio below is the worst row: queue depth {})",
+        worst.1
+    );
+    println!("BENCH vmm_virtio_vs_direct {:.3} ratio", worst.0);
 }

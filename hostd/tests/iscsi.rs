@@ -24,6 +24,7 @@ const CHAP_SECRET: &str = "host1-secret-42";
 /// that it can be stopped from inside the test's runtime).
 struct Target {
     port: u16,
+    server: TargetServer,
     luns: Vec<PathBuf>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -75,6 +76,7 @@ impl Target {
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = server.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -94,6 +96,7 @@ impl Target {
         });
         Target {
             port,
+            server: handle,
             luns,
             stop: Some(stop),
             thread: Some(thread),
@@ -260,4 +263,40 @@ fn common_free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The last reference to a disk can go on a runtime's thread (a stopping disk's final
+/// completion runs on the session's runtime): its logout must neither block on a runtime
+/// there nor drop one, both of which panic, and must still happen.
+#[test]
+fn a_disk_let_go_on_a_runtime_thread_still_logs_out() {
+    use hostd::devices::virtio::block::iscsi::{IscsiBackend, IscsiTarget, runtime};
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start(dir.path(), &[4 << 20], false);
+    let disk = IscsiBackend::open(
+        runtime().unwrap(),
+        &IscsiTarget {
+            portal: format!("127.0.0.1:{}", target.port),
+            target_iqn: TARGET_IQN.into(),
+            lun: 0,
+            initiator_iqn: INITIATOR.into(),
+            chap: None,
+            mutual_chap: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(target.server.sessions().len(), 1);
+    let other = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    other.block_on(async move { drop(disk) });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !target.server.sessions().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session is still logged in: {:?}",
+            target.server.sessions()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

@@ -44,6 +44,13 @@ pub trait AsyncBlockIo: Send + Sync {
     fn read(&self, offset: u64, len: usize, done: Done<Vec<u8>>);
     fn write(&self, offset: u64, data: Vec<u8>, done: Done<()>);
     fn flush(&self, done: Done<()>);
+
+    /// The runtime the I/O completes on, when the device should serve its queue there
+    /// too: a kick is then taken by the thread that starts the I/O and later completes
+    /// it, with no hand-over between threads in the way of each request.
+    fn runtime(&self) -> Option<tokio::runtime::Handle> {
+        None
+    }
 }
 
 /// A disk's storage. Offsets and lengths are in bytes; the device has already checked

@@ -1,5 +1,6 @@
-//! The virtio-blk device: what it offers the driver, its config space, and the worker
-//! thread that serves its queue once the driver has set it up.
+//! The virtio-blk device: what it offers the driver, its config space, and what serves its
+//! queue once the driver has set it up: a worker thread, or a task on the backend's runtime
+//! (see [`AsyncBlockIo::runtime`](super::backend::AsyncBlockIo::runtime)).
 
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::Ordering;
@@ -39,8 +40,17 @@ const CONFIG_LEN: usize = 64;
 /// Largest discard / write-zeroes request, in sectors (4 GiB - 512).
 const MAX_DISCARD_SECTORS: u32 = u32::MAX >> 9;
 
+/// Where the queue is served.
+enum Server {
+    /// A thread of its own, for backends whose I/O blocks.
+    Thread(JoinHandle<Queue>),
+    /// A task on the backend's runtime; it hands the queue back on this channel when it
+    /// stops.
+    Task(std::sync::mpsc::Receiver<Queue>),
+}
+
 struct Worker {
-    thread: JoinHandle<Queue>,
+    server: Server,
     stop: EventFd,
 }
 
@@ -131,13 +141,32 @@ impl VirtioDevice for Block {
         let kick = ctx.kicks.remove(0);
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
         let worker_stop = stop.try_clone().map_err(ActivateError::Worker)?;
-        let disk = self.context();
-        let name = format!("blk-{}", self.disk.id);
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || serve(ctx.mem, queue, kick, worker_stop, ctx.interrupt, disk))
-            .map_err(ActivateError::Worker)?;
-        self.worker = Some(Worker { thread, stop });
+        let shared = Arc::new(Shared {
+            mem: ctx.mem,
+            queue: Mutex::new(queue),
+            interrupt: ctx.interrupt,
+            disk: self.context(),
+            inflight: Mutex::new(0),
+            drained: Condvar::new(),
+            drained_async: tokio::sync::Notify::new(),
+        });
+        let runtime = self.disk.backend.async_io().and_then(|io| io.runtime());
+        let server = match runtime {
+            Some(rt) => {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                rt.spawn(async move {
+                    let _ = tx.send(serve_on_runtime(shared, kick, worker_stop).await);
+                });
+                Server::Task(rx)
+            }
+            None => Server::Thread(
+                std::thread::Builder::new()
+                    .name(format!("blk-{}", self.disk.id))
+                    .spawn(move || serve(shared, kick, worker_stop))
+                    .map_err(ActivateError::Worker)?,
+            ),
+        };
+        self.worker = Some(Worker { server, stop });
         Ok(())
     }
 
@@ -150,10 +179,16 @@ impl VirtioDevice for Block {
             return Vec::new();
         };
         let _ = w.stop.write(1);
-        match w.thread.join() {
-            Ok(queue) => vec![queue],
-            Err(_) => {
-                tracing::error!(disk = %self.disk.id, "virtio-blk worker panicked");
+        let queue = match w.server {
+            Server::Thread(thread) => thread.join().ok(),
+            // The task drains within DRAIN_TIMEOUT; a runtime shut down under it drops
+            // the sender, which ends the wait at once.
+            Server::Task(rx) => rx.recv_timeout(DRAIN_TIMEOUT + Duration::from_secs(5)).ok(),
+        };
+        match queue {
+            Some(queue) => vec![queue],
+            None => {
+                tracing::error!(disk = %self.disk.id, "virtio-blk worker panicked or did not stop");
                 Vec::new()
             }
         }
@@ -202,6 +237,8 @@ struct Shared {
     /// Requests handed to the backend's asynchronous face and not completed yet.
     inflight: Mutex<usize>,
     drained: Condvar,
+    /// The same, for a queue served on the backend's runtime (which must not block).
+    drained_async: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -221,6 +258,27 @@ impl Shared {
         *n -= 1;
         if *n == 0 {
             self.drained.notify_all();
+            self.drained_async.notify_waiters();
+        }
+    }
+
+    /// [`Shared::drain`] for the runtime: completions run on the same thread, so this
+    /// waits without blocking it.
+    async fn drain_async(&self) {
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        loop {
+            let notified = self.drained_async.notified();
+            tokio::pin!(notified);
+            // Registered before the count is read, so a completion in between is not missed.
+            notified.as_mut().enable();
+            let n = *lock(&self.inflight);
+            if n == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                tracing::error!(disk = %self.disk.id_str(), inflight = n, "requests still in flight at stop");
+                return;
+            }
         }
     }
 
@@ -243,31 +301,16 @@ impl Shared {
     }
 }
 
-/// The queue worker: serves requests until it is stopped, then waits for the requests
-/// still in flight and hands the queue back.
-fn serve(
-    mem: GuestRam,
-    queue: Queue,
-    kick: EventFd,
-    stop: EventFd,
-    interrupt: Arc<VirtioInterrupt>,
-    disk: DiskContext,
-) -> Queue {
-    let shared = Arc::new(Shared {
-        mem,
-        queue: Mutex::new(queue),
-        interrupt,
-        disk,
-        inflight: Mutex::new(0),
-        drained: Condvar::new(),
-    });
+/// The queue worker thread: serves requests until it is stopped, then waits for the
+/// requests still in flight and hands the queue back.
+fn serve(shared: Arc<Shared>, kick: EventFd, stop: EventFd) -> Queue {
     let mut bounce = Vec::new();
     // The driver may have queued requests before it set DRIVER_OK.
-    process(&shared, &mut bounce);
+    process(&shared, &mut bounce, Mode::Thread);
     while !wait(&kick, &stop) {
         let _ = kick.read();
         loop {
-            process(&shared, &mut bounce);
+            process(&shared, &mut bounce, Mode::Thread);
             if !poll_for_more(&shared) {
                 break;
             }
@@ -275,6 +318,58 @@ fn serve(
     }
     shared.drain();
     std::mem::take(&mut *lock(&shared.queue))
+}
+
+/// The queue served as a task on the backend's runtime: a kick wakes the thread that
+/// starts each request's I/O and later completes it.
+async fn serve_on_runtime(shared: Arc<Shared>, kick: EventFd, stop: EventFd) -> Queue {
+    let fds = watch(kick).and_then(|k| Ok((k, watch(stop)?)));
+    match fds {
+        Ok((kick, stop)) => {
+            process(&shared, &mut Vec::new(), Mode::Runtime);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = stop.readable() => break,
+                    ready = kick.readable() => match ready {
+                        Ok(mut ready) => {
+                            // Both eventfds are non-blocking: an empty counter is
+                            // WouldBlock, which clears the readiness.
+                            if ready.try_io(|fd| fd.get_ref().read()).is_err() {
+                                continue;
+                            }
+                            process(&shared, &mut Vec::new(), Mode::Runtime);
+                        }
+                        Err(e) => {
+                            tracing::error!(disk = %shared.disk.id_str(), error = %e, "virtio-blk kick");
+                            break;
+                        }
+                    },
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(disk = %shared.disk.id_str(), error = %e, "virtio-blk: cannot watch the queue's eventfds");
+        }
+    }
+    shared.drain_async().await;
+    std::mem::take(&mut *lock(&shared.queue))
+}
+
+/// Registers an eventfd with the current runtime's reactor.
+fn watch(fd: EventFd) -> std::io::Result<tokio::io::unix::AsyncFd<EventFd>> {
+    // SAFETY: the EventFd owns its descriptor and moves into the AsyncFd, so the
+    // descriptor stays open and the same for as long as the AsyncFd lives.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+/// Which thread serves the queue: the blocking face of a backend may be called on the
+/// worker thread, never on the runtime.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Thread,
+    Runtime,
 }
 
 /// After a batch, watches the available ring for a short while before going back to
@@ -305,7 +400,7 @@ fn poll_for_more(shared: &Shared) -> bool {
 
 /// Serves every available request: at once on this thread, or handed to the backend's
 /// asynchronous face when it has one.
-fn process(shared: &Arc<Shared>, bounce: &mut Vec<u8>) {
+fn process(shared: &Arc<Shared>, bounce: &mut Vec<u8>, mode: Mode) {
     loop {
         let mut batch = Vec::new();
         {
@@ -327,7 +422,7 @@ fn process(shared: &Arc<Shared>, bounce: &mut Vec<u8>) {
             }
         }
         for (head, descs) in batch {
-            handle(shared, head, &descs, bounce);
+            handle(shared, head, &descs, bounce, mode);
         }
         match lock(&shared.queue).enable_notification(&shared.mem) {
             Ok(true) => continue,
@@ -340,7 +435,7 @@ fn process(shared: &Arc<Shared>, bounce: &mut Vec<u8>) {
     }
 }
 
-fn handle(shared: &Arc<Shared>, head: u16, descs: &[Desc], bounce: &mut Vec<u8>) {
+fn handle(shared: &Arc<Shared>, head: u16, descs: &[Desc], bounce: &mut Vec<u8>, mode: Mode) {
     let (mem, disk) = (&shared.mem, &shared.disk);
     let req = match Request::parse(descs, mem) {
         Ok(req) => req,
@@ -363,6 +458,16 @@ fn handle(shared: &Arc<Shared>, head: u16, descs: &[Desc], bounce: &mut Vec<u8>)
                 shared.complete(head, c.used_len);
                 shared.finished_async();
             }
+        }
+        _ if mode == Mode::Runtime => {
+            // Discard, write-zeroes and the id use the blocking face: off the runtime.
+            *lock(&shared.inflight) += 1;
+            let later = shared.clone();
+            tokio::task::spawn_blocking(move || {
+                let c = req.execute(&later.mem, &later.disk, &mut Vec::new());
+                later.complete(head, c.used_len);
+                later.finished_async();
+            });
         }
         _ => {
             let c = req.execute(mem, disk, bounce);

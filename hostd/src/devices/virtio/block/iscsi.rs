@@ -227,16 +227,35 @@ impl AsyncBlockIo for IscsiBackend {
             done(lun.flush().await.map_err(|e| io_err("flush", 0, 0, e)));
         });
     }
+
+    fn runtime(&self) -> Option<tokio::runtime::Handle> {
+        Some(self.rt.handle().clone())
+    }
 }
 
 impl Drop for IscsiBackend {
     fn drop(&mut self) {
         let session = self.session.clone();
-        let logout = self
-            .rt
-            .block_on(async move { tokio::time::timeout(LOGOUT_TIMEOUT, session.logout()).await });
-        if !matches!(logout, Ok(Ok(()))) {
-            tracing::warn!(disk = %self.describe, "iSCSI logout did not complete cleanly");
+        let rt = self.rt.clone();
+        let describe = self.describe.clone();
+        let logout = move || {
+            let r =
+                rt.block_on(
+                    async move { tokio::time::timeout(LOGOUT_TIMEOUT, session.logout()).await },
+                );
+            if !matches!(r, Ok(Ok(()))) {
+                tracing::warn!(disk = %describe, "iSCSI logout did not complete cleanly");
+            }
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            logout();
+        } else {
+            // The last reference went on a thread of a runtime (a stopping disk's final
+            // completion ran there): blocking on, or dropping, a runtime is not allowed
+            // there, so a thread of its own logs out and lets the runtime go.
+            let _ = std::thread::Builder::new()
+                .name("iscsi-logout".into())
+                .spawn(logout);
         }
     }
 }

@@ -1,5 +1,5 @@
-//! virtio-blk: one request queue per disk, served by a worker thread against a
-//! [`backend::BlockBackend`].
+//! virtio-blk: one request queue per disk, served against a [`backend::BlockBackend`] by
+//! a worker thread, or by a task on the backend's runtime when it has one (iSCSI).
 //!
 //! Files, one role each (the Firecracker layout): [`device`] (config space, features,
 //! activation and the queue worker), [`request`] (parse and execute one request),
