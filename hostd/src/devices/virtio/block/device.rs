@@ -151,22 +151,35 @@ impl VirtioDevice for Block {
             drained_async: tokio::sync::Notify::new(),
         });
         let runtime = self.disk.backend.async_io().and_then(|io| io.runtime());
-        let server = match runtime {
-            Some(rt) => {
-                let (tx, rx) = std::sync::mpsc::sync_channel(1);
-                rt.spawn(async move {
-                    let _ = tx.send(serve_on_runtime(shared, kick, worker_stop).await);
-                });
-                Server::Task(rx)
+        let (kick, worker_stop) = if let Some(rt) = runtime {
+            match watch_both(&rt, kick, worker_stop) {
+                Ok((kick, worker_stop)) => {
+                    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                    rt.spawn(async move {
+                        let _ = tx.send(serve_on_runtime(shared, kick, worker_stop).await);
+                    });
+                    self.worker = Some(Worker {
+                        server: Server::Task(rx),
+                        stop,
+                    });
+                    return Ok(());
+                }
+                Err((kick, worker_stop, e)) => {
+                    tracing::warn!(disk = %self.disk.id, error = %e, "cannot watch the queue on the backend's runtime; serving it from a thread");
+                    (kick, worker_stop)
+                }
             }
-            None => Server::Thread(
-                std::thread::Builder::new()
-                    .name(format!("blk-{}", self.disk.id))
-                    .spawn(move || serve(shared, kick, worker_stop))
-                    .map_err(ActivateError::Worker)?,
-            ),
+        } else {
+            (kick, worker_stop)
         };
-        self.worker = Some(Worker { server, stop });
+        let thread = std::thread::Builder::new()
+            .name(format!("blk-{}", self.disk.id))
+            .spawn(move || serve(shared, kick, worker_stop))
+            .map_err(ActivateError::Worker)?;
+        self.worker = Some(Worker {
+            server: Server::Thread(thread),
+            stop,
+        });
         Ok(())
     }
 
@@ -322,46 +335,56 @@ fn serve(shared: Arc<Shared>, kick: EventFd, stop: EventFd) -> Queue {
 
 /// The queue served as a task on the backend's runtime: a kick wakes the thread that
 /// starts each request's I/O and later completes it.
-async fn serve_on_runtime(shared: Arc<Shared>, kick: EventFd, stop: EventFd) -> Queue {
-    let fds = watch(kick).and_then(|k| Ok((k, watch(stop)?)));
-    match fds {
-        Ok((kick, stop)) => {
-            process(&shared, &mut Vec::new(), Mode::Runtime);
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = stop.readable() => break,
-                    ready = kick.readable() => match ready {
-                        Ok(mut ready) => {
-                            // Both eventfds are non-blocking: an empty counter is
-                            // WouldBlock, which clears the readiness.
-                            if ready.try_io(|fd| fd.get_ref().read()).is_err() {
-                                continue;
-                            }
-                            process(&shared, &mut Vec::new(), Mode::Runtime);
-                        }
-                        Err(e) => {
-                            tracing::error!(disk = %shared.disk.id_str(), error = %e, "virtio-blk kick");
-                            break;
-                        }
-                    },
+async fn serve_on_runtime(shared: Arc<Shared>, kick: Watched, stop: Watched) -> Queue {
+    process(&shared, &mut Vec::new(), Mode::Runtime);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.readable() => break,
+            ready = kick.readable() => match ready {
+                Ok(mut ready) => {
+                    // Both eventfds are non-blocking: an empty counter is WouldBlock,
+                    // which clears the readiness.
+                    if ready.try_io(|fd| fd.get_ref().read()).is_err() {
+                        continue;
+                    }
+                    process(&shared, &mut Vec::new(), Mode::Runtime);
                 }
-            }
-        }
-        Err(e) => {
-            tracing::error!(disk = %shared.disk.id_str(), error = %e, "virtio-blk: cannot watch the queue's eventfds");
+                Err(e) => {
+                    tracing::error!(disk = %shared.disk.id_str(), error = %e, "virtio-blk kick");
+                    break;
+                }
+            },
         }
     }
     shared.drain_async().await;
     std::mem::take(&mut *lock(&shared.queue))
 }
 
-/// Registers an eventfd with the current runtime's reactor.
-fn watch(fd: EventFd) -> std::io::Result<tokio::io::unix::AsyncFd<EventFd>> {
+type Watched = tokio::io::unix::AsyncFd<EventFd>;
+
+/// Registers the kick and stop eventfds with `rt`'s reactor; gives both back on failure.
+fn watch_both(
+    rt: &tokio::runtime::Handle,
+    kick: EventFd,
+    stop: EventFd,
+) -> Result<(Watched, Watched), (EventFd, EventFd, std::io::Error)> {
+    let _in = rt.enter();
+    let kick = match watch(kick) {
+        Ok(k) => k,
+        Err((k, e)) => return Err((k, stop, e)),
+    };
+    match watch(stop) {
+        Ok(s) => Ok((kick, s)),
+        Err((s, e)) => Err((kick.into_inner(), s, e)),
+    }
+}
+
+fn watch(fd: EventFd) -> Result<Watched, (EventFd, std::io::Error)> {
     // SAFETY: the EventFd owns its descriptor and moves into the AsyncFd, so the
     // descriptor stays open and the same for as long as the AsyncFd lives.
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
+        .map_err(|e| e.into_parts())
 }
 
 /// Which thread serves the queue: the blocking face of a backend may be called on the
