@@ -3,6 +3,8 @@
 # their data on the same disk, driven by the same client shape (poold-bench): N concurrent
 # clients, each sending one small write and waiting for its acknowledgement, for
 # BENCH_SECONDS; then the scheduler's placements per second (10,000 VMs, 1,000 hosts).
+# The two systems take turns, BENCH_ROUNDS times (default 3); each figure is the median of
+# its rounds, and each ratio the median of the rounds' ratios (the machine is noisy).
 #
 # Needs etcd (Debian package etcd-server, installed here when missing).
 # Ends with BENCH lines: raft_vs_etcd_throughput_c1, raft_vs_etcd_throughput_c64,
@@ -11,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SECONDS_EACH=${BENCH_SECONDS:-10}
+ROUNDS=${BENCH_ROUNDS:-3}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --release -q -p poold --bins
 BIN=$CARGO_TARGET_DIR/release
@@ -73,28 +76,37 @@ sleep 1
 
 run() { "$BIN/poold-bench" "$@" | grep '^RESULT'; }
 field() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p" <<<"$2"; }
+median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR]=$1} END{print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
+ratio() { python3 -c "a,b=float('$1'),float('$2'); print(f'{a/b:.3f}' if b else 'nan')"; }
 
-declare -A R
-for c in 1 64; do
-  R[pool$c]=$(run pool --members "$POOL_ADDRS" --clients "$c" --seconds "$SECONDS_EACH")
-  R[etcd$c]=$(run etcd --endpoint "$ETCD_LEADER" --clients "$c" --seconds "$SECONDS_EACH")
+# M[system clients field] holds each round's figure; Q[clients field] each round's ratio.
+declare -A M Q
+for round in $(seq 1 "$ROUNDS"); do
+  for c in 1 64; do
+    p=$(run pool --members "$POOL_ADDRS" --clients "$c" --seconds "$SECONDS_EACH")
+    e=$(run etcd --endpoint "$ETCD_LEADER" --clients "$c" --seconds "$SECONDS_EACH")
+    echo "round $round, $c clients: poold $(field ops_per_s "$p") writes/s p50 $(field p50_us "$p") p99 $(field p99_us "$p") us; etcd $(field ops_per_s "$e") writes/s p50 $(field p50_us "$e") p99 $(field p99_us "$e") us"
+    for f in ops_per_s p50_us p99_us; do
+      M[pool $c $f]+=" $(field "$f" "$p")"
+      M[etcd $c $f]+=" $(field "$f" "$e")"
+      Q[$c $f]+=" $(ratio "$(field "$f" "$p")" "$(field "$f" "$e")")"
+    done
+  done
 done
 SCHED=$(run scheduler --hosts 1000 --vms 10000)
 
-printf '\n%-10s %8s %12s %10s %10s\n' system clients ops/s p50_us p99_us
+printf '\n%-10s %8s %12s %10s %10s   (medians of %s rounds)\n' system clients ops/s p50_us p99_us "$ROUNDS"
 for c in 1 64; do
   for s in pool etcd; do
-    r=${R[$s$c]}
     printf '%-10s %8s %12s %10s %10s\n' "$([ $s = pool ] && echo poold || echo etcd-3.4)" "$c" \
-      "$(field ops_per_s "$r")" "$(field p50_us "$r")" "$(field p99_us "$r")"
+      "$(median <<<"${M[$s $c ops_per_s]}")" "$(median <<<"${M[$s $c p50_us]}")" "$(median <<<"${M[$s $c p99_us]}")"
   done
 done
 echo "scheduler: $(field placements_per_s "$SCHED") placements/s (10,000 VMs on 1,000 hosts, $(field placed "$SCHED") placed)"
 echo
 
-ratio() { python3 -c "a,b=float('$1'),float('$2'); print(f'{a/b:.2f}' if b else 'nan')"; }
-echo "BENCH raft_vs_etcd_throughput_c1 $(ratio "$(field ops_per_s "${R[pool1]}")" "$(field ops_per_s "${R[etcd1]}")") ratio"
-echo "BENCH raft_vs_etcd_throughput_c64 $(ratio "$(field ops_per_s "${R[pool64]}")" "$(field ops_per_s "${R[etcd64]}")") ratio"
-echo "BENCH raft_vs_etcd_p99_c64 $(ratio "$(field p99_us "${R[pool64]}")" "$(field p99_us "${R[etcd64]}")") ratio"
-echo "BENCH raft_commit_p50_us_c1 $(field p50_us "${R[pool1]}") us"
+echo "BENCH raft_vs_etcd_throughput_c1 $(median <<<"${Q[1 ops_per_s]}") ratio"
+echo "BENCH raft_vs_etcd_throughput_c64 $(median <<<"${Q[64 ops_per_s]}") ratio"
+echo "BENCH raft_vs_etcd_p99_c64 $(median <<<"${Q[64 p99_us]}") ratio"
+echo "BENCH raft_commit_p50_us_c1 $(median <<<"${M[pool 1 p50_us]}") us"
 echo "BENCH scheduler_placements_per_s $(field placements_per_s "$SCHED") placements/s"
