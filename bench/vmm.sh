@@ -4,8 +4,9 @@
 #     for `hostd run`, the daemon (CreateVm(start) to console), and QEMU (microvm and pc);
 #   - memory overhead per VM: VM process RSS minus the guest RAM it has touched;
 #   - guest virtio-blk 4 KiB random reads on an iSCSI volume (our target on loopback) next
-#     to iscsi-initiator reading the same LUN directly at the same queue depth, and on a
-#     raw file next to host pread (information).
+#     to iscsi-initiator reading the same LUN directly at the same queue depth (1 and 8,
+#     taking turns for VMM_BENCH_ROUNDS rounds, 3; medians; the BENCH ratio is the worse
+#     depth), and on a raw file next to host pread (information).
 # Needs /dev/kvm; QEMU from Debian (qemu-system-x86) for the comparison rows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
