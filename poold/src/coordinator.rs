@@ -231,7 +231,7 @@ impl Coordinator {
         let mut last = task;
         loop {
             if let Some(t) = self.node.state().tasks.get(&last.id) {
-                last = t.clone();
+                last = (**t).clone();
             }
             if task_finished(&last) {
                 return last;

@@ -645,16 +645,6 @@ pub struct CommandResult {
 }
 
 impl CommandResult {
-    /// The compact form kept under a request id.
-    pub fn remembered(&self) -> CommandResult {
-        CommandResult {
-            task: None,
-            code: self.code,
-            message: self.message.clone(),
-            task_id: self.task.as_ref().map(|t| t.id.clone()).unwrap_or_default(),
-        }
-    }
-
     pub fn ok(task: pb::Task) -> Self {
         CommandResult {
             task: Some(task),

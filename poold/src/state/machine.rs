@@ -29,13 +29,42 @@ pub(crate) fn ts(ms: u64) -> Option<proto::prost_types::Timestamp> {
     })
 }
 
-/// A remembered request: its kind (a retry must ask the same thing) and its result in the
-/// compact form of [`CommandResult::remembered`].
+/// A remembered request: its kind (a retry must ask the same thing) and its result, with
+/// the task's id in place of the task. Kept small on purpose: every write adds one and the
+/// map holds up to [`REQUESTS_KEPT`] of them (a whole `CommandResult` made each entry
+/// 416 bytes, and growing or rehashing the map moved all of them).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RequestRecord {
     pub at_ms: u64,
     pub kind: String,
-    pub result: CommandResult,
+    pub code: i32,
+    pub message: String,
+    pub task_id: String,
+}
+
+impl RequestRecord {
+    pub fn new(at_ms: u64, kind: &str, result: &CommandResult) -> Self {
+        RequestRecord {
+            at_ms,
+            kind: kind.to_owned(),
+            code: result.code,
+            message: result.message.clone(),
+            task_id: match &result.task {
+                Some(t) => t.id.clone(),
+                None => result.task_id.clone(),
+            },
+        }
+    }
+
+    /// The compact result as snapshots store it: the task's id instead of the task.
+    pub fn result(&self) -> CommandResult {
+        CommandResult {
+            task: None,
+            code: self.code,
+            message: self.message.clone(),
+            task_id: self.task_id.clone(),
+        }
+    }
 }
 
 /// Per-host totals of what placed VMs hold; derived from `vms`, never persisted.
@@ -59,7 +88,7 @@ pub struct PoolState {
     pub volumes: BTreeMap<String, proto::storage::Volume>,
     pub vms: BTreeMap<String, pb::Vm>,
     pub templates: BTreeMap<String, pb::Template>,
-    pub tasks: BTreeMap<String, pb::Task>,
+    pub tasks: BTreeMap<String, Box<pb::Task>>,
     /// Task ids in creation order, for pruning.
     pub task_order: VecDeque<String>,
     /// Looked up on every write (a hash, not a tree of string compares); their order
@@ -159,14 +188,14 @@ impl PoolState {
         }
         self.requests.get(request_id).map(|r| {
             if r.kind == kind {
-                let mut res = r.result.clone();
+                let mut res = r.result();
                 if res.code == 0 {
                     // The task itself while it is kept; once forgotten it had finished.
                     res.task =
                         Some(
                             self.tasks
                                 .get(&res.task_id)
-                                .cloned()
+                                .map(|t| (**t).clone())
                                 .unwrap_or_else(|| pb::Task {
                                     id: res.task_id.clone(),
                                     kind: kind.to_owned(),
@@ -235,7 +264,7 @@ impl PoolState {
                     ..Default::default()
                 };
                 if !task.id.is_empty() {
-                    self.tasks.insert(task.id.clone(), task.clone());
+                    self.tasks.insert(task.id.clone(), Box::new(task.clone()));
                     self.task_order.push_back(task.id.clone());
                 }
                 CommandResult::ok(task)
@@ -248,11 +277,7 @@ impl PoolState {
         if !cmd.request_id.is_empty() && result.code != Code::Aborted as i32 {
             self.requests.insert(
                 cmd.request_id.clone(),
-                RequestRecord {
-                    at_ms: cmd.at_ms,
-                    kind: kind.to_owned(),
-                    result: result.remembered(),
-                },
+                RequestRecord::new(cmd.at_ms, kind, &result),
             );
             self.request_order
                 .push_back((cmd.at_ms, cmd.request_id.clone()));
@@ -1003,16 +1028,12 @@ impl PoolState {
                 finished_at: ts(ch.at_ms),
                 ..Default::default()
             };
-            self.tasks.insert(task.id.clone(), task.clone());
+            self.tasks.insert(task.id.clone(), Box::new(task.clone()));
             self.task_order.push_back(task.id.clone());
             if !ch.request_id.is_empty() {
                 self.requests.insert(
                     ch.request_id.clone(),
-                    RequestRecord {
-                        at_ms: ch.at_ms,
-                        kind: "pool.member_change".into(),
-                        result: CommandResult::ok(task).remembered(),
-                    },
+                    RequestRecord::new(ch.at_ms, "pool.member_change", &CommandResult::ok(task)),
                 );
                 self.request_order
                     .push_back((ch.at_ms, ch.request_id.clone()));

@@ -133,7 +133,7 @@ pub fn encode(s: &PoolState) -> Vec<u8> {
         tasks: s
             .task_order
             .iter()
-            .filter_map(|id| s.tasks.get(id).cloned())
+            .filter_map(|id| s.tasks.get(id).map(|t| (**t).clone()))
             .collect(),
         requests: s
             .request_order
@@ -143,7 +143,7 @@ pub fn encode(s: &PoolState) -> Vec<u8> {
                     request_id: id.clone(),
                     at_ms: r.at_ms,
                     kind: r.kind.clone(),
-                    result: Some(r.result.clone()),
+                    result: Some(r.result()),
                 })
             })
             .collect(),
@@ -207,18 +207,18 @@ pub fn decode(bytes: &[u8]) -> Result<PoolState, SnapshotError> {
     s.audit = b.audit.into_iter().collect();
     s.force_stop = b.force_stop.into_iter().collect();
     s.task_order = b.tasks.iter().map(|t| t.id.clone()).collect();
-    s.tasks = b.tasks.into_iter().map(|t| (t.id.clone(), t)).collect();
+    s.tasks = b
+        .tasks
+        .into_iter()
+        .map(|t| (t.id.clone(), Box::new(t)))
+        .collect();
     let mut order = VecDeque::new();
     let mut requests = std::collections::HashMap::with_capacity(b.requests.len());
     for r in b.requests {
         order.push_back((r.at_ms, r.request_id.clone()));
         requests.insert(
             r.request_id,
-            RequestRecord {
-                at_ms: r.at_ms,
-                kind: r.kind,
-                result: r.result.unwrap_or_default(),
-            },
+            RequestRecord::new(r.at_ms, &r.kind, &r.result.unwrap_or_default()),
         );
     }
     s.requests = requests;
