@@ -40,6 +40,8 @@ pub enum MetaError {
     Missing { path: PathBuf },
     #[error("metadata store I/O failed")]
     Store(#[from] sled::Error),
+    #[error("metadata store could not be made durable")]
+    Sync(#[from] sled_sync::SyncError),
     #[error("metadata record {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
 }
@@ -103,7 +105,7 @@ pub struct Loaded {
 }
 
 pub struct MetaStore {
-    db: sled::Db,
+    db: sled_sync::SyncedDb,
     path: PathBuf,
 }
 
@@ -178,7 +180,7 @@ impl MetaStore {
                 path: path.to_owned(),
             });
         }
-        let db = Self::open_db(path)?;
+        let db = sled_sync::SyncedDb::new(Self::open_db(path)?, path)?;
         let store = MetaStore {
             db,
             path: path.to_owned(),
@@ -202,7 +204,7 @@ impl MetaStore {
             });
         }
         Ok(MetaStore {
-            db,
+            db: sled_sync::SyncedDb::new(db, path)?,
             path: path.to_owned(),
         })
     }
@@ -213,21 +215,26 @@ impl MetaStore {
 
     /// Applies a batch atomically and makes it durable.
     pub fn commit(&self, batch: sled::Batch) -> Result<(), MetaError> {
-        self.db.apply_batch(batch)?;
+        self.db.db().apply_batch(batch)?;
+        // sled's flush alone is not durable; see `sled_sync`.
         self.db.flush()?;
         Ok(())
     }
 
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.db.db().size_on_disk().unwrap_or(0)
     }
 
     pub fn load(&self) -> Result<Loaded, MetaError> {
         let meta: PoolMeta = decode_json(
             "meta",
-            &self.db.get("meta")?.ok_or_else(|| MetaError::Missing {
-                path: self.path.clone(),
-            })?,
+            &self
+                .db
+                .db()
+                .get("meta")?
+                .ok_or_else(|| MetaError::Missing {
+                    path: self.path.clone(),
+                })?,
         )?;
         if meta.format != META_FORMAT {
             return Err(MetaError::Corrupt {
@@ -239,12 +246,12 @@ impl MetaStore {
             });
         }
         let mut volumes = Vec::new();
-        for item in self.db.scan_prefix("v") {
+        for item in self.db.db().scan_prefix("v") {
             let (k, v) = item?;
             volumes.push(decode_json::<VolumeRecord>(&hex_key(&k), &v)?);
         }
         let mut nodes = HashMap::new();
-        for item in self.db.scan_prefix("n") {
+        for item in self.db.db().scan_prefix("n") {
             let (k, v) = item?;
             let id = u64::from_be_bytes(k[1..].try_into().map_err(|_| MetaError::Corrupt {
                 key: hex_key(&k),
@@ -259,7 +266,7 @@ impl MetaStore {
             );
         }
         let mut refs = vec![0u32; meta.chunk_count as usize];
-        for item in self.db.scan_prefix("r") {
+        for item in self.db.db().scan_prefix("r") {
             let (k, v) = item?;
             let page = u64::from_be_bytes(k[1..].try_into().map_err(|_| MetaError::Corrupt {
                 key: hex_key(&k),
@@ -277,7 +284,7 @@ impl MetaStore {
             }
         }
         let mut exports = Vec::new();
-        for item in self.db.scan_prefix("x") {
+        for item in self.db.db().scan_prefix("x") {
             let (k, v) = item?;
             exports.push((k[1..].to_vec(), v.to_vec()));
         }

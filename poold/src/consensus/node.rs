@@ -680,7 +680,11 @@ impl Node {
                                 let task = change.task_id.clone();
                                 Ok((
                                     CommandResult::ok(
-                                        state.tasks.get(&task).map(|t| (**t).clone()).unwrap_or_default(),
+                                        state
+                                            .tasks
+                                            .get(&task)
+                                            .map(|t| (**t).clone())
+                                            .unwrap_or_default(),
                                     ),
                                     e.index,
                                 ))

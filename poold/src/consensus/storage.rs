@@ -5,8 +5,9 @@
 //! and `snap` (the newest state-machine snapshot and its metadata). Keeping the large
 //! snapshot away from the small, hot hard-state record matters: sled rewrites whole tree
 //! nodes, and a hard-state update must not drag a multi-megabyte value along. The entries
-//! of a `Ready` and its hard state are written, then [`DiskStorage::sync`] fsyncs (sled's
-//! flush covers every tree) before anything that depends on them (an acknowledgement to
+//! of a `Ready` and its hard state are written, then [`DiskStorage::sync`] makes them
+//! durable (sled's flush covers every tree; `sled_sync` adds the fsyncs that make that
+//! flush reach the disk) before anything that depends on them (an acknowledgement to
 //! the leader, a vote) leaves this member. sled recovers a prefix of its write log, so a
 //! crash keeps writes in the order they were made; [`DiskStorage::open`] repairs the one
 //! window that order leaves (a snapshot stored but the log not yet cut behind it).
@@ -72,6 +73,12 @@ pub enum StorageOpenError {
     Corrupt { path: PathBuf, what: String },
     #[error("Raft store I/O failed")]
     Io(#[source] sled::Error),
+    #[error("cannot make the Raft store in {path} durable")]
+    Sync {
+        path: PathBuf,
+        #[source]
+        source: sled_sync::SyncError,
+    },
 }
 
 fn log_key(index: u64) -> [u8; 8] {
@@ -89,7 +96,7 @@ fn store_err(e: impl std::error::Error + Send + Sync + 'static) -> raft::Error {
 /// A member's durable Raft state. Reads go to sled (whose page cache keeps the hot tail in
 /// memory); the few numbers raft-rs asks for all the time are mirrored in memory.
 pub struct DiskStorage {
-    db: sled::Db,
+    db: sled_sync::SyncedDb,
     log: sled::Tree,
     meta: sled::Tree,
     snap: sled::Tree,
@@ -120,10 +127,14 @@ impl DiskStorage {
                 path: path.clone(),
                 source,
             })?;
+        let db = sled_sync::SyncedDb::new(db, dir).map_err(|source| StorageOpenError::Sync {
+            path: path.clone(),
+            source,
+        })?;
         let io = StorageOpenError::Io;
-        let log = db.open_tree("log").map_err(io)?;
-        let meta = db.open_tree("meta").map_err(io)?;
-        let snap = db.open_tree("snap").map_err(io)?;
+        let log = db.db().open_tree("log").map_err(io)?;
+        let meta = db.db().open_tree("meta").map_err(io)?;
+        let snap = db.db().open_tree("snap").map_err(io)?;
         let corrupt = |what: &str| StorageOpenError::Corrupt {
             path: path.clone(),
             what: what.to_owned(),
@@ -236,7 +247,10 @@ impl DiskStorage {
         // A snapshot holds only committed state, so the commit index is at least its index
         // (the commit index is written lazily, without its own fsync).
         hard.commit = hard.commit.max(snap_meta.index);
-        db.flush().map_err(io)?;
+        db.flush().map_err(|source| StorageOpenError::Sync {
+            path: path.clone(),
+            source,
+        })?;
         Ok(DiskStorage {
             db,
             log,
@@ -341,9 +355,9 @@ impl DiskStorage {
         &self.hard
     }
 
-    /// Makes every write so far durable (fsync).
+    /// Makes every write so far durable (see `sled_sync` for what sled's flush lacks).
     pub fn sync(&self) -> Result<(), raft::Error> {
-        self.db.flush().map(|_| ()).map_err(store_err)
+        self.db.flush().map_err(store_err)
     }
 
     fn store_snapshot(&self, meta: &SnapshotMetadata, data: &[u8]) -> Result<(), raft::Error> {

@@ -191,19 +191,18 @@ impl PoolState {
                 let mut res = r.result();
                 if res.code == 0 {
                     // The task itself while it is kept; once forgotten it had finished.
-                    res.task =
-                        Some(
-                            self.tasks
-                                .get(&res.task_id)
-                                .map(|t| (**t).clone())
-                                .unwrap_or_else(|| pb::Task {
-                                    id: res.task_id.clone(),
-                                    kind: kind.to_owned(),
-                                    state: pb::TaskState::Succeeded as i32,
-                                    request_id: request_id.to_owned(),
-                                    ..Default::default()
-                                }),
-                        );
+                    res.task = Some(
+                        self.tasks
+                            .get(&res.task_id)
+                            .map(|t| (**t).clone())
+                            .unwrap_or_else(|| pb::Task {
+                                id: res.task_id.clone(),
+                                kind: kind.to_owned(),
+                                state: pb::TaskState::Succeeded as i32,
+                                request_id: request_id.to_owned(),
+                                ..Default::default()
+                            }),
+                    );
                     res.task_id.clear();
                 }
                 res
