@@ -38,6 +38,8 @@ pub enum SyncError {
 pub struct SyncedDb {
     db: sled::Db,
     dir: PathBuf,
+    log_path: PathBuf,
+    blob_dir: PathBuf,
     log_file: File,
     /// Blob files already fsynced; sled deletes them once it no longer needs them.
     blobs_synced: Mutex<HashSet<OsString>>,
@@ -49,9 +51,13 @@ impl std::fmt::Debug for SyncedDb {
     }
 }
 
-fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SyncError {
-    let path = path.to_owned();
-    move |source| SyncError::Io { what, path, source }
+/// The error for an I/O call on `path`; the path is copied only when there is one.
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SyncError + 'a {
+    move |source| SyncError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 impl SyncedDb {
@@ -66,6 +72,8 @@ impl SyncedDb {
         Ok(SyncedDb {
             db,
             dir: dir.to_owned(),
+            log_path,
+            blob_dir: dir.join(BLOB_DIR),
             log_file,
             blobs_synced: Mutex::new(HashSet::new()),
         })
@@ -79,27 +87,26 @@ impl SyncedDb {
     pub fn flush(&self) -> Result<(), SyncError> {
         self.db.flush().map_err(SyncError::Flush)?;
         self.sync_new_blobs()?;
-        let log_path = self.dir.join(LOG_FILE);
         self.log_file
             .sync_data()
-            .map_err(io_err("fdatasync", &log_path))
+            .map_err(io_err("fdatasync", &self.log_path))
     }
 
-    /// Fsyncs the blob files not synced before, then their directory; returns how many
-    /// files it synced. Listing the directory on every flush is cheap (it holds a file or
-    /// two) and also catches the blobs sled writes on its own when it rewrites a page.
-    fn sync_new_blobs(&self) -> Result<usize, SyncError> {
-        let dir = self.dir.join(BLOB_DIR);
-        let listing = match std::fs::read_dir(&dir) {
+    /// Fsyncs the blob files not synced before, then their directory. Listing the
+    /// directory on every flush is cheap (it holds a file or two) and also catches the
+    /// blobs sled writes on its own when it rewrites a page.
+    fn sync_new_blobs(&self) -> Result<(), SyncError> {
+        let dir = &self.blob_dir;
+        let listing = match std::fs::read_dir(dir) {
             Ok(l) => l,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(io_err("list", &dir)(e)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("list", dir)(e)),
         };
         let mut synced = self.blobs_synced.lock().unwrap_or_else(|p| p.into_inner());
         let mut present = HashSet::new();
-        let mut n = 0;
+        let mut new = false;
         for e in listing {
-            let name = e.map_err(io_err("list", &dir))?.file_name();
+            let name = e.map_err(io_err("list", dir))?.file_name();
             if !synced.contains(&name) {
                 let path = dir.join(&name);
                 match File::open(&path) {
@@ -108,17 +115,17 @@ impl SyncedDb {
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                     Err(e) => return Err(io_err("open", &path)(e)),
                 }
-                n += 1;
+                new = true;
             }
             present.insert(name);
         }
         *synced = present;
-        if n > 0 {
-            File::open(&dir)
+        if new {
+            File::open(dir)
                 .and_then(|d| d.sync_all())
-                .map_err(io_err("fsync", &dir))?;
+                .map_err(io_err("fsync", dir))?;
         }
-        Ok(n)
+        Ok(())
     }
 
     /// The blob files synced and still present, for tests.
