@@ -77,8 +77,11 @@ pub struct IscsiBackend {
     session: Session,
     describe: String,
     discard: bool,
-    // Last: the runtime the session's tasks run on outlives them.
-    rt: Arc<Runtime>,
+    /// Where the session's tasks run; `rt` keeps that runtime alive.
+    handle: tokio::runtime::Handle,
+    // Last: the runtime outlives the session's tasks. An Option only so that `drop` can
+    // hand it to the thread that logs out (see there).
+    rt: Option<Arc<Runtime>>,
 }
 
 impl IscsiBackend {
@@ -130,7 +133,8 @@ impl IscsiBackend {
             session,
             describe,
             discard,
-            rt,
+            handle: rt.handle().clone(),
+            rt: Some(rt),
         })
     }
 }
@@ -202,7 +206,7 @@ impl AsyncBlockIo for IscsiBackend {
     fn read(&self, offset: u64, len: usize, done: Done<Vec<u8>>) {
         let lun = self.async_lun.clone();
         let lba = offset / u64::from(lun.block_size());
-        self.rt.spawn(async move {
+        self.handle.spawn(async move {
             let r = lun.read_into(lba, bytes::BytesMut::zeroed(len)).await;
             done(
                 r.map(|b| b.to_vec())
@@ -215,7 +219,7 @@ impl AsyncBlockIo for IscsiBackend {
         let lun = self.async_lun.clone();
         let lba = offset / u64::from(lun.block_size());
         let len = data.len() as u64;
-        self.rt.spawn(async move {
+        self.handle.spawn(async move {
             let r = lun.write(lba, bytes::Bytes::from(data)).await;
             done(r.map_err(|e| io_err("write", offset, len, e)));
         });
@@ -223,20 +227,22 @@ impl AsyncBlockIo for IscsiBackend {
 
     fn flush(&self, done: Done<()>) {
         let lun = self.async_lun.clone();
-        self.rt.spawn(async move {
+        self.handle.spawn(async move {
             done(lun.flush().await.map_err(|e| io_err("flush", 0, 0, e)));
         });
     }
 
     fn runtime(&self) -> Option<tokio::runtime::Handle> {
-        Some(self.rt.handle().clone())
+        Some(self.handle.clone())
     }
 }
 
 impl Drop for IscsiBackend {
     fn drop(&mut self) {
         let session = self.session.clone();
-        let rt = self.rt.clone();
+        let Some(rt) = self.rt.take() else {
+            return;
+        };
         let describe = self.describe.clone();
         let logout = move || {
             let r =
@@ -252,7 +258,9 @@ impl Drop for IscsiBackend {
         } else {
             // The last reference went on a thread of a runtime (a stopping disk's final
             // completion ran there): blocking on, or dropping, a runtime is not allowed
-            // there, so a thread of its own logs out and lets the runtime go.
+            // there, so a thread of its own logs out and lets the runtime go. It takes
+            // this disk's own reference to the runtime: one left here could be the last
+            // when that thread ends first, and would drop the runtime on this thread.
             let _ = std::thread::Builder::new()
                 .name("iscsi-logout".into())
                 .spawn(logout);
