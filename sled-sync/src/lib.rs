@@ -4,10 +4,10 @@
 //! sled's log file with `sync_file_range`, which neither flushes the drive's volatile write
 //! cache nor persists the file's size, and it writes a page too large for its log (above
 //! a quarter of its 512 KiB segment: a big value, or a tree node holding some) to a file
-//! of its own under `blobs/` that it never syncs. [`SyncedDb::flush`] follows sled's flush
-//! with an fsync of each blob file not synced yet and of their directory, then an
-//! fdatasync of the log file, as etcd does for its WAL. poold (the Raft log) and storaged
-//! (pool metadata) acknowledge a write only after it returns.
+//! of its own under `blobs/` that it never syncs. [`SyncedDb::flush`] adds an fsync of each
+//! blob file not synced yet and of their directory, and an fdatasync of the log file after
+//! sled's flush, as etcd does for its WAL. poold (the Raft log) and storaged (pool
+//! metadata) acknowledge a write only after it returns.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -85,6 +85,11 @@ impl SyncedDb {
 
     /// Makes every write so far durable.
     pub fn flush(&self) -> Result<(), SyncError> {
+        // sled writes a blob file before the log record that points at it, and our flush
+        // is what usually writes that record out: syncing the blobs first keeps a power
+        // cut from leaving a durable pointer to a blob still in the page cache. The second
+        // pass takes blobs sled wrote while flushing.
+        self.sync_new_blobs()?;
         self.db.flush().map_err(SyncError::Flush)?;
         self.sync_new_blobs()?;
         self.log_file
