@@ -230,8 +230,8 @@ impl Coordinator {
         let mut applied = self.node.shared.applied.subscribe();
         let mut last = task;
         loop {
-            if let Some(t) = self.node.state().tasks.get(&last.id) {
-                last = (**t).clone();
+            if let Some(t) = self.node.state().task(&last.id) {
+                last = t;
             }
             if task_finished(&last) {
                 return last;

@@ -679,13 +679,7 @@ impl Node {
                                 state.apply_member_change(e.index, &change, &all);
                                 let task = change.task_id.clone();
                                 Ok((
-                                    CommandResult::ok(
-                                        state
-                                            .tasks
-                                            .get(&task)
-                                            .map(|t| (**t).clone())
-                                            .unwrap_or_default(),
-                                    ),
+                                    CommandResult::ok(state.task(&task).unwrap_or_default()),
                                     e.index,
                                 ))
                             }

@@ -1471,7 +1471,7 @@ impl PoolService for PoolApi {
         self.who(&r, "GetTask")?;
         let id = r.into_inner().task_id;
         self.c
-            .read(|s| s.tasks.get(&id).map(|t| (**t).clone()))
+            .read(|s| s.task(&id))
             .await?
             .map(Response::new)
             .ok_or_else(|| {
@@ -1510,7 +1510,7 @@ impl PoolService for PoolApi {
         let id = r.into_inner().task_id;
         let first = self
             .c
-            .read(|s| s.tasks.get(&id).map(|t| (**t).clone()))
+            .read(|s| s.task(&id))
             .await?
             .ok_or_else(|| Status::not_found(format!("no task with id {id}")))?;
         let c = self.c.clone();
@@ -1525,7 +1525,7 @@ impl PoolService for PoolApi {
                 // A change is applied on this member first; a slow one is re-read at
                 // least every second.
                 let _ = tokio::time::timeout(Duration::from_secs(1), applied.changed()).await;
-                let now = c.node.state().tasks.get(&last.id).map(|t| (**t).clone());
+                let now = c.node.state().task(&last.id);
                 match now {
                     Some(t) if t != last => {
                         last = t;
@@ -1558,7 +1558,7 @@ impl PoolService for PoolApi {
         match self.done(&who, res) {
             Ok(_) => self
                 .c
-                .read(|s| s.tasks.get(&id).map(|t| (**t).clone()))
+                .read(|s| s.task(&id))
                 .await?
                 .map(Response::new)
                 .ok_or_else(|| Status::not_found(format!("no task with id {id}"))),

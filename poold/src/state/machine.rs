@@ -182,6 +182,11 @@ impl PoolState {
 
     /// The earlier result of this request id, if it was already applied. Errors when the
     /// id was used for a different kind of request.
+    /// A copy of the task `id`, while it is kept.
+    pub fn task(&self, id: &str) -> Option<pb::Task> {
+        self.tasks.get(id).map(|t| (**t).clone())
+    }
+
     pub fn lookup_request(&self, request_id: &str, kind: &str) -> Option<CommandResult> {
         if request_id.is_empty() {
             return None;
@@ -191,18 +196,13 @@ impl PoolState {
                 let mut res = r.result();
                 if res.code == 0 {
                     // The task itself while it is kept; once forgotten it had finished.
-                    res.task = Some(
-                        self.tasks
-                            .get(&res.task_id)
-                            .map(|t| (**t).clone())
-                            .unwrap_or_else(|| pb::Task {
-                                id: res.task_id.clone(),
-                                kind: kind.to_owned(),
-                                state: pb::TaskState::Succeeded as i32,
-                                request_id: request_id.to_owned(),
-                                ..Default::default()
-                            }),
-                    );
+                    res.task = Some(self.task(&res.task_id).unwrap_or_else(|| pb::Task {
+                        id: res.task_id.clone(),
+                        kind: kind.to_owned(),
+                        state: pb::TaskState::Succeeded as i32,
+                        request_id: request_id.to_owned(),
+                        ..Default::default()
+                    }));
                     res.task_id.clear();
                 }
                 res

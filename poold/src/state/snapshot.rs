@@ -130,11 +130,7 @@ pub fn encode(s: &PoolState) -> Vec<u8> {
         token_key: s.token_key.clone(),
         audit: s.audit.iter().cloned().collect(),
         force_stop: s.force_stop.iter().cloned().collect(),
-        tasks: s
-            .task_order
-            .iter()
-            .filter_map(|id| s.tasks.get(id).map(|t| (**t).clone()))
-            .collect(),
+        tasks: s.task_order.iter().filter_map(|id| s.task(id)).collect(),
         requests: s
             .request_order
             .iter()
