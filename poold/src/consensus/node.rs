@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message as _;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, Message};
+use raft::eraftpb::{ConfChangeV2, ConfState, Entry, EntryType, Message, SnapshotMetadata};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 
@@ -129,6 +129,16 @@ pub enum NodeMsg {
         to: u64,
         reply: oneshot::Sender<Result<(), NodeError>>,
     },
+    /// The snapshot writer finished (see `Node::maybe_snapshot`).
+    SnapshotStored(Result<StoredSnapshot, String>),
+}
+
+pub struct StoredSnapshot {
+    meta: SnapshotMetadata,
+    compact_to: u64,
+    bytes: usize,
+    encode: Duration,
+    started: Instant,
 }
 
 /// A cheap handle to the node thread.
@@ -217,6 +227,9 @@ struct Node {
     snapshots_installed: u64,
     /// When each peer was last heard from: whether a change keeps a live quorum.
     last_heard: HashMap<u64, Instant>,
+    /// The thread storing a state-machine snapshot, while it runs.
+    snapshot_writer: Option<std::thread::JoinHandle<()>>,
+    node_tx: Sender<NodeMsg>,
 }
 
 /// Starts the node thread. `storage` must be bootstrapped already (or empty, for a member
@@ -272,7 +285,7 @@ pub fn start(
         cfg.id,
         cfg.pool_id.clone(),
         transport_rt,
-        tx,
+        tx.clone(),
         shared.clone(),
         faults,
     );
@@ -293,6 +306,8 @@ pub fn start(
         leader_seen: (0, 0),
         snapshots_installed: 0,
         last_heard: HashMap::new(),
+        snapshot_writer: None,
+        node_tx: tx,
     };
     node.publish();
     std::thread::Builder::new()
@@ -333,12 +348,12 @@ impl Node {
             self.start_read_round();
             // Compaction after the pass, so a snapshot covers everything it applied.
             if let Err(e) = self.on_ready().and_then(|_| self.maybe_snapshot()) {
-                // The storage failed: this member cannot go on safely. Stop; the others
-                // keep the pool going and this one recovers from its disk on restart.
-                tracing::error!(error = %e, "Raft storage failed; stopping this member");
-                std::process::exit(70);
+                storage_failed(&e);
             }
             self.publish();
+        }
+        if let Some(w) = self.snapshot_writer.take() {
+            let _ = w.join();
         }
         tracing::info!("Raft member stopped");
     }
@@ -397,6 +412,15 @@ impl Node {
                     SnapshotStatus::Failure
                 },
             ),
+            NodeMsg::SnapshotStored(outcome) => {
+                if let Some(w) = self.snapshot_writer.take() {
+                    let _ = w.join();
+                }
+                match outcome {
+                    Ok(done) => self.snapshot_stored(done),
+                    Err(e) => storage_failed(&e),
+                }
+            }
             NodeMsg::TransferLeader { to, reply } => {
                 if self.raw.raft.state != StateRole::Leader {
                     let _ = reply.send(Err(self.not_leader()));
@@ -704,26 +728,68 @@ impl Node {
         Ok(())
     }
 
+    /// Every `snapshot_interval` applied entries (or when raft-rs needs a newer snapshot
+    /// for a follower), encodes the state machine here, where it cannot change underneath,
+    /// and hands the bytes to a writer thread: storing and fsyncing ~15 MB is the slow
+    /// part, and every member reaches the same index at about the same time, so doing it
+    /// here would stall the whole pool at once. The log is cut once it is durable.
     fn maybe_snapshot(&mut self) -> Result<(), raft::Error> {
+        if self.snapshot_writer.is_some() {
+            return Ok(());
+        }
         let applied = self.shared.state.read().expect("state lock").applied_index;
         let snap_index = self.raw.store().snapshot_metadata().index;
         let wanted = self.raw.store().take_snapshot_wanted() && applied > snap_index;
         if !wanted && applied < snap_index + self.cfg.snapshot_interval {
             return Ok(());
         }
+        let started = Instant::now();
         let data = snapshot::encode(&self.shared.state.read().expect("state lock"));
+        let encode = started.elapsed();
+        let meta = self
+            .raw
+            .store()
+            .snapshot_metadata_at(applied, &self.conf_state)?;
+        let writer = self.raw.store().snapshot_writer();
+        let tx = self.node_tx.clone();
         let compact_to = applied.saturating_sub(self.cfg.snapshot_keep_entries);
-        let cs = self.conf_state.clone();
-        self.raw
+        let thread = std::thread::Builder::new()
+            .name(format!("raft-{}-snap", self.cfg.id))
+            .spawn(move || {
+                let outcome = writer
+                    .store(&meta, &data)
+                    .map(|_| StoredSnapshot {
+                        meta,
+                        compact_to,
+                        bytes: data.len(),
+                        encode,
+                        started,
+                    })
+                    .map_err(|e| e.to_string());
+                let _ = tx.send(NodeMsg::SnapshotStored(outcome));
+            })
+            .map_err(|e| raft::Error::Store(raft::StorageError::Other(Box::new(e))))?;
+        self.snapshot_writer = Some(thread);
+        Ok(())
+    }
+
+    fn snapshot_stored(&mut self, done: StoredSnapshot) {
+        let index = done.meta.index;
+        if let Err(e) = self
+            .raw
             .mut_store()
-            .save_snapshot(applied, &cs, &data, compact_to)?;
+            .snapshot_stored(done.meta, done.compact_to)
+        {
+            storage_failed(&e);
+        }
         tracing::info!(
-            applied,
-            compact_to,
-            bytes = data.len(),
+            index,
+            compact_to = done.compact_to,
+            bytes = done.bytes,
+            encode_ms = done.encode.as_millis() as u64,
+            total_ms = done.started.elapsed().as_millis() as u64,
             "took a state snapshot and compacted the log"
         );
-        Ok(())
     }
 
     fn publish(&mut self) {
@@ -759,6 +825,13 @@ impl Node {
         };
         *self.shared.status.lock().expect("status lock") = st;
     }
+}
+
+/// The storage failed: this member cannot go on safely. It stops; the others keep the
+/// pool going, and this one recovers from its disk on restart.
+fn storage_failed(e: &dyn std::fmt::Display) -> ! {
+    tracing::error!(error = %e, "Raft storage failed; stopping this member");
+    std::process::exit(70);
 }
 
 /// Milliseconds since the epoch, for stamping commands at proposal time.
