@@ -133,7 +133,10 @@ pub enum NodeMsg {
     SnapshotStored(Result<StoredSnapshot, String>),
 }
 
+/// A snapshot the writer thread finished with: what cutting the log behind it needs.
 pub struct StoredSnapshot {
+    /// False when the stored snapshot was as new already (one from the leader).
+    written: bool,
     meta: SnapshotMetadata,
     compact_to: u64,
     bytes: usize,
@@ -758,7 +761,8 @@ impl Node {
             .spawn(move || {
                 let outcome = writer
                     .store(&meta, &data)
-                    .map(|_| StoredSnapshot {
+                    .map(|written| StoredSnapshot {
+                        written,
                         meta,
                         compact_to,
                         bytes: data.len(),
@@ -775,6 +779,13 @@ impl Node {
 
     fn snapshot_stored(&mut self, done: StoredSnapshot) {
         let index = done.meta.index;
+        if !done.written {
+            tracing::info!(
+                index,
+                "a newer snapshot was stored meanwhile; this one is dropped"
+            );
+            return;
+        }
         if let Err(e) = self
             .raw
             .mut_store()
