@@ -60,6 +60,13 @@ impl IrqLine {
         })
     }
 
+    /// Wakes the VM's idle vCPUs without raising the line.
+    pub fn wake_idle(&self) {
+        if let Some(w) = &self.wake {
+            w.wake();
+        }
+    }
+
     pub fn trigger(&self) -> io::Result<()> {
         let r = self.evt.write(1);
         if let Some(w) = &self.wake {
