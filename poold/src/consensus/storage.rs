@@ -402,21 +402,6 @@ impl DiskStorage {
         Ok(())
     }
 
-    /// Stores a snapshot of the state machine taken at `index` (already applied) and cuts
-    /// the log behind it, all before returning: [`Self::snapshot_writer`] and
-    /// [`Self::snapshot_stored`] in one call.
-    pub fn save_snapshot(
-        &mut self,
-        index: u64,
-        conf_state: &ConfState,
-        data: &[u8],
-        compact_to: u64,
-    ) -> Result<(), raft::Error> {
-        let meta = self.snapshot_metadata_at(index, conf_state)?;
-        self.snapshot_writer().store(&meta, data)?;
-        self.snapshot_stored(meta, compact_to)
-    }
-
     /// The metadata of a snapshot of the state machine at `index` (applied here, so still
     /// in the log or at its truncation point).
     pub fn snapshot_metadata_at(
@@ -789,7 +774,9 @@ mod tests {
         let es: Vec<Entry> = (2..=20).map(|i| entry(i, 3, b"e")).collect();
         s.append(&es).unwrap();
         let cs = ConfState::from((vec![1u64], Vec::<u64>::new()));
-        s.save_snapshot(15, &cs, b"snap15", 10).unwrap();
+        let meta = s.snapshot_metadata_at(15, &cs).unwrap();
+        assert!(s.snapshot_writer().store(&meta, b"snap15").unwrap());
+        s.snapshot_stored(meta, 10).unwrap();
         assert_eq!(s.first_index(), 11);
         assert_eq!(s.term(10).unwrap(), 3);
         assert_eq!(s.term(15).unwrap(), 3);

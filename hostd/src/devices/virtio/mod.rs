@@ -157,7 +157,6 @@ pub trait VirtioDevice: Send {
 mod tests {
     use super::*;
     use crate::devices::idle::IdleWake;
-    use std::time::Duration;
 
     fn raised(i: &VirtioInterrupt) -> u64 {
         // The eventfd is non-blocking: nothing written reads as WouldBlock.
