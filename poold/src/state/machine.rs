@@ -180,13 +180,13 @@ impl PoolState {
         }
     }
 
-    /// The earlier result of this request id, if it was already applied. Errors when the
-    /// id was used for a different kind of request.
     /// A copy of the task `id`, while it is kept.
     pub fn task(&self, id: &str) -> Option<pb::Task> {
         self.tasks.get(id).map(|t| (**t).clone())
     }
 
+    /// The earlier result of this request id, if it was already applied. Errors when the
+    /// id was used for a different kind of request.
     pub fn lookup_request(&self, request_id: &str, kind: &str) -> Option<CommandResult> {
         if request_id.is_empty() {
             return None;
