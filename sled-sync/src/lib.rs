@@ -102,12 +102,14 @@ impl SyncedDb {
     /// blobs sled writes on its own when it rewrites a page.
     fn sync_new_blobs(&self) -> Result<(), SyncError> {
         let dir = &self.blob_dir;
+        // Held across the listing too: with flushes from two threads (poold's Raft thread
+        // and its snapshot writer), an older listing must not replace a newer one's set.
+        let mut synced = self.blobs_synced.lock().unwrap_or_else(|p| p.into_inner());
         let listing = match std::fs::read_dir(dir) {
             Ok(l) => l,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(io_err("list", dir)(e)),
         };
-        let mut synced = self.blobs_synced.lock().unwrap_or_else(|p| p.into_inner());
         let mut present = HashSet::new();
         let mut new = false;
         for e in listing {
