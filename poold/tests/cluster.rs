@@ -253,6 +253,42 @@ async fn transfer_leadership(
     .unwrap_or_else(|e| panic!("leadership to member {to}: {e}"))
 }
 
+/// A member that stalled (here SIGSTOP; in life a slow disk) is silent, not dead: a change
+/// that needs it waits for a heartbeat round instead of being refused on stale news.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_change_waits_for_a_stalled_member_to_answer() {
+    let _serial = SERIAL.lock().await;
+    let mut cl = Cluster::start(3, &[]);
+    let leader = cl.leader(ELECTION).await;
+    let mut c = cl.client_of(&[leader]);
+    join_host(&mut c, "10.3.0.1:7000").await.unwrap();
+    let a4 = cl.spawn_joiner(4);
+    add_member(&mut c, 4, &a4, pb::MemberRole::Learner, 0)
+        .await
+        .unwrap();
+    let lst = cl.status(leader).await.unwrap();
+    cl.wait_applied(4, lst.commit_index, ELECTION).await;
+    // Voters {1,2,3,4} need three caught-up members answering; with a follower and the
+    // learner frozen past the election timeout, the leader has heard from neither lately.
+    let follower = (1..=3).find(|m| *m != leader).unwrap();
+    cl.freeze(follower, true);
+    cl.freeze(4, true);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let promote = {
+        let mut c = c.clone();
+        let a4 = a4.clone();
+        tokio::spawn(async move { add_member(&mut c, 4, &a4, pb::MemberRole::Voter, 0).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    cl.freeze(follower, false);
+    cl.freeze(4, false);
+    promote
+        .await
+        .unwrap()
+        .expect("the change goes through once both answer");
+    voters(&cl, leader, &[1, 2, 3, 4]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_are_added_replaced_and_removed_through_the_api() {
     let _serial = SERIAL.lock().await;

@@ -208,6 +208,12 @@ impl NodeHandle {
     }
 }
 
+struct WaitingConfChange {
+    change: Box<ConfChangeV2>,
+    reply: ProposeReply,
+    until: Instant,
+}
+
 static INCARNATION: AtomicU64 = AtomicU64::new(0);
 
 struct Node {
@@ -230,6 +236,9 @@ struct Node {
     snapshots_installed: u64,
     /// When each peer was last heard from: whether a change keeps a live quorum.
     last_heard: HashMap<u64, Instant>,
+    /// Membership changes that lacked a reachable quorum when they came, waiting (after a
+    /// heartbeat round) until `until` for the missing members to answer.
+    conf_waiting: Vec<WaitingConfChange>,
     /// The thread storing a state-machine snapshot, while it runs.
     snapshot_writer: Option<std::thread::JoinHandle<()>>,
     node_tx: Sender<NodeMsg>,
@@ -309,6 +318,7 @@ pub fn start(
         leader_seen: (0, 0),
         snapshots_installed: 0,
         last_heard: HashMap::new(),
+        conf_waiting: Vec::new(),
         snapshot_writer: None,
         node_tx: tx,
     };
@@ -349,6 +359,7 @@ impl Node {
                 last_tick = Instant::now();
             }
             self.start_read_round();
+            self.recheck_conf_changes();
             // Compaction after the pass, so a snapshot covers everything it applied.
             if let Err(e) = self.on_ready().and_then(|_| self.maybe_snapshot()) {
                 storage_failed(&e);
@@ -390,19 +401,24 @@ impl Node {
                     let _ = reply.send(Err(self.not_leader()));
                     return;
                 }
-                if let Err(why) = self.check_conf_change(&change) {
-                    let _ = reply.send(Err(NodeError::BadMemberChange(why)));
-                    return;
-                }
-                let pid = self.next_proposal;
-                self.next_proposal += 1;
-                match self.raw.propose_conf_change(self.context(pid), *change) {
-                    Ok(()) => {
-                        self.proposals.insert(pid, reply);
+                let voters = match self.new_voters(&change) {
+                    Ok(v) => v,
+                    Err(why) => {
+                        let _ = reply.send(Err(NodeError::BadMemberChange(why)));
+                        return;
                     }
-                    Err(e) => {
-                        let _ = reply.send(Err(NodeError::BadMemberChange(e.to_string())));
-                    }
+                };
+                if self.reachable_quorum(&voters).is_ok() {
+                    self.propose_conf_change(*change, reply);
+                } else {
+                    // Silence may be a stall (ours or theirs) rather than a dead member:
+                    // ask everyone for a heartbeat and decide once they had time to answer.
+                    self.raw.ping();
+                    self.conf_waiting.push(WaitingConfChange {
+                        change,
+                        reply,
+                        until: Instant::now() + self.cfg.tick * self.cfg.election_ticks as u32,
+                    });
                 }
             }
             NodeMsg::ReadIndex { reply } => self.reads_waiting.push(reply),
@@ -471,9 +487,46 @@ impl Node {
         }
     }
 
-    /// Refuses a change that would leave the group without a reachable quorum, or that
-    /// removes the last voter.
-    fn check_conf_change(&self, cc: &ConfChangeV2) -> Result<(), String> {
+    fn propose_conf_change(&mut self, change: ConfChangeV2, reply: ProposeReply) {
+        let pid = self.next_proposal;
+        self.next_proposal += 1;
+        match self.raw.propose_conf_change(self.context(pid), change) {
+            Ok(()) => {
+                self.proposals.insert(pid, reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(NodeError::BadMemberChange(e.to_string())));
+            }
+        }
+    }
+
+    /// Proposes each waiting membership change whose quorum has answered, and refuses
+    /// those whose members stayed silent past their wait.
+    fn recheck_conf_changes(&mut self) {
+        if self.conf_waiting.is_empty() {
+            return;
+        }
+        for w in std::mem::take(&mut self.conf_waiting) {
+            if self.raw.raft.state != StateRole::Leader {
+                let _ = w.reply.send(Err(self.not_leader()));
+                continue;
+            }
+            let checked = self
+                .new_voters(&w.change)
+                .and_then(|voters| self.reachable_quorum(&voters));
+            match checked {
+                Ok(()) => self.propose_conf_change(*w.change, w.reply),
+                Err(why) if Instant::now() >= w.until => {
+                    let _ = w.reply.send(Err(NodeError::BadMemberChange(why)));
+                }
+                Err(_) => self.conf_waiting.push(w),
+            }
+        }
+    }
+
+    /// The voters after `cc`, or why the change is malformed: one while a joint-consensus
+    /// change is in progress, the removal of a non-member, or of the last voter.
+    fn new_voters(&self, cc: &ConfChangeV2) -> Result<Vec<u64>, String> {
         use raft::eraftpb::ConfChangeType::*;
         if !self.conf_state.voters_outgoing.is_empty() {
             return Err("a joint-consensus change is still in progress; retry shortly".into());
@@ -500,6 +553,12 @@ impl Node {
         if voters.is_empty() {
             return Err("the change would leave no voter".into());
         }
+        Ok(voters)
+    }
+
+    /// Refuses a configuration without a quorum of members that are up to date and were
+    /// heard from within an election timeout.
+    fn reachable_quorum(&self, voters: &[u64]) -> Result<(), String> {
         let prs = self.raw.raft.prs();
         let window = self.cfg.tick * self.cfg.election_ticks as u32;
         let active = voters
@@ -515,8 +574,7 @@ impl Node {
             .filter(|v| self.conf_state.voters.contains(v))
             .count();
         // New voters start empty: they count only once they have caught up, so a change
-        // that needs them for its quorum would stall the pool. Require a quorum of the new
-        // configuration among members that are up to date and heard from recently.
+        // that needs them for its quorum would stall the pool.
         if active < voters.len() / 2 + 1 {
             return Err(format!(
                 "the new configuration {voters:?} needs {} reachable, caught-up voters but has {active} \

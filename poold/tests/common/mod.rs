@@ -105,6 +105,18 @@ impl Cluster {
         }
     }
 
+    /// SIGSTOP (`stop == true`) or SIGCONT: the member stalls with its sockets open, the way
+    /// a process blocked on a slow disk does.
+    pub fn freeze(&self, id: u64, stop: bool) {
+        let pid = self.procs[&id].id().to_string();
+        let sig = if stop { "-STOP" } else { "-CONT" };
+        let st = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("run kill");
+        assert!(st.success(), "kill {sig} {pid}");
+    }
+
     pub fn alive(&self) -> Vec<u64> {
         self.procs.keys().copied().collect()
     }
