@@ -297,12 +297,12 @@ impl PoolState {
         let mut scanned = 0;
         while self.task_order.len() > TASKS_KEPT && scanned < self.task_order.len() {
             let id = self.task_order.pop_front().expect("non-empty");
-            let finished = self.tasks.get(&id).is_none_or(|t| {
-                t.state != pb::TaskState::Running as i32 && t.state != pb::TaskState::Pending as i32
-            });
-            if finished {
-                self.tasks.remove(&id);
-            } else {
+            // One search for the common case (finished); a running task goes back.
+            if let Some(t) = self.tasks.remove(&id)
+                && (t.state == pb::TaskState::Running as i32
+                    || t.state == pb::TaskState::Pending as i32)
+            {
+                self.tasks.insert(id.clone(), t);
                 self.task_order.push_back(id);
                 scanned += 1;
             }
@@ -1355,9 +1355,15 @@ mod tests {
                     Op::UpdateSettings(settings.clone()),
                 ),
             );
+            if i == 1 {
+                // A task still running (a job's) is kept however old it is.
+                s.tasks.get_mut("task-r1").unwrap().state = pb::TaskState::Running as i32;
+            }
         }
         assert!(s.tasks.len() <= TASKS_KEPT + 1);
         assert!(!s.tasks.contains_key("task-r0"));
+        assert!(s.tasks.contains_key("task-r1"));
         assert!(s.tasks.contains_key(&format!("task-r{}", TASKS_KEPT + 49)));
+        assert_eq!(s.task_order.len(), s.tasks.len());
     }
 }
