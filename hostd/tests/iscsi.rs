@@ -300,3 +300,57 @@ fn a_disk_let_go_on_a_runtime_thread_still_logs_out() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// The device starts a whole pass over the guest's ring from a task on the session's
+/// runtime: those requests reach the session together, and their commands leave in one
+/// write rather than a write (and a wake-up of the target) each.
+#[test]
+fn requests_started_in_one_pass_leave_in_one_write() {
+    use hostd::devices::virtio::block::backend::AsyncBlockIo;
+    use hostd::devices::virtio::block::iscsi::{IscsiBackend, IscsiTarget, runtime};
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start(dir.path(), &[4 << 20], false);
+    std::fs::write(&target.luns[0], vec![7u8; 4 << 20]).unwrap();
+    let rt = runtime().unwrap();
+    let disk = Arc::new(
+        IscsiBackend::open(
+            rt.clone(),
+            &IscsiTarget {
+                portal: format!("127.0.0.1:{}", target.port),
+                target_iqn: TARGET_IQN.into(),
+                lun: 0,
+                initiator_iqn: INITIATOR.into(),
+                chap: None,
+                mutual_chap: None,
+            },
+        )
+        .unwrap(),
+    );
+    let before = disk.stats();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let d = disk.clone();
+    rt.spawn(async move {
+        for i in 0..8u64 {
+            let tx = tx.clone();
+            d.read(
+                i * 4096,
+                4096,
+                Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()),
+            );
+        }
+    });
+    for _ in 0..8 {
+        let data = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap()
+            .unwrap();
+        assert_eq!(data, vec![7u8; 4096]);
+    }
+    let after = disk.stats();
+    assert_eq!(after.commands - before.commands, 8);
+    assert!(
+        after.sends - before.sends <= 2,
+        "8 reads took {} writes",
+        after.sends - before.sends
+    );
+}

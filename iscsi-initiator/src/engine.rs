@@ -594,6 +594,7 @@ impl<'q> Engine<'q> {
         if self.tx.is_empty() {
             return Ok(());
         }
+        self.counters.sends.fetch_add(1, Ordering::Relaxed);
         self.tx
             .flush(&self.stream)
             .map(|_| ())

@@ -51,6 +51,7 @@ pub struct Counters {
     pub own_flushes: AtomicU64,
     pub in_flight: AtomicU64,
     pub max_in_flight: AtomicU64,
+    pub sends: AtomicU64,
 }
 
 /// A snapshot of a session's counters.
@@ -79,6 +80,9 @@ pub struct Stats {
     /// Commands in flight now, and the most ever at once.
     pub in_flight: u64,
     pub max_in_flight: u64,
+    /// Times the PDUs queued went to the socket together (one write, or more when the
+    /// socket was full): commands over sends is how many commands share a write.
+    pub sends: u64,
 }
 
 /// Where the session stands.
@@ -246,6 +250,7 @@ impl Session {
             own_flushes: g(&c.own_flushes),
             in_flight: g(&c.in_flight),
             max_in_flight: g(&c.max_in_flight),
+            sends: g(&c.sends),
         }
     }
 

@@ -6,8 +6,13 @@
 //! and commands from several callers pipeline on the one session. The session logs out
 //! when the disk is dropped (the VM stops or is destroyed).
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 
 use iscsi_initiator::blocking::BlockingLun;
 use iscsi_initiator::{Chap, Session, SessionConfig};
@@ -79,6 +84,8 @@ pub struct IscsiBackend {
     discard: bool,
     /// Where the session's tasks run; `rt` keeps that runtime alive.
     handle: tokio::runtime::Handle,
+    /// Operations started since the task that runs them was spawned (see `start`).
+    starting: Arc<Mutex<Vec<Op>>>,
     // Last: the runtime outlives the session's tasks. An Option only so that `drop` can
     // hand it to the thread that logs out (see there).
     rt: Option<Arc<Runtime>>,
@@ -134,6 +141,7 @@ impl IscsiBackend {
             describe,
             discard,
             handle: rt.handle().clone(),
+            starting: Arc::new(Mutex::new(Vec::new())),
             rt: Some(rt),
         })
     }
@@ -199,6 +207,38 @@ impl BlockBackend for IscsiBackend {
     }
 }
 
+type Op = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl IscsiBackend {
+    /// The session's counters.
+    pub fn stats(&self) -> iscsi_initiator::Stats {
+        self.session.stats()
+    }
+
+    /// Runs `op` on the session's runtime, in one task with the other operations started
+    /// before that task gets to run: the device starts a whole pass over the guest's ring
+    /// from the runtime's thread, so those are the pass's requests, and their commands
+    /// reach the session together and leave in one write. (A task per request would wake
+    /// the session after each submission, and each command would cost a write and a
+    /// wake-up of the target of its own.)
+    fn start(&self, op: Op) {
+        let mut starting = self.starting.lock().unwrap_or_else(|p| p.into_inner());
+        starting.push(op);
+        if starting.len() > 1 {
+            return;
+        }
+        drop(starting);
+        let starting = self.starting.clone();
+        self.handle.spawn(async move {
+            let mut ops: FuturesUnordered<Op> =
+                std::mem::take(&mut *starting.lock().unwrap_or_else(|p| p.into_inner()))
+                    .into_iter()
+                    .collect();
+            while ops.next().await.is_some() {}
+        });
+    }
+}
+
 /// Reads, writes and flushes as tasks on the session's runtime: the virtio worker hands
 /// a request over and goes on, the session pipelines what is in flight, and the task
 /// completes the request from the runtime's thread as soon as the response arrives.
@@ -206,30 +246,30 @@ impl AsyncBlockIo for IscsiBackend {
     fn read(&self, offset: u64, len: usize, done: Done<Vec<u8>>) {
         let lun = self.async_lun.clone();
         let lba = offset / u64::from(lun.block_size());
-        self.handle.spawn(async move {
+        self.start(Box::pin(async move {
             let r = lun.read_into(lba, bytes::BytesMut::zeroed(len)).await;
             done(
                 r.map(|b| b.to_vec())
                     .map_err(|e| io_err("read", offset, len as u64, e)),
             );
-        });
+        }));
     }
 
     fn write(&self, offset: u64, data: Vec<u8>, done: Done<()>) {
         let lun = self.async_lun.clone();
         let lba = offset / u64::from(lun.block_size());
         let len = data.len() as u64;
-        self.handle.spawn(async move {
+        self.start(Box::pin(async move {
             let r = lun.write(lba, bytes::Bytes::from(data)).await;
             done(r.map_err(|e| io_err("write", offset, len, e)));
-        });
+        }));
     }
 
     fn flush(&self, done: Done<()>) {
         let lun = self.async_lun.clone();
-        self.handle.spawn(async move {
+        self.start(Box::pin(async move {
             done(lun.flush().await.map_err(|e| io_err("flush", 0, 0, e)));
-        });
+        }));
     }
 
     fn runtime(&self) -> Option<tokio::runtime::Handle> {
