@@ -114,10 +114,12 @@ static int use_idle = -1;
  * spinning than an exit and a wake-up. Linux guests do the same (cpuidle-haltpoll, whose
  * default window, guest_halt_poll_ns, is 200 us). blk_poll_us sets it. */
 static u64 idle_poll_us = 200;
-/* The window while several requests are in flight (blk_poll_many_us): the host threads
- * that complete them need the CPU this vCPU would spin on, and one wake-up then reaps
- * several completions, so parking at once serves them faster. */
-static u64 idle_poll_many_us = 0;
+/* The window while several requests are in flight (blk_poll_many_us, by default the
+ * same): hostd sends the requests of one notification to the target together, so their
+ * completions come back close together too, and parking between them costs an exit and a
+ * wake-up each. (It was 0 while each request left in a write of its own: the host threads
+ * then needed the CPU a polling vCPU took, and parking at once served them faster.) */
+static u64 idle_poll_many_us = 200;
 
 static u32 rd(struct blk *b, u32 off) { return mmio_read32(b->base + off); }
 static void wr(struct blk *b, u32 off, u32 v) { mmio_write32(b->base + off, v); }
@@ -262,7 +264,7 @@ static int blk_init(struct blk *b)
 	if (use_idle < 0)
 		use_idle = arg_u64("blk_idle", 1) != 0;
 	idle_poll_us = arg_u64("blk_poll_us", 200);
-	idle_poll_many_us = arg_u64("blk_poll_many_us", 0);
+	idle_poll_many_us = arg_u64("blk_poll_many_us", idle_poll_us);
 	b->avail[0] = 1;
 	return 0;
 }

@@ -485,7 +485,7 @@ async fn main() {
 
     if std::env::var_os("VMM_BENCH_ONLY_BLK").is_some() {
         // For working on the block path: the iSCSI rows alone (VMM_BENCH_GUEST_ARGS adds
-        // guest arguments to them, e.g. `blk_poll_many_us=30`).
+        // guest arguments to them, e.g. `blk_poll_many_us=0`).
         let daemon = start_daemon(&hostd);
         let mut c = HostServiceClient::connect(format!("http://{}", daemon.addr))
             .await
