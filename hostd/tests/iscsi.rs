@@ -265,16 +265,14 @@ fn common_free_port() -> u16 {
         .port()
 }
 
-/// The last reference to a disk can go on a runtime's thread (a stopping disk's final
-/// completion runs on the session's runtime): its logout must neither block on a runtime
-/// there nor drop one, both of which panic, and must still happen.
-#[test]
-fn a_disk_let_go_on_a_runtime_thread_still_logs_out() {
-    use hostd::devices::virtio::block::iscsi::{IscsiBackend, IscsiTarget, runtime};
-    let dir = tempfile::tempdir().unwrap();
-    let target = Target::start(dir.path(), &[4 << 20], false);
-    let disk = IscsiBackend::open(
-        runtime().unwrap(),
+/// LUN 0 of `target` as a VM process opens it, without CHAP.
+fn open_lun0(
+    rt: Arc<tokio::runtime::Runtime>,
+    target: &Target,
+) -> hostd::devices::virtio::block::iscsi::IscsiBackend {
+    use hostd::devices::virtio::block::iscsi::{IscsiBackend, IscsiTarget};
+    IscsiBackend::open(
+        rt,
         &IscsiTarget {
             portal: format!("127.0.0.1:{}", target.port),
             target_iqn: TARGET_IQN.into(),
@@ -284,7 +282,18 @@ fn a_disk_let_go_on_a_runtime_thread_still_logs_out() {
             mutual_chap: None,
         },
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// The last reference to a disk can go on a runtime's thread (a stopping disk's final
+/// completion runs on the session's runtime): its logout must neither block on a runtime
+/// there nor drop one, both of which panic, and must still happen.
+#[test]
+fn a_disk_let_go_on_a_runtime_thread_still_logs_out() {
+    use hostd::devices::virtio::block::iscsi::runtime;
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::start(dir.path(), &[4 << 20], false);
+    let disk = open_lun0(runtime().unwrap(), &target);
     assert_eq!(target.server.sessions().len(), 1);
     let other = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -307,25 +316,12 @@ fn a_disk_let_go_on_a_runtime_thread_still_logs_out() {
 #[test]
 fn requests_started_in_one_pass_leave_in_one_write() {
     use hostd::devices::virtio::block::backend::AsyncBlockIo;
-    use hostd::devices::virtio::block::iscsi::{IscsiBackend, IscsiTarget, runtime};
+    use hostd::devices::virtio::block::iscsi::runtime;
     let dir = tempfile::tempdir().unwrap();
     let target = Target::start(dir.path(), &[4 << 20], false);
     std::fs::write(&target.luns[0], vec![7u8; 4 << 20]).unwrap();
     let rt = runtime().unwrap();
-    let disk = Arc::new(
-        IscsiBackend::open(
-            rt.clone(),
-            &IscsiTarget {
-                portal: format!("127.0.0.1:{}", target.port),
-                target_iqn: TARGET_IQN.into(),
-                lun: 0,
-                initiator_iqn: INITIATOR.into(),
-                chap: None,
-                mutual_chap: None,
-            },
-        )
-        .unwrap(),
-    );
+    let disk = Arc::new(open_lun0(rt.clone(), &target));
     let before = disk.stats();
     let (tx, rx) = std::sync::mpsc::channel();
     let d = disk.clone();
