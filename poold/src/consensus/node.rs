@@ -208,6 +208,7 @@ impl NodeHandle {
     }
 }
 
+/// A membership change held until the members it needs answer a heartbeat, or `until`.
 struct WaitingConfChange {
     change: Box<ConfChangeV2>,
     reply: ProposeReply,
@@ -425,7 +426,7 @@ impl Node {
                     self.conf_waiting.push(WaitingConfChange {
                         change,
                         reply,
-                        until: Instant::now() + self.cfg.tick * self.cfg.election_ticks as u32,
+                        until: Instant::now() + self.election_timeout(),
                     });
                 }
             }
@@ -493,6 +494,10 @@ impl Node {
         } else {
             None
         }
+    }
+
+    fn election_timeout(&self) -> Duration {
+        self.cfg.tick * self.cfg.election_ticks as u32
     }
 
     fn propose_conf_change(&mut self, change: ConfChangeV2, reply: ProposeReply) {
@@ -568,7 +573,7 @@ impl Node {
     /// heard from within an election timeout.
     fn reachable_quorum(&self, voters: &[u64]) -> Result<(), String> {
         let prs = self.raw.raft.prs();
-        let window = self.cfg.tick * self.cfg.election_ticks as u32;
+        let window = self.election_timeout();
         let active = voters
             .iter()
             .filter(|v| {

@@ -1,10 +1,11 @@
 //! The iSCSI backend: a disk that is a LUN of an iSCSI target, reached through one
 //! `iscsi-initiator` session per disk.
 //!
-//! The session lives on a small tokio runtime owned by the VM process; the virtio-blk
-//! worker calls the blocking face of the LUN ([`iscsi_initiator::blocking::BlockingLun`]),
-//! and commands from several callers pipeline on the one session. The session logs out
-//! when the disk is dropped (the VM stops or is destroyed).
+//! The session lives on a small tokio runtime owned by the VM process. Reads, writes and
+//! flushes run as tasks there ([`AsyncBlockIo`]); discard and write-zeroes go through the
+//! blocking face of the LUN ([`iscsi_initiator::blocking::BlockingLun`]). Commands from
+//! all of them pipeline on the one session. The session logs out when the disk is dropped
+//! (the VM stops or is destroyed).
 
 use std::future::Future;
 use std::pin::Pin;
