@@ -315,37 +315,49 @@ impl DiskStorage {
         if first.index > self.last_index + 1 {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        let mut batch = sled::Batch::default();
-        if first.index <= self.last_index {
-            // A new leader overwrites a suffix this member held: cut the record that holds
-            // `first.index` short and drop every later record.
-            if let Some((k, v)) = self
-                .log
-                .range(..=log_key(first.index))
-                .next_back()
-                .transpose()
-                .map_err(store_err)?
-            {
-                let start = be_u64(&k).unwrap_or(0);
-                if start < first.index {
-                    let kept: Vec<Entry> = decode_group(&v)
-                        .ok_or_else(|| store_err(CorruptRecord))?
-                        .into_iter()
-                        .filter(|e| e.index < first.index)
-                        .collect();
-                    batch.insert(k, encode_group(&kept)?);
-                }
-            }
-            for k in self.log.range(log_key(first.index)..).keys() {
-                batch.remove(k.map_err(store_err)?);
-            }
-            let keep = (first.index - self.trunc.0 - 1) as usize;
-            self.entries.truncate(keep);
+        let record = encode_group(entries)?;
+        if first.index > self.last_index {
+            // The common case: one new record. A single insert is atomic on its own, and a
+            // sled batch is not free: it writes out the buffered log and a batch marker
+            // (two more writes, each waited for) before its own records.
+            self.log
+                .insert(&log_key(first.index)[..], record)
+                .map_err(store_err)?;
+        } else {
+            self.replace_suffix(first.index, record)?;
         }
-        batch.insert(&log_key(first.index)[..], encode_group(entries)?);
-        self.log.apply_batch(batch).map_err(store_err)?;
         self.entries.extend(entries.iter().cloned());
         self.last_index = entries[entries.len() - 1].index;
+        Ok(())
+    }
+
+    /// A new leader overwrites a suffix this member held: in one batch, the record that
+    /// holds `from` is cut short, every later record dropped, and `record` written.
+    fn replace_suffix(&mut self, from: u64, record: Vec<u8>) -> Result<(), raft::Error> {
+        let mut batch = sled::Batch::default();
+        if let Some((k, v)) = self
+            .log
+            .range(..=log_key(from))
+            .next_back()
+            .transpose()
+            .map_err(store_err)?
+        {
+            let start = be_u64(&k).unwrap_or(0);
+            if start < from {
+                let kept: Vec<Entry> = decode_group(&v)
+                    .ok_or_else(|| store_err(CorruptRecord))?
+                    .into_iter()
+                    .filter(|e| e.index < from)
+                    .collect();
+                batch.insert(k, encode_group(&kept)?);
+            }
+        }
+        for k in self.log.range(log_key(from)..).keys() {
+            batch.remove(k.map_err(store_err)?);
+        }
+        batch.insert(&log_key(from)[..], record);
+        self.log.apply_batch(batch).map_err(store_err)?;
+        self.entries.truncate((from - self.trunc.0 - 1) as usize);
         Ok(())
     }
 
