@@ -7,6 +7,8 @@
 # its rounds, and each ratio the median of the rounds' ratios (the machine is noisy).
 #
 # Needs etcd (Debian package etcd-server, installed here when missing).
+# The table also gives each system's server CPU per write (the three members' user + system
+# time over the run, from /proc), which the machine's noise moves far less than throughput.
 # Ends with BENCH lines: raft_vs_etcd_throughput_c1, raft_vs_etcd_throughput_c64,
 # raft_vs_etcd_p99_c64, raft_commit_p50_us_c1, scheduler_placements_per_s.
 set -euo pipefail
@@ -38,15 +40,17 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 declare -a PA
 MEMBERS=()
 for i in 1 2 3; do PA[$i]=127.0.0.1:$(free_port); MEMBERS+=(--member "$i=${PA[$i]}"); done
+POOLD_PIDS=()
 for i in 1 2 3; do
   "$BIN/poold" --member-id "$i" --data-dir "$WORK/poold$i" --pool-id bench "${MEMBERS[@]}" \
     --log warn 2>"$WORK/poold$i.log" &
-  PIDS+=($!)
+  PIDS+=($!); POOLD_PIDS+=($!)
 done
 POOL_ADDRS="${PA[1]},${PA[2]},${PA[3]}"
 
 # --- etcd: 3 members --------------------------------------------------------------------
 declare -a EC EP
+ETCD_PIDS=()
 CLUSTER=""
 for i in 1 2 3; do
   EC[$i]=127.0.0.1:$(free_port); EP[$i]=127.0.0.1:$(free_port)
@@ -58,7 +62,7 @@ for i in 1 2 3; do
     --listen-peer-urls "http://${EP[$i]}" --initial-advertise-peer-urls "http://${EP[$i]}" \
     --initial-cluster "$CLUSTER" --initial-cluster-state new --initial-cluster-token bench \
     --log-level error >"$WORK/etcd$i.log" 2>&1 &
-  PIDS+=($!)
+  PIDS+=($!); ETCD_PIDS+=($!)
 done
 
 # Wait for both groups to elect a leader.
@@ -75,6 +79,19 @@ done
 sleep 1
 
 run() { "$BIN/poold-bench" "$@" | grep '^RESULT'; }
+# CPU time (user + system, clock ticks) the given processes have used so far.
+ticks() { local t=0 f; for p in "$@"; do read -ra f <"/proc/$p/stat"; t=$((t + f[13] + f[14])); done; echo "$t"; }
+HZ=$(getconf CLK_TCK)
+# `run` with the servers' CPU per write appended: cpu_us=<microseconds of the three members' CPU per write>.
+run_cpu() {
+  local -n pids=$1; shift
+  local t0 r t1 ops
+  t0=$(ticks "${pids[@]}")
+  r=$(run "$@")
+  t1=$(ticks "${pids[@]}")
+  ops=$(sed -n 's/.* ops=\([0-9]*\) .*/\1/p' <<<"$r")
+  echo "$r cpu_us=$(python3 -c "print(f'{($t1-$t0)*1e6/$HZ/max($ops,1):.0f}')")"
+}
 field() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p" <<<"$2"; }
 median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR]=$1} END{print (NR%2) ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
 ratio() { python3 -c "a,b=float('$1'),float('$2'); print(f'{a/b:.3f}' if b else 'nan')"; }
@@ -83,10 +100,10 @@ ratio() { python3 -c "a,b=float('$1'),float('$2'); print(f'{a/b:.3f}' if b else 
 declare -A M Q
 for round in $(seq 1 "$ROUNDS"); do
   for c in 1 64; do
-    p=$(run pool --members "$POOL_ADDRS" --clients "$c" --seconds "$SECONDS_EACH")
-    e=$(run etcd --endpoint "$ETCD_LEADER" --clients "$c" --seconds "$SECONDS_EACH")
-    echo "round $round, $c clients: poold $(field ops_per_s "$p") writes/s p50 $(field p50_us "$p") p99 $(field p99_us "$p") us; etcd $(field ops_per_s "$e") writes/s p50 $(field p50_us "$e") p99 $(field p99_us "$e") us"
-    for f in ops_per_s p50_us p99_us; do
+    p=$(run_cpu POOLD_PIDS pool --members "$POOL_ADDRS" --clients "$c" --seconds "$SECONDS_EACH")
+    e=$(run_cpu ETCD_PIDS etcd --endpoint "$ETCD_LEADER" --clients "$c" --seconds "$SECONDS_EACH")
+    echo "round $round, $c clients: poold $(field ops_per_s "$p") writes/s p50 $(field p50_us "$p") p99 $(field p99_us "$p") us cpu $(field cpu_us "$p") us/write; etcd $(field ops_per_s "$e") writes/s p50 $(field p50_us "$e") p99 $(field p99_us "$e") us cpu $(field cpu_us "$e") us/write"
+    for f in ops_per_s p50_us p99_us cpu_us; do
       M[pool $c $f]+=" $(field "$f" "$p")"
       M[etcd $c $f]+=" $(field "$f" "$e")"
       Q[$c $f]+=" $(ratio "$(field "$f" "$p")" "$(field "$f" "$e")")"
@@ -95,13 +112,16 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 SCHED=$(run scheduler --hosts 1000 --vms 10000)
 
-printf '\n%-10s %8s %12s %10s %10s   (medians of %s rounds)\n' system clients ops/s p50_us p99_us "$ROUNDS"
+printf '\n%-10s %8s %12s %10s %10s %14s   (medians of %s rounds)\n' system clients ops/s p50_us p99_us cpu_us/write "$ROUNDS"
 for c in 1 64; do
   for s in pool etcd; do
-    printf '%-10s %8s %12s %10s %10s\n' "$([ $s = pool ] && echo poold || echo etcd-3.4)" "$c" \
-      "$(median <<<"${M[$s $c ops_per_s]}")" "$(median <<<"${M[$s $c p50_us]}")" "$(median <<<"${M[$s $c p99_us]}")"
+    printf '%-10s %8s %12s %10s %10s %14s\n' "$([ $s = pool ] && echo poold || echo etcd-3.4)" "$c" \
+      "$(median <<<"${M[$s $c ops_per_s]}")" "$(median <<<"${M[$s $c p50_us]}")" "$(median <<<"${M[$s $c p99_us]}")" \
+      "$(median <<<"${M[$s $c cpu_us]}")"
   done
 done
+echo "cpu_us/write: CPU time of the three members (user + system) per acknowledged write; the"
+echo "load generator runs on the same cores."
 echo "scheduler: $(field placements_per_s "$SCHED") placements/s (10,000 VMs on 1,000 hosts, $(field placed "$SCHED") placed)"
 echo
 
