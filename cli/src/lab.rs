@@ -450,7 +450,7 @@ async fn setup(
                     kernel: Some(guest.display().to_string()),
                     cmdline: "seed=1 blk=rw mode=heartbeat hb_ms=1000".into(),
                     start: false,
-                    ha: "none".into(),
+                    ha: pb::HaRestartPriority::None as i32,
                     ha_order: 0,
                 },
             )
@@ -483,7 +483,7 @@ async fn setup(
                 kernel: None,
                 cmdline: String::new(),
                 start: true,
-                ha: "restart".into(),
+                ha: pb::HaRestartPriority::Restart as i32,
                 ha_order: 0,
             },
         )

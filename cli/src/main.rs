@@ -139,8 +139,8 @@ enum Command {
         #[arg(long)]
         start: bool,
         /// HA restart priority: none, best-effort or restart.
-        #[arg(long, default_value = "none")]
-        ha: String,
+        #[arg(long, default_value = "none", value_parser = ha_priority)]
+        ha: i32,
         /// HA restart order within its priority: lower restarts first.
         #[arg(long, default_value_t = 0)]
         ha_order: u32,
@@ -156,8 +156,8 @@ enum Command {
         #[arg(long)]
         cmdline: Option<String>,
         /// HA restart priority: none, best-effort or restart.
-        #[arg(long)]
-        ha: Option<String>,
+        #[arg(long, value_parser = ha_priority)]
+        ha: Option<i32>,
         /// HA restart order within its priority: lower restarts first.
         #[arg(long)]
         ha_order: Option<u32>,
@@ -247,11 +247,15 @@ enum Command {
         name: String,
         #[arg(long, env = "POOLCTL_NEW_PASSWORD")]
         password: String,
-        #[arg(long)]
-        role: Vec<String>,
+        #[arg(long, value_parser = role)]
+        role: Vec<pb::Role>,
     },
     /// Give a user one more role.
-    RoleGrant { user: String, role: String },
+    RoleGrant {
+        user: String,
+        #[arg(value_parser = role)]
+        role: pb::Role,
+    },
     /// Who did what, when, and how it ended.
     AuditLog,
     /// Tasks (long operations) and their progress.
@@ -284,16 +288,17 @@ macro_rules! call {
 mod lab;
 mod transfer;
 
-/// Turns a gRPC status into an error that says what to do.
+/// `--ha`, checked while the arguments are parsed so a typo fails before any call.
 fn ha_priority(name: &str) -> anyhow::Result<i32> {
     Ok(match name {
         "none" => pb::HaRestartPriority::None,
         "best-effort" => pb::HaRestartPriority::BestEffort,
         "restart" => pb::HaRestartPriority::Restart,
-        other => bail!("--ha {other:?}: use none, best-effort or restart"),
+        _ => bail!("use none, best-effort or restart"),
     } as i32)
 }
 
+/// Turns a gRPC status into an error that says what to do.
 fn explain(s: tonic::Status) -> anyhow::Error {
     let hint = match s.code() {
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
@@ -961,7 +966,6 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
             ha,
             ha_order,
         } => {
-            let ha_priority = ha_priority(&ha)?;
             let mut disks = Vec::new();
             for (i, d) in disk.iter().enumerate() {
                 disks.push(pb::VmDisk {
@@ -987,7 +991,7 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
                     protocol: hpb::BootProtocol::Auto as i32,
                 }),
                 disks,
-                ha_priority,
+                ha_priority: ha,
                 ha_order,
                 ..Default::default()
             };
@@ -1034,7 +1038,7 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
                 spec.memory_bytes = m;
             }
             if let Some(h) = ha {
-                spec.ha_priority = ha_priority(&h)?;
+                spec.ha_priority = h;
             }
             if let Some(o) = ha_order {
                 spec.ha_order = o;
@@ -1314,10 +1318,7 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
             password,
             role: roles,
         } => {
-            let roles = roles
-                .iter()
-                .map(|r| role(r).map(|r| r as i32))
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let roles = roles.into_iter().map(|r| r as i32).collect();
             let r = call!(
                 ctl.client,
                 create_user,
@@ -1330,8 +1331,8 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
             )?;
             ctl.follow(r).await?;
         }
-        Command::RoleGrant { user, role: r } => {
-            let role = role(&r)? as i32;
+        Command::RoleGrant { user, role } => {
+            let role = role as i32;
             let users = call!(ctl.client, list_users, pb::ListUsersRequest { page: None })?;
             let user_id = pick(
                 users.users.iter().map(|u| (u.id.as_str(), u.name.as_str())),

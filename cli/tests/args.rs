@@ -1,0 +1,89 @@
+//! `poolctl` as a user runs it, without a pool: bad arguments fail at once, with a message
+//! that says what is accepted, and before anything is sent to the pool.
+
+use std::net::TcpListener;
+use std::process::{Command, Output};
+
+/// A coordinator address that notices any connection made to it.
+struct Sentinel(TcpListener);
+
+impl Sentinel {
+    fn new() -> Sentinel {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        l.set_nonblocking(true).expect("nonblocking listener");
+        Sentinel(l)
+    }
+
+    fn addr(&self) -> String {
+        self.0.local_addr().expect("local address").to_string()
+    }
+
+    fn was_contacted(&self) -> bool {
+        self.0.accept().is_ok()
+    }
+}
+
+fn poolctl(pool: &Sentinel, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_poolctl"))
+        .args(args)
+        .args(["--pool", &pool.addr()])
+        .env_remove("POOLCTL_TOKEN")
+        .output()
+        .expect("run poolctl")
+}
+
+fn rejected(args: &[&str], says: &str) {
+    let pool = Sentinel::new();
+    let out = poolctl(&pool, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    assert!(err.contains(says), "{args:?}: wanted {says:?} in: {err}");
+    assert!(!pool.was_contacted(), "{args:?} reached the pool");
+}
+
+#[test]
+fn a_size_with_an_unknown_unit_is_refused() {
+    rejected(
+        &["vm-create", "web", "--memory", "12Q"],
+        "unknown size unit in \"12Q\" (use K, M, G or T)",
+    );
+    rejected(
+        &["vdi-create", "d", "--sr", "sr1", "--size", "lots"],
+        "--size",
+    );
+}
+
+#[test]
+fn an_unknown_ha_priority_is_refused() {
+    rejected(
+        &["vm-create", "web", "--ha", "always"],
+        "use none, best-effort or restart",
+    );
+    rejected(&["vm-set", "web", "--ha", "sometimes"], "--ha");
+}
+
+#[test]
+fn an_unknown_role_is_refused() {
+    rejected(
+        &["user-add", "ann", "--password", "pw", "--role", "root"],
+        "unknown role \"root\"",
+    );
+    rejected(
+        &["role-grant", "ann", "superuser"],
+        "pool-admin, pool-operator",
+    );
+}
+
+#[test]
+fn an_unknown_verb_is_refused_and_help_lists_the_verbs() {
+    rejected(&["vm-explode", "web"], "unrecognized subcommand");
+    let out = Command::new(env!("CARGO_BIN_EXE_poolctl"))
+        .arg("--help")
+        .output()
+        .expect("run poolctl --help");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for verb in ["lab", "host-list", "vm-create", "vm-migrate", "member-list"] {
+        assert!(help.contains(verb), "{verb} missing from --help:\n{help}");
+    }
+}
