@@ -8,7 +8,10 @@
 #
 # Needs etcd (Debian package etcd-server, installed here when missing).
 # The table also gives each system's server CPU per write (the three members' user + system
-# time over the run, from /proc), which the machine's noise moves far less than throughput.
+# time over the run, from /proc), which the machine's noise moves far less than throughput,
+# and, for scale, each system's cheapest call on its leader with no Raft in it (poold's
+# GetMemberStatus, etcd's serializable Range) at 64 clients: what a write costs beyond that
+# is its consensus path.
 # Ends with BENCH lines: raft_vs_etcd_throughput_c1, raft_vs_etcd_throughput_c64,
 # raft_vs_etcd_p99_c64, raft_commit_p50_us_c1, scheduler_placements_per_s.
 set -euo pipefail
@@ -109,6 +112,14 @@ for round in $(seq 1 "$ROUNDS"); do
       Q[$c $f]+=" $(ratio "$(field "$f" "$p")" "$(field "$f" "$e")")"
     done
   done
+  # For scale: each system's cheapest call on its leader, with no Raft in it.
+  p=$(run_cpu POOLD_PIDS pool-status --members "$POOL_ADDRS" --clients 64 --seconds "$SECONDS_EACH")
+  e=$(run_cpu ETCD_PIDS etcd-range --endpoint "$ETCD_LEADER" --clients 64 --seconds "$SECONDS_EACH")
+  echo "round $round, 64 clients, local read (no Raft): poold $(field ops_per_s "$p") calls/s cpu $(field cpu_us "$p") us/call; etcd $(field ops_per_s "$e") calls/s cpu $(field cpu_us "$e") us/call"
+  for f in ops_per_s p50_us p99_us cpu_us; do
+    M[pool read $f]+=" $(field "$f" "$p")"
+    M[etcd read $f]+=" $(field "$f" "$e")"
+  done
 done
 SCHED=$(run scheduler --hosts 1000 --vms 10000)
 
@@ -120,8 +131,18 @@ for c in 1 64; do
       "$(median <<<"${M[$s $c cpu_us]}")"
   done
 done
+for s in pool etcd; do
+  printf '%-10s %8s %12s %10s %10s %14s\n' "$([ $s = pool ] && echo poold || echo etcd-3.4)" "64 read" \
+    "$(median <<<"${M[$s read ops_per_s]}")" "$(median <<<"${M[$s read p50_us]}")" "$(median <<<"${M[$s read p99_us]}")" \
+    "$(median <<<"${M[$s read cpu_us]}")"
+done
 echo "cpu_us/write: CPU time of the three members (user + system) per acknowledged write; the"
-echo "load generator runs on the same cores."
+echo "load generator runs on the same cores. \"64 read\": a call answered by the leader alone"
+echo "(poold GetMemberStatus, etcd serializable Range), the gRPC path with no Raft in it."
+for s in pool etcd; do
+  w=$(median <<<"${M[$s 64 cpu_us]}"); r=$(median <<<"${M[$s read cpu_us]}")
+  echo "$([ $s = pool ] && echo poold || echo etcd-3.4): a write at 64 clients costs the members $w us of CPU, $r us of it the gRPC call itself, $(python3 -c "print(f'{$w-$r:.0f}')") us the consensus path"
+done
 echo "scheduler: $(field placements_per_s "$SCHED") placements/s (10,000 VMs on 1,000 hosts, $(field placed "$SCHED") placed)"
 echo
 

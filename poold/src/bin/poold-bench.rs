@@ -2,6 +2,10 @@
 //! UpdatePoolSettings through the leader) or into etcd (KV.Put over etcd's gRPC API) with
 //! N concurrent clients, the same shape for both, and times the scheduler.
 //!
+//! For scale, it also drives each system's cheapest unary call on the leader, one that
+//! involves no Raft at all (poold's GetMemberStatus, etcd's serializable Range): what is
+//! left of a write's cost once that is taken away is the consensus path.
+//!
 //! Prints one line: `RESULT <name> ops=<n> secs=<s> ops_per_s=<x> p50_us=<x> p99_us=<x>`.
 
 use std::sync::Arc;
@@ -13,6 +17,7 @@ use poold::client::PoolClient;
 use poold::scheduler::{BatchScheduler, Demand, HostCandidate, Policy};
 use proto::coordinator as pb;
 use proto::coordinator::HostState;
+use proto::coordinator::coordinator_peer_service_client::CoordinatorPeerServiceClient;
 
 #[derive(Parser)]
 struct Args {
@@ -40,6 +45,24 @@ enum Cmd {
         #[arg(long, default_value = "10")]
         seconds: u64,
     },
+    /// GetMemberStatus on the leader: a local call, no Raft.
+    PoolStatus {
+        #[arg(long, value_delimiter = ',')]
+        members: Vec<String>,
+        #[arg(long)]
+        clients: usize,
+        #[arg(long, default_value = "10")]
+        seconds: u64,
+    },
+    /// etcd KV.Range with serializable set: answered from the member's store, no Raft.
+    EtcdRange {
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long)]
+        clients: usize,
+        #[arg(long, default_value = "10")]
+        seconds: u64,
+    },
     /// Placements per second of the batch scheduler.
     Scheduler {
         #[arg(long, default_value = "1000")]
@@ -50,14 +73,27 @@ enum Cmd {
 }
 
 mod etcd {
-    //! The two messages of etcd's `etcdserverpb.KV/Put` this benchmark uses, with etcd's
-    //! field numbers (api/etcdserverpb/rpc.proto).
+    //! The messages of etcd's `etcdserverpb.KV/Put` and `KV/Range` this benchmark uses
+    //! (only the fields it sets or reads), with etcd's field numbers
+    //! (api/etcdserverpb/rpc.proto).
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct PutRequest {
         #[prost(bytes = "vec", tag = "1")]
         pub key: Vec<u8>,
         #[prost(bytes = "vec", tag = "2")]
         pub value: Vec<u8>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RangeRequest {
+        #[prost(bytes = "vec", tag = "1")]
+        pub key: Vec<u8>,
+        #[prost(bool, tag = "7")]
+        pub serializable: bool,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct RangeResponse {
+        #[prost(message, optional, tag = "1")]
+        pub header: Option<ResponseHeader>,
     }
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct ResponseHeader {
@@ -121,9 +157,10 @@ where
     (all, start.elapsed().as_secs_f64())
 }
 
-async fn pool(members: Vec<String>, clients: usize, seconds: u64) -> anyhow::Result<()> {
-    let mut c = PoolClient::new(&members);
-    // Members started a moment ago may still be electing.
+/// A client of the pool that knows its leader (members started a moment ago may still be
+/// electing).
+async fn leader_client(members: &[String]) -> anyhow::Result<PoolClient> {
+    let mut c = PoolClient::new(members);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !c.find_leader().await {
         anyhow::ensure!(
@@ -132,8 +169,12 @@ async fn pool(members: Vec<String>, clients: usize, seconds: u64) -> anyhow::Res
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok(c)
+}
+
+async fn pool(members: Vec<String>, clients: usize, seconds: u64) -> anyhow::Result<()> {
+    let c = Arc::new(leader_client(&members).await?);
     let until = Instant::now() + Duration::from_secs(seconds);
-    let c = Arc::new(c);
     let (lat, secs) = run_clients(clients, seconds, |i| {
         let mut c = (*c).clone();
         async move {
@@ -164,7 +205,48 @@ async fn pool(members: Vec<String>, clients: usize, seconds: u64) -> anyhow::Res
     Ok(())
 }
 
-async fn etcd_put(endpoint: String, clients: usize, seconds: u64) -> anyhow::Result<()> {
+async fn pool_status(members: Vec<String>, clients: usize, seconds: u64) -> anyhow::Result<()> {
+    let leader = leader_client(&members).await?.current().to_owned();
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{leader}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the leader at {leader}"))?;
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let (lat, secs) = run_clients(clients, seconds, |_| {
+        let mut p = CoordinatorPeerServiceClient::new(ch.clone());
+        async move {
+            let mut lat = Vec::new();
+            while Instant::now() < until {
+                let t = Instant::now();
+                if p.get_member_status(pb::MemberStatusRequest {})
+                    .await
+                    .is_ok()
+                {
+                    lat.push(t.elapsed().as_micros() as u64);
+                }
+            }
+            lat
+        }
+    })
+    .await;
+    report(&format!("pool_status_c{clients}"), lat, secs);
+    Ok(())
+}
+
+/// `clients` loops of one etcd unary call, built by `make(client, n)`, for `seconds`.
+async fn etcd_unary<Req, Resp>(
+    name: &str,
+    endpoint: String,
+    path: &'static str,
+    clients: usize,
+    seconds: u64,
+    make: fn(usize, u64) -> Req,
+) -> anyhow::Result<()>
+where
+    Req: prost::Message + Send + Sync + 'static,
+    Resp: prost::Message + Default + Send + Sync + 'static,
+{
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))?
         .tcp_nodelay(true)
         .connect()
@@ -177,20 +259,15 @@ async fn etcd_put(endpoint: String, clients: usize, seconds: u64) -> anyhow::Res
             let mut grpc = tonic::client::Grpc::new(ch);
             let mut lat = Vec::new();
             let mut n = 0u64;
-            let path = tonic::codegen::http::uri::PathAndQuery::from_static("/etcdserverpb.KV/Put");
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
             while Instant::now() < until {
                 n += 1;
-                // Key and value sized like the pool write (a name and a request id).
-                let req = etcd::PutRequest {
-                    key: format!("bench/{i}").into_bytes(),
-                    value: format!("bench-{i}-{n}-{}", uuid::Uuid::new_v4()).into_bytes(),
-                };
+                let req = make(i, n);
                 let t = Instant::now();
                 if grpc.ready().await.is_err() {
                     break;
                 }
-                let codec =
-                    tonic_prost::ProstCodec::<etcd::PutRequest, etcd::PutResponse>::default();
+                let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
                 let r = grpc
                     .unary(tonic::Request::new(req), path.clone(), codec)
                     .await;
@@ -202,10 +279,42 @@ async fn etcd_put(endpoint: String, clients: usize, seconds: u64) -> anyhow::Res
         }
     })
     .await;
-    report(&format!("etcd_c{clients}"), lat, secs);
+    report(&format!("{name}_c{clients}"), lat, secs);
     Ok(())
 }
 
+async fn etcd_put(endpoint: String, clients: usize, seconds: u64) -> anyhow::Result<()> {
+    // Key and value sized like the pool write (a name and a request id).
+    let make = |i: usize, n: u64| etcd::PutRequest {
+        key: format!("bench/{i}").into_bytes(),
+        value: format!("bench-{i}-{n}-{}", uuid::Uuid::new_v4()).into_bytes(),
+    };
+    etcd_unary::<_, etcd::PutResponse>(
+        "etcd",
+        endpoint,
+        "/etcdserverpb.KV/Put",
+        clients,
+        seconds,
+        make,
+    )
+    .await
+}
+
+async fn etcd_range(endpoint: String, clients: usize, seconds: u64) -> anyhow::Result<()> {
+    let make = |i: usize, _: u64| etcd::RangeRequest {
+        key: format!("bench/{i}").into_bytes(),
+        serializable: true,
+    };
+    etcd_unary::<_, etcd::RangeResponse>(
+        "etcd_range",
+        endpoint,
+        "/etcdserverpb.KV/Range",
+        clients,
+        seconds,
+        make,
+    )
+    .await
+}
 fn scheduler(hosts: usize, vms: usize) {
     let features: Vec<String> = ["sse4_2", "avx", "avx2", "aes", "xsave", "avx512f"]
         .iter()
@@ -285,6 +394,16 @@ fn main() -> anyhow::Result<()> {
             clients,
             seconds,
         } => rt.block_on(etcd_put(endpoint, clients, seconds)),
+        Cmd::PoolStatus {
+            members,
+            clients,
+            seconds,
+        } => rt.block_on(pool_status(members, clients, seconds)),
+        Cmd::EtcdRange {
+            endpoint,
+            clients,
+            seconds,
+        } => rt.block_on(etcd_range(endpoint, clients, seconds)),
         Cmd::Scheduler { hosts, vms } => {
             scheduler(hosts, vms);
             Ok(())
