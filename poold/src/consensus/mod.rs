@@ -7,6 +7,7 @@
 //!   injector;
 //! - [`log`]: raft-rs's slog records handed to tracing.
 
+pub mod journal;
 pub mod log;
 pub mod node;
 pub mod storage;

@@ -665,7 +665,7 @@ impl Node {
         // that only moves the commit index is written but not fsynced (a commit index can
         // be learned again from the leader), which spares one fsync per commit.
         if ready.must_sync() {
-            self.raw.store().sync()?;
+            self.raw.mut_store().sync()?;
         }
 
         // 5. Now the messages that depend on what was just persisted.

@@ -5,12 +5,15 @@
 //! and `snap` (the newest state-machine snapshot and its metadata). Keeping the large
 //! snapshot away from the small, hot hard-state record matters: sled rewrites whole tree
 //! nodes, and a hard-state update must not drag a multi-megabyte value along. The entries
-//! of a `Ready` and its hard state are written, then [`DiskStorage::sync`] makes them
-//! durable (sled's flush covers every tree; `sled_sync` adds the fsyncs that make that
-//! flush reach the disk) before anything that depends on them (an acknowledgement to
-//! the leader, a vote) leaves this member. sled recovers a prefix of its write log, so a
-//! crash keeps writes in the order they were made; [`DiskStorage::open`] repairs the one
-//! window that order leaves (a snapshot stored but the log not yet cut behind it).
+//! of a `Ready` and its hard state are written to sled and staged in the [`Journal`], then
+//! [`DiskStorage::sync`] makes them durable with one write and fdatasync of the journal
+//! before anything that depends on them (an acknowledgement to the leader, a vote) leaves
+//! this member. sled itself is made durable only at a checkpoint (its flush, with the
+//! fsyncs `sled_sync` adds, covers every tree), after which the journal starts empty: see
+//! `journal` for why. At open the journal is played again into sled. sled recovers a
+//! prefix of its write log, so a crash keeps writes in the order they were made;
+//! [`DiskStorage::open`] repairs the one window that order leaves (a snapshot stored but
+//! the log not yet cut behind it).
 //!
 //! A state-machine snapshot is stored off the Raft thread by a [`SnapshotWriter`] (a
 //! 15 MB value and its fsync took the thread ~150 ms, on every member at once); the log is
@@ -19,7 +22,7 @@
 //! an older snapshot never replaces a newer one, and read under it, so its metadata and data
 //! always belong together.
 //!
-//! # On-disk layout (format version 2)
+//! # On-disk layout (format version 3)
 //! | tree | key | value |
 //! |---|---|---|
 //! | meta | `format` | u32 BE, [`FORMAT_VERSION`] |
@@ -29,6 +32,9 @@
 //! | snap | `meta` | `eraftpb.SnapshotMetadata` of the newest state-machine snapshot |
 //! | snap | `data` | that snapshot's data (the encoded pool state) |
 //! | log | first index BE | the entries of one `Ready`: (u32 BE length ‖ `eraftpb.Entry`)… |
+//!
+//! Beside sled's files, `raft-journal` (format version 3 on): the log records and hard
+//! states synced since the last checkpoint (see `journal`).
 //!
 //! The log between the compaction point and its end is also kept in memory (it is bounded
 //! by the snapshot interval), so raft-rs's many `term` and `entries` calls never touch disk;
@@ -45,10 +51,12 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use super::journal::{CHECKPOINT_BYTES, Journal, Record};
+
 /// The layout written by this code; a directory of another version is refused.
-pub const FORMAT_VERSION: u32 = 2;
-/// Versions this code reads.
-pub const FORMAT_VERSIONS_ACCEPTED: std::ops::RangeInclusive<u32> = 2..=2;
+pub const FORMAT_VERSION: u32 = 3;
+/// Versions this code reads (version 2 had no journal; opening one upgrades it).
+pub const FORMAT_VERSIONS_ACCEPTED: std::ops::RangeInclusive<u32> = 2..=3;
 
 const K_FORMAT: &[u8] = b"format";
 const K_MEMBER: &[u8] = b"member";
@@ -81,6 +89,12 @@ pub enum StorageOpenError {
     Corrupt { path: PathBuf, what: String },
     #[error("Raft store I/O failed")]
     Io(#[source] sled::Error),
+    #[error("cannot read the Raft journal in {path}")]
+    Journal {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot make the Raft store in {path} durable")]
     Sync {
         path: PathBuf,
@@ -105,6 +119,8 @@ fn store_err(e: impl std::error::Error + Send + Sync + 'static) -> raft::Error {
 /// memory); the few numbers raft-rs asks for all the time are mirrored in memory.
 pub struct DiskStorage {
     db: Arc<sled_sync::SyncedDb>,
+    /// What makes each `Ready` durable; sled is made durable only at checkpoints.
+    journal: Journal,
     log: sled::Tree,
     meta: sled::Tree,
     snap: Arc<SnapTree>,
@@ -148,26 +164,23 @@ impl DiskStorage {
             path: path.clone(),
             what: what.to_owned(),
         };
-        match meta.get(K_FORMAT).map_err(io)? {
-            Some(v) => {
-                let found = u32::from_be_bytes(
-                    v.as_ref()
-                        .try_into()
-                        .map_err(|_| corrupt("format version"))?,
-                );
-                if !FORMAT_VERSIONS_ACCEPTED.contains(&found) {
-                    return Err(StorageOpenError::Version {
-                        path,
-                        found,
-                        accepted: FORMAT_VERSIONS_ACCEPTED,
-                    });
-                }
-            }
-            None => {
-                meta.insert(K_FORMAT, &FORMAT_VERSION.to_be_bytes())
-                    .map_err(io)?;
+        if let Some(v) = meta.get(K_FORMAT).map_err(io)? {
+            let found = u32::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| corrupt("format version"))?,
+            );
+            if !FORMAT_VERSIONS_ACCEPTED.contains(&found) {
+                return Err(StorageOpenError::Version {
+                    path,
+                    found,
+                    accepted: FORMAT_VERSIONS_ACCEPTED,
+                });
             }
         }
+        // From here on the directory may hold a journal, which an older poold would ignore.
+        meta.insert(K_FORMAT, &FORMAT_VERSION.to_be_bytes())
+            .map_err(io)?;
         match meta.get(K_MEMBER).map_err(io)? {
             Some(v) => {
                 let found = be_u64(&v).ok_or_else(|| corrupt("member id"))?;
@@ -184,6 +197,48 @@ impl DiskStorage {
                     .map_err(io)?;
             }
         }
+        // What the journal holds since the last checkpoint goes back into sled first, then
+        // sled is made durable and the journal emptied: from here on the trees are whole.
+        let (mut journal, records, torn) =
+            Journal::open(dir).map_err(|source| StorageOpenError::Journal {
+                path: path.clone(),
+                source,
+            })?;
+        let replayed = records.len();
+        for r in records {
+            match r {
+                Record::Entries(record) => {
+                    let first = decode_group(&record)
+                        .ok_or_else(|| corrupt("journal log record"))?
+                        .first()
+                        .map(|e| e.index);
+                    if let Some(first) = first {
+                        write_from(&log, first, record).map_err(|_| corrupt("log"))?;
+                    }
+                }
+                Record::HardState(hs) => {
+                    HardState::parse_from_bytes(&hs).map_err(|_| corrupt("journal hard state"))?;
+                    meta.insert(K_HARD, hs).map_err(io)?;
+                }
+            }
+        }
+        if replayed > 0 || torn > 0 {
+            tracing::info!(
+                records = replayed,
+                torn_bytes = torn,
+                "replayed the Raft journal"
+            );
+        }
+        db.flush().map_err(|source| StorageOpenError::Sync {
+            path: path.clone(),
+            source,
+        })?;
+        journal
+            .reset()
+            .map_err(|source| StorageOpenError::Journal {
+                path: path.clone(),
+                source,
+            })?;
         let mut hard = match meta.get(K_HARD).map_err(io)? {
             Some(v) => HardState::parse_from_bytes(&v).map_err(|_| corrupt("hard state"))?,
             None => HardState::default(),
@@ -262,6 +317,7 @@ impl DiskStorage {
         })?;
         Ok(DiskStorage {
             db: Arc::new(db),
+            journal,
             log,
             meta,
             snap: Arc::new(SnapTree {
@@ -316,6 +372,7 @@ impl DiskStorage {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
         let record = encode_group(entries)?;
+        self.journal.stage_entries(&record);
         if first.index > self.last_index {
             // The common case: one new record. A single insert is atomic on its own, and a
             // sled batch is not free: it writes out the buffered log and a batch marker
@@ -324,47 +381,19 @@ impl DiskStorage {
                 .insert(&log_key(first.index)[..], record)
                 .map_err(store_err)?;
         } else {
-            self.replace_suffix(first.index, record)?;
+            write_from(&self.log, first.index, record)?;
+            self.entries
+                .truncate((first.index - self.trunc.0 - 1) as usize);
         }
         self.entries.extend(entries.iter().cloned());
         self.last_index = entries[entries.len() - 1].index;
         Ok(())
     }
 
-    /// A new leader overwrites a suffix this member held: in one batch, the record that
-    /// holds `from` is cut short, every later record dropped, and `record` written.
-    fn replace_suffix(&mut self, from: u64, record: Vec<u8>) -> Result<(), raft::Error> {
-        let mut batch = sled::Batch::default();
-        if let Some((k, v)) = self
-            .log
-            .range(..=log_key(from))
-            .next_back()
-            .transpose()
-            .map_err(store_err)?
-        {
-            let start = be_u64(&k).unwrap_or(0);
-            if start < from {
-                let kept: Vec<Entry> = decode_group(&v)
-                    .ok_or_else(|| store_err(CorruptRecord))?
-                    .into_iter()
-                    .filter(|e| e.index < from)
-                    .collect();
-                batch.insert(k, encode_group(&kept)?);
-            }
-        }
-        for k in self.log.range(log_key(from)..).keys() {
-            batch.remove(k.map_err(store_err)?);
-        }
-        batch.insert(&log_key(from)[..], record);
-        self.log.apply_batch(batch).map_err(store_err)?;
-        self.entries.truncate((from - self.trunc.0 - 1) as usize);
-        Ok(())
-    }
-
     pub fn set_hard_state(&mut self, hs: &HardState) -> Result<(), raft::Error> {
-        self.meta
-            .insert(K_HARD, hs.write_to_bytes().map_err(store_err)?)
-            .map_err(store_err)?;
+        let bytes = hs.write_to_bytes().map_err(store_err)?;
+        self.journal.stage_hard_state(&bytes);
+        self.meta.insert(K_HARD, bytes).map_err(store_err)?;
         self.hard = hs.clone();
         Ok(())
     }
@@ -379,9 +408,23 @@ impl DiskStorage {
         &self.hard
     }
 
-    /// Makes every write so far durable (see `sled_sync` for what sled's flush lacks).
-    pub fn sync(&self) -> Result<(), raft::Error> {
-        self.db.flush().map_err(store_err)
+    /// Makes every write so far durable: the journal's records with one fdatasync, and
+    /// now and then a checkpoint.
+    pub fn sync(&mut self) -> Result<(), raft::Error> {
+        self.journal.sync().map_err(store_err)?;
+        if self.journal.len() > CHECKPOINT_BYTES {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Makes sled durable (see `sled_sync` for what sled's flush lacks), then empties the
+    /// journal, whose records sled now holds. Also called before and after the changes the
+    /// journal does not record (a snapshot installed, the log cut), so that a journal
+    /// never replays across one.
+    fn checkpoint(&mut self) -> Result<(), raft::Error> {
+        self.db.flush().map_err(store_err)?;
+        self.journal.reset().map_err(store_err)
     }
 
     /// Replaces the log by a snapshot received from the leader (or the bootstrap one).
@@ -390,6 +433,7 @@ impl DiskStorage {
         if meta.index < self.trunc.0 {
             return Err(raft::Error::Store(StorageError::SnapshotOutOfDate));
         }
+        self.checkpoint()?;
         // Replaces even a newer snapshot of our own: the log is about to be cut behind
         // this one, and the stored snapshot must be the one the log continues from.
         self.snap.store(meta, &snap.data, true)?;
@@ -411,7 +455,7 @@ impl DiskStorage {
         self.snap_meta = meta.clone();
         self.trunc = trunc;
         self.last_index = meta.index;
-        Ok(())
+        self.checkpoint()
     }
 
     /// The metadata of a snapshot of the state machine at `index` (applied here, so still
@@ -451,6 +495,7 @@ impl DiskStorage {
         let compact_to = compact_to.min(meta.index);
         self.snap_meta = meta;
         if compact_to > self.trunc.0 {
+            self.checkpoint()?;
             let new_trunc = (compact_to, raft::Storage::term(self, compact_to)?);
             self.meta
                 .insert(K_TRUNC, &trunc_bytes(new_trunc)[..])
@@ -476,7 +521,7 @@ impl DiskStorage {
             self.entries.drain(..drop.min(self.entries.len()));
             self.trunc = new_trunc;
         }
-        self.sync()
+        self.checkpoint()
     }
 
     /// Whether raft-rs asked for a snapshot newer than the stored one (and clears it).
@@ -567,6 +612,35 @@ impl SnapshotWriter {
 #[derive(Debug, thiserror::Error)]
 #[error("a log record does not decode")]
 struct CorruptRecord;
+
+/// Writes the log record `record`, whose first entry is `from`, in place of whatever the
+/// log held from `from` on, in one batch: the record that holds `from` is cut short, every
+/// later record dropped, and `record` written. (A new leader overwrites a suffix this
+/// member held; a journal replay writes records sled may hold already.)
+fn write_from(log: &sled::Tree, from: u64, record: Vec<u8>) -> Result<(), raft::Error> {
+    let mut batch = sled::Batch::default();
+    if let Some((k, v)) = log
+        .range(..=log_key(from))
+        .next_back()
+        .transpose()
+        .map_err(store_err)?
+    {
+        let start = be_u64(&k).unwrap_or(0);
+        if start < from {
+            let kept: Vec<Entry> = decode_group(&v)
+                .ok_or_else(|| store_err(CorruptRecord))?
+                .into_iter()
+                .filter(|e| e.index < from)
+                .collect();
+            batch.insert(k, encode_group(&kept)?);
+        }
+    }
+    for k in log.range(log_key(from)..).keys() {
+        batch.remove(k.map_err(store_err)?);
+    }
+    batch.insert(&log_key(from)[..], record);
+    log.apply_batch(batch).map_err(store_err)
+}
 
 fn encode_group(entries: &[Entry]) -> Result<Vec<u8>, raft::Error> {
     let mut out = Vec::new();
@@ -752,6 +826,121 @@ mod tests {
             reopen(dir.path(), 9),
             Err(StorageOpenError::WrongMember { found: 7, .. })
         ));
+    }
+
+    /// What a crash of the process leaves: the directory's files as they are while the store
+    /// is open. Between checkpoints sled is not flushed, so what was synced since the last
+    /// one is in the journal alone.
+    fn files_after_a_crash(dir: &Path) -> tempfile::TempDir {
+        fn copy(from: &Path, to: &Path) {
+            for e in std::fs::read_dir(from).unwrap() {
+                let e = e.unwrap();
+                let dst = to.join(e.file_name());
+                if e.file_type().unwrap().is_dir() {
+                    std::fs::create_dir(&dst).unwrap();
+                    copy(&e.path(), &dst);
+                } else {
+                    std::fs::copy(e.path(), dst).unwrap();
+                }
+            }
+        }
+        let out = tempfile::tempdir().unwrap();
+        copy(dir, out.path());
+        out
+    }
+
+    #[test]
+    fn what_was_synced_survives_a_crash_through_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = DiskStorage::open(dir.path(), 1).unwrap();
+        s.bootstrap(&[1, 2, 3], b"state0".to_vec()).unwrap();
+        s.append(&[entry(2, 1, b"a"), entry(3, 1, b"b"), entry(4, 1, b"c")])
+            .unwrap();
+        s.append(&[entry(5, 1, b"d")]).unwrap();
+        s.sync().unwrap();
+        // A new leader's entries replace the suffix from 4 on; a vote in its term.
+        s.append(&[entry(4, 2, b"x"), entry(5, 2, b"y"), entry(6, 2, b"z")])
+            .unwrap();
+        let mut hs = s.hard_state().clone();
+        hs.term = 2;
+        hs.vote = 2;
+        s.set_hard_state(&hs).unwrap();
+        s.sync().unwrap();
+        assert!(!s.journal.is_empty(), "synced writes wait in the journal");
+        // Written but never synced: may be lost, must not damage what was synced.
+        s.append(&[entry(7, 2, b"unsynced")]).unwrap();
+
+        let crashed = files_after_a_crash(dir.path());
+        let c = DiskStorage::open(crashed.path(), 1).unwrap();
+        assert_eq!(c.hard_state().term, 2);
+        assert_eq!(c.hard_state().vote, 2);
+        assert_eq!(c.first_index(), 2);
+        assert!(c.last_index() >= 6);
+        let es = c
+            .entries(2, 7, None, GetEntriesContext::empty(false))
+            .unwrap();
+        let got: Vec<(u64, &[u8])> = es.iter().map(|e| (e.term, &e.data[..])).collect();
+        assert_eq!(
+            got,
+            vec![(1, &b"a"[..]), (1, b"b"), (2, b"x"), (2, b"y"), (2, b"z")]
+        );
+        assert_eq!(c.snapshot(0, 2).unwrap().data.as_ref(), b"state0");
+        // Open played the journal into sled and emptied it.
+        assert!(c.journal.is_empty());
+        drop(c);
+        let again = reopen(crashed.path(), 1).unwrap();
+        assert_eq!(again.term(6).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_torn_journal_tail_loses_only_the_unsynced_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = DiskStorage::open(dir.path(), 1).unwrap();
+        s.bootstrap(&[1], vec![]).unwrap();
+        s.append(&[entry(2, 1, b"a")]).unwrap();
+        s.sync().unwrap();
+        let synced = s.journal.len();
+        s.append(&[entry(3, 1, b"b")]).unwrap();
+        s.sync().unwrap();
+        let crashed = files_after_a_crash(dir.path());
+        // The second record was being written when the power went.
+        let journal = crashed.path().join(super::super::journal::FILE);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&journal)
+            .unwrap();
+        f.set_len(synced + 6).unwrap();
+        drop(f);
+        let c = DiskStorage::open(crashed.path(), 1).unwrap();
+        assert_eq!(c.term(2).unwrap(), 1);
+        assert!(c.last_index() >= 2);
+    }
+
+    #[test]
+    fn a_checkpoint_empties_the_journal_into_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = DiskStorage::open(dir.path(), 1).unwrap();
+        s.bootstrap(&[1], vec![]).unwrap();
+        let big = vec![7u8; 64 << 10];
+        let mut index = 2;
+        while s.journal.len() < CHECKPOINT_BYTES - (64 << 10) {
+            s.append(&[entry(index, 1, &big)]).unwrap();
+            s.sync().unwrap();
+            index += 1;
+        }
+        s.append(&[entry(index, 1, &big)]).unwrap();
+        s.sync().unwrap();
+        s.append(&[entry(index + 1, 1, &big)]).unwrap();
+        s.sync().unwrap();
+        assert!(
+            s.journal.len() < CHECKPOINT_BYTES / 2,
+            "the journal was emptied: {} bytes",
+            s.journal.len()
+        );
+        let crashed = files_after_a_crash(dir.path());
+        let c = DiskStorage::open(crashed.path(), 1).unwrap();
+        assert_eq!(c.last_index(), index + 1);
+        assert_eq!(c.term(2).unwrap(), 1);
     }
 
     #[test]
