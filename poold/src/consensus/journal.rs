@@ -3,8 +3,8 @@
 //! Making sled's own log durable costs a flush, and a sled 0.34 flush hands the write to
 //! its I/O pool, whose `notify_all` wakes every idle pool thread (about nine context
 //! switches a flush; on a paravirtualised host one costs tens of microseconds). So the
-//! Raft thread appends each `Ready`'s log record and hard state to this file, with one
-//! `write` and one `fdatasync` of its own, and sled, which still holds the log, is
+//! Raft thread writes each `Ready`'s log record and hard state to this file, with one
+//! `pwrite` and one `fdatasync` of its own, and sled, which still holds the log, is
 //! written without a flush and made durable only at a checkpoint (every
 //! [`CHECKPOINT_BYTES`], and around anything the journal does not record), after which
 //! the journal starts empty. At open, the records since the last checkpoint are played
@@ -12,18 +12,31 @@
 //! the hard state), so replaying them in order over any prefix of them ends in the state
 //! they were written from.
 //!
-//! A record is `u32 LE length ‖ u32 LE CRC-32 of the body ‖ body`, the body a kind byte
-//! and its bytes. A crash can leave the last record torn (it was never synced, so never
-//! acknowledged); reading stops at the first record that does not check out.
+//! The file is written in place and never changes size in normal work (it is filled with
+//! zeros when created), so an fdatasync has only data to flush, not the file's size too
+//! (on ext4 that would be one more write to wait for). Which records are current is told
+//! by an epoch: the header at offset 0 holds it, each record's CRC covers it, and emptying
+//! the journal is writing a header with the next epoch. A record is
+//! `u32 LE length ‖ u32 LE CRC-32 of (epoch ‖ body) ‖ body`, the body a kind byte and
+//! its bytes, from [`DATA_START`] on. A crash can leave the last record torn (it was never
+//! synced, so never acknowledged); reading stops at the first record that does not check
+//! out: torn, zeros, or one from an earlier epoch.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// The journal's file in the member's data directory.
 pub const FILE: &str = "raft-journal";
 /// Journal size past which the next sync checkpoints sled and empties the journal.
 pub const CHECKPOINT_BYTES: u64 = 8 << 20;
+/// Where records start; the header has this first block to itself.
+pub const DATA_START: u64 = 4096;
+/// The size the file is made at creation: a checkpoint's worth and room for the last sync.
+const PREALLOCATED: u64 = DATA_START + CHECKPOINT_BYTES + (1 << 20);
+const MAGIC: &[u8; 4] = b"PRJ1";
+const FILE_HEADER: usize = 16;
 
 /// What a journal record holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,41 +50,74 @@ pub enum Record {
 
 const KIND_ENTRIES: u8 = 1;
 const KIND_HARD_STATE: u8 = 2;
-const HEADER: usize = 8;
+const RECORD_HEADER: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal I/O failed")]
+    Io(#[from] io::Error),
+    #[error("the journal's header is damaged")]
+    BadHeader,
+}
 
 pub struct Journal {
     file: File,
     path: PathBuf,
+    epoch: u64,
     /// Records staged since the last sync.
     staged: Vec<u8>,
-    /// Bytes in the file.
+    /// Bytes of records in the file (from `DATA_START`).
     len: u64,
 }
 
 impl Journal {
-    /// Opens the journal in `dir` (creating it, durably, when missing) and reads its
-    /// records; also returns how many bytes of a torn or damaged tail were ignored.
-    pub fn open(dir: &Path) -> io::Result<(Journal, Vec<Record>, u64)> {
+    /// Opens the journal in `dir` (creating it, durably, when missing) and reads the
+    /// records of its current epoch.
+    pub fn open(dir: &Path) -> Result<(Journal, Vec<Record>), JournalError> {
         let path = dir.join(FILE);
-        let existed = path.exists();
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
-            .append(true)
+            .write(true)
             .create(true)
+            .truncate(false)
             .open(&path)?;
-        if !existed {
-            File::open(dir)?.sync_all()?;
+        let size = file.metadata()?.len();
+        let mut header = [0u8; FILE_HEADER];
+        if size >= FILE_HEADER as u64 {
+            file.read_exact_at(&mut header, 0)?;
         }
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        let (records, good) = parse(&bytes);
-        let journal = Journal {
+        let mut journal = Journal {
             file,
             path,
+            epoch: 0,
             staged: Vec::new(),
-            len: bytes.len() as u64,
+            len: 0,
         };
-        Ok((journal, records, bytes.len() as u64 - good as u64))
+        if header == [0u8; FILE_HEADER] {
+            // New, or its creation never finished: no record can have been synced to it.
+            journal.create(dir)?;
+            return Ok((journal, Vec::new()));
+        }
+        journal.epoch = parse_header(&header).ok_or(JournalError::BadHeader)?;
+        let mut bytes = vec![0u8; size.saturating_sub(DATA_START) as usize];
+        journal.file.read_exact_at(&mut bytes, DATA_START)?;
+        let (records, good) = parse(&bytes, journal.epoch);
+        journal.len = good as u64;
+        Ok((journal, records))
+    }
+
+    fn create(&mut self, dir: &Path) -> io::Result<()> {
+        self.epoch = 1;
+        let zeros = vec![0u8; 1 << 20];
+        let mut at = DATA_START;
+        while at < PREALLOCATED {
+            let n = zeros.len().min((PREALLOCATED - at) as usize);
+            self.file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        self.file.write_all_at(&header(self.epoch), 0)?;
+        self.file.sync_all()?;
+        File::open(dir)?.sync_all()
     }
 
     pub fn path(&self) -> &Path {
@@ -90,6 +136,7 @@ impl Journal {
 
     fn stage(&mut self, kind: u8, data: &[u8]) {
         let mut crc = crc32fast::Hasher::new();
+        crc.update(&self.epoch.to_le_bytes());
         crc.update(&[kind]);
         crc.update(data);
         self.staged
@@ -104,14 +151,15 @@ impl Journal {
         if self.staged.is_empty() {
             return Ok(());
         }
-        self.file.write_all(&self.staged)?;
+        self.file
+            .write_all_at(&self.staged, DATA_START + self.len)?;
         self.file.sync_data()?;
         self.len += self.staged.len() as u64;
         self.staged.clear();
         Ok(())
     }
 
-    /// Bytes in the file.
+    /// Bytes of records in the file.
     pub fn len(&self) -> u64 {
         self.len
     }
@@ -121,30 +169,49 @@ impl Journal {
     }
 
     /// Empties the journal, staged records included: call only once everything it held
-    /// is durable in sled.
+    /// is durable in sled. The next epoch's header makes every record written so far stale.
     pub fn reset(&mut self) -> io::Result<()> {
         self.staged.clear();
         if self.len > 0 {
-            self.file.set_len(0)?;
-            self.file.sync_all()?;
+            self.file.write_all_at(&header(self.epoch + 1), 0)?;
+            self.file.sync_data()?;
+            self.epoch += 1;
             self.len = 0;
         }
         Ok(())
     }
 }
 
-/// The records of a journal's bytes, up to the first that does not check out, and how
-/// many bytes those records take.
-fn parse(mut bytes: &[u8]) -> (Vec<Record>, usize) {
+fn header(epoch: u64) -> [u8; FILE_HEADER] {
+    let mut h = [0u8; FILE_HEADER];
+    h[..4].copy_from_slice(MAGIC);
+    h[4..12].copy_from_slice(&epoch.to_le_bytes());
+    let crc = crc32fast::hash(&h[..12]);
+    h[12..].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+fn parse_header(h: &[u8; FILE_HEADER]) -> Option<u64> {
+    let crc = u32::from_le_bytes(h[12..].try_into().expect("4 bytes"));
+    (&h[..4] == MAGIC && crc32fast::hash(&h[..12]) == crc)
+        .then(|| u64::from_le_bytes(h[4..12].try_into().expect("8 bytes")))
+}
+
+/// The records of `epoch` at the start of `bytes`, up to the first that does not check
+/// out, and how many bytes they take.
+fn parse(mut bytes: &[u8], epoch: u64) -> (Vec<Record>, usize) {
     let mut records = Vec::new();
     let mut good = 0;
-    while bytes.len() >= HEADER {
+    while bytes.len() >= RECORD_HEADER {
         let len = u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
-        let Some(body) = bytes.get(HEADER..HEADER + len) else {
+        let Some(body) = bytes.get(RECORD_HEADER..RECORD_HEADER + len) else {
             break;
         };
-        if len == 0 || crc32fast::hash(body) != crc {
+        let mut h = crc32fast::Hasher::new();
+        h.update(&epoch.to_le_bytes());
+        h.update(body);
+        if len == 0 || h.finalize() != crc {
             break;
         }
         let data = body[1..].to_vec();
@@ -153,8 +220,8 @@ fn parse(mut bytes: &[u8]) -> (Vec<Record>, usize) {
             KIND_HARD_STATE => Record::HardState(data),
             _ => break,
         });
-        good += HEADER + len;
-        bytes = &bytes[HEADER + len..];
+        good += RECORD_HEADER + len;
+        bytes = &bytes[RECORD_HEADER + len..];
     }
     (records, good)
 }
@@ -163,12 +230,17 @@ fn parse(mut bytes: &[u8]) -> (Vec<Record>, usize) {
 mod tests {
     use super::*;
 
+    fn write_at(path: &Path, at: u64, bytes: &[u8]) {
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(bytes, at).unwrap();
+    }
+
     #[test]
     fn synced_records_are_read_back_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut j, records, torn) = Journal::open(dir.path()).unwrap();
+        let (mut j, records) = Journal::open(dir.path()).unwrap();
         assert!(records.is_empty());
-        assert_eq!(torn, 0);
+        let size = std::fs::metadata(j.path()).unwrap().len();
         j.stage_entries(b"one");
         j.stage_hard_state(b"hs");
         j.sync().unwrap();
@@ -177,7 +249,7 @@ mod tests {
         // Staged but never synced: not in the file.
         j.stage_entries(b"lost");
         drop(j);
-        let (_, records, torn) = Journal::open(dir.path()).unwrap();
+        let (j, records) = Journal::open(dir.path()).unwrap();
         assert_eq!(
             records,
             vec![
@@ -186,50 +258,78 @@ mod tests {
                 Record::Entries(vec![]),
             ]
         );
-        assert_eq!(torn, 0);
+        assert_eq!(
+            std::fs::metadata(j.path()).unwrap().len(),
+            size,
+            "written in place"
+        );
     }
 
     #[test]
     fn reading_stops_at_a_torn_or_damaged_record() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut j, _, _) = Journal::open(dir.path()).unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
         j.stage_entries(b"kept");
+        j.sync().unwrap();
+        let second = DATA_START + j.len();
         j.stage_entries(b"damaged");
         j.stage_entries(b"after");
         j.sync().unwrap();
-        let full = std::fs::read(j.path()).unwrap();
-        let first = HEADER + 1 + 4;
+        let path = j.path().to_owned();
         drop(j);
+        let full = std::fs::read(&path).unwrap();
 
-        // Torn in the middle of the second record.
-        std::fs::write(dir.path().join(FILE), &full[..first + 5]).unwrap();
-        let (_, records, torn) = Journal::open(dir.path()).unwrap();
+        // Torn: the second record's last bytes never reached the disk.
+        write_at(&path, second + 12, &[0; 4]);
+        let (_, records) = Journal::open(dir.path()).unwrap();
         assert_eq!(records, vec![Record::Entries(b"kept".to_vec())]);
-        assert_eq!(torn, 5);
 
         // A flipped bit in the second record's body: it and all after it are ignored.
-        let mut bad = full.clone();
-        bad[first + HEADER + 2] ^= 0x10;
-        std::fs::write(dir.path().join(FILE), &bad).unwrap();
-        let (_, records, torn) = Journal::open(dir.path()).unwrap();
+        std::fs::write(&path, &full).unwrap();
+        write_at(&path, second + 10, &[full[second as usize + 10] ^ 0x10]);
+        let (_, records) = Journal::open(dir.path()).unwrap();
         assert_eq!(records, vec![Record::Entries(b"kept".to_vec())]);
-        assert_eq!(torn as usize, full.len() - first);
+
+        // A damaged header is refused rather than guessed at.
+        std::fs::write(&path, &full).unwrap();
+        write_at(&path, 5, &[0xff]);
+        assert!(matches!(
+            Journal::open(dir.path()),
+            Err(JournalError::BadHeader)
+        ));
     }
 
     #[test]
-    fn reset_empties_the_file_and_drops_staged_records() {
+    fn reset_makes_every_earlier_record_stale() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut j, _, _) = Journal::open(dir.path()).unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
         j.stage_hard_state(b"a");
-        j.sync().unwrap();
-        assert!(!j.is_empty());
         j.stage_hard_state(b"b");
-        j.reset().unwrap();
-        assert!(j.is_empty());
         j.stage_hard_state(b"c");
         j.sync().unwrap();
+        assert!(!j.is_empty());
+        j.stage_hard_state(b"staged");
+        j.reset().unwrap();
+        assert!(j.is_empty());
+        // The new record overwrites only the first old one; the others stay in the file,
+        // of the old epoch.
+        j.stage_hard_state(b"d");
+        j.sync().unwrap();
         drop(j);
-        let (_, records, _) = Journal::open(dir.path()).unwrap();
-        assert_eq!(records, vec![Record::HardState(b"c".to_vec())]);
+        let (_, records) = Journal::open(dir.path()).unwrap();
+        assert_eq!(records, vec![Record::HardState(b"d".to_vec())]);
+    }
+
+    #[test]
+    fn a_creation_cut_short_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE), [0u8; 100]).unwrap();
+        let (mut j, records) = Journal::open(dir.path()).unwrap();
+        assert!(records.is_empty());
+        j.stage_entries(b"x");
+        j.sync().unwrap();
+        drop(j);
+        let (_, records) = Journal::open(dir.path()).unwrap();
+        assert_eq!(records, vec![Record::Entries(b"x".to_vec())]);
     }
 }

@@ -93,7 +93,7 @@ pub enum StorageOpenError {
     Journal {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: super::journal::JournalError,
     },
     #[error("cannot make the Raft store in {path} durable")]
     Sync {
@@ -199,7 +199,7 @@ impl DiskStorage {
         }
         // What the journal holds since the last checkpoint goes back into sled first, then
         // sled is made durable and the journal emptied: from here on the trees are whole.
-        let (mut journal, records, torn) =
+        let (mut journal, records) =
             Journal::open(dir).map_err(|source| StorageOpenError::Journal {
                 path: path.clone(),
                 source,
@@ -222,12 +222,8 @@ impl DiskStorage {
                 }
             }
         }
-        if replayed > 0 || torn > 0 {
-            tracing::info!(
-                records = replayed,
-                torn_bytes = torn,
-                "replayed the Raft journal"
-            );
+        if replayed > 0 {
+            tracing::info!(records = replayed, "replayed the Raft journal");
         }
         db.flush().map_err(|source| StorageOpenError::Sync {
             path: path.clone(),
@@ -237,7 +233,7 @@ impl DiskStorage {
             .reset()
             .map_err(|source| StorageOpenError::Journal {
                 path: path.clone(),
-                source,
+                source: source.into(),
             })?;
         let mut hard = match meta.get(K_HARD).map_err(io)? {
             Some(v) => HardState::parse_from_bytes(&v).map_err(|_| corrupt("hard state"))?,
@@ -903,13 +899,15 @@ mod tests {
         s.append(&[entry(3, 1, b"b")]).unwrap();
         s.sync().unwrap();
         let crashed = files_after_a_crash(dir.path());
-        // The second record was being written when the power went.
+        // The second record was being written when the power went: its end is not there.
+        use std::os::unix::fs::FileExt;
         let journal = crashed.path().join(super::super::journal::FILE);
         let f = std::fs::OpenOptions::new()
             .write(true)
             .open(&journal)
             .unwrap();
-        f.set_len(synced + 6).unwrap();
+        f.write_all_at(&[0; 64], super::super::journal::DATA_START + synced + 6)
+            .unwrap();
         drop(f);
         let c = DiskStorage::open(crashed.path(), 1).unwrap();
         assert_eq!(c.term(2).unwrap(), 1);
