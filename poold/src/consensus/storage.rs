@@ -419,8 +419,16 @@ impl DiskStorage {
     /// journal does not record (a snapshot installed, the log cut), so that a journal
     /// never replays across one.
     fn checkpoint(&mut self) -> Result<(), raft::Error> {
+        let started = std::time::Instant::now();
+        let journal_bytes = self.journal.len();
         self.db.flush().map_err(store_err)?;
-        self.journal.reset().map_err(store_err)
+        self.journal.reset().map_err(store_err)?;
+        tracing::debug!(
+            journal_bytes,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "checkpoint: sled flushed, journal emptied"
+        );
+        Ok(())
     }
 
     /// Replaces the log by a snapshot received from the leader (or the bootstrap one).
