@@ -949,6 +949,55 @@ mod tests {
         assert_eq!(c.term(2).unwrap(), 1);
     }
 
+    /// Rewrites the stored format version the way another poold would have left it.
+    fn set_format(dir: &Path, version: u32) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let db = loop {
+            match sled::Config::new().path(dir).open() {
+                Ok(db) => break db,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    assert!(e.to_string().contains("could not acquire lock"), "{e}");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        let meta = db.open_tree("meta").unwrap();
+        meta.insert(K_FORMAT, &version.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+
+    #[test]
+    fn a_version_2_store_opens_and_is_upgraded_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = DiskStorage::open(dir.path(), 1).unwrap();
+            s.bootstrap(&[1], vec![]).unwrap();
+            s.append(&[entry(2, 1, b"a")]).unwrap();
+            s.sync().unwrap();
+        }
+        // Version 2 had no journal: what it synced was in sled.
+        {
+            let s = reopen(dir.path(), 1).unwrap();
+            drop(s);
+        }
+        std::fs::remove_file(dir.path().join(super::super::journal::FILE)).unwrap();
+        set_format(dir.path(), 2);
+        let s = reopen(dir.path(), 1).unwrap();
+        assert_eq!(s.term(2).unwrap(), 1);
+        assert_eq!(
+            s.meta.get(K_FORMAT).unwrap().unwrap().as_ref(),
+            FORMAT_VERSION.to_be_bytes()
+        );
+        assert!(dir.path().join(super::super::journal::FILE).exists());
+        drop(s);
+        set_format(dir.path(), FORMAT_VERSION + 1);
+        assert!(matches!(
+            reopen(dir.path(), 1),
+            Err(StorageOpenError::Version { found, .. }) if found == FORMAT_VERSION + 1
+        ));
+    }
+
     #[test]
     fn conflicting_suffix_is_replaced() {
         let dir = tempfile::tempdir().unwrap();
