@@ -25,43 +25,44 @@ struct Args {
     cmd: Cmd,
 }
 
+/// How hard to drive a system: clients, each with one call in flight, for some seconds.
+#[derive(clap::Args)]
+struct Load {
+    #[arg(long)]
+    clients: usize,
+    #[arg(long, default_value = "10")]
+    seconds: u64,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Small pool writes through the leader.
     Pool {
         #[arg(long, value_delimiter = ',')]
         members: Vec<String>,
-        #[arg(long)]
-        clients: usize,
-        #[arg(long, default_value = "10")]
-        seconds: u64,
+        #[command(flatten)]
+        load: Load,
     },
     /// etcd KV.Put of a similar size.
     Etcd {
         #[arg(long)]
         endpoint: String,
-        #[arg(long)]
-        clients: usize,
-        #[arg(long, default_value = "10")]
-        seconds: u64,
+        #[command(flatten)]
+        load: Load,
     },
     /// GetMemberStatus on the leader: a local call, no Raft.
     PoolStatus {
         #[arg(long, value_delimiter = ',')]
         members: Vec<String>,
-        #[arg(long)]
-        clients: usize,
-        #[arg(long, default_value = "10")]
-        seconds: u64,
+        #[command(flatten)]
+        load: Load,
     },
     /// etcd KV.Range with serializable set: answered from the member's store, no Raft.
     EtcdRange {
         #[arg(long)]
         endpoint: String,
-        #[arg(long)]
-        clients: usize,
-        #[arg(long, default_value = "10")]
-        seconds: u64,
+        #[command(flatten)]
+        load: Load,
     },
     /// Placements per second of the batch scheduler.
     Scheduler {
@@ -157,6 +158,15 @@ where
     (all, start.elapsed().as_secs_f64())
 }
 
+/// A channel to `address`, with TCP_NODELAY as every client here uses.
+async fn channel(address: &str, what: &str) -> anyhow::Result<tonic::transport::Channel> {
+    tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {what} at {address}"))
+}
+
 /// A client of the pool that knows its leader (members started a moment ago may still be
 /// electing).
 async fn leader_client(members: &[String]) -> anyhow::Result<PoolClient> {
@@ -207,11 +217,7 @@ async fn pool(members: Vec<String>, clients: usize, seconds: u64) -> anyhow::Res
 
 async fn pool_status(members: Vec<String>, clients: usize, seconds: u64) -> anyhow::Result<()> {
     let leader = leader_client(&members).await?.current().to_owned();
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{leader}"))?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to the leader at {leader}"))?;
+    let ch = channel(&leader, "the pool leader").await?;
     let until = Instant::now() + Duration::from_secs(seconds);
     let (lat, secs) = run_clients(clients, seconds, |_| {
         let mut p = CoordinatorPeerServiceClient::new(ch.clone());
@@ -247,11 +253,7 @@ where
     Req: prost::Message + Send + Sync + 'static,
     Resp: prost::Message + Default + Send + Sync + 'static,
 {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to etcd at {endpoint}"))?;
+    let ch = channel(&endpoint, "etcd").await?;
     let until = Instant::now() + Duration::from_secs(seconds);
     let (lat, secs) = run_clients(clients, seconds, |i| {
         let ch = ch.clone();
@@ -384,26 +386,14 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match args.cmd {
-        Cmd::Pool {
-            members,
-            clients,
-            seconds,
-        } => rt.block_on(pool(members, clients, seconds)),
-        Cmd::Etcd {
-            endpoint,
-            clients,
-            seconds,
-        } => rt.block_on(etcd_put(endpoint, clients, seconds)),
-        Cmd::PoolStatus {
-            members,
-            clients,
-            seconds,
-        } => rt.block_on(pool_status(members, clients, seconds)),
-        Cmd::EtcdRange {
-            endpoint,
-            clients,
-            seconds,
-        } => rt.block_on(etcd_range(endpoint, clients, seconds)),
+        Cmd::Pool { members, load } => rt.block_on(pool(members, load.clients, load.seconds)),
+        Cmd::Etcd { endpoint, load } => rt.block_on(etcd_put(endpoint, load.clients, load.seconds)),
+        Cmd::PoolStatus { members, load } => {
+            rt.block_on(pool_status(members, load.clients, load.seconds))
+        }
+        Cmd::EtcdRange { endpoint, load } => {
+            rt.block_on(etcd_range(endpoint, load.clients, load.seconds))
+        }
         Cmd::Scheduler { hosts, vms } => {
             scheduler(hosts, vms);
             Ok(())
