@@ -213,7 +213,9 @@ impl DiskStorage {
                         .first()
                         .map(|e| e.index);
                     if let Some(first) = first {
-                        write_from(&log, first, record).map_err(|_| corrupt("log"))?;
+                        write_from(&log, first, record).map_err(|e| {
+                            corrupt(&format!("log (playing the journal back: {e})"))
+                        })?;
                     }
                 }
                 Record::HardState(hs) => {
