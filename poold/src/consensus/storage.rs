@@ -417,9 +417,10 @@ impl DiskStorage {
     }
 
     /// Makes sled durable (see `sled_sync` for what sled's flush lacks), then empties the
-    /// journal, whose records sled now holds. Also called before and after the changes the
-    /// journal does not record (a snapshot installed, the log cut), so that a journal
-    /// never replays across one.
+    /// journal, whose records sled now holds. Also called before and after installing a
+    /// snapshot from the leader, which the journal does not record, so that no journal
+    /// record (an older hard state, entries the snapshot replaced) is ever played back
+    /// over one.
     fn checkpoint(&mut self) -> Result<(), raft::Error> {
         let started = std::time::Instant::now();
         let journal_bytes = self.journal.len();
@@ -490,6 +491,11 @@ impl DiskStorage {
     /// log is cut behind, and entries up to `compact_to` (at most its index) are dropped,
     /// keeping the tail a slightly slow follower still needs. A snapshot older than the
     /// known one (one from the leader came in between) changes nothing.
+    ///
+    /// The cut is not journaled and needs no checkpoint: lost in a crash, it leaves a
+    /// longer log behind a durable snapshot, which open accepts; kept with journal records
+    /// played back over it, records at or below the cut are dropped at open. (A
+    /// checkpoint after the cut's batch of deletes cost the Raft thread 23-29 ms.)
     pub fn snapshot_stored(
         &mut self,
         meta: SnapshotMetadata,
@@ -501,7 +507,6 @@ impl DiskStorage {
         let compact_to = compact_to.min(meta.index);
         self.snap_meta = meta;
         if compact_to > self.trunc.0 {
-            self.checkpoint()?;
             let new_trunc = (compact_to, raft::Storage::term(self, compact_to)?);
             self.meta
                 .insert(K_TRUNC, &trunc_bytes(new_trunc)[..])
@@ -527,7 +532,7 @@ impl DiskStorage {
             self.entries.drain(..drop.min(self.entries.len()));
             self.trunc = new_trunc;
         }
-        self.checkpoint()
+        Ok(())
     }
 
     /// Whether raft-rs asked for a snapshot newer than the stored one (and clears it).
@@ -1129,6 +1134,37 @@ mod tests {
         drop(s);
         let s = reopen(dir.path(), 1).unwrap();
         assert_eq!((s.first_index(), s.last_index()), (16, 30));
+    }
+
+    #[test]
+    fn a_log_cut_lost_or_kept_in_a_crash_leaves_a_whole_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = ConfState::from((vec![1u64], Vec::<u64>::new()));
+        let mut s = DiskStorage::open(dir.path(), 1).unwrap();
+        s.bootstrap(&[1], b"s1".to_vec()).unwrap();
+        for i in 2..=30 {
+            s.append(&[entry(i, 2, b"e")]).unwrap();
+            s.sync().unwrap();
+        }
+        let meta = s.snapshot_metadata_at(20, &cs).unwrap();
+        assert!(s.snapshot_writer().store(&meta, b"s20").unwrap());
+        s.snapshot_stored(meta, 15).unwrap();
+        for i in 31..=40 {
+            s.append(&[entry(i, 3, b"f")]).unwrap();
+            s.sync().unwrap();
+        }
+        let crashed = files_after_a_crash(dir.path());
+        let c = DiskStorage::open(crashed.path(), 1).unwrap();
+        assert_eq!(c.snapshot_metadata().index, 20);
+        assert!(c.first_index() <= 16, "first index {}", c.first_index());
+        assert_eq!(c.last_index(), 40);
+        let es = c
+            .entries(16, 41, None, GetEntriesContext::empty(false))
+            .unwrap();
+        let indexes: Vec<u64> = es.iter().map(|e| e.index).collect();
+        assert_eq!(indexes, (16..=40).collect::<Vec<_>>());
+        assert_eq!(c.term(30).unwrap(), 2);
+        assert_eq!(c.term(31).unwrap(), 3);
     }
 
     #[test]
