@@ -802,7 +802,7 @@ impl Node {
         Ok(())
     }
 
-    /// Every `snapshot_interval` applied entries (or when raft-rs needs a newer snapshot
+    /// Every [`snapshot_interval`] applied entries (or when raft-rs needs a newer snapshot
     /// for a follower), encodes the state machine here, where it cannot change underneath,
     /// and hands the bytes to a writer thread: storing and fsyncing ~15 MB is the slow
     /// part, and every member reaches the same index at about the same time, so doing it
@@ -814,7 +814,12 @@ impl Node {
         let applied = self.shared.state.read().expect("state lock").applied_index;
         let snap_index = self.raw.store().snapshot_metadata().index;
         let wanted = self.raw.store().take_snapshot_wanted() && applied > snap_index;
-        if !wanted && applied < snap_index + self.cfg.snapshot_interval {
+        let interval = snapshot_interval(
+            self.cfg.snapshot_interval,
+            self.cfg.id,
+            self.raw.raft.state == StateRole::Leader,
+        );
+        if !wanted && applied < snap_index + interval {
             return Ok(());
         }
         let started = Instant::now();
@@ -909,6 +914,19 @@ impl Node {
     }
 }
 
+/// Entries between two snapshots of a member. Encoding one stops the Raft thread (60-160
+/// ms for a state remembering 100,000 requests): on the leader that stops every write, so
+/// the leader takes one a quarter as often (its log, kept in memory, grows to four
+/// intervals); followers' intervals differ by id, so theirs drift apart instead of coming
+/// at the same index, and the leader seldom waits on two stalled followers at once.
+fn snapshot_interval(base: u64, id: u64, leader: bool) -> u64 {
+    if leader {
+        base.saturating_mul(4)
+    } else {
+        base.saturating_add(base / 4 * (id % 4))
+    }
+}
+
 /// The storage failed: this member cannot go on safely. It stops; the others keep the
 /// pool going, and this one recovers from its disk on restart.
 fn storage_failed(e: &dyn std::fmt::Display) -> ! {
@@ -978,6 +996,18 @@ mod tests {
             let _ = raw.advance(rd);
         }
         raw
+    }
+
+    #[test]
+    fn the_leader_snapshots_least_often_and_followers_apart() {
+        assert_eq!(snapshot_interval(50_000, 1, true), 200_000);
+        assert_eq!(snapshot_interval(50_000, 2, true), 200_000);
+        let followers: Vec<u64> = (1..=4)
+            .map(|id| snapshot_interval(50_000, id, false))
+            .collect();
+        assert_eq!(followers, vec![62_500, 75_000, 87_500, 50_000]);
+        assert_eq!(snapshot_interval(1, 3, false), 1);
+        assert_eq!(snapshot_interval(u64::MAX, 7, true), u64::MAX);
     }
 
     #[test]
