@@ -7,10 +7,10 @@
 //! `pwrite` and one `fdatasync` of its own, and sled, which still holds the log, is
 //! written without a flush and made durable only at a checkpoint (every
 //! [`CHECKPOINT_BYTES`], and around a snapshot installed from the leader, which the
-//! journal does not record), after which the journal starts empty. At open, the records since the last checkpoint are played
-//! again on top of whatever sled kept: each one sets a value (the log from an index on,
-//! the hard state), so replaying them in order over any prefix of them ends in the state
-//! they were written from.
+//! journal does not record), after which the journal starts empty. At open, the records
+//! since the last checkpoint are played again on top of whatever sled kept: each one sets
+//! a value (the log from an index on, the hard state), so replaying them in order over any
+//! prefix of them ends in the state they were written from.
 //!
 //! The file is written in place and never changes size in normal work (it is filled with
 //! zeros when created), so an fdatasync has only data to flush, not the file's size too
