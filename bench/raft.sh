@@ -6,7 +6,7 @@
 # The two systems take turns, BENCH_ROUNDS times (default 3); each figure is the median of
 # its rounds, and each ratio the median of the rounds' ratios (the machine is noisy).
 #
-# Needs etcd (Debian package etcd-server, installed here when missing).
+# Needs etcd (Debian packages etcd-server and etcd-client, installed here when missing).
 # The table also gives each system's server CPU per write (the three members' user + system
 # time over the run, from /proc), which the machine's noise moves far less than throughput,
 # and, for scale, each system's cheapest call on its leader with no Raft in it (poold's
@@ -23,9 +23,10 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --release -q -p poold --bins
 BIN=$CARGO_TARGET_DIR/release
 
-if ! command -v etcd >/dev/null; then
-  echo "installing etcd-server (Debian) for the comparison" >&2
-  apt-get install -y -qq etcd-server >/dev/null
+# etcdctl (etcd-client) is a separate package; the script uses it to find etcd's leader.
+if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
+  echo "installing etcd-server and etcd-client (Debian) for the comparison" >&2
+  apt-get install -y -qq etcd-server etcd-client >/dev/null
 fi
 
 WORK=$(mktemp -d /var/tmp/raft-bench.XXXXXX)
