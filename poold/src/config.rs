@@ -29,6 +29,9 @@ pub struct Config {
     pub snapshot_interval: Option<u64>,
     /// Entries kept behind a snapshot for slightly slow followers.
     pub snapshot_keep_entries: Option<u64>,
+    /// Threads serving gRPC (clients, hosts and the peer transport); the Raft log, fsync
+    /// and state machine have their own thread. Default 1; see `poold --help`.
+    pub api_threads: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]

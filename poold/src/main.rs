@@ -50,6 +50,12 @@ struct Args {
     /// Entries kept behind a snapshot.
     #[arg(long)]
     snapshot_keep_entries: Option<u64>,
+    /// Threads serving gRPC (clients, hosts, peers); the Raft thread is separate. With one
+    /// (the default) the responses a batch of commits completes leave in one write per
+    /// connection; with more, each response is written on its own. More helps only a pool
+    /// whose clients read much more than they write.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    api_threads: Option<u16>,
     /// A file holding the first administrator's password: when the pool has no user yet,
     /// user "admin" (pool-admin) is created with it. Without it, a pool with no user is
     /// open until one is created.
@@ -134,10 +140,25 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|(k, v)| (*k, v.to_string()))
         .collect();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let api_threads = args
+        .api_threads
+        .map(usize::from)
+        .or(cfg.api_threads)
+        .unwrap_or(1);
+    anyhow::ensure!(
+        (1..=256).contains(&api_threads),
+        "api_threads must be 1..=256, not {api_threads}"
+    );
+    let rt = if api_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(api_threads);
+        b
+    }
+    .enable_all()
+    .build()
+    .context("starting the async runtime")?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)
             .await

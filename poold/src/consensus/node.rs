@@ -102,7 +102,8 @@ pub struct Shared {
     pub learned_addresses: RwLock<BTreeMap<u64, String>>,
 }
 
-type ProposeReply = oneshot::Sender<Result<(CommandResult, u64), NodeError>>;
+type ProposeOutcome = Result<(CommandResult, u64), NodeError>;
+type ProposeReply = oneshot::Sender<ProposeOutcome>;
 
 pub enum NodeMsg {
     /// A message from another member.
@@ -243,6 +244,8 @@ struct Node {
     /// The thread storing a state-machine snapshot, while it runs.
     snapshot_writer: Option<std::thread::JoinHandle<()>>,
     node_tx: Sender<NodeMsg>,
+    /// Where applied proposals' answers go, a batch per pass (see `start`).
+    replier: tokio::sync::mpsc::UnboundedSender<Vec<(ProposeReply, ProposeOutcome)>>,
 }
 
 /// Starts the node thread. `storage` must be bootstrapped already (or empty, for a member
@@ -283,6 +286,19 @@ pub fn start(
         shared: shared.clone(),
         id: cfg.id,
     };
+    // Answers go out a batch at a time through one task on the runtime: the node thread
+    // wakes the runtime once per pass instead of once per proposal, and on a one-thread
+    // runtime the handlers it completes then run back to back, so their responses leave
+    // in one write per connection (one per response when each is woken from outside).
+    let (replier, mut replies) =
+        tokio::sync::mpsc::unbounded_channel::<Vec<(ProposeReply, ProposeOutcome)>>();
+    transport_rt.spawn(async move {
+        while let Some(batch) = replies.recv().await {
+            for (reply, outcome) in batch {
+                let _ = reply.send(outcome);
+            }
+        }
+    });
     let mut transport = Transport::new(
         cfg.id,
         cfg.pool_id.clone(),
@@ -311,6 +327,7 @@ pub fn start(
         conf_waiting: Vec::new(),
         snapshot_writer: None,
         node_tx: tx,
+        replier,
     };
     node.publish();
     std::thread::Builder::new()
@@ -793,10 +810,12 @@ impl Node {
                 }
             }
         }
-        for (pid, r) in replies {
-            if let Some(reply) = self.proposals.remove(&pid) {
-                let _ = reply.send(r);
-            }
+        let batch: Vec<_> = replies
+            .into_iter()
+            .filter_map(|(pid, r)| self.proposals.remove(&pid).map(|reply| (reply, r)))
+            .collect();
+        if !batch.is_empty() {
+            let _ = self.replier.send(batch);
         }
         self.shared.applied.send_replace(last);
         Ok(())
