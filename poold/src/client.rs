@@ -52,7 +52,13 @@ pub struct BadToken;
 
 /// A fresh idempotency key.
 pub fn new_request_id() -> String {
-    uuid::Uuid::new_v4().to_string()
+    random_uuid().to_string()
+}
+
+/// A random (version 4) UUID drawn from the thread's userspace generator; `Uuid::new_v4`
+/// makes a `getrandom` system call for each, and the leader makes one or two per write.
+pub fn random_uuid() -> uuid::Uuid {
+    uuid::Builder::from_random_bytes(rand::random()).into_uuid()
 }
 
 /// Whether a failed call may succeed on another member or later.
@@ -196,5 +202,21 @@ impl PoolClient {
                 last.message()
             ),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_uuids_are_version_4_and_distinct() {
+        let a = random_uuid();
+        let b = random_uuid();
+        assert_eq!(a.get_version(), Some(uuid::Version::Random));
+        assert_eq!(a.get_variant(), uuid::Variant::RFC4122);
+        assert_ne!(a, b);
+        let id = new_request_id();
+        assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 4);
     }
 }

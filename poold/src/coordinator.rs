@@ -110,12 +110,12 @@ impl Coordinator {
     pub fn command(&self, caller: &Caller, request_id: &str, op: Op) -> Command {
         Command {
             request_id: if request_id.is_empty() {
-                format!("auto-{}", uuid::Uuid::new_v4())
+                format!("auto-{}", crate::client::random_uuid())
             } else {
                 request_id.to_owned()
             },
             at_ms: crate::consensus::node::stamp(),
-            task_id: uuid::Uuid::new_v4().to_string(),
+            task_id: crate::client::random_uuid().to_string(),
             requested_by: caller.name.clone(),
             method: caller.method.clone(),
             peer: caller.peer.clone(),
@@ -303,7 +303,7 @@ impl Coordinator {
         make: impl Fn(String) -> Op,
     ) -> Result<pb::Task, Status> {
         let request_id = if request_id.is_empty() {
-            format!("auto-{}", uuid::Uuid::new_v4())
+            format!("auto-{}", crate::client::random_uuid())
         } else {
             request_id.to_owned()
         };

@@ -289,7 +289,7 @@ async fn etcd_put(endpoint: String, clients: usize, seconds: u64) -> anyhow::Res
     // Key and value sized like the pool write (a name and a request id).
     let make = |i: usize, n: u64| etcd::PutRequest {
         key: format!("bench/{i}").into_bytes(),
-        value: format!("bench-{i}-{n}-{}", uuid::Uuid::new_v4()).into_bytes(),
+        value: format!("bench-{i}-{n}-{}", poold::client::random_uuid()).into_bytes(),
     };
     etcd_unary::<_, etcd::PutResponse>(
         "etcd",
