@@ -18,6 +18,9 @@
 //! - [`service`]: the gRPC services (PoolService, HostAgentService, CoordinatorPeerService).
 //! - [`reconcile`]: desired versus reported state, acted on through a narrow
 //!   [`reconcile::HostActions`] interface (gRPC to hostd).
+//! - [`jobs`]: long operations (volume and VM snapshots, clones, migration, fencing) that
+//!   the leader carries out step by step through [`backend`] (storaged and hostd).
+//! - [`auth`]: users, roles and tokens: who may call what.
 //! - [`client`]: a multi-member client that finds the leader and retries safely.
 //! - [`server`]: starting (or bootstrapping, or joining) a member and serving it.
 //! - [`config`]: the daemon's TOML configuration.
@@ -28,9 +31,8 @@
 //! log order on every member → the result (a Task, or a clear error) goes back. A retry
 //! with the same `request_id` returns the first result (kept for an hour).
 //!
-//! PoolService calls that need storaged or hostd to act (volume snapshots and clones,
-//! templates, migration, console, users and audit) answer UNIMPLEMENTED with a message
-//! saying so; the pool state for them is the next step.
+//! Calls that need storaged or hostd to act (volume snapshots and clones, templates,
+//! migration, fencing) commit a job that the leader carries out step by step ([`jobs`]).
 
 // raft-rs's rust-protobuf types are built field by field, the way their own docs do it.
 #![allow(clippy::field_reassign_with_default)]
