@@ -79,6 +79,12 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.member_id, Some(2));
         assert_eq!(cfg.initial_members.len(), 2);
+        assert_eq!(cfg.api_threads, None);
+        assert_eq!(
+            Config::parse("api_threads = 4\n").unwrap().api_threads,
+            Some(4)
+        );
+        assert!(Config::parse("api_threads = -1\n").is_err());
         assert!(Config::parse("member = 2").is_err());
     }
 }

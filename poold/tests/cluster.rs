@@ -52,6 +52,99 @@ async fn five_members_fail_over_when_the_leader_dies() {
     failover(5).await;
 }
 
+/// Many writes in flight at once: each caller must get its own command's answer, whether
+/// the members serve gRPC on one thread (the default, where a pass's answers are handed
+/// over together) or on several.
+async fn concurrent_writes_answer_their_own_callers(extra: &[&str]) {
+    let _serial = SERIAL.lock().await;
+    let cl = Cluster::start(3, extra);
+    cl.leader(ELECTION).await;
+    let c = cl.client();
+    let writers: Vec<_> = (0..48)
+        .map(|i| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                let address = format!("10.1.{}.{}:7000", i / 8, i % 8);
+                let task = join_host(&mut c, &address).await.expect("write");
+                (address, task)
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for w in writers {
+        answers.push(w.await.expect("writer task"));
+    }
+    let mut c = cl.client();
+    let hosts = list_hosts(&mut c).await;
+    assert_eq!(hosts.len(), 48);
+    for (address, task) in answers {
+        let host = hosts
+            .iter()
+            .find(|h| h.address == address)
+            .unwrap_or_else(|| panic!("no host with address {address}"));
+        assert_eq!(
+            task.target_id, host.id,
+            "the answer to the join of {address} names another host"
+        );
+        assert_eq!(task.state, pb::TaskState::Succeeded as i32);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_on_one_api_thread() {
+    concurrent_writes_answer_their_own_callers(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_on_several_api_threads() {
+    concurrent_writes_answer_their_own_callers(&["--api-threads", "3"]).await;
+}
+
+#[test]
+fn api_threads_out_of_range_is_refused_before_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["0", "257", "x"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_poold"))
+            .args([
+                "--member-id",
+                "1",
+                "--listen",
+                "127.0.0.1:1",
+                "--api-threads",
+                bad,
+            ])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "--api-threads {bad}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--api-threads"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let cfg = dir.path().join("poold.toml");
+    std::fs::write(&cfg, "api_threads = 0\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_poold"))
+        .args(["--member-id", "1", "--listen", "127.0.0.1:1", "--config"])
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("api_threads must be 1..=256"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !dir.path().join("data").exists(),
+        "nothing is created when the settings are refused"
+    );
+}
+
 async fn set_name(c: &mut poold::client::PoolClient, name: &str) -> Result<(), tonic::Status> {
     let req = pb::UpdatePoolSettingsRequest {
         request_id: poold::client::new_request_id(),
