@@ -736,7 +736,7 @@ impl Node {
             return Ok(());
         }
         let mut last = 0;
-        let mut replies = Vec::new();
+        let mut answers = Vec::new();
         {
             let mut state = self.shared.state.write().expect("state lock");
             for e in entries {
@@ -759,8 +759,8 @@ impl Node {
                                 )
                             }
                         };
-                        if let Some(pid) = pid {
-                            replies.push((pid, Ok((result, e.index))));
+                        if let Some(reply) = pid.and_then(|p| self.proposals.remove(&p)) {
+                            answers.push((reply, Ok((result, e.index))));
                         }
                     }
                     EntryType::EntryConfChangeV2 | EntryType::EntryConfChange => {
@@ -803,19 +803,15 @@ impl Node {
                                 Err(NodeError::BadMemberChange(err.to_string()))
                             }
                         };
-                        if let Some(pid) = pid {
-                            replies.push((pid, outcome));
+                        if let Some(reply) = pid.and_then(|p| self.proposals.remove(&p)) {
+                            answers.push((reply, outcome));
                         }
                     }
                 }
             }
         }
-        let batch: Vec<_> = replies
-            .into_iter()
-            .filter_map(|(pid, r)| self.proposals.remove(&pid).map(|reply| (reply, r)))
-            .collect();
-        if !batch.is_empty() {
-            let _ = self.replier.send(batch);
+        if !answers.is_empty() {
+            let _ = self.replier.send(answers);
         }
         self.shared.applied.send_replace(last);
         Ok(())
