@@ -16,6 +16,9 @@ use poold::server::{Member, MemberConfig};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The bound on `--api-threads` and on the config file's `api_threads`.
+const MAX_API_THREADS: usize = 256;
+
 /// Pool coordinator: a Raft member that keeps the pool's state and serves PoolService.
 #[derive(Debug, Parser)]
 #[command(name = "poold", version, about)]
@@ -54,7 +57,7 @@ struct Args {
     /// (the default) the responses a batch of commits completes leave in one write per
     /// connection; with more, each response is written on its own. More helps only a pool
     /// whose clients read much more than they write.
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=MAX_API_THREADS as i64))]
     api_threads: Option<u16>,
     /// A file holding the first administrator's password: when the pool has no user yet,
     /// user "admin" (pool-admin) is created with it. Without it, a pool with no user is
@@ -146,8 +149,8 @@ fn main() -> anyhow::Result<()> {
         .or(cfg.api_threads)
         .unwrap_or(1);
     anyhow::ensure!(
-        (1..=256).contains(&api_threads),
-        "api_threads must be 1..=256, not {api_threads}"
+        (1..=MAX_API_THREADS).contains(&api_threads),
+        "api_threads must be 1..={MAX_API_THREADS}, not {api_threads}"
     );
     let rt = if api_threads == 1 {
         tokio::runtime::Builder::new_current_thread()
