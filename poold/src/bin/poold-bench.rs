@@ -32,6 +32,10 @@ struct Load {
     clients: usize,
     #[arg(long, default_value = "10")]
     seconds: u64,
+    /// Threads of the client's runtime. One (the default) keeps the load generator's own
+    /// CPU per call low: the clients share the machine's cores with the servers.
+    #[arg(long, default_value = "1")]
+    client_threads: usize,
 }
 
 #[derive(Subcommand)]
@@ -143,18 +147,20 @@ fn settings(name: String) -> pb::PoolSettings {
     }
 }
 
+/// Runs `clients` tasks made by `make(client, until)`, each looping until `until` (now +
+/// `seconds`); returns every latency they recorded and the seconds the whole run took.
 async fn run_clients<F, Fut>(clients: usize, seconds: u64, make: F) -> (Vec<u64>, f64)
 where
-    F: Fn(usize) -> Fut,
+    F: Fn(usize, Instant) -> Fut,
     Fut: std::future::Future<Output = Vec<u64>> + Send + 'static,
 {
     let start = Instant::now();
-    let tasks: Vec<_> = (0..clients).map(|i| tokio::spawn(make(i))).collect();
+    let until = start + Duration::from_secs(seconds);
+    let tasks: Vec<_> = (0..clients).map(|i| tokio::spawn(make(i, until))).collect();
     let mut all = Vec::new();
     for t in tasks {
         all.extend(t.await.expect("client task"));
     }
-    let _ = seconds;
     (all, start.elapsed().as_secs_f64())
 }
 
@@ -184,8 +190,7 @@ async fn leader_client(members: &[String]) -> anyhow::Result<PoolClient> {
 
 async fn pool(members: Vec<String>, clients: usize, seconds: u64) -> anyhow::Result<()> {
     let c = Arc::new(leader_client(&members).await?);
-    let until = Instant::now() + Duration::from_secs(seconds);
-    let (lat, secs) = run_clients(clients, seconds, |i| {
+    let (lat, secs) = run_clients(clients, seconds, |i, until| {
         let mut c = (*c).clone();
         async move {
             let mut lat = Vec::new();
@@ -218,8 +223,7 @@ async fn pool(members: Vec<String>, clients: usize, seconds: u64) -> anyhow::Res
 async fn pool_status(members: Vec<String>, clients: usize, seconds: u64) -> anyhow::Result<()> {
     let leader = leader_client(&members).await?.current().to_owned();
     let ch = channel(&leader, "the pool leader").await?;
-    let until = Instant::now() + Duration::from_secs(seconds);
-    let (lat, secs) = run_clients(clients, seconds, |_| {
+    let (lat, secs) = run_clients(clients, seconds, |_, until| {
         let mut p = CoordinatorPeerServiceClient::new(ch.clone());
         async move {
             let mut lat = Vec::new();
@@ -254,8 +258,7 @@ where
     Resp: prost::Message + Default + Send + Sync + 'static,
 {
     let ch = channel(&endpoint, "etcd").await?;
-    let until = Instant::now() + Duration::from_secs(seconds);
-    let (lat, secs) = run_clients(clients, seconds, |i| {
+    let (lat, secs) = run_clients(clients, seconds, |i, until| {
         let ch = ch.clone();
         async move {
             let mut grpc = tonic::client::Grpc::new(ch);
@@ -382,9 +385,24 @@ fn scheduler(hosts: usize, vms: usize) {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let threads = match &args.cmd {
+        Cmd::Pool { load, .. }
+        | Cmd::Etcd { load, .. }
+        | Cmd::PoolStatus { load, .. }
+        | Cmd::EtcdRange { load, .. } => load.client_threads,
+        Cmd::Scheduler { .. } => 1,
+    };
+    anyhow::ensure!(threads >= 1, "--client-threads must be at least 1");
+    let rt = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
+    };
     match args.cmd {
         Cmd::Pool { members, load } => rt.block_on(pool(members, load.clients, load.seconds)),
         Cmd::Etcd { endpoint, load } => rt.block_on(etcd_put(endpoint, load.clients, load.seconds)),
