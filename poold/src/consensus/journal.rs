@@ -5,7 +5,7 @@
 //! switches a flush; on a paravirtualised host one costs tens of microseconds). So the
 //! Raft thread writes each `Ready`'s log record and hard state to this file, with one
 //! `pwrite` and one `fdatasync` of its own, and sled, which still holds the log, is
-//! written without a flush and made durable only at a checkpoint (every
+//! written (by a thread of its own) without a flush and made durable only at a checkpoint (every
 //! [`CHECKPOINT_BYTES`], and around a snapshot installed from the leader, which the
 //! journal does not record), after which the journal starts empty. At open, the records
 //! since the last checkpoint are played again on top of whatever sled kept: each one sets

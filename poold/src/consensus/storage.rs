@@ -5,10 +5,11 @@
 //! and `snap` (the newest state-machine snapshot and its metadata). Keeping the large
 //! snapshot away from the small, hot hard-state record matters: sled rewrites whole tree
 //! nodes, and a hard-state update must not drag a multi-megabyte value along. The entries
-//! of a `Ready` and its hard state are written to sled and staged in the [`Journal`], then
+//! of a `Ready` and its hard state are staged in the [`Journal`] and queued for sled, then
 //! [`DiskStorage::sync`] makes them durable with one write and fdatasync of the journal
 //! before anything that depends on them (an acknowledgement to the leader, a vote) leaves
-//! this member. sled itself is made durable only at a checkpoint (its flush, with the
+//! this member. A [`SledWriter`] thread does the queued sled writes in order, off the
+//! Raft thread. sled itself is made durable only at a checkpoint (its flush, with the
 //! fsyncs `sled_sync` adds, covers every tree), after which the journal starts empty: see
 //! `journal` for why. At open the journal is played again into sled. sled recovers a
 //! prefix of its write log, so a crash keeps writes in the order they were made;
@@ -38,7 +39,7 @@
 //!
 //! The log between the compaction point and its end is also kept in memory (it is bounded
 //! by the snapshot interval), so raft-rs's many `term` and `entries` calls never touch disk;
-//! sled is written on the hot path and read only at start.
+//! sled is written by the writer thread and read only at start (and after a barrier).
 //!
 //! The conf state raft-rs sees at start is the snapshot's: the node replays every committed
 //! entry after the snapshot (conf changes included) into a state machine rebuilt from that
@@ -123,6 +124,9 @@ pub struct DiskStorage {
     journal: Journal,
     log: sled::Tree,
     meta: sled::Tree,
+    /// Does the hot path's sled writes (log records, hard states, log cuts) in order, on
+    /// a thread of its own.
+    writer: SledWriter,
     snap: Arc<SnapTree>,
     path: PathBuf,
     hard: HardState,
@@ -313,11 +317,16 @@ impl DiskStorage {
             path: path.clone(),
             source,
         })?;
+        let writer = SledWriter::start(member_id).map_err(|e| StorageOpenError::Corrupt {
+            path: path.clone(),
+            what: format!("cannot start the sled writer thread: {e}"),
+        })?;
         Ok(DiskStorage {
             db: Arc::new(db),
             journal,
             log,
             meta,
+            writer,
             snap: Arc::new(SnapTree {
                 tree: snap_tree,
                 stored: Mutex::new(snap_meta.clone()),
@@ -371,15 +380,24 @@ impl DiskStorage {
         }
         let record = encode_group(entries)?;
         self.journal.stage_entries(&record);
-        if first.index > self.last_index {
+        let log = self.log.clone();
+        let from = first.index;
+        let bytes = record.len();
+        if from > self.last_index {
             // The common case: one new record. A single insert is atomic on its own, and a
             // sled batch is not free: it writes out the buffered log and a batch marker
             // (two more writes, each waited for) before its own records.
-            self.log
-                .insert(&log_key(first.index)[..], record)
-                .map_err(store_err)?;
+            self.writer.push(
+                bytes,
+                Box::new(move || {
+                    log.insert(&log_key(from)[..], record)
+                        .map(drop)
+                        .map_err(store_err)
+                }),
+            );
         } else {
-            write_from(&self.log, first.index, record)?;
+            self.writer
+                .push(bytes, Box::new(move || write_from(&log, from, record)));
             self.entries
                 .truncate((first.index - self.trunc.0 - 1) as usize);
         }
@@ -391,7 +409,7 @@ impl DiskStorage {
     pub fn set_hard_state(&mut self, hs: &HardState) -> Result<(), raft::Error> {
         let bytes = hs.write_to_bytes().map_err(store_err)?;
         self.journal.stage_hard_state(&bytes);
-        self.meta.insert(K_HARD, bytes).map_err(store_err)?;
+        self.writer.set_hard_state(&self.meta, bytes);
         self.hard = hs.clone();
         Ok(())
     }
@@ -410,6 +428,7 @@ impl DiskStorage {
     /// now and then a checkpoint.
     pub fn sync(&mut self) -> Result<(), raft::Error> {
         self.journal.sync().map_err(store_err)?;
+        self.writer.check()?;
         if self.journal.len() > CHECKPOINT_BYTES {
             self.checkpoint()?;
         }
@@ -424,6 +443,8 @@ impl DiskStorage {
     fn checkpoint(&mut self) -> Result<(), raft::Error> {
         let started = std::time::Instant::now();
         let journal_bytes = self.journal.len();
+        // sled must hold every journal record before the journal can be emptied.
+        self.writer.barrier()?;
         self.db.flush().map_err(store_err)?;
         self.journal.reset().map_err(store_err)?;
         tracing::debug!(
@@ -508,26 +529,14 @@ impl DiskStorage {
         self.snap_meta = meta;
         if compact_to > self.trunc.0 {
             let new_trunc = (compact_to, raft::Storage::term(self, compact_to)?);
-            self.meta
-                .insert(K_TRUNC, &trunc_bytes(new_trunc)[..])
-                .map_err(store_err)?;
-            // Drop the records that lie wholly at or below the new truncation point; one
-            // that straddles it stays, its early entries ignored from now on.
-            let keys: Vec<u64> = self
-                .log
-                .iter()
-                .keys()
-                .map(|k| k.map(|k| be_u64(&k).unwrap_or(0)))
-                .collect::<Result<_, _>>()
-                .map_err(store_err)?;
-            let mut b = sled::Batch::default();
-            for (i, start) in keys.iter().enumerate() {
-                let end = keys.get(i + 1).map_or(self.last_index, |next| next - 1);
-                if end <= compact_to {
-                    b.remove(&log_key(*start)[..]);
-                }
-            }
-            self.log.apply_batch(b).map_err(store_err)?;
+            // Done by the writer thread, after the records queued before it: listing the
+            // log's keys and deleting thousands of them cost the Raft thread ~100 ms.
+            let (log, meta, last_index) = (self.log.clone(), self.meta.clone(), self.last_index);
+            self.writer.push(
+                0,
+                Box::new(move || cut_log(&log, &meta, new_trunc, last_index)),
+            );
+            self.writer.hand_off();
             let drop = (compact_to - self.trunc.0) as usize;
             self.entries.drain(..drop.min(self.entries.len()));
             self.trunc = new_trunc;
@@ -623,6 +632,168 @@ impl SnapshotWriter {
 #[derive(Debug, thiserror::Error)]
 #[error("a log record does not decode")]
 struct CorruptRecord;
+
+/// Records the cut of the log behind `trunc` and drops the records that lie wholly at or
+/// below it; one that straddles it stays, its early entries ignored from now on.
+/// `last_index` is the log's last index when the cut was made.
+fn cut_log(
+    log: &sled::Tree,
+    meta: &sled::Tree,
+    trunc: (u64, u64),
+    last_index: u64,
+) -> Result<(), raft::Error> {
+    meta.insert(K_TRUNC, &trunc_bytes(trunc)[..])
+        .map_err(store_err)?;
+    let keys: Vec<u64> = log
+        .iter()
+        .keys()
+        .map(|k| k.map(|k| be_u64(&k).unwrap_or(0)))
+        .collect::<Result<_, _>>()
+        .map_err(store_err)?;
+    let mut b = sled::Batch::default();
+    for (i, start) in keys.iter().enumerate() {
+        let end = keys.get(i + 1).map_or(last_index, |next| next - 1);
+        if end <= trunc.0 {
+            b.remove(&log_key(*start)[..]);
+        }
+    }
+    log.apply_batch(b).map_err(store_err)
+}
+
+/// One sled write, run on the writer thread.
+type SledOp = Box<dyn FnOnce() -> Result<(), raft::Error> + Send>;
+
+enum SledWork {
+    Ops(Vec<SledOp>),
+    /// Answered once everything sent before it is done.
+    Barrier(std::sync::mpsc::SyncSender<()>),
+}
+
+/// Queued writes handed over in batches past this size, so the writer thread is woken a
+/// few dozen times a second rather than once per `Ready`.
+const HANDOFF_BYTES: usize = 256 << 10;
+
+/// The thread that writes sled for the Raft thread. sled is not what makes a `Ready`
+/// durable (the journal is), so its writes need not be done before the `Ready`'s
+/// messages leave, only before the next checkpoint empties the journal; and a sled insert
+/// now and then takes the calling thread 6-100 ms (it writes out a full buffer or cleans
+/// segments), which on the Raft thread stalled the whole pool. Writes run in the order
+/// they were queued; after the first failure none runs, and the Raft thread learns of it
+/// at its next sync. A crash loses what was queued and not yet written, which the journal
+/// still holds and plays back at open.
+struct SledWriter {
+    pending: Vec<SledOp>,
+    pending_bytes: usize,
+    /// The newest hard state not yet queued: only the last one matters.
+    hard: Option<(sled::Tree, Vec<u8>)>,
+    tx: Option<std::sync::mpsc::Sender<SledWork>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    failed: Arc<Mutex<Option<String>>>,
+}
+
+impl SledWriter {
+    fn start(member_id: u64) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<SledWork>();
+        let failed = Arc::new(Mutex::new(None));
+        let seen = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("raft-{member_id}-sled"))
+            .spawn(move || {
+                for work in rx {
+                    match work {
+                        SledWork::Ops(ops) => {
+                            for op in ops {
+                                if seen.lock().expect("writer lock").is_some() {
+                                    break;
+                                }
+                                if let Err(e) = op() {
+                                    tracing::error!(error = %e, "sled write failed");
+                                    *seen.lock().expect("writer lock") = Some(e.to_string());
+                                }
+                            }
+                        }
+                        SledWork::Barrier(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })?;
+        Ok(SledWriter {
+            pending: Vec::new(),
+            pending_bytes: 0,
+            hard: None,
+            tx: Some(tx),
+            thread: Some(thread),
+            failed,
+        })
+    }
+
+    fn push(&mut self, bytes: usize, op: SledOp) {
+        self.pending.push(op);
+        self.pending_bytes += bytes;
+        if self.pending_bytes >= HANDOFF_BYTES {
+            self.hand_off();
+        }
+    }
+
+    fn set_hard_state(&mut self, meta: &sled::Tree, bytes: Vec<u8>) {
+        self.hard = Some((meta.clone(), bytes));
+    }
+
+    /// Sends what is queued to the thread.
+    fn hand_off(&mut self) {
+        if let Some((meta, bytes)) = self.hard.take() {
+            self.pending.push(Box::new(move || {
+                meta.insert(K_HARD, bytes).map(drop).map_err(store_err)
+            }));
+        }
+        if self.pending.is_empty() {
+            return;
+        }
+        let ops = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        if let Some(tx) = &self.tx
+            && tx.send(SledWork::Ops(ops)).is_err()
+        {
+            *self.failed.lock().expect("writer lock") =
+                Some("the sled writer thread is gone".into());
+        }
+    }
+
+    /// The first failure of a write, if any.
+    fn check(&self) -> Result<(), raft::Error> {
+        match &*self.failed.lock().expect("writer lock") {
+            Some(e) => Err(store_err(std::io::Error::other(format!(
+                "writing the Raft log to sled failed: {e}"
+            )))),
+            None => Ok(()),
+        }
+    }
+
+    /// Returns once every write queued so far is done.
+    fn barrier(&mut self) -> Result<(), raft::Error> {
+        self.hand_off();
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        if let Some(tx) = &self.tx
+            && tx.send(SledWork::Barrier(done)).is_ok()
+        {
+            let _ = wait.recv();
+        }
+        self.check()
+    }
+}
+
+impl Drop for SledWriter {
+    /// Writes what is queued and waits for the thread, so that the store can be opened
+    /// again as soon as it is dropped.
+    fn drop(&mut self) {
+        self.hand_off();
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 
 /// Writes the log record `record`, whose first entry is `from`, in place of whatever the
 /// log held from `from` on, in one batch: the record that holds `from` is cut short, every
@@ -880,6 +1051,8 @@ mod tests {
         assert!(!s.journal.is_empty(), "synced writes wait in the journal");
         // Written but never synced: may be lost, must not damage what was synced.
         s.append(&[entry(7, 2, b"unsynced")]).unwrap();
+        // sled has not been handed these writes yet: what brings them back is the journal.
+        assert!(!s.writer.pending.is_empty() && s.writer.hard.is_some());
 
         let crashed = files_after_a_crash(dir.path());
         let c = DiskStorage::open(crashed.path(), 1).unwrap();
@@ -901,6 +1074,30 @@ mod tests {
         drop(c);
         let again = reopen(crashed.path(), 1).unwrap();
         assert_eq!(again.term(6).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_failed_sled_write_stops_the_writes_after_it_and_is_reported() {
+        let mut w = SledWriter::start(9).unwrap();
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        for i in 0..3 {
+            let ran = ran.clone();
+            w.push(
+                1,
+                Box::new(move || {
+                    ran.lock().unwrap().push(i);
+                    if i == 1 {
+                        return Err(store_err(std::io::Error::other("disk on fire")));
+                    }
+                    Ok(())
+                }),
+            );
+        }
+        assert!(w.check().is_ok(), "nothing handed over yet");
+        let err = w.barrier().unwrap_err().to_string();
+        assert!(err.contains("disk on fire"), "{err}");
+        assert_eq!(*ran.lock().unwrap(), vec![0, 1]);
+        assert!(w.check().is_err(), "the failure stays reported");
     }
 
     #[test]
