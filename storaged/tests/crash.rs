@@ -3,6 +3,10 @@
 //! every block must hold what the last acknowledged commit says or something written
 //! after it, every snapshot exactly the volume as it was when taken, and fsck must find
 //! nothing. `STORAGED_CRASH_KILLS` sets the number of kills (default 200).
+//!
+//! To chase a failure: `STORAGED_CRASH_DIR=<empty dir>` puts the pool there instead of in a
+//! temporary directory and keeps, after each kill, the image and metadata as the killed
+//! process left them (`killed.img`, `killed.meta`) with its output (`killed.out`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
@@ -26,13 +30,45 @@ fn import(path: &Path) -> ThinPool {
     .expect("the pool imports after a crash")
 }
 
-fn read_writers(pool: &ThinPool, id: uuid::Uuid) -> Vec<Writer> {
+/// The writer of every block of volume `id`; `what` names it in a failure.
+fn read_writers(pool: &ThinPool, id: uuid::Uuid, what: &str) -> Vec<Writer> {
     let mut buf = vec![0u8; (VOLUME_BLOCKS as usize) * BLOCK];
     pool.read(id, 0, &mut buf).unwrap();
     buf.chunks(BLOCK)
         .enumerate()
-        .map(|(b, data)| decode_block(b as u64, data).unwrap_or_else(|e| panic!("{e}")))
+        .map(|(b, data)| {
+            decode_block(b as u64, data)
+                .unwrap_or_else(|e| panic!("{what}: {e}; {}", describe_block(data)))
+        })
         .collect()
+}
+
+/// What a block that is not a whole workload block holds, to tell a torn write (a header
+/// at offset 0 followed by other bytes), a misplaced one (a header at another offset) and
+/// foreign bytes apart.
+fn describe_block(data: &[u8]) -> String {
+    let nonzero: Vec<usize> = (0..data.len()).filter(|&i| data[i] != 0).collect();
+    let magic = 0x7e57_b10cu32.to_le_bytes();
+    let headers: Vec<String> = (0..data.len().saturating_sub(28))
+        .filter(|&i| data[i..i + 4] == magic)
+        .map(|i| {
+            let field =
+                |at: usize| u64::from_le_bytes(data[i + at..i + at + 8].try_into().unwrap());
+            format!(
+                "at byte {i}: seed {} op {} block {}",
+                field(4),
+                field(12),
+                field(20)
+            )
+        })
+        .collect();
+    format!(
+        "{} non-zero bytes (first at {:?}, last at {:?}); workload headers {headers:?}; first 32 bytes {:02x?}",
+        nonzero.len(),
+        nonzero.first(),
+        nonzero.last(),
+        &data[..32]
+    )
 }
 
 /// What the child announced before it died.
@@ -105,6 +141,24 @@ fn replay(base: &[Writer], seed: u64, announced: &Announced) -> Replay {
     }
 }
 
+/// Copies the image and metadata as the killed process left them, before an import
+/// changes anything, with what the process printed.
+fn keep_killed_state(img: &Path, dir: &Path, lines: &[String]) {
+    std::fs::copy(img, dir.join("killed.img")).unwrap();
+    let meta = dir.join("killed.meta");
+    let _ = std::fs::remove_dir_all(&meta);
+    let mut src = img.as_os_str().to_owned();
+    src.push(".meta");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(&meta)
+        .status()
+        .unwrap();
+    assert!(copied.success(), "cp -a {src:?} {meta:?} failed");
+    std::fs::write(dir.join("killed.out"), lines.join("\n")).unwrap();
+}
+
 #[test]
 fn survives_sigkill_at_random_points() {
     let kills: u64 = std::env::var("STORAGED_CRASH_KILLS")
@@ -112,7 +166,9 @@ fn survives_sigkill_at_random_points() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("crash.img");
+    let keep = std::env::var_os("STORAGED_CRASH_DIR").map(std::path::PathBuf::from);
+    let root = keep.clone().unwrap_or_else(|| dir.path().to_owned());
+    let img = root.join("crash.img");
     let vol = {
         let pool = ThinPool::create(&CreateOptions {
             name: "crash".into(),
@@ -180,9 +236,12 @@ fn survives_sigkill_at_random_points() {
             commits_seen += 1;
         }
 
+        if let Some(k) = &keep {
+            keep_killed_state(&img, k, &lines);
+        }
         let pool = import(&img);
         let r = replay(&base, seed, &announced);
-        let actual = read_writers(&pool, vol);
+        let actual = read_writers(&pool, vol, &format!("iteration {seed}: the volume"));
         for (b, got) in actual.iter().enumerate() {
             let ok =
                 *got == r.committed[b] || r.later.get(&(b as u64)).is_some_and(|l| l.contains(got));
@@ -197,7 +256,11 @@ fn survives_sigkill_at_random_points() {
         // Every snapshot holds exactly the volume as it was when it was taken.
         let mut live = HashMap::new();
         for s in pool.list_volumes().into_iter().filter(|v| v.read_only()) {
-            let content = read_writers(&pool, s.id);
+            let content = read_writers(
+                &pool,
+                s.id,
+                &format!("iteration {seed}: snapshot {}", s.name),
+            );
             let expected = match snapshots.get(&s.name) {
                 Some(e) => e.clone(),
                 None => {
