@@ -143,6 +143,8 @@ pub struct StoredSnapshot {
     bytes: usize,
     encode: Duration,
     started: Instant,
+    /// The encoded snapshot's buffer, handed back for the next one.
+    buffer: Vec<u8>,
 }
 
 /// A cheap handle to the node thread.
@@ -243,6 +245,8 @@ struct Node {
     conf_waiting: Vec<WaitingConfChange>,
     /// The thread storing a state-machine snapshot, while it runs.
     snapshot_writer: Option<std::thread::JoinHandle<()>>,
+    /// The last snapshot's buffer, encoded into again by the next.
+    snapshot_buffer: Vec<u8>,
     node_tx: Sender<NodeMsg>,
     /// Where applied proposals' answers go, a batch per pass (see `start`).
     replier: tokio::sync::mpsc::UnboundedSender<Vec<(ProposeReply, ProposeOutcome)>>,
@@ -326,6 +330,7 @@ pub fn start(
         last_heard: HashMap::new(),
         conf_waiting: Vec::new(),
         snapshot_writer: None,
+        snapshot_buffer: Vec::new(),
         node_tx: tx,
         replier,
     };
@@ -838,7 +843,8 @@ impl Node {
             return Ok(());
         }
         let started = Instant::now();
-        let data = snapshot::encode(&self.shared.state.read().expect("state lock"));
+        let mut data = std::mem::take(&mut self.snapshot_buffer);
+        snapshot::encode_into(&self.shared.state.read().expect("state lock"), &mut data);
         let encode = started.elapsed();
         let meta = self
             .raw
@@ -859,6 +865,7 @@ impl Node {
                         bytes: data.len(),
                         encode,
                         started,
+                        buffer: data,
                     })
                     .map_err(|e| e.to_string());
                 let _ = tx.send(NodeMsg::SnapshotStored(outcome));
@@ -868,7 +875,8 @@ impl Node {
         Ok(())
     }
 
-    fn snapshot_stored(&mut self, done: StoredSnapshot) {
+    fn snapshot_stored(&mut self, mut done: StoredSnapshot) {
+        self.snapshot_buffer = std::mem::take(&mut done.buffer);
         let index = done.meta.index;
         if !done.written {
             tracing::info!(
