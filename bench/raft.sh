@@ -3,6 +3,8 @@
 # their data on the same disk, driven by the same client shape (poold-bench): N concurrent
 # clients, each sending one small write and waiting for its acknowledgement, for
 # BENCH_SECONDS; then the scheduler's placements per second (10,000 VMs, 1,000 hosts).
+# The clients share one connection and one thread (poold-bench --client-threads 1), so the
+# load generator takes as little as it can of the cores both systems run on.
 # The two systems take turns, BENCH_ROUNDS times (default 3); each figure is the median of
 # its rounds, and each ratio the median of the rounds' ratios (the machine is noisy).
 #
