@@ -90,6 +90,8 @@ pub enum StorageOpenError {
     Corrupt { path: PathBuf, what: String },
     #[error("Raft store I/O failed")]
     Io(#[source] sled::Error),
+    #[error("cannot start the Raft store's sled writer thread")]
+    Thread(#[source] std::io::Error),
     #[error("cannot read the Raft journal in {path}")]
     Journal {
         path: PathBuf,
@@ -317,10 +319,7 @@ impl DiskStorage {
             path: path.clone(),
             source,
         })?;
-        let writer = SledWriter::start(member_id).map_err(|e| StorageOpenError::Corrupt {
-            path: path.clone(),
-            what: format!("cannot start the sled writer thread: {e}"),
-        })?;
+        let writer = SledWriter::start(member_id).map_err(StorageOpenError::Thread)?;
         Ok(DiskStorage {
             db: Arc::new(db),
             journal,
