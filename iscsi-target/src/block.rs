@@ -98,14 +98,7 @@ pub trait BlockDevice: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BlockError> {
         let _ = unmap;
         check_range(self, offset, len)?;
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64);
-            self.write_at(offset + done, &zeros[..n as usize])?;
-            done += n;
-        }
-        Ok(())
+        write_zeros(self, offset, len)
     }
 
     /// Writes `new` at `offset` if the device holds `expected` there. Atomic with respect to
@@ -167,6 +160,26 @@ pub trait BlockDevice: Send + Sync {
 }
 
 /// Checks that `offset..offset+len` is block-aligned and inside the device.
+/// Writes zeros over the range from a page-aligned buffer. A `pwrite` the kernel cuts
+/// short stops where copying from the source had to fault a page in (a SIGKILL landing
+/// then ends the call there): from a page-aligned source that is a block boundary on the
+/// device, so an interrupted zeroing leaves no block half old, half zero, as it could from
+/// a heap buffer (16-byte aligned, its fresh pages unmapped until the copy faults on them).
+fn write_zeros<D: BlockDevice + ?Sized>(dev: &D, offset: u64, len: u64) -> Result<(), BlockError> {
+    const PAGE: usize = 4096;
+    let size = len.min(1 << 20) as usize;
+    let buf = vec![0u8; size + PAGE];
+    let start = buf.as_ptr().align_offset(PAGE);
+    let zeros = &buf[start..start + size];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(size as u64);
+        dev.write_at(offset + done, &zeros[..n as usize])?;
+        done += n;
+    }
+    Ok(())
+}
+
 pub fn check_range<D: BlockDevice + ?Sized>(
     dev: &D,
     offset: u64,
@@ -338,14 +351,7 @@ impl BlockDevice for FileBlockDevice {
             // A punched hole reads back as zeros.
             return punch_hole(&self.file, offset, len).map_err(BlockError::Io);
         }
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64);
-            self.write_at(offset + done, &zeros[..n as usize])?;
-            done += n;
-        }
-        Ok(())
+        write_zeros(self, offset, len)
     }
 
     fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BlockError> {
