@@ -159,27 +159,32 @@ pub trait BlockDevice: Send + Sync {
     }
 }
 
-/// Checks that `offset..offset+len` is block-aligned and inside the device.
-/// Writes zeros over the range from a page-aligned buffer. A `pwrite` the kernel cuts
+/// `n` zero bytes starting on a page boundary, held in `buf`. A `pwrite` the kernel cuts
 /// short stops where copying from the source had to fault a page in (a SIGKILL landing
 /// then ends the call there): from a page-aligned source that is a block boundary on the
 /// device, so an interrupted zeroing leaves no block half old, half zero, as it could from
 /// a heap buffer (16-byte aligned, its fresh pages unmapped until the copy faults on them).
-fn write_zeros<D: BlockDevice + ?Sized>(dev: &D, offset: u64, len: u64) -> Result<(), BlockError> {
+pub fn page_aligned_zeros(buf: &mut Vec<u8>, n: usize) -> &[u8] {
     const PAGE: usize = 4096;
-    let size = len.min(1 << 20) as usize;
-    let buf = vec![0u8; size + PAGE];
+    *buf = vec![0u8; n + PAGE];
     let start = buf.as_ptr().align_offset(PAGE);
-    let zeros = &buf[start..start + size];
+    &buf[start..start + n]
+}
+
+/// Writes zeros over the range, from [`page_aligned_zeros`].
+fn write_zeros<D: BlockDevice + ?Sized>(dev: &D, offset: u64, len: u64) -> Result<(), BlockError> {
+    let mut buf = Vec::new();
+    let zeros = page_aligned_zeros(&mut buf, len.min(1 << 20) as usize);
     let mut done = 0;
     while done < len {
-        let n = (len - done).min(size as u64);
+        let n = (len - done).min(zeros.len() as u64);
         dev.write_at(offset + done, &zeros[..n as usize])?;
         done += n;
     }
     Ok(())
 }
 
+/// Checks that `offset..offset+len` is block-aligned and inside the device.
 pub fn check_range<D: BlockDevice + ?Sized>(
     dev: &D,
     offset: u64,
@@ -466,6 +471,17 @@ impl BlockDevice for FileBlockDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zeros_for_in_place_writes_start_on_a_page() {
+        for n in [1, 512, 4096, 65_000, 1 << 20] {
+            let mut buf = Vec::new();
+            let z = page_aligned_zeros(&mut buf, n);
+            assert_eq!(z.len(), n);
+            assert_eq!(z.as_ptr() as usize % 4096, 0);
+            assert!(z.iter().all(|&b| b == 0));
+        }
+    }
 
     #[test]
     fn file_device_checks_ranges_and_compares() {

@@ -396,20 +396,6 @@ impl Segments {
     }
 }
 
-/// `n` zero bytes starting on a page boundary, held in `buf`. A `pwrite` the kernel cuts
-/// short stops where copying from the source had to fault a page in (a SIGKILL landing
-/// then ends the call there): with a page-aligned source that is a block boundary in the
-/// file, so an interrupted zeroing leaves no block half old, half zero. A heap buffer is
-/// only 16-byte aligned, and a fresh one's pages are not mapped until the copy faults on
-/// them.
-fn page_aligned_zeros(buf: &mut Vec<u8>, n: usize) -> &[u8] {
-    *buf = vec![0u8; n + PAGE];
-    let start = buf.as_ptr().align_offset(PAGE);
-    &buf[start..start + n]
-}
-
-const PAGE: usize = 4096;
-
 fn validate_name(name: &str) -> Result<(), PoolError> {
     if name.is_empty() || name.len() > MAX_NAME || name.chars().any(|c| c.is_control()) {
         return Err(PoolError::InvalidArgument(format!(
@@ -1182,7 +1168,7 @@ impl ThinPool {
                 .is_some()
             {
                 let mut buf = Vec::new();
-                let zeros = page_aligned_zeros(&mut buf, n as usize);
+                let zeros = iscsi_target::block::page_aligned_zeros(&mut buf, n as usize);
                 self.write_piece_locked(
                     &mut st,
                     volume,
@@ -1686,7 +1672,7 @@ impl ThinPool {
                 {
                     let n = (cs - new_size % cs).min(rec.size - new_size);
                     let mut buf = Vec::new();
-                    let zeros = page_aligned_zeros(&mut buf, n as usize);
+                    let zeros = iscsi_target::block::page_aligned_zeros(&mut buf, n as usize);
                     let piece = Piece {
                         vchunk: new_size / cs,
                         within: new_size % cs,
@@ -1946,21 +1932,5 @@ impl ThinPool {
     /// Records other layers stored in this pool's metadata (exports), read at import.
     pub fn imported_records(&self) -> &[(Vec<u8>, Vec<u8>)] {
         &self.inner.imported_records
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zeros_for_in_place_writes_start_on_a_page() {
-        for n in [1, 512, 4096, 65_000, 1 << 20] {
-            let mut buf = Vec::new();
-            let z = page_aligned_zeros(&mut buf, n);
-            assert_eq!(z.len(), n);
-            assert_eq!(z.as_ptr() as usize % PAGE, 0);
-            assert!(z.iter().all(|&b| b == 0));
-        }
     }
 }

@@ -108,7 +108,7 @@ pub fn encode(s: &PoolState) -> Vec<u8> {
 }
 
 /// [`encode`] into `out`, replacing what it held. Reusing one buffer spares the page
-/// faults of growing a fresh ~15 MB one (on a paravirtualised host, most of the encode).
+/// faults of growing a fresh ~15 MB one (about a third of the encode on this PVM host).
 pub fn encode_into(s: &PoolState, out: &mut Vec<u8>) {
     let mut w = Wire(std::mem::take(out));
     w.0.clear();
