@@ -670,9 +670,15 @@ impl Node {
         }
 
         // 3. Committed entries are already durable here (raft-rs hands out only entries
-        //    this member persisted), so applying them need not wait for this pass's fsync.
-        let committed = ready.take_committed_entries();
-        self.apply(committed)?;
+        //    this member persisted), so applying them need not wait for this pass's fsync
+        //    nor hold it up. A leader applies them first: its clients wait for the answers,
+        //    and what it appends now is already on its way to the followers. A follower
+        //    applies them last: the leader waits for its acknowledgement of the new
+        //    entries, and nobody waits for its apply.
+        let mut committed = ready.take_committed_entries();
+        if self.raw.raft.state == StateRole::Leader {
+            self.apply(std::mem::take(&mut committed))?;
+        }
 
         // 4. New entries and the hard state (term, vote) are written and fsynced before
         //    anything that acknowledges them leaves: a vote or an append response sent
@@ -690,10 +696,12 @@ impl Node {
             self.raw.mut_store().sync()?;
         }
 
-        // 5. Now the messages that depend on what was just persisted.
+        // 5. Now the messages that depend on what was just persisted, and a follower's
+        //    apply (step 3).
         if !ready.persisted_messages().is_empty() {
             self.transport.send(ready.take_persisted_messages());
         }
+        self.apply(committed)?;
 
         // 6. ReadIndex answers: each waiter reads once its state machine reaches `index`.
         for rs in ready.take_read_states() {
