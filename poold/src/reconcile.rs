@@ -444,7 +444,7 @@ pub async fn run(c: Arc<Coordinator>, env: Env, mut shutdown: tokio::sync::watch
         if reported.is_empty() {
             continue;
         }
-        let state = Arc::new(c.node.state().clone());
+        let state = Arc::new(c.node.state().clone_without_history());
         for (step, r) in rec.round(&state, &reported, Instant::now()).await {
             match r {
                 Ok(()) => tracing::info!(?step, "reconciled"),

@@ -284,6 +284,8 @@ pub fn start(
     });
     let raft_cfg = raft_config(&cfg, applied);
     raft_cfg.validate()?;
+    let mut storage = storage;
+    storage.reserve_log(log_room(&cfg, false));
     let raw = RawNode::new(&raft_cfg, storage, &super::log::logger(cfg.id))?;
     let handle = NodeHandle {
         tx: tx.clone(),
@@ -730,6 +732,11 @@ impl Node {
         let seen = (self.raw.raft.term, self.raw.raft.leader_id);
         if seen != self.leader_seen {
             self.leader_seen = seen;
+            if self.raw.raft.state == StateRole::Leader {
+                // A leader keeps a longer log (see `snapshot_interval`): grow it once, now.
+                let room = log_room(&self.cfg, true);
+                self.raw.mut_store().reserve_log(room);
+            }
             if self.raw.raft.state != StateRole::Leader {
                 for (_, r) in self.proposals.drain() {
                     let _ = r.send(Err(NodeError::LeadershipLost));
@@ -958,6 +965,17 @@ fn snapshot_interval(base: u64, id: u64, leader: bool) -> u64 {
     }
 }
 
+/// The log entries a member keeps in memory at most in steady work: its snapshot interval,
+/// the tail kept behind a snapshot, and a little for the snapshot being written; capped,
+/// since a very long interval is better grown into than reserved.
+fn log_room(cfg: &NodeConfig, leader: bool) -> usize {
+    let interval = snapshot_interval(cfg.snapshot_interval, cfg.id, leader);
+    let room = interval
+        .saturating_add(interval / 8)
+        .saturating_add(cfg.snapshot_keep_entries);
+    room.min(1 << 20) as usize
+}
+
 /// The storage failed: this member cannot go on safely. It stops; the others keep the
 /// pool going, and this one recovers from its disk on restart.
 fn storage_failed(e: &dyn std::fmt::Display) -> ! {
@@ -1039,6 +1057,19 @@ mod tests {
         assert_eq!(followers, vec![62_500, 75_000, 87_500, 50_000]);
         assert_eq!(snapshot_interval(1, 3, false), 1);
         assert_eq!(snapshot_interval(u64::MAX, 7, true), u64::MAX);
+    }
+
+    #[test]
+    fn the_log_room_covers_an_interval_and_the_kept_tail_up_to_a_cap() {
+        let cfg = NodeConfig::new(2, "p");
+        let (follower, leader) = (log_room(&cfg, false), log_room(&cfg, true));
+        assert!(follower as u64 >= 75_000 + cfg.snapshot_keep_entries);
+        assert!(leader as u64 >= 200_000 + cfg.snapshot_keep_entries);
+        let huge = NodeConfig {
+            snapshot_interval: u64::MAX,
+            ..NodeConfig::new(2, "p")
+        };
+        assert_eq!(log_room(&huge, true), 1 << 20);
     }
 
     #[test]

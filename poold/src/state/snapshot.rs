@@ -318,6 +318,7 @@ pub fn decode(bytes: &[u8]) -> Result<PoolState, SnapshotError> {
     }
     s.requests = requests;
     s.request_order = order;
+    s.reserve_windows();
     s.rebuild_alloc();
     Ok(s)
 }
