@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //! - [`consensus`]: Raft (raft-rs 0.7, pre-vote and check-quorum on): the durable store
-//!   (sled, fsync before acknowledging), the node thread with its ordered `on_ready` pass,
+//!   (sled, fsync before acknowledging), the node task with its ordered `on_ready` pass,
 //!   the gRPC transport between members, the test-only fault injector.
 //! - [`state`]: the replicated state machine: commands, deterministic apply (no clock, no
 //!   randomness: the proposer stamps both into the command), idempotency keys, the
@@ -27,7 +27,7 @@
 //!
 //! # What a write goes through
 //! client → any member's PoolService → (follower: `CoordinatorPeerService.Propose` to the
-//! leader) → the leader's node thread proposes → entries fsynced on a quorum → applied in
+//! leader) → the leader's node task proposes → entries fsynced on a quorum → applied in
 //! log order on every member → the result (a Task, or a clear error) goes back. A retry
 //! with the same `request_id` returns the first result (kept for an hour).
 //!

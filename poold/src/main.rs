@@ -10,7 +10,7 @@ use poold::consensus::NodeConfig;
 use poold::server::{Member, MemberConfig};
 
 // glibc's malloc slows as the pool's state churns (each write allocates and frees dozens of
-// strings across the Raft thread and the tokio workers): in a 3-member pool at 64 clients,
+// strings on the Raft task and the gRPC handlers): in a 3-member pool at 64 clients,
 // after the first 100k writes, mimalloc used 93-107 us of member CPU per write where glibc
 // used 108-130.
 #[global_allocator]
@@ -53,7 +53,7 @@ struct Args {
     /// Entries kept behind a snapshot.
     #[arg(long)]
     snapshot_keep_entries: Option<u64>,
-    /// Threads serving gRPC (clients, hosts, peers); the Raft thread is separate. With one
+    /// Threads serving gRPC (clients, hosts, peers) and running the Raft task. With one
     /// (the default) the responses a batch of commits completes leave in one write per
     /// connection; with more, each response is written on its own. More helps only a pool
     /// whose clients read much more than they write.

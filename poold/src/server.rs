@@ -1,4 +1,4 @@
-//! Starting a member: open (or bootstrap) its Raft store, start the node thread and the
+//! Starting a member: open (or bootstrap) its Raft store, start the node task and the
 //! leader-only loops, and serve the gRPC services on a bound listener until shutdown.
 
 use std::collections::BTreeMap;
@@ -58,7 +58,7 @@ pub struct Member {
 }
 
 impl Member {
-    /// Opens the store, bootstraps a new group if needed, starts the node thread.
+    /// Opens the store, bootstraps a new group if needed, starts the node task.
     pub fn start(cfg: MemberConfig) -> Result<Member, StartError> {
         let id = cfg.node.id;
         let mut storage = DiskStorage::open(&cfg.data_dir, id)?;

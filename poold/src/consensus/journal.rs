@@ -2,15 +2,22 @@
 //!
 //! Making sled's own log durable costs a flush, and a sled 0.34 flush hands the write to
 //! its I/O pool, whose `notify_all` wakes every idle pool thread (about nine context
-//! switches a flush; on a paravirtualised host one costs tens of microseconds). So the
-//! Raft thread writes each `Ready`'s log record and hard state to this file, with one
-//! `pwrite` and one `fdatasync` of its own, and sled, which still holds the log, is
-//! written (by a thread of its own) without a flush and made durable only at a checkpoint (every
+//! switches a flush; on a paravirtualised host one costs tens of microseconds). So each
+//! `Ready`'s log record and hard state go to this file, and sled, which still holds the
+//! log, is written (by a thread of its own) without a flush and made durable only at a
+//! checkpoint (every
 //! [`CHECKPOINT_BYTES`], and around a snapshot installed from the leader, which the
 //! journal does not record), after which the journal starts empty. At open, the records
 //! since the last checkpoint are played again on top of whatever sled kept: each one sets
 //! a value (the log from an index on, the hard state), so replaying them in order over any
 //! prefix of them ends in the state they were written from.
+//!
+//! The journal's own thread (the syncer) does the writing: the Raft task submits each
+//! `Ready`'s records and goes on, and the syncer writes whatever was submitted, with one
+//! `pwrite` a submission and one `fdatasync` for all that queued meanwhile, then reports
+//! the newest write number that is durable (and wakes the Raft task, which sends what
+//! waited on it). A failed write or fdatasync stops the syncer: nothing after it becomes
+//! durable, and every later call reports the failure.
 //!
 //! The file is written in place and never changes size in normal work (it is filled with
 //! zeros when created), so an fdatasync has only data to flush, not the file's size too
@@ -26,6 +33,9 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 
 /// The journal's file in the member's data directory.
 pub const FILE: &str = "raft-journal";
@@ -60,20 +70,58 @@ pub enum JournalError {
     BadHeader,
 }
 
+/// Called by the syncer thread after each fdatasync (or failure): the Raft task's wake-up.
+pub type Waker = Box<dyn Fn() + Send>;
+
 pub struct Journal {
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
     epoch: u64,
-    /// Records staged since the last sync.
+    /// Records staged since the last submit.
     staged: Vec<u8>,
-    /// Bytes of records in the file (from `DATA_START`).
+    /// Bytes of records handed to the syncer (from `DATA_START`), durable or on their way.
     len: u64,
+    /// The number of the last submitted write; the syncer reports them durable in order.
+    submitted: u64,
+    syncer: Syncer,
+}
+
+/// The thread that writes submitted records and fdatasyncs them, so that the Raft task
+/// goes on (takes messages, commits, answers clients) while the disk works. Whatever
+/// queued during one fdatasync goes into the next: one flush covers many writes.
+struct Syncer {
+    queue: Option<mpsc::Sender<Write>>,
+    progress: Arc<Progress>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Write {
+    number: u64,
+    at: u64,
+    bytes: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Progress {
+    state: Mutex<Durable>,
+    changed: Condvar,
+    waker: Mutex<Option<Waker>>,
+}
+
+#[derive(Default)]
+struct Durable {
+    /// Every write numbered up to this one is durable.
+    number: u64,
+    /// The write or fdatasync that failed; nothing after it is written.
+    failed: Option<String>,
 }
 
 impl Journal {
     /// Opens the journal in `dir` (creating it, durably, when missing) and reads the
     /// records of its current epoch.
-    pub fn open(dir: &Path) -> Result<(Journal, Vec<Record>), JournalError> {
+    ///
+    /// `thread` names the syncer thread the journal starts.
+    pub fn open(dir: &Path, thread: &str) -> Result<(Journal, Vec<Record>), JournalError> {
         let path = dir.join(FILE);
         let file = OpenOptions::new()
             .read(true)
@@ -86,12 +134,15 @@ impl Journal {
         if size >= FILE_HEADER as u64 {
             file.read_exact_at(&mut header, 0)?;
         }
+        let file = Arc::new(file);
         let mut journal = Journal {
+            syncer: Syncer::start(thread, file.clone())?,
             file,
             path,
             epoch: 0,
             staged: Vec::new(),
             len: 0,
+            submitted: 0,
         };
         if header == [0u8; FILE_HEADER] {
             // New, or its creation never finished: no record can have been synced to it.
@@ -146,20 +197,71 @@ impl Journal {
         self.staged.extend_from_slice(data);
     }
 
-    /// Writes the staged records and makes them durable.
-    pub fn sync(&mut self) -> io::Result<()> {
+    /// Hands the staged records to the syncer thread and returns the number that
+    /// [`Journal::durable`] reaches once they are durable (with nothing staged, the number
+    /// of the last submitted write: what is staged now is durable once that is).
+    pub fn submit(&mut self) -> io::Result<u64> {
         if self.staged.is_empty() {
-            return Ok(());
+            return Ok(self.submitted);
         }
-        self.file
-            .write_all_at(&self.staged, DATA_START + self.len)?;
-        self.file.sync_data()?;
-        self.len += self.staged.len() as u64;
-        self.staged.clear();
-        Ok(())
+        let bytes = std::mem::take(&mut self.staged);
+        let write = Write {
+            number: self.submitted + 1,
+            at: DATA_START + self.len,
+            bytes,
+        };
+        let len = write.bytes.len() as u64;
+        let sent = self
+            .syncer
+            .queue
+            .as_ref()
+            .is_some_and(|q| q.send(write).is_ok());
+        if !sent {
+            self.durable()?;
+            return Err(io::Error::other("the journal's syncer thread is gone"));
+        }
+        self.submitted += 1;
+        self.len += len;
+        Ok(self.submitted)
     }
 
-    /// Bytes of records in the file.
+    /// The number of the newest durable write; an error once a write or fdatasync failed.
+    pub fn durable(&self) -> io::Result<u64> {
+        let d = self.syncer.progress.state.lock().expect("journal progress");
+        match &d.failed {
+            Some(e) => Err(io::Error::other(format!("journal write failed: {e}"))),
+            None => Ok(d.number),
+        }
+    }
+
+    /// Waits until the write numbered `number` (and so every one before it) is durable.
+    pub fn wait(&self, number: u64) -> io::Result<()> {
+        let p = &self.syncer.progress;
+        let mut d = p.state.lock().expect("journal progress");
+        while d.number < number && d.failed.is_none() {
+            d = p.changed.wait(d).expect("journal progress");
+        }
+        drop(d);
+        self.durable().map(drop)
+    }
+
+    /// Writes the staged records and waits until they are durable.
+    pub fn sync(&mut self) -> io::Result<()> {
+        let n = self.submit()?;
+        self.wait(n)
+    }
+
+    /// The number of the last write submitted.
+    pub fn submitted(&self) -> u64 {
+        self.submitted
+    }
+
+    /// Sets what the syncer calls after each write it made durable.
+    pub fn set_waker(&self, waker: Waker) {
+        *self.syncer.progress.waker.lock().expect("journal waker") = Some(waker);
+    }
+
+    /// Bytes of records submitted to the file.
     pub fn len(&self) -> u64 {
         self.len
     }
@@ -170,8 +272,10 @@ impl Journal {
 
     /// Empties the journal, staged records included: call only once everything it held
     /// is durable in sled. The next epoch's header makes every record written so far stale.
+    /// Waits for the writes in flight first, so none lands after the new header.
     pub fn reset(&mut self) -> io::Result<()> {
         self.staged.clear();
+        self.wait(self.submitted)?;
         if self.len > 0 {
             self.file.write_all_at(&header(self.epoch + 1), 0)?;
             self.file.sync_data()?;
@@ -179,6 +283,60 @@ impl Journal {
             self.len = 0;
         }
         Ok(())
+    }
+}
+
+impl Syncer {
+    fn start(name: &str, file: Arc<File>) -> io::Result<Syncer> {
+        let (tx, rx) = mpsc::channel::<Write>();
+        let progress = Arc::new(Progress::default());
+        let p = progress.clone();
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut last = first.number;
+                    let mut outcome = file.write_all_at(&first.bytes, first.at);
+                    while let Ok(w) = rx.try_recv() {
+                        last = w.number;
+                        if outcome.is_ok() {
+                            outcome = file.write_all_at(&w.bytes, w.at);
+                        }
+                    }
+                    let outcome = outcome.and_then(|_| file.sync_data());
+                    let failed = outcome.is_err();
+                    {
+                        let mut d = p.state.lock().expect("journal progress");
+                        match outcome {
+                            Ok(()) => d.number = last,
+                            Err(e) => d.failed = Some(e.to_string()),
+                        }
+                    }
+                    p.changed.notify_all();
+                    if let Some(wake) = p.waker.lock().expect("journal waker").as_ref() {
+                        wake();
+                    }
+                    if failed {
+                        // Nothing after a failed write may become durable before it.
+                        break;
+                    }
+                }
+            })?;
+        Ok(Syncer {
+            queue: Some(tx),
+            progress,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        // Closing the queue ends the thread once it has written what was submitted.
+        self.queue.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -238,7 +396,7 @@ mod tests {
     #[test]
     fn synced_records_are_read_back_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut j, records) = Journal::open(dir.path()).unwrap();
+        let (mut j, records) = Journal::open(dir.path(), "test-journal").unwrap();
         assert!(records.is_empty());
         let size = std::fs::metadata(j.path()).unwrap().len();
         j.stage_entries(b"one");
@@ -249,7 +407,7 @@ mod tests {
         // Staged but never synced: not in the file.
         j.stage_entries(b"lost");
         drop(j);
-        let (j, records) = Journal::open(dir.path()).unwrap();
+        let (j, records) = Journal::open(dir.path(), "test-journal").unwrap();
         assert_eq!(
             records,
             vec![
@@ -266,9 +424,49 @@ mod tests {
     }
 
     #[test]
+    fn submitted_writes_become_durable_in_order_and_wake_the_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path(), "test-journal").unwrap();
+        let (wake_tx, wake_rx) = mpsc::channel();
+        j.set_waker(Box::new(move || {
+            let _ = wake_tx.send(());
+        }));
+        assert_eq!(
+            j.submit().unwrap(),
+            0,
+            "nothing staged: nothing to wait for"
+        );
+        j.stage_entries(b"a");
+        let first = j.submit().unwrap();
+        j.stage_entries(b"b");
+        j.stage_hard_state(b"hs");
+        let second = j.submit().unwrap();
+        assert_eq!((first, second), (1, 2));
+        j.stage_entries(b"c");
+        assert_eq!(j.submit().unwrap(), 3);
+        assert_eq!(j.submitted(), 3);
+        j.wait(3).unwrap();
+        assert_eq!(j.durable().unwrap(), 3);
+        wake_rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the syncer wakes its caller");
+        drop(j);
+        let (_, records) = Journal::open(dir.path(), "test-journal").unwrap();
+        assert_eq!(
+            records,
+            vec![
+                Record::Entries(b"a".to_vec()),
+                Record::Entries(b"b".to_vec()),
+                Record::HardState(b"hs".to_vec()),
+                Record::Entries(b"c".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
     fn reading_stops_at_a_torn_or_damaged_record() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        let (mut j, _) = Journal::open(dir.path(), "test-journal").unwrap();
         j.stage_entries(b"kept");
         j.sync().unwrap();
         let second = DATA_START + j.len();
@@ -281,20 +479,20 @@ mod tests {
 
         // Torn: the second record's last bytes never reached the disk.
         write_at(&path, second + 12, &[0; 4]);
-        let (_, records) = Journal::open(dir.path()).unwrap();
+        let (_, records) = Journal::open(dir.path(), "test-journal").unwrap();
         assert_eq!(records, vec![Record::Entries(b"kept".to_vec())]);
 
         // A flipped bit in the second record's body: it and all after it are ignored.
         std::fs::write(&path, &full).unwrap();
         write_at(&path, second + 10, &[full[second as usize + 10] ^ 0x10]);
-        let (_, records) = Journal::open(dir.path()).unwrap();
+        let (_, records) = Journal::open(dir.path(), "test-journal").unwrap();
         assert_eq!(records, vec![Record::Entries(b"kept".to_vec())]);
 
         // A damaged header is refused rather than guessed at.
         std::fs::write(&path, &full).unwrap();
         write_at(&path, 5, &[0xff]);
         assert!(matches!(
-            Journal::open(dir.path()),
+            Journal::open(dir.path(), "test-journal"),
             Err(JournalError::BadHeader)
         ));
     }
@@ -302,7 +500,7 @@ mod tests {
     #[test]
     fn reset_makes_every_earlier_record_stale() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        let (mut j, _) = Journal::open(dir.path(), "test-journal").unwrap();
         j.stage_hard_state(b"a");
         j.stage_hard_state(b"b");
         j.stage_hard_state(b"c");
@@ -316,7 +514,7 @@ mod tests {
         j.stage_hard_state(b"d");
         j.sync().unwrap();
         drop(j);
-        let (_, records) = Journal::open(dir.path()).unwrap();
+        let (_, records) = Journal::open(dir.path(), "test-journal").unwrap();
         assert_eq!(records, vec![Record::HardState(b"d".to_vec())]);
     }
 
@@ -324,12 +522,12 @@ mod tests {
     fn a_creation_cut_short_starts_over() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(FILE), [0u8; 100]).unwrap();
-        let (mut j, records) = Journal::open(dir.path()).unwrap();
+        let (mut j, records) = Journal::open(dir.path(), "test-journal").unwrap();
         assert!(records.is_empty());
         j.stage_entries(b"x");
         j.sync().unwrap();
         drop(j);
-        let (_, records) = Journal::open(dir.path()).unwrap();
+        let (_, records) = Journal::open(dir.path(), "test-journal").unwrap();
         assert_eq!(records, vec![Record::Entries(b"x".to_vec())]);
     }
 }

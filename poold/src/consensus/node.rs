@@ -1,16 +1,27 @@
-//! The one thread that owns the Raft `RawNode`, its storage and the state machine.
+//! The one task that owns the Raft `RawNode`, its storage and the state machine.
 //!
 //! Everything else talks to it through [`NodeHandle`]: gRPC handlers send proposals,
 //! reads and incoming Raft messages into its channel and wait on a oneshot reply. The
-//! thread drains its channel, ticks, and runs one ordered `on_ready` pass (see
-//! `Node::on_ready` for why each step comes where it does). It is a plain thread, not a
-//! tokio task, because the fsync in that pass blocks.
+//! task drains its channel, ticks, and runs one ordered `on_ready` pass (see
+//! `Node::on_ready` for why each step comes where it does), then yields so that the
+//! handlers and peer tasks it woke run before the next pass.
+//!
+//! It runs on the API runtime, beside the gRPC handlers and the peer transport: on the
+//! default one-thread runtime a proposal, an incoming append or an answer moves between
+//! them without a thread switch. (As a thread of its own, the Raft loop and the API
+//! thread woke each other several times a write, and on this PVM host the two cores spent
+//! more time switching threads and waiting in the run queue than doing the work.) What
+//! blocks is kept off it: the journal's syncer thread does the fdatasync and reports back
+//! (`Node::on_durable`), a writer thread does sled's writes, another stores snapshots.
+//! What still runs here and takes time: encoding a snapshot (50-170 ms at 100,000
+//! remembered requests), a checkpoint (sled's flush, 1-17 ms) and installing a snapshot
+//! from the leader, each rare and each a pause the member's API shares.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc::{UnboundedReceiver as Receiver, UnboundedSender as Sender};
 
 use prost::Message as _;
 use protobuf::Message as _;
@@ -72,7 +83,7 @@ pub enum NodeError {
     BadMemberChange(String),
 }
 
-/// What the node thread publishes after each pass.
+/// What the node task publishes after each pass.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodeStatus {
     pub id: u64,
@@ -92,7 +103,7 @@ pub struct NodeStatus {
     pub progress: BTreeMap<u64, (u64, bool)>,
 }
 
-/// State shared by the node thread (the only writer) and the request handlers.
+/// State shared by the node task (the only writer) and the request handlers.
 pub struct Shared {
     pub state: RwLock<PoolState>,
     pub status: Mutex<NodeStatus>,
@@ -132,6 +143,8 @@ pub enum NodeMsg {
     },
     /// The snapshot writer finished (see `Node::maybe_snapshot`).
     SnapshotStored(Result<StoredSnapshot, String>),
+    /// The journal made more writes durable (see `Node::on_durable`).
+    Durable,
 }
 
 /// A snapshot the writer thread finished with: what cutting the log behind it needs.
@@ -147,7 +160,7 @@ pub struct StoredSnapshot {
     buffer: Vec<u8>,
 }
 
-/// A cheap handle to the node thread.
+/// A cheap handle to the node task.
 #[derive(Clone)]
 pub struct NodeHandle {
     tx: Sender<NodeMsg>,
@@ -248,11 +261,18 @@ struct Node {
     /// The last snapshot's buffer, encoded into again by the next.
     snapshot_buffer: Vec<u8>,
     node_tx: Sender<NodeMsg>,
+    /// Whether this member was leader at its last `Ready`.
+    led: bool,
+    /// `Ready`s handed to the journal and not yet durable: (journal write, ready number).
+    persisting: VecDeque<(u64, u64)>,
+    /// Messages that may leave only once journal write `.0` is durable (votes, append
+    /// acknowledgements), in order.
+    held: VecDeque<(u64, Vec<Message>)>,
     /// Where applied proposals' answers go, a batch per pass (see `start`).
     replier: tokio::sync::mpsc::UnboundedSender<Vec<(ProposeReply, ProposeOutcome)>>,
 }
 
-/// Starts the node thread. `storage` must be bootstrapped already (or empty, for a member
+/// Starts the node task on `transport_rt`. `storage` must be bootstrapped already (or empty, for a member
 /// that joins an existing group and waits for its snapshot).
 pub fn start(
     cfg: NodeConfig,
@@ -260,7 +280,8 @@ pub fn start(
     transport_rt: tokio::runtime::Handle,
     faults: Arc<super::transport::Faults>,
 ) -> Result<NodeHandle, Box<dyn std::error::Error + Send + Sync>> {
-    let (tx, rx) = std::sync::mpsc::channel();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let node_rt = transport_rt.clone();
     let snap_meta = storage.snapshot_metadata().clone();
     let (state, conf_state) = if snap_meta.index == 0 {
         (
@@ -286,16 +307,20 @@ pub fn start(
     raft_cfg.validate()?;
     let mut storage = storage;
     storage.reserve_log(log_room(&cfg, false));
+    let wake = tx.clone();
+    storage.set_durable_waker(Box::new(move || {
+        let _ = wake.send(NodeMsg::Durable);
+    }));
     let raw = RawNode::new(&raft_cfg, storage, &super::log::logger(cfg.id))?;
     let handle = NodeHandle {
         tx: tx.clone(),
         shared: shared.clone(),
         id: cfg.id,
     };
-    // Answers go out a batch at a time through one task on the runtime: the node thread
-    // wakes the runtime once per pass instead of once per proposal, and on a one-thread
-    // runtime the handlers it completes then run back to back, so their responses leave
-    // in one write per connection (one per response when each is woken from outside).
+    // Answers go out a batch at a time through one task: on a one-thread runtime the
+    // handlers it completes run back to back, so their responses leave in one write per
+    // connection, and on a multi-thread runtime the node task, wherever it runs, wakes
+    // the answering side once per pass instead of once per proposal.
     let (replier, mut replies) =
         tokio::sync::mpsc::unbounded_channel::<Vec<(ProposeReply, ProposeOutcome)>>();
     transport_rt.spawn(async move {
@@ -334,12 +359,13 @@ pub fn start(
         snapshot_writer: None,
         snapshot_buffer: Vec::new(),
         node_tx: tx,
+        led: false,
+        persisting: VecDeque::new(),
+        held: VecDeque::new(),
         replier,
     };
     node.publish();
-    std::thread::Builder::new()
-        .name(format!("raft-{}", node.cfg.id))
-        .spawn(move || node.run(rx))?;
+    node_rt.spawn(node.run(rx));
     Ok(handle)
 }
 
@@ -370,14 +396,14 @@ fn now_ms() -> u64 {
 }
 
 impl Node {
-    fn run(mut self, rx: Receiver<NodeMsg>) {
+    async fn run(mut self, mut rx: Receiver<NodeMsg>) {
         let mut last_tick = Instant::now();
         loop {
             let wait = self.cfg.tick.saturating_sub(last_tick.elapsed());
-            match rx.recv_timeout(wait) {
-                Ok(m) => self.handle(m),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+            match tokio::time::timeout(wait, rx.recv()).await {
+                Ok(Some(m)) => self.handle(m),
+                Err(_) => {}
+                Ok(None) => break,
             }
             // Take everything already queued so one Ready (one fsync) covers it all:
             // this batching is what lets throughput grow with concurrent clients.
@@ -394,10 +420,17 @@ impl Node {
             self.start_read_round();
             self.recheck_conf_changes();
             // Compaction after the pass, so a snapshot covers everything it applied.
-            if let Err(e) = self.on_ready().and_then(|_| self.maybe_snapshot()) {
+            if let Err(e) = self
+                .on_durable()
+                .and_then(|_| self.on_ready())
+                .and_then(|_| self.maybe_snapshot())
+            {
                 storage_failed(&e);
             }
             self.publish();
+            // Let the handlers and peer tasks this pass woke run before the next pass,
+            // so that what they send in the meantime is taken in one pass.
+            tokio::task::yield_now().await;
         }
         if let Some(w) = self.snapshot_writer.take() {
             let _ = w.join();
@@ -464,6 +497,8 @@ impl Node {
                     SnapshotStatus::Failure
                 },
             ),
+            // Only wakes the loop: `on_durable` asks the journal what is durable.
+            NodeMsg::Durable => {}
             NodeMsg::SnapshotStored(outcome) => {
                 if let Some(w) = self.snapshot_writer.take() {
                     let _ = w.join();
@@ -641,11 +676,47 @@ impl Node {
             .insert(id, std::mem::take(&mut self.reads_waiting));
     }
 
+    /// What the journal made durable since the last look: raft-rs learns which `Ready`s
+    /// are persisted (a leader counts its own log toward a commit only from here), and the
+    /// messages held for them leave. Called between passes, never inside one.
+    fn on_durable(&mut self) -> Result<(), raft::Error> {
+        let durable = self.raw.store().durable()?;
+        let mut persisted = None;
+        while let Some(&(write, number)) = self.persisting.front() {
+            if write > durable {
+                break;
+            }
+            persisted = Some(number);
+            self.persisting.pop_front();
+        }
+        if let Some(number) = persisted {
+            self.raw.on_persist_ready(number);
+        }
+        while self
+            .held
+            .front()
+            .is_some_and(|(write, _)| *write <= durable)
+        {
+            let (_, msgs) = self.held.pop_front().expect("non-empty");
+            self.transport.send(msgs);
+        }
+        Ok(())
+    }
+
     /// One ordered pass over what raft-rs has ready.
     fn on_ready(&mut self) -> Result<(), raft::Error> {
         if !self.raw.has_ready() {
             return Ok(());
         }
+        if self.raw.raft.state == StateRole::Leader && !self.led {
+            // raft-rs requires a new leader to have nothing of its follower days still
+            // waiting for the disk. Its votes waited for its log, so this is already true
+            // unless it needed no votes (the only voter): then wait here, once.
+            let submitted = self.raw.store().submitted();
+            self.raw.store().wait_durable(submitted)?;
+            self.on_durable()?;
+        }
+        self.led = self.raw.raft.state == StateRole::Leader;
         let mut ready = self.raw.ready();
 
         // 1. A leader's messages (appends, heartbeats) go out before its own log write:
@@ -682,26 +753,40 @@ impl Node {
             self.apply(std::mem::take(&mut committed))?;
         }
 
-        // 4. New entries and the hard state (term, vote) are written and fsynced before
-        //    anything that acknowledges them leaves: a vote or an append response sent
-        //    before the fsync could be forgotten by a crash, which breaks Raft's safety.
+        // 4. New entries and the hard state (term, vote) go to the journal, whose syncer
+        //    thread writes and fdatasyncs them while this task goes on (takes the next
+        //    messages, commits, answers clients). raft-rs says when a Ready must be durable:
+        //    new entries, a snapshot, or a new term or vote. A hard state that only moves
+        //    the commit index rides with the next such write (a commit index can be learned
+        //    again from the leader), which spares one fsync per commit.
         if !ready.entries().is_empty() {
             self.raw.mut_store().append(ready.entries())?;
         }
         if let Some(hs) = ready.hs() {
             self.raw.mut_store().set_hard_state(hs)?;
         }
-        // raft-rs says when: new entries, a snapshot, or a new term or vote. A hard state
-        // that only moves the commit index is written but not fsynced (a commit index can
-        // be learned again from the leader), which spares one fsync per commit.
-        if ready.must_sync() {
-            self.raw.mut_store().sync()?;
-        }
+        // A snapshot from the leader was made durable in step 2 already, and raft-rs
+        // marks the state machine restored from it only once the Ready is persisted:
+        // that Ready is finished here and now.
+        let installed = !ready.snapshot().is_empty();
+        let needs = if ready.must_sync() {
+            let write = self.raw.mut_store().persist()?;
+            self.persisting.push_back((write, ready.number()));
+            if installed {
+                self.raw.store().wait_durable(write)?;
+            }
+            write
+        } else {
+            self.raw.store().submitted()
+        };
 
-        // 5. Now the messages that depend on what was just persisted, and a follower's
-        //    apply (step 3).
-        if !ready.persisted_messages().is_empty() {
-            self.transport.send(ready.take_persisted_messages());
+        // 5. Messages that acknowledge what this member stored (a vote, an append
+        //    response) wait until it is durable, and go in order (`on_durable`): sent
+        //    before, a crash could make this member forget what it promised, which breaks
+        //    Raft's safety. Then a follower's apply (step 3).
+        let held = ready.take_persisted_messages();
+        if !held.is_empty() {
+            self.held.push_back((needs, held));
         }
         self.apply(committed)?;
 
@@ -715,15 +800,12 @@ impl Node {
             }
         }
 
-        // 7. Tell raft-rs this Ready is handled. The light ready that follows carries the
-        //    commit index (persisted lazily: it can be recomputed), messages, and entries
-        //    that became committed by this member's own append.
-        let mut light = self.raw.advance(ready);
-        if let Some(commit) = light.commit_index() {
-            self.raw.mut_store().set_commit(commit)?;
+        // 7. Tell raft-rs this Ready is handled but not yet durable (`on_durable` says when
+        //    it is), and that its committed entries are applied.
+        self.raw.advance_append_async(ready);
+        if installed {
+            self.on_durable()?;
         }
-        self.transport.send(light.take_messages());
-        self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
 
         // 8. Leadership changes: proposals and reads of a deposed leader may never be
@@ -952,7 +1034,7 @@ impl Node {
     }
 }
 
-/// Entries between two snapshots of a member. Encoding one stops the Raft thread (60-160
+/// Entries between two snapshots of a member. Encoding one stops the Raft task (60-160
 /// ms for a state remembering 100,000 requests): on the leader that stops every write, so
 /// the leader takes one a quarter as often (its log, kept in memory, grows to four
 /// intervals); followers' intervals differ by id, so theirs drift apart instead of coming

@@ -6,17 +6,17 @@
 //! snapshot away from the small, hot hard-state record matters: sled rewrites whole tree
 //! nodes, and a hard-state update must not drag a multi-megabyte value along. The entries
 //! of a `Ready` and its hard state are staged in the [`Journal`] and queued for sled, then
-//! [`DiskStorage::sync`] makes them durable with one write and fdatasync of the journal
-//! before anything that depends on them (an acknowledgement to the leader, a vote) leaves
-//! this member. A [`SledWriter`] thread does the queued sled writes in order, off the
-//! Raft thread. sled itself is made durable only at a checkpoint (its flush, with the
+//! [`DiskStorage::persist`] hands them to the journal's syncer thread, which makes them
+//! durable with one write and fdatasync; the Raft task holds back anything that depends on
+//! them (an acknowledgement to the leader, a vote) until [`DiskStorage::durable`] says so.
+//! A [`SledWriter`] thread does the queued sled writes in order, off the Raft task. sled itself is made durable only at a checkpoint (its flush, with the
 //! fsyncs `sled_sync` adds, covers every tree), after which the journal starts empty: see
 //! `journal` for why. At open the journal is played again into sled. sled recovers a
 //! prefix of its write log, so a crash keeps writes in the order they were made;
 //! [`DiskStorage::open`] repairs the one window that order leaves (a snapshot stored but
 //! the log not yet cut behind it).
 //!
-//! A state-machine snapshot is stored off the Raft thread by a [`SnapshotWriter`] (a
+//! A state-machine snapshot is stored off the Raft task by a [`SnapshotWriter`] (a
 //! 15 MB value and its fsync took the thread ~150 ms, on every member at once); the log is
 //! cut behind it only once it is durable ([`DiskStorage::snapshot_stored`]). The snapshot
 //! tree is written under one lock by the writer and by [`DiskStorage::apply_snapshot`], so
@@ -141,7 +141,7 @@ pub struct DiskStorage {
     /// Entries `trunc.0 + 1 ..= last_index`, as on disk.
     entries: VecDeque<Entry>,
     /// Set when raft-rs asked for a snapshot the stored one cannot serve (it predates the
-    /// member it is for); the node thread takes a fresh one and raft-rs asks again.
+    /// member it is for); the node task takes a fresh one and raft-rs asks again.
     snapshot_wanted: std::cell::Cell<bool>,
 }
 
@@ -205,8 +205,8 @@ impl DiskStorage {
         }
         // What the journal holds since the last checkpoint goes back into sled first, then
         // sled is made durable and the journal emptied: from here on the trees are whole.
-        let (mut journal, records) =
-            Journal::open(dir).map_err(|source| StorageOpenError::Journal {
+        let (mut journal, records) = Journal::open(dir, &format!("raft-{member_id}-journal"))
+            .map_err(|source| StorageOpenError::Journal {
                 path: path.clone(),
                 source,
             })?;
@@ -367,7 +367,7 @@ impl DiskStorage {
     }
 
     /// Makes room for `entries` log entries in memory at once. Grown by doubling, the
-    /// log moved every entry it held on the Raft thread (a leader's, from 131,072 to
+    /// log moved every entry it held on the Raft task (a leader's, from 131,072 to
     /// 262,144 entries: ~16 MB and 20-25 ms while every write waited).
     pub fn reserve_log(&mut self, entries: usize) {
         self.entries
@@ -421,25 +421,47 @@ impl DiskStorage {
         Ok(())
     }
 
-    pub fn set_commit(&mut self, commit: u64) -> Result<(), raft::Error> {
-        let mut hs = self.hard.clone();
-        hs.commit = commit;
-        self.set_hard_state(&hs)
-    }
-
     pub fn hard_state(&self) -> &HardState {
         &self.hard
     }
 
-    /// Makes every write so far durable: the journal's records with one fdatasync, and
-    /// now and then a checkpoint.
-    pub fn sync(&mut self) -> Result<(), raft::Error> {
-        self.journal.sync().map_err(store_err)?;
+    /// Hands every write so far to the journal's syncer thread, to be made durable with
+    /// one fdatasync, and now and then checkpoints (which waits for it). Returns the number
+    /// [`DiskStorage::durable`] reaches once they are durable.
+    pub fn persist(&mut self) -> Result<u64, raft::Error> {
+        let number = self.journal.submit().map_err(store_err)?;
         self.writer.check()?;
         if self.journal.len() > CHECKPOINT_BYTES {
             self.checkpoint()?;
         }
-        Ok(())
+        Ok(number)
+    }
+
+    /// The number of the newest durable [`DiskStorage::persist`]; an error once the
+    /// journal failed a write (nothing after it becomes durable).
+    pub fn durable(&self) -> Result<u64, raft::Error> {
+        self.journal.durable().map_err(store_err)
+    }
+
+    /// The number of the last [`DiskStorage::persist`] that handed the journal anything.
+    pub fn submitted(&self) -> u64 {
+        self.journal.submitted()
+    }
+
+    /// Waits until [`DiskStorage::durable`] reaches `number`.
+    pub fn wait_durable(&self, number: u64) -> Result<(), raft::Error> {
+        self.journal.wait(number).map_err(store_err)
+    }
+
+    /// Sets what the journal's syncer thread calls each time writes became durable.
+    pub fn set_durable_waker(&self, waker: super::journal::Waker) {
+        self.journal.set_waker(waker);
+    }
+
+    /// Makes every write so far durable and waits for it.
+    pub fn sync(&mut self) -> Result<(), raft::Error> {
+        let number = self.persist()?;
+        self.journal.wait(number).map_err(store_err)
     }
 
     /// Makes sled durable (see `sled_sync` for what sled's flush lacks), then empties the
@@ -523,7 +545,7 @@ impl DiskStorage {
     /// The cut is not journaled and needs no checkpoint: lost in a crash, it leaves a
     /// longer log behind a durable snapshot, which open accepts; kept with journal records
     /// played back over it, records at or below the cut are dropped at open. (A
-    /// checkpoint after the cut's batch of deletes cost the Raft thread 23-29 ms.)
+    /// checkpoint after the cut's batch of deletes cost the Raft task 23-29 ms.)
     pub fn snapshot_stored(
         &mut self,
         meta: SnapshotMetadata,
@@ -537,7 +559,7 @@ impl DiskStorage {
         if compact_to > self.trunc.0 {
             let new_trunc = (compact_to, raft::Storage::term(self, compact_to)?);
             // Done by the writer thread, after the records queued before it: listing the
-            // log's keys and deleting thousands of them cost the Raft thread ~100 ms.
+            // log's keys and deleting thousands of them cost the Raft task ~100 ms.
             let (log, meta, last_index) = (self.log.clone(), self.meta.clone(), self.last_index);
             self.writer.push(
                 0,
@@ -618,7 +640,7 @@ impl SnapTree {
     }
 }
 
-/// Stores state-machine snapshots from a thread other than the Raft thread.
+/// Stores state-machine snapshots from a thread other than the Raft task.
 pub struct SnapshotWriter {
     db: Arc<sled_sync::SyncedDb>,
     snap: Arc<SnapTree>,
@@ -626,7 +648,7 @@ pub struct SnapshotWriter {
 
 impl SnapshotWriter {
     /// Stores the snapshot and makes it durable, unless the stored one is as new already
-    /// (then returns false). The log is untouched: the Raft thread cuts it afterwards.
+    /// (then returns false). The log is untouched: the Raft task cuts it afterwards.
     pub fn store(&self, meta: &SnapshotMetadata, data: &[u8]) -> Result<bool, raft::Error> {
         if !self.snap.store(meta, data, false)? {
             return Ok(false);
@@ -680,12 +702,12 @@ enum SledWork {
 /// few dozen times a second rather than once per `Ready`.
 const HANDOFF_BYTES: usize = 256 << 10;
 
-/// The thread that writes sled for the Raft thread. sled is not what makes a `Ready`
+/// The thread that writes sled for the Raft task. sled is not what makes a `Ready`
 /// durable (the journal is), so its writes need not be done before the `Ready`'s
 /// messages leave, only before the next checkpoint empties the journal; and a sled insert
 /// now and then takes the calling thread 6-100 ms (it writes out a full buffer or cleans
-/// segments), which on the Raft thread stalled the whole pool. Writes run in the order
-/// they were queued; after the first failure none runs, and the Raft thread learns of it
+/// segments), which on the Raft task stalled the whole pool. Writes run in the order
+/// they were queued; after the first failure none runs, and the Raft task learns of it
 /// at its next sync. A crash loses what was queued and not yet written, which the journal
 /// still holds and plays back at open.
 struct SledWriter {

@@ -1,6 +1,6 @@
 //! Raft messages between members over gRPC (`CoordinatorPeerService.SendMessages`).
 //!
-//! Each peer gets a task with a queue and one long-lived client stream; the node thread only
+//! Each peer gets a task with a queue and one long-lived client stream; the node task only
 //! pushes into queues and never waits on the network. A peer that cannot be reached is
 //! reported to raft-rs (which then probes it gently instead of streaming appends), and a
 //! snapshot that could not be handed over is reported as failed so it is sent again.
@@ -10,9 +10,9 @@
 //! every Raft message and forwarded proposal between them is dropped both ways.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use tokio::sync::mpsc::UnboundedSender as Sender;
 
 use proto::coordinator::RaftEnvelope;
 use proto::coordinator::coordinator_peer_service_client::CoordinatorPeerServiceClient;

@@ -186,7 +186,7 @@ impl PoolState {
     /// without the history windows (remembered requests, tasks, audit events) nor the
     /// users: what the reconciler reads each round. A full clone copies ~130,000 strings
     /// once the windows are full, tens of milliseconds under the state lock that the
-    /// Raft thread's apply waits for.
+    /// Raft task's apply waits for.
     pub fn clone_without_history(&self) -> PoolState {
         PoolState {
             pool_id: self.pool_id.clone(),
@@ -215,7 +215,7 @@ impl PoolState {
 
     /// Gives the bounded windows (remembered requests, audit events, task order) their
     /// full size at once. Grown by doubling, each growth moved the whole window on the
-    /// Raft thread while every write waited (20-100 ms for the request map). The request
+    /// Raft task while every write waited (20-100 ms for the request map). The request
     /// map gets twice its window: the slots its removals leave behind fill a table sized
     /// for the window alone, which then grows to twice the size anyway (once, ~150,000
     /// writes in: 25 ms in isolation, up to 150 ms on a busy member).

@@ -100,7 +100,7 @@ pub struct RequestV1 {
 /// Encodes the state: the bytes of a [`SnapshotV1`] made from it, written straight from
 /// the state's own collections. Building the `SnapshotV1` first would copy every kept task,
 /// request and audit event (about a million allocations at 100,000 requests), which was
-/// most of the time a snapshot held the Raft thread.
+/// most of the time a snapshot held the Raft task.
 pub fn encode(s: &PoolState) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 << 20);
     encode_into(s, &mut out);
