@@ -5,9 +5,8 @@
 //! switches a flush; on a paravirtualised host one costs tens of microseconds). So each
 //! `Ready`'s log record and hard state go to this file, and sled, which still holds the
 //! log, is written (by a thread of its own) without a flush and made durable only at a
-//! checkpoint (every
-//! [`CHECKPOINT_BYTES`], and around a snapshot installed from the leader, which the
-//! journal does not record), after which the journal starts empty. At open, the records
+//! checkpoint (every [`CHECKPOINT_BYTES`], and around a snapshot installed from the
+//! leader, which the journal does not record), after which the journal starts empty. At open, the records
 //! since the last checkpoint are played again on top of whatever sled kept: each one sets
 //! a value (the log from an index on, the hard state), so replaying them in order over any
 //! prefix of them ends in the state they were written from.

@@ -272,8 +272,8 @@ struct Node {
     replier: tokio::sync::mpsc::UnboundedSender<Vec<(ProposeReply, ProposeOutcome)>>,
 }
 
-/// Starts the node task on `transport_rt`. `storage` must be bootstrapped already (or empty, for a member
-/// that joins an existing group and waits for its snapshot).
+/// Starts the node task on `transport_rt`. `storage` must be bootstrapped already (or
+/// empty, for a member that joins an existing group and waits for its snapshot).
 pub fn start(
     cfg: NodeConfig,
     storage: DiskStorage,

@@ -9,9 +9,9 @@
 //! [`DiskStorage::persist`] hands them to the journal's syncer thread, which makes them
 //! durable with one write and fdatasync; the Raft task holds back anything that depends on
 //! them (an acknowledgement to the leader, a vote) until [`DiskStorage::durable`] says so.
-//! A [`SledWriter`] thread does the queued sled writes in order, off the Raft task. sled itself is made durable only at a checkpoint (its flush, with the
-//! fsyncs `sled_sync` adds, covers every tree), after which the journal starts empty: see
-//! `journal` for why. At open the journal is played again into sled. sled recovers a
+//! A [`SledWriter`] thread does the queued sled writes in order, off the Raft task. sled
+//! itself is made durable only at a checkpoint (its flush, with the fsyncs `sled_sync`
+//! adds, covers every tree), after which the journal starts empty: see `journal` for why. At open the journal is played again into sled. sled recovers a
 //! prefix of its write log, so a crash keeps writes in the order they were made;
 //! [`DiskStorage::open`] repairs the one window that order leaves (a snapshot stored but
 //! the log not yet cut behind it).
@@ -461,7 +461,7 @@ impl DiskStorage {
     /// Makes every write so far durable and waits for it.
     pub fn sync(&mut self) -> Result<(), raft::Error> {
         let number = self.persist()?;
-        self.journal.wait(number).map_err(store_err)
+        self.wait_durable(number)
     }
 
     /// Makes sled durable (see `sled_sync` for what sled's flush lacks), then empties the

@@ -219,7 +219,7 @@ impl PoolState {
     /// map gets twice its window: the slots its removals leave behind fill a table sized
     /// for the window alone, which then grows to twice the size anyway (once, ~150,000
     /// writes in: 25 ms in isolation, up to 150 ms on a busy member).
-    pub fn reserve_windows(&mut self) {
+    fn reserve_windows(&mut self) {
         fn room(len: usize, kept: usize) -> usize {
             (kept + 1).saturating_sub(len)
         }

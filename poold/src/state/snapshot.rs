@@ -7,8 +7,6 @@
 //! The persisted type is separate from the runtime
 //! [`PoolState`]: derived data (per-host allocations) is rebuilt on load, not stored.
 
-use std::collections::VecDeque;
-
 use prost::Message;
 use proto::coordinator as pb;
 
@@ -299,26 +297,22 @@ pub fn decode(bytes: &[u8]) -> Result<PoolState, SnapshotError> {
         })
         .collect();
     s.token_key = b.token_key;
-    s.audit = b.audit.into_iter().collect();
+    // The windows go into the ones `PoolState::new` sized, so they never grow later.
+    s.audit.extend(b.audit);
     s.force_stop = b.force_stop.into_iter().collect();
-    s.task_order = b.tasks.iter().map(|t| t.id.clone()).collect();
+    s.task_order.extend(b.tasks.iter().map(|t| t.id.clone()));
     s.tasks = b
         .tasks
         .into_iter()
         .map(|t| (t.id.clone(), Box::new(t)))
         .collect();
-    let mut order = VecDeque::new();
-    let mut requests = std::collections::HashMap::with_capacity(b.requests.len());
     for r in b.requests {
-        order.push_back((r.at_ms, r.request_id.clone()));
-        requests.insert(
+        s.request_order.push_back((r.at_ms, r.request_id.clone()));
+        s.requests.insert(
             r.request_id,
             RequestRecord::new(r.at_ms, &r.kind, &r.result.unwrap_or_default()),
         );
     }
-    s.requests = requests;
-    s.request_order = order;
-    s.reserve_windows();
     s.rebuild_alloc();
     Ok(s)
 }
