@@ -45,6 +45,15 @@ pub use pool::host::v1 as host;
 pub use pool::storage::v1 as storage;
 pub use pool::v1 as coordinator;
 
+/// Milliseconds since the Unix epoch: the one wall clock the daemons and tools read for
+/// what they stamp or age (task times, heartbeats, snapshot times). A clock set before
+/// 1970 reads as 0.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Re-exported so users of the contract name one version of each.
 pub use prost;
 pub use prost_types;
