@@ -2,13 +2,17 @@
 //! codec that does no I/O.
 //!
 //! # Layout
-//! - [`bhs`]: the 48-byte Basic Header Segment, one typed struct per opcode, parse and write.
+//! - [`bhs`]: the 48-byte Basic Header Segment, one typed struct per opcode, parse and write;
+//!   one file per PDU family.
 //! - [`frame`]: where a PDU ends in a byte stream (AHS, padding, CRC32C digests); an
 //!   incomplete frame is "not yet", never an error.
 //! - [`text`]: `key=value` text parameters and the negotiation rules of every RFC 7143 key.
 //! - [`chap`]: CHAP (MD5) responses and the `0x`/`0b` binary encodings.
 //! - [`serial`]: serial-number comparisons for CmdSN, StatSN, DataSN.
-//! - [`scsi`]: SCSI status bytes and sense keys.
+//! - [`scsi`]: what both ends say about SCSI: operation codes, status bytes, sense data.
+//! - [`tx`]: batches encoded PDUs for vectored writes (small pieces copied together, long
+//!   data segments sent from their own buffers).
+//! - [`be`]: big-endian fields at byte offsets ([`be32`] and friends, re-exported here).
 //!
 //! ```
 //! use bytes::BytesMut;
@@ -27,13 +31,16 @@
 //! assert_eq!(&pdu.data[..], b"ping");
 //! ```
 
+pub mod be;
 pub mod bhs;
 pub mod chap;
 pub mod frame;
 pub mod scsi;
 pub mod serial;
 pub mod text;
+pub mod tx;
 
+pub use be::{be16, be24, be32, be64};
 pub use bhs::{BHS_LEN, Header, Opcode};
 pub use frame::{FrameConfig, RawPdu};
 
