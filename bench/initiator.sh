@@ -37,7 +37,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "building" >&2
-cargo build -q -p iscsi-initiator --release --bin iscsi
+cargo build -q -p iscsi-initiator --features cli --release --bin iscsi
 ours_bin=${CARGO_TARGET_DIR:-$root/target}/release/iscsi
 
 echo "preparing a ${size_mb} MiB LUN in the page cache" >&2

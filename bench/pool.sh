@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${HA_RUNS:-10}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-cargo build --release -q -p poold -p storaged -p hostd -p poolctl -p iscsi-initiator --bins
+cargo build --release -q -p poold -p storaged -p hostd -p poolctl -p iscsi-initiator --features iscsi-initiator/cli --bins
 cargo test --release -q -p e2e-tests --test pool --no-run
 
 median() { sort -n | awk '{a[NR]=$1} END {if (NR==0) exit 1; if (NR%2) print a[(NR+1)/2]; else printf "%.2f\n", (a[NR/2]+a[NR/2+1])/2}'; }
