@@ -1,17 +1,18 @@
-//! The journal in front of the sled store: what makes each `Ready` durable.
+//! The Raft write-ahead log (WAL) in front of the sled store: what makes each `Ready`
+//! durable.
 //!
 //! Making sled's own log durable costs a flush, and a sled 0.34 flush hands the write to
-//! its I/O pool, whose `notify_all` wakes every idle pool thread (about nine context
-//! switches a flush; on a paravirtualised host one costs tens of microseconds). So each
-//! `Ready`'s log record and hard state go to this file, and sled, which still holds the
-//! log, is written (by a thread of its own) without a flush and made durable only at a
-//! checkpoint (every [`CHECKPOINT_BYTES`], and around a snapshot installed from the
-//! leader, which the journal does not record), after which the journal starts empty. At open, the records
-//! since the last checkpoint are played again on top of whatever sled kept: each one sets
-//! a value (the log from an index on, the hard state), so replaying them in order over any
-//! prefix of them ends in the state they were written from.
+//! its I/O pool, whose `notify_all` wakes every idle pool thread: several context switches
+//! per flush. So each `Ready`'s log record and hard state go to this file, and sled, which
+//! still holds the log, is written (by a thread of its own) without a flush and made
+//! durable only at a checkpoint (every [`CHECKPOINT_BYTES`], and around a snapshot
+//! installed from the leader, which the WAL does not record), after which the WAL starts
+//! empty. At open, the records since the last checkpoint are played again on top of
+//! whatever sled kept: each one sets a value (the log from an index on, the hard state), so
+//! replaying them in order over any prefix of them ends in the state they were written
+//! from.
 //!
-//! The journal's own thread (the syncer) does the writing: the Raft task submits each
+//! The WAL's own thread (the syncer) does the writing: the Raft task submits each
 //! `Ready`'s records and goes on, and the syncer writes whatever was submitted, with one
 //! `pwrite` a submission and one `fdatasync` for all that queued meanwhile, then reports
 //! the newest write number that is durable (and wakes the Raft task, which sends what
@@ -22,11 +23,14 @@
 //! zeros when created), so an fdatasync has only data to flush, not the file's size too
 //! (on ext4 that would be one more write to wait for). Which records are current is told
 //! by an epoch: the header at offset 0 holds it, each record's CRC covers it, and emptying
-//! the journal is writing a header with the next epoch. A record is
+//! the WAL is writing a header with the next epoch. A record is
 //! `u32 LE length ‖ u32 LE CRC-32 of (epoch ‖ body) ‖ body`, the body a kind byte and
 //! its bytes, from [`DATA_START`] on. A crash can leave the last record torn (it was never
 //! synced, so never acknowledged); reading stops at the first record that does not check
 //! out: torn, zeros, or one from an earlier epoch.
+//!
+//! The file keeps the name it was first created with, [`FILE`] (`raft-journal`): existing
+//! data directories hold it under that name.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -36,9 +40,10 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-/// The journal's file in the member's data directory.
+/// The WAL's file in the member's data directory. Part of the on-disk format: renaming it
+/// would make every existing member start with an empty WAL and lose what it holds.
 pub const FILE: &str = "raft-journal";
-/// Journal size past which the next sync checkpoints sled and empties the journal.
+/// WAL size past which the next sync checkpoints sled and empties the WAL.
 pub const CHECKPOINT_BYTES: u64 = 8 << 20;
 /// Where records start; the header has this first block to itself.
 pub const DATA_START: u64 = 4096;
@@ -47,7 +52,7 @@ const PREALLOCATED: u64 = DATA_START + CHECKPOINT_BYTES + (1 << 20);
 const MAGIC: &[u8; 4] = b"PRJ1";
 const FILE_HEADER: usize = 16;
 
-/// What a journal record holds.
+/// What a WAL record holds.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
     /// A log record as sled's `log` tree holds it: entries from their first index on,
@@ -62,17 +67,19 @@ const KIND_HARD_STATE: u8 = 2;
 const RECORD_HEADER: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
-pub enum JournalError {
-    #[error("journal I/O failed")]
+pub enum WalError {
+    #[error("Raft WAL I/O failed")]
     Io(#[from] io::Error),
-    #[error("the journal's header is damaged")]
+    #[error("the Raft WAL's header is damaged")]
     BadHeader,
 }
 
 /// Called by the syncer thread after each fdatasync (or failure): the Raft task's wake-up.
 pub type Waker = Box<dyn Fn() + Send>;
 
-pub struct Journal {
+/// The WAL of one member: records are staged by the Raft task, written and fdatasynced by
+/// the syncer thread.
+pub struct Wal {
     file: Arc<File>,
     path: PathBuf,
     epoch: u64,
@@ -115,12 +122,12 @@ struct Durable {
     failed: Option<String>,
 }
 
-impl Journal {
-    /// Opens the journal in `dir` (creating it, durably, when missing) and reads the
+impl Wal {
+    /// Opens the WAL in `dir` (creating it, durably, when missing) and reads the
     /// records of its current epoch.
     ///
-    /// `thread` names the syncer thread the journal starts.
-    pub fn open(dir: &Path, thread: &str) -> Result<(Journal, Vec<Record>), JournalError> {
+    /// `thread` names the syncer thread the WAL starts.
+    pub fn open(dir: &Path, thread: &str) -> Result<(Wal, Vec<Record>), WalError> {
         let path = dir.join(FILE);
         let file = OpenOptions::new()
             .read(true)
@@ -134,7 +141,7 @@ impl Journal {
             file.read_exact_at(&mut header, 0)?;
         }
         let file = Arc::new(file);
-        let mut journal = Journal {
+        let mut wal = Wal {
             syncer: Syncer::start(thread, file.clone())?,
             file,
             path,
@@ -145,15 +152,15 @@ impl Journal {
         };
         if header == [0u8; FILE_HEADER] {
             // New, or its creation never finished: no record can have been synced to it.
-            journal.create(dir)?;
-            return Ok((journal, Vec::new()));
+            wal.create(dir)?;
+            return Ok((wal, Vec::new()));
         }
-        journal.epoch = parse_header(&header).ok_or(JournalError::BadHeader)?;
+        wal.epoch = parse_header(&header).ok_or(WalError::BadHeader)?;
         let mut bytes = vec![0u8; size.saturating_sub(DATA_START) as usize];
-        journal.file.read_exact_at(&mut bytes, DATA_START)?;
-        let (records, good) = parse(&bytes, journal.epoch);
-        journal.len = good as u64;
-        Ok((journal, records))
+        wal.file.read_exact_at(&mut bytes, DATA_START)?;
+        let (records, good) = parse(&bytes, wal.epoch);
+        wal.len = good as u64;
+        Ok((wal, records))
     }
 
     fn create(&mut self, dir: &Path) -> io::Result<()> {
@@ -174,12 +181,12 @@ impl Journal {
         &self.path
     }
 
-    /// Adds a log record (as sled's `log` tree holds it) to the next [`Journal::sync`].
+    /// Adds a log record (as sled's `log` tree holds it) to the next [`Wal::sync`].
     pub fn stage_entries(&mut self, record: &[u8]) {
         self.stage(KIND_ENTRIES, record);
     }
 
-    /// Adds an encoded hard state to the next [`Journal::sync`].
+    /// Adds an encoded hard state to the next [`Wal::sync`].
     pub fn stage_hard_state(&mut self, hard_state: &[u8]) {
         self.stage(KIND_HARD_STATE, hard_state);
     }
@@ -197,7 +204,7 @@ impl Journal {
     }
 
     /// Hands the staged records to the syncer thread and returns the number that
-    /// [`Journal::durable`] reaches once they are durable (with nothing staged, the number
+    /// [`Wal::durable`] reaches once they are durable (with nothing staged, the number
     /// of the last submitted write: what is staged now is durable once that is).
     pub fn submit(&mut self) -> io::Result<u64> {
         if self.staged.is_empty() {
@@ -217,7 +224,7 @@ impl Journal {
             .is_some_and(|q| q.send(write).is_ok());
         if !sent {
             self.durable()?;
-            return Err(io::Error::other("the journal's syncer thread is gone"));
+            return Err(io::Error::other("the WAL's syncer thread is gone"));
         }
         self.submitted += 1;
         self.len += len;
@@ -226,9 +233,9 @@ impl Journal {
 
     /// The number of the newest durable write; an error once a write or fdatasync failed.
     pub fn durable(&self) -> io::Result<u64> {
-        let d = self.syncer.progress.state.lock().expect("journal progress");
+        let d = self.syncer.progress.state.lock().expect("WAL progress");
         match &d.failed {
-            Some(e) => Err(io::Error::other(format!("journal write failed: {e}"))),
+            Some(e) => Err(io::Error::other(format!("Raft WAL write failed: {e}"))),
             None => Ok(d.number),
         }
     }
@@ -236,9 +243,9 @@ impl Journal {
     /// Waits until the write numbered `number` (and so every one before it) is durable.
     pub fn wait(&self, number: u64) -> io::Result<()> {
         let p = &self.syncer.progress;
-        let mut d = p.state.lock().expect("journal progress");
+        let mut d = p.state.lock().expect("WAL progress");
         while d.number < number && d.failed.is_none() {
-            d = p.changed.wait(d).expect("journal progress");
+            d = p.changed.wait(d).expect("WAL progress");
         }
         drop(d);
         self.durable().map(drop)
@@ -257,7 +264,7 @@ impl Journal {
 
     /// Sets what the syncer calls after each write it made durable.
     pub fn set_waker(&self, waker: Waker) {
-        *self.syncer.progress.waker.lock().expect("journal waker") = Some(waker);
+        *self.syncer.progress.waker.lock().expect("WAL waker") = Some(waker);
     }
 
     /// Bytes of records submitted to the file.
@@ -269,7 +276,7 @@ impl Journal {
         self.len == 0 && self.staged.is_empty()
     }
 
-    /// Empties the journal, staged records included: call only once everything it held
+    /// Empties the WAL, staged records included: call only once everything it held
     /// is durable in sled. The next epoch's header makes every record written so far stale.
     /// Waits for the writes in flight first, so none lands after the new header.
     pub fn reset(&mut self) -> io::Result<()> {
@@ -305,14 +312,14 @@ impl Syncer {
                     let outcome = outcome.and_then(|_| file.sync_data());
                     let failed = outcome.is_err();
                     {
-                        let mut d = p.state.lock().expect("journal progress");
+                        let mut d = p.state.lock().expect("WAL progress");
                         match outcome {
                             Ok(()) => d.number = last,
                             Err(e) => d.failed = Some(e.to_string()),
                         }
                     }
                     p.changed.notify_all();
-                    if let Some(wake) = p.waker.lock().expect("journal waker").as_ref() {
+                    if let Some(wake) = p.waker.lock().expect("WAL waker").as_ref() {
                         wake();
                     }
                     if failed {
@@ -395,7 +402,7 @@ mod tests {
     #[test]
     fn synced_records_are_read_back_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut j, records) = Journal::open(dir.path(), "test-journal").unwrap();
+        let (mut j, records) = Wal::open(dir.path(), "test-wal").unwrap();
         assert!(records.is_empty());
         let size = std::fs::metadata(j.path()).unwrap().len();
         j.stage_entries(b"one");
@@ -406,7 +413,7 @@ mod tests {
         // Staged but never synced: not in the file.
         j.stage_entries(b"lost");
         drop(j);
-        let (j, records) = Journal::open(dir.path(), "test-journal").unwrap();
+        let (j, records) = Wal::open(dir.path(), "test-wal").unwrap();
         assert_eq!(
             records,
             vec![
@@ -425,7 +432,7 @@ mod tests {
     #[test]
     fn submitted_writes_become_durable_in_order_and_wake_the_caller() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut j, _) = Journal::open(dir.path(), "test-journal").unwrap();
+        let (mut j, _) = Wal::open(dir.path(), "test-wal").unwrap();
         let (wake_tx, wake_rx) = mpsc::channel();
         j.set_waker(Box::new(move || {
             let _ = wake_tx.send(());
@@ -450,7 +457,7 @@ mod tests {
             .recv_timeout(std::time::Duration::from_secs(5))
             .expect("the syncer wakes its caller");
         drop(j);
-        let (_, records) = Journal::open(dir.path(), "test-journal").unwrap();
+        let (_, records) = Wal::open(dir.path(), "test-wal").unwrap();
         assert_eq!(
             records,
             vec![
@@ -465,7 +472,7 @@ mod tests {
     #[test]
     fn reading_stops_at_a_torn_or_damaged_record() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut j, _) = Journal::open(dir.path(), "test-journal").unwrap();
+        let (mut j, _) = Wal::open(dir.path(), "test-wal").unwrap();
         j.stage_entries(b"kept");
         j.sync().unwrap();
         let second = DATA_START + j.len();
@@ -478,28 +485,28 @@ mod tests {
 
         // Torn: the second record's last bytes never reached the disk.
         write_at(&path, second + 12, &[0; 4]);
-        let (_, records) = Journal::open(dir.path(), "test-journal").unwrap();
+        let (_, records) = Wal::open(dir.path(), "test-wal").unwrap();
         assert_eq!(records, vec![Record::Entries(b"kept".to_vec())]);
 
         // A flipped bit in the second record's body: it and all after it are ignored.
         std::fs::write(&path, &full).unwrap();
         write_at(&path, second + 10, &[full[second as usize + 10] ^ 0x10]);
-        let (_, records) = Journal::open(dir.path(), "test-journal").unwrap();
+        let (_, records) = Wal::open(dir.path(), "test-wal").unwrap();
         assert_eq!(records, vec![Record::Entries(b"kept".to_vec())]);
 
         // A damaged header is refused rather than guessed at.
         std::fs::write(&path, &full).unwrap();
         write_at(&path, 5, &[0xff]);
         assert!(matches!(
-            Journal::open(dir.path(), "test-journal"),
-            Err(JournalError::BadHeader)
+            Wal::open(dir.path(), "test-wal"),
+            Err(WalError::BadHeader)
         ));
     }
 
     #[test]
     fn reset_makes_every_earlier_record_stale() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut j, _) = Journal::open(dir.path(), "test-journal").unwrap();
+        let (mut j, _) = Wal::open(dir.path(), "test-wal").unwrap();
         j.stage_hard_state(b"a");
         j.stage_hard_state(b"b");
         j.stage_hard_state(b"c");
@@ -513,20 +520,26 @@ mod tests {
         j.stage_hard_state(b"d");
         j.sync().unwrap();
         drop(j);
-        let (_, records) = Journal::open(dir.path(), "test-journal").unwrap();
+        let (_, records) = Wal::open(dir.path(), "test-wal").unwrap();
         assert_eq!(records, vec![Record::HardState(b"d".to_vec())]);
+    }
+
+    #[test]
+    fn the_file_keeps_its_on_disk_name() {
+        // Existing data directories hold the WAL under this name.
+        assert_eq!(FILE, "raft-journal");
     }
 
     #[test]
     fn a_creation_cut_short_starts_over() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(FILE), [0u8; 100]).unwrap();
-        let (mut j, records) = Journal::open(dir.path(), "test-journal").unwrap();
+        let (mut j, records) = Wal::open(dir.path(), "test-wal").unwrap();
         assert!(records.is_empty());
         j.stage_entries(b"x");
         j.sync().unwrap();
         drop(j);
-        let (_, records) = Journal::open(dir.path(), "test-journal").unwrap();
+        let (_, records) = Wal::open(dir.path(), "test-wal").unwrap();
         assert_eq!(records, vec![Record::Entries(b"x".to_vec())]);
     }
 }
