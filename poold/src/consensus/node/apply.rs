@@ -1,0 +1,58 @@
+//! Applying committed entries to the state machine, and sending their proposers' answers.
+
+use prost::Message as _;
+use raft::eraftpb::{Entry, EntryType};
+
+use super::{Fatal, Node};
+use crate::state::command::{Command, CommandResult};
+
+impl Node {
+    /// Applies `entries` in order under one write lock of the state, then hands the
+    /// answers of this member's proposals to the replier in one batch.
+    pub(super) fn apply(&mut self, entries: Vec<Entry>) -> Result<(), Fatal> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut last = 0;
+        let mut answers = Vec::new();
+        {
+            let shared = self.shared.clone();
+            let mut state = shared.state.write().expect("state lock");
+            for e in entries {
+                last = e.index;
+                let pid = self.own_proposal(&e.context);
+                let outcome = match e.entry_type {
+                    EntryType::EntryNormal => {
+                        if e.data.is_empty() {
+                            // A new leader's empty entry.
+                            state.applied_index = e.index;
+                            continue;
+                        }
+                        let result = match Command::decode(e.data.as_ref()) {
+                            Ok(cmd) => state.apply(e.index, &cmd),
+                            Err(err) => {
+                                state.applied_index = e.index;
+                                CommandResult::error(
+                                    tonic::Code::Internal,
+                                    format!("undecodable command at index {}: {err}", e.index),
+                                )
+                            }
+                        };
+                        Ok((result, e.index))
+                    }
+                    EntryType::EntryConfChangeV2 | EntryType::EntryConfChange => {
+                        self.apply_conf_change(&mut state, &e)?
+                    }
+                };
+                if let Some(reply) = pid.and_then(|p| self.proposals.remove(&p)) {
+                    answers.push((reply, outcome));
+                }
+            }
+        }
+        if !answers.is_empty() {
+            let _ = self.replier.send(answers);
+        }
+        self.shared.applied.send_replace(last);
+        Ok(())
+    }
+}
