@@ -14,11 +14,7 @@ use proto::storage as spb;
 use tonic::Code;
 
 use super::command::*;
-use super::machine::{PoolState, ts};
-
-fn err(code: Code, msg: impl Into<String>) -> CommandResult {
-    CommandResult::error(code, msg)
-}
+use super::machine::{Applied, PoolState, err, ts};
 
 /// Whether a VM is stopped both in what the pool wants and what its host reported.
 pub fn vm_stopped(vm: &pb::Vm) -> bool {
@@ -443,12 +439,46 @@ impl PoolState {
         Ok(v.volume_id.clone())
     }
 
-    /// Applies a finished job: its effects (when it succeeded) and its task's end.
+    /// Records a job for the leader to carry out, once [`PoolState::check_job`] finds it
+    /// can succeed; its task runs until the job finishes.
+    pub(super) fn start_job(&mut self, j: &Job, task_id: &str) -> Result<Applied, CommandResult> {
+        let mut j = j.clone();
+        j.task_id = task_id.to_owned();
+        j.outputs.clear();
+        j.cancel_requested = false;
+        let target = self.check_job(&j)?;
+        self.jobs.insert(j.task_id.clone(), j);
+        Ok(Applied::running(target, "queued"))
+    }
+
+    /// Asks a running migration to stop; the job itself ends it (and its task).
+    pub(super) fn cancel_job(&mut self, task_id: &str) -> Result<Applied, CommandResult> {
+        let job = self.jobs.get_mut(task_id).ok_or_else(|| {
+            err(
+                Code::FailedPrecondition,
+                format!("task {task_id} is not running (or cannot be cancelled)"),
+            )
+        })?;
+        if !matches!(job.spec, Some(JobSpec::MigrateVm(_))) {
+            return Err(err(
+                Code::FailedPrecondition,
+                format!("task {task_id} ({}) cannot be cancelled", job.kind()),
+            ));
+        }
+        job.cancel_requested = true;
+        if let Some(t) = self.tasks.get_mut(task_id) {
+            t.status_message = "cancelling".into();
+        }
+        Ok(Applied::done(task_id))
+    }
+
+    /// Applies a finished job: its effects (when it succeeded) and its task's end. The
+    /// `FinishJob` command's own task succeeds; the job's task ends as the job did.
     pub(crate) fn finish_job(
         &mut self,
         f: &FinishJob,
         at_ms: u64,
-    ) -> Result<(String, pb::TaskState, String), CommandResult> {
+    ) -> Result<Applied, CommandResult> {
         let Some(job) = self.jobs.remove(&f.task_id) else {
             return Err(err(
                 Code::FailedPrecondition,
@@ -511,7 +541,7 @@ impl PoolState {
                 t.status_message = "done".into();
             }
         }
-        Ok((target, pb::TaskState::Succeeded, String::new()))
+        Ok(Applied::done(target))
     }
 
     pub(crate) fn job_step(&mut self, s: &JobStep) -> Result<String, CommandResult> {

@@ -1,5 +1,7 @@
 //! The pool state machine: what every member agrees on, changed only by applying committed
-//! commands in log order.
+//! commands in log order. This file holds the state itself and [`PoolState::apply`]: the
+//! request ids it remembers, the tasks it records, and the dispatch of each operation to
+//! the file that owns its objects (see [`super`]).
 
 // A rejected command's `CommandResult` is the very value returned to the proposer (and
 // stored under its request id); boxing it on this cold path would buy nothing.
@@ -8,11 +10,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use proto::coordinator as pb;
-use proto::host as hpb;
 use tonic::Code;
 
 use super::command::*;
-use crate::scheduler::{self, Demand, HostCandidate, Policy, SrReach};
+pub use super::placement::{Allocation, address_ip};
 
 /// Finished tasks kept for GetTask/ListTasks; older ones are forgotten first.
 pub const TASKS_KEPT: usize = 10_000;
@@ -30,9 +31,8 @@ pub(crate) fn ts(ms: u64) -> Option<proto::prost_types::Timestamp> {
 }
 
 /// A remembered request: its kind (a retry must ask the same thing) and its result, with
-/// the task's id in place of the task. Kept small on purpose: every write adds one and the
-/// map holds up to [`REQUESTS_KEPT`] of them (a whole `CommandResult` made each entry
-/// 416 bytes, and growing or rehashing the map moved all of them).
+/// the task's id in place of the task. Kept small on purpose: every write adds one, the
+/// map holds up to [`REQUESTS_KEPT`] of them, and growing or rehashing it moves them all.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RequestRecord {
     pub at_ms: u64,
@@ -65,15 +65,6 @@ impl RequestRecord {
             task_id: self.task_id.clone(),
         }
     }
-}
-
-/// Per-host totals of what placed VMs hold; derived from `vms`, never persisted.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Allocation {
-    pub memory_bytes: u64,
-    pub vcpus: u32,
-    pub vm_ids: BTreeSet<String>,
-    pub groups: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -127,6 +118,40 @@ impl Default for PoolState {
     }
 }
 
+/// What applying an operation did, for its task: the object it acted on, the state the
+/// task is left in, and the task's status line.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Applied {
+    pub target: String,
+    pub state: pb::TaskState,
+    pub message: String,
+}
+
+impl Applied {
+    /// Done when applied: the task succeeds at once.
+    pub(crate) fn done(target: impl Into<String>) -> Self {
+        Applied {
+            target: target.into(),
+            state: pb::TaskState::Succeeded,
+            message: String::new(),
+        }
+    }
+
+    /// Carried on by a job or a host: the task runs until they report.
+    pub(crate) fn running(target: impl Into<String>, message: impl Into<String>) -> Self {
+        Applied {
+            target: target.into(),
+            state: pb::TaskState::Running,
+            message: message.into(),
+        }
+    }
+}
+
+/// A refusal: the command changes nothing and its caller hears `code`.
+pub(crate) fn err(code: Code, msg: impl Into<String>) -> CommandResult {
+    CommandResult::error(code, msg)
+}
+
 pub fn default_settings() -> pb::PoolSettings {
     pb::PoolSettings {
         name: "pool".into(),
@@ -135,21 +160,6 @@ pub fn default_settings() -> pb::PoolSettings {
         memory_overcommit_percent: 100,
         host_heartbeat_timeout_seconds: 30,
         migration_downtime_budget_ms: 300,
-    }
-}
-
-fn err(code: Code, msg: impl Into<String>) -> CommandResult {
-    CommandResult::error(code, msg)
-}
-
-/// The IP part of "ip:port" or "\[v6\]:port" (the whole string when there is no port).
-pub fn address_ip(addr: &str) -> String {
-    if let Ok(sa) = addr.parse::<std::net::SocketAddr>() {
-        return sa.ip().to_string();
-    }
-    match addr.rsplit_once(':') {
-        Some((h, _)) => h.trim_start_matches("http://").to_owned(),
-        None => addr.to_owned(),
     }
 }
 
@@ -184,9 +194,9 @@ impl PoolState {
 
     /// A copy of the pool's objects (settings, members, hosts, storage, VMs, jobs...)
     /// without the history windows (remembered requests, tasks, audit events) nor the
-    /// users: what the reconciler reads each round. A full clone copies ~130,000 strings
-    /// once the windows are full, tens of milliseconds under the state lock that the
-    /// Raft task's apply waits for.
+    /// users: what the reconciler reads each round. A full clone would copy every
+    /// remembered request, task and audit event under the state lock that the Raft
+    /// task's apply waits for.
     pub fn clone_without_history(&self) -> PoolState {
         PoolState {
             pool_id: self.pool_id.clone(),
@@ -214,11 +224,10 @@ impl PoolState {
     }
 
     /// Gives the bounded windows (remembered requests, audit events, task order) their
-    /// full size at once. Grown by doubling, each growth moved the whole window on the
-    /// Raft task while every write waited (20-100 ms for the request map). The request
-    /// map gets twice its window: the slots its removals leave behind fill a table sized
-    /// for the window alone, which then grows to twice the size anyway (once, ~150,000
-    /// writes in: 25 ms in isolation, up to 150 ms on a busy member).
+    /// full size at once, so they never grow: a growth moves the whole window on the Raft
+    /// task while every write waits. The request map gets twice its window: the slots its
+    /// removals leave behind fill a table sized for the window alone, which would then
+    /// grow to twice the size anyway.
     fn reserve_windows(&mut self) {
         fn room(len: usize, kept: usize) -> usize {
             (kept + 1).saturating_sub(len)
@@ -284,7 +293,11 @@ impl PoolState {
             return prev;
         }
         let result = match self.apply_op(cmd, op) {
-            Ok((target, state, message)) => {
+            Ok(Applied {
+                target,
+                state,
+                message,
+            }) => {
                 let task = pb::Task {
                     id: cmd.task_id.clone(),
                     kind: kind.to_owned(),
@@ -361,690 +374,51 @@ impl PoolState {
         }
     }
 
-    fn host_mut(&mut self, id: &str) -> Result<&mut pb::Host, CommandResult> {
-        self.hosts
-            .get_mut(id)
-            .ok_or_else(|| err(Code::NotFound, format!("no host with id {id}")))
-    }
-
-    fn vm_mut(&mut self, id: &str) -> Result<&mut pb::Vm, CommandResult> {
-        self.vms
-            .get_mut(id)
-            .ok_or_else(|| err(Code::NotFound, format!("no VM with id {id}")))
-    }
-
-    fn apply_op(
-        &mut self,
-        cmd: &Command,
-        op: &Op,
-    ) -> Result<(String, pb::TaskState, String), CommandResult> {
-        use pb::TaskState::{Running, Succeeded};
+    /// Applies one operation; each kind of object's file holds its part ([`super::hosts`],
+    /// [`super::storage`], [`super::vms`], [`super::jobs`], [`super::users`]).
+    fn apply_op(&mut self, cmd: &Command, op: &Op) -> Result<Applied, CommandResult> {
+        let at_ms = cmd.at_ms;
         match op {
             Op::UpdateSettings(s) => {
                 validate_settings(s)?;
                 self.settings = s.clone();
-                Ok((self.pool_id.clone(), Succeeded, String::new()))
+                Ok(Applied::done(&self.pool_id))
             }
             Op::SetHa(h) => {
                 self.ha = *h;
-                Ok((self.pool_id.clone(), Succeeded, String::new()))
+                Ok(Applied::done(&self.pool_id))
             }
-            Op::JoinHost(j) => {
-                if j.host_id.is_empty() || j.address.is_empty() {
-                    return Err(err(
-                        Code::InvalidArgument,
-                        "a host needs an id and an address",
-                    ));
-                }
-                if let Some(h) = self.hosts.values().find(|h| h.address == j.address) {
-                    return Err(err(
-                        Code::AlreadyExists,
-                        format!("host {} already joined with address {}", h.id, j.address),
-                    ));
-                }
-                self.hosts.insert(
-                    j.host_id.clone(),
-                    pb::Host {
-                        id: j.host_id.clone(),
-                        name: j.name.clone(),
-                        address: j.address.clone(),
-                        state: pb::HostState::Enabled as i32,
-                        last_heartbeat_at: ts(cmd.at_ms),
-                        ..Default::default()
-                    },
-                );
-                Ok((j.host_id.clone(), Succeeded, String::new()))
-            }
-            Op::SetHostState(s) => {
-                let state = pb::HostState::try_from(s.state)
-                    .ok()
-                    .filter(|s| {
-                        matches!(
-                            s,
-                            pb::HostState::Enabled
-                                | pb::HostState::Disabled
-                                | pb::HostState::Maintenance
-                        )
-                    })
-                    .ok_or_else(|| err(Code::InvalidArgument, "bad host state"))?;
-                let holds = self.alloc.get(&s.host_id).map_or(0, |a| a.vm_ids.len());
-                let h = self.host_mut(&s.host_id)?;
-                let cur = h.state();
-                if state == pb::HostState::Enabled
-                    && matches!(cur, pb::HostState::Unreachable | pb::HostState::Fenced)
-                {
-                    return Err(err(
-                        Code::FailedPrecondition,
-                        format!(
-                            "host {} is {}: it is enabled again by its own heartbeat",
-                            s.host_id,
-                            cur.as_str_name()
-                        ),
-                    ));
-                }
-                if state == pb::HostState::Maintenance && holds > 0 {
-                    return Err(err(
-                        Code::FailedPrecondition,
-                        format!(
-                            "host {} still holds {holds} VMs; evacuate it first",
-                            s.host_id
-                        ),
-                    ));
-                }
-                h.state = state as i32;
-                Ok((s.host_id.clone(), Succeeded, String::new()))
-            }
-            Op::RemoveHost(r) => {
-                self.host_mut(&r.id)?;
-                if let Some(a) = self.alloc.get(&r.id).filter(|a| !a.vm_ids.is_empty()) {
-                    return Err(err(
-                        Code::FailedPrecondition,
-                        format!(
-                            "host {} holds VMs {}; move or destroy them first",
-                            r.id,
-                            a.vm_ids.iter().cloned().collect::<Vec<_>>().join(", ")
-                        ),
-                    ));
-                }
-                self.hosts.remove(&r.id);
-                self.alloc.remove(&r.id);
-                Ok((r.id.clone(), Succeeded, String::new()))
-            }
-            Op::HostReport(r) => {
-                let h = self.host_mut(&r.host_id)?;
-                if let Some(info) = &r.info {
-                    h.info = Some(info.clone());
-                }
-                if r.metrics.is_some() {
-                    h.last_metrics = r.metrics.clone();
-                }
-                h.last_heartbeat_at = ts(cmd.at_ms);
-                let state = h.state();
-                let fencing = self.fence_job(&r.host_id).is_some();
-                let runs_something = r.vms.iter().any(|v| {
-                    matches!(
-                        hpb::PowerState::try_from(v.power_state),
-                        Ok(hpb::PowerState::Running
-                            | hpb::PowerState::Paused
-                            | hpb::PowerState::Migrating)
-                    )
-                });
-                let h = self.host_mut(&r.host_id)?;
-                match state {
-                    // Back before it was fenced: nothing was restarted elsewhere.
-                    pb::HostState::Unreachable if !fencing => {
-                        h.state = pb::HostState::Enabled as i32
-                    }
-                    // A fenced host rejoins once it runs none of its old VMs.
-                    pb::HostState::Fenced if !runs_something => {
-                        h.state = pb::HostState::Enabled as i32
-                    }
-                    _ => {}
-                }
-                if state != pb::HostState::Fenced {
-                    for rv in &r.vms {
-                        self.apply_reported_vm(&r.host_id, rv, cmd.at_ms);
-                    }
-                }
-                Ok((r.host_id.clone(), Succeeded, String::new()))
-            }
-            Op::MarkUnreachable(m) => {
-                for id in &m.host_ids {
-                    if let Some(h) = self.hosts.get_mut(id)
-                        && matches!(
-                            h.state(),
-                            pb::HostState::Enabled
-                                | pb::HostState::Disabled
-                                | pb::HostState::Maintenance
-                        )
-                    {
-                        h.state = pb::HostState::Unreachable as i32;
-                    }
-                }
-                Ok((m.host_ids.join(","), Succeeded, String::new()))
-            }
-            Op::CreateSr(sr) => {
-                if sr.id.is_empty() || sr.address.is_empty() {
-                    return Err(err(
-                        Code::InvalidArgument,
-                        "a storage repository needs an id and a storaged address",
-                    ));
-                }
-                if let Some(o) = self
-                    .srs
-                    .values()
-                    .find(|o| o.address == sr.address && o.thin_pool_id == sr.thin_pool_id)
-                {
-                    return Err(err(
-                        Code::AlreadyExists,
-                        format!(
-                            "repository {} already uses thin pool {:?} of {}",
-                            o.id, sr.thin_pool_id, sr.address
-                        ),
-                    ));
-                }
-                self.srs.insert(sr.id.clone(), sr.clone());
-                Ok((sr.id.clone(), Succeeded, String::new()))
-            }
-            Op::RemoveSr(r) => {
-                if !self.srs.contains_key(&r.id) {
-                    return Err(err(
-                        Code::NotFound,
-                        format!("no storage repository {}", r.id),
-                    ));
-                }
-                if let Some(v) = self.volumes.values().find(|v| v.pool_id == r.id) {
-                    return Err(err(
-                        Code::FailedPrecondition,
-                        format!("repository {} still holds volume {}", r.id, v.id),
-                    ));
-                }
-                self.srs.remove(&r.id);
-                Ok((r.id.clone(), Succeeded, String::new()))
-            }
-            Op::CreateVolume(v) => {
-                if !self.srs.contains_key(&v.sr_id) {
-                    return Err(err(
-                        Code::NotFound,
-                        format!("no storage repository {}", v.sr_id),
-                    ));
-                }
-                if v.virtual_size_bytes == 0 {
-                    return Err(err(Code::InvalidArgument, "a volume needs a non-zero size"));
-                }
-                self.volumes.insert(
-                    v.volume_id.clone(),
-                    proto::storage::Volume {
-                        id: v.volume_id.clone(),
-                        pool_id: v.sr_id.clone(),
-                        name: v.name.clone(),
-                        kind: proto::storage::VolumeKind::Volume as i32,
-                        virtual_size_bytes: v.virtual_size_bytes,
-                        block_size_bytes: 512,
-                        created_at: ts(cmd.at_ms),
-                        labels: v.labels.clone(),
-                        ..Default::default()
-                    },
-                );
-                Ok((v.volume_id.clone(), Running, "waiting for storaged".into()))
-            }
-            Op::DeleteVolume(r) => {
-                if !self.volumes.contains_key(&r.id) {
-                    return Err(err(Code::NotFound, format!("no volume {}", r.id)));
-                }
-                if let Some(vm) = self.vms.values().find(|vm| {
-                    vm.spec
-                        .as_ref()
-                        .is_some_and(|s| s.disks.iter().any(|d| d.volume_id == r.id))
-                }) {
-                    return Err(err(
-                        Code::FailedPrecondition,
-                        format!("volume {} is a disk of VM {}", r.id, vm.id),
-                    ));
-                }
-                self.volumes.remove(&r.id);
-                Ok((r.id.clone(), Succeeded, String::new()))
-            }
-            Op::CreateTemplate(t) => {
-                let spec = t
-                    .spec
-                    .clone()
-                    .ok_or_else(|| err(Code::InvalidArgument, "a template needs a spec"))?;
-                if t.name.is_empty() {
-                    return Err(err(Code::InvalidArgument, "a template needs a name"));
-                }
-                self.validate_spec(&spec)?;
-                if let Some(o) = self.templates.values().find(|o| o.name == t.name) {
-                    return Err(err(
-                        Code::AlreadyExists,
-                        format!("template {} is already named {:?}", o.id, t.name),
-                    ));
-                }
-                let mut t = t.clone();
-                t.created_at = ts(cmd.at_ms);
-                t.disk_volumes = spec
-                    .disks
-                    .iter()
-                    .map(|d| (d.disk_id.clone(), d.volume_id.clone()))
-                    .collect();
-                self.templates.insert(t.id.clone(), t.clone());
-                Ok((t.id, Succeeded, String::new()))
-            }
-            Op::DeleteTemplate(r) => {
-                if self.templates.remove(&r.id).is_none() {
-                    return Err(err(Code::NotFound, format!("no template with id {}", r.id)));
-                }
-                Ok((r.id.clone(), Succeeded, String::new()))
-            }
-            Op::CreateVm(c) => {
-                let spec = c
-                    .spec
-                    .clone()
-                    .ok_or_else(|| err(Code::InvalidArgument, "a VM needs a spec"))?;
-                self.validate_spec(&spec)?;
-                if !c.template_id.is_empty() && !self.templates.contains_key(&c.template_id) {
-                    return Err(err(
-                        Code::NotFound,
-                        format!("no template with id {}", c.template_id),
-                    ));
-                }
-                if self.vms.contains_key(&c.vm_id) {
-                    return Err(err(Code::AlreadyExists, format!("VM {} exists", c.vm_id)));
-                }
-                let mut vm = pb::Vm {
-                    id: c.vm_id.clone(),
-                    spec: Some(spec),
-                    desired_power_state: hpb::PowerState::Stopped as i32,
-                    power_state: hpb::PowerState::Stopped as i32,
-                    template_id: c.template_id.clone(),
-                    created_at: ts(cmd.at_ms),
-                    last_stop_reason: hpb::StopReason::None as i32,
-                    ..Default::default()
-                };
-                let mut state = Succeeded;
-                if !c.start_on_host.is_empty() {
-                    self.check_fits(&vm, &c.start_on_host)?;
-                    vm.desired_power_state = hpb::PowerState::Running as i32;
-                    vm.host_id = c.start_on_host.clone();
-                    state = Running;
-                }
-                self.vms.insert(vm.id.clone(), vm);
-                self.rebuild_alloc();
-                Ok((c.vm_id.clone(), state, String::new()))
-            }
-            Op::UpdateVm(u) => {
-                let spec = u
-                    .spec
-                    .clone()
-                    .ok_or_else(|| err(Code::InvalidArgument, "UpdateVm needs a spec"))?;
-                self.validate_spec(&spec)?;
-                let vm = self.vm_mut(&u.vm_id)?;
-                let old = vm.spec.clone().unwrap_or_default();
-                let stopped = vm.desired_power_state() == hpb::PowerState::Stopped
-                    && vm.power_state() == hpb::PowerState::Stopped;
-                if !stopped
-                    && (old.vcpus != spec.vcpus
-                        || old.memory_bytes != spec.memory_bytes
-                        || old.disks != spec.disks)
-                {
-                    return Err(err(
-                        Code::FailedPrecondition,
-                        format!(
-                            "VM {}: vcpus, memory and disks change only while it is stopped",
-                            u.vm_id
-                        ),
-                    ));
-                }
-                vm.spec = Some(spec);
-                self.rebuild_alloc();
-                Ok((u.vm_id.clone(), Succeeded, String::new()))
-            }
-            Op::SetVmPower(p) => {
-                let desired = hpb::PowerState::try_from(p.desired)
-                    .map_err(|_| err(Code::InvalidArgument, "bad power state"))?;
-                let vm = self
-                    .vms
-                    .get(&p.vm_id)
-                    .cloned()
-                    .ok_or_else(|| err(Code::NotFound, format!("no VM with id {}", p.vm_id)))?;
-                match desired {
-                    hpb::PowerState::Running => {
-                        if vm.host_id.is_empty() {
-                            if p.host_id.is_empty() {
-                                return Err(err(
-                                    Code::InvalidArgument,
-                                    "a start needs a placement",
-                                ));
-                            }
-                            self.check_fits(&vm, &p.host_id)?;
-                        } else if vm.desired_power_state() == hpb::PowerState::Stopped
-                            && !p.host_id.is_empty()
-                            && p.host_id != vm.host_id
-                        {
-                            return Err(err(
-                                Code::FailedPrecondition,
-                                format!(
-                                    "VM {} is still on host {} while it stops",
-                                    vm.id, vm.host_id
-                                ),
-                            ));
-                        }
-                        let v = self.vm_mut(&p.vm_id)?;
-                        if v.host_id.is_empty() {
-                            v.host_id = p.host_id.clone();
-                        }
-                        v.desired_power_state = desired as i32;
-                    }
-                    hpb::PowerState::Stopped | hpb::PowerState::Paused => {
-                        if desired == hpb::PowerState::Paused && vm.host_id.is_empty() {
-                            return Err(err(
-                                Code::FailedPrecondition,
-                                format!("VM {} is not running", vm.id),
-                            ));
-                        }
-                        let v = self.vm_mut(&p.vm_id)?;
-                        v.desired_power_state = desired as i32;
-                        if desired == hpb::PowerState::Stopped
-                            && v.power_state() == hpb::PowerState::Stopped
-                        {
-                            v.host_id.clear();
-                        }
-                        if desired == hpb::PowerState::Stopped && p.force && !v.host_id.is_empty() {
-                            self.force_stop.insert(p.vm_id.clone());
-                        }
-                    }
-                    _ => {
-                        return Err(err(
-                            Code::InvalidArgument,
-                            "desired state must be running, stopped or paused",
-                        ));
-                    }
-                }
-                self.rebuild_alloc();
-                let done = {
-                    let v = &self.vms[&p.vm_id];
-                    v.desired_power_state == v.power_state && !p.reboot
-                };
-                Ok((
-                    p.vm_id.clone(),
-                    if done { Succeeded } else { Running },
-                    String::new(),
-                ))
-            }
-            Op::StartJob(j) => {
-                let mut j = j.clone();
-                j.task_id = cmd.task_id.clone();
-                j.outputs.clear();
-                j.cancel_requested = false;
-                let target = self.check_job(&j)?;
-                self.jobs.insert(j.task_id.clone(), j);
-                Ok((target, Running, "queued".into()))
-            }
-            Op::JobStep(st) => Ok((self.job_step(st)?, Succeeded, String::new())),
-            Op::FinishJob(f) => self.finish_job(f, cmd.at_ms),
-            Op::CancelJob(r) => {
-                let job = self.jobs.get_mut(&r.id).ok_or_else(|| {
-                    err(
-                        Code::FailedPrecondition,
-                        format!("task {} is not running (or cannot be cancelled)", r.id),
-                    )
-                })?;
-                if !matches!(job.spec, Some(JobSpec::MigrateVm(_))) {
-                    return Err(err(
-                        Code::FailedPrecondition,
-                        format!("task {} ({}) cannot be cancelled", r.id, job.kind()),
-                    ));
-                }
-                job.cancel_requested = true;
-                if let Some(t) = self.tasks.get_mut(&r.id) {
-                    t.status_message = "cancelling".into();
-                }
-                Ok((r.id.clone(), Succeeded, String::new()))
-            }
-            Op::Audit(e) => {
-                let mut e = e.clone();
-                e.at = ts(cmd.at_ms);
-                self.push_audit(e);
-                Ok((String::new(), Succeeded, String::new()))
-            }
-            Op::CreateUser(c) => Ok((self.create_user(c, cmd.at_ms)?, Succeeded, String::new())),
-            Op::DeleteUser(r) => Ok((self.delete_user(&r.id)?, Succeeded, String::new())),
-            Op::SetRole(r) => Ok((self.set_role(r)?, Succeeded, String::new())),
+            Op::JoinHost(j) => self.join_host(j, at_ms),
+            Op::SetHostState(s) => self.set_host_state(s),
+            Op::RemoveHost(r) => self.remove_host(&r.id),
+            Op::HostReport(r) => self.host_report(r, at_ms),
+            Op::MarkUnreachable(m) => Ok(self.mark_unreachable(m)),
+            Op::CreateSr(sr) => self.create_sr(sr),
+            Op::RemoveSr(r) => self.remove_sr(&r.id),
+            Op::CreateVolume(v) => self.create_volume(v, at_ms),
+            Op::DeleteVolume(r) => self.delete_volume(&r.id),
             Op::StorageRefresh(r) => {
                 self.storage_refresh(r);
-                Ok((String::new(), Succeeded, String::new()))
+                Ok(Applied::done(""))
             }
-            Op::DestroyVm(r) => {
-                let vm = self
-                    .vms
-                    .get(&r.id)
-                    .ok_or_else(|| err(Code::NotFound, format!("no VM with id {}", r.id)))?;
-                if vm.power_state() != hpb::PowerState::Stopped
-                    && vm.power_state() != hpb::PowerState::Unspecified
-                {
-                    return Err(err(
-                        Code::FailedPrecondition,
-                        format!(
-                            "VM {} is {} on host {}: shut it down first",
-                            r.id,
-                            vm.power_state().as_str_name(),
-                            vm.host_id
-                        ),
-                    ));
-                }
-                self.vms.remove(&r.id);
-                self.rebuild_alloc();
-                Ok((r.id.clone(), Succeeded, String::new()))
+            Op::CreateTemplate(t) => self.create_template(t, at_ms),
+            Op::DeleteTemplate(r) => self.delete_template(&r.id),
+            Op::CreateVm(c) => self.create_vm(c, at_ms),
+            Op::UpdateVm(u) => self.update_vm(u),
+            Op::SetVmPower(p) => self.set_vm_power(p),
+            Op::DestroyVm(r) => self.destroy_vm(&r.id),
+            Op::StartJob(j) => self.start_job(j, &cmd.task_id),
+            Op::JobStep(st) => self.job_step(st).map(Applied::done),
+            Op::FinishJob(f) => self.finish_job(f, at_ms),
+            Op::CancelJob(r) => self.cancel_job(&r.id),
+            Op::Audit(e) => {
+                self.audit_event(e, at_ms);
+                Ok(Applied::done(""))
             }
+            Op::CreateUser(c) => self.create_user(c, at_ms).map(Applied::done),
+            Op::DeleteUser(r) => self.delete_user(&r.id).map(Applied::done),
+            Op::SetRole(r) => self.set_role(r).map(Applied::done),
         }
-    }
-
-    /// A host reported one of its VMs: record what it runs and finish the power tasks
-    /// whose goal is reached.
-    fn apply_reported_vm(&mut self, host_id: &str, rv: &ReportedVm, at_ms: u64) {
-        let Some(vm) = self.vms.get_mut(&rv.vm_id) else {
-            return;
-        };
-        if vm.host_id != host_id {
-            // A stale copy on a host the pool moved the VM away from (or a stopped VM's
-            // leftover definition); reconciliation removes it.
-            return;
-        }
-        vm.power_state = rv.power_state;
-        vm.last_stop_reason = rv.last_stop_reason;
-        let stopped = matches!(
-            vm.power_state(),
-            hpb::PowerState::Stopped | hpb::PowerState::Crashed
-        );
-        // The guest powered itself off: the pool takes that as the VM's wish (a crash,
-        // by contrast, is restarted).
-        if vm.power_state() == hpb::PowerState::Stopped
-            && vm.last_stop_reason() == hpb::StopReason::GuestPoweroff
-            && vm.desired_power_state() == hpb::PowerState::Running
-        {
-            vm.desired_power_state = hpb::PowerState::Stopped as i32;
-        }
-        if stopped && vm.desired_power_state() == hpb::PowerState::Stopped {
-            vm.host_id.clear();
-            vm.power_state = hpb::PowerState::Stopped as i32;
-        }
-        if stopped {
-            self.force_stop.remove(&rv.vm_id);
-        }
-        let Some(vm) = self.vms.get(&rv.vm_id) else {
-            return;
-        };
-        if vm.power_state == vm.desired_power_state {
-            let vm_id = vm.id.clone();
-            for t in self.tasks.values_mut() {
-                if t.target_id == vm_id
-                    && t.state == pb::TaskState::Running as i32
-                    && t.kind.starts_with("vm.")
-                    && !self.jobs.contains_key(&t.id)
-                {
-                    t.state = pb::TaskState::Succeeded as i32;
-                    t.progress_percent = 100;
-                    t.finished_at = ts(at_ms);
-                }
-            }
-        }
-        self.rebuild_alloc_host(host_id);
-    }
-
-    pub(crate) fn validate_spec(&self, spec: &pb::VmSpec) -> Result<(), CommandResult> {
-        if spec.name.is_empty() {
-            return Err(err(Code::InvalidArgument, "a VM needs a name"));
-        }
-        if spec.vcpus == 0 || spec.vcpus > 256 {
-            return Err(err(
-                Code::InvalidArgument,
-                format!("vcpus must be 1..=256, not {}", spec.vcpus),
-            ));
-        }
-        if spec.memory_bytes < (16 << 20) {
-            return Err(err(
-                Code::InvalidArgument,
-                format!(
-                    "memory must be at least 16 MiB, not {} bytes",
-                    spec.memory_bytes
-                ),
-            ));
-        }
-        for d in &spec.disks {
-            if !self.volumes.contains_key(&d.volume_id) {
-                return Err(err(
-                    Code::NotFound,
-                    format!("disk {}: no volume {}", d.disk_id, d.volume_id),
-                ));
-            }
-            if let Some(t) = self.volume_being_deleted(&d.volume_id) {
-                return Err(err(
-                    Code::FailedPrecondition,
-                    format!(
-                        "disk {}: volume {} is being deleted by task {t}",
-                        d.disk_id, d.volume_id
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// The same filters the scheduler ran, run again at commit time.
-    pub(crate) fn check_fits(&self, vm: &pb::Vm, host_id: &str) -> Result<(), CommandResult> {
-        let h = self
-            .hosts
-            .get(host_id)
-            .ok_or_else(|| err(Code::NotFound, format!("no host with id {host_id}")))?;
-        let cand = self.candidate(h);
-        let demand = self.demand(vm.spec.as_ref().unwrap_or(&pb::VmSpec::default()));
-        let r = scheduler::hard_filters(&cand, &demand, &self.policy());
-        if r.is_empty() {
-            Ok(())
-        } else {
-            // ABORTED: the placement was decided on a view this log has moved past; the
-            // caller schedules again. Not remembered under the request id (see `apply`).
-            Err(err(
-                Code::Aborted,
-                format!(
-                    "host {host_id} cannot take VM {}: {}",
-                    vm.id,
-                    r.iter()
-                        .map(|x| x.to_string())
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                ),
-            ))
-        }
-    }
-
-    pub fn policy(&self) -> Policy {
-        Policy {
-            strategy: pb::PlacementStrategy::try_from(self.settings.placement)
-                .unwrap_or(pb::PlacementStrategy::Spread),
-            cpu_overcommit_percent: self.settings.cpu_overcommit_percent,
-            memory_overcommit_percent: self.settings.memory_overcommit_percent,
-        }
-    }
-
-    pub fn candidate(&self, h: &pb::Host) -> HostCandidate {
-        let info = h.info.clone().unwrap_or_default();
-        let a = self.alloc.get(&h.id).cloned().unwrap_or_default();
-        HostCandidate {
-            id: h.id.clone(),
-            state: h.state(),
-            memory_bytes: if info.memory_available_bytes > 0 {
-                info.memory_available_bytes
-            } else {
-                info.memory_total_bytes
-            },
-            logical_cpus: info.logical_cpus,
-            memory_allocated_bytes: a.memory_bytes,
-            vcpus_allocated: a.vcpus,
-            cpu_features: info.cpu.map(|c| c.features).unwrap_or_default(),
-            ip: address_ip(&h.address),
-            groups: a.groups,
-        }
-    }
-
-    pub fn candidates(&self) -> Vec<HostCandidate> {
-        self.hosts.values().map(|h| self.candidate(h)).collect()
-    }
-
-    pub fn demand(&self, spec: &pb::VmSpec) -> Demand {
-        let mut srs: Vec<SrReach> = Vec::new();
-        for d in &spec.disks {
-            if let Some(v) = self.volumes.get(&d.volume_id)
-                && let Some(sr) = self.srs.get(&v.pool_id)
-                && !srs.iter().any(|s| s.id == sr.id)
-            {
-                srs.push(SrReach {
-                    id: sr.id.clone(),
-                    reachable: sr.reachable,
-                    shared: sr.shared,
-                    ip: address_ip(&sr.address),
-                });
-            }
-        }
-        Demand {
-            vcpus: spec.vcpus,
-            memory_bytes: spec.memory_bytes,
-            required_cpu_features: spec.required_cpu_features.clone(),
-            affinity_group: spec.affinity_group.clone(),
-            anti_affinity_group: spec.anti_affinity_group.clone(),
-            srs,
-        }
-    }
-
-    /// Recomputes what each host holds from the VMs (after any VM change).
-    pub fn rebuild_alloc(&mut self) {
-        let mut alloc: BTreeMap<String, Allocation> = BTreeMap::new();
-        for vm in self.vms.values() {
-            if vm.host_id.is_empty() {
-                continue;
-            }
-            let spec = vm.spec.clone().unwrap_or_default();
-            let a = alloc.entry(vm.host_id.clone()).or_default();
-            a.memory_bytes += spec.memory_bytes;
-            a.vcpus += spec.vcpus;
-            a.vm_ids.insert(vm.id.clone());
-            for g in [spec.affinity_group, spec.anti_affinity_group] {
-                if !g.is_empty() && !a.groups.contains(&g) {
-                    a.groups.push(g);
-                }
-            }
-        }
-        for (id, h) in self.hosts.iter_mut() {
-            let a = alloc.get(id).cloned().unwrap_or_default();
-            h.memory_allocated_bytes = a.memory_bytes;
-            h.vcpus_allocated = a.vcpus;
-            h.vm_ids = a.vm_ids.iter().cloned().collect();
-        }
-        self.alloc = alloc;
-    }
-
-    fn rebuild_alloc_host(&mut self, _host_id: &str) {
-        self.rebuild_alloc();
     }
 
     /// Applies a committed membership change's addresses.
@@ -1126,6 +500,8 @@ pub fn validate_settings(s: &pb::PoolSettings) -> Result<(), CommandResult> {
 
 #[cfg(test)]
 mod tests {
+    use proto::host as hpb;
+
     use super::*;
 
     fn cmd(request_id: &str, at_ms: u64, op: Op) -> Command {

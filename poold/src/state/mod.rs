@@ -1,11 +1,20 @@
 //! The replicated pool state: the commands the log carries ([`command`]), the state
-//! machine that applies them ([`machine`], with long operations in [`jobs`] and users, audit and storage figures in [`users`]) and its versioned snapshot format
-//! ([`snapshot`]).
+//! machine that applies them and its versioned snapshot format ([`snapshot`]).
+//!
+//! [`machine`] holds the state and the apply loop (request ids, tasks, audit of each
+//! command); each kind of object has its part of the apply in a file of its own:
+//! [`hosts`], [`storage`] (repositories and volumes), [`vms`] (VMs and templates),
+//! [`jobs`] (long operations), [`users`] (users, roles, audit log); [`placement`] is what
+//! the scheduler sees of the state.
 
 pub mod command;
+pub mod hosts;
 pub mod jobs;
 pub mod machine;
+pub mod placement;
 pub mod snapshot;
+pub mod storage;
 pub mod users;
+pub mod vms;
 
 pub use machine::PoolState;

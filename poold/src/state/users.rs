@@ -1,5 +1,4 @@
-//! The state machine's users, roles and audit log, and the storage figures storaged
-//! reports.
+//! The state machine's users, roles and audit log.
 
 #![allow(clippy::result_large_err)]
 
@@ -7,11 +6,7 @@ use proto::coordinator as pb;
 use tonic::Code;
 
 use super::command::*;
-use super::machine::{AUDIT_KEPT, PoolState, UserRecord, ts};
-
-fn err(code: Code, msg: impl Into<String>) -> CommandResult {
-    CommandResult::error(code, msg)
-}
+use super::machine::{AUDIT_KEPT, PoolState, UserRecord, err, ts};
 
 impl PoolState {
     pub fn user_by_name(&self, name: &str) -> Option<&UserRecord> {
@@ -135,6 +130,14 @@ impl PoolState {
         }
     }
 
+    /// An event the services record themselves (a call refused before the log, a
+    /// membership change), stamped with the time of the command that carries it.
+    pub(super) fn audit_event(&mut self, e: &pb::AuditEvent, at_ms: u64) {
+        let mut e = e.clone();
+        e.at = ts(at_ms);
+        self.push_audit(e);
+    }
+
     /// The audit record of an applied command that a person asked for.
     pub(crate) fn record_audit(&mut self, cmd: &Command, result: &CommandResult) {
         let task = result.task.as_ref();
@@ -154,29 +157,5 @@ impl PoolState {
             peer_address: cmd.peer.clone(),
         };
         self.push_audit(e);
-    }
-
-    pub(crate) fn storage_refresh(&mut self, r: &StorageRefresh) {
-        for f in &r.srs {
-            let Some(sr) = self.srs.get_mut(&f.sr_id) else {
-                continue;
-            };
-            sr.reachable = f.reachable;
-            if f.usage.is_some() {
-                sr.usage = f.usage;
-            }
-            if !f.portals.is_empty() {
-                sr.portals = f.portals.clone();
-            }
-            for v in &f.volumes {
-                if let Some(mine) = self.volumes.get_mut(&v.id)
-                    && mine.pool_id == f.sr_id
-                {
-                    let mut v = v.clone();
-                    v.pool_id = f.sr_id.clone();
-                    *mine = v;
-                }
-            }
-        }
     }
 }
