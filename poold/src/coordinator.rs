@@ -1,6 +1,7 @@
 //! The member's request logic between the gRPC services and the Raft node: writes go to
 //! the leader (forwarded when this member follows), reads pass a ReadIndex barrier first,
-//! placements are scheduled and committed, host heartbeats are tracked.
+//! placements are scheduled and committed, the Raft group's members and leader change,
+//! host heartbeats are tracked.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 use prost::Message as _;
 use proto::coordinator as pb;
 use proto::coordinator::coordinator_peer_service_client::CoordinatorPeerServiceClient;
+use raft::eraftpb::{ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -17,13 +19,61 @@ use crate::consensus::transport::{Faults, member_address};
 use crate::consensus::{NodeError, NodeHandle};
 use crate::scheduler;
 use crate::state::PoolState;
-use crate::state::command::{Command, CommandResult, Op};
+use crate::state::command::{Command, CommandResult, MemberChange, MemberRecord, Op};
 
 /// How long a write may wait for a leader and its commit before the caller hears
 /// "unavailable" (and retries with the same request id).
 pub const WRITE_DEADLINE: Duration = Duration::from_secs(8);
 /// How long a read may wait for its ReadIndex barrier.
 pub const READ_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a leadership transfer may take: the new leader must first have the whole log.
+pub const LEADERSHIP_TRANSFER_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A change of the Raft group's members, as a person asks for it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MembershipChange {
+    /// A new member at `address`: a voter, or a learner that only follows the log. With
+    /// `replaces`, the old member leaves in the same (joint-consensus) change.
+    Add {
+        id: u64,
+        address: String,
+        learner: bool,
+        replaces: Option<u64>,
+    },
+    Remove {
+        id: u64,
+    },
+}
+
+impl MembershipChange {
+    /// The Raft configuration change, and the members whose addresses it records.
+    fn conf_change(&self) -> (Vec<(ConfChangeType, u64)>, Vec<MemberRecord>) {
+        match self {
+            MembershipChange::Add {
+                id,
+                address,
+                learner,
+                replaces,
+            } => {
+                let add = if *learner {
+                    ConfChangeType::AddLearnerNode
+                } else {
+                    ConfChangeType::AddNode
+                };
+                let mut changes = vec![(add, *id)];
+                if let Some(old) = replaces {
+                    changes.push((ConfChangeType::RemoveNode, *old));
+                }
+                let record = MemberRecord {
+                    id: *id,
+                    address: address.clone(),
+                };
+                (changes, vec![record])
+            }
+            MembershipChange::Remove { id } => (vec![(ConfChangeType::RemoveNode, *id)], vec![]),
+        }
+    }
+}
 
 /// What the leader keeps in memory about each host between committed reports.
 #[derive(Debug, Clone)]
@@ -319,6 +369,88 @@ impl Coordinator {
         Err(last)
     }
 
+    /// Changes the Raft group's members, on the leader; a retry with the same request id
+    /// answers the first change's task. A membership change is not a state-machine
+    /// command: the caller audits it.
+    pub async fn change_members(
+        &self,
+        request_id: &str,
+        change: &MembershipChange,
+    ) -> Result<pb::Task, Status> {
+        if let Some(prev) = self
+            .read(|s| s.lookup_request(request_id, "pool.member_change"))
+            .await?
+        {
+            return prev.into_status();
+        }
+        let (changes, members) = change.conf_change();
+        let mut cc = ConfChangeV2::default();
+        for (t, id) in &changes {
+            let mut one = ConfChangeSingle::default();
+            one.change_type = *t;
+            one.node_id = *id;
+            cc.changes.push(one);
+        }
+        // More than one change (a replacement) goes through joint consensus, left
+        // automatically once the joint configuration commits.
+        cc.transition = ConfChangeTransition::Auto;
+        let ch = MemberChange {
+            members,
+            request_id: request_id.to_owned(),
+            task_id: uuid::Uuid::new_v4().to_string(),
+            at_ms: crate::consensus::node::stamp(),
+        };
+        cc.context = ch.encode_to_vec().into();
+        if !self.is_leader() {
+            let st = self.node.status();
+            return Err(Status::unavailable(format!(
+                "membership changes are made on the leader (member {}); retry there",
+                st.leader_id
+            )));
+        }
+        let (r, _) = self.node.conf_change(cc).await.map_err(node_status)?;
+        r.into_status()
+    }
+
+    /// Hands leadership to member `to` and waits until it leads: its id and term then.
+    /// Not the leader: Unavailable, and the client retries on the leader.
+    pub async fn transfer_leadership(&self, to: u64) -> Result<(u64, u64), Status> {
+        self.node.transfer_leader(to).await.map_err(node_status)?;
+        let deadline = tokio::time::Instant::now() + LEADERSHIP_TRANSFER_DEADLINE;
+        loop {
+            let (mut leader, mut term) = {
+                let st = self.node.shared.status.lock().expect("status lock");
+                (st.leader_id, st.term)
+            };
+            // A leader that is leaving the group hears nothing from its successor, so ask
+            // the successor itself.
+            if leader != to
+                && let Ok(mut p) = self.peer_client(to)
+                && let Ok(Ok(st)) = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    p.get_member_status(pb::MemberStatusRequest {}),
+                )
+                .await
+            {
+                let st = st.into_inner();
+                if st.leader_id == to {
+                    (leader, term) = (to, st.term);
+                }
+            }
+            if leader == to {
+                return Ok((leader, term));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::deadline_exceeded(format!(
+                    "member {to} did not take over within {LEADERSHIP_TRANSFER_DEADLINE:?} \
+                     (leader now {leader}); it may be behind or unreachable: check \
+                     ListMembers and try again"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Keeps `leader_since` current; called by the leader-only loops.
     pub fn leader_term_start(&self) -> Option<Instant> {
         let st = self.node.status();
@@ -336,6 +468,53 @@ impl Coordinator {
                 self.liveness.lock().expect("liveness lock").clear();
                 Some(now)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn membership_changes_become_the_raft_configuration_changes() {
+        let add = |learner, replaces| MembershipChange::Add {
+            id: 4,
+            address: "10.0.0.4:7000".into(),
+            learner,
+            replaces,
+        };
+        let record = vec![MemberRecord {
+            id: 4,
+            address: "10.0.0.4:7000".into(),
+        }];
+        let cases = [
+            (
+                add(false, None),
+                vec![(ConfChangeType::AddNode, 4)],
+                record.clone(),
+            ),
+            (
+                add(true, None),
+                vec![(ConfChangeType::AddLearnerNode, 4)],
+                record.clone(),
+            ),
+            (
+                add(false, Some(1)),
+                vec![
+                    (ConfChangeType::AddNode, 4),
+                    (ConfChangeType::RemoveNode, 1),
+                ],
+                record,
+            ),
+            (
+                MembershipChange::Remove { id: 2 },
+                vec![(ConfChangeType::RemoveNode, 2)],
+                vec![],
+            ),
+        ];
+        for (change, changes, members) in cases {
+            assert_eq!(change.conf_change(), (changes, members), "{change:?}");
         }
     }
 }

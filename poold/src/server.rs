@@ -137,7 +137,7 @@ impl Member {
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .add_service(
-                PoolServiceServer::new(pool::PoolApi {
+                PoolServiceServer::new(pool::PoolHandler {
                     c: c.clone(),
                     hosts: grpc.clone(),
                     storage: grpc.clone(),

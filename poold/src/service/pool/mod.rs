@@ -1,0 +1,74 @@
+//! `PoolService`: the pool as people and tools see it, served by every member.
+//!
+//! Every call is authorized first ([`crate::auth`]: the caller's token and roles against
+//! the method); every call that changes the pool is written to the audit log, by the
+//! state machine when the change reaches the log, here when it is refused before.
+//! Changes that need storaged or hostd start a job ([`crate::jobs`]) and answer with its
+//! task, finished when the job took less than [`QUICK`].
+//!
+//! # Layout
+//! - [`api`]: the tonic `PoolService` impl; each call authorizes and hands over to the
+//!   file of its resource.
+//! - [`authorize`]: who may call, and the audit of what was refused before the log.
+//! - [`request`]: required arguments, paging, job refusals as answers.
+//! - one file per resource: [`members`] (the Raft group), [`settings`] (pool and HA
+//!   settings), [`hosts`], [`metrics`], [`storage`] (repositories, volumes, volume
+//!   access), [`vms`] (VMs, their snapshots, placement), [`console`], [`templates`],
+//!   [`tasks`], [`users`] (users, roles, login, the audit log).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::Status;
+
+use crate::auth::Caller;
+use crate::coordinator::Coordinator;
+use crate::state::command::JobSpec;
+use proto::coordinator as pb;
+
+mod api;
+mod authorize;
+mod console;
+mod hosts;
+mod members;
+mod metrics;
+mod request;
+mod settings;
+mod storage;
+mod tasks;
+mod templates;
+mod users;
+mod vms;
+
+/// How long a call waits for the job it started before answering with the running task.
+pub const QUICK: Duration = Duration::from_secs(3);
+
+/// The server side of `PoolService`: the member's coordinator and the backends that jobs
+/// and volume access act through.
+pub struct PoolHandler {
+    pub c: Arc<Coordinator>,
+    pub hosts: Arc<dyn crate::backend::HostOps>,
+    pub storage: Arc<dyn crate::backend::StorageOps>,
+}
+
+impl PoolHandler {
+    fn env(&self) -> crate::jobs::Env {
+        crate::jobs::Env {
+            ledger: self.c.clone(),
+            storage: self.storage.clone(),
+            hosts: self.hosts.clone(),
+        }
+    }
+
+    /// Commits a job and waits up to [`QUICK`] for it to finish.
+    async fn start_job(
+        &self,
+        who: &Caller,
+        request_id: &str,
+        spec: JobSpec,
+    ) -> Result<pb::Task, Status> {
+        self.c
+            .write_and_wait(who, request_id, request::job(spec), QUICK)
+            .await
+    }
+}

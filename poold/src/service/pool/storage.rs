@@ -1,0 +1,282 @@
+//! Storage: repositories (a storaged's thin pool), the volumes in them, and direct
+//! iSCSI access to a volume from outside the pool.
+
+use proto::coordinator as pb;
+use proto::host as hpb;
+use tonic::Status;
+
+use super::PoolHandler;
+use super::request::{job_status, need, page};
+use crate::auth::Caller;
+use crate::jobs::storage::SrLoc;
+use crate::state::command::*;
+
+pub(super) async fn create_sr(
+    svc: &PoolHandler,
+    who: &Caller,
+    r: pb::CreateStorageRepositoryRequest,
+) -> Result<pb::Task, Status> {
+    need("name", &r.name)?;
+    need("address", &r.address)?;
+    if r.thin_pool_id.is_empty() && r.create_pool.is_none() {
+        return Err(Status::invalid_argument(
+            "give thin_pool_id (adopt an existing thin pool of that storaged) or create_pool",
+        ));
+    }
+    let sr = pb::StorageRepository {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: r.name,
+        address: r.address,
+        thin_pool_id: r.thin_pool_id,
+        portals: vec![],
+        usage: None,
+        shared: true,
+        reachable: true,
+    };
+    svc.start_job(
+        who,
+        &r.request_id,
+        JobSpec::CreateSr(CreateSrJob {
+            sr: Some(sr),
+            create_pool: r.create_pool,
+        }),
+    )
+    .await
+}
+
+pub(super) async fn get_sr(svc: &PoolHandler, id: String) -> Result<pb::StorageRepository, Status> {
+    svc.c
+        .read(|s| s.srs.get(&id).cloned())
+        .await?
+        .ok_or_else(|| Status::not_found(format!("no storage repository with id {id}")))
+}
+
+pub(super) async fn list_srs(
+    svc: &PoolHandler,
+    r: pb::ListStorageRepositoriesRequest,
+) -> Result<pb::ListStorageRepositoriesResponse, Status> {
+    let (repositories, next) = svc
+        .c
+        .read(|s| {
+            page(
+                s.srs.iter().map(|(k, v)| (k.clone(), v.clone())),
+                r.page.as_ref(),
+            )
+        })
+        .await?;
+    Ok(pb::ListStorageRepositoriesResponse {
+        repositories,
+        next_page_token: next,
+    })
+}
+
+pub(super) async fn remove_sr(
+    svc: &PoolHandler,
+    who: &Caller,
+    r: pb::RemoveStorageRepositoryRequest,
+) -> Result<pb::Task, Status> {
+    svc.c
+        .write(who, &r.request_id, Op::RemoveSr(ObjectId { id: r.sr_id }))
+        .await
+}
+
+fn volume_job(action: VolumeAction) -> VolumeJob {
+    VolumeJob {
+        action: action as i32,
+        ..Default::default()
+    }
+}
+
+pub(super) async fn create_volume(
+    svc: &PoolHandler,
+    who: &Caller,
+    r: pb::CreateVolumeRequest,
+) -> Result<pb::Task, Status> {
+    need("sr_id", &r.sr_id)?;
+    need("name", &r.name)?;
+    let v = VolumeJob {
+        sr_id: r.sr_id,
+        name: r.name,
+        size_bytes: r.virtual_size_bytes,
+        labels: r.labels,
+        ..volume_job(VolumeAction::Create)
+    };
+    svc.start_job(who, &r.request_id, JobSpec::Volume(v)).await
+}
+
+pub(super) async fn get_volume(
+    svc: &PoolHandler,
+    id: String,
+) -> Result<proto::storage::Volume, Status> {
+    svc.c
+        .read(|s| s.volumes.get(&id).cloned())
+        .await?
+        .ok_or_else(|| Status::not_found(format!("no volume with id {id}")))
+}
+
+pub(super) async fn list_volumes(
+    svc: &PoolHandler,
+    r: pb::ListVolumesRequest,
+) -> Result<pb::ListVolumesResponse, Status> {
+    let (volumes, next) = svc
+        .c
+        .read(|s| {
+            page(
+                s.volumes
+                    .iter()
+                    .filter(|(_, v)| r.sr_id.is_empty() || v.pool_id == r.sr_id)
+                    .map(|(k, v)| (k.clone(), v.clone())),
+                r.page.as_ref(),
+            )
+        })
+        .await?;
+    Ok(pb::ListVolumesResponse {
+        volumes,
+        next_page_token: next,
+    })
+}
+
+pub(super) async fn resize_volume(
+    svc: &PoolHandler,
+    who: &Caller,
+    r: pb::ResizeVolumeRequest,
+) -> Result<pb::Task, Status> {
+    let v = VolumeJob {
+        volume_id: r.volume_id,
+        size_bytes: r.new_virtual_size_bytes,
+        force: r.force,
+        ..volume_job(VolumeAction::Resize)
+    };
+    svc.start_job(who, &r.request_id, JobSpec::Volume(v)).await
+}
+
+pub(super) async fn snapshot_volume(
+    svc: &PoolHandler,
+    who: &Caller,
+    r: pb::SnapshotVolumeRequest,
+) -> Result<pb::Task, Status> {
+    let v = VolumeJob {
+        volume_id: r.volume_id,
+        name: r.name,
+        ..volume_job(VolumeAction::Snapshot)
+    };
+    svc.start_job(who, &r.request_id, JobSpec::Volume(v)).await
+}
+
+pub(super) async fn clone_volume(
+    svc: &PoolHandler,
+    who: &Caller,
+    r: pb::CloneVolumeRequest,
+) -> Result<pb::Task, Status> {
+    let v = VolumeJob {
+        volume_id: r.source_id,
+        name: r.name,
+        ..volume_job(VolumeAction::Clone)
+    };
+    svc.start_job(who, &r.request_id, JobSpec::Volume(v)).await
+}
+
+pub(super) async fn revert_volume(
+    svc: &PoolHandler,
+    who: &Caller,
+    r: pb::RevertVolumeRequest,
+) -> Result<pb::Task, Status> {
+    let v = VolumeJob {
+        volume_id: r.volume_id,
+        snapshot_id: r.snapshot_id,
+        ..volume_job(VolumeAction::Revert)
+    };
+    svc.start_job(who, &r.request_id, JobSpec::Volume(v)).await
+}
+
+pub(super) async fn delete_volume(
+    svc: &PoolHandler,
+    who: &Caller,
+    r: pb::DeleteVolumeRequest,
+) -> Result<pb::Task, Status> {
+    let v = VolumeJob {
+        volume_id: r.volume_id,
+        ..volume_job(VolumeAction::Delete)
+    };
+    svc.start_job(who, &r.request_id, JobSpec::Volume(v)).await
+}
+
+/// Where a volume is and its size; refused while a VM that is not stopped uses it
+/// (blocks written under a running guest would corrupt its disk).
+async fn volume_for_access(svc: &PoolHandler, volume_id: &str) -> Result<(SrLoc, u64), Status> {
+    svc.c
+        .read(|s| {
+            let loc = crate::jobs::storage::volume_loc(s, volume_id).map_err(job_status)?;
+            let size = s.volumes[volume_id].virtual_size_bytes;
+            let user = s.vms.values().find(|vm| {
+                let uses = vm
+                    .spec
+                    .as_ref()
+                    .is_some_and(|sp| sp.disks.iter().any(|d| d.volume_id == volume_id));
+                let stopped = vm.desired_power_state() == hpb::PowerState::Stopped
+                    && vm.power_state() == hpb::PowerState::Stopped;
+                uses && !stopped
+            });
+            if let Some(vm) = user {
+                return Err(Status::failed_precondition(format!(
+                    "volume {volume_id} is a disk of VM {} which is not stopped: shut it \
+                     down, or export a snapshot of the volume",
+                    vm.spec.as_ref().map_or(vm.id.as_str(), |s| s.name.as_str())
+                )));
+            }
+            Ok((loc, size))
+        })
+        .await?
+}
+
+/// Lets an initiator outside the pool reach a volume over iSCSI: its export is granted
+/// to the initiator's IQN.
+pub(super) async fn open_access(
+    svc: &PoolHandler,
+    r: &pb::VolumeAccessRequest,
+) -> Result<pb::VolumeAccess, Status> {
+    need("volume_id", &r.volume_id)?;
+    need("initiator_iqn", &r.initiator_iqn)?;
+    let (loc, size) = volume_for_access(svc, &r.volume_id).await?;
+    let env = svc.env();
+    let export = crate::jobs::vm::export_of(&env, &loc, &r.volume_id)
+        .await
+        .map_err(job_status)?;
+    svc.storage
+        .grant(&loc.address, &export.id, &r.initiator_iqn)
+        .await?;
+    let portal = export.portals.first().cloned().ok_or_else(|| {
+        Status::failed_precondition(format!("storaged at {} lists no iSCSI portal", loc.address))
+    })?;
+    Ok(pb::VolumeAccess {
+        portal,
+        target_iqn: export.target_iqn,
+        lun: export.lun,
+        size_bytes: size,
+    })
+}
+
+/// Revokes the initiator's access on every export of the volume; answers how many of its
+/// sessions were dropped.
+pub(super) async fn close_access(
+    svc: &PoolHandler,
+    r: &pb::VolumeAccessRequest,
+) -> Result<pb::CloseVolumeAccessResponse, Status> {
+    need("volume_id", &r.volume_id)?;
+    need("initiator_iqn", &r.initiator_iqn)?;
+    let loc = svc
+        .c
+        .read(|s| crate::jobs::storage::volume_loc(s, &r.volume_id))
+        .await?
+        .map_err(job_status)?;
+    let mut dropped = 0;
+    for e in svc.storage.list_exports(&loc.address, &r.volume_id).await? {
+        dropped += svc
+            .storage
+            .revoke(&loc.address, &e.id, &r.initiator_iqn)
+            .await?;
+    }
+    Ok(pb::CloseVolumeAccessResponse {
+        sessions_dropped: dropped,
+    })
+}
