@@ -70,6 +70,11 @@ const RECORD_HEADER: usize = 8;
 pub enum WalError {
     #[error("Raft WAL I/O failed")]
     Io(#[from] io::Error),
+    #[error("the Raft WAL's syncer thread is gone")]
+    SyncerGone,
+    /// Reported by every call after the syncer's first failure.
+    #[error("a Raft WAL write or fdatasync failed; nothing after it is durable")]
+    Failed(#[source] Arc<io::Error>),
     #[error("the Raft WAL's header is damaged")]
     BadHeader,
 }
@@ -119,7 +124,7 @@ struct Durable {
     /// Every write numbered up to this one is durable.
     number: u64,
     /// The write or fdatasync that failed; nothing after it is written.
-    failed: Option<String>,
+    failed: Option<Arc<io::Error>>,
 }
 
 impl Wal {
@@ -206,7 +211,7 @@ impl Wal {
     /// Hands the staged records to the syncer thread and returns the number that
     /// [`Wal::durable`] reaches once they are durable (with nothing staged, the number
     /// of the last submitted write: what is staged now is durable once that is).
-    pub fn submit(&mut self) -> io::Result<u64> {
+    pub fn submit(&mut self) -> Result<u64, WalError> {
         if self.staged.is_empty() {
             return Ok(self.submitted);
         }
@@ -224,7 +229,7 @@ impl Wal {
             .is_some_and(|q| q.send(write).is_ok());
         if !sent {
             self.durable()?;
-            return Err(io::Error::other("the WAL's syncer thread is gone"));
+            return Err(WalError::SyncerGone);
         }
         self.submitted += 1;
         self.len += len;
@@ -232,16 +237,16 @@ impl Wal {
     }
 
     /// The number of the newest durable write; an error once a write or fdatasync failed.
-    pub fn durable(&self) -> io::Result<u64> {
+    pub fn durable(&self) -> Result<u64, WalError> {
         let d = self.syncer.progress.state.lock().expect("WAL progress");
         match &d.failed {
-            Some(e) => Err(io::Error::other(format!("Raft WAL write failed: {e}"))),
+            Some(e) => Err(WalError::Failed(e.clone())),
             None => Ok(d.number),
         }
     }
 
     /// Waits until the write numbered `number` (and so every one before it) is durable.
-    pub fn wait(&self, number: u64) -> io::Result<()> {
+    pub fn wait(&self, number: u64) -> Result<(), WalError> {
         let p = &self.syncer.progress;
         let mut d = p.state.lock().expect("WAL progress");
         while d.number < number && d.failed.is_none() {
@@ -252,7 +257,7 @@ impl Wal {
     }
 
     /// Writes the staged records and waits until they are durable.
-    pub fn sync(&mut self) -> io::Result<()> {
+    pub fn sync(&mut self) -> Result<(), WalError> {
         let n = self.submit()?;
         self.wait(n)
     }
@@ -279,7 +284,7 @@ impl Wal {
     /// Empties the WAL, staged records included: call only once everything it held
     /// is durable in sled. The next epoch's header makes every record written so far stale.
     /// Waits for the writes in flight first, so none lands after the new header.
-    pub fn reset(&mut self) -> io::Result<()> {
+    pub fn reset(&mut self) -> Result<(), WalError> {
         self.staged.clear();
         self.wait(self.submitted)?;
         if self.len > 0 {
@@ -315,7 +320,7 @@ impl Syncer {
                         let mut d = p.state.lock().expect("WAL progress");
                         match outcome {
                             Ok(()) => d.number = last,
-                            Err(e) => d.failed = Some(e.to_string()),
+                            Err(e) => d.failed = Some(Arc::new(e)),
                         }
                     }
                     p.changed.notify_all();

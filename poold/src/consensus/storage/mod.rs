@@ -87,7 +87,7 @@ pub enum StoreError {
     #[error("cannot encode a Raft record")]
     Encode(#[source] protobuf::ProtobufError),
     #[error("the Raft WAL failed")]
-    Wal(#[source] std::io::Error),
+    Wal(#[source] super::wal::WalError),
     #[error("cannot make the Raft store durable")]
     Sync(#[source] sled_sync::SyncError),
     #[error("the Raft store's sled writer thread is gone")]

@@ -101,7 +101,7 @@ impl DiskStorage {
         let mut wal = wal;
         wal.reset().map_err(|source| StorageOpenError::Wal {
             path: path.clone(),
-            source: source.into(),
+            source,
         })?;
         let mut hard = match meta.get(K_HARD).map_err(io)? {
             Some(v) => HardState::parse_from_bytes(&v).map_err(|_| corrupt("hard state"))?,
