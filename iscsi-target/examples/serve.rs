@@ -39,11 +39,12 @@ struct Args {
     /// Initiators allowed to log in (any initiator when none is given).
     #[arg(long = "initiator")]
     initiators: Vec<String>,
-    /// CHAP user and secret the initiators must authenticate with: USER:SECRET.
-    #[arg(long)]
+    /// CHAP user and secret the initiators must authenticate with: USER:SECRET. CHAP is
+    /// per initiator, so this needs at least one --initiator.
+    #[arg(long, requires = "initiators")]
     chap: Option<String>,
-    /// Mutual CHAP user and secret the target answers with: USER:SECRET.
-    #[arg(long)]
+    /// Mutual CHAP user and secret the target answers with: USER:SECRET (needs --chap).
+    #[arg(long, requires = "chap")]
     mutual_chap: Option<String>,
     /// Directory keeping persistent reservations across restarts (memory when left out).
     #[arg(long)]
@@ -126,4 +127,23 @@ fn main() -> anyhow::Result<()> {
         server.run(listener, shutdown).await?;
         anyhow::Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &[&str] = &["serve", "--file", "f", "--iqn", "iqn.2024-01.t:x"];
+
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(BASE.iter().chain(extra))
+    }
+
+    #[test]
+    fn chap_needs_an_initiator_to_apply_to() {
+        assert!(parse(&["--chap", "u:s"]).is_err());
+        assert!(parse(&["--initiator", "iqn.2024-01.h:1", "--mutual-chap", "t:s"]).is_err());
+        assert!(parse(&["--initiator", "iqn.2024-01.h:1", "--chap", "u:s"]).is_ok());
+        assert!(parse(&[]).is_ok());
+    }
 }

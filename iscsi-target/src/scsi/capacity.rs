@@ -1,7 +1,8 @@
 //! READ CAPACITY (10) and (16).
 
 use super::sense::Sense;
-use super::{CmdResult, Ctx, be32, truncate};
+use super::{CmdResult, Ctx, truncate};
+use iscsi_pdu::be32;
 
 pub fn read_capacity_10(ctx: &Ctx<'_>, cdb: &[u8]) -> CmdResult {
     // PMI with a nonzero LBA is obsolete; an LBA without PMI is an error (SBC-3 §5.15).

@@ -3,8 +3,9 @@
 
 use super::inquiry::MAX_COMPARE_AND_WRITE_BLOCKS;
 use super::sense::{Failure, Sense, sense_for};
-use super::{CmdResult, Ctx, MAX_TRANSFER_BYTES, Reply, be64, check_lba, check_writable};
+use super::{CmdResult, Ctx, MAX_TRANSFER_BYTES, Reply, check_lba, check_writable};
 use crate::block::BlockError;
+use iscsi_pdu::be64;
 
 pub fn compare_and_write(ctx: &Ctx<'_>, cdb: &[u8], reply: &mut Reply) -> CmdResult {
     let wrprotect = cdb[1] >> 5;
@@ -40,7 +41,7 @@ pub fn compare_and_write(ctx: &Ctx<'_>, cdb: &[u8], reply: &mut Reply) -> CmdRes
         Err(BlockError::Miscompare { offset: at }) => {
             // INFORMATION is the offset of the first differing byte in the compare data.
             return Err(Sense::MISCOMPARE_DURING_VERIFY
-                .with_info((at - offset) as u32)
+                .with_information((at - offset) as u64)
                 .into());
         }
         Err(e) => return Err(Failure::from(sense_for(&e, false))),
@@ -56,13 +57,13 @@ pub fn compare_and_write(ctx: &Ctx<'_>, cdb: &[u8], reply: &mut Reply) -> CmdRes
 
 #[cfg(test)]
 mod tests {
-    use super::super::op;
     use super::super::sense::status;
     use super::super::test_utils::TestFabric;
+    use iscsi_pdu::scsi::opcode;
 
     fn caw(lba: u8, blocks: u8) -> [u8; 16] {
         let mut c = [0u8; 16];
-        c[0] = op::COMPARE_AND_WRITE;
+        c[0] = opcode::COMPARE_AND_WRITE;
         c[9] = lba;
         c[13] = blocks;
         c

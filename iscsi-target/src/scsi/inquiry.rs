@@ -2,7 +2,8 @@
 //! 0xB1 and 0xB2.
 
 use super::sense::Sense;
-use super::{CmdResult, Ctx, MAX_TRANSFER_BYTES, be16, truncate};
+use super::{CmdResult, Ctx, MAX_TRANSFER_BYTES, truncate};
+use iscsi_pdu::be16;
 
 pub const VENDOR: &[u8; 8] = b"POOL    ";
 pub const PRODUCT: &[u8; 16] = b"THIN VOLUME     ";

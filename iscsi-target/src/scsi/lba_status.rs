@@ -1,7 +1,8 @@
 //! GET LBA STATUS: which ranges hold data, so backup and export tools can skip the rest.
 
 use super::sense::{Failure, Sense, sense_for};
-use super::{CmdResult, Ctx, be32, be64, truncate};
+use super::{CmdResult, Ctx, truncate};
+use iscsi_pdu::{be32, be64};
 
 /// Most descriptors one answer carries.
 const MAX_DESCRIPTORS: usize = 512;

@@ -3,7 +3,8 @@
 use iscsi_pdu::bhs::encode_lun;
 
 use super::sense::Sense;
-use super::{CmdResult, Ctx, be32, truncate};
+use super::{CmdResult, Ctx, truncate};
+use iscsi_pdu::be32;
 
 pub fn report_luns(ctx: &Ctx<'_>, cdb: &[u8]) -> CmdResult {
     let select = cdb[2];

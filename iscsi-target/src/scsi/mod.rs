@@ -24,6 +24,8 @@ pub mod xcopy;
 
 use std::sync::Arc;
 
+use iscsi_pdu::scsi::opcode;
+
 use crate::lun::Lun;
 use sense::{Failure, Sense, status};
 
@@ -73,76 +75,6 @@ pub struct Reply {
 
 pub type CmdResult = Result<Vec<u8>, Failure>;
 
-pub fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-pub fn be24(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([0, b[at], b[at + 1], b[at + 2]])
-}
-
-pub fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-pub fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
-/// Opcodes we serve.
-pub mod op {
-    pub const TEST_UNIT_READY: u8 = 0x00;
-    pub const REQUEST_SENSE: u8 = 0x03;
-    pub const READ_6: u8 = 0x08;
-    pub const WRITE_6: u8 = 0x0a;
-    pub const INQUIRY: u8 = 0x12;
-    pub const MODE_SELECT_6: u8 = 0x15;
-    pub const RESERVE_6: u8 = 0x16;
-    pub const RELEASE_6: u8 = 0x17;
-    pub const MODE_SENSE_6: u8 = 0x1a;
-    pub const START_STOP_UNIT: u8 = 0x1b;
-    pub const PREVENT_ALLOW: u8 = 0x1e;
-    pub const READ_CAPACITY_10: u8 = 0x25;
-    pub const READ_10: u8 = 0x28;
-    pub const WRITE_10: u8 = 0x2a;
-    pub const WRITE_VERIFY_10: u8 = 0x2e;
-    pub const VERIFY_10: u8 = 0x2f;
-    pub const PRE_FETCH_10: u8 = 0x34;
-    pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
-    pub const READ_DEFECT_DATA_10: u8 = 0x37;
-    pub const WRITE_SAME_10: u8 = 0x41;
-    pub const UNMAP: u8 = 0x42;
-    pub const MODE_SELECT_10: u8 = 0x55;
-    pub const MODE_SENSE_10: u8 = 0x5a;
-    pub const PERSISTENT_RESERVE_IN: u8 = 0x5e;
-    pub const PERSISTENT_RESERVE_OUT: u8 = 0x5f;
-    pub const EXTENDED_COPY: u8 = 0x83;
-    pub const RECEIVE_COPY_RESULTS: u8 = 0x84;
-    pub const READ_16: u8 = 0x88;
-    pub const COMPARE_AND_WRITE: u8 = 0x89;
-    pub const ORWRITE_16: u8 = 0x8b;
-    pub const WRITE_16: u8 = 0x8a;
-    pub const WRITE_VERIFY_16: u8 = 0x8e;
-    pub const VERIFY_16: u8 = 0x8f;
-    pub const PRE_FETCH_16: u8 = 0x90;
-    pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
-    pub const WRITE_SAME_16: u8 = 0x93;
-    pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
-    pub const REPORT_LUNS: u8 = 0xa0;
-    pub const MAINTENANCE_IN: u8 = 0xa3;
-    pub const READ_12: u8 = 0xa8;
-    pub const WRITE_12: u8 = 0xaa;
-    pub const WRITE_VERIFY_12: u8 = 0xae;
-    pub const VERIFY_12: u8 = 0xaf;
-    pub const READ_DEFECT_DATA_12: u8 = 0xb7;
-
-    /// SERVICE ACTION IN(16) actions.
-    pub const SAI_READ_CAPACITY_16: u8 = 0x10;
-    pub const SAI_GET_LBA_STATUS: u8 = 0x12;
-    /// MAINTENANCE IN actions.
-    pub const MI_REPORT_SUPPORTED_OPCODES: u8 = 0x0c;
-}
-
 /// How a command relates to reservations and unit attentions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Access {
@@ -155,7 +87,7 @@ enum Access {
 }
 
 fn access_of(cdb: &[u8]) -> Access {
-    use op::*;
+    use opcode::*;
     match cdb[0] {
         INQUIRY
         | REPORT_LUNS
@@ -166,7 +98,7 @@ fn access_of(cdb: &[u8]) -> Access {
         | TEST_UNIT_READY
         | MAINTENANCE_IN
         | RELEASE_6 => Access::Always,
-        SERVICE_ACTION_IN_16 if cdb[1] & 0x1f == op::SAI_READ_CAPACITY_16 => Access::Always,
+        SERVICE_ACTION_IN_16 if cdb[1] & 0x1f == opcode::SAI_READ_CAPACITY_16 => Access::Always,
         READ_6 | READ_10 | READ_12 | READ_16 | VERIFY_10 | VERIFY_12 | VERIFY_16 | PRE_FETCH_10
         | PRE_FETCH_16 | SERVICE_ACTION_IN_16 | MODE_SENSE_6 | MODE_SENSE_10
         | READ_DEFECT_DATA_10 | READ_DEFECT_DATA_12 | RECEIVE_COPY_RESULTS => Access::Read,
@@ -231,8 +163,10 @@ fn dispatch(ctx: &Ctx<'_>, cdb: &[u8], reply: &mut Reply) -> CmdResult {
     {
         let mut st = ctx.lun.state();
         // Unit attentions go first, except for commands that must never see them.
-        if !matches!(cdb[0], op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE)
-            && let Some(q) = st.unit_attentions.get_mut(ctx.nexus)
+        if !matches!(
+            cdb[0],
+            opcode::INQUIRY | opcode::REPORT_LUNS | opcode::REQUEST_SENSE
+        ) && let Some(q) = st.unit_attentions.get_mut(ctx.nexus)
             && let Some(ua) = q.pop_front()
         {
             return Err(ua.into());
@@ -251,14 +185,14 @@ fn dispatch(ctx: &Ctx<'_>, cdb: &[u8], reply: &mut Reply) -> CmdResult {
             && access != Access::Always
             && !matches!(
                 cdb[0],
-                op::START_STOP_UNIT | op::MODE_SENSE_6 | op::MODE_SENSE_10
+                opcode::START_STOP_UNIT | opcode::MODE_SENSE_6 | opcode::MODE_SENSE_10
             )
         {
             // LOGICAL UNIT NOT READY, INITIALIZING COMMAND REQUIRED.
             return Err(Sense::new(sense::key::NOT_READY, 0x04, 0x02).into());
         }
     }
-    use op::*;
+    use opcode::*;
     match cdb[0] {
         TEST_UNIT_READY => unit::test_unit_ready(ctx, cdb),
         REQUEST_SENSE => unit::request_sense(ctx, cdb),

@@ -2,8 +2,10 @@
 //! exceptions pages.
 
 use super::sense::{Failure, Sense};
-use super::{CmdResult, Ctx, Reply, be16, op, truncate};
+use super::{CmdResult, Ctx, Reply, truncate};
 use crate::lun::{ModeState, push_ua};
+use iscsi_pdu::be16;
+use iscsi_pdu::scsi::opcode;
 
 const CACHING: u8 = 0x08;
 const CONTROL: u8 = 0x0a;
@@ -89,7 +91,7 @@ fn page(code: u8, pc: u8, current: &ModeState) -> Vec<u8> {
 }
 
 pub fn mode_sense(ctx: &Ctx<'_>, cdb: &[u8]) -> CmdResult {
-    let ten = cdb[0] == op::MODE_SENSE_10;
+    let ten = cdb[0] == opcode::MODE_SENSE_10;
     let dbd = cdb[1] & 0x08 != 0;
     let llbaa = ten && cdb[1] & 0x10 != 0;
     let pc = cdb[2] >> 6;
@@ -157,7 +159,7 @@ pub fn mode_sense(ctx: &Ctx<'_>, cdb: &[u8]) -> CmdResult {
 }
 
 pub fn mode_select(ctx: &Ctx<'_>, cdb: &[u8], reply: &mut Reply) -> CmdResult {
-    let ten = cdb[0] == op::MODE_SELECT_10;
+    let ten = cdb[0] == opcode::MODE_SELECT_10;
     let pf = cdb[1] & 0x10 != 0;
     let sp = cdb[1] & 0x01 != 0;
     let len = if ten {

@@ -1,7 +1,8 @@
 //! REPORT SUPPORTED OPERATION CODES: every command we serve, with its CDB usage map.
 
 use super::sense::Sense;
-use super::{CmdResult, Ctx, be16, be32, truncate};
+use super::{CmdResult, Ctx, truncate};
+use iscsi_pdu::{be16, be32};
 
 /// One supported command: opcode, service action, and the CDB usage map (SPC-4
 /// §6.35.3): byte 0 is the opcode, every other byte the bits the command looks at.

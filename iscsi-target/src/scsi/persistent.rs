@@ -3,9 +3,10 @@
 //! [`crate::pr::PrStore`] before answering, and delivers the side effects.
 
 use super::sense::{Failure, Sense};
-use super::{CmdResult, Ctx, Reply, be16, be32, truncate};
+use super::{CmdResult, Ctx, Reply, truncate};
 use crate::lun::push_ua;
 use crate::pr::{Effect, ProutParams, kind};
+use iscsi_pdu::{be16, be32};
 
 pub fn persistent_reserve_in(ctx: &Ctx<'_>, cdb: &[u8]) -> CmdResult {
     let sa = cdb[1] & 0x1f;

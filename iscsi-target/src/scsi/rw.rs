@@ -1,9 +1,9 @@
 //! READ, WRITE, WRITE AND VERIFY, VERIFY (6/10/12/16) and PRE-FETCH (10/16).
 
 use super::sense::{Failure, Sense, sense_for};
-use super::{
-    CmdResult, Ctx, MAX_TRANSFER_BYTES, Reply, be16, be32, be64, check_lba, check_writable, op,
-};
+use super::{CmdResult, Ctx, MAX_TRANSFER_BYTES, Reply, check_lba, check_writable};
+use iscsi_pdu::scsi::opcode;
+use iscsi_pdu::{be16, be32, be64};
 
 /// The fields a block command carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,24 +21,24 @@ pub struct BlockCdb {
 pub fn parse(cdb: &[u8]) -> BlockCdb {
     let flags = cdb[1];
     let (lba, blocks) = match cdb[0] {
-        op::READ_6 | op::WRITE_6 => {
+        opcode::READ_6 | opcode::WRITE_6 => {
             let lba = u64::from(u32::from_be_bytes([0, cdb[1] & 0x1f, cdb[2], cdb[3]]));
             let n = if cdb[4] == 0 { 256 } else { u64::from(cdb[4]) };
             (lba, n)
         }
-        op::READ_12 | op::WRITE_12 | op::VERIFY_12 | op::WRITE_VERIFY_12 => {
+        opcode::READ_12 | opcode::WRITE_12 | opcode::VERIFY_12 | opcode::WRITE_VERIFY_12 => {
             (u64::from(be32(cdb, 2)), u64::from(be32(cdb, 6)))
         }
-        op::READ_16
-        | op::WRITE_16
-        | op::ORWRITE_16
-        | op::VERIFY_16
-        | op::WRITE_VERIFY_16
-        | op::PRE_FETCH_16
-        | op::SYNCHRONIZE_CACHE_16 => (be64(cdb, 2), u64::from(be32(cdb, 10))),
+        opcode::READ_16
+        | opcode::WRITE_16
+        | opcode::ORWRITE_16
+        | opcode::VERIFY_16
+        | opcode::WRITE_VERIFY_16
+        | opcode::PRE_FETCH_16
+        | opcode::SYNCHRONIZE_CACHE_16 => (be64(cdb, 2), u64::from(be32(cdb, 10))),
         _ => (u64::from(be32(cdb, 2)), u64::from(be16(cdb, 7))),
     };
-    let six = matches!(cdb[0], op::READ_6 | op::WRITE_6);
+    let six = matches!(cdb[0], opcode::READ_6 | opcode::WRITE_6);
     BlockCdb {
         lba,
         blocks,
@@ -144,7 +144,9 @@ pub fn verify(ctx: &Ctx<'_>, cdb: &[u8], reply: &mut Reply) -> CmdResult {
         medium.iter().zip(ctx.data_out).position(|(a, b)| a != b)
     };
     match mismatch {
-        Some(at) => Err(Sense::MISCOMPARE_DURING_VERIFY.with_info(at as u32).into()),
+        Some(at) => Err(Sense::MISCOMPARE_DURING_VERIFY
+            .with_information(at as u64)
+            .into()),
         None => Ok(Vec::new()),
     }
 }
@@ -201,12 +203,12 @@ mod tests {
 
     #[test]
     fn cdb_variants_decode() {
-        let c = parse(&[op::READ_6, 0x1f, 0xff, 0xff, 0, 0]);
+        let c = parse(&[opcode::READ_6, 0x1f, 0xff, 0xff, 0, 0]);
         assert_eq!((c.lba, c.blocks), (0x1f_ffff, 256));
-        let c = parse(&[op::WRITE_10, 0x08, 0, 0, 1, 0, 0, 0, 2, 0]);
+        let c = parse(&[opcode::WRITE_10, 0x08, 0, 0, 1, 0, 0, 0, 2, 0]);
         assert_eq!((c.lba, c.blocks, c.fua), (256, 2, true));
         let mut c16 = [0u8; 16];
-        c16[0] = op::READ_16;
+        c16[0] = opcode::READ_16;
         c16[1] = 0x20;
         c16[9] = 7;
         c16[13] = 3;
@@ -218,21 +220,29 @@ mod tests {
     fn write_read_verify_and_range_errors() {
         let f = TestFabric::new(64);
         let data = vec![0x5au8; 1024];
-        let w = f.run("a", &[op::WRITE_10, 0, 0, 0, 0, 4, 0, 0, 2, 0], &data);
+        let w = f.run("a", &[opcode::WRITE_10, 0, 0, 0, 0, 4, 0, 0, 2, 0], &data);
         assert_eq!(w.status, status::GOOD);
-        let r = f.run("a", &[op::READ_10, 0, 0, 0, 0, 4, 0, 0, 2, 0], &[]);
+        let r = f.run("a", &[opcode::READ_10, 0, 0, 0, 0, 4, 0, 0, 2, 0], &[]);
         assert_eq!(r.data_in, data);
-        let v = f.run("a", &[op::VERIFY_10, 0x02, 0, 0, 0, 4, 0, 0, 2, 0], &data);
+        let v = f.run(
+            "a",
+            &[opcode::VERIFY_10, 0x02, 0, 0, 0, 4, 0, 0, 2, 0],
+            &data,
+        );
         assert_eq!(v.status, status::GOOD);
         let mut other = data.clone();
         other[700] = 0;
-        let v = f.run("a", &[op::VERIFY_10, 0x02, 0, 0, 0, 4, 0, 0, 2, 0], &other);
+        let v = f.run(
+            "a",
+            &[opcode::VERIFY_10, 0x02, 0, 0, 0, 4, 0, 0, 2, 0],
+            &other,
+        );
         assert_eq!(v.status, status::CHECK_CONDITION);
         assert_eq!((v.sense[2], v.sense[12]), (0x0e, 0x1d));
         assert_eq!(&v.sense[3..7], &700u32.to_be_bytes());
-        let oob = f.run("a", &[op::READ_10, 0, 0, 0, 0, 63, 0, 0, 2, 0], &[]);
+        let oob = f.run("a", &[opcode::READ_10, 0, 0, 0, 0, 63, 0, 0, 2, 0], &[]);
         assert_eq!((oob.sense[2], oob.sense[12]), (0x05, 0x21));
-        let prot = f.run("a", &[op::READ_10, 0x20, 0, 0, 0, 0, 0, 0, 1, 0], &[]);
+        let prot = f.run("a", &[opcode::READ_10, 0x20, 0, 0, 0, 0, 0, 0, 1, 0], &[]);
         assert_eq!((prot.sense[2], prot.sense[12]), (0x05, 0x24));
     }
 }

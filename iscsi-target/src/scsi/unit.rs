@@ -2,7 +2,9 @@
 //! PREVENT ALLOW MEDIUM REMOVAL, READ DEFECT DATA.
 
 use super::sense::{Sense, key};
-use super::{CmdResult, Ctx, be16, be32, op, truncate};
+use super::{CmdResult, Ctx, truncate};
+use iscsi_pdu::scsi::opcode;
+use iscsi_pdu::{be16, be32};
 
 pub fn test_unit_ready(ctx: &Ctx<'_>, _cdb: &[u8]) -> CmdResult {
     if ctx.lun.state().stopped {
@@ -66,7 +68,7 @@ pub fn prevent_allow(ctx: &Ctx<'_>, cdb: &[u8]) -> CmdResult {
 /// READ DEFECT DATA: we know of no defects; the list is empty.
 pub fn read_defect_data(_ctx: &Ctx<'_>, cdb: &[u8]) -> CmdResult {
     let format = cdb[2] & 0x07;
-    if cdb[0] == op::READ_DEFECT_DATA_10 {
+    if cdb[0] == opcode::READ_DEFECT_DATA_10 {
         let alloc = usize::from(be16(cdb, 7));
         let d = vec![0, cdb[2] & 0x18 | format, 0, 0];
         Ok(truncate(d, alloc))

@@ -2,13 +2,15 @@
 
 use super::inquiry::MAX_WRITE_SAME_BLOCKS;
 use super::sense::{Failure, Sense, sense_for};
-use super::{CmdResult, Ctx, Reply, be16, be32, be64, check_lba, check_writable, op};
+use super::{CmdResult, Ctx, Reply, check_lba, check_writable};
+use iscsi_pdu::scsi::opcode;
+use iscsi_pdu::{be16, be32, be64};
 
 /// Bytes written per device call when filling a range.
 const FILL_CHUNK: usize = 1 << 20;
 
 pub fn write_same(ctx: &Ctx<'_>, cdb: &[u8], reply: &mut Reply) -> CmdResult {
-    let sixteen = cdb[0] == op::WRITE_SAME_16;
+    let sixteen = cdb[0] == opcode::WRITE_SAME_16;
     let flags = cdb[1];
     let (lba, mut blocks) = if sixteen {
         (be64(cdb, 2), u64::from(be32(cdb, 10)))
