@@ -8,11 +8,53 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use serde::Deserialize;
 
 use crate::export::Exports;
-use crate::service::{Storage, StorageApi};
+use crate::pool::PoolError;
+use crate::service::{RegistryError, Storage, StorageApi};
+
+/// Why the daemon did not start, or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot read the configuration {path}")]
+    ReadConfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot parse the configuration {path}")]
+    ParseConfig {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("[[pools]] entry {number} needs exactly one of file and device")]
+    PoolEntry { number: usize },
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("cannot import the pool on {path}")]
+    Import {
+        path: PathBuf,
+        #[source]
+        source: PoolError,
+    },
+    #[error("cannot bind the {what} address {addr}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the reservation store")]
+    Reservations(#[source] iscsi_target::PrStoreError),
+    #[error("serving gRPC failed")]
+    Serve(#[source] tonic::transport::Error),
+    #[error("a blocking task of the daemon failed")]
+    Task(#[source] tokio::task::JoinError),
+}
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -87,14 +129,19 @@ impl Default for Config {
 }
 
 impl Config {
-    pub fn load(path: &Path) -> anyhow::Result<Config> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    pub fn load(path: &Path) -> Result<Config, DaemonError> {
+        let text = std::fs::read_to_string(path).map_err(|source| DaemonError::ReadConfig {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| DaemonError::ParseConfig {
+            path: path.to_owned(),
+            source,
+        })
     }
 }
 
-pub fn run(config: Option<&Path>) -> anyhow::Result<()> {
+pub fn run(config: Option<&Path>) -> Result<(), DaemonError> {
     let config = match config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
@@ -102,21 +149,21 @@ pub fn run(config: Option<&Path>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
+        .map_err(DaemonError::Runtime)?;
     runtime.block_on(serve(config))
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config) -> Result<(), DaemonError> {
     let storage = {
         let dir = config.state_dir.clone();
         let pools = config.pools.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        tokio::task::spawn_blocking(move || -> Result<_, DaemonError> {
             let storage = Storage::open(Some(&dir))?;
-            for p in pools {
+            for (i, p) in pools.into_iter().enumerate() {
                 let (kind, path) = match (p.file, p.device) {
                     (Some(f), None) => (crate::BackingKind::File, f),
                     (None, Some(d)) => (crate::BackingKind::BlockDevice, d),
-                    _ => anyhow::bail!("a [[pools]] entry needs exactly one of file and device"),
+                    _ => return Err(DaemonError::PoolEntry { number: i + 1 }),
                 };
                 if storage.pools().iter().any(|q| q.backing_path() == path) {
                     continue;
@@ -127,25 +174,31 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                     meta_dir: p.meta_dir,
                     expected_id: None,
                 })
-                .with_context(|| format!("importing the pool on {}", path.display()))?;
+                .map_err(|source| DaemonError::Import { path, source })?;
                 storage.add(pool);
             }
             Ok(storage)
         })
-        .await??
+        .await
+        .map_err(DaemonError::Task)??
     };
+    let bind_error = |what, addr| move |source| DaemonError::Bind { what, addr, source };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .with_context(|| format!("binding the gRPC address {}", config.listen))?;
-    let addr = listener.local_addr()?;
+        .map_err(bind_error("gRPC", config.listen))?;
+    let addr = listener
+        .local_addr()
+        .map_err(bind_error("gRPC", config.listen))?;
     let iscsi_listener = tokio::net::TcpListener::bind(config.iscsi_listen)
         .await
-        .with_context(|| format!("binding the iSCSI address {}", config.iscsi_listen))?;
-    let iscsi_addr = iscsi_listener.local_addr()?;
+        .map_err(bind_error("iSCSI", config.iscsi_listen))?;
+    let iscsi_addr = iscsi_listener
+        .local_addr()
+        .map_err(bind_error("iSCSI", config.iscsi_listen))?;
 
     // Persistent reservations survive restarts in the state directory.
     let pr_store = iscsi_target::FilePrStore::new(config.state_dir.join("reservations"))
-        .context("opening the reservation store")?;
+        .map_err(DaemonError::Reservations)?;
     let target = iscsi_target::TargetServer::new(
         iscsi_target::ServerOptions::default(),
         std::sync::Arc::new(pr_store),
@@ -199,14 +252,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         )
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
-        .context("serving gRPC")?;
+        .map_err(DaemonError::Serve)?;
     // The target stops after gRPC, so no request is left half done; sessions are closed
     // and their commands finished before the pools' last commit below.
     let _ = stop_tx.send(true);
     let _ = iscsi.await;
     committer.abort();
     let s: Arc<Storage> = storage;
-    tokio::task::spawn_blocking(move || s.flush_all()).await?;
+    tokio::task::spawn_blocking(move || s.flush_all())
+        .await
+        .map_err(DaemonError::Task)?;
     tracing::info!("storaged stopped");
     Ok(())
 }

@@ -336,7 +336,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match args.command {
-        Command::Serve { config } => storaged::daemon::run(config.as_deref()),
+        Command::Serve { config } => Ok(storaged::daemon::run(config.as_deref())?),
         Command::Pool(cmd) => pool_command(cmd),
         Command::Volume(cmd) => volume_command(cmd),
         Command::Export(cmd) => export_command(cmd),
