@@ -4,7 +4,7 @@
 //! Requests arrive on a channel and wait in the session's queue until the CmdSN window
 //! and the queue depth let them go; each gets an Initiator Task Tag (a slot index and a
 //! generation, so a late PDU for a finished task never matches a new one). Outgoing PDUs
-//! gather in a vector of buffers that one `writev` sends (write data is never copied);
+//! gather in a batch that `writev` sends (long data segments are not copied);
 //! incoming bytes are cut into PDUs, except that a long Data-In segment is read straight
 //! into its command's buffer ("direct placement") instead of through the receive buffer.
 //!
@@ -21,7 +21,7 @@
 //!   the closed window) and leaving (drain, logout, teardown).
 //! - `slots`: the tasks in flight by ITT, and who waits for each.
 //! - `schedule`: what goes next, within the window, the queue depth and the send buffer.
-//! - `tx`: the PDUs we send and the vectored write that sends them.
+//! - `tx`: the PDUs we send, and the socket writes of their batch.
 //! - `rx`: reading and framing, and direct placement of long Data-In segments.
 //! - `responses`: what each PDU from the target does to the tasks in flight.
 
@@ -39,6 +39,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use iscsi_pdu::bhs::{Header, LogoutRequest, tmf};
 use iscsi_pdu::frame::FrameConfig;
+use iscsi_pdu::tx::TxBatch;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -53,7 +54,6 @@ use crate::session::Counters;
 use crate::task::Request;
 use rx::Direct;
 use slots::{Owner, Slots};
-use tx::TxQueue;
 
 /// Timer resolution of command timeouts and keepalive.
 const TICK: Duration = Duration::from_millis(100);
@@ -99,7 +99,7 @@ pub(crate) struct Engine<'q> {
     /// header), so that a following long segment is not pulled into `rx`.
     small_read: usize,
     scratch: Vec<u8>,
-    tx: TxQueue,
+    tx: TxBatch,
     slots: Slots,
     /// Requests not yet sent, shared with the session across reconnects.
     queue: &'q mut VecDeque<Request>,
@@ -161,7 +161,7 @@ impl<'q> Engine<'q> {
             direct: None,
             small_read: 0,
             scratch: vec![0u8; 64 * 1024],
-            tx: TxQueue::default(),
+            tx: TxBatch::default(),
             slots: Slots::default(),
             queue,
             journal,

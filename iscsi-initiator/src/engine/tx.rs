@@ -1,13 +1,11 @@
 //! What the engine sends: SCSI commands with their immediate and unsolicited data,
-//! Data-Out for R2Ts, task management and pings, all gathered into one vectored write.
+//! Data-Out for R2Ts, task management and pings, batched for vectored writes.
 
-use std::collections::VecDeque;
-use std::io::IoSlice;
+use std::io::{self, IoSlice, Write};
 use std::sync::atomic::Ordering;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use iscsi_pdu::bhs::{DataOut, Header, NopOut, RESERVED_TAG, ScsiCommand, TaskMgmtRequest};
-use iscsi_pdu::frame;
 use tokio::net::TcpStream;
 
 use super::Engine;
@@ -15,81 +13,22 @@ use super::slots::Owner;
 use crate::connection::ConnError;
 use crate::journal;
 
-/// Buffers one `writev` takes at most.
-const MAX_IOV: usize = 64;
-/// Pieces of write data shorter than this are copied into the header buffer.
-const COPY_BELOW: usize = 2048;
+/// The socket as a [`Write`] for [`iscsi_pdu::tx::TxBatch`]: writes go through tokio's
+/// `try_write*`, which say `WouldBlock` (and clear the write readiness the event loop
+/// waits on) when the socket is full.
+struct NonBlocking<'a>(&'a TcpStream);
 
-/// Outgoing bytes: small pieces (headers, digests, short data) gathered in one buffer,
-/// long data segments kept as they are, all sent with `writev`.
-#[derive(Debug, Default)]
-pub(super) struct TxQueue {
-    segs: VecDeque<Bytes>,
-    small: BytesMut,
-    len: usize,
-}
-
-impl TxQueue {
-    fn push_small(&mut self, b: &[u8]) {
-        self.small.extend_from_slice(b);
-        self.len += b.len();
+impl Write for NonBlocking<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
     }
 
-    fn push_data(&mut self, d: Bytes) {
-        if d.len() < COPY_BELOW {
-            self.push_small(&d);
-            return;
-        }
-        self.seal();
-        self.len += d.len();
-        self.segs.push_back(d);
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.0.try_write_vectored(bufs)
     }
 
-    fn seal(&mut self) {
-        if !self.small.is_empty() {
-            self.segs.push_back(self.small.split().freeze());
-        }
-    }
-
-    pub(super) fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Bytes queued and not yet written.
-    pub(super) fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Writes what the socket takes now. `Ok(true)` when everything went.
-    pub(super) fn flush(&mut self, stream: &TcpStream) -> std::io::Result<bool> {
-        self.seal();
-        while !self.segs.is_empty() {
-            let mut iov = [IoSlice::new(&[]); MAX_IOV];
-            let n = self.segs.len().min(MAX_IOV);
-            for (slot, seg) in iov.iter_mut().zip(self.segs.iter()) {
-                *slot = IoSlice::new(seg);
-            }
-            match stream.try_write_vectored(&iov[..n]) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(mut written) => {
-                    self.len -= written;
-                    while written > 0 {
-                        let front = self.segs.front_mut().expect("written bytes were queued");
-                        if written >= front.len() {
-                            written -= front.len();
-                            self.segs.pop_front();
-                        } else {
-                            front.advance(written);
-                            written = 0;
-                        }
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(true)
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -100,19 +39,13 @@ impl Engine<'_> {
         }
         self.counters.sends.fetch_add(1, Ordering::Relaxed);
         self.tx
-            .flush(&self.stream)
+            .write_to(&mut NonBlocking(&self.stream))
             .map(|_| ())
             .map_err(ConnError::Io)
     }
 
     pub(super) fn push_pdu(&mut self, h: &Header, data: Bytes) {
-        let eh = frame::encode_header(h, data.len(), &self.tx_cfg);
-        self.tx.push_small(eh.as_bytes());
-        if !data.is_empty() {
-            let tr = frame::trailer(&data, &self.tx_cfg);
-            self.tx.push_data(data);
-            self.tx.push_small(tr.as_bytes());
-        }
+        self.tx.push_pdu(h, data, &self.tx_cfg);
     }
 
     /// Sends a SCSI command (a caller's, a replay, or our own flush) with the next CmdSN:
@@ -242,25 +175,5 @@ impl Engine<'_> {
         };
         self.counters.pings.fetch_add(1, Ordering::Relaxed);
         self.push_pdu(&Header::NopOut(h), Bytes::new());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tx_queue_keeps_long_data_apart_and_counts_bytes() {
-        let mut q = TxQueue::default();
-        q.push_small(&[1; 48]);
-        q.push_data(Bytes::from(vec![2u8; 100]));
-        q.push_data(Bytes::from(vec![3u8; 8192]));
-        q.push_small(&[4; 4]);
-        q.seal();
-        assert_eq!(q.len, 48 + 100 + 8192 + 4);
-        // Small pieces merged around the long segment.
-        assert_eq!(q.segs.len(), 3);
-        assert_eq!(q.segs[0].len(), 148);
-        assert_eq!(q.segs[1].len(), 8192);
     }
 }
