@@ -20,8 +20,9 @@
 use std::collections::VecDeque;
 
 use bytes::Bytes;
+use iscsi_pdu::scsi::opcode;
+use iscsi_pdu::{be16, be32, be64};
 
-use crate::scsi::opcode;
 use crate::task::{Command, attr};
 
 /// One acknowledged command whose effect may not be durable yet.
@@ -66,16 +67,6 @@ pub(crate) enum Kind {
     Other,
 }
 
-fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
-}
-
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
 /// Classifies a CDB.
 pub(crate) fn kind(cdb: &[u8; 16]) -> Kind {
     const FUA: u8 = 0x08;
@@ -100,25 +91,22 @@ fn replay_of(cmd: &Command) -> (Option<(u64, u64)>, [u8; 16], Bytes) {
     let c = &cmd.cdb;
     match c[0] {
         opcode::WRITE_16 | opcode::WRITE_SAME_16 => (
-            Some((be64(&c[2..]), u64::from(be32(&c[10..])))),
+            Some((be64(c, 2), u64::from(be32(c, 10)))),
             *c,
             cmd.data_out.clone(),
         ),
         opcode::WRITE_10 | opcode::WRITE_SAME_10 => (
-            Some((
-                u64::from(be32(&c[2..])),
-                u64::from(u16::from_be_bytes([c[7], c[8]])),
-            )),
+            Some((u64::from(be32(c, 2)), u64::from(be16(c, 7)))),
             *c,
             cmd.data_out.clone(),
         ),
         opcode::WRITE_12 => (
-            Some((u64::from(be32(&c[2..])), u64::from(be32(&c[6..])))),
+            Some((u64::from(be32(c, 2)), u64::from(be32(c, 6)))),
             *c,
             cmd.data_out.clone(),
         ),
         opcode::COMPARE_AND_WRITE => {
-            let lba = be64(&c[2..]);
+            let lba = be64(c, 2);
             let blocks = c[13];
             let half = cmd.data_out.len() / 2;
             let w = crate::scsi::write::cdb(lba, blocks.into(), false);

@@ -2,10 +2,10 @@
 //! LUN's size, block size and whether it is thin.
 
 use bytes::BytesMut;
+use iscsi_pdu::scsi::opcode::{READ_CAPACITY_10, SAI_READ_CAPACITY_16, SERVICE_ACTION_IN_16};
+use iscsi_pdu::{be32, be64};
 
-use super::opcode::{READ_CAPACITY_10, SERVICE_ACTION_IN_16};
 use super::sense::CommandInfo;
-use super::{be32, be64};
 use crate::error::Error;
 use crate::lun::Lun;
 use crate::task::Command;
@@ -63,7 +63,7 @@ impl Lun {
     pub async fn read_capacity(&self) -> Result<Capacity, Error> {
         let mut cdb = [0u8; 16];
         cdb[0] = SERVICE_ACTION_IN_16;
-        cdb[1] = 0x10;
+        cdb[1] = SAI_READ_CAPACITY_16;
         cdb[10..14].copy_from_slice(&32u32.to_be_bytes());
         let cmd = Command::new(self.field, &cdb).with_data_in(BytesMut::new(), 32);
         match self

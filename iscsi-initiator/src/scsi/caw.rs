@@ -6,8 +6,8 @@
 //! use COMPARE AND WRITE as a lock re-read the blocks after such a miscompare.
 
 use bytes::{Bytes, BytesMut};
+use iscsi_pdu::scsi::opcode::COMPARE_AND_WRITE;
 
-use super::opcode::COMPARE_AND_WRITE;
 use super::sense::CommandInfo;
 use crate::error::Error;
 use crate::lun::Lun;

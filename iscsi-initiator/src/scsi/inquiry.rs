@@ -3,10 +3,10 @@
 //! block limits (0xB0) and logical block provisioning (0xB2).
 
 use bytes::{Bytes, BytesMut};
+use iscsi_pdu::scsi::opcode::INQUIRY;
+use iscsi_pdu::{be16, be32, be64};
 
-use super::opcode::INQUIRY;
 use super::sense::CommandInfo;
-use super::{be16, be32, be64};
 use crate::error::Error;
 use crate::lun::Lun;
 use crate::task::Command;

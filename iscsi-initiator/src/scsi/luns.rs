@@ -2,10 +2,10 @@
 
 use bytes::BytesMut;
 use iscsi_pdu::bhs::decode_lun;
+use iscsi_pdu::scsi::opcode::REPORT_LUNS;
+use iscsi_pdu::{be32, be64};
 
-use super::opcode::REPORT_LUNS;
 use super::sense::CommandInfo;
-use super::{be32, be64};
 use crate::error::Error;
 use crate::session::Session;
 use crate::task::Command;

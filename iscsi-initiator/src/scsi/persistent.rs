@@ -7,10 +7,10 @@
 //! idempotent way to (re)register.
 
 use bytes::{Bytes, BytesMut};
+use iscsi_pdu::scsi::opcode::{PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT};
+use iscsi_pdu::{be32, be64};
 
-use super::opcode::{PERSISTENT_RESERVE_IN, PERSISTENT_RESERVE_OUT};
 use super::sense::CommandInfo;
-use super::{be32, be64};
 use crate::error::Error;
 use crate::lun::Lun;
 use crate::task::Command;

@@ -2,8 +2,8 @@
 //! at most the LUN's maximum transfer.
 
 use bytes::{Bytes, BytesMut};
+use iscsi_pdu::scsi::opcode::READ_16;
 
-use super::opcode::READ_16;
 use super::rw16;
 use super::sense::CommandInfo;
 use crate::error::Error;

@@ -1,108 +1,10 @@
-//! SCSI status and sense data (SAM-5 §5.3, SPC-4 §4.5): parsing fixed and descriptor
-//! format sense, and the decision each outcome leads to: done, retry, or a typed
-//! [`Error`].
+//! What a command's outcome means to the caller: done, retry, or a typed [`Error`],
+//! decided from the SCSI status (SAM-5 §5.3) and the sense data ([`Sense`], decoded by
+//! `iscsi_pdu`, in fixed or descriptor format).
 
 use crate::error::Error;
 
-pub use iscsi_pdu::scsi::{key, status};
-
-/// Decoded sense data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Sense {
-    pub key: u8,
-    pub asc: u8,
-    pub ascq: u8,
-    /// The INFORMATION field when valid: the failing LBA of a medium error, the offset of
-    /// a miscompare.
-    pub information: Option<u64>,
-}
-
-impl Sense {
-    /// Parses fixed (0x70/0x71) or descriptor (0x72/0x73) format sense data. `None` when
-    /// the bytes are too short or of another format.
-    pub fn parse(b: &[u8]) -> Option<Self> {
-        match b.first()? & 0x7f {
-            0x70 | 0x71 => {
-                if b.len() < 14 {
-                    // Key only (some targets cut sense short).
-                    let key = *b.get(2)? & 0x0f;
-                    return Some(Self {
-                        key,
-                        asc: b.get(12).copied().unwrap_or(0),
-                        ascq: b.get(13).copied().unwrap_or(0),
-                        information: None,
-                    });
-                }
-                let valid = b[0] & 0x80 != 0;
-                let info = u32::from_be_bytes([b[3], b[4], b[5], b[6]]);
-                Some(Self {
-                    key: b[2] & 0x0f,
-                    asc: b[12],
-                    ascq: b[13],
-                    information: valid.then_some(u64::from(info)),
-                })
-            }
-            0x72 | 0x73 => {
-                if b.len() < 4 {
-                    return None;
-                }
-                let mut information = None;
-                let add = usize::from(*b.get(7).unwrap_or(&0));
-                let mut d = &b[8.min(b.len())..(8 + add).min(b.len())];
-                // Descriptor type 0: information, 12 bytes, VALID in byte 2.
-                while d.len() >= 2 {
-                    let len = 2 + usize::from(d[1]);
-                    if d.len() < len {
-                        break;
-                    }
-                    if d[0] == 0 && len >= 12 && d[2] & 0x80 != 0 {
-                        let mut v = [0u8; 8];
-                        v.copy_from_slice(&d[4..12]);
-                        information = Some(u64::from_be_bytes(v));
-                    }
-                    d = &d[len..];
-                }
-                Some(Self {
-                    key: b[1] & 0x0f,
-                    asc: b[2],
-                    ascq: b[3],
-                    information,
-                })
-            }
-            _ => None,
-        }
-    }
-
-    fn key_name(&self) -> &'static str {
-        match self.key {
-            key::NO_SENSE => "NO SENSE",
-            key::RECOVERED_ERROR => "RECOVERED ERROR",
-            key::NOT_READY => "NOT READY",
-            key::MEDIUM_ERROR => "MEDIUM ERROR",
-            key::HARDWARE_ERROR => "HARDWARE ERROR",
-            key::ILLEGAL_REQUEST => "ILLEGAL REQUEST",
-            key::UNIT_ATTENTION => "UNIT ATTENTION",
-            key::DATA_PROTECT => "DATA PROTECT",
-            key::COPY_ABORTED => "COPY ABORTED",
-            key::ABORTED_COMMAND => "ABORTED COMMAND",
-            key::MISCOMPARE => "MISCOMPARE",
-            _ => "other",
-        }
-    }
-}
-
-impl std::fmt::Display for Sense {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} (key {:#x}, ASC/ASCQ {:#04x}/{:#04x})",
-            self.key_name(),
-            self.key,
-            self.asc,
-            self.ascq
-        )
-    }
-}
+pub use iscsi_pdu::scsi::{Sense, key, status};
 
 /// The command an outcome belongs to, for the error a caller sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,21 +144,6 @@ mod tests {
         b[12] = asc;
         b[13] = ascq;
         b
-    }
-
-    #[test]
-    fn fixed_and_descriptor_formats() {
-        let s = Sense::parse(&fixed(key::MISCOMPARE, 0x1d, 0, Some(513))).unwrap();
-        assert_eq!(
-            (s.key, s.asc, s.ascq, s.information),
-            (0xe, 0x1d, 0, Some(513))
-        );
-        let mut d = vec![0x72, key::MEDIUM_ERROR, 0x11, 0x00, 0, 0, 0, 12];
-        d.extend_from_slice(&[0, 10, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x10, 0]);
-        let s = Sense::parse(&d).unwrap();
-        assert_eq!((s.key, s.asc, s.information), (3, 0x11, Some(0x1000)));
-        assert!(Sense::parse(&[0x12]).is_none());
-        assert!(Sense::parse(&[]).is_none());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! SYNCHRONIZE CACHE(10) (SBC-3 §5.22): makes every acknowledged write durable. A
 //! guest's FLUSH becomes this.
 
-use super::opcode::SYNCHRONIZE_CACHE_10;
+use iscsi_pdu::scsi::opcode::SYNCHRONIZE_CACHE_10;
+
 use super::sense::CommandInfo;
 use crate::error::Error;
 use crate::lun::Lun;

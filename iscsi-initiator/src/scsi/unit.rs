@@ -1,6 +1,7 @@
 //! TEST UNIT READY (SPC-4 §6.47): whether the LUN accepts media access commands.
 
-use super::opcode::TEST_UNIT_READY;
+use iscsi_pdu::scsi::opcode::TEST_UNIT_READY;
+
 use super::sense::CommandInfo;
 use crate::error::Error;
 use crate::lun::Lun;

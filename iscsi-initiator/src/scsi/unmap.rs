@@ -2,8 +2,8 @@
 //! space returns to the pool.
 
 use bytes::Bytes;
+use iscsi_pdu::scsi::opcode::UNMAP;
 
-use super::opcode::UNMAP;
 use super::sense::CommandInfo;
 use crate::error::Error;
 use crate::lun::Lun;

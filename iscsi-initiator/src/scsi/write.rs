@@ -4,8 +4,8 @@
 //! reconnect.
 
 use bytes::Bytes;
+use iscsi_pdu::scsi::opcode::WRITE_16;
 
-use super::opcode::WRITE_16;
 use super::rw16;
 use super::sense::CommandInfo;
 use crate::error::Error;

@@ -2,8 +2,8 @@
 //! LUN may free the range instead of writing zeros.
 
 use bytes::Bytes;
+use iscsi_pdu::scsi::opcode::WRITE_SAME_16;
 
-use super::opcode::WRITE_SAME_16;
 use super::rw16;
 use super::sense::CommandInfo;
 use crate::error::Error;
