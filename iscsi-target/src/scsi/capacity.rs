@@ -1,8 +1,9 @@
 //! READ CAPACITY (10) and (16).
 
+use iscsi_pdu::be32;
+
 use super::sense::Sense;
 use super::{CmdResult, Ctx, truncate};
-use iscsi_pdu::be32;
 
 pub fn read_capacity_10(ctx: &Ctx<'_>, cdb: &[u8]) -> CmdResult {
     // PMI with a nonzero LBA is obsolete; an LBA without PMI is an error (SBC-3 §5.15).

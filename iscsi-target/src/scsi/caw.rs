@@ -1,11 +1,12 @@
 //! COMPARE AND WRITE: the atomic test-and-set clusters lock with. The range lock makes
 //! read, compare and write one step with respect to every other write to the range.
 
+use iscsi_pdu::be64;
+
 use super::inquiry::MAX_COMPARE_AND_WRITE_BLOCKS;
 use super::sense::{Failure, Sense, sense_for};
 use super::{CmdResult, Ctx, MAX_TRANSFER_BYTES, Reply, check_lba, check_writable};
 use crate::block::BlockError;
-use iscsi_pdu::be64;
 
 pub fn compare_and_write(ctx: &Ctx<'_>, cdb: &[u8], reply: &mut Reply) -> CmdResult {
     let wrprotect = cdb[1] >> 5;

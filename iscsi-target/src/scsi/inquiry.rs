@@ -1,9 +1,10 @@
 //! INQUIRY: standard data and the vital product data pages 0x00, 0x80, 0x83, 0xB0,
 //! 0xB1 and 0xB2.
 
+use iscsi_pdu::be16;
+
 use super::sense::Sense;
 use super::{CmdResult, Ctx, MAX_TRANSFER_BYTES, truncate};
-use iscsi_pdu::be16;
 
 pub const VENDOR: &[u8; 8] = b"POOL    ";
 pub const PRODUCT: &[u8; 16] = b"THIN VOLUME     ";

@@ -1,8 +1,9 @@
 //! GET LBA STATUS: which ranges hold data, so backup and export tools can skip the rest.
 
+use iscsi_pdu::{be32, be64};
+
 use super::sense::{Failure, Sense, sense_for};
 use super::{CmdResult, Ctx, truncate};
-use iscsi_pdu::{be32, be64};
 
 /// Most descriptors one answer carries.
 const MAX_DESCRIPTORS: usize = 512;

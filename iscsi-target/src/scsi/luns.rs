@@ -1,10 +1,10 @@
 //! REPORT LUNS.
 
+use iscsi_pdu::be32;
 use iscsi_pdu::bhs::encode_lun;
 
 use super::sense::Sense;
 use super::{CmdResult, Ctx, truncate};
-use iscsi_pdu::be32;
 
 pub fn report_luns(ctx: &Ctx<'_>, cdb: &[u8]) -> CmdResult {
     let select = cdb[2];

@@ -1,11 +1,12 @@
 //! MODE SENSE and MODE SELECT (6) and (10), with the caching, control and informational
 //! exceptions pages.
 
+use iscsi_pdu::be16;
+use iscsi_pdu::scsi::opcode;
+
 use super::sense::{Failure, Sense};
 use super::{CmdResult, Ctx, Reply, truncate};
 use crate::lun::{ModeState, push_ua};
-use iscsi_pdu::be16;
-use iscsi_pdu::scsi::opcode;
 
 const CACHING: u8 = 0x08;
 const CONTROL: u8 = 0x0a;

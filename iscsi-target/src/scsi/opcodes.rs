@@ -1,8 +1,9 @@
 //! REPORT SUPPORTED OPERATION CODES: every command we serve, with its CDB usage map.
 
+use iscsi_pdu::{be16, be32};
+
 use super::sense::Sense;
 use super::{CmdResult, Ctx, truncate};
-use iscsi_pdu::{be16, be32};
 
 /// One supported command: opcode, service action, and the CDB usage map (SPC-4
 /// §6.35.3): byte 0 is the opcode, every other byte the bits the command looks at.

@@ -2,11 +2,12 @@
 //! [`crate::pr`]; this file decodes the commands, saves every change through the LUN's
 //! [`crate::pr::PrStore`] before answering, and delivers the side effects.
 
+use iscsi_pdu::{be16, be32};
+
 use super::sense::{Failure, Sense};
 use super::{CmdResult, Ctx, Reply, truncate};
 use crate::lun::push_ua;
 use crate::pr::{Effect, ProutParams, kind};
-use iscsi_pdu::{be16, be32};
 
 pub fn persistent_reserve_in(ctx: &Ctx<'_>, cdb: &[u8]) -> CmdResult {
     let sa = cdb[1] & 0x1f;

@@ -1,9 +1,10 @@
 //! READ, WRITE, WRITE AND VERIFY, VERIFY (6/10/12/16) and PRE-FETCH (10/16).
 
-use super::sense::{Failure, Sense, sense_for};
-use super::{CmdResult, Ctx, MAX_TRANSFER_BYTES, Reply, check_lba, check_writable};
 use iscsi_pdu::scsi::opcode;
 use iscsi_pdu::{be16, be32, be64};
+
+use super::sense::{Failure, Sense, sense_for};
+use super::{CmdResult, Ctx, MAX_TRANSFER_BYTES, Reply, check_lba, check_writable};
 
 /// The fields a block command carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,10 +1,11 @@
 //! Unit-level commands: TEST UNIT READY, REQUEST SENSE, START STOP UNIT,
 //! PREVENT ALLOW MEDIUM REMOVAL, READ DEFECT DATA.
 
-use super::sense::{Sense, key};
-use super::{CmdResult, Ctx, truncate};
 use iscsi_pdu::scsi::opcode;
 use iscsi_pdu::{be16, be32};
+
+use super::sense::{Sense, key};
+use super::{CmdResult, Ctx, truncate};
 
 pub fn test_unit_ready(ctx: &Ctx<'_>, _cdb: &[u8]) -> CmdResult {
     if ctx.lun.state().stopped {

@@ -1,9 +1,10 @@
 //! UNMAP: frees ranges of a thin LUN.
 
+use iscsi_pdu::{be16, be32, be64};
+
 use super::inquiry::{MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS};
 use super::sense::{Failure, Sense, sense_for};
 use super::{CmdResult, Ctx, Reply, check_writable};
-use iscsi_pdu::{be16, be32, be64};
 
 pub fn unmap(ctx: &Ctx<'_>, cdb: &[u8], reply: &mut Reply) -> CmdResult {
     if cdb[1] & 0x01 != 0 {

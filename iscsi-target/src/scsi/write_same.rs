@@ -1,10 +1,11 @@
 //! WRITE SAME (10) and (16), with UNMAP: fills a range with one block, or frees it.
 
+use iscsi_pdu::scsi::opcode;
+use iscsi_pdu::{be16, be32, be64};
+
 use super::inquiry::MAX_WRITE_SAME_BLOCKS;
 use super::sense::{Failure, Sense, sense_for};
 use super::{CmdResult, Ctx, Reply, check_lba, check_writable};
-use iscsi_pdu::scsi::opcode;
-use iscsi_pdu::{be16, be32, be64};
 
 /// Bytes written per device call when filling a range.
 const FILL_CHUNK: usize = 1 << 20;

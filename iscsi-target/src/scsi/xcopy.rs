@@ -6,11 +6,12 @@
 
 use std::sync::Arc;
 
+use iscsi_pdu::{be16, be32, be64};
+
 use super::sense::{Failure, Sense, sense_for};
 use super::{CmdResult, Ctx, Reply, truncate};
 use crate::block::BlockDevice;
 use crate::lun::{CopyResult, Lun};
-use iscsi_pdu::{be16, be32, be64};
 
 /// Limits reported by RECEIVE COPY RESULTS (OPERATING PARAMETERS) and enforced.
 const MAX_CSCD_DESCRIPTORS: u16 = 8;
