@@ -13,7 +13,7 @@ use proto::coordinator as pb;
 use tonic::Code;
 
 use super::command::*;
-pub use super::placement::{Allocation, address_ip};
+use super::placement::Allocation;
 
 /// Finished tasks kept for GetTask/ListTasks; older ones are forgotten first.
 pub const TASKS_KEPT: usize = 10_000;
