@@ -16,6 +16,8 @@ impl Node {
         let mut last = 0;
         let mut answers = Vec::new();
         {
+            // The state stays locked across the batch while `apply_conf_change` borrows
+            // `self` mutably: the lock is taken through a second handle to `shared`.
             let shared = self.shared.clone();
             let mut state = shared.state.write().expect("state lock");
             for e in entries {
