@@ -1,6 +1,7 @@
-//! Saving a paused VM's state and building a VM from it: what KVM holds for each vCPU
+//! A paused VM's state and saving it ([`Vm::save`]): what KVM holds for each vCPU
 //! (registers, FPU/XSAVE, LAPIC, MSRs, MP state, pending events) and for the VM
-//! (PIC, IOAPIC, PIT, clock), what each device holds, and the guest memory.
+//! (PIC, IOAPIC, PIT, clock), what each device holds, and the guest memory. Building a
+//! VM from a snapshot is [`Vm::restore`].
 //!
 //! This is the ground live migration stands on: the same snapshot, taken after the last
 //! dirty round, is what the source sends and the destination restores. Saved types are
@@ -8,6 +9,7 @@
 //! wire encoding belongs to the migration stream.
 
 use std::sync::mpsc::Sender;
+use std::time::Duration;
 
 use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_clock_data,
@@ -15,6 +17,9 @@ use kvm_bindings::{
     kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::{Vm, VmError};
 
 use crate::devices::i8042::I8042State;
 use crate::devices::virtio::mmio::MmioState;
@@ -217,4 +222,74 @@ pub fn restore_kvm_vm(vm: &VmFd, s: &KvmVmState) -> Result<(), PersistError> {
         ..Default::default()
     };
     vm.set_clock(&clock).map_err(vm_err("KVM_SET_CLOCK"))
+}
+
+impl Vm {
+    /// Saves the state of a paused (or not yet started) VM: vCPUs, in-kernel devices,
+    /// user-space devices and a copy of guest memory. The VM stays paused and can be
+    /// resumed afterwards.
+    pub fn save(&self) -> Result<VmSnapshot, VmError> {
+        let mut snapshot = self.save_state()?;
+        for region in self.memory.iter() {
+            let mut bytes = vec![0u8; region.len() as usize];
+            self.memory
+                .read_slice(&mut bytes, region.start_addr())
+                .map_err(PersistError::Memory)?;
+            snapshot.memory.push((region.start_addr().0, bytes));
+        }
+        Ok(snapshot)
+    }
+
+    /// Saves everything but guest memory (`memory` is left empty): what live migration
+    /// sends at switchover, after the last dirty pages. In-flight disk requests are
+    /// completed first (the devices quiesce), so their writes to guest memory are in
+    /// the dirty bitmap the caller reads next.
+    pub fn save_state(&self) -> Result<VmSnapshot, VmError> {
+        const VCPU_TIMEOUT: Duration = Duration::from_secs(10);
+        let vcpus = if !self.vcpus.is_empty() {
+            self.vcpus
+                .iter()
+                .map(|v| save_vcpu(&v.fd, v.index, &v.msr_indices))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            if !self.ctl.is_paused() {
+                return Err(PersistError::NotPaused.into());
+            }
+            // Every vCPU thread saves its own state at once (they are parked): the
+            // switchover of a migration waits for the slowest, not for the sum.
+            let mut replies = Vec::with_capacity(self.threads.len());
+            for index in 0..self.threads.len() {
+                let (tx, rx) = std::sync::mpsc::channel();
+                self.ctl.send_request(index, VcpuRequest::Save(tx))?;
+                replies.push(rx);
+            }
+            let mut out = Vec::with_capacity(self.threads.len());
+            for (index, rx) in replies.into_iter().enumerate() {
+                let state =
+                    rx.recv_timeout(VCPU_TIMEOUT)
+                        .map_err(|_| PersistError::VcpuTimeout {
+                            index: index as u32,
+                            secs: VCPU_TIMEOUT.as_secs(),
+                        })??;
+                out.push(state);
+            }
+            out
+        };
+        let kvm = save_kvm_vm(&self.vm_fd)?;
+        let devices = DeviceStates {
+            serial: crate::devices::bus::lock(&self.serial).state(),
+            i8042: crate::devices::bus::lock(&self.i8042).state(),
+            virtio: self
+                .virtio
+                .iter()
+                .map(|t| crate::devices::bus::lock(t).save())
+                .collect(),
+        };
+        Ok(VmSnapshot {
+            vcpus,
+            kvm,
+            devices,
+            memory: Vec::new(),
+        })
+    }
 }

@@ -1,0 +1,112 @@
+//! Running a built [`Vm`]: starting its vCPU threads, pausing, resuming, stopping, and
+//! what it reports while it runs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvm_ioctls::VmFd;
+
+use super::{CpuidRegs, Entry, RunControl, Vm, VmError, VmExit};
+use crate::devices::virtio::block::BlockMetricsSnapshot;
+
+impl Vm {
+    /// Starts the vCPU threads.
+    pub fn start(&mut self) -> Result<(), VmError> {
+        if self.vcpus.is_empty() {
+            return Err(VmError::AlreadyStarted);
+        }
+        let count = self.vcpus.len();
+        self.ctl.vcpus_starting(count);
+        for (n, vcpu) in self.vcpus.drain(..).enumerate() {
+            let index = vcpu.index;
+            let (ctl, pio, mmio) = (self.ctl.clone(), self.pio.clone(), self.mmio.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu.run(ctl, pio, mmio));
+            match spawned {
+                Ok(t) => self.threads.push(t),
+                Err(source) => {
+                    self.ctl.vcpus_not_started(count - n);
+                    self.ctl.request_exit(VmExit::Crash {
+                        vcpu: index,
+                        detail: format!("cannot start its thread: {source}"),
+                    });
+                    return Err(VmError::Thread { index, source });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pauses every vCPU; returns once none is running guest code.
+    pub fn pause(&self, timeout: Duration) -> Result<(), VmError> {
+        Ok(self.ctl.pause(timeout)?)
+    }
+
+    pub fn resume(&self) -> Result<(), VmError> {
+        Ok(self.ctl.resume()?)
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.ctl.is_paused()
+    }
+
+    /// Asks the guest to shut down: Ctrl-Alt-Del on the i8042.
+    pub fn request_shutdown(&self) {
+        crate::devices::bus::lock(&self.i8042).send_ctrl_alt_del();
+    }
+
+    /// Stops the vCPUs at once (the first stop reason recorded wins).
+    pub fn stop(&self) {
+        self.ctl.request_exit(VmExit::Stopped);
+    }
+
+    /// Waits until the VM stops; `None` on timeout.
+    pub fn wait_exit(&self, timeout: Option<Duration>) -> Option<VmExit> {
+        self.ctl.wait_exit(timeout)
+    }
+
+    /// The run control, for a thread that waits for the VM to stop.
+    pub fn run_control(&self) -> Arc<RunControl> {
+        self.ctl.clone()
+    }
+
+    pub fn exit_reason(&self) -> Option<VmExit> {
+        self.ctl.exit_reason()
+    }
+
+    /// Console input for the guest's serial port; returns the bytes accepted.
+    pub fn console_input(&self, data: &[u8]) -> usize {
+        crate::devices::bus::lock(&self.serial).enqueue_input(data)
+    }
+
+    /// Where the boot vCPU started (None for a VM restored from a snapshot).
+    pub fn entry(&self) -> Option<Entry> {
+        self.entry
+    }
+
+    pub fn vcpu_count(&self) -> u32 {
+        self.vcpu_count
+    }
+
+    /// The CPUID table the guest's vCPU 0 sees.
+    pub fn guest_cpuid(&self) -> &[CpuidRegs] {
+        &self.guest_cpuid
+    }
+
+    pub fn vcpu_cpu_ns(&self) -> u64 {
+        self.ctl.vcpu_cpu_ns()
+    }
+
+    pub fn disk_metrics(&self) -> Vec<(String, BlockMetricsSnapshot)> {
+        self.disks
+            .iter()
+            .map(|d| (d.id.clone(), d.metrics.snapshot()))
+            .collect()
+    }
+
+    /// The KVM VM, for a caller outside [`crate::vmm`] that needs a VM ioctl of its own.
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm_fd
+    }
+}
