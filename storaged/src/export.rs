@@ -163,13 +163,6 @@ pub struct Exports {
     records: tokio::sync::Mutex<BTreeMap<Uuid, ExportRecord>>,
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl Exports {
     pub fn new(server: TargetServer, iqn_prefix: String, portals: Vec<String>) -> Arc<Self> {
         Arc::new(Exports {
@@ -467,7 +460,8 @@ impl Exports {
             initiator: initiator.to_owned(),
             chap,
             mutual_chap,
-            granted_at: now(),
+            // Seconds, as the record stores it.
+            granted_at: proto::unix_ms() / 1000,
         }
     }
 }

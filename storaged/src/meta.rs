@@ -22,8 +22,12 @@ use uuid::Uuid;
 use crate::space::REFS_PER_PAGE;
 use crate::tree::{ChunkId, Entries, FANOUT, NO_CHUNK, NO_NODE, Node, NodeId};
 
-/// Format of the metadata records this build writes.
+/// Format of the metadata records this build writes (`PoolMeta::format`).
 pub const META_FORMAT: u32 = 1;
+/// Formats this build reads. A store of an older format in the range is read as is and
+/// carries this build's format from its next commit on; a newer one is refused, since
+/// its records may mean what this build cannot know.
+pub const META_FORMATS_ACCEPTED: std::ops::RangeInclusive<u32> = 1..=META_FORMAT;
 const NODE_VERSION: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,8 +46,55 @@ pub enum MetaError {
     Store(#[from] sled::Error),
     #[error("metadata store could not be made durable")]
     Sync(#[from] sled_sync::SyncError),
-    #[error("metadata record {key} is corrupt: {reason}")]
-    Corrupt { key: String, reason: String },
+    #[error("the metadata at {path} has format {found}, this storaged reads {accepted:?}")]
+    Version {
+        path: PathBuf,
+        found: u32,
+        accepted: std::ops::RangeInclusive<u32>,
+    },
+    #[error("metadata record {key} is corrupt")]
+    Record {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("metadata node {id} is corrupt")]
+    Node {
+        id: NodeId,
+        #[source]
+        source: NodeError,
+    },
+    #[error("metadata key {key} is not a valid {what} key")]
+    Key { what: &'static str, key: String },
+    #[error("reference count page {page} holds {len} bytes, which do not fit {chunks} chunks")]
+    RefPage {
+        page: usize,
+        len: usize,
+        chunks: usize,
+    },
+}
+
+/// What is wrong with an encoded tree node (see the module docs for the encoding).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    #[error("{len} bytes is too short for a node")]
+    TooShort { len: usize },
+    #[error("node version {found} is not supported (this build reads {NODE_VERSION})")]
+    Version { found: u8 },
+    #[error("unknown node kind {kind}")]
+    Kind { kind: u8 },
+    #[error("unknown node form {form}")]
+    Form { form: u8 },
+    #[error("dense body of {len} bytes")]
+    DenseBody { len: usize },
+    #[error("sparse node without a count")]
+    SparseCount,
+    #[error("sparse body of {len} bytes for {count} entries")]
+    SparseBody { len: usize, count: usize },
+    #[error("entry index {index} out of range")]
+    Index { index: usize },
+    #[error("header says {header} entries, body has {body}")]
+    Used { header: u16, body: usize },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,7 +118,9 @@ pub enum VolumeKind {
     Clone,
 }
 
-/// A volume, snapshot or clone as persisted.
+/// A volume, snapshot or clone as persisted (JSON, under `v` + its id). Its fields are
+/// part of [`META_FORMAT`]: renaming or retyping one is a format change. The pool works
+/// on its own runtime type and converts at import and at commit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
     pub id: Uuid,
@@ -83,12 +136,6 @@ pub struct VolumeRecord {
     pub created_at: u64,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
-}
-
-impl VolumeRecord {
-    pub fn read_only(&self) -> bool {
-        self.kind == VolumeKind::Snapshot
-    }
 }
 
 /// Everything loaded at import.
@@ -236,13 +283,11 @@ impl MetaStore {
                     path: self.path.clone(),
                 })?,
         )?;
-        if meta.format != META_FORMAT {
-            return Err(MetaError::Corrupt {
-                key: "meta".into(),
-                reason: format!(
-                    "format {} is not supported (this build reads {META_FORMAT})",
-                    meta.format
-                ),
+        if !META_FORMATS_ACCEPTED.contains(&meta.format) {
+            return Err(MetaError::Version {
+                path: self.path.clone(),
+                found: meta.format,
+                accepted: META_FORMATS_ACCEPTED,
             });
         }
         let mut volumes = Vec::new();
@@ -253,30 +298,28 @@ impl MetaStore {
         let mut nodes = HashMap::new();
         for item in self.db.db().scan_prefix("n") {
             let (k, v) = item?;
-            let id = u64::from_be_bytes(k[1..].try_into().map_err(|_| MetaError::Corrupt {
+            let id = u64::from_be_bytes(k[1..].try_into().map_err(|_| MetaError::Key {
+                what: "node",
                 key: hex_key(&k),
-                reason: "bad node key".into(),
             })?);
             nodes.insert(
                 id,
-                decode_node(&v).map_err(|reason| MetaError::Corrupt {
-                    key: format!("node {id}"),
-                    reason,
-                })?,
+                decode_node(&v).map_err(|source| MetaError::Node { id, source })?,
             );
         }
         let mut refs = vec![0u32; meta.chunk_count as usize];
         for item in self.db.db().scan_prefix("r") {
             let (k, v) = item?;
-            let page = u64::from_be_bytes(k[1..].try_into().map_err(|_| MetaError::Corrupt {
+            let page = u64::from_be_bytes(k[1..].try_into().map_err(|_| MetaError::Key {
+                what: "reference count page",
                 key: hex_key(&k),
-                reason: "bad page key".into(),
             })?) as usize;
             let start = page * REFS_PER_PAGE;
             if v.len() % 4 != 0 || start + v.len() / 4 > refs.len() {
-                return Err(MetaError::Corrupt {
-                    key: format!("refcount page {page}"),
-                    reason: format!("{} bytes do not fit {} chunks", v.len(), refs.len()),
+                return Err(MetaError::RefPage {
+                    page,
+                    len: v.len(),
+                    chunks: refs.len(),
                 });
             }
             for (i, c) in v.chunks_exact(4).enumerate() {
@@ -307,9 +350,9 @@ pub fn encode_json<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 pub fn decode_json<T: for<'a> Deserialize<'a>>(key: &str, bytes: &[u8]) -> Result<T, MetaError> {
-    serde_json::from_slice(bytes).map_err(|e| MetaError::Corrupt {
+    serde_json::from_slice(bytes).map_err(|source| MetaError::Record {
         key: key.to_owned(),
-        reason: e.to_string(),
+        source,
     })
 }
 
@@ -359,17 +402,17 @@ pub fn encode_node(node: &Node) -> Vec<u8> {
 }
 
 /// Decodes a node with `refs` = 0. Errors say what is wrong, for fsck's report.
-pub fn decode_node(b: &[u8]) -> Result<Node, String> {
+pub fn decode_node(b: &[u8]) -> Result<Node, NodeError> {
     if b.len() < 5 {
-        return Err(format!("{} bytes is too short", b.len()));
+        return Err(NodeError::TooShort { len: b.len() });
     }
     if b[0] != NODE_VERSION {
-        return Err(format!("node version {} is not supported", b[0]));
+        return Err(NodeError::Version { found: b[0] });
     }
     let leaf = match b[1] {
         1 => true,
         2 => false,
-        k => return Err(format!("unknown node kind {k}")),
+        kind => return Err(NodeError::Kind { kind }),
     };
     let width = if leaf { 4 } else { 8 };
     let used = u16::from_le_bytes([b[2], b[3]]);
@@ -383,7 +426,7 @@ pub fn decode_node(b: &[u8]) -> Result<Node, String> {
         1 => {
             let body = &b[5..];
             if body.len() != FANOUT * width {
-                return Err(format!("dense body of {} bytes", body.len()));
+                return Err(NodeError::DenseBody { len: body.len() });
             }
             for (i, s) in body.chunks_exact(width).enumerate() {
                 values[i] = Some(value(s));
@@ -391,25 +434,25 @@ pub fn decode_node(b: &[u8]) -> Result<Node, String> {
         }
         2 => {
             if b.len() < 7 {
-                return Err("sparse node without a count".into());
+                return Err(NodeError::SparseCount);
             }
             let count = usize::from(u16::from_le_bytes([b[5], b[6]]));
             let body = &b[7..];
             if body.len() != count * (2 + width) {
-                return Err(format!(
-                    "sparse body of {} bytes for {count} entries",
-                    body.len()
-                ));
+                return Err(NodeError::SparseBody {
+                    len: body.len(),
+                    count,
+                });
             }
             for s in body.chunks_exact(2 + width) {
                 let i = usize::from(u16::from_le_bytes([s[0], s[1]]));
                 if i >= FANOUT {
-                    return Err(format!("entry index {i} out of range"));
+                    return Err(NodeError::Index { index: i });
                 }
                 values[i] = Some(value(&s[2..]));
             }
         }
-        f => return Err(format!("unknown node form {f}")),
+        form => return Err(NodeError::Form { form }),
     }
     let entries = if leaf {
         let mut e = Box::new([NO_CHUNK; FANOUT]);
@@ -438,7 +481,10 @@ pub fn decode_node(b: &[u8]) -> Result<Node, String> {
         Entries::Interior(e) => e.iter().filter(|&&n| n != NO_NODE).count(),
     };
     if actual != usize::from(used) {
-        return Err(format!("header says {used} entries, body has {actual}"));
+        return Err(NodeError::Used {
+            header: used,
+            body: actual,
+        });
     }
     Ok(node)
 }

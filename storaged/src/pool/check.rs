@@ -5,8 +5,9 @@ use std::collections::HashMap;
 
 use uuid::Uuid;
 
+use super::volumes::Volume;
 use super::{PoolError, ThinPool};
-use crate::meta::{self, VolumeRecord};
+use crate::meta;
 use crate::tree::{ChunkId, Entries, MAX_HEIGHT, NO_CHUNK, NO_NODE, Node, NodeId};
 
 /// What a consistency check found (and, with repair, fixed).
@@ -45,7 +46,7 @@ pub(super) struct Derived {
 
 pub(super) fn derive<'a>(
     nodes: impl Fn(NodeId) -> Option<&'a Node>,
-    volumes: &HashMap<Uuid, VolumeRecord>,
+    volumes: &HashMap<Uuid, Volume>,
     chunk_count: usize,
 ) -> Derived {
     let mut node_refs: HashMap<NodeId, u32> = HashMap::new();

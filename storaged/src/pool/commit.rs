@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use crate::backing::BackingKind;
-use crate::meta::{self, encode_json, encode_node};
+use crate::meta::{self, VolumeRecord, encode_json, encode_node};
 use crate::tree::ChunkId;
 
 use super::{PoolError, ThinPool};
@@ -45,7 +45,7 @@ impl ThinPool {
                 }
                 for id in std::mem::take(&mut st.dirty_volumes) {
                     if let Some(rec) = st.volumes.get(&id) {
-                        batch.insert(meta::volume_key(&id), encode_json(rec));
+                        batch.insert(meta::volume_key(&id), encode_json(&VolumeRecord::from(rec)));
                     }
                 }
                 for id in std::mem::take(&mut st.deleted_volumes) {

@@ -33,7 +33,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use uuid::Uuid;
 
 use crate::backing::{Backing, BackingError, BackingKind};
-use crate::meta::{MetaError, MetaStore, PoolMeta, VolumeRecord};
+use crate::meta::{MetaError, MetaStore, PoolMeta};
 use crate::space::SpaceMap;
 use crate::superblock::{self, SuperblockError};
 use crate::tree::{ChunkId, Forest, NodeId};
@@ -48,6 +48,7 @@ mod volumes;
 pub use capacity::Usage;
 pub use check::CheckReport;
 pub use open::{CreateOptions, ImportOptions, valid_chunk_size};
+use volumes::Volume;
 pub use volumes::VolumeInfo;
 
 pub const DEFAULT_CHUNK_SIZE: u64 = 64 << 10;
@@ -120,7 +121,7 @@ pub enum PoolError {
 struct State {
     forest: Forest,
     space: SpaceMap,
-    volumes: HashMap<Uuid, VolumeRecord>,
+    volumes: HashMap<Uuid, Volume>,
     dirty_volumes: HashSet<Uuid>,
     deleted_volumes: HashSet<Uuid>,
     meta: PoolMeta,
@@ -135,7 +136,7 @@ struct State {
 }
 
 impl State {
-    fn volume(&self, id: Uuid) -> Result<&VolumeRecord, PoolError> {
+    fn volume(&self, id: Uuid) -> Result<&Volume, PoolError> {
         self.volumes.get(&id).ok_or(PoolError::NoVolume(id))
     }
 
@@ -179,12 +180,9 @@ pub struct ThinPool {
     inner: Arc<Inner>,
 }
 
-/// Seconds since the Unix epoch, as records store it.
-pub(super) fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+/// Seconds since the Unix epoch: what the superblock and the records store.
+fn unix_secs() -> u64 {
+    proto::unix_ms() / 1000
 }
 
 fn validate_name(name: &str) -> Result<(), PoolError> {
@@ -198,13 +196,13 @@ fn validate_name(name: &str) -> Result<(), PoolError> {
 
 impl ThinPool {
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn assemble(
+    fn assemble(
         backing: Backing,
         meta_store: MetaStore,
         meta: PoolMeta,
         forest: Forest,
         space: SpaceMap,
-        volumes: HashMap<Uuid, VolumeRecord>,
+        volumes: HashMap<Uuid, Volume>,
         orphans: Vec<NodeId>,
         import_problems: Vec<String>,
         imported_records: Vec<(Vec<u8>, Vec<u8>)>,
@@ -316,7 +314,7 @@ impl ThinPool {
         self.inner.data_offset + u64::from(chunk) * self.inner.chunk_size
     }
 
-    fn check_io(rec: &VolumeRecord, offset: u64, len: u64) -> Result<(), PoolError> {
+    fn check_io(rec: &Volume, offset: u64, len: u64) -> Result<(), PoolError> {
         let bs = u64::from(rec.block_size);
         if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
             return Err(PoolError::Misaligned {

@@ -7,12 +7,13 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 use super::check::derive;
-use super::now;
+use super::unix_secs;
+use super::volumes::Volume;
 use super::{
     DEFAULT_CHUNK_SIZE, DEFAULT_WARNING_PERCENT, MIN_CHUNKS, PoolError, ThinPool, validate_name,
 };
 use crate::backing::{Backing, BackingKind};
-use crate::meta::{META_FORMAT, MetaStore, PoolMeta, VolumeRecord};
+use crate::meta::{META_FORMAT, MetaStore, PoolMeta};
 use crate::space::SpaceMap;
 use crate::superblock::{self, Superblock};
 use crate::tree::{Forest, NO_CHUNK};
@@ -181,7 +182,7 @@ impl ThinPool {
             }
             let chunk_count = chunk_count.min(u64::from(NO_CHUNK - 1));
             let id = Uuid::new_v4();
-            let created_at = now();
+            let created_at = unix_secs();
             let meta = PoolMeta {
                 format: META_FORMAT,
                 pool_id: id,
@@ -275,8 +276,11 @@ impl ThinPool {
                 )],
             });
         }
-        let volumes: HashMap<Uuid, VolumeRecord> =
-            loaded.volumes.into_iter().map(|v| (v.id, v)).collect();
+        let volumes: HashMap<Uuid, Volume> = loaded
+            .volumes
+            .into_iter()
+            .map(|r| (r.id, Volume::from(r)))
+            .collect();
         let mut nodes = loaded.nodes;
         // Never hand out an id a stored node has, orphans included: a repair deletes
         // orphans by id.
@@ -347,6 +351,9 @@ impl ThinPool {
         tracing::info!(pool = %sb.pool_id, name = %sb.name, volumes = volumes.len(), used = space.used(), total = space.total(), "imported thin pool");
         let mut meta = loaded.meta;
         meta.next_node_id = meta.next_node_id.max(forest.next_id());
+        // An older format in the accepted range reads as this one; the next commit
+        // stamps it.
+        meta.format = META_FORMAT;
         Ok(Self::assemble(
             backing,
             store,

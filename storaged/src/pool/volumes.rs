@@ -7,9 +7,72 @@ use std::collections::BTreeMap;
 use uuid::Uuid;
 
 use super::io::Piece;
-use super::{PoolError, State, ThinPool, now, validate_name};
+use super::{PoolError, State, ThinPool, unix_secs, validate_name};
 use crate::meta::{VolumeKind, VolumeRecord};
-use crate::tree::{NO_NODE, height_for};
+use crate::tree::{NO_NODE, NodeId, height_for};
+
+/// A volume, snapshot or clone as the pool works on it. What is stored is a
+/// [`VolumeRecord`]; the two convert into each other at import and at commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Volume {
+    pub(super) id: Uuid,
+    pub(super) name: String,
+    pub(super) kind: VolumeKind,
+    /// The volume this one was derived from (it may since have been deleted).
+    pub(super) origin: Option<Uuid>,
+    pub(super) size: u64,
+    pub(super) block_size: u32,
+    /// Root of the mapping tree, [`NO_NODE`] while nothing is mapped.
+    pub(super) root: NodeId,
+    pub(super) height: u8,
+    /// Virtual chunks mapped (allocated) in this volume.
+    pub(super) mapped: u64,
+    /// Seconds since the Unix epoch.
+    pub(super) created_at: u64,
+    pub(super) labels: BTreeMap<String, String>,
+}
+
+impl Volume {
+    pub(super) fn read_only(&self) -> bool {
+        self.kind == VolumeKind::Snapshot
+    }
+}
+
+impl From<VolumeRecord> for Volume {
+    fn from(r: VolumeRecord) -> Self {
+        Volume {
+            id: r.id,
+            name: r.name,
+            kind: r.kind,
+            origin: r.origin,
+            size: r.size,
+            block_size: r.block_size,
+            root: r.root,
+            height: r.height,
+            mapped: r.mapped,
+            created_at: r.created_at,
+            labels: r.labels,
+        }
+    }
+}
+
+impl From<&Volume> for VolumeRecord {
+    fn from(v: &Volume) -> Self {
+        VolumeRecord {
+            id: v.id,
+            name: v.name.clone(),
+            kind: v.kind,
+            origin: v.origin,
+            size: v.size,
+            block_size: v.block_size,
+            root: v.root,
+            height: v.height,
+            mapped: v.mapped,
+            created_at: v.created_at,
+            labels: v.labels.clone(),
+        }
+    }
+}
 
 /// A volume as callers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +97,7 @@ impl VolumeInfo {
 }
 
 impl ThinPool {
-    fn info(&self, st: &State, rec: &VolumeRecord) -> VolumeInfo {
+    fn info(&self, st: &State, rec: &Volume) -> VolumeInfo {
         let cs = self.inner.chunk_size;
         let (mut allocated, mut exclusive) = (0u64, 0u64);
         st.forest.walk(
@@ -118,7 +181,7 @@ impl ThinPool {
             if st.name_taken(name) {
                 return Err(PoolError::NameTaken(name.to_owned()));
             }
-            let rec = VolumeRecord {
+            let rec = Volume {
                 id: Uuid::new_v4(),
                 name: name.to_owned(),
                 kind: VolumeKind::Volume,
@@ -128,7 +191,7 @@ impl ThinPool {
                 root: NO_NODE,
                 height: height_for(size.div_ceil(self.inner.chunk_size)),
                 mapped: 0,
-                created_at: now(),
+                created_at: unix_secs(),
                 labels,
             };
             let id = rec.id;
@@ -156,7 +219,7 @@ impl ThinPool {
                 return Err(PoolError::NameTaken(name.to_owned()));
             }
             let src = st.volume(source)?;
-            let rec = VolumeRecord {
+            let rec = Volume {
                 id: Uuid::new_v4(),
                 name: name.to_owned(),
                 kind,
@@ -166,7 +229,7 @@ impl ThinPool {
                 root: src.root,
                 height: src.height,
                 mapped: src.mapped,
-                created_at: now(),
+                created_at: unix_secs(),
                 labels,
             };
             // O(1): one more reference on the root, whatever the volume holds.

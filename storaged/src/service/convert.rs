@@ -37,7 +37,8 @@ pub fn status(e: PoolError) -> Status {
         PoolError::Backing(BackingError::Open { .. })
         | PoolError::Backing(BackingError::WrongKind { .. }) => Status::invalid_argument(msg),
         PoolError::Meta(crate::meta::MetaError::NotEmpty { .. })
-        | PoolError::Meta(crate::meta::MetaError::Missing { .. }) => {
+        | PoolError::Meta(crate::meta::MetaError::Missing { .. })
+        | PoolError::Meta(crate::meta::MetaError::Version { .. }) => {
             Status::failed_precondition(msg)
         }
         PoolError::Failed => Status::unavailable(msg),
