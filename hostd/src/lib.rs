@@ -4,14 +4,16 @@
 //!
 //! # Layout
 //! - [`vmm`]: one KVM virtual machine in this process — memory, vCPU threads, boot
-//!   (PVH, Linux 64-bit), CPUID, run control (pause, resume, stop and why).
+//!   (PVH, Linux 64-bit), CPUID, run control (pause, resume, stop and why). The `Vm`'s
+//!   methods are spread by concern: `build`, `lifecycle`, `memory`, `persist`.
 //! - [`devices`]: the bus, 16550 serial, i8042, debug-exit port, virtio-mmio and
 //!   virtio-blk with its backend trait.
 //! - [`console`]: a VM's console history (bounded ring), log file and live subscribers.
 //! - [`testguest`]: the test guest built from `guest/`, and the host side of its
 //!   patterns and checksums.
-//! - [`supervisor`]: one process per VM — the daemon's VM table and lifecycle, the VM
-//!   process, and the control channel between them.
+//! - [`supervisor`]: one process per VM — the daemon's VM table and lifecycle
+//!   (`supervisor/manager/`), the VM process (`supervisor/child/`), and the control
+//!   channel between them.
 //! - [`service`]: `HostService` over gRPC.
 //! - [`host`]: host CPU, memory and KVM facts, process resource use.
 //! - [`config`]: the daemon's TOML configuration.
@@ -42,4 +44,24 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     out
+}
+
+/// The protobuf timestamp of `unix_ms`, milliseconds since the epoch: every time `hostd`
+/// reports is read from the one wall clock, [`proto::unix_ms`].
+pub fn timestamp(unix_ms: u64) -> proto::prost_types::Timestamp {
+    proto::prost_types::Timestamp {
+        seconds: (unix_ms / 1000) as i64,
+        nanos: ((unix_ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamps_split_milliseconds_into_seconds_and_nanos() {
+        let t = super::timestamp(1_700_000_123_456);
+        assert_eq!((t.seconds, t.nanos), (1_700_000_123, 456_000_000));
+        let t = super::timestamp(0);
+        assert_eq!((t.seconds, t.nanos), (0, 0));
+    }
 }

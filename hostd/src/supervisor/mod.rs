@@ -6,8 +6,11 @@
 //! VMs; the kernel accounts each VM's memory and CPU to its own process; and VMs keep
 //! running while the daemon restarts.
 //!
-//! - [`manager`]: the daemon's side (table of VMs, spawning, lifecycle, state).
-//! - [`child`]: the VM process (runs the [`crate::vmm::Vm`], reboots it, reports).
+//! - [`manager`]: the daemon's side (table of VMs, spawning, lifecycle, state), one file
+//!   per concern: `entry`, `process`, `lifecycle`, `status`, `console`, `disks`,
+//!   `migration`.
+//! - [`child`]: the VM process (runs the [`crate::vmm::Vm`], reboots it, reports):
+//!   `control` (the socket), `runner` (the boot loop), `migrate`.
 //! - [`protocol`] and [`frame`]: the control channel between the two.
 //! - [`spec`]: checking a `VmConfig` and turning it into a `VmSpec`.
 

@@ -1,0 +1,232 @@
+//! The daemon's side: the table of VMs this host knows, one process per running VM, and
+//! the lifecycle operations the gRPC service calls.
+//!
+//! Each running VM is a `hostd vmm` process with its directory under
+//! `<run_dir>/vms/<id>/` (its record, control socket, console log and own log). The
+//! daemon talks to it over the control socket, keeps the console history for streams,
+//! and notices when the process ends, however it ends. VM processes do not depend on the
+//! daemon: when `hostd` restarts it finds them again through their directories.
+//!
+//! # Layout
+//! This file holds the [`Manager`], its configuration and error, and what its parts
+//! share; its methods live by concern:
+//! - `entry`: one VM as the daemon knows it, and commands to its process.
+//! - `process`: spawning a VM process, reading its events, reaping and killing it,
+//!   finding it again after a daemon restart.
+//! - `lifecycle`: create, start, pause, resume, reboot, shutdown, destroy.
+//! - `status`: reading VMs, their metrics and the host's memory left for them.
+//! - `console`: console history, input and log.
+//! - `disks`: attaching and detaching disks.
+//! - `migration`: receiving, sending and cancelling live migrations.
+
+mod console;
+mod disks;
+mod entry;
+mod lifecycle;
+mod migration;
+mod process;
+mod status;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::host::PowerState;
+
+pub use migration::migration_ended;
+
+use super::protocol::VmState;
+use super::spec::SpecError;
+use entry::Entry;
+
+/// Shutdown waits this much past the guest's own timeout for the process to end.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Where VM directories live.
+    pub run_dir: PathBuf,
+    /// The program VM processes run: `hostd-vmm` (with no `vmm_args`), or `hostd` with
+    /// `vmm_args = ["vmm"]`. Either is then given `--dir <vm dir>`.
+    pub vmm_binary: PathBuf,
+    pub vmm_args: Vec<String>,
+    /// Memory kept back for the host itself.
+    pub reserved_memory_bytes: u64,
+    /// VM processes die with the daemon (for tests); otherwise they outlive it and the
+    /// next daemon finds them again.
+    pub tie_vms_to_daemon: bool,
+    /// The iSCSI name VM processes log in to targets with (empty: no iSCSI disks).
+    pub initiator_iqn: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("no VM {0}")]
+    NotFound(String),
+    #[error("VM {id} already exists")]
+    AlreadyExists { id: String },
+    #[error("VM id {0:?} must be 1 to 64 characters of [A-Za-z0-9._-]")]
+    BadId(String),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("VM {id} is {state:?}; {what} needs it {need}")]
+    WrongState {
+        id: String,
+        state: PowerState,
+        what: &'static str,
+        need: &'static str,
+    },
+    #[error("VM {id} needs {need} bytes of memory; this host can give {available}")]
+    NoMemory {
+        id: String,
+        need: u64,
+        available: u64,
+    },
+    #[error("disk {disk:?} is {what} VM {id}")]
+    Disk {
+        id: String,
+        disk: String,
+        what: &'static str,
+    },
+    #[error("cannot prepare {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the VM process for {id}")]
+    Spawn {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("VM {id} did not start: {detail}")]
+    StartFailed { id: String, detail: String },
+    #[error("VM {id}: {detail}")]
+    Command { id: String, detail: String },
+    #[error("VM {id}'s process is not answering ({what})")]
+    Unresponsive { id: String, what: String },
+}
+
+pub struct Manager {
+    cfg: ManagerConfig,
+    vms: tokio::sync::Mutex<BTreeMap<String, Arc<Entry>>>,
+}
+
+fn power(state: &VmState) -> PowerState {
+    PowerState::try_from(state.power).unwrap_or(PowerState::Unspecified)
+}
+
+fn is_live(p: PowerState) -> bool {
+    matches!(
+        p,
+        PowerState::Running | PowerState::Paused | PowerState::Migrating
+    )
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && id != "."
+        && id != ".."
+}
+
+impl Manager {
+    /// A manager over `cfg.run_dir`; VM processes left by an earlier daemon are found
+    /// again (their directories name them) and the stale directories of dead ones removed.
+    pub async fn new(cfg: ManagerConfig) -> Result<Arc<Self>, ManagerError> {
+        let vms_dir = cfg.run_dir.join("vms");
+        std::fs::create_dir_all(&vms_dir).map_err(|source| ManagerError::Io {
+            path: vms_dir.clone(),
+            source,
+        })?;
+        let mgr = Arc::new(Self {
+            cfg,
+            vms: tokio::sync::Mutex::new(BTreeMap::new()),
+        });
+        mgr.reattach().await;
+        Ok(mgr)
+    }
+
+    fn vm_dir(&self, id: &str) -> PathBuf {
+        self.cfg.run_dir.join("vms").join(id)
+    }
+
+    async fn get(&self, id: &str) -> Result<Arc<Entry>, ManagerError> {
+        self.vms
+            .lock()
+            .await
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ManagerError::NotFound(id.to_owned()))
+    }
+
+    /// Memory the host can still give a VM: its total, less the reserve and what the
+    /// live VMs other than `except` hold.
+    fn memory_free(&self, vms: &BTreeMap<String, Arc<Entry>>, except: &str) -> u64 {
+        let in_use: u64 = vms
+            .values()
+            .filter(|e| e.id != except && is_live(e.power()))
+            .map(|e| e.lock().config.memory_bytes)
+            .sum();
+        crate::host::meminfo()
+            .total_bytes
+            .saturating_sub(self.cfg.reserved_memory_bytes)
+            .saturating_sub(in_use)
+    }
+
+    /// Refuses VM `id` if it needs more memory than the host can still give it.
+    fn admit_memory(
+        &self,
+        vms: &BTreeMap<String, Arc<Entry>>,
+        id: &str,
+        need: u64,
+    ) -> Result<(), ManagerError> {
+        let available = self.memory_free(vms, id);
+        if need > available {
+            return Err(ManagerError::NoMemory {
+                id: id.into(),
+                need,
+                available,
+            });
+        }
+        Ok(())
+    }
+
+    fn require(
+        entry: &Entry,
+        what: &'static str,
+        need: &'static str,
+        ok: impl Fn(PowerState) -> bool,
+    ) -> Result<(), ManagerError> {
+        let state = entry.power();
+        if ok(state) {
+            Ok(())
+        } else {
+            Err(ManagerError::WrongState {
+                id: entry.id.clone(),
+                state,
+                what,
+                need,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_safe_as_directory_names() {
+        assert!(valid_id("vm-1.a_b"));
+        assert!(valid_id(&uuid::Uuid::new_v4().to_string()));
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(65)] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
+    }
+}
