@@ -7,14 +7,14 @@
 //! task, finished when the job took less than [`QUICK`].
 //!
 //! # Layout
-//! - [`api`]: the tonic `PoolService` impl; each call authorizes and hands over to the
+//! - `api.rs`: the tonic `PoolService` impl; each call authorizes and hands over to the
 //!   file of its resource.
-//! - [`authorize`]: who may call, and the audit of what was refused before the log.
-//! - [`request`]: required arguments, paging, job refusals as answers.
-//! - one file per resource: [`members`] (the Raft group), [`settings`] (pool and HA
-//!   settings), [`hosts`], [`metrics`], [`storage`] (repositories, volumes, volume
-//!   access), [`vms`] (VMs, their snapshots, placement), [`console`], [`templates`],
-//!   [`tasks`], [`users`] (users, roles, login, the audit log).
+//! - `authorize.rs`: who may call, and the audit of what was refused before the log.
+//! - `request.rs`: required arguments, paging, job refusals as answers.
+//! - one file per resource: `members.rs` (the Raft group), `settings.rs` (pool and HA
+//!   settings), `hosts.rs`, `metrics.rs`, `storage.rs` (repositories, volumes, volume
+//!   access), `vms.rs` (VMs, their snapshots, placement), `console.rs`, `templates.rs`,
+//!   `tasks.rs`, `users.rs` (users, roles, login, the audit log).
 
 use std::sync::Arc;
 use std::time::Duration;
