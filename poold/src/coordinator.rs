@@ -160,12 +160,12 @@ impl Coordinator {
     pub fn command(&self, caller: &Caller, request_id: &str, op: Op) -> Command {
         Command {
             request_id: if request_id.is_empty() {
-                format!("auto-{}", crate::client::random_uuid())
+                format!("auto-{}", pool_client::random_uuid())
             } else {
                 request_id.to_owned()
             },
             at_ms: crate::consensus::node::stamp(),
-            task_id: crate::client::random_uuid().to_string(),
+            task_id: pool_client::random_uuid().to_string(),
             requested_by: caller.name.clone(),
             method: caller.method.clone(),
             peer: caller.peer.clone(),
@@ -353,7 +353,7 @@ impl Coordinator {
         make: impl Fn(String) -> Op,
     ) -> Result<pb::Task, Status> {
         let request_id = if request_id.is_empty() {
-            format!("auto-{}", crate::client::random_uuid())
+            format!("auto-{}", pool_client::random_uuid())
         } else {
             request_id.to_owned()
         };

@@ -21,7 +21,6 @@
 //! - [`jobs`]: long operations (volume and VM snapshots, clones, migration, fencing) that
 //!   the leader carries out step by step through [`backend`] (storaged and hostd).
 //! - [`auth`]: users, roles and tokens: who may call what.
-//! - [`client`]: a multi-member client that finds the leader and retries safely.
 //! - [`server`]: starting (or bootstrapping, or joining) a member and serving it.
 //! - [`config`]: the daemon's TOML configuration.
 //!
@@ -39,7 +38,9 @@
 
 pub mod auth;
 pub mod backend;
-pub mod client;
+/// The pool's API client lives in its own crate; named here for poold's integration tests.
+#[doc(hidden)]
+pub use pool_client as client;
 pub mod config;
 pub mod consensus;
 pub mod coordinator;

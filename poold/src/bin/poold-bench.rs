@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use poold::client::PoolClient;
+use pool_client::PoolClient;
 use poold::scheduler::{BatchScheduler, Demand, HostCandidate, Policy};
 use proto::coordinator as pb;
 use proto::coordinator::HostState;
@@ -198,7 +198,7 @@ async fn pool(members: Vec<String>, clients: usize, seconds: u64) -> anyhow::Res
             while Instant::now() < until {
                 n += 1;
                 let req = pb::UpdatePoolSettingsRequest {
-                    request_id: poold::client::new_request_id(),
+                    request_id: pool_client::new_request_id(),
                     settings: Some(settings(format!("bench-{i}-{n}"))),
                 };
                 let t = Instant::now();
@@ -292,7 +292,7 @@ async fn etcd_put(endpoint: String, clients: usize, seconds: u64) -> anyhow::Res
     // Key and value sized like the pool write (a name and a request id).
     let make = |i: usize, n: u64| etcd::PutRequest {
         key: format!("bench/{i}").into_bytes(),
-        value: format!("bench-{i}-{n}-{}", poold::client::random_uuid()).into_bytes(),
+        value: format!("bench-{i}-{n}-{}", pool_client::random_uuid()).into_bytes(),
     };
     etcd_unary::<_, etcd::PutResponse>(
         "etcd",
