@@ -14,10 +14,14 @@ use std::process::{Child, Command as Proc, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use poold::client::PoolClient;
+use pool_client::PoolClient;
 use proto::coordinator as pb;
 
-use crate::{Command, Ctl, run};
+use crate::cmd::sr::{self, SrCommand};
+use crate::cmd::template::{self, TemplateCommand};
+use crate::cmd::vdi::{self, VdiCommand};
+use crate::cmd::vm::{self, VmCommand};
+use crate::ctl::{Ctl, call};
 
 /// The coordinator members, also poolctl's default `--pool`.
 pub const MEMBERS: [&str; 3] = ["127.0.0.1:7101", "127.0.0.1:7102", "127.0.0.1:7103"];
@@ -402,9 +406,9 @@ async fn setup(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     if !ctl.srs().await?.iter().any(|s| s.name == SR) {
-        run(
+        sr::run(
             &mut ctl,
-            Command::SrCreate {
+            SrCommand::Create {
                 name: SR.into(),
                 address: STORAGED.into(),
                 thin_pool: None,
@@ -429,9 +433,9 @@ async fn setup(
         {
             let vdis = ctl.vdis("").await?;
             if !vdis.iter().any(|v| v.name == "guest-disk") {
-                run(
+                vdi::run(
                     &mut ctl,
-                    Command::VdiCreate {
+                    VdiCommand::Create {
                         name: "guest-disk".into(),
                         sr: SR.into(),
                         size: 16 << 20,
@@ -439,9 +443,9 @@ async fn setup(
                 )
                 .await?;
             }
-            run(
+            vm::run(
                 &mut ctl,
-                Command::VmCreate {
+                VmCommand::Create {
                     name: base.into(),
                     template: None,
                     disk: vec!["guest-disk".into()],
@@ -456,9 +460,9 @@ async fn setup(
             )
             .await?;
         }
-        run(
+        template::run(
             &mut ctl,
-            Command::TemplateCreate {
+            TemplateCommand::Create {
                 name: TEMPLATE.into(),
                 vm: base.into(),
             },
@@ -472,9 +476,9 @@ async fn setup(
             .iter()
             .any(|v| v.spec.as_ref().is_some_and(|s| s.name == DEMO))
     {
-        run(
+        vm::run(
             &mut ctl,
-            Command::VmCreate {
+            VmCommand::Create {
                 name: DEMO.into(),
                 template: Some(TEMPLATE.into()),
                 disk: vec![],

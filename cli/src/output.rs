@@ -1,7 +1,11 @@
 //! Tables for people, JSON for scripts: every listing is built once as rows of named
-//! fields and printed either way.
+//! fields and printed either way; and how the pool's values read for people (sizes, ages,
+//! state names).
 
 use std::io::{IsTerminal, Write};
+
+use proto::coordinator as pb;
+use proto::host as hpb;
 
 /// One value of a row: text, or a number that JSON keeps as a number.
 #[derive(Debug, Clone, PartialEq)]
@@ -195,6 +199,54 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err(format!("{s:?} is out of range"));
     }
     Ok((v * mult as f64) as u64)
+}
+
+/// How long ago `t` was, for people ("5m ago"); "-" when unset.
+pub fn ts(t: &Option<prost_types::Timestamp>) -> String {
+    t.as_ref()
+        .and_then(|t| {
+            let secs = u64::try_from(t.seconds).ok()?;
+            let age = (proto::unix_ms() / 1000).saturating_sub(secs);
+            Some(match age {
+                0..=59 => format!("{age}s ago"),
+                60..=3599 => format!("{}m ago", age / 60),
+                3600..=86399 => format!("{}h ago", age / 3600),
+                _ => format!("{}d ago", age / 86400),
+            })
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
+/// A protobuf enum value's name without its prefix, in kebab case ("HOST_STATE_ENABLED" →
+/// "enabled"); "?" for a value this poolctl does not know.
+pub fn enum_name(name: Option<&str>, prefix: &str) -> String {
+    name.map(|n| {
+        n.trim_start_matches(prefix)
+            .to_lowercase()
+            .replace('_', "-")
+    })
+    .unwrap_or_else(|| "?".into())
+}
+
+pub fn host_state(v: i32) -> String {
+    enum_name(
+        pb::HostState::try_from(v).ok().map(|s| s.as_str_name()),
+        "HOST_STATE_",
+    )
+}
+
+pub fn power(v: i32) -> String {
+    enum_name(
+        hpb::PowerState::try_from(v).ok().map(|s| s.as_str_name()),
+        "POWER_STATE_",
+    )
+}
+
+pub fn task_state(v: i32) -> String {
+    enum_name(
+        pb::TaskState::try_from(v).ok().map(|s| s.as_str_name()),
+        "TASK_STATE_",
+    )
 }
 
 /// A one-line progress bar on stderr, redrawn in place when stderr is a terminal.

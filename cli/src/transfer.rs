@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use iscsi_initiator::{Session, SessionConfig};
-use poold::client::{PoolClient, new_request_id};
+use pool_client::{PoolClient, new_request_id};
 use proto::coordinator as pb;
 use tokio::task::JoinSet;
 
@@ -42,7 +42,7 @@ async fn open(client: &mut PoolClient, volume_id: &str) -> anyhow::Result<Access
             async move { p.open_volume_access(req).await }
         })
         .await
-        .map_err(crate::explain)?;
+        .map_err(crate::ctl::explain)?;
     let cfg = SessionConfig::new(access.portal.clone(), access.target_iqn, initiator.clone());
     let opened = async {
         let session = Session::connect(cfg)

@@ -90,6 +90,22 @@ fn hosts_and_tasks_through_poolctl() {
     let tasks = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(o.status.success(), "{}", text(&o));
     assert!(tasks.contains("\"state\": \"succeeded\""), "{tasks}");
+    // By default the tasks people started (here the joins, by the open pool's anonymous
+    // user); --all adds the pool's own (host reports and the like).
+    let rows = |json: &str| json.lines().filter(|l| l.contains("\"id\":")).count();
+    assert!(tasks.contains("\"kind\": \"host.join\""), "{tasks}");
+    assert!(
+        tasks
+            .lines()
+            .filter(|l| l.contains("\"id\":"))
+            .all(|l| l.contains("\"by\": \"anonymous\"")),
+        "{tasks}"
+    );
+    assert!(!tasks.contains("host.report"), "{tasks}");
+    let o = poolctl(&p, &["task-list", "--all", "--json"]);
+    let all = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(rows(&all) >= rows(&tasks), "{all}\n{tasks}");
 
     // With every member gone, poolctl says so and what to check.
     drop(pool);

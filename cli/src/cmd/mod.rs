@@ -1,0 +1,12 @@
+//! The verbs, one module per noun: each owns its clap arguments (a `Subcommand` enum that
+//! the top-level command flattens, so verbs stay `noun-verb`) and their handler.
+
+pub mod host;
+pub mod member;
+pub mod pool;
+pub mod sr;
+pub mod task;
+pub mod template;
+pub mod user;
+pub mod vdi;
+pub mod vm;

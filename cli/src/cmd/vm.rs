@@ -1,0 +1,478 @@
+//! `poolctl vm-*`: VMs: creating and changing them, power, migration, snapshots and the
+//! console.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use pool_client::new_request_id;
+use proto::coordinator as pb;
+use proto::host as hpb;
+
+use crate::ctl::{Ctl, call};
+use crate::lookup::pick;
+use crate::output::{Table, human_bytes, parse_size, power, ts};
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create a VM from a template or from existing disks.
+    #[command(name = "vm-create")]
+    Create {
+        name: String,
+        #[arg(long, conflicts_with = "disk")]
+        template: Option<String>,
+        /// Existing disks, in order (vda, vdb, ...).
+        #[arg(long)]
+        disk: Vec<String>,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        #[arg(long, value_parser = parse_size, default_value = "512M")]
+        memory: u64,
+        /// Kernel image on the hosts (vmlinux, bzImage or a PVH ELF such as guest/).
+        #[arg(long)]
+        kernel: Option<String>,
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// Start it at once.
+        #[arg(long)]
+        start: bool,
+        /// HA restart priority: none, best-effort or restart.
+        #[arg(long, default_value = "none", value_parser = ha_priority)]
+        ha: i32,
+        /// HA restart order within its priority: lower restarts first.
+        #[arg(long, default_value_t = 0)]
+        ha_order: u32,
+    },
+    /// Change a VM's settings; what is not given stays as it is (vCPUs and memory only
+    /// while it is stopped; a new command line takes effect at its next boot).
+    #[command(name = "vm-set")]
+    Set {
+        vm: String,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        #[arg(long, value_parser = parse_size)]
+        memory: Option<u64>,
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// HA restart priority: none, best-effort or restart.
+        #[arg(long, value_parser = ha_priority)]
+        ha: Option<i32>,
+        /// HA restart order within its priority: lower restarts first.
+        #[arg(long)]
+        ha_order: Option<u32>,
+    },
+    /// VMs and where they run.
+    #[command(name = "vm-list")]
+    List {
+        /// Show the host's id rather than its name (--json always does).
+        #[arg(long)]
+        long: bool,
+    },
+    /// Start a stopped VM.
+    #[command(name = "vm-start")]
+    Start {
+        vm: String,
+        /// On this host; by default the scheduler chooses.
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// Ask the guest to power off (--force: stop it at once).
+    #[command(name = "vm-shutdown")]
+    Shutdown {
+        vm: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Ask the guest to reboot (--force: reset it at once).
+    #[command(name = "vm-reboot")]
+    Reboot {
+        vm: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove a stopped VM (its disks stay unless --delete-disks).
+    #[command(name = "vm-destroy")]
+    Destroy {
+        vm: String,
+        /// Also delete its disks.
+        #[arg(long)]
+        delete_disks: bool,
+    },
+    /// Live-migrate a VM to another host.
+    #[command(name = "vm-migrate")]
+    Migrate {
+        vm: String,
+        /// The destination; by default the scheduler chooses.
+        #[arg(long)]
+        host: Option<String>,
+        /// Downtime budget in milliseconds.
+        #[arg(long, default_value_t = 300)]
+        downtime_ms: u32,
+    },
+    /// The VM's metadata and crash-consistent snapshots of all its disks, together.
+    #[command(name = "vm-snapshot")]
+    Snapshot { vm: String, name: String },
+    /// Snapshots of a VM.
+    #[command(name = "vm-snapshot-list")]
+    SnapshotList { vm: String },
+    /// Put a stopped VM back as it was at one of its snapshots (metadata and disks).
+    #[command(name = "vm-revert")]
+    Revert {
+        vm: String,
+        /// The snapshot's name or id.
+        snapshot: String,
+    },
+    /// A new VM with the spec of this one and clones of its disks.
+    #[command(name = "vm-clone")]
+    Clone { vm: String, name: String },
+    /// Stream a VM's serial console (Ctrl-] leaves).
+    #[command(name = "vm-console")]
+    Console { vm: String },
+}
+
+pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
+    match command {
+        VmCommand::Create {
+            name,
+            template,
+            disk,
+            vcpus,
+            memory,
+            kernel,
+            cmdline,
+            start,
+            ha,
+            ha_order,
+        } => {
+            let mut disks = Vec::new();
+            for (i, d) in disk.iter().enumerate() {
+                disks.push(pb::VmDisk {
+                    disk_id: format!("vd{}", (b'a' + i as u8) as char),
+                    volume_id: ctl.vdi_id(d).await?,
+                    read_only: false,
+                });
+            }
+            let source = match template {
+                Some(t) => Some(pb::create_vm_request::Source::TemplateId(
+                    ctl.template_id(&t).await?,
+                )),
+                None => Some(pb::create_vm_request::Source::FromDisks(true)),
+            };
+            let spec = pb::VmSpec {
+                name,
+                vcpus,
+                memory_bytes: memory,
+                boot: kernel.map(|k| hpb::BootSource {
+                    kernel_path: k,
+                    initrd_path: String::new(),
+                    command_line: cmdline,
+                    protocol: hpb::BootProtocol::Auto as i32,
+                }),
+                disks,
+                ha_priority: ha,
+                ha_order,
+                ..Default::default()
+            };
+            let r = call!(
+                ctl.client,
+                create_vm,
+                pb::CreateVmRequest {
+                    request_id: new_request_id(),
+                    spec: Some(spec),
+                    source,
+                    sr_id: String::new(),
+                    start,
+                    host_id: String::new(),
+                }
+            )?;
+            let task = ctl.follow(r).await?;
+            // A VM made from a template is created, placed and started by a job that clones
+            // its disks first; when no host has room it is created stopped.
+            if let Some(note) = task
+                .results
+                .get("start")
+                .filter(|n| n.starts_with("not started"))
+            {
+                eprintln!("{note}\nhint: free room on a host, then `poolctl vm-start`");
+            }
+        }
+        VmCommand::Set {
+            vm,
+            vcpus,
+            memory,
+            cmdline,
+            ha,
+            ha_order,
+        } => {
+            let vm_id = ctl.vm_id(&vm).await?;
+            let current = ctl.vms().await?.into_iter().find(|v| v.id == vm_id);
+            let mut spec = current
+                .and_then(|v| v.spec)
+                .with_context(|| format!("VM {vm} has no spec"))?;
+            if let Some(n) = vcpus {
+                spec.vcpus = n;
+            }
+            if let Some(m) = memory {
+                spec.memory_bytes = m;
+            }
+            if let Some(h) = ha {
+                spec.ha_priority = h;
+            }
+            if let Some(o) = ha_order {
+                spec.ha_order = o;
+            }
+            if let Some(c) = cmdline {
+                spec.boot
+                    .as_mut()
+                    .context("the VM has no kernel to give a command line to")?
+                    .command_line = c;
+            }
+            let r = call!(
+                ctl.client,
+                update_vm,
+                pb::UpdateVmRequest {
+                    request_id: new_request_id(),
+                    vm_id,
+                    spec: Some(spec)
+                }
+            )?;
+            ctl.follow(r).await?;
+        }
+        VmCommand::List { long } => {
+            let vms = ctl.vms().await?;
+            let hosts = ctl.hosts().await?;
+            ctl.print(&vm_table(vms, &hosts, long || ctl.json));
+        }
+        VmCommand::Start { vm, host } => {
+            let vm_id = ctl.vm_id(&vm).await?;
+            let host_id = match host {
+                Some(h) => ctl.host_id(&h).await?,
+                None => String::new(),
+            };
+            let r = call!(
+                ctl.client,
+                start_vm,
+                pb::VmPowerRequest {
+                    request_id: new_request_id(),
+                    vm_id,
+                    force: false,
+                    host_id
+                }
+            )?;
+            ctl.follow(r).await?;
+        }
+        VmCommand::Shutdown { vm, force } => {
+            let vm_id = ctl.vm_id(&vm).await?;
+            let r = call!(
+                ctl.client,
+                shutdown_vm,
+                pb::VmPowerRequest {
+                    request_id: new_request_id(),
+                    vm_id,
+                    force,
+                    host_id: String::new()
+                }
+            )?;
+            ctl.follow(r).await?;
+        }
+        VmCommand::Reboot { vm, force } => {
+            let vm_id = ctl.vm_id(&vm).await?;
+            let r = call!(
+                ctl.client,
+                reboot_vm,
+                pb::VmPowerRequest {
+                    request_id: new_request_id(),
+                    vm_id,
+                    force,
+                    host_id: String::new()
+                }
+            )?;
+            ctl.follow(r).await?;
+        }
+        VmCommand::Destroy { vm, delete_disks } => {
+            let vm_id = ctl.vm_id(&vm).await?;
+            let r = call!(
+                ctl.client,
+                destroy_vm,
+                pb::DestroyVmRequest {
+                    request_id: new_request_id(),
+                    vm_id,
+                    delete_disks
+                }
+            )?;
+            ctl.follow(r).await?;
+        }
+        VmCommand::Migrate {
+            vm,
+            host,
+            downtime_ms,
+        } => {
+            let vm_id = ctl.vm_id(&vm).await?;
+            let destination_host_id = match host {
+                Some(h) => ctl.host_id(&h).await?,
+                None => String::new(),
+            };
+            let r = call!(
+                ctl.client,
+                migrate_vm,
+                pb::MigrateVmRequest {
+                    request_id: new_request_id(),
+                    vm_id,
+                    destination_host_id,
+                    downtime_budget_ms: downtime_ms,
+                    auto_converge: true,
+                }
+            )?;
+            let task = ctl.follow(r).await?;
+            if let Some(d) = task.results.get("downtime_ms") {
+                println!("downtime {d} ms");
+            }
+        }
+        VmCommand::Snapshot { vm, name } => {
+            let vm_id = ctl.vm_id(&vm).await?;
+            let r = call!(
+                ctl.client,
+                snapshot_vm,
+                pb::SnapshotVmRequest {
+                    request_id: new_request_id(),
+                    vm_id,
+                    name
+                }
+            )?;
+            ctl.follow(r).await?;
+        }
+        VmCommand::SnapshotList { vm } => {
+            let vm_id = ctl.vm_id(&vm).await?;
+            let mut t = Table::new(&["ID", "NAME", "DISKS", "CREATED"]);
+            for s in ctl.vm_snapshots(&vm_id).await? {
+                t.row(vec![
+                    s.id.into(),
+                    s.name.into(),
+                    (s.disk_snapshots.len() as u64).into(),
+                    ts(&s.created_at).into(),
+                ]);
+            }
+            ctl.print(&t);
+        }
+        VmCommand::Revert { vm, snapshot } => {
+            let vm_id = ctl.vm_id(&vm).await?;
+            let snaps = ctl.vm_snapshots(&vm_id).await?;
+            let snapshot_id = pick(
+                snaps.iter().map(|s| (s.id.as_str(), s.name.as_str())),
+                &snapshot,
+                "snapshot of this VM",
+            )?;
+            let r = call!(
+                ctl.client,
+                revert_vm,
+                pb::RevertVmRequest {
+                    request_id: new_request_id(),
+                    vm_id,
+                    snapshot_id
+                }
+            )?;
+            ctl.follow(r).await?;
+        }
+        VmCommand::Clone { vm, name } => {
+            let source_id = ctl.vm_id(&vm).await?;
+            let r = call!(
+                ctl.client,
+                clone_vm,
+                pb::CloneVmRequest {
+                    request_id: new_request_id(),
+                    source_id,
+                    name
+                }
+            )?;
+            ctl.follow(r).await?;
+        }
+        VmCommand::Console { vm } => {
+            let vm_id = ctl.vm_id(&vm).await?;
+            crate::console::console(ctl, vm_id).await?;
+        }
+    }
+    Ok(())
+}
+
+/// `--ha`, checked while the arguments are parsed so a typo fails before any call.
+fn ha_priority(name: &str) -> anyhow::Result<i32> {
+    Ok(match name {
+        "none" => pb::HaRestartPriority::None,
+        "best-effort" => pb::HaRestartPriority::BestEffort,
+        "restart" => pb::HaRestartPriority::Restart,
+        _ => bail!("use none, best-effort or restart"),
+    } as i32)
+}
+
+/// The vm-list table. Where a VM runs reads as the host's name for people, and as its id
+/// with `ids` (`--long`, `--json`), which scripts match against `host-list`.
+fn vm_table(vms: Vec<pb::Vm>, hosts: &[pb::Host], ids: bool) -> Table {
+    let names: HashMap<&str, &str> = hosts
+        .iter()
+        .map(|h| (h.id.as_str(), h.name.as_str()))
+        .collect();
+    let mut t = Table::new(&[
+        "ID", "NAME", "POWER", "WANTED", "HOST", "VCPUS", "MEMORY", "DISKS",
+    ]);
+    for v in vms {
+        let spec = v.spec.unwrap_or_default();
+        let disks: Vec<&str> = spec.disks.iter().map(|d| d.volume_id.as_str()).collect();
+        let host = match names.get(v.host_id.as_str()) {
+            Some(name) if !ids => (*name).to_owned(),
+            _ => v.host_id,
+        };
+        t.row(vec![
+            v.id.into(),
+            spec.name.into(),
+            power(v.power_state).into(),
+            power(v.desired_power_state).into(),
+            host.into(),
+            spec.vcpus.into(),
+            human_bytes(spec.memory_bytes).into(),
+            disks.join(",").into(),
+        ]);
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::Value;
+
+    #[test]
+    fn vm_list_names_the_host_and_keeps_its_id_for_scripts() {
+        let hosts = vec![pb::Host {
+            id: "h-1111".into(),
+            name: "rack1".into(),
+            ..Default::default()
+        }];
+        let vm = |id: &str, host: &str| pb::Vm {
+            id: id.into(),
+            host_id: host.into(),
+            spec: Some(pb::VmSpec {
+                name: format!("vm-{id}"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let vms = vec![vm("a", "h-1111"), vm("b", ""), vm("c", "h-gone")];
+        let host_col = |t: &Table| -> Vec<Value> { t.rows.iter().map(|r| r[4].clone()).collect() };
+        let people = vm_table(vms.clone(), &hosts, false);
+        // A host the listing does not know (removed meanwhile) still shows its id.
+        assert_eq!(
+            host_col(&people),
+            [Value::from("rack1"), Value::from(""), Value::from("h-gone")]
+        );
+        let scripts = vm_table(vms, &hosts, true);
+        assert_eq!(
+            host_col(&scripts),
+            [
+                Value::from("h-1111"),
+                Value::from(""),
+                Value::from("h-gone")
+            ]
+        );
+        assert!(scripts.render(true).contains("\"host\": \"h-1111\""));
+    }
+}

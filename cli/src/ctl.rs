@@ -1,0 +1,110 @@
+//! What every verb works through: the pool client and the output mode ([`Ctl`]), the
+//! [`call!`] macro that sends one request with retries, turning a gRPC status into advice,
+//! and following a task to its end.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use pool_client::PoolClient;
+use proto::coordinator as pb;
+
+use crate::output::{Progress, Table, task_state};
+
+/// Sends one request (built once, so a retry on another member reuses its request id).
+macro_rules! call {
+    ($c:expr, $method:ident, $req:expr) => {{
+        let req = $req;
+        $c.call(|mut p| {
+            let req = req.clone();
+            async move { p.$method(req).await }
+        })
+        .await
+        .map_err($crate::ctl::explain)
+    }};
+}
+pub(crate) use call;
+
+/// Turns a gRPC status into an error that says what to do.
+pub fn explain(s: tonic::Status) -> anyhow::Error {
+    let hint = match s.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+            "\nhint: no coordinator answered; is the pool running (poolctl lab) and --pool right?"
+        }
+        tonic::Code::Unauthenticated => "\nhint: log in and pass the token (config file `token`)",
+        tonic::Code::PermissionDenied => "\nhint: your role does not allow this; ask a pool-admin",
+        tonic::Code::Unimplemented => "\nnote: this coordinator does not offer that yet",
+        _ => "",
+    };
+    anyhow::anyhow!("{:?}: {}{hint}", s.code(), s.message())
+}
+
+/// The pool client and how to show results.
+pub struct Ctl {
+    pub client: PoolClient,
+    /// JSON instead of tables.
+    pub json: bool,
+    /// Follow a change's task to its end.
+    pub wait: bool,
+}
+
+impl Ctl {
+    pub fn print(&self, t: &Table) {
+        print!("{}", t.render(self.json));
+    }
+
+    /// Shows the task a change started and, unless told not to, follows it to its end.
+    pub async fn follow(&mut self, resp: pb::TaskResponse) -> anyhow::Result<pb::Task> {
+        let mut task = resp
+            .task
+            .context("the coordinator answered without a task")?;
+        let finished = |t: &pb::Task| {
+            matches!(
+                pb::TaskState::try_from(t.state),
+                Ok(pb::TaskState::Succeeded | pb::TaskState::Failed | pb::TaskState::Cancelled)
+            )
+        };
+        let mut bar = Progress::new();
+        while self.wait && !finished(&task) {
+            if !self.json {
+                bar.show(task.progress_percent, &task.status_message);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            task = call!(
+                self.client,
+                get_task,
+                pb::GetTaskRequest {
+                    task_id: task.id.clone()
+                }
+            )?;
+        }
+        bar.done();
+        if pb::TaskState::try_from(task.state) == Ok(pb::TaskState::Failed) {
+            bail!(
+                "task {} ({}) failed: {}: {}",
+                task.id,
+                task.kind,
+                task.error_code,
+                task.error_message
+            );
+        }
+        if self.json {
+            let mut t = Table::new(&["TASK", "KIND", "STATE", "TARGET"]);
+            t.row(vec![
+                task.id.clone().into(),
+                task.kind.clone().into(),
+                task_state(task.state).into(),
+                task.target_id.clone().into(),
+            ]);
+            self.print(&t);
+        } else {
+            println!(
+                "{} {} ({}) {}",
+                task.kind,
+                task_state(task.state),
+                task.id,
+                task.target_id
+            );
+        }
+        Ok(task)
+    }
+}
