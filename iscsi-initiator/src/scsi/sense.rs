@@ -135,21 +135,16 @@ fn classify_sense(cmd: &CommandInfo, s: Sense) -> Verdict {
 mod tests {
     use super::*;
 
-    fn fixed(key: u8, asc: u8, ascq: u8, info: Option<u32>) -> Vec<u8> {
-        let mut b = vec![0u8; 18];
-        b[0] = 0x70 | if info.is_some() { 0x80 } else { 0 };
-        b[2] = key;
-        b[3..7].copy_from_slice(&info.unwrap_or(0).to_be_bytes());
-        b[7] = 10;
-        b[12] = asc;
-        b[13] = ascq;
-        b
-    }
-
     #[test]
     fn outcomes_map_to_typed_errors() {
         let cmd = CommandInfo::range("WRITE(16)", 100, 8);
-        let check = |k, a, q| classify(&cmd, status::CHECK_CONDITION, Some(&fixed(k, a, q, None)));
+        let check = |k, a, q| {
+            classify(
+                &cmd,
+                status::CHECK_CONDITION,
+                Some(&Sense::new(k, a, q).to_fixed()[..]),
+            )
+        };
         assert!(matches!(
             check(key::DATA_PROTECT, 0x27, 0x07),
             Verdict::Fail(Error::SpaceExhausted {

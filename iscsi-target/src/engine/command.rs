@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 use iscsi_pdu::bhs::ScsiCommand;
 use iscsi_pdu::frame::{self, RawPdu};
 use iscsi_pdu::scsi::opcode;
+use iscsi_pdu::{be16, be32};
 use tokio::sync::{OwnedSemaphorePermit, watch};
 
 use super::response::build_response;
@@ -95,14 +96,8 @@ impl Engine {
                 d[2] = 0x06;
                 d[3] = 0x12;
                 d[4] = 31;
-                let alloc = usize::from(u16::from_be_bytes([cdb[3], cdb[4]]));
-                d.truncate(alloc);
-                let reply = scsi::Reply {
-                    status: status::GOOD,
-                    data_in: d,
-                    ..Default::default()
-                };
-                self.respond(&c, reply);
+                d.truncate(usize::from(be16(cdb, 3)));
+                self.respond_data(&c, d);
             }
             opcode::REPORT_LUNS => {
                 // Any LUN answers REPORT LUNS: use the first one's view.
@@ -120,18 +115,13 @@ impl Engine {
                     }
                     None => {
                         let alloc = if cdb.len() >= 10 {
-                            u32::from_be_bytes([cdb[6], cdb[7], cdb[8], cdb[9]]) as usize
+                            be32(cdb, 6) as usize
                         } else {
                             0
                         };
                         let mut d = vec![0u8; 8];
                         d.truncate(alloc);
-                        let reply = scsi::Reply {
-                            status: status::GOOD,
-                            data_in: d,
-                            ..Default::default()
-                        };
-                        self.respond(&c, reply);
+                        self.respond_data(&c, d);
                     }
                 }
             }

@@ -20,6 +20,16 @@ impl Engine {
         self.out.extend(pdus);
     }
 
+    /// Answers GOOD with `data` as Data-In.
+    pub(super) fn respond_data(&mut self, c: &ScsiCommand, data: Vec<u8>) {
+        let reply = scsi::Reply {
+            status: status::GOOD,
+            data_in: data,
+            ..Default::default()
+        };
+        self.respond(c, reply);
+    }
+
     pub(super) fn respond_status(&mut self, c: &ScsiCommand, status: u8, sense: Option<Sense>) {
         let reply = scsi::Reply {
             status,
