@@ -22,13 +22,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pool_client::{Auth, Members, MembersError, PassError, new_request_id, pool_stub};
 use proto::coordinator as pb;
 use proto::coordinator::host_agent_service_client::HostAgentServiceClient;
-use proto::coordinator::pool_service_client::PoolServiceClient;
 use proto::host as hpb;
 use proto::host::host_service_server::HostService;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 use crate::config::PoolConfig;
@@ -129,86 +128,46 @@ impl AgentConfig {
     }
 }
 
-/// The coordinator members, with the one that answered last first in line.
-struct Members {
-    addrs: Vec<String>,
-    channels: Vec<Channel>,
-    current: usize,
-    token: Option<MetadataValue<Ascii>>,
+/// The coordinator members (the one that answered last first in line) and the token every
+/// call carries.
+struct Coordinators {
+    members: Members,
+    auth: Auth,
 }
 
-fn retryable(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable
-            | Code::DeadlineExceeded
-            | Code::Aborted
-            | Code::Cancelled
-            | Code::Unknown
-    )
-}
-
-impl Members {
+impl Coordinators {
     fn new(addrs: &[String], token: Option<&str>) -> Result<Self, AgentError> {
-        let channels = addrs
-            .iter()
-            .map(|a| {
-                Endpoint::from_shared(format!("http://{a}"))
-                    .map(|e| {
-                        e.connect_timeout(Duration::from_secs(1))
-                            .tcp_nodelay(true)
-                            .connect_lazy()
-                    })
-                    .map_err(|source| AgentError::BadCoordinator {
-                        address: a.clone(),
-                        source,
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let token = token
-            .map(|t| {
-                format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| AgentError::BadToken)
-            })
-            .transpose()?;
-        Ok(Members {
-            addrs: addrs.to_vec(),
-            channels,
-            current: 0,
-            token,
-        })
-    }
-
-    fn request<T>(&self, msg: T) -> Request<T> {
-        let mut r = Request::new(msg);
-        if let Some(t) = &self.token {
-            r.metadata_mut().insert("authorization", t.clone());
-        }
-        r
+        let members = Members::new(addrs, Duration::from_secs(1)).map_err(|e| match e {
+            MembersError::NoMembers => AgentError::NoCoordinators,
+            MembersError::BadAddress { address, source } => {
+                AgentError::BadCoordinator { address, source }
+            }
+        })?;
+        let auth = match token {
+            Some(t) => Auth::bearer(t).map_err(|_| AgentError::BadToken)?,
+            None => Auth::default(),
+        };
+        Ok(Coordinators { members, auth })
     }
 
     /// Runs `f` on each member in turn, from the current one, until one answers; a
     /// refusal that another member would repeat (anything but unavailability) ends it.
-    async fn call<T, F, Fut>(&mut self, what: &'static str, mut f: F) -> Result<T, AgentError>
+    /// One round only: the heartbeat loop backs off between rounds itself.
+    async fn call<T, F, Fut>(&mut self, what: &'static str, f: F) -> Result<T, AgentError>
     where
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let mut last = String::from("no member tried");
-        for _ in 0..self.addrs.len() {
-            let i = self.current;
-            match tokio::time::timeout(CALL_TIMEOUT, f(self.channels[i].clone())).await {
-                Ok(Ok(r)) => return Ok(r.into_inner()),
-                Ok(Err(status)) if !retryable(&status) => {
-                    return Err(AgentError::Refused { what, status });
-                }
-                Ok(Err(s)) => last = format!("{}: {}", self.addrs[i], s.message()),
-                Err(_) => last = format!("{}: no answer within {CALL_TIMEOUT:?}", self.addrs[i]),
-            }
-            self.current = (i + 1) % self.addrs.len();
-        }
-        Err(AgentError::Unreachable { what, last })
+        self.members
+            .pass(CALL_TIMEOUT, None, f)
+            .await
+            .map_err(|e| match e {
+                PassError::Refused(status) => AgentError::Refused { what, status },
+                PassError::Unreachable { address, last } => AgentError::Unreachable {
+                    what,
+                    last: format!("{address}: {}", last.message()),
+                },
+            })
     }
 }
 
@@ -216,7 +175,7 @@ impl Members {
 pub struct Agent<H> {
     cfg: AgentConfig,
     host: Arc<H>,
-    members: Members,
+    coordinators: Coordinators,
     /// The pool's id of this host, once known.
     host_id: Option<String>,
     sequence: u64,
@@ -226,11 +185,11 @@ pub struct Agent<H> {
 
 impl<H: HostService> Agent<H> {
     pub fn new(cfg: AgentConfig, host: Arc<H>) -> Result<Self, AgentError> {
-        let members = Members::new(&cfg.coordinators, cfg.token.as_deref())?;
+        let coordinators = Coordinators::new(&cfg.coordinators, cfg.token.as_deref())?;
         Ok(Agent {
             cfg,
             host,
-            members,
+            coordinators,
             host_id: None,
             sequence: 0,
             info_sent_at: None,
@@ -331,15 +290,13 @@ impl<H: HostService> Agent<H> {
             vms,
             sequence: self.sequence,
         };
-        let token = self.members.token.clone();
+        let auth = self.coordinators.auth.clone();
         let res = self
-            .members
+            .coordinators
             .call("the heartbeat", |ch| {
-                let mut req = Request::new(msg.clone());
-                if let Some(t) = &token {
-                    req.metadata_mut().insert("authorization", t.clone());
-                }
-                async move { HostAgentServiceClient::new(ch).heartbeat(req).await }
+                let mut c = HostAgentServiceClient::with_interceptor(ch, auth.clone());
+                let msg = msg.clone();
+                async move { c.heartbeat(msg).await }
             })
             .await;
         let resp = match res {
@@ -415,17 +372,18 @@ impl<H: HostService> Agent<H> {
                 address: self.cfg.address.clone(),
             });
         }
-        let join = self.members.request(pb::JoinHostRequest {
-            request_id: uuid::Uuid::new_v4().to_string(),
+        let join = pb::JoinHostRequest {
+            request_id: new_request_id(),
             name: self.cfg.name.clone(),
             address: self.cfg.address.clone(),
-        });
-        let (meta, _, msg) = join.into_parts();
+        };
+        let auth = self.coordinators.auth.clone();
         let res = self
-            .members
+            .coordinators
             .call("joining", |ch| {
-                let req = Request::from_parts(meta.clone(), Default::default(), msg.clone());
-                async move { PoolServiceClient::new(ch).join_host(req).await }
+                let mut p = pool_stub(ch, auth.clone());
+                let join = join.clone();
+                async move { p.join_host(join).await }
             })
             .await;
         match res {
@@ -455,21 +413,20 @@ impl<H: HostService> Agent<H> {
     async fn find_by_address(&mut self) -> Result<Option<String>, AgentError> {
         let mut page_token = String::new();
         loop {
-            let (meta, _, msg) = self
-                .members
-                .request(pb::ListHostsRequest {
-                    page: Some(pb::PageRequest {
-                        page_size: 0,
-                        page_token: page_token.clone(),
-                    }),
-                    state: 0,
-                })
-                .into_parts();
+            let req = pb::ListHostsRequest {
+                page: Some(pb::PageRequest {
+                    page_size: 0,
+                    page_token: page_token.clone(),
+                }),
+                state: 0,
+            };
+            let auth = self.coordinators.auth.clone();
             let r = self
-                .members
+                .coordinators
                 .call("listing hosts", |ch| {
-                    let req = Request::from_parts(meta.clone(), Default::default(), msg.clone());
-                    async move { PoolServiceClient::new(ch).list_hosts(req).await }
+                    let mut p = pool_stub(ch, auth.clone());
+                    let req = req.clone();
+                    async move { p.list_hosts(req).await }
                 })
                 .await?;
             if let Some(h) = r.hosts.iter().find(|h| h.address == self.cfg.address) {
@@ -541,7 +498,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().to_string()
         };
-        let mut m = Members::new(&[dead.clone(), live.clone()], None).unwrap();
+        let mut m = Coordinators::new(&[dead.clone(), live.clone()], None).unwrap();
         let beat = |host: &'static str| {
             move |ch: Channel| async move {
                 HostAgentServiceClient::new(ch)
@@ -554,17 +511,21 @@ mod tests {
         };
         let r = m.call("the heartbeat", beat("h1")).await.unwrap();
         assert_eq!(r.state, pb::HostState::Enabled as i32);
-        assert_eq!(m.current, 1, "the live member is first in line now");
+        assert_eq!(
+            m.members.current(),
+            1,
+            "the live member is first in line now"
+        );
         m.call("the heartbeat", beat("h1")).await.unwrap();
         assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 2);
         // A refusal is final: not retried on the dead member, and its code is kept.
         let e = m.call("the heartbeat", beat("nobody")).await.unwrap_err();
         assert_eq!(e.code(), Some(Code::NotFound));
-        assert_eq!(m.current, 1);
+        assert_eq!(m.members.current(), 1);
         // With every member gone the error says which was tried last.
         server.abort();
         let _ = server.await;
-        let mut m = Members::new(std::slice::from_ref(&dead), None).unwrap();
+        let mut m = Coordinators::new(std::slice::from_ref(&dead), None).unwrap();
         match m.call("the heartbeat", beat("h1")).await {
             Err(AgentError::Unreachable { last, .. }) => assert!(last.contains(&dead), "{last}"),
             other => panic!("expected Unreachable, got {other:?}"),
