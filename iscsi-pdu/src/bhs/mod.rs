@@ -232,65 +232,25 @@ impl Header {
         exp_cmd_sn: u32,
         max_cmd_sn: u32,
     ) {
-        let (uses, stat_sn, exp, max) = match self {
-            Self::ScsiResponse(h) => (
-                StatSn::Take,
-                &mut h.stat_sn,
-                &mut h.exp_cmd_sn,
-                &mut h.max_cmd_sn,
+        // The three fields, in every target PDU that has them.
+        macro_rules! fields {
+            ($h:expr) => {
+                [&mut $h.stat_sn, &mut $h.exp_cmd_sn, &mut $h.max_cmd_sn]
+            };
+        }
+        let (uses, [stat_sn, exp, max]) = match self {
+            Self::ScsiResponse(h) => (StatSn::Take, fields!(h)),
+            Self::DataIn(h) => (StatSn::take_if(h.has_status, StatSn::Zero), fields!(h)),
+            Self::R2t(h) => (StatSn::Repeat, fields!(h)),
+            Self::NopIn(h) => (
+                StatSn::take_if(h.itt != RESERVED_TAG, StatSn::Repeat),
+                fields!(h),
             ),
-            Self::DataIn(h) => {
-                let uses = if h.has_status {
-                    StatSn::Take
-                } else {
-                    StatSn::Zero
-                };
-                (uses, &mut h.stat_sn, &mut h.exp_cmd_sn, &mut h.max_cmd_sn)
-            }
-            Self::R2t(h) => (
-                StatSn::Repeat,
-                &mut h.stat_sn,
-                &mut h.exp_cmd_sn,
-                &mut h.max_cmd_sn,
-            ),
-            Self::NopIn(h) => {
-                let uses = if h.itt != RESERVED_TAG {
-                    StatSn::Take
-                } else {
-                    StatSn::Repeat
-                };
-                (uses, &mut h.stat_sn, &mut h.exp_cmd_sn, &mut h.max_cmd_sn)
-            }
-            Self::TaskMgmtResponse(h) => (
-                StatSn::Take,
-                &mut h.stat_sn,
-                &mut h.exp_cmd_sn,
-                &mut h.max_cmd_sn,
-            ),
-            Self::TextResponse(h) => (
-                StatSn::Take,
-                &mut h.stat_sn,
-                &mut h.exp_cmd_sn,
-                &mut h.max_cmd_sn,
-            ),
-            Self::LogoutResponse(h) => (
-                StatSn::Take,
-                &mut h.stat_sn,
-                &mut h.exp_cmd_sn,
-                &mut h.max_cmd_sn,
-            ),
-            Self::Reject(h) => (
-                StatSn::Take,
-                &mut h.stat_sn,
-                &mut h.exp_cmd_sn,
-                &mut h.max_cmd_sn,
-            ),
-            Self::AsyncMessage(h) => (
-                StatSn::Take,
-                &mut h.stat_sn,
-                &mut h.exp_cmd_sn,
-                &mut h.max_cmd_sn,
-            ),
+            Self::TaskMgmtResponse(h) => (StatSn::Take, fields!(h)),
+            Self::TextResponse(h) => (StatSn::Take, fields!(h)),
+            Self::LogoutResponse(h) => (StatSn::Take, fields!(h)),
+            Self::Reject(h) => (StatSn::Take, fields!(h)),
+            Self::AsyncMessage(h) => (StatSn::Take, fields!(h)),
             _ => return,
         };
         *stat_sn = match uses {
@@ -315,6 +275,12 @@ enum StatSn {
     Repeat,
     /// Nothing: the field is reserved in this PDU.
     Zero,
+}
+
+impl StatSn {
+    fn take_if(consumes: bool, otherwise: Self) -> Self {
+        if consumes { Self::Take } else { otherwise }
+    }
 }
 
 fn flag(on: bool, bit: u8) -> u8 {
