@@ -30,7 +30,7 @@ fn parse_meminfo(text: &str) -> MemInfo {
     }
 }
 
-/// Resident memory of a process, from /proc/<pid>/status.
+/// Resident memory of a process, from `/proc/<pid>/status`.
 pub fn process_rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status

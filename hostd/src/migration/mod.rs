@@ -10,8 +10,8 @@
 //! - [`conn`]: a connection (socket and buffer), frames in and out with timeouts.
 //! - [`state`]: the saved vCPU, irqchip, clock and device state as bytes.
 //! - [`cpu`]: may the guest's CPU features move to this host?
-//! - [`send`]: the source: full pass, dirty rounds, auto-converge, switchover.
-//! - [`receive`]: the destination: token, checks, pages, restore, resume.
+//! - [`send`](mod@send): the source: full pass, dirty rounds, auto-converge, switchover.
+//! - [`receive`](mod@receive): the destination: token, checks, pages, restore, resume.
 //!
 //! # Guarantees
 //! Nothing is read into a VM before the token and the CPU check pass. Until the source
