@@ -24,6 +24,8 @@ pub fn pool_stub(channel: Channel, auth: Auth) -> PoolStub {
     PoolServiceClient::with_interceptor(channel, auth).max_decoding_message_size(64 << 20)
 }
 
+/// A `PoolService` client over several members: calls go to the leader once found, and a
+/// failed call moves on to the next member (see [`PoolClient::call`]).
 #[derive(Clone)]
 pub struct PoolClient {
     members: Members,
