@@ -21,7 +21,7 @@ use crate::login::{Established, Login, Step};
 use crate::server::{Inner, TargetEntry};
 use crate::session::{SessionHandle, SessionType};
 
-/// Why a connection ended.
+/// Why a connection ended, in login, discovery or the full feature phase (`engine`).
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ConnError {
     #[error("socket")]
@@ -32,6 +32,9 @@ pub(crate) enum ConnError {
     Protocol(&'static str),
     #[error("peer closed the connection")]
     Closed,
+    /// The target ended the session (`SessionHandle::request_close`).
+    #[error("closed by the target")]
+    Killed,
 }
 
 /// Reads whole PDUs off the socket.

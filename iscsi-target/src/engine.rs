@@ -39,30 +39,16 @@ use iscsi_pdu::bhs::{
     TextResponse, reject_reason,
 };
 use iscsi_pdu::frame::{self, FrameConfig, RawPdu};
-use iscsi_pdu::{PduError, serial, text};
+use iscsi_pdu::{serial, text};
 use tokio::sync::Semaphore;
 
+use crate::connection::ConnError;
 use crate::login::Established;
 use crate::lun::Lun;
 use crate::server::{Inner, TargetEntry, TargetFabric};
 use crate::session::{SessionHandle, SessionParams, TaskEntry, wait_tasks};
 use r2t::PendingWrite;
 use wire::{Sn, Wire, read_into};
-
-/// Why a connection ended.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum EngineError {
-    #[error("socket")]
-    Io(#[from] std::io::Error),
-    #[error("malformed PDU")]
-    Pdu(#[from] PduError),
-    #[error("protocol error: {0}")]
-    Protocol(&'static str),
-    #[error("peer closed the connection")]
-    Closed,
-    #[error("closed by the target")]
-    Killed,
-}
 
 /// Data buffers (write data collected, read data produced) one connection may hold at
 /// once; a command that would go over is answered TASK SET FULL.
@@ -181,17 +167,8 @@ impl Engine {
             Err(e) => tracing::info!(%initiator, tsih, error = %e, "session dropped"),
         }
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
-        self.pending.clear();
         // Nothing this session sent may reach a LUN after it is reported closed.
-        let tasks: Vec<Arc<TaskEntry>> = self
-            .session
-            .tasks
-            .lock()
-            .expect("task map poisoned")
-            .values()
-            .cloned()
-            .collect();
-        self.rt.block_on(wait_tasks(tasks));
+        self.finish_tasks();
         // I_T nexus loss: SPC-2 reservations and medium removal prevention end with it.
         for lun in crate::scsi::Fabric::luns(&*self.fabric) {
             let mut st = lun.state();
@@ -204,7 +181,22 @@ impl Engine {
         self.session.closed.send_replace(true);
     }
 
-    fn serve(&mut self) -> Result<(), EngineError> {
+    /// Drops the writes still collecting data and waits for every command this session
+    /// handed to the blocking pool.
+    fn finish_tasks(&mut self) {
+        self.pending.clear();
+        let tasks: Vec<Arc<TaskEntry>> = self
+            .session
+            .tasks
+            .lock()
+            .expect("task map poisoned")
+            .values()
+            .cloned()
+            .collect();
+        self.rt.block_on(wait_tasks(tasks));
+    }
+
+    fn serve(&mut self) -> Result<(), ConnError> {
         let mut stopping = self.inner.stopping.subscribe();
         loop {
             let mut handled = 0;
@@ -225,7 +217,7 @@ impl Engine {
                 continue;
             }
             if *self.session.kill.borrow() {
-                return Err(EngineError::Killed);
+                return Err(ConnError::Killed);
             }
             if self.leaving.is_none() && *stopping.borrow_and_update() {
                 self.request_logout();
@@ -236,12 +228,12 @@ impl Engine {
     }
 
     /// Reads what the socket has; on a quiet tick checks timers instead.
-    fn fill(&mut self) -> Result<(), EngineError> {
+    fn fill(&mut self) -> Result<(), ConnError> {
         let want = frame::frame_len(&self.buf, &self.rx_cfg)?.unwrap_or(0);
         let room = want.saturating_sub(self.buf.len()).max(64 * 1024);
         self.buf.reserve(room);
         match read_into(&self.stream, &mut self.buf) {
-            Ok(0) => Err(EngineError::Closed),
+            Ok(0) => Err(ConnError::Closed),
             Ok(_) => Ok(()),
             Err(e)
                 if matches!(
@@ -256,17 +248,17 @@ impl Engine {
         }
     }
 
-    fn tick(&mut self) -> Result<(), EngineError> {
+    fn tick(&mut self) -> Result<(), ConnError> {
         if *self.session.kill.borrow() {
-            return Err(EngineError::Killed);
+            return Err(ConnError::Killed);
         }
         let now = Instant::now();
         if self.leaving.is_some_and(|t| now >= t) {
-            return Err(EngineError::Protocol("the server stopped"));
+            return Err(ConnError::Protocol("the server stopped"));
         }
         if let Some((_, deadline)) = self.ping {
             if now >= deadline {
-                return Err(EngineError::Protocol("NOP-In ping not answered"));
+                return Err(ConnError::Protocol("NOP-In ping not answered"));
             }
         } else if let Some(interval) = self.inner.options.nop_interval
             && now.duration_since(self.last_heard) >= interval
@@ -277,7 +269,7 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) fn flush(&mut self) -> Result<(), EngineError> {
+    pub(super) fn flush(&mut self) -> Result<(), ConnError> {
         if self.out.is_empty() {
             return Ok(());
         }
@@ -348,7 +340,7 @@ impl Engine {
         false
     }
 
-    fn handle(&mut self, pdu: RawPdu) -> Result<(), EngineError> {
+    fn handle(&mut self, pdu: RawPdu) -> Result<(), ConnError> {
         self.handle_one(pdu)?;
         // Commands that waited for a CmdSN gap to fill may go now.
         while let Some(held) = self.held.remove(&self.sn.exp()) {
@@ -358,7 +350,7 @@ impl Engine {
         Ok(())
     }
 
-    fn handle_one(&mut self, pdu: RawPdu) -> Result<(), EngineError> {
+    fn handle_one(&mut self, pdu: RawPdu) -> Result<(), ConnError> {
         let header = match pdu.header() {
             Ok(h) => h,
             Err(_) => {
@@ -380,7 +372,7 @@ impl Engine {
         self.dispatch(pdu)
     }
 
-    fn dispatch(&mut self, pdu: RawPdu) -> Result<(), EngineError> {
+    fn dispatch(&mut self, pdu: RawPdu) -> Result<(), ConnError> {
         match pdu.header()? {
             Header::ScsiCommand(c) => self.scsi_command(c, pdu),
             Header::DataOut(d) => self.data_out(d, pdu.data),
@@ -440,7 +432,7 @@ impl Engine {
             .cloned()
     }
 
-    fn text(&mut self, t: TextRequest, data: &[u8]) -> Result<(), EngineError> {
+    fn text(&mut self, t: TextRequest, data: &[u8]) -> Result<(), ConnError> {
         let body = if t.ttt != RESERVED_TAG {
             match self.text_more.take() {
                 Some((ttt, rest)) if ttt == t.ttt => rest,
@@ -448,7 +440,7 @@ impl Engine {
             }
         } else {
             if self.text_partial.len() + data.len() > 64 * 1024 {
-                return Err(EngineError::Protocol("text request too long"));
+                return Err(ConnError::Protocol("text request too long"));
             }
             self.text_partial.extend_from_slice(data);
             if t.continue_ {
@@ -463,7 +455,7 @@ impl Engine {
                 return Ok(());
             }
             let pairs = text::parse(&std::mem::take(&mut self.text_partial))
-                .map_err(|_| EngineError::Protocol("bad text keys"))?;
+                .map_err(|_| ConnError::Protocol("bad text keys"))?;
             text::encode(&crate::connection::answer_text(
                 &self.inner,
                 &self.session.initiator,
@@ -499,16 +491,7 @@ impl Engine {
         };
         if response == 0 {
             // Every command finishes before the Logout Response (§11.14).
-            self.pending.clear();
-            let tasks: Vec<Arc<TaskEntry>> = self
-                .session
-                .tasks
-                .lock()
-                .expect("task map poisoned")
-                .values()
-                .cloned()
-                .collect();
-            self.rt.block_on(wait_tasks(tasks));
+            self.finish_tasks();
         }
         let r = LogoutResponse {
             response,

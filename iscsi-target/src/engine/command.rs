@@ -14,7 +14,8 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 
 use super::response::build_response;
 use super::wire::send_shared;
-use super::{Engine, EngineError, MEMORY_UNIT};
+use super::{Engine, MEMORY_UNIT};
+use crate::connection::ConnError;
 use crate::lun::Lun;
 use crate::scsi::sense::{Sense, status};
 use crate::scsi::{self, Ctx, MAX_TRANSFER_BYTES};
@@ -25,7 +26,7 @@ use crate::session::TaskEntry;
 const BIG_TRANSFER: u32 = 256 * 1024;
 
 impl Engine {
-    pub(super) fn scsi_command(&mut self, c: ScsiCommand, pdu: RawPdu) -> Result<(), EngineError> {
+    pub(super) fn scsi_command(&mut self, c: ScsiCommand, pdu: RawPdu) -> Result<(), ConnError> {
         // CDBs longer than 16 bytes continue in an extended-CDB AHS.
         let cdb = if pdu.ahs.is_empty() {
             Bytes::copy_from_slice(&c.cdb)
@@ -75,7 +76,7 @@ impl Engine {
             || (!immediate.is_empty() && !self.params.immediate_data)
             || immediate.len() > self.params.first_burst as usize
         {
-            return Err(EngineError::Protocol(
+            return Err(ConnError::Protocol(
                 "immediate data beyond what was negotiated",
             ));
         }

@@ -9,7 +9,8 @@ use bytes::Bytes;
 use iscsi_pdu::bhs::{DataOut, Header, R2t, RESERVED_TAG, ScsiCommand};
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::{Engine, EngineError, next_tag};
+use super::{Engine, next_tag};
+use crate::connection::ConnError;
 use crate::lun::Lun;
 
 /// A write command collecting its data.
@@ -149,7 +150,7 @@ impl Engine {
         }
     }
 
-    pub(super) fn data_out(&mut self, d: DataOut, data: Bytes) -> Result<(), EngineError> {
+    pub(super) fn data_out(&mut self, d: DataOut, data: Bytes) -> Result<(), ConnError> {
         let Some(w) = self.pending.get_mut(&d.itt) else {
             // Data for a task that already ended (refused early or aborted): discard.
             return Ok(());
@@ -163,7 +164,7 @@ impl Engine {
                 || d.buffer_offset != w.received
                 || d.buffer_offset + len > w.unsolicited
             {
-                return Err(EngineError::Protocol("unsolicited Data-Out out of order"));
+                return Err(ConnError::Protocol("unsolicited Data-Out out of order"));
             }
             w.unsolicited_data_sn += 1;
             w.buf.extend_from_slice(&data);
@@ -173,13 +174,13 @@ impl Engine {
             }
         } else {
             let Some(r) = w.r2ts.get_mut(&d.ttt) else {
-                return Err(EngineError::Protocol("Data-Out for an unknown R2T"));
+                return Err(ConnError::Protocol("Data-Out for an unknown R2T"));
             };
             if d.data_sn != r.data_sn
                 || d.buffer_offset != r.offset + r.received
                 || r.received + len > r.len
             {
-                return Err(EngineError::Protocol("solicited Data-Out out of order"));
+                return Err(ConnError::Protocol("solicited Data-Out out of order"));
             }
             r.data_sn += 1;
             r.received += len;
@@ -197,7 +198,7 @@ impl Engine {
                 freed = u64::from(r.len);
                 w.r2ts.remove(&d.ttt);
             } else if d.final_ {
-                return Err(EngineError::Protocol("R2T sequence ended short"));
+                return Err(ConnError::Protocol("R2T sequence ended short"));
             }
         }
         let complete = w.received >= edtl;
