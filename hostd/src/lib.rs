@@ -45,23 +45,3 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     out
 }
-
-/// The protobuf timestamp of `unix_ms`, milliseconds since the epoch: every time `hostd`
-/// reports is read from the one wall clock, [`proto::unix_ms`].
-pub fn timestamp(unix_ms: u64) -> proto::prost_types::Timestamp {
-    proto::prost_types::Timestamp {
-        seconds: (unix_ms / 1000) as i64,
-        nanos: ((unix_ms % 1000) * 1_000_000) as i32,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn timestamps_split_milliseconds_into_seconds_and_nanos() {
-        let t = super::timestamp(1_700_000_123_456);
-        assert_eq!((t.seconds, t.nanos), (1_700_000_123, 456_000_000));
-        let t = super::timestamp(0);
-        assert_eq!((t.seconds, t.nanos), (0, 0));
-    }
-}

@@ -114,7 +114,7 @@ impl HostService for HostServer {
         let mem = meminfo();
         let (vms_running, vcpus_assigned, memory_assigned) = self.manager.usage().await;
         Ok(Response::new(HostMetrics {
-            at: Some(crate::timestamp(proto::unix_ms())),
+            at: Some(proto::timestamp(proto::unix_ms())),
             cpu_percent,
             memory_total_bytes: mem.total_bytes,
             memory_used_bytes: mem.total_bytes.saturating_sub(mem.available_bytes),

@@ -102,7 +102,8 @@ pub fn node_status(e: NodeError) -> Status {
             Status::unavailable(format!("{e}; retry with the same request_id"))
         }
         NodeError::Stopped => Status::unavailable("this member is shutting down"),
-        NodeError::BadMemberChange(m) => Status::failed_precondition(m),
+        NodeError::BadMemberChange(e) => Status::failed_precondition(e.to_string()),
+        NodeError::ChangeRejected(m) => Status::failed_precondition(m),
     }
 }
 
@@ -164,7 +165,7 @@ impl Coordinator {
             } else {
                 request_id.to_owned()
             },
-            at_ms: crate::consensus::node::stamp(),
+            at_ms: proto::unix_ms(),
             task_id: pool_client::random_uuid().to_string(),
             requested_by: caller.name.clone(),
             method: caller.method.clone(),
@@ -398,7 +399,7 @@ impl Coordinator {
             members,
             request_id: request_id.to_owned(),
             task_id: uuid::Uuid::new_v4().to_string(),
-            at_ms: crate::consensus::node::stamp(),
+            at_ms: proto::unix_ms(),
         };
         cc.context = ch.encode_to_vec().into();
         if !self.is_leader() {

@@ -38,9 +38,6 @@
 
 pub mod auth;
 pub mod backend;
-/// The pool's API client lives in its own crate; named here for poold's integration tests.
-#[doc(hidden)]
-pub use pool_client as client;
 pub mod config;
 pub mod consensus;
 pub mod coordinator;

@@ -31,8 +31,8 @@ pub enum StartError {
         "the data directory is empty and there are no initial members: give them, or --join an existing pool"
     )]
     NothingToStart,
-    #[error("starting the Raft node failed: {0}")]
-    Node(String),
+    #[error("starting the Raft node failed")]
+    Node(#[from] node::NodeStartError),
     #[error("serving gRPC failed")]
     Serve(#[source] tonic::transport::Error),
 }
@@ -87,8 +87,7 @@ impl Member {
             storage,
             tokio::runtime::Handle::current(),
             faults.clone(),
-        )
-        .map_err(|e| StartError::Node(e.to_string()))?;
+        )?;
         Ok(Member {
             coordinator: Arc::new(Coordinator::new(handle, faults, cfg.initial_members)),
             admin_password: cfg.admin_password,

@@ -145,9 +145,9 @@ fn api_threads_out_of_range_is_refused_before_starting() {
     );
 }
 
-async fn set_name(c: &mut poold::client::PoolClient, name: &str) -> Result<(), tonic::Status> {
+async fn set_name(c: &mut pool_client::PoolClient, name: &str) -> Result<(), tonic::Status> {
     let req = pb::UpdatePoolSettingsRequest {
-        request_id: poold::client::new_request_id(),
+        request_id: pool_client::new_request_id(),
         settings: Some(pb::PoolSettings {
             name: name.to_owned(),
             placement: pb::PlacementStrategy::Spread as i32,
@@ -165,7 +165,7 @@ async fn set_name(c: &mut poold::client::PoolClient, name: &str) -> Result<(), t
     .map(|_| ())
 }
 
-async fn get_name(c: &mut poold::client::PoolClient) -> Result<String, tonic::Status> {
+async fn get_name(c: &mut pool_client::PoolClient) -> Result<String, tonic::Status> {
     c.call(|mut p| async move { p.get_pool(pb::GetPoolRequest {}).await })
         .await
         .map(|p| p.settings.unwrap_or_default().name)
@@ -294,14 +294,14 @@ async fn a_member_down_for_10k_entries_catches_up_by_snapshot() {
 }
 
 async fn add_member(
-    c: &mut poold::client::PoolClient,
+    c: &mut pool_client::PoolClient,
     id: u64,
     address: &str,
     role: pb::MemberRole,
     replaces: u64,
 ) -> Result<(), tonic::Status> {
     let req = pb::AddMemberRequest {
-        request_id: poold::client::new_request_id(),
+        request_id: pool_client::new_request_id(),
         member_id: id,
         address: address.to_owned(),
         role: role as i32,
@@ -335,7 +335,7 @@ async fn voters(cl: &Cluster, id: u64, want: &[u64]) {
 }
 
 async fn transfer_leadership(
-    c: &mut poold::client::PoolClient,
+    c: &mut pool_client::PoolClient,
     to: u64,
 ) -> pb::TransferLeadershipResponse {
     c.call(|mut p| async move {
@@ -445,7 +445,7 @@ async fn members_are_added_replaced_and_removed_through_the_api() {
     assert_eq!(cl.status(4).await.unwrap().leader_id, 4);
     // Remove member 5 → voters 2,3,4.
     let req = pb::RemoveMemberRequest {
-        request_id: poold::client::new_request_id(),
+        request_id: pool_client::new_request_id(),
         member_id: 5,
     };
     c.call(|mut p| {
@@ -463,7 +463,7 @@ async fn members_are_added_replaced_and_removed_through_the_api() {
     cl.leader_among(&[2, 3], ELECTION).await;
     let mut c = cl.client_of(&[2, 3]);
     let req = pb::RemoveMemberRequest {
-        request_id: poold::client::new_request_id(),
+        request_id: pool_client::new_request_id(),
         member_id: 3,
     };
     let err = c

@@ -169,7 +169,7 @@ async fn register_history_is_linearizable_under_kills_and_partitions() {
                 if (i + w).is_multiple_of(2) {
                     let v = format!("c{w}-{i}");
                     let req = pb::UpdatePoolSettingsRequest {
-                        request_id: poold::client::new_request_id(),
+                        request_id: pool_client::new_request_id(),
                         settings: Some(settings(&v)),
                     };
                     let r = c

@@ -49,7 +49,7 @@ async fn heartbeat(
         .map(|r| r.into_inner())
 }
 
-async fn get_host(c: &mut poold::client::PoolClient, id: &str) -> pb::Host {
+async fn get_host(c: &mut pool_client::PoolClient, id: &str) -> pb::Host {
     let id = id.to_owned();
     c.call(|mut p| {
         let id = id.clone();
@@ -200,7 +200,7 @@ async fn a_host_that_stops_heartbeating_becomes_unreachable_and_comes_back() {
     let leader = cl.leader(ELECTION).await;
     let mut c = cl.client();
     let req = pb::UpdatePoolSettingsRequest {
-        request_id: poold::client::new_request_id(),
+        request_id: pool_client::new_request_id(),
         settings: Some(pb::PoolSettings {
             name: "hb".into(),
             placement: pb::PlacementStrategy::Pack as i32,

@@ -54,6 +54,15 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The protobuf `Timestamp` of `unix_ms`, milliseconds since the epoch (as [`unix_ms`]
+/// reads them): how the daemons turn their clock into the contract's times.
+pub fn timestamp(unix_ms: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (unix_ms / 1000) as i64,
+        nanos: ((unix_ms % 1000) * 1_000_000) as i32,
+    }
+}
+
 /// Re-exported so users of the contract name one version of each.
 pub use prost;
 pub use prost_types;
@@ -64,6 +73,14 @@ mod tests {
     use super::*;
     use prost::Message;
     use std::collections::HashMap;
+
+    #[test]
+    fn timestamps_split_milliseconds_into_seconds_and_nanos() {
+        let t = timestamp(1_700_000_123_456);
+        assert_eq!((t.seconds, t.nanos), (1_700_000_123, 456_000_000));
+        let t = timestamp(0);
+        assert_eq!((t.seconds, t.nanos), (0, 0));
+    }
 
     fn round_trip<M: Message + Default + PartialEq + std::fmt::Debug>(msg: M) {
         let bytes = msg.encode_to_vec();

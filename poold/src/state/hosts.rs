@@ -8,7 +8,7 @@ use proto::host as hpb;
 use tonic::Code;
 
 use super::command::*;
-use super::machine::{Applied, PoolState, err, ts};
+use super::machine::{Applied, PoolState, err};
 
 impl PoolState {
     fn host_mut(&mut self, id: &str) -> Result<&mut pb::Host, CommandResult> {
@@ -37,7 +37,7 @@ impl PoolState {
                 name: j.name.clone(),
                 address: j.address.clone(),
                 state: pb::HostState::Enabled as i32,
-                last_heartbeat_at: ts(at_ms),
+                last_heartbeat_at: Some(proto::timestamp(at_ms)),
                 ..Default::default()
             },
         );
@@ -116,7 +116,7 @@ impl PoolState {
         if r.metrics.is_some() {
             h.last_metrics = r.metrics.clone();
         }
-        h.last_heartbeat_at = ts(at_ms);
+        h.last_heartbeat_at = Some(proto::timestamp(at_ms));
         let state = h.state();
         let fencing = self.fence_job(&r.host_id).is_some();
         let runs_something = r.vms.iter().any(|v| {

@@ -14,7 +14,7 @@ use proto::storage as spb;
 use tonic::Code;
 
 use super::command::*;
-use super::machine::{Applied, PoolState, err, ts};
+use super::machine::{Applied, PoolState, err};
 
 /// Whether a VM is stopped both in what the pool wants and what its host reported.
 pub fn vm_stopped(vm: &pb::Vm) -> bool {
@@ -524,7 +524,7 @@ impl PoolState {
             if ok {
                 t.progress_percent = 100;
             }
-            t.finished_at = ts(at_ms);
+            t.finished_at = Some(proto::timestamp(at_ms));
             t.cancellable = false;
             if !f.target_id.is_empty() {
                 t.target_id = f.target_id.clone();
@@ -589,7 +589,7 @@ impl PoolState {
                     desired_power_state: hpb::PowerState::Stopped as i32,
                     power_state: hpb::PowerState::Stopped as i32,
                     template_id: c.template_id.clone(),
-                    created_at: ts(at_ms),
+                    created_at: Some(proto::timestamp(at_ms)),
                     last_stop_reason: hpb::StopReason::None as i32,
                     ..Default::default()
                 };
@@ -624,14 +624,14 @@ impl PoolState {
             EffectKind::PutTemplate(t) => {
                 let mut t = t.clone();
                 if t.created_at.is_none() {
-                    t.created_at = ts(at_ms);
+                    t.created_at = Some(proto::timestamp(at_ms));
                 }
                 self.templates.insert(t.id.clone(), t);
             }
             EffectKind::PutVmSnapshot(s) => {
                 let mut s = s.clone();
                 if s.created_at.is_none() {
-                    s.created_at = ts(at_ms);
+                    s.created_at = Some(proto::timestamp(at_ms));
                 }
                 self.vm_snapshots.insert(s.id.clone(), s);
             }

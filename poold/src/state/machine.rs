@@ -23,13 +23,6 @@ pub const REQUEST_TTL_MS: u64 = 3600 * 1000;
 /// Request ids kept at most, whatever their age.
 pub const REQUESTS_KEPT: usize = 100_000;
 
-pub(crate) fn ts(ms: u64) -> Option<proto::prost_types::Timestamp> {
-    Some(proto::prost_types::Timestamp {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    })
-}
-
 /// A remembered request: its kind (a retry must ask the same thing) and its result, with
 /// the task's id in place of the task. Kept small on purpose: every write adds one, the
 /// map holds up to [`REQUESTS_KEPT`] of them, and growing or rehashing it moves them all.
@@ -311,10 +304,10 @@ impl PoolState {
                     target_id: target,
                     requested_by: cmd.requested_by.clone(),
                     request_id: cmd.request_id.clone(),
-                    created_at: ts(cmd.at_ms),
-                    started_at: ts(cmd.at_ms),
+                    created_at: Some(proto::timestamp(cmd.at_ms)),
+                    started_at: Some(proto::timestamp(cmd.at_ms)),
                     finished_at: if state == pb::TaskState::Succeeded {
-                        ts(cmd.at_ms)
+                        Some(proto::timestamp(cmd.at_ms))
                     } else {
                         None
                     },
@@ -449,8 +442,8 @@ impl PoolState {
                     .collect::<Vec<_>>()
                     .join(","),
                 request_id: ch.request_id.clone(),
-                created_at: ts(ch.at_ms),
-                finished_at: ts(ch.at_ms),
+                created_at: Some(proto::timestamp(ch.at_ms)),
+                finished_at: Some(proto::timestamp(ch.at_ms)),
                 ..Default::default()
             };
             self.tasks.insert(task.id.clone(), Box::new(task.clone()));

@@ -6,7 +6,7 @@
 use tonic::Code;
 
 use super::command::*;
-use super::machine::{Applied, PoolState, err, ts};
+use super::machine::{Applied, PoolState, err};
 
 impl PoolState {
     pub(super) fn create_sr(
@@ -74,7 +74,7 @@ impl PoolState {
                 kind: proto::storage::VolumeKind::Volume as i32,
                 virtual_size_bytes: v.virtual_size_bytes,
                 block_size_bytes: 512,
-                created_at: ts(at_ms),
+                created_at: Some(proto::timestamp(at_ms)),
                 labels: v.labels.clone(),
                 ..Default::default()
             },

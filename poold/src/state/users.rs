@@ -6,7 +6,7 @@ use proto::coordinator as pb;
 use tonic::Code;
 
 use super::command::*;
-use super::machine::{AUDIT_KEPT, PoolState, UserRecord, err, ts};
+use super::machine::{AUDIT_KEPT, PoolState, UserRecord, err};
 
 impl PoolState {
     pub fn user_by_name(&self, name: &str) -> Option<&UserRecord> {
@@ -62,7 +62,7 @@ impl PoolState {
         }
         user.roles.sort_unstable();
         user.roles.dedup();
-        user.created_at = ts(at_ms);
+        user.created_at = Some(proto::timestamp(at_ms));
         let id = user.id.clone();
         self.users.insert(
             id.clone(),
@@ -134,7 +134,7 @@ impl PoolState {
     /// membership change), stamped with the time of the command that carries it.
     pub(super) fn audit_event(&mut self, e: &pb::AuditEvent, at_ms: u64) {
         let mut e = e.clone();
-        e.at = ts(at_ms);
+        e.at = Some(proto::timestamp(at_ms));
         self.push_audit(e);
     }
 
@@ -143,7 +143,7 @@ impl PoolState {
         let task = result.task.as_ref();
         let e = pb::AuditEvent {
             id: String::new(),
-            at: ts(cmd.at_ms),
+            at: Some(proto::timestamp(cmd.at_ms)),
             user_name: cmd.requested_by.clone(),
             method: cmd.method.clone(),
             target_id: task.map(|t| t.target_id.clone()).unwrap_or_default(),

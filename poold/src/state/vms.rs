@@ -8,7 +8,7 @@ use proto::host as hpb;
 use tonic::Code;
 
 use super::command::*;
-use super::machine::{Applied, PoolState, err, ts};
+use super::machine::{Applied, PoolState, err};
 
 impl PoolState {
     fn vm_mut(&mut self, id: &str) -> Result<&mut pb::Vm, CommandResult> {
@@ -38,7 +38,7 @@ impl PoolState {
             ));
         }
         let mut t = t.clone();
-        t.created_at = ts(at_ms);
+        t.created_at = Some(proto::timestamp(at_ms));
         t.disk_volumes = spec
             .disks
             .iter()
@@ -78,7 +78,7 @@ impl PoolState {
             desired_power_state: hpb::PowerState::Stopped as i32,
             power_state: hpb::PowerState::Stopped as i32,
             template_id: c.template_id.clone(),
-            created_at: ts(at_ms),
+            created_at: Some(proto::timestamp(at_ms)),
             last_stop_reason: hpb::StopReason::None as i32,
             ..Default::default()
         };
@@ -264,7 +264,7 @@ impl PoolState {
                 {
                     t.state = pb::TaskState::Succeeded as i32;
                     t.progress_percent = 100;
-                    t.finished_at = ts(at_ms);
+                    t.finished_at = Some(proto::timestamp(at_ms));
                 }
             }
         }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use poold::client::PoolClient;
+use pool_client::PoolClient;
 use proto::coordinator as pb;
 use proto::coordinator::coordinator_peer_service_client::CoordinatorPeerServiceClient;
 use tonic::transport::Endpoint;
@@ -274,7 +274,7 @@ impl Drop for Cluster {
 /// Joins a host with a given address through the client (retrying safely).
 pub async fn join_host(c: &mut PoolClient, address: &str) -> Result<pb::Task, tonic::Status> {
     let req = pb::JoinHostRequest {
-        request_id: poold::client::new_request_id(),
+        request_id: pool_client::new_request_id(),
         name: address.to_owned(),
         address: address.to_owned(),
     };

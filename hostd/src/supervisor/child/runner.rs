@@ -235,7 +235,7 @@ impl Runner {
     pub(super) fn metrics(&self, vm: &Vm) -> VmMetrics {
         VmMetrics {
             vm_id: self.id.clone(),
-            at: Some(crate::timestamp(proto::unix_ms())),
+            at: Some(proto::timestamp(proto::unix_ms())),
             vcpu_time_ns: vm.vcpu_cpu_ns(),
             memory_bytes: vm.memory_bytes(),
             rss_bytes: crate::host::process_rss_bytes(std::process::id()).unwrap_or(0),

@@ -96,7 +96,7 @@ impl Entry {
             last_stop_reason: r.state.last_stop,
             last_stop_detail: r.state.detail.clone(),
             started_at: (r.state.started_at_unix_ms > 0)
-                .then(|| crate::timestamp(r.state.started_at_unix_ms)),
+                .then(|| proto::timestamp(r.state.started_at_unix_ms)),
             vmm_pid: r.pid,
             migration_id: self
                 .migration

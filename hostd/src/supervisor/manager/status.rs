@@ -38,7 +38,7 @@ impl Manager {
         if !is_live(entry.power()) {
             return Ok(VmMetrics {
                 vm_id: id.into(),
-                at: Some(crate::timestamp(proto::unix_ms())),
+                at: Some(proto::timestamp(proto::unix_ms())),
                 ..Default::default()
             });
         }

@@ -60,9 +60,11 @@ pub enum NodeError {
     LeadershipLost,
     #[error("the Raft member has stopped")]
     Stopped,
-    /// Why the change was refused: a [`super::MemberChangeError`], or raft-rs's reason.
     #[error("membership change refused: {0}")]
-    BadMemberChange(String),
+    BadMemberChange(#[from] super::MemberChangeError),
+    /// raft-rs refused the configuration change; its reason, as raft-rs words it.
+    #[error("membership change refused: {0}")]
+    ChangeRejected(String),
 }
 
 /// What the node task publishes after each pass.

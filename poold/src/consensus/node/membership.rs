@@ -37,12 +37,6 @@ pub enum MemberChangeError {
     NotAVoter { member: u64 },
 }
 
-impl From<MemberChangeError> for NodeError {
-    fn from(e: MemberChangeError) -> Self {
-        NodeError::BadMemberChange(e.to_string())
-    }
-}
-
 /// A membership change held until the members it needs answer a heartbeat, or `until`.
 pub(super) struct WaitingConfChange {
     change: Box<ConfChangeV2>,
@@ -86,7 +80,7 @@ impl Node {
                 self.proposals.insert(pid, reply);
             }
             Err(e) => {
-                let _ = reply.send(Err(NodeError::BadMemberChange(e.to_string())));
+                let _ = reply.send(Err(NodeError::ChangeRejected(e.to_string())));
             }
         }
     }
@@ -174,7 +168,7 @@ impl Node {
             }
             Err(err) => {
                 state.applied_index = e.index;
-                Err(NodeError::BadMemberChange(err.to_string()))
+                Err(NodeError::ChangeRejected(err.to_string()))
             }
         })
     }

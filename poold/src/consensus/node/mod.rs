@@ -511,11 +511,6 @@ fn storage_failed(e: &Fatal) -> ! {
     std::process::exit(70);
 }
 
-/// Milliseconds since the epoch, for stamping commands at proposal time.
-pub fn stamp() -> u64 {
-    proto::unix_ms()
-}
-
 #[cfg(test)]
 mod tests {
     use raft::eraftpb::MessageType;

@@ -25,7 +25,7 @@ impl PoolHandler {
             header.as_deref(),
             method,
             &peer,
-            crate::consensus::node::stamp(),
+            proto::unix_ms(),
         );
         decided.map_err(|e| {
             let name = match &e {

@@ -34,10 +34,10 @@ pub(super) async fn login(
         svc.audit(&who, &s);
         return Err(s);
     };
-    let expires = crate::consensus::node::stamp() + auth::TOKEN_TTL.as_millis() as u64;
+    let expires = proto::unix_ms() + auth::TOKEN_TTL.as_millis() as u64;
     Ok(pb::LoginResponse {
         token: auth::issue_token(&key, &u.user.id, expires),
-        expires_at: crate::state::machine::ts(expires),
+        expires_at: Some(proto::timestamp(expires)),
         user: Some(u.user),
     })
 }
