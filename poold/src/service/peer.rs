@@ -103,7 +103,7 @@ impl CoordinatorPeerService for PeerApi {
             last_log_index: s.last_log_index,
             snapshot_index: s.snapshot_index,
             snapshots_installed: s.snapshots_installed,
-            role: s.role,
+            role: role_name(s.role).to_owned(),
             voters: s.voters,
             learners: s.learners,
             voters_outgoing: s.voters_outgoing,
@@ -122,5 +122,15 @@ impl CoordinatorPeerService for PeerApi {
         }
         tracing::warn!(?peers, "fault injection: isolated from members");
         Ok(Response::new(pb::SetFaultsResponse {}))
+    }
+}
+
+/// A Raft role as `MemberStatus.role` spells it.
+fn role_name(role: raft::StateRole) -> &'static str {
+    match role {
+        raft::StateRole::Leader => "leader",
+        raft::StateRole::Follower => "follower",
+        raft::StateRole::Candidate => "candidate",
+        raft::StateRole::PreCandidate => "pre-candidate",
     }
 }

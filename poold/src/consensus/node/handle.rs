@@ -73,7 +73,7 @@ pub struct NodeStatus {
     pub id: u64,
     pub leader_id: u64,
     pub term: u64,
-    pub role: String,
+    pub role: raft::StateRole,
     pub commit_index: u64,
     pub applied_index: u64,
     pub first_log_index: u64,

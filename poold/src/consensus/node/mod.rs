@@ -479,13 +479,7 @@ impl Node {
             id: self.cfg.id,
             leader_id: r.leader_id,
             term: r.term,
-            role: match r.state {
-                StateRole::Leader => "leader",
-                StateRole::Follower => "follower",
-                StateRole::Candidate => "candidate",
-                StateRole::PreCandidate => "pre-candidate",
-            }
-            .to_owned(),
+            role: r.state,
             commit_index: r.raft_log.committed,
             applied_index: *self.shared.applied.borrow(),
             first_log_index: store.first_index(),
