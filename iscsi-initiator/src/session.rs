@@ -452,7 +452,7 @@ impl Actor {
                     Arc::new(SessionDown::TargetLogout)
                 }
                 Exit::Failed(e) => {
-                    tracing::warn!(target = %self.cfg.target, error = %chain(&e),
+                    tracing::warn!(target = %self.cfg.target, error = &e as &dyn std::error::Error,
                         queued = self.queue.len(), "connection lost; recovering");
                     Arc::new(SessionDown::Connection(e))
                 }
@@ -568,7 +568,7 @@ impl Actor {
             match result {
                 Ok(l) => return Some(l),
                 Err(e) => {
-                    tracing::debug!(target = %self.cfg.target, error = %chain(&e), "reconnect failed");
+                    tracing::debug!(target = %self.cfg.target, error = &e as &dyn std::error::Error, "reconnect failed");
                     last = Arc::new(SessionDown::Login(e));
                 }
             }
@@ -620,16 +620,4 @@ impl Actor {
             r.finish(Err(Error::Closed));
         }
     }
-}
-
-/// An error and its causes on one line, for logs.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -52,15 +52,3 @@ pub(super) fn files_after_a_crash(dir: &Path) -> tempfile::TempDir {
     copy(dir, out.path());
     out
 }
-
-/// An error and its causes, one after the other.
-pub(super) fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
