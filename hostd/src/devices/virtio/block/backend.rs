@@ -15,8 +15,9 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+
+use vmm_sys_util::fallocate::FallocateMode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -168,21 +169,10 @@ impl FileBackend {
         })
     }
 
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
-        // SAFETY: plain syscall on a file descriptor we own; no memory is passed.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
+    /// `fallocate` keeping the file's size; a range past `off64_t` is EINVAL.
+    fn fallocate(&self, mode: FallocateMode, offset: u64, len: u64) -> std::io::Result<()> {
+        vmm_sys_util::fallocate::fallocate(&self.file, mode, true, offset, len)
+            .map_err(std::io::Error::from)
     }
 }
 
@@ -230,25 +220,17 @@ impl BlockBackend for FileBackend {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
-        self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        )
-        .map_err(|source| BackendError::Io {
-            op: "discard",
-            offset,
-            len,
-            source,
-        })
+        self.fallocate(FallocateMode::PunchHole, offset, len)
+            .map_err(|source| BackendError::Io {
+                op: "discard",
+                offset,
+                len,
+                source,
+            })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BackendError> {
-        match self.fallocate(
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        ) {
+        match self.fallocate(FallocateMode::ZeroRange, offset, len) {
             Ok(()) => Ok(()),
             // Filesystems and devices without ZERO_RANGE: write the zeros.
             Err(e)
