@@ -286,4 +286,25 @@ mod tests {
         assert_eq!(c.commit_interval_seconds, 5);
         assert!(toml::from_str::<Config>("lsten = 1").is_err());
     }
+
+    #[test]
+    fn config_errors_name_the_file_and_keep_their_cause() {
+        use std::error::Error;
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.toml");
+        let err = Config::load(&missing).unwrap_err();
+        assert!(matches!(&err, DaemonError::ReadConfig { path, .. } if *path == missing));
+        assert!(err.source().is_some());
+
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "lsten = 1").unwrap();
+        let err = Config::load(&bad).unwrap_err();
+        assert!(matches!(&err, DaemonError::ParseConfig { path, .. } if *path == bad));
+        let cause = err.source().unwrap().to_string();
+        assert!(cause.contains("lsten"), "{cause}");
+        assert!(
+            !err.to_string().contains("lsten"),
+            "the cause is not repeated"
+        );
+    }
 }

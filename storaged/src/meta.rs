@@ -530,6 +530,24 @@ mod tests {
     }
 
     #[test]
+    fn corrupt_nodes_say_what_is_wrong() {
+        let good = encode_node(&leaf(&[(1, 2)]));
+        assert_eq!(decode_node(&good[..3]), Err(NodeError::TooShort { len: 3 }));
+        let mut b = good.clone();
+        b[0] = 9;
+        assert_eq!(decode_node(&b), Err(NodeError::Version { found: 9 }));
+        let mut b = good.clone();
+        b[1] = 7;
+        assert_eq!(decode_node(&b), Err(NodeError::Kind { kind: 7 }));
+        let mut b = good.clone();
+        b[4] = 3;
+        assert_eq!(decode_node(&b), Err(NodeError::Form { form: 3 }));
+        let mut b = good;
+        b[2] = 2;
+        assert_eq!(decode_node(&b), Err(NodeError::Used { header: 2, body: 1 }));
+    }
+
+    #[test]
     fn corrupt_nodes_are_errors_not_panics() {
         let good = encode_node(&leaf(&[(1, 2)]));
         for cut in 0..good.len() {

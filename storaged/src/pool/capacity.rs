@@ -124,3 +124,58 @@ impl ThinPool {
         Ok(self.usage())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_utils::{CHUNK, TestPool, assert_err};
+    use super::*;
+    use crate::superblock::DATA_OFFSET;
+
+    #[test]
+    fn usage_counts_chunks_volumes_and_provisioned_space() {
+        let t = TestPool::new(20);
+        let empty = t.pool.usage();
+        assert_eq!(
+            (empty.total_chunks, empty.used_chunks, empty.free_chunks),
+            (20, 0, 20)
+        );
+        assert_eq!(empty.total_bytes(), 20 * CHUNK);
+        assert_eq!(empty.warning_threshold_percent, 80);
+        assert!(!empty.warning);
+
+        let vol = t.volume("v", 40);
+        t.pool.write(vol, 0, &vec![1; 16 * CHUNK as usize]).unwrap();
+        t.pool.snapshot(vol, "v@1", Default::default()).unwrap();
+        let u = t.pool.usage();
+        assert_eq!((u.used_chunks, u.free_chunks), (16, 4));
+        assert_eq!(u.used_percent(), 80.0);
+        assert!(u.warning, "at the threshold");
+        assert_eq!((u.volume_count, u.snapshot_count), (1, 1));
+        assert_eq!(
+            u.provisioned_bytes,
+            40 * CHUNK,
+            "snapshots provision nothing"
+        );
+    }
+
+    #[test]
+    fn extend_grows_a_file_pool_and_refuses_to_shrink_it() {
+        let t = TestPool::new(16);
+        let size = DATA_OFFSET + 16 * CHUNK;
+        for bad in [None, Some(size), Some(size - CHUNK)] {
+            assert_err(t.pool.extend(bad), |e| {
+                matches!(e, PoolError::InvalidArgument(_))
+            });
+        }
+        assert_eq!(t.pool.usage().total_chunks, 16);
+        let u = t.pool.extend(Some(size + 8 * CHUNK)).unwrap();
+        assert_eq!((u.total_chunks, u.free_chunks), (24, 24));
+        assert_eq!(std::fs::metadata(&t.path).unwrap().len(), size + 8 * CHUNK);
+        let vol = t.volume("v", 24);
+        t.pool.write(vol, 0, &vec![2; 24 * CHUNK as usize]).unwrap();
+        t.pool.flush().unwrap();
+        let t = t.reopen();
+        assert_eq!(t.pool.usage().total_chunks, 24);
+        assert_eq!(t.read(vol, 23 * CHUNK, 512), vec![2; 512]);
+    }
+}

@@ -205,3 +205,67 @@ impl ThinPool {
         Ok(report)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::super::test_utils::{CHUNK, TestPool, pattern};
+    use super::*;
+
+    #[test]
+    fn a_healthy_pool_checks_clean_before_and_after_import() {
+        let t = TestPool::new(64);
+        let empty = t.pool.check(false).unwrap();
+        assert!(empty.clean(), "{empty:?}");
+        assert_eq!(empty.chunks_checked, 64);
+
+        let vol = t.volume("v", 16);
+        t.pool
+            .write(vol, 0, &pattern(1, 6 * CHUNK as usize))
+            .unwrap();
+        let snap = t.pool.snapshot(vol, "v@1", BTreeMap::new()).unwrap().id;
+        let clone = t.pool.clone_volume(snap, "c", BTreeMap::new()).unwrap().id;
+        t.pool.write(vol, CHUNK, &[1; 4096]).unwrap();
+        t.pool.write(clone, 3 * CHUNK, &[2; 4096]).unwrap();
+        t.pool.discard(vol, 4 * CHUNK, CHUNK).unwrap();
+        t.pool.resize(clone, 2 * CHUNK, true).unwrap();
+        let report = t.pool.check(false).unwrap();
+        assert!(report.clean(), "{report:?}");
+
+        // A repairing check of a clean pool finds nothing to do.
+        let repaired = t.pool.check(true).unwrap();
+        assert_eq!(repaired.reclaimed_chunks, 0);
+        assert!(repaired.clean(), "{repaired:?}");
+        t.pool.delete_volume(vol).unwrap();
+        let t = t.reopen();
+        let report = t.pool.check(false).unwrap();
+        assert!(report.clean(), "{report:?}");
+    }
+
+    #[test]
+    fn derive_counts_shared_nodes_once_and_reports_what_breaks_a_tree() {
+        let t = TestPool::new(32);
+        let vol = t.volume("v", 4);
+        t.pool.write(vol, 0, &[1; 512]).unwrap();
+        t.pool.snapshot(vol, "s", BTreeMap::new()).unwrap();
+        let st = t.pool.read_state();
+        let derived = derive(|id| st.forest.node(id), &st.volumes, 32);
+        assert!(derived.fatal.is_empty(), "{:?}", derived.fatal);
+        assert_eq!(derived.chunk_refs.iter().sum::<u32>(), 1);
+        assert!(
+            derived.node_refs.values().all(|&r| r == 2),
+            "{:?}",
+            derived.node_refs
+        );
+
+        // The same volumes over a forest that lacks their nodes.
+        let derived = derive(|_| None, &st.volumes, 32);
+        assert_eq!(derived.fatal.len(), 1, "{:?}", derived.fatal);
+        assert!(derived.fatal[0].contains("missing node"));
+        // A pool too small for the chunks they map.
+        let derived = derive(|id| st.forest.node(id), &st.volumes, 0);
+        assert!(derived.fatal.iter().all(|p| p.contains("beyond the pool")));
+        assert!(!derived.fatal.is_empty());
+    }
+}

@@ -121,3 +121,49 @@ impl ThinPool {
         self.write_state().records.push((key, value));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_utils::{CHUNK, TestPool};
+    use crate::meta::export_key;
+
+    #[test]
+    fn flush_makes_writes_and_staged_records_durable() {
+        let t = TestPool::new(16);
+        let vol = t.volume("v", 2);
+        t.pool.write(vol, CHUNK, &[4; 4096]).unwrap();
+        let key = export_key(&vol);
+        t.pool.stage_record(key.clone(), Some(b"{}".to_vec()));
+        t.pool.flush().unwrap();
+        // Nothing left to commit: a second flush is a no-op that succeeds.
+        t.pool.flush().unwrap();
+        let t = t.reopen();
+        assert_eq!(t.read(vol, CHUNK, 4096), vec![4; 4096]);
+        assert_eq!(
+            t.pool.imported_records(),
+            [(key[1..].to_vec(), b"{}".to_vec())]
+        );
+
+        t.pool.stage_record(key, None);
+        t.pool.flush().unwrap();
+        let t = t.reopen();
+        assert!(t.pool.imported_records().is_empty());
+    }
+
+    #[test]
+    fn freed_chunks_become_reusable_at_the_commit() {
+        let t = TestPool::new(16);
+        let a = t.volume("a", 16);
+        t.pool.write(a, 0, &vec![1; 16 * CHUNK as usize]).unwrap();
+        t.pool.flush().unwrap();
+        t.pool.discard(a, 0, 4 * CHUNK).unwrap();
+        let u = t.pool.usage();
+        assert_eq!((u.used_chunks, u.pending_free_chunks), (12, 4));
+        t.pool.flush().unwrap();
+        let u = t.pool.usage();
+        assert_eq!((u.used_chunks, u.pending_free_chunks), (12, 0));
+        // Reused chunks read as zeros where nothing is written.
+        t.pool.write(a, 0, &[2; 512]).unwrap();
+        assert_eq!(t.read(a, 512, 512), vec![0; 512]);
+    }
+}

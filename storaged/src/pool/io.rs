@@ -504,3 +504,189 @@ impl ThinPool {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::super::test_utils::{CHUNK, TestPool, assert_err, pattern};
+    use super::*;
+
+    #[test]
+    fn pieces_cover_the_range_chunk_by_chunk() {
+        let got: Vec<(u64, u64, usize, usize)> = pieces(CHUNK - 512, 2 * CHUNK as usize, CHUNK)
+            .map(|p| (p.vchunk, p.within, p.at, p.len))
+            .collect();
+        let cs = CHUNK as usize;
+        assert_eq!(
+            got,
+            [
+                (0, CHUNK - 512, 0, 512),
+                (1, 0, 512, cs),
+                (2, 0, 512 + cs, cs - 512)
+            ]
+        );
+        assert_eq!(pieces(0, 0, CHUNK).count(), 0);
+    }
+
+    #[test]
+    fn writes_read_back_whole_partial_and_across_chunks() {
+        let t = TestPool::new(32);
+        let vol = t.volume("v", 8);
+        // Block-aligned but not chunk-aligned: a partial first chunk, two whole ones and
+        // a partial last one.
+        let at = CHUNK - 1024;
+        let data = pattern(5, 2 * CHUNK as usize + 1536);
+        t.pool.write(vol, at, &data).unwrap();
+        assert_eq!(t.read(vol, at, data.len()), data);
+        // The rest of the touched chunks reads zeros, as does an untouched chunk.
+        assert_eq!(
+            t.read(vol, 0, (CHUNK - 1024) as usize),
+            vec![0; (CHUNK - 1024) as usize]
+        );
+        let end = at + data.len() as u64;
+        assert_eq!(t.read(vol, end, 512), vec![0; 512]);
+        assert_eq!(t.read(vol, 6 * CHUNK, 4096), vec![0; 4096]);
+
+        // A small overwrite in the middle of a chunk keeps its neighbours.
+        t.pool.write(vol, CHUNK + 512, &[0xee; 512]).unwrap();
+        let mut expect = data.clone();
+        let off = (CHUNK + 512 - at) as usize;
+        expect[off..off + 512].fill(0xee);
+        assert_eq!(t.read(vol, at, expect.len()), expect);
+
+        t.pool.flush().unwrap();
+        let t = t.reopen();
+        assert_eq!(t.read(vol, at, expect.len()), expect);
+        // Chunks 0 to 3, the first and last partly written.
+        assert_eq!(t.pool.volume_info(vol).unwrap().allocated_bytes, 4 * CHUNK);
+    }
+
+    #[test]
+    fn bad_ranges_and_unknown_volumes_are_typed_errors_that_change_nothing() {
+        let t = TestPool::new(32);
+        let vol = t.volume("v", 2);
+        let size = 2 * CHUNK;
+        t.pool.write(vol, 0, &[1; 4096]).unwrap();
+        t.pool.flush().unwrap();
+        let usage = t.pool.usage();
+        let mut buf = vec![0u8; 1024];
+
+        let out_of_range =
+            |e: &PoolError| matches!(e, PoolError::OutOfRange { size: s, .. } if *s == size);
+        assert_err(t.pool.write(vol, size, &[2; 512]), out_of_range);
+        assert_err(t.pool.write(vol, size - 512, &[2; 1024]), out_of_range);
+        assert_err(t.pool.write(vol, u64::MAX - 511, &[2; 512]), out_of_range);
+        assert_err(t.pool.read(vol, size, &mut buf), out_of_range);
+        assert_err(t.pool.discard(vol, size - 512, 1024), out_of_range);
+        assert_err(t.pool.extents(vol, 0, size + 512), out_of_range);
+
+        let misaligned = |e: &PoolError| {
+            matches!(
+                e,
+                PoolError::Misaligned {
+                    block_size: 512,
+                    ..
+                }
+            )
+        };
+        assert_err(t.pool.write(vol, 100, &[2; 512]), misaligned);
+        assert_err(t.pool.write(vol, 0, &[2; 100]), misaligned);
+        assert_err(t.pool.read(vol, 0, &mut buf[..100]), misaligned);
+
+        let other = Uuid::new_v4();
+        let unknown = |e: &PoolError| matches!(e, PoolError::NoVolume(id) if *id == other);
+        assert_err(t.pool.write(other, 0, &[2; 512]), unknown);
+        assert_err(t.pool.read(other, 0, &mut buf), unknown);
+        assert_err(t.pool.discard(other, 0, 512), unknown);
+
+        assert_eq!(t.read(vol, 0, 4096), vec![1; 4096]);
+        assert_eq!(t.read(vol, 4096, 4096), vec![0; 4096]);
+        t.pool.flush().unwrap();
+        assert_eq!(t.pool.usage(), usage);
+        assert!(t.pool.check(false).unwrap().clean());
+    }
+
+    #[test]
+    fn a_full_pool_refuses_only_writes_that_need_a_chunk() {
+        let t = TestPool::new(16);
+        // Overcommitted: twice the pool's chunks.
+        let vol = t.volume("big", 32);
+        for c in 0..16u64 {
+            t.pool.write(vol, c * CHUNK, &[c as u8 + 1; 512]).unwrap();
+        }
+        t.pool.flush().unwrap();
+        let usage = t.pool.usage();
+        assert_eq!((usage.used_chunks, usage.free_chunks), (16, 0));
+
+        assert_err(t.pool.write(vol, 20 * CHUNK, &[9; 512]), |e| {
+            matches!(e, PoolError::NoSpace)
+        });
+        assert_eq!(t.read(vol, 20 * CHUNK, 512), vec![0; 512]);
+        // An allocated chunk still takes writes.
+        t.pool.write(vol, 3 * CHUNK + 512, &[0xaa; 512]).unwrap();
+        assert_eq!(
+            t.read(vol, 3 * CHUNK, 1024),
+            [[4; 512], [0xaa; 512]].concat()
+        );
+        t.pool.flush().unwrap();
+        assert_eq!(t.pool.usage(), usage);
+        assert!(t.pool.check(false).unwrap().clean());
+    }
+
+    #[test]
+    fn discard_frees_whole_chunks_and_zeroes_partial_ones() {
+        let t = TestPool::new(32);
+        let vol = t.volume("v", 4);
+        let data = pattern(9, 4 * CHUNK as usize);
+        t.pool.write(vol, 0, &data).unwrap();
+        t.pool.flush().unwrap();
+        assert_eq!(t.pool.usage().used_chunks, 4);
+
+        // From the middle of chunk 0 to the middle of chunk 3: chunks 1 and 2 are freed.
+        t.pool.discard(vol, CHUNK / 2, 3 * CHUNK).unwrap();
+        t.pool.flush().unwrap();
+        let mut expect = data;
+        expect[CHUNK as usize / 2..(CHUNK / 2 + 3 * CHUNK) as usize].fill(0);
+        assert_eq!(t.read(vol, 0, expect.len()), expect);
+        assert_eq!(t.pool.usage().used_chunks, 2);
+        assert_eq!(
+            t.pool.extents(vol, 0, 4 * CHUNK).unwrap(),
+            [
+                (0, CHUNK, true),
+                (CHUNK, 2 * CHUNK, false),
+                (3 * CHUNK, CHUNK, true)
+            ]
+        );
+    }
+
+    #[test]
+    fn clone_range_shares_whole_chunks_and_copies_the_tail() {
+        let t = TestPool::new(32);
+        let src = t.volume("src", 4);
+        let dst = t.volume("dst", 4);
+        let data = pattern(3, 2 * CHUNK as usize + 4096);
+        t.pool.write(src, 0, &data).unwrap();
+        assert!(
+            !t.pool.clone_range(src, 512, dst, 0, CHUNK).unwrap(),
+            "unaligned"
+        );
+        assert!(
+            t.pool
+                .clone_range(src, 0, dst, CHUNK, data.len() as u64)
+                .unwrap()
+        );
+        assert_eq!(t.read(dst, CHUNK, data.len()), data);
+        t.pool.flush().unwrap();
+        // The source's three chunks, two of them now shared, and the copied tail.
+        assert_eq!(t.pool.usage().used_chunks, 4);
+        // Copy on write keeps them apart afterwards.
+        t.pool.write(dst, CHUNK, &[0; 512]).unwrap();
+        assert_eq!(t.read(src, 0, data.len()), data);
+        let snap = t.pool.snapshot(src, "s", BTreeMap::new()).unwrap().id;
+        assert_err(
+            t.pool.clone_range(src, 0, snap, 0, CHUNK),
+            |e| matches!(e, PoolError::ReadOnly { id } if *id == snap),
+        );
+    }
+}

@@ -333,3 +333,6 @@ impl ThinPool {
         }
     }
 }
+
+#[cfg(test)]
+mod test_utils;

@@ -367,3 +367,185 @@ impl ThinPool {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::super::test_utils::{CHUNK, TestPool, assert_err, import_options, options, pattern};
+    use super::*;
+    use crate::meta::{MetaError, encode_json};
+
+    #[test]
+    fn a_pool_reopens_with_its_volumes_and_committed_data() {
+        let t = TestPool::new(32);
+        let labels = BTreeMap::from([("role".to_owned(), "db".to_owned())]);
+        let vol = t
+            .pool
+            .create_volume("data", 8 * CHUNK, 4096, labels.clone())
+            .unwrap()
+            .id;
+        let data = pattern(1, 3 * CHUNK as usize);
+        t.pool.write(vol, CHUNK, &data).unwrap();
+        let snap = t.pool.snapshot(vol, "data@1", BTreeMap::new()).unwrap().id;
+        let clone = t
+            .pool
+            .clone_volume(snap, "copy", BTreeMap::new())
+            .unwrap()
+            .id;
+        t.pool.flush().unwrap();
+        let (id, before) = (t.pool.id(), t.pool.list_volumes());
+
+        let t = t.reopen();
+        assert_eq!(t.pool.id(), id);
+        assert_eq!(t.pool.name(), "test");
+        assert_eq!(t.pool.chunk_size(), CHUNK);
+        assert_eq!(t.pool.list_volumes(), before);
+        assert_eq!(t.pool.volume_info(vol).unwrap().labels, labels);
+        assert_eq!(t.pool.find_volume("copy"), Some(clone));
+        for v in [vol, snap, clone] {
+            assert_eq!(t.read(v, CHUNK, data.len()), data, "{v}");
+        }
+        assert!(t.pool.check(false).unwrap().clean());
+    }
+
+    #[test]
+    fn structural_changes_are_committed_when_they_return() {
+        let t = TestPool::new(32);
+        let vol = t.volume("v", 4);
+        t.pool.write(vol, 0, &[7; 4096]).unwrap();
+        // The snapshot commits, and its commit syncs the data it shares first.
+        let snap = t.pool.snapshot(vol, "v@1", BTreeMap::new()).unwrap().id;
+        let t = t.reopen();
+        assert_eq!(t.read(vol, 0, 4096), vec![7; 4096]);
+        assert_eq!(t.read(snap, 0, 4096), vec![7; 4096]);
+        assert!(t.pool.check(false).unwrap().clean());
+    }
+
+    #[test]
+    fn create_refuses_a_pool_or_data_and_bad_options_leave_nothing() {
+        let t = TestPool::new(16);
+        let id = t.pool.id();
+        // An open pool holds its device: even a create over it is refused as in use.
+        assert_err(ThinPool::create(&options(t.path.clone(), 16)), |e| {
+            matches!(e, PoolError::Backing(_))
+        });
+        drop(t.pool);
+        assert_err(
+            ThinPool::create(&options(t.path.clone(), 16)),
+            |e| matches!(e, PoolError::AlreadyPool { pool_id, .. } if *pool_id == id),
+        );
+        // The refused creates left the pool as it was.
+        let pool = ThinPool::import(&import_options(t.path.clone())).unwrap();
+        assert_eq!((pool.id(), pool.usage().total_chunks), (id, 16));
+
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data.img");
+        std::fs::write(&data, b"not a pool").unwrap();
+        assert_err(ThinPool::create(&options(data.clone(), 16)), |e| {
+            matches!(e, PoolError::NotEmpty { .. })
+        });
+        assert_eq!(std::fs::read(&data).unwrap(), b"not a pool");
+
+        let fresh = dir.path().join("fresh.img");
+        let bad = [
+            CreateOptions {
+                chunk_size: 3 << 10,
+                ..options(fresh.clone(), 16)
+            },
+            CreateOptions {
+                size: Some(superblock::DATA_OFFSET + (MIN_CHUNKS - 1) * CHUNK),
+                ..options(fresh.clone(), 16)
+            },
+            CreateOptions {
+                size: None,
+                ..options(fresh.clone(), 16)
+            },
+            CreateOptions {
+                warning_threshold_percent: 101,
+                ..options(fresh.clone(), 16)
+            },
+            CreateOptions {
+                name: String::new(),
+                ..options(fresh.clone(), 16)
+            },
+        ];
+        for opts in bad {
+            assert_err(ThinPool::create(&opts), |e| {
+                matches!(e, PoolError::InvalidArgument(_))
+            });
+            assert!(!fresh.exists(), "{opts:?} left a file");
+            assert!(!default_meta_dir(&fresh).exists(), "{opts:?} left metadata");
+        }
+    }
+
+    #[test]
+    fn import_checks_what_it_finds() {
+        let t = TestPool::new(16);
+        let id = t.pool.id();
+        let path = t.path.clone();
+        drop(t.pool);
+        let wrong = Uuid::new_v4();
+        assert_err(
+            ThinPool::import(&ImportOptions {
+                expected_id: Some(wrong),
+                ..import_options(path.clone())
+            }),
+            |e| matches!(e, PoolError::UnexpectedPool { found, expected, .. } if *found == id && *expected == wrong),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let blank = dir.path().join("blank.img");
+        std::fs::write(&blank, vec![0u8; 2 << 20]).unwrap();
+        assert_err(ThinPool::import(&import_options(blank)), |e| {
+            matches!(e, PoolError::Superblock { .. })
+        });
+        assert!(
+            ThinPool::import(&ImportOptions {
+                expected_id: Some(id),
+                ..import_options(path)
+            })
+            .is_ok()
+        );
+    }
+
+    /// Rewrites the stored pool record's format, as another storaged might have left it.
+    fn set_format(meta_dir: &Path, format: u32) {
+        let store = MetaStore::open(meta_dir).unwrap();
+        let mut meta = store.load().unwrap().meta;
+        meta.format = format;
+        let mut batch = sled::Batch::default();
+        batch.insert("meta", encode_json(&meta));
+        store.commit(batch).unwrap();
+    }
+
+    #[test]
+    fn metadata_of_a_newer_format_is_refused_and_accepted_ones_open() {
+        let t = TestPool::new(16);
+        let vol = t.volume("v", 2);
+        t.pool.write(vol, 0, &[3; 512]).unwrap();
+        t.pool.flush().unwrap();
+        let meta_dir = t.pool.meta_dir().to_owned();
+        let path = t.path.clone();
+        drop(t.pool);
+
+        for format in crate::meta::META_FORMATS_ACCEPTED {
+            set_format(&meta_dir, format);
+            let pool = ThinPool::import(&import_options(path.clone())).unwrap();
+            let mut buf = [0u8; 512];
+            pool.read(vol, 0, &mut buf).unwrap();
+            assert_eq!(buf, [3; 512], "format {format}");
+            // The next commit stamps this build's format.
+            pool.create_volume(&format!("after-{format}"), CHUNK, 512, BTreeMap::new())
+                .unwrap();
+            drop(pool);
+            let store = MetaStore::open(&meta_dir).unwrap();
+            assert_eq!(store.load().unwrap().meta.format, META_FORMAT);
+        }
+        // Last: a store this build refuses cannot be loaded to be rewritten.
+        set_format(&meta_dir, META_FORMAT + 1);
+        assert_err(
+            ThinPool::import(&import_options(path.clone())),
+            |e| matches!(e, PoolError::Meta(MetaError::Version { found, .. }) if *found == META_FORMAT + 1),
+        );
+    }
+}

@@ -423,3 +423,226 @@ impl ThinPool {
         Ok(freed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_utils::{CHUNK, TestPool, assert_err, pattern};
+    use super::*;
+
+    #[test]
+    fn records_and_volumes_convert_both_ways() {
+        let vol = Volume {
+            id: Uuid::new_v4(),
+            name: "db".into(),
+            kind: VolumeKind::Clone,
+            origin: Some(Uuid::new_v4()),
+            size: 10 << 30,
+            block_size: 4096,
+            root: 42,
+            height: 3,
+            mapped: 17,
+            created_at: 1_763_000_000,
+            labels: BTreeMap::from([("tier".to_owned(), "gold".to_owned())]),
+        };
+        let rec = VolumeRecord::from(&vol);
+        let stored = crate::meta::encode_json(&rec);
+        let back: VolumeRecord = crate::meta::decode_json("v", &stored).unwrap();
+        assert_eq!(back, rec);
+        assert_eq!(Volume::from(back), vol);
+    }
+
+    #[test]
+    fn a_stored_format_1_record_still_reads() {
+        // The JSON format 1 writes; labels came later and default to none.
+        let json = br#"{"id":"6a0e9c5e-3f4b-4d8e-9a43-1d2c3b4a5f60","name":"v","kind":"snapshot",
+            "origin":null,"size":1048576,"block_size":512,"root":0,"height":1,"mapped":0,
+            "created_at":5}"#;
+        let rec: VolumeRecord = crate::meta::decode_json("v", json).unwrap();
+        let vol = Volume::from(rec);
+        assert!(vol.read_only());
+        assert!(vol.labels.is_empty());
+        assert_eq!((vol.size, vol.root, vol.created_at), (1 << 20, NO_NODE, 5));
+    }
+
+    #[test]
+    fn create_validates_and_refuses_a_taken_name() {
+        let t = TestPool::new(16);
+        let v = t
+            .pool
+            .create_volume("v", 3 * CHUNK, 0, BTreeMap::new())
+            .unwrap();
+        assert_eq!(
+            (v.block_size, v.size, v.allocated_bytes),
+            (512, 3 * CHUNK, 0)
+        );
+        assert_eq!(v.kind, VolumeKind::Volume);
+        // Thin: a volume may be larger than the pool.
+        t.pool
+            .create_volume("huge", 1 << 40, 4096, BTreeMap::new())
+            .unwrap();
+        let before = t.pool.list_volumes();
+        assert_err(
+            t.pool.create_volume("v", CHUNK, 512, BTreeMap::new()),
+            |e| matches!(e, PoolError::NameTaken(n) if n == "v"),
+        );
+        assert_err(t.pool.snapshot(v.id, "huge", BTreeMap::new()), |e| {
+            matches!(e, PoolError::NameTaken(_))
+        });
+        for (size, bs) in [(0, 512), (1000, 512), (CHUNK, 1024), (512, 4096)] {
+            assert_err(t.pool.create_volume("w", size, bs, BTreeMap::new()), |e| {
+                matches!(e, PoolError::InvalidArgument(_))
+            });
+        }
+        assert_err(
+            t.pool.create_volume("a\nb", CHUNK, 512, BTreeMap::new()),
+            |e| matches!(e, PoolError::InvalidArgument(_)),
+        );
+        let other = Uuid::new_v4();
+        let unknown = |e: &PoolError| matches!(e, PoolError::NoVolume(id) if *id == other);
+        assert_err(t.pool.volume_info(other), unknown);
+        assert_err(t.pool.snapshot(other, "s", BTreeMap::new()), unknown);
+        assert_err(t.pool.clone_volume(other, "c", BTreeMap::new()), unknown);
+        assert_err(t.pool.delete_volume(other), unknown);
+        assert_err(t.pool.resize(other, CHUNK, false), unknown);
+        assert_eq!(t.pool.list_volumes(), before);
+    }
+
+    #[test]
+    fn a_snapshot_keeps_its_data_after_the_volume_is_overwritten() {
+        let t = TestPool::new(32);
+        let vol = t.volume("v", 4);
+        let old = pattern(1, 2 * CHUNK as usize);
+        t.pool.write(vol, 0, &old).unwrap();
+        let snap = t.pool.snapshot(vol, "v@1", BTreeMap::new()).unwrap();
+        assert_eq!(snap.kind, VolumeKind::Snapshot);
+        assert_eq!(snap.origin, Some(vol));
+        assert!(snap.read_only());
+        assert_eq!((snap.shared_bytes, snap.exclusive_bytes), (2 * CHUNK, 0));
+
+        let new = pattern(2, CHUNK as usize + 512);
+        t.pool.write(vol, 512, &new).unwrap();
+        assert_eq!(t.read(snap.id, 0, old.len()), old);
+        assert_eq!(t.read(vol, 512, new.len()), new);
+        assert_err(
+            t.pool.write(snap.id, 0, &[1; 512]),
+            |e| matches!(e, PoolError::ReadOnly { id } if *id == snap.id),
+        );
+        assert_eq!(t.read(snap.id, 0, old.len()), old);
+
+        // Reverting brings the snapshot's data back.
+        let reverted = t.pool.revert(vol, snap.id).unwrap();
+        assert_eq!(reverted.id, vol);
+        assert_eq!(t.read(vol, 0, old.len()), old);
+        let t = t.reopen();
+        assert_eq!(t.read(snap.id, 0, old.len()), old);
+        assert!(t.pool.check(false).unwrap().clean());
+    }
+
+    #[test]
+    fn revert_needs_a_snapshot_of_that_volume() {
+        let t = TestPool::new(16);
+        let a = t.volume("a", 1);
+        let b = t.volume("b", 1);
+        let snap_b = t.pool.snapshot(b, "b@1", BTreeMap::new()).unwrap().id;
+        let clone_a = t.pool.clone_volume(a, "a2", BTreeMap::new()).unwrap().id;
+        for not_snap in [snap_b, clone_a] {
+            assert_err(
+                t.pool.revert(a, not_snap),
+                |e| matches!(e, PoolError::NotSnapshotOf { volume, .. } if *volume == a),
+            );
+        }
+        assert_err(t.pool.revert(snap_b, snap_b), |e| {
+            matches!(e, PoolError::ReadOnly { .. })
+        });
+    }
+
+    #[test]
+    fn a_clone_shares_its_source_then_diverges() {
+        let t = TestPool::new(32);
+        let vol = t.volume("v", 4);
+        let data = pattern(4, 3 * CHUNK as usize);
+        t.pool.write(vol, 0, &data).unwrap();
+        t.pool.flush().unwrap();
+        let used = t.pool.usage().used_chunks;
+        let clone = t.pool.clone_volume(vol, "v2", BTreeMap::new()).unwrap();
+        assert_eq!(clone.kind, VolumeKind::Clone);
+        assert!(!clone.read_only());
+        assert_eq!((clone.shared_bytes, clone.exclusive_bytes), (3 * CHUNK, 0));
+        assert_eq!(t.pool.usage().used_chunks, used, "a clone takes no chunk");
+        assert_eq!(t.read(clone.id, 0, data.len()), data);
+
+        t.pool.write(clone.id, CHUNK, &[0x55; 4096]).unwrap();
+        t.pool.write(vol, 0, &[0x66; 4096]).unwrap();
+        let mut in_clone = data.clone();
+        in_clone[CHUNK as usize..CHUNK as usize + 4096].fill(0x55);
+        let mut in_vol = data;
+        in_vol[..4096].fill(0x66);
+        assert_eq!(t.read(clone.id, 0, in_clone.len()), in_clone);
+        assert_eq!(t.read(vol, 0, in_vol.len()), in_vol);
+        // The clone's copy of chunk 1, and chunk 0 the volume no longer maps, are its own.
+        let info = t.pool.volume_info(clone.id).unwrap();
+        assert_eq!(
+            (info.exclusive_bytes, info.shared_bytes),
+            (2 * CHUNK, CHUNK)
+        );
+        assert_eq!(t.pool.usage().used_chunks, used + 2);
+    }
+
+    #[test]
+    fn delete_frees_what_no_one_else_maps() {
+        let t = TestPool::new(32);
+        let vol = t.volume("v", 8);
+        t.pool
+            .write(vol, 0, &pattern(1, 4 * CHUNK as usize))
+            .unwrap();
+        let snap = t.pool.snapshot(vol, "v@1", BTreeMap::new()).unwrap().id;
+        t.pool.write(vol, 0, &[1; 512]).unwrap();
+        // The volume alone maps one chunk (the copy); the others are shared.
+        assert_eq!(t.pool.delete_volume(vol).unwrap(), CHUNK);
+        assert_err(t.pool.volume_info(vol), |e| {
+            matches!(e, PoolError::NoVolume(_))
+        });
+        // The snapshot outlives its origin, which it no longer names.
+        assert_eq!(t.pool.volume_info(snap).unwrap().origin, None);
+        assert_eq!(t.pool.delete_volume(snap).unwrap(), 4 * CHUNK);
+        t.pool.flush().unwrap();
+        let usage = t.pool.usage();
+        assert_eq!((usage.used_chunks, usage.pending_free_chunks), (0, 0));
+        assert!(t.pool.list_volumes().is_empty());
+        // The name is free again.
+        t.volume("v", 1);
+    }
+
+    #[test]
+    fn resize_grows_and_shrinks_only_with_force() {
+        let t = TestPool::new(32);
+        let vol = t.volume("v", 2);
+        let data = pattern(8, 2 * CHUNK as usize);
+        t.pool.write(vol, 0, &data).unwrap();
+        let grown = t.pool.resize(vol, 1 << 30, false).unwrap();
+        assert_eq!(grown.size, 1 << 30);
+        t.pool.write(vol, (1 << 30) - 512, &[7; 512]).unwrap();
+        assert_eq!(t.read(vol, 0, data.len()), data);
+
+        let small = CHUNK + 4096;
+        assert_err(
+            t.pool.resize(vol, small, false),
+            |e| matches!(e, PoolError::ShrinkNeedsForce { from, to, .. } if *from == 1 << 30 && *to == small),
+        );
+        assert_err(t.pool.resize(vol, 1000, true), |e| {
+            matches!(e, PoolError::InvalidArgument(_))
+        });
+        assert_eq!(t.pool.volume_info(vol).unwrap().size, 1 << 30);
+        t.pool.resize(vol, small, true).unwrap();
+        assert_eq!(t.read(vol, 0, small as usize), data[..small as usize]);
+        // Growing again reads zeros past the old end.
+        t.pool.resize(vol, 2 * CHUNK, false).unwrap();
+        assert_eq!(
+            t.read(vol, small, (CHUNK - 4096) as usize),
+            vec![0; (CHUNK - 4096) as usize]
+        );
+        t.pool.flush().unwrap();
+        assert_eq!(t.pool.usage().used_chunks, 2);
+        assert!(t.pool.check(false).unwrap().clean());
+    }
+}

@@ -201,3 +201,34 @@ impl Storage {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_registry_is_a_typed_error_and_a_missing_pool_is_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        // No registry yet: an empty daemon, and the state directory is made.
+        let storage = Storage::open(Some(&state)).unwrap();
+        assert!(storage.pools().is_empty());
+        assert!(state.is_dir());
+
+        let reg = state.join("pools.json");
+        std::fs::write(&reg, "{not json").unwrap();
+        assert!(matches!(
+            Storage::open(Some(&state)),
+            Err(RegistryError::Parse { path, .. }) if path == reg
+        ));
+
+        let gone = PoolEntry {
+            id: Uuid::new_v4(),
+            kind: EntryKind::File,
+            path: dir.path().join("gone.img"),
+            meta_dir: dir.path().join("gone.img.meta"),
+        };
+        std::fs::write(&reg, serde_json::to_vec(&[gone]).unwrap()).unwrap();
+        assert!(Storage::open(Some(&state)).unwrap().pools().is_empty());
+    }
+}
