@@ -221,7 +221,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
                 let _ = stop.wait_for(|s| *s).await;
             };
             if let Err(e) = target.run(iscsi_listener, stopped).await {
-                tracing::error!("iSCSI target stopped: {e}");
+                tracing::error!(error = &e as &dyn std::error::Error, "iSCSI target stopped");
             }
         })
     };

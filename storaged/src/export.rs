@@ -238,7 +238,9 @@ impl Exports {
                 Ok(()) => {
                     records.insert(rec.id, rec);
                 }
-                Err(e) => tracing::error!(export = %rec.id, "cannot serve export: {e}"),
+                Err(e) => {
+                    tracing::error!(export = %rec.id, error = &e as &dyn std::error::Error, "cannot serve export")
+                }
             }
         }
     }
@@ -339,7 +341,7 @@ impl Exports {
             self.server.remove_target(&rec.target_iqn).await
         };
         if let Err(e) = result {
-            tracing::warn!(export = %rec.id, "removing from the target: {e}");
+            tracing::warn!(export = %rec.id, error = &e as &dyn std::error::Error, "cannot remove the export from the target");
         }
     }
 

@@ -106,7 +106,10 @@ impl ThinPool {
                 .backing
                 .punch(self.data_pos(sorted[i]), (j - i) as u64 * cs)
                 .unwrap_or_else(|e| {
-                    tracing::warn!("cannot punch freed chunks: {e}");
+                    tracing::warn!(
+                        error = &e as &dyn std::error::Error,
+                        "cannot punch freed chunks"
+                    );
                     false
                 });
             all &= ok;

@@ -305,8 +305,8 @@ impl ThinPool {
         Ok(())
     }
 
-    fn fail(&self, what: &str, err: &dyn std::error::Error) {
-        tracing::error!(pool = %self.inner.id, "{what} failed: {err}; the pool is now failed and must be imported again");
+    fn fail(&self, what: &str, err: &(dyn std::error::Error + 'static)) {
+        tracing::error!(pool = %self.inner.id, error = err, "{what} failed; the pool is now failed and must be imported again");
         self.inner.failed.store(true, Ordering::Release);
     }
 

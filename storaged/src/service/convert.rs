@@ -51,11 +51,9 @@ pub(super) fn parse_id(field: &str, s: &str) -> Result<Uuid, Status> {
         .map_err(|_| Status::invalid_argument(format!("{field} {s:?} is not a UUID")))
 }
 
+/// The contract's time for seconds since the epoch, as storaged's records keep them.
 pub(super) fn timestamp(secs: u64) -> Option<prost_types::Timestamp> {
-    Some(prost_types::Timestamp {
-        seconds: secs as i64,
-        nanos: 0,
-    })
+    Some(proto::timestamp(secs.saturating_mul(1000)))
 }
 
 /// A page of `items`, with the offset-based token of the next page.
@@ -245,6 +243,12 @@ mod tests {
         let (c, t) = page(items.clone(), 100, &t).unwrap();
         assert_eq!((c.len(), t.as_str()), (50, ""));
         assert!(page(items, 10, "zz").is_err());
+    }
+
+    #[test]
+    fn record_seconds_become_whole_second_timestamps() {
+        let t = timestamp(1_763_000_000).unwrap();
+        assert_eq!((t.seconds, t.nanos), (1_763_000_000, 0));
     }
 
     #[test]

@@ -113,7 +113,7 @@ impl Storage {
                     match ThinPool::import(&opts) {
                         Ok(p) => storage.add(p),
                         Err(err) => {
-                            tracing::error!(pool = %e.id, path = %e.path.display(), "cannot import pool: {err}")
+                            tracing::error!(pool = %e.id, path = %e.path.display(), error = &err as &dyn std::error::Error, "cannot import pool")
                         }
                     }
                 }
@@ -196,7 +196,7 @@ impl Storage {
     pub fn flush_all(&self) {
         for p in self.pools() {
             if let Err(e) = p.flush() {
-                tracing::error!(pool = %p.id(), "periodic commit failed: {e}");
+                tracing::error!(pool = %p.id(), error = &e as &dyn std::error::Error, "periodic commit failed");
             }
         }
     }
