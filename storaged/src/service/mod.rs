@@ -3,7 +3,6 @@
 //! Every pool call blocks on disk I/O, so handlers run it on tokio's blocking pool. Errors
 //! carry a status code a client can act on (NotFound, AlreadyExists, InvalidArgument,
 //! ResourceExhausted for a full pool, FailedPrecondition, Unavailable for a failed pool).
-
 //!
 //! # Layout
 //! - `registry.rs`: [`Storage`], the pools this daemon holds and the file that lists them.
