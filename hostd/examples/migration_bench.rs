@@ -102,7 +102,7 @@ fn run(name: &str, cmd: &str, seed: u64, hops: usize, vcpus: u32, mib: u64) {
             MigrationProgress::default(),
             &mut |_| {},
         )
-        .unwrap_or_else(|e| panic!("{name} hop {hop}: {}", hostd::error_chain(&e)));
+        .unwrap_or_else(|e| panic!("{name} hop {hop}: {}", proto::error_chain(&e)));
         current.0.stop();
         texts.push(current.1.text());
         let (vm, console) = dest.join().unwrap();

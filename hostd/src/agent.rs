@@ -234,7 +234,7 @@ impl<H: HostService> Agent<H> {
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     wait = backoff(self.cfg.interval, failures);
-                    let msg = crate::error_chain(&e);
+                    let msg = proto::error_chain(&e);
                     // The first failure and then one in ten: an outage is not a log flood.
                     if failures == 1 || failures.is_multiple_of(10) {
                         tracing::warn!(failures, retry_in = ?wait, error = %msg, "heartbeat failed; VMs keep running");

@@ -30,18 +30,3 @@ pub mod service;
 pub mod supervisor;
 pub mod testguest;
 pub mod vmm;
-
-/// An error and its causes, "outer: inner: innermost", for messages people read.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let msg = c.to_string();
-        if !out.ends_with(&msg) {
-            out.push_str(": ");
-            out.push_str(&msg);
-        }
-        cause = c.source();
-    }
-    out
-}

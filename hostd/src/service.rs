@@ -64,7 +64,7 @@ pub async fn serve(
 }
 
 fn status(e: ManagerError) -> Status {
-    let msg = crate::error_chain(&e);
+    let msg = proto::error_chain(&e);
     match e {
         ManagerError::NotFound(_) => Status::not_found(msg),
         ManagerError::AlreadyExists { .. } => Status::already_exists(msg),

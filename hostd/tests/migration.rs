@@ -152,7 +152,7 @@ fn a_dirtying_guest_moves_over_the_stream_and_goes_on_where_it_was() {
             MigrationProgress::default(),
             &mut |p| reports.push(p.clone()),
         )
-        .unwrap_or_else(|e| panic!("hop {hop}: {}", hostd::error_chain(&e)));
+        .unwrap_or_else(|e| panic!("hop {hop}: {}", proto::error_chain(&e)));
         assert!(sent.confirmed);
         src.stop();
         drop(src);
@@ -1010,7 +1010,7 @@ fn auto_converge_throttles_a_guest_that_outruns_the_link() {
         MigrationProgress::default(),
         &mut |p| reports.push(p.clone()),
     )
-    .unwrap_or_else(|e| panic!("{}: {reports:?}", hostd::error_chain(&e)));
+    .unwrap_or_else(|e| panic!("{}: {reports:?}", proto::error_chain(&e)));
     assert!(
         sent.throttle_percent > 0 && reports.iter().any(|r| r.throttle_percent > 0),
         "throttled and reported: {sent:?} {reports:?}"

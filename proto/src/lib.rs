@@ -63,6 +63,23 @@ pub fn timestamp(unix_ms: u64) -> prost_types::Timestamp {
     }
 }
 
+/// An error and its causes, "outer: inner: innermost": the message of a gRPC status made
+/// from an error, so the caller reads why, not only what. A cause whose text the outer
+/// message already ends with is not repeated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let msg = c.to_string();
+        if !out.ends_with(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 /// Re-exported so users of the contract name one version of each.
 pub use prost;
 pub use prost_types;
@@ -80,6 +97,29 @@ mod tests {
         assert_eq!((t.seconds, t.nanos), (1_700_000_123, 456_000_000));
         let t = timestamp(0);
         assert_eq!((t.seconds, t.nanos), (0, 0));
+    }
+
+    #[test]
+    fn an_error_chain_names_every_cause_once() {
+        #[derive(Debug)]
+        struct E(&'static str, Option<Box<E>>);
+        impl std::fmt::Display for E {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for E {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|e| e as _)
+            }
+        }
+        let inner = E("disk on fire", None);
+        let mid = E("write failed: disk on fire", Some(Box::new(inner)));
+        let top = E("commit failed", Some(Box::new(mid)));
+        assert_eq!(
+            error_chain(&top),
+            "commit failed: write failed: disk on fire"
+        );
     }
 
     fn round_trip<M: Message + Default + PartialEq + std::fmt::Debug>(msg: M) {

@@ -99,7 +99,7 @@ pub fn receive(
         match serve(conn, inc, &local, console.clone(), abort, on_accept) {
             Ok(vm) => return Ok(vm),
             Err(Failed::Refused(e)) => {
-                tracing::warn!(%peer, error = %crate::error_chain(&e), "migration connection refused");
+                tracing::warn!(%peer, error = %proto::error_chain(&e), "migration connection refused");
             }
             Err(Failed::Fatal(e)) => return Err(e),
         }
@@ -131,7 +131,7 @@ fn serve(
     let shell = match new_guest_ram(inc.spec.memory_bytes).and_then(|m| Vm::prepare(&inc.spec, m)) {
         Ok(shell) => shell,
         Err(e) => {
-            let reason = format!("cannot make the VM here: {}", crate::error_chain(&e));
+            let reason = format!("cannot make the VM here: {}", proto::error_chain(&e));
             let _ = conn.send(&Frame::Refuse {
                 reason: reason.clone(),
             });
@@ -170,7 +170,7 @@ fn serve(
         Ok(vm) => vm,
         Err(e) => {
             let _ = conn.send(&Frame::Refuse {
-                reason: format!("cannot build the VM: {}", crate::error_chain(&e)),
+                reason: format!("cannot build the VM: {}", proto::error_chain(&e)),
             });
             return Err(fatal(e.into()));
         }

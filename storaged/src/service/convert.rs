@@ -17,7 +17,7 @@ const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
 pub fn status(e: PoolError) -> Status {
-    let msg = e.to_string();
+    let msg = proto::error_chain(&e);
     match e {
         PoolError::NoVolume(_) => Status::not_found(msg),
         PoolError::NameTaken(_) | PoolError::AlreadyPool { .. } => Status::already_exists(msg),
@@ -217,7 +217,7 @@ pub(super) fn pb_grant(export: &Uuid, g: &Grant) -> pb::AccessGrant {
 }
 
 pub fn export_status(e: ExportError) -> Status {
-    let msg = e.to_string();
+    let msg = proto::error_chain(&e);
     match e {
         ExportError::NoExport(_) | ExportError::NoGrant { .. } => Status::not_found(msg),
         ExportError::AlreadyExported { .. } | ExportError::LunTaken { .. } => {
@@ -225,7 +225,7 @@ pub fn export_status(e: ExportError) -> Status {
         }
         ExportError::BadLun(_) => Status::invalid_argument(msg),
         ExportError::Pool(p) => status(p),
-        ExportError::Target(t) => Status::failed_precondition(format!("{msg}: {t}")),
+        ExportError::Target(_) => Status::failed_precondition(msg),
     }
 }
 

@@ -144,7 +144,7 @@ impl Runner {
                 } else {
                     MigrationPhase::Failed
                 } as i32;
-                last.error = crate::error_chain(&e);
+                last.error = proto::error_chain(&e);
                 tracing::warn!(error = %last.error, "migration did not complete; the VM runs here");
                 // The state first, then the outcome: whoever sees the outcome and tries
                 // again finds the VM running.
@@ -255,7 +255,7 @@ impl Runner {
             Err(e) => {
                 let detail = format!(
                     "incoming migration did not complete: {}",
-                    crate::error_chain(&e)
+                    proto::error_chain(&e)
                 );
                 tracing::warn!(%detail);
                 let reason = if matches!(e, MigrationError::Cancelled) {

@@ -127,7 +127,7 @@ pub fn run(dir: &Path) -> Result<(), ChildError> {
     // incoming migration, before the source is told to switch over.
     let spec = match spec::to_spec(&config, &record.initiator_iqn) {
         Ok(s) => s,
-        Err(e) => return Err(runner.fail_to_start(crate::error_chain(&e))),
+        Err(e) => return Err(runner.fail_to_start(proto::error_chain(&e))),
     };
     let first = match &record.incoming {
         Some(inc) => match runner.receive(&spec, inc, &rx) {

@@ -42,7 +42,7 @@ impl Runner {
             };
             let mut vm = match built {
                 Ok(vm) => vm,
-                Err(e) => return Err(self.fail_to_start(crate::error_chain(&e))),
+                Err(e) => return Err(self.fail_to_start(proto::error_chain(&e))),
             };
             self.state.boots += 1;
             self.state.power = PowerState::Running as i32;

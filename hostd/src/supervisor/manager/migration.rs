@@ -119,7 +119,7 @@ impl Manager {
             entry.migration.send_modify(|p| {
                 if let Some(p) = p {
                     p.phase = MigrationPhase::Failed as i32;
-                    p.error = crate::error_chain(&e);
+                    p.error = proto::error_chain(&e);
                 }
             });
             return Err(e);
