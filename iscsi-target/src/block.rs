@@ -252,7 +252,10 @@ impl FileBlockDevice {
     }
 }
 
-fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+/// Deallocates a byte range of a file, keeping its size, so that it reads as zeros. A
+/// range past `off_t` is `InvalidInput`; a file system without hole punching answers
+/// `EOPNOTSUPP`. The one fallocate call of the thin pool and of file-backed LUNs.
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
         return Err(std::io::ErrorKind::InvalidInput.into());

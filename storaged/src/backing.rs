@@ -176,23 +176,11 @@ impl Backing {
         if self.kind != BackingKind::File || len == 0 {
             return Ok(false);
         }
-        // SAFETY: fallocate on a descriptor this struct owns; the arguments are plain values.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
-                return Ok(false);
-            }
-            return Err(self.io_err("punch hole", err));
+        match iscsi_target::block::punch_hole(&self.file, offset, len) {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(false),
+            Err(e) => Err(self.io_err("punch hole", e)),
         }
-        Ok(true)
     }
 }
 
