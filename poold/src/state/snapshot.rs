@@ -106,7 +106,7 @@ pub fn encode(s: &PoolState) -> Vec<u8> {
 }
 
 /// [`encode`] into `out`, replacing what it held. Reusing one buffer spares the page
-/// faults of growing a fresh ~15 MB one (about a third of the encode on this PVM host).
+/// faults of growing a fresh one of many megabytes on every snapshot.
 pub fn encode_into(s: &PoolState, out: &mut Vec<u8>) {
     let mut w = Wire(std::mem::take(out));
     w.0.clear();
