@@ -18,6 +18,10 @@ use crate::frame::{self, FrameConfig};
 /// of KiB.
 pub const COPY_BELOW: usize = 2048;
 
+/// Written arena bytes kept before [`TxBatch`] moves the unwritten rest to the front: small
+/// enough to bound a busy batch's memory, large enough that the move is rare.
+const COMPACT_AT: usize = 64 * 1024;
+
 /// Most buffers one `writev` is given: Linux's `UIO_MAXIOV`, past which it fails with
 /// EINVAL.
 pub const MAX_IOV: usize = 1024;
@@ -158,7 +162,7 @@ impl TxBatch {
             } - self.front_written;
             if n < left {
                 self.front_written += n;
-                return;
+                break;
             }
             n -= left;
             self.front_written = 0;
@@ -167,6 +171,41 @@ impl TxBatch {
         if self.pieces.is_empty() {
             // Everything went: the arena starts over, keeping its capacity.
             self.arena.clear();
+        } else {
+            self.compact();
+        }
+    }
+
+    /// Drops the arena's written prefix once it is most of the arena, so a batch that is
+    /// never quite empty (a writer that keeps it queued under load) does not grow
+    /// without bound. Arena pieces are in arena order, so the first one marks the prefix
+    /// (with what of it went, when it is the front piece).
+    fn compact(&mut self) {
+        let first = self.pieces.iter().enumerate().find_map(|(i, p)| match p {
+            Piece::Arena { start, .. } => Some((i, *start)),
+            Piece::Data(_) => None,
+        });
+        let dead = match first {
+            Some((0, start)) => start + self.front_written,
+            Some((_, start)) => start,
+            None => {
+                self.arena.clear();
+                return;
+            }
+        };
+        if dead < COMPACT_AT || dead < self.arena.len() / 2 {
+            return;
+        }
+        self.arena.drain(..dead);
+        if first.is_some_and(|(i, _)| i == 0) {
+            self.front_written = 0;
+        }
+        for (i, p) in self.pieces.iter_mut().enumerate() {
+            if let Piece::Arena { start, end } = p {
+                // The front piece's written part is gone with the prefix.
+                *start = if i == 0 { 0 } else { *start - dead };
+                *end -= dead;
+            }
         }
     }
 }
@@ -301,6 +340,30 @@ mod tests {
         assert!(tx.write_to(&mut w).unwrap());
         assert_eq!(w.got, wire);
         assert!(tx.is_empty());
+    }
+
+    #[test]
+    fn a_batch_that_never_empties_keeps_its_arena_bounded() {
+        let mut tx = TxBatch::default();
+        let mut wire = Vec::new();
+        let mut w = Short::new(usize::MAX);
+        // Each round queues two PDUs (256 bytes each with digests) and writes as much,
+        // but the first round wrote 100 bytes less: the batch is never empty, and without
+        // dropping what went its arena would grow by 512 bytes a round.
+        for i in 0..20_000u32 {
+            for itt in [2 * i, 2 * i + 1] {
+                let data = vec![itt as u8; 200];
+                frame::encode(&data_in(itt), &[], &data, &cfg(), &mut wire).unwrap();
+                tx.push_pdu(&data_in(itt), Bytes::from(data), &cfg());
+            }
+            w.budget = if i == 0 { 412 } else { 512 };
+            assert!(!tx.write_to(&mut w).unwrap());
+            assert_eq!(tx.len(), 100);
+            assert!(tx.arena.len() <= 2 * COMPACT_AT, "arena {}", tx.arena.len());
+        }
+        w.budget = usize::MAX;
+        assert!(tx.write_to(&mut w).unwrap());
+        assert_eq!(w.got, wire);
     }
 
     #[test]
