@@ -28,9 +28,10 @@ pub async fn run(ctl: &mut Ctl, command: TaskCommand) -> anyhow::Result<()> {
 }
 
 /// Whether a person (or a tool acting for one) started the task: the pool's own commands
-/// (host reports, the leader's loops) carry no user in `requested_by`.
+/// (host reports, the leader's loops) carry no user in `requested_by`. Membership changes
+/// are always an operator's, though their Raft command has no room for the caller.
 fn started_by_a_user(t: &pb::Task) -> bool {
-    !t.requested_by.is_empty()
+    !t.requested_by.is_empty() || t.kind == "pool.member_change"
 }
 
 /// The task-list table: the tasks users started, or every task with `all`.
@@ -79,6 +80,7 @@ mod tests {
             task("t2", "vm.start", "alice"),
             task("t3", "host.report", ""),
             task("t4", "host.join", "anonymous"),
+            task("t5", "pool.member_change", ""),
         ];
         let ids = |t: &Table| -> Vec<String> {
             t.rows
@@ -90,10 +92,10 @@ mod tests {
                 .collect()
         };
         let mine = task_table(tasks.clone(), false);
-        assert_eq!(ids(&mine), ["t2", "t4"]);
+        assert_eq!(ids(&mine), ["t2", "t4", "t5"]);
         assert!(mine.render(true).contains("\"by\": \"alice\""));
         let every = task_table(tasks, true);
-        assert_eq!(ids(&every), ["t1", "t2", "t3", "t4"]);
+        assert_eq!(ids(&every), ["t1", "t2", "t3", "t4", "t5"]);
         assert!(every.render(false).contains("host.report"));
         assert!(!mine.render(false).contains("host.report"));
     }

@@ -418,7 +418,7 @@ fn vm_table(vms: Vec<pb::Vm>, hosts: &[pb::Host], ids: bool) -> Table {
         let spec = v.spec.unwrap_or_default();
         let disks: Vec<&str> = spec.disks.iter().map(|d| d.volume_id.as_str()).collect();
         let host = match names.get(v.host_id.as_str()) {
-            Some(name) if !ids => (*name).to_owned(),
+            Some(name) if !ids && !name.is_empty() => (*name).to_owned(),
             _ => v.host_id,
         };
         t.row(vec![
