@@ -176,15 +176,8 @@ mod tests {
             );
         }
         assert!(w.check().is_ok(), "nothing handed over yet");
-        let err = w.barrier().unwrap_err();
-        let causes: Vec<String> =
-            std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source())
-                .map(ToString::to_string)
-                .collect();
-        assert!(
-            causes.iter().any(|c| c.contains("disk on fire")),
-            "{causes:?}"
-        );
+        let err = proto::error_chain(&w.barrier().unwrap_err());
+        assert!(err.contains("disk on fire"), "{err}");
         assert_eq!(*ran.lock().unwrap(), vec![0, 1]);
         assert!(w.check().is_err(), "the failure stays reported");
     }
