@@ -87,6 +87,12 @@ pub struct ServerOptions {
     pub login_timeout: Duration,
     /// Solicited write data (R2T) one connection may have outstanding, in bytes.
     pub max_r2t_bytes_per_connection: u64,
+    /// A discovery session that sends nothing for this long is closed.
+    pub discovery_idle_timeout: Duration,
+    /// Sessions (normal and discovery, each one connection) one initiator name may have
+    /// at once, over all targets; the login past it is refused with "out of resources".
+    /// A host has one session per attached volume, so this is generous by default.
+    pub max_connections_per_initiator: usize,
 }
 
 impl Default for ServerOptions {
@@ -105,6 +111,8 @@ impl Default for ServerOptions {
             nop_timeout: Duration::from_secs(30),
             login_timeout: Duration::from_secs(30),
             max_r2t_bytes_per_connection: 64 << 20,
+            discovery_idle_timeout: Duration::from_secs(30),
+            max_connections_per_initiator: 1024,
         }
     }
 }

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::login::{Established, Login, Step};
-use crate::server::{Inner, TargetEntry};
+use crate::server::{DiscoverySlot, Inner, TargetEntry};
 use crate::session::{SessionHandle, SessionType};
 
 /// Why a connection ended, in login, discovery or the full feature phase (`engine`).
@@ -28,6 +28,8 @@ pub(crate) enum ConnError {
     Io(#[from] std::io::Error),
     #[error("malformed PDU")]
     Pdu(#[from] PduError),
+    #[error("Data-Out refused")]
+    DataOut(#[from] crate::engine::DataOutError),
     #[error("protocol error: {0}")]
     Protocol(&'static str),
     #[error("peer closed the connection")]
@@ -88,7 +90,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr
         login_phase(&inner, &mut reader, &mut wr, peer),
     )
     .await;
-    let (est, session) = match login {
+    let (est, admitted) = match login {
         Ok(Ok(Some(done))) => done,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -105,14 +107,14 @@ pub(crate) async fn serve(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr
         data_digest: est.params.data_digest,
         max_recv_data_segment: est.params.max_recv_data_segment,
     };
-    match est.session_type {
-        SessionType::Discovery => {
+    match admitted {
+        Admitted::Discovery(slot) => {
             if let Err(e) = discovery(&inner, &mut reader, &mut wr, &est, local).await {
                 tracing::debug!(%peer, error = %e, "discovery session ended");
             }
+            drop(slot);
         }
-        SessionType::Normal => {
-            let session = session.expect("normal sessions are admitted");
+        Admitted::Normal(session) => {
             // The full feature phase runs on a blocking thread of its own (engine.rs).
             let stream = match reader.rd.reunite(wr).map(|s| s.into_std()) {
                 Ok(Ok(s)) => s,
@@ -163,12 +165,19 @@ pub(crate) async fn serve(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr
     }
 }
 
+/// What a completed login was admitted as.
+enum Admitted {
+    /// Holds the initiator's place in the count until the session ends.
+    Discovery(DiscoverySlot),
+    Normal(Arc<SessionHandle>),
+}
+
 async fn login_phase(
-    inner: &Inner,
+    inner: &Arc<Inner>,
     reader: &mut PduReader,
     wr: &mut OwnedWriteHalf,
     peer: SocketAddr,
-) -> Result<Option<(Established, Option<Arc<SessionHandle>>)>, ConnError> {
+) -> Result<Option<(Established, Admitted)>, ConnError> {
     let mut login = Login::new(inner);
     loop {
         let pdu = reader.next().await?;
@@ -199,36 +208,41 @@ async fn login_phase(
             }
             Step::Complete(mut r, data) => {
                 let est = login.established();
-                let mut session = None;
-                match est.session_type {
-                    SessionType::Discovery => {
-                        r.tsih = inner.new_tsih();
+                let admitted = match est.session_type {
+                    SessionType::Discovery => inner
+                        .enter_discovery(&est.initiator)
+                        .map(Admitted::Discovery)
+                        .map_err(|e| {
+                            tracing::info!(%peer, error = %e, "discovery login refused");
+                            login_status::OUT_OF_RESOURCES
+                        }),
+                    SessionType::Normal => admit(inner, &est, peer).await.map(Admitted::Normal),
+                };
+                let admitted = match admitted {
+                    Ok(a) => a,
+                    Err(status) => {
+                        let fail = LoginResponse {
+                            transit: false,
+                            nsg: 0,
+                            tsih: 0,
+                            status_class: status.0,
+                            status_detail: status.1,
+                            ..r
+                        };
+                        write_pdu(
+                            wr,
+                            &Header::LoginResponse(fail),
+                            &[],
+                            &FrameConfig::default(),
+                        )
+                        .await?;
+                        return Ok(None);
                     }
-                    SessionType::Normal => match admit(inner, &est, peer).await {
-                        Ok(s) => {
-                            r.tsih = s.tsih;
-                            session = Some(s);
-                        }
-                        Err(status) => {
-                            let fail = LoginResponse {
-                                transit: false,
-                                nsg: 0,
-                                tsih: 0,
-                                status_class: status.0,
-                                status_detail: status.1,
-                                ..r
-                            };
-                            write_pdu(
-                                wr,
-                                &Header::LoginResponse(fail),
-                                &[],
-                                &FrameConfig::default(),
-                            )
-                            .await?;
-                            return Ok(None);
-                        }
-                    },
-                }
+                };
+                r.tsih = match &admitted {
+                    Admitted::Discovery(_) => inner.new_tsih(),
+                    Admitted::Normal(s) => s.tsih,
+                };
                 if let Err(e) = write_pdu(
                     wr,
                     &Header::LoginResponse(r),
@@ -237,7 +251,7 @@ async fn login_phase(
                 )
                 .await
                 {
-                    if let Some(s) = session {
+                    if let Admitted::Normal(s) = admitted {
                         inner.unregister(s.id);
                         s.closed.send_replace(true);
                     }
@@ -245,7 +259,7 @@ async fn login_phase(
                 }
                 let mut est = est;
                 est.tsih = r.tsih;
-                return Ok(Some((est, session)));
+                return Ok(Some((est, admitted)));
             }
         }
     }
@@ -302,7 +316,10 @@ async fn admit(
         target.iqn.clone(),
         peer,
     ));
-    inner.register(session.clone());
+    if let Err(e) = inner.register(session.clone()) {
+        tracing::info!(%peer, error = %e, "login refused");
+        return Err(login_status::OUT_OF_RESOURCES);
+    }
     let refuse = if target
         .acl
         .read()
@@ -338,8 +355,14 @@ async fn discovery(
     let window = inner.options.command_window;
     let mut pending_text: Vec<u8> = Vec::new();
     let mut more: Option<(u32, Vec<u8>)> = None;
+    let idle = inner.options.discovery_idle_timeout;
     loop {
-        let pdu = reader.next().await?;
+        let Ok(pdu) = tokio::time::timeout(idle, reader.next()).await else {
+            tracing::info!(initiator = %est.initiator, ?idle, "discovery session idle: closed");
+            let _ = wr.shutdown().await;
+            return Ok(());
+        };
+        let pdu = pdu?;
         let header = match pdu.header() {
             Ok(h) => h,
             Err(_) => {

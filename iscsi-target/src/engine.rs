@@ -47,6 +47,7 @@ use crate::login::Established;
 use crate::lun::Lun;
 use crate::server::{Inner, TargetEntry, TargetFabric};
 use crate::session::{SessionHandle, SessionParams, TaskEntry, wait_tasks};
+pub(crate) use r2t::DataOutError;
 use r2t::PendingWrite;
 use wire::{Sn, Wire, read_into};
 

@@ -47,6 +47,14 @@ pub enum ConfigError {
     },
 }
 
+/// A login refused because its initiator has as many sessions as it may.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("initiator {initiator} already has {max} sessions, the most it may have")]
+pub(crate) struct TooManyConnections {
+    pub initiator: String,
+    pub max: usize,
+}
+
 /// Who may log in to a target.
 #[derive(Debug, Default)]
 pub(crate) struct Acl {
@@ -83,8 +91,33 @@ pub(crate) struct Inner {
     pub pr_store: Arc<dyn PrStore>,
     /// Becomes true when `run`'s shutdown future completes.
     pub stopping: tokio::sync::watch::Sender<bool>,
+    /// Discovery sessions by initiator name (normal ones are in `sessions`). Locked after
+    /// `sessions` when both are held.
+    discovery: Mutex<HashMap<String, usize>>,
     next_session: AtomicU64,
     next_tsih: AtomicU16,
+}
+
+/// A discovery session's place in the per-initiator count; dropping it gives it back.
+pub(crate) struct DiscoverySlot {
+    inner: Arc<Inner>,
+    initiator: String,
+}
+
+impl Drop for DiscoverySlot {
+    fn drop(&mut self) {
+        let mut d = self
+            .inner
+            .discovery
+            .lock()
+            .expect("discovery lock poisoned");
+        if let Some(n) = d.get_mut(&self.initiator) {
+            *n -= 1;
+            if *n == 0 {
+                d.remove(&self.initiator);
+            }
+        }
+    }
 }
 
 impl Inner {
@@ -121,11 +154,59 @@ impl Inner {
         }
     }
 
-    pub fn register(&self, s: Arc<SessionHandle>) {
-        self.sessions
+    /// Registers a normal session unless its initiator already has
+    /// `max_connections_per_initiator` sessions (normal and discovery); counted and
+    /// inserted under one lock, so racing logins cannot both take the last place.
+    pub fn register(&self, s: Arc<SessionHandle>) -> Result<(), TooManyConnections> {
+        let mut sessions = self.sessions.lock().expect("sessions lock poisoned");
+        self.check_room(&sessions, &s.initiator)?;
+        sessions.insert(s.id, s);
+        Ok(())
+    }
+
+    /// Takes a place for a discovery session of `initiator`, under the same limit.
+    pub fn enter_discovery(
+        self: &Arc<Self>,
+        initiator: &str,
+    ) -> Result<DiscoverySlot, TooManyConnections> {
+        let sessions = self.sessions.lock().expect("sessions lock poisoned");
+        self.check_room(&sessions, initiator)?;
+        *self
+            .discovery
             .lock()
-            .expect("sessions lock poisoned")
-            .insert(s.id, s);
+            .expect("discovery lock poisoned")
+            .entry(initiator.to_owned())
+            .or_default() += 1;
+        Ok(DiscoverySlot {
+            inner: self.clone(),
+            initiator: initiator.to_owned(),
+        })
+    }
+
+    fn check_room(
+        &self,
+        sessions: &HashMap<u64, Arc<SessionHandle>>,
+        initiator: &str,
+    ) -> Result<(), TooManyConnections> {
+        let normal = sessions
+            .values()
+            .filter(|s| s.initiator == initiator)
+            .count();
+        let discovery = self
+            .discovery
+            .lock()
+            .expect("discovery lock poisoned")
+            .get(initiator)
+            .copied()
+            .unwrap_or(0);
+        let max = self.options.max_connections_per_initiator;
+        if normal + discovery >= max {
+            return Err(TooManyConnections {
+                initiator: initiator.to_owned(),
+                max,
+            });
+        }
+        Ok(())
     }
 
     pub fn unregister(&self, id: u64) {
@@ -215,6 +296,7 @@ impl TargetServer {
                 sessions: Mutex::new(HashMap::new()),
                 pr_store,
                 stopping: tokio::sync::watch::channel(false).0,
+                discovery: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
                 next_tsih: AtomicU16::new(1),
             }),

@@ -14,7 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 
 use super::response::build_response;
 use super::wire::send_shared;
-use super::{Engine, MEMORY_UNIT};
+use super::{CONNECTION_MEMORY, Engine, MEMORY_UNIT};
 use crate::connection::ConnError;
 use crate::lun::Lun;
 use crate::scsi::sense::{Sense, status};
@@ -44,7 +44,7 @@ impl Engine {
             return Ok(());
         };
         let edtl = c.expected_data_len;
-        if c.write && u64::from(edtl) > 2 * MAX_TRANSFER_BYTES + 4096 {
+        if c.write && u64::from(edtl) > MAX_WRITE_BUFFER {
             // More than any command we serve can take: refuse before any data is buffered.
             self.respond_status(
                 &c,
@@ -53,9 +53,7 @@ impl Engine {
             );
             return Ok(());
         }
-        let units = u64::from(edtl)
-            .min(MAX_TRANSFER_BYTES)
-            .div_ceil(MEMORY_UNIT) as u32;
+        let units = budget_units(c.write, edtl);
         let permit = if units == 0 {
             None
         } else {
@@ -210,6 +208,26 @@ impl Engine {
     }
 }
 
+/// The most a write's buffer can be: a COMPARE AND WRITE carries twice its blocks, an
+/// EXTENDED COPY parameter list a little more than a transfer.
+const MAX_WRITE_BUFFER: u64 = 2 * MAX_TRANSFER_BYTES + 4096;
+const _: () = assert!(MAX_WRITE_BUFFER <= CONNECTION_MEMORY);
+
+/// Units of the connection's memory budget a command's data takes: the whole buffer a
+/// write collects (immediate data, unsolicited and solicited Data-Out, every burst of
+/// it, up to its expected length) before it runs, and what a read can produce. Taken in
+/// 64 bits from the initiator's 32-bit length, so nothing wraps; the caller has refused
+/// writes over [`MAX_WRITE_BUFFER`], which keeps the count within the budget.
+fn budget_units(write: bool, edtl: u32) -> u32 {
+    let bytes = if write {
+        u64::from(edtl).min(MAX_WRITE_BUFFER)
+    } else {
+        u64::from(edtl).min(MAX_TRANSFER_BYTES)
+    };
+    // At most CONNECTION_MEMORY / MEMORY_UNIT, far below u32::MAX.
+    bytes.div_ceil(MEMORY_UNIT) as u32
+}
+
 /// Commands that may block for long (a flush, a big copy) run off the engine thread.
 fn may_take_long(cdb: &[u8]) -> bool {
     match cdb[0] {
@@ -229,5 +247,33 @@ fn may_take_long(cdb: &[u8]) -> bool {
             cdb[1] & 0x08 != 0
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_is_budgeted_for_its_whole_buffer_and_nothing_wraps() {
+        assert_eq!(budget_units(true, 0), 0);
+        assert_eq!(budget_units(true, 1), 1);
+        assert_eq!(budget_units(true, 4096), 1);
+        // A write may collect twice a transfer (COMPARE AND WRITE): all of it counts.
+        let caw = (2 * MAX_TRANSFER_BYTES) as u32;
+        assert_eq!(
+            u64::from(budget_units(true, caw)),
+            2 * MAX_TRANSFER_BYTES / MEMORY_UNIT
+        );
+        // The largest length an initiator can state neither wraps nor passes the budget.
+        for write in [true, false] {
+            let units = u64::from(budget_units(write, u32::MAX));
+            assert!(units * MEMORY_UNIT <= CONNECTION_MEMORY, "{write}: {units}");
+        }
+        // A read's buffer is what a command produces at most.
+        assert_eq!(
+            u64::from(budget_units(false, u32::MAX)),
+            MAX_TRANSFER_BYTES / MEMORY_UNIT
+        );
     }
 }

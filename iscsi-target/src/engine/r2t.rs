@@ -13,6 +13,47 @@ use super::{Engine, next_tag};
 use crate::connection::ConnError;
 use crate::lun::Lun;
 
+/// Why a Data-Out PDU was refused (the connection ends: RFC 7143 leaves a target no
+/// better answer at ErrorRecoveryLevel 0). Offsets and lengths are the initiator's, so
+/// every sum here is taken in 64 bits.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub(crate) enum DataOutError {
+    #[error(
+        "unsolicited Data-Out of {len} bytes at {offset} (DataSN {data_sn}) does not continue {received} of {unsolicited} unsolicited bytes"
+    )]
+    Unsolicited {
+        offset: u32,
+        len: usize,
+        data_sn: u32,
+        received: u32,
+        unsolicited: u32,
+    },
+    #[error("Data-Out for an unknown R2T (TTT {ttt:#x})")]
+    UnknownR2t { ttt: u32 },
+    #[error(
+        "Data-Out of {len} bytes at {offset} (DataSN {data_sn}) does not continue its R2T of {r2t_len} bytes at {r2t_offset}, {received} received"
+    )]
+    Solicited {
+        offset: u32,
+        len: usize,
+        data_sn: u32,
+        r2t_offset: u32,
+        r2t_len: u32,
+        received: u32,
+    },
+    #[error("R2T sequence of {r2t_len} bytes ended after {received}")]
+    ShortSequence { r2t_len: u32, received: u32 },
+}
+
+/// Whether `len` bytes at `offset` end at or before `limit`, in arithmetic that cannot
+/// wrap whatever the initiator sent.
+fn fits(offset: u32, len: usize, limit: u32) -> bool {
+    u64::try_from(len)
+        .ok()
+        .and_then(|len| u64::from(offset).checked_add(len))
+        .is_some_and(|end| end <= u64::from(limit))
+}
+
 /// A write command collecting its data.
 pub(super) struct PendingWrite {
     permit: Option<OwnedSemaphorePermit>,
@@ -95,7 +136,11 @@ impl Engine {
             let edtl = w.cmd.expected_data_len;
             while w.r2ts.len() < max_outstanding && w.next_r2t_offset < edtl {
                 let len = max_burst.min(edtl - w.next_r2t_offset);
-                if self.r2t_bytes > 0 && self.r2t_bytes + u64::from(len) > budget {
+                let over = self
+                    .r2t_bytes
+                    .checked_add(u64::from(len))
+                    .is_none_or(|total| total > budget);
+                if self.r2t_bytes > 0 && over {
                     waiting = true;
                     break;
                 }
@@ -155,18 +200,26 @@ impl Engine {
             // Data for a task that already ended (refused early or aborted): discard.
             return Ok(());
         };
-        let len = data.len() as u32;
         let edtl = w.cmd.expected_data_len;
         let mut freed = 0u64;
         if d.ttt == RESERVED_TAG {
             if w.unsolicited_done
                 || d.data_sn != w.unsolicited_data_sn
                 || d.buffer_offset != w.received
-                || d.buffer_offset + len > w.unsolicited
+                || !fits(d.buffer_offset, data.len(), w.unsolicited)
             {
-                return Err(ConnError::Protocol("unsolicited Data-Out out of order"));
+                return Err(DataOutError::Unsolicited {
+                    offset: d.buffer_offset,
+                    len: data.len(),
+                    data_sn: d.data_sn,
+                    received: w.received,
+                    unsolicited: w.unsolicited,
+                }
+                .into());
             }
-            w.unsolicited_data_sn += 1;
+            // Fits within `unsolicited`, a u32.
+            let len = data.len() as u32;
+            w.unsolicited_data_sn = w.unsolicited_data_sn.wrapping_add(1);
             w.buf.extend_from_slice(&data);
             w.received += len;
             if d.final_ || w.received >= w.unsolicited {
@@ -174,15 +227,25 @@ impl Engine {
             }
         } else {
             let Some(r) = w.r2ts.get_mut(&d.ttt) else {
-                return Err(ConnError::Protocol("Data-Out for an unknown R2T"));
+                return Err(DataOutError::UnknownR2t { ttt: d.ttt }.into());
             };
             if d.data_sn != r.data_sn
-                || d.buffer_offset != r.offset + r.received
-                || r.received + len > r.len
+                || u64::from(d.buffer_offset) != u64::from(r.offset) + u64::from(r.received)
+                || !fits(r.received, data.len(), r.len)
             {
-                return Err(ConnError::Protocol("solicited Data-Out out of order"));
+                return Err(DataOutError::Solicited {
+                    offset: d.buffer_offset,
+                    len: data.len(),
+                    data_sn: d.data_sn,
+                    r2t_offset: r.offset,
+                    r2t_len: r.len,
+                    received: r.received,
+                }
+                .into());
             }
-            r.data_sn += 1;
+            // Fits within the R2T's length, a u32, which lies within the write's.
+            let len = data.len() as u32;
+            r.data_sn = r.data_sn.wrapping_add(1);
             r.received += len;
             let at = d.buffer_offset as usize;
             if w.buf.len() == at {
@@ -198,7 +261,11 @@ impl Engine {
                 freed = u64::from(r.len);
                 w.r2ts.remove(&d.ttt);
             } else if d.final_ {
-                return Err(ConnError::Protocol("R2T sequence ended short"));
+                return Err(DataOutError::ShortSequence {
+                    r2t_len: r.len,
+                    received: r.received,
+                }
+                .into());
             }
         }
         let complete = w.received >= edtl;
@@ -213,5 +280,38 @@ impl Engine {
             self.release_r2t_budget(freed);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_out_ranges_that_wrap_or_pass_the_limit_do_not_fit() {
+        assert!(fits(0, 8192, 8192));
+        assert!(fits(4096, 4096, 8192));
+        assert!(!fits(4096, 4097, 8192));
+        // Offset and length whose 32-bit sum wraps to something small.
+        assert!(!fits(u32::MAX, 1, u32::MAX));
+        assert!(!fits(u32::MAX - 10, 4096, 100));
+        assert!(!fits(0, usize::MAX, u32::MAX));
+        assert!(fits(u32::MAX, 0, u32::MAX));
+    }
+
+    #[test]
+    fn a_refused_data_out_says_what_it_carried() {
+        let e = DataOutError::Solicited {
+            offset: u32::MAX,
+            len: 4096,
+            data_sn: 0,
+            r2t_offset: 0,
+            r2t_len: 8192,
+            received: 0,
+        };
+        assert_eq!(
+            e.to_string(),
+            "Data-Out of 4096 bytes at 4294967295 (DataSN 0) does not continue its R2T of 8192 bytes at 0, 0 received"
+        );
     }
 }

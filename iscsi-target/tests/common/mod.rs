@@ -54,13 +54,32 @@ impl Harness {
         access: Vec<InitiatorAccess>,
         store: Option<Arc<dyn PrStore>>,
     ) -> Self {
-        let iqn = "iqn.2024-01.org.pool.test:lun".to_string();
-        let dev =
-            FileBlockDevice::open(&dir.path().join("lun0.img"), Some(size), 512, false).unwrap();
         let opts = ServerOptions {
             nop_interval: None,
             ..ServerOptions::default()
         };
+        Self::start_full(dir, size, access, store, opts)
+    }
+
+    /// Like [`Harness::start`], with server options of the test's choosing.
+    pub fn start_with_options(
+        size: u64,
+        access: Vec<InitiatorAccess>,
+        opts: ServerOptions,
+    ) -> Self {
+        Self::start_full(tempfile::tempdir().unwrap(), size, access, None, opts)
+    }
+
+    fn start_full(
+        dir: tempfile::TempDir,
+        size: u64,
+        access: Vec<InitiatorAccess>,
+        store: Option<Arc<dyn PrStore>>,
+        opts: ServerOptions,
+    ) -> Self {
+        let iqn = "iqn.2024-01.org.pool.test:lun".to_string();
+        let dev =
+            FileBlockDevice::open(&dir.path().join("lun0.img"), Some(size), 512, false).unwrap();
         let server = match store {
             Some(s) => TargetServer::new(opts, s),
             None => TargetServer::in_memory(opts),
@@ -392,6 +411,79 @@ impl RawInitiator {
         match self.login_response().0 {
             Ok(()) => LoginResult::Ok,
             Err(s) => LoginResult::Refused(s.0, s.1),
+        }
+    }
+
+    /// Logs in to a discovery session as `initiator`.
+    pub fn login_discovery(&mut self, initiator: &str, isid: [u8; 6]) -> LoginResult {
+        let itt = self.next_itt();
+        let req = LoginRequest {
+            transit: true,
+            csg: stage::SECURITY,
+            nsg: stage::OPERATIONAL,
+            isid,
+            itt,
+            cmd_sn: self.cmd_sn,
+            ..Default::default()
+        };
+        let first = text::encode(&[
+            ("InitiatorName", initiator),
+            ("SessionType", "Discovery"),
+            ("AuthMethod", "None"),
+        ]);
+        self.send(&Header::LoginRequest(req), &first);
+        if let Err(s) = self.login_response().0 {
+            return LoginResult::Refused(s.0, s.1);
+        }
+        let op = LoginRequest {
+            transit: true,
+            csg: stage::OPERATIONAL,
+            nsg: stage::FULL_FEATURE,
+            isid,
+            itt,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+            ..Default::default()
+        };
+        let keys = text::encode(&[
+            ("HeaderDigest", "None"),
+            ("DataDigest", "None"),
+            ("MaxRecvDataSegmentLength", "262144"),
+        ]);
+        self.send(&Header::LoginRequest(op), &keys);
+        match self.login_response().0 {
+            Ok(()) => LoginResult::Ok,
+            Err(s) => LoginResult::Refused(s.0, s.1),
+        }
+    }
+
+    /// SendTargets=All in a discovery session: the keys of the answer, or `None` when
+    /// the target closed the connection.
+    pub fn send_targets(&mut self) -> Option<Keys> {
+        let itt = self.next_itt();
+        let req = iscsi_pdu::bhs::TextRequest {
+            final_: true,
+            itt,
+            ttt: RESERVED_TAG,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+            ..Default::default()
+        };
+        self.cmd_sn = self.cmd_sn.wrapping_add(1);
+        self.send(
+            &Header::TextRequest(req),
+            &text::encode(&[("SendTargets", "All")]),
+        );
+        loop {
+            let p = self.recv()?;
+            match p.header().unwrap() {
+                Header::TextResponse(r) => {
+                    self.exp_stat_sn = r.stat_sn.wrapping_add(1);
+                    return Some(text::parse(&p.data).unwrap());
+                }
+                Header::NopIn(_) | Header::AsyncMessage(_) => {}
+                other => panic!("expected a text response, got {other:?}"),
+            }
         }
     }
 
