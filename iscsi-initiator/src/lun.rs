@@ -31,13 +31,10 @@ impl Lun {
             capacity: Capacity::default(),
             limits: BlockLimits::default(),
         };
+        // Checked as it is parsed (`Capacity::check`): a block size and count that the
+        // block arithmetic below and in `scsi/` can use without dividing by zero or
+        // overflowing.
         lun.capacity = lun.read_capacity().await?;
-        if lun.capacity.block_size == 0 || !lun.capacity.block_size.is_multiple_of(512) {
-            return Err(Error::BadResponse {
-                command: "READ CAPACITY",
-                reason: format!("block size {}", lun.capacity.block_size),
-            });
-        }
         // Optional page: a target without it imposes no limits we need to know.
         if let Ok(l) = lun.block_limits().await {
             lun.limits = l;
@@ -63,9 +60,10 @@ impl Lun {
         self.capacity.blocks
     }
 
-    /// Size in bytes.
+    /// Size in bytes. READ CAPACITY answers whose size does not fit are refused when
+    /// parsed, so this never saturates for a LUN that opened.
     pub fn size(&self) -> u64 {
-        self.capacity.blocks * u64::from(self.capacity.block_size)
+        self.capacity.bytes().unwrap_or(u64::MAX)
     }
 
     pub fn capacity(&self) -> Capacity {
