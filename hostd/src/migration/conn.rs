@@ -26,6 +26,16 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(stream: TcpStream, timeout: Duration) -> Result<Self, MigrationError> {
+        Self::with_buffered(stream, timeout, &[])
+    }
+
+    /// A connection whose first `received` bytes were already read off the socket (the
+    /// destination reads the Hello before it makes the connection).
+    pub fn with_buffered(
+        stream: TcpStream,
+        timeout: Duration,
+        received: &[u8],
+    ) -> Result<Self, MigrationError> {
         stream
             .set_read_timeout(Some(timeout))
             .and_then(|()| stream.set_write_timeout(Some(timeout)))
@@ -34,11 +44,13 @@ impl Conn {
                 what: "setting up the socket",
                 source,
             })?;
+        let mut buf = vec![0; (2 * READ_ROOM).max(received.len() + READ_ROOM)];
+        buf[..received.len()].copy_from_slice(received);
         Ok(Self {
             stream,
-            buf: vec![0; 2 * READ_ROOM],
+            buf,
             pos: 0,
-            end: 0,
+            end: received.len(),
             out: Vec::new(),
             sent: 0,
         })

@@ -29,7 +29,7 @@ pub mod wire;
 
 use std::time::Duration;
 
-pub use receive::{Incoming, receive};
+pub use receive::{Handshake, Incoming, receive, receive_with};
 pub use send::{SendOptions, Sent, Switchover, send};
 
 /// Default downtime budget.
@@ -80,6 +80,14 @@ pub enum MigrationError {
     Timeout { secs: u64 },
     #[error("guest memory")]
     Memory(#[source] vm_memory::GuestMemoryError),
+    /// A Pages or Zero frame for a range that is not all guest RAM (or whose end does
+    /// not fit in 64 bits): the source is broken or hostile, and the migration ends.
+    #[error("{frame} frame for {pages} pages at {gpa:#x} reaches outside guest memory")]
+    OutsideMemory {
+        frame: &'static str,
+        gpa: u64,
+        pages: u64,
+    },
     #[error(transparent)]
     Vm(#[from] crate::vmm::VmError),
 }

@@ -5,10 +5,14 @@
 //!
 //! A connection that fails before it is accepted (wrong token, not a migration stream,
 //! a VM of another shape) is answered and dropped, and the listener waits for the next:
-//! a stranger cannot end a prepared migration. After Accept, any failure discards what
-//! was received and ends the receive with an error.
+//! a stranger cannot end a prepared migration. Connections wait for their Hello side by
+//! side ([`Handshake`]): each must deliver a whole Hello within a deadline of being
+//! accepted, and only so many may wait at once, so one that sends nothing or trickles
+//! bytes neither holds up the real source nor lives on. After Accept, any failure
+//! discards what was received and ends the receive with an error.
 
-use std::net::TcpListener;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -23,9 +27,28 @@ use crate::console::ConsoleOut;
 use crate::vmm::{CpuidRegs, GuestRam, Vm, VmError, VmSpec, cpuid, new_guest_ram};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the source may take to send Hello once connected.
+/// How long the source may take to send Hello once connected, and to take our answer.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const ACCEPT_POLL: Duration = Duration::from_millis(10);
+
+/// Limits on connections that have not yet presented a Hello: nobody is authenticated
+/// before it, so these bound what a stranger can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handshake {
+    /// From accept to a whole Hello; a connection still without one is closed.
+    pub deadline: Duration,
+    /// Connections waiting for their Hello at once; one more is closed on accept.
+    pub max_pending: usize,
+}
+
+impl Default for Handshake {
+    fn default() -> Self {
+        Self {
+            deadline: HELLO_TIMEOUT,
+            max_pending: 16,
+        }
+    }
+}
 
 /// What the destination was prepared for.
 pub struct Incoming {
@@ -51,7 +74,7 @@ enum Failed {
 
 /// Waits for the source and receives the VM; returns it running. `abort` (checked while
 /// waiting and between frames) and `deadline` end the wait with an error. `on_accept`
-/// is called once a source is accepted.
+/// is called once a source is accepted. Connections are held to [`Handshake::default`].
 pub fn receive(
     listener: &TcpListener,
     inc: &Incoming,
@@ -60,13 +83,29 @@ pub fn receive(
     deadline: Instant,
     on_accept: &mut dyn FnMut(),
 ) -> Result<Vm, MigrationError> {
+    receive_with(
+        listener,
+        inc,
+        Handshake::default(),
+        console,
+        abort,
+        deadline,
+        on_accept,
+    )
+}
+
+/// [`receive`] with the given limits on connections that have not sent their Hello.
+pub fn receive_with(
+    listener: &TcpListener,
+    inc: &Incoming,
+    limits: Handshake,
+    console: Arc<dyn ConsoleOut>,
+    abort: &AtomicBool,
+    deadline: Instant,
+    on_accept: &mut dyn FnMut(),
+) -> Result<Vm, MigrationError> {
     let local = local_cpuid(&inc.spec)?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|source| MigrationError::Io {
-            what: "listening",
-            source,
-        })?;
+    let mut gate = Gate::new(listener, limits)?;
     loop {
         if abort.load(Ordering::Acquire) {
             return Err(MigrationError::Cancelled);
@@ -76,27 +115,12 @@ pub fn receive(
                 secs: deadline.saturating_duration_since(Instant::now()).as_secs(),
             });
         }
-        let (stream, peer) = match listener.accept() {
-            Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(ACCEPT_POLL);
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accepting a migration connection");
-                std::thread::sleep(ACCEPT_POLL);
-                continue;
-            }
+        let Some(arrived) = gate.poll() else {
+            std::thread::sleep(ACCEPT_POLL);
+            continue;
         };
-        let _ = stream.set_nonblocking(false);
-        let conn = match Conn::new(stream, HELLO_TIMEOUT) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "migration connection");
-                continue;
-            }
-        };
-        match serve(conn, inc, &local, console.clone(), abort, on_accept) {
+        let peer = arrived.peer;
+        match serve(arrived, inc, &local, console.clone(), abort, on_accept) {
             Ok(vm) => return Ok(vm),
             Err(Failed::Refused(e)) => {
                 tracing::warn!(%peer, error = %proto::error_chain(&e), "migration connection refused");
@@ -106,20 +130,167 @@ pub fn receive(
     }
 }
 
+/// A connection whose Hello has arrived whole.
+struct Arrived {
+    stream: TcpStream,
+    peer: SocketAddr,
+    hello: wire::Hello,
+    /// Bytes read after the Hello.
+    rest: Vec<u8>,
+}
+
+/// A connection accepted and still waiting for its Hello.
+struct Pending {
+    stream: TcpStream,
+    peer: SocketAddr,
+    since: Instant,
+    buf: Vec<u8>,
+}
+
+enum Progress {
+    Waiting,
+    Hello(wire::Hello, usize),
+    Failed(MigrationError),
+}
+
+impl Pending {
+    /// Reads what has arrived (the socket does not block) and looks for a whole Hello.
+    fn progress(&mut self) -> Progress {
+        let mut chunk = [0u8; 16 << 10];
+        loop {
+            match wire::decode_hello(&self.buf) {
+                Ok(Some((hello, n))) => return Progress::Hello(hello, n),
+                Ok(None) => {}
+                Err(e) => return Progress::Failed(e.into()),
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Progress::Failed(MigrationError::Closed),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Progress::Waiting,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Progress::Failed(MigrationError::Io {
+                        what: "receiving the Hello",
+                        source,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The listener and the connections waiting for their Hello, side by side.
+struct Gate<'a> {
+    listener: &'a TcpListener,
+    limits: Handshake,
+    pending: Vec<Pending>,
+}
+
+impl<'a> Gate<'a> {
+    fn new(listener: &'a TcpListener, limits: Handshake) -> Result<Self, MigrationError> {
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| MigrationError::Io {
+                what: "listening",
+                source,
+            })?;
+        Ok(Self {
+            listener,
+            limits,
+            pending: Vec::new(),
+        })
+    }
+
+    /// Accepts the connections waiting on the listener, reads what the pending ones sent,
+    /// and closes those that sent something else or are past the deadline. Returns one
+    /// whose Hello is whole, if any; the others keep waiting for the next call.
+    fn poll(&mut self) -> Option<Arrived> {
+        self.accept();
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.pending.len() {
+            let p = &mut self.pending[i];
+            match p.progress() {
+                Progress::Waiting if now.duration_since(p.since) < self.limits.deadline => i += 1,
+                Progress::Waiting => {
+                    let p = self.pending.swap_remove(i);
+                    tracing::warn!(peer = %p.peer, bytes = p.buf.len(), deadline = ?self.limits.deadline, "no Hello within the deadline: migration connection closed");
+                }
+                Progress::Failed(e) => {
+                    let p = self.pending.swap_remove(i);
+                    tracing::warn!(peer = %p.peer, error = %proto::error_chain(&e), "migration connection dropped before its Hello");
+                }
+                Progress::Hello(hello, n) => {
+                    let mut p = self.pending.swap_remove(i);
+                    let rest = p.buf.split_off(n);
+                    return Some(Arrived {
+                        stream: p.stream,
+                        peer: p.peer,
+                        hello,
+                        rest,
+                    });
+                }
+            }
+        }
+        None
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let (stream, peer) = match self.listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a migration connection");
+                    return;
+                }
+            };
+            if self.pending.len() >= self.limits.max_pending {
+                tracing::warn!(%peer, max = self.limits.max_pending, "too many migration connections waiting for their Hello: closed");
+                continue;
+            }
+            if let Err(e) = stream.set_nonblocking(true) {
+                tracing::warn!(%peer, error = %e, "migration connection");
+                continue;
+            }
+            self.pending.push(Pending {
+                stream,
+                peer,
+                since: Instant::now(),
+                buf: Vec::new(),
+            });
+        }
+    }
+
+    /// Connections waiting for their Hello now.
+    #[cfg(test)]
+    fn pending(&self) -> usize {
+        self.pending.len()
+    }
+}
+
 fn serve(
-    mut conn: Conn,
+    arrived: Arrived,
     inc: &Incoming,
     local: &[CpuidRegs],
     console: Arc<dyn ConsoleOut>,
     abort: &AtomicBool,
     on_accept: &mut dyn FnMut(),
 ) -> Result<Vm, Failed> {
-    let hello = match conn.recv().map_err(Failed::Refused)? {
-        Frame::Hello(h) => h,
-        other => {
-            return Err(Failed::Refused(MigrationError::unexpected("Hello", &other)));
-        }
+    let Arrived {
+        stream,
+        hello,
+        rest,
+        ..
+    } = arrived;
+    let refused = |source| {
+        Failed::Refused(MigrationError::Io {
+            what: "setting up the socket",
+            source,
+        })
     };
+    stream.set_nonblocking(false).map_err(refused)?;
+    let mut conn = Conn::with_buffered(stream, HELLO_TIMEOUT, &rest).map_err(Failed::Refused)?;
     if let Err(reason) = check_hello(&hello, inc, local) {
         let _ = conn.send(&Frame::Refuse {
             reason: reason.clone(),
@@ -153,10 +324,12 @@ fn serve(
         }
         match conn.recv().map_err(fatal)? {
             Frame::Pages { gpa, data } => {
+                let pages = (data.len() / PAGE) as u64;
+                check_in_ram(&memory, "Pages", gpa, pages).map_err(fatal)?;
                 memory
                     .write_slice(&data, GuestAddress(gpa))
                     .map_err(|e| fatal(MigrationError::Memory(e)))?;
-                written.mark(gpa, (data.len() / PAGE) as u64);
+                written.mark(gpa, pages);
             }
             Frame::Zero { gpa, pages } => {
                 write_zeros(&memory, &mut written, gpa, pages).map_err(fatal)?
@@ -257,6 +430,25 @@ impl Written {
     }
 }
 
+/// Checks that `pages` pages from `gpa` are all guest RAM, in arithmetic that cannot
+/// wrap: the numbers come from the source.
+fn check_in_ram(
+    memory: &GuestRam,
+    frame: &'static str,
+    gpa: u64,
+    pages: u64,
+) -> Result<(), MigrationError> {
+    let outside = || MigrationError::OutsideMemory { frame, gpa, pages };
+    let len = pages.checked_mul(PAGE as u64).ok_or_else(outside)?;
+    gpa.checked_add(len).ok_or_else(outside)?;
+    let len = usize::try_from(len).map_err(|_| outside())?;
+    if len > 0 && !memory.check_range(GuestAddress(gpa), len) {
+        return Err(outside());
+    }
+    Ok(())
+}
+
+/// A run of zero pages: refused whole, before any page changes, unless it lies in RAM.
 fn write_zeros(
     memory: &GuestRam,
     written: &mut Written,
@@ -264,20 +456,203 @@ fn write_zeros(
     pages: u32,
 ) -> Result<(), MigrationError> {
     static ZERO: [u8; PAGE] = [0; PAGE];
-    for i in 0..u64::from(pages) {
-        let at = gpa + i * PAGE as u64;
-        if written.take(at / PAGE as u64) {
+    check_in_ram(memory, "Zero", gpa, u64::from(pages))?;
+    let first = gpa / PAGE as u64;
+    for page in first..first + u64::from(pages) {
+        if written.take(page) {
             memory
-                .write_slice(&ZERO, GuestAddress(at))
+                .write_slice(&ZERO, GuestAddress(page * PAGE as u64))
                 .map_err(MigrationError::Memory)?;
         }
     }
-    // A range outside RAM is refused like a Pages frame there would be.
-    if pages > 0 {
-        let last = gpa + (u64::from(pages) - 1) * PAGE as u64;
-        memory
-            .get_slice(GuestAddress(last), PAGE)
-            .map_err(MigrationError::Memory)?;
-    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    /// 1 MiB of RAM, then a hole, then 1 MiB more at 2 MiB.
+    fn ram() -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), MIB), (GuestAddress(2 * MIB as u64), MIB)])
+            .unwrap()
+    }
+
+    #[test]
+    fn a_zero_run_that_wraps_or_leaves_ram_is_a_typed_error_and_changes_nothing() {
+        let mem = ram();
+        let mut written = Written::new(&mem);
+        mem.write_slice(&[7u8; PAGE], GuestAddress(0xff000))
+            .unwrap();
+        written.mark(0xff000, 1);
+        let hostile = [
+            // count × page size + address overflows 64 bits
+            (!(PAGE as u64 - 1), u32::MAX),
+            (u64::MAX - (PAGE as u64 - 1), 1),
+            // starts in RAM, runs past its end into the hole
+            (0xff000, 2),
+            // the whole hole, and past the last region
+            (MIB as u64, 1),
+            (3 * MIB as u64 - PAGE as u64, 2),
+            (0, u32::MAX),
+        ];
+        for (gpa, pages) in hostile {
+            let err = write_zeros(&mem, &mut written, gpa, pages).unwrap_err();
+            assert!(
+                matches!(err, MigrationError::OutsideMemory { frame: "Zero", gpa: g, pages: p } if g == gpa && p == u64::from(pages)),
+                "{gpa:#x}+{pages}: {err:?}"
+            );
+        }
+        // Refused whole: the page a run starting there would have cleared is intact.
+        let mut page = [0u8; PAGE];
+        mem.read_slice(&mut page, GuestAddress(0xff000)).unwrap();
+        assert_eq!(page, [7u8; PAGE]);
+        // A run inside RAM clears what was written, up to the very last page.
+        write_zeros(&mem, &mut written, 0xff000, 1).unwrap();
+        mem.read_slice(&mut page, GuestAddress(0xff000)).unwrap();
+        assert_eq!(page, [0u8; PAGE]);
+        write_zeros(&mem, &mut written, 3 * MIB as u64 - PAGE as u64, 1).unwrap();
+        write_zeros(&mem, &mut written, 0, 0).unwrap();
+    }
+
+    #[test]
+    fn a_pages_range_outside_ram_is_refused_before_writing() {
+        let mem = ram();
+        assert!(check_in_ram(&mem, "Pages", 0, 256).is_ok());
+        for (gpa, pages) in [(0xff000, 2), (!(PAGE as u64 - 1), 1), (0, u64::MAX)] {
+            assert!(matches!(
+                check_in_ram(&mem, "Pages", gpa, pages),
+                Err(MigrationError::OutsideMemory { frame: "Pages", .. })
+            ));
+        }
+        assert!(mem.last_addr().0 < 3 * MIB as u64);
+    }
+
+    fn hello_bytes() -> Vec<u8> {
+        let mut out = Vec::new();
+        wire::encode(
+            &Frame::Hello(wire::Hello {
+                version: wire::VERSION,
+                token: "t".into(),
+                vm_id: "vm".into(),
+                memory_bytes: 1,
+                vcpus: 1,
+                cpuid: vec![],
+            }),
+            &mut out,
+        );
+        out
+    }
+
+    /// Whether the other end closed `s` within `limit`.
+    fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+        s.set_read_timeout(Some(limit)).unwrap();
+        let mut b = [0u8; 64];
+        match s.read(&mut b) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
+    }
+
+    /// Polls until a Hello arrives or `limit` passes.
+    fn poll_for(gate: &mut Gate, limit: Duration) -> Option<Arrived> {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if let Some(a) = gate.poll() {
+                return Some(a);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    }
+
+    #[test]
+    fn silent_and_trickling_connections_are_closed_at_the_deadline_while_a_hello_gets_through() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let deadline = Duration::from_secs(1);
+        let mut gate = Gate::new(
+            &listener,
+            Handshake {
+                deadline,
+                max_pending: 3,
+            },
+        )
+        .unwrap();
+        let started = Instant::now();
+        let mut silent = TcpStream::connect(addr).unwrap();
+        let mut trickle = TcpStream::connect(addr).unwrap();
+        trickle.write_all(&hello_bytes()[..1]).unwrap();
+        // While those two wait, a real Hello (sent in two pieces) is handed over.
+        let mut real = TcpStream::connect(addr).unwrap();
+        let hello = hello_bytes();
+        real.write_all(&hello[..5]).unwrap();
+        assert!(poll_for(&mut gate, Duration::from_millis(50)).is_none());
+        assert_eq!(gate.pending(), 3);
+        real.write_all(&[&hello[5..], b"next"].concat()).unwrap();
+        let got = poll_for(&mut gate, Duration::from_secs(5)).expect("the Hello");
+        assert_eq!(got.hello.token, "t");
+        assert_eq!(got.rest, b"next");
+        assert!(started.elapsed() < deadline, "served before the deadline");
+        // The other two are closed once the deadline passes, not before.
+        assert!(!closed_within(&mut silent, Duration::from_millis(10)));
+        while gate.pending() > 0 {
+            assert!(started.elapsed() < Duration::from_secs(5));
+            gate.poll();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(started.elapsed() >= deadline);
+        assert!(closed_within(&mut silent, Duration::from_secs(5)));
+        assert!(closed_within(&mut trickle, Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn past_the_cap_a_connection_is_closed_on_accept_and_bad_first_frames_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut gate = Gate::new(
+            &listener,
+            Handshake {
+                deadline: Duration::from_secs(60),
+                max_pending: 2,
+            },
+        )
+        .unwrap();
+        let a = TcpStream::connect(addr).unwrap();
+        let b = TcpStream::connect(addr).unwrap();
+        let until = Instant::now() + Duration::from_secs(5);
+        while gate.pending() < 2 {
+            assert!(Instant::now() < until);
+            gate.poll();
+        }
+        let mut c = TcpStream::connect(addr).unwrap();
+        while !closed_within(&mut c, Duration::from_millis(20)) {
+            assert!(Instant::now() < until, "the third is closed");
+            gate.poll();
+        }
+        assert_eq!(gate.pending(), 2);
+        drop((a, b));
+        while gate.pending() > 0 {
+            assert!(Instant::now() < until, "closed peers leave the pending set");
+            gate.poll();
+        }
+        // Another kind first, or a Hello announcing a huge payload: closed at once.
+        let mut pages = TcpStream::connect(addr).unwrap();
+        pages.write_all(&wire::pages_header(0, PAGE)).unwrap();
+        let mut huge = TcpStream::connect(addr).unwrap();
+        let mut h = hello_bytes()[..wire::HEADER_LEN].to_vec();
+        h[4..8].copy_from_slice(&(wire::MAX_HELLO as u32 + 1).to_le_bytes());
+        huge.write_all(&h).unwrap();
+        for s in [&mut pages, &mut huge] {
+            while !closed_within(s, Duration::from_millis(20)) {
+                assert!(Instant::now() < until, "closed before the deadline");
+                gate.poll();
+            }
+        }
+    }
 }

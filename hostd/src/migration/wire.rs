@@ -34,6 +34,10 @@ pub const HEADER_LEN: usize = 8;
 /// A frame's payload is at most this long (a run of pages is 1 MiB; the saved state of
 /// the largest VM is well under this).
 pub const MAX_PAYLOAD: usize = 16 << 20;
+/// A Hello's payload is at most this long: two strings of at most 64 KiB and 4096 CPUID
+/// entries come to 224 KiB. It arrives before the peer is authenticated, so a connection
+/// announcing more is dropped as soon as its header is in.
+pub const MAX_HELLO: usize = 256 << 10;
 pub const PAGE: usize = 4096;
 
 const KIND_HELLO: u8 = 1;
@@ -98,6 +102,8 @@ pub enum WireError {
     Malformed { kind: &'static str, what: String },
     #[error("not a migration stream (bad magic)")]
     BadMagic,
+    #[error("the first frame must be a Hello, not kind {kind}")]
+    NotHello { kind: u8 },
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -214,6 +220,31 @@ impl<'a> Reader<'a> {
                 what: format!("{} bytes after the end", self.buf.len()),
             })
         }
+    }
+}
+
+/// Decodes the first frame of a connection, which must be a Hello of at most
+/// [`MAX_HELLO`] bytes: `Ok(None)` while it has not all arrived, an error as soon as the
+/// header shows another kind or a longer payload (so an unauthenticated peer never makes
+/// the destination buffer more than that).
+pub fn decode_hello(buf: &[u8]) -> Result<Option<(Hello, usize)>, WireError> {
+    let Some(h) = buf.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    if h[0] != KIND_HELLO {
+        return Err(WireError::NotHello { kind: h[0] });
+    }
+    let len = u32::from_le_bytes(h[4..8].try_into().expect("4")) as usize;
+    if len > MAX_HELLO {
+        return Err(WireError::TooLarge {
+            len,
+            max: MAX_HELLO,
+        });
+    }
+    match decode(buf)? {
+        Some((Frame::Hello(hello), n)) => Ok(Some((hello, n))),
+        Some(_) => unreachable!("the kind was checked above"),
+        None => Ok(None),
     }
 }
 
@@ -444,5 +475,46 @@ mod tests {
         let mut hello = header(KIND_HELLO, 4).to_vec();
         hello.extend_from_slice(b"HTTP");
         assert_eq!(decode(&hello), Err(WireError::BadMagic));
+    }
+
+    #[test]
+    fn a_first_frame_is_a_hello_of_bounded_size_known_from_its_header() {
+        let f = all_frames().remove(0);
+        let Frame::Hello(want) = f.clone() else {
+            unreachable!()
+        };
+        let mut buf = Vec::new();
+        encode(&f, &mut buf);
+        for cut in 0..buf.len() {
+            assert_eq!(decode_hello(&buf[..cut]), Ok(None), "cut at {cut}");
+        }
+        assert_eq!(decode_hello(&buf), Ok(Some((want, buf.len()))));
+        // Another kind, or a Hello announcing more than MAX_HELLO, is refused from the
+        // header alone, before any payload is buffered.
+        assert_eq!(
+            decode_hello(&header(KIND_PAGES, 8 + PAGE)),
+            Err(WireError::NotHello { kind: KIND_PAGES })
+        );
+        assert_eq!(
+            decode_hello(&header(KIND_HELLO, MAX_HELLO + 1)),
+            Err(WireError::TooLarge {
+                len: MAX_HELLO + 1,
+                max: MAX_HELLO
+            })
+        );
+        assert_eq!(decode_hello(&header(KIND_HELLO, MAX_HELLO)), Ok(None));
+        // The largest Hello this build can send fits the bound.
+        let big = Frame::Hello(Hello {
+            version: VERSION,
+            token: "t".repeat(u16::MAX as usize),
+            vm_id: "v".repeat(u16::MAX as usize),
+            memory_bytes: 1,
+            vcpus: 1,
+            cpuid: vec![CpuidRegs::default(); 4096],
+        });
+        let mut buf = Vec::new();
+        encode(&big, &mut buf);
+        assert!(buf.len() - HEADER_LEN <= MAX_HELLO);
+        assert!(matches!(decode_hello(&buf), Ok(Some(_))));
     }
 }

@@ -434,13 +434,7 @@ fn process(shared: &Arc<Shared>, bounce: &mut Vec<u8>, mode: Mode) {
             }
             while let Some(chain) = q.pop_descriptor_chain(&shared.mem) {
                 let head = chain.head_index();
-                let descs: Vec<Desc> = chain
-                    .map(|d| Desc {
-                        addr: d.addr(),
-                        len: d.len(),
-                        writable: d.is_write_only(),
-                    })
-                    .collect();
+                let descs: Vec<Desc> = chain.map(Desc::from).collect();
                 batch.push((head, descs));
             }
         }

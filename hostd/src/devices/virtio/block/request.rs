@@ -113,6 +113,17 @@ pub struct Desc {
     pub writable: bool,
 }
 
+impl From<virtio_queue::desc::split::Descriptor> for Desc {
+    /// A descriptor of a chain popped off the queue, as [`Request::parse`] takes it.
+    fn from(d: virtio_queue::desc::split::Descriptor) -> Self {
+        Self {
+            addr: d.addr(),
+            len: d.len(),
+            writable: d.is_write_only(),
+        }
+    }
+}
+
 /// What to tell the queue once a request is done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completion {
