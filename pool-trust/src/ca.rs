@@ -27,7 +27,9 @@ use rcgen::{
 
 use crate::cert::{CertError, CertInfo, Fingerprint, certs_from_pem, to_pem};
 use crate::files::{self, FileError};
-use crate::identity::{Identity, IdentityError, PoolId, URI_SCHEME};
+use crate::identity::{
+    DNS_SUFFIX, Identity, IdentityError, PoolId, Role, URI_SCHEME, coordinators_name,
+};
 use crate::leaf::{Credentials, LeafError, LeafKey};
 
 /// The CA's private key in its directory.
@@ -221,6 +223,14 @@ impl AltName {
             }
         }
         Ok(AltName::Dns(s.to_ascii_lowercase()))
+    }
+
+    /// A DNS name under [`DNS_SUFFIX`]: the identity and coordinator names the CA gives.
+    pub fn is_pool_internal(&self) -> bool {
+        match self {
+            AltName::Dns(name) => name == DNS_SUFFIX || name.ends_with(&format!(".{DNS_SUFFIX}")),
+            AltName::Ip(_) => false,
+        }
     }
 
     pub(crate) fn to_san(&self) -> Result<SanType, CaError> {
@@ -441,9 +451,17 @@ impl CertificateRequest {
             many => Err(IdentityError::SeveralIdentities { count: many.len() }),
         }
         .map_err(|source| CaError::CsrIdentity { source })?;
-        // The identity DNS name the requester may have put in is the CA's to add.
+        // The identity DNS name the requester may have put in is the CA's to add; any
+        // other name under `pool.internal` is refused: a host asking for
+        // `member-1.<pool>.pool.internal` would pass for member 1 with clients.
         let own = AltName::Dns(identity.dns_name(pool));
         names.retain(|n| *n != own);
+        if let Some(AltName::Dns(name)) = names.iter().find(|n| n.is_pool_internal()) {
+            return Err(CaError::InvalidName {
+                name: name.clone(),
+                reason: "names under pool.internal are given by the pool's CA only",
+            });
+        }
         Ok(CertificateRequest {
             identity,
             names,
@@ -610,7 +628,12 @@ impl PoolCa {
             SanType::URI(ia5(&identity.uri(pool))?),
             SanType::DnsName(ia5(&identity.dns_name(pool))?),
         ];
-        for name in names {
+        if identity.role() == Role::Member {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(ia5(&coordinators_name(pool))?));
+        }
+        for name in names.iter().filter(|n| !n.is_pool_internal()) {
             params.subject_alt_names.push(name.to_san()?);
         }
         params.is_ca = IsCa::ExplicitNoCa;

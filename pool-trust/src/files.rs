@@ -71,6 +71,11 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), FileError> {
         .mode(PRIVATE_DIR_MODE)
         .create(dir)
         .map_err(io_err("create directory", dir))?;
+    ensure_existing_private_dir(dir)
+}
+
+/// Checks that `dir` exists and is a directory nobody else may enter; creates nothing.
+pub fn ensure_existing_private_dir(dir: &Path) -> Result<(), FileError> {
     let meta = fs::metadata(dir).map_err(io_err("inspect", dir))?;
     if !meta.is_dir() {
         return Err(FileError::NotDirectory {

@@ -99,6 +99,13 @@ fn check_label(what: &'static str, s: &str) -> Result<(), IdentityError> {
     Ok(())
 }
 
+/// The DNS name every coordinator member's certificate carries besides its own
+/// (`coordinators.<pool-id>.pool.internal`): clients that may reach any member (poolctl,
+/// hosts) give it to rustls as the server name, whatever address they dial.
+pub fn coordinators_name(pool: &PoolId) -> String {
+    format!("coordinators.{pool}.{DNS_SUFFIX}")
+}
+
 /// A pool's id: chosen when the pool is founded, carried by its CA and every certificate
 /// the CA signs. A certificate of another pool is refused even if a CA of both were
 /// trusted.

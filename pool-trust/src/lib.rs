@@ -22,6 +22,7 @@
 //!   is a flag the caller persists).
 //! - `files.rs`: atomic 0600/0700 writes and refusing key files others can read.
 //! - `tls.rs`: tonic `ServerTlsConfig` / `ClientTlsConfig`, and the caller's identity.
+//! - `dir.rs`: a daemon's TLS directory ([`DaemonTls`]): bundle, certificate and key.
 //! - `cert.rs`: reading a certificate ([`CertInfo`]) and its [`Fingerprint`].
 //!
 //! ```
@@ -58,6 +59,7 @@
 
 pub mod ca;
 pub mod cert;
+pub mod dir;
 pub mod files;
 pub mod identity;
 pub mod leaf;
@@ -66,8 +68,9 @@ pub mod token;
 
 pub use ca::{AltName, CaBundle, CaCert, CaError, CertificateRequest, PoolCa, Validity};
 pub use cert::{CertError, CertInfo, Fingerprint};
+pub use dir::{BUNDLE_FILE, DaemonTls, TlsDirError};
 pub use files::FileError;
-pub use identity::{Identity, IdentityError, PoolId, Role};
+pub use identity::{Identity, IdentityError, PoolId, Role, coordinators_name};
 pub use leaf::{Credentials, LeafError, LeafKey};
 pub use tls::{ClientAuth, PeerError, TlsError};
 pub use token::{JoinToken, TokenError, TokenId, TokenRecord};
