@@ -2,21 +2,32 @@
 //!
 //! - **Passwords** are stored as PBKDF2-HMAC-SHA256 hashes with a random salt
 //!   (`pbkdf2-sha256$<iterations>$<salt hex>$<hash hex>`), computed by the member that
-//!   takes the request (the state machine only stores them).
-//! - **Tokens** are stateless and signed: `v1.<user id>.<expiry ms>.<HMAC-SHA256 hex>`,
-//!   with a key the pool keeps in its replicated state (chosen with the first user), so
-//!   any member checks any token without a write. A token names the user, not the roles:
-//!   roles are read from the current state at each call, so a revoked role or a deleted
-//!   user takes effect at once. Clients send `authorization: Bearer <token>`.
+//!   takes the request (the state machine only stores them), at least
+//!   [`MIN_PASSWORD_LEN`] characters long. Hashing and checking run on the blocking pool,
+//!   a few at a time ([`check_password_blocking`]): the API runtime may be a single
+//!   thread that Raft and every other call share.
+//! - **Logins** do the same work whether the user exists or not (an unknown name is
+//!   checked against a dummy hash) and fail with one message; failures are throttled per
+//!   user name and per source address (`service::pool::users::LoginThrottle`).
+//! - **Tokens** are stateless and signed: `v2.<user id>.<expiry ms>.<HMAC-SHA256 hex>`,
+//!   with a key derived from the pool's key (in the replicated state, chosen with the
+//!   first user) and the user's stored credential, so any member checks any token without
+//!   a write, and a new password or a new token stamp ([`with_token_stamp`]) revokes
+//!   every token the user had. A token names the user, not the roles: roles are read from
+//!   the current state at each call, so a revoked role or a deleted user takes effect at
+//!   once. Clients send `authorization: Bearer <token>`.
 //! - **Roles** are nested, each one allowing what the one below does and more:
 //!   read-only (every Get/List/Watch) < vm-operator (power and console) < vm-admin (VMs,
 //!   volumes, templates, snapshots, migration) < pool-operator (hosts, storage
 //!   repositories, HA, members, pool settings, audit log) < pool-admin (users and roles).
+//!   ChangePassword and RevokeTokens are open to every user for themselves; acting on
+//!   another user needs pool-admin (checked by the call, which knows the target).
 //! - **Bootstrap**: a pool with no user is open (every caller acts as pool-admin, named
 //!   "anonymous" in the audit log) until the first user — who must be a pool-admin — is
 //!   created; `poold --admin-password-file` creates that first user ("admin") when the
 //!   pool starts, so a production pool is never open.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use proto::coordinator as pb;
@@ -31,6 +42,10 @@ pub const PBKDF2_ITERATIONS: u32 = 100_000;
 pub const TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
 /// The metadata key carrying the token.
 pub const HEADER: &str = "authorization";
+/// The fewest characters a new password may have.
+pub const MIN_PASSWORD_LEN: usize = 12;
+/// The most characters a new password may have (it is hashed on every login).
+pub const MAX_PASSWORD_LEN: usize = 1024;
 
 /// What a role allows, from least to most.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -118,6 +133,9 @@ pub const METHODS: &[(&str, Level, bool)] = &[
     ("DeleteUser", Level::PoolAdmin, true),
     ("GrantRole", Level::PoolAdmin, true),
     ("RevokeRole", Level::PoolAdmin, true),
+    // Every user for themselves; another user's needs pool-admin (the call checks).
+    ("ChangePassword", Level::ReadOnly, true),
+    ("RevokeTokens", Level::ReadOnly, true),
 ];
 
 /// The least role for a method and whether it is a change; unknown methods need the most.
@@ -158,12 +176,14 @@ pub enum AuthError {
     NoToken,
     #[error("the authorization header is not \"Bearer <token>\"")]
     Malformed,
-    #[error("the token is not valid for this pool (bad signature or format); log in again")]
+    /// Also a token whose user was deleted, changed password or had tokens revoked: its
+    /// key is gone with the credential it was derived from.
+    #[error(
+        "the token is not valid for this pool (revoked, its user deleted, or a bad signature or format); log in again"
+    )]
     BadToken,
     #[error("the token expired; log in again")]
     Expired,
-    #[error("the token's user no longer exists")]
-    NoUser,
     #[error("user {user:?} may not call {method}: it needs role {needed} or higher")]
     Denied {
         user: String,
@@ -215,8 +235,17 @@ pub fn authorize(
         .or_else(|| header.strip_prefix("bearer "))
         .ok_or(AuthError::Malformed)?
         .trim();
-    let user_id = verify_token(&state.token_key, token, now_ms)?;
-    let u = state.users.get(&user_id).ok_or(AuthError::NoUser)?;
+    let u = state
+        .users
+        .get(token_user(token)?)
+        .ok_or(AuthError::BadToken)?;
+    verify_token(
+        &state.token_key,
+        &u.user.id,
+        &u.password_hash,
+        token,
+        now_ms,
+    )?;
     let have = u
         .user
         .roles
@@ -317,10 +346,11 @@ fn hash_with(password: &str, salt: &[u8], iterations: u32) -> String {
     format!("pbkdf2-sha256${iterations}${}${}", hex(salt), hex(&h))
 }
 
-/// Whether `password` matches a stored hash.
+/// Whether `password` matches a stored credential (a hash, with or without a token
+/// stamp).
 pub fn check_password(stored: &str, password: &str) -> bool {
     let parts: Vec<&str> = stored.split('$').collect();
-    let [scheme, iters, salt, hash] = parts[..] else {
+    let (&[scheme, iters, salt, hash] | &[scheme, iters, salt, hash, _]) = &parts[..] else {
         return false;
     };
     let (Ok(iters), Some(salt), Some(hash)) = (iters.parse::<u32>(), unhex(salt), unhex(hash))
@@ -333,31 +363,158 @@ pub fn check_password(stored: &str, password: &str) -> bool {
     same(&pbkdf2_sha256(password.as_bytes(), &salt, iters), &hash)
 }
 
-/// A signed token for a user, valid until `expires_ms`.
-pub fn issue_token(key: &[u8], user_id: &str, expires_ms: u64) -> String {
-    let body = format!("v1.{user_id}.{expires_ms}");
-    format!("{body}.{}", hex(&hmac_sha256(key, body.as_bytes())))
+/// The key that signs one user's tokens: the pool's key bound to the user's stored
+/// credential, so replacing the credential (a new password, a new token stamp) revokes
+/// every token signed before.
+fn user_token_key(pool_key: &[u8], user_id: &str, credential: &str) -> [u8; 32] {
+    let msg = format!("poold token key\0{user_id}\0{credential}");
+    hmac_sha256(pool_key, msg.as_bytes())
 }
 
-/// The user id a token names, if its signature is right and it has not expired.
-pub fn verify_token(key: &[u8], token: &str, now_ms: u64) -> Result<String, AuthError> {
-    if key.is_empty() {
+/// A credential with its token stamp set to `stamp` (hex, from the proposer's random
+/// source): the same password, none of the old tokens. `None` when `stored` is not a
+/// credential or `stamp` not a stamp.
+pub fn with_token_stamp(stored: &str, stamp: &str) -> Option<String> {
+    let parts: Vec<&str> = stored.split('$').collect();
+    if !(4..=5).contains(&parts.len()) || parts[0] != "pbkdf2-sha256" {
+        return None;
+    }
+    if stamp.len() < 16 || unhex(stamp).is_none() {
+        return None;
+    }
+    Some(format!("{}${stamp}", parts[..4].join("$")))
+}
+
+/// A fresh token stamp.
+pub fn new_token_stamp() -> String {
+    hex(&rand::random::<[u8; 16]>())
+}
+
+/// Whether a string is a credential the state may store.
+pub fn is_credential(stored: &str) -> bool {
+    with_token_stamp(stored, "00000000000000000000000000000000").is_some()
+}
+
+/// Why a new password is refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PasswordError {
+    #[error("a password needs at least {MIN_PASSWORD_LEN} characters (this one has {len})")]
+    TooShort { len: usize },
+    #[error("a password may have at most {MAX_PASSWORD_LEN} characters (this one has {len})")]
+    TooLong { len: usize },
+}
+
+impl From<PasswordError> for Status {
+    fn from(e: PasswordError) -> Status {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+/// Checks a new password (CreateUser, ChangePassword, `poold --admin-password-file`).
+pub fn check_new_password(password: &str) -> Result<(), PasswordError> {
+    let len = password.chars().count();
+    if len < MIN_PASSWORD_LEN {
+        return Err(PasswordError::TooShort { len });
+    }
+    if len > MAX_PASSWORD_LEN {
+        return Err(PasswordError::TooLong { len });
+    }
+    Ok(())
+}
+
+/// Checked in place of a stored hash when a login names no user, so that both cases cost
+/// the same PBKDF2 run. No password matches it (its hash is all zeros).
+static DUMMY: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "pbkdf2-sha256${PBKDF2_ITERATIONS}${}${}",
+        hex(b"poold-no-user-00"),
+        hex(&[0u8; 32])
+    )
+});
+
+/// Password hashes run at once: all cores but one, which stays for the API runtime, Raft
+/// and the other calls, however many logins arrive.
+static HASHING: LazyLock<tokio::sync::Semaphore> = LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    tokio::sync::Semaphore::new(cores.saturating_sub(1).max(1))
+});
+
+/// Runs a PBKDF2 job on the blocking pool, after waiting for a turn.
+async fn on_hashing_thread<T: Send + 'static>(
+    job: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Status> {
+    let _turn = HASHING
+        .acquire()
+        .await
+        .map_err(|_| Status::unavailable("this member is shutting down"))?;
+    tokio::task::spawn_blocking(job)
+        .await
+        .map_err(|e| Status::internal(format!("password hashing failed: {e}")))
+}
+
+/// [`check_password`] on the blocking pool; a missing user (`stored == None`) is checked
+/// against [`DUMMY`] and never matches.
+pub async fn check_password_blocking(
+    stored: Option<String>,
+    password: String,
+) -> Result<bool, Status> {
+    on_hashing_thread(move || match stored {
+        Some(h) => check_password(&h, &password),
+        None => {
+            check_password(&DUMMY, &password);
+            false
+        }
+    })
+    .await
+}
+
+/// [`hash_password`] on the blocking pool.
+pub async fn hash_password_blocking(password: String) -> Result<String, Status> {
+    on_hashing_thread(move || hash_password(&password)).await
+}
+
+/// A signed token for a user, valid until `expires_ms`.
+pub fn issue_token(pool_key: &[u8], user_id: &str, credential: &str, expires_ms: u64) -> String {
+    let body = format!("v2.{user_id}.{expires_ms}");
+    let key = user_token_key(pool_key, user_id, credential);
+    format!("{body}.{}", hex(&hmac_sha256(&key, body.as_bytes())))
+}
+
+/// The user id a token claims, not yet verified (it picks the credential to verify with).
+pub fn token_user(token: &str) -> Result<&str, AuthError> {
+    let mut parts = token.rsplitn(3, '.');
+    let (Some(_sig), Some(_exp), Some(head)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(AuthError::BadToken);
+    };
+    head.strip_prefix("v2.")
+        .filter(|u| !u.is_empty())
+        .ok_or(AuthError::BadToken)
+}
+
+/// Checks a token of `user_id`, whose stored credential is `credential`: its signature,
+/// then its expiry.
+pub fn verify_token(
+    pool_key: &[u8],
+    user_id: &str,
+    credential: &str,
+    token: &str,
+    now_ms: u64,
+) -> Result<(), AuthError> {
+    if pool_key.is_empty() || token_user(token)? != user_id {
         return Err(AuthError::BadToken);
     }
     let (body, sig) = token.rsplit_once('.').ok_or(AuthError::BadToken)?;
     let sig = unhex(sig).ok_or(AuthError::BadToken)?;
-    if !same(&hmac_sha256(key, body.as_bytes()), &sig) {
+    let key = user_token_key(pool_key, user_id, credential);
+    if !same(&hmac_sha256(&key, body.as_bytes()), &sig) {
         return Err(AuthError::BadToken);
     }
-    let mut parts = body.splitn(3, '.');
-    let (Some("v1"), Some(user), Some(exp)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(AuthError::BadToken);
-    };
+    let exp = body.rsplit_once('.').map(|(_, e)| e).unwrap_or_default();
     let exp: u64 = exp.parse().map_err(|_| AuthError::BadToken)?;
     if now_ms >= exp {
         return Err(AuthError::Expired);
     }
-    Ok(user.to_owned())
+    Ok(())
 }
 
 /// The roles as ListRoles describes them.
@@ -430,21 +587,136 @@ mod tests {
         assert!(check_password(&b, "s3cret"));
     }
 
+    const CRED: &str = "pbkdf2-sha256$1000$00$11";
+
     #[test]
     fn tokens_verify_expire_and_resist_tampering() {
         let key = [7u8; 32];
-        let t = issue_token(&key, "u1", 10_000);
-        assert_eq!(verify_token(&key, &t, 9_999), Ok("u1".into()));
-        assert_eq!(verify_token(&key, &t, 10_000), Err(AuthError::Expired));
+        let t = issue_token(&key, "u1", CRED, 10_000);
+        assert_eq!(token_user(&t), Ok("u1"));
+        assert_eq!(verify_token(&key, "u1", CRED, &t, 9_999), Ok(()));
         assert_eq!(
-            verify_token(&[8u8; 32], &t, 1),
+            verify_token(&key, "u1", CRED, &t, 10_000),
+            Err(AuthError::Expired)
+        );
+        assert_eq!(
+            verify_token(&[8u8; 32], "u1", CRED, &t, 1),
             Err(AuthError::BadToken),
             "another pool's key"
         );
-        let forged = t.replace("v1.u1.", "v1.u2.");
-        assert_eq!(verify_token(&key, &forged, 1), Err(AuthError::BadToken));
+        let forged = t.replace("v2.u1.", "v2.u2.");
+        assert_eq!(
+            verify_token(&key, "u2", CRED, &forged, 1),
+            Err(AuthError::BadToken)
+        );
+        assert_eq!(
+            verify_token(&key, "u2", CRED, &t, 1),
+            Err(AuthError::BadToken),
+            "a token checked as another user's"
+        );
         let later = t.replace(".10000.", ".99999999.");
-        assert_eq!(verify_token(&key, &later, 1), Err(AuthError::BadToken));
+        assert_eq!(
+            verify_token(&key, "u1", CRED, &later, 1),
+            Err(AuthError::BadToken)
+        );
+        for bad in ["", "v2", "v2..1.ab", "v1.u1.10000.ab", "u1.10000.ab"] {
+            assert!(token_user(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_new_credential_or_token_stamp_revokes_old_tokens() {
+        let key = [7u8; 32];
+        let t = issue_token(&key, "u1", CRED, 10_000);
+        let stamped = with_token_stamp(CRED, &new_token_stamp()).unwrap();
+        assert_eq!(
+            verify_token(&key, "u1", &stamped, &t, 1),
+            Err(AuthError::BadToken)
+        );
+        let t2 = issue_token(&key, "u1", &stamped, 10_000);
+        assert_eq!(verify_token(&key, "u1", &stamped, &t2, 1), Ok(()));
+        let restamped = with_token_stamp(&stamped, &new_token_stamp()).unwrap();
+        assert_eq!(
+            verify_token(&key, "u1", &restamped, &t2, 1),
+            Err(AuthError::BadToken)
+        );
+        let other_password = "pbkdf2-sha256$1000$00$22";
+        assert_eq!(
+            verify_token(&key, "u1", other_password, &t, 1),
+            Err(AuthError::BadToken)
+        );
+    }
+
+    #[test]
+    fn a_token_stamp_keeps_the_password_and_is_checked() {
+        let h = hash_with("correct horse", b"0123456789abcdef", 1000);
+        let stamped = with_token_stamp(&h, "00112233445566778899aabbccddeeff").unwrap();
+        assert!(stamped.starts_with(&h));
+        assert!(check_password(&stamped, "correct horse"));
+        assert!(!check_password(&stamped, "correct horsf"));
+        let again = with_token_stamp(&stamped, "ffeeddccbbaa99887766554433221100").unwrap();
+        assert_eq!(again.matches('$').count(), 4, "one stamp, replaced");
+        assert!(with_token_stamp(&h, "short").is_none());
+        assert!(with_token_stamp(&h, "not hex at all!!").is_none());
+        assert!(with_token_stamp("plain", "00112233445566778899").is_none());
+        assert!(is_credential(&h) && is_credential(&stamped) && !is_credential("x$y"));
+    }
+
+    #[test]
+    fn new_passwords_have_a_minimum_and_a_maximum_length() {
+        let short = "a".repeat(MIN_PASSWORD_LEN - 1);
+        assert_eq!(
+            check_new_password(&short),
+            Err(PasswordError::TooShort {
+                len: MIN_PASSWORD_LEN - 1
+            })
+        );
+        // Characters, not bytes: eleven two-byte characters are still too short.
+        assert!(check_new_password(&"é".repeat(MIN_PASSWORD_LEN - 1)).is_err());
+        assert!(check_new_password(&"a".repeat(MIN_PASSWORD_LEN)).is_ok());
+        assert!(check_new_password(&"a".repeat(MAX_PASSWORD_LEN + 1)).is_err());
+        let s = Status::from(check_new_password("pw").unwrap_err());
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert!(s.message().contains("at least 12 characters"), "{s:?}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn checking_runs_off_the_runtime_thread_and_a_missing_user_never_matches() {
+        let h = hash_with("correct horse", b"0123456789abcdef", 1000);
+        // On a current-thread runtime, a ticker keeps running while a check is under
+        // way only if the check is not on this thread.
+        let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let t = ticks.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                t.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        let mut checks = Vec::new();
+        for _ in 0..4 {
+            checks.push(check_password_blocking(None, "correct horse".into()).await);
+        }
+        ticker.abort();
+        assert!(checks.iter().all(|c| matches!(c, Ok(false))));
+        assert!(
+            ticks.load(std::sync::atomic::Ordering::Relaxed) > 4,
+            "the runtime thread ran while passwords were checked"
+        );
+        assert!(
+            check_password_blocking(Some(h.clone()), "correct horse".into())
+                .await
+                .unwrap()
+        );
+        assert!(
+            !check_password_blocking(Some(h), "wrong".into())
+                .await
+                .unwrap()
+        );
+        let fresh = hash_password_blocking("correct horse".into())
+            .await
+            .unwrap();
+        assert!(check_password(&fresh, "correct horse"));
     }
 
     fn state_with(users: &[(&str, &[pb::Role])]) -> PoolState {
@@ -460,7 +732,7 @@ mod tests {
                         roles: roles.iter().map(|r| *r as i32).collect(),
                         created_at: None,
                     },
-                    password_hash: String::new(),
+                    password_hash: CRED.into(),
                 },
             );
         }
@@ -497,7 +769,7 @@ mod tests {
         for (user, method, ok) in table {
             let tok = format!(
                 "Bearer {}",
-                issue_token(&s.token_key, &format!("id-{user}"), 100)
+                issue_token(&s.token_key, &format!("id-{user}"), CRED, 100)
             );
             let r = authorize(&s, Some(&tok), method, "peer", 1);
             assert_eq!(r.is_ok(), *ok, "{user} {method}: {r:?}");
@@ -515,11 +787,20 @@ mod tests {
             authorize(&s, Some("Basic x"), "ListVms", "", 1),
             Err(AuthError::Malformed)
         );
-        let gone = format!("Bearer {}", issue_token(&s.token_key, "id-ghost", 100));
+        let gone = format!(
+            "Bearer {}",
+            issue_token(&s.token_key, "id-ghost", CRED, 100)
+        );
         assert_eq!(
             authorize(&s, Some(&gone), "ListVms", "", 1),
-            Err(AuthError::NoUser)
+            Err(AuthError::BadToken)
         );
+        // Every user may reach ChangePassword and RevokeTokens (for themselves).
+        let ro = format!("Bearer {}", issue_token(&s.token_key, "id-ro", CRED, 100));
+        for m in ["ChangePassword", "RevokeTokens"] {
+            assert!(authorize(&s, Some(&ro), m, "", 1).is_ok(), "{m}");
+            assert!(rule(m).1, "{m} is audited");
+        }
         // A pool without users is open.
         let open = PoolState::default();
         let c = authorize(&open, None, "CreateUser", "p", 1).unwrap();

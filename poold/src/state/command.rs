@@ -91,6 +91,7 @@ pub enum Op {
     CreateUser(CreateUser),
     #[prost(message, tag = "33")]
     DeleteUser(ObjectId),
+    /// A change to one user: a role, a password, or a revocation of its tokens.
     #[prost(message, tag = "34")]
     SetRole(SetRole),
     /// Figures storaged reported: repository usage and reachability, volume allocation.
@@ -138,8 +139,12 @@ impl Op {
             Op::Audit(_) => "audit",
             Op::CreateUser(_) => "user.create",
             Op::DeleteUser(_) => "user.delete",
-            Op::SetRole(r) if r.grant => "user.grant_role",
-            Op::SetRole(_) => "user.revoke_role",
+            Op::SetRole(r) => match r.change() {
+                UserChange::Role { grant: true, .. } => "user.grant_role",
+                UserChange::Role { .. } => "user.revoke_role",
+                UserChange::Password { .. } => "user.set_password",
+                UserChange::RevokeTokens { .. } => "user.revoke_tokens",
+            },
             Op::StorageRefresh(_) => "sr.refresh",
         }
     }
@@ -597,6 +602,9 @@ pub struct CreateUser {
     pub token_key: Vec<u8>,
 }
 
+/// A change to one existing user, which of them by the fields set (see
+/// [`SetRole::change`]). Named for the only change it carried at first; older log
+/// entries (fields 1-3) still decode as role changes.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct SetRole {
     #[prost(string, tag = "1")]
@@ -605,6 +613,54 @@ pub struct SetRole {
     pub role: i32,
     #[prost(bool, tag = "3")]
     pub grant: bool,
+    /// A new stored credential (`crate::auth`'s hash of a new password), computed by the
+    /// proposer; replacing it revokes the user's tokens.
+    #[prost(string, tag = "4")]
+    pub credential: String,
+    /// With `credential`: the stored credential the proposer checked the change against;
+    /// the change is refused (Aborted, retryable) if another came first.
+    #[prost(string, tag = "5")]
+    pub if_credential: String,
+    /// A new token stamp (hex, from the proposer's random source): revokes the user's
+    /// tokens, keeping the password.
+    #[prost(string, tag = "6")]
+    pub token_stamp: String,
+}
+
+/// What a [`SetRole`] changes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum UserChange<'a> {
+    Role {
+        role: i32,
+        grant: bool,
+    },
+    Password {
+        credential: &'a str,
+        if_credential: &'a str,
+    },
+    RevokeTokens {
+        stamp: &'a str,
+    },
+}
+
+impl SetRole {
+    pub fn change(&self) -> UserChange<'_> {
+        if !self.credential.is_empty() {
+            UserChange::Password {
+                credential: &self.credential,
+                if_credential: &self.if_credential,
+            }
+        } else if !self.token_stamp.is_empty() {
+            UserChange::RevokeTokens {
+                stamp: &self.token_stamp,
+            }
+        } else {
+            UserChange::Role {
+                role: self.role,
+                grant: self.grant,
+            }
+        }
+    }
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -722,5 +778,54 @@ mod tests {
         let back = Command::decode(c.encode_to_vec().as_slice()).unwrap();
         assert_eq!(back, c);
         assert_eq!(back.op.unwrap().kind(), "vm.start");
+    }
+
+    /// `SetRole` as logs written before passwords and tokens could change held it.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct OldSetRole {
+        #[prost(string, tag = "1")]
+        user_id: String,
+        #[prost(int32, tag = "2")]
+        role: i32,
+        #[prost(bool, tag = "3")]
+        grant: bool,
+    }
+
+    #[test]
+    fn user_changes_decode_old_entries_as_role_changes() {
+        let old = OldSetRole {
+            user_id: "u".into(),
+            role: pb::Role::VmAdmin as i32,
+            grant: true,
+        };
+        let r = SetRole::decode(old.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(
+            r.change(),
+            UserChange::Role {
+                role: pb::Role::VmAdmin as i32,
+                grant: true
+            }
+        );
+        let kinds = [
+            (SetRole::default(), "user.revoke_role"),
+            (
+                SetRole {
+                    credential: "c".into(),
+                    ..Default::default()
+                },
+                "user.set_password",
+            ),
+            (
+                SetRole {
+                    token_stamp: "s".into(),
+                    ..Default::default()
+                },
+                "user.revoke_tokens",
+            ),
+        ];
+        for (r, kind) in kinds {
+            let back = SetRole::decode(r.encode_to_vec().as_slice()).unwrap();
+            assert_eq!(Op::SetRole(back).kind(), kind);
+        }
     }
 }

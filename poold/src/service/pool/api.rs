@@ -454,6 +454,18 @@ impl PoolService for PoolHandler {
         self.done(&who, res)
     }
 
+    async fn change_password(&self, r: Request<pb::ChangePasswordRequest>) -> R<pb::TaskResponse> {
+        let who = self.authorize(&r, "ChangePassword")?;
+        let res = users::change_password(self, &who, r.into_inner()).await;
+        self.done(&who, res)
+    }
+
+    async fn revoke_tokens(&self, r: Request<pb::RevokeTokensRequest>) -> R<pb::TaskResponse> {
+        let who = self.authorize(&r, "RevokeTokens")?;
+        let res = users::revoke_tokens(self, &who, r.into_inner()).await;
+        self.done(&who, res)
+    }
+
     async fn list_roles(&self, r: Request<pb::ListRolesRequest>) -> R<pb::ListRolesResponse> {
         self.authorize(&r, "ListRoles")?;
         Ok(Response::new(users::roles()))

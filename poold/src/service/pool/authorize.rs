@@ -11,8 +11,8 @@ use crate::coordinator::AUDITED;
 use crate::state::command::Op;
 
 impl PoolHandler {
-    /// Authorizes a call to `method`: the caller, or the refusal (audited when the method
-    /// changes the pool).
+    /// Authorizes a call to `method`: the caller, or the refusal (logged; audited when the
+    /// method changes the pool).
     pub(super) fn authorize<T>(&self, r: &Request<T>, method: &str) -> Result<Caller, Status> {
         let header = r
             .metadata()
@@ -33,22 +33,27 @@ impl PoolHandler {
                 _ => "(not logged in)".into(),
             };
             let s = Status::from(e);
+            let who = Caller {
+                name,
+                level: auth::Level::ReadOnly,
+                method: method.to_owned(),
+                peer,
+            };
             if auth::rule(method).1 {
-                let who = Caller {
-                    name,
-                    level: auth::Level::ReadOnly,
-                    method: method.to_owned(),
-                    peer,
-                };
                 self.audit(&who, &s);
+            } else {
+                log_refusal(&who, &s);
             }
             s
         })
     }
 
     /// Writes an outcome that never reached the log to the audit log (in the background:
-    /// the caller hears the answer at once).
+    /// the caller hears the answer at once); a refusal is logged here too.
     pub(super) fn audit(&self, who: &Caller, s: &Status) {
+        if s.code() != tonic::Code::Ok {
+            log_refusal(who, s);
+        }
         let c = self.c.clone();
         let e = pb::AuditEvent {
             user_name: who.name.clone(),
@@ -98,6 +103,19 @@ impl PoolHandler {
             }
         }
     }
+}
+
+/// Logs a refused call: who, what, from where and why (the status says nothing secret:
+/// no password or token ever goes into one).
+pub(super) fn log_refusal(who: &Caller, s: &Status) {
+    tracing::warn!(
+        user = %who.name,
+        method = %who.method,
+        peer = %who.peer,
+        code = ?s.code(),
+        result = %s.message(),
+        "call refused"
+    );
 }
 
 /// The caller's address, as the audit log records it.
