@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use pool_client::PoolClient;
+use pool_trust::{Identity, LocalCa, PoolId};
 use proto::coordinator as pb;
 
 use crate::cmd::sr::{self, SrCommand};
@@ -26,6 +27,10 @@ use crate::ctl::{Ctl, call};
 /// The coordinator members, also poolctl's default `--pool`.
 pub const MEMBERS: [&str; 3] = ["127.0.0.1:7101", "127.0.0.1:7102", "127.0.0.1:7103"];
 const STORAGED: &str = "127.0.0.1:7300";
+/// The lab pool's id, in its CA and every certificate.
+const POOL_ID: &str = "lab";
+/// poolctl's configuration for the lab, in the lab's directory.
+const CLIENT_CONFIG: &str = "client.toml";
 const ISCSI: &str = "127.0.0.1:7360";
 const HOST_PORT: u16 = 7000;
 const SR: &str = "lab-sr";
@@ -209,6 +214,61 @@ fn default_dir() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/share/poolctl-lab"))
 }
 
+/// The lab's client configuration (members and CA bundle), when a lab has been made in
+/// the default directory: what `poolctl` uses when told nothing else.
+pub fn client_config() -> Option<PathBuf> {
+    let path = default_dir().ok()?.join(CLIENT_CONFIG);
+    path.exists().then_some(path)
+}
+
+/// The lab's pool CA (`dir/pki`) and every daemon's TLS directory under it, issued afresh
+/// on each start; and the client configuration poolctl finds.
+fn pki(dir: &Path, hosts: u8) -> anyhow::Result<PathBuf> {
+    let pki = dir.join("pki");
+    let pool = PoolId::parse(POOL_ID).expect("a valid pool id");
+    let ca = LocalCa::open_or_create(&pki, &pool)
+        .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))
+        .context("the lab's CA")?;
+    let issue = |identity: Identity, names: &[&str], into: PathBuf| {
+        ca.issue(&identity, names, &into)
+            .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))
+            .with_context(|| format!("issuing {identity}"))
+    };
+    for id in 1..=MEMBERS.len() as u64 {
+        issue(
+            Identity::Member(id),
+            &["127.0.0.1"],
+            pki.join(format!("member-{id}")),
+        )?;
+    }
+    issue(
+        Identity::Storage("storaged".into()),
+        &["127.0.0.1"],
+        pki.join("storaged"),
+    )?;
+    for i in 1..=hosts {
+        let ip = format!("127.0.0.{}", 10 + i);
+        issue(
+            Identity::Host(format!("h{i}")),
+            &[&ip],
+            pki.join(format!("h{i}")),
+        )?;
+    }
+    let members: Vec<String> = MEMBERS.iter().map(|m| format!("{m:?}")).collect();
+    let client = dir.join(CLIENT_CONFIG);
+    std::fs::write(
+        &client,
+        format!(
+            "# poolctl's configuration for this lab (written by `poolctl lab`).\n\
+             coordinators = [{}]\nca = {:?}\n",
+            members.join(", "),
+            ca.bundle_path()
+        ),
+    )
+    .with_context(|| format!("writing {}", client.display()))?;
+    Ok(ca.bundle_path())
+}
+
 pub fn lab(args: LabArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     if !(1..=9).contains(&args.hosts) {
@@ -237,14 +297,17 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
     let hostd = binary("hostd")?;
     let _ = binary("hostd-vmm");
 
+    let bundle = pki(&dir, args.hosts)?;
     let mut lab = Lab::default();
     for (i, addr) in MEMBERS.iter().enumerate() {
         let id = i + 1;
         let mut cmd = Proc::new(&poold);
         cmd.args(["--member-id", &id.to_string(), "--listen", addr])
-            .args(["--pool-id", "lab"])
+            .args(["--pool-id", POOL_ID])
             .arg("--data-dir")
-            .arg(dir.join(format!("poold-{id}")));
+            .arg(dir.join(format!("poold-{id}")))
+            .arg("--tls-dir")
+            .arg(dir.join(format!("pki/member-{id}")));
         for (j, a) in MEMBERS.iter().enumerate() {
             cmd.arg("--member").arg(format!("{}={a}", j + 1));
         }
@@ -261,8 +324,10 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
     std::fs::write(
         &sconf,
         format!(
-            "listen = \"{STORAGED}\"\niscsi_listen = \"{ISCSI}\"\nstate_dir = \"{}\"\n",
-            sdir.join("state").display()
+            "listen = \"{STORAGED}\"\niscsi_listen = \"{ISCSI}\"\nstate_dir = {:?}\n\
+             tls_dir = {:?}\n",
+            sdir.join("state"),
+            dir.join("pki/storaged"),
         ),
     )?;
     let mut cmd = Proc::new(&storaged);
@@ -282,6 +347,8 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
         cmd.args(["--listen", &addr, "--tie-vms", "--host-id", &name])
             .arg("--run-dir")
             .arg(&run_dir)
+            .arg("--tls-dir")
+            .arg(dir.join("pki").join(&name))
             .args([
                 "--initiator-iqn",
                 &format!("iqn.2026-11.org.pool.lab:{name}"),
@@ -308,12 +375,13 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    rt.block_on(setup(&args, &dir, &guest, sr_size, &host_addrs))?;
+    rt.block_on(setup(&args, &dir, &guest, sr_size, &host_addrs, &bundle))?;
     let ready = started.elapsed();
     println!(
         "\nThe lab is ready ({:.1} s): {} coordinators, {} hosts, storage at {STORAGED} \
          (iSCSI {ISCSI}); logs in {}.\n\n\
-         Use it from another terminal (these members are poolctl's default --pool):\n\
+         Use it from another terminal{} (every link is mutual TLS under the lab's CA,\n\
+         {}):\n\
          \x20 poolctl host-list\n\
          \x20 poolctl vm-list\n\
          \x20 poolctl vm-console {DEMO}        # Ctrl-] leaves\n\
@@ -324,6 +392,11 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
         MEMBERS.len(),
         args.hosts,
         logs.display(),
+        match &args.dir {
+            Some(_) => format!(" with --config {}", dir.join(CLIENT_CONFIG).display()),
+            None => String::new(),
+        },
+        bundle.display(),
         args.dir
             .as_ref()
             .map(|d| format!(" --dir {}", d.display()))
@@ -367,8 +440,9 @@ async fn setup(
     guest: &Path,
     sr_size: u64,
     host_addrs: &[String],
+    bundle: &Path,
 ) -> anyhow::Result<()> {
-    let mut client = PoolClient::new(MEMBERS);
+    let mut client = PoolClient::with_tls(MEMBERS, &crate::client_tls(bundle)?);
     client.deadline = Duration::from_secs(60);
     let mut ctl = Ctl {
         client,

@@ -12,6 +12,7 @@
 //! - `output.rs`: tables and JSON, and how values read for people.
 //! - `transfer.rs`, `console.rs`: disk images and the serial console, over their own paths.
 //! - `lab.rs`: `poolctl lab`, which starts the daemons as processes.
+//! - `pki.rs`: `pki-init`, `pki-issue`: the pool's CA and daemons' TLS directories, offline.
 
 mod cmd;
 mod console;
@@ -19,6 +20,7 @@ mod ctl;
 mod lab;
 mod lookup;
 mod output;
+mod pki;
 mod transfer;
 
 use std::path::PathBuf;
@@ -49,6 +51,10 @@ struct Args {
     /// Token from `poolctl login`, sent on every call (wins over the config file's).
     #[arg(long, global = true, env = "POOLCTL_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The pool's CA bundle (PEM): only members with a certificate it signed are
+    /// believed (wins over the config file's `ca`).
+    #[arg(long, global = true, env = "POOLCTL_CA")]
+    ca: Option<PathBuf>,
     /// Log filter (RUST_LOG wins when set).
     #[arg(long, global = true, default_value = "warn")]
     log: String,
@@ -61,6 +67,8 @@ struct Args {
 enum Command {
     /// Run a one-machine pool: hosts, coordinator members and a file-backed storage box.
     Lab(lab::LabArgs),
+    #[command(flatten)]
+    Pki(pki::PkiCommand),
     #[command(flatten)]
     Member(cmd::member::MemberCommand),
     #[command(flatten)]
@@ -89,6 +97,8 @@ struct Config {
     coordinators: Vec<String>,
     /// Token from `Login`, sent on every call.
     token: Option<String>,
+    /// The pool's CA bundle (PEM file).
+    ca: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -99,7 +109,13 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let config: Config = match &args.config {
+    let config_path = args.config.clone().or_else(|| {
+        // With nothing said, poolctl drives the lab on this machine when there is one.
+        (args.pool.is_empty() && args.ca.is_none())
+            .then(lab::client_config)
+            .flatten()
+    });
+    let config: Config = match &config_path {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading {}", path.display()))?;
@@ -107,9 +123,11 @@ fn main() -> anyhow::Result<()> {
         }
         None => Config::default(),
     };
-    if let Command::Lab(lab) = args.command {
-        return lab::lab(lab);
-    }
+    let command = match args.command {
+        Command::Lab(lab) => return lab::lab(lab),
+        Command::Pki(pki) => return pki::run(pki),
+        other => other,
+    };
     let members = if !args.pool.is_empty() {
         args.pool.clone()
     } else if !config.coordinators.is_empty() {
@@ -122,11 +140,16 @@ fn main() -> anyhow::Result<()> {
         ]
     };
     let token = args.token.clone().or(config.token.clone());
+    let ca = args.ca.clone().or(config.ca.clone()).context(
+        "poolctl needs the pool's CA bundle to trust its members: --ca FILE (or POOLCTL_CA, \
+         or `ca` in the --config file); `poolctl lab` writes one for the lab",
+    )?;
+    let tls = client_tls(&ca)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let mut client = PoolClient::new(&members);
+        let mut client = PoolClient::with_tls(&members, &tls);
         if let Some(t) = &token {
             client.set_token(t.trim())?;
         }
@@ -136,13 +159,24 @@ fn main() -> anyhow::Result<()> {
             json: args.json,
             wait: !args.no_wait,
         };
-        run(&mut ctl, args.command).await
+        run(&mut ctl, command).await
     })
+}
+
+/// TLS toward whichever member answers: a certificate of the pool's CA naming the
+/// coordinators, whatever address was dialled.
+pub fn client_tls(ca: &std::path::Path) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+    let bundle = pool_trust::CaBundle::load(ca)
+        .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))
+        .with_context(|| format!("reading the pool's CA bundle {}", ca.display()))?;
+    Ok(pool_trust::tls::client_tls(&bundle, None, None)
+        .expect("no credentials, nothing to mismatch")
+        .domain_name(pool_trust::coordinators_name(bundle.pool_id())))
 }
 
 async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Lab(_) => bail!("poolctl lab runs on its own, not against a pool"),
+        Command::Lab(_) | Command::Pki(_) => bail!("this verb runs on its own, not against a pool"),
         Command::Member(c) => cmd::member::run(ctl, c).await,
         Command::Host(c) => cmd::host::run(ctl, c).await,
         Command::Sr(c) => cmd::sr::run(ctl, c).await,

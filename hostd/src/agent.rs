@@ -27,7 +27,7 @@ use proto::coordinator as pb;
 use proto::coordinator::host_agent_service_client::HostAgentServiceClient;
 use proto::host as hpb;
 use proto::host::host_service_server::HostService;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic::{Code, Request, Status};
 
 use crate::config::PoolConfig;
@@ -136,8 +136,12 @@ struct Coordinators {
 }
 
 impl Coordinators {
-    fn new(addrs: &[String], token: Option<&str>) -> Result<Self, AgentError> {
-        let members = Members::new(addrs, Duration::from_secs(1)).map_err(|e| match e {
+    fn new(
+        addrs: &[String],
+        token: Option<&str>,
+        tls: Option<&ClientTlsConfig>,
+    ) -> Result<Self, AgentError> {
+        let members = Members::new(addrs, Duration::from_secs(1), tls).map_err(|e| match e {
             MembersError::NoMembers => AgentError::NoCoordinators,
             MembersError::BadAddress { address, source } => {
                 AgentError::BadCoordinator { address, source }
@@ -184,8 +188,14 @@ pub struct Agent<H> {
 }
 
 impl<H: HostService> Agent<H> {
-    pub fn new(cfg: AgentConfig, host: Arc<H>) -> Result<Self, AgentError> {
-        let coordinators = Coordinators::new(&cfg.coordinators, cfg.token.as_deref())?;
+    /// `tls`: the host's certificate and the pool's CAs, for calling the coordinators
+    /// (None only in tests of the agent alone).
+    pub fn new(
+        cfg: AgentConfig,
+        host: Arc<H>,
+        tls: Option<&ClientTlsConfig>,
+    ) -> Result<Self, AgentError> {
+        let coordinators = Coordinators::new(&cfg.coordinators, cfg.token.as_deref(), tls)?;
         Ok(Agent {
             cfg,
             host,
@@ -498,7 +508,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().to_string()
         };
-        let mut m = Coordinators::new(&[dead.clone(), live.clone()], None).unwrap();
+        let mut m = Coordinators::new(&[dead.clone(), live.clone()], None, None).unwrap();
         let beat = |host: &'static str| {
             move |ch: Channel| async move {
                 HostAgentServiceClient::new(ch)
@@ -525,7 +535,7 @@ mod tests {
         // With every member gone the error says which was tried last.
         server.abort();
         let _ = server.await;
-        let mut m = Coordinators::new(std::slice::from_ref(&dead), None).unwrap();
+        let mut m = Coordinators::new(std::slice::from_ref(&dead), None, None).unwrap();
         match m.call("the heartbeat", beat("h1")).await {
             Err(AgentError::Unreachable { last, .. }) => assert!(last.contains(&dead), "{last}"),
             other => panic!("expected Unreachable, got {other:?}"),

@@ -23,6 +23,8 @@ pub struct Config {
     /// Stop VMs when the daemon exits (VM processes die with it). By default VMs keep
     /// running and the next daemon finds them again.
     pub tie_vms_to_daemon: Option<bool>,
+    /// The TLS directory: the pool's CA bundle, this host's certificate and key.
+    pub tls_dir: Option<PathBuf>,
     /// Membership of a pool: without this section the host runs on its own.
     pub pool: Option<PoolConfig>,
 }
@@ -66,6 +68,17 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The configuration with its secrets (the pool token) blanked, for logging.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        if let Some(pool) = &mut c.pool
+            && pool.token.is_some()
+        {
+            pool.token = Some("<redacted>".into());
+        }
+        c
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),

@@ -51,6 +51,11 @@ struct Args {
     /// Heartbeat interval in milliseconds until the pool asks for another.
     #[arg(long)]
     heartbeat_ms: Option<u64>,
+    /// This host's TLS directory (0700): the pool's CA bundle `ca.pem`, and `cert.pem` and
+    /// `key.pem` (0600) naming this host. Required: HostService answers only the pool's
+    /// coordinator members, over mutual TLS, and the host calls them with it.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
     /// Log filter, e.g. "info" or "hostd=debug" (RUST_LOG wins when set).
     #[arg(long, default_value = "info", global = true)]
     log: String,
@@ -242,7 +247,23 @@ fn daemon(args: Args) -> anyhow::Result<()> {
             pool.heartbeat_interval_ms = args.heartbeat_ms;
         }
     }
-    tracing::info!(?config, "hostd starting");
+    if args.tls_dir.is_some() {
+        config.tls_dir = args.tls_dir.clone();
+    }
+    let host_name = config
+        .pool
+        .as_ref()
+        .and_then(|p| p.name.clone())
+        .or_else(|| config.host_id.clone())
+        .unwrap_or_else(hostd::host::hostname);
+    let tls_dir = config.tls_dir.clone().context(
+        "a TLS directory is required (--tls-dir or tls_dir): the pool's CA bundle and this \
+         host's certificate and key",
+    )?;
+    let tls = pool_trust::DaemonTls::load_as(&tls_dir, &pool_trust::Identity::Host(host_name))
+        .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))
+        .context("loading the TLS directory")?;
+    tracing::info!(config = ?config.redacted(), "hostd starting");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -296,7 +317,11 @@ fn daemon(args: Args) -> anyhow::Result<()> {
                     .context("joining the pool ([pool] section)")?;
                 tracing::info!(coordinators = ?cfg.coordinators, address = %cfg.address, "heartbeating to the pool");
                 let local = Arc::new(HostServer::new(manager.clone(), identity.clone()));
-                let agent = Agent::new(cfg, local).context("joining the pool")?;
+                let to_pool = tls
+                    .coordinators_client()
+                    .context("TLS for calling the coordinators")?;
+                let agent =
+                    Agent::new(cfg, local, Some(&to_pool)).context("joining the pool")?;
                 let mut stop = stop_rx.clone();
                 Some(tokio::spawn(agent.run(async move {
                     let _ = stop.wait_for(|s| *s).await;
@@ -307,6 +332,7 @@ fn daemon(args: Args) -> anyhow::Result<()> {
         hostd::service::serve(
             listener,
             HostServer::new(manager.clone(), identity),
+            Some(&tls),
             async move {
                 shutdown_signal().await;
                 let _ = stop_tx.send(true);

@@ -10,11 +10,14 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use pool_trust::tls::RequireRole;
+use pool_trust::{ClientAuth, DaemonTls, Role};
 use proto::host::host_service_server::{HostService, HostServiceServer};
 use proto::host::*;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::host::{CpuSampler, cpu_info, hostname, kvm_status, logical_cpus, meminfo};
@@ -51,16 +54,41 @@ impl HostServer {
     }
 }
 
-/// Serves `HostService` on `listener` until `shutdown` completes.
+/// Serves `HostService` on `listener` until `shutdown` completes: with `tls`, over mutual
+/// TLS to the pool's coordinator members only (hosts do not call each other's control
+/// API, and nobody else may); without, in clear to anyone (tests of this layer only; the
+/// `hostd` binary requires TLS).
 pub async fn serve(
     listener: TcpListener,
     server: HostServer,
+    tls: Option<&DaemonTls>,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .add_service(HostServiceServer::new(server))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
+) -> Result<(), ServeError> {
+    let incoming = TcpListenerStream::new(listener);
+    let Some(tls) = tls else {
+        return Ok(tonic::transport::Server::builder()
+            .add_service(HostServiceServer::new(server))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await?);
+    };
+    let members_only = RequireRole::new(tls.pool_id().clone(), &[Role::Member]);
+    Ok(tonic::transport::Server::builder()
+        .tls_config(tls.server(ClientAuth::Required)?)?
+        .add_service(InterceptedService::new(
+            HostServiceServer::new(server),
+            members_only,
+        ))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?)
+}
+
+/// Why [`serve`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("serving HostService failed")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("the TLS directory cannot be served with")]
+    Tls(#[from] pool_trust::TlsError),
 }
 
 fn status(e: ManagerError) -> Status {

@@ -8,7 +8,7 @@ use proto::coordinator as pb;
 use proto::coordinator::coordinator_peer_service_client::CoordinatorPeerServiceClient;
 use proto::coordinator::pool_service_client::PoolServiceClient;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic::{Response, Status};
 
 use crate::auth::{Auth, BadToken};
@@ -41,7 +41,22 @@ impl PoolClient {
     /// is not a valid address: tools pass what a person typed, checked by [`Members::new`]
     /// where that must not panic.
     pub fn new<S: AsRef<str>>(addrs: impl IntoIterator<Item = S>) -> Self {
-        let members = Members::new(addrs, Duration::from_millis(500))
+        Self::build(addrs, None)
+    }
+
+    /// As [`PoolClient::new`], over TLS: how tools and daemons reach a pool.
+    pub fn with_tls<S: AsRef<str>>(
+        addrs: impl IntoIterator<Item = S>,
+        tls: &ClientTlsConfig,
+    ) -> Self {
+        Self::build(addrs, Some(tls))
+    }
+
+    fn build<S: AsRef<str>>(
+        addrs: impl IntoIterator<Item = S>,
+        tls: Option<&ClientTlsConfig>,
+    ) -> Self {
+        let members = Members::new(addrs, Duration::from_millis(500), tls)
             .unwrap_or_else(|e| panic!("PoolClient: {e}"));
         PoolClient {
             members,

@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Response, Status};
 
 /// Whether a failed call may succeed on another member or later. Anything else is a
@@ -58,28 +58,33 @@ pub struct Members {
 
 impl Members {
     /// Channels to `addrs` (host:port), connected on first use, each connect attempt
-    /// limited to `connect_timeout`.
+    /// limited to `connect_timeout`; over TLS with `tls` (what every daemon and tool
+    /// uses: members serve the pool's API over TLS only), in clear without (tests of
+    /// one layer).
     pub fn new<S: AsRef<str>>(
         addrs: impl IntoIterator<Item = S>,
         connect_timeout: Duration,
+        tls: Option<&ClientTlsConfig>,
     ) -> Result<Self, MembersError> {
         let addrs: Vec<String> = addrs.into_iter().map(|a| a.as_ref().to_owned()).collect();
         if addrs.is_empty() {
             return Err(MembersError::NoMembers);
         }
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let channels = addrs
             .iter()
             .map(|a| {
-                Endpoint::from_shared(format!("http://{a}"))
-                    .map(|e| {
-                        e.connect_timeout(connect_timeout)
-                            .tcp_nodelay(true)
-                            .connect_lazy()
-                    })
-                    .map_err(|source| MembersError::BadAddress {
-                        address: a.clone(),
-                        source,
-                    })
+                let bad = |source| MembersError::BadAddress {
+                    address: a.clone(),
+                    source,
+                };
+                let mut e = Endpoint::from_shared(format!("{scheme}://{a}")).map_err(bad)?;
+                if let Some(tls) = tls {
+                    e = e.tls_config(tls.clone()).map_err(bad)?;
+                }
+                Ok(e.connect_timeout(connect_timeout)
+                    .tcp_nodelay(true)
+                    .connect_lazy())
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Members {
@@ -203,7 +208,7 @@ mod tests {
             l.local_addr().unwrap().to_string()
         };
         let t = Duration::from_secs(5);
-        let mut m = Members::new([&dead, &live], Duration::from_secs(1)).unwrap();
+        let mut m = Members::new([&dead, &live], Duration::from_secs(1), None).unwrap();
         let beat = |host: &'static str| {
             move |ch: Channel| async move {
                 HostAgentServiceClient::new(ch)
@@ -228,7 +233,7 @@ mod tests {
         // With every member gone the error says which was tried last.
         server.abort();
         let _ = server.await;
-        let mut m = Members::new([&dead], Duration::from_secs(1)).unwrap();
+        let mut m = Members::new([&dead], Duration::from_secs(1), None).unwrap();
         match m.pass(t, None, beat("h1")).await {
             Err(PassError::Unreachable { address, last }) => {
                 assert_eq!(address, dead);
@@ -243,11 +248,11 @@ mod tests {
     fn addresses_are_checked_when_the_set_is_made() {
         let none: [&str; 0] = [];
         assert!(matches!(
-            Members::new(none, Duration::from_secs(1)),
+            Members::new(none, Duration::from_secs(1), None),
             Err(MembersError::NoMembers)
         ));
         assert!(matches!(
-            Members::new(["bad address"], Duration::from_secs(1)),
+            Members::new(["bad address"], Duration::from_secs(1), None),
             Err(MembersError::BadAddress { .. })
         ));
     }

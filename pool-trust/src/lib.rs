@@ -21,6 +21,8 @@
 //! - `token.rs`: [`JoinToken`] and the [`TokenRecord`] the pool keeps (hash only; used-once
 //!   is a flag the caller persists).
 //! - `files.rs`: atomic 0600/0700 writes and refusing key files others can read.
+//! - `local.rs`: [`LocalCa`], a CA kept on one machine issuing TLS directories (founding,
+//!   the lab, tests).
 //! - `tls.rs`: tonic `ServerTlsConfig` / `ClientTlsConfig`, and the caller's identity.
 //! - `dir.rs`: a daemon's TLS directory ([`DaemonTls`]): bundle, certificate and key.
 //! - `cert.rs`: reading a certificate ([`CertInfo`]) and its [`Fingerprint`].
@@ -63,6 +65,7 @@ pub mod dir;
 pub mod files;
 pub mod identity;
 pub mod leaf;
+pub mod local;
 pub mod tls;
 pub mod token;
 
@@ -72,6 +75,7 @@ pub use dir::{BUNDLE_FILE, DaemonTls, TlsDirError};
 pub use files::FileError;
 pub use identity::{Identity, IdentityError, PoolId, Role, coordinators_name};
 pub use leaf::{Credentials, LeafError, LeafKey};
+pub use local::LocalCa;
 pub use tls::{ClientAuth, PeerError, TlsError};
 pub use token::{JoinToken, TokenError, TokenId, TokenRecord};
 

@@ -153,6 +153,41 @@ pub fn require_role<T>(
     }
 }
 
+/// A tonic interceptor that refuses callers whose certificate is not of one of `roles`
+/// before a handler runs (logging the refusal), and leaves the caller's [`Identity`] in
+/// the request for the handler ([`caller`]). Wrap a service in it with
+/// `InterceptedService::new(service, RequireRole::new(pool, roles))`.
+#[derive(Clone, Debug)]
+pub struct RequireRole {
+    pool: PoolId,
+    roles: &'static [Role],
+}
+
+impl RequireRole {
+    pub fn new(pool: PoolId, roles: &'static [Role]) -> Self {
+        RequireRole { pool, roles }
+    }
+}
+
+impl tonic::service::Interceptor for RequireRole {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let identity = require_role(&request, &self.pool, self.roles).inspect_err(|s| {
+            tracing::warn!(
+                peer = ?request.remote_addr(),
+                error = %s.message(),
+                "refused a caller"
+            )
+        })?;
+        request.extensions_mut().insert(identity);
+        Ok(request)
+    }
+}
+
+/// The caller's identity, as [`RequireRole`] found it.
+pub fn caller<T>(request: &Request<T>) -> Option<&Identity> {
+    request.extensions().get::<Identity>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@ use proto::host::host_service_client::HostServiceClient;
 use proto::storage as spb;
 use proto::storage::storage_service_client::StorageServiceClient;
 use tonic::codegen::tokio_stream::{Stream, StreamExt};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// A stream of migration progress reports from the source host.
@@ -121,6 +121,8 @@ pub trait HostOps: Send + Sync {
 /// gRPC clients of every storaged and hostd the pool talks to, one lazily connected
 /// channel per address.
 pub struct Grpc {
+    /// This member's TLS directory: storaged and hostd are called over mutual TLS.
+    tls: Option<pool_trust::DaemonTls>,
     channels: Mutex<HashMap<String, Channel>>,
     /// Limit of one ordinary call.
     pub call_timeout: Duration,
@@ -128,9 +130,10 @@ pub struct Grpc {
     pub revoke_timeout: Duration,
 }
 
-impl Default for Grpc {
-    fn default() -> Self {
+impl Grpc {
+    pub fn new(tls: Option<pool_trust::DaemonTls>) -> Self {
         Grpc {
+            tls,
             channels: Mutex::new(HashMap::new()),
             call_timeout: Duration::from_secs(15),
             revoke_timeout: Duration::from_secs(60),
@@ -144,11 +147,7 @@ impl Grpc {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let c = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::invalid_argument(format!("bad daemon address {addr:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let c = crate::tls::endpoint(addr, self.tls.as_ref(), None)?.connect_lazy();
         map.insert(addr.to_owned(), c.clone());
         Ok(c)
     }

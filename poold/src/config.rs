@@ -21,6 +21,8 @@ pub struct Config {
     pub initial_members: BTreeMap<u64, SocketAddr>,
     /// Name of the pool: members refuse Raft messages from another pool.
     pub pool_id: Option<String>,
+    /// This member's TLS directory: CA bundle, certificate and key (see `poold --help`).
+    pub tls_dir: Option<PathBuf>,
     /// Start empty and wait to be added (AddMember) to an existing pool.
     pub join: Option<bool>,
     /// Raft tick in milliseconds (elections after 10–20 ticks, heartbeats every 2).

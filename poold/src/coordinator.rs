@@ -89,6 +89,8 @@ pub struct Coordinator {
     pub node: NodeHandle,
     pub faults: Arc<Faults>,
     pub seeds: BTreeMap<u64, String>,
+    /// This member's TLS directory: every call it makes goes over mutual TLS with it.
+    pub tls: Option<pool_trust::DaemonTls>,
     peers: Mutex<HashMap<u64, (String, CoordinatorPeerServiceClient<Channel>)>>,
     /// Leader-only soft state: hosts' last heartbeats, and when this member became leader
     /// (hosts it has not heard from yet get the timeout counted from then).
@@ -131,11 +133,17 @@ fn retryable(s: &Status) -> bool {
 }
 
 impl Coordinator {
-    pub fn new(node: NodeHandle, faults: Arc<Faults>, seeds: BTreeMap<u64, String>) -> Self {
+    pub fn new(
+        node: NodeHandle,
+        faults: Arc<Faults>,
+        seeds: BTreeMap<u64, String>,
+        tls: Option<pool_trust::DaemonTls>,
+    ) -> Self {
         Coordinator {
             node,
             faults,
             seeds,
+            tls,
             peers: Mutex::new(HashMap::new()),
             liveness: Mutex::new(HashMap::new()),
             leader_since: Mutex::new(None),
@@ -238,11 +246,12 @@ impl Coordinator {
         {
             return Ok(c.clone());
         }
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::internal(format!("bad address {addr}: {e}")))?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let ch = crate::tls::endpoint(
+            &addr,
+            self.tls.as_ref(),
+            Some(&pool_trust::Identity::Member(id)),
+        )?
+        .connect_lazy();
         let c = CoordinatorPeerServiceClient::new(ch)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);

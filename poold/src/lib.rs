@@ -47,3 +47,4 @@ pub mod scheduler;
 pub mod server;
 pub mod service;
 pub mod state;
+pub mod tls;

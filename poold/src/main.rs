@@ -36,9 +36,14 @@ struct Args {
     /// An initial member, ID=ADDRESS; repeat for each (all founding members get the same list).
     #[arg(long = "member", value_parser = parse_member)]
     members: Vec<(u64, SocketAddr)>,
-    /// Pool name; members refuse Raft messages from another pool.
+    /// Pool name; members refuse Raft messages from another pool (default: the pool the
+    /// TLS directory's CA names; they must agree).
     #[arg(long)]
     pool_id: Option<String>,
+    /// This member's TLS directory (0700): the pool's CA bundle `ca.pem`, and `cert.pem`
+    /// and `key.pem` (0600) for this member. Required: every link is mutual TLS.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
     /// Start empty and wait to be added to an existing pool (AddMember on the leader).
     #[arg(long)]
     join: bool,
@@ -104,6 +109,9 @@ fn main() -> anyhow::Result<()> {
     if args.join {
         cfg.join = Some(true);
     }
+    if args.tls_dir.is_some() {
+        cfg.tls_dir = args.tls_dir.clone();
+    }
     let id = cfg
         .member_id
         .filter(|id| *id != 0)
@@ -116,7 +124,21 @@ fn main() -> anyhow::Result<()> {
         .data_dir
         .clone()
         .context("a data directory is required (--data-dir or data_dir)")?;
-    let mut node = NodeConfig::new(id, cfg.pool_id.as_deref().unwrap_or("pool"));
+    let tls_dir = cfg.tls_dir.clone().context(
+        "a TLS directory is required (--tls-dir or tls_dir): the pool's CA bundle and this \
+         member's certificate and key",
+    )?;
+    let tls = pool_trust::DaemonTls::load_as(&tls_dir, &pool_trust::Identity::Member(id))
+        .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))
+        .context("loading the TLS directory")?;
+    let pool_id = match cfg.pool_id.as_deref() {
+        Some(p) if p != tls.pool_id().as_str() => anyhow::bail!(
+            "--pool-id {p} is not the pool {} the TLS directory's CA is of",
+            tls.pool_id()
+        ),
+        _ => tls.pool_id().to_string(),
+    };
+    let mut node = NodeConfig::new(id, &pool_id);
     if let Some(t) = args.tick_ms.or(cfg.tick_ms) {
         node.tick = Duration::from_millis(t.max(1));
     }
@@ -171,6 +193,7 @@ fn main() -> anyhow::Result<()> {
             initial_members: initial,
             join: cfg.join.unwrap_or(false),
             admin_password,
+            tls: Some(tls),
         })
         .context("starting the Raft member")?;
         member

@@ -7,10 +7,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pool_trust::{ClientAuth, Role};
 use proto::coordinator::coordinator_peer_service_server::CoordinatorPeerServiceServer;
 use proto::coordinator::host_agent_service_server::HostAgentServiceServer;
 use proto::coordinator::pool_service_server::PoolServiceServer;
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::consensus::node::{self, NodeConfig};
 use crate::consensus::storage::{DiskStorage, StorageOpenError};
@@ -18,6 +20,7 @@ use crate::consensus::transport::Faults;
 use crate::coordinator::Coordinator;
 use crate::service::{agent, peer, pool};
 use crate::state::{PoolState, snapshot};
+use crate::tls::RequireRole;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -35,6 +38,8 @@ pub enum StartError {
     Node(#[from] node::NodeStartError),
     #[error("serving gRPC failed")]
     Serve(#[source] tonic::transport::Error),
+    #[error("the TLS directory cannot be served with")]
+    Tls(#[from] pool_trust::TlsError),
 }
 
 /// What a member needs to start.
@@ -50,6 +55,9 @@ pub struct MemberConfig {
     /// When the pool has no user yet, the leader creates "admin" (pool-admin) with this
     /// password, so the pool is never open.
     pub admin_password: Option<String>,
+    /// This member's TLS directory (`--tls-dir`): the pool's CA bundle and a member
+    /// certificate. Every service is served over TLS with it and every call made with it.
+    pub tls: Option<pool_trust::DaemonTls>,
 }
 
 pub struct Member {
@@ -82,6 +90,7 @@ impl Member {
         let faults = Arc::new(Faults::from_env());
         let mut node_cfg = cfg.node.clone();
         node_cfg.seeds = cfg.initial_members.clone();
+        node_cfg.tls = cfg.tls.clone();
         let handle = node::start(
             node_cfg,
             storage,
@@ -89,7 +98,12 @@ impl Member {
             faults.clone(),
         )?;
         Ok(Member {
-            coordinator: Arc::new(Coordinator::new(handle, faults, cfg.initial_members)),
+            coordinator: Arc::new(Coordinator::new(
+                handle,
+                faults,
+                cfg.initial_members,
+                cfg.tls,
+            )),
             admin_password: cfg.admin_password,
         })
     }
@@ -103,7 +117,7 @@ impl Member {
     ) -> Result<(), StartError> {
         let c = self.coordinator;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let grpc = Arc::new(crate::backend::Grpc::default());
+        let grpc = Arc::new(crate::backend::Grpc::new(c.tls.clone()));
         let env = crate::jobs::Env {
             ledger: c.clone(),
             storage: grpc.clone(),
@@ -133,7 +147,17 @@ impl Member {
         ];
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        let result = tonic::transport::Server::builder()
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = &c.tls {
+            // The client certificate is optional on this port: people call PoolService
+            // with a token; the member and host services require theirs (RequireRole).
+            server = server
+                .tls_config(tls.server(ClientAuth::Optional)?)
+                .map_err(StartError::Serve)?;
+        }
+        let members_only = RequireRole::new(c.tls.as_ref(), &[Role::Member]);
+        let hosts_and_members = RequireRole::new(c.tls.as_ref(), &[Role::Host, Role::Member]);
+        let result = server
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .add_service(
                 PoolServiceServer::new(pool::PoolHandler {
@@ -143,14 +167,16 @@ impl Member {
                 })
                 .max_decoding_message_size(16 << 20),
             )
-            .add_service(HostAgentServiceServer::new(agent::AgentApi {
-                c: c.clone(),
-            }))
-            .add_service(
+            .add_service(InterceptedService::new(
+                HostAgentServiceServer::new(agent::AgentApi { c: c.clone() }),
+                hosts_and_members,
+            ))
+            .add_service(InterceptedService::new(
                 CoordinatorPeerServiceServer::new(peer::PeerApi { c: c.clone() })
                     .max_decoding_message_size(usize::MAX)
                     .max_encoding_message_size(usize::MAX),
-            )
+                members_only,
+            ))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
             .map_err(StartError::Serve);

@@ -50,6 +50,20 @@ pub enum DaemonError {
     },
     #[error("cannot open the reservation store")]
     Reservations(#[source] iscsi_target::PrStoreError),
+    #[error(
+        "a TLS directory is required (tls_dir): the pool's CA bundle and this storage \
+         endpoint's certificate and key"
+    )]
+    NoTlsDir,
+    #[error("cannot use the TLS directory")]
+    TlsDir(#[source] pool_trust::TlsDirError),
+    #[error("the certificate in {dir} is for {identity}, not a storage endpoint")]
+    NotStorage {
+        dir: PathBuf,
+        identity: pool_trust::Identity,
+    },
+    #[error("the TLS directory cannot be served with")]
+    Tls(#[from] pool_trust::TlsError),
     #[error("serving gRPC failed")]
     Serve(#[source] tonic::transport::Error),
     #[error("a blocking task of the daemon failed")]
@@ -80,6 +94,10 @@ pub struct Config {
     /// Prefix of the target names derived from volume ids.
     #[serde(default = "default_iqn_prefix")]
     pub iqn_prefix: String,
+    /// The TLS directory (0700): the pool's CA bundle `ca.pem`, and `cert.pem` and
+    /// `key.pem` (0600) naming this storage endpoint. Required: `StorageService` answers
+    /// only the pool's coordinator members, over mutual TLS.
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// A pool named in the configuration file.
@@ -124,6 +142,7 @@ impl Default for Config {
             portals: Vec::new(),
             pools: Vec::new(),
             iqn_prefix: default_iqn_prefix(),
+            tls_dir: None,
         }
     }
 }
@@ -153,7 +172,21 @@ pub fn run(config: Option<&Path>) -> Result<(), DaemonError> {
     runtime.block_on(serve(config))
 }
 
+/// The storage endpoint's TLS directory: it must name a storage identity.
+fn load_tls(config: &Config) -> Result<pool_trust::DaemonTls, DaemonError> {
+    let dir = config.tls_dir.as_deref().ok_or(DaemonError::NoTlsDir)?;
+    let tls = pool_trust::DaemonTls::load(dir).map_err(DaemonError::TlsDir)?;
+    if tls.identity().role() != pool_trust::Role::Storage {
+        return Err(DaemonError::NotStorage {
+            dir: dir.to_owned(),
+            identity: tls.identity().clone(),
+        });
+    }
+    Ok(tls)
+}
+
 async fn serve(config: Config) -> Result<(), DaemonError> {
+    let tls = load_tls(&config)?;
     let storage = {
         let dir = config.state_dir.clone();
         let pools = config.pools.clone();
@@ -243,13 +276,18 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     };
 
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let members_only =
+        pool_trust::tls::RequireRole::new(tls.pool_id().clone(), &[pool_trust::Role::Member]);
     tonic::transport::Server::builder()
-        .add_service(
+        .tls_config(tls.server(pool_trust::ClientAuth::Required)?)
+        .map_err(DaemonError::Serve)?
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             proto::storage::storage_service_server::StorageServiceServer::new(StorageApi::new(
                 storage.clone(),
                 exports,
             )),
-        )
+            members_only,
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
         .map_err(DaemonError::Serve)?;

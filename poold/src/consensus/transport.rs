@@ -94,6 +94,7 @@ pub struct Transport {
     faults: Arc<Faults>,
     peers: HashMap<u64, PeerLink>,
     pub seeds: BTreeMap<u64, String>,
+    tls: Option<pool_trust::DaemonTls>,
 }
 
 impl Transport {
@@ -104,8 +105,10 @@ impl Transport {
         node_tx: Sender<NodeMsg>,
         shared: Arc<Shared>,
         faults: Arc<Faults>,
+        tls: Option<pool_trust::DaemonTls>,
     ) -> Self {
         Transport {
+            tls,
             id,
             pool_id,
             rt,
@@ -131,13 +134,25 @@ impl Transport {
                 .get(&to)
                 .is_none_or(|p| p.address != address || p.queue.is_closed());
             if stale {
+                let endpoint = match crate::tls::endpoint(
+                    &address,
+                    self.tls.as_ref(),
+                    Some(&pool_trust::Identity::Member(to)),
+                ) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::error!(to, %address, error = %e.message(), "bad member address");
+                        let _ = self.node_tx.send(NodeMsg::Unreachable(to));
+                        continue;
+                    }
+                };
                 let (tx, rx) = mpsc::unbounded_channel();
                 self.rt.spawn(peer_task(PeerTask {
                     from: self.id,
                     from_address: member_address(&self.shared, &self.seeds, self.id)
                         .unwrap_or_default(),
                     to,
-                    address: address.clone(),
+                    endpoint,
                     pool_id: self.pool_id.clone(),
                     node_tx: self.node_tx.clone(),
                     faults: self.faults.clone(),
@@ -154,7 +169,7 @@ struct PeerTask {
     from: u64,
     from_address: String,
     to: u64,
-    address: String,
+    endpoint: tonic::transport::Endpoint,
     pool_id: String,
     node_tx: Sender<NodeMsg>,
     faults: Arc<Faults>,
@@ -164,20 +179,11 @@ struct PeerTask {
 async fn peer_task(mut p: PeerTask) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        let endpoint = match tonic::transport::Endpoint::from_shared(format!(
-            "http://{}",
-            p.address
-        )) {
-            Ok(e) => e
-                .connect_timeout(Duration::from_secs(1))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(5))
-                .keep_alive_timeout(Duration::from_secs(5)),
-            Err(e) => {
-                tracing::error!(to = p.to, address = %p.address, error = %e, "bad member address");
-                return;
-            }
-        };
+        let endpoint = p
+            .endpoint
+            .clone()
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
         let channel = match endpoint.connect().await {
             Ok(c) => c,
             Err(e) => {

@@ -34,6 +34,25 @@ impl HostAgentService for AgentApi {
         &self,
         r: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        // A host reports only as itself: the host the message names must be the one its
+        // certificate names. A member forwarding a heartbeat checked that already.
+        if let Some(pool_trust::Identity::Host(name)) = crate::tls::caller(&r) {
+            let req = r.get_ref();
+            let known = self
+                .c
+                .node
+                .state()
+                .hosts
+                .get(&req.host_id)
+                .map(|h| h.name.clone());
+            if known.as_deref().is_some_and(|n| n != name) {
+                tracing::warn!(caller = %name, host_id = %req.host_id, "refused a heartbeat for another host");
+                return Err(Status::permission_denied(format!(
+                    "host {name} may report only as itself, not as host {}",
+                    req.host_id
+                )));
+            }
+        }
         let req = r.into_inner();
         if !self.c.is_leader() {
             return forward(&self.c, req).await;
@@ -261,12 +280,14 @@ async fn forward(
     }
     let addr = member_address(&c.node.shared, &c.seeds, st.leader_id)
         .ok_or_else(|| Status::unavailable("leader address unknown"))?;
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| Status::internal(e.to_string()))?
-        .connect_timeout(Duration::from_secs(1))
-        .connect()
-        .await
-        .map_err(|e| Status::unavailable(format!("leader {addr}: {e}")))?;
+    let ch = crate::tls::endpoint(
+        &addr,
+        c.tls.as_ref(),
+        Some(&pool_trust::Identity::Member(st.leader_id)),
+    )?
+    .connect()
+    .await
+    .map_err(|e| Status::unavailable(format!("leader {addr}: {e}")))?;
     HostAgentServiceClient::new(ch).heartbeat(req).await
 }
 

@@ -23,6 +23,10 @@ impl CoordinatorPeerService for PeerApi {
         &self,
         r: Request<Streaming<pb::RaftEnvelope>>,
     ) -> Result<Response<pb::RaftAck>, Status> {
+        let sender = match crate::tls::caller(&r) {
+            Some(pool_trust::Identity::Member(id)) => Some(*id),
+            _ => None,
+        };
         let mut stream = r.into_inner();
         let pool_id = self.c.pool_id();
         let me = self.c.id();
@@ -40,6 +44,14 @@ impl CoordinatorPeerService for PeerApi {
             }
             let msg = raft::eraftpb::Message::parse_from_bytes(&env.message)
                 .map_err(|e| Status::invalid_argument(format!("undecodable Raft message: {e}")))?;
+            // A member speaks only for itself: the certificate, the envelope and the
+            // message must name the same sender.
+            if sender.is_some_and(|id| id != env.from_member_id || id != msg.from) {
+                return Err(Status::permission_denied(format!(
+                    "member {:?} sent a message as member {} (from {})",
+                    sender, env.from_member_id, msg.from
+                )));
+            }
             if msg.to != me {
                 return Err(Status::invalid_argument(format!(
                     "message for member {} reached member {me}",

@@ -30,6 +30,8 @@ pub struct NodeConfig {
     pub seeds: BTreeMap<u64, String>,
     /// Append messages in flight to one follower before the leader waits for an answer.
     pub max_inflight_appends: usize,
+    /// This member's TLS directory: peers are called over mutual TLS with it.
+    pub tls: Option<pool_trust::DaemonTls>,
 }
 
 impl NodeConfig {
@@ -44,6 +46,7 @@ impl NodeConfig {
             snapshot_keep_entries: 5_000,
             seeds: BTreeMap::new(),
             max_inflight_appends: 256,
+            tls: None,
         }
     }
 }

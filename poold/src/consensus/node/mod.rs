@@ -202,6 +202,7 @@ pub fn start(
         tx.clone(),
         shared.clone(),
         faults,
+        cfg.tls.clone(),
     );
     transport.seeds = cfg.seeds.clone();
     let mut node = Node {

@@ -41,8 +41,7 @@ pub(super) async fn stream(
                 })
         })
         .await??;
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| Status::internal(e.to_string()))?
+    let ch = crate::tls::endpoint(&addr, svc.c.tls.as_ref(), None)?
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await
