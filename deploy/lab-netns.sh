@@ -14,7 +14,9 @@
 #
 # Needs root and iproute2. Binaries come from $BIN (default target/release; build them with
 # `cargo build --release -p poold -p storaged -p hostd -p poolctl`). HOSTS (default 3).
-# Then: poolctl --pool 10.77.0.1:7101,10.77.0.1:7102,10.77.0.1:7103 host-list
+# Every link is mutual TLS: `up` founds the pool's CA in DIR/pki (poolctl pki-init) and
+# gives each daemon its TLS directory (pki-issue).
+# Then: poolctl --config DIR/client.toml host-list
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-$PWD/target/release}
@@ -63,17 +65,30 @@ up() {
     ip -n "$ns" link set eth0 up
     ip -n "$ns" link set lo up
   done
+  local pki=("$BIN/poolctl" pki-issue "$DIR/pki" --pool-id netns)
+  "$BIN/poolctl" pki-init "$DIR/pki" --pool-id netns >/dev/null
+  for m in 1 2 3; do
+    "${pki[@]}" --identity "member/$m" --name "$NET.1" --out "$DIR/pki/member-$m" >/dev/null
+  done
+  "${pki[@]}" --identity storage/storaged --name "$NET.1" --out "$DIR/pki/storaged" >/dev/null
+  for i in $(seq "$HOSTS"); do
+    "${pki[@]}" --identity "host/h$i" --name "$NET.1$i" --out "$DIR/pki/h$i" >/dev/null
+  done
+  local coords=""
+  for m in 1 2 3; do coords+="${coords:+, }\"$NET.1:710$m\""; done
+  printf 'coordinators = [%s]\nca = "%s"\n' "$coords" "$DIR/pki/ca.pem" >"$DIR/client.toml"
   local members=()
   for m in 1 2 3; do members+=(--member "$m=$NET.1:710$m"); done
   for m in 1 2 3; do
     start "poold-$m" "$BIN/poold" --member-id "$m" --listen "$NET.1:710$m" --pool-id netns \
-      --data-dir "$DIR/poold-$m" "${members[@]}"
+      --data-dir "$DIR/poold-$m" --tls-dir "$DIR/pki/member-$m" "${members[@]}"
   done
   mkdir -p "$DIR/storaged"
   cat >"$DIR/storaged/storaged.toml" <<TOML
 listen = "$NET.1:7300"
 iscsi_listen = "$NET.1:3260"
 state_dir = "$DIR/storaged/state"
+tls_dir = "$DIR/pki/storaged"
 TOML
   start storaged "$BIN/storaged" --log info serve --config "$DIR/storaged/storaged.toml"
   for m in 1 2 3; do wait_port "$NET.1" "710$m"; done
@@ -82,10 +97,10 @@ TOML
     mkdir -p "$DIR/h$i"
     start "h$i" ip netns exec "pool-h$i" "$BIN/hostd" --listen "$NET.1$i:7000" --tie-vms \
       --host-id "h$i" --run-dir "$DIR/h$i" --initiator-iqn "iqn.2026-11.org.pool.netns:h$i" \
-      --pool "$POOL"
+      --tls-dir "$DIR/pki/h$i" --pool "$POOL"
   done
   for i in $(seq "$HOSTS"); do wait_port "pool-h$i" "$NET.1$i" 7000; done
-  local ctl=("$BIN/poolctl" --pool "$POOL")
+  local ctl=("$BIN/poolctl" --config "$DIR/client.toml")
   for _ in $(seq 100); do
     [ "$("${ctl[@]}" host-list 2>/dev/null | grep -c enabled)" = "$HOSTS" ] && break
     sleep 0.2
@@ -93,7 +108,7 @@ TOML
   "${ctl[@]}" host-list
   "${ctl[@]}" sr-list | grep -qw netns-sr ||
     "${ctl[@]}" sr-create netns-sr "$NET.1:7300" --file "$DIR/netns-sr.img" --size 8G
-  echo "up: poolctl --pool $POOL ...; logs in $DIR/logs; '$0 down $DIR' stops it"
+  echo "up: poolctl --config $DIR/client.toml ...; logs in $DIR/logs; '$0 down $DIR' stops it"
 }
 
 down() {
@@ -123,5 +138,5 @@ case "$cmd" in
   down) down ;;
   cut) ip link set "vh${2:?host number}" down ;;
   heal) ip link set "vh${2:?host number}" up ;;
-  *) sed -n '2,18p' "$0"; exit 2 ;;
+  *) sed -n '2,20p' "$0"; exit 2 ;;
 esac

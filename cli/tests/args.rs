@@ -87,3 +87,30 @@ fn an_unknown_verb_is_refused_and_help_lists_the_verbs() {
         assert!(help.contains(verb), "{verb} missing from --help:\n{help}");
     }
 }
+
+#[test]
+fn without_the_pools_ca_nothing_is_sent() {
+    let pool = Sentinel::new();
+    let out = Command::new(env!("CARGO_BIN_EXE_poolctl"))
+        .args(["host-list", "--pool", &pool.addr()])
+        .env_remove("POOLCTL_CA")
+        .output()
+        .expect("run poolctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--ca FILE"), "{err}");
+    assert!(!pool.was_contacted(), "poolctl called a pool it cannot trust");
+
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_ca = dir.path().join("ca.pem");
+    std::fs::write(&not_a_ca, "not a certificate\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_poolctl"))
+        .args(["host-list", "--pool", &pool.addr(), "--ca"])
+        .arg(&not_a_ca)
+        .output()
+        .expect("run poolctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("CA bundle"), "{err}");
+    assert!(!pool.was_contacted());
+}

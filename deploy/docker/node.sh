@@ -8,17 +8,19 @@ members=""
 for m in $MEMBERS; do members="$members --member $m"; done
 # shellcheck disable=SC2086
 poold --member-id "$MEMBER_ID" --listen "$NODE_IP:7101" --pool-id compose \
-  --data-dir /var/lib/poold $members &
+  --data-dir /var/lib/poold --tls-dir /etc/pool/pki/member $members &
 if [ "${STORAGE:-0}" = 1 ]; then
   cat >/etc/pool/storaged.toml <<TOML
 listen = "$NODE_IP:7300"
 iscsi_listen = "$NODE_IP:3260"
 state_dir = "/var/lib/storaged"
+tls_dir = "/etc/pool/pki/storage"
 TOML
   storaged serve --config /etc/pool/storaged.toml &
 fi
 hostd --listen "$NODE_IP:7000" --run-dir /var/lib/hostd --host-id "node$MEMBER_ID" \
-  --initiator-iqn "iqn.2026-11.org.pool.compose:node$MEMBER_ID" --pool "$POOL" &
+  --initiator-iqn "iqn.2026-11.org.pool.compose:node$MEMBER_ID" --tls-dir /etc/pool/pki/host \
+  --pool "$POOL" &
 # The first daemon to stop ends the node.
 wait -n 2>/dev/null || wait
 exit 1

@@ -82,11 +82,62 @@ impl Drop for Process {
     }
 }
 
-/// Three (or `n`) `poold` members on loopback, each with its own data directory.
+/// The pool id of every pool these tests found.
+pub const POOL_ID: &str = "e2e";
+
+/// How tools and daemons reach a pool: its members' addresses and its CA (in `pki`, with
+/// the bundle clients trust beside it), from which each daemon a test starts gets its
+/// TLS directory.
+#[derive(Clone, Debug)]
+pub struct PoolArg {
+    /// The members, comma-separated (poolctl's `--pool`, hostd's `--pool`).
+    pub addrs: String,
+    pub pki: PathBuf,
+    pub pool_id: String,
+}
+
+impl PoolArg {
+    /// The pool's CA, created in `pki` the first time.
+    pub fn ca(&self) -> pool_trust::LocalCa {
+        pool_trust::LocalCa::open_or_create(
+            &self.pki,
+            &pool_trust::PoolId::parse(&self.pool_id).expect("a valid pool id"),
+        )
+        .unwrap_or_else(|e| panic!("the pool CA in {}: {e}", self.pki.display()))
+    }
+
+    /// A TLS directory for `identity` (dialled at `names`), issued into `dir/<path>`.
+    pub fn tls_dir(&self, identity: pool_trust::Identity, names: &[&str]) -> PathBuf {
+        let dir = self.pki.join(identity.path().replace('/', "-"));
+        self.ca()
+            .issue(&identity, names, &dir)
+            .unwrap_or_else(|e| panic!("issuing {identity}: {e}"));
+        dir
+    }
+
+    /// The CA bundle poolctl is given with `--ca`.
+    pub fn bundle(&self) -> PathBuf {
+        self.pki.join(pool_trust::BUNDLE_FILE)
+    }
+
+    /// `poolctl --pool ... --ca ...`, ready for its verb.
+    pub fn poolctl(&self) -> Command {
+        let mut cmd = Command::new(binary("poolctl"));
+        cmd.arg("--pool")
+            .arg(&self.addrs)
+            .arg("--ca")
+            .arg(self.bundle());
+        cmd
+    }
+}
+
+/// Three (or `n`) `poold` members on loopback, each with its own data directory and TLS
+/// directory from the pool's CA (created under `dir/pki`).
 pub struct Coordinators {
     pub dir: PathBuf,
     pub addrs: Vec<String>,
     pub procs: Vec<Process>,
+    pub pool: PoolArg,
 }
 
 impl Coordinators {
@@ -94,11 +145,20 @@ impl Coordinators {
         let addrs: Vec<String> = (0..n)
             .map(|_| format!("127.0.0.1:{}", free_port()))
             .collect();
+        let pool = PoolArg {
+            addrs: addrs.join(","),
+            pki: dir.join("pki"),
+            pool_id: POOL_ID.into(),
+        };
+        for id in 1..=n as u64 {
+            pool.tls_dir(pool_trust::Identity::Member(id), &["127.0.0.1"]);
+        }
         let procs = (1..=n).map(|id| Self::member(dir, &addrs, id)).collect();
         Coordinators {
             dir: dir.to_owned(),
             addrs,
             procs,
+            pool,
         }
     }
 
@@ -110,10 +170,12 @@ impl Coordinators {
             "--listen",
             &addrs[id - 1],
             "--pool-id",
-            "e2e",
+            POOL_ID,
         ])
         .arg("--data-dir")
         .arg(dir.join(format!("poold-{id}")))
+        .arg("--tls-dir")
+        .arg(dir.join(format!("pki/member-{id}")))
         .args(["--log", "info,raft=warn"]);
         for (j, a) in addrs.iter().enumerate() {
             cmd.arg("--member").arg(format!("{}={a}", j + 1));
@@ -145,19 +207,14 @@ impl Coordinators {
             .collect();
     }
 
-    pub fn pool_arg(&self) -> String {
-        self.addrs.join(",")
+    pub fn pool_arg(&self) -> PoolArg {
+        self.pool.clone()
     }
 }
 
-/// Runs `poolctl` against the given members and returns its output.
-pub fn poolctl(pool: &str, args: &[&str]) -> Output {
-    Command::new(binary("poolctl"))
-        .arg("--pool")
-        .arg(pool)
-        .args(args)
-        .output()
-        .expect("run poolctl")
+/// Runs `poolctl` against the given pool and returns its output.
+pub fn poolctl(pool: &PoolArg, args: &[&str]) -> Output {
+    pool.poolctl().args(args).output().expect("run poolctl")
 }
 
 /// Retries `f` until it returns `Some` or `limit` passes.
@@ -244,14 +301,20 @@ pub struct Storaged {
 }
 
 impl Storaged {
-    pub fn start(dir: &Path) -> Storaged {
+    /// Started with a storage certificate of `pool`'s CA, so its members can call it.
+    pub fn start(dir: &Path, pool: &PoolArg) -> Storaged {
         std::fs::create_dir_all(dir).expect("storaged dir");
+        let tls = pool.tls_dir(
+            pool_trust::Identity::Storage("storaged".into()),
+            &["127.0.0.1"],
+        );
         let config = dir.join("storaged.toml");
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:0\"\niscsi_listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n",
-                dir.join("state").display()
+                "listen = \"127.0.0.1:0\"\niscsi_listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n\
+                 tls_dir = {tls:?}\n",
+                dir.join("state")
             ),
         )
         .expect("storaged config");
@@ -280,9 +343,10 @@ pub struct Hostd {
 }
 
 impl Hostd {
-    pub fn start(dir: &Path, name: &str, ip: &str, pool: &str) -> Hostd {
+    pub fn start(dir: &Path, name: &str, ip: &str, pool: &PoolArg) -> Hostd {
         let run = dir.join(name);
         std::fs::create_dir_all(&run).expect("hostd run dir");
+        let tls = pool.tls_dir(pool_trust::Identity::Host(name.into()), &[ip]);
         // The daemon starts VM processes with the lean binary beside it when it is built.
         let _ = binary("hostd-vmm");
         let iqn = format!("iqn.2026-11.org.pool.e2e:{name}");
@@ -291,7 +355,16 @@ impl Hostd {
             .arg("--run-dir")
             .arg(&run)
             .args(["--initiator-iqn", &iqn, "--host-id", name])
-            .args(["--pool", pool, "--heartbeat-ms", "500", "--log", "info"]);
+            .arg("--tls-dir")
+            .arg(&tls)
+            .args([
+                "--pool",
+                &pool.addrs,
+                "--heartbeat-ms",
+                "500",
+                "--log",
+                "info",
+            ]);
         let mut daemon = Daemon::spawn(name, cmd, &dir.join(format!("{name}.log")));
         let addr = daemon.wait_line("hostd listening on ", Duration::from_secs(30));
         Hostd {
@@ -313,7 +386,7 @@ pub fn text(o: &Output) -> String {
 }
 
 /// Runs `poolctl` and panics with its output unless it succeeds.
-pub fn poolctl_ok(pool: &str, args: &[&str]) -> String {
+pub fn poolctl_ok(pool: &PoolArg, args: &[&str]) -> String {
     let o = poolctl(pool, args);
     assert!(
         o.status.success(),

@@ -6,14 +6,14 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{Coordinators, Hostd, Storaged, binary, poolctl, poolctl_ok, text, wait_for};
+use crate::{Coordinators, Hostd, PoolArg, Storaged, binary, poolctl, poolctl_ok, text, wait_for};
 
 /// A running pool and where its parts are.
 pub struct Pool {
     pub coordinators: Coordinators,
     pub storaged: Storaged,
     pub hosts: Vec<Hostd>,
-    pub p: String,
+    pub p: PoolArg,
     /// Sent by `ctl`, `vm` and `wait_vm` once the pool has users.
     pub token: Option<String>,
 }
@@ -28,7 +28,7 @@ impl Pool {
                 .then_some(())
         })
         .expect("a leader within 30 s");
-        let storaged = Storaged::start(&dir.join("storaged"));
+        let storaged = Storaged::start(&dir.join("storaged"), &p);
         let hosts = (0..hosts)
             .map(|i| {
                 Hostd::start(
@@ -136,7 +136,7 @@ pub fn field(line: &str, key: &str) -> String {
 
 /// Streams the VM's console through `poolctl vm-console` until a line starting with
 /// `prefix` shows, and returns that line.
-pub fn console_line(p: &str, vm: &str, prefix: &str, limit: Duration) -> Option<String> {
+pub fn console_line(p: &PoolArg, vm: &str, prefix: &str, limit: Duration) -> Option<String> {
     console_until(p, None, vm, limit, |seen| {
         seen.lines()
             .find(|l| l.starts_with(prefix) && seen.contains(&format!("{l}\n")))
@@ -158,14 +158,13 @@ pub fn line_after(seen: &str, after: &str, prefix: &str) -> Option<String> {
 /// Streams the VM's console (as the token's user, if given) until `found` returns
 /// something for the text seen so far, or `limit` passes.
 pub fn console_until(
-    p: &str,
+    p: &PoolArg,
     token: Option<&str>,
     vm: &str,
     limit: Duration,
     mut found: impl FnMut(&str) -> Option<String>,
 ) -> Option<String> {
-    let mut cmd = Command::new(binary("poolctl"));
-    cmd.args(["--pool", p]);
+    let mut cmd = p.poolctl();
     if let Some(t) = token {
         cmd.args(["--token", t]);
     }

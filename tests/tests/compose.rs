@@ -12,9 +12,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use e2e_tests::pool::{console_line, guest_elf, guest_vm};
-use e2e_tests::{binary, poolctl, poolctl_ok, text, wait_for};
+use e2e_tests::{PoolArg, binary, poolctl, poolctl_ok, text, wait_for};
 
-const POOL: &str = "172.28.0.11:7101,172.28.0.12:7101,172.28.0.13:7101";
+const MEMBERS: &str = "172.28.0.11:7101,172.28.0.12:7101,172.28.0.13:7101";
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -119,11 +119,25 @@ fn the_compose_image_runs_and_the_compose_pool_boots_a_vm() {
     std::fs::create_dir_all("/srv/pool").expect("/srv/pool for the guest kernel");
     let elf = guest_elf(tmp.path());
     std::fs::copy(&elf, "/srv/pool/guest.elf").expect("guest in /srv/pool");
+    // The pool's CA and each node's TLS directories, mounted by the compose file.
+    let pool = PoolArg {
+        addrs: MEMBERS.into(),
+        pki: tmp.path().join("pki"),
+        pool_id: "compose".into(),
+    };
+    let o = Command::new("bash")
+        .arg(deploy().join("docker/found-pool.sh"))
+        .arg(&pool.pki)
+        .env("POOLCTL", bin.join("poolctl"))
+        .output()
+        .expect("run found-pool.sh");
+    assert!(o.status.success(), "{}", text(&o));
     let compose = |args: &[&str]| {
         Command::new("docker")
             .args(["compose", "-p", "pool-e2e", "-f"])
             .arg(deploy().join("docker-compose.yml"))
             .args(args)
+            .env("POOL_PKI", &pool.pki)
             .output()
             .expect("run docker compose")
     };
@@ -138,7 +152,7 @@ fn the_compose_image_runs_and_the_compose_pool_boots_a_vm() {
     assert!(o.status.success(), "{}", text(&o));
     let logs = || text(&compose(&["logs", "--tail", "60"]));
     wait_for(Duration::from_secs(90), || {
-        let o = poolctl(POOL, &["host-list", "--json"]);
+        let o = poolctl(&pool, &["host-list", "--json"]);
         (String::from_utf8_lossy(&o.stdout)
             .matches("\"state\": \"enabled\"")
             .count()
@@ -147,7 +161,7 @@ fn the_compose_image_runs_and_the_compose_pool_boots_a_vm() {
     })
     .unwrap_or_else(|| panic!("three nodes joined\n{}", logs()));
     poolctl_ok(
-        POOL,
+        &pool,
         &[
             "sr-create",
             "sr1",
@@ -158,9 +172,9 @@ fn the_compose_image_runs_and_the_compose_pool_boots_a_vm() {
             "1G",
         ],
     );
-    poolctl_ok(POOL, &["vdi-create", "d1", "--sr", "sr1", "--size", "16M"]);
+    poolctl_ok(&pool, &["vdi-create", "d1", "--sr", "sr1", "--size", "16M"]);
     poolctl_ok(
-        POOL,
+        &pool,
         &guest_vm(
             "v1",
             "d1",
@@ -169,7 +183,7 @@ fn the_compose_image_runs_and_the_compose_pool_boots_a_vm() {
             &["--start"],
         ),
     );
-    let hb = console_line(POOL, "v1", "HB seq=", Duration::from_secs(90))
+    let hb = console_line(&pool, "v1", "HB seq=", Duration::from_secs(90))
         .unwrap_or_else(|| panic!("v1 beats in the compose pool\n{}", logs()));
     assert!(hb.contains("bad=0"), "{hb}");
 }

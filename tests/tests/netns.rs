@@ -10,9 +10,14 @@ use std::process::Command;
 use std::time::Duration;
 
 use e2e_tests::pool::{console_line, field, guest_elf, guest_vm};
-use e2e_tests::{binary, poolctl, poolctl_ok, text, wait_for};
+use e2e_tests::{PoolArg, binary, poolctl, poolctl_ok, text, wait_for};
 
-const POOL: &str = "10.77.0.1:7101,10.77.0.1:7102,10.77.0.1:7103";
+/// The lab's members and CA (the script founds the pool in the lab's `pki`).
+static POOL: std::sync::OnceLock<PoolArg> = std::sync::OnceLock::new();
+
+fn pool() -> &'static PoolArg {
+    POOL.get().expect("the lab is up")
+}
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/lab-netns.sh")
@@ -82,7 +87,7 @@ impl Drop for Lab {
 }
 
 fn vm_line(name: &str) -> Option<String> {
-    let o = poolctl(POOL, &["vm-list", "--json"]);
+    let o = poolctl(pool(), &["vm-list", "--json"]);
     String::from_utf8_lossy(&o.stdout)
         .lines()
         .find(|l| l.contains(&format!("\"name\": \"{name}\"")))
@@ -90,7 +95,7 @@ fn vm_line(name: &str) -> Option<String> {
 }
 
 fn host_line(id: &str) -> String {
-    poolctl_ok(POOL, &["host-list", "--json"])
+    poolctl_ok(pool(), &["host-list", "--json"])
         .lines()
         .find(|l| l.contains(&format!("\"id\": \"{id}\"")))
         .unwrap_or_default()
@@ -118,9 +123,15 @@ fn the_netns_lab_fences_a_cut_off_host_and_takes_it_back() {
         dir: lab.dir.clone(),
         bin: lab.bin.clone(),
     });
+    POOL.set(PoolArg {
+        addrs: "10.77.0.1:7101,10.77.0.1:7102,10.77.0.1:7103".into(),
+        pki: lab.dir.join("pki"),
+        pool_id: "netns".into(),
+    })
+    .expect("one lab per run");
     let o = lab.run(&["up", &lab.dir.display().to_string()]);
     assert!(o.status.success(), "{}\n{}", text(&o), lab.logs());
-    let hosts = poolctl_ok(POOL, &["host-list", "--json"]);
+    let hosts = poolctl_ok(pool(), &["host-list", "--json"]);
     assert_eq!(
         hosts.matches("\"state\": \"enabled\"").count(),
         3,
@@ -133,18 +144,18 @@ fn the_netns_lab_fences_a_cut_off_host_and_takes_it_back() {
         );
     }
 
-    poolctl_ok(POOL, &["pool-set", "--heartbeat-timeout", "2"]);
+    poolctl_ok(pool(), &["pool-set", "--heartbeat-timeout", "2"]);
     poolctl_ok(
-        POOL,
+        pool(),
         &["pool-ha-enable", "--failures", "1", "--timeout", "2"],
     );
     poolctl_ok(
-        POOL,
+        pool(),
         &["vdi-create", "d1", "--sr", "netns-sr", "--size", "16M"],
     );
     let elf = guest_elf(tmp.path());
     poolctl_ok(
-        POOL,
+        pool(),
         &guest_vm(
             "v1",
             "d1",
@@ -158,7 +169,7 @@ fn the_netns_lab_fences_a_cut_off_host_and_takes_it_back() {
     })
     .unwrap_or_else(|| panic!("v1 running\n{}", lab.logs()));
     let first = field(&line, "host");
-    let hb = console_line(POOL, "v1", "HB seq=", Duration::from_secs(30))
+    let hb = console_line(pool(), "v1", "HB seq=", Duration::from_secs(30))
         .unwrap_or_else(|| panic!("v1 beats\n{}", lab.logs()));
     assert!(hb.contains("bad=0"), "{hb}");
 
@@ -197,7 +208,7 @@ fn the_netns_lab_fences_a_cut_off_host_and_takes_it_back() {
         line.contains("\"power\": \"running\"") && field(&line, "host") != first,
         "v1 runs once, on the new host: {line}"
     );
-    let hb = console_line(POOL, "v1", "HB seq=", Duration::from_secs(30))
+    let hb = console_line(pool(), "v1", "HB seq=", Duration::from_secs(30))
         .unwrap_or_else(|| panic!("v1 beats on its new host\n{}", lab.logs()));
     assert!(hb.contains("bad=0"), "{hb}");
 }

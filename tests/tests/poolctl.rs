@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use e2e_tests::{Coordinators, poolctl, wait_for};
+use e2e_tests::{Coordinators, PoolArg, poolctl, wait_for};
 
 fn text(o: &std::process::Output) -> String {
     format!(
@@ -115,7 +115,7 @@ fn hosts_and_tasks_through_poolctl() {
 }
 
 /// Runs poolctl with a token (or none) and returns whether it succeeded and its output.
-fn as_user(p: &str, token: Option<&str>, args: &[&str]) -> (bool, String) {
+fn as_user(p: &PoolArg, token: Option<&str>, args: &[&str]) -> (bool, String) {
     let mut all = Vec::new();
     if let Some(t) = token {
         all.extend(["--token", t]);

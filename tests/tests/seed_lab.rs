@@ -10,10 +10,10 @@ use std::time::Duration;
 use e2e_tests::pool::{
     Pool, can_open, console_until, field, guest_elf, guest_vm, line_after, targets,
 };
-use e2e_tests::{Hostd, poolctl, text, wait_for};
+use e2e_tests::{Hostd, PoolArg, poolctl, text, wait_for};
 
 /// Runs poolctl as the holder of `token`; whether it succeeded and its output.
-fn run(p: &str, token: &str, args: &[&str]) -> (bool, String) {
+fn run(p: &PoolArg, token: &str, args: &[&str]) -> (bool, String) {
     let mut all = vec!["--token", token];
     all.extend_from_slice(args);
     let o = poolctl(p, &all);
