@@ -15,6 +15,9 @@ use tonic::transport::Endpoint;
 /// 2-core machine from starving elections.
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The pool id the members are started with (`--pool-id`), which the test CA names.
+pub const TEST_POOL_ID: &str = "test-pool";
+
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
     l.local_addr().unwrap().port()
@@ -46,6 +49,57 @@ impl Cluster {
             c.spawn(id);
         }
         c
+    }
+
+    /// Like [`Cluster::start`], with extra environment for every member (knobs a test
+    /// shortens, such as the login throttle's window), each member given a TLS directory
+    /// from [`Cluster::pki`] unless [`Cluster::command`] names one already. A member
+    /// started again with [`Cluster::spawn`] runs without the environment.
+    pub fn start_with_env(n: u64, extra: &[&str], env: &[(&str, &str)]) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addrs: BTreeMap<u64, String> = (1..=n)
+            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+            .collect();
+        let mut c = Cluster {
+            dir,
+            addrs,
+            procs: BTreeMap::new(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            joined: BTreeMap::new(),
+        };
+        for id in 1..=n {
+            let addr = c.addrs[&id].clone();
+            let mut cmd = c.command(id, &addr, false);
+            if !cmd.get_args().any(|a| a == "--tls-dir") {
+                let tls = c.dir.path().join(format!("pki/member-{id}"));
+                c.pki()
+                    .issue(&pool_trust::Identity::Member(id), &["127.0.0.1"], &tls)
+                    .expect("issue a member's TLS directory");
+                cmd.arg("--tls-dir").arg(tls);
+            }
+            let child = cmd.envs(env.iter().copied()).spawn().expect("spawn poold");
+            c.procs.insert(id, child);
+        }
+        c
+    }
+
+    /// The test pool's CA, under `dir/pki` (created the first time).
+    pub fn pki(&self) -> pool_trust::LocalCa {
+        let pool = pool_trust::PoolId::parse(TEST_POOL_ID).expect("a valid pool id");
+        pool_trust::LocalCa::open_or_create(&self.dir.path().join("pki"), &pool)
+            .expect("the test pool's CA")
+    }
+
+    /// A client of every member over TLS, trusting the test pool's CA and nothing else
+    /// (as `poolctl --ca` does).
+    pub fn tls_client(&self) -> PoolClient {
+        let bundle = self.pki().ca().bundle();
+        let tls = pool_trust::tls::client_tls(&bundle, None, None)
+            .expect("no credentials, nothing to mismatch")
+            .domain_name(pool_trust::coordinators_name(bundle.pool_id()));
+        let mut all: Vec<String> = self.addrs.values().cloned().collect();
+        all.extend(self.joined.values().cloned());
+        PoolClient::with_tls(all, &tls)
     }
 
     pub fn data_dir(&self, id: u64) -> PathBuf {
