@@ -27,6 +27,10 @@ pub(crate) use call;
 /// Turns a gRPC status into an error that says what to do.
 pub fn explain(s: tonic::Status) -> anyhow::Error {
     let hint = match s.code() {
+        _ if pool_client::certificate_refused(&s) => {
+            "\nhint: the member's certificate is not signed by the CA poolctl trusts (--ca): \
+             this is another pool, or its CA changed; check --ca and --pool"
+        }
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
             "\nhint: no coordinator answered; is the pool running (poolctl lab) and --pool right?"
         }

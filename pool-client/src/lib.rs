@@ -50,7 +50,7 @@ pub mod members;
 
 pub use auth::{Auth, BadToken};
 pub use client::{PoolClient, PoolStub, pool_stub};
-pub use members::{Members, MembersError, PassError, retryable};
+pub use members::{Members, MembersError, PassError, certificate_refused, retryable};
 
 /// A fresh idempotency key for a mutating request.
 pub fn new_request_id() -> String {

@@ -13,17 +13,24 @@ use std::time::{Duration, Instant};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Response, Status};
 
+/// Whether the call failed because the member's certificate is not one the client
+/// trusts (another pool's, or a CA the client was not given): no retry will change that.
+pub fn certificate_refused(s: &Status) -> bool {
+    s.message().contains("invalid peer certificate")
+}
+
 /// Whether a failed call may succeed on another member or later. Anything else is a
 /// refusal every member would repeat.
 pub fn retryable(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable
-            | Code::DeadlineExceeded
-            | Code::Aborted
-            | Code::Cancelled
-            | Code::Unknown
-    )
+    !certificate_refused(s)
+        && matches!(
+            s.code(),
+            Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::Aborted
+                | Code::Cancelled
+                | Code::Unknown
+        )
 }
 
 /// Why a member set could not be made.
