@@ -3,9 +3,11 @@
 //! - **Passwords** are stored as PBKDF2-HMAC-SHA256 hashes with a random salt
 //!   (`pbkdf2-sha256$<iterations>$<salt hex>$<hash hex>`), computed by the member that
 //!   takes the request (the state machine only stores them), at least
-//!   [`MIN_PASSWORD_LEN`] characters long. Hashing and checking run on the blocking pool,
-//!   a few at a time ([`check_password_blocking`]): the API runtime may be a single
-//!   thread that Raft and every other call share.
+//!   [`MIN_PASSWORD_LEN`] characters long; the stored credential is that hash, followed
+//!   by `$<token stamp hex>` once the user's tokens were revoked ([`with_token_stamp`]).
+//!   Hashing and checking run on the blocking pool, a few at a time
+//!   ([`check_password_blocking`]): the API runtime may be a single thread that Raft and
+//!   every other call share.
 //! - **Logins** do the same work whether the user exists or not (an unknown name is
 //!   checked against a dummy hash) and fail with one message; failures are throttled per
 //!   user name and per source address (`service::pool::users::LoginThrottle`).

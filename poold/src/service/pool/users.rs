@@ -113,16 +113,22 @@ async fn target(svc: &PoolHandler, who: &Caller, user_id: &str) -> Result<UserRe
     let (id, name) = (user_id.to_owned(), who.name.clone());
     let found = svc
         .c
-        .read(move |s| match id.is_empty() {
-            true => s.user_by_name(&name).cloned(),
-            false => s.users.get(&id).cloned(),
+        .read(move |s| {
+            if id.is_empty() {
+                s.user_by_name(&name).cloned()
+            } else {
+                s.users.get(&id).cloned()
+            }
         })
         .await?;
-    let u = found.ok_or_else(|| match user_id.is_empty() {
-        true => Status::failed_precondition(
-            "the caller is no user of this pool (an open pool): name the user by id",
-        ),
-        false => Status::not_found(format!("no user with id {user_id}")),
+    let u = found.ok_or_else(|| {
+        if user_id.is_empty() {
+            Status::failed_precondition(
+                "the caller is no user of this pool (an open pool): name the user by id",
+            )
+        } else {
+            Status::not_found(format!("no user with id {user_id}"))
+        }
     })?;
     if u.user.name != who.name && who.level < Level::PoolAdmin {
         return Err(Status::permission_denied(format!(
