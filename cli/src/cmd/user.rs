@@ -152,7 +152,13 @@ pub async fn run(ctl: &mut Ctl, command: UserCommand) -> anyhow::Result<()> {
                     old_password,
                     new_password
                 }
-            )?;
+            )
+            .map_err(|e| match name {
+                Some(_) if e.to_string().contains("old_password is required") => {
+                    e.context("to change your own password, leave NAME out")
+                }
+                _ => e,
+            })?;
             ctl.follow(r).await?;
             eprintln!("the user's tokens no longer work: log in again");
         }
