@@ -380,8 +380,8 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
     println!(
         "\nThe lab is ready ({:.1} s): {} coordinators, {} hosts, storage at {STORAGED} \
          (iSCSI {ISCSI}); logs in {}.\n\n\
-         Use it from another terminal{} (every link is mutual TLS under the lab's CA,\n\
-         {}):\n\
+         Every link is mutual TLS under the lab's CA ({}).\n\
+         Use it from another terminal{}:\n\
          \x20 poolctl host-list\n\
          \x20 poolctl vm-list\n\
          \x20 poolctl vm-console {DEMO}        # Ctrl-] leaves\n\
@@ -392,11 +392,11 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
         MEMBERS.len(),
         args.hosts,
         logs.display(),
+        bundle.display(),
         match &args.dir {
             Some(_) => format!(" with --config {}", dir.join(CLIENT_CONFIG).display()),
             None => String::new(),
         },
-        bundle.display(),
         args.dir
             .as_ref()
             .map(|d| format!(" --dir {}", d.display()))

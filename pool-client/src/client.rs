@@ -5,7 +5,6 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use proto::coordinator as pb;
-use proto::coordinator::coordinator_peer_service_client::CoordinatorPeerServiceClient;
 use proto::coordinator::pool_service_client::PoolServiceClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig};
@@ -89,35 +88,25 @@ impl PoolClient {
 
     /// Asks the members who leads and sends later calls there; false when none knows.
     pub async fn find_leader(&mut self) -> bool {
+        // Through PoolService (ListMembers names the leader): the members' own service
+        // answers members only.
         for i in 0..self.members.len() {
-            let mut p = CoordinatorPeerServiceClient::new(self.members.channel(i));
-            let Ok(Ok(st)) = tokio::time::timeout(
+            let Ok(Ok(m)) = tokio::time::timeout(
                 Duration::from_secs(1),
-                p.get_member_status(pb::MemberStatusRequest {}),
+                self.stub(i).list_members(pb::ListMembersRequest {}),
             )
             .await
             else {
                 continue;
             };
-            let st = st.into_inner();
-            if st.leader_id == 0 {
+            let Some(leader) = m.into_inner().members.into_iter().find(|m| m.leader) else {
                 continue;
-            }
-            if st.leader_id == st.member_id {
-                self.members.set_current(i);
-                return true;
-            }
-            if let Ok(Ok(m)) = tokio::time::timeout(
-                Duration::from_secs(1),
-                self.stub(i).list_members(pb::ListMembersRequest {}),
-            )
-            .await
-                && let Some(l) = m.into_inner().members.iter().find(|m| m.id == st.leader_id)
-                && let Some(j) = self
-                    .members
-                    .addresses()
-                    .iter()
-                    .position(|a| *a == l.address)
+            };
+            if let Some(j) = self
+                .members
+                .addresses()
+                .iter()
+                .position(|a| *a == leader.address)
             {
                 self.members.set_current(j);
                 return true;
