@@ -1,8 +1,8 @@
 //! Users against a real one-member pool: the minimum password length, the login throttle
 //! (per user name and per source, over once its window passes), one answer for unknown
 //! users and wrong passwords, password change and token revocation (old tokens refused,
-//! the user kept), who may change whose password, and reads that keep answering through
-//! a login flood.
+//! the user kept; on every member of a three-member pool), who may change whose
+//! password, and reads that keep answering through a login flood.
 
 mod common;
 
@@ -420,4 +420,72 @@ async fn reads_keep_answering_through_a_login_flood() {
         reads.len() >= 3,
         "the flood ended before reads could be timed"
     );
+}
+
+/// Calls ListHosts with `token` on member `id` until it answers `want` (a follower
+/// applies a commit a moment after the leader answered it).
+async fn until_member_answers(cl: &Cluster, id: u64, token: &str, want: Result<(), Code>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = cl.tls_client_of(&[id]);
+        c.set_token(token).unwrap();
+        let got = c
+            .call(|mut p| async move {
+                p.list_hosts(pb::ListHostsRequest {
+                    page: None,
+                    state: 0,
+                })
+                .await
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| s.code());
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "member {id} answered {got:?}, not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_through_one_member_holds_on_every_member() {
+    let _serial = SERIAL.lock().await;
+    let cl = Cluster::start_with_env(3, &[], &[]);
+    let mut admin = cl.tls_client();
+    create_user(&mut admin, "admin", ADMIN_PW, pb::Role::PoolAdmin)
+        .await
+        .expect("the first admin");
+    admin.set_token(&admin_token(&cl).await).unwrap();
+    create_user(&mut admin, "bob", "bob password 12", pb::Role::ReadOnly)
+        .await
+        .unwrap();
+    let old = login(&cl, "bob", "bob password 12").await.unwrap();
+    for id in 1..=3 {
+        until_member_answers(&cl, id, &old, Ok(())).await;
+    }
+    // Bob changes his password through member 3 alone: every member refuses the old
+    // token, and takes a new one.
+    let mut via_3 = cl.tls_client_of(&[3]);
+    via_3.set_token(&old).unwrap();
+    change_password(&mut via_3, "", "bob password 12", "bob new password")
+        .await
+        .expect("a change through member 3");
+    let new = login(&cl, "bob", "bob new password").await.unwrap();
+    for id in 1..=3 {
+        until_member_answers(&cl, id, &old, Err(Code::Unauthenticated)).await;
+        until_member_answers(&cl, id, &new, Ok(())).await;
+    }
+    let bob_id = user_id(&mut admin, "bob").await;
+    let mut via_1 = cl.tls_client_of(&[1]);
+    via_1.set_token(&admin_token(&cl).await).unwrap();
+    revoke_tokens(&mut via_1, &bob_id)
+        .await
+        .expect("a revocation through member 1");
+    for id in 1..=3 {
+        until_member_answers(&cl, id, &new, Err(Code::Unauthenticated)).await;
+    }
 }

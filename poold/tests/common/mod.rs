@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use pool_client::PoolClient;
 use proto::coordinator as pb;
 use proto::coordinator::coordinator_peer_service_client::CoordinatorPeerServiceClient;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// Cluster tests start several processes each; running them one at a time keeps a
 /// 2-core machine from starving elections.
@@ -93,17 +93,49 @@ impl Cluster {
     /// A client of every member over TLS, trusting the test pool's CA and nothing else
     /// (as `poolctl --ca` does).
     pub fn tls_client(&self) -> PoolClient {
-        let bundle = self.pki().ca().bundle();
-        let tls = pool_trust::tls::client_tls(&bundle, None, None)
-            .expect("no credentials, nothing to mismatch")
-            .domain_name(pool_trust::coordinators_name(bundle.pool_id()));
         let mut all: Vec<String> = self.addrs.values().cloned().collect();
         all.extend(self.joined.values().cloned());
-        PoolClient::with_tls(all, &tls)
+        PoolClient::with_tls(all, &self.client_tls())
+    }
+
+    /// [`Cluster::tls_client`] of the members `ids` only.
+    pub fn tls_client_of(&self, ids: &[u64]) -> PoolClient {
+        PoolClient::with_tls(ids.iter().map(|id| self.addr(*id)), &self.client_tls())
+    }
+
+    fn client_tls(&self) -> tonic::transport::ClientTlsConfig {
+        let bundle = self.pki().ca().bundle();
+        pool_trust::tls::client_tls(&bundle, None, None)
+            .expect("no credentials, nothing to mismatch")
+            .domain_name(pool_trust::coordinators_name(bundle.pool_id()))
     }
 
     pub fn data_dir(&self, id: u64) -> PathBuf {
         self.dir.path().join(format!("m{id}"))
+    }
+
+    /// Member `id`'s TLS directory, issued by [`Cluster::pki`] the first time it is asked
+    /// for (a restarted member keeps its certificate).
+    pub fn member_tls_dir(&self, id: u64) -> PathBuf {
+        let dir = self.dir.path().join(format!("pki/member-{id}"));
+        if !dir.join("cert.pem").exists() {
+            self.pki()
+                .issue(&pool_trust::Identity::Member(id), &["127.0.0.1"], &dir)
+                .expect("issue a member's TLS directory");
+        }
+        dir
+    }
+
+    /// A TLS directory `pki/<name>` for `identity` (a host, a client), issued the first
+    /// time.
+    pub fn issue(&self, identity: &pool_trust::Identity, name: &str) -> pool_trust::DaemonTls {
+        let dir = self.dir.path().join(format!("pki/{name}"));
+        if dir.join("cert.pem").exists() {
+            return pool_trust::DaemonTls::load_as(&dir, identity).expect("load a TLS directory");
+        }
+        self.pki()
+            .issue(identity, &["127.0.0.1"], &dir)
+            .expect("issue a TLS directory")
     }
 
     fn command(&self, id: u64, addr: &str, join: bool) -> Command {
@@ -115,7 +147,9 @@ impl Cluster {
             .arg("--data-dir")
             .arg(self.data_dir(id))
             .arg("--pool-id")
-            .arg("test-pool")
+            .arg(TEST_POOL_ID)
+            .arg("--tls-dir")
+            .arg(self.member_tls_dir(id))
             .arg("--log")
             .arg(std::env::var("POOLD_TEST_LOG").unwrap_or_else(|_| "warn".into()));
         for (m, a) in &self.addrs {
@@ -186,19 +220,31 @@ impl Cluster {
     pub fn client(&self) -> PoolClient {
         let mut all: Vec<String> = self.addrs.values().cloned().collect();
         all.extend(self.joined.values().cloned());
-        PoolClient::new(all)
+        PoolClient::with_tls(all, &self.client_tls())
     }
 
     pub fn client_of(&self, ids: &[u64]) -> PoolClient {
-        PoolClient::new(ids.iter().map(|id| self.addr(*id)))
+        PoolClient::with_tls(ids.iter().map(|id| self.addr(*id)), &self.client_tls())
     }
 
-    pub fn peer(&self, id: u64) -> CoordinatorPeerServiceClient<tonic::transport::Channel> {
-        let ch = Endpoint::from_shared(format!("http://{}", self.addr(id)))
+    /// Member `id`'s peer service, called with `id`'s own certificate (the service
+    /// answers members only) and accepting only `id`'s.
+    pub fn peer(&self, id: u64) -> CoordinatorPeerServiceClient<Channel> {
+        let tls = pool_trust::DaemonTls::load(&self.member_tls_dir(id)).expect("member TLS");
+        let cfg = tls
+            .client(&pool_trust::Identity::Member(id))
+            .expect("member TLS config");
+        CoordinatorPeerServiceClient::new(self.channel(id, cfg))
+    }
+
+    /// A lazy TLS channel to member `id` with `cfg`.
+    pub fn channel(&self, id: u64, cfg: ClientTlsConfig) -> Channel {
+        Endpoint::from_shared(format!("https://{}", self.addr(id)))
             .unwrap()
+            .tls_config(cfg)
+            .expect("TLS endpoint")
             .connect_timeout(Duration::from_millis(500))
-            .connect_lazy();
-        CoordinatorPeerServiceClient::new(ch)
+            .connect_lazy()
     }
 
     pub async fn status(&self, id: u64) -> Option<pb::MemberStatus> {
@@ -327,9 +373,18 @@ impl Drop for Cluster {
 
 /// Joins a host with a given address through the client (retrying safely).
 pub async fn join_host(c: &mut PoolClient, address: &str) -> Result<pb::Task, tonic::Status> {
+    join_named_host(c, address, address).await
+}
+
+/// Joins a host named `name` (what its certificate must name to heartbeat as it).
+pub async fn join_named_host(
+    c: &mut PoolClient,
+    name: &str,
+    address: &str,
+) -> Result<pb::Task, tonic::Status> {
     let req = pb::JoinHostRequest {
         request_id: pool_client::new_request_id(),
-        name: address.to_owned(),
+        name: name.to_owned(),
         address: address.to_owned(),
     };
     c.call(|mut p| {
