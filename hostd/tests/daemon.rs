@@ -7,7 +7,6 @@ mod common;
 
 use common::*;
 use hostd::testguest::{self, heartbeat_sum};
-use proto::host::host_service_client::HostServiceClient;
 use proto::host::*;
 use tonic::Code;
 
@@ -609,21 +608,29 @@ async fn vms_outlive_clients_and_a_daemon_restart() {
     }
 }
 
-/// The daemon binary itself: serves on the port it prints, and with `--tie-vms` takes
-/// its VMs with it when told to stop.
+/// The daemon binary itself: serves over mutual TLS on the port it prints, and with
+/// `--tie-vms` takes its VMs with it when told to stop.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_daemon_binary_serves_and_stops_its_tied_vms_on_sigterm() {
     use tokio::io::AsyncBufReadExt;
     let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let host = pool_trust::Identity::Host(HOST.into());
+    pki.issue(&host, &["127.0.0.1"]);
+    let member = pki.issue(&pool_trust::Identity::Member(1), &[]);
     let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_hostd"))
         .args([
             "--listen",
             "127.0.0.1:0",
             "--tie-vms",
+            "--host-id",
+            HOST,
             "--log",
             "warn",
-            "--run-dir",
+            "--tls-dir",
         ])
+        .arg(pki.dir_of(&host))
+        .arg("--run-dir")
         .arg(dir.path())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -639,9 +646,7 @@ async fn the_daemon_binary_serves_and_stops_its_tied_vms_on_sigterm() {
         .strip_prefix("hostd listening on ")
         .expect("address line")
         .to_owned();
-    let mut c = HostServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let mut c = connect_as(&addr, &member).await;
     let vm = create(&mut c, "tied", config("then=spin"), true).await;
     assert_eq!(vm.power_state, PowerState::Running as i32);
     let pid = vm.vmm_pid;

@@ -1,27 +1,85 @@
-//! Shared by the daemon tests: a `HostService` server on loopback with VMs in real
-//! `hostd-vmm` processes, and client helpers.
+//! Shared by the daemon tests: a `HostService` server on loopback over mutual TLS with
+//! VMs in real `hostd-vmm` processes, the pool CA its certificates come from, and client
+//! helpers.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hostd::service::{HostIdentity, HostServer};
 use hostd::supervisor::manager::{Manager, ManagerConfig};
 use hostd::testguest;
+use pool_trust::{DaemonTls, Identity, LocalCa, PoolId};
 use proto::host::host_service_client::HostServiceClient;
 use proto::host::*;
 use tokio::sync::oneshot;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 pub const WAIT: Duration = Duration::from_secs(30);
 pub const INITIATOR: &str = "iqn.2026-11.lab.pool:test-host";
+/// The pool the test CAs are of.
+pub const POOL: &str = "hosttest";
+/// The host every test daemon runs as (its certificate's identity).
+pub const HOST: &str = "test-host";
+
+/// A pool CA of the test's own in a temporary directory, issuing TLS directories there.
+pub struct Pki {
+    dir: tempfile::TempDir,
+    pub ca: LocalCa,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = LocalCa::open_or_create(dir.path(), &PoolId::parse(POOL).unwrap()).unwrap();
+        Pki { dir, ca }
+    }
+
+    /// Where [`Pki::issue`] puts the TLS directory of `identity`.
+    pub fn dir_of(&self, identity: &Identity) -> PathBuf {
+        self.dir
+            .path()
+            .join(identity.dns_name(self.ca.ca().pool_id()))
+    }
+
+    /// Issues `identity`, named also by `names`, into a TLS directory of its own.
+    pub fn issue(&self, identity: &Identity, names: &[&str]) -> DaemonTls {
+        self.ca
+            .issue(identity, names, &self.dir_of(identity))
+            .unwrap()
+    }
+}
+
+/// A client of the host [`HOST`] at `addr` over TLS configured by `tls`. A refused
+/// handshake shows here or on the first call, depending on who notices first.
+pub async fn connect_tls(
+    addr: &str,
+    tls: ClientTlsConfig,
+) -> Result<HostServiceClient<Channel>, tonic::transport::Error> {
+    let channel = Endpoint::from_shared(format!("https://{addr}"))?
+        .connect_timeout(WAIT)
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(HostServiceClient::new(channel))
+}
+
+/// A client of the host [`HOST`] at `addr`, as the holder of `tls`.
+pub async fn connect_as(addr: &str, tls: &DaemonTls) -> HostServiceClient<Channel> {
+    let config = tls.client(&Identity::Host(HOST.into())).unwrap();
+    connect_tls(addr, config).await.unwrap()
+}
 
 pub struct Daemon {
     pub addr: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     pub manager: Arc<Manager>,
+    /// The CA of this daemon's pool: its own certificate and [`Daemon::member`]'s.
+    pub pki: Pki,
+    /// Coordinator member 1's TLS: what [`Daemon::client`] calls with.
+    pub member: DaemonTls,
 }
 
 impl Daemon {
@@ -57,18 +115,21 @@ impl Daemon {
         })
         .await
         .unwrap();
+        let pki = Pki::new();
+        let tls = pki.issue(&Identity::Host(HOST.into()), &[ip]);
+        let member = pki.issue(&Identity::Member(1), &[]);
         let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
         let server = HostServer::new(
             manager.clone(),
             HostIdentity {
-                host_id: "test-host".into(),
+                host_id: HOST.into(),
                 ..Default::default()
             },
         );
         let task = tokio::spawn(async move {
-            hostd::service::serve(listener, server, async {
+            hostd::service::serve(listener, server, Some(&tls), async {
                 let _ = rx.await;
             })
             .await
@@ -79,13 +140,14 @@ impl Daemon {
             stop: Some(tx),
             task: Some(task),
             manager,
+            pki,
+            member,
         }
     }
 
+    /// A client as coordinator member 1, over mutual TLS.
     pub async fn client(&self) -> HostServiceClient<Channel> {
-        HostServiceClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
+        connect_as(&self.addr.to_string(), &self.member).await
     }
 
     /// Stops serving; VMs are left running (as a daemon restart would).
