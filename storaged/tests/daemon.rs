@@ -1,35 +1,104 @@
-//! The storaged daemon as a process: pools and volumes over gRPC, a volume exported over
-//! iSCSI and written and read back by a real initiator (qemu-img through libiscsi), a
-//! revoke that cuts the initiator off, and a restart that keeps pool, export and data.
+//! The storaged daemon as a process: pools and volumes over gRPC (mutual TLS, pool
+//! members only), a volume exported over iSCSI and written and read back by a real
+//! initiator (qemu-img through libiscsi), a revoke that cuts the initiator off, a restart
+//! that keeps pool, export and data, and a daemon that will not serve without its TLS
+//! directory.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use pool_trust::tls::client_tls;
+use pool_trust::{DaemonTls, Identity, LocalCa, PoolId};
 use proto::storage::storage_service_client::StorageServiceClient;
 use proto::storage::{self as pb};
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 const INITIATOR: &str = "iqn.2026-11.org.pool.test:host1";
+/// The pool of the test CA, and the storage endpoint the daemon runs as.
+const POOL: &str = "storetest";
+const STORAGED: &str = "storaged";
+
+/// The test pool's CA, kept in the test's directory: a restarted daemon finds its
+/// certificate again.
+struct Pki {
+    ca: LocalCa,
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn open(dir: &Path) -> Pki {
+        let ca = LocalCa::open_or_create(dir, &PoolId::parse(POOL).unwrap()).unwrap();
+        Pki {
+            ca,
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn dir_of(&self, identity: &Identity) -> PathBuf {
+        self.dir.join(identity.dns_name(self.ca.ca().pool_id()))
+    }
+
+    /// The TLS directory of `identity` (named also by `names`), issued the first time.
+    fn tls(&self, identity: &Identity, names: &[&str]) -> DaemonTls {
+        let dir = self.dir_of(identity);
+        if dir.exists() {
+            DaemonTls::load(&dir).unwrap()
+        } else {
+            self.ca.issue(identity, names, &dir).unwrap()
+        }
+    }
+}
+
+fn storaged_identity() -> Identity {
+    Identity::Storage(STORAGED.into())
+}
+
+/// The daemon's configuration file in `state`, with `tls_dir` when given.
+fn write_config(state: &Path, tls_dir: Option<&Path>) -> PathBuf {
+    let config = state.join("storaged.toml");
+    let mut text = format!(
+        "listen = \"127.0.0.1:0\"\niscsi_listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n",
+        state.join("state").display()
+    );
+    if let Some(dir) = tls_dir {
+        text.push_str(&format!("tls_dir = \"{}\"\n", dir.display()));
+    }
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// A StorageService client of the daemon at `addr` over `tls`; a refused handshake
+/// shows here or on the first call.
+async fn connect_tls(
+    addr: &str,
+    tls: ClientTlsConfig,
+) -> Result<StorageServiceClient<Channel>, tonic::transport::Error> {
+    let channel = Endpoint::from_shared(format!("https://{addr}"))?
+        .connect_timeout(Duration::from_secs(20))
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(StorageServiceClient::new(channel))
+}
 
 struct Daemon {
     child: Child,
     grpc: String,
     iscsi: String,
+    pki: Pki,
+    /// Coordinator member 1's TLS: what [`Daemon::client`] calls with.
+    member: DaemonTls,
 }
 
 impl Daemon {
     fn start(state: &Path) -> Daemon {
-        let config = state.join("storaged.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"127.0.0.1:0\"\niscsi_listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n",
-                state.join("state").display()
-            ),
-        )
-        .unwrap();
+        let pki = Pki::open(&state.join("pki"));
+        pki.tls(&storaged_identity(), &["127.0.0.1"]);
+        let member = pki.tls(&Identity::Member(1), &[]);
+        let config = write_config(state, Some(&pki.dir_of(&storaged_identity())));
         let mut child = Command::new(env!("CARGO_BIN_EXE_storaged"))
             .args(["serve", "--config"])
             .arg(&config)
@@ -50,13 +119,23 @@ impl Daemon {
                 iscsi = a.to_owned();
             }
         }
-        Daemon { child, grpc, iscsi }
+        Daemon {
+            child,
+            grpc,
+            iscsi,
+            pki,
+            member,
+        }
     }
 
+    /// A client as coordinator member 1, over mutual TLS.
     async fn client(&self) -> StorageServiceClient<Channel> {
-        StorageServiceClient::connect(format!("http://{}", self.grpc))
-            .await
-            .unwrap()
+        self.client_as(&self.member).await
+    }
+
+    async fn client_as(&self, tls: &DaemonTls) -> StorageServiceClient<Channel> {
+        let config = tls.client(&storaged_identity()).unwrap();
+        connect_tls(&self.grpc, config).await.unwrap()
     }
 
     /// SIGTERM, then wait: the daemon commits its pools before it exits.
@@ -463,4 +542,132 @@ async fn pools_volumes_and_exports_over_grpc_survive_a_restart() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
     daemon.stop();
+}
+
+/// ListPools at `addr` over `tls`: the number of pools, or why not (a refused connection
+/// reads as `Unavailable` with the transport error).
+async fn list_pools(addr: &str, tls: ClientTlsConfig) -> Result<usize, tonic::Status> {
+    let call = async {
+        let mut c = connect_tls(addr, tls)
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("connecting: {e:?}")))?;
+        let pools = c.list_pools(pb::ListPoolsRequest::default()).await?;
+        Ok(pools.into_inner().pools.len())
+    };
+    tokio::time::timeout(Duration::from_secs(20), call)
+        .await
+        .expect("the call ends either way")
+}
+
+/// A failure in the transport (a refused TLS handshake: the client sees the server's
+/// alert or, when its request was already on the way, a closed stream or a cancelled
+/// call); the service's interceptor, which would say Unauthenticated or
+/// PermissionDenied, never saw a call.
+fn assert_handshake_refused(what: &str, r: Result<usize, tonic::Status>) {
+    let err = r.expect_err(what);
+    assert!(
+        !matches!(
+            err.code(),
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+        ) && format!("{err:?}").contains("tonic::transport::Error(Transport"),
+        "{what}: {err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_service_answers_pool_members_and_nobody_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let me = storaged_identity();
+    let bundle = &daemon.member.bundle;
+
+    // No client certificate: the handshake is refused before the service sees a call.
+    let anonymous = client_tls(bundle, None, Some(&me)).unwrap();
+    let r = list_pools(&daemon.grpc, anonymous).await;
+    assert_handshake_refused("no client certificate", r);
+    // A member certificate of another CA of the same pool name.
+    let forger = Pki::open(&dir.path().join("forger"));
+    let forged = forger.tls(&Identity::Member(1), &[]);
+    let cfg = client_tls(bundle, Some(&forged.creds), Some(&me)).unwrap();
+    let r = list_pools(&daemon.grpc, cfg).await;
+    assert_handshake_refused("another CA's member", r);
+
+    // Hosts (and the storage endpoint itself) are of the pool but not members.
+    for other in [Identity::Host("h1".into()), me.clone()] {
+        let tls = daemon.pki.tls(&other, &[]);
+        let err = list_pools(&daemon.grpc, tls.client(&me).unwrap())
+            .await
+            .expect_err("only members may call");
+        assert_eq!(
+            err.code(),
+            tonic::Code::PermissionDenied,
+            "{other}: {err:?}"
+        );
+        assert!(err.message().contains("may not call"), "{other}: {err:?}");
+    }
+
+    let mut c = daemon.client().await;
+    let pools = c.list_pools(pb::ListPoolsRequest::default()).await.unwrap();
+    assert!(pools.into_inner().pools.is_empty());
+    let m2 = daemon.pki.tls(&Identity::Member(2), &[]);
+    let mut c = daemon.client_as(&m2).await;
+    c.list_pools(pb::ListPoolsRequest::default()).await.unwrap();
+    daemon.stop();
+}
+
+/// `storaged serve` with `tls_dir` (if any) in its configuration, expected to refuse to
+/// start: its stderr. Its state directory stays uncreated.
+fn refused_serve(state: &Path, tls_dir: Option<&Path>) -> String {
+    let config = write_config(state, tls_dir);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_storaged"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start storaged");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("storaged served with TLS directory {tls_dir:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        !state.join("state").exists(),
+        "a refused start made its state directory: {stderr}"
+    );
+    stderr
+}
+
+#[test]
+fn serve_refuses_to_start_without_a_private_storage_tls_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = refused_serve(dir.path(), None);
+    assert!(err.contains("a TLS directory is required"), "{err}");
+
+    let pki = Pki::open(&dir.path().join("pki"));
+    let host = Identity::Host("h1".into());
+    pki.tls(&host, &["127.0.0.1"]);
+    let err = refused_serve(dir.path(), Some(&pki.dir_of(&host)));
+    assert!(err.contains("not a storage endpoint"), "{err}");
+
+    let tls_dir = pki.dir_of(&storaged_identity());
+    pki.tls(&storaged_identity(), &["127.0.0.1"]);
+    std::fs::set_permissions(&tls_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let err = refused_serve(dir.path(), Some(&tls_dir));
+    assert!(err.contains("has mode 0755"), "{err}");
 }
