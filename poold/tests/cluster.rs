@@ -124,11 +124,20 @@ fn api_threads_out_of_range_is_refused_before_starting() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // A valid TLS directory, so the setting is what is refused.
+    let pool = pool_trust::PoolId::parse(TEST_POOL_ID).unwrap();
+    let tls = dir.path().join("m1-tls");
+    pool_trust::LocalCa::open_or_create(&dir.path().join("pki"), &pool)
+        .unwrap()
+        .issue(&pool_trust::Identity::Member(1), &["127.0.0.1"], &tls)
+        .unwrap();
     let cfg = dir.path().join("poold.toml");
     std::fs::write(&cfg, "api_threads = 0\n").unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_poold"))
         .args(["--member-id", "1", "--listen", "127.0.0.1:1", "--config"])
         .arg(&cfg)
+        .arg("--tls-dir")
+        .arg(&tls)
         .arg("--data-dir")
         .arg(dir.path().join("data"))
         .output()

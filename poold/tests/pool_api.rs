@@ -26,18 +26,24 @@ fn host_info(gib: u64, cpus: u32, features: &[&str]) -> hpb::HostInfo {
     }
 }
 
+/// A heartbeat to `member` from the host named `host` (with that host's certificate)
+/// reporting as host `host_id`.
 async fn heartbeat(
-    addr: &str,
+    cl: &Cluster,
+    member: u64,
+    host: &str,
     host_id: &str,
     info: &hpb::HostInfo,
     seq: u64,
 ) -> Result<pb::HeartbeatResponse, tonic::Status> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    HostAgentServiceClient::new(ch)
+    let tls = cl.issue(
+        &pool_trust::Identity::Host(host.into()),
+        &format!("host-{host}"),
+    );
+    let cfg = tls
+        .client(&pool_trust::Identity::Member(member))
+        .expect("host TLS config");
+    HostAgentServiceClient::new(cl.channel(member, cfg))
         .heartbeat(pb::HeartbeatRequest {
             host_id: host_id.into(),
             info: Some(info.clone()),
@@ -77,13 +83,16 @@ async fn create_is_idempotent_placement_commits_and_explains() {
     let mut c = cl.client();
     let mut ids = Vec::new();
     for (i, gib) in [(0, 8u64), (1, 16)] {
-        let t = join_host(&mut c, &format!("10.3.0.{i}:7000"))
+        let name = format!("h{i}");
+        let t = join_named_host(&mut c, &name, &format!("10.3.0.{i}:7000"))
             .await
             .unwrap();
         ids.push(t.target_id.clone());
         // Heartbeats go to a follower, which forwards them to the leader.
         heartbeat(
-            &cl.addr(follower),
+            &cl,
+            follower,
+            &name,
             &t.target_id,
             &host_info(gib, 4, &["avx2"]),
             1,
@@ -216,13 +225,18 @@ async fn a_host_that_stops_heartbeating_becomes_unreachable_and_comes_back() {
     })
     .await
     .unwrap();
-    let id = join_host(&mut c, "10.4.0.1:7000").await.unwrap().target_id;
+    let id = join_named_host(&mut c, "hb1", "10.4.0.1:7000")
+        .await
+        .unwrap()
+        .target_id;
     let info = host_info(8, 4, &[]);
     let mut seq = 0;
     let until = Instant::now() + Duration::from_secs(4);
     while Instant::now() < until {
         seq += 1;
-        let r = heartbeat(&cl.addr(leader), &id, &info, seq).await.unwrap();
+        let r = heartbeat(&cl, leader, "hb1", &id, &info, seq)
+            .await
+            .unwrap();
         assert_eq!(r.state, pb::HostState::Enabled as i32);
         assert!(r.next_heartbeat_ms > 0);
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -238,13 +252,22 @@ async fn a_host_that_stops_heartbeating_becomes_unreachable_and_comes_back() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // The next heartbeat brings it back.
-    let r = heartbeat(&cl.addr(leader), &id, &info, seq + 1)
+    // Another host cannot speak for it, and the host stays unreachable.
+    let err = heartbeat(&cl, leader, "hb2", &id, &info, seq + 1)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert_eq!(
+        get_host(&mut c, &id).await.state(),
+        pb::HostState::Unreachable
+    );
+    let r = heartbeat(&cl, leader, "hb1", &id, &info, seq + 1)
         .await
         .unwrap();
     assert_eq!(r.state, pb::HostState::Enabled as i32);
     assert_eq!(get_host(&mut c, &id).await.state(), pb::HostState::Enabled);
     // A host that never joined is told so.
-    let err = heartbeat(&cl.addr(leader), "stranger", &info, 1)
+    let err = heartbeat(&cl, leader, "stranger", "stranger", &info, 1)
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
