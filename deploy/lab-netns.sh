@@ -74,14 +74,19 @@ up() {
   for i in $(seq "$HOSTS"); do
     "${pki[@]}" --identity "host/h$i" --name "$NET.1$i" --out "$DIR/pki/h$i" >/dev/null
   done
+  # The pool is founded with its first admin; the password stays in the 0700 pki directory.
+  [ -s "$DIR/pki/admin-password" ] ||
+    (umask 077 && head -c 18 /dev/urandom | base64 >"$DIR/pki/admin-password")
   local coords=""
   for m in 1 2 3; do coords+="${coords:+, }\"$NET.1:710$m\""; done
-  printf 'coordinators = [%s]\nca = "%s"\n' "$coords" "$DIR/pki/ca.pem" >"$DIR/client.toml"
+  (umask 077 && printf 'coordinators = [%s]\nca = "%s"\n' "$coords" "$DIR/pki/ca.pem" \
+    >"$DIR/client.toml")
   local members=()
   for m in 1 2 3; do members+=(--member "$m=$NET.1:710$m"); done
   for m in 1 2 3; do
     start "poold-$m" "$BIN/poold" --member-id "$m" --listen "$NET.1:710$m" --pool-id netns \
-      --data-dir "$DIR/poold-$m" --tls-dir "$DIR/pki/member-$m" "${members[@]}"
+      --data-dir "$DIR/poold-$m" --tls-dir "$DIR/pki/member-$m" \
+      --admin-password-file "$DIR/pki/admin-password" "${members[@]}"
   done
   mkdir -p "$DIR/storaged"
   cat >"$DIR/storaged/storaged.toml" <<TOML
@@ -101,6 +106,16 @@ TOML
   done
   for i in $(seq "$HOSTS"); do wait_port "pool-h$i" "$NET.1$i" 7000; done
   local ctl=("$BIN/poolctl" --config "$DIR/client.toml")
+  # Log in once the leader has made the admin (until then the pool answers anyone), and
+  # keep the token in the client configuration (0600).
+  for _ in $(seq 100); do
+    "${ctl[@]}" member-list 2>&1 | grep -q Unauthenticated && break
+    sleep 0.2
+  done
+  local token
+  token=$("${ctl[@]}" login admin --password-file "$DIR/pki/admin-password" 2>/dev/null | head -1)
+  [ -n "$token" ] || die "cannot log in as admin; see $DIR/logs"
+  printf 'token = "%s"\n' "$token" >>"$DIR/client.toml"
   for _ in $(seq 100); do
     [ "$("${ctl[@]}" host-list 2>/dev/null | grep -c enabled)" = "$HOSTS" ] && break
     sleep 0.2

@@ -31,6 +31,8 @@ const STORAGED: &str = "127.0.0.1:7300";
 const POOL_ID: &str = "lab";
 /// poolctl's configuration for the lab, in the lab's directory.
 const CLIENT_CONFIG: &str = "client.toml";
+/// The first admin's password, generated once, in the lab's `pki` directory (0700).
+const ADMIN_PASSWORD: &str = "admin-password";
 const ISCSI: &str = "127.0.0.1:7360";
 const HOST_PORT: u16 = 7000;
 const SR: &str = "lab-sr";
@@ -254,19 +256,58 @@ fn pki(dir: &Path, hosts: u8) -> anyhow::Result<PathBuf> {
             pki.join(format!("h{i}")),
         )?;
     }
+    // The pool is founded with its first admin, whose password only this directory holds.
+    let admin = pki.join(ADMIN_PASSWORD);
+    if !admin.exists() {
+        let password = format!("{}\n", pool_trust::token::generate_password());
+        pool_trust::files::write_private(&admin, password.as_bytes())
+            .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))?;
+    }
+    Ok(ca.bundle_path())
+}
+
+/// Logs in as the lab's admin and writes poolctl's configuration for the lab (members,
+/// CA, the token: 0600).
+async fn log_in(ctl: &mut Ctl, dir: &Path, bundle: &Path) -> anyhow::Result<()> {
+    let password = std::fs::read_to_string(dir.join("pki").join(ADMIN_PASSWORD))?
+        .trim_end()
+        .to_owned();
+    // The leader creates the admin a moment after its election; until then the pool
+    // answers anyone. Logging in before would count as failures against the throttle.
+    let start = Instant::now();
+    loop {
+        let r = ctl
+            .client
+            .call(|mut p| async move { p.list_members(pb::ListMembersRequest {}).await })
+            .await;
+        match r {
+            Err(s) if s.code() == tonic::Code::Unauthenticated => break,
+            _ if start.elapsed() > Duration::from_secs(30) => {
+                bail!("the pool did not create its first admin within 30 s; see the poold logs")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let login = pb::LoginRequest {
+        user_name: "admin".into(),
+        password,
+    };
+    let token = call!(ctl.client, login, login.clone())
+        .context("logging in as the lab's admin")?
+        .token;
+    ctl.client.set_token(&token)?;
     let members: Vec<String> = MEMBERS.iter().map(|m| format!("{m:?}")).collect();
     let client = dir.join(CLIENT_CONFIG);
-    std::fs::write(
-        &client,
-        format!(
-            "# poolctl's configuration for this lab (written by `poolctl lab`).\n\
-             coordinators = [{}]\nca = {:?}\n",
-            members.join(", "),
-            ca.bundle_path()
-        ),
-    )
-    .with_context(|| format!("writing {}", client.display()))?;
-    Ok(ca.bundle_path())
+    let text = format!(
+        "# poolctl's configuration for this lab (written by `poolctl lab`; the token is the\n\
+         # lab admin's, renewed at each start).\n\
+         coordinators = [{}]\nca = {:?}\ntoken = {token:?}\n",
+        members.join(", "),
+        bundle
+    );
+    pool_trust::files::write_atomic(&client, text.as_bytes(), 0o600)
+        .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))?;
+    Ok(())
 }
 
 pub fn lab(args: LabArgs) -> anyhow::Result<()> {
@@ -307,7 +348,9 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
             .arg("--data-dir")
             .arg(dir.join(format!("poold-{id}")))
             .arg("--tls-dir")
-            .arg(dir.join(format!("pki/member-{id}")));
+            .arg(dir.join(format!("pki/member-{id}")))
+            .arg("--admin-password-file")
+            .arg(dir.join("pki").join(ADMIN_PASSWORD));
         for (j, a) in MEMBERS.iter().enumerate() {
             cmd.arg("--member").arg(format!("{}={a}", j + 1));
         }
@@ -456,6 +499,7 @@ async fn setup(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    log_in(&mut ctl, dir, bundle).await?;
     // The hosts join by themselves; wait until every one is in and enabled.
     let start = Instant::now();
     loop {

@@ -65,7 +65,7 @@ fn an_unknown_ha_priority_is_refused() {
 #[test]
 fn an_unknown_role_is_refused() {
     rejected(
-        &["user-add", "ann", "--password", "pw", "--role", "root"],
+        &["user-add", "ann", "--role", "root"],
         "unknown role \"root\"",
     );
     rejected(
@@ -99,7 +99,10 @@ fn without_the_pools_ca_nothing_is_sent() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("--ca FILE"), "{err}");
-    assert!(!pool.was_contacted(), "poolctl called a pool it cannot trust");
+    assert!(
+        !pool.was_contacted(),
+        "poolctl called a pool it cannot trust"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let not_a_ca = dir.path().join("ca.pem");
@@ -113,4 +116,16 @@ fn without_the_pools_ca_nothing_is_sent() {
     assert!(!out.status.success());
     assert!(err.contains("CA bundle"), "{err}");
     assert!(!pool.was_contacted());
+}
+
+#[test]
+fn a_password_on_the_command_line_is_refused() {
+    rejected(
+        &["login", "ann", "--password", "hunter2-hunter2"],
+        "unexpected argument '--password'",
+    );
+    rejected(
+        &["user-add", "ann", "--password", "hunter2-hunter2"],
+        "unexpected argument '--password'",
+    );
 }

@@ -8,7 +8,8 @@ members=""
 for m in $MEMBERS; do members="$members --member $m"; done
 # shellcheck disable=SC2086
 poold --member-id "$MEMBER_ID" --listen "$NODE_IP:7101" --pool-id compose \
-  --data-dir /var/lib/poold --tls-dir /etc/pool/pki/member $members &
+  --data-dir /var/lib/poold --tls-dir /etc/pool/pki/member \
+  --admin-password-file /etc/pool/pki/admin-password $members &
 if [ "${STORAGE:-0}" = 1 ]; then
   cat >/etc/pool/storaged.toml <<TOML
 listen = "$NODE_IP:7300"

@@ -244,6 +244,15 @@ impl TokenRecord {
     }
 }
 
+/// A password the pool makes up (the first admin's, a lab's): 24 characters from a
+/// 57-letter alphabet without look-alikes, about 140 bits.
+pub fn generate_password() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
+    (0..24)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -63,8 +63,8 @@ struct Args {
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=MAX_API_THREADS as i64))]
     api_threads: Option<u16>,
     /// A file holding the first administrator's password: when the pool has no user yet,
-    /// user "admin" (pool-admin) is created with it. Without it, a pool with no user is
-    /// open until one is created.
+    /// user "admin" (pool-admin) is created with it (12 characters or more). Without it,
+    /// the leader generates a password and leaves it in DATA_DIR/admin-password (0600).
     #[arg(long)]
     admin_password_file: Option<PathBuf>,
     /// Log filter, e.g. "info" or "poold=debug" (RUST_LOG wins when set).
@@ -158,6 +158,9 @@ fn main() -> anyhow::Result<()> {
         .filter(|p| !p.is_empty()),
         None => None,
     };
+    if let Some(p) = &admin_password {
+        poold::auth::check_new_password(p).context("--admin-password-file")?;
+    }
     let initial: BTreeMap<u64, String> = cfg
         .initial_members
         .iter()

@@ -34,6 +34,8 @@ pub enum StartError {
         "the data directory is empty and there are no initial members: give them, or --join an existing pool"
     )]
     NothingToStart,
+    #[error("cannot make the data directory private (0700)")]
+    DataDir(#[source] std::io::Error),
     #[error("starting the Raft node failed")]
     Node(#[from] node::NodeStartError),
     #[error("serving gRPC failed")]
@@ -53,22 +55,28 @@ pub struct MemberConfig {
     /// Start empty and wait for the leader's snapshot (after AddMember on the pool).
     pub join: bool,
     /// When the pool has no user yet, the leader creates "admin" (pool-admin) with this
-    /// password, so the pool is never open.
+    /// password, so the pool is never open. Without one, it generates a password and
+    /// writes it to [`ADMIN_PASSWORD_FILE`] in its data directory (0600).
     pub admin_password: Option<String>,
     /// This member's TLS directory (`--tls-dir`): the pool's CA bundle and a member
     /// certificate. Every service is served over TLS with it and every call made with it.
     pub tls: Option<pool_trust::DaemonTls>,
 }
 
+/// Where a member that generated the first admin's password leaves it.
+pub const ADMIN_PASSWORD_FILE: &str = "admin-password";
+
 pub struct Member {
     pub coordinator: Arc<Coordinator>,
     admin_password: Option<String>,
+    data_dir: PathBuf,
 }
 
 impl Member {
     /// Opens the store, bootstraps a new group if needed, starts the node task.
     pub fn start(cfg: MemberConfig) -> Result<Member, StartError> {
         let id = cfg.node.id;
+        private_dir(&cfg.data_dir).map_err(StartError::DataDir)?;
         let mut storage = DiskStorage::open(&cfg.data_dir, id)?;
         if storage.is_empty() && !cfg.join {
             if cfg.initial_members.is_empty() {
@@ -105,6 +113,7 @@ impl Member {
                 cfg.tls,
             )),
             admin_password: cfg.admin_password,
+            data_dir: cfg.data_dir,
         })
     }
 
@@ -142,6 +151,7 @@ impl Member {
             tokio::spawn(bootstrap_admin(
                 c.clone(),
                 self.admin_password.clone(),
+                self.data_dir.join(ADMIN_PASSWORD_FILE),
                 stop_rx.clone(),
             )),
         ];
@@ -189,13 +199,17 @@ impl Member {
 }
 
 /// Creates the first user ("admin", pool-admin) when the pool has none, once a leader is
-/// elected; a fixed request id makes the members that try it act once.
+/// elected; a fixed request id makes the members that try it act once. Without a given
+/// password the leader makes one up and leaves it, once, in `generated_to` (0600): the
+/// pool is never open to whoever connects first.
 async fn bootstrap_admin(
     c: Arc<Coordinator>,
     password: Option<String>,
+    generated_to: PathBuf,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let Some(password) = password else { return };
+    let generated = password.is_none();
+    let password = password.unwrap_or_else(pool_trust::token::generate_password);
     loop {
         if !c.node.state().users.is_empty() {
             return;
@@ -208,7 +222,13 @@ async fn bootstrap_admin(
                     roles: vec![proto::coordinator::Role::PoolAdmin as i32],
                     created_at: None,
                 }),
-                password_hash: crate::auth::hash_password(&password),
+                password_hash: match crate::auth::hash_password_blocking(password.clone()).await {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::error!(error = %e.message(), "cannot hash the first admin's password");
+                        return;
+                    }
+                },
                 token_key: rand::random::<[u8; 32]>().to_vec(),
             });
             let caller = crate::auth::Caller {
@@ -217,6 +237,25 @@ async fn bootstrap_admin(
                 ..crate::auth::Caller::internal()
             };
             match c.write(&caller, "bootstrap-admin", op).await {
+                Ok(_) if generated => {
+                    match pool_trust::files::write_atomic(
+                        &generated_to,
+                        format!("{password}\n").as_bytes(),
+                        0o600,
+                    ) {
+                        Ok(()) => tracing::info!(
+                            file = %generated_to.display(),
+                            "created the first user, admin, with a generated password in this \
+                             file (0600): log in with it and change it"
+                        ),
+                        Err(e) => tracing::error!(
+                            error = %proto::error_chain(&e),
+                            "created the first user, admin, but cannot save its generated \
+                             password; start again with --admin-password-file"
+                        ),
+                    }
+                    return;
+                }
                 Ok(_) => {
                     tracing::info!("created the first user, admin");
                     return;
@@ -229,4 +268,20 @@ async fn bootstrap_admin(
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// Creates `dir` 0700, or narrows an existing one to 0700: it holds password hashes, the
+/// token key and (for a while) a generated password.
+fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), "narrowing the data directory to 0700");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }

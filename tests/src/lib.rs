@@ -94,6 +94,9 @@ pub struct PoolArg {
     pub addrs: String,
     pub pki: PathBuf,
     pub pool_id: String,
+    /// Sent by [`PoolArg::poolctl`] (as `POOLCTL_TOKEN`, never on the command line): the
+    /// first admin's, once [`Coordinators::start`] has logged in.
+    pub token: Option<String>,
 }
 
 impl PoolArg {
@@ -120,19 +123,69 @@ impl PoolArg {
         self.pki.join(pool_trust::BUNDLE_FILE)
     }
 
-    /// `poolctl --pool ... --ca ...`, ready for its verb.
+    /// `poolctl --pool ... --ca ...` with the token if any, ready for its verb.
     pub fn poolctl(&self) -> Command {
         let mut cmd = Command::new(binary("poolctl"));
         cmd.arg("--pool")
             .arg(&self.addrs)
             .arg("--ca")
             .arg(self.bundle());
+        match &self.token {
+            Some(t) => cmd.env("POOLCTL_TOKEN", t),
+            None => cmd.env_remove("POOLCTL_TOKEN"),
+        };
         cmd
+    }
+
+    /// The same pool as nobody: no token.
+    pub fn anonymous(&self) -> PoolArg {
+        PoolArg {
+            token: None,
+            ..self.clone()
+        }
+    }
+
+    /// Logs in as `user` with the password in `password_file` and returns the token.
+    /// First waits until the pool has elected a leader and created its first admin (an
+    /// open pool answers anyone; one with users refuses a caller without a token), so no
+    /// attempt counts against the login throttle.
+    pub fn login(&self, user: &str, password_file: &Path) -> String {
+        let mut last = String::new();
+        wait_for(Duration::from_secs(30), || {
+            let o = poolctl(&self.anonymous(), &["member-list"]);
+            last = text(&o);
+            (!o.status.success() && last.contains("Unauthenticated")).then_some(())
+        })
+        .unwrap_or_else(|| panic!("the pool created no admin within 30 s: {last}"));
+        wait_for(Duration::from_secs(10), || {
+            let o = self
+                .anonymous()
+                .poolctl()
+                .args(["login", user, "--password-file"])
+                .arg(password_file)
+                .output()
+                .expect("run poolctl login");
+            last = text(&o);
+            o.status.success().then(|| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            })
+        })
+        .unwrap_or_else(|| panic!("logging in as {user}: {last}"))
     }
 }
 
+/// The first admin's password in every pool these tests found (its file is
+/// `dir/admin-password`).
+pub const ADMIN_PASSWORD: &str = "e2e-admin-password";
+
 /// Three (or `n`) `poold` members on loopback, each with its own data directory and TLS
-/// directory from the pool's CA (created under `dir/pki`).
+/// directory from the pool's CA (created under `dir/pki`). The pool is founded with its
+/// first admin, and `pool` carries the admin's token.
 pub struct Coordinators {
     pub dir: PathBuf,
     pub addrs: Vec<String>,
@@ -145,15 +198,18 @@ impl Coordinators {
         let addrs: Vec<String> = (0..n)
             .map(|_| format!("127.0.0.1:{}", free_port()))
             .collect();
-        let pool = PoolArg {
+        let mut pool = PoolArg {
             addrs: addrs.join(","),
             pki: dir.join("pki"),
             pool_id: POOL_ID.into(),
+            token: None,
         };
         for id in 1..=n as u64 {
             pool.tls_dir(pool_trust::Identity::Member(id), &["127.0.0.1"]);
         }
+        let password = secret_file(dir, "admin-password", ADMIN_PASSWORD);
         let procs = (1..=n).map(|id| Self::member(dir, &addrs, id)).collect();
+        pool.token = Some(pool.login("admin", Path::new(&password)));
         Coordinators {
             dir: dir.to_owned(),
             addrs,
@@ -176,6 +232,8 @@ impl Coordinators {
         .arg(dir.join(format!("poold-{id}")))
         .arg("--tls-dir")
         .arg(dir.join(format!("pki/member-{id}")))
+        .arg("--admin-password-file")
+        .arg(dir.join("admin-password"))
         .args(["--log", "info,raft=warn"]);
         for (j, a) in addrs.iter().enumerate() {
             cmd.arg("--member").arg(format!("{}={a}", j + 1));
@@ -215,6 +273,22 @@ impl Coordinators {
 /// Runs `poolctl` against the given pool and returns its output.
 pub fn poolctl(pool: &PoolArg, args: &[&str]) -> Output {
     pool.poolctl().args(args).output().expect("run poolctl")
+}
+
+/// Writes `secret` into a new 0600 file `dir/<name>` and returns its path, for
+/// `--password-file` (a secret never goes on a command line).
+pub fn secret_file(dir: &Path, name: &str, secret: &str) -> String {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(name);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    std::io::Write::write_all(&mut f, format!("{secret}\n").as_bytes()).expect("write secret");
+    path.display().to_string()
 }
 
 /// Retries `f` until it returns `Some` or `limit` passes.

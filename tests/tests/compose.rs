@@ -120,10 +120,11 @@ fn the_compose_image_runs_and_the_compose_pool_boots_a_vm() {
     let elf = guest_elf(tmp.path());
     std::fs::copy(&elf, "/srv/pool/guest.elf").expect("guest in /srv/pool");
     // The pool's CA and each node's TLS directories, mounted by the compose file.
-    let pool = PoolArg {
+    let mut pool = PoolArg {
         addrs: MEMBERS.into(),
         pki: tmp.path().join("pki"),
         pool_id: "compose".into(),
+        token: None,
     };
     let o = Command::new("bash")
         .arg(deploy().join("docker/found-pool.sh"))
@@ -132,12 +133,13 @@ fn the_compose_image_runs_and_the_compose_pool_boots_a_vm() {
         .output()
         .expect("run found-pool.sh");
     assert!(o.status.success(), "{}", text(&o));
+    let pki = pool.pki.clone();
     let compose = |args: &[&str]| {
         Command::new("docker")
             .args(["compose", "-p", "pool-e2e", "-f"])
             .arg(deploy().join("docker-compose.yml"))
             .args(args)
-            .env("POOL_PKI", &pool.pki)
+            .env("POOL_PKI", &pki)
             .output()
             .expect("run docker compose")
     };
@@ -150,6 +152,8 @@ fn the_compose_image_runs_and_the_compose_pool_boots_a_vm() {
     let _down = Down(compose);
     let o = compose(&["up", "-d"]);
     assert!(o.status.success(), "{}", text(&o));
+    // The nodes found the pool with the admin whose password found-pool.sh made.
+    pool.token = Some(pool.login("admin", &pool.pki.join("admin-password")));
     let logs = || text(&compose(&["logs", "--tail", "60"]));
     wait_for(Duration::from_secs(90), || {
         let o = poolctl(&pool, &["host-list", "--json"]);

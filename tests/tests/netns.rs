@@ -123,14 +123,24 @@ fn the_netns_lab_fences_a_cut_off_host_and_takes_it_back() {
         dir: lab.dir.clone(),
         bin: lab.bin.clone(),
     });
+    let o = lab.run(&["up", &lab.dir.display().to_string()]);
+    assert!(o.status.success(), "{}\n{}", text(&o), lab.logs());
+    // The script founded the pool with its admin and logged in (the token is in its
+    // client configuration).
+    let client = std::fs::read_to_string(lab.dir.join("client.toml")).unwrap();
+    let token = client
+        .lines()
+        .find_map(|l| l.strip_prefix("token = \""))
+        .and_then(|t| t.strip_suffix('"'))
+        .map(str::to_owned);
+    assert!(token.is_some(), "no token in the lab's client.toml");
     POOL.set(PoolArg {
         addrs: "10.77.0.1:7101,10.77.0.1:7102,10.77.0.1:7103".into(),
         pki: lab.dir.join("pki"),
         pool_id: "netns".into(),
+        token,
     })
     .expect("one lab per run");
-    let o = lab.run(&["up", &lab.dir.display().to_string()]);
-    assert!(o.status.success(), "{}\n{}", text(&o), lab.logs());
     let hosts = poolctl_ok(pool(), &["host-list", "--json"]);
     assert_eq!(
         hosts.matches("\"state\": \"enabled\"").count(),

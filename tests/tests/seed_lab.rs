@@ -10,7 +10,7 @@ use std::time::Duration;
 use e2e_tests::pool::{
     Pool, can_open, console_until, field, guest_elf, guest_vm, line_after, targets,
 };
-use e2e_tests::{Hostd, PoolArg, poolctl, text, wait_for};
+use e2e_tests::{Hostd, PoolArg, poolctl, secret_file, text, wait_for};
 
 /// Runs poolctl as the holder of `token`; whether it succeeded and its output.
 fn run(p: &PoolArg, token: &str, args: &[&str]) -> (bool, String) {
@@ -138,25 +138,23 @@ fn the_seed_lab_from_sr_to_destroy_with_every_role() {
     let pool = Pool::start(dir.path(), 3);
     pool.wait_hosts_enabled();
 
-    // Users: the first is a pool-admin (the pool is open until then); one per role.
+    // Users: the founding admin adds ada, a pool-admin; ada adds one per role.
     let p = pool.p.clone();
+    let pw = |user: &str| secret_file(dir.path(), user, &format!("{user}-long-password"));
     let o = poolctl(
         &p,
         &[
             "user-add",
             "ada",
-            "--password",
-            "ada-password",
+            "--password-file",
+            &pw("ada"),
             "--role",
             "pool-admin",
         ],
     );
     assert!(o.status.success(), "{}", text(&o));
     let login = |user: &str| {
-        let o = poolctl(
-            &p,
-            &["login", user, "--password", &format!("{user}-password")],
-        );
+        let o = poolctl(&p, &["login", user, "--password-file", &pw(user)]);
         assert!(o.status.success(), "{}", text(&o));
         String::from_utf8_lossy(&o.stdout).trim().to_owned()
     };
@@ -174,8 +172,8 @@ fn the_seed_lab_from_sr_to_destroy_with_every_role() {
             &[
                 "user-add",
                 user,
-                "--password",
-                &format!("{user}-password"),
+                "--password-file",
+                &pw(user),
                 "--role",
                 role,
             ],
@@ -188,10 +186,17 @@ fn the_seed_lab_from_sr_to_destroy_with_every_role() {
     let mut lab = Lab { pool, tokens };
     lab.denied(
         "pool-operator",
-        &["user-add", "mal", "--password", "x", "--role", "read-only"],
+        &[
+            "user-add",
+            "mal",
+            "--password-file",
+            &pw("mal"),
+            "--role",
+            "read-only",
+        ],
         "pool-admin",
     );
-    let o = poolctl(&p, &["vm-list"]);
+    let o = poolctl(&p.anonymous(), &["vm-list"]);
     assert!(!o.status.success(), "no token, no entry: {}", text(&o));
 
     // The pool-operator makes the SR and turns HA on; a vm-admin may not.

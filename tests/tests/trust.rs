@@ -317,6 +317,7 @@ fn an_intruder_is_refused_everywhere_and_changes_nothing() {
         addrs: p.addrs.clone(),
         pki: stranger.path().to_owned(),
         pool_id: p.pool_id.clone(),
+        token: p.token.clone(),
     };
     let _ = other.ca();
     let o = e2e_tests::poolctl(&other, &["host-list"]);

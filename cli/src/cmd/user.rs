@@ -22,29 +22,17 @@ pub enum UserCommand {
     /// password comes from --password-file, else from stdin (prompted on a terminal).
     Login {
         user: String,
-        /// A file whose first line is the password.
+        /// A file whose first line is the password (else POOLCTL_PASSWORD, else stdin).
         #[arg(long)]
         password_file: Option<PathBuf>,
-        /// Deprecated: shows the password to everyone who can run `ps`. The environment
-        /// variable is still fine.
-        #[arg(long, env = "POOLCTL_PASSWORD", hide_env_values = true, hide = true)]
-        password: Option<String>,
     },
     /// Add a user with roles. The password (12 characters or more) comes from
     /// --password-file, else from stdin (prompted twice on a terminal).
     UserAdd {
         name: String,
-        /// A file whose first line is the password.
+        /// A file whose first line is the password (else POOLCTL_NEW_PASSWORD, else stdin).
         #[arg(long)]
         password_file: Option<PathBuf>,
-        /// Deprecated, like login's.
-        #[arg(
-            long,
-            env = "POOLCTL_NEW_PASSWORD",
-            hide_env_values = true,
-            hide = true
-        )]
-        password: Option<String>,
         #[arg(long, value_parser = role)]
         role: Vec<pb::Role>,
     },
@@ -81,12 +69,11 @@ pub async fn run(ctl: &mut Ctl, command: UserCommand) -> anyhow::Result<()> {
         UserCommand::Login {
             user,
             password_file,
-            password,
         } => {
             let mut input = Input::new();
-            let password = match password {
-                Some(p) => from_argv(p, "POOLCTL_PASSWORD"),
-                None => input.password(password_file.as_deref(), "password", false)?,
+            let password = match (&password_file, from_env("POOLCTL_PASSWORD")) {
+                (None, Some(p)) => p,
+                _ => input.password(password_file.as_deref(), "password", false)?,
             };
             let r = call!(
                 ctl.client,
@@ -106,13 +93,12 @@ pub async fn run(ctl: &mut Ctl, command: UserCommand) -> anyhow::Result<()> {
         UserCommand::UserAdd {
             name,
             password_file,
-            password,
             role: roles,
         } => {
             let mut input = Input::new();
-            let password = match password {
-                Some(p) => from_argv(p, "POOLCTL_NEW_PASSWORD"),
-                None => input.password(password_file.as_deref(), "new password", true)?,
+            let password = match (&password_file, from_env("POOLCTL_NEW_PASSWORD")) {
+                (None, Some(p)) => p,
+                _ => input.password(password_file.as_deref(), "new password", true)?,
             };
             let roles = roles.into_iter().map(|r| r as i32).collect();
             let r = call!(
@@ -224,16 +210,10 @@ async fn user_id(ctl: &mut Ctl, user: &str) -> anyhow::Result<String> {
     )
 }
 
-/// A password given with `--password`: taken, with a warning unless it came from the
-/// environment variable `env`.
-fn from_argv(p: String, env: &str) -> String {
-    if std::env::var(env).ok().as_deref() != Some(p.as_str()) {
-        eprintln!(
-            "warning: --password shows the password to every user of this machine (ps); \
-             use --password-file, stdin or {env}"
-        );
-    }
-    p
+/// A password from the environment variable `env` (only its owner can read a process's
+/// environment, unlike its command line), when set and not empty.
+fn from_env(env: &str) -> Option<String> {
+    std::env::var(env).ok().filter(|p| !p.is_empty())
 }
 
 /// Where passwords come from: files, or stdin, read a line at a time (so that the old

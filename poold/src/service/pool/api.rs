@@ -75,8 +75,19 @@ impl PoolService for PoolHandler {
     // Hosts.
 
     async fn join_host(&self, r: Request<pb::JoinHostRequest>) -> R<pb::TaskResponse> {
-        let who = self.authorize(&r, "JoinHost")?;
-        let res = hosts::join(self, &who, r.into_inner()).await;
+        let (who, host) = self.authorize_host(&r, "JoinHost")?;
+        let r = r.into_inner();
+        if let Some(host) = host
+            && r.name != host
+        {
+            let s = Status::permission_denied(format!(
+                "host {host} may join only as itself, not as {:?}",
+                r.name
+            ));
+            self.audit(&who, &s);
+            return Err(s);
+        }
+        let res = hosts::join(self, &who, r).await;
         self.done(&who, res)
     }
 
@@ -88,7 +99,7 @@ impl PoolService for PoolHandler {
     }
 
     async fn list_hosts(&self, r: Request<pb::ListHostsRequest>) -> R<pb::ListHostsResponse> {
-        self.authorize(&r, "ListHosts")?;
+        self.authorize_host(&r, "ListHosts")?;
         hosts::list(self, r.into_inner()).await.map(Response::new)
     }
 

@@ -2,6 +2,7 @@
 //! of their own: a refusal before the log, a membership or leadership change, volume
 //! access.
 
+use pool_trust::Identity;
 use proto::coordinator as pb;
 use tonic::{Request, Response, Status};
 
@@ -46,6 +47,28 @@ impl PoolHandler {
             }
             s
         })
+    }
+
+    /// As [`PoolHandler::authorize`], for the calls a host makes with its own certificate
+    /// instead of a user's token (finding itself, joining): the host's name comes back
+    /// with the caller, for the handler to hold the host to itself.
+    pub(super) fn authorize_host<T>(
+        &self,
+        r: &Request<T>,
+        method: &str,
+    ) -> Result<(Caller, Option<String>), Status> {
+        if let Some(tls) = &self.c.tls
+            && let Ok(Identity::Host(name)) = pool_trust::tls::peer_identity(r, tls.pool_id())
+        {
+            let who = Caller {
+                name: format!("host/{name}"),
+                level: auth::Level::PoolAdmin,
+                method: method.to_owned(),
+                peer: peer_of(r),
+            };
+            return Ok((who, Some(name)));
+        }
+        self.authorize(r, method).map(|who| (who, None))
     }
 
     /// Writes an outcome that never reached the log to the audit log (in the background:
