@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use iscsi_initiator::{Session, SessionConfig};
+use iscsi_initiator::{Chap, Session, SessionConfig};
 use pool_client::{PoolClient, new_request_id};
 use proto::coordinator as pb;
 use tokio::task::JoinSet;
@@ -43,7 +43,20 @@ async fn open(client: &mut PoolClient, volume_id: &str) -> anyhow::Result<Access
         })
         .await
         .map_err(crate::ctl::explain)?;
-    let cfg = SessionConfig::new(access.portal.clone(), access.target_iqn, initiator.clone());
+    let mut cfg = SessionConfig::new(access.portal.clone(), access.target_iqn, initiator.clone());
+    // The pool's grant carries CHAP both ways: we prove ourselves, the target proves itself.
+    if !access.chap_username.is_empty() {
+        cfg.chap = Some(Chap::new(
+            access.chap_username,
+            access.chap_secret.into_bytes(),
+        ));
+    }
+    if !access.mutual_chap_username.is_empty() {
+        cfg.mutual_chap = Some(Chap::new(
+            access.mutual_chap_username,
+            access.mutual_chap_secret.into_bytes(),
+        ));
+    }
     let opened = async {
         let session = Session::connect(cfg)
             .await

@@ -82,7 +82,14 @@ pub trait StorageOps: Send + Sync {
     async fn create_export(&self, addr: &str, volume_id: &str) -> Result<spb::Export, Status>;
     /// Exports of one volume, or every export when `volume_id` is empty.
     async fn list_exports(&self, addr: &str, volume_id: &str) -> Result<Vec<spb::Export>, Status>;
-    async fn grant(&self, addr: &str, export_id: &str, initiator: &str) -> Result<(), Status>;
+    /// Grants `initiator` (logging in with `chap`'s initiator secret; the target answers
+    /// with its target secret).
+    async fn grant(
+        &self,
+        addr: &str,
+        export_id: &str,
+        chap: &crate::chap::Secrets,
+    ) -> Result<(), Status>;
     /// Returns once the initiator's sessions are closed and their commands finished.
     async fn revoke(&self, addr: &str, export_id: &str, initiator: &str) -> Result<u32, Status>;
 }
@@ -358,13 +365,18 @@ impl StorageOps for Grpc {
         .await
     }
 
-    async fn grant(&self, addr: &str, export_id: &str, initiator: &str) -> Result<(), Status> {
+    async fn grant(
+        &self,
+        addr: &str,
+        export_id: &str,
+        chap: &crate::chap::Secrets,
+    ) -> Result<(), Status> {
         let mut c = self.storage(addr)?;
         let r = spb::GrantAccessRequest {
             export_id: export_id.to_owned(),
-            initiator_iqn: initiator.to_owned(),
-            chap: None,
-            mutual_chap: None,
+            initiator_iqn: chap.initiator.user.clone(),
+            chap: Some(chap.initiator.to_proto()),
+            mutual_chap: Some(chap.target.to_proto()),
         };
         within(self.call_timeout, "GrantAccess", addr, c.grant_access(r))
             .await

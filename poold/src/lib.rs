@@ -38,6 +38,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod chap;
 pub mod config;
 pub mod consensus;
 pub mod coordinator;

@@ -6,6 +6,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use proto::host as hpb;
+use proto::host::host_service_client::HostServiceClient;
+
 use crate::{Coordinators, Hostd, PoolArg, Storaged, binary, poolctl, poolctl_ok, text, wait_for};
 
 /// A running pool and where its parts are.
@@ -251,7 +254,10 @@ pub fn guest_elf(dir: &Path) -> String {
 
 /// Whether `initiator` may open the LUN of `target` (an `iscsi capacity` through the
 /// portal): a fenced host's name must be refused, a granted one must not.
-pub fn can_open(portal: &str, target: &str, initiator: &str) -> bool {
+pub fn can_open(portal: &str, target: &str, initiator: &str, chap: Option<&Chap>) -> bool {
+    let auth = chap
+        .map(|c| format!("{}%{}@", c.user, c.secret))
+        .unwrap_or_default();
     let o = Command::new(binary("iscsi"))
         .args([
             "--initiator",
@@ -260,10 +266,55 @@ pub fn can_open(portal: &str, target: &str, initiator: &str) -> bool {
             "2",
             "capacity",
         ])
-        .arg(format!("iscsi://{portal}/{target}/0"))
+        .arg(format!("iscsi://{auth}{portal}/{target}/0"))
         .output()
         .expect("run iscsi capacity");
     o.status.success()
+}
+
+/// A CHAP user and secret.
+#[derive(Clone, Debug)]
+pub struct Chap {
+    pub user: String,
+    pub secret: String,
+}
+
+/// The CHAP credentials a host logs in to its VM's first disk with, as the pool handed
+/// them to it: read with `HostService.GetVm` as a coordinator member (nobody else may).
+pub fn disk_chap(pool: &PoolArg, host_addr: &str, vm_id: &str) -> Chap {
+    let dir = pool.tls_dir(pool_trust::Identity::Member(99), &[]);
+    let tls = pool_trust::DaemonTls::load(&dir).expect("the probe's TLS directory");
+    let ip = host_addr.split(':').next().unwrap_or_default().to_owned();
+    let config = pool_trust::tls::client_tls(&tls.bundle, Some(&tls.creds), None)
+        .expect("TLS")
+        .domain_name(ip);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let vm = rt
+        .block_on(async {
+            let ch = tonic::transport::Endpoint::from_shared(format!("https://{host_addr}"))?
+                .tls_config(config)?
+                .connect()
+                .await?;
+            let vm = HostServiceClient::new(ch)
+                .get_vm(hpb::VmRequest {
+                    vm_id: vm_id.to_owned(),
+                })
+                .await
+                .map_err(|s| format!("GetVm: {s}"))?;
+            Ok::<_, Box<dyn std::error::Error>>(vm.into_inner())
+        })
+        .unwrap_or_else(|e| panic!("reading VM {vm_id} on {host_addr}: {e}"));
+    let disk = vm.config.and_then(|c| c.disks.into_iter().next());
+    match disk.and_then(|d| d.backend) {
+        Some(hpb::disk_config::Backend::Iscsi(i)) => Chap {
+            user: i.chap_username,
+            secret: i.chap_secret,
+        },
+        other => panic!("VM {vm_id}'s first disk is not iSCSI: {other:?}"),
+    }
 }
 
 /// The targets a portal shows to `initiator` (SendTargets).

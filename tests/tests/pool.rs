@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use e2e_tests::pool::{
-    Pool, can_open, console_line, field, guest_elf, guest_vm, processes_with, signal, targets,
+    Pool, can_open, console_line, disk_chap, field, guest_elf, guest_vm, processes_with, signal,
+    targets,
 };
 use e2e_tests::{poolctl, poolctl_ok, wait_for};
 
@@ -188,9 +189,15 @@ fn ha_restarts_a_dead_hosts_vm_elsewhere_after_fencing_it() {
         "the VM's one disk is granted to its host: {seen:?}"
     );
     let target = seen[0].clone();
+    let vm_id = field(&line, "id");
+    let victim_chap = disk_chap(&pool.p, &victim_addr, &vm_id);
     assert!(
-        can_open(&portal, &target, &victim_iqn),
-        "the running host can open its disk"
+        can_open(&portal, &target, &victim_iqn, Some(&victim_chap)),
+        "the running host can open its disk with the CHAP secret the pool gave it"
+    );
+    assert!(
+        !can_open(&portal, &target, &victim_iqn, None),
+        "an initiator name alone opens nothing"
     );
 
     let died = Instant::now();
@@ -219,12 +226,22 @@ fn ha_restarts_a_dead_hosts_vm_elsewhere_after_fencing_it() {
         .expect("listed");
     assert!(dead.contains("\"state\": \"fenced\""), "{dead}");
     assert!(
-        !can_open(&portal, &target, &victim_iqn),
-        "the fenced host's initiator is refused"
+        !can_open(&portal, &target, &victim_iqn, Some(&victim_chap)),
+        "the fenced host's initiator is refused, its secret and all"
+    );
+    let survivor_addr = pool.hosts[1 - victim].addr.clone();
+    let survivor_chap = disk_chap(&pool.p, &survivor_addr, &vm_id);
+    assert_ne!(
+        survivor_chap.secret, victim_chap.secret,
+        "each host has its own"
     );
     assert!(
-        can_open(&portal, &target, &survivor_iqn),
+        can_open(&portal, &target, &survivor_iqn, Some(&survivor_chap)),
         "the new host's initiator is granted"
+    );
+    assert!(
+        !can_open(&portal, &target, &survivor_iqn, Some(&victim_chap)),
+        "another host's secret does not open it"
     );
     let hb = console_line(&pool.p, "ha-vm", "HB seq=", Duration::from_secs(30))
         .unwrap_or_else(|| panic!("the guest runs on the new host\n{}", pool.logs()));

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use e2e_tests::pool::{
-    Pool, can_open, console_until, field, guest_elf, guest_vm, line_after, targets,
+    Pool, can_open, console_until, disk_chap, field, guest_elf, guest_vm, line_after, targets,
 };
 use e2e_tests::{Hostd, PoolArg, poolctl, secret_file, text, wait_for};
 
@@ -337,7 +337,13 @@ fn the_seed_lab_from_sr_to_destroy_with_every_role() {
     let seen = targets(&portal, &victim_iqn);
     assert_eq!(seen.len(), 1, "web's disk is granted to its host: {seen:?}");
     let target = seen[0].clone();
-    assert!(can_open(&portal, &target, &victim_iqn));
+    let web = field(&lab.pool.vm("web").expect("web listed"), "id");
+    let victim_chap = disk_chap(&lab.pool.p, &lab.pool.hosts[victim].addr, &web);
+    assert!(can_open(&portal, &target, &victim_iqn, Some(&victim_chap)));
+    assert!(
+        !can_open(&portal, &target, &victim_iqn, None),
+        "an initiator name alone opens nothing"
+    );
     lab.pool.hosts[victim].daemon.proc.kill();
     let fourth = lab.running_elsewhere("web", &third, Duration::from_secs(90));
     assert!(
@@ -368,14 +374,12 @@ fn the_seed_lab_from_sr_to_destroy_with_every_role() {
         .to_owned();
     lab.pool.hosts[victim] = Hostd::start(dir.path(), &name, &ip, &lab.pool.p);
     assert!(
-        !can_open(&portal, &target, &victim_iqn),
+        !can_open(&portal, &target, &victim_iqn, Some(&victim_chap)),
         "the revived host's initiator is refused the disk"
     );
-    assert!(can_open(
-        &portal,
-        &target,
-        &lab.pool.hosts[lab.host_index(&fourth)].iqn
-    ));
+    let now = &lab.pool.hosts[lab.host_index(&fourth)];
+    let now_chap = disk_chap(&lab.pool.p, &now.addr, &web);
+    assert!(can_open(&portal, &target, &now.iqn, Some(&now_chap)));
 
     // A clone of the running VM (crash-consistent), started: its disk has pattern 5.
     lab.denied("vm-operator", &["vm-clone", "web", "web-copy"], "vm-admin");

@@ -213,7 +213,13 @@ impl StorageOps for FakeStorage {
             .map(|(id, (v, g))| self.export(id, v, g))
             .collect())
     }
-    async fn grant(&self, _a: &str, export_id: &str, iqn: &str) -> Result<(), Status> {
+    async fn grant(
+        &self,
+        _a: &str,
+        export_id: &str,
+        chap: &crate::chap::Secrets,
+    ) -> Result<(), Status> {
+        let iqn = chap.initiator.user.as_str();
         self.call(format!("grant:{export_id}:{iqn}"))?;
         let mut e = self.exports.lock().unwrap();
         let g = &mut e
@@ -373,6 +379,8 @@ impl World {
     /// VM vm1 (HA restart, disk vda on vol1) running on h1.
     pub fn two_hosts_one_running_vm() -> World {
         let mut s = PoolState::new("p", BTreeMap::new());
+        // The pool's key, as the first user makes it: iSCSI grants derive CHAP from it.
+        s.token_key = vec![7; 32];
         for h in ["h1", "h2"] {
             s.hosts.insert(
                 h.into(),

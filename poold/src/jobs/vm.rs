@@ -79,14 +79,17 @@ pub async fn disk_access(
     host_id: &str,
 ) -> Result<Vec<hpb::DiskConfig>, JobError> {
     let spec = vm.spec.clone().unwrap_or_default();
-    let (disks, iqn, pool_initiators) = read(&*env.ledger, |s| {
+    let (disks, pool_initiators, chap) = read(&*env.ledger, |s| {
         let pool: std::collections::BTreeSet<String> = s
             .hosts
             .values()
             .filter_map(|h| h.info.as_ref().map(|i| i.initiator_iqn.clone()))
             .filter(|i| !i.is_empty())
             .collect();
-        Ok::<_, JobError>((disks_of(s, &spec)?, host_initiator(s, host_id)?, pool))
+        let iqn = host_initiator(s, host_id)?;
+        let chap = crate::chap::secrets(&s.token_key, &iqn)
+            .map_err(|st| JobError::from_status(format!("CHAP for host {host_id}"), st))?;
+        Ok::<_, JobError>((disks_of(s, &spec)?, pool, chap))
     })?;
     let mut out = Vec::new();
     for (d, loc) in disks {
@@ -122,7 +125,7 @@ pub async fn disk_access(
             }
         }
         env.storage
-            .grant(&loc.address, &export.id, &iqn)
+            .grant(&loc.address, &export.id, &chap)
             .await
             .map_err(|s| {
                 JobError::from_status(
@@ -143,7 +146,10 @@ pub async fn disk_access(
                 target_iqn: export.target_iqn.clone(),
                 lun: export.lun,
                 volume_id: d.volume_id.clone(),
-                ..Default::default()
+                chap_username: chap.initiator.user.clone(),
+                chap_secret: chap.initiator.secret.clone(),
+                mutual_chap_username: chap.target.user.clone(),
+                mutual_chap_secret: chap.target.secret.clone(),
             })),
             read_only: d.read_only,
         });

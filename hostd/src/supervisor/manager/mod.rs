@@ -140,10 +140,21 @@ impl Manager {
     /// again (their directories name them) and the stale directories of dead ones removed.
     pub async fn new(cfg: ManagerConfig) -> Result<Arc<Self>, ManagerError> {
         let vms_dir = cfg.run_dir.join("vms");
-        std::fs::create_dir_all(&vms_dir).map_err(|source| ManagerError::Io {
-            path: vms_dir.clone(),
-            source,
-        })?;
+        // VM records hold the CHAP secrets of their disks: 0600 files in 0700 directories.
+        {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&vms_dir)
+                .and_then(|()| {
+                    std::fs::set_permissions(&vms_dir, std::fs::Permissions::from_mode(0o700))
+                })
+                .map_err(|source| ManagerError::Io {
+                    path: vms_dir.clone(),
+                    source,
+                })?;
+        }
         let mgr = Arc::new(Self {
             cfg,
             vms: tokio::sync::Mutex::new(BTreeMap::new()),

@@ -76,7 +76,14 @@ impl Manager {
             let path = path.to_owned();
             move |source| ManagerError::Io { path, source }
         };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io(dir))?;
+        }
         let record = VmRecord {
             id: entry.id.clone(),
             config: Some(config),

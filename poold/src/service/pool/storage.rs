@@ -242,9 +242,8 @@ pub(super) async fn open_access(
     let export = crate::jobs::vm::export_of(&env, &loc, &r.volume_id)
         .await
         .map_err(job_status)?;
-    svc.storage
-        .grant(&loc.address, &export.id, &r.initiator_iqn)
-        .await?;
+    let chap = crate::chap::secrets(&svc.c.node.state().token_key, &r.initiator_iqn)?;
+    svc.storage.grant(&loc.address, &export.id, &chap).await?;
     let portal = export.portals.first().cloned().ok_or_else(|| {
         Status::failed_precondition(format!("storaged at {} lists no iSCSI portal", loc.address))
     })?;
@@ -253,6 +252,10 @@ pub(super) async fn open_access(
         target_iqn: export.target_iqn,
         lun: export.lun,
         size_bytes: size,
+        chap_username: chap.initiator.user,
+        chap_secret: chap.initiator.secret,
+        mutual_chap_username: chap.target.user,
+        mutual_chap_secret: chap.target.secret,
     })
 }
 
