@@ -8,6 +8,11 @@
 # The two systems take turns, BENCH_ROUNDS times (default 3); each figure is the median of
 # its rounds, and each ratio the median of the rounds' ratios (the machine is noisy).
 #
+# poold runs as it must, on mutual TLS: the script founds a CA for the pool (poolctl pki-init)
+# and issues each member its TLS directory; poold-bench trusts that CA (--ca) and, for the
+# members-only GetMemberStatus, presents member 1's certificate. etcd runs in clear, as
+# before (a TLS-to-TLS comparison is the `trust` benchmark's).
+#
 # Needs etcd (Debian packages etcd-server and etcd-client, installed here when missing).
 # The table also gives each system's server CPU per write (the three members' user + system
 # time over the run, from /proc), which the machine's noise moves far less than throughput,
@@ -22,7 +27,7 @@ cd "$(dirname "$0")/.."
 SECONDS_EACH=${BENCH_SECONDS:-10}
 ROUNDS=${BENCH_ROUNDS:-3}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-cargo build --release -q -p poold --bins
+cargo build --release -q -p poold -p poolctl --bins
 BIN=$CARGO_TARGET_DIR/release
 
 # etcdctl (etcd-client) is a separate package; the script uses it to find etcd's leader.
@@ -46,10 +51,17 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 declare -a PA
 MEMBERS=()
 for i in 1 2 3; do PA[$i]=127.0.0.1:$(free_port); MEMBERS+=(--member "$i=${PA[$i]}"); done
+PKI=$WORK/pki
+"$BIN/poolctl" pki-init "$PKI" --pool-id bench >/dev/null
+for i in 1 2 3; do
+  "$BIN/poolctl" pki-issue "$PKI" --pool-id bench --identity "member/$i" --name 127.0.0.1 \
+    --out "$WORK/tls$i" >/dev/null
+done
+CA=$PKI/ca.pem
 POOLD_PIDS=()
 for i in 1 2 3; do
   "$BIN/poold" --member-id "$i" --data-dir "$WORK/poold$i" --pool-id bench "${MEMBERS[@]}" \
-    --log warn 2>"$WORK/poold$i.log" &
+    --tls-dir "$WORK/tls$i" --log warn 2>"$WORK/poold$i.log" &
   PIDS+=($!); POOLD_PIDS+=($!)
 done
 POOL_ADDRS="${PA[1]},${PA[2]},${PA[3]}"
@@ -106,7 +118,7 @@ ratio() { python3 -c "a,b=float('$1'),float('$2'); print(f'{a/b:.3f}' if b else 
 declare -A M Q
 for round in $(seq 1 "$ROUNDS"); do
   for c in 1 64; do
-    p=$(run_cpu POOLD_PIDS pool --members "$POOL_ADDRS" --clients "$c" --seconds "$SECONDS_EACH")
+    p=$(run_cpu POOLD_PIDS pool --members "$POOL_ADDRS" --ca "$CA" --clients "$c" --seconds "$SECONDS_EACH")
     e=$(run_cpu ETCD_PIDS etcd --endpoint "$ETCD_LEADER" --clients "$c" --seconds "$SECONDS_EACH")
     echo "round $round, $c clients: poold $(field ops_per_s "$p") writes/s p50 $(field p50_us "$p") p99 $(field p99_us "$p") us cpu $(field cpu_us "$p") us/write; etcd $(field ops_per_s "$e") writes/s p50 $(field p50_us "$e") p99 $(field p99_us "$e") us cpu $(field cpu_us "$e") us/write"
     for f in ops_per_s p50_us p99_us cpu_us; do
@@ -116,7 +128,8 @@ for round in $(seq 1 "$ROUNDS"); do
     done
   done
   # For scale: each system's cheapest call on its leader, with no Raft in it.
-  p=$(run_cpu POOLD_PIDS pool-status --members "$POOL_ADDRS" --clients 64 --seconds "$SECONDS_EACH")
+  p=$(run_cpu POOLD_PIDS pool-status --members "$POOL_ADDRS" --ca "$CA" --tls-dir "$WORK/tls1" \
+    --clients 64 --seconds "$SECONDS_EACH")
   e=$(run_cpu ETCD_PIDS etcd-range --endpoint "$ETCD_LEADER" --clients 64 --seconds "$SECONDS_EACH")
   echo "round $round, 64 clients, local read (no Raft): poold $(field ops_per_s "$p") calls/s cpu $(field cpu_us "$p") us/call; etcd $(field ops_per_s "$e") calls/s cpu $(field cpu_us "$e") us/call"
   for f in ops_per_s p50_us p99_us cpu_us; do

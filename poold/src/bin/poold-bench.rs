@@ -6,8 +6,14 @@
 //! involves no Raft at all (poold's GetMemberStatus, etcd's serializable Range): what is
 //! left of a write's cost once that is taken away is the consensus path.
 //!
+//! The pool is called over TLS as poolctl calls it (`--ca`, the pool's CA bundle; any
+//! member's certificate is accepted by the coordinators' name); GetMemberStatus answers
+//! members only, so `pool-status` also presents a member's certificate (`--tls-dir`).
+//! etcd is called in clear.
+//!
 //! Prints one line: `RESULT <name> ops=<n> secs=<s> ops_per_s=<x> p50_us=<x> p99_us=<x>`.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +24,7 @@ use poold::scheduler::{BatchScheduler, Demand, HostCandidate, Policy};
 use proto::coordinator as pb;
 use proto::coordinator::HostState;
 use proto::coordinator::coordinator_peer_service_client::CoordinatorPeerServiceClient;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 
 #[derive(Parser)]
 struct Args {
@@ -44,6 +51,10 @@ enum Cmd {
     Pool {
         #[arg(long, value_delimiter = ',')]
         members: Vec<String>,
+        /// The pool's CA bundle (PEM), the only CA the members' certificates are checked
+        /// against.
+        #[arg(long)]
+        ca: PathBuf,
         #[command(flatten)]
         load: Load,
     },
@@ -58,6 +69,13 @@ enum Cmd {
     PoolStatus {
         #[arg(long, value_delimiter = ',')]
         members: Vec<String>,
+        /// The pool's CA bundle (PEM).
+        #[arg(long)]
+        ca: PathBuf,
+        /// A member's TLS directory: the peer service answers members only, so the calls
+        /// present this member's certificate.
+        #[arg(long)]
+        tls_dir: PathBuf,
         #[command(flatten)]
         load: Load,
     },
@@ -164,19 +182,47 @@ where
     (all, start.elapsed().as_secs_f64())
 }
 
-/// A channel to `address`, with TCP_NODELAY as every client here uses.
-async fn channel(address: &str, what: &str) -> anyhow::Result<tonic::transport::Channel> {
-    tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+/// A channel to `address` (in clear, or over TLS with `tls`), with TCP_NODELAY as every
+/// client here uses.
+async fn channel(
+    address: &str,
+    what: &str,
+    tls: Option<ClientTlsConfig>,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let endpoint = match tls {
+        None => Endpoint::from_shared(format!("http://{address}"))?,
+        Some(tls) => Endpoint::from_shared(format!("https://{address}"))?.tls_config(tls)?,
+    };
+    endpoint
         .tcp_nodelay(true)
         .connect()
         .await
         .with_context(|| format!("connecting to {what} at {address}"))
 }
 
+/// How to call any member: trusting only the pool's CA in `ca`, accepting a certificate
+/// with the coordinators' name, presenting the credentials in `tls_dir` when given.
+fn pool_tls(ca: &Path, tls_dir: Option<&Path>) -> anyhow::Result<ClientTlsConfig> {
+    let bundle = pool_trust::CaBundle::load(ca)
+        .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))
+        .with_context(|| format!("reading the pool's CA bundle {}", ca.display()))?;
+    let creds = match tls_dir {
+        Some(dir) => Some(
+            pool_trust::DaemonTls::load(dir)
+                .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))
+                .with_context(|| format!("loading the TLS directory {}", dir.display()))?
+                .creds,
+        ),
+        None => None,
+    };
+    Ok(pool_trust::tls::client_tls(&bundle, creds.as_ref(), None)?
+        .domain_name(pool_trust::coordinators_name(bundle.pool_id())))
+}
+
 /// A client of the pool that knows its leader (members started a moment ago may still be
 /// electing).
-async fn leader_client(members: &[String]) -> anyhow::Result<PoolClient> {
-    let mut c = PoolClient::new(members);
+async fn leader_client(members: &[String], tls: &ClientTlsConfig) -> anyhow::Result<PoolClient> {
+    let mut c = PoolClient::with_tls(members, tls);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !c.find_leader().await {
         anyhow::ensure!(
@@ -188,8 +234,13 @@ async fn leader_client(members: &[String]) -> anyhow::Result<PoolClient> {
     Ok(c)
 }
 
-async fn pool(members: Vec<String>, clients: usize, seconds: u64) -> anyhow::Result<()> {
-    let c = Arc::new(leader_client(&members).await?);
+async fn pool(
+    members: Vec<String>,
+    tls: ClientTlsConfig,
+    clients: usize,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    let c = Arc::new(leader_client(&members, &tls).await?);
     let (lat, secs) = run_clients(clients, seconds, |i, until| {
         let mut c = (*c).clone();
         async move {
@@ -220,9 +271,14 @@ async fn pool(members: Vec<String>, clients: usize, seconds: u64) -> anyhow::Res
     Ok(())
 }
 
-async fn pool_status(members: Vec<String>, clients: usize, seconds: u64) -> anyhow::Result<()> {
-    let leader = leader_client(&members).await?.current().to_owned();
-    let ch = channel(&leader, "the pool leader").await?;
+async fn pool_status(
+    members: Vec<String>,
+    tls: ClientTlsConfig,
+    clients: usize,
+    seconds: u64,
+) -> anyhow::Result<()> {
+    let leader = leader_client(&members, &tls).await?.current().to_owned();
+    let ch = channel(&leader, "the pool leader", Some(tls)).await?;
     let (lat, secs) = run_clients(clients, seconds, |_, until| {
         let mut p = CoordinatorPeerServiceClient::new(ch.clone());
         async move {
@@ -257,7 +313,7 @@ where
     Req: prost::Message + Send + Sync + 'static,
     Resp: prost::Message + Default + Send + Sync + 'static,
 {
-    let ch = channel(&endpoint, "etcd").await?;
+    let ch = channel(&endpoint, "etcd", None).await?;
     let (lat, secs) = run_clients(clients, seconds, |i, until| {
         let ch = ch.clone();
         async move {
@@ -404,10 +460,19 @@ fn main() -> anyhow::Result<()> {
             .build()?
     };
     match args.cmd {
-        Cmd::Pool { members, load } => rt.block_on(pool(members, load.clients, load.seconds)),
+        Cmd::Pool { members, ca, load } => {
+            let tls = pool_tls(&ca, None)?;
+            rt.block_on(pool(members, tls, load.clients, load.seconds))
+        }
         Cmd::Etcd { endpoint, load } => rt.block_on(etcd_put(endpoint, load.clients, load.seconds)),
-        Cmd::PoolStatus { members, load } => {
-            rt.block_on(pool_status(members, load.clients, load.seconds))
+        Cmd::PoolStatus {
+            members,
+            ca,
+            tls_dir,
+            load,
+        } => {
+            let tls = pool_tls(&ca, Some(&tls_dir))?;
+            rt.block_on(pool_status(members, tls, load.clients, load.seconds))
         }
         Cmd::EtcdRange { endpoint, load } => {
             rt.block_on(etcd_range(endpoint, load.clients, load.seconds))
