@@ -14,6 +14,7 @@
 #
 # Needs root and iproute2. Binaries come from $BIN (default target/release; build them with
 # `cargo build --release -p poold -p storaged -p hostd -p poolctl`). HOSTS (default 3).
+# IMAGE_DIR (default /srv/pool): where guests' kernels are.
 # Every link is mutual TLS: `up` founds the pool's CA in DIR/pki (poolctl pki-init) and
 # gives each daemon its TLS directory (pki-issue).
 # Then: poolctl --config DIR/client.toml host-list
@@ -21,6 +22,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-$PWD/target/release}
 HOSTS=${HOSTS:-3}
+# Where VMs' kernels and file disks may come from (hostd refuses any other path).
+IMAGE_DIR=${IMAGE_DIR:-/srv/pool}
 BR=poolbr0
 NET=10.77.0
 POOL="$NET.1:7101,$NET.1:7102,$NET.1:7103"
@@ -102,7 +105,7 @@ TOML
     mkdir -p "$DIR/h$i"
     start "h$i" ip netns exec "pool-h$i" "$BIN/hostd" --listen "$NET.1$i:7000" --tie-vms \
       --host-id "h$i" --run-dir "$DIR/h$i" --initiator-iqn "iqn.2026-11.org.pool.netns:h$i" \
-      --tls-dir "$DIR/pki/h$i" --pool "$POOL"
+      --tls-dir "$DIR/pki/h$i" --image-dir "$IMAGE_DIR" --pool "$POOL"
   done
   for i in $(seq "$HOSTS"); do wait_port "pool-h$i" "$NET.1$i" 7000; done
   local ctl=("$BIN/poolctl" --config "$DIR/client.toml")
@@ -153,5 +156,5 @@ case "$cmd" in
   down) down ;;
   cut) ip link set "vh${2:?host number}" down ;;
   heal) ip link set "vh${2:?host number}" up ;;
-  *) sed -n '2,20p' "$0"; exit 2 ;;
+  *) sed -n '2,22p' "$0"; exit 2 ;;
 esac

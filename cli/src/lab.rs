@@ -392,6 +392,9 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
             .arg(&run_dir)
             .arg("--tls-dir")
             .arg(dir.join("pki").join(&name))
+            // The test guest the lab writes, and nothing else of this machine's.
+            .arg("--image-dir")
+            .arg(&dir)
             .args([
                 "--initiator-iqn",
                 &format!("iqn.2026-11.org.pool.lab:{name}"),

@@ -21,6 +21,7 @@ TOML
 fi
 hostd --listen "$NODE_IP:7000" --run-dir /var/lib/hostd --host-id "node$MEMBER_ID" \
   --initiator-iqn "iqn.2026-11.org.pool.compose:node$MEMBER_ID" --tls-dir /etc/pool/pki/host \
+  --image-dir /srv/pool \
   --pool "$POOL" &
 # The first daemon to stop ends the node.
 wait -n 2>/dev/null || wait

@@ -130,8 +130,31 @@ fn mib(b: u64) -> f64 {
 struct Daemon {
     child: std::process::Child,
     addr: String,
+    /// A member's credentials: HostService answers the pool's members only.
+    member: pool_trust::DaemonTls,
     _dir: tempfile::TempDir,
 }
+
+impl Daemon {
+    /// A client of the daemon over mutual TLS, as member 1.
+    async fn client(&self) -> HostServiceClient<tonic::transport::Channel> {
+        let tls = self
+            .member
+            .client(&pool_trust::Identity::Host(BENCH_HOST.into()))
+            .unwrap();
+        let ch = tonic::transport::Endpoint::from_shared(format!("https://{}", self.addr))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        HostServiceClient::new(ch)
+    }
+}
+
+/// The host name the daemon runs as (its certificate names it).
+const BENCH_HOST: &str = "bench-host";
 
 impl Drop for Daemon {
     fn drop(&mut self) {
@@ -141,9 +164,30 @@ impl Drop for Daemon {
     }
 }
 
-fn start_daemon(hostd: &Path) -> Daemon {
+/// The daemon as a pool runs it: on mutual TLS under a CA made for the run, taking
+/// kernels and disk images from `images` only.
+fn start_daemon(hostd: &Path, images: &Path) -> Daemon {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
+    let ca = pool_trust::LocalCa::open_or_create(
+        &dir.path().join("pki"),
+        &pool_trust::PoolId::parse("bench").unwrap(),
+    )
+    .unwrap();
+    let host_tls = dir.path().join("pki/host");
+    ca.issue(
+        &pool_trust::Identity::Host(BENCH_HOST.into()),
+        &["127.0.0.1"],
+        &host_tls,
+    )
+    .unwrap();
+    let member = ca
+        .issue(
+            &pool_trust::Identity::Member(1),
+            &[],
+            &dir.path().join("pki/member"),
+        )
+        .unwrap();
     let mut child = Command::new(hostd)
         .args([
             "--listen",
@@ -151,11 +195,17 @@ fn start_daemon(hostd: &Path) -> Daemon {
             "--tie-vms",
             "--log",
             "warn",
+            "--host-id",
+            BENCH_HOST,
             "--initiator-iqn",
             INITIATOR,
             "--run-dir",
         ])
-        .arg(dir.path())
+        .arg(dir.path().join("run"))
+        .arg("--tls-dir")
+        .arg(&host_tls)
+        .arg("--image-dir")
+        .arg(images)
         .stdout(Stdio::piped())
         .spawn()
         .expect("start hostd");
@@ -171,6 +221,7 @@ fn start_daemon(hostd: &Path) -> Daemon {
     Daemon {
         child,
         addr,
+        member,
         _dir: dir,
     }
 }
@@ -486,10 +537,8 @@ async fn main() {
     if std::env::var_os("VMM_BENCH_ONLY_BLK").is_some() {
         // For working on the block path: the iSCSI rows alone (VMM_BENCH_GUEST_ARGS adds
         // guest arguments to them, e.g. `blk_poll_many_us=0`).
-        let daemon = start_daemon(&hostd);
-        let mut c = HostServiceClient::connect(format!("http://{}", daemon.addr))
-            .await
-            .unwrap();
+        let daemon = start_daemon(&hostd, work.path());
+        let mut c = daemon.client().await;
         for r in iscsi_rows(&mut c, &guest, work.path()).await {
             println!(
                 "qd {}: guest idles {:.0}, spins {:.0}, direct {:.0}, guest on the file {:.0} IOPS, ratio {:.3} (file {:.3})",
@@ -518,10 +567,8 @@ async fn main() {
     }
 
     // ---- through the daemon: CreateVm(start) to the guest's first line ----
-    let daemon = start_daemon(&hostd);
-    let mut c = HostServiceClient::connect(format!("http://{}", daemon.addr))
-        .await
-        .unwrap();
+    let daemon = start_daemon(&hostd, work.path());
+    let mut c = daemon.client().await;
     let mut via_daemon = vec![];
     for i in 0..runs {
         let id = format!("start{i}");

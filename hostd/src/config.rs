@@ -25,6 +25,10 @@ pub struct Config {
     pub tie_vms_to_daemon: Option<bool>,
     /// The TLS directory: the pool's CA bundle, this host's certificate and key.
     pub tls_dir: Option<PathBuf>,
+    /// Where VMs' kernels, initrds and file disks may come from (default
+    /// /var/lib/hostd/images); any other host path is refused.
+    #[serde(default)]
+    pub image_dirs: Vec<PathBuf>,
     /// Membership of a pool: without this section the host runs on its own.
     pub pool: Option<PoolConfig>,
 }

@@ -15,6 +15,7 @@ use hostd::vmm::{BootProtocol, BootSpec, Vm, VmExit, VmSpec};
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:7000";
 const DEFAULT_RUN_DIR: &str = "/run/hostd";
+const DEFAULT_IMAGE_DIR: &str = "/var/lib/hostd/images";
 const DEFAULT_RESERVED_MEMORY: u64 = 512 << 20;
 
 /// Host agent: runs KVM guests whose disks are iSCSI volumes and serves HostService.
@@ -56,6 +57,10 @@ struct Args {
     /// coordinator members, over mutual TLS, and the host calls them with it.
     #[arg(long)]
     tls_dir: Option<PathBuf>,
+    /// A directory VMs' kernels, initrds and file disks may come from (repeat for more;
+    /// default /var/lib/hostd/images). Any other host path a client names is refused.
+    #[arg(long = "image-dir")]
+    image_dirs: Vec<PathBuf>,
     /// Log filter, e.g. "info" or "hostd=debug" (RUST_LOG wins when set).
     #[arg(long, default_value = "info", global = true)]
     log: String,
@@ -250,6 +255,16 @@ fn daemon(args: Args) -> anyhow::Result<()> {
     if args.tls_dir.is_some() {
         config.tls_dir = args.tls_dir.clone();
     }
+    if !args.image_dirs.is_empty() {
+        config.image_dirs = args.image_dirs.clone();
+    }
+    if config.image_dirs.is_empty() {
+        std::fs::create_dir_all(DEFAULT_IMAGE_DIR)
+            .with_context(|| format!("creating {DEFAULT_IMAGE_DIR}"))?;
+        config.image_dirs = vec![DEFAULT_IMAGE_DIR.into()];
+    }
+    let image_dirs = hostd::supervisor::spec::ImageDirs::new(&config.image_dirs)
+        .context("the image directories (--image-dir, image_dirs)")?;
     let host_name = config
         .pool
         .as_ref()
@@ -290,6 +305,7 @@ fn daemon(args: Args) -> anyhow::Result<()> {
                 .unwrap_or(DEFAULT_RESERVED_MEMORY),
             tie_vms_to_daemon: tie,
             initiator_iqn: config.initiator_iqn.clone().unwrap_or_default(),
+            image_dirs,
         })
         .await?;
         let listen = config

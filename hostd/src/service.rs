@@ -98,6 +98,7 @@ fn status(e: ManagerError) -> Status {
         ManagerError::AlreadyExists { .. } => Status::already_exists(msg),
         ManagerError::BadId(_) => Status::invalid_argument(msg),
         ManagerError::Spec(SpecError::NoInitiatorName { .. }) => Status::failed_precondition(msg),
+        ManagerError::Spec(SpecError::OutsideImages { .. }) => Status::permission_denied(msg),
         ManagerError::Spec(s) if s.is_not_found() => Status::not_found(msg),
         ManagerError::Spec(_) => Status::invalid_argument(msg),
         ManagerError::WrongState { .. } | ManagerError::Disk { .. } => {

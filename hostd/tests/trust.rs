@@ -186,3 +186,44 @@ fn the_daemon_binary_refuses_to_start_without_its_own_private_tls_directory() {
     let err = refused_start(Some(&pki.dir_of(&Identity::Host("never-issued".into()))));
     assert!(err.contains("loading the TLS directory"), "{err}");
 }
+
+/// A VM may take its kernel, initrd and file disks only from the host's image
+/// directories: a member naming a host device or a system file is refused, and nothing
+/// is created.
+#[tokio::test(flavor = "multi_thread")]
+async fn host_paths_outside_the_image_directories_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path()).await;
+    let mut c = daemon.client().await;
+    for (what, cfg) in [
+        ("a host device as a disk", {
+            let mut cfg = config("then=spin");
+            cfg.disks.push(proto::host::DiskConfig {
+                id: "vda".into(),
+                backend: Some(proto::host::disk_config::Backend::FilePath(
+                    "/dev/null".into(),
+                )),
+                read_only: false,
+            });
+            cfg
+        }),
+        ("a system file as the initrd", {
+            let mut cfg = config("then=spin");
+            cfg.boot.as_mut().unwrap().initrd_path = "/etc/passwd".into();
+            cfg
+        }),
+    ] {
+        let e = c
+            .create_vm(proto::host::CreateVmRequest {
+                vm_id: "intruder".into(),
+                config: Some(cfg),
+                start: true,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{what}: {e:?}");
+        assert!(e.message().contains("image directories"), "{what}: {e:?}");
+    }
+    let vms = c.list_vms(ListVmsRequest::default()).await.unwrap();
+    assert!(vms.into_inner().vms.is_empty(), "nothing was created");
+}

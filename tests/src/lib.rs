@@ -431,6 +431,9 @@ impl Hostd {
             .args(["--initiator-iqn", &iqn, "--host-id", name])
             .arg("--tls-dir")
             .arg(&tls)
+            // The test's guest kernel and images are written into its directory.
+            .arg("--image-dir")
+            .arg(dir)
             .args([
                 "--pool",
                 &pool.addrs,

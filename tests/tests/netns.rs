@@ -55,6 +55,10 @@ impl Lab {
             .arg(script())
             .args(args)
             .env("BIN", &self.bin)
+            .env(
+                "IMAGE_DIR",
+                self.dir.parent().expect("the test's directory"),
+            )
             .output()
             .expect("run deploy/lab-netns.sh")
     }

@@ -59,6 +59,15 @@ pub enum SpecError {
          in hostd's configuration)"
     )]
     NoInitiatorName { id: String },
+    #[error(
+        "{what} {path} is outside this host's image directories ({dirs}); a VM's kernels, \
+         initrds and file disks must be under one of them"
+    )]
+    OutsideImages {
+        what: &'static str,
+        path: PathBuf,
+        dirs: String,
+    },
     #[error("disk {id:?}")]
     Iscsi {
         id: String,
@@ -87,12 +96,79 @@ fn readable(path: &Path) -> std::io::Result<()> {
     std::fs::File::open(path).map(|_| ())
 }
 
+/// Where a VM's kernels, initrds and file disks may come from: the host's image
+/// directories. A client (even the pool) naming any other host path, e.g. `/dev/sda` or
+/// `/etc/shadow`, is refused: the daemon opens these as root.
+#[derive(Clone, Debug, Default)]
+pub struct ImageDirs(Vec<PathBuf>);
+
+impl ImageDirs {
+    /// The directories, resolved (they must exist).
+    pub fn new(dirs: &[PathBuf]) -> std::io::Result<ImageDirs> {
+        dirs.iter()
+            .map(|d| {
+                std::fs::canonicalize(d).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("image directory {}: {e}", d.display()))
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map(ImageDirs)
+    }
+
+    /// Checks that `path` resolves, links and `..` followed, to a place inside one of the
+    /// directories. A path that does not exist passes here: opening it says so.
+    fn check(&self, what: &'static str, path: &Path) -> Result<(), SpecError> {
+        let outside = || SpecError::OutsideImages {
+            what,
+            path: path.to_owned(),
+            dirs: self
+                .0
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        let real = match std::fs::canonicalize(path) {
+            Ok(real) => real,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(_) => return Err(outside()),
+        };
+        if self.0.iter().any(|d| real.starts_with(d)) {
+            Ok(())
+        } else {
+            Err(outside())
+        }
+    }
+}
+
 fn disk_id_ok(id: &str) -> bool {
     !id.is_empty() && id.len() <= 20 && id.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// Checks a configuration without logging in to targets or touching KVM.
-pub fn validate(config: &VmConfig, initiator_iqn: &str) -> Result<(), SpecError> {
+/// Checks a configuration a client sent, without logging in to targets or touching KVM:
+/// every field, and every host path it names against the image directories.
+pub fn validate(
+    config: &VmConfig,
+    initiator_iqn: &str,
+    images: &ImageDirs,
+) -> Result<(), SpecError> {
+    // The paths first: nothing outside the image directories is even opened.
+    if let Some(boot) = &config.boot {
+        images.check("kernel", Path::new(&boot.kernel_path))?;
+        if !boot.initrd_path.is_empty() {
+            images.check("initrd", Path::new(&boot.initrd_path))?;
+        }
+    }
+    for d in &config.disks {
+        if let Some(disk_config::Backend::FilePath(path)) = &d.backend {
+            images.check("disk image", Path::new(path))?;
+        }
+    }
+    check(config, initiator_iqn)
+}
+
+/// Every field of a configuration (the paths it names exist and can be opened).
+fn check(config: &VmConfig, initiator_iqn: &str) -> Result<(), SpecError> {
     let boot = config.boot.as_ref().ok_or(SpecError::NoKernel)?;
     if boot.kernel_path.is_empty() {
         return Err(SpecError::NoKernel);
@@ -133,7 +209,7 @@ pub fn validate(config: &VmConfig, initiator_iqn: &str) -> Result<(), SpecError>
         });
     }
     for (i, d) in config.disks.iter().enumerate() {
-        validate_disk(d, initiator_iqn)?;
+        check_disk(d, initiator_iqn)?;
         if config.disks[..i].iter().any(|o| o.id == d.id) {
             return Err(SpecError::DuplicateDisk { id: d.id.clone() });
         }
@@ -144,7 +220,18 @@ pub fn validate(config: &VmConfig, initiator_iqn: &str) -> Result<(), SpecError>
 /// Checks one disk: its id, and that its backend can be used. A file is opened, with the
 /// access it will need, and closed again; an iSCSI disk's settings are checked (the login
 /// itself happens in the VM process that will use the session).
-pub fn validate_disk(d: &DiskConfig, initiator_iqn: &str) -> Result<(), SpecError> {
+pub fn validate_disk(
+    d: &DiskConfig,
+    initiator_iqn: &str,
+    images: &ImageDirs,
+) -> Result<(), SpecError> {
+    if let Some(disk_config::Backend::FilePath(path)) = &d.backend {
+        images.check("disk image", Path::new(path))?;
+    }
+    check_disk(d, initiator_iqn)
+}
+
+fn check_disk(d: &DiskConfig, initiator_iqn: &str) -> Result<(), SpecError> {
     if !disk_id_ok(&d.id) {
         return Err(SpecError::DiskId { id: d.id.clone() });
     }
@@ -256,8 +343,10 @@ impl Opener<'_> {
 }
 
 /// Builds the VMM's spec, opening every disk (logging in to iSCSI targets).
+/// The daemon has held the configuration to its image directories ([`validate`]) before
+/// the VM process that calls this was started.
 pub fn to_spec(config: &VmConfig, initiator_iqn: &str) -> Result<VmSpec, SpecError> {
-    validate(config, initiator_iqn)?;
+    check(config, initiator_iqn)?;
     let mut opener = Opener {
         initiator_iqn,
         rt: None,
@@ -329,37 +418,103 @@ mod tests {
         assert_eq!(spec.boot.protocol, BootProtocol::Auto);
     }
 
+    /// Image directories holding everything these tests use.
+    fn anywhere() -> ImageDirs {
+        ImageDirs::new(&["/".into()]).unwrap()
+    }
+
+    #[test]
+    fn host_paths_outside_the_image_directories_are_refused() {
+        let images_dir = tempfile::tempdir().unwrap();
+        let images = ImageDirs::new(&[images_dir.path().to_owned()]).unwrap();
+        let kernel = images_dir.path().join("guest.elf");
+        std::fs::copy(crate::testguest::ELF_PATH, &kernel).unwrap();
+        let disk = images_dir.path().join("d.img");
+        std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+        let mut c = config(kernel.to_str().unwrap());
+        c.disks.push(file_disk("vda", &disk));
+        validate(&c, "", &images).unwrap();
+        // A host device, a file elsewhere, and a way out by `..` or a link: refused.
+        let outside = |e: SpecError| matches!(e, SpecError::OutsideImages { .. });
+        let mut bad = c.clone();
+        bad.disks[0] = file_disk("vda", Path::new("/dev/null"));
+        assert!(outside(validate(&bad, "", &images).unwrap_err()));
+        let escape = images_dir
+            .path()
+            .join("../")
+            .join(images_dir.path().file_name().unwrap());
+        assert!(
+            validate(
+                &config(escape.join("guest.elf").to_str().unwrap()),
+                "",
+                &images
+            )
+            .is_ok()
+        );
+        let elsewhere = config(crate::testguest::ELF_PATH);
+        assert!(outside(validate(&elsewhere, "", &images).unwrap_err()));
+        let link = images_dir.path().join("passwd");
+        std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
+        let mut bad = c.clone();
+        bad.boot.as_mut().unwrap().initrd_path = link.display().to_string();
+        let e = validate(&bad, "", &images).unwrap_err();
+        assert!(
+            outside(e),
+            "a link out of the directory is followed and refused"
+        );
+        let mut bad = c.clone();
+        bad.disks[0] = file_disk("vda", &images_dir.path().join("../../etc/hostname"));
+        if std::path::Path::new("/etc/hostname").exists() {
+            assert!(outside(validate(&bad, "", &images).unwrap_err()));
+        }
+    }
+
     #[test]
     fn each_bad_field_gets_its_own_error() {
         let kernel = crate::testguest::ELF_PATH;
         assert!(matches!(
-            validate(&VmConfig::default(), ""),
+            validate(&VmConfig::default(), "", &anywhere()),
             Err(SpecError::NoKernel)
         ));
-        let e = validate(&config("/nonexistent/k"), "").unwrap_err();
+        let e = validate(&config("/nonexistent/k"), "", &anywhere()).unwrap_err();
         assert!(matches!(e, SpecError::KernelMissing { .. }) && e.is_not_found());
         let mut c = config(kernel);
         c.vcpus = 0;
-        assert!(matches!(validate(&c, ""), Err(SpecError::Vcpus { .. })));
+        assert!(matches!(
+            validate(&c, "", &anywhere()),
+            Err(SpecError::Vcpus { .. })
+        ));
         let mut c = config(kernel);
         c.memory_bytes = 4096;
-        assert!(matches!(validate(&c, ""), Err(SpecError::Memory { .. })));
+        assert!(matches!(
+            validate(&c, "", &anywhere()),
+            Err(SpecError::Memory { .. })
+        ));
         let mut c = config(kernel);
         c.boot.as_mut().unwrap().protocol = 42;
-        assert!(matches!(validate(&c, ""), Err(SpecError::BadProtocol(42))));
+        assert!(matches!(
+            validate(&c, "", &anywhere()),
+            Err(SpecError::BadProtocol(42))
+        ));
         let mut c = config(kernel);
         c.disks.push(DiskConfig {
             id: "vda".into(),
             ..Default::default()
         });
-        assert!(matches!(validate(&c, ""), Err(SpecError::NoBackend { .. })));
+        assert!(matches!(
+            validate(&c, "", &anywhere()),
+            Err(SpecError::NoBackend { .. })
+        ));
         let mut c = config(kernel);
         c.disks.push(file_disk("has space", Path::new("/x")));
-        assert!(matches!(validate(&c, ""), Err(SpecError::DiskId { .. })));
+        assert!(matches!(
+            validate(&c, "", &anywhere()),
+            Err(SpecError::DiskId { .. })
+        ));
         let mut c = config(kernel);
         c.disks
             .push(file_disk("vda", Path::new("/nonexistent/disk")));
-        let e = validate(&c, "").unwrap_err();
+        let e = validate(&c, "", &anywhere()).unwrap_err();
         assert!(e.is_not_found(), "{e}");
         let mut c = config(kernel);
         c.disks.push(DiskConfig {
@@ -371,13 +526,13 @@ mod tests {
             })),
             read_only: false,
         });
-        let e = validate(&c, "").unwrap_err();
+        let e = validate(&c, "", &anywhere()).unwrap_err();
         assert!(matches!(e, SpecError::NoInitiatorName { .. }), "{e}");
-        validate(&c, "iqn.2026-11.lab:host1").unwrap();
+        validate(&c, "iqn.2026-11.lab:host1", &anywhere()).unwrap();
         if let Some(disk_config::Backend::Iscsi(i)) = &mut c.disks[0].backend {
             i.chap_username = "u".into();
         }
-        let e = validate(&c, "iqn.2026-11.lab:host1").unwrap_err();
+        let e = validate(&c, "iqn.2026-11.lab:host1", &anywhere()).unwrap_err();
         assert!(e.to_string().contains("CHAP needs both"), "{e}");
     }
 }

@@ -112,6 +112,15 @@ impl Daemon {
             reserved_memory_bytes: reserved,
             tie_vms_to_daemon: true,
             initiator_iqn: initiator_iqn.into(),
+            // The test guest, and disk images in temporary directories.
+            image_dirs: hostd::supervisor::spec::ImageDirs::new(&[
+                std::env::temp_dir(),
+                std::path::Path::new(hostd::testguest::ELF_PATH)
+                    .parent()
+                    .expect("the guest's directory")
+                    .to_owned(),
+            ])
+            .expect("image directories"),
         })
         .await
         .unwrap();

@@ -17,7 +17,7 @@ impl Manager {
             "stopped (disks are announced at boot)",
             |s| !is_live(s),
         )?;
-        spec::validate_disk(&disk, &self.cfg.initiator_iqn)?;
+        spec::validate_disk(&disk, &self.cfg.initiator_iqn, &self.cfg.image_dirs)?;
         let mut config = entry.lock().config.clone();
         if config.disks.iter().any(|d| d.id == disk.id) {
             return Err(ManagerError::Disk {
@@ -27,7 +27,7 @@ impl Manager {
             });
         }
         config.disks.push(disk);
-        spec::validate(&config, &self.cfg.initiator_iqn)?;
+        spec::validate(&config, &self.cfg.initiator_iqn, &self.cfg.image_dirs)?;
         entry.lock().config = config;
         Ok(entry.to_proto())
     }

@@ -27,7 +27,7 @@ impl Manager {
         if !valid_id(&id) {
             return Err(ManagerError::BadId(id));
         }
-        spec::validate(&config, &self.cfg.initiator_iqn)?;
+        spec::validate(&config, &self.cfg.initiator_iqn, &self.cfg.image_dirs)?;
         let entry = Entry::new(
             id.clone(),
             config,
@@ -66,7 +66,7 @@ impl Manager {
             });
         }
         let config = entry.lock().config.clone();
-        spec::validate(&config, &self.cfg.initiator_iqn)?;
+        spec::validate(&config, &self.cfg.initiator_iqn, &self.cfg.image_dirs)?;
         self.admit_memory(&*self.vms.lock().await, id, config.memory_bytes)?;
         let dir = self.vm_dir(id);
         self.spawn(&entry, &dir, config, None).await?;

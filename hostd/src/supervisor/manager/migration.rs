@@ -34,7 +34,7 @@ impl Manager {
         if !valid_id(id) {
             return Err(ManagerError::BadId(id.into()));
         }
-        spec::validate(&config, &self.cfg.initiator_iqn)?;
+        spec::validate(&config, &self.cfg.initiator_iqn, &self.cfg.image_dirs)?;
         let entry = Entry::new(
             id.to_owned(),
             config.clone(),

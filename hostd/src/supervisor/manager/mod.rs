@@ -58,6 +58,8 @@ pub struct ManagerConfig {
     pub tie_vms_to_daemon: bool,
     /// The iSCSI name VM processes log in to targets with (empty: no iSCSI disks).
     pub initiator_iqn: String,
+    /// Where VMs' kernels, initrds and file disks may come from.
+    pub image_dirs: crate::supervisor::spec::ImageDirs,
 }
 
 #[derive(Debug, thiserror::Error)]
