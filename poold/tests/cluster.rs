@@ -14,7 +14,7 @@ async fn failover(n: u64) {
     let _serial = SERIAL.lock().await;
     let mut cl = Cluster::start(n, &[]);
     let leader = cl.leader(ELECTION).await;
-    let mut c = cl.client();
+    let mut c = cl.client().await;
     for i in 0..10 {
         join_host(&mut c, &format!("10.0.0.{i}:7000"))
             .await
@@ -59,7 +59,7 @@ async fn concurrent_writes_answer_their_own_callers(extra: &[&str]) {
     let _serial = SERIAL.lock().await;
     let cl = Cluster::start(3, extra);
     cl.leader(ELECTION).await;
-    let c = cl.client();
+    let c = cl.client().await;
     let writers: Vec<_> = (0..48)
         .map(|i| {
             let mut c = c.clone();
@@ -74,7 +74,7 @@ async fn concurrent_writes_answer_their_own_callers(extra: &[&str]) {
     for w in writers {
         answers.push(w.await.expect("writer task"));
     }
-    let mut c = cl.client();
+    let mut c = cl.client().await;
     let hosts = list_hosts(&mut c).await;
     assert_eq!(hosts.len(), 48);
     for (address, task) in answers {
@@ -185,7 +185,7 @@ async fn restarting_every_member_keeps_the_state() {
     let _serial = SERIAL.lock().await;
     let mut cl = Cluster::start(3, &[]);
     cl.leader(ELECTION).await;
-    let mut c = cl.client();
+    let mut c = cl.client().await;
     for i in 0..30 {
         join_host(&mut c, &format!("10.1.0.{i}:7000"))
             .await
@@ -200,7 +200,7 @@ async fn restarting_every_member_keeps_the_state() {
         cl.spawn(id);
     }
     cl.leader(ELECTION).await;
-    let mut c = cl.client();
+    let mut c = cl.client().await;
     let after = list_hosts(&mut c).await;
     assert_eq!(after, before, "hosts survive a restart of every member");
     assert_eq!(get_name(&mut c).await.unwrap(), "before-restart");
@@ -215,11 +215,11 @@ async fn a_minority_partition_cannot_commit() {
     let _serial = SERIAL.lock().await;
     let cl = Cluster::start(3, &[]);
     let old = cl.leader(ELECTION).await;
-    let mut c = cl.client();
+    let mut c = cl.client().await;
     set_name(&mut c, "agreed").await.unwrap();
     cl.isolate(old).await;
     // The cut-off leader cannot commit: the write fails (it never waits forever).
-    let mut minority = cl.client_of(&[old]);
+    let mut minority = cl.client_of(&[old]).await;
     minority.deadline = Duration::from_secs(4);
     minority.attempt_timeout = Duration::from_secs(2);
     let r = set_name(&mut minority, "minority-write").await;
@@ -233,14 +233,14 @@ async fn a_minority_partition_cannot_commit() {
     let majority: Vec<u64> = cl.alive().into_iter().filter(|m| *m != old).collect();
     let new = cl.leader_among(&majority, ELECTION).await;
     assert_ne!(new, old);
-    let mut maj = cl.client_of(&majority);
+    let mut maj = cl.client_of(&majority).await;
     set_name(&mut maj, "majority-write").await.unwrap();
     cl.heal().await;
     let st = cl.status(new).await.unwrap();
     cl.wait_applied(old, st.commit_index, ELECTION).await;
-    let mut all = cl.client();
+    let mut all = cl.client().await;
     assert_eq!(get_name(&mut all).await.unwrap(), "majority-write");
-    let mut back = cl.client_of(&[old]);
+    let mut back = cl.client_of(&[old]).await;
     assert_eq!(
         get_name(&mut back).await.unwrap(),
         "majority-write",
@@ -262,7 +262,7 @@ async fn a_member_down_for_10k_entries_catches_up_by_snapshot() {
     );
     let leader = cl.leader(ELECTION).await;
     let lagging = if leader == 3 { 2 } else { 3 };
-    let mut c = cl.client();
+    let mut c = cl.client().await;
     set_name(&mut c, "start").await.unwrap();
     let at_kill = cl.status(leader).await.unwrap().commit_index;
     cl.kill(lagging);
@@ -271,7 +271,7 @@ async fn a_member_down_for_10k_entries_catches_up_by_snapshot() {
     // 10,000 writes from 32 concurrent writers.
     let mut tasks = Vec::new();
     for w in 0..32 {
-        let mut c = cl.client_of(&alive);
+        let mut c = cl.client_of(&alive).await;
         c.find_leader().await;
         tasks.push(tokio::spawn(async move {
             for i in 0..(10_000 / 32 + 1) {
@@ -298,7 +298,7 @@ async fn a_member_down_for_10k_entries_catches_up_by_snapshot() {
         st.snapshots_installed >= 1,
         "caught up through a snapshot: {st:?}"
     );
-    let mut only = cl.client_of(&[lagging]);
+    let mut only = cl.client_of(&[lagging]).await;
     assert_eq!(get_name(&mut only).await.unwrap(), "final");
 }
 
@@ -362,7 +362,7 @@ async fn a_membership_change_waits_for_a_stalled_member_to_answer() {
     let _serial = SERIAL.lock().await;
     let mut cl = Cluster::start(3, &[]);
     let leader = cl.leader(ELECTION).await;
-    let mut c = cl.client_of(&[leader]);
+    let mut c = cl.client_of(&[leader]).await;
     join_host(&mut c, "10.3.0.1:7000").await.unwrap();
     let a4 = cl.spawn_joiner(4);
     add_member(&mut c, 4, &a4, pb::MemberRole::Learner, 0)
@@ -396,7 +396,7 @@ async fn members_are_added_replaced_and_removed_through_the_api() {
     let _serial = SERIAL.lock().await;
     let mut cl = Cluster::start(3, &[]);
     cl.leader(ELECTION).await;
-    let mut c = cl.client();
+    let mut c = cl.client().await;
     // Member 1 leads, so replacing it below also moves leadership.
     assert_eq!(transfer_leadership(&mut c, 1).await.leader_id, 1);
     join_host(&mut c, "10.2.0.1:7000").await.unwrap();
@@ -432,14 +432,14 @@ async fn members_are_added_replaced_and_removed_through_the_api() {
     let moved = transfer_leadership(&mut c, 4).await;
     assert_eq!(moved.leader_id, 4);
     cl.kill(1);
-    let mut c = cl.client();
+    let mut c = cl.client().await;
     let hosts = list_hosts(&mut c).await;
     assert_eq!(hosts.len(), 1, "member 5 got the state");
     let lst = cl.status(4).await.unwrap();
     let st5 = cl.wait_applied(5, lst.commit_index, ELECTION).await;
     assert_eq!(st5.leader_id, 4);
     assert!(st5.snapshots_installed >= 1, "{st5:?}");
-    let mut only5 = cl.client_of(&[5]);
+    let mut only5 = cl.client_of(&[5]).await;
     assert_eq!(list_hosts(&mut only5).await.len(), 1);
     // A transfer to a member that is not a voter is refused, and nothing moves.
     let err = c
@@ -470,7 +470,7 @@ async fn members_are_added_replaced_and_removed_through_the_api() {
     // Long enough for the leader to stop counting member 4 as recently heard from.
     tokio::time::sleep(Duration::from_secs(3)).await;
     cl.leader_among(&[2, 3], ELECTION).await;
-    let mut c = cl.client_of(&[2, 3]);
+    let mut c = cl.client_of(&[2, 3]).await;
     let req = pb::RemoveMemberRequest {
         request_id: pool_client::new_request_id(),
         member_id: 3,

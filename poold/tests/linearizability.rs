@@ -156,7 +156,7 @@ async fn register_history_is_linearizable_under_kills_and_partitions() {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut workers = Vec::new();
     for w in 0..clients {
-        let mut c = cl.client();
+        let mut c = cl.client().await;
         c.deadline = Duration::from_secs(6);
         c.attempt_timeout = Duration::from_secs(2);
         let history = history.clone();

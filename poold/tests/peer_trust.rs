@@ -40,7 +40,7 @@ fn forged_join(pool: &str) -> pb::ProposeRequest {
 }
 
 async fn members(cl: &Cluster) -> Vec<(u64, String)> {
-    let mut c = cl.client();
+    let mut c = cl.client().await;
     c.call(|mut p| async move { p.list_members(pb::ListMembersRequest {}).await })
         .await
         .expect("list members")
@@ -51,7 +51,7 @@ async fn members(cl: &Cluster) -> Vec<(u64, String)> {
 }
 
 async fn host_names(cl: &Cluster) -> Vec<String> {
-    list_hosts(&mut cl.client())
+    list_hosts(&mut cl.client().await)
         .await
         .into_iter()
         .map(|h| h.name)
@@ -162,7 +162,7 @@ async fn the_peer_service_answers_members_of_this_pool_only() {
     assert_eq!(members(&cl).await, before);
     assert_eq!(cl.leader(ELECTION).await, leader);
     assert!(host_names(&cl).await.is_empty());
-    join_named_host(&mut cl.client(), "h1", "10.9.0.2:7000")
+    join_named_host(&mut cl.client().await, "h1", "10.9.0.2:7000")
         .await
         .expect("the pool still commits");
     assert_eq!(host_names(&cl).await, vec!["h1".to_owned()]);

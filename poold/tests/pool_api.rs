@@ -80,7 +80,7 @@ async fn create_is_idempotent_placement_commits_and_explains() {
     let cl = Cluster::start(3, &[]);
     let leader = cl.leader(ELECTION).await;
     let follower = cl.alive().into_iter().find(|m| *m != leader).unwrap();
-    let mut c = cl.client();
+    let mut c = cl.client().await;
     let mut ids = Vec::new();
     for (i, gib) in [(0, 8u64), (1, 16)] {
         let name = format!("h{i}");
@@ -109,7 +109,7 @@ async fn create_is_idempotent_placement_commits_and_explains() {
         start: true,
         host_id: String::new(),
     };
-    let mut first = cl.client_of(&[leader]);
+    let mut first = cl.client_of(&[leader]).await;
     let t1 = first
         .call(|mut p| {
             let req = req.clone();
@@ -119,7 +119,7 @@ async fn create_is_idempotent_placement_commits_and_explains() {
         .unwrap()
         .task
         .unwrap();
-    let mut second = cl.client_of(&[follower]);
+    let mut second = cl.client_of(&[follower]).await;
     let t2 = second
         .call(|mut p| {
             let req = req.clone();
@@ -207,7 +207,7 @@ async fn a_host_that_stops_heartbeating_becomes_unreachable_and_comes_back() {
     let _serial = SERIAL.lock().await;
     let cl = Cluster::start(3, &[]);
     let leader = cl.leader(ELECTION).await;
-    let mut c = cl.client();
+    let mut c = cl.client().await;
     let req = pb::UpdatePoolSettingsRequest {
         request_id: pool_client::new_request_id(),
         settings: Some(pb::PoolSettings {

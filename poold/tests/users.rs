@@ -13,19 +13,13 @@ use pool_client::{PoolClient, new_request_id};
 use proto::coordinator as pb;
 use tonic::{Code, Status};
 
-const ADMIN_PW: &str = "admin password 1";
+const ADMIN_PW: &str = ADMIN_PASSWORD;
 
-/// A one-member pool whose first user is "admin" (pool-admin), and a client logged in
-/// as admin.
+/// A one-member pool, founded with its first user "admin" (pool-admin), and a client
+/// logged in as admin.
 async fn pool(env: &[(&str, &str)]) -> (Cluster, PoolClient) {
     let cl = Cluster::start_with_env(1, &[], env);
-    // The client retries until the member has elected itself and answers.
-    let mut open = cl.tls_client();
-    create_user(&mut open, "admin", ADMIN_PW, pb::Role::PoolAdmin)
-        .await
-        .expect("the first admin");
-    let token = login(&cl, "admin", ADMIN_PW).await.expect("admin logs in");
-    let admin = client_as(&cl, &token);
+    let admin = cl.client().await;
     (cl, admin)
 }
 
@@ -455,11 +449,8 @@ async fn until_member_answers(cl: &Cluster, id: u64, token: &str, want: Result<(
 async fn a_revocation_through_one_member_holds_on_every_member() {
     let _serial = SERIAL.lock().await;
     let cl = Cluster::start_with_env(3, &[], &[]);
-    let mut admin = cl.tls_client();
-    create_user(&mut admin, "admin", ADMIN_PW, pb::Role::PoolAdmin)
-        .await
-        .expect("the first admin");
-    admin.set_token(&admin_token(&cl).await).unwrap();
+    // The pool was founded with its first admin.
+    let mut admin = cl.client().await;
     create_user(&mut admin, "bob", "bob password 12", pb::Role::ReadOnly)
         .await
         .unwrap();

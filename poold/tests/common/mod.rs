@@ -18,6 +18,9 @@ pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// The pool id the members are started with (`--pool-id`), which the test CA names.
 pub const TEST_POOL_ID: &str = "test-pool";
 
+/// The first admin's password the pool is founded with (`--admin-password-file`).
+pub const ADMIN_PASSWORD: &str = "admin password 1";
+
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
     l.local_addr().unwrap().port()
@@ -30,6 +33,8 @@ pub struct Cluster {
     pub extra: Vec<String>,
     /// Members started with --join (not founding members).
     pub joined: BTreeMap<u64, String>,
+    /// The first admin's token, once [`Cluster::admin_token`] has logged in.
+    token: std::sync::OnceLock<String>,
 }
 
 impl Cluster {
@@ -44,6 +49,7 @@ impl Cluster {
             procs: BTreeMap::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             joined: BTreeMap::new(),
+            token: std::sync::OnceLock::new(),
         };
         for id in 1..=n {
             c.spawn(id);
@@ -66,6 +72,7 @@ impl Cluster {
             procs: BTreeMap::new(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             joined: BTreeMap::new(),
+            token: std::sync::OnceLock::new(),
         };
         for id in 1..=n {
             let addr = c.addrs[&id].clone();
@@ -150,6 +157,8 @@ impl Cluster {
             .arg(TEST_POOL_ID)
             .arg("--tls-dir")
             .arg(self.member_tls_dir(id))
+            .arg("--admin-password-file")
+            .arg(self.admin_password_file())
             .arg("--log")
             .arg(std::env::var("POOLD_TEST_LOG").unwrap_or_else(|_| "warn".into()));
         for (m, a) in &self.addrs {
@@ -217,14 +226,75 @@ impl Cluster {
             .expect("member address")
     }
 
-    pub fn client(&self) -> PoolClient {
-        let mut all: Vec<String> = self.addrs.values().cloned().collect();
-        all.extend(self.joined.values().cloned());
-        PoolClient::with_tls(all, &self.client_tls())
+    /// A client of every member, logged in as the first admin.
+    pub async fn client(&self) -> PoolClient {
+        let mut c = self.tls_client();
+        c.set_token(&self.admin_token().await).expect("a token");
+        c
     }
 
-    pub fn client_of(&self, ids: &[u64]) -> PoolClient {
-        PoolClient::with_tls(ids.iter().map(|id| self.addr(*id)), &self.client_tls())
+    /// A client of the members `ids` only, logged in as the first admin.
+    pub async fn client_of(&self, ids: &[u64]) -> PoolClient {
+        let token = self.admin_token().await;
+        let mut c = self.tls_client_of(ids);
+        c.set_token(&token).expect("a token");
+        c
+    }
+
+    /// The file holding [`ADMIN_PASSWORD`] (0600), written the first time.
+    pub fn admin_password_file(&self) -> PathBuf {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.dir.path().join("admin-password");
+        if !path.exists() {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .expect("admin password file");
+            std::io::Write::write_all(&mut f, format!("{ADMIN_PASSWORD}\n").as_bytes())
+                .expect("write the admin password");
+        }
+        path
+    }
+
+    /// The first admin's token: logs in once the pool has made the admin (until then the
+    /// pool answers anyone; once it has, it refuses a caller without a token), so no
+    /// attempt counts against the login throttle.
+    pub async fn admin_token(&self) -> String {
+        if let Some(t) = self.token.get() {
+            return t.clone();
+        }
+        let mut anyone = self.tls_client();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = anyone
+                .call(|mut p| async move { p.list_members(pb::ListMembersRequest {}).await })
+                .await;
+            match r {
+                Err(s) if s.code() == tonic::Code::Unauthenticated => break,
+                _ => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the pool made no admin within 60 s"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        let req = pb::LoginRequest {
+            user_name: "admin".into(),
+            password: ADMIN_PASSWORD.into(),
+        };
+        let token = anyone
+            .call(|mut p| {
+                let req = req.clone();
+                async move { p.login(req).await }
+            })
+            .await
+            .expect("the first admin logs in")
+            .token;
+        self.token.get_or_init(|| token).clone()
     }
 
     /// Member `id`'s peer service, called with `id`'s own certificate (the service
