@@ -58,10 +58,13 @@ for i in 1 2 3; do
     --out "$WORK/tls$i" >/dev/null
 done
 CA=$PKI/ca.pem
+# The pool is founded with its first admin; the benchmark writes as it.
+(umask 077 && echo "bench-admin-$RANDOM-$RANDOM-password" >"$WORK/admin-password")
 POOLD_PIDS=()
 for i in 1 2 3; do
   "$BIN/poold" --member-id "$i" --data-dir "$WORK/poold$i" --pool-id bench "${MEMBERS[@]}" \
-    --tls-dir "$WORK/tls$i" --log warn 2>"$WORK/poold$i.log" &
+    --tls-dir "$WORK/tls$i" --admin-password-file "$WORK/admin-password" --log warn \
+    2>"$WORK/poold$i.log" &
   PIDS+=($!); POOLD_PIDS+=($!)
 done
 POOL_ADDRS="${PA[1]},${PA[2]},${PA[3]}"
@@ -118,7 +121,8 @@ ratio() { python3 -c "a,b=float('$1'),float('$2'); print(f'{a/b:.3f}' if b else 
 declare -A M Q
 for round in $(seq 1 "$ROUNDS"); do
   for c in 1 64; do
-    p=$(run_cpu POOLD_PIDS pool --members "$POOL_ADDRS" --ca "$CA" --clients "$c" --seconds "$SECONDS_EACH")
+    p=$(run_cpu POOLD_PIDS pool --members "$POOL_ADDRS" --ca "$CA" --password-file "$WORK/admin-password" \
+      --clients "$c" --seconds "$SECONDS_EACH")
     e=$(run_cpu ETCD_PIDS etcd --endpoint "$ETCD_LEADER" --clients "$c" --seconds "$SECONDS_EACH")
     echo "round $round, $c clients: poold $(field ops_per_s "$p") writes/s p50 $(field p50_us "$p") p99 $(field p99_us "$p") us cpu $(field cpu_us "$p") us/write; etcd $(field ops_per_s "$e") writes/s p50 $(field p50_us "$e") p99 $(field p99_us "$e") us cpu $(field cpu_us "$e") us/write"
     for f in ops_per_s p50_us p99_us cpu_us; do
@@ -129,7 +133,7 @@ for round in $(seq 1 "$ROUNDS"); do
   done
   # For scale: each system's cheapest call on its leader, with no Raft in it.
   p=$(run_cpu POOLD_PIDS pool-status --members "$POOL_ADDRS" --ca "$CA" --tls-dir "$WORK/tls1" \
-    --clients 64 --seconds "$SECONDS_EACH")
+    --password-file "$WORK/admin-password" --clients 64 --seconds "$SECONDS_EACH")
   e=$(run_cpu ETCD_PIDS etcd-range --endpoint "$ETCD_LEADER" --clients 64 --seconds "$SECONDS_EACH")
   echo "round $round, 64 clients, local read (no Raft): poold $(field ops_per_s "$p") calls/s cpu $(field cpu_us "$p") us/call; etcd $(field ops_per_s "$e") calls/s cpu $(field cpu_us "$e") us/call"
   for f in ops_per_s p50_us p99_us cpu_us; do

@@ -62,7 +62,8 @@ cleanup() {
 trap cleanup EXIT
 
 echo "building" >&2
-cargo build -q --release -p iscsi-target --example serve --example loadgen -p storaged --bin storaged
+cargo build -q --release -p iscsi-target --example serve --example loadgen -p storaged --bin storaged \
+  -p poolctl --bin poolctl
 out=${CARGO_TARGET_DIR:-$root/target}/release
 bin=$out/examples
 loadgen=$bin/loadgen
@@ -87,10 +88,15 @@ tgt_start "$work" "$tgt_port" "$tgt_iqn" "$work/tgt.img"
 "$storaged" volume create --file "$work/pool.img" --name lun0 --size "${size_mb}M" >/dev/null
 "$storaged" export create --file "$work/pool.img" lun0 --target-iqn "$thin_iqn" \
   --allow "$init" >/dev/null
+# storaged serves StorageService on mutual TLS only: a CA and a storage certificate.
+"$out/poolctl" pki-init "$work/pki" --pool-id bench >/dev/null
+"$out/poolctl" pki-issue "$work/pki" --pool-id bench --identity storage/thin --name 127.0.0.1 \
+  --out "$work/pki/storaged" >/dev/null
 cat >"$work/storaged.toml" <<EOF
 listen = "127.0.0.1:0"
 iscsi_listen = "127.0.0.1:$thin_port"
 state_dir = "$work/storaged-state"
+tls_dir = "$work/pki/storaged"
 [[pools]]
 file = "$work/pool.img"
 EOF

@@ -67,7 +67,7 @@ trap cleanup EXIT
 
 echo "building the target and storaged ($profile profile)" >&2
 packages=(-p iscsi-target --example serve)
-[ -n "${CONFORMANCE_SKIP_THIN:-}" ] || packages+=(-p storaged --bin storaged)
+[ -n "${CONFORMANCE_SKIP_THIN:-}" ] || packages+=(-p storaged --bin storaged -p poolctl --bin poolctl)
 cargo build -q --profile "$profile" "${packages[@]}"
 outdir=${CARGO_TARGET_DIR:-$root/target}/$([ "$profile" = dev ] && echo debug || echo "$profile")
 bin=$outdir/examples/serve
@@ -88,10 +88,15 @@ if [ -z "${CONFORMANCE_SKIP_THIN:-}" ]; then
   "$storaged" volume create --file "$work/pool.img" --name lun0 --size "${lun_mb}M" >/dev/null
   "$storaged" export create --file "$work/pool.img" lun0 --target-iqn "$thin_iqn" \
     --allow "$init1" --allow "$init2" >/dev/null
+  # storaged serves StorageService on mutual TLS only: a CA and a storage certificate.
+  "$outdir/poolctl" pki-init "$work/pki" --pool-id conformance >/dev/null
+  "$outdir/poolctl" pki-issue "$work/pki" --pool-id conformance --identity storage/thin \
+    --name 127.0.0.1 --out "$work/pki/storaged" >/dev/null
   cat >"$work/storaged.toml" <<EOF
 listen = "127.0.0.1:0"
 iscsi_listen = "127.0.0.1:$thin_port"
 state_dir = "$work/storaged-state"
+tls_dir = "$work/pki/storaged"
 [[pools]]
 file = "$work/pool.img"
 EOF

@@ -55,6 +55,10 @@ enum Cmd {
         /// against.
         #[arg(long)]
         ca: PathBuf,
+        /// A file holding the first admin's password (the members' --admin-password-file):
+        /// the writes are made as the admin.
+        #[arg(long)]
+        password_file: PathBuf,
         #[command(flatten)]
         load: Load,
     },
@@ -76,6 +80,9 @@ enum Cmd {
         /// present this member's certificate.
         #[arg(long)]
         tls_dir: PathBuf,
+        /// The first admin's password, to find the leader through PoolService.
+        #[arg(long)]
+        password_file: PathBuf,
         #[command(flatten)]
         load: Load,
     },
@@ -200,6 +207,14 @@ async fn channel(
         .with_context(|| format!("connecting to {what} at {address}"))
 }
 
+/// The first line of a password file.
+fn read_password(path: &Path) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .trim_end()
+        .to_owned())
+}
+
 /// How to call any member: trusting only the pool's CA in `ca`, accepting a certificate
 /// with the coordinators' name, presenting the credentials in `tls_dir` when given.
 fn pool_tls(ca: &Path, tls_dir: Option<&Path>) -> anyhow::Result<ClientTlsConfig> {
@@ -221,9 +236,40 @@ fn pool_tls(ca: &Path, tls_dir: Option<&Path>) -> anyhow::Result<ClientTlsConfig
 
 /// A client of the pool that knows its leader (members started a moment ago may still be
 /// electing).
-async fn leader_client(members: &[String], tls: &ClientTlsConfig) -> anyhow::Result<PoolClient> {
+async fn leader_client(
+    members: &[String],
+    tls: &ClientTlsConfig,
+    password: &str,
+) -> anyhow::Result<PoolClient> {
     let mut c = PoolClient::with_tls(members, tls);
     let deadline = Instant::now() + Duration::from_secs(30);
+    // The leader makes the first admin a moment after its election; until then the pool
+    // answers anyone, after it refuses a caller without a token.
+    loop {
+        let r = c
+            .call(|mut p| async move { p.list_members(pb::ListMembersRequest {}).await })
+            .await;
+        match r {
+            Err(s) if s.code() == tonic::Code::Unauthenticated => break,
+            _ => anyhow::ensure!(
+                Instant::now() < deadline,
+                "the pool made no admin among {members:?} in 30 s"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let login = pb::LoginRequest {
+        user_name: "admin".into(),
+        password: password.to_owned(),
+    };
+    let token = c
+        .call(|mut p| {
+            let login = login.clone();
+            async move { p.login(login).await }
+        })
+        .await?
+        .token;
+    c.set_token(&token)?;
     while !c.find_leader().await {
         anyhow::ensure!(
             Instant::now() < deadline,
@@ -237,10 +283,11 @@ async fn leader_client(members: &[String], tls: &ClientTlsConfig) -> anyhow::Res
 async fn pool(
     members: Vec<String>,
     tls: ClientTlsConfig,
+    password: String,
     clients: usize,
     seconds: u64,
 ) -> anyhow::Result<()> {
-    let c = Arc::new(leader_client(&members, &tls).await?);
+    let c = Arc::new(leader_client(&members, &tls, &password).await?);
     let (lat, secs) = run_clients(clients, seconds, |i, until| {
         let mut c = (*c).clone();
         async move {
@@ -274,10 +321,14 @@ async fn pool(
 async fn pool_status(
     members: Vec<String>,
     tls: ClientTlsConfig,
+    password: String,
     clients: usize,
     seconds: u64,
 ) -> anyhow::Result<()> {
-    let leader = leader_client(&members, &tls).await?.current().to_owned();
+    let leader = leader_client(&members, &tls, &password)
+        .await?
+        .current()
+        .to_owned();
     let ch = channel(&leader, "the pool leader", Some(tls)).await?;
     let (lat, secs) = run_clients(clients, seconds, |_, until| {
         let mut p = CoordinatorPeerServiceClient::new(ch.clone());
@@ -460,19 +511,33 @@ fn main() -> anyhow::Result<()> {
             .build()?
     };
     match args.cmd {
-        Cmd::Pool { members, ca, load } => {
+        Cmd::Pool {
+            members,
+            ca,
+            password_file,
+            load,
+        } => {
             let tls = pool_tls(&ca, None)?;
-            rt.block_on(pool(members, tls, load.clients, load.seconds))
+            let password = read_password(&password_file)?;
+            rt.block_on(pool(members, tls, password, load.clients, load.seconds))
         }
         Cmd::Etcd { endpoint, load } => rt.block_on(etcd_put(endpoint, load.clients, load.seconds)),
         Cmd::PoolStatus {
             members,
             ca,
             tls_dir,
+            password_file,
             load,
         } => {
             let tls = pool_tls(&ca, Some(&tls_dir))?;
-            rt.block_on(pool_status(members, tls, load.clients, load.seconds))
+            let password = read_password(&password_file)?;
+            rt.block_on(pool_status(
+                members,
+                tls,
+                password,
+                load.clients,
+                load.seconds,
+            ))
         }
         Cmd::EtcdRange { endpoint, load } => {
             rt.block_on(etcd_range(endpoint, load.clients, load.seconds))
