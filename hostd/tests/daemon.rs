@@ -634,7 +634,11 @@ async fn the_daemon_binary_serves_and_stops_its_tied_vms_on_sigterm() {
         .arg(dir.path())
         // Where the test guest is built.
         .arg("--image-dir")
-        .arg(std::path::Path::new(hostd::testguest::ELF_PATH).parent().unwrap())
+        .arg(
+            std::path::Path::new(hostd::testguest::ELF_PATH)
+                .parent()
+                .unwrap(),
+        )
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
