@@ -282,8 +282,11 @@ async fn log_in(ctl: &mut Ctl, dir: &Path, bundle: &Path) -> anyhow::Result<()> 
             .await;
         match r {
             Err(s) if s.code() == tonic::Code::Unauthenticated => break,
-            _ if start.elapsed() > Duration::from_secs(30) => {
-                bail!("the pool did not create its first admin within 30 s; see the poold logs")
+            _ if start.elapsed() > Duration::from_secs(60) => {
+                bail!(
+                    "the coordinators elected no leader, or it made no first admin, within \
+                     60 s; see the poold logs"
+                )
             }
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
@@ -495,6 +498,8 @@ async fn setup(
         json: false,
         wait: true,
     };
+    // Logged in first: once the pool has made its admin, it answers nobody else.
+    log_in(&mut ctl, dir, bundle).await?;
     let start = Instant::now();
     while !ctl.client.find_leader().await {
         if start.elapsed() > Duration::from_secs(60) {
@@ -502,7 +507,6 @@ async fn setup(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    log_in(&mut ctl, dir, bundle).await?;
     // The hosts join by themselves; wait until every one is in and enabled.
     let start = Instant::now();
     loop {
