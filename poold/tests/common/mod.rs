@@ -39,28 +39,12 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(n: u64, extra: &[&str]) -> Cluster {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let addrs: BTreeMap<u64, String> = (1..=n)
-            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
-            .collect();
-        let mut c = Cluster {
-            dir,
-            addrs,
-            procs: BTreeMap::new(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            joined: BTreeMap::new(),
-            token: std::sync::OnceLock::new(),
-        };
-        for id in 1..=n {
-            c.spawn(id);
-        }
-        c
+        Self::start_with_env(n, extra, &[])
     }
 
     /// Like [`Cluster::start`], with extra environment for every member (knobs a test
-    /// shortens, such as the login throttle's window), each member given a TLS directory
-    /// from [`Cluster::pki`] unless [`Cluster::command`] names one already. A member
-    /// started again with [`Cluster::spawn`] runs without the environment.
+    /// shortens, such as the login throttle's window). A member started again with
+    /// [`Cluster::spawn`] runs without the environment.
     pub fn start_with_env(n: u64, extra: &[&str], env: &[(&str, &str)]) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let addrs: BTreeMap<u64, String> = (1..=n)
@@ -76,15 +60,11 @@ impl Cluster {
         };
         for id in 1..=n {
             let addr = c.addrs[&id].clone();
-            let mut cmd = c.command(id, &addr, false);
-            if !cmd.get_args().any(|a| a == "--tls-dir") {
-                let tls = c.dir.path().join(format!("pki/member-{id}"));
-                c.pki()
-                    .issue(&pool_trust::Identity::Member(id), &["127.0.0.1"], &tls)
-                    .expect("issue a member's TLS directory");
-                cmd.arg("--tls-dir").arg(tls);
-            }
-            let child = cmd.envs(env.iter().copied()).spawn().expect("spawn poold");
+            let child = c
+                .command(id, &addr, false)
+                .envs(env.iter().copied())
+                .spawn()
+                .expect("spawn poold");
             c.procs.insert(id, child);
         }
         c
