@@ -4,6 +4,8 @@
 //! line, vCPUs and memory under QEMU (`-enable-kvm -cpu qemu64`, `-incoming tcp:`, QMP
 //! `migrate` with the same 300 ms downtime limit and no bandwidth cap), hop for hop.
 //!
+//! Our stream is TLS 1.3 between two hosts' pool certificates, as in production.
+//!
 //! `cargo run --release -p hostd --example migration_bench -- [hops] [vcpus] [mib]`
 //! prints lines `RESULT <who> <scenario> downtime_ms=<median> p99=<..> total_ms=<median>
 //! p99=<..>` (bench/migration.sh reads them).
@@ -17,7 +19,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use hostd::console::Console;
-use hostd::migration::{self, Incoming, SendOptions};
+use hostd::migration::{self, Incoming, SendOptions, StreamTls};
 use hostd::testguest::{self, heartbeat_sum, heartbeats};
 use hostd::vmm::{BootProtocol, BootSpec, Vm, VmSpec};
 use proto::host::MigrationProgress;
@@ -56,7 +58,29 @@ fn wait_heartbeats(console: &Console, n: usize) {
     }
 }
 
+/// Two hosts of a pool made for the run (`host-0`, `host-1`), their credentials in memory.
+fn hosts() -> [StreamTls; 2] {
+    use pool_trust::{DaemonTls, Identity, PoolCa, PoolId, Validity};
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let validity = Validity::starting(now_ms, Duration::from_secs(86_400));
+    let ca = PoolCa::create(PoolId::parse("bench").unwrap(), validity).unwrap();
+    [0, 1].map(|i| {
+        let creds = ca
+            .issue(&Identity::Host(format!("host-{i}")), &[], validity)
+            .unwrap();
+        StreamTls::new(&DaemonTls {
+            bundle: ca.bundle(),
+            creds,
+        })
+        .unwrap()
+    })
+}
+
 fn run(name: &str, cmd: &str, seed: u64, hops: usize, vcpus: u32, mib: u64) {
+    let tls = hosts();
     let console = Console::new(4 << 20, None).unwrap();
     let mut vm = Vm::new(&spec(cmd, vcpus, mib), console.clone()).unwrap();
     vm.start().unwrap();
@@ -67,9 +91,12 @@ fn run(name: &str, cmd: &str, seed: u64, hops: usize, vcpus: u32, mib: u64) {
     for hop in 0..hops {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
+        let (src, dst) = (hop % 2, 1 - hop % 2);
         let inc = Incoming {
             vm_id: "bench".into(),
             token: "bench-token".into(),
+            source_host: tls[src].host().to_owned(),
+            tls: tls[dst].clone(),
             spec: spec(cmd, vcpus, mib),
         };
         let dest = std::thread::spawn(move || {
@@ -89,6 +116,8 @@ fn run(name: &str, cmd: &str, seed: u64, hops: usize, vcpus: u32, mib: u64) {
             vm_id: "bench".into(),
             token: "bench-token".into(),
             destination: addr,
+            destination_host: tls[dst].host().to_owned(),
+            tls: tls[src].clone(),
             downtime_budget: migration::DEFAULT_DOWNTIME,
             max_rounds: migration::DEFAULT_MAX_ROUNDS,
             timeout: Duration::from_secs(60),

@@ -306,6 +306,7 @@ fn daemon(args: Args) -> anyhow::Result<()> {
             tie_vms_to_daemon: tie,
             initiator_iqn: config.initiator_iqn.clone().unwrap_or_default(),
             image_dirs,
+            tls_dir: tls_dir.clone(),
         })
         .await?;
         let listen = config

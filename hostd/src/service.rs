@@ -352,10 +352,15 @@ impl HostService for HostServer {
                 "the migration token must be at least 8 characters",
             ));
         }
+        if req.source_host.is_empty() {
+            return Err(Status::invalid_argument(
+                "source_host is required: the migration stream is taken only from that host's certificate",
+            ));
+        }
         let ip = self.migration_ip(local);
         let address = self
             .manager
-            .prepare_incoming(&req.vm_id, config, &req.token, &ip)
+            .prepare_incoming(&req.vm_id, config, &req.token, &req.source_host, &ip)
             .await
             .map_err(status)?;
         Ok(Response::new(PrepareMigrationReceiveResponse {
@@ -371,9 +376,12 @@ impl HostService for HostServer {
         req: Request<StartMigrationSendRequest>,
     ) -> Result<Response<Self::StartMigrationSendStream>, Status> {
         let req = req.into_inner();
-        if req.destination_address.is_empty() || req.token.is_empty() {
+        if req.destination_address.is_empty()
+            || req.token.is_empty()
+            || req.destination_host.is_empty()
+        {
             return Err(Status::invalid_argument(
-                "destination_address and token are required",
+                "destination_address, destination_host and token are required",
             ));
         }
         let migration_id = uuid::Uuid::new_v4().to_string();
@@ -390,6 +398,9 @@ impl HostService for HostServer {
                     timeout_seconds: req.timeout_seconds,
                     auto_converge: req.auto_converge,
                     bandwidth_limit_bytes_per_second: req.bandwidth_limit_bytes_per_second,
+                    destination_host: req.destination_host,
+                    // Set by the manager: the host's own TLS directory.
+                    tls_dir: String::new(),
                 },
             )
             .await

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use hostd::console::Console;
 use hostd::devices::virtio::block::{Disk, FileBackend};
-use hostd::migration::{self, Incoming, MigrationError, SendOptions};
+use hostd::migration::{self, Incoming, MigrationError, SendOptions, StreamTls};
 use hostd::testguest::{self, check_pattern, heartbeat_sum, heartbeats};
 use hostd::vmm::{BootProtocol, BootSpec, Vm, VmSpec};
 use proto::host::MigrationProgress;
@@ -63,11 +63,36 @@ fn image(dir: &tempfile::TempDir, bytes: u64) -> PathBuf {
     path
 }
 
+/// Hosts of one test pool: the source, the destination, and a third host of the pool.
+struct Hosts {
+    src: StreamTls,
+    dst: StreamTls,
+    other: StreamTls,
+}
+
+fn hosts() -> &'static Hosts {
+    static HOSTS: std::sync::OnceLock<Hosts> = std::sync::OnceLock::new();
+    HOSTS.get_or_init(|| {
+        // Kept for the whole run: the TLS directories live in it.
+        let pki = Box::leak(Box::new(common::Pki::new()));
+        let tls = |h: &str| {
+            StreamTls::new(&pki.issue(&pool_trust::Identity::Host(h.into()), &[])).unwrap()
+        };
+        Hosts {
+            src: tls("src"),
+            dst: tls("dst"),
+            other: tls("other"),
+        }
+    })
+}
+
 fn options(addr: &str, token: &str) -> SendOptions {
     SendOptions {
         vm_id: "vm1".into(),
         token: token.into(),
         destination: addr.into(),
+        destination_host: "dst".into(),
+        tls: hosts().src.clone(),
         downtime_budget: migration::DEFAULT_DOWNTIME,
         max_rounds: migration::DEFAULT_MAX_ROUNDS,
         timeout: Duration::from_secs(60),
@@ -86,6 +111,8 @@ fn destination(spec: VmSpec, token: &str) -> (String, Receiving) {
     let inc = Incoming {
         vm_id: "vm1".into(),
         token: token.into(),
+        source_host: "src".into(),
+        tls: hosts().dst.clone(),
         spec,
     };
     let t = std::thread::spawn(move || {
@@ -183,7 +210,7 @@ fn a_dirtying_guest_moves_over_the_stream_and_goes_on_where_it_was() {
 }
 
 #[test]
-fn a_wrong_token_is_refused_before_any_page_and_the_source_runs_on() {
+fn a_wrong_token_or_host_is_refused_before_any_page_and_the_source_runs_on() {
     let _serial = serial();
     let cmd = "seed=9 mode=heartbeat hb_ms=20";
     let console_a = Console::new(1 << 20, None).unwrap();
@@ -206,7 +233,40 @@ fn a_wrong_token_is_refused_before_any_page_and_the_source_runs_on() {
     assert!(!a.is_paused());
     let n = heartbeats(&console_a.text()).len();
     wait_heartbeats(&console_a, n + 2);
-    // The destination still waits, and the right token gets through.
+    // Another host of the pool, even with the right token, is not the source the
+    // destination was prepared for.
+    let mut other = options(&addr, "right");
+    other.tls = hosts().other.clone();
+    let err = migration::send(
+        &a,
+        &other,
+        &AtomicBool::new(false),
+        MigrationProgress::default(),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, MigrationError::Refused { reason } if reason.contains("not from host other")),
+        "{err:?}"
+    );
+    // A source told of another destination host stops at the handshake, before its
+    // Hello (and token) is sent.
+    let mut elsewhere = options(&addr, "right");
+    elsewhere.destination_host = "other".into();
+    let err = migration::send(
+        &a,
+        &elsewhere,
+        &AtomicBool::new(false),
+        MigrationProgress::default(),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, MigrationError::Handshake { host, .. } if host == "other"),
+        "{err:?}"
+    );
+    assert!(!a.is_paused());
+    // The destination still waits, and the right token from the right host gets through.
     migration::send(
         &a,
         &options(&addr, "right"),
@@ -329,6 +389,8 @@ mod daemons {
 
     const TOKEN: &str = "0123456789abcdef";
     const SEED: u64 = 7;
+    /// The two hosts' names (their certificates'): 127.0.0.1 and 127.0.0.2.
+    const HOSTS: [&str; 2] = ["host-a", "host-b"];
 
     struct Pool {
         _dir: tempfile::TempDir,
@@ -343,8 +405,25 @@ mod daemons {
             .unwrap()
             .set_len(8 << 20)
             .unwrap();
-        let a = Daemon::start_at(&dir.path().join("a"), 256 << 20, "127.0.0.1").await;
-        let b = Daemon::start_at(&dir.path().join("b"), 256 << 20, "127.0.0.2").await;
+        let pki = Arc::new(common::Pki::new());
+        let a = Daemon::start_in(
+            pki.clone(),
+            HOSTS[0],
+            &dir.path().join("a"),
+            256 << 20,
+            "127.0.0.1",
+            common::INITIATOR,
+        )
+        .await;
+        let b = Daemon::start_in(
+            pki,
+            HOSTS[1],
+            &dir.path().join("b"),
+            256 << 20,
+            "127.0.0.2",
+            common::INITIATOR,
+        )
+        .await;
         Pool {
             _dir: dir,
             img,
@@ -398,11 +477,18 @@ mod daemons {
         }
     }
 
-    async fn prepare(dst: &mut HostServiceClient<Channel>, img: &Path, dirty: u32) -> String {
+    /// Prepares host `d` (`dst` is its client) to receive m1 from the other host.
+    async fn prepare(
+        dst: &mut HostServiceClient<Channel>,
+        d: usize,
+        img: &Path,
+        dirty: u32,
+    ) -> String {
         dst.prepare_migration_receive(PrepareMigrationReceiveRequest {
             vm_id: "m1".into(),
             config: Some(vm_config(img, dirty)),
             token: TOKEN.into(),
+            source_host: HOSTS[1 - d].into(),
         })
         .await
         .unwrap()
@@ -410,11 +496,13 @@ mod daemons {
         .address
     }
 
-    fn request(address: &str, token: &str) -> StartMigrationSendRequest {
+    /// Sends m1 to host `d` at `address`.
+    fn request(d: usize, address: &str, token: &str) -> StartMigrationSendRequest {
         StartMigrationSendRequest {
             vm_id: "m1".into(),
             destination_address: address.into(),
             token: token.into(),
+            destination_host: HOSTS[d].into(),
             ..Default::default()
         }
     }
@@ -487,11 +575,11 @@ mod daemons {
             let src_console = p.hosts[s].manager.console("m1").await.unwrap();
             if hop % 10 == 5 {
                 let kind = (hop / 10) % 2;
-                let address = prepare(&mut clients[d], &p.img, 32).await;
+                let address = prepare(&mut clients[d], d, &p.img, 32).await;
                 let a = if kind == 0 {
                     let pid = common::get(&mut clients[d], "m1").await.vmm_pid;
                     let mut killed = false;
-                    let a = send(&mut clients[s], slow(&address), async |x| {
+                    let a = send(&mut clients[s], slow(d, &address), async |x| {
                         if !killed && x.bytes_sent > (1 << 20) {
                             killed = true;
                             // SAFETY: kill(2) of the destination's VM process this test
@@ -506,7 +594,7 @@ mod daemons {
                     let cut_at = (1 << 20) + (hop * 4096) % (1 << 20);
                     send(
                         &mut clients[s],
-                        slow(&cutting_proxy(address, cut_at)),
+                        slow(d, &cutting_proxy(address, cut_at)),
                         async |_| {},
                     )
                     .await
@@ -536,8 +624,8 @@ mod daemons {
                 }
                 faults[kind] += 1;
             }
-            let address = prepare(&mut clients[d], &p.img, 32).await;
-            let a = send(&mut clients[s], request(&address, TOKEN), async |_| {}).await;
+            let address = prepare(&mut clients[d], d, &p.img, 32).await;
+            let a = send(&mut clients[s], request(d, &address, TOKEN), async |_| {}).await;
             assert_eq!(
                 a.phase(),
                 MigrationPhase::Completed,
@@ -684,12 +772,13 @@ mod daemons {
                     vm_id: "m1".into(),
                     config: Some(cfg.clone()),
                     token: TOKEN.into(),
+                    source_host: HOSTS[s].into(),
                 })
                 .await
                 .unwrap()
                 .into_inner()
                 .address;
-            let a = send(&mut clients[s], request(&address, TOKEN), async |_| {}).await;
+            let a = send(&mut clients[s], request(d, &address, TOKEN), async |_| {}).await;
             assert_eq!(
                 a.phase(),
                 MigrationPhase::Completed,
@@ -721,6 +810,7 @@ mod daemons {
             vm_id: "m1".into(),
             config: Some(cfg.clone()),
             token: TOKEN.into(),
+            source_host: HOSTS[0].into(),
         };
         // Host b may not log in: the prepare fails, saying why, and nothing moved.
         let err = clients[1]
@@ -756,7 +846,7 @@ mod daemons {
             .unwrap()
             .into_inner()
             .address;
-        let a = send(&mut clients[0], request(&address, TOKEN), async |_| {}).await;
+        let a = send(&mut clients[0], request(1, &address, TOKEN), async |_| {}).await;
         assert_eq!(a.phase(), MigrationPhase::Completed, "{:?}", a.last());
         common::wait_state(&mut clients[1], "m1", PowerState::Running).await;
         more_heartbeats(&hosts[1], "m1", 2).await;
@@ -774,9 +864,26 @@ mod daemons {
         dir: &Path,
         target: &Target,
     ) -> ([Daemon; 2], [HostServiceClient<Channel>; 2], VmConfig) {
+        let pki = Arc::new(common::Pki::new());
         let hosts = [
-            Daemon::start_host(&dir.join("a"), 256 << 20, "127.0.0.1", HOST_IQNS[0]).await,
-            Daemon::start_host(&dir.join("b"), 256 << 20, "127.0.0.2", HOST_IQNS[1]).await,
+            Daemon::start_in(
+                pki.clone(),
+                HOSTS[0],
+                &dir.join("a"),
+                256 << 20,
+                "127.0.0.1",
+                HOST_IQNS[0],
+            )
+            .await,
+            Daemon::start_in(
+                pki,
+                HOSTS[1],
+                &dir.join("b"),
+                256 << 20,
+                "127.0.0.2",
+                HOST_IQNS[1],
+            )
+            .await,
         ];
         let mut clients = [hosts[0].client().await, hosts[1].client().await];
         let mut cfg = vm_config(&dir.join("unused"), 32);
@@ -810,8 +917,8 @@ mod daemons {
         assert_eq!(vm.power_state, PowerState::Running as i32, "{vm:?}");
         more_heartbeats(&p.hosts[0], "m1", 2).await;
         let src_console = p.hosts[0].manager.console("m1").await.unwrap();
-        let address = prepare(&mut clients[1], &p.img, 32).await;
-        let a = send(&mut clients[0], request(&address, TOKEN), async |_| {}).await;
+        let address = prepare(&mut clients[1], 1, &p.img, 32).await;
+        let a = send(&mut clients[0], request(1, &address, TOKEN), async |_| {}).await;
         assert_eq!(a.phase(), MigrationPhase::Completed, "{:?}", a.last());
         common::wait_state(&mut clients[1], "m1", PowerState::Running).await;
         more_heartbeats(&p.hosts[1], "m1", 2).await;
@@ -824,10 +931,10 @@ mod daemons {
         assert_pattern(&p.img);
     }
 
-    fn slow(address: &str) -> StartMigrationSendRequest {
+    fn slow(d: usize, address: &str) -> StartMigrationSendRequest {
         StartMigrationSendRequest {
             bandwidth_limit_bytes_per_second: 4 << 20,
-            ..request(address, TOKEN)
+            ..request(d, address, TOKEN)
         }
     }
 
@@ -837,10 +944,10 @@ mod daemons {
         let _serial = serial();
         let p = pool().await;
         let mut clients = running(&p).await;
-        let address = prepare(&mut clients[1], &p.img, 32).await;
+        let address = prepare(&mut clients[1], 1, &p.img, 32).await;
         let a = send(
             &mut clients[0],
-            request(&address, "not-the-token-at-all"),
+            request(1, &address, "not-the-token-at-all"),
             async |_| {},
         )
         .await;
@@ -859,7 +966,7 @@ mod daemons {
         let vm = common::get(&mut clients[1], "m1").await;
         assert_eq!(vm.power_state, PowerState::Migrating as i32);
         let src_console = p.hosts[0].manager.console("m1").await.unwrap();
-        let a = send(&mut clients[0], request(&address, TOKEN), async |_| {}).await;
+        let a = send(&mut clients[0], request(1, &address, TOKEN), async |_| {}).await;
         assert_eq!(a.phase(), MigrationPhase::Completed, "{:?}", a.last());
         common::wait_state(&mut clients[1], "m1", PowerState::Running).await;
         more_heartbeats(&p.hosts[1], "m1", 2).await;
@@ -877,11 +984,11 @@ mod daemons {
         let _serial = serial();
         let p = pool().await;
         let mut clients = running(&p).await;
-        let address = prepare(&mut clients[1], &p.img, 32).await;
+        let address = prepare(&mut clients[1], 1, &p.img, 32).await;
         let pid = common::get(&mut clients[1], "m1").await.vmm_pid;
         assert!(pid > 0);
         let mut killed = false;
-        let a = send(&mut clients[0], slow(&address), async |x| {
+        let a = send(&mut clients[0], slow(1, &address), async |x| {
             if !killed && x.bytes_sent > (1 << 20) {
                 killed = true;
                 // SAFETY: kill(2) of the destination's VM process this test started.
@@ -932,9 +1039,9 @@ mod daemons {
         let _serial = serial();
         let p = pool().await;
         let mut clients = running(&p).await;
-        let address = prepare(&mut clients[1], &p.img, 32).await;
+        let address = prepare(&mut clients[1], 1, &p.img, 32).await;
         let proxy = cutting_proxy(address, 2 << 20);
-        let a = send(&mut clients[0], slow(&proxy), async |_| {}).await;
+        let a = send(&mut clients[0], slow(1, &proxy), async |_| {}).await;
         assert_eq!(a.phase(), MigrationPhase::Failed, "{:?}", a.last());
         // The destination dropped what it had.
         let vm = common::wait_state(&mut clients[1], "m1", PowerState::Stopped).await;
@@ -948,10 +1055,10 @@ mod daemons {
         let _serial = serial();
         let p = pool().await;
         let mut clients = running(&p).await;
-        let address = prepare(&mut clients[1], &p.img, 32).await;
+        let address = prepare(&mut clients[1], 1, &p.img, 32).await;
         let mut canceller = p.hosts[0].client().await;
         let mut answer = None;
-        let a = send(&mut clients[0], slow(&address), async |x| {
+        let a = send(&mut clients[0], slow(1, &address), async |x| {
             if answer.is_none() && x.bytes_sent > (1 << 20) {
                 let got = canceller
                     .get_migration(GetMigrationRequest {

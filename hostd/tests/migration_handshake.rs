@@ -1,7 +1,10 @@
 //! The migration handshake against strangers, with real KVM and TCP on loopback: a
 //! connection that sends nothing, or one byte, is closed once the Hello deadline passes,
 //! connections past the cap are closed at once, and meanwhile the prepared receive
-//! survives and completes for the real source.
+//! survives and completes for the real source (over TLS, as the host it was prepared
+//! for).
+
+mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -9,9 +12,10 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use hostd::console::Console;
-use hostd::migration::{self, Handshake, Incoming, SendOptions};
+use hostd::migration::{self, Handshake, Incoming, SendOptions, StreamTls};
 use hostd::testguest::{self, heartbeat_sum, heartbeats};
 use hostd::vmm::{BootProtocol, BootSpec, Vm, VmSpec};
+use pool_trust::Identity;
 use proto::host::MigrationProgress;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -44,14 +48,22 @@ fn wait_heartbeats(console: &Console, n: usize) {
     }
 }
 
-/// Whether the destination closed `s` within `limit`.
+/// Whether the destination closed `s` within `limit` (whatever it said first: a TLS
+/// alert, say).
 fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
-    s.set_read_timeout(Some(limit)).unwrap();
-    let mut b = [0u8; 64];
-    match s.read(&mut b) {
-        Ok(0) => true,
-        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
-        Ok(_) => false,
+    let until = Instant::now() + limit;
+    let mut b = [0u8; 256];
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
     }
 }
 
@@ -63,11 +75,15 @@ fn slow_loris_connections_are_dropped_and_the_real_migration_still_completes() {
     a.start().unwrap();
     wait_heartbeats(&console_a, 2);
 
+    let pki = common::Pki::new();
+    let tls = |h: &str| StreamTls::new(&pki.issue(&Identity::Host(h.into()), &[])).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let inc = Incoming {
         vm_id: "vm1".into(),
         token: "s3cret".into(),
+        source_host: "src".into(),
+        tls: tls("dst"),
         spec: spec(cmd),
     };
     let limits = Handshake {
@@ -88,11 +104,12 @@ fn slow_loris_connections_are_dropped_and_the_real_migration_still_completes() {
         (vm, console)
     });
 
-    // Two strangers: one silent, one that sends a single byte of a Hello header.
+    // Two strangers: one silent, one that sends the first byte of a TLS handshake record
+    // and no more.
     let started = Instant::now();
     let mut silent = TcpStream::connect(addr).unwrap();
     let mut trickle = TcpStream::connect(addr).unwrap();
-    trickle.write_all(&[1]).unwrap();
+    trickle.write_all(&[0x16]).unwrap();
     assert!(closed_within(
         &mut silent,
         HELLO_DEADLINE + Duration::from_secs(5)
@@ -123,6 +140,8 @@ fn slow_loris_connections_are_dropped_and_the_real_migration_still_completes() {
             vm_id: "vm1".into(),
             token: "s3cret".into(),
             destination: addr.to_string(),
+            destination_host: "dst".into(),
+            tls: tls("src"),
             downtime_budget: migration::DEFAULT_DOWNTIME,
             max_rounds: migration::DEFAULT_MAX_ROUNDS,
             timeout: Duration::from_secs(60),

@@ -1,19 +1,63 @@
-//! A migration connection: owns the TCP socket and the receive buffer, sends and
-//! receives [`Frame`]s. Blocking, with a timeout on every read and write, so a peer that
-//! stops answering ends the migration instead of hanging it.
+//! A migration connection: owns the TLS session over the TCP socket and the receive
+//! buffer, sends and receives [`Frame`]s. Blocking, with a timeout on every read and
+//! write, so a peer that stops answering ends the migration instead of hanging it.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use rustls::{ClientConnection, ServerConnection, StreamOwned};
+
 use super::MigrationError;
 use super::wire::{self, Frame};
+
+/// The TLS session of either end.
+pub enum Tls {
+    /// The source's.
+    Client(StreamOwned<ClientConnection, TcpStream>),
+    /// The destination's.
+    Server(StreamOwned<ServerConnection, TcpStream>),
+}
+
+impl Tls {
+    fn sock(&self) -> &TcpStream {
+        match self {
+            Tls::Client(s) => &s.sock,
+            Tls::Server(s) => &s.sock,
+        }
+    }
+}
+
+impl Read for Tls {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Tls::Client(s) => s.read(buf),
+            Tls::Server(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Tls {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Tls::Client(s) => s.write(buf),
+            Tls::Server(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Tls::Client(s) => s.flush(),
+            Tls::Server(s) => s.flush(),
+        }
+    }
+}
 
 /// Room the receive buffer keeps for one read.
 const READ_ROOM: usize = 1 << 20;
 
 pub struct Conn {
-    stream: TcpStream,
+    stream: Tls,
     /// Received bytes are `buf[pos..end]`; the rest is room for the next read (zeroed
     /// once when the buffer grows, not on every read).
     buf: Vec<u8>,
@@ -25,21 +69,21 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, timeout: Duration) -> Result<Self, MigrationError> {
+    pub fn new(stream: Tls, timeout: Duration) -> Result<Self, MigrationError> {
         Self::with_buffered(stream, timeout, &[])
     }
 
-    /// A connection whose first `received` bytes were already read off the socket (the
+    /// A connection whose first `received` bytes were already read off the session (the
     /// destination reads the Hello before it makes the connection).
     pub fn with_buffered(
-        stream: TcpStream,
+        stream: Tls,
         timeout: Duration,
         received: &[u8],
     ) -> Result<Self, MigrationError> {
-        stream
-            .set_read_timeout(Some(timeout))
-            .and_then(|()| stream.set_write_timeout(Some(timeout)))
-            .and_then(|()| stream.set_nodelay(true))
+        let sock = stream.sock();
+        sock.set_read_timeout(Some(timeout))
+            .and_then(|()| sock.set_write_timeout(Some(timeout)))
+            .and_then(|()| sock.set_nodelay(true))
             .map_err(|source| MigrationError::Io {
                 what: "setting up the socket",
                 source,
@@ -57,7 +101,7 @@ impl Conn {
     }
 
     pub fn set_timeout(&self, timeout: Duration) {
-        let _ = self.stream.set_read_timeout(Some(timeout));
+        let _ = self.stream.sock().set_read_timeout(Some(timeout));
     }
 
     pub fn send(&mut self, frame: &Frame) -> Result<(), MigrationError> {
@@ -78,6 +122,7 @@ impl Conn {
     fn write(&mut self, bytes: &[u8]) -> Result<(), MigrationError> {
         self.stream
             .write_all(bytes)
+            .and_then(|()| self.stream.flush())
             .map_err(|source| MigrationError::Io {
                 what: "sending",
                 source,

@@ -7,14 +7,18 @@
 //!
 //! # Layout
 //! - [`wire`]: the frames, a pure codec.
-//! - [`conn`]: a connection (socket and buffer), frames in and out with timeouts.
+//! - [`tls`]: TLS 1.3 with the hosts' pool certificates, and who the peer is.
+//! - [`conn`]: a connection (TLS session and buffer), frames in and out with timeouts.
 //! - [`state`]: the saved vCPU, irqchip, clock and device state as bytes.
 //! - [`cpu`]: may the guest's CPU features move to this host?
 //! - [`send`](mod@send): the source: full pass, dirty rounds, auto-converge, switchover.
 //! - [`receive`](mod@receive): the destination: token, checks, pages, restore, resume.
 //!
 //! # Guarantees
-//! Nothing is read into a VM before the token and the CPU check pass. Until the source
+//! The stream is TLS between the two hosts' certificates: the source talks only to the
+//! destination host the coordinator chose, and the destination takes a VM only from the
+//! source host it was prepared for, presenting the token it was prepared with.
+//! Nothing is read into a VM before the peer, the token and the CPU check pass. Until the source
 //! sends Go, any failure leaves the VM running on the source and the destination drops
 //! what it built; Go is sent only after the destination has built the VM from the state
 //! (everything that can fail there has), and after Go the source never runs the guest
@@ -25,12 +29,14 @@ pub mod cpu;
 pub mod receive;
 pub mod send;
 pub mod state;
+pub mod tls;
 pub mod wire;
 
 use std::time::Duration;
 
 pub use receive::{Handshake, Incoming, receive, receive_with};
 pub use send::{SendOptions, Sent, Switchover, send};
+pub use tls::{StreamTls, TlsSetupError};
 
 /// Default downtime budget.
 pub const DEFAULT_DOWNTIME: Duration = Duration::from_millis(300);
@@ -53,6 +59,15 @@ pub enum MigrationError {
         #[source]
         source: std::io::Error,
     },
+    #[error("TLS handshake with host {host} at {addr}")]
+    Handshake {
+        addr: String,
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
     #[error("the peer closed the migration stream")]
     Closed,
     #[error(transparent)]

@@ -1,15 +1,16 @@
-//! The destination side: waits for the source on a listener, checks the token and the
-//! VM's shape and CPU features before anything else, takes the pages into fresh guest
-//! memory of a VM made ready beforehand, applies the state, and runs it once the source
-//! says Go.
+//! The destination side: waits for the source on a listener, checks who it is (its TLS
+//! certificate must name the source host the coordinator said), the token and the VM's
+//! shape and CPU features before anything else, takes the pages into fresh guest memory
+//! of a VM made ready beforehand, applies the state, and runs it once the source says Go.
 //!
-//! A connection that fails before it is accepted (wrong token, not a migration stream,
-//! a VM of another shape) is answered and dropped, and the listener waits for the next:
-//! a stranger cannot end a prepared migration. Connections wait for their Hello side by
-//! side ([`Handshake`]): each must deliver a whole Hello within a deadline of being
-//! accepted, and only so many may wait at once, so one that sends nothing or trickles
-//! bytes neither holds up the real source nor lives on. After Accept, any failure
-//! discards what was received and ends the receive with an error.
+//! A connection that fails before it is accepted (no certificate of the pool, another
+//! host, wrong token, not a migration stream, a VM of another shape) is answered and
+//! dropped, and the listener waits for the next: a stranger cannot end a prepared
+//! migration. Connections do their TLS handshake and wait for their Hello side by side
+//! ([`Handshake`]): each must deliver a whole Hello within a deadline of being accepted,
+//! and only so many may wait at once, so one that sends nothing or trickles bytes
+//! neither holds up the real source nor lives on. After Accept, any failure discards
+//! what was received and ends the receive with an error.
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -20,7 +21,10 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::Kvm;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::conn::Conn;
+use rustls::ServerConnection;
+
+use super::conn::{Conn, Tls};
+use super::tls::StreamTls;
 use super::wire::{self, Frame, PAGE};
 use super::{MigrationError, cpu, state, token_eq};
 use crate::console::ConsoleOut;
@@ -54,6 +58,10 @@ impl Default for Handshake {
 pub struct Incoming {
     pub vm_id: String,
     pub token: String,
+    /// The only host whose certificate may send the VM.
+    pub source_host: String,
+    /// This host's credentials.
+    pub tls: StreamTls,
     pub spec: VmSpec,
 }
 
@@ -105,7 +113,7 @@ pub fn receive_with(
     on_accept: &mut dyn FnMut(),
 ) -> Result<Vm, MigrationError> {
     let local = local_cpuid(&inc.spec)?;
-    let mut gate = Gate::new(listener, limits)?;
+    let mut gate = Gate::new(listener, &inc.tls, limits)?;
     loop {
         if abort.load(Ordering::Acquire) {
             return Err(MigrationError::Cancelled);
@@ -133,6 +141,9 @@ pub fn receive_with(
 /// A connection whose Hello has arrived whole.
 struct Arrived {
     stream: TcpStream,
+    tls: ServerConnection,
+    /// The host its certificate names (`None`: not a host's).
+    host: Option<String>,
     peer: SocketAddr,
     hello: wire::Hello,
     /// Bytes read after the Hello.
@@ -142,6 +153,7 @@ struct Arrived {
 /// A connection accepted and still waiting for its Hello.
 struct Pending {
     stream: TcpStream,
+    tls: ServerConnection,
     peer: SocketAddr,
     since: Instant,
     buf: Vec<u8>,
@@ -154,7 +166,8 @@ enum Progress {
 }
 
 impl Pending {
-    /// Reads what has arrived (the socket does not block) and looks for a whole Hello.
+    /// Moves the TLS handshake on with what has arrived (the socket does not block),
+    /// and looks for a whole Hello in what the session decrypted.
     fn progress(&mut self) -> Progress {
         let mut chunk = [0u8; 16 << 10];
         loop {
@@ -163,9 +176,38 @@ impl Pending {
                 Ok(None) => {}
                 Err(e) => return Progress::Failed(e.into()),
             }
-            match self.stream.read(&mut chunk) {
+            if let Err(source) = self.flush() {
+                return Progress::Failed(MigrationError::Io {
+                    what: "the TLS handshake",
+                    source,
+                });
+            }
+            match self.tls.reader().read(&mut chunk) {
                 Ok(0) => return Progress::Failed(MigrationError::Closed),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(source) => {
+                    return Progress::Failed(MigrationError::Io {
+                        what: "receiving the Hello",
+                        source,
+                    });
+                }
+            }
+            match self.tls.read_tls(&mut self.stream) {
+                Ok(0) => return Progress::Failed(MigrationError::Closed),
+                Ok(_) => {
+                    if let Err(e) = self.tls.process_new_packets() {
+                        // Tell the peer why (a bad certificate, say) before closing.
+                        let _ = self.flush();
+                        return Progress::Failed(MigrationError::Io {
+                            what: "the TLS handshake",
+                            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                        });
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Progress::Waiting,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(source) => {
@@ -177,17 +219,35 @@ impl Pending {
             }
         }
     }
+
+    /// Writes what the session has for the peer, as far as the socket takes it now.
+    fn flush(&mut self) -> std::io::Result<()> {
+        while self.tls.wants_write() {
+            match self.tls.write_tls(&mut self.stream) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The listener and the connections waiting for their Hello, side by side.
 struct Gate<'a> {
     listener: &'a TcpListener,
+    tls: &'a StreamTls,
     limits: Handshake,
     pending: Vec<Pending>,
 }
 
 impl<'a> Gate<'a> {
-    fn new(listener: &'a TcpListener, limits: Handshake) -> Result<Self, MigrationError> {
+    fn new(
+        listener: &'a TcpListener,
+        tls: &'a StreamTls,
+        limits: Handshake,
+    ) -> Result<Self, MigrationError> {
         listener
             .set_nonblocking(true)
             .map_err(|source| MigrationError::Io {
@@ -196,6 +256,7 @@ impl<'a> Gate<'a> {
             })?;
         Ok(Self {
             listener,
+            tls,
             limits,
             pending: Vec::new(),
         })
@@ -224,7 +285,9 @@ impl<'a> Gate<'a> {
                     let mut p = self.pending.swap_remove(i);
                     let rest = p.buf.split_off(n);
                     return Some(Arrived {
+                        host: self.tls.peer_host(&p.tls),
                         stream: p.stream,
+                        tls: p.tls,
                         peer: p.peer,
                         hello,
                         rest,
@@ -253,8 +316,16 @@ impl<'a> Gate<'a> {
                 tracing::warn!(%peer, error = %e, "migration connection");
                 continue;
             }
+            let tls = match self.tls.accept() {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %proto::error_chain(&e), "migration connection");
+                    continue;
+                }
+            };
             self.pending.push(Pending {
                 stream,
+                tls,
                 peer,
                 since: Instant::now(),
                 buf: Vec::new(),
@@ -279,6 +350,8 @@ fn serve(
 ) -> Result<Vm, Failed> {
     let Arrived {
         stream,
+        tls,
+        host,
         hello,
         rest,
         ..
@@ -290,8 +363,9 @@ fn serve(
         })
     };
     stream.set_nonblocking(false).map_err(refused)?;
+    let stream = Tls::Server(rustls::StreamOwned::new(tls, stream));
     let mut conn = Conn::with_buffered(stream, HELLO_TIMEOUT, &rest).map_err(Failed::Refused)?;
-    if let Err(reason) = check_hello(&hello, inc, local) {
+    if let Err(reason) = check_hello(&hello, host.as_deref(), inc, local) {
         let _ = conn.send(&Frame::Refuse {
             reason: reason.clone(),
         });
@@ -361,7 +435,21 @@ fn serve(
     Ok(vm)
 }
 
-fn check_hello(h: &wire::Hello, inc: &Incoming, local: &[CpuidRegs]) -> Result<(), String> {
+fn check_hello(
+    h: &wire::Hello,
+    host: Option<&str>,
+    inc: &Incoming,
+    local: &[CpuidRegs],
+) -> Result<(), String> {
+    if host != Some(inc.source_host.as_str()) {
+        return Err(match host {
+            Some(h) => format!(
+                "this destination takes the VM from host {}, not from host {h}",
+                inc.source_host
+            ),
+            None => "the certificate is not a host's".into(),
+        });
+    }
     if !(wire::MIN_VERSION..=wire::VERSION).contains(&h.version) {
         return Err(format!(
             "stream version {} is not in {}..={}",
@@ -548,14 +636,43 @@ mod tests {
         out
     }
 
-    /// Whether the other end closed `s` within `limit`.
+    type Client = std::thread::JoinHandle<std::io::Result<TcpStream>>;
+
+    /// From a thread: a TLS client of `addr` as `tls` for host `dst`, writing each part
+    /// with a pause after it; ends with its socket (still open) or the error it met.
+    fn client(addr: SocketAddr, tls: &StreamTls, parts: Vec<Vec<u8>>, pause: Duration) -> Client {
+        let conn = tls.connect("dst").unwrap();
+        std::thread::spawn(move || {
+            let sock = TcpStream::connect(addr)?;
+            sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut s = rustls::StreamOwned::new(conn, sock);
+            while s.conn.is_handshaking() {
+                s.conn.complete_io(&mut s.sock)?;
+            }
+            for p in parts {
+                s.write_all(&p)?;
+                s.flush()?;
+                std::thread::sleep(pause);
+            }
+            Ok(s.sock)
+        })
+    }
+
+    /// Whether the other end closed `s` within `limit` (whatever it said first).
     fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
-        s.set_read_timeout(Some(limit)).unwrap();
-        let mut b = [0u8; 64];
-        match s.read(&mut b) {
-            Ok(0) => true,
-            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
-            Ok(_) => false,
+        let until = Instant::now() + limit;
+        let mut b = [0u8; 256];
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            s.set_read_timeout(Some(left)).unwrap();
+            match s.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
+            }
         }
     }
 
@@ -571,13 +688,26 @@ mod tests {
         None
     }
 
+    /// Polls until `client` is done (its handshake needs the gate to move).
+    fn drive(gate: &mut Gate, client: Client) -> std::io::Result<TcpStream> {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !client.is_finished() {
+            assert!(Instant::now() < until, "the client is stuck");
+            assert!(gate.poll().is_none(), "no Hello expected yet");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        client.join().unwrap()
+    }
+
     #[test]
     fn silent_and_trickling_connections_are_closed_at_the_deadline_while_a_hello_gets_through() {
+        let (hosts, _) = super::super::tls::test_hosts(&["dst", "src"]);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let deadline = Duration::from_secs(1);
+        let deadline = Duration::from_secs(2);
         let mut gate = Gate::new(
             &listener,
+            &hosts[0],
             Handshake {
                 deadline,
                 max_pending: 3,
@@ -585,24 +715,34 @@ mod tests {
         )
         .unwrap();
         let started = Instant::now();
+        // Silent: not even a TLS hello. Trickling: a handshake and one byte of a Hello.
         let mut silent = TcpStream::connect(addr).unwrap();
-        let mut trickle = TcpStream::connect(addr).unwrap();
-        trickle.write_all(&hello_bytes()[..1]).unwrap();
+        let trickle = client(
+            addr,
+            &hosts[1],
+            vec![hello_bytes()[..1].to_vec()],
+            Duration::ZERO,
+        );
+        let mut trickle = drive(&mut gate, trickle).unwrap();
         // While those two wait, a real Hello (sent in two pieces) is handed over.
-        let mut real = TcpStream::connect(addr).unwrap();
         let hello = hello_bytes();
-        real.write_all(&hello[..5]).unwrap();
-        assert!(poll_for(&mut gate, Duration::from_millis(50)).is_none());
-        assert_eq!(gate.pending(), 3);
-        real.write_all(&[&hello[5..], b"next"].concat()).unwrap();
+        let real = client(
+            addr,
+            &hosts[1],
+            vec![hello[..5].to_vec(), [&hello[5..], b"next"].concat()],
+            Duration::from_millis(100),
+        );
         let got = poll_for(&mut gate, Duration::from_secs(5)).expect("the Hello");
         assert_eq!(got.hello.token, "t");
         assert_eq!(got.rest, b"next");
+        assert_eq!(got.host.as_deref(), Some("src"), "the verified source host");
         assert!(started.elapsed() < deadline, "served before the deadline");
+        real.join().unwrap().unwrap();
         // The other two are closed once the deadline passes, not before.
+        assert_eq!(gate.pending(), 2);
         assert!(!closed_within(&mut silent, Duration::from_millis(10)));
         while gate.pending() > 0 {
-            assert!(started.elapsed() < Duration::from_secs(5));
+            assert!(started.elapsed() < Duration::from_secs(8));
             gate.poll();
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -613,10 +753,12 @@ mod tests {
 
     #[test]
     fn past_the_cap_a_connection_is_closed_on_accept_and_bad_first_frames_at_once() {
+        let (hosts, _) = super::super::tls::test_hosts(&["dst", "src"]);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let mut gate = Gate::new(
             &listener,
+            &hosts[0],
             Handshake {
                 deadline: Duration::from_secs(60),
                 max_pending: 2,
@@ -625,7 +767,7 @@ mod tests {
         .unwrap();
         let a = TcpStream::connect(addr).unwrap();
         let b = TcpStream::connect(addr).unwrap();
-        let until = Instant::now() + Duration::from_secs(5);
+        let until = Instant::now() + Duration::from_secs(10);
         while gate.pending() < 2 {
             assert!(Instant::now() < until);
             gate.poll();
@@ -641,18 +783,115 @@ mod tests {
             assert!(Instant::now() < until, "closed peers leave the pending set");
             gate.poll();
         }
-        // Another kind first, or a Hello announcing a huge payload: closed at once.
-        let mut pages = TcpStream::connect(addr).unwrap();
-        pages.write_all(&wire::pages_header(0, PAGE)).unwrap();
-        let mut huge = TcpStream::connect(addr).unwrap();
+        // Not TLS at all, another kind first, or a Hello announcing a huge payload:
+        // closed at once.
+        let mut plain = TcpStream::connect(addr).unwrap();
+        plain.write_all(&hello_bytes()).unwrap();
+        let pages = client(
+            addr,
+            &hosts[1],
+            vec![wire::pages_header(0, PAGE).to_vec()],
+            Duration::ZERO,
+        );
         let mut h = hello_bytes()[..wire::HEADER_LEN].to_vec();
         h[4..8].copy_from_slice(&(wire::MAX_HELLO as u32 + 1).to_le_bytes());
-        huge.write_all(&h).unwrap();
-        for s in [&mut pages, &mut huge] {
+        let huge = client(addr, &hosts[1], vec![h], Duration::ZERO);
+        let mut socks = vec![plain];
+        for c in [pages, huge] {
+            let until = Instant::now() + Duration::from_secs(10);
+            while !c.is_finished() {
+                assert!(Instant::now() < until);
+                gate.poll();
+            }
+            socks.push(c.join().unwrap().unwrap());
+        }
+        for s in &mut socks {
             while !closed_within(s, Duration::from_millis(20)) {
                 assert!(Instant::now() < until, "closed before the deadline");
                 gate.poll();
             }
         }
+        assert_eq!(gate.pending(), 0);
+    }
+
+    #[test]
+    fn a_certificate_of_another_pool_fails_the_handshake_and_leaves_the_gate_waiting() {
+        let (hosts, strangers) = super::super::tls::test_hosts(&["dst", "src"]);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut gate = Gate::new(&listener, &hosts[0], Handshake::default()).unwrap();
+        let stranger = client(addr, &strangers[1], vec![hello_bytes()], Duration::ZERO);
+        let err = drive(&mut gate, stranger).unwrap_err();
+        assert!(
+            err.to_string().contains("certificate") || err.kind() != std::io::ErrorKind::Other,
+            "{err}"
+        );
+        let until = Instant::now() + Duration::from_secs(5);
+        while gate.pending() > 0 {
+            assert!(Instant::now() < until, "the stranger is dropped");
+            gate.poll();
+        }
+        // The source also refuses a destination of another pool before sending a byte of
+        // its own.
+        let theirs = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut their_gate = Gate::new(&theirs, &strangers[0], Handshake::default()).unwrap();
+        let ours = client(
+            theirs.local_addr().unwrap(),
+            &hosts[1],
+            vec![hello_bytes()],
+            Duration::ZERO,
+        );
+        assert!(drive(&mut their_gate, ours).is_err());
+        // And the real source still gets through to ours.
+        let real = client(addr, &hosts[1], vec![hello_bytes()], Duration::ZERO);
+        let got = poll_for(&mut gate, Duration::from_secs(5)).expect("the Hello");
+        assert_eq!(got.host.as_deref(), Some("src"));
+        real.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_hello_from_a_host_other_than_the_prepared_source_is_refused() {
+        let (hosts, _) = super::super::tls::test_hosts(&["dst", "src"]);
+        let inc = Incoming {
+            vm_id: "vm".into(),
+            token: "t".into(),
+            source_host: "src".into(),
+            tls: hosts[0].clone(),
+            spec: VmSpec {
+                vcpus: 1,
+                memory_bytes: 1,
+                boot: crate::vmm::BootSpec {
+                    kernel: "/nonexistent".into(),
+                    initrd: None,
+                    cmdline: String::new(),
+                    protocol: crate::vmm::BootProtocol::Auto,
+                },
+                disks: vec![],
+                cpuid_mask: vec![],
+            },
+        };
+        let hello = wire::Hello {
+            version: wire::VERSION,
+            token: "t".into(),
+            vm_id: "vm".into(),
+            memory_bytes: 1,
+            vcpus: 1,
+            cpuid: vec![],
+        };
+        assert_eq!(check_hello(&hello, Some("src"), &inc, &[]), Ok(()));
+        let other = check_hello(&hello, Some("dst"), &inc, &[]).unwrap_err();
+        assert!(
+            other.contains("from host src, not from host dst"),
+            "{other}"
+        );
+        assert!(check_hello(&hello, None, &inc, &[]).is_err());
+        let wrong = wire::Hello {
+            token: "u".into(),
+            ..hello
+        };
+        assert_eq!(
+            check_hello(&wrong, Some("src"), &inc, &[]),
+            Err("wrong migration token".into())
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The source side: from a running VM to a running VM on the destination.
 //!
-//! 1. Connect, Hello (token, VM shape, guest CPUID), wait for Accept.
+//! 1. Connect over TLS (only the destination host's certificate is accepted), Hello
+//!    (token, VM shape, guest CPUID), wait for Accept.
 //! 2. Turn on dirty logging; send every page (zero pages as a count).
 //! 3. Rounds: take the dirty pages (KVM's log ORed with the VMM's own writes), estimate
 //!    how long sending them with the VM paused would take at the link rate measured so
@@ -22,7 +23,8 @@ use std::time::{Duration, Instant};
 use proto::host::{MigrationPhase, MigrationProgress};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::conn::Conn;
+use super::conn::{Conn, Tls};
+use super::tls::StreamTls;
 use super::wire::{self, Frame, Hello, PAGE};
 use super::{MigrationError, state};
 use crate::vmm::{DirtyRegion, GuestRam, RunControl, Vm};
@@ -50,6 +52,10 @@ pub struct SendOptions {
     pub token: String,
     /// host:port of the destination's migration listener.
     pub destination: String,
+    /// The destination host: its certificate must name it.
+    pub destination_host: String,
+    /// This host's credentials.
+    pub tls: StreamTls,
     /// The pause the guest may see at switchover; zero never fits (pre-copy runs to
     /// `max_rounds` and fails: a way to probe a guest without moving it).
     pub downtime_budget: Duration,
@@ -333,6 +339,25 @@ fn dirty_bytes(d: &[DirtyRegion]) -> u64 {
     d.iter().map(DirtyRegion::count).sum::<u64>() * PAGE as u64
 }
 
+/// Completes the TLS handshake, so a destination that is not the host named is refused
+/// before the Hello (and its token) is sent.
+fn handshake(mut stream: TcpStream, opts: &SendOptions) -> Result<Tls, MigrationError> {
+    let failed = |source| MigrationError::Handshake {
+        addr: opts.destination.clone(),
+        host: opts.destination_host.clone(),
+        source,
+    };
+    stream
+        .set_read_timeout(Some(CONNECT_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(CONNECT_TIMEOUT)))
+        .map_err(failed)?;
+    let mut tls = opts.tls.connect(&opts.destination_host)?;
+    while tls.is_handshaking() {
+        tls.complete_io(&mut stream).map_err(failed)?;
+    }
+    Ok(Tls::Client(rustls::StreamOwned::new(tls, stream)))
+}
+
 /// Moves `vm` (running) to the destination. On success the VM here is paused and must
 /// be stopped, never resumed; on error it runs here as before. `base` carries the ids
 /// for progress reports, which go to `report`.
@@ -366,7 +391,7 @@ pub fn send(
             source,
         }
     })?;
-    let mut conn = Conn::new(stream, IO_TIMEOUT)?;
+    let mut conn = Conn::new(handshake(stream, opts)?, IO_TIMEOUT)?;
     conn.send(&Frame::Hello(Hello {
         version: wire::VERSION,
         token: opts.token.clone(),

@@ -35,6 +35,12 @@ pub struct IncomingRecord {
     /// How long to wait for the source before giving up; 0: ten minutes.
     #[prost(uint32, tag = "3")]
     pub wait_seconds: u32,
+    /// The only host whose certificate may send the VM.
+    #[prost(string, tag = "4")]
+    pub source_host: String,
+    /// The host's TLS directory, read when the wait starts.
+    #[prost(string, tag = "5")]
+    pub tls_dir: String,
 }
 
 /// Send the VM to another host (see `proto::host::StartMigrationSendRequest`).
@@ -56,6 +62,12 @@ pub struct MigrateSend {
     pub auto_converge: bool,
     #[prost(uint64, tag = "8")]
     pub bandwidth_limit_bytes_per_second: u64,
+    /// The destination host: its certificate must name it.
+    #[prost(string, tag = "9")]
+    pub destination_host: String,
+    /// The host's TLS directory, read when the migration starts.
+    #[prost(string, tag = "10")]
+    pub tls_dir: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -76,8 +76,10 @@ pub struct Daemon {
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     pub manager: Arc<Manager>,
+    /// The host it runs as (its certificate's identity).
+    pub host: String,
     /// The CA of this daemon's pool: its own certificate and [`Daemon::member`]'s.
-    pub pki: Pki,
+    pub pki: Arc<Pki>,
     /// Coordinator member 1's TLS: what [`Daemon::client`] calls with.
     pub member: DaemonTls,
 }
@@ -105,6 +107,29 @@ impl Daemon {
         ip: &str,
         initiator_iqn: &str,
     ) -> Daemon {
+        Self::start_in(
+            Arc::new(Pki::new()),
+            HOST,
+            run_dir,
+            reserved,
+            ip,
+            initiator_iqn,
+        )
+        .await
+    }
+
+    /// Host `host` of the pool whose CA is `pki` (hosts that migrate VMs between them
+    /// must share one: the stream is TLS between their certificates).
+    pub async fn start_in(
+        pki: Arc<Pki>,
+        host: &str,
+        run_dir: &Path,
+        reserved: u64,
+        ip: &str,
+        initiator_iqn: &str,
+    ) -> Daemon {
+        let identity = Identity::Host(host.into());
+        let tls = pki.issue(&identity, &[ip]);
         let manager = Manager::new(ManagerConfig {
             run_dir: run_dir.to_owned(),
             vmm_binary: env!("CARGO_BIN_EXE_hostd-vmm").into(),
@@ -121,11 +146,10 @@ impl Daemon {
                     .to_owned(),
             ])
             .expect("image directories"),
+            tls_dir: pki.dir_of(&identity),
         })
         .await
         .unwrap();
-        let pki = Pki::new();
-        let tls = pki.issue(&Identity::Host(HOST.into()), &[ip]);
         let member = pki.issue(&Identity::Member(1), &[]);
         let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -133,7 +157,7 @@ impl Daemon {
         let server = HostServer::new(
             manager.clone(),
             HostIdentity {
-                host_id: HOST.into(),
+                host_id: host.into(),
                 ..Default::default()
             },
         );
@@ -146,6 +170,7 @@ impl Daemon {
         });
         Daemon {
             addr,
+            host: host.into(),
             stop: Some(tx),
             task: Some(task),
             manager,
@@ -156,7 +181,11 @@ impl Daemon {
 
     /// A client as coordinator member 1, over mutual TLS.
     pub async fn client(&self) -> HostServiceClient<Channel> {
-        connect_as(&self.addr.to_string(), &self.member).await
+        let config = self
+            .member
+            .client(&Identity::Host(self.host.clone()))
+            .unwrap();
+        connect_tls(&self.addr.to_string(), config).await.unwrap()
     }
 
     /// Stops serving; VMs are left running (as a daemon restart would).

@@ -16,7 +16,7 @@ use proto::host as hpb;
 use tonic::Code;
 use tonic::codegen::tokio_stream::StreamExt;
 
-use super::vm::{disk_access, host_addr, vm_config};
+use super::vm::{disk_access, host_addr, host_name, vm_config};
 use super::{Env, Finish, JobError, read};
 use crate::state::command::*;
 
@@ -76,7 +76,7 @@ fn finished(vm_id: &str, to: &str, p: &hpb::MigrationProgress) -> Finish {
 }
 
 pub async fn migrate(env: &Env, job: &Job, j: &MigrateVmJob) -> Result<Finish, JobError> {
-    let (vm, src, dst) = read(&*env.ledger, |s| {
+    let (vm, src, dst, names) = read(&*env.ledger, |s| {
         let vm = s.vms.get(&j.vm_id).cloned().ok_or_else(|| {
             JobError::refused(Code::NotFound, format!("no VM with id {}", j.vm_id))
         })?;
@@ -84,6 +84,12 @@ pub async fn migrate(env: &Env, job: &Job, j: &MigrateVmJob) -> Result<Finish, J
             vm,
             host_addr(s, &j.source_host_id)?,
             host_addr(s, &j.destination_host_id)?,
+            // The names the hosts' certificates carry: each end of the stream accepts
+            // only the other's.
+            (
+                host_name(s, &j.source_host_id)?,
+                host_name(s, &j.destination_host_id)?,
+            ),
         ))
     })?;
     if let Some(mid) = job.outputs.get("migration_id") {
@@ -109,6 +115,7 @@ pub async fn migrate(env: &Env, job: &Job, j: &MigrateVmJob) -> Result<Finish, J
                 vm_id: vm.id.clone(),
                 config: Some(vm_config(&vm, disks)),
                 token: j.token.clone(),
+                source_host: names.0,
             },
         )
         .await
@@ -127,6 +134,7 @@ pub async fn migrate(env: &Env, job: &Job, j: &MigrateVmJob) -> Result<Finish, J
                 timeout_seconds: 0,
                 auto_converge: j.auto_converge,
                 bandwidth_limit_bytes_per_second: 0,
+                destination_host: names.1,
             },
         )
         .await;

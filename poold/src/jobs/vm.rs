@@ -48,6 +48,14 @@ pub fn host_addr(s: &PoolState, host_id: &str) -> Result<String, JobError> {
         .ok_or_else(|| JobError::refused(Code::NotFound, format!("no host with id {host_id}")))
 }
 
+/// The name a host's certificate carries (its record's name).
+pub fn host_name(s: &PoolState, host_id: &str) -> Result<String, JobError> {
+    s.hosts
+        .get(host_id)
+        .map(|h| h.name.clone())
+        .ok_or_else(|| JobError::refused(Code::NotFound, format!("no host with id {host_id}")))
+}
+
 /// The initiator name a host logs in with, as it reported it.
 pub fn host_initiator(s: &PoolState, host_id: &str) -> Result<String, JobError> {
     let h = s

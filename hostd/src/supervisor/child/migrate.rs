@@ -32,7 +32,26 @@ impl Runner {
         rx: &mpsc::Receiver<Msg>,
         m: &MigrateSend,
     ) -> MigrateEnd {
+        let tls = match migration::StreamTls::load(std::path::Path::new(&m.tls_dir)) {
+            Ok(t) => t,
+            Err(e) => {
+                let error = proto::error_chain(&e);
+                tracing::warn!(%error, "migration not started");
+                self.outbox.send(&Event {
+                    kind: Some(event::Kind::Migration(MigrationProgress {
+                        migration_id: m.migration_id.clone(),
+                        vm_id: self.id.clone(),
+                        phase: MigrationPhase::Failed as i32,
+                        error,
+                        ..Default::default()
+                    })),
+                });
+                return MigrateEnd::StayedHere;
+            }
+        };
         let opts = SendOptions {
+            destination_host: m.destination_host.clone(),
+            tls,
             vm_id: self.id.clone(),
             token: m.token.clone(),
             destination: m.destination.clone(),
@@ -193,6 +212,16 @@ impl Runner {
                 return None;
             }
         };
+        let tls = match migration::StreamTls::load(std::path::Path::new(&inc.tls_dir)) {
+            Ok(t) => t,
+            Err(e) => {
+                self.fail_to_start(format!(
+                    "the migration stream's TLS: {}",
+                    proto::error_chain(&e)
+                ));
+                return None;
+            }
+        };
         let wait = match inc.wait_seconds {
             0 => Duration::from_secs(600),
             s => Duration::from_secs(u64::from(s)),
@@ -204,6 +233,8 @@ impl Runner {
         let incoming = Incoming {
             vm_id: self.id.clone(),
             token: inc.token.clone(),
+            source_host: inc.source_host.clone(),
+            tls,
             spec: spec.clone(),
         };
         let abort = AtomicBool::new(false);

@@ -21,14 +21,16 @@ pub fn migration_ended(p: &MigrationProgress) -> bool {
 
 impl Manager {
     /// Prepares to receive VM `id` by live migration: starts its process, which opens
-    /// the disks (logging in to iSCSI volumes) and listens on `listen_ip` for the source
-    /// presenting `token`. Returns the listener's host:port. A stopped VM of the same id
+    /// the disks (logging in to iSCSI volumes) and listens on `listen_ip` for host
+    /// `source_host` (over TLS, by its certificate) presenting `token`. Returns the
+    /// listener's host:port. A stopped VM of the same id
     /// (a failed earlier attempt) is replaced; a live one is refused.
     pub async fn prepare_incoming(
         self: &Arc<Self>,
         id: &str,
         config: VmConfig,
         token: &str,
+        source_host: &str,
         listen_ip: &str,
     ) -> Result<String, ManagerError> {
         if !valid_id(id) {
@@ -66,6 +68,8 @@ impl Manager {
             token: token.to_owned(),
             listen_ip: listen_ip.to_owned(),
             wait_seconds: 0,
+            source_host: source_host.to_owned(),
+            tls_dir: self.cfg.tls_dir.display().to_string(),
         };
         let _op = entry.op.lock().await;
         match self.spawn(&entry, &dir, config, Some(incoming)).await {
@@ -87,13 +91,14 @@ impl Manager {
         }
     }
 
-    /// Starts sending VM `id` to another host; progress arrives on the returned
-    /// receiver until a phase that ends it.
+    /// Starts sending VM `id` to another host (over TLS with this host's certificate,
+    /// set here); progress arrives on the returned receiver until a phase that ends it.
     pub async fn migrate_send(
         &self,
         id: &str,
-        m: MigrateSend,
+        mut m: MigrateSend,
     ) -> Result<watch::Receiver<Option<MigrationProgress>>, ManagerError> {
+        m.tls_dir = self.cfg.tls_dir.display().to_string();
         let entry = self.get(id).await?;
         let _op = entry.op.lock().await;
         Self::require(&entry, "live migration", "running", |s| {

@@ -60,6 +60,8 @@ pub struct ManagerConfig {
     pub initiator_iqn: String,
     /// Where VMs' kernels, initrds and file disks may come from.
     pub image_dirs: crate::supervisor::spec::ImageDirs,
+    /// The host's TLS directory: VM processes read it for the migration stream.
+    pub tls_dir: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
