@@ -135,6 +135,7 @@ pub const METHODS: &[(&str, Level, bool)] = &[
     ("DeleteUser", Level::PoolAdmin, true),
     ("GrantRole", Level::PoolAdmin, true),
     ("RevokeRole", Level::PoolAdmin, true),
+    ("CreateJoinToken", Level::PoolAdmin, true),
     // Every user for themselves; another user's needs pool-admin (the call checks).
     ("ChangePassword", Level::ReadOnly, true),
     ("RevokeTokens", Level::ReadOnly, true),
@@ -547,7 +548,7 @@ pub fn describe_roles() -> Vec<pb::RoleDescription> {
                 .iter()
                 .filter(|(_, need, _)| *need <= l)
                 .map(|(m, _, _)| format!("pool.v1.PoolService/{m}"))
-                .chain(std::iter::once("pool.v1.PoolService/Login".to_owned()))
+                .chain(["Login", "Join"].map(|m| format!("pool.v1.PoolService/{m}")))
                 .collect(),
         }
     })
@@ -817,7 +818,8 @@ mod tests {
             .iter()
             .find(|r| r.role == pb::Role::PoolAdmin as i32)
             .unwrap();
-        assert_eq!(admin.allowed_methods.len(), METHODS.len() + 1);
+        // Login and Join need no user token.
+        assert_eq!(admin.allowed_methods.len(), METHODS.len() + 2);
         let ro = roles
             .iter()
             .find(|r| r.role == pb::Role::ReadOnly as i32)

@@ -67,6 +67,12 @@ struct Args {
     /// the leader generates a password and leaves it in DATA_DIR/admin-password (0600).
     #[arg(long)]
     admin_password_file: Option<PathBuf>,
+    /// The pool's CA, to keep in the pool's replicated state so the pool issues joining
+    /// daemons their certificates (`poolctl host-join`): a directory `PoolCa::save` wrote
+    /// (ca-key.pem, ca-cert.pem) or one `poolctl pki-init` made (its `ca/`). Committed
+    /// once, when the pool has no CA yet; it must be the CA of this member's TLS directory.
+    #[arg(long)]
+    found_ca: Option<PathBuf>,
     /// Log filter, e.g. "info" or "poold=debug" (RUST_LOG wins when set).
     #[arg(long, default_value = "info,raft=warn")]
     log: String,
@@ -161,6 +167,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(p) = &admin_password {
         poold::auth::check_new_password(p).context("--admin-password-file")?;
     }
+    let found_ca = match &args.found_ca {
+        Some(dir) => Some(load_found_ca(dir, &tls)?),
+        None => None,
+    };
     let initial: BTreeMap<u64, String> = cfg
         .initial_members
         .iter()
@@ -196,6 +206,7 @@ fn main() -> anyhow::Result<()> {
             initial_members: initial,
             join: cfg.join.unwrap_or(false),
             admin_password,
+            found_ca,
             tls: Some(tls),
         })
         .context("starting the Raft member")?;
@@ -208,6 +219,38 @@ fn main() -> anyhow::Result<()> {
             .context("serving")?;
         Ok(())
     })
+}
+
+/// Reads `--found-ca` (a CA directory, or a `pki-init` directory holding one in `ca/`) and
+/// checks it is the CA this member's TLS directory trusts, of the same pool.
+fn load_found_ca(
+    dir: &std::path::Path,
+    tls: &pool_trust::DaemonTls,
+) -> anyhow::Result<poold::state::command::PoolCaRecord> {
+    let nested = dir.join("ca");
+    let ca_dir = if dir.join(pool_trust::ca::CA_KEY_FILE).exists() || !nested.is_dir() {
+        dir.to_owned()
+    } else {
+        nested
+    };
+    let ca = pool_trust::PoolCa::load(&ca_dir)
+        .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))
+        .with_context(|| format!("--found-ca: reading the CA in {}", ca_dir.display()))?;
+    anyhow::ensure!(
+        ca.pool_id() == tls.pool_id(),
+        "--found-ca: the CA in {} is of pool {}, but this member's TLS directory is of pool {}",
+        ca_dir.display(),
+        ca.pool_id(),
+        tls.pool_id()
+    );
+    anyhow::ensure!(
+        tls.bundle.contains(&ca.cert().fingerprint()),
+        "--found-ca: the CA in {} ({}) is not one this member's TLS directory trusts",
+        ca_dir.display(),
+        ca.cert().fingerprint()
+    );
+    let (cert_pem, key_pem) = ca.to_pem();
+    Ok(poold::state::command::PoolCaRecord { cert_pem, key_pem })
 }
 
 fn init_logging(default: &str) {

@@ -19,6 +19,7 @@ use crate::consensus::storage::{DiskStorage, StorageOpenError};
 use crate::consensus::transport::Faults;
 use crate::coordinator::Coordinator;
 use crate::service::{agent, peer, pool};
+use crate::state::command::{Op, PoolCaRecord};
 use crate::state::{PoolState, snapshot};
 use crate::tls::RequireRole;
 
@@ -58,6 +59,9 @@ pub struct MemberConfig {
     /// password, so the pool is never open. Without one, it generates a password and
     /// writes it to [`ADMIN_PASSWORD_FILE`] in its data directory (0600).
     pub admin_password: Option<String>,
+    /// The pool's CA (`--found-ca`): committed once when the pool has none, so the pool
+    /// issues joining daemons their certificates.
+    pub found_ca: Option<PoolCaRecord>,
     /// This member's TLS directory (`--tls-dir`): the pool's CA bundle and a member
     /// certificate. Every service is served over TLS with it and every call made with it.
     pub tls: Option<pool_trust::DaemonTls>,
@@ -69,6 +73,7 @@ pub const ADMIN_PASSWORD_FILE: &str = "admin-password";
 pub struct Member {
     pub coordinator: Arc<Coordinator>,
     admin_password: Option<String>,
+    found_ca: Option<PoolCaRecord>,
     data_dir: PathBuf,
 }
 
@@ -113,6 +118,7 @@ impl Member {
                 cfg.tls,
             )),
             admin_password: cfg.admin_password,
+            found_ca: cfg.found_ca,
             data_dir: cfg.data_dir,
         })
     }
@@ -155,6 +161,18 @@ impl Member {
                 stop_rx.clone(),
             )),
         ];
+        let loops = match self.found_ca {
+            Some(ca) => {
+                let mut loops = loops;
+                loops.push(tokio::spawn(commit_found_ca(
+                    c.clone(),
+                    ca,
+                    stop_rx.clone(),
+                )));
+                loops
+            }
+            None => loops,
+        };
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let mut server = tonic::transport::Server::builder();
@@ -262,6 +280,48 @@ async fn bootstrap_admin(
                 }
                 Err(e) => tracing::warn!(error = %e, "could not create the first user yet"),
             }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Commits the pool's CA given at founding (`--found-ca`) until the pool has one; a
+/// fixed request id makes retries act once. A pool that already has another CA keeps it.
+async fn commit_found_ca(
+    c: Arc<Coordinator>,
+    ca: PoolCaRecord,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        match &c.node.state().pool_ca {
+            Some(have) if have.cert_pem == ca.cert_pem => return,
+            Some(_) => {
+                tracing::warn!(
+                    "the pool already has another CA in its state; --found-ca is ignored"
+                );
+                return;
+            }
+            None => {}
+        }
+        let caller = crate::auth::Caller {
+            name: "founding".into(),
+            method: "FoundPoolCa".into(),
+            ..crate::auth::Caller::internal()
+        };
+        match c
+            .write(&caller, "found-pool-ca", Op::SetPoolCa(ca.clone()))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(
+                    "the pool's CA is in its state: it issues joining daemons their certificates"
+                );
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e.message(), "could not commit the pool's CA yet"),
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}

@@ -10,7 +10,9 @@
 use proto::coordinator as pb;
 use proto::host as hpb;
 
+mod trust;
 mod users;
+pub use trust::{JoinTokenRecord, PoolCaRecord, RedeemJoinToken};
 pub use users::{CreateUser, SetRole, UserChange};
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -35,7 +37,7 @@ pub struct Command {
     pub peer: String,
     #[prost(
         oneof = "Op",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38"
     )]
     pub op: Option<Op>,
 }
@@ -100,6 +102,15 @@ pub enum Op {
     /// Figures storaged reported: repository usage and reachability, volume allocation.
     #[prost(message, tag = "35")]
     StorageRefresh(StorageRefresh),
+    /// The pool's CA, committed once by the member founded with it (`--found-ca`).
+    #[prost(message, tag = "36")]
+    SetPoolCa(PoolCaRecord),
+    /// A new join token's record (its secret went to the pool-admin who asked, only).
+    #[prost(message, tag = "37")]
+    CreateJoinToken(JoinTokenRecord),
+    /// A join token spent, before its certificate is signed.
+    #[prost(message, tag = "38")]
+    RedeemJoinToken(RedeemJoinToken),
 }
 
 impl Op {
@@ -149,6 +160,9 @@ impl Op {
                 UserChange::RevokeTokens { .. } => "user.revoke_tokens",
             },
             Op::StorageRefresh(_) => "sr.refresh",
+            Op::SetPoolCa(_) => "pool.set_ca",
+            Op::CreateJoinToken(_) => "pool.create_join_token",
+            Op::RedeemJoinToken(_) => "pool.join",
         }
     }
 }

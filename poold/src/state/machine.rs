@@ -93,6 +93,10 @@ pub struct PoolState {
     pub audit: VecDeque<pb::AuditEvent>,
     /// VMs whose shutdown was asked with force (cleared once they stop).
     pub force_stop: BTreeSet<String>,
+    /// The pool's CA, when the pool was founded with it (see [`super::trust`]).
+    pub pool_ca: Option<PoolCaRecord>,
+    /// Join tokens not yet expired, by id: hashes, never secrets.
+    pub join_tokens: BTreeMap<String, JoinTokenRecord>,
 }
 
 /// A user and the hash of their password.
@@ -180,6 +184,8 @@ impl PoolState {
             token_key: Vec::new(),
             audit: VecDeque::new(),
             force_stop: BTreeSet::new(),
+            pool_ca: None,
+            join_tokens: BTreeMap::new(),
         };
         s.reserve_windows();
         s
@@ -187,7 +193,7 @@ impl PoolState {
 
     /// A copy of the pool's objects (settings, members, hosts, storage, VMs, jobs...)
     /// without the history windows (remembered requests, tasks, audit events) nor the
-    /// users: what the reconciler reads each round. A full clone would copy every
+    /// users nor the pool's trust: what the reconciler reads each round. A full clone would copy every
     /// remembered request, task and audit event under the state lock that the Raft
     /// task's apply waits for.
     pub fn clone_without_history(&self) -> PoolState {
@@ -213,6 +219,8 @@ impl PoolState {
             token_key: Vec::new(),
             audit: VecDeque::new(),
             force_stop: self.force_stop.clone(),
+            pool_ca: None,
+            join_tokens: BTreeMap::new(),
         }
     }
 
@@ -411,6 +419,9 @@ impl PoolState {
             Op::CreateUser(c) => self.create_user(c, at_ms).map(Applied::done),
             Op::DeleteUser(r) => self.delete_user(&r.id).map(Applied::done),
             Op::SetRole(r) => self.set_role(r).map(Applied::done),
+            Op::SetPoolCa(r) => self.set_pool_ca(r),
+            Op::CreateJoinToken(r) => self.create_join_token(r, at_ms),
+            Op::RedeemJoinToken(r) => self.redeem_join_token(r, at_ms),
         }
     }
 

@@ -4,7 +4,8 @@
 //! [`machine`] holds the state and the apply loop (request ids, tasks, audit of each
 //! command); each kind of object has its part of the apply in a file of its own:
 //! [`hosts`], [`storage`] (repositories and volumes), [`vms`] (VMs and templates),
-//! [`jobs`] (long operations), [`users`] (users, roles, audit log); [`placement`] is what
+//! [`jobs`] (long operations), [`users`] (users, roles, audit log), [`trust`] (the pool's
+//! CA and join tokens); [`placement`] is what
 //! the scheduler sees of the state.
 
 pub mod command;
@@ -14,6 +15,7 @@ pub mod machine;
 pub mod placement;
 pub mod snapshot;
 pub mod storage;
+pub mod trust;
 pub mod users;
 pub mod vms;
 

@@ -10,7 +10,7 @@
 use prost::Message;
 use proto::coordinator as pb;
 
-use super::command::{CommandResult, Job, MemberRecord};
+use super::command::{CommandResult, Job, JoinTokenRecord, MemberRecord, PoolCaRecord};
 use super::machine::{PoolState, RequestRecord, UserRecord};
 
 pub const MAGIC: &[u8; 8] = b"POOLSNAP";
@@ -73,6 +73,11 @@ pub struct SnapshotV1 {
     pub audit: Vec<pb::AuditEvent>,
     #[prost(string, repeated, tag = "18")]
     pub force_stop: Vec<String>,
+    /// The pool's CA, key included: snapshots live in the members' 0700 data directories.
+    #[prost(message, optional, tag = "19")]
+    pub pool_ca: Option<PoolCaRecord>,
+    #[prost(message, repeated, tag = "20")]
+    pub join_tokens: Vec<JoinTokenRecord>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -157,6 +162,10 @@ pub fn encode_into(s: &PoolState, out: &mut Vec<u8>) {
         w.varint(f.len() as u64);
         w.0.extend_from_slice(f.as_bytes());
     }
+    if let Some(ca) = &s.pool_ca {
+        w.message(19, ca);
+    }
+    s.join_tokens.values().for_each(|x| w.message(20, x));
     *out = w.0;
 }
 
@@ -300,6 +309,12 @@ pub fn decode(bytes: &[u8]) -> Result<PoolState, SnapshotError> {
     // The windows go into the ones `PoolState::new` sized, so they never grow later.
     s.audit.extend(b.audit);
     s.force_stop = b.force_stop.into_iter().collect();
+    s.pool_ca = b.pool_ca;
+    s.join_tokens = b
+        .join_tokens
+        .into_iter()
+        .map(|t| (t.id.clone(), t))
+        .collect();
     s.task_order.extend(b.tasks.iter().map(|t| t.id.clone()));
     s.tasks = b
         .tasks
@@ -426,6 +441,8 @@ mod tests {
             token_key: s.token_key.clone(),
             audit: s.audit.iter().cloned().collect(),
             force_stop: s.force_stop.iter().cloned().collect(),
+            pool_ca: s.pool_ca.clone(),
+            join_tokens: s.join_tokens.values().cloned().collect(),
             tasks: s.task_order.iter().filter_map(|id| s.task(id)).collect(),
             requests: s
                 .request_order
@@ -491,6 +508,20 @@ mod tests {
             ..Default::default()
         });
         s.applied_index = 1 << 33;
+        s.pool_ca = Some(PoolCaRecord {
+            cert_pem: "cert".into(),
+            key_pem: "key".into(),
+        });
+        s.join_tokens.insert(
+            "0011223344556677".into(),
+            JoinTokenRecord {
+                id: "0011223344556677".into(),
+                secret_hash: vec![9; 32],
+                identity: "host/h1".into(),
+                expires_at_ms: 5,
+                used: true,
+            },
+        );
         let direct = encode(&s);
         assert_eq!(direct, encode_through_a_copy(&s));
         assert_eq!(decode(&direct).unwrap(), s_without_forgotten(s));

@@ -10,7 +10,8 @@ use tonic::{Request, Response, Status};
 
 use super::authorize::peer_of;
 use super::{
-    PoolHandler, console, hosts, members, metrics, settings, storage, tasks, templates, users, vms,
+    PoolHandler, console, hosts, join, members, metrics, settings, storage, tasks, templates,
+    users, vms,
 };
 
 type R<T> = Result<Response<T>, Status>;
@@ -68,6 +69,31 @@ impl PoolService for PoolHandler {
         let who = self.authorize(&r, "TransferLeadership")?;
         let to = r.into_inner().member_id;
         members::transfer_leadership(self, &who, to)
+            .await
+            .map(Response::new)
+    }
+
+    // Joining.
+
+    async fn create_join_token(
+        &self,
+        r: Request<pb::CreateJoinTokenRequest>,
+    ) -> R<pb::CreateJoinTokenResponse> {
+        let who = self.authorize(&r, "CreateJoinToken")?;
+        let res = join::create_token(self, &who, r.into_inner()).await;
+        // A token committed was audited when applied; a refusal before the log is here.
+        if let Err(s) = &res
+            && !s.metadata().contains_key(crate::coordinator::AUDITED)
+        {
+            self.audit(&who, s);
+        }
+        res.map(Response::new)
+    }
+
+    /// No user token: the join token is the credential.
+    async fn join(&self, r: Request<pb::JoinRequest>) -> R<pb::JoinResponse> {
+        let peer = join::peer(&r);
+        join::join(self, peer, r.into_inner())
             .await
             .map(Response::new)
     }

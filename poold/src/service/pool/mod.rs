@@ -12,7 +12,7 @@
 //! - `authorize.rs`: who may call, and the audit of what was refused before the log.
 //! - `request.rs`: required arguments, paging, job refusals as answers.
 //! - one file per resource: `members.rs` (the Raft group), `settings.rs` (pool and HA
-//!   settings), `hosts.rs`, `metrics.rs`, `storage.rs` (repositories, volumes, volume
+//!   settings), `hosts.rs`, `join.rs` (join tokens and certificates), `metrics.rs`, `storage.rs` (repositories, volumes, volume
 //!   access), `vms.rs` (VMs, their snapshots, placement), `console.rs`, `templates.rs`,
 //!   `tasks.rs`, `users.rs` (users, roles, login, the audit log).
 
@@ -30,6 +30,7 @@ mod api;
 mod authorize;
 mod console;
 mod hosts;
+mod join;
 mod members;
 mod metrics;
 mod request;

@@ -1,0 +1,216 @@
+//! Joining the pool with a one-time token: a pool-admin asks for a token for one identity
+//! (`CreateJoinToken`); the new daemon presents it with its certificate request (`Join`)
+//! and gets its certificate, signed by the CA in the pool's replicated state.
+//!
+//! The token is spent through the log *before* the certificate is signed
+//! (`RedeemJoinToken`): the state machine refuses a used or expired token, so a replay, a
+//! second daemon with the same token or two racing joins get no certificate, whichever
+//! member they call.
+
+use std::time::Duration;
+
+use pool_trust::token::{self, DEFAULT_TOKEN_TTL, JoinToken, TokenError};
+use pool_trust::{CertificateRequest, Identity, PoolCa, TokenRecord, Validity};
+use proto::coordinator as pb;
+use tonic::{Code, Status};
+
+use super::PoolHandler;
+use super::authorize::peer_of;
+use crate::auth::{Caller, Level};
+use crate::coordinator::AUDITED;
+use crate::state::command::{Op, RedeemJoinToken};
+use crate::state::trust::{NO_CA, join_token_record};
+
+/// The longest a join token may live.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// How long a certificate issued at joining is valid.
+pub const JOINED_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 60 * 60);
+
+/// What a token is asked for: the identity its certificate will name.
+fn identity(role: i32, name: &str) -> Result<Identity, Status> {
+    let bad = |m: String| Status::invalid_argument(m);
+    let id = match pb::JoinRole::try_from(role) {
+        Ok(pb::JoinRole::Host) => Identity::Host(name.to_owned()),
+        Ok(pb::JoinRole::Storage) => Identity::Storage(name.to_owned()),
+        Ok(pb::JoinRole::Member) => Identity::Member(name.parse().map_err(|_| {
+            bad(format!(
+                "a member is named by its id (1, 2, ...), not {name:?}"
+            ))
+        })?),
+        _ => return Err(bad("role must be host, storage or member".into())),
+    };
+    id.validate()
+        .map_err(|e| bad(proto::error_chain(&e).to_string()))?;
+    Ok(id)
+}
+
+/// The pool's CA and what a joining daemon is told with its token or certificate: the CA
+/// bundle and the members' addresses.
+async fn pool_ca(svc: &PoolHandler) -> Result<(PoolCa, String, Vec<String>), Status> {
+    let (record, members) = svc
+        .c
+        .read(|s| (s.pool_ca.clone(), s.members.values().cloned().collect()))
+        .await?;
+    let record = record.ok_or_else(|| Status::failed_precondition(NO_CA))?;
+    let ca = PoolCa::from_pem(&record.cert_pem, &record.key_pem)
+        .map_err(|e| Status::internal(format!("the pool's CA: {}", proto::error_chain(&e))))?;
+    // The bundle this member serves with: the one every member checks certificates
+    // against (it holds the state's CA; during a roll, the other one too).
+    let bundle = match &svc.c.tls {
+        Some(tls) => tls.bundle.to_pem(),
+        None => ca.bundle().to_pem(),
+    };
+    Ok((ca, bundle, members))
+}
+
+pub(super) async fn create_token(
+    svc: &PoolHandler,
+    who: &Caller,
+    r: pb::CreateJoinTokenRequest,
+) -> Result<pb::CreateJoinTokenResponse, Status> {
+    let identity = identity(r.role, &r.name)?;
+    let ttl = match r.ttl_seconds {
+        0 => DEFAULT_TOKEN_TTL,
+        s if Duration::from_secs(s.into()) > MAX_TOKEN_TTL => {
+            return Err(Status::invalid_argument(format!(
+                "ttl_seconds {s} is more than the {} allowed (24 h)",
+                MAX_TOKEN_TTL.as_secs()
+            )));
+        }
+        s => Duration::from_secs(s.into()),
+    };
+    let (ca, bundle, members) = pool_ca(svc).await?;
+    let now = proto::unix_ms();
+    let (token, record) = token::issue(identity.clone(), now, ttl)
+        .map_err(|e| Status::invalid_argument(proto::error_chain(&e)))?;
+    // A fresh request id, not the caller's: a retry answered from the first call's result
+    // would hand out this new token, whose record was never committed.
+    let op = Op::CreateJoinToken(join_token_record(&record));
+    svc.c.write(who, "", op).await?;
+    Ok(pb::CreateJoinTokenResponse {
+        token: token.reveal(),
+        pool_id: ca.pool_id().to_string(),
+        ca_bundle_pem: bundle,
+        member_addresses: members,
+        identity: identity.path(),
+        expires_at: Some(proto::timestamp(record.expires_at_ms)),
+    })
+}
+
+/// The answer to a `Join`: the refusal, audited here unless the state machine did.
+pub(super) async fn join(
+    svc: &PoolHandler,
+    peer: String,
+    r: pb::JoinRequest,
+) -> Result<pb::JoinResponse, Status> {
+    // Never the token's text: its id only, which is what the pool lists and logs.
+    let token = JoinToken::parse(&r.token);
+    let who = Caller {
+        name: match &token {
+            Ok(t) => format!("join-token/{}", t.id()),
+            Err(_) => "(no valid join token)".into(),
+        },
+        level: Level::ReadOnly,
+        method: "Join".into(),
+        peer,
+    };
+    let res = match token {
+        Ok(token) => redeem_and_sign(svc, &who, &token, &r.csr_pem).await,
+        Err(e) => Err(Status::permission_denied(proto::error_chain(&e))),
+    };
+    if let Err(s) = &res
+        && !s.metadata().contains_key(AUDITED)
+    {
+        svc.audit(&who, s);
+    }
+    res
+}
+
+async fn redeem_and_sign(
+    svc: &PoolHandler,
+    who: &Caller,
+    token: &JoinToken,
+    csr_pem: &str,
+) -> Result<pb::JoinResponse, Status> {
+    let (ca, bundle, _) = pool_ca(svc).await?;
+    let request = CertificateRequest::from_pem(csr_pem, ca.pool_id()).map_err(|e| {
+        Status::invalid_argument(format!(
+            "the certificate request: {}",
+            proto::error_chain(&e)
+        ))
+    })?;
+    let id = token.id();
+    let record: Option<TokenRecord> = svc.c.read(|s| s.join_token(&id)).await?;
+    let record = record.ok_or_else(|| {
+        Status::permission_denied(format!(
+            "no join token {id} in this pool (never issued, or expired and forgotten)"
+        ))
+    })?;
+    let now = proto::unix_ms();
+    record
+        .verify(token, request.identity(), now)
+        .map_err(refusal)?;
+    // Spent in the log first: only the command that marks it used gets a certificate.
+    let op = Op::RedeemJoinToken(RedeemJoinToken {
+        token_id: id.to_string(),
+        identity: request.identity().path(),
+    });
+    svc.c.write(who, "", op).await?;
+    let cert = ca
+        .sign(
+            &request,
+            request.names(),
+            Validity::starting(now, JOINED_CERT_VALIDITY),
+        )
+        .map_err(|e| Status::internal(format!("signing: {}", proto::error_chain(&e))))?;
+    tracing::info!(identity = %request.identity(), token = %id, peer = %who.peer, "a daemon joined the pool");
+    Ok(pb::JoinResponse {
+        certificate_pem: cert,
+        ca_bundle_pem: bundle,
+        identity: request.identity().path(),
+    })
+}
+
+/// A token that does not let its holder have the certificate asked for.
+fn refusal(e: TokenError) -> Status {
+    let code = match e {
+        TokenError::AlreadyUsed | TokenError::Expired { .. } => Code::FailedPrecondition,
+        _ => Code::PermissionDenied,
+    };
+    Status::new(code, proto::error_chain(&e))
+}
+
+/// The caller's address, for `Join`'s audit.
+pub(super) fn peer<T>(r: &tonic::Request<T>) -> String {
+    peer_of(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_identities_are_checked() {
+        assert_eq!(
+            identity(pb::JoinRole::Host as i32, "h1").unwrap(),
+            Identity::Host("h1".into())
+        );
+        assert_eq!(
+            identity(pb::JoinRole::Member as i32, "4").unwrap(),
+            Identity::Member(4)
+        );
+        for (role, name) in [
+            (pb::JoinRole::Member as i32, "four"),
+            (pb::JoinRole::Member as i32, "0"),
+            (pb::JoinRole::Host as i32, "Bad Name"),
+            (pb::JoinRole::Unspecified as i32, "h1"),
+            (99, "h1"),
+        ] {
+            assert_eq!(
+                identity(role, name).unwrap_err().code(),
+                Code::InvalidArgument,
+                "{role} {name}"
+            );
+        }
+    }
+}
