@@ -12,12 +12,20 @@ pub enum HostCommand {
     /// Hosts of the pool.
     #[command(name = "host-list")]
     List,
-    /// Add a host (a running hostd) to the pool.
+    /// Let a new host join: without ADDRESS, a one-time join token for host NAME, in a
+    /// join file for `hostd --join FILE` (the host gets its certificate with it). With
+    /// ADDRESS, add a host that already has its certificate and runs there.
     #[command(name = "host-join")]
     Join {
         name: String,
-        /// hostd's gRPC address.
-        address: String,
+        /// hostd's gRPC address (a host with its certificate already).
+        address: Option<String>,
+        /// How long the token is valid (e.g. 30m, 1h; at most 24h).
+        #[arg(long, value_parser = super::join::parse_ttl, conflicts_with = "address")]
+        ttl: Option<u32>,
+        /// Write the join file here (0600; never over an existing file) instead of stdout.
+        #[arg(long, conflicts_with = "address")]
+        out: Option<std::path::PathBuf>,
     },
     /// Let a host receive VMs again.
     #[command(name = "host-enable")]
@@ -59,7 +67,19 @@ pub async fn run(ctl: &mut Ctl, command: HostCommand) -> anyhow::Result<()> {
             }
             ctl.print(&t);
         }
-        HostCommand::Join { name, address } => {
+        HostCommand::Join {
+            name,
+            address: None,
+            ttl,
+            out,
+        } => {
+            super::join::create(ctl, pb::JoinRole::Host, name, ttl, out.as_deref()).await?;
+        }
+        HostCommand::Join {
+            name,
+            address: Some(address),
+            ..
+        } => {
             let r = call!(
                 ctl.client,
                 join_host,

@@ -11,6 +11,18 @@ pub enum MemberCommand {
     /// Coordinator members and who leads.
     #[command(name = "member-list")]
     List,
+    /// A one-time join token for a new coordinator member ID, in a join file: the new
+    /// member gets its certificate with it, then is added with AddMember.
+    #[command(name = "member-join")]
+    Join {
+        member: u64,
+        /// How long the token is valid (e.g. 30m, 1h; at most 24h).
+        #[arg(long, value_parser = super::join::parse_ttl)]
+        ttl: Option<u32>,
+        /// Write the join file here (0600; never over an existing file) instead of stdout.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Move coordinator leadership to another voting member (before maintenance).
     #[command(name = "member-transfer")]
     Transfer {
@@ -40,6 +52,10 @@ pub async fn run(ctl: &mut Ctl, command: MemberCommand) -> anyhow::Result<()> {
                 ]);
             }
             ctl.print(&t);
+        }
+        MemberCommand::Join { member, ttl, out } => {
+            let name = member.to_string();
+            super::join::create(ctl, pb::JoinRole::Member, name, ttl, out.as_deref()).await?;
         }
         MemberCommand::Transfer { member } => {
             let r = call!(

@@ -2,6 +2,7 @@
 //! the top-level command flattens, so verbs stay `noun-verb`) and their handler.
 
 pub mod host;
+pub mod join;
 pub mod member;
 pub mod pool;
 pub mod sr;

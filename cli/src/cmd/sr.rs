@@ -25,6 +25,18 @@ pub enum SrCommand {
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
     },
+    /// A one-time join token for a new storage endpoint NAME, in a join file: its
+    /// storaged gets its certificate with it (`join_file` in its configuration).
+    #[command(name = "storage-join")]
+    Join {
+        name: String,
+        /// How long the token is valid (e.g. 30m, 1h; at most 24h).
+        #[arg(long, value_parser = super::join::parse_ttl)]
+        ttl: Option<u32>,
+        /// Write the join file here (0600; never over an existing file) instead of stdout.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Storage repositories and their space.
     #[command(name = "sr-list")]
     List,
@@ -64,6 +76,9 @@ pub async fn run(ctl: &mut Ctl, command: SrCommand) -> anyhow::Result<()> {
                 }
             )?;
             ctl.follow(r).await?;
+        }
+        SrCommand::Join { name, ttl, out } => {
+            super::join::create(ctl, pb::JoinRole::Storage, name, ttl, out.as_deref()).await?;
         }
         SrCommand::List => {
             let srs = ctl.srs().await?;
