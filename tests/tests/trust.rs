@@ -5,8 +5,13 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+
 use e2e_tests::PoolArg;
-use e2e_tests::pool::{Pool, field};
+use e2e_tests::pool::{Pool, field, guest_elf};
+use hostd::migration::wire::{self, Frame, Hello};
 use pool_trust::{Identity, PoolCa, PoolId, Validity};
 use proto::coordinator as pb;
 use proto::coordinator::coordinator_peer_service_client::CoordinatorPeerServiceClient;
@@ -46,22 +51,8 @@ enum To {
 
 /// A channel to `addr` over TLS, trusting the pool's CA, presenting what `who` has.
 async fn channel(pool: &PoolArg, addr: &str, to: To, who: &As) -> Result<Channel, String> {
-    let ca = pool.ca();
-    let bundle = ca.ca().bundle();
-    let validity = |start: u64| Validity::starting(start, Duration::from_secs(3600));
-    let creds = match who {
-        As::Nobody => None,
-        As::Pool(id) => Some(ca.ca().issue(id, &[], validity(now_ms())).unwrap()),
-        As::OtherCa(id) => {
-            let other =
-                PoolCa::create(PoolId::parse(&pool.pool_id).unwrap(), validity(now_ms())).unwrap();
-            Some(other.issue(id, &[], validity(now_ms())).unwrap())
-        }
-        As::Expired(id) => {
-            let two_hours_ago = now_ms() - 2 * 3600 * 1000;
-            Some(ca.ca().issue(id, &[], validity(two_hours_ago)).unwrap())
-        }
-    };
+    let bundle = pool.ca().ca().bundle();
+    let creds = credentials(pool, who);
     let tls = pool_trust::tls::client_tls(&bundle, creds.as_ref(), None)
         .map_err(|e| e.to_string())?
         .domain_name(match to {
@@ -76,6 +67,92 @@ async fn channel(pool: &PoolArg, addr: &str, to: To, who: &As) -> Result<Channel
         .connect()
         .await
         .map_err(|e| proto::error_chain(&e))
+}
+
+/// The credentials `who` presents, made for the attempt.
+fn credentials(pool: &PoolArg, who: &As) -> Option<pool_trust::Credentials> {
+    let ca = pool.ca();
+    let validity = |start: u64| Validity::starting(start, Duration::from_secs(3600));
+    match who {
+        As::Nobody => None,
+        As::Pool(id) => Some(ca.ca().issue(id, &[], validity(now_ms())).unwrap()),
+        As::OtherCa(id) => {
+            let other =
+                PoolCa::create(PoolId::parse(&pool.pool_id).unwrap(), validity(now_ms())).unwrap();
+            Some(other.issue(id, &[], validity(now_ms())).unwrap())
+        }
+        As::Expired(id) => {
+            let two_hours_ago = now_ms() - 2 * 3600 * 1000;
+            Some(ca.ca().issue(id, &[], validity(two_hours_ago)).unwrap())
+        }
+    }
+}
+
+/// Connects to a prepared migration destination on host `host` at `addr` as `who` and
+/// sends a Hello with `token`: "tls (..)" when the handshake fails or the stream is
+/// dropped unanswered, "destination refused: <reason>" when it answers Refuse, "ok"
+/// when it accepts.
+fn migration_stream(pool: &PoolArg, host: &str, addr: &str, who: &As, token: &str) -> String {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    let bundle = pool.ca().ca().bundle();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in bundle.certs() {
+        roots.add(CertificateDer::from(c.der().to_vec())).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match credentials(pool, who) {
+        None => builder.with_no_client_auth(),
+        Some(c) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from(c.cert_der().to_vec())],
+                PrivateKeyDer::from_pem_slice(c.key_pem().as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    };
+    let name =
+        ServerName::try_from(Identity::Host(host.into()).dns_name(bundle.pool_id())).unwrap();
+    let tls = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let attempt = || -> std::io::Result<Frame> {
+        let sock = TcpStream::connect(addr)?;
+        sock.set_read_timeout(Some(Duration::from_secs(15)))?;
+        let mut s = rustls::StreamOwned::new(tls, sock);
+        let mut out = Vec::new();
+        wire::encode(
+            &Frame::Hello(Hello {
+                version: wire::VERSION,
+                token: token.into(),
+                vm_id: "bait".into(),
+                memory_bytes: 64 << 20,
+                vcpus: 1,
+                cpuid: vec![],
+            }),
+            &mut out,
+        );
+        s.write_all(&out)?;
+        s.flush()?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some((frame, _)) = wire::decode(&buf).map_err(std::io::Error::other)? {
+                return Ok(frame);
+            }
+            match s.read(&mut chunk)? {
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                n => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    match attempt() {
+        Err(e) => format!("tls ({e})"),
+        Ok(Frame::Refuse { reason }) => format!("destination refused: {reason}"),
+        Ok(other) => format!("ok ({other:?})"),
+    }
 }
 
 /// An attempt's outcome: the gRPC code it was refused with, or "tls" when the connection
@@ -109,8 +186,8 @@ impl Tally {
     /// of the connection).
     fn refused(&mut self, what: &str, got: String, want: &str) {
         self.attempts += 1;
-        let ok = if want == "tls" {
-            got.starts_with("tls")
+        let ok = if want == "tls" || want.starts_with("destination refused") {
+            got.starts_with(want)
         } else {
             got == want
         };
@@ -309,6 +386,93 @@ fn an_intruder_is_refused_everywhere_and_changes_nothing() {
         // And the real thing still works: a member certificate reads the host.
         let ok = host(As::Pool(Identity::Member(1))).await;
         assert_eq!(outcome(ok), "ok", "a member may call HostService");
+    });
+
+    // The migration stream: h1 prepared (by a member, as the coordinator does) to take VM
+    // "bait" from h2 with a token; strangers and the wrong host or token try it.
+    const TOKEN: &str = "the-coordinators-token";
+    let kernel = guest_elf(dir.path());
+    let as_member = |p: &PoolArg| {
+        let p = p.clone();
+        let addr = h1_addr.clone();
+        async move {
+            HostServiceClient::new(
+                channel(&p, &addr, To::Daemon, &As::Pool(Identity::Member(1)))
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
+    let stream_addr = rt.block_on(async {
+        as_member(&p)
+            .await
+            .prepare_migration_receive(proto::host::PrepareMigrationReceiveRequest {
+                vm_id: "bait".into(),
+                config: Some(proto::host::VmConfig {
+                    name: "bait".into(),
+                    vcpus: 1,
+                    memory_bytes: 64 << 20,
+                    boot: Some(proto::host::BootSource {
+                        kernel_path: kernel.clone(),
+                        command_line: "mode=heartbeat".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                token: TOKEN.into(),
+                source_host: "h2".into(),
+            })
+            .await
+            .expect("a member prepares a receive")
+            .into_inner()
+            .address
+    });
+    let stream = |who: As, token: &str| migration_stream(&p, "h1", &stream_addr, &who, token);
+    t.refused(
+        "migration stream without a certificate",
+        stream(As::Nobody, TOKEN),
+        "tls",
+    );
+    t.refused(
+        "migration stream as h2 of another CA",
+        stream(As::OtherCa(Identity::Host("h2".into())), TOKEN),
+        "tls",
+    );
+    t.refused(
+        "migration stream with an expired h2 certificate",
+        stream(As::Expired(Identity::Host("h2".into())), TOKEN),
+        "tls",
+    );
+    t.refused(
+        "migration stream from a host the coordinator did not name",
+        stream(As::Pool(Identity::Host("mallory".into())), TOKEN),
+        "destination refused: this destination takes the VM from host h2, not from host mallory",
+    );
+    t.refused(
+        "migration stream from h2 with a wrong token",
+        stream(As::Pool(Identity::Host("h2".into())), "a-guessed-token"),
+        "destination refused: wrong migration token",
+    );
+    // The prepared receive survives them all, still waiting for the real source.
+    rt.block_on(async {
+        let mut c = as_member(&p).await;
+        let vm = c
+            .get_vm(proto::host::VmRequest {
+                vm_id: "bait".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            vm.power_state,
+            proto::host::PowerState::Migrating as i32,
+            "{vm:?}"
+        );
+        c.destroy_vm(proto::host::VmRequest {
+            vm_id: "bait".into(),
+        })
+        .await
+        .unwrap();
     });
 
     // poolctl given another pool's CA refuses to talk to this one.
