@@ -57,6 +57,13 @@ struct Args {
     /// coordinator members, over mutual TLS, and the host calls them with it.
     #[arg(long)]
     tls_dir: Option<PathBuf>,
+    /// Join the pool with this join file (`poolctl host-join NAME --out FILE`): when the
+    /// TLS directory does not exist yet, make a key, have the pool sign its certificate
+    /// request with the file's one-time token, and write the TLS directory; then start as
+    /// usual, heartbeating to the file's members unless --pool says otherwise. Refused
+    /// once the TLS directory exists (already joined).
+    #[arg(long, value_name = "FILE")]
+    join: Option<PathBuf>,
     /// A directory VMs' kernels, initrds and file disks may come from (repeat for more;
     /// default /var/lib/hostd/images). Any other host path a client names is refused.
     #[arg(long = "image-dir")]
@@ -275,14 +282,25 @@ fn daemon(args: Args) -> anyhow::Result<()> {
         "a TLS directory is required (--tls-dir or tls_dir): the pool's CA bundle and this \
          host's certificate and key",
     )?;
-    let tls = pool_trust::DaemonTls::load_as(&tls_dir, &pool_trust::Identity::Host(host_name))
-        .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))
-        .context("loading the TLS directory")?;
-    tracing::info!(config = ?config.redacted(), "hostd starting");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let identity = pool_trust::Identity::Host(host_name);
+    if let Some(file) = &args.join {
+        let names = advertised_ip(&config).into_iter().collect::<Vec<_>>();
+        let joined = rt
+            .block_on(join_pool(file, &identity, &names, &tls_dir))
+            .with_context(|| format!("joining the pool with {}", file.display()))?;
+        let pool = config.pool.get_or_insert_with(Default::default);
+        if pool.coordinators.is_empty() {
+            pool.coordinators = joined.members;
+        }
+    }
+    let tls = pool_trust::DaemonTls::load_as(&tls_dir, &identity)
+        .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))
+        .context("loading the TLS directory")?;
+    tracing::info!(config = ?config.redacted(), "hostd starting");
     // VM processes run the lean hostd-vmm beside this binary when it is there.
     let exe = std::env::current_exe().context("finding the hostd binary")?;
     let lean = exe.with_file_name("hostd-vmm");
@@ -366,6 +384,141 @@ fn daemon(args: Args) -> anyhow::Result<()> {
         tracing::info!("hostd stopped");
         Ok(())
     })
+}
+
+/// The IP address the pool dials this host at, for its certificate: the advertised one,
+/// else the listen address unless it is a wildcard.
+fn advertised_ip(config: &Config) -> Option<std::net::IpAddr> {
+    let advertised = config.pool.as_ref().and_then(|p| p.advertise.as_deref());
+    match advertised {
+        Some(a) => a
+            .parse::<SocketAddr>()
+            .map(|s| s.ip())
+            .or_else(|_| a.parse())
+            .ok(),
+        None => config
+            .listen
+            .map(|l| l.ip())
+            .filter(|ip| !ip.is_unspecified()),
+    }
+}
+
+/// `--join FILE`: a key made here, its certificate request signed by the pool against the
+/// file's one-time token, and the TLS directory written (0700, key 0600) in one rename,
+/// so a failed join leaves no directory behind. Refused when the directory exists.
+async fn join_pool(
+    file: &std::path::Path,
+    identity: &pool_trust::Identity,
+    ips: &[std::net::IpAddr],
+    tls_dir: &std::path::Path,
+) -> anyhow::Result<hostd::config::JoinFile> {
+    use pool_trust::{AltName, CaBundle, Credentials, DaemonTls, LeafKey, PoolId};
+    use proto::coordinator::pool_service_client::PoolServiceClient;
+
+    let chain = |e: &dyn std::error::Error| anyhow::anyhow!(proto::error_chain(e));
+    if tls_dir.exists() {
+        anyhow::bail!(
+            "already joined: the TLS directory {} exists; start without --join",
+            tls_dir.display()
+        );
+    }
+    let join = hostd::config::JoinFile::load(file).map_err(|e| chain(&e))?;
+    if join.identity != identity.path() {
+        anyhow::bail!(
+            "the join file is for {}, but this host runs as {} (--host-id or [pool] name)",
+            join.identity,
+            identity.path()
+        );
+    }
+    let pool = PoolId::parse(&join.pool_id).map_err(|e| chain(&e))?;
+    let bundle = CaBundle::from_pem(&join.ca_pem).map_err(|e| chain(&e))?;
+    anyhow::ensure!(
+        bundle.pool_id() == &pool,
+        "the join file's CA bundle is of pool {}, not {pool}",
+        bundle.pool_id()
+    );
+    let key = LeafKey::generate().map_err(|e| chain(&e))?;
+    let names: Vec<AltName> = ips.iter().map(|ip| AltName::Ip(*ip)).collect();
+    let csr = key
+        .csr_pem(&pool, identity, &names)
+        .map_err(|e| chain(&e))?;
+    // The members must show a certificate of the file's CA under the coordinators' name:
+    // the pool is trusted from the file, not on first contact.
+    let tls = pool_trust::tls::client_tls(&bundle, None, None)
+        .map_err(|e| chain(&e))?
+        .domain_name(pool_trust::coordinators_name(&pool));
+    let mut last = anyhow::anyhow!("the join file names no coordinator member");
+    for member in &join.members {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{member}"))
+            .and_then(|e| e.tls_config(tls.clone()))
+            .map(|e| e.connect_timeout(std::time::Duration::from_secs(3)));
+        let channel = match endpoint {
+            Ok(e) => match e.connect().await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = anyhow::anyhow!("{member}: {}", proto::error_chain(&e));
+                    continue;
+                }
+            },
+            Err(e) => {
+                last = anyhow::anyhow!("{member}: {}", proto::error_chain(&e));
+                continue;
+            }
+        };
+        let request = proto::coordinator::JoinRequest {
+            token: join.token.clone(),
+            csr_pem: csr.clone(),
+        };
+        let answer = match PoolServiceClient::new(channel).join(request).await {
+            Ok(a) => a.into_inner(),
+            // Unavailable: another member may answer; any other refusal is the pool's.
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                last = anyhow::anyhow!("{member}: {}", s.message());
+                continue;
+            }
+            Err(s) => anyhow::bail!("the pool refused to join: {:?}: {}", s.code(), s.message()),
+        };
+        let creds =
+            Credentials::new(&answer.certificate_pem, &key, &pool).map_err(|e| chain(&e))?;
+        anyhow::ensure!(
+            creds.identity() == identity,
+            "the pool signed a certificate for {}, not {identity}",
+            creds.identity()
+        );
+        let bundle = CaBundle::from_pem(&answer.ca_bundle_pem).map_err(|e| chain(&e))?;
+        let tls = DaemonTls { bundle, creds };
+        save_new_dir(&tls, tls_dir)?;
+        tracing::info!(%identity, dir = %tls_dir.display(), "joined the pool: certificate issued");
+        return Ok(join);
+    }
+    Err(last.context("no coordinator member answered"))
+}
+
+/// Writes `tls` into a new directory beside `dir`, then renames it into place.
+fn save_new_dir(tls: &pool_trust::DaemonTls, dir: &std::path::Path) -> anyhow::Result<()> {
+    let name = dir
+        .file_name()
+        .context("the TLS directory has no name")?
+        .to_string_lossy();
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let tmp = parent.join(format!(".{name}.joining-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let res = tls
+        .save(&tmp)
+        .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))
+        .and_then(|()| {
+            // Never over a directory that appeared meanwhile.
+            anyhow::ensure!(!dir.exists(), "{} appeared while joining", dir.display());
+            std::fs::rename(&tmp, dir).with_context(|| format!("renaming into {}", dir.display()))
+        });
+    if res.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    res
 }
 
 async fn shutdown_signal() {
