@@ -74,6 +74,10 @@ pub async fn serve(
     let members_only = RequireRole::new(tls.pool_id().clone(), &[Role::Member]);
     Ok(tonic::transport::Server::builder()
         .tls_config(tls.server(ClientAuth::Required)?)?
+        .layer(pool_trust::audit::AuditLayer::new(
+            tls.pool_id().clone(),
+            "hostd",
+        ))
         .add_service(InterceptedService::new(
             HostServiceServer::new(server),
             members_only,

@@ -640,6 +640,7 @@ async fn the_daemon_binary_serves_and_stops_its_tied_vms_on_sigterm() {
                 .unwrap(),
         )
         .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("hostd.log")).unwrap())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -658,6 +659,15 @@ async fn the_daemon_binary_serves_and_stops_its_tied_vms_on_sigterm() {
     assert_eq!(vm.power_state, PowerState::Running as i32);
     let pid = vm.vmm_pid;
     assert!(process_alive(pid));
+    get(&mut c, "tied").await;
+    // A host's certificate is refused (and that is audited too).
+    let other = pki.issue(&pool_trust::Identity::Host("other".into()), &[]);
+    let err = connect_as(&addr, &other)
+        .await
+        .list_vms(ListVmsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 
     // SAFETY: kill(2) of the daemon this test started.
     unsafe { libc::kill(daemon.id().unwrap() as i32, libc::SIGTERM) };
@@ -671,4 +681,21 @@ async fn the_daemon_binary_serves_and_stops_its_tied_vms_on_sigterm() {
         assert!(Instant::now() < deadline, "a tied VM outlived its daemon");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // The audit trail, whatever the log level: the change and the refusal, by whom; not
+    // the read that went through.
+    let log = std::fs::read_to_string(dir.path().join("hostd.log")).unwrap();
+    let audit: Vec<&str> = log.lines().filter(|l| l.contains(" audit:")).collect();
+    assert!(
+        audit.iter().any(|l| l.contains("who=member/1")
+            && l.contains("call=/pool.host.v1.HostService/CreateVm")
+            && l.contains("result=Ok")),
+        "{log}"
+    );
+    assert!(
+        audit.iter().any(|l| l.contains("who=host/other")
+            && l.contains("ListVms")
+            && l.contains("result=PermissionDenied")),
+        "{log}"
+    );
+    assert!(!audit.iter().any(|l| l.contains("GetVm")), "{log}");
 }

@@ -26,6 +26,7 @@
 //! - `tls.rs`: tonic `ServerTlsConfig` / `ClientTlsConfig`, and the caller's identity.
 //! - `dir.rs`: a daemon's TLS directory ([`DaemonTls`]): bundle, certificate and key.
 //! - `cert.rs`: reading a certificate ([`CertInfo`]) and its [`Fingerprint`].
+//! - `audit.rs`: the audit trail of a daemon's gRPC service (who, what, result).
 //!
 //! ```
 //! use std::time::Duration;
@@ -59,6 +60,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod audit;
 pub mod ca;
 pub mod cert;
 pub mod dir;

@@ -281,6 +281,10 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     tonic::transport::Server::builder()
         .tls_config(tls.server(pool_trust::ClientAuth::Required)?)
         .map_err(DaemonError::Serve)?
+        .layer(pool_trust::audit::AuditLayer::new(
+            tls.pool_id().clone(),
+            "storaged",
+        ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
             proto::storage::storage_service_server::StorageServiceServer::new(StorageApi::new(
                 storage.clone(),

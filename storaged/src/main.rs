@@ -330,9 +330,16 @@ fn print_volumes(vols: &[VolumeInfo]) {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log))
+        .add_directive(
+            pool_trust::audit::LOG_DIRECTIVE
+                .parse()
+                .expect("a valid directive"),
+        );
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour only for a person: not in a journal or a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     match args.command {

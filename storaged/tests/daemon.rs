@@ -103,7 +103,7 @@ impl Daemon {
             .args(["serve", "--config"])
             .arg(&config)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(std::fs::File::create(state.join("storaged.log")).unwrap())
             .spawn()
             .expect("start storaged");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -612,7 +612,39 @@ async fn storage_service_answers_pool_members_and_nobody_else() {
     let m2 = daemon.pki.tls(&Identity::Member(2), &[]);
     let mut c = daemon.client_as(&m2).await;
     c.list_pools(pb::ListPoolsRequest::default()).await.unwrap();
+    let err = c
+        .delete_volume(pb::DeleteVolumeRequest {
+            volume_id: "no-such-volume".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     daemon.stop();
+
+    // The audit trail: the refused calls by whom, the change a member tried with its
+    // result, not the reads that went through.
+    let log = std::fs::read_to_string(dir.path().join("storaged.log")).unwrap();
+    let audit: Vec<&str> = log.lines().filter(|l| l.contains(" audit:")).collect();
+    for who in ["host/h1", "storage/"] {
+        assert!(
+            audit.iter().any(|l| l.contains(&format!("who={who}"))
+                && l.contains("ListPools")
+                && l.contains("result=PermissionDenied")),
+            "{who}: {log}"
+        );
+    }
+    assert!(
+        audit.iter().any(|l| l.contains("who=member/2")
+            && l.contains("call=/pool.storage.v1.StorageService/DeleteVolume")
+            && l.contains(&format!("result={:?}", err.code()))),
+        "{log}"
+    );
+    assert!(
+        !audit
+            .iter()
+            .any(|l| l.contains("result=Ok") && l.contains("ListPools")),
+        "{log}"
+    );
 }
 
 /// `storaged serve` with `tls_dir` (if any) in its configuration, expected to refuse to
