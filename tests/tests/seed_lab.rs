@@ -468,6 +468,7 @@ fn the_seed_lab_from_sr_to_destroy_with_every_role() {
         ("olga", "EvacuateHost"),
         ("vera", "DestroyVm"),
         ("vera", "OpenVolumeAccess"),
+        ("otto", "StreamVmConsole"),
     ] {
         assert!(
             audit

@@ -384,10 +384,15 @@ impl PoolService for PoolHandler {
         &self,
         r: Request<tonic::Streaming<hpb::ConsoleInput>>,
     ) -> R<Self::StreamVmConsoleStream> {
-        self.authorize(&r, "StreamVmConsole")?;
-        console::stream(self, r.into_inner())
-            .await
-            .map(Response::new)
+        let who = self.authorize(&r, "StreamVmConsole")?;
+        // Console sessions are audited, opened or refused (a session can type into the
+        // guest as its operator would).
+        let res = console::stream(self, r.into_inner()).await;
+        let opened = res
+            .as_ref()
+            .map(|(vm, _)| Status::ok(format!("console session of VM {vm}")));
+        self.audit(&who, opened.as_ref().unwrap_or_else(|e| e));
+        res.map(|(_, out)| Response::new(out))
     }
 
     // Templates.

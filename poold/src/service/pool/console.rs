@@ -14,11 +14,11 @@ pub type ConsoleStream =
     Pin<Box<dyn Stream<Item = Result<hpb::ConsoleOutput, Status>> + Send + 'static>>;
 
 /// Connects to the VM's host and relays: the caller's first message names the VM, the
-/// rest is its input.
+/// rest is its input. Returns the VM's id with the stream.
 pub(super) async fn stream(
     svc: &PoolHandler,
     mut input: tonic::Streaming<hpb::ConsoleInput>,
-) -> Result<ConsoleStream, Status> {
+) -> Result<(String, ConsoleStream), Status> {
     let first = input
         .message()
         .await?
@@ -53,5 +53,5 @@ pub(super) async fn stream(
         .stream_console(upstream)
         .await?
         .into_inner();
-    Ok(Box::pin(out))
+    Ok((vm_id, Box::pin(out)))
 }
