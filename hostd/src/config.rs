@@ -64,8 +64,9 @@ pub struct JoinFile {
     pub identity: String,
     /// Coordinator members (`host:port`).
     pub members: Vec<String>,
+    /// When the token expires, in milliseconds since the Unix epoch.
     #[serde(default)]
-    pub expires_at: String,
+    pub expires_at_ms: u64,
     /// The pool's CA bundle (PEM).
     pub ca_pem: String,
     /// The join token: a secret, never logged (see the `Debug` impl).
@@ -78,7 +79,7 @@ impl std::fmt::Debug for JoinFile {
             .field("pool_id", &self.pool_id)
             .field("identity", &self.identity)
             .field("members", &self.members)
-            .field("expires_at", &self.expires_at)
+            .field("expires_at_ms", &self.expires_at_ms)
             .field("token", &"<redacted>")
             .finish_non_exhaustive()
     }
@@ -178,7 +179,7 @@ mod tests {
         std::fs::write(
             &path,
             "# comment\npool_id = \"p\"\nidentity = \"host/h1\"\nmembers = [\"127.0.0.1:1\"]\n\
-             expires_at = \"x\"\nca_pem = \"PEM\"\ntoken = \"pooljoin-secret\"\n",
+             expires_at_ms = 5\nca_pem = \"PEM\"\ntoken = \"pooljoin-secret\"\n",
         )
         .unwrap();
         let f = JoinFile::load(&path).unwrap();

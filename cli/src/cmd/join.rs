@@ -25,8 +25,8 @@ pub struct JoinFile {
     pub identity: String,
     /// The coordinator members (`host:port`) to join through and heartbeat to.
     pub members: Vec<String>,
-    /// When the token expires, RFC 3339.
-    pub expires_at: String,
+    /// When the token expires, in milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
     /// The pool's CA bundle (PEM): the members must present certificates it signed.
     pub ca_pem: String,
     /// `pooljoin-<id>-<secret>`: spent by the first join.
@@ -79,17 +79,24 @@ pub async fn create(
             ttl_seconds: ttl_seconds.unwrap_or(0),
         }
     )?;
-    let expires_at = crate::output::ts(&r.expires_at);
+    let expires_at_ms = r.expires_at.as_ref().map_or(0, |t| {
+        u64::try_from(t.seconds).unwrap_or(0) * 1000
+            + u64::try_from(t.nanos).unwrap_or(0) / 1_000_000
+    });
+    let minutes = expires_at_ms
+        .saturating_sub(proto::unix_ms())
+        .div_ceil(60_000);
+    let expires_at = format!("in {minutes} min");
     let file = JoinFile {
         pool_id: r.pool_id,
         identity: r.identity,
         members: r.member_addresses,
-        expires_at: expires_at.clone(),
+        expires_at_ms,
         ca_pem: r.ca_bundle_pem,
         token: r.token,
     };
     let text = format!(
-        "# A one-time join token for {} in pool {}, valid until {}. Keep it secret.\n{}",
+        "# A one-time join token for {} in pool {}; it expires {}. Keep it secret.\n{}",
         file.identity,
         file.pool_id,
         expires_at,
@@ -99,7 +106,7 @@ pub async fn create(
         Some(out) => {
             write_new_private(out, text.as_bytes())?;
             eprintln!(
-                "join file for {} written to {} (0600); it expires at {expires_at}",
+                "join file for {} written to {} (0600); it expires {expires_at}",
                 file.identity,
                 out.display()
             );

@@ -1,0 +1,128 @@
+//! Pools whose CA is in their replicated state (`poold --found-ca`), and daemons that
+//! join them with a join file (`hostd --join FILE`) instead of a TLS directory issued
+//! offline.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{
+    ADMIN_PASSWORD, Coordinators, POOL_ID, PoolArg, Process, binary, free_port, secret_file,
+};
+
+/// `n` members founded like [`Coordinators::start`], member 1 given the pool's CA with
+/// `--found-ca` (the others get it through the log).
+pub fn found_with_ca(dir: &Path, n: usize) -> Coordinators {
+    let addrs: Vec<String> = (0..n)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let mut pool = PoolArg {
+        addrs: addrs.join(","),
+        pki: dir.join("pki"),
+        pool_id: POOL_ID.into(),
+        token: None,
+    };
+    for id in 1..=n as u64 {
+        pool.tls_dir(pool_trust::Identity::Member(id), &["127.0.0.1"]);
+    }
+    let password = secret_file(dir, "admin-password", ADMIN_PASSWORD);
+    let procs = (1..=n).map(|id| member(dir, &addrs, id)).collect();
+    pool.token = Some(pool.login("admin", Path::new(&password)));
+    Coordinators {
+        dir: dir.to_owned(),
+        addrs,
+        procs,
+        pool,
+    }
+}
+
+fn member(dir: &Path, addrs: &[String], id: usize) -> Process {
+    let mut cmd = Command::new(binary("poold"));
+    cmd.args(["--member-id", &id.to_string(), "--listen", &addrs[id - 1]])
+        .arg("--data-dir")
+        .arg(dir.join(format!("poold-{id}")))
+        .arg("--tls-dir")
+        .arg(dir.join(format!("pki/member-{id}")))
+        .arg("--admin-password-file")
+        .arg(dir.join("admin-password"))
+        .args(["--log", "info,raft=warn"]);
+    if id == 1 {
+        // The directory `LocalCa` keeps: poold finds the CA in its `ca/`.
+        cmd.arg("--found-ca").arg(dir.join("pki"));
+    }
+    for (j, a) in addrs.iter().enumerate() {
+        cmd.arg("--member").arg(format!("{}={a}", j + 1));
+    }
+    let log = std::fs::File::create(dir.join(format!("poold-{id}.log")))
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::null());
+    cmd.stdout(Stdio::null()).stderr(log);
+    Process::spawn(&format!("poold-{id}"), cmd)
+}
+
+/// `hostd --join FILE` for host `name` on `ip`, with `tls_dir` (which it writes when it
+/// joins) and its state under `dir/<name>`. No `--pool`: the members come from the file.
+pub fn hostd_joining(dir: &Path, name: &str, ip: &str, join: &Path, tls_dir: &Path) -> Command {
+    let run = dir.join(name);
+    std::fs::create_dir_all(&run).expect("hostd run dir");
+    let _ = binary("hostd-vmm");
+    let mut cmd = Command::new(binary("hostd"));
+    cmd.args(["--listen", &format!("{ip}:0"), "--tie-vms"])
+        .arg("--run-dir")
+        .arg(&run)
+        .args([
+            "--initiator-iqn",
+            &format!("iqn.2026-12.org.pool.e2e:{name}"),
+        ])
+        .args(["--host-id", name])
+        .arg("--tls-dir")
+        .arg(tls_dir)
+        .arg("--image-dir")
+        .arg(dir)
+        .arg("--join")
+        .arg(join)
+        .args(["--heartbeat-ms", "500", "--log", "info"]);
+    cmd
+}
+
+/// Runs `cmd` until it exits, killing it after `limit`: `None` if it was still running
+/// (a daemon that should have been refused and was not).
+pub fn run_until_exit(mut cmd: Command, limit: Duration) -> Option<Output> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let start = Instant::now();
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            return Some(child.wait_with_output().expect("output"));
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `poolctl host-join NAME --out DIR/NAME.join [extra...]`, retried while the pool's CA
+/// is not yet committed; the join file's path.
+pub fn host_join_file(pool: &PoolArg, dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let out = dir.join(format!("{name}.join"));
+    let mut last = String::new();
+    crate::wait_for(Duration::from_secs(20), || {
+        let o = pool
+            .poolctl()
+            .args(["host-join", name, "--out"])
+            .arg(&out)
+            .args(extra)
+            .output()
+            .expect("run poolctl");
+        last = crate::text(&o);
+        o.status.success().then_some(())
+    })
+    .unwrap_or_else(|| panic!("poolctl host-join {name}: {last}"));
+    out
+}
