@@ -14,6 +14,8 @@
 //! - A client that knows whom it calls passes that identity to [`client_tls`]: rustls
 //!   then accepts only a certificate with the identity's DNS name, whatever address was
 //!   dialled; without it, the address in the URI must be one of the server's names.
+//! - A server presents its certificate followed by the pool's CAs ([`server_chain_pem`]),
+//!   so `poolctl` meeting a pool for the first time gets the CA to pin in the handshake.
 
 use std::time::Duration;
 
@@ -83,8 +85,22 @@ fn same_pool(creds: &Credentials, bundle: &CaBundle) -> Result<(), TlsError> {
     Ok(())
 }
 
-/// A server configuration: presents `creds`, checks client certificates against every
-/// CA of `bundle`, gives up on a handshake after [`HANDSHAKE_TIMEOUT`].
+/// The chain a server presents: its certificate, then every CA of `bundle`. A client
+/// that already trusts the pool ignores the CAs; one meeting it for the first time
+/// (`poolctl` with no `--ca`) receives in the handshake the CA it is asked to pin, and
+/// checks the certificate against it before showing its fingerprint.
+pub fn server_chain_pem(creds: &Credentials, bundle: &CaBundle) -> String {
+    let mut chain = creds.cert_pem().to_owned();
+    if !chain.ends_with('\n') {
+        chain.push('\n');
+    }
+    chain.push_str(&bundle.to_pem());
+    chain
+}
+
+/// A server configuration: presents `creds` followed by the CAs of `bundle`
+/// ([`server_chain_pem`]), checks client certificates against every CA of `bundle`,
+/// gives up on a handshake after [`HANDSHAKE_TIMEOUT`].
 pub fn server_tls(
     creds: &Credentials,
     bundle: &CaBundle,
@@ -93,7 +109,7 @@ pub fn server_tls(
     same_pool(creds, bundle)?;
     Ok(ServerTlsConfig::new()
         .identity(tonic::transport::Identity::from_pem(
-            creds.cert_pem(),
+            server_chain_pem(creds, bundle),
             creds.key_pem(),
         ))
         .client_ca_root(Certificate::from_pem(bundle.to_pem()))
@@ -219,5 +235,24 @@ mod tests {
         ));
         assert!(client_tls(&b.bundle(), Some(&creds), None).is_err());
         assert!(client_tls(&b.bundle(), None, Some(&Identity::Member(2))).is_ok());
+    }
+
+    #[test]
+    fn a_server_presents_its_certificate_then_every_ca_of_its_bundle() {
+        let now = 1_800_000_000_000;
+        let v = Validity::starting(now, Duration::from_secs(3600));
+        let old = PoolCa::create(PoolId::generate(), v).unwrap();
+        let new = old.roll(v).unwrap();
+        let bundle = old.bundle().with(new.cert().clone()).unwrap();
+        let creds = new.issue(&Identity::Member(1), &[], v).unwrap();
+        let chain = crate::cert::certs_from_pem(&server_chain_pem(&creds, &bundle)).unwrap();
+        assert_eq!(
+            chain,
+            vec![
+                creds.cert_der().to_vec(),
+                old.cert().der().to_vec(),
+                new.cert().der().to_vec()
+            ]
+        );
     }
 }
