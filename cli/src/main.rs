@@ -13,6 +13,8 @@
 //! - `transfer.rs`, `console.rs`: disk images and the serial console, over their own paths.
 //! - `lab.rs`: `poolctl lab`, which starts the daemons as processes.
 //! - `pki.rs`: `pki-init`, `pki-issue`: the pool's CA and daemons' TLS directories, offline.
+//! - `pin.rs`: without `--ca`, the pool's CA pinned on first contact (as ssh does), and
+//!   member addresses refused unless TLS.
 
 mod cmd;
 mod console;
@@ -20,6 +22,7 @@ mod ctl;
 mod lab;
 mod lookup;
 mod output;
+mod pin;
 mod pki;
 mod transfer;
 
@@ -52,9 +55,20 @@ struct Args {
     #[arg(long, global = true, env = "POOLCTL_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// The pool's CA bundle (PEM): only members with a certificate it signed are
-    /// believed (wins over the config file's `ca`).
+    /// believed (wins over the config file's `ca`). Without it, poolctl pins the CA the
+    /// pool shows on first contact, as ssh does (see --trust-new-pool).
     #[arg(long, global = true, env = "POOLCTL_CA")]
     ca: Option<PathBuf>,
+    /// Pin a pool met for the first time without asking (its CA fingerprint is still
+    /// shown); without it poolctl asks on a terminal and refuses otherwise.
+    #[arg(
+        long,
+        global = true,
+        env = "POOLCTL_TRUST_NEW_POOL",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    trust_new_pool: bool,
     /// Log filter (RUST_LOG wins when set).
     #[arg(long, global = true, default_value = "warn")]
     log: String,
@@ -139,15 +153,23 @@ fn main() -> anyhow::Result<()> {
             "127.0.0.1:7103".to_owned(),
         ]
     };
+    let members = pin::member_addresses(&members)?;
     let token = args.token.clone().or(config.token.clone());
-    let ca = args.ca.clone().or(config.ca.clone()).context(
-        "poolctl needs the pool's CA bundle to trust its members: --ca FILE (or POOLCTL_CA, \
-         or `ca` in the --config file); `poolctl lab` writes one for the lab",
-    )?;
-    let tls = client_tls(&ca)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let tls = match args.ca.clone().or(config.ca.clone()) {
+        Some(ca) => client_tls(&ca)?,
+        None => {
+            // Before any token leaves: the pool's CA, pinned or accepted now.
+            let known = pin::known_pools_path()?;
+            let met = runtime.block_on(pin::probe(&members))?;
+            let first_use = pin::FirstUse {
+                trust_new_pool: args.trust_new_pool,
+            };
+            bundle_tls(&pin::settle(&met, &known, first_use)?)
+        }
+    };
     runtime.block_on(async move {
         let mut client = PoolClient::with_tls(&members, &tls);
         if let Some(t) = &token {
@@ -169,9 +191,13 @@ pub fn client_tls(ca: &std::path::Path) -> anyhow::Result<tonic::transport::Clie
     let bundle = pool_trust::CaBundle::load(ca)
         .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))
         .with_context(|| format!("reading the pool's CA bundle {}", ca.display()))?;
-    Ok(pool_trust::tls::client_tls(&bundle, None, None)
+    Ok(bundle_tls(&bundle))
+}
+
+fn bundle_tls(bundle: &pool_trust::CaBundle) -> tonic::transport::ClientTlsConfig {
+    pool_trust::tls::client_tls(bundle, None, None)
         .expect("no credentials, nothing to mismatch")
-        .domain_name(pool_trust::coordinators_name(bundle.pool_id())))
+        .domain_name(pool_trust::coordinators_name(bundle.pool_id()))
 }
 
 async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {

@@ -21,6 +21,18 @@ impl Sentinel {
     fn was_contacted(&self) -> bool {
         self.0.accept().is_ok()
     }
+
+    /// What the first connection made to it sent before closing (empty if none).
+    fn received(&self) -> Vec<u8> {
+        use std::io::Read;
+        let Ok((mut c, _)) = self.0.accept() else {
+            return Vec::new();
+        };
+        c.set_nonblocking(false).expect("blocking stream");
+        let mut bytes = Vec::new();
+        let _ = c.read_to_end(&mut bytes);
+        bytes
+    }
 }
 
 fn poolctl(pool: &Sentinel, args: &[&str]) -> Output {
@@ -90,19 +102,33 @@ fn an_unknown_verb_is_refused_and_help_lists_the_verbs() {
 
 #[test]
 fn without_the_pools_ca_nothing_is_sent() {
+    // With no CA, poolctl asks the pool for its certificate (pin.rs): a TLS handshake and
+    // nothing else, and a member that does not complete it gets nothing.
     let pool = Sentinel::new();
+    let home = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_poolctl"))
         .args(["host-list", "--pool", &pool.addr()])
         .env_remove("POOLCTL_CA")
+        .env("POOLCTL_TOKEN", "pooltok-not-a-real-token")
+        .env("HOME", home.path())
+        .env("XDG_CONFIG_HOME", home.path())
+        .stdin(std::process::Stdio::null())
         .output()
         .expect("run poolctl");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("--ca FILE"), "{err}");
-    assert!(
-        !pool.was_contacted(),
-        "poolctl called a pool it cannot trust"
+    assert!(err.contains("no TLS handshake"), "{err}");
+    let sent = pool.received();
+    assert_eq!(
+        sent.first(),
+        Some(&0x16),
+        "not a TLS handshake record: {sent:?}"
     );
+    assert!(
+        !sent.windows(7).any(|w| w == b"pooltok"),
+        "the token crossed the network"
+    );
+    assert!(!home.path().join("poolctl").exists(), "pinned nothing met");
 
     let dir = tempfile::tempdir().unwrap();
     let not_a_ca = dir.path().join("ca.pem");
