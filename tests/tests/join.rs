@@ -191,3 +191,44 @@ fn a_pool_founded_without_its_ca_issues_no_token() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn of_two_hosts_racing_with_one_token_one_joins() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pool = found_with_ca(dir, 3);
+    let file = host_join_file(&pool.pool, dir, "h1", &[]);
+    let tls = [dir.join("a-tls"), dir.join("b-tls")];
+    let mut children: Vec<_> = ["127.0.0.51", "127.0.0.52"]
+        .iter()
+        .zip(&tls)
+        .map(|(ip, t)| {
+            hostd_joining(dir, "h1", ip, &file, t)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // The loser exits refused; the winner runs on with its TLS directory.
+    let loser = wait_for(Duration::from_secs(30), || {
+        children
+            .iter_mut()
+            .position(|c| c.try_wait().unwrap().is_some())
+    })
+    .expect("one of the two hosts was refused");
+    let winner = 1 - loser;
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        children[winner].try_wait().unwrap().is_none(),
+        "the winner runs on"
+    );
+    let loser_out = children.remove(loser).wait_with_output().unwrap();
+    let why = String::from_utf8_lossy(&loser_out.stderr);
+    assert!(why.contains("already used"), "{why}");
+    assert!(tls[winner].exists() && !tls[loser].exists());
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
