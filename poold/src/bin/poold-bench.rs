@@ -9,7 +9,8 @@
 //! The pool is called over TLS as poolctl calls it (`--ca`, the pool's CA bundle; any
 //! member's certificate is accepted by the coordinators' name); GetMemberStatus answers
 //! members only, so `pool-status` also presents a member's certificate (`--tls-dir`).
-//! etcd is called in clear.
+//! etcd is called in clear, or with `--etcd-ca`, `--etcd-cert` and `--etcd-key` over TLS
+//! with a client certificate (etcd's `--client-cert-auth`), for bench/trust.sh.
 //!
 //! Prints one line: `RESULT <name> ops=<n> secs=<s> ops_per_s=<x> p50_us=<x> p99_us=<x>`.
 
@@ -45,6 +46,42 @@ struct Load {
     client_threads: usize,
 }
 
+/// How to reach etcd: in clear, or over TLS presenting a client certificate when all three
+/// files are given.
+#[derive(clap::Args)]
+struct EtcdTls {
+    /// The CA (PEM) etcd's server certificate is checked against.
+    #[arg(long, requires_all = ["etcd_cert", "etcd_key"])]
+    etcd_ca: Option<PathBuf>,
+    /// The client certificate (PEM) presented to etcd.
+    #[arg(long, requires_all = ["etcd_ca", "etcd_key"])]
+    etcd_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires_all = ["etcd_ca", "etcd_cert"])]
+    etcd_key: Option<PathBuf>,
+}
+
+impl EtcdTls {
+    /// The TLS settings for etcd, or None to call it in clear. The server's certificate
+    /// must name the endpoint's host (for `127.0.0.1:PORT`, an IP address SAN).
+    fn config(&self) -> anyhow::Result<Option<ClientTlsConfig>> {
+        let (Some(ca), Some(cert), Some(key)) = (&self.etcd_ca, &self.etcd_cert, &self.etcd_key)
+        else {
+            return Ok(None);
+        };
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        Ok(Some(
+            ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?))
+                .identity(tonic::transport::Identity::from_pem(
+                    read(cert)?,
+                    read(key)?,
+                )),
+        ))
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Small pool writes through the leader.
@@ -66,6 +103,8 @@ enum Cmd {
     Etcd {
         #[arg(long)]
         endpoint: String,
+        #[command(flatten)]
+        tls: EtcdTls,
         #[command(flatten)]
         load: Load,
     },
@@ -90,6 +129,8 @@ enum Cmd {
     EtcdRange {
         #[arg(long)]
         endpoint: String,
+        #[command(flatten)]
+        tls: EtcdTls,
         #[command(flatten)]
         load: Load,
     },
@@ -355,6 +396,7 @@ async fn pool_status(
 async fn etcd_unary<Req, Resp>(
     name: &str,
     endpoint: String,
+    tls: Option<ClientTlsConfig>,
     path: &'static str,
     clients: usize,
     seconds: u64,
@@ -364,7 +406,7 @@ where
     Req: prost::Message + Send + Sync + 'static,
     Resp: prost::Message + Default + Send + Sync + 'static,
 {
-    let ch = channel(&endpoint, "etcd", None).await?;
+    let ch = channel(&endpoint, "etcd", tls).await?;
     let (lat, secs) = run_clients(clients, seconds, |i, until| {
         let ch = ch.clone();
         async move {
@@ -395,7 +437,12 @@ where
     Ok(())
 }
 
-async fn etcd_put(endpoint: String, clients: usize, seconds: u64) -> anyhow::Result<()> {
+async fn etcd_put(
+    endpoint: String,
+    tls: Option<ClientTlsConfig>,
+    clients: usize,
+    seconds: u64,
+) -> anyhow::Result<()> {
     // Key and value sized like the pool write (a name and a request id).
     let make = |i: usize, n: u64| etcd::PutRequest {
         key: format!("bench/{i}").into_bytes(),
@@ -404,6 +451,7 @@ async fn etcd_put(endpoint: String, clients: usize, seconds: u64) -> anyhow::Res
     etcd_unary::<_, etcd::PutResponse>(
         "etcd",
         endpoint,
+        tls,
         "/etcdserverpb.KV/Put",
         clients,
         seconds,
@@ -412,7 +460,12 @@ async fn etcd_put(endpoint: String, clients: usize, seconds: u64) -> anyhow::Res
     .await
 }
 
-async fn etcd_range(endpoint: String, clients: usize, seconds: u64) -> anyhow::Result<()> {
+async fn etcd_range(
+    endpoint: String,
+    tls: Option<ClientTlsConfig>,
+    clients: usize,
+    seconds: u64,
+) -> anyhow::Result<()> {
     let make = |i: usize, _: u64| etcd::RangeRequest {
         key: format!("bench/{i}").into_bytes(),
         serializable: true,
@@ -420,6 +473,7 @@ async fn etcd_range(endpoint: String, clients: usize, seconds: u64) -> anyhow::R
     etcd_unary::<_, etcd::RangeResponse>(
         "etcd_range",
         endpoint,
+        tls,
         "/etcdserverpb.KV/Range",
         clients,
         seconds,
@@ -521,7 +575,16 @@ fn main() -> anyhow::Result<()> {
             let password = read_password(&password_file)?;
             rt.block_on(pool(members, tls, password, load.clients, load.seconds))
         }
-        Cmd::Etcd { endpoint, load } => rt.block_on(etcd_put(endpoint, load.clients, load.seconds)),
+        Cmd::Etcd {
+            endpoint,
+            tls,
+            load,
+        } => rt.block_on(etcd_put(
+            endpoint,
+            tls.config()?,
+            load.clients,
+            load.seconds,
+        )),
         Cmd::PoolStatus {
             members,
             ca,
@@ -539,9 +602,16 @@ fn main() -> anyhow::Result<()> {
                 load.seconds,
             ))
         }
-        Cmd::EtcdRange { endpoint, load } => {
-            rt.block_on(etcd_range(endpoint, load.clients, load.seconds))
-        }
+        Cmd::EtcdRange {
+            endpoint,
+            tls,
+            load,
+        } => rt.block_on(etcd_range(
+            endpoint,
+            tls.config()?,
+            load.clients,
+            load.seconds,
+        )),
         Cmd::Scheduler { hosts, vms } => {
             scheduler(hosts, vms);
             Ok(())
