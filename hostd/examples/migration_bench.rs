@@ -4,11 +4,18 @@
 //! line, vCPUs and memory under QEMU (`-enable-kvm -cpu qemu64`, `-incoming tcp:`, QMP
 //! `migrate` with the same 300 ms downtime limit and no bandwidth cap), hop for hop.
 //!
-//! Our stream is TLS 1.3 between two hosts' pool certificates, as in production.
+//! Our stream is TLS 1.3 between two hosts' pool certificates, as in production. QEMU
+//! migrates in clear, unless `QEMU_TLS_DIR` names a directory of x509 credentials in
+//! QEMU's names (ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem,
+//! client-key.pem; bench/trust.sh makes them): then every QEMU has a server and a client
+//! `tls-creds-x509` object on them, both verifying the peer, the destination listens
+//! (`-incoming defer`, `migrate-incoming`) with the server's and the source migrates with
+//! the client's, checking the server's certificate names 127.0.0.1.
 //!
 //! `cargo run --release -p hostd --example migration_bench -- [hops] [vcpus] [mib]`
 //! prints lines `RESULT <who> <scenario> downtime_ms=<median> p99=<..> total_ms=<median>
-//! p99=<..>` (bench/migration.sh reads them).
+//! p99=<..>`, who being hostd, qemu or (over TLS) qemu_tls (bench/migration.sh and
+//! bench/trust.sh read them).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
@@ -247,6 +254,12 @@ struct QemuVm {
 }
 
 impl QemuVm {
+    /// A QMP command that must succeed.
+    fn qmp_ok(&mut self, json: &str) {
+        let answer = self.qmp.cmd(json);
+        assert!(answer.contains("\"return\""), "QMP {json}: {answer}");
+    }
+
     fn quit(&mut self) {
         self.qmp.cmd(r#"{"execute":"quit"}"#);
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -271,7 +284,16 @@ impl Drop for QemuVm {
     }
 }
 
-fn qemu_vm(dir: &Path, n: usize, cmd: &str, vcpus: u32, mib: u64, incoming: Option<u16>) -> QemuVm {
+/// A QEMU running the guest; with `incoming`, waiting for a migration on that port (over
+/// TLS when `tls` names QEMU's credential directory).
+fn qemu_vm(
+    dir: &Path,
+    n: usize,
+    cmd: &str,
+    (vcpus, mib): (u32, u64),
+    incoming: Option<u16>,
+    tls: Option<&Path>,
+) -> QemuVm {
     let sock = dir.join(format!("q{n}.qmp"));
     let serial = dir.join(format!("q{n}.log"));
     let mut c = Command::new("qemu-system-x86_64");
@@ -296,15 +318,38 @@ fn qemu_vm(dir: &Path, n: usize, cmd: &str, vcpus: u32, mib: u64, incoming: Opti
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
-    if let Some(port) = incoming {
-        c.arg("-incoming").arg(format!("tcp:127.0.0.1:{port}"));
+    if let Some(tls) = tls {
+        // A VM is a destination, then a source: it gets both ends' credentials.
+        for end in ["server", "client"] {
+            c.arg("-object").arg(format!(
+                "tls-creds-x509,id=tls-{end},dir={},endpoint={end},verify-peer=on",
+                tls.display()
+            ));
+        }
+    }
+    match (incoming, tls) {
+        (Some(port), None) => {
+            c.arg("-incoming").arg(format!("tcp:127.0.0.1:{port}"));
+        }
+        // The TLS credentials are a migration parameter, set before it listens.
+        (Some(_), Some(_)) => {
+            c.args(["-incoming", "defer"]);
+        }
+        (None, _) => {}
     }
     let child = c.spawn().expect("starting qemu-system-x86_64");
-    QemuVm {
+    let mut vm = QemuVm {
         child,
         qmp: Qmp::connect(&sock),
         serial,
+    };
+    if let (Some(port), Some(_)) = (incoming, tls) {
+        vm.qmp_ok(r#"{"execute":"migrate-set-parameters","arguments":{"tls-creds":"tls-server"}}"#);
+        vm.qmp_ok(&format!(
+            r#"{{"execute":"migrate-incoming","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#
+        ));
     }
+    vm
 }
 
 fn serial_heartbeats(q: &QemuVm) -> usize {
@@ -322,9 +367,10 @@ fn wait_serial(q: &QemuVm, n: usize) {
     }
 }
 
-fn run_qemu(name: &str, cmd: &str, hops: usize, vcpus: u32, mib: u64) {
+fn run_qemu(name: &str, cmd: &str, hops: usize, size: (u32, u64), tls: Option<&Path>) {
+    let who = if tls.is_some() { "qemu_tls" } else { "qemu" };
     let dir = tempfile::tempdir().unwrap();
-    let mut current = qemu_vm(dir.path(), 0, cmd, vcpus, mib, None);
+    let mut current = qemu_vm(dir.path(), 0, cmd, size, None, tls);
     wait_serial(&current, 3);
     let (mut downtimes, mut totals) = (Vec::new(), Vec::new());
     for hop in 0..hops {
@@ -332,10 +378,15 @@ fn run_qemu(name: &str, cmd: &str, hops: usize, vcpus: u32, mib: u64) {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let dest = qemu_vm(dir.path(), hop + 1, cmd, vcpus, mib, Some(port));
-        current.qmp.cmd(
+        let dest = qemu_vm(dir.path(), hop + 1, cmd, size, Some(port), tls);
+        current.qmp_ok(
             r#"{"execute":"migrate-set-parameters","arguments":{"downtime-limit":300,"max-bandwidth":100000000000}}"#,
         );
+        if tls.is_some() {
+            current.qmp_ok(
+                r#"{"execute":"migrate-set-parameters","arguments":{"tls-creds":"tls-client","tls-hostname":"127.0.0.1"}}"#,
+            );
+        }
         let answer = current.qmp.cmd(&format!(
             r#"{{"execute":"migrate","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#
         ));
@@ -354,7 +405,7 @@ fn run_qemu(name: &str, cmd: &str, hops: usize, vcpus: u32, mib: u64) {
         };
         let downtime = json_u64(&done, "downtime").expect("downtime") as f64;
         let total = json_u64(&done, "total-time").expect("total-time") as f64;
-        eprintln!("qemu {name} hop {hop}: downtime {downtime} ms, total {total} ms");
+        eprintln!("{who} {name} hop {hop}: downtime {downtime} ms, total {total} ms");
         downtimes.push(downtime);
         totals.push(total);
         current.quit();
@@ -364,7 +415,7 @@ fn run_qemu(name: &str, cmd: &str, hops: usize, vcpus: u32, mib: u64) {
     }
     current.quit();
     println!(
-        "RESULT qemu {name} downtime_ms={:.2} p99={:.2} total_ms={:.2} p99={:.2}",
+        "RESULT {who} {name} downtime_ms={:.2} p99={:.2} total_ms={:.2} p99={:.2}",
         percentile(&downtimes, 0.5),
         percentile(&downtimes, 0.99),
         percentile(&totals, 0.5),
@@ -387,9 +438,11 @@ fn main() {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
+    let tls = std::env::var_os("QEMU_TLS_DIR").map(PathBuf::from);
     if have_qemu {
-        run_qemu("idle", IDLE, hops, vcpus, mib);
-        run_qemu("dirty", DIRTY, hops, vcpus, mib);
+        let tls = tls.as_deref();
+        run_qemu("idle", IDLE, hops, (vcpus, mib), tls);
+        run_qemu("dirty", DIRTY, hops, (vcpus, mib), tls);
     } else {
         println!("qemu-system-x86_64 not installed: no comparison");
     }
