@@ -11,7 +11,10 @@
 # poold runs as it must, on mutual TLS: the script founds a CA for the pool (poolctl pki-init)
 # and issues each member its TLS directory; poold-bench trusts that CA (--ca) and, for the
 # members-only GetMemberStatus, presents member 1's certificate. etcd runs in clear, as
-# before (a TLS-to-TLS comparison is the `trust` benchmark's).
+# before, unless ETCD_TLS=1 (bench/trust.sh, the TLS-to-TLS comparison): then etcd has its
+# own CA made for the run (poolctl pki-init), each member a certificate from it for both
+# its client and its peer listener, https URLs, and both --client-cert-auth and
+# --peer-client-cert-auth; poold-bench and etcdctl present a client certificate.
 #
 # Needs etcd (Debian packages etcd-server and etcd-client, installed here when missing).
 # The table also gives each system's server CPU per write (the three members' user + system
@@ -73,30 +76,54 @@ POOL_ADDRS="${PA[1]},${PA[2]},${PA[3]}"
 declare -a EC EP
 ETCD_PIDS=()
 CLUSTER=""
+SCHEME=http ETCD_NAME=etcd-3.4
+# ETCD_CLIENT: what etcdctl and poold-bench present to etcd (nothing in clear).
+ETCD_CLIENT=() BENCH_ETCD_TLS=()
+if [ "${ETCD_TLS:-0}" = 1 ]; then
+  SCHEME=https ETCD_NAME=etcd-tls
+  "$BIN/poolctl" pki-init "$WORK/etcd-pki" --pool-id etcd >/dev/null
+  for i in 1 2 3; do
+    "$BIN/poolctl" pki-issue "$WORK/etcd-pki" --pool-id etcd --identity "member/$i" \
+      --name 127.0.0.1 --out "$WORK/etcd-tls$i" >/dev/null
+  done
+  "$BIN/poolctl" pki-issue "$WORK/etcd-pki" --pool-id etcd --identity client/bench \
+    --name 127.0.0.1 --out "$WORK/etcd-client" >/dev/null
+  C=$WORK/etcd-client
+  ETCD_CLIENT=(--cacert "$C/ca.pem" --cert "$C/cert.pem" --key "$C/key.pem")
+  BENCH_ETCD_TLS=(--etcd-ca "$C/ca.pem" --etcd-cert "$C/cert.pem" --etcd-key "$C/key.pem")
+fi
 for i in 1 2 3; do
   EC[$i]=127.0.0.1:$(free_port); EP[$i]=127.0.0.1:$(free_port)
-  CLUSTER+="${CLUSTER:+,}e$i=http://${EP[$i]}"
+  CLUSTER+="${CLUSTER:+,}e$i=$SCHEME://${EP[$i]}"
 done
 for i in 1 2 3; do
+  tls=()
+  if [ "$SCHEME" = https ]; then
+    d=$WORK/etcd-tls$i
+    tls=(--cert-file "$d/cert.pem" --key-file "$d/key.pem" --trusted-ca-file "$d/ca.pem"
+      --client-cert-auth --peer-cert-file "$d/cert.pem" --peer-key-file "$d/key.pem"
+      --peer-trusted-ca-file "$d/ca.pem" --peer-client-cert-auth)
+  fi
   etcd --name "e$i" --data-dir "$WORK/etcd$i" \
-    --listen-client-urls "http://${EC[$i]}" --advertise-client-urls "http://${EC[$i]}" \
-    --listen-peer-urls "http://${EP[$i]}" --initial-advertise-peer-urls "http://${EP[$i]}" \
+    --listen-client-urls "$SCHEME://${EC[$i]}" --advertise-client-urls "$SCHEME://${EC[$i]}" \
+    --listen-peer-urls "$SCHEME://${EP[$i]}" --initial-advertise-peer-urls "$SCHEME://${EP[$i]}" \
     --initial-cluster "$CLUSTER" --initial-cluster-state new --initial-cluster-token bench \
-    --log-level error >"$WORK/etcd$i.log" 2>&1 &
+    "${tls[@]}" --log-level error >"$WORK/etcd$i.log" 2>&1 &
   PIDS+=($!); ETCD_PIDS+=($!)
 done
+etcdctl3() { ETCDCTL_API=3 etcdctl "${ETCD_CLIENT[@]}" "$@"; }
 
 # Wait for both groups to elect a leader.
 for _ in $(seq 1 100); do
-  if ETCDCTL_API=3 etcdctl --endpoints "http://${EC[1]}" endpoint health >/dev/null 2>&1; then break; fi
+  if etcdctl3 --endpoints "$SCHEME://${EC[1]}" endpoint health >/dev/null 2>&1; then break; fi
   sleep 0.2
 done
 ETCD_LEADER=""
 for i in 1 2 3; do
-  if ETCDCTL_API=3 etcdctl --endpoints "http://${EC[$i]}" endpoint status -w simple 2>/dev/null \
+  if etcdctl3 --endpoints "$SCHEME://${EC[$i]}" endpoint status -w simple 2>/dev/null \
       | awk -F', ' '{print $5}' | grep -q true; then ETCD_LEADER=${EC[$i]}; fi
 done
-[ -n "$ETCD_LEADER" ] || { echo "etcd elected no leader" >&2; exit 1; }
+[ -n "$ETCD_LEADER" ] || { echo "etcd elected no leader ($WORK/etcd1.log: $(tail -3 "$WORK/etcd1.log"))" >&2; exit 1; }
 sleep 1
 
 run() { "$BIN/poold-bench" "$@" | grep '^RESULT'; }
@@ -123,8 +150,9 @@ for round in $(seq 1 "$ROUNDS"); do
   for c in 1 64; do
     p=$(run_cpu POOLD_PIDS pool --members "$POOL_ADDRS" --ca "$CA" --password-file "$WORK/admin-password" \
       --clients "$c" --seconds "$SECONDS_EACH")
-    e=$(run_cpu ETCD_PIDS etcd --endpoint "$ETCD_LEADER" --clients "$c" --seconds "$SECONDS_EACH")
-    echo "round $round, $c clients: poold $(field ops_per_s "$p") writes/s p50 $(field p50_us "$p") p99 $(field p99_us "$p") us cpu $(field cpu_us "$p") us/write; etcd $(field ops_per_s "$e") writes/s p50 $(field p50_us "$e") p99 $(field p99_us "$e") us cpu $(field cpu_us "$e") us/write"
+    e=$(run_cpu ETCD_PIDS etcd --endpoint "$ETCD_LEADER" "${BENCH_ETCD_TLS[@]}" --clients "$c" \
+      --seconds "$SECONDS_EACH")
+    echo "round $round, $c clients: poold $(field ops_per_s "$p") writes/s p50 $(field p50_us "$p") p99 $(field p99_us "$p") us cpu $(field cpu_us "$p") us/write; $ETCD_NAME $(field ops_per_s "$e") writes/s p50 $(field p50_us "$e") p99 $(field p99_us "$e") us cpu $(field cpu_us "$e") us/write"
     for f in ops_per_s p50_us p99_us cpu_us; do
       M[pool $c $f]+=" $(field "$f" "$p")"
       M[etcd $c $f]+=" $(field "$f" "$e")"
@@ -134,8 +162,9 @@ for round in $(seq 1 "$ROUNDS"); do
   # For scale: each system's cheapest call on its leader, with no Raft in it.
   p=$(run_cpu POOLD_PIDS pool-status --members "$POOL_ADDRS" --ca "$CA" --tls-dir "$WORK/tls1" \
     --password-file "$WORK/admin-password" --clients 64 --seconds "$SECONDS_EACH")
-  e=$(run_cpu ETCD_PIDS etcd-range --endpoint "$ETCD_LEADER" --clients 64 --seconds "$SECONDS_EACH")
-  echo "round $round, 64 clients, local read (no Raft): poold $(field ops_per_s "$p") calls/s cpu $(field cpu_us "$p") us/call; etcd $(field ops_per_s "$e") calls/s cpu $(field cpu_us "$e") us/call"
+  e=$(run_cpu ETCD_PIDS etcd-range --endpoint "$ETCD_LEADER" "${BENCH_ETCD_TLS[@]}" --clients 64 \
+    --seconds "$SECONDS_EACH")
+  echo "round $round, 64 clients, local read (no Raft): poold $(field ops_per_s "$p") calls/s cpu $(field cpu_us "$p") us/call; $ETCD_NAME $(field ops_per_s "$e") calls/s cpu $(field cpu_us "$e") us/call"
   for f in ops_per_s p50_us p99_us cpu_us; do
     M[pool read $f]+=" $(field "$f" "$p")"
     M[etcd read $f]+=" $(field "$f" "$e")"
@@ -146,13 +175,13 @@ SCHED=$(run scheduler --hosts 1000 --vms 10000)
 printf '\n%-10s %8s %12s %10s %10s %14s   (medians of %s rounds)\n' system clients ops/s p50_us p99_us cpu_us/write "$ROUNDS"
 for c in 1 64; do
   for s in pool etcd; do
-    printf '%-10s %8s %12s %10s %10s %14s\n' "$([ $s = pool ] && echo poold || echo etcd-3.4)" "$c" \
+    printf '%-10s %8s %12s %10s %10s %14s\n' "$([ $s = pool ] && echo poold || echo "$ETCD_NAME")" "$c" \
       "$(median <<<"${M[$s $c ops_per_s]}")" "$(median <<<"${M[$s $c p50_us]}")" "$(median <<<"${M[$s $c p99_us]}")" \
       "$(median <<<"${M[$s $c cpu_us]}")"
   done
 done
 for s in pool etcd; do
-  printf '%-10s %8s %12s %10s %10s %14s\n' "$([ $s = pool ] && echo poold || echo etcd-3.4)" "64 read" \
+  printf '%-10s %8s %12s %10s %10s %14s\n' "$([ $s = pool ] && echo poold || echo "$ETCD_NAME")" "64 read" \
     "$(median <<<"${M[$s read ops_per_s]}")" "$(median <<<"${M[$s read p50_us]}")" "$(median <<<"${M[$s read p99_us]}")" \
     "$(median <<<"${M[$s read cpu_us]}")"
 done
@@ -161,7 +190,7 @@ echo "load generator runs on the same cores. \"64 read\": a call answered by the
 echo "(poold GetMemberStatus, etcd serializable Range), the gRPC path with no Raft in it."
 for s in pool etcd; do
   w=$(median <<<"${M[$s 64 cpu_us]}"); r=$(median <<<"${M[$s read cpu_us]}")
-  echo "$([ $s = pool ] && echo poold || echo etcd-3.4): a write at 64 clients costs the members $w us of CPU, $r us of it the gRPC call itself, $(python3 -c "print(f'{$w-$r:.0f}')") us the consensus path"
+  echo "$([ $s = pool ] && echo poold || echo "$ETCD_NAME"): a write at 64 clients costs the members $w us of CPU, $r us of it the gRPC call itself, $(python3 -c "print(f'{$w-$r:.0f}')") us the consensus path"
 done
 echo "scheduler: $(field placements_per_s "$SCHED") placements/s (10,000 VMs on 1,000 hosts, $(field placed "$SCHED") placed)"
 echo
