@@ -2,7 +2,8 @@
 //! contact only with consent, used silently afterwards, a changed CA is refused, and `--ca`
 //! leaves the pins alone. The servers present member certificates of a pool CA made for
 //! the test through `pool_trust::tls::server_tls`, as poold does, and answer every call
-//! `Unimplemented`: a call that gets that answer went through TLS to the server.
+//! `Unimplemented`: a call that gets that answer went through TLS to the server. The last
+//! test does the same against a real poold member, login included.
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
@@ -267,4 +268,103 @@ fn a_member_address_in_clear_is_refused_before_anything_is_sent() {
         assert!(err.contains("over TLS only"), "{err}");
         assert!(listener.accept().is_err(), "poolctl connected: {err}");
     }
+}
+
+/// The poold binary beside poolctl, built if missing (as the end-to-end harness does).
+fn poold() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_poolctl")).with_file_name("poold");
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "poold", "--bin", "poold"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building poold failed");
+    }
+    path
+}
+
+/// A child process killed when dropped, so a failing test leaves nothing running.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_real_member_is_pinned_and_the_login_and_calls_go_through_the_pin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let pool = PoolId::generate();
+    let (ca, _) = member_tls(&tmp.path().join("pki"), &pool);
+    let password = tmp.path().join("secrets/admin-password");
+    pool_trust::files::write_private(&password, b"correct-horse-battery-staple\n").unwrap();
+    let addr = free_addr();
+    let _poold = Killed(
+        Command::new(poold())
+            .args(["--member-id", "1", "--listen", &addr.to_string()])
+            .args(["--pool-id", pool.as_str(), "--log", "warn"])
+            .arg("--member")
+            .arg(format!("1={addr}"))
+            .arg("--data-dir")
+            .arg(tmp.path().join("poold-1"))
+            .arg("--tls-dir")
+            .arg(tmp.path().join("pki/member-1"))
+            .arg("--admin-password-file")
+            .arg(&password)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start poold"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(std::time::Instant::now() < deadline, "poold never listened");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    // No token exists yet; the login's password goes only to the pinned pool.
+    let login = |env: &[(&str, &str)]| {
+        Command::new(env!("CARGO_BIN_EXE_poolctl"))
+            .args(["login", "admin", "--pool", &addr.to_string()])
+            .arg("--password-file")
+            .arg(&password)
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join("config"))
+            .env_remove("POOLCTL_CA")
+            .env_remove("POOLCTL_TOKEN")
+            .env_remove("POOLCTL_TRUST_NEW_POOL")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run poolctl login")
+    };
+    let out = login(&[]);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&ca.ca().cert().fingerprint().to_string()));
+    assert!(!pin_file(&home).exists());
+
+    let out = login(&[("POOLCTL_TRUST_NEW_POOL", "1")]);
+    assert!(stderr(&out).contains("pinned pool"), "{}", stderr(&out));
+    // The first admin exists once the member has elected itself; until then the pinned
+    // pool answers the login, refusing it.
+    let mut out = out;
+    while !out.status.success() {
+        assert!(std::time::Instant::now() < deadline, "{}", stderr(&out));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        out = login(&[]);
+        assert!(!stderr(&out).contains("has not met"), "{}", stderr(&out));
+    }
+    let token = String::from_utf8(out.stdout).unwrap();
+    let pins = std::fs::read_to_string(pin_file(&home)).unwrap();
+    assert!(pins.contains(&ca.ca().cert().fingerprint().to_string()));
+
+    let out = poolctl(&home, addr, &["--token", token.trim()], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(pin_file(&home)).unwrap(), pins);
 }
