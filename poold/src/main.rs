@@ -47,6 +47,12 @@ struct Args {
     /// Start empty and wait to be added to an existing pool (AddMember on the leader).
     #[arg(long)]
     join: bool,
+    /// A join file from `poolctl member-join ID --out FILE`: when the TLS directory does
+    /// not exist yet, get this member's certificate from the pool with its one-time token
+    /// and write the directory; then start empty and wait to be added (implies --join).
+    /// Refused once the TLS directory exists.
+    #[arg(long, value_name = "FILE")]
+    join_file: Option<PathBuf>,
     /// Raft tick in milliseconds.
     #[arg(long)]
     tick_ms: Option<u64>,
@@ -134,6 +140,24 @@ fn main() -> anyhow::Result<()> {
         "a TLS directory is required (--tls-dir or tls_dir): the pool's CA bundle and this \
          member's certificate and key",
     )?;
+    if let Some(file) = &args.join_file {
+        let ips: Vec<_> = Some(listen.ip())
+            .filter(|ip| !ip.is_unspecified())
+            .into_iter()
+            .collect();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(poold::joining::join(
+                file,
+                &pool_trust::Identity::Member(id),
+                &ips,
+                &tls_dir,
+            ))
+            .with_context(|| format!("joining the pool with {}", file.display()))?;
+        cfg.join = Some(true);
+    }
     let tls = pool_trust::DaemonTls::load_as(&tls_dir, &pool_trust::Identity::Member(id))
         .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))
         .context("loading the TLS directory")?;

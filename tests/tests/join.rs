@@ -8,7 +8,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use e2e_tests::join::{found_with_ca, host_join_file, hostd_joining, run_until_exit};
+use e2e_tests::join::{
+    add_member, found_with_ca, host_join_file, hostd_joining, join_file, member_joining,
+    run_until_exit,
+};
 use e2e_tests::{Coordinators, Daemon, poolctl, poolctl_ok, secret_file, text, wait_for};
 
 fn mode(p: &Path) -> u32 {
@@ -231,4 +234,38 @@ fn of_two_hosts_racing_with_one_token_one_joins() {
         let _ = c.kill();
         let _ = c.wait();
     }
+}
+
+#[test]
+fn a_new_member_joins_with_its_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut pool = found_with_ca(dir, 3);
+    let file = join_file(&pool.pool, dir, "member-join", "4", &[]);
+    assert_eq!(mode(&file), 0o600);
+    let addr = format!("127.0.0.1:{}", e2e_tests::free_port());
+    let m4 = member_joining(dir, &pool.addrs, 4, &addr, &file);
+    pool.procs.push(m4);
+    let tls = dir.join("member-4-tls");
+    wait_for(Duration::from_secs(20), || {
+        tls.join("cert.pem").exists().then_some(())
+    })
+    .unwrap_or_else(|| {
+        let log = std::fs::read_to_string(dir.join("poold-4.log")).unwrap_or_default();
+        panic!("member 4 got no certificate: {log}")
+    });
+    assert_eq!(mode(&tls), 0o700);
+    assert_eq!(mode(&tls.join("key.pem")), 0o600);
+    let mut last = String::new();
+    wait_for(Duration::from_secs(20), || {
+        add_member(&pool.pool, 4, &addr).map_err(|e| last = e).ok()
+    })
+    .unwrap_or_else(|| panic!("AddMember 4: {last}"));
+    // The new member follows the log over mutual TLS with the certificate it was issued.
+    let members = wait_for(Duration::from_secs(30), || {
+        let s = poolctl_ok(&pool.pool, &["member-list", "--json"]);
+        let line = s.lines().find(|l| l.contains("\"id\": 4,"))?.to_owned();
+        line.contains("\"reachable\": true").then_some(s)
+    });
+    assert!(members.is_some(), "member 4 joined and follows");
 }
