@@ -364,10 +364,12 @@ fn daemon(args: Args) -> anyhow::Result<()> {
             }
             None => None,
         };
+        let server_tls = pool_trust::serve::ServerTls::new(&tls, pool_trust::ClientAuth::Required)
+            .context("TLS for serving HostService")?;
         hostd::service::serve(
             listener,
             HostServer::new(manager.clone(), identity),
-            Some(&tls),
+            server_tls,
             async move {
                 shutdown_signal().await;
                 let _ = stop_tx.send(true);

@@ -10,13 +10,14 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use pool_trust::Role;
+use pool_trust::serve::ServerTls;
 use pool_trust::tls::RequireRole;
-use pool_trust::{ClientAuth, DaemonTls, Role};
 use proto::host::host_service_server::{HostService, HostServiceServer};
 use proto::host::*;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -54,35 +55,24 @@ impl HostServer {
     }
 }
 
-/// Serves `HostService` on `listener` until `shutdown` completes: with `tls`, over mutual
-/// TLS to the pool's coordinator members only (hosts do not call each other's control
-/// API, and nobody else may); without, in clear to anyone (tests of this layer only; the
-/// `hostd` binary requires TLS).
+/// Serves `HostService` on `listener` until `shutdown` completes, over mutual TLS to the
+/// pool's coordinator members only (hosts do not call each other's control API, and
+/// nobody else may). `tls` may be reloaded meanwhile (a renewed certificate).
 pub async fn serve(
     listener: TcpListener,
     server: HostServer,
-    tls: Option<&DaemonTls>,
+    tls: ServerTls,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let incoming = TcpListenerStream::new(listener);
-    let Some(tls) = tls else {
-        return Ok(tonic::transport::Server::builder()
-            .add_service(HostServiceServer::new(server))
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await?);
-    };
-    let members_only = RequireRole::new(tls.pool_id().clone(), &[Role::Member]);
+    let pool = tls.pool_id().clone();
+    let members_only = RequireRole::new(pool.clone(), &[Role::Member]);
     Ok(tonic::transport::Server::builder()
-        .tls_config(tls.server(ClientAuth::Required)?)?
-        .layer(pool_trust::audit::AuditLayer::new(
-            tls.pool_id().clone(),
-            "hostd",
-        ))
+        .layer(pool_trust::audit::AuditLayer::new(pool, "hostd"))
         .add_service(InterceptedService::new(
             HostServiceServer::new(server),
             members_only,
         ))
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
         .await?)
 }
 
@@ -92,7 +82,7 @@ pub enum ServeError {
     #[error("serving HostService failed")]
     Transport(#[from] tonic::transport::Error),
     #[error("the TLS directory cannot be served with")]
-    Tls(#[from] pool_trust::TlsError),
+    Tls(#[from] pool_trust::serve::ServeTlsError),
 }
 
 fn status(e: ManagerError) -> Status {

@@ -26,6 +26,8 @@
 //! - `tls.rs`: tonic `ServerTlsConfig` / `ClientTlsConfig`, and the caller's identity.
 //! - `dir.rs`: a daemon's TLS directory ([`DaemonTls`]): bundle, certificate and key.
 //! - `cert.rs`: reading a certificate ([`CertInfo`]) and its [`Fingerprint`].
+//! - `serve.rs`: a daemon's TLS listener whose certificate and CA bundle can be reloaded
+//!   while it serves ([`serve::ServerTls`]).
 //! - `audit.rs`: the audit trail of a daemon's gRPC service (who, what, result).
 //!
 //! ```
@@ -68,6 +70,7 @@ pub mod files;
 pub mod identity;
 pub mod leaf;
 pub mod local;
+pub mod serve;
 pub mod tls;
 pub mod token;
 

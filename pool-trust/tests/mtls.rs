@@ -6,8 +6,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use pool_trust::serve::ServerTls;
 use pool_trust::tls::{ClientAuth, client_tls, require_role, server_tls};
-use pool_trust::{AltName, CaBundle, Credentials, Identity, PoolCa, PoolId, Role, Validity};
+use pool_trust::{
+    AltName, CaBundle, Credentials, DaemonTls, Identity, PoolCa, PoolId, Role, Validity,
+};
 use proto::coordinator::coordinator_peer_service_client::CoordinatorPeerServiceClient;
 use proto::coordinator::coordinator_peer_service_server::{
     CoordinatorPeerService, CoordinatorPeerServiceServer,
@@ -18,7 +21,7 @@ use proto::coordinator::{
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{ClientTlsConfig, Endpoint, Server};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Server};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -295,4 +298,111 @@ async fn during_a_ca_roll_both_cas_are_trusted() {
 
 fn uuid_like(n: u8) -> String {
     format!("00000000-0000-4000-8000-0000000000{n:02x}")
+}
+
+/// Serves the test service through a reloadable listener ([`ServerTls`]) with `tls`.
+async fn serve_reloadable(tls: &DaemonTls, auth: ClientAuth) -> (SocketAddr, ServerTls) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server_tls = ServerTls::new(tls, auth).unwrap();
+    let server = Server::builder()
+        .add_service(CoordinatorPeerServiceServer::new(Peer {
+            pool: tls.pool_id().clone(),
+        }))
+        .serve_with_incoming(server_tls.incoming(listener));
+    tokio::spawn(server);
+    (addr, server_tls)
+}
+
+/// A connected client, to call again later on the same connection.
+async fn connect(addr: SocketAddr, tls: ClientTlsConfig) -> CoordinatorPeerServiceClient<Channel> {
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    CoordinatorPeerServiceClient::new(channel)
+}
+
+#[tokio::test]
+async fn a_reloaded_listener_serves_the_renewed_certificate_and_the_new_ca_to_new_connections() {
+    let pool = PoolId::generate();
+    let ca = new_ca(&pool);
+    let first = DaemonTls {
+        bundle: ca.bundle(),
+        creds: member(&ca, 1),
+    };
+    let (addr, server) = serve_reloadable(&first, ClientAuth::Required).await;
+    let client = member(&ca, 3);
+    let mut old = connect(addr, client_tls(&ca.bundle(), Some(&client), None).unwrap()).await;
+    let status = old.get_member_status(MemberStatusRequest {}).await.unwrap();
+    assert_eq!(
+        status.into_inner().member_id,
+        3,
+        "the caller's identity reaches the handler"
+    );
+
+    // A roll: the new CA joins the bundle and member 1 gets a certificate of it.
+    let rolled = ca.roll(Validity::starting(now_ms(), 24 * HOUR)).unwrap();
+    let both = ca.bundle().with(rolled.cert().clone()).unwrap();
+    let renewed = DaemonTls {
+        bundle: both.clone(),
+        creds: member(&rolled, 1),
+    };
+    // A client trusting only the new CA is refused by the old server certificate...
+    let new_only = member(&rolled, 4);
+    assert_refused(
+        call(
+            addr,
+            client_tls(&rolled.bundle(), Some(&new_only), None).unwrap(),
+        )
+        .await,
+        "UnknownIssuer",
+    );
+    server.reload(&renewed).unwrap();
+    // ...and accepted once the server has reloaded (its certificate and its trust).
+    let tls = client_tls(&rolled.bundle(), Some(&new_only), None).unwrap();
+    assert_eq!(call(addr, tls).await.unwrap(), 4);
+    // Clients of the old CA still get in during the roll, and the connection made
+    // before the reload goes on.
+    let tls = client_tls(&both, Some(&member(&ca, 5)), None).unwrap();
+    assert_eq!(call(addr, tls).await.unwrap(), 5);
+    let status = old.get_member_status(MemberStatusRequest {}).await.unwrap();
+    assert_eq!(status.into_inner().member_id, 3);
+
+    // Something that cannot be served (credentials of another pool) changes nothing.
+    let stranger = new_ca(&PoolId::generate());
+    let bad = DaemonTls {
+        bundle: both.clone(),
+        creds: member(&stranger, 1),
+    };
+    assert!(server.reload(&bad).is_err());
+    assert_eq!(call(addr, tls_of(&rolled, 6)).await.unwrap(), 6);
+}
+
+fn tls_of(ca: &PoolCa, n: u64) -> ClientTlsConfig {
+    client_tls(&ca.bundle(), Some(&member(ca, n)), None).unwrap()
+}
+
+#[tokio::test]
+async fn a_stalled_handshake_does_not_hold_up_others_on_a_reloadable_listener() {
+    let pool = PoolId::generate();
+    let ca = new_ca(&pool);
+    let tls = DaemonTls {
+        bundle: ca.bundle(),
+        creds: member(&ca, 1),
+    };
+    let (addr, _server) = serve_reloadable(&tls, ClientAuth::Optional).await;
+    // Connected, never says a word.
+    let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(call(addr, tls_of(&ca, 2)).await.unwrap(), 2);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Optional client certificates: an anonymous caller reaches the handler, which refuses.
+    let err = call(addr, client_tls(&ca.bundle(), None, None).unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pool_trust::serve::ServerTls;
 use pool_trust::{ClientAuth, Role};
 use proto::coordinator::coordinator_peer_service_server::CoordinatorPeerServiceServer;
 use proto::coordinator::host_agent_service_server::HostAgentServiceServer;
@@ -42,7 +43,7 @@ pub enum StartError {
     #[error("serving gRPC failed")]
     Serve(#[source] tonic::transport::Error),
     #[error("the TLS directory cannot be served with")]
-    Tls(#[from] pool_trust::TlsError),
+    Tls(#[from] pool_trust::serve::ServeTlsError),
 }
 
 /// What a member needs to start.
@@ -173,19 +174,9 @@ impl Member {
             }
             None => loops,
         };
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        let mut server = tonic::transport::Server::builder();
-        if let Some(tls) = &c.tls {
-            // The client certificate is optional on this port: people call PoolService
-            // with a token; the member and host services require theirs (RequireRole).
-            server = server
-                .tls_config(tls.server(ClientAuth::Optional)?)
-                .map_err(StartError::Serve)?;
-        }
         let members_only = RequireRole::new(c.tls.as_ref(), &[Role::Member]);
         let hosts_and_members = RequireRole::new(c.tls.as_ref(), &[Role::Host, Role::Member]);
-        let result = server
+        let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .add_service(
                 PoolServiceServer::new(pool::PoolHandler {
@@ -204,10 +195,25 @@ impl Member {
                     .max_decoding_message_size(usize::MAX)
                     .max_encoding_message_size(usize::MAX),
                 members_only,
-            ))
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await
-            .map_err(StartError::Serve);
+            ));
+        let result = match &c.tls {
+            // The client certificate is optional on this port: people call PoolService
+            // with a token; the member and host services require theirs (RequireRole).
+            Some(tls) => {
+                let server_tls = ServerTls::new(tls, ClientAuth::Optional)?;
+                router
+                    .serve_with_incoming_shutdown(server_tls.incoming(listener), shutdown)
+                    .await
+            }
+            None => {
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
+        }
+        .map_err(StartError::Serve);
         let _ = stop_tx.send(true);
         for l in loops {
             l.abort();

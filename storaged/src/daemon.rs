@@ -63,7 +63,7 @@ pub enum DaemonError {
         identity: pool_trust::Identity,
     },
     #[error("the TLS directory cannot be served with")]
-    Tls(#[from] pool_trust::TlsError),
+    Tls(#[from] pool_trust::serve::ServeTlsError),
     #[error("serving gRPC failed")]
     Serve(#[source] tonic::transport::Error),
     #[error("a blocking task of the daemon failed")]
@@ -275,12 +275,11 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         })
     };
 
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server_tls = pool_trust::serve::ServerTls::new(&tls, pool_trust::ClientAuth::Required)?;
+    let incoming = server_tls.incoming(listener);
     let members_only =
         pool_trust::tls::RequireRole::new(tls.pool_id().clone(), &[pool_trust::Role::Member]);
     tonic::transport::Server::builder()
-        .tls_config(tls.server(pool_trust::ClientAuth::Required)?)
-        .map_err(DaemonError::Serve)?
         .layer(pool_trust::audit::AuditLayer::new(
             tls.pool_id().clone(),
             "storaged",

@@ -162,7 +162,9 @@ impl Daemon {
             },
         );
         let task = tokio::spawn(async move {
-            hostd::service::serve(listener, server, Some(&tls), async {
+            let tls =
+                pool_trust::serve::ServerTls::new(&tls, pool_trust::ClientAuth::Required).unwrap();
+            hostd::service::serve(listener, server, tls, async {
                 let _ = rx.await;
             })
             .await

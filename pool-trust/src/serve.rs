@@ -1,0 +1,186 @@
+//! A daemon's TLS listener whose certificate and CA bundle can change while it serves
+//! ([`ServerTls::reload`]): new connections get what is current, established ones keep
+//! what they were made with. This is what lets a daemon take a renewed certificate, or
+//! trust a new CA during a roll, without a restart; tonic fixes a `ServerTlsConfig` for a
+//! server's life, so the daemons serve the already-handshaken streams of
+//! [`ServerTls::incoming`] instead (tonic reads the caller's certificate from them as it
+//! does from its own).
+//!
+//! Handshakes run beside each other, each bounded by [`HANDSHAKE_TIMEOUT`], and at most
+//! [`MAX_HANDSHAKES`] at once: a client stalling in its handshake holds one slot for ten
+//! seconds and never holds up the others.
+
+use std::sync::{Arc, RwLock};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::dir::DaemonTls;
+use crate::tls::{ClientAuth, HANDSHAKE_TIMEOUT};
+
+/// Handshakes in progress at once; one more waits for a slot.
+pub const MAX_HANDSHAKES: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeTlsError {
+    #[error("credentials of pool {credentials} with a CA bundle of pool {bundle}")]
+    PoolMismatch {
+        credentials: crate::PoolId,
+        bundle: crate::PoolId,
+    },
+    #[error("the CA bundle")]
+    Bundle(#[source] rustls::Error),
+    #[error("the daemon's key")]
+    Key(#[source] rustls::pki_types::pem::Error),
+    #[error("building the client certificate check")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+    #[error("building the TLS configuration")]
+    Config(#[source] rustls::Error),
+}
+
+/// The current server configuration of a daemon, shared by its listener.
+#[derive(Clone)]
+pub struct ServerTls {
+    pool: crate::PoolId,
+    auth: ClientAuth,
+    current: Arc<RwLock<Arc<rustls::ServerConfig>>>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    pub fn new(tls: &DaemonTls, auth: ClientAuth) -> Result<ServerTls, ServeTlsError> {
+        Ok(ServerTls {
+            pool: tls.pool_id().clone(),
+            auth,
+            current: Arc::new(RwLock::new(Arc::new(config(tls, auth)?))),
+        })
+    }
+
+    /// The pool whose CA the listener trusts.
+    pub fn pool_id(&self) -> &crate::PoolId {
+        &self.pool
+    }
+
+    /// From now on, new connections are served with `tls` (a renewed certificate, a CA
+    /// bundle with a new CA). A `tls` that cannot be served changes nothing.
+    pub fn reload(&self, tls: &DaemonTls) -> Result<(), ServeTlsError> {
+        if tls.pool_id() != &self.pool {
+            return Err(ServeTlsError::PoolMismatch {
+                credentials: tls.pool_id().clone(),
+                bundle: self.pool.clone(),
+            });
+        }
+        let next = Arc::new(config(tls, self.auth)?);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(())
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let config = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        tokio_rustls::TlsAcceptor::from(config)
+    }
+
+    /// The connections `listener` accepts, once their handshake is done, for tonic's
+    /// `serve_with_incoming`. Ends when the listener fails or the server stops reading.
+    pub fn incoming(
+        &self,
+        listener: TcpListener,
+    ) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let tls = self.clone();
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let (tcp, peer) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Out of descriptors, say: wait a little rather than spin.
+                            tracing::warn!(error = %e, "accepting a connection");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    () = tx.closed() => return,
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = tls.acceptor();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send(Ok(stream)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake refused"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+fn config(tls: &DaemonTls, auth: ClientAuth) -> Result<rustls::ServerConfig, ServeTlsError> {
+    if tls.creds.pool_id() != tls.bundle.pool_id() {
+        return Err(ServeTlsError::PoolMismatch {
+            credentials: tls.creds.pool_id().clone(),
+            bundle: tls.bundle.pool_id().clone(),
+        });
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in tls.bundle.certs() {
+        roots
+            .add(CertificateDer::from(ca.der().to_vec()))
+            .map_err(ServeTlsError::Bundle)?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    );
+    let verifier = match auth {
+        ClientAuth::Required => verifier,
+        ClientAuth::Optional => verifier.allow_unauthenticated(),
+    }
+    .build()
+    .map_err(ServeTlsError::Verifier)?;
+    // The certificate, then the CAs: a client meeting the pool for the first time gets
+    // the CA it is asked to pin in the handshake (`poolctl`).
+    let chain = std::iter::once(CertificateDer::from(tls.creds.cert_der().to_vec()))
+        .chain(
+            tls.bundle
+                .certs()
+                .iter()
+                .map(|c| CertificateDer::from(c.der().to_vec())),
+        )
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(tls.creds.key_pem().as_bytes())
+        .map_err(ServeTlsError::Key)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(ServeTlsError::Config)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(ServeTlsError::Config)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
