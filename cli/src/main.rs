@@ -51,8 +51,9 @@ struct Args {
     /// Return as soon as the pool accepted a change instead of waiting for its task.
     #[arg(long, global = true)]
     no_wait: bool,
-    /// Token from `poolctl login`, sent on every call (wins over the config file's).
-    #[arg(long, global = true, env = "POOLCTL_TOKEN", hide_env_values = true)]
+    /// Refused: a token on the command line is there for every user of the machine to
+    /// read (ps, /proc). The token comes from POOLCTL_TOKEN or the config file's `token`.
+    #[arg(long, global = true, hide = true)]
     token: Option<String>,
     /// The pool's CA bundle (PEM): only members with a certificate it signed are
     /// believed (wins over the config file's `ca`). Without it, poolctl pins the CA the
@@ -154,7 +155,17 @@ fn main() -> anyhow::Result<()> {
         ]
     };
     let members = pin::member_addresses(&members)?;
-    let token = args.token.clone().or(config.token.clone());
+    if args.token.is_some() {
+        bail!(
+            "--token is refused: a token on the command line is there for every user of this \
+             machine to read (ps, /proc); put it in POOLCTL_TOKEN or as `token` in the --config file"
+        );
+    }
+    // Token from `poolctl login`, sent on every call (wins over the config file's).
+    let token = std::env::var("POOLCTL_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .or(config.token.clone());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -155,3 +155,16 @@ fn a_password_on_the_command_line_is_refused() {
         "unexpected argument '--password'",
     );
 }
+
+#[test]
+fn a_token_on_the_command_line_is_refused_before_anything_is_sent() {
+    let pool = Sentinel::new();
+    let out = poolctl(&pool, &["host-list", "--token", "pooltok-visible-in-ps"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--token is refused") && err.contains("POOLCTL_TOKEN"),
+        "{err}"
+    );
+    assert!(!pool.was_contacted());
+}

@@ -364,7 +364,7 @@ fn a_real_member_is_pinned_and_the_login_and_calls_go_through_the_pin() {
     let pins = std::fs::read_to_string(pin_file(&home)).unwrap();
     assert!(pins.contains(&ca.ca().cert().fingerprint().to_string()));
 
-    let out = poolctl(&home, addr, &["--token", token.trim()], &[]);
+    let out = poolctl(&home, addr, &[], &[("POOLCTL_TOKEN", token.trim())]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(std::fs::read_to_string(pin_file(&home)).unwrap(), pins);
 }

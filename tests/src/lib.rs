@@ -138,6 +138,14 @@ impl PoolArg {
         cmd
     }
 
+    /// The same pool as the holder of `token`.
+    pub fn as_token(&self, token: &str) -> PoolArg {
+        PoolArg {
+            token: Some(token.to_owned()),
+            ..self.clone()
+        }
+    }
+
     /// The same pool as nobody: no token.
     pub fn anonymous(&self) -> PoolArg {
         PoolArg {

@@ -51,25 +51,23 @@ impl Pool {
         }
     }
 
-    /// `args` after `--token` when the pool has one.
-    fn with_token<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
-        let mut all = Vec::new();
-        if let Some(t) = &self.token {
-            all.extend(["--token", t.as_str()]);
+    /// The pool as the admin once logged in (`token`), else as `p` is.
+    fn client(&self) -> PoolArg {
+        match &self.token {
+            Some(t) => self.p.as_token(t),
+            None => self.p.clone(),
         }
-        all.extend_from_slice(args);
-        all
     }
 
     pub fn ctl(&self, args: &[&str]) -> String {
-        poolctl_ok(&self.p, &self.with_token(args))
+        poolctl_ok(&self.client(), args)
     }
 
     /// Waits until every host of ours has joined and is enabled; returns `host-list --json`.
     pub fn wait_hosts_enabled(&self) -> String {
         let n = self.hosts.len();
         wait_for(Duration::from_secs(30), || {
-            let o = poolctl(&self.p, &self.with_token(&["host-list", "--json"]));
+            let o = poolctl(&self.client(), &["host-list", "--json"]);
             let s = String::from_utf8_lossy(&o.stdout).into_owned();
             (s.matches("\"state\": \"enabled\"").count() == n).then_some(s)
         })
@@ -96,7 +94,7 @@ impl Pool {
 
     /// The JSON line of the VM named `name` in `vm-list --json`.
     pub fn vm(&self, name: &str) -> Option<String> {
-        let o = poolctl(&self.p, &self.with_token(&["vm-list", "--json"]));
+        let o = poolctl(&self.client(), &["vm-list", "--json"]);
         String::from_utf8_lossy(&o.stdout)
             .lines()
             .find(|l| l.contains(&format!("\"name\": \"{name}\"")))
@@ -167,11 +165,12 @@ pub fn console_until(
     limit: Duration,
     mut found: impl FnMut(&str) -> Option<String>,
 ) -> Option<String> {
-    let mut cmd = p.poolctl();
-    if let Some(t) = token {
-        cmd.args(["--token", t]);
-    }
-    let mut child = cmd
+    let p = match token {
+        Some(t) => p.as_token(t),
+        None => p.clone(),
+    };
+    let mut child = p
+        .poolctl()
         .args(["vm-console", vm])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

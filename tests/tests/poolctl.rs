@@ -117,12 +117,11 @@ fn hosts_and_tasks_through_poolctl() {
 
 /// Runs poolctl with a token (or none) and returns whether it succeeded and its output.
 fn as_user(p: &PoolArg, token: Option<&str>, args: &[&str]) -> (bool, String) {
-    let mut all = Vec::new();
-    if let Some(t) = token {
-        all.extend(["--token", t]);
-    }
-    all.extend_from_slice(args);
-    let o = poolctl(&p.anonymous(), &all);
+    let p = match token {
+        Some(t) => p.as_token(t),
+        None => p.anonymous(),
+    };
+    let o = poolctl(&p, args);
     (o.status.success(), text(&o))
 }
 

@@ -14,9 +14,7 @@ use e2e_tests::{Hostd, PoolArg, poolctl, secret_file, text, wait_for};
 
 /// Runs poolctl as the holder of `token`; whether it succeeded and its output.
 fn run(p: &PoolArg, token: &str, args: &[&str]) -> (bool, String) {
-    let mut all = vec!["--token", token];
-    all.extend_from_slice(args);
-    let o = poolctl(p, &all);
+    let o = poolctl(&p.as_token(token), args);
     (o.status.success(), text(&o))
 }
 
