@@ -43,7 +43,8 @@ RESULTS=()
 
 # --- 1. coordinator writes: raft.sh with etcd on TLS --------------------------------------
 echo "== coordinator writes: poold (mTLS) vs etcd (peer and client TLS)"
-ETCD_TLS=1 bash bench/raft.sh | tee "$WORK/raft.out"
+# raft.sh's own BENCH keys name the comparison in clear: kept for the renaming below only.
+ETCD_TLS=1 bash bench/raft.sh | tee "$WORK/raft.out" | grep -v '^BENCH '
 bench() { awk -v k="$1" '$1 == "BENCH" && $2 == k { print $3 }' "$WORK/raft.out"; }
 for k in throughput_c1 throughput_c64 p99_c64; do
   v=$(bench "raft_vs_etcd_$k")
@@ -102,7 +103,7 @@ if [ -z "$line" ]; then
   echo "the intruder suite printed no INTRUDER line (exit $suite)" >&2
   exit 1
 fi
-grep -v '^INTRUDER' "$WORK/intruder.out" | grep -iE 'refused|denied|intruder|attempt' | head -60 || true
+grep -v '^INTRUDER' "$WORK/intruder.out" | grep . || true
 attempts=$(sed 's/.*attempts=\([0-9]*\).*/\1/' <<<"$line")
 refused=$(sed 's/.*refused=\([0-9]*\).*/\1/' <<<"$line")
 echo "$line (suite exit $suite)"
