@@ -89,7 +89,7 @@ up() {
   for m in 1 2 3; do
     start "poold-$m" "$BIN/poold" --member-id "$m" --listen "$NET.1:710$m" --pool-id netns \
       --data-dir "$DIR/poold-$m" --tls-dir "$DIR/pki/member-$m" \
-      --admin-password-file "$DIR/pki/admin-password" "${members[@]}"
+      --admin-password-file "$DIR/pki/admin-password" --found-ca "$DIR/pki" "${members[@]}"
   done
   mkdir -p "$DIR/storaged"
   cat >"$DIR/storaged/storaged.toml" <<TOML

@@ -353,7 +353,10 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
             .arg("--tls-dir")
             .arg(dir.join(format!("pki/member-{id}")))
             .arg("--admin-password-file")
-            .arg(dir.join("pki").join(ADMIN_PASSWORD));
+            .arg(dir.join("pki").join(ADMIN_PASSWORD))
+            // The pool keeps its CA, so `poolctl host-join` can add hosts to the lab.
+            .arg("--found-ca")
+            .arg(dir.join("pki"));
         for (j, a) in MEMBERS.iter().enumerate() {
             cmd.arg("--member").arg(format!("{}={a}", j + 1));
         }

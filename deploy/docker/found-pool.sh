@@ -29,5 +29,8 @@ issue --identity storage/node1 --name "$NET.11" --name node1 --out "$DIR/node1/s
 # The pool is founded with its first admin: each member is given the password (0600).
 [ -s "$DIR/admin-password" ] || (umask 077 && head -c 18 /dev/urandom | base64 >"$DIR/admin-password")
 for n in 1 2 3; do install -m 0600 "$DIR/admin-password" "$DIR/node$n/admin-password"; done
+# Node 1's member founds the pool with its CA (kept in the replicated state from then on),
+# so `poolctl host-join` can add hosts later.
+rm -rf "$DIR/node1/ca" && cp -a "$DIR/ca" "$DIR/node1/ca" && chmod 0700 "$DIR/node1/ca"
 printf 'coordinators = [%s]\nca = "%s"\n' "$coords" "$DIR/ca.pem" >"$DIR/client.toml"
 echo "founded: poolctl --config $DIR/client.toml login admin --password-file $DIR/admin-password"

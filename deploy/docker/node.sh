@@ -6,10 +6,12 @@ set -eu
 mkdir -p /var/lib/poold /var/lib/hostd /var/lib/storaged
 members=""
 for m in $MEMBERS; do members="$members --member $m"; done
+found=""
+[ -d /etc/pool/pki/ca ] && found="--found-ca /etc/pool/pki/ca"
 # shellcheck disable=SC2086
 poold --member-id "$MEMBER_ID" --listen "$NODE_IP:7101" --pool-id compose \
   --data-dir /var/lib/poold --tls-dir /etc/pool/pki/member \
-  --admin-password-file /etc/pool/pki/admin-password $members &
+  --admin-password-file /etc/pool/pki/admin-password $found $members &
 if [ "${STORAGE:-0}" = 1 ]; then
   cat >/etc/pool/storaged.toml <<TOML
 listen = "$NODE_IP:7300"

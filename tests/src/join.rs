@@ -1,64 +1,11 @@
-//! Pools whose CA is in their replicated state (`poold --found-ca`), and daemons that
-//! join them with a join file (`hostd --join FILE`) instead of a TLS directory issued
-//! offline.
+//! Daemons that join a pool founded with its CA ([`crate::Coordinators::start`]) with a
+//! join file (`hostd --join FILE`) instead of a TLS directory issued offline.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{
-    ADMIN_PASSWORD, Coordinators, POOL_ID, PoolArg, Process, binary, free_port, secret_file,
-};
-
-/// `n` members founded like [`Coordinators::start`], member 1 given the pool's CA with
-/// `--found-ca` (the others get it through the log).
-pub fn found_with_ca(dir: &Path, n: usize) -> Coordinators {
-    let addrs: Vec<String> = (0..n)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
-    let mut pool = PoolArg {
-        addrs: addrs.join(","),
-        pki: dir.join("pki"),
-        pool_id: POOL_ID.into(),
-        token: None,
-    };
-    for id in 1..=n as u64 {
-        pool.tls_dir(pool_trust::Identity::Member(id), &["127.0.0.1"]);
-    }
-    let password = secret_file(dir, "admin-password", ADMIN_PASSWORD);
-    let procs = (1..=n).map(|id| member(dir, &addrs, id)).collect();
-    pool.token = Some(pool.login("admin", Path::new(&password)));
-    Coordinators {
-        dir: dir.to_owned(),
-        addrs,
-        procs,
-        pool,
-    }
-}
-
-fn member(dir: &Path, addrs: &[String], id: usize) -> Process {
-    let mut cmd = Command::new(binary("poold"));
-    cmd.args(["--member-id", &id.to_string(), "--listen", &addrs[id - 1]])
-        .arg("--data-dir")
-        .arg(dir.join(format!("poold-{id}")))
-        .arg("--tls-dir")
-        .arg(dir.join(format!("pki/member-{id}")))
-        .arg("--admin-password-file")
-        .arg(dir.join("admin-password"))
-        .args(["--log", "info,raft=warn"]);
-    if id == 1 {
-        // The directory `LocalCa` keeps: poold finds the CA in its `ca/`.
-        cmd.arg("--found-ca").arg(dir.join("pki"));
-    }
-    for (j, a) in addrs.iter().enumerate() {
-        cmd.arg("--member").arg(format!("{}={a}", j + 1));
-    }
-    let log = std::fs::File::create(dir.join(format!("poold-{id}.log")))
-        .map(Stdio::from)
-        .unwrap_or_else(|_| Stdio::null());
-    cmd.stdout(Stdio::null()).stderr(log);
-    Process::spawn(&format!("poold-{id}"), cmd)
-}
+use crate::{PoolArg, Process, binary};
 
 /// `hostd --join FILE` for host `name` on `ip`, with `tls_dir` (which it writes when it
 /// joins) and its state under `dir/<name>`. No `--pool`: the members come from the file.

@@ -203,7 +203,19 @@ pub struct Coordinators {
 }
 
 impl Coordinators {
+    /// `n` members founding a pool with its CA (`--found-ca`: the pool then issues
+    /// certificates to daemons that join with a token).
     pub fn start(dir: &Path, n: usize) -> Coordinators {
+        Self::start_with(dir, n, true)
+    }
+
+    /// As [`Coordinators::start`], the CA kept out of the pool's state (certificates are
+    /// then issued offline only).
+    pub fn start_without_ca(dir: &Path, n: usize) -> Coordinators {
+        Self::start_with(dir, n, false)
+    }
+
+    fn start_with(dir: &Path, n: usize, found_ca: bool) -> Coordinators {
         let addrs: Vec<String> = (0..n)
             .map(|_| format!("127.0.0.1:{}", free_port()))
             .collect();
@@ -217,7 +229,9 @@ impl Coordinators {
             pool.tls_dir(pool_trust::Identity::Member(id), &["127.0.0.1"]);
         }
         let password = secret_file(dir, "admin-password", ADMIN_PASSWORD);
-        let procs = (1..=n).map(|id| Self::member(dir, &addrs, id)).collect();
+        let procs = (1..=n)
+            .map(|id| Self::member(dir, &addrs, id, found_ca))
+            .collect();
         pool.token = Some(pool.login("admin", Path::new(&password)));
         Coordinators {
             dir: dir.to_owned(),
@@ -227,7 +241,7 @@ impl Coordinators {
         }
     }
 
-    fn member(dir: &Path, addrs: &[String], id: usize) -> Process {
+    fn member(dir: &Path, addrs: &[String], id: usize, found_ca: bool) -> Process {
         let mut cmd = Command::new(binary("poold"));
         cmd.args([
             "--member-id",
@@ -244,6 +258,10 @@ impl Coordinators {
         .arg("--admin-password-file")
         .arg(dir.join("admin-password"))
         .args(["--log", "info,raft=warn"]);
+        if found_ca {
+            // The directory `LocalCa` keeps: poold finds the CA in its `ca/`.
+            cmd.arg("--found-ca").arg(dir.join("pki"));
+        }
         for (j, a) in addrs.iter().enumerate() {
             cmd.arg("--member").arg(format!("{}={a}", j + 1));
         }
@@ -270,7 +288,8 @@ impl Coordinators {
     pub fn restart_all(&mut self) {
         self.kill_all();
         self.procs = (1..=self.addrs.len())
-            .map(|id| Self::member(&self.dir, &self.addrs, id))
+            // A pool founded with its CA keeps it in its state: no --found-ca again.
+            .map(|id| Self::member(&self.dir, &self.addrs, id, false))
             .collect();
     }
 

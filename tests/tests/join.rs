@@ -9,8 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use e2e_tests::join::{
-    add_member, found_with_ca, host_join_file, hostd_joining, join_file, member_joining,
-    run_until_exit,
+    add_member, host_join_file, hostd_joining, join_file, member_joining, run_until_exit,
 };
 use e2e_tests::{Coordinators, Daemon, poolctl, poolctl_ok, secret_file, text, wait_for};
 
@@ -35,7 +34,7 @@ fn refused(cmd: std::process::Command, tls_dir: &Path, why: &str) {
 fn a_host_joins_once_with_its_token() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let pool = found_with_ca(dir, 3);
+    let pool = Coordinators::start(dir, 3);
     let p = pool.pool_arg();
 
     // The join file: 0600, never overwritten, the token in it and never on a command line.
@@ -180,7 +179,7 @@ fn read_only_user(pool: &Coordinators, dir: &Path) -> e2e_tests::PoolArg {
 #[test]
 fn a_pool_founded_without_its_ca_issues_no_token() {
     let tmp = tempfile::tempdir().unwrap();
-    let pool = Coordinators::start(tmp.path(), 1);
+    let pool = Coordinators::start_without_ca(tmp.path(), 1);
     let out = tmp.path().join("h1.join");
     let o = poolctl(
         &pool.pool,
@@ -199,7 +198,7 @@ fn a_pool_founded_without_its_ca_issues_no_token() {
 fn of_two_hosts_racing_with_one_token_one_joins() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let pool = found_with_ca(dir, 3);
+    let pool = Coordinators::start(dir, 3);
     let file = host_join_file(&pool.pool, dir, "h1", &[]);
     let tls = [dir.join("a-tls"), dir.join("b-tls")];
     let mut children: Vec<_> = ["127.0.0.51", "127.0.0.52"]
@@ -240,7 +239,7 @@ fn of_two_hosts_racing_with_one_token_one_joins() {
 fn a_new_member_joins_with_its_token() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut pool = found_with_ca(dir, 3);
+    let mut pool = Coordinators::start(dir, 3);
     let file = join_file(&pool.pool, dir, "member-join", "4", &[]);
     assert_eq!(mode(&file), 0o600);
     let addr = format!("127.0.0.1:{}", e2e_tests::free_port());
