@@ -180,6 +180,8 @@ pub struct Agent<H> {
     cfg: AgentConfig,
     host: Arc<H>,
     coordinators: Coordinators,
+    /// A renewed certificate to call the coordinators with from the next heartbeat on.
+    tls_updates: Option<tokio::sync::watch::Receiver<Option<ClientTlsConfig>>>,
     /// The pool's id of this host, once known.
     host_id: Option<String>,
     sequence: u64,
@@ -200,11 +202,46 @@ impl<H: HostService> Agent<H> {
             cfg,
             host,
             coordinators,
+            tls_updates: None,
             host_id: None,
             sequence: 0,
             info_sent_at: None,
             state: pb::HostState::Unspecified,
         })
+    }
+
+    /// Calls the coordinators with each TLS configuration `updates` brings (a renewed
+    /// certificate), from the heartbeat after it arrives.
+    pub fn with_tls_updates(
+        mut self,
+        updates: tokio::sync::watch::Receiver<Option<ClientTlsConfig>>,
+    ) -> Self {
+        self.tls_updates = Some(updates);
+        self
+    }
+
+    /// Takes a renewed certificate, if one came: new connections to the coordinators
+    /// present it (the old one may expire while the daemon runs on).
+    fn take_tls_update(&mut self) {
+        let Some(rx) = self.tls_updates.as_mut() else {
+            return;
+        };
+        if !rx.has_changed().unwrap_or(false) {
+            return;
+        }
+        let Some(tls) = rx.borrow_and_update().clone() else {
+            return;
+        };
+        match Coordinators::new(
+            &self.cfg.coordinators,
+            self.cfg.token.as_deref(),
+            Some(&tls),
+        ) {
+            Ok(c) => self.coordinators = c,
+            Err(e) => {
+                tracing::warn!(error = %proto::error_chain(&e), "the renewed certificate cannot be used to call the pool")
+            }
+        }
     }
 
     /// The pool's id of this host, once the agent has found or joined it.
@@ -227,6 +264,7 @@ impl<H: HostService> Agent<H> {
                 _ = &mut shutdown => return,
                 _ = tokio::time::sleep(wait) => {}
             }
+            self.take_tls_update();
             match self.beat().await {
                 Ok(resp) => {
                     if failures > 0 {

@@ -55,49 +55,6 @@ pub struct PoolConfig {
     pub token: Option<String>,
 }
 
-/// A join file from `poolctl host-join NAME --out FILE`: a one-time token for this host and
-/// what it needs to trust the pool before it has a certificate (`hostd --join FILE`).
-#[derive(Clone, Deserialize, PartialEq)]
-pub struct JoinFile {
-    pub pool_id: String,
-    /// The identity the token is for, `host/<name>`.
-    pub identity: String,
-    /// Coordinator members (`host:port`).
-    pub members: Vec<String>,
-    /// When the token expires, in milliseconds since the Unix epoch.
-    #[serde(default)]
-    pub expires_at_ms: u64,
-    /// The pool's CA bundle (PEM).
-    pub ca_pem: String,
-    /// The join token: a secret, never logged (see the `Debug` impl).
-    pub token: String,
-}
-
-impl std::fmt::Debug for JoinFile {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JoinFile")
-            .field("pool_id", &self.pool_id)
-            .field("identity", &self.identity)
-            .field("members", &self.members)
-            .field("expires_at_ms", &self.expires_at_ms)
-            .field("token", &"<redacted>")
-            .finish_non_exhaustive()
-    }
-}
-
-impl JoinFile {
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}")]
@@ -170,23 +127,5 @@ mod tests {
         assert_eq!(pool.join, None);
         assert!(Config::parse("[pool]\ncoordinator = []\n").is_err());
         assert_eq!(Config::parse("").unwrap().pool, None);
-    }
-
-    #[test]
-    fn join_files_parse_and_never_show_their_token() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("join.toml");
-        std::fs::write(
-            &path,
-            "# comment\npool_id = \"p\"\nidentity = \"host/h1\"\nmembers = [\"127.0.0.1:1\"]\n\
-             expires_at_ms = 5\nca_pem = \"PEM\"\ntoken = \"pooljoin-secret\"\n",
-        )
-        .unwrap();
-        let f = JoinFile::load(&path).unwrap();
-        assert_eq!(f.identity, "host/h1");
-        assert_eq!(f.members, ["127.0.0.1:1"]);
-        assert!(!format!("{f:?}").contains("secret"));
-        std::fs::write(&path, "pool_id = \"p\"\n").unwrap();
-        assert!(JoinFile::load(&path).is_err());
     }
 }

@@ -289,9 +289,16 @@ fn daemon(args: Args) -> anyhow::Result<()> {
     let identity = pool_trust::Identity::Host(host_name);
     if let Some(file) = &args.join {
         let names = advertised_ip(&config).into_iter().collect::<Vec<_>>();
-        let joined = rt
-            .block_on(join_pool(file, &identity, &names, &tls_dir))
-            .with_context(|| format!("joining the pool with {}", file.display()))?;
+        // A key made here, its request signed by the pool against the file's one-time
+        // token, the TLS directory written in one rename (refused when it exists).
+        let joined = pool_client::join::JoinFile::load(file)
+            .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))?;
+        rt.block_on(pool_client::join::join(
+            &joined, &identity, &names, &tls_dir,
+        ))
+        .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))
+        .with_context(|| format!("joining the pool with {} as {identity}", file.display()))?;
+        tracing::info!(%identity, dir = %tls_dir.display(), "joined the pool: certificate issued");
         let pool = config.pool.get_or_insert_with(Default::default);
         if pool.coordinators.is_empty() {
             pool.coordinators = joined.members;
@@ -346,6 +353,36 @@ fn daemon(args: Args) -> anyhow::Result<()> {
                 .unwrap_or_default(),
         };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let server_tls = pool_trust::serve::ServerTls::new(&tls, pool_trust::ClientAuth::Required)
+            .context("TLS for serving HostService")?;
+        // Renewed certificates: served from the next connection on, presented to the
+        // coordinators from the next heartbeat on; VM processes read the directory when
+        // a migration starts.
+        let (to_pool_tx, to_pool_rx) = tokio::sync::watch::channel(None);
+        let renewal = match config.pool.as_ref().map(|p| p.coordinators.clone()) {
+            Some(members) if !members.is_empty() => {
+                let server_tls = server_tls.clone();
+                let renewed = move |next: &pool_trust::DaemonTls| {
+                    if let Err(e) = server_tls.reload(next) {
+                        tracing::warn!(error = %proto::error_chain(&e), "the renewed certificate cannot be served");
+                    }
+                    match next.coordinators_client() {
+                        Ok(c) => {
+                            let _ = to_pool_tx.send(Some(c));
+                        }
+                        Err(e) => tracing::warn!(error = %proto::error_chain(&e), "the renewed certificate cannot call the pool"),
+                    }
+                };
+                Some(tokio::spawn(pool_client::join::keep_renewed(
+                    tls.clone(),
+                    members,
+                    tls_dir.clone(),
+                    renewed,
+                    stop_rx.clone(),
+                )))
+            }
+            _ => None,
+        };
         let agent = match &config.pool {
             Some(pool) => {
                 let cfg = AgentConfig::new(pool, addr, &identity.host_id)
@@ -355,8 +392,9 @@ fn daemon(args: Args) -> anyhow::Result<()> {
                 let to_pool = tls
                     .coordinators_client()
                     .context("TLS for calling the coordinators")?;
-                let agent =
-                    Agent::new(cfg, local, Some(&to_pool)).context("joining the pool")?;
+                let agent = Agent::new(cfg, local, Some(&to_pool))
+                    .context("joining the pool")?
+                    .with_tls_updates(to_pool_rx);
                 let mut stop = stop_rx.clone();
                 Some(tokio::spawn(agent.run(async move {
                     let _ = stop.wait_for(|s| *s).await;
@@ -364,8 +402,6 @@ fn daemon(args: Args) -> anyhow::Result<()> {
             }
             None => None,
         };
-        let server_tls = pool_trust::serve::ServerTls::new(&tls, pool_trust::ClientAuth::Required)
-            .context("TLS for serving HostService")?;
         hostd::service::serve(
             listener,
             HostServer::new(manager.clone(), identity),
@@ -379,6 +415,9 @@ fn daemon(args: Args) -> anyhow::Result<()> {
         .context("serving")?;
         if let Some(agent) = agent {
             let _ = agent.await;
+        }
+        if let Some(renewal) = renewal {
+            let _ = renewal.await;
         }
         if tie {
             manager.stop_all().await;
@@ -403,124 +442,6 @@ fn advertised_ip(config: &Config) -> Option<std::net::IpAddr> {
             .map(|l| l.ip())
             .filter(|ip| !ip.is_unspecified()),
     }
-}
-
-/// `--join FILE`: a key made here, its certificate request signed by the pool against the
-/// file's one-time token, and the TLS directory written (0700, key 0600) in one rename,
-/// so a failed join leaves no directory behind. Refused when the directory exists.
-async fn join_pool(
-    file: &std::path::Path,
-    identity: &pool_trust::Identity,
-    ips: &[std::net::IpAddr],
-    tls_dir: &std::path::Path,
-) -> anyhow::Result<hostd::config::JoinFile> {
-    use pool_trust::{AltName, CaBundle, Credentials, DaemonTls, LeafKey, PoolId};
-    use proto::coordinator::pool_service_client::PoolServiceClient;
-
-    let chain = |e: &dyn std::error::Error| anyhow::anyhow!(proto::error_chain(e));
-    if tls_dir.exists() {
-        anyhow::bail!(
-            "already joined: the TLS directory {} exists; start without --join",
-            tls_dir.display()
-        );
-    }
-    let join = hostd::config::JoinFile::load(file).map_err(|e| chain(&e))?;
-    if join.identity != identity.path() {
-        anyhow::bail!(
-            "the join file is for {}, but this host runs as {} (--host-id or [pool] name)",
-            join.identity,
-            identity.path()
-        );
-    }
-    let pool = PoolId::parse(&join.pool_id).map_err(|e| chain(&e))?;
-    let bundle = CaBundle::from_pem(&join.ca_pem).map_err(|e| chain(&e))?;
-    anyhow::ensure!(
-        bundle.pool_id() == &pool,
-        "the join file's CA bundle is of pool {}, not {pool}",
-        bundle.pool_id()
-    );
-    let key = LeafKey::generate().map_err(|e| chain(&e))?;
-    let names: Vec<AltName> = ips.iter().map(|ip| AltName::Ip(*ip)).collect();
-    let csr = key
-        .csr_pem(&pool, identity, &names)
-        .map_err(|e| chain(&e))?;
-    // The members must show a certificate of the file's CA under the coordinators' name:
-    // the pool is trusted from the file, not on first contact.
-    let tls = pool_trust::tls::client_tls(&bundle, None, None)
-        .map_err(|e| chain(&e))?
-        .domain_name(pool_trust::coordinators_name(&pool));
-    let mut last = anyhow::anyhow!("the join file names no coordinator member");
-    for member in &join.members {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{member}"))
-            .and_then(|e| e.tls_config(tls.clone()))
-            .map(|e| e.connect_timeout(std::time::Duration::from_secs(3)));
-        let channel = match endpoint {
-            Ok(e) => match e.connect().await {
-                Ok(c) => c,
-                Err(e) => {
-                    last = anyhow::anyhow!("{member}: {}", proto::error_chain(&e));
-                    continue;
-                }
-            },
-            Err(e) => {
-                last = anyhow::anyhow!("{member}: {}", proto::error_chain(&e));
-                continue;
-            }
-        };
-        let request = proto::coordinator::JoinRequest {
-            token: join.token.clone(),
-            csr_pem: csr.clone(),
-        };
-        let answer = match PoolServiceClient::new(channel).join(request).await {
-            Ok(a) => a.into_inner(),
-            // Unavailable: another member may answer; any other refusal is the pool's.
-            Err(s) if s.code() == tonic::Code::Unavailable => {
-                last = anyhow::anyhow!("{member}: {}", s.message());
-                continue;
-            }
-            Err(s) => anyhow::bail!("the pool refused to join: {:?}: {}", s.code(), s.message()),
-        };
-        let creds =
-            Credentials::new(&answer.certificate_pem, &key, &pool).map_err(|e| chain(&e))?;
-        anyhow::ensure!(
-            creds.identity() == identity,
-            "the pool signed a certificate for {}, not {identity}",
-            creds.identity()
-        );
-        let bundle = CaBundle::from_pem(&answer.ca_bundle_pem).map_err(|e| chain(&e))?;
-        let tls = DaemonTls { bundle, creds };
-        save_new_dir(&tls, tls_dir)?;
-        tracing::info!(%identity, dir = %tls_dir.display(), "joined the pool: certificate issued");
-        return Ok(join);
-    }
-    Err(last.context("no coordinator member answered"))
-}
-
-/// Writes `tls` into a new directory beside `dir`, then renames it into place.
-fn save_new_dir(tls: &pool_trust::DaemonTls, dir: &std::path::Path) -> anyhow::Result<()> {
-    let name = dir
-        .file_name()
-        .context("the TLS directory has no name")?
-        .to_string_lossy();
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => std::path::Path::new("."),
-    };
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tmp = parent.join(format!(".{name}.joining-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let res = tls
-        .save(&tmp)
-        .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))
-        .and_then(|()| {
-            // Never over a directory that appeared meanwhile.
-            anyhow::ensure!(!dir.exists(), "{} appeared while joining", dir.display());
-            std::fs::rename(&tmp, dir).with_context(|| format!("renaming into {}", dir.display()))
-        });
-    if res.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    res
 }
 
 async fn shutdown_signal() {

@@ -13,6 +13,7 @@
 //! - [`auth`]: the interceptor that sends the login token with every call.
 //! - [`client`]: [`PoolClient`], the `PoolService` client with leader finding and retries
 //!   until a deadline.
+//! - [`join`]: a daemon's certificate from the pool: joining with a join file, renewing.
 //!
 //! # Example
 //! A call retries on every member until its deadline, then says why none answered:
@@ -46,6 +47,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod join;
 pub mod members;
 
 pub use auth::{Auth, BadToken};

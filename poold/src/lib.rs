@@ -22,7 +22,6 @@
 //!   the leader carries out step by step through [`backend`] (storaged and hostd).
 //! - [`auth`]: users, roles and tokens: who may call what.
 //! - [`server`]: starting (or bootstrapping, or joining) a member and serving it.
-//! - [`joining`]: a new member's certificate from the pool, with a join file.
 //! - [`config`]: the daemon's TOML configuration.
 //!
 //! # What a write goes through
@@ -44,7 +43,6 @@ pub mod config;
 pub mod consensus;
 pub mod coordinator;
 pub mod jobs;
-pub mod joining;
 pub mod reconcile;
 pub mod scheduler;
 pub mod server;

@@ -145,17 +145,18 @@ fn main() -> anyhow::Result<()> {
             .filter(|ip| !ip.is_unspecified())
             .into_iter()
             .collect();
+        // The pool is trusted from the file; the member starts empty and waits to be added.
+        let identity = pool_trust::Identity::Member(id);
+        let join = pool_client::join::JoinFile::load(file)
+            .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))?;
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("starting the async runtime")?
-            .block_on(poold::joining::join(
-                file,
-                &pool_trust::Identity::Member(id),
-                &ips,
-                &tls_dir,
-            ))
-            .with_context(|| format!("joining the pool with {}", file.display()))?;
+            .block_on(pool_client::join::join(&join, &identity, &ips, &tls_dir))
+            .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))
+            .with_context(|| format!("joining the pool with {} as {identity}", file.display()))?;
+        tracing::info!(%identity, dir = %tls_dir.display(), "certificate issued by the pool");
         cfg.join = Some(true);
     }
     let tls = pool_trust::DaemonTls::load_as(&tls_dir, &pool_trust::Identity::Member(id))

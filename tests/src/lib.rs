@@ -446,9 +446,14 @@ pub struct Hostd {
 
 impl Hostd {
     pub fn start(dir: &Path, name: &str, ip: &str, pool: &PoolArg) -> Hostd {
+        let tls = pool.tls_dir(pool_trust::Identity::Host(name.into()), &[ip]);
+        Self::start_with_tls(dir, name, ip, pool, &tls)
+    }
+
+    /// As [`Hostd::start`], with the TLS directory `tls` made beforehand.
+    pub fn start_with_tls(dir: &Path, name: &str, ip: &str, pool: &PoolArg, tls: &Path) -> Hostd {
         let run = dir.join(name);
         std::fs::create_dir_all(&run).expect("hostd run dir");
-        let tls = pool.tls_dir(pool_trust::Identity::Host(name.into()), &[ip]);
         // The daemon starts VM processes with the lean binary beside it when it is built.
         let _ = binary("hostd-vmm");
         let iqn = format!("iqn.2026-11.org.pool.e2e:{name}");
@@ -458,7 +463,7 @@ impl Hostd {
             .arg(&run)
             .args(["--initiator-iqn", &iqn, "--host-id", name])
             .arg("--tls-dir")
-            .arg(&tls)
+            .arg(tls)
             // The test's guest kernel and images are written into its directory.
             .arg("--image-dir")
             .arg(dir)

@@ -329,6 +329,96 @@ fn an_intruder_is_refused_everywhere_and_changes_nothing() {
             "PermissionDenied",
         );
 
+        // A join token spends once: the daemon it was made for joins, a replay of it and
+        // a token made up are refused.
+        let file = dir.path().join("h9.join");
+        pool.ctl(&["host-join", "h9", "--out", file.to_str().unwrap()]);
+        let text = std::fs::read_to_string(&file).unwrap();
+        let token = text
+            .lines()
+            .find_map(|l| l.strip_prefix("token = \""))
+            .and_then(|l| l.strip_suffix('"'))
+            .expect("a token in the join file")
+            .to_owned();
+        let join = |token: String| {
+            let p = p.clone();
+            let member = member.clone();
+            async move {
+                let ch = channel(&p, &member, To::Member, &As::Nobody).await?;
+                let pool_id = PoolId::parse(&p.pool_id).unwrap();
+                let csr = pool_trust::LeafKey::generate()
+                    .unwrap()
+                    .csr_pem(&pool_id, &Identity::Host("h9".into()), &[])
+                    .unwrap();
+                Ok(PoolServiceClient::new(ch)
+                    .join(pb::JoinRequest {
+                        token,
+                        csr_pem: csr,
+                    })
+                    .await)
+            }
+        };
+        assert_eq!(
+            outcome(join(token.clone()).await),
+            "ok",
+            "the first use joins"
+        );
+        t.refused(
+            "a join token used a second time",
+            outcome(join(token.clone()).await),
+            "FailedPrecondition",
+        );
+        let forged = format!("{}{}", &token[..token.len() - 4], "beef");
+        t.refused(
+            "a join token with a guessed secret",
+            outcome(join(forged).await),
+            "PermissionDenied",
+        );
+
+        // Certificate renewal: only for the caller's own identity, one the pool knows.
+        let renew = |who: As, for_whom: Identity| {
+            let p = p.clone();
+            let member = member.clone();
+            async move {
+                let ch = channel(&p, &member, To::Member, &who).await?;
+                let pool_id = PoolId::parse(&p.pool_id).unwrap();
+                let csr = pool_trust::LeafKey::generate()
+                    .unwrap()
+                    .csr_pem(&pool_id, &for_whom, &[])
+                    .unwrap();
+                Ok(PoolServiceClient::new(ch)
+                    .renew_certificate(pb::RenewCertificateRequest { csr_pem: csr })
+                    .await)
+            }
+        };
+        t.refused(
+            "RenewCertificate without a certificate",
+            outcome(renew(As::Nobody, Identity::Host("h1".into())).await),
+            "Unauthenticated",
+        );
+        t.refused(
+            "h2 renewing a certificate for h1",
+            outcome(
+                renew(
+                    As::Pool(Identity::Host("h2".into())),
+                    Identity::Host("h1".into()),
+                )
+                .await,
+            ),
+            "PermissionDenied",
+        );
+        t.refused(
+            "a host the pool does not know renewing its certificate",
+            outcome(
+                renew(
+                    As::Pool(Identity::Host("mallory".into())),
+                    Identity::Host("mallory".into()),
+                )
+                .await,
+            ),
+            "PermissionDenied",
+        );
+
         // A host's control API: the coordinator members only.
         let host = |who: As| {
             let p = p.clone();

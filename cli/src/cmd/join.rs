@@ -12,26 +12,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use anyhow::{Context, bail};
+use pool_client::join::JoinFile;
 use proto::coordinator as pb;
-use serde::Serialize;
 
 use crate::ctl::{Ctl, call};
-
-/// A join file, as `hostd --join` and `storaged`'s `join_file` read it.
-#[derive(Debug, Serialize)]
-pub struct JoinFile {
-    pub pool_id: String,
-    /// The identity the token is for, `<role>/<name>` (e.g. `host/h1`).
-    pub identity: String,
-    /// The coordinator members (`host:port`) to join through and heartbeat to.
-    pub members: Vec<String>,
-    /// When the token expires, in milliseconds since the Unix epoch.
-    pub expires_at_ms: u64,
-    /// The pool's CA bundle (PEM): the members must present certificates it signed.
-    pub ca_pem: String,
-    /// `pooljoin-<id>-<secret>`: spent by the first join.
-    pub token: String,
-}
 
 /// Parses a lifetime: `90s`, `30m`, `1h`, `1d`, or plain seconds.
 pub fn parse_ttl(s: &str) -> Result<u32, String> {
@@ -100,7 +84,7 @@ pub async fn create(
         file.identity,
         file.pool_id,
         expires_at,
-        toml::to_string(&file).context("encoding the join file")?
+        file.to_toml().context("encoding the join file")?
     );
     match out {
         Some(out) => {

@@ -98,6 +98,14 @@ impl PoolService for PoolHandler {
             .map(Response::new)
     }
 
+    /// No user token: the caller's certificate is the credential.
+    async fn renew_certificate(
+        &self,
+        r: Request<pb::RenewCertificateRequest>,
+    ) -> R<pb::JoinResponse> {
+        join::renew(self, r).await.map(Response::new)
+    }
+
     // Hosts.
 
     async fn join_host(&self, r: Request<pb::JoinHostRequest>) -> R<pb::TaskResponse> {

@@ -171,6 +171,78 @@ async fn redeem_and_sign(
     })
 }
 
+/// `RenewCertificate`: the caller's current certificate (verified in the handshake) says
+/// who it is; the request must be for that identity, which must still be of the pool (a
+/// member of it, a host it has a record of). Every answer is audited.
+pub(super) async fn renew(
+    svc: &PoolHandler,
+    r: tonic::Request<pb::RenewCertificateRequest>,
+) -> Result<pb::JoinResponse, Status> {
+    let peer = peer_of(&r);
+    let (ca, bundle, _) = pool_ca(svc).await?;
+    let caller = pool_trust::tls::peer_identity(&r, ca.pool_id())?;
+    let who = Caller {
+        name: caller.path(),
+        level: Level::ReadOnly,
+        method: "RenewCertificate".into(),
+        peer,
+    };
+    let res = renew_for(svc, &ca, &caller, &r.get_ref().csr_pem).await;
+    let ok = Status::ok(format!("certificate of {caller} renewed"));
+    svc.audit(&who, res.as_ref().err().unwrap_or(&ok));
+    let cert = res?;
+    tracing::info!(identity = %caller, peer = %who.peer, "certificate renewed");
+    Ok(pb::JoinResponse {
+        certificate_pem: cert,
+        ca_bundle_pem: bundle,
+        identity: caller.path(),
+    })
+}
+
+async fn renew_for(
+    svc: &PoolHandler,
+    ca: &PoolCa,
+    caller: &Identity,
+    csr_pem: &str,
+) -> Result<String, Status> {
+    let request = CertificateRequest::from_pem(csr_pem, ca.pool_id()).map_err(|e| {
+        Status::invalid_argument(format!(
+            "the certificate request: {}",
+            proto::error_chain(&e)
+        ))
+    })?;
+    if request.identity() != caller {
+        return Err(Status::permission_denied(format!(
+            "{caller} may renew its own certificate only, not one for {}",
+            request.identity()
+        )));
+    }
+    let known = {
+        let caller = caller.clone();
+        svc.c
+            .read(move |s| match &caller {
+                Identity::Member(id) => s.members.contains_key(id),
+                Identity::Host(name) => s.hosts.values().any(|h| &h.name == name),
+                // Storage endpoints are not recorded by name in the state; their
+                // certificate is the pool's word.
+                Identity::Storage(_) => true,
+                Identity::Client(_) => false,
+            })
+            .await?
+    };
+    if !known {
+        return Err(Status::permission_denied(format!(
+            "{caller} is not (or no longer) part of this pool"
+        )));
+    }
+    ca.sign(
+        &request,
+        request.names(),
+        Validity::starting(proto::unix_ms(), JOINED_CERT_VALIDITY),
+    )
+    .map_err(|e| Status::internal(format!("signing: {}", proto::error_chain(&e))))
+}
+
 /// A token that does not let its holder have the certificate asked for.
 fn refusal(e: TokenError) -> Status {
     let code = match e {
