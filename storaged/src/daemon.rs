@@ -57,6 +57,8 @@ pub enum DaemonError {
     NoTlsDir,
     #[error("cannot use the TLS directory")]
     TlsDir(#[source] pool_trust::TlsDirError),
+    #[error("joining the pool: {0}")]
+    Join(String),
     #[error("the certificate in {dir} is for {identity}, not a storage endpoint")]
     NotStorage {
         dir: PathBuf,
@@ -98,6 +100,14 @@ pub struct Config {
     /// `key.pem` (0600) naming this storage endpoint. Required: `StorageService` answers
     /// only the pool's coordinator members, over mutual TLS.
     pub tls_dir: Option<PathBuf>,
+    /// A join file from `poolctl storage-join NAME` (0600): while `tls_dir` does not
+    /// exist, the endpoint gets its certificate from the pool with the file's one-time
+    /// token and writes `tls_dir`.
+    pub join_file: Option<PathBuf>,
+    /// Coordinator members (`host:port`) to renew the certificate with before it expires;
+    /// when empty, those of the join file (if any). None: the certificate is not renewed.
+    #[serde(default)]
+    pub coordinators: Vec<String>,
 }
 
 /// A pool named in the configuration file.
@@ -143,6 +153,8 @@ impl Default for Config {
             pools: Vec::new(),
             iqn_prefix: default_iqn_prefix(),
             tls_dir: None,
+            join_file: None,
+            coordinators: Vec::new(),
         }
     }
 }
@@ -172,6 +184,33 @@ pub fn run(config: Option<&Path>) -> Result<(), DaemonError> {
     runtime.block_on(serve(config))
 }
 
+/// With a join file and no TLS directory yet: joins the pool as the file's storage
+/// identity (named by the gRPC listen address, which the coordinators dial) and writes
+/// the directory. Returns the file's members, to renew with.
+async fn join(config: &Config) -> Result<Vec<String>, DaemonError> {
+    let (Some(file), Some(dir)) = (&config.join_file, &config.tls_dir) else {
+        return Ok(Vec::new());
+    };
+    let fail = |e: &dyn std::error::Error| DaemonError::Join(proto::error_chain(e));
+    let join = pool_client::join::JoinFile::load(file).map_err(|e| fail(&e))?;
+    if dir.exists() {
+        return Ok(join.members);
+    }
+    let identity = pool_trust::Identity::parse_path(&join.identity).map_err(|e| fail(&e))?;
+    if identity.role() != pool_trust::Role::Storage {
+        return Err(DaemonError::Join(format!(
+            "the join file is for {identity}, not a storage endpoint"
+        )));
+    }
+    let ip = config.listen.ip();
+    let ips: Vec<_> = (!ip.is_unspecified()).then_some(ip).into_iter().collect();
+    pool_client::join::join(&join, &identity, &ips, dir)
+        .await
+        .map_err(|e| fail(&e))?;
+    tracing::info!(%identity, dir = %dir.display(), "joined the pool: certificate issued");
+    Ok(join.members)
+}
+
 /// The storage endpoint's TLS directory: it must name a storage identity.
 fn load_tls(config: &Config) -> Result<pool_trust::DaemonTls, DaemonError> {
     let dir = config.tls_dir.as_deref().ok_or(DaemonError::NoTlsDir)?;
@@ -186,6 +225,7 @@ fn load_tls(config: &Config) -> Result<pool_trust::DaemonTls, DaemonError> {
 }
 
 async fn serve(config: Config) -> Result<(), DaemonError> {
+    let joined_members = join(&config).await?;
     let tls = load_tls(&config)?;
     let storage = {
         let dir = config.state_dir.clone();
@@ -277,6 +317,32 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
 
     let server_tls = pool_trust::serve::ServerTls::new(&tls, pool_trust::ClientAuth::Required)?;
     let incoming = server_tls.incoming(listener);
+    // The certificate renews itself before it expires; new connections get the new one.
+    let members = if config.coordinators.is_empty() {
+        joined_members
+    } else {
+        config.coordinators.clone()
+    };
+    let renewal = match (&config.tls_dir, members.is_empty()) {
+        (Some(dir), false) => {
+            let server_tls = server_tls.clone();
+            Some(tokio::spawn(pool_client::join::keep_renewed(
+                tls.clone(),
+                members,
+                dir.clone(),
+                move |next| {
+                    if let Err(e) = server_tls.reload(next) {
+                        tracing::warn!(error = %proto::error_chain(&e), "the renewed certificate cannot be served");
+                    }
+                },
+                stop_rx.clone(),
+            )))
+        }
+        _ => {
+            tracing::info!("no coordinators configured: the certificate will not be renewed");
+            None
+        }
+    };
     let members_only =
         pool_trust::tls::RequireRole::new(tls.pool_id().clone(), &[pool_trust::Role::Member]);
     tonic::transport::Server::builder()
@@ -298,6 +364,9 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     // and their commands finished before the pools' last commit below.
     let _ = stop_tx.send(true);
     let _ = iscsi.await;
+    if let Some(r) = renewal {
+        let _ = r.await;
+    }
     committer.abort();
     let s: Arc<Storage> = storage;
     tokio::task::spawn_blocking(move || s.flush_all())

@@ -268,3 +268,82 @@ fn a_new_member_joins_with_its_token() {
     });
     assert!(members.is_some(), "member 4 joined and follows");
 }
+
+/// `storaged serve` with `join_file` and a TLS directory still to be made.
+fn storaged_joining(dir: &Path, name: &str, join: &Path, tls_dir: &Path) -> std::process::Command {
+    let state = dir.join(name);
+    std::fs::create_dir_all(&state).unwrap();
+    let config = state.join("storaged.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\niscsi_listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n\
+             tls_dir = {tls_dir:?}\njoin_file = {join:?}\n",
+            state.join("state")
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(e2e_tests::binary("storaged"));
+    cmd.args(["--log", "info", "serve", "--config"]).arg(config);
+    cmd
+}
+
+#[test]
+fn a_storage_endpoint_joins_once_with_its_token_and_the_members_reach_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pool = Coordinators::start(dir, 1);
+    let p = pool.pool_arg();
+    let file = join_file(&p, dir, "storage-join", "s1", &[]);
+    let tls = dir.join("s1-tls");
+    let mut s1 = Daemon::spawn(
+        "s1",
+        storaged_joining(dir, "s1", &file, &tls),
+        &dir.join("s1.log"),
+    );
+    let addr = s1.wait_line("LISTENING ", Duration::from_secs(30));
+    assert_eq!(mode(&tls), 0o700);
+    assert_eq!(mode(&tls.join("key.pem")), 0o600);
+    let joined = pool_trust::DaemonTls::load(&tls).unwrap();
+    assert_eq!(
+        joined.identity(),
+        &pool_trust::Identity::Storage("s1".into())
+    );
+    assert!(
+        !s1.log_text().contains("pooljoin-"),
+        "storaged logged its token"
+    );
+    // A coordinator member reaches it by its address (the certificate names it).
+    let member = p
+        .ca()
+        .issue(&pool_trust::Identity::Member(1), &[], &dir.join("m1"))
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tls = pool_trust::tls::client_tls(&member.bundle, Some(&member.creds), None).unwrap();
+        let ch = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        proto::storage::storage_service_client::StorageServiceClient::new(ch)
+            .list_pools(proto::storage::ListPoolsRequest::default())
+            .await
+            .expect("a member calls the joined storage endpoint");
+    });
+    // The file again, for another directory: spent.
+    let again = dir.join("s1-again-tls");
+    let o = run_until_exit(
+        storaged_joining(dir, "s1b", &file, &again),
+        Duration::from_secs(30),
+    )
+    .expect("storaged was not refused");
+    assert!(!o.status.success());
+    assert!(text(&o).contains("already used"), "{}", text(&o));
+    assert!(!again.exists());
+}
