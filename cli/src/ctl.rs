@@ -28,8 +28,9 @@ pub(crate) use call;
 pub fn explain(s: tonic::Status) -> anyhow::Error {
     let hint = match s.code() {
         _ if pool_client::certificate_refused(&s) => {
-            "\nhint: the member's certificate is not signed by the CA poolctl trusts (--ca): \
-             this is another pool, or its CA changed; check --ca and --pool"
+            "\nhint: the member's certificate is not signed by the CA poolctl trusts (--ca, or \
+             the one pinned in ~/.config/poolctl/known_pools): this is another pool, or its CA \
+             changed; check --ca and --pool"
         }
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
             "\nhint: no coordinator answered; is the pool running (poolctl lab) and --pool right?"
