@@ -91,7 +91,8 @@ fn hosts_and_tasks_through_poolctl() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(tasks.contains("\"state\": \"succeeded\""), "{tasks}");
     // By default the tasks people started (here the joins, by the pool's first admin, and
-    // the founding of that admin); --all adds the pool's own (host reports and the like).
+    // the founding: of that admin, and of the pool's CA in its state); --all adds the
+    // pool's own (host reports and the like).
     let rows = |json: &str| json.lines().filter(|l| l.contains("\"id\":")).count();
     assert!(tasks.contains("\"kind\": \"host.join\""), "{tasks}");
     assert!(
@@ -99,7 +100,8 @@ fn hosts_and_tasks_through_poolctl() {
             .lines()
             .filter(|l| l.contains("\"id\":"))
             .all(|l| l.contains("\"by\": \"admin\"")
-                || (l.contains("\"by\": \"bootstrap\"") && l.contains("user.create"))),
+                || (l.contains("\"by\": \"bootstrap\"") && l.contains("user.create"))
+                || (l.contains("\"by\": \"founding\"") && l.contains("pool.set_ca"))),
         "{tasks}"
     );
     assert!(!tasks.contains("host.report"), "{tasks}");

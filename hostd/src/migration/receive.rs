@@ -620,19 +620,20 @@ mod tests {
         assert!(mem.last_addr().0 < 3 * MIB as u64);
     }
 
+    fn hello() -> wire::Hello {
+        wire::Hello {
+            version: wire::VERSION,
+            token: "t".into(),
+            vm_id: "vm".into(),
+            memory_bytes: 1,
+            vcpus: 1,
+            cpuid: vec![],
+        }
+    }
+
     fn hello_bytes() -> Vec<u8> {
         let mut out = Vec::new();
-        wire::encode(
-            &Frame::Hello(wire::Hello {
-                version: wire::VERSION,
-                token: "t".into(),
-                vm_id: "vm".into(),
-                memory_bytes: 1,
-                vcpus: 1,
-                cpuid: vec![],
-            }),
-            &mut out,
-        );
+        wire::encode(&Frame::Hello(hello()), &mut out);
         out
     }
 
@@ -870,14 +871,7 @@ mod tests {
                 cpuid_mask: vec![],
             },
         };
-        let hello = wire::Hello {
-            version: wire::VERSION,
-            token: "t".into(),
-            vm_id: "vm".into(),
-            memory_bytes: 1,
-            vcpus: 1,
-            cpuid: vec![],
-        };
+        let hello = hello();
         assert_eq!(check_hello(&hello, Some("src"), &inc, &[]), Ok(()));
         let other = check_hello(&hello, Some("dst"), &inc, &[]).unwrap_err();
         assert!(
