@@ -18,7 +18,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::ca::CaBundle;
 use crate::dir::DaemonTls;
+use crate::leaf::Credentials;
 use crate::tls::{ClientAuth, HANDSHAKE_TIMEOUT};
 
 /// Handshakes in progress at once; one more waits for a slot.
@@ -147,14 +149,8 @@ fn config(tls: &DaemonTls, auth: ClientAuth) -> Result<rustls::ServerConfig, Ser
         });
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in tls.bundle.certs() {
-        roots
-            .add(CertificateDer::from(ca.der().to_vec()))
-            .map_err(ServeTlsError::Bundle)?;
-    }
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
+        Arc::new(root_store(&tls.bundle)?),
         provider.clone(),
     );
     let verifier = match auth {
@@ -173,8 +169,7 @@ fn config(tls: &DaemonTls, auth: ClientAuth) -> Result<rustls::ServerConfig, Ser
                 .map(|c| CertificateDer::from(c.der().to_vec())),
         )
         .collect();
-    let key = PrivateKeyDer::from_pem_slice(tls.creds.key_pem().as_bytes())
-        .map_err(ServeTlsError::Key)?;
+    let key = private_key(&tls.creds)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(ServeTlsError::Config)?
@@ -183,4 +178,43 @@ fn config(tls: &DaemonTls, auth: ClientAuth) -> Result<rustls::ServerConfig, Ser
         .map_err(ServeTlsError::Config)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
+}
+
+/// The pool's CAs as rustls roots: the only ones a peer's chain may end in.
+pub fn root_store(bundle: &CaBundle) -> Result<rustls::RootCertStore, ServeTlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in bundle.certs() {
+        roots
+            .add(CertificateDer::from(ca.der().to_vec()))
+            .map_err(ServeTlsError::Bundle)?;
+    }
+    Ok(roots)
+}
+
+/// A daemon's key as rustls takes it.
+pub fn private_key(creds: &Credentials) -> Result<PrivateKeyDer<'static>, ServeTlsError> {
+    PrivateKeyDer::from_pem_slice(creds.key_pem().as_bytes()).map_err(ServeTlsError::Key)
+}
+
+/// A rustls client trusting `bundle` only and presenting `creds` when given, for TLS
+/// streams that are not gRPC (the migration stream's strangers in tests, probes).
+pub fn client_config(
+    bundle: &CaBundle,
+    creds: Option<&Credentials>,
+) -> Result<rustls::ClientConfig, ServeTlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(ServeTlsError::Config)?
+    .with_root_certificates(root_store(bundle)?);
+    match creds {
+        None => Ok(builder.with_no_client_auth()),
+        Some(c) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from(c.cert_der().to_vec())],
+                private_key(c)?,
+            )
+            .map_err(ServeTlsError::Config),
+    }
 }

@@ -20,23 +20,8 @@ fn now_ms() -> u64 {
 
 /// The certificate `addr` presents to a new connection (as coordinator member 1).
 fn served_cert(member: &DaemonTls, host: &str, addr: &str) -> Vec<u8> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in member.bundle.certs() {
-        roots.add(CertificateDer::from(c.der().to_vec())).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(
-        vec![CertificateDer::from(member.creds.cert_der().to_vec())],
-        PrivateKeyDer::from_pem_slice(member.creds.key_pem().as_bytes()).unwrap(),
-    )
-    .unwrap();
+    use rustls::pki_types::ServerName;
+    let config = pool_trust::serve::client_config(&member.bundle, Some(&member.creds)).unwrap();
     let name =
         ServerName::try_from(Identity::Host(host.into()).dns_name(member.pool_id())).unwrap();
     let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();

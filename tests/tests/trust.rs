@@ -93,28 +93,11 @@ fn credentials(pool: &PoolArg, who: &As) -> Option<pool_trust::Credentials> {
 /// dropped unanswered, "destination refused: <reason>" when it answers Refuse, "ok"
 /// when it accepts.
 fn migration_stream(pool: &PoolArg, host: &str, addr: &str, who: &As, token: &str) -> String {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use rustls::pki_types::ServerName;
 
     let bundle = pool.ca().ca().bundle();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in bundle.certs() {
-        roots.add(CertificateDer::from(c.der().to_vec())).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let config = match credentials(pool, who) {
-        None => builder.with_no_client_auth(),
-        Some(c) => builder
-            .with_client_auth_cert(
-                vec![CertificateDer::from(c.cert_der().to_vec())],
-                PrivateKeyDer::from_pem_slice(c.key_pem().as_bytes()).unwrap(),
-            )
-            .unwrap(),
-    };
+    let config =
+        pool_trust::serve::client_config(&bundle, credentials(pool, who).as_ref()).unwrap();
     let name =
         ServerName::try_from(Identity::Host(host.into()).dns_name(bundle.pool_id())).unwrap();
     let tls = rustls::ClientConnection::new(Arc::new(config), name).unwrap();

@@ -10,10 +10,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use pool_trust::{CaBundle, DaemonTls, Identity, PoolId};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
+use pool_trust::{DaemonTls, Identity, PoolId};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
@@ -21,10 +20,8 @@ pub enum TlsSetupError {
     Load { dir: String, reason: String },
     #[error("the host's TLS directory holds a {0:?} certificate; a VM process needs a host's")]
     NotAHost(Identity),
-    #[error("the pool's CA bundle")]
-    Bundle(#[source] rustls::Error),
-    #[error("the host's key")]
-    Key(#[source] rustls::pki_types::pem::Error),
+    #[error("the pool's CA bundle or the host's key")]
+    Credentials(#[from] pool_trust::serve::ServeTlsError),
     #[error("building the TLS configuration")]
     Config(#[source] rustls::Error),
     #[error("building the client certificate check")]
@@ -67,10 +64,9 @@ impl StreamTls {
             return Err(TlsSetupError::NotAHost(tls.identity().clone()));
         };
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let roots = Arc::new(roots(&tls.bundle)?);
+        let roots = Arc::new(pool_trust::serve::root_store(&tls.bundle)?);
         let cert = vec![CertificateDer::from(tls.creds.cert_der().to_vec())];
-        let key = PrivateKeyDer::from_pem_slice(tls.creds.key_pem().as_bytes())
-            .map_err(TlsSetupError::Key)?;
+        let key = pool_trust::serve::private_key(&tls.creds)?;
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             roots.clone(),
             provider.clone(),
@@ -124,16 +120,6 @@ impl StreamTls {
             _ => None,
         }
     }
-}
-
-fn roots(bundle: &CaBundle) -> Result<RootCertStore, TlsSetupError> {
-    let mut roots = RootCertStore::empty();
-    for ca in bundle.certs() {
-        roots
-            .add(CertificateDer::from(ca.der().to_vec()))
-            .map_err(TlsSetupError::Bundle)?;
-    }
-    Ok(roots)
 }
 
 /// Credentials of a fresh test pool for each of `hosts`, and one of another pool with
