@@ -135,6 +135,13 @@ pub enum CaError {
     /// Saving over an existing CA.
     #[error("{path} already holds a CA key; a CA is never overwritten")]
     Exists { path: std::path::PathBuf },
+    /// A CA asked to cross-sign itself.
+    #[error("CA {fingerprint} cannot cross-sign itself")]
+    CrossSignSelf { fingerprint: Fingerprint },
+    /// A cross certificate that does not carry the next CA's name and key (a name rcgen
+    /// would encode differently).
+    #[error("the cross certificate of CA {fingerprint} does not carry its name and key")]
+    CrossMismatch { fingerprint: Fingerprint },
     /// Making the leaf credentials of an issued certificate.
     #[error("issued credentials")]
     Leaf {
@@ -143,7 +150,7 @@ pub enum CaError {
     },
 }
 
-fn rcgen_err(what: &'static str) -> impl FnOnce(rcgen::Error) -> CaError {
+pub(crate) fn rcgen_err(what: &'static str) -> impl FnOnce(rcgen::Error) -> CaError {
     move |source| CaError::Rcgen { what, source }
 }
 
@@ -174,7 +181,7 @@ impl Validity {
         Ok(())
     }
 
-    fn apply(&self, params: &mut CertificateParams) -> Result<(), CaError> {
+    pub(crate) fn apply(&self, params: &mut CertificateParams) -> Result<(), CaError> {
         self.check()?;
         params.not_before = to_time(self.not_before_ms)?;
         params.not_after = to_time(self.not_after_ms)?;
@@ -245,7 +252,7 @@ pub(crate) fn ia5(s: &str) -> Result<Ia5String, CaError> {
     Ia5String::try_from(s).map_err(rcgen_err("encode a certificate name"))
 }
 
-fn random_serial() -> SerialNumber {
+pub(crate) fn random_serial() -> SerialNumber {
     let mut bytes: [u8; 16] = rand::random();
     // Positive, and its DER encoding stays 16 bytes.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
@@ -482,8 +489,8 @@ impl CertificateRequest {
 
 /// The pool's certificate authority.
 pub struct PoolCa {
-    cert: CaCert,
-    issuer: Issuer<'static, KeyPair>,
+    pub(crate) cert: CaCert,
+    pub(crate) issuer: Issuer<'static, KeyPair>,
 }
 
 impl std::fmt::Debug for PoolCa {

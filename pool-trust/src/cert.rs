@@ -122,6 +122,11 @@ pub struct CertInfo {
     pub public_key: Vec<u8>,
     /// SHA-256 of the whole DER certificate.
     pub fingerprint: Fingerprint,
+    /// The subject's and the issuer's distinguished names, DER. A pool's CAs differ in
+    /// name, so the issuer names which CA signed a leaf (a hint: rustls checks the
+    /// signature).
+    pub subject: Vec<u8>,
+    pub issuer: Vec<u8>,
 }
 
 impl CertInfo {
@@ -147,6 +152,8 @@ impl CertInfo {
                 .is_some_and(|bc| bc.value.ca),
             public_key: cert.public_key().subject_public_key.data.to_vec(),
             fingerprint: Fingerprint::of_der(der),
+            subject: cert.subject().as_raw().to_vec(),
+            issuer: cert.issuer().as_raw().to_vec(),
         };
         let san = cert
             .subject_alternative_name()

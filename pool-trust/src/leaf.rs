@@ -5,21 +5,28 @@
 //! the directory 0700). A certificate is renewed past two thirds of its validity
 //! ([`renew_at_ms`]): with the default 90 days, a month before it ends, time enough for a
 //! coordinator outage to pass without anyone's certificate running out.
+//!
+//! During a CA roll the certificate file holds the leaf followed by the cross certificate
+//! (the new CA signed by the old, [`crate::PoolCa::cross_sign`]): [`Credentials`] keep that
+//! chain, present it whole, and read identity and validity from the leaf only.
 
 use std::fmt;
 use std::path::Path;
 
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
 
-use crate::ca::{AltName, CaError, ia5};
+use crate::ca::{AltName, CaCert, CaError, ia5};
 use crate::cert::{CertError, CertInfo, certs_from_pem};
 use crate::files::{self, FileError};
 use crate::identity::{Identity, IdentityError, PoolId};
 
 /// The daemon's private key in its credentials directory.
 pub const KEY_FILE: &str = "key.pem";
-/// The daemon's certificate in its credentials directory.
+/// The daemon's certificate in its credentials directory (the leaf, then its
+/// intermediates).
 pub const CERT_FILE: &str = "cert.pem";
+/// The most intermediates after a leaf: a roll's cross certificate, and one spare.
+pub const MAX_INTERMEDIATES: usize = 2;
 
 /// Errors of a daemon's key and credentials.
 #[derive(Debug, thiserror::Error)]
@@ -49,9 +56,27 @@ pub enum LeafError {
         #[source]
         source: CertError,
     },
-    /// PEM text with more than the leaf certificate.
-    #[error("{count} certificates where one leaf certificate was expected")]
-    NotOneCert { count: usize },
+    /// More intermediates after the leaf than [`MAX_INTERMEDIATES`].
+    #[error("{count} intermediate certificates after the leaf; at most {max} are kept")]
+    TooManyIntermediates { count: usize, max: usize },
+    /// An intermediate that is not a CA certificate of the pool.
+    #[error("intermediate certificate {position} is not a CA certificate of the pool")]
+    Intermediate {
+        position: usize,
+        #[source]
+        source: Box<CaError>,
+    },
+    /// An intermediate of another pool than the leaf's.
+    #[error("intermediate certificate {position} is a CA of pool {found}, not of pool {expected}")]
+    IntermediatePool {
+        position: usize,
+        expected: PoolId,
+        found: PoolId,
+    },
+    /// An intermediate that is not the issuer of the certificate before it: a chain out of
+    /// order, or one that does not belong to this leaf.
+    #[error("intermediate certificate {position} did not issue the certificate before it")]
+    ChainOrder { position: usize },
     /// A certificate whose identity is missing, malformed or of another pool.
     #[error("the certificate's identity is not acceptable")]
     Identity {
@@ -136,12 +161,15 @@ impl LeafKey {
 }
 
 /// A daemon's certificate and key, checked to belong together and to name an identity of
-/// the pool.
+/// the pool, with the intermediates presented after the certificate (a roll's cross
+/// certificate), each a CA of the pool that issued the one before it.
 #[derive(Clone)]
 pub struct Credentials {
     pool: PoolId,
     identity: Identity,
     cert_der: Vec<u8>,
+    intermediates: Vec<CaCert>,
+    /// The leaf, then the intermediates.
     cert_pem: String,
     key_pem: String,
     info: CertInfo,
@@ -154,30 +182,64 @@ impl fmt::Debug for Credentials {
             .field("identity", &self.identity)
             .field("fingerprint", &self.info.fingerprint)
             .field("not_after_ms", &self.info.not_after_ms)
+            .field("intermediates", &self.intermediates.len())
             .field("key", &"[elided]")
             .finish()
     }
 }
 
 impl Credentials {
-    /// Credentials from the certificate the CA returned (PEM) and the key the request was
-    /// made with.
+    /// Credentials from the certificate the CA returned (PEM: the leaf, then any
+    /// intermediates) and the key the request was made with.
     pub fn new(cert_pem: &str, key: &LeafKey, pool: &PoolId) -> Result<Credentials, LeafError> {
         Credentials::from_pem(cert_pem, &key.to_pem(), pool)
     }
 
-    /// Credentials from PEM certificate and key.
+    /// Credentials from PEM certificate chain (the leaf first, then at most
+    /// [`MAX_INTERMEDIATES`] CA certificates of the pool, each the issuer of the one
+    /// before it) and key.
     pub fn from_pem(
         cert_pem: &str,
         key_pem: &str,
         pool: &PoolId,
     ) -> Result<Credentials, LeafError> {
-        let ders = certs_from_pem(cert_pem).map_err(|source| LeafError::Cert { source })?;
-        let [cert_der] =
-            <[Vec<u8>; 1]>::try_from(ders).map_err(|v| LeafError::NotOneCert { count: v.len() })?;
+        let mut ders = certs_from_pem(cert_pem)
+            .map_err(|source| LeafError::Cert { source })?
+            .into_iter();
+        let cert_der = ders.next().ok_or(LeafError::Cert {
+            source: CertError::NoCertificate,
+        })?;
+        let rest: Vec<Vec<u8>> = ders.collect();
+        if rest.len() > MAX_INTERMEDIATES {
+            return Err(LeafError::TooManyIntermediates {
+                count: rest.len(),
+                max: MAX_INTERMEDIATES,
+            });
+        }
         let info = CertInfo::parse(&cert_der).map_err(|source| LeafError::Cert { source })?;
         let identity = Identity::from_cert_info(&info, pool)
             .map_err(|source| LeafError::Identity { source })?;
+        let mut intermediates = Vec::with_capacity(rest.len());
+        let mut issued_by = info.issuer.clone();
+        for (i, der) in rest.into_iter().enumerate() {
+            let position = i + 1;
+            let ca = CaCert::from_der(der).map_err(|e| LeafError::Intermediate {
+                position,
+                source: Box::new(e),
+            })?;
+            if ca.pool_id() != pool {
+                return Err(LeafError::IntermediatePool {
+                    position,
+                    expected: pool.clone(),
+                    found: ca.pool_id().clone(),
+                });
+            }
+            if ca.info().subject != issued_by {
+                return Err(LeafError::ChainOrder { position });
+            }
+            issued_by = ca.info().issuer.clone();
+            intermediates.push(ca);
+        }
         let key = LeafKey::from_pem(key_pem)?;
         if key.0.public_key_raw() != info.public_key.as_slice() {
             return Err(LeafError::KeyMismatch);
@@ -185,11 +247,25 @@ impl Credentials {
         Ok(Credentials {
             pool: pool.clone(),
             identity,
-            cert_pem: crate::cert::to_pem("CERTIFICATE", &cert_der),
+            cert_pem: chain_pem(
+                &crate::cert::to_pem("CERTIFICATE", &cert_der),
+                &intermediates,
+            ),
             cert_der,
+            intermediates,
             key_pem: key.to_pem(),
             info,
         })
+    }
+
+    /// The same leaf and key presented with `intermediates` instead of the present ones
+    /// (none: the end of a roll).
+    pub fn with_intermediates(&self, intermediates: &[CaCert]) -> Result<Credentials, LeafError> {
+        Credentials::from_pem(
+            &chain_pem(&self.leaf_pem(), intermediates),
+            &self.key_pem,
+            &self.pool,
+        )
     }
 
     /// Writes the credentials into `dir` (0700): key 0600, certificate 0644, each
@@ -225,14 +301,31 @@ impl Credentials {
         &self.identity
     }
 
-    /// The certificate, DER.
+    /// The leaf certificate, DER: what identity and validity are read from.
     pub fn cert_der(&self) -> &[u8] {
         &self.cert_der
     }
 
-    /// The certificate, PEM.
+    /// The chain, PEM: the leaf, then the intermediates. What is presented and saved.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    /// The leaf certificate alone, PEM.
+    pub fn leaf_pem(&self) -> String {
+        crate::cert::to_pem("CERTIFICATE", &self.cert_der)
+    }
+
+    /// The intermediates presented after the leaf (a roll's cross certificate), in order.
+    pub fn intermediates(&self) -> &[CaCert] {
+        &self.intermediates
+    }
+
+    /// The chain, DER: the leaf, then the intermediates.
+    pub fn chain_der(&self) -> Vec<&[u8]> {
+        std::iter::once(self.cert_der.as_slice())
+            .chain(self.intermediates.iter().map(CaCert::der))
+            .collect()
     }
 
     /// The private key, PKCS#8 PEM: a secret.
@@ -259,6 +352,20 @@ impl Credentials {
     pub fn should_renew(&self, now_ms: u64) -> bool {
         now_ms >= self.renew_at_ms()
     }
+}
+
+/// A certificate chain as PEM text: `leaf_pem` (one or more certificates, as a CA's
+/// [`crate::PoolCa::sign`] returns them), then each of `intermediates`. What a signer
+/// returns during a roll: the new leaf, then the cross certificate.
+pub fn chain_pem(leaf_pem: &str, intermediates: &[CaCert]) -> String {
+    let mut chain = leaf_pem.to_owned();
+    for ca in intermediates {
+        if !chain.is_empty() && !chain.ends_with('\n') {
+            chain.push('\n');
+        }
+        chain.push_str(&ca.pem());
+    }
+    chain
 }
 
 /// The moment two thirds of the way from `not_before_ms` to `not_after_ms`, when a
@@ -364,5 +471,75 @@ mod tests {
         ));
         assert!(!format!("{creds:?}").contains("PRIVATE KEY"));
         assert!(!format!("{other:?}").contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn a_chain_keeps_the_leaf_first_and_refuses_bad_intermediates() {
+        let v = Validity::starting(NOW, Duration::from_secs(86_400));
+        let a = PoolCa::create(PoolId::generate(), v).unwrap();
+        let b = a.roll(v).unwrap();
+        let x = a.cross_sign(&b).unwrap();
+        let pool = a.pool_id();
+        let plain = b.issue(&Identity::Member(3), &[], v).unwrap();
+        assert!(plain.intermediates().is_empty());
+
+        // The signer's side: the leaf as `sign` returns it, then X.
+        let pem = chain_pem(plain.cert_pem(), std::slice::from_ref(&x));
+        let chained = Credentials::from_pem(&pem, plain.key_pem(), pool).unwrap();
+        assert_eq!(chained.cert_der(), plain.cert_der());
+        assert_eq!(chained.identity(), &Identity::Member(3));
+        assert_eq!(chained.info(), plain.info());
+        assert_eq!(chained.intermediates(), std::slice::from_ref(&x));
+        assert_eq!(chained.chain_der(), vec![plain.cert_der(), x.der()]);
+        assert_eq!(chained.cert_pem(), pem);
+        assert_eq!(chained.leaf_pem(), plain.cert_pem());
+        let same = plain.with_intermediates(std::slice::from_ref(&x)).unwrap();
+        assert_eq!(same.cert_pem(), chained.cert_pem());
+        // Dropping X at the end of the roll.
+        assert_eq!(
+            chained.with_intermediates(&[]).unwrap().cert_pem(),
+            plain.cert_pem()
+        );
+
+        // Saved and loaded whole.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("member-3");
+        chained.save(&dir).unwrap();
+        let loaded = Credentials::load(&dir, pool).unwrap();
+        assert_eq!(loaded.chain_der(), chained.chain_der());
+
+        // Refused: too many, not a CA, another pool's CA, a CA that did not issue the leaf.
+        let three = chain_pem(plain.cert_pem(), &[x.clone(), x.clone(), x.clone()]);
+        assert!(matches!(
+            Credentials::from_pem(&three, plain.key_pem(), pool),
+            Err(LeafError::TooManyIntermediates { count: 3, max: 2 })
+        ));
+        let other_leaf = a.issue(&Identity::Member(4), &[], v).unwrap();
+        let not_ca = format!("{}{}", plain.cert_pem(), other_leaf.cert_pem());
+        let err = Credentials::from_pem(&not_ca, plain.key_pem(), pool).unwrap_err();
+        assert!(
+            matches!(&err, LeafError::Intermediate { position: 1, source } if matches!(**source, CaError::NotCa { .. })),
+            "{err:?}"
+        );
+        let stranger = PoolCa::create(PoolId::generate(), v).unwrap();
+        let foreign = chain_pem(plain.cert_pem(), std::slice::from_ref(stranger.cert()));
+        assert!(matches!(
+            Credentials::from_pem(&foreign, plain.key_pem(), pool),
+            Err(LeafError::IntermediatePool { position: 1, .. })
+        ));
+        // X names B: it cannot follow a leaf of A, nor follow itself.
+        let a_leaf = a.issue(&Identity::Member(5), &[], v).unwrap();
+        assert!(matches!(
+            a_leaf.with_intermediates(std::slice::from_ref(&x)),
+            Err(LeafError::ChainOrder { position: 1 })
+        ));
+        assert!(matches!(
+            plain.with_intermediates(&[x.clone(), x.clone()]),
+            Err(LeafError::ChainOrder { position: 2 })
+        ));
+        assert!(matches!(
+            Credentials::from_pem(&x.pem(), plain.key_pem(), pool),
+            Err(LeafError::Identity { .. })
+        ));
     }
 }

@@ -16,8 +16,10 @@
 //!   DNS name; reading it back from a peer's certificate.
 //! - `ca.rs`: [`PoolCa`] (create, roll, save/load, sign a [`CertificateRequest`]),
 //!   [`CaBundle`], [`Validity`], [`AltName`].
-//! - `leaf.rs`: a daemon's [`LeafKey`] and [`Credentials`], and renewal
-//!   ([`leaf::renew_at_ms`]).
+//! - `roll.rs`: the cross certificate of a CA roll ([`PoolCa::cross_sign`]): the new CA's
+//!   name and key signed by the current one, sent after each new leaf.
+//! - `leaf.rs`: a daemon's [`LeafKey`] and [`Credentials`] (its certificate and the
+//!   intermediates after it), and renewal ([`leaf::renew_at_ms`]).
 //! - `token.rs`: [`JoinToken`] and the [`TokenRecord`] the pool keeps (hash only; used-once
 //!   is a flag the caller persists).
 //! - `files.rs`: atomic 0600/0700 writes and refusing key files others can read.
@@ -70,6 +72,7 @@ pub mod files;
 pub mod identity;
 pub mod leaf;
 pub mod local;
+pub mod roll;
 pub mod serve;
 pub mod tls;
 pub mod token;

@@ -159,9 +159,10 @@ fn config(tls: &DaemonTls, auth: ClientAuth) -> Result<rustls::ServerConfig, Ser
     }
     .build()
     .map_err(ServeTlsError::Verifier)?;
-    // The certificate, then the CAs: a client meeting the pool for the first time gets
-    // the CA it is asked to pin in the handshake (`poolctl`).
-    let chain = std::iter::once(CertificateDer::from(tls.creds.cert_der().to_vec()))
+    // The certificate and its intermediates, then the CAs: a client meeting the pool for
+    // the first time gets the CA it is asked to pin in the handshake (`poolctl`).
+    let chain = cert_chain(&tls.creds)
+        .into_iter()
         .chain(
             tls.bundle
                 .certs()
@@ -191,13 +192,25 @@ pub fn root_store(bundle: &CaBundle) -> Result<rustls::RootCertStore, ServeTlsEr
     Ok(roots)
 }
 
+/// A daemon's certificate chain as rustls presents it: the leaf, then its intermediates
+/// (during a CA roll, the cross certificate that lets peers trusting only the old CA
+/// accept a leaf of the new one).
+pub fn cert_chain(creds: &Credentials) -> Vec<CertificateDer<'static>> {
+    creds
+        .chain_der()
+        .into_iter()
+        .map(|der| CertificateDer::from(der.to_vec()))
+        .collect()
+}
+
 /// A daemon's key as rustls takes it.
 pub fn private_key(creds: &Credentials) -> Result<PrivateKeyDer<'static>, ServeTlsError> {
     PrivateKeyDer::from_pem_slice(creds.key_pem().as_bytes()).map_err(ServeTlsError::Key)
 }
 
-/// A rustls client trusting `bundle` only and presenting `creds` when given, for TLS
-/// streams that are not gRPC (the migration stream's strangers in tests, probes).
+/// A rustls client trusting `bundle` only and presenting `creds` (with its intermediates)
+/// when given, for TLS streams that are not gRPC (the migration stream's strangers in
+/// tests, probes).
 pub fn client_config(
     bundle: &CaBundle,
     creds: Option<&Credentials>,
@@ -211,10 +224,7 @@ pub fn client_config(
     match creds {
         None => Ok(builder.with_no_client_auth()),
         Some(c) => builder
-            .with_client_auth_cert(
-                vec![CertificateDer::from(c.cert_der().to_vec())],
-                private_key(c)?,
-            )
+            .with_client_auth_cert(cert_chain(c), private_key(c)?)
             .map_err(ServeTlsError::Config),
     }
 }

@@ -14,8 +14,11 @@
 //! - A client that knows whom it calls passes that identity to [`client_tls`]: rustls
 //!   then accepts only a certificate with the identity's DNS name, whatever address was
 //!   dialled; without it, the address in the URI must be one of the server's names.
-//! - A server presents its certificate followed by the pool's CAs ([`server_chain_pem`]),
-//!   so `poolctl` meeting a pool for the first time gets the CA to pin in the handshake.
+//! - A server presents its certificate and its intermediates followed by the pool's CAs
+//!   ([`server_chain_pem`]), so `poolctl` meeting a pool for the first time gets the CA to
+//!   pin in the handshake. A client presents its certificate and intermediates: during a
+//!   CA roll the cross certificate, by which a peer trusting only the old CA accepts a
+//!   leaf of the new one. Identity is read from the leaf (the first certificate) only.
 
 use std::time::Duration;
 
@@ -85,8 +88,9 @@ fn same_pool(creds: &Credentials, bundle: &CaBundle) -> Result<(), TlsError> {
     Ok(())
 }
 
-/// The chain a server presents: its certificate, then every CA of `bundle`. A client
-/// that already trusts the pool ignores the CAs; one meeting it for the first time
+/// The chain a server presents: its certificate and intermediates
+/// ([`Credentials::cert_pem`]), then every CA of `bundle`. A client that already trusts
+/// the pool ignores the CAs; one meeting it for the first time
 /// (`poolctl` with no `--ca`) receives in the handshake the CA it is asked to pin, and
 /// checks the certificate against it before showing its fingerprint.
 pub fn server_chain_pem(creds: &Credentials, bundle: &CaBundle) -> String {
@@ -118,8 +122,8 @@ pub fn server_tls(
 }
 
 /// A client configuration: trusts every CA of `bundle` (and nothing else), presents
-/// `creds` when given, and when `server` is given accepts only that identity's
-/// certificate.
+/// `creds` (the leaf and its intermediates) when given, and when `server` is given
+/// accepts only that identity's certificate.
 pub fn client_tls(
     bundle: &CaBundle,
     creds: Option<&Credentials>,
@@ -250,6 +254,19 @@ mod tests {
             chain,
             vec![
                 creds.cert_der().to_vec(),
+                old.cert().der().to_vec(),
+                new.cert().der().to_vec()
+            ]
+        );
+        // Mid-roll: the cross certificate comes between the leaf and the CAs.
+        let cross = old.cross_sign(&new).unwrap();
+        let creds = creds.with_intermediates(&[cross.clone()]).unwrap();
+        let chain = crate::cert::certs_from_pem(&server_chain_pem(&creds, &bundle)).unwrap();
+        assert_eq!(
+            chain,
+            vec![
+                creds.cert_der().to_vec(),
+                cross.der().to_vec(),
                 old.cert().der().to_vec(),
                 new.cert().der().to_vec()
             ]
