@@ -1,6 +1,7 @@
 //! Real mutual TLS over loopback: a tonic server of `CoordinatorPeerService` configured by
-//! `pool_trust::tls`, and clients with good, missing, foreign, expired and rolled-CA
-//! certificates. The handler authorizes members only and answers with the member id it
+//! `pool_trust::tls` (or the reloadable `ServerTls`), and clients with good, missing,
+//! foreign, expired and rolled-CA certificates, including a roll's cross certificate (a
+//! new CA's leaf reaching daemons that trust the old CA only, and not without it). The handler authorizes members only and answers with the member id it
 //! read from the caller's certificate.
 
 use std::net::SocketAddr;
@@ -405,4 +406,159 @@ async fn a_stalled_handshake_does_not_hold_up_others_on_a_reloadable_listener() 
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+}
+
+/// A CA roll from `a` to a new CA of its pool: the new CA and the cross certificate.
+fn roll(a: &PoolCa) -> (PoolCa, pool_trust::CaCert) {
+    let b = a.roll(Validity::starting(now_ms(), 48 * HOUR)).unwrap();
+    let x = a.cross_sign(&b).unwrap();
+    (b, x)
+}
+
+/// A member of `ca` presenting `intermediates` after its certificate.
+fn chained(ca: &PoolCa, n: u64, intermediates: &[pool_trust::CaCert]) -> Credentials {
+    member(ca, n).with_intermediates(intermediates).unwrap()
+}
+
+/// Serves `creds` trusting `bundle` through the reloadable listener, client
+/// certificates required.
+async fn daemon(creds: Credentials, bundle: &CaBundle) -> SocketAddr {
+    let tls = DaemonTls {
+        bundle: bundle.clone(),
+        creds,
+    };
+    serve_reloadable(&tls, ClientAuth::Required).await.0
+}
+
+#[tokio::test]
+async fn mid_roll_a_new_ca_leaf_with_the_cross_certificate_meets_daemons_trusting_the_old_ca_only()
+{
+    let pool = PoolId::generate();
+    let a = new_ca(&pool);
+    let (b, x) = roll(&a);
+    let rolling = a.bundle().with(b.cert().clone()).unwrap();
+    let renewed = |n| chained(&b, n, std::slice::from_ref(&x));
+
+    // A daemon not yet renewed (A's certificate, bundle {A}) accepts a renewed client
+    // (B's certificate and X, bundle {A, B}), by leaf -> X -> A...
+    let old_server = daemon(member(&a, 1), &a.bundle()).await;
+    let tls = client_tls(&rolling, Some(&renewed(2)), None).unwrap();
+    assert_eq!(call(old_server, tls).await.unwrap(), 2);
+    // ...also through tonic's own TLS configuration.
+    let old_tonic = serve(&member(&a, 1), &a.bundle(), ClientAuth::Required).await;
+    let tls = client_tls(&rolling, Some(&renewed(2)), None).unwrap();
+    assert_eq!(call(old_tonic, tls).await.unwrap(), 2);
+
+    // A renewed daemon (B + X, bundle {A, B}) is accepted by a client trusting A only,
+    // and accepts that client's A certificate by its bundle.
+    let new_server = daemon(renewed(1), &rolling).await;
+    let tls = client_tls(&a.bundle(), Some(&member(&a, 3)), None).unwrap();
+    assert_eq!(call(new_server, tls).await.unwrap(), 3);
+    let tls = client_tls(
+        &a.bundle(),
+        Some(&member(&a, 3)),
+        Some(&Identity::Member(1)),
+    )
+    .unwrap();
+    assert_eq!(call(new_server, tls).await.unwrap(), 3);
+    // And renewed daemons talk to each other.
+    let tls = client_tls(&rolling, Some(&renewed(4)), None).unwrap();
+    assert_eq!(call(new_server, tls).await.unwrap(), 4);
+}
+
+#[tokio::test]
+async fn after_the_roll_new_ca_daemons_talk_with_or_without_the_cross_certificate() {
+    let pool = PoolId::generate();
+    let a = new_ca(&pool);
+    let (b, x) = roll(&a);
+    let done = b.bundle();
+    let with_x = |n| chained(&b, n, std::slice::from_ref(&x));
+    for server in [member(&b, 1), with_x(1)] {
+        let addr = daemon(server, &done).await;
+        for (client, n) in [(member(&b, 2), 2), (with_x(3), 3)] {
+            let tls = client_tls(&done, Some(&client), Some(&Identity::Member(1))).unwrap();
+            assert_eq!(call(addr, tls).await.unwrap(), n);
+        }
+        // The old CA is no longer trusted: its certificates are refused.
+        let tls = client_tls(&done, Some(&member(&a, 5)), None).unwrap();
+        assert_refused(call(addr, tls).await, "UnknownCA");
+    }
+}
+
+#[tokio::test]
+async fn without_the_cross_certificate_a_new_ca_leaf_is_refused_by_old_ca_daemons() {
+    let pool = PoolId::generate();
+    let a = new_ca(&pool);
+    let (b, _x) = roll(&a);
+    let rolling = a.bundle().with(b.cert().clone()).unwrap();
+    // A client of B without X: an A-only server does not know B.
+    let old_server = daemon(member(&a, 1), &a.bundle()).await;
+    let tls = client_tls(&rolling, Some(&member(&b, 2)), None).unwrap();
+    assert_refused(call(old_server, tls).await, "UnknownCA");
+    // A server of B without X: an A-only client does not know B.
+    let new_server = daemon(member(&b, 1), &rolling).await;
+    let tls = client_tls(&a.bundle(), Some(&member(&a, 3)), None).unwrap();
+    assert_refused(call(new_server, tls).await, "UnknownIssuer");
+    // The same old server still takes its own CA's members.
+    assert_eq!(call(old_server, tls_of(&a, 4)).await.unwrap(), 4);
+}
+
+#[tokio::test]
+async fn a_cross_certificate_from_another_ca_does_not_carry_the_roll() {
+    let pool = PoolId::generate();
+    let a = new_ca(&pool);
+    let (b, _x) = roll(&a);
+    // B's name and key signed by a CA claiming the same pool, that A-only peers never
+    // trusted.
+    let impostor = new_ca(&pool);
+    let forged = impostor.cross_sign(&b).unwrap();
+    let rolling = a.bundle().with(b.cert().clone()).unwrap();
+    let old_server = daemon(member(&a, 1), &a.bundle()).await;
+    let client = chained(&b, 2, std::slice::from_ref(&forged));
+    let tls = client_tls(&rolling, Some(&client), None).unwrap();
+    assert_refused(call(old_server, tls).await, "UnknownCA");
+    // Nor does a server presenting it convince an A-only client.
+    let new_server = daemon(chained(&b, 1, std::slice::from_ref(&forged)), &rolling).await;
+    let tls = client_tls(&a.bundle(), Some(&member(&a, 3)), None).unwrap();
+    assert_refused(call(new_server, tls).await, "UnknownIssuer");
+}
+
+/// Opens a raw TLS stream (`serve::client_config`, as the migration stream's clients do)
+/// to the gRPC listener at `addr`, sends the HTTP/2 preface and reads the server's first
+/// bytes: true if the server took the client's certificate.
+async fn raw_accepted(addr: SocketAddr, bundle: &CaBundle, creds: &Credentials) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = pool_trust::serve::client_config(bundle, Some(creds)).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let Ok(mut tls) = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+    else {
+        return false;
+    };
+    if tls
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut first = [0u8; 9];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), tls.read(&mut first)).await,
+        Ok(Ok(n)) if n > 0
+    )
+}
+
+#[tokio::test]
+async fn a_raw_stream_client_presents_its_cross_certificate_too() {
+    let pool = PoolId::generate();
+    let a = new_ca(&pool);
+    let (b, x) = roll(&a);
+    let rolling = a.bundle().with(b.cert().clone()).unwrap();
+    let old_server = daemon(member(&a, 1), &a.bundle()).await;
+    let renewed = chained(&b, 2, std::slice::from_ref(&x));
+    assert!(raw_accepted(old_server, &rolling, &renewed).await);
+    assert!(!raw_accepted(old_server, &rolling, &member(&b, 3)).await);
 }
