@@ -260,7 +260,9 @@ mod tests {
         );
         // Mid-roll: the cross certificate comes between the leaf and the CAs.
         let cross = old.cross_sign(&new).unwrap();
-        let creds = creds.with_intermediates(std::slice::from_ref(&cross)).unwrap();
+        let creds = creds
+            .with_intermediates(std::slice::from_ref(&cross))
+            .unwrap();
         let chain = crate::cert::certs_from_pem(&server_chain_pem(&creds, &bundle)).unwrap();
         assert_eq!(
             chain,
