@@ -172,7 +172,6 @@ fn run_segments(
         if bytes % sbs != 0 || bytes % dbs != 0 || bytes > u64::from(MAX_SEGMENT_BYTES) {
             return Err(Sense::invalid_param_field(10, None).into());
         }
-        let (so, doff) = (src_lba * sbs, dst_lba * dbs);
         if src_lba
             .checked_add(bytes / sbs)
             .is_none_or(|e| e > src.blocks())
@@ -183,6 +182,8 @@ fn run_segments(
             // The segment reaches past a copy target: the copy is aborted (SPC-4 §6.4.3.2).
             return Err(Sense::new(super::sense::key::COPY_ABORTED, 0, 0).into());
         }
+        // Only now: the LBAs are the initiator's, and on the medium the offsets fit.
+        let (so, doff) = (src_lba * sbs, dst_lba * dbs);
         if bytes > 0 {
             copy(&*src.device, dst, so, doff, bytes)?;
         }
@@ -347,5 +348,31 @@ mod tests {
         assert!(is_copy_aborted(&r.sense));
         let r = f.run("a", &cdb(8), &[0u8; 8]);
         assert_eq!((r.sense[2], r.sense[12]), (5, 0x1a));
+    }
+
+    /// Found by the `scsi` fuzz target: a segment's LBA times the block size overflowed
+    /// before the range check (a panic where overflow checks are on).
+    #[test]
+    fn an_lba_whose_byte_offset_overflows_aborts_the_copy_and_writes_nothing() {
+        let f = TestFabric::new(64);
+        let naa = f.luns[0].naa;
+        f.run("a", &[0x2a, 0, 0, 0, 0, 0, 0, 0, 4, 0], &[0xabu8; 2048]);
+        for (src, dst) in [
+            (u64::MAX, 0),
+            (0, u64::MAX),
+            (1 << 55, 8),
+            (8, u64::MAX / 512 + 1),
+        ] {
+            let p = xcopy_params(&naa, 0, 4, src, dst);
+            let r = f.run("a", &cdb(p.len()), &p);
+            assert_eq!(r.status, status::CHECK_CONDITION, "{src:#x} -> {dst:#x}");
+            assert!(
+                is_copy_aborted(&r.sense),
+                "{src:#x} -> {dst:#x}: {:?}",
+                r.sense
+            );
+        }
+        let back = f.run("a", &[0x28, 0, 0, 0, 0, 8, 0, 0, 4, 0], &[]);
+        assert_eq!(back.data_in, vec![0u8; 2048]);
     }
 }
