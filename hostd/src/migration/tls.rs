@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use pool_trust::{DaemonTls, Identity, PoolId};
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
 
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +65,9 @@ impl StreamTls {
         };
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let roots = Arc::new(pool_trust::serve::root_store(&tls.bundle)?);
-        let cert = vec![CertificateDer::from(tls.creds.cert_der().to_vec())];
+        // The leaf and, during a CA roll, the new CA cross-signed by the old: a host that
+        // has not renewed yet still accepts this one.
+        let cert = pool_trust::serve::cert_chain(&tls.creds);
         let key = pool_trust::serve::private_key(&tls.creds)?;
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             roots.clone(),
