@@ -375,7 +375,7 @@ fn daemon(args: Args) -> anyhow::Result<()> {
                 };
                 Some(tokio::spawn(pool_client::join::keep_renewed(
                     tls.clone(),
-                    members,
+                    move || members.clone(),
                     tls_dir.clone(),
                     renewed,
                     stop_rx.clone(),

@@ -128,9 +128,10 @@ pub trait HostOps: Send + Sync {
 /// gRPC clients of every storaged and hostd the pool talks to, one lazily connected
 /// channel per address.
 pub struct Grpc {
-    /// This member's TLS directory: storaged and hostd are called over mutual TLS.
-    tls: Option<pool_trust::DaemonTls>,
-    channels: Mutex<HashMap<String, Channel>>,
+    /// This member's credentials: storaged and hostd are called over mutual TLS.
+    tls: Option<crate::tls::LiveTls>,
+    /// The channels, and the TLS generation they were made with.
+    channels: Mutex<(u64, HashMap<String, Channel>)>,
     /// Limit of one ordinary call.
     pub call_timeout: Duration,
     /// Limit of a revoke, which waits for the initiator's commands to finish.
@@ -138,10 +139,10 @@ pub struct Grpc {
 }
 
 impl Grpc {
-    pub fn new(tls: Option<pool_trust::DaemonTls>) -> Self {
+    pub fn new(tls: Option<crate::tls::LiveTls>) -> Self {
         Grpc {
             tls,
-            channels: Mutex::new(HashMap::new()),
+            channels: Mutex::new((0, HashMap::new())),
             call_timeout: Duration::from_secs(15),
             revoke_timeout: Duration::from_secs(60),
         }
@@ -150,7 +151,13 @@ impl Grpc {
 
 impl Grpc {
     fn channel(&self, addr: &str) -> Result<Channel, Status> {
-        let mut map = self.channels.lock().expect("channel cache lock");
+        let mut cache = self.channels.lock().expect("channel cache lock");
+        let generation = crate::tls::generation(self.tls.as_ref());
+        if cache.0 != generation {
+            // Renewed credentials: calls already made finish on their connections.
+            *cache = (generation, HashMap::new());
+        }
+        let map = &mut cache.1;
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }

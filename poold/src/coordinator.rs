@@ -89,14 +89,17 @@ pub struct Coordinator {
     pub node: NodeHandle,
     pub faults: Arc<Faults>,
     pub seeds: BTreeMap<u64, String>,
-    /// This member's TLS directory: every call it makes goes over mutual TLS with it.
-    pub tls: Option<pool_trust::DaemonTls>,
-    peers: Mutex<HashMap<u64, (String, CoordinatorPeerServiceClient<Channel>)>>,
+    /// This member's credentials: every call it makes goes over mutual TLS with them.
+    pub tls: Option<crate::tls::LiveTls>,
+    peers: Mutex<HashMap<u64, PeerClient>>,
     /// Leader-only soft state: hosts' last heartbeats, and when this member became leader
     /// (hosts it has not heard from yet get the timeout counted from then).
     pub liveness: Mutex<HashMap<String, Liveness>>,
     pub leader_since: Mutex<Option<(u64, Instant)>>,
 }
+
+/// A client of another member: its address and the TLS generation it was made with.
+type PeerClient = (String, u64, CoordinatorPeerServiceClient<Channel>);
 
 pub fn node_status(e: NodeError) -> Status {
     match e {
@@ -137,7 +140,7 @@ impl Coordinator {
         node: NodeHandle,
         faults: Arc<Faults>,
         seeds: BTreeMap<u64, String>,
-        tls: Option<pool_trust::DaemonTls>,
+        tls: Option<crate::tls::LiveTls>,
     ) -> Self {
         Coordinator {
             node,
@@ -240,9 +243,11 @@ impl Coordinator {
     pub fn peer_client(&self, id: u64) -> Result<CoordinatorPeerServiceClient<Channel>, Status> {
         let addr = member_address(&self.node.shared, &self.seeds, id)
             .ok_or_else(|| Status::unavailable(format!("no address known for member {id}")))?;
+        let generation = crate::tls::generation(self.tls.as_ref());
         let mut peers = self.peers.lock().expect("peers lock");
-        if let Some((a, c)) = peers.get(&id)
+        if let Some((a, g, c)) = peers.get(&id)
             && *a == addr
+            && *g == generation
         {
             return Ok(c.clone());
         }
@@ -255,7 +260,7 @@ impl Coordinator {
         let c = CoordinatorPeerServiceClient::new(ch)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
-        peers.insert(id, (addr, c.clone()));
+        peers.insert(id, (addr, generation, c.clone()));
         Ok(c)
     }
 

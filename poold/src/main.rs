@@ -233,6 +233,7 @@ fn main() -> anyhow::Result<()> {
             admin_password,
             found_ca,
             tls: Some(tls),
+            tls_dir: Some(tls_dir),
         })
         .context("starting the Raft member")?;
         member

@@ -18,11 +18,12 @@ use tonic::service::interceptor::InterceptedService;
 use crate::consensus::node::{self, NodeConfig};
 use crate::consensus::storage::{DiskStorage, StorageOpenError};
 use crate::consensus::transport::Faults;
+use crate::consensus::transport::member_address;
 use crate::coordinator::Coordinator;
 use crate::service::{agent, peer, pool};
 use crate::state::command::{Op, PoolCaRecord};
 use crate::state::{PoolState, snapshot};
-use crate::tls::RequireRole;
+use crate::tls::{LiveTls, RequireRole};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -66,6 +67,9 @@ pub struct MemberConfig {
     /// This member's TLS directory (`--tls-dir`): the pool's CA bundle and a member
     /// certificate. Every service is served over TLS with it and every call made with it.
     pub tls: Option<pool_trust::DaemonTls>,
+    /// Where `tls` was read from: renewed credentials are written there. Without it the
+    /// member does not renew (tests of one layer).
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// Where a member that generated the first admin's password leaves it.
@@ -76,6 +80,7 @@ pub struct Member {
     admin_password: Option<String>,
     found_ca: Option<PoolCaRecord>,
     data_dir: PathBuf,
+    tls_dir: Option<PathBuf>,
 }
 
 impl Member {
@@ -102,9 +107,10 @@ impl Member {
             tracing::info!(?voters, "bootstrapped a new pool");
         }
         let faults = Arc::new(Faults::from_env());
+        let tls = cfg.tls.map(LiveTls::new);
         let mut node_cfg = cfg.node.clone();
         node_cfg.seeds = cfg.initial_members.clone();
-        node_cfg.tls = cfg.tls.clone();
+        node_cfg.tls = tls.clone();
         let handle = node::start(
             node_cfg,
             storage,
@@ -112,15 +118,11 @@ impl Member {
             faults.clone(),
         )?;
         Ok(Member {
-            coordinator: Arc::new(Coordinator::new(
-                handle,
-                faults,
-                cfg.initial_members,
-                cfg.tls,
-            )),
+            coordinator: Arc::new(Coordinator::new(handle, faults, cfg.initial_members, tls)),
             admin_password: cfg.admin_password,
             found_ca: cfg.found_ca,
             data_dir: cfg.data_dir,
+            tls_dir: cfg.tls_dir,
         })
     }
 
@@ -162,18 +164,27 @@ impl Member {
                 stop_rx.clone(),
             )),
         ];
-        let loops = match self.found_ca {
-            Some(ca) => {
-                let mut loops = loops;
-                loops.push(tokio::spawn(commit_found_ca(
-                    c.clone(),
-                    ca,
-                    stop_rx.clone(),
-                )));
-                loops
-            }
-            None => loops,
+        let mut loops = loops;
+        if let Some(ca) = self.found_ca {
+            loops.push(tokio::spawn(commit_found_ca(
+                c.clone(),
+                ca,
+                stop_rx.clone(),
+            )));
+        }
+        let server_tls = match &c.tls {
+            Some(tls) => Some(ServerTls::new(&tls.current(), ClientAuth::Optional)?),
+            None => None,
         };
+        if let (Some(tls), Some(server), Some(dir)) = (&c.tls, &server_tls, self.tls_dir) {
+            loops.push(tokio::spawn(keep_renewed(
+                c.clone(),
+                tls.clone(),
+                server.clone(),
+                dir,
+                stop_rx.clone(),
+            )));
+        }
         let members_only = RequireRole::new(c.tls.as_ref(), &[Role::Member]);
         let hosts_and_members = RequireRole::new(c.tls.as_ref(), &[Role::Host, Role::Member]);
         let router = tonic::transport::Server::builder()
@@ -196,11 +207,10 @@ impl Member {
                     .max_encoding_message_size(usize::MAX),
                 members_only,
             ));
-        let result = match &c.tls {
+        let result = match server_tls {
             // The client certificate is optional on this port: people call PoolService
             // with a token; the member and host services require theirs (RequireRole).
-            Some(tls) => {
-                let server_tls = ServerTls::new(tls, ClientAuth::Optional)?;
+            Some(server_tls) => {
                 router
                     .serve_with_incoming_shutdown(server_tls.incoming(listener), shutdown)
                     .await
@@ -219,6 +229,53 @@ impl Member {
             l.abort();
         }
         result
+    }
+}
+
+/// Renews this member's certificate from the pool (itself first, then the other members)
+/// before it expires: the renewed one is served from the next connection on, and every
+/// cached connection to members, hosts and storage is made again with it.
+async fn keep_renewed(
+    c: Arc<Coordinator>,
+    tls: LiveTls,
+    server: ServerTls,
+    dir: PathBuf,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let id = c.node.id;
+    let members = {
+        let c = c.clone();
+        move || {
+            let mut ids: Vec<u64> = c
+                .node
+                .shared
+                .state
+                .read()
+                .expect("state lock")
+                .members
+                .keys()
+                .copied()
+                .collect();
+            ids.extend(c.seeds.keys());
+            ids.sort_by_key(|m| (*m != id, *m));
+            ids.dedup();
+            ids.into_iter()
+                .filter_map(|m| member_address(&c.node.shared, &c.seeds, m))
+                .collect()
+        }
+    };
+    let renewed = move |next: &pool_trust::DaemonTls| {
+        if let Err(e) = server.reload(next) {
+            tracing::warn!(error = %proto::error_chain(&e), "the renewed certificate cannot be served");
+            return;
+        }
+        if let Err(e) = tls.replace(next.clone()) {
+            tracing::warn!(error = %e, "the renewed certificate cannot be used");
+        }
+    };
+    let current = c.tls.as_ref().map(|t| (*t.current()).clone());
+    if let Some(current) = current {
+        pool_client::join::keep_renewed(current, members, dir, renewed, stop).await;
     }
 }
 

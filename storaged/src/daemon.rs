@@ -328,7 +328,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
             let server_tls = server_tls.clone();
             Some(tokio::spawn(pool_client::join::keep_renewed(
                 tls.clone(),
-                members,
+                move || members.clone(),
                 dir.clone(),
                 move |next| {
                     if let Err(e) = server_tls.reload(next) {

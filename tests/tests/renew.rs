@@ -1,7 +1,8 @@
 //! Certificates renew themselves: a host whose certificate is about to expire asks the
 //! pool for a new one (RenewCertificate, over mutual TLS with the old one) at two thirds
 //! of its validity, serves it to new connections without a restart, and heartbeats on
-//! past the old one's expiry; the renewal is audited.
+//! past the old one's expiry; the renewal is audited. Coordinator members do the same,
+//! and connect to each other with what they renewed.
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -18,12 +19,11 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// The certificate `addr` presents to a new connection (as coordinator member 1).
-fn served_cert(member: &DaemonTls, host: &str, addr: &str) -> Vec<u8> {
+/// The certificate `server` at `addr` presents to a new connection from `client`.
+fn served_cert(client: &DaemonTls, server: &Identity, addr: &str) -> Vec<u8> {
     use rustls::pki_types::ServerName;
-    let config = pool_trust::serve::client_config(&member.bundle, Some(&member.creds)).unwrap();
-    let name =
-        ServerName::try_from(Identity::Host(host.into()).dns_name(member.pool_id())).unwrap();
+    let config = pool_trust::serve::client_config(&client.bundle, Some(&client.creds)).unwrap();
+    let name = ServerName::try_from(server.dns_name(client.pool_id())).unwrap();
     let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
     let mut sock = TcpStream::connect(addr).unwrap();
     while conn.is_handshaking() {
@@ -63,7 +63,7 @@ fn a_host_renews_its_certificate_before_it_expires_and_serves_it_without_a_resta
         .issue(&Identity::Member(1), &[], &dir.join("m1"))
         .unwrap();
     assert_eq!(
-        served_cert(&member, "h1", &host.addr),
+        served_cert(&member, &Identity::Host("h1".into()), &host.addr),
         first.creds.cert_der()
     );
 
@@ -89,7 +89,7 @@ fn a_host_renews_its_certificate_before_it_expires_and_serves_it_without_a_resta
     );
     // New connections get it, no restart.
     let served = wait_for(Duration::from_secs(5), || {
-        let c = served_cert(&member, "h1", &host.addr);
+        let c = served_cert(&member, &Identity::Host("h1".into()), &host.addr);
         (c == renewed.creds.cert_der()).then_some(c)
     });
     assert!(
@@ -135,4 +135,76 @@ fn a_host_renews_its_certificate_before_it_expires_and_serves_it_without_a_resta
         "{audit}"
     );
     drop(host);
+}
+
+#[test]
+fn coordinator_members_renew_and_keep_the_pool_running_past_their_first_certificates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // Every member's certificate lives 15 s (backdated for clock skew, so it is due for
+    // renewal at once).
+    let mut pool = Coordinators::start_with_member_validity(dir, 3, Duration::from_secs(15));
+    let old_expiry = now_ms() + 15_000;
+    let p = pool.pool.clone();
+    let member_dir = |id: u64| p.pki.join(format!("member-{id}"));
+    let logs = || {
+        (1..=3)
+            .map(|id| {
+                std::fs::read_to_string(dir.join(format!("poold-{id}.log"))).unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    let renewed: Vec<DaemonTls> = (1..=3u64)
+        .map(|id| {
+            wait_for(Duration::from_secs(40), || {
+                let now = DaemonTls::load(&member_dir(id)).ok()?;
+                (now.creds.not_after_ms() > old_expiry + 3600 * 1000).then_some(now)
+            })
+            .unwrap_or_else(|| panic!("member {id} did not renew\n{}", logs()))
+        })
+        .collect();
+    for (id, t) in (1..=3u64).zip(&renewed) {
+        assert_eq!(t.identity(), &Identity::Member(id));
+        assert!(t.creds.not_after_ms() > now_ms() + 30 * 24 * 3600 * 1000);
+    }
+    // Member 1 serves its renewed certificate to new connections, no restart.
+    let client = p
+        .ca()
+        .issue(&Identity::Host("probe".into()), &[], &dir.join("probe"))
+        .unwrap();
+    let served = wait_for(Duration::from_secs(5), || {
+        let c = served_cert(&client, &Identity::Member(1), &pool.addrs[0]);
+        (c == renewed[0].creds.cert_der()).then_some(c)
+    });
+    assert!(
+        served.is_some(),
+        "member 1 still serves its first certificate"
+    );
+
+    // Past the first certificates' end, member 3 stopped and member 2 restarted: a write
+    // commits only if member 1 reaches member 2 (and is let in) with what it renewed.
+    while now_ms() < old_expiry + 2_000 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    pool.procs[2].kill();
+    pool.restart(2);
+    let committed = wait_for(Duration::from_secs(30), || {
+        let o = e2e_tests::poolctl(&p, &["pool-set", "--downtime-ms", "777"]);
+        o.status.success().then_some(())
+    });
+    assert!(
+        committed.is_some(),
+        "no write after the renewal\n{}",
+        logs()
+    );
+    let audit = poolctl_ok(&p, &["audit-log", "--json"]);
+    for id in 1..=3 {
+        assert!(
+            audit
+                .lines()
+                .any(|l| l.contains(&format!("member/{id}")) && l.contains("RenewCertificate")),
+            "member {id}: {audit}"
+        );
+    }
 }

@@ -82,6 +82,8 @@ pub fn member_address(shared: &Shared, seeds: &BTreeMap<u64, String>, id: u64) -
 
 struct PeerLink {
     address: String,
+    /// The [`crate::tls::LiveTls`] generation the link connects with.
+    tls_generation: u64,
     queue: mpsc::UnboundedSender<Message>,
 }
 
@@ -94,7 +96,7 @@ pub struct Transport {
     faults: Arc<Faults>,
     peers: HashMap<u64, PeerLink>,
     pub seeds: BTreeMap<u64, String>,
-    tls: Option<pool_trust::DaemonTls>,
+    tls: Option<crate::tls::LiveTls>,
 }
 
 impl Transport {
@@ -105,7 +107,7 @@ impl Transport {
         node_tx: Sender<NodeMsg>,
         shared: Arc<Shared>,
         faults: Arc<Faults>,
-        tls: Option<pool_trust::DaemonTls>,
+        tls: Option<crate::tls::LiveTls>,
     ) -> Self {
         Transport {
             tls,
@@ -129,10 +131,11 @@ impl Transport {
                 let _ = self.node_tx.send(NodeMsg::Unreachable(to));
                 continue;
             };
-            let stale = self
-                .peers
-                .get(&to)
-                .is_none_or(|p| p.address != address || p.queue.is_closed());
+            // A renewed certificate makes every link stale: the old one may expire.
+            let tls_generation = crate::tls::generation(self.tls.as_ref());
+            let stale = self.peers.get(&to).is_none_or(|p| {
+                p.address != address || p.tls_generation != tls_generation || p.queue.is_closed()
+            });
             if stale {
                 let endpoint = match crate::tls::endpoint(
                     &address,
@@ -158,7 +161,14 @@ impl Transport {
                     faults: self.faults.clone(),
                     queue: rx,
                 }));
-                self.peers.insert(to, PeerLink { address, queue: tx });
+                self.peers.insert(
+                    to,
+                    PeerLink {
+                        address,
+                        tls_generation,
+                        queue: tx,
+                    },
+                );
             }
             let _ = self.peers[&to].queue.send(m);
         }

@@ -30,8 +30,8 @@ pub struct NodeConfig {
     pub seeds: BTreeMap<u64, String>,
     /// Append messages in flight to one follower before the leader waits for an answer.
     pub max_inflight_appends: usize,
-    /// This member's TLS directory: peers are called over mutual TLS with it.
-    pub tls: Option<pool_trust::DaemonTls>,
+    /// This member's credentials: peers are called over mutual TLS with them.
+    pub tls: Option<crate::tls::LiveTls>,
 }
 
 impl NodeConfig {
