@@ -97,6 +97,7 @@ listen = "$NET.1:7300"
 iscsi_listen = "$NET.1:3260"
 state_dir = "$DIR/storaged/state"
 tls_dir = "$DIR/pki/storaged"
+coordinators = [$coords]
 TOML
   start storaged "$BIN/storaged" --log info serve --config "$DIR/storaged/storaged.toml"
   for m in 1 2 3; do wait_port "$NET.1" "710$m"; done

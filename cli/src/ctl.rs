@@ -50,6 +50,9 @@ pub struct Ctl {
     pub json: bool,
     /// Follow a change's task to its end.
     pub wait: bool,
+    /// When the pool's CA is pinned (no `--ca`): the members to probe and the known-pools
+    /// file, to follow a CA roll (`pool-rotate-ca`).
+    pub pins: Option<(Vec<String>, std::path::PathBuf)>,
 }
 
 impl Ctl {

@@ -374,9 +374,15 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
         &sconf,
         format!(
             "listen = \"{STORAGED}\"\niscsi_listen = \"{ISCSI}\"\nstate_dir = {:?}\n\
-             tls_dir = {:?}\n",
+             tls_dir = {:?}\ncoordinators = [{}]\n",
             sdir.join("state"),
             dir.join("pki/storaged"),
+            // Renews its certificate there (and onto a new CA in a roll).
+            MEMBERS
+                .iter()
+                .map(|m| format!("{m:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
         ),
     )?;
     let mut cmd = Proc::new(&storaged);
@@ -500,6 +506,7 @@ async fn setup(
         client,
         json: false,
         wait: true,
+        pins: None,
     };
     // Logged in first: once the pool has made its admin, it answers nobody else.
     log_in(&mut ctl, dir, bundle).await?;

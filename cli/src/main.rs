@@ -169,8 +169,8 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let tls = match args.ca.clone().or(config.ca.clone()) {
-        Some(ca) => client_tls(&ca)?,
+    let (tls, pins) = match args.ca.clone().or(config.ca.clone()) {
+        Some(ca) => (client_tls(&ca)?, None),
         None => {
             // Before any token leaves: the pool's CA, pinned or accepted now.
             let known = pin::known_pools_path()?;
@@ -178,7 +178,8 @@ fn main() -> anyhow::Result<()> {
             let first_use = pin::FirstUse {
                 trust_new_pool: args.trust_new_pool,
             };
-            bundle_tls(&pin::settle(&met, &known, first_use)?)
+            let tls = bundle_tls(&pin::settle(&met, &known, first_use)?);
+            (tls, Some((members.clone(), known)))
         }
     };
     runtime.block_on(async move {
@@ -191,6 +192,7 @@ fn main() -> anyhow::Result<()> {
             client,
             json: args.json,
             wait: !args.no_wait,
+            pins,
         };
         run(&mut ctl, command).await
     })

@@ -18,6 +18,7 @@ listen = "$NODE_IP:7300"
 iscsi_listen = "$NODE_IP:3260"
 state_dir = "/var/lib/storaged"
 tls_dir = "/etc/pool/pki/storage"
+coordinators = [$(echo "$POOL" | sed 's/[^,]*/"&"/g')]
 TOML
   storaged serve --config /etc/pool/storaged.toml &
 fi

@@ -7,7 +7,9 @@
 //! file's CA under the coordinators' name: the pool is trusted from the file, never on
 //! first contact), and the TLS directory written in one rename, so a failed join leaves
 //! nothing behind. Renewing: a new key, `RenewCertificate` over mutual TLS with the
-//! current certificate, the directory replaced in one rename.
+//! current certificate, the directory replaced in one rename: at two thirds of the
+//! certificate's life, or at once when `GetTrust` (asked every [`TRUST_POLL`]) says the
+//! pool's CA bundle or signing CA changed (a CA roll).
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -19,6 +21,10 @@ use proto::coordinator::pool_service_client::PoolServiceClient;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How often a daemon asks the pool what to trust: a CA roll waits for this at most
+/// before every running daemon renews onto the new CA.
+pub const TRUST_POLL: Duration = Duration::from_secs(5);
 
 /// What `poolctl host-join` (and the like) writes: everything a new daemon needs to
 /// trust the pool and be let in once.
@@ -189,12 +195,13 @@ pub fn names_to_renew(tls: &DaemonTls) -> Vec<AltName> {
         .collect()
 }
 
-/// Renews `tls` (kept in `dir`) from `members` each time two thirds of its validity
-/// have passed, until `stop` turns true; `renewed` gets each new one (to reload a
-/// listener, rebuild clients). A failed renewal is retried, sooner as expiry nears.
+/// Renews `tls` (kept in `dir`) from the coordinator members `members()` names each time
+/// two thirds of its validity have passed, until `stop` turns true; `renewed` gets each
+/// new one (to reload a listener, rebuild clients). A failed renewal is retried, sooner
+/// as expiry nears.
 pub async fn keep_renewed(
     mut tls: DaemonTls,
-    members: Vec<String>,
+    members: impl Fn() -> Vec<String>,
     dir: std::path::PathBuf,
     renewed: impl Fn(&DaemonTls),
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -202,14 +209,28 @@ pub async fn keep_renewed(
     let names = names_to_renew(&tls);
     let mut retry: Option<Duration> = None;
     loop {
-        let wait = retry.unwrap_or_else(|| {
+        let due = retry.unwrap_or_else(|| {
             Duration::from_millis(tls.creds.renew_at_ms().saturating_sub(proto::unix_ms()))
         });
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
-            () = tokio::time::sleep(wait) => {}
+            () = tokio::time::sleep(due.min(TRUST_POLL)) => {}
         }
-        match renew(&tls, &names, &members, &dir).await {
+        if due > TRUST_POLL {
+            match trust_changed(&tls, &members()).await {
+                Ok(Some(why)) => tracing::info!(%why, "the pool's trust changed: renewing now"),
+                Ok(None) => {
+                    retry = retry.map(|r| r - TRUST_POLL);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %proto::error_chain(&e), "asking the pool what to trust");
+                    retry = retry.map(|r| r - TRUST_POLL);
+                    continue;
+                }
+            }
+        }
+        match renew(&tls, &names, &members(), &dir).await {
             Ok(next) => {
                 tracing::info!(
                     identity = %next.identity(),
@@ -232,16 +253,58 @@ pub async fn keep_renewed(
     }
 }
 
+/// Why `tls` is out of date with what the pool trusts now (`GetTrust` on `members`):
+/// another CA bundle, or a certificate not of the signing CA. `None` when it is not.
+pub async fn trust_changed(
+    tls: &DaemonTls,
+    members: &[String],
+) -> Result<Option<String>, JoinError> {
+    let client = tls.coordinators_client().map_err(|e| invalid(&e))?;
+    let trust = first_answer(members, &client, |mut c| async move {
+        c.get_trust(pb::GetTrustRequest {}).await
+    })
+    .await?;
+    let bundle = CaBundle::from_pem(&trust.ca_bundle_pem).map_err(|e| invalid(&e))?;
+    let fingerprints = |b: &CaBundle| {
+        let mut v: Vec<String> = b
+            .certs()
+            .iter()
+            .map(|c| c.fingerprint().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    if fingerprints(&bundle) != fingerprints(&tls.bundle) {
+        return Ok(Some(format!(
+            "the pool trusts {:?}, this daemon {:?}",
+            fingerprints(&bundle),
+            fingerprints(&tls.bundle)
+        )));
+    }
+    let signing = bundle
+        .certs()
+        .iter()
+        .find(|c| c.fingerprint().to_string() == trust.signing_ca_fingerprint);
+    Ok(match signing {
+        // Two CAs of a pool differ in name: the issuer's name says which signed it.
+        Some(ca) if ca.info().subject != tls.creds.info().issuer => Some(format!(
+            "the pool signs with {}, this daemon's certificate is of another CA",
+            trust.signing_ca_fingerprint
+        )),
+        _ => None,
+    })
+}
+
 /// The answer of the first member that gives one; a refusal (anything but Unavailable)
 /// is the pool's and ends the search.
-async fn first_answer<F, Fut>(
+async fn first_answer<T, F, Fut>(
     members: &[String],
     tls: &ClientTlsConfig,
     call: F,
-) -> Result<pb::JoinResponse, JoinError>
+) -> Result<T, JoinError>
 where
     F: Fn(PoolServiceClient<Channel>) -> Fut,
-    Fut: std::future::Future<Output = Result<tonic::Response<pb::JoinResponse>, tonic::Status>>,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let mut last = "the join file names no coordinator member".to_owned();
     for member in members {

@@ -136,6 +136,9 @@ pub const METHODS: &[(&str, Level, bool)] = &[
     ("GrantRole", Level::PoolAdmin, true),
     ("RevokeRole", Level::PoolAdmin, true),
     ("CreateJoinToken", Level::PoolAdmin, true),
+    ("RotateCa", Level::PoolAdmin, true),
+    // Daemons ask with their certificate; any user may read what the pool trusts.
+    ("GetTrust", Level::ReadOnly, false),
     // Every user for themselves; another user's needs pool-admin (the call checks).
     ("ChangePassword", Level::ReadOnly, true),
     ("RevokeTokens", Level::ReadOnly, true),

@@ -206,16 +206,27 @@ impl Coordinators {
     /// `n` members founding a pool with its CA (`--found-ca`: the pool then issues
     /// certificates to daemons that join with a token).
     pub fn start(dir: &Path, n: usize) -> Coordinators {
-        Self::start_with(dir, n, true)
+        Self::start_with(dir, n, true, None)
+    }
+
+    /// As [`Coordinators::start`], the members' certificates valid for `validity` only
+    /// (so they renew during a test).
+    pub fn start_with_member_validity(dir: &Path, n: usize, validity: Duration) -> Coordinators {
+        Self::start_with(dir, n, true, Some(validity))
     }
 
     /// As [`Coordinators::start`], the CA kept out of the pool's state (certificates are
     /// then issued offline only).
     pub fn start_without_ca(dir: &Path, n: usize) -> Coordinators {
-        Self::start_with(dir, n, false)
+        Self::start_with(dir, n, false, None)
     }
 
-    fn start_with(dir: &Path, n: usize, found_ca: bool) -> Coordinators {
+    fn start_with(
+        dir: &Path,
+        n: usize,
+        found_ca: bool,
+        member_validity: Option<Duration>,
+    ) -> Coordinators {
         let addrs: Vec<String> = (0..n)
             .map(|_| format!("127.0.0.1:{}", free_port()))
             .collect();
@@ -226,7 +237,24 @@ impl Coordinators {
             token: None,
         };
         for id in 1..=n as u64 {
-            pool.tls_dir(pool_trust::Identity::Member(id), &["127.0.0.1"]);
+            let member = pool_trust::Identity::Member(id);
+            let dir = pool.tls_dir(member.clone(), &["127.0.0.1"]);
+            if let Some(validity) = member_validity {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("a clock after 1970")
+                    .as_millis() as u64;
+                let names = [pool_trust::AltName::parse("127.0.0.1").expect("an IP")];
+                pool.ca()
+                    .ca()
+                    .issue_dir(
+                        &member,
+                        &names,
+                        pool_trust::Validity::starting(now, validity),
+                        &dir,
+                    )
+                    .unwrap_or_else(|e| panic!("issuing {member}: {e}"));
+            }
         }
         let password = secret_file(dir, "admin-password", ADMIN_PASSWORD);
         let procs = (1..=n)
@@ -291,6 +319,12 @@ impl Coordinators {
             // A pool founded with its CA keeps it in its state: no --found-ca again.
             .map(|id| Self::member(&self.dir, &self.addrs, id, false))
             .collect();
+    }
+
+    /// SIGKILLs member `id` (1-based) and starts it again.
+    pub fn restart(&mut self, id: usize) {
+        self.procs[id - 1].kill();
+        self.procs[id - 1] = Self::member(&self.dir, &self.addrs, id, false);
     }
 
     pub fn pool_arg(&self) -> PoolArg {
@@ -415,8 +449,9 @@ impl Storaged {
             &config,
             format!(
                 "listen = \"127.0.0.1:0\"\niscsi_listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n\
-                 tls_dir = {tls:?}\n",
-                dir.join("state")
+                 tls_dir = {tls:?}\ncoordinators = {:?}\n",
+                dir.join("state"),
+                pool.addrs.split(',').collect::<Vec<_>>(),
             ),
         )
         .expect("storaged config");

@@ -12,7 +12,10 @@ use proto::host as hpb;
 
 mod trust;
 mod users;
-pub use trust::{JoinTokenRecord, PoolCaRecord, RedeemJoinToken};
+pub use trust::{
+    CaRollRecord, FinishCaRoll, IssuedRecord, JoinTokenRecord, PoolCaRecord, RedeemJoinToken,
+    StartCaRoll,
+};
 pub use users::{CreateUser, SetRole, UserChange};
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -37,7 +40,7 @@ pub struct Command {
     pub peer: String,
     #[prost(
         oneof = "Op",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41"
     )]
     pub op: Option<Op>,
 }
@@ -111,6 +114,13 @@ pub enum Op {
     /// A join token spent, before its certificate is signed.
     #[prost(message, tag = "38")]
     RedeemJoinToken(RedeemJoinToken),
+    #[prost(message, tag = "39")]
+    StartCaRoll(StartCaRoll),
+    #[prost(message, tag = "40")]
+    FinishCaRoll(FinishCaRoll),
+    /// A certificate signed at a join or renewal, recorded after signing.
+    #[prost(message, tag = "41")]
+    RecordIssued(IssuedRecord),
 }
 
 impl Op {
@@ -163,6 +173,9 @@ impl Op {
             Op::SetPoolCa(_) => "pool.set_ca",
             Op::CreateJoinToken(_) => "pool.create_join_token",
             Op::RedeemJoinToken(_) => "pool.join",
+            Op::StartCaRoll(_) => "pool.rotate_ca",
+            Op::FinishCaRoll(_) => "pool.finish_ca_roll",
+            Op::RecordIssued(_) => "pool.certificate_issued",
         }
     }
 }

@@ -97,6 +97,10 @@ pub struct PoolState {
     pub pool_ca: Option<PoolCaRecord>,
     /// Join tokens not yet expired, by id: hashes, never secrets.
     pub join_tokens: BTreeMap<String, JoinTokenRecord>,
+    /// The CA roll under way, if any: `pool_ca` is then the new CA.
+    pub ca_roll: Option<CaRollRecord>,
+    /// The latest certificate the pool issued to each identity, until it expires.
+    pub issued: BTreeMap<String, IssuedRecord>,
 }
 
 /// A user and the hash of their password.
@@ -186,6 +190,8 @@ impl PoolState {
             force_stop: BTreeSet::new(),
             pool_ca: None,
             join_tokens: BTreeMap::new(),
+            ca_roll: None,
+            issued: BTreeMap::new(),
         };
         s.reserve_windows();
         s
@@ -221,6 +227,8 @@ impl PoolState {
             force_stop: self.force_stop.clone(),
             pool_ca: None,
             join_tokens: BTreeMap::new(),
+            ca_roll: None,
+            issued: BTreeMap::new(),
         }
     }
 
@@ -422,6 +430,9 @@ impl PoolState {
             Op::SetPoolCa(r) => self.set_pool_ca(r),
             Op::CreateJoinToken(r) => self.create_join_token(r, at_ms),
             Op::RedeemJoinToken(r) => self.redeem_join_token(r, at_ms),
+            Op::StartCaRoll(r) => self.start_ca_roll(r, at_ms),
+            Op::FinishCaRoll(r) => self.finish_ca_roll(r),
+            Op::RecordIssued(r) => self.record_issued(r, at_ms),
         }
     }
 

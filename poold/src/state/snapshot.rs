@@ -10,7 +10,9 @@
 use prost::Message;
 use proto::coordinator as pb;
 
-use super::command::{CommandResult, Job, JoinTokenRecord, MemberRecord, PoolCaRecord};
+use super::command::{
+    CaRollRecord, CommandResult, IssuedRecord, Job, JoinTokenRecord, MemberRecord, PoolCaRecord,
+};
 use super::machine::{PoolState, RequestRecord, UserRecord};
 
 pub const MAGIC: &[u8; 8] = b"POOLSNAP";
@@ -78,6 +80,10 @@ pub struct SnapshotV1 {
     pub pool_ca: Option<PoolCaRecord>,
     #[prost(message, repeated, tag = "20")]
     pub join_tokens: Vec<JoinTokenRecord>,
+    #[prost(message, optional, tag = "21")]
+    pub ca_roll: Option<CaRollRecord>,
+    #[prost(message, repeated, tag = "22")]
+    pub issued: Vec<IssuedRecord>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -166,6 +172,10 @@ pub fn encode_into(s: &PoolState, out: &mut Vec<u8>) {
         w.message(19, ca);
     }
     s.join_tokens.values().for_each(|x| w.message(20, x));
+    if let Some(roll) = &s.ca_roll {
+        w.message(21, roll);
+    }
+    s.issued.values().for_each(|x| w.message(22, x));
     *out = w.0;
 }
 
@@ -310,6 +320,12 @@ pub fn decode(bytes: &[u8]) -> Result<PoolState, SnapshotError> {
     s.audit.extend(b.audit);
     s.force_stop = b.force_stop.into_iter().collect();
     s.pool_ca = b.pool_ca;
+    s.ca_roll = b.ca_roll;
+    s.issued = b
+        .issued
+        .into_iter()
+        .map(|i| (i.identity.clone(), i))
+        .collect();
     s.join_tokens = b
         .join_tokens
         .into_iter()
@@ -443,6 +459,8 @@ mod tests {
             force_stop: s.force_stop.iter().cloned().collect(),
             pool_ca: s.pool_ca.clone(),
             join_tokens: s.join_tokens.values().cloned().collect(),
+            ca_roll: s.ca_roll.clone(),
+            issued: s.issued.values().cloned().collect(),
             tasks: s.task_order.iter().filter_map(|id| s.task(id)).collect(),
             requests: s
                 .request_order
@@ -520,6 +538,19 @@ mod tests {
                 identity: "host/h1".into(),
                 expires_at_ms: 5,
                 used: true,
+            },
+        );
+        s.ca_roll = Some(CaRollRecord {
+            previous_cert_pem: "old".into(),
+            cross_pem: "cross".into(),
+            started_at_ms: 3,
+        });
+        s.issued.insert(
+            "host/h1".into(),
+            IssuedRecord {
+                identity: "host/h1".into(),
+                issuer: "sha256:00".into(),
+                not_after_ms: 9,
             },
         );
         let direct = encode(&s);

@@ -6,14 +6,21 @@
 // A refusal's `CommandResult` is the very value the proposer hears (see `machine.rs`).
 #![allow(clippy::result_large_err)]
 
-use pool_trust::{Identity, PoolCa, TokenId, TokenRecord};
+use pool_trust::{CaBundle, CertInfo, Fingerprint, Identity, PoolCa, TokenId, TokenRecord};
 use tonic::Code;
 
-use super::command::{CommandResult, JoinTokenRecord, PoolCaRecord, RedeemJoinToken};
+use super::command::{
+    CaRollRecord, CommandResult, FinishCaRoll, IssuedRecord, JoinTokenRecord, PoolCaRecord,
+    RedeemJoinToken, StartCaRoll,
+};
 use super::machine::{Applied, PoolState, err};
 
 /// Join tokens a pool keeps at most, used or not, until they expire.
 pub const JOIN_TOKENS_KEPT: usize = 1_000;
+
+/// Issuance records a pool keeps at most (one per identity, until its certificate
+/// expires).
+pub const ISSUED_KEPT: usize = 10_000;
 
 /// What a pool founded without its CA answers to joins.
 pub const NO_CA: &str = "this pool has no CA in its state; certificates are issued offline \
@@ -25,6 +32,28 @@ impl PoolState {
         self.pool_ca
             .as_ref()
             .map(|r| PoolCa::from_pem(&r.cert_pem, &r.key_pem))
+    }
+
+    /// The CAs every daemon of the pool should trust now: the signing CA, and during a
+    /// roll the one it replaces.
+    pub fn trust_bundle(&self) -> Option<Result<CaBundle, pool_trust::CaError>> {
+        let ca = self.pool_ca.as_ref()?;
+        let mut pem = ca.cert_pem.clone();
+        if let Some(roll) = &self.ca_roll {
+            if !pem.ends_with('\n') {
+                pem.push('\n');
+            }
+            pem.push_str(&roll.previous_cert_pem);
+        }
+        Some(CaBundle::from_pem(&pem))
+    }
+
+    /// The fingerprint of the CA a roll retires.
+    pub fn previous_ca_fingerprint(&self) -> Option<Fingerprint> {
+        let roll = self.ca_roll.as_ref()?;
+        CaBundle::from_pem(&roll.previous_cert_pem)
+            .ok()
+            .and_then(|b| b.certs().first().map(|c| c.fingerprint()))
     }
 
     /// The record of join token `id`, in `pool_trust`'s form.
@@ -133,6 +162,93 @@ impl PoolState {
         let target = record.identity.clone();
         self.prune_join_tokens(at_ms);
         Ok(Applied::done(target))
+    }
+
+    pub(crate) fn start_ca_roll(
+        &mut self,
+        r: &StartCaRoll,
+        at_ms: u64,
+    ) -> Result<Applied, CommandResult> {
+        let Some(current) = self.pool_ca.clone() else {
+            return Err(err(Code::FailedPrecondition, NO_CA));
+        };
+        if self.ca_roll.is_some() {
+            let previous = self
+                .previous_ca_fingerprint()
+                .map_or_else(String::new, |f| f.to_string());
+            return Err(err(
+                Code::FailedPrecondition,
+                format!("a CA roll is under way (retiring {previous}): finish it first"),
+            ));
+        }
+        let bad = |m: String| err(Code::InvalidArgument, m);
+        let next_record = r.next.clone().ok_or_else(|| bad("no new CA".into()))?;
+        let next = PoolCa::from_pem(&next_record.cert_pem, &next_record.key_pem)
+            .map_err(|e| bad(format!("the new CA: {}", proto::error_chain(&e))))?;
+        let old = PoolCa::from_pem(&current.cert_pem, &current.key_pem)
+            .map_err(|e| bad(format!("the current CA: {}", proto::error_chain(&e))))?;
+        if next.pool_id() != old.pool_id() || next.cert().fingerprint() == old.cert().fingerprint()
+        {
+            return Err(bad("the new CA must be another CA of this pool".into()));
+        }
+        // The cross certificate carries the new CA's key under the old CA's name as issuer;
+        // the proposer signed it (the signature is checked by every peer's TLS).
+        let cross = pool_trust::cert::certs_from_pem(&r.cross_pem)
+            .ok()
+            .and_then(|d| d.first().and_then(|der| CertInfo::parse(der).ok()))
+            .ok_or_else(|| bad("the cross certificate is not a certificate".into()))?;
+        let (next_info, old_info) = (next.cert().info(), old.cert().info());
+        if !cross.is_ca
+            || cross.public_key != next_info.public_key
+            || cross.subject != next_info.subject
+            || cross.issuer != old_info.subject
+        {
+            return Err(bad(
+                "the cross certificate is not the new CA's, issued by the current one".into(),
+            ));
+        }
+        self.ca_roll = Some(CaRollRecord {
+            previous_cert_pem: current.cert_pem,
+            cross_pem: r.cross_pem.clone(),
+            started_at_ms: at_ms,
+        });
+        self.pool_ca = Some(next_record);
+        Ok(Applied::done(next.cert().fingerprint().to_string()))
+    }
+
+    pub(crate) fn finish_ca_roll(&mut self, r: &FinishCaRoll) -> Result<Applied, CommandResult> {
+        let Some(previous) = self.previous_ca_fingerprint() else {
+            return Err(err(Code::FailedPrecondition, "no CA roll is under way"));
+        };
+        if previous.to_string() != r.previous_fingerprint {
+            return Err(err(
+                Code::FailedPrecondition,
+                format!(
+                    "the roll under way retires {previous}, not {}",
+                    r.previous_fingerprint
+                ),
+            ));
+        }
+        self.ca_roll = None;
+        Ok(Applied::done(previous.to_string()))
+    }
+
+    pub(crate) fn record_issued(
+        &mut self,
+        r: &IssuedRecord,
+        at_ms: u64,
+    ) -> Result<Applied, CommandResult> {
+        Identity::parse_path(&r.identity)
+            .map_err(|e| err(Code::InvalidArgument, proto::error_chain(&e).to_string()))?;
+        self.issued.retain(|_, i| i.not_after_ms > at_ms);
+        if self.issued.len() >= ISSUED_KEPT && !self.issued.contains_key(&r.identity) {
+            return Err(err(
+                Code::ResourceExhausted,
+                format!("the pool keeps {ISSUED_KEPT} certificate records at most"),
+            ));
+        }
+        self.issued.insert(r.identity.clone(), r.clone());
+        Ok(Applied::done(r.identity.clone()))
     }
 
     /// Forgets the tokens past their expiry, used or not: a late replay is then refused
@@ -306,5 +422,117 @@ mod tests {
         let back = crate::state::snapshot::decode(&crate::state::snapshot::encode(&s)).unwrap();
         assert_eq!(back.pool_ca, s.pool_ca);
         assert_eq!(back.join_tokens, s.join_tokens);
+    }
+
+    /// A roll's command from the pool's current CA to a new one: (op, new CA).
+    fn roll_op(s: &PoolState) -> (Op, PoolCa) {
+        let old = s.pool_ca().unwrap().unwrap();
+        let next = old
+            .roll(Validity::starting(NOW, Duration::from_secs(86_400)))
+            .unwrap();
+        let cross = old.cross_sign(&next).unwrap();
+        let (cert_pem, key_pem) = next.to_pem();
+        let op = Op::StartCaRoll(StartCaRoll {
+            next: Some(PoolCaRecord { cert_pem, key_pem }),
+            cross_pem: cross.pem(),
+        });
+        (op, next)
+    }
+
+    #[test]
+    fn a_roll_trusts_both_cas_signs_with_the_new_and_finishes_once() {
+        let (mut s, _) = pool_with_token();
+        let old = s.pool_ca().unwrap().unwrap();
+        assert_eq!(s.trust_bundle().unwrap().unwrap().certs().len(), 1);
+        let (op, next) = roll_op(&s);
+        let r = apply(&mut s, NOW + 1, op);
+        assert_eq!(r.code, 0, "{}", r.message);
+        assert_eq!(
+            s.pool_ca().unwrap().unwrap().cert().fingerprint(),
+            next.cert().fingerprint()
+        );
+        let bundle = s.trust_bundle().unwrap().unwrap();
+        assert!(bundle.contains(&old.cert().fingerprint()));
+        assert!(bundle.contains(&next.cert().fingerprint()));
+        assert_eq!(s.previous_ca_fingerprint(), Some(old.cert().fingerprint()));
+
+        // A second roll waits for this one; a finish naming another CA changes nothing.
+        let (again, _) = roll_op(&s);
+        let r = apply(&mut s, NOW + 2, again);
+        assert_eq!(r.code, Code::FailedPrecondition as i32, "{}", r.message);
+        let wrong = Op::FinishCaRoll(FinishCaRoll {
+            previous_fingerprint: next.cert().fingerprint().to_string(),
+        });
+        assert_eq!(
+            apply(&mut s, NOW + 3, wrong).code,
+            Code::FailedPrecondition as i32
+        );
+        assert!(s.ca_roll.is_some());
+
+        let finish = Op::FinishCaRoll(FinishCaRoll {
+            previous_fingerprint: old.cert().fingerprint().to_string(),
+        });
+        let r = apply(&mut s, NOW + 4, finish.clone());
+        assert_eq!(r.code, 0, "{}", r.message);
+        let bundle = s.trust_bundle().unwrap().unwrap();
+        assert_eq!(bundle.certs().len(), 1);
+        assert!(bundle.contains(&next.cert().fingerprint()));
+        assert_eq!(
+            apply(&mut s, NOW + 5, finish).code,
+            Code::FailedPrecondition as i32
+        );
+    }
+
+    #[test]
+    fn a_roll_needs_a_cross_certificate_from_the_current_ca() {
+        let (mut s, _) = pool_with_token();
+        let before = s.pool_ca.clone();
+        let (Op::StartCaRoll(mut good), _) = roll_op(&s) else {
+            unreachable!()
+        };
+        // Cross-signed by a stranger CA of the same pool: not the current CA's word.
+        let stranger = PoolCa::create(
+            PoolId::parse("pool-a").unwrap(),
+            Validity::starting(NOW, Duration::from_secs(86_400)),
+        )
+        .unwrap();
+        let next = PoolCa::from_pem(
+            &good.next.as_ref().unwrap().cert_pem,
+            &good.next.as_ref().unwrap().key_pem,
+        )
+        .unwrap();
+        let forged = stranger.cross_sign(&next).unwrap();
+        let mut bad = good.clone();
+        bad.cross_pem = forged.pem();
+        let r = apply(&mut s, NOW + 1, Op::StartCaRoll(bad));
+        assert_eq!(r.code, Code::InvalidArgument as i32, "{}", r.message);
+        // The current CA itself as the new one.
+        good.next = before.clone();
+        let r = apply(&mut s, NOW + 1, Op::StartCaRoll(good));
+        assert_eq!(r.code, Code::InvalidArgument as i32, "{}", r.message);
+        assert_eq!(s.pool_ca, before);
+        assert!(s.ca_roll.is_none());
+    }
+
+    #[test]
+    fn issued_records_keep_the_latest_per_identity_until_it_expires() {
+        let mut s = PoolState::new("pool-a", BTreeMap::new());
+        let record = |who: &str, not_after_ms| {
+            Op::RecordIssued(IssuedRecord {
+                identity: who.into(),
+                issuer: "sha256:aa".into(),
+                not_after_ms,
+            })
+        };
+        assert_eq!(apply(&mut s, NOW, record("host/h1", NOW + 10)).code, 0);
+        assert_eq!(apply(&mut s, NOW, record("host/h1", NOW + 20)).code, 0);
+        assert_eq!(s.issued["host/h1"].not_after_ms, NOW + 20);
+        assert_eq!(
+            apply(&mut s, NOW + 30, record("member/2", NOW + 90)).code,
+            0
+        );
+        assert!(!s.issued.contains_key("host/h1"), "expired and forgotten");
+        let r = apply(&mut s, NOW, record("nobody", NOW + 10));
+        assert_eq!(r.code, Code::InvalidArgument as i32);
     }
 }

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use super::authorize::peer_of;
 use super::{
-    PoolHandler, console, hosts, join, members, metrics, settings, storage, tasks, templates,
+    PoolHandler, console, hosts, join, members, metrics, roll, settings, storage, tasks, templates,
     users, vms,
 };
 
@@ -104,6 +104,21 @@ impl PoolService for PoolHandler {
         r: Request<pb::RenewCertificateRequest>,
     ) -> R<pb::JoinResponse> {
         join::renew(self, r).await.map(Response::new)
+    }
+
+    async fn get_trust(&self, r: Request<pb::GetTrustRequest>) -> R<pb::Trust> {
+        roll::get_trust(self, &r).await.map(Response::new)
+    }
+
+    async fn rotate_ca(&self, r: Request<pb::RotateCaRequest>) -> R<pb::CaRoll> {
+        let who = self.authorize(&r, "RotateCa")?;
+        let res = roll::rotate_ca(self, &who, r.into_inner()).await;
+        if let Err(s) = &res
+            && !s.metadata().contains_key(crate::coordinator::AUDITED)
+        {
+            self.audit(&who, s);
+        }
+        res.map(Response::new)
     }
 
     // Hosts.

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use pool_trust::token::{self, DEFAULT_TOKEN_TTL, JoinToken, TokenError};
-use pool_trust::{CertificateRequest, Identity, PoolCa, TokenRecord, Validity};
+use pool_trust::{CaCert, CertificateRequest, Identity, PoolCa, TokenRecord, Validity};
 use proto::coordinator as pb;
 use tonic::{Code, Status};
 
@@ -18,7 +18,7 @@ use super::PoolHandler;
 use super::authorize::peer_of;
 use crate::auth::{Caller, Level};
 use crate::coordinator::AUDITED;
-use crate::state::command::{Op, RedeemJoinToken};
+use crate::state::command::{IssuedRecord, Op, RedeemJoinToken};
 use crate::state::trust::{NO_CA, join_token_record};
 
 /// The longest a join token may live.
@@ -44,23 +44,77 @@ fn identity(role: i32, name: &str) -> Result<Identity, Status> {
     Ok(id)
 }
 
-/// The pool's CA and what a joining daemon is told with its token or certificate: the CA
-/// bundle and the members' addresses.
-async fn pool_ca(svc: &PoolHandler) -> Result<(PoolCa, String, Vec<String>), Status> {
-    let (record, members) = svc
+/// The pool's signing CA and what goes with what it signs now.
+pub(super) struct Signer {
+    pub ca: PoolCa,
+    /// The CAs a daemon of the pool trusts (during a roll, the old one too), PEM.
+    pub bundle_pem: String,
+    /// During a roll: the new CA cross-signed by the old, sent after each certificate.
+    pub cross: Option<CaCert>,
+}
+
+impl Signer {
+    /// Signs `request` for `JOINED_CERT_VALIDITY` from `now`: the certificate's chain,
+    /// PEM, and its record for the state.
+    fn sign(
+        &self,
+        request: &CertificateRequest,
+        now: u64,
+    ) -> Result<(String, IssuedRecord), Status> {
+        let validity = Validity::starting(now, JOINED_CERT_VALIDITY);
+        let leaf = self
+            .ca
+            .sign(request, request.names(), validity)
+            .map_err(|e| Status::internal(format!("signing: {}", proto::error_chain(&e))))?;
+        let chain = pool_trust::leaf::chain_pem(&leaf, self.cross.as_slice());
+        let record = IssuedRecord {
+            identity: request.identity().path(),
+            issuer: self.ca.cert().fingerprint().to_string(),
+            not_after_ms: now.saturating_add(JOINED_CERT_VALIDITY.as_millis() as u64),
+        };
+        Ok((chain, record))
+    }
+}
+
+/// The pool's signing CA and the members' addresses (what a joining daemon is told).
+pub(super) async fn signer(svc: &PoolHandler) -> Result<(Signer, Vec<String>), Status> {
+    let (record, bundle, cross, members) = svc
         .c
-        .read(|s| (s.pool_ca.clone(), s.members.values().cloned().collect()))
+        .read(|s| {
+            (
+                s.pool_ca.clone(),
+                s.trust_bundle(),
+                s.ca_roll.as_ref().map(|r| r.cross_pem.clone()),
+                s.members.values().cloned().collect(),
+            )
+        })
         .await?;
     let record = record.ok_or_else(|| Status::failed_precondition(NO_CA))?;
-    let ca = PoolCa::from_pem(&record.cert_pem, &record.key_pem)
-        .map_err(|e| Status::internal(format!("the pool's CA: {}", proto::error_chain(&e))))?;
-    // The bundle this member serves with: the one every member checks certificates
-    // against (it holds the state's CA; during a roll, the other one too).
-    let bundle = match &svc.c.tls {
-        Some(tls) => tls.bundle.to_pem(),
-        None => ca.bundle().to_pem(),
+    let internal = |what: &str, e: &dyn std::error::Error| {
+        Status::internal(format!("the pool's {what}: {}", proto::error_chain(e)))
     };
-    Ok((ca, bundle, members))
+    let ca = PoolCa::from_pem(&record.cert_pem, &record.key_pem).map_err(|e| internal("CA", &e))?;
+    let bundle = bundle
+        .ok_or_else(|| Status::failed_precondition(NO_CA))?
+        .map_err(|e| internal("CA bundle", &e))?;
+    let cross = match cross {
+        Some(pem) => Some(
+            pool_trust::cert::certs_from_pem(&pem)
+                .map_err(|e| internal("cross certificate", &e))?
+                .into_iter()
+                .next()
+                .map(CaCert::from_der)
+                .ok_or_else(|| Status::internal("the pool's cross certificate is empty"))?
+                .map_err(|e| internal("cross certificate", &e))?,
+        ),
+        None => None,
+    };
+    let signer = Signer {
+        ca,
+        bundle_pem: bundle.to_pem(),
+        cross,
+    };
+    Ok((signer, members))
 }
 
 pub(super) async fn create_token(
@@ -79,7 +133,7 @@ pub(super) async fn create_token(
         }
         s => Duration::from_secs(s.into()),
     };
-    let (ca, bundle, members) = pool_ca(svc).await?;
+    let (signer, members) = signer(svc).await?;
     let now = proto::unix_ms();
     let (token, record) = token::issue(identity.clone(), now, ttl)
         .map_err(|e| Status::invalid_argument(proto::error_chain(&e)))?;
@@ -89,8 +143,8 @@ pub(super) async fn create_token(
     svc.c.write(who, "", op).await?;
     Ok(pb::CreateJoinTokenResponse {
         token: token.reveal(),
-        pool_id: ca.pool_id().to_string(),
-        ca_bundle_pem: bundle,
+        pool_id: signer.ca.pool_id().to_string(),
+        ca_bundle_pem: signer.bundle_pem,
         member_addresses: members,
         identity: identity.path(),
         expires_at: Some(proto::timestamp(record.expires_at_ms)),
@@ -132,8 +186,8 @@ async fn redeem_and_sign(
     token: &JoinToken,
     csr_pem: &str,
 ) -> Result<pb::JoinResponse, Status> {
-    let (ca, bundle, _) = pool_ca(svc).await?;
-    let request = CertificateRequest::from_pem(csr_pem, ca.pool_id()).map_err(|e| {
+    let (signer, _) = signer(svc).await?;
+    let request = CertificateRequest::from_pem(csr_pem, signer.ca.pool_id()).map_err(|e| {
         Status::invalid_argument(format!(
             "the certificate request: {}",
             proto::error_chain(&e)
@@ -156,17 +210,12 @@ async fn redeem_and_sign(
         identity: request.identity().path(),
     });
     svc.c.write(who, "", op).await?;
-    let cert = ca
-        .sign(
-            &request,
-            request.names(),
-            Validity::starting(now, JOINED_CERT_VALIDITY),
-        )
-        .map_err(|e| Status::internal(format!("signing: {}", proto::error_chain(&e))))?;
+    let (cert, record) = signer.sign(&request, now)?;
+    svc.c.write(who, "", Op::RecordIssued(record)).await?;
     tracing::info!(identity = %request.identity(), token = %id, peer = %who.peer, "a daemon joined the pool");
     Ok(pb::JoinResponse {
         certificate_pem: cert,
-        ca_bundle_pem: bundle,
+        ca_bundle_pem: signer.bundle_pem,
         identity: request.identity().path(),
     })
 }
@@ -179,33 +228,34 @@ pub(super) async fn renew(
     r: tonic::Request<pb::RenewCertificateRequest>,
 ) -> Result<pb::JoinResponse, Status> {
     let peer = peer_of(&r);
-    let (ca, bundle, _) = pool_ca(svc).await?;
-    let caller = pool_trust::tls::peer_identity(&r, ca.pool_id())?;
+    let (signer, _) = signer(svc).await?;
+    let caller = pool_trust::tls::peer_identity(&r, signer.ca.pool_id())?;
     let who = Caller {
         name: caller.path(),
         level: Level::ReadOnly,
         method: "RenewCertificate".into(),
         peer,
     };
-    let res = renew_for(svc, &ca, &caller, &r.get_ref().csr_pem).await;
+    let res = renew_for(svc, &who, &signer, &caller, &r.get_ref().csr_pem).await;
     let ok = Status::ok(format!("certificate of {caller} renewed"));
     svc.audit(&who, res.as_ref().err().unwrap_or(&ok));
     let cert = res?;
     tracing::info!(identity = %caller, peer = %who.peer, "certificate renewed");
     Ok(pb::JoinResponse {
         certificate_pem: cert,
-        ca_bundle_pem: bundle,
+        ca_bundle_pem: signer.bundle_pem,
         identity: caller.path(),
     })
 }
 
 async fn renew_for(
     svc: &PoolHandler,
-    ca: &PoolCa,
+    who: &Caller,
+    signer: &Signer,
     caller: &Identity,
     csr_pem: &str,
 ) -> Result<String, Status> {
-    let request = CertificateRequest::from_pem(csr_pem, ca.pool_id()).map_err(|e| {
+    let request = CertificateRequest::from_pem(csr_pem, signer.ca.pool_id()).map_err(|e| {
         Status::invalid_argument(format!(
             "the certificate request: {}",
             proto::error_chain(&e)
@@ -235,12 +285,9 @@ async fn renew_for(
             "{caller} is not (or no longer) part of this pool"
         )));
     }
-    ca.sign(
-        &request,
-        request.names(),
-        Validity::starting(proto::unix_ms(), JOINED_CERT_VALIDITY),
-    )
-    .map_err(|e| Status::internal(format!("signing: {}", proto::error_chain(&e))))
+    let (cert, record) = signer.sign(&request, proto::unix_ms())?;
+    svc.c.write(who, "", Op::RecordIssued(record)).await?;
+    Ok(cert)
 }
 
 /// A token that does not let its holder have the certificate asked for.

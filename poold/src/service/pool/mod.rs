@@ -34,6 +34,7 @@ mod join;
 mod members;
 mod metrics;
 mod request;
+mod roll;
 mod settings;
 mod storage;
 mod tasks;

@@ -53,3 +53,48 @@ pub struct RedeemJoinToken {
     #[prost(string, tag = "2")]
     pub identity: String,
 }
+
+/// A CA roll under way: the CA being retired (its certificate only: it signs nothing
+/// any more) and the cross certificate — the new CA's key signed by the old — that goes
+/// with every certificate issued during the roll, so daemons still trusting only the old
+/// CA accept the new ones.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CaRollRecord {
+    #[prost(string, tag = "1")]
+    pub previous_cert_pem: String,
+    #[prost(string, tag = "2")]
+    pub cross_pem: String,
+    #[prost(uint64, tag = "3")]
+    pub started_at_ms: u64,
+}
+
+/// Starts a roll: `next` signs from now on; the CA it replaces stays trusted.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StartCaRoll {
+    #[prost(message, optional, tag = "1")]
+    pub next: Option<PoolCaRecord>,
+    #[prost(string, tag = "2")]
+    pub cross_pem: String,
+}
+
+/// Ends the roll that retires the CA of `previous_fingerprint` (so a late or repeated
+/// finish cannot end a later roll).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FinishCaRoll {
+    #[prost(string, tag = "1")]
+    pub previous_fingerprint: String,
+}
+
+/// A certificate the pool issued (at a join or a renewal): which CA signed it for whom,
+/// until when. A roll finishes when every daemon's latest one is of the new CA.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct IssuedRecord {
+    /// `<role>/<id>`.
+    #[prost(string, tag = "1")]
+    pub identity: String,
+    /// `sha256:<hex>` of the signing CA.
+    #[prost(string, tag = "2")]
+    pub issuer: String,
+    #[prost(uint64, tag = "3")]
+    pub not_after_ms: u64,
+}
