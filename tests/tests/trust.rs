@@ -429,6 +429,38 @@ fn an_intruder_is_refused_everywhere_and_changes_nothing() {
             "tls",
         );
 
+        // Rolling the CA is a pool-admin's call: a daemon's certificate is not a user, and
+        // what the pool trusts is not told to strangers.
+        let rotate = |who: As| {
+            let p = p.clone();
+            let member = member.clone();
+            async move {
+                let ch = channel(&p, &member, To::Member, &who).await?;
+                Ok(PoolServiceClient::new(ch)
+                    .rotate_ca(pb::RotateCaRequest {
+                        step: pb::RotateCaStep::Start as i32,
+                        ..Default::default()
+                    })
+                    .await)
+            }
+        };
+        t.refused(
+            "RotateCa as a member certificate without a user",
+            outcome(rotate(As::Pool(Identity::Member(2))).await),
+            "Unauthenticated",
+        );
+        let trust = async {
+            let ch = channel(&p, &member, To::Member, &As::Nobody).await?;
+            Ok(PoolServiceClient::new(ch)
+                .get_trust(pb::GetTrustRequest {})
+                .await)
+        };
+        t.refused(
+            "GetTrust without a certificate or a user",
+            outcome(trust.await),
+            "Unauthenticated",
+        );
+
         // The storage box's API: the coordinator members only.
         let store = |who: As| {
             let p = p.clone();
@@ -586,4 +618,9 @@ fn an_intruder_is_refused_everywhere_and_changes_nothing() {
         assert_eq!(line(&hosts_before), line(&hosts_after), "{name}");
     }
     assert_eq!(members_before, pool.ctl(&["member-list", "--json"]));
+    let roll = pool.ctl(&["pool-rotate-ca", "--status", "--json"]);
+    assert!(
+        !roll.is_empty() && pool.ctl(&["pool-ca"]).matches("BEGIN CERTIFICATE").count() == 1,
+        "no roll was started: {roll}"
+    );
 }
