@@ -53,6 +53,8 @@ pub struct Ctl {
     /// When the pool's CA is pinned (no `--ca`): the members to probe and the known-pools
     /// file, to follow a CA roll (`pool-rotate-ca`).
     pub pins: Option<(Vec<String>, std::path::PathBuf)>,
+    /// The CA bundle file poolctl was given instead (`--ca`, or `ca` in its config).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Ctl {

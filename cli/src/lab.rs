@@ -507,6 +507,7 @@ async fn setup(
         json: false,
         wait: true,
         pins: None,
+        ca_file: Some(bundle.to_owned()),
     };
     // Logged in first: once the pool has made its admin, it answers nobody else.
     log_in(&mut ctl, dir, bundle).await?;

@@ -169,8 +169,9 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (tls, pins) = match args.ca.clone().or(config.ca.clone()) {
-        Some(ca) => (client_tls(&ca)?, None),
+    let ca_file = args.ca.clone().or(config.ca.clone());
+    let (tls, pins) = match &ca_file {
+        Some(ca) => (client_tls(ca)?, None),
         None => {
             // Before any token leaves: the pool's CA, pinned or accepted now.
             let known = pin::known_pools_path()?;
@@ -193,6 +194,7 @@ fn main() -> anyhow::Result<()> {
             json: args.json,
             wait: !args.no_wait,
             pins,
+            ca_file,
         };
         run(&mut ctl, command).await
     })

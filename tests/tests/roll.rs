@@ -52,7 +52,10 @@ fn pinned(home: &Path, addrs: &str, token: &str, args: &[&str]) -> Output {
 }
 
 fn fingerprints(b: &CaBundle) -> Vec<String> {
-    b.certs().iter().map(|c| c.fingerprint().to_string()).collect()
+    b.certs()
+        .iter()
+        .map(|c| c.fingerprint().to_string())
+        .collect()
 }
 
 #[test]
@@ -90,7 +93,12 @@ fn the_pool_rolls_its_ca_while_a_vm_runs_and_the_old_ca_opens_nothing_after() {
     assert_eq!(old.certs().len(), 1);
     let home = dir.join("home");
     std::fs::create_dir_all(&home).unwrap();
-    let o = pinned(&home, &p.addrs, &token, &["--trust-new-pool", "member-list"]);
+    let o = pinned(
+        &home,
+        &p.addrs,
+        &token,
+        &["--trust-new-pool", "member-list"],
+    );
     assert!(o.status.success(), "{}", text(&o));
     let stale = p
         .ca()
@@ -108,7 +116,14 @@ fn the_pool_rolls_its_ca_while_a_vm_runs_and_the_old_ca_opens_nothing_after() {
         .into_iter()
         .find(|f| *f != old.certs()[0].fingerprint().to_string())
         .unwrap();
-    // poolctl's --ca file as an operator updates it (`poolctl pool-ca > FILE`).
+    // A poolctl given a --ca file without the new CA will not finish the roll (it could not
+    // reach the members after); the operator updates it (`poolctl pool-ca > FILE`).
+    let early = poolctl(&p, &["pool-rotate-ca", "--finish"]);
+    assert!(
+        !early.status.success() && text(&early).contains("does not hold the new CA"),
+        "{}",
+        text(&early)
+    );
     std::fs::write(p.bundle(), both.to_pem()).unwrap();
 
     // The pinned poolctl meets a member renewed onto the new CA and follows the roll:
@@ -126,9 +141,20 @@ fn the_pool_rolls_its_ca_while_a_vm_runs_and_the_old_ca_opens_nothing_after() {
 
     // Finish: waits for every daemon, then drops the old CA.
     let finish = poolctl(&p, &["pool-rotate-ca", "--timeout", "60"]);
-    assert!(finish.status.success(), "{}\n{}", text(&finish), pool.logs());
+    assert!(
+        finish.status.success(),
+        "{}\n{}",
+        text(&finish),
+        pool.logs()
+    );
     let status = poolctl_ok(&p, &["pool-rotate-ca", "--status", "--json"]);
-    for who in ["member/1", "member/2", "member/3", "host/h1", "storage/storaged"] {
+    for who in [
+        "member/1",
+        "member/2",
+        "member/3",
+        "host/h1",
+        "storage/storaged",
+    ] {
         assert!(
             status
                 .lines()
@@ -143,7 +169,13 @@ fn the_pool_rolls_its_ca_while_a_vm_runs_and_the_old_ca_opens_nothing_after() {
 
     // Every daemon's TLS directory holds the new CA alone and a certificate it signed.
     let subject = new.certs()[0].info().subject.clone();
-    for who in ["member-1", "member-2", "member-3", "host-h1", "storage-storaged"] {
+    for who in [
+        "member-1",
+        "member-2",
+        "member-3",
+        "host-h1",
+        "storage-storaged",
+    ] {
         let tls = wait_for(Duration::from_secs(20), || {
             let t = DaemonTls::load(&p.pki.join(who)).ok()?;
             (fingerprints(&t.bundle) == vec![new_fp.clone()]).then_some(t)

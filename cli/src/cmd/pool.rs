@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::Subcommand;
 use pool_client::new_request_id;
 use proto::coordinator as pb;
@@ -141,10 +141,33 @@ pub async fn run(ctl: &mut Ctl, command: PoolCommand) -> anyhow::Result<()> {
                     },
                 )?;
             }
+            if let Some(file) = ctl.ca_file.clone() {
+                ca_file_follows(ctl, &file).await?;
+            }
             let roll = call!(ctl.client, rotate_ca, step(pb::RotateCaStep::Finish, force))?;
             eprintln!("the pool's CA is now {}", roll.signing_ca_fingerprint);
             ctl.print(&holders(&roll));
         }
+    }
+    Ok(())
+}
+
+/// Refuses to finish a roll while the CA bundle poolctl was given lacks the new CA:
+/// once the members drop the old one, this poolctl could not reach them any more.
+async fn ca_file_follows(ctl: &mut Ctl, file: &std::path::Path) -> anyhow::Result<()> {
+    let trust = call!(ctl.client, get_trust, pb::GetTrustRequest {})?;
+    let have = pool_trust::CaBundle::load(file)
+        .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))
+        .with_context(|| format!("reading {}", file.display()))?;
+    let signing = trust.signing_ca_fingerprint.parse()?;
+    if !have.contains(&signing) {
+        bail!(
+            "{} (the CA bundle poolctl trusts) does not hold the new CA {signing}: write \
+             `poolctl pool-ca > {}` (it holds both CAs during the roll), then finish with \
+             `poolctl pool-rotate-ca --finish`",
+            file.display(),
+            file.display()
+        );
     }
     Ok(())
 }

@@ -287,7 +287,7 @@ async fn forward(
     )?
     .connect()
     .await
-    .map_err(|e| Status::unavailable(format!("leader {addr}: {e}")))?;
+    .map_err(|e| Status::unavailable(format!("leader {addr}: {}", proto::error_chain(&e))))?;
     HostAgentServiceClient::new(ch).heartbeat(req).await
 }
 

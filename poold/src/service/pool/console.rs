@@ -45,7 +45,7 @@ pub(super) async fn stream(
         .connect_timeout(Duration::from_secs(2))
         .connect()
         .await
-        .map_err(|e| Status::unavailable(format!("host {addr}: {e}")))?;
+        .map_err(|e| Status::unavailable(format!("host {addr}: {}", proto::error_chain(&e))))?;
     // The host's stream: the first message, then the client's input as it comes.
     let rest = input.take_while(|m| m.is_ok()).filter_map(|m| m.ok());
     let upstream = tonic::codegen::tokio_stream::iter(vec![first]).chain(rest);
