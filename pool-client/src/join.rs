@@ -385,8 +385,14 @@ fn save_replacing(tls: &DaemonTls, dir: &Path, replace: bool) -> Result<(), Join
                 }
                 return std::fs::rename(&tmp, dir).map_err(save_err);
             }
-            // rename(2) cannot replace a non-empty directory: the old one steps aside
-            // first, and comes back if the new one cannot take its place.
+            // One atomic swap where the file system can (a VM process reading the directory
+            // at that instant sees the old one or the new one, whole); else rename(2), which
+            // cannot replace a non-empty directory: the old one steps aside first, and comes
+            // back if the new one cannot take its place.
+            if exchange(&tmp, dir).is_ok() {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Ok(());
+            }
             let _ = std::fs::remove_dir_all(&old);
             std::fs::rename(dir, &old).map_err(save_err)?;
             if let Err(e) = std::fs::rename(&tmp, dir) {
@@ -400,6 +406,31 @@ fn save_replacing(tls: &DaemonTls, dir: &Path, replace: bool) -> Result<(), Join
         let _ = std::fs::remove_dir_all(&tmp);
     }
     res
+}
+
+/// Swaps the two paths in one step (`renameat2` with `RENAME_EXCHANGE`).
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: both are valid NUL-terminated paths that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 #[cfg(test)]
@@ -431,5 +462,60 @@ mod tests {
             Err(JoinError::Parse { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_renewed_directory_replaces_the_old_one_with_no_instant_without_one() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::Duration;
+
+        use pool_trust::{PoolCa, Validity};
+
+        let root = std::env::temp_dir().join(format!("tls-swap-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let dir = root.join("tls");
+        let pool = PoolId::parse("pool-a").unwrap();
+        let ca = PoolCa::create(
+            pool,
+            Validity::starting(proto::unix_ms(), Duration::from_secs(3600)),
+        )
+        .unwrap();
+        let host = Identity::Host("h1".into());
+        let issue = || {
+            let v = Validity::starting(proto::unix_ms(), Duration::from_secs(3600));
+            DaemonTls {
+                bundle: ca.bundle(),
+                creds: ca.issue(&host, &[], v).unwrap(),
+            }
+        };
+        save_replacing(&issue(), &dir, false).unwrap();
+        let done = AtomicBool::new(false);
+        let (loads, last) = std::thread::scope(|scope| {
+            let reader = scope.spawn(|| {
+                let mut loads = 0u32;
+                while !done.load(Ordering::Relaxed) {
+                    DaemonTls::load(&dir).expect("the directory is always there, whole");
+                    loads += 1;
+                }
+                loads
+            });
+            let mut last = issue();
+            for _ in 0..30 {
+                last = issue();
+                save_replacing(&last, &dir, true).unwrap();
+            }
+            done.store(true, Ordering::Relaxed);
+            (reader.join().unwrap(), last)
+        });
+        assert!(loads > 0);
+        let now = DaemonTls::load(&dir).unwrap();
+        assert_eq!(now.creds.cert_der(), last.creds.cert_der());
+        let left: Vec<_> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["tls"], "nothing left beside it");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -73,22 +73,45 @@ impl std::fmt::Debug for DaemonTls {
 
 impl DaemonTls {
     /// Reads `dir`: it must be 0700, the key 0600, the certificate of the bundle's pool.
+    /// The files are read from the one directory opened first, so a renewal swapping a
+    /// new directory into `dir` meanwhile never mixes an old certificate with a new key;
+    /// if the renewal removed the old one under the reader, the new one is read again.
     pub fn load(dir: &Path) -> Result<DaemonTls, TlsDirError> {
-        files::ensure_existing_private_dir(dir).map_err(|source| TlsDirError::Dir {
+        Self::load_once(dir).or_else(|_| Self::load_once(dir))
+    }
+
+    fn load_once(dir: &Path) -> Result<DaemonTls, TlsDirError> {
+        let opened = std::fs::File::open(dir);
+        let pinned = match &opened {
+            Ok(f) => {
+                use std::os::fd::AsRawFd;
+                let via = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+                if via.is_dir() { via } else { dir.to_owned() }
+            }
+            Err(_) => dir.to_owned(),
+        };
+        let tls = Self::load_from(&pinned, dir);
+        drop(opened);
+        tls
+    }
+
+    /// [`DaemonTls::load`] of `dir` read through `at`, errors naming `dir`.
+    fn load_from(at: &Path, dir: &Path) -> Result<DaemonTls, TlsDirError> {
+        files::ensure_existing_private_dir(at).map_err(|source| TlsDirError::Dir {
             dir: dir.to_owned(),
             source,
         })?;
         let path = dir.join(BUNDLE_FILE);
-        let bundle = CaBundle::load(&path).map_err(|source| TlsDirError::Bundle {
-            path: path.clone(),
-            source,
-        })?;
-        let creds = Credentials::load(dir, bundle.pool_id()).map_err(|source| {
-            TlsDirError::Credentials {
+        let bundle =
+            CaBundle::load(&at.join(BUNDLE_FILE)).map_err(|source| TlsDirError::Bundle {
+                path: path.clone(),
+                source,
+            })?;
+        let creds =
+            Credentials::load(at, bundle.pool_id()).map_err(|source| TlsDirError::Credentials {
                 dir: dir.to_owned(),
                 source,
-            }
-        })?;
+            })?;
         Ok(DaemonTls { bundle, creds })
     }
 
