@@ -515,7 +515,9 @@ impl PoolCa {
         dn.push(DnType::CommonName, format!("pool {pool} CA {tag}"));
         params.distinguished_name = dn;
         params.subject_alt_names = vec![SanType::URI(ia5(&format!("{URI_SCHEME}{pool}/ca"))?)];
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        // One CA below it at most: the cross certificate of a roll to its successor, so
+        // even a verifier that applies path lengths to roots accepts leaf -> cross -> it.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
             KeyUsagePurpose::CrlSign,
