@@ -131,8 +131,13 @@ impl ServerTls {
                         Ok(Ok(stream)) => {
                             let _ = tx.send(Ok(stream)).await;
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake refused"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        // In the audit trail: who was turned away before any request.
+                        Ok(Err(e)) => {
+                            tracing::info!(target: "audit", from = %peer, error = %e, "TLS handshake refused")
+                        }
+                        Err(_) => {
+                            tracing::info!(target: "audit", from = %peer, "TLS handshake timed out")
+                        }
                     }
                 });
             }
