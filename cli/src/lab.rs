@@ -223,16 +223,26 @@ pub fn client_config() -> Option<PathBuf> {
     path.exists().then_some(path)
 }
 
-/// The lab's pool CA (`dir/pki`) and every daemon's TLS directory under it, issued afresh
-/// on each start; and the client configuration poolctl finds.
+/// The lab's pool CA (`dir/pki`) and every daemon's TLS directory under it: kept from the
+/// last start while valid (the daemons renew them, onto a new CA after a roll), issued
+/// otherwise. Returns the CA bundle poolctl trusts: member 1's, which follows the pool's.
 fn pki(dir: &Path, hosts: u8) -> anyhow::Result<PathBuf> {
     let pki = dir.join("pki");
     let pool = PoolId::parse(POOL_ID).expect("a valid pool id");
     let ca = LocalCa::open_or_create(&pki, &pool)
         .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))
         .context("the lab's CA")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let issue = |identity: Identity, names: &[&str], into: PathBuf| {
+        let kept = pool_trust::DaemonTls::load_as(&into, &identity)
+            .is_ok_and(|t| !t.creds.should_renew(now));
+        if kept {
+            return Ok(());
+        }
         ca.issue(&identity, names, &into)
+            .map(drop)
             .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))
             .with_context(|| format!("issuing {identity}"))
     };
@@ -263,7 +273,7 @@ fn pki(dir: &Path, hosts: u8) -> anyhow::Result<PathBuf> {
         pool_trust::files::write_private(&admin, password.as_bytes())
             .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))?;
     }
-    Ok(ca.bundle_path())
+    Ok(pki.join("member-1").join(pool_trust::BUNDLE_FILE))
 }
 
 /// Logs in as the lab's admin and writes poolctl's configuration for the lab (members,
@@ -353,10 +363,12 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
             .arg("--tls-dir")
             .arg(dir.join(format!("pki/member-{id}")))
             .arg("--admin-password-file")
-            .arg(dir.join("pki").join(ADMIN_PASSWORD))
-            // The pool keeps its CA, so `poolctl host-join` can add hosts to the lab.
-            .arg("--found-ca")
-            .arg(dir.join("pki"));
+            .arg(dir.join("pki").join(ADMIN_PASSWORD));
+        // The pool keeps its CA, so `poolctl host-join` can add hosts to the lab; founded
+        // once (after a CA roll the lab's own CA is no longer the pool's).
+        if !dir.join(format!("poold-{id}")).exists() {
+            cmd.arg("--found-ca").arg(dir.join("pki"));
+        }
         for (j, a) in MEMBERS.iter().enumerate() {
             cmd.arg("--member").arg(format!("{}={a}", j + 1));
         }
