@@ -189,9 +189,11 @@ pub fn export_key(id: &Uuid) -> Vec<u8> {
 }
 
 impl MetaStore {
-    fn open_db(path: &Path) -> Result<sled::Db, MetaError> {
-        // sled's background threads can hold a dropped database for a moment, and its
-        // file lock with it: a re-open right after a close waits for them, briefly.
+    /// The pool's raw sled database at `path` (the store opens it this way; fsck's tests
+    /// damage it through it). sled's background threads can hold a dropped database for
+    /// a moment, and its file lock with it: a re-open right after a close waits for them,
+    /// briefly.
+    pub fn open_db(path: &Path) -> Result<sled::Db, MetaError> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             let result = sled::Config::new()

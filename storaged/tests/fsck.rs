@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use storaged::meta::{encode_node, node_key, page_key};
+use storaged::meta::{MetaStore, encode_node, node_key, page_key};
 use storaged::tree::{Entries, FANOUT, NO_CHUNK, Node};
 use storaged::{BackingKind, CreateOptions, ImportOptions, ThinPool};
 
@@ -48,7 +48,7 @@ fn leaks_and_orphans_are_found_and_repaired() {
     // Damage: chunks 20 and 21 counted as used though nothing maps them (a leak), and a
     // leaf that no volume reaches (an orphan) mapping chunk 22.
     {
-        let db = sled::open(dir.path().join("p.img.meta")).unwrap();
+        let db = MetaStore::open_db(&dir.path().join("p.img.meta")).unwrap();
         let page = db.get(page_key(0)).unwrap().unwrap();
         let mut refs = page.to_vec();
         for c in [20usize, 21] {
@@ -115,7 +115,7 @@ fn a_mapped_chunk_counted_free_is_never_handed_out() {
     drop(pool);
     // Damage: the one used chunk is counted free.
     {
-        let db = sled::open(dir.path().join("p.img.meta")).unwrap();
+        let db = MetaStore::open_db(&dir.path().join("p.img.meta")).unwrap();
         db.insert(page_key(0), vec![0u8; 16 * 4]).unwrap();
         db.flush().unwrap();
     }
