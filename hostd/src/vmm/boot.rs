@@ -7,7 +7,8 @@
 //!   for the first GiB and a 64-bit GDT; the vCPU starts in long mode at `startup_64`
 //!   with `%rsi` pointing at the zero page — the way Firecracker boots Linux.
 //!
-//! Both get an MP table so Linux finds the vCPUs and the IOAPIC without ACPI.
+//! Both get ACPI tables (`acpi`; both protocols also pass the RSDP's address) and an MP
+//! table, for kernels booted with `acpi=off` or built without ACPI.
 
 use std::fs::File;
 use std::io::Read;
@@ -23,6 +24,7 @@ use linux_loader::loader::{Cmdline, KernelLoader, load_cmdline};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::GuestRam;
+use super::acpi::{self, AcpiError};
 use super::layout::*;
 use super::mptable;
 
@@ -91,6 +93,8 @@ pub enum BootError {
     },
     #[error("kernel command line is invalid: {detail}")]
     Cmdline { detail: String },
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
     #[error("cannot write boot structures to guest memory")]
     GuestMemory(#[source] vm_memory::GuestMemoryError),
 }
@@ -137,13 +141,15 @@ fn mem_err(e: vm_memory::GuestMemoryError) -> BootError {
 }
 
 /// Loads everything the guest needs into `mem` and says where the boot vCPU starts.
-/// `extra_cmdline` words (the virtio-mmio devices) are appended to the command line.
+/// `extra_cmdline` words (the virtio-mmio devices) are appended to the command line;
+/// `virtio` (window base, GSI) go in the ACPI DSDT.
 pub fn load(
     mem: &GuestRam,
     spec: &BootSpec,
     memory_bytes: u64,
     vcpus: u8,
     extra_cmdline: &[String],
+    virtio: &[(u64, u32)],
 ) -> Result<Entry, BootError> {
     let path = &spec.kernel;
     let mut kernel = File::open(path).map_err(|source| BootError::KernelOpen {
@@ -231,6 +237,10 @@ pub fn load(
 
     mem.write_slice(&mptable::build(EBDA_START, vcpus), GuestAddress(EBDA_START))
         .map_err(mem_err)?;
+    for (addr, bytes) in acpi::build(vcpus, virtio)? {
+        mem.write_slice(&bytes, GuestAddress(addr))
+            .map_err(mem_err)?;
+    }
     let gdt = boot_gdt(entry);
     for (i, d) in gdt.iter().enumerate() {
         mem.write_obj(*d, GuestAddress(BOOT_GDT + i as u64 * 8))
@@ -307,6 +317,7 @@ fn write_pvh(
         cmdline_paddr: CMDLINE,
         memmap_paddr: PVH_MEMMAP,
         memmap_entries: map.len() as u32,
+        rsdp_paddr: RSDP_ADDR,
         ..Default::default()
     };
     if let Some((paddr, size)) = initrd {
@@ -370,6 +381,7 @@ fn write_zero_page(
         };
     }
     params.e820_entries = map.len() as u8;
+    params.acpi_rsdp_addr = RSDP_ADDR;
     mem.write_obj(params, GuestAddress(ZERO_PAGE))
         .map_err(mem_err)
 }

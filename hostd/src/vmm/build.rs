@@ -276,6 +276,7 @@ impl Vm {
 
         let mut virtio = Vec::new();
         let mut extra_cmdline = Vec::new();
+        let mut windows = Vec::new();
         for (i, disk) in spec.disks.iter().enumerate() {
             let name = format!("virtio-blk {}", disk.id);
             let (base, gsi) = layout::virtio_mmio_window(i);
@@ -311,7 +312,10 @@ impl Vm {
                 &name,
             )?;
             virtio.push(transport);
+            // Kernels built for it (and the test guest) read the command line; stock ones
+            // the DSDT.
             extra_cmdline.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+            windows.push((base, gsi));
         }
 
         let entry = match snapshot {
@@ -321,6 +325,7 @@ impl Vm {
                 spec.memory_bytes,
                 spec.vcpus as u8,
                 &extra_cmdline,
+                &windows,
             )?),
             Some(_) if from_stream => None,
             Some(s) => {

@@ -27,6 +27,10 @@ pub const CMDLINE: u64 = 0x20000;
 pub const CMDLINE_MAX: usize = 4096;
 /// Extended BIOS data area: the MP table goes here.
 pub const EBDA_START: u64 = 0x9fc00;
+/// The ACPI root pointer, where Linux's legacy scan of 0xE0000-0xFFFFF finds it too; the
+/// other tables follow it up to `ACPI_TABLES_END`, inside the reserved legacy hole.
+pub const RSDP_ADDR: u64 = 0xe_0000;
+pub const ACPI_TABLES_END: u64 = 0xf_0000;
 /// First byte above the legacy hole; kernels load here.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// RAM below 4 GiB stops here; the rest of the guest's RAM starts at 4 GiB.
@@ -52,8 +56,26 @@ pub const PORT_DEBUG_EXIT: u16 = 0xf4;
 pub const PORT_DEBUG_EXIT_LEN: u16 = 4;
 /// The idle port (see `devices::idle`): a read parks the vCPU until an interrupt.
 pub const PORT_IDLE: u16 = 0x4f0;
+/// CMOS RTC: index port, then data port.
+pub const PORT_RTC: u16 = 0x70;
+pub const PORT_RTC_LEN: u16 = 2;
+/// The CMOS register that holds the century (announced in the FADT).
+pub const CMOS_CENTURY: u8 = 0x32;
+/// ACPI hardware-reduced power registers (FADT sleep control, sleep status and reset
+/// registers, one byte each; see `devices::acpi`).
+pub const PORT_ACPI_PM: u16 = 0x600;
+pub const PORT_ACPI_PM_LEN: u16 = 3;
+pub const PORT_ACPI_SLEEP_CONTROL: u16 = PORT_ACPI_PM;
+pub const PORT_ACPI_SLEEP_STATUS: u16 = PORT_ACPI_PM + 1;
+pub const PORT_ACPI_RESET: u16 = PORT_ACPI_PM + 2;
+/// What the guest writes to the FADT reset register to reset the machine.
+pub const ACPI_RESET_VALUE: u8 = 0x01;
+/// The PCI reset control register (`reboot=pci`): 0x06 or 0x0e resets.
+pub const PORT_PCI_RESET: u16 = 0xcf9;
 
 pub const IRQ_KEYBOARD: u32 = 1;
+/// The ACPI generic event device (the power button); a line no ISA device of ours uses.
+pub const IRQ_GED: u32 = 3;
 pub const IRQ_SERIAL: u32 = 4;
 /// virtio-mmio devices take interrupt lines from here, one each.
 pub const IRQ_VIRTIO_FIRST: u32 = 5;
@@ -128,6 +150,27 @@ mod tests {
         assert_eq!(map[0], (0, EBDA_START, E820_RAM));
         assert_eq!(map[1].2, E820_RESERVED);
         assert_eq!(map[2], (HIMEM_START, (256 << 20) - HIMEM_START, E820_RAM));
+    }
+
+    #[test]
+    fn acpi_tables_sit_in_the_reserved_legacy_hole_where_linux_scans() {
+        assert_eq!(RSDP_ADDR % 16, 0);
+        assert!((0xe_0000..0x10_0000).contains(&RSDP_ADDR));
+        const { assert!(ACPI_TABLES_END <= 0x10_0000) };
+        let map = e820_map(256 << 20);
+        let (start, len, kind) = map[1];
+        assert_eq!(kind, E820_RESERVED);
+        assert!(start <= RSDP_ADDR && ACPI_TABLES_END <= start + len);
+    }
+
+    #[test]
+    fn the_ged_line_is_free() {
+        assert_ne!(IRQ_GED, IRQ_SERIAL);
+        assert_ne!(IRQ_GED, IRQ_KEYBOARD);
+        for i in 0..MAX_VIRTIO_DEVICES {
+            assert_ne!(virtio_mmio_window(i).1, IRQ_GED);
+        }
+        const { assert!(IRQ_GED < IOAPIC_PINS) };
     }
 
     #[test]

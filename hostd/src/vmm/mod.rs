@@ -19,9 +19,10 @@
 //! - [`persist`]: saved state types, and saving a paused VM's state.
 //! - [`run`]: the run control shared by the owner, vCPU threads and devices.
 //! - [`vcpu`]: one vCPU: registers at boot and its run loop.
-//! - [`boot`], [`layout`], [`mptable`], [`cpuid`]: boot images, the guest-physical map,
-//!   the MP table, and the CPUID each vCPU is given.
+//! - [`boot`], [`layout`], [`mptable`], [`acpi`], [`cpuid`]: boot images, the
+//!   guest-physical map, the MP table, the ACPI tables, and the CPUID each vCPU is given.
 
+pub mod acpi;
 pub mod boot;
 mod build;
 pub mod cpuid;
