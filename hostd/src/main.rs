@@ -95,6 +95,10 @@ enum Cmd {
         /// Print to stderr how long it took from start to the first console byte.
         #[arg(long)]
         time_first_byte: bool,
+        /// How to enter the kernel: `auto` (PVH when an ELF has the note, else the Linux
+        /// 64-bit entry), `linux64`, or `pvh`.
+        #[arg(long, value_enum, default_value_t = Entry::Auto)]
+        boot: Entry,
     },
     /// Write the test guest built into this binary to a file.
     GuestElf {
@@ -131,11 +135,15 @@ fn main() -> anyhow::Result<()> {
             memory_mib,
             ref disk,
             time_first_byte,
+            boot,
         }) => run_one(
             started,
-            kernel,
-            initrd.as_ref(),
-            cmdline,
+            BootSpec {
+                kernel: kernel.clone(),
+                initrd: initrd.clone(),
+                cmdline: cmdline.clone(),
+                protocol: boot.into(),
+            },
             vcpus,
             memory_mib,
             disk,
@@ -169,12 +177,34 @@ impl ConsoleOut for Stdout {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Entry {
+    Auto,
+    Linux64,
+    Pvh,
+}
+
+impl From<Entry> for BootProtocol {
+    fn from(e: Entry) -> BootProtocol {
+        match e {
+            Entry::Auto => BootProtocol::Auto,
+            Entry::Linux64 => BootProtocol::Linux64,
+            Entry::Pvh => BootProtocol::Pvh,
+        }
+    }
+}
+
+/// SIGTERM/SIGINT seen by `hostd run`: the first asks the guest to shut down, the next
+/// stops it.
+static STOP_SIGNALS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP_SIGNALS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
 fn run_one(
     started: Instant,
-    kernel: &std::path::Path,
-    initrd: Option<&PathBuf>,
-    cmdline: &str,
+    boot: BootSpec,
     vcpus: u32,
     memory_mib: u64,
     disks: &[String],
@@ -199,12 +229,7 @@ fn run_one(
     let spec = VmSpec {
         vcpus,
         memory_bytes: memory_mib << 20,
-        boot: BootSpec {
-            kernel: kernel.to_owned(),
-            initrd: initrd.cloned(),
-            cmdline: cmdline.to_owned(),
-            protocol: BootProtocol::Auto,
-        },
+        boot,
         disks,
         cpuid_mask: Vec::new(),
     };
@@ -213,16 +238,42 @@ fn run_one(
         report: time_first_byte,
         first: std::sync::Once::new(),
     });
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only bumps an atomic counter.
+        unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
+    }
+    let mut asked = 0;
     loop {
         let mut vm = Vm::new(&spec, out.clone()).context("building the VM")?;
         vm.start()?;
-        match vm.wait_exit(None) {
-            Some(VmExit::Reset) => continue,
-            Some(VmExit::Poweroff { status }) => {
+        let exit = loop {
+            if let Some(exit) = vm.wait_exit(Some(std::time::Duration::from_millis(100))) {
+                break exit;
+            }
+            let signals = STOP_SIGNALS.load(std::sync::atomic::Ordering::SeqCst);
+            if signals > asked {
+                asked = signals;
+                if signals == 1 {
+                    eprintln!("hostd run: asking the guest to shut down (again to stop it)");
+                    vm.request_shutdown();
+                } else {
+                    vm.stop();
+                }
+            }
+        };
+        match exit {
+            // A guest reboot by any of its ways (keyboard controller, ACPI reset, or a
+            // triple fault as Linux's `reboot=t` makes one) boots it again, unless a stop
+            // was asked for.
+            VmExit::Reset | VmExit::TripleFault { .. } if asked == 0 => {
+                eprintln!("hostd run: guest reset ({exit}), booting again");
+            }
+            VmExit::Reset | VmExit::TripleFault { .. } => std::process::exit(0),
+            VmExit::Poweroff { status } => {
                 std::process::exit(i32::from(status.unwrap_or(0)));
             }
-            Some(other) => anyhow::bail!("VM stopped: {other}"),
-            None => unreachable!("waiting without a timeout returns only on exit"),
+            VmExit::Stopped => anyhow::bail!("VM stopped by a second signal"),
+            other => anyhow::bail!("VM stopped: {other}"),
         }
     }
 }

@@ -2,6 +2,8 @@
 //! `poold`) and `poolctl` as processes and drive them as users do. This library holds
 //! what those tests share; the tests are under `tests/tests/`.
 
+pub mod debian;
+pub mod emuhost;
 pub mod join;
 pub mod pool;
 
