@@ -1,12 +1,13 @@
 //! The devices a VM has: legacy ports (16550 serial, i8042, debug exit, port 0x61, the idle
-//! port) and virtio-blk
-//! over virtio-mmio, with the bus that dispatches guest accesses to them.
+//! port), the ACPI power registers and button, and virtio-blk over virtio-mmio, with the
+//! bus that dispatches guest accesses to them.
 //!
 //! Every device follows one shape: it is a [`bus::BusDevice`] the vCPU threads call on
 //! port or MMIO exits, it raises interrupts through an [`IrqLine`] (an eventfd that KVM
 //! turns into an interrupt with irqfd), and it asks the VM to stop through an
 //! [`crate::vmm::ExitHandle`].
 
+pub mod acpi;
 pub mod bus;
 pub mod debug_exit;
 pub mod i8042;

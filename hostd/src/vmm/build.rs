@@ -17,6 +17,7 @@ use super::{
 };
 use crate::console::ConsoleOut;
 use crate::devices::IrqLine;
+use crate::devices::acpi::{AcpiPm, PciReset, PowerButton};
 use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::debug_exit::DebugExit;
 use crate::devices::i8042::I8042;
@@ -273,6 +274,26 @@ impl Vm {
             Arc::new(Mutex::new(DebugExit::new(ctl.exit_handle()))),
             "debug-exit port",
         )?;
+        place(
+            &mut pio,
+            u64::from(layout::PORT_ACPI_PM),
+            u64::from(layout::PORT_ACPI_PM_LEN),
+            Arc::new(Mutex::new(AcpiPm::new(ctl.exit_handle()))),
+            "ACPI power registers",
+        )?;
+        place(
+            &mut pio,
+            u64::from(layout::PORT_PCI_RESET),
+            1,
+            Arc::new(Mutex::new(PciReset::new(ctl.exit_handle()))),
+            "port 0xcf9",
+        )?;
+        let power_button = PowerButton::new(irq_line(
+            &vm_fd,
+            &ctl,
+            layout::IRQ_GED,
+            "ACPI power button",
+        )?);
 
         let mut virtio = Vec::new();
         let mut extra_cmdline = Vec::new();
@@ -358,6 +379,7 @@ impl Vm {
             mmio: Arc::new(mmio),
             serial,
             i8042,
+            power_button,
             virtio,
             disks: spec.disks.clone(),
             memory,

@@ -4,9 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use kvm_bindings::KVM_IRQCHIP_IOAPIC;
 use kvm_ioctls::VmFd;
 
-use super::{CpuidRegs, Entry, RunControl, Vm, VmError, VmExit};
+use super::{CpuidRegs, Entry, RunControl, Vm, VmError, VmExit, persist};
+use crate::devices::acpi;
 use crate::devices::virtio::block::BlockMetricsSnapshot;
 
 impl Vm {
@@ -51,8 +53,25 @@ impl Vm {
         self.ctl.is_paused()
     }
 
-    /// Asks the guest to shut down: Ctrl-Alt-Del on the i8042.
+    /// Asks the guest to shut down: the ACPI power button when the guest has a driver on
+    /// it, else Ctrl-Alt-Del on the i8042 (the test guest, `acpi=off` kernels).
     pub fn request_shutdown(&self) {
+        let gsi = self.power_button.gsi();
+        let listens = match persist::irqchip(&self.vm_fd, KVM_IRQCHIP_IOAPIC) {
+            Ok(ioapic) => acpi::guest_listens(&ioapic, gsi),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the IOAPIC; using Ctrl-Alt-Del");
+                false
+            }
+        };
+        if listens {
+            tracing::info!("pressing the ACPI power button");
+            match self.power_button.press() {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(error = %e, "ACPI power button; using Ctrl-Alt-Del"),
+            }
+        }
+        tracing::info!("sending Ctrl-Alt-Del");
         crate::devices::bus::lock(&self.i8042).send_ctrl_alt_del();
     }
 

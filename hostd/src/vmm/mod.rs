@@ -45,6 +45,7 @@ pub use memory::{DirtyRegion, GuestRam, new_guest_ram};
 pub use persist::{PersistError, VmSnapshot};
 pub use run::{ExitHandle, RunControl, RunError, VmExit};
 
+use crate::devices::acpi::PowerButton;
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::SerialDevice;
@@ -205,6 +206,7 @@ pub struct Vm {
     mmio: Arc<Bus>,
     serial: Arc<Mutex<SerialDevice>>,
     i8042: Arc<Mutex<I8042>>,
+    power_button: PowerButton,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     disks: Vec<Disk>,
     memory_bytes: u64,

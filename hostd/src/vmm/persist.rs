@@ -191,7 +191,7 @@ pub fn restore_vcpu(fd: &VcpuFd, index: u32, s: &VcpuState) -> Result<(), Persis
     Ok(())
 }
 
-fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, PersistError> {
+pub(super) fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, PersistError> {
     let mut chip = kvm_irqchip {
         chip_id,
         ..Default::default()

@@ -14,6 +14,20 @@ use crate::vmm::{Vm, VmExit, VmSpec};
 /// How long a paused vCPU may take to stop.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A triple fault restarts the VM (Linux's `reboot=t` makes one on purpose), unless it
+/// came this many times in a row, each this soon after its boot: a guest that cannot boot
+/// stops as crashed instead of restarting forever.
+const FAULT_LOOP_LIMIT: u32 = 5;
+const FAULT_LOOP_WINDOW: Duration = Duration::from_secs(10);
+
+/// Triple faults in a row so far, counting the exit of a boot that ran for `ran`.
+fn quick_faults(before: u32, exit: &VmExit, ran: Duration) -> u32 {
+    match exit {
+        VmExit::TripleFault { .. } if ran < FAULT_LOOP_WINDOW => before + 1,
+        _ => 0,
+    }
+}
+
 /// What the owner asked for that is still under way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Intent {
@@ -32,6 +46,7 @@ impl Runner {
         rx: &mpsc::Receiver<Msg>,
         mut first: Option<Vm>,
     ) -> Result<(), ChildError> {
+        let mut faults = 0;
         loop {
             let built = match first.take() {
                 Some(vm) => Ok(vm),
@@ -47,6 +62,7 @@ impl Runner {
             self.state.boots += 1;
             self.state.power = PowerState::Running as i32;
             self.state.started_at_unix_ms = proto::unix_ms();
+            let booted = Instant::now();
             self.publish();
             tracing::info!(boots = self.state.boots, "VM running");
             let ctl = vm.run_control();
@@ -63,6 +79,7 @@ impl Runner {
             let (exit, intent) = self.serve(&mut vm, rx);
             drop(vm);
             tracing::info!(%exit, ?intent, "VM stopped");
+            faults = quick_faults(faults, &exit, booted.elapsed());
             match (intent, &exit) {
                 (Some(Intent::MigratedAway), _) => {
                     let detail = std::mem::take(&mut self.state.detail);
@@ -77,12 +94,18 @@ impl Runner {
                     self.state.detail = exit.to_string();
                     continue;
                 }
+                (None, VmExit::TripleFault { .. }) if faults < FAULT_LOOP_LIMIT => {
+                    self.state.last_stop = StopReason::TripleFault as i32;
+                    self.state.detail = format!("{exit}; restarted like a reset");
+                    continue;
+                }
                 (Some(Intent::Stop { forced: true }), VmExit::Stopped) => self.finish(
                     PowerState::Stopped,
                     StopReason::Forced,
                     "stopped by request".into(),
                 ),
-                (_, VmExit::Poweroff { .. }) | (Some(Intent::Stop { .. }), VmExit::Reset) => self
+                (_, VmExit::Poweroff { .. })
+                | (Some(Intent::Stop { .. }), VmExit::Reset | VmExit::TripleFault { .. }) => self
                     .finish(
                         PowerState::Stopped,
                         StopReason::GuestPoweroff,
@@ -91,7 +114,10 @@ impl Runner {
                 (_, VmExit::TripleFault { .. }) => self.finish(
                     PowerState::Crashed,
                     StopReason::TripleFault,
-                    exit.to_string(),
+                    format!(
+                        "{exit}, {faults} times in a row within {} s of booting",
+                        FAULT_LOOP_WINDOW.as_secs()
+                    ),
                 ),
                 (_, VmExit::Stopped) => {
                     // The polite request timed out and the VM was forced.
@@ -211,8 +237,8 @@ impl Runner {
         }
     }
 
-    /// A polite request (shutdown or reboot): at once when forced, else Ctrl-Alt-Del and a
-    /// deadline after which the VM is forced.
+    /// A polite request (shutdown or reboot): at once when forced, else the ACPI power
+    /// button (or Ctrl-Alt-Del) and a deadline after which the VM is forced.
     fn polite(&mut self, vm: &Vm, p: &Polite, deadline: &mut Option<Instant>) {
         if p.force {
             let _ = vm.resume();
@@ -257,5 +283,25 @@ impl Runner {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_quick_triple_faults_in_a_row_count_towards_the_loop_limit() {
+        let fault = VmExit::TripleFault { vcpu: 0 };
+        let quick = FAULT_LOOP_WINDOW / 2;
+        let mut n = 0;
+        for _ in 0..FAULT_LOOP_LIMIT {
+            n = quick_faults(n, &fault, quick);
+        }
+        assert_eq!(n, FAULT_LOOP_LIMIT);
+        // A boot that ran long enough, or any other exit, starts the count again.
+        assert_eq!(quick_faults(n, &fault, FAULT_LOOP_WINDOW * 2), 0);
+        assert_eq!(quick_faults(n, &VmExit::Reset, quick), 0);
+        assert_eq!(quick_faults(0, &fault, quick), 1);
     }
 }
