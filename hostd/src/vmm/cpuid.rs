@@ -1,10 +1,11 @@
-//! The CPUID a guest sees: what KVM supports on this host, with the per-vCPU topology
+//! The CPUID a guest sees: what KVM supports on this host (plus the TSC-deadline timer,
+//! which KVM emulates but older kernels leave out of the table), with the per-vCPU topology
 //! filled in, the performance-monitoring and power leaves removed, the TSC frequency
 //! published in the hypervisor timing leaf, and an optional pool-wide mask applied so a
 //! VM sees the same features on every host it may move to.
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_cpuid_entry2};
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Cap, Kvm};
 
 /// One CPUID leaf's registers, as the pool stores masks and reports host CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -47,6 +48,8 @@ const LEAF_HYPERVISOR: u32 = 0x4000_0000;
 const LEAF_HYPERVISOR_TIMING: u32 = 0x4000_0010;
 const LEAF_AMD_EXT_APIC: u32 = 0x8000_001e;
 
+/// Leaf 1 ECX bit 24: the LAPIC timer has TSC-deadline mode.
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 1 ECX bit 31: running under a hypervisor.
 const ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 1 EDX bit 28: more than one logical processor per package.
@@ -58,11 +61,25 @@ const APIC_BUS_KHZ: u32 = 1_000_000;
 
 /// What KVM on this host can give guests, unfiltered.
 pub fn supported(kvm: &Kvm) -> Result<Vec<kvm_cpuid_entry2>, CpuidError> {
-    Ok(kvm
+    let mut entries = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(CpuidError::Supported)?
         .as_slice()
-        .to_vec())
+        .to_vec();
+    add_tsc_deadline(&mut entries, kvm.check_extension(Cap::TscDeadlineTimer));
+    Ok(entries)
+}
+
+/// KVM emulates the TSC-deadline timer wherever it has the capability, but only kernels
+/// from the end of 2024 on list it in KVM_GET_SUPPORTED_CPUID. Without it Linux calibrates its LAPIC
+/// timer against other clocks, which is slow and timing-sensitive under nesting.
+fn add_tsc_deadline(entries: &mut [kvm_cpuid_entry2], available: bool) {
+    if !available {
+        return;
+    }
+    for e in entries.iter_mut().filter(|e| e.function == LEAF_FEATURES) {
+        e.ecx |= ECX_TSC_DEADLINE;
+    }
 }
 
 /// The table for vCPU `index` of `count`. `tsc_khz` goes in the timing leaf when known.
@@ -184,6 +201,21 @@ mod tests {
             .iter()
             .find(|e| e.function == function)
             .unwrap()
+    }
+
+    #[test]
+    fn tsc_deadline_is_added_only_when_kvm_has_the_capability() {
+        let host = [leaf(1, 0xa10f11, 0, 0x0000_2001, 0), leaf(7, 0, 0, 0, 0)];
+        let mut with = host;
+        add_tsc_deadline(&mut with, true);
+        assert_eq!(with[0].ecx, 0x0000_2001 | ECX_TSC_DEADLINE);
+        assert_eq!(with[1].ecx, 0, "only leaf 1");
+        let mut without = host;
+        add_tsc_deadline(&mut without, false);
+        assert_eq!(without[0].ecx, 0x0000_2001);
+        // It reaches every vCPU's table.
+        let c = for_vcpu(&with, 1, 2, None, &[]).unwrap();
+        assert_ne!(find(&c, 1).ecx & ECX_TSC_DEADLINE, 0);
     }
 
     #[test]
