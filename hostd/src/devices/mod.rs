@@ -1,5 +1,5 @@
-//! The devices a VM has: legacy ports (16550 serial, i8042, debug exit, port 0x61, the idle
-//! port), the ACPI power registers and button, and virtio-blk over virtio-mmio, with the
+//! The devices a VM has: legacy ports (16550 serial, i8042, CMOS RTC, debug exit, port
+//! 0x61, the idle port), the ACPI power registers and button, and virtio-blk over virtio-mmio, with the
 //! bus that dispatches guest accesses to them.
 //!
 //! Every device follows one shape: it is a [`bus::BusDevice`] the vCPU threads call on
@@ -12,6 +12,7 @@ pub mod bus;
 pub mod debug_exit;
 pub mod i8042;
 pub mod idle;
+pub mod rtc;
 pub mod serial;
 pub mod speaker;
 pub mod virtio;

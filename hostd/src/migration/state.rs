@@ -2,21 +2,31 @@
 //! frame. KVM's structures go as their exact bytes (their layout is the kernel ABI, the
 //! same on both hosts; zerocopy checks they have no padding); everything else field by
 //! field, little-endian. The blob starts with its own version.
+//!
+//! Version 2 added the CMOS RTC, at the end. A version 1 blob (from a hostd without an
+//! RTC) still decodes, with a fresh RTC rather than an error: that guest never had an RTC
+//! (its ports read 0xff), so a fresh one is what it would find booting on this build, and
+//! running VMs can move from an older hostd to a newer one during an upgrade.
 
 use kvm_bindings::kvm_msr_entry;
 use virtio_queue::QueueState;
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use crate::devices::i8042::I8042State;
+use crate::devices::rtc::RtcState;
 use crate::devices::virtio::mmio::MmioState;
 use crate::vmm::VmSnapshot;
 use crate::vmm::persist::{DeviceStates, KvmVmState, VcpuState};
 
-pub const STATE_VERSION: u16 = 1;
+pub const STATE_VERSION: u16 = 2;
+/// The oldest version this build decodes.
+pub const STATE_VERSION_MIN: u16 = 1;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StateError {
-    #[error("saved state version {0} is not one this build reads ({STATE_VERSION})")]
+    #[error(
+        "saved state version {0} is not one this build reads ({STATE_VERSION_MIN}-{STATE_VERSION})"
+    )]
     Version(u16),
     #[error("saved state ends early reading {what}")]
     Short { what: &'static str },
@@ -213,13 +223,17 @@ pub fn encode(s: &VmSnapshot) -> Vec<u8> {
             put_queue(&mut w, q);
         }
     }
+    let rtc = &s.devices.rtc;
+    w.u8(rtc.index);
+    w.u64(rtc.offset_s as u64);
+    w.0.extend_from_slice(&rtc.nvram);
     w.0
 }
 
 pub fn decode(bytes: &[u8]) -> Result<VmSnapshot, StateError> {
     let mut r = R(bytes);
     let version = r.u16("version")?;
-    if version != STATE_VERSION {
+    if !(STATE_VERSION_MIN..=STATE_VERSION).contains(&version) {
         return Err(StateError::Version(version));
     }
     let n = r.count("vCPU", crate::vmm::MAX_VCPUS)?;
@@ -279,6 +293,15 @@ pub fn decode(bytes: &[u8]) -> Result<VmSnapshot, StateError> {
         }
         virtio.push(m);
     }
+    let rtc = if version >= 2 {
+        RtcState {
+            index: r.u8("RTC")?,
+            offset_s: r.u64("RTC")? as i64,
+            nvram: r.raw("RTC NVRAM")?,
+        }
+    } else {
+        RtcState::default()
+    };
     if !r.0.is_empty() {
         return Err(StateError::Trailing(r.0.len()));
     }
@@ -288,6 +311,7 @@ pub fn decode(bytes: &[u8]) -> Result<VmSnapshot, StateError> {
         devices: DeviceStates {
             serial,
             i8042,
+            rtc,
             virtio,
         },
         memory: Vec::new(),
@@ -350,6 +374,15 @@ mod tests {
                     pending: Some(4),
                     buffer: vec![5, 6],
                 },
+                rtc: {
+                    let mut rtc = RtcState {
+                        index: 0x0b,
+                        offset_s: -3600,
+                        ..Default::default()
+                    };
+                    rtc.nvram[0x40] = 0x77;
+                    rtc
+                },
                 virtio: vec![MmioState {
                     queue_select: 0,
                     device_features_select: 1,
@@ -389,6 +422,22 @@ mod tests {
         assert_eq!(back.devices.serial.in_buffer, b"typed");
         assert_eq!(back.devices.i8042.pending, Some(4));
         assert_eq!(back.devices.virtio[0].queues[0].used_ring, 0x10_2000);
+        assert_eq!(back.devices.rtc, sample().devices.rtc);
+    }
+
+    #[test]
+    fn a_version_1_state_decodes_with_a_fresh_rtc() {
+        let v2 = encode(&sample());
+        // Version 1 is version 2 without the RTC at the end.
+        let mut v1 = v2[..v2.len() - (1 + 8 + 128)].to_vec();
+        v1[..2].copy_from_slice(&1u16.to_le_bytes());
+        let back = decode(&v1).unwrap();
+        assert_eq!(back.devices.rtc, RtcState::default());
+        assert_eq!(back.devices.i8042.pending, Some(4));
+        // A version 2 blob cut before its RTC is damaged, not version 1.
+        let mut cut = v2[..v1.len()].to_vec();
+        cut[..2].copy_from_slice(&STATE_VERSION.to_le_bytes());
+        assert!(matches!(decode(&cut), Err(StateError::Short { .. })));
     }
 
     #[test]
@@ -401,7 +450,9 @@ mod tests {
         longer.push(0);
         assert_eq!(decode(&longer).err(), Some(StateError::Trailing(1)));
         let mut other = bytes;
-        other[0] = 9;
-        assert_eq!(decode(&other).err(), Some(StateError::Version(9)));
+        for v in [0, STATE_VERSION + 1, 9] {
+            other[..2].copy_from_slice(&v.to_le_bytes());
+            assert_eq!(decode(&other).err(), Some(StateError::Version(v)));
+        }
     }
 }

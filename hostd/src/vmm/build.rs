@@ -21,6 +21,7 @@ use crate::devices::acpi::{AcpiPm, PciReset, PowerButton};
 use crate::devices::bus::{Bus, BusDevice};
 use crate::devices::debug_exit::DebugExit;
 use crate::devices::i8042::I8042;
+use crate::devices::rtc::Rtc;
 use crate::devices::serial::SerialDevice;
 use crate::devices::speaker::PcSpeaker;
 use crate::devices::virtio::VirtioInterrupt;
@@ -274,6 +275,17 @@ impl Vm {
             Arc::new(Mutex::new(DebugExit::new(ctl.exit_handle()))),
             "debug-exit port",
         )?;
+        let rtc = Arc::new(Mutex::new(match snapshot {
+            Some(s) => Rtc::from_state(s.devices.rtc.clone()),
+            None => Rtc::new(),
+        }));
+        place(
+            &mut pio,
+            u64::from(layout::PORT_RTC),
+            u64::from(layout::PORT_RTC_LEN),
+            rtc.clone(),
+            "CMOS RTC",
+        )?;
         place(
             &mut pio,
             u64::from(layout::PORT_ACPI_PM),
@@ -379,6 +391,7 @@ impl Vm {
             mmio: Arc::new(mmio),
             serial,
             i8042,
+            rtc,
             power_button,
             virtio,
             disks: spec.disks.clone(),

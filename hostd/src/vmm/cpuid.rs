@@ -71,8 +71,8 @@ pub fn supported(kvm: &Kvm) -> Result<Vec<kvm_cpuid_entry2>, CpuidError> {
 }
 
 /// KVM emulates the TSC-deadline timer wherever it has the capability, but only kernels
-/// from the end of 2024 on list it in KVM_GET_SUPPORTED_CPUID. Without it Linux calibrates its LAPIC
-/// timer against other clocks, which is slow and timing-sensitive under nesting.
+/// from the end of 2024 on list it in KVM_GET_SUPPORTED_CPUID. Without it Linux
+/// calibrates its LAPIC timer against other clocks, slowly and sensitive to timing.
 fn add_tsc_deadline(entries: &mut [kvm_cpuid_entry2], available: bool) {
     if !available {
         return;

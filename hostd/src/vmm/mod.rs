@@ -48,6 +48,7 @@ pub use run::{ExitHandle, RunControl, RunError, VmExit};
 use crate::devices::acpi::PowerButton;
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::I8042;
+use crate::devices::rtc::Rtc;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::block::Disk;
 use crate::devices::virtio::mmio::MmioTransport;
@@ -206,6 +207,7 @@ pub struct Vm {
     mmio: Arc<Bus>,
     serial: Arc<Mutex<SerialDevice>>,
     i8042: Arc<Mutex<I8042>>,
+    rtc: Arc<Mutex<Rtc>>,
     power_button: PowerButton,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     disks: Vec<Disk>,

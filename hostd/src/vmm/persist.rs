@@ -22,6 +22,7 @@ use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 use super::{Vm, VmError};
 
 use crate::devices::i8042::I8042State;
+use crate::devices::rtc::RtcState;
 use crate::devices::virtio::mmio::MmioState;
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +82,7 @@ pub struct KvmVmState {
 pub struct DeviceStates {
     pub serial: vm_superio::serial::SerialState,
     pub i8042: I8042State,
+    pub rtc: RtcState,
     pub virtio: Vec<MmioState>,
 }
 
@@ -279,6 +281,7 @@ impl Vm {
         let devices = DeviceStates {
             serial: crate::devices::bus::lock(&self.serial).state(),
             i8042: crate::devices::bus::lock(&self.i8042).state(),
+            rtc: crate::devices::bus::lock(&self.rtc).state(),
             virtio: self
                 .virtio
                 .iter()
