@@ -26,10 +26,16 @@ use crate::debian::{self, Cpio, Kernel};
 const BINARIES: &[&str] = &["hostd", "hostd-vmm"];
 /// Kernel modules the outer init loads (with their dependencies).
 const OUTER_MODULES: &[&str] = &["kvm_amd"];
-/// The outer VM: one vCPU was as fast as two under TCG, and leaves a CPU to the rest.
+/// Loaded when a scenario uses the network.
+const NET_MODULES: &[&str] = &["virtio_pci", "virtio_net"];
+/// The outer VM's memory.
 const OUTER_MEMORY_MIB: u32 = 2048;
-/// The outer init prints a heartbeat this often; three missed ones mean a frozen emulator.
-const HEARTBEAT_SILENCE: Duration = Duration::from_secs(35);
+/// Its vCPUs: with one, a 2-vCPU Linux guest could spin on a lock held by its other vCPU
+/// thread, which the single outer CPU never got back to (the emulated host froze in 3 of 5
+/// runs; with two, 0 of 4).
+const OUTER_VCPUS: u32 = 2;
+/// The outer init prints a heartbeat every 10 s; this long without one is a frozen emulator.
+const HEARTBEAT_SILENCE: Duration = Duration::from_secs(60);
 
 const OUTER_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -45,6 +51,18 @@ if [ -c /dev/kvm ]; then
   echo "EMUHOST kvm ok npt=$(cat /sys/module/kvm_amd/parameters/npt) nested=$(cat /sys/module/kvm_amd/parameters/nested) uptime=$(up)"
 else
   echo "EMUHOST kvm MISSING"; dmesg | tail -20
+fi
+if [ -e /scenario/outside ]; then
+  for m in $(cat /etc/net-modules); do modprobe $m || echo "EMUHOST modprobe $m failed"; done
+  ip link set lo up; ip addr add 10.0.2.15/24 dev eth0; ip link set eth0 up
+  ip route add default via 10.0.2.2
+  # The host's loopback is 10.0.2.2 here; what the scenario dials at 127.0.0.1:PORT is
+  # relayed there, so addresses read the same inside and out.
+  for port in $(cat /scenario/outside); do
+    printf '#!/bin/sh\nexec nc 10.0.2.2 %s\n' $port > /tmp/out-$port; chmod +x /tmp/out-$port
+    nc -ll -p $port -e /tmp/out-$port &
+  done
+  echo "EMUHOST net ok uptime=$(up)"
 fi
 (while :; do sleep 10; echo "EMUHOST-HB uptime=$(up)"; done) &
 if [ -x /scenario/run.sh ]; then
@@ -114,6 +132,12 @@ pub struct Scenario {
     pub fail_on: Vec<String>,
     /// A cap on one try, whatever the deadlines say.
     pub total: Duration,
+    /// Ports on this host's loopback the scenario dials at 127.0.0.1 (the pool's members,
+    /// storaged): inside the emulated host, forwarded out through QEMU's user network.
+    pub outside: Vec<u16>,
+    /// Addresses on this host's loopback (e.g. 127.0.0.11:7011) that reach the same port
+    /// of the scenario (a hostd it starts listening on 0.0.0.0): QEMU forwards them in.
+    pub inside: Vec<(std::net::Ipv4Addr, u16)>,
 }
 
 impl Scenario {
@@ -125,6 +149,8 @@ impl Scenario {
             expect: Vec::new(),
             fail_on: vec!["Kernel panic".into(), "SCENARIO-FAIL".into()],
             total: Duration::from_secs(900),
+            outside: Vec::new(),
+            inside: Vec::new(),
         }
     }
 
@@ -190,15 +216,64 @@ pub fn host_has_real_kvm() -> bool {
             || Path::new("/sys/module/kvm_amd").exists())
 }
 
-/// Runs `scenario` inside the emulated host, or directly where this host's KVM runs Linux.
-/// Err says why it failed, with the console's last lines.
+/// Runs `scenario` inside the emulated host, or directly where this host's KVM runs Linux:
+/// its expected lines in order, then its script's end. Err says why it failed, with the
+/// console's last lines.
 pub fn run(scenario: &Scenario) -> Result<Report, String> {
-    let _one = RunLock::take();
-    if host_has_real_kvm() && std::env::var_os("EMUHOST_FORCE").is_none() {
-        return run_direct(scenario);
+    retrying(&scenario.name, |attempt| {
+        let mut r = start(scenario, attempt)?;
+        for e in &scenario.expect {
+            r.wait(&e.text, e.within)?;
+        }
+        r.wait_end(Duration::from_secs(120))?;
+        Ok(r.report())
+    })
+}
+
+/// Runs `body` (which starts the scenario and drives it), once more when the emulated host
+/// stalled; returns its value and the number of retries.
+pub fn retrying<T>(
+    name: &str,
+    mut body: impl FnMut(u32) -> Result<T, Failure>,
+) -> Result<T, String> {
+    let mut last = String::new();
+    for attempt in 0..2 {
+        match body(attempt) {
+            Ok(v) => return Ok(v),
+            Err(Failure::Stalled(why)) => {
+                println!("{name}: emulated host try {attempt} stalled: {why}");
+                last = why;
+            }
+            Err(Failure::Failed(why)) => return Err(why),
+        }
     }
-    let host = EmuHost::build()?;
-    host.run(scenario)
+    Err(format!("{name} stalled twice; the last time: {last}"))
+}
+
+/// Starts `scenario` and waits for the emulated host's KVM.
+pub fn start(scenario: &Scenario, attempt: u32) -> Result<Running, Failure> {
+    let lock = RunLock::take();
+    let fail = |e: String| Failure::Failed(e);
+    let mut running = if host_has_real_kvm() && std::env::var_os("EMUHOST_FORCE").is_none() {
+        start_direct(scenario).map_err(fail)?
+    } else {
+        EmuHost::build()
+            .map_err(fail)?
+            .start(scenario)
+            .map_err(fail)?
+    };
+    running._lock = Some(lock);
+    if let Way::EmulatedHost { retries } = &mut running.way {
+        *retries = attempt;
+    }
+    if matches!(running.way, Way::EmulatedHost { .. }) {
+        running.wait("EMUHOST init", Duration::from_secs(150))?;
+        running.wait("EMUHOST kvm ok", Duration::from_secs(60))?;
+        if !scenario.outside.is_empty() {
+            running.wait("EMUHOST net ok", Duration::from_secs(60))?;
+        }
+    }
+    Ok(running)
 }
 
 /// One emulated host at a time on this machine (test threads and test binaries alike):
@@ -263,7 +338,8 @@ impl EmuHost {
             0o644,
             OUTER_MODULES.join(" ").as_bytes(),
         );
-        outer.add_modules(OUTER_MODULES, &mut c)?;
+        c.file("etc/net-modules", 0o644, NET_MODULES.join(" ").as_bytes());
+        outer.add_modules(&[OUTER_MODULES, NET_MODULES].concat(), &mut c)?;
         let mut libs = std::collections::BTreeSet::new();
         for (name, path) in BINARIES.iter().zip(&bins) {
             c.file(&format!("usr/bin/{name}"), 0o755, &stripped(path)?);
@@ -289,7 +365,7 @@ impl EmuHost {
         Ok(host)
     }
 
-    fn run(&self, scenario: &Scenario) -> Result<Report, String> {
+    fn start(&self, scenario: &Scenario) -> Result<Running, String> {
         let runs = cache_dir().join("runs");
         std::fs::create_dir_all(&runs).map_err(|e| e.to_string())?;
         let initrd = runs.join(format!("{}.initrd", scenario.name));
@@ -302,44 +378,45 @@ impl EmuHost {
                 .map_err(|e| e.to_string())?;
             f.write_all(&payload(scenario)).map_err(|e| e.to_string())?;
         }
-        let mut expects = vec![expect("EMUHOST init", 150), expect("EMUHOST kvm ok", 60)];
-        expects.extend(scenario.expect.iter().cloned());
-        let mut last = String::new();
-        for attempt in 0..2 {
-            let log = runs.join(format!("{}.try{attempt}.log", scenario.name));
-            let mut cmd = Command::new("qemu-system-x86_64");
-            cmd.args(["-accel", "tcg", "-cpu", "qemu64,+svm,+npt", "-smp", "1"])
-                .args(["-m", &OUTER_MEMORY_MIB.to_string()])
-                .args([
-                    "-nographic",
-                    "-no-reboot",
-                    "-nodefaults",
-                    "-monitor",
-                    "none",
-                ])
-                .args(["-serial", "stdio", "-kernel"])
-                .arg(&self.kernel)
-                .arg("-initrd")
-                .arg(&initrd)
-                .args(["-append", "console=ttyS0 panic=-1 quiet"]);
-            match watch(cmd, scenario, &expects, &log, true) {
-                Ok((lines, marks)) => {
-                    let _ = std::fs::remove_file(&initrd);
-                    return Ok(Report {
-                        way: Way::EmulatedHost { retries: attempt },
-                        lines,
-                        marks,
-                        log,
-                    });
-                }
-                Err(Failure::Stalled(why)) => {
-                    println!("emulated host try {attempt} stalled: {why}");
-                    last = why;
-                }
-                Err(Failure::Failed(why)) => return Err(why),
+        let tries = std::fs::read_dir(&runs)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .starts_with(&format!("{}.try", scenario.name))
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
+        let log = runs.join(format!("{}.try{tries}.log", scenario.name));
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg", "-cpu", "qemu64,+svm,+npt"])
+            .args(["-smp", &OUTER_VCPUS.to_string()])
+            .args(["-m", &OUTER_MEMORY_MIB.to_string()])
+            .args([
+                "-nographic",
+                "-no-reboot",
+                "-nodefaults",
+                "-monitor",
+                "none",
+            ])
+            .args(["-serial", "stdio", "-kernel"])
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", "console=ttyS0 panic=-1 quiet"]);
+        if !scenario.outside.is_empty() || !scenario.inside.is_empty() {
+            let mut netdev = String::from("user,id=n0,net=10.0.2.0/24,host=10.0.2.2");
+            for (ip, port) in &scenario.inside {
+                netdev += &format!(",hostfwd=tcp:{ip}:{port}-10.0.2.15:{port}");
             }
+            cmd.args(["-netdev", &netdev])
+                .args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
         }
-        Err(format!("stalled twice; the last: {last}"))
+        let mut running = Running::spawn(cmd, scenario, log, Way::EmulatedHost { retries: 0 })?;
+        running.initrd = Some(initrd);
+        Ok(running)
     }
 }
 
@@ -348,6 +425,10 @@ fn payload(s: &Scenario) -> Vec<u8> {
     let mut c = Cpio::new();
     c.dir("scenario");
     c.file("scenario/run.sh", 0o755, s.script.as_bytes());
+    if !s.outside.is_empty() {
+        let ports: Vec<String> = s.outside.iter().map(u16::to_string).collect();
+        c.file("scenario/outside", 0o644, ports.join(" ").as_bytes());
+    }
     let mut dirs = std::collections::BTreeSet::new();
     for (name, mode, data) in &s.files {
         let mut at = String::from("scenario");
@@ -367,15 +448,14 @@ fn payload(s: &Scenario) -> Vec<u8> {
 }
 
 /// The scenario's script on this host, with the binaries first in `PATH`.
-fn run_direct(scenario: &Scenario) -> Result<Report, String> {
+fn start_direct(scenario: &Scenario) -> Result<Running, String> {
     let stage = tempfile::tempdir().map_err(|e| e.to_string())?;
-    for (name, mode, data) in std::iter::once(&(
+    let script = (
         "run.sh".to_owned(),
         0o755,
         scenario.script.as_bytes().to_vec(),
-    ))
-    .chain(&scenario.files)
-    {
+    );
+    for (name, mode, data) in std::iter::once(&script).chain(&scenario.files) {
         use std::os::unix::fs::PermissionsExt;
         let path = stage.path().join(name);
         std::fs::create_dir_all(path.parent().expect("under the stage"))
@@ -384,13 +464,13 @@ fn run_direct(scenario: &Scenario) -> Result<Report, String> {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode))
             .map_err(|e| e.to_string())?;
     }
+    for b in BINARIES {
+        crate::binary(b);
+    }
     let bin_dir = crate::binary("hostd")
         .parent()
         .expect("target dir")
         .to_owned();
-    for b in BINARIES {
-        crate::binary(b);
-    }
     let path = format!(
         "{}:{}",
         bin_dir.display(),
@@ -401,178 +481,309 @@ fn run_direct(scenario: &Scenario) -> Result<Report, String> {
         .current_dir(stage.path())
         .env("S", stage.path())
         .env("PATH", path);
-    let log = cache_dir().join(format!("{}.direct.log", scenario.name));
     std::fs::create_dir_all(cache_dir()).map_err(|e| e.to_string())?;
-    match watch(cmd, scenario, &scenario.expect, &log, false) {
-        Ok((lines, marks)) => Ok(Report {
-            way: Way::Direct,
-            lines,
-            marks,
-            log,
-        }),
-        Err(Failure::Stalled(why) | Failure::Failed(why)) => Err(why),
-    }
+    let log = cache_dir().join(format!("{}.direct.log", scenario.name));
+    let mut running = Running::spawn(cmd, scenario, log, Way::Direct)?;
+    running._stage = Some(stage);
+    Ok(running)
 }
 
-enum Failure {
+/// Why a try of a scenario ended badly.
+#[derive(Debug)]
+pub enum Failure {
     /// A deadline passed or the outer heartbeat stopped: worth a fresh emulated host.
     Stalled(String),
+    /// A wrong result, a panic, a script that gave up: not retried.
     Failed(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Stalled(w) => write!(f, "stalled: {w}"),
+            Failure::Failed(w) => write!(f, "failed: {w}"),
+        }
+    }
 }
 
 type Lines = Vec<(f64, String)>;
 
-/// Starts `cmd` in its own process group, reads its output line by line against `expects`,
-/// and kills the group on every way out. `emulated`: the outer init's heartbeat and exit
-/// lines apply.
-fn watch(
-    mut cmd: Command,
-    scenario: &Scenario,
-    expects: &[Expect],
-    log: &Path,
-    emulated: bool,
-) -> Result<(Lines, Lines), Failure> {
-    use std::os::unix::process::CommandExt;
-    let fail = |why: String| Failure::Failed(why);
-    let child = cmd
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| fail(format!("starting {:?}: {e}", cmd.get_program())))?;
-    let mut group = Group(child);
-    let mut logf = std::fs::File::create(log).map_err(|e| fail(e.to_string()))?;
-    let (tx, rx) = mpsc::channel::<String>();
-    for out in [
-        Box::new(group.0.stdout.take().expect("piped")) as Box<dyn std::io::Read + Send>,
-        Box::new(group.0.stderr.take().expect("piped")),
-    ] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(out).split(b'\n') {
-                let Ok(line) = line else { return };
-                let text = String::from_utf8_lossy(&line)
-                    .trim_end_matches('\r')
-                    .to_owned();
-                if tx.send(text).is_err() {
-                    return;
-                }
-            }
-        });
+/// A scenario that runs: its console read line by line, its process group killed when
+/// this is dropped, however the test ends.
+pub struct Running {
+    pub way: Way,
+    group: Group,
+    /// Each line with when it came (stamped as read, so a test busy elsewhere does not
+    /// make the emulated host look silent).
+    rx: mpsc::Receiver<(Instant, String)>,
+    logf: std::fs::File,
+    log: PathBuf,
+    name: String,
+    fail_on: Vec<String>,
+    total: Duration,
+    started: Instant,
+    lines: Lines,
+    marks: Lines,
+    last_beat: Option<Instant>,
+    /// The script's exit status once it ended.
+    ended: Option<i32>,
+    /// The per-run initrd, removed with this.
+    initrd: Option<PathBuf>,
+    _lock: Option<RunLock>,
+    _stage: Option<tempfile::TempDir>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(initrd) = &self.initrd {
+            let _ = std::fs::remove_file(initrd);
+        }
     }
-    drop(tx);
-    let start = Instant::now();
-    let (mut lines, mut marks) = (Vec::new(), Vec::new());
-    let mut next = 0;
-    let mut last_match = start;
-    let mut last_beat: Option<Instant> = None;
-    let tail = |lines: &Lines| {
-        let from = lines.len().saturating_sub(40);
-        lines[from..]
+}
+
+impl Running {
+    /// Starts `cmd` in its own process group with its output in lines on a channel.
+    fn spawn(mut cmd: Command, s: &Scenario, log: PathBuf, way: Way) -> Result<Running, String> {
+        use std::os::unix::process::CommandExt;
+        let child = cmd
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting {:?}: {e}", cmd.get_program()))?;
+        let mut group = Group(child);
+        let logf = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let (tx, rx) = mpsc::channel::<(Instant, String)>();
+        for out in [
+            Box::new(group.0.stdout.take().expect("piped")) as Box<dyn std::io::Read + Send>,
+            Box::new(group.0.stderr.take().expect("piped")),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(out).split(b'\n') {
+                    let Ok(line) = line else { return };
+                    let text = String::from_utf8_lossy(&line)
+                        .trim_end_matches('\r')
+                        .to_owned();
+                    if tx.send((Instant::now(), text)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Ok(Running {
+            way,
+            group,
+            rx,
+            logf,
+            log,
+            name: s.name.clone(),
+            fail_on: s.fail_on.clone(),
+            total: s.total,
+            started: Instant::now(),
+            lines: Vec::new(),
+            marks: Vec::new(),
+            last_beat: None,
+            ended: None,
+            initrd: None,
+            _lock: None,
+            _stage: None,
+        })
+    }
+
+    fn tail(&self) -> String {
+        let from = self.lines.len().saturating_sub(40);
+        let lines: Vec<String> = self.lines[from..]
             .iter()
             .map(|(t, l)| format!("[{t:8.2}] {l}"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    loop {
-        let now = Instant::now();
-        let finished = next == expects.len();
-        if !finished && now - last_match > expects[next].within {
-            let outer = match last_beat {
-                Some(b) if now - b < HEARTBEAT_SILENCE => "the emulated host still beats",
-                Some(_) => "the emulated host is frozen too",
-                None => "no heartbeat yet",
-            };
-            return Err(Failure::Stalled(format!(
-                "{}: waited {:?} for {:?} ({outer}); log {}\n{}",
-                scenario.name,
-                expects[next].within,
-                expects[next].text,
-                log.display(),
-                tail(&lines)
-            )));
+            .collect();
+        format!("log {}\n{}", self.log.display(), lines.join("\n"))
+    }
+
+    /// Err when the emulated host printed no heartbeat for too long before `at` (a line's
+    /// arrival, or now with nothing queued).
+    fn check_beat(&self, at: Instant, waiting_for: &str) -> Result<(), Failure> {
+        match self.last_beat {
+            Some(b)
+                if self.way != Way::Direct
+                    && at.saturating_duration_since(b) > HEARTBEAT_SILENCE =>
+            {
+                Err(Failure::Stalled(format!(
+                    "{}: the emulated host's heartbeat stopped {:?} before, waiting for {waiting_for:?}; {}",
+                    self.name,
+                    at.saturating_duration_since(b),
+                    self.tail()
+                )))
+            }
+            _ => Ok(()),
         }
-        if let Some(b) = last_beat
-            && now - b > HEARTBEAT_SILENCE
-        {
-            return Err(Failure::Stalled(format!(
-                "{}: the emulated host's heartbeat stopped {:?} ago; log {}\n{}",
-                scenario.name,
-                now - b,
-                log.display(),
-                tail(&lines)
-            )));
-        }
-        if now - start > scenario.total {
-            return Err(Failure::Stalled(format!(
-                "{}: over its {:?} cap; log {}\n{}",
-                scenario.name,
-                scenario.total,
-                log.display(),
-                tail(&lines)
-            )));
-        }
-        let line = match rx.recv_timeout(Duration::from_millis(500)) {
-            Ok(line) => line,
-            Err(mpsc::RecvTimeoutError::Timeout) => continue,
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                let status = group.0.wait().ok();
-                if !emulated && finished && status.is_some_and(|s| s.success()) {
-                    return Ok((lines, marks));
-                }
-                return Err(fail(format!(
-                    "{}: ended ({status:?}) before {:?}; log {}\n{}",
-                    scenario.name,
-                    expects
-                        .get(next)
-                        .map(|e| e.text.as_str())
-                        .unwrap_or("its exit status 0"),
-                    log.display(),
-                    tail(&lines)
+    }
+
+    /// The next line, or None when `until` passes first; Err when the try is over.
+    fn next_line(&mut self, until: Instant, waiting_for: &str) -> Result<Option<String>, Failure> {
+        let emulated = matches!(self.way, Way::EmulatedHost { .. });
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                return Ok(None);
+            }
+            if now - self.started > self.total {
+                return Err(Failure::Stalled(format!(
+                    "{}: over its {:?} cap, waiting for {waiting_for:?}; {}",
+                    self.name,
+                    self.total,
+                    self.tail()
                 )));
             }
-        };
-        let t = start.elapsed().as_secs_f64();
-        let _ = writeln!(logf, "[{t:8.2}] {line}");
-        println!("[{t:8.2}] {line}");
-        if line.starts_with("EMUHOST-HB") {
-            last_beat = Some(Instant::now());
-        }
-        if let Some(bad) = scenario.fail_on.iter().find(|f| line.contains(f.as_str())) {
-            lines.push((t, line));
-            return Err(fail(format!(
-                "{}: printed {bad:?}; log {}\n{}",
-                scenario.name,
-                log.display(),
-                tail(&lines)
-            )));
-        }
-        if emulated && let Some(rc) = line.strip_prefix("EMUHOST scenario rc=") {
-            let ok = rc.split_whitespace().next() == Some("0");
-            lines.push((t, line));
-            if ok && finished {
-                return Ok((lines, marks));
+            let wait = (until - now).min(Duration::from_millis(500));
+            let (at, line) = match self.rx.recv_timeout(wait) {
+                Ok((at, line)) => (at, line),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.check_beat(now, waiting_for)?;
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = self.group.0.wait().ok();
+                    if !emulated && self.ended.is_none() {
+                        self.ended = Some(status.and_then(|s| s.code()).unwrap_or(-1));
+                    }
+                    let why = format!(
+                        "{}: ended ({status:?}) while waiting for {waiting_for:?}; {}",
+                        self.name,
+                        self.tail()
+                    );
+                    // The emulated host's kernel does not stop before its init says how
+                    // the scenario ended: when QEMU exits first, the emulator reset it.
+                    return Err(if emulated && self.ended.is_none() {
+                        Failure::Stalled(why)
+                    } else {
+                        Failure::Failed(why)
+                    });
+                }
+            };
+            if emulated {
+                self.check_beat(at, waiting_for)?;
             }
-            return Err(fail(format!(
-                "{}: its script ended ({}) before {:?}; log {}\n{}",
-                scenario.name,
-                lines.last().expect("pushed").1,
-                expects.get(next).map(|e| e.text.as_str()).unwrap_or("-"),
-                log.display(),
-                tail(&lines)
-            )));
+            let t = (at - self.started).as_secs_f64();
+            let _ = writeln!(self.logf, "[{t:8.2}] {line}");
+            println!("[{t:8.2}] {line}");
+            if line.starts_with("EMUHOST-HB") {
+                self.last_beat = Some(at);
+            }
+            // The first heartbeat comes 10 s after the init; count from the init.
+            if line.starts_with("EMUHOST init") {
+                self.last_beat = Some(at);
+            }
+            self.lines.push((t, line.clone()));
+            if let Some(bad) = self.fail_on.iter().find(|f| line.contains(f.as_str())) {
+                return Err(Failure::Failed(format!(
+                    "{}: printed {bad:?}; {}",
+                    self.name,
+                    self.tail()
+                )));
+            }
+            if emulated && let Some(rc) = line.strip_prefix("EMUHOST scenario rc=") {
+                self.ended = rc.split_whitespace().next().and_then(|c| c.parse().ok());
+            }
+            return Ok(Some(line));
         }
-        if !finished && line.contains(&expects[next].text) {
-            marks.push((t, expects[next].text.clone()));
-            next += 1;
-            last_match = Instant::now();
-            // The first heartbeat comes 10 s after the init; count from here.
-            if emulated && last_beat.is_none() && next >= 2 {
-                last_beat = Some(Instant::now());
+    }
+
+    /// Waits for a line containing `text`, at most `within`; returns it.
+    pub fn wait(&mut self, text: &str, within: Duration) -> Result<String, Failure> {
+        let until = Instant::now() + within;
+        loop {
+            match self.next_line(until, text)? {
+                Some(line) if line.contains(text) => {
+                    let t = self.lines.last().expect("pushed").0;
+                    self.marks.push((t, text.to_owned()));
+                    return Ok(line);
+                }
+                Some(_) if self.ended.is_some() => {
+                    return Err(Failure::Failed(format!(
+                        "{}: its script ended (status {:?}) while waiting for {text:?}; {}",
+                        self.name,
+                        self.ended,
+                        self.tail()
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    let outer = match self.last_beat {
+                        _ if self.way == Way::Direct => "",
+                        Some(b) if b.elapsed() < HEARTBEAT_SILENCE => {
+                            " (the emulated host still beats)"
+                        }
+                        _ => " (the emulated host is frozen too)",
+                    };
+                    let why = format!(
+                        "{}: no {text:?} within {within:?}{outer}; {}",
+                        self.name,
+                        self.tail()
+                    );
+                    // Only an emulator is worth a second try; a real KVM host's hang is real.
+                    return Err(match self.way {
+                        Way::Direct => Failure::Failed(why),
+                        Way::EmulatedHost { .. } => Failure::Stalled(why),
+                    });
+                }
             }
         }
-        lines.push((t, line));
+    }
+
+    /// Lets `d` pass while reading the console; Err when the scenario stalls, fails or ends
+    /// meanwhile.
+    pub fn idle(&mut self, d: Duration) -> Result<(), Failure> {
+        let until = Instant::now() + d;
+        while self.next_line(until, "nothing in particular")?.is_some() {
+            if self.ended.is_some() {
+                return Err(Failure::Failed(format!(
+                    "{}: its script ended (status {:?}); {}",
+                    self.name,
+                    self.ended,
+                    self.tail()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the script to end, and requires its status 0.
+    pub fn wait_end(&mut self, within: Duration) -> Result<(), Failure> {
+        let until = Instant::now() + within;
+        while self.ended.is_none() {
+            match self.next_line(until, "the script's end") {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    return Err(Failure::Stalled(format!(
+                        "{}: its script did not end within {within:?}; {}",
+                        self.name,
+                        self.tail()
+                    )));
+                }
+                Err(_) if self.ended.is_some() => break,
+                Err(e) => return Err(e),
+            }
+        }
+        match self.ended {
+            Some(0) => Ok(()),
+            other => Err(Failure::Failed(format!(
+                "{}: its script ended with status {other:?}; {}",
+                self.name,
+                self.tail()
+            ))),
+        }
+    }
+
+    /// Every line so far, and when the awaited ones came.
+    pub fn report(&self) -> Report {
+        Report {
+            way: self.way,
+            lines: self.lines.clone(),
+            marks: self.marks.clone(),
+            log: self.log.clone(),
+        }
     }
 }
 

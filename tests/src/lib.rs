@@ -4,6 +4,7 @@
 
 pub mod debian;
 pub mod emuhost;
+pub mod guest;
 pub mod join;
 pub mod pool;
 

@@ -9,11 +9,11 @@
 //! for that boot: reboot by ACPI, the keyboard controller or a triple fault, power off, or
 //! wait for the power button.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use e2e_tests::debian::{self, Cpio, Kernel};
+use e2e_tests::debian::{self, Kernel};
 use e2e_tests::emuhost::{self, Report, Scenario};
+use e2e_tests::guest::{self, kernel};
 
 /// The guest's init. Everything it prints starts with `LINUX`.
 const GUEST_INIT: &str = r#"#!/bin/busybox sh
@@ -22,11 +22,7 @@ mount -t devtmpfs devtmpfs /dev
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 echo "LINUX-INIT-OK $(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime)"
-# Coldplug, as udev does it: a module for every device's modalias; again for the devices
-# the first modules create (virtio_mmio finds virtio devices, which want virtio_blk).
-for round in 1 2 3; do
-  for a in $(cat /sys/bus/*/devices/*/modalias 2>/dev/null | sort -u); do modprobe -q "$a" 2>/dev/null; done
-done
+COLDPLUG
 echo "LINUX cpus=$(nproc) online=$(cat /sys/devices/system/cpu/online)"
 echo "LINUX clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 echo "LINUX acpi=[$(ls /sys/firmware/acpi/tables 2>/dev/null | tr '\n' ' ')]"
@@ -85,32 +81,16 @@ finish() {
   while kill -0 $pid 2>/dev/null && [ $i -lt $(( $2 * 2 )) ]; do sleep 0.5; i=$((i+1)); done
   kill -0 $pid 2>/dev/null && { echo "SCENARIO-FAIL $1 still running after $2 s"; kill -9 $pid; }
   wait $pid; rc=$?
-  sleep 0.5; kill $(cat /tmp/$1.tail) 2>/dev/null
+  # tail -f reads every second: let it copy the last lines before it goes.
+  sleep 2; kill $(cat /tmp/$1.tail) 2>/dev/null
   echo "VM $1 exit=$rc uptime=$(up)"
 }
 "#;
 
-fn cache() -> PathBuf {
-    emuhost::cache_dir().join("debian")
-}
-
-fn kernel(meta: &str) -> Kernel {
-    Kernel::fetch(&cache(), meta).unwrap_or_else(|e| panic!("fetching {meta}: {e}"))
-}
-
 /// A busybox initramfs with [`GUEST_INIT`] and the modules a guest of `k` loads.
 fn guest_initramfs(k: &Kernel) -> Vec<u8> {
-    let busybox = debian::busybox(&cache()).expect("busybox-static");
-    let mut c = Cpio::new();
-    for d in ["bin", "dev", "proc", "sys", "lib"] {
-        c.dir(d);
-    }
-    c.char_dev("dev/console", 5, 1)
-        .file("bin/busybox", 0o755, &std::fs::read(busybox).unwrap())
-        .file("init", 0o755, GUEST_INIT.as_bytes());
-    k.add_modules(&["virtio_mmio", "virtio_blk", "button"], &mut c)
-        .expect("the guest's modules");
-    c.finish()
+    let init = GUEST_INIT.replace("COLDPLUG\n", &format!("{}\n", guest::COLDPLUG));
+    guest::initramfs(k, &init, guest::MODULES)
 }
 
 /// The command-line words every guest gets: its console, and an ACPI-less reboot default

@@ -11,7 +11,7 @@ use proto::host as hpb;
 
 use crate::ctl::{Ctl, call};
 use crate::lookup::pick;
-use crate::output::{Table, human_bytes, parse_size, power, ts};
+use crate::output::{Table, enum_name, human_bytes, parse_size, power, ts};
 
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
@@ -31,6 +31,13 @@ pub enum VmCommand {
         /// Kernel image on the hosts (vmlinux, bzImage or a PVH ELF such as guest/).
         #[arg(long)]
         kernel: Option<String>,
+        /// Initramfs on the hosts, for a Linux kernel.
+        #[arg(long, requires = "kernel")]
+        initrd: Option<String>,
+        /// How the kernel is entered: auto (PVH when an ELF has the note, else Linux's
+        /// 64-bit entry), linux64 or pvh.
+        #[arg(long, default_value = "auto", value_parser = boot_protocol, requires = "kernel")]
+        boot: i32,
         #[arg(long, default_value = "")]
         cmdline: String,
         /// Start it at once.
@@ -139,6 +146,8 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
             vcpus,
             memory,
             kernel,
+            initrd,
+            boot,
             cmdline,
             start,
             ha,
@@ -164,9 +173,9 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
                 memory_bytes: memory,
                 boot: kernel.map(|k| hpb::BootSource {
                     kernel_path: k,
-                    initrd_path: String::new(),
+                    initrd_path: initrd.unwrap_or_default(),
                     command_line: cmdline,
-                    protocol: hpb::BootProtocol::Auto as i32,
+                    protocol: boot,
                 }),
                 disks,
                 ha_priority: ha,
@@ -395,6 +404,15 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
 }
 
 /// `--ha`, checked while the arguments are parsed so a typo fails before any call.
+fn boot_protocol(s: &str) -> Result<i32, String> {
+    Ok(match s {
+        "auto" => hpb::BootProtocol::Auto,
+        "linux64" => hpb::BootProtocol::Linux64,
+        "pvh" => hpb::BootProtocol::Pvh,
+        other => return Err(format!("{other:?}: one of auto, linux64, pvh")),
+    } as i32)
+}
+
 fn ha_priority(name: &str) -> anyhow::Result<i32> {
     Ok(match name {
         "none" => pb::HaRestartPriority::None,
@@ -402,6 +420,14 @@ fn ha_priority(name: &str) -> anyhow::Result<i32> {
         "restart" => pb::HaRestartPriority::Restart,
         _ => bail!("use none, best-effort or restart"),
     } as i32)
+}
+
+/// Why a VM last stopped ("guest-poweroff", "forced"), or "-".
+fn stop_reason(reason: i32) -> String {
+    match hpb::StopReason::try_from(reason) {
+        Ok(hpb::StopReason::Unspecified | hpb::StopReason::None) => "-".into(),
+        r => enum_name(r.ok().map(|r| r.as_str_name()), "STOP_REASON_"),
+    }
 }
 
 /// The vm-list table. Where a VM runs reads as the host's name for people, and as its id
@@ -412,7 +438,7 @@ fn vm_table(vms: Vec<pb::Vm>, hosts: &[pb::Host], ids: bool) -> Table {
         .map(|h| (h.id.as_str(), h.name.as_str()))
         .collect();
     let mut t = Table::new(&[
-        "ID", "NAME", "POWER", "WANTED", "HOST", "VCPUS", "MEMORY", "DISKS",
+        "ID", "NAME", "POWER", "WANTED", "HOST", "VCPUS", "MEMORY", "DISKS", "STOPPED",
     ]);
     for v in vms {
         let spec = v.spec.unwrap_or_default();
@@ -430,6 +456,7 @@ fn vm_table(vms: Vec<pb::Vm>, hosts: &[pb::Host], ids: bool) -> Table {
             spec.vcpus.into(),
             human_bytes(spec.memory_bytes).into(),
             disks.join(",").into(),
+            stop_reason(v.last_stop_reason).into(),
         ]);
     }
     t

@@ -1,0 +1,408 @@
+//! Stock Linux guests run by the pool: the coordinator and `storaged` run on this machine,
+//! the hosts (`hostd` daemons) run where KVM can run Linux — inside the emulated KVM host
+//! on a PVM machine (QEMU forwards the pool's ports in and out, so every address reads the
+//! same on both sides), or here on a real VT-x/AMD-V host.
+//!
+//! The guest is Debian's cloud kernel with a busybox initramfs that loads its modules by
+//! modalias and switches to its root file system: an ext4 image on a thin volume served by
+//! `storaged` over iSCSI (virtio-blk).
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use e2e_tests::emuhost::{self, Failure, Running, Scenario};
+use e2e_tests::guest::{self, kernel};
+use e2e_tests::pool::{Pool, console_until, field};
+use e2e_tests::{Coordinators, PoolArg, Storaged, free_port, poolctl, wait_for};
+
+/// The initramfs: modules, then the root file system on the first disk.
+const INITRAMFS_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t devtmpfs devtmpfs /dev
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+COLDPLUG
+echo "INITRAMFS $(uname -r) cpus=$(nproc) modules=[$(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')]"
+mount -t ext4 /dev/vda /root || { echo "SCENARIO-FAIL no root file system"; poweroff -f; }
+mount --move /dev /root/dev
+umount /proc /sys
+exec switch_root /root /sbin/init
+"#;
+
+/// The root file system's init. Each boot adds a file of random data with its digest and
+/// checks every earlier one, then does what its boot number says: 1 waits for the power
+/// button (and powers off), 2 powers off by itself, later ones hang (ignoring the button).
+const ROOT_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -o remount,rw /
+n=$(( $(cat /var/boots 2>/dev/null || echo 0) + 1 ))
+echo $n > /var/boots
+dd if=/dev/urandom of=/data/file-$n bs=4k count=64 2>/dev/null
+(cd /data && sha256sum file-$n >> sums)
+sync
+ok=$(cd /data && sha256sum -c sums 2>/dev/null | grep -c ': OK$')
+echo "ROOTFS boot=$n files=$ok of $(wc -l < /data/sums)"
+case $n in
+  1)
+    for e in /sys/class/input/event*; do
+      grep -q "Power Button" "$e/device/name" 2>/dev/null && dev=/dev/input/${e##*/}
+    done
+    echo "ROOTFS boot=$n waiting for the power button on ${dev:-nothing}"
+    head -c 1 "$dev" >/dev/null
+    echo "ROOTFS power button: powering off"
+    sync; mount -o remount,ro /; poweroff -f ;;
+  2) echo "ROOTFS boot=$n powering off"; sync; mount -o remount,ro /; poweroff -f ;;
+  *) echo "ROOTFS boot=$n hanging"; while :; do sleep 1; done ;;
+esac
+"#;
+
+/// One host inside the emulated host: its name, the loopback IP and port the pool knows it
+/// by, and its TLS directory made here.
+struct InnerHost {
+    name: String,
+    ip: Ipv4Addr,
+    port: u16,
+}
+
+/// The pool on this machine (one member, storaged) and `hosts` inside the scenario.
+struct Setup {
+    pool: Pool,
+    hosts: Vec<InnerHost>,
+    _dir: tempfile::TempDir,
+}
+
+fn setup(n_hosts: usize) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinators = Coordinators::start(dir.path(), 1);
+    let p = coordinators.pool_arg();
+    wait_for(Duration::from_secs(30), || {
+        let o = poolctl(&p, &["member-list", "--json"]);
+        (o.status.success() && String::from_utf8_lossy(&o.stdout).contains("\"leader\": true"))
+            .then_some(())
+    })
+    .expect("a leader within 30 s");
+    let storaged = Storaged::start(&dir.path().join("storaged"), &p);
+    let hosts = (0..n_hosts)
+        .map(|i| InnerHost {
+            name: format!("h{}", i + 1),
+            ip: Ipv4Addr::new(127, 0, 0, 11 + i as u8),
+            port: free_port(),
+        })
+        .collect();
+    Setup {
+        pool: Pool {
+            coordinators,
+            storaged,
+            hosts: vec![],
+            p,
+            token: None,
+        },
+        hosts,
+        _dir: dir,
+    }
+}
+
+/// The port of a `host:port` address.
+fn port(addr: &str) -> u16 {
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+/// A scenario that starts the hosts (with the guest's kernel and initramfs in their image
+/// folder) and keeps them running until the test ends it.
+fn hosts_scenario(name: &str, s: &Setup, p: &PoolArg) -> Scenario {
+    let cloud = kernel("linux-image-cloud-amd64");
+    let initramfs = INITRAMFS_INIT.replace("COLDPLUG\n", &format!("{}\n", guest::COLDPLUG));
+    let member = &s.pool.coordinators.addrs[0];
+    let mut script = String::from("#!/bin/sh\nmkdir -p /tmp/images\n");
+    let mut scenario = Scenario::new(name, "")
+        .file(
+            "images/bzimage",
+            0o644,
+            std::fs::read(cloud.bzimage()).unwrap(),
+        )
+        .file(
+            "images/initramfs",
+            0o644,
+            guest::initramfs(&cloud, &initramfs, guest::MODULES),
+        );
+    for h in &s.hosts {
+        let tls = p.tls_dir(
+            pool_trust::Identity::Host(h.name.clone()),
+            &[&h.ip.to_string()],
+        );
+        for e in std::fs::read_dir(&tls).unwrap() {
+            let e = e.unwrap();
+            let mode = if e.file_name().to_string_lossy().contains("key") {
+                0o600
+            } else {
+                0o644
+            };
+            scenario = scenario.file(
+                &format!("tls-{}/{}", h.name, e.file_name().to_string_lossy()),
+                mode,
+                std::fs::read(e.path()).unwrap(),
+            );
+        }
+        script += &format!(
+            "mkdir -p /tmp/{n}; chmod 700 $S/tls-{n}\n\
+             hostd --listen 0.0.0.0:{port} --pool-advertise {ip}:{port} --tie-vms --run-dir /tmp/{n} \
+             --initiator-iqn iqn.2026-11.org.pool.e2e:{n} --host-id {n} --tls-dir $S/tls-{n} \
+             --image-dir $S/images --pool {member} --heartbeat-ms 500 --log info > /tmp/{n}.log 2>&1 &\n\
+             tail -s 1 -f /tmp/{n}.log | sed 's/^/{n}: /' &\n\
+             (seen=''; while :; do for f in /tmp/{n}/vms/*/vmm.log; do [ -e \"$f\" ] || continue; \
+             k=\"$f:$(stat -c %i \"$f\")\"; case \"$seen\" in *\" $k\"*) continue ;; esac; seen=\"$seen $k\"; \
+             tail -f \"$f\" | sed 's/^/{n} vmm: /' & done; sleep 1; done) &\n",
+            n = h.name,
+            ip = h.ip,
+            port = h.port
+        );
+    }
+    // Every 30 s, where each VM process's threads wait: a hang shows its place.
+    script += "echo HOSTS STARTED\nwhile :; do sleep 30; for p in $(pidof hostd-vmm); do \
+               echo \"VMM $p: $(for t in /proc/$p/task/*; do echo \"$(cat $t/comm)=$(cat $t/wchan)\"; done | tr '\\n' ' ')\"; \
+               done; done\n";
+    scenario.script = script;
+    scenario.outside = vec![
+        port(member),
+        port(&s.pool.storaged.addr),
+        port(&s.pool.storaged.iscsi),
+    ];
+    scenario.inside = s.hosts.iter().map(|h| (h.ip, h.port)).collect();
+    scenario.fail_on.push("panicked at".into());
+    scenario
+}
+
+/// Waits for a whole console line of `vm` containing `text` (the guest writes `\r\n`).
+fn console_has(p: &PoolArg, vm: &str, text: &str, limit: Duration) -> Option<String> {
+    console_until(p, None, vm, limit, |seen| {
+        let complete = &seen[..seen.rfind('\n').map_or(0, |i| i + 1)];
+        complete
+            .lines()
+            .find(|l| l.contains(text))
+            .map(|l| l.trim_end().to_owned())
+    })
+}
+
+/// Polls `f` until it returns something, reading the emulated host's console meanwhile.
+fn until<T>(
+    host: &mut Running,
+    limit: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Result<T, Failure> {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            return Err(Failure::Failed(format!("not within {limit:?}")));
+        }
+        host.idle(Duration::from_millis(500))?;
+    }
+}
+
+/// Like `Pool::wait_vm`, a stall of the emulated host (its heartbeat stops) ending the
+/// wait early.
+fn wait_vm(
+    pool: &Pool,
+    host: &mut Running,
+    vm: &str,
+    want: &str,
+    limit: Duration,
+) -> Result<String, Failure> {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(l) = pool.vm(vm).filter(|l| l.contains(want)) {
+            return Ok(l);
+        }
+        if start.elapsed() > limit {
+            return Err(Failure::Failed(format!(
+                "VM {vm} not {want} within {limit:?}: {:?}\n{}",
+                pool.vm(vm),
+                pool.logs()
+            )));
+        }
+        host.idle(Duration::from_secs(1))?;
+    }
+}
+
+/// Waits for a console line, in slices, so a stalled emulated host is seen.
+fn wait_console(
+    pool: &Pool,
+    host: &mut Running,
+    vm: &str,
+    text: &str,
+    limit: Duration,
+) -> Result<String, Failure> {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(l) = console_has(&pool.p, vm, text, Duration::from_secs(15)) {
+            return Ok(l);
+        }
+        if start.elapsed() > limit {
+            return Err(Failure::Failed(format!(
+                "the console of {vm} never showed {text:?} within {limit:?}\n{}",
+                pool.logs()
+            )));
+        }
+        host.idle(Duration::from_millis(100))?;
+    }
+}
+
+fn ctl(pool: &Pool, args: &[&str]) -> Result<String, Failure> {
+    let o = poolctl(&pool.p, args);
+    if o.status.success() {
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    } else {
+        Err(Failure::Failed(format!(
+            "poolctl {}: {}\n{}",
+            args.join(" "),
+            e2e_tests::text(&o),
+            pool.logs()
+        )))
+    }
+}
+
+/// The guest's root file system lives on a thin volume: files it writes survive an ACPI
+/// shutdown (`vm-shutdown`: the power button), a guest power-off stops it, and a guest that
+/// ignores the button is stopped by `--force`.
+#[test]
+fn linux_on_an_iscsi_root_shuts_down_by_acpi_and_keeps_its_files() {
+    emuhost::retrying("linux-root", |attempt| {
+        let s = setup(1);
+        let pool = &s.pool;
+        let scenario = hosts_scenario("linux-root", &s, &pool.p);
+        let mut host = emuhost::start(&scenario, attempt)?;
+        host.wait("HOSTS STARTED", Duration::from_secs(60))?;
+        println!("ran {}", host.way);
+        until(&mut host, Duration::from_secs(90), || {
+            let o = poolctl(&pool.p, &["host-list", "--json"]);
+            String::from_utf8_lossy(&o.stdout)
+                .contains("\"state\": \"enabled\"")
+                .then_some(())
+        })
+        .map_err(|e| Failure::Failed(format!("h1 joins the pool: {e}\n{}", pool.logs())))?;
+
+        let dir = s._dir.path();
+        let img = dir.join("sr1.img").display().to_string();
+        ctl(
+            pool,
+            &[
+                "sr-create",
+                "sr1",
+                &pool.storaged.addr,
+                "--file",
+                &img,
+                "--size",
+                "1G",
+            ],
+        )?;
+        let root = dir.join("root.img");
+        std::fs::write(&root, guest::ext4_root(ROOT_INIT, 64)).unwrap();
+        ctl(
+            pool,
+            &["vdi-import", root.to_str().unwrap(), "root", "--sr", "sr1"],
+        )?;
+        ctl(
+            pool,
+            &[
+                "vm-create",
+                "deb",
+                "--disk",
+                "root",
+                "--vcpus",
+                "2",
+                "--memory",
+                "256M",
+                "--kernel",
+                "/scenario/images/bzimage",
+                "--initrd",
+                "/scenario/images/initramfs",
+                "--cmdline",
+                "console=ttyS0 panic=-1 quiet",
+                "--start",
+            ],
+        )?;
+        let modules = wait_console(
+            pool,
+            &mut host,
+            "deb",
+            "INITRAMFS ",
+            Duration::from_secs(300),
+        )?;
+        assert!(
+            modules.contains("cpus=2") && modules.contains("virtio_blk"),
+            "{modules}"
+        );
+        let first = wait_console(
+            pool,
+            &mut host,
+            "deb",
+            "ROOTFS boot=1 waiting for the power button on /dev/input/",
+            Duration::from_secs(120),
+        )?;
+        println!("{first}");
+
+        // vm-shutdown presses the power button; the guest's init powers off.
+        ctl(pool, &["vm-shutdown", "deb"])?;
+        let line = wait_vm(
+            pool,
+            &mut host,
+            "deb",
+            "\"power\": \"stopped\"",
+            Duration::from_secs(120),
+        )?;
+        assert_eq!(field(&line, "stopped"), "guest-poweroff", "{line}");
+        wait_console(
+            pool,
+            &mut host,
+            "deb",
+            "ROOTFS power button",
+            Duration::from_secs(5),
+        )
+        .ok();
+
+        // Booted again: the files of boot 1 verify; then the guest powers off by itself.
+        ctl(pool, &["vm-start", "deb"])?;
+        let second = wait_console(
+            pool,
+            &mut host,
+            "deb",
+            "ROOTFS boot=2 ",
+            Duration::from_secs(300),
+        )?;
+        assert!(second.contains("files=2 of 2"), "{second}");
+        let line = wait_vm(
+            pool,
+            &mut host,
+            "deb",
+            "\"power\": \"stopped\"",
+            Duration::from_secs(120),
+        )?;
+        assert_eq!(field(&line, "stopped"), "guest-poweroff", "{line}");
+
+        // A guest that ignores the power button is stopped by --force (a polite shutdown
+        // would force it itself after 60 s).
+        ctl(pool, &["vm-start", "deb"])?;
+        wait_console(
+            pool,
+            &mut host,
+            "deb",
+            "ROOTFS boot=3 hanging",
+            Duration::from_secs(300),
+        )?;
+        ctl(pool, &["vm-shutdown", "deb", "--force"])?;
+        let line = wait_vm(
+            pool,
+            &mut host,
+            "deb",
+            "\"power\": \"stopped\"",
+            Duration::from_secs(60),
+        )?;
+        assert_eq!(field(&line, "stopped"), "forced", "{line}");
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
