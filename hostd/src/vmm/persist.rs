@@ -156,10 +156,29 @@ pub fn save_vcpu(fd: &VcpuFd, index: u32, msr_indices: &[u32]) -> Result<VcpuSta
     })
 }
 
-/// Sets a vCPU that has not run yet to a saved state (the order Firecracker uses: the
-/// LAPIC before the events, the MP state last but one).
+/// Sets a vCPU that has not run yet to a saved state, in the order Firecracker uses: the
+/// LAPIC before the MSRs, because KVM_SET_LAPIC cancels the LAPIC timer, and a guest in
+/// TSC-deadline mode (Linux with CPUID.1:ECX[24]) only gets its timer back from the
+/// IA32_TSC_DEADLINE write that KVM_SET_MSRS makes afterwards (restored the other way, its
+/// vCPUs halted for good after a migration); the events last.
 pub fn restore_vcpu(fd: &VcpuFd, index: u32, s: &VcpuState) -> Result<(), PersistError> {
     let i = index;
+    fd.set_regs(&s.regs).map_err(vcpu_err(i, "KVM_SET_REGS"))?;
+    fd.set_sregs(&s.sregs)
+        .map_err(vcpu_err(i, "KVM_SET_SREGS"))?;
+    // SAFETY: this process never enables dynamically-enabled XSTATE features
+    // (arch_prctl ARCH_REQ_XCOMP_GUEST_PERM), so the kernel's XSAVE area for this vCPU
+    // fits the 4096-byte kvm_xsave it reads from.
+    unsafe { fd.set_xsave(&s.xsave) }.map_err(vcpu_err(i, "KVM_SET_XSAVE"))?;
+    // A host without XSAVE saves no XCRs (nr_xcrs 0) and refuses KVM_SET_XCRS outright
+    // (an emulated qemu64 CPU is one): there is nothing to restore.
+    if s.xcrs.nr_xcrs > 0 {
+        fd.set_xcrs(&s.xcrs).map_err(vcpu_err(i, "KVM_SET_XCRS"))?;
+    }
+    fd.set_debug_regs(&s.debug_regs)
+        .map_err(vcpu_err(i, "KVM_SET_DEBUGREGS"))?;
+    fd.set_lapic(&s.lapic)
+        .map_err(vcpu_err(i, "KVM_SET_LAPIC"))?;
     let msrs = Msrs::from_entries(&s.msrs).map_err(|_| PersistError::Vcpu {
         index,
         op: "KVM_SET_MSRS (too many MSRs)",
@@ -174,18 +193,6 @@ pub fn restore_vcpu(fd: &VcpuFd, index: u32, s: &VcpuState) -> Result<(), Persis
             "not every saved MSR was restored"
         );
     }
-    fd.set_regs(&s.regs).map_err(vcpu_err(i, "KVM_SET_REGS"))?;
-    fd.set_sregs(&s.sregs)
-        .map_err(vcpu_err(i, "KVM_SET_SREGS"))?;
-    // SAFETY: this process never enables dynamically-enabled XSTATE features
-    // (arch_prctl ARCH_REQ_XCOMP_GUEST_PERM), so the kernel's XSAVE area for this vCPU
-    // fits the 4096-byte kvm_xsave it reads from.
-    unsafe { fd.set_xsave(&s.xsave) }.map_err(vcpu_err(i, "KVM_SET_XSAVE"))?;
-    fd.set_xcrs(&s.xcrs).map_err(vcpu_err(i, "KVM_SET_XCRS"))?;
-    fd.set_debug_regs(&s.debug_regs)
-        .map_err(vcpu_err(i, "KVM_SET_DEBUGREGS"))?;
-    fd.set_lapic(&s.lapic)
-        .map_err(vcpu_err(i, "KVM_SET_LAPIC"))?;
     fd.set_mp_state(s.mp_state)
         .map_err(vcpu_err(i, "KVM_SET_MP_STATE"))?;
     fd.set_vcpu_events(&s.events)
