@@ -406,3 +406,122 @@ fn linux_on_an_iscsi_root_shuts_down_by_acpi_and_keeps_its_files() {
     })
     .unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// The migration guest: a tick every 0.2 s with its uptime and wall clock, checked by the
+/// guest itself (a clock going backwards, and the longest gap between ticks), and every
+/// tenth tick a file of random data with its digest, all checked again.
+const TICK_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -o remount,rw /
+i=0; prev=0; prevwall=0; maxgap=0
+while :; do
+  i=$((i+1))
+  up=$(cut -d' ' -f1 /proc/uptime); wall=$(date +%s)
+  maxgap=$(awk -v a="$up" -v b="$prev" -v m="$maxgap" 'BEGIN { d = a - b; if (b > 0 && d > m) m = d; print m }')
+  if [ "$prev" != 0 ] && awk -v a="$up" -v b="$prev" 'BEGIN { exit !(a < b) }'; then echo "CLOCK-BACKWARDS uptime $prev -> $up"; fi
+  [ "$wall" -lt "$prevwall" ] && echo "CLOCK-BACKWARDS wall $prevwall -> $wall"
+  prev=$up; prevwall=$wall
+  echo "TICK $i up=$up wall=$wall"
+  if [ $((i % 10)) -eq 0 ]; then
+    dd if=/dev/urandom of=/data/m-$i bs=4k count=16 2>/dev/null
+    (cd /data && sha256sum m-$i >> sums)
+    sync
+    bad=$(cd /data && sha256sum -c sums 2>/dev/null | grep -vc ': OK$')
+    echo "VERIFY tick=$i files=$(wc -l < /data/sums) bad=$bad maxgap=$maxgap"
+  fi
+  usleep 200000
+done
+"#;
+
+/// The host names and ids the pool knows.
+fn host_ids(pool: &Pool) -> Vec<(String, String)> {
+    let o = poolctl(&pool.p, &["host-list", "--json"]);
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| l.contains("\"id\""))
+        .map(|l| (field(l, "name"), field(l, "id")))
+        .collect()
+}
+
+/// A running Linux guest on an iSCSI root moves between two hosts five times: each hop
+/// reports its downtime, the guest's clock never goes backwards, its longest gap between
+/// ticks stays near the downtime, and every file it wrote verifies.
+#[test]
+fn linux_migrates_live_five_hops_keeping_its_clock_and_data() {
+    emuhost::retrying("linux-migrate", |attempt| {
+        let s = setup(2);
+        let pool = &s.pool;
+        let scenario = hosts_scenario("linux-migrate", &s, &pool.p);
+        let mut host = emuhost::start(&scenario, attempt)?;
+        host.wait("HOSTS STARTED", Duration::from_secs(60))?;
+        println!("ran {}", host.way);
+        until(&mut host, Duration::from_secs(90), || {
+            let o = poolctl(&pool.p, &["host-list", "--json"]);
+            (String::from_utf8_lossy(&o.stdout)
+                .matches("\"state\": \"enabled\"")
+                .count()
+                == 2)
+                .then_some(())
+        })
+        .map_err(|e| Failure::Failed(format!("h1 and h2 join the pool: {e}\n{}", pool.logs())))?;
+        let dir = s._dir.path();
+        let img = dir.join("sr1.img").display().to_string();
+        ctl(
+            pool,
+            &["sr-create", "sr1", &pool.storaged.addr, "--file", &img, "--size", "1G"],
+        )?;
+        let root = dir.join("root.img");
+        std::fs::write(&root, guest::ext4_root(TICK_INIT, 64)).unwrap();
+        ctl(pool, &["vdi-import", root.to_str().unwrap(), "root", "--sr", "sr1"])?;
+        ctl(
+            pool,
+            &[
+                "vm-create", "deb", "--disk", "root", "--vcpus", "2", "--memory", "256M",
+                "--kernel", "/scenario/images/bzimage", "--initrd", "/scenario/images/initramfs",
+                "--cmdline", "console=ttyS0 panic=-1 quiet", "--start",
+            ],
+        )?;
+        wait_console(pool, &mut host, "deb", "VERIFY tick=10 ", Duration::from_secs(300))?;
+        let ids = host_ids(pool);
+        let mut downtimes = Vec::new();
+        for hop in 1..=5 {
+            let on = field(&pool.vm("deb").unwrap_or_default(), "host");
+            let to = ids
+                .iter()
+                .find(|(_, id)| *id != on)
+                .map(|(name, _)| name.clone())
+                .expect("the other host");
+            let out = ctl(pool, &["vm-migrate", "deb", "--host", &to])?;
+            let ms: f64 = out
+                .lines()
+                .find_map(|l| l.strip_prefix("downtime ")?.strip_suffix(" ms")?.parse().ok())
+                .unwrap_or_else(|| panic!("vm-migrate says its downtime: {out}"));
+            println!("hop {hop} to {to}: downtime {ms} ms");
+            downtimes.push(ms);
+            // On the destination the guest goes on: a check of its files after the hop.
+            let line = wait_console(pool, &mut host, "deb", "VERIFY tick=", Duration::from_secs(120))?;
+            assert!(line.contains(" bad=0 "), "hop {hop}: {line}");
+        }
+        let text = console_has(&pool.p, "deb", "VERIFY tick=", Duration::from_secs(30))
+            .unwrap_or_default();
+        let all = console_until(&pool.p, None, "deb", Duration::from_secs(10), |seen| {
+            seen.matches("VERIFY").nth(1).map(|_| seen.to_owned())
+        })
+        .unwrap_or(text);
+        assert!(!all.contains("CLOCK-BACKWARDS"), "{all}");
+        let maxgap: f64 = all
+            .lines()
+            .filter_map(|l| l.split("maxgap=").nth(1)?.trim().parse().ok())
+            .fold(0.0, f64::max);
+        downtimes.sort_by(f64::total_cmp);
+        println!(
+            "5 hops: downtime median {} ms (all {downtimes:?}); the guest's longest gap between ticks {maxgap:.2} s",
+            downtimes[2]
+        );
+        assert!(maxgap < 5.0, "the guest's clock jumped or stalled: {maxgap} s\n{all}");
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
