@@ -25,12 +25,7 @@ impl Pool {
     pub fn start(dir: &Path, hosts: usize) -> Pool {
         let coordinators = Coordinators::start(dir, 3);
         let p = coordinators.pool_arg();
-        wait_for(Duration::from_secs(30), || {
-            let o = poolctl(&p, &["member-list", "--json"]);
-            (o.status.success() && String::from_utf8_lossy(&o.stdout).contains("\"leader\": true"))
-                .then_some(())
-        })
-        .expect("a leader within 30 s");
+        wait_leader(&p);
         let storaged = Storaged::start(&dir.join("storaged"), &p);
         let hosts = (0..hosts)
             .map(|i| {
@@ -111,6 +106,16 @@ impl Pool {
             )
         })
     }
+}
+
+/// Waits until the pool's members have elected a leader (30 s at most).
+pub fn wait_leader(p: &PoolArg) {
+    wait_for(Duration::from_secs(30), || {
+        let o = poolctl(p, &["member-list", "--json"]);
+        (o.status.success() && String::from_utf8_lossy(&o.stdout).contains("\"leader\": true"))
+            .then_some(())
+    })
+    .expect("a leader within 30 s");
 }
 
 pub fn tail(s: &str) -> &str {

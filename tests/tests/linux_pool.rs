@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use e2e_tests::emuhost::{self, Failure, Running, Scenario};
 use e2e_tests::guest::{self, kernel};
-use e2e_tests::pool::{Pool, console_until, field};
-use e2e_tests::{Coordinators, PoolArg, Storaged, free_port, poolctl, wait_for};
+use e2e_tests::pool::{Pool, console_until, field, wait_leader};
+use e2e_tests::{Coordinators, PoolArg, Storaged, free_port, poolctl};
 
 /// The initramfs: modules, then the root file system on the first disk.
 const INITRAMFS_INIT: &str = r#"#!/bin/busybox sh
@@ -77,12 +77,7 @@ fn setup(n_hosts: usize) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let coordinators = Coordinators::start(dir.path(), 1);
     let p = coordinators.pool_arg();
-    wait_for(Duration::from_secs(30), || {
-        let o = poolctl(&p, &["member-list", "--json"]);
-        (o.status.success() && String::from_utf8_lossy(&o.stdout).contains("\"leader\": true"))
-            .then_some(())
-    })
-    .expect("a leader within 30 s");
+    wait_leader(&p);
     let storaged = Storaged::start(&dir.path().join("storaged"), &p);
     let hosts = (0..n_hosts)
         .map(|i| InnerHost {
@@ -265,6 +260,68 @@ fn ctl(pool: &Pool, args: &[&str]) -> Result<String, Failure> {
     }
 }
 
+/// Starts the scenario's hosts, waits until they all joined, and starts the VM `deb`: the
+/// cloud kernel, 2 vCPUs, 256 MiB, its root an ext4 image with `init` imported to a thin
+/// volume of a new storage repository.
+fn start_linux_vm(name: &str, s: &Setup, init: &str, attempt: u32) -> Result<Running, Failure> {
+    let pool = &s.pool;
+    let scenario = hosts_scenario(name, s, &pool.p);
+    let mut host = emuhost::start(&scenario, attempt)?;
+    host.wait("HOSTS STARTED", Duration::from_secs(60))?;
+    println!("ran {}", host.way);
+    let n = s.hosts.len();
+    until(&mut host, Duration::from_secs(90), || {
+        let o = poolctl(&pool.p, &["host-list", "--json"]);
+        (String::from_utf8_lossy(&o.stdout)
+            .matches("\"state\": \"enabled\"")
+            .count()
+            == n)
+            .then_some(())
+    })
+    .map_err(|e| Failure::Failed(format!("{n} hosts join the pool: {e}\n{}", pool.logs())))?;
+    let dir = s._dir.path();
+    let img = dir.join("sr1.img").display().to_string();
+    ctl(
+        pool,
+        &[
+            "sr-create",
+            "sr1",
+            &pool.storaged.addr,
+            "--file",
+            &img,
+            "--size",
+            "1G",
+        ],
+    )?;
+    let root = dir.join("root.img");
+    std::fs::write(&root, guest::ext4_root(init, 64)).unwrap();
+    ctl(
+        pool,
+        &["vdi-import", root.to_str().unwrap(), "root", "--sr", "sr1"],
+    )?;
+    ctl(
+        pool,
+        &[
+            "vm-create",
+            "deb",
+            "--disk",
+            "root",
+            "--vcpus",
+            "2",
+            "--memory",
+            "256M",
+            "--kernel",
+            "/scenario/images/bzimage",
+            "--initrd",
+            "/scenario/images/initramfs",
+            "--cmdline",
+            "console=ttyS0 panic=-1 quiet",
+            "--start",
+        ],
+    )?;
+    Ok(host)
+}
+
 /// The guest's root file system lives on a thin volume: files it writes survive an ACPI
 /// shutdown (`vm-shutdown`: the power button), a guest power-off stops it, and a guest that
 /// ignores the button is stopped by `--force`.
@@ -272,59 +329,8 @@ fn ctl(pool: &Pool, args: &[&str]) -> Result<String, Failure> {
 fn linux_on_an_iscsi_root_shuts_down_by_acpi_and_keeps_its_files() {
     emuhost::retrying("linux-root", |attempt| {
         let s = setup(1);
+        let mut host = start_linux_vm("linux-root", &s, ROOT_INIT, attempt)?;
         let pool = &s.pool;
-        let scenario = hosts_scenario("linux-root", &s, &pool.p);
-        let mut host = emuhost::start(&scenario, attempt)?;
-        host.wait("HOSTS STARTED", Duration::from_secs(60))?;
-        println!("ran {}", host.way);
-        until(&mut host, Duration::from_secs(90), || {
-            let o = poolctl(&pool.p, &["host-list", "--json"]);
-            String::from_utf8_lossy(&o.stdout)
-                .contains("\"state\": \"enabled\"")
-                .then_some(())
-        })
-        .map_err(|e| Failure::Failed(format!("h1 joins the pool: {e}\n{}", pool.logs())))?;
-
-        let dir = s._dir.path();
-        let img = dir.join("sr1.img").display().to_string();
-        ctl(
-            pool,
-            &[
-                "sr-create",
-                "sr1",
-                &pool.storaged.addr,
-                "--file",
-                &img,
-                "--size",
-                "1G",
-            ],
-        )?;
-        let root = dir.join("root.img");
-        std::fs::write(&root, guest::ext4_root(ROOT_INIT, 64)).unwrap();
-        ctl(
-            pool,
-            &["vdi-import", root.to_str().unwrap(), "root", "--sr", "sr1"],
-        )?;
-        ctl(
-            pool,
-            &[
-                "vm-create",
-                "deb",
-                "--disk",
-                "root",
-                "--vcpus",
-                "2",
-                "--memory",
-                "256M",
-                "--kernel",
-                "/scenario/images/bzimage",
-                "--initrd",
-                "/scenario/images/initramfs",
-                "--cmdline",
-                "console=ttyS0 panic=-1 quiet",
-                "--start",
-            ],
-        )?;
         let modules = wait_console(
             pool,
             &mut host,
@@ -452,37 +458,8 @@ fn host_ids(pool: &Pool) -> Vec<(String, String)> {
 fn linux_migrates_live_five_hops_keeping_its_clock_and_data() {
     emuhost::retrying("linux-migrate", |attempt| {
         let s = setup(2);
+        let mut host = start_linux_vm("linux-migrate", &s, TICK_INIT, attempt)?;
         let pool = &s.pool;
-        let scenario = hosts_scenario("linux-migrate", &s, &pool.p);
-        let mut host = emuhost::start(&scenario, attempt)?;
-        host.wait("HOSTS STARTED", Duration::from_secs(60))?;
-        println!("ran {}", host.way);
-        until(&mut host, Duration::from_secs(90), || {
-            let o = poolctl(&pool.p, &["host-list", "--json"]);
-            (String::from_utf8_lossy(&o.stdout)
-                .matches("\"state\": \"enabled\"")
-                .count()
-                == 2)
-                .then_some(())
-        })
-        .map_err(|e| Failure::Failed(format!("h1 and h2 join the pool: {e}\n{}", pool.logs())))?;
-        let dir = s._dir.path();
-        let img = dir.join("sr1.img").display().to_string();
-        ctl(
-            pool,
-            &["sr-create", "sr1", &pool.storaged.addr, "--file", &img, "--size", "1G"],
-        )?;
-        let root = dir.join("root.img");
-        std::fs::write(&root, guest::ext4_root(TICK_INIT, 64)).unwrap();
-        ctl(pool, &["vdi-import", root.to_str().unwrap(), "root", "--sr", "sr1"])?;
-        ctl(
-            pool,
-            &[
-                "vm-create", "deb", "--disk", "root", "--vcpus", "2", "--memory", "256M",
-                "--kernel", "/scenario/images/bzimage", "--initrd", "/scenario/images/initramfs",
-                "--cmdline", "console=ttyS0 panic=-1 quiet", "--start",
-            ],
-        )?;
         wait_console(pool, &mut host, "deb", "VERIFY tick=10 ", Duration::from_secs(300))?;
         let ids = host_ids(pool);
         let mut downtimes = Vec::new();
