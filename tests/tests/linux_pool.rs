@@ -141,7 +141,7 @@ fn hosts_scenario(name: &str, s: &Setup, p: &PoolArg) -> Scenario {
             );
         }
         script += &format!(
-            "mkdir -p /tmp/{n}; chmod 700 $S/tls-{n}\n\
+            "mkdir -p /tmp/{n}; chmod 700 $S/tls-{n}; : > /tmp/{n}.log\n\
              hostd --listen 0.0.0.0:{port} --pool-advertise {ip}:{port} --tie-vms --run-dir /tmp/{n} \
              --initiator-iqn iqn.2026-11.org.pool.e2e:{n} --host-id {n} --tls-dir $S/tls-{n} \
              --image-dir $S/images --pool {member} --heartbeat-ms 500 --log info > /tmp/{n}.log 2>&1 &\n\
