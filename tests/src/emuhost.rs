@@ -545,6 +545,17 @@ impl Running {
     /// Starts `cmd` in its own process group with its output in lines on a channel.
     fn spawn(mut cmd: Command, s: &Scenario, log: PathBuf, way: Way) -> Result<Running, String> {
         use std::os::unix::process::CommandExt;
+        // SAFETY: the closure runs in the forked child before exec and makes one
+        // async-signal-safe system call: the emulator dies with the test even when the
+        // test is killed and no destructor runs.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd
             .process_group(0)
             .stdin(Stdio::null())
