@@ -12,6 +12,12 @@ pub fn fetch_deb(dir: &Path, package: &str) -> Result<PathBuf, String> {
     if unpacked.exists() {
         return Ok(unpacked);
     }
+    // Tests in parallel (threads or processes) fetch the same packages: one at a time.
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let _held = lock(&dir.join(".fetch.lock"))?;
+    if unpacked.exists() {
+        return Ok(unpacked);
+    }
     let dl = dir.join("dl");
     std::fs::create_dir_all(&dl).map_err(|e| e.to_string())?;
     let deb_of = |dl: &Path| {
@@ -45,6 +51,21 @@ pub fn fetch_deb(dir: &Path, package: &str) -> Result<PathBuf, String> {
     }
     std::fs::rename(&tmp, &unpacked).map_err(|e| e.to_string())?;
     Ok(unpacked)
+}
+
+/// An exclusive `flock` on `path`, held while the file lives.
+pub fn lock(path: &Path) -> Result<std::fs::File, String> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // SAFETY: flock on a descriptor this function owns; blocks until it is ours.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(format!(
+            "flock {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(f)
 }
 
 /// The versioned package a metapackage (`linux-image-amd64`) stands for today.

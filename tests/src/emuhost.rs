@@ -284,14 +284,11 @@ struct RunLock {
 
 impl RunLock {
     fn take() -> RunLock {
-        use std::os::fd::AsRawFd;
         let dir = cache_dir();
         std::fs::create_dir_all(&dir).expect("target/emuhost");
-        let f = std::fs::File::create(dir.join(".lock")).expect("the emulated host's lock");
-        // SAFETY: flock on a descriptor this function owns; blocks until it is ours.
-        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
-        RunLock { _held: f }
+        RunLock {
+            _held: debian::lock(&dir.join(".lock")).expect("the emulated host's lock"),
+        }
     }
 }
 
