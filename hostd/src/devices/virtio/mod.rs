@@ -2,6 +2,7 @@
 //!
 //! - [`mmio`][]: the transport, a register window per device on the MMIO bus.
 //! - [`block`][]: virtio-blk.
+//! - [`net`][]: virtio-net.
 //!
 //! A device implements [`VirtioDevice`]: what it offers, its config space, and
 //! `activate`, which hands it the queues the driver set up. Queue notifications arrive on
@@ -10,6 +11,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -32,6 +34,7 @@ pub const DEVICE_STATUS_FEATURES_OK: u32 = 8;
 pub const DEVICE_STATUS_NEEDS_RESET: u32 = 0x40;
 pub const DEVICE_STATUS_FAILED: u32 = 0x80;
 
+pub const VIRTIO_ID_NET: u32 = 1;
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 
 /// InterruptStatus bits.
