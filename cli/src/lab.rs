@@ -606,6 +606,7 @@ async fn setup(
                     start: false,
                     ha: pb::HaRestartPriority::None as i32,
                     ha_order: 0,
+                    network: vec![],
                 },
             )
             .await?;
@@ -641,6 +642,7 @@ async fn setup(
                 start: true,
                 ha: pb::HaRestartPriority::Restart as i32,
                 ha_order: 0,
+                network: vec![],
             },
         )
         .await?;

@@ -222,6 +222,7 @@ fn what_verb(what: &str) -> &'static str {
         "VM" => "vm",
         "disk" => "vdi",
         "template" => "template",
+        "network" => "network",
         _ => "sr",
     }
 }

@@ -95,6 +95,8 @@ enum Command {
     #[command(flatten)]
     Vm(cmd::vm::VmCommand),
     #[command(flatten)]
+    Net(cmd::net::NetCommand),
+    #[command(flatten)]
     Template(cmd::template::TemplateCommand),
     #[command(flatten)]
     Pool(cmd::pool::PoolCommand),
@@ -223,6 +225,7 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
         Command::Sr(c) => cmd::sr::run(ctl, c).await,
         Command::Vdi(c) => cmd::vdi::run(ctl, c).await,
         Command::Vm(c) => cmd::vm::run(ctl, c).await,
+        Command::Net(c) => cmd::net::run(ctl, c).await,
         Command::Template(c) => cmd::template::run(ctl, c).await,
         Command::Pool(c) => cmd::pool::run(ctl, c).await,
         Command::User(c) => cmd::user::run(ctl, c).await,

@@ -20,8 +20,9 @@
 //!   once. Clients send `authorization: Bearer <token>`.
 //! - **Roles** are nested, each one allowing what the one below does and more:
 //!   read-only (every Get/List/Watch) < vm-operator (power and console) < vm-admin (VMs,
-//!   volumes, templates, snapshots, migration) < pool-operator (hosts, storage
-//!   repositories, HA, members, pool settings, audit log) < pool-admin (users and roles).
+//!   their VIFs, volumes, templates, snapshots, migration) < pool-operator (hosts, storage
+//!   repositories, networks, HA, members, pool settings, audit log) < pool-admin (users
+//!   and roles).
 //!   ChangePassword and RevokeTokens are open to every user for themselves; acting on
 //!   another user needs pool-admin (checked by the call, which knows the target).
 //! - **Bootstrap**: a pool with no user is open (every caller acts as pool-admin, named
@@ -85,6 +86,9 @@ pub const METHODS: &[(&str, Level, bool)] = &[
     ("ListVms", Level::ReadOnly, false),
     ("ListVmSnapshots", Level::ReadOnly, false),
     ("ExplainPlacement", Level::ReadOnly, false),
+    ("GetNetwork", Level::ReadOnly, false),
+    ("ListNetworks", Level::ReadOnly, false),
+    ("ListVifs", Level::ReadOnly, false),
     ("GetTemplate", Level::ReadOnly, false),
     ("ListTemplates", Level::ReadOnly, false),
     ("GetHaSettings", Level::ReadOnly, false),
@@ -115,6 +119,8 @@ pub const METHODS: &[(&str, Level, bool)] = &[
     ("SnapshotVm", Level::VmAdmin, true),
     ("RevertVm", Level::VmAdmin, true),
     ("CloneVm", Level::VmAdmin, true),
+    ("CreateVif", Level::VmAdmin, true),
+    ("DestroyVif", Level::VmAdmin, true),
     ("CreateTemplate", Level::VmAdmin, true),
     ("DeleteTemplate", Level::VmAdmin, true),
     ("UpdatePoolSettings", Level::PoolOperator, true),
@@ -128,6 +134,8 @@ pub const METHODS: &[(&str, Level, bool)] = &[
     ("RemoveHost", Level::PoolOperator, true),
     ("CreateStorageRepository", Level::PoolOperator, true),
     ("RemoveStorageRepository", Level::PoolOperator, true),
+    ("CreateNetwork", Level::PoolOperator, true),
+    ("DestroyNetwork", Level::PoolOperator, true),
     ("SetHaSettings", Level::PoolOperator, true),
     ("ListUsers", Level::PoolOperator, false),
     ("ListAuditEvents", Level::PoolOperator, false),

@@ -327,10 +327,16 @@ impl Coordinator {
         Ok(f(&self.node.state()))
     }
 
-    /// Chooses a host for the VM (or `preferred` after checking it) on current state.
-    pub async fn schedule(&self, spec: &pb::VmSpec, preferred: &str) -> Result<String, Status> {
+    /// Chooses a host for the VM (or `preferred` after checking it) on current state;
+    /// `networks` are the ids of the networks its VIFs are on.
+    pub async fn schedule(
+        &self,
+        spec: &pb::VmSpec,
+        networks: &[&str],
+        preferred: &str,
+    ) -> Result<String, Status> {
         self.read(|s| {
-            let demand = s.demand(spec);
+            let demand = s.demand_on(spec, networks);
             let policy = s.policy();
             if !preferred.is_empty() {
                 let h = s
@@ -364,6 +370,7 @@ impl Coordinator {
         caller: &Caller,
         request_id: &str,
         spec: &pb::VmSpec,
+        networks: &[&str],
         preferred: &str,
         make: impl Fn(String) -> Op,
     ) -> Result<pb::Task, Status> {
@@ -374,7 +381,7 @@ impl Coordinator {
         };
         let mut last = Status::aborted("placement conflict");
         for _ in 0..5 {
-            let host = self.schedule(spec, preferred).await?;
+            let host = self.schedule(spec, networks, preferred).await?;
             let cmd = self.command(caller, &request_id, make(host));
             match self.submit(&cmd).await?.into_status() {
                 Err(s) if s.code() == Code::Aborted => last = s,

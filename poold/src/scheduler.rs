@@ -57,6 +57,8 @@ pub struct HostCandidate {
     pub ip: String,
     /// Affinity and anti-affinity groups of the VMs placed on the host.
     pub groups: Vec<String>,
+    /// The NICs the host reported (external networks are bridged onto one of them).
+    pub nics: Vec<String>,
 }
 
 /// A storage repository as far as reachability goes.
@@ -78,6 +80,24 @@ pub struct Demand {
     pub anti_affinity_group: String,
     /// Repositories holding the VM's disks.
     pub srs: Vec<SrReach>,
+    /// What the VM's networks need of a host (private ones need nothing).
+    pub networks: Vec<NetReach>,
+}
+
+/// What a network needs of a host for a VM on it to run there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetNeed {
+    /// An external network: the host NIC it is bridged onto.
+    Nic(String),
+    /// An internal network: the one host it lives on.
+    Host(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetReach {
+    /// The network's name.
+    pub network: String,
+    pub need: NetNeed,
 }
 
 /// Why one host was rejected.
@@ -90,6 +110,7 @@ pub enum Rejection {
     AntiAffinity { group: String },
     Affinity { group: String },
     Storage { sr_id: String, why: &'static str },
+    Network { network: String, need: NetNeed },
 }
 
 impl std::fmt::Display for Rejection {
@@ -115,6 +136,17 @@ impl std::fmt::Display for Rejection {
                 write!(f, "affinity: other hosts already run VMs of group {group}")
             }
             Rejection::Storage { sr_id, why } => write!(f, "storage: repository {sr_id} {why}"),
+            Rejection::Network {
+                network,
+                need: NetNeed::Nic(nic),
+            } => write!(
+                f,
+                "network: {network} is bridged onto NIC {nic}, which the host lacks"
+            ),
+            Rejection::Network {
+                network,
+                need: NetNeed::Host(h),
+            } => write!(f, "network: {network} is internal to host {h}"),
         }
     }
 }
@@ -207,6 +239,18 @@ pub fn hard_filters(h: &HostCandidate, d: &Demand, p: &Policy) -> Vec<Rejection>
             out.push(Rejection::Storage {
                 sr_id: sr.id.clone(),
                 why: "is local to another host",
+            });
+        }
+    }
+    for n in &d.networks {
+        let reaches = match &n.need {
+            NetNeed::Nic(nic) => h.nics.contains(nic),
+            NetNeed::Host(id) => h.id == *id,
+        };
+        if !reaches {
+            out.push(Rejection::Network {
+                network: n.network.clone(),
+                need: n.need.clone(),
             });
         }
     }
@@ -303,6 +347,7 @@ struct Slot {
     cpu_alloc: u32,
     features: Vec<u64>,
     ip: String,
+    nics: Vec<String>,
 }
 
 impl BatchScheduler {
@@ -340,6 +385,7 @@ impl BatchScheduler {
                     cpu_alloc: h.vcpus_allocated,
                     features,
                     ip: h.ip.clone(),
+                    nics: h.nics.clone(),
                 }
             })
             .collect();
@@ -383,6 +429,10 @@ impl BatchScheduler {
                 && d.srs
                     .iter()
                     .all(|sr| sr.reachable && (sr.shared || sr.ip == s.ip))
+                && d.networks.iter().all(|n| match &n.need {
+                    NetNeed::Nic(nic) => s.nics.contains(nic),
+                    NetNeed::Host(id) => s.id == *id,
+                })
         };
         let score = |s: &Slot| {
             let mem = (s.mem_alloc + d.memory_bytes) as f64 / s.mem_cap.max(1) as f64;
@@ -444,6 +494,7 @@ mod tests {
             cpu_features: vec!["sse4_2".into(), "avx2".into()],
             ip: "10.0.0.1".into(),
             groups: vec![],
+            nics: vec!["eth0".into()],
         }
     }
 
@@ -470,6 +521,10 @@ mod tests {
 
     #[test]
     fn every_filter_accepts_and_rejects() {
+        let net = |need| NetReach {
+            network: "n1".into(),
+            need,
+        };
         let sr = |shared: bool, reachable: bool, ip: &str| SrReach {
             id: "sr1".into(),
             reachable,
@@ -639,6 +694,49 @@ mod tests {
                 rejected_by: Some(
                     |r| matches!(r, Rejection::Storage { why, .. } if why.contains("unreachable")),
                 ),
+            },
+            Case {
+                name: "external network on a NIC the host has passes",
+                host: host("a"),
+                demand: Demand {
+                    networks: vec![net(NetNeed::Nic("eth0".into()))],
+                    ..vm(1, 1)
+                },
+                policy: spread(),
+                rejected_by: None,
+            },
+            Case {
+                name: "external network on a NIC the host lacks is rejected",
+                host: host("a"),
+                demand: Demand {
+                    networks: vec![net(NetNeed::Nic("eth7".into()))],
+                    ..vm(1, 1)
+                },
+                policy: spread(),
+                rejected_by: Some(|r| {
+                    matches!(r, Rejection::Network { need: NetNeed::Nic(n), .. } if n == "eth7")
+                        && r.to_string().contains("NIC eth7")
+                }),
+            },
+            Case {
+                name: "internal network of this host passes",
+                host: host("a"),
+                demand: Demand {
+                    networks: vec![net(NetNeed::Host("a".into()))],
+                    ..vm(1, 1)
+                },
+                policy: spread(),
+                rejected_by: None,
+            },
+            Case {
+                name: "internal network of another host is rejected",
+                host: host("a"),
+                demand: Demand {
+                    networks: vec![net(NetNeed::Host("b".into()))],
+                    ..vm(1, 1)
+                },
+                policy: spread(),
+                rejected_by: Some(|r| r.to_string() == "network: n1 is internal to host b"),
             },
             Case {
                 name: "local repository of another host is rejected",

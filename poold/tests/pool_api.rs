@@ -50,6 +50,7 @@ async fn heartbeat(
             metrics: None,
             vms: vec![],
             sequence: seq,
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())
@@ -108,6 +109,7 @@ async fn create_is_idempotent_placement_commits_and_explains() {
         sr_id: String::new(),
         start: true,
         host_id: String::new(),
+        networks: vec![],
     };
     let mut first = cl.client_of(&[leader]).await;
     let t1 = first
@@ -156,6 +158,7 @@ async fn create_is_idempotent_placement_commits_and_explains() {
         sr_id: String::new(),
         start: true,
         host_id: String::new(),
+        networks: vec![],
     };
     let err = c
         .call(|mut p| {

@@ -4,6 +4,7 @@
 pub mod host;
 pub mod join;
 pub mod member;
+pub mod net;
 pub mod pool;
 pub mod sr;
 pub mod task;

@@ -49,6 +49,10 @@ pub enum VmCommand {
         /// HA restart order within its priority: lower restarts first.
         #[arg(long, default_value_t = 0)]
         ha_order: u32,
+        /// A network (name or id) to give the VM an interface on; repeat for more, in
+        /// device order. The pool assigns each a MAC.
+        #[arg(long)]
+        network: Vec<String>,
     },
     /// Change a VM's settings; what is not given stays as it is (vCPUs and memory only
     /// while it is stopped; a new command line takes effect at its next boot).
@@ -71,10 +75,14 @@ pub enum VmCommand {
     /// VMs and where they run.
     #[command(name = "vm-list")]
     List {
-        /// Show the host's id rather than its name (--json always does).
+        /// Show the host's id rather than its name, and each VIF's network and MAC
+        /// (--json always does).
         #[arg(long)]
         long: bool,
     },
+    /// Where the scheduler would place a VM, and why each host can or cannot take it.
+    #[command(name = "vm-explain")]
+    Explain { vm: String },
     /// Start a stopped VM.
     #[command(name = "vm-start")]
     Start {
@@ -152,7 +160,12 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
             start,
             ha,
             ha_order,
+            network,
         } => {
+            let mut networks = Vec::new();
+            for n in &network {
+                networks.push(ctl.network_id(n).await?);
+            }
             let mut disks = Vec::new();
             for (i, d) in disk.iter().enumerate() {
                 disks.push(pb::VmDisk {
@@ -192,6 +205,7 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
                     sr_id: String::new(),
                     start,
                     host_id: String::new(),
+                    networks,
                 }
             )?;
             let task = ctl.follow(r).await?;
@@ -251,6 +265,30 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
             let vms = ctl.vms().await?;
             let hosts = ctl.hosts().await?;
             ctl.print(&vm_table(vms, &hosts, long || ctl.json));
+        }
+        VmCommand::Explain { vm } => {
+            let vm_id = ctl.vm_id(&vm).await?;
+            let r = call!(
+                ctl.client,
+                explain_placement,
+                pb::ExplainPlacementRequest { vm_id, spec: None }
+            )?;
+            let hosts = ctl.hosts().await?;
+            let mut t = Table::new(&["HOST", "NAME", "ELIGIBLE", "CHOSEN", "REASONS"]);
+            for h in r.hosts {
+                let name = hosts
+                    .iter()
+                    .find(|x| x.id == h.host_id)
+                    .map(|x| x.name.clone());
+                t.row(vec![
+                    h.host_id.clone().into(),
+                    name.unwrap_or_default().into(),
+                    h.eligible.into(),
+                    (h.host_id == r.chosen_host_id).into(),
+                    h.reasons.join("; ").into(),
+                ]);
+            }
+            ctl.print(&t);
         }
         VmCommand::Start { vm, host } => {
             let vm_id = ctl.vm_id(&vm).await?;
@@ -437,17 +475,22 @@ fn vm_table(vms: Vec<pb::Vm>, hosts: &[pb::Host], ids: bool) -> Table {
         .iter()
         .map(|h| (h.id.as_str(), h.name.as_str()))
         .collect();
-    let mut t = Table::new(&[
+    let mut columns = vec![
         "ID", "NAME", "POWER", "WANTED", "HOST", "VCPUS", "MEMORY", "DISKS", "STOPPED",
-    ]);
+    ];
+    if ids {
+        columns.push("VIFS");
+    }
+    let mut t = Table::new(&columns);
     for v in vms {
+        let vifs = super::net::vifs_cell(&v.vifs);
         let spec = v.spec.unwrap_or_default();
         let disks: Vec<&str> = spec.disks.iter().map(|d| d.volume_id.as_str()).collect();
         let host = match names.get(v.host_id.as_str()) {
             Some(name) if !ids && !name.is_empty() => (*name).to_owned(),
             _ => v.host_id,
         };
-        t.row(vec![
+        let mut row = vec![
             v.id.into(),
             spec.name.into(),
             power(v.power_state).into(),
@@ -457,7 +500,11 @@ fn vm_table(vms: Vec<pb::Vm>, hosts: &[pb::Host], ids: bool) -> Table {
             human_bytes(spec.memory_bytes).into(),
             disks.join(",").into(),
             stop_reason(v.last_stop_reason).into(),
-        ]);
+        ];
+        if ids {
+            row.push(vifs.into());
+        }
+        t.row(row);
     }
     t
 }

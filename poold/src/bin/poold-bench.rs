@@ -501,6 +501,7 @@ fn scheduler(hosts: usize, vms: usize) {
             cpu_features: features[..if i % 3 == 0 { 6 } else { 5 }].to_vec(),
             ip: format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256),
             groups: vec![],
+            nics: vec![],
         })
         .collect();
     let demands: Vec<Demand> = (0..vms)
@@ -523,6 +524,7 @@ fn scheduler(hosts: usize, vms: usize) {
                 String::new()
             },
             srs: vec![],
+            networks: vec![],
         })
         .collect();
     let policy = Policy {

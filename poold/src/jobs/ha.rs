@@ -168,7 +168,7 @@ pub async fn restart_pending(c: &Coordinator) {
         let placed = {
             let s = c.node.state();
             let hosts = s.candidates();
-            scheduler::place(&hosts, &s.demand(&spec), &s.policy()).map(|i| hosts[i].id.clone())
+            scheduler::place(&hosts, &s.vm_demand(&vm), &s.policy()).map(|i| hosts[i].id.clone())
         };
         let host = match placed {
             Ok(h) => h,

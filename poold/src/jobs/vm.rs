@@ -404,6 +404,26 @@ pub async fn clone_vm(env: &Env, job: &Job, j: &CloneVmJob) -> Result<Finish, Jo
         Vm(pb::Vm),
         Snapshot(pb::VmSnapshot),
     }
+    // The clone's VIFs are on its source's networks (a snapshot's: those of its VM now),
+    // each with a new id and MAC.
+    let vifs: Vec<pb::Vif> = read(&*env.ledger, |s| {
+        let vm_id = s
+            .vm_snapshots
+            .get(&j.source_id)
+            .map_or(j.source_id.as_str(), |x| x.vm_id.as_str());
+        s.vms
+            .get(vm_id)
+            .map(|vm| vm.vifs.clone())
+            .unwrap_or_default()
+    })
+    .into_iter()
+    .map(|v| pb::Vif {
+        network_id: v.network_id,
+        rate_bytes_per_sec: v.rate_bytes_per_sec,
+        rate_packets_per_sec: v.rate_packets_per_sec,
+        ..Default::default()
+    })
+    .collect();
     let source = read(&*env.ledger, |s| {
         if let Some(vm) = s.vms.get(&j.source_id) {
             Ok(Source::Vm(vm.clone()))
@@ -492,6 +512,7 @@ pub async fn clone_vm(env: &Env, job: &Job, j: &CloneVmJob) -> Result<Finish, Jo
         spec: Some(spec),
         template_id: String::new(),
         start_on_host: String::new(),
+        vifs,
     })))
 }
 
@@ -585,7 +606,9 @@ pub async fn from_template(
     if j.start {
         let placed = read(&*env.ledger, |s| {
             let hosts = s.candidates();
-            scheduler::place(&hosts, &s.demand(&spec), &s.policy()).map(|i| hosts[i].id.clone())
+            let networks: Vec<&str> = j.vifs.iter().map(|v| v.network_id.as_str()).collect();
+            let demand = s.demand_on(&spec, &networks);
+            scheduler::place(&hosts, &demand, &s.policy()).map(|i| hosts[i].id.clone())
         });
         match placed {
             Ok(host) => {
@@ -600,6 +623,7 @@ pub async fn from_template(
         spec: Some(spec),
         template_id: j.template_id.clone(),
         start_on_host,
+        vifs: j.vifs.clone(),
     })))
 }
 
@@ -743,6 +767,7 @@ mod tests {
                         spec: Some(spec(vm, 6)),
                         template_id: "t1".into(),
                         start_on_host: host.into(),
+                        vifs: vec![],
                     })),
                 }],
                 results: [("start".to_string(), format!("placed on host {host}"))].into(),

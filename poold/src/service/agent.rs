@@ -2,7 +2,7 @@
 //!
 //! A heartbeat is soft state: the leader keeps the latest one of each host in memory and
 //! commits a report through Raft only when something the pool acts on changed (the host
-//! comes back from unreachable, its info or a VM's power state changed) or every
+//! comes back from unreachable, its info, its NICs or a VM's power state changed) or every
 //! [`REPORT_EVERY`] to refresh `last_heartbeat_at`. A follower forwards heartbeats to the
 //! leader. [`poll_hosts`] asks each host itself (for hostd that does not call Heartbeat),
 //! feeding the same path ([`observe`]). [`monitor`] marks hosts unreachable once they
@@ -96,6 +96,7 @@ pub async fn observe(
             })
         });
         let info_changed = req.info.is_some() && req.info != host.info;
+        let nics_changed = req.nics_known && req.nics != host.nics;
         let stale = prev
             .as_ref()
             .is_none_or(|p| now.duration_since(p.last_committed) >= REPORT_EVERY);
@@ -104,7 +105,7 @@ pub async fn observe(
         let back = host.state() == pb::HostState::Unreachable
             || (host.state() == pb::HostState::Fenced
                 && prev.as_ref().is_none_or(|p| p.vms != reported));
-        let must = vm_changed || info_changed || stale || back;
+        let must = vm_changed || info_changed || nics_changed || stale || back;
         live.insert(
             req.host_id.clone(),
             Liveness {
@@ -136,6 +137,8 @@ pub async fn observe(
                     last_stop_reason: v.last_stop_reason,
                 })
                 .collect(),
+            nics: req.nics.clone(),
+            nics_known: req.nics_known,
         });
         let cmd = c.command(&crate::auth::Caller::internal(), "", op);
         c.submit(&cmd).await?.into_status()?;
@@ -255,6 +258,9 @@ pub async fn poll_hosts(
                     metrics,
                     vms,
                     sequence: seq,
+                    // hostd's API does not list its NICs: they come with its heartbeats.
+                    nics: vec![],
+                    nics_known: false,
                 };
                 if let Err(e) = observe(&c, req).await {
                     tracing::debug!(host = %id, error = %e, "poll not recorded");

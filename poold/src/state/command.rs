@@ -40,7 +40,7 @@ pub struct Command {
     pub peer: String,
     #[prost(
         oneof = "Op",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45"
     )]
     pub op: Option<Op>,
 }
@@ -121,6 +121,16 @@ pub enum Op {
     /// A certificate signed at a join or renewal, recorded after signing.
     #[prost(message, tag = "41")]
     RecordIssued(IssuedRecord),
+    /// A network with its proposer-made id (the VNI of a private one is chosen at apply).
+    #[prost(message, tag = "42")]
+    CreateNetwork(pb::Network),
+    #[prost(message, tag = "43")]
+    DestroyNetwork(ObjectId),
+    /// A VIF with its proposer-made id; an empty MAC is assigned at apply.
+    #[prost(message, tag = "44")]
+    CreateVif(pb::Vif),
+    #[prost(message, tag = "45")]
+    DestroyVif(ObjectId),
 }
 
 impl Op {
@@ -176,6 +186,10 @@ impl Op {
             Op::StartCaRoll(_) => "pool.rotate_ca",
             Op::FinishCaRoll(_) => "pool.finish_ca_roll",
             Op::RecordIssued(_) => "pool.certificate_issued",
+            Op::CreateNetwork(_) => "network.create",
+            Op::DestroyNetwork(_) => "network.destroy",
+            Op::CreateVif(_) => "vif.create",
+            Op::DestroyVif(_) => "vif.destroy",
         }
     }
 }
@@ -217,6 +231,11 @@ pub struct HostReport {
     pub metrics: Option<hpb::HostMetrics>,
     #[prost(message, repeated, tag = "4")]
     pub vms: Vec<ReportedVm>,
+    /// The host's NICs, taken when `nics_known` (see `pool.v1.HeartbeatRequest`).
+    #[prost(string, repeated, tag = "5")]
+    pub nics: Vec<String>,
+    #[prost(bool, tag = "6")]
+    pub nics_known: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -247,6 +266,10 @@ pub struct CreateVm {
     /// Non-empty: start at once on this host (placed by the leader before proposing).
     #[prost(string, tag = "4")]
     pub start_on_host: String,
+    /// Its VIFs: network ids, and MACs, ids and limits where given (see
+    /// `PoolState::new_vifs`).
+    #[prost(message, repeated, tag = "5")]
+    pub vifs: Vec<pb::Vif>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -451,6 +474,9 @@ pub struct VmFromTemplateJob {
     /// The client's request id, from which the start's own id is derived.
     #[prost(string, tag = "7")]
     pub request_id: String,
+    /// The VM's VIFs, as in [`CreateVm::vifs`].
+    #[prost(message, repeated, tag = "8")]
+    pub vifs: Vec<pb::Vif>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

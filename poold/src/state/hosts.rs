@@ -116,6 +116,9 @@ impl PoolState {
         if r.metrics.is_some() {
             h.last_metrics = r.metrics.clone();
         }
+        if r.nics_known {
+            h.nics = r.nics.clone();
+        }
         h.last_heartbeat_at = Some(proto::timestamp(at_ms));
         let state = h.state();
         let fencing = self.fence_job(&r.host_id).is_some();

@@ -583,9 +583,22 @@ impl PoolState {
                 if self.vms.contains_key(&c.vm_id) {
                     return None;
                 }
+                // New MACs (a clone's VIFs are its own); an effect cannot fail, so a VIF
+                // on a network destroyed meanwhile is left out.
+                let wanted: Vec<pb::Vif> = c
+                    .vifs
+                    .iter()
+                    .filter(|v| self.networks.contains_key(&v.network_id))
+                    .map(|v| pb::Vif {
+                        mac: String::new(),
+                        ..v.clone()
+                    })
+                    .collect();
+                let vifs = self.new_vifs(&c.vm_id, &wanted).unwrap_or_default();
                 let mut vm = pb::Vm {
                     id: c.vm_id.clone(),
                     spec: c.spec.clone(),
+                    vifs,
                     desired_power_state: hpb::PowerState::Stopped as i32,
                     power_state: hpb::PowerState::Stopped as i32,
                     template_id: c.template_id.clone(),

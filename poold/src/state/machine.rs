@@ -101,6 +101,8 @@ pub struct PoolState {
     pub ca_roll: Option<CaRollRecord>,
     /// The latest certificate the pool issued to each identity, until it expires.
     pub issued: BTreeMap<String, IssuedRecord>,
+    /// Guest networks by id (their VIFs live in the VMs).
+    pub networks: BTreeMap<String, pb::Network>,
 }
 
 /// A user and the hash of their password.
@@ -192,6 +194,7 @@ impl PoolState {
             join_tokens: BTreeMap::new(),
             ca_roll: None,
             issued: BTreeMap::new(),
+            networks: BTreeMap::new(),
         };
         s.reserve_windows();
         s
@@ -229,6 +232,7 @@ impl PoolState {
             join_tokens: BTreeMap::new(),
             ca_roll: None,
             issued: BTreeMap::new(),
+            networks: self.networks.clone(),
         }
     }
 
@@ -384,7 +388,8 @@ impl PoolState {
     }
 
     /// Applies one operation; each kind of object's file holds its part ([`super::hosts`],
-    /// [`super::storage`], [`super::vms`], [`super::jobs`], [`super::users`]).
+    /// [`super::storage`], [`super::vms`], [`super::jobs`], [`super::users`],
+    /// [`super::networks`]).
     fn apply_op(&mut self, cmd: &Command, op: &Op) -> Result<Applied, CommandResult> {
         let at_ms = cmd.at_ms;
         match op {
@@ -433,6 +438,10 @@ impl PoolState {
             Op::StartCaRoll(r) => self.start_ca_roll(r, at_ms),
             Op::FinishCaRoll(r) => self.finish_ca_roll(r),
             Op::RecordIssued(r) => self.record_issued(r, at_ms),
+            Op::CreateNetwork(n) => self.create_network(n, at_ms),
+            Op::DestroyNetwork(r) => self.destroy_network(&r.id),
+            Op::CreateVif(v) => self.create_vif(v),
+            Op::DestroyVif(r) => self.destroy_vif(&r.id),
         }
     }
 
@@ -550,6 +559,8 @@ mod tests {
             }),
             metrics: None,
             vms: vec![],
+            nics: vec![],
+            nics_known: false,
         })
     }
 
@@ -568,6 +579,7 @@ mod tests {
             spec: Some(s),
             template_id: String::new(),
             start_on_host: host.into(),
+            vifs: vec![],
         })
     }
 
@@ -798,6 +810,7 @@ mod tests {
             spec: Some(spec("from-tpl", 1, 1)),
             template_id: "tpl1".into(),
             start_on_host: String::new(),
+            vifs: vec![],
         };
         assert_eq!(s.apply(4, &cmd("v1", 3, Op::CreateVm(c.clone()))).code, 0);
         assert_eq!(s.vms["vm1"].template_id, "tpl1");

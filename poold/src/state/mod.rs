@@ -5,13 +5,14 @@
 //! command); each kind of object has its part of the apply in a file of its own:
 //! [`hosts`], [`storage`] (repositories and volumes), [`vms`] (VMs and templates),
 //! [`jobs`] (long operations), [`users`] (users, roles, audit log), [`trust`] (the pool's
-//! CA and join tokens); [`placement`] is what
+//! CA and join tokens), [`networks`] (guest networks, VIFs, MACs); [`placement`] is what
 //! the scheduler sees of the state.
 
 pub mod command;
 pub mod hosts;
 pub mod jobs;
 pub mod machine;
+pub mod networks;
 pub mod placement;
 pub mod snapshot;
 pub mod storage;

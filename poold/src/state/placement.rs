@@ -41,7 +41,7 @@ impl PoolState {
             .get(host_id)
             .ok_or_else(|| err(Code::NotFound, format!("no host with id {host_id}")))?;
         let cand = self.candidate(h);
-        let demand = self.demand(vm.spec.as_ref().unwrap_or(&pb::VmSpec::default()));
+        let demand = self.vm_demand(vm);
         let r = scheduler::hard_filters(&cand, &demand, &self.policy());
         if r.is_empty() {
             Ok(())
@@ -88,6 +88,7 @@ impl PoolState {
             cpu_features: info.cpu.map(|c| c.features).unwrap_or_default(),
             ip: address_ip(&h.address),
             groups: a.groups,
+            nics: h.nics.clone(),
         }
     }
 
@@ -117,6 +118,22 @@ impl PoolState {
             affinity_group: spec.affinity_group.clone(),
             anti_affinity_group: spec.anti_affinity_group.clone(),
             srs,
+            networks: Vec::new(),
+        }
+    }
+
+    /// What a VM needs: its spec's demand and its VIFs' networks.
+    pub fn vm_demand(&self, vm: &pb::Vm) -> Demand {
+        let spec = vm.spec.clone().unwrap_or_default();
+        let ids: Vec<&str> = vm.vifs.iter().map(|v| v.network_id.as_str()).collect();
+        self.demand_on(&spec, &ids)
+    }
+
+    /// A spec's demand on these networks (ids).
+    pub fn demand_on(&self, spec: &pb::VmSpec, network_ids: &[&str]) -> Demand {
+        Demand {
+            networks: self.network_reach(network_ids.iter().copied()),
+            ..self.demand(spec)
         }
     }
 

@@ -3,7 +3,8 @@
 //!
 //! Layout: the 8-byte magic `POOLSNAP`, a u32 big-endian format version, then one protobuf
 //! message ([`SnapshotV1`]; fields added since version 1 was first written — jobs, VM
-//! snapshots, users, audit — decode as empty from older snapshots, so the version stays).
+//! snapshots, users, audit, networks — decode as empty from older snapshots, so the
+//! version stays).
 //! The persisted type is separate from the runtime
 //! [`PoolState`]: derived data (per-host allocations) is rebuilt on load, not stored.
 
@@ -84,6 +85,8 @@ pub struct SnapshotV1 {
     pub ca_roll: Option<CaRollRecord>,
     #[prost(message, repeated, tag = "22")]
     pub issued: Vec<IssuedRecord>,
+    #[prost(message, repeated, tag = "23")]
+    pub networks: Vec<pb::Network>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -176,6 +179,7 @@ pub fn encode_into(s: &PoolState, out: &mut Vec<u8>) {
         w.message(21, roll);
     }
     s.issued.values().for_each(|x| w.message(22, x));
+    s.networks.values().for_each(|x| w.message(23, x));
     *out = w.0;
 }
 
@@ -326,6 +330,7 @@ pub fn decode(bytes: &[u8]) -> Result<PoolState, SnapshotError> {
         .into_iter()
         .map(|i| (i.identity.clone(), i))
         .collect();
+    s.networks = b.networks.into_iter().map(|n| (n.id.clone(), n)).collect();
     s.join_tokens = b
         .join_tokens
         .into_iter()
@@ -403,6 +408,7 @@ mod tests {
                 }),
                 template_id: String::new(),
                 start_on_host: "h1".into(),
+                vifs: vec![],
             }),
         ];
         for (i, op) in ops.into_iter().enumerate() {
@@ -461,6 +467,7 @@ mod tests {
             join_tokens: s.join_tokens.values().cloned().collect(),
             ca_roll: s.ca_roll.clone(),
             issued: s.issued.values().cloned().collect(),
+            networks: s.networks.values().cloned().collect(),
             tasks: s.task_order.iter().filter_map(|id| s.task(id)).collect(),
             requests: s
                 .request_order

@@ -72,6 +72,7 @@ impl PoolState {
         if self.vms.contains_key(&c.vm_id) {
             return Err(err(Code::AlreadyExists, format!("VM {} exists", c.vm_id)));
         }
+        let vifs = self.new_vifs(&c.vm_id, &c.vifs)?;
         let mut vm = pb::Vm {
             id: c.vm_id.clone(),
             spec: Some(spec),
@@ -80,6 +81,7 @@ impl PoolState {
             template_id: c.template_id.clone(),
             created_at: Some(proto::timestamp(at_ms)),
             last_stop_reason: hpb::StopReason::None as i32,
+            vifs,
             ..Default::default()
         };
         let mut applied = Applied::done(&c.vm_id);

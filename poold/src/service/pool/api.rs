@@ -10,8 +10,8 @@ use tonic::{Request, Response, Status};
 
 use super::authorize::peer_of;
 use super::{
-    PoolHandler, console, hosts, join, members, metrics, roll, settings, storage, tasks, templates,
-    users, vms,
+    PoolHandler, console, hosts, join, members, metrics, networks, roll, settings, storage, tasks,
+    templates, users, vms,
 };
 
 type R<T> = Result<Response<T>, Status>;
@@ -399,6 +399,56 @@ impl PoolService for PoolHandler {
         vms::explain_placement(self, r.into_inner())
             .await
             .map(Response::new)
+    }
+
+    // Guest networks and VIFs.
+
+    async fn create_network(&self, r: Request<pb::CreateNetworkRequest>) -> R<pb::TaskResponse> {
+        let who = self.authorize(&r, "CreateNetwork")?;
+        let res = networks::create(self, &who, r.into_inner()).await;
+        self.done(&who, res)
+    }
+
+    async fn get_network(&self, r: Request<pb::GetNetworkRequest>) -> R<pb::Network> {
+        self.authorize(&r, "GetNetwork")?;
+        networks::get(self, r.into_inner().network_id)
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_networks(
+        &self,
+        r: Request<pb::ListNetworksRequest>,
+    ) -> R<pb::ListNetworksResponse> {
+        self.authorize(&r, "ListNetworks")?;
+        networks::list(self, r.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn destroy_network(&self, r: Request<pb::DestroyNetworkRequest>) -> R<pb::TaskResponse> {
+        let who = self.authorize(&r, "DestroyNetwork")?;
+        let res = networks::destroy(self, &who, r.into_inner()).await;
+        self.done(&who, res)
+    }
+
+    async fn create_vif(&self, r: Request<pb::CreateVifRequest>) -> R<pb::TaskResponse> {
+        let who = self.authorize(&r, "CreateVif")?;
+        let res = networks::create_vif(self, &who, r.into_inner()).await;
+        self.done(&who, res)
+    }
+
+    async fn list_vifs(&self, r: Request<pb::ListVifsRequest>) -> R<pb::ListVifsResponse> {
+        self.authorize(&r, "ListVifs")?;
+        networks::list_vifs(self, r.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn destroy_vif(&self, r: Request<pb::DestroyVifRequest>) -> R<pb::TaskResponse> {
+        let who = self.authorize(&r, "DestroyVif")?;
+        let res = networks::destroy_vif(self, &who, r.into_inner()).await;
+        self.done(&who, res)
     }
 
     type StreamVmConsoleStream = console::ConsoleStream;

@@ -13,7 +13,8 @@
 //! - `request.rs`: required arguments, paging, job refusals as answers.
 //! - one file per resource: `members.rs` (the Raft group), `settings.rs` (pool and HA
 //!   settings), `hosts.rs`, `join.rs` (join tokens and certificates), `metrics.rs`, `storage.rs` (repositories, volumes, volume
-//!   access), `vms.rs` (VMs, their snapshots, placement), `console.rs`, `templates.rs`,
+//!   access), `vms.rs` (VMs, their snapshots, placement), `networks.rs` (guest networks
+//!   and VIFs), `console.rs`, `templates.rs`,
 //!   `tasks.rs`, `users.rs` (users, roles, login, the audit log).
 
 use std::sync::Arc;
@@ -33,6 +34,7 @@ mod hosts;
 mod join;
 mod members;
 mod metrics;
+mod networks;
 mod request;
 mod roll;
 mod settings;

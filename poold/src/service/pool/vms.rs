@@ -27,6 +27,7 @@ pub(super) async fn create(
         return prev.into_status();
     }
     let vm_id = uuid::Uuid::new_v4().to_string();
+    let vifs = super::networks::vifs_on(svc, &r.networks).await?;
     let (spec, template_id) = match r.source {
         Some(pb::create_vm_request::Source::TemplateId(tid)) => {
             let t = svc
@@ -66,6 +67,7 @@ pub(super) async fn create(
                             start: r.start,
                             host_id: r.host_id,
                             request_id: r.request_id.clone(),
+                            vifs,
                         }),
                     )
                     .await;
@@ -79,14 +81,16 @@ pub(super) async fn create(
         ),
     };
     if r.start || !r.host_id.is_empty() {
+        let networks: Vec<&str> = vifs.iter().map(|v| v.network_id.as_str()).collect();
         return svc
             .c
-            .place_and_commit(who, &r.request_id, &spec, &r.host_id, |host| {
+            .place_and_commit(who, &r.request_id, &spec, &networks, &r.host_id, |host| {
                 Op::CreateVm(CreateVm {
                     vm_id: vm_id.clone(),
                     spec: Some(spec.clone()),
                     template_id: template_id.clone(),
                     start_on_host: host,
+                    vifs: vifs.clone(),
                 })
             })
             .await;
@@ -96,6 +100,7 @@ pub(super) async fn create(
         spec: Some(spec),
         template_id,
         start_on_host: String::new(),
+        vifs,
     });
     svc.c.write(who, &r.request_id, op).await
 }
@@ -160,9 +165,10 @@ pub(super) async fn set_power(
         if vm.host_id.is_empty() {
             let spec = vm.spec.clone().unwrap_or_default();
             let vm_id = r.vm_id.clone();
+            let networks: Vec<&str> = vm.vifs.iter().map(|v| v.network_id.as_str()).collect();
             return svc
                 .c
-                .place_and_commit(who, &r.request_id, &spec, &r.host_id, |host| {
+                .place_and_commit(who, &r.request_id, &spec, &networks, &r.host_id, |host| {
                     Op::SetVmPower(SetVmPower {
                         vm_id: vm_id.clone(),
                         desired: desired as i32,
@@ -265,7 +271,6 @@ pub(super) async fn destination(
     if !given.is_empty() {
         return Ok(given.to_owned());
     }
-    let spec = vm.spec.clone().unwrap_or_default();
     svc.c
         .read(|s| {
             let hosts: Vec<_> = s
@@ -273,7 +278,7 @@ pub(super) async fn destination(
                 .into_iter()
                 .filter(|h| h.id != vm.host_id)
                 .collect();
-            scheduler::place(&hosts, &s.demand(&spec), &s.policy())
+            scheduler::place(&hosts, &s.vm_demand(vm), &s.policy())
                 .map(|i| hosts[i].id.clone())
                 .map_err(|u| Status::resource_exhausted(u.to_string()))
         })
@@ -352,18 +357,21 @@ pub(super) async fn explain_placement(
 ) -> Result<pb::ExplainPlacementResponse, Status> {
     svc.c
         .read(|s| {
-            let spec = if !r.vm_id.is_empty() {
-                s.vms
-                    .get(&r.vm_id)
-                    .and_then(|v| v.spec.clone())
-                    .ok_or_else(|| Status::not_found(format!("no VM with id {}", r.vm_id)))?
-            } else {
-                r.spec
-                    .clone()
-                    .ok_or_else(|| Status::invalid_argument("give a vm_id or a spec to place"))?
-            };
+            // A VM's networks count too: a host without an external network's NIC, or
+            // not the host of an internal one, is rejected with the network named.
+            let demand =
+                if !r.vm_id.is_empty() {
+                    s.vms
+                        .get(&r.vm_id)
+                        .map(|v| s.vm_demand(v))
+                        .ok_or_else(|| Status::not_found(format!("no VM with id {}", r.vm_id)))?
+                } else {
+                    s.demand(r.spec.as_ref().ok_or_else(|| {
+                        Status::invalid_argument("give a vm_id or a spec to place")
+                    })?)
+                };
             let hosts = s.candidates();
-            let (best, verdicts) = scheduler::explain(&hosts, &s.demand(&spec), &s.policy());
+            let (best, verdicts) = scheduler::explain(&hosts, &demand, &s.policy());
             Ok(pb::ExplainPlacementResponse {
                 chosen_host_id: best.map(|i| hosts[i].id.clone()).unwrap_or_default(),
                 hosts: verdicts

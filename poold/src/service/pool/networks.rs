@@ -1,0 +1,175 @@
+//! Guest networks and VIFs: creating, listing and destroying them. Names are resolved to
+//! ids here; the state machine checks everything else when the change commits
+//! ([`crate::state::networks`]).
+
+use proto::coordinator as pb;
+use tonic::Status;
+
+use super::PoolHandler;
+use super::request::{need, page};
+use crate::auth::Caller;
+use crate::state::PoolState;
+use crate::state::command::{ObjectId, Op};
+
+fn network_id(s: &PoolState, r: &str) -> Result<String, Status> {
+    s.network_by_ref(r)
+        .map(|n| n.id.clone())
+        .ok_or_else(|| Status::not_found(format!("no network named or with id {r:?}")))
+}
+
+/// One VIF on each named network, in order, for a new VM (MACs and ids come at apply).
+pub(super) async fn vifs_on(svc: &PoolHandler, names: &[String]) -> Result<Vec<pb::Vif>, Status> {
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    svc.c
+        .read(|s| {
+            names
+                .iter()
+                .map(|n| {
+                    Ok(pb::Vif {
+                        network_id: network_id(s, n)?,
+                        ..Default::default()
+                    })
+                })
+                .collect()
+        })
+        .await?
+}
+
+pub(super) async fn create(
+    svc: &PoolHandler,
+    who: &Caller,
+    r: pb::CreateNetworkRequest,
+) -> Result<pb::Task, Status> {
+    need("name", &r.name)?;
+    let host_id = if r.host_id.is_empty() {
+        String::new()
+    } else {
+        // A host's name or id.
+        svc.c
+            .read(|s| {
+                s.hosts
+                    .values()
+                    .find(|h| h.id == r.host_id || h.name == r.host_id)
+                    .map_or(r.host_id.clone(), |h| h.id.clone())
+            })
+            .await?
+    };
+    let op = Op::CreateNetwork(pb::Network {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: r.name,
+        kind: r.kind,
+        nic: r.nic,
+        host_id,
+        vlan: r.vlan,
+        mtu: r.mtu,
+        ..Default::default()
+    });
+    svc.c.write(who, &r.request_id, op).await
+}
+
+pub(super) async fn get(svc: &PoolHandler, id: String) -> Result<pb::Network, Status> {
+    need("network_id", &id)?;
+    svc.c
+        .read(|s| s.network_by_ref(&id).cloned())
+        .await?
+        .ok_or_else(|| Status::not_found(format!("no network named or with id {id:?}")))
+}
+
+pub(super) async fn list(
+    svc: &PoolHandler,
+    r: pb::ListNetworksRequest,
+) -> Result<pb::ListNetworksResponse, Status> {
+    let (networks, next) = svc
+        .c
+        .read(|s| {
+            page(
+                s.networks.iter().map(|(k, v)| (k.clone(), v.clone())),
+                r.page.as_ref(),
+            )
+        })
+        .await?;
+    Ok(pb::ListNetworksResponse {
+        networks,
+        next_page_token: next,
+    })
+}
+
+pub(super) async fn destroy(
+    svc: &PoolHandler,
+    who: &Caller,
+    r: pb::DestroyNetworkRequest,
+) -> Result<pb::Task, Status> {
+    need("network_id", &r.network_id)?;
+    let id = svc.c.read(|s| network_id(s, &r.network_id)).await??;
+    svc.c
+        .write(who, &r.request_id, Op::DestroyNetwork(ObjectId { id }))
+        .await
+}
+
+pub(super) async fn create_vif(
+    svc: &PoolHandler,
+    who: &Caller,
+    r: pb::CreateVifRequest,
+) -> Result<pb::Task, Status> {
+    need("vm_id", &r.vm_id)?;
+    need("network", &r.network)?;
+    let network_id = svc.c.read(|s| network_id(s, &r.network)).await??;
+    let op = Op::CreateVif(pb::Vif {
+        id: uuid::Uuid::new_v4().to_string(),
+        vm_id: r.vm_id,
+        network_id,
+        mac: r.mac,
+        rate_bytes_per_sec: r.rate_bytes_per_sec,
+        rate_packets_per_sec: r.rate_packets_per_sec,
+        ..Default::default()
+    });
+    svc.c.write(who, &r.request_id, op).await
+}
+
+pub(super) async fn list_vifs(
+    svc: &PoolHandler,
+    r: pb::ListVifsRequest,
+) -> Result<pb::ListVifsResponse, Status> {
+    let (vifs, next) = svc
+        .c
+        .read(|s| {
+            let network = if r.network.is_empty() {
+                None
+            } else {
+                Some(network_id(s, &r.network)?)
+            };
+            Ok::<_, Status>(page(
+                s.vms
+                    .values()
+                    .filter(|vm| r.vm_id.is_empty() || vm.id == r.vm_id)
+                    .flat_map(|vm| vm.vifs.iter())
+                    .filter(|v| network.as_ref().is_none_or(|n| *n == v.network_id))
+                    .map(|v| (v.id.clone(), v.clone()))
+                    .collect::<std::collections::BTreeMap<_, _>>()
+                    .into_iter(),
+                r.page.as_ref(),
+            ))
+        })
+        .await??;
+    Ok(pb::ListVifsResponse {
+        vifs,
+        next_page_token: next,
+    })
+}
+
+pub(super) async fn destroy_vif(
+    svc: &PoolHandler,
+    who: &Caller,
+    r: pb::DestroyVifRequest,
+) -> Result<pb::Task, Status> {
+    need("vif_id", &r.vif_id)?;
+    svc.c
+        .write(
+            who,
+            &r.request_id,
+            Op::DestroyVif(ObjectId { id: r.vif_id }),
+        )
+        .await
+}

@@ -1,0 +1,885 @@
+//! The state machine's guest networks and VIFs: creating and destroying networks, the
+//! VIFs of VMs on them, the MACs the pool hands out, and what placement needs to know of
+//! a VM's networks.
+//!
+//! VIFs live in their VM (`Vm.vifs`), so they travel with it through migration, HA
+//! restarts and snapshots of the state. MACs are unique in the pool. One the pool assigns
+//! is `02:pp:pp:xx:xx:xx`: `02` is a locally administered unicast first octet, `pp:pp` the
+//! low 16 bits of the FNV-1a hash of the pool id (so two pools on one LAN rarely share
+//! the prefix), `xx:xx:xx` the low 24 bits of the FNV-1a hash of the VIF id, moved on by
+//! one until free. Both hashes come from the command and the state, so every member
+//! assigns the same MAC.
+
+#![allow(clippy::result_large_err)]
+
+use proto::coordinator as pb;
+use proto::host as hpb;
+use tonic::Code;
+
+use super::command::CommandResult;
+use super::machine::{Applied, PoolState, err};
+use crate::scheduler::NetReach;
+
+/// The default MTU of a network created without one.
+pub const DEFAULT_MTU: u32 = 1500;
+/// The MTUs a network may have.
+pub const MTUS: std::ops::RangeInclusive<u32> = 68..=9000;
+/// 802.1Q tags a network may carry (0 is "untagged", 4095 reserved).
+pub const VLANS: std::ops::RangeInclusive<u32> = 1..=4094;
+
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// A MAC as six bytes from "aa:bb:cc:dd:ee:ff" (or with '-'), case-insensitive.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    let bad = || format!("MAC {s:?} is not six hex octets like 02:00:00:00:00:01");
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (o, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *o = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    Ok(mac)
+}
+
+pub fn format_mac(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A network name: 1-64 of letters, digits, '.', '_' and '-'.
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// A Linux interface name: 1-15 bytes, no '/', ':' or whitespace, not "." or "..".
+fn valid_nic(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() < 16
+        && n != "."
+        && n != ".."
+        && n.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+}
+
+impl PoolState {
+    /// The first three octets of the MACs this pool assigns.
+    pub fn mac_prefix(&self) -> [u8; 3] {
+        let h = fnv1a(self.pool_id.as_bytes());
+        [0x02, (h >> 8) as u8, h as u8]
+    }
+
+    /// Every MAC a VIF of the pool holds.
+    fn macs_in_use(&self) -> std::collections::BTreeSet<String> {
+        self.vms
+            .values()
+            .flat_map(|vm| vm.vifs.iter().map(|v| v.mac.clone()))
+            .collect()
+    }
+
+    /// The network with this id, or else this name.
+    pub fn network_by_ref(&self, r: &str) -> Option<&pb::Network> {
+        self.networks
+            .get(r)
+            .or_else(|| self.networks.values().find(|n| n.name == r))
+    }
+
+    pub(super) fn create_network(
+        &mut self,
+        n: &pb::Network,
+        at_ms: u64,
+    ) -> Result<Applied, CommandResult> {
+        let bad = |m: String| Err(err(Code::InvalidArgument, m));
+        if n.id.is_empty() {
+            return bad("a network needs an id".into());
+        }
+        if !valid_name(&n.name) {
+            return bad(format!(
+                "network name {:?}: use 1-64 letters, digits, '.', '_' or '-'",
+                n.name
+            ));
+        }
+        if self.networks.contains_key(&n.id) {
+            return Err(err(Code::AlreadyExists, format!("network {} exists", n.id)));
+        }
+        if let Some(o) = self.networks.values().find(|o| o.name == n.name) {
+            return Err(err(
+                Code::AlreadyExists,
+                format!("network name {:?} is taken by network {}", n.name, o.id),
+            ));
+        }
+        if n.vlan != 0 && !VLANS.contains(&n.vlan) {
+            return bad(format!("VLAN tag {} is outside 1-4094", n.vlan));
+        }
+        let mtu = if n.mtu == 0 { DEFAULT_MTU } else { n.mtu };
+        if !MTUS.contains(&mtu) {
+            return bad(format!(
+                "MTU {mtu} is outside {}-{}",
+                MTUS.start(),
+                MTUS.end()
+            ));
+        }
+        let mut n = n.clone();
+        n.mtu = mtu;
+        n.created_at = Some(proto::timestamp(at_ms));
+        n.vni = 0;
+        match n.kind() {
+            pb::NetworkKind::External => {
+                if !valid_nic(&n.nic) {
+                    return bad(format!(
+                        "an external network needs a host NIC name (1-15 characters, no '/'), not {:?}",
+                        n.nic
+                    ));
+                }
+                if let Some(o) = self.networks.values().find(|o| {
+                    o.kind() == pb::NetworkKind::External && o.nic == n.nic && o.vlan == n.vlan
+                }) {
+                    return Err(err(
+                        Code::AlreadyExists,
+                        format!(
+                            "network {:?} already bridges NIC {} with VLAN tag {}",
+                            o.name, n.nic, n.vlan
+                        ),
+                    ));
+                }
+                n.host_id.clear();
+            }
+            pb::NetworkKind::Internal => {
+                if !self.hosts.contains_key(&n.host_id) {
+                    return Err(err(
+                        Code::NotFound,
+                        format!(
+                            "an internal network lives on one host of the pool; no host with id {:?}",
+                            n.host_id
+                        ),
+                    ));
+                }
+                n.nic.clear();
+            }
+            pb::NetworkKind::Private => {
+                // The lowest VXLAN id no private network holds.
+                let used: std::collections::BTreeSet<u32> =
+                    self.networks.values().map(|o| o.vni).collect();
+                n.vni = (1..).find(|v| !used.contains(v)).expect("a free VNI");
+                n.nic.clear();
+                n.host_id.clear();
+            }
+            pb::NetworkKind::Unspecified => {
+                return bad("a network's kind is external, private or internal".into());
+            }
+        }
+        self.networks.insert(n.id.clone(), n.clone());
+        Ok(Applied::done(n.id))
+    }
+
+    pub(super) fn destroy_network(&mut self, id: &str) -> Result<Applied, CommandResult> {
+        let n = self
+            .networks
+            .get(id)
+            .ok_or_else(|| err(Code::NotFound, format!("no network with id {id}")))?;
+        if let Some((vm, vif)) = self
+            .vms
+            .values()
+            .find_map(|vm| vm.vifs.iter().find(|v| v.network_id == id).map(|v| (vm, v)))
+        {
+            return Err(err(
+                Code::FailedPrecondition,
+                format!(
+                    "network {:?} is in use by VIF {} of VM {} ({}): destroy the VIF first",
+                    n.name,
+                    vif.id,
+                    vm.id,
+                    vm.spec.as_ref().map_or("", |s| s.name.as_str())
+                ),
+            ));
+        }
+        self.networks.remove(id);
+        Ok(Applied::done(id))
+    }
+
+    /// Checks new VIFs of VM `vm_id` and completes them: the network's name, a MAC where
+    /// none was given, an id `<vm id>-vif<n>` where none was given. Changes nothing.
+    pub(crate) fn new_vifs(
+        &self,
+        vm_id: &str,
+        vifs: &[pb::Vif],
+    ) -> Result<Vec<pb::Vif>, CommandResult> {
+        let mut taken = self.macs_in_use();
+        let mut ids: std::collections::BTreeSet<String> = self
+            .vms
+            .values()
+            .flat_map(|vm| vm.vifs.iter().map(|v| v.id.clone()))
+            .collect();
+        let existing = self.vms.get(vm_id).map_or(0, |vm| vm.vifs.len());
+        let mut out = Vec::with_capacity(vifs.len());
+        for (i, v) in vifs.iter().enumerate() {
+            let net = self.networks.get(&v.network_id).ok_or_else(|| {
+                err(
+                    Code::NotFound,
+                    format!("no network with id {:?}", v.network_id),
+                )
+            })?;
+            for (what, r) in [
+                ("bytes/s", v.rate_bytes_per_sec),
+                ("packets/s", v.rate_packets_per_sec),
+            ] {
+                if r == Some(0) {
+                    return Err(err(
+                        Code::InvalidArgument,
+                        format!(
+                            "a rate limit of 0 {what} would stop the VIF; leave it out for no limit"
+                        ),
+                    ));
+                }
+            }
+            let mut v = v.clone();
+            v.vm_id = vm_id.to_owned();
+            v.network_name = net.name.clone();
+            if v.id.is_empty() {
+                v.id = format!("{vm_id}-vif{}", existing + i);
+            }
+            if !ids.insert(v.id.clone()) {
+                return Err(err(Code::AlreadyExists, format!("VIF {} exists", v.id)));
+            }
+            v.mac = if v.mac.is_empty() {
+                let p = self.mac_prefix();
+                let start = fnv1a(v.id.as_bytes());
+                (0..1u32 << 24)
+                    .map(|k| {
+                        let x = start.wrapping_add(k);
+                        format_mac([p[0], p[1], p[2], (x >> 16) as u8, (x >> 8) as u8, x as u8])
+                    })
+                    .find(|m| !taken.contains(m))
+                    .ok_or_else(|| err(Code::ResourceExhausted, "the pool's MAC prefix is full"))?
+            } else {
+                let m = parse_mac(&v.mac).map_err(|e| err(Code::InvalidArgument, e))?;
+                if m[0] & 1 == 1 {
+                    return Err(err(
+                        Code::InvalidArgument,
+                        format!(
+                            "MAC {} is a multicast address; a VIF needs a unicast one (even first octet)",
+                            v.mac
+                        ),
+                    ));
+                }
+                if m == [0; 6] {
+                    return Err(err(
+                        Code::InvalidArgument,
+                        "MAC 00:00:00:00:00:00 is not an address",
+                    ));
+                }
+                let m = format_mac(m);
+                if taken.contains(&m) {
+                    return Err(err(
+                        Code::AlreadyExists,
+                        format!("MAC {m} is already used by another VIF of the pool"),
+                    ));
+                }
+                m
+            };
+            taken.insert(v.mac.clone());
+            out.push(v);
+        }
+        Ok(out)
+    }
+
+    fn stopped_vm(&self, vm_id: &str, what: &str) -> Result<&pb::Vm, CommandResult> {
+        let vm = self
+            .vms
+            .get(vm_id)
+            .ok_or_else(|| err(Code::NotFound, format!("no VM with id {vm_id}")))?;
+        let stopped = vm.desired_power_state() == hpb::PowerState::Stopped
+            && vm.power_state() == hpb::PowerState::Stopped
+            && vm.host_id.is_empty();
+        if !stopped {
+            return Err(err(
+                Code::FailedPrecondition,
+                format!(
+                    "VM {vm_id} is {}: {what} only while it is stopped (shut it down first)",
+                    vm.power_state().as_str_name()
+                ),
+            ));
+        }
+        Ok(vm)
+    }
+
+    pub(super) fn create_vif(&mut self, v: &pb::Vif) -> Result<Applied, CommandResult> {
+        if v.id.is_empty() {
+            return Err(err(Code::InvalidArgument, "a VIF needs an id"));
+        }
+        self.stopped_vm(&v.vm_id, "VIFs are added")?;
+        let vif = self
+            .new_vifs(&v.vm_id, std::slice::from_ref(v))?
+            .pop()
+            .expect("one VIF");
+        let vm = self.vms.get_mut(&v.vm_id).expect("checked above");
+        vm.vifs.push(vif);
+        Ok(Applied::done(&v.id))
+    }
+
+    pub(super) fn destroy_vif(&mut self, id: &str) -> Result<Applied, CommandResult> {
+        let vm_id = self
+            .vms
+            .values()
+            .find(|vm| vm.vifs.iter().any(|v| v.id == id))
+            .map(|vm| vm.id.clone())
+            .ok_or_else(|| err(Code::NotFound, format!("no VIF with id {id}")))?;
+        self.stopped_vm(&vm_id, "VIFs are removed")?;
+        let vm = self.vms.get_mut(&vm_id).expect("found above");
+        vm.vifs.retain(|v| v.id != id);
+        Ok(Applied::done(id))
+    }
+
+    /// What a host must offer for these networks to reach a VM on it.
+    pub fn network_reach<'a>(
+        &self,
+        network_ids: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<NetReach> {
+        let mut out: Vec<NetReach> = Vec::new();
+        for id in network_ids {
+            let Some(n) = self.networks.get(id) else {
+                continue;
+            };
+            if out.iter().any(|r| r.network == n.name) {
+                continue;
+            }
+            let need = match n.kind() {
+                pb::NetworkKind::External => Some(NetNeed::Nic(n.nic.clone())),
+                pb::NetworkKind::Internal => Some(NetNeed::Host(n.host_id.clone())),
+                _ => None,
+            };
+            if let Some(need) = need {
+                out.push(NetReach {
+                    network: n.name.clone(),
+                    need,
+                });
+            }
+        }
+        out
+    }
+}
+
+pub use crate::scheduler::NetNeed;
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::state::command::*;
+
+    fn apply(s: &mut PoolState, op: Op) -> CommandResult {
+        let n = s.applied_index + 1;
+        s.apply(
+            n,
+            &Command {
+                request_id: format!("r{n}"),
+                at_ms: 1000 + n,
+                task_id: format!("t{n}"),
+                op: Some(op),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn ok(s: &mut PoolState, op: Op) {
+        let r = apply(s, op);
+        assert_eq!(r.code, 0, "{}", r.message);
+    }
+
+    /// Applies `op`, which must be refused with `code` and a message containing `says`,
+    /// and checks that it changed no object.
+    fn refused(s: &mut PoolState, op: Op, code: Code, says: &str) {
+        let before = s.clone_without_history();
+        let r = apply(s, op);
+        assert_eq!(r.code, code as i32, "{}", r.message);
+        assert!(r.message.contains(says), "{:?} lacks {says:?}", r.message);
+        let mut after = s.clone_without_history();
+        after.applied_index = before.applied_index;
+        assert_eq!(after, before, "a refused command changed the state");
+    }
+
+    fn net(id: &str, kind: pb::NetworkKind) -> pb::Network {
+        pb::Network {
+            id: id.into(),
+            name: id.into(),
+            kind: kind as i32,
+            nic: if kind == pb::NetworkKind::External {
+                "eth1".into()
+            } else {
+                String::new()
+            },
+            host_id: if kind == pb::NetworkKind::Internal {
+                "h1".into()
+            } else {
+                String::new()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn on(network: &str) -> pb::Vif {
+        pb::Vif {
+            network_id: network.into(),
+            ..Default::default()
+        }
+    }
+
+    fn vm(id: &str, vifs: Vec<pb::Vif>) -> Op {
+        Op::CreateVm(CreateVm {
+            vm_id: id.into(),
+            spec: Some(pb::VmSpec {
+                name: id.into(),
+                vcpus: 1,
+                memory_bytes: 64 << 20,
+                ..Default::default()
+            }),
+            vifs,
+            ..Default::default()
+        })
+    }
+
+    fn host(s: &mut PoolState, id: &str, nics: &[&str]) {
+        ok(
+            s,
+            Op::JoinHost(JoinHost {
+                host_id: id.into(),
+                name: id.into(),
+                address: format!("10.0.0.{}:7000", s.hosts.len() + 1),
+            }),
+        );
+        ok(
+            s,
+            Op::HostReport(HostReport {
+                host_id: id.into(),
+                info: Some(hpb::HostInfo {
+                    memory_total_bytes: 8 << 30,
+                    logical_cpus: 4,
+                    ..Default::default()
+                }),
+                nics: nics.iter().map(|n| n.to_string()).collect(),
+                nics_known: true,
+                ..Default::default()
+            }),
+        );
+    }
+
+    /// A pool with hosts h1 (NICs eth0, eth1) and h2 (eth0) and one network of each kind.
+    fn pool() -> PoolState {
+        let mut s = PoolState::new("pool-a", BTreeMap::new());
+        host(&mut s, "h1", &["eth0", "eth1"]);
+        host(&mut s, "h2", &["eth0"]);
+        for (id, kind) in [
+            ("ext", pb::NetworkKind::External),
+            ("priv", pb::NetworkKind::Private),
+            ("int", pb::NetworkKind::Internal),
+        ] {
+            ok(&mut s, Op::CreateNetwork(net(id, kind)));
+        }
+        s
+    }
+
+    #[test]
+    fn networks_are_created_with_defaults_and_a_vni_for_private_ones() {
+        let mut s = pool();
+        assert_eq!(s.networks["ext"].mtu, DEFAULT_MTU);
+        assert_eq!(s.networks["priv"].vni, 1);
+        assert_eq!(s.networks["ext"].vni, 0);
+        let mut p2 = net("priv2", pb::NetworkKind::Private);
+        p2.mtu = 9000;
+        p2.vlan = 4094;
+        ok(&mut s, Op::CreateNetwork(p2));
+        assert_eq!(
+            (s.networks["priv2"].vni, s.networks["priv2"].mtu),
+            (2, 9000)
+        );
+        // The same NIC with another tag is another network.
+        let mut tagged = net("ext10", pb::NetworkKind::External);
+        tagged.vlan = 10;
+        ok(&mut s, Op::CreateNetwork(tagged));
+        assert_eq!(s.network_by_ref("ext10").unwrap().vlan, 10);
+        assert!(s.network_by_ref("nope").is_none());
+    }
+
+    #[test]
+    fn bad_networks_are_refused_and_change_nothing() {
+        let mut s = pool();
+        let with = |f: &dyn Fn(&mut pb::Network)| {
+            let mut n = net("new", pb::NetworkKind::External);
+            n.nic = "eth2".into();
+            f(&mut n);
+            Op::CreateNetwork(n)
+        };
+        let cases: Vec<(Op, Code, &str)> = vec![
+            (
+                with(&|n| n.name = "ext".into()),
+                Code::AlreadyExists,
+                "name \"ext\" is taken",
+            ),
+            (
+                with(&|n| n.vlan = 4095),
+                Code::InvalidArgument,
+                "VLAN tag 4095 is outside 1-4094",
+            ),
+            (
+                with(&|n| n.vlan = 70000),
+                Code::InvalidArgument,
+                "outside 1-4094",
+            ),
+            (with(&|n| n.mtu = 20000), Code::InvalidArgument, "MTU 20000"),
+            (
+                with(&|n| n.name = "bad name".into()),
+                Code::InvalidArgument,
+                "network name",
+            ),
+            (
+                with(&|n| n.nic = String::new()),
+                Code::InvalidArgument,
+                "host NIC",
+            ),
+            (
+                with(&|n| n.nic = "eth1".into()),
+                Code::AlreadyExists,
+                "already bridges NIC eth1",
+            ),
+            (
+                with(&|n| n.kind = pb::NetworkKind::Unspecified as i32),
+                Code::InvalidArgument,
+                "external, private or internal",
+            ),
+            (
+                with(&|n| {
+                    n.kind = pb::NetworkKind::Internal as i32;
+                    n.host_id = "h9".into();
+                }),
+                Code::NotFound,
+                "no host with id \"h9\"",
+            ),
+        ];
+        for (op, code, says) in cases {
+            refused(&mut s, op, code, says);
+        }
+    }
+
+    #[test]
+    fn the_pool_assigns_unique_macs_from_its_prefix_and_checks_given_ones() {
+        let mut s = pool();
+        ok(&mut s, vm("a", vec![on("ext"), on("priv"), on("priv")]));
+        let vifs = s.vms["a"].vifs.clone();
+        assert_eq!(vifs.len(), 3);
+        let p = s.mac_prefix();
+        assert_eq!(p[0], 0x02, "locally administered, unicast");
+        for (i, v) in vifs.iter().enumerate() {
+            assert_eq!(v.id, format!("a-vif{i}"));
+            assert_eq!(v.vm_id, "a");
+            let m = parse_mac(&v.mac).unwrap();
+            assert_eq!(m[..3], p, "{}", v.mac);
+        }
+        assert_eq!(vifs[1].network_name, "priv");
+        let macs: std::collections::BTreeSet<_> = vifs.iter().map(|v| &v.mac).collect();
+        assert_eq!(macs.len(), 3);
+        // Another pool's prefix differs.
+        assert_ne!(PoolState::new("pool-b", BTreeMap::new()).mac_prefix(), p);
+
+        // A given MAC: unicast and unique, kept as written in lower case.
+        let given = |mac: &str| pb::Vif {
+            mac: mac.into(),
+            ..on("ext")
+        };
+        ok(&mut s, vm("b", vec![given("0A:00:27:00:00:01")]));
+        assert_eq!(s.vms["b"].vifs[0].mac, "0a:00:27:00:00:01");
+        let taken = vifs[0].mac.to_uppercase();
+        refused(
+            &mut s,
+            vm("c", vec![given(&taken)]),
+            Code::AlreadyExists,
+            "already used",
+        );
+        refused(
+            &mut s,
+            vm("c", vec![given("0a:00:27:00:00:01")]),
+            Code::AlreadyExists,
+            "already used",
+        );
+        refused(
+            &mut s,
+            vm("c", vec![given("01:00:5e:00:00:01")]),
+            Code::InvalidArgument,
+            "multicast",
+        );
+        refused(
+            &mut s,
+            vm("c", vec![given("02:00:00:00:01")]),
+            Code::InvalidArgument,
+            "six hex octets",
+        );
+        refused(
+            &mut s,
+            vm(
+                "c",
+                vec![given("02:00:00:00:00:01"), given("02:00:00:00:00:01")],
+            ),
+            Code::AlreadyExists,
+            "already used",
+        );
+        refused(
+            &mut s,
+            vm("c", vec![on("nope")]),
+            Code::NotFound,
+            "no network with id \"nope\"",
+        );
+        let zero = |f: fn(&mut pb::Vif)| {
+            let mut v = on("ext");
+            f(&mut v);
+            vm("c", vec![v])
+        };
+        refused(
+            &mut s,
+            zero(|v| v.rate_bytes_per_sec = Some(0)),
+            Code::InvalidArgument,
+            "rate limit of 0 bytes/s",
+        );
+        refused(
+            &mut s,
+            zero(|v| v.rate_packets_per_sec = Some(0)),
+            Code::InvalidArgument,
+            "rate limit of 0 packets/s",
+        );
+        ok(&mut s, zero(|v| v.rate_packets_per_sec = Some(1000)));
+        assert_eq!(s.vms["c"].vifs[0].rate_packets_per_sec, Some(1000));
+    }
+
+    #[test]
+    fn vifs_change_only_on_a_stopped_vm_and_keep_their_network() {
+        let mut s = pool();
+        ok(&mut s, vm("a", vec![]));
+        let vif = |id: &str, network: &str| {
+            Op::CreateVif(pb::Vif {
+                id: id.into(),
+                vm_id: "a".into(),
+                ..on(network)
+            })
+        };
+        ok(&mut s, vif("v1", "ext"));
+        assert_eq!(s.vms["a"].vifs[0].id, "v1");
+        refused(
+            &mut s,
+            vif("v1", "priv"),
+            Code::AlreadyExists,
+            "VIF v1 exists",
+        );
+        refused(
+            &mut s,
+            Op::CreateVif(pb::Vif {
+                id: "v9".into(),
+                vm_id: "ghost".into(),
+                ..on("ext")
+            }),
+            Code::NotFound,
+            "no VM with id ghost",
+        );
+        refused(
+            &mut s,
+            Op::DestroyNetwork(ObjectId { id: "ext".into() }),
+            Code::FailedPrecondition,
+            "in use by VIF v1 of VM a",
+        );
+        // Started on h1: no VIF comes or goes until it stops.
+        ok(
+            &mut s,
+            Op::SetVmPower(SetVmPower {
+                vm_id: "a".into(),
+                desired: hpb::PowerState::Running as i32,
+                host_id: "h1".into(),
+                ..Default::default()
+            }),
+        );
+        refused(
+            &mut s,
+            vif("v2", "priv"),
+            Code::FailedPrecondition,
+            "only while it is stopped",
+        );
+        refused(
+            &mut s,
+            Op::DestroyVif(ObjectId { id: "v1".into() }),
+            Code::FailedPrecondition,
+            "only while it is stopped",
+        );
+        ok(
+            &mut s,
+            Op::SetVmPower(SetVmPower {
+                vm_id: "a".into(),
+                desired: hpb::PowerState::Stopped as i32,
+                ..Default::default()
+            }),
+        );
+        ok(
+            &mut s,
+            Op::HostReport(HostReport {
+                host_id: "h1".into(),
+                vms: vec![ReportedVm {
+                    vm_id: "a".into(),
+                    power_state: hpb::PowerState::Stopped as i32,
+                    last_stop_reason: 0,
+                }],
+                ..Default::default()
+            }),
+        );
+        ok(&mut s, Op::DestroyVif(ObjectId { id: "v1".into() }));
+        assert!(s.vms["a"].vifs.is_empty());
+        refused(
+            &mut s,
+            Op::DestroyVif(ObjectId { id: "v1".into() }),
+            Code::NotFound,
+            "no VIF with id v1",
+        );
+        ok(&mut s, Op::DestroyNetwork(ObjectId { id: "ext".into() }));
+        refused(
+            &mut s,
+            Op::DestroyNetwork(ObjectId { id: "ext".into() }),
+            Code::NotFound,
+            "no network",
+        );
+    }
+
+    #[test]
+    fn placement_needs_the_nic_of_an_external_network_and_the_host_of_an_internal_one() {
+        let mut s = pool();
+        ok(&mut s, vm("a", vec![on("ext")]));
+        ok(&mut s, vm("b", vec![on("int"), on("priv")]));
+        ok(&mut s, vm("c", vec![on("priv")]));
+        let start = |vm: &str, host: &str| {
+            Op::SetVmPower(SetVmPower {
+                vm_id: vm.into(),
+                desired: hpb::PowerState::Running as i32,
+                host_id: host.into(),
+                ..Default::default()
+            })
+        };
+        refused(
+            &mut s,
+            start("a", "h2"),
+            Code::Aborted,
+            "network: ext is bridged onto NIC eth1, which the host lacks",
+        );
+        refused(
+            &mut s,
+            start("b", "h2"),
+            Code::Aborted,
+            "network: int is internal to host h1",
+        );
+        // What ExplainPlacement shows: only h1 can take a or b; c goes anywhere.
+        let verdicts = |s: &PoolState, vm: &str| {
+            let (_, v) =
+                crate::scheduler::explain(&s.candidates(), &s.vm_demand(&s.vms[vm]), &s.policy());
+            v.into_iter()
+                .map(|v| {
+                    (
+                        v.host_id.clone(),
+                        v.rejections
+                            .iter()
+                            .map(|r| r.to_string())
+                            .collect::<Vec<_>>(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let a = verdicts(&s, "a");
+        assert!(a[0].1.is_empty(), "{a:?}");
+        assert!(a[1].1.iter().any(|r| r.contains("NIC eth1")), "{a:?}");
+        assert!(verdicts(&s, "c").iter().all(|(_, r)| r.is_empty()));
+        ok(&mut s, start("a", "h1"));
+        ok(&mut s, start("c", "h2"));
+        // A heartbeat that does not know the NICs (the leader's poll) keeps them; one that
+        // does replaces them.
+        let report = |nics: &[&str], known: bool| {
+            Op::HostReport(HostReport {
+                host_id: "h2".into(),
+                nics: nics.iter().map(|n| n.to_string()).collect(),
+                nics_known: known,
+                ..Default::default()
+            })
+        };
+        ok(&mut s, report(&[], false));
+        assert_eq!(s.hosts["h2"].nics, ["eth0"]);
+        ok(&mut s, report(&["eth0", "eth1"], true));
+        assert_eq!(s.hosts["h2"].nics, ["eth0", "eth1"]);
+        assert!(verdicts(&s, "a").iter().all(|(_, r)| r.is_empty()));
+    }
+
+    #[test]
+    fn vifs_survive_a_snapshot_and_a_clone_gets_new_macs() {
+        let mut s = pool();
+        ok(&mut s, vm("a", vec![on("ext"), on("priv")]));
+        let back = crate::state::snapshot::decode(&crate::state::snapshot::encode(&s)).unwrap();
+        assert_eq!(back, s);
+        assert_eq!(back.vms["a"].vifs, s.vms["a"].vifs);
+        assert_eq!(back.networks, s.networks);
+        // A clone's CreateVm effect carries the source's VIFs; each gets a new MAC, and a
+        // network destroyed meanwhile is left out.
+        let mut gone = s.vms["a"].vifs.clone();
+        gone.push(on("vanished"));
+        let j = Job {
+            spec: Some(JobSpec::CloneVm(CloneVmJob {
+                vm_id: "b".into(),
+                source_id: "a".into(),
+                name: "b".into(),
+            })),
+            ..Default::default()
+        };
+        let n = s.applied_index + 1;
+        let r = s.apply(
+            n,
+            &Command {
+                task_id: "clone".into(),
+                at_ms: 5000,
+                op: Some(Op::StartJob(j)),
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.code, 0, "{}", r.message);
+        let spec = s.vms["a"].spec.clone();
+        ok(
+            &mut s,
+            Op::FinishJob(FinishJob {
+                task_id: "clone".into(),
+                effects: vec![Effect {
+                    kind: Some(EffectKind::CreateVm(CreateVm {
+                        vm_id: "b".into(),
+                        spec,
+                        vifs: gone
+                            .iter()
+                            .map(|v| pb::Vif {
+                                network_id: v.network_id.clone(),
+                                ..Default::default()
+                            })
+                            .collect(),
+                        ..Default::default()
+                    })),
+                }],
+                ..Default::default()
+            }),
+        );
+        let (a, b) = (&s.vms["a"].vifs, &s.vms["b"].vifs);
+        assert_eq!(b.len(), 2);
+        for (x, y) in a.iter().zip(b) {
+            assert_eq!(x.network_id, y.network_id);
+            assert_ne!(x.mac, y.mac);
+            assert_eq!(y.vm_id, "b");
+        }
+    }
+}
