@@ -337,6 +337,8 @@ impl<H: HostService> Agent<H> {
             metrics,
             vms,
             sequence: self.sequence,
+            nics: host_nics(std::path::Path::new("/sys/class/net")),
+            nics_known: true,
         };
         let auth = self.coordinators.auth.clone();
         let res = self
@@ -490,6 +492,32 @@ impl<H: HostService> Agent<H> {
 
 /// The wait after `failures` failed heartbeats in a row: the interval, doubled each time,
 /// at most [`MAX_BACKOFF`].
+/// The NICs an external network can be bridged onto, from `sys_class_net`
+/// (`/sys/class/net`): every interface but loopback, bridges, taps and VXLAN devices
+/// (those are what hosts make for networks themselves). Sorted; empty when unreadable.
+pub fn host_nics(sys_class_net: &std::path::Path) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(sys_class_net) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = dir
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let p = e.path();
+            let uevent = std::fs::read_to_string(p.join("uevent")).unwrap_or_default();
+            let kind = |k: &str| uevent.lines().any(|l| l == format!("DEVTYPE={k}"));
+            let made_by_hosts = name == "lo"
+                || p.join("bridge").exists()
+                || p.join("tun_flags").exists()
+                || kind("bridge")
+                || kind("vxlan");
+            (!made_by_hosts).then_some(name)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 pub fn backoff(interval: Duration, failures: u32) -> Duration {
     let doubled = interval.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
     doubled.min(MAX_BACKOFF.max(interval))
@@ -498,6 +526,31 @@ pub fn backoff(interval: Duration, failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nics_leave_out_loopback_bridges_taps_and_vxlan() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = |name: &str, uevent: &str, marker: Option<&str>| {
+            let d = dir.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            std::fs::write(d.join("uevent"), uevent).unwrap();
+            if let Some(m) = marker {
+                std::fs::create_dir(d.join(m)).unwrap();
+            }
+        };
+        dev("lo", "INTERFACE=lo\nIFINDEX=1\n", None);
+        dev("eth0", "INTERFACE=eth0\nIFINDEX=2\n", None);
+        dev(
+            "br-net1",
+            "DEVTYPE=bridge\nINTERFACE=br-net1\n",
+            Some("bridge"),
+        );
+        dev("tap3", "INTERFACE=tap3\n", Some("tun_flags"));
+        dev("vx5", "DEVTYPE=vxlan\nINTERFACE=vx5\n", None);
+        dev("veth-a", "INTERFACE=veth-a\n", None);
+        assert_eq!(host_nics(dir.path()), ["eth0", "veth-a"]);
+        assert!(host_nics(&dir.path().join("missing")).is_empty());
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {
