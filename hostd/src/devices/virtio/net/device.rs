@@ -170,3 +170,323 @@ impl Drop for Net {
         self.reset();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use virtio_queue::QueueT;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::devices::IrqLine;
+    use crate::devices::virtio::net::frame::{MacAddr, VNET_HDR_LEN, Vlan, VnetHdr};
+    use crate::devices::virtio::net::test_utils::{DriverQueue, TestTap, mem};
+    use crate::devices::virtio::net::{DEFAULT_MTU, RateLimit};
+    use crate::devices::virtio::{INT_VRING, VirtioInterrupt};
+    use crate::vmm::GuestRam;
+
+    const MAC: MacAddr = MacAddr([0x02, 0x50, 0, 0, 0, 7]);
+    const PEER: MacAddr = MacAddr([0x02, 0x50, 0, 0, 0, 8]);
+    /// Where frames the test queues for TX are written, 32 slots of 64 KiB.
+    const TX_DATA: u64 = 0x10_0000;
+    const RX_DATA: u64 = 0x30_0000;
+
+    /// A device activated on a test tap with the driver's side of its queues.
+    struct Rig {
+        mem: GuestRam,
+        rx: DriverQueue,
+        tx: DriverQueue,
+        kicks: [EventFd; 2],
+        interrupt: Arc<VirtioInterrupt>,
+        net: Net,
+        nic: Nic,
+        net_side: TestTap,
+        slot: u64,
+    }
+
+    impl Rig {
+        fn new(acked: u64, rate: RateLimit, vlan: Option<Vlan>) -> Rig {
+            let net_side = TestTap::new();
+            let nic = Nic::new("eth0", net_side.tap.clone(), MAC, DEFAULT_MTU, rate, vlan).unwrap();
+            let mem = mem();
+            let (rx, tx) = (DriverQueue::new(16, 0x1000), DriverQueue::new(64, 0x2000));
+            let kicks = [0, 1].map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap());
+            let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::new(5).unwrap()));
+            let mut net = Net::new(nic.clone());
+            net.activate(ActivateContext {
+                mem: mem.clone(),
+                queues: vec![rx.queue(), tx.queue()],
+                kicks: kicks.iter().map(|k| k.try_clone().unwrap()).collect(),
+                interrupt: interrupt.clone(),
+                acked_features: acked,
+            })
+            .unwrap();
+            Rig {
+                mem,
+                rx,
+                tx,
+                kicks,
+                interrupt,
+                net,
+                nic,
+                net_side,
+                slot: 0,
+            }
+        }
+
+        /// Queues `frame` for TX behind `hdr`, header and frame in two descriptors.
+        fn send(&mut self, hdr: VnetHdr, frame: &[u8]) {
+            let at = TX_DATA + self.slot * 0x1_0000;
+            self.slot = (self.slot + 1) % 32;
+            self.mem
+                .write_slice(&hdr.to_bytes(), GuestAddress(at))
+                .unwrap();
+            self.mem
+                .write_slice(frame, GuestAddress(at + 0x100))
+                .unwrap();
+            self.tx.add(
+                &self.mem,
+                &[
+                    (at, VNET_HDR_LEN as u32, false),
+                    (at + 0x100, frame.len() as u32, false),
+                ],
+            );
+            self.kicks[TX_QUEUE].write(1).unwrap();
+        }
+
+        /// Posts RX buffer `i` of 2 KiB and tells the device.
+        fn post_rx(&mut self, i: u64) {
+            let at = RX_DATA + i * 0x800;
+            self.rx.add(&self.mem, &[(at, 0x800, true)]);
+            self.kicks[RX_QUEUE].write(1).unwrap();
+        }
+
+        /// The offload header and frame of RX buffer `i`, `len` bytes of it.
+        fn rx_buffer(&self, i: u64, len: u32) -> (VnetHdr, Vec<u8>) {
+            let mut b = vec![0u8; len as usize];
+            self.mem
+                .read_slice(&mut b, GuestAddress(RX_DATA + i * 0x800))
+                .unwrap();
+            let hdr = VnetHdr::from_bytes(b[..VNET_HDR_LEN].try_into().unwrap());
+            (hdr, b[VNET_HDR_LEN..].to_vec())
+        }
+    }
+
+    /// An IPv4/UDP frame from `src` carrying `payload` (checksums left zero).
+    fn udp(src: MacAddr, payload: &[u8]) -> Vec<u8> {
+        let mut f = PEER.0.to_vec();
+        f.extend_from_slice(&src.0);
+        f.extend_from_slice(&[0x08, 0x00]);
+        let total = (20 + 8 + payload.len()) as u16;
+        f.extend_from_slice(&[
+            0x45,
+            0,
+            (total >> 8) as u8,
+            total as u8,
+            0,
+            0,
+            0x40,
+            0,
+            64,
+            17,
+        ]);
+        f.extend_from_slice(&[0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+        let udp_len = (8 + payload.len()) as u16;
+        f.extend_from_slice(&[
+            0x30,
+            0x39,
+            0x30,
+            0x3a,
+            (udp_len >> 8) as u8,
+            udp_len as u8,
+            0,
+            0,
+        ]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn plain() -> VnetHdr {
+        VnetHdr::default()
+    }
+
+    const ACKED: u64 = FEATURES & !VIRTIO_F_RING_EVENT_IDX & !VIRTIO_F_RING_INDIRECT_DESC;
+
+    #[test]
+    fn frames_cross_a_real_tap_both_ways_and_forged_ones_stay_behind() {
+        let mut r = Rig::new(ACKED, RateLimit::default(), None);
+        // TX: a plain frame, a forged one, then one asking for a partial checksum.
+        let first = udp(MAC, b"hello from the guest");
+        r.send(plain(), &first);
+        r.send(plain(), &udp(PEER, b"forged"));
+        let csum = VnetHdr {
+            flags: crate::devices::virtio::net::frame::VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            csum_start: 34,
+            csum_offset: 6,
+            ..plain()
+        };
+        let third = udp(MAC, b"checksum this");
+        r.send(csum, &third);
+        let seen = r.net_side.recv().expect("the first frame on the tap");
+        assert_eq!(seen.frame, first);
+        assert_eq!(seen.vlan, None);
+        let seen = r.net_side.recv().expect("the third frame on the tap");
+        assert_eq!(seen.frame, third, "the forged frame never reached the tap");
+        // The kernel kept the checksum partial, where the guest said it goes.
+        assert_eq!(seen.hdr[0], 1, "NEEDS_CSUM");
+        assert_eq!(u16::from_le_bytes([seen.hdr[6], seen.hdr[7]]), 34);
+        assert_eq!(u16::from_le_bytes([seen.hdr[8], seen.hdr[9]]), 6);
+        let used = r.tx.wait_used(&r.mem, 3);
+        assert_eq!(used, vec![(0, 0), (2, 0), (4, 0)]);
+        assert_ne!(r.interrupt.status() & INT_VRING, 0);
+        // RX: a frame the network sends arrives whole behind a one-buffer header.
+        r.post_rx(0);
+        let inbound = udp(PEER, b"hello from the network");
+        r.net_side.send([0; 10], &inbound);
+        let used = r.rx.wait_used(&r.mem, 1);
+        assert_eq!(used, vec![(0, (VNET_HDR_LEN + inbound.len()) as u32)]);
+        let (hdr, frame) = r.rx_buffer(0, used[0].1);
+        assert_eq!(frame, inbound);
+        assert_eq!(hdr.num_buffers, 1);
+        let s = r.nic.metrics.snapshot();
+        assert_eq!((s.tx_packets, s.tx_spoofed, s.tx_dropped), (2, 1, 1));
+        assert_eq!(s.tx_bytes, (first.len() + third.len()) as u64);
+        assert_eq!((s.rx_packets, s.rx_bytes), (1, inbound.len() as u64));
+        assert_eq!((s.invalid, s.rx_dropped, s.tx_errors), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_frame_waits_for_a_buffer_and_offloads_follow_what_the_guest_acked() {
+        // Without GUEST_CSUM the kernel completes a partial checksum before we see it.
+        let mut r = Rig::new(ACKED & !VIRTIO_NET_F_GUEST_CSUM, RateLimit::default(), None);
+        let partial = [1, 0, 0, 0, 0, 0, 34, 0, 6, 0];
+        let inbound = udp(PEER, b"no buffer yet");
+        r.net_side.send(partial, &inbound);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(r.rx.used(&r.mem).is_empty());
+        r.post_rx(1);
+        let used = r.rx.wait_used(&r.mem, 1);
+        assert_eq!(used.len(), 1, "the frame waited for the buffer");
+        let (hdr, frame) = r.rx_buffer(1, used[0].1);
+        assert_eq!(hdr.flags & 1, 0, "no partial checksum for this guest");
+        assert_ne!(
+            &frame[40..42],
+            &[0, 0],
+            "the kernel filled in the UDP checksum"
+        );
+        drop(r);
+        // With it the checksum is left to the guest, and the header says where.
+        let mut r = Rig::new(ACKED, RateLimit::default(), None);
+        r.post_rx(0);
+        r.net_side.send(partial, &inbound);
+        let used = r.rx.wait_used(&r.mem, 1);
+        let (hdr, frame) = r.rx_buffer(0, used[0].1);
+        assert_eq!((hdr.flags & 1, hdr.csum_start, hdr.csum_offset), (1, 34, 6));
+        assert_eq!(frame, inbound);
+    }
+
+    #[test]
+    fn a_vlan_vif_tags_what_it_sends_and_takes_only_its_own_tag() {
+        let v = Vlan::new(42).unwrap();
+        let mut r = Rig::new(ACKED, RateLimit::default(), Some(v));
+        let out = udp(MAC, b"tag me");
+        r.send(plain(), &out);
+        let seen = r.net_side.recv().expect("the frame on the tap");
+        assert_eq!((seen.frame, seen.vlan), (out, Some(42)));
+        r.nic.announce().unwrap();
+        let seen = r.net_side.recv().expect("the announcement");
+        assert_eq!(&seen.frame[12..14], &[0x80, 0x35]);
+        assert_eq!(seen.vlan, Some(42));
+        r.post_rx(0);
+        let inbound = udp(PEER, b"for vlan 42");
+        let tagged = |id: u16| {
+            let mut f = inbound[..12].to_vec();
+            f.extend_from_slice(&Vlan::new(u32::from(id)).unwrap().tag_bytes());
+            f.extend_from_slice(&inbound[12..]);
+            f
+        };
+        r.net_side.send([0; 10], &tagged(43));
+        r.net_side.send([0; 10], &inbound);
+        r.net_side.send([0; 10], &tagged(42));
+        let used = r.rx.wait_used(&r.mem, 1);
+        let (_, frame) = r.rx_buffer(0, used[0].1);
+        assert_eq!(frame, inbound, "delivered untagged");
+        let s = r.nic.metrics.snapshot();
+        assert_eq!((s.rx_packets, s.rx_dropped, s.announces), (1, 2, 1));
+    }
+
+    #[test]
+    fn the_rate_limit_delays_frames_and_drops_none() {
+        // 200 packets/s: a 20-packet burst, then one every 5 ms.
+        let rate = RateLimit::new(None, Some(200)).unwrap();
+        let mut r = Rig::new(ACKED, rate, None);
+        let started = Instant::now();
+        for i in 0..30u8 {
+            r.send(plain(), &udp(MAC, &[i; 20]));
+        }
+        for i in 0..30u8 {
+            let seen = r.net_side.recv().expect("every frame arrives");
+            assert_eq!(&seen.frame[42..], &[i; 20], "in order");
+        }
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(45), "{took:?}");
+        assert_eq!(r.tx.wait_used(&r.mem, 30).len(), 30);
+        let s = r.nic.metrics.snapshot();
+        assert_eq!((s.tx_packets, s.tx_dropped), (30, 0));
+        assert!(s.tx_throttled >= 1);
+    }
+
+    #[test]
+    fn malformed_chains_are_counted_and_returned_and_the_worker_goes_on() {
+        let mut r = Rig::new(ACKED, RateLimit::default(), None);
+        // A TX chain with a device-writable buffer, one too short, one outside memory,
+        // and a header asking for segmentation with ECN, which is not offered.
+        r.tx.add(&r.mem, &[(TX_DATA, 12, false), (TX_DATA + 0x100, 60, true)]);
+        r.tx.add(&r.mem, &[(TX_DATA, 20, false)]);
+        r.tx.add(&r.mem, &[(TX_DATA, 12, false), (0x1000_0000, 60, false)]);
+        let gso = VnetHdr {
+            flags: 1,
+            gso_type: 0x81,
+            gso_size: 1000,
+            csum_start: 34,
+            csum_offset: 16,
+            ..plain()
+        };
+        r.send(gso, &udp(MAC, &[0; 100]));
+        r.kicks[TX_QUEUE].write(1).unwrap();
+        assert_eq!(r.tx.wait_used(&r.mem, 4).len(), 4);
+        // An RX buffer the device may not write is handed back empty; the frame takes
+        // the next one.
+        r.rx.add(&r.mem, &[(RX_DATA, 0x800, false)]);
+        r.post_rx(1);
+        let inbound = udp(PEER, b"after a bad buffer");
+        r.net_side.send([0; 10], &inbound);
+        let used = r.rx.wait_used(&r.mem, 2);
+        assert_eq!(used[0], (0, 0));
+        let (_, frame) = r.rx_buffer(1, used[1].1);
+        assert_eq!(frame, inbound);
+        let s = r.nic.metrics.snapshot();
+        assert_eq!((s.invalid, s.tx_packets, s.rx_packets), (5, 0, 1));
+        // Still serving: a good frame goes out.
+        let good = udp(MAC, b"still here");
+        r.send(plain(), &good);
+        assert_eq!(r.net_side.recv().unwrap().frame, good);
+        // A driver whose available index runs past its ring: counted, and the worker
+        // waits for the next kick instead of spinning (it still stops when told).
+        let avail_idx = GuestAddress(0x2000 + 16 * 64 + 2);
+        r.mem.write_obj(1000u16, avail_idx).unwrap();
+        r.kicks[TX_QUEUE].write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while r.nic.metrics.snapshot().invalid == 5 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(r.nic.metrics.snapshot().invalid, 6);
+        // The queues come back where the device left them.
+        let queues = r.net.quiesce();
+        assert_eq!(queues.len(), 2);
+        assert_eq!(queues[TX_QUEUE].next_avail(), 5);
+        assert_eq!(queues[RX_QUEUE].next_avail(), 2);
+    }
+}

@@ -241,11 +241,13 @@ impl Handler {
             return;
         }
         let mut used = false;
+        let mut retried = false;
         loop {
             if let Err(e) = self.tx.disable_notification(&self.mem) {
                 tracing::warn!(nic = %self.nic.id, error = %e, "virtio-net TX queue");
                 return;
             }
+            let mut popped = false;
             loop {
                 let head = match self.tx_deferred.take() {
                     Some(head) => head,
@@ -253,6 +255,7 @@ impl Handler {
                         let Some(chain) = self.tx.pop_descriptor_chain(&self.mem) else {
                             break;
                         };
+                        popped = true;
                         let head = chain.head_index();
                         let descs: Vec<Desc> = chain.map(Desc::from).collect();
                         if !self.prepare_tx(&descs) {
@@ -283,7 +286,19 @@ impl Handler {
                 used = true;
             }
             match self.tx.enable_notification(&self.mem) {
-                Ok(true) => continue,
+                Ok(true) if popped || !retried => {
+                    // A chain that came after the ring was found empty is popped on the
+                    // next round.
+                    retried = !popped;
+                    continue;
+                }
+                Ok(true) => {
+                    // The driver says there is more, yet twice nothing could be popped:
+                    // its ring is broken. Wait for its next kick rather than spin.
+                    self.nic.metrics.invalid();
+                    tracing::warn!(nic = %self.nic.id, "virtio-net TX ring index is not valid");
+                    break;
+                }
                 Ok(false) => break,
                 Err(e) => {
                     tracing::warn!(nic = %self.nic.id, error = %e, "virtio-net TX queue");

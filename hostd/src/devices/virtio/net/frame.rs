@@ -382,7 +382,8 @@ pub struct Ingress<'a> {
 }
 
 impl Ingress<'_> {
-    pub fn len(&self) -> usize {
+    /// Bytes the guest's buffer takes: header and frame.
+    pub fn buffer_len(&self) -> usize {
         VNET_HDR_LEN + self.head.len() + self.tail.len()
     }
 }
@@ -681,7 +682,7 @@ mod tests {
         assert_eq!([i.head, i.tail].concat(), plain);
         assert_eq!(i.hdr.csum_start, 34);
         assert_eq!(i.hdr.num_buffers, 1);
-        assert_eq!(i.len(), 12 + plain.len());
+        assert_eq!(i.buffer_len(), 12 + plain.len());
         // Priority bits do not matter; another id, an untagged frame or a runt does.
         tagged[14] |= 0xe0;
         assert!(ingress(h, &tagged, Some(v)).is_ok());

@@ -94,10 +94,8 @@ impl Tap {
         };
         let size = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int; `size` outlives the call.
-        tap.check(
-            unsafe { libc::ioctl(fd, libc::TUNSETVNETHDRSZ, &size) },
-            "TUNSETVNETHDRSZ",
-        )?;
+        let r = unsafe { libc::ioctl(fd, libc::TUNSETVNETHDRSZ, &size) };
+        tap.check(r, "TUNSETVNETHDRSZ")?;
         tap.set_offload(0)?;
         Ok(tap)
     }

@@ -132,6 +132,12 @@ fn check(r: libc::c_int, what: &str) {
     assert!(r >= 0, "{what}: {}", std::io::Error::last_os_error());
 }
 
+impl Default for TestTap {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl TestTap {
     pub fn new() -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
