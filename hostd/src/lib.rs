@@ -26,6 +26,7 @@ pub mod console;
 pub mod devices;
 pub mod host;
 pub mod migration;
+pub mod network;
 pub mod service;
 pub mod supervisor;
 pub mod testguest;
