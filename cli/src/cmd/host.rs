@@ -51,6 +51,7 @@ pub async fn run(ctl: &mut Ctl, command: HostCommand) -> anyhow::Result<()> {
                 "MEMORY USED",
                 "MEMORY",
                 "HEARTBEAT",
+                "NICS",
             ]);
             for h in hosts {
                 let total = h.info.as_ref().map_or(0, |i| i.memory_total_bytes);
@@ -63,6 +64,7 @@ pub async fn run(ctl: &mut Ctl, command: HostCommand) -> anyhow::Result<()> {
                     human_bytes(h.memory_allocated_bytes).into(),
                     human_bytes(total).into(),
                     ts(&h.last_heartbeat_at).into(),
+                    h.nics.join(",").into(),
                 ]);
             }
             ctl.print(&t);

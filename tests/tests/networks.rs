@@ -1,0 +1,356 @@
+//! Guest networks and VIFs in a real pool (three `poold`, two `hostd` that heartbeat their
+//! NICs, one `storaged`), driven through `poolctl`: networks of each kind, VMs with VIFs
+//! whose MACs the pool assigns and keeps through a live migration, placement that refuses
+//! a host without a network's NIC, and bad input refused with a clear error and no change.
+
+use std::time::Duration;
+
+use e2e_tests::pool::{Pool, field, guest_elf, guest_vm};
+use e2e_tests::{poolctl, text, wait_for};
+
+/// The NICs a host on this machine reports: what `/sys/class/net` has, without loopback,
+/// bridges, taps and VXLAN devices (the hosts share this machine's network namespace).
+fn machine_nics() -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .expect("/sys/class/net")
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let p = e.path();
+            let uevent = std::fs::read_to_string(p.join("uevent")).unwrap_or_default();
+            e.file_name() != "lo"
+                && !p.join("bridge").exists()
+                && !p.join("tun_flags").exists()
+                && !uevent.contains("DEVTYPE=vxlan")
+                && !uevent.contains("DEVTYPE=bridge")
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    out.sort();
+    out
+}
+
+/// The JSON line of `name` in a `*-list --json` output.
+fn line_of(json: &str, name: &str) -> String {
+    json.lines()
+        .find(|l| l.contains(&format!("\"name\": \"{name}\"")))
+        .unwrap_or_else(|| panic!("{name} listed: {json}"))
+        .to_owned()
+}
+
+/// The JSON line of a `*-list --json` output that contains `needle`.
+fn line_with(json: &str, needle: &str) -> String {
+    json.lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("{needle} listed: {json}"))
+        .to_owned()
+}
+
+/// A `poolctl` call that must fail, saying `says`, and leave the networks, VIFs and VMs
+/// as they were.
+fn refused(pool: &Pool, args: &[&str], says: &str) {
+    // Every row but its relative creation time ("3s ago").
+    let state = || {
+        ["network-list", "vif-list", "vm-list"]
+            .map(|verb| pool.ctl(&[verb, "--json"]))
+            .join("")
+            .lines()
+            .map(|l| l.split(", \"created\"").next().unwrap_or(l).to_owned())
+            .collect::<Vec<_>>()
+    };
+    let before = state();
+    let o = poolctl(&pool.p, args);
+    assert!(
+        !o.status.success(),
+        "poolctl {args:?} succeeded: {}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains(says),
+        "poolctl {args:?} should say {says:?}: {}",
+        text(&o)
+    );
+    assert_eq!(state(), before, "poolctl {args:?} changed the pool");
+}
+
+#[test]
+fn networks_vifs_macs_and_placement_through_poolctl() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::start(dir.path(), 2);
+    pool.wait_hosts_enabled();
+
+    // Every host reports this machine's NICs with its heartbeats.
+    let nics = machine_nics();
+    assert!(
+        !nics.is_empty(),
+        "this machine has no NIC but loopback, bridges, taps or VXLAN devices"
+    );
+    let hosts = wait_for(Duration::from_secs(20), || {
+        let h = pool.ctl(&["host-list", "--json"]);
+        h.lines()
+            .filter(|l| l.contains("\"nics\": \"") && !l.contains("\"nics\": \"\""))
+            .count()
+            .eq(&2)
+            .then_some(h)
+    })
+    .unwrap_or_else(|| panic!("both hosts report NICs\n{}", pool.logs()));
+    let h1 = line_of(&hosts, "h1");
+    let h2_id = field(&line_of(&hosts, "h2"), "id");
+    assert_eq!(field(&h1, "nics"), nics.join(","), "{h1}");
+    let nic = &nics[0];
+
+    pool.ctl(&["network-create", "lan", "--kind", "external", "--nic", nic]);
+    pool.ctl(&[
+        "network-create",
+        "lan10",
+        "--kind",
+        "external",
+        "--nic",
+        nic,
+        "--vlan",
+        "10",
+    ]);
+    pool.ctl(&[
+        "network-create",
+        "priv",
+        "--kind",
+        "private",
+        "--mtu",
+        "1400",
+    ]);
+    pool.ctl(&[
+        "network-create",
+        "lab",
+        "--kind",
+        "internal",
+        "--host",
+        "h2",
+    ]);
+    pool.ctl(&[
+        "network-create",
+        "far",
+        "--kind",
+        "external",
+        "--nic",
+        "nosuchnic0",
+    ]);
+    let nets = pool.ctl(&["network-list", "--json"]);
+    let priv_ = line_of(&nets, "priv");
+    assert!(priv_.contains("\"kind\": \"private\""), "{priv_}");
+    assert!(
+        priv_.contains("\"vni\": 1,") && priv_.contains("\"mtu\": 1400,"),
+        "{priv_}"
+    );
+    let lan10 = line_of(&nets, "lan10");
+    assert!(
+        lan10.contains("\"vlan\": 10,") && lan10.contains("\"mtu\": 1500,"),
+        "{lan10}"
+    );
+    assert_eq!(field(&line_of(&nets, "lab"), "host"), h2_id);
+
+    // Bad networks: each a clear error, nothing changed.
+    refused(
+        &pool,
+        &["network-create", "lan", "--kind", "private"],
+        "is taken",
+    );
+    for tag in ["4095", "5000"] {
+        refused(
+            &pool,
+            &[
+                "network-create",
+                "v",
+                "--kind",
+                "external",
+                "--nic",
+                nic,
+                "--vlan",
+                tag,
+            ],
+            "outside 1-4094",
+        );
+    }
+    refused(
+        &pool,
+        &[
+            "network-create",
+            "lan-again",
+            "--kind",
+            "external",
+            "--nic",
+            nic,
+        ],
+        "already bridges NIC",
+    );
+    refused(
+        &pool,
+        &[
+            "network-create",
+            "lab2",
+            "--kind",
+            "internal",
+            "--host",
+            "nosuchhost",
+        ],
+        "no host named \"nosuchhost\"",
+    );
+
+    // A running VM on two networks, each VIF with a MAC from the pool's prefix.
+    let img = dir.path().join("sr1.img").display().to_string();
+    pool.ctl(&[
+        "sr-create",
+        "sr1",
+        &pool.storaged.addr,
+        "--file",
+        &img,
+        "--size",
+        "256M",
+    ]);
+    pool.ctl(&["vdi-create", "web-disk", "--sr", "sr1", "--size", "16M"]);
+    let elf = guest_elf(dir.path());
+    pool.ctl(&guest_vm(
+        "web",
+        "web-disk",
+        &elf,
+        "mode=heartbeat hb_ms=200",
+        &["--network", "priv", "--network", "lan", "--start"],
+    ));
+    let web = pool.wait_vm("web", "\"power\": \"running\"", Duration::from_secs(60));
+    let vifs = field(&web, "vifs");
+    let macs: Vec<&str> = vifs
+        .split(',')
+        .map(|v| v.split('=').nth(1).unwrap())
+        .collect();
+    assert!(
+        vifs.starts_with("priv=02:") && vifs.contains(",lan=02:"),
+        "{web}"
+    );
+    assert_ne!(macs[0], macs[1]);
+    assert_eq!(macs[0][..8], macs[1][..8], "one pool prefix: {vifs}");
+    let listed = pool.ctl(&["vif-list", "--vm", "web", "--json"]);
+    assert_eq!(listed.matches("\"id\":").count(), 2, "{listed}");
+
+    // A running VM's VIFs stay as they are; the network under them stays too.
+    refused(
+        &pool,
+        &["vif-create", "web", "lab"],
+        "only while it is stopped",
+    );
+    let vif_id = field(&line_with(&listed, "\"network\": \"lan\""), "id");
+    refused(&pool, &["vif-destroy", &vif_id], "only while it is stopped");
+    refused(&pool, &["network-destroy", "lan"], "in use by VIF");
+
+    // Live migration keeps every MAC.
+    let from = field(&web, "host");
+    let to = if from == h2_id { "h1" } else { "h2" };
+    pool.ctl(&["vm-migrate", "web", "--host", to]);
+    let moved = wait_for(Duration::from_secs(60), || {
+        pool.vm("web")
+            .filter(|l| field(l, "host") != from && l.contains("\"power\": \"running\""))
+    })
+    .unwrap_or_else(|| panic!("web moved off {from}\n{}", pool.logs()));
+    assert_eq!(
+        field(&moved, "vifs"),
+        vifs,
+        "MACs kept through the migration"
+    );
+
+    // Stopped VMs: a VIF given a MAC, and the bad VIFs.
+    pool.ctl(&["vm-create", "pinned", "--memory", "64M", "--network", "lab"]);
+    pool.ctl(&[
+        "vif-create",
+        "pinned",
+        "priv",
+        "--mac",
+        "0A:00:27:00:00:07",
+        "--rate-packets",
+        "5000",
+    ]);
+    let pinned = pool.ctl(&["vif-list", "--vm", "pinned", "--json"]);
+    assert!(
+        pinned.contains("\"mac\": \"0a:00:27:00:00:07\""),
+        "{pinned}"
+    );
+    assert!(pinned.contains("5000"), "{pinned}");
+    refused(
+        &pool,
+        &["vif-create", "pinned", "lan", "--mac", macs[0]],
+        "already used",
+    );
+    refused(
+        &pool,
+        &["vif-create", "pinned", "lan", "--mac", "01:00:5e:00:00:01"],
+        "multicast",
+    );
+    refused(
+        &pool,
+        &["vif-create", "pinned", "lan", "--rate-bytes", "0"],
+        "rate limit of 0",
+    );
+    refused(
+        &pool,
+        &["vif-create", "pinned", "nosuchnet"],
+        "no network named \"nosuchnet\"",
+    );
+    refused(
+        &pool,
+        &[
+            "vm-create",
+            "orphan",
+            "--memory",
+            "64M",
+            "--network",
+            "nosuchnet",
+        ],
+        "no network named \"nosuchnet\"",
+    );
+
+    // An internal network pins its VMs to its host; ExplainPlacement names the network.
+    let explain = pool.ctl(&["vm-explain", "pinned", "--json"]);
+    let rejected = explain
+        .lines()
+        .find(|l| l.contains("\"eligible\": false"))
+        .unwrap_or_else(|| panic!("one host rejected: {explain}"));
+    assert!(
+        rejected.contains("network: lab is internal to host"),
+        "{explain}"
+    );
+    assert_eq!(
+        explain.matches("\"eligible\": true").count(),
+        1,
+        "{explain}"
+    );
+
+    // A network whose NIC no host has: the VM cannot start, and says why.
+    pool.ctl(&[
+        "vm-create",
+        "faraway",
+        "--memory",
+        "64M",
+        "--network",
+        "far",
+    ]);
+    refused(
+        &pool,
+        &["vm-start", "faraway"],
+        "NIC nosuchnic0, which the host lacks",
+    );
+    let explain = pool.ctl(&["vm-explain", "faraway", "--json"]);
+    assert_eq!(
+        explain
+            .matches("NIC nosuchnic0, which the host lacks")
+            .count(),
+        2,
+        "{explain}"
+    );
+
+    // A clone has VIFs on the same networks with MACs of its own.
+    pool.ctl(&["vm-clone", "pinned", "pinned2"]);
+    let clone = pool.ctl(&["vif-list", "--vm", "pinned2", "--json"]);
+    assert_eq!(clone.matches("\"id\":").count(), 2, "{clone}");
+    assert!(!clone.contains("0a:00:27:00:00:07"), "{clone}");
+
+    // Once no VIF is on it, a network goes.
+    pool.ctl(&["vm-destroy", "faraway"]);
+    pool.ctl(&["network-destroy", "far"]);
+    assert!(!pool.ctl(&["network-list"]).contains("far"));
+}
