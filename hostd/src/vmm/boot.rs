@@ -136,6 +136,14 @@ pub fn boot_gdt(entry: Entry) -> [u64; 4] {
     ]
 }
 
+/// Where a real-mode CPU starts after a reset, F000:FFF0: Linux jumps there to restart
+/// "through the BIOS", its last resort and its first choice on hardware-reduced ACPI
+/// without EFI (it takes `reboot=efi`, which falls through to the BIOS). There is no BIOS,
+/// so the stub there asks the keyboard controller for a reset, which restarts the VM.
+const RESET_VECTOR: u64 = 0xf_fff0;
+/// `mov al, 0xfe; out 0x64, al; hlt; jmp $-1` (back to the hlt).
+const RESET_STUB: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+
 fn mem_err(e: vm_memory::GuestMemoryError) -> BootError {
     BootError::GuestMemory(e)
 }
@@ -236,6 +244,8 @@ pub fn load(
     };
 
     mem.write_slice(&mptable::build(EBDA_START, vcpus), GuestAddress(EBDA_START))
+        .map_err(mem_err)?;
+    mem.write_slice(&RESET_STUB, GuestAddress(RESET_VECTOR))
         .map_err(mem_err)?;
     for (addr, bytes) in acpi::build(vcpus, virtio)? {
         mem.write_slice(&bytes, GuestAddress(addr))
