@@ -12,9 +12,9 @@ use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use kvm_bindings::{
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs, kvm_clock_data,
-    kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs,
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
@@ -225,12 +225,42 @@ pub fn restore_kvm_vm(vm: &VmFd, s: &KvmVmState) -> Result<(), PersistError> {
         vm.set_irqchip(chip).map_err(vm_err("KVM_SET_IRQCHIP"))?;
     }
     vm.set_pit2(&s.pit).map_err(vm_err("KVM_SET_PIT2"))?;
-    // Only the clock value: the flags KVM_GET_CLOCK reports are not all settable.
-    let clock = kvm_clock_data {
-        clock: s.clock.clock,
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let clock = clock_to_restore(&s.clock, now);
+    match vm.set_clock(&clock) {
+        // A kernel older than 5.16 (the source's was newer) knows no KVM_CLOCK_REALTIME.
+        Err(e) if e.errno() == libc::EINVAL && clock.flags != 0 => vm.set_clock(&kvm_clock_data {
+            clock: clock.clock,
+            ..Default::default()
+        }),
+        other => other,
+    }
+    .map_err(vm_err("KVM_SET_CLOCK"))
+}
+
+/// The most a guest's clock moves on across a restore: the VM was paused between hosts
+/// for its downtime; a larger gap means the two hosts' wall clocks disagree.
+const MAX_CLOCK_ADVANCE_NS: u64 = 10_000_000_000;
+
+/// What to give KVM_SET_CLOCK for a saved clock, at wall time `now_ns`. When the source
+/// said when it read the clock (`KVM_CLOCK_REALTIME`), KVM advances the guest's clock by
+/// the time since, so the guest does not fall behind by the downtime; capped, and never
+/// backwards (KVM ignores a saved time in the future). The other flags KVM_GET_CLOCK
+/// reports are not settable.
+fn clock_to_restore(saved: &kvm_clock_data, now_ns: u64) -> kvm_clock_data {
+    let mut clock = kvm_clock_data {
+        clock: saved.clock,
         ..Default::default()
     };
-    vm.set_clock(&clock).map_err(vm_err("KVM_SET_CLOCK"))
+    if saved.flags & KVM_CLOCK_REALTIME != 0 && saved.realtime != 0 {
+        clock.flags = KVM_CLOCK_REALTIME;
+        clock.realtime = saved
+            .realtime
+            .max(now_ns.saturating_sub(MAX_CLOCK_ADVANCE_NS));
+    }
+    clock
 }
 
 impl Vm {
@@ -301,5 +331,49 @@ impl Vm {
             devices,
             memory: Vec::new(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn saved(flags: u32, realtime: u64) -> kvm_clock_data {
+        kvm_clock_data {
+            clock: 5_000,
+            flags,
+            realtime,
+            host_tsc: 77,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_restored_clock_moves_on_by_the_wall_time_since_it_was_read() {
+        let now = 100_000_000_000;
+        let c = clock_to_restore(&saved(KVM_CLOCK_REALTIME | 2, now - 300_000_000), now);
+        assert_eq!(
+            (c.clock, c.flags, c.realtime),
+            (5_000, KVM_CLOCK_REALTIME, now - 300_000_000)
+        );
+        assert_eq!(c.host_tsc, 0, "only the settable fields");
+    }
+
+    #[test]
+    fn a_restored_clock_moves_on_by_at_most_the_cap() {
+        let now = 100_000_000_000;
+        let c = clock_to_restore(&saved(KVM_CLOCK_REALTIME, 1), now);
+        assert_eq!(c.realtime, now - MAX_CLOCK_ADVANCE_NS);
+        // A source whose wall clock is ahead: KVM does not move the clock back.
+        let ahead = clock_to_restore(&saved(KVM_CLOCK_REALTIME, now + 1_000), now);
+        assert_eq!(ahead.realtime, now + 1_000);
+    }
+
+    #[test]
+    fn a_clock_saved_without_its_wall_time_is_restored_as_it_was() {
+        let c = clock_to_restore(&saved(2, 0), 100);
+        assert_eq!((c.clock, c.flags, c.realtime), (5_000, 0, 0));
+        let c = clock_to_restore(&saved(KVM_CLOCK_REALTIME, 0), 100);
+        assert_eq!((c.clock, c.flags), (5_000, 0));
     }
 }
