@@ -294,14 +294,15 @@ impl Reconciler {
         now: Instant,
     ) -> Vec<(Step, Result<(), ActionError>)> {
         let steps = plan(state, reported);
+        let keys: BTreeSet<Step> = steps.iter().map(pacing_key).collect();
         self.recent
-            .retain(|s, at| steps.contains(s) && now.duration_since(*at) < Self::RETRY_AFTER);
+            .retain(|s, at| keys.contains(s) && now.duration_since(*at) < Self::RETRY_AFTER);
         let due: Vec<Step> = steps
             .into_iter()
-            .filter(|s| !self.recent.contains_key(s))
+            .filter(|s| !self.recent.contains_key(&pacing_key(s)))
             .collect();
         for s in &due {
-            self.recent.insert(s.clone(), now);
+            self.recent.insert(pacing_key(s), now);
         }
         // Hosts act at once; one slow host does not hold up the others.
         let runs = due.into_iter().map(|s| {
@@ -313,6 +314,22 @@ impl Reconciler {
             }
         });
         join_all(runs).await
+    }
+}
+
+/// What pacing counts as the same action. Booting a VM is one action whether it is a
+/// Create or a Start: a report the host sent while the boot was in flight shows the VM
+/// defined but stopped, and must not make the next round boot it again (a Start destroys
+/// the definition first, which would kill the VM that is booting).
+fn pacing_key(s: &Step) -> Step {
+    match &s.action {
+        Action::Start { vm_id } => Step {
+            action: Action::Create {
+                vm_id: vm_id.clone(),
+            },
+            ..s.clone()
+        },
+        _ => s.clone(),
     }
 }
 
@@ -743,5 +760,48 @@ mod tests {
                 .is_empty()
         );
         let _ = Op::DestroyVm(ObjectId::default());
+    }
+
+    #[tokio::test]
+    async fn a_vm_booting_is_not_booted_again_on_a_report_sent_meanwhile() {
+        let hosts = Arc::new(FakeHosts::default());
+        let mut rec = Reconciler::new(hosts.clone());
+        let s = state_with(&[("vm1", "h1", P::Running)]);
+        let t0 = Instant::now();
+        let r = rec.round(&s, &reported(&[]), t0).await;
+        assert!(matches!(
+            r[..],
+            [(
+                Step {
+                    action: Action::Create { .. },
+                    ..
+                },
+                Ok(())
+            )]
+        ));
+        // The host's next report was made while the VM process was starting: defined,
+        // stopped. Booting it again (a Start) would destroy the VM that is booting.
+        let stopped = reported(&[("h1", "vm1", P::Stopped)]);
+        let r = rec.round(&s, &stopped, t0 + Duration::from_secs(1)).await;
+        assert!(r.is_empty(), "{r:?}");
+        // A VM still stopped after the retry window is started.
+        let r = rec
+            .round(
+                &s,
+                &stopped,
+                t0 + Reconciler::RETRY_AFTER + Duration::from_secs(1),
+            )
+            .await;
+        assert!(matches!(
+            r[..],
+            [(
+                Step {
+                    action: Action::Start { .. },
+                    ..
+                },
+                Ok(())
+            )]
+        ));
+        assert_eq!(hosts.calls.lock().unwrap().len(), 2);
     }
 }
