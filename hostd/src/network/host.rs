@@ -15,10 +15,13 @@ pub struct PeerChange {
     pub removed: Vec<IpAddr>,
 }
 
-/// This host's side of the pool's networks (see the module docs).
+/// This host's side of the pool's networks (see the module docs). Shareable (`Send +
+/// Sync`); its changes run one at a time, so two VMs starting on one network at once do
+/// not both create its bridge.
 pub struct HostNetworks {
     netlink: Netlink,
     config: HostNetConfig,
+    changes: tokio::sync::Mutex<()>,
 }
 
 fn find<'a>(devices: &'a [Device], name: &str) -> Option<&'a Device> {
@@ -62,6 +65,7 @@ impl HostNetworks {
         Ok(HostNetworks {
             netlink: Netlink::open()?,
             config,
+            changes: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -78,6 +82,7 @@ impl HostNetworks {
     /// call [`Self::set_private_peers`] after this.
     pub async fn ensure_network(&self, spec: &NetworkSpec) -> Result<String, NetworkError> {
         spec.validate()?;
+        let _serial = self.changes.lock().await;
         let bridge_name = spec.bridge_name();
         let devices = self.netlink.devices().await?;
         let bridge = find(&devices, &bridge_name);
@@ -219,6 +224,7 @@ impl HostNetworks {
         spec: &NetworkSpec,
         peers: &[IpAddr],
     ) -> Result<PeerChange, NetworkError> {
+        let _serial = self.changes.lock().await;
         let (vxlan, local) = self.private_device(spec).await?;
         let mut wanted = Vec::new();
         for &peer in peers {
@@ -293,6 +299,7 @@ impl HostNetworks {
         spec.validate()?;
         names::check_vm_id(vm_id)?;
         let vif = checked_vif(vif_index)?;
+        let _serial = self.changes.lock().await;
         let bridge_name = spec.bridge_name();
         let bridge = self.netlink.device(&bridge_name).await?.ok_or_else(|| {
             NetworkError::NetworkMissing {
@@ -333,6 +340,7 @@ impl HostNetworks {
     /// Removes every tap of `vm_id` on this host; returns their names.
     pub async fn unplug(&self, vm_id: &str) -> Result<Vec<String>, NetworkError> {
         names::check_vm_id(vm_id)?;
+        let _serial = self.changes.lock().await;
         let vm = names::vm_hash(vm_id);
         self.remove_where(|owned| matches!(owned, Owned::Tap { vm: v, .. } if v == vm))
             .await
@@ -341,6 +349,7 @@ impl HostNetworks {
     /// Removes the tap of one VIF of `vm_id`, if it exists; returns whether it did.
     pub async fn unplug_vif(&self, vm_id: &str, vif_index: u16) -> Result<bool, NetworkError> {
         names::check_vm_id(vm_id)?;
+        let _serial = self.changes.lock().await;
         let wanted = Owned::Tap {
             vm: names::vm_hash(vm_id),
             vif: checked_vif(vif_index)?,
@@ -354,6 +363,7 @@ impl HostNetworks {
     /// stays up. Returns whether the network is now absent from this host.
     pub async fn remove_network_if_unused(&self, spec: &NetworkSpec) -> Result<bool, NetworkError> {
         spec.validate()?;
+        let _serial = self.changes.lock().await;
         let devices = self.netlink.devices().await?;
         let vxlan_name = spec.vxlan_name();
         let uplink = match &spec.kind {
@@ -389,6 +399,7 @@ impl HostNetworks {
         known_vms: &[&str],
         known_networks: &[NetworkSpec],
     ) -> Result<Vec<String>, NetworkError> {
+        let _serial = self.changes.lock().await;
         let vms: HashSet<u64> = known_vms.iter().map(|vm| names::vm_hash(vm)).collect();
         let mut removed = self
             .remove_where(|owned| matches!(owned, Owned::Tap { vm, .. } if !vms.contains(&vm)))

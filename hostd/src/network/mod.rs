@@ -288,6 +288,19 @@ mod tests {
         );
     }
 
+    /// `hostd` keeps one in an `Arc` and calls it from spawned tasks.
+    #[allow(dead_code)]
+    fn host_networks_work_from_spawned_tasks(networks: &HostNetworks, spec: &NetworkSpec) {
+        fn send<T: Send>(_: T) {}
+        send(networks.ensure_network(spec));
+        send(networks.set_private_peers(spec, &[]));
+        send(networks.plug_tap(spec, "vm", 0));
+        send(networks.unplug("vm"));
+        send(networks.remove_network_if_unused(spec));
+        send(networks.cleanup_stale(&[], &[]));
+        let _: &(dyn Sync + Send) = networks;
+    }
+
     #[test]
     fn external_networks_share_their_nic_bridge() {
         let a = NetworkSpec {
