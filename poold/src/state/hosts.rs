@@ -96,6 +96,15 @@ impl PoolState {
                 ),
             ));
         }
+        if let Some(n) = self.networks.values().find(|n| n.host_id == id) {
+            return Err(err(
+                Code::FailedPrecondition,
+                format!(
+                    "host {id} holds internal network {:?}; destroy it first",
+                    n.name
+                ),
+            ));
+        }
         self.hosts.remove(id);
         self.alloc.remove(id);
         Ok(Applied::done(id))

@@ -754,6 +754,15 @@ mod tests {
             Code::NotFound,
             "no network",
         );
+        // The host of an internal network stays while the network does.
+        refused(
+            &mut s,
+            Op::RemoveHost(ObjectId { id: "h1".into() }),
+            Code::FailedPrecondition,
+            "holds internal network \"int\"",
+        );
+        ok(&mut s, Op::DestroyNetwork(ObjectId { id: "int".into() }));
+        ok(&mut s, Op::RemoveHost(ObjectId { id: "h1".into() }));
     }
 
     #[test]

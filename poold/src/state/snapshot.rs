@@ -560,6 +560,28 @@ mod tests {
                 not_after_ms: 9,
             },
         );
+        s.networks.insert(
+            "n1".into(),
+            pb::Network {
+                id: "n1".into(),
+                name: "lan".into(),
+                kind: pb::NetworkKind::External as i32,
+                nic: "eth0".into(),
+                vlan: 4094,
+                mtu: 1500,
+                ..Default::default()
+            },
+        );
+        if let Some(vm) = s.vms.values_mut().next() {
+            vm.vifs.push(pb::Vif {
+                id: "vif1".into(),
+                vm_id: vm.id.clone(),
+                network_id: "n1".into(),
+                mac: "02:00:00:00:00:01".into(),
+                rate_packets_per_sec: Some(0),
+                ..Default::default()
+            });
+        }
         let direct = encode(&s);
         assert_eq!(direct, encode_through_a_copy(&s));
         assert_eq!(decode(&direct).unwrap(), s_without_forgotten(s));
