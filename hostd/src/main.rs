@@ -92,6 +92,10 @@ enum Cmd {
         /// A raw disk image; repeat for more disks. Append ",ro" for read-only.
         #[arg(long)]
         disk: Vec<String>,
+        /// A network interface on a tap (made if missing, gone when this exits); repeat
+        /// for more: `tap=NAME,mac=02:00:00:00:00:01[,mtu=N][,vlan=N][,bps=N][,pps=N]`.
+        #[arg(long)]
+        net: Vec<String>,
         /// Print to stderr how long it took from start to the first console byte.
         #[arg(long)]
         time_first_byte: bool,
@@ -134,6 +138,7 @@ fn main() -> anyhow::Result<()> {
             vcpus,
             memory_mib,
             ref disk,
+            ref net,
             time_first_byte,
             boot,
         }) => run_one(
@@ -147,6 +152,7 @@ fn main() -> anyhow::Result<()> {
             vcpus,
             memory_mib,
             disk,
+            net,
             time_first_byte,
         ),
         None => daemon(args),
@@ -202,12 +208,40 @@ extern "C" fn on_stop_signal(_: libc::c_int) {
     STOP_SIGNALS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
 }
 
+/// A `--net` value as the VMM's interface settings (checked where it is opened).
+fn parse_net(id: &str, value: &str) -> anyhow::Result<proto::host::NetConfig> {
+    let mut n = proto::host::NetConfig {
+        id: id.into(),
+        ..Default::default()
+    };
+    for item in value.split(',') {
+        let (key, v) = item
+            .split_once('=')
+            .with_context(|| format!("--net {value:?}: {item:?} is not key=value"))?;
+        let num = || -> anyhow::Result<u64> {
+            v.parse()
+                .with_context(|| format!("--net {value:?}: {key} is not a number"))
+        };
+        match key {
+            "tap" => n.tap = v.into(),
+            "mac" => n.mac = v.into(),
+            "mtu" => n.mtu = u32::try_from(num()?)?,
+            "vlan" => n.vlan = Some(u32::try_from(num()?)?),
+            "bps" => n.rate_bytes_per_sec = Some(num()?),
+            "pps" => n.rate_packets_per_sec = Some(num()?),
+            _ => anyhow::bail!("--net {value:?}: unknown key {key:?}"),
+        }
+    }
+    Ok(n)
+}
+
 fn run_one(
     started: Instant,
     boot: BootSpec,
     vcpus: u32,
     memory_mib: u64,
     disks: &[String],
+    nets: &[String],
     time_first_byte: bool,
 ) -> anyhow::Result<()> {
     let disks = disks
@@ -231,6 +265,14 @@ fn run_one(
         memory_bytes: memory_mib << 20,
         boot,
         disks,
+        nets: nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let config = parse_net(&format!("eth{i}"), n)?;
+                Ok(hostd::supervisor::spec::open_net(&config)?)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?,
         cpuid_mask: Vec::new(),
     };
     let out: Arc<dyn ConsoleOut> = Arc::new(Stdout {

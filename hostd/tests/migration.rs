@@ -50,6 +50,7 @@ fn spec(cmdline: &str, disk: Option<&Path>) -> VmSpec {
                 )]
             })
             .unwrap_or_default(),
+        nets: vec![],
         cpuid_mask: vec![],
     }
 }

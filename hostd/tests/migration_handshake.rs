@@ -32,6 +32,7 @@ fn spec(cmdline: &str) -> VmSpec {
             protocol: BootProtocol::Auto,
         },
         disks: vec![],
+        nets: vec![],
         cpuid_mask: vec![],
     }
 }

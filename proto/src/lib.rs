@@ -206,6 +206,15 @@ mod tests {
                 }],
                 console_buffer_bytes: 65536,
                 labels: HashMap::new(),
+                nets: vec![host::NetConfig {
+                    id: "eth0".into(),
+                    tap: "pnt0123456789a0".into(),
+                    mac: "02:1a:2b:3c:4d:5e".into(),
+                    mtu: 1500,
+                    rate_bytes_per_sec: Some(1 << 20),
+                    rate_packets_per_sec: None,
+                    vlan: Some(42),
+                }],
             }),
             start: true,
         });

@@ -967,6 +967,7 @@ mod tests {
                     protocol: crate::vmm::BootProtocol::Auto,
                 },
                 disks: vec![],
+                nets: vec![],
                 cpuid_mask: vec![],
             },
         };

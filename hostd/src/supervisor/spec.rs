@@ -4,11 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use proto::host::{BootProtocol as ProtoBoot, DiskConfig, VmConfig, disk_config};
+use proto::host::{BootProtocol as ProtoBoot, DiskConfig, NetConfig, VmConfig, disk_config};
 
 use crate::devices::virtio::block::backend::OpenError;
 use crate::devices::virtio::block::iscsi::{self, IscsiBackend, IscsiError, IscsiTarget};
 use crate::devices::virtio::block::{Disk, FileBackend};
+use crate::devices::virtio::net::{
+    DEFAULT_MTU, MacAddr, Nic, NicError, RateLimit, Tap, TapError, Vlan, tap,
+};
 use crate::vmm::{BootProtocol, BootSpec, CpuidRegs, MAX_VCPUS, MIN_MEMORY_BYTES, VmSpec, layout};
 
 /// Largest console history a client may ask for.
@@ -38,8 +41,26 @@ pub enum SpecError {
     Memory { requested: u64, min: u64 },
     #[error("console_buffer_bytes must be at most {max}, not {requested}")]
     ConsoleBuffer { requested: u64, max: u64 },
-    #[error("a VM has at most {max} disks, not {count}")]
+    #[error("a VM has at most {max} disks and network interfaces, not {count}")]
     TooManyDisks { count: usize, max: usize },
+    #[error("network interface {id:?}")]
+    Net {
+        id: String,
+        #[source]
+        source: NicError,
+    },
+    #[error("network interface {id:?}: tap name {tap:?} is not an interface name")]
+    TapName { id: String, tap: String },
+    #[error("network interface {id:?}")]
+    Tap {
+        id: String,
+        #[source]
+        source: TapError,
+    },
+    #[error("network interface id {id:?} is used twice")]
+    DuplicateNet { id: String },
+    #[error("MAC address {mac} is given to two network interfaces")]
+    DuplicateMac { mac: String },
     #[error("disk id {id:?} must be 1 to 20 printable ASCII characters")]
     DiskId { id: String },
     #[error("disk id {id:?} is used twice")]
@@ -202,11 +223,25 @@ fn check(config: &VmConfig, initiator_iqn: &str) -> Result<(), SpecError> {
             max: MAX_CONSOLE_BUFFER,
         });
     }
-    if config.disks.len() > layout::MAX_VIRTIO_DEVICES {
+    let devices = config.disks.len() + config.nets.len();
+    if devices > layout::MAX_VIRTIO_DEVICES {
         return Err(SpecError::TooManyDisks {
-            count: config.disks.len(),
+            count: devices,
             max: layout::MAX_VIRTIO_DEVICES,
         });
+    }
+    let mut macs = Vec::with_capacity(config.nets.len());
+    for (i, n) in config.nets.iter().enumerate() {
+        let (mac, ..) = check_net(n)?;
+        if config.nets[..i].iter().any(|o| o.id == n.id) {
+            return Err(SpecError::DuplicateNet { id: n.id.clone() });
+        }
+        if macs.contains(&mac) {
+            return Err(SpecError::DuplicateMac {
+                mac: mac.to_string(),
+            });
+        }
+        macs.push(mac);
     }
     for (i, d) in config.disks.iter().enumerate() {
         check_disk(d, initiator_iqn)?;
@@ -289,6 +324,42 @@ fn iscsi_target(d: &DiskConfig, initiator_iqn: &str) -> Result<IscsiTarget, Spec
     })
 }
 
+/// A network interface's settings, checked: its MAC, MTU, rate limit and VLAN.
+fn check_net(n: &NetConfig) -> Result<(MacAddr, u16, RateLimit, Option<Vlan>), SpecError> {
+    let err = |source| SpecError::Net {
+        id: n.id.clone(),
+        source,
+    };
+    if !tap::valid_name(&n.tap) {
+        return Err(SpecError::TapName {
+            id: n.id.clone(),
+            tap: n.tap.clone(),
+        });
+    }
+    let mac: MacAddr = n.mac.parse().map_err(err)?;
+    let mtu = match n.mtu {
+        0 => DEFAULT_MTU,
+        mtu => u16::try_from(mtu).map_err(|_| err(NicError::BadMtu { mtu }))?,
+    };
+    let rate = RateLimit::new(n.rate_bytes_per_sec, n.rate_packets_per_sec).map_err(err)?;
+    let vlan = n.vlan.map(Vlan::new).transpose().map_err(err)?;
+    Nic::check(&n.id, mtu).map_err(err)?;
+    Ok((mac, mtu, rate, vlan))
+}
+
+/// Opens a network interface's tap (the host's plumbing made it) and makes the VIF.
+pub fn open_net(n: &NetConfig) -> Result<Nic, SpecError> {
+    let (mac, mtu, rate, vlan) = check_net(n)?;
+    let tap = Tap::open(&n.tap).map_err(|source| SpecError::Tap {
+        id: n.id.clone(),
+        source,
+    })?;
+    Nic::new(n.id.clone(), Arc::new(tap), mac, mtu, rate, vlan).map_err(|source| SpecError::Net {
+        id: n.id.clone(),
+        source,
+    })
+}
+
 fn protocol(p: i32) -> Result<BootProtocol, SpecError> {
     match ProtoBoot::try_from(p) {
         Ok(ProtoBoot::Unspecified | ProtoBoot::Auto) => Ok(BootProtocol::Auto),
@@ -366,6 +437,7 @@ pub fn to_spec(config: &VmConfig, initiator_iqn: &str) -> Result<VmSpec, SpecErr
             .iter()
             .map(|d| opener.open(d))
             .collect::<Result<_, _>>()?,
+        nets: config.nets.iter().map(open_net).collect::<Result<_, _>>()?,
         cpuid_mask: config
             .cpuid_mask
             .iter()
@@ -467,6 +539,84 @@ mod tests {
         if std::path::Path::new("/etc/hostname").exists() {
             assert!(outside(validate(&bad, "", &images).unwrap_err()));
         }
+    }
+
+    fn net(id: &str, tap: &str, mac: &str) -> NetConfig {
+        NetConfig {
+            id: id.into(),
+            tap: tap.into(),
+            mac: mac.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn network_interfaces_are_checked_then_opened_on_their_taps() {
+        let tap = format!("tspec{}", std::process::id() % 100_000);
+        let mut c = config(crate::testguest::ELF_PATH);
+        c.nets.push(NetConfig {
+            mtu: 9000,
+            rate_packets_per_sec: Some(1000),
+            vlan: Some(7),
+            ..net("eth0", &tap, "02:00:00:00:00:01")
+        });
+        let spec = to_spec(&c, "").unwrap();
+        let nic = &spec.nets[0];
+        assert_eq!(nic.tap.name(), tap);
+        assert_eq!(nic.mac.to_string(), "02:00:00:00:00:01");
+        assert_eq!((nic.mtu, nic.vlan.map(|v| v.id())), (9000, Some(7)));
+        assert_eq!(nic.rate.packets_per_s.map(|r| r.get()), Some(1000));
+        assert_eq!(nic.rate.bytes_per_s, None);
+        drop(spec);
+        let bad = |f: &dyn Fn(&mut NetConfig)| {
+            let mut c = c.clone();
+            f(&mut c.nets[0]);
+            validate(&c, "", &anywhere()).unwrap_err()
+        };
+        let nic_error = |e: SpecError| match e {
+            SpecError::Net { source, .. } => source,
+            other => panic!("{other}"),
+        };
+        assert_eq!(
+            nic_error(bad(&|n| n.rate_bytes_per_sec = Some(0))),
+            NicError::ZeroRate { unit: "bytes" }
+        );
+        assert_eq!(
+            nic_error(bad(&|n| n.vlan = Some(4095))),
+            NicError::BadVlan { tag: 4095 }
+        );
+        assert_eq!(
+            nic_error(bad(&|n| n.mac = "01:00:00:00:00:01".into())),
+            NicError::BadMac {
+                mac: "01:00:00:00:00:01".into()
+            }
+        );
+        assert_eq!(
+            nic_error(bad(&|n| n.mtu = 9001)),
+            NicError::BadMtu { mtu: 9001 }
+        );
+        assert_eq!(
+            nic_error(bad(&|n| n.id = String::new())),
+            NicError::BadId { id: String::new() }
+        );
+        assert!(matches!(
+            bad(&|n| n.tap = "../x".into()),
+            SpecError::TapName { .. }
+        ));
+        let mut two = c.clone();
+        two.nets.push(net("eth0", &tap, "02:00:00:00:00:02"));
+        assert!(matches!(
+            validate(&two, "", &anywhere()),
+            Err(SpecError::DuplicateNet { .. })
+        ));
+        two.nets[1].id = "eth1".into();
+        two.nets[1].mac = "02:00:00:00:00:01".into();
+        assert!(matches!(
+            validate(&two, "", &anywhere()),
+            Err(SpecError::DuplicateMac { .. })
+        ));
+        two.nets[1].mac = "02:00:00:00:00:02".into();
+        validate(&two, "", &anywhere()).unwrap();
     }
 
     #[test]

@@ -24,9 +24,10 @@ use crate::devices::i8042::I8042;
 use crate::devices::rtc::Rtc;
 use crate::devices::serial::SerialDevice;
 use crate::devices::speaker::PcSpeaker;
-use crate::devices::virtio::VirtioInterrupt;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::net::Net;
+use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 
 fn dev_err(device: &str) -> impl FnOnce(std::io::Error) -> VmError + '_ {
     move |source| VmError::Device {
@@ -142,10 +143,10 @@ impl Vm {
             }
             .into());
         }
-        if snapshot.devices.virtio.len() != spec.disks.len() {
+        if snapshot.devices.virtio.len() != spec.disks.len() + spec.nets.len() {
             return Err(PersistError::DeviceCount {
                 have: snapshot.devices.virtio.len(),
-                want: spec.disks.len(),
+                want: spec.disks.len() + spec.nets.len(),
             }
             .into());
         }
@@ -192,10 +193,10 @@ impl Vm {
             }
             .into());
         }
-        if snapshot.devices.virtio.len() != spec.disks.len() {
+        if snapshot.devices.virtio.len() != spec.disks.len() + spec.nets.len() {
             return Err(PersistError::DeviceCount {
                 have: snapshot.devices.virtio.len(),
-                want: spec.disks.len(),
+                want: spec.disks.len() + spec.nets.len(),
             }
             .into());
         }
@@ -310,11 +311,22 @@ impl Vm {
         let mut virtio = Vec::new();
         let mut extra_cmdline = Vec::new();
         let mut windows = Vec::new();
-        for (i, disk) in spec.disks.iter().enumerate() {
-            let name = format!("virtio-blk {}", disk.id);
+        // Disks first, then network interfaces, one virtio-mmio window each, in the
+        // spec's order (a snapshot's device states are in the same order).
+        let devices = spec
+            .disks
+            .iter()
+            .map(|d| {
+                let dev: Box<dyn VirtioDevice> = Box::new(Block::new(d.clone()));
+                (format!("virtio-blk {}", d.id), dev)
+            })
+            .chain(spec.nets.iter().map(|n| {
+                let dev: Box<dyn VirtioDevice> = Box::new(Net::new(n.clone()));
+                (format!("virtio-net {}", n.id), dev)
+            }));
+        for (i, (name, device)) in devices.enumerate() {
             let (base, gsi) = layout::virtio_mmio_window(i);
             let interrupt = Arc::new(VirtioInterrupt::new(irq_line(&vm_fd, &ctl, gsi, &name)?));
-            let device = Box::new(Block::new(disk.clone()));
             let transport = match snapshot {
                 Some(s) => {
                     MmioTransport::restore(device, memory.clone(), interrupt, &s.devices.virtio[i])
@@ -395,6 +407,7 @@ impl Vm {
             power_button,
             virtio,
             disks: spec.disks.clone(),
+            nets: spec.nets.clone(),
             memory,
             memory_bytes: spec.memory_bytes,
             entry,

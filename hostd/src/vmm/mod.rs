@@ -8,7 +8,8 @@
 //! [`Vm::wait_exit`] says which.
 //!
 //! A reboot is a new `Vm` built from the same [`VmSpec`]: fresh memory and vCPUs, the
-//! same disks (their backends and counters live in [`Disk`]).
+//! same disks and network interfaces (their backends and counters live in [`Disk`] and
+//! [`Nic`]).
 //!
 //! # Layout
 //! This file holds what a VM is made of ([`VmSpec`]), its error, and the [`Vm`] and
@@ -52,6 +53,7 @@ use crate::devices::rtc::Rtc;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::block::Disk;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::{NetMetricsSnapshot, Nic};
 use vcpu::{Vcpu, VcpuError};
 
 /// The smallest guest we build.
@@ -66,6 +68,8 @@ pub struct VmSpec {
     pub memory_bytes: u64,
     pub boot: BootSpec,
     pub disks: Vec<Disk>,
+    /// Network interfaces, each a virtio-mmio device after the disks'.
+    pub nets: Vec<Nic>,
     /// Pool-wide CPUID mask (see [`cpuid::apply_mask`]); empty for the host's features.
     pub cpuid_mask: Vec<CpuidRegs>,
 }
@@ -86,8 +90,10 @@ pub enum VmError {
         "guest memory must be a multiple of 4 KiB between {min} and {max} bytes; {requested} bytes was asked"
     )]
     MemorySize { requested: u64, min: u64, max: u64 },
-    #[error("a VM has at most {max} disks, not {count}")]
+    #[error("a VM has at most {max} disks and network interfaces, not {count}")]
     TooManyDisks { count: usize, max: usize },
+    #[error("network interface id {id:?} is used twice")]
+    DuplicateNic { id: String },
     #[error("disk id {id:?} is used twice")]
     DuplicateDisk { id: String },
     #[error("disk id {id:?} is not 1 to 20 printable ASCII characters")]
@@ -165,11 +171,17 @@ impl VmSpec {
                 max,
             });
         }
-        if self.disks.len() > layout::MAX_VIRTIO_DEVICES {
+        let devices = self.disks.len() + self.nets.len();
+        if devices > layout::MAX_VIRTIO_DEVICES {
             return Err(VmError::TooManyDisks {
-                count: self.disks.len(),
+                count: devices,
                 max: layout::MAX_VIRTIO_DEVICES,
             });
+        }
+        for (i, n) in self.nets.iter().enumerate() {
+            if self.nets[..i].iter().any(|o| o.id == n.id) {
+                return Err(VmError::DuplicateNic { id: n.id.clone() });
+            }
         }
         for (i, d) in self.disks.iter().enumerate() {
             if d.id.is_empty() || d.id.len() > 20 || !d.id.bytes().all(|b| b.is_ascii_graphic()) {
@@ -211,6 +223,7 @@ pub struct Vm {
     power_button: PowerButton,
     virtio: Vec<Arc<Mutex<MmioTransport>>>,
     disks: Vec<Disk>,
+    nets: Vec<Nic>,
     memory_bytes: u64,
     entry: Option<Entry>,
     /// The CPUID table vCPU 0 was given (what a migration destination must offer).
@@ -220,6 +233,20 @@ pub struct Vm {
     _kvm: Kvm,
     // After the VM fd: KVM's memory slots point into this mapping.
     memory: GuestRam,
+}
+
+impl Vm {
+    /// The VM's network interfaces, e.g. to [`Nic::announce`] them after a migration.
+    pub fn nets(&self) -> &[Nic] {
+        &self.nets
+    }
+
+    pub fn net_metrics(&self) -> Vec<(String, NetMetricsSnapshot)> {
+        self.nets
+            .iter()
+            .map(|n| (n.id.clone(), n.metrics.snapshot()))
+            .collect()
+    }
 }
 
 impl Drop for Vm {

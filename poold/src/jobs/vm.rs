@@ -203,6 +203,7 @@ pub fn vm_config(vm: &pb::Vm, disks: Vec<hpb::DiskConfig>) -> hpb::VmConfig {
         cpuid_mask: vec![],
         console_buffer_bytes: 1 << 20,
         labels: spec.labels,
+        nets: Vec::new(),
     }
 }
 

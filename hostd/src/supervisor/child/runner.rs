@@ -8,6 +8,7 @@ use proto::host::{DiskMetrics, PowerState, StopReason, VmMetrics};
 
 use super::migrate::MigrateEnd;
 use super::{ChildError, Msg, Runner};
+use crate::devices::virtio::net;
 use crate::supervisor::protocol::{Polite, command};
 use crate::vmm::{Vm, VmExit, VmSpec};
 
@@ -65,6 +66,11 @@ impl Runner {
             let booted = Instant::now();
             self.publish();
             tracing::info!(boots = self.state.boots, "VM running");
+            // Bridges learn the VIFs' port now, not when the guest next sends: after a
+            // migration the VM's MACs are behind another host's tap.
+            if let Err(e) = net::announce_in_background(vm.nets().to_vec()) {
+                tracing::warn!(error = %e, "cannot start announcing the VM's MACs");
+            }
             let ctl = vm.run_control();
             let tx = self.tx.clone();
             std::thread::Builder::new()

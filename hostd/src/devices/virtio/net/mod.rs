@@ -20,6 +20,7 @@ pub mod tap;
 pub mod test_utils;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use device::Net;
 pub use frame::{MacAddr, Vlan};
@@ -70,14 +71,7 @@ impl Nic {
         vlan: Option<Vlan>,
     ) -> Result<Self, NicError> {
         let id = id.into();
-        if id.is_empty() || id.len() > 15 || !id.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(NicError::BadId { id });
-        }
-        if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
-            return Err(NicError::BadMtu {
-                mtu: u32::from(mtu),
-            });
-        }
+        Self::check(&id, mtu)?;
         Ok(Self {
             id,
             tap,
@@ -87,6 +81,19 @@ impl Nic {
             vlan,
             metrics: Arc::new(NetMetrics::default()),
         })
+    }
+
+    /// Checks an interface's id and MTU (what [`Nic::new`] checks besides the types).
+    pub fn check(id: &str, mtu: u16) -> Result<(), NicError> {
+        if id.is_empty() || id.len() > 15 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(NicError::BadId { id: id.into() });
+        }
+        if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
+            return Err(NicError::BadMtu {
+                mtu: u32::from(mtu),
+            });
+        }
+        Ok(())
     }
 
     /// Sends `frame` (an Ethernet frame, with its offload header) to the network the way
@@ -111,6 +118,33 @@ impl Nic {
     }
 }
 
+/// How announcements are spaced (QEMU's schedule): the first round 50 ms after the VM
+/// runs, each next one 100 ms later than the gap before it; five rounds in all.
+pub fn announce_delays() -> impl Iterator<Item = Duration> {
+    (0..5u64).map(|round| Duration::from_millis(50 + 100 * round))
+}
+
+/// Announces every one of `nics` on [`announce_delays`]'s schedule, from a thread of its
+/// own (after a migration's switchover, or a VM's start, which may be an HA restart).
+pub fn announce_in_background(nics: Vec<Nic>) -> std::io::Result<()> {
+    if nics.is_empty() {
+        return Ok(());
+    }
+    std::thread::Builder::new()
+        .name("net-announce".into())
+        .spawn(move || {
+            for delay in announce_delays() {
+                std::thread::sleep(delay);
+                for nic in &nics {
+                    if let Err(e) = nic.announce() {
+                        tracing::warn!(nic = %nic.id, error = %e, "announcing the MAC failed");
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+}
+
 impl std::fmt::Debug for Nic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Nic")
@@ -121,5 +155,30 @@ impl std::fmt::Debug for Nic {
             .field("rate", &self.rate)
             .field("vlan", &self.vlan)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_follow_qemus_schedule() {
+        let d: Vec<u64> = announce_delays().map(|d| d.as_millis() as u64).collect();
+        assert_eq!(d, [50, 150, 250, 350, 450]);
+    }
+
+    #[test]
+    fn an_interface_needs_a_short_printable_id_and_an_mtu_in_range() {
+        assert_eq!(Nic::check("eth0", 1500), Ok(()));
+        assert_eq!(Nic::check("eth0", MAX_MTU), Ok(()));
+        for id in ["", "has space", "sixteen-chars-xx"] {
+            assert_eq!(Nic::check(id, 1500), Err(NicError::BadId { id: id.into() }));
+        }
+        assert_eq!(Nic::check("eth0", 67), Err(NicError::BadMtu { mtu: 67 }));
+        assert_eq!(
+            Nic::check("eth0", MAX_MTU + 1),
+            Err(NicError::BadMtu { mtu: 9001 })
+        );
     }
 }
