@@ -374,6 +374,45 @@ impl PoolState {
 
 pub use crate::scheduler::NetNeed;
 
+/// What a host needs to plug one VIF of a VM it runs: the VIF (MAC, rate limits), its
+/// network (kind, NIC, VLAN tag, MTU, VNI) and, for a private network, the other hosts'
+/// IPs (those of their hostd addresses) its VXLAN device forwards to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VifPlan {
+    pub vif: pb::Vif,
+    pub network: pb::Network,
+    pub peers: Vec<String>,
+}
+
+impl PoolState {
+    /// The plans of every VIF of `vm` on `host_id`, in device order; a VIF whose network
+    /// is gone (it cannot be, while the VIF holds it) is left out.
+    pub fn vif_plans(&self, vm: &pb::Vm, host_id: &str) -> Vec<VifPlan> {
+        vm.vifs
+            .iter()
+            .filter_map(|v| {
+                let network = self.networks.get(&v.network_id)?.clone();
+                let mut peers: Vec<String> = if network.kind() == pb::NetworkKind::Private {
+                    self.hosts
+                        .values()
+                        .filter(|h| h.id != host_id)
+                        .map(|h| super::placement::address_ip(&h.address))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                peers.sort();
+                peers.dedup();
+                Some(VifPlan {
+                    vif: v.clone(),
+                    network,
+                    peers,
+                })
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -828,6 +867,20 @@ mod tests {
         ok(&mut s, report(&["eth0", "eth1"], true));
         assert_eq!(s.hosts["h2"].nics, ["eth0", "eth1"]);
         assert!(verdicts(&s, "a").iter().all(|(_, r)| r.is_empty()));
+    }
+
+    #[test]
+    fn a_hosts_plan_has_each_vif_its_network_and_a_private_networks_peers() {
+        let mut s = pool();
+        host(&mut s, "h3", &[]);
+        ok(&mut s, vm("a", vec![on("priv"), on("ext")]));
+        let plans = s.vif_plans(&s.vms["a"], "h2");
+        assert_eq!(plans.len(), 2);
+        assert_eq!(plans[0].vif, s.vms["a"].vifs[0]);
+        assert_eq!(plans[0].network.vni, 1);
+        assert_eq!(plans[0].peers, ["10.0.0.1", "10.0.0.3"]);
+        assert_eq!(plans[1].network.nic, "eth1");
+        assert!(plans[1].peers.is_empty());
     }
 
     #[test]
