@@ -31,7 +31,8 @@ exec switch_root /root /sbin/init
 
 /// The root file system's init. Each boot adds a file of random data with its digest and
 /// checks every earlier one, then does what its boot number says: 1 waits for the power
-/// button (and powers off), 2 powers off by itself, later ones hang (ignoring the button).
+/// button (and powers off), 2 reboots, 3 powers off by itself, later ones hang (ignoring the
+/// button).
 const ROOT_INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -53,7 +54,8 @@ case $n in
     head -c 1 "$dev" >/dev/null
     echo "ROOTFS power button: powering off"
     sync; mount -o remount,ro /; poweroff -f ;;
-  2) echo "ROOTFS boot=$n powering off"; sync; mount -o remount,ro /; poweroff -f ;;
+  2) echo "ROOTFS boot=$n rebooting"; sync; mount -o remount,ro /; reboot -f ;;
+  3) echo "ROOTFS boot=$n powering off"; sync; mount -o remount,ro /; poweroff -f ;;
   *) echo "ROOTFS boot=$n hanging"; while :; do sleep 1; done ;;
 esac
 "#;
@@ -98,6 +100,9 @@ fn setup(n_hosts: usize) -> Setup {
         _dir: dir,
     }
 }
+
+/// How long one poolctl command may take.
+const CTL_LIMIT: Duration = Duration::from_secs(180);
 
 /// The port of a `host:port` address.
 fn port(addr: &str) -> u16 {
@@ -154,10 +159,24 @@ fn hosts_scenario(name: &str, s: &Setup, p: &PoolArg) -> Scenario {
             port = h.port
         );
     }
-    // Every 30 s, where each VM process's threads wait: a hang shows its place.
+    // Every 30 s, where each VM process's threads wait: a hang shows its place. With
+    // EMUHOST_KVM_TRACE set, also the last KVM exits and interrupts (the guest's RIPs).
+    let trace = std::env::var_os("EMUHOST_KVM_TRACE").is_some();
+    if trace {
+        script += "mount -t tracefs nodev /sys/kernel/tracing; T=/sys/kernel/tracing\n\
+                   echo 4096 > $T/buffer_size_kb\n\
+                   for e in kvm_exit kvm_apic_ipi kvm_apic_accept_irq kvm_inj_virq kvm_inj_exception kvm_pio kvm_msr kvm_cr; do \
+                   echo 1 > $T/events/kvm/$e/enable; done\n\
+                   echo 'exit_reason != 96 && exit_reason != 123' > $T/events/kvm/kvm_exit/filter\n";
+    }
     script += "echo HOSTS STARTED\nwhile :; do sleep 30; for p in $(pidof hostd-vmm); do \
                echo \"VMM $p: $(for t in /proc/$p/task/*; do echo \"$(cat $t/comm)=$(cat $t/wchan)\"; done | tr '\\n' ' ')\"; \
-               done; done\n";
+               done;";
+    if trace {
+        script += " grep -v 'pio_.* at 0x3f[8-9d]\\|reason io rip 0xffffffff816c22' /sys/kernel/tracing/trace | tail -n 150 | sed 's/^/KVM-TRACE /'; \
+                   echo > /sys/kernel/tracing/trace;";
+    }
+    script += " done\n";
     scenario.script = script;
     scenario.outside = vec![
         port(member),
@@ -246,8 +265,32 @@ fn wait_console(
     }
 }
 
-fn ctl(pool: &Pool, args: &[&str]) -> Result<String, Failure> {
-    let o = poolctl(&pool.p, args);
+/// Runs poolctl, reading the emulated host's console while it waits (a stalled emulated
+/// host fails the wait instead of hanging it), for at most `CTL_LIMIT`.
+fn ctl(pool: &Pool, host: &mut Running, args: &[&str]) -> Result<String, Failure> {
+    let mut child = pool
+        .p
+        .poolctl()
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run poolctl");
+    let start = std::time::Instant::now();
+    while child.try_wait().expect("poolctl status").is_none() {
+        let waited = host.idle(Duration::from_millis(200));
+        if waited.is_err() || start.elapsed() > CTL_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            waited?;
+            return Err(Failure::Failed(format!(
+                "poolctl {} did not finish within {CTL_LIMIT:?}\n{}",
+                args.join(" "),
+                pool.logs()
+            )));
+        }
+    }
+    let o = child.wait_with_output().expect("poolctl output");
     if o.status.success() {
         Ok(String::from_utf8_lossy(&o.stdout).into_owned())
     } else {
@@ -283,6 +326,7 @@ fn start_linux_vm(name: &str, s: &Setup, init: &str, attempt: u32) -> Result<Run
     let img = dir.join("sr1.img").display().to_string();
     ctl(
         pool,
+        &mut host,
         &[
             "sr-create",
             "sr1",
@@ -297,10 +341,12 @@ fn start_linux_vm(name: &str, s: &Setup, init: &str, attempt: u32) -> Result<Run
     std::fs::write(&root, guest::ext4_root(init, 64)).unwrap();
     ctl(
         pool,
+        &mut host,
         &["vdi-import", root.to_str().unwrap(), "root", "--sr", "sr1"],
     )?;
     ctl(
         pool,
+        &mut host,
         &[
             "vm-create",
             "deb",
@@ -315,7 +361,11 @@ fn start_linux_vm(name: &str, s: &Setup, init: &str, attempt: u32) -> Result<Run
             "--initrd",
             "/scenario/images/initramfs",
             "--cmdline",
-            "console=ttyS0 panic=-1 quiet",
+            if std::env::var_os("EMUHOST_KVM_TRACE").is_some() {
+                "console=ttyS0 panic=-1 nokaslr"
+            } else {
+                "console=ttyS0 panic=-1 quiet"
+            },
             "--start",
         ],
     )?;
@@ -323,8 +373,9 @@ fn start_linux_vm(name: &str, s: &Setup, init: &str, attempt: u32) -> Result<Run
 }
 
 /// The guest's root file system lives on a thin volume: files it writes survive an ACPI
-/// shutdown (`vm-shutdown`: the power button), a guest power-off stops it, and a guest that
-/// ignores the button is stopped by `--force`.
+/// shutdown (`vm-shutdown`: the power button), a guest reboot (Linux's default way) boots
+/// it again by itself, a guest power-off stops it, and a guest that ignores the button is
+/// stopped by `--force`.
 #[test]
 fn linux_on_an_iscsi_root_shuts_down_by_acpi_and_keeps_its_files() {
     emuhost::retrying("linux-root", |attempt| {
@@ -352,7 +403,7 @@ fn linux_on_an_iscsi_root_shuts_down_by_acpi_and_keeps_its_files() {
         println!("{first}");
 
         // vm-shutdown presses the power button; the guest's init powers off.
-        ctl(pool, &["vm-shutdown", "deb"])?;
+        ctl(pool, &mut host, &["vm-shutdown", "deb"])?;
         let line = wait_vm(
             pool,
             &mut host,
@@ -361,17 +412,10 @@ fn linux_on_an_iscsi_root_shuts_down_by_acpi_and_keeps_its_files() {
             Duration::from_secs(120),
         )?;
         assert_eq!(field(&line, "stopped"), "guest-poweroff", "{line}");
-        wait_console(
-            pool,
-            &mut host,
-            "deb",
-            "ROOTFS power button",
-            Duration::from_secs(5),
-        )
-        .ok();
 
-        // Booted again: the files of boot 1 verify; then the guest powers off by itself.
-        ctl(pool, &["vm-start", "deb"])?;
+        // Booted again: the files of boot 1 verify; the guest reboots (the VM restarts by
+        // itself), and then powers off.
+        ctl(pool, &mut host, &["vm-start", "deb"])?;
         let second = wait_console(
             pool,
             &mut host,
@@ -380,6 +424,14 @@ fn linux_on_an_iscsi_root_shuts_down_by_acpi_and_keeps_its_files() {
             Duration::from_secs(300),
         )?;
         assert!(second.contains("files=2 of 2"), "{second}");
+        let third = wait_console(
+            pool,
+            &mut host,
+            "deb",
+            "ROOTFS boot=3 ",
+            Duration::from_secs(300),
+        )?;
+        assert!(third.contains("files=3 of 3"), "{third}");
         let line = wait_vm(
             pool,
             &mut host,
@@ -391,15 +443,15 @@ fn linux_on_an_iscsi_root_shuts_down_by_acpi_and_keeps_its_files() {
 
         // A guest that ignores the power button is stopped by --force (a polite shutdown
         // would force it itself after 60 s).
-        ctl(pool, &["vm-start", "deb"])?;
+        ctl(pool, &mut host, &["vm-start", "deb"])?;
         wait_console(
             pool,
             &mut host,
             "deb",
-            "ROOTFS boot=3 hanging",
+            "ROOTFS boot=4 hanging",
             Duration::from_secs(300),
         )?;
-        ctl(pool, &["vm-shutdown", "deb", "--force"])?;
+        ctl(pool, &mut host, &["vm-shutdown", "deb", "--force"])?;
         let line = wait_vm(
             pool,
             &mut host,
@@ -470,7 +522,7 @@ fn linux_migrates_live_five_hops_keeping_its_clock_and_data() {
                 .find(|(_, id)| *id != on)
                 .map(|(name, _)| name.clone())
                 .expect("the other host");
-            let out = ctl(pool, &["vm-migrate", "deb", "--host", &to])?;
+            let out = ctl(pool, &mut host, &["vm-migrate", "deb", "--host", &to])?;
             let ms: f64 = out
                 .lines()
                 .find_map(|l| l.strip_prefix("downtime ")?.strip_suffix(" ms")?.parse().ok())
