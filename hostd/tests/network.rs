@@ -401,8 +401,14 @@ fn private_network_crosses_vxlan_between_hosts_and_isolates_other_networks() {
     assert_eq!((vxlan.mtu, bridge.mtu), (1450, 1450));
     assert!(vxlan.up && bridge.up);
 
-    let tap = net_a.plug(&red, "vm-a", 0).unwrap();
-    assert_eq!(host_a.device(&tap).unwrap().mtu, 1450);
+    for (host, net, vm) in [(&host_a, &net_a, "vm-a"), (&host_b, &net_b, "vm-b")] {
+        let tap = host.device(&net.plug(&red, vm, 0).unwrap()).unwrap();
+        let bridge = host.device(&red.bridge_name()).unwrap();
+        assert_eq!(
+            (tap.mtu, tap.controller, tap.up),
+            (1450, Some(bridge.index), true)
+        );
+    }
 
     let ip = |last| Ipv4Addr::new(10, 200, 0, last);
     let vm_a = vm_on(&host_a, &red.bridge_name(), "porta", ip(1));
