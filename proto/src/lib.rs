@@ -264,6 +264,7 @@ mod tests {
             sr_id: String::new(),
             start: true,
             host_id: String::new(),
+            networks: vec!["lan".into()],
         });
     }
 

@@ -324,6 +324,7 @@ fn linux_early_boot_reads_the_zero_page() {
             protocol: BootProtocol::Linux64,
         },
         disks: vec![],
+        nets: vec![],
         cpuid_mask: vec![],
     };
     let console = Console::new(1 << 20, None).unwrap();
