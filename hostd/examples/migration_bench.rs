@@ -17,19 +17,21 @@
 //! p99=<..>`, who being hostd, qemu or (over TLS) qemu_tls (bench/migration.sh and
 //! bench/trust.sh read them).
 
-use std::io::{BufRead, BufReader, Write};
+mod common;
+
 use std::net::TcpListener;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use hostd::console::Console;
-use hostd::migration::{self, Incoming, SendOptions, StreamTls};
+use hostd::migration::{self, Incoming, SendOptions};
 use hostd::testguest::{self, heartbeat_sum, heartbeats};
 use hostd::vmm::{BootProtocol, BootSpec, Vm, VmSpec};
 use proto::host::MigrationProgress;
+
+use common::{QemuVm, free_port, hosts, percentile};
 
 fn spec(cmdline: &str, vcpus: u32, mib: u64) -> VmSpec {
     VmSpec {
@@ -42,15 +44,9 @@ fn spec(cmdline: &str, vcpus: u32, mib: u64) -> VmSpec {
             protocol: BootProtocol::Auto,
         },
         disks: vec![],
+        nets: vec![],
         cpuid_mask: vec![],
     }
-}
-
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let i = ((s.len() as f64 - 1.0) * p).round() as usize;
-    s[i.min(s.len() - 1)]
 }
 
 fn wait_heartbeats(console: &Console, n: usize) {
@@ -63,27 +59,6 @@ fn wait_heartbeats(console: &Console, n: usize) {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-/// Two hosts of a pool made for the run (`host-0`, `host-1`), their credentials in memory.
-fn hosts() -> [StreamTls; 2] {
-    use pool_trust::{DaemonTls, Identity, PoolCa, PoolId, Validity};
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    let validity = Validity::starting(now_ms, Duration::from_secs(86_400));
-    let ca = PoolCa::create(PoolId::parse("bench").unwrap(), validity).unwrap();
-    [0, 1].map(|i| {
-        let creds = ca
-            .issue(&Identity::Host(format!("host-{i}")), &[], validity)
-            .unwrap();
-        StreamTls::new(&DaemonTls {
-            bundle: ca.bundle(),
-            creds,
-        })
-        .unwrap()
-    })
 }
 
 fn run(name: &str, cmd: &str, seed: u64, hops: usize, vcpus: u32, mib: u64) {
@@ -187,103 +162,6 @@ fn run(name: &str, cmd: &str, seed: u64, hops: usize, vcpus: u32, mib: u64) {
     );
 }
 
-/// A QMP connection: one JSON object per line each way.
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Qmp {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "QMP {}: {e}", path.display());
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .unwrap();
-        let mut q = Qmp {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-        };
-        let mut greeting = String::new();
-        q.reader.read_line(&mut greeting).unwrap();
-        q.cmd(r#"{"execute":"qmp_capabilities"}"#);
-        q
-    }
-
-    /// Sends a command; returns its answer line (events in between are skipped), or
-    /// an empty line if QEMU closed the connection (it does on quit).
-    fn cmd(&mut self, json: &str) -> String {
-        if writeln!(self.writer, "{json}").is_err() {
-            return String::new();
-        }
-        loop {
-            let mut line = String::new();
-            if self.reader.read_line(&mut line).unwrap_or(0) == 0 {
-                return String::new();
-            }
-            if line.contains("\"return\"") || line.contains("\"error\"") {
-                return line;
-            }
-        }
-    }
-}
-
-/// The number after `"key": ` in a QMP answer.
-fn json_u64(line: &str, key: &str) -> Option<u64> {
-    let at = line.find(&format!("\"{key}\":"))? + key.len() + 3;
-    let digits: String = line[at..]
-        .trim_start()
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().ok()
-}
-
-struct QemuVm {
-    child: Child,
-    qmp: Qmp,
-    serial: PathBuf,
-}
-
-impl QemuVm {
-    /// A QMP command that must succeed.
-    fn qmp_ok(&mut self, json: &str) {
-        let answer = self.qmp.cmd(json);
-        assert!(answer.contains("\"return\""), "QMP {json}: {answer}");
-    }
-
-    fn quit(&mut self) {
-        self.qmp.cmd(r#"{"execute":"quit"}"#);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.child.try_wait().ok().flatten().is_none() {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for QemuVm {
-    /// Never leaves a QEMU behind, whatever happened.
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// A QEMU running the guest; with `incoming`, waiting for a migration on that port (over
 /// TLS when `tls` names QEMU's credential directory).
 fn qemu_vm(
@@ -294,16 +172,12 @@ fn qemu_vm(
     incoming: Option<u16>,
     tls: Option<&Path>,
 ) -> QemuVm {
-    let sock = dir.join(format!("q{n}.qmp"));
-    let serial = dir.join(format!("q{n}.log"));
     let mut c = Command::new("qemu-system-x86_64");
     c.args(["-M", "pc", "-enable-kvm", "-cpu", "qemu64", "-smp"])
         .arg(vcpus.to_string())
         .arg("-m")
         .arg(mib.to_string())
         .args(["-nodefaults", "-no-user-config", "-display", "none"])
-        .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
         .args([
             "-no-reboot",
             "-device",
@@ -313,8 +187,6 @@ fn qemu_vm(
         .arg(testguest::elf_path())
         .arg("-append")
         .arg(cmd)
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", sock.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
@@ -337,12 +209,7 @@ fn qemu_vm(
         }
         (None, _) => {}
     }
-    let child = c.spawn().expect("starting qemu-system-x86_64");
-    let mut vm = QemuVm {
-        child,
-        qmp: Qmp::connect(&sock),
-        serial,
-    };
+    let mut vm = QemuVm::start(c, dir, n);
     if let (Some(port), Some(_)) = (incoming, tls) {
         vm.qmp_ok(r#"{"execute":"migrate-set-parameters","arguments":{"tls-creds":"tls-server"}}"#);
         vm.qmp_ok(&format!(
@@ -353,10 +220,7 @@ fn qemu_vm(
 }
 
 fn serial_heartbeats(q: &QemuVm) -> usize {
-    heartbeats(&String::from_utf8_lossy(
-        &std::fs::read(&q.serial).unwrap_or_default(),
-    ))
-    .len()
+    heartbeats(&q.serial_text()).len()
 }
 
 fn wait_serial(q: &QemuVm, n: usize) {
@@ -374,37 +238,9 @@ fn run_qemu(name: &str, cmd: &str, hops: usize, size: (u32, u64), tls: Option<&P
     wait_serial(&current, 3);
     let (mut downtimes, mut totals) = (Vec::new(), Vec::new());
     for hop in 0..hops {
-        let port = {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let port = free_port();
         let dest = qemu_vm(dir.path(), hop + 1, cmd, size, Some(port), tls);
-        current.qmp_ok(
-            r#"{"execute":"migrate-set-parameters","arguments":{"downtime-limit":300,"max-bandwidth":100000000000}}"#,
-        );
-        if tls.is_some() {
-            current.qmp_ok(
-                r#"{"execute":"migrate-set-parameters","arguments":{"tls-creds":"tls-client","tls-hostname":"127.0.0.1"}}"#,
-            );
-        }
-        let answer = current.qmp.cmd(&format!(
-            r#"{{"execute":"migrate","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#
-        ));
-        assert!(answer.contains("return"), "migrate: {answer}");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let done = loop {
-            let q = current.qmp.cmd(r#"{"execute":"query-migrate"}"#);
-            if q.contains("\"status\": \"completed\"") {
-                break q;
-            }
-            assert!(
-                !q.contains("\"status\": \"failed\"") && Instant::now() < deadline,
-                "QEMU migration: {q}"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        };
-        let downtime = json_u64(&done, "downtime").expect("downtime") as f64;
-        let total = json_u64(&done, "total-time").expect("total-time") as f64;
+        let (downtime, total) = current.migrate(port, tls.is_some());
         eprintln!("{who} {name} hop {hop}: downtime {downtime} ms, total {total} ms");
         downtimes.push(downtime);
         totals.push(total);

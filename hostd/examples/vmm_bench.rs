@@ -3,11 +3,14 @@
 //!
 //! Usage: `vmm_bench <hostd binary> [runs]`. Prints a table, then `BENCH` lines.
 
+mod common;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{median, time_to_marker};
 use proto::host::host_service_client::HostServiceClient;
 use proto::host::*;
 
@@ -17,56 +20,6 @@ const TARGET_IQN: &str = "iqn.2026-11.lab.pool:bench-vol";
 const VOLUME_BYTES: u64 = 256 << 20;
 const IO_SECONDS: u64 = 5;
 const GUEST_MIB: u64 = 128;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-/// Spawns `cmd`, returns the milliseconds until `MARKER` appears on its stdout and the
-/// milliseconds until any byte appears; then waits for it to exit (the guest powers off).
-fn time_to_marker(mut cmd: Command) -> (f64, f64) {
-    cmd.stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .stdin(Stdio::null());
-    let start = Instant::now();
-    let mut child = cmd.spawn().expect("spawn");
-    let mut out = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let mut first = None;
-    let mut buf = [0u8; 4096];
-    let marker = loop {
-        let n = out.read(&mut buf).unwrap_or(0);
-        if n == 0 {
-            panic!(
-                "{cmd:?} ended before printing the marker: {}",
-                String::from_utf8_lossy(&seen)
-            );
-        }
-        first.get_or_insert_with(|| start.elapsed());
-        seen.extend_from_slice(&buf[..n]);
-        if seen.windows(MARKER.len()).any(|w| w == MARKER) {
-            break start.elapsed();
-        }
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-        }
-        let _ = out.read(&mut buf);
-    }
-    let _ = child.wait();
-    (
-        marker.as_secs_f64() * 1000.0,
-        first.unwrap().as_secs_f64() * 1000.0,
-    )
-}
 
 fn qemu(machine: &str, guest: &Path, cmdline: &str) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
@@ -553,14 +506,14 @@ async fn main() {
     let (mut ours, mut ours_any, mut pc, mut pc_any, mut micro, mut micro_any) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..runs {
-        let (m, a) = time_to_marker(hostd_run(&hostd, &guest, cmdline));
+        let (m, a) = time_to_marker(MARKER, hostd_run(&hostd, &guest, cmdline));
         ours.push(m);
         ours_any.push(a);
         if have_qemu {
-            let (m, a) = time_to_marker(qemu("microvm", &guest, cmdline));
+            let (m, a) = time_to_marker(MARKER, qemu("microvm", &guest, cmdline));
             micro.push(m);
             micro_any.push(a);
-            let (m, a) = time_to_marker(qemu("pc", &guest, cmdline));
+            let (m, a) = time_to_marker(MARKER, qemu("pc", &guest, cmdline));
             pc.push(m);
             pc_any.push(a);
         }

@@ -1,0 +1,243 @@
+//! What the benchmarks share: a QEMU child with its QMP connection, and medians.
+
+#![allow(dead_code)] // each example uses part of it
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hostd::migration::StreamTls;
+
+/// Two hosts of a pool made for the run (`host-0`, `host-1`), their credentials in memory.
+pub fn hosts() -> [StreamTls; 2] {
+    use pool_trust::{DaemonTls, Identity, PoolCa, PoolId, Validity};
+    let now_ms = proto::unix_ms();
+    let validity = Validity::starting(now_ms, Duration::from_secs(86_400));
+    let ca = PoolCa::create(PoolId::parse("bench").unwrap(), validity).unwrap();
+    [0, 1].map(|i| {
+        let creds = ca
+            .issue(&Identity::Host(format!("host-{i}")), &[], validity)
+            .unwrap();
+        StreamTls::new(&DaemonTls {
+            bundle: ca.bundle(),
+            creds,
+        })
+        .unwrap()
+    })
+}
+
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let i = ((s.len() as f64 - 1.0) * p).round() as usize;
+    s[i.min(s.len() - 1)]
+}
+
+/// A QMP connection: one JSON object per line each way.
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    pub fn connect(path: &Path) -> Qmp {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "QMP {}: {e}", path.display());
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        let mut q = Qmp {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        };
+        let mut greeting = String::new();
+        q.reader.read_line(&mut greeting).unwrap();
+        q.cmd(r#"{"execute":"qmp_capabilities"}"#);
+        q
+    }
+
+    /// Sends a command; returns its answer line (events in between are skipped), or
+    /// an empty line if QEMU closed the connection (it does on quit).
+    pub fn cmd(&mut self, json: &str) -> String {
+        if writeln!(self.writer, "{json}").is_err() {
+            return String::new();
+        }
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return String::new();
+            }
+            if line.contains("\"return\"") || line.contains("\"error\"") {
+                return line;
+            }
+        }
+    }
+}
+
+/// The number after `"key": ` in a QMP answer.
+pub fn json_u64(line: &str, key: &str) -> Option<u64> {
+    let at = line.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let digits: String = line[at..]
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// A QEMU started with a QMP socket and its serial console in a file.
+pub struct QemuVm {
+    pub child: Child,
+    pub qmp: Qmp,
+    pub serial: PathBuf,
+}
+
+impl QemuVm {
+    /// Starts `cmd` (a `qemu-system-x86_64` with the machine's arguments) as VM `n` of
+    /// `dir`, adding the QMP socket and the serial file.
+    pub fn start(mut cmd: Command, dir: &Path, n: usize) -> QemuVm {
+        let sock = dir.join(format!("q{n}.qmp"));
+        let serial = dir.join(format!("q{n}.log"));
+        cmd.arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", sock.display()));
+        let child = cmd.spawn().expect("starting qemu-system-x86_64");
+        QemuVm {
+            child,
+            qmp: Qmp::connect(&sock),
+            serial,
+        }
+    }
+
+    /// A QMP command that must succeed.
+    pub fn qmp_ok(&mut self, json: &str) {
+        let answer = self.qmp.cmd(json);
+        assert!(answer.contains("\"return\""), "QMP {json}: {answer}");
+    }
+
+    pub fn serial_text(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()).into_owned()
+    }
+
+    /// Migrates to `tcp:127.0.0.1:port` with the benchmarks' parameters (300 ms downtime
+    /// limit like ours, no bandwidth cap); returns QEMU's downtime and total time in ms.
+    pub fn migrate(&mut self, port: u16, tls: bool) -> (f64, f64) {
+        self.qmp_ok(
+            r#"{"execute":"migrate-set-parameters","arguments":{"downtime-limit":300,"max-bandwidth":100000000000}}"#,
+        );
+        if tls {
+            self.qmp_ok(
+                r#"{"execute":"migrate-set-parameters","arguments":{"tls-creds":"tls-client","tls-hostname":"127.0.0.1"}}"#,
+            );
+        }
+        let answer = self.qmp.cmd(&format!(
+            r#"{{"execute":"migrate","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#
+        ));
+        assert!(answer.contains("return"), "migrate: {answer}");
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let done = loop {
+            let q = self.qmp.cmd(r#"{"execute":"query-migrate"}"#);
+            if q.contains("\"status\": \"completed\"") {
+                break q;
+            }
+            assert!(
+                !q.contains("\"status\": \"failed\"") && Instant::now() < deadline,
+                "QEMU migration: {q}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let downtime = json_u64(&done, "downtime").expect("downtime") as f64;
+        let total = json_u64(&done, "total-time").expect("total-time") as f64;
+        (downtime, total)
+    }
+
+    pub fn quit(&mut self) {
+        self.qmp.cmd(r#"{"execute":"quit"}"#);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for QemuVm {
+    /// Never leaves a QEMU behind, whatever happened.
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Spawns `cmd`, returns the milliseconds until `marker` appears on its stdout and the
+/// milliseconds until any byte appears; then waits for it to exit (the guest powers off).
+pub fn time_to_marker(marker: &[u8], mut cmd: Command) -> (f64, f64) {
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .stdin(Stdio::null());
+    let start = Instant::now();
+    let mut child = cmd.spawn().expect("spawn");
+    let mut out = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut first = None;
+    let mut buf = [0u8; 4096];
+    let marker = loop {
+        let n = out.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            panic!(
+                "{cmd:?} ended before printing the marker: {}",
+                String::from_utf8_lossy(&seen)
+            );
+        }
+        first.get_or_insert_with(|| start.elapsed());
+        seen.extend_from_slice(&buf[..n]);
+        if seen.windows(marker.len()).any(|w| w == marker) {
+            break start.elapsed();
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+        }
+        let _ = out.read(&mut buf);
+    }
+    let _ = child.wait();
+    (
+        marker.as_secs_f64() * 1000.0,
+        first.unwrap().as_secs_f64() * 1000.0,
+    )
+}

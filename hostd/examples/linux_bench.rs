@@ -1,0 +1,225 @@
+//! The Linux guest benchmark behind `bench/linux.sh`, run where KVM runs Linux (inside the
+//! emulated KVM host on a PVM machine): hostd against QEMU's `-M microvm`, the same
+//! kernel, initramfs, command line, memory and vCPUs, taking turns.
+//!
+//! - boot: from starting the process (`hostd run`, or `qemu-system-x86_64`) to the init's
+//!   first line on the serial console; the init then powers off;
+//! - migration: the guest prints a tick every 0.1 s while it hops between two VMs over
+//!   loopback TCP (ours: this process's VMs over the real migration stream, as in
+//!   `migration_bench`; QEMU: `-incoming tcp:`, QMP `migrate`, 300 ms downtime limit like
+//!   ours); each VMM's own downtime figure, and the ticks must go on after every hop.
+//!
+//! `linux_bench HOSTD QEMU BZIMAGE INITRAMFS RUNS HOPS` prints `RESULT <who> boot_ms=..`
+//! and `RESULT <who> downtime_ms=..` lines (medians) for hostd and qemu.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use hostd::console::Console;
+use hostd::migration::{self, Incoming, SendOptions};
+use hostd::vmm::{BootProtocol, BootSpec, Vm, VmSpec};
+use proto::host::MigrationProgress;
+
+use common::{QemuVm, free_port, hosts, median, time_to_marker};
+
+const VCPUS: u32 = 2;
+const MIB: u64 = 256;
+/// The init prints this first, then powers off (`bench=boot`) or ticks (`bench=tick`).
+const MARKER: &[u8] = b"BENCH-INIT";
+const BOOT_CMDLINE: &str = "console=ttyS0 panic=-1 quiet bench=boot";
+const TICK_CMDLINE: &str = "console=ttyS0 panic=-1 quiet bench=tick";
+
+struct Guest {
+    kernel: PathBuf,
+    initrd: PathBuf,
+}
+
+fn hostd_boot(hostd: &Path, g: &Guest) -> Command {
+    let mut c = Command::new(hostd);
+    c.args(["--log", "error", "run", "--kernel"])
+        .arg(&g.kernel)
+        .arg("--initrd")
+        .arg(&g.initrd)
+        .args(["--vcpus", &VCPUS.to_string()])
+        .args(["--memory-mib", &MIB.to_string(), "--cmdline", BOOT_CMDLINE]);
+    c
+}
+
+/// QEMU's microvm with the guest; the caller adds the console and, for a destination,
+/// `-incoming`.
+fn qemu(qemu: &Path, g: &Guest, cmdline: &str) -> Command {
+    let mut c = Command::new(qemu);
+    c.args(["-M", "microvm", "-enable-kvm", "-cpu", "host", "-smp"])
+        .arg(VCPUS.to_string())
+        .arg("-m")
+        .arg(MIB.to_string())
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .arg("-no-reboot")
+        .arg("-kernel")
+        .arg(&g.kernel)
+        .arg("-initrd")
+        .arg(&g.initrd)
+        .arg("-append")
+        .arg(cmdline)
+        .stdin(Stdio::null());
+    c
+}
+
+fn boots(hostd: &Path, qemu_bin: &Path, g: &Guest, runs: usize) {
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        let (h, _) = time_to_marker(MARKER, hostd_boot(hostd, g));
+        let mut q = qemu(qemu_bin, g, BOOT_CMDLINE);
+        q.args(["-serial", "stdio"]);
+        let (m, _) = time_to_marker(MARKER, q);
+        eprintln!("boot {run}: hostd {h:.0} ms, qemu {m:.0} ms");
+        ours.push(h);
+        theirs.push(m);
+    }
+    println!("RESULT hostd boot_ms={:.1}", median(ours));
+    println!("RESULT qemu boot_ms={:.1}", median(theirs));
+}
+
+fn ticks(text: &str) -> usize {
+    text.matches("BENCH-TICK ").count()
+}
+
+/// Waits until `text()` shows `n` ticks.
+fn wait_ticks(who: &str, n: usize, text: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while ticks(&text()) < n {
+        assert!(
+            Instant::now() < deadline,
+            "{who}: the guest stopped ticking: {}",
+            text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn linux_spec(g: &Guest) -> VmSpec {
+    VmSpec {
+        vcpus: VCPUS,
+        memory_bytes: MIB << 20,
+        boot: BootSpec {
+            kernel: g.kernel.clone(),
+            initrd: Some(g.initrd.clone()),
+            cmdline: TICK_CMDLINE.into(),
+            protocol: BootProtocol::Auto,
+        },
+        disks: vec![],
+        nets: vec![],
+        cpuid_mask: vec![],
+    }
+}
+
+fn hostd_hops(g: &Guest, hops: usize) {
+    let tls = hosts();
+    let console = Console::new(4 << 20, None).unwrap();
+    let mut vm = Vm::new(&linux_spec(g), console.clone()).unwrap();
+    vm.start().unwrap();
+    wait_ticks("hostd", 3, || console.text());
+    let mut downtimes = Vec::new();
+    let mut current = (vm, console);
+    for hop in 0..hops {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (src, dst) = (hop % 2, 1 - hop % 2);
+        let inc = Incoming {
+            vm_id: "bench".into(),
+            token: "bench-token".into(),
+            source_host: tls[src].host().to_owned(),
+            tls: tls[dst].clone(),
+            spec: linux_spec(g),
+        };
+        let dest = std::thread::spawn(move || {
+            let console = Console::new(4 << 20, None).unwrap();
+            let vm = migration::receive(
+                &listener,
+                &inc,
+                console.clone(),
+                &AtomicBool::new(false),
+                Instant::now() + Duration::from_secs(300),
+                &mut || {},
+            );
+            (vm, console)
+        });
+        let opts = SendOptions {
+            vm_id: "bench".into(),
+            token: "bench-token".into(),
+            destination: addr,
+            destination_host: tls[dst].host().to_owned(),
+            tls: tls[src].clone(),
+            downtime_budget: migration::DEFAULT_DOWNTIME,
+            max_rounds: migration::DEFAULT_MAX_ROUNDS,
+            timeout: Duration::from_secs(300),
+            auto_converge: false,
+            bandwidth_limit: 0,
+        };
+        let sent = migration::send(
+            &current.0,
+            &opts,
+            &AtomicBool::new(false),
+            MigrationProgress::default(),
+            &mut |_| {},
+        )
+        .unwrap_or_else(|e| panic!("hostd hop {hop}: {}", proto::error_chain(&e)));
+        current.0.stop();
+        let (vm, console) = dest.join().unwrap();
+        let vm = vm.unwrap_or_else(|e| panic!("hostd hop {hop}: {}", proto::error_chain(&e)));
+        let downtime = sent.downtime.as_secs_f64() * 1000.0;
+        eprintln!(
+            "hostd hop {hop}: downtime {downtime:.1} ms, total {:.0} ms, rounds {}",
+            sent.total.as_secs_f64() * 1000.0,
+            sent.rounds
+        );
+        downtimes.push(downtime);
+        // The guest goes on where it was on its new host before it moves again.
+        wait_ticks("hostd", 3, || console.text());
+        current = (vm, console);
+    }
+    current.0.stop();
+    println!("RESULT hostd downtime_ms={:.1}", median(downtimes));
+}
+
+fn qemu_hops(qemu_bin: &Path, g: &Guest, hops: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut current = QemuVm::start(qemu(qemu_bin, g, TICK_CMDLINE), dir.path(), 0);
+    wait_ticks("qemu", 3, || current.serial_text());
+    let mut downtimes = Vec::new();
+    for hop in 0..hops {
+        let port = free_port();
+        let mut c = qemu(qemu_bin, g, TICK_CMDLINE);
+        c.arg("-incoming").arg(format!("tcp:127.0.0.1:{port}"));
+        let dest = QemuVm::start(c, dir.path(), hop + 1);
+        let (downtime, total) = current.migrate(port, false);
+        eprintln!("qemu hop {hop}: downtime {downtime} ms, total {total} ms");
+        downtimes.push(downtime);
+        current.quit();
+        wait_ticks("qemu", 3, || dest.serial_text());
+        current = dest;
+    }
+    current.quit();
+    println!("RESULT qemu downtime_ms={:.1}", median(downtimes));
+}
+
+fn main() {
+    let a: Vec<String> = std::env::args().skip(1).collect();
+    let [hostd, qemu_bin, kernel, initrd, runs, hops] = &a[..] else {
+        eprintln!("usage: linux_bench HOSTD QEMU BZIMAGE INITRAMFS RUNS HOPS");
+        std::process::exit(2);
+    };
+    let g = Guest {
+        kernel: kernel.into(),
+        initrd: initrd.into(),
+    };
+    let (runs, hops) = (runs.parse().unwrap(), hops.parse().unwrap());
+    boots(Path::new(hostd), Path::new(qemu_bin), &g, runs);
+    hostd_hops(&g, hops);
+    qemu_hops(Path::new(qemu_bin), &g, hops);
+}
