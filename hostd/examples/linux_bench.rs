@@ -14,18 +14,14 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use hostd::console::Console;
-use hostd::migration::{self, Incoming, SendOptions};
 use hostd::vmm::{BootProtocol, BootSpec, Vm, VmSpec};
-use proto::host::MigrationProgress;
 
-use common::{QemuVm, free_port, hosts, median, time_to_marker};
+use common::{QemuVm, free_port, hosts, median, migrate_hop, time_to_marker};
 
 const VCPUS: u32 = 2;
 const MIB: u64 = 256;
@@ -127,51 +123,13 @@ fn hostd_hops(g: &Guest, hops: usize) {
     let mut downtimes = Vec::new();
     let mut current = (vm, console);
     for hop in 0..hops {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let (src, dst) = (hop % 2, 1 - hop % 2);
-        let inc = Incoming {
-            vm_id: "bench".into(),
-            token: "bench-token".into(),
-            source_host: tls[src].host().to_owned(),
-            tls: tls[dst].clone(),
-            spec: linux_spec(g),
-        };
-        let dest = std::thread::spawn(move || {
-            let console = Console::new(4 << 20, None).unwrap();
-            let vm = migration::receive(
-                &listener,
-                &inc,
-                console.clone(),
-                &AtomicBool::new(false),
-                Instant::now() + Duration::from_secs(300),
-                &mut || {},
-            );
-            (vm, console)
-        });
-        let opts = SendOptions {
-            vm_id: "bench".into(),
-            token: "bench-token".into(),
-            destination: addr,
-            destination_host: tls[dst].host().to_owned(),
-            tls: tls[src].clone(),
-            downtime_budget: migration::DEFAULT_DOWNTIME,
-            max_rounds: migration::DEFAULT_MAX_ROUNDS,
-            timeout: Duration::from_secs(300),
-            auto_converge: false,
-            bandwidth_limit: 0,
-        };
-        let sent = migration::send(
+        let (sent, vm, console) = migrate_hop(
             &current.0,
-            &opts,
-            &AtomicBool::new(false),
-            MigrationProgress::default(),
-            &mut |_| {},
-        )
-        .unwrap_or_else(|e| panic!("hostd hop {hop}: {}", proto::error_chain(&e)));
-        current.0.stop();
-        let (vm, console) = dest.join().unwrap();
-        let vm = vm.unwrap_or_else(|e| panic!("hostd hop {hop}: {}", proto::error_chain(&e)));
+            &tls,
+            hop,
+            linux_spec(g),
+            Duration::from_secs(300),
+        );
         let downtime = sent.downtime.as_secs_f64() * 1000.0;
         eprintln!(
             "hostd hop {hop}: downtime {downtime:.1} ms, total {:.0} ms, rounds {}",

@@ -19,19 +19,15 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use hostd::console::Console;
-use hostd::migration::{self, Incoming, SendOptions};
 use hostd::testguest::{self, heartbeat_sum, heartbeats};
 use hostd::vmm::{BootProtocol, BootSpec, Vm, VmSpec};
-use proto::host::MigrationProgress;
 
-use common::{QemuVm, free_port, hosts, percentile};
+use common::{QemuVm, free_port, hosts, migrate_hop, percentile};
 
 fn spec(cmdline: &str, vcpus: u32, mib: u64) -> VmSpec {
     VmSpec {
@@ -71,53 +67,14 @@ fn run(name: &str, cmd: &str, seed: u64, hops: usize, vcpus: u32, mib: u64) {
     let mut texts = Vec::new();
     let mut current = (vm, console);
     for hop in 0..hops {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let (src, dst) = (hop % 2, 1 - hop % 2);
-        let inc = Incoming {
-            vm_id: "bench".into(),
-            token: "bench-token".into(),
-            source_host: tls[src].host().to_owned(),
-            tls: tls[dst].clone(),
-            spec: spec(cmd, vcpus, mib),
-        };
-        let dest = std::thread::spawn(move || {
-            let console = Console::new(4 << 20, None).unwrap();
-            let abort = AtomicBool::new(false);
-            let vm = migration::receive(
-                &listener,
-                &inc,
-                console.clone(),
-                &abort,
-                Instant::now() + Duration::from_secs(60),
-                &mut || {},
-            );
-            (vm, console)
-        });
-        let opts = SendOptions {
-            vm_id: "bench".into(),
-            token: "bench-token".into(),
-            destination: addr,
-            destination_host: tls[dst].host().to_owned(),
-            tls: tls[src].clone(),
-            downtime_budget: migration::DEFAULT_DOWNTIME,
-            max_rounds: migration::DEFAULT_MAX_ROUNDS,
-            timeout: Duration::from_secs(60),
-            auto_converge: false,
-            bandwidth_limit: 0,
-        };
-        let sent = migration::send(
+        let (sent, vm, console) = migrate_hop(
             &current.0,
-            &opts,
-            &AtomicBool::new(false),
-            MigrationProgress::default(),
-            &mut |_| {},
-        )
-        .unwrap_or_else(|e| panic!("{name} hop {hop}: {}", proto::error_chain(&e)));
-        current.0.stop();
+            &tls,
+            hop,
+            spec(cmd, vcpus, mib),
+            Duration::from_secs(60),
+        );
         texts.push(current.1.text());
-        let (vm, console) = dest.join().unwrap();
-        let vm = vm.unwrap();
         downtimes.push(sent.downtime.as_secs_f64() * 1000.0);
         totals.push(sent.total.as_secs_f64() * 1000.0);
         eprintln!(

@@ -241,3 +241,69 @@ pub fn time_to_marker(marker: &[u8], mut cmd: Command) -> (f64, f64) {
         first.unwrap().as_secs_f64() * 1000.0,
     )
 }
+
+/// One live-migration hop of `vm` between this process's two hosts (`hop` even: host 0 to
+/// host 1) over loopback TCP, as the VM processes do it; the destination VM is built from
+/// `spec`. Returns the source's figures and the running destination with its console.
+pub fn migrate_hop(
+    vm: &hostd::vmm::Vm,
+    tls: &[StreamTls; 2],
+    n: usize,
+    spec: hostd::vmm::VmSpec,
+    timeout: Duration,
+) -> (
+    hostd::migration::Sent,
+    hostd::vmm::Vm,
+    std::sync::Arc<hostd::console::Console>,
+) {
+    use hostd::console::Console;
+    use hostd::migration::{self, Incoming, SendOptions};
+    use std::sync::atomic::AtomicBool;
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (src, dst) = (n % 2, 1 - n % 2);
+    let inc = Incoming {
+        vm_id: "bench".into(),
+        token: "bench-token".into(),
+        source_host: tls[src].host().to_owned(),
+        tls: tls[dst].clone(),
+        spec,
+    };
+    let dest = std::thread::spawn(move || {
+        let console = Console::new(4 << 20, None).unwrap();
+        let vm = migration::receive(
+            &listener,
+            &inc,
+            console.clone(),
+            &AtomicBool::new(false),
+            Instant::now() + timeout,
+            &mut || {},
+        );
+        (vm, console)
+    });
+    let opts = SendOptions {
+        vm_id: "bench".into(),
+        token: "bench-token".into(),
+        destination: addr,
+        destination_host: tls[dst].host().to_owned(),
+        tls: tls[src].clone(),
+        downtime_budget: migration::DEFAULT_DOWNTIME,
+        max_rounds: migration::DEFAULT_MAX_ROUNDS,
+        timeout,
+        auto_converge: false,
+        bandwidth_limit: 0,
+    };
+    let sent = migration::send(
+        vm,
+        &opts,
+        &AtomicBool::new(false),
+        proto::host::MigrationProgress::default(),
+        &mut |_| {},
+    )
+    .unwrap_or_else(|e| panic!("hop {n}: {}", proto::error_chain(&e)));
+    vm.stop();
+    let (dest_vm, console) = dest.join().unwrap();
+    let dest_vm = dest_vm.unwrap_or_else(|e| panic!("hop {n}: {}", proto::error_chain(&e)));
+    (sent, dest_vm, console)
+}
