@@ -34,6 +34,7 @@ typedef unsigned long usize;
 #define EXIT_MEMORY_FAILED 2
 #define EXIT_BAD_CMDLINE 3
 #define EXIT_FAULT 4
+#define EXIT_NET_FAILED 5
 
 static inline void outb(u16 port, u8 v) { __asm__ __volatile__("outb %0, %1" ::"a"(v), "Nd"(port)); }
 static inline u8 inb(u16 port)
@@ -55,6 +56,52 @@ static inline void cpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d)
 static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
 static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
 static inline u8 mmio_read8(u64 addr) { return *(volatile u8 *)addr; }
+
+/* virtio-mmio (version 2) registers, status bits and split-ring descriptors, shared by
+ * the block and network drivers. */
+#define VM_MAGIC 0x000
+#define VM_VERSION 0x004
+#define VM_DEVICE_ID 0x008
+#define VM_DEVICE_FEATURES 0x010
+#define VM_DEVICE_FEATURES_SEL 0x014
+#define VM_DRIVER_FEATURES 0x020
+#define VM_DRIVER_FEATURES_SEL 0x024
+#define VM_QUEUE_SEL 0x030
+#define VM_QUEUE_NUM_MAX 0x034
+#define VM_QUEUE_NUM 0x038
+#define VM_QUEUE_READY 0x044
+#define VM_QUEUE_NOTIFY 0x050
+#define VM_INTERRUPT_STATUS 0x060
+#define VM_INTERRUPT_ACK 0x064
+#define VM_STATUS 0x070
+#define VM_QUEUE_DESC_LOW 0x080
+#define VM_QUEUE_DESC_HIGH 0x084
+#define VM_QUEUE_DRIVER_LOW 0x090
+#define VM_QUEUE_DRIVER_HIGH 0x094
+#define VM_QUEUE_DEVICE_LOW 0x0a0
+#define VM_QUEUE_DEVICE_HIGH 0x0a4
+#define VM_CONFIG 0x100
+
+#define STATUS_ACK 1
+#define STATUS_DRIVER 2
+#define STATUS_DRIVER_OK 4
+#define STATUS_FEATURES_OK 8
+
+#define F_VERSION_1 32
+#define DESC_NEXT 1
+#define DESC_WRITE 2
+#define VIRTIO_ID_NET 1
+#define VIRTIO_ID_BLOCK 2
+
+struct desc {
+	u64 addr;
+	u32 len;
+	u16 flags;
+	u16 next;
+};
+
+/* The base of the n-th "virtio_mmio.device=<size>@<base>:<irq>" word, or 0. */
+u64 virtio_mmio_base(const char *cl, unsigned n);
 
 /* lib.c */
 void *memset(void *d, int c, usize n);
@@ -87,6 +134,10 @@ extern u64 heap_start, heap_end;
 
 /* virtio_blk.c: returns 0 when every device passed. */
 int blk_run_all(const char *cmdline);
+
+/* virtio_net.c: 0 when there was nothing to do or it went well, 1 when it stopped for a
+ * shutdown request, -1 when it failed. */
+int net_run(const char *cmdline);
 
 /* dirty.c: 0 when every heartbeat was clean, 1 when it stopped for a shutdown request. */
 int heartbeat_run(void);

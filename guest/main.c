@@ -181,6 +181,13 @@ __attribute__((noreturn)) void guest_main(const struct hvm_start_info *si)
 	int status = EXIT_OK;
 	if (blk_run_all(cl))
 		status = EXIT_BLK_FAILED;
+	int net = net_run(cl);
+	if (net < 0 && !status)
+		status = EXIT_NET_FAILED;
+	if (net == 1) {
+		printf("GUEST done status=%d then=poweroff\n", status);
+		poweroff(status);
+	}
 	if (arg_is("mode", "heartbeat", "once")) {
 		int hb = heartbeat_run();
 		if (hb < 0 && !status)

@@ -12,35 +12,6 @@
  */
 #include "guest.h"
 
-/* virtio-mmio registers */
-#define VM_MAGIC 0x000
-#define VM_VERSION 0x004
-#define VM_DEVICE_ID 0x008
-#define VM_DEVICE_FEATURES 0x010
-#define VM_DEVICE_FEATURES_SEL 0x014
-#define VM_DRIVER_FEATURES 0x020
-#define VM_DRIVER_FEATURES_SEL 0x024
-#define VM_QUEUE_SEL 0x030
-#define VM_QUEUE_NUM_MAX 0x034
-#define VM_QUEUE_NUM 0x038
-#define VM_QUEUE_READY 0x044
-#define VM_QUEUE_NOTIFY 0x050
-#define VM_INTERRUPT_STATUS 0x060
-#define VM_INTERRUPT_ACK 0x064
-#define VM_STATUS 0x070
-#define VM_QUEUE_DESC_LOW 0x080
-#define VM_QUEUE_DESC_HIGH 0x084
-#define VM_QUEUE_DRIVER_LOW 0x090
-#define VM_QUEUE_DRIVER_HIGH 0x094
-#define VM_QUEUE_DEVICE_LOW 0x0a0
-#define VM_QUEUE_DEVICE_HIGH 0x0a4
-#define VM_CONFIG 0x100
-
-#define STATUS_ACK 1
-#define STATUS_DRIVER 2
-#define STATUS_DRIVER_OK 4
-#define STATUS_FEATURES_OK 8
-
 #define F_BLK_SIZE_MAX 1
 #define F_BLK_SEG_MAX 2
 #define F_BLK_RO 5
@@ -48,7 +19,6 @@
 #define F_BLK_FLUSH 9
 #define F_BLK_DISCARD 13
 #define F_BLK_WRITE_ZEROES 14
-#define F_VERSION_1 32
 
 #define T_IN 0
 #define T_OUT 1
@@ -61,19 +31,9 @@
 #define S_UNSUPP 2
 #define S_PENDING 0xff
 
-#define DESC_NEXT 1
-#define DESC_WRITE 2
-
 #define QSIZE_MAX 64
 #define SLOTS 16
 #define SECTOR 512
-
-struct desc {
-	u64 addr;
-	u32 len;
-	u16 flags;
-	u16 next;
-};
 
 struct req_hdr {
 	u32 type;
@@ -156,7 +116,7 @@ static u64 parse_num(const char **p)
 }
 
 /* Finds the n-th "virtio_mmio.device=" word; returns its base address or 0. */
-static u64 find_device(const char *cl, unsigned n)
+u64 virtio_mmio_base(const char *cl, unsigned n)
 {
 	const char *key = "virtio_mmio.device=";
 	usize klen = strlen(key);
@@ -600,8 +560,9 @@ int blk_run_all(const char *cl)
 	int failed = 0;
 	unsigned n = 0;
 	for (; n < 16; n++) {
-		u64 base = find_device(cl, n);
-		if (!base)
+		u64 base = virtio_mmio_base(cl, n);
+		/* hostd lists the disks first and the network interfaces after them. */
+		if (!base || mmio_read32(base + VM_DEVICE_ID) == VIRTIO_ID_NET)
 			break;
 		struct blk b = {.base = base, .index = n};
 		if (blk_init(&b) || blk_check(&b, seed + n))

@@ -5,7 +5,14 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const SOURCES: [&str; 5] = ["start.S", "lib.c", "main.c", "dirty.c", "virtio_blk.c"];
+const SOURCES: [&str; 6] = [
+    "start.S",
+    "lib.c",
+    "main.c",
+    "dirty.c",
+    "virtio_blk.c",
+    "virtio_net.c",
+];
 const OTHER_INPUTS: [&str; 2] = ["guest.h", "linker.ld"];
 
 const CFLAGS: &[&str] = &[
