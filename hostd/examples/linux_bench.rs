@@ -81,6 +81,10 @@ fn boots(hostd: &Path, qemu_bin: &Path, g: &Guest, runs: usize) {
     println!("RESULT qemu boot_ms={:.1}", median(theirs));
 }
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 fn ticks(text: &str) -> usize {
     text.matches("BENCH-TICK ").count()
 }
@@ -132,9 +136,14 @@ fn hostd_hops(g: &Guest, hops: usize) {
         );
         let downtime = sent.downtime.as_secs_f64() * 1000.0;
         eprintln!(
-            "hostd hop {hop}: downtime {downtime:.1} ms, total {:.0} ms, rounds {}",
-            sent.total.as_secs_f64() * 1000.0,
-            sent.rounds
+            "hostd hop {hop}: downtime {downtime:.1} ms (pause {:.1}, last delta {:.1}, restore {:.1}, resume {:.1}), total {:.0} ms, rounds {}, {} KiB",
+            ms(sent.switchover.pause),
+            ms(sent.switchover.last_delta),
+            ms(sent.switchover.restore),
+            ms(sent.switchover.resume),
+            ms(sent.total),
+            sent.rounds,
+            sent.bytes_sent >> 10
         );
         downtimes.push(downtime);
         // The guest goes on where it was on its new host before it moves again.
@@ -167,6 +176,10 @@ fn qemu_hops(qemu_bin: &Path, g: &Guest, hops: usize) {
 }
 
 fn main() {
+    // One line, so the emulated host's console watcher sees the whole reason at once.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("BENCH-PANIC {}", info.to_string().replace('\n', " "));
+    }));
     let a: Vec<String> = std::env::args().skip(1).collect();
     let [hostd, qemu_bin, kernel, initrd, runs, hops] = &a[..] else {
         eprintln!("usage: linux_bench HOSTD QEMU BZIMAGE INITRAMFS RUNS HOPS");

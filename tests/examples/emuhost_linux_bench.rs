@@ -89,7 +89,7 @@ fn main() {
             guest::initramfs(&cloud, INIT, guest::MODULES),
         );
     s = with_qemu(s);
-    s.fail_on.push("panicked at".into());
+    s.fail_on.push("BENCH-PANIC".into());
     s.total = std::time::Duration::from_secs(3000);
     // Each boot or hop shows a line well within a minute, even emulated.
     s = s

@@ -52,9 +52,10 @@ if [ -c /dev/kvm ]; then
 else
   echo "EMUHOST kvm MISSING"; dmesg | tail -20
 fi
+ip link set lo up
 if [ -e /scenario/outside ]; then
   for m in $(cat /etc/net-modules); do modprobe $m || echo "EMUHOST modprobe $m failed"; done
-  ip link set lo up; ip addr add 10.0.2.15/24 dev eth0; ip link set eth0 up
+  ip addr add 10.0.2.15/24 dev eth0; ip link set eth0 up
   ip route add default via 10.0.2.2
   # The host's loopback is 10.0.2.2 here; what the scenario dials at 127.0.0.1:PORT is
   # relayed there, so addresses read the same inside and out.
