@@ -1,6 +1,6 @@
-//! VM jobs: templates, snapshots, reverts, clones, destroys, reboots; and the disk access
-//! a host needs before it runs a VM (each disk's volume exported, the host's initiator
-//! granted).
+//! VM jobs: templates, snapshots, reverts, clones, destroys, reboots; and what a host
+//! needs before it runs a VM: disk access (each disk's volume exported, the host's
+//! initiator granted) and the VM's network interfaces on that host ([`HostAccess`]).
 //!
 //! **Crash consistency.** A VM snapshot (and a clone of a running VM) is a set of volume
 //! snapshots that must look like the disks at one instant, as after a power cut: a write
@@ -79,13 +79,53 @@ pub fn host_initiator(s: &PoolState, host_id: &str) -> Result<String, JobError> 
     Ok(iqn)
 }
 
+/// What a host is given to run a VM: its disks, access granted, and its network
+/// interfaces as planned for that host.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostAccess {
+    pub disks: Vec<hpb::DiskConfig>,
+    pub nets: Vec<hpb::NetConfig>,
+}
+
+/// The network interfaces of `vm` on `host_id`, in VIF order (`eth0`, `eth1`, ...), each
+/// with an empty tap for hostd to plug onto the network the attachment describes.
+pub fn nets_on(s: &PoolState, vm: &pb::Vm, host_id: &str) -> Vec<hpb::NetConfig> {
+    s.vif_plans(vm, host_id)
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let kind = match p.network.kind() {
+                pb::NetworkKind::External => hpb::AttachmentKind::External,
+                pb::NetworkKind::Private => hpb::AttachmentKind::Private,
+                pb::NetworkKind::Internal => hpb::AttachmentKind::Internal,
+                pb::NetworkKind::Unspecified => hpb::AttachmentKind::Unspecified,
+            };
+            hpb::NetConfig {
+                id: format!("eth{i}"),
+                tap: String::new(),
+                mac: p.vif.mac.clone(),
+                mtu: p.network.mtu,
+                rate_bytes_per_sec: p.vif.rate_bytes_per_sec,
+                rate_packets_per_sec: p.vif.rate_packets_per_sec,
+                vlan: (p.network.vlan != 0).then_some(p.network.vlan),
+                network: Some(hpb::NetworkAttachment {
+                    network_id: p.network.id.clone(),
+                    name: p.network.name.clone(),
+                    kind: kind as i32,
+                    nic: p.network.nic.clone(),
+                    vlan: p.network.vlan,
+                    mtu: p.network.mtu,
+                    vni: p.network.vni,
+                    peers: p.peers,
+                }),
+            }
+        })
+        .collect()
+}
+
 /// Makes sure the host may reach each disk's volume (exported, its initiator granted) and
-/// returns the disks as hostd takes them.
-pub async fn disk_access(
-    env: &Env,
-    vm: &pb::Vm,
-    host_id: &str,
-) -> Result<Vec<hpb::DiskConfig>, JobError> {
+/// returns the disks as hostd takes them, with the VM's network interfaces on that host.
+pub async fn disk_access(env: &Env, vm: &pb::Vm, host_id: &str) -> Result<HostAccess, JobError> {
     let spec = vm.spec.clone().unwrap_or_default();
     let (disks, pool_initiators, chap) = read(&*env.ledger, |s| {
         let pool: std::collections::BTreeSet<String> = s
@@ -99,6 +139,7 @@ pub async fn disk_access(
             .map_err(|st| JobError::from_status(format!("CHAP for host {host_id}"), st))?;
         Ok::<_, JobError>((disks_of(s, &spec)?, pool, chap))
     })?;
+    let nets = read(&*env.ledger, |s| nets_on(s, vm, host_id));
     let mut out = Vec::new();
     for (d, loc) in disks {
         let export = export_of(env, &loc, &d.volume_id).await?;
@@ -162,7 +203,7 @@ pub async fn disk_access(
             read_only: d.read_only,
         });
     }
-    Ok(out)
+    Ok(HostAccess { disks: out, nets })
 }
 
 /// The volume's export, created when it has none.
@@ -191,19 +232,19 @@ pub async fn export_of(env: &Env, loc: &SrLoc, volume_id: &str) -> Result<spb::E
     }
 }
 
-/// hostd's configuration of a pool VM with the given disks.
-pub fn vm_config(vm: &pb::Vm, disks: Vec<hpb::DiskConfig>) -> hpb::VmConfig {
+/// hostd's configuration of a pool VM with what its host was given.
+pub fn vm_config(vm: &pb::Vm, access: HostAccess) -> hpb::VmConfig {
     let spec = vm.spec.clone().unwrap_or_default();
     hpb::VmConfig {
         name: spec.name,
         vcpus: spec.vcpus,
         memory_bytes: spec.memory_bytes,
         boot: spec.boot,
-        disks,
+        disks: access.disks,
         cpuid_mask: vec![],
         console_buffer_bytes: 1 << 20,
         labels: spec.labels,
-        nets: Vec::new(),
+        nets: access.nets,
     }
 }
 
@@ -706,8 +747,8 @@ mod tests {
             .storage
             .grant_now("e-vol1", "iqn.2026-11.lab:poolctl-import");
         let vm = world.state().vms["vm1"].clone();
-        let disks = disk_access(&world.env(), &vm, "h2").await.unwrap();
-        assert_eq!(disks.len(), 1);
+        let access = disk_access(&world.env(), &vm, "h2").await.unwrap();
+        assert_eq!(access.disks.len(), 1);
         let calls = world.storage.calls();
         let revoke = world
             .storage
@@ -719,6 +760,77 @@ mod tests {
             !calls.iter().any(|c| c == "revoke:e-vol1:iqn.h1"),
             "{calls:?}"
         );
+    }
+
+    /// The host a VM starts or lands on gets its VIFs: MAC, MTU, rate and VLAN, the
+    /// network to plug each onto, and for a private network the other hosts as peers.
+    #[tokio::test]
+    async fn a_hosts_vm_config_carries_the_vms_vifs_and_their_networks() {
+        let world = World::two_hosts_one_running_vm();
+        {
+            let mut s = world.ledger.state.lock().unwrap();
+            let net = |id: &str, kind: pb::NetworkKind, vlan: u32, vni: u32| pb::Network {
+                id: id.into(),
+                name: format!("{id}-name"),
+                kind: kind as i32,
+                vlan,
+                mtu: 1400,
+                vni,
+                ..Default::default()
+            };
+            s.networks
+                .insert("n1".into(), net("n1", pb::NetworkKind::Private, 0, 7));
+            s.networks
+                .insert("n2".into(), net("n2", pb::NetworkKind::Internal, 12, 0));
+            let vm = s.vms.get_mut("vm1").unwrap();
+            vm.vifs = vec![
+                pb::Vif {
+                    id: "v1".into(),
+                    vm_id: "vm1".into(),
+                    network_id: "n1".into(),
+                    network_name: "n1-name".into(),
+                    mac: "02:00:00:00:00:01".into(),
+                    rate_bytes_per_sec: Some(1 << 20),
+                    ..Default::default()
+                },
+                pb::Vif {
+                    id: "v2".into(),
+                    vm_id: "vm1".into(),
+                    network_id: "n2".into(),
+                    network_name: "n2-name".into(),
+                    mac: "02:00:00:00:00:02".into(),
+                    ..Default::default()
+                },
+            ];
+        }
+        let vm = world.state().vms["vm1"].clone();
+        let config = vm_config(&vm, disk_access(&world.env(), &vm, "h2").await.unwrap());
+        assert_eq!(config.disks.len(), 1);
+        let [eth0, eth1] = &config.nets[..] else {
+            panic!("two VIFs, not {:?}", config.nets);
+        };
+        assert_eq!(
+            (eth0.id.as_str(), eth0.mac.as_str(), eth0.mtu, eth0.vlan),
+            ("eth0", "02:00:00:00:00:01", 1400, None)
+        );
+        assert_eq!(eth0.rate_bytes_per_sec, Some(1 << 20));
+        assert!(eth0.tap.is_empty(), "hostd plugs the tap");
+        let a = eth0.network.as_ref().unwrap();
+        assert_eq!(a.kind(), hpb::AttachmentKind::Private);
+        assert_eq!((a.name.as_str(), a.vni, a.mtu), ("n1-name", 7, 1400));
+        // h2's peers are the other hosts: h1 only.
+        assert_eq!(a.peers, ["h1"]);
+        assert_eq!(
+            (eth1.id.as_str(), eth1.mac.as_str(), eth1.vlan),
+            ("eth1", "02:00:00:00:00:02", Some(12))
+        );
+        let b = eth1.network.as_ref().unwrap();
+        assert_eq!((b.kind(), b.vlan), (hpb::AttachmentKind::Internal, 12));
+        assert!(b.peers.is_empty());
+        // On h1, the peer is h2.
+        let on_h1 = vm_config(&vm, disk_access(&world.env(), &vm, "h1").await.unwrap());
+        assert_eq!(on_h1.nets[0].network.as_ref().unwrap().peers, ["h2"]);
+        assert_eq!(on_h1.nets[0].mac, eth0.mac);
     }
 
     /// A VM from a template with start was placed by its job; the host filled up while
