@@ -31,6 +31,11 @@ pub struct Config {
     pub image_dirs: Vec<PathBuf>,
     /// Membership of a pool: without this section the host runs on its own.
     pub pool: Option<PoolConfig>,
+    /// The underlay address private networks' VXLAN traffic leaves from and the other
+    /// hosts send to (default: the address this host advertises to the pool).
+    pub vxlan_local: Option<std::net::IpAddr>,
+    /// The VXLAN UDP port, the same on every host of the pool (default 4789).
+    pub vxlan_port: Option<u16>,
 }
 
 /// The `[pool]` section: where the coordinators are and how this host is known to them.

@@ -425,6 +425,14 @@ fn daemon(args: Args) -> anyhow::Result<()> {
             initiator_iqn: config.initiator_iqn.clone().unwrap_or_default(),
             image_dirs,
             tls_dir: tls_dir.clone(),
+            // The peers the pool gives a private network are the other hosts' advertised
+            // addresses, so this host's VXLAN traffic leaves from its own.
+            networks: Some(hostd::network::HostNetConfig {
+                vxlan_local: config.vxlan_local.or_else(|| advertised_ip(&config)),
+                vxlan_port: config
+                    .vxlan_port
+                    .unwrap_or(hostd::network::VXLAN_PORT),
+            }),
         })
         .await?;
         let listen = config

@@ -103,7 +103,14 @@ fn status(e: ManagerError) -> Status {
             Status::failed_precondition(msg)
         }
         ManagerError::Unresponsive { .. } => Status::unavailable(msg),
-        ManagerError::Io { .. } | ManagerError::Spawn { .. } => Status::internal(msg),
+        // The host lacks what the network needs (its NIC, a VXLAN address) or a device
+        // of that name is someone else's: this host cannot run the VM as asked.
+        ManagerError::NoHostNetworks { .. } | ManagerError::Network { .. } => {
+            Status::failed_precondition(msg)
+        }
+        ManagerError::Io { .. } | ManagerError::Spawn { .. } | ManagerError::HostNetworks(_) => {
+            Status::internal(msg)
+        }
     }
 }
 

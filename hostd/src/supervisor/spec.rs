@@ -4,7 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use proto::host::{BootProtocol as ProtoBoot, DiskConfig, NetConfig, VmConfig, disk_config};
+use std::net::IpAddr;
+
+use proto::host::{
+    AttachmentKind, BootProtocol as ProtoBoot, DiskConfig, NetConfig, NetworkAttachment, VmConfig,
+    disk_config,
+};
 
 use crate::devices::virtio::block::backend::OpenError;
 use crate::devices::virtio::block::iscsi::{self, IscsiBackend, IscsiError, IscsiTarget};
@@ -12,6 +17,7 @@ use crate::devices::virtio::block::{Disk, FileBackend};
 use crate::devices::virtio::net::{
     DEFAULT_MTU, MacAddr, Nic, NicError, RateLimit, Tap, TapError, Vlan, tap,
 };
+use crate::network::{NetworkError, NetworkKind, NetworkSpec};
 use crate::vmm::{BootProtocol, BootSpec, CpuidRegs, MAX_VCPUS, MIN_MEMORY_BYTES, VmSpec, layout};
 
 /// Largest console history a client may ask for.
@@ -56,6 +62,34 @@ pub enum SpecError {
         id: String,
         #[source]
         source: TapError,
+    },
+    #[error(
+        "network interface {id:?} has neither a tap nor a network (an empty tap needs the \
+         network for this host to plug it onto)"
+    )]
+    NoTap { id: String },
+    #[error(
+        "network interface {id:?} names both tap {tap:?} and a network: either the caller \
+         made the tap, or this host plugs one onto the network"
+    )]
+    TapAndNetwork { id: String, tap: String },
+    #[error("network interface {id:?}: network {network:?} has no kind {kind}")]
+    AttachmentKind {
+        id: String,
+        network: String,
+        kind: i32,
+    },
+    #[error("network interface {id:?}: network {network:?}: peer {peer:?} is not an IP address")]
+    AttachmentPeer {
+        id: String,
+        network: String,
+        peer: String,
+    },
+    #[error("network interface {id:?}")]
+    Attachment {
+        id: String,
+        #[source]
+        source: Box<NetworkError>,
     },
     #[error("network interface id {id:?} is used twice")]
     DuplicateNet { id: String },
@@ -185,6 +219,22 @@ pub fn validate(
             images.check("disk image", Path::new(path))?;
         }
     }
+    // A client names a tap or the network this host plugs one onto; the VM process's
+    // record then has both.
+    for n in &config.nets {
+        match &n.network {
+            Some(_) if !n.tap.is_empty() => {
+                return Err(SpecError::TapAndNetwork {
+                    id: n.id.clone(),
+                    tap: n.tap.clone(),
+                });
+            }
+            Some(a) => {
+                attachment(&n.id, a)?;
+            }
+            None => {}
+        }
+    }
     check(config, initiator_iqn)
 }
 
@@ -232,7 +282,10 @@ fn check(config: &VmConfig, initiator_iqn: &str) -> Result<(), SpecError> {
     }
     let mut macs = Vec::with_capacity(config.nets.len());
     for (i, n) in config.nets.iter().enumerate() {
-        let (mac, ..) = check_net(n)?;
+        let (mac, ..) = check_net(n, false)?;
+        if n.tap.is_empty() && n.network.is_none() {
+            return Err(SpecError::NoTap { id: n.id.clone() });
+        }
         if config.nets[..i].iter().any(|o| o.id == n.id) {
             return Err(SpecError::DuplicateNet { id: n.id.clone() });
         }
@@ -324,13 +377,64 @@ fn iscsi_target(d: &DiskConfig, initiator_iqn: &str) -> Result<IscsiTarget, Spec
     })
 }
 
-/// A network interface's settings, checked: its MAC, MTU, rate limit and VLAN.
-fn check_net(n: &NetConfig) -> Result<(MacAddr, u16, RateLimit, Option<Vlan>), SpecError> {
+/// The host side of a network interface `id` that this host plugs: the network, checked
+/// as [`crate::network`] needs it, and for a private network the peers' addresses.
+pub fn attachment(
+    id: &str,
+    a: &NetworkAttachment,
+) -> Result<(NetworkSpec, Vec<IpAddr>), SpecError> {
+    let kind = match AttachmentKind::try_from(a.kind) {
+        Ok(AttachmentKind::External) => NetworkKind::External { nic: a.nic.clone() },
+        Ok(AttachmentKind::Private) => NetworkKind::Private,
+        Ok(AttachmentKind::Internal) => NetworkKind::Internal,
+        Ok(AttachmentKind::Unspecified) | Err(_) => {
+            return Err(SpecError::AttachmentKind {
+                id: id.into(),
+                network: a.name.clone(),
+                kind: a.kind,
+            });
+        }
+    };
+    let spec = NetworkSpec {
+        name: a.name.clone(),
+        kind,
+        // Out of u16 is out of 1..=4094 too: validate says so.
+        vlan: (a.vlan != 0).then(|| u16::try_from(a.vlan).unwrap_or(u16::MAX)),
+        mtu: if a.mtu == 0 {
+            u32::from(DEFAULT_MTU)
+        } else {
+            a.mtu
+        },
+    };
+    spec.validate().map_err(|source| SpecError::Attachment {
+        id: id.into(),
+        source: Box::new(source),
+    })?;
+    let peers = a
+        .peers
+        .iter()
+        .map(|p| {
+            p.parse::<IpAddr>().map_err(|_| SpecError::AttachmentPeer {
+                id: id.into(),
+                network: a.name.clone(),
+                peer: p.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((spec, peers))
+}
+
+/// A network interface's settings, checked: its MAC, MTU, rate limit and VLAN, and its
+/// tap's name when `need_tap` (an empty one is for the host to plug).
+fn check_net(
+    n: &NetConfig,
+    need_tap: bool,
+) -> Result<(MacAddr, u16, RateLimit, Option<Vlan>), SpecError> {
     let err = |source| SpecError::Net {
         id: n.id.clone(),
         source,
     };
-    if !tap::valid_name(&n.tap) {
+    if (need_tap || !n.tap.is_empty()) && !tap::valid_name(&n.tap) {
         return Err(SpecError::TapName {
             id: n.id.clone(),
             tap: n.tap.clone(),
@@ -349,7 +453,7 @@ fn check_net(n: &NetConfig) -> Result<(MacAddr, u16, RateLimit, Option<Vlan>), S
 
 /// Opens a network interface's tap (the host's plumbing made it) and makes the VIF.
 pub fn open_net(n: &NetConfig) -> Result<Nic, SpecError> {
-    let (mac, mtu, rate, vlan) = check_net(n)?;
+    let (mac, mtu, rate, vlan) = check_net(n, true)?;
     let tap = Tap::open(&n.tap).map_err(|source| SpecError::Tap {
         id: n.id.clone(),
         source,
@@ -547,6 +651,72 @@ mod tests {
             tap: tap.into(),
             mac: mac.into(),
             ..Default::default()
+        }
+    }
+
+    /// An interface with an empty tap is the daemon's to plug onto its network: its
+    /// network is checked as the host plumbing needs it; a VM process never gets one.
+    #[test]
+    fn an_interface_names_its_tap_or_its_network_and_the_vm_process_needs_the_tap() {
+        let mut c = config(crate::testguest::ELF_PATH);
+        let lan = NetworkAttachment {
+            name: "lan".into(),
+            kind: AttachmentKind::Private as i32,
+            peers: vec!["10.0.0.2".into()],
+            ..Default::default()
+        };
+        c.nets.push(NetConfig {
+            network: Some(lan.clone()),
+            ..net("eth0", "", "02:00:00:00:00:01")
+        });
+        validate(&c, "", &anywhere()).unwrap();
+        let (spec, peers) = attachment("eth0", &lan).unwrap();
+        assert_eq!(
+            (spec.kind, spec.mtu, spec.vlan),
+            (NetworkKind::Private, 1500, None)
+        );
+        assert_eq!(peers, ["10.0.0.2".parse::<IpAddr>().unwrap()]);
+        assert!(matches!(
+            to_spec(&c, ""),
+            Err(SpecError::TapName { ref tap, .. }) if tap.is_empty()
+        ));
+        let bad = |f: &dyn Fn(&mut NetConfig)| {
+            let mut c = c.clone();
+            f(&mut c.nets[0]);
+            validate(&c, "", &anywhere()).unwrap_err()
+        };
+        assert!(matches!(
+            bad(&|n| n.tap = "tap0".into()),
+            SpecError::TapAndNetwork { .. }
+        ));
+        assert!(matches!(
+            bad(&|n| n.network = None),
+            SpecError::NoTap { .. }
+        ));
+        let bad_on = |f: &dyn Fn(&mut NetworkAttachment)| {
+            bad(&|n: &mut NetConfig| f(n.network.as_mut().unwrap()))
+        };
+        assert!(matches!(
+            bad_on(&|a| a.kind = 0),
+            SpecError::AttachmentKind { kind: 0, .. }
+        ));
+        assert!(matches!(
+            bad_on(&|a| a.peers = vec!["host-b".into()]),
+            SpecError::AttachmentPeer { .. }
+        ));
+        let fields: [&dyn Fn(&mut NetworkAttachment); 5] = [
+            &|a| a.vlan = 4095,
+            &|a| a.vlan = 70_000,
+            &|a| a.mtu = 9001,
+            &|a| a.name = String::new(),
+            &|a| {
+                a.kind = AttachmentKind::External as i32;
+                a.nic = "a-much-too-long-nic".into();
+            },
+        ];
+        for f in fields {
+            let e = bad_on(f);
+            assert!(matches!(e, SpecError::Attachment { .. }), "{e:?}");
         }
     }
 

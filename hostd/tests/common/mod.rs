@@ -128,6 +128,20 @@ impl Daemon {
         ip: &str,
         initiator_iqn: &str,
     ) -> Daemon {
+        Self::start_networked(pki, host, run_dir, reserved, ip, initiator_iqn, None).await
+    }
+
+    /// As [`Daemon::start_in`], plugging VMs' taps onto networks with `networks` (in the
+    /// calling thread's network namespace: a test gives it one of its own).
+    pub async fn start_networked(
+        pki: Arc<Pki>,
+        host: &str,
+        run_dir: &Path,
+        reserved: u64,
+        ip: &str,
+        initiator_iqn: &str,
+        networks: Option<hostd::network::HostNetConfig>,
+    ) -> Daemon {
         let identity = Identity::Host(host.into());
         let tls = pki.issue(&identity, &[ip]);
         let manager = Manager::new(ManagerConfig {
@@ -147,6 +161,7 @@ impl Daemon {
             ])
             .expect("image directories"),
             tls_dir: pki.dir_of(&identity),
+            networks,
         })
         .await
         .unwrap();

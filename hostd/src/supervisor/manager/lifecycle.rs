@@ -148,6 +148,10 @@ impl Manager {
         if !entry.wait_until(wait, |s| s.last).await {
             self.kill(&entry).await;
         }
+        if !is_live(entry.power()) {
+            let config = entry.lock().config.clone();
+            self.unplug_nets(id, &config).await;
+        }
         Ok(entry.to_proto())
     }
 
@@ -163,6 +167,8 @@ impl Manager {
             }
         }
         self.vms.lock().await.remove(id);
+        let config = entry.lock().config.clone();
+        self.unplug_nets(id, &config).await;
         let dir = self.vm_dir(id);
         if dir.exists() {
             std::fs::remove_dir_all(&dir)

@@ -72,10 +72,14 @@ impl Manager {
             tls_dir: self.cfg.tls_dir.display().to_string(),
         };
         let _op = entry.op.lock().await;
-        match self.spawn(&entry, &dir, config, Some(incoming)).await {
+        match self
+            .spawn(&entry, &dir, config.clone(), Some(incoming))
+            .await
+        {
             Ok(()) => {
                 let s = entry.lock().state.clone();
                 if s.last {
+                    self.unplug_nets(id, &config).await;
                     return Err(ManagerError::StartFailed {
                         id: id.into(),
                         detail: s.detail,
@@ -164,6 +168,9 @@ impl Manager {
             if vms.get(id).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
                 vms.remove(id);
                 let _ = std::fs::remove_dir_all(self.vm_dir(id));
+                drop(vms);
+                let config = entry.lock().config.clone();
+                self.unplug_nets(id, &config).await;
             }
         }
     }

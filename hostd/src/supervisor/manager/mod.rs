@@ -18,12 +18,14 @@
 //! - `console`: console history, input and log.
 //! - `disks`: attaching and detaching disks.
 //! - `migration`: receiving, sending and cancelling live migrations.
+//! - `nets`: plugging and unplugging the taps of VMs' network interfaces.
 
 mod console;
 mod disks;
 mod entry;
 mod lifecycle;
 mod migration;
+mod nets;
 mod process;
 mod status;
 
@@ -62,6 +64,9 @@ pub struct ManagerConfig {
     pub image_dirs: crate::supervisor::spec::ImageDirs,
     /// The host's TLS directory: VM processes read it for the migration stream.
     pub tls_dir: PathBuf,
+    /// This host's side of the pool's networks, in the daemon's network namespace;
+    /// `None`: VMs' interfaces must name taps made by someone else.
+    pub networks: Option<crate::network::HostNetConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,12 +114,27 @@ pub enum ManagerError {
     StartFailed { id: String, detail: String },
     #[error("VM {id}: {detail}")]
     Command { id: String, detail: String },
+    #[error(
+        "VM {id} has network interfaces for this host to plug, and this host has no host \
+         networking configured"
+    )]
+    NoHostNetworks { id: String },
+    #[error("VM {id}: network interface {nic:?}")]
+    Network {
+        id: String,
+        nic: String,
+        #[source]
+        source: Box<crate::network::NetworkError>,
+    },
+    #[error("setting up host networking")]
+    HostNetworks(#[source] Box<crate::network::NetworkError>),
     #[error("VM {id}'s process is not answering ({what})")]
     Unresponsive { id: String, what: String },
 }
 
 pub struct Manager {
     cfg: ManagerConfig,
+    networks: Option<Arc<crate::network::HostNetworks>>,
     vms: tokio::sync::Mutex<BTreeMap<String, Arc<Entry>>>,
 }
 
@@ -141,7 +161,8 @@ fn valid_id(id: &str) -> bool {
 
 impl Manager {
     /// A manager over `cfg.run_dir`; VM processes left by an earlier daemon are found
-    /// again (their directories name them) and the stale directories of dead ones removed.
+    /// again (their directories name them), the stale directories of dead ones removed,
+    /// and the network devices of VMs it does not know.
     pub async fn new(cfg: ManagerConfig) -> Result<Arc<Self>, ManagerError> {
         let vms_dir = cfg.run_dir.join("vms");
         // VM records hold the CHAP secrets of their disks: 0600 files in 0700 directories.
@@ -159,11 +180,20 @@ impl Manager {
                     source,
                 })?;
         }
+        let networks = match &cfg.networks {
+            Some(c) => Some(Arc::new(
+                crate::network::HostNetworks::new(c.clone())
+                    .map_err(|e| ManagerError::HostNetworks(Box::new(e)))?,
+            )),
+            None => None,
+        };
         let mgr = Arc::new(Self {
             cfg,
+            networks,
             vms: tokio::sync::Mutex::new(BTreeMap::new()),
         });
         mgr.reattach().await;
+        mgr.cleanup_stale_nets().await;
         Ok(mgr)
     }
 

@@ -43,7 +43,7 @@ impl Manager {
                 Ok(stream) => {
                     let entry = Entry::new(
                         record.id.clone(),
-                        record.config.unwrap_or_default(),
+                        super::nets::as_given(record.config.unwrap_or_default()),
                         VmState::default(),
                     );
                     self.attach(&entry, stream).await;
@@ -65,7 +65,24 @@ impl Manager {
         }
     }
 
+    /// Plugs the VM's taps, then starts its process; a start that fails unplugs them
+    /// again.
     pub(super) async fn spawn(
+        self: &Arc<Self>,
+        entry: &Arc<Entry>,
+        dir: &Path,
+        config: VmConfig,
+        incoming: Option<IncomingRecord>,
+    ) -> Result<(), ManagerError> {
+        let plugged = self.plug_nets(&entry.id, config.clone()).await?;
+        let result = self.spawn_process(entry, dir, plugged, incoming).await;
+        if result.is_err() {
+            self.unplug_nets(&entry.id, &config).await;
+        }
+        result
+    }
+
+    async fn spawn_process(
         self: &Arc<Self>,
         entry: &Arc<Entry>,
         dir: &Path,

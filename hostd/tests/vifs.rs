@@ -1,0 +1,356 @@
+//! A pool VM's network interfaces end to end through `HostService`: the daemon plugs each
+//! interface's tap onto its network's bridge before the VM process starts, removes the
+//! taps and the networks left unused when the VM goes, and a daemon starting after a
+//! crash removes what the crash left. The daemon runs inside a network namespace of the
+//! test's own (a thread moved into it with a current-thread runtime: its netlink socket,
+//! its taps and its VM processes are all there), so nothing touches the machine's
+//! interfaces; the namespace goes with its last thread. Needs root and KVM (CI has both).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+mod common;
+
+use common::*;
+use hostd::network::{Device, HostNetConfig, HostNetworks, NetworkKind, NetworkSpec, names};
+use proto::host::*;
+use rtnetlink::LinkUnspec;
+use tonic::Code;
+
+const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// Runs `f` on a new thread in a new network namespace, on a current-thread runtime.
+fn in_new_netns<F: std::future::Future<Output = ()>>(f: impl FnOnce() -> F + Send + 'static) {
+    std::thread::spawn(move || {
+        // SAFETY: unshare takes flags only; it moves this thread, ours, which ends after `f`.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                loopback_up().await;
+                f().await
+            })
+    })
+    .join()
+    .unwrap();
+}
+
+/// A new namespace's loopback starts down; the daemon serves on it.
+async fn loopback_up() {
+    let (conn, handle, _) = rtnetlink::new_connection().unwrap();
+    tokio::spawn(conn);
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(1).up().build())
+        .execute()
+        .await
+        .unwrap();
+}
+
+fn host_net() -> HostNetConfig {
+    HostNetConfig {
+        vxlan_local: Some(LOCAL),
+        ..HostNetConfig::default()
+    }
+}
+
+fn attachment(name: &str, kind: AttachmentKind, nic: &str, peers: &[&str]) -> NetworkAttachment {
+    NetworkAttachment {
+        network_id: format!("id-{name}"),
+        name: name.into(),
+        kind: kind as i32,
+        nic: nic.into(),
+        mtu: 1400,
+        vni: 9,
+        peers: peers.iter().map(|p| p.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn vif(id: &str, mac: &str, network: NetworkAttachment) -> NetConfig {
+    NetConfig {
+        id: id.into(),
+        mac: mac.into(),
+        mtu: 1400,
+        network: Some(network),
+        ..Default::default()
+    }
+}
+
+fn find<'a>(devices: &'a [Device], name: &str) -> Option<&'a Device> {
+    devices.iter().find(|d| d.name == name)
+}
+
+/// The names of the devices this module makes (bridges, VXLAN devices, taps).
+fn owned(devices: &[Device]) -> Vec<String> {
+    let mut names: Vec<String> = devices
+        .iter()
+        .filter(|d| names::parse(&d.name).is_some())
+        .map(|d| d.name.clone())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn vifs_are_plugged_before_the_vm_runs_and_removed_with_it() {
+    in_new_netns(|| async {
+        let probe = HostNetworks::new(host_net()).unwrap();
+        // What a daemon killed with a VM running leaves: a network and the VM's tap.
+        let stale = NetworkSpec {
+            name: "left-behind".into(),
+            kind: NetworkKind::Internal,
+            vlan: None,
+            mtu: 1500,
+        };
+        probe.ensure_network(&stale).await.unwrap();
+        let ghost_tap = probe.plug_tap(&stale, "ghost", 0).await.unwrap();
+        assert!(find(&probe.devices().await.unwrap(), &ghost_tap).is_some());
+
+        let dir = tempfile::tempdir().unwrap();
+        let d = Daemon::start_networked(
+            Arc::new(Pki::new()),
+            HOST,
+            dir.path(),
+            0,
+            "127.0.0.1",
+            "",
+            Some(host_net()),
+        )
+        .await;
+        // The daemon knows no VM "ghost": its tap and the network only it was on are gone.
+        let devices = probe.devices().await.unwrap();
+        assert_eq!(owned(&devices), Vec::<String>::new(), "{devices:?}");
+
+        let mut c = d.client().await;
+        let mut cfg = config("seed=3 mode=heartbeat hb_ms=20");
+        cfg.nets = vec![
+            vif(
+                "eth0",
+                "02:00:00:00:00:01",
+                attachment("inside", AttachmentKind::Internal, "", &[]),
+            ),
+            vif(
+                "eth1",
+                "02:00:00:00:00:02",
+                attachment("across", AttachmentKind::Private, "", &["192.0.2.7"]),
+            ),
+        ];
+
+        // A network whose NIC this host lacks: refused, nothing made, no VM left.
+        let mut bad = cfg.clone();
+        bad.nets.push(vif(
+            "eth2",
+            "02:00:00:00:00:03",
+            attachment("lan", AttachmentKind::External, "eth9", &[]),
+        ));
+        let err = c
+            .create_vm(CreateVmRequest {
+                vm_id: "vm-bad".into(),
+                config: Some(bad),
+                start: true,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+        assert!(
+            err.message()
+                .contains("\"eth9\" does not exist on this host"),
+            "{err}"
+        );
+        let devices = probe.devices().await.unwrap();
+        assert_eq!(owned(&devices), Vec::<String>::new(), "{devices:?}");
+        let listed = c.list_vms(ListVmsRequest::default()).await.unwrap();
+        assert!(listed.into_inner().vms.is_empty());
+
+        // A tap given with a network, and neither: refused before anything is made.
+        let mut both = cfg.clone();
+        both.nets[0].tap = "mytap".into();
+        let mut neither = cfg.clone();
+        neither.nets[0].network = None;
+        for c_bad in [both, neither] {
+            let err = c
+                .create_vm(CreateVmRequest {
+                    vm_id: "vm-bad".into(),
+                    config: Some(c_bad),
+                    start: false,
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        }
+
+        let vm = create(&mut c, "vm-1", cfg, true).await;
+        assert_eq!(vm.power_state, PowerState::Running as i32);
+        // The VM's own config keeps its taps empty: this host's to plug at every start.
+        assert!(vm.config.unwrap().nets.iter().all(|n| n.tap.is_empty()));
+        let mut console = ConsoleReader::open(&mut c, "vm-1").await;
+        assert!(console.wait_for("HB seq=3 ").await, "{}", console.text);
+
+        let devices = probe.devices().await.unwrap();
+        for (index, network) in [(0, "inside"), (1, "across")] {
+            let tap = find(&devices, &names::tap_name("vm-1", index))
+                .unwrap_or_else(|| panic!("no tap {index}: {devices:?}"));
+            let bridge = find(&devices, &names::bridge_name(network)).unwrap();
+            assert_eq!(tap.controller, Some(bridge.index), "{tap:?} {bridge:?}");
+            assert!(tap.up && bridge.up, "{tap:?} {bridge:?}");
+            assert_eq!((tap.mtu, bridge.mtu), (1400, 1400));
+        }
+        let vxlan = find(&devices, &names::vxlan_name("across")).unwrap();
+        assert_eq!(vxlan.vxlan_local, Some(LOCAL));
+        let across = NetworkSpec {
+            name: "across".into(),
+            kind: NetworkKind::Private,
+            vlan: None,
+            mtu: 1400,
+        };
+        assert_eq!(
+            probe.private_peers(&across).await.unwrap(),
+            ["192.0.2.7".parse::<IpAddr>().unwrap()]
+        );
+
+        c.destroy_vm(VmRequest {
+            vm_id: "vm-1".into(),
+        })
+        .await
+        .unwrap();
+        let devices = probe.devices().await.unwrap();
+        assert_eq!(owned(&devices), Vec::<String>::new(), "{devices:?}");
+    });
+}
+
+/// The `hostd` binary on loopback in the calling thread's namespace, not tying its VMs to
+/// it; returns it and its address.
+async fn hostd_binary(pki: &Pki, run_dir: &std::path::Path) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let host = pool_trust::Identity::Host(HOST.into());
+    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_hostd"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--host-id",
+            HOST,
+            "--log",
+            "info",
+        ])
+        .arg("--tls-dir")
+        .arg(pki.dir_of(&host))
+        .arg("--run-dir")
+        .arg(run_dir)
+        .arg("--image-dir")
+        .arg(
+            std::path::Path::new(hostd::testguest::ELF_PATH)
+                .parent()
+                .unwrap(),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(run_dir.join("hostd.log"))
+                .unwrap(),
+        )
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(daemon.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .expect("the daemon prints its address")
+        .unwrap()
+        .unwrap();
+    let addr = line
+        .strip_prefix("hostd listening on ")
+        .expect("address line")
+        .to_owned();
+    (daemon, addr)
+}
+
+/// Kills the VM processes a test started outside any daemon's care, however it ends.
+struct KillOnDrop(Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: kill(2) of a VM process this test started through its daemon.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+#[test]
+fn a_daemon_restarted_after_a_crash_removes_what_no_vm_it_knows_uses() {
+    in_new_netns(|| async {
+        let probe = HostNetworks::new(host_net()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
+        pki.issue(&pool_trust::Identity::Host(HOST.into()), &["127.0.0.1"]);
+        let member = pki.issue(&pool_trust::Identity::Member(1), &[]);
+        let (mut daemon, addr) = hostd_binary(&pki, dir.path()).await;
+        let mut c = connect_as(&addr, &member).await;
+        let mut pids = KillOnDrop(Vec::new());
+        for (vm, network, mac) in [
+            ("stays", "inside", "02:00:00:00:01:01"),
+            ("dies", "solo", "02:00:00:00:01:02"),
+        ] {
+            let mut cfg = config("then=spin");
+            cfg.nets = vec![vif(
+                "eth0",
+                mac,
+                attachment(network, AttachmentKind::Internal, "", &[]),
+            )];
+            let created = create(&mut c, vm, cfg, true).await;
+            pids.0.push(created.vmm_pid);
+        }
+        let taps = [names::tap_name("stays", 0), names::tap_name("dies", 0)];
+        let bridges = [names::bridge_name("inside"), names::bridge_name("solo")];
+        let devices = probe.devices().await.unwrap();
+        let mut all: Vec<String> = taps.iter().chain(&bridges).cloned().collect();
+        all.sort();
+        assert_eq!(owned(&devices), all, "{devices:?}");
+
+        // The daemon dies at once, and so does one of its VMs: that VM's tap and the
+        // network only it was on are left with nobody to remove them.
+        daemon.start_kill().unwrap();
+        daemon.wait().await.unwrap();
+        // SAFETY: kill(2) of the VM process this test's daemon started.
+        unsafe { libc::kill(pids.0[1] as i32, libc::SIGKILL) };
+        while process_alive(pids.0[1]) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(owned(&probe.devices().await.unwrap()), all);
+
+        // The next daemon finds "stays" again and keeps what it uses; the rest goes
+        // before it serves.
+        let (_daemon, addr) = hostd_binary(&pki, dir.path()).await;
+        let devices = probe.devices().await.unwrap();
+        let mut kept = vec![taps[0].clone(), bridges[0].clone()];
+        kept.sort();
+        assert_eq!(owned(&devices), kept, "{devices:?}");
+        let tap = find(&devices, &taps[0]).unwrap();
+        assert_eq!(
+            tap.controller,
+            Some(find(&devices, &bridges[0]).unwrap().index)
+        );
+        let mut c = connect_as(&addr, &member).await;
+        let vms = c.list_vms(ListVmsRequest::default()).await.unwrap();
+        let vms = vms.into_inner().vms;
+        assert_eq!(vms.len(), 1, "{vms:?}");
+        assert_eq!(vms[0].power_state, PowerState::Running as i32);
+        // Found again, its interface is still this host's to plug (no tap in its config).
+        let found = vms[0].config.clone().unwrap();
+        assert!(found.nets[0].tap.is_empty(), "{found:?}");
+
+        c.destroy_vm(VmRequest {
+            vm_id: "stays".into(),
+        })
+        .await
+        .unwrap();
+        assert!(!process_alive(pids.0[0]));
+        assert_eq!(owned(&probe.devices().await.unwrap()), Vec::<String>::new());
+    });
+}
