@@ -424,6 +424,7 @@ fn poll_for_more(shared: &Shared) -> bool {
 /// Serves every available request: at once on this thread, or handed to the backend's
 /// asynchronous face when it has one.
 fn process(shared: &Arc<Shared>, bounce: &mut Vec<u8>, mode: Mode) {
+    let mut retried = false;
     loop {
         let mut batch = Vec::new();
         {
@@ -438,11 +439,23 @@ fn process(shared: &Arc<Shared>, bounce: &mut Vec<u8>, mode: Mode) {
                 batch.push((head, descs));
             }
         }
+        let popped = !batch.is_empty();
         for (head, descs) in batch {
             handle(shared, head, &descs, bounce, mode);
         }
         match lock(&shared.queue).enable_notification(&shared.mem) {
-            Ok(true) => continue,
+            Ok(true) if popped || !retried => {
+                // A request that came after the ring was found empty is popped next round.
+                retried = !popped;
+                continue;
+            }
+            Ok(true) => {
+                // The driver says there is more, yet twice nothing could be popped: its
+                // available index is not valid. Wait for its next kick rather than spin.
+                shared.disk.metrics.invalid();
+                tracing::warn!(disk = %shared.disk.id_str(), "virtio-blk available ring index is not valid");
+                break;
+            }
             Ok(false) => break,
             Err(e) => {
                 tracing::warn!(disk = %shared.disk.id_str(), error = %e, "virtio-blk queue");
@@ -490,5 +503,45 @@ fn handle(shared: &Arc<Shared>, head: u16, descs: &[Desc], bounce: &mut Vec<u8>,
             let c = req.execute(mem, disk, bounce);
             shared.complete(head, c.used_len);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::IrqLine;
+    use crate::devices::virtio::block::backend::FileBackend;
+    use crate::devices::virtio::net::test_utils::{DriverQueue, mem};
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn a_driver_whose_available_index_runs_past_its_ring_is_counted_not_spun_on() {
+        let img = tempfile::NamedTempFile::new().unwrap();
+        img.as_file().set_len(1 << 20).unwrap();
+        let backend = FileBackend::open(img.path(), false).unwrap();
+        let block = Block::new(Disk::new("vda", Arc::new(backend), false));
+        let mem = mem();
+        let driver = DriverQueue::new(16, 0x1000);
+        let shared = Arc::new(Shared {
+            mem: mem.clone(),
+            queue: Mutex::new(driver.queue()),
+            interrupt: Arc::new(VirtioInterrupt::new(IrqLine::new(5).unwrap())),
+            disk: block.context(),
+            inflight: Mutex::new(0),
+            drained: Condvar::new(),
+            drained_async: tokio::sync::Notify::new(),
+        });
+        // The available ring's index, 1000 entries ahead of a 16-entry ring.
+        mem.write_obj(1000u16, GuestAddress(0x1000 + 16 * 16 + 2))
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = shared.clone();
+        std::thread::spawn(move || {
+            process(&worker, &mut Vec::new(), Mode::Thread);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the worker spins on a broken ring instead of waiting for a kick");
+        assert_eq!(block.disk.metrics.snapshot().invalid, 1);
     }
 }
