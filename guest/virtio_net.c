@@ -471,13 +471,19 @@ static __attribute__((noreturn)) void bad_cmdline(const char *key)
 
 static int net_init(const char *cl)
 {
-	for (unsigned n = 0; n < 16 && !net.base; n++) {
+	for (unsigned n = 0; n < 32 && !net.base; n++) {
 		u64 base = virtio_mmio_base(cl, n);
 		if (!base)
 			break;
-		if (mmio_read32(base + VM_MAGIC) == 0x74726976 && mmio_read32(base + VM_VERSION) == 2 &&
-		    mmio_read32(base + VM_DEVICE_ID) == VIRTIO_ID_NET)
-			net.base = base;
+		if (mmio_read32(base + VM_MAGIC) != 0x74726976 || mmio_read32(base + VM_DEVICE_ID) != VIRTIO_ID_NET)
+			continue;
+		u32 version = mmio_read32(base + VM_VERSION);
+		if (version != 2) {
+			/* QEMU: -global virtio-mmio.force-legacy=false */
+			printf("NET error=unsupported-virtio-mmio version=%u base=0x%lx\n", version, base);
+			return -1;
+		}
+		net.base = base;
 	}
 	if (!net.base) {
 		puts("NET error=no-device\n");
