@@ -327,8 +327,13 @@ static void udp_in(const u8 *f, u32 src, const u8 *u, u32 len)
 static void ip_in(const u8 *f, u32 n)
 {
 	const u8 *ip = f + ETH;
-	u32 room = n - ETH, ihl = (u32)(ip[0] & 15) * 4;
-	if (room < 20 || ip[0] >> 4 != 4 || ihl < 20 || ihl > room) {
+	u32 room = n - ETH;
+	if (room < 20) {
+		net.bad++;
+		return;
+	}
+	u32 ihl = (u32)(ip[0] & 15) * 4;
+	if (ip[0] >> 4 != 4 || ihl < 20 || ihl > room) {
 		net.bad++;
 		return;
 	}
