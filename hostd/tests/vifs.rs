@@ -219,6 +219,67 @@ fn vifs_are_plugged_before_the_vm_runs_and_removed_with_it() {
         .unwrap();
         let devices = probe.devices().await.unwrap();
         assert_eq!(owned(&devices), Vec::<String>::new(), "{devices:?}");
+
+        // A guest that powers off by itself gives its tap back; a start plugs it again.
+        let mut off = config("seed=1");
+        off.nets = vec![vif(
+            "eth0",
+            "02:00:00:00:00:04",
+            attachment("inside", AttachmentKind::Internal, "", &[]),
+        )];
+        create(&mut c, "vm-off", off, true).await;
+        wait_state(&mut c, "vm-off", PowerState::Stopped).await;
+        let deadline = std::time::Instant::now() + WAIT;
+        while !owned(&probe.devices().await.unwrap()).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                probe.devices().await.unwrap()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        c.destroy_vm(VmRequest {
+            vm_id: "vm-off".into(),
+        })
+        .await
+        .unwrap();
+
+        // Shut down, a VM's tap goes; started again, it is back on its bridge.
+        let mut spin = config("then=spin");
+        spin.nets = vec![vif(
+            "eth0",
+            "02:00:00:00:00:05",
+            attachment("inside", AttachmentKind::Internal, "", &[]),
+        )];
+        create(&mut c, "vm-spin", spin, true).await;
+        let tap = names::tap_name("vm-spin", 0);
+        assert!(find(&probe.devices().await.unwrap(), &tap).is_some());
+        c.shutdown_vm(ShutdownVmRequest {
+            vm_id: "vm-spin".into(),
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert_eq!(owned(&probe.devices().await.unwrap()), Vec::<String>::new());
+        c.start_vm(VmRequest {
+            vm_id: "vm-spin".into(),
+        })
+        .await
+        .unwrap();
+        let devices = probe.devices().await.unwrap();
+        let bridge = find(&devices, &names::bridge_name("inside")).unwrap();
+        assert_eq!(
+            find(&devices, &tap).map(|t| t.controller),
+            Some(Some(bridge.index)),
+            "{devices:?}"
+        );
+        c.destroy_vm(VmRequest {
+            vm_id: "vm-spin".into(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(owned(&probe.devices().await.unwrap()), Vec::<String>::new());
     });
 }
 

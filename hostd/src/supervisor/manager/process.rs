@@ -228,6 +228,7 @@ impl Manager {
         *entry.conn.lock().await = Some(Conn { writer, next_id: 0 });
         let entry = entry.clone();
         let dir = self.vm_dir(&entry.id);
+        let manager = self.clone();
         tokio::spawn(async move {
             let mut buf = Vec::new();
             let mut chunk = vec![0u8; 64 * 1024];
@@ -312,6 +313,21 @@ impl Manager {
                 entry.set_state(s);
             }
             entry.lock().pid = 0;
+            // A VM that stopped by itself (guest poweroff, a crash, migrated away) gives
+            // its taps back. Under the VM's op lock, so a start that plugs them again
+            // comes wholly before (and the VM is live here) or after; and only while
+            // this entry is the VM's (a VM that came back by migration has a new one).
+            let _op = entry.op.lock().await;
+            let current = manager
+                .vms
+                .lock()
+                .await
+                .get(&entry.id)
+                .is_some_and(|e| Arc::ptr_eq(e, &entry));
+            if current && !is_live(entry.power()) {
+                let config = entry.lock().config.clone();
+                manager.unplug_nets(&entry.id, &config).await;
+            }
         });
     }
 
