@@ -415,3 +415,262 @@ fn a_daemon_restarted_after_a_crash_removes_what_no_vm_it_knows_uses() {
         assert_eq!(owned(&probe.devices().await.unwrap()), Vec::<String>::new());
     });
 }
+
+/// A network namespace playing one host, alive while this value is (its descriptor).
+struct Netns {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        use std::os::fd::FromRawFd;
+        let fd = std::thread::spawn(|| {
+            // SAFETY: unshare takes flags only; this thread is ours and ends right after.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+            let path = c"/proc/thread-self/ns/net";
+            // SAFETY: a NUL-terminated path; the descriptor returned is owned below.
+            let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+            assert!(fd >= 0, "open ns: {}", std::io::Error::last_os_error());
+            // SAFETY: fd was just opened and nothing else owns it.
+            unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+        })
+        .join()
+        .unwrap();
+        Netns { fd }
+    }
+
+    /// Moves the calling thread into this namespace.
+    fn enter(&self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fd is a network namespace descriptor this value owns; setns moves only
+        // the calling thread, one the caller made for this namespace.
+        let rc = unsafe { libc::setns(self.fd.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    }
+
+    /// The devices of this namespace.
+    fn owned_devices(&self) -> Vec<String> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                self.enter();
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(async {
+                        let n = HostNetworks::new(HostNetConfig::default()).unwrap();
+                        owned(&n.devices().await.unwrap())
+                    })
+            })
+            .join()
+            .unwrap()
+        })
+    }
+}
+
+async fn link_index(h: &rtnetlink::Handle, name: &str) -> u32 {
+    use futures_util::TryStreamExt;
+    let mut links = h.link().get().match_name(name.to_owned()).execute();
+    let link = links.try_next().await.unwrap().expect("link exists");
+    link.header.index
+}
+
+/// A daemon of host `name` at `ip` on `dev` in `ns`, on a thread of its own there; it
+/// stops (and its tied VMs with it) when the sender is dropped.
+fn host_thread(
+    ns: Arc<Netns>,
+    pki: Arc<Pki>,
+    name: &'static str,
+    dev: &'static str,
+    ip: Ipv4Addr,
+) -> (
+    std::sync::mpsc::Sender<()>,
+    String,
+    std::thread::JoinHandle<()>,
+) {
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        ns.enter();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = rt.block_on(async {
+            loopback_up().await;
+            let (conn, h, _) = rtnetlink::new_connection().unwrap();
+            tokio::spawn(conn);
+            let index = link_index(&h, dev).await;
+            h.link()
+                .set(LinkUnspec::new_with_index(index).up().build())
+                .execute()
+                .await
+                .unwrap();
+            h.address()
+                .add(index, IpAddr::V4(ip), 24)
+                .execute()
+                .await
+                .unwrap();
+            let networks = HostNetConfig {
+                vxlan_local: Some(IpAddr::V4(ip)),
+                ..HostNetConfig::default()
+            };
+            let ip = ip.to_string();
+            Daemon::start_networked(pki, name, dir.path(), 0, &ip, "", Some(networks)).await
+        });
+        addr_tx.send(daemon.addr.to_string()).unwrap();
+        // Serves until the test is done: the runtime runs while this thread waits.
+        rt.block_on(async {
+            tokio::task::spawn_blocking(move || {
+                let _ = stop_rx.recv();
+            })
+            .await
+            .unwrap()
+        });
+        drop(daemon);
+    });
+    let addr = addr_rx.recv().unwrap();
+    (stop_tx, addr, thread)
+}
+
+/// Two hosts, a veth between them: a VM on a private network migrates from one to the
+/// other. The destination plugs its tap before the switchover (while it only listens);
+/// the source gives its tap and network back once the VM has left.
+#[test]
+fn a_migrating_vm_is_plugged_on_the_destination_first_and_unplugged_on_the_source() {
+    let (a, b) = (Arc::new(Netns::new()), Arc::new(Netns::new()));
+    // The veth pair, made in a and its end moved to b.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsRawFd;
+            a.enter();
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    let (conn, h, _) = rtnetlink::new_connection().unwrap();
+                    tokio::spawn(conn);
+                    h.link()
+                        .add(rtnetlink::LinkVeth::new("ua", "ub").build())
+                        .execute()
+                        .await
+                        .unwrap();
+                    let peer = link_index(&h, "ub").await;
+                    h.link()
+                        .set(
+                            LinkUnspec::new_with_index(peer)
+                                .setns_by_fd(b.fd.as_raw_fd())
+                                .build(),
+                        )
+                        .execute()
+                        .await
+                        .unwrap();
+                })
+        })
+        .join()
+        .unwrap();
+    });
+    let pki = Arc::new(Pki::new());
+    let (ip_a, ip_b) = (Ipv4Addr::new(10, 99, 0, 1), Ipv4Addr::new(10, 99, 0, 2));
+    let host_a = host_thread(a.clone(), pki.clone(), "host-a", "ua", ip_a);
+    let host_b = host_thread(b.clone(), pki.clone(), "host-b", "ub", ip_b);
+    let member = pki.issue(&pool_trust::Identity::Member(1), &[]);
+
+    let (addr_a, addr_b) = (host_a.1.clone(), host_b.1.clone());
+    let (a2, b2) = (a.clone(), b.clone());
+    std::thread::spawn(move || {
+        a2.enter();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let client = async |addr: &str, host: &str| {
+                    let tls = member.client(&pool_trust::Identity::Host(host.into()));
+                    connect_tls(addr, tls.unwrap()).await.unwrap()
+                };
+                let mut ca = client(&addr_a, "host-a").await;
+                let mut cb = client(&addr_b, "host-b").await;
+                let network = |peer: Ipv4Addr| {
+                    attachment("across", AttachmentKind::Private, "", &[&peer.to_string()])
+                };
+                let mut cfg = config("then=spin");
+                cfg.nets = vec![vif("eth0", "02:00:00:00:02:01", network(ip_b))];
+                create(&mut ca, "mig", cfg.clone(), true).await;
+                let tap = names::tap_name("mig", 0);
+                let plugged = {
+                    let mut v = vec![
+                        tap.clone(),
+                        names::bridge_name("across"),
+                        names::vxlan_name("across"),
+                    ];
+                    v.sort();
+                    v
+                };
+                assert_eq!(a2.owned_devices(), plugged);
+                assert!(b2.owned_devices().is_empty());
+
+                // The destination's config names the source as its peer.
+                cfg.nets[0].network = Some(network(ip_a));
+                let address = cb
+                    .prepare_migration_receive(PrepareMigrationReceiveRequest {
+                        vm_id: "mig".into(),
+                        config: Some(cfg),
+                        token: "a-long-token".into(),
+                        source_host: "host-a".into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .address;
+                assert_eq!(b2.owned_devices(), plugged, "plugged before the switchover");
+                let mut stream = ca
+                    .start_migration_send(StartMigrationSendRequest {
+                        vm_id: "mig".into(),
+                        destination_address: address,
+                        token: "a-long-token".into(),
+                        destination_host: "host-b".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let mut last = None;
+                while let Some(p) = tokio::time::timeout(WAIT, stream.message())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                {
+                    last = Some(p);
+                }
+                let last = last.unwrap();
+                assert_eq!(last.phase(), MigrationPhase::Completed, "{last:?}");
+                wait_state(&mut cb, "mig", PowerState::Running).await;
+                let deadline = std::time::Instant::now() + WAIT;
+                while !a2.owned_devices().is_empty() {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{:?}",
+                        a2.owned_devices()
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                assert_eq!(b2.owned_devices(), plugged);
+                cb.destroy_vm(VmRequest {
+                    vm_id: "mig".into(),
+                })
+                .await
+                .unwrap();
+                assert!(b2.owned_devices().is_empty());
+            })
+    })
+    .join()
+    .unwrap();
+    for (stop, _, thread) in [host_a, host_b] {
+        drop(stop);
+        thread.join().unwrap();
+    }
+}
