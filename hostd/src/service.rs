@@ -105,9 +105,10 @@ fn status(e: ManagerError) -> Status {
         ManagerError::Unresponsive { .. } => Status::unavailable(msg),
         // The host lacks what the network needs (its NIC, a VXLAN address) or a device
         // of that name is someone else's: this host cannot run the VM as asked.
-        ManagerError::NoHostNetworks { .. } | ManagerError::Network { .. } => {
-            Status::failed_precondition(msg)
-        }
+        ManagerError::NoHostNetworks { .. }
+        | ManagerError::Network { .. }
+        | ManagerError::HostNetworkingOff
+        | ManagerError::NetworkPeers { .. } => Status::failed_precondition(msg),
         ManagerError::Io { .. } | ManagerError::Spawn { .. } | ManagerError::HostNetworks(_) => {
             Status::internal(msg)
         }
@@ -337,6 +338,30 @@ impl HostService for HostServer {
             .await
             .map(Response::new)
             .map_err(status)
+    }
+
+    async fn set_network_peers(
+        &self,
+        req: Request<SetNetworkPeersRequest>,
+    ) -> Result<Response<SetNetworkPeersResponse>, Status> {
+        let network = req
+            .into_inner()
+            .network
+            .ok_or_else(|| Status::invalid_argument("network is required"))?;
+        let change = self
+            .manager
+            .set_network_peers(&network)
+            .await
+            .map_err(status)?;
+        let names = |ips: Vec<std::net::IpAddr>| ips.iter().map(|ip| ip.to_string()).collect();
+        Ok(Response::new(match change {
+            Some(c) => SetNetworkPeersResponse {
+                present: true,
+                added: names(c.added),
+                removed: names(c.removed),
+            },
+            None => SetNetworkPeersResponse::default(),
+        }))
     }
 
     async fn prepare_migration_receive(

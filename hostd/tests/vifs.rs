@@ -13,6 +13,7 @@ mod common;
 
 use common::*;
 use hostd::network::{Device, HostNetConfig, HostNetworks, NetworkKind, NetworkSpec, names};
+use proto::host::host_service_client::HostServiceClient;
 use proto::host::*;
 use rtnetlink::LinkUnspec;
 use tonic::Code;
@@ -659,6 +660,33 @@ fn a_migrating_vm_is_plugged_on_the_destination_first_and_unplugged_on_the_sourc
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 }
                 assert_eq!(b2.owned_devices(), plugged);
+
+                // A host joins the pool: the network's peers grow where it is carried.
+                let mut grown = network(ip_a);
+                grown.peers.push("192.0.2.9".into());
+                let peers = |c: &mut HostServiceClient<_>, n: NetworkAttachment| {
+                    let mut c = c.clone();
+                    async move {
+                        c.set_network_peers(SetNetworkPeersRequest { network: Some(n) })
+                            .await
+                            .map(|r| r.into_inner())
+                    }
+                };
+                let r = peers(&mut cb, grown.clone()).await.unwrap();
+                assert!(r.present);
+                assert_eq!((r.added, r.removed), (vec!["192.0.2.9".to_owned()], vec![]));
+                let r = peers(&mut ca, grown.clone()).await.unwrap();
+                assert!(!r.present, "{r:?}");
+                assert!(a2.owned_devices().is_empty());
+                let mut internal = grown.clone();
+                internal.kind = AttachmentKind::Internal as i32;
+                let err = peers(&mut cb, internal).await.unwrap_err();
+                assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+                let mut bad = grown;
+                bad.peers = vec!["not-an-ip".into()];
+                let err = peers(&mut cb, bad).await.unwrap_err();
+                assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+
                 cb.destroy_vm(VmRequest {
                     vm_id: "mig".into(),
                 })

@@ -126,6 +126,14 @@ pub enum ManagerError {
         #[source]
         source: Box<crate::network::NetworkError>,
     },
+    #[error("this host has no host networking configured")]
+    HostNetworkingOff,
+    #[error("network {network:?}: setting its VXLAN peers")]
+    NetworkPeers {
+        network: String,
+        #[source]
+        source: Box<crate::network::NetworkError>,
+    },
     #[error("setting up host networking")]
     HostNetworks(#[source] Box<crate::network::NetworkError>),
     #[error("VM {id}'s process is not answering ({what})")]

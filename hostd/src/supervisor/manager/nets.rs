@@ -5,10 +5,10 @@
 //! A `NetConfig` with an empty tap and a network is this host's to plug; the entry keeps
 //! it that way, and only the VM process's record gets the tap's name.
 
-use proto::host::VmConfig;
+use proto::host::{NetworkAttachment, VmConfig};
 
 use super::{Manager, ManagerError};
-use crate::network::{NetworkKind, NetworkSpec};
+use crate::network::{NetworkError, NetworkKind, NetworkSpec, PeerChange};
 use crate::supervisor::spec;
 
 /// The networks `config`'s host-plugged interfaces are on (checked by `spec::validate`
@@ -105,6 +105,38 @@ impl Manager {
                 tracing::warn!(vm = %id, network = %net.name, error = %proto::error_chain(&e), "removing an unused network");
             }
         }
+    }
+
+    /// Makes the private network `a`'s peers on this host exactly `a.peers`, if this host
+    /// carries the network now (`None` when it does not: nothing changes).
+    pub async fn set_network_peers(
+        &self,
+        a: &NetworkAttachment,
+    ) -> Result<Option<PeerChange>, ManagerError> {
+        let networks = self
+            .networks
+            .as_ref()
+            .ok_or(ManagerError::HostNetworkingOff)?;
+        let (net, peers) = spec::attachment(&a.name, a)?;
+        let fail = |source| ManagerError::NetworkPeers {
+            network: a.name.clone(),
+            source: Box::new(source),
+        };
+        if net.kind != NetworkKind::Private {
+            return Err(fail(NetworkError::NotPrivate {
+                network: a.name.clone(),
+            }));
+        }
+        let devices = networks.devices().await.map_err(fail)?;
+        let vxlan = net.vxlan_name().unwrap_or_default();
+        if !devices.iter().any(|d| d.name == vxlan) {
+            return Ok(None);
+        }
+        networks
+            .set_private_peers(&net, &peers)
+            .await
+            .map(Some)
+            .map_err(fail)
     }
 
     /// After a restart: removes the taps of VMs this daemon does not know and the
