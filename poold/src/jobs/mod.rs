@@ -21,12 +21,14 @@
 //! - [`storage`]: storage repositories and volumes;
 //! - [`vm`]: templates, VM snapshots, reverts, clones, destroys, reboots, and the disk
 //!   access (export + grant) a host needs to run a VM;
+//! - [`vifs`]: a VM's network interfaces as the host it runs on gets them;
 //! - [`migrate`]: live migration between hosts;
 //! - [`ha`]: fencing an unreachable host at the storage, restarting its VMs elsewhere.
 
 pub mod ha;
 pub mod migrate;
 pub mod storage;
+pub mod vifs;
 pub mod vm;
 
 use std::collections::HashMap;

@@ -87,42 +87,6 @@ pub struct HostAccess {
     pub nets: Vec<hpb::NetConfig>,
 }
 
-/// The network interfaces of `vm` on `host_id`, in VIF order (`eth0`, `eth1`, ...), each
-/// with an empty tap for hostd to plug onto the network the attachment describes.
-pub fn nets_on(s: &PoolState, vm: &pb::Vm, host_id: &str) -> Vec<hpb::NetConfig> {
-    s.vif_plans(vm, host_id)
-        .into_iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let kind = match p.network.kind() {
-                pb::NetworkKind::External => hpb::AttachmentKind::External,
-                pb::NetworkKind::Private => hpb::AttachmentKind::Private,
-                pb::NetworkKind::Internal => hpb::AttachmentKind::Internal,
-                pb::NetworkKind::Unspecified => hpb::AttachmentKind::Unspecified,
-            };
-            hpb::NetConfig {
-                id: format!("eth{i}"),
-                tap: String::new(),
-                mac: p.vif.mac.clone(),
-                mtu: p.network.mtu,
-                rate_bytes_per_sec: p.vif.rate_bytes_per_sec,
-                rate_packets_per_sec: p.vif.rate_packets_per_sec,
-                vlan: (p.network.vlan != 0).then_some(p.network.vlan),
-                network: Some(hpb::NetworkAttachment {
-                    network_id: p.network.id.clone(),
-                    name: p.network.name.clone(),
-                    kind: kind as i32,
-                    nic: p.network.nic.clone(),
-                    vlan: p.network.vlan,
-                    mtu: p.network.mtu,
-                    vni: p.network.vni,
-                    peers: p.peers,
-                }),
-            }
-        })
-        .collect()
-}
-
 /// Makes sure the host may reach each disk's volume (exported, its initiator granted) and
 /// returns the disks as hostd takes them, with the VM's network interfaces on that host.
 pub async fn disk_access(env: &Env, vm: &pb::Vm, host_id: &str) -> Result<HostAccess, JobError> {
@@ -139,7 +103,7 @@ pub async fn disk_access(env: &Env, vm: &pb::Vm, host_id: &str) -> Result<HostAc
             .map_err(|st| JobError::from_status(format!("CHAP for host {host_id}"), st))?;
         Ok::<_, JobError>((disks_of(s, &spec)?, pool, chap))
     })?;
-    let nets = read(&*env.ledger, |s| nets_on(s, vm, host_id));
+    let nets = read(&*env.ledger, |s| super::vifs::nets_on(s, vm, host_id));
     let mut out = Vec::new();
     for (d, loc) in disks {
         let export = export_of(env, &loc, &d.volume_id).await?;
