@@ -214,6 +214,7 @@ mod tests {
                     rate_bytes_per_sec: Some(1 << 20),
                     rate_packets_per_sec: None,
                     vlan: Some(42),
+                    network: None,
                 }],
             }),
             start: true,
