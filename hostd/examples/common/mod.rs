@@ -204,42 +204,56 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 
 /// Spawns `cmd`, returns the milliseconds until `marker` appears on its stdout and the
 /// milliseconds until any byte appears; then waits for it to exit (the guest powers off).
-pub fn time_to_marker(marker: &[u8], mut cmd: Command) -> (f64, f64) {
+pub fn time_to_marker(marker: &[u8], cmd: Command) -> (f64, f64) {
+    let limit = Duration::from_secs(600);
+    time_to_marker_within(marker, cmd, limit)
+        .unwrap_or_else(|| panic!("no marker within {limit:?}"))
+}
+
+/// [`time_to_marker`], the process killed once `limit` has passed since its start; `None`
+/// if the marker had not come by then.
+pub fn time_to_marker_within(
+    marker: &[u8],
+    mut cmd: Command,
+    limit: Duration,
+) -> Option<(f64, f64)> {
     cmd.stdout(Stdio::piped())
         .stderr(Stdio::null())
         .stdin(Stdio::null());
     let start = Instant::now();
     let mut child = cmd.spawn().expect("spawn");
+    let pid = child.id() as i32;
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(limit) {
+            // SAFETY: the child is not reaped before this thread is joined, so the pid is
+            // still its own.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
     let mut out = child.stdout.take().unwrap();
     let mut seen = Vec::new();
-    let mut first = None;
+    let (mut first, mut at) = (None, None);
     let mut buf = [0u8; 4096];
-    let marker = loop {
+    // Until the process exits (or is killed): stdout closes.
+    loop {
         let n = out.read(&mut buf).unwrap_or(0);
         if n == 0 {
-            panic!(
-                "{cmd:?} ended before printing the marker: {}",
-                String::from_utf8_lossy(&seen)
-            );
+            break;
         }
         first.get_or_insert_with(|| start.elapsed());
-        seen.extend_from_slice(&buf[..n]);
-        if seen.windows(marker.len()).any(|w| w == marker) {
-            break start.elapsed();
+        if at.is_none() {
+            seen.extend_from_slice(&buf[..n]);
+            if seen.windows(marker.len()).any(|w| w == marker) {
+                at = Some(start.elapsed());
+            }
         }
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-        }
-        let _ = out.read(&mut buf);
     }
+    let _ = stop.send(());
+    let _ = watchdog.join();
     let _ = child.wait();
-    (
-        marker.as_secs_f64() * 1000.0,
-        first.unwrap().as_secs_f64() * 1000.0,
-    )
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    Some((ms(at?), ms(first?)))
 }
 
 /// One live-migration hop of `vm` between this process's two hosts (`hop` even: host 0 to
