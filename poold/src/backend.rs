@@ -107,6 +107,12 @@ pub trait HostOps: Send + Sync {
     async fn reboot_vm(&self, addr: &str, vm_id: &str, force: bool) -> Result<hpb::Vm, Status>;
     async fn shutdown_vm(&self, addr: &str, vm_id: &str, force: bool) -> Result<hpb::Vm, Status>;
     async fn destroy_vm(&self, addr: &str, vm_id: &str) -> Result<(), Status>;
+    /// Makes a private network's VXLAN peers on the host those `network` names.
+    async fn set_network_peers(
+        &self,
+        addr: &str,
+        network: hpb::NetworkAttachment,
+    ) -> Result<hpb::SetNetworkPeersResponse, Status>;
     async fn prepare_migration_receive(
         &self,
         addr: &str,
@@ -509,6 +515,24 @@ impl HostOps for Grpc {
         within(self.call_timeout, "DestroyVm", addr, c.destroy_vm(r))
             .await
             .map(|_| ())
+    }
+
+    async fn set_network_peers(
+        &self,
+        addr: &str,
+        network: hpb::NetworkAttachment,
+    ) -> Result<hpb::SetNetworkPeersResponse, Status> {
+        let mut c = self.host(addr)?;
+        let r = hpb::SetNetworkPeersRequest {
+            network: Some(network),
+        };
+        within(
+            self.call_timeout,
+            "SetNetworkPeers",
+            addr,
+            c.set_network_peers(r),
+        )
+        .await
     }
 
     async fn prepare_migration_receive(

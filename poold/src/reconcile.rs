@@ -264,6 +264,38 @@ pub fn plan_access(
     out
 }
 
+/// A private network's VXLAN peers as each host running a VM on it should have them:
+/// (host id, network id) → (host address, the network with its peers, every other pool
+/// host). A host's peers are set when its VM starts there; hosts join and leave after.
+pub fn plan_peers(
+    state: &PoolState,
+    reported: &Reported,
+) -> BTreeMap<(String, String), (String, hpb::NetworkAttachment)> {
+    let mut out = BTreeMap::new();
+    for vm in state.vms.values() {
+        let Some(host) = state.hosts.get(&vm.host_id) else {
+            continue;
+        };
+        let runs_there = reported
+            .get(&vm.host_id)
+            .and_then(|vms| vms.get(&vm.id))
+            .is_some_and(|p| active(*p));
+        if host.state() == pb::HostState::Unreachable || !runs_there {
+            continue;
+        }
+        for net in crate::jobs::vifs::nets_on(state, vm, &vm.host_id) {
+            let Some(a) = net.network else { continue };
+            if a.kind() == hpb::AttachmentKind::Private {
+                out.insert(
+                    (vm.host_id.clone(), a.network_id.clone()),
+                    (host.address.clone(), a),
+                );
+            }
+        }
+    }
+    out
+}
+
 /// The host operations reconciliation needs.
 #[tonic::async_trait]
 pub trait HostActions: Send + Sync {
@@ -395,7 +427,7 @@ impl HostActions for Actuator {
                 let vm = vm.ok_or_else(|| ActionError::UnknownVm {
                     vm_id: vm_id.clone(),
                 })?;
-                let disks = crate::jobs::vm::disk_access(&self.env, vm, &step.host_id)
+                let access = crate::jobs::vm::disk_access(&self.env, vm, &step.host_id)
                     .await
                     .map_err(ActionError::Disks)?;
                 let start = vm.desired_power_state() == hpb::PowerState::Running;
@@ -403,7 +435,7 @@ impl HostActions for Actuator {
                     addr,
                     hpb::CreateVmRequest {
                         vm_id: vm_id.clone(),
-                        config: Some(crate::jobs::vm::vm_config(vm, disks)),
+                        config: Some(crate::jobs::vm::vm_config(vm, access)),
                         start,
                     },
                 )
@@ -438,6 +470,9 @@ impl HostActions for Actuator {
 pub async fn run(c: Arc<Coordinator>, env: Env, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut rec = Reconciler::new(Arc::new(Actuator { env: env.clone() }));
     let mut revoked: HashMap<Revoke, Instant> = HashMap::new();
+    // The peers each (host, private network) was last given, so unchanged sets are not
+    // sent again.
+    let mut peers_sent: HashMap<(String, String), Vec<String>> = HashMap::new();
     let mut round = 0u64;
     loop {
         tokio::select! {
@@ -472,6 +507,27 @@ pub async fn run(c: Arc<Coordinator>, env: Env, mut shutdown: tokio::sync::watch
         }
         if !round.is_multiple_of(4) {
             continue;
+        }
+        let peers = plan_peers(&state, &reported);
+        peers_sent.retain(|k, _| peers.contains_key(k));
+        for (key, (addr, network)) in peers {
+            if peers_sent.get(&key) == Some(&network.peers) {
+                continue;
+            }
+            let want = network.peers.clone();
+            match env.hosts.set_network_peers(&addr, network).await {
+                Ok(r) => {
+                    if !r.added.is_empty() || !r.removed.is_empty() {
+                        tracing::info!(host = %key.0, network = %key.1, added = ?r.added, removed = ?r.removed, "private network peers updated");
+                    }
+                    if r.present {
+                        peers_sent.insert(key, want);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(host = %key.0, network = %key.1, error = %e, "setting private network peers failed; will retry")
+                }
+            }
         }
         let mut addrs: Vec<String> = state.srs.values().map(|s| s.address.clone()).collect();
         addrs.sort();
@@ -760,6 +816,66 @@ mod tests {
                 .is_empty()
         );
         let _ = Op::DestroyVm(ObjectId::default());
+    }
+
+    #[test]
+    fn a_private_networks_peers_follow_the_pools_hosts() {
+        let mut s = state_with(&[("vm1", "h1", P::Running), ("vm2", "h2", P::Running)]);
+        for (id, kind) in [
+            ("net1", pb::NetworkKind::Private),
+            ("net2", pb::NetworkKind::Internal),
+        ] {
+            s.networks.insert(
+                id.into(),
+                pb::Network {
+                    id: id.into(),
+                    name: id.into(),
+                    kind: kind as i32,
+                    mtu: 1500,
+                    vni: 7,
+                    ..Default::default()
+                },
+            );
+        }
+        let vif = |vm: &str, net: &str| pb::Vif {
+            id: format!("{vm}-{net}"),
+            vm_id: vm.into(),
+            network_id: net.into(),
+            mac: "02:00:00:00:00:01".into(),
+            ..Default::default()
+        };
+        s.vms.get_mut("vm1").unwrap().vifs = vec![vif("vm1", "net1"), vif("vm1", "net2")];
+        s.vms.get_mut("vm2").unwrap().vifs = vec![vif("vm2", "net1")];
+        // vm2 does not run yet: only h1 carries the private network.
+        let peers = |s: &PoolState, r: &Reported| -> Vec<(String, String, Vec<String>)> {
+            plan_peers(s, r)
+                .into_iter()
+                .map(|((h, n), (_, a))| (h, n, a.peers))
+                .collect()
+        };
+        let r = reported(&[("h1", "vm1", P::Running)]);
+        assert_eq!(
+            peers(&s, &r),
+            [("h1".into(), "net1".into(), vec!["h2".into()])]
+        );
+        // A host joins: both carriers get it as a peer.
+        s.hosts.insert(
+            "h3".into(),
+            pb::Host {
+                id: "h3".into(),
+                address: "h3:7000".into(),
+                state: pb::HostState::Enabled as i32,
+                ..Default::default()
+            },
+        );
+        let r = reported(&[("h1", "vm1", P::Running), ("h2", "vm2", P::Running)]);
+        assert_eq!(
+            peers(&s, &r),
+            [
+                ("h1".into(), "net1".into(), vec!["h2".into(), "h3".into()]),
+                ("h2".into(), "net1".into(), vec!["h1".into(), "h3".into()]),
+            ]
+        );
     }
 
     #[tokio::test]

@@ -323,6 +323,17 @@ impl HostOps for FakeHosts {
         self.call(format!("destroy:{a}:{id}"));
         Ok(())
     }
+    async fn set_network_peers(
+        &self,
+        a: &str,
+        n: hpb::NetworkAttachment,
+    ) -> Result<hpb::SetNetworkPeersResponse, Status> {
+        self.call(format!("peers:{a}:{}:{}", n.network_id, n.peers.join(",")));
+        Ok(hpb::SetNetworkPeersResponse {
+            present: true,
+            ..Default::default()
+        })
+    }
     async fn prepare_migration_receive(
         &self,
         a: &str,
