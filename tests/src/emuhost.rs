@@ -34,6 +34,8 @@ const OUTER_MEMORY_MIB: u32 = 2048;
 /// thread, which the single outer CPU never got back to (the emulated host froze in 3 of 5
 /// runs; with two, 0 of 4).
 const OUTER_VCPUS: u32 = 2;
+/// What the emulated host's kernel prints when a CPU has not scheduled for 20 s or more.
+const SOFT_LOCKUP: &str = "watchdog: BUG: soft lockup";
 /// The outer init prints a heartbeat every 10 s; this long without one is a frozen emulator.
 const HEARTBEAT_SILENCE: Duration = Duration::from_secs(60);
 
@@ -685,6 +687,15 @@ impl Running {
                 self.last_beat = Some(at);
             }
             self.lines.push((t, line.clone()));
+            // The emulated host's own kernel finding a CPU stuck: QEMU's emulated SVM
+            // livelocked in a nested guest (no process of ours can do that to it).
+            if emulated && line.contains(SOFT_LOCKUP) {
+                return Err(Failure::Stalled(format!(
+                    "{}: the emulated host's kernel reports a stuck CPU, waiting for {waiting_for:?}; {}",
+                    self.name,
+                    self.tail()
+                )));
+            }
             if let Some(bad) = self.fail_on.iter().find(|f| line.contains(f.as_str())) {
                 return Err(Failure::Failed(format!(
                     "{}: printed {bad:?}; {}",
