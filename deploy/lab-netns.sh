@@ -146,7 +146,9 @@ down() {
   fi
   for i in $(seq 9); do
     ip netns list | grep -qw "pool-h$i" && ip netns del "pool-h$i"
-    ip link show "vh$i" >/dev/null 2>&1 && ip link del "vh$i"
+    # Deleting the namespace takes its veth end, and so the peer, away asynchronously:
+    # the peer may vanish between the test and the delete.
+    ip link show "vh$i" >/dev/null 2>&1 && { ip link del "vh$i" 2>/dev/null || true; }
   done
   ip link show "$BR" >/dev/null 2>&1 && ip link del "$BR"
   echo "down"
