@@ -37,7 +37,8 @@ for who in hostd qemu; do
 done
 
 # The scenarios: each is the e2e tests that assert it.
-tests=$(cargo test -q -p e2e-tests --test linux --test linux_pool -- --test-threads 1 2>&1 || true)
+tests=$(cargo test -p e2e-tests --test linux --test linux_pool -- --test-threads 1 2>&1 || true)
+grep -E '^test .* \.\.\. |^test result' <<<"$tests" || true
 passed() { grep -q "^test $1 \.\.\. ok" <<<"$tests"; }
 scenarios=(
   "stock_kernels_boot_through_each_entry_and_find_their_disks"
