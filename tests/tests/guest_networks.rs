@@ -7,12 +7,11 @@
 //!
 //! Needs root and network namespaces; says plainly why it skipped where it has neither.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use e2e_tests::netns_lab::{Lab, unavailable};
 use e2e_tests::pool::{console_until, field, guest_elf, guest_vm};
-use e2e_tests::{PoolArg, binary, poolctl, poolctl_ok, text, wait_for};
+use e2e_tests::{PoolArg, poolctl, poolctl_ok, text, wait_for};
 
 /// Datagrams `a` sends to `b`'s sink.
 const SENT: u64 = 500;
@@ -24,86 +23,6 @@ static POOL: std::sync::OnceLock<PoolArg> = std::sync::OnceLock::new();
 
 fn pool() -> &'static PoolArg {
     POOL.get().expect("the lab is up")
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/lab-netns.sh")
-}
-
-/// Why this machine cannot run the namespace lab, if it cannot (as tests/netns.rs).
-fn unavailable() -> Option<String> {
-    let uid = Command::new("id").arg("-u").output().ok()?;
-    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-        return Some("not root (network namespaces and a bridge need it)".into());
-    }
-    let probe = format!("pool-probe-{}", std::process::id());
-    match Command::new("ip").args(["netns", "add", &probe]).output() {
-        Err(e) => Some(format!("no `ip` command (iproute2): {e}")),
-        Ok(o) if !o.status.success() => Some(format!(
-            "cannot make a network namespace: {}",
-            text(&o).trim()
-        )),
-        Ok(_) => {
-            let _ = Command::new("ip").args(["netns", "del", &probe]).status();
-            None
-        }
-    }
-}
-
-/// Runs the script; `down` again when dropped, whatever happened.
-struct Lab {
-    dir: PathBuf,
-    bin: PathBuf,
-}
-
-impl Lab {
-    fn run(&self, args: &[&str]) -> std::process::Output {
-        Command::new("bash")
-            .arg(script())
-            .args(args)
-            .env("BIN", &self.bin)
-            .env("HOSTS", "3")
-            .env(
-                "IMAGE_DIR",
-                self.dir.parent().expect("the test's directory"),
-            )
-            .output()
-            .expect("run deploy/lab-netns.sh")
-    }
-
-    fn logs(&self) -> String {
-        let mut out = String::new();
-        for e in std::fs::read_dir(self.dir.join("logs"))
-            .into_iter()
-            .flatten()
-        {
-            let e = e.unwrap();
-            let t = std::fs::read_to_string(e.path()).unwrap_or_default();
-            let cut = t.len().saturating_sub(3000);
-            let cut = (cut..t.len())
-                .find(|i| t.is_char_boundary(*i))
-                .unwrap_or(t.len());
-            out += &format!("--- {} ---\n{}\n", e.path().display(), &t[cut..]);
-        }
-        out
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let o = self.run(&["down", &self.dir.display().to_string()]);
-        if !o.status.success() {
-            eprintln!("lab-netns.sh down: {}", text(&o));
-        }
-    }
-}
-
-fn vm_line(name: &str) -> Option<String> {
-    let o = poolctl(pool(), &["vm-list", "--json"]);
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .find(|l| l.contains(&format!("\"name\": \"{name}\"")))
-        .map(str::to_owned)
 }
 
 /// The id of the host named `name` (the lab names its hosts h1, h2, h3).
@@ -146,7 +65,8 @@ fn start_vm(lab: &Lab, elf: &str, name: &str, network: &str, cmdline: &str, host
     );
     poolctl_ok(pool(), &["vm-start", name, "--host", host]);
     wait_for(Duration::from_secs(30), || {
-        vm_line(name).filter(|l| l.contains("\"power\": \"running\""))
+        lab.vm_line(name)
+            .filter(|l| l.contains("\"power\": \"running\""))
     })
     .unwrap_or_else(|| panic!("{name} running on {host}\n{}", lab.logs()));
 }
@@ -194,48 +114,12 @@ fn vms_on_a_private_network_talk_across_hosts_and_through_a_migration_and_no_oth
         return;
     }
     let began = Instant::now();
-    // The script runs the binaries of this build.
-    let bin = binary("poolctl").parent().unwrap().to_owned();
-    for b in ["poold", "storaged", "hostd", "hostd-vmm"] {
-        let _ = binary(b);
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let lab = Lab {
-        dir: tmp.path().join("lab"),
-        bin,
-    };
-    // Left over from a run that was killed: start clean.
-    drop(Lab {
-        dir: lab.dir.clone(),
-        bin: lab.bin.clone(),
-    });
-    let o = lab.run(&["up", &lab.dir.display().to_string()]);
-    assert!(o.status.success(), "{}\n{}", text(&o), lab.logs());
-    let client = std::fs::read_to_string(lab.dir.join("client.toml")).unwrap();
-    let token = client
-        .lines()
-        .find_map(|l| l.strip_prefix("token = \""))
-        .and_then(|t| t.strip_suffix('"'))
-        .map(str::to_owned);
-    assert!(token.is_some(), "no token in the lab's client.toml");
-    POOL.set(PoolArg {
-        addrs: "10.77.0.1:7101,10.77.0.1:7102,10.77.0.1:7103".into(),
-        pki: lab.dir.join("pki"),
-        pool_id: "netns".into(),
-        token,
-    })
-    .expect("one lab per run");
-    let hosts = poolctl_ok(pool(), &["host-list", "--json"]);
-    assert_eq!(
-        hosts.matches("\"state\": \"enabled\"").count(),
-        3,
-        "{hosts}"
-    );
-
+    let lab = Lab::up();
+    POOL.set(lab.pool.clone()).expect("one lab per run");
     println!("{:?}: lab up", began.elapsed());
     poolctl_ok(pool(), &["network-create", "p1", "--kind", "private"]);
     poolctl_ok(pool(), &["network-create", "p2", "--kind", "private"]);
-    let elf = guest_elf(tmp.path());
+    let elf = guest_elf(lab.image_dir());
 
     // b on host 2 counts what reaches its UDP sink, and says so every 250 ms.
     start_vm(
@@ -304,7 +188,7 @@ fn vms_on_a_private_network_talk_across_hosts_and_through_a_migration_and_no_oth
         .find_map(|l| l.strip_prefix("downtime ")?.strip_suffix(" ms"))
         .and_then(|d| d.trim().parse().ok())
         .unwrap_or_else(|| panic!("vm-migrate says its downtime: {out}"));
-    let line = vm_line("b").expect("b listed");
+    let line = lab.vm_line("b").expect("b listed");
     assert!(
         line.contains("\"power\": \"running\"") && field(&line, "host") == host_id("h3"),
         "b runs on host 3: {line}"
