@@ -37,14 +37,6 @@ fn line_of(json: &str, name: &str) -> String {
         .to_owned()
 }
 
-/// The JSON line of a `*-list --json` output that contains `needle`.
-fn line_with(json: &str, needle: &str) -> String {
-    json.lines()
-        .find(|l| l.contains(needle))
-        .unwrap_or_else(|| panic!("{needle} listed: {json}"))
-        .to_owned()
-}
-
 /// A `poolctl` call that must fail, saying `says`, and leave the networks, VIFs and VMs
 /// as they were.
 fn refused(pool: &Pool, args: &[&str], says: &str) {
@@ -212,9 +204,13 @@ fn networks_vifs_macs_and_placement_through_poolctl() {
         "web-disk",
         &elf,
         "mode=heartbeat hb_ms=200",
-        &["--network", "priv", "--network", "lan", "--start"],
+        &["--network", "priv", "--network", "lan"],
     ));
-    let web = pool.wait_vm("web", "\"power\": \"running\"", Duration::from_secs(60));
+    // Not started: this test's hosts share the machine's network namespace (and "lan" is
+    // its real NIC), where hostd must not plug networks. VMs that run on networks, migrate
+    // and keep their MACs are tests/tests/guest_networks.rs and hostd/tests/vifs.rs, each
+    // host in a namespace of its own.
+    let web = pool.vm("web").expect("web listed");
     let vifs = field(&web, "vifs");
     let macs: Vec<&str> = vifs
         .split(',')
@@ -229,30 +225,8 @@ fn networks_vifs_macs_and_placement_through_poolctl() {
     let listed = pool.ctl(&["vif-list", "--vm", "web", "--json"]);
     assert_eq!(listed.matches("\"id\":").count(), 2, "{listed}");
 
-    // A running VM's VIFs stay as they are; the network under them stays too.
-    refused(
-        &pool,
-        &["vif-create", "web", "lab"],
-        "only while it is stopped",
-    );
-    let vif_id = field(&line_with(&listed, "\"network\": \"lan\""), "id");
-    refused(&pool, &["vif-destroy", &vif_id], "only while it is stopped");
+    // The network under a VIF stays.
     refused(&pool, &["network-destroy", "lan"], "in use by VIF");
-
-    // Live migration keeps every MAC.
-    let from = field(&web, "host");
-    let to = if from == h2_id { "h1" } else { "h2" };
-    pool.ctl(&["vm-migrate", "web", "--host", to]);
-    let moved = wait_for(Duration::from_secs(60), || {
-        pool.vm("web")
-            .filter(|l| field(l, "host") != from && l.contains("\"power\": \"running\""))
-    })
-    .unwrap_or_else(|| panic!("web moved off {from}\n{}", pool.logs()));
-    assert_eq!(
-        field(&moved, "vifs"),
-        vifs,
-        "MACs kept through the migration"
-    );
 
     // Stopped VMs: a VIF given a MAC, and the bad VIFs.
     pool.ctl(&["vm-create", "pinned", "--memory", "64M", "--network", "lab"]);
