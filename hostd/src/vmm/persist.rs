@@ -12,9 +12,10 @@ use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use kvm_bindings::{
-    KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, Msrs,
-    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_VCPUEVENT_VALID_NMI_PENDING, KVM_VCPUEVENT_VALID_SIPI_VECTOR, Msrs, kvm_clock_data,
+    kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
@@ -195,7 +196,12 @@ pub fn restore_vcpu(fd: &VcpuFd, index: u32, s: &VcpuState) -> Result<(), Persis
     }
     fd.set_mp_state(s.mp_state)
         .map_err(vcpu_err(i, "KVM_SET_MP_STATE"))?;
-    fd.set_vcpu_events(&s.events)
+    // KVM_GET_VCPU_EVENTS fills in a pending NMI and the SIPI vector but does not flag
+    // them valid, and KVM_SET_VCPU_EVENTS ignores what is not flagged: an NMI pending at
+    // the save would be lost.
+    let mut events = s.events;
+    events.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR;
+    fd.set_vcpu_events(&events)
         .map_err(vcpu_err(i, "KVM_SET_VCPU_EVENTS"))?;
     Ok(())
 }

@@ -87,6 +87,14 @@ pub struct RunControl {
     pub idle: Arc<IdleWake>,
 }
 
+/// What a vCPU thread is asked to do at the gate.
+pub(crate) enum Gate {
+    /// It is about to park.
+    Parking,
+    /// Work for it while parked.
+    Request(VcpuRequest),
+}
+
 /// What devices hold to stop the VM (power off, reset).
 #[derive(Clone)]
 pub struct ExitHandle(Arc<RunControl>);
@@ -159,11 +167,6 @@ impl RunControl {
     /// The first reason the VM stopped, once it has.
     pub fn exit_reason(&self) -> Option<VmExit> {
         self.lock().exit.clone()
-    }
-
-    /// True once the vCPUs are asked to leave `KVM_RUN` (pause or stop).
-    pub(crate) fn wants_vcpus_out(&self) -> bool {
-        self.target.load(Ordering::Acquire) != TARGET_RUN
     }
 
     pub fn is_paused(&self) -> bool {
@@ -334,20 +337,24 @@ impl RunControl {
     }
 
     /// Called by vCPU thread `index` before every `KVM_RUN`: parks while paused, doing
-    /// the work sent to it meanwhile; false when the vCPU must stop.
-    pub(crate) fn vcpu_gate(&self, index: usize, mut on_request: impl FnMut(VcpuRequest)) -> bool {
+    /// the work sent to it meanwhile; false when the vCPU must stop. `work` first gets
+    /// [`Gate::Parking`], before the thread counts as parked, so whatever it finishes then
+    /// (a port or MMIO access KVM completes only on re-entry) is in any state saved while
+    /// the VM is paused; then each request.
+    pub(crate) fn vcpu_gate(&self, index: usize, mut work: impl FnMut(Gate)) -> bool {
         match self.target.load(Ordering::Acquire) {
             TARGET_RUN => return true,
             TARGET_STOP => return false,
             _ => {}
         }
+        work(Gate::Parking);
         let mut inner = self.lock();
         inner.parked += 1;
         self.cv.notify_all();
         while self.target.load(Ordering::Acquire) == TARGET_PAUSE {
             if let Some(req) = inner.requests.get_mut(index).and_then(Option::take) {
                 drop(inner);
-                on_request(req);
+                work(Gate::Request(req));
                 inner = self.lock();
                 continue;
             }

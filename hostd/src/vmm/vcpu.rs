@@ -11,7 +11,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use super::boot::{Entry, boot_gdt};
 use super::layout::{self, BOOT_GDT, BOOT_IDT, BOOT_STACK, PML4, PVH_INFO, ZERO_PAGE};
 use super::persist::{self, VcpuRequest};
-use super::run::{RunControl, VmExit};
+use super::run::{Gate, RunControl, VmExit};
 use crate::devices::bus::Bus;
 use crate::devices::idle::MAX_IDLE;
 
@@ -198,14 +198,22 @@ impl Vcpu {
         loop {
             // A port or MMIO access is finished by KVM only at the next KVM_RUN (the data
             // of a read lands in the register then, and RIP moves on). State saved before
-            // that would replay the access, so finish it first, entering with
-            // immediate_exit set (KVM completes the access and returns at once).
-            if io_pending && ctl.wants_vcpus_out() {
-                self.fd.set_kvm_immediate_exit(1);
-                let _ = self.fd.run();
-                self.fd.set_kvm_immediate_exit(0);
-            }
-            if !ctl.vcpu_gate(index, |req| self.handle(req)) {
+            // that would replay the access, so a vCPU about to park finishes it first,
+            // entering with immediate_exit set (KVM completes the access and returns at
+            // once). Checked inside the gate: a pause asked for between a check here and
+            // the gate would park the vCPU with the access unfinished.
+            let gate = ctl.vcpu_gate(index, |work| match work {
+                Gate::Parking if std::mem::take(&mut io_pending) => {
+                    self.fd.set_kvm_immediate_exit(1);
+                    let _ = self.fd.run();
+                    self.fd.set_kvm_immediate_exit(0);
+                }
+                Gate::Parking => {}
+                Gate::Request(VcpuRequest::Save(reply)) => {
+                    let _ = reply.send(persist::save_vcpu(&self.fd, self.index, &self.msr_indices));
+                }
+            });
+            if !gate {
                 break;
             }
             let ran = self.fd.run();
@@ -307,14 +315,6 @@ impl Vcpu {
             }
         }
         ctl.vcpu_leave(index);
-    }
-
-    fn handle(&mut self, req: VcpuRequest) {
-        match req {
-            VcpuRequest::Save(reply) => {
-                let _ = reply.send(persist::save_vcpu(&self.fd, self.index, &self.msr_indices));
-            }
-        }
     }
 
     /// Says what KVM could not do, with where the guest was.

@@ -334,9 +334,24 @@ mod tests {
             progress(M::Completed, 2),
         ]);
         let task = world.start_job(migrate_job("vm1", "h1", "h2"));
+        // What the source's heartbeats say while it sends.
+        world
+            .ledger
+            .state
+            .lock()
+            .unwrap()
+            .vms
+            .get_mut("vm1")
+            .unwrap()
+            .power_state = hpb::PowerState::Migrating as i32;
         world.drive(&task).await;
         let s = world.state();
         assert_eq!(s.vms["vm1"].host_id, "h2", "the VM moved");
+        assert_eq!(
+            s.vms["vm1"].power_state(),
+            hpb::PowerState::Running,
+            "the VM runs on the destination as soon as the job ends: a second migration need not wait for a heartbeat"
+        );
         let t = &s.tasks[&task];
         assert_eq!(t.state, proto::coordinator::TaskState::Succeeded as i32);
         assert_eq!(t.results["downtime_ms"], "42");

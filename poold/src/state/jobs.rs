@@ -672,8 +672,12 @@ impl PoolState {
                 }
             }
             EffectKind::MoveVm(m) => {
+                // The migration ended with the VM running on the destination: recorded
+                // now, so the next action on it (another migration) does not meet the
+                // source's last word, "migrating", until the destination's heartbeat.
                 if let Some(vm) = self.vms.get_mut(&m.vm_id) {
                     vm.host_id = m.to_host_id.clone();
+                    vm.power_state = hpb::PowerState::Running as i32;
                 }
             }
         }
