@@ -213,8 +213,8 @@ fn vms_on_a_private_network_talk_across_hosts_and_through_a_migration_and_no_oth
     let extra_bound = (migration_ms + 100) * PPS / 1000 + 1;
     // What may be lost: the datagrams sent while b was paused (they may reach only the
     // source's tap, which goes away with it), then until b's new port takes them (the
-    // first announce round is 50 ms after resume; one more round, 100 ms, in case the
-    // first is lost), and 100 ms for scheduling on a busy 2-core machine.
+    // first announce round goes out as b resumes, the next 50 ms later in case the
+    // first is lost), and 200 ms for scheduling on a busy 2-core machine.
     let bound = (downtime_ms + 250) * PPS / 1000 + 1;
     println!(
         "migration of b at {PPS} pps: downtime {downtime_ms} ms, migration {migration_ms} ms, \

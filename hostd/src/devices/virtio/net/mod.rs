@@ -118,10 +118,17 @@ impl Nic {
     }
 }
 
-/// How announcements are spaced (QEMU's schedule): the first round 50 ms after the VM
-/// runs, each next one 100 ms later than the gap before it; five rounds in all.
+/// How announcements are spaced (QEMU's schedule): the first round as the VM runs (until
+/// it, frames for the VM still go to its old port), the next 50 ms later, each gap after
+/// that 100 ms longer than the one before; five rounds in all.
 pub fn announce_delays() -> impl Iterator<Item = Duration> {
-    (0..5u64).map(|round| Duration::from_millis(50 + 100 * round))
+    (0..5u64).map(|round| {
+        Duration::from_millis(if round == 0 {
+            0
+        } else {
+            50 + 100 * (round - 1)
+        })
+    })
 }
 
 /// Announces every one of `nics` on [`announce_delays`]'s schedule, from a thread of its
@@ -165,7 +172,7 @@ mod tests {
     #[test]
     fn announcements_follow_qemus_schedule() {
         let d: Vec<u64> = announce_delays().map(|d| d.as_millis() as u64).collect();
-        assert_eq!(d, [50, 150, 250, 350, 450]);
+        assert_eq!(d, [0, 50, 150, 250, 350]);
     }
 
     #[test]
