@@ -4,7 +4,7 @@
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use proto::host::{DiskMetrics, PowerState, StopReason, VmMetrics};
+use proto::host::{DiskMetrics, NicMetrics, PowerState, StopReason, VmMetrics};
 
 use super::migrate::MigrateEnd;
 use super::{ChildError, Msg, Runner};
@@ -286,6 +286,29 @@ impl Runner {
                     read_latency_us: m.mean_read_latency_us,
                     write_latency_us: m.mean_write_latency_us,
                     errors: m.errors + m.invalid,
+                })
+                .collect(),
+            nics: vm
+                .nets()
+                .iter()
+                .map(|n| {
+                    let m = n.metrics.snapshot();
+                    NicMetrics {
+                        nic_id: n.id.clone(),
+                        mac: n.mac.to_string(),
+                        rx_packets: m.rx_packets,
+                        rx_bytes: m.rx_bytes,
+                        rx_dropped: m.rx_dropped,
+                        tx_packets: m.tx_packets,
+                        tx_bytes: m.tx_bytes,
+                        tx_dropped: m.tx_dropped,
+                        tx_spoofed: m.tx_spoofed,
+                        tx_throttled: m.tx_throttled,
+                        rx_errors: m.rx_errors,
+                        tx_errors: m.tx_errors,
+                        invalid: m.invalid,
+                        announces: m.announces,
+                    }
                 })
                 .collect(),
         }
