@@ -555,7 +555,33 @@ static void rx_wait(u64 polled_from, u64 max_us)
 }
 
 /* ---------------------------------------------------------------------------------- */
-/* The UDP sender: udp_send=IP:PORT[,size=N][,count=N][,pps=N]. */
+/* Parses "xx:xx:xx:xx:xx:xx" (hex digits either case) at *s; advances *s. 0 when
+ * well-formed. */
+static int parse_mac(const char **s, const char *end, u8 mac[6])
+{
+	for (int i = 0; i < 6; i++) {
+		u8 v = 0;
+		for (int d = 0; d < 2; d++, (*s)++) {
+			char c = *s < end ? **s : 0;
+			u8 x = c >= '0' && c <= '9'   ? (u8)(c - '0')
+			       : c >= 'a' && c <= 'f' ? (u8)(c - 'a' + 10)
+			       : c >= 'A' && c <= 'F' ? (u8)(c - 'A' + 10)
+						      : 0xff;
+			if (x == 0xff)
+				return -1;
+			v = (u8)(v << 4 | x);
+		}
+		mac[i] = v;
+		if (i < 5 && (*s >= end || *(*s)++ != ':'))
+			return -1;
+	}
+	return 0;
+}
+
+/* The UDP sender: udp_send=IP:PORT[,size=N][,count=N][,pps=N][,src_mac=MAC][,forged=N].
+ * `forged` of the `count` frames (all of them when only src_mac is given) carry src_mac
+ * as their Ethernet source instead of the interface's MAC, to test a host's
+ * anti-spoofing: forged and genuine frames take turns, forged first, while both remain. */
 
 static int udp_send(const char *s, usize len)
 {
@@ -563,15 +589,25 @@ static int udp_send(const char *s, usize len)
 	u32 dst;
 	if (parse_ip(&s, end, &dst) || s >= end || *s++ != ':')
 		bad_cmdline("udp_send");
-	i64 port = parse_dec(&s, end), size = 64, count = 1000, pps = 0;
+	i64 port = parse_dec(&s, end), size = 64, count = 1000, pps = 0, forged = -1;
+	u8 src_mac[6] = {0};
+	int have_src_mac = 0;
 	if (port <= 0 || port > 65535)
 		bad_cmdline("udp_send");
 	while (s < end && *s == ',') {
 		s++;
-		i64 *v = !strncmp(s, "size=", 5)    ? &size
-			 : !strncmp(s, "count=", 6) ? &count
-			 : !strncmp(s, "pps=", 4)   ? &pps
-						    : NULL;
+		if (!strncmp(s, "src_mac=", 8)) {
+			s += 8;
+			if (parse_mac(&s, end, src_mac) || (s < end && *s != ','))
+				bad_cmdline("udp_send");
+			have_src_mac = 1;
+			continue;
+		}
+		i64 *v = !strncmp(s, "size=", 5)     ? &size
+			 : !strncmp(s, "count=", 6)  ? &count
+			 : !strncmp(s, "pps=", 4)    ? &pps
+			 : !strncmp(s, "forged=", 7) ? &forged
+						     : NULL;
 		if (!v)
 			bad_cmdline("udp_send");
 		while (s < end && *s != '=')
@@ -580,7 +616,9 @@ static int udp_send(const char *s, usize len)
 		if ((*v = parse_dec(&s, end)) < 0)
 			bad_cmdline("udp_send");
 	}
-	if (s != end || size < 8 || size > BUF - NET_HDR - ETH - 28)
+	if (forged < 0)
+		forged = have_src_mac ? count : 0;
+	if (s != end || size < 8 || size > BUF - NET_HDR - ETH - 28 || forged > count || (forged && !have_src_mac))
 		bad_cmdline("udp_send");
 	if ((dst & net.mask) != (net.ip & net.mask)) {
 		puts("NET send error=destination-not-on-link\n");
@@ -603,7 +641,7 @@ static int udp_send(const char *s, usize len)
 	}
 	u64 interval = pps ? tsc_per_ms * 1000 / (u64)pps : 0;
 	u64 t0 = rdtsc(), due = t0, stalled = 0, next_check = now_ms() + 10;
-	u64 sent = 0;
+	u64 sent = 0, sent_forged = 0;
 	while (sent < (u64)count) {
 		rx_poll();
 		if (now_ms() >= next_check) {
@@ -632,8 +670,12 @@ static int udp_send(const char *s, usize len)
 		/* As many frames as are due and fit, under one notification. */
 		int queued = 0;
 		while (f) {
+			/* Forged while some are left and none is owed to the genuine turn. */
+			u64 genuine_left = (u64)(count - forged) - (sent - sent_forged);
+			int forge = sent_forged < (u64)forged && (!genuine_left || sent_forged <= sent - sent_forged);
+			sent_forged += (u64)forge;
 			memcpy(f, net.peer_mac, 6);
-			memcpy(f + 6, net.mac, 6);
+			memcpy(f + 6, forge ? src_mac : net.mac, 6);
 			put16(f + 12, ETH_IP);
 			u8 *ip = f + ETH, *u = ip + 20;
 			u32 ulen = (u32)size + 8;
@@ -659,8 +701,8 @@ static int udp_send(const char *s, usize len)
 	/* Every frame handed back before reporting, for up to 2 s. */
 	for (u64 until = now_ms() + 2000; net.n_free < net.tx.size && now_ms() < until;)
 		tx_reclaim();
-	printf("NET send packets=%lu payload=%ld ms=%lu pps=%lu payload_bytes_per_s=%lu\n", sent, size, ms,
-	       ms ? sent * 1000 / ms : 0, ms ? sent * (u64)size * 1000 / ms : 0);
+	printf("NET send packets=%lu payload=%ld ms=%lu pps=%lu payload_bytes_per_s=%lu forged=%lu\n", sent, size,
+	       ms, ms ? sent * 1000 / ms : 0, ms ? sent * (u64)size * 1000 / ms : 0, sent_forged);
 	return 0;
 }
 

@@ -702,3 +702,219 @@ fn a_migrating_vm_is_plugged_on_the_destination_first_and_unplugged_on_the_sourc
         thread.join().unwrap();
     }
 }
+
+const SPOOF_VIF_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x24, 0x01];
+const SPOOF_FORGED_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x66, 0x66];
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.map(|b| format!("{b:02x}")).join(":")
+}
+
+/// Which of the guest's `udp_send` datagrams carry the forged source MAC: forged and
+/// genuine take turns, forged first, while both remain (guest/virtio_net.c).
+fn forged_frames(count: u64, forged: u64) -> Vec<bool> {
+    let (mut f, mut g) = (0, 0);
+    (0..count)
+        .map(|_| {
+            let forge = f < forged && (g == count - forged || f <= g);
+            if forge {
+                f += 1
+            } else {
+                g += 1
+            }
+            forge
+        })
+        .collect()
+}
+
+/// What a packet socket on every interface of the namespace saw while it ran: frames
+/// from the forged MAC, and the guest's genuine UDP datagrams to `port`.
+#[derive(Debug, Default)]
+struct Sniffed {
+    forged: u64,
+    genuine_udp: u64,
+}
+
+/// Reads every frame on every interface of the calling thread's namespace until `stop`.
+fn sniff(stop: Arc<std::sync::atomic::AtomicBool>, port: u16) -> std::thread::JoinHandle<Sniffed> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let all = (libc::ETH_P_ALL as u16).to_be() as i32;
+    // SAFETY: socket() takes no pointers; the descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, all) };
+    assert!(
+        fd >= 0,
+        "packet socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: just opened, owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: a timeval that lives across the call, with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+    std::thread::spawn(move || {
+        let mut seen = Sniffed::default();
+        let mut buf = [0u8; 2048];
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            // SAFETY: buf is writable for its length.
+            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 14 {
+                continue;
+            }
+            let f = &buf[..n as usize];
+            if f[6..12] == SPOOF_FORGED_MAC {
+                seen.forged += 1;
+            } else if f[6..12] == SPOOF_VIF_MAC
+                && f[12..14] == [0x08, 0x00]
+                && f.len() >= 14 + 28
+                && f[14 + 9] == 17
+                && f[14 + 22..14 + 24] == port.to_be_bytes()
+            {
+                seen.genuine_udp += 1;
+            }
+        }
+        seen
+    })
+}
+
+/// A VIF whose guest sends frames with a forged source MAC among its genuine ones: the
+/// forged ones never reach the tap (a packet socket on every interface of the host's
+/// namespace sees none, and a UDP socket on the bridge gets exactly the genuine
+/// datagrams), and the VM's metrics count them as spoofed.
+#[test]
+fn a_vif_drops_and_counts_frames_with_a_forged_source_mac() {
+    in_new_netns(|| async {
+        const FORGED: u64 = 20;
+        const GENUINE: u64 = 30;
+        const PORT: u16 = 9000;
+        let bridge_ip = Ipv4Addr::new(10, 78, 0, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let d = Daemon::start_networked(
+            Arc::new(Pki::new()),
+            HOST,
+            dir.path(),
+            0,
+            "127.0.0.1",
+            "",
+            Some(host_net()),
+        )
+        .await;
+        // The network made ahead of the VM, so its bridge has an address to receive on
+        // (the daemon's plug finds it made).
+        let probe = HostNetworks::new(host_net()).unwrap();
+        let spec = NetworkSpec {
+            name: "spoofnet".into(),
+            kind: NetworkKind::Internal,
+            vlan: None,
+            mtu: 1400,
+        };
+        let bridge = probe.ensure_network(&spec).await.unwrap();
+        let (conn, h, _) = rtnetlink::new_connection().unwrap();
+        tokio::spawn(conn);
+        let index = link_index(&h, &bridge).await;
+        h.address()
+            .add(index, IpAddr::V4(bridge_ip), 24)
+            .execute()
+            .await
+            .unwrap();
+        let udp = std::net::UdpSocket::bind((bridge_ip, PORT)).unwrap();
+        udp.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+            .unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sniffer = sniff(stop.clone(), PORT);
+        let receiver = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 2048];
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    if let Ok(n) = udp.recv(&mut buf) {
+                        assert!(n >= 8, "a datagram of {n} bytes");
+                        got.push(u64::from_le_bytes(buf[..8].try_into().unwrap()));
+                    }
+                }
+                got
+            })
+        };
+
+        let mut c = d.client().await;
+        let count = FORGED + GENUINE;
+        let mut cfg = config(&format!(
+            "ip=10.78.0.2/24 udp_send={bridge_ip}:{PORT},size=64,count={count},pps=1000,\
+             src_mac={},forged={FORGED}",
+            mac_text(SPOOF_FORGED_MAC)
+        ));
+        cfg.nets = vec![vif(
+            "eth0",
+            &mac_text(SPOOF_VIF_MAC),
+            attachment("spoofnet", AttachmentKind::Internal, "", &[]),
+        )];
+        create(&mut c, "vm-spoof", cfg, true).await;
+        let mut console = ConsoleReader::open(&mut c, "vm-spoof").await;
+        // The whole `NET send` line (the command line printed at boot holds its words).
+        assert!(console.wait_for("NET send").await, "{}", console.text);
+        let from = console.text.find("NET send").unwrap();
+        assert!(console.wait_for_from("\n", from).await, "{}", console.text);
+        let line = console.text[from..].lines().next().unwrap().to_owned();
+        assert!(line.contains(&format!(" forged={FORGED}")), "{line}");
+        assert!(line.contains(&format!("packets={count} ")), "{line}");
+        // What is still in flight lands before the sockets stop reading.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut got = receiver.join().unwrap();
+        let sniffed = sniffer.join().unwrap();
+
+        got.sort_unstable();
+        let genuine: Vec<u64> = forged_frames(count, FORGED)
+            .iter()
+            .enumerate()
+            .filter(|(_, forged)| !**forged)
+            .map(|(n, _)| n as u64)
+            .collect();
+        assert_eq!(genuine.len() as u64, GENUINE);
+        assert_eq!(got, genuine, "the datagrams received are the genuine ones");
+        assert_eq!(sniffed.forged, 0, "frames from the forged MAC were seen");
+        // The sniffer saw the genuine ones (on the tap and on the bridge), so it could
+        // have seen forged ones.
+        assert!(sniffed.genuine_udp >= GENUINE, "{sniffed:?}");
+
+        let m = c
+            .get_vm_metrics(VmRequest {
+                vm_id: "vm-spoof".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        eprintln!("{line}\nsniffed {sniffed:?}\nmetrics {:?}", m.nics);
+        assert_eq!(m.nics.len(), 1, "{m:?}");
+        let nic = &m.nics[0];
+        assert_eq!(
+            (nic.nic_id.as_str(), nic.mac.as_str()),
+            ("eth0", mac_text(SPOOF_VIF_MAC).as_str())
+        );
+        assert_eq!(nic.tx_spoofed, FORGED, "{nic:?}");
+        assert_eq!(nic.tx_dropped, FORGED, "{nic:?}");
+        // The genuine datagrams and at least one ARP request.
+        assert!(nic.tx_packets > GENUINE, "{nic:?}");
+        assert!(nic.tx_bytes >= GENUINE * (14 + 28 + 64), "{nic:?}");
+        assert!(nic.rx_packets >= 1, "the ARP reply: {nic:?}");
+        assert_eq!((nic.tx_errors, nic.invalid), (0, 0), "{nic:?}");
+
+        c.destroy_vm(VmRequest {
+            vm_id: "vm-spoof".into(),
+        })
+        .await
+        .unwrap();
+    });
+}
