@@ -270,6 +270,23 @@ pub fn migrate_hop(
     hostd::vmm::Vm,
     std::sync::Arc<hostd::console::Console>,
 ) {
+    migrate_hop_then(vm, tls, n, spec, timeout, |_| {})
+}
+
+/// [`migrate_hop`], calling `on_running` with the destination VM as soon as it runs
+/// there, where a VM process starts its work after a switchover (announcing its MACs).
+pub fn migrate_hop_then(
+    vm: &hostd::vmm::Vm,
+    tls: &[StreamTls; 2],
+    n: usize,
+    spec: hostd::vmm::VmSpec,
+    timeout: Duration,
+    on_running: impl FnOnce(&hostd::vmm::Vm) + Send + 'static,
+) -> (
+    hostd::migration::Sent,
+    hostd::vmm::Vm,
+    std::sync::Arc<hostd::console::Console>,
+) {
     use hostd::console::Console;
     use hostd::migration::{self, Incoming, SendOptions};
     use std::sync::atomic::AtomicBool;
@@ -294,6 +311,9 @@ pub fn migrate_hop(
             Instant::now() + timeout,
             &mut || {},
         );
+        if let Ok(vm) = &vm {
+            on_running(vm);
+        }
         (vm, console)
     });
     let opts = SendOptions {
