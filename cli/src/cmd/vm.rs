@@ -143,6 +143,10 @@ pub enum VmCommand {
     /// Stream a VM's serial console (Ctrl-] leaves).
     #[command(name = "vm-console")]
     Console { vm: String },
+    /// A running VM's counters from its host's last heartbeat: the VM's own, each disk's
+    /// and each network interface's (named as in pool.host.v1.VmMetrics).
+    #[command(name = "vm-metrics")]
+    Metrics { vm: String },
 }
 
 pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
@@ -260,6 +264,30 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
                 }
             )?;
             ctl.follow(r).await?;
+        }
+        VmCommand::Metrics { vm } => {
+            let vm_id = ctl.vm_id(&vm).await?;
+            let host_id = call!(
+                ctl.client,
+                get_vm,
+                pb::GetVmRequest {
+                    vm_id: vm_id.clone()
+                }
+            )?
+            .host_id;
+            let m = if host_id.is_empty() {
+                None
+            } else {
+                call!(ctl.client, get_host, pb::GetHostRequest { host_id })?
+                    .last_metrics
+                    .and_then(|m| m.vms.into_iter().find(|m| m.vm_id == vm_id))
+            };
+            let Some(m) = m else {
+                bail!(
+                    "VM {vm} has no metrics: it is not running, or its host has not reported it yet"
+                );
+            };
+            ctl.print(&metrics_table(&m));
         }
         VmCommand::List { long } => {
             let vms = ctl.vms().await?;
@@ -509,10 +537,97 @@ fn vm_table(vms: Vec<pb::Vm>, hosts: &[pb::Host], ids: bool) -> Table {
     t
 }
 
+/// vm-metrics: one row per counter, `DEVICE` empty for the VM's own, the counters' names
+/// those of the proto (so scripts read them as the pool's API names them).
+fn metrics_table(m: &hpb::VmMetrics) -> Table {
+    let mut t = Table::new(&["DEVICE", "METRIC", "VALUE"]);
+    let mut add = |device: &str, metric: &str, value: crate::output::Value| {
+        t.row(vec![device.into(), metric.into(), value]);
+    };
+    add("", "at", ts(&m.at).into());
+    add("", "vcpu_time_ns", m.vcpu_time_ns.into());
+    add("", "rss_bytes", m.rss_bytes.into());
+    add("", "guest_resident_bytes", m.guest_resident_bytes.into());
+    for d in &m.disks {
+        for (name, v) in [
+            ("read_ops", d.read_ops),
+            ("write_ops", d.write_ops),
+            ("flush_ops", d.flush_ops),
+            ("discard_ops", d.discard_ops),
+            ("read_bytes", d.read_bytes),
+            ("write_bytes", d.write_bytes),
+            ("read_latency_us", d.read_latency_us),
+            ("write_latency_us", d.write_latency_us),
+            ("errors", d.errors),
+        ] {
+            add(&d.disk_id, name, v.into());
+        }
+    }
+    for n in &m.nics {
+        add(&n.nic_id, "mac", n.mac.as_str().into());
+        for (name, v) in [
+            ("rx_packets", n.rx_packets),
+            ("rx_bytes", n.rx_bytes),
+            ("rx_dropped", n.rx_dropped),
+            ("tx_packets", n.tx_packets),
+            ("tx_bytes", n.tx_bytes),
+            ("tx_dropped", n.tx_dropped),
+            ("tx_spoofed", n.tx_spoofed),
+            ("tx_throttled", n.tx_throttled),
+            ("rx_errors", n.rx_errors),
+            ("tx_errors", n.tx_errors),
+            ("invalid", n.invalid),
+            ("announces", n.announces),
+        ] {
+            add(&n.nic_id, name, v.into());
+        }
+    }
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::output::Value;
+
+    #[test]
+    fn vm_metrics_name_each_counter_by_its_device_and_proto_field() {
+        let m = hpb::VmMetrics {
+            vm_id: "a".into(),
+            vcpu_time_ns: 7,
+            disks: vec![hpb::DiskMetrics {
+                disk_id: "vda".into(),
+                read_ops: 3,
+                ..Default::default()
+            }],
+            nics: vec![hpb::NicMetrics {
+                nic_id: "eth0".into(),
+                mac: "02:00:00:00:00:01".into(),
+                tx_spoofed: 20,
+                tx_dropped: 21,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let t = metrics_table(&m);
+        let get = |device: &str, metric: &str| {
+            t.rows
+                .iter()
+                .find(|r| r[0] == Value::from(device) && r[1] == Value::from(metric))
+                .map(|r| r[2].clone())
+        };
+        assert_eq!(get("", "vcpu_time_ns"), Some(Value::from(7u64)));
+        assert_eq!(get("vda", "read_ops"), Some(Value::from(3u64)));
+        assert_eq!(get("eth0", "mac"), Some(Value::from("02:00:00:00:00:01")));
+        assert_eq!(get("eth0", "tx_spoofed"), Some(Value::from(20u64)));
+        assert_eq!(get("eth0", "tx_dropped"), Some(Value::from(21u64)));
+        assert_eq!(get("eth1", "tx_spoofed"), None);
+        let json = t.render(true);
+        assert!(
+            json.contains("\"device\": \"eth0\", \"metric\": \"tx_spoofed\", \"value\": 20"),
+            "{json}"
+        );
+    }
 
     #[test]
     fn vm_list_names_the_host_and_keeps_its_id_for_scripts() {
