@@ -461,3 +461,20 @@ fn the_guest_sends_udp_to_an_address_it_resolves_and_refuses_a_bad_address() {
     let mut child = lab.child.take().unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(3));
 }
+
+#[test]
+fn the_guest_refuses_a_malformed_forged_source_mac() {
+    for bad in [
+        "src_mac=02:00:zz:00:00:01",
+        "src_mac=02:00:00:00:01",
+        "src_mac=02:00:00:00:00:01:02",
+        "count=5,src_mac=02:00:00:00:00:01,forged=6",
+        "forged=1",
+    ] {
+        let mut lab = Lab::start(&format!("ip={GUEST_IP}/24 udp_send={HOST_IP}:9000,{bad}"));
+        let line = lab.wait_line("GUEST error bad-cmdline");
+        assert!(line.contains("key=udp_send"), "{bad}: {line}");
+        let mut child = lab.child.take().unwrap();
+        assert_eq!(child.wait().unwrap().code(), Some(3), "{bad}");
+    }
+}

@@ -1,10 +1,12 @@
 //! A pool VM's network interfaces end to end through `HostService`: the daemon plugs each
 //! interface's tap onto its network's bridge before the VM process starts, removes the
 //! taps and the networks left unused when the VM goes, and a daemon starting after a
-//! crash removes what the crash left. The daemon runs inside a network namespace of the
-//! test's own (a thread moved into it with a current-thread runtime: its netlink socket,
-//! its taps and its VM processes are all there), so nothing touches the machine's
-//! interfaces; the namespace goes with its last thread. Needs root and KVM (CI has both).
+//! crash removes what the crash left; a VIF refuses (and counts, in the VM's metrics)
+//! frames its guest sends from a MAC not its own. The daemon runs inside a network
+//! namespace of the test's own (a thread moved into it with a current-thread runtime: its
+//! netlink socket, its taps and its VM processes are all there), so nothing touches the
+//! machine's interfaces; the namespace goes with its last thread. Needs root and KVM (CI
+//! has both).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
