@@ -399,6 +399,13 @@ fn serve(
             Applied::State(snapshot) => break snapshot,
         }
     };
+    // The source has paused: what the taps queued until now reached it too.
+    for nic in &inc.spec.nets {
+        let n = nic.discard_queued();
+        if n > 0 {
+            tracing::debug!(nic = %nic.id, frames = n, "dropped frames queued before the switchover");
+        }
+    }
     let mut vm = match Vm::restore_into(&inc.spec, console, &snapshot, shell) {
         Ok(vm) => vm,
         Err(e) => {

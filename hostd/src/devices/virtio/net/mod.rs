@@ -106,6 +106,23 @@ impl Nic {
         self.tap.write_parts(&parts).map(|_| ())
     }
 
+    /// Drops every frame waiting in the tap, counted as received and dropped; how many.
+    /// A migration's destination does this when the source has paused: what its tap
+    /// queued before then reached the source too (bridges flood to a port plugged for the
+    /// switchover), and handing it to the guest again would deliver it twice, late.
+    pub fn discard_queued(&self) -> u64 {
+        let mut buf = vec![0u8; 65_562];
+        let mut n = 0;
+        while let Ok(len) = self.tap.read(&mut buf) {
+            if len == 0 {
+                break;
+            }
+            self.metrics.rx_dropped();
+            n += 1;
+        }
+        n
+    }
+
     /// Sends one gratuitous RARP for the VIF's MAC, so bridges and switches learn its
     /// port now (after a migration or an HA restart). The caller schedules the rounds.
     pub fn announce(&self) -> std::io::Result<()> {
@@ -168,6 +185,23 @@ impl std::fmt::Debug for Nic {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn discarding_empties_the_taps_queue_and_counts_each_frame() {
+        let t = test_utils::TestTap::new();
+        let mac: MacAddr = "02:00:00:00:00:07".parse().unwrap();
+        let nic = Nic::new("eth0", t.tap.clone(), mac, 1500, RateLimit::default(), None).unwrap();
+        let mut frame = vec![0xffu8; 6];
+        frame.extend_from_slice(&[2, 0, 0, 0, 0, 9, 0x08, 0x00]);
+        frame.resize(60, 0);
+        for _ in 0..3 {
+            t.send([0; 10], &frame);
+        }
+        assert_eq!(nic.discard_queued(), 3);
+        assert_eq!(nic.discard_queued(), 0, "nothing left");
+        let m = nic.metrics.snapshot();
+        assert_eq!((m.rx_packets, m.rx_dropped), (0, 3));
+    }
 
     #[test]
     fn announcements_follow_qemus_schedule() {
