@@ -489,6 +489,11 @@ fn external_networks_keep_vlans_apart_and_a_vm_reachable_through_migrations_and_
         report[MIGRATIONS - 1],
         pinger.duplicated()
     );
+    assert_eq!(
+        pinger.duplicated(),
+        0,
+        "a destination drops what its tap queued before the switchover"
+    );
     assert_eq!(mac_of("web"), mac, "the MAC stays through migrations");
 
     // HA: web's host dies with its VMs; web comes back elsewhere, same MAC, reachable.
