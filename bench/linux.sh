@@ -45,7 +45,7 @@ scenarios=(
   "linux_on_an_iscsi_root_shuts_down_by_acpi_and_keeps_its_files"
   "a_guest_reboots_every_way_powers_off_and_obeys_the_power_button linux_on_an_iscsi_root_shuts_down_by_acpi_and_keeps_its_files"
   "linux_migrates_live_five_hops_keeping_its_clock_and_data"
-  "" # 5: the guest's network through a live migration, once guest networks exist
+  "" # 5: the network through a live migration under the pool (linux.rs a_stock_kernel_finds_its_network_and_pings_both_ways proves the interface, without a pool or a migration)
 )
 n=0
 for i in "${!scenarios[@]}"; do

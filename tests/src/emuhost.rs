@@ -24,8 +24,9 @@ use crate::debian::{self, Cpio, Kernel};
 
 /// The workspace binaries every emulated host carries in `/usr/bin`.
 const BINARIES: &[&str] = &["hostd", "hostd-vmm"];
-/// Kernel modules the outer init loads (with their dependencies).
-const OUTER_MODULES: &[&str] = &["kvm_amd"];
+/// Kernel modules the outer init loads (with their dependencies): KVM, and tun for the
+/// taps of VMs with a network.
+const OUTER_MODULES: &[&str] = &["kvm_amd", "tun"];
 /// Loaded when a scenario uses the network.
 const NET_MODULES: &[&str] = &["virtio_pci", "virtio_net"];
 /// The outer VM's memory.
@@ -824,6 +825,8 @@ fn cache_key(kernel: &Kernel, bins: &[PathBuf]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     kernel.release.hash(&mut h);
     OUTER_INIT.hash(&mut h);
+    OUTER_MODULES.hash(&mut h);
+    NET_MODULES.hash(&mut h);
     for b in bins {
         b.hash(&mut h);
         if let Ok(m) = std::fs::metadata(b) {

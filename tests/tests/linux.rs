@@ -270,6 +270,98 @@ finish button 120
     );
 }
 
+/// The guest's init for the network scenario: the interface the kernel found (by the DSDT,
+/// like its disk), an address, a ping to the host's end of the tap, and then it answers
+/// the host's pings before it powers off.
+const NET_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t devtmpfs devtmpfs /dev
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+echo "LINUX-INIT-OK $(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime)"
+COLDPLUG
+echo "LINUX modules=[$(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')]"
+[ -e /sys/class/net/eth0 ] || { echo "LINUX no eth0: [$(ls /sys/class/net | tr '\n' ' ')]"; poweroff -f; }
+echo "LINUX eth0 mac=$(cat /sys/class/net/eth0/address) mtu=$(cat /sys/class/net/eth0/mtu)"
+ip link set lo up
+ip link set eth0 up
+ip addr add 10.0.9.2/24 dev eth0
+if ping -c 3 -W 10 10.0.9.1 >/dev/null; then echo "LINUX ping host ok"; else echo "LINUX ping host failed"; fi
+echos() { awk '/^Icmp:/ { if (!c) { for (i = 1; i <= NF; i++) if ($i == "InEchos") c = i } else print $c }' /proc/net/snmp; }
+i=0
+while [ "$(echos)" -lt 3 ] && [ $i -lt 240 ]; do sleep 0.5; i=$((i+1)); done
+echo "LINUX answered $(echos) echo requests rx=$(cat /sys/class/net/eth0/statistics/rx_packets) tx=$(cat /sys/class/net/eth0/statistics/tx_packets)"
+poweroff -f
+"#;
+
+/// Scenario 5: a stock kernel finds its network interface the way it finds its disk (the
+/// DSDT's virtio-mmio windows; its own `virtio_net` driver loaded by modalias), with the
+/// MAC and MTU hostd gives it, and pings the host's end of its tap both ways.
+#[test]
+fn a_stock_kernel_finds_its_network_and_pings_both_ways() {
+    let cloud = kernel("linux-image-cloud-amd64");
+    let init = NET_INIT.replace("COLDPLUG\n", &format!("{}\n", guest::COLDPLUG));
+    let modules = [guest::MODULES, &["virtio_net"]].concat();
+    let script = format!(
+        r#"#!/bin/sh
+{RUN_LIB}
+vm net --kernel $S/bzimage --initrd $S/initramfs --vcpus 2 --memory-mib 256 \
+  --net tap=lt0,mac=02:00:00:00:09:02 --cmdline "{CMDLINE}"
+i=0; while ! ip link show lt0 >/dev/null 2>&1 && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done
+ip addr add 10.0.9.1/24 dev lt0 && ip link set lt0 up || echo "SCENARIO-FAIL no tap lt0"
+await net "LINUX ping host" 600
+if ping -c 3 -W 10 10.0.9.2 >/dev/null; then echo "OUTER ping guest ok"; else echo "OUTER ping guest failed"; fi
+finish net 180
+"#
+    );
+    let scenario = Scenario::new("linux-net", &script)
+        .file("bzimage", 0o644, std::fs::read(cloud.bzimage()).unwrap())
+        .file(
+            "initramfs",
+            0o644,
+            guest::initramfs(&cloud, &init, &modules),
+        )
+        .expect("LINUX eth0 mac=", 300)
+        .expect("LINUX ping host", 120)
+        .expect("OUTER ping guest", 60)
+        .expect("LINUX answered", 180)
+        .expect("VM net exit=0", 120);
+    let report = emuhost::run(&scenario).unwrap_or_else(|e| panic!("{e}"));
+    println!("ran {}", report.way);
+    let log = |l: &str| format!("{l}\n(log {})", report.log.display());
+    let modules = report.after("LINUX modules=").unwrap_or_default();
+    assert!(
+        modules.contains("virtio_net"),
+        "{}",
+        log(&format!("modules {modules}"))
+    );
+    assert_eq!(
+        report.after("LINUX eth0 "),
+        Some("mac=02:00:00:00:09:02 mtu=1500"),
+        "{}",
+        log("the interface hostd announced")
+    );
+    assert_eq!(
+        report.after("LINUX ping host "),
+        Some("ok"),
+        "{}",
+        log("guest to host")
+    );
+    assert_eq!(
+        report.after("OUTER ping guest "),
+        Some("ok"),
+        "{}",
+        log("host to guest")
+    );
+    let answered = report.after("LINUX answered ").unwrap_or_default();
+    let n: u32 = answered
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(n >= 3, "{}", log(&format!("answered {answered}")));
+}
+
 /// The test guest (guest/) under `hostd run`: one that needs no Linux, so a failure here
 /// is the emulated host's or hostd's, not Linux's.
 #[test]
