@@ -293,8 +293,7 @@ fn sink(lab: &Lab, vm: &str, want: u64, settle: Duration) -> u64 {
     let line = console_until(pool(), None, vm, settle + Duration::from_secs(20), |seen| {
         let last = seen
             .split_inclusive('\n')
-            .filter(|l| l.ends_with('\n') && l.starts_with("GUEST net rx="))
-            .last()?;
+            .rfind(|l| l.ends_with('\n') && l.starts_with("GUEST net rx="))?;
         (start.elapsed() >= settle || counter(last, "sink") >= want)
             .then(|| last.trim_end().to_owned())
     })

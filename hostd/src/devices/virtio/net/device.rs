@@ -490,7 +490,11 @@ mod tests {
         let settled = r.nic.metrics.snapshot().invalid;
         assert!(settled <= 7, "the worker spins on the bad index: {settled}");
         std::thread::sleep(Duration::from_millis(200));
-        assert_eq!(r.nic.metrics.snapshot().invalid, settled, "the worker spins");
+        assert_eq!(
+            r.nic.metrics.snapshot().invalid,
+            settled,
+            "the worker spins"
+        );
         // The queues come back where the device left them.
         let queues = r.net.quiesce();
         assert_eq!(queues.len(), 2);
