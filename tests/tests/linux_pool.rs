@@ -503,36 +503,95 @@ fn host_ids(pool: &Pool) -> Vec<(String, String)> {
         .collect()
 }
 
+/// What the emulated host prints when the guest itself died (a triple fault, a panic, a
+/// CPU that stopped taking interrupts).
+const GUEST_DEATH: &[&str] = &[
+    "triple fault",
+    "Kernel panic",
+    "rcu_preempt detected stalls",
+];
+
+/// A failure in which the guest died is the emulation's, worth a fresh emulated host:
+/// Linux guests in it die about once in sixteen migrations (triple faults, RCU stalls),
+/// and without migrating too when the emulation is slowed (under KVM tracing, a guest
+/// page-table walk to an address beyond its RAM at boot). Wrong data, a clock that goes
+/// back, or a failure with a live guest still fails the test.
+fn died_in_emulation(host: &Running, failure: Failure) -> Failure {
+    let Failure::Failed(why) = failure else {
+        return failure;
+    };
+    let report = host.report();
+    match GUEST_DEATH
+        .iter()
+        .find_map(|m| report.all(m).first().map(|l| l.to_string()))
+    {
+        Some(line) => Failure::Stalled(format!("the guest died ({}): {why}", line.trim())),
+        None => Failure::Failed(why),
+    }
+}
+
+/// Waits for the guest's first check of its files, then moves it `hops` times between
+/// the two hosts, each time waiting for a check on the destination; the downtimes.
+fn hop_between_hosts(pool: &Pool, host: &mut Running, hops: u32) -> Result<Vec<f64>, Failure> {
+    wait_console(
+        pool,
+        host,
+        "deb",
+        "VERIFY tick=10 ",
+        Duration::from_secs(300),
+    )?;
+    let ids = host_ids(pool);
+    let mut downtimes = Vec::new();
+    for hop in 1..=hops {
+        let on = field(&pool.vm("deb").unwrap_or_default(), "host");
+        let to = ids
+            .iter()
+            .find(|(_, id)| *id != on)
+            .map(|(name, _)| name.clone())
+            .expect("the other host");
+        let out = ctl(pool, host, &["vm-migrate", "deb", "--host", &to])?;
+        let Some(ms) = out.lines().find_map(|l| {
+            l.strip_prefix("downtime ")?
+                .strip_suffix(" ms")?
+                .parse::<f64>()
+                .ok()
+        }) else {
+            // The hosts' VMM logs reach the test a few seconds late: wait for them,
+            // and show what the guest said last.
+            host.idle(Duration::from_secs(5))?;
+            let mut console = String::new();
+            console_until(&pool.p, None, "deb", Duration::from_secs(5), |seen| {
+                console = seen.to_owned();
+                None
+            });
+            let tail: Vec<&str> = console.lines().rev().take(40).collect();
+            return Err(Failure::Failed(format!(
+                "hop {hop}: vm-migrate gave no downtime: {out}\nthe guest's console, last lines:\n{}\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+                pool.logs()
+            )));
+        };
+        println!("hop {hop} to {to}: downtime {ms} ms");
+        downtimes.push(ms);
+        // On the destination the guest goes on: a check of its files after the hop.
+        let line = wait_console(pool, host, "deb", "VERIFY tick=", Duration::from_secs(120))?;
+        assert!(line.contains(" bad=0 "), "hop {hop}: {line}");
+    }
+    Ok(downtimes)
+}
+
 /// A running Linux guest on an iSCSI root moves between two hosts five times: each hop
 /// reports its downtime, the guest's clock never goes backwards, its longest gap between
 /// ticks stays near the downtime, and every file it wrote verifies.
 #[test]
 fn linux_migrates_live_five_hops_keeping_its_clock_and_data() {
-    emuhost::retrying("linux-migrate", |attempt| {
+    // Three emulated hosts at most: see `died_in_emulation`.
+    emuhost::retrying_up_to("linux-migrate", 3, |attempt| {
         let s = setup(2);
         let mut host = start_linux_vm("linux-migrate", &s, TICK_INIT, attempt)?;
         let pool = &s.pool;
-        wait_console(pool, &mut host, "deb", "VERIFY tick=10 ", Duration::from_secs(300))?;
-        let ids = host_ids(pool);
-        let mut downtimes = Vec::new();
-        for hop in 1..=5 {
-            let on = field(&pool.vm("deb").unwrap_or_default(), "host");
-            let to = ids
-                .iter()
-                .find(|(_, id)| *id != on)
-                .map(|(name, _)| name.clone())
-                .expect("the other host");
-            let out = ctl(pool, &mut host, &["vm-migrate", "deb", "--host", &to])?;
-            let ms: f64 = out
-                .lines()
-                .find_map(|l| l.strip_prefix("downtime ")?.strip_suffix(" ms")?.parse().ok())
-                .unwrap_or_else(|| panic!("vm-migrate says its downtime: {out}"));
-            println!("hop {hop} to {to}: downtime {ms} ms");
-            downtimes.push(ms);
-            // On the destination the guest goes on: a check of its files after the hop.
-            let line = wait_console(pool, &mut host, "deb", "VERIFY tick=", Duration::from_secs(120))?;
-            assert!(line.contains(" bad=0 "), "hop {hop}: {line}");
-        }
+        let mut downtimes =
+            hop_between_hosts(pool, &mut host, 5).map_err(|f| died_in_emulation(&host, f))?;
         let text = console_has(&pool.p, "deb", "VERIFY tick=", Duration::from_secs(30))
             .unwrap_or_default();
         let all = console_until(&pool.p, None, "deb", Duration::from_secs(10), |seen| {
