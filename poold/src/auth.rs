@@ -95,6 +95,7 @@ pub const METHODS: &[(&str, Level, bool)] = &[
     ("GetTask", Level::ReadOnly, false),
     ("ListTasks", Level::ReadOnly, false),
     ("WatchTask", Level::ReadOnly, false),
+    ("WatchEvents", Level::ReadOnly, false),
     ("ListRoles", Level::ReadOnly, false),
     ("QueryMetrics", Level::ReadOnly, false),
     ("StartVm", Level::VmOperator, true),

@@ -655,21 +655,26 @@ impl PoolState {
                 if let Some(h) = self.hosts.get_mut(host_id) {
                     h.state = pb::HostState::Fenced as i32;
                 }
-                for vm in self.vms.values_mut().filter(|v| v.host_id == *host_id) {
-                    vm.host_id.clear();
-                    vm.power_state = hpb::PowerState::Stopped as i32;
-                    vm.last_stop_reason = hpb::StopReason::Fenced as i32;
-                    let ha = matches!(
-                        vm.spec.as_ref().map(|s| s.ha_priority()),
-                        Some(pb::HaRestartPriority::Restart | pb::HaRestartPriority::BestEffort)
-                    );
-                    if !(ha && vm.desired_power_state() != hpb::PowerState::Stopped) {
-                        vm.desired_power_state = hpb::PowerState::Stopped as i32;
-                    } else {
-                        // A paused HA VM comes back running.
-                        vm.desired_power_state = hpb::PowerState::Running as i32;
-                    }
-                }
+                self.vms.update_where(
+                    |v| v.host_id == *host_id,
+                    |vm| {
+                        vm.host_id.clear();
+                        vm.power_state = hpb::PowerState::Stopped as i32;
+                        vm.last_stop_reason = hpb::StopReason::Fenced as i32;
+                        let ha = matches!(
+                            vm.spec.as_ref().map(|s| s.ha_priority()),
+                            Some(
+                                pb::HaRestartPriority::Restart | pb::HaRestartPriority::BestEffort
+                            )
+                        );
+                        if !(ha && vm.desired_power_state() != hpb::PowerState::Stopped) {
+                            vm.desired_power_state = hpb::PowerState::Stopped as i32;
+                        } else {
+                            // A paused HA VM comes back running.
+                            vm.desired_power_state = hpb::PowerState::Running as i32;
+                        }
+                    },
+                );
             }
             EffectKind::MoveVm(m) => {
                 // The migration ended with the VM running on the destination: recorded

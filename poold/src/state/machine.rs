@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use proto::coordinator as pb;
 use tonic::Code;
 
+use super::changes::Tracked;
 use super::command::*;
 use super::placement::Allocation;
 
@@ -67,12 +68,12 @@ pub struct PoolState {
     pub ha: pb::HaSettings,
     /// Coordinator members and their addresses.
     pub members: BTreeMap<u64, String>,
-    pub hosts: BTreeMap<String, pb::Host>,
-    pub srs: BTreeMap<String, pb::StorageRepository>,
-    pub volumes: BTreeMap<String, proto::storage::Volume>,
-    pub vms: BTreeMap<String, pb::Vm>,
-    pub templates: BTreeMap<String, pb::Template>,
-    pub tasks: BTreeMap<String, Box<pb::Task>>,
+    pub hosts: Tracked<pb::Host>,
+    pub srs: Tracked<pb::StorageRepository>,
+    pub volumes: Tracked<proto::storage::Volume>,
+    pub vms: Tracked<pb::Vm>,
+    pub templates: Tracked<pb::Template>,
+    pub tasks: Tracked<Box<pb::Task>>,
     /// Task ids in creation order, for pruning.
     pub task_order: VecDeque<String>,
     /// Looked up on every write (a hash, not a tree of string compares); their order
@@ -85,8 +86,8 @@ pub struct PoolState {
     pub alloc: BTreeMap<String, Allocation>,
     /// Long operations the leader carries out, by task id.
     pub jobs: BTreeMap<String, Job>,
-    pub vm_snapshots: BTreeMap<String, pb::VmSnapshot>,
-    pub users: BTreeMap<String, UserRecord>,
+    pub vm_snapshots: Tracked<pb::VmSnapshot>,
+    pub users: Tracked<UserRecord>,
     /// Key that signs login tokens; set with the first user.
     pub token_key: Vec<u8>,
     /// Newest last; at most [`AUDIT_KEPT`].
@@ -102,7 +103,9 @@ pub struct PoolState {
     /// The latest certificate the pool issued to each identity, until it expires.
     pub issued: BTreeMap<String, IssuedRecord>,
     /// Guest networks by id (their VIFs live in the VMs).
-    pub networks: BTreeMap<String, pb::Network>,
+    pub networks: Tracked<pb::Network>,
+    /// The settings or HA settings changed since the last events (see [`super::changes`]).
+    pub pool_touched: bool,
 }
 
 /// A user and the hash of their password.
@@ -173,20 +176,20 @@ impl PoolState {
             settings: default_settings(),
             ha: pb::HaSettings::default(),
             members,
-            hosts: BTreeMap::new(),
-            srs: BTreeMap::new(),
-            volumes: BTreeMap::new(),
-            vms: BTreeMap::new(),
-            templates: BTreeMap::new(),
-            tasks: BTreeMap::new(),
+            hosts: Tracked::default(),
+            srs: Tracked::default(),
+            volumes: Tracked::default(),
+            vms: Tracked::default(),
+            templates: Tracked::default(),
+            tasks: Tracked::default(),
             task_order: VecDeque::new(),
             requests: HashMap::new(),
             request_order: VecDeque::new(),
             applied_index: 0,
             alloc: BTreeMap::new(),
             jobs: BTreeMap::new(),
-            vm_snapshots: BTreeMap::new(),
-            users: BTreeMap::new(),
+            vm_snapshots: Tracked::default(),
+            users: Tracked::default(),
             token_key: Vec::new(),
             audit: VecDeque::new(),
             force_stop: BTreeSet::new(),
@@ -194,7 +197,8 @@ impl PoolState {
             join_tokens: BTreeMap::new(),
             ca_roll: None,
             issued: BTreeMap::new(),
-            networks: BTreeMap::new(),
+            networks: Tracked::default(),
+            pool_touched: false,
         };
         s.reserve_windows();
         s
@@ -216,7 +220,7 @@ impl PoolState {
             volumes: self.volumes.clone(),
             vms: self.vms.clone(),
             templates: self.templates.clone(),
-            tasks: BTreeMap::new(),
+            tasks: Tracked::default(),
             task_order: VecDeque::new(),
             requests: HashMap::new(),
             request_order: VecDeque::new(),
@@ -224,7 +228,7 @@ impl PoolState {
             alloc: self.alloc.clone(),
             jobs: self.jobs.clone(),
             vm_snapshots: self.vm_snapshots.clone(),
-            users: BTreeMap::new(),
+            users: Tracked::default(),
             token_key: Vec::new(),
             audit: VecDeque::new(),
             force_stop: self.force_stop.clone(),
@@ -233,6 +237,7 @@ impl PoolState {
             ca_roll: None,
             issued: BTreeMap::new(),
             networks: self.networks.clone(),
+            pool_touched: false,
         }
     }
 
@@ -396,10 +401,12 @@ impl PoolState {
             Op::UpdateSettings(s) => {
                 validate_settings(s)?;
                 self.settings = s.clone();
+                self.pool_touched = true;
                 Ok(Applied::done(&self.pool_id))
             }
             Op::SetHa(h) => {
                 self.ha = *h;
+                self.pool_touched = true;
                 Ok(Applied::done(&self.pool_id))
             }
             Op::JoinHost(j) => self.join_host(j, at_ms),
@@ -523,12 +530,12 @@ pub fn validate_settings(s: &pb::PoolSettings) -> Result<(), CommandResult> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use proto::host as hpb;
 
     use super::*;
 
-    fn cmd(request_id: &str, at_ms: u64, op: Op) -> Command {
+    pub(in crate::state) fn cmd(request_id: &str, at_ms: u64, op: Op) -> Command {
         Command {
             request_id: request_id.into(),
             at_ms,
@@ -540,7 +547,7 @@ mod tests {
         }
     }
 
-    fn join(id: &str, addr: &str) -> Op {
+    pub(in crate::state) fn join(id: &str, addr: &str) -> Op {
         Op::JoinHost(JoinHost {
             host_id: id.into(),
             name: id.into(),
@@ -548,7 +555,7 @@ mod tests {
         })
     }
 
-    fn report(host: &str, mem_gib: u64, cpus: u32) -> Op {
+    pub(in crate::state) fn report(host: &str, mem_gib: u64, cpus: u32) -> Op {
         Op::HostReport(HostReport {
             host_id: host.into(),
             info: Some(hpb::HostInfo {
@@ -564,7 +571,7 @@ mod tests {
         })
     }
 
-    fn spec(name: &str, vcpus: u32, mem_gib: u64) -> pb::VmSpec {
+    pub(in crate::state) fn spec(name: &str, vcpus: u32, mem_gib: u64) -> pb::VmSpec {
         pb::VmSpec {
             name: name.into(),
             vcpus,
@@ -573,7 +580,7 @@ mod tests {
         }
     }
 
-    fn create_vm(id: &str, s: pb::VmSpec, host: &str) -> Op {
+    pub(in crate::state) fn create_vm(id: &str, s: pb::VmSpec, host: &str) -> Op {
         Op::CreateVm(CreateVm {
             vm_id: id.into(),
             spec: Some(s),

@@ -6,9 +6,12 @@
 //! [`hosts`], [`storage`] (repositories and volumes), [`vms`] (VMs and templates),
 //! [`jobs`] (long operations), [`users`] (users, roles, audit log), [`trust`] (the pool's
 //! CA and join tokens), [`networks`] (guest networks, VIFs, MACs); [`placement`] is what
-//! the scheduler sees of the state.
+//! the scheduler sees of the state. [`changes`] turns what a command changed into the
+//! events of the pool's change feed, which each member keeps in a [`feed`].
 
+pub mod changes;
 pub mod command;
+pub mod feed;
 pub mod hosts;
 pub mod jobs;
 pub mod machine;

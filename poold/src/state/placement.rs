@@ -156,11 +156,22 @@ impl PoolState {
                 }
             }
         }
-        for (id, h) in self.hosts.iter_mut() {
-            let a = alloc.get(id).cloned().unwrap_or_default();
-            h.memory_allocated_bytes = a.memory_bytes;
-            h.vcpus_allocated = a.vcpus;
-            h.vm_ids = a.vm_ids.iter().cloned().collect();
+        let ids: Vec<String> = self.hosts.keys().cloned().collect();
+        for id in ids {
+            let a = alloc.get(&id).cloned().unwrap_or_default();
+            let vm_ids: Vec<String> = a.vm_ids.iter().cloned().collect();
+            let h = &self.hosts[&id];
+            // Only a host whose figures move counts as changed.
+            if (h.memory_allocated_bytes, h.vcpus_allocated, &h.vm_ids)
+                == (a.memory_bytes, a.vcpus, &vm_ids)
+            {
+                continue;
+            }
+            if let Some(h) = self.hosts.get_mut(&id) {
+                h.memory_allocated_bytes = a.memory_bytes;
+                h.vcpus_allocated = a.vcpus;
+                h.vm_ids = vm_ids;
+            }
         }
         self.alloc = alloc;
     }

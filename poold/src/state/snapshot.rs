@@ -350,6 +350,7 @@ pub fn decode(bytes: &[u8]) -> Result<PoolState, SnapshotError> {
         );
     }
     s.rebuild_alloc();
+    s.settle();
     Ok(s)
 }
 
@@ -572,7 +573,8 @@ mod tests {
                 ..Default::default()
             },
         );
-        if let Some(vm) = s.vms.values_mut().next() {
+        let first = s.vms.keys().next().cloned().unwrap_or_default();
+        if let Some(vm) = s.vms.get_mut(&first) {
             vm.vifs.push(pb::Vif {
                 id: "vif1".into(),
                 vm_id: vm.id.clone(),

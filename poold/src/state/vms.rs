@@ -258,17 +258,20 @@ impl PoolState {
         };
         if vm.power_state == vm.desired_power_state {
             let vm_id = vm.id.clone();
-            for t in self.tasks.values_mut() {
-                if t.target_id == vm_id
-                    && t.state == pb::TaskState::Running as i32
-                    && t.kind.starts_with("vm.")
-                    && !self.jobs.contains_key(&t.id)
-                {
+            let jobs = &self.jobs;
+            self.tasks.update_where(
+                |t| {
+                    t.target_id == vm_id
+                        && t.state == pb::TaskState::Running as i32
+                        && t.kind.starts_with("vm.")
+                        && !jobs.contains_key(&t.id)
+                },
+                |t| {
                     t.state = pb::TaskState::Succeeded as i32;
                     t.progress_percent = 100;
                     t.finished_at = Some(proto::timestamp(at_ms));
-                }
-            }
+                },
+            );
         }
         // A VM that stopped left its host: every host's allocation is derived again.
         self.rebuild_alloc();

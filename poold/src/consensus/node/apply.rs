@@ -20,6 +20,7 @@ impl Node {
             // `self` mutably: the lock is taken through a second handle to `shared`.
             let shared = self.shared.clone();
             let mut state = shared.state.write().expect("state lock");
+            let mut feed = shared.feed.lock().expect("feed lock");
             for e in entries {
                 last = e.index;
                 let pid = self.own_proposal(&e.context);
@@ -46,6 +47,10 @@ impl Node {
                         self.apply_conf_change(&mut state, &e)?
                     }
                 };
+                let events = state.take_events(e.index);
+                if !events.is_empty() {
+                    feed.push(events);
+                }
                 if let Some(reply) = pid.and_then(|p| self.proposals.remove(&p)) {
                     answers.push((reply, outcome));
                 }

@@ -12,6 +12,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::snapshots::StoredSnapshot;
 use crate::state::command::CommandResult;
+use crate::state::feed::Feed;
 use crate::state::machine::PoolState;
 
 /// Settings of the Raft member.
@@ -98,6 +99,9 @@ pub struct Shared {
     /// Member addresses learned from the members that sent us Raft messages; used only
     /// for members the replicated state does not name yet (see `member_address`).
     pub learned_addresses: RwLock<BTreeMap<u64, String>>,
+    /// The events of the entries applied lately (`WatchEvents`); changed only with the
+    /// state's write lock held, so the state and the feed read together agree.
+    pub feed: Mutex<Feed>,
 }
 
 /// A proposal's result and log index, once applied here.

@@ -46,6 +46,7 @@ use tokio::sync::watch;
 
 use super::storage::DiskStorage;
 use super::transport::Transport;
+use crate::state::feed::Feed;
 use crate::state::machine::PoolState;
 use crate::state::snapshot::{self, SnapshotError};
 use handle::{ProposeOutcome, ProposeReply};
@@ -166,6 +167,7 @@ pub fn start(
         }),
         applied: watch::channel(applied).0,
         learned_addresses: RwLock::new(BTreeMap::new()),
+        feed: Mutex::new(Feed::new(applied)),
     });
     let raft_cfg = raft_config(&cfg, applied);
     raft_cfg.validate().map_err(NodeStartError::Config)?;
@@ -385,7 +387,10 @@ impl Node {
             self.raw.mut_store().apply_snapshot(&snap)?;
             state.applied_index = index;
             self.conf_state = snap.get_metadata().get_conf_state().clone();
-            *self.shared.state.write().expect("state lock") = state;
+            let mut current = self.shared.state.write().expect("state lock");
+            *current = state;
+            self.shared.feed.lock().expect("feed lock").reset(index);
+            drop(current);
             self.snapshots_installed += 1;
             self.shared.applied.send_replace(index);
             tracing::info!(index, "installed a snapshot from the leader");

@@ -10,8 +10,8 @@ use tonic::{Request, Response, Status};
 
 use super::authorize::peer_of;
 use super::{
-    PoolHandler, console, hosts, join, members, metrics, networks, roll, settings, storage, tasks,
-    templates, users, vms,
+    PoolHandler, console, events, hosts, join, members, metrics, networks, roll, settings, storage,
+    tasks, templates, users, vms,
 };
 
 type R<T> = Result<Response<T>, Status>;
@@ -518,6 +518,15 @@ impl PoolService for PoolHandler {
     async fn watch_task(&self, r: Request<pb::GetTaskRequest>) -> R<Self::WatchTaskStream> {
         self.authorize(&r, "WatchTask")?;
         tasks::watch(self, r.into_inner().task_id)
+            .await
+            .map(Response::new)
+    }
+
+    type WatchEventsStream = events::EventStream;
+
+    async fn watch_events(&self, r: Request<pb::WatchEventsRequest>) -> R<Self::WatchEventsStream> {
+        let who = self.authorize(&r, "WatchEvents")?;
+        events::watch(self, &who, r.into_inner())
             .await
             .map(Response::new)
     }

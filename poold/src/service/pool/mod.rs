@@ -15,7 +15,8 @@
 //!   settings), `hosts.rs`, `join.rs` (join tokens and certificates), `metrics.rs`, `storage.rs` (repositories, volumes, volume
 //!   access), `vms.rs` (VMs, their snapshots, placement), `networks.rs` (guest networks
 //!   and VIFs), `console.rs`, `templates.rs`,
-//!   `tasks.rs`, `users.rs` (users, roles, login, the audit log).
+//!   `tasks.rs`, `events.rs` (the change feed), `users.rs` (users, roles, login, the
+//!   audit log).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,7 @@ use proto::coordinator as pb;
 mod api;
 mod authorize;
 mod console;
+mod events;
 mod hosts;
 mod join;
 mod members;
