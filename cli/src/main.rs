@@ -104,6 +104,8 @@ enum Command {
     User(cmd::user::UserCommand),
     #[command(flatten)]
     Task(cmd::task::TaskCommand),
+    #[command(flatten)]
+    Events(cmd::events::EventsCommand),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -230,5 +232,6 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
         Command::Pool(c) => cmd::pool::run(ctl, c).await,
         Command::User(c) => cmd::user::run(ctl, c).await,
         Command::Task(c) => cmd::task::run(ctl, c).await,
+        Command::Events(c) => cmd::events::run(ctl, c).await,
     }
 }

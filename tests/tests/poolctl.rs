@@ -117,6 +117,150 @@ fn hosts_and_tasks_through_poolctl() {
     assert!(text(&o).contains("is the pool running"), "{}", text(&o));
 }
 
+/// The position, kind and name of each event line of `poolctl events --json`.
+fn events(out: &str) -> Vec<(u64, String, String)> {
+    let field = |l: &str, key: &str| -> String {
+        let tag = format!("\"{key}\": ");
+        let Some(at) = l.find(&tag) else {
+            return String::new();
+        };
+        let rest = &l[at + tag.len()..];
+        let end = rest.find([',', '}']).unwrap_or(rest.len());
+        rest[..end].trim_matches('"').to_owned()
+    };
+    out.lines()
+        .filter(|l| l.contains("\"kind\""))
+        .map(|l| {
+            let position = field(l, "position").parse().expect("a position");
+            (position, field(l, "kind"), field(l, "name"))
+        })
+        .collect()
+}
+
+#[test]
+fn the_change_feed_lists_every_object_then_follows_and_resumes_on_another_member() {
+    use std::io::BufRead;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut pool = Coordinators::start(dir.path(), 3);
+    let p = pool.pool_arg();
+    wait_for(Duration::from_secs(30), || {
+        poolctl(&p, &["member-list"]).status.success().then_some(())
+    })
+    .expect("a leader within 30 s");
+    let o = poolctl(&p, &["host-join", "h1", "127.0.0.1:7001"]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    // From nothing: a reset, then every object at one position, and it ends there.
+    let o = poolctl(&p, &["events", "--json"]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.starts_with("{\"position\": ")
+            && out.lines().next().unwrap().contains("\"reset\": true"),
+        "{out}"
+    );
+    let listing = events(&out);
+    let at = listing[0].0;
+    assert!(listing.iter().all(|e| e.0 == at), "{out}");
+    assert_eq!(listing[0].1, "pool", "{out}");
+    assert!(
+        listing.iter().any(|e| e.1 == "host" && e.2 == "h1"),
+        "{out}"
+    );
+
+    // From a position: only what came after it, no reset.
+    let o = poolctl(&p, &["host-disable", "h1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = poolctl(&p, &["events", "--json", "--after", &at.to_string()]);
+    let out = text(&o);
+    assert!(o.status.success() && !out.contains("reset"), "{out}");
+    let after = events(&out);
+    assert!(after.iter().all(|e| e.0 > at), "{out}");
+    assert!(
+        out.contains("\"name\": \"h1\", \"state\": \"disabled\""),
+        "{out}"
+    );
+    let caught_up = after.iter().map(|e| e.0).max().unwrap();
+
+    // Following: a change shows up as it is committed, and when the member the stream
+    // is on dies, the feed goes on from another member without a gap or a repeat.
+    let mut follow = p
+        .poolctl()
+        .args([
+            "events",
+            "--json",
+            "--follow",
+            "--after",
+            &caught_up.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stdout).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen: Vec<String> = Vec::new();
+    let mut wait_line = |what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+                let hit = l.contains(what);
+                seen.push(l);
+                if hit {
+                    return;
+                }
+            }
+        }
+        panic!("no event with {what} in 20 s:\n{}", seen.join("\n"));
+    };
+    let o = poolctl(&p, &["host-join", "h2", "127.0.0.1:7002"]);
+    assert!(o.status.success(), "{}", text(&o));
+    wait_line("\"name\": \"h2\"");
+    let members =
+        String::from_utf8_lossy(&poolctl(&p, &["member-list", "--json"]).stdout).to_string();
+    let leader: usize = members
+        .lines()
+        .find(|l| l.contains("\"leader\": true"))
+        .and_then(|l| l.split("\"id\": ").nth(1))
+        .and_then(|r| r.split(',').next())
+        .and_then(|id| id.trim().parse().ok())
+        .expect("a leader");
+    pool.procs[leader - 1].kill();
+    let o = wait_for(Duration::from_secs(30), || {
+        let o = poolctl(&p, &["host-disable", "h2"]);
+        o.status.success().then_some(o)
+    })
+    .expect("the pool goes on with two members");
+    assert!(o.status.success(), "{}", text(&o));
+    wait_line("\"name\": \"h2\", \"state\": \"disabled\"");
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let got = events(&seen.join("\n"));
+    assert!(got.iter().all(|e| e.0 > caught_up), "{seen:?}");
+    assert!(
+        got.windows(2).all(|w| w[0].0 <= w[1].0),
+        "in order: {seen:?}"
+    );
+    let mut keys: Vec<_> = seen.iter().filter(|l| l.contains("\"kind\"")).collect();
+    let n = keys.len();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), n, "nothing twice: {seen:?}");
+    assert!(
+        !seen.iter().any(|l| l.contains("reset")),
+        "resumed, not reloaded: {seen:?}"
+    );
+}
+
 /// Runs poolctl with a token (or none) and returns whether it succeeded and its output.
 fn as_user(p: &PoolArg, token: Option<&str>, args: &[&str]) -> (bool, String) {
     let p = match token {
@@ -205,6 +349,13 @@ fn roles_decide_what_each_user_may_do_and_the_audit_log_says_who_did_it() {
     // read-only reads but changes nothing; a grant by the admin lets it act.
     let (ok, out) = as_user(&p, Some(&reader), &["host-list"]);
     assert!(ok, "{out}");
+    // The change feed shows read-only every object but the users; an admin sees them.
+    let (ok, out) = as_user(&p, Some(&reader), &["events", "--json"]);
+    assert!(ok && out.contains("\"kind\": \"pool\""), "{out}");
+    assert!(!out.contains("\"kind\": \"user\""), "{out}");
+    let (ok, out) = as_user(&p, Some(&admin), &["events", "--json"]);
+    assert!(ok && out.contains("\"kind\": \"user\", \"id\""), "{out}");
+    assert!(out.contains("\"name\": \"bob\""), "{out}");
     let (ok, out) = as_user(&p, Some(&reader), &["host-join", "h1", "127.0.0.1:7001"]);
     assert!(!ok, "read-only cannot join a host: {out}");
     assert!(
