@@ -26,6 +26,8 @@ use crate::ctl::{Ctl, call};
 
 /// The coordinator members, also poolctl's default `--pool`.
 pub const MEMBERS: [&str; 3] = ["127.0.0.1:7101", "127.0.0.1:7102", "127.0.0.1:7103"];
+/// Each member's web console port (HTTPS; PoolService as gRPC-Web).
+pub const CONSOLES: [&str; 3] = ["127.0.0.1:7141", "127.0.0.1:7142", "127.0.0.1:7143"];
 const STORAGED: &str = "127.0.0.1:7300";
 /// The lab pool's id, in its CA and every certificate.
 const POOL_ID: &str = "lab";
@@ -372,6 +374,7 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
         for (j, a) in MEMBERS.iter().enumerate() {
             cmd.arg("--member").arg(format!("{}={a}", j + 1));
         }
+        cmd.args(["--web-listen", CONSOLES[i]]);
         lab.daemons
             .push(Daemon::spawn(&format!("poold-{id}"), cmd, &logs)?);
     }
@@ -456,7 +459,10 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
          \x20 poolctl vm-list\n\
          \x20 poolctl vm-console {DEMO}        # Ctrl-] leaves\n\
          \x20 poolctl vm-create vm2 --template {TEMPLATE} --memory 64M --start\n\
-         \x20 poolctl vm-migrate {DEMO}\n\n\
+         \x20 poolctl vm-migrate {DEMO}\n\
+         \x20 poolctl events --follow        # each change as it is committed\n\n\
+         Each member serves the console port, e.g. https://{}/ (PoolService as gRPC-Web, \
+         under the lab's CA); log in as admin with the password in {}.\n\n\
          Ctrl-C stops the lab; `poolctl lab{}` again resumes it.",
         ready.as_secs_f64(),
         MEMBERS.len(),
@@ -467,6 +473,8 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
             Some(_) => format!(" with --config {}", dir.join(CLIENT_CONFIG).display()),
             None => String::new(),
         },
+        CONSOLES[0],
+        dir.join("pki").join(ADMIN_PASSWORD).display(),
         args.dir
             .as_ref()
             .map(|d| format!(" --dir {}", d.display()))

@@ -47,24 +47,44 @@ pub enum ServeTlsError {
 #[derive(Clone)]
 pub struct ServerTls {
     pool: crate::PoolId,
-    auth: ClientAuth,
+    peers: Peers,
     current: Arc<RwLock<Arc<rustls::ServerConfig>>>,
+}
+
+/// Who connects to a listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Peers {
+    /// Daemons and tools over gRPC (HTTP/2), with or without a client certificate.
+    Daemons(ClientAuth),
+    /// Web browsers: no client certificate asked for (a browser would offer the user a
+    /// certificate picker), HTTP/2 or HTTP/1.1.
+    Browsers,
 }
 
 impl std::fmt::Debug for ServerTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerTls")
-            .field("auth", &self.auth)
+            .field("peers", &self.peers)
             .finish_non_exhaustive()
     }
 }
 
 impl ServerTls {
     pub fn new(tls: &DaemonTls, auth: ClientAuth) -> Result<ServerTls, ServeTlsError> {
+        ServerTls::serving(tls, Peers::Daemons(auth))
+    }
+
+    /// A listener for web browsers (the web console): the same certificate, no client
+    /// certificate, HTTP/2 or HTTP/1.1. Its callers authenticate by token.
+    pub fn for_browsers(tls: &DaemonTls) -> Result<ServerTls, ServeTlsError> {
+        ServerTls::serving(tls, Peers::Browsers)
+    }
+
+    fn serving(tls: &DaemonTls, peers: Peers) -> Result<ServerTls, ServeTlsError> {
         Ok(ServerTls {
             pool: tls.pool_id().clone(),
-            auth,
-            current: Arc::new(RwLock::new(Arc::new(config(tls, auth)?))),
+            peers,
+            current: Arc::new(RwLock::new(Arc::new(config(tls, peers)?))),
         })
     }
 
@@ -82,7 +102,7 @@ impl ServerTls {
                 bundle: self.pool.clone(),
             });
         }
-        let next = Arc::new(config(tls, self.auth)?);
+        let next = Arc::new(config(tls, self.peers)?);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
         Ok(())
     }
@@ -146,7 +166,7 @@ impl ServerTls {
     }
 }
 
-fn config(tls: &DaemonTls, auth: ClientAuth) -> Result<rustls::ServerConfig, ServeTlsError> {
+fn config(tls: &DaemonTls, peers: Peers) -> Result<rustls::ServerConfig, ServeTlsError> {
     if tls.creds.pool_id() != tls.bundle.pool_id() {
         return Err(ServeTlsError::PoolMismatch {
             credentials: tls.creds.pool_id().clone(),
@@ -158,12 +178,13 @@ fn config(tls: &DaemonTls, auth: ClientAuth) -> Result<rustls::ServerConfig, Ser
         Arc::new(root_store(&tls.bundle)?),
         provider.clone(),
     );
-    let verifier = match auth {
-        ClientAuth::Required => verifier,
-        ClientAuth::Optional => verifier.allow_unauthenticated(),
+    let verifier = match peers {
+        Peers::Daemons(ClientAuth::Required) => Some(verifier),
+        Peers::Daemons(ClientAuth::Optional) => Some(verifier.allow_unauthenticated()),
+        Peers::Browsers => None,
     }
-    .build()
-    .map_err(ServeTlsError::Verifier)?;
+    .map(|v| v.build().map_err(ServeTlsError::Verifier))
+    .transpose()?;
     // The certificate and its intermediates, then the CAs: a client meeting the pool for
     // the first time gets the CA it is asked to pin in the handshake (`poolctl`).
     let chain = cert_chain(&tls.creds)
@@ -176,13 +197,20 @@ fn config(tls: &DaemonTls, auth: ClientAuth) -> Result<rustls::ServerConfig, Ser
         )
         .collect();
     let key = private_key(&tls.creds)?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(ServeTlsError::Config)?
-        .with_client_cert_verifier(verifier)
+        .map_err(ServeTlsError::Config)?;
+    let builder = match verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
         .with_single_cert(chain, key)
         .map_err(ServeTlsError::Config)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = match peers {
+        Peers::Daemons(_) => vec![b"h2".to_vec()],
+        Peers::Browsers => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    };
     Ok(config)
 }
 

@@ -16,6 +16,7 @@
 //! - [`coordinator`]: request logic between services and Raft: forwarding to the leader,
 //!   linearizable reads through ReadIndex, schedule-then-commit.
 //! - [`service`]: the gRPC services (PoolService, HostAgentService, CoordinatorPeerService).
+//! - [`web`]: the web console's HTTPS port: PoolService as gRPC-Web and the console's files.
 //! - [`reconcile`]: desired versus reported state, acted on through a narrow
 //!   [`reconcile::HostActions`] interface (gRPC to hostd).
 //! - [`jobs`]: long operations (volume and VM snapshots, clones, migration, fencing) that
@@ -49,3 +50,4 @@ pub mod server;
 pub mod service;
 pub mod state;
 pub mod tls;
+pub mod web;

@@ -79,6 +79,13 @@ struct Args {
     /// once, when the pool has no CA yet; it must be the CA of this member's TLS directory.
     #[arg(long)]
     found_ca: Option<PathBuf>,
+    /// Serve the web console here over HTTPS, with this member's certificate: PoolService
+    /// as gRPC-Web and the console's files (--web-root). Off unless given.
+    #[arg(long, value_name = "ADDRESS")]
+    web_listen: Option<SocketAddr>,
+    /// The web console's built files (web/dist after `npm run build` in web/).
+    #[arg(long, value_name = "DIR", requires = "web_listen")]
+    web_root: Option<PathBuf>,
     /// Log filter, e.g. "info" or "poold=debug" (RUST_LOG wins when set).
     #[arg(long, default_value = "info,raft=warn")]
     log: String,
@@ -224,6 +231,18 @@ fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
+        let web = match args.web_listen {
+            Some(addr) => Some(poold::server::WebConfig {
+                listener: tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the web console's {addr}"))?,
+                root: args.web_root.clone(),
+            }),
+            None => None,
+        };
+        if let Some(w) = &web {
+            tracing::info!(address = %format!("https://{}/", args.web_listen.expect("given")), root = ?w.root, "serving the web console");
+        }
         tracing::info!(id, %listen, data_dir = %data_dir.display(), "poold starting");
         let member = Member::start(MemberConfig {
             node,
@@ -236,6 +255,10 @@ fn main() -> anyhow::Result<()> {
             tls_dir: Some(tls_dir),
         })
         .context("starting the Raft member")?;
+        let member = match web {
+            Some(w) => member.with_web(w),
+            None => member,
+        };
         member
             .run(listener, async {
                 let _ = tokio::signal::ctrl_c().await;

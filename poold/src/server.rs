@@ -43,6 +43,10 @@ pub enum StartError {
     Node(#[from] node::NodeStartError),
     #[error("serving gRPC failed")]
     Serve(#[source] tonic::transport::Error),
+    #[error(
+        "the web console is served over HTTPS only: --web-listen needs the member's TLS directory"
+    )]
+    WebWithoutTls,
     #[error("the TLS directory cannot be served with")]
     Tls(#[from] pool_trust::serve::ServeTlsError),
 }
@@ -81,6 +85,15 @@ pub struct Member {
     found_ca: Option<PoolCaRecord>,
     data_dir: PathBuf,
     tls_dir: Option<PathBuf>,
+    web: Option<WebConfig>,
+}
+
+/// The web console's port (`--web-listen`, `--web-root`).
+pub struct WebConfig {
+    pub listener: TcpListener,
+    /// The console's built files; without them the port serves the API and a page saying
+    /// how to build them.
+    pub root: Option<PathBuf>,
 }
 
 impl Member {
@@ -123,7 +136,14 @@ impl Member {
             found_ca: cfg.found_ca,
             data_dir: cfg.data_dir,
             tls_dir: cfg.tls_dir,
+            web: None,
         })
+    }
+
+    /// Serves the web console on `web` too (over HTTPS: the member needs its TLS).
+    pub fn with_web(mut self, web: WebConfig) -> Member {
+        self.web = Some(web);
+        self
     }
 
     /// Serves PoolService, HostAgentService and CoordinatorPeerService on `listener`
@@ -176,11 +196,31 @@ impl Member {
             Some(tls) => Some(ServerTls::new(&tls.current(), ClientAuth::Optional)?),
             None => None,
         };
-        if let (Some(tls), Some(server), Some(dir)) = (&c.tls, &server_tls, self.tls_dir) {
+        let mut served = server_tls.iter().cloned().collect::<Vec<_>>();
+        if let Some(web) = self.web {
+            let tls = c.tls.as_ref().ok_or(StartError::WebWithoutTls)?;
+            let web_tls = ServerTls::for_browsers(&tls.current())?;
+            served.push(web_tls.clone());
+            let handler = pool::PoolHandler {
+                c: c.clone(),
+                hosts: grpc.clone(),
+                storage: grpc.clone(),
+            };
+            loops.push(tokio::spawn(crate::web::serve(
+                handler,
+                web.root,
+                web.listener,
+                web_tls,
+                stop_rx.clone(),
+            )));
+        }
+        if let (Some(tls), Some(dir)) = (&c.tls, self.tls_dir)
+            && !served.is_empty()
+        {
             loops.push(tokio::spawn(keep_renewed(
                 c.clone(),
                 tls.clone(),
-                server.clone(),
+                served,
                 dir,
                 stop_rx.clone(),
             )));
@@ -238,7 +278,7 @@ impl Member {
 async fn keep_renewed(
     c: Arc<Coordinator>,
     tls: LiveTls,
-    server: ServerTls,
+    servers: Vec<ServerTls>,
     dir: PathBuf,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -265,9 +305,11 @@ async fn keep_renewed(
         }
     };
     let renewed = move |next: &pool_trust::DaemonTls| {
-        if let Err(e) = server.reload(next) {
-            tracing::warn!(error = %proto::error_chain(&e), "the renewed certificate cannot be served");
-            return;
+        for server in &servers {
+            if let Err(e) = server.reload(next) {
+                tracing::warn!(error = %proto::error_chain(&e), "the renewed certificate cannot be served");
+                return;
+            }
         }
         if let Err(e) = tls.replace(next.clone()) {
             tracing::warn!(error = %e, "the renewed certificate cannot be used");

@@ -262,7 +262,7 @@ impl Coordinators {
         }
         let password = secret_file(dir, "admin-password", ADMIN_PASSWORD);
         let procs = (1..=n)
-            .map(|id| Self::member(dir, &addrs, id, found_ca))
+            .map(|id| Self::member(dir, &addrs, id, found_ca, &[]))
             .collect();
         pool.token = Some(pool.login("admin", Path::new(&password)));
         Coordinators {
@@ -273,7 +273,7 @@ impl Coordinators {
         }
     }
 
-    fn member(dir: &Path, addrs: &[String], id: usize, found_ca: bool) -> Process {
+    fn member(dir: &Path, addrs: &[String], id: usize, found_ca: bool, extra: &[&str]) -> Process {
         let mut cmd = Command::new(binary("poold"));
         cmd.args([
             "--member-id",
@@ -297,6 +297,7 @@ impl Coordinators {
         for (j, a) in addrs.iter().enumerate() {
             cmd.arg("--member").arg(format!("{}={a}", j + 1));
         }
+        cmd.args(extra);
         // Each member's log stays in the test's directory for when a test fails (appended
         // to across restarts).
         let log = std::fs::OpenOptions::new()
@@ -321,14 +322,19 @@ impl Coordinators {
         self.kill_all();
         self.procs = (1..=self.addrs.len())
             // A pool founded with its CA keeps it in its state: no --found-ca again.
-            .map(|id| Self::member(&self.dir, &self.addrs, id, false))
+            .map(|id| Self::member(&self.dir, &self.addrs, id, false, &[]))
             .collect();
     }
 
     /// SIGKILLs member `id` (1-based) and starts it again.
     pub fn restart(&mut self, id: usize) {
+        self.restart_with(id, &[]);
+    }
+
+    /// SIGKILLs member `id` (1-based) and starts it again with `extra` arguments.
+    pub fn restart_with(&mut self, id: usize, extra: &[&str]) {
         self.procs[id - 1].kill();
-        self.procs[id - 1] = Self::member(&self.dir, &self.addrs, id, false);
+        self.procs[id - 1] = Self::member(&self.dir, &self.addrs, id, false, extra);
     }
 
     pub fn pool_arg(&self) -> PoolArg {

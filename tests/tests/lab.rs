@@ -92,6 +92,27 @@ fn ctl_ok(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// Every member's console port answers over HTTPS under the CA member 1 trusts (the
+/// lab installs no console pages: the port says so).
+fn console_answers(dir: &Path) {
+    let bundle = dir.join("pki/member-1").join(pool_trust::BUNDLE_FILE);
+    for port in 7141..=7143 {
+        let o = Command::new("curl")
+            .args(["-sS", "-i", "--cacert"])
+            .arg(&bundle)
+            .arg(format!("https://127.0.0.1:{port}/"))
+            .output()
+            .expect("running curl");
+        let out = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(out.starts_with("HTTP/2 503"), "{port}: {out}");
+        assert!(out.contains("--web-root"), "{port}: {out}");
+    }
+}
+
 #[test]
 fn the_lab_runs_rolls_its_ca_and_resumes_after_the_roll() {
     let tmp = tempfile::tempdir().unwrap();
@@ -99,6 +120,7 @@ fn the_lab_runs_rolls_its_ca_and_resumes_after_the_roll() {
     let lab = start_lab(&dir);
     let hosts = ctl_ok(&dir, &["host-list", "--json"]);
     assert!(hosts.contains("\"name\": \"h1\""), "{hosts}");
+    console_answers(&dir);
     let before = CaBundle::from_pem(&ctl_ok(&dir, &["pool-ca"])).unwrap();
     assert_eq!(before.certs().len(), 1);
 
@@ -126,6 +148,8 @@ fn the_lab_runs_rolls_its_ca_and_resumes_after_the_roll() {
     );
     let now = CaBundle::from_pem(&ctl_ok(&dir, &["pool-ca"])).unwrap();
     assert_eq!(now.certs()[0].fingerprint(), after.certs()[0].fingerprint());
+    // The console ports serve certificates of the new CA too.
+    console_answers(&dir);
     ctl_ok(
         &dir,
         &[
