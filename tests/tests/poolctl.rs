@@ -400,4 +400,29 @@ fn roles_decide_what_each_user_may_do_and_the_audit_log_says_who_did_it() {
         .filter(|l| l.contains("\"user\": \"bob\"") && l.contains("JoinHost"))
         .count();
     assert!(refused >= 2, "the refused join is audited too: {out}");
+
+    // A change feed followed with a token ends once the token is revoked.
+    let mut follow = p
+        .as_token(&reader)
+        .poolctl()
+        .args(["events", "--follow"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(follow.try_wait().unwrap().is_none(), "the feed is followed");
+    let (ok, out) = as_user(&p, Some(&admin), &["user-revoke-tokens", "bob"]);
+    assert!(ok, "{out}");
+    let ended = wait_for(Duration::from_secs(15), || follow.try_wait().unwrap());
+    let Some(status) = ended else {
+        let _ = follow.kill();
+        panic!("a revoked token still follows the feed");
+    };
+    let out = follow.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !status.success() && err.contains("Unauthenticated"),
+        "{err}"
+    );
 }

@@ -8,7 +8,7 @@ use proto::host as hpb;
 use proto::host::PowerState::{Paused, Running, Stopped};
 use tonic::{Request, Response, Status};
 
-use super::authorize::peer_of;
+use super::authorize::{header_of, peer_of};
 use super::{
     PoolHandler, console, events, hosts, join, members, metrics, networks, roll, settings, storage,
     tasks, templates, users, vms,
@@ -525,8 +525,9 @@ impl PoolService for PoolHandler {
     type WatchEventsStream = events::EventStream;
 
     async fn watch_events(&self, r: Request<pb::WatchEventsRequest>) -> R<Self::WatchEventsStream> {
-        let who = self.authorize(&r, "WatchEvents")?;
-        events::watch(self, &who, r.into_inner())
+        self.authorize(&r, "WatchEvents")?;
+        let credentials = (header_of(&r), peer_of(&r));
+        events::watch(self, credentials, r.into_inner())
             .await
             .map(Response::new)
     }

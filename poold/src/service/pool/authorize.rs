@@ -15,11 +15,7 @@ impl PoolHandler {
     /// Authorizes a call to `method`: the caller, or the refusal (logged; audited when the
     /// method changes the pool).
     pub(super) fn authorize<T>(&self, r: &Request<T>, method: &str) -> Result<Caller, Status> {
-        let header = r
-            .metadata()
-            .get(auth::HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let header = header_of(r);
         let peer = peer_of(r);
         let decided = auth::authorize(
             &self.c.node.state(),
@@ -142,6 +138,14 @@ pub(super) fn log_refusal(who: &Caller, s: &Status) {
 }
 
 /// The caller's address, as the audit log records it.
+/// The request's `authorization` header, if it has one that is text.
+pub(super) fn header_of<T>(r: &Request<T>) -> Option<String> {
+    r.metadata()
+        .get(auth::HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
 pub(super) fn peer_of<T>(r: &Request<T>) -> String {
     r.remote_addr().map(|a| a.to_string()).unwrap_or_default()
 }

@@ -13,7 +13,7 @@ use tonic::Status;
 use tonic::codegen::tokio_stream::Stream;
 
 use super::PoolHandler;
-use crate::auth::{self, Caller};
+use crate::auth;
 use crate::coordinator::Coordinator;
 use crate::state::changes::FeedObject;
 use crate::state::machine::UserRecord;
@@ -32,12 +32,16 @@ enum Next {
     Changes(Vec<pb::PoolEvent>),
 }
 
+/// Serves the feed from `r.after`. The caller's `authorization` header and address are
+/// checked again before each message, so a stream ends (Unauthenticated or
+/// PermissionDenied) once its token is revoked or its user deleted, and shows users only
+/// while the caller's role allows listing them.
 pub(super) async fn watch(
     svc: &PoolHandler,
-    who: &Caller,
+    (header, peer): (Option<String>, String),
     r: pb::WatchEventsRequest,
 ) -> Result<EventStream, Status> {
-    let with_users = who.level >= auth::rule("ListUsers").0;
+    let users_level = auth::rule("ListUsers").0;
     // A member behind the leader first catches up, so that a position given by a
     // member further on reads as caught up here, not as one from elsewhere.
     svc.c.read(|_| ()).await?;
@@ -48,6 +52,21 @@ pub(super) async fn watch(
         let mut position = r.after;
         let mut synced = false;
         loop {
+            let now = proto::unix_ms();
+            let still = auth::authorize(
+                &c.node.state(),
+                header.as_deref(),
+                "WatchEvents",
+                &peer,
+                now,
+            );
+            let with_users = match still {
+                Ok(who) => who.level >= users_level,
+                Err(e) => {
+                    let _ = tx.send(Err(Status::from(e))).await;
+                    return;
+                }
+            };
             let next = next(&c, position, with_users);
             let sent = match next {
                 Next::Listing(events, at) => {
