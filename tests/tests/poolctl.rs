@@ -356,6 +356,11 @@ fn roles_decide_what_each_user_may_do_and_the_audit_log_says_who_did_it() {
     let (ok, out) = as_user(&p, Some(&admin), &["events", "--json"]);
     assert!(ok && out.contains("\"kind\": \"user\", \"id\""), "{out}");
     assert!(out.contains("\"name\": \"bob\""), "{out}");
+    assert!(
+        !out.contains("\"kind\": \"audit\""),
+        "a listing has no audit: {out}"
+    );
+    let listed_at = events(&out)[0].0.to_string();
     let (ok, out) = as_user(&p, Some(&reader), &["host-join", "h1", "127.0.0.1:7001"]);
     assert!(!ok, "read-only cannot join a host: {out}");
     assert!(
@@ -367,6 +372,15 @@ fn roles_decide_what_each_user_may_do_and_the_audit_log_says_who_did_it() {
         ok && !out.contains("h1"),
         "the refused call changed nothing: {out}"
     );
+    // The refusal reaches the feed as an audit record, for those who may read the log.
+    let since = ["events", "--json", "--after", listed_at.as_str()];
+    let audited = wait_for(Duration::from_secs(10), || {
+        let (ok, out) = as_user(&p, Some(&admin), &since);
+        (ok && out.contains("\"kind\": \"audit\"") && out.contains("JoinHost by bob")).then_some(())
+    });
+    assert!(audited.is_some(), "{}", as_user(&p, Some(&admin), &since).1);
+    let (ok, out) = as_user(&p, Some(&reader), &since);
+    assert!(ok && !out.contains("\"kind\": \"audit\""), "{out}");
     let (ok, out) = as_user(&p, Some(&admin), &["role-grant", "bob", "pool-operator"]);
     assert!(ok, "{out}");
     let (ok, out) = as_user(&p, Some(&reader), &["host-join", "h1", "127.0.0.1:7001"]);

@@ -135,6 +135,7 @@ fn summary(o: &Object) -> (String, String) {
             t.kind.clone(),
             format!("{} {}%", task_state(t.state), t.progress_percent),
         ),
+        Object::Audit(a) => (format!("{} by {}", a.method, a.user_name), a.result.clone()),
     }
 }
 

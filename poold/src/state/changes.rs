@@ -144,6 +144,27 @@ impl<V: Clone + PartialEq> Tracked<V> {
     }
 }
 
+/// The feed's bookkeeping beside the tracked maps. Not part of the state: two states are
+/// equal whatever their marks.
+#[derive(Clone, Debug, Default)]
+pub struct FeedMarks {
+    /// The settings or HA settings changed since the last events.
+    pub pool_touched: bool,
+    /// The id of the newest audit event already in the feed (ids are fixed-width hex, so
+    /// they compare as text).
+    pub audit_seen: String,
+}
+
+impl PartialEq for FeedMarks {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+/// The event kind of audit records: changes only (a listing leaves them out; the audit
+/// log is read with `ListAuditEvents`), for callers who may read the audit log.
+pub const AUDIT_KIND: &str = "audit";
+
 /// What an object of one kind looks like in the feed.
 pub trait FeedObject {
     /// The event kind: "vm", "host"...
@@ -235,7 +256,7 @@ impl PoolState {
     /// The pool's own event comes first when its settings, HA settings or counts changed.
     pub fn take_events(&mut self, position: u64) -> Vec<pb::PoolEvent> {
         let mut out = Vec::new();
-        let mut pool_changed = std::mem::take(&mut self.pool_touched);
+        let mut pool_changed = std::mem::take(&mut self.marks.pool_touched);
         // The pool's event carries the host and VM counts.
         pool_changed |= events_of(&mut self.hosts, position, &mut out);
         events_of(&mut self.srs, position, &mut out);
@@ -246,10 +267,32 @@ impl PoolState {
         events_of(&mut self.networks, position, &mut out);
         events_of(&mut self.users, position, &mut out);
         events_of(&mut self.tasks, position, &mut out);
+        let new_audit = self
+            .audit
+            .iter()
+            .rev()
+            .take_while(|a| a.id > self.marks.audit_seen)
+            .count();
+        for a in self.audit.range(self.audit.len() - new_audit..) {
+            out.push(pb::PoolEvent {
+                position,
+                kind: AUDIT_KIND.into(),
+                id: a.id.clone(),
+                deleted: false,
+                object: Some(Object::Audit(a.clone())),
+            });
+        }
+        self.settle_audit();
         if pool_changed {
             out.insert(0, pool_event(self, position));
         }
         out
+    }
+
+    fn settle_audit(&mut self) {
+        if let Some(last) = self.audit.back() {
+            self.marks.audit_seen.clone_from(&last.id);
+        }
     }
 
     /// Every object now, as events at the applied index: what a client starting afresh
@@ -283,7 +326,8 @@ impl PoolState {
         self.networks.settle();
         self.users.settle();
         self.tasks.settle();
-        self.pool_touched = false;
+        self.marks.pool_touched = false;
+        self.settle_audit();
     }
 }
 
@@ -374,6 +418,47 @@ mod tests {
         assert!(vm.deleted && vm.object.is_none(), "{vm:?}");
         assert_eq!(events[0].kind, "pool", "the VM count changed");
         assert!(s.take_events(8).is_empty(), "taken once");
+    }
+
+    #[test]
+    fn each_new_audit_record_is_an_event_once_and_never_in_a_listing() {
+        let mut s = PoolState::new("p", BTreeMap::new());
+        let mut c = cmd("j", 1, join("h1", "10.0.0.1:1"));
+        c.method = "JoinHost".into();
+        c.requested_by = "admin".into();
+        s.apply(2, &c);
+        let events = s.take_events(2);
+        let audit: Vec<_> = events.iter().filter(|e| e.kind == AUDIT_KIND).collect();
+        assert_eq!(audit.len(), 1, "{events:?}");
+        let Some(Object::Audit(a)) = &audit[0].object else {
+            panic!("{:?}", audit[0]);
+        };
+        assert_eq!(
+            (a.method.as_str(), a.user_name.as_str()),
+            ("JoinHost", "admin")
+        );
+        // A refusal recorded by the services is one too; nothing is repeated.
+        s.apply(
+            3,
+            &cmd(
+                "a",
+                2,
+                Op::Audit(pb::AuditEvent {
+                    method: "DeleteVm".into(),
+                    result: "PermissionDenied".into(),
+                    ..Default::default()
+                }),
+            ),
+        );
+        let events = s.take_events(3);
+        let audit: Vec<_> = events.iter().filter(|e| e.kind == AUDIT_KIND).collect();
+        assert_eq!(audit.len(), 1, "{events:?}");
+        assert!(audit[0].id > a.id);
+        assert!(s.take_events(4).is_empty());
+        assert!(s.listing(true).iter().all(|e| e.kind != AUDIT_KIND));
+        // A state read from a snapshot does not send the old records again.
+        let mut back = crate::state::snapshot::decode(&crate::state::snapshot::encode(&s)).unwrap();
+        assert!(back.take_events(5).is_empty());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use proto::coordinator as pb;
 use tonic::Code;
 
-use super::changes::Tracked;
+use super::changes::{FeedMarks, Tracked};
 use super::command::*;
 use super::placement::Allocation;
 
@@ -104,8 +104,9 @@ pub struct PoolState {
     pub issued: BTreeMap<String, IssuedRecord>,
     /// Guest networks by id (their VIFs live in the VMs).
     pub networks: Tracked<pb::Network>,
-    /// The settings or HA settings changed since the last events (see [`super::changes`]).
-    pub pool_touched: bool,
+    /// What the change feed has taken of the settings and the audit log (not part of the
+    /// state: see [`super::changes`]).
+    pub marks: FeedMarks,
 }
 
 /// A user and the hash of their password.
@@ -198,7 +199,7 @@ impl PoolState {
             ca_roll: None,
             issued: BTreeMap::new(),
             networks: Tracked::default(),
-            pool_touched: false,
+            marks: FeedMarks::default(),
         };
         s.reserve_windows();
         s
@@ -237,7 +238,7 @@ impl PoolState {
             ca_roll: None,
             issued: BTreeMap::new(),
             networks: self.networks.clone(),
-            pool_touched: false,
+            marks: FeedMarks::default(),
         }
     }
 
@@ -401,12 +402,12 @@ impl PoolState {
             Op::UpdateSettings(s) => {
                 validate_settings(s)?;
                 self.settings = s.clone();
-                self.pool_touched = true;
+                self.marks.pool_touched = true;
                 Ok(Applied::done(&self.pool_id))
             }
             Op::SetHa(h) => {
                 self.ha = *h;
-                self.pool_touched = true;
+                self.marks.pool_touched = true;
                 Ok(Applied::done(&self.pool_id))
             }
             Op::JoinHost(j) => self.join_host(j, at_ms),

@@ -2,7 +2,8 @@
 //! this member no longer keeps, first gets every object (a reset listing, in parts),
 //! then the events of each change as it is applied here; one at a kept position gets
 //! what came after it and then an empty message marked `synced`. An idle stream gets an empty message with its position now and
-//! then, so a client (or a proxy) can tell a quiet pool from a dead connection.
+//! then, so a client (or a proxy) can tell a quiet pool from a dead connection. Callers
+//! see users only if they may list them, audit records only if they may read the log.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use tonic::codegen::tokio_stream::Stream;
 use super::PoolHandler;
 use crate::auth;
 use crate::coordinator::Coordinator;
-use crate::state::changes::FeedObject;
+use crate::state::changes::{AUDIT_KIND, FeedObject};
 use crate::state::machine::UserRecord;
 
 pub type EventStream =
@@ -41,7 +42,6 @@ pub(super) async fn watch(
     (header, peer): (Option<String>, String),
     r: pb::WatchEventsRequest,
 ) -> Result<EventStream, Status> {
-    let users_level = auth::rule("ListUsers").0;
     // A member behind the leader first catches up, so that a position given by a
     // member further on reads as caught up here, not as one from elsewhere.
     svc.c.read(|_| ()).await?;
@@ -60,14 +60,14 @@ pub(super) async fn watch(
                 &peer,
                 now,
             );
-            let with_users = match still {
-                Ok(who) => who.level >= users_level,
+            let level = match still {
+                Ok(who) => who.level,
                 Err(e) => {
                     let _ = tx.send(Err(Status::from(e))).await;
                     return;
                 }
             };
-            let next = next(&c, position, with_users);
+            let next = next(&c, position, may_list_users(level));
             let sent = match next {
                 Next::Listing(events, at) => {
                     position = at;
@@ -98,10 +98,7 @@ pub(super) async fn watch(
                 }
                 Next::Changes(events) => {
                     position = events.last().map_or(position, |e| e.position);
-                    let events = events
-                        .into_iter()
-                        .filter(|e| with_users || e.kind != UserRecord::KIND)
-                        .collect();
+                    let events = events.into_iter().filter(|e| visible(e, level)).collect();
                     let msg = pb::WatchEventsResponse {
                         events,
                         position,
@@ -118,6 +115,20 @@ pub(super) async fn watch(
     Ok(Box::pin(
         tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx),
     ))
+}
+
+fn may_list_users(level: auth::Level) -> bool {
+    level >= auth::rule("ListUsers").0
+}
+
+/// Whether a caller of `level` sees `e`: users only if it may list them, audit records
+/// only if it may read the audit log.
+fn visible(e: &pb::PoolEvent, level: auth::Level) -> bool {
+    match e.kind.as_str() {
+        UserRecord::KIND => may_list_users(level),
+        AUDIT_KIND => level >= auth::rule("ListAuditEvents").0,
+        _ => true,
+    }
 }
 
 /// Reads the state and the feed together (the feed changes under the state's write
