@@ -189,7 +189,13 @@ fn an_intruder_is_refused_everywhere_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let pool = Pool::start(dir.path(), 2);
     let hosts_before = pool.wait_hosts_enabled();
-    let members_before = pool.ctl(&["member-list", "--json"]);
+    // Reachability is each member's view of its peers, soft state that settles after
+    // start: the comparison at the end is of a settled list.
+    let members_before = e2e_tests::wait_for(Duration::from_secs(30), || {
+        let m = pool.ctl(&["member-list", "--json"]);
+        (!m.contains("\"reachable\": false")).then_some(m)
+    })
+    .expect("every member reachable within 30 s");
     let p = pool.p.clone();
     let h1 = hosts_before
         .lines()
