@@ -90,10 +90,10 @@ pub async fn observe(
         let prev = live.get(&req.host_id).cloned();
         let state = c.node.state();
         let vm_changed = req.vms.iter().any(|v| {
-            state.vms.get(&v.id).is_some_and(|x| {
-                x.host_id == req.host_id
-                    && (x.power_state != v.power_state || x.last_stop_reason != v.last_stop_reason)
-            })
+            state.takes_report(&req.host_id, &v.id, v.power_state)
+                && state.vms.get(&v.id).is_some_and(|x| {
+                    x.power_state != v.power_state || x.last_stop_reason != v.last_stop_reason
+                })
         });
         let info_changed = req.info.is_some() && req.info != host.info;
         let nics_changed = req.nics_known && req.nics != host.nics;

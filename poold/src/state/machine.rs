@@ -759,6 +759,45 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn a_migrating_report_counts_only_while_a_migration_job_runs() {
+        let mut s = PoolState::new("p", BTreeMap::new());
+        s.apply(2, &cmd("j1", 1, join("h1", "10.0.0.1:7000")));
+        s.apply(3, &cmd("j2", 2, join("h2", "10.0.0.2:7000")));
+        s.apply(4, &cmd("r1", 3, report("h1", 8, 4)));
+        s.apply(5, &cmd("r2", 4, report("h2", 8, 4)));
+        s.apply(6, &cmd("c", 5, create_vm("vm1", spec("a", 1, 1), "h1")));
+        let says = |power: hpb::PowerState| {
+            Op::HostReport(HostReport {
+                host_id: "h1".into(),
+                vms: vec![ReportedVm {
+                    vm_id: "vm1".into(),
+                    power_state: power as i32,
+                    last_stop_reason: 0,
+                }],
+                ..Default::default()
+            })
+        };
+        s.apply(7, &cmd("", 6, says(hpb::PowerState::Running)));
+        // A heartbeat read mid-migration, committed after the job ended: the VM stays
+        // running, so the next migration is not refused.
+        s.apply(8, &cmd("", 7, says(hpb::PowerState::Migrating)));
+        assert_eq!(s.vms["vm1"].power_state(), hpb::PowerState::Running);
+        let job = Job {
+            spec: Some(JobSpec::MigrateVm(MigrateVmJob {
+                vm_id: "vm1".into(),
+                source_host_id: "h1".into(),
+                destination_host_id: "h2".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let r = s.apply(9, &cmd("m", 8, Op::StartJob(job)));
+        assert_eq!(r.code, 0, "{}", r.message);
+        s.apply(10, &cmd("", 9, says(hpb::PowerState::Migrating)));
+        assert_eq!(s.vms["vm1"].power_state(), hpb::PowerState::Migrating);
+    }
+
+    #[test]
     fn unreachable_host_comes_back_with_a_report() {
         let mut s = PoolState::new("p", BTreeMap::new());
         s.apply(2, &cmd("j", 1, join("h1", "10.0.0.1:7000")));

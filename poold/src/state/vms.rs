@@ -221,17 +221,27 @@ impl PoolState {
         Ok(Applied::done(id))
     }
 
+    /// Whether a host's word on a VM's power state counts. Not for a VM the pool placed
+    /// elsewhere (a stale copy on a host it moved away from, or a stopped VM's leftover
+    /// definition; reconciliation removes those). Nor "migrating" with no migration job: a
+    /// state read before a switchover and committed after the job ended, which set the
+    /// VM's state itself.
+    pub(crate) fn takes_report(&self, host_id: &str, vm_id: &str, power_state: i32) -> bool {
+        let placed_here = self.vms.get(vm_id).is_some_and(|vm| vm.host_id == host_id);
+        let stale_migrating =
+            power_state == hpb::PowerState::Migrating as i32 && self.migration_of(vm_id).is_none();
+        placed_here && !stale_migrating
+    }
+
     /// A host reported one of its VMs: record what it runs and finish the power tasks
     /// whose goal is reached.
     pub(super) fn apply_reported_vm(&mut self, host_id: &str, rv: &ReportedVm, at_ms: u64) {
+        if !self.takes_report(host_id, rv.vm_id.as_str(), rv.power_state) {
+            return;
+        }
         let Some(vm) = self.vms.get_mut(&rv.vm_id) else {
             return;
         };
-        if vm.host_id != host_id {
-            // A stale copy on a host the pool moved the VM away from (or a stopped VM's
-            // leftover definition); reconciliation removes it.
-            return;
-        }
         vm.power_state = rv.power_state;
         vm.last_stop_reason = rv.last_stop_reason;
         let stopped = matches!(
