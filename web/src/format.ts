@@ -1,0 +1,25 @@
+// How states and sizes read in the console: the enum names as poolctl prints them.
+import { PowerState } from "./gen/host_pb";
+import { HostState, TaskState } from "./gen/pool_pb";
+
+// protobuf-es drops the enums' prefixes: PowerState.RUNNING is POWER_STATE_RUNNING.
+function label(names: Record<number, string>, value: number): string {
+  const n = names[value];
+  return n === undefined ? String(value) : n.toLowerCase().replaceAll("_", " ");
+}
+
+export const power = (s: PowerState) => label(PowerState, s);
+export const hostState = (s: HostState) => label(HostState, s);
+export const taskState = (s: TaskState) => label(TaskState, s);
+
+const UNITS = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+
+export function bytes(n: bigint | number): string {
+  let v = Number(n);
+  let u = 0;
+  while (v >= 1024 && u < UNITS.length - 1) {
+    v /= 1024;
+    u += 1;
+  }
+  return `${u === 0 ? v : v.toFixed(v < 10 ? 1 : 0)} ${UNITS[u]}`;
+}

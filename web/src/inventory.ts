@@ -1,0 +1,184 @@
+// The pool as the console knows it: every object the change feed has sent, kept by kind
+// and id, and the feed position to resume from. Free of Vue and of the network, so the
+// rules (a reset drops everything, a deletion removes, positions only grow) are tested
+// on their own; the view layer bumps a counter when `apply` reports a change.
+import type {
+  AuditEvent,
+  Host,
+  Network,
+  Pool,
+  StorageRepository,
+  Task,
+  Template,
+  User,
+  Vm,
+  VmSnapshot,
+  WatchEventsResponse,
+} from "./gen/pool_pb";
+import type { Volume } from "./gen/storage_pb";
+
+export interface Objects {
+  host: Map<string, Host>;
+  sr: Map<string, StorageRepository>;
+  volume: Map<string, Volume>;
+  template: Map<string, Template>;
+  vm: Map<string, Vm>;
+  vmSnapshot: Map<string, VmSnapshot>;
+  network: Map<string, Network>;
+  user: Map<string, User>;
+  task: Map<string, Task>;
+}
+
+export type Kind = keyof Objects;
+
+/** Audit records come as changes only; the console keeps the latest few. */
+export const AUDIT_KEPT = 200;
+
+/** The feed's kind names as the server spells them, to the keys of `Objects`. */
+const KINDS: Record<string, Kind> = {
+  host: "host",
+  sr: "sr",
+  volume: "volume",
+  template: "template",
+  vm: "vm",
+  vm_snapshot: "vmSnapshot",
+  network: "network",
+  user: "user",
+  task: "task",
+};
+
+function empty(): Objects {
+  return {
+    host: new Map(),
+    sr: new Map(),
+    volume: new Map(),
+    template: new Map(),
+    vm: new Map(),
+    vmSnapshot: new Map(),
+    network: new Map(),
+    user: new Map(),
+    task: new Map(),
+  };
+}
+
+export class Inventory {
+  objects: Objects = empty();
+  pool: Pool | undefined;
+  audit: AuditEvent[] = [];
+  /** The `after` to resume the feed with. */
+  position = 0n;
+  /** The listing is complete: what the views show is the pool's present. */
+  synced = false;
+
+  /** Takes in one message of the feed. */
+  apply(msg: WatchEventsResponse): void {
+    if (msg.reset) {
+      this.objects = empty();
+      this.pool = undefined;
+      this.synced = false;
+    }
+    for (const e of msg.events) {
+      if (e.kind === "pool") {
+        if (e.object.case === "pool") this.pool = e.object.value;
+        continue;
+      }
+      if (e.kind === "audit") {
+        if (e.object.case === "audit") {
+          this.audit.unshift(e.object.value);
+          this.audit.length = Math.min(this.audit.length, AUDIT_KEPT);
+        }
+        continue;
+      }
+      const kind = KINDS[e.kind];
+      // A kind this console does not know yet (a newer server): skipped, not fatal.
+      if (kind === undefined) continue;
+      const map = this.objects[kind] as Map<string, unknown>;
+      if (e.deleted) {
+        map.delete(e.id);
+      } else if (e.object.value !== undefined) {
+        map.set(e.id, e.object.value);
+      }
+    }
+    if (msg.synced) this.synced = true;
+    if (msg.position > this.position || msg.reset) this.position = msg.position;
+  }
+
+  /** Forgets everything (a logout): the next feed starts with a listing. */
+  clear(): void {
+    this.objects = empty();
+    this.pool = undefined;
+    this.audit = [];
+    this.position = 0n;
+    this.synced = false;
+  }
+
+  hostName(id: string): string {
+    return this.objects.host.get(id)?.name ?? id;
+  }
+
+  /** The VMs of each host, by name, in one pass; stopped VMs (on no host) under "". */
+  vmsByHost(): Map<string, Vm[]> {
+    return groupBy(this.objects.vm.values(), (v) => v.hostId, vmName);
+  }
+
+  /** The volumes of each storage repository (the pool records its id as their `poolId`). */
+  volumesBySr(): Map<string, Volume[]> {
+    return groupBy(this.objects.volume.values(), (v) => v.poolId, (v) => v.name);
+  }
+
+  /** Every object whose name or id contains `query` (any case), by kind then name. */
+  search(query: string, limit = 100): Found[] {
+    const q = query.trim().toLowerCase();
+    if (q === "") return [];
+    const found: Found[] = [];
+    const add = (kind: Kind, id: string, name: string, detail: string) => {
+      if (found.length < limit && (name.toLowerCase().includes(q) || id.toLowerCase().includes(q))) {
+        found.push({ kind, id, name, detail });
+      }
+    };
+    for (const h of this.objects.host.values()) add("host", h.id, h.name, h.address);
+    for (const v of this.objects.vm.values()) add("vm", v.id, vmName(v), this.hostName(v.hostId));
+    for (const s of this.objects.sr.values()) add("sr", s.id, s.name, s.address);
+    for (const v of this.objects.volume.values()) add("volume", v.id, v.name, v.poolId);
+    for (const n of this.objects.network.values()) add("network", n.id, n.name, "");
+    for (const t of this.objects.template.values()) add("template", t.id, t.name, "");
+    return found;
+  }
+
+  /** The latest tasks first. */
+  recentTasks(n: number): Task[] {
+    const seconds = (t: Task) => t.createdAt?.seconds ?? 0n;
+    return [...this.objects.task.values()]
+      .sort((a, b) => (seconds(a) === seconds(b) ? b.id.localeCompare(a.id) : seconds(a) < seconds(b) ? 1 : -1))
+      .slice(0, n);
+  }
+}
+
+export interface Found {
+  kind: Kind;
+  id: string;
+  name: string;
+  detail: string;
+}
+
+export function vmName(v: Vm): string {
+  return v.spec?.name ?? v.id;
+}
+
+function groupBy<T extends { id: string }>(
+  items: Iterable<T>,
+  key: (x: T) => string,
+  name: (x: T) => string,
+): Map<string, T[]> {
+  const out = new Map<string, T[]>();
+  for (const x of items) {
+    const k = key(x);
+    const list = out.get(k);
+    if (list === undefined) out.set(k, [x]);
+    else list.push(x);
+  }
+  for (const list of out.values()) {
+    list.sort((a, b) => name(a).localeCompare(name(b)) || a.id.localeCompare(b.id));
+  }
+  return out;
+}

@@ -1,0 +1,126 @@
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { describe, expect, it } from "vitest";
+import { PowerState } from "../src/gen/host_pb";
+import {
+  AuditEventSchema,
+  HostSchema,
+  PoolEventSchema,
+  PoolSchema,
+  StorageRepositorySchema,
+  VmSchema,
+  WatchEventsResponseSchema,
+  type PoolEvent,
+} from "../src/gen/pool_pb";
+import { VolumeSchema } from "../src/gen/storage_pb";
+import { AUDIT_KEPT, Inventory } from "../src/inventory";
+
+const vm = (id: string, name: string, hostId: string, powerState = PowerState.RUNNING) =>
+  create(VmSchema, { id, hostId, powerState, spec: { name } });
+
+function ev(position: bigint, e: MessageInitShape<typeof PoolEventSchema>): PoolEvent {
+  return create(PoolEventSchema, { position, ...e });
+}
+
+function msg(position: bigint, events: PoolEvent[], flags: { reset?: boolean; synced?: boolean } = {}) {
+  return create(WatchEventsResponseSchema, { position, events, ...flags });
+}
+
+function listing(position: bigint) {
+  return msg(
+    position,
+    [
+      ev(position, { kind: "pool", id: "p", object: { case: "pool", value: create(PoolSchema, { id: "p", vmCount: 2 }) } }),
+      ev(position, { kind: "host", id: "h1", object: { case: "host", value: create(HostSchema, { id: "h1", name: "h1" }) } }),
+      ev(position, { kind: "host", id: "h2", object: { case: "host", value: create(HostSchema, { id: "h2", name: "h2" }) } }),
+      ev(position, { kind: "vm", id: "a", object: { case: "vm", value: vm("a", "web", "h1") } }),
+      ev(position, { kind: "vm", id: "b", object: { case: "vm", value: vm("b", "db", "", PowerState.STOPPED) } }),
+      ev(position, {
+        kind: "sr",
+        id: "sr1",
+        object: { case: "sr", value: create(StorageRepositorySchema, { id: "sr1", name: "local", thinPoolId: "tp" }) },
+      }),
+      ev(position, {
+        kind: "volume",
+        id: "v1",
+        object: { case: "volume", value: create(VolumeSchema, { id: "v1", name: "web-disk", poolId: "sr1" }) },
+      }),
+    ],
+    { reset: true, synced: true },
+  );
+}
+
+describe("Inventory", () => {
+  it("takes a listing, then changes and deletions at later positions", () => {
+    const inv = new Inventory();
+    inv.apply(listing(10n));
+    expect(inv.synced).toBe(true);
+    expect(inv.position).toBe(10n);
+    expect(inv.pool?.vmCount).toBe(2);
+    expect([...inv.vmsByHost().get("h1")!].map((v) => v.id)).toEqual(["a"]);
+    expect([...inv.vmsByHost().get("")!].map((v) => v.id)).toEqual(["b"]);
+    expect(inv.volumesBySr().get("sr1")!.map((v) => v.name)).toEqual(["web-disk"]);
+
+    // a migrates to h2; b is destroyed.
+    inv.apply(
+      msg(12n, [
+        ev(12n, { kind: "vm", id: "a", object: { case: "vm", value: vm("a", "web", "h2") } }),
+        ev(12n, { kind: "vm", id: "b", deleted: true }),
+      ]),
+    );
+    expect(inv.position).toBe(12n);
+    expect(inv.vmsByHost().get("h1")).toBeUndefined();
+    expect(inv.vmsByHost().get("h2")!.map((v) => v.id)).toEqual(["a"]);
+    expect(inv.objects.vm.has("b")).toBe(false);
+  });
+
+  it("drops everything it held when a reset listing starts, and is not synced until it ends", () => {
+    const inv = new Inventory();
+    inv.apply(listing(10n));
+    const part = msg(20n, [ev(20n, { kind: "host", id: "h9", object: { case: "host", value: create(HostSchema, { id: "h9", name: "h9" }) } })], {
+      reset: true,
+    });
+    inv.apply(part);
+    expect(inv.synced).toBe(false);
+    expect([...inv.objects.host.keys()]).toEqual(["h9"]);
+    expect(inv.objects.vm.size).toBe(0);
+    expect(inv.pool).toBeUndefined();
+    inv.apply(msg(20n, [], { synced: true }));
+    expect(inv.synced).toBe(true);
+    expect(inv.position).toBe(20n);
+  });
+
+  it("keeps the latest audit records first, a bounded number, and skips kinds it does not know", () => {
+    const inv = new Inventory();
+    inv.apply(listing(1n));
+    for (let i = 0; i < AUDIT_KEPT + 5; i++) {
+      const pos = BigInt(2 + i);
+      inv.apply(
+        msg(pos, [
+          ev(pos, { kind: "audit", id: String(i), object: { case: "audit", value: create(AuditEventSchema, { id: String(i) }) } }),
+          ev(pos, { kind: "gadget", id: "x" }),
+        ]),
+      );
+    }
+    expect(inv.audit.length).toBe(AUDIT_KEPT);
+    expect(inv.audit[0]!.id).toBe(String(AUDIT_KEPT + 4));
+    expect(inv.objects.host.size).toBe(2);
+  });
+
+  it("finds objects of every kind by name or id, case aside", () => {
+    const inv = new Inventory();
+    inv.apply(listing(1n));
+    expect(inv.search("WEB").map((f) => `${f.kind}:${f.id}`)).toEqual(["vm:a", "volume:v1"]);
+    expect(inv.search("h2").map((f) => f.kind)).toEqual(["host"]);
+    expect(inv.search("  ")).toEqual([]);
+    expect(inv.search("web", 1)).toHaveLength(1);
+  });
+
+  it("forgets everything at logout", () => {
+    const inv = new Inventory();
+    inv.apply(listing(7n));
+    inv.clear();
+    expect(inv.position).toBe(0n);
+    expect(inv.synced).toBe(false);
+    expect(inv.objects.vm.size + inv.objects.host.size).toBe(0);
+  });
+});
