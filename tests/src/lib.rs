@@ -6,6 +6,7 @@ pub mod debian;
 pub mod emuhost;
 pub mod guest;
 pub mod join;
+pub mod lab;
 pub mod netns_lab;
 pub mod pool;
 

@@ -24,6 +24,8 @@ use crate::cmd::vdi::{self, VdiCommand};
 use crate::cmd::vm::{self, VmCommand};
 use crate::ctl::{Ctl, call};
 
+mod web;
+
 /// The coordinator members, also poolctl's default `--pool`.
 pub const MEMBERS: [&str; 3] = ["127.0.0.1:7101", "127.0.0.1:7102", "127.0.0.1:7103"];
 /// Each member's web console port (HTTPS; PoolService as gRPC-Web).
@@ -61,6 +63,10 @@ pub struct LabArgs {
     /// Set up the pool, print how long it took, then stop everything (for benchmarks).
     #[arg(long)]
     exit_when_ready: bool,
+    /// The web console's built pages (default: this workspace's web/dist, built with npm
+    /// when missing or older than its sources).
+    #[arg(long)]
+    web_root: Option<PathBuf>,
 }
 
 /// A daemon of the lab, stopped by its pid.
@@ -353,6 +359,7 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
     let hostd = binary("hostd")?;
     let _ = binary("hostd-vmm");
 
+    let web_root = web::root(args.web_root.as_deref(), &logs)?;
     let bundle = pki(&dir, args.hosts)?;
     let mut lab = Lab::default();
     for (i, addr) in MEMBERS.iter().enumerate() {
@@ -375,6 +382,9 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
             cmd.arg("--member").arg(format!("{}={a}", j + 1));
         }
         cmd.args(["--web-listen", CONSOLES[i]]);
+        if let Some(root) = &web_root {
+            cmd.arg("--web-root").arg(root);
+        }
         lab.daemons
             .push(Daemon::spawn(&format!("poold-{id}"), cmd, &logs)?);
     }
@@ -461,8 +471,9 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
          \x20 poolctl vm-create vm2 --template {TEMPLATE} --memory 64M --start\n\
          \x20 poolctl vm-migrate {DEMO}\n\
          \x20 poolctl events --follow        # each change as it is committed\n\n\
-         Each member serves the console port, e.g. https://{}/ (PoolService as gRPC-Web, \
-         under the lab's CA); log in as admin with the password in {}.\n\n\
+         The web console: https://{}/ (every member serves it, ports 7141-7143), {}; its \
+         certificate is under the lab's CA (trust {} in the browser). Log in as admin with \
+         the password in {}.\n\n\
          Ctrl-C stops the lab; `poolctl lab{}` again resumes it.",
         ready.as_secs_f64(),
         MEMBERS.len(),
@@ -474,6 +485,12 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
             None => String::new(),
         },
         CONSOLES[0],
+        if web_root.is_some() {
+            "live from the pool's change feed"
+        } else {
+            "without its pages (see above): PoolService answers there as gRPC-Web"
+        },
+        bundle.display(),
         dir.join("pki").join(ADMIN_PASSWORD).display(),
         args.dir
             .as_ref()
