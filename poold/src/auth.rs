@@ -104,6 +104,7 @@ pub const METHODS: &[(&str, Level, bool)] = &[
     ("PauseVm", Level::VmOperator, true),
     ("ResumeVm", Level::VmOperator, true),
     ("StreamVmConsole", Level::VmOperator, false),
+    ("CreateConsoleTicket", Level::VmOperator, false),
     ("CancelTask", Level::VmOperator, true),
     ("CreateVolume", Level::VmAdmin, true),
     ("ResizeVolume", Level::VmAdmin, true),

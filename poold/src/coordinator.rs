@@ -96,6 +96,8 @@ pub struct Coordinator {
     /// (hosts it has not heard from yet get the timeout counted from then).
     pub liveness: Mutex<HashMap<String, Liveness>>,
     pub leader_since: Mutex<Option<(u64, Instant)>>,
+    /// One-shot tickets for the web console's websockets (this member's only).
+    pub console_tickets: crate::service::pool::console::Tickets,
 }
 
 /// A client of another member: its address and the TLS generation it was made with.
@@ -150,6 +152,7 @@ impl Coordinator {
             peers: Mutex::new(HashMap::new()),
             liveness: Mutex::new(HashMap::new()),
             leader_since: Mutex::new(None),
+            console_tickets: Default::default(),
         }
     }
 

@@ -2,6 +2,8 @@
 //! no client certificate, serving
 //! - `PoolService` as gRPC-Web: the same handler, tokens and authorization as the gRPC
 //!   port (a browser cannot read HTTP/2 trailers, so plain gRPC cannot come from one);
+//! - VM serial consoles as websockets (`/console/ws?ticket=...`), opened with a one-shot
+//!   ticket from `CreateConsoleTicket` and from this origin's pages only;
 //! - the console's built files from `--web-root` (`index.html` for any other path
 //!   without an extension, so the console's own routes load it), or, when there is none,
 //!   a page saying how to build it: the API on this port works either way.
@@ -12,14 +14,22 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use pool_trust::serve::ServerTls;
 use proto::coordinator::pool_service_server::PoolServiceServer;
+use proto::host as hpb;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
+use tonic::transport::server::TcpConnectInfo;
 use tower_layer::Layer;
 
 use crate::service::pool::PoolHandler;
+use crate::service::pool::console::{self, ConsoleStream};
 
 /// Shown where the console's files are missing.
 pub const NOT_BUILT: &str = "The web console's pages are not installed with this poold \
@@ -28,19 +38,30 @@ pub const NOT_BUILT: &str = "The web console's pages are not installed with this
 const CSP: &str = "default-src 'self'; connect-src 'self'; img-src 'self' data:; \
 style-src 'self' 'unsafe-inline'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'";
 
-/// The console's routes: gRPC-Web for `PoolService`, files for the rest.
+/// The console's routes: gRPC-Web for `PoolService`, VM consoles' websockets, files for
+/// the rest.
 pub fn router(handler: PoolHandler, root: Option<PathBuf>) -> axum::Router {
+    let consoles = handler.clone();
     let api = PoolServiceServer::new(handler).max_decoding_message_size(16 << 20);
     Routes::new(tonic_web::GrpcWebLayer::new().layer(api))
         .prepare()
         .into_axum_router()
+        .route(
+            console::WEBSOCKET_PATH,
+            axum::routing::get(move |ws: WebSocketUpgrade, parts: Parts| {
+                let h = consoles.clone();
+                async move { console_socket(h, ws, parts).await }
+            }),
+        )
         .fallback(move |req: Request<Body>| {
             let root = root.clone();
             async move { file(root.as_deref(), req.method(), req.uri().path()).await }
         })
 }
 
-/// Serves the console on `listener` until `stop` turns true.
+/// Serves the console on `listener` until `stop` turns true: HTTP/2 by ALPN (gRPC-Web and
+/// files), HTTP/1.1 for the rest and for websockets, which tonic's own server cannot
+/// upgrade to.
 pub async fn serve(
     handler: PoolHandler,
     root: Option<PathBuf>,
@@ -48,17 +69,173 @@ pub async fn serve(
     tls: ServerTls,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let routes = Routes::from(router(handler, root));
-    let served = tonic::transport::Server::builder()
-        .accept_http1(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(tls.incoming(listener), async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await;
-    if let Err(e) = served {
-        tracing::error!(error = %proto::error_chain(&e), "the web console's port failed");
+    let app = router(handler, root);
+    let mut incoming = tls.incoming(listener);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    http.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(10)));
+    loop {
+        let next = tokio::select! {
+            next = incoming.next() => next,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let stream = match next {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "a console connection failed its handshake");
+                continue;
+            }
+            None => break,
+        };
+        let tcp = stream.get_ref().0;
+        // Where tonic's requests look for the peer (the audit log's address).
+        let info = TcpConnectInfo {
+            local_addr: tcp.local_addr().ok(),
+            remote_addr: tcp.peer_addr().ok(),
+        };
+        let svc = TowerToHyperService::new(app.clone().layer(axum::Extension(info)));
+        let conn = http
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "a console connection ended");
+            }
+        });
+    }
+    // Streams (a followed feed, a console) would hold the shutdown forever.
+    let _ = tokio::time::timeout(Duration::from_secs(2), graceful.shutdown()).await;
+}
+
+/// Opens a VM's console as a websocket: the ticket spent, its caller checked again, the
+/// relay to the VM's host open; then bytes both ways as binary messages until either side
+/// ends.
+async fn console_socket(h: PoolHandler, ws: WebSocketUpgrade, parts: Parts) -> Response<Body> {
+    let text = |status, msg: &str| {
+        page(
+            status,
+            "text/plain; charset=utf-8",
+            format!("{msg}\n").into_bytes(),
+        )
+    };
+    // Another site's page could open a websocket here with the browser's help; only this
+    // origin's pages may (a ticket is secret too, but the check costs nothing).
+    if !same_origin(&parts.headers) {
+        return text(
+            StatusCode::FORBIDDEN,
+            "a console opens only from this console's own pages",
+        );
+    }
+    let ticket = parts
+        .uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("ticket="))
+        .unwrap_or("");
+    let peer = parts
+        .extensions
+        .get::<TcpConnectInfo>()
+        .and_then(|i| i.remote_addr);
+    match console::open_ticket(&h, ticket, peer).await {
+        Ok((out, input)) => ws.on_upgrade(move |socket| relay(socket, input, out)),
+        Err(s) => {
+            let status = match s.code() {
+                tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+                    StatusCode::FORBIDDEN
+                }
+                tonic::Code::NotFound => StatusCode::NOT_FOUND,
+                tonic::Code::FailedPrecondition => StatusCode::CONFLICT,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            text(status, s.message())
+        }
+    }
+}
+
+/// The page that asks comes from this origin: `Origin` is `https://` and the `Host` asked.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let get = |h| headers.get(h).and_then(|v: &HeaderValue| v.to_str().ok());
+    match (get(header::ORIGIN), get(header::HOST)) {
+        (Some(origin), Some(host)) => origin.strip_prefix("https://") == Some(host),
+        _ => false,
+    }
+}
+
+/// How often an idle console's websocket is pinged (proxies close quiet connections).
+const PING_EVERY: Duration = Duration::from_secs(30);
+
+async fn relay(
+    socket: WebSocket,
+    input: tokio::sync::mpsc::Sender<hpb::ConsoleInput>,
+    mut out: ConsoleStream,
+) {
+    let (mut to_browser, mut from_browser) = socket.split();
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.tick().await;
+    let close = |code, reason: &str| {
+        // A close frame's reason holds 123 bytes.
+        let mut end = reason.len().min(123);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        Message::Close(Some(CloseFrame {
+            code,
+            reason: reason[..end].into(),
+        }))
+    };
+    loop {
+        tokio::select! {
+            m = from_browser.next() => {
+                let data = match m {
+                    Some(Ok(Message::Binary(b))) => b.to_vec(),
+                    Some(Ok(Message::Text(t))) => t.as_bytes().to_vec(),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    _ => break,
+                };
+                let msg = hpb::ConsoleInput { data, ..Default::default() };
+                if input.send(msg).await.is_err() {
+                    break;
+                }
+            }
+            o = out.next() => {
+                let msg = match o {
+                    Some(Ok(chunk)) => {
+                        let mut data = Vec::new();
+                        if chunk.dropped_bytes > 0 {
+                            data.extend_from_slice(
+                                format!("\r\n[{} bytes of history dropped]\r\n", chunk.dropped_bytes)
+                                    .as_bytes(),
+                            );
+                        }
+                        data.extend_from_slice(&chunk.data);
+                        Message::Binary(data.into())
+                    }
+                    Some(Err(s)) => {
+                        let _ = to_browser.send(close(1011, s.message())).await;
+                        break;
+                    }
+                    None => {
+                        let _ = to_browser.send(close(1000, "the VM's console ended")).await;
+                        break;
+                    }
+                };
+                if to_browser.send(msg).await.is_err() {
+                    break;
+                }
+            }
+            _ = ping.tick() => {
+                if to_browser.send(Message::Ping(Vec::new().into())).await.is_err() {
+                    break;
+                }
+            }
+        }
     }
 }
 

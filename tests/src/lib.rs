@@ -9,6 +9,7 @@ pub mod join;
 pub mod lab;
 pub mod netns_lab;
 pub mod pool;
+pub mod web;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

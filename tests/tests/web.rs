@@ -3,143 +3,12 @@
 //! with their security headers, and `PoolService` as gRPC-Web (unary and the change
 //! feed's stream), with the same token checks as the gRPC port.
 
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::Duration;
 
+use e2e_tests::web::{Web, frames, write};
 use e2e_tests::{Coordinators, POOL_ID, PoolArg, free_port, poolctl, wait_for};
 use prost::Message;
 use proto::coordinator as pb;
-
-struct Web {
-    base: String,
-    ca: PathBuf,
-    dir: PathBuf,
-}
-
-impl Web {
-    fn curl(&self) -> Command {
-        let mut c = Command::new("curl");
-        c.args(["-sS", "--cacert"]).arg(&self.ca);
-        c
-    }
-
-    /// Status, lower-case headers and body of a request for `path`.
-    fn get(&self, args: &[&str], path: &str) -> (u16, String, String) {
-        let o = self
-            .curl()
-            .args(["-i", "--path-as-is"])
-            .args(args)
-            .arg(format!("{}{path}", self.base))
-            .output()
-            .expect("running curl");
-        let text = String::from_utf8_lossy(&o.stdout).replace("\r\n", "\n");
-        let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        (status, head.to_lowercase(), body.to_owned())
-    }
-
-    /// Sends `req` to PoolService's `method` as gRPC-Web over HTTP/1.1 (with `token`),
-    /// for at most `limit`; the messages that came back, and the status: the trailers'
-    /// text, or the headers' for an answer that is only a status.
-    fn grpc_web(
-        &self,
-        method: &str,
-        req: &[u8],
-        token: Option<&str>,
-        limit: Duration,
-    ) -> (Vec<Vec<u8>>, String) {
-        let (child, headers) = self.call(method, req, token, limit);
-        let out = child.wait_with_output().unwrap();
-        let (msgs, trailers) = frames(&out);
-        let headers = std::fs::read_to_string(headers).unwrap_or_default();
-        (
-            msgs,
-            format!("{}{trailers}", headers.to_lowercase()).replace(": ", ":"),
-        )
-    }
-
-    /// Starts the call; its headers go to the file returned.
-    fn call(
-        &self,
-        method: &str,
-        req: &[u8],
-        token: Option<&str>,
-        limit: Duration,
-    ) -> (std::process::Child, PathBuf) {
-        let n = free_port();
-        let headers = self.dir.join(format!("headers-{n}"));
-        let body = self.dir.join(format!("req-{n}.bin"));
-        let mut framed = vec![0u8];
-        framed.extend_from_slice(&(req.len() as u32).to_be_bytes());
-        framed.extend_from_slice(req);
-        std::fs::write(&body, framed).unwrap();
-        let mut c = self.curl();
-        c.args(["--http1.1", "-X", "POST", "--max-time"])
-            .arg(format!("{}", limit.as_secs_f64()))
-            .args([
-                "-H",
-                "content-type: application/grpc-web+proto",
-                "-H",
-                "x-grpc-web: 1",
-            ])
-            .arg("--data-binary")
-            .arg(format!("@{}", body.display()))
-            .arg("--dump-header")
-            .arg(&headers);
-        if let Some(t) = token {
-            // A header file, not the command line: a token is a secret.
-            let h = self.dir.join(format!("auth-{n}"));
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&h)
-                .unwrap();
-            std::io::Write::write_all(&mut f, format!("authorization: Bearer {t}\n").as_bytes())
-                .unwrap();
-            c.arg("-H").arg(format!("@{}", h.display()));
-        }
-        c.arg(format!("{}/pool.v1.PoolService/{method}", self.base))
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map(|child| (child, headers))
-            .expect("running curl")
-    }
-}
-
-/// The gRPC-Web frames of a response body: messages, and the trailers' text.
-fn frames(out: &Output) -> (Vec<Vec<u8>>, String) {
-    let mut b = &out.stdout[..];
-    let mut msgs = Vec::new();
-    let mut trailers = String::new();
-    while b.len() >= 5 {
-        let flag = b[0];
-        let len = u32::from_be_bytes(b[1..5].try_into().unwrap()) as usize;
-        let Some(payload) = b.get(5..5 + len) else {
-            break;
-        };
-        if flag & 0x80 != 0 {
-            trailers.push_str(&String::from_utf8_lossy(payload));
-        } else {
-            msgs.push(payload.to_vec());
-        }
-        b = &b[5 + len..];
-    }
-    (msgs, trailers.to_lowercase())
-}
-
-fn write(path: &Path, text: &str) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, text).unwrap();
-}
 
 fn ready(p: &PoolArg) {
     wait_for(Duration::from_secs(30), || {
@@ -220,6 +89,17 @@ fn the_console_port_serves_its_files_and_pool_service_as_grpc_web() {
     }
     let (status, _, _) = web.get(&["-X", "POST"], "/");
     assert_eq!(status, 405);
+
+    // A VM console's websocket opens only from this origin's pages, and with a ticket.
+    let bogus = format!("/console/ws?ticket={}", "0f".repeat(32));
+    for origin in [None, Some("https://elsewhere.example"), Some("null")] {
+        let (status, body) = web.websocket(&bogus, origin);
+        assert_eq!(status, 403, "{origin:?}: {body}");
+        assert!(body.contains("own pages"), "{origin:?}: {body}");
+    }
+    let (status, body) = web.websocket(&bogus, Some(&web.base));
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("unknown, used or expired"), "{body}");
 
     // PoolService as gRPC-Web: a token is needed as on the gRPC port.
     let (msgs, trailers) = web.grpc_web("GetPool", &[], None, Duration::from_secs(10));

@@ -468,6 +468,17 @@ impl PoolService for PoolHandler {
         res.map(|(_, out)| Response::new(out))
     }
 
+    async fn create_console_ticket(
+        &self,
+        r: Request<pb::CreateConsoleTicketRequest>,
+    ) -> R<pb::ConsoleTicket> {
+        let who = self.authorize(&r, "CreateConsoleTicket")?;
+        let header = header_of(&r);
+        console::ticket(self, &who, header, r.into_inner().vm_id)
+            .await
+            .map(Response::new)
+    }
+
     // Templates.
 
     async fn create_template(&self, r: Request<pb::CreateTemplateRequest>) -> R<pb::TaskResponse> {

@@ -30,7 +30,7 @@ use proto::coordinator as pb;
 
 mod api;
 mod authorize;
-mod console;
+pub mod console;
 mod events;
 mod hosts;
 mod join;
@@ -51,6 +51,7 @@ pub const QUICK: Duration = Duration::from_secs(3);
 
 /// The server side of `PoolService`: the member's coordinator and the backends that jobs
 /// and volume access act through.
+#[derive(Clone)]
 pub struct PoolHandler {
     pub c: Arc<Coordinator>,
     pub hosts: Arc<dyn crate::backend::HostOps>,
