@@ -1,12 +1,19 @@
 //! The web console as its users get it: `poolctl lab` builds the pages from web/ and every
 //! member serves them; Debian's Chromium (driven by web/e2e/console.mjs) logs in, follows
-//! the pool live, finds and drives a VM (migrate, force off, start) and logs out.
+//! the pool live, finds and drives a VM (its serial console, migrate, force off, start,
+//! typing and sending text to the guest) and logs out. Screenshots of each view are kept
+//! in target/tmp/console-shots.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
+use e2e_tests::pool::field;
+use e2e_tests::web::Web;
 use e2e_tests::{binary, lab, text};
+use prost::Message;
+use proto::coordinator as pb;
 
 #[test]
 fn the_console_logs_in_follows_the_pool_live_and_drives_a_vm() {
@@ -31,14 +38,21 @@ fn the_console_logs_in_follows_the_pool_live_and_drives_a_vm() {
     std::fs::write(
         &change,
         format!(
-            "#!/bin/sh\nset -e\nenv -u POOLCTL_TOKEN '{}' --config '{}' vdi-create console-e2e \
-             --sr lab-sr --size 16M >&2\necho console-e2e\n",
+            "#!/bin/sh\nset -e\n\
+             ctl() {{ env -u POOLCTL_TOKEN '{}' --config '{}' \"$@\" >&2; }}\n\
+             case \"$1\" in\n\
+             disk) ctl vdi-create console-e2e --sr lab-sr --size 16M; echo console-e2e ;;\n\
+             echo) ctl vm-set demo --cmdline 'seed=1 then=echo' ;;\n\
+             *) echo \"unknown change $1\" >&2; exit 2 ;;\n\
+             esac\n",
             binary("poolctl").display(),
             dir.join("client.toml").display()
         ),
     )
     .unwrap();
     std::fs::set_permissions(&change, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-shots");
+    let _ = std::fs::remove_dir_all(&shots);
 
     let out = Command::new("node")
         .arg("e2e/console.mjs")
@@ -48,13 +62,97 @@ fn the_console_logs_in_follows_the_pool_live_and_drives_a_vm() {
         .env("CONSOLE_PASSWORD_FILE", dir.join("pki/admin-password"))
         .env("CONSOLE_CHANGE", &change)
         .env("CHROMIUM", &chromium)
+        .env("CONSOLE_SHOTS", &shots)
         .output()
         .expect("running node (Node.js 20 or later)");
     let said = text(&out);
     println!("{said}");
+    if !(out.status.success() && said.contains("CONSOLE E2E OK")) {
+        lab::stop(pool);
+        panic!("the browser test failed:\n{said}");
+    }
+    console_tickets(tmp.path(), &dir);
     lab::stop(pool);
-    assert!(
-        out.status.success() && said.contains("CONSOLE E2E OK"),
-        "the browser test failed:\n{said}"
+}
+
+/// What the browser test cannot see: a console ticket opens one websocket, only for a
+/// caller allowed the console, and not once its token is revoked.
+fn console_tickets(tmp: &Path, dir: &Path) {
+    let web = Web {
+        base: "https://127.0.0.1:7141".into(),
+        ca: dir.join("pki/member-1").join(pool_trust::BUNDLE_FILE),
+        dir: tmp.to_owned(),
+    };
+    let admin = std::fs::read_to_string(dir.join("client.toml"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            Some(
+                l.strip_prefix("token = \"")?
+                    .trim_end_matches('"')
+                    .to_owned(),
+            )
+        })
+        .expect("the lab's token in client.toml");
+    let vms = lab::ctl_ok(dir, &["vm-list", "--json"]);
+    let demo = vms
+        .lines()
+        .find(|l| l.contains("\"name\": \"demo\""))
+        .map(|l| field(l, "id"))
+        .expect("the demo VM");
+    let ticket = |token: &str| {
+        let req = pb::CreateConsoleTicketRequest {
+            vm_id: demo.clone(),
+        };
+        let (msgs, status) = web.grpc_web(
+            "CreateConsoleTicket",
+            &req.encode_to_vec(),
+            Some(token),
+            Duration::from_secs(10),
+        );
+        let t = msgs
+            .first()
+            .map(|m| pb::ConsoleTicket::decode(&m[..]).unwrap());
+        (t, status)
+    };
+
+    let (t, status) = ticket(&admin);
+    let t = t.unwrap_or_else(|| panic!("a ticket for the admin: {status}"));
+    assert_eq!(t.path, "/console/ws");
+    let path = format!("{}?ticket={}", t.path, t.ticket);
+    let (code, body) = web.websocket(&path, Some(&web.base));
+    assert_eq!(code, 101, "{body}");
+    let (code, body) = web.websocket(&path, Some(&web.base));
+    assert_eq!(code, 403, "a ticket opens once: {body}");
+    assert!(body.contains("used"), "{body}");
+
+    // A read-only user may watch the pool but not reach a console.
+    let pw = tmp.join("viewer-password");
+    std::fs::write(&pw, "viewer-secret\n").unwrap();
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let pw = pw.to_str().unwrap();
+    lab::ctl_ok(
+        dir,
+        &[
+            "user-add",
+            "viewer",
+            "--password-file",
+            pw,
+            "--role",
+            "read-only",
+        ],
     );
+    let viewer = lab::ctl_ok(dir, &["login", "viewer", "--password-file", pw]);
+    let (t, status) = ticket(viewer.lines().next().unwrap().trim());
+    assert!(
+        t.is_none() && status.contains("grpc-status:7"),
+        "read-only: {status}"
+    );
+
+    // A ticket whose holder's tokens are revoked before it is used opens nothing.
+    let (t, status) = ticket(&admin);
+    let t = t.unwrap_or_else(|| panic!("{status}"));
+    lab::ctl_ok(dir, &["user-revoke-tokens", "admin"]);
+    let (code, body) = web.websocket(&format!("{}?ticket={}", t.path, t.ticket), Some(&web.base));
+    assert_eq!(code, 403, "{body}");
 }

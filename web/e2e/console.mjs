@@ -3,14 +3,16 @@
 //   CONSOLE_URL            a member's console, https://127.0.0.1:7141/
 //   CONSOLE_CERT           that member's certificate (the browser accepts its key only)
 //   CONSOLE_PASSWORD_FILE  the admin's password (a file: a secret stays off command lines)
-//   CONSOLE_CHANGE         a program that changes the pool from outside the browser and
-//                          prints the name of the disk it made
-//   CONSOLE_VM             a running VM to drive (default demo)
+//   CONSOLE_CHANGE         a program that changes the pool from outside the browser:
+//                          `disk` makes a disk and prints its name, `echo` gives the VM
+//                          (stopped) the test guest's echo command line
+//   CONSOLE_VM             a running VM of the test guest in heartbeat mode (default demo)
+//   CONSOLE_SHOTS          where a screenshot of each view goes
 // Each step prints a line; any failure exits non-zero with what the page showed.
 import { chromium } from "playwright-core";
 import { execFileSync } from "node:child_process";
 import { createHash, X509Certificate } from "node:crypto";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
@@ -53,10 +55,29 @@ page.on("console", (m) => {
 
 const began = Date.now();
 const step = (what) => console.log(`STEP ${((Date.now() - began) / 1000).toFixed(1)}s ${what}`);
+const shots = process.env.CONSOLE_SHOTS;
+if (shots) mkdirSync(shots, { recursive: true });
+let shot = 0;
+const snap = async (name) => {
+  if (shots) await page.screenshot({ path: join(shots, `${String(++shot).padStart(2, "0")}-${name}.png`) });
+};
+const change = (what) => execFileSync(env("CONSOLE_CHANGE"), [what], { encoding: "utf8" }).trim();
+/** The highest heartbeat the console shows. */
+const lastBeat = async () => {
+  const seqs = [...(await page.locator(".xterm-rows").innerText()).matchAll(/HB seq=(\d+)/g)].map((m) => Number(m[1]));
+  return seqs.length > 0 ? Math.max(...seqs) : 0;
+};
+const beatsAfter = async (seq) => {
+  for (const end = Date.now() + STEP_MS; Date.now() < end; await page.waitForTimeout(200)) {
+    if ((await lastBeat()) > seq) return;
+  }
+  throw new Error(`no heartbeat after ${seq} on the console within ${STEP_MS} ms`);
+};
 
 try {
   await page.goto(url);
   await page.locator("form.login").waitFor();
+  await snap("login");
   step("the login form");
 
   await page.fill("input[name=user]", "admin");
@@ -71,6 +92,7 @@ try {
   const vmLink = page.locator(".tree a[data-kind=vm]", { hasText: vmName });
   await vmLink.locator(".state", { hasText: "running" }).waitFor();
   const hosts = await page.locator(".tree a[data-kind=host]").count();
+  await snap("inventory");
   step(`logged in; the inventory is live: ${hosts} hosts, ${vmName} running`);
 
   // The session is the tab's: a reload keeps it and the feed starts again.
@@ -83,10 +105,20 @@ try {
   const panel = page.locator("[data-panel=vm]");
   await panel.locator("h2", { hasText: vmName }).waitFor();
   await page.fill("input.search", "");
+  await snap("vm");
   step("search finds the VM and opens it");
 
+  // Its console: the guest's heartbeats, live.
+  await panel.getByRole("tab", { name: "Console" }).click();
+  await panel.locator("[data-field=console-state]", { hasText: "connected" }).waitFor();
+  await page.locator(".xterm-rows", { hasText: "HB seq=" }).waitFor();
+  await beatsAfter(await lastBeat());
+  await snap("console");
+  step(`the console shows the guest's heartbeats (up to seq=${await lastBeat()})`);
+  await panel.getByRole("tab", { name: "Overview" }).click();
+
   // A change made elsewhere shows up without a reload.
-  const made = execFileSync(env("CONSOLE_CHANGE"), { encoding: "utf8" }).trim();
+  const made = change("disk");
   const changed = Date.now();
   await page.locator(".tree a[data-kind=volume]", { hasText: made }).waitFor();
   const shownMs = Date.now() - changed;
@@ -105,13 +137,40 @@ try {
   await panel.locator("[data-field=power]", { hasText: "running" }).waitFor();
   step(`migrated from ${from} to ${to}`);
   console.log(`FIGURE console_migration_shown_ms ${Date.now() - migrating}`);
+  // The console follows the VM to its new host; the guest's count goes on.
+  const before = await (async () => {
+    await panel.getByRole("tab", { name: "Console" }).click();
+    await panel.locator("[data-field=console-state]", { hasText: "connected" }).waitFor();
+    await page.locator(".xterm-rows", { hasText: "HB seq=" }).waitFor();
+    return lastBeat();
+  })();
+  await beatsAfter(before);
+  step(`the console on ${to} shows the heartbeats going on (seq=${await lastBeat()})`);
+  await panel.getByRole("tab", { name: "Overview" }).click();
 
   await panel.getByRole("button", { name: "Force off" }).click();
   await panel.locator("[data-field=power]", { hasText: "stopped" }).waitFor();
   step("forced off");
+  change("echo");
   await panel.getByRole("button", { name: "Start" }).click();
   await panel.locator("[data-field=power]", { hasText: "running" }).waitFor({ timeout: 60_000 });
-  step("started again");
+  step("started again, as the echo guest");
+
+  // Typing, then "Send text" (what a paste into the box sends), each echoed by the guest.
+  await panel.getByRole("tab", { name: "Console" }).click();
+  await panel.locator("[data-field=console-state]", { hasText: "connected" }).waitFor();
+  await page.locator(".xterm-rows", { hasText: "then=echo" }).waitFor();
+  await page.locator(".xterm-screen").click();
+  await page.keyboard.type("typed into the console");
+  await page.keyboard.press("Enter");
+  await page.locator(".xterm-rows", { hasText: "ECHO typed into the console" }).waitFor();
+  await panel.locator("textarea[name=send-text]").fill("pasted line one\npasted line two\n");
+  await panel.getByRole("button", { name: "Send text" }).click();
+  await page.locator(".xterm-rows", { hasText: "ECHO pasted line two" }).waitFor();
+  await page.locator(".xterm-rows", { hasText: "ECHO pasted line one" }).waitFor();
+  await snap("console-echo");
+  step("typed and sent text reach the guest, which echoes them");
+  await panel.getByRole("tab", { name: "Overview" }).click();
   await page.locator(".tasks tr[data-task='vm.start']").first().waitFor();
   step("the tasks list shows the start");
 
