@@ -2,7 +2,7 @@ import pluginVue from "eslint-plugin-vue";
 import { defineConfigWithVueTs, vueTsConfigs } from "@vue/eslint-config-typescript";
 
 export default defineConfigWithVueTs(
-  { ignores: ["dist/**", "src/gen/**", "node_modules/**"] },
+  { ignores: ["dist/**", "src/gen/**", "e2e/gen/**", "node_modules/**"] },
   pluginVue.configs["flat/essential"],
   vueTsConfigs.recommended,
   {
@@ -14,6 +14,6 @@ export default defineConfigWithVueTs(
   {
     // The browser test is a Node script that reports what it does.
     files: ["e2e/**"],
-    rules: { "no-console": "off" },
+    rules: { "no-console": "off", "no-redeclare": "error" },
   },
 );

@@ -51,6 +51,21 @@ fn the_console_logs_in_follows_the_pool_live_and_drives_a_vm() {
     )
     .unwrap();
     std::fs::set_permissions(&change, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // A read-only user, for the browser to find no action offered.
+    let viewer_pw = tmp.path().join("viewer-password");
+    std::fs::write(&viewer_pw, "viewer-secret\n").unwrap();
+    std::fs::set_permissions(&viewer_pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    lab::ctl_ok(
+        &dir,
+        &[
+            "user-add",
+            "viewer",
+            "--password-file",
+            viewer_pw.to_str().unwrap(),
+            "--role",
+            "read-only",
+        ],
+    );
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-shots");
     let _ = std::fs::remove_dir_all(&shots);
 
@@ -63,6 +78,7 @@ fn the_console_logs_in_follows_the_pool_live_and_drives_a_vm() {
         .env("CONSOLE_CHANGE", &change)
         .env("CHROMIUM", &chromium)
         .env("CONSOLE_SHOTS", &shots)
+        .env("CONSOLE_VIEWER_PASSWORD_FILE", &viewer_pw)
         .output()
         .expect("running node (Node.js 20 or later)");
     let said = text(&out);
@@ -76,7 +92,7 @@ fn the_console_logs_in_follows_the_pool_live_and_drives_a_vm() {
 }
 
 /// What the browser test cannot see: a console ticket opens one websocket, only for a
-/// caller allowed the console, and not once its token is revoked.
+/// caller allowed the console (not `viewer`, read-only), and not once its token is revoked.
 fn console_tickets(tmp: &Path, dir: &Path) {
     let web = Web {
         base: "https://127.0.0.1:7141".into(),
@@ -128,20 +144,7 @@ fn console_tickets(tmp: &Path, dir: &Path) {
 
     // A read-only user may watch the pool but not reach a console.
     let pw = tmp.join("viewer-password");
-    std::fs::write(&pw, "viewer-secret\n").unwrap();
-    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
     let pw = pw.to_str().unwrap();
-    lab::ctl_ok(
-        dir,
-        &[
-            "user-add",
-            "viewer",
-            "--password-file",
-            pw,
-            "--role",
-            "read-only",
-        ],
-    );
     let viewer = lab::ctl_ok(dir, &["login", "viewer", "--password-file", pw]);
     let (t, status) = ticket(viewer.lines().next().unwrap().trim());
     assert!(

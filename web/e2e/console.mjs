@@ -8,43 +8,19 @@
 //                          (stopped) the test guest's echo command line
 //   CONSOLE_VM             a running VM of the test guest in heartbeat mode (default demo)
 //   CONSOLE_SHOTS          where a screenshot of each view goes
+//   CONSOLE_VIEWER_PASSWORD_FILE  the password of `viewer`, a read-only user
 // Each step prints a line; any failure exits non-zero with what the page showed.
-import { chromium } from "playwright-core";
 import { execFileSync } from "node:child_process";
-import { createHash, X509Certificate } from "node:crypto";
-import { mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { mkdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
+import { launch, need as env } from "./browser.mjs";
 
-const env = (name) => {
-  const v = process.env[name];
-  if (!v) throw new Error(`${name} is not set`);
-  return v;
-};
 const url = env("CONSOLE_URL");
 const password = readFileSync(env("CONSOLE_PASSWORD_FILE"), "utf8").trim();
 const vmName = process.env.CONSOLE_VM ?? "demo";
-const spki = createHash("sha256")
-  .update(new X509Certificate(readFileSync(env("CONSOLE_CERT"))).publicKey.export({ type: "spki", format: "der" }))
-  .digest("base64");
 
 const STEP_MS = 30_000;
-const profile = mkdtempSync(join(tmpdir(), "console-e2e-"));
-const context = await chromium.launchPersistentContext(profile, {
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-  headless: true,
-  args: [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    // The lab's CA is not in this fresh profile's trust store: accept this key, no other.
-    `--ignore-certificate-errors-spki-list=${spki}`,
-  ],
-});
-const page = context.pages()[0] ?? (await context.newPage());
+const { page, close } = await launch(env("CONSOLE_CERT"));
 page.setDefaultTimeout(STEP_MS);
 const problems = [];
 page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
@@ -117,6 +93,13 @@ try {
   step(`the console shows the guest's heartbeats (up to seq=${await lastBeat()})`);
   await panel.getByRole("tab", { name: "Overview" }).click();
 
+  // Its graphs: samples from QueryMetrics as the host reports them.
+  await panel.getByRole("tab", { name: "Graphs" }).click();
+  await page.locator("[data-graph=rss_bytes] [data-field=latest]").waitFor();
+  await snap("graphs");
+  step(`the graphs show the VM's memory: ${await page.locator("[data-graph=rss_bytes] [data-field=latest]").innerText()}`);
+  await panel.getByRole("tab", { name: "Overview" }).click();
+
   // A change made elsewhere shows up without a reload.
   const made = change("disk");
   const changed = Date.now();
@@ -174,11 +157,71 @@ try {
   await page.locator(".tasks tr[data-task='vm.start']").first().waitFor();
   step("the tasks list shows the start");
 
+  // A VM from the template, with the wizard; then a snapshot of it, and a revert.
+  await page.locator(".tree a[data-kind=pool]").click();
+  const wizard = page.locator("form[data-form=new-vm]");
+  await wizard.locator("select[name=template]").selectOption({ label: "guest" });
+  await wizard.locator("input[name=name]").fill("made-in-browser");
+  await wizard.locator("input[name=memory]").fill("32");
+  await wizard.getByRole("button", { name: "Create" }).click();
+  const newVm = page.locator(".tree a[data-kind=vm]", { hasText: "made-in-browser" });
+  await newVm.locator(".state", { hasText: "running" }).waitFor({ timeout: 60_000 });
+  await snap("new-vm");
+  step("a VM made with the wizard from the template runs");
+  await newVm.click();
+  const newPanel = page.locator("[data-panel=vm]", { hasText: "made-in-browser" });
+  await newPanel.locator("input[name=snapshot-name]").fill("before-change");
+  await newPanel.getByRole("button", { name: "Take snapshot" }).click();
+  await newPanel.locator("[data-snapshot=before-change]").waitFor({ timeout: 60_000 });
+  await newPanel.getByRole("button", { name: "Force off" }).click();
+  await newPanel.locator("[data-field=power]", { hasText: "stopped" }).waitFor();
+  await newPanel.locator("[data-snapshot=before-change]").getByRole("button", { name: "Revert" }).click();
+  await page.locator(".tasks tr[data-task='vm.revert']", { hasText: "succeeded" }).waitFor({ timeout: 60_000 });
+  if ((await newPanel.locator("[role=alert]").count()) > 0) {
+    throw new Error(`revert: ${await newPanel.locator("[role=alert]").innerText()}`);
+  }
+  await snap("snapshots");
+  step("a snapshot taken, listed, and reverted to");
+
+  // Evacuating the demo's host moves it, with the host's progress shown; then back.
+  await page.fill("input.search", vmName);
+  await page.locator(".found a[data-kind=vm]", { hasText: vmName }).click();
+  await page.fill("input.search", "");
+  const where = (await panel.locator("[data-field=host]").textContent()).trim();
+  await page.locator(".tree a[data-kind=host]", { hasText: where }).click();
+  const hostPanel = page.locator("[data-panel=host]");
+  await hostPanel.getByRole("button", { name: "Evacuate" }).click();
+  await hostPanel.locator("h2 .state", { hasText: "maintenance" }).waitFor({ timeout: 90_000 });
+  const moved = page.locator(".tree a[data-kind=vm]", { hasText: vmName });
+  await moved.locator(".state", { hasText: "running" }).waitFor();
+  await snap("evacuated");
+  await hostPanel.getByRole("button", { name: "Enable" }).click();
+  await hostPanel.locator("h2 .state", { hasText: "enabled" }).waitFor();
+  step(`host ${where} evacuated (maintenance), then enabled again`);
+
   await page.getByRole("button", { name: "Log out" }).click();
   await page.locator("form.login").waitFor();
   await page.reload();
   await page.locator("form.login").waitFor();
   step("logged out, and a reload does not log back in");
+
+  // A read-only user sees the pool and no action at all.
+  const viewer = readFileSync(env("CONSOLE_VIEWER_PASSWORD_FILE"), "utf8").trim();
+  await page.fill("input[name=user]", "viewer");
+  await page.fill("input[name=password]", viewer);
+  await page.click("button[type=submit]");
+  await page.locator("[data-status=live]").waitFor();
+  await page.locator(".tree a[data-kind=vm]", { hasText: vmName }).click();
+  await panel.locator("h2", { hasText: vmName }).waitFor();
+  // Permissions arrive with ListRoles; give them the time they take.
+  await page.waitForTimeout(500);
+  const actions = (await page.locator("main button:not([role=tab])").allTextContents()).map((t) => t.trim());
+  if (actions.length > 0) throw new Error(`a read-only user is offered ${actions}`);
+  await page.locator(".tree a[data-kind=pool]").click();
+  if ((await page.locator("form[data-form=new-vm]").count()) > 0) throw new Error("a read-only user is offered a new VM");
+  await snap("read-only");
+  step("a read-only user is offered no action");
+  await page.getByRole("button", { name: "Log out" }).click();
 
   if (problems.length > 0) throw new Error(`the page reported:\n${problems.join("\n")}`);
   console.log("CONSOLE E2E OK");
@@ -192,6 +235,5 @@ try {
   }
   process.exitCode = 1;
 } finally {
-  await context.close();
-  rmSync(profile, { recursive: true, force: true });
+  await close();
 }

@@ -9,6 +9,8 @@ export type PoolClient = Client<typeof PoolService>;
 export interface Session {
   token: string;
   user: string;
+  /** The user's roles (Role values), as Login returned them. */
+  roles: number[];
 }
 
 const KEY = "pool-console-session";
@@ -17,7 +19,9 @@ const KEY = "pool-console-session";
 export function loadSession(storage: Storage = sessionStorage): Session | undefined {
   try {
     const s = JSON.parse(storage.getItem(KEY) ?? "null") as Partial<Session> | null;
-    return typeof s?.token === "string" && typeof s.user === "string" ? { token: s.token, user: s.user } : undefined;
+    if (typeof s?.token !== "string" || typeof s.user !== "string") return undefined;
+    const roles = Array.isArray(s.roles) ? s.roles.filter((r): r is number => typeof r === "number") : [];
+    return { token: s.token, user: s.user, roles };
   } catch {
     return undefined;
   }

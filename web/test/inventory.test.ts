@@ -7,6 +7,7 @@ import {
   PoolEventSchema,
   PoolSchema,
   StorageRepositorySchema,
+  TaskSchema,
   VmSchema,
   WatchEventsResponseSchema,
   type PoolEvent,
@@ -113,6 +114,50 @@ describe("Inventory", () => {
     expect(inv.search("h2").map((f) => f.kind)).toEqual(["host"]);
     expect(inv.search("  ")).toEqual([]);
     expect(inv.search("web", 1)).toHaveLength(1);
+  });
+
+  it("lays the tree out as rows: hosts with their VMs, VMs on no host, storage, networks", () => {
+    const inv = new Inventory();
+    inv.apply(listing(1n));
+    const rows = (collapsed: string[] = []) => inv.rows(new Set(collapsed)).map((r) => `${"  ".repeat(r.depth)}${r.label}`);
+    expect(rows()).toEqual([
+      "Pool p",
+      "  h1",
+      "    web",
+      "  h2",
+      "  Not running",
+      "    db",
+      "  Storage",
+      "    local",
+      "      web-disk",
+      "  Networks",
+    ]);
+    expect(rows(["host:h1", "group:storage"])).toEqual(["Pool p", "  h1", "  h2", "  Not running", "    db", "  Storage", "  Networks"]);
+    const h1 = inv.rows(new Set(["host:h1"])).find((r) => r.id === "h1")!;
+    expect(h1.open).toBe(false);
+    expect(inv.rows(new Set()).find((r) => r.id === "a")!.open).toBeUndefined();
+  });
+
+  it("sorts names as people read them", () => {
+    const inv = new Inventory();
+    const vms = ["vm-10", "vm-9", "VM-1"].map((name, i) =>
+      ev(1n, { kind: "vm", id: `v${i}`, object: { case: "vm", value: vm(`v${i}`, name, "") } }),
+    );
+    inv.apply(msg(1n, vms, { reset: true, synced: true }));
+    expect(inv.vmsByHost().get("")!.map((v) => v.spec!.name)).toEqual(["VM-1", "vm-9", "vm-10"]);
+  });
+
+  it("lists the latest tasks first, without the pool's bookkeeping", () => {
+    const inv = new Inventory();
+    const task = (id: string, kind: string, seconds: bigint) =>
+      ev(1n, { kind: "task", id, object: { case: "task", value: create(TaskSchema, { id, kind, createdAt: { seconds } }) } });
+    inv.apply(
+      msg(1n, [task("t1", "vm.start", 10n), task("t2", "host.report", 30n), task("t3", "vm.migrate", 20n), task("t4", "vm.shutdown", 5n)], {
+        reset: true,
+        synced: true,
+      }),
+    );
+    expect(inv.recentTasks(2).map((t) => t.id)).toEqual(["t3", "t1"]);
   });
 
   it("forgets everything at logout", () => {
