@@ -1,12 +1,11 @@
 //! The web console's port as a browser uses it, through curl: files, gRPC-Web calls of
 //! PoolService (unary and streams), websocket handshakes.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use crate::free_port;
+use crate::{free_port, secret_file};
 
 /// A console port as curl reaches it: `base` (https://addr), the CA bundle that trusts
 /// it, and a directory for request bodies and header files.
@@ -32,14 +31,8 @@ impl Web {
             .arg(format!("{}{path}", self.base))
             .output()
             .expect("running curl");
-        let text = String::from_utf8_lossy(&o.stdout).replace("\r\n", "\n");
-        let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        (status, head.to_lowercase(), body.to_owned())
+        let (status, head, body) = response(&o.stdout);
+        (status, head.to_lowercase(), body)
     }
 
     /// Sends `req` to PoolService's `method` as gRPC-Web over HTTP/1.1 (with `token`),
@@ -92,17 +85,12 @@ impl Web {
             .arg(&headers);
         if let Some(t) = token {
             // A header file, not the command line: a token is a secret.
-            let h = self.dir.join(format!("auth-{n}"));
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&h)
-                .unwrap();
-            std::io::Write::write_all(&mut f, format!("authorization: Bearer {t}\n").as_bytes())
-                .unwrap();
-            c.arg("-H").arg(format!("@{}", h.display()));
+            let h = secret_file(
+                &self.dir,
+                &format!("auth-{n}"),
+                &format!("authorization: Bearer {t}"),
+            );
+            c.arg("-H").arg(format!("@{h}"));
         }
         c.arg(format!("{}/pool.v1.PoolService/{method}", self.base))
             .stdout(std::process::Stdio::piped())
@@ -145,19 +133,11 @@ impl Web {
     /// goes in a config file: a ticket is a secret.
     pub fn websocket(&self, path: &str, origin: Option<&str>) -> (u16, String) {
         let n = free_port();
-        let config = self.dir.join(format!("ws-{n}.curl"));
         let mut text = format!("url = \"{}{path}\"\n", self.base);
         if let Some(o) = origin {
             text.push_str(&format!("header = \"Origin: {o}\"\n"));
         }
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&config)
-            .unwrap();
-        std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+        let config = secret_file(&self.dir, &format!("ws-{n}.curl"), &text);
         let o = self
             .curl()
             .args(["-i", "--http1.1", "--max-time", "3"])
@@ -168,13 +148,19 @@ impl Web {
             .arg(&config)
             .output()
             .expect("running curl");
-        let text = String::from_utf8_lossy(&o.stdout).replace("\r\n", "\n");
-        let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        (status, body.to_owned())
+        let (status, _, body) = response(&o.stdout);
+        (status, body)
     }
+}
+
+/// The status, head and body of what `curl -i` printed.
+fn response(out: &[u8]) -> (u16, String, String) {
+    let text = String::from_utf8_lossy(out).replace("\r\n", "\n");
+    let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
 }

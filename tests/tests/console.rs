@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use e2e_tests::pool::field;
 use e2e_tests::web::Web;
-use e2e_tests::{binary, lab, text};
+use e2e_tests::{binary, lab, secret_file, text};
 use prost::Message;
 use proto::coordinator as pb;
 
@@ -52,16 +52,14 @@ fn the_console_logs_in_follows_the_pool_live_and_drives_a_vm() {
     .unwrap();
     std::fs::set_permissions(&change, std::fs::Permissions::from_mode(0o700)).unwrap();
     // A read-only user, for the browser to find no action offered.
-    let viewer_pw = tmp.path().join("viewer-password");
-    std::fs::write(&viewer_pw, "viewer-secret\n").unwrap();
-    std::fs::set_permissions(&viewer_pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let viewer_pw = secret_file(tmp.path(), "viewer-password", "viewer-secret");
     lab::ctl_ok(
         &dir,
         &[
             "user-add",
             "viewer",
             "--password-file",
-            viewer_pw.to_str().unwrap(),
+            &viewer_pw,
             "--role",
             "read-only",
         ],
