@@ -133,7 +133,12 @@ try {
   const until = Date.now() + heapMinutes * 60_000;
   const all = (await client.listVms({ page: { pageSize: SMALL } })).vms;
   let changes = 0;
+  let nextLog = Date.now() + 60_000;
   while (Date.now() < until) {
+    if (Date.now() >= nextLog) {
+      log(`heap ${((await heapBytes(cdp)) / 1e6).toFixed(1)} MB after ${changes} changes`);
+      nextLog += 60_000;
+    }
     const vm = all[changes % all.length];
     const spec = { ...vm.spec, labels: { ...vm.spec.labels, bench: String(changes) } };
     await client.updateVm({ requestId: randomUUID(), vmId: vm.id, spec });

@@ -5,7 +5,9 @@
 //   CONSOLE_PASSWORD_FILE  the admin's password (a file: a secret stays off command lines)
 //   CONSOLE_CHANGE         a program that changes the pool from outside the browser:
 //                          `disk` makes a disk and prints its name, `echo` gives the VM
-//                          (stopped) the test guest's echo command line
+//                          (stopped) the test guest's echo command line, `ha` turns HA
+//                          on (a host 2 s without heartbeats is dead), `kill-host H`
+//                          kills host H's hostd (and with it its VMs) with SIGKILL
 //   CONSOLE_VM             a running VM of the test guest in heartbeat mode (default demo)
 //   CONSOLE_SHOTS          where a screenshot of each view goes
 //   CONSOLE_VIEWER_PASSWORD_FILE  the password of `viewer`, a read-only user
@@ -37,7 +39,7 @@ let shot = 0;
 const snap = async (name) => {
   if (shots) await page.screenshot({ path: join(shots, `${String(++shot).padStart(2, "0")}-${name}.png`) });
 };
-const change = (what) => execFileSync(env("CONSOLE_CHANGE"), [what], { encoding: "utf8" }).trim();
+const change = (...what) => execFileSync(env("CONSOLE_CHANGE"), what, { encoding: "utf8" }).trim();
 /** The highest heartbeat the console shows. */
 const lastBeat = async () => {
   const seqs = [...(await page.locator(".xterm-rows").innerText()).matchAll(/HB seq=(\d+)/g)].map((m) => Number(m[1]));
@@ -198,6 +200,30 @@ try {
   await hostPanel.getByRole("button", { name: "Enable" }).click();
   await hostPanel.locator("h2 .state", { hasText: "enabled" }).waitFor();
   step(`host ${where} evacuated (maintenance), then enabled again`);
+
+  // A host dies with the VM on it: the pool fences it and HA starts the VM elsewhere,
+  // and the page shows it happen, no reload.
+  await moved.click();
+  await panel.locator("h2", { hasText: vmName }).waitFor();
+  const doomed = (await panel.locator("[data-field=host]").textContent()).trim();
+  change("ha");
+  const killed = Date.now();
+  change("kill-host", doomed);
+  await page.locator(".tree a[data-kind=host]", { hasText: doomed }).locator(".state", { hasText: /unreachable|fenced/ }).waitFor({ timeout: 60_000 });
+  await page.waitForFunction(
+    (doomed) => {
+      const p = document.querySelector("[data-panel=vm]");
+      const host = p?.querySelector("[data-field=host]")?.textContent?.trim();
+      const power = p?.querySelector("[data-field=power]")?.textContent?.trim();
+      return host !== undefined && host !== doomed && host !== "none" && power === "running";
+    },
+    doomed,
+    { timeout: 90_000 },
+  );
+  const rescuer = (await panel.locator("[data-field=host]").textContent()).trim();
+  await snap("ha-restart");
+  step(`host ${doomed} killed: ${vmName} restarted by HA on ${rescuer}`);
+  console.log(`FIGURE console_ha_restart_shown_ms ${Date.now() - killed}`);
 
   await page.getByRole("button", { name: "Log out" }).click();
   await page.locator("form.login").waitFor();

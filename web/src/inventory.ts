@@ -35,6 +35,9 @@ export type Kind = keyof Objects;
 
 /** Audit records come as changes only; the console keeps the latest few. */
 export const AUDIT_KEPT = 200;
+/** Finished tasks kept in the page (the pool keeps 10,000; the console shows the latest
+ * and those under way): past this, the oldest finished ones are dropped, 100 at a time. */
+export const TASKS_KEPT = 500;
 
 /** The feed's kind names as the server spells them, to the keys of `Objects`. */
 const KINDS: Record<string, Kind> = {
@@ -101,8 +104,18 @@ export class Inventory {
         map.set(e.id, e.object.value);
       }
     }
+    if (this.objects.task.size > TASKS_KEPT + 100) this.dropOldTasks();
     if (msg.synced) this.synced = true;
     if (msg.position > this.position || msg.reset) this.position = msg.position;
+  }
+
+  private dropOldTasks(): void {
+    const at = (t: Task) => t.createdAt?.seconds ?? 0n;
+    const finished = [...this.objects.task.values()]
+      .filter((t) => t.state !== TaskState.RUNNING && t.state !== TaskState.PENDING)
+      .sort((a, b) => (at(a) < at(b) ? -1 : at(a) > at(b) ? 1 : 0));
+    const excess = this.objects.task.size - TASKS_KEPT;
+    for (const t of finished.slice(0, Math.max(0, excess))) this.objects.task.delete(t.id);
   }
 
   /** Forgets everything (a logout): the next feed starts with a listing. */

@@ -8,12 +8,13 @@ import {
   PoolSchema,
   StorageRepositorySchema,
   TaskSchema,
+  TaskState,
   VmSchema,
   WatchEventsResponseSchema,
   type PoolEvent,
 } from "../src/gen/pool_pb";
 import { VolumeSchema } from "../src/gen/storage_pb";
-import { AUDIT_KEPT, Inventory } from "../src/inventory";
+import { AUDIT_KEPT, Inventory, TASKS_KEPT } from "../src/inventory";
 
 const vm = (id: string, name: string, hostId: string, powerState = PowerState.RUNNING) =>
   create(VmSchema, { id, hostId, powerState, spec: { name } });
@@ -158,6 +159,23 @@ describe("Inventory", () => {
       }),
     );
     expect(inv.recentTasks(2).map((t) => t.id)).toEqual(["t3", "t1"]);
+  });
+
+  it("keeps the latest finished tasks and every task under way, a bounded number", () => {
+    const inv = new Inventory();
+    inv.apply(listing(1n));
+    const task = (i: number, state: TaskState) =>
+      ev(BigInt(i + 2), {
+        kind: "task",
+        id: `t${i}`,
+        object: { case: "task", value: create(TaskSchema, { id: `t${i}`, kind: "vm.update", state, createdAt: { seconds: BigInt(i) } }) },
+      });
+    inv.apply(msg(2n, [task(0, TaskState.RUNNING)]));
+    for (let i = 1; i <= TASKS_KEPT + 150; i++) inv.apply(msg(BigInt(i + 2), [task(i, TaskState.SUCCEEDED)]));
+    expect(inv.objects.task.size).toBeLessThanOrEqual(TASKS_KEPT + 100);
+    expect(inv.objects.task.has("t0")).toBe(true);
+    expect(inv.objects.task.has(`t${TASKS_KEPT + 150}`)).toBe(true);
+    expect(inv.objects.task.has("t1")).toBe(false);
   });
 
   it("forgets everything at logout", () => {
