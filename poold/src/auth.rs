@@ -82,6 +82,8 @@ pub const METHODS: &[(&str, Level, bool)] = &[
     ("ListStorageRepositories", Level::ReadOnly, false),
     ("GetVolume", Level::ReadOnly, false),
     ("ListVolumes", Level::ReadOnly, false),
+    // Initiator names and sessions only: never a CHAP secret.
+    ("ListVolumeExports", Level::ReadOnly, false),
     ("GetVm", Level::ReadOnly, false),
     ("ListVms", Level::ReadOnly, false),
     ("ListVmSnapshots", Level::ReadOnly, false),
@@ -120,6 +122,7 @@ pub const METHODS: &[(&str, Level, bool)] = &[
     ("MigrateVm", Level::VmAdmin, true),
     ("SnapshotVm", Level::VmAdmin, true),
     ("RevertVm", Level::VmAdmin, true),
+    ("DeleteVmSnapshot", Level::VmAdmin, true),
     ("CloneVm", Level::VmAdmin, true),
     ("CreateVif", Level::VmAdmin, true),
     ("DestroyVif", Level::VmAdmin, true),

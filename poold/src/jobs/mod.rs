@@ -19,8 +19,8 @@
 //! # Layout
 //! - this file: the runner, the [`Ledger`] jobs read and commit through, the job error;
 //! - [`storage`]: storage repositories and volumes;
-//! - [`vm`]: templates, VM snapshots, reverts, clones, destroys, reboots, and the disk
-//!   access (export + grant) a host needs to run a VM;
+//! - [`vm`]: templates, VM snapshots (taken, reverted to, deleted), clones, destroys,
+//!   reboots, and the disk access (export + grant) a host needs to run a VM;
 //! - [`vifs`]: a VM's network interfaces as the host it runs on gets them;
 //! - [`migrate`]: live migration between hosts;
 //! - [`ha`]: fencing an unreachable host at the storage, restarting its VMs elsewhere.
@@ -263,6 +263,7 @@ pub async fn execute(env: &Env, job: &Job) -> Result<Finish, JobError> {
         JobSpec::TemplateFromVm(j) => vm::template_from_vm(env, job, j).await,
         JobSpec::SnapshotVm(j) => vm::snapshot_vm(env, job, j).await,
         JobSpec::RevertVm(j) => vm::revert_vm(env, job, j).await,
+        JobSpec::DeleteVmSnapshot(j) => vm::delete_vm_snapshot(env, job, j).await,
         JobSpec::CloneVm(j) => vm::clone_vm(env, job, j).await,
         JobSpec::DestroyVm(j) => vm::destroy_vm(env, job, j).await,
         JobSpec::RebootVm(j) => vm::reboot_vm(env, j).await,

@@ -174,7 +174,8 @@ impl StorageOps for FakeStorage {
             kind: spb::VolumeKind::Snapshot as i32,
             origin_id: r.volume_id.clone(),
             labels: r.labels,
-            ..vol(&format!("snap-{}", r.volume_id))
+            // By name: two snapshots of a volume are two volumes.
+            ..vol(&format!("snap-{}", r.name))
         })
     }
     async fn clone_volume(

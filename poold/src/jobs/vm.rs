@@ -1,4 +1,5 @@
-//! VM jobs: templates, snapshots, reverts, clones, destroys, reboots; and what a host
+//! VM jobs: templates, snapshots (a tree: each one's parent is the VM's current snapshot
+//! when it was taken), reverts, snapshot deletes, clones, destroys, reboots; and what a host
 //! needs before it runs a VM: disk access (each disk's volume exported, the host's
 //! initiator granted) and the VM's network interfaces on that host ([`HostAccess`]).
 //!
@@ -301,8 +302,16 @@ async fn snapshot_disks(
     result.map(|()| out)
 }
 
+/// Takes a VM snapshot: its parent is the snapshot the VM's disks came from (if it still
+/// exists), and it becomes the VM's current one.
 pub async fn snapshot_vm(env: &Env, job: &Job, j: &SnapshotVmJob) -> Result<Finish, JobError> {
-    let vm = read(&*env.ledger, |s| vm_of(s, &j.vm_id))?;
+    let (vm, parent_id) = read(&*env.ledger, |s| {
+        let vm = vm_of(s, &j.vm_id)?;
+        let parent = Some(vm.current_snapshot_id.clone())
+            .filter(|p| s.vm_snapshots.contains_key(p))
+            .unwrap_or_default();
+        Ok::<_, JobError>((vm, parent))
+    })?;
     let snaps = snapshot_disks(env, job, &vm, "disk", "snap").await?;
     let mut f = Finish {
         target: j.snapshot_id.clone(),
@@ -321,6 +330,11 @@ pub async fn snapshot_vm(env: &Env, job: &Job, j: &SnapshotVmJob) -> Result<Fini
         spec: vm.spec.clone(),
         disk_snapshots: map,
         created_at: None,
+        parent_id,
+    }))
+    .effect(EffectKind::SetCurrentSnapshot(SetCurrentSnapshot {
+        vm_id: vm.id.clone(),
+        snapshot_id: j.snapshot_id.clone(),
     })))
 }
 
@@ -402,7 +416,89 @@ pub async fn revert_vm(env: &Env, job: &Job, j: &RevertVmJob) -> Result<Finish, 
     Ok(f.effect(EffectKind::SetVmSpec(UpdateVm {
         vm_id: vm.id.clone(),
         spec: Some(spec),
+    }))
+    .effect(EffectKind::SetCurrentSnapshot(SetCurrentSnapshot {
+        vm_id: vm.id.clone(),
+        snapshot_id: snap.id.clone(),
     })))
+}
+
+/// Deletes a VM snapshot: each of its disk snapshots on storaged (one already gone counts
+/// as deleted; one something else uses is kept), then its record, whose removal re-parents
+/// its children and the VM that had it current (see `EffectKind::RemoveVmSnapshot`).
+pub async fn delete_vm_snapshot(
+    env: &Env,
+    job: &Job,
+    j: &DeleteVmSnapshotJob,
+) -> Result<Finish, JobError> {
+    let snap = read(&*env.ledger, |s| {
+        s.vm_snapshots.get(&j.snapshot_id).cloned()
+    })
+    .ok_or_else(|| {
+        JobError::refused(Code::NotFound, format!("no VM snapshot {}", j.snapshot_id))
+    })?;
+    let mut disks: Vec<(&String, &String)> = snap.disk_snapshots.iter().collect();
+    disks.sort();
+    let mut f = Finish::default();
+    let mut deleted = 0;
+    for (i, (disk, volume_id)) in disks.iter().enumerate() {
+        let (user, loc) = read(&*env.ledger, |s| {
+            if !s.volumes.contains_key(*volume_id) {
+                return (None, None);
+            }
+            (
+                other_user(s, &snap.id, volume_id),
+                Some(volume_loc(s, volume_id)),
+            )
+        });
+        // Unknown to the pool: an earlier attempt deleted it and its removal committed.
+        let Some(loc) = loc else { continue };
+        if let Some(user) = user {
+            tracing::warn!(
+                snapshot = %snap.id,
+                volume = %volume_id,
+                %user,
+                "a disk snapshot in use elsewhere is kept"
+            );
+            continue;
+        }
+        let loc = loc?;
+        env.step(
+            &job.task_id,
+            (i * 90 / disks.len().max(1)) as u32,
+            &format!("deleting the snapshot of disk {disk}"),
+            &[],
+        )
+        .await?;
+        delete_once(env, &loc, volume_id).await?;
+        deleted += 1;
+        f = f.effect(EffectKind::RemoveVolume((*volume_id).clone()));
+    }
+    Ok(f.result("volumes_deleted", deleted)
+        .effect(EffectKind::RemoveVmSnapshot(snap.id.clone())))
+}
+
+/// What else uses a VM snapshot's volume, if anything: a VM's disk, a template, or
+/// another VM snapshot.
+fn other_user(s: &PoolState, snapshot_id: &str, volume_id: &str) -> Option<String> {
+    if let Some(vm) = s.vms.values().find(|vm| {
+        vm.spec
+            .as_ref()
+            .is_some_and(|sp| sp.disks.iter().any(|d| d.volume_id == volume_id))
+    }) {
+        return Some(format!("a disk of VM {}", vm.id));
+    }
+    if let Some(t) = s
+        .templates
+        .values()
+        .find(|t| t.disk_volumes.values().any(|v| v == volume_id))
+    {
+        return Some(format!("template {}", t.id));
+    }
+    s.vm_snapshots
+        .values()
+        .find(|o| o.id != snapshot_id && o.disk_snapshots.values().any(|v| v == volume_id))
+        .map(|o| format!("snapshot {} of VM {}", o.id, o.vm_id))
 }
 
 pub async fn clone_vm(env: &Env, job: &Job, j: &CloneVmJob) -> Result<Finish, JobError> {
@@ -697,6 +793,8 @@ pub async fn reboot_vm(env: &Env, j: &RebootVmJob) -> Result<Finish, JobError> {
 
 #[cfg(test)]
 mod tests {
+    use tonic::Status;
+
     use super::*;
     use crate::jobs::test_utils::World;
     use crate::state::command::Command;
@@ -795,6 +893,201 @@ mod tests {
         let on_h1 = vm_config(&vm, disk_access(&world.env(), &vm, "h1").await.unwrap());
         assert_eq!(on_h1.nets[0].network.as_ref().unwrap().peers, ["h2"]);
         assert_eq!(on_h1.nets[0].mac, eth0.mac);
+    }
+
+    /// Takes a snapshot of vm1 named `name` through its job; returns its id.
+    async fn take_snapshot(world: &World, name: &str) -> String {
+        let id = format!("id-{name}");
+        let task = world.start_job(Job {
+            spec: Some(JobSpec::SnapshotVm(SnapshotVmJob {
+                snapshot_id: id.clone(),
+                vm_id: "vm1".into(),
+                name: name.into(),
+            })),
+            ..Default::default()
+        });
+        world.drive(&task).await;
+        let s = world.state();
+        assert_eq!(s.tasks[&task].state(), pb::TaskState::Succeeded, "{name}");
+        id
+    }
+
+    fn stop_vm1(world: &World) {
+        let mut s = world.ledger.state.lock().unwrap();
+        let vm = s.vms.get_mut("vm1").unwrap();
+        vm.host_id.clear();
+        vm.desired_power_state = hpb::PowerState::Stopped as i32;
+        vm.power_state = hpb::PowerState::Stopped as i32;
+    }
+
+    async fn revert_to(world: &World, snapshot_id: &str) {
+        let task = world.start_job(Job {
+            spec: Some(JobSpec::RevertVm(RevertVmJob {
+                vm_id: "vm1".into(),
+                snapshot_id: snapshot_id.into(),
+            })),
+            ..Default::default()
+        });
+        world.drive(&task).await;
+        assert_eq!(world.state().tasks[&task].state(), pb::TaskState::Succeeded);
+    }
+
+    fn delete_job(snapshot_id: &str) -> Job {
+        Job {
+            spec: Some(JobSpec::DeleteVmSnapshot(DeleteVmSnapshotJob {
+                snapshot_id: snapshot_id.into(),
+                vm_id: "vm1".into(),
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn parent(world: &World, id: &str) -> String {
+        world.state().vm_snapshots[id].parent_id.clone()
+    }
+
+    fn current(world: &World) -> String {
+        world.state().vms["vm1"].current_snapshot_id.clone()
+    }
+
+    /// Each snapshot's parent is the VM's current one when it is taken; taking one makes
+    /// it current, and so does reverting to one (the next snapshot branches from there).
+    #[tokio::test]
+    async fn snapshots_form_a_tree_rooted_where_the_vm_was_reverted_to() {
+        let world = World::two_hosts_one_running_vm();
+        let s1 = take_snapshot(&world, "s1").await;
+        assert_eq!(parent(&world, &s1), "");
+        assert_eq!(current(&world), s1);
+        let s2 = take_snapshot(&world, "s2").await;
+        assert_eq!(parent(&world, &s2), s1);
+        assert_eq!(current(&world), s2);
+
+        stop_vm1(&world);
+        revert_to(&world, &s1).await;
+        assert_eq!(current(&world), s1);
+        let s3 = take_snapshot(&world, "s3").await;
+        assert_eq!(parent(&world, &s3), s1, "a branch beside s2");
+        assert_eq!(parent(&world, &s2), s1);
+        assert_eq!(current(&world), s3);
+    }
+
+    /// Deleting a snapshot deletes its disk snapshots and its record; its children and
+    /// the VM that had it current take its parent, and the change feed says so.
+    #[tokio::test]
+    async fn deleting_a_snapshot_deletes_its_volumes_and_reparents_what_pointed_at_it() {
+        let world = World::two_hosts_one_running_vm();
+        let s1 = take_snapshot(&world, "s1").await;
+        let s2 = take_snapshot(&world, "s2").await;
+        let s3 = take_snapshot(&world, "s3").await;
+        stop_vm1(&world);
+        revert_to(&world, &s2).await;
+        let s2_volume = world.state().vm_snapshots[&s2].disk_snapshots["vda"].clone();
+        assert!(world.state().volumes.contains_key(&s2_volume));
+        world.ledger.state.lock().unwrap().take_events(1);
+
+        let task = world.start_job(delete_job(&s2));
+        world.drive(&task).await;
+        let s = world.state();
+        assert_eq!(s.tasks[&task].state(), pb::TaskState::Succeeded);
+        assert_eq!(s.tasks[&task].results["volumes_deleted"], "1");
+        assert!(
+            world
+                .storage
+                .position(&format!("delete:{s2_volume}"))
+                .is_some()
+        );
+        assert!(!s.vm_snapshots.contains_key(&s2));
+        assert!(!s.volumes.contains_key(&s2_volume));
+        assert_eq!(parent(&world, &s3), s1, "s3 takes s2's parent");
+        assert_eq!(current(&world), s1, "the VM's current one was s2");
+        // The other snapshots' volumes stay.
+        assert!(
+            s.volumes
+                .contains_key(&s.vm_snapshots[&s1].disk_snapshots["vda"])
+        );
+
+        let events = world.ledger.state.lock().unwrap().take_events(2);
+        let changed = |kind: &str, id: &str, deleted: bool| {
+            events
+                .iter()
+                .any(|e| e.kind == kind && e.id == id && e.deleted == deleted)
+        };
+        assert!(changed("vm", "vm1", false), "{events:?}");
+        assert!(changed("vm_snapshot", &s3, false), "{events:?}");
+        assert!(changed("vm_snapshot", &s2, true), "{events:?}");
+        assert!(changed("volume", &s2_volume, true), "{events:?}");
+        assert!(!changed("vm_snapshot", &s1, false), "{events:?}");
+    }
+
+    /// A leader that takes the job over after its deletes on storaged finds the volumes
+    /// gone: not found counts as deleted, and the job ends as the first would have.
+    #[tokio::test]
+    async fn a_disk_snapshot_already_gone_counts_as_deleted() {
+        let world = World::two_hosts_one_running_vm();
+        let s1 = take_snapshot(&world, "s1").await;
+        let s2 = take_snapshot(&world, "s2").await;
+        world.storage.fail_with(Status::not_found("no such volume"));
+        let task = world.start_job(delete_job(&s1));
+        world.drive(&task).await;
+        let s = world.state();
+        assert_eq!(
+            s.tasks[&task].state(),
+            pb::TaskState::Succeeded,
+            "{}",
+            s.tasks[&task].error_message
+        );
+        assert!(!s.vm_snapshots.contains_key(&s1));
+        assert_eq!(parent(&world, &s2), "");
+        assert_eq!(current(&world), s2);
+    }
+
+    /// Refused before anything is done: no id, an unknown id, another job on the VM.
+    #[test]
+    fn a_snapshot_delete_is_refused_when_it_cannot_start() {
+        let world = World::two_hosts_one_running_vm();
+        world.ledger.state.lock().unwrap().vm_snapshots.insert(
+            "s1".into(),
+            pb::VmSnapshot {
+                id: "s1".into(),
+                vm_id: "vm1".into(),
+                ..Default::default()
+            },
+        );
+        let refusal = |job: Job| {
+            let mut s = world.ledger.state.lock().unwrap();
+            let n = s.applied_index + 1;
+            let r = s.apply(
+                n,
+                &Command {
+                    at_ms: 700,
+                    task_id: format!("t{n}"),
+                    op: Some(Op::StartJob(job)),
+                    ..Default::default()
+                },
+            );
+            (Code::from(r.code), r.message)
+        };
+        assert_eq!(refusal(delete_job("")).0, Code::InvalidArgument);
+        let (code, message) = refusal(delete_job("nope"));
+        assert_eq!(code, Code::NotFound, "{message}");
+        assert!(message.contains("nope"), "{message}");
+        let mut other_vm = delete_job("s1");
+        if let Some(JobSpec::DeleteVmSnapshot(d)) = &mut other_vm.spec {
+            d.vm_id = "vm2".into();
+        }
+        assert_eq!(refusal(other_vm).0, Code::InvalidArgument);
+
+        // A reboot holds vm1: the delete waits for it.
+        world.start_job(Job {
+            spec: Some(JobSpec::RebootVm(RebootVmJob {
+                vm_id: "vm1".into(),
+                force: false,
+            })),
+            ..Default::default()
+        });
+        let (code, message) = refusal(delete_job("s1"));
+        assert_eq!(code, Code::FailedPrecondition, "{message}");
+        assert!(message.contains("busy"), "{message}");
     }
 
     /// A VM from a template with start was placed by its job; the host filled up while

@@ -14,9 +14,10 @@ mod jobs;
 mod trust;
 mod users;
 pub use jobs::{
-    CloneVmJob, CreateSrJob, DestroyVmJob, Effect, EffectKind, FenceHostJob, FinishJob, Job,
-    JobSpec, JobStep, MigrateVmJob, MoveVm, RebootVmJob, RevertVmJob, SnapshotVmJob,
-    TemplateFromVmJob, VmFromTemplateJob, VolumeAction, VolumeJob,
+    CloneVmJob, CreateSrJob, DeleteVmSnapshotJob, DestroyVmJob, Effect, EffectKind, FenceHostJob,
+    FinishJob, Job, JobSpec, JobStep, MigrateVmJob, MoveVm, RebootVmJob, RevertVmJob,
+    SetCurrentSnapshot, SnapshotVmJob, TemplateFromVmJob, VmFromTemplateJob, VolumeAction,
+    VolumeJob,
 };
 pub use trust::{
     CaRollRecord, FinishCaRoll, IssuedRecord, JoinTokenRecord, PoolCaRecord, RedeemJoinToken,

@@ -228,7 +228,50 @@ impl PoolState {
                         format!("no VM or VM snapshot with id {}", j.source_id),
                     ));
                 }
+                if let Some(t) = self.snapshot_being_deleted(&j.source_id) {
+                    return Err(err(
+                        Code::FailedPrecondition,
+                        format!(
+                            "VM snapshot {} is being deleted by task {t}; clone another",
+                            j.source_id
+                        ),
+                    ));
+                }
                 Ok(j.vm_id.clone())
+            }
+            JobSpec::DeleteVmSnapshot(j) => {
+                if j.snapshot_id.is_empty() {
+                    return Err(err(Code::InvalidArgument, "snapshot_id is required"));
+                }
+                let snap = self.vm_snapshots.get(&j.snapshot_id).ok_or_else(|| {
+                    err(
+                        Code::NotFound,
+                        format!("no VM snapshot with id {}", j.snapshot_id),
+                    )
+                })?;
+                if snap.vm_id != j.vm_id {
+                    return Err(err(
+                        Code::InvalidArgument,
+                        format!(
+                            "snapshot {} is of VM {}, not {}",
+                            snap.id, snap.vm_id, j.vm_id
+                        ),
+                    ));
+                }
+                // A clone reads the snapshot's volumes until it ends.
+                if let Some(t) = self.jobs.values().find_map(|o| match &o.spec {
+                    Some(JobSpec::CloneVm(c)) if c.source_id == j.snapshot_id => Some(&o.task_id),
+                    _ => None,
+                }) {
+                    return Err(err(
+                        Code::FailedPrecondition,
+                        format!(
+                            "VM snapshot {} is being cloned by task {t}; delete it once that ends",
+                            snap.id
+                        ),
+                    ));
+                }
+                Ok(j.snapshot_id.clone())
             }
             JobSpec::DestroyVm(j) => {
                 let vm = self.vm(&j.vm_id)?;
@@ -314,6 +357,16 @@ impl PoolState {
                 Ok(j.vm_id.clone())
             }
         }
+    }
+
+    /// The task deleting a VM snapshot, if one runs.
+    pub fn snapshot_being_deleted(&self, snapshot_id: &str) -> Option<&str> {
+        self.jobs.values().find_map(|j| match &j.spec {
+            Some(JobSpec::DeleteVmSnapshot(d)) if d.snapshot_id == snapshot_id => {
+                Some(j.task_id.as_str())
+            }
+            _ => None,
+        })
     }
 
     /// The task fencing a host, if one runs.
@@ -646,10 +699,35 @@ impl PoolState {
                 if s.created_at.is_none() {
                     s.created_at = Some(proto::timestamp(at_ms));
                 }
+                // The job read its parent before its commit; a tree has no dangling edge.
+                if s.parent_id == s.id || !self.vm_snapshots.contains_key(&s.parent_id) {
+                    s.parent_id.clear();
+                }
                 self.vm_snapshots.insert(s.id.clone(), s);
             }
             EffectKind::RemoveVmSnapshot(id) => {
-                self.vm_snapshots.remove(id);
+                if let Some(gone) = self.vm_snapshots.remove(id) {
+                    let parent = gone.parent_id;
+                    self.vm_snapshots
+                        .update_where(|s| s.parent_id == *id, |s| s.parent_id = parent.clone());
+                    self.vms.update_where(
+                        |v| v.current_snapshot_id == *id,
+                        |v| v.current_snapshot_id = parent.clone(),
+                    );
+                }
+            }
+            EffectKind::SetCurrentSnapshot(c) => {
+                let known = c.snapshot_id.is_empty()
+                    || self
+                        .vm_snapshots
+                        .get(&c.snapshot_id)
+                        .is_some_and(|s| s.vm_id == c.vm_id);
+                if known
+                    && let Some(vm) = self.vms.get_mut(&c.vm_id)
+                    && vm.current_snapshot_id != c.snapshot_id
+                {
+                    vm.current_snapshot_id = c.snapshot_id.clone();
+                }
             }
             EffectKind::HostFenced(host_id) => {
                 if let Some(h) = self.hosts.get_mut(host_id) {

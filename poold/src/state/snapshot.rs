@@ -368,6 +368,9 @@ mod tests {
         assert_eq!(back, s);
         assert_eq!(back.templates.len(), 1);
         assert_eq!(back.alloc["h1"].vcpus, 2);
+        // The snapshot tree: a parent and the VM's current one.
+        assert_eq!(back.vm_snapshots["s2"].parent_id, "s1");
+        assert_eq!(back.vms["vm1"].current_snapshot_id, "s2");
     }
 
     /// A host, a template and a VM placed on the host, each made by a command.
@@ -427,6 +430,19 @@ mod tests {
             );
             assert_eq!(r.code, 0, "{}", r.message);
         }
+        for (id, parent) in [("s1", ""), ("s2", "s1")] {
+            s.vm_snapshots.insert(
+                id.into(),
+                pb::VmSnapshot {
+                    id: id.into(),
+                    vm_id: "vm1".into(),
+                    name: id.into(),
+                    parent_id: parent.into(),
+                    ..Default::default()
+                },
+            );
+        }
+        s.vms.get_mut("vm1").unwrap().current_snapshot_id = "s2".into();
         s
     }
 

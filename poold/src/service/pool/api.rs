@@ -295,6 +295,16 @@ impl PoolService for PoolHandler {
         res.map(Response::new)
     }
 
+    async fn list_volume_exports(
+        &self,
+        r: Request<pb::ListVolumeExportsRequest>,
+    ) -> R<pb::ListVolumeExportsResponse> {
+        self.authorize(&r, "ListVolumeExports")?;
+        storage::list_exports(self, r.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     // VMs.
 
     async fn create_vm(&self, r: Request<pb::CreateVmRequest>) -> R<pb::TaskResponse> {
@@ -382,6 +392,15 @@ impl PoolService for PoolHandler {
     async fn revert_vm(&self, r: Request<pb::RevertVmRequest>) -> R<pb::TaskResponse> {
         let who = self.authorize(&r, "RevertVm")?;
         let res = vms::revert(self, &who, r.into_inner()).await;
+        self.done(&who, res)
+    }
+
+    async fn delete_vm_snapshot(
+        &self,
+        r: Request<pb::DeleteVmSnapshotRequest>,
+    ) -> R<pb::TaskResponse> {
+        let who = self.authorize(&r, "DeleteVmSnapshot")?;
+        let res = vms::delete_snapshot(self, &who, r.into_inner()).await;
         self.done(&who, res)
     }
 

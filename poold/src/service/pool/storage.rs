@@ -1,8 +1,11 @@
-//! Storage: repositories (a storaged's thin pool), the volumes in them, and direct
-//! iSCSI access to a volume from outside the pool.
+//! Storage: repositories (a storaged's thin pool), the volumes in them, direct iSCSI
+//! access to a volume from outside the pool, and who may reach a volume (its exports).
+
+use std::collections::HashMap;
 
 use proto::coordinator as pb;
 use proto::host as hpb;
+use proto::storage as spb;
 use tonic::Status;
 
 use super::PoolHandler;
@@ -282,4 +285,168 @@ pub(super) async fn close_access(
     Ok(pb::CloseVolumeAccessResponse {
         sessions_dropped: dropped,
     })
+}
+
+/// A volume's exports as its repository's storaged has them, each grant named by the pool
+/// host whose initiator it is; CHAP credentials are left out.
+pub(super) async fn list_exports(
+    svc: &PoolHandler,
+    r: pb::ListVolumeExportsRequest,
+) -> Result<pb::ListVolumeExportsResponse, Status> {
+    need("volume_id", &r.volume_id)?;
+    let (loc, hosts) = svc
+        .c
+        .read(|s| {
+            let loc = crate::jobs::storage::volume_loc(s, &r.volume_id).map_err(job_status)?;
+            Ok::<_, Status>((loc, host_initiators(s)))
+        })
+        .await??;
+    let exports = svc
+        .storage
+        .list_exports(&loc.address, &r.volume_id)
+        .await
+        .map_err(|s| {
+            if crate::backend::transient(&s) {
+                Status::unavailable(format!(
+                    "the storaged of repository {} at {} did not answer: {}",
+                    loc.sr_id,
+                    loc.address,
+                    s.message()
+                ))
+            } else {
+                s
+            }
+        })?;
+    Ok(pb::ListVolumeExportsResponse {
+        exports: exports
+            .into_iter()
+            .map(|e| volume_export(e, &hosts))
+            .collect(),
+    })
+}
+
+/// Pool hosts by the initiator name they reported: IQN → host name.
+fn host_initiators(s: &crate::state::PoolState) -> HashMap<String, String> {
+    s.hosts
+        .values()
+        .filter_map(|h| {
+            let iqn = &h.info.as_ref()?.initiator_iqn;
+            (!iqn.is_empty()).then(|| (iqn.clone(), h.name.clone()))
+        })
+        .collect()
+}
+
+/// storaged's export as the pool shows it: no CHAP credential is copied.
+fn volume_export(e: spb::Export, hosts: &HashMap<String, String>) -> pb::VolumeExport {
+    pb::VolumeExport {
+        id: e.id,
+        target_iqn: e.target_iqn,
+        lun: e.lun,
+        portals: e.portals,
+        read_only: e.read_only,
+        grants: e
+            .grants
+            .into_iter()
+            .map(|g| pb::VolumeExportGrant {
+                host_name: hosts.get(&g.initiator_iqn).cloned().unwrap_or_default(),
+                initiator_iqn: g.initiator_iqn,
+                granted_at: g.granted_at,
+            })
+            .collect(),
+        session_initiators: e.sessions.into_iter().map(|s| s.initiator_iqn).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::*;
+
+    /// A grant carries its initiator, when, and the pool host it is; its CHAP secrets
+    /// (both ways) never leave poold.
+    #[test]
+    fn an_export_shows_grants_by_host_and_no_chap_secret() {
+        let chap = |user: &str, secret: &str| spb::ChapCredentials {
+            username: user.into(),
+            secret: secret.into(),
+        };
+        let e = spb::Export {
+            id: "e1".into(),
+            volume_id: "vol1".into(),
+            target_iqn: "iqn.2026-11.lab:vol1".into(),
+            lun: 3,
+            portals: vec!["10.0.0.9:3260".into()],
+            read_only: true,
+            grants: vec![
+                spb::AccessGrant {
+                    export_id: "e1".into(),
+                    initiator_iqn: "iqn.h1".into(),
+                    chap: Some(chap("iqn.h1", "initiator-secret-1")),
+                    mutual_chap: Some(chap("target", "target-secret-1")),
+                    granted_at: Some(proto::timestamp(5_000)),
+                },
+                spb::AccessGrant {
+                    export_id: "e1".into(),
+                    initiator_iqn: "iqn.outside".into(),
+                    chap: Some(chap("iqn.outside", "initiator-secret-2")),
+                    ..Default::default()
+                },
+            ],
+            sessions: vec![spb::IscsiSession {
+                initiator_iqn: "iqn.h1".into(),
+                isid: "00023d000001".into(),
+                ..Default::default()
+            }],
+            serial: "s".into(),
+            naa_id: "n".into(),
+        };
+        let hosts = HashMap::from([("iqn.h1".to_string(), "one".to_string())]);
+        let v = volume_export(e, &hosts);
+        assert_eq!(
+            (v.id.as_str(), v.target_iqn.as_str(), v.lun, v.read_only),
+            ("e1", "iqn.2026-11.lab:vol1", 3, true)
+        );
+        assert_eq!(v.portals, ["10.0.0.9:3260"]);
+        let grants: Vec<(&str, &str)> = v
+            .grants
+            .iter()
+            .map(|g| (g.initiator_iqn.as_str(), g.host_name.as_str()))
+            .collect();
+        assert_eq!(grants, [("iqn.h1", "one"), ("iqn.outside", "")]);
+        assert_eq!(v.grants[0].granted_at, Some(proto::timestamp(5_000)));
+        assert_eq!(v.session_initiators, ["iqn.h1"]);
+        let wire = String::from_utf8_lossy(&v.encode_to_vec()).into_owned();
+        assert!(!wire.contains("secret"), "{wire:?}");
+    }
+
+    #[test]
+    fn hosts_are_known_by_the_initiator_they_reported() {
+        let mut s = crate::state::PoolState::default();
+        for (id, iqn) in [("h1", "iqn.h1"), ("h2", ""), ("h3", "iqn.h3")] {
+            s.hosts.insert(
+                id.into(),
+                pb::Host {
+                    id: id.into(),
+                    name: format!("name-{id}"),
+                    info: Some(hpb::HostInfo {
+                        initiator_iqn: iqn.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            );
+        }
+        s.hosts.insert(
+            "h4".into(),
+            pb::Host {
+                id: "h4".into(),
+                ..Default::default()
+            },
+        );
+        let m = host_initiators(&s);
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert_eq!(m["iqn.h1"], "name-h1");
+        assert_eq!(m["iqn.h3"], "name-h3");
+    }
 }

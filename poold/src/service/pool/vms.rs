@@ -1,5 +1,6 @@
 //! VMs: creating them (from a spec or a template), their power state, migration,
-//! snapshots and clones, and where the scheduler would place one.
+//! snapshots (taken, listed, reverted to, deleted) and clones, and where the scheduler
+//! would place one.
 
 use proto::coordinator as pb;
 use proto::host as hpb;
@@ -330,6 +331,34 @@ pub(super) async fn revert(
     let spec = JobSpec::RevertVm(RevertVmJob {
         vm_id: r.vm_id,
         snapshot_id: r.snapshot_id,
+    });
+    svc.start_job(who, &r.request_id, spec).await
+}
+
+/// Deletes a VM snapshot (a job: its disk snapshots go from storaged first). The snapshot
+/// is looked up here for its VM, which the job holds as a revert does.
+pub(super) async fn delete_snapshot(
+    svc: &PoolHandler,
+    who: &Caller,
+    r: pb::DeleteVmSnapshotRequest,
+) -> Result<pb::Task, Status> {
+    need("snapshot_id", &r.snapshot_id)?;
+    // A retry after the snapshot is gone answers with the task that deleted it.
+    if let Some(prev) = svc
+        .c
+        .read(|s| s.lookup_request(&r.request_id, "vm.snapshot.delete"))
+        .await?
+    {
+        return prev.into_status();
+    }
+    let vm_id = svc
+        .c
+        .read(|s| s.vm_snapshots.get(&r.snapshot_id).map(|x| x.vm_id.clone()))
+        .await?
+        .ok_or_else(|| Status::not_found(format!("no VM snapshot with id {}", r.snapshot_id)))?;
+    let spec = JobSpec::DeleteVmSnapshot(DeleteVmSnapshotJob {
+        snapshot_id: r.snapshot_id,
+        vm_id,
     });
     svc.start_job(who, &r.request_id, spec).await
 }

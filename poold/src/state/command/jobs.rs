@@ -17,7 +17,10 @@ pub struct Job {
     pub outputs: std::collections::HashMap<String, String>,
     #[prost(bool, tag = "3")]
     pub cancel_requested: bool,
-    #[prost(oneof = "JobSpec", tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20")]
+    #[prost(
+        oneof = "JobSpec",
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21"
+    )]
     pub spec: Option<JobSpec>,
 }
 
@@ -38,6 +41,7 @@ impl Job {
             Some(JobSpec::TemplateFromVm(_)) => "template.create",
             Some(JobSpec::SnapshotVm(_)) => "vm.snapshot",
             Some(JobSpec::RevertVm(_)) => "vm.revert",
+            Some(JobSpec::DeleteVmSnapshot(_)) => "vm.snapshot.delete",
             Some(JobSpec::CloneVm(_)) => "vm.clone",
             Some(JobSpec::DestroyVm(_)) => "vm.destroy",
             Some(JobSpec::MigrateVm(_)) => "vm.migrate",
@@ -54,6 +58,7 @@ impl Job {
             Some(JobSpec::TemplateFromVm(j)) => Some(&j.vm_id),
             Some(JobSpec::SnapshotVm(j)) => Some(&j.vm_id),
             Some(JobSpec::RevertVm(j)) => Some(&j.vm_id),
+            Some(JobSpec::DeleteVmSnapshot(j)) => Some(&j.vm_id),
             Some(JobSpec::DestroyVm(j)) => Some(&j.vm_id),
             Some(JobSpec::MigrateVm(j)) => Some(&j.vm_id),
             Some(JobSpec::RebootVm(j)) => Some(&j.vm_id),
@@ -99,6 +104,8 @@ pub enum JobSpec {
     FenceHost(FenceHostJob),
     #[prost(message, tag = "20")]
     RebootVm(RebootVmJob),
+    #[prost(message, tag = "21")]
+    DeleteVmSnapshot(DeleteVmSnapshotJob),
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -200,6 +207,17 @@ pub struct RevertVmJob {
     pub snapshot_id: String,
 }
 
+/// Deletes a VM snapshot and its disk snapshots; its children take its parent.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeleteVmSnapshotJob {
+    #[prost(string, tag = "1")]
+    pub snapshot_id: String,
+    /// The snapshot's VM (held while the job runs, as a revert holds it); checked against
+    /// the snapshot when the job starts.
+    #[prost(string, tag = "2")]
+    pub vm_id: String,
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct CloneVmJob {
     /// The new VM.
@@ -294,7 +312,7 @@ pub struct FinishJob {
 /// them cannot fail: upserts, and removals that tolerate absence.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Effect {
-    #[prost(oneof = "EffectKind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
+    #[prost(oneof = "EffectKind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12")]
     pub kind: Option<EffectKind>,
 }
 
@@ -317,8 +335,11 @@ pub enum EffectKind {
     RemoveVm(String),
     #[prost(message, tag = "7")]
     PutTemplate(pb::Template),
+    /// Inserts or replaces a VM snapshot; a `parent_id` no longer in the state is cleared.
     #[prost(message, tag = "8")]
     PutVmSnapshot(pb::VmSnapshot),
+    /// Removes a VM snapshot and re-parents what pointed at it: its children, and a VM
+    /// whose current snapshot it was, take its `parent_id`.
     #[prost(string, tag = "9")]
     RemoveVmSnapshot(String),
     /// The host is cut off at the storage: it becomes FENCED and its VMs leave it (HA
@@ -328,6 +349,10 @@ pub enum EffectKind {
     /// A migration switched over: the VM now runs on `to`.
     #[prost(message, tag = "11")]
     MoveVm(MoveVm),
+    /// The snapshot a VM's disks now come from (taken or reverted to); ignored when the
+    /// VM or the snapshot is gone.
+    #[prost(message, tag = "12")]
+    SetCurrentSnapshot(SetCurrentSnapshot),
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -336,4 +361,12 @@ pub struct MoveVm {
     pub vm_id: String,
     #[prost(string, tag = "2")]
     pub to_host_id: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SetCurrentSnapshot {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    #[prost(string, tag = "2")]
+    pub snapshot_id: String,
 }
