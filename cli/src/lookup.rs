@@ -223,6 +223,7 @@ fn what_verb(what: &str) -> &'static str {
         "disk" => "vdi",
         "template" => "template",
         "network" => "network",
+        "VM snapshot" | "snapshot of this VM" => "vm-snapshot",
         _ => "sr",
     }
 }

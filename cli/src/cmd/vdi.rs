@@ -7,7 +7,7 @@ use pool_client::new_request_id;
 use proto::coordinator as pb;
 
 use crate::ctl::{Ctl, call};
-use crate::output::{Table, enum_name, human_bytes, parse_size};
+use crate::output::{Table, enum_name, human_bytes, parse_size, ts};
 use crate::transfer;
 
 #[derive(Debug, Subcommand)]
@@ -53,6 +53,10 @@ pub enum VdiCommand {
     /// Delete a disk, snapshot or clone.
     #[command(name = "vdi-destroy")]
     Destroy { vdi: String },
+    /// Who may reach a disk over iSCSI: its exports (target, LUN, portals), one row per
+    /// initiator granted or logged in, with the pool host it is (never a CHAP secret).
+    #[command(name = "vdi-exports", visible_alias = "volume-exports")]
+    Exports { vdi: String },
 }
 
 pub async fn run(ctl: &mut Ctl, command: VdiCommand) -> anyhow::Result<()> {
@@ -161,8 +165,65 @@ pub async fn run(ctl: &mut Ctl, command: VdiCommand) -> anyhow::Result<()> {
             )?;
             ctl.follow(r).await?;
         }
+        VdiCommand::Exports { vdi } => {
+            let volume_id = ctl.vdi_id(&vdi).await?;
+            let r = call!(
+                ctl.client,
+                list_volume_exports,
+                pb::ListVolumeExportsRequest { volume_id }
+            )?;
+            ctl.print(&exports_table(&r.exports));
+        }
     }
     Ok(())
+}
+
+/// One row per initiator of each export: those granted (GRANTED says when) and those
+/// logged in without a grant (a session outliving its revoke); an export nobody may
+/// reach is one row with no initiator.
+fn exports_table(exports: &[pb::VolumeExport]) -> Table {
+    let mut t = Table::new(&[
+        "TARGET",
+        "LUN",
+        "PORTALS",
+        "READ_ONLY",
+        "INITIATOR",
+        "HOST",
+        "GRANTED",
+        "SESSIONS",
+    ]);
+    for e in exports {
+        let sessions = |iqn: &str| e.session_initiators.iter().filter(|s| *s == iqn).count() as u64;
+        let mut row = |initiator: &str, host: &str, granted: String| {
+            t.row(vec![
+                e.target_iqn.as_str().into(),
+                e.lun.into(),
+                e.portals.join(",").into(),
+                e.read_only.into(),
+                initiator.into(),
+                host.into(),
+                granted.into(),
+                sessions(initiator).into(),
+            ]);
+        };
+        for g in &e.grants {
+            row(&g.initiator_iqn, &g.host_name, ts(&g.granted_at));
+        }
+        let mut ungranted: Vec<&String> = e
+            .session_initiators
+            .iter()
+            .filter(|s| !e.grants.iter().any(|g| g.initiator_iqn == **s))
+            .collect();
+        ungranted.sort();
+        ungranted.dedup();
+        for s in &ungranted {
+            row(s, "", String::new());
+        }
+        if e.grants.is_empty() && ungranted.is_empty() {
+            row("", "", String::new());
+        }
+    }
+    t
 }
 
 /// Creates a disk and follows its task to the end.
@@ -180,4 +241,59 @@ async fn create_vdi(ctl: &mut Ctl, sr: &str, name: String, size: u64) -> anyhow:
         }
     )?;
     ctl.follow(r).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::Value;
+
+    #[test]
+    fn exports_list_each_initiator_with_its_host_and_sessions() {
+        let grant = |iqn: &str, host: &str| pb::VolumeExportGrant {
+            initiator_iqn: iqn.into(),
+            host_name: host.into(),
+            granted_at: None,
+        };
+        let exports = [
+            pb::VolumeExport {
+                id: "e1".into(),
+                target_iqn: "iqn.t:1".into(),
+                lun: 0,
+                portals: vec!["a:3260".into(), "b:3260".into()],
+                read_only: false,
+                grants: vec![grant("iqn.h1", "h1"), grant("iqn.poolctl", "")],
+                session_initiators: vec!["iqn.h1".into(), "iqn.h1".into(), "iqn.old".into()],
+            },
+            pb::VolumeExport {
+                id: "e2".into(),
+                target_iqn: "iqn.t:2".into(),
+                ..Default::default()
+            },
+        ];
+        let t = exports_table(&exports);
+        let rows: Vec<(Value, Value, Value, Value)> = t
+            .rows
+            .iter()
+            .map(|r| (r[0].clone(), r[4].clone(), r[5].clone(), r[7].clone()))
+            .collect();
+        let row = |target: &str, iqn: &str, host: &str, sessions: u64| {
+            (
+                Value::from(target),
+                Value::from(iqn),
+                Value::from(host),
+                Value::from(sessions),
+            )
+        };
+        assert_eq!(
+            rows,
+            [
+                row("iqn.t:1", "iqn.h1", "h1", 2),
+                row("iqn.t:1", "iqn.poolctl", "", 0),
+                row("iqn.t:1", "iqn.old", "", 1),
+                row("iqn.t:2", "", "", 0),
+            ]
+        );
+        assert_eq!(t.rows[0][2], Value::from("a:3260,b:3260"));
+    }
 }

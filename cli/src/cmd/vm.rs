@@ -127,9 +127,16 @@ pub enum VmCommand {
     /// The VM's metadata and crash-consistent snapshots of all its disks, together.
     #[command(name = "vm-snapshot")]
     Snapshot { vm: String, name: String },
-    /// Snapshots of a VM.
+    /// Snapshots of a VM, parents before their children: each one's parent is the
+    /// snapshot the VM was at when it was taken; CURRENT marks where the VM is now.
     #[command(name = "vm-snapshot-list")]
     SnapshotList { vm: String },
+    /// Delete a VM snapshot and its disk snapshots; its children take its parent.
+    #[command(name = "vm-snapshot-delete")]
+    SnapshotDelete {
+        /// The snapshot's id, or its name when only one snapshot has it.
+        snapshot: String,
+    },
     /// Put a stopped VM back as it was at one of its snapshots (metadata and disks).
     #[command(name = "vm-revert")]
     Revert {
@@ -418,16 +425,33 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
         }
         VmCommand::SnapshotList { vm } => {
             let vm_id = ctl.vm_id(&vm).await?;
-            let mut t = Table::new(&["ID", "NAME", "DISKS", "CREATED"]);
-            for s in ctl.vm_snapshots(&vm_id).await? {
-                t.row(vec![
-                    s.id.into(),
-                    s.name.into(),
-                    (s.disk_snapshots.len() as u64).into(),
-                    ts(&s.created_at).into(),
-                ]);
-            }
-            ctl.print(&t);
+            let current = call!(
+                ctl.client,
+                get_vm,
+                pb::GetVmRequest {
+                    vm_id: vm_id.clone()
+                }
+            )?
+            .current_snapshot_id;
+            let snaps = ctl.vm_snapshots(&vm_id).await?;
+            ctl.print(&snapshot_table(snaps, &current, ctl.json));
+        }
+        VmCommand::SnapshotDelete { snapshot } => {
+            let snaps = ctl.vm_snapshots("").await?;
+            let snapshot_id = pick(
+                snaps.iter().map(|s| (s.id.as_str(), s.name.as_str())),
+                &snapshot,
+                "VM snapshot",
+            )?;
+            let r = call!(
+                ctl.client,
+                delete_vm_snapshot,
+                pb::DeleteVmSnapshotRequest {
+                    request_id: new_request_id(),
+                    snapshot_id
+                }
+            )?;
+            ctl.follow(r).await?;
         }
         VmCommand::Revert { vm, snapshot } => {
             let vm_id = ctl.vm_id(&vm).await?;
@@ -585,6 +609,54 @@ fn metrics_table(m: &hpb::VmMetrics) -> Table {
     t
 }
 
+/// A VM's snapshots as a tree: depth first from the roots, siblings oldest first; for
+/// people each name is indented under its parent's, for scripts PARENT says it.
+fn snapshot_table(snaps: Vec<pb::VmSnapshot>, current: &str, json: bool) -> Table {
+    let known: std::collections::HashSet<&str> = snaps.iter().map(|s| s.id.as_str()).collect();
+    let mut children: HashMap<&str, Vec<&pb::VmSnapshot>> = HashMap::new();
+    for s in &snaps {
+        // A parent outside the listing: shown as a root.
+        let parent = if known.contains(s.parent_id.as_str()) {
+            s.parent_id.as_str()
+        } else {
+            ""
+        };
+        children.entry(parent).or_default().push(s);
+    }
+    let created = |s: &pb::VmSnapshot| {
+        s.created_at
+            .as_ref()
+            .map_or((0, 0), |t| (t.seconds, t.nanos))
+    };
+    for list in children.values_mut() {
+        list.sort_by_key(|s| (created(s), s.id.clone()));
+    }
+    let mut t = Table::new(&["ID", "NAME", "PARENT", "CURRENT", "DISKS", "CREATED"]);
+    let mut stack: Vec<(&pb::VmSnapshot, usize)> = children
+        .get("")
+        .map(|l| l.iter().rev().map(|s| (*s, 0)).collect())
+        .unwrap_or_default();
+    while let Some((s, depth)) = stack.pop() {
+        let name = if json {
+            s.name.clone()
+        } else {
+            format!("{}{}", "  ".repeat(depth), s.name)
+        };
+        t.row(vec![
+            s.id.clone().into(),
+            name.into(),
+            s.parent_id.clone().into(),
+            (s.id == current).into(),
+            (s.disk_snapshots.len() as u64).into(),
+            ts(&s.created_at).into(),
+        ]);
+        if let Some(kids) = children.get(s.id.as_str()) {
+            stack.extend(kids.iter().rev().map(|k| (*k, depth + 1)));
+        }
+    }
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -663,5 +735,49 @@ mod tests {
             ]
         );
         assert!(scripts.render(true).contains("\"host\": \"h-1111\""));
+    }
+
+    #[test]
+    fn vm_snapshots_list_as_a_tree_with_the_current_one_marked() {
+        let snap = |id: &str, parent: &str, at: i64| pb::VmSnapshot {
+            id: id.into(),
+            name: format!("n{id}"),
+            parent_id: parent.into(),
+            created_at: Some(prost_types::Timestamp {
+                seconds: at,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        // s1 -> {s2 -> s4, s3}; s5's parent is not listed (a root).
+        let snaps = vec![
+            snap("s4", "s2", 4),
+            snap("s3", "s1", 3),
+            snap("s1", "", 1),
+            snap("s5", "gone", 5),
+            snap("s2", "s1", 2),
+        ];
+        let t = snapshot_table(snaps.clone(), "s4", false);
+        let rows: Vec<(Value, Value, Value)> = t
+            .rows
+            .iter()
+            .map(|r| (r[1].clone(), r[2].clone(), r[3].clone()))
+            .collect();
+        let row = |name: &str, parent: &str, current: bool| {
+            (Value::from(name), Value::from(parent), Value::from(current))
+        };
+        assert_eq!(
+            rows,
+            [
+                row("ns1", "", false),
+                row("  ns2", "s1", false),
+                row("    ns4", "s2", true),
+                row("  ns3", "s1", false),
+                row("ns5", "gone", false),
+            ]
+        );
+        // Scripts get the names as they are.
+        let t = snapshot_table(snaps, "s4", true);
+        assert_eq!(t.rows[2][1], Value::from("ns4"));
     }
 }
