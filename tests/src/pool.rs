@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use proto::coordinator::pool_service_client::PoolServiceClient;
 use proto::host as hpb;
 use proto::host::host_service_client::HostServiceClient;
 
@@ -105,6 +106,68 @@ impl Pool {
                 self.logs()
             )
         })
+    }
+}
+
+/// `PoolService` over gRPC as the holder of `PoolArg::token`, for answers poolctl does
+/// not show as they are (a status code, every field of a message) and calls it has no
+/// verb for (OpenVolumeAccess alone).
+pub struct Api {
+    rt: tokio::runtime::Runtime,
+    channel: tonic::transport::Channel,
+    token: String,
+}
+
+impl Api {
+    /// Connected to the first member that takes the connection.
+    pub fn connect(pool: &PoolArg) -> Api {
+        let bundle = pool_trust::CaBundle::load(&pool.bundle()).expect("the pool's CA bundle");
+        let tls = pool_trust::tls::client_tls(&bundle, None, None)
+            .expect("TLS")
+            .domain_name(pool_trust::coordinators_name(bundle.pool_id()));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let channel = rt
+            .block_on(async {
+                let mut last = String::new();
+                for member in pool.addrs.split(',') {
+                    let endpoint =
+                        tonic::transport::Endpoint::from_shared(format!("https://{member}"))
+                            .and_then(|e| e.tls_config(tls.clone()))
+                            .map_err(|e| e.to_string())?;
+                    match endpoint.connect().await {
+                        Ok(c) => return Ok(c),
+                        Err(e) => last = format!("{member}: {e}"),
+                    }
+                }
+                Err(last)
+            })
+            .unwrap_or_else(|e| panic!("no member of {} answers: {e}", pool.addrs));
+        Api {
+            rt,
+            channel,
+            token: pool.token.clone().unwrap_or_default(),
+        }
+    }
+
+    /// One call: `f` sends `request` (with the token) through the client it is given,
+    /// e.g. `|mut c, r| async move { c.get_vm(r).await }`.
+    pub fn call<T, R, F, Fut>(&self, request: T, f: F) -> Result<R, tonic::Status>
+    where
+        F: FnOnce(PoolServiceClient<tonic::transport::Channel>, tonic::Request<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+    {
+        let mut request = tonic::Request::new(request);
+        if !self.token.is_empty() {
+            let bearer = format!("Bearer {}", self.token).parse().expect("a token");
+            request.metadata_mut().insert("authorization", bearer);
+        }
+        let client = PoolServiceClient::new(self.channel.clone());
+        self.rt
+            .block_on(f(client, request))
+            .map(tonic::Response::into_inner)
     }
 }
 

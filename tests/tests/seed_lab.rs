@@ -1,16 +1,19 @@
 //! The seed lab as one scenario, the way a XenServer + Openfiler lab is used, through
 //! `poolctl` with one user per role: create the SR, a VM from a template, start it,
-//! snapshot it, write over its disk, revert it, live-migrate it while it dirties memory,
-//! evacuate its host, kill its host (HA restarts it elsewhere; the revived host stays
-//! fenced from its disk), clone it and destroy everything. Each step is checked through
-//! the API and through the guest's own console; each role is refused what it may not do.
+//! snapshot it twice (a parent and its child), write over its disk, revert it, delete the
+//! snapshot it was reverted to (the child takes its parent), live-migrate it while it
+//! dirties memory, evacuate its host, kill its host (HA restarts it elsewhere; the revived
+//! host stays fenced from its disk), clone it, look at who may reach its disk, and destroy
+//! everything. Each step is checked through the API and through the guest's own console;
+//! each role is refused what it may not do.
 
 use std::time::Duration;
 
 use e2e_tests::pool::{
-    Pool, can_open, console_until, disk_chap, field, guest_elf, guest_vm, line_after, targets,
+    Api, Pool, can_open, console_until, disk_chap, field, guest_elf, guest_vm, line_after, targets,
 };
 use e2e_tests::{Hostd, PoolArg, poolctl, secret_file, text, wait_for};
+use proto::coordinator as pb;
 
 /// Runs poolctl as the holder of `token`; whether it succeeded and its output.
 fn run(p: &PoolArg, token: &str, args: &[&str]) -> (bool, String) {
@@ -82,6 +85,25 @@ impl Lab {
         .unwrap_or_else(|| panic!("{vm}: a heartbeat after {after}\n{}", self.pool.logs()));
         assert!(line.contains(" bad=0"), "{vm}: {line}");
         seq(&line)
+    }
+
+    /// `PoolService` itself as the holder of `role`'s token.
+    fn api(&self, role: &str) -> Api {
+        Api::connect(&self.pool.p.as_token(&self.tokens[role]))
+    }
+
+    /// The JSON line of each of `vm`'s snapshots, by name.
+    fn snapshots(&self, vm: &str) -> std::collections::HashMap<String, String> {
+        self.ok("read-only", &["vm-snapshot-list", vm, "--json"])
+            .lines()
+            .filter(|l| l.contains("\"name\": "))
+            .map(|l| (field(l, "name"), l.to_owned()))
+            .collect()
+    }
+
+    /// `vdi-list --json` as a read-only user.
+    fn volumes(&self) -> String {
+        self.ok("read-only", &["vdi-list", "--json"])
     }
 
     fn vm_line(&self, name: &str) -> String {
@@ -268,8 +290,15 @@ fn the_seed_lab_from_sr_to_destroy_with_every_role() {
     // Snapshot while it runs (crash-consistent), then write over the disk (pattern 6).
     lab.denied("vm-operator", &["vm-snapshot", "web", "s1"], "vm-admin");
     lab.ok("vm-admin", &["vm-snapshot", "web", "s1"]);
-    let snaps = lab.ok("read-only", &["vm-snapshot-list", "web"]);
-    assert!(snaps.contains("s1"), "{snaps}");
+    // A second one in a row is the first's child, and the VM's current snapshot.
+    lab.ok("vm-admin", &["vm-snapshot", "web", "s2"]);
+    let snaps = lab.snapshots("web");
+    let (s1, s2) = (&snaps["s1"], &snaps["s2"]);
+    assert_eq!(field(s1, "parent"), "", "{snaps:?}");
+    assert_eq!(field(s2, "parent"), field(s1, "id"), "{snaps:?}");
+    assert!(s2.contains("\"current\": true"), "{s2}");
+    assert!(s1.contains("\"current\": false"), "{s1}");
+    let s1_id = field(s1, "id");
     let reboot_with = |lab: &Lab, cmdline: &str| {
         lab.ok("vm-operator", &["vm-shutdown", "web"]);
         lab.pool
@@ -293,6 +322,59 @@ fn the_seed_lab_from_sr_to_destroy_with_every_role() {
         .wait_vm("web", "\"power\": \"stopped\"", Duration::from_secs(60));
     lab.denied("vm-operator", &["vm-revert", "web", "s1"], "vm-admin");
     lab.ok("vm-admin", &["vm-revert", "web", "s1"]);
+    assert!(lab.snapshots("web")["s1"].contains("\"current\": true"));
+
+    // Deleting s1 (vm-admin only) takes its disk snapshots off the storage and gives s2
+    // its parent (none); the disk reverted from it is whole (boot 4 below verifies it).
+    let web_id = field(&lab.vm_line("web"), "id");
+    let listed = lab
+        .api("read-only")
+        .call(
+            pb::ListVmSnapshotsRequest {
+                vm_id: web_id,
+                page: None,
+            },
+            |mut c, r| async move { c.list_vm_snapshots(r).await },
+        )
+        .expect("ListVmSnapshots");
+    let s1_volumes: Vec<String> = listed
+        .snapshots
+        .iter()
+        .find(|x| x.id == s1_id)
+        .expect("s1 listed")
+        .disk_snapshots
+        .values()
+        .cloned()
+        .collect();
+    assert_eq!(s1_volumes.len(), 1, "{listed:?}");
+    let volumes = lab.volumes();
+    assert!(
+        s1_volumes.iter().all(|v| volumes.contains(v.as_str())),
+        "{volumes}"
+    );
+    lab.denied("vm-operator", &["vm-snapshot-delete", "s1"], "vm-admin");
+    lab.ok("vm-admin", &["vm-snapshot-delete", "s1"]);
+    let snaps = lab.snapshots("web");
+    assert!(!snaps.contains_key("s1"), "{snaps:?}");
+    assert_eq!(field(&snaps["s2"], "parent"), "", "{snaps:?}");
+    assert!(snaps["s2"].contains("\"current\": false"), "{snaps:?}");
+    let volumes = lab.volumes();
+    assert!(
+        s1_volumes.iter().all(|v| !volumes.contains(v.as_str())),
+        "s1's disk snapshots are gone: {volumes}"
+    );
+    let unknown = lab
+        .api("vm-admin")
+        .call(
+            pb::DeleteVmSnapshotRequest {
+                request_id: "delete-no-such-snapshot".into(),
+                snapshot_id: "no-such-snapshot".into(),
+            },
+            |mut c, r| async move { c.delete_vm_snapshot(r).await },
+        )
+        .expect_err("an unknown snapshot");
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+
     lab.ok(
         "vm-admin",
         &[
@@ -334,6 +416,19 @@ fn the_seed_lab_from_sr_to_destroy_with_every_role() {
     let victim_iqn = lab.pool.hosts[victim].iqn.clone();
     let seen = targets(&portal, &victim_iqn);
     assert_eq!(seen.len(), 1, "web's disk is granted to its host: {seen:?}");
+    // The disk's exports name that host by its initiator, logged in (read-only may look).
+    let web_disk = field(&lab.vm_line("web"), "disks");
+    let exports = lab.ok("read-only", &["vdi-exports", &web_disk, "--json"]);
+    let host_row = exports
+        .lines()
+        .find(|l| l.contains(&format!("\"initiator\": \"{victim_iqn}\"")))
+        .unwrap_or_else(|| panic!("{victim_iqn} granted: {exports}"));
+    assert_eq!(
+        field(host_row, "host"),
+        field(&lab.host_line(&third), "name"),
+        "{exports}"
+    );
+    assert!(!host_row.contains("\"sessions\": 0"), "{host_row}");
     let target = seen[0].clone();
     let web = field(&lab.pool.vm("web").expect("web listed"), "id");
     let victim_chap = disk_chap(&lab.pool.p, &lab.pool.hosts[victim].addr, &web);
@@ -427,6 +522,60 @@ fn the_seed_lab_from_sr_to_destroy_with_every_role() {
         std::fs::read(&image).unwrap() == std::fs::read(&again).unwrap(),
         "export, import, export: the same bytes"
     );
+
+    // Access opened for an initiator outside the pool is in the disk's exports (its ACL,
+    // which read-only users may see) with no host and no CHAP secret; closed, it is gone.
+    // (A disk no VM uses: a VM's start takes such access away.)
+    let imported = lab
+        .volumes()
+        .lines()
+        .find(|l| l.contains("\"name\": \"web-import\""))
+        .map(|l| field(l, "id"))
+        .expect("web-import listed");
+    let outsider = "iqn.2026-11.org.pool.e2e:exports-probe";
+    let access_request = pb::VolumeAccessRequest {
+        volume_id: imported.clone(),
+        initiator_iqn: outsider.into(),
+    };
+    let access = lab
+        .api("vm-admin")
+        .call(access_request.clone(), |mut c, r| async move {
+            c.open_volume_access(r).await
+        })
+        .expect("OpenVolumeAccess");
+    assert!(!access.chap_secret.is_empty() && !access.mutual_chap_secret.is_empty());
+    let listed = lab
+        .api("read-only")
+        .call(
+            pb::ListVolumeExportsRequest {
+                volume_id: imported.clone(),
+            },
+            |mut c, r| async move { c.list_volume_exports(r).await },
+        )
+        .expect("ListVolumeExports");
+    assert!(
+        listed
+            .exports
+            .iter()
+            .flat_map(|e| &e.grants)
+            .any(|g| g.initiator_iqn == outsider && g.host_name.is_empty()),
+        "{listed:?}"
+    );
+    let raw = format!("{listed:?}");
+    assert!(
+        !raw.contains(&access.chap_secret) && !raw.contains(&access.mutual_chap_secret),
+        "no CHAP secret: {raw}"
+    );
+    let exports = lab.ok("read-only", &["vdi-exports", &imported, "--json"]);
+    assert!(exports.contains(outsider), "{exports}");
+    lab.api("vm-admin")
+        .call(access_request, |mut c, r| async move {
+            c.close_volume_access(r).await
+        })
+        .expect("CloseVolumeAccess");
+    let exports = lab.ok("read-only", &["vdi-exports", &imported, "--json"]);
+    assert!(!exports.contains(outsider), "revoked: {exports}");
+
     lab.ok(
         "vm-admin",
         &guest_vm(
@@ -461,6 +610,7 @@ fn the_seed_lab_from_sr_to_destroy_with_every_role() {
     for (user, method) in [
         ("olga", "CreateStorageRepository"),
         ("vera", "RevertVm"),
+        ("vera", "DeleteVmSnapshot"),
         ("vera", "MigrateVm"),
         ("otto", "StartVm"),
         ("olga", "EvacuateHost"),
