@@ -15,6 +15,14 @@ export interface FeedHooks {
 
 const FIRST_RETRY_MS = 500;
 const LAST_RETRY_MS = 10_000;
+/**
+ * Messages taken from one call before it is ended and the feed resumed from its position
+ * (which loses nothing: the server sends every change after it). Connect's client races
+ * each read of a stream against the call's end with `Promise.race`, and every race stays
+ * attached to that end until it comes: a call held for hours keeps ~120 bytes per message
+ * (measured with heap snapshots in Chromium: one Promise, its reaction and a closure each).
+ */
+export const MESSAGES_PER_CALL = 2000;
 
 export async function follow(
   client: PoolClient,
@@ -22,17 +30,28 @@ export async function follow(
   hooks: FeedHooks,
   signal: AbortSignal,
   sleep: (ms: number, signal: AbortSignal) => Promise<void> = pause,
+  perCall = MESSAGES_PER_CALL,
 ): Promise<void> {
   let retry = FIRST_RETRY_MS;
   while (!signal.aborted) {
+    const call = new AbortController();
+    const relay = () => call.abort();
+    signal.addEventListener("abort", relay, { once: true });
+    let taken = 0;
+    let rotated = false;
     try {
-      for await (const msg of client.watchEvents({ after: inv.position }, { signal })) {
+      for await (const msg of client.watchEvents({ after: inv.position }, { signal: call.signal })) {
         inv.apply(msg);
         if (inv.synced) hooks.status("live");
         retry = FIRST_RETRY_MS;
         hooks.changed();
+        // Only between whole listings: a resumed call gets changes, not the listing again.
+        if (++taken >= perCall && inv.synced) {
+          rotated = true;
+          break;
+        }
       }
-      hooks.status("the feed ended; reconnecting");
+      if (!rotated) hooks.status("the feed ended; reconnecting");
     } catch (e) {
       if (signal.aborted) return;
       if (isUnauthenticated(e)) {
@@ -40,7 +59,12 @@ export async function follow(
         return;
       }
       hooks.status(`reconnecting (${explain(e)})`);
+    } finally {
+      signal.removeEventListener("abort", relay);
+      // Ends the call (and frees what its reads left attached to it).
+      call.abort();
     }
+    if (rotated) continue;
     await sleep(retry, signal);
     retry = Math.min(retry * 2, LAST_RETRY_MS);
   }
@@ -48,10 +72,12 @@ export async function follow(
 
 function pause(ms: number, signal: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
-    const t = setTimeout(resolve, ms);
-    signal.addEventListener("abort", () => {
+    const done = () => {
       clearTimeout(t);
+      signal.removeEventListener("abort", done);
       resolve();
-    });
+    };
+    const t = setTimeout(done, ms);
+    signal.addEventListener("abort", done, { once: true });
   });
 }

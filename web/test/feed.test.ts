@@ -81,4 +81,34 @@ describe("follow", () => {
     await follow(client, inv, { changed() {}, status() {}, unauthenticated() {} }, stop.signal, async () => {});
     expect(inv.position).toBe(1n);
   });
+
+  it("ends a call after so many messages and resumes at once where it stopped", async () => {
+    const { client, afters } = server([
+      async function* () {
+        yield create(WatchEventsResponseSchema, { position: 1n, events: [host(1n, "h1")], reset: true, synced: true });
+        for (let p = 2n; p <= 9n; p++) yield create(WatchEventsResponseSchema, { position: p, events: [host(p, `h${p}`)] });
+      },
+      async function* (after) {
+        for (let p = after + 1n; p <= after + 2n; p++) yield create(WatchEventsResponseSchema, { position: p, events: [host(p, `h${p}`)] });
+        throw new ConnectError("token revoked", Code.Unauthenticated);
+      },
+    ]);
+    const inv = new Inventory();
+    const slept: number[] = [];
+    await follow(
+      client,
+      inv,
+      { changed() {}, status() {}, unauthenticated() {} },
+      new AbortController().signal,
+      async (ms) => {
+        slept.push(ms);
+      },
+      3,
+    );
+    // The first call ended after 3 messages; the next, with no pause, went on from there.
+    expect(afters).toEqual([0n, 3n]);
+    expect(slept).toEqual([]);
+    expect(inv.position).toBe(5n);
+    expect(inv.objects.host.size).toBe(5);
+  });
 });
