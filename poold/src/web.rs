@@ -26,6 +26,7 @@ use proto::host as hpb;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic::transport::server::TcpConnectInfo;
+use tower::ServiceExt;
 use tower_layer::Layer;
 
 use crate::service::pool::PoolHandler;
@@ -98,7 +99,12 @@ pub async fn serve(
             local_addr: tcp.local_addr().ok(),
             remote_addr: tcp.peer_addr().ok(),
         };
-        let svc = TowerToHyperService::new(app.clone().layer(axum::Extension(info)));
+        // The one router for every connection (a clone is a reference count), each request
+        // given its connection's addresses.
+        let svc = TowerToHyperService::new(app.clone().map_request(move |mut r: Request<_>| {
+            r.extensions_mut().insert(info.clone());
+            r
+        }));
         let conn = http
             .serve_connection_with_upgrades(TokioIo::new(stream), svc)
             .into_owned();
