@@ -43,7 +43,7 @@ fn the_console_logs_in_follows_the_pool_live_and_drives_a_vm() {
              case \"$1\" in\n\
              disk) ctl vdi-create console-e2e --sr lab-sr --size 16M; echo console-e2e ;;\n\
              echo) ctl vm-set demo --cmdline 'seed=1 then=echo' ;;\n\
-             ha) ctl pool-set --heartbeat-timeout 2; ctl pool-ha-enable --failures 1 --timeout 2 ;;\n\
+             heartbeat) ctl pool-set --heartbeat-timeout 2 ;;\n\
              kill-host) kill -KILL $(pgrep -f -- \"--host-id $2 \") ;;\n\
              *) echo \"unknown change $1\" >&2; exit 2 ;;\n\
              esac\n",

@@ -5,8 +5,8 @@
 //   CONSOLE_PASSWORD_FILE  the admin's password (a file: a secret stays off command lines)
 //   CONSOLE_CHANGE         a program that changes the pool from outside the browser:
 //                          `disk` makes a disk and prints its name, `echo` gives the VM
-//                          (stopped) the test guest's echo command line, `ha` turns HA
-//                          on (a host 2 s without heartbeats is dead), `kill-host H`
+//                          (stopped) the test guest's echo command line, `heartbeat`
+//                          makes a host 2 s without heartbeats dead, `kill-host H`
 //                          kills host H's hostd (and with it its VMs) with SIGKILL
 //   CONSOLE_VM             a running VM of the test guest in heartbeat mode (default demo)
 //   CONSOLE_SHOTS          where a screenshot of each view goes
@@ -26,6 +26,8 @@ const { page, close } = await launch(env("CONSOLE_CERT"));
 page.setDefaultTimeout(STEP_MS);
 const problems = [];
 page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+// Deletions ask first; the test says yes.
+page.on("dialog", (d) => void d.accept());
 page.on("console", (m) => {
   // A policy violation means the page does something poold's CSP forbids.
   if (m.type() === "error" && /Content Security Policy|Refused to/.test(m.text())) problems.push(m.text());
@@ -185,6 +187,74 @@ try {
   await snap("snapshots");
   step("a snapshot taken, listed, and reverted to");
 
+  // Snapshots form a tree: one taken after a revert is a child of the snapshot reverted
+  // to; deleting that one makes the child a root, still the VM's current one.
+  await newPanel.locator("input[name=snapshot-name]").fill("after-revert");
+  await newPanel.getByRole("button", { name: "Take snapshot" }).click();
+  const child = newPanel.locator("[data-snapshot=after-revert]");
+  await child.waitFor({ timeout: 60_000 });
+  await newPanel.locator("[data-snapshot=after-revert][data-depth='1'][data-current=true]").waitFor();
+  await snap("snapshot-tree");
+  await newPanel.locator("[data-snapshot=before-change]").getByRole("button", { name: "Delete" }).click();
+  await newPanel.locator("[data-snapshot=before-change]").waitFor({ state: "detached", timeout: 60_000 });
+  await newPanel.locator("[data-snapshot=after-revert][data-depth='0'][data-current=true]").waitFor();
+  step("a second snapshot is the child of the one reverted to; deleting the parent re-parents it");
+
+  // Storage, as Openfiler's pages: a disk made in the repository, a snapshot of it, an
+  // initiator allowed in (its CHAP secrets shown once), listed in the ACL, then revoked.
+  const srLink = page.locator(".tree a[data-kind=sr]").first();
+  const srName = await srLink.innerText();
+  await srLink.click();
+  const srPanel = page.locator("[data-panel=sr]");
+  await srPanel.locator("input[name=volume-name]").fill("browser-disk");
+  await srPanel.locator("input[name=volume-gib]").fill("1");
+  await srPanel.getByRole("button", { name: "Create disk" }).click();
+  await srPanel.locator("tr[data-volume=browser-disk]").waitFor({ timeout: 60_000 });
+  await srPanel.locator("tr[data-volume=browser-disk] a").click();
+  const volPanel = page.locator("[data-panel=volume]", { hasText: "browser-disk" });
+  await volPanel.locator("[data-field=size]", { hasText: "1.0 GiB" }).waitFor();
+  await volPanel.locator("input[name=volume-snapshot-name]").fill("browser-disk-snap");
+  await volPanel.getByRole("button", { name: "Snapshot" }).click();
+  await volPanel.locator("[data-list=derived] [data-volume=browser-disk-snap]").waitFor({ timeout: 60_000 });
+  const iqn = "iqn.2026-12.org.example:browser";
+  await volPanel.locator("input[name=initiator-iqn]").fill(iqn);
+  await volPanel.getByRole("button", { name: "Allow initiator" }).click();
+  await volPanel.locator("[data-field=granted]", { hasText: "CHAP" }).waitFor({ timeout: 60_000 });
+  const acl = volPanel.locator(`[data-list=acl] tr[data-initiator='${iqn}']`);
+  await acl.locator("td", { hasText: "outside the pool" }).waitFor();
+  await snap("storage");
+  await acl.getByRole("button", { name: "Revoke" }).click();
+  await acl.waitFor({ state: "detached" });
+  if ((await volPanel.locator("[role=alert]").count()) > 0) throw new Error(`storage: ${await volPanel.locator("[role=alert]").innerText()}`);
+  step(`in ${srName.trim()}: a disk made, snapshotted, exported to ${iqn} and revoked`);
+
+  // Users and roles: a user made, given a role and relieved of it; the audit log has it.
+  await page.locator("[data-page=users]").click();
+  const users = page.locator("[data-panel=users]");
+  const newUser = users.locator("form[data-form=new-user]");
+  await newUser.locator("input[name=user-name]").fill("operator-1");
+  await newUser.locator("input[name=user-password]").fill("operator-password-1");
+  await newUser.locator("input[name='role-vm operator']").check();
+  await newUser.locator("input[name='role-read only']").uncheck();
+  await newUser.getByRole("button", { name: "Create user" }).click();
+  const row = users.locator("tr[data-user=operator-1]");
+  await row.locator("[data-role='vm operator']").waitFor({ timeout: 60_000 });
+  await row.locator("select[name=grant-role]").selectOption({ label: "read only" });
+  await row.getByRole("button", { name: "Grant" }).click();
+  await row.locator("[data-role='read only']").waitFor({ timeout: 60_000 });
+  await row.locator("[data-role='vm operator']").getByRole("button").click();
+  await row.locator("[data-role='vm operator']").waitFor({ state: "detached", timeout: 60_000 });
+  await snap("users");
+  step("a user made, granted a role and relieved of another, live");
+  await page.locator("[data-page=audit]").click();
+  const audit = page.locator("[data-panel=audit]");
+  await audit.locator("input[name=audit-find]").fill("RevokeRole");
+  await audit.locator("tr[data-method*=RevokeRole]").first().waitFor();
+  await audit.locator("input[name=audit-find]").fill("");
+  await audit.locator("tr[data-method*=CreateUser]").first().waitFor();
+  await snap("audit");
+  step(`the audit log lists those calls (${await audit.locator("[data-field=count]").innerText()})`);
+
   // Evacuating the demo's host moves it, with the host's progress shown; then back.
   await page.fill("input.search", vmName);
   await page.locator(".found a[data-kind=vm]", { hasText: vmName }).click();
@@ -197,6 +267,9 @@ try {
   const moved = page.locator(".tree a[data-kind=vm]", { hasText: vmName });
   await moved.locator(".state", { hasText: "running" }).waitFor();
   await snap("evacuated");
+  await hostPanel.getByRole("tab", { name: "Graphs" }).click();
+  await hostPanel.locator("[data-graph=vms_running] [data-field=latest]").waitFor();
+  await snap("host-graphs");
   await hostPanel.getByRole("button", { name: "Enable" }).click();
   await hostPanel.locator("h2 .state", { hasText: "enabled" }).waitFor();
   step(`host ${where} evacuated (maintenance), then enabled again`);
@@ -206,7 +279,19 @@ try {
   await moved.click();
   await panel.locator("h2", { hasText: vmName }).waitFor();
   const doomed = (await panel.locator("[data-field=host]").textContent()).trim();
-  change("ha");
+  change("heartbeat");
+  // HA turned on from the pool's page.
+  await page.locator(".tree a[data-kind=pool]").click();
+  const ha = page.locator("form[data-form=ha]");
+  await ha.locator("input[name=ha-enabled]").check();
+  await ha.locator("input[name=ha-failures]").fill("1");
+  await ha.locator("input[name=ha-timeout]").fill("2");
+  await ha.getByRole("button", { name: "Save" }).click();
+  await page.locator("[data-panel=ha] [data-field=ha]", { hasText: "On" }).waitFor();
+  await snap("ha-settings");
+  step("HA turned on from the pool's page");
+  await page.locator(".tree a[data-kind=vm]", { hasText: vmName }).click();
+  await panel.locator("h2", { hasText: vmName }).waitFor();
   const killed = Date.now();
   change("kill-host", doomed);
   await page.locator(".tree a[data-kind=host]", { hasText: doomed }).locator(".state", { hasText: /unreachable|fenced/ }).waitFor({ timeout: 60_000 });

@@ -1,6 +1,6 @@
 // How states and sizes read in the console: the enum names as poolctl prints them.
 import { PowerState } from "./gen/host_pb";
-import { HostState, TaskState } from "./gen/pool_pb";
+import { HostState, Role, TaskState } from "./gen/pool_pb";
 
 // protobuf-es drops the enums' prefixes: PowerState.RUNNING is POWER_STATE_RUNNING.
 function label(names: Record<number, string>, value: number): string {
@@ -11,6 +11,13 @@ function label(names: Record<number, string>, value: number): string {
 export const power = (s: PowerState) => label(PowerState, s);
 export const hostState = (s: HostState) => label(HostState, s);
 export const taskState = (s: TaskState) => label(TaskState, s);
+export const role = (r: Role) => label(Role, r);
+
+/** A protobuf timestamp as local date and time; "" when unset. */
+export function when(t: { seconds: bigint; nanos: number } | undefined): string {
+  if (t === undefined) return "";
+  return new Date(Number(t.seconds) * 1000 + t.nanos / 1e6).toLocaleString();
+}
 
 const UNITS = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
 

@@ -131,6 +131,18 @@ export class Inventory {
     return this.objects.host.get(id)?.name ?? id;
   }
 
+  /** The name of whatever object has this id (an audit record's target), or "". */
+  nameOf(id: string): string {
+    const o = this.objects;
+    const vm = o.vm.get(id);
+    if (vm !== undefined) return vmName(vm);
+    for (const m of [o.host, o.volume, o.sr, o.network, o.template, o.user, o.vmSnapshot] as Map<string, { name: string }>[]) {
+      const x = m.get(id);
+      if (x !== undefined) return x.name;
+    }
+    return "";
+  }
+
   /** The VMs of each host, by name, in one pass; stopped VMs (on no host) under "". */
   vmsByHost(): Map<string, Vm[]> {
     return groupBy(this.objects.vm.values(), (v) => v.hostId, vmName);
@@ -241,7 +253,7 @@ export interface Row {
 }
 
 // Names sort as people read them ("vm-9" before "vm-10"); one collator, made once.
-const collate = new Intl.Collator(undefined, { numeric: true }).compare;
+export const collate = new Intl.Collator(undefined, { numeric: true }).compare;
 
 export interface Found {
   kind: Kind;

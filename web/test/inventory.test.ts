@@ -186,4 +186,14 @@ describe("Inventory", () => {
     expect(inv.synced).toBe(false);
     expect(inv.objects.vm.size + inv.objects.host.size).toBe(0);
   });
+
+  it("names any object by its id, for the audit log's targets", () => {
+    const inv = new Inventory();
+    inv.apply(listing(3n));
+    expect(inv.nameOf("a")).toBe("web");
+    expect(inv.nameOf("h2")).toBe("h2");
+    expect(inv.nameOf("v1")).toBe("web-disk");
+    expect(inv.nameOf("sr1")).toBe("local");
+    expect(inv.nameOf("nothing")).toBe("");
+  });
 });

@@ -1,0 +1,200 @@
+// @vitest-environment happy-dom
+// The panels as a user sees them: what each shows of the pool, and which actions a role
+// is offered. The client is a stand-in recording calls (this tests the view layer only).
+import { create } from "@bufbuild/protobuf";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { flushPromises, mount } from "@vue/test-utils";
+import { describe, expect, it } from "vitest";
+import { ref } from "vue";
+import type { PoolClient } from "../src/api";
+import { PowerState } from "../src/gen/host_pb";
+import {
+  ListVolumeExportsResponseSchema,
+  Role,
+  RoleDescriptionSchema,
+  UserSchema,
+  VmSchema,
+  VmSnapshotSchema,
+} from "../src/gen/pool_pb";
+import { VolumeKind, VolumeSchema } from "../src/gen/storage_pb";
+import { Inventory } from "../src/inventory";
+import { CAN, type Can } from "../src/permissions";
+import UsersPage from "../src/components/UsersPage.vue";
+import VmPanel from "../src/components/VmPanel.vue";
+import VolumePanel from "../src/components/VolumePanel.vue";
+
+const everything: Can = () => true;
+const nothing: Can = () => false;
+const withCan = (can: Can) => ({ global: { provide: { [CAN as symbol]: ref(can) } } });
+
+/** A client whose every method records its call and answers `answers[method]` or {}. */
+function client(answers: Record<string, unknown> = {}) {
+  const calls: { method: string; req: unknown }[] = [];
+  const c = new Proxy(
+    {},
+    {
+      get: (_t, method: string) => async (req: unknown) => {
+        calls.push({ method, req });
+        return answers[method] ?? {};
+      },
+    },
+  ) as PoolClient;
+  return { c, calls };
+}
+
+function pool() {
+  const inv = new Inventory();
+  const vm = create(VmSchema, {
+    id: "vm1",
+    hostId: "",
+    powerState: PowerState.STOPPED,
+    currentSnapshotId: "s3",
+    spec: { name: "web", disks: [{ diskId: "disk0", volumeId: "v1" }] },
+  });
+  inv.objects.vm.set(vm.id, vm);
+  const snap = (id: string, parentId: string, seconds: bigint) =>
+    inv.objects.vmSnapshot.set(id, create(VmSnapshotSchema, { id, vmId: "vm1", name: `snap-${id}`, parentId, createdAt: { seconds } }));
+  snap("s1", "", 1n);
+  snap("s2", "s1", 2n);
+  snap("s3", "s1", 3n);
+  snap("s4", "s2", 4n);
+  const vol = (id: string, name: string, originId: string, kind: VolumeKind) =>
+    inv.objects.volume.set(id, create(VolumeSchema, { id, name, originId, kind, poolId: "sr1", virtualSizeBytes: 1n << 30n }));
+  vol("v1", "web-disk", "", VolumeKind.VOLUME);
+  vol("v2", "web-disk-snap", "v1", VolumeKind.SNAPSHOT);
+  vol("v3", "web-disk-clone", "v2", VolumeKind.CLONE);
+  vol("v9", "other", "", VolumeKind.VOLUME);
+  return { inv, vm };
+}
+
+describe("VmPanel", () => {
+  it("draws the snapshots as a tree and marks the VM's current one", () => {
+    const { inv, vm } = pool();
+    const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: client().c }, ...withCan(everything) });
+    const items = w.findAll("[data-list=snapshots] li[data-snapshot]");
+    expect(items.map((li) => `${li.attributes("data-depth")}:${li.attributes("data-snapshot")}`)).toEqual([
+      "0:snap-s1",
+      "1:snap-s2",
+      "2:snap-s4",
+      "1:snap-s3",
+    ]);
+    expect(w.findAll("[data-current=true]").map((li) => li.attributes("data-snapshot"))).toEqual(["snap-s3"]);
+  });
+
+  it("deletes a snapshot only once the user says yes", async () => {
+    const { inv, vm } = pool();
+    const { c, calls } = client();
+    const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: c }, ...withCan(everything) });
+    const answer = [false, true];
+    window.confirm = () => answer.shift() ?? false;
+    const del = () => w.find("[data-snapshot=snap-s2]").findAll("button").find((b) => b.text() === "Delete")!;
+    await del().trigger("click");
+    expect(calls).toEqual([]);
+    await del().trigger("click");
+    await flushPromises();
+    expect(calls).toEqual([{ method: "deleteVmSnapshot", req: { snapshotId: "s2" } }]);
+  });
+
+  it("offers a role that may do nothing no action, only the views", () => {
+    const { inv, vm } = pool();
+    const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: client().c }, ...withCan(nothing) });
+    expect(w.findAll("button:not([role=tab])").map((b) => b.text())).toEqual([]);
+    expect(w.findAll("form")).toHaveLength(0);
+    expect(w.text()).toContain("snap-s4");
+  });
+});
+
+describe("VolumePanel", () => {
+  const exportsAnswer = create(ListVolumeExportsResponseSchema, {
+    exports: [
+      {
+        id: "e1",
+        targetIqn: "iqn.2026-12.pool:v1",
+        lun: 0,
+        portals: ["10.0.0.1:3260"],
+        grants: [
+          { initiatorIqn: "iqn.host-a", hostName: "host-a" },
+          { initiatorIqn: "iqn.backup", hostName: "" },
+        ],
+        sessionInitiators: ["iqn.host-a"],
+      },
+    ],
+  });
+
+  it("shows what was made from the volume, and its ACL; a pool host's grant cannot be revoked here", async () => {
+    const { inv } = pool();
+    const { c, calls } = client({ listVolumeExports: exportsAnswer });
+    const w = mount(VolumePanel, { props: { v: inv.objects.volume.get("v1")!, inv, tick: 0, client: c }, ...withCan(everything) });
+    await flushPromises();
+    expect(calls).toEqual([{ method: "listVolumeExports", req: { volumeId: "v1" } }]);
+    expect(w.findAll("[data-list=derived] li[data-volume]").map((li) => li.attributes("data-volume"))).toEqual([
+      "web-disk-snap",
+      "web-disk-clone",
+    ]);
+    expect(w.text()).toContain("Disk of");
+    expect(w.find("[data-initiator='iqn.host-a']").text()).toContain("host-a");
+    expect(w.find("[data-initiator='iqn.host-a']").find("button").exists()).toBe(false);
+    expect(w.find("[data-initiator='iqn.backup']").find("button").text()).toBe("Revoke");
+  });
+
+  it("asks nothing of the pool for a role that may not list exports", async () => {
+    const { inv } = pool();
+    const { c, calls } = client({ listVolumeExports: exportsAnswer });
+    const w = mount(VolumePanel, {
+      props: { v: inv.objects.volume.get("v1")!, inv, tick: 0, client: c },
+      ...withCan((m) => m !== "ListVolumeExports"),
+    });
+    await flushPromises();
+    expect(calls).toEqual([]);
+    expect(w.text()).not.toContain("iSCSI exports");
+  });
+
+  it("shows a failed call's own words next to what failed", async () => {
+    const { inv } = pool();
+    const c = new Proxy(
+      {},
+      {
+        get: (_t, method: string) => async () => {
+          if (method === "deleteVolume") {
+            throw new ConnectError("volume v1 is a disk of VM web which is not stopped", Code.FailedPrecondition);
+          }
+          return { exports: [] };
+        },
+      },
+    ) as PoolClient;
+    window.confirm = () => true;
+    const w = mount(VolumePanel, { props: { v: inv.objects.volume.get("v1")!, inv, tick: 0, client: c }, ...withCan(everything) });
+    await w.findAll("button").find((b) => b.text() === "Delete")!.trigger("click");
+    await flushPromises();
+    expect(w.find("[role=alert]").text()).toBe("delete: FailedPrecondition: volume v1 is a disk of VM web which is not stopped");
+  });
+});
+
+describe("UsersPage", () => {
+  const roles = [
+    create(RoleDescriptionSchema, { role: Role.POOL_ADMIN, description: "everything" }),
+    create(RoleDescriptionSchema, { role: Role.READ_ONLY, description: "looks" }),
+  ];
+
+  it("lists users with their roles, and offers only the roles they lack", () => {
+    const inv = new Inventory();
+    inv.objects.user.set("u1", create(UserSchema, { id: "u1", name: "admin", roles: [Role.POOL_ADMIN] }));
+    inv.objects.user.set("u2", create(UserSchema, { id: "u2", name: "ann", roles: [Role.READ_ONLY] }));
+    const w = mount(UsersPage, { props: { inv, tick: 0, client: client().c, roles, me: "admin" }, ...withCan(everything) });
+    const ann = w.find("[data-user=ann]");
+    expect(ann.find("[data-role='read only']").exists()).toBe(true);
+    expect(ann.findAll("select[name=grant-role] option").map((o) => o.text())).toEqual(["pool admin"]);
+    // One does not delete oneself from here.
+    expect(w.find("[data-user=admin]").findAll("button").some((b) => b.text() === "Delete")).toBe(false);
+    expect(ann.findAll("button").some((b) => b.text() === "Delete")).toBe(true);
+  });
+
+  it("offers a read-only user the list and nothing else", () => {
+    const inv = new Inventory();
+    inv.objects.user.set("u2", create(UserSchema, { id: "u2", name: "ann", roles: [Role.READ_ONLY] }));
+    const w = mount(UsersPage, { props: { inv, tick: 0, client: client().c, roles, me: "ann" }, ...withCan(nothing) });
+    expect(w.find("[data-user=ann]").exists()).toBe(true);
+    expect(w.findAll("button")).toHaveLength(0);
+    expect(w.findAll("form")).toHaveLength(0);
+  });
+});
