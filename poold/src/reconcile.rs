@@ -467,6 +467,16 @@ impl HostActions for Actuator {
 
 /// Leader-only loop: a reconciliation round every second (VMs), and one every two
 /// seconds for storage access.
+/// The VMs each host last reported.
+fn reports(c: &Coordinator) -> Reported {
+    c.liveness
+        .lock()
+        .expect("liveness lock")
+        .iter()
+        .map(|(h, l)| (h.clone(), l.vms.clone()))
+        .collect()
+}
+
 pub async fn run(c: Arc<Coordinator>, env: Env, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut rec = Reconciler::new(Arc::new(Actuator { env: env.clone() }));
     let mut revoked: HashMap<Revoke, Instant> = HashMap::new();
@@ -486,13 +496,7 @@ pub async fn run(c: Arc<Coordinator>, env: Env, mut shutdown: tokio::sync::watch
             continue;
         }
         round += 1;
-        let reported: Reported = c
-            .liveness
-            .lock()
-            .expect("liveness lock")
-            .iter()
-            .map(|(h, l)| (h.clone(), l.vms.clone()))
-            .collect();
+        let reported = reports(&c);
         if reported.is_empty() {
             continue;
         }
@@ -538,6 +542,11 @@ pub async fn run(c: Arc<Coordinator>, env: Env, mut shutdown: tokio::sync::watch
                 exports.insert(a, list);
             }
         }
+        // The state and reports are read again after the listing: a client granted a disk
+        // of a VM that had just stopped is listed with its grant, and the VM seen running
+        // in the round's older reports would have that grant taken away.
+        let reported = reports(&c);
+        let state = c.node.state().clone_without_history();
         let now = Instant::now();
         revoked.retain(|_, at| now.duration_since(*at) < Reconciler::RETRY_AFTER);
         for r in plan_access(&state, &reported, &exports) {
