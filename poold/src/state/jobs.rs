@@ -38,6 +38,21 @@ impl PoolState {
             .ok_or_else(|| err(Code::NotFound, format!("no VM with id {id}")))
     }
 
+    /// The VM snapshot `id`, which must be one of VM `vm_id`'s.
+    fn snapshot_of(&self, id: &str, vm_id: &str) -> Result<&pb::VmSnapshot, CommandResult> {
+        let snap = self
+            .vm_snapshots
+            .get(id)
+            .ok_or_else(|| err(Code::NotFound, format!("no VM snapshot with id {id}")))?;
+        if snap.vm_id != vm_id {
+            return Err(err(
+                Code::InvalidArgument,
+                format!("snapshot {id} is of VM {}, not {vm_id}", snap.vm_id),
+            ));
+        }
+        Ok(snap)
+    }
+
     /// Who uses a volume, for people: "disk vda of VM x", "template t", "snapshot s of VM x".
     pub fn volume_user(&self, volume_id: &str) -> Option<String> {
         for vm in self.vms.values() {
@@ -193,21 +208,7 @@ impl PoolState {
             }
             JobSpec::RevertVm(j) => {
                 let vm = self.vm(&j.vm_id)?;
-                let snap = self.vm_snapshots.get(&j.snapshot_id).ok_or_else(|| {
-                    err(
-                        Code::NotFound,
-                        format!("no VM snapshot with id {}", j.snapshot_id),
-                    )
-                })?;
-                if snap.vm_id != j.vm_id {
-                    return Err(err(
-                        Code::InvalidArgument,
-                        format!(
-                            "snapshot {} is of VM {}, not {}",
-                            snap.id, snap.vm_id, vm.id
-                        ),
-                    ));
-                }
+                self.snapshot_of(&j.snapshot_id, &j.vm_id)?;
                 if !vm_stopped(vm) {
                     return Err(err(
                         Code::FailedPrecondition,
@@ -243,21 +244,7 @@ impl PoolState {
                 if j.snapshot_id.is_empty() {
                     return Err(err(Code::InvalidArgument, "snapshot_id is required"));
                 }
-                let snap = self.vm_snapshots.get(&j.snapshot_id).ok_or_else(|| {
-                    err(
-                        Code::NotFound,
-                        format!("no VM snapshot with id {}", j.snapshot_id),
-                    )
-                })?;
-                if snap.vm_id != j.vm_id {
-                    return Err(err(
-                        Code::InvalidArgument,
-                        format!(
-                            "snapshot {} is of VM {}, not {}",
-                            snap.id, snap.vm_id, j.vm_id
-                        ),
-                    ));
-                }
+                let snap = self.snapshot_of(&j.snapshot_id, &j.vm_id)?;
                 // A clone reads the snapshot's volumes until it ends.
                 if let Some(t) = self.jobs.values().find_map(|o| match &o.spec {
                     Some(JobSpec::CloneVm(c)) if c.source_id == j.snapshot_id => Some(&o.task_id),
