@@ -4,11 +4,13 @@ use prost::Message as _;
 use raft::eraftpb::{Entry, EntryType};
 
 use super::{Fatal, Node};
-use crate::state::command::{Command, CommandResult};
+use crate::state::command::{Command, CommandResult, Op};
 
 impl Node {
     /// Applies `entries` in order under one write lock of the state, then hands the
-    /// answers of this member's proposals to the replier in one batch.
+    /// answers of this member's proposals to the replier in one batch. The metrics of
+    /// each host report applied go into the member's history, timed by the samples' own
+    /// `at` (the state machine itself keeps only the latest).
     pub(super) fn apply(&mut self, entries: Vec<Entry>) -> Result<(), Fatal> {
         if entries.is_empty() {
             return Ok(());
@@ -21,6 +23,8 @@ impl Node {
             let shared = self.shared.clone();
             let mut state = shared.state.write().expect("state lock");
             let mut feed = shared.feed.lock().expect("feed lock");
+            let mut history = shared.history.lock().expect("history lock");
+            let mut reported = false;
             for e in entries {
                 last = e.index;
                 let pid = self.own_proposal(&e.context);
@@ -32,7 +36,17 @@ impl Node {
                             continue;
                         }
                         let result = match Command::decode(e.data.as_ref()) {
-                            Ok(cmd) => state.apply(e.index, &cmd),
+                            Ok(cmd) => {
+                                let result = state.apply(e.index, &cmd);
+                                if result.code == 0
+                                    && let Some(Op::HostReport(r)) = &cmd.op
+                                    && let Some(m) = &r.metrics
+                                {
+                                    history.record(&state, &r.host_id, m);
+                                    reported = true;
+                                }
+                                result
+                            }
                             Err(err) => {
                                 state.applied_index = e.index;
                                 CommandResult::error(
@@ -54,6 +68,11 @@ impl Node {
                 if let Some(reply) = pid.and_then(|p| self.proposals.remove(&p)) {
                     answers.push((reply, outcome));
                 }
+            }
+            // Hosts and VMs removed since take their series with them; checked once a
+            // batch, and only when reports came (they do every few seconds).
+            if reported {
+                history.prune(&state);
             }
         }
         if !answers.is_empty() {

@@ -11,6 +11,7 @@ use raft::eraftpb::{ConfChangeV2, Message};
 use tokio::sync::{oneshot, watch};
 
 use super::snapshots::StoredSnapshot;
+use crate::history::History;
 use crate::state::command::CommandResult;
 use crate::state::feed::Feed;
 use crate::state::machine::PoolState;
@@ -102,6 +103,9 @@ pub struct Shared {
     /// The events of the entries applied lately (`WatchEvents`); changed only with the
     /// state's write lock held, so the state and the feed read together agree.
     pub feed: Mutex<Feed>,
+    /// The metrics history of the host reports this member applied (in memory only);
+    /// changed with the state's write lock held, after the state.
+    pub history: Mutex<History>,
 }
 
 /// A proposal's result and log index, once applied here.

@@ -46,6 +46,7 @@ use tokio::sync::watch;
 
 use super::storage::DiskStorage;
 use super::transport::Transport;
+use crate::history::History;
 use crate::state::feed::Feed;
 use crate::state::machine::PoolState;
 use crate::state::snapshot::{self, SnapshotError};
@@ -168,6 +169,7 @@ pub fn start(
         applied: watch::channel(applied).0,
         learned_addresses: RwLock::new(BTreeMap::new()),
         feed: Mutex::new(Feed::new(applied)),
+        history: Mutex::new(History::default()),
     });
     let raft_cfg = raft_config(&cfg, applied);
     raft_cfg.validate().map_err(NodeStartError::Config)?;
