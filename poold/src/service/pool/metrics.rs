@@ -1,13 +1,14 @@
-//! The latest metrics sample of a host or a VM, from its host's last report (the pool
-//! keeps no history). A VM's disk and network metrics are sums over its disks and its
-//! network interfaces.
+//! `QueryMetrics`: the latest sample of a host or a VM, from its host's last report, or
+//! buckets of the member's metrics history ([`crate::history`]). A VM's disk and network
+//! metrics are sums over its disks and its network interfaces.
 
 use proto::coordinator as pb;
 use proto::host as hpb;
 use tonic::Status;
 
 use super::PoolHandler;
-use super::request::need;
+use super::request::{need, page};
+use crate::history::{History, Metric};
 use crate::state::PoolState;
 
 const HOST_METRICS: &str =
@@ -21,10 +22,92 @@ pub(super) async fn query(
     r: pb::QueryMetricsRequest,
 ) -> Result<pb::QueryMetricsResponse, Status> {
     need("target_id", &r.target_id)?;
-    let sample = svc.c.read(|s| sample(s, &r)).await??;
+    if r.step_seconds == 0 && r.since.is_none() && r.until.is_none() {
+        let sample = svc.c.read(|s| sample(s, &r)).await??;
+        return Ok(pb::QueryMetricsResponse {
+            samples: sample.into_iter().collect(),
+            next_page_token: String::new(),
+        });
+    }
+    let history = &svc.c.node.shared.history;
+    svc.c
+        .read(|s| buckets(s, &history.lock().expect("history lock"), &r))
+        .await?
+}
+
+fn seconds(t: &Option<proto::prost_types::Timestamp>) -> Option<i64> {
+    t.as_ref().map(|t| t.seconds)
+}
+
+/// The buckets of history `r` asks for (see `QueryMetricsRequest` in pool.proto).
+fn buckets(
+    s: &PoolState,
+    h: &History,
+    r: &pb::QueryMetricsRequest,
+) -> Result<pb::QueryMetricsResponse, Status> {
+    if r.step_seconds % 5 != 0 {
+        return Err(Status::invalid_argument(format!(
+            "step_seconds {} is not a multiple of 5 (the finest buckets are 5 s wide)",
+            r.step_seconds
+        )));
+    }
+    let (since, until) = (seconds(&r.since), seconds(&r.until));
+    if let (Some(a), Some(b)) = (since, until)
+        && a > b
+    {
+        return Err(Status::invalid_argument("since is after until"));
+    }
+    // The metric is checked by name first, so an unknown one gets the same answer as for
+    // the latest sample.
+    let host = s.hosts.contains_key(&r.target_id);
+    if !host && !s.vms.contains_key(&r.target_id) {
+        return Err(Status::not_found(format!("no host or VM {}", r.target_id)));
+    }
+    let Some(metric) = Metric::parse(&r.metric, host) else {
+        let (kind, known, graphed) = if host {
+            ("host", HOST_METRICS, &Metric::HOST[..])
+        } else {
+            ("VM", VM_METRICS, &Metric::VM[..])
+        };
+        let graphed: Vec<_> = graphed.iter().map(|m| m.name()).collect();
+        return Err(Status::invalid_argument(
+            if known.split(", ").any(|k| k == r.metric) {
+                format!(
+                    "no history is kept of {kind} metric {:?}: only of {}",
+                    r.metric,
+                    graphed.join(", ")
+                )
+            } else {
+                format!("unknown {kind} metric {:?}: {known}", r.metric)
+            },
+        ));
+    };
+    let points = h.query(
+        &r.target_id,
+        metric,
+        i64::from(r.step_seconds),
+        since,
+        until,
+    );
+    let (samples, next_page_token) = page(
+        points.into_iter().map(|p| {
+            (
+                format!("{:020}", p.at_s),
+                pb::MetricSample {
+                    at: Some(proto::prost_types::Timestamp {
+                        seconds: p.at_s,
+                        nanos: 0,
+                    }),
+                    value: p.avg,
+                    max: p.max,
+                },
+            )
+        }),
+        r.page.as_ref(),
+    );
     Ok(pb::QueryMetricsResponse {
-        samples: sample.into_iter().collect(),
-        next_page_token: String::new(),
+        samples,
+        next_page_token,
     })
 }
 
@@ -47,6 +130,7 @@ fn sample(s: &PoolState, r: &pb::QueryMetricsRequest) -> Result<Option<pb::Metri
         return Ok(m.at.map(|at| pb::MetricSample {
             at: Some(at),
             value: v,
+            max: v,
         }));
     }
     let vm = s
@@ -83,6 +167,7 @@ fn sample(s: &PoolState, r: &pb::QueryMetricsRequest) -> Result<Option<pb::Metri
     Ok(m.at.map(|at| pb::MetricSample {
         at: Some(at),
         value: v,
+        max: v,
     }))
 }
 
@@ -196,5 +281,129 @@ mod tests {
         let mut s = s;
         s.vms.get_mut("vm1").unwrap().host_id.clear();
         assert_eq!(query(&s, "vm1", "net_tx_spoofed").unwrap(), None);
+    }
+
+    fn history_of(s: &PoolState) -> History {
+        // h1's CPU at 10% then 30% in the first minute of an hour, 50% the next minute.
+        let mut h = History::default();
+        for (t, cpu) in [(0, 10.0), (30, 30.0), (60, 50.0)] {
+            let at = proto::timestamp((T0 + t) as u64 * 1000);
+            let m = hpb::HostMetrics {
+                at: Some(at),
+                cpu_percent: cpu,
+                ..Default::default()
+            };
+            h.record(s, "h1", &m);
+        }
+        h
+    }
+
+    const T0: i64 = 1_700_002_800;
+
+    fn ask(
+        s: &PoolState,
+        h: &History,
+        target: &str,
+        metric: &str,
+        step: u32,
+        since: Option<i64>,
+        page: Option<(u32, &str)>,
+    ) -> Result<(Vec<(i64, f64, f64)>, String), Status> {
+        let r = pb::QueryMetricsRequest {
+            target_id: target.into(),
+            metric: metric.into(),
+            step_seconds: step,
+            since: since.map(|t| proto::timestamp(t as u64 * 1000)),
+            page: page.map(|(size, token)| pb::PageRequest {
+                page_size: size,
+                page_token: token.into(),
+            }),
+            ..Default::default()
+        };
+        let a = buckets(s, h, &r)?;
+        let got = a.samples.iter();
+        let got = got.map(|m| (m.at.unwrap().seconds - T0, m.value, m.max));
+        Ok((got.collect(), a.next_page_token))
+    }
+
+    #[test]
+    fn a_step_picks_the_tier_and_buckets_come_oldest_first_with_average_and_maximum() {
+        let s = pool(vec![]);
+        let h = history_of(&s);
+        let q = |step, since| {
+            ask(&s, &h, "h1", "cpu_percent", step, since, None)
+                .unwrap()
+                .0
+        };
+        assert_eq!(
+            q(5, None),
+            [(0, 10.0, 10.0), (30, 30.0, 30.0), (60, 50.0, 50.0)]
+        );
+        assert_eq!(q(15, None), q(5, None));
+        assert_eq!(q(60, None), [(0, 20.0, 30.0), (60, 50.0, 50.0)]);
+        assert_eq!(q(600, None), q(60, None));
+        assert_eq!(q(3600, None), [(0, 30.0, 50.0)]);
+        assert_eq!(q(86_400, None), [(-T0 % 86_400, 30.0, 50.0)]);
+        // since and until keep the buckets that overlap them.
+        assert_eq!(q(5, Some(T0 + 35)), [(60, 50.0, 50.0)]);
+        assert_eq!(q(5, Some(T0 + 34)), [(30, 30.0, 30.0), (60, 50.0, 50.0)]);
+        // A since the 5 s tier no longer reaches (10 minutes back) is read from a coarser one.
+        assert_eq!(q(5, Some(T0 - 3600)), [(0, 20.0, 30.0), (60, 50.0, 50.0)]);
+        // The latest sample as before, and max with it.
+        let r = pb::QueryMetricsRequest {
+            target_id: "h1".into(),
+            metric: "cpu_percent".into(),
+            ..Default::default()
+        };
+        assert_eq!(sample(&s, &r).unwrap().map(|m| m.max), Some(0.0));
+    }
+
+    #[test]
+    fn buckets_come_in_pages() {
+        let s = pool(vec![]);
+        let h = history_of(&s);
+        let (first, next) = ask(&s, &h, "h1", "cpu_percent", 5, None, Some((2, ""))).unwrap();
+        assert_eq!(first.iter().map(|p| p.0).collect::<Vec<_>>(), [0, 30]);
+        let (rest, last) = ask(&s, &h, "h1", "cpu_percent", 5, None, Some((2, &next))).unwrap();
+        assert_eq!(rest.iter().map(|p| p.0).collect::<Vec<_>>(), [60]);
+        assert_eq!(last, "");
+    }
+
+    #[test]
+    fn a_bad_step_a_reversed_range_or_a_metric_without_history_is_refused() {
+        let s = pool(vec![]);
+        let h = history_of(&s);
+        let e = ask(&s, &h, "h1", "cpu_percent", 7, None, None).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.message().contains("not a multiple of 5"),
+            "{}",
+            e.message()
+        );
+        let r = pb::QueryMetricsRequest {
+            target_id: "h1".into(),
+            metric: "cpu_percent".into(),
+            step_seconds: 5,
+            since: Some(proto::timestamp(2000)),
+            until: Some(proto::timestamp(1000)),
+            ..Default::default()
+        };
+        let e = buckets(&s, &h, &r).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(e.message(), "since is after until");
+        let e = ask(&s, &h, "vm1", "net_tx_forged", 5, None, None).unwrap_err();
+        assert!(e.message().contains("unknown VM metric"), "{}", e.message());
+        assert!(e.message().contains("net_tx_spoofed"), "{}", e.message());
+        let e = ask(&s, &h, "vm1", "net_tx_spoofed", 5, None, None).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("no history"), "{}", e.message());
+        assert!(e.message().contains("net_tx_bytes"), "{}", e.message());
+        let e = ask(&s, &h, "vm9", "rss_bytes", 5, None, None).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        // A VM with no history yet has no buckets.
+        assert_eq!(
+            ask(&s, &h, "vm1", "rss_bytes", 5, None, None).unwrap().0,
+            []
+        );
     }
 }
