@@ -106,6 +106,8 @@ enum Command {
     Task(cmd::task::TaskCommand),
     #[command(flatten)]
     Events(cmd::events::EventsCommand),
+    #[command(flatten)]
+    Stats(cmd::stats::StatsCommand),
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -233,5 +235,6 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
         Command::User(c) => cmd::user::run(ctl, c).await,
         Command::Task(c) => cmd::task::run(ctl, c).await,
         Command::Events(c) => cmd::events::run(ctl, c).await,
+        Command::Stats(c) => cmd::stats::run(ctl, c).await,
     }
 }

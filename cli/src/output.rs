@@ -12,6 +12,8 @@ use proto::host as hpb;
 pub enum Value {
     Text(String),
     Int(i128),
+    /// Printed for people with up to two decimals and an SI prefix past 10,000.
+    Float(f64),
     Bool(bool),
 }
 
@@ -39,6 +41,12 @@ impl From<u32> for Value {
     }
 }
 
+impl From<f64> for Value {
+    fn from(v: f64) -> Self {
+        Value::Float(v)
+    }
+}
+
 impl From<bool> for Value {
     fn from(v: bool) -> Self {
         Value::Bool(v)
@@ -50,6 +58,7 @@ impl Value {
         match self {
             Value::Text(s) => s.clone(),
             Value::Int(i) => i.to_string(),
+            Value::Float(v) => human_number(*v),
             Value::Bool(b) => if *b { "yes" } else { "no" }.to_owned(),
         }
     }
@@ -58,6 +67,8 @@ impl Value {
         match self {
             Value::Text(s) => json_string(s),
             Value::Int(i) => i.to_string(),
+            Value::Float(v) if v.is_finite() => v.to_string(),
+            Value::Float(_) => "null".to_owned(),
             Value::Bool(b) => b.to_string(),
         }
     }
@@ -159,6 +170,20 @@ impl Table {
         }
         out
     }
+}
+
+/// A number for people: 12.5, 1.23 k, 4.5 G (SI prefixes past 10,000).
+pub fn human_number(v: f64) -> String {
+    const PREFIXES: [&str; 5] = ["", " k", " M", " G", " T"];
+    let mut x = v;
+    let mut p = 0;
+    while x.abs() >= 10_000.0 && p < PREFIXES.len() - 1 {
+        x /= 1000.0;
+        p += 1;
+    }
+    let s = format!("{x:.2}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    format!("{s}{}", PREFIXES[p])
 }
 
 /// Binary sizes for people: 1536 → "1.5 KiB".

@@ -8,6 +8,7 @@ pub mod member;
 pub mod net;
 pub mod pool;
 pub mod sr;
+pub mod stats;
 pub mod task;
 pub mod template;
 pub mod user;
