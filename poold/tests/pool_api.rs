@@ -1,6 +1,6 @@
 //! PoolService and HostAgentService against a real 3-member pool: idempotent creates,
 //! placement through Raft with reasons when nothing fits, heartbeats that mark a silent
-//! host unreachable (and forwarding from followers).
+//! host unreachable (and forwarding from followers), metrics history on every member.
 
 mod common;
 
@@ -36,6 +36,24 @@ async fn heartbeat(
     info: &hpb::HostInfo,
     seq: u64,
 ) -> Result<pb::HeartbeatResponse, tonic::Status> {
+    let req = pb::HeartbeatRequest {
+        host_id: host_id.into(),
+        info: Some(info.clone()),
+        metrics: None,
+        vms: vec![],
+        sequence: seq,
+        ..Default::default()
+    };
+    send_heartbeat(cl, member, host, req).await
+}
+
+/// `req` sent to `member` with the certificate of the host named `host`.
+async fn send_heartbeat(
+    cl: &Cluster,
+    member: u64,
+    host: &str,
+    req: pb::HeartbeatRequest,
+) -> Result<pb::HeartbeatResponse, tonic::Status> {
     let tls = cl.issue(
         &pool_trust::Identity::Host(host.into()),
         &format!("host-{host}"),
@@ -44,14 +62,7 @@ async fn heartbeat(
         .client(&pool_trust::Identity::Member(member))
         .expect("host TLS config");
     HostAgentServiceClient::new(cl.channel(member, cfg))
-        .heartbeat(pb::HeartbeatRequest {
-            host_id: host_id.into(),
-            info: Some(info.clone()),
-            metrics: None,
-            vms: vec![],
-            sequence: seq,
-            ..Default::default()
-        })
+        .heartbeat(req)
         .await
         .map(|r| r.into_inner())
 }
@@ -274,4 +285,66 @@ async fn a_host_that_stops_heartbeating_becomes_unreachable_and_comes_back() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+/// Every member keeps the history of the host reports it applies: QueryMetrics with a step
+/// answers the same buckets from each, and without one the latest sample as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_member_keeps_the_metrics_history_of_the_reports_it_applies() {
+    let _serial = SERIAL.lock().await;
+    let cl = Cluster::start(3, &[]);
+    let leader = cl.leader(ELECTION).await;
+    let mut c = cl.client().await;
+    let id = join_named_host(&mut c, "mh1", "10.5.0.1:7000")
+        .await
+        .unwrap()
+        .target_id;
+    // On a whole hour, so that every tier's bucket starts there.
+    let t0: u64 = 1_700_002_800;
+    for (i, (t, cpu)) in [(0, 10.0), (1, 30.0), (5, 50.0)].into_iter().enumerate() {
+        let mut info = host_info(8, 4, &[]);
+        // A changed info is committed at once.
+        info.memory_available_bytes -= i as u64;
+        let req = pb::HeartbeatRequest {
+            host_id: id.clone(),
+            info: Some(info),
+            metrics: Some(hpb::HostMetrics {
+                at: Some(proto::timestamp((t0 + t) * 1000)),
+                cpu_percent: cpu,
+                ..Default::default()
+            }),
+            sequence: i as u64 + 1,
+            ..Default::default()
+        };
+        send_heartbeat(&cl, leader, "mh1", req).await.unwrap();
+    }
+    for m in cl.alive() {
+        let mut c = cl.client_of(&[m]).await;
+        let mut ask = async |step: u32| {
+            let req = pb::QueryMetricsRequest {
+                target_id: id.clone(),
+                metric: "cpu_percent".into(),
+                step_seconds: step,
+                ..Default::default()
+            };
+            let r = c
+                .call(|mut p| {
+                    let req = req.clone();
+                    async move { p.query_metrics(req).await }
+                })
+                .await
+                .unwrap();
+            r.samples
+                .iter()
+                .map(|s| (s.at.unwrap().seconds as u64 - t0, s.value, s.max))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            ask(5).await,
+            [(0, 20.0, 30.0), (5, 50.0, 50.0)],
+            "member {m}"
+        );
+        assert_eq!(ask(60).await, [(0, 30.0, 50.0)], "member {m}");
+        assert_eq!(ask(0).await, [(5, 50.0, 50.0)], "member {m}");
+    }
 }
