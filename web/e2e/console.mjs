@@ -216,6 +216,9 @@ try {
   await volPanel.locator("input[name=volume-snapshot-name]").fill("browser-disk-snap");
   await volPanel.getByRole("button", { name: "Snapshot" }).click();
   await volPanel.locator("[data-list=derived] [data-volume=browser-disk-snap]").waitFor({ timeout: 60_000 });
+  await volPanel.locator("select[name=revert-to]").selectOption({ label: "browser-disk-snap" });
+  await volPanel.getByRole("button", { name: "Revert" }).click();
+  await page.locator(".tasks tr[data-task='volume.revert']", { hasText: "succeeded" }).waitFor({ timeout: 60_000 });
   const iqn = "iqn.2026-12.org.example:browser";
   await volPanel.locator("input[name=initiator-iqn]").fill(iqn);
   await volPanel.getByRole("button", { name: "Allow initiator" }).click();
@@ -226,7 +229,7 @@ try {
   await acl.getByRole("button", { name: "Revoke" }).click();
   await acl.waitFor({ state: "detached" });
   if ((await volPanel.locator("[role=alert]").count()) > 0) throw new Error(`storage: ${await volPanel.locator("[role=alert]").innerText()}`);
-  step(`in ${srName.trim()}: a disk made, snapshotted, exported to ${iqn} and revoked`);
+  step(`in ${srName.trim()}: a disk made, snapshotted, reverted, exported to ${iqn} and revoked`);
 
   // Users and roles: a user made, given a role and relieved of it; the audit log has it.
   await page.locator("[data-page=users]").click();
