@@ -6,7 +6,9 @@
 //! the time of a sample is the sample's own `at`, never the member's clock, so the state
 //! machine stays free of wall-clock time and members that applied the same log hold the
 //! same buckets. The history lives in memory only: a member that restarts, or joins,
-//! starts with none, and fills from the reports it applies from then on.
+//! starts with none, and fills from the reports it applies from then on. The leader
+//! commits a host's report when something the pool acts on changed or every 30 s
+//! (`service/agent.rs`), so the 5 s tier has a sample only where a report was committed.
 //!
 //! Each series (one metric of one host or VM) has four tiers ([`TIERS`]): 5 s buckets for
 //! 10 minutes, 1 minute for 2 hours, 1 hour for a week, 1 day for a year. A sample falls
@@ -19,11 +21,11 @@
 //! # Bounds
 //! A series holds [`BUCKETS_PER_SERIES`] (773) buckets of two `f32`s, allocated in full
 //! when the series is made and overwritten in a ring from then on: 6,184 bytes of buckets
-//! plus ~150 of bookkeeping, the same after a day or after ten years. History is kept for
-//! 4 host metrics and 6 VM metrics, so a pool of 1,000 VMs on 50 hosts holds
-//! (6,000 + 200) series × ~6.3 KB ≈ 39 MB. Series whose target is gone from the state are
-//! dropped at the next applied report ([`History::prune`]), so the count is bounded by
-//! the pool's hosts and VMs.
+//! plus ~420 of bookkeeping, key and map entry, ~6.6 KB the same after a day or after ten
+//! years. History is kept for 4 host metrics and 6 VM metrics, so a pool of 1,000 VMs on
+//! 50 hosts holds (6,000 + 200) series × ~6.6 KB ≈ 41 MB (38 MB of it buckets). Series
+//! whose target is gone from the state are dropped at the next applied report
+//! ([`History::prune`]), so the count is bounded by the pool's hosts and VMs.
 
 use std::collections::HashMap;
 
@@ -229,12 +231,9 @@ impl Ring {
     /// Buckets with samples, oldest first: (start in unix seconds, bucket).
     fn buckets(&self) -> impl Iterator<Item = (i64, Bucket)> + '_ {
         let len = self.tier.len as i64;
-        let newest = self.newest.unwrap_or(0);
-        let range = match self.newest {
-            Some(_) => newest - len + 1..=newest,
-            None => 1..=0,
-        };
-        range.filter_map(move |n| {
+        // Before the first sample: no bucket numbers at all.
+        let (first, count) = self.newest.map_or((0, 0), |n| (n - len + 1, len));
+        (first..first + count).filter_map(move |n| {
             let b = self.slots[n.rem_euclid(len) as usize];
             (!b.avg.is_nan()).then_some((n * self.tier.width_s, b))
         })
@@ -339,7 +338,7 @@ impl History {
                 .record(at, metric.of_host(m));
         }
         for vm in &m.vms {
-            if !s.vms.get(&vm.vm_id).is_some_and(|v| v.host_id == host_id) {
+            if s.vms.get(&vm.vm_id).is_none_or(|v| v.host_id != host_id) {
                 continue;
             }
             let at = vm.at.as_ref().map_or(at, unix_ms);

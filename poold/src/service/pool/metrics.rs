@@ -45,7 +45,7 @@ fn buckets(
     h: &History,
     r: &pb::QueryMetricsRequest,
 ) -> Result<pb::QueryMetricsResponse, Status> {
-    if r.step_seconds % 5 != 0 {
+    if !r.step_seconds.is_multiple_of(5) {
         return Err(Status::invalid_argument(format!(
             "step_seconds {} is not a multiple of 5 (the finest buckets are 5 s wide)",
             r.step_seconds
@@ -300,6 +300,9 @@ mod tests {
 
     const T0: i64 = 1_700_002_800;
 
+    /// (seconds after T0, average, maximum) of each bucket, and the next page's token.
+    type Answer = (Vec<(i64, f64, f64)>, String);
+
     fn ask(
         s: &PoolState,
         h: &History,
@@ -308,7 +311,7 @@ mod tests {
         step: u32,
         since: Option<i64>,
         page: Option<(u32, &str)>,
-    ) -> Result<(Vec<(i64, f64, f64)>, String), Status> {
+    ) -> Result<Answer, Status> {
         let r = pb::QueryMetricsRequest {
             target_id: target.into(),
             metric: metric.into(),
