@@ -97,11 +97,14 @@ try {
   step(`the console shows the guest's heartbeats (up to seq=${await lastBeat()})`);
   await panel.getByRole("tab", { name: "Overview" }).click();
 
-  // Its graphs: samples from QueryMetrics as the host reports them.
+  // Its graphs: the pool's history of what the host reported.
   await panel.getByRole("tab", { name: "Graphs" }).click();
   await page.locator("[data-graph=rss_bytes] [data-field=latest]").waitFor();
   await snap("graphs");
-  step(`the graphs show the VM's memory: ${await page.locator("[data-graph=rss_bytes] [data-field=latest]").innerText()}`);
+  const memory = await page.locator("[data-graph=rss_bytes] [data-field=latest]").innerText();
+  await page.locator("select[name=graph-range]").selectOption({ label: "2 hours" });
+  await page.locator("[data-graph=rss_bytes] [data-field=latest]").waitFor();
+  step(`the graphs show the VM's memory (${memory}), over 10 minutes and over 2 hours`);
   await panel.getByRole("tab", { name: "Overview" }).click();
 
   // A change made elsewhere shows up without a reload.

@@ -1,46 +1,42 @@
-// A metric's recent samples, as the console gathers them (the pool answers QueryMetrics
-// with the latest sample of each metric; the page keeps what it has seen), and what a
-// graph draws of them: the values of a gauge, the per-second rates of a counter.
+// What a graph draws of a metric's history as the pool answers QueryMetrics with a step:
+// one point per bucket (its start, its average, its maximum; counters already as rates
+// per second), and the SVG polyline of them.
+import type { MetricSample } from "./gen/pool_pb";
 
 export interface Point {
   /** Milliseconds since the epoch. */
   at: number;
   value: number;
+  /** The bucket's maximum (the value itself for a single sample). */
+  max: number;
 }
 
-export class Series {
-  readonly points: Point[] = [];
-  constructor(readonly kept: number) {}
-
-  /** Adds a sample; one at or before the last one's time is the same sample again. */
-  add(p: Point): boolean {
-    const last = this.points[this.points.length - 1];
-    if (last !== undefined && p.at <= last.at) return false;
-    this.points.push(p);
-    if (this.points.length > this.kept) this.points.splice(0, this.points.length - this.kept);
-    return true;
+/** The buckets as points, in time order; a bucket without a time is dropped. */
+export function points(samples: readonly MetricSample[]): Point[] {
+  const out: Point[] = [];
+  for (const s of samples) {
+    if (s.at === undefined) continue;
+    out.push({ at: Number(s.at.seconds) * 1000 + s.at.nanos / 1e6, value: s.value, max: Math.max(s.max, s.value) });
   }
-
-  /** A counter's change per second between samples; a counter that went back (its VM
-   * restarted) gives no point for that interval. */
-  rates(): Point[] {
-    const out: Point[] = [];
-    for (let i = 1; i < this.points.length; i++) {
-      const a = this.points[i - 1]!;
-      const b = this.points[i]!;
-      if (b.value >= a.value) out.push({ at: b.at, value: ((b.value - a.value) * 1000) / (b.at - a.at) });
-    }
-    return out;
-  }
+  return out.sort((a, b) => a.at - b.at);
 }
 
-/** An SVG polyline's points for `pts` in a `w` by `h` box, the top being `max`. */
-export function polyline(pts: readonly Point[], w: number, h: number, max: number): string {
-  if (pts.length === 0) return "";
-  const t0 = pts[0]!.at;
-  const span = Math.max(1, pts[pts.length - 1]!.at - t0);
-  const top = max > 0 ? max : 1;
-  return pts
-    .map((p) => `${(((p.at - t0) / span) * w).toFixed(1)},${(h - (Math.min(p.value, top) / top) * h).toFixed(1)}`)
-    .join(" ");
+/** An SVG polyline's points for `pts` in a `w` by `h` box from `t0` to `t1` (ms), the
+ * top being `top`: each bucket a level line over its `width` (ms), so one bucket shows
+ * too; `pick` chooses the value drawn (average or maximum). */
+export function polyline(
+  pts: readonly Point[],
+  w: number,
+  h: number,
+  top: number,
+  t0: number,
+  t1: number,
+  width: number,
+  pick: (p: Point) => number = (p) => p.value,
+): string {
+  const span = Math.max(1, t1 - t0);
+  const max = top > 0 ? top : 1;
+  const x = (at: number) => ((Math.min(Math.max(at, t0), t1) - t0) / span) * w;
+  const y = (p: Point) => h - (Math.min(pick(p), max) / max) * h;
+  return pts.flatMap((p) => [`${x(p.at).toFixed(1)},${y(p).toFixed(1)}`, `${x(p.at + width).toFixed(1)},${y(p).toFixed(1)}`]).join(" ");
 }

@@ -1,34 +1,31 @@
+import { create } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
-import { polyline, Series } from "../src/metrics";
+import { MetricSampleSchema } from "../src/gen/pool_pb";
+import { points, polyline } from "../src/metrics";
 
-describe("Series", () => {
-  it("keeps the latest samples once each, in time order", () => {
-    const s = new Series(3);
-    expect(s.add({ at: 1000, value: 1 })).toBe(true);
-    expect(s.add({ at: 1000, value: 1 })).toBe(false);
-    expect(s.add({ at: 500, value: 9 })).toBe(false);
-    for (const at of [2000, 3000, 4000]) s.add({ at, value: at / 1000 });
-    expect(s.points.map((p) => p.at)).toEqual([2000, 3000, 4000]);
-  });
-
-  it("turns a counter into rates per second, skipping a reset", () => {
-    const s = new Series(10);
-    s.add({ at: 0, value: 0 });
-    s.add({ at: 2000, value: 4000 });
-    s.add({ at: 4000, value: 5000 });
-    s.add({ at: 5000, value: 10 });
-    s.add({ at: 6000, value: 110 });
-    expect(s.rates()).toEqual([
-      { at: 2000, value: 2000 },
-      { at: 4000, value: 500 },
-      { at: 6000, value: 100 },
+describe("points", () => {
+  it("turns buckets into points in time order, keeping each maximum, dropping one without a time", () => {
+    const b = (seconds: bigint, value: number, max: number) => create(MetricSampleSchema, { at: { seconds, nanos: 0 }, value, max });
+    const got = points([b(10n, 2, 5), b(5n, 1, 1), create(MetricSampleSchema, { value: 9 }), b(15n, 3, 0)]);
+    expect(got).toEqual([
+      { at: 5000, value: 1, max: 1 },
+      { at: 10000, value: 2, max: 5 },
+      // A latest sample answered without a max: the value is its own maximum.
+      { at: 15000, value: 3, max: 3 },
     ]);
   });
 });
 
 describe("polyline", () => {
-  it("spans the box: first point left, last right, the top at max", () => {
-    expect(polyline([{ at: 0, value: 0 }, { at: 10, value: 5 }, { at: 20, value: 20 }], 100, 50, 10)).toBe("0.0,50.0 50.0,25.0 100.0,0.0");
-    expect(polyline([], 100, 50, 1)).toBe("");
+  const p = (at: number, value: number, max = value) => ({ at, value, max });
+  it("draws each bucket level over its width in the time window, the top at max", () => {
+    expect(polyline([p(0, 0), p(10, 5)], 100, 50, 10, 0, 20, 10)).toBe("0.0,50.0 50.0,50.0 50.0,25.0 100.0,25.0");
+    // One bucket is a line too; a bucket past the window's end is cut at it.
+    expect(polyline([p(15, 20)], 100, 50, 10, 0, 20, 10)).toBe("75.0,0.0 100.0,0.0");
+    expect(polyline([], 100, 50, 1, 0, 1, 1)).toBe("");
+  });
+
+  it("draws the maxima when asked", () => {
+    expect(polyline([p(0, 1, 10)], 100, 50, 10, 0, 10, 10, (x) => x.max)).toBe("0.0,0.0 100.0,0.0");
   });
 });
