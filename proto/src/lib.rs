@@ -63,6 +63,21 @@ pub fn timestamp(unix_ms: u64) -> prost_types::Timestamp {
     }
 }
 
+/// The civil (proleptic Gregorian) date of a day count since 1970-01-01, as (year,
+/// month 1-12, day 1-31): H. Hinnant's algorithm, for clocks shown to people or guests.
+pub fn civil_from_days(days: i64) -> (i64, u8, u8) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
 /// An error and its causes, "outer: inner: innermost": the message of a gRPC status made
 /// from an error, so the caller reads why, not only what. A cause whose text the outer
 /// message already ends with is not repeated.

@@ -89,23 +89,9 @@ pub fn days_from_civil(year: i64, month: u8, day: u8) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-/// The civil date of a day count since 1970-01-01.
-fn civil_from_days(days: i64) -> (i64, u8, u8) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 impl DateTime {
     pub fn from_unix(secs: i64) -> Self {
-        let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
+        let (year, month, day) = proto::civil_from_days(secs.div_euclid(86_400));
         let s = secs.rem_euclid(86_400);
         Self {
             year,
@@ -377,10 +363,13 @@ mod tests {
         assert_eq!(t.weekday(), 6, "Friday");
         // Leap days and century rules, both ways, over four centuries.
         for days in (-146_097..146_097 * 2).step_by(13) {
-            let (y, m, d) = civil_from_days(days);
+            let (y, m, d) = proto::civil_from_days(days);
             assert_eq!(days_from_civil(y, m, d), days);
         }
-        assert_eq!(civil_from_days(days_from_civil(2024, 2, 29)), (2024, 2, 29));
+        assert_eq!(
+            proto::civil_from_days(days_from_civil(2024, 2, 29)),
+            (2024, 2, 29)
+        );
     }
 
     #[test]
