@@ -234,6 +234,27 @@ try {
   if ((await volPanel.locator("[role=alert]").count()) > 0) throw new Error(`storage: ${await volPanel.locator("[role=alert]").innerText()}`);
   step(`in ${srName.trim()}: a disk made, snapshotted, reverted, exported to ${iqn} and revoked`);
 
+  // That disk attached to the stopped VM made in the browser, as its next device, then
+  // detached again; the VM renamed from its settings and back.
+  await page.locator(".tree a[data-kind=vm]", { hasText: "made-in-browser" }).click();
+  const stoppedPanel = page.locator("[data-panel=vm]", { hasText: "made-in-browser" });
+  const option = stoppedPanel.locator("select[name=attach-disk] option", { hasText: /^browser-disk \(/ });
+  await stoppedPanel.locator("select[name=attach-disk]").selectOption(await option.getAttribute("value"));
+  await stoppedPanel.getByRole("button", { name: "Attach" }).click();
+  const attached = stoppedPanel.locator("li[data-disk]", { hasText: "browser-disk" });
+  await attached.waitFor();
+  const device = await attached.getAttribute("data-disk");
+  await snap("disk-attached");
+  await attached.getByRole("button", { name: "Detach" }).click();
+  await attached.waitFor({ state: "detached" });
+  await stoppedPanel.locator("input[name=vm-name]").fill("made-in-browser-2");
+  await stoppedPanel.getByRole("button", { name: "Save settings" }).click();
+  await page.locator(".tree a[data-kind=vm]", { hasText: "made-in-browser-2" }).waitFor();
+  await stoppedPanel.locator("input[name=vm-name]").fill("made-in-browser");
+  await stoppedPanel.getByRole("button", { name: "Save settings" }).click();
+  await page.locator(".tree a[data-kind=vm]", { hasText: "made-in-browser-2" }).waitFor({ state: "detached" });
+  step(`browser-disk attached to made-in-browser as ${device}, detached; the VM renamed and back`);
+
   // Users and roles: a user made, given a role and relieved of it; the audit log has it.
   await page.locator("[data-page=users]").click();
   const users = page.locator("[data-panel=users]");

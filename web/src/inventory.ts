@@ -262,6 +262,15 @@ export interface Found {
   detail: string;
 }
 
+/** The first of vda, vdb, ... vdz, vdaa, ... that `taken` does not hold: a new disk's id. */
+export function nextDiskId(taken: readonly string[]): string {
+  const have = new Set(taken);
+  for (let i = 0; ; i++) {
+    const letters = i < 26 ? String.fromCharCode(97 + i) : String.fromCharCode(96 + Math.floor(i / 26)) + String.fromCharCode(97 + (i % 26));
+    if (!have.has(`vd${letters}`)) return `vd${letters}`;
+  }
+}
+
 export function vmName(v: Vm): string {
   return v.spec?.name ?? v.id;
 }

@@ -95,6 +95,28 @@ describe("VmPanel", () => {
     expect(calls).toEqual([{ method: "deleteVmSnapshot", req: { snapshotId: "s2" } }]);
   });
 
+  it("attaches a free disk as the next device, and detaches one, keeping the rest of the spec", async () => {
+    const { inv, vm } = pool();
+    const { c, calls } = client();
+    const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: c }, ...withCan(everything) });
+    // Free: not a disk of a VM, not a snapshot (v1 is web's disk, v2 a snapshot).
+    expect(w.findAll("select[name=attach-disk] option").map((o) => o.text())).toEqual(["other (1.0 GiB)", "web-disk-clone (1.0 GiB)"]);
+    await w.find("select[name=attach-disk]").setValue("v9");
+    await w.find("form[data-form=attach]").trigger("submit");
+    await flushPromises();
+    const attached = calls[0]!.req as { vmId: string; spec: { name: string; disks: { diskId: string; volumeId: string }[] } };
+    expect(calls[0]!.method).toBe("updateVm");
+    expect(attached.vmId).toBe("vm1");
+    expect(attached.spec.name).toBe("web");
+    expect(attached.spec.disks.map((d) => `${d.diskId}=${d.volumeId}`)).toEqual(["disk0=v1", "vda=v9"]);
+    window.confirm = () => true;
+    await w.find("[data-disk=disk0]").findAll("button").find((b) => b.text() === "Detach")!.trigger("click");
+    await flushPromises();
+    expect((calls[1]!.req as { spec: { disks: unknown[] } }).spec.disks).toEqual([]);
+    // The VM's own spec object is left as it was (the change is a copy).
+    expect(vm.spec?.disks).toHaveLength(1);
+  });
+
   it("offers a role that may do nothing no action, only the views", () => {
     const { inv, vm } = pool();
     const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: client().c }, ...withCan(nothing) });

@@ -3,6 +3,7 @@ import { describe, expect, it } from "vitest";
 import { AuditEventSchema } from "../src/gen/pool_pb";
 import { AuditLog } from "../src/audit";
 import { subtree, treeRows } from "../src/tree";
+import { nextDiskId } from "../src/inventory";
 
 interface N {
   id: string;
@@ -58,5 +59,14 @@ describe("AuditLog", () => {
     log.add([rec("0001", "admin", "StartVm"), rec("0002", "ops", "StopVm"), rec("0003", "Admin", "Login")]);
     expect(log.newest("ADMIN", 10).map((e) => e.id)).toEqual(["0003", "0001"]);
     expect(log.newest("stopvm", 10).map((e) => e.id)).toEqual(["0002"]);
+  });
+});
+
+describe("nextDiskId", () => {
+  it("takes the first free vdX, then vdaa on", () => {
+    expect(nextDiskId([])).toBe("vda");
+    expect(nextDiskId(["vda", "vdc"])).toBe("vdb");
+    const all = Array.from({ length: 26 }, (_, i) => `vd${String.fromCharCode(97 + i)}`);
+    expect(nextDiskId(all)).toBe("vdaa");
   });
 });
