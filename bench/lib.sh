@@ -1,5 +1,5 @@
-# Shared by the iSCSI benchmarks and tests/conformance/run.sh (sourced, not run): tools,
-# port waits and tgt.
+# Shared by the benchmarks and tests/conformance/run.sh (sourced, not run): the peers
+# they install, port waits and tgt.
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
 
@@ -11,6 +11,21 @@ need_iscsi_tools() {
     as_root apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq libiscsi-bin tgt >/dev/null
   fi
+}
+
+# QEMU, the peer of the VMM, migration, network and Linux benchmarks, installed when
+# missing: the three Debian packages in one command (installing qemu-system-x86 alone
+# removes a newer qemu-utils). A benchmark without its peer fails; it prints no half table.
+need_qemu() {
+  if ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-img >/dev/null; then
+    echo "installing qemu-system-x86, qemu-utils and qemu-block-extra" >&2
+    as_root apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq qemu-system-x86 qemu-utils qemu-block-extra >/dev/null
+  fi
+  command -v qemu-system-x86_64 >/dev/null || {
+    echo "qemu-system-x86_64 is still missing: this benchmark compares against it" >&2
+    exit 1
+  }
 }
 
 wait_port() {

@@ -17,11 +17,8 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-5}
 HOPS=${HOPS:-5}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-if ! command -v qemu-system-x86_64 >/dev/null; then
-  echo "installing qemu-system-x86" >&2
-  apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 qemu-utils qemu-block-extra >/dev/null
-fi
+. bench/lib.sh
+need_qemu
 cargo build -q --release -p hostd --bin hostd --bin hostd-vmm --example linux_bench
 cargo build -q --release -p e2e-tests --example emuhost_linux_bench
 out=$("$CARGO_TARGET_DIR/release/examples/emuhost_linux_bench" \

@@ -8,14 +8,13 @@
 #     qemu64, -incoming tcp:127.0.0.1:PORT, QMP migrate, downtime-limit 300 ms like ours,
 #     no bandwidth cap), hop for hop; downtime and total time as QEMU reports them.
 # Figures: median and p99 of the hops; ratios are hostd / QEMU medians (below 1: hostd
-# is faster). Needs /dev/kvm; QEMU from Debian (qemu-system-x86) for the comparison.
+# is faster). Needs /dev/kvm; installs QEMU from Debian (the peer) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HOPS=${HOPS:-10}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-if ! command -v qemu-system-x86_64 >/dev/null; then
-  echo "qemu-system-x86_64 missing: apt-get install qemu-system-x86 qemu-utils qemu-block-extra" >&2
-fi
+. bench/lib.sh
+need_qemu
 cargo build -q --release -p hostd --example migration_bench
 out=$("$CARGO_TARGET_DIR/release/examples/migration_bench" "$HOPS" 2 "${MIB:-512}")
 echo "$out"
@@ -24,15 +23,12 @@ field() { # who scenario key
     for (i = 4; i <= NF; i++) { split($i, kv, "="); if (kv[1] == k) { print kv[2]; exit } } }' <<<"$out"
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "n/a" }'; }
+grep -q '^RESULT qemu' <<<"$out" || { echo "QEMU's hops gave no result: no comparison" >&2; exit 1; }
 echo "BENCH migration_downtime_ms_idle $(field hostd idle downtime_ms) ms"
 echo "BENCH migration_downtime_ms_dirty $(field hostd dirty downtime_ms) ms"
-if grep -q '^RESULT qemu' <<<"$out"; then
-  for s in idle dirty; do
-    echo "BENCH migration_downtime_vs_qemu_$s $(ratio "$(field hostd $s downtime_ms)" "$(field qemu $s downtime_ms)") ratio"
-  done
-  for s in idle dirty; do
-    echo "BENCH migration_total_vs_qemu_$s $(ratio "$(field hostd $s total_ms)" "$(field qemu $s total_ms)") ratio"
-  done
-else
-  echo "no QEMU on this machine: the vs_qemu figures are not measured" >&2
-fi
+for s in idle dirty; do
+  echo "BENCH migration_downtime_vs_qemu_$s $(ratio "$(field hostd $s downtime_ms)" "$(field qemu $s downtime_ms)") ratio"
+done
+for s in idle dirty; do
+  echo "BENCH migration_total_vs_qemu_$s $(ratio "$(field hostd $s total_ms)" "$(field qemu $s total_ms)") ratio"
+done

@@ -16,11 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-5}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-if ! command -v qemu-system-x86_64 >/dev/null; then
-  echo "installing qemu-system-x86" >&2
-  apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >/dev/null
-fi
+. bench/lib.sh
+need_qemu
 cargo build -q --release -p hostd --bin hostd --example net_bench
 out=$("$CARGO_TARGET_DIR/release/examples/net_bench" "$CARGO_TARGET_DIR/release/hostd" "$RUNS")
 echo "$out"

@@ -28,10 +28,8 @@ HOPS=${HOPS:-10}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 BIN=$CARGO_TARGET_DIR/release
 [ -e /dev/kvm ] || { echo "no /dev/kvm: the migration comparison cannot run" >&2; exit 1; }
-if ! command -v qemu-system-x86_64 >/dev/null; then
-  echo "installing qemu-system-x86 (Debian) for the comparison" >&2
-  apt-get install -y -qq qemu-system-x86 >/dev/null
-fi
+. bench/lib.sh
+need_qemu
 
 WORK=$(mktemp -d /var/tmp/trust-bench.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT

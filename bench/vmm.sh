@@ -7,13 +7,12 @@
 #     to iscsi-initiator reading the same LUN directly at the same queue depth (1 and 8,
 #     taking turns for VMM_BENCH_ROUNDS rounds, 3; medians; the BENCH ratio is the worse
 #     depth), and on a raw file next to host pread (information).
-# Needs /dev/kvm; QEMU from Debian (qemu-system-x86) for the comparison rows.
+# Needs /dev/kvm; installs QEMU from Debian (the peer) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-20}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-if ! command -v qemu-system-x86_64 >/dev/null; then
-  echo "qemu-system-x86_64 missing: apt-get install qemu-system-x86 qemu-utils qemu-block-extra" >&2
-fi
+. bench/lib.sh
+need_qemu
 cargo build -q --release -p hostd --bin hostd --bin hostd-vmm --example vmm_bench
 "$CARGO_TARGET_DIR/release/examples/vmm_bench" "$CARGO_TARGET_DIR/release/hostd" "$RUNS"
