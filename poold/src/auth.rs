@@ -82,6 +82,8 @@ pub const METHODS: &[(&str, Level, bool)] = &[
     ("ListStorageRepositories", Level::ReadOnly, false),
     ("GetVolume", Level::ReadOnly, false),
     ("ListVolumes", Level::ReadOnly, false),
+    // Which chunks changed, never their data.
+    ("ListChangedChunks", Level::ReadOnly, false),
     // Initiator names and sessions only: never a CHAP secret.
     ("ListVolumeExports", Level::ReadOnly, false),
     ("GetVm", Level::ReadOnly, false),

@@ -92,6 +92,11 @@ pub trait StorageOps: Send + Sync {
     ) -> Result<(), Status>;
     /// Returns once the initiator's sessions are closed and their commands finished.
     async fn revoke(&self, addr: &str, export_id: &str, initiator: &str) -> Result<u32, Status>;
+    async fn changed_chunks(
+        &self,
+        addr: &str,
+        r: spb::ListChangedChunksRequest,
+    ) -> Result<spb::ListChangedChunksResponse, Status>;
 }
 
 /// The HostService calls the pool makes.
@@ -410,6 +415,21 @@ impl StorageOps for Grpc {
         )
         .await
         .map(|r| r.sessions_dropped)
+    }
+
+    async fn changed_chunks(
+        &self,
+        addr: &str,
+        r: spb::ListChangedChunksRequest,
+    ) -> Result<spb::ListChangedChunksResponse, Status> {
+        let mut c = self.storage(addr)?;
+        within(
+            self.call_timeout,
+            "ListChangedChunks",
+            addr,
+            c.list_changed_chunks(r),
+        )
+        .await
     }
 }
 

@@ -13,6 +13,7 @@
 //! the metadata store can persist them at the next commit.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::ControlFlow;
 
 /// log2 of the number of entries in a node.
 pub const FANOUT_SHIFT: u32 = 9;
@@ -471,6 +472,126 @@ impl Forest {
     }
 }
 
+/// One side of a [`Forest::diff`]: a node seen `lift` levels above its own (a tree grown
+/// by a resize keeps its old root as child 0 of the new ones, so a snapshot taken before
+/// the resize lines up with the volume after it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Side {
+    node: NodeId,
+    lift: u8,
+}
+
+const EMPTY_SIDE: Side = Side {
+    node: NO_NODE,
+    lift: 0,
+};
+
+/// A diff in progress: the chunks not yet reported start at `from`.
+struct DiffWalk<'a, F> {
+    forest: &'a Forest,
+    from: u64,
+    visited: u64,
+    report: F,
+}
+
+impl<F: FnMut(u64, bool) -> ControlFlow<()>> DiffWalk<'_, F> {
+    fn child(&self, side: Side, i: usize) -> Side {
+        if side.node == NO_NODE {
+            return EMPTY_SIDE;
+        }
+        if side.lift > 0 {
+            return if i == 0 {
+                Side {
+                    node: side.node,
+                    lift: side.lift - 1,
+                }
+            } else {
+                EMPTY_SIDE
+            };
+        }
+        match &self.forest.get(side.node).entries {
+            Entries::Interior(children) => Side {
+                node: children[i],
+                lift: 0,
+            },
+            Entries::Leaf(_) => panic!("leaf above level 0 in node {}", side.node),
+        }
+    }
+
+    fn leaf(forest: &Forest, side: Side) -> Option<&[ChunkId; FANOUT]> {
+        if side.node == NO_NODE {
+            return None;
+        }
+        match &forest.get(side.node).entries {
+            Entries::Leaf(chunks) => Some(chunks),
+            Entries::Interior(_) => panic!("node {} at level 0 is not a leaf", side.node),
+        }
+    }
+
+    /// Compares the subtrees `a` and `b` at `level`, which cover the chunks from `base`.
+    fn walk(&mut self, a: Side, b: Side, level: u8, base: u64) -> ControlFlow<()> {
+        // The same node at the same height maps the same chunks: nothing below differs.
+        if a == b {
+            return ControlFlow::Continue(());
+        }
+        let span = 1u64 << (u32::from(level) * FANOUT_SHIFT);
+        if base.saturating_add(span.saturating_mul(FANOUT as u64)) <= self.from {
+            return ControlFlow::Continue(());
+        }
+        self.visited += [a, b]
+            .iter()
+            .filter(|s| s.node != NO_NODE && s.lift == 0)
+            .count() as u64;
+        if level == 0 {
+            let forest = self.forest;
+            let (la, lb) = (Self::leaf(forest, a), Self::leaf(forest, b));
+            for i in 0..FANOUT {
+                let ca = la.map_or(NO_CHUNK, |l| l[i]);
+                let cb = lb.map_or(NO_CHUNK, |l| l[i]);
+                let v = base + i as u64;
+                if ca != cb && v >= self.from {
+                    (self.report)(v, cb != NO_CHUNK)?;
+                }
+            }
+            return ControlFlow::Continue(());
+        }
+        for i in 0..FANOUT {
+            let (ca, cb) = (self.child(a, i), self.child(b, i));
+            self.walk(ca, cb, level - 1, base + i as u64 * span)?;
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+impl Forest {
+    /// Reports, in order from virtual chunk `from`, every chunk that `target` (root,
+    /// height) maps differently from `base`: `report(vchunk, mapped)`, where `mapped` is
+    /// false for a chunk `target` no longer maps (it reads zeros). Subtrees both share are
+    /// skipped whole, so the cost follows the change, not the size. `report` may stop the
+    /// walk. Returns the number of nodes read.
+    pub fn diff(
+        &self,
+        base: (NodeId, u8),
+        target: (NodeId, u8),
+        from: u64,
+        report: impl FnMut(u64, bool) -> ControlFlow<()>,
+    ) -> u64 {
+        let height = base.1.max(target.1);
+        let side = |(node, h): (NodeId, u8)| Side {
+            node,
+            lift: height - h,
+        };
+        let mut walk = DiffWalk {
+            forest: self,
+            from,
+            visited: 0,
+            report,
+        };
+        let _ = walk.walk(side(base), side(target), height - 1, 0);
+        walk.visited
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -587,6 +708,74 @@ mod tests {
         assert_eq!(
             f.mapped_range(root, 3, 4, u64::MAX),
             vec![(512 * 512 + 1, 10)]
+        );
+    }
+
+    /// Every change `diff` reports from chunk 0, and the nodes it read.
+    fn changes(f: &Forest, base: (NodeId, u8), target: (NodeId, u8)) -> (Vec<(u64, bool)>, u64) {
+        let mut out = Vec::new();
+        let visited = f.diff(base, target, 0, |v, mapped| {
+            out.push((v, mapped));
+            ControlFlow::Continue(())
+        });
+        (out, visited)
+    }
+
+    #[test]
+    fn diff_reports_writes_unmaps_and_skips_shared_subtrees() {
+        let mut f = Forest::new();
+        let mut refs = Refs::default();
+        let mut vol = NO_NODE;
+        let h = 3;
+        for v in 0..5000u64 {
+            map(&mut f, &mut refs, &mut vol, h, v * 50, v as ChunkId);
+        }
+        let snap = vol;
+        f.incref(snap);
+        assert_eq!(changes(&f, (snap, h), (vol, h)), (vec![], 0));
+
+        map(&mut f, &mut refs, &mut vol, h, 100, 90_000);
+        map(&mut f, &mut refs, &mut vol, h, 7, 90_001);
+        f.unmap(&mut vol, h, 200_000, &mut refs);
+        let (seen, visited) = changes(&f, (snap, h), (vol, h));
+        assert_eq!(seen, vec![(7, true), (100, true), (200_000, false)]);
+        // Two roots, and per side one interior node and one leaf for each of the two
+        // changed leaves (both under the first interior node): 2 + 2 + 4.
+        assert_eq!(visited, 8);
+        // Nothing as a base: every mapped chunk.
+        let (all, _) = changes(&f, (NO_NODE, h), (vol, h));
+        // 5,000 mapped, chunk 7 added, chunk 200,000 gone.
+        assert_eq!(all.len(), 5000);
+        assert!(all.iter().all(|&(_, mapped)| mapped));
+
+        // Resuming skips what was reported, and stopping stops.
+        let mut after = vec![];
+        f.diff((snap, h), (vol, h), 8, |v, _| {
+            after.push(v);
+            ControlFlow::Break(())
+        });
+        assert_eq!(after, vec![100]);
+    }
+
+    #[test]
+    fn diff_lines_up_trees_of_different_heights() {
+        let mut f = Forest::new();
+        let mut refs = Refs::default();
+        let mut vol = NO_NODE;
+        map(&mut f, &mut refs, &mut vol, 1, 3, 1);
+        let snap = vol;
+        f.incref(snap);
+        f.grow(&mut vol, 1, 3);
+        assert_eq!(changes(&f, (snap, 1), (vol, 3)).0, vec![]);
+        map(&mut f, &mut refs, &mut vol, 3, 512 * 512 + 9, 2);
+        map(&mut f, &mut refs, &mut vol, 3, 4, 3);
+        assert_eq!(
+            changes(&f, (snap, 1), (vol, 3)).0,
+            vec![(4, true), (512 * 512 + 9, true)]
+        );
+        assert_eq!(
+            changes(&f, (vol, 3), (snap, 1)).0,
+            vec![(4, false), (512 * 512 + 9, false)]
         );
     }
 }

@@ -246,6 +246,14 @@ impl StorageOps for FakeStorage {
         }
         Ok(1)
     }
+    async fn changed_chunks(
+        &self,
+        _a: &str,
+        r: spb::ListChangedChunksRequest,
+    ) -> Result<spb::ListChangedChunksResponse, Status> {
+        self.call(format!("changed_chunks:{}", r.target_snapshot_id))?;
+        Ok(spb::ListChangedChunksResponse::default())
+    }
 }
 
 #[derive(Default)]

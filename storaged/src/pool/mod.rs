@@ -23,6 +23,7 @@
 //! - `commit.rs`: flushes: data sync, then one atomic metadata batch.
 //! - `volumes.rs`: volumes, snapshots and clones: create, derive, revert, resize, delete.
 //! - `capacity.rs`: usage and growing the pool.
+//! - `changes.rs`: the chunks two points of a volume's lineage hold differently.
 //! - `check.rs`: deriving reference counts from the trees, and fsck.
 
 use std::collections::{HashMap, HashSet};
@@ -39,6 +40,7 @@ use crate::superblock::{self, SuperblockError};
 use crate::tree::{ChunkId, Forest, NodeId};
 
 mod capacity;
+mod changes;
 mod check;
 mod commit;
 mod io;
@@ -46,6 +48,7 @@ mod open;
 mod volumes;
 
 pub use capacity::Usage;
+pub use changes::{ChangedChunks, ChunkRange};
 pub use check::CheckReport;
 pub use open::{CreateOptions, ImportOptions, valid_chunk_size};
 use volumes::Volume;
@@ -111,6 +114,8 @@ pub enum PoolError {
     NoSpace,
     #[error("shrinking {id} from {from} to {to} bytes discards data; pass force to do it")]
     ShrinkNeedsForce { id: Uuid, from: u64, to: u64 },
+    #[error("{id} is neither volume {volume} nor derived from it (not of the same lineage)")]
+    NotSameLineage { id: Uuid, volume: Uuid },
     #[error("{snapshot} is not a snapshot of {volume}")]
     NotSnapshotOf { snapshot: Uuid, volume: Uuid },
     #[error("the pool failed after an I/O error while committing metadata; import it again")]

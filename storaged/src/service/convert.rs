@@ -22,6 +22,7 @@ pub fn status(e: PoolError) -> Status {
         PoolError::NoVolume(_) => Status::not_found(msg),
         PoolError::NameTaken(_) | PoolError::AlreadyPool { .. } => Status::already_exists(msg),
         PoolError::InvalidArgument(_)
+        | PoolError::NotSameLineage { .. }
         | PoolError::OutOfRange { .. }
         | PoolError::Misaligned { .. } => Status::invalid_argument(msg),
         PoolError::NoSpace => Status::resource_exhausted(msg),

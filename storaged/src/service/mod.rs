@@ -29,6 +29,11 @@ use convert::{
 pub use convert::{export_status, pb_volume, status};
 pub use registry::{EntryKind, PoolEntry, RegistryError, Storage};
 
+/// Ranges of changed chunks per page when the client asks for none, and the most a page
+/// holds (a range is a few bytes: pages are larger than listings').
+const DEFAULT_CHANGED_PAGE: usize = 1000;
+const MAX_CHANGED_PAGE: usize = 10_000;
+
 /// Runs blocking pool work off the reactor.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Status> + Send + 'static,
@@ -361,6 +366,55 @@ impl StorageService for StorageApi {
         let p = pool.clone();
         let v = blocking(move || p.revert(id, snap).map_err(status)).await?;
         Ok(Response::new(pb_volume(&pool, &v)))
+    }
+
+    async fn list_changed_chunks(
+        &self,
+        req: Request<pb::ListChangedChunksRequest>,
+    ) -> Result<Response<pb::ListChangedChunksResponse>, Status> {
+        let r = req.into_inner();
+        let id = volume_id("volume_id", &r.volume_id)?;
+        let target = volume_id("target_snapshot_id", &r.target_snapshot_id)?;
+        let base = if r.base_snapshot_id.is_empty() {
+            None
+        } else {
+            Some(volume_id("base_snapshot_id", &r.base_snapshot_id)?)
+        };
+        let from = if r.page_token.is_empty() {
+            0
+        } else {
+            r.page_token.parse().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "page_token {:?} is not one this server issued",
+                    r.page_token
+                ))
+            })?
+        };
+        let max = match r.page_size {
+            0 => DEFAULT_CHANGED_PAGE,
+            n => (n as usize).min(MAX_CHANGED_PAGE),
+        };
+        let pool = self.storage.pool_of(id)?;
+        let c = blocking(move || {
+            pool.changed_chunks(id, base, target, from, max)
+                .map_err(status)
+        })
+        .await?;
+        Ok(Response::new(pb::ListChangedChunksResponse {
+            chunk_size_bytes: c.chunk_size,
+            target_size_bytes: c.target_size,
+            ranges: c
+                .ranges
+                .iter()
+                .map(|r| pb::ChunkRange {
+                    first_chunk: r.first,
+                    chunk_count: r.count,
+                    mapped: r.mapped,
+                })
+                .collect(),
+            next_page_token: c.next.map(|n| n.to_string()).unwrap_or_default(),
+            nodes_visited: c.nodes_visited,
+        }))
     }
 
     async fn create_export(

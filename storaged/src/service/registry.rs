@@ -155,7 +155,7 @@ impl Storage {
     pub fn pool_of(&self, volume: Uuid) -> Result<ThinPool, Status> {
         self.pools()
             .into_iter()
-            .find(|p| p.volume_info(volume).is_ok())
+            .find(|p| p.volume_size(volume).is_ok())
             .ok_or_else(|| Status::not_found(format!("no volume, snapshot or clone {volume}")))
     }
 

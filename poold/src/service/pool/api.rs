@@ -6,6 +6,7 @@ use proto::coordinator as pb;
 use proto::coordinator::pool_service_server::PoolService;
 use proto::host as hpb;
 use proto::host::PowerState::{Paused, Running, Stopped};
+use proto::storage as spb;
 use tonic::{Request, Response, Status};
 
 use super::authorize::{header_of, peer_of};
@@ -274,6 +275,16 @@ impl PoolService for PoolHandler {
         let who = self.authorize(&r, "DeleteVolume")?;
         let res = storage::delete_volume(self, &who, r.into_inner()).await;
         self.done(&who, res)
+    }
+
+    async fn list_changed_chunks(
+        &self,
+        r: Request<spb::ListChangedChunksRequest>,
+    ) -> R<spb::ListChangedChunksResponse> {
+        self.authorize(&r, "ListChangedChunks")?;
+        storage::changed_chunks(self, r.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn open_volume_access(&self, r: Request<pb::VolumeAccessRequest>) -> R<pb::VolumeAccess> {

@@ -204,6 +204,22 @@ pub(super) async fn delete_volume(
     svc.start_job(who, &r.request_id, JobSpec::Volume(v)).await
 }
 
+/// The chunks where one snapshot of a volume differs from another, asked of the
+/// storaged of the volume's repository.
+pub(super) async fn changed_chunks(
+    svc: &PoolHandler,
+    r: spb::ListChangedChunksRequest,
+) -> Result<spb::ListChangedChunksResponse, Status> {
+    need("volume_id", &r.volume_id)?;
+    need("target_snapshot_id", &r.target_snapshot_id)?;
+    let loc = svc
+        .c
+        .read(|s| crate::jobs::storage::volume_loc(s, &r.volume_id))
+        .await?
+        .map_err(job_status)?;
+    svc.storage.changed_chunks(&loc.address, r).await
+}
+
 /// Where a volume is and its size; refused while a VM that is not stopped uses it
 /// (blocks written under a running guest would corrupt its disk).
 async fn volume_for_access(svc: &PoolHandler, volume_id: &str) -> Result<(SrLoc, u64), Status> {
