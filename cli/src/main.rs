@@ -11,11 +11,13 @@
 //! - `lookup.rs`: whole listings and names turned into ids.
 //! - `output.rs`: tables and JSON, and how values read for people.
 //! - `transfer.rs`, `console.rs`: disk images and the serial console, over their own paths.
+//! - `backup/`: VM backups (`vm-backup`, `vm-restore`, `vm-backup-verify`).
 //! - `lab.rs`: `poolctl lab`, which starts the daemons as processes.
 //! - `pki.rs`: `pki-init`, `pki-issue`: the pool's CA and daemons' TLS directories, offline.
 //! - `pin.rs`: without `--ca`, the pool's CA pinned on first contact (as ssh does), and
 //!   member addresses refused unless TLS.
 
+mod backup;
 mod cmd;
 mod console;
 mod ctl;
@@ -95,6 +97,8 @@ enum Command {
     #[command(flatten)]
     Vm(cmd::vm::VmCommand),
     #[command(flatten)]
+    Backup(cmd::backup::BackupCommand),
+    #[command(flatten)]
     Net(cmd::net::NetCommand),
     #[command(flatten)]
     Template(cmd::template::TemplateCommand),
@@ -147,6 +151,9 @@ fn main() -> anyhow::Result<()> {
     let command = match args.command {
         Command::Lab(lab) => return lab::lab(lab),
         Command::Pki(pki) => return pki::run(pki),
+        Command::Backup(cmd::backup::BackupCommand::Verify { dir }) => {
+            return cmd::backup::verify(&dir);
+        }
         other => other,
     };
     let members = if !args.pool.is_empty() {
@@ -229,6 +236,7 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
         Command::Sr(c) => cmd::sr::run(ctl, c).await,
         Command::Vdi(c) => cmd::vdi::run(ctl, c).await,
         Command::Vm(c) => cmd::vm::run(ctl, c).await,
+        Command::Backup(c) => cmd::backup::run(ctl, c).await,
         Command::Net(c) => cmd::net::run(ctl, c).await,
         Command::Template(c) => cmd::template::run(ctl, c).await,
         Command::Pool(c) => cmd::pool::run(ctl, c).await,

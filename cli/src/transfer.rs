@@ -23,14 +23,14 @@ const CHUNK: usize = 1 << 20;
 const IN_FLIGHT: usize = 8;
 
 /// An open grant, revoked on every way out.
-struct Access {
+pub(crate) struct Access {
     volume_id: String,
     initiator: String,
     session: Option<Session>,
-    lun: iscsi_initiator::Lun,
+    pub(crate) lun: iscsi_initiator::Lun,
 }
 
-async fn open(client: &mut PoolClient, volume_id: &str) -> anyhow::Result<Access> {
+pub(crate) async fn open(client: &mut PoolClient, volume_id: &str) -> anyhow::Result<Access> {
     let initiator = format!("iqn.2026-11.org.pool.poolctl:{}", new_request_id());
     let req = pb::VolumeAccessRequest {
         volume_id: volume_id.to_owned(),
@@ -96,14 +96,15 @@ async fn close_grant(client: &mut PoolClient, volume_id: &str, initiator: &str) 
 }
 
 impl Access {
-    async fn close(mut self, client: &mut PoolClient) {
+    pub(crate) async fn close(mut self, client: &mut PoolClient) {
         if let Some(s) = self.session.take() {
             let _ = s.logout().await;
         }
         close_grant(client, &self.volume_id, &self.initiator).await;
     }
 
-    fn chunk(&self) -> usize {
+    /// The largest request to send: a whole number of blocks.
+    pub(crate) fn chunk(&self) -> usize {
         let bs = self.lun.block_size() as usize;
         let max = self.lun.max_transfer().max(bs);
         (CHUNK.min(max) / bs) * bs

@@ -227,7 +227,12 @@ fn exports_table(exports: &[pb::VolumeExport]) -> Table {
 }
 
 /// Creates a disk and follows its task to the end.
-async fn create_vdi(ctl: &mut Ctl, sr: &str, name: String, size: u64) -> anyhow::Result<pb::Task> {
+pub(crate) async fn create_vdi(
+    ctl: &mut Ctl,
+    sr: &str,
+    name: String,
+    size: u64,
+) -> anyhow::Result<pb::Task> {
     let sr_id = ctl.sr_id(sr).await?;
     let r = call!(
         ctl.client,
