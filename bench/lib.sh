@@ -28,6 +28,43 @@ need_qemu() {
   }
 }
 
+# A Docker engine and compose (v2 or v1, whichever is there) for the compose pool: Debian's
+# docker.io and docker-compose, installed when missing. When no engine answers, dockerd is
+# started for this run, logging to $1, and docker_down stops it; an engine that was already
+# running is left alone.
+dockerd_pid=""
+need_docker() {
+  local pkgs=()
+  command -v dockerd >/dev/null || docker info >/dev/null 2>&1 || pkgs+=(docker.io)
+  docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null ||
+    pkgs+=(docker-compose)
+  if ((${#pkgs[@]})); then
+    echo "installing ${pkgs[*]}" >&2
+    as_root apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+  fi
+  docker info >/dev/null 2>&1 && return 0
+  as_root dockerd --pidfile "$1.pid" >"$1" 2>&1 &
+  dockerd_pid=$!
+  for _ in $(seq 120); do
+    docker info >/dev/null 2>&1 && return 0
+    kill -0 "$dockerd_pid" 2>/dev/null || break
+    sleep 0.5
+  done
+  tail -20 "$1" >&2
+  echo "the Docker engine did not start (log: $1)" >&2
+  exit 1
+}
+
+docker_down() {
+  [ -n "$dockerd_pid" ] || return 0
+  kill "$dockerd_pid" 2>/dev/null || true
+  for _ in $(seq 60); do kill -0 "$dockerd_pid" 2>/dev/null || break; sleep 0.5; done
+  kill -KILL "$dockerd_pid" 2>/dev/null || true
+  wait "$dockerd_pid" 2>/dev/null || true
+  dockerd_pid=""
+}
+
 wait_port() {
   for _ in $(seq 100); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi

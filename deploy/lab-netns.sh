@@ -48,6 +48,21 @@ wait_port() { # [netns] host port
   die "nothing listens on $1:$2; see $DIR/logs"
 }
 
+# Frames between the lab's namespaces cross the bridge; where br_netfilter is loaded
+# they also cross iptables' FORWARD chain, whose policy a Docker engine sets to DROP.
+# The lab lets its own bridge's traffic through (and takes the rule back on `down`);
+# without iptables there is no such policy to pass.
+forwarding() { # -I|-D bridge
+  command -v iptables >/dev/null || return 0
+  local rule=(FORWARD -i "$2" -o "$2" -j ACCEPT)
+  if [ "$1" = -I ]; then
+    iptables -C "${rule[@]}" 2>/dev/null || iptables -I "${rule[@]}" \
+      || echo "lab-netns: iptables refused to let $2 forward; traffic across it may drop" >&2
+  else
+    while iptables -C "${rule[@]}" 2>/dev/null; do iptables -D "${rule[@]}"; done
+  fi
+}
+
 up() {
   for b in poold storaged hostd poolctl; do
     [ -x "$BIN/$b" ] || die "$BIN/$b missing: cargo build --release -p poold -p storaged -p hostd -p poolctl"
@@ -58,6 +73,7 @@ up() {
     ip addr add "$NET.1/24" dev "$BR"
     ip link set "$BR" up
   }
+  forwarding -I "$BR"
   for i in $(seq "$HOSTS"); do
     ns=pool-h$i
     ip netns list | grep -qw "$ns" && continue
@@ -151,6 +167,7 @@ down() {
     ip link show "vh$i" >/dev/null 2>&1 && { ip link del "vh$i" 2>/dev/null || true; }
   done
   ip link show "$BR" >/dev/null 2>&1 && ip link del "$BR"
+  forwarding -D "$BR"
   echo "down"
 }
 

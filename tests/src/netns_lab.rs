@@ -12,6 +12,28 @@ fn script() -> PathBuf {
 }
 
 /// Why this machine cannot run the namespace lab, if it cannot.
+/// Lets frames across `bridge` through iptables' FORWARD chain (`on`), or takes that rule
+/// back, as `deploy/lab-netns.sh` does for its own bridge: with br_netfilter loaded,
+/// bridged frames cross FORWARD, whose policy a Docker engine sets to DROP.
+pub fn allow_forwarding(bridge: &str, on: bool) {
+    let rule = ["FORWARD", "-i", bridge, "-o", bridge, "-j", "ACCEPT"];
+    let iptables = |op: &str| {
+        Command::new("iptables")
+            .arg(op)
+            .args(rule)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if on {
+        if !iptables("-C") && !iptables("-I") {
+            // No iptables here, so no FORWARD policy to pass.
+            println!("iptables: no rule added for {bridge}");
+        }
+    } else {
+        while iptables("-C") && iptables("-D") {}
+    }
+}
+
 pub fn unavailable() -> Option<String> {
     let uid = Command::new("id").arg("-u").output().ok()?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {

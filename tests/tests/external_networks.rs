@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use e2e_tests::netns_lab::{Lab, unavailable};
+use e2e_tests::netns_lab::{Lab, allow_forwarding, unavailable};
 use e2e_tests::pool::{console_until, field, guest_elf, guest_vm};
 use e2e_tests::{PoolArg, poolctl, poolctl_ok, text, wait_for};
 
@@ -56,6 +56,7 @@ impl VmLan {
         let lan = VmLan;
         ip(&["link", "add", LAN_BRIDGE, "type", "bridge"]);
         ip(&["link", "set", LAN_BRIDGE, "up"]);
+        allow_forwarding(LAN_BRIDGE, true);
         for i in 1..=3 {
             let (port, ns) = (format!("extlan-h{i}"), format!("pool-h{i}"));
             ip(&[
@@ -101,6 +102,7 @@ impl VmLan {
             quiet(&["link", "del", port]);
         }
         quiet(&["link", "del", LAN_BRIDGE]);
+        allow_forwarding(LAN_BRIDGE, false);
     }
 }
 
