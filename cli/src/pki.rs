@@ -27,7 +27,8 @@ pub enum PkiCommand {
         /// The pool's id (as given to pki-init).
         #[arg(long)]
         pool_id: String,
-        /// Whom the certificate names: member/N, host/NAME or storage/NAME.
+        /// Whom the certificate names: member/N, host/NAME, storage/NAME, client/NAME or
+        /// monitor/NAME (a metrics scraper: it may read `/metrics` and nothing else).
         #[arg(long)]
         identity: String,
         /// An address (IP or DNS name) clients dial the daemon at; repeat for more.

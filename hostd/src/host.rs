@@ -58,6 +58,13 @@ fn cpu_jiffies(stat: &str) -> Option<(u64, u64)> {
     Some((total - idle, total))
 }
 
+/// Busy time of all CPUs since boot, in seconds: /proc/stat counts in USER_HZ, which
+/// the kernel fixes at 100 whatever its own tick rate.
+pub fn cpu_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    cpu_jiffies(&stat).map(|(busy, _)| busy as f64 / 100.0)
+}
+
 /// Host CPU use between two calls, as a percentage of one CPU times the CPU count.
 #[derive(Debug, Default)]
 pub struct CpuSampler {

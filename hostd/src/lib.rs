@@ -16,6 +16,7 @@
 //!   channel between them.
 //! - [`service`]: `HostService` over gRPC.
 //! - [`host`]: host CPU, memory and KVM facts, process resource use.
+//! - [`metrics`]: the host's and its VMs' metrics for Prometheus (`GET /metrics`).
 //! - [`config`]: the daemon's TOML configuration.
 //! - [`agent`]: registering with the pool and heartbeating.
 //! - [`migration`]: live migration between hosts.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod console;
 pub mod devices;
 pub mod host;
+pub mod metrics;
 pub mod migration;
 pub mod network;
 pub mod service;

@@ -57,7 +57,7 @@ impl HostServer {
 
 /// Serves `HostService` on `listener` until `shutdown` completes, over mutual TLS to the
 /// pool's coordinator members only (hosts do not call each other's control API, and
-/// nobody else may). `tls` may be reloaded meanwhile (a renewed certificate).
+/// nobody else may), and `GET /metrics` to members and monitors (`crate::metrics`). `tls` may be reloaded meanwhile (a renewed certificate).
 pub async fn serve(
     listener: TcpListener,
     server: HostServer,
@@ -66,7 +66,19 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let pool = tls.pool_id().clone();
     let members_only = RequireRole::new(pool.clone(), &[Role::Member]);
+    let (manager, host) = (server.manager.clone(), server.identity.host_id.clone());
+    let render: pool_trust::scrape::Render = Arc::new(move || {
+        let (manager, host) = (manager.clone(), host.clone());
+        Box::pin(async move { crate::metrics::render(&manager, &host).await })
+    });
     Ok(tonic::transport::Server::builder()
+        // `/metrics` over HTTP/1.1 too, for scrapers that do not speak HTTP/2.
+        .accept_http1(true)
+        .layer(pool_trust::scrape::ScrapeLayer::new(
+            pool.clone(),
+            "hostd",
+            render,
+        ))
         .layer(pool_trust::audit::AuditLayer::new(pool, "hostd"))
         .add_service(InterceptedService::new(
             HostServiceServer::new(server),

@@ -162,6 +162,9 @@ pub enum Role {
     /// A tool acting for a person (`poolctl`, `poold-bench`); it gets no daemon's rights,
     /// and `PoolService` still authorizes the user by token.
     Client,
+    /// A metrics scraper (Prometheus): it may read the daemons' `/metrics` and nothing
+    /// else.
+    Monitor,
 }
 
 impl Role {
@@ -172,6 +175,7 @@ impl Role {
             Role::Host => "host",
             Role::Storage => "storage",
             Role::Client => "client",
+            Role::Monitor => "monitor",
         }
     }
 }
@@ -191,6 +195,7 @@ impl FromStr for Role {
             "host" => Ok(Role::Host),
             "storage" => Ok(Role::Storage),
             "client" => Ok(Role::Client),
+            "monitor" => Ok(Role::Monitor),
             _ => Err(IdentityError::UnknownRole { role: quote(s) }),
         }
     }
@@ -207,6 +212,8 @@ pub enum Identity {
     Storage(String),
     /// A named tool acting for a person.
     Client(String),
+    /// A named metrics scraper.
+    Monitor(String),
 }
 
 impl Identity {
@@ -217,6 +224,7 @@ impl Identity {
             Identity::Host(_) => Role::Host,
             Identity::Storage(_) => Role::Storage,
             Identity::Client(_) => Role::Client,
+            Identity::Monitor(_) => Role::Monitor,
         }
     }
 
@@ -234,13 +242,17 @@ impl Identity {
             Identity::Host(id) => check_label("host id", id),
             Identity::Storage(id) => check_label("storage id", id),
             Identity::Client(id) => check_label("client name", id),
+            Identity::Monitor(id) => check_label("monitor name", id),
         }
     }
 
     fn id_text(&self) -> String {
         match self {
             Identity::Member(n) => n.to_string(),
-            Identity::Host(id) | Identity::Storage(id) | Identity::Client(id) => id.clone(),
+            Identity::Host(id)
+            | Identity::Storage(id)
+            | Identity::Client(id)
+            | Identity::Monitor(id) => id.clone(),
         }
     }
 
@@ -270,6 +282,7 @@ impl Identity {
             Role::Host => Identity::Host(id.to_owned()),
             Role::Storage => Identity::Storage(id.to_owned()),
             Role::Client => Identity::Client(id.to_owned()),
+            Role::Monitor => Identity::Monitor(id.to_owned()),
         };
         identity.validate()?;
         Ok(identity)
@@ -353,6 +366,7 @@ mod tests {
             Identity::Host(uuid::Uuid::new_v4().to_string()),
             Identity::Storage("sr-1".into()),
             Identity::Client("lab".into()),
+            Identity::Monitor("prom".into()),
         ] {
             id.validate().unwrap();
             let uri = id.uri(&pool);

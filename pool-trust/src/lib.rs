@@ -12,7 +12,7 @@
 //!
 //! # Layout
 //! - `identity.rs`: [`PoolId`], [`Identity`] (`Member(n)`, `Host(id)`, `Storage(id)`,
-//!   `Client(name)`) and its certificate forms: the URI `pool://<pool-id>/<role>/<id>` and a
+//!   `Client(name)`, `Monitor(name)`) and its certificate forms: the URI `pool://<pool-id>/<role>/<id>` and a
 //!   DNS name; reading it back from a peer's certificate.
 //! - `ca.rs`: [`PoolCa`] (create, roll, save/load, sign a [`CertificateRequest`]),
 //!   [`CaBundle`], [`Validity`], [`AltName`].
@@ -31,6 +31,8 @@
 //! - `serve.rs`: a daemon's TLS listener whose certificate and CA bundle can be reloaded
 //!   while it serves ([`serve::ServerTls`]).
 //! - `audit.rs`: the audit trail of a daemon's gRPC service (who, what, result).
+//! - `scrape.rs`: `GET /metrics` beside a daemon's gRPC services, for members and
+//!   monitors ([`scrape::ScrapeLayer`]).
 //!
 //! ```
 //! use std::time::Duration;
@@ -73,6 +75,7 @@ pub mod identity;
 pub mod leaf;
 pub mod local;
 pub mod roll;
+pub mod scrape;
 pub mod serve;
 pub mod tls;
 pub mod token;

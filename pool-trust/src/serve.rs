@@ -54,7 +54,8 @@ pub struct ServerTls {
 /// Who connects to a listener.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Peers {
-    /// Daemons and tools over gRPC (HTTP/2), with or without a client certificate.
+    /// Daemons and tools over gRPC (HTTP/2), with or without a client certificate, and
+    /// scrapers of `/metrics` (HTTP/2 or HTTP/1.1).
     Daemons(ClientAuth),
     /// Web browsers: no client certificate asked for (a browser would offer the user a
     /// certificate picker), HTTP/2 or HTTP/1.1.
@@ -207,10 +208,9 @@ fn config(tls: &DaemonTls, peers: Peers) -> Result<rustls::ServerConfig, ServeTl
     let mut config = builder
         .with_single_cert(chain, key)
         .map_err(ServeTlsError::Config)?;
-    config.alpn_protocols = match peers {
-        Peers::Daemons(_) => vec![b"h2".to_vec()],
-        Peers::Browsers => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
-    };
+    // HTTP/1.1 for browsers and for scrapers of a daemon's `/metrics` (`scrape.rs`); gRPC
+    // clients ask for h2.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
 

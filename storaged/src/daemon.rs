@@ -345,7 +345,21 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     };
     let members_only =
         pool_trust::tls::RequireRole::new(tls.pool_id().clone(), &[pool_trust::Role::Member]);
+    let render: pool_trust::scrape::Render = {
+        let (storage, exports) = (storage.clone(), exports.clone());
+        std::sync::Arc::new(move || {
+            let (storage, exports) = (storage.clone(), exports.clone());
+            Box::pin(async move { crate::metrics::render(&storage, &exports).await })
+        })
+    };
     tonic::transport::Server::builder()
+        // `/metrics` over HTTP/1.1 too, for scrapers that do not speak HTTP/2.
+        .accept_http1(true)
+        .layer(pool_trust::scrape::ScrapeLayer::new(
+            tls.pool_id().clone(),
+            "storaged",
+            render,
+        ))
         .layer(pool_trust::audit::AuditLayer::new(
             tls.pool_id().clone(),
             "storaged",

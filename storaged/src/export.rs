@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::meta::export_key;
+use crate::metrics::LunMetrics;
 use crate::pool::{PoolError, ThinPool};
 use crate::volume::ThinVolume;
 
@@ -161,6 +162,7 @@ pub struct Exports {
     iqn_prefix: String,
     portals: Vec<String>,
     records: tokio::sync::Mutex<BTreeMap<Uuid, ExportRecord>>,
+    luns: LunMetrics,
 }
 
 impl Exports {
@@ -170,7 +172,13 @@ impl Exports {
             iqn_prefix,
             portals,
             records: tokio::sync::Mutex::new(BTreeMap::new()),
+            luns: LunMetrics::default(),
         })
+    }
+
+    /// The counters of the LUNs served.
+    pub fn lun_metrics(&self) -> &LunMetrics {
+        &self.luns
     }
 
     pub fn server(&self) -> &TargetServer {
@@ -181,11 +189,11 @@ impl Exports {
         &self.portals
     }
 
-    fn lun_config(pool: &ThinPool, rec: &ExportRecord) -> Result<LunConfig, ExportError> {
+    fn lun_config(&self, pool: &ThinPool, rec: &ExportRecord) -> Result<LunConfig, ExportError> {
         let dev = ThinVolume::open_with(pool, rec.volume_id, rec.read_only)?;
         Ok(LunConfig {
             id: rec.lun,
-            device: Arc::new(dev),
+            device: Arc::new(self.luns.measure(rec, dev)),
             serial: rec.serial.clone(),
             naa: rec.naa(),
         })
@@ -198,7 +206,7 @@ impl Exports {
         rec: &ExportRecord,
         all: &BTreeMap<Uuid, ExportRecord>,
     ) -> Result<(), ExportError> {
-        let lun = Self::lun_config(pool, rec)?;
+        let lun = self.lun_config(pool, rec)?;
         let shares_target = all
             .values()
             .any(|r| r.id != rec.id && r.target_iqn == rec.target_iqn);
@@ -343,6 +351,7 @@ impl Exports {
         if let Err(e) = result {
             tracing::warn!(export = %rec.id, error = &e as &dyn std::error::Error, "cannot remove the export from the target");
         }
+        self.luns.forget(rec);
     }
 
     pub async fn get(&self, id: Uuid) -> Result<ExportRecord, ExportError> {

@@ -10,6 +10,7 @@
 //! - [`pool`]: [`ThinPool`], tying them together: data path, commits, volumes, fsck.
 //! - [`volume`]: [`ThinVolume`], a volume as an `iscsi_target::BlockDevice`.
 //! - [`export`]: volumes served as iSCSI LUNs, grants and revokes (fencing).
+//! - [`metrics`]: the pools', sessions' and LUNs' metrics for Prometheus (`GET /metrics`).
 //! - [`service`]: `StorageService` (gRPC) over the daemon's pools; [`daemon`]: the process.
 //! - [`exercise`]: the deterministic workload of the crash-consistency test.
 
@@ -18,6 +19,7 @@ pub mod daemon;
 pub mod exercise;
 pub mod export;
 pub mod meta;
+pub mod metrics;
 pub mod pool;
 pub mod service;
 pub mod space;

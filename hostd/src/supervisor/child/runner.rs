@@ -286,6 +286,8 @@ impl Runner {
                     read_latency_us: m.mean_read_latency_us,
                     write_latency_us: m.mean_write_latency_us,
                     errors: m.errors + m.invalid,
+                    read_time_us: m.read_time_us,
+                    write_time_us: m.write_time_us,
                 })
                 .collect(),
             nics: vm

@@ -46,18 +46,19 @@ impl Manager {
         Ok(reply.metrics.unwrap_or_default())
     }
 
-    /// Metrics of every running VM.
+    /// Metrics of every running VM, in id order. The VM processes are asked all at once:
+    /// one asked after another, a busy host's scheduler delay would add up over its VMs.
     pub async fn all_metrics(&self) -> Vec<VmMetrics> {
         let entries: Vec<Arc<Entry>> = self.vms.lock().await.values().cloned().collect();
-        let mut out = Vec::new();
-        for e in entries.iter().filter(|e| is_live(e.power())) {
-            if let Ok(r) = e.command(command::Op::Metrics(Empty {})).await
-                && let Some(m) = r.metrics
-            {
-                out.push(m);
-            }
-        }
-        out
+        let asked = entries
+            .iter()
+            .filter(|e| is_live(e.power()))
+            .map(|e| e.command(command::Op::Metrics(Empty {})));
+        futures_util::future::join_all(asked)
+            .await
+            .into_iter()
+            .filter_map(|r| r.ok().and_then(|r| r.metrics))
+            .collect()
     }
 
     /// (VMs running, vCPUs and memory assigned to them).

@@ -276,7 +276,7 @@ async fn renew_for(
                 // Storage endpoints are not recorded by name in the state; their
                 // certificate is the pool's word.
                 Identity::Storage(_) => true,
-                Identity::Client(_) => false,
+                Identity::Client(_) | Identity::Monitor(_) => false,
             })
             .await?
     };

@@ -33,6 +33,9 @@ pub struct BlockMetricsSnapshot {
     pub write_bytes: u64,
     pub mean_read_latency_us: u64,
     pub mean_write_latency_us: u64,
+    /// Time spent on all reads and on all writes (the means' numerators).
+    pub read_time_us: u64,
+    pub write_time_us: u64,
     pub errors: u64,
     pub invalid: u64,
 }
@@ -88,6 +91,8 @@ impl BlockMetrics {
             write_bytes: get(&self.write_bytes),
             mean_read_latency_us: mean(get(&self.read_latency_us), reads),
             mean_write_latency_us: mean(get(&self.write_latency_us), writes),
+            read_time_us: get(&self.read_latency_us),
+            write_time_us: get(&self.write_latency_us),
             errors: get(&self.errors),
             invalid: get(&self.invalid),
         }
