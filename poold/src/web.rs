@@ -4,6 +4,8 @@
 //!   port (a browser cannot read HTTP/2 trailers, so plain gRPC cannot come from one);
 //! - VM serial consoles as websockets (`/console/ws?ticket=...`), opened with a one-shot
 //!   ticket from `CreateConsoleTicket` and from this origin's pages only;
+//! - this member's metrics for Prometheus (`/metrics`), to a bearer token of a user who
+//!   may call `QueryMetrics` (read-only and up);
 //! - the console's built files from `--web-root` (`index.html` for any other path
 //!   without an extension, so the console's own routes load it), or, when there is none,
 //!   a page saying how to build it: the API on this port works either way.
@@ -47,6 +49,16 @@ pub fn router(handler: PoolHandler, root: Option<PathBuf>) -> axum::Router {
     Routes::new(tonic_web::GrpcWebLayer::new().layer(api))
         .prepare()
         .into_axum_router()
+        .route(
+            pool_trust::scrape::METRICS_PATH,
+            axum::routing::get({
+                let h = consoles.clone();
+                move |parts: Parts| {
+                    let h = h.clone();
+                    async move { metrics(&h, &parts) }
+                }
+            }),
+        )
         .route(
             console::WEBSOCKET_PATH,
             axum::routing::get(move |ws: WebSocketUpgrade, parts: Parts| {
@@ -117,6 +129,52 @@ pub async fn serve(
     }
     // Streams (a followed feed, a console) would hold the shutdown forever.
     let _ = tokio::time::timeout(Duration::from_secs(2), graceful.shutdown()).await;
+}
+
+/// Scraping reads what `QueryMetrics` reads, so it is held to that call's rule.
+const METRICS_METHOD: &str = "QueryMetrics";
+
+/// `GET /metrics`: this member's Raft metrics (`consensus::node::encode_scrape`), for a
+/// caller whose token may call [`METRICS_METHOD`].
+fn metrics(h: &PoolHandler, parts: &Parts) -> Response<Body> {
+    let peer = parts
+        .extensions
+        .get::<TcpConnectInfo>()
+        .and_then(|i| i.remote_addr)
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let header = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let decided = crate::auth::authorize(
+        &h.c.node.state(),
+        header,
+        METRICS_METHOD,
+        &peer,
+        proto::unix_ms(),
+    );
+    if let Err(e) = decided {
+        tracing::warn!(%peer, error = %e, "refused a metrics scrape");
+        let status = match e {
+            crate::auth::AuthError::Denied { .. } => StatusCode::FORBIDDEN,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        let mut r = page(
+            status,
+            "text/plain; charset=utf-8",
+            format!("{e}\n").into_bytes(),
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    let text = crate::consensus::node::encode_scrape(&h.c.node.status(), &h.c.node.shared.metrics);
+    page(
+        StatusCode::OK,
+        pool_trust::scrape::OPENMETRICS_CONTENT_TYPE,
+        text.into_bytes(),
+    )
 }
 
 /// Opens a VM's console as a websocket: the ticket spent, its caller checked again, the

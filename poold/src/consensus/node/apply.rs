@@ -1,5 +1,7 @@
 //! Applying committed entries to the state machine, and sending their proposers' answers.
 
+use std::time::Instant;
+
 use prost::Message as _;
 use raft::eraftpb::{Entry, EntryType};
 
@@ -26,6 +28,7 @@ impl Node {
             let mut history = shared.history.lock().expect("history lock");
             let mut reported = false;
             for e in entries {
+                let started = Instant::now();
                 last = e.index;
                 let pid = self.own_proposal(&e.context);
                 let outcome = match e.entry_type {
@@ -65,7 +68,15 @@ impl Node {
                 if !events.is_empty() {
                     feed.push(events);
                 }
-                if let Some(reply) = pid.and_then(|p| self.proposals.remove(&p)) {
+                self.shared
+                    .metrics
+                    .apply_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                if let Some((reply, proposed)) = pid.and_then(|p| self.proposals.remove(&p)) {
+                    self.shared
+                        .metrics
+                        .proposal_seconds
+                        .observe(proposed.elapsed().as_secs_f64());
                     answers.push((reply, outcome));
                 }
             }

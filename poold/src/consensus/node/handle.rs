@@ -106,6 +106,8 @@ pub struct Shared {
     /// The metrics history of the host reports this member applied (in memory only);
     /// changed with the state's write lock held, after the state.
     pub history: Mutex<History>,
+    /// What the node task measures for Prometheus.
+    pub metrics: super::metrics::NodeMetrics,
 }
 
 /// A proposal's result and log index, once applied here.

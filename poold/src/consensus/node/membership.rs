@@ -77,7 +77,8 @@ impl Node {
         let pid = self.next_proposal_id();
         match self.raw.propose_conf_change(self.context(pid), change) {
             Ok(()) => {
-                self.proposals.insert(pid, reply);
+                self.proposals
+                    .insert(pid, (reply, std::time::Instant::now()));
             }
             Err(e) => {
                 let _ = reply.send(Err(NodeError::ChangeRejected(e.to_string())));

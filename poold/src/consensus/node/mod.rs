@@ -22,17 +22,20 @@
 //! - `membership`: checking, holding back and applying membership changes, and
 //!   leadership transfer;
 //! - `reads`: linearizable reads (ReadIndex rounds);
+//! - `metrics`: latencies and counts measured for Prometheus;
 //! - `snapshots`: when to take a snapshot and compact the log, off the Raft task.
 
 mod apply;
 mod handle;
 mod membership;
+mod metrics;
 mod proposals;
 mod reads;
 mod snapshots;
 
 pub use handle::{NodeConfig, NodeError, NodeHandle, NodeMsg, NodeStatus, Shared};
 pub use membership::MemberChangeError;
+pub use metrics::{NodeMetrics, encode_scrape};
 pub use snapshots::StoredSnapshot;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -103,7 +106,8 @@ struct Node {
     /// and a counter.
     incarnation: u64,
     next_proposal: u64,
-    proposals: HashMap<u64, ProposeReply>,
+    /// Waiters of this member's proposals, and when each came (its latency metric).
+    proposals: HashMap<u64, (ProposeReply, Instant)>,
     /// Reads waiting for the next ReadIndex round, and rounds in flight.
     reads_waiting: Vec<ReadReply>,
     reads_in_flight: HashMap<u64, Vec<ReadReply>>,
@@ -170,6 +174,7 @@ pub fn start(
         learned_addresses: RwLock::new(BTreeMap::new()),
         feed: Mutex::new(Feed::new(applied)),
         history: Mutex::new(History::default()),
+        metrics: NodeMetrics::default(),
     });
     let raft_cfg = raft_config(&cfg, applied);
     raft_cfg.validate().map_err(NodeStartError::Config)?;
@@ -394,6 +399,10 @@ impl Node {
             self.shared.feed.lock().expect("feed lock").reset(index);
             drop(current);
             self.snapshots_installed += 1;
+            self.shared
+                .metrics
+                .snapshot_bytes
+                .set(snap.data.len() as u64);
             self.shared.applied.send_replace(index);
             tracing::info!(index, "installed a snapshot from the leader");
         }
@@ -462,6 +471,9 @@ impl Node {
         //    client retries with the same request id; idempotency makes that safe).
         let seen = (self.raw.raft.term, self.raw.raft.leader_id);
         if seen != self.leader_seen {
+            if seen.1 != 0 && seen.1 != self.leader_seen.1 {
+                self.shared.metrics.leader_changes.inc();
+            }
             self.leader_seen = seen;
             if self.raw.raft.state == StateRole::Leader {
                 // A leader keeps a longer log (see `snapshot_interval`): grow it once, now.

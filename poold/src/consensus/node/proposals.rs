@@ -2,6 +2,7 @@
 //! what the waiters learn when leadership moves before the log answers them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use raft::StateRole;
 
@@ -27,7 +28,7 @@ impl Node {
         let pid = self.next_proposal_id();
         match self.raw.propose(self.context(pid), command) {
             Ok(()) => {
-                self.proposals.insert(pid, reply);
+                self.proposals.insert(pid, (reply, Instant::now()));
             }
             Err(e) => {
                 let _ = reply.send(Err(NodeError::Dropped(e.to_string())));
@@ -74,7 +75,7 @@ impl Node {
     /// id; idempotency makes that safe).
     pub(super) fn fail_proposals_if_deposed(&mut self) {
         if self.raw.raft.state != StateRole::Leader {
-            for (_, r) in self.proposals.drain() {
+            for (_, (r, _)) in self.proposals.drain() {
                 let _ = r.send(Err(NodeError::LeadershipLost));
             }
         }

@@ -92,6 +92,7 @@ impl Node {
             );
             return;
         }
+        self.shared.metrics.snapshot_bytes.set(done.bytes as u64);
         if let Err(e) = self
             .raw
             .mut_store()
