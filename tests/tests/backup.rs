@@ -163,6 +163,27 @@ fn full_then_incremental_backups_restore_each_point_byte_for_byte() {
     );
     // Point 1 does not depend on point 2: it still restores.
     pool.ctl(&["vm-restore", &b, "--point", "1", "--name", "r5"]);
+
+    // A missing link: every verb names it, and no backup is taken over it.
+    let moved = dir.path().join("point-0001");
+    std::fs::rename(backups.join("point-0001"), &moved).unwrap();
+    let missing = backups.join("point-0001").join("manifest.json");
+    for args in [
+        vec!["vm-backup-verify", &b],
+        vec!["vm-restore", &b, "--name", "r6"],
+        vec!["vm-backup", "bk", &b],
+    ] {
+        let o = poolctl(&pool.p, &args);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(
+            text(&o).contains(&missing.display().to_string()),
+            "{args:?}: {}",
+            text(&o)
+        );
+    }
+    assert!(!backups.join("point-0003").exists());
+    let snaps = pool.ctl(&["vm-snapshot-list", "bk"]);
+    assert_eq!(snaps.matches("backup-").count(), 1, "{snaps}");
 }
 
 /// Figures, not a check: `vm-backup` of a 4 GiB disk whose every chunk holds data, in
