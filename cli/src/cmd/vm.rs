@@ -582,6 +582,8 @@ fn metrics_table(m: &hpb::VmMetrics) -> Table {
             ("write_bytes", d.write_bytes),
             ("read_latency_us", d.read_latency_us),
             ("write_latency_us", d.write_latency_us),
+            ("read_time_us", d.read_time_us),
+            ("write_time_us", d.write_time_us),
             ("errors", d.errors),
         ] {
             add(&d.disk_id, name, v.into());
