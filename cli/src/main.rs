@@ -109,6 +109,8 @@ enum Command {
     #[command(flatten)]
     Task(cmd::task::TaskCommand),
     #[command(flatten)]
+    Alert(cmd::alert::AlertCommand),
+    #[command(flatten)]
     Events(cmd::events::EventsCommand),
     #[command(flatten)]
     Stats(cmd::stats::StatsCommand),
@@ -242,6 +244,7 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
         Command::Pool(c) => cmd::pool::run(ctl, c).await,
         Command::User(c) => cmd::user::run(ctl, c).await,
         Command::Task(c) => cmd::task::run(ctl, c).await,
+        Command::Alert(c) => cmd::alert::run(ctl, c).await,
         Command::Events(c) => cmd::events::run(ctl, c).await,
         Command::Stats(c) => cmd::stats::run(ctl, c).await,
     }

@@ -246,6 +246,32 @@ fn ha_restarts_a_dead_hosts_vm_elsewhere_after_fencing_it() {
     let hb = console_line(&pool.p, "ha-vm", "HB seq=", Duration::from_secs(30))
         .unwrap_or_else(|| panic!("the guest runs on the new host\n{}", pool.logs()));
     assert!(hb.contains("bad=0"), "{hb}");
+
+    // Alerts as XenServer raises them: the dead host, and the restart.
+    let alerts = pool.ctl(&["alerts", "--json"]);
+    let alert = |kind: &str, target: &str| {
+        alerts
+            .lines()
+            .find(|l| {
+                l.contains(&format!("\"kind\": \"{kind}\""))
+                    && l.contains(&format!("\"target\": \"{target}\""))
+            })
+            .unwrap_or_else(|| panic!("a {kind} alert about {target}: {alerts}"))
+            .to_owned()
+    };
+    alert("host-unreachable", &first);
+    let restart = alert("ha-restart", &vm_id);
+    assert!(restart.contains("\"severity\": \"warning\""), "{restart}");
+    // Dismissed, it leaves the open list and stays on the whole one.
+    pool.ctl(&["alert-dismiss", &field(&restart, "id")]);
+    assert!(!pool.ctl(&["alerts"]).contains("ha-restart"));
+    let all = pool.ctl(&["alerts", "--all", "--json"]);
+    assert!(
+        all.lines().any(|l| l.contains("ha-restart")
+            && l.contains("\"dismissed\": \"")
+            && l.contains(" by admin")),
+        "{all}"
+    );
 }
 
 /// A host cut off from the pool but still alive (its hostd frozen with SIGSTOP, its VM

@@ -136,6 +136,16 @@ fn summary(o: &Object) -> (String, String) {
             format!("{} {}%", task_state(t.state), t.progress_percent),
         ),
         Object::Audit(a) => (format!("{} by {}", a.method, a.user_name), a.result.clone()),
+        Object::Alert(a) => {
+            let state = if a.dismissed_at.is_some() {
+                "dismissed"
+            } else if a.cleared_at.is_some() {
+                "cleared"
+            } else {
+                "open"
+            };
+            (a.message.clone(), state.to_owned())
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The verbs, one module per noun: each owns its clap arguments (a `Subcommand` enum that
 //! the top-level command flattens, so verbs stay `noun-verb`) and their handler.
 
+pub mod alert;
 pub mod backup;
 pub mod events;
 pub mod host;

@@ -193,6 +193,7 @@ feed_object!(Box<pb::Task>, "task", Task, |v| (**v).clone());
 feed_object!(pb::VmSnapshot, "vm_snapshot", VmSnapshot, |v| v.clone());
 feed_object!(pb::Network, "network", Network, |v| v.clone());
 feed_object!(UserRecord, "user", User, |v| v.user.clone());
+feed_object!(pb::Alert, "alert", Alert, |v| v.clone());
 
 /// The event kind of the pool's own settings.
 pub const POOL_KIND: &str = "pool";
@@ -267,6 +268,7 @@ impl PoolState {
         events_of(&mut self.networks, position, &mut out);
         events_of(&mut self.users, position, &mut out);
         events_of(&mut self.tasks, position, &mut out);
+        events_of(&mut self.alerts, position, &mut out);
         let new_audit = self
             .audit
             .iter()
@@ -312,6 +314,7 @@ impl PoolState {
             listing_of(&self.users, at, &mut out);
         }
         listing_of(&self.tasks, at, &mut out);
+        listing_of(&self.alerts, at, &mut out);
         out
     }
 
@@ -326,6 +329,7 @@ impl PoolState {
         self.networks.settle();
         self.users.settle();
         self.tasks.settle();
+        self.alerts.settle();
         self.marks.pool_touched = false;
         self.settle_audit();
     }

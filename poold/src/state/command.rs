@@ -47,7 +47,7 @@ pub struct Command {
     pub peer: String,
     #[prost(
         oneof = "Op",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46"
     )]
     pub op: Option<Op>,
 }
@@ -138,6 +138,9 @@ pub enum Op {
     CreateVif(pb::Vif),
     #[prost(message, tag = "45")]
     DestroyVif(ObjectId),
+    /// An alert taken off the open list by a person.
+    #[prost(message, tag = "46")]
+    DismissAlert(ObjectId),
 }
 
 impl Op {
@@ -197,6 +200,7 @@ impl Op {
             Op::DestroyNetwork(_) => "network.destroy",
             Op::CreateVif(_) => "vif.create",
             Op::DestroyVif(_) => "vif.destroy",
+            Op::DismissAlert(_) => "alert.dismiss",
         }
     }
 }

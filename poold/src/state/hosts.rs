@@ -84,7 +84,7 @@ impl PoolState {
         Ok(Applied::done(&s.host_id))
     }
 
-    pub(super) fn remove_host(&mut self, id: &str) -> Result<Applied, CommandResult> {
+    pub(super) fn remove_host(&mut self, id: &str, at_ms: u64) -> Result<Applied, CommandResult> {
         self.host_mut(id)?;
         if let Some(a) = self.alloc.get(id).filter(|a| !a.vm_ids.is_empty()) {
             return Err(err(
@@ -105,6 +105,7 @@ impl PoolState {
                 ),
             ));
         }
+        self.clear_alert(pb::AlertKind::HostUnreachable, id, at_ms);
         self.hosts.remove(id);
         self.alloc.remove(id);
         Ok(Applied::done(id))
@@ -145,6 +146,9 @@ impl PoolState {
             pb::HostState::Fenced if !runs_something => h.state = pb::HostState::Enabled as i32,
             _ => {}
         }
+        if h.state() != state && h.state() == pb::HostState::Enabled {
+            self.clear_alert(pb::AlertKind::HostUnreachable, &r.host_id, at_ms);
+        }
         if state != pb::HostState::Fenced {
             for rv in &r.vms {
                 self.apply_reported_vm(&r.host_id, rv, at_ms);
@@ -155,7 +159,7 @@ impl PoolState {
 
     /// The leader's verdict on hosts whose heartbeats stopped; the task's target lists
     /// them all.
-    pub(super) fn mark_unreachable(&mut self, m: &MarkUnreachable) -> Applied {
+    pub(super) fn mark_unreachable(&mut self, m: &MarkUnreachable, at_ms: u64) -> Applied {
         for id in &m.host_ids {
             if let Some(h) = self.hosts.get_mut(id)
                 && matches!(
@@ -164,6 +168,14 @@ impl PoolState {
                 )
             {
                 h.state = pb::HostState::Unreachable as i32;
+                let message = format!("host {} stopped heartbeating", self.host_name(id));
+                self.raise_alert(
+                    pb::AlertKind::HostUnreachable,
+                    pb::AlertSeverity::Error,
+                    id,
+                    message,
+                    at_ms,
+                );
             }
         }
         Applied::done(m.host_ids.join(","))

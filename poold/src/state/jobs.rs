@@ -581,6 +581,16 @@ impl PoolState {
                 t.status_message = "done".into();
             }
         }
+        if !ok && f.code != Code::Cancelled as i32 {
+            let message = format!("task {} failed: {}", job.kind(), f.message);
+            self.raise_alert(
+                pb::AlertKind::TaskFailed,
+                pb::AlertSeverity::Error,
+                &f.task_id,
+                message,
+                at_ms,
+            );
+        }
         Ok(Applied::done(target))
     }
 

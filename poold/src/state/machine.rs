@@ -104,6 +104,10 @@ pub struct PoolState {
     pub issued: BTreeMap<String, IssuedRecord>,
     /// Guest networks by id (their VIFs live in the VMs).
     pub networks: Tracked<pb::Network>,
+    /// Alerts by id (ids sort as raised; at most [`super::alerts::ALERTS_KEPT`]).
+    pub alerts: Tracked<pb::Alert>,
+    /// The last alert id handed out.
+    pub alert_seq: u64,
     /// What the change feed has taken of the settings and the audit log (not part of the
     /// state: see [`super::changes`]).
     pub marks: FeedMarks,
@@ -199,6 +203,8 @@ impl PoolState {
             ca_roll: None,
             issued: BTreeMap::new(),
             networks: Tracked::default(),
+            alerts: Tracked::default(),
+            alert_seq: 0,
             marks: FeedMarks::default(),
         };
         s.reserve_windows();
@@ -238,6 +244,8 @@ impl PoolState {
             ca_roll: None,
             issued: BTreeMap::new(),
             networks: self.networks.clone(),
+            alerts: Tracked::default(),
+            alert_seq: self.alert_seq,
             marks: FeedMarks::default(),
         }
     }
@@ -412,22 +420,22 @@ impl PoolState {
             }
             Op::JoinHost(j) => self.join_host(j, at_ms),
             Op::SetHostState(s) => self.set_host_state(s),
-            Op::RemoveHost(r) => self.remove_host(&r.id),
+            Op::RemoveHost(r) => self.remove_host(&r.id, at_ms),
             Op::HostReport(r) => self.host_report(r, at_ms),
-            Op::MarkUnreachable(m) => Ok(self.mark_unreachable(m)),
+            Op::MarkUnreachable(m) => Ok(self.mark_unreachable(m, at_ms)),
             Op::CreateSr(sr) => self.create_sr(sr),
             Op::RemoveSr(r) => self.remove_sr(&r.id),
             Op::CreateVolume(v) => self.create_volume(v, at_ms),
             Op::DeleteVolume(r) => self.delete_volume(&r.id),
             Op::StorageRefresh(r) => {
-                self.storage_refresh(r);
+                self.storage_refresh(r, at_ms);
                 Ok(Applied::done(""))
             }
             Op::CreateTemplate(t) => self.create_template(t, at_ms),
             Op::DeleteTemplate(r) => self.delete_template(&r.id),
             Op::CreateVm(c) => self.create_vm(c, at_ms),
             Op::UpdateVm(u) => self.update_vm(u),
-            Op::SetVmPower(p) => self.set_vm_power(p),
+            Op::SetVmPower(p) => self.set_vm_power(p, at_ms),
             Op::DestroyVm(r) => self.destroy_vm(&r.id),
             Op::StartJob(j) => self.start_job(j, &cmd.task_id),
             Op::JobStep(st) => self.job_step(st).map(Applied::done),
@@ -450,6 +458,7 @@ impl PoolState {
             Op::DestroyNetwork(r) => self.destroy_network(&r.id),
             Op::CreateVif(v) => self.create_vif(v),
             Op::DestroyVif(r) => self.destroy_vif(&r.id),
+            Op::DismissAlert(r) => self.dismiss_alert(&r.id, &cmd.requested_by, at_ms),
         }
     }
 

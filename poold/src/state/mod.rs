@@ -5,10 +5,12 @@
 //! command); each kind of object has its part of the apply in a file of its own:
 //! [`hosts`], [`storage`] (repositories and volumes), [`vms`] (VMs and templates),
 //! [`jobs`] (long operations), [`users`] (users, roles, audit log), [`trust`] (the pool's
-//! CA and join tokens), [`networks`] (guest networks, VIFs, MACs); [`placement`] is what
+//! CA and join tokens), [`networks`] (guest networks, VIFs, MACs), [`alerts`] (raised and cleared as the state
+//! changes); [`placement`] is what
 //! the scheduler sees of the state. [`changes`] turns what a command changed into the
 //! events of the pool's change feed, which each member keeps in a [`feed`].
 
+pub mod alerts;
 pub mod changes;
 pub mod command;
 pub mod feed;

@@ -3,7 +3,7 @@
 //!
 //! Layout: the 8-byte magic `POOLSNAP`, a u32 big-endian format version, then one protobuf
 //! message ([`SnapshotV1`]; fields added since version 1 was first written — jobs, VM
-//! snapshots, users, audit, networks — decode as empty from older snapshots, so the
+//! snapshots, users, audit, networks, alerts — decode as empty from older snapshots, so the
 //! version stays).
 //! The persisted type is separate from the runtime
 //! [`PoolState`]: derived data (per-host allocations) is rebuilt on load, not stored.
@@ -87,6 +87,10 @@ pub struct SnapshotV1 {
     pub issued: Vec<IssuedRecord>,
     #[prost(message, repeated, tag = "23")]
     pub networks: Vec<pb::Network>,
+    #[prost(message, repeated, tag = "24")]
+    pub alerts: Vec<pb::Alert>,
+    #[prost(uint64, tag = "25")]
+    pub alert_seq: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -180,6 +184,8 @@ pub fn encode_into(s: &PoolState, out: &mut Vec<u8>) {
     }
     s.issued.values().for_each(|x| w.message(22, x));
     s.networks.values().for_each(|x| w.message(23, x));
+    s.alerts.values().for_each(|x| w.message(24, x));
+    w.uint64(25, s.alert_seq);
     *out = w.0;
 }
 
@@ -331,6 +337,8 @@ pub fn decode(bytes: &[u8]) -> Result<PoolState, SnapshotError> {
         .map(|i| (i.identity.clone(), i))
         .collect();
     s.networks = b.networks.into_iter().map(|n| (n.id.clone(), n)).collect();
+    s.alerts = b.alerts.into_iter().map(|a| (a.id.clone(), a)).collect();
+    s.alert_seq = b.alert_seq;
     s.join_tokens = b
         .join_tokens
         .into_iter()
@@ -485,6 +493,8 @@ mod tests {
             ca_roll: s.ca_roll.clone(),
             issued: s.issued.values().cloned().collect(),
             networks: s.networks.values().cloned().collect(),
+            alerts: s.alerts.values().cloned().collect(),
+            alert_seq: s.alert_seq,
             tasks: s.task_order.iter().filter_map(|id| s.task(id)).collect(),
             requests: s
                 .request_order

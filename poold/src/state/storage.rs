@@ -102,7 +102,7 @@ impl PoolState {
 
     /// What storaged reports: reachability, usage and portals of each repository, and
     /// the current figures of the volumes the pool knows in it.
-    pub(super) fn storage_refresh(&mut self, r: &StorageRefresh) {
+    pub(super) fn storage_refresh(&mut self, r: &StorageRefresh, at_ms: u64) {
         for f in &r.srs {
             let Some(sr) = self.srs.get_mut(&f.sr_id) else {
                 continue;
@@ -123,6 +123,7 @@ impl PoolState {
                     *mine = v;
                 }
             }
+            self.check_sr_space(&f.sr_id, at_ms);
         }
     }
 }

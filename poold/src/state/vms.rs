@@ -128,7 +128,11 @@ impl PoolState {
 
     /// The power state a person (or HA) wants; its task runs until the host reports it
     /// reached.
-    pub(super) fn set_vm_power(&mut self, p: &SetVmPower) -> Result<Applied, CommandResult> {
+    pub(super) fn set_vm_power(
+        &mut self,
+        p: &SetVmPower,
+        at_ms: u64,
+    ) -> Result<Applied, CommandResult> {
         let desired = hpb::PowerState::try_from(p.desired)
             .map_err(|_| err(Code::InvalidArgument, "bad power state"))?;
         let vm = self
@@ -160,6 +164,20 @@ impl PoolState {
                     v.host_id = p.host_id.clone();
                 }
                 v.desired_power_state = desired as i32;
+                if p.ha_restart {
+                    let message = format!(
+                        "HA restarts VM {} on host {} after its host was fenced",
+                        vm.spec.as_ref().map_or(vm.id.as_str(), |s| s.name.as_str()),
+                        self.host_name(&p.host_id)
+                    );
+                    self.raise_alert(
+                        pb::AlertKind::HaRestart,
+                        pb::AlertSeverity::Warning,
+                        &p.vm_id,
+                        message,
+                        at_ms,
+                    );
+                }
             }
             hpb::PowerState::Stopped | hpb::PowerState::Paused => {
                 if desired == hpb::PowerState::Paused && vm.host_id.is_empty() {

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::authorize::{header_of, peer_of};
 use super::{
-    PoolHandler, console, events, hosts, join, members, metrics, networks, roll, settings, storage,
+    PoolHandler, alerts, console, events, hosts, join, members, metrics, networks, roll, settings, storage,
     tasks, templates, users, vms,
 };
 
@@ -577,6 +577,17 @@ impl PoolService for PoolHandler {
         let who = self.authorize(&r, "CancelTask")?;
         let id = r.into_inner().task_id;
         tasks::cancel(self, &who, id).await.map(Response::new)
+    }
+
+    async fn list_alerts(&self, r: Request<pb::ListAlertsRequest>) -> R<pb::ListAlertsResponse> {
+        self.authorize(&r, "ListAlerts")?;
+        alerts::list(self, r.into_inner()).await.map(Response::new)
+    }
+
+    async fn dismiss_alert(&self, r: Request<pb::DismissAlertRequest>) -> R<pb::TaskResponse> {
+        let who = self.authorize(&r, "DismissAlert")?;
+        let res = alerts::dismiss(self, &who, r.into_inner()).await;
+        self.done(&who, res)
     }
 
     // Users, roles and the audit log.

@@ -28,6 +28,7 @@ use crate::coordinator::Coordinator;
 use crate::state::command::JobSpec;
 use proto::coordinator as pb;
 
+mod alerts;
 mod api;
 mod authorize;
 pub mod console;
