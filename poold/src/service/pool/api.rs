@@ -11,8 +11,8 @@ use tonic::{Request, Response, Status};
 
 use super::authorize::{header_of, peer_of};
 use super::{
-    PoolHandler, alerts, console, events, hosts, join, members, metrics, networks, roll, settings, storage,
-    tasks, templates, users, vms,
+    PoolHandler, alerts, console, events, hosts, join, members, metrics, networks, roll, settings,
+    storage, tasks, templates, users, vms,
 };
 
 type R<T> = Result<Response<T>, Status>;
