@@ -4,7 +4,8 @@
 //! name access to the volume (OpenVolumeAccess) and poolctl reads or writes the blocks
 //! over iSCSI straight from storaged, several requests in flight, then revokes the grant.
 //! Zero blocks are neither written (a fresh thin volume reads zeros) nor stored in the
-//! exported file (they stay holes).
+//! exported file (they stay holes). Backups (`crate::backup`) read and restore chunks
+//! through the same grant ([`open`], [`Access`]).
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;

@@ -18,6 +18,8 @@ pub const VERSION: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
 /// The VM's spec (`pool.v1.VmSpec`, protobuf) as the pool's VM snapshot recorded it.
 pub const SPEC_FILE: &str = "vm-spec.pb";
+/// Locked (`flock`) by a backup while it writes into the directory.
+pub const LOCK_FILE: &str = ".lock";
 
 /// One backup point: `point-NNNN/manifest.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -34,6 +34,7 @@ pub struct Taken {
 
 pub async fn backup(ctl: &mut Ctl, vm: &str, root: &Path) -> anyhow::Result<Taken> {
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let _lock = lock(root)?;
     // A broken chain is refused before anything is taken.
     let chain = format::load_chain(root)?;
     let vm_id = ctl.vm_id(vm).await?;
@@ -85,6 +86,27 @@ pub async fn backup(ctl: &mut Ctl, vm: &str, root: &Path) -> anyhow::Result<Take
         delete_snapshot(ctl, &b.id).await;
     }
     Ok(taken)
+}
+
+/// One backup at a time writes into a directory: two would write the same next point.
+/// The lock goes with the returned file.
+fn lock(root: &Path) -> anyhow::Result<std::fs::File> {
+    let path = root.join(format::LOCK_FILE);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            bail!("another vm-backup is writing into {}", root.display())
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
 }
 
 /// Snapshots every disk of the VM at one instant; the pool's record of it.
@@ -350,4 +372,19 @@ fn sync_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("syncing {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_backup_at_a_time_writes_into_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock(dir.path()).unwrap();
+        let err = lock(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("another vm-backup"), "{err}");
+        drop(held);
+        lock(dir.path()).unwrap();
+    }
 }
