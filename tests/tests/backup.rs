@@ -8,11 +8,14 @@
 use std::path::Path;
 use std::time::Duration;
 
-use e2e_tests::pool::{Pool, guest_elf, guest_vm};
+use e2e_tests::pool::{Api, Pool, field, guest_elf, guest_vm};
 use e2e_tests::{poolctl, text};
+use proto::storage as spb;
 
 const DISK: usize = 16 << 20;
 const CHUNK: usize = 64 << 10;
+/// An id no object has.
+const NOBODY: &str = "00000000-0000-4000-8000-000000000027";
 
 /// A disk image with no zero block: every chunk of it is allocated once imported.
 fn image(path: &Path) -> Vec<u8> {
@@ -119,6 +122,40 @@ fn full_then_incremental_backups_restore_each_point_byte_for_byte() {
             changed_chunks(&got, want)
         );
     }
+
+    // The pool's answer for a restored disk: every chunk, one range; another lineage and
+    // an unknown volume are refused with their codes.
+    let vdis = pool.ctl(&["vdi-list", "--json"]);
+    let id = |name: &str| {
+        vdis.lines()
+            .find(|l| l.contains(&format!("\"name\": \"{name}\"")))
+            .map(|l| field(l, "id"))
+            .unwrap_or_else(|| panic!("{name} in {vdis}"))
+    };
+    let api = Api::connect(&pool.p);
+    let ask = |volume: String, target: String| {
+        let r = spb::ListChangedChunksRequest {
+            volume_id: volume,
+            target_snapshot_id: target,
+            ..Default::default()
+        };
+        api.call(r, |mut c, r| async move { c.list_changed_chunks(r).await })
+    };
+    let all = ask(id("r2-vda"), id("r2-vda")).unwrap();
+    let whole = spb::ChunkRange {
+        first_chunk: 0,
+        chunk_count: (DISK / CHUNK) as u64,
+        mapped: true,
+    };
+    assert_eq!(all.ranges, [whole]);
+    assert_eq!(
+        (all.chunk_size_bytes, all.target_size_bytes),
+        (CHUNK as u64, DISK as u64)
+    );
+    let other = ask(id("bk-disk"), id("r2-vda")).unwrap_err();
+    assert_eq!(other.code(), tonic::Code::InvalidArgument, "{other:?}");
+    let unknown = ask(NOBODY.into(), NOBODY.into()).unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
 
     // No room: a repository smaller than the disk's data refuses before anything is made.
     let tiny = dir.path().join("tiny.img").display().to_string();
