@@ -228,6 +228,9 @@ try {
   await volPanel.locator("[data-field=granted]", { hasText: "CHAP" }).waitFor({ timeout: 60_000 });
   const acl = volPanel.locator(`[data-list=acl] tr[data-initiator='${iqn}']`);
   await acl.locator("td", { hasText: "outside the pool" }).waitFor();
+  // The secrets are shown once, and kept out of the screenshot.
+  await volPanel.locator("[data-field=granted]").getByRole("button", { name: "Hide" }).click();
+  await volPanel.locator("[data-field=granted]").waitFor({ state: "detached" });
   await snap("storage");
   await acl.getByRole("button", { name: "Revoke" }).click();
   await acl.waitFor({ state: "detached" });
@@ -336,6 +339,18 @@ try {
   await snap("ha-restart");
   step(`host ${doomed} killed: ${vmName} restarted by HA on ${rescuer}`);
   console.log(`FIGURE console_ha_restart_shown_ms ${Date.now() - killed}`);
+
+  // The alerts that raised, live: the dead host and the restart; the restart dismissed.
+  await page.locator("[data-page=alerts]").click();
+  const alerts = page.locator("[data-panel=alerts]");
+  await alerts.locator("tr[data-alert='host unreachable']", { hasText: doomed }).first().waitFor({ timeout: 30_000 });
+  const restart = alerts.locator("tr[data-alert='ha restart']", { hasText: vmName }).first();
+  await restart.waitFor({ timeout: 30_000 });
+  const open = Number(await page.locator("[data-field=open-alerts]").innerText());
+  await snap("alerts");
+  await restart.getByRole("button", { name: "Dismiss" }).click();
+  await page.waitForFunction((n) => Number(document.querySelector("[data-field=open-alerts]")?.textContent) === n - 1, open, { timeout: 30_000 });
+  step(`alerts: ${doomed} unreachable, ${vmName} restarted by HA (${open} open; the restart dismissed)`);
 
   await page.getByRole("button", { name: "Log out" }).click();
   await page.locator("form.login").waitFor();

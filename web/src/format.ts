@@ -1,6 +1,6 @@
 // How states and sizes read in the console: the enum names as poolctl prints them.
 import { PowerState } from "./gen/host_pb";
-import { HostState, Role, TaskState } from "./gen/pool_pb";
+import { AlertKind, AlertSeverity, HostState, Role, TaskState } from "./gen/pool_pb";
 
 // protobuf-es drops the enums' prefixes: PowerState.RUNNING is POWER_STATE_RUNNING.
 function label(names: Record<number, string>, value: number): string {
@@ -12,6 +12,8 @@ export const power = (s: PowerState) => label(PowerState, s);
 export const hostState = (s: HostState) => label(HostState, s);
 export const taskState = (s: TaskState) => label(TaskState, s);
 export const role = (r: Role) => label(Role, r);
+export const alertKind = (k: AlertKind) => label(AlertKind, k);
+export const severity = (s: AlertSeverity) => label(AlertSeverity, s);
 
 /** A protobuf timestamp as local date and time; "" when unset. */
 export function when(t: { seconds: bigint; nanos: number } | undefined): string {

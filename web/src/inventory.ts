@@ -3,6 +3,7 @@
 // rules (a reset drops everything, a deletion removes, positions only grow) are tested
 // on their own; the view layer bumps a counter when `apply` reports a change.
 import type {
+  Alert,
   AuditEvent,
   Host,
   Network,
@@ -29,6 +30,7 @@ export interface Objects {
   network: Map<string, Network>;
   user: Map<string, User>;
   task: Map<string, Task>;
+  alert: Map<string, Alert>;
 }
 
 export type Kind = keyof Objects;
@@ -50,6 +52,7 @@ const KINDS: Record<string, Kind> = {
   network: "network",
   user: "user",
   task: "task",
+  alert: "alert",
 };
 
 function empty(): Objects {
@@ -63,6 +66,7 @@ function empty(): Objects {
     network: new Map(),
     user: new Map(),
     task: new Map(),
+    alert: new Map(),
   };
 }
 
@@ -125,6 +129,11 @@ export class Inventory {
     this.audit = [];
     this.position = 0n;
     this.synced = false;
+  }
+
+  /** Alerts still open (not cleared, not dismissed), the latest first. */
+  openAlerts(): Alert[] {
+    return [...this.objects.alert.values()].filter(isOpen).sort(latestFirst);
   }
 
   hostName(id: string): string {
@@ -291,4 +300,14 @@ function groupBy<T extends { id: string }>(
     list.sort((a, b) => collate(name(a), name(b)) || collate(a.id, b.id));
   }
   return out;
+}
+
+/** Whether an alert is on the open list. */
+export function isOpen(a: Alert): boolean {
+  return a.clearedAt === undefined && a.dismissedAt === undefined;
+}
+
+/** The pool's alert ids are fixed-width hex in the order raised. */
+export function latestFirst(a: Alert, b: Alert): number {
+  return a.id < b.id ? 1 : a.id > b.id ? -1 : 0;
 }

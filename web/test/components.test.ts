@@ -9,6 +9,9 @@ import { ref } from "vue";
 import type { PoolClient } from "../src/api";
 import { PowerState } from "../src/gen/host_pb";
 import {
+  AlertKind,
+  AlertSchema,
+  AlertSeverity,
   ListVolumeExportsResponseSchema,
   Role,
   RoleDescriptionSchema,
@@ -20,6 +23,7 @@ import { VolumeKind, VolumeSchema } from "../src/gen/storage_pb";
 import { Inventory } from "../src/inventory";
 import { CAN, type Can } from "../src/permissions";
 import UsersPage from "../src/components/UsersPage.vue";
+import AlertsPage from "../src/components/AlertsPage.vue";
 import VmPanel from "../src/components/VmPanel.vue";
 import VolumePanel from "../src/components/VolumePanel.vue";
 
@@ -218,5 +222,40 @@ describe("UsersPage", () => {
     expect(w.find("[data-user=ann]").exists()).toBe(true);
     expect(w.findAll("button")).toHaveLength(0);
     expect(w.findAll("form")).toHaveLength(0);
+  });
+});
+
+describe("AlertsPage", () => {
+  function alerts() {
+    const inv = new Inventory();
+    const at = (s: number) => ({ seconds: BigInt(s), nanos: 0 });
+    const add = (id: string, kind: AlertKind, more: object) =>
+      inv.objects.alert.set(id, create(AlertSchema, { id, kind, severity: AlertSeverity.WARNING, raisedAt: at(1), ...more }));
+    add("0000000000000001", AlertKind.HOST_UNREACHABLE, { targetId: "h1", message: "host h1 stopped heartbeating", clearedAt: at(5) });
+    add("0000000000000002", AlertKind.HA_RESTART, { targetId: "vm1", message: "HA restarts VM web" });
+    add("0000000000000003", AlertKind.SR_FULL, { targetId: "sr1", message: "sr1 is 93% full" });
+    return inv;
+  }
+
+  it("lists the open alerts, latest first, and the closed ones when asked", async () => {
+    const w = mount(AlertsPage, { props: { inv: alerts(), tick: 0, client: client().c }, ...withCan(everything) });
+    expect(w.findAll("[data-alert]").map((r) => r.attributes("data-alert"))).toEqual(["sr full", "ha restart"]);
+    await w.find("input[name=closed-too]").setValue(true);
+    const rows = w.findAll("[data-alert]");
+    expect(rows.map((r) => r.attributes("data-alert"))).toEqual(["sr full", "ha restart", "host unreachable"]);
+    const closed = w.find("[data-alert='host unreachable']");
+    expect(closed.text()).toContain("cleared");
+    // Only what is open can be dismissed.
+    expect(closed.find("button").exists()).toBe(false);
+  });
+
+  it("dismisses through the API, and offers it only to a role that may", async () => {
+    const { c, calls } = client();
+    const w = mount(AlertsPage, { props: { inv: alerts(), tick: 0, client: c }, ...withCan(everything) });
+    await w.find("[data-alert='ha restart'] button").trigger("click");
+    await flushPromises();
+    expect(calls).toEqual([{ method: "dismissAlert", req: { alertId: "0000000000000002" } }]);
+    const ro = mount(AlertsPage, { props: { inv: alerts(), tick: 0, client: c }, ...withCan(nothing) });
+    expect(ro.findAll("button")).toHaveLength(0);
   });
 });

@@ -2,6 +2,7 @@ import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { describe, expect, it } from "vitest";
 import { PowerState } from "../src/gen/host_pb";
 import {
+  AlertSchema,
   AuditEventSchema,
   HostSchema,
   PoolEventSchema,
@@ -106,6 +107,22 @@ describe("Inventory", () => {
     expect(inv.audit.length).toBe(AUDIT_KEPT);
     expect(inv.audit[0]!.id).toBe(String(AUDIT_KEPT + 4));
     expect(inv.objects.host.size).toBe(2);
+  });
+
+  it("keeps alerts as the feed changes them, the open ones latest first", () => {
+    const inv = new Inventory();
+    inv.apply(listing(1n));
+    const alert = (pos: bigint, id: string, closed = false) =>
+      ev(pos, {
+        kind: "alert",
+        id,
+        object: { case: "alert", value: create(AlertSchema, { id, clearedAt: closed ? { seconds: 9n } : undefined }) },
+      });
+    inv.apply(msg(2n, [alert(2n, "0000000000000001"), alert(2n, "0000000000000002")]));
+    expect(inv.openAlerts().map((a) => a.id)).toEqual(["0000000000000002", "0000000000000001"]);
+    inv.apply(msg(3n, [alert(3n, "0000000000000002", true)]));
+    expect(inv.openAlerts().map((a) => a.id)).toEqual(["0000000000000001"]);
+    expect(inv.objects.alert.size).toBe(2);
   });
 
   it("finds objects of every kind by name or id, case aside", () => {
