@@ -604,6 +604,17 @@ async fn storage_service_answers_pool_members_and_nobody_else() {
             "{other}: {err:?}"
         );
         assert!(err.message().contains("may not call"), "{other}: {err:?}");
+        let err = daemon
+            .client_as(&tls)
+            .await
+            .list_changed_chunks(pb::ListChangedChunksRequest::default())
+            .await
+            .expect_err("only members may ask what changed");
+        assert_eq!(
+            err.code(),
+            tonic::Code::PermissionDenied,
+            "{other}: {err:?}"
+        );
     }
 
     let mut c = daemon.client().await;
@@ -612,6 +623,16 @@ async fn storage_service_answers_pool_members_and_nobody_else() {
     let m2 = daemon.pki.tls(&Identity::Member(2), &[]);
     let mut c = daemon.client_as(&m2).await;
     c.list_pools(pb::ListPoolsRequest::default()).await.unwrap();
+    let unknown = "00000000-0000-4000-8000-000000000027".to_owned();
+    let missing = c
+        .list_changed_chunks(pb::ListChangedChunksRequest {
+            volume_id: unknown.clone(),
+            target_snapshot_id: unknown,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
     let err = c
         .delete_volume(pb::DeleteVolumeRequest {
             volume_id: "no-such-volume".into(),
