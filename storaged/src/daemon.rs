@@ -299,6 +299,9 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
         })
     };
     tracing::info!(%addr, %iscsi_addr, pools = storage.pools().len(), "storaged serving StorageService and iSCSI");
+    // The signal handlers are in place before the ports are announced: a SIGTERM sent as
+    // soon as a test reads them stops the daemon cleanly instead of killing it.
+    let shutdown = shutdown_signal();
     // Tests and tools read these lines to learn the bound ports.
     println!("LISTENING {addr}");
     println!("ISCSI {iscsi_addr}");
@@ -371,7 +374,7 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
             )),
             members_only,
         ))
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(DaemonError::Serve)?;
     // The target stops after gRPC, so no request is left half done; sessions are closed
@@ -390,14 +393,18 @@ async fn serve(config: Config) -> Result<(), DaemonError> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// SIGINT or SIGTERM, with both handlers registered now (not when first polled).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
     }
-    tracing::info!("shutting down");
 }
 
 #[cfg(test)]
