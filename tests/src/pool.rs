@@ -55,6 +55,20 @@ impl Pool {
         }
     }
 
+    /// Makes storage repository `name` on a sparse file of `size` in `dir`; sr-create's output.
+    pub fn create_sr(&self, dir: &Path, name: &str, size: &str) -> String {
+        let img = dir.join(format!("{name}.img")).display().to_string();
+        self.ctl(&[
+            "sr-create",
+            name,
+            &self.storaged.addr,
+            "--file",
+            &img,
+            "--size",
+            size,
+        ])
+    }
+
     pub fn ctl(&self, args: &[&str]) -> String {
         poolctl_ok(&self.client(), args)
     }

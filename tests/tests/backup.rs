@@ -56,16 +56,7 @@ fn full_then_incremental_backups_restore_each_point_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
     let pool = Pool::start(dir.path(), 1);
     pool.wait_hosts_enabled();
-    let img = dir.path().join("sr1.img").display().to_string();
-    pool.ctl(&[
-        "sr-create",
-        "sr1",
-        &pool.storaged.addr,
-        "--file",
-        &img,
-        "--size",
-        "256M",
-    ]);
+    pool.create_sr(dir.path(), "sr1", "256M");
     let at_point_1 = image(&dir.path().join("disk.raw"));
     pool.ctl(&[
         "vdi-import",
@@ -158,16 +149,7 @@ fn full_then_incremental_backups_restore_each_point_byte_for_byte() {
     assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
 
     // No room: a repository smaller than the disk's data refuses before anything is made.
-    let tiny = dir.path().join("tiny.img").display().to_string();
-    pool.ctl(&[
-        "sr-create",
-        "tiny",
-        &pool.storaged.addr,
-        "--file",
-        &tiny,
-        "--size",
-        "4M",
-    ]);
+    pool.create_sr(dir.path(), "tiny", "4M");
     let o = poolctl(&pool.p, &["vm-restore", &b, "--name", "r3", "--sr", "tiny"]);
     assert!(!o.status.success());
     assert!(text(&o).contains("free"), "{}", text(&o));
@@ -234,16 +216,7 @@ fn backup_times_on_a_4_gib_disk() {
     let dir = tempfile::tempdir().unwrap();
     let pool = Pool::start(dir.path(), 1);
     pool.wait_hosts_enabled();
-    let img = dir.path().join("sr1.img").display().to_string();
-    pool.ctl(&[
-        "sr-create",
-        "sr1",
-        &pool.storaged.addr,
-        "--file",
-        &img,
-        "--size",
-        "10G",
-    ]);
+    pool.create_sr(dir.path(), "sr1", "10G");
     let raw = dir.path().join("disk.raw");
     {
         use std::io::Write;

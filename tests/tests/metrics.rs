@@ -101,16 +101,7 @@ fn every_daemon_serves_its_metrics_to_those_it_trusts_and_no_one_else() {
     pool.wait_hosts_enabled();
     let web = format!("127.0.0.1:{}", free_port());
     pool.coordinators.restart_with(1, &["--web-listen", &web]);
-    let img = dir.path().join("sr1.img").display().to_string();
-    let sr = pool.ctl(&[
-        "sr-create",
-        "sr1",
-        &pool.storaged.addr,
-        "--file",
-        &img,
-        "--size",
-        "256M",
-    ]);
+    let sr = pool.create_sr(dir.path(), "sr1", "256M");
     pool.ctl(&["vdi-create", "m-disk", "--sr", "sr1", "--size", "16M"]);
     let elf = guest_elf(dir.path());
     pool.ctl(&guest_vm(

@@ -187,16 +187,7 @@ fn networks_vifs_macs_and_placement_through_poolctl() {
     );
 
     // A running VM on two networks, each VIF with a MAC from the pool's prefix.
-    let img = dir.path().join("sr1.img").display().to_string();
-    pool.ctl(&[
-        "sr-create",
-        "sr1",
-        &pool.storaged.addr,
-        "--file",
-        &img,
-        "--size",
-        "256M",
-    ]);
+    pool.create_sr(dir.path(), "sr1", "256M");
     pool.ctl(&["vdi-create", "web-disk", "--sr", "sr1", "--size", "16M"]);
     let elf = guest_elf(dir.path());
     pool.ctl(&guest_vm(

@@ -32,16 +32,7 @@ fn hosts_join_and_a_vm_lives_its_life() {
         );
     }
 
-    let img = dir.path().join("sr1.img").display().to_string();
-    pool.ctl(&[
-        "sr-create",
-        "sr1",
-        &pool.storaged.addr,
-        "--file",
-        &img,
-        "--size",
-        "1G",
-    ]);
+    pool.create_sr(dir.path(), "sr1", "1G");
     pool.ctl(&["vdi-create", "base-disk", "--sr", "sr1", "--size", "16M"]);
     let elf = guest_elf(dir.path());
     pool.ctl(&guest_vm(
@@ -141,16 +132,7 @@ fn ha_restarts_a_dead_hosts_vm_elsewhere_after_fencing_it() {
     pool.wait_hosts_enabled();
     pool.ctl(&["pool-set", "--heartbeat-timeout", "2"]);
     pool.ctl(&["pool-ha-enable", "--failures", "1", "--timeout", "2"]);
-    let img = dir.path().join("sr1.img").display().to_string();
-    pool.ctl(&[
-        "sr-create",
-        "sr1",
-        &pool.storaged.addr,
-        "--file",
-        &img,
-        "--size",
-        "1G",
-    ]);
+    pool.create_sr(dir.path(), "sr1", "1G");
     pool.ctl(&["vdi-create", "ha-disk", "--sr", "sr1", "--size", "16M"]);
     let elf = guest_elf(dir.path());
     pool.ctl(&guest_vm(
@@ -285,16 +267,7 @@ fn a_fenced_host_that_comes_back_stops_its_stale_vm_and_rejoins() {
     pool.wait_hosts_enabled();
     pool.ctl(&["pool-set", "--heartbeat-timeout", "2"]);
     pool.ctl(&["pool-ha-enable", "--failures", "1", "--timeout", "2"]);
-    let img = dir.path().join("sr1.img").display().to_string();
-    pool.ctl(&[
-        "sr-create",
-        "sr1",
-        &pool.storaged.addr,
-        "--file",
-        &img,
-        "--size",
-        "1G",
-    ]);
+    pool.create_sr(dir.path(), "sr1", "1G");
     pool.ctl(&["vdi-create", "p-disk", "--sr", "sr1", "--size", "16M"]);
     let elf = guest_elf(dir.path());
     pool.ctl(&guest_vm(

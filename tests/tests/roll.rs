@@ -66,16 +66,7 @@ fn the_pool_rolls_its_ca_while_a_vm_runs_and_the_old_ca_opens_nothing_after() {
     let p = pool.p.clone();
     let token = p.token.clone().expect("the admin's token");
     pool.wait_hosts_enabled();
-    let img = dir.join("sr1.img").display().to_string();
-    pool.ctl(&[
-        "sr-create",
-        "sr1",
-        &pool.storaged.addr,
-        "--file",
-        &img,
-        "--size",
-        "256M",
-    ]);
+    pool.create_sr(dir, "sr1", "256M");
     pool.ctl(&["vdi-create", "d1", "--sr", "sr1", "--size", "16M"]);
     let elf = guest_elf(dir);
     pool.ctl(&guest_vm(
