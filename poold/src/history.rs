@@ -5,8 +5,9 @@
 //! reports (`consensus/node/apply.rs` hands each applied report to [`History::record`]);
 //! the time of a sample is the sample's own `at`, never the member's clock, so the state
 //! machine stays free of wall-clock time and members that applied the same log hold the
-//! same buckets. The history lives in memory only: a member that restarts, or joins,
-//! starts with none, and fills from the reports it applies from then on. The leader
+//! same buckets. A member joining starts with none and fills from the reports it applies
+//! from then on; a member that restarts reads back what it saved ([`History::load`]). The
+//! leader
 //! commits a host's report when something the pool acts on changed or every 30 s
 //! (`service/agent.rs`), so the 5 s tier has a sample only where a report was committed.
 //!
@@ -26,8 +27,24 @@
 //! 50 hosts holds (6,000 + 200) series × ~6.6 KB ≈ 41 MB (38 MB of it buckets). Series
 //! whose target is gone from the state are dropped at the next applied report
 //! ([`History::prune`]), so the count is bounded by the pool's hosts and VMs.
+//!
+//! # On disk
+//! Each member saves its history to [`FILE`] in its data directory (0600, written
+//! atomically) every minute and at a clean shutdown (`server.rs`), and reads it back at
+//! start before serving. Little-endian: the magic `POOLHIST`, the version (u32), the tiers
+//! (count u32, then width i64 and length u32 each), the series count (u32), each series,
+//! and a CRC-32 of all that came before. A series: its target id (u16 length, UTF-8), its
+//! metric (u8, the index in [`Metric::ALL`]), its last sample (present u8, at ms i64, raw
+//! f64), then per tier the newest bucket number (present u8, i64), the filling bucket's sum
+//! (f64) and count (u32), and every slot's average and maximum (f32 each). A series is
+//! [`SERIES_FILE_BYTES`] plus its id, so the file is bounded as memory is. The log entries
+//! applied again after a restart are those the `last` sample already holds, so they add
+//! nothing twice. A file that cannot be read back (truncated, corrupt, another version or
+//! other tiers) is renamed `<file>.bad`, replacing an older one, with a warning, and the
+//! member starts with empty history.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 
 use proto::host as hpb;
 
@@ -79,6 +96,19 @@ pub enum Metric {
 }
 
 impl Metric {
+    /// Every metric; its index here is its code in [`FILE`] (append only).
+    pub const ALL: [Metric; 10] = [
+        Metric::CpuPercent,
+        Metric::MemoryUsedBytes,
+        Metric::MemoryAssignedToVmsBytes,
+        Metric::VmsRunning,
+        Metric::VcpuTimeNs,
+        Metric::RssBytes,
+        Metric::DiskReadBytes,
+        Metric::DiskWriteBytes,
+        Metric::NetRxBytes,
+        Metric::NetTxBytes,
+    ];
     pub const HOST: [Metric; 4] = [
         Metric::CpuPercent,
         Metric::MemoryUsedBytes,
@@ -315,7 +345,7 @@ pub struct Point {
 }
 
 /// A member's metrics history: every series, by target id and metric.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct History {
     series: HashMap<(String, Metric), Series>,
 }
@@ -404,6 +434,249 @@ impl History {
         self.series
             .get(&(target.to_owned(), metric))
             .map(Series::bucket_bytes)
+    }
+}
+
+/// The file each member keeps its history in, in its data directory.
+pub const FILE: &str = "metrics-history.bin";
+const MAGIC: &[u8; 8] = b"POOLHIST";
+const VERSION: u32 = 1;
+/// The bytes of one series in [`FILE`] besides its target id.
+pub const SERIES_FILE_BYTES: usize =
+    2 + 1 + 17 + TIERS.len() * (9 + 8 + 4) + BUCKETS_PER_SERIES * 8;
+
+/// Why a saved history cannot be read back.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("not a metrics history file")]
+    Magic,
+    #[error("version {0}; this poold reads version {VERSION}")]
+    Version(u32),
+    #[error("its tiers are not this poold's")]
+    Tiers,
+    #[error("truncated")]
+    Truncated,
+    #[error("checksum mismatch")]
+    Checksum,
+    #[error("{0}")]
+    Malformed(&'static str),
+}
+
+/// Why [`History::load`] started empty.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot decode {path}")]
+    Decode {
+        path: PathBuf,
+        #[source]
+        source: DecodeError,
+    },
+}
+
+fn put_opt_i64(out: &mut Vec<u8>, v: Option<i64>) {
+    out.push(u8::from(v.is_some()));
+    out.extend_from_slice(&v.unwrap_or(0).to_le_bytes());
+}
+
+/// Reads a saved history front to back.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let (head, rest) = self
+            .0
+            .split_first_chunk::<N>()
+            .ok_or(DecodeError::Truncated)?;
+        self.0 = rest;
+        Ok(*head)
+    }
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let (head, rest) = self.0.split_at_checked(n).ok_or(DecodeError::Truncated)?;
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take::<1>()?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.take()?))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.take()?))
+    }
+    fn i64(&mut self) -> Result<i64, DecodeError> {
+        Ok(i64::from_le_bytes(self.take()?))
+    }
+    fn f64(&mut self) -> Result<f64, DecodeError> {
+        Ok(f64::from_le_bytes(self.take()?))
+    }
+    fn f32(&mut self) -> Result<f32, DecodeError> {
+        Ok(f32::from_le_bytes(self.take()?))
+    }
+    fn opt_i64(&mut self) -> Result<Option<i64>, DecodeError> {
+        let present = self.u8()?;
+        let v = self.i64()?;
+        match present {
+            0 => Ok(None),
+            1 => Ok(Some(v)),
+            _ => Err(DecodeError::Malformed("a presence flag is neither 0 nor 1")),
+        }
+    }
+}
+
+impl History {
+    /// The history in the format of [`FILE`] (see the module's doc).
+    pub fn encode(&self) -> Vec<u8> {
+        let ids: usize = self.series.keys().map(|(id, _)| id.len()).sum();
+        let mut out = Vec::with_capacity(64 + self.series.len() * SERIES_FILE_BYTES + ids);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(TIERS.len() as u32).to_le_bytes());
+        for t in TIERS {
+            out.extend_from_slice(&t.width_s.to_le_bytes());
+            out.extend_from_slice(&(t.len as u32).to_le_bytes());
+        }
+        // Target ids are UUIDs; one too long for the format is left out rather than cut.
+        // In order, so that the same history always makes the same bytes.
+        let mut kept: Vec<_> = self
+            .series
+            .iter()
+            .filter(|((id, _), _)| id.len() <= usize::from(u16::MAX))
+            .map(|((id, metric), series)| {
+                let code = Metric::ALL
+                    .iter()
+                    .position(|m| m == metric)
+                    .expect("in ALL");
+                (id, code as u8, series)
+            })
+            .collect();
+        kept.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        out.extend_from_slice(&(kept.len() as u32).to_le_bytes());
+        for (id, code, series) in kept {
+            out.extend_from_slice(&(id.len() as u16).to_le_bytes());
+            out.extend_from_slice(id.as_bytes());
+            out.push(code);
+            let (at, raw) = series.last.unzip();
+            put_opt_i64(&mut out, at);
+            out.extend_from_slice(&raw.unwrap_or(0.0).to_le_bytes());
+            for ring in &series.rings {
+                put_opt_i64(&mut out, ring.newest);
+                out.extend_from_slice(&ring.sum.to_le_bytes());
+                out.extend_from_slice(&ring.count.to_le_bytes());
+                for b in &ring.slots {
+                    out.extend_from_slice(&b.avg.to_le_bytes());
+                    out.extend_from_slice(&b.max.to_le_bytes());
+                }
+            }
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Reads back what [`History::encode`] wrote.
+    pub fn decode(data: &[u8]) -> Result<History, DecodeError> {
+        let mut r = Reader(data);
+        if &r.take::<8>()? != MAGIC {
+            return Err(DecodeError::Magic);
+        }
+        let version = r.u32()?;
+        if version != VERSION {
+            return Err(DecodeError::Version(version));
+        }
+        let (body, crc) = data
+            .split_last_chunk::<4>()
+            .filter(|(body, _)| body.len() >= 12 + 4 + TIERS.len() * 12 + 4)
+            .ok_or(DecodeError::Truncated)?;
+        // A file cut short past its header shows as a mismatch too.
+        if crc32fast::hash(body) != u32::from_le_bytes(*crc) {
+            return Err(DecodeError::Checksum);
+        }
+        let mut r = Reader(&body[12..]);
+        if r.u32()? as usize != TIERS.len() {
+            return Err(DecodeError::Tiers);
+        }
+        for t in TIERS {
+            if r.i64()? != t.width_s || r.u32()? as usize != t.len {
+                return Err(DecodeError::Tiers);
+            }
+        }
+        let count = r.u32()? as usize;
+        // Bounded by what the file holds, whatever the count says.
+        let mut series = HashMap::with_capacity(count.min(r.0.len() / SERIES_FILE_BYTES));
+        for _ in 0..count {
+            let len = usize::from(r.u16()?);
+            let id = std::str::from_utf8(r.bytes(len)?)
+                .map_err(|_| DecodeError::Malformed("a target id is not UTF-8"))?
+                .to_owned();
+            let metric = *Metric::ALL
+                .get(usize::from(r.u8()?))
+                .ok_or(DecodeError::Malformed("an unknown metric"))?;
+            let at = r.opt_i64()?;
+            let raw = r.f64()?;
+            let mut s = Series::new(metric.is_counter());
+            s.last = at.map(|at| (at, raw));
+            for ring in &mut s.rings {
+                ring.newest = r.opt_i64()?;
+                ring.sum = r.f64()?;
+                ring.count = r.u32()?;
+                for b in ring.slots.iter_mut() {
+                    b.avg = r.f32()?;
+                    b.max = r.f32()?;
+                }
+            }
+            if series.insert((id, metric), s).is_some() {
+                return Err(DecodeError::Malformed("a series appears twice"));
+            }
+        }
+        if !r.0.is_empty() {
+            return Err(DecodeError::Malformed("bytes after the last series"));
+        }
+        Ok(History { series })
+    }
+
+    /// Writes the history to `path` (0600, atomically: a temporary file, fsync, rename).
+    pub fn save(&self, path: &Path) -> Result<(), pool_trust::files::FileError> {
+        pool_trust::files::write_private(path, &self.encode())
+    }
+
+    /// The history saved at `path`; empty when there is none. A file that cannot be read
+    /// back leaves an empty history and the error; the caller warns. One that cannot be
+    /// decoded is moved aside to `<path>.bad` (replacing an older one) so that what went
+    /// wrong can still be looked at after the next save.
+    pub fn load(path: &Path) -> (History, Option<LoadError>) {
+        let data = match std::fs::read(path) {
+            Ok(data) => data,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return (History::default(), None);
+            }
+            Err(source) => {
+                let e = LoadError::Read {
+                    path: path.to_owned(),
+                    source,
+                };
+                return (History::default(), Some(e));
+            }
+        };
+        match History::decode(&data) {
+            Ok(h) => (h, None),
+            Err(source) => {
+                let mut bad = path.as_os_str().to_owned();
+                bad.push(".bad");
+                let _ = std::fs::rename(path, bad);
+                let e = LoadError::Decode {
+                    path: path.to_owned(),
+                    source,
+                };
+                (History::default(), Some(e))
+            }
+        }
     }
 }
 
@@ -627,5 +900,150 @@ mod tests {
         s.hosts.remove("h1");
         h.prune(&s);
         assert!(h.is_empty());
+    }
+
+    /// A history with samples in every tier: h1's CPU and vm1's vCPU rate over two days,
+    /// some buckets with several samples (so average and maximum differ).
+    fn aged_history() -> History {
+        let s = pool();
+        let mut h = History::default();
+        for i in 0..600 {
+            let t = i * 317;
+            let cpu = (i % 37) as f64 * 1.5;
+            h.record(
+                &s,
+                "h1",
+                &report(t, i % 1000, cpu, (i * i) as u64 * 1_000_000),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn saved_history_reads_back_with_every_tier_its_maxima_and_positions() {
+        let h = aged_history();
+        let bytes = h.encode();
+        let back = History::decode(&bytes).unwrap();
+        assert_eq!(back.len(), h.len());
+        // Every field, ring positions and the filling buckets' sums included.
+        assert_eq!(back.encode(), bytes);
+        for (target, metric) in [("h1", Metric::CpuPercent), ("vm1", Metric::VcpuTimeNs)] {
+            for step in TIERS.map(|t| t.width_s) {
+                let p = h.query(target, metric, step, None, None);
+                assert!(!p.is_empty(), "{target} {step}");
+                // Reports come every 317 s: hours and days hold several.
+                if step >= 3600 {
+                    assert!(p.iter().any(|p| p.max > p.avg), "{target} {step}");
+                }
+                assert_eq!(back.query(target, metric, step, None, None), p);
+            }
+        }
+        // It goes on as if it had never stopped: a report applied again adds nothing,
+        // the next one extends the filling buckets and the counter's rate.
+        let s = pool();
+        let (mut a, mut b) = (h, back);
+        for h in [&mut a, &mut b] {
+            h.record(&s, "h1", &report(599 * 317, 599, 0.0, 0));
+            h.record(&s, "h1", &report(600 * 317, 0, 99.0, 1 << 50));
+        }
+        assert_eq!(a.encode(), b.encode());
+        // Empty history too.
+        let empty = History::default().encode();
+        assert!(History::decode(&empty).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_truncated_corrupt_or_other_version_file_leaves_empty_history_and_an_error() {
+        let bytes = aged_history().encode();
+        for len in 0..bytes.len() {
+            assert!(History::decode(&bytes[..len]).is_err(), "cut at {len}");
+        }
+        assert_eq!(
+            History::decode(&bytes[..20]).err(),
+            Some(DecodeError::Truncated)
+        );
+        assert_eq!(
+            History::decode(&bytes[..bytes.len() - 1]).err(),
+            Some(DecodeError::Checksum)
+        );
+        let mut flipped = bytes.clone();
+        flipped[bytes.len() / 2] ^= 0x10;
+        assert_eq!(History::decode(&flipped).err(), Some(DecodeError::Checksum));
+        let mut other = bytes.clone();
+        other[8..12].copy_from_slice(&2u32.to_le_bytes());
+        assert_eq!(History::decode(&other).err(), Some(DecodeError::Version(2)));
+        assert_eq!(
+            History::decode(b"not history at all").err(),
+            Some(DecodeError::Magic)
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        let (h, err) = History::load(&path);
+        assert!(h.is_empty() && err.is_none(), "no file is no error");
+        std::fs::write(&path, &bytes[..bytes.len() / 3]).unwrap();
+        let (h, err) = History::load(&path);
+        assert!(h.is_empty());
+        let err = err.expect("an error");
+        assert!(err.to_string().contains(FILE), "{err}");
+        assert!(!path.exists());
+        let bad = dir.path().join(format!("{FILE}.bad"));
+        assert_eq!(std::fs::read(&bad).unwrap().len(), bytes.len() / 3);
+    }
+
+    #[test]
+    fn the_file_is_written_0600_and_bounded_by_the_series_it_holds() {
+        use std::os::unix::fs::PermissionsExt;
+        let mut s = PoolState::default();
+        let mut h = History::default();
+        let vms: Vec<String> = (0..20).map(|i| format!("{i:036}")).collect();
+        for (i, vm) in vms.iter().enumerate() {
+            s.vms.insert(
+                vm.clone(),
+                pb::Vm {
+                    id: vm.clone(),
+                    host_id: "h1".into(),
+                    ..Default::default()
+                },
+            );
+            for m in Metric::VM {
+                h.series_mut(vm, m).record(T0 * 1000 + i as i64, 1.0);
+            }
+        }
+        let header = 8 + 4 + 4 + TIERS.len() * 12 + 4;
+        let size = |h: &History| h.encode().len();
+        let expected = header + 20 * 6 * (SERIES_FILE_BYTES + 36) + 4;
+        assert_eq!(size(&h), expected);
+        // A year of samples later, the same size.
+        for day in 0..400 {
+            let mut m = hpb::HostMetrics {
+                at: ts((T0 + day * 86_400) * 1000),
+                ..Default::default()
+            };
+            m.vms = vms
+                .iter()
+                .map(|id| hpb::VmMetrics {
+                    vm_id: id.clone(),
+                    vcpu_time_ns: day as u64,
+                    ..Default::default()
+                })
+                .collect();
+            h.record(&s, "h1", &m);
+        }
+        h.prune(&s);
+        assert_eq!(size(&h), expected);
+        // The module doc's pool of 1,000 VMs on 50 hosts: under 40 MB on disk.
+        assert!(header + 6_200 * (SERIES_FILE_BYTES + 36) + 4 < 40_000_000);
+
+        let dir = tempfile::tempdir().unwrap();
+        // As a member's data directory is.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let path = dir.path().join(FILE);
+        h.save(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (back, err) = History::load(&path);
+        assert!(err.is_none());
+        assert_eq!(back.encode(), h.encode());
     }
 }

@@ -15,8 +15,8 @@
 //!   filters when a placement commits, so racing placements never overcommit a host.
 //! - [`coordinator`]: request logic between services and Raft: forwarding to the leader,
 //!   linearizable reads through ReadIndex, schedule-then-commit.
-//! - [`history`]: metrics history in round-robin tiers, per member and in memory, fed as
-//!   host reports are applied; `QueryMetrics` reads it.
+//! - [`history`]: metrics history in round-robin tiers, per member, in memory and saved
+//!   to its data directory, fed as host reports are applied; `QueryMetrics` reads it.
 //! - [`service`]: the gRPC services (PoolService, HostAgentService, CoordinatorPeerService).
 //! - [`web`]: the web console's HTTPS port: PoolService as gRPC-Web and the console's files.
 //! - [`reconcile`]: desired versus reported state, acted on through a narrow

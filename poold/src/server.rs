@@ -20,6 +20,7 @@ use crate::consensus::storage::{DiskStorage, StorageOpenError};
 use crate::consensus::transport::Faults;
 use crate::consensus::transport::member_address;
 use crate::coordinator::Coordinator;
+use crate::history::{self, History};
 use crate::service::{agent, peer, pool};
 use crate::state::command::{Op, PoolCaRecord};
 use crate::state::{PoolState, snapshot};
@@ -124,9 +125,14 @@ impl Member {
         let mut node_cfg = cfg.node.clone();
         node_cfg.seeds = cfg.initial_members.clone();
         node_cfg.tls = tls.clone();
+        let (history, bad) = History::load(&cfg.data_dir.join(history::FILE));
+        if let Some(e) = bad {
+            tracing::warn!(error = %proto::error_chain(&e), "starting with empty metrics history");
+        }
         let handle = node::start(
             node_cfg,
             storage,
+            history,
             tokio::runtime::Handle::current(),
             faults.clone(),
         )?;
@@ -185,6 +191,11 @@ impl Member {
             )),
         ];
         let mut loops = loops;
+        let history_saver = tokio::spawn(keep_history_saved(
+            c.clone(),
+            self.data_dir.join(history::FILE),
+            stop_rx.clone(),
+        ));
         if let Some(ca) = self.found_ca {
             loops.push(tokio::spawn(commit_found_ca(
                 c.clone(),
@@ -268,7 +279,46 @@ impl Member {
         for l in loops {
             l.abort();
         }
+        // Not aborted: it saves the history a last time on the way out.
+        let _ = history_saver.await;
         result
+    }
+}
+
+/// How often a member saves its metrics history.
+const HISTORY_SAVE_EVERY: Duration = Duration::from_secs(60);
+
+/// Saves the member's metrics history to `path` every [`HISTORY_SAVE_EVERY`] and once
+/// more when `stop` says so.
+async fn keep_history_saved(
+    c: Arc<Coordinator>,
+    path: PathBuf,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut every = tokio::time::interval(HISTORY_SAVE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is now: nothing new to save yet.
+    every.tick().await;
+    loop {
+        tokio::select! {
+            _ = every.tick() => save_history(&c, &path).await,
+            _ = stop.changed() => break,
+        }
+    }
+    save_history(&c, &path).await;
+}
+
+/// The history is copied under its lock (the Raft task takes that lock to apply reports),
+/// then encoded and written on a blocking thread.
+async fn save_history(c: &Coordinator, path: &std::path::Path) {
+    let copy = c.node.shared.history.lock().expect("history lock").clone();
+    let to = path.to_owned();
+    match tokio::task::spawn_blocking(move || copy.save(&to)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %proto::error_chain(&e), "cannot save the metrics history")
+        }
+        Err(e) => tracing::warn!(error = %e, "saving the metrics history failed"),
     }
 }
 

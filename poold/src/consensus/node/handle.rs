@@ -103,8 +103,9 @@ pub struct Shared {
     /// The events of the entries applied lately (`WatchEvents`); changed only with the
     /// state's write lock held, so the state and the feed read together agree.
     pub feed: Mutex<Feed>,
-    /// The metrics history of the host reports this member applied (in memory only);
-    /// changed with the state's write lock held, after the state.
+    /// The metrics history of the host reports this member applied (saved to its data
+    /// directory by `server.rs`); changed with the state's write lock held, after the
+    /// state.
     pub history: Mutex<History>,
     /// What the node task measures for Prometheus.
     pub metrics: super::metrics::NodeMetrics,

@@ -138,9 +138,12 @@ struct Node {
 
 /// Starts the node task on `transport_rt`. `storage` must be bootstrapped already (or
 /// empty, for a member that joins an existing group and waits for its snapshot).
+/// `history` is the metrics history the member saved; it is in place before the first
+/// entry is applied again, so those entries find their samples already there.
 pub fn start(
     cfg: NodeConfig,
     storage: DiskStorage,
+    history: History,
     transport_rt: tokio::runtime::Handle,
     faults: Arc<super::transport::Faults>,
 ) -> Result<NodeHandle, NodeStartError> {
@@ -173,7 +176,7 @@ pub fn start(
         applied: watch::channel(applied).0,
         learned_addresses: RwLock::new(BTreeMap::new()),
         feed: Mutex::new(Feed::new(applied)),
-        history: Mutex::new(History::default()),
+        history: Mutex::new(history),
         metrics: NodeMetrics::default(),
     });
     let raft_cfg = raft_config(&cfg, applied);
