@@ -261,7 +261,19 @@ fn main() -> anyhow::Result<()> {
         };
         member
             .run(listener, async {
-                let _ = tokio::signal::ctrl_c().await;
+                // SIGTERM too: what systemd and docker stop with.
+                let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+                match term {
+                    Ok(mut term) => {
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => {}
+                            _ = term.recv() => {}
+                        }
+                    }
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
                 tracing::info!("shutting down");
             })
             .await

@@ -258,23 +258,46 @@ impl Member {
                     .max_encoding_message_size(usize::MAX),
                 members_only,
             ));
-        let result = match server_tls {
-            // The client certificate is optional on this port: people call PoolService
-            // with a token; the member and host services require theirs (RequireRole).
-            Some(server_tls) => {
-                router
-                    .serve_with_incoming_shutdown(server_tls.incoming(listener), shutdown)
-                    .await
+        // The signal stops the loops at once (the history is saved a last time), and the
+        // server drains for at most SHUTDOWN_GRACE: other members' Raft streams to this
+        // one do not end by themselves.
+        let shutdown = {
+            let stop_tx = stop_tx.clone();
+            async move {
+                shutdown.await;
+                let _ = stop_tx.send(true);
             }
-            None => {
-                let incoming =
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-                router
-                    .serve_with_incoming_shutdown(incoming, shutdown)
-                    .await
+        };
+        let serve = async {
+            match server_tls {
+                // The client certificate is optional on this port: people call PoolService
+                // with a token; the member and host services require theirs (RequireRole).
+                Some(server_tls) => {
+                    router
+                        .serve_with_incoming_shutdown(server_tls.incoming(listener), shutdown)
+                        .await
+                }
+                None => {
+                    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                        .with_nodelay(Some(true));
+                    router
+                        .serve_with_incoming_shutdown(incoming, shutdown)
+                        .await
+                }
             }
-        }
-        .map_err(StartError::Serve);
+            .map_err(StartError::Serve)
+        };
+        let mut stopping = stop_rx.clone();
+        let result = tokio::select! {
+            r = serve => r,
+            _ = async {
+                let _ = stopping.wait_for(|stop| *stop).await;
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } => {
+                tracing::info!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace; stopping anyway");
+                Ok(())
+            }
+        };
         let _ = stop_tx.send(true);
         for l in loops {
             l.abort();
@@ -284,6 +307,9 @@ impl Member {
         result
     }
 }
+
+/// How long a member stopping waits for its connections to end.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// How often a member saves its metrics history.
 const HISTORY_SAVE_EVERY: Duration = Duration::from_secs(60);

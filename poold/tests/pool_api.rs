@@ -287,12 +287,47 @@ async fn a_host_that_stops_heartbeating_becomes_unreachable_and_comes_back() {
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
 
+/// `member`'s buckets of host `id`'s CPU at `step` seconds: (seconds after `t0`, average,
+/// maximum).
+async fn cpu_buckets(
+    cl: &Cluster,
+    member: u64,
+    id: &str,
+    t0: u64,
+    step: u32,
+) -> Vec<(u64, f64, f64)> {
+    let mut c = cl.client_of(&[member]).await;
+    let req = pb::QueryMetricsRequest {
+        target_id: id.into(),
+        metric: "cpu_percent".into(),
+        step_seconds: step,
+        ..Default::default()
+    };
+    let r = c
+        .call(|mut p| {
+            let req = req.clone();
+            async move { p.query_metrics(req).await }
+        })
+        .await
+        .unwrap();
+    r.samples
+        .iter()
+        .map(|s| (s.at.unwrap().seconds as u64 - t0, s.value, s.max))
+        .collect()
+}
+
 /// Every member keeps the history of the host reports it applies: QueryMetrics with a step
-/// answers the same buckets from each, and without one the latest sample as before.
+/// answers the same buckets from each, and without one the latest sample as before. A
+/// member restarted answers them still, from the file it saved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_member_keeps_the_metrics_history_of_the_reports_it_applies() {
     let _serial = SERIAL.lock().await;
-    let cl = Cluster::start(3, &[]);
+    // A snapshot at every entry and no log kept behind it: a member restarted after the
+    // reports applies none of them again, so its history can only come from its file.
+    let mut cl = Cluster::start(
+        3,
+        &["--snapshot-interval", "1", "--snapshot-keep-entries", "0"],
+    );
     let leader = cl.leader(ELECTION).await;
     let mut c = cl.client().await;
     let id = join_named_host(&mut c, "mh1", "10.5.0.1:7000")
@@ -318,33 +353,44 @@ async fn every_member_keeps_the_metrics_history_of_the_reports_it_applies() {
         };
         send_heartbeat(&cl, leader, "mh1", req).await.unwrap();
     }
-    for m in cl.alive() {
-        let mut c = cl.client_of(&[m]).await;
-        let mut ask = async |step: u32| {
-            let req = pb::QueryMetricsRequest {
-                target_id: id.clone(),
-                metric: "cpu_percent".into(),
-                step_seconds: step,
-                ..Default::default()
-            };
-            let r = c
-                .call(|mut p| {
-                    let req = req.clone();
-                    async move { p.query_metrics(req).await }
-                })
-                .await
-                .unwrap();
-            r.samples
-                .iter()
-                .map(|s| (s.at.unwrap().seconds as u64 - t0, s.value, s.max))
-                .collect::<Vec<_>>()
-        };
+    let check = async |cl: &Cluster, m: u64| {
         assert_eq!(
-            ask(5).await,
+            cpu_buckets(cl, m, &id, t0, 5).await,
             [(0, 20.0, 30.0), (5, 50.0, 50.0)],
             "member {m}"
         );
-        assert_eq!(ask(60).await, [(0, 30.0, 50.0)], "member {m}");
-        assert_eq!(ask(0).await, [(5, 50.0, 50.0)], "member {m}");
+        assert_eq!(
+            cpu_buckets(cl, m, &id, t0, 60).await,
+            [(0, 30.0, 50.0)],
+            "member {m}"
+        );
+        assert_eq!(
+            cpu_buckets(cl, m, &id, t0, 0).await,
+            [(5, 50.0, 50.0)],
+            "member {m}"
+        );
+    };
+    for m in cl.alive() {
+        check(&cl, m).await;
     }
+    let m = cl.alive().into_iter().find(|m| *m != leader).unwrap();
+    let applied = cl.status(leader).await.unwrap().applied_index;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cl
+        .status(m)
+        .await
+        .is_none_or(|s| s.snapshot_index < applied)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "member {m} took no snapshot past {applied}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cl.stop(m);
+    let file = cl.data_dir(m).join(poold::history::FILE);
+    let (saved, err) = poold::history::History::load(&file);
+    assert!(err.is_none() && !saved.is_empty(), "{err:?}");
+    cl.spawn(m);
+    check(&cl, m).await;
 }

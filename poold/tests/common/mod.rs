@@ -182,6 +182,27 @@ impl Cluster {
         }
     }
 
+    /// SIGINT, as Ctrl-C: the member shuts down cleanly (saving what it saves on the way
+    /// out), waited for up to 30 s.
+    pub fn stop(&mut self, id: u64) {
+        let mut child = self.procs.remove(&id).expect("a running member");
+        let pid = child.id().to_string();
+        let st = Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .expect("run kill");
+        assert!(st.success(), "kill -INT {pid}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().expect("wait for poold").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("member {id} did not stop within 30 s of SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGSTOP (`stop == true`) or SIGCONT: the member stalls with its sockets open, the way
     /// a process blocked on a slow disk does.
     pub fn freeze(&self, id: u64, stop: bool) {
