@@ -309,7 +309,7 @@ impl Member {
 }
 
 /// How long a member stopping waits for its connections to end.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// How often a member saves its metrics history.
 const HISTORY_SAVE_EVERY: Duration = Duration::from_secs(60);
