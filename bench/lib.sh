@@ -44,7 +44,13 @@ need_docker() {
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
   fi
   docker info >/dev/null 2>&1 && return 0
-  as_root dockerd --pidfile "$1.pid" >"$1" 2>&1 &
+  # Started directly (not through as_root, a function: `$!` would be the subshell running
+  # it, and killing that would leave dockerd behind).
+  if [ "$(id -u)" = 0 ]; then
+    dockerd --pidfile "$1.pid" >"$1" 2>&1 &
+  else
+    sudo -n dockerd --pidfile "$1.pid" >"$1" 2>&1 &
+  fi
   dockerd_pid=$!
   for _ in $(seq 120); do
     docker info >/dev/null 2>&1 && return 0
