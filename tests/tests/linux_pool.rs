@@ -503,29 +503,81 @@ fn host_ids(pool: &Pool) -> Vec<(String, String)> {
         .collect()
 }
 
-/// What the emulated host prints when the guest itself died (a triple fault, a panic, a
-/// CPU that stopped taking interrupts).
+/// What the emulated host or the guest's console shows when the guest itself died (a
+/// triple fault, a panic, a CPU that stopped taking interrupts).
 const GUEST_DEATH: &[&str] = &[
     "triple fault",
     "Kernel panic",
     "rcu_preempt detected stalls",
+    "self-detected stall",
+    "soft lockup",
 ];
 
+/// The guest console's last lines (what the hosts still hold of it).
+fn console_tail(pool: &Pool, lines: usize) -> String {
+    let mut console = String::new();
+    console_until(&pool.p, None, "deb", Duration::from_secs(5), |seen| {
+        console = seen.to_owned();
+        None
+    });
+    let tail: Vec<&str> = console.lines().rev().take(lines).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
+/// The number of the last `TICK` line in `console`.
+fn last_tick(console: &str) -> Option<u64> {
+    console.lines().rev().find_map(|l| {
+        l.trim()
+            .strip_prefix("TICK ")?
+            .split(' ')
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
 /// A failure in which the guest died is the emulation's, worth a fresh emulated host:
-/// Linux guests in it die about once in sixteen migrations (triple faults, RCU stalls),
-/// and without migrating too when the emulation is slowed (under KVM tracing, a guest
-/// page-table walk to an address beyond its RAM at boot). Wrong data, a clock that goes
-/// back, or a failure with a live guest still fails the test.
-fn died_in_emulation(host: &Running, failure: Failure) -> Failure {
+/// Linux guests in it die about once in sixteen migrations (triple faults, RCU stalls, or
+/// a guest that stops ticking with nothing said, both vCPUs halted), and without migrating
+/// too when the emulation is slowed (under KVM tracing, a guest page-table walk to an
+/// address beyond its RAM at boot). Wrong data, a clock that goes back, or a failure with a
+/// guest that still ticks still fails the test, with the console's last lines.
+fn died_in_emulation(pool: &Pool, host: &mut Running, failure: Failure) -> Failure {
     let Failure::Failed(why) = failure else {
         return failure;
     };
+    let before = console_tail(pool, 60);
+    // A guest that lives ticks five times a second, even under emulation.
+    if let Err(f) = host.idle(Duration::from_secs(10)) {
+        return f;
+    }
+    let after = console_tail(pool, 60);
     let report = host.report();
-    match GUEST_DEATH
+    let death = GUEST_DEATH
         .iter()
-        .find_map(|m| report.all(m).first().map(|l| l.to_string()))
-    {
-        Some(line) => Failure::Stalled(format!("the guest died ({}): {why}", line.trim())),
+        .find_map(|m| {
+            report
+                .all(m)
+                .first()
+                .map(|l| l.trim().to_owned())
+                .or_else(|| {
+                    after
+                        .lines()
+                        .find(|l| l.contains(m))
+                        .map(|l| l.trim().to_owned())
+                })
+        })
+        .or_else(|| {
+            (last_tick(&before).is_some() && last_tick(&before) == last_tick(&after)).then(|| {
+                format!(
+                    "no tick in 10 s after TICK {}",
+                    last_tick(&after).unwrap_or(0)
+                )
+            })
+        });
+    let why = format!("{why}\nthe guest's console, last lines:\n{after}");
+    match death {
+        Some(line) => Failure::Stalled(format!("the guest died ({line}): {why}")),
         None => Failure::Failed(why),
     }
 }
@@ -559,22 +611,20 @@ fn hop_between_hosts(pool: &Pool, host: &mut Running, hops: u32) -> Result<Vec<f
             // The hosts' VMM logs reach the test a few seconds late: wait for them,
             // and show what the guest said last.
             host.idle(Duration::from_secs(5))?;
-            let mut console = String::new();
-            console_until(&pool.p, None, "deb", Duration::from_secs(5), |seen| {
-                console = seen.to_owned();
-                None
-            });
-            let tail: Vec<&str> = console.lines().rev().take(40).collect();
             return Err(Failure::Failed(format!(
                 "hop {hop}: vm-migrate gave no downtime: {out}\nthe guest's console, last lines:\n{}\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+                console_tail(pool, 40),
                 pool.logs()
             )));
         };
         println!("hop {hop} to {to}: downtime {ms} ms");
         downtimes.push(ms);
         // On the destination the guest goes on: a check of its files after the hop.
-        let line = wait_console(pool, host, "deb", "VERIFY tick=", Duration::from_secs(120))?;
+        let line = wait_console(pool, host, "deb", "VERIFY tick=", Duration::from_secs(120))
+            .map_err(|f| match f {
+                Failure::Failed(why) => Failure::Failed(format!("after hop {hop} to {to}: {why}")),
+                f => f,
+            })?;
         assert!(line.contains(" bad=0 "), "hop {hop}: {line}");
     }
     Ok(downtimes)
@@ -591,7 +641,7 @@ fn linux_migrates_live_five_hops_keeping_its_clock_and_data() {
         let mut host = start_linux_vm("linux-migrate", &s, TICK_INIT, attempt)?;
         let pool = &s.pool;
         let mut downtimes =
-            hop_between_hosts(pool, &mut host, 5).map_err(|f| died_in_emulation(&host, f))?;
+            hop_between_hosts(pool, &mut host, 5).map_err(|f| died_in_emulation(pool, &mut host, f))?;
         let text = console_has(&pool.p, "deb", "VERIFY tick=", Duration::from_secs(30))
             .unwrap_or_default();
         let all = console_until(&pool.p, None, "deb", Duration::from_secs(10), |seen| {
