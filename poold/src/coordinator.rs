@@ -83,6 +83,9 @@ pub struct Liveness {
     pub sequence: u64,
     pub vms: BTreeMap<String, i32>,
     pub metrics: Option<proto::host::HostMetrics>,
+    /// Samples for the history's finest tier taken since the last committed report, at
+    /// most one per [`crate::history::FINEST_S`]; they ride on the next committed report.
+    pub fine: crate::history::FineSamples,
 }
 
 pub struct Coordinator {

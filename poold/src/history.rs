@@ -9,7 +9,9 @@
 //! from then on; a member that restarts reads back what it saved ([`History::load`]). The
 //! leader
 //! commits a host's report when something the pool acts on changed or every 30 s
-//! (`service/agent.rs`), so the 5 s tier has a sample only where a report was committed.
+//! (`service/agent.rs`); in between it keeps the first heartbeat sample of each 5 s bucket
+//! ([`FineSamples`]) and commits them with the next report, so the 5 s tier is full, at
+//! most 30 s behind.
 //!
 //! Each series (one metric of one host or VM) has four tiers ([`TIERS`]): 5 s buckets for
 //! 10 minutes, 1 minute for 2 hours, 1 hour for a week, 1 day for a year. A sample falls
@@ -76,6 +78,54 @@ pub const TIERS: [Tier; 4] = [
         len: 365, // a year
     },
 ];
+
+/// The finest tier's bucket width: the leader keeps a host's heartbeat samples this far
+/// apart for the next committed report ([`FineSamples`]).
+pub const FINEST_S: i64 = TIERS[0].width_s;
+
+/// The samples of one host the leader keeps between two committed reports: the first
+/// sample of each finest-tier bucket, so reports committed every 30 s still fill every
+/// 5 s bucket. At most [`FineSamples::KEPT`], the oldest dropped first; a new leader
+/// starts with none (those few seconds stay empty).
+#[derive(Debug, Clone, Default)]
+pub struct FineSamples {
+    kept: Vec<hpb::HostMetrics>,
+    /// The time of the newest sample kept or committed (unix ms).
+    last_ms: Option<i64>,
+}
+
+impl FineSamples {
+    /// Two minutes of 5 s samples: reports are committed at least every 30 s.
+    pub const KEPT: usize = 24;
+
+    /// Keeps `m` if it is the first sample of a finest-tier bucket newer than the last.
+    pub fn offer(&mut self, m: &hpb::HostMetrics) {
+        let Some(at) = m.at.as_ref().map(unix_ms) else {
+            return;
+        };
+        let bucket = |ms: i64| ms.div_euclid(FINEST_S * 1000);
+        if self.last_ms.is_some_and(|l| bucket(at) <= bucket(l)) {
+            return;
+        }
+        if self.kept.len() == Self::KEPT {
+            self.kept.remove(0);
+        }
+        self.kept.push(m.clone());
+        self.last_ms = Some(at);
+    }
+
+    /// `m` is being committed: the samples kept before it, oldest first, to commit with it.
+    pub fn commit(&mut self, m: &hpb::HostMetrics) -> Vec<hpb::HostMetrics> {
+        let at = m.at.as_ref().map(unix_ms);
+        let kept = std::mem::take(&mut self.kept);
+        if at.is_some() {
+            self.last_ms = at;
+        }
+        kept.into_iter()
+            .filter(|k| k.at.as_ref().map(unix_ms) < at)
+            .collect()
+    }
+}
 
 /// The buckets of one series over all tiers.
 pub const BUCKETS_PER_SERIES: usize = TIERS[0].len + TIERS[1].len + TIERS[2].len + TIERS[3].len;
@@ -740,6 +790,63 @@ mod tests {
             .into_iter()
             .map(|p| (p.at_s - T0, p.avg, p.max))
             .collect()
+    }
+
+    #[test]
+    fn heartbeats_between_commits_fill_every_5_s_bucket() {
+        let s = pool();
+        let mut fine = FineSamples::default();
+        let mut h = History::default();
+        // A heartbeat a second, the report committed at 0 s and 30 s only.
+        for t in 0..=30 {
+            let m = report(t, 0, t as f64, 0);
+            if t % 30 == 0 {
+                for earlier in fine.commit(&m) {
+                    h.record(&s, "h1", &earlier);
+                }
+                h.record(&s, "h1", &m);
+            } else {
+                fine.offer(&m);
+            }
+        }
+        // The first sample of each bucket rode on the report at 30 s.
+        let at: Vec<i64> = points(&h, "h1", Metric::CpuPercent, 5)
+            .into_iter()
+            .map(|(t, avg, _)| {
+                assert_eq!(avg, t as f64, "bucket {t} holds its first sample");
+                t
+            })
+            .collect();
+        assert_eq!(at, [0, 5, 10, 15, 20, 25, 30]);
+
+        // Nothing more is kept from the bucket just committed; the next bucket's first is.
+        for t in 31..35 {
+            fine.offer(&report(t, 0, 0.0, 0));
+        }
+        fine.offer(&report(35, 0, 0.0, 0));
+        fine.offer(&report(36, 0, 0.0, 0));
+        let kept = fine.commit(&report(37, 0, 0.0, 0));
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].at, report(35, 0, 0.0, 0).at);
+    }
+
+    #[test]
+    fn the_samples_kept_between_commits_are_bounded() {
+        let mut fine = FineSamples::default();
+        for b in 0..100 {
+            fine.offer(&report(b * FINEST_S, 0, b as f64, 0));
+        }
+        let kept = fine.commit(&report(100 * FINEST_S, 0, 0.0, 0));
+        assert_eq!(kept.len(), FineSamples::KEPT);
+        // The newest are kept, oldest first.
+        assert_eq!(kept[0].cpu_percent, (100 - FineSamples::KEPT) as f64);
+        assert_eq!(kept[FineSamples::KEPT - 1].cpu_percent, 99.0);
+        // A kept sample newer than the one committed (a clock that went back) is dropped.
+        fine.offer(&report(101 * FINEST_S, 0, 0.0, 0));
+        assert!(
+            fine.commit(&report(100 * FINEST_S + 1, 0, 0.0, 0))
+                .is_empty()
+        );
     }
 
     #[test]

@@ -287,4 +287,17 @@ fn every_daemon_serves_its_metrics_to_those_it_trusts_and_no_one_else() {
         .expect_err("a monitor lists no pools");
         assert_eq!(storage.code(), tonic::Code::PermissionDenied, "{storage}");
     });
+
+    // History: a heartbeat sample in every 5 s bucket, though reports that change nothing
+    // are committed only every 30 s (they carry the samples kept meanwhile).
+    let buckets = wait_for(Duration::from_secs(90), || {
+        let o = pool.ctl(&["host-stats", "h1", "--since", "60s", "--json"]);
+        let n = o.lines().filter(|l| l.contains("\"avg\"")).count();
+        (n >= 9).then_some(n)
+    });
+    assert!(
+        buckets.is_some(),
+        "the 5 s tier is full: {}",
+        pool.ctl(&["host-stats", "h1", "--since", "60s"])
+    );
 }

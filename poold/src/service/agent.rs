@@ -3,7 +3,8 @@
 //! A heartbeat is soft state: the leader keeps the latest one of each host in memory and
 //! commits a report through Raft only when something the pool acts on changed (the host
 //! comes back from unreachable, its info, its NICs or a VM's power state changed) or every
-//! [`REPORT_EVERY`] to refresh `last_heartbeat_at`. A follower forwards heartbeats to the
+//! [`REPORT_EVERY`] to refresh `last_heartbeat_at`; the samples it kept meanwhile (one per
+//! 5 s) ride along, so the metrics history's finest tier is full. A follower forwards heartbeats to the
 //! leader. [`poll_hosts`] asks each host itself (for hostd that does not call Heartbeat),
 //! feeding the same path ([`observe`]). [`monitor`] marks hosts unreachable once they
 //! miss heartbeats past the pool's timeout, counting from the leader's own start of term
@@ -88,6 +89,7 @@ pub async fn observe(
     let must_commit = {
         let mut live = c.liveness.lock().expect("liveness lock");
         let prev = live.get(&req.host_id).cloned();
+        let prev_committed = prev.as_ref().map(|p| p.last_committed);
         let state = c.node.state();
         let vm_changed = req.vms.iter().any(|v| {
             state.takes_report(&req.host_id, &v.id, v.power_state)
@@ -106,6 +108,15 @@ pub async fn observe(
             || (host.state() == pb::HostState::Fenced
                 && prev.as_ref().is_none_or(|p| p.vms != reported));
         let must = vm_changed || info_changed || nics_changed || stale || back;
+        let mut fine = prev.map(|p| p.fine).unwrap_or_default();
+        let earlier = match &req.metrics {
+            Some(m) if must => fine.commit(m),
+            Some(m) => {
+                fine.offer(m);
+                Vec::new()
+            }
+            None => Vec::new(),
+        };
         live.insert(
             req.host_id.clone(),
             Liveness {
@@ -113,17 +124,18 @@ pub async fn observe(
                 last_committed: if must {
                     now
                 } else {
-                    prev.as_ref().map_or(now, |p| p.last_committed)
+                    prev_committed.unwrap_or(now)
                 },
                 sequence: req.sequence,
                 vms: reported.clone(),
                 metrics: req.metrics.clone(),
+                fine,
             },
         );
-        must
+        must.then_some(earlier)
     };
     let mut state = host.state();
-    if must_commit {
+    if let Some(earlier_metrics) = must_commit {
         let op = Op::HostReport(HostReport {
             host_id: req.host_id.clone(),
             info: req.info.clone(),
@@ -139,6 +151,7 @@ pub async fn observe(
                 .collect(),
             nics: req.nics.clone(),
             nics_known: req.nics_known,
+            earlier_metrics,
         });
         let cmd = c.command(&crate::auth::Caller::internal(), "", op);
         c.submit(&cmd).await?.into_status()?;

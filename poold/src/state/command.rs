@@ -247,6 +247,10 @@ pub struct HostReport {
     pub nics: Vec<String>,
     #[prost(bool, tag = "6")]
     pub nics_known: bool,
+    /// Samples taken between the previous committed report and this one, oldest first,
+    /// for the metrics history's finest tier (`history.rs`); `metrics` is the newest.
+    #[prost(message, repeated, tag = "7")]
+    pub earlier_metrics: Vec<hpb::HostMetrics>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

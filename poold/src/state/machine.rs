@@ -574,10 +574,7 @@ pub(super) mod tests {
                 logical_cpus: cpus,
                 ..Default::default()
             }),
-            metrics: None,
-            vms: vec![],
-            nics: vec![],
-            nics_known: false,
+            ..Default::default()
         })
     }
 

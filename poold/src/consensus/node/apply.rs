@@ -45,6 +45,9 @@ impl Node {
                                     && let Some(Op::HostReport(r)) = &cmd.op
                                     && let Some(m) = &r.metrics
                                 {
+                                    for earlier in &r.earlier_metrics {
+                                        history.record(&state, &r.host_id, earlier);
+                                    }
                                     history.record(&state, &r.host_id, m);
                                     reported = true;
                                 }
