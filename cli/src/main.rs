@@ -12,6 +12,7 @@
 //! - `output.rs`: tables and JSON, and how values read for people.
 //! - `transfer.rs`, `console.rs`: disk images and the serial console, over their own paths.
 //! - `backup/`: VM backups (`vm-backup`, `vm-restore`, `vm-backup-verify`).
+//! - `image/`: standard image formats and OVA packages, through qemu-img.
 //! - `lab.rs`: `poolctl lab`, which starts the daemons as processes.
 //! - `pki.rs`: `pki-init`, `pki-issue`: the pool's CA and daemons' TLS directories, offline.
 //! - `pin.rs`: without `--ca`, the pool's CA pinned on first contact (as ssh does), and
@@ -21,6 +22,7 @@ mod backup;
 mod cmd;
 mod console;
 mod ctl;
+mod image;
 mod lab;
 mod lookup;
 mod output;

@@ -1,13 +1,16 @@
-//! `vdi-import` and `vdi-export`: raw disk images in and out of the pool's volumes.
+//! `vdi-import` and `vdi-export`: disk images in and out of the pool's volumes.
 //!
 //! The data does not pass through the coordinator: it grants this client's own initiator
 //! name access to the volume (OpenVolumeAccess) and poolctl reads or writes the blocks
 //! over iSCSI straight from storaged, several requests in flight, then revokes the grant.
-//! Zero blocks are neither written (a fresh thin volume reads zeros) nor stored in the
-//! exported file (they stay holes). Backups (`crate::backup`) read and restore chunks
+//! An import reads the image as a raw disk (`crate::image::Reader`: the file itself, or
+//! `qemu-nbd` for other formats), only the ranges qemu maps as data. Zero blocks are
+//! neither written (a fresh thin volume reads zeros) nor stored in the exported file
+//! (they stay holes). Backups (`crate::backup`) read and restore chunks
 //! through the same grant ([`open`], [`Access`]).
 
-use std::os::unix::fs::FileExt;
+use std::ops::Range;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::Instant;
 
@@ -17,6 +20,7 @@ use pool_client::{PoolClient, new_request_id};
 use proto::coordinator as pb;
 use tokio::task::JoinSet;
 
+use crate::image::Reader;
 use crate::output::Progress;
 
 /// Requests of this size at most (the LUN's limit may lower it), this many in flight.
@@ -130,41 +134,73 @@ fn show_progress(bar: &mut Progress, done: u64, total: u64, start: Instant) {
     );
 }
 
-/// Writes `file` into volume `volume_id` (which must be at least as large).
-pub async fn import(client: &mut PoolClient, volume_id: &str, file: &Path) -> anyhow::Result<()> {
-    let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-    let len = f.metadata()?.len();
+/// Writes the image `src` reads (`len` bytes of virtual disk, data only in `data`, the
+/// rest zeros) into volume `volume_id`, which must be at least as large.
+pub(crate) async fn import(
+    client: &mut PoolClient,
+    volume_id: &str,
+    src: &mut Reader,
+    len: u64,
+    data: &[Range<u64>],
+) -> anyhow::Result<()> {
     let access = open(client, volume_id).await?;
-    let r = copy_in(&access, &f, len).await;
+    let r = copy_in(&access, src, len, data).await;
     access.close(client).await;
     r
 }
 
-async fn copy_in(a: &Access, f: &std::fs::File, len: u64) -> anyhow::Result<()> {
+/// The pieces of `chunk` bytes (a grid from 0) that hold any of `data`, cut at `len`.
+fn pieces(data: &[Range<u64>], len: u64, chunk: u64) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for r in data {
+        let end = r.end.min(len);
+        if r.start >= end {
+            continue;
+        }
+        let mut c = r.start / chunk;
+        while c * chunk < end {
+            let piece = c * chunk..((c + 1) * chunk).min(len);
+            if out.last() != Some(&piece) {
+                out.push(piece);
+            }
+            c += 1;
+        }
+    }
+    out
+}
+
+async fn copy_in(
+    a: &Access,
+    src: &mut Reader,
+    len: u64,
+    data: &[Range<u64>],
+) -> anyhow::Result<()> {
     if len > a.lun.size() {
         bail!("the image has {len} bytes, the disk only {}", a.lun.size());
     }
     let bs = u64::from(a.lun.block_size());
-    let chunk = a.chunk() as u64;
+    let pieces = pieces(data, len, a.chunk() as u64);
+    let total: u64 = pieces.iter().map(|p| p.end - p.start).sum();
     let mut bar = Progress::new();
     let start = Instant::now();
     let mut tasks = JoinSet::new();
-    let mut offset = 0u64;
-    while offset < len {
-        let n = chunk.min(len - offset);
+    let mut done = 0u64;
+    for p in pieces {
+        let n = p.end - p.start;
         // The last piece is padded with zeros to a whole block.
         let mut buf = vec![0u8; n.div_ceil(bs) as usize * bs as usize];
-        f.read_exact_at(&mut buf[..n as usize], offset)?;
+        src.read_at(&mut buf[..n as usize], p.start).await?;
+        // A fresh thin volume reads zeros: zero pieces are not written, so it stays thin.
         if !zeros(&buf) {
             if tasks.len() >= IN_FLIGHT {
                 tasks.join_next().await.expect("a task")??;
             }
             let lun = a.lun.clone();
-            let lba = offset / bs;
+            let lba = p.start / bs;
             tasks.spawn(async move { lun.write(lba, buf.into()).await });
         }
-        offset += n;
-        show_progress(&mut bar, offset, len, start);
+        done += n;
+        show_progress(&mut bar, done, total, start);
     }
     while let Some(r) = tasks.join_next().await {
         r??;
@@ -174,7 +210,7 @@ async fn copy_in(a: &Access, f: &std::fs::File, len: u64) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Reads volume `volume_id` into `file` (created; zero blocks left as holes).
+/// Reads volume `volume_id` into `file` (created, 0600; zero blocks left as holes).
 pub async fn export(client: &mut PoolClient, volume_id: &str, file: &Path) -> anyhow::Result<()> {
     let access = open(client, volume_id).await?;
     let r = copy_out(&access, file).await;
@@ -186,6 +222,7 @@ async fn copy_out(a: &Access, file: &Path) -> anyhow::Result<()> {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(file)
         .with_context(|| format!("creating {} (it must not exist)", file.display()))?;
     let len = a.lun.size();
@@ -220,4 +257,21 @@ async fn copy_out(a: &Access, file: &Path) -> anyhow::Result<()> {
     f.sync_all()?;
     bar.done();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_cover_each_data_range_once_on_the_chunk_grid() {
+        let mib = 1u64 << 20;
+        // Two ranges in one chunk, one across a boundary, one past the end.
+        let data = [10..20, 30..40, 2 * mib - 5..2 * mib + 5, 9 * mib..10 * mib];
+        assert_eq!(
+            pieces(&data, 3 * mib - 7, mib),
+            [0..mib, mib..2 * mib, 2 * mib..3 * mib - 7]
+        );
+        assert!(pieces(&[], 4 * mib, mib).is_empty());
+    }
 }

@@ -1,14 +1,13 @@
 //! `poolctl vdi-*`: virtual disks (thin volumes), their snapshots and clones, and copying
-//! raw images in and out.
+//! images in and out (qcow2, VMDK, VHD/VHDX, raw: `crate::image`).
 
-use anyhow::Context;
 use clap::Subcommand;
 use pool_client::new_request_id;
 use proto::coordinator as pb;
 
 use crate::ctl::{Ctl, call};
+use crate::image;
 use crate::output::{Table, enum_name, human_bytes, parse_size, ts};
-use crate::transfer;
 
 #[derive(Debug, Subcommand)]
 pub enum VdiCommand {
@@ -21,19 +20,26 @@ pub enum VdiCommand {
         #[arg(long, value_parser = parse_size)]
         size: u64,
     },
-    /// Copy a raw disk image into a new disk (straight to the storage, over iSCSI).
+    /// Copy a disk image (qcow2, VMDK, VHD, VHDX or raw, as qemu-img finds it) into a
+    /// new disk of its virtual size, straight to the storage over iSCSI.
     #[command(name = "vdi-import")]
     Import {
         file: std::path::PathBuf,
         name: String,
         #[arg(long)]
         sr: String,
+        /// The image's format, when it should not be probed (raw, qcow2, vmdk, vhd, vhdx).
+        #[arg(long, value_parser = image::qemu::format_arg)]
+        format: Option<image::qemu::Format>,
     },
-    /// Copy a disk or snapshot into a new raw image file (zero blocks stay holes).
+    /// Copy a disk or snapshot into a new image file: raw (zero blocks stay holes), or
+    /// qcow2, vmdk (stream-optimized), vhd, vhdx.
     #[command(name = "vdi-export")]
     Export {
         vdi: String,
         file: std::path::PathBuf,
+        #[arg(long, default_value = "raw", value_parser = image::qemu::format_arg)]
+        format: image::qemu::Format,
     },
     /// Virtual disks.
     #[command(name = "vdi-list")]
@@ -64,20 +70,27 @@ pub async fn run(ctl: &mut Ctl, command: VdiCommand) -> anyhow::Result<()> {
         VdiCommand::Create { name, sr, size } => {
             create_vdi(ctl, &sr, name, size).await?;
         }
-        VdiCommand::Import { file, name, sr } => {
-            let len = std::fs::metadata(&file)
-                .with_context(|| format!("reading {}", file.display()))?
-                .len();
-            // Whole MiB: any block size divides it.
-            let size = len.div_ceil(1 << 20).max(1) << 20;
-            let task = create_vdi(ctl, &sr, name, size).await?;
-            transfer::import(&mut ctl.client, &task.target_id, &file).await?;
-            eprintln!("imported {} ({len} bytes)", file.display());
+        VdiCommand::Import {
+            file,
+            name,
+            sr,
+            format,
+        } => {
+            // Everything that can refuse does so before the disk is made.
+            let img = image::qemu::inspect(&file, format).await?;
+            let sr_id = ctl.sr_id(&sr).await?;
+            let what = format!("{} ({})", file.display(), img.format.qemu_name());
+            image::disk::check_room(ctl, &sr_id, img.virtual_size, &what).await?;
+            let volume_id = image::disk::import_new(ctl, &sr_id, name, &img).await?;
+            eprintln!(
+                "imported {what}, {} bytes, as volume {volume_id}",
+                img.virtual_size
+            );
         }
-        VdiCommand::Export { vdi, file } => {
+        VdiCommand::Export { vdi, file, format } => {
             let volume_id = ctl.vdi_id(&vdi).await?;
-            transfer::export(&mut ctl.client, &volume_id, &file).await?;
-            eprintln!("exported to {}", file.display());
+            image::disk::export(&mut ctl.client, &volume_id, &file, format).await?;
+            eprintln!("exported to {} ({})", file.display(), format.qemu_name());
         }
         VdiCommand::List { sr } => {
             let sr_id = match sr {

@@ -154,6 +154,27 @@ pub enum VmCommand {
     /// and each network interface's (named as in pool.host.v1.VmMetrics).
     #[command(name = "vm-metrics")]
     Metrics { vm: String },
+    /// Write a stopped VM, or one of its snapshots, as an OVA package: the OVF
+    /// descriptor, each disk as a stream-optimized VMDK, a SHA-256 manifest.
+    #[command(name = "vm-export")]
+    Export {
+        vm: String,
+        file: std::path::PathBuf,
+        /// Export this snapshot (name or id) of the VM instead; the VM may be running.
+        #[arg(long)]
+        snapshot: Option<String>,
+    },
+    /// Make a new VM, stopped, with new disks, from an OVA package whose manifest matches.
+    #[command(name = "vm-import")]
+    Import {
+        file: std::path::PathBuf,
+        /// Default: the name in the package.
+        #[arg(long)]
+        name: Option<String>,
+        /// The repository for its disks (default: the pool's only one).
+        #[arg(long)]
+        sr: Option<String>,
+    },
 }
 
 pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
@@ -488,6 +509,19 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
         VmCommand::Console { vm } => {
             let vm_id = ctl.vm_id(&vm).await?;
             crate::console::console(ctl, vm_id).await?;
+        }
+        VmCommand::Export { vm, file, snapshot } => {
+            crate::image::vm::export(ctl, &vm, snapshot.as_deref(), &file).await?;
+            eprintln!("exported {vm} to {}", file.display());
+        }
+        VmCommand::Import { file, name, sr } => {
+            let args = crate::image::vm::ImportArgs {
+                file: &file,
+                name,
+                sr,
+            };
+            let id = crate::image::vm::import(ctl, args).await?;
+            println!("{id}");
         }
     }
     Ok(())
