@@ -123,8 +123,6 @@ struct InfoJson {
     format: String,
     #[serde(rename = "backing-filename")]
     backing: Option<String>,
-    #[serde(rename = "full-backing-filename")]
-    full_backing: Option<String>,
     #[serde(rename = "backing-filename-format")]
     backing_format: Option<String>,
     #[serde(rename = "format-specific")]
@@ -249,8 +247,8 @@ pub async fn inspect(path: &Path, format: Option<Format>) -> Result<Image, Image
             path: PathBuf::from(&backing),
             format: bf.to_owned(),
         })?;
-        // qemu resolves a relative name against the image's directory, as `inside` does.
-        let _ = i.full_backing;
+        // qemu resolves a relative name against the referring image's directory, as
+        // `inside` does.
         at = inside(&at, &backing, "backing file", &dir)?;
         fmt = Some(bf);
     }
