@@ -3,7 +3,7 @@
 # one line per figure: `BENCH <key> <value> <unit>`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-areas="thin target initiator vmm migration raft pool trust linux net web metrics"
+areas="thin target initiator vmm migration raft pool trust linux net web metrics backup"
 area=${1:-}
 if [ -z "$area" ] || ! grep -qw -- "$area" <<<"$areas"; then
   echo "usage: bench/run.sh AREA   (AREA: ${areas// /, })" >&2
