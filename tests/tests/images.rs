@@ -245,6 +245,16 @@ fn images_and_ova_packages_in_and_out_byte_for_byte() {
         &["vdi-import", &s(&outside), "leak", "--sr", "sr1"],
         &["/etc/passwd", "outside"],
     );
+    let elsewhere = tempfile::tempdir().unwrap();
+    let data_file = elsewhere.path().join("data.raw");
+    let external = d.join("external.qcow2");
+    let opts = format!("data_file={},data_file_raw=on", s(&data_file));
+    qemu_img(&["create", "-f", "qcow2", "-o", &opts, &s(&external), "1M"]);
+    refused(
+        &pool,
+        &["vdi-import", &s(&external), "leak2", "--sr", "sr1"],
+        &["data file", "outside"],
+    );
 
     // An OVA without its manifest, and one whose disk changed after it was written.
     let parts = d.join("parts");

@@ -3,9 +3,10 @@
 //!
 //! An image is looked at before it is opened for its data: `qemu-img info` (which does
 //! not open backing files) names its format, virtual size, backing file and, for VMDK,
-//! extent files. A chain is followed link by link, and each link must stay in the image's
+//! extent files, for qcow2 an external data file. A chain is followed link by link, and each link must stay in the image's
 //! own directory: a crafted header naming `/etc/shadow` or a `json:`/`nbd:` URL as its
-//! backing file or extent would otherwise copy someone else's bytes into the new disk.
+//! backing file, extent or data file would otherwise copy someone else's bytes into the
+//! new disk.
 //! A backing file must declare its format, so qemu never probes one.
 
 use std::ffi::OsStr;
@@ -236,6 +237,12 @@ pub async fn inspect(path: &Path, format: Option<Format>) -> Result<Image, Image
                     inside(&at, name, "extent file", &dir)?;
                 }
             }
+        }
+        // A qcow2 whose clusters live in an external data file reads them from there.
+        if let Some(s) = i.specific.as_ref().filter(|s| s.kind == "qcow2")
+            && let Some(name) = s.data.get("data-file").and_then(|n| n.as_str())
+        {
+            inside(&at, name, "data file", &dir)?;
         }
         let Some(backing) = i.backing else {
             return Ok(image.expect("set on the first link"));
