@@ -4,8 +4,8 @@
 //! imported, booted (the guest verifies the pattern) and exported again as raw and qcow2
 //! byte for byte; the raw itself and it made a VMDK, a VHD and a VHDX, each imported and
 //! compared;
-//! the VM exported as an OVA, re-imported and booted; then the refusals, each leaving the
-//! pool without a new disk or VM.
+//! the VM exported as an OVA, re-imported and booted; a VM's interfaces carried by network
+//! name; then the refusals, each leaving the pool without a new disk or VM.
 
 use std::path::Path;
 use std::process::Command;
@@ -206,6 +206,36 @@ fn images_and_ova_packages_in_and_out_byte_for_byte() {
         export(&pool, d, "q3-vda") == source,
         "the snapshot's OVA differs"
     );
+
+    // Interfaces travel by their network's name: on the pool's network of that name
+    // when it has one, left out (with a warning) when not.
+    pool.ctl(&["network-create", "lan", "--kind", "private"]);
+    pool.ctl(&["network-create", "dmz", "--kind", "private"]);
+    pool.ctl(&["vdi-create", "n-disk", "--sr", "sr1", "--size", "1M"]);
+    pool.ctl(&guest_vm(
+        "n",
+        "n-disk",
+        &elf,
+        "mode=once",
+        &["--network", "lan", "--network", "dmz"],
+    ));
+    let n_ova = d.join("n.ova");
+    pool.ctl(&["vm-export", "n", &s(&n_ova)]);
+    pool.ctl(&["vm-destroy", "n"]);
+    pool.ctl(&["network-destroy", "dmz"]);
+    let o = poolctl(
+        &pool.p,
+        &["vm-import", &s(&n_ova), "--name", "n2", "--sr", "sr1"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("no network \"dmz\""), "{}", text(&o));
+    let n2 = pool.ctl(&["vm-list", "--json"]);
+    let n2 = n2
+        .lines()
+        .find(|l| l.contains("\"name\": \"n2\""))
+        .unwrap_or_else(|| panic!("n2 in {n2}"));
+    let vifs = field(n2, "vifs");
+    assert!(vifs.starts_with("lan=") && !vifs.contains(','), "{n2}");
 
     // Refusals, each leaving no disk or VM behind.
     pool.create_sr(d, "tiny", "8M");
