@@ -13,17 +13,14 @@ use sha2::{Digest, Sha256};
 
 use super::ovf::Descriptor;
 use super::tar;
+use crate::backup::format::sha256_hex;
 
-/// The manifest's text for these files and digests.
-pub fn manifest(digests: &[(String, [u8; 32])]) -> String {
+/// The manifest's text for these files and their SHA-256s (hex).
+pub fn manifest(digests: &[(String, String)]) -> String {
     digests
         .iter()
-        .map(|(name, d)| format!("SHA256({name})= {}\n", hex(d)))
+        .map(|(name, d)| format!("SHA256({name})= {d}\n"))
         .collect()
-}
-
-fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A manifest's lines as file → lowercase hex digest; SHA-256 only.
@@ -61,7 +58,7 @@ pub fn parse_manifest(text: &str) -> anyhow::Result<HashMap<String, String>> {
 /// Writes an OVA: `add` each file in order, then `finish` with the manifest.
 pub struct Writer {
     out: BufWriter<File>,
-    digests: Vec<(String, [u8; 32])>,
+    digests: Vec<(String, String)>,
     mtime: u64,
 }
 
@@ -98,7 +95,8 @@ impl Writer {
             left -= n as u64;
         }
         self.out.write_all(&vec![0u8; tar::padding(size)])?;
-        self.digests.push((name.to_owned(), hash.finalize().into()));
+        self.digests
+            .push((name.to_owned(), format!("{:x}", hash.finalize())));
         Ok(())
     }
 
@@ -178,21 +176,21 @@ pub fn open_verified(path: &Path, scratch: &Path) -> anyhow::Result<Verified> {
             );
         }
     }
-    let check = |e: &tar::Entry, got: [u8; 32]| -> anyhow::Result<()> {
+    let check = |e: &tar::Entry, got: String| -> anyhow::Result<()> {
         let want = &listed[&e.name];
-        if hex(&got) != *want {
+        if got != *want {
             bail!(
                 "{} in {}: its SHA-256 is {}, its manifest says {want}: the package is damaged \
                  or altered; nothing was created",
                 e.name,
                 path.display(),
-                hex(&got)
+                got
             );
         }
         Ok(())
     };
     let ovf_bytes = read_entry(&mut f, first, 16 << 20)?;
-    check(first, Sha256::digest(&ovf_bytes).into())?;
+    check(first, sha256_hex(&ovf_bytes))?;
     let xml = std::str::from_utf8(&ovf_bytes)
         .with_context(|| format!("{} in {} is not UTF-8", first.name, path.display()))?;
     let descriptor = Descriptor::parse(xml)
@@ -232,7 +230,7 @@ fn read_entry(f: &mut File, e: &tar::Entry, max: u64) -> anyhow::Result<Vec<u8>>
 }
 
 /// Hashes an entry, copying it to `out` (0600) when given.
-fn copy_entry(f: &mut File, e: &tar::Entry, out: Option<&Path>) -> anyhow::Result<[u8; 32]> {
+fn copy_entry(f: &mut File, e: &tar::Entry, out: Option<&Path>) -> anyhow::Result<String> {
     use std::os::unix::fs::OpenOptionsExt;
     f.seek(SeekFrom::Start(e.offset))?;
     let mut w = match out {
@@ -265,7 +263,7 @@ fn copy_entry(f: &mut File, e: &tar::Entry, out: Option<&Path>) -> anyhow::Resul
     if let Some(w) = w {
         w.into_inner().map_err(|e| e.into_error())?;
     }
-    Ok(hash.finalize().into())
+    Ok(format!("{:x}", hash.finalize()))
 }
 
 #[cfg(test)]
@@ -337,7 +335,10 @@ mod tests {
 
     #[test]
     fn manifests_round_trip_and_other_digests_are_refused() {
-        let m = manifest(&[("a.ovf".into(), [0xab; 32]), ("b c.vmdk".into(), [1; 32])]);
+        let m = manifest(&[
+            ("a.ovf".into(), "ab".repeat(32)),
+            ("b c.vmdk".into(), "01".repeat(32)),
+        ]);
         let parsed = parse_manifest(&m).unwrap();
         assert_eq!(parsed["a.ovf"], "ab".repeat(32));
         assert_eq!(parsed["b c.vmdk"], "01".repeat(32));
