@@ -164,7 +164,8 @@ pub enum VmCommand {
         #[arg(long)]
         snapshot: Option<String>,
     },
-    /// Make a new VM, stopped, with new disks, from an OVA package whose manifest matches.
+    /// Make a new VM, stopped, with new disks, from an OVA package whose manifest matches
+    /// (its disks are copied into a private directory under $TMPDIR while checked).
     #[command(name = "vm-import")]
     Import {
         file: std::path::PathBuf,
