@@ -33,6 +33,8 @@ pub enum OvfError {
     Missing(&'static str),
     #[error("the descriptor's {what} {value:?} does not parse")]
     Bad { what: &'static str, value: String },
+    #[error("file {file:?} of the package comes with {what}, which is not supported")]
+    Unsupported { file: String, what: String },
     #[error("disk {disk:?} refers to file {file:?}, which References does not list")]
     NoFile { disk: String, file: String },
 }
@@ -229,6 +231,19 @@ impl Descriptor {
         if let Some(refs) = child(root, "References") {
             for f in refs.children().filter(|c| c.tag_name().name() == "File") {
                 if let (Some(id), Some(href)) = (ovf_attr(f, "id"), ovf_attr(f, "href")) {
+                    // A gzipped or split file would reach qemu as something else.
+                    if let Some(c) = ovf_attr(f, "compression").filter(|c| c != "identity") {
+                        return Err(OvfError::Unsupported {
+                            file: href,
+                            what: format!("compression {c:?}"),
+                        });
+                    }
+                    if ovf_attr(f, "chunkSize").is_some() {
+                        return Err(OvfError::Unsupported {
+                            file: href,
+                            what: "chunks (a split file)".into(),
+                        });
+                    }
                     files.insert(id, href);
                 }
             }
@@ -448,7 +463,7 @@ mod tests {
     }
 
     #[test]
-    fn a_disk_without_its_file_and_a_foreign_root_are_refused() {
+    fn a_disk_without_its_file_a_compressed_file_and_a_foreign_root_are_refused() {
         assert!(matches!(
             Descriptor::parse("<html/>"),
             Err(OvfError::NotOvf(r)) if r == "html"
@@ -461,5 +476,12 @@ mod tests {
             Err(OvfError::NoFile { disk, .. }) if disk == "vdb"
         ));
         assert!(unit_bytes("byte * 2^99").is_err());
+        let gz = sample()
+            .to_xml(&[1, 2])
+            .replace("ovf:size=\"1\"", "ovf:size=\"1\" ovf:compression=\"gzip\"");
+        assert!(matches!(
+            Descriptor::parse(&gz),
+            Err(OvfError::Unsupported { file, .. }) if file == "web-vda.vmdk"
+        ));
     }
 }
