@@ -40,9 +40,25 @@ impl Reader {
             return Ok(Reader::File(f));
         }
         let server = NbdServer::start(img).await?;
-        let client = nbd::Client::connect(&server.socket)
-            .await
-            .with_context(|| format!("reading {} through qemu-nbd", img.path.display()))?;
+        // The socket exists from its bind; qemu-nbd listens a moment later.
+        let mut tries = 0;
+        let client = loop {
+            match nbd::Client::connect(&server.socket).await {
+                Ok(c) => break c,
+                Err(nbd::NbdError::Io(e))
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused && tries < 100 =>
+                {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Err(e) => {
+                    server.stop().await;
+                    return Err(e).with_context(|| {
+                        format!("reading {} through qemu-nbd", img.path.display())
+                    });
+                }
+            }
+        };
         Ok(Reader::Nbd(Box::new((client, server))))
     }
 
