@@ -180,6 +180,41 @@ impl HostService for HostServer {
             .map_err(status)
     }
 
+    async fn save_vm(
+        &self,
+        req: Request<SaveVmRequest>,
+    ) -> Result<Response<SaveVmResponse>, Status> {
+        let req = req.into_inner();
+        let volume = req
+            .state_volume
+            .ok_or_else(|| Status::invalid_argument("state_volume is required"))?;
+        let (vm, saved) = self
+            .manager
+            .save(&req.vm_id, volume, req.resume)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(SaveVmResponse {
+            vm: Some(vm),
+            pause_ms: saved.pause_ms,
+            bytes_written: saved.bytes_written,
+        }))
+    }
+
+    async fn restore_vm(&self, req: Request<RestoreVmRequest>) -> Result<Response<Vm>, Status> {
+        let req = req.into_inner();
+        let config = req
+            .config
+            .ok_or_else(|| Status::invalid_argument("config is required"))?;
+        let volume = req
+            .state_volume
+            .ok_or_else(|| Status::invalid_argument("state_volume is required"))?;
+        self.manager
+            .restore(&req.vm_id, config, volume)
+            .await
+            .map(Response::new)
+            .map_err(status)
+    }
+
     async fn start_vm(&self, req: Request<VmRequest>) -> Result<Response<Vm>, Status> {
         self.manager
             .start(&req.into_inner().vm_id)

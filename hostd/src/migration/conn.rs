@@ -53,6 +53,30 @@ impl Write for Tls {
     }
 }
 
+/// Where frames go: the migration connection, or a saved-state volume
+/// (`super::saved`).
+pub trait FrameSink {
+    fn send(&mut self, frame: &Frame) -> Result<(), MigrationError>;
+    /// A Pages frame straight from `data`, without building it in a buffer first.
+    fn send_pages(&mut self, gpa: u64, data: &[u8]) -> Result<(), MigrationError>;
+    /// Bytes sent so far.
+    fn sent(&self) -> u64;
+}
+
+impl FrameSink for Conn {
+    fn send(&mut self, frame: &Frame) -> Result<(), MigrationError> {
+        Conn::send(self, frame)
+    }
+
+    fn send_pages(&mut self, gpa: u64, data: &[u8]) -> Result<(), MigrationError> {
+        Conn::send_pages(self, gpa, data)
+    }
+
+    fn sent(&self) -> u64 {
+        self.sent
+    }
+}
+
 /// Room the receive buffer keeps for one read.
 const READ_ROOM: usize = 1 << 20;
 

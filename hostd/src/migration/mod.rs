@@ -13,6 +13,7 @@
 //! - [`cpu`]: may the guest's CPU features move to this host?
 //! - [`send`](mod@send): the source: full pass, dirty rounds, auto-converge, switchover.
 //! - [`receive`](mod@receive): the destination: token, checks, pages, restore, resume.
+//! - [`saved`]: the same frames into and out of a volume (suspend, resume, checkpoints).
 //!
 //! # Guarantees
 //! The stream is TLS between the two hosts' certificates: the source talks only to the
@@ -27,6 +28,7 @@
 pub mod conn;
 pub mod cpu;
 pub mod receive;
+pub mod saved;
 pub mod send;
 pub mod state;
 pub mod tls;

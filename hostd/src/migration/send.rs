@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use proto::host::{MigrationPhase, MigrationProgress};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::conn::{Conn, Tls};
+use super::conn::{Conn, FrameSink, Tls};
 use super::tls::StreamTls;
 use super::wire::{self, Frame, Hello, PAGE};
 use super::{MigrationError, state};
@@ -156,11 +156,21 @@ impl Drop for Throttle {
     }
 }
 
-struct Sender<'a> {
+/// What bounds a pass over memory, from [`SendOptions`] (or a save's own).
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    timeout: Duration,
+    bandwidth_limit: u64,
+    downtime_budget: Duration,
+    max_rounds: u32,
+}
+
+/// Memory and state out into `conn`: the migration stream, or a saved-state volume.
+struct Sender<'a, C = Conn> {
     vm: &'a Vm,
     mem: GuestRam,
-    conn: Conn,
-    opts: &'a SendOptions,
+    conn: C,
+    limits: Limits,
     cancel: &'a AtomicBool,
     started: Instant,
     buf: Vec<u8>,
@@ -173,14 +183,14 @@ fn is_zero(page: &[u8]) -> bool {
     page.chunks_exact(8).all(|w| w == [0u8; 8])
 }
 
-impl Sender<'_> {
+impl<C: FrameSink> Sender<'_, C> {
     fn check(&self) -> Result<(), MigrationError> {
         if self.cancel.load(Ordering::Acquire) {
             return Err(MigrationError::Cancelled);
         }
-        if self.started.elapsed() > self.opts.timeout {
+        if self.started.elapsed() > self.limits.timeout {
             return Err(MigrationError::Timeout {
-                secs: self.opts.timeout.as_secs(),
+                secs: self.limits.timeout.as_secs(),
             });
         }
         Ok(())
@@ -189,7 +199,7 @@ impl Sender<'_> {
     fn report(&mut self, force: bool) {
         if force || self.last_report.elapsed() >= REPORT_EVERY {
             self.last_report = Instant::now();
-            self.progress.bytes_sent = self.conn.sent;
+            self.progress.bytes_sent = self.conn.sent();
             self.progress.total_time_ms = self.started.elapsed().as_millis() as u32;
             (self.report)(&self.progress);
         }
@@ -232,11 +242,11 @@ impl Sender<'_> {
     }
 
     fn limit_bandwidth(&self) {
-        let limit = self.opts.bandwidth_limit;
+        let limit = self.limits.bandwidth_limit;
         if limit == 0 {
             return;
         }
-        let due = Duration::from_secs_f64(self.conn.sent as f64 / limit as f64);
+        let due = Duration::from_secs_f64(self.conn.sent() as f64 / limit as f64);
         let spent = self.started.elapsed();
         if due > spent {
             std::thread::sleep(due - spent);
@@ -410,7 +420,12 @@ pub fn send(
         vm,
         mem: vm.memory().clone(),
         conn,
-        opts,
+        limits: Limits {
+            timeout: opts.timeout,
+            bandwidth_limit: opts.bandwidth_limit,
+            downtime_budget: opts.downtime_budget,
+            max_rounds: opts.max_rounds,
+        },
         cancel,
         started,
         buf: Vec::with_capacity(RUN_PAGES * PAGE),
@@ -440,7 +455,7 @@ pub fn send(
 }
 
 fn run(
-    s: &mut Sender,
+    s: &mut Sender<Conn>,
     throttle: &mut Option<Throttle>,
     paused: &mut bool,
 ) -> Result<Sent, MigrationError> {
@@ -455,7 +470,7 @@ fn run(
     // promise far more than a round of dirty pages, which are rarely zero, gets.)
     let mut link_rate =
         ((s.conn.sent - sent_before) as f64 / pass_start.elapsed().as_secs_f64().max(1e-3)) as u64;
-    let budget_us = s.opts.downtime_budget.as_micros() as u64;
+    let budget_us = s.limits.downtime_budget.as_micros() as u64;
     // Guest bytes the last pass covered (the full pass: all of RAM).
     let mut last_sent = s.vm.memory_bytes();
     let mut round = 0u32;
@@ -484,10 +499,10 @@ fn run(
         // shrinking fourfold or is small. (Each such round is a quarter of the one
         // before, so there are few.)
         let shrinking = bytes > SMALL_ROUND && bytes.saturating_mul(4) <= last_sent;
-        if fits && (!shrinking || round >= s.opts.max_rounds) {
+        if fits && (!shrinking || round >= s.limits.max_rounds) {
             break dirty;
         }
-        if round >= s.opts.max_rounds {
+        if round >= s.limits.max_rounds {
             return Err(MigrationError::NoConvergence {
                 rounds: round,
                 dirty_bytes: bytes,
@@ -581,4 +596,37 @@ fn run(
         confirmed,
         throttle_percent: throttle.as_ref().map_or(0, Throttle::get),
     })
+}
+
+/// Writes the memory of `vm`, which must be paused, as one full pass of Pages and Zero
+/// frames, then `snapshot` as the State frame, into `sink`; gives the sink back. What a
+/// save to a volume writes (`super::saved`): the frames a migration's destination
+/// applies, with no dirty rounds, since nothing changes while the vCPUs are paused.
+pub(super) fn write_paused<C: FrameSink>(
+    vm: &Vm,
+    sink: C,
+    snapshot: &crate::vmm::VmSnapshot,
+    cancel: &AtomicBool,
+) -> Result<C, MigrationError> {
+    let mut report = |_: &MigrationProgress| {};
+    let mut s = Sender {
+        vm,
+        mem: vm.memory().clone(),
+        conn: sink,
+        limits: Limits {
+            timeout: super::DEFAULT_TIMEOUT,
+            bandwidth_limit: 0,
+            downtime_budget: Duration::ZERO,
+            max_rounds: 0,
+        },
+        cancel,
+        started: Instant::now(),
+        buf: Vec::with_capacity(RUN_PAGES * PAGE),
+        progress: MigrationProgress::default(),
+        report: &mut report,
+        last_report: Instant::now(),
+    };
+    s.full_pass()?;
+    s.conn.send(&Frame::State(state::encode(snapshot)))?;
+    Ok(s.conn)
 }

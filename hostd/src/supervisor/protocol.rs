@@ -6,7 +6,7 @@
 //! are this crate, so it may change with it. It reuses `proto::host` messages where they
 //! fit (the VM's configuration, its metrics).
 
-use proto::host::{PowerState, StopReason, VmConfig, VmMetrics};
+use proto::host::{IscsiDisk, PowerState, StopReason, VmConfig, VmMetrics};
 
 /// What the VM process is started with, in `vm.pb` in its directory.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -21,6 +21,9 @@ pub struct VmRecord {
     /// Set when the VM arrives by live migration instead of booting.
     #[prost(message, optional, tag = "4")]
     pub incoming: Option<IncomingRecord>,
+    /// Set when the VM starts from a saved state in this volume instead of booting.
+    #[prost(message, optional, tag = "5")]
+    pub restore_from: Option<IscsiDisk>,
 }
 
 /// What an incoming VM's process waits for.
@@ -70,6 +73,27 @@ pub struct MigrateSend {
     pub tls_dir: String,
 }
 
+/// Save the VM's memory and device state into a volume (see
+/// `proto::host::SaveVmRequest`); answered once the state is durable, with `saved`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Save {
+    #[prost(message, optional, tag = "1")]
+    pub state_volume: Option<IscsiDisk>,
+    /// Run on afterwards; otherwise the VM stops (its last stop: suspended).
+    #[prost(bool, tag = "2")]
+    pub resume: bool,
+}
+
+/// What a save did.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Saved {
+    #[prost(uint32, tag = "1")]
+    pub pause_ms: u32,
+    /// The stream's bytes, header not counted.
+    #[prost(uint64, tag = "2")]
+    pub bytes_written: u64,
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Empty {}
 
@@ -87,7 +111,7 @@ pub struct Polite {
 pub struct Command {
     #[prost(uint64, tag = "1")]
     pub id: u64,
-    #[prost(oneof = "command::Op", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
+    #[prost(oneof = "command::Op", tags = "2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12")]
     pub op: Option<command::Op>,
 }
 
@@ -117,6 +141,9 @@ pub mod command {
         /// Cancel the migration under way (refused once the switchover is committed).
         #[prost(message, tag = "11")]
         CancelMigration(super::Empty),
+        /// Save the VM's state into a volume, then stop or run on.
+        #[prost(message, tag = "12")]
+        Save(super::Save),
     }
 }
 
@@ -156,6 +183,9 @@ pub struct Reply {
     pub state: Option<VmState>,
     #[prost(message, optional, tag = "4")]
     pub metrics: Option<VmMetrics>,
+    /// The answer to a Save.
+    #[prost(message, optional, tag = "5")]
+    pub saved: Option<Saved>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -203,6 +233,10 @@ mod tests {
                     vm_id: "vm".into(),
                     vcpu_time_ns: 5,
                     ..Default::default()
+                }),
+                saved: Some(Saved {
+                    pause_ms: 3,
+                    bytes_written: 4,
                 }),
             })),
         };

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::net::IpAddr;
 
 use proto::host::{
-    AttachmentKind, BootProtocol as ProtoBoot, DiskConfig, NetConfig, NetworkAttachment, VmConfig,
-    disk_config,
+    AttachmentKind, BootProtocol as ProtoBoot, DiskConfig, IscsiDisk, NetConfig, NetworkAttachment,
+    VmConfig, disk_config,
 };
 
 use crate::devices::virtio::block::backend::OpenError;
@@ -515,6 +515,36 @@ impl Opener<'_> {
         let backend = IscsiBackend::open(rt, &target).map_err(err)?;
         Ok(Disk::new(d.id.clone(), Arc::new(backend), d.read_only))
     }
+}
+
+/// What a state volume (SaveVm, RestoreVm) is called in errors.
+const STATE_VOLUME: &str = "state volume";
+
+fn state_volume_disk(v: &IscsiDisk) -> DiskConfig {
+    DiskConfig {
+        id: STATE_VOLUME.into(),
+        backend: Some(disk_config::Backend::Iscsi(v.clone())),
+        read_only: false,
+    }
+}
+
+/// Checks a state volume's settings as a disk's are checked, without logging in.
+pub fn validate_state_volume(v: &IscsiDisk, initiator_iqn: &str) -> Result<(), SpecError> {
+    iscsi_target(&state_volume_disk(v), initiator_iqn).map(|_| ())
+}
+
+/// Logs in to a state volume (in the VM process), on a runtime of its own.
+pub fn open_state_volume(
+    v: &IscsiDisk,
+    initiator_iqn: &str,
+) -> Result<Arc<dyn crate::devices::virtio::block::BlockBackend>, SpecError> {
+    let target = iscsi_target(&state_volume_disk(v), initiator_iqn)?;
+    let err = |source| SpecError::Iscsi {
+        id: STATE_VOLUME.into(),
+        source,
+    };
+    let rt = iscsi::runtime().map_err(err)?;
+    Ok(Arc::new(IscsiBackend::open(rt, &target).map_err(err)?))
 }
 
 /// Builds the VMM's spec, opening every disk (logging in to iSCSI targets).

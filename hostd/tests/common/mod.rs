@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 use hostd::service::{HostIdentity, HostServer};
 use hostd::supervisor::manager::{Manager, ManagerConfig};
 use hostd::testguest;
+use iscsi_target::{
+    BlockDevice, ChapCredentials, FileBlockDevice, InitiatorAccess, LunConfig, ServerOptions,
+    TargetConfig, TargetServer, naa_from_serial,
+};
 use pool_trust::{DaemonTls, Identity, LocalCa, PoolId};
 use proto::host::host_service_client::HostServiceClient;
 use proto::host::*;
@@ -340,4 +344,125 @@ pub fn process_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| s.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
         .unwrap_or(false)
+}
+
+pub const TARGET_IQN: &str = "iqn.2026-11.lab.pool:vol";
+pub const CHAP_USER: &str = "host1";
+pub const CHAP_SECRET: &str = "host1-secret-42";
+
+/// An iscsi-target server on loopback with LUNs in files, on a runtime of its own (in its own thread, so
+/// that it can be stopped from inside the test's runtime).
+pub struct Target {
+    pub port: u16,
+    pub server: TargetServer,
+    pub luns: Vec<PathBuf>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Target {
+    /// LUN i is a file of `sizes[i]` bytes; `chap`: the host must log in with CHAP.
+    pub fn start(dir: &Path, sizes: &[u64], chap: bool) -> Target {
+        let server = TargetServer::in_memory(ServerOptions {
+            nop_interval: None,
+            ..ServerOptions::default()
+        });
+        let mut luns = Vec::new();
+        let mut configs = Vec::new();
+        for (i, size) in sizes.iter().enumerate() {
+            let path = dir.join(format!("lun{i}.img"));
+            let device: Arc<dyn BlockDevice> =
+                Arc::new(FileBlockDevice::open(&path, Some(*size), 512, false).unwrap());
+            let serial = format!("hostd-test-{i}");
+            configs.push(LunConfig {
+                id: i as u16,
+                device,
+                naa: naa_from_serial(&serial),
+                serial,
+            });
+            luns.push(path);
+        }
+        server
+            .add_target(TargetConfig {
+                iqn: TARGET_IQN.into(),
+                alias: None,
+                luns: configs,
+                allow_any_initiator: !chap,
+                initiators: if chap {
+                    vec![InitiatorAccess {
+                        name: INITIATOR.into(),
+                        chap: Some(ChapCredentials {
+                            user: CHAP_USER.into(),
+                            secret: CHAP_SECRET.as_bytes().to_vec(),
+                        }),
+                        mutual_chap: None,
+                    }]
+                } else {
+                    Vec::new()
+                },
+            })
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = server.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                server
+                    .run(listener, async {
+                        let _ = stopped.await;
+                    })
+                    .await
+                    .unwrap();
+            });
+            rt.shutdown_timeout(std::time::Duration::from_secs(5));
+        });
+        Target {
+            port,
+            server: handle,
+            luns,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn disk(
+        &self,
+        id: &str,
+        lun: u32,
+        read_only: bool,
+        chap: Option<(&str, &str)>,
+    ) -> DiskConfig {
+        DiskConfig {
+            id: id.into(),
+            backend: Some(disk_config::Backend::Iscsi(IscsiDisk {
+                portal: format!("127.0.0.1:{}", self.port),
+                target_iqn: TARGET_IQN.into(),
+                lun,
+                chap_username: chap.map(|c| c.0.to_owned()).unwrap_or_default(),
+                chap_secret: chap.map(|c| c.1.to_owned()).unwrap_or_default(),
+                volume_id: format!("vol-{lun}"),
+                ..Default::default()
+            })),
+            read_only,
+        }
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

@@ -12,10 +12,12 @@
 //! - `control`: the control socket, commands in and events out.
 //! - `runner`: the boot loop and the commands served while the VM runs.
 //! - `migrate`: sending the VM to another host, and receiving one.
+//! - `save`: saving the VM into a state volume, and starting one from it.
 
 mod control;
 mod migrate;
 mod runner;
+mod save;
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -104,6 +106,7 @@ pub fn run(dir: &Path) -> Result<(), ChildError> {
         outbox: outbox.clone(),
         console: console.clone(),
         tx: tx.clone(),
+        initiator_iqn: record.initiator_iqn.clone(),
     };
 
     {
@@ -129,15 +132,18 @@ pub fn run(dir: &Path) -> Result<(), ChildError> {
         Ok(s) => s,
         Err(e) => return Err(runner.fail_to_start(proto::error_chain(&e))),
     };
-    let first = match &record.incoming {
-        Some(inc) => match runner.receive(&spec, inc, &rx) {
-            Some(vm) => Some(vm),
-            None => {
-                console.flush();
-                let _ = std::fs::remove_file(&sock_path);
-                return Ok(());
-            }
-        },
+    let arrived = match (&record.incoming, &record.restore_from) {
+        (Some(inc), _) => Some(runner.receive(&spec, inc, &rx)),
+        (None, Some(v)) => Some(runner.restore(&spec, v)),
+        (None, None) => None,
+    };
+    let first = match arrived {
+        Some(Some(vm)) => Some(vm),
+        Some(None) => {
+            console.flush();
+            let _ = std::fs::remove_file(&sock_path);
+            return Ok(());
+        }
         None => None,
     };
     let result = runner.run(&spec, &rx, first);
@@ -153,6 +159,8 @@ struct Runner {
     outbox: Outbox,
     console: Arc<Console>,
     tx: mpsc::Sender<Msg>,
+    /// The iSCSI name to log in to a state volume with.
+    initiator_iqn: String,
 }
 
 impl Runner {
@@ -167,6 +175,7 @@ impl Runner {
                 error,
                 state: Some(self.state.clone()),
                 metrics,
+                saved: None,
             })),
         });
     }

@@ -9,7 +9,7 @@ use proto::host::{DiskMetrics, NicMetrics, PowerState, StopReason, VmMetrics};
 use super::migrate::MigrateEnd;
 use super::{ChildError, Msg, Runner};
 use crate::devices::virtio::net;
-use crate::supervisor::protocol::{Polite, command};
+use crate::supervisor::protocol::{Event, Polite, Reply, command, event};
 use crate::vmm::{Vm, VmExit, VmSpec};
 
 /// How long a paused vCPU may take to stop.
@@ -38,6 +38,8 @@ enum Intent {
     },
     /// The VM now runs on another host.
     MigratedAway,
+    /// Its state is saved in a volume; it stops here.
+    Suspended,
 }
 
 impl Runner {
@@ -91,6 +93,11 @@ impl Runner {
                     let detail = std::mem::take(&mut self.state.detail);
                     self.finish(PowerState::Stopped, StopReason::MigratedAway, detail)
                 }
+                (Some(Intent::Suspended), _) => self.finish(
+                    PowerState::Stopped,
+                    StopReason::Suspended,
+                    "suspended: its state is saved in a volume".into(),
+                ),
                 (Some(Intent::Reboot), _) | (None, VmExit::Reset) => {
                     self.state.last_stop = if intent.is_some() {
                         StopReason::Forced as i32
@@ -225,6 +232,32 @@ impl Runner {
                     Err("only a running VM with no stop or reboot under way can migrate".into())
                 }
                 Some(command::Op::CancelMigration(_)) => Err("no migration is under way".into()),
+                Some(command::Op::Save(s)) if intent.is_none() => match self.save(vm, &s) {
+                    Ok(saved) => {
+                        let suspended = !s.resume;
+                        if suspended {
+                            // The state is durable: the guest never runs here again.
+                            vm.stop();
+                        }
+                        self.outbox.send(&Event {
+                            kind: Some(event::Kind::Reply(Reply {
+                                id,
+                                error: String::new(),
+                                state: Some(self.state.clone()),
+                                metrics: None,
+                                saved: Some(saved),
+                            })),
+                        });
+                        if suspended {
+                            return (VmExit::Stopped, Some(Intent::Suspended));
+                        }
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                },
+                Some(command::Op::Save(_)) => {
+                    Err("a stop or reboot is under way: the VM cannot be saved now".into())
+                }
                 Some(command::Op::ConsoleInput(data)) => {
                     let n = vm.console_input(&data);
                     if n < data.len() {

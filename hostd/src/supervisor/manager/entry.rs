@@ -110,6 +110,16 @@ impl Entry {
 
     /// Sends a command and waits for its reply.
     pub(super) async fn command(&self, op: command::Op) -> Result<Reply, ManagerError> {
+        self.command_within(op, COMMAND_TIMEOUT).await
+    }
+
+    /// Sends a command and waits up to `timeout` for its reply (a save takes as long as
+    /// writing the VM's memory does).
+    pub(super) async fn command_within(
+        &self,
+        op: command::Op,
+        timeout: Duration,
+    ) -> Result<Reply, ManagerError> {
         let (tx, rx) = oneshot::channel();
         {
             let mut conn = self.conn.lock().await;
@@ -137,11 +147,11 @@ impl Entry {
                 });
             }
         }
-        let reply = tokio::time::timeout(COMMAND_TIMEOUT, rx)
+        let reply = tokio::time::timeout(timeout, rx)
             .await
             .map_err(|_| ManagerError::Unresponsive {
                 id: self.id.clone(),
-                what: format!("no reply in {COMMAND_TIMEOUT:?}"),
+                what: format!("no reply in {timeout:?}"),
             })?
             .map_err(|_| ManagerError::Unresponsive {
                 id: self.id.clone(),

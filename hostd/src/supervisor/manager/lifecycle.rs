@@ -6,7 +6,7 @@ use std::time::Duration;
 use proto::host::{PowerState, StopReason, Vm as VmProto, VmConfig};
 
 use super::entry::Entry;
-use super::{Manager, ManagerError, STOP_GRACE, is_live, power, valid_id};
+use super::{Arrival, Manager, ManagerError, STOP_GRACE, is_live, power, valid_id};
 use crate::supervisor::protocol::{Empty, Polite, VmState, command};
 use crate::supervisor::spec;
 
@@ -69,7 +69,7 @@ impl Manager {
         spec::validate(&config, &self.cfg.initiator_iqn, &self.cfg.image_dirs)?;
         self.admit_memory(&*self.vms.lock().await, id, config.memory_bytes)?;
         let dir = self.vm_dir(id);
-        self.spawn(&entry, &dir, config, None).await?;
+        self.spawn(&entry, &dir, config, Arrival::Boot).await?;
         Ok(entry.to_proto())
     }
 

@@ -7,7 +7,7 @@ use proto::host::{MigrationPhase, MigrationProgress, PowerState, StopReason, VmC
 use tokio::sync::watch;
 
 use super::entry::Entry;
-use super::{Manager, ManagerError, STOP_GRACE, is_live, valid_id};
+use super::{Arrival, Manager, ManagerError, STOP_GRACE, is_live, valid_id};
 use crate::supervisor::protocol::{Empty, IncomingRecord, MigrateSend, VmState, command};
 use crate::supervisor::spec;
 
@@ -73,7 +73,7 @@ impl Manager {
         };
         let _op = entry.op.lock().await;
         match self
-            .spawn(&entry, &dir, config.clone(), Some(incoming))
+            .spawn(&entry, &dir, config.clone(), Arrival::Migration(incoming))
             .await
         {
             Ok(()) => {

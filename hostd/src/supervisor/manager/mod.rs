@@ -18,6 +18,7 @@
 //! - `console`: console history, input and log.
 //! - `disks`: attaching and detaching disks.
 //! - `migration`: receiving, sending and cancelling live migrations.
+//! - `save`: saving a VM into a state volume, and restoring one from it.
 //! - `nets`: plugging and unplugging the taps of VMs' network interfaces.
 
 mod console;
@@ -27,6 +28,7 @@ mod lifecycle;
 mod migration;
 mod nets;
 mod process;
+mod save;
 mod status;
 
 use std::collections::BTreeMap;
@@ -148,6 +150,16 @@ pub struct Manager {
 
 fn power(state: &VmState) -> PowerState {
     PowerState::try_from(state.power).unwrap_or(PowerState::Unspecified)
+}
+
+/// How a VM process's VM comes to run.
+#[derive(Debug, Clone)]
+enum Arrival {
+    Boot,
+    /// By live migration, from the source it waits for.
+    Migration(super::protocol::IncomingRecord),
+    /// From the state saved in this volume.
+    Restore(proto::host::IscsiDisk),
 }
 
 fn is_live(p: PowerState) -> bool {

@@ -12,13 +12,11 @@ use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 
 use super::entry::{Conn, Entry};
-use super::{Manager, ManagerError, STOP_GRACE, is_live, migration_ended, power};
+use super::{Arrival, Manager, ManagerError, STOP_GRACE, is_live, migration_ended, power};
 use crate::console::ConsoleOut;
 use crate::supervisor::child::{CONTROL_SOCKET, RECORD_FILE, VMM_LOG};
 use crate::supervisor::frame;
-use crate::supervisor::protocol::{
-    Empty, Event, IncomingRecord, VmRecord, VmState, command, event,
-};
+use crate::supervisor::protocol::{Empty, Event, VmRecord, VmState, command, event};
 
 /// How long a new VM process may take to open its control socket and boot.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -72,10 +70,10 @@ impl Manager {
         entry: &Arc<Entry>,
         dir: &Path,
         config: VmConfig,
-        incoming: Option<IncomingRecord>,
+        arrival: Arrival,
     ) -> Result<(), ManagerError> {
         let plugged = self.plug_nets(&entry.id, config.clone()).await?;
-        let result = self.spawn_process(entry, dir, plugged, incoming).await;
+        let result = self.spawn_process(entry, dir, plugged, arrival).await;
         if result.is_err() {
             self.unplug_nets(&entry.id, &config).await;
         }
@@ -87,8 +85,13 @@ impl Manager {
         entry: &Arc<Entry>,
         dir: &Path,
         config: VmConfig,
-        incoming: Option<IncomingRecord>,
+        arrival: Arrival,
     ) -> Result<(), ManagerError> {
+        let (incoming, restore_from) = match arrival {
+            Arrival::Boot => (None, None),
+            Arrival::Migration(inc) => (Some(inc), None),
+            Arrival::Restore(v) => (None, Some(v)),
+        };
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| ManagerError::Io { path, source }
@@ -106,6 +109,7 @@ impl Manager {
             config: Some(config),
             initiator_iqn: self.cfg.initiator_iqn.clone(),
             incoming,
+            restore_from,
         };
         // The record holds CHAP secrets and a migration's token: readable by us only.
         {
