@@ -238,8 +238,23 @@ impl Member {
         }
         let members_only = RequireRole::new(c.tls.as_ref(), &[Role::Member]);
         let hosts_and_members = RequireRole::new(c.tls.as_ref(), &[Role::Host, Role::Member]);
+        // `GET /metrics` for a monitor's (or a member's) certificate, as on hostd and
+        // storaged; the web port serves the same to a token.
+        let scrape = c.tls.as_ref().map(|tls| {
+            let node = c.clone();
+            let render: pool_trust::scrape::Render = Arc::new(move || {
+                let text = crate::consensus::node::encode_scrape(
+                    &node.node.status(),
+                    &node.node.shared.metrics,
+                );
+                Box::pin(async move { text })
+            });
+            pool_trust::scrape::ScrapeLayer::new(tls.pool_id().clone(), "poold", render)
+        });
         let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .accept_http1(scrape.is_some())
+            .layer(tower::util::option_layer(scrape))
             .add_service(
                 PoolServiceServer::new(pool::PoolHandler {
                     c: c.clone(),

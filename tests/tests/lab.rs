@@ -34,6 +34,43 @@ fn console_answers(dir: &Path) {
     }
 }
 
+/// Every target of the `prometheus.yml` the lab wrote answers `/metrics` to the lab's
+/// monitor certificate, as that file configures it.
+fn prometheus_scrapes(dir: &Path) {
+    let config = std::fs::read_to_string(dir.join("prometheus.yml")).expect("prometheus.yml");
+    let path = |key: &str| {
+        let line = config
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .unwrap_or_else(|| panic!("{key} in {config}"));
+        line.trim().trim_matches('"').to_owned()
+    };
+    let (ca, cert, key) = (path("ca_file:"), path("cert_file:"), path("key_file:"));
+    let targets: Vec<String> = config
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- targets: ["))
+        .flat_map(|l| l.trim_end_matches(']').split(", "))
+        .map(|t| t.trim_matches('"').to_owned())
+        .collect();
+    // Three members, the host and the storage.
+    assert_eq!(targets.len(), 5, "{config}");
+    for t in targets {
+        let o = Command::new("curl")
+            .args([
+                "-sS", "--fail", "--cacert", &ca, "--cert", &cert, "--key", &key,
+            ])
+            .arg(format!("https://{t}/metrics"))
+            .output()
+            .expect("running curl");
+        assert!(o.status.success(), "{t}: {}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("# EOF"),
+            "{t}: {}",
+            text(&o)
+        );
+    }
+}
+
 #[test]
 fn the_lab_runs_rolls_its_ca_and_resumes_after_the_roll() {
     let tmp = tempfile::tempdir().unwrap();
@@ -42,6 +79,7 @@ fn the_lab_runs_rolls_its_ca_and_resumes_after_the_roll() {
     let hosts = ctl_ok(&dir, &["host-list", "--json"]);
     assert!(hosts.contains("\"name\": \"h1\""), "{hosts}");
     console_answers(&dir);
+    prometheus_scrapes(&dir);
     let before = CaBundle::from_pem(&ctl_ok(&dir, &["pool-ca"])).unwrap();
     assert_eq!(before.certs().len(), 1);
 

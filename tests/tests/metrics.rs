@@ -233,12 +233,26 @@ fn every_daemon_serves_its_metrics_to_those_it_trusts_and_no_one_else() {
         "{body}"
     );
     value(&s, "poold_raft_snapshot_bytes", &m1);
+    // The same on a member's own port, to a monitor's certificate (as hostd and storaged
+    // serve theirs), over HTTP/2 and HTTP/1.1.
+    let member_url = format!("https://{}/metrics", pool.coordinators.addrs[0]);
+    for extra in [&[][..], &["--http1.1"][..]] {
+        let (code, body) = scrape_with(&member_url, &ca, Auth::Certificate(&monitor), extra);
+        assert_eq!(code, 200, "{body}");
+        assert!(
+            value(&parse(&body), "poold_raft_term", &m1) >= 1.0,
+            "{body}"
+        );
+    }
 
     // Refused: no certificate (no handshake), a certificate of another role, no token, a
     // token that is not one.
-    for url in [&host_url, &storage_url] {
+    for url in [&host_url, &storage_url, &member_url] {
         let (code, body) = scrape(url, &ca, Auth::Nothing);
-        assert_eq!(code, 0, "{url} without a certificate: {body}");
+        // A member's port takes calls without a certificate (PoolService with a token),
+        // but not a scrape.
+        let want = if url == &member_url { 401 } else { 0 };
+        assert_eq!(code, want, "{url} without a certificate: {body}");
         let client = pool.p.tls_dir(Identity::Client("alice".into()), &[]);
         let (code, body) = scrape(url, &ca, Auth::Certificate(&client));
         assert_eq!(code, 403, "{url} as a client: {body}");

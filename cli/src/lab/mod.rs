@@ -274,6 +274,13 @@ fn pki(dir: &Path, hosts: u8) -> anyhow::Result<PathBuf> {
             pki.join(format!("h{i}")),
         )?;
     }
+    // A Prometheus may scrape every daemon with this one (it can call nothing else).
+    issue(
+        Identity::Monitor("prometheus".into()),
+        &[],
+        pki.join("monitor"),
+    )?;
+    write_prometheus_config(dir, hosts)?;
     // The pool is founded with its first admin, whose password only this directory holds.
     let admin = pki.join(ADMIN_PASSWORD);
     if !admin.exists() {
@@ -282,6 +289,44 @@ fn pki(dir: &Path, hosts: u8) -> anyhow::Result<PathBuf> {
             .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))?;
     }
     Ok(pki.join("member-1").join(pool_trust::BUNDLE_FILE))
+}
+
+/// `prometheus.yml`: one job per kind of daemon, each scraped with the lab's monitor
+/// certificate (`docs/metrics.md`). Paths, no secrets: the key stays 0600 in `pki/monitor`.
+fn write_prometheus_config(dir: &Path, hosts: u8) -> anyhow::Result<()> {
+    let tls = dir.join("pki").join("monitor");
+    let tls_config = format!(
+        "    scheme: https\n    tls_config:\n      ca_file: {:?}\n      cert_file: {:?}\n      key_file: {:?}\n",
+        tls.join(pool_trust::BUNDLE_FILE),
+        tls.join("cert.pem"),
+        tls.join("key.pem"),
+    );
+    let job = |name: &str, targets: Vec<String>| {
+        format!(
+            "  - job_name: {name}\n{tls_config}    static_configs:\n      - targets: [{}]\n",
+            targets
+                .iter()
+                .map(|t| format!("{t:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let hosts = (1..=hosts)
+        .map(|i| format!("127.0.0.{}:{HOST_PORT}", 10 + i))
+        .collect();
+    let text = format!(
+        "# Written by `poolctl lab`: scrapes the lab's daemons with its monitor certificate.\n\
+         # Issued by the lab's CA: after `poolctl pool-rotate-ca` the daemons no longer take it.\n\
+         scrape_configs:\n{}{}{}",
+        job(
+            "pool-members",
+            MEMBERS.iter().map(|m| m.to_string()).collect()
+        ),
+        job("pool-hosts", hosts),
+        job("pool-storage", vec![STORAGED.to_string()]),
+    );
+    std::fs::write(dir.join("prometheus.yml"), text)
+        .with_context(|| format!("writing {}", dir.join("prometheus.yml").display()))
 }
 
 /// Logs in as the lab's admin and writes poolctl's configuration for the lab (members,
@@ -471,6 +516,7 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
          \x20 poolctl vm-create vm2 --template {TEMPLATE} --memory 64M --start\n\
          \x20 poolctl vm-migrate {DEMO}\n\
          \x20 poolctl events --follow        # each change as it is committed\n\n\
+         Prometheus: {} scrapes every daemon's /metrics with the lab's monitor certificate.\n\n\
          The web console: https://{}/ (every member serves it, ports 7141-7143), {}; its \
          certificate is under the lab's CA (trust {} in the browser). Log in as admin with \
          the password in {}.\n\n\
@@ -484,6 +530,7 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
             Some(_) => format!(" with --config {}", dir.join(CLIENT_CONFIG).display()),
             None => String::new(),
         },
+        dir.join("prometheus.yml").display(),
         CONSOLES[0],
         if web_root.is_some() {
             "live from the pool's change feed"
