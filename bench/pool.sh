@@ -12,6 +12,8 @@
 #   compose_partition_recover_s  from `docker network connect` of the node that was cut
 #                 off until it is enabled again with its stale copy stopped and the VM
 #                 running once, elsewhere.
+#   metrics_scrape_ms            a full `/metrics` of a host running 50 VMs
+#                 (bench/metrics.sh, also its own area).
 # Installs Debian's Docker engine and compose when missing and starts dockerd for the
 # run if none answers (stopped at the end).
 set -euo pipefail
@@ -59,7 +61,11 @@ compose_ha=$(echo "$kills" | median)
 recover=$(echo "$out" | awk '/^BENCH compose_partition_recover_s/ {print $3}')
 [ -n "$recover" ] || { echo "no partition figure from the compose run" >&2; exit 1; }
 
+scrape=$(bash bench/metrics.sh | awk '/^BENCH metrics_scrape_ms/ {print $3}')
+[ -n "$scrape" ] || { echo "no scrape figure" >&2; exit 1; }
+
 echo "BENCH ha_restart_s $(printf '%s\n' "${ha[@]}" | median) s"
 echo "BENCH lab_ready_s $ready s"
 echo "BENCH compose_ha_restart_s $compose_ha s"
 echo "BENCH compose_partition_recover_s $recover s"
+echo "BENCH metrics_scrape_ms $scrape ms"
