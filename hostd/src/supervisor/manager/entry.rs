@@ -43,6 +43,10 @@ pub(super) struct Entry {
     pub(super) op: tokio::sync::Mutex<()>,
     /// The VM process, when this daemon started it.
     pub(super) child: Mutex<Option<tokio::process::Child>>,
+    /// Held by the task reading a VM process's events until it has reaped the process
+    /// and cleared its connection, so a new process is not started (and its connection
+    /// and child not taken) while the last one's reader is still winding down.
+    pub(super) reader: Arc<tokio::sync::Mutex<()>>,
     /// The latest progress of this VM's outgoing migration, if it ever had one.
     pub(super) migration: watch::Sender<Option<MigrationProgress>>,
 }
@@ -66,6 +70,7 @@ impl Entry {
             changed: watch::channel(0).0,
             op: tokio::sync::Mutex::new(()),
             child: Mutex::new(None),
+            reader: Arc::new(tokio::sync::Mutex::new(())),
             migration: watch::channel(None).0,
         })
     }

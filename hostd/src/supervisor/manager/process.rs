@@ -21,6 +21,9 @@ use crate::supervisor::protocol::{Empty, Event, VmRecord, VmState, command, even
 /// How long a new VM process may take to open its control socket and boot.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a start waits for the reader of the VM's previous process to finish.
+const READER_TIMEOUT: Duration = Duration::from_secs(15);
+
 fn vmm_log_tail(dir: &Path) -> String {
     let text = std::fs::read_to_string(dir.join(VMM_LOG)).unwrap_or_default();
     let lines: Vec<&str> = text.lines().rev().take(5).collect();
@@ -92,6 +95,19 @@ impl Manager {
             Arrival::Migration(inc) => (Some(inc), None),
             Arrival::Restore(v) => (None, Some(v)),
         };
+        // The previous process's reader must be done with the entry's connection and
+        // child before this process gets them.
+        if tokio::time::timeout(READER_TIMEOUT, entry.reader.lock())
+            .await
+            .is_err()
+        {
+            return Err(ManagerError::StartFailed {
+                id: entry.id.clone(),
+                detail: format!(
+                    "the VM's previous process still had its control connection open after {READER_TIMEOUT:?}"
+                ),
+            });
+        }
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| ManagerError::Io { path, source }
@@ -233,6 +249,7 @@ impl Manager {
         let entry = entry.clone();
         let dir = self.vm_dir(&entry.id);
         let manager = self.clone();
+        let reading = entry.reader.clone().lock_owned().await;
         tokio::spawn(async move {
             let mut buf = Vec::new();
             let mut chunk = vec![0u8; 64 * 1024];
@@ -317,6 +334,7 @@ impl Manager {
                 entry.set_state(s);
             }
             entry.lock().pid = 0;
+            drop(reading);
             // A VM that stopped by itself (guest poweroff, a crash, migrated away) gives
             // its taps back. Under the VM's op lock, so a start that plugs them again
             // comes wholly before (and the VM is live here) or after; and only while
