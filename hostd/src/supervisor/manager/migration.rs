@@ -6,9 +6,8 @@ use std::sync::Arc;
 use proto::host::{MigrationPhase, MigrationProgress, PowerState, StopReason, VmConfig};
 use tokio::sync::watch;
 
-use super::entry::Entry;
-use super::{Arrival, Manager, ManagerError, STOP_GRACE, is_live, valid_id};
-use crate::supervisor::protocol::{Empty, IncomingRecord, MigrateSend, VmState, command};
+use super::{Arrival, Manager, ManagerError, STOP_GRACE};
+use crate::supervisor::protocol::{Empty, IncomingRecord, MigrateSend, command};
 use crate::supervisor::spec;
 
 /// Whether a migration in this phase is over.
@@ -33,37 +32,16 @@ impl Manager {
         source_host: &str,
         listen_ip: &str,
     ) -> Result<String, ManagerError> {
-        if !valid_id(id) {
-            return Err(ManagerError::BadId(id.into()));
-        }
         spec::validate(&config, &self.cfg.initiator_iqn, &self.cfg.image_dirs)?;
-        let entry = Entry::new(
-            id.to_owned(),
-            config.clone(),
-            VmState {
-                power: PowerState::Migrating as i32,
-                last_stop: StopReason::None as i32,
-                ..Default::default()
-            },
-        );
-        {
-            let mut vms = self.vms.lock().await;
-            if let Some(old) = vms.get(id) {
-                let state = old.power();
-                if is_live(state) {
-                    return Err(ManagerError::WrongState {
-                        id: id.into(),
-                        state,
-                        what: "receiving it by migration",
-                        need: "absent or stopped here",
-                    });
-                }
-            }
-            self.admit_memory(&vms, id, config.memory_bytes)?;
-            vms.insert(id.to_owned(), entry.clone());
-        }
+        let entry = self
+            .claim_slot(
+                id,
+                &config,
+                PowerState::Migrating,
+                "receiving it by migration",
+            )
+            .await?;
         let dir = self.vm_dir(id);
-        let _ = std::fs::remove_dir_all(&dir);
         let incoming = IncomingRecord {
             token: token.to_owned(),
             listen_ip: listen_ip.to_owned(),
@@ -88,8 +66,7 @@ impl Manager {
                 Ok(s.migration_address)
             }
             Err(e) => {
-                self.vms.lock().await.remove(id);
-                let _ = std::fs::remove_dir_all(&dir);
+                self.release_slot(&entry).await;
                 Err(e)
             }
         }

@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::host::PowerState;
+use proto::host::{PowerState, StopReason, VmConfig};
 
 pub use migration::migration_ended;
 
@@ -260,6 +260,58 @@ impl Manager {
             });
         }
         Ok(())
+    }
+
+    /// Takes VM `id`'s place for a VM arriving already running (by migration, from a
+    /// saved state): a stopped VM of that id is replaced, a live one refused, and the
+    /// memory must be there. The arriving VM starts with `power` and a fresh directory.
+    async fn claim_slot(
+        &self,
+        id: &str,
+        config: &VmConfig,
+        power: PowerState,
+        what: &'static str,
+    ) -> Result<Arc<Entry>, ManagerError> {
+        if !valid_id(id) {
+            return Err(ManagerError::BadId(id.into()));
+        }
+        let entry = Entry::new(
+            id.to_owned(),
+            config.clone(),
+            VmState {
+                power: power as i32,
+                last_stop: StopReason::None as i32,
+                ..Default::default()
+            },
+        );
+        {
+            let mut vms = self.vms.lock().await;
+            if let Some(old) = vms.get(id) {
+                let state = old.power();
+                if is_live(state) {
+                    return Err(ManagerError::WrongState {
+                        id: id.into(),
+                        state,
+                        what,
+                        need: "absent or stopped here",
+                    });
+                }
+            }
+            self.admit_memory(&vms, id, config.memory_bytes)?;
+            vms.insert(id.to_owned(), entry.clone());
+        }
+        let _ = std::fs::remove_dir_all(self.vm_dir(id));
+        Ok(entry)
+    }
+
+    /// Gives back a slot `claim_slot` took for a VM that never ran: the entry (unless
+    /// another has replaced it since) and its directory.
+    async fn release_slot(&self, entry: &Arc<Entry>) {
+        let mut vms = self.vms.lock().await;
+        if vms.get(&entry.id).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            vms.remove(&entry.id);
+        }
+        let _ = std::fs::remove_dir_all(self.vm_dir(&entry.id));
     }
 
     fn require(

@@ -4,11 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::host::{IscsiDisk, PowerState, StopReason, Vm as VmProto, VmConfig};
+use proto::host::{IscsiDisk, PowerState, Vm as VmProto, VmConfig};
 
-use super::entry::Entry;
-use super::{Arrival, Manager, ManagerError, STOP_GRACE, is_live, valid_id};
-use crate::supervisor::protocol::{Save, Saved, VmState, command};
+use super::{Arrival, Manager, ManagerError, STOP_GRACE};
+use crate::supervisor::protocol::{Save, Saved, command};
 use crate::supervisor::spec;
 
 /// How long a save may take: writing the VM's whole memory over iSCSI.
@@ -59,38 +58,12 @@ impl Manager {
         config: VmConfig,
         volume: IscsiDisk,
     ) -> Result<VmProto, ManagerError> {
-        if !valid_id(id) {
-            return Err(ManagerError::BadId(id.into()));
-        }
         spec::validate(&config, &self.cfg.initiator_iqn, &self.cfg.image_dirs)?;
         spec::validate_state_volume(&volume, &self.cfg.initiator_iqn)?;
-        let entry = Entry::new(
-            id.to_owned(),
-            config.clone(),
-            VmState {
-                power: PowerState::Stopped as i32,
-                last_stop: StopReason::None as i32,
-                ..Default::default()
-            },
-        );
-        {
-            let mut vms = self.vms.lock().await;
-            if let Some(old) = vms.get(id) {
-                let state = old.power();
-                if is_live(state) {
-                    return Err(ManagerError::WrongState {
-                        id: id.into(),
-                        state,
-                        what: "restoring it",
-                        need: "absent or stopped here",
-                    });
-                }
-            }
-            self.admit_memory(&vms, id, config.memory_bytes)?;
-            vms.insert(id.to_owned(), entry.clone());
-        }
+        let entry = self
+            .claim_slot(id, &config, PowerState::Stopped, "restoring it")
+            .await?;
         let dir = self.vm_dir(id);
-        let _ = std::fs::remove_dir_all(&dir);
         let _op = entry.op.lock().await;
         match self
             .spawn(&entry, &dir, config, Arrival::Restore(volume))
@@ -98,11 +71,7 @@ impl Manager {
         {
             Ok(()) => Ok(entry.to_proto()),
             Err(e) => {
-                let mut vms = self.vms.lock().await;
-                if vms.get(id).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
-                    vms.remove(id);
-                }
-                let _ = std::fs::remove_dir_all(&dir);
+                self.release_slot(&entry).await;
                 Err(e)
             }
         }
