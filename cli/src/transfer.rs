@@ -10,22 +10,18 @@
 //! through the same grant ([`open`], [`Access`]).
 
 use std::ops::Range;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use iscsi_initiator::{Chap, Session, SessionConfig};
+use iscsi_initiator::Session;
 use pool_client::{PoolClient, new_request_id};
+use pool_image::volume::{IN_FLIGHT, zeros};
 use proto::coordinator as pb;
 use tokio::task::JoinSet;
 
 use crate::image::Reader;
 use crate::output::Progress;
-
-/// Requests of this size at most (the LUN's limit may lower it), this many in flight.
-const CHUNK: usize = 1 << 20;
-const IN_FLIGHT: usize = 8;
 
 /// An open grant, revoked on every way out.
 pub(crate) struct Access {
@@ -48,28 +44,7 @@ pub(crate) async fn open(client: &mut PoolClient, volume_id: &str) -> anyhow::Re
         })
         .await
         .map_err(crate::ctl::explain)?;
-    let mut cfg = SessionConfig::new(access.portal.clone(), access.target_iqn, initiator.clone());
-    // The pool's grant carries CHAP both ways: we prove ourselves, the target proves itself.
-    if !access.chap_username.is_empty() {
-        cfg.chap = Some(Chap::new(
-            access.chap_username,
-            access.chap_secret.into_bytes(),
-        ));
-    }
-    if !access.mutual_chap_username.is_empty() {
-        cfg.mutual_chap = Some(Chap::new(
-            access.mutual_chap_username,
-            access.mutual_chap_secret.into_bytes(),
-        ));
-    }
-    let opened = async {
-        let session = Session::connect(cfg)
-            .await
-            .with_context(|| format!("logging in to {}", access.portal))?;
-        let lun = session.lun(access.lun as u16).await?;
-        anyhow::Ok((session, lun))
-    }
-    .await;
+    let opened = pool_image::volume::connect(&access, &initiator).await;
     match opened {
         Ok((session, lun)) => Ok(Access {
             volume_id: volume_id.to_owned(),
@@ -110,14 +85,8 @@ impl Access {
 
     /// The largest request to send: a whole number of blocks.
     pub(crate) fn chunk(&self) -> usize {
-        let bs = self.lun.block_size() as usize;
-        let max = self.lun.max_transfer().max(bs);
-        (CHUNK.min(max) / bs) * bs
+        pool_image::volume::chunk(&self.lun)
     }
-}
-
-fn zeros(b: &[u8]) -> bool {
-    b.iter().all(|&x| x == 0)
 }
 
 /// Redraws the bar: `done` of `total` bytes moved since `start`.
@@ -219,42 +188,13 @@ pub async fn export(client: &mut PoolClient, volume_id: &str, file: &Path) -> an
 }
 
 async fn copy_out(a: &Access, file: &Path) -> anyhow::Result<()> {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(file)
-        .with_context(|| format!("creating {} (it must not exist)", file.display()))?;
     let len = a.lun.size();
-    f.set_len(len)?;
-    let bs = u64::from(a.lun.block_size());
-    let chunk = a.chunk() as u64;
     let mut bar = Progress::new();
     let start = Instant::now();
-    let mut tasks = JoinSet::new();
-    let mut offset = 0u64;
-    let mut done = 0u64;
-    let store = |(at, data): (u64, bytes::Bytes)| -> anyhow::Result<()> {
-        if !zeros(&data) {
-            f.write_all_at(&data, at)?;
-        }
-        Ok(())
-    };
-    while offset < len || !tasks.is_empty() {
-        if offset < len && tasks.len() < IN_FLIGHT {
-            let n = chunk.min(len - offset);
-            let lun = a.lun.clone();
-            let at = offset;
-            tasks.spawn(async move { lun.read(at / bs, (n / bs) as u32).await.map(|d| (at, d)) });
-            offset += n;
-            continue;
-        }
-        let (at, data) = tasks.join_next().await.expect("a task")??;
-        done += data.len() as u64;
-        store((at, data))?;
-        show_progress(&mut bar, done, len, start);
-    }
-    f.sync_all()?;
+    pool_image::volume::read_to_file(&a.lun, file, |done| {
+        show_progress(&mut bar, done, len, start)
+    })
+    .await?;
     bar.done();
     Ok(())
 }

@@ -217,9 +217,12 @@ impl Member {
                 hosts: grpc.clone(),
                 storage: grpc.clone(),
             };
+            let exports = pool::export::Exports::new(self.data_dir.join("exports"))
+                .map_err(StartError::DataDir)?;
             loops.push(tokio::spawn(crate::web::serve(
                 handler,
                 web.root,
+                std::sync::Arc::new(exports),
                 web.listener,
                 web_tls,
                 stop_rx.clone(),

@@ -4,6 +4,9 @@
 //!   port (a browser cannot read HTTP/2 trailers, so plain gRPC cannot come from one);
 //! - VM serial consoles as websockets (`/console/ws?ticket=...`), opened with a one-shot
 //!   ticket from `CreateConsoleTicket` and from this origin's pages only;
+//! - a VM as an OVA download (`/export/download?ticket=...`), with a one-shot ticket
+//!   asked for with the caller's token (`POST /export/ticket?vm=<id>`, this origin's
+//!   pages only; `service::pool::export`);
 //! - this member's metrics for Prometheus (`/metrics`), to a bearer token of a user who
 //!   may call `QueryMetrics` (read-only and up);
 //! - the console's built files from `--web-root` (`index.html` for any other path
@@ -12,13 +15,15 @@
 //!
 //! Every page goes out with a content security policy that allows only this origin.
 
+use std::io::Write;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use axum::http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -33,6 +38,7 @@ use tower_layer::Layer;
 
 use crate::service::pool::PoolHandler;
 use crate::service::pool::console::{self, ConsoleStream};
+use crate::service::pool::export::{self, Exports};
 
 /// Shown where the console's files are missing.
 pub const NOT_BUILT: &str = "The web console's pages are not installed with this poold \
@@ -41,10 +47,12 @@ pub const NOT_BUILT: &str = "The web console's pages are not installed with this
 const CSP: &str = "default-src 'self'; connect-src 'self'; img-src 'self' data:; \
 style-src 'self' 'unsafe-inline'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'";
 
-/// The console's routes: gRPC-Web for `PoolService`, VM consoles' websockets, files for
-/// the rest.
-pub fn router(handler: PoolHandler, root: Option<PathBuf>) -> axum::Router {
+/// The console's routes: gRPC-Web for `PoolService`, VM consoles' websockets, VM
+/// exports, files for the rest.
+pub fn router(handler: PoolHandler, root: Option<PathBuf>, exports: Arc<Exports>) -> axum::Router {
     let consoles = handler.clone();
+    let (ex_h, ex) = (handler.clone(), exports.clone());
+    let (dl_h, dl) = (handler.clone(), exports);
     let api = PoolServiceServer::new(handler).max_decoding_message_size(16 << 20);
     Routes::new(tonic_web::GrpcWebLayer::new().layer(api))
         .prepare()
@@ -66,6 +74,20 @@ pub fn router(handler: PoolHandler, root: Option<PathBuf>) -> axum::Router {
                 async move { console_socket(h, ws, parts).await }
             }),
         )
+        .route(
+            export::TICKET_PATH,
+            axum::routing::post(move |parts: Parts| {
+                let (h, ex) = (ex_h.clone(), ex.clone());
+                async move { export_ticket(&h, &ex, &parts).await }
+            }),
+        )
+        .route(
+            export::DOWNLOAD_PATH,
+            axum::routing::get(move |parts: Parts| {
+                let (h, ex) = (dl_h.clone(), dl.clone());
+                async move { export_download(&h, &ex, &parts).await }
+            }),
+        )
         .fallback(move |req: Request<Body>| {
             let root = root.clone();
             async move { file(root.as_deref(), req.method(), req.uri().path()).await }
@@ -78,11 +100,12 @@ pub fn router(handler: PoolHandler, root: Option<PathBuf>) -> axum::Router {
 pub async fn serve(
     handler: PoolHandler,
     root: Option<PathBuf>,
+    exports: Arc<Exports>,
     listener: TcpListener,
     tls: ServerTls,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let app = router(handler, root);
+    let app = router(handler, root, exports);
     let mut incoming = tls.incoming(listener);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -190,43 +213,183 @@ async fn console_socket(h: PoolHandler, ws: WebSocketUpgrade, parts: Parts) -> R
     };
     // Another site's page could open a websocket here with the browser's help; only this
     // origin's pages may (a ticket is secret too, but the check costs nothing).
-    if !same_origin(&parts.headers) {
+    if !same_origin(&parts) {
         return text(
             StatusCode::FORBIDDEN,
             "a console opens only from this console's own pages",
         );
     }
-    let ticket = parts
+    match console::open_ticket(&h, query(&parts, "ticket"), peer_of(&parts)).await {
+        Ok((out, input)) => ws.on_upgrade(move |socket| relay(socket, input, out)),
+        // A websocket has no login to go back to: a token no longer valid is a refusal.
+        Err(s) if s.code() == tonic::Code::Unauthenticated => {
+            text(StatusCode::FORBIDDEN, s.message())
+        }
+        Err(s) => text(http_status(&s), s.message()),
+    }
+}
+
+/// A refusal's HTTP status.
+fn http_status(s: &tonic::Status) -> StatusCode {
+    match s.code() {
+        tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
+        tonic::Code::NotFound => StatusCode::NOT_FOUND,
+        tonic::Code::FailedPrecondition | tonic::Code::Aborted => StatusCode::CONFLICT,
+        tonic::Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+fn peer_of(parts: &Parts) -> Option<std::net::SocketAddr> {
+    parts
+        .extensions
+        .get::<TcpConnectInfo>()
+        .and_then(|i| i.remote_addr)
+}
+
+fn query<'a>(parts: &'a Parts, key: &str) -> &'a str {
+    parts
         .uri
         .query()
         .unwrap_or("")
         .split('&')
-        .find_map(|kv| kv.strip_prefix("ticket="))
-        .unwrap_or("");
-    let peer = parts
-        .extensions
-        .get::<TcpConnectInfo>()
-        .and_then(|i| i.remote_addr);
-    match console::open_ticket(&h, ticket, peer).await {
-        Ok((out, input)) => ws.on_upgrade(move |socket| relay(socket, input, out)),
-        Err(s) => {
-            let status = match s.code() {
-                tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
-                    StatusCode::FORBIDDEN
-                }
-                tonic::Code::NotFound => StatusCode::NOT_FOUND,
-                tonic::Code::FailedPrecondition => StatusCode::CONFLICT,
-                _ => StatusCode::BAD_GATEWAY,
-            };
-            text(status, s.message())
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or("")
+}
+
+fn plain(status: StatusCode, msg: &str) -> Response<Body> {
+    page(
+        status,
+        "text/plain; charset=utf-8",
+        format!("{msg}\n").into_bytes(),
+    )
+}
+
+/// `POST /export/ticket?vm=<id>` with the caller's token, from this origin's pages:
+/// the download's path with its ticket, as text.
+async fn export_ticket(h: &PoolHandler, ex: &Exports, parts: &Parts) -> Response<Body> {
+    if !same_origin(parts) {
+        return plain(
+            StatusCode::FORBIDDEN,
+            "an export is asked for only from this console's own pages",
+        );
+    }
+    let header = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let vm_id = query(parts, "vm");
+    if vm_id.is_empty()
+        || !vm_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return plain(StatusCode::BAD_REQUEST, "name the VM: ?vm=<id>");
+    }
+    match export::ticket(h, ex, header, peer_of(parts), vm_id).await {
+        Ok(t) => {
+            let mut r = plain(
+                StatusCode::OK,
+                &format!("{}?ticket={t}", export::DOWNLOAD_PATH),
+            );
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
         }
+        Err(s) => plain(http_status(&s), s.message()),
     }
 }
 
-/// The page that asks comes from this origin: `Origin` is `https://` and the `Host` asked.
-fn same_origin(headers: &HeaderMap) -> bool {
-    let get = |h| headers.get(h).and_then(|v: &HeaderValue| v.to_str().ok());
-    match (get(header::ORIGIN), get(header::HOST)) {
+/// `GET /export/download?ticket=`: the VM's OVA, once it is prepared, with its length.
+async fn export_download(h: &PoolHandler, ex: &Exports, parts: &Parts) -> Response<Body> {
+    let ready = match export::prepare(h, ex, query(parts, "ticket"), peer_of(parts)).await {
+        Ok(r) => r,
+        Err(s) => return plain(http_status(&s), s.message()),
+    };
+    let name = ready.package.file_name();
+    let size = ready.size;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    // The archive is written by blocking code: on a thread of its own, into the body.
+    tokio::task::spawn_blocking(move || {
+        let out = BodyWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(BODY_CHUNK),
+        };
+        if let Err(e) = ready.package.write(out) {
+            tracing::warn!(error = %format!("{e:#}"), "an export's download ended early");
+            let _ = tx.blocking_send(Err(std::io::Error::other("the export ended early")));
+        }
+        // The package's files go with `ready`.
+        drop(ready);
+    });
+    let body = Body::from_stream(tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(
+        rx,
+    ));
+    let mut r = Response::new(body);
+    let hs = r.headers_mut();
+    hs.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-tar"),
+    );
+    hs.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    // The name holds only letters, digits, `.`, `_` and `-` (`file_stem`).
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+        hs.insert(header::CONTENT_DISPOSITION, v);
+    }
+    hs.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    hs.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
+/// Bytes a download's body takes at a time.
+const BODY_CHUNK: usize = 256 << 10;
+
+/// The download's body as `Write`: chunks to the response; an error once the browser
+/// left, which ends the writing.
+struct BodyWriter {
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl Write for BodyWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= BODY_CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(BODY_CHUNK),
+        ));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the browser left"))
+    }
+}
+
+/// The page that asks comes from this origin: `Origin` is `https://` and the host asked
+/// (`Host` over HTTP/1.1, the `:authority` over HTTP/2).
+fn same_origin(parts: &Parts) -> bool {
+    let get = |h| {
+        parts
+            .headers
+            .get(h)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    let host = get(header::HOST).or_else(|| parts.uri.authority().map(|a| a.as_str()));
+    match (get(header::ORIGIN), host) {
         (Some(origin), Some(host)) => origin.strip_prefix("https://") == Some(host),
         _ => false,
     }
@@ -424,5 +587,42 @@ mod tests {
         ] {
             assert_eq!(relative(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn the_same_origin_is_told_by_host_or_by_authority() {
+        let parts = |uri: &str, headers: &[(&str, &str)]| {
+            let mut b = Request::builder().uri(uri);
+            for (k, v) in headers {
+                b = b.header(*k, *v);
+            }
+            b.body(()).unwrap().into_parts().0
+        };
+        let me = "https://10.0.0.1:7141";
+        // HTTP/1.1: the Host header; HTTP/2: the request's authority.
+        assert!(same_origin(&parts(
+            "/x",
+            &[("host", "10.0.0.1:7141"), ("origin", me)]
+        )));
+        assert!(same_origin(&parts(
+            "https://10.0.0.1:7141/x",
+            &[("origin", me)]
+        )));
+        assert!(!same_origin(&parts(
+            "https://10.0.0.1:7141/x",
+            &[("origin", "https://evil.example")]
+        )));
+        assert!(!same_origin(&parts("https://10.0.0.1:7141/x", &[])));
+        assert!(!same_origin(&parts("/x", &[("origin", me)])));
+    }
+
+    #[test]
+    fn a_query_value_is_found_by_its_whole_key() {
+        let parts = |uri: &str| Request::builder().uri(uri).body(()).unwrap().into_parts().0;
+        let p = parts("/export/download?xticket=a&ticket=b&vm=c");
+        assert_eq!(query(&p, "ticket"), "b");
+        assert_eq!(query(&p, "vm"), "c");
+        assert_eq!(query(&parts("/export/download"), "ticket"), "");
+        assert_eq!(query(&parts("/export/download?ticket"), "ticket"), "");
     }
 }

@@ -203,6 +203,24 @@ try {
   await newPanel.locator("[data-snapshot=after-revert][data-depth='0'][data-current=true]").waitFor();
   step("a second snapshot is the child of the one reverted to; deleting the parent re-parents it");
 
+  // Export: the member makes the OVA from a snapshot it takes and deletes for the
+  // purpose; the browser downloads the package, the VM's snapshot tree as it was.
+  const [download] = await Promise.all([
+    page.waitForEvent("download", { timeout: 120_000 }),
+    newPanel.getByRole("button", { name: "Export" }).click(),
+  ]);
+  const saved = await download.path();
+  if (download.suggestedFilename() !== "made-in-browser.ova") throw new Error(`the package is named ${download.suggestedFilename()}`);
+  // A tar archive whose first file is the descriptor.
+  const first = readFileSync(saved).subarray(0, 100).toString("latin1");
+  if (!first.startsWith("made-in-browser.ovf\0")) throw new Error(`the package starts with ${JSON.stringify(first.slice(0, 40))}`);
+  await newPanel.locator("[data-snapshot^='export-']").waitFor({ state: "detached" });
+  await newPanel.locator("[data-snapshot=after-revert][data-current=true]").waitFor();
+  if ((await newPanel.locator("[role=alert]").count()) > 0) {
+    throw new Error(`export: ${await newPanel.locator("[role=alert]").innerText()}`);
+  }
+  step(`exported and downloaded as ${download.suggestedFilename()}; its snapshot is gone again`);
+
   // Storage, as Openfiler's pages: a disk made in the repository, a snapshot of it, an
   // initiator allowed in (its CHAP secrets shown once), listed in the ACL, then revoked.
   const srLink = page.locator(".tree a[data-kind=sr]").first();

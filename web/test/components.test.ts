@@ -4,9 +4,9 @@
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { flushPromises, mount } from "@vue/test-utils";
-import { describe, expect, it } from "vitest";
+import { afterEach, describe, expect, it, vi } from "vitest";
 import { ref } from "vue";
-import type { PoolClient } from "../src/api";
+import { saveSession, type PoolClient } from "../src/api";
 import { PowerState } from "../src/gen/host_pb";
 import {
   AlertKind,
@@ -127,6 +127,68 @@ describe("VmPanel", () => {
     expect(w.findAll("button:not([role=tab])").map((b) => b.text())).toEqual([]);
     expect(w.findAll("form")).toHaveLength(0);
     expect(w.text()).toContain("snap-s4");
+  });
+});
+
+describe("VmPanel's Export", () => {
+  afterEach(() => {
+    vi.unstubAllGlobals();
+    vi.restoreAllMocks();
+    saveSession(undefined);
+  });
+  const exportButton = (w: ReturnType<typeof mount>) => w.find("button[data-action=export]");
+  const only =
+    (...methods: string[]): Can =>
+    (m) =>
+      methods.includes(m);
+
+  it("shows only to a role that may take a snapshot, read its disks and delete the snapshot", () => {
+    const { inv, vm } = pool();
+    const mountWith = (can: Can) => mount(VmPanel, { props: { vm, inv, tick: 0, client: client().c }, ...withCan(can) });
+    // vm-admin and up: the three calls an export makes.
+    expect(exportButton(mountWith(only("SnapshotVm", "OpenVolumeAccess", "DeleteVmSnapshot"))).exists()).toBe(true);
+    // A role missing any one of them: no button.
+    expect(exportButton(mountWith(only("SnapshotVm", "DeleteVmSnapshot"))).exists()).toBe(false);
+    expect(exportButton(mountWith(only("OpenVolumeAccess", "DeleteVmSnapshot"))).exists()).toBe(false);
+    // read-only and vm-operator.
+    expect(exportButton(mountWith(only("GetVm", "ListVms", "StartVm", "ShutdownVm"))).exists()).toBe(false);
+    expect(exportButton(mountWith(nothing)).exists()).toBe(false);
+  });
+
+  it("asks for a ticket with the session's token and downloads what it names", async () => {
+    const { inv, vm } = pool();
+    saveSession({ token: "tok-1", user: "admin", roles: [] });
+    const fetchFn = vi.fn(async () => new Response("/export/download?ticket=ab12\n", { status: 200 }));
+    vi.stubGlobal("fetch", fetchFn);
+    const clicked: string[] = [];
+    vi.spyOn(HTMLAnchorElement.prototype, "click").mockImplementation(function (this: HTMLAnchorElement) {
+      clicked.push(this.getAttribute("href") ?? "");
+    });
+    const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: client().c }, ...withCan(everything) });
+    await exportButton(w).trigger("click");
+    await flushPromises();
+    expect(fetchFn).toHaveBeenCalledTimes(1);
+    const [url, init] = fetchFn.mock.calls[0] as unknown as [string, RequestInit];
+    expect(url).toBe("/export/ticket?vm=vm1");
+    expect(init.method).toBe("POST");
+    expect((init.headers as Record<string, string>).authorization).toBe("Bearer tok-1");
+    expect(clicked).toEqual(["/export/download?ticket=ab12"]);
+    expect(w.find("[role=alert]").exists()).toBe(false);
+  });
+
+  it("shows a refusal as the server words it, and downloads nothing", async () => {
+    const { inv, vm } = pool();
+    const words = 'user "ro" may not call SnapshotVm: it needs role vm-admin or higher';
+    vi.stubGlobal(
+      "fetch",
+      vi.fn(async () => new Response(`${words}\n`, { status: 403 })),
+    );
+    const click = vi.spyOn(HTMLAnchorElement.prototype, "click").mockImplementation(() => {});
+    const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: client().c }, ...withCan(everything) });
+    await exportButton(w).trigger("click");
+    await flushPromises();
+    expect(w.find("[role=alert]").text()).toBe(`export: PermissionDenied: ${words}`);
+    expect(click).not.toHaveBeenCalled();
   });
 });
 

@@ -4,19 +4,17 @@
 //! initiator (`crate::transfer`), zero ranges skipped, so thin volumes stay thin.
 //!
 //! # Layout
-//! - `qemu.rs`: `qemu-img info`/`map`/`convert` and `qemu-nbd`; which images are accepted.
+//! - `pool_image` (shared with `poold`): qemu-img and qemu-nbd, the OVA's archive,
+//!   descriptor and manifest, a VM's package.
 //! - `nbd.rs`: the reading half of an NBD client, for the disk `qemu-nbd` serves.
 //! - `disk.rs`: one image into a new disk, a disk out as qcow2 or VMDK.
-//! - `tar.rs`, `ovf.rs`: an OVA's archive and its descriptor, with their manifest.
 //! - `vm.rs`: `vm-export` and `vm-import`.
 
 pub mod disk;
 mod nbd;
-pub mod ova;
-pub mod ovf;
-pub mod qemu;
-mod tar;
 pub mod vm;
+
+pub use pool_image::{ova, qemu};
 
 use std::os::unix::fs::FileExt;
 

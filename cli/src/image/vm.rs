@@ -14,49 +14,13 @@ use pool_client::new_request_id;
 use proto::coordinator as pb;
 use proto::host as hpb;
 
+use pool_image::package::{Package, protocol_value};
+
 use super::disk;
 use super::ova;
-use super::ovf::{Boot, Descriptor, Disk};
-use super::qemu::{self, Format, ScratchDir};
+use super::qemu::{self, ScratchDir};
 use crate::ctl::{Ctl, call};
 use crate::lookup::pick;
-
-/// A name for files in the package: the VM's name with anything but letters, digits,
-/// `.`, `_` and `-` replaced, at most 64 bytes.
-fn file_stem(name: &str) -> String {
-    let s: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect();
-    if s.is_empty() || s.starts_with('.') {
-        format!("vm{s}")
-    } else {
-        s
-    }
-}
-
-fn protocol_name(p: i32) -> &'static str {
-    match hpb::BootProtocol::try_from(p) {
-        Ok(hpb::BootProtocol::Linux64) => "linux64",
-        Ok(hpb::BootProtocol::Pvh) => "pvh",
-        _ => "auto",
-    }
-}
-
-fn protocol_value(name: &str) -> i32 {
-    (match name {
-        "linux64" => hpb::BootProtocol::Linux64,
-        "pvh" => hpb::BootProtocol::Pvh,
-        _ => hpb::BootProtocol::Auto,
-    }) as i32
-}
 
 /// Writes VM `vm` (stopped), or its snapshot `snapshot`, as an OVA at `file`.
 pub async fn export(
@@ -111,50 +75,18 @@ pub async fn export(
     if file.symlink_metadata().is_ok() {
         bail!("{} exists already", file.display());
     }
-    let stem = file_stem(&spec.name);
     let scratch = ScratchDir::new(file.parent())
         .with_context(|| format!("making a private directory beside {}", file.display()))?;
-    let mut disks = Vec::new();
-    let mut vmdks = Vec::new();
+    let nics = v.vifs.iter().map(|f| f.network_name.clone()).collect();
+    let mut pkg = Package::new(&spec, nics);
     for (d, volume_id) in spec.disks.iter().zip(&volumes) {
-        let vmdk = scratch.path().join(format!("{}.vmdk", d.disk_id));
-        let raw = scratch.path().join(format!("{}.raw", d.disk_id));
+        let raw = scratch
+            .path()
+            .join(format!("{}.raw", pkg.descriptor.disks.len()));
         crate::transfer::export(&mut ctl.client, volume_id, &raw).await?;
-        let capacity_bytes = std::fs::metadata(&raw)?.len();
-        qemu::convert_from_raw(&raw, Format::Vmdk, &vmdk).await?;
-        std::fs::remove_file(&raw)?;
-        disks.push(Disk {
-            disk_id: d.disk_id.clone(),
-            href: format!("{stem}-{}.vmdk", file_stem(&d.disk_id)),
-            capacity_bytes,
-        });
-        vmdks.push(vmdk);
+        pkg.add_raw_disk(&d.disk_id, &raw, scratch.path()).await?;
     }
-    let descriptor = Descriptor {
-        name: spec.name.clone(),
-        vcpus: spec.vcpus,
-        memory_bytes: spec.memory_bytes,
-        disks,
-        nics: v.vifs.iter().map(|f| f.network_name.clone()).collect(),
-        boot: spec.boot.as_ref().map(|b| Boot {
-            kernel: b.kernel_path.clone(),
-            initrd: b.initrd_path.clone(),
-            cmdline: b.command_line.clone(),
-            protocol: protocol_name(b.protocol).into(),
-        }),
-    };
-    let sizes = vmdks
-        .iter()
-        .map(|p| std::fs::metadata(p).map(|m| m.len()))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    let written = (|| {
-        let mut w = ova::Writer::create(file)?;
-        w.add_bytes(&format!("{stem}.ovf"), descriptor.to_xml(&sizes).as_bytes())?;
-        for (d, p) in descriptor.disks.iter().zip(&vmdks) {
-            w.add_file(&d.href, p)?;
-        }
-        w.finish(&format!("{stem}.mf"))
-    })();
+    let written = ova::create_file(file).and_then(|f| ova::sync(pkg.write(f)?));
     if written.is_err() {
         let _ = std::fs::remove_file(file);
     }
@@ -268,21 +200,6 @@ pub async fn import(ctl: &mut Ctl, args: ImportArgs<'_>) -> anyhow::Result<Strin
                 disk::delete_volume(ctl, &v).await;
             }
             Err(e)
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn package_file_names_keep_only_plain_characters() {
-        assert_eq!(file_stem("web/01 prod"), "web_01_prod");
-        assert_eq!(file_stem(".."), "vm..");
-        assert_eq!(file_stem(&"x".repeat(100)).len(), 64);
-        for p in ["auto", "linux64", "pvh"] {
-            assert_eq!(protocol_name(protocol_value(p)), p);
         }
     }
 }

@@ -14,7 +14,7 @@
 //! - one file per resource: `members.rs` (the Raft group), `settings.rs` (pool and HA
 //!   settings), `hosts.rs`, `join.rs` (join tokens and certificates), `metrics.rs`, `storage.rs` (repositories, volumes, volume
 //!   access), `vms.rs` (VMs, their snapshots, placement), `networks.rs` (guest networks
-//!   and VIFs), `console.rs`, `templates.rs`,
+//!   and VIFs), `console.rs`, `export.rs` (a VM as an OVA download), `templates.rs`,
 //!   `tasks.rs`, `events.rs` (the change feed), `users.rs` (users, roles, login, the
 //!   audit log).
 
@@ -33,6 +33,7 @@ mod api;
 mod authorize;
 pub mod console;
 mod events;
+pub mod export;
 mod hosts;
 mod join;
 mod members;

@@ -288,31 +288,30 @@ pub async fn data_ranges(img: &Image) -> Result<Vec<std::ops::Range<u64>>, Image
 }
 
 /// A private directory (0700) for sockets and intermediate files, removed when dropped.
-pub struct ScratchDir(PathBuf);
+pub struct ScratchDir(tempfile::TempDir);
 
 impl ScratchDir {
     /// In `near` (the destination's directory, so an intermediate file is on its file
     /// system) or else the temporary directory.
     pub fn new(near: Option<&Path>) -> std::io::Result<ScratchDir> {
-        use std::os::unix::fs::DirBuilderExt;
+        use std::os::unix::fs::PermissionsExt;
         let base = near
             .filter(|p| !p.as_os_str().is_empty())
             .map_or_else(std::env::temp_dir, Path::to_owned);
-        let dir = base.join(format!(".poolctl-{}", pool_client::new_request_id()));
-        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-        Ok(ScratchDir(dir))
+        tempfile::Builder::new()
+            .prefix(SCRATCH_PREFIX)
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir_in(base)
+            .map(ScratchDir)
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 }
 
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+/// How a scratch directory's name starts (what a check for leftovers looks for).
+pub const SCRATCH_PREFIX: &str = ".pool-image-";
 
 /// `qemu-nbd` serving the image's virtual disk, read only, on a Unix socket in a private
 /// directory, for one client (it exits when that client leaves).

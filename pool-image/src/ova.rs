@@ -11,9 +11,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use sha2::{Digest, Sha256};
 
-use super::ovf::Descriptor;
-use super::tar;
-use crate::backup::format::sha256_hex;
+use crate::ovf::Descriptor;
+use crate::tar;
 
 /// The manifest's text for these files and their SHA-256s (hex).
 pub fn manifest(digests: &[(String, String)]) -> String {
@@ -55,28 +54,41 @@ pub fn parse_manifest(text: &str) -> anyhow::Result<HashMap<String, String>> {
     Ok(out)
 }
 
-/// Writes an OVA: `add` each file in order, then `finish` with the manifest.
-pub struct Writer {
-    out: BufWriter<File>,
+/// Writes an OVA into `W` (a file, or a download as it goes out): `add` each file in
+/// order, then `finish` with the manifest.
+pub struct Writer<W: Write> {
+    out: W,
     digests: Vec<(String, String)>,
     mtime: u64,
 }
 
-impl Writer {
-    /// `path` must not exist; it is created 0600 (it holds the VM's disks).
-    pub fn create(path: &Path) -> anyhow::Result<Writer> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .with_context(|| format!("creating {} (it must not exist)", path.display()))?;
-        Ok(Writer {
-            out: BufWriter::with_capacity(1 << 20, f),
+/// A new package file at `path`, which must not exist: created 0600 (it holds a VM's
+/// disks).
+pub fn create_file(path: &Path) -> anyhow::Result<BufWriter<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {} (it must not exist)", path.display()))?;
+    Ok(BufWriter::with_capacity(1 << 20, f))
+}
+
+/// Flushes and syncs a package written to a file.
+pub fn sync(out: BufWriter<File>) -> anyhow::Result<()> {
+    let f = out.into_inner().map_err(|e| e.into_error())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+impl<W: Write> Writer<W> {
+    pub fn new(out: W) -> Writer<W> {
+        Writer {
+            out,
             digests: Vec::new(),
             mtime: proto::unix_ms() / 1000,
-        })
+        }
     }
 
     fn entry(&mut self, name: &str, size: u64, data: &mut impl Read) -> anyhow::Result<()> {
@@ -110,14 +122,14 @@ impl Writer {
         self.entry(name, size, &mut f)
     }
 
-    /// Adds `<mf_name>` with every digest so far, ends the archive and syncs it.
-    pub fn finish(mut self, mf_name: &str) -> anyhow::Result<()> {
+    /// Adds `<mf_name>` with every digest so far and ends the archive; the output back,
+    /// flushed.
+    pub fn finish(mut self, mf_name: &str) -> anyhow::Result<W> {
         let mf = manifest(&self.digests);
         self.entry(mf_name, mf.len() as u64, &mut mf.as_bytes())?;
         tar::finish(&mut self.out)?;
-        let f = self.out.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        Ok(())
+        self.out.flush()?;
+        Ok(self.out)
     }
 }
 
@@ -190,7 +202,7 @@ pub fn open_verified(path: &Path, scratch: &Path) -> anyhow::Result<Verified> {
         Ok(())
     };
     let ovf_bytes = read_entry(&mut f, first, 16 << 20)?;
-    check(first, sha256_hex(&ovf_bytes))?;
+    check(first, format!("{:x}", Sha256::digest(&ovf_bytes)))?;
     let xml = std::str::from_utf8(&ovf_bytes)
         .with_context(|| format!("{} in {} is not UTF-8", first.name, path.display()))?;
     let descriptor = Descriptor::parse(xml)
@@ -269,7 +281,7 @@ fn copy_entry(f: &mut File, e: &tar::Entry, out: Option<&Path>) -> anyhow::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::ovf::Disk;
+    use crate::ovf::Disk;
 
     fn package(dir: &Path, with_mf: bool) -> PathBuf {
         let disk = dir.join("d.bin");
@@ -286,11 +298,11 @@ mod tests {
             ..Default::default()
         };
         let path = dir.join(if with_mf { "t.ova" } else { "nomf.ova" });
-        let mut w = Writer::create(&path).unwrap();
+        let mut w = Writer::new(create_file(&path).unwrap());
         w.add_bytes("t.ovf", d.to_xml(&[3000]).as_bytes()).unwrap();
         w.add_file("t-vda.vmdk", &disk).unwrap();
         if with_mf {
-            w.finish("t.mf").unwrap();
+            sync(w.finish("t.mf").unwrap()).unwrap();
         } else {
             tar::finish(&mut w.out).unwrap();
             w.out.flush().unwrap();

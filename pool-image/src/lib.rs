@@ -1,0 +1,17 @@
+//! VM packages and disk images as both `poolctl` (to and from files) and `poold` (the
+//! web console's downloads) make them. qemu does the format work; the bytes travel over
+//! our own iSCSI initiator.
+//!
+//! # Layout
+//! - `volume.rs`: a pool volume read over iSCSI into a sparse raw file.
+//! - `qemu.rs`: `qemu-img info`/`map`/`convert` and `qemu-nbd`; which images are accepted;
+//!   private scratch directories.
+//! - `tar.rs`, `ovf.rs`, `ova.rs`: an OVA's archive, its descriptor, its manifest.
+//! - `package.rs`: a VM's spec and disks as an OVA, written in order.
+
+pub mod ova;
+pub mod ovf;
+pub mod package;
+pub mod qemu;
+pub mod tar;
+pub mod volume;
