@@ -26,11 +26,19 @@ pub(crate) use call;
 
 /// Turns a gRPC status into an error that says what to do.
 pub fn explain(s: tonic::Status) -> anyhow::Error {
+    let backend;
     let hint = match s.code() {
         _ if pool_client::certificate_refused(&s) => {
             "\nhint: the member's certificate is not signed by the CA poolctl trusts (--ca, or \
              the one pinned in ~/.config/poolctl/known_pools): this is another pool, or its CA \
              changed; check --ca and --pool"
+        }
+        _ if let Some(addr) = pool_client::unreachable_backend(&s) => {
+            backend = format!(
+                "\nhint: the coordinator answered, but the pool's daemon at {addr} (a storaged \
+                 or a hostd) did not: is it running?"
+            );
+            &backend
         }
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
             "\nhint: no coordinator answered; is the pool running (poolctl lab) and --pool right?"

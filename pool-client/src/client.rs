@@ -142,13 +142,18 @@ impl PoolClient {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        Err(Status::new(
-            last.code(),
-            format!(
+        let message = match crate::unreachable_backend(&last) {
+            Some(_) => format!("{} (tried for {:?})", last.message(), self.deadline),
+            None => format!(
                 "no member answered within {:?}: {}",
                 self.deadline,
                 last.message()
             ),
+        };
+        Err(Status::with_metadata(
+            last.code(),
+            message,
+            last.metadata().clone(),
         ))
     }
 }

@@ -52,7 +52,10 @@ pub mod members;
 
 pub use auth::{Auth, BadToken};
 pub use client::{PoolClient, PoolStub, pool_stub};
-pub use members::{Members, MembersError, PassError, certificate_refused, retryable};
+pub use members::{
+    Members, MembersError, PassError, UNREACHABLE_BACKEND, certificate_refused, retryable,
+    unreachable_backend,
+};
 
 /// A fresh idempotency key for a mutating request.
 pub fn new_request_id() -> String {

@@ -19,6 +19,17 @@ pub fn certificate_refused(s: &Status) -> bool {
     s.message().contains("invalid peer certificate")
 }
 
+/// The metadata key a member sets on a transient failure that was not its own: a daemon
+/// it called for the answer (a storaged, a hostd) did not answer. Its value is that
+/// daemon's address.
+pub const UNREACHABLE_BACKEND: &str = "x-pool-unreachable-backend";
+
+/// The daemon behind a member's transient failure, when the member answered and the
+/// daemon it called did not (see [`UNREACHABLE_BACKEND`]).
+pub fn unreachable_backend(s: &Status) -> Option<&str> {
+    s.metadata().get(UNREACHABLE_BACKEND)?.to_str().ok()
+}
+
 /// Whether a failed call may succeed on another member or later. Anything else is a
 /// refusal every member would repeat.
 pub fn retryable(s: &Status) -> bool {

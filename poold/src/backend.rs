@@ -222,14 +222,26 @@ async fn within<T>(
 ) -> Result<T, Status> {
     match tokio::time::timeout(limit, f).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
-        Ok(Err(s)) => Err(Status::new(
-            s.code(),
-            format!("{what} at {addr}: {}", s.message()),
+        Ok(Err(s)) => Err(unreachable(
+            Status::new(s.code(), format!("{what} at {addr}: {}", s.message())),
+            addr,
         )),
-        Err(_) => Err(Status::deadline_exceeded(format!(
-            "{what} at {addr}: no answer within {limit:?}"
-        ))),
+        Err(_) => Err(unreachable(
+            Status::deadline_exceeded(format!("{what} at {addr}: no answer within {limit:?}")),
+            addr,
+        )),
     }
+}
+
+/// Marks a transient failure as the daemon's at `addr`, not this member's: a client that
+/// gets it knows the coordinator answered (see `pool_client::UNREACHABLE_BACKEND`).
+fn unreachable(mut s: Status, addr: &str) -> Status {
+    if transient(&s)
+        && let Ok(v) = addr.parse()
+    {
+        s.metadata_mut().insert(pool_client::UNREACHABLE_BACKEND, v);
+    }
+    s
 }
 
 #[tonic::async_trait]
