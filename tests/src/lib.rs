@@ -451,6 +451,24 @@ pub struct Storaged {
 impl Storaged {
     /// Started with a storage certificate of `pool`'s CA, so its members can call it.
     pub fn start(dir: &Path, pool: &PoolArg) -> Storaged {
+        Self::start_on(dir, pool, "127.0.0.1:0", "127.0.0.1:0")
+    }
+
+    /// SIGKILL, as a crash; `restart` brings it back.
+    pub fn kill(&mut self) {
+        self.daemon.proc.kill();
+    }
+
+    /// The same state and ports again (the pool knows its repositories by this address),
+    /// as the init system would after a crash; the last run's log is kept as `.log.1`.
+    pub fn restart(&mut self, dir: &Path, pool: &PoolArg) {
+        self.kill();
+        let (addr, iscsi) = (self.addr.clone(), self.iscsi.clone());
+        let _ = std::fs::rename(&self.daemon.log, self.daemon.log.with_extension("log.1"));
+        *self = Self::start_on(dir, pool, &addr, &iscsi);
+    }
+
+    fn start_on(dir: &Path, pool: &PoolArg, listen: &str, iscsi_listen: &str) -> Storaged {
         std::fs::create_dir_all(dir).expect("storaged dir");
         let tls = pool.tls_dir(
             pool_trust::Identity::Storage("storaged".into()),
@@ -460,7 +478,7 @@ impl Storaged {
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:0\"\niscsi_listen = \"127.0.0.1:0\"\nstate_dir = {:?}\n\
+                "listen = {listen:?}\niscsi_listen = {iscsi_listen:?}\nstate_dir = {:?}\n\
                  tls_dir = {tls:?}\ncoordinators = {:?}\n",
                 dir.join("state"),
                 pool.addrs.split(',').collect::<Vec<_>>(),

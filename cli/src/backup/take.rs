@@ -74,7 +74,9 @@ pub async fn backup(ctl: &mut Ctl, vm: &str, root: &Path) -> anyhow::Result<Take
         Ok(t) => t,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&tmp);
-            delete_snapshot(ctl, &snap.id).await;
+            // Not waited for: what failed the backup (storaged gone, say) can hold the
+            // deletion up too, and the pool finishes it once it can.
+            delete_snapshot(ctl, &snap.id, false).await;
             return Err(e);
         }
     };
@@ -83,7 +85,7 @@ pub async fn backup(ctl: &mut Ctl, vm: &str, root: &Path) -> anyhow::Result<Take
         .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
     sync_dir(root)?;
     if let Some(b) = base {
-        delete_snapshot(ctl, &b.id).await;
+        delete_snapshot(ctl, &b.id, true).await;
     }
     Ok(taken)
 }
@@ -137,7 +139,9 @@ async fn take_snapshot(ctl: &mut Ctl, vm_id: &str, point: u32) -> anyhow::Result
         .with_context(|| format!("the pool lists no VM snapshot {id} after taking it"))
 }
 
-async fn delete_snapshot(ctl: &mut Ctl, id: &str) {
+/// Deletes a VM snapshot the backup no longer needs; when `wait`, until it is gone. A
+/// deletion that fails is a warning: the backup itself stands or fails on its own.
+async fn delete_snapshot(ctl: &mut Ctl, id: &str, wait: bool) {
     let r = call!(
         ctl.client,
         delete_vm_snapshot,
@@ -146,12 +150,20 @@ async fn delete_snapshot(ctl: &mut Ctl, id: &str) {
             snapshot_id: id.to_owned(),
         }
     );
-    let wait = std::mem::replace(&mut ctl.wait, true);
     let done = match r {
-        Ok(r) => ctl.follow(r).await.map(|_| ()),
+        Ok(r) if !wait => {
+            let task = r.task.map(|t| t.id).unwrap_or_default();
+            eprintln!("VM snapshot {id} is being deleted (task {task})");
+            Ok(())
+        }
+        Ok(r) => {
+            let was = std::mem::replace(&mut ctl.wait, true);
+            let done = ctl.follow(r).await.map(|_| ());
+            ctl.wait = was;
+            done
+        }
         Err(e) => Err(e),
     };
-    ctl.wait = wait;
     if let Err(e) = done {
         eprintln!("warning: VM snapshot {id} stays: {e:#}");
     }
