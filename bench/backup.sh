@@ -6,6 +6,15 @@
 #                       divided by that of `poolctl vdi-import` of the same image into a new
 #                       volume of the same repository (volume creation and grant included);
 #                       goal >= 1.0. tests/tests/images.rs.
+#   backup_incremental_vs_full  `poolctl vm-backup` of a VM's 4 GiB disk whose every chunk
+#                       holds data: the incremental after the guest rewrote 1% of it, as a
+#                       fraction of the full backup's time; goal <= 0.05.
+#                       tests/tests/backup.rs (about 13 GB in the temporary directory).
+#   backup_cbt_scaling  the changed-chunk query (ListChangedChunks' walk) between two
+#                       snapshots with 1% of a 4 GiB volume's chunks rewritten, on a 64 GiB
+#                       volume over on a 4 GiB one: the worse of the rewrite contiguous and
+#                       scattered at random; goal <= 2. storaged/examples/changed_chunks_bench.rs
+#                       (about 5 GB under target/bench-cbt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -34,16 +43,14 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo build --release -q -p poold -p hostd -p storaged -p poolctl --bins
 cargo test --release -q -p e2e-tests --test images --no-run
 
-out=$(cargo test --release -q -p e2e-tests --test images -- --ignored --nocapture import_vs_qemu_img 2>&1) || {
-  echo "$out" | tail -40 >&2
-  echo "the import benchmark failed" >&2
-  exit 1
-}
-echo "$out" | grep '^qcow2 import ' >&2 || true
-line=$(echo "$out" | grep '^BENCH import_vs_qemu_img ' || true)
-if [ -z "$line" ]; then
-  echo "$out" | tail -20 >&2
-  echo "no import_vs_qemu_img figure" >&2
-  exit 1
-fi
-echo "$line"
+cargo test --release -q -p e2e-tests --test backup --no-run
+cargo build --release -q -p storaged --example changed_chunks_bench
+
+# Every figure first, then the table: a failure prints none of it.
+imported=$(bench_line import_vs_qemu_img '^qcow2 import ' \
+  cargo test --release -q -p e2e-tests --test images -- --ignored --nocapture import_vs_qemu_img)
+backup=$(bench_line backup_incremental_vs_full '^backup of a ' \
+  cargo test --release -q -p e2e-tests --test backup -- --ignored --nocapture backup_times_on_a_4_gib_disk)
+cbt=$(bench_line backup_cbt_scaling '^(volume|[0-9]+ GiB) ' \
+  cargo run --release -q -p storaged --example changed_chunks_bench "$CARGO_TARGET_DIR/bench-cbt")
+printf '%s\n' "$backup" "$cbt" "$imported"

@@ -109,3 +109,24 @@ tgt_stop() {
   wait "$tgt_pid" 2>/dev/null || true
   tgt_pid=""
 }
+
+# bench_line KEY INFO_REGEX COMMAND...: runs a benchmark, shows its lines matching
+# INFO_REGEX on stderr and prints its `BENCH KEY ...` line; fails, with the output's tail,
+# when the command fails or prints no such line (a benchmark prints no partial table).
+bench_line() {
+  local key=$1 info=$2 out line
+  shift 2
+  out=$("$@" 2>&1) || {
+    echo "$out" | tail -40 >&2
+    echo "the $key benchmark failed" >&2
+    return 1
+  }
+  echo "$out" | grep -E "$info" >&2 || true
+  line=$(echo "$out" | grep "^BENCH $key " || true)
+  if [ -z "$line" ]; then
+    echo "$out" | tail -20 >&2
+    echo "no $key figure" >&2
+    return 1
+  fi
+  echo "$line"
+}

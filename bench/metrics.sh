@@ -7,19 +7,9 @@
 #                      METRICS_SCRAPES scrapes (default 11). hostd/tests/metrics.rs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 cargo test --release -q -p hostd --test metrics --no-run
 
-out=$(cargo test --release -q -p hostd --test metrics -- --ignored --nocapture 2>&1) || {
-  echo "$out" | tail -40 >&2
-  echo "the scrape benchmark failed" >&2
-  exit 1
-}
-echo "$out" | grep '^scrape ' >&2 || true
-line=$(echo "$out" | grep '^BENCH metrics_scrape_ms ' || true)
-if [ -z "$line" ]; then
-  echo "$out" | tail -20 >&2
-  echo "no metrics_scrape_ms figure" >&2
-  exit 1
-fi
-echo "$line"
+bench_line metrics_scrape_ms '^scrape ' \
+  cargo test --release -q -p hostd --test metrics -- --ignored --nocapture
