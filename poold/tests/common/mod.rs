@@ -21,9 +21,16 @@ pub const TEST_POOL_ID: &str = "test-pool";
 /// The first admin's password the pool is founded with (`--admin-password-file`).
 pub const ADMIN_PASSWORD: &str = "admin password 1";
 
+/// A port free now, for a member started later. Drawn below the kernel's ephemeral range
+/// (32768 and up here), where processes binding port 0 (other suites running beside
+/// these) would take it in the meantime.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    l.local_addr().unwrap().port()
+    loop {
+        let port = 20000 + rand::random::<u16>() % 12000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub struct Cluster {
