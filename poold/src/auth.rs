@@ -108,6 +108,7 @@ pub const METHODS: &[(&str, Level, bool)] = &[
     ("RebootVm", Level::VmOperator, true),
     ("PauseVm", Level::VmOperator, true),
     ("ResumeVm", Level::VmOperator, true),
+    ("SuspendVm", Level::VmOperator, true),
     ("StreamVmConsole", Level::VmOperator, false),
     ("CreateConsoleTicket", Level::VmOperator, false),
     ("CancelTask", Level::VmOperator, true),

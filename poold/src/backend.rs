@@ -134,6 +134,14 @@ pub trait HostOps: Send + Sync {
         migration_id: &str,
     ) -> Result<hpb::MigrationProgress, Status>;
     async fn cancel_migration(&self, addr: &str, migration_id: &str) -> Result<(), Status>;
+    /// Writes the VM's memory and device state into a state volume (suspend: it stops).
+    async fn save_vm(
+        &self,
+        addr: &str,
+        r: hpb::SaveVmRequest,
+    ) -> Result<hpb::SaveVmResponse, Status>;
+    /// Starts a VM from a state volume.
+    async fn restore_vm(&self, addr: &str, r: hpb::RestoreVmRequest) -> Result<hpb::Vm, Status>;
 }
 
 /// gRPC clients of every storaged and hostd the pool talks to, one lazily connected
@@ -624,4 +632,22 @@ impl HostOps for Grpc {
         .await
         .map(|_| ())
     }
+
+    async fn save_vm(
+        &self,
+        addr: &str,
+        r: hpb::SaveVmRequest,
+    ) -> Result<hpb::SaveVmResponse, Status> {
+        let mut c = self.host(addr)?;
+        within(STATE_COPY_LIMIT, "SaveVm", addr, c.save_vm(r)).await
+    }
+
+    async fn restore_vm(&self, addr: &str, r: hpb::RestoreVmRequest) -> Result<hpb::Vm, Status> {
+        let mut c = self.host(addr)?;
+        within(STATE_COPY_LIMIT, "RestoreVm", addr, c.restore_vm(r)).await
+    }
 }
+
+/// How long a save or a restore may take: the VM's whole memory over iSCSI (hostd gives a
+/// save 10 minutes itself).
+const STATE_COPY_LIMIT: Duration = Duration::from_secs(660);

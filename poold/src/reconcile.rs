@@ -17,8 +17,8 @@
 //!   cannot see (unreachable) keep their grants: cutting them off is fencing's job, done
 //!   only with HA on and in its order (see [`crate::jobs::ha`]).
 //!
-//! VMs held by a job that pauses or moves them (snapshot, migration, reboot) are left to
-//! that job.
+//! VMs held by a job that pauses, moves, saves or restores them (snapshot, migration,
+//! reboot, suspend, resume) are left to that job.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -31,6 +31,7 @@ use proto::storage as spb;
 use crate::coordinator::Coordinator;
 use crate::jobs::{Env, JobError};
 use crate::state::PoolState;
+use crate::state::command::JobSpec;
 
 /// What the reconciler does to one VM on one host.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -226,6 +227,33 @@ pub fn plan_access(
         }
         for d in vm.spec.iter().flat_map(|s| &s.disks) {
             wanted.entry(&d.volume_id).or_default().extend(on.iter());
+        }
+    }
+    // A suspend or resume job's hosts need the VM's disks and its state volume until it
+    // ends (a suspended VM is on no host; a resumed one is placed only by the finish).
+    for job in state.jobs.values() {
+        let (vm_id, hosts, state_volume) = match &job.spec {
+            Some(JobSpec::SuspendVm(j)) => (
+                &j.vm_id,
+                vec![j.host_id.as_str(), j.resume_on_host_id.as_str()],
+                job.outputs.get("state_volume").map(String::as_str),
+            ),
+            Some(JobSpec::ResumeVm(j)) => (
+                &j.vm_id,
+                vec![j.host_id.as_str()],
+                state.vms.get(&j.vm_id).map(|v| v.state_volume_id.as_str()),
+            ),
+            _ => continue,
+        };
+        let hosts = hosts.into_iter().filter(|h| !h.is_empty());
+        let disks = state
+            .vms
+            .get(vm_id)
+            .into_iter()
+            .flat_map(|v| v.spec.iter().flat_map(|s| &s.disks))
+            .map(|d| d.volume_id.as_str());
+        for v in disks.chain(state_volume.filter(|v| !v.is_empty())) {
+            wanted.entry(v).or_default().extend(hosts.clone());
         }
     }
     let mut out = Vec::new();
@@ -627,6 +655,83 @@ mod tests {
                 .iter()
                 .all(|r| r.initiator != client)
         );
+    }
+
+    /// A suspended VM is on no host, so its hosts' grants go; while a resume job runs,
+    /// the host it restores on keeps the disks and the state volume it was granted, and
+    /// the VM that host already runs is left to the job.
+    #[test]
+    fn a_resume_keeps_its_hosts_grants_and_its_restored_vm() {
+        let world = crate::jobs::test_utils::World::two_hosts_one_running_vm();
+        {
+            let mut s = world.ledger.state.lock().unwrap();
+            let vm = s.vms.get_mut("vm1").unwrap();
+            vm.host_id.clear();
+            vm.power_state = P::Suspended as i32;
+            vm.desired_power_state = P::Suspended as i32;
+            vm.state_volume_id = "st1".into();
+            let st1 = spb::Volume {
+                id: "st1".into(),
+                pool_id: "sr1".into(),
+                ..Default::default()
+            };
+            s.volumes.insert("st1".into(), st1);
+            s.rebuild_alloc();
+        }
+        let export = |vol: &str, grants: &[&str]| spb::Export {
+            id: format!("e-{vol}"),
+            volume_id: vol.into(),
+            grants: grants
+                .iter()
+                .map(|g| spb::AccessGrant {
+                    initiator_iqn: (*g).into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let exports = BTreeMap::from([(
+            "st:1".to_string(),
+            vec![
+                export("vol1", &["iqn.h1", "iqn.h2"]),
+                export("st1", &["iqn.h1", "iqn.h2"]),
+            ],
+        )]);
+        let reported: Reported = BTreeMap::from([
+            ("h1".into(), BTreeMap::new()),
+            (
+                "h2".into(),
+                BTreeMap::from([("vm1".into(), P::Running as i32)]),
+            ),
+        ]);
+        let revoked = |state: &PoolState| -> Vec<(String, String)> {
+            plan_access(state, &reported, &exports)
+                .into_iter()
+                .map(|r| (r.export_id, r.host_id))
+                .collect()
+        };
+        // No job: h2 runs a VM the pool placed nowhere (a stale copy).
+        let idle = world.state();
+        assert!(plan(&idle, &reported).iter().any(|s| s.action
+            == Action::DestroyStale {
+                vm_id: "vm1".into()
+            }));
+        world.start_job(Job {
+            spec: Some(JobSpec::ResumeVm(ResumeVmJob {
+                vm_id: "vm1".into(),
+                host_id: "h2".into(),
+            })),
+            ..Default::default()
+        });
+        let resuming = world.state();
+        assert_eq!(
+            revoked(&resuming),
+            [
+                ("e-st1".to_string(), "h1".to_string()),
+                ("e-vol1".to_string(), "h1".to_string())
+            ]
+        );
+        assert!(plan(&resuming, &reported).is_empty());
     }
 
     fn state_with(vms: &[(&str, &str, P)]) -> PoolState {

@@ -45,6 +45,38 @@ pub use pool::host::v1 as host;
 pub use pool::storage::v1 as storage;
 pub use pool::v1 as coordinator;
 
+/// The size rule of `SaveVm`'s state volume, which `hostd` checks before it writes and
+/// `poold` follows when it makes one: the one copy both read.
+pub mod saved_state {
+    /// The header block before the saved stream.
+    pub const HEADER_LEN: u64 = 4096;
+    /// A guest page.
+    pub const PAGE: u64 = 4096;
+    /// A migration frame's header, and the most a page's frame adds at worst.
+    pub const FRAME_HEADER_LEN: u64 = 8;
+    pub const PAGE_FRAME_OVERHEAD: u64 = 16;
+    /// The largest State frame payload and the largest Hello a stream may carry.
+    pub const MAX_STATE: u64 = 16 << 20;
+    pub const MAX_HELLO: u64 = 256 << 10;
+
+    /// The smallest state volume for a VM of `memory_bytes`: the header, every page with
+    /// its frame header at worst, the largest State frame and the Hello, in whole MiB.
+    ///
+    /// ```
+    /// assert_eq!(proto::saved_state::volume_bytes_for(64 << 20), 81 << 20);
+    /// ```
+    pub fn volume_bytes_for(memory_bytes: u64) -> u64 {
+        let pages = memory_bytes.div_ceil(PAGE);
+        let worst = HEADER_LEN
+            + memory_bytes
+            + pages * PAGE_FRAME_OVERHEAD
+            + MAX_STATE
+            + MAX_HELLO
+            + 2 * FRAME_HEADER_LEN;
+        worst.div_ceil(1 << 20) << 20
+    }
+}
+
 /// Milliseconds since the Unix epoch: the one wall clock the daemons and tools read for
 /// what they stamp or age (task times, heartbeats, snapshot times). A clock set before
 /// 1970 reads as 0.
@@ -253,6 +285,7 @@ mod tests {
             destination_host_id: "h2".into(),
             downtime_budget_ms: 300,
             auto_converge: true,
+            quick: true,
         });
         round_trip(coordinator::TaskResponse {
             task: Some(coordinator::Task {

@@ -80,6 +80,9 @@ pub enum VmCommand {
         #[arg(long)]
         long: bool,
     },
+    /// One VM's fields, its saved state's volume among them while it is suspended.
+    #[command(name = "vm-show")]
+    Show { vm: String },
     /// Where the scheduler would place a VM, and why each host can or cannot take it.
     #[command(name = "vm-explain")]
     Explain { vm: String },
@@ -88,6 +91,20 @@ pub enum VmCommand {
     Start {
         vm: String,
         /// On this host; by default the scheduler chooses.
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// Save a running VM's memory and device state into a state volume in its first
+    /// disk's repository and stop it: it is suspended, on no host, until vm-resume. (A
+    /// suspended VM is not started, shut down or live-migrated: resume or destroy it.)
+    #[command(name = "vm-suspend")]
+    Suspend { vm: String },
+    /// Run a suspended VM on from where it was saved (its state volume is then deleted),
+    /// or a paused one on.
+    #[command(name = "vm-resume")]
+    Resume {
+        vm: String,
+        /// Resume a suspended VM on this host; by default the scheduler chooses.
         #[arg(long)]
         host: Option<String>,
     },
@@ -123,6 +140,10 @@ pub enum VmCommand {
         /// Downtime budget in milliseconds.
         #[arg(long, default_value_t = 300)]
         downtime_ms: u32,
+        /// Quick migration, for hosts that cannot live-migrate: suspend here, resume
+        /// there (the guest pauses for the save and the restore).
+        #[arg(long)]
+        quick: bool,
     },
     /// The VM's metadata and crash-consistent snapshots of all its disks, together.
     #[command(name = "vm-snapshot")]
@@ -365,6 +386,47 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
             )?;
             ctl.follow(r).await?;
         }
+        VmCommand::Show { vm } => {
+            let vm_id = ctl.vm_id(&vm).await?;
+            let v = call!(ctl.client, get_vm, pb::GetVmRequest { vm_id })?;
+            let hosts = ctl.hosts().await?;
+            ctl.print(&vm_fields(v, &hosts));
+        }
+        VmCommand::Suspend { vm } => {
+            let vm_id = ctl.vm_id(&vm).await?;
+            let r = call!(
+                ctl.client,
+                suspend_vm,
+                pb::VmPowerRequest {
+                    request_id: new_request_id(),
+                    vm_id,
+                    force: false,
+                    host_id: String::new()
+                }
+            )?;
+            let task = ctl.follow(r).await?;
+            if let Some(v) = task.results.get("state_volume_id") {
+                println!("saved in state volume {v}");
+            }
+        }
+        VmCommand::Resume { vm, host } => {
+            let vm_id = ctl.vm_id(&vm).await?;
+            let host_id = match host {
+                Some(h) => ctl.host_id(&h).await?,
+                None => String::new(),
+            };
+            let r = call!(
+                ctl.client,
+                resume_vm,
+                pb::VmPowerRequest {
+                    request_id: new_request_id(),
+                    vm_id,
+                    force: false,
+                    host_id
+                }
+            )?;
+            ctl.follow(r).await?;
+        }
         VmCommand::Shutdown { vm, force } => {
             let vm_id = ctl.vm_id(&vm).await?;
             let r = call!(
@@ -410,6 +472,7 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
             vm,
             host,
             downtime_ms,
+            quick,
         } => {
             let vm_id = ctl.vm_id(&vm).await?;
             let destination_host_id = match host {
@@ -425,6 +488,7 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
                     destination_host_id,
                     downtime_budget_ms: downtime_ms,
                     auto_converge: true,
+                    quick,
                 }
             )?;
             let task = ctl.follow(r).await?;
@@ -592,6 +656,38 @@ fn vm_table(vms: Vec<pb::Vm>, hosts: &[pb::Host], ids: bool) -> Table {
             row.push(vifs.into());
         }
         t.row(row);
+    }
+    t
+}
+
+/// vm-show: one row per field, the host by name.
+fn vm_fields(v: pb::Vm, hosts: &[pb::Host]) -> Table {
+    let spec = v.spec.unwrap_or_default();
+    let host = hosts
+        .iter()
+        .find(|h| h.id == v.host_id)
+        .map_or(v.host_id.clone(), |h| h.name.clone());
+    let disks: Vec<String> = spec
+        .disks
+        .iter()
+        .map(|d| format!("{}={}", d.disk_id, d.volume_id))
+        .collect();
+    let mut t = Table::new(&["FIELD", "VALUE"]);
+    for (k, val) in [
+        ("id", v.id),
+        ("name", spec.name),
+        ("power", power(v.power_state)),
+        ("wanted", power(v.desired_power_state)),
+        ("host", host),
+        ("vcpus", spec.vcpus.to_string()),
+        ("memory", human_bytes(spec.memory_bytes)),
+        ("disks", disks.join(",")),
+        ("stopped", stop_reason(v.last_stop_reason)),
+        ("state_volume", v.state_volume_id),
+        ("current_snapshot", v.current_snapshot_id),
+        ("created", ts(&v.created_at)),
+    ] {
+        t.row(vec![k.into(), val.into()]);
     }
     t
 }

@@ -52,17 +52,10 @@ const CHUNK: usize = 1 << 20;
 /// them).
 const WRITERS: usize = 4;
 
-/// The smallest state volume for a VM of `memory_bytes`: the header, every page with its
-/// frame header at worst (16 bytes a page), the largest State frame and the Hello.
-pub fn volume_bytes_for(memory_bytes: u64) -> u64 {
-    let pages = memory_bytes.div_ceil(wire::PAGE as u64);
-    let worst = HEADER_LEN as u64
-        + memory_bytes
-        + pages * 16
-        + (wire::MAX_PAYLOAD + wire::MAX_HELLO) as u64
-        + 2 * wire::HEADER_LEN as u64;
-    worst.div_ceil(1 << 20) << 20
-}
+/// The smallest state volume for a VM of `memory_bytes`: the rule lives in `proto`, so
+/// `poold` sizes the volumes it makes by the same one (the test below ties its figures to
+/// this stream's).
+pub use proto::saved_state::volume_bytes_for;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SavedError {
@@ -631,5 +624,17 @@ mod tests {
             Err(SavedError::TooSmall { .. })
         ));
         assert!(volume_bytes_for(64 << 20) >= (64 << 20) + HEADER_LEN as u64);
+    }
+
+    /// The shared size rule's figures are this stream's own.
+    #[test]
+    fn the_shared_size_rule_matches_the_stream_format() {
+        use proto::saved_state as rule;
+        assert_eq!(rule::HEADER_LEN, HEADER_LEN as u64);
+        assert_eq!(rule::PAGE, wire::PAGE as u64);
+        assert_eq!(rule::FRAME_HEADER_LEN, wire::HEADER_LEN as u64);
+        assert!(rule::PAGE_FRAME_OVERHEAD >= 2 * wire::HEADER_LEN as u64);
+        assert_eq!(rule::MAX_STATE, wire::MAX_PAYLOAD as u64);
+        assert_eq!(rule::MAX_HELLO, wire::MAX_HELLO as u64);
     }
 }

@@ -23,11 +23,13 @@
 //!   reboots, and the disk access (export + grant) a host needs to run a VM;
 //! - [`vifs`]: a VM's network interfaces as the host it runs on gets them;
 //! - [`migrate`]: live migration between hosts;
+//! - [`suspend`]: suspend to a state volume, resume from it, quick migration;
 //! - [`ha`]: fencing an unreachable host at the storage, restarting its VMs elsewhere.
 
 pub mod ha;
 pub mod migrate;
 pub mod storage;
+pub mod suspend;
 pub mod vifs;
 pub mod vm;
 
@@ -139,6 +141,9 @@ pub struct Finish {
     pub results: HashMap<String, String>,
     /// The object created, when the job created one.
     pub target: String,
+    /// The job failed with this code and message after changes it must keep, which
+    /// `effects` carry (a quick migration's suspend, when the restore failed).
+    pub failed: Option<(Code, String)>,
 }
 
 impl Finish {
@@ -196,6 +201,19 @@ pub async fn drive(env: Env, task_id: String) {
         };
         let outcome = execute(&env, &job).await;
         let finish = match outcome {
+            Ok(Finish {
+                effects,
+                results,
+                failed: Some((code, message)),
+                ..
+            }) => FinishJob {
+                task_id: task_id.clone(),
+                code: code as i32,
+                message,
+                effects,
+                results,
+                target_id: String::new(),
+            },
             Ok(f) => FinishJob {
                 task_id: task_id.clone(),
                 code: 0,
@@ -269,6 +287,8 @@ pub async fn execute(env: &Env, job: &Job) -> Result<Finish, JobError> {
         JobSpec::RebootVm(j) => vm::reboot_vm(env, j).await,
         JobSpec::MigrateVm(j) => migrate::migrate(env, job, j).await,
         JobSpec::FenceHost(j) => ha::fence(env, job, j).await,
+        JobSpec::SuspendVm(j) => suspend::suspend(env, job, j).await,
+        JobSpec::ResumeVm(j) => suspend::resume(env, job, j).await,
     }
 }
 

@@ -46,9 +46,15 @@ pub struct FakeStorage {
     /// export id → (volume id, grants)
     exports: Mutex<BTreeMap<String, (String, Vec<String>)>>,
     fail: Mutex<Option<Status>>,
+    /// What PoolUsage answers as free bytes.
+    free: Mutex<u64>,
 }
 
 impl FakeStorage {
+    pub fn set_free(&self, bytes: u64) {
+        *self.free.lock().unwrap() = bytes;
+    }
+
     pub fn calls(&self) -> Vec<String> {
         self.calls.lock().unwrap().clone()
     }
@@ -132,7 +138,10 @@ impl StorageOps for FakeStorage {
     }
     async fn pool_usage(&self, _a: &str, _p: &str) -> Result<spb::PoolUsage, Status> {
         self.call("usage".into())?;
-        Ok(spb::PoolUsage::default())
+        Ok(spb::PoolUsage {
+            free_bytes: *self.free.lock().unwrap(),
+            ..Default::default()
+        })
     }
     async fn create_volume(
         &self,
@@ -142,6 +151,7 @@ impl StorageOps for FakeStorage {
         self.call(format!("create_volume:{}", r.name))?;
         Ok(spb::Volume {
             labels: r.labels,
+            virtual_size_bytes: r.virtual_size_bytes,
             ..vol(&format!("v-{}", r.name))
         })
     }
@@ -262,9 +272,29 @@ pub struct FakeHosts {
     progress: Mutex<Vec<hpb::MigrationProgress>>,
     status: Mutex<Option<hpb::MigrationProgress>>,
     refuse: Mutex<Option<Status>>,
+    /// What SaveVm and RestoreVm answer when set: an error.
+    refuse_save: Mutex<Option<Status>>,
+    refuse_restore: Mutex<Option<Status>>,
+    /// What ListVms answers, per host address.
+    listed: Mutex<BTreeMap<String, Vec<hpb::Vm>>>,
 }
 
 impl FakeHosts {
+    pub fn refuse_save(&self, s: Status) {
+        *self.refuse_save.lock().unwrap() = Some(s);
+    }
+    pub fn refuse_restore(&self, s: Status) {
+        *self.refuse_restore.lock().unwrap() = Some(s);
+    }
+    /// Makes host `addr` list `vm` (as after a save or restore a previous leader asked for).
+    pub fn lists(&self, addr: &str, vm: hpb::Vm) {
+        self.listed
+            .lock()
+            .unwrap()
+            .entry(addr.into())
+            .or_default()
+            .push(vm);
+    }
     pub fn calls(&self) -> Vec<String> {
         self.calls.lock().unwrap().clone()
     }
@@ -302,7 +332,13 @@ impl HostOps for FakeHosts {
     }
     async fn list_vms(&self, a: &str) -> Result<Vec<hpb::Vm>, Status> {
         self.call(format!("list:{a}"));
-        Ok(vec![])
+        Ok(self
+            .listed
+            .lock()
+            .unwrap()
+            .get(a)
+            .cloned()
+            .unwrap_or_default())
     }
     async fn create_vm(&self, a: &str, r: hpb::CreateVmRequest) -> Result<hpb::Vm, Status> {
         self.call(format!("create:{a}:{}", r.vm_id));
@@ -384,6 +420,27 @@ impl HostOps for FakeHosts {
     async fn cancel_migration(&self, a: &str, id: &str) -> Result<(), Status> {
         self.call(format!("cancel:{a}:{id}"));
         Ok(())
+    }
+    async fn save_vm(&self, a: &str, r: hpb::SaveVmRequest) -> Result<hpb::SaveVmResponse, Status> {
+        let vol = r.state_volume.map(|v| v.volume_id).unwrap_or_default();
+        self.call(format!("save:{a}:{}:{vol}:{}", r.vm_id, r.resume));
+        if let Some(s) = self.refuse_save.lock().unwrap().clone() {
+            return Err(s);
+        }
+        Ok(hpb::SaveVmResponse {
+            vm: Some(Self::vm(&r.vm_id)),
+            pause_ms: 120,
+            bytes_written: 64 << 20,
+        })
+    }
+    async fn restore_vm(&self, a: &str, r: hpb::RestoreVmRequest) -> Result<hpb::Vm, Status> {
+        let vol = r.state_volume.map(|v| v.volume_id).unwrap_or_default();
+        let disks = r.config.map_or(0, |c| c.disks.len());
+        self.call(format!("restore:{a}:{}:{vol}:disks={disks}", r.vm_id));
+        if let Some(s) = self.refuse_restore.lock().unwrap().clone() {
+            return Err(s);
+        }
+        Ok(Self::vm(&r.vm_id))
     }
 }
 

@@ -25,7 +25,7 @@ use super::{Env, Finish, JobError, read};
 use crate::scheduler;
 use crate::state::PoolState;
 use crate::state::command::*;
-use crate::state::jobs::vm_stopped;
+use crate::state::jobs::{vm_stopped, vm_suspended};
 
 /// A VM's disks with where their volumes live.
 fn disks_of(s: &PoolState, spec: &pb::VmSpec) -> Result<Vec<(pb::VmDisk, SrLoc)>, JobError> {
@@ -138,37 +138,51 @@ pub async fn disk_access(env: &Env, vm: &pb::Vm, host_id: &str) -> Result<HostAc
                 }
             }
         }
-        env.storage
-            .grant(&loc.address, &export.id, &chap)
-            .await
-            .map_err(|s| {
-                JobError::from_status(
-                    format!("granting host {host_id} access to volume {}", d.volume_id),
-                    s,
-                )
-            })?;
-        let portal = export.portals.first().cloned().ok_or_else(|| {
-            JobError::refused(
-                Code::FailedPrecondition,
-                format!("storaged at {} lists no iSCSI portal", loc.address),
-            )
-        })?;
+        let iscsi = grant_volume(env, &loc, &export, &d.volume_id, host_id, &chap).await?;
         out.push(hpb::DiskConfig {
             id: d.disk_id.clone(),
-            backend: Some(hpb::disk_config::Backend::Iscsi(hpb::IscsiDisk {
-                portal,
-                target_iqn: export.target_iqn.clone(),
-                lun: export.lun,
-                volume_id: d.volume_id.clone(),
-                chap_username: chap.initiator.user.clone(),
-                chap_secret: chap.initiator.secret.clone(),
-                mutual_chap_username: chap.target.user.clone(),
-                mutual_chap_secret: chap.target.secret.clone(),
-            })),
+            backend: Some(hpb::disk_config::Backend::Iscsi(iscsi)),
             read_only: d.read_only,
         });
     }
     Ok(HostAccess { disks: out, nets })
+}
+
+/// Grants the host's initiator (`chap`'s) access to an exported volume; how the host logs
+/// in to it.
+pub async fn grant_volume(
+    env: &Env,
+    loc: &SrLoc,
+    export: &spb::Export,
+    volume_id: &str,
+    host_id: &str,
+    chap: &crate::chap::Secrets,
+) -> Result<hpb::IscsiDisk, JobError> {
+    env.storage
+        .grant(&loc.address, &export.id, chap)
+        .await
+        .map_err(|s| {
+            JobError::from_status(
+                format!("granting host {host_id} access to volume {volume_id}"),
+                s,
+            )
+        })?;
+    let portal = export.portals.first().cloned().ok_or_else(|| {
+        JobError::refused(
+            Code::FailedPrecondition,
+            format!("storaged at {} lists no iSCSI portal", loc.address),
+        )
+    })?;
+    Ok(hpb::IscsiDisk {
+        portal,
+        target_iqn: export.target_iqn.clone(),
+        lun: export.lun,
+        volume_id: volume_id.to_owned(),
+        chap_username: chap.initiator.user.clone(),
+        chap_secret: chap.initiator.secret.clone(),
+        mutual_chap_username: chap.target.user.clone(),
+        mutual_chap_secret: chap.target.secret.clone(),
+    })
 }
 
 /// The volume's export, created when it has none.
@@ -731,13 +745,22 @@ pub async fn from_template(
 
 pub async fn destroy_vm(env: &Env, job: &Job, j: &DestroyVmJob) -> Result<Finish, JobError> {
     let vm = read(&*env.ledger, |s| vm_of(s, &j.vm_id))?;
-    if !vm_stopped(&vm) {
+    if !vm_stopped(&vm) && !vm_suspended(&vm) {
         return Err(JobError::refused(
             Code::FailedPrecondition,
             format!("VM {} started meanwhile; shut it down first", vm.id),
         ));
     }
     let mut f = Finish::default();
+    // A suspended VM's saved state goes with it.
+    if !vm.state_volume_id.is_empty()
+        && let Ok(loc) = read(&*env.ledger, |s| volume_loc(s, &vm.state_volume_id))
+    {
+        env.step(&job.task_id, 5, "deleting the saved state", &[])
+            .await?;
+        delete_once(env, &loc, &vm.state_volume_id).await?;
+        f = f.effect(EffectKind::RemoveVolume(vm.state_volume_id.clone()));
+    }
     if j.delete_disks {
         let spec = vm.spec.clone().unwrap_or_default();
         let mut deleted = 0;

@@ -15,9 +15,9 @@ mod trust;
 mod users;
 pub use jobs::{
     CloneVmJob, CreateSrJob, DeleteVmSnapshotJob, DestroyVmJob, Effect, EffectKind, FenceHostJob,
-    FinishJob, Job, JobSpec, JobStep, MigrateVmJob, MoveVm, RebootVmJob, RevertVmJob,
-    SetCurrentSnapshot, SnapshotVmJob, TemplateFromVmJob, VmFromTemplateJob, VolumeAction,
-    VolumeJob,
+    FinishJob, Job, JobSpec, JobStep, MigrateVmJob, MoveVm, RebootVmJob, ResumeVmJob, RevertVmJob,
+    SetCurrentSnapshot, SnapshotVmJob, SuspendVmJob, TemplateFromVmJob, VmFromTemplateJob,
+    VmSuspended, VolumeAction, VolumeJob,
 };
 pub use trust::{
     CaRollRecord, FinishCaRoll, IssuedRecord, JoinTokenRecord, PoolCaRecord, RedeemJoinToken,

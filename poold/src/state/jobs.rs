@@ -15,6 +15,7 @@ use tonic::Code;
 
 use super::command::*;
 use super::machine::{Applied, PoolState, err};
+pub use super::suspend::{power_name, suspended_refusal, vm_suspended};
 
 /// Whether a VM is stopped both in what the pool wants and what its host reported.
 pub fn vm_stopped(vm: &pb::Vm) -> bool {
@@ -26,13 +27,13 @@ pub fn vm_stopped(vm: &pb::Vm) -> bool {
 }
 
 impl PoolState {
-    fn volume(&self, id: &str) -> Result<&spb::Volume, CommandResult> {
+    pub(super) fn volume(&self, id: &str) -> Result<&spb::Volume, CommandResult> {
         self.volumes
             .get(id)
             .ok_or_else(|| err(Code::NotFound, format!("no volume with id {id}")))
     }
 
-    fn vm(&self, id: &str) -> Result<&pb::Vm, CommandResult> {
+    pub(super) fn vm(&self, id: &str) -> Result<&pb::Vm, CommandResult> {
         self.vms
             .get(id)
             .ok_or_else(|| err(Code::NotFound, format!("no VM with id {id}")))
@@ -55,6 +56,13 @@ impl PoolState {
 
     /// Who uses a volume, for people: "disk vda of VM x", "template t", "snapshot s of VM x".
     pub fn volume_user(&self, volume_id: &str) -> Option<String> {
+        if let Some(vm) = self
+            .vms
+            .values()
+            .find(|vm| !volume_id.is_empty() && vm.state_volume_id == volume_id)
+        {
+            return Some(format!("the saved state of suspended VM {}", vm.id));
+        }
         for vm in self.vms.values() {
             if let Some(d) = vm
                 .spec
@@ -262,7 +270,8 @@ impl PoolState {
             }
             JobSpec::DestroyVm(j) => {
                 let vm = self.vm(&j.vm_id)?;
-                if !vm_stopped(vm) {
+                // A suspended VM goes with its saved state.
+                if !vm_stopped(vm) && !vm_suspended(vm) {
                     return Err(err(
                         Code::FailedPrecondition,
                         format!(
@@ -277,6 +286,9 @@ impl PoolState {
             }
             JobSpec::MigrateVm(j) => {
                 let vm = self.vm(&j.vm_id)?;
+                if vm_suspended(vm) {
+                    return Err(suspended_refusal(vm, "live-migrated"));
+                }
                 if vm.desired_power_state() != hpb::PowerState::Running
                     || vm.power_state() != hpb::PowerState::Running
                 {
@@ -343,6 +355,8 @@ impl PoolState {
                 }
                 Ok(j.vm_id.clone())
             }
+            JobSpec::SuspendVm(j) => self.check_suspend(j),
+            JobSpec::ResumeVm(j) => self.check_resume(j),
         }
     }
 
@@ -527,11 +541,13 @@ impl PoolState {
         };
         let ok = f.code == 0;
         // Results the apply itself decides (a placement that no longer fits), over the job's.
+        // A failed job carries effects only for what it did before failing and must keep
+        // (a quick migration's suspend, when the restore failed).
         let mut decided = Vec::new();
-        if ok {
-            for e in &f.effects {
-                decided.extend(self.apply_effect(e, at_ms));
-            }
+        for e in &f.effects {
+            decided.extend(self.apply_effect(e, at_ms));
+        }
+        if !f.effects.is_empty() {
             self.rebuild_alloc();
         }
         // The last VM of an evacuation has left: the host enters maintenance.
@@ -751,6 +767,8 @@ impl PoolState {
                     },
                 );
             }
+            EffectKind::VmSuspended(v) => self.apply_vm_suspended(v),
+            EffectKind::VmResumed(m) => self.apply_vm_resumed(m),
             EffectKind::MoveVm(m) => {
                 // The migration ended with the VM running on the destination: recorded
                 // now, so the next action on it (another migration) does not meet the

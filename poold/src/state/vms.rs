@@ -140,6 +140,15 @@ impl PoolState {
             .get(&p.vm_id)
             .cloned()
             .ok_or_else(|| err(Code::NotFound, format!("no VM with id {}", p.vm_id)))?;
+        // A start would boot it afresh and lose the saved guest: resuming is the way on.
+        if super::jobs::vm_suspended(&vm) {
+            let what = match desired {
+                hpb::PowerState::Running => "started",
+                hpb::PowerState::Paused => "paused",
+                _ => "shut down",
+            };
+            return Err(super::jobs::suspended_refusal(&vm, what));
+        }
         match desired {
             hpb::PowerState::Running => {
                 if vm.host_id.is_empty() {

@@ -368,7 +368,13 @@ impl PoolService for PoolHandler {
 
     async fn resume_vm(&self, r: Request<pb::VmPowerRequest>) -> R<pb::TaskResponse> {
         let who = self.authorize(&r, "ResumeVm")?;
-        let res = vms::set_power(self, &who, r.into_inner(), Running).await;
+        let res = vms::resume(self, &who, r.into_inner()).await;
+        self.done(&who, res)
+    }
+
+    async fn suspend_vm(&self, r: Request<pb::VmPowerRequest>) -> R<pb::TaskResponse> {
+        let who = self.authorize(&r, "SuspendVm")?;
+        let res = vms::suspend(self, &who, r.into_inner()).await;
         self.done(&who, res)
     }
 

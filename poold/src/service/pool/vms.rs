@@ -11,6 +11,7 @@ use super::request::{need, page};
 use crate::auth::Caller;
 use crate::scheduler;
 use crate::state::command::*;
+use crate::state::jobs::{power_name, suspended_refusal, vm_suspended};
 
 /// A new VM from a spec, or from a template with what the request says of the VM over
 /// the template's. A template with disks is cloned by a job; otherwise the VM is
@@ -163,6 +164,12 @@ pub(super) async fn set_power(
             .read(|s| s.vms.get(&r.vm_id).cloned())
             .await?
             .ok_or_else(|| Status::not_found(format!("no VM with id {}", r.vm_id)))?;
+        // Refused before placing it (apply refuses it too): a fresh boot would lose the
+        // saved guest.
+        if vm_suspended(&vm) {
+            let r = suspended_refusal(&vm, "started");
+            return Err(Status::new(tonic::Code::from(r.code), r.message));
+        }
         if vm.host_id.is_empty() {
             let spec = vm.spec.clone().unwrap_or_default();
             let vm_id = r.vm_id.clone();
@@ -217,17 +224,93 @@ pub(super) async fn destroy(
     svc.start_job(who, &r.request_id, spec).await
 }
 
+/// Suspends a running or paused VM into a state volume (a job; see `jobs::suspend`).
+pub(super) async fn suspend(
+    svc: &PoolHandler,
+    who: &Caller,
+    r: pb::VmPowerRequest,
+) -> Result<pb::Task, Status> {
+    need("vm_id", &r.vm_id)?;
+    // A retry after the suspend committed finds the VM on no host: answer the first task.
+    if let Some(prev) = svc
+        .c
+        .read(|s| s.lookup_request(&r.request_id, "vm.suspend"))
+        .await?
+    {
+        return prev.into_status();
+    }
+    let host_id = svc
+        .c
+        .read(|s| s.vms.get(&r.vm_id).map(|v| v.host_id.clone()))
+        .await?
+        .ok_or_else(|| Status::not_found(format!("no VM with id {}", r.vm_id)))?;
+    let spec = JobSpec::SuspendVm(SuspendVmJob {
+        vm_id: r.vm_id,
+        host_id,
+        resume_on_host_id: String::new(),
+    });
+    svc.start_job(who, &r.request_id, spec).await
+}
+
+/// A paused VM runs on; a suspended one is restored (a job) on the request's host or the
+/// scheduler's choice. Any other VM is refused: there is nothing to resume.
+pub(super) async fn resume(
+    svc: &PoolHandler,
+    who: &Caller,
+    r: pb::VmPowerRequest,
+) -> Result<pb::Task, Status> {
+    need("vm_id", &r.vm_id)?;
+    let vm = svc
+        .c
+        .read(|s| s.vms.get(&r.vm_id).cloned())
+        .await?
+        .ok_or_else(|| Status::not_found(format!("no VM with id {}", r.vm_id)))?;
+    if !vm_suspended(&vm) {
+        let paused = vm.power_state() == hpb::PowerState::Paused
+            || vm.desired_power_state() == hpb::PowerState::Paused;
+        if !paused {
+            // A retry of a resume that already ran finds the VM running: its first task.
+            if let Some(prev) = svc
+                .c
+                .read(|s| s.lookup_request(&r.request_id, "vm.resume"))
+                .await?
+            {
+                return prev.into_status();
+            }
+            return Err(Status::failed_precondition(format!(
+                "VM {} is {}: only a paused or suspended VM is resumed",
+                vm.id,
+                power_name(vm.power_state())
+            )));
+        }
+        return set_power(svc, who, r, hpb::PowerState::Running).await;
+    }
+    let spec = vm.spec.clone().unwrap_or_default();
+    let networks: Vec<&str> = vm.vifs.iter().map(|v| v.network_id.as_str()).collect();
+    let host_id = svc.c.schedule(&spec, &networks, &r.host_id).await?;
+    let job = JobSpec::ResumeVm(ResumeVmJob {
+        vm_id: vm.id.clone(),
+        host_id,
+    });
+    svc.start_job(who, &r.request_id, job).await
+}
+
 /// Live-migrates a VM to the given host or the scheduler's choice, within the request's
-/// downtime budget or the pool's.
+/// downtime budget or the pool's; a quick migration suspends it here and resumes it there.
 pub(super) async fn migrate(
     svc: &PoolHandler,
     who: &Caller,
     r: pb::MigrateVmRequest,
 ) -> Result<pb::Task, Status> {
     need("vm_id", &r.vm_id)?;
+    let kind = if r.quick {
+        "vm.migrate.quick"
+    } else {
+        "vm.migrate"
+    };
     if let Some(prev) = svc
         .c
-        .read(|s| s.lookup_request(&r.request_id, "vm.migrate"))
+        .read(|s| s.lookup_request(&r.request_id, kind))
         .await?
     {
         return prev.into_status();
@@ -242,7 +325,20 @@ pub(super) async fn migrate(
         })
         .await?;
     let vm = vm.ok_or_else(|| Status::not_found(format!("no VM with id {}", r.vm_id)))?;
+    if vm_suspended(&vm) {
+        let what = if r.quick { "migrated" } else { "live-migrated" };
+        let r = suspended_refusal(&vm, what);
+        return Err(Status::new(tonic::Code::from(r.code), r.message));
+    }
     let dest = destination(svc, &vm, &r.destination_host_id).await?;
+    if r.quick {
+        let job = JobSpec::SuspendVm(SuspendVmJob {
+            vm_id: vm.id.clone(),
+            host_id: vm.host_id.clone(),
+            resume_on_host_id: dest,
+        });
+        return svc.start_job(who, &r.request_id, job).await;
+    }
     svc.start_job(
         who,
         &r.request_id,

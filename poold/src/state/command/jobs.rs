@@ -19,7 +19,7 @@ pub struct Job {
     pub cancel_requested: bool,
     #[prost(
         oneof = "JobSpec",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23"
     )]
     pub spec: Option<JobSpec>,
 }
@@ -47,6 +47,9 @@ impl Job {
             Some(JobSpec::MigrateVm(_)) => "vm.migrate",
             Some(JobSpec::FenceHost(_)) => "host.fence",
             Some(JobSpec::RebootVm(_)) => "vm.reboot",
+            Some(JobSpec::SuspendVm(j)) if !j.resume_on_host_id.is_empty() => "vm.migrate.quick",
+            Some(JobSpec::SuspendVm(_)) => "vm.suspend",
+            Some(JobSpec::ResumeVm(_)) => "vm.resume",
             None => "job.empty",
         }
     }
@@ -63,12 +66,15 @@ impl Job {
             Some(JobSpec::MigrateVm(j)) => Some(&j.vm_id),
             Some(JobSpec::RebootVm(j)) => Some(&j.vm_id),
             Some(JobSpec::CloneVm(j)) => Some(&j.source_id),
+            Some(JobSpec::SuspendVm(j)) => Some(&j.vm_id),
+            Some(JobSpec::ResumeVm(j)) => Some(&j.vm_id),
             _ => None,
         }
     }
 
     /// Whether reconciliation must leave the VM alone while this job runs (it pauses the
-    /// VM or moves it between hosts).
+    /// VM, moves it between hosts, or saves or restores it: a suspended VM's host reports
+    /// it stopped, a resumed one's runs it before the pool places it there).
     pub fn holds_vm_still(&self) -> bool {
         matches!(
             &self.spec,
@@ -76,6 +82,8 @@ impl Job {
                 | Some(JobSpec::MigrateVm(_))
                 | Some(JobSpec::CloneVm(_))
                 | Some(JobSpec::RebootVm(_))
+                | Some(JobSpec::SuspendVm(_))
+                | Some(JobSpec::ResumeVm(_))
         )
     }
 }
@@ -106,6 +114,10 @@ pub enum JobSpec {
     RebootVm(RebootVmJob),
     #[prost(message, tag = "21")]
     DeleteVmSnapshot(DeleteVmSnapshotJob),
+    #[prost(message, tag = "22")]
+    SuspendVm(SuspendVmJob),
+    #[prost(message, tag = "23")]
+    ResumeVm(ResumeVmJob),
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -275,6 +287,28 @@ pub struct RebootVmJob {
     pub force: bool,
 }
 
+/// Saves a running VM into a new state volume and stops it: it becomes SUSPENDED. With
+/// `resume_on_host_id` (quick migration) it is then restored there, as [`ResumeVmJob`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SuspendVmJob {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    /// Where it runs when the job starts (checked then).
+    #[prost(string, tag = "2")]
+    pub host_id: String,
+    #[prost(string, tag = "3")]
+    pub resume_on_host_id: String,
+}
+
+/// Restores a SUSPENDED VM on `host_id` from its state volume, then deletes the volume.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ResumeVmJob {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    #[prost(string, tag = "2")]
+    pub host_id: String,
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct JobStep {
     #[prost(string, tag = "1")]
@@ -312,7 +346,10 @@ pub struct FinishJob {
 /// them cannot fail: upserts, and removals that tolerate absence.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Effect {
-    #[prost(oneof = "EffectKind", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12")]
+    #[prost(
+        oneof = "EffectKind",
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"
+    )]
     pub kind: Option<EffectKind>,
 }
 
@@ -353,6 +390,20 @@ pub enum EffectKind {
     /// VM or the snapshot is gone.
     #[prost(message, tag = "12")]
     SetCurrentSnapshot(SetCurrentSnapshot),
+    /// The VM was saved into `state_volume_id` and stopped: SUSPENDED, on no host.
+    #[prost(message, tag = "13")]
+    VmSuspended(VmSuspended),
+    /// The suspended VM runs on `to_host_id` again; it no longer has a state volume.
+    #[prost(message, tag = "14")]
+    VmResumed(MoveVm),
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VmSuspended {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    #[prost(string, tag = "2")]
+    pub state_volume_id: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
