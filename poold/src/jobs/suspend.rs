@@ -69,6 +69,17 @@ async fn listed(env: &Env, addr: &str, vm_id: &str) -> Result<Option<hpb::Vm>, J
 
 pub async fn suspend(env: &Env, job: &Job, j: &SuspendVmJob) -> Result<Finish, JobError> {
     let vm = vm_of(env, &j.vm_id)?;
+    if vm.host_id != j.host_id {
+        // Fenced (HA restarts it) or moved while the job waited on its host: the VM is
+        // no longer this job's to save.
+        return Err(JobError::refused(
+            Code::Aborted,
+            format!(
+                "VM {} left host {} while it was being suspended; nothing was saved",
+                vm.id, j.host_id
+            ),
+        ));
+    }
     let (addr, loc) = read(&*env.ledger, |s| {
         let sr = s
             .state_volume_sr(&vm)
@@ -462,6 +473,29 @@ mod tests {
         assert_eq!(s.vms["vm1"].power_state(), hpb::PowerState::Running);
         assert!(s.vms["vm1"].state_volume_id.is_empty());
         assert_eq!(s.volumes.len(), 1);
+    }
+
+    /// A host that dies while the job waits on it is fenced: the VM leaves it (HA
+    /// restarts it elsewhere), and the suspend ends instead of holding the VM.
+    #[tokio::test]
+    async fn a_suspend_whose_host_was_fenced_meanwhile_ends() {
+        let world = World::two_hosts_one_running_vm();
+        world.storage.set_free(1 << 40);
+        let t = world.start_job(suspend_job(""));
+        {
+            let mut s = world.ledger.state.lock().unwrap();
+            let vm = s.vms.get_mut("vm1").unwrap();
+            vm.host_id.clear();
+            vm.power_state = hpb::PowerState::Stopped as i32;
+            vm.last_stop_reason = hpb::StopReason::Fenced as i32;
+        }
+        world.drive(&t).await;
+        let task = task(&world, &t);
+        assert_eq!(task.state(), pb::TaskState::Failed);
+        assert!(task.error_message.contains("left host h1"), "{task:?}");
+        assert!(world.state().jobs.is_empty(), "the VM is free for HA");
+        assert!(!world.hosts.calls().iter().any(|c| c.starts_with("save")));
+        assert_eq!(world.state().volumes.len(), 1);
     }
 
     /// A leader that takes the job over after hostd saved the VM finds it stopped for
