@@ -174,7 +174,35 @@ async fn a_suspended_vm_resumes_on_another_host_where_it_was_and_a_bad_state_vol
         assert!(absent(&mut clients[1], "s1").await, "LUN {lun} left a VM");
     }
 
-    // The real state: the guest runs on host b from where it was.
+    // The real state: the guest runs on host b from where it was. While it is read, host
+    // b lists the VM arriving, never stopped (the pool would boot a stopped one afresh
+    // over it), and a second restore is refused.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (mut c, done) = (hosts[1].client().await, done.clone());
+        let (cfg, vol) = (cfg.clone(), state_volume(&target, STATE));
+        tokio::spawn(async move {
+            let (mut seen, mut second) = (Vec::new(), None);
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                let vms = c.list_vms(ListVmsRequest::default()).await.unwrap();
+                let Some(v) = vms.into_inner().vms.into_iter().find(|v| v.id == "s1") else {
+                    continue;
+                };
+                if seen.last() != Some(&v.power_state()) {
+                    seen.push(v.power_state());
+                }
+                if v.power_state() == PowerState::Migrating && second.is_none() {
+                    let r = c.restore_vm(RestoreVmRequest {
+                        vm_id: "s1".into(),
+                        config: Some(cfg.clone()),
+                        state_volume: Some(vol.clone()),
+                    });
+                    second = Some(r.await.map(|_| ()));
+                }
+            }
+            (seen, second)
+        })
+    };
     clients[1]
         .restore_vm(RestoreVmRequest {
             vm_id: "s1".into(),
@@ -183,6 +211,14 @@ async fn a_suspended_vm_resumes_on_another_host_where_it_was_and_a_bad_state_vol
         })
         .await
         .unwrap();
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let (seen, second) = watcher.await.unwrap();
+    let err = second.expect("a second restore was tried").unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        !seen.contains(&PowerState::Stopped) && seen.contains(&PowerState::Migrating),
+        "listed while restoring: {seen:?}"
+    );
     common::wait_state(&mut clients[1], "s1", PowerState::Running).await;
     let after_start = heartbeats(&console_text(&hosts[1], "s1").await).len();
     wait_heartbeats(&hosts[1], "s1", after_start + 5).await;

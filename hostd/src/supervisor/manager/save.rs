@@ -60,8 +60,11 @@ impl Manager {
     ) -> Result<VmProto, ManagerError> {
         spec::validate(&config, &self.cfg.initiator_iqn, &self.cfg.image_dirs)?;
         spec::validate_state_volume(&volume, &self.cfg.initiator_iqn)?;
+        // Arriving, as by migration: a host that listed it stopped while its state is read
+        // would have the pool's reconciler, once the resume commits, boot it afresh over
+        // the restored guest (and a second restore could replace it).
         let entry = self
-            .claim_slot(id, &config, PowerState::Stopped, "restoring it")
+            .claim_slot(id, &config, PowerState::Migrating, "restoring it")
             .await?;
         let dir = self.vm_dir(id);
         let _op = entry.op.lock().await;
