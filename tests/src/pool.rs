@@ -121,6 +121,34 @@ impl Pool {
             )
         })
     }
+
+    /// A poolctl call that must fail; its output, which must say `why`.
+    pub fn refused(&self, args: &[&str], why: &str) -> String {
+        let o = poolctl(&self.client(), args);
+        let out = text(&o);
+        assert!(!o.status.success(), "{args:?} was refused: {out}");
+        assert!(out.contains(why), "{args:?}: the error says {why:?}: {out}");
+        out
+    }
+
+    /// The value of row `key` of `vm-show VM --json`.
+    pub fn shown(&self, vm: &str, key: &str) -> String {
+        let out = self.ctl(&["vm-show", vm, "--json"]);
+        let line = out
+            .lines()
+            .find(|l| l.contains(&format!("\"field\": \"{key}\"")))
+            .unwrap_or_else(|| panic!("vm-show lists {key}: {out}"));
+        field(line, "value")
+    }
+}
+
+/// The heartbeat numbers (`HB seq=N`) of the whole lines in `seen`, in order.
+pub fn heartbeat_seqs(seen: &str) -> Vec<u64> {
+    seen.lines()
+        .filter(|l| seen.contains(&format!("{l}\n")))
+        .filter_map(|l| l.strip_prefix("HB seq="))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect()
 }
 
 /// `PoolService` over gRPC as the holder of `PoolArg::token`, for answers poolctl does

@@ -7,17 +7,10 @@
 
 use std::time::Duration;
 
-use e2e_tests::pool::{Pool, console_until, field, guest_elf, guest_vm, processes_with};
-use e2e_tests::{poolctl, text, wait_for};
-
-/// The heartbeat numbers (`HB seq=N`) of the whole lines in `seen`.
-fn seqs(seen: &str) -> Vec<u64> {
-    seen.lines()
-        .filter(|l| seen.contains(&format!("{l}\n")))
-        .filter_map(|l| l.strip_prefix("HB seq="))
-        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
-        .collect()
-}
+use e2e_tests::pool::{
+    Pool, console_until, field, guest_elf, guest_vm, heartbeat_seqs, processes_with,
+};
+use e2e_tests::wait_for;
 
 /// VM processes (`hostd-vmm` or `hostd vmm`) of this test's hosts.
 fn vm_processes(dir: &std::path::Path) -> usize {
@@ -28,25 +21,6 @@ fn vm_processes(dir: &std::path::Path) -> usize {
                 .is_ok_and(|c| String::from_utf8_lossy(&c).contains("vmm"))
         })
         .count()
-}
-
-/// A poolctl call that must fail; its stderr, which must say `why`.
-fn refused(pool: &Pool, args: &[&str], why: &str) -> String {
-    let o = poolctl(&pool.p, args);
-    let out = text(&o);
-    assert!(!o.status.success(), "{args:?} was refused: {out}");
-    assert!(out.contains(why), "{args:?}: the error says {why:?}: {out}");
-    out
-}
-
-/// The value of row `key` in `vm-show --json`.
-fn shown(pool: &Pool, vm: &str, key: &str) -> String {
-    let out = pool.ctl(&["vm-show", vm, "--json"]);
-    let line = out
-        .lines()
-        .find(|l| l.contains(&format!("\"field\": \"{key}\"")))
-        .unwrap_or_else(|| panic!("vm-show lists {key}: {out}"));
-    field(line, "value")
 }
 
 #[test]
@@ -71,7 +45,7 @@ fn a_suspended_vm_resumes_on_another_host_where_it_left_off() {
     // The guest wrote and checked its disk, then counts heartbeats.
     let before = console_until(&pool.p, None, "qs", Duration::from_secs(60), |seen| {
         (seen.contains("BLK done devices=1 result=ok"))
-            .then(|| seqs(seen).into_iter().max().filter(|n| *n >= 5))
+            .then(|| heartbeat_seqs(seen).into_iter().max().filter(|n| *n >= 5))
             .flatten()
             .map(|n| n.to_string())
     })
@@ -80,8 +54,7 @@ fn a_suspended_vm_resumes_on_another_host_where_it_left_off() {
 
     // Bad input, each refused with a clear error and nothing changed: a running VM has
     // nothing to resume, a stopped one nothing to save.
-    refused(
-        &pool,
+    pool.refused(
         &["vm-resume", "qs"],
         "only a paused or suspended VM is resumed",
     );
@@ -94,8 +67,7 @@ fn a_suspended_vm_resumes_on_another_host_where_it_left_off() {
     ));
     let volumes = || pool.ctl(&["vdi-list", "--json"]).matches("\"id\"").count();
     let before_volumes = volumes();
-    refused(
-        &pool,
+    pool.refused(
         &["vm-suspend", "idle"],
         "only a running or paused VM is suspended",
     );
@@ -108,13 +80,13 @@ fn a_suspended_vm_resumes_on_another_host_where_it_left_off() {
     // Suspend: SUSPENDED on no host, its state in a volume of its repository, and no VM
     // process left on any host.
     let out = pool.ctl(&["vm-suspend", "qs"]);
-    let state_volume = shown(&pool, "qs", "state_volume");
+    let state_volume = pool.shown("qs", "state_volume");
     assert!(out.contains(&state_volume), "{out}");
     let line = pool.vm("qs").unwrap();
     assert!(line.contains("\"power\": \"suspended\""), "{line}");
     assert!(line.contains("\"wanted\": \"suspended\""), "{line}");
     assert_eq!(field(&line, "host"), "", "on no host: {line}");
-    assert_eq!(shown(&pool, "qs", "power"), "suspended");
+    assert_eq!(pool.shown("qs", "power"), "suspended");
     let vdis = pool.ctl(&["vdi-list", "--json"]);
     assert!(vdis.contains(&state_volume), "{vdis}");
     wait_for(Duration::from_secs(15), || {
@@ -123,16 +95,15 @@ fn a_suspended_vm_resumes_on_another_host_where_it_left_off() {
     .unwrap_or_else(|| panic!("no VM process runs it\n{}", pool.logs()));
 
     // Suspended, it is not started afresh, live-migrated or suspended again.
-    refused(&pool, &["vm-start", "qs"], "cannot be started: resume it");
-    refused(
-        &pool,
+    pool.refused(&["vm-start", "qs"], "cannot be started: resume it");
+    pool.refused(
         &["vm-migrate", "qs", "--host", "h1"],
         "cannot be live-migrated",
     );
-    refused(&pool, &["vm-suspend", "qs"], "already suspended");
+    pool.refused(&["vm-suspend", "qs"], "already suspended");
     let line = pool.vm("qs").unwrap();
     assert!(line.contains("\"power\": \"suspended\""), "{line}");
-    assert_eq!(shown(&pool, "qs", "state_volume"), state_volume);
+    assert_eq!(pool.shown("qs", "state_volume"), state_volume);
 
     // Resume on the other host: the guest runs on, not booted again.
     let hosts = pool.ctl(&["host-list", "--json"]);
@@ -144,9 +115,9 @@ fn a_suspended_vm_resumes_on_another_host_where_it_left_off() {
     pool.ctl(&["vm-resume", "qs", "--host", &other]);
     let line = pool.wait_vm("qs", "\"power\": \"running\"", Duration::from_secs(30));
     assert_eq!(field(&line, "host"), other, "{line}");
-    assert_eq!(shown(&pool, "qs", "state_volume"), "");
+    assert_eq!(pool.shown("qs", "state_volume"), "");
     let after = console_until(&pool.p, None, "qs", Duration::from_secs(30), |seen| {
-        seqs(seen).first().map(|n| n.to_string())
+        heartbeat_seqs(seen).first().map(|n| n.to_string())
     })
     .and_then(|n| n.parse::<u64>().ok())
     .unwrap_or_else(|| panic!("the resumed guest counts\n{}", pool.logs()));
@@ -156,7 +127,7 @@ fn a_suspended_vm_resumes_on_another_host_where_it_left_off() {
         "the count goes on from {before}, not from 1: {after}"
     );
     let console = console_until(&pool.p, None, "qs", Duration::from_secs(5), |seen| {
-        (seqs(seen).len() >= 3).then(|| seen.to_owned())
+        (heartbeat_seqs(seen).len() >= 3).then(|| seen.to_owned())
     })
     .expect("the resumed guest's console");
     assert!(!console.contains("GUEST start"), "not booted: {console}");
@@ -170,7 +141,7 @@ fn a_suspended_vm_resumes_on_another_host_where_it_left_off() {
     let line = pool.wait_vm("qs", "\"power\": \"running\"", Duration::from_secs(30));
     assert_eq!(field(&line, "host"), first, "{line}");
     let console = console_until(&pool.p, None, "qs", Duration::from_secs(30), |seen| {
-        (seqs(seen).len() >= 2).then(|| seen.to_owned())
+        (heartbeat_seqs(seen).len() >= 2).then(|| seen.to_owned())
     })
     .unwrap_or_else(|| {
         panic!(
@@ -178,7 +149,7 @@ fn a_suspended_vm_resumes_on_another_host_where_it_left_off() {
             pool.logs()
         )
     });
-    let moved = seqs(&console)[0];
+    let moved = heartbeat_seqs(&console)[0];
     assert!(moved > after, "the count goes on from {after}: {moved}");
     assert!(!console.contains("GUEST start"), "not booted: {console}");
     let tasks = pool.ctl(&["task-list", "--json"]);
@@ -213,7 +184,7 @@ fn a_suspended_vm_resumes_on_another_host_where_it_left_off() {
     pool.ctl(&["vm-start", "qs"]);
     pool.wait_vm("qs", "\"power\": \"running\"", Duration::from_secs(60));
     pool.ctl(&["vm-suspend", "qs"]);
-    let saved = shown(&pool, "qs", "state_volume");
+    let saved = pool.shown("qs", "state_volume");
     assert!(pool.ctl(&["vdi-list", "--json"]).contains(&saved));
     pool.ctl(&["vm-destroy", "qs"]);
     assert!(pool.vm("qs").is_none());

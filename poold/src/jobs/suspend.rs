@@ -32,7 +32,7 @@ use super::{Env, Finish, JobError, read};
 use crate::state::command::*;
 
 /// The step output naming the state volume a suspend made.
-const STATE_VOLUME: &str = "state_volume";
+pub(super) const STATE_VOLUME: &str = "state_volume";
 /// The step output naming the host a resume restored the VM on.
 const RESTORED: &str = "restored";
 
@@ -42,7 +42,7 @@ fn vm_of(env: &Env, id: &str) -> Result<pb::Vm, JobError> {
 }
 
 /// How `host_id` logs in to volume `volume_id` of `loc`: exported, its initiator granted.
-async fn state_volume_access(
+pub(super) async fn state_volume_access(
     env: &Env,
     loc: &SrLoc,
     volume_id: &str,
@@ -55,6 +55,14 @@ async fn state_volume_access(
     })?;
     let export = export_of(env, loc, volume_id).await?;
     grant_volume(env, loc, &export, volume_id, host_id, &chap).await
+}
+
+/// Where `vm`'s saved state goes: its first disk's repository.
+pub(super) fn state_loc(s: &crate::state::PoolState, vm: &pb::Vm) -> Result<SrLoc, JobError> {
+    let sr = s
+        .state_volume_sr(vm)
+        .map_err(|r| JobError::refused(Code::from(r.code), r.message))?;
+    sr_loc(s, &sr)
 }
 
 /// The VM as host `addr` lists it, if it does.
@@ -81,10 +89,7 @@ pub async fn suspend(env: &Env, job: &Job, j: &SuspendVmJob) -> Result<Finish, J
         ));
     }
     let (addr, loc) = read(&*env.ledger, |s| {
-        let sr = s
-            .state_volume_sr(&vm)
-            .map_err(|r| JobError::refused(Code::from(r.code), r.message))?;
-        Ok::<_, JobError>((host_addr(s, &j.host_id)?, sr_loc(s, &sr)?))
+        Ok::<_, JobError>((host_addr(s, &j.host_id)?, state_loc(s, &vm)?))
     })?;
     let volume = make_state_volume(env, job, &vm, &loc).await?;
     env.step(
@@ -169,7 +174,7 @@ pub async fn suspend(env: &Env, job: &Job, j: &SuspendVmJob) -> Result<Finish, J
 
 /// The state volume of this job: the one an earlier attempt made (found by its labels),
 /// else a new one, once the repository is seen to have room for it.
-async fn make_state_volume(
+pub(super) async fn make_state_volume(
     env: &Env,
     job: &Job,
     vm: &pb::Vm,
@@ -253,68 +258,24 @@ async fn restore(
     host_id: &str,
     volume_id: &str,
 ) -> Result<Finish, JobError> {
-    let (addr, loc) = read(&*env.ledger, |s| {
-        Ok::<_, JobError>((host_addr(s, host_id)?, volume_loc(s, volume_id)))
-    })?;
+    let loc = read(&*env.ledger, |s| volume_loc(s, volume_id));
     // A quick migration's volume is not in the pool state yet: it is in the repository
     // of the VM's first disk.
     let loc = match loc {
         Ok(l) => l,
-        Err(_) => read(&*env.ledger, |s| {
-            let sr = s
-                .state_volume_sr(vm)
-                .map_err(|r| JobError::refused(Code::from(r.code), r.message))?;
-            sr_loc(s, &sr)
-        })?,
+        Err(_) => read(&*env.ledger, |s| state_loc(s, vm))?,
     };
-    let done = job.outputs.get(RESTORED).is_some_and(|h| h == host_id)
-        || listed(env, &addr, &vm.id).await?.is_some_and(|v| {
-            matches!(
-                v.power_state(),
-                hpb::PowerState::Running | hpb::PowerState::Paused
-            )
-        });
-    if !done {
-        let access = disk_access(env, vm, host_id).await?;
-        let state = state_volume_access(env, &loc, volume_id, host_id).await?;
-        let r = env
-            .hosts
-            .restore_vm(
-                &addr,
-                hpb::RestoreVmRequest {
-                    vm_id: vm.id.clone(),
-                    config: Some(vm_config(vm, access)),
-                    state_volume: Some(state),
-                },
-            )
-            .await;
-        match r {
-            Ok(_) => {}
-            Err(s) if crate::backend::transient(&s) => {
-                return Err(JobError::from_status(
-                    format!("restoring VM {} on host {host_id}", vm.id),
-                    s,
-                ));
-            }
-            Err(s) => {
-                return Err(JobError::refused(
-                    s.code(),
-                    format!(
-                        "restoring VM {} on host {host_id} failed: {}; it stays suspended with its state volume {volume_id}",
-                        vm.id,
-                        s.message()
-                    ),
-                ));
-            }
-        }
-    }
-    env.step(
-        &job.task_id,
-        90,
-        "deleting the state volume",
-        &[(RESTORED, host_id)],
-    )
-    .await?;
+    restore_on(env, job, vm, host_id, &loc, volume_id)
+        .await
+        .map_err(|e| match e {
+            JobError::Refused { code, message } => JobError::Refused {
+                code,
+                message: format!("{message}; it stays suspended with its state volume {volume_id}"),
+            },
+            e => e,
+        })?;
+    env.step(&job.task_id, 90, "deleting the state volume", &[])
+        .await?;
     delete_once(env, &loc, volume_id).await?;
     Ok(Finish::default()
         .result("host_id", host_id)
@@ -323,6 +284,67 @@ async fn restore(
             to_host_id: host_id.to_owned(),
         }))
         .effect(EffectKind::RemoveVolume(volume_id.to_owned())))
+}
+
+/// Whether `vm_id` already runs on `host_id` from an earlier attempt's restore (recorded
+/// as [`RESTORED`], or listed running there). One still under way is waited for: a
+/// second would be refused, and failing would leave a guest running that the pool does
+/// not place there.
+pub(super) async fn restored_on(
+    env: &Env,
+    job: &Job,
+    vm_id: &str,
+    host_id: &str,
+) -> Result<bool, JobError> {
+    if job.outputs.get(RESTORED).is_some_and(|h| h == host_id) {
+        return Ok(true);
+    }
+    let addr = read(&*env.ledger, |s| host_addr(s, host_id))?;
+    match listed(env, &addr, vm_id).await?.map(|v| v.power_state()) {
+        Some(hpb::PowerState::Running | hpb::PowerState::Paused) => Ok(true),
+        Some(hpb::PowerState::Migrating) => Err(JobError::Transient {
+            what: format!("VM {vm_id} is still being restored on host {host_id}"),
+            source: tonic::Status::unavailable("a restore is under way"),
+        }),
+        _ => Ok(false),
+    }
+}
+
+/// Restores `vm` (its spec as given) on `host_id` from the state in `volume_id` of
+/// `loc`, unless [`restored_on`] finds it done; commits [`RESTORED`]. The volume stays.
+pub(super) async fn restore_on(
+    env: &Env,
+    job: &Job,
+    vm: &pb::Vm,
+    host_id: &str,
+    loc: &SrLoc,
+    volume_id: &str,
+) -> Result<(), JobError> {
+    if !restored_on(env, job, &vm.id, host_id).await? {
+        let addr = read(&*env.ledger, |s| host_addr(s, host_id))?;
+        let access = disk_access(env, vm, host_id).await?;
+        let state = state_volume_access(env, loc, volume_id, host_id).await?;
+        env.hosts
+            .restore_vm(
+                &addr,
+                hpb::RestoreVmRequest {
+                    vm_id: vm.id.clone(),
+                    config: Some(vm_config(vm, access)),
+                    state_volume: Some(state),
+                },
+            )
+            .await
+            .map_err(|s| {
+                JobError::from_status(format!("restoring VM {} on host {host_id}", vm.id), s)
+            })?;
+    }
+    env.step(
+        &job.task_id,
+        85,
+        "restored from the saved state",
+        &[(RESTORED, host_id)],
+    )
+    .await
 }
 
 #[cfg(test)]
