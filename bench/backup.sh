@@ -15,6 +15,10 @@
 #                       volume over on a 4 GiB one: the worse of the rewrite contiguous and
 #                       scattered at random; goal <= 2. storaged/examples/changed_chunks_bench.rs
 #                       (about 5 GB under target/bench-cbt).
+#   checkpoint_pause_ms the pause of `poolctl vm-checkpoint` of a 512 MiB test guest that
+#                       rewrites 32 MiB at 50 MiB/s (memory saved, disks snapshotted),
+#                       median of 3, printed next to the live migration downtime of the
+#                       same guest in the same pool. tests/tests/checkpoint.rs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -44,6 +48,7 @@ cargo build --release -q -p poold -p hostd -p storaged -p poolctl --bins
 cargo test --release -q -p e2e-tests --test images --no-run
 
 cargo test --release -q -p e2e-tests --test backup --no-run
+cargo test --release -q -p e2e-tests --test checkpoint --no-run
 cargo build --release -q -p storaged --example changed_chunks_bench
 
 # Every figure first, then the table: a failure prints none of it.
@@ -53,4 +58,6 @@ backup=$(bench_line backup_incremental_vs_full '^backup of a ' \
   cargo test --release -q -p e2e-tests --test backup -- --ignored --nocapture backup_times_on_a_4_gib_disk)
 cbt=$(bench_line backup_cbt_scaling '^(volume|[0-9]+ GiB) ' \
   cargo run --release -q -p storaged --example changed_chunks_bench "$CARGO_TARGET_DIR/bench-cbt")
-printf '%s\n' "$backup" "$cbt" "$imported"
+pause=$(bench_line checkpoint_pause_ms '^checkpoint of a ' \
+  cargo test --release -q -p e2e-tests --test checkpoint -- --ignored --nocapture checkpoint_pause_next_to_migration_downtime)
+printf '%s\n' "$backup" "$cbt" "$pause" "$imported"

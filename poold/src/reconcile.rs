@@ -229,19 +229,39 @@ pub fn plan_access(
             wanted.entry(&d.volume_id).or_default().extend(on.iter());
         }
     }
-    // A suspend or resume job's hosts need the VM's disks and its state volume until it
-    // ends (a suspended VM is on no host; a resumed one is placed only by the finish).
+    // A job that saves or restores a VM needs its host(s) to keep the VM's disks and its
+    // state volume until it ends: a suspended VM is on no host, a resumed or reverted one
+    // is placed only by the finish (a revert's disks are the job's `disks` output), and a
+    // checkpoint's state volume is in the pool only then.
     for job in state.jobs.values() {
+        let output = |k: &str| job.outputs.get(k).map(String::as_str);
         let (vm_id, hosts, state_volume) = match &job.spec {
             Some(JobSpec::SuspendVm(j)) => (
                 &j.vm_id,
                 vec![j.host_id.as_str(), j.resume_on_host_id.as_str()],
-                job.outputs.get("state_volume").map(String::as_str),
+                output("state_volume"),
             ),
             Some(JobSpec::ResumeVm(j)) => (
                 &j.vm_id,
                 vec![j.host_id.as_str()],
                 state.vms.get(&j.vm_id).map(|v| v.state_volume_id.as_str()),
+            ),
+            Some(JobSpec::SnapshotVm(j)) if j.memory => (
+                &j.vm_id,
+                state
+                    .vms
+                    .get(&j.vm_id)
+                    .map(|v| vec![v.host_id.as_str()])
+                    .unwrap_or_default(),
+                output("state_volume"),
+            ),
+            Some(JobSpec::RevertVm(j)) if !j.host_id.is_empty() => (
+                &j.vm_id,
+                vec![j.host_id.as_str()],
+                state
+                    .vm_snapshots
+                    .get(&j.snapshot_id)
+                    .map(|s| s.state_volume_id.as_str()),
             ),
             _ => continue,
         };
@@ -252,7 +272,12 @@ pub fn plan_access(
             .into_iter()
             .flat_map(|v| v.spec.iter().flat_map(|s| &s.disks))
             .map(|d| d.volume_id.as_str());
-        for v in disks.chain(state_volume.filter(|v| !v.is_empty())) {
+        let made = output("disks").into_iter().flat_map(|d| d.split(','));
+        for v in disks
+            .chain(made)
+            .chain(state_volume)
+            .filter(|v| !v.is_empty())
+        {
             wanted.entry(v).or_default().extend(hosts.clone());
         }
     }

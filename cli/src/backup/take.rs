@@ -120,6 +120,7 @@ async fn take_snapshot(ctl: &mut Ctl, vm_id: &str, point: u32) -> anyhow::Result
             request_id: new_request_id(),
             vm_id: vm_id.to_owned(),
             name: format!("backup-{point}-{}", proto::unix_ms()),
+            memory: false,
         }
     )?;
     // The backup needs the snapshot, whatever --no-wait says.

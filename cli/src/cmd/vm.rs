@@ -148,6 +148,11 @@ pub enum VmCommand {
     /// The VM's metadata and crash-consistent snapshots of all its disks, together.
     #[command(name = "vm-snapshot")]
     Snapshot { vm: String, name: String },
+    /// A checkpoint of a running or paused VM: its memory and device state saved with
+    /// snapshots of its disks at one instant, into its first disk's repository; it runs
+    /// on after a short pause (printed). `vm-revert` to it starts it from there.
+    #[command(name = "vm-checkpoint")]
+    Checkpoint { vm: String, name: String },
     /// Snapshots of a VM, parents before their children: each one's parent is the
     /// snapshot the VM was at when it was taken; CURRENT marks where the VM is now.
     #[command(name = "vm-snapshot-list")]
@@ -158,12 +163,16 @@ pub enum VmCommand {
         /// The snapshot's id, or its name when only one snapshot has it.
         snapshot: String,
     },
-    /// Put a stopped VM back as it was at one of its snapshots (metadata and disks).
+    /// Put a stopped VM back as it was at one of its snapshots (metadata and disks); to
+    /// a checkpoint, it then runs on from the saved instant.
     #[command(name = "vm-revert")]
     Revert {
         vm: String,
         /// The snapshot's name or id.
         snapshot: String,
+        /// For a checkpoint: the host it runs on (default: the scheduler's choice).
+        #[arg(long)]
+        host: Option<String>,
     },
     /// A new VM with the spec of this one and clones of its disks.
     #[command(name = "vm-clone")]
@@ -200,6 +209,7 @@ pub enum VmCommand {
 }
 
 pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
+    let checkpoint = matches!(command, VmCommand::Checkpoint { .. });
     match command {
         VmCommand::Create {
             name,
@@ -496,7 +506,7 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
                 println!("downtime {d} ms");
             }
         }
-        VmCommand::Snapshot { vm, name } => {
+        VmCommand::Snapshot { vm, name } | VmCommand::Checkpoint { vm, name } => {
             let vm_id = ctl.vm_id(&vm).await?;
             let r = call!(
                 ctl.client,
@@ -504,10 +514,14 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
                 pb::SnapshotVmRequest {
                     request_id: new_request_id(),
                     vm_id,
-                    name
+                    name,
+                    memory: checkpoint
                 }
             )?;
-            ctl.follow(r).await?;
+            let task = ctl.follow(r).await?;
+            if let Some(ms) = task.results.get("pause_ms") {
+                println!("paused {ms} ms");
+            }
         }
         VmCommand::SnapshotList { vm } => {
             let vm_id = ctl.vm_id(&vm).await?;
@@ -539,8 +553,12 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
             )?;
             ctl.follow(r).await?;
         }
-        VmCommand::Revert { vm, snapshot } => {
+        VmCommand::Revert { vm, snapshot, host } => {
             let vm_id = ctl.vm_id(&vm).await?;
+            let host_id = match host {
+                Some(h) => ctl.host_id(&h).await?,
+                None => String::new(),
+            };
             let snaps = ctl.vm_snapshots(&vm_id).await?;
             let snapshot_id = pick(
                 snaps.iter().map(|s| (s.id.as_str(), s.name.as_str())),
@@ -553,7 +571,8 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
                 pb::RevertVmRequest {
                     request_id: new_request_id(),
                     vm_id,
-                    snapshot_id
+                    snapshot_id,
+                    host_id
                 }
             )?;
             ctl.follow(r).await?;
@@ -764,7 +783,9 @@ fn snapshot_table(snaps: Vec<pb::VmSnapshot>, current: &str, json: bool) -> Tabl
     for list in children.values_mut() {
         list.sort_by_key(|s| (created(s), s.id.clone()));
     }
-    let mut t = Table::new(&["ID", "NAME", "PARENT", "CURRENT", "DISKS", "CREATED"]);
+    let mut t = Table::new(&[
+        "ID", "NAME", "PARENT", "CURRENT", "DISKS", "MEMORY", "CREATED",
+    ]);
     let mut stack: Vec<(&pb::VmSnapshot, usize)> = children
         .get("")
         .map(|l| l.iter().rev().map(|s| (*s, 0)).collect())
@@ -781,6 +802,8 @@ fn snapshot_table(snaps: Vec<pb::VmSnapshot>, current: &str, json: bool) -> Tabl
             s.parent_id.clone().into(),
             (s.id == current).into(),
             (s.disk_snapshots.len() as u64).into(),
+            // A checkpoint: reverting to it runs the VM on from there.
+            (!s.state_volume_id.is_empty()).into(),
             ts(&s.created_at).into(),
         ]);
         if let Some(kids) = children.get(s.id.as_str()) {

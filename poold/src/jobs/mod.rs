@@ -24,8 +24,11 @@
 //! - [`vifs`]: a VM's network interfaces as the host it runs on gets them;
 //! - [`migrate`]: live migration between hosts;
 //! - [`suspend`]: suspend to a state volume, resume from it, quick migration;
+//! - [`checkpoint`]: VM snapshots with memory (taken by [`vm`]'s snapshot job, reverted
+//!   to by its revert job);
 //! - [`ha`]: fencing an unreachable host at the storage, restarting its VMs elsewhere.
 
+pub mod checkpoint;
 pub mod ha;
 pub mod migrate;
 pub mod storage;

@@ -231,15 +231,28 @@ fn short(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
 }
 
-/// Crash-consistent snapshots of all of a VM's disks (see the module docs); returns
-/// disk id → snapshot volume. `step` prefixes the step names.
-async fn snapshot_disks(
+/// What [`snapshot_disks`] made: disk id → snapshot volume, and for a checkpoint what its
+/// pause took.
+#[derive(Default)]
+pub(super) struct Snapped {
+    pub disks: Vec<(String, spb::Volume)>,
+    /// From the pause to the resume, as this member timed it (the calls included).
+    pub pause_ms: Option<u64>,
+    pub saved: Option<hpb::SaveVmResponse>,
+}
+
+/// Crash-consistent snapshots of all of a VM's disks (see the module docs). With `state`
+/// (a checkpoint) a running VM is always paused, and its memory and device state are
+/// saved into that volume before its disks are snapshotted, so both hold the same
+/// instant. `step` prefixes the step names.
+pub(super) async fn snapshot_disks(
     env: &Env,
     job: &Job,
     vm: &pb::Vm,
     step: &str,
     label: &str,
-) -> Result<Vec<(String, spb::Volume)>, JobError> {
+    state: Option<hpb::IscsiDisk>,
+) -> Result<Snapped, JobError> {
     let spec = vm.spec.clone().unwrap_or_default();
     let disks = read(&*env.ledger, |s| disks_of(s, &spec))?;
     let running = !vm.host_id.is_empty()
@@ -247,7 +260,9 @@ async fn snapshot_disks(
             vm.power_state(),
             hpb::PowerState::Running | hpb::PowerState::Paused
         );
-    let pause = running && disks.len() > 1 && vm.power_state() == hpb::PowerState::Running;
+    let pause = running
+        && (disks.len() > 1 || state.is_some())
+        && vm.power_state() == hpb::PowerState::Running;
     let paused_by_us = job.outputs.get("paused").cloned();
     let addr = if running || paused_by_us.is_some() {
         Some(read(&*env.ledger, |s| {
@@ -265,6 +280,7 @@ async fn snapshot_disks(
         )
         .await?;
     }
+    let paused_at = std::time::Instant::now();
     if (pause || paused_by_us.is_some())
         && let Some(addr) = &addr
     {
@@ -275,9 +291,35 @@ async fn snapshot_disks(
             Err(s) => return Err(JobError::from_status(format!("pausing VM {}", vm.id), s)),
         }
     }
-    let mut out = Vec::new();
+    let mut out = Snapped::default();
     let mut result = Ok(());
+    if let (Some(disk), Some(addr)) = (state, &addr) {
+        // Saved with `resume`: hostd leaves the VM as it found it, paused.
+        let r = env
+            .hosts
+            .save_vm(
+                addr,
+                hpb::SaveVmRequest {
+                    vm_id: vm.id.clone(),
+                    state_volume: Some(disk),
+                    resume: true,
+                },
+            )
+            .await;
+        match r {
+            Ok(r) => out.saved = Some(r),
+            Err(s) => {
+                result = Err(JobError::from_status(
+                    format!("saving VM {}'s memory and device state", vm.id),
+                    s,
+                ))
+            }
+        }
+    }
     for (d, loc) in &disks {
+        if result.is_err() {
+            break;
+        }
         let name = format!(
             "{}.{label}.{}.{}",
             spec.name,
@@ -296,11 +338,8 @@ async fn snapshot_disks(
         )
         .await
         {
-            Ok(v) => out.push((d.disk_id.clone(), v)),
-            Err(e) => {
-                result = Err(e);
-                break;
-            }
+            Ok(v) => out.disks.push((d.disk_id.clone(), v)),
+            Err(e) => result = Err(e),
         }
     }
     if (pause || paused_by_us.is_some())
@@ -312,6 +351,7 @@ async fn snapshot_disks(
             Err(s) if s.code() == Code::FailedPrecondition => {}
             Err(s) => return Err(JobError::from_status(format!("resuming VM {}", vm.id), s)),
         }
+        out.pause_ms = Some(paused_at.elapsed().as_millis() as u64);
     }
     result.map(|()| out)
 }
@@ -326,16 +366,42 @@ pub async fn snapshot_vm(env: &Env, job: &Job, j: &SnapshotVmJob) -> Result<Fini
             .unwrap_or_default();
         Ok::<_, JobError>((vm, parent))
     })?;
-    let snaps = snapshot_disks(env, job, &vm, "disk", "snap").await?;
+    let checkpoint = match j.memory {
+        true => Some(super::checkpoint::prepare(env, job, &vm).await?),
+        false => None,
+    };
+    let access = checkpoint.as_ref().map(|c| c.access.clone());
+    let snapped = match snapshot_disks(env, job, &vm, "disk", "snap", access).await {
+        Ok(s) => s,
+        Err(e) => match &checkpoint {
+            Some(made) => return Err(super::checkpoint::failed(env, job, &vm, made, e).await),
+            None => return Err(e),
+        },
+    };
     let mut f = Finish {
         target: j.snapshot_id.clone(),
         ..Default::default()
     }
     .result("snapshot_id", &j.snapshot_id);
     let mut map = HashMap::new();
-    for (disk, v) in snaps {
+    for (disk, v) in snapped.disks {
         map.insert(disk, v.id.clone());
         f = f.effect(EffectKind::PutVolume(v));
+    }
+    let mut state_volume_id = String::new();
+    if let Some(c) = checkpoint {
+        if let Some(ms) = snapped.pause_ms {
+            f = f.result("pause_ms", ms);
+        }
+        if let Some(saved) = &snapped.saved {
+            f = f
+                .result("save_pause_ms", saved.pause_ms)
+                .result("state_bytes", saved.bytes_written);
+        }
+        state_volume_id = c.volume.id.clone();
+        f = f
+            .result("state_volume_id", &state_volume_id)
+            .effect(EffectKind::PutVolume(c.volume));
     }
     Ok(f.effect(EffectKind::PutVmSnapshot(pb::VmSnapshot {
         id: j.snapshot_id.clone(),
@@ -345,6 +411,7 @@ pub async fn snapshot_vm(env: &Env, job: &Job, j: &SnapshotVmJob) -> Result<Fini
         disk_snapshots: map,
         created_at: None,
         parent_id,
+        state_volume_id,
     }))
     .effect(EffectKind::SetCurrentSnapshot(SetCurrentSnapshot {
         vm_id: vm.id.clone(),
@@ -379,6 +446,10 @@ pub async fn revert_vm(env: &Env, job: &Job, j: &RevertVmJob) -> Result<Finish, 
                 .collect()
         })
         .unwrap_or_default();
+    let checkpoint = !snap.state_volume_id.is_empty();
+    // An earlier attempt restored the checkpoint's VM already: its disks are reverted and
+    // in use, and must not go back again.
+    let restored = checkpoint && super::suspend::restored_on(env, job, &vm.id, &j.host_id).await?;
     let mut spec = snap.spec.clone().unwrap_or_default();
     let mut f = Finish::default();
     for d in spec.disks.iter_mut() {
@@ -394,6 +465,7 @@ pub async fn revert_vm(env: &Env, job: &Job, j: &RevertVmJob) -> Result<Finish, 
             })?;
         let loc = read(&*env.ledger, |s| volume_loc(s, &snap_vol))?;
         match current.get(&d.disk_id) {
+            Some(vol) if *vol == d.volume_id && restored => {}
             // The same volume still backs the disk: its content goes back.
             Some(vol) if *vol == d.volume_id => {
                 let v = env
@@ -427,14 +499,59 @@ pub async fn revert_vm(env: &Env, job: &Job, j: &RevertVmJob) -> Result<Finish, 
         .as_ref()
         .map(|s| s.name.clone())
         .unwrap_or(spec.name);
-    Ok(f.effect(EffectKind::SetVmSpec(UpdateVm {
-        vm_id: vm.id.clone(),
+    f = f
+        .effect(EffectKind::SetVmSpec(UpdateVm {
+            vm_id: vm.id.clone(),
+            spec: Some(spec.clone()),
+        }))
+        .effect(EffectKind::SetCurrentSnapshot(SetCurrentSnapshot {
+            vm_id: vm.id.clone(),
+            snapshot_id: snap.id.clone(),
+        }));
+    if !checkpoint {
+        return Ok(f);
+    }
+    // A checkpoint runs on from its saved state; the volume stays for the next revert.
+    let at = pb::Vm {
         spec: Some(spec),
-    }))
-    .effect(EffectKind::SetCurrentSnapshot(SetCurrentSnapshot {
-        vm_id: vm.id.clone(),
-        snapshot_id: snap.id.clone(),
-    })))
+        ..vm.clone()
+    };
+    let loc = read(&*env.ledger, |s| volume_loc(s, &snap.state_volume_id))?;
+    let disks: Vec<&str> = at
+        .spec
+        .iter()
+        .flat_map(|s| &s.disks)
+        .map(|d| d.volume_id.as_str())
+        .collect();
+    // The access reconciler keeps the host's grants of these until the finish.
+    env.step(
+        &job.task_id,
+        60,
+        "starting the VM from the checkpoint's saved state",
+        &[("disks", &disks.join(","))],
+    )
+    .await?;
+    let r = super::suspend::restore_on(env, job, &at, &j.host_id, &loc, &snap.state_volume_id);
+    match r.await {
+        Ok(()) => Ok(f
+            .result("host_id", &j.host_id)
+            .effect(EffectKind::VmResumed(MoveVm {
+                vm_id: vm.id.clone(),
+                to_host_id: j.host_id.clone(),
+            }))),
+        // The disks are back as they were: that much is kept, and said.
+        Err(JobError::Refused { code, message }) => Ok(Finish {
+            failed: Some((
+                code,
+                format!(
+                    "{message}; the VM's disks were reverted to checkpoint {} and it stays stopped (start it to boot from them, or revert again)",
+                    snap.id
+                ),
+            )),
+            ..f
+        }),
+        Err(e) => Err(e),
+    }
 }
 
 /// Deletes a VM snapshot: each of its disk snapshots on storaged (one already gone counts
@@ -487,6 +604,15 @@ pub async fn delete_vm_snapshot(
         delete_once(env, &loc, volume_id).await?;
         deleted += 1;
         f = f.effect(EffectKind::RemoveVolume((*volume_id).clone()));
+    }
+    // A checkpoint's saved state is its alone.
+    let state = Some(&snap.state_volume_id).filter(|v| !v.is_empty());
+    if let Some(loc) = state.and_then(|v| read(&*env.ledger, |s| volume_loc(s, v)).ok()) {
+        env.step(&job.task_id, 95, "deleting the saved state", &[])
+            .await?;
+        delete_once(env, &loc, &snap.state_volume_id).await?;
+        deleted += 1;
+        f = f.effect(EffectKind::RemoveVolume(snap.state_volume_id.clone()));
     }
     Ok(f.result("volumes_deleted", deleted)
         .effect(EffectKind::RemoveVmSnapshot(snap.id.clone())))
@@ -575,7 +701,9 @@ pub async fn clone_vm(env: &Env, job: &Job, j: &CloneVmJob) -> Result<Finish, Jo
                 (spec, from, vec![])
             }
             Source::Vm(vm) => {
-                let snaps = snapshot_disks(env, job, &vm, "tmp", "clone-src").await?;
+                let snaps = snapshot_disks(env, job, &vm, "tmp", "clone-src", None)
+                    .await?
+                    .disks;
                 let from = snaps
                     .iter()
                     .map(|(d, v)| (d.clone(), v.id.clone()))
@@ -644,7 +772,9 @@ pub async fn template_from_vm(
             format!("VM {} started meanwhile; shut it down first", vm.id),
         ));
     }
-    let snaps = snapshot_disks(env, job, &vm, "tpl", "template").await?;
+    let snaps = snapshot_disks(env, job, &vm, "tpl", "template", None)
+        .await?
+        .disks;
     let mut spec = vm.spec.clone().unwrap_or_default();
     spec.name = j.name.clone();
     let mut f = Finish {
@@ -926,6 +1056,7 @@ mod tests {
                 snapshot_id: id.clone(),
                 vm_id: "vm1".into(),
                 name: name.into(),
+                memory: false,
             })),
             ..Default::default()
         });
@@ -948,6 +1079,7 @@ mod tests {
             spec: Some(JobSpec::RevertVm(RevertVmJob {
                 vm_id: "vm1".into(),
                 snapshot_id: snapshot_id.into(),
+                host_id: String::new(),
             })),
             ..Default::default()
         });

@@ -81,6 +81,12 @@ impl PoolState {
             if s.disk_snapshots.values().any(|v| v == volume_id) {
                 return Some(format!("snapshot {} of VM {}", s.id, s.vm_id));
             }
+            if !volume_id.is_empty() && s.state_volume_id == volume_id {
+                return Some(format!(
+                    "the saved state of checkpoint {} of VM {}",
+                    s.id, s.vm_id
+                ));
+            }
         }
         None
     }
@@ -210,19 +216,24 @@ impl PoolState {
                 }
                 Ok(j.template_id.clone())
             }
+            JobSpec::SnapshotVm(j) if j.memory => self.check_checkpoint(j),
             JobSpec::SnapshotVm(j) => {
                 self.vm(&j.vm_id)?;
                 Ok(j.vm_id.clone())
             }
             JobSpec::RevertVm(j) => {
                 let vm = self.vm(&j.vm_id)?;
-                self.snapshot_of(&j.snapshot_id, &j.vm_id)?;
+                let snap = self.snapshot_of(&j.snapshot_id, &j.vm_id)?;
+                if vm_suspended(vm) {
+                    return Err(suspended_refusal(vm, "reverted"));
+                }
                 if !vm_stopped(vm) {
                     return Err(err(
                         Code::FailedPrecondition,
                         format!("VM {} is running: shut it down before reverting it", vm.id),
                     ));
                 }
+                self.check_revert_placement(vm, snap, &j.host_id)?;
                 Ok(j.vm_id.clone())
             }
             JobSpec::CloneVm(j) => {

@@ -140,6 +140,79 @@ impl PoolState {
         Ok(j.vm_id.clone())
     }
 
+    /// A checkpoint can start: the VM runs or is paused on a host, and has a disk whose
+    /// repository takes its saved state.
+    pub(super) fn check_checkpoint(&self, j: &SnapshotVmJob) -> Result<String, CommandResult> {
+        let vm = self.vm(&j.vm_id)?;
+        if vm_suspended(vm) {
+            return Err(err(
+                Code::FailedPrecondition,
+                format!(
+                    "VM {} is suspended: its state is saved already; resume it to checkpoint it, or snapshot its disks alone",
+                    vm.id
+                ),
+            ));
+        }
+        let runs = matches!(
+            vm.power_state(),
+            hpb::PowerState::Running | hpb::PowerState::Paused
+        );
+        if !runs || vm.host_id.is_empty() {
+            return Err(err(
+                Code::FailedPrecondition,
+                format!(
+                    "VM {} is {}: a checkpoint saves a running or paused VM's memory (snapshot its disks alone instead)",
+                    vm.id,
+                    power_name(vm.power_state())
+                ),
+            ));
+        }
+        self.state_volume_sr(vm)?;
+        Ok(j.vm_id.clone())
+    }
+
+    /// Where a revert to `snap` leaves the VM: a checkpoint runs on `host_id`, which must
+    /// be given and take the VM as the checkpoint has it; a disk snapshot leaves it
+    /// stopped, on no host.
+    pub(super) fn check_revert_placement(
+        &self,
+        vm: &pb::Vm,
+        snap: &pb::VmSnapshot,
+        host_id: &str,
+    ) -> Result<(), CommandResult> {
+        match (snap.state_volume_id.is_empty(), host_id.is_empty()) {
+            (true, true) => Ok(()),
+            (true, false) => Err(err(
+                Code::InvalidArgument,
+                format!(
+                    "snapshot {} holds the disks alone: the VM stays stopped after the revert, on no host (a host is given for a checkpoint)",
+                    snap.id
+                ),
+            )),
+            (false, true) => Err(err(
+                Code::InvalidArgument,
+                "a revert to a checkpoint needs the host it runs on",
+            )),
+            (false, false) => {
+                if !self.volumes.contains_key(&snap.state_volume_id) {
+                    return Err(err(
+                        Code::FailedPrecondition,
+                        format!(
+                            "checkpoint {} has lost its saved state (volume {}); revert to it is impossible",
+                            snap.id, snap.state_volume_id
+                        ),
+                    ));
+                }
+                let probe = pb::Vm {
+                    spec: snap.spec.clone(),
+                    host_id: String::new(),
+                    ..vm.clone()
+                };
+                self.check_fits(&probe, host_id)
+            }
+        }
+    }
+
     /// The effect of a finished suspend: saved, on no host.
     pub(super) fn apply_vm_suspended(&mut self, v: &VmSuspended) {
         if let Some(vm) = self.vms.get_mut(&v.vm_id) {

@@ -183,6 +183,7 @@ async fn build(
     let snapshot_id = uuid::Uuid::new_v4().to_string();
     let name = format!("export-{}", proto::unix_ms());
     let spec = JobSpec::SnapshotVm(SnapshotVmJob {
+        memory: false,
         snapshot_id: snapshot_id.clone(),
         vm_id: vm_id.to_owned(),
         name,

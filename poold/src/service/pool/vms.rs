@@ -393,6 +393,7 @@ pub(super) async fn snapshot(
         snapshot_id: uuid::Uuid::new_v4().to_string(),
         vm_id: r.vm_id,
         name: r.name,
+        memory: r.memory,
     });
     svc.start_job(who, &r.request_id, spec).await
 }
@@ -424,9 +425,38 @@ pub(super) async fn revert(
     who: &Caller,
     r: pb::RevertVmRequest,
 ) -> Result<pb::Task, Status> {
+    need("vm_id", &r.vm_id)?;
+    need("snapshot_id", &r.snapshot_id)?;
+    if let Some(prev) = svc
+        .c
+        .read(|s| s.lookup_request(&r.request_id, "vm.revert"))
+        .await?
+    {
+        return prev.into_status();
+    }
+    // A checkpoint runs on from its saved state: placed here, as a resume is.
+    let (snap, vm) = svc
+        .c
+        .read(|s| {
+            (
+                s.vm_snapshots.get(&r.snapshot_id).cloned(),
+                s.vms.get(&r.vm_id).cloned(),
+            )
+        })
+        .await?;
+    let host_id = match (snap, vm) {
+        (Some(snap), Some(vm)) if !snap.state_volume_id.is_empty() => {
+            let spec = snap.spec.clone().unwrap_or_default();
+            let networks: Vec<&str> = vm.vifs.iter().map(|v| v.network_id.as_str()).collect();
+            svc.c.schedule(&spec, &networks, &r.host_id).await?
+        }
+        // The state machine refuses what does not fit (a host for a disk snapshot).
+        _ => r.host_id,
+    };
     let spec = JobSpec::RevertVm(RevertVmJob {
         vm_id: r.vm_id,
         snapshot_id: r.snapshot_id,
+        host_id,
     });
     svc.start_job(who, &r.request_id, spec).await
 }

@@ -74,7 +74,8 @@ impl Job {
 
     /// Whether reconciliation must leave the VM alone while this job runs (it pauses the
     /// VM, moves it between hosts, or saves or restores it: a suspended VM's host reports
-    /// it stopped, a resumed one's runs it before the pool places it there).
+    /// it stopped, a resumed one's, or one reverted to a checkpoint, runs it before the
+    /// pool places it there).
     pub fn holds_vm_still(&self) -> bool {
         matches!(
             &self.spec,
@@ -84,6 +85,7 @@ impl Job {
                 | Some(JobSpec::RebootVm(_))
                 | Some(JobSpec::SuspendVm(_))
                 | Some(JobSpec::ResumeVm(_))
+                | Some(JobSpec::RevertVm(_))
         )
     }
 }
@@ -209,6 +211,9 @@ pub struct SnapshotVmJob {
     pub vm_id: String,
     #[prost(string, tag = "3")]
     pub name: String,
+    /// A checkpoint: memory and device state saved too (see `jobs::checkpoint`).
+    #[prost(bool, tag = "4")]
+    pub memory: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -217,6 +222,9 @@ pub struct RevertVmJob {
     pub vm_id: String,
     #[prost(string, tag = "2")]
     pub snapshot_id: String,
+    /// A checkpoint's VM is restored here (placed by the call); empty for a disk snapshot.
+    #[prost(string, tag = "3")]
+    pub host_id: String,
 }
 
 /// Deletes a VM snapshot and its disk snapshots; its children take its parent.
