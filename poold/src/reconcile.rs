@@ -99,12 +99,7 @@ fn active(p: i32) -> bool {
 /// that reports again only has its stale VMs removed.
 pub fn plan(state: &PoolState, reported: &Reported) -> Vec<Step> {
     use hpb::PowerState as P;
-    let held: BTreeSet<&str> = state
-        .jobs
-        .values()
-        .filter(|j| j.holds_vm_still())
-        .filter_map(|j| j.busy_vm())
-        .collect();
+    let held = held_vms(state);
     let mut out = Vec::new();
     for (host_id, vms) in reported {
         let Some(host) = state.hosts.get(host_id) else {
@@ -154,6 +149,16 @@ pub fn plan(state: &PoolState, reported: &Reported) -> Vec<Step> {
     }
     out.sort();
     out
+}
+
+/// VMs a running job holds still: reconciliation leaves them to it.
+fn held_vms(state: &PoolState) -> BTreeSet<&str> {
+    state
+        .jobs
+        .values()
+        .filter(|j| j.holds_vm_still())
+        .filter_map(|j| j.busy_vm())
+        .collect()
 }
 
 /// A grant to take back: `initiator` (of `host_id`, empty for a client outside the pool)
@@ -355,30 +360,75 @@ pub trait HostActions: Send + Sync {
     async fn perform(&self, step: &Step, vm: Option<&pb::Vm>) -> Result<(), ActionError>;
 }
 
+/// Task kinds whose job moves a VM, or brings it back up on a host: until the host
+/// reports again, its last report shows the VM as it was before.
+const MOVING_KINDS: [&str; 6] = [
+    "vm.revert",
+    "vm.resume",
+    "vm.suspend",
+    "vm.migrate",
+    "vm.migrate.quick",
+    "vm.reboot",
+];
+
 /// Paces actions: one that was sent is not sent again for [`Reconciler::RETRY_AFTER`].
+/// A VM that such a job let go (seen held at the last round and no longer, or its task
+/// finished since) is acted on only from reports its hosts sent after this round saw
+/// that: an older one may show it as before the job (a restore's host listing the
+/// stopped VM it replaced, a migration's source still running it), and acting on that
+/// would boot the VM afresh over the one the job left running, or destroy it.
 pub struct Reconciler {
     actions: Arc<dyn HostActions>,
     recent: HashMap<Step, Instant>,
+    /// The VMs jobs held at the last round.
+    held: BTreeSet<String>,
+    /// Finished tasks already seen, and whether a round has run (a new leader's first
+    /// round counts the tasks that finished before it as old).
+    finished: BTreeSet<String>,
+    primed: bool,
+    /// When a round saw each VM let go.
+    let_go: HashMap<String, Instant>,
 }
 
 impl Reconciler {
     pub const RETRY_AFTER: Duration = Duration::from_secs(10);
+    /// How long a let-go VM waits for a fresh report at most (a host that does not
+    /// report is left alone anyway).
+    const LET_GO_FOR: Duration = Duration::from_secs(60);
 
     pub fn new(actions: Arc<dyn HostActions>) -> Self {
         Reconciler {
             actions,
             recent: HashMap::new(),
+            held: BTreeSet::new(),
+            finished: BTreeSet::new(),
+            primed: false,
+            let_go: HashMap::new(),
         }
     }
 
     /// One round: plans and performs what is due; returns what it tried and how it went.
+    /// `received`: when each host's report arrived (a host not in it counts as fresh).
     pub async fn round(
         &mut self,
         state: &PoolState,
         reported: &Reported,
+        received: &BTreeMap<String, Instant>,
         now: Instant,
     ) -> Vec<(Step, Result<(), ActionError>)> {
-        let steps = plan(state, reported);
+        self.note_let_go(state, now);
+        let stale = |s: &Step| {
+            let (Some(at), Some(heard)) =
+                (self.let_go.get(vm_of(&s.action)), received.get(&s.host_id))
+            else {
+                return false;
+            };
+            heard <= at
+        };
+        let steps: Vec<Step> = plan(state, reported)
+            .into_iter()
+            .filter(|s| !stale(s))
+            .collect();
         let keys: BTreeSet<Step> = steps.iter().map(pacing_key).collect();
         self.recent
             .retain(|s, at| keys.contains(s) && now.duration_since(*at) < Self::RETRY_AFTER);
@@ -399,6 +449,36 @@ impl Reconciler {
             }
         });
         join_all(runs).await
+    }
+}
+
+impl Reconciler {
+    /// Records the VMs jobs let go since the last round (see [`Reconciler`]).
+    fn note_let_go(&mut self, state: &PoolState, now: Instant) {
+        let held: BTreeSet<String> = held_vms(state).into_iter().map(str::to_owned).collect();
+        let mut gone: Vec<String> = self.held.difference(&held).cloned().collect();
+        self.held = held;
+        let done = state.tasks.values().filter(|t| {
+            matches!(
+                t.state(),
+                pb::TaskState::Succeeded | pb::TaskState::Failed | pb::TaskState::Cancelled
+            )
+        });
+        for t in done {
+            if self.finished.insert(t.id.clone())
+                && self.primed
+                && MOVING_KINDS.contains(&t.kind.as_str())
+            {
+                gone.push(t.target_id.clone());
+            }
+        }
+        self.finished.retain(|id| state.tasks.contains_key(id));
+        self.primed = true;
+        for vm in gone {
+            self.let_go.insert(vm, now);
+        }
+        self.let_go
+            .retain(|_, at| now.duration_since(*at) < Self::LET_GO_FOR);
     }
 }
 
@@ -518,18 +598,16 @@ impl HostActions for Actuator {
     }
 }
 
-/// Leader-only loop: a reconciliation round every second (VMs), and one every two
-/// seconds for storage access.
-/// The VMs each host last reported.
-fn reports(c: &Coordinator) -> Reported {
-    c.liveness
-        .lock()
-        .expect("liveness lock")
-        .iter()
-        .map(|(h, l)| (h.clone(), l.vms.clone()))
-        .collect()
+/// The VMs each host last reported, and when that report arrived.
+fn reports(c: &Coordinator) -> (Reported, BTreeMap<String, Instant>) {
+    let live = c.liveness.lock().expect("liveness lock");
+    let vms = live.iter().map(|(h, l)| (h.clone(), l.vms.clone()));
+    let at = live.iter().map(|(h, l)| (h.clone(), l.last_seen));
+    (vms.collect(), at.collect())
 }
 
+/// Leader-only loop: a reconciliation round every half second (VMs), and one every two
+/// seconds for storage access.
 pub async fn run(c: Arc<Coordinator>, env: Env, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut rec = Reconciler::new(Arc::new(Actuator { env: env.clone() }));
     let mut revoked: HashMap<Revoke, Instant> = HashMap::new();
@@ -549,12 +627,15 @@ pub async fn run(c: Arc<Coordinator>, env: Env, mut shutdown: tokio::sync::watch
             continue;
         }
         round += 1;
-        let reported = reports(&c);
+        let (reported, received) = reports(&c);
         if reported.is_empty() {
             continue;
         }
         let state = Arc::new(c.node.state().clone_without_history());
-        for (step, r) in rec.round(&state, &reported, Instant::now()).await {
+        for (step, r) in rec
+            .round(&state, &reported, &received, Instant::now())
+            .await
+        {
             match r {
                 Ok(()) => tracing::info!(?step, "reconciled"),
                 Err(e) => {
@@ -598,7 +679,7 @@ pub async fn run(c: Arc<Coordinator>, env: Env, mut shutdown: tokio::sync::watch
         // The state and reports are read again after the listing: a client granted a disk
         // of a VM that had just stopped is listed with its grant, and the VM seen running
         // in the round's older reports would have that grant taken away.
-        let reported = reports(&c);
+        let (reported, _) = reports(&c);
         let state = c.node.state().clone_without_history();
         let now = Instant::now();
         revoked.retain(|_, at| now.duration_since(*at) < Reconciler::RETRY_AFTER);
@@ -917,14 +998,19 @@ mod tests {
         let s = state_with(&[("vm1", "h1", P::Running)]);
         let t0 = Instant::now();
         *hosts.fail.lock().unwrap() = true;
-        let r = rec.round(&s, &reported(&[]), t0).await;
+        let r = rec.round(&s, &reported(&[]), &BTreeMap::new(), t0).await;
         assert_eq!(r.len(), 1);
         assert!(r[0].1.is_err());
         // Within the retry window the same step is not sent again.
         assert!(
-            rec.round(&s, &reported(&[]), t0 + Duration::from_secs(1))
-                .await
-                .is_empty()
+            rec.round(
+                &s,
+                &reported(&[]),
+                &BTreeMap::new(),
+                t0 + Duration::from_secs(1)
+            )
+            .await
+            .is_empty()
         );
         // After it, it is retried (and succeeds now).
         *hosts.fail.lock().unwrap() = false;
@@ -932,6 +1018,7 @@ mod tests {
             .round(
                 &s,
                 &reported(&[]),
+                &BTreeMap::new(),
                 t0 + Reconciler::RETRY_AFTER + Duration::from_secs(1),
             )
             .await;
@@ -942,6 +1029,7 @@ mod tests {
             .round(
                 &s,
                 &reported(&[("h1", "vm1", P::Running)]),
+                &BTreeMap::new(),
                 t0 + Duration::from_secs(30),
             )
             .await;
@@ -950,11 +1038,98 @@ mod tests {
         let mut fresh = Reconciler::new(hosts.clone());
         assert!(
             fresh
-                .round(&s, &reported(&[("h1", "vm1", P::Running)]), t0)
+                .round(
+                    &s,
+                    &reported(&[("h1", "vm1", P::Running)]),
+                    &BTreeMap::new(),
+                    t0
+                )
                 .await
                 .is_empty()
         );
         let _ = Op::DestroyVm(ObjectId::default());
+    }
+
+    /// A VM a job has just let go (here a restore that replaced the stopped VM h1 had) is
+    /// not booted afresh on a report h1 sent before that: only on one sent after.
+    #[tokio::test]
+    async fn a_vm_a_job_let_go_waits_for_a_report_sent_after() {
+        let hosts = Arc::new(FakeHosts::default());
+        let mut rec = Reconciler::new(hosts.clone());
+        let mut s = state_with(&[("vm1", "", P::Stopped)]);
+        s.jobs.insert(
+            "t1".into(),
+            Job {
+                task_id: "t1".into(),
+                spec: Some(JobSpec::RevertVm(RevertVmJob {
+                    vm_id: "vm1".into(),
+                    snapshot_id: "cp".into(),
+                    host_id: "h1".into(),
+                })),
+                ..Default::default()
+            },
+        );
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let stopped = reported(&[("h1", "vm1", P::Stopped)]);
+        let heard = |ms| BTreeMap::from([("h1".to_string(), at(ms))]);
+        assert!(rec.round(&s, &stopped, &heard(0), at(0)).await.is_empty());
+        // The job ends: vm1 runs on h1. h1's last report is from before.
+        s.jobs.clear();
+        let vm = s.vms.get_mut("vm1").unwrap();
+        vm.host_id = "h1".into();
+        vm.power_state = P::Running as i32;
+        vm.desired_power_state = P::Running as i32;
+        assert!(
+            rec.round(&s, &stopped, &heard(400), at(500))
+                .await
+                .is_empty()
+        );
+        assert!(
+            rec.round(&s, &stopped, &heard(400), at(1000))
+                .await
+                .is_empty()
+        );
+        // A report sent after shows it running: nothing to do; one showing it stopped
+        // (it really stopped) is acted on.
+        let running = reported(&[("h1", "vm1", P::Running)]);
+        assert!(
+            rec.round(&s, &running, &heard(1200), at(1500))
+                .await
+                .is_empty()
+        );
+        let r = rec.round(&s, &stopped, &heard(1700), at(2000)).await;
+        assert_eq!(
+            r.iter()
+                .map(|(st, _)| st.action.clone())
+                .collect::<Vec<_>>(),
+            [Action::Start {
+                vm_id: "vm1".into()
+            }]
+        );
+        // A job that started and ended between two rounds (its finished task says so):
+        // vm1 resumed on h2, whose last report still has the VM it replaced, stopped.
+        s.tasks.insert(
+            "t2".into(),
+            Box::new(pb::Task {
+                id: "t2".into(),
+                kind: "vm.resume".into(),
+                target_id: "vm1".into(),
+                state: pb::TaskState::Succeeded as i32,
+                ..Default::default()
+            }),
+        );
+        s.vms.get_mut("vm1").unwrap().host_id = "h2".into();
+        let on_h2 = |p| reported(&[("h2", "vm1", p)]);
+        let heard_h2 = |ms| BTreeMap::from([("h2".to_string(), at(ms))]);
+        let r = rec
+            .round(&s, &on_h2(P::Stopped), &heard_h2(2900), at(3000))
+            .await;
+        assert!(r.is_empty(), "{r:?}");
+        let r = rec
+            .round(&s, &on_h2(P::Stopped), &heard_h2(3200), at(3500))
+            .await;
+        assert_eq!(r.len(), 1, "{r:?}");
     }
 
     #[test]
@@ -1023,7 +1198,7 @@ mod tests {
         let mut rec = Reconciler::new(hosts.clone());
         let s = state_with(&[("vm1", "h1", P::Running)]);
         let t0 = Instant::now();
-        let r = rec.round(&s, &reported(&[]), t0).await;
+        let r = rec.round(&s, &reported(&[]), &BTreeMap::new(), t0).await;
         assert!(matches!(
             r[..],
             [(
@@ -1037,13 +1212,16 @@ mod tests {
         // The host's next report was made while the VM process was starting: defined,
         // stopped. Booting it again (a Start) would destroy the VM that is booting.
         let stopped = reported(&[("h1", "vm1", P::Stopped)]);
-        let r = rec.round(&s, &stopped, t0 + Duration::from_secs(1)).await;
+        let r = rec
+            .round(&s, &stopped, &BTreeMap::new(), t0 + Duration::from_secs(1))
+            .await;
         assert!(r.is_empty(), "{r:?}");
         // A VM still stopped after the retry window is started.
         let r = rec
             .round(
                 &s,
                 &stopped,
+                &BTreeMap::new(),
                 t0 + Reconciler::RETRY_AFTER + Duration::from_secs(1),
             )
             .await;
