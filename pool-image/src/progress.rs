@@ -28,6 +28,8 @@ pub struct Progress {
     /// Bytes of the current disk read so far, of its `total`.
     pub read: u64,
     pub total: u64,
+    /// What the current step waits on, if anything ("waiting: storaged at … unreachable").
+    pub note: String,
     /// Why it failed (empty unless `Failed`).
     pub error: String,
     /// Once `Ready`: the download's file name and length.
@@ -43,6 +45,7 @@ impl Progress {
             disks,
             read: 0,
             total: 0,
+            note: String::new(),
             error: String::new(),
             file: String::new(),
             size: 0,
@@ -89,7 +92,7 @@ mod tests {
         p.read = 1024;
         assert_eq!(
             p.to_json(),
-            r#"{"phase":"reading","disk":1,"disks":2,"read":1024,"total":4096,"error":"","file":"","size":0}"#
+            r#"{"phase":"reading","disk":1,"disks":2,"read":1024,"total":4096,"note":"","error":"","file":"","size":0}"#
         );
         p.fail("reading volume v: \"storaged\" down");
         assert!(p.ended());

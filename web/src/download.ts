@@ -23,6 +23,8 @@ export interface ExportProgress {
   disks: number;
   read: number;
   total: number;
+  /** What the step waits on ("waiting: storaged … unreachable"), or "". */
+  note: string;
   error: string;
   file: string;
   size: number;
@@ -83,8 +85,13 @@ export async function exportTicket(id: string, token: string | undefined, fetchF
   return call("POST", `/export/ticket?id=${encodeURIComponent(id)}`, token, fetchFn);
 }
 
-/** Where an export has got, in words. */
+/** Where an export has got, in words, with what it waits on. */
 export function describe(p: ExportProgress): string {
+  const said = step(p);
+  return p.note && p.phase !== "ready" && p.phase !== "failed" ? `${said} (${p.note})` : said;
+}
+
+function step(p: ExportProgress): string {
   const of = p.disks > 1 ? ` ${p.disk} of ${p.disks}` : "";
   switch (p.phase) {
     case "snapshot":

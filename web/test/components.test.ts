@@ -161,7 +161,7 @@ describe("VmPanel's Export", () => {
     const { inv, vm } = pool();
     saveSession({ token: "tok-1", user: "admin", roles: [] });
     const status = (phase: string, read: number) =>
-      JSON.stringify({ phase, disk: 1, disks: 1, read, total: 4 << 20, error: "", file: phase === "ready" ? "web.ova" : "", size: 3 << 20 });
+      JSON.stringify({ phase, disk: 1, disks: 1, read, total: 4 << 20, note: "", error: "", file: phase === "ready" ? "web.ova" : "", size: 3 << 20 });
     const answers = [
       new Response('{"id":"e1"}', { status: 200 }),
       new Response(status("reading", 1 << 20), { status: 200 }),
@@ -199,7 +199,7 @@ describe("VmPanel's Export", () => {
     const words = "taking the export's snapshot failed: storaged at 127.0.0.1:1 is unreachable";
     const answers = [
       new Response('{"id":"e2"}', { status: 200 }),
-      new Response(JSON.stringify({ phase: "failed", disk: 0, disks: 1, read: 0, total: 0, error: words, file: "", size: 0 }), { status: 200 }),
+      new Response(JSON.stringify({ phase: "failed", disk: 0, disks: 1, read: 0, total: 0, note: "", error: words, file: "", size: 0 }), { status: 200 }),
     ];
     vi.stubGlobal(
       "fetch",
@@ -231,7 +231,7 @@ describe("VmPanel's Export", () => {
 
   it("cancels on the member when the user says so", async () => {
     const { inv, vm } = pool();
-    const reading = JSON.stringify({ phase: "snapshot", disk: 0, disks: 1, read: 0, total: 0, error: "", file: "", size: 0 });
+    const reading = JSON.stringify({ phase: "snapshot", disk: 0, disks: 1, read: 0, total: 0, note: "", error: "", file: "", size: 0 });
     const fetchFn = vi.fn(async (url: string) => new Response(url.startsWith("/export/prepare") ? '{"id":"e3"}' : url.includes("status") ? reading : "", { status: 200 }));
     vi.stubGlobal("fetch", fetchFn);
     const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: client().c }, ...withCan(everything) });
@@ -377,7 +377,7 @@ describe("VolumePanel", () => {
   it("downloads the disk in the format chosen through the same prepare and ticket", async () => {
     const { inv } = pool();
     saveSession({ token: "tok-2", user: "admin", roles: [] });
-    const ready = JSON.stringify({ phase: "ready", disk: 1, disks: 1, read: 1, total: 1, error: "", file: "web-disk.raw", size: 1 << 30 });
+    const ready = JSON.stringify({ phase: "ready", disk: 1, disks: 1, read: 1, total: 1, note: "", error: "", file: "web-disk.raw", size: 1 << 30 });
     const answers = [new Response('{"id":"d1"}'), new Response(ready), new Response("/export/download?ticket=cd34")];
     const fetchFn = vi.fn(async () => answers.shift()!);
     vi.stubGlobal("fetch", fetchFn);

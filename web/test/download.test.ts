@@ -9,6 +9,7 @@ const progress = (p: Partial<ExportProgress>): ExportProgress => ({
   disks: 1,
   read: 0,
   total: 0,
+  note: "",
   error: "",
   file: "",
   size: 0,
@@ -22,6 +23,10 @@ group("describe", () => {
     expect(describe(progress({ total: 0 }))).toBe("reading disk");
     expect(describe(progress({ phase: "converting", disk: 1, disks: 2 }))).toBe("converting disk 1 of 2");
     expect(describe(progress({ phase: "cleanup" }))).toBe("deleting the snapshot");
+    // What a step waits on is said with it.
+    expect(describe(progress({ phase: "snapshot", note: "waiting: storaged at 10.0.0.9 unreachable" }))).toBe(
+      "taking a snapshot (waiting: storaged at 10.0.0.9 unreachable)",
+    );
     expect(describe(progress({ phase: "ready", file: "a.ova", size: 2048 }))).toBe("ready: a.ova (2.0 KiB)");
     expect(describe(progress({ phase: "failed", error: "qemu-img: no space" }))).toBe("failed: qemu-img: no space");
   });

@@ -3,6 +3,8 @@
 //! member's own initiator and made a stream-optimized VMDK by qemu-img, the snapshot
 //! deleted whatever happened (`pool_image::package`: descriptor, disks, manifest).
 
+use std::time::Duration;
+
 use pool_image::package::Package;
 use pool_image::progress::Phase;
 use proto::coordinator as pb;
@@ -13,7 +15,9 @@ use crate::auth::Caller;
 use crate::state::command::{DeleteVmSnapshotJob, JobSpec, SnapshotVmJob};
 
 /// How long the export's snapshot jobs may take.
-const JOB_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+const JOB_WAIT: Duration = Duration::from_secs(600);
+/// How often a job's note (what it waits on) is copied into the export's status.
+const NOTE_EVERY: Duration = Duration::from_secs(1);
 
 pub(super) async fn vm(svc: &PoolHandler, vm_id: &str) -> Result<pb::Vm, Status> {
     svc.c
@@ -33,29 +37,91 @@ pub(super) async fn build(w: &Work<'_>, vm_id: &str) -> Result<Package, Status> 
         vm_id: vm_id.to_owned(),
         name,
     });
-    // A cancel does not stop the job: the snapshot it makes is deleted below.
-    job(w.svc, w.who, spec, "taking the export's snapshot").await?;
+    let delete = JobSpec::DeleteVmSnapshot(DeleteVmSnapshotJob {
+        snapshot_id: snapshot_id.clone(),
+        vm_id: vm_id.to_owned(),
+    });
+    let id = uuid::Uuid::new_v4().to_string();
+    let task = w.svc.start_job(w.who, &id, spec).await?;
+    match follow(w, task, "taking the export's snapshot").await {
+        Followed::Ended(r) => r?,
+        Followed::Cancelled(task) => {
+            // The job goes on (it may wait long on a storaged that is away): its snapshot
+            // is deleted when it ends, so the export's place and files go now.
+            let (svc, who, vm_id) = (w.svc.clone(), w.who.clone(), vm_id.to_owned());
+            tokio::spawn(async move {
+                let task = svc.c.wait_task(*task, JOB_WAIT).await;
+                if task.state == pb::TaskState::Succeeded as i32 {
+                    delete_snapshot(&svc, &who, &vm_id, &snapshot_id, delete).await;
+                }
+            });
+            return Err(cancelled());
+        }
+    }
     let res = if w.is_cancelled() {
         Err(cancelled())
     } else {
         read_snapshot(w, &vm, &snapshot_id).await
     };
     w.update(|p| p.phase = Phase::Cleanup);
-    let spec = JobSpec::DeleteVmSnapshot(DeleteVmSnapshotJob {
-        snapshot_id: snapshot_id.clone(),
-        vm_id: vm_id.to_owned(),
-    });
-    if let Err(e) = job(w.svc, w.who, spec, "deleting the export's snapshot").await {
-        tracing::warn!(%vm_id, %snapshot_id, error = %e.message(), "the export's snapshot stays");
-    }
+    delete_snapshot(w.svc, w.who, vm_id, &snapshot_id, delete).await;
     res
 }
 
-/// Runs a job to its end.
-async fn job(svc: &PoolHandler, who: &Caller, spec: JobSpec, what: &str) -> Result<(), Status> {
+async fn delete_snapshot(
+    svc: &PoolHandler,
+    who: &Caller,
+    vm_id: &str,
+    snapshot_id: &str,
+    spec: JobSpec,
+) {
     let id = uuid::Uuid::new_v4().to_string();
-    let task = svc.start_job(who, &id, spec).await?;
-    let task = svc.c.wait_task(task, JOB_WAIT).await;
+    let res = match svc.start_job(who, &id, spec).await {
+        Ok(task) => ended(
+            svc.c.wait_task(task, JOB_WAIT).await,
+            "deleting the export's snapshot",
+        ),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = res {
+        tracing::warn!(%vm_id, %snapshot_id, error = %e.message(), "the export's snapshot stays");
+    }
+}
+
+enum Followed {
+    Ended(Result<(), Status>),
+    /// The export was cancelled first: the job's task, still running.
+    Cancelled(Box<pb::Task>),
+}
+
+/// Follows a job's task to its end, or until the export is cancelled. What it waits on
+/// meanwhile (a storaged away: the job retries) shows in the export's status, so the
+/// page does not only say "taking a snapshot".
+async fn follow(w: &Work<'_>, mut task: pb::Task, what: &str) -> Followed {
+    let deadline = tokio::time::Instant::now() + JOB_WAIT;
+    loop {
+        task = w.svc.c.wait_task(task, NOTE_EVERY).await;
+        if finished(&task) || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        if w.is_cancelled() {
+            return Followed::Cancelled(Box::new(task));
+        }
+        w.update(|p| p.note = task.status_message.clone());
+    }
+    w.update(|p| p.note.clear());
+    Followed::Ended(ended(task, what))
+}
+
+fn finished(task: &pb::Task) -> bool {
+    matches!(
+        pb::TaskState::try_from(task.state),
+        Ok(pb::TaskState::Succeeded | pb::TaskState::Failed | pb::TaskState::Cancelled)
+    )
+}
+
+/// How a task followed for `what` ended.
+fn ended(task: pb::Task, what: &str) -> Result<(), Status> {
     match pb::TaskState::try_from(task.state) {
         Ok(pb::TaskState::Succeeded) => Ok(()),
         Ok(pb::TaskState::Failed | pb::TaskState::Cancelled) => Err(Status::aborted(format!(
