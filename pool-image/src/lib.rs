@@ -8,10 +8,12 @@
 //!   private scratch directories.
 //! - `tar.rs`, `ovf.rs`, `ova.rs`: an OVA's archive, its descriptor, its manifest.
 //! - `package.rs`: a VM's spec and disks as an OVA, written in order.
+//! - `progress.rs`: how far a download being prepared has got (the web console's).
 
 pub mod ova;
 pub mod ovf;
 pub mod package;
+pub mod progress;
 pub mod qemu;
 pub mod tar;
 pub mod volume;

@@ -151,6 +151,9 @@ async fn run(tool: &'static str, args: &[&OsStr], path: &Path) -> Result<Vec<u8>
     let out = tokio::process::Command::new(tool)
         .args(args)
         .stdin(Stdio::null())
+        // A cancelled export drops the call: qemu must not write on into a directory
+        // being removed.
+        .kill_on_drop(true)
         .output()
         .await
         .map_err(|source| ImageError::Missing { tool, source })?;

@@ -4,9 +4,9 @@
 //!   port (a browser cannot read HTTP/2 trailers, so plain gRPC cannot come from one);
 //! - VM serial consoles as websockets (`/console/ws?ticket=...`), opened with a one-shot
 //!   ticket from `CreateConsoleTicket` and from this origin's pages only;
-//! - a VM as an OVA download (`/export/download?ticket=...`), with a one-shot ticket
-//!   asked for with the caller's token (`POST /export/ticket?vm=<id>`, this origin's
-//!   pages only; `service::pool::export`);
+//! - a VM as an OVA, a disk as qcow2 or raw: prepared on this member while the page
+//!   follows its progress, then downloaded with a one-shot ticket (`/export/...`, with
+//!   the caller's token; `service::pool::export`);
 //! - this member's metrics for Prometheus (`/metrics`), to a bearer token of a user who
 //!   may call `QueryMetrics` (read-only and up);
 //! - the console's built files from `--web-root` (`index.html` for any other path
@@ -75,11 +75,20 @@ pub fn router(handler: PoolHandler, root: Option<PathBuf>, exports: Arc<Exports>
             }),
         )
         .route(
+            export::PREPARE_PATH,
+            axum::routing::post(export_route(&ex_h, &ex, export::PREPARE_PATH)),
+        )
+        .route(
+            export::STATUS_PATH,
+            axum::routing::get(export_route(&ex_h, &ex, export::STATUS_PATH)).delete(export_route(
+                &ex_h,
+                &ex,
+                export::STATUS_PATH,
+            )),
+        )
+        .route(
             export::TICKET_PATH,
-            axum::routing::post(move |parts: Parts| {
-                let (h, ex) = (ex_h.clone(), ex.clone());
-                async move { export_ticket(&h, &ex, &parts).await }
-            }),
+            axum::routing::post(export_route(&ex_h, &ex, export::TICKET_PATH)),
         )
         .route(
             export::DOWNLOAD_PATH,
@@ -92,6 +101,23 @@ pub fn router(handler: PoolHandler, root: Option<PathBuf>, exports: Arc<Exports>
             let root = root.clone();
             async move { file(root.as_deref(), req.method(), req.uri().path()).await }
         })
+}
+
+/// A handler for export route `what` ([`export_call`]).
+fn export_route(
+    h: &PoolHandler,
+    ex: &Arc<Exports>,
+    what: &'static str,
+) -> impl Fn(Parts) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>>
++ Clone
++ Send
++ Sync
++ 'static {
+    let (h, ex) = (h.clone(), ex.clone());
+    move |parts: Parts| {
+        let (h, ex) = (h.clone(), ex.clone());
+        Box::pin(async move { export_call(&h, &ex, what, &parts).await })
+    }
 }
 
 /// Serves the console on `listener` until `stop` turns true: HTTP/2 by ALPN (gRPC-Web and
@@ -267,61 +293,94 @@ fn plain(status: StatusCode, msg: &str) -> Response<Body> {
     )
 }
 
-/// `POST /export/ticket?vm=<id>` with the caller's token, from this origin's pages:
-/// the download's path with its ticket, as text.
-async fn export_ticket(h: &PoolHandler, ex: &Exports, parts: &Parts) -> Response<Body> {
-    if !same_origin(parts) {
+fn authorization(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
+/// A small answer the page reads (JSON or a path): never cached.
+fn answer(content_type: &'static str, body: String) -> Response<Body> {
+    let mut r = page(StatusCode::OK, content_type, body.into_bytes());
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// The export routes but the download: `POST /export/prepare?vm=|volume=&format=`
+/// (`{"id":…}`), `GET|DELETE /export/status?id=` (the progress as JSON; cancel),
+/// `POST /export/ticket?id=` (the download's path with its ticket). Each with the
+/// caller's token; those that change something from this origin's pages only (a
+/// same-origin GET carries no `Origin`).
+async fn export_call(
+    h: &PoolHandler,
+    ex: &Arc<Exports>,
+    what: &str,
+    parts: &Parts,
+) -> Response<Body> {
+    if parts.method != Method::GET && !same_origin(parts) {
         return plain(
             StatusCode::FORBIDDEN,
             "an export is asked for only from this console's own pages",
         );
     }
-    let header = parts
-        .headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let vm_id = query(parts, "vm");
-    if vm_id.is_empty()
-        || !vm_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    {
-        return plain(StatusCode::BAD_REQUEST, "name the VM: ?vm=<id>");
-    }
-    match export::ticket(h, ex, header, peer_of(parts), vm_id).await {
-        Ok(t) => {
-            let mut r = plain(
-                StatusCode::OK,
-                &format!("{}?ticket={t}", export::DOWNLOAD_PATH),
-            );
-            r.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            r
+    let (auth, peer, id) = (authorization(parts), peer_of(parts), query(parts, "id"));
+    let res = match (what, &parts.method) {
+        (export::PREPARE_PATH, _) => {
+            match export::target(
+                query(parts, "vm"),
+                query(parts, "volume"),
+                query(parts, "format"),
+            ) {
+                Ok(t) => export::start(h, ex, auth, peer, t)
+                    .await
+                    .map(|id| answer("application/json", format!("{{\"id\":\"{id}\"}}"))),
+                Err(s) => Err(s),
+            }
         }
-        Err(s) => plain(http_status(&s), s.message()),
-    }
+        (export::STATUS_PATH, &Method::DELETE) => {
+            export::cancel(h, ex, auth, peer, id).map(|()| answer("text/plain", String::new()))
+        }
+        (export::STATUS_PATH, _) => {
+            export::status(h, ex, auth, peer, id).map(|p| answer("application/json", p.to_json()))
+        }
+        _ => export::ticket(h, ex, auth, peer, id).map(|t| {
+            answer(
+                "text/plain; charset=utf-8",
+                format!("{}?ticket={t}", export::DOWNLOAD_PATH),
+            )
+        }),
+    };
+    res.unwrap_or_else(|s| plain(http_status(&s), s.message()))
 }
 
-/// `GET /export/download?ticket=`: the VM's OVA, once it is prepared, with its length.
+/// `GET /export/download?ticket=`: the prepared file, with its length; its files go when
+/// it is sent (or the browser leaves).
 async fn export_download(h: &PoolHandler, ex: &Exports, parts: &Parts) -> Response<Body> {
-    let ready = match export::prepare(h, ex, query(parts, "ticket"), peer_of(parts)).await {
+    let ready = match export::download(h, ex, query(parts, "ticket"), peer_of(parts)) {
         Ok(r) => r,
         Err(s) => return plain(http_status(&s), s.message()),
     };
-    let name = ready.package.file_name();
+    let name = ready.prepared.file_name();
     let size = ready.size;
+    let content_type = if name.ends_with(".ova") {
+        "application/x-tar"
+    } else {
+        "application/octet-stream"
+    };
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    // The archive is written by blocking code: on a thread of its own, into the body.
+    // The file is written by blocking code: on a thread of its own, into the body.
     tokio::task::spawn_blocking(move || {
         let out = BodyWriter {
             tx: tx.clone(),
             buf: Vec::with_capacity(BODY_CHUNK),
         };
-        if let Err(e) = ready.package.write(out) {
+        if let Err(e) = ready.prepared.write(out) {
             tracing::warn!(error = %format!("{e:#}"), "an export's download ended early");
             let _ = tx.blocking_send(Err(std::io::Error::other("the export ended early")));
         }
-        // The package's files go with `ready`.
+        // The export's files go with `ready`.
         drop(ready);
     });
     let body = Body::from_stream(tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(
@@ -329,10 +388,7 @@ async fn export_download(h: &PoolHandler, ex: &Exports, parts: &Parts) -> Respon
     ));
     let mut r = Response::new(body);
     let hs = r.headers_mut();
-    hs.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-tar"),
-    );
+    hs.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     hs.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
     // The name holds only letters, digits, `.`, `_` and `-` (`file_stem`).
     if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {

@@ -1,7 +1,8 @@
 //! The web console as its users get it: `poolctl lab` builds the pages from web/ and every
 //! member serves them; Debian's Chromium (driven by web/e2e/console.mjs) logs in, follows
 //! the pool live, finds and drives a VM (its serial console, migrate, force off, start,
-//! typing and sending text to the guest) and logs out. Screenshots of each view are kept
+//! typing and sending text to the guest; export with its progress shown, suspend and
+//! resume), downloads a disk as qcow2 and logs out. Screenshots of each view are kept
 //! in target/tmp/console-shots.
 
 use std::os::unix::fs::PermissionsExt;

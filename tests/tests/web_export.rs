@@ -1,10 +1,17 @@
-//! A VM exported from the web console's port as a browser does it, against a real pool
-//! (three `poold`, one `hostd`, one `storaged`): log in over gRPC-Web, ask for a ticket
-//! with the token (`POST /export/ticket`), download the OVA with the ticket alone, of a
-//! VM that runs meanwhile. The package's layout and digests are checked with `tar` and
-//! `sha256sum`, it is imported again with `poolctl vm-import` and boots on a disk with
-//! the same bytes. Refused: another origin, no token, a read-only user, a used or
-//! unknown ticket; and nothing stays behind (no snapshot, grant, volume or file).
+//! Downloads from the web console's port as a browser makes them, against a real pool
+//! (three `poold`, one `hostd`, one `storaged`): log in over gRPC-Web, start an export
+//! with the token (`POST /export/prepare`), follow its status until it is ready, ask for
+//! a one-shot ticket and download the file with the ticket alone.
+//! - A running VM as an OVA: its progress reaches `ready` through the reading of its
+//!   disk; the package's layout and digests are checked with `tar` and `sha256sum`, it is
+//!   imported again with `poolctl vm-import` and boots on a disk with the same bytes.
+//! - A disk snapshot as qcow2 (the same bytes once qemu-img reads it back); the disk of a
+//!   running VM fails after its start, with the pool's words in the status.
+//! - Refused: another origin, no token, a read-only user, another user's export, an
+//!   unknown id, a used ticket, a third export at once; cancelled and downloaded exports
+//!   leave nothing behind (no snapshot, grant, volume or file).
+//! - With the repository's storaged stopped, a disk download fails after its start and
+//!   says why in its status.
 
 use std::path::Path;
 use std::process::Command;
@@ -18,14 +25,6 @@ use proto::coordinator as pb;
 
 fn s(p: &Path) -> String {
     p.display().to_string()
-}
-
-/// The bytes of a disk, exported raw by poolctl.
-fn disk_bytes(pool: &Pool, dir: &Path, vdi: &str) -> Vec<u8> {
-    let file = dir.join(format!("{vdi}.raw"));
-    let _ = std::fs::remove_file(&file);
-    pool.ctl(&["vdi-export", vdi, &s(&file)]);
-    std::fs::read(&file).unwrap()
 }
 
 /// Logs in as the console's login page does: `Login` as gRPC-Web.
@@ -42,11 +41,17 @@ fn web_login(web: &Web, user: &str, password: &str) -> String {
     r.token
 }
 
-/// `POST /export/ticket?vm=` as the console's page sends it (from its own origin, with
+/// A call on an export route as the console's page makes it (from its own origin, with
 /// `token` in a header file: a token is a secret): status and body.
-fn ask_ticket(web: &Web, vm_id: &str, token: Option<&str>, origin: Option<&str>) -> (u16, String) {
+fn call(
+    web: &Web,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    origin: Option<&str>,
+) -> (u16, String) {
     // HTTP/2 as a browser's fetch goes: the host is in `:authority`, not `Host`.
-    let mut args: Vec<String> = vec!["--http2".into(), "-X".into(), "POST".into()];
+    let mut args: Vec<String> = vec!["--http2".into(), "-X".into(), method.into()];
     if let Some(o) = origin {
         args.extend(["-H".into(), format!("Origin: {o}")]);
     }
@@ -60,8 +65,72 @@ fn ask_ticket(web: &Web, vm_id: &str, token: Option<&str>, origin: Option<&str>)
         args.extend(["-H".into(), format!("@{h}")]);
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (status, _, body) = web.get(&args, &format!("/export/ticket?vm={vm_id}"));
+    let (status, _, body) = web.get(&args, path);
     (status, body.trim().to_owned())
+}
+
+/// The value of `key` in poold's compact JSON (`"key":"text"` or `"key":12`).
+fn json(body: &str, key: &str) -> String {
+    let pat = format!("\"{key}\":");
+    let at = body
+        .find(&pat)
+        .map(|i| i + pat.len())
+        .unwrap_or_else(|| panic!("no {key} in {body}"));
+    let rest = &body[at..];
+    match rest.strip_prefix('"') {
+        Some(text) => text.split('"').next().unwrap_or_default().to_owned(),
+        None => rest.split([',', '}']).next().unwrap_or_default().to_owned(),
+    }
+}
+
+/// Starts an export of `what` (`vm=<id>`, `volume=<id>&format=`) as `token`'s user.
+fn prepare(web: &Web, what: &str, token: &str) -> String {
+    let (code, body) = call(
+        web,
+        "POST",
+        &format!("/export/prepare?{what}"),
+        Some(token),
+        Some(&web.base),
+    );
+    assert_eq!(code, 200, "{body}");
+    json(&body, "id")
+}
+
+/// Reads export `id`'s status until it has ended: every status read, in order.
+fn follow(web: &Web, id: &str, token: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let start = std::time::Instant::now();
+    loop {
+        let (code, body) = call(
+            web,
+            "GET",
+            &format!("/export/status?id={id}"),
+            Some(token),
+            None,
+        );
+        assert_eq!(code, 200, "{body}");
+        let phase = json(&body, "phase");
+        seen.push(body);
+        if phase == "ready" || phase == "failed" {
+            return seen;
+        }
+        assert!(start.elapsed() < Duration::from_secs(300), "{seen:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Asks for export `id`'s ticket and downloads it into `to`: status and headers.
+fn fetch(web: &Web, id: &str, token: &str, to: &Path) -> (u16, String) {
+    let (code, path) = call(
+        web,
+        "POST",
+        &format!("/export/ticket?id={id}"),
+        Some(token),
+        Some(&web.base),
+    );
+    assert_eq!(code, 200, "{path}");
+    assert!(path.starts_with("/export/download?ticket="), "{path}");
+    download(web, &path, to)
 }
 
 /// Downloads `path` (its ticket in a curl config file, not the command line) into `to`:
@@ -133,7 +202,7 @@ fn a_running_vm_downloads_as_an_ova_from_the_console_port_and_boots_again() {
     pool.ctl(&["vm-start", "writer"]);
     pool.wait_vm("writer", "\"power\": \"stopped\"", Duration::from_secs(60));
     pool.ctl(&["vm-destroy", "writer"]);
-    let source = disk_bytes(&pool, d, "src");
+    let source = pool.disk_bytes(d, "src");
     assert!(source[..1 << 20].iter().any(|&b| b != 0));
     let verify = "seed=5 blk=verify blk_kib=1024 mode=heartbeat hb_ms=200";
     pool.ctl(&guest_vm("web vm", "src", &elf, verify, &[]));
@@ -173,45 +242,89 @@ fn a_running_vm_downloads_as_an_ova_from_the_console_port_and_boots_again() {
         "the member's export directory is there, empty"
     );
 
-    // Refusals before any work: another site's page, no token, a read-only user, and a
-    // VM that is not there.
+    // Refusals before any work: another site's page, no token, a read-only user, a VM
+    // that is not there, a request that names nothing.
     let origin = web.base.clone();
-    let (code, body) = ask_ticket(
+    let vm_q = format!("/export/prepare?vm={vm_id}");
+    let (code, body) = call(
         &web,
-        &vm_id,
+        "POST",
+        &vm_q,
         Some(&admin),
         Some("https://elsewhere.example"),
     );
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("own pages"), "{body}");
-    let (code, body) = ask_ticket(&web, &vm_id, None, Some(&origin));
+    let (code, body) = call(&web, "POST", &vm_q, None, Some(&origin));
     assert_eq!(code, 401, "{body}");
     assert!(body.contains("requires a login"), "{body}");
-    let viewer_pw = "viewer-password-1";
-    let pw_file = secret_file(d, "viewer-password", viewer_pw);
-    pool.ctl(&[
-        "user-add",
-        "viewer",
-        "--password-file",
-        &pw_file,
-        "--role",
-        "read-only",
-    ]);
-    let viewer = web_login(&web, "viewer", viewer_pw);
-    let (code, body) = ask_ticket(&web, &vm_id, Some(&viewer), Some(&origin));
+    let add_user = |name: &str, role: &str| {
+        let pw = format!("{name}-password-1");
+        let pw_file = secret_file(d, &format!("{name}-password"), &pw);
+        pool.ctl(&[
+            "user-add",
+            name,
+            "--password-file",
+            &pw_file,
+            "--role",
+            role,
+        ]);
+        web_login(&web, name, &pw)
+    };
+    let viewer = add_user("viewer", "read-only");
+    let (code, body) = call(&web, "POST", &vm_q, Some(&viewer), Some(&origin));
     assert_eq!(code, 403, "{body}");
     assert!(
         body.contains("\"viewer\" may not call SnapshotVm"),
         "{body}"
     );
-    let (code, body) = ask_ticket(&web, "no-such-vm", Some(&admin), Some(&origin));
+    let no_vm = "/export/prepare?vm=no-such-vm";
+    let (code, body) = call(&web, "POST", no_vm, Some(&admin), Some(&origin));
     assert_eq!(code, 404, "{body}");
+    let (code, body) = call(&web, "POST", "/export/prepare", Some(&admin), Some(&origin));
+    assert_eq!(code, 400, "{body}");
 
-    // The admin's download, while the VM runs.
-    let (code, path) = ask_ticket(&web, &vm_id, Some(&admin), Some(&origin));
-    assert_eq!(code, 200, "{path}");
-    assert!(path.starts_with("/export/download?ticket="), "{path}");
+    // The admin's export, while the VM runs: it is followed from the snapshot through
+    // the reading of its disk to ready.
+    let t0 = std::time::Instant::now();
+    let id = prepare(&web, &format!("vm={vm_id}"), &admin);
+    let seen = follow(&web, &id, &admin);
+    let last = seen.last().unwrap();
+    assert_eq!(json(last, "phase"), "ready", "{seen:?}\n{}", pool.logs());
+    assert_eq!(json(last, "file"), "web_vm.ova", "{last}");
+    // The answer came before the work was done, and the whole 16 MiB disk was read.
+    assert_ne!(json(&seen[0], "phase"), "ready", "{seen:?}");
+    let mib16 = (16u64 << 20).to_string();
+    assert_eq!(
+        (json(last, "read"), json(last, "total")),
+        (mib16.clone(), mib16),
+        "{last}"
+    );
+    eprintln!(
+        "export prepared in {:?}, {} status reads",
+        t0.elapsed(),
+        seen.len()
+    );
+
+    // Another vm-admin may not see, cancel or download it; an unknown id is not found.
+    let other = add_user("other", "vm-admin");
+    let status_q = format!("/export/status?id={id}");
+    let (code, body) = call(&web, "GET", &status_q, Some(&other), None);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("another user's"), "{body}");
+    let (code, body) = call(&web, "DELETE", &status_q, Some(&other), Some(&origin));
+    assert_eq!(code, 403, "{body}");
+    let ticket_q = format!("/export/ticket?id={id}");
+    let (code, body) = call(&web, "POST", &ticket_q, Some(&other), Some(&origin));
+    assert_eq!(code, 403, "{body}");
+    let unknown = format!("/export/status?id={}", "0f".repeat(16));
+    let (code, body) = call(&web, "GET", &unknown, Some(&admin), None);
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("no export"), "{body}");
+
     let ova = d.join("downloaded.ova");
+    let (code, path) = call(&web, "POST", &ticket_q, Some(&admin), Some(&origin));
+    assert_eq!(code, 200, "{path}");
     let (code, head) = download(&web, &path, &ova);
     assert_eq!(code, 200, "{head}\n{}", pool.logs());
     assert!(
@@ -220,9 +333,10 @@ fn a_running_vm_downloads_as_an_ova_from_the_console_port_and_boots_again() {
     );
     let len = std::fs::metadata(&ova).unwrap().len();
     assert!(head.contains(&format!("content-length: {len}")), "{head}");
+    assert_eq!(json(last, "size"), len.to_string());
     pool.wait_vm("web vm", "\"power\": \"running\"", Duration::from_secs(30));
 
-    // A ticket opens once; an unknown one not at all.
+    // A ticket opens once; an unknown one not at all; a downloaded export is gone.
     for p in [
         path.clone(),
         format!("/export/download?ticket={}", "0f".repeat(32)),
@@ -232,6 +346,88 @@ fn a_running_vm_downloads_as_an_ova_from_the_console_port_and_boots_again() {
         let body = std::fs::read_to_string(d.join("again.ova")).unwrap();
         assert!(body.contains("unknown, used or expired"), "{body}");
     }
+    let (code, body) = call(&web, "GET", &status_q, Some(&admin), None);
+    assert_eq!(code, 404, "{body}");
+
+    // Cancelled while it is being prepared: gone at once, and what it took goes back.
+    let id2 = prepare(&web, &format!("vm={vm_id}"), &admin);
+    let q2 = format!("/export/status?id={id2}");
+    let (code, body) = call(&web, "DELETE", &q2, Some(&admin), Some(&origin));
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = call(&web, "GET", &q2, Some(&admin), None);
+    assert_eq!(code, 404, "{body}");
+
+    // Nothing stays: the exports' snapshots are deleted, their grants revoked, their
+    // volumes and files gone.
+    let after = wait_for(Duration::from_secs(60), || {
+        let now = leftovers(&pool, &vm_id, &src_id);
+        (now == before && empty(&scratch)).then_some(now)
+    });
+    assert!(
+        after.is_some(),
+        "left behind: {:?} (was {before:?}), {:?}",
+        leftovers(&pool, &vm_id, &src_id),
+        std::fs::read_dir(&scratch).unwrap().collect::<Vec<_>>()
+    );
+
+    // A disk: the running VM's own disk fails once started, with the pool's words; its
+    // snapshot downloads as qcow2 with the disk's bytes.
+    let id3 = prepare(&web, &format!("volume={src_id}&format=qcow2"), &admin);
+    let seen = follow(&web, &id3, &admin);
+    let last = seen.last().unwrap();
+    assert_eq!(json(last, "phase"), "failed", "{seen:?}");
+    assert!(
+        json(last, "error").contains("which is not stopped"),
+        "{last}"
+    );
+    pool.ctl(&["vdi-snapshot", "src", "src-snap"]);
+    let snap_id = pool
+        .ctl(&["vdi-list", "--json"])
+        .lines()
+        .find(|l| l.contains("\"name\": \"src-snap\""))
+        .map(|l| field(l, "id"))
+        .unwrap();
+    let id4 = prepare(&web, &format!("volume={snap_id}&format=qcow2"), &admin);
+    let seen = follow(&web, &id4, &admin);
+    assert_eq!(json(seen.last().unwrap(), "phase"), "ready", "{seen:?}");
+    let qcow2 = d.join("src-snap.qcow2");
+    let (code, head) = fetch(&web, &id4, &admin, &qcow2);
+    assert_eq!(code, 200, "{head}");
+    assert!(head.contains("filename=\"src-snap.qcow2\""), "{head}");
+    let back = d.join("src-snap.raw");
+    let o = Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&qcow2)
+        .arg(&back)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "the download is a qcow2: {}", text(&o));
+    assert!(
+        std::fs::read(&back).unwrap() == source,
+        "the snapshot's download differs from the disk"
+    );
+
+    // Two exports at once per member; a third waits for one to go.
+    let q = format!("volume={snap_id}&format=raw");
+    let held = [prepare(&web, &q, &admin), prepare(&web, &q, &admin)];
+    let (code, body) = call(
+        &web,
+        "POST",
+        &format!("/export/prepare?{q}"),
+        Some(&admin),
+        Some(&origin),
+    );
+    assert_eq!(code, 429, "{body}");
+    for id in &held {
+        let p = format!("/export/status?id={id}");
+        let (code, body) = call(&web, "DELETE", &p, Some(&admin), Some(&origin));
+        assert_eq!(code, 200, "{body}");
+    }
+    assert!(
+        wait_for(Duration::from_secs(30), || empty(&scratch).then_some(())).is_some(),
+        "cancelled exports leave no file"
+    );
+    pool.ctl(&["vdi-destroy", "src-snap"]);
 
     // Descriptor first, then the disk, then the manifest, whose digests match.
     let listing = Command::new("tar").arg("tf").arg(&ova).output().unwrap();
@@ -266,28 +462,43 @@ fn a_running_vm_downloads_as_an_ova_from_the_console_port_and_boots_again() {
     let ovf = std::fs::read_to_string(unpacked.join("web_vm.ovf")).unwrap();
     assert!(ovf.contains("web vm") && ovf.contains(verify), "{ovf}");
 
-    // Nothing stays: the export's snapshot is deleted, its grants revoked, its volumes
-    // and files gone.
-    let after = wait_for(Duration::from_secs(30), || {
-        let now = leftovers(&pool, &vm_id, &src_id);
-        (now == before && empty(&scratch)).then_some(now)
-    });
-    assert!(
-        after.is_some(),
-        "left behind: {:?} (was {before:?}), {:?}",
-        leftovers(&pool, &vm_id, &src_id),
-        std::fs::read_dir(&scratch).unwrap().collect::<Vec<_>>()
-    );
-
     // Imported again by poolctl: the same bytes, and the guest finds its pattern.
     pool.ctl(&["vm-shutdown", "web vm", "--force"]);
     pool.ctl(&["vm-import", &s(&ova), "--name", "back", "--sr", "sr1"]);
     assert!(
-        disk_bytes(&pool, d, "back-vda") == source,
+        pool.disk_bytes(d, "back-vda") == source,
         "the downloaded OVA's disk differs"
     );
     pool.ctl(&["vm-start", "back"]);
     let blk = console_line(&pool.p, "back", "BLK done", Duration::from_secs(60))
         .unwrap_or_else(|| panic!("the disk check of the imported VM\n{}", pool.logs()));
     assert!(blk.contains("result=ok"), "{blk}");
+
+    // With the repository's storaged stopped, a VM export's status says what its
+    // snapshot job waits on (the job retries a storaged that is away) and it is cancelled;
+    // a download of the (stopped) disk fails after its start and says why.
+    pool.storaged.kill();
+    let id6 = prepare(&web, &format!("vm={vm_id}"), &admin);
+    let q6 = format!("/export/status?id={id6}");
+    let waiting = wait_for(Duration::from_secs(30), || {
+        let (code, body) = call(&web, "GET", &q6, Some(&admin), None);
+        assert_eq!(code, 200, "{body}");
+        (json(&body, "phase") == "snapshot" && json(&body, "note").starts_with("waiting: "))
+            .then_some(body)
+    });
+    let waiting = waiting.unwrap_or_else(|| panic!("no note of the wait\n{}", pool.logs()));
+    eprintln!("a VM export with storaged stopped: {waiting}");
+    let (code, body) = call(&web, "DELETE", &q6, Some(&admin), Some(&origin));
+    assert_eq!(code, 200, "{body}");
+    let id5 = prepare(&web, &format!("volume={src_id}&format=raw"), &admin);
+    let seen = follow(&web, &id5, &admin);
+    let last = seen.last().unwrap();
+    assert_eq!(json(last, "phase"), "failed", "{seen:?}");
+    assert!(json(last, "error").contains(&src_id), "{last}");
+    eprintln!("with storaged stopped: {}", json(last, "error"));
+    // The cancelled one lets go of its directory at its next look (its job goes on).
+    assert!(
+        wait_for(Duration::from_secs(10), || empty(&scratch).then_some(())).is_some(),
+        "failed and cancelled exports leave no file"
+    );
 }

@@ -204,11 +204,17 @@ try {
   step("a second snapshot is the child of the one reverted to; deleting the parent re-parents it");
 
   // Export: the member makes the OVA from a snapshot it takes and deletes for the
-  // purpose; the browser downloads the package, the VM's snapshot tree as it was.
+  // purpose while the page shows how far it got; then the browser downloads the package,
+  // the VM's snapshot tree as it was.
+  const exportProgress = newPanel.locator("[data-field=export-progress]");
   const [download] = await Promise.all([
     page.waitForEvent("download", { timeout: 120_000 }),
-    newPanel.getByRole("button", { name: "Export" }).click(),
+    (async () => {
+      await newPanel.getByRole("button", { name: "Export" }).click();
+      await exportProgress.waitFor();
+    })(),
   ]);
+  await exportProgress.filter({ hasText: "downloading" }).waitFor();
   const saved = await download.path();
   if (download.suggestedFilename() !== "made-in-browser.ova") throw new Error(`the package is named ${download.suggestedFilename()}`);
   // A tar archive whose first file is the descriptor.
@@ -219,7 +225,8 @@ try {
   if ((await newPanel.locator("[role=alert]").count()) > 0) {
     throw new Error(`export: ${await newPanel.locator("[role=alert]").innerText()}`);
   }
-  step(`exported and downloaded as ${download.suggestedFilename()}; its snapshot is gone again`);
+  await snap("export");
+  step(`exported with its progress shown and downloaded as ${download.suggestedFilename()}; its snapshot is gone again`);
 
   // Storage, as Openfiler's pages: a disk made in the repository, a snapshot of it, an
   // initiator allowed in (its CHAP secrets shown once), listed in the ACL, then revoked.
@@ -255,6 +262,19 @@ try {
   if ((await volPanel.locator("[role=alert]").count()) > 0) throw new Error(`storage: ${await volPanel.locator("[role=alert]").innerText()}`);
   step(`in ${srName.trim()}: a disk made, snapshotted, reverted, exported to ${iqn} and revoked`);
 
+  // The disk downloaded as qcow2 through the same prepare, progress and ticket.
+  await volPanel.locator("select[name=download-format]").selectOption("qcow2");
+  const [disk] = await Promise.all([
+    page.waitForEvent("download", { timeout: 120_000 }),
+    volPanel.getByRole("button", { name: "Download" }).click(),
+  ]);
+  if (disk.suggestedFilename() !== "browser-disk.qcow2") throw new Error(`the disk is named ${disk.suggestedFilename()}`);
+  const magic = readFileSync(await disk.path()).subarray(0, 4).toString("latin1");
+  if (magic !== "QFI\xfb") throw new Error(`the disk starts with ${JSON.stringify(magic)}, not qcow2's magic`);
+  await volPanel.locator("[data-field=download-progress]", { hasText: "downloading" }).waitFor();
+  if ((await volPanel.locator("[role=alert]").count()) > 0) throw new Error(`download: ${await volPanel.locator("[role=alert]").innerText()}`);
+  step(`browser-disk downloaded as ${disk.suggestedFilename()}`);
+
   // That disk attached to the stopped VM made in the browser, as its next device, then
   // detached again; the VM renamed from its settings and back.
   await page.locator(".tree a[data-kind=vm]", { hasText: "made-in-browser" }).click();
@@ -275,6 +295,21 @@ try {
   await stoppedPanel.getByRole("button", { name: "Save settings" }).click();
   await page.locator(".tree a[data-kind=vm]", { hasText: "made-in-browser-2" }).waitFor({ state: "detached" });
   step(`browser-disk attached to made-in-browser as ${device}, detached; the VM renamed and back`);
+
+  // Suspended (saved to a state volume, on no host) and resumed where the pool chooses.
+  await stoppedPanel.getByRole("button", { name: "Start" }).click();
+  await stoppedPanel.locator("[data-field=power]", { hasText: "running" }).waitFor({ timeout: 60_000 });
+  await stoppedPanel.getByRole("button", { name: "Suspend" }).click();
+  await stoppedPanel.locator("[data-field=power]", { hasText: "suspended" }).waitFor({ timeout: 90_000 });
+  await stoppedPanel.locator("[data-field=host]", { hasText: "none" }).waitFor();
+  if ((await stoppedPanel.getByRole("button", { name: "Start" }).count()) > 0) throw new Error("a suspended VM is offered Start");
+  await snap("suspended");
+  await stoppedPanel.locator("form[data-form=resume]").getByRole("button", { name: "Resume" }).click();
+  await stoppedPanel.locator("[data-field=power]", { hasText: "running" }).waitFor({ timeout: 90_000 });
+  if ((await stoppedPanel.locator("[role=alert]").count()) > 0) throw new Error(`suspend/resume: ${await stoppedPanel.locator("[role=alert]").innerText()}`);
+  await stoppedPanel.getByRole("button", { name: "Force off" }).click();
+  await stoppedPanel.locator("[data-field=power]", { hasText: "stopped" }).waitFor({ timeout: 60_000 });
+  step("made-in-browser suspended, shown suspended on no host, and resumed");
 
   // Users and roles: a user made, given a role and relieved of it; the audit log has it.
   await page.locator("[data-page=users]").click();

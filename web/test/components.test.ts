@@ -12,6 +12,8 @@ import {
   AlertKind,
   AlertSchema,
   AlertSeverity,
+  HostSchema,
+  HostState,
   ListVolumeExportsResponseSchema,
   Role,
   RoleDescriptionSchema,
@@ -155,11 +157,20 @@ describe("VmPanel's Export", () => {
     expect(exportButton(mountWith(nothing)).exists()).toBe(false);
   });
 
-  it("asks for a ticket with the session's token and downloads what it names", async () => {
+  it("prepares with the session's token, shows how far it got, then downloads the file", async () => {
     const { inv, vm } = pool();
     saveSession({ token: "tok-1", user: "admin", roles: [] });
-    const fetchFn = vi.fn(async () => new Response("/export/download?ticket=ab12\n", { status: 200 }));
+    const status = (phase: string, read: number) =>
+      JSON.stringify({ phase, disk: 1, disks: 1, read, total: 4 << 20, note: "", error: "", file: phase === "ready" ? "web.ova" : "", size: 3 << 20 });
+    const answers = [
+      new Response('{"id":"e1"}', { status: 200 }),
+      new Response(status("reading", 1 << 20), { status: 200 }),
+      new Response(status("ready", 4 << 20), { status: 200 }),
+      new Response("/export/download?ticket=ab12\n", { status: 200 }),
+    ];
+    const fetchFn = vi.fn(async () => answers.shift()!);
     vi.stubGlobal("fetch", fetchFn);
+    vi.useFakeTimers();
     const clicked: string[] = [];
     vi.spyOn(HTMLAnchorElement.prototype, "click").mockImplementation(function (this: HTMLAnchorElement) {
       clicked.push(this.getAttribute("href") ?? "");
@@ -167,13 +178,40 @@ describe("VmPanel's Export", () => {
     const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: client().c }, ...withCan(everything) });
     await exportButton(w).trigger("click");
     await flushPromises();
-    expect(fetchFn).toHaveBeenCalledTimes(1);
-    const [url, init] = fetchFn.mock.calls[0] as unknown as [string, RequestInit];
-    expect(url).toBe("/export/ticket?vm=vm1");
-    expect(init.method).toBe("POST");
-    expect((init.headers as Record<string, string>).authorization).toBe("Bearer tok-1");
+    expect(w.find("[data-field=export-progress]").text()).toContain("Export: reading disk: 1.0 MiB of 4.0 MiB (25%)");
+    expect(exportButton(w).attributes("disabled")).toBeDefined();
+    await vi.advanceTimersByTimeAsync(600);
+    await flushPromises();
+    vi.useRealTimers();
+    const urls = fetchFn.mock.calls.map((c) => {
+      const [url, init] = c as unknown as [string, RequestInit];
+      expect((init.headers as Record<string, string>).authorization).toBe("Bearer tok-1");
+      return `${init.method} ${url}`;
+    });
+    expect(urls).toEqual(["POST /export/prepare?vm=vm1", "GET /export/status?id=e1", "GET /export/status?id=e1", "POST /export/ticket?id=e1"]);
     expect(clicked).toEqual(["/export/download?ticket=ab12"]);
+    expect(w.find("[data-field=export-progress]").text()).toContain("downloading");
     expect(w.find("[role=alert]").exists()).toBe(false);
+  });
+
+  it("shows a failure after the start in the page's error style, and downloads nothing", async () => {
+    const { inv, vm } = pool();
+    const words = "taking the export's snapshot failed: storaged at 127.0.0.1:1 is unreachable";
+    const answers = [
+      new Response('{"id":"e2"}', { status: 200 }),
+      new Response(JSON.stringify({ phase: "failed", disk: 0, disks: 1, read: 0, total: 0, note: "", error: words, file: "", size: 0 }), { status: 200 }),
+    ];
+    vi.stubGlobal(
+      "fetch",
+      vi.fn(async () => answers.shift()!),
+    );
+    const click = vi.spyOn(HTMLAnchorElement.prototype, "click").mockImplementation(() => {});
+    const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: client().c }, ...withCan(everything) });
+    await exportButton(w).trigger("click");
+    await flushPromises();
+    expect(w.find("[role=alert]").text()).toBe(`export: Aborted: ${words}`);
+    expect(w.find("[data-field=export-progress]").exists()).toBe(false);
+    expect(click).not.toHaveBeenCalled();
   });
 
   it("shows a refusal as the server words it, and downloads nothing", async () => {
@@ -189,6 +227,85 @@ describe("VmPanel's Export", () => {
     await flushPromises();
     expect(w.find("[role=alert]").text()).toBe(`export: PermissionDenied: ${words}`);
     expect(click).not.toHaveBeenCalled();
+  });
+
+  it("cancels on the member when the user says so", async () => {
+    const { inv, vm } = pool();
+    const reading = JSON.stringify({ phase: "snapshot", disk: 0, disks: 1, read: 0, total: 0, note: "", error: "", file: "", size: 0 });
+    const fetchFn = vi.fn(async (url: string) => new Response(url.startsWith("/export/prepare") ? '{"id":"e3"}' : url.includes("status") ? reading : "", { status: 200 }));
+    vi.stubGlobal("fetch", fetchFn);
+    const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: client().c }, ...withCan(everything) });
+    await exportButton(w).trigger("click");
+    await flushPromises();
+    expect(w.find("[data-field=export-progress]").text()).toContain("taking a snapshot");
+    await w.find("button[data-action=cancel-export]").trigger("click");
+    await flushPromises();
+    const calls = fetchFn.mock.calls.map((c) => `${(c as unknown as [string, RequestInit])[1].method} ${c[0]}`);
+    expect(calls).toContain("DELETE /export/status?id=e3");
+    expect(w.find("[data-field=export-progress]").exists()).toBe(false);
+  });
+});
+
+describe("VmPanel's suspend and resume", () => {
+  const withState = (powerState: PowerState) => {
+    const { inv, vm } = pool();
+    vm.powerState = powerState;
+    return { inv, vm };
+  };
+  const buttons = (w: ReturnType<typeof mount>) => w.findAll(".actions button").map((b) => b.text());
+
+  it("offers Suspend on a running or paused VM, and Resume with a host on a suspended one", () => {
+    for (const st of [PowerState.RUNNING, PowerState.PAUSED]) {
+      const { inv, vm } = withState(st);
+      const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: client().c }, ...withCan(everything) });
+      expect(w.find("button[data-action=suspend]").exists()).toBe(true);
+      expect(w.find("form[data-form=resume]").exists()).toBe(false);
+    }
+    const { inv, vm } = withState(PowerState.SUSPENDED);
+    inv.objects.host.set("h2", create(HostSchema, { id: "h2", name: "host-b", state: HostState.ENABLED }));
+    const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: client().c }, ...withCan(everything) });
+    // Neither running nor stopped: no start, shut down or suspend.
+    expect(w.find("[data-field=power]").text()).toBe("suspended");
+    expect(buttons(w)).not.toContain("Start");
+    expect(buttons(w)).not.toContain("Shut down");
+    expect(w.find("button[data-action=suspend]").exists()).toBe(false);
+    expect(w.findAll("select[name=resume-host] option").map((o) => o.text())).toEqual(["the host the pool chooses", "host-b"]);
+  });
+
+  it("suspends, and resumes on the host chosen", async () => {
+    const running = withState(PowerState.RUNNING);
+    const a = client();
+    const w = mount(VmPanel, { props: { vm: running.vm, inv: running.inv, tick: 0, client: a.c }, ...withCan(everything) });
+    await w.find("button[data-action=suspend]").trigger("click");
+    await flushPromises();
+    expect(a.calls).toEqual([{ method: "suspendVm", req: { vmId: "vm1" } }]);
+
+    const { inv, vm } = withState(PowerState.SUSPENDED);
+    inv.objects.host.set("h2", create(HostSchema, { id: "h2", name: "host-b", state: HostState.ENABLED }));
+    const b = client();
+    const v = mount(VmPanel, { props: { vm, inv, tick: 0, client: b.c }, ...withCan(everything) });
+    await v.find("select[name=resume-host]").setValue("h2");
+    await v.find("form[data-form=resume]").trigger("submit");
+    await flushPromises();
+    expect(b.calls).toEqual([{ method: "resumeVm", req: { vmId: "vm1", hostId: "h2" } }]);
+  });
+
+  it("offers neither to a role that may not make those calls", () => {
+    const { inv, vm } = withState(PowerState.RUNNING);
+    const operator: Can = (m) => m !== "SuspendVm" && m !== "ResumeVm";
+    expect(mount(VmPanel, { props: { vm, inv, tick: 0, client: client().c }, ...withCan(operator) }).find("button[data-action=suspend]").exists()).toBe(false);
+    const s = withState(PowerState.SUSPENDED);
+    expect(mount(VmPanel, { props: { vm: s.vm, inv: s.inv, tick: 0, client: client().c }, ...withCan(operator) }).find("form[data-form=resume]").exists()).toBe(false);
+  });
+
+  it("asks for a quick migration when ticked", async () => {
+    const { inv, vm } = withState(PowerState.RUNNING);
+    const a = client();
+    const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: a.c }, ...withCan(everything) });
+    await w.find("input[name=quick]").setValue(true);
+    await w.findAll("button").find((b) => b.text() === "Migrate")!.trigger("click");
+    await flushPromises();
+    expect(a.calls).toEqual([{ method: "migrateVm", req: { vmId: "vm1", destinationHostId: "", quick: true } }]);
   });
 });
 
@@ -255,6 +372,36 @@ describe("VolumePanel", () => {
     await w.findAll("button").find((b) => b.text() === "Delete")!.trigger("click");
     await flushPromises();
     expect(w.find("[role=alert]").text()).toBe("delete: FailedPrecondition: volume v1 is a disk of VM web which is not stopped");
+  });
+
+  it("downloads the disk in the format chosen through the same prepare and ticket", async () => {
+    const { inv } = pool();
+    saveSession({ token: "tok-2", user: "admin", roles: [] });
+    const ready = JSON.stringify({ phase: "ready", disk: 1, disks: 1, read: 1, total: 1, note: "", error: "", file: "web-disk.raw", size: 1 << 30 });
+    const answers = [new Response('{"id":"d1"}'), new Response(ready), new Response("/export/download?ticket=cd34")];
+    const fetchFn = vi.fn(async () => answers.shift()!);
+    vi.stubGlobal("fetch", fetchFn);
+    const clicked: string[] = [];
+    vi.spyOn(HTMLAnchorElement.prototype, "click").mockImplementation(function (this: HTMLAnchorElement) {
+      clicked.push(this.getAttribute("href") ?? "");
+    });
+    const w = mount(VolumePanel, { props: { v: inv.objects.volume.get("v2")!, inv, tick: 0, client: client().c }, ...withCan(everything) });
+    await w.find("select[name=download-format]").setValue("raw");
+    await w.find("form[data-form=download]").trigger("submit");
+    await flushPromises();
+    expect(fetchFn.mock.calls.map((c) => (c as unknown as [string])[0])).toEqual(["/export/prepare?volume=v2&format=raw", "/export/status?id=d1", "/export/ticket?id=d1"]);
+    expect(clicked).toEqual(["/export/download?ticket=cd34"]);
+    saveSession(undefined);
+    vi.unstubAllGlobals();
+    vi.restoreAllMocks();
+  });
+
+  it("offers the download only to a role that may open and close a disk's access", () => {
+    const { inv } = pool();
+    const m = (can: Can) => mount(VolumePanel, { props: { v: inv.objects.volume.get("v1")!, inv, tick: 0, client: client().c }, ...withCan(can) });
+    expect(m((x) => x === "OpenVolumeAccess" || x === "CloseVolumeAccess").find("form[data-form=download]").exists()).toBe(true);
+    expect(m((x) => x === "OpenVolumeAccess").find("form[data-form=download]").exists()).toBe(false);
+    expect(m(nothing).find("form[data-form=download]").exists()).toBe(false);
   });
 });
 
