@@ -80,6 +80,10 @@ pub enum ActionError {
     },
     #[error("VM {vm_id} is no longer in the pool state")]
     UnknownVm { vm_id: String },
+    /// The pool state changed since the round planned the step (a job took the VM, or
+    /// it moved): not sent, so the host does not act against the job.
+    #[error("VM {vm_id} changed since this step was planned; not sent")]
+    Overtaken { vm_id: String },
     #[error("preparing the VM's disks failed")]
     Disks(#[source] JobError),
 }
@@ -149,6 +153,25 @@ pub fn plan(state: &PoolState, reported: &Reported) -> Vec<Step> {
     }
     out.sort();
     out
+}
+
+/// Whether `step` still fits the pool state as it is now. A round acts after it planned,
+/// and a job may have taken the VM meanwhile: a DestroyStale of the stopped definition a
+/// restore is about to replace would then destroy the restored VM, and the next round
+/// would boot it afresh.
+fn due_now(state: &PoolState, step: &Step) -> bool {
+    let vm_id = vm_of(&step.action);
+    if held_vms(state).contains(vm_id) {
+        return false;
+    }
+    let here = state
+        .vms
+        .get(vm_id)
+        .is_some_and(|v| v.host_id == step.host_id);
+    match step.action {
+        Action::DestroyStale { .. } => !here && state.migration_of(vm_id).is_none(),
+        _ => here,
+    }
 }
 
 /// VMs a running job holds still: reconciliation leaves them to it.
@@ -534,6 +557,11 @@ pub struct Actuator {
 #[tonic::async_trait]
 impl HostActions for Actuator {
     async fn perform(&self, step: &Step, vm: Option<&pb::Vm>) -> Result<(), ActionError> {
+        if !crate::jobs::read(&*self.env.ledger, |s| due_now(s, step)) {
+            return Err(ActionError::Overtaken {
+                vm_id: vm_of(&step.action).to_owned(),
+            });
+        }
         let h = &self.env.hosts;
         let addr = step.address.as_str();
         let refused = |what: &str| {
@@ -638,6 +666,7 @@ pub async fn run(c: Arc<Coordinator>, env: Env, mut shutdown: tokio::sync::watch
         {
             match r {
                 Ok(()) => tracing::info!(?step, "reconciled"),
+                Err(e @ ActionError::Overtaken { .. }) => tracing::info!(?step, "{e}"),
                 Err(e) => {
                     tracing::warn!(?step, error = %e, cause = ?std::error::Error::source(&e), "reconciliation step failed; will retry")
                 }
@@ -1130,6 +1159,56 @@ mod tests {
             .round(&s, &on_h2(P::Stopped), &heard_h2(3200), at(3500))
             .await;
         assert_eq!(r.len(), 1, "{r:?}");
+    }
+
+    /// A step planned before a job took its VM (or moved it) is not sent.
+    #[test]
+    fn a_step_overtaken_by_a_job_or_a_move_is_no_longer_due() {
+        let mut s = state_with(&[("vm1", "", P::Stopped)]);
+        let step = |host: &str, action| Step {
+            host_id: host.into(),
+            address: format!("{host}:7000"),
+            action,
+        };
+        let destroy = step(
+            "h1",
+            Action::DestroyStale {
+                vm_id: "vm1".into(),
+            },
+        );
+        assert!(due_now(&s, &destroy));
+        s.jobs.insert(
+            "t1".into(),
+            Job {
+                task_id: "t1".into(),
+                spec: Some(JobSpec::RevertVm(RevertVmJob {
+                    vm_id: "vm1".into(),
+                    snapshot_id: "cp".into(),
+                    host_id: "h1".into(),
+                })),
+                ..Default::default()
+            },
+        );
+        assert!(!due_now(&s, &destroy), "the revert restores it there");
+        s.jobs.clear();
+        s.vms.get_mut("vm1").unwrap().host_id = "h1".into();
+        assert!(!due_now(&s, &destroy), "placed there now");
+        let create = step(
+            "h2",
+            Action::Create {
+                vm_id: "vm1".into(),
+            },
+        );
+        assert!(!due_now(&s, &create), "placed elsewhere now");
+        assert!(due_now(
+            &s,
+            &step(
+                "h1",
+                Action::Create {
+                    vm_id: "vm1".into()
+                }
+            )
+        ));
     }
 
     #[test]

@@ -47,7 +47,11 @@ fn first_heartbeat_after(pool: &Pool, vm: &str) -> (u64, String) {
         (heartbeat_seqs(seen).len() >= 2).then(|| seen.to_owned())
     })
     .unwrap_or_else(|| panic!("{vm} counts after the revert\n{}", pool.logs()));
-    assert!(!console.contains("GUEST start"), "not booted: {console}");
+    assert!(
+        !console.contains("GUEST start"),
+        "not booted: {console}\n{}",
+        pool.logs()
+    );
     (heartbeat_seqs(&console)[0], console)
 }
 
