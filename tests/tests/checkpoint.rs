@@ -290,7 +290,9 @@ fn checkpoint_pause_next_to_migration_downtime() {
         let name = format!("bench-{round}");
         let out = pool.ctl(&["vm-checkpoint", "big", &name]);
         pauses.push(figure(&out, "paused "));
-        let on = field(&pool.vm("big").unwrap(), "host");
+        // The pool learns from the host's next report that the pause is over.
+        let line = pool.wait_vm("big", "\"power\": \"running\"", Duration::from_secs(10));
+        let on = field(&line, "host");
         let to = ids.iter().find(|h| **h != on).unwrap();
         let out = pool.ctl(&["vm-migrate", "big", "--host", to]);
         downtimes.push(figure(&out, "downtime "));
