@@ -146,6 +146,14 @@ impl Ctl {
         )
     }
 
+    /// The id of the host named, or empty (the pool chooses) when none is.
+    pub async fn host_id_or_any(&mut self, name_or_id: Option<&str>) -> anyhow::Result<String> {
+        match name_or_id {
+            Some(h) => self.host_id(h).await,
+            None => Ok(String::new()),
+        }
+    }
+
     pub async fn vm_id(&mut self, name_or_id: &str) -> anyhow::Result<String> {
         let vms = self.vms().await?;
         pick(

@@ -83,10 +83,7 @@ pub async fn run(ctl: &mut Ctl, command: NetCommand) -> anyhow::Result<()> {
             vlan,
             mtu,
         } => {
-            let host_id = match host {
-                Some(h) => ctl.host_id(&h).await?,
-                None => String::new(),
-            };
+            let host_id = ctl.host_id_or_any(host.as_deref()).await?;
             let r = call!(
                 ctl.client,
                 create_network,

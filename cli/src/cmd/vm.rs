@@ -380,10 +380,7 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
         }
         VmCommand::Start { vm, host } => {
             let vm_id = ctl.vm_id(&vm).await?;
-            let host_id = match host {
-                Some(h) => ctl.host_id(&h).await?,
-                None => String::new(),
-            };
+            let host_id = ctl.host_id_or_any(host.as_deref()).await?;
             let r = call!(
                 ctl.client,
                 start_vm,
@@ -421,10 +418,7 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
         }
         VmCommand::Resume { vm, host } => {
             let vm_id = ctl.vm_id(&vm).await?;
-            let host_id = match host {
-                Some(h) => ctl.host_id(&h).await?,
-                None => String::new(),
-            };
+            let host_id = ctl.host_id_or_any(host.as_deref()).await?;
             let r = call!(
                 ctl.client,
                 resume_vm,
@@ -485,10 +479,7 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
             quick,
         } => {
             let vm_id = ctl.vm_id(&vm).await?;
-            let destination_host_id = match host {
-                Some(h) => ctl.host_id(&h).await?,
-                None => String::new(),
-            };
+            let destination_host_id = ctl.host_id_or_any(host.as_deref()).await?;
             let r = call!(
                 ctl.client,
                 migrate_vm,
@@ -555,10 +546,7 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
         }
         VmCommand::Revert { vm, snapshot, host } => {
             let vm_id = ctl.vm_id(&vm).await?;
-            let host_id = match host {
-                Some(h) => ctl.host_id(&h).await?,
-                None => String::new(),
-            };
+            let host_id = ctl.host_id_or_any(host.as_deref()).await?;
             let snaps = ctl.vm_snapshots(&vm_id).await?;
             let snapshot_id = pick(
                 snaps.iter().map(|s| (s.id.as_str(), s.name.as_str())),
