@@ -431,15 +431,17 @@ impl Reconciler {
     }
 
     /// One round: plans and performs what is due; returns what it tried and how it went.
-    /// `received`: when each host's report arrived (a host not in it counts as fresh).
+    /// `received`: when each host's report arrived (a host not in it counts as fresh);
+    /// `ended`: the pool's latest ended tasks as (task id, kind, target), [`ended_tasks`].
     pub async fn round(
         &mut self,
         state: &PoolState,
         reported: &Reported,
         received: &BTreeMap<String, Instant>,
+        ended: &[(String, String, String)],
         now: Instant,
     ) -> Vec<(Step, Result<(), ActionError>)> {
-        self.note_let_go(state, now);
+        self.note_let_go(state, ended, now);
         let stale = |s: &Step| {
             let (Some(at), Some(heard)) =
                 (self.let_go.get(vm_of(&s.action)), received.get(&s.host_id))
@@ -477,25 +479,18 @@ impl Reconciler {
 
 impl Reconciler {
     /// Records the VMs jobs let go since the last round (see [`Reconciler`]).
-    fn note_let_go(&mut self, state: &PoolState, now: Instant) {
+    fn note_let_go(&mut self, state: &PoolState, ended: &[(String, String, String)], now: Instant) {
         let held: BTreeSet<String> = held_vms(state).into_iter().map(str::to_owned).collect();
         let mut gone: Vec<String> = self.held.difference(&held).cloned().collect();
         self.held = held;
-        let done = state.tasks.values().filter(|t| {
-            matches!(
-                t.state(),
-                pb::TaskState::Succeeded | pb::TaskState::Failed | pb::TaskState::Cancelled
-            )
-        });
-        for t in done {
-            if self.finished.insert(t.id.clone())
-                && self.primed
-                && MOVING_KINDS.contains(&t.kind.as_str())
-            {
-                gone.push(t.target_id.clone());
+        let mut still = BTreeSet::new();
+        for (id, kind, target) in ended {
+            still.insert(id.clone());
+            if !self.finished.contains(id) && self.primed && MOVING_KINDS.contains(&kind.as_str()) {
+                gone.push(target.clone());
             }
         }
-        self.finished.retain(|id| state.tasks.contains_key(id));
+        self.finished = still;
         self.primed = true;
         for vm in gone {
             self.let_go.insert(vm, now);
@@ -626,6 +621,29 @@ impl HostActions for Actuator {
     }
 }
 
+/// How many of the pool's latest tasks a round looks at for ended jobs: far more than
+/// end between two rounds.
+const ENDED_LOOKED_AT: usize = 256;
+
+/// The latest ended tasks of `state` (the full state: a round's copy has no tasks), as
+/// (task id, kind, target).
+fn ended_tasks(state: &PoolState) -> Vec<(String, String, String)> {
+    state
+        .task_order
+        .iter()
+        .rev()
+        .take(ENDED_LOOKED_AT)
+        .filter_map(|id| state.tasks.get(id))
+        .filter(|t| {
+            matches!(
+                t.state(),
+                pb::TaskState::Succeeded | pb::TaskState::Failed | pb::TaskState::Cancelled
+            )
+        })
+        .map(|t| (t.id.clone(), t.kind.clone(), t.target_id.clone()))
+        .collect()
+}
+
 /// The VMs each host last reported, and when that report arrived.
 fn reports(c: &Coordinator) -> (Reported, BTreeMap<String, Instant>) {
     let live = c.liveness.lock().expect("liveness lock");
@@ -659,11 +677,12 @@ pub async fn run(c: Arc<Coordinator>, env: Env, mut shutdown: tokio::sync::watch
         if reported.is_empty() {
             continue;
         }
-        let state = Arc::new(c.node.state().clone_without_history());
-        for (step, r) in rec
-            .round(&state, &reported, &received, Instant::now())
-            .await
-        {
+        let (state, ended) = {
+            let full = c.node.state();
+            (Arc::new(full.clone_without_history()), ended_tasks(&full))
+        };
+        let now = Instant::now();
+        for (step, r) in rec.round(&state, &reported, &received, &ended, now).await {
             match r {
                 Ok(()) => tracing::info!(?step, "reconciled"),
                 Err(e @ ActionError::Overtaken { .. }) => tracing::info!(?step, "{e}"),
@@ -1027,7 +1046,9 @@ mod tests {
         let s = state_with(&[("vm1", "h1", P::Running)]);
         let t0 = Instant::now();
         *hosts.fail.lock().unwrap() = true;
-        let r = rec.round(&s, &reported(&[]), &BTreeMap::new(), t0).await;
+        let r = rec
+            .round(&s, &reported(&[]), &BTreeMap::new(), &[], t0)
+            .await;
         assert_eq!(r.len(), 1);
         assert!(r[0].1.is_err());
         // Within the retry window the same step is not sent again.
@@ -1036,6 +1057,7 @@ mod tests {
                 &s,
                 &reported(&[]),
                 &BTreeMap::new(),
+                &[],
                 t0 + Duration::from_secs(1)
             )
             .await
@@ -1048,6 +1070,7 @@ mod tests {
                 &s,
                 &reported(&[]),
                 &BTreeMap::new(),
+                &[],
                 t0 + Reconciler::RETRY_AFTER + Duration::from_secs(1),
             )
             .await;
@@ -1059,6 +1082,7 @@ mod tests {
                 &s,
                 &reported(&[("h1", "vm1", P::Running)]),
                 &BTreeMap::new(),
+                &[],
                 t0 + Duration::from_secs(30),
             )
             .await;
@@ -1071,6 +1095,7 @@ mod tests {
                     &s,
                     &reported(&[("h1", "vm1", P::Running)]),
                     &BTreeMap::new(),
+                    &[],
                     t0
                 )
                 .await
@@ -1102,7 +1127,11 @@ mod tests {
         let at = |ms| t0 + Duration::from_millis(ms);
         let stopped = reported(&[("h1", "vm1", P::Stopped)]);
         let heard = |ms| BTreeMap::from([("h1".to_string(), at(ms))]);
-        assert!(rec.round(&s, &stopped, &heard(0), at(0)).await.is_empty());
+        assert!(
+            rec.round(&s, &stopped, &heard(0), &[], at(0))
+                .await
+                .is_empty()
+        );
         // The job ends: vm1 runs on h1. h1's last report is from before.
         s.jobs.clear();
         let vm = s.vms.get_mut("vm1").unwrap();
@@ -1110,12 +1139,12 @@ mod tests {
         vm.power_state = P::Running as i32;
         vm.desired_power_state = P::Running as i32;
         assert!(
-            rec.round(&s, &stopped, &heard(400), at(500))
+            rec.round(&s, &stopped, &heard(400), &[], at(500))
                 .await
                 .is_empty()
         );
         assert!(
-            rec.round(&s, &stopped, &heard(400), at(1000))
+            rec.round(&s, &stopped, &heard(400), &[], at(1000))
                 .await
                 .is_empty()
         );
@@ -1123,11 +1152,11 @@ mod tests {
         // (it really stopped) is acted on.
         let running = reported(&[("h1", "vm1", P::Running)]);
         assert!(
-            rec.round(&s, &running, &heard(1200), at(1500))
+            rec.round(&s, &running, &heard(1200), &[], at(1500))
                 .await
                 .is_empty()
         );
-        let r = rec.round(&s, &stopped, &heard(1700), at(2000)).await;
+        let r = rec.round(&s, &stopped, &heard(1700), &[], at(2000)).await;
         assert_eq!(
             r.iter()
                 .map(|(st, _)| st.action.clone())
@@ -1138,25 +1167,16 @@ mod tests {
         );
         // A job that started and ended between two rounds (its finished task says so):
         // vm1 resumed on h2, whose last report still has the VM it replaced, stopped.
-        s.tasks.insert(
-            "t2".into(),
-            Box::new(pb::Task {
-                id: "t2".into(),
-                kind: "vm.resume".into(),
-                target_id: "vm1".into(),
-                state: pb::TaskState::Succeeded as i32,
-                ..Default::default()
-            }),
-        );
+        let ended = [("t2".to_string(), "vm.resume".to_string(), "vm1".to_string())];
         s.vms.get_mut("vm1").unwrap().host_id = "h2".into();
         let on_h2 = |p| reported(&[("h2", "vm1", p)]);
         let heard_h2 = |ms| BTreeMap::from([("h2".to_string(), at(ms))]);
         let r = rec
-            .round(&s, &on_h2(P::Stopped), &heard_h2(2900), at(3000))
+            .round(&s, &on_h2(P::Stopped), &heard_h2(2900), &ended, at(3000))
             .await;
         assert!(r.is_empty(), "{r:?}");
         let r = rec
-            .round(&s, &on_h2(P::Stopped), &heard_h2(3200), at(3500))
+            .round(&s, &on_h2(P::Stopped), &heard_h2(3200), &ended, at(3500))
             .await;
         assert_eq!(r.len(), 1, "{r:?}");
     }
@@ -1277,7 +1297,9 @@ mod tests {
         let mut rec = Reconciler::new(hosts.clone());
         let s = state_with(&[("vm1", "h1", P::Running)]);
         let t0 = Instant::now();
-        let r = rec.round(&s, &reported(&[]), &BTreeMap::new(), t0).await;
+        let r = rec
+            .round(&s, &reported(&[]), &BTreeMap::new(), &[], t0)
+            .await;
         assert!(matches!(
             r[..],
             [(
@@ -1292,7 +1314,13 @@ mod tests {
         // stopped. Booting it again (a Start) would destroy the VM that is booting.
         let stopped = reported(&[("h1", "vm1", P::Stopped)]);
         let r = rec
-            .round(&s, &stopped, &BTreeMap::new(), t0 + Duration::from_secs(1))
+            .round(
+                &s,
+                &stopped,
+                &BTreeMap::new(),
+                &[],
+                t0 + Duration::from_secs(1),
+            )
             .await;
         assert!(r.is_empty(), "{r:?}");
         // A VM still stopped after the retry window is started.
@@ -1301,6 +1329,7 @@ mod tests {
                 &s,
                 &stopped,
                 &BTreeMap::new(),
+                &[],
                 t0 + Reconciler::RETRY_AFTER + Duration::from_secs(1),
             )
             .await;

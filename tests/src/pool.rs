@@ -122,6 +122,15 @@ impl Pool {
         })
     }
 
+    /// The bytes of volume `vdi`, read by `poolctl vdi-export` into `dir` (as
+    /// `<vdi>.exported.raw`, a name no image a test imports has).
+    pub fn disk_bytes(&self, dir: &Path, vdi: &str) -> Vec<u8> {
+        let file = dir.join(format!("{vdi}.exported.raw"));
+        let _ = std::fs::remove_file(&file);
+        self.ctl(&["vdi-export", vdi, &file.display().to_string()]);
+        std::fs::read(&file).unwrap()
+    }
+
     /// A poolctl call that must fail; its output, which must say `why`.
     pub fn refused(&self, args: &[&str], why: &str) -> String {
         let o = poolctl(&self.client(), args);

@@ -26,14 +26,6 @@ fn image(path: &Path) -> Vec<u8> {
     data
 }
 
-/// The bytes of a disk, exported from the pool.
-fn export(pool: &Pool, dir: &Path, vdi: &str) -> Vec<u8> {
-    let file = dir.join(format!("{vdi}.raw"));
-    let _ = std::fs::remove_file(&file);
-    pool.ctl(&["vdi-export", vdi, &file.display().to_string()]);
-    std::fs::read(&file).unwrap()
-}
-
 /// The chunks two images differ in.
 fn changed_chunks(a: &[u8], b: &[u8]) -> Vec<usize> {
     (0..a.len().div_ceil(CHUNK))
@@ -83,7 +75,7 @@ fn full_then_incremental_backups_restore_each_point_byte_for_byte() {
 
     pool.ctl(&["vm-start", "bk"]);
     pool.wait_vm("bk", "\"power\": \"stopped\"", Duration::from_secs(60));
-    let at_point_2 = export(&pool, dir.path(), "bk-disk");
+    let at_point_2 = pool.disk_bytes(dir.path(), "bk-disk");
     let rewritten = changed_chunks(&at_point_1, &at_point_2);
     assert!(
         !rewritten.is_empty() && rewritten.len() <= 4,
@@ -105,7 +97,7 @@ fn full_then_incremental_backups_restore_each_point_byte_for_byte() {
         let name = format!("r{point}");
         pool.ctl(&["vm-restore", &b, "--point", point, "--name", &name]);
         assert!(pool.vm(&name).is_some(), "restored VM {name} listed");
-        let got = export(&pool, dir.path(), &format!("{name}-vda"));
+        let got = pool.disk_bytes(dir.path(), &format!("{name}-vda"));
         assert_eq!(got.len(), want.len());
         assert!(
             got == *want,
@@ -232,7 +224,7 @@ fn a_storaged_killed_during_a_backup_leaves_the_chain_valid() {
     pool.ctl(&["vm-backup", "kb", &b]);
     pool.ctl(&["vm-start", "kb"]);
     pool.wait_vm("kb", "\"power\": \"stopped\"", Duration::from_secs(120));
-    let at_point_2 = export(&pool, dir.path(), "kill-disk");
+    let at_point_2 = pool.disk_bytes(dir.path(), "kill-disk");
     let rewritten = changed_chunks(&at_point_1, &at_point_2).len();
     assert!(
         rewritten >= CHANGED_KIB / 64,
@@ -273,7 +265,7 @@ fn a_storaged_killed_during_a_backup_leaves_the_chain_valid() {
     }
     pool.ctl(&["vm-restore", &b, "--point", "1", "--name", "k1"]);
     assert!(
-        export(&pool, dir.path(), "k1-vda") == at_point_1,
+        pool.disk_bytes(dir.path(), "k1-vda") == at_point_1,
         "point 1 restored"
     );
 
@@ -287,7 +279,7 @@ fn a_storaged_killed_during_a_backup_leaves_the_chain_valid() {
     assert!(verified.contains("2 points"), "{verified}");
     pool.ctl(&["vm-restore", &b, "--point", "2", "--name", "k2"]);
     assert!(
-        export(&pool, dir.path(), "k2-vda") == at_point_2,
+        pool.disk_bytes(dir.path(), "k2-vda") == at_point_2,
         "point 2 restored"
     );
 }

@@ -32,14 +32,6 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// The bytes of a disk, exported raw from the pool.
-fn export(pool: &Pool, dir: &Path, vdi: &str) -> Vec<u8> {
-    let file = dir.join(format!("{vdi}.exported.raw"));
-    let _ = std::fs::remove_file(&file);
-    pool.ctl(&["vdi-export", vdi, &s(&file)]);
-    std::fs::read(&file).unwrap()
-}
-
 fn volume_id(pool: &Pool, name: &str) -> String {
     let vdis = pool.ctl(&["vdi-list", "--json"]);
     vdis.lines()
@@ -104,7 +96,7 @@ fn images_and_ova_packages_in_and_out_byte_for_byte() {
     pool.ctl(&["vm-start", "writer"]);
     pool.wait_vm("writer", "\"power\": \"stopped\"", Duration::from_secs(60));
     let raw = d.join("guest.raw");
-    let source = export(&pool, d, "src");
+    let source = pool.disk_bytes(d, "src");
     std::fs::write(&raw, &source).unwrap();
     assert!(source[..1 << 20].iter().any(|&b| b != 0));
 
@@ -114,7 +106,7 @@ fn images_and_ova_packages_in_and_out_byte_for_byte() {
     qemu_img(&["convert", "-f", "raw", "-O", "qcow2", &s(&raw), &s(&qcow2)]);
     let out = pool.ctl(&["vdi-import", &s(&qcow2), "q-disk", "--sr", "sr1"]);
     assert!(
-        export(&pool, d, "q-disk") == source,
+        pool.disk_bytes(d, "q-disk") == source,
         "qcow2 import differs: {out}"
     );
     let used = allocated(&pool, "q-disk");
@@ -148,7 +140,10 @@ fn images_and_ova_packages_in_and_out_byte_for_byte() {
 
     // Raw, VMDK, VHD and VHDX in.
     pool.ctl(&["vdi-import", &s(&raw), "raw-disk", "--sr", "sr1"]);
-    assert!(export(&pool, d, "raw-disk") == source, "raw import differs");
+    assert!(
+        pool.disk_bytes(d, "raw-disk") == source,
+        "raw import differs"
+    );
     for (fmt, opts, name) in [
         ("vmdk", "", "vmdk-disk"),
         ("vmdk", "subformat=streamOptimized", "vmdk-stream-disk"),
@@ -165,7 +160,7 @@ fn images_and_ova_packages_in_and_out_byte_for_byte() {
         qemu_img(&args);
         pool.ctl(&["vdi-import", &i, name, "--sr", "sr1"]);
         assert!(
-            export(&pool, d, name) == source,
+            pool.disk_bytes(d, name) == source,
             "{name} differs from the raw source"
         );
     }
@@ -180,7 +175,7 @@ fn images_and_ova_packages_in_and_out_byte_for_byte() {
     let id = pool.ctl(&["vm-import", &s(&ova), "--name", "q2", "--sr", "sr1"]);
     assert!(pool.vm("q2").is_some(), "{id}");
     assert!(
-        export(&pool, d, "q2-vda") == source,
+        pool.disk_bytes(d, "q2-vda") == source,
         "the OVA's disk differs"
     );
     let blk = boot_and_check(&pool, "q2");
@@ -203,7 +198,7 @@ fn images_and_ova_packages_in_and_out_byte_for_byte() {
         "sr1",
     ]);
     assert!(
-        export(&pool, d, "q3-vda") == source,
+        pool.disk_bytes(d, "q3-vda") == source,
         "the snapshot's OVA differs"
     );
 
