@@ -513,6 +513,10 @@ const GUEST_DEATH: &[&str] = &[
     "soft lockup",
 ];
 
+/// How the emulated host's report shows a VM process whose two vCPUs wait for an
+/// interrupt (a guest that stopped ticking).
+const BOTH_HALTED: &str = "vcpu0=kvm_vcpu_block vcpu1=kvm_vcpu_block";
+
 /// The guest console's last lines (what the hosts still hold of it).
 fn console_tail(pool: &Pool, lines: usize) -> String {
     let mut console = String::new();
@@ -538,7 +542,8 @@ fn last_tick(console: &str) -> Option<u64> {
 
 /// A failure in which the guest died is the emulation's, worth a fresh emulated host:
 /// Linux guests in it die about once in sixteen migrations (triple faults, RCU stalls, or
-/// a guest that stops ticking with nothing said, both vCPUs halted), and without migrating
+/// a guest that stops ticking with nothing said, both vCPUs halted, also right at the
+/// switchover, before its first line on the new host), and without migrating
 /// too when the emulation is slowed (under KVM tracing, a guest page-table walk to an
 /// address beyond its RAM at boot). Wrong data, a clock that goes back, or a failure with a
 /// guest that still ticks still fails the test, with the console's last lines.
@@ -574,6 +579,13 @@ fn died_in_emulation(pool: &Pool, host: &mut Running, failure: Failure) -> Failu
                     last_tick(&after).unwrap_or(0)
                 )
             })
+        })
+        .or_else(|| {
+            // The same death right at a switchover: on the host it moved to the guest
+            // never printed a line, and its VM process has both vCPUs halted.
+            let silent = last_tick(&before).is_none() && last_tick(&after).is_none();
+            let halted = !report.all(BOTH_HALTED).is_empty();
+            (silent && halted).then(|| format!("no tick since it arrived; {BOTH_HALTED}"))
         });
     let why = format!("{why}\nthe guest's console, last lines:\n{after}");
     match death {
