@@ -145,7 +145,7 @@ async fn clean_up(
         delete_once(env, loc, id).await?;
     }
     // The disk snapshots it made, found by their labels.
-    let mut locs: Vec<SrLoc> = read(&*env.ledger, |s| {
+    let locs: Vec<SrLoc> = read(&*env.ledger, |s| {
         let spec = vm.spec.clone().unwrap_or_default();
         let mut srs: Vec<String> = spec
             .disks
@@ -156,7 +156,6 @@ async fn clean_up(
         srs.dedup();
         srs.iter().filter_map(|sr| sr_loc(s, sr).ok()).collect()
     });
-    locs.dedup_by(|a, b| a.address == b.address && a.thin_pool_id == b.thin_pool_id);
     for loc in &locs {
         let made = env
             .storage
@@ -202,26 +201,14 @@ mod tests {
         }
     }
 
-    fn task(world: &World, id: &str) -> pb::Task {
-        (*world.state().tasks[id]).clone()
-    }
-
     /// Takes checkpoint `name` of vm1 (running on h1); returns its state volume.
     async fn checkpointed(world: &World, name: &str) -> String {
         world.storage.set_free(1 << 40);
         let t = world.start_job(checkpoint_job(name));
         world.drive(&t).await;
-        let task = task(world, &t);
+        let task = world.task(&t);
         assert_eq!(task.state(), pb::TaskState::Succeeded, "{task:?}");
         task.results["state_volume_id"].clone()
-    }
-
-    fn stop_vm1(world: &World) {
-        let mut s = world.ledger.state.lock().unwrap();
-        let vm = s.vms.get_mut("vm1").unwrap();
-        vm.host_id.clear();
-        vm.desired_power_state = hpb::PowerState::Stopped as i32;
-        vm.power_state = hpb::PowerState::Stopped as i32;
     }
 
     #[tokio::test]
@@ -254,7 +241,7 @@ mod tests {
                 < position(&storage, "snapshot:vol1"),
             "{storage:?}"
         );
-        let results = &task(&world, "job-1").results;
+        let results = &world.task("job-1").results;
         assert!(results.contains_key("pause_ms"), "{results:?}");
         assert_eq!(results["save_pause_ms"], "120");
     }
@@ -268,7 +255,7 @@ mod tests {
             .refuse_save(Status::internal("writing the state volume: I/O error"));
         let t = world.start_job(checkpoint_job("cp1"));
         world.drive(&t).await;
-        let task = task(&world, &t);
+        let task = world.task(&t);
         assert_eq!(task.state(), pb::TaskState::Failed);
         assert_eq!(task.error_code, "Aborted");
         assert!(
@@ -307,7 +294,7 @@ mod tests {
         world.storage.set_free(100 << 20);
         let t = world.start_job(checkpoint_job("cp1"));
         world.drive(&t).await;
-        let task = task(&world, &t);
+        let task = world.task(&t);
         assert_eq!(task.error_code, "ResourceExhausted", "{task:?}");
         assert!(task.error_message.contains("100 MiB free"), "{task:?}");
         assert!(world.hosts.calls().iter().all(|c| !c.starts_with("pause")));
@@ -325,7 +312,7 @@ mod tests {
         world.record_output(&t, SAVING, "1");
         world.record_output(&t, "paused", "h1");
         world.drive(&t).await;
-        let task = task(&world, &t);
+        let task = world.task(&t);
         assert_eq!(task.state(), pb::TaskState::Failed);
         assert!(task.error_message.contains("interrupted"), "{task:?}");
         assert!(
@@ -348,10 +335,10 @@ mod tests {
     async fn reverting_to_a_checkpoint_restores_the_vm_running_on_the_given_host() {
         let world = World::two_hosts_one_running_vm();
         let vol = checkpointed(&world, "cp1").await;
-        stop_vm1(&world);
+        world.stop_vm1();
         let t = world.start_job(revert_job("id-cp1", "h2"));
         world.drive(&t).await;
-        assert_eq!(task(&world, &t).state(), pb::TaskState::Succeeded);
+        assert_eq!(world.task(&t).state(), pb::TaskState::Succeeded);
         let hosts = world.hosts.calls();
         assert!(
             hosts.contains(&format!("restore:h2:7000:vm1:{vol}:disks=1")),
@@ -382,7 +369,7 @@ mod tests {
     async fn a_revert_whose_restore_was_done_does_not_touch_the_running_disks() {
         let world = World::two_hosts_one_running_vm();
         checkpointed(&world, "cp1").await;
-        stop_vm1(&world);
+        world.stop_vm1();
         world.hosts.lists(
             "h2:7000",
             hpb::Vm {
@@ -393,7 +380,7 @@ mod tests {
         );
         let t = world.start_job(revert_job("id-cp1", "h2"));
         world.drive(&t).await;
-        assert_eq!(task(&world, &t).state(), pb::TaskState::Succeeded);
+        assert_eq!(world.task(&t).state(), pb::TaskState::Succeeded);
         assert!(
             !world
                 .storage
@@ -409,13 +396,13 @@ mod tests {
     async fn a_failed_restore_leaves_the_reverted_vm_stopped_and_says_so() {
         let world = World::two_hosts_one_running_vm();
         checkpointed(&world, "cp1").await;
-        stop_vm1(&world);
+        world.stop_vm1();
         world
             .hosts
             .refuse_restore(Status::invalid_argument("host h2's CPU lacks avx512f"));
         let t = world.start_job(revert_job("id-cp1", "h2"));
         world.drive(&t).await;
-        let task = task(&world, &t);
+        let task = world.task(&t);
         assert_eq!(task.state(), pb::TaskState::Failed);
         assert!(
             task.error_message.contains("avx512f")
@@ -441,7 +428,7 @@ mod tests {
             ..Default::default()
         });
         world.drive(&t).await;
-        assert_eq!(task(&world, &t).state(), pb::TaskState::Succeeded);
+        assert_eq!(world.task(&t).state(), pb::TaskState::Succeeded);
         assert!(world.storage.calls().contains(&format!("delete:{vol}")));
         let s = world.state();
         assert!(!s.volumes.contains_key(&vol));
@@ -479,7 +466,7 @@ mod tests {
         );
         let running = refused(revert_job("disks", ""));
         assert!(running.contains("shut it down"), "{running}");
-        stop_vm1(&world);
+        world.stop_vm1();
         let stopped = refused(checkpoint_job("cp"));
         assert!(stopped.contains("running or paused"), "{stopped}");
         let host = refused(revert_job("disks", "h2"));

@@ -391,16 +391,12 @@ mod tests {
         )
     }
 
-    fn task(world: &World, id: &str) -> pb::Task {
-        (*world.state().tasks[id]).clone()
-    }
-
     /// Suspends vm1 on h1 through its job; returns its state volume's id.
     async fn suspended(world: &World) -> String {
         world.storage.set_free(1 << 40);
         let t = world.start_job(suspend_job(""));
         world.drive(&t).await;
-        let task = task(world, &t);
+        let task = world.task(&t);
         assert_eq!(task.state(), pb::TaskState::Succeeded, "{task:?}");
         task.results["state_volume_id"].clone()
     }
@@ -447,7 +443,7 @@ mod tests {
         world.storage.set_free(100 << 20);
         let t = world.start_job(suspend_job(""));
         world.drive(&t).await;
-        let task = task(&world, &t);
+        let task = world.task(&t);
         assert_eq!(task.state(), pb::TaskState::Failed);
         assert_eq!(task.error_code, "ResourceExhausted");
         assert!(
@@ -478,7 +474,7 @@ mod tests {
             .refuse_save(Status::internal("writing the state volume: no space"));
         let t = world.start_job(suspend_job(""));
         world.drive(&t).await;
-        let task = task(&world, &t);
+        let task = world.task(&t);
         assert_eq!(task.state(), pb::TaskState::Failed);
         assert!(
             task.error_message.contains("keeps running"),
@@ -512,7 +508,7 @@ mod tests {
             vm.last_stop_reason = hpb::StopReason::Fenced as i32;
         }
         world.drive(&t).await;
-        let task = task(&world, &t);
+        let task = world.task(&t);
         assert_eq!(task.state(), pb::TaskState::Failed);
         assert!(task.error_message.contains("left host h1"), "{task:?}");
         assert!(world.state().jobs.is_empty(), "the VM is free for HA");
@@ -548,7 +544,7 @@ mod tests {
         let vol = suspended(&world).await;
         let t = world.start_job(resume_job("h2"));
         world.drive(&t).await;
-        assert_eq!(task(&world, &t).state(), pb::TaskState::Succeeded);
+        assert_eq!(world.task(&t).state(), pb::TaskState::Succeeded);
         let s = world.state();
         let vm = &s.vms["vm1"];
         assert_eq!(
@@ -590,7 +586,7 @@ mod tests {
         ));
         let t = world.start_job(resume_job("h2"));
         world.drive(&t).await;
-        let task = task(&world, &t);
+        let task = world.task(&t);
         assert_eq!(task.state(), pb::TaskState::Failed);
         assert!(task.error_message.contains("avx512f"), "{task:?}");
         assert!(task.error_message.contains("stays suspended"), "{task:?}");
@@ -607,7 +603,7 @@ mod tests {
         world.storage.set_free(1 << 40);
         let t = world.start_job(suspend_job("h2"));
         world.drive(&t).await;
-        let task = task(&world, &t);
+        let task = world.task(&t);
         assert_eq!(task.kind, "vm.migrate.quick");
         assert_eq!(task.state(), pb::TaskState::Succeeded, "{task:?}");
         let s = world.state();
@@ -633,7 +629,7 @@ mod tests {
             .refuse_restore(Status::invalid_argument("no such kernel on this host"));
         let t = world.start_job(suspend_job("h2"));
         world.drive(&t).await;
-        let task = task(&world, &t);
+        let task = world.task(&t);
         assert_eq!(task.state(), pb::TaskState::Failed);
         assert!(task.error_message.contains("stays suspended"), "{task:?}");
         let s = world.state();
@@ -717,7 +713,7 @@ mod tests {
             ..Default::default()
         });
         world.drive(&t).await;
-        assert_eq!(task(&world, &t).state(), pb::TaskState::Succeeded);
+        assert_eq!(world.task(&t).state(), pb::TaskState::Succeeded);
         let s = world.state();
         assert!(!s.vms.contains_key("vm1"));
         assert!(!s.volumes.contains_key(&vol));

@@ -537,6 +537,20 @@ impl World {
         }
     }
 
+    /// Task `id` as the state has it.
+    pub fn task(&self, id: &str) -> pb::Task {
+        (*self.state().tasks[id]).clone()
+    }
+
+    /// Marks vm1 stopped on no host, as a shutdown leaves it.
+    pub fn stop_vm1(&self) {
+        let mut s = self.ledger.state.lock().unwrap();
+        let vm = s.vms.get_mut("vm1").unwrap();
+        vm.host_id.clear();
+        vm.desired_power_state = hpb::PowerState::Stopped as i32;
+        vm.power_state = hpb::PowerState::Stopped as i32;
+    }
+
     pub fn state(&self) -> PoolState {
         self.ledger.state.lock().unwrap().clone()
     }

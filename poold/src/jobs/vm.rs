@@ -1066,14 +1066,6 @@ mod tests {
         id
     }
 
-    fn stop_vm1(world: &World) {
-        let mut s = world.ledger.state.lock().unwrap();
-        let vm = s.vms.get_mut("vm1").unwrap();
-        vm.host_id.clear();
-        vm.desired_power_state = hpb::PowerState::Stopped as i32;
-        vm.power_state = hpb::PowerState::Stopped as i32;
-    }
-
     async fn revert_to(world: &World, snapshot_id: &str) {
         let task = world.start_job(Job {
             spec: Some(JobSpec::RevertVm(RevertVmJob {
@@ -1117,7 +1109,7 @@ mod tests {
         assert_eq!(parent(&world, &s2), s1);
         assert_eq!(current(&world), s2);
 
-        stop_vm1(&world);
+        world.stop_vm1();
         revert_to(&world, &s1).await;
         assert_eq!(current(&world), s1);
         let s3 = take_snapshot(&world, "s3").await;
@@ -1134,7 +1126,7 @@ mod tests {
         let s1 = take_snapshot(&world, "s1").await;
         let s2 = take_snapshot(&world, "s2").await;
         let s3 = take_snapshot(&world, "s3").await;
-        stop_vm1(&world);
+        world.stop_vm1();
         revert_to(&world, &s2).await;
         let s2_volume = world.state().vm_snapshots[&s2].disk_snapshots["vda"].clone();
         assert!(world.state().volumes.contains_key(&s2_volume));
