@@ -103,6 +103,7 @@ pub const METHODS: &[(&str, Level, bool)] = &[
     ("ListRoles", Level::ReadOnly, false),
     ("QueryMetrics", Level::ReadOnly, false),
     ("ListAlerts", Level::ReadOnly, false),
+    ("ListSchedules", Level::ReadOnly, false),
     ("StartVm", Level::VmOperator, true),
     ("ShutdownVm", Level::VmOperator, true),
     ("RebootVm", Level::VmOperator, true),
@@ -146,6 +147,10 @@ pub const METHODS: &[(&str, Level, bool)] = &[
     ("CreateNetwork", Level::PoolOperator, true),
     ("DestroyNetwork", Level::PoolOperator, true),
     ("SetHaSettings", Level::PoolOperator, true),
+    // Schedules take and delete snapshots of any VM, and use the pool's storage.
+    ("SetSchedule", Level::PoolOperator, true),
+    ("DeleteSchedule", Level::PoolOperator, true),
+    ("RunSchedule", Level::PoolOperator, true),
     ("ListUsers", Level::PoolOperator, false),
     ("ListAuditEvents", Level::PoolOperator, false),
     ("DismissAlert", Level::PoolOperator, true),

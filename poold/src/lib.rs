@@ -34,7 +34,8 @@
 //! with the same `request_id` returns the first result (kept for an hour).
 //!
 //! Calls that need storaged or hostd to act (volume snapshots and clones, templates,
-//! migration, fencing) commit a job that the leader carries out step by step ([`jobs`]).
+//! migration, fencing) commit a job that the leader carries out step by step ([`jobs`]);
+//! scheduled snapshots are jobs the leader starts itself ([`schedules`]).
 
 // raft-rs's rust-protobuf types are built field by field, the way their own docs do it.
 #![allow(clippy::field_reassign_with_default)]
@@ -49,6 +50,7 @@ pub mod history;
 pub mod jobs;
 pub mod reconcile;
 pub mod scheduler;
+pub mod schedules;
 pub mod server;
 pub mod service;
 pub mod state;

@@ -178,6 +178,7 @@ impl Member {
             )),
             tokio::spawn(crate::jobs::run(c.clone(), env.clone(), stop_rx.clone())),
             tokio::spawn(crate::jobs::ha::run(c.clone(), stop_rx.clone())),
+            tokio::spawn(crate::schedules::run(c.clone(), stop_rx.clone())),
             tokio::spawn(crate::jobs::storage::refresh_loop(
                 c.clone(),
                 env.clone(),

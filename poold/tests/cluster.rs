@@ -164,6 +164,7 @@ async fn set_name(c: &mut pool_client::PoolClient, name: &str) -> Result<(), ton
             memory_overcommit_percent: 100,
             host_heartbeat_timeout_seconds: 30,
             migration_downtime_budget_ms: 300,
+            schedules: Vec::new(),
         }),
     };
     c.call(|mut p| {

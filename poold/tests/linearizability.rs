@@ -136,6 +136,7 @@ fn settings(name: &str) -> pb::PoolSettings {
         memory_overcommit_percent: 100,
         host_heartbeat_timeout_seconds: 30,
         migration_downtime_budget_ms: 300,
+        schedules: Vec::new(),
     }
 }
 

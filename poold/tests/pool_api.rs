@@ -231,6 +231,7 @@ async fn a_host_that_stops_heartbeating_becomes_unreachable_and_comes_back() {
             memory_overcommit_percent: 100,
             host_heartbeat_timeout_seconds: 2,
             migration_downtime_budget_ms: 300,
+            schedules: Vec::new(),
         }),
     };
     c.call(|mut p| {

@@ -185,6 +185,7 @@ mod tests {
                 vm_id: "vm1".into(),
                 name: name.into(),
                 memory: true,
+                schedule: String::new(),
             })),
             ..Default::default()
         }

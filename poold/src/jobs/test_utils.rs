@@ -18,6 +18,8 @@ use crate::state::command::*;
 pub struct MemLedger {
     pub state: Mutex<PoolState>,
     next: Mutex<u64>,
+    /// The proposer's clock commands are stamped with; unset: 1000 + the command's index.
+    pub clock_ms: Mutex<Option<u64>>,
 }
 
 #[tonic::async_trait]
@@ -31,7 +33,7 @@ impl Ledger for MemLedger {
         *n += 1;
         let cmd = Command {
             request_id: request_id.to_owned(),
-            at_ms: 1_000 + *n,
+            at_ms: self.clock_ms.lock().unwrap().unwrap_or(1_000 + *n),
             task_id: format!("task-{n}"),
             op: Some(op),
             ..Default::default()
@@ -523,6 +525,7 @@ impl World {
             ledger: Arc::new(MemLedger {
                 state: Mutex::new(s),
                 next: Mutex::new(10),
+                clock_ms: Mutex::new(None),
             }),
             storage: Arc::new(FakeStorage::default()),
             hosts: Arc::new(FakeHosts::default()),

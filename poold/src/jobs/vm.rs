@@ -412,6 +412,7 @@ pub async fn snapshot_vm(env: &Env, job: &Job, j: &SnapshotVmJob) -> Result<Fini
         created_at: None,
         parent_id,
         state_volume_id,
+        schedule: j.schedule.clone(),
     }))
     .effect(EffectKind::SetCurrentSnapshot(SetCurrentSnapshot {
         vm_id: vm.id.clone(),
@@ -1057,6 +1058,7 @@ mod tests {
                 vm_id: "vm1".into(),
                 name: name.into(),
                 memory: false,
+                schedule: String::new(),
             })),
             ..Default::default()
         });

@@ -16,8 +16,8 @@ mod users;
 pub use jobs::{
     CloneVmJob, CreateSrJob, DeleteVmSnapshotJob, DestroyVmJob, Effect, EffectKind, FenceHostJob,
     FinishJob, Job, JobSpec, JobStep, MigrateVmJob, MoveVm, RebootVmJob, ResumeVmJob, RevertVmJob,
-    SetCurrentSnapshot, SnapshotVmJob, SuspendVmJob, TemplateFromVmJob, VmFromTemplateJob,
-    VmSuspended, VolumeAction, VolumeJob,
+    ScheduleJob, ScheduleRun, SetCurrentSnapshot, SnapshotVmJob, SuspendVmJob, TemplateFromVmJob,
+    VmFromTemplateJob, VmSuspended, VolumeAction, VolumeJob,
 };
 pub use trust::{
     CaRollRecord, FinishCaRoll, IssuedRecord, JoinTokenRecord, PoolCaRecord, RedeemJoinToken,
@@ -47,7 +47,7 @@ pub struct Command {
     pub peer: String,
     #[prost(
         oneof = "Op",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49"
     )]
     pub op: Option<Op>,
 }
@@ -141,6 +141,15 @@ pub enum Op {
     /// An alert taken off the open list by a person.
     #[prost(message, tag = "46")]
     DismissAlert(ObjectId),
+    /// A schedule added or replaced (by name) in the settings.
+    #[prost(message, tag = "47")]
+    SetSchedule(pb::Schedule),
+    /// A schedule removed by name (`id`); its snapshots stay.
+    #[prost(message, tag = "48")]
+    DeleteSchedule(ObjectId),
+    /// A job a schedule starts: a run (recorded even when refused) or a retention delete.
+    #[prost(message, tag = "49")]
+    ScheduleJob(ScheduleJob),
 }
 
 impl Op {
@@ -201,6 +210,9 @@ impl Op {
             Op::CreateVif(_) => "vif.create",
             Op::DestroyVif(_) => "vif.destroy",
             Op::DismissAlert(_) => "alert.dismiss",
+            Op::SetSchedule(_) => "schedule.set",
+            Op::DeleteSchedule(_) => "schedule.delete",
+            Op::ScheduleJob(j) => j.job.as_ref().map_or("job.empty", Job::kind),
         }
     }
 }

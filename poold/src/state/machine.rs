@@ -87,6 +87,8 @@ pub struct PoolState {
     /// Long operations the leader carries out, by task id.
     pub jobs: BTreeMap<String, Job>,
     pub vm_snapshots: Tracked<pb::VmSnapshot>,
+    /// Each schedule's last run, by schedule name (see [`super::schedules`]).
+    pub schedule_runs: BTreeMap<String, ScheduleRun>,
     pub users: Tracked<UserRecord>,
     /// Key that signs login tokens; set with the first user.
     pub token_key: Vec<u8>,
@@ -136,6 +138,8 @@ pub(crate) struct Applied {
     pub target: String,
     pub state: pb::TaskState,
     pub message: String,
+    /// The code name of a task that failed as it was applied (a scheduled run refused).
+    pub error_code: String,
 }
 
 impl Applied {
@@ -145,6 +149,7 @@ impl Applied {
             target: target.into(),
             state: pb::TaskState::Succeeded,
             message: String::new(),
+            error_code: String::new(),
         }
     }
 
@@ -154,6 +159,17 @@ impl Applied {
             target: target.into(),
             state: pb::TaskState::Running,
             message: message.into(),
+            error_code: String::new(),
+        }
+    }
+
+    /// Failed when applied: the task records the refusal, which changed nothing else.
+    pub(crate) fn failed(target: impl Into<String>, refusal: &CommandResult) -> Self {
+        Applied {
+            target: target.into(),
+            state: pb::TaskState::Failed,
+            message: refusal.message.clone(),
+            error_code: format!("{:?}", Code::from(refusal.code)),
         }
     }
 }
@@ -171,6 +187,7 @@ pub fn default_settings() -> pb::PoolSettings {
         memory_overcommit_percent: 100,
         host_heartbeat_timeout_seconds: 30,
         migration_downtime_budget_ms: 300,
+        schedules: Vec::new(),
     }
 }
 
@@ -194,6 +211,7 @@ impl PoolState {
             alloc: BTreeMap::new(),
             jobs: BTreeMap::new(),
             vm_snapshots: Tracked::default(),
+            schedule_runs: BTreeMap::new(),
             users: Tracked::default(),
             token_key: Vec::new(),
             audit: VecDeque::new(),
@@ -235,6 +253,7 @@ impl PoolState {
             alloc: self.alloc.clone(),
             jobs: self.jobs.clone(),
             vm_snapshots: self.vm_snapshots.clone(),
+            schedule_runs: self.schedule_runs.clone(),
             users: Tracked::default(),
             token_key: Vec::new(),
             audit: VecDeque::new(),
@@ -324,7 +343,10 @@ impl PoolState {
                 target,
                 state,
                 message,
+                error_code,
             }) => {
+                let ended = state != pb::TaskState::Running;
+                let failed = state == pb::TaskState::Failed;
                 let task = pb::Task {
                     id: cmd.task_id.clone(),
                     kind: kind.to_owned(),
@@ -334,24 +356,28 @@ impl PoolState {
                     } else {
                         0
                     },
+                    error_message: if failed { message.clone() } else { String::new() },
+                    error_code,
                     status_message: message,
                     target_id: target,
-                    requested_by: cmd.requested_by.clone(),
+                    requested_by: match op {
+                        Op::ScheduleJob(j) if cmd.requested_by.is_empty() => {
+                            format!("schedule {}", j.schedule)
+                        }
+                        _ => cmd.requested_by.clone(),
+                    },
                     request_id: cmd.request_id.clone(),
                     created_at: Some(proto::timestamp(cmd.at_ms)),
                     started_at: Some(proto::timestamp(cmd.at_ms)),
-                    finished_at: if state == pb::TaskState::Succeeded {
-                        Some(proto::timestamp(cmd.at_ms))
-                    } else {
-                        None
-                    },
-                    cancellable: matches!(
-                        op,
-                        Op::StartJob(Job {
-                            spec: Some(JobSpec::MigrateVm(_)),
-                            ..
-                        })
-                    ),
+                    finished_at: ended.then(|| proto::timestamp(cmd.at_ms)),
+                    cancellable: !ended
+                        && matches!(
+                            op,
+                            Op::StartJob(Job {
+                                spec: Some(JobSpec::MigrateVm(_)),
+                                ..
+                            })
+                        ),
                     ..Default::default()
                 };
                 if !task.id.is_empty() {
@@ -409,7 +435,9 @@ impl PoolState {
         match op {
             Op::UpdateSettings(s) => {
                 validate_settings(s)?;
-                self.settings = s.clone();
+                let mut s = s.clone();
+                self.keep_schedules(&mut s)?;
+                self.settings = s;
                 self.marks.pool_touched = true;
                 Ok(Applied::done(&self.pool_id))
             }
@@ -459,6 +487,9 @@ impl PoolState {
             Op::CreateVif(v) => self.create_vif(v),
             Op::DestroyVif(r) => self.destroy_vif(&r.id),
             Op::DismissAlert(r) => self.dismiss_alert(&r.id, &cmd.requested_by, at_ms),
+            Op::SetSchedule(sch) => self.set_schedule(sch, at_ms),
+            Op::DeleteSchedule(r) => self.delete_schedule(&r.id),
+            Op::ScheduleJob(j) => self.schedule_job(j, &cmd.task_id, at_ms),
         }
     }
 

@@ -4,7 +4,7 @@
 //! [`machine`] holds the state and the apply loop (request ids, tasks, audit of each
 //! command); each kind of object has its part of the apply in a file of its own:
 //! [`hosts`], [`storage`] (repositories and volumes), [`vms`] (VMs and templates),
-//! [`jobs`] (long operations), [`suspend`] (suspended VMs), [`users`] (users, roles, audit log), [`trust`] (the pool's
+//! [`jobs`] (long operations), [`suspend`] (suspended VMs), [`schedules`] (scheduled snapshots), [`users`] (users, roles, audit log), [`trust`] (the pool's
 //! CA and join tokens), [`networks`] (guest networks, VIFs, MACs), [`alerts`] (raised and cleared as the state
 //! changes); [`placement`] is what
 //! the scheduler sees of the state. [`changes`] turns what a command changed into the
@@ -19,6 +19,7 @@ pub mod jobs;
 pub mod machine;
 pub mod networks;
 pub mod placement;
+pub mod schedules;
 pub mod snapshot;
 pub mod storage;
 pub mod suspend;

@@ -13,6 +13,7 @@ use proto::coordinator as pb;
 
 use super::command::{
     CaRollRecord, CommandResult, IssuedRecord, Job, JoinTokenRecord, MemberRecord, PoolCaRecord,
+    ScheduleRun,
 };
 use super::machine::{PoolState, RequestRecord, UserRecord};
 
@@ -91,6 +92,8 @@ pub struct SnapshotV1 {
     pub alerts: Vec<pb::Alert>,
     #[prost(uint64, tag = "25")]
     pub alert_seq: u64,
+    #[prost(message, repeated, tag = "26")]
+    pub schedule_runs: Vec<ScheduleRun>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -186,6 +189,7 @@ pub fn encode_into(s: &PoolState, out: &mut Vec<u8>) {
     s.networks.values().for_each(|x| w.message(23, x));
     s.alerts.values().for_each(|x| w.message(24, x));
     w.uint64(25, s.alert_seq);
+    s.schedule_runs.values().for_each(|x| w.message(26, x));
     *out = w.0;
 }
 
@@ -338,6 +342,11 @@ pub fn decode(bytes: &[u8]) -> Result<PoolState, SnapshotError> {
         .collect();
     s.networks = b.networks.into_iter().map(|n| (n.id.clone(), n)).collect();
     s.alerts = b.alerts.into_iter().map(|a| (a.id.clone(), a)).collect();
+    s.schedule_runs = b
+        .schedule_runs
+        .into_iter()
+        .map(|r| (r.schedule.clone(), r))
+        .collect();
     s.alert_seq = b.alert_seq;
     s.join_tokens = b
         .join_tokens
@@ -451,6 +460,14 @@ mod tests {
             );
         }
         s.vms.get_mut("vm1").unwrap().current_snapshot_id = "s2".into();
+        s.schedule_runs.insert(
+            "nightly".into(),
+            ScheduleRun {
+                last_due_ms: 86_400_000,
+                last_task_id: "t9".into(),
+                schedule: "nightly".into(),
+            },
+        );
         s
     }
 
@@ -495,6 +512,7 @@ mod tests {
             networks: s.networks.values().cloned().collect(),
             alerts: s.alerts.values().cloned().collect(),
             alert_seq: s.alert_seq,
+            schedule_runs: s.schedule_runs.values().cloned().collect(),
             tasks: s.task_order.iter().filter_map(|id| s.task(id)).collect(),
             requests: s
                 .request_order

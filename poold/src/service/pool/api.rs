@@ -46,6 +46,32 @@ impl PoolService for PoolHandler {
         self.done(&who, res)
     }
 
+    async fn set_schedule(&self, r: Request<pb::SetScheduleRequest>) -> R<pb::TaskResponse> {
+        let who = self.authorize(&r, "SetSchedule")?;
+        let res = settings::set_schedule(self, &who, r.into_inner()).await;
+        self.done(&who, res)
+    }
+
+    async fn delete_schedule(&self, r: Request<pb::DeleteScheduleRequest>) -> R<pb::TaskResponse> {
+        let who = self.authorize(&r, "DeleteSchedule")?;
+        let res = settings::delete_schedule(self, &who, r.into_inner()).await;
+        self.done(&who, res)
+    }
+
+    async fn run_schedule(&self, r: Request<pb::RunScheduleRequest>) -> R<pb::TaskResponse> {
+        let who = self.authorize(&r, "RunSchedule")?;
+        let res = settings::run_schedule(self, &who, r.into_inner()).await;
+        self.done(&who, res)
+    }
+
+    async fn list_schedules(
+        &self,
+        r: Request<pb::ListSchedulesRequest>,
+    ) -> R<pb::ListSchedulesResponse> {
+        self.authorize(&r, "ListSchedules")?;
+        settings::list_schedules(self).await.map(Response::new)
+    }
+
     async fn list_members(&self, r: Request<pb::ListMembersRequest>) -> R<pb::ListMembersResponse> {
         self.authorize(&r, "ListMembers")?;
         members::list(self).await.map(Response::new)

@@ -394,6 +394,7 @@ pub(super) async fn snapshot(
         vm_id: r.vm_id,
         name: r.name,
         memory: r.memory,
+        schedule: String::new(),
     });
     svc.start_job(who, &r.request_id, spec).await
 }

@@ -214,6 +214,37 @@ pub struct SnapshotVmJob {
     /// A checkpoint: memory and device state saved too (see `jobs::checkpoint`).
     #[prost(bool, tag = "4")]
     pub memory: bool,
+    /// The schedule taking it (its retention may delete it later); empty for a person's.
+    #[prost(string, tag = "5")]
+    pub schedule: String,
+}
+
+/// A job a schedule starts (see `crate::schedules`). A run (`due_at_ms` set) is recorded
+/// as the schedule's last even when the job is refused, which then shows as a failed task:
+/// a schedule whose VM cannot be snapshotted says so once per period, not once a second.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ScheduleJob {
+    #[prost(string, tag = "1")]
+    pub schedule: String,
+    /// The instant the run was due; 0 for a retention delete or a run asked for by a person.
+    #[prost(uint64, tag = "2")]
+    pub due_at_ms: u64,
+    /// A run a person asked for (RunSchedule): recorded as the last task, not as the last due.
+    #[prost(bool, tag = "3")]
+    pub manual: bool,
+    #[prost(message, optional, tag = "4")]
+    pub job: Option<Job>,
+}
+
+/// A schedule's last run.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ScheduleRun {
+    #[prost(uint64, tag = "1")]
+    pub last_due_ms: u64,
+    #[prost(string, tag = "2")]
+    pub last_task_id: String,
+    #[prost(string, tag = "3")]
+    pub schedule: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

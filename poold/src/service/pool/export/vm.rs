@@ -37,6 +37,7 @@ pub(super) async fn build(w: &Work<'_>, vm_id: &str) -> Result<Package, Status> 
         vm_id: vm_id.to_owned(),
         name,
         memory: false,
+        schedule: String::new(),
     });
     let delete = JobSpec::DeleteVmSnapshot(DeleteVmSnapshotJob {
         snapshot_id: snapshot_id.clone(),

@@ -1,0 +1,476 @@
+//! Scheduled snapshots and checkpoints: the leader's loop over `PoolSettings.schedules`.
+//!
+//! Each second the leader [`plan`]s against the state and the clock: a schedule due since
+//! its last run starts a VM snapshot job (named `NAME-YYYYMMDD-HHMM` after the due time,
+//! tagged with the schedule); otherwise, the oldest of its snapshots that its
+//! [`Retention`](pb::Retention) no longer keeps is deleted by a job. Both are ordinary
+//! tasks (requested by "schedule NAME"), one job per VM at a time. Everything is read from
+//! the replicated state (the last due time of each schedule is committed with its run), so
+//! a new leader carries on where the last one stopped, and a run is never taken twice: the
+//! state machine refuses a run not later than the last. A run missed while no member led
+//! is made up once.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::coordinator as pb;
+
+use crate::coordinator::Coordinator;
+use crate::jobs::{Ledger, read};
+use crate::state::PoolState;
+use crate::state::command::*;
+use crate::state::schedules::latest_due;
+
+const DAY_MS: i64 = 86_400_000;
+
+/// The snapshots a retention keeps, of `(id, taken at ms)`: the newest `keep_last`, and the
+/// newest of each of the last `keep_daily` days and `keep_weekly` weeks (UTC, weeks from
+/// Monday) that have one. A retention of all zeros keeps everything.
+pub fn kept(snaps: &[(String, u64)], r: &pb::Retention) -> BTreeSet<String> {
+    if r.keep_last == 0 && r.keep_daily == 0 && r.keep_weekly == 0 {
+        return snaps.iter().map(|(id, _)| id.clone()).collect();
+    }
+    let mut newest_first: Vec<&(String, u64)> = snaps.iter().collect();
+    newest_first.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
+    let mut keep: BTreeSet<String> = newest_first
+        .iter()
+        .take(r.keep_last as usize)
+        .map(|(id, _)| id.clone())
+        .collect();
+    let day = |ms: u64| (ms as i64).div_euclid(DAY_MS);
+    // 1970-01-05 was a Monday: day 4.
+    let week = |ms: u64| (day(ms) - 4).div_euclid(7);
+    for (period, n) in [
+        (&day as &dyn Fn(u64) -> i64, r.keep_daily),
+        (&week, r.keep_weekly),
+    ] {
+        let mut seen = HashSet::new();
+        for (id, at) in &newest_first {
+            if seen.len() == n as usize {
+                break;
+            }
+            if seen.insert(period(*at)) {
+                keep.insert(id.clone());
+            }
+        }
+    }
+    keep
+}
+
+/// The name of the snapshot a run due at `due_ms` takes.
+pub fn snapshot_name(schedule: &str, due_ms: u64) -> String {
+    let days = (due_ms as i64).div_euclid(DAY_MS);
+    let (y, m, d) = proto::civil_from_days(days);
+    let mins = (due_ms as i64).rem_euclid(DAY_MS) / 60_000;
+    format!("{schedule}-{y:04}{m:02}{d:02}-{:02}{:02}", mins / 60, mins % 60)
+}
+
+/// The job one run of `s` starts; `at_ms` names its snapshot.
+pub fn run_job(s: &pb::Schedule, at_ms: u64, due_at_ms: u64, manual: bool) -> ScheduleJob {
+    ScheduleJob {
+        schedule: s.name.clone(),
+        due_at_ms,
+        manual,
+        job: Some(Job {
+            spec: Some(JobSpec::SnapshotVm(SnapshotVmJob {
+                snapshot_id: uuid::Uuid::new_v4().to_string(),
+                vm_id: s.vm_id.clone(),
+                name: snapshot_name(&s.name, at_ms),
+                memory: s.kind() == pb::ScheduleKind::Checkpoint,
+                schedule: s.name.clone(),
+            })),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The schedule's snapshots now in the pool, as `(id, taken at ms)`.
+pub fn snapshots_of(st: &PoolState, s: &pb::Schedule) -> Vec<(String, u64)> {
+    st.vm_snapshots
+        .values()
+        .filter(|x| x.schedule == s.name && x.vm_id == s.vm_id)
+        .map(|x| {
+            let at = x.created_at.as_ref().map_or(0, |t| {
+                (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000
+            });
+            (x.id.clone(), at)
+        })
+        .collect()
+}
+
+/// What is due at `now_ms`: at most one job per VM, none for a VM a job holds.
+pub fn plan(st: &PoolState, now_ms: u64) -> Vec<ScheduleJob> {
+    let mut busy: HashSet<&str> = st.jobs.values().filter_map(Job::busy_vm).collect();
+    // A snapshot a clone reads cannot be deleted until the clone ends.
+    let read_by_clone: HashSet<&str> = st
+        .jobs
+        .values()
+        .filter_map(|j| match &j.spec {
+            Some(JobSpec::CloneVm(c)) => Some(c.source_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    let mut out = Vec::new();
+    for s in &st.settings.schedules {
+        if s.disabled || !st.vms.contains_key(&s.vm_id) || busy.contains(s.vm_id.as_str()) {
+            continue;
+        }
+        let due = latest_due(s, now_ms);
+        let last = st.schedule_runs.get(&s.name).map_or(0, |r| r.last_due_ms);
+        if due > last {
+            out.push(run_job(s, due, due, false));
+            busy.insert(s.vm_id.as_str());
+            continue;
+        }
+        let mine = snapshots_of(st, s);
+        let keep = kept(&mine, &s.retention.unwrap_or_default());
+        if let Some((oldest, _)) = mine
+            .iter()
+            .filter(|(id, _)| !keep.contains(id) && !read_by_clone.contains(id.as_str()))
+            .min_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)))
+        {
+            out.push(ScheduleJob {
+                schedule: s.name.clone(),
+                job: Some(Job {
+                    spec: Some(JobSpec::DeleteVmSnapshot(DeleteVmSnapshotJob {
+                        vm_id: s.vm_id.clone(),
+                        snapshot_id: oldest.clone(),
+                    })),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            busy.insert(s.vm_id.as_str());
+        }
+    }
+    out
+}
+
+/// Starts what [`plan`] finds due; returns how many jobs it started.
+pub async fn tick(l: &dyn Ledger, now_ms: u64) -> usize {
+    let due = read(l, |s| plan(s, now_ms));
+    let mut started = 0;
+    for j in due {
+        let name = j.schedule.clone();
+        match l.commit("", Op::ScheduleJob(j)).await {
+            Ok(r) if r.code == 0 => started += 1,
+            Ok(r) => tracing::debug!(schedule = %name, error = %r.message, "schedule job refused"),
+            Err(e) => {
+                tracing::info!(schedule = %name, error = %e, "schedule job not committed");
+                break;
+            }
+        }
+    }
+    started
+}
+
+/// Leader-only loop.
+pub async fn run(c: Arc<Coordinator>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        if c.leader_term_start().is_none() {
+            continue;
+        }
+        tick(&*c, proto::unix_ms()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::test_utils::World;
+    use crate::state::schedules::next_due;
+    use proto::host as hpb;
+
+    const HOUR: u64 = 3_600_000;
+    const DAY: u64 = 24 * HOUR;
+    /// 2026-12-01 00:00 UTC, a Tuesday.
+    const DEC_1: u64 = 1_796_083_200_000;
+
+    fn retention(last: u32, daily: u32, weekly: u32) -> pb::Retention {
+        pb::Retention {
+            keep_last: last,
+            keep_daily: daily,
+            keep_weekly: weekly,
+        }
+    }
+
+    fn nightly() -> pb::Schedule {
+        pb::Schedule {
+            name: "nightly".into(),
+            vm_id: "vm1".into(),
+            kind: pb::ScheduleKind::Snapshot as i32,
+            every_seconds: 86_400,
+            at_seconds: 2 * 3600,
+            retention: Some(retention(2, 4, 3)),
+            disabled: false,
+        }
+    }
+
+    #[test]
+    fn due_times_follow_the_period_from_a_monday() {
+        let s = nightly();
+        assert_eq!(latest_due(&s, DEC_1 + HOUR), DEC_1 - DAY + 2 * HOUR);
+        assert_eq!(latest_due(&s, DEC_1 + 2 * HOUR), DEC_1 + 2 * HOUR);
+        assert_eq!(next_due(&s, DEC_1 + 2 * HOUR), DEC_1 + DAY + 2 * HOUR);
+        // Weekly at Monday 06:00: 2026-12-07 is the Monday after DEC_1.
+        let weekly = pb::Schedule {
+            every_seconds: 7 * 86_400,
+            at_seconds: 6 * 3600,
+            ..nightly()
+        };
+        assert_eq!(next_due(&weekly, DEC_1), DEC_1 + 6 * DAY + 6 * HOUR);
+        assert_eq!(snapshot_name("nightly", DEC_1 + 2 * HOUR), "nightly-20261201-0200");
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_of_each_rule_and_their_union() {
+        // One a day at 02:00 for 30 days, then a second on the last day at 14:00.
+        let mut snaps: Vec<(String, u64)> = (0..30)
+            .map(|d| (format!("d{:02}", d + 1), DEC_1 + d * DAY + 2 * HOUR))
+            .collect();
+        snaps.push(("d30b".into(), DEC_1 + 29 * DAY + 14 * HOUR));
+        let ids = |k: BTreeSet<String>| k.into_iter().collect::<Vec<_>>();
+        assert_eq!(ids(kept(&snaps, &retention(2, 0, 0))), ["d30", "d30b"]);
+        // The newest of each of the last 3 days: the 30th's later one.
+        assert_eq!(ids(kept(&snaps, &retention(0, 3, 0))), ["d28", "d29", "d30b"]);
+        // Weeks from Monday: the 28th-30th, the 21st-27th, the 14th-20th.
+        assert_eq!(ids(kept(&snaps, &retention(0, 0, 3))), ["d20", "d27", "d30b"]);
+        assert_eq!(
+            ids(kept(&snaps, &retention(1, 2, 2))),
+            ["d27", "d29", "d30b"]
+        );
+        assert_eq!(kept(&snaps, &retention(0, 0, 0)).len(), 31, "no rule keeps all");
+        assert!(kept(&[], &retention(3, 3, 3)).is_empty());
+    }
+
+    /// Runs the loop's tick at `now` on the world's clock and drives every job it started
+    /// to its end, as the leader's job runner would.
+    async fn tick_at(w: &World, now: u64) -> usize {
+        *w.ledger.clock_ms.lock().unwrap() = Some(now);
+        let n = tick(&*w.ledger, now).await;
+        let jobs: Vec<String> = w.state().jobs.keys().cloned().collect();
+        for j in jobs {
+            w.drive(&j).await;
+        }
+        n
+    }
+
+    fn scheduled_names(w: &World, schedule: &str) -> Vec<String> {
+        let mut v: Vec<String> = w
+            .state()
+            .vm_snapshots
+            .values()
+            .filter(|s| s.schedule == schedule)
+            .map(|s| s.name.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn tasks_of(w: &World, kind: &str) -> Vec<pb::Task> {
+        let st = w.state();
+        st.task_order
+            .iter()
+            .map(|id| (*st.tasks[id]).clone())
+            .filter(|t| t.kind == kind)
+            .collect()
+    }
+
+    async fn commit(w: &World, op: Op) -> CommandResult {
+        w.ledger.commit("", op).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_month_on_a_fake_clock_keeps_what_the_retention_says() {
+        let w = World::two_hosts_one_running_vm();
+        *w.ledger.clock_ms.lock().unwrap() = Some(DEC_1);
+        let r = commit(&w, Op::SetSchedule(nightly())).await;
+        assert_eq!(r.code, 0, "{}", r.message);
+        // A person's snapshot is never the schedule's to delete.
+        let mine = w.start_job(Job {
+            spec: Some(JobSpec::SnapshotVm(SnapshotVmJob {
+                snapshot_id: "manual".into(),
+                vm_id: "vm1".into(),
+                name: "before".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        });
+        w.drive(&mine).await;
+
+        // Hourly ticks from 2026-12-01 00:00 to 2026-12-30 23:00.
+        let mut most = 0;
+        for h in 0..30 * 24 {
+            if h % 24 == 1 {
+                // An hour before each run, only what the rules keep is left: 4 days and
+                // the newest of 2 weeks before, on the days when neither is among the 4.
+                most = most.max(scheduled_names(&w, "nightly").len());
+            }
+            tick_at(&w, DEC_1 + h * HOUR).await;
+        }
+        assert_eq!(
+            scheduled_names(&w, "nightly"),
+            [
+                "nightly-20261220-0200", // the newest of the week of the 14th
+                "nightly-20261227-0200", // of the week of the 21st; a daily one too
+                "nightly-20261228-0200",
+                "nightly-20261229-0200",
+                "nightly-20261230-0200",
+            ]
+        );
+        // Pruned as it went.
+        assert!(most <= 6, "{most} snapshots before a run");
+        let runs = tasks_of(&w, "vm.snapshot");
+        assert_eq!(runs.len(), 31, "30 runs and the person's");
+        assert!(runs.iter().all(|t| t.state == pb::TaskState::Succeeded as i32));
+        assert_eq!(
+            runs.iter()
+                .filter(|t| t.requested_by == "schedule nightly")
+                .count(),
+            30
+        );
+        let deletes = tasks_of(&w, "vm.snapshot.delete");
+        assert_eq!(deletes.len(), 25);
+        assert!(deletes.iter().all(|t| t.requested_by == "schedule nightly"));
+        assert!(w.state().vm_snapshots.contains_key("manual"));
+
+        // Nobody led for three days: the run missed is made up once, not three times.
+        let jan_2 = DEC_1 + 32 * DAY + 10 * HOUR;
+        assert_eq!(tick_at(&w, jan_2).await, 1);
+        // Nothing to delete: the week of the 28th keeps the 2nd, the 27th and the 20th
+        // stay the newest of their weeks.
+        assert_eq!(tick_at(&w, jan_2 + HOUR).await, 0);
+        let names = scheduled_names(&w, "nightly");
+        assert_eq!(names.last().unwrap(), "nightly-20270102-0200");
+        assert_eq!(tasks_of(&w, "vm.snapshot").len(), 32);
+        assert_eq!(
+            w.state().schedule_runs["nightly"].last_due_ms,
+            DEC_1 + 32 * DAY + 2 * HOUR
+        );
+
+        // Disabled: nothing taken, nothing deleted.
+        let off = pb::Schedule {
+            disabled: true,
+            retention: Some(retention(1, 0, 0)),
+            ..nightly()
+        };
+        assert_eq!(commit(&w, Op::SetSchedule(off)).await.code, 0);
+        for h in 0..48 {
+            assert_eq!(tick_at(&w, jan_2 + (3 + h) * HOUR).await, 0);
+        }
+        assert_eq!(scheduled_names(&w, "nightly"), names);
+
+        // Deleted: its snapshots stay, as a person's.
+        let del = commit(&w, Op::DeleteSchedule(ObjectId { id: "nightly".into() })).await;
+        assert_eq!(del.code, 0, "{}", del.message);
+        assert!(scheduled_names(&w, "nightly").is_empty());
+        assert_eq!(w.state().vm_snapshots.len(), names.len() + 1);
+        assert!(!w.state().schedule_runs.contains_key("nightly"));
+    }
+
+    #[tokio::test]
+    async fn a_run_the_pool_refuses_fails_its_task_once_a_period() {
+        let w = World::two_hosts_one_running_vm();
+        w.storage.set_free(1 << 40);
+        w.stop_vm1();
+        *w.ledger.clock_ms.lock().unwrap() = Some(DEC_1);
+        let hourly = pb::Schedule {
+            name: "mem".into(),
+            kind: pb::ScheduleKind::Checkpoint as i32,
+            every_seconds: 3600,
+            at_seconds: 0,
+            ..nightly()
+        };
+        assert_eq!(commit(&w, Op::SetSchedule(hourly)).await.code, 0);
+        for m in 0..60 {
+            tick_at(&w, DEC_1 + HOUR + m * 60_000).await;
+        }
+        let runs = tasks_of(&w, "vm.snapshot");
+        assert_eq!(runs.len(), 1, "one failed run an hour, not one a tick");
+        assert_eq!(runs[0].state, pb::TaskState::Failed as i32);
+        assert_eq!(runs[0].requested_by, "schedule mem");
+        assert!(
+            runs[0].error_message.contains("running"),
+            "{}",
+            runs[0].error_message
+        );
+        assert!(runs[0].finished_at.is_some());
+        let st = w.state();
+        assert!(st.jobs.is_empty() && st.vm_snapshots.is_empty());
+        assert!(
+            st.alerts
+                .values()
+                .any(|a| a.message.contains("schedule mem")),
+            "a failed run raises an alert"
+        );
+        assert_eq!(st.schedule_runs["mem"].last_task_id, runs[0].id);
+        // The VM runs again: the next hour's checkpoint is taken.
+        {
+            let mut s = w.ledger.state.lock().unwrap();
+            let vm = s.vms.get_mut("vm1").unwrap();
+            vm.host_id = "h1".into();
+            vm.desired_power_state = hpb::PowerState::Running as i32;
+            vm.power_state = hpb::PowerState::Running as i32;
+        }
+        tick_at(&w, DEC_1 + 2 * HOUR).await;
+        let runs = tasks_of(&w, "vm.snapshot");
+        assert_eq!(runs.len(), 2);
+        assert_eq!(
+            runs[1].state,
+            pb::TaskState::Succeeded as i32,
+            "{}",
+            runs[1].error_message
+        );
+        let snap = w.state().vm_snapshots.values().next().cloned().unwrap();
+        assert_eq!(snap.name, "mem-20261201-0200");
+        assert!(!snap.state_volume_id.is_empty(), "a checkpoint saves memory");
+    }
+
+    #[tokio::test]
+    async fn bad_schedules_and_settings_are_refused_and_change_nothing() {
+        let w = World::two_hosts_one_running_vm();
+        let before = w.state().settings.clone();
+        for (bad, why) in [
+            (pb::Schedule { every_seconds: 30, ..nightly() }, "every_seconds"),
+            (pb::Schedule { at_seconds: 86_400, ..nightly() }, "at_seconds"),
+            (pb::Schedule { vm_id: "nope".into(), ..nightly() }, "no VM"),
+            (pb::Schedule { name: "a b".into(), ..nightly() }, "schedule name"),
+            (
+                pb::Schedule {
+                    kind: pb::ScheduleKind::Unspecified as i32,
+                    ..nightly()
+                },
+                "kind",
+            ),
+        ] {
+            let r = commit(&w, Op::SetSchedule(bad)).await;
+            assert_ne!(r.code, 0);
+            assert!(r.message.contains(why), "{why}: {}", r.message);
+        }
+        assert_eq!(w.state().settings, before);
+        assert_eq!(commit(&w, Op::SetSchedule(nightly())).await.code, 0);
+        // UpdatePoolSettings keeps them when left out, refuses a change.
+        let mut s = w.state().settings.clone();
+        s.schedules.clear();
+        s.name = "renamed".into();
+        assert_eq!(commit(&w, Op::UpdateSettings(s.clone())).await.code, 0);
+        assert_eq!(w.state().settings.schedules, [nightly()]);
+        s.schedules = vec![pb::Schedule {
+            every_seconds: 3600,
+            ..nightly()
+        }];
+        let r = commit(&w, Op::UpdateSettings(s)).await;
+        assert!(r.message.contains("SetSchedule"), "{}", r.message);
+        assert_eq!(w.state().settings.schedules, [nightly()]);
+        let r = commit(&w, Op::DeleteSchedule(ObjectId { id: "other".into() })).await;
+        assert_eq!(r.code, tonic::Code::NotFound as i32);
+    }
+}
