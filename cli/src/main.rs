@@ -107,6 +107,8 @@ enum Command {
     #[command(flatten)]
     Pool(cmd::pool::PoolCommand),
     #[command(flatten)]
+    Schedule(cmd::schedule::ScheduleCommand),
+    #[command(flatten)]
     User(cmd::user::UserCommand),
     #[command(flatten)]
     Task(cmd::task::TaskCommand),
@@ -244,6 +246,7 @@ async fn run(ctl: &mut Ctl, command: Command) -> anyhow::Result<()> {
         Command::Net(c) => cmd::net::run(ctl, c).await,
         Command::Template(c) => cmd::template::run(ctl, c).await,
         Command::Pool(c) => cmd::pool::run(ctl, c).await,
+        Command::Schedule(c) => cmd::schedule::run(ctl, c).await,
         Command::User(c) => cmd::user::run(ctl, c).await,
         Command::Task(c) => cmd::task::run(ctl, c).await,
         Command::Alert(c) => cmd::alert::run(ctl, c).await,

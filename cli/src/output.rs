@@ -231,13 +231,20 @@ pub fn ts(t: &Option<prost_types::Timestamp>) -> String {
     t.as_ref()
         .and_then(|t| {
             let secs = u64::try_from(t.seconds).ok()?;
-            let age = (proto::unix_ms() / 1000).saturating_sub(secs);
-            Some(match age {
-                0..=59 => format!("{age}s ago"),
-                60..=3599 => format!("{}m ago", age / 60),
-                3600..=86399 => format!("{}h ago", age / 3600),
-                _ => format!("{}d ago", age / 86400),
-            })
+            let now = proto::unix_ms() / 1000;
+            // A time to come (a schedule's next run) reads "in 5m".
+            let (d, before, after) = if secs > now {
+                (secs - now, "in ", "")
+            } else {
+                (now - secs, "", " ago")
+            };
+            let n = match d {
+                0..=59 => format!("{d}s"),
+                60..=3599 => format!("{}m", d / 60),
+                3600..=86399 => format!("{}h", d / 3600),
+                _ => format!("{}d", d / 86400),
+            };
+            Some(format!("{before}{n}{after}"))
         })
         .unwrap_or_else(|| "-".into())
 }

@@ -63,7 +63,11 @@ pub fn snapshot_name(schedule: &str, due_ms: u64) -> String {
     let days = (due_ms as i64).div_euclid(DAY_MS);
     let (y, m, d) = proto::civil_from_days(days);
     let mins = (due_ms as i64).rem_euclid(DAY_MS) / 60_000;
-    format!("{schedule}-{y:04}{m:02}{d:02}-{:02}{:02}", mins / 60, mins % 60)
+    format!(
+        "{schedule}-{y:04}{m:02}{d:02}-{:02}{:02}",
+        mins / 60,
+        mins % 60
+    )
 }
 
 /// The job one run of `s` starts; `at_ms` names its snapshot.
@@ -227,7 +231,10 @@ mod tests {
             ..nightly()
         };
         assert_eq!(next_due(&weekly, DEC_1), DEC_1 + 6 * DAY + 6 * HOUR);
-        assert_eq!(snapshot_name("nightly", DEC_1 + 2 * HOUR), "nightly-20261201-0200");
+        assert_eq!(
+            snapshot_name("nightly", DEC_1 + 2 * HOUR),
+            "nightly-20261201-0200"
+        );
     }
 
     #[test]
@@ -240,14 +247,24 @@ mod tests {
         let ids = |k: BTreeSet<String>| k.into_iter().collect::<Vec<_>>();
         assert_eq!(ids(kept(&snaps, &retention(2, 0, 0))), ["d30", "d30b"]);
         // The newest of each of the last 3 days: the 30th's later one.
-        assert_eq!(ids(kept(&snaps, &retention(0, 3, 0))), ["d28", "d29", "d30b"]);
+        assert_eq!(
+            ids(kept(&snaps, &retention(0, 3, 0))),
+            ["d28", "d29", "d30b"]
+        );
         // Weeks from Monday: the 28th-30th, the 21st-27th, the 14th-20th.
-        assert_eq!(ids(kept(&snaps, &retention(0, 0, 3))), ["d20", "d27", "d30b"]);
+        assert_eq!(
+            ids(kept(&snaps, &retention(0, 0, 3))),
+            ["d20", "d27", "d30b"]
+        );
         assert_eq!(
             ids(kept(&snaps, &retention(1, 2, 2))),
             ["d27", "d29", "d30b"]
         );
-        assert_eq!(kept(&snaps, &retention(0, 0, 0)).len(), 31, "no rule keeps all");
+        assert_eq!(
+            kept(&snaps, &retention(0, 0, 0)).len(),
+            31,
+            "no rule keeps all"
+        );
         assert!(kept(&[], &retention(3, 3, 3)).is_empty());
     }
 
@@ -330,7 +347,10 @@ mod tests {
         assert!(most <= 6, "{most} snapshots before a run");
         let runs = tasks_of(&w, "vm.snapshot");
         assert_eq!(runs.len(), 31, "30 runs and the person's");
-        assert!(runs.iter().all(|t| t.state == pb::TaskState::Succeeded as i32));
+        assert!(
+            runs.iter()
+                .all(|t| t.state == pb::TaskState::Succeeded as i32)
+        );
         assert_eq!(
             runs.iter()
                 .filter(|t| t.requested_by == "schedule nightly")
@@ -369,7 +389,13 @@ mod tests {
         assert_eq!(scheduled_names(&w, "nightly"), names);
 
         // Deleted: its snapshots stay, as a person's.
-        let del = commit(&w, Op::DeleteSchedule(ObjectId { id: "nightly".into() })).await;
+        let del = commit(
+            &w,
+            Op::DeleteSchedule(ObjectId {
+                id: "nightly".into(),
+            }),
+        )
+        .await;
         assert_eq!(del.code, 0, "{}", del.message);
         assert!(scheduled_names(&w, "nightly").is_empty());
         assert_eq!(w.state().vm_snapshots.len(), names.len() + 1);
@@ -431,7 +457,10 @@ mod tests {
         );
         let snap = w.state().vm_snapshots.values().next().cloned().unwrap();
         assert_eq!(snap.name, "mem-20261201-0200");
-        assert!(!snap.state_volume_id.is_empty(), "a checkpoint saves memory");
+        assert!(
+            !snap.state_volume_id.is_empty(),
+            "a checkpoint saves memory"
+        );
     }
 
     #[tokio::test]
@@ -439,10 +468,34 @@ mod tests {
         let w = World::two_hosts_one_running_vm();
         let before = w.state().settings.clone();
         for (bad, why) in [
-            (pb::Schedule { every_seconds: 30, ..nightly() }, "every_seconds"),
-            (pb::Schedule { at_seconds: 86_400, ..nightly() }, "at_seconds"),
-            (pb::Schedule { vm_id: "nope".into(), ..nightly() }, "no VM"),
-            (pb::Schedule { name: "a b".into(), ..nightly() }, "schedule name"),
+            (
+                pb::Schedule {
+                    every_seconds: 30,
+                    ..nightly()
+                },
+                "every_seconds",
+            ),
+            (
+                pb::Schedule {
+                    at_seconds: 86_400,
+                    ..nightly()
+                },
+                "at_seconds",
+            ),
+            (
+                pb::Schedule {
+                    vm_id: "nope".into(),
+                    ..nightly()
+                },
+                "no VM",
+            ),
+            (
+                pb::Schedule {
+                    name: "a b".into(),
+                    ..nightly()
+                },
+                "schedule name",
+            ),
             (
                 pb::Schedule {
                     kind: pb::ScheduleKind::Unspecified as i32,

@@ -9,6 +9,7 @@ pub mod join;
 pub mod member;
 pub mod net;
 pub mod pool;
+pub mod schedule;
 pub mod sr;
 pub mod stats;
 pub mod task;

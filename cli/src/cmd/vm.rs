@@ -772,7 +772,7 @@ fn snapshot_table(snaps: Vec<pb::VmSnapshot>, current: &str, json: bool) -> Tabl
         list.sort_by_key(|s| (created(s), s.id.clone()));
     }
     let mut t = Table::new(&[
-        "ID", "NAME", "PARENT", "CURRENT", "DISKS", "MEMORY", "CREATED",
+        "ID", "NAME", "PARENT", "CURRENT", "DISKS", "MEMORY", "CREATED", "SCHEDULE",
     ]);
     let mut stack: Vec<(&pb::VmSnapshot, usize)> = children
         .get("")
@@ -793,6 +793,8 @@ fn snapshot_table(snaps: Vec<pb::VmSnapshot>, current: &str, json: bool) -> Tabl
             // A checkpoint: reverting to it runs the VM on from there.
             (!s.state_volume_id.is_empty()).into(),
             ts(&s.created_at).into(),
+            // Taken by a schedule, whose retention may delete it.
+            s.schedule.clone().into(),
         ]);
         if let Some(kids) = children.get(s.id.as_str()) {
             stack.extend(kids.iter().rev().map(|k| (*k, depth + 1)));

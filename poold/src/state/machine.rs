@@ -356,7 +356,11 @@ impl PoolState {
                     } else {
                         0
                     },
-                    error_message: if failed { message.clone() } else { String::new() },
+                    error_message: if failed {
+                        message.clone()
+                    } else {
+                        String::new()
+                    },
                     error_code,
                     status_message: message,
                     target_id: target,

@@ -183,14 +183,15 @@ impl PoolState {
         if !run {
             return self.start_job(job, task_id);
         }
-        let last = self.schedule_runs.get(&j.schedule).cloned().unwrap_or_default();
+        let last = self
+            .schedule_runs
+            .get(&j.schedule)
+            .cloned()
+            .unwrap_or_default();
         if !j.manual && j.due_at_ms <= last.last_due_ms {
             return Err(err(
                 Code::AlreadyExists,
-                format!(
-                    "schedule {} already ran for {} ms",
-                    j.schedule, j.due_at_ms
-                ),
+                format!("schedule {} already ran for {} ms", j.schedule, j.due_at_ms),
             ));
         }
         self.schedule_runs.insert(
