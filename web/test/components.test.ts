@@ -419,6 +419,8 @@ describe("VmPanel's checkpoints", () => {
     expect(revertForm(w).attributes("title")).toBe("the VM is running: shut it down before reverting it");
     expect(revertForm(w).find("button").attributes("disabled")).toBeDefined();
     expect(revertForm(w).find("select").attributes("disabled")).toBeDefined();
+    // The host it runs on stays a choice, for after it is stopped.
+    expect(revertForm(w).findAll("option").map((o) => o.text())).toEqual(["on the host the pool chooses", "on host-a", "on host-b"]);
     // A disk snapshot's revert stays out of sight until the VM is stopped, as before.
     expect(w.find("[data-snapshot=snap-s1]").findAll("button").map((b) => b.text())).toEqual(["Delete"]);
     const cannot: Can = (m) => m !== "RevertVm";
