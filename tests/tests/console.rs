@@ -2,7 +2,8 @@
 //! member serves them; Debian's Chromium (driven by web/e2e/console.mjs) logs in, follows
 //! the pool live, finds and drives a VM (its serial console, migrate, force off, start,
 //! typing and sending text to the guest; export with its progress shown, suspend and
-//! resume), downloads a disk as qcow2 and logs out. Screenshots of each view are kept
+//! resume; a checkpoint, and a revert to it on a host named in the page, checked through
+//! the API), downloads a disk as qcow2 and logs out. Screenshots of each view are kept
 //! in target/tmp/console-shots.
 
 use std::os::unix::fs::PermissionsExt;
@@ -40,12 +41,14 @@ fn the_console_logs_in_follows_the_pool_live_and_drives_a_vm() {
         &change,
         format!(
             "#!/bin/sh\nset -e\n\
-             ctl() {{ env -u POOLCTL_TOKEN '{}' --config '{}' \"$@\" >&2; }}\n\
+             pc() {{ env -u POOLCTL_TOKEN '{}' --config '{}' \"$@\"; }}\n\
+             ctl() {{ pc \"$@\" >&2; }}\n\
              case \"$1\" in\n\
              disk) ctl vdi-create console-e2e --sr lab-sr --size 16M; echo console-e2e ;;\n\
              echo) ctl vm-set demo --cmdline 'seed=1 then=echo' ;;\n\
              heartbeat) ctl pool-set --heartbeat-timeout 2 ;;\n\
              kill-host) kill -KILL $(pgrep -f -- \"--host-id $2 \") ;;\n\
+             vm) pc vm-show \"$2\" --json ;;\n\
              *) echo \"unknown change $1\" >&2; exit 2 ;;\n\
              esac\n",
             binary("poolctl").display(),

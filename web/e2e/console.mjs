@@ -7,7 +7,9 @@
 //                          `disk` makes a disk and prints its name, `echo` gives the VM
 //                          (stopped) the test guest's echo command line, `heartbeat`
 //                          makes a host 2 s without heartbeats dead, `kill-host H`
-//                          kills host H's hostd (and with it its VMs) with SIGKILL
+//                          kills host H's hostd (and with it its VMs) with SIGKILL;
+//                          `vm NAME` prints the VM's fields as the API has them
+//                          (`poolctl vm-show --json`), to check the page against
 //   CONSOLE_VM             a running VM of the test guest in heartbeat mode (default demo)
 //   CONSOLE_SHOTS          where a screenshot of each view goes
 //   CONSOLE_VIEWER_PASSWORD_FILE  the password of `viewer`, a read-only user
@@ -307,9 +309,45 @@ try {
   await stoppedPanel.locator("form[data-form=resume]").getByRole("button", { name: "Resume" }).click();
   await stoppedPanel.locator("[data-field=power]", { hasText: "running" }).waitFor({ timeout: 90_000 });
   if ((await stoppedPanel.locator("[role=alert]").count()) > 0) throw new Error(`suspend/resume: ${await stoppedPanel.locator("[role=alert]").innerText()}`);
+  step("made-in-browser suspended, shown suspended on no host, and resumed");
+
+  // A checkpoint of the running VM (memory and disks at one instant), marked in the tree,
+  // with the pause its task reported; no revert to it while the VM runs. Forced off, then
+  // reverted to the checkpoint on the host it did not run on, named in the form: running
+  // there again, as the page and the API both say.
+  const ranOn = (await stoppedPanel.locator("[data-field=host]").textContent()).trim();
+  await stoppedPanel.locator("input[name=snapshot-name]").fill("browser-checkpoint");
+  await stoppedPanel.getByRole("button", { name: "Take checkpoint" }).click();
+  const checkpoint = stoppedPanel.locator("[data-snapshot=browser-checkpoint][data-memory=true]");
+  await checkpoint.locator("[data-field=memory]", { hasText: "memory" }).waitFor({ timeout: 90_000 });
+  const pause = stoppedPanel.locator("[data-field=checkpoint-result]", { hasText: /taken: paused \d+ ms/ });
+  await pause.waitFor({ timeout: 60_000 });
+  await page.locator(".tasks tr[data-task='vm.snapshot']", { hasText: /paused \d+ ms/ }).first().waitFor();
+  await stoppedPanel.locator("[data-field=power]", { hasText: "running" }).waitFor();
+  const revertForm = checkpoint.locator("form[data-form=revert-checkpoint]");
+  if (!(await revertForm.getByRole("button", { name: "Revert" }).isDisabled())) throw new Error("a running VM is offered a revert to its checkpoint");
+  if (!/shut it down/.test((await revertForm.getAttribute("title")) ?? "")) throw new Error(`the disabled revert does not say why: ${await revertForm.getAttribute("title")}`);
+  await snap("checkpoint");
+  const paused = (await pause.innerText()).trim().replace(/^.*taken: /, "");
   await stoppedPanel.getByRole("button", { name: "Force off" }).click();
   await stoppedPanel.locator("[data-field=power]", { hasText: "stopped" }).waitFor({ timeout: 60_000 });
-  step("made-in-browser suspended, shown suspended on no host, and resumed");
+  const named = (await revertForm.locator("select[name=revert-host] option").allTextContents())
+    .map((o) => o.trim())
+    .filter((o) => !o.startsWith("on the host the pool chooses"))
+    .map((o) => o.replace(/^on /, ""));
+  const there = named.find((h) => h !== ranOn);
+  if (there === undefined) throw new Error(`no host but ${ranOn} to revert to: ${named}`);
+  await revertForm.locator("select[name=revert-host]").selectOption({ label: `on ${there}` });
+  await revertForm.getByRole("button", { name: "Revert" }).click();
+  await stoppedPanel.locator("[data-field=power]", { hasText: "running" }).waitFor({ timeout: 90_000 });
+  await stoppedPanel.locator("[data-field=host]", { hasText: there }).waitFor();
+  if ((await stoppedPanel.locator("[role=alert]").count()) > 0) throw new Error(`checkpoint: ${await stoppedPanel.locator("[role=alert]").innerText()}`);
+  const api = Object.fromEntries(JSON.parse(change("vm", "made-in-browser")).map((r) => [r.field, r.value]));
+  if (api.power !== "running" || api.host !== there) throw new Error(`the API has made-in-browser ${api.power} on ${api.host}, not running on ${there}`);
+  await snap("checkpoint-reverted");
+  await stoppedPanel.getByRole("button", { name: "Force off" }).click();
+  await stoppedPanel.locator("[data-field=power]", { hasText: "stopped" }).waitFor({ timeout: 60_000 });
+  step(`made-in-browser checkpointed on ${ranOn} (${paused}), forced off, reverted to it on ${there}: running there`);
 
   // Users and roles: a user made, given a role and relieved of it; the audit log has it.
   await page.locator("[data-page=users]").click();

@@ -15,6 +15,25 @@ export const role = (r: Role) => label(Role, r);
 export const alertKind = (k: AlertKind) => label(AlertKind, k);
 export const severity = (s: AlertSeverity) => label(AlertSeverity, s);
 
+// A task's figures (`Task.results`) in words, as poolctl prints them.
+const RESULT_WORDS: [key: string, words: (v: string) => string][] = [
+  ["pause_ms", (v) => `paused ${v} ms`],
+  ["downtime_ms", (v) => `downtime ${v} ms`],
+];
+
+/** What a task reported (a checkpoint's pause, a migration's downtime) in words; "" when
+ * it reported none of the figures the console knows. */
+export function taskResult(t: { results: Record<string, string> }): string {
+  return RESULT_WORDS.filter(([k]) => t.results[k] !== undefined)
+    .map(([k, words]) => words(t.results[k]!))
+    .join(", ");
+}
+
+/** A task's line in the tasks list: its error if it failed, else its status and result. */
+export function taskLine(t: { errorMessage: string; statusMessage: string; results: Record<string, string> }): string {
+  return t.errorMessage || [t.statusMessage, taskResult(t)].filter((s) => s !== "").join("; ");
+}
+
 /** A protobuf timestamp as local date and time; "" when unset. */
 export function when(t: { seconds: bigint; nanos: number } | undefined): string {
   if (t === undefined) return "";

@@ -17,6 +17,8 @@ import {
   ListVolumeExportsResponseSchema,
   Role,
   RoleDescriptionSchema,
+  TaskSchema,
+  TaskState,
   UserSchema,
   VmSchema,
   VmSnapshotSchema,
@@ -306,6 +308,124 @@ describe("VmPanel's suspend and resume", () => {
     await w.findAll("button").find((b) => b.text() === "Migrate")!.trigger("click");
     await flushPromises();
     expect(a.calls).toEqual([{ method: "migrateVm", req: { vmId: "vm1", destinationHostId: "", quick: true } }]);
+  });
+});
+
+describe("VmPanel's checkpoints", () => {
+  /** The pool's VM in `powerState`; s3 (its current snapshot) a checkpoint; hosts h1, h2
+   * enabled and h3 in maintenance. */
+  const withCheckpoint = (powerState: PowerState) => {
+    const { inv, vm } = pool();
+    vm.powerState = powerState;
+    inv.objects.vmSnapshot.get("s3")!.stateVolumeId = "v-state";
+    inv.objects.host.set("h1", create(HostSchema, { id: "h1", name: "host-a", state: HostState.ENABLED }));
+    inv.objects.host.set("h2", create(HostSchema, { id: "h2", name: "host-b", state: HostState.ENABLED }));
+    inv.objects.host.set("h3", create(HostSchema, { id: "h3", name: "host-c", state: HostState.MAINTENANCE }));
+    return { inv, vm };
+  };
+  const checkpointButton = (w: ReturnType<typeof mount>) => w.find("button[data-action=checkpoint]");
+  const revertForm = (w: ReturnType<typeof mount>) => w.find("[data-snapshot=snap-s3] form[data-form=revert-checkpoint]");
+
+  it("marks checkpoints in the tree with a memory badge", () => {
+    const { inv, vm } = withCheckpoint(PowerState.STOPPED);
+    const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: client().c }, ...withCan(everything) });
+    expect(w.findAll("[data-list=snapshots] li[data-memory=true]").map((li) => li.attributes("data-snapshot"))).toEqual(["snap-s3"]);
+    expect(w.find("[data-snapshot=snap-s3] [data-field=memory]").text()).toBe("memory");
+    expect(w.find("[data-snapshot=snap-s1]").attributes("data-memory")).toBe("false");
+    expect(w.find("[data-snapshot=snap-s1] [data-field=memory]").exists()).toBe(false);
+  });
+
+  it("offers a checkpoint of a running or paused VM, and says why not of a stopped or suspended one", () => {
+    for (const st of [PowerState.RUNNING, PowerState.PAUSED]) {
+      const { inv, vm } = withCheckpoint(st);
+      const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: client().c }, ...withCan(everything) });
+      expect(checkpointButton(w).attributes("disabled")).toBeUndefined();
+    }
+    for (const [st, why] of [
+      [PowerState.STOPPED, "a checkpoint saves a running VM's memory"],
+      [PowerState.SUSPENDED, "resume it to take a checkpoint"],
+    ] as const) {
+      const { inv, vm } = withCheckpoint(st);
+      const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: client().c }, ...withCan(everything) });
+      expect(checkpointButton(w).attributes("disabled")).toBeDefined();
+      expect(checkpointButton(w).element.parentElement!.getAttribute("title")).toContain(why);
+    }
+    const { inv, vm } = withCheckpoint(PowerState.RUNNING);
+    const cannot: Can = (m) => m !== "SnapshotVm";
+    expect(checkpointButton(mount(VmPanel, { props: { vm, inv, tick: 0, client: client().c }, ...withCan(cannot) })).exists()).toBe(false);
+  });
+
+  it("takes a checkpoint with memory, a snapshot without, and shows the pause the checkpoint's task reports", async () => {
+    const { inv, vm } = withCheckpoint(PowerState.RUNNING);
+    const { c, calls } = client({ snapshotVm: { task: { id: "t7" } } });
+    const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: c }, ...withCan(everything) });
+    await w.find("input[name=snapshot-name]").setValue("disks-only");
+    await w.find("button[data-action=snapshot]").trigger("click");
+    await w.find("form[data-form=snapshot]").trigger("submit");
+    await flushPromises();
+    await w.find("input[name=snapshot-name]").setValue("cp1");
+    await w.find("button[data-action=checkpoint]").trigger("click");
+    await w.find("form[data-form=snapshot]").trigger("submit");
+    await flushPromises();
+    expect(calls).toEqual([
+      { method: "snapshotVm", req: { vmId: "vm1", name: "disks-only" } },
+      { method: "snapshotVm", req: { vmId: "vm1", name: "cp1", memory: true } },
+    ]);
+    // Nothing to show while the task runs; its pause once the feed says it succeeded.
+    inv.objects.task.set("t7", create(TaskSchema, { id: "t7", kind: "vm.snapshot", state: TaskState.RUNNING, targetId: "vm1" }));
+    await w.setProps({ tick: 1 });
+    expect(w.find("[data-field=checkpoint-result]").exists()).toBe(false);
+    inv.objects.task.set("t7", create(TaskSchema, { id: "t7", kind: "vm.snapshot", state: TaskState.SUCCEEDED, results: { pause_ms: "84" } }));
+    await w.setProps({ tick: 2 });
+    expect(w.find("[data-field=checkpoint-result]").text()).toBe("Checkpoint cp1 taken: paused 84 ms");
+    expect(w.find("[data-field=checkpoint-result]").attributes("role")).toBe("status");
+    inv.objects.task.set("t7", create(TaskSchema, { id: "t7", state: TaskState.FAILED, errorMessage: "no room for the state volume" }));
+    await w.setProps({ tick: 3 });
+    expect(w.find("[role=alert][data-field=checkpoint-result]").text()).toBe("checkpoint cp1: no room for the state volume");
+  });
+
+  it("reverts a stopped VM to a checkpoint on the host chosen, or the pool's choice; to a disk snapshot with no host", async () => {
+    const { inv, vm } = withCheckpoint(PowerState.STOPPED);
+    const { c, calls } = client();
+    const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: c }, ...withCan(everything) });
+    // Live hosts only: not the one in maintenance.
+    expect(revertForm(w).findAll("select[name=revert-host] option").map((o) => o.text())).toEqual([
+      "on the host the pool chooses",
+      "on host-a",
+      "on host-b",
+    ]);
+    await revertForm(w).find("select[name=revert-host]").setValue("h2");
+    await revertForm(w).trigger("submit");
+    await flushPromises();
+    await revertForm(w).find("select[name=revert-host]").setValue("");
+    await revertForm(w).trigger("submit");
+    await flushPromises();
+    // A disk snapshot's row: no host to choose.
+    const disk = w.find("[data-snapshot=snap-s1]");
+    expect(disk.find("select").exists()).toBe(false);
+    await disk.findAll("button").find((b) => b.text() === "Revert")!.trigger("click");
+    await flushPromises();
+    expect(calls).toEqual([
+      { method: "revertVm", req: { vmId: "vm1", snapshotId: "s3", hostId: "h2" } },
+      { method: "revertVm", req: { vmId: "vm1", snapshotId: "s3", hostId: "" } },
+      { method: "revertVm", req: { vmId: "vm1", snapshotId: "s1" } },
+    ]);
+  });
+
+  it("says why a running VM cannot be reverted to a checkpoint, and offers no revert to a role that may not", () => {
+    const { inv, vm } = withCheckpoint(PowerState.RUNNING);
+    vm.hostId = "h1";
+    const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: client().c }, ...withCan(everything) });
+    expect(revertForm(w).attributes("title")).toBe("the VM is running: shut it down before reverting it");
+    expect(revertForm(w).find("button").attributes("disabled")).toBeDefined();
+    expect(revertForm(w).find("select").attributes("disabled")).toBeDefined();
+    // The host it runs on stays a choice, for after it is stopped.
+    expect(revertForm(w).findAll("option").map((o) => o.text())).toEqual(["on the host the pool chooses", "on host-a", "on host-b"]);
+    // A disk snapshot's revert stays out of sight until the VM is stopped, as before.
+    expect(w.find("[data-snapshot=snap-s1]").findAll("button").map((b) => b.text())).toEqual(["Delete"]);
+    const cannot: Can = (m) => m !== "RevertVm";
+    const s = withCheckpoint(PowerState.STOPPED);
+    expect(revertForm(mount(VmPanel, { props: { vm: s.vm, inv: s.inv, tick: 0, client: client().c }, ...withCan(cannot) })).exists()).toBe(false);
   });
 });
 
