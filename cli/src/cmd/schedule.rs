@@ -250,7 +250,7 @@ fn parse_at(s: &str) -> Result<u32, String> {
 fn period(secs: u32) -> String {
     UNITS
         .iter()
-        .find(|(_, m)| secs > 0 && secs % m == 0)
+        .find(|(_, m)| secs > 0 && secs.is_multiple_of(*m))
         .map_or_else(|| "0s".to_owned(), |(u, m)| format!("{}{u}", secs / m))
 }
 
