@@ -248,6 +248,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_vm_paused_for_a_checkpoint_is_recorded_running_once_resumed() {
+        // The host reported the pause, and the executor that paused it died: the next one
+        // resumes it and records it running, not "paused" until the host's next report
+        // (a migration asked for right after would be refused).
+        let world = World::two_hosts_one_running_vm();
+        world.storage.set_free(1 << 40);
+        let t = world.start_job(checkpoint_job("cp1"));
+        world.record_output(&t, "paused", "h1");
+        world
+            .ledger
+            .state
+            .lock()
+            .unwrap()
+            .vms
+            .get_mut("vm1")
+            .unwrap()
+            .power_state = hpb::PowerState::Paused as i32;
+        world.drive(&t).await;
+        assert_eq!(world.task(&t).state(), pb::TaskState::Succeeded);
+        let hosts = world.hosts.calls();
+        assert!(
+            position(&hosts, "resume:h1:7000:vm1").is_some(),
+            "{hosts:?}"
+        );
+        let s = world.state();
+        assert_eq!(s.vms["vm1"].power_state(), hpb::PowerState::Running);
+        assert_eq!(s.vms["vm1"].host_id, "h1");
+    }
+
+    #[tokio::test]
     async fn a_failed_save_keeps_nothing_and_the_vm_runs_on() {
         let world = World::two_hosts_one_running_vm();
         world.storage.set_free(1 << 40);

@@ -383,6 +383,14 @@ pub async fn snapshot_vm(env: &Env, job: &Job, j: &SnapshotVmJob) -> Result<Fini
         ..Default::default()
     }
     .result("snapshot_id", &j.snapshot_id);
+    if snapped.pause_ms.is_some() && vm.desired_power_state() == hpb::PowerState::Running {
+        // Resumed: recorded now, so the next action on it (a migration) does not meet
+        // the "paused" its host reported during the snapshot, until its next report.
+        f = f.effect(EffectKind::MoveVm(MoveVm {
+            vm_id: vm.id.clone(),
+            to_host_id: vm.host_id.clone(),
+        }));
+    }
     let mut map = HashMap::new();
     for (disk, v) in snapped.disks {
         map.insert(disk, v.id.clone());
