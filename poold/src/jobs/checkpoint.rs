@@ -256,15 +256,7 @@ mod tests {
         world.storage.set_free(1 << 40);
         let t = world.start_job(checkpoint_job("cp1"));
         world.record_output(&t, "paused", "h1");
-        world
-            .ledger
-            .state
-            .lock()
-            .unwrap()
-            .vms
-            .get_mut("vm1")
-            .unwrap()
-            .power_state = hpb::PowerState::Paused as i32;
+        world.report_power("vm1", hpb::PowerState::Paused);
         world.drive(&t).await;
         assert_eq!(world.task(&t).state(), pb::TaskState::Succeeded);
         let hosts = world.hosts.calls();

@@ -335,15 +335,7 @@ mod tests {
         ]);
         let task = world.start_job(migrate_job("vm1", "h1", "h2"));
         // What the source's heartbeats say while it sends.
-        world
-            .ledger
-            .state
-            .lock()
-            .unwrap()
-            .vms
-            .get_mut("vm1")
-            .unwrap()
-            .power_state = hpb::PowerState::Migrating as i32;
+        world.report_power("vm1", hpb::PowerState::Migrating);
         world.drive(&task).await;
         let s = world.state();
         assert_eq!(s.vms["vm1"].host_id, "h2", "the VM moved");

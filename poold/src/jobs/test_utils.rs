@@ -554,6 +554,12 @@ impl World {
         vm.power_state = hpb::PowerState::Stopped as i32;
     }
 
+    /// Records `power` as VM `vm`'s host reported it.
+    pub fn report_power(&self, vm: &str, power: hpb::PowerState) {
+        let mut s = self.ledger.state.lock().unwrap();
+        s.vms.get_mut(vm).unwrap().power_state = power as i32;
+    }
+
     pub fn state(&self) -> PoolState {
         self.ledger.state.lock().unwrap().clone()
     }
