@@ -529,8 +529,13 @@ try {
   if (actions.length > 0) throw new Error(`a read-only user is offered ${actions}`);
   await page.locator(".tree a[data-kind=pool]").click();
   if ((await page.locator("form[data-form=new-vm]").count()) > 0) throw new Error("a read-only user is offered a new VM");
+  await page.locator("[data-page=schedules]").click();
+  await page.locator("[data-panel=schedules] [data-list=schedules]").waitFor();
+  const scheduleActions = (await page.locator("main button:not([role=tab])").allTextContents()).map((t) => t.trim());
+  if (scheduleActions.length > 0) throw new Error(`a read-only user is offered ${scheduleActions} on the schedules page`);
+  if ((await page.locator("form[data-form=schedule]").count()) > 0) throw new Error("a read-only user is offered the schedule form");
   await snap("read-only");
-  step("a read-only user is offered no action");
+  step("a read-only user is offered no action (a VM, the pool, schedules)");
   await page.getByRole("button", { name: "Log out" }).click();
 
   if (problems.length > 0) throw new Error(`the page reported:\n${problems.join("\n")}`);
