@@ -3,7 +3,8 @@
 //! the pool live, finds and drives a VM (its serial console, migrate, force off, start,
 //! typing and sending text to the guest; export with its progress shown, suspend and
 //! resume; a checkpoint, and a revert to it on a host named in the page, checked through
-//! the API), downloads a disk as qcow2 and logs out. Screenshots of each view are kept
+//! the API; a schedule keeping one snapshot, run twice from its page, then deleted, its
+//! snapshot kept, checked through the API), downloads a disk as qcow2 and logs out. Screenshots of each view are kept
 //! in target/tmp/console-shots.
 
 use std::os::unix::fs::PermissionsExt;
@@ -49,6 +50,7 @@ fn the_console_logs_in_follows_the_pool_live_and_drives_a_vm() {
              heartbeat) ctl pool-set --heartbeat-timeout 2 ;;\n\
              kill-host) kill -KILL $(pgrep -f -- \"--host-id $2 \") ;;\n\
              vm) pc vm-show \"$2\" --json ;;\n\
+             snapshots) pc vm-snapshot-list \"$2\" --json ;;\n\
              *) echo \"unknown change $1\" >&2; exit 2 ;;\n\
              esac\n",
             binary("poolctl").display(),

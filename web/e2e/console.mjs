@@ -9,7 +9,8 @@
 //                          makes a host 2 s without heartbeats dead, `kill-host H`
 //                          kills host H's hostd (and with it its VMs) with SIGKILL;
 //                          `vm NAME` prints the VM's fields as the API has them
-//                          (`poolctl vm-show --json`), to check the page against
+//                          (`poolctl vm-show --json`), to check the page against;
+//                          `snapshots VM` its snapshots (`vm-snapshot-list --json`)
 //   CONSOLE_VM             a running VM of the test guest in heartbeat mode (default demo)
 //   CONSOLE_SHOTS          where a screenshot of each view goes
 //   CONSOLE_VIEWER_PASSWORD_FILE  the password of `viewer`, a read-only user
@@ -349,6 +350,71 @@ try {
   await stoppedPanel.locator("[data-field=power]", { hasText: "stopped" }).waitFor({ timeout: 60_000 });
   step(`made-in-browser checkpointed on ${ranOn} (${paused}), forced off, reverted to it on ${there}: running there`);
 
+  // A schedule of the running demo VM made in its page, keeping the last snapshot only:
+  // first a time outside its period, refused in the page before any call; then run now
+  // twice, the retention deletes the older run's snapshot, and the VM's tree shows one
+  // snapshot with the schedule's badge. Deleted, its snapshot stays, badge gone.
+  await page.locator("[data-page=schedules]").click();
+  const schedules = page.locator("[data-panel=schedules]");
+  const form = schedules.locator("form[data-form=schedule]");
+  await form.locator("input[name=schedule-name]").fill("browser-sched");
+  await form.locator("select[name=schedule-vm]").selectOption({ label: vmName });
+  await form.locator("input[name=schedule-every]").fill("1");
+  await form.locator("select[name=schedule-unit]").selectOption("h");
+  await form.locator("input[name=schedule-at]").fill("02:00");
+  await form.locator("input[name=keep-last]").fill("1");
+  await form.getByRole("button", { name: "Save schedule" }).click();
+  await form.locator("[data-field=form-error]", { hasText: "02:00 is not within the period of 1h" }).waitFor();
+  await form.locator("select[name=schedule-unit]").selectOption("d");
+  await form.getByRole("button", { name: "Save schedule" }).click();
+  const sched = schedules.locator("tr[data-schedule=browser-sched]");
+  await sched.locator("[data-field=retention]", { hasText: "last 1, daily 0, weekly 0" }).waitFor();
+  if ((await sched.locator("[data-field=vm]").innerText()).trim() !== vmName) throw new Error(`the schedule's VM reads ${await sched.locator("[data-field=vm]").innerText()}`);
+  await sched.locator("[data-field=at]", { hasText: "02:00" }).waitFor();
+  const schedCount = sched.locator("[data-field=snapshots]");
+  const lastTask = sched.locator("[data-field=last-task]");
+  await sched.getByRole("button", { name: "Run now" }).click();
+  await lastTask.filter({ hasText: "succeeded" }).waitFor({ timeout: 60_000 });
+  await schedCount.filter({ hasText: /^1$/ }).waitFor();
+  const firstRun = await lastTask.getAttribute("data-task-id");
+  await sched.getByRole("button", { name: "Run now" }).click();
+  await page.waitForFunction(
+    (first) => {
+      const t = document.querySelector("tr[data-schedule=browser-sched] [data-field=last-task]");
+      return t !== null && t.getAttribute("data-task-id") !== first && t.textContent?.trim() === "succeeded";
+    },
+    firstRun,
+    { timeout: 60_000 },
+  );
+  // The retention's delete, requested by the schedule.
+  await page.locator(".tasks tr[data-task='vm.snapshot.delete']", { hasText: "schedule browser-sched" }).filter({ hasText: "succeeded" }).first().waitFor({ timeout: 60_000 });
+  await schedCount.filter({ hasText: /^1$/ }).waitFor();
+  if ((await schedules.locator("[role=alert]").count()) > 0) throw new Error(`schedule: ${await schedules.locator("[role=alert]").innerText()}`);
+  await snap("schedules");
+  await page.locator(".tree a[data-kind=vm]", { hasText: vmName }).click();
+  await panel.locator("h2", { hasText: vmName }).waitFor();
+  const badged = panel.locator("[data-list=snapshots] li[data-by-schedule=browser-sched]");
+  await badged.first().waitFor();
+  const taken = await badged.count();
+  if (taken !== 1) throw new Error(`${taken} snapshots of browser-sched in ${vmName}'s tree, not 1: ${await panel.locator("[data-list=snapshots]").innerText()}`);
+  const kept = await badged.getAttribute("data-snapshot");
+  if (!kept.startsWith("browser-sched-")) throw new Error(`the schedule's snapshot is named ${kept}`);
+  if ((await badged.locator("[data-field=schedule][data-schedule-name=browser-sched]").innerText()).trim() !== "browser-sched") {
+    throw new Error("the schedule's snapshot has no badge naming it");
+  }
+  await snap("schedule-badge");
+  await page.locator("[data-page=schedules]").click();
+  await sched.getByRole("button", { name: "Delete" }).click();
+  await sched.waitFor({ state: "detached", timeout: 60_000 });
+  await page.locator(".tree a[data-kind=vm]", { hasText: vmName }).click();
+  const left = panel.locator(`[data-list=snapshots] li[data-snapshot='${kept}']`);
+  await left.waitFor();
+  await panel.locator("[data-list=snapshots] [data-field=schedule]").first().waitFor({ state: "detached" });
+  if ((await left.count()) !== 1) throw new Error(`${await left.count()} snapshots named ${kept} after the schedule's delete`);
+  const rows = JSON.parse(change("snapshots", vmName)).filter((r) => r.name === kept);
+  if (rows.length !== 1 || rows[0].schedule !== "") throw new Error(`the API lists ${kept} as ${JSON.stringify(rows)}, not one snapshot of no schedule`);
+  step(`a schedule of ${vmName} keeping 1, run twice from its page: one snapshot (${kept}), badged; deleted, the snapshot stays unbadged`);
+
   // Users and roles: a user made, given a role and relieved of it; the audit log has it.
   await page.locator("[data-page=users]").click();
   const users = page.locator("[data-panel=users]");
@@ -463,8 +529,13 @@ try {
   if (actions.length > 0) throw new Error(`a read-only user is offered ${actions}`);
   await page.locator(".tree a[data-kind=pool]").click();
   if ((await page.locator("form[data-form=new-vm]").count()) > 0) throw new Error("a read-only user is offered a new VM");
+  await page.locator("[data-page=schedules]").click();
+  await page.locator("[data-panel=schedules] [data-list=schedules]").waitFor();
+  const scheduleActions = (await page.locator("main button:not([role=tab])").allTextContents()).map((t) => t.trim());
+  if (scheduleActions.length > 0) throw new Error(`a read-only user is offered ${scheduleActions} on the schedules page`);
+  if ((await page.locator("form[data-form=schedule]").count()) > 0) throw new Error("a read-only user is offered the schedule form");
   await snap("read-only");
-  step("a read-only user is offered no action");
+  step("a read-only user is offered no action (a VM, the pool, schedules)");
   await page.getByRole("button", { name: "Log out" }).click();
 
   if (problems.length > 0) throw new Error(`the page reported:\n${problems.join("\n")}`);

@@ -78,6 +78,9 @@ export class Inventory {
   position = 0n;
   /** The listing is complete: what the views show is the pool's present. */
   synced = false;
+  /** Events taken in of each kind ("pool" too), for a view that reads something the feed
+   * does not carry (ListSchedules) and asks again when what it depends on changed. */
+  changes: Partial<Record<Kind | "pool", number>> = {};
 
   /** Takes in one message of the feed. */
   apply(msg: WatchEventsResponse): void {
@@ -87,6 +90,8 @@ export class Inventory {
       this.synced = false;
     }
     for (const e of msg.events) {
+      const counted = e.kind === "pool" ? "pool" : KINDS[e.kind];
+      if (counted !== undefined) this.changes[counted] = (this.changes[counted] ?? 0) + 1;
       if (e.kind === "pool") {
         if (e.object.case === "pool") this.pool = e.object.value;
         continue;

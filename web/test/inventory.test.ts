@@ -213,4 +213,14 @@ describe("Inventory", () => {
     expect(inv.nameOf("sr1")).toBe("local");
     expect(inv.nameOf("nothing")).toBe("");
   });
+
+  it("counts the events of each kind taken in, for views that ask the pool again on a change", () => {
+    const inv = new Inventory();
+    inv.apply(listing(10n));
+    expect(inv.changes).toMatchObject({ pool: 1, host: 2, vm: 2, sr: 1, volume: 1 });
+    expect(inv.changes.vmSnapshot).toBeUndefined();
+    inv.apply(msg(11n, [ev(11n, { kind: "vm_snapshot", id: "s1", deleted: true }), ev(11n, { kind: "someday", id: "x" })]));
+    expect(inv.changes.vmSnapshot).toBe(1);
+    expect(inv.changes.pool).toBe(1);
+  });
 });
