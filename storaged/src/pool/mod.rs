@@ -116,7 +116,7 @@ pub enum PoolError {
     ShrinkNeedsForce { id: Uuid, from: u64, to: u64 },
     #[error("{id} is neither volume {volume} nor derived from it (not of the same lineage)")]
     NotSameLineage { id: Uuid, volume: Uuid },
-    #[error("{snapshot} is not a snapshot of {volume}")]
+    #[error("{snapshot} is not a snapshot of {volume} or of a volume derived from it")]
     NotSnapshotOf { snapshot: Uuid, volume: Uuid },
     #[error("the pool failed after an I/O error while committing metadata; import it again")]
     Failed,
@@ -143,6 +143,21 @@ struct State {
 impl State {
     fn volume(&self, id: Uuid) -> Result<&Volume, PoolError> {
         self.volumes.get(&id).ok_or(PoolError::NoVolume(id))
+    }
+
+    /// Whether `v` was derived from `ancestor` through origin links (its own origin, that
+    /// one's, ...). A link to a deleted volume ends the walk.
+    fn derived_from(&self, v: &Volume, ancestor: Uuid) -> bool {
+        let mut origin = v.origin;
+        // Origins form no cycle (a volume's origin exists before it); bounded regardless.
+        for _ in 0..=self.volumes.len() {
+            match origin {
+                Some(o) if o == ancestor => return true,
+                Some(o) => origin = self.volumes.get(&o).and_then(|p| p.origin),
+                None => return false,
+            }
+        }
+        false
     }
 
     fn name_taken(&self, name: &str) -> bool {
