@@ -558,7 +558,11 @@ mod tests {
             matches!(e, PoolError::ReadOnly { .. })
         });
         // A snapshot of a clone of b's snapshot is not a's either.
-        let b2 = t.pool.clone_volume(snap_b, "b2", BTreeMap::new()).unwrap().id;
+        let b2 = t
+            .pool
+            .clone_volume(snap_b, "b2", BTreeMap::new())
+            .unwrap()
+            .id;
         let snap_b2 = t.pool.snapshot(b2, "b2@1", BTreeMap::new()).unwrap().id;
         assert_err(
             t.pool.revert(a, snap_b2),
@@ -572,11 +576,23 @@ mod tests {
         let base = t.volume("base", 2);
         let old = pattern(1, 2 * CHUNK as usize);
         t.pool.write(base, 0, &old).unwrap();
-        let s1 = t.pool.snapshot(base, "base@undo", BTreeMap::new()).unwrap().id;
-        let overlay = t.pool.clone_volume(s1, "overlay", BTreeMap::new()).unwrap().id;
+        let s1 = t
+            .pool
+            .snapshot(base, "base@undo", BTreeMap::new())
+            .unwrap()
+            .id;
+        let overlay = t
+            .pool
+            .clone_volume(s1, "overlay", BTreeMap::new())
+            .unwrap()
+            .id;
         let new = pattern(2, CHUNK as usize);
         t.pool.write(overlay, 512, &new).unwrap();
-        let s2 = t.pool.snapshot(overlay, "overlay@commit", BTreeMap::new()).unwrap().id;
+        let s2 = t
+            .pool
+            .snapshot(overlay, "overlay@commit", BTreeMap::new())
+            .unwrap()
+            .id;
         t.pool.revert(base, s2).unwrap();
         for gone in [s2, overlay, s1] {
             t.pool.delete_volume(gone).unwrap();
