@@ -145,21 +145,6 @@ impl State {
         self.volumes.get(&id).ok_or(PoolError::NoVolume(id))
     }
 
-    /// Whether `v` was derived from `ancestor` through origin links (its own origin, that
-    /// one's, ...). A link to a deleted volume ends the walk.
-    fn derived_from(&self, v: &Volume, ancestor: Uuid) -> bool {
-        let mut origin = v.origin;
-        // Origins form no cycle (a volume's origin exists before it); bounded regardless.
-        for _ in 0..=self.volumes.len() {
-            match origin {
-                Some(o) if o == ancestor => return true,
-                Some(o) => origin = self.volumes.get(&o).and_then(|p| p.origin),
-                None => return false,
-            }
-        }
-        false
-    }
-
     fn name_taken(&self, name: &str) -> bool {
         self.volumes.values().any(|v| v.name == name)
     }

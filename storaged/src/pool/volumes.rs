@@ -291,7 +291,7 @@ impl ThinPool {
             if vol.read_only() {
                 return Err(PoolError::ReadOnly { id: volume });
             }
-            if snap.kind != VolumeKind::Snapshot || !st.derived_from(&snap, volume) {
+            if snap.kind != VolumeKind::Snapshot || !st.descends_from(snapshot, volume) {
                 return Err(PoolError::NotSnapshotOf { snapshot, volume });
             }
             let State {
