@@ -706,7 +706,15 @@ impl PoolState {
                 // The job placed it when asked to start it; checked again here, since the
                 // host may have filled up while the disks were cloned.
                 let mut decided = None;
-                if !c.start_on_host.is_empty() {
+                if !c.start_on_host.is_empty()
+                    && !super::undo::undo_disks_without_overlay(&vm).is_empty()
+                {
+                    // Its undo disks' overlays come from a start of their own.
+                    decided = Some((
+                        "start".into(),
+                        "not started: its undo disks get their overlays when it is started".into(),
+                    ));
+                } else if !c.start_on_host.is_empty() {
                     match self.check_fits(&vm, &c.start_on_host) {
                         Ok(()) => {
                             vm.desired_power_state = hpb::PowerState::Running as i32;
