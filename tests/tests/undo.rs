@@ -140,4 +140,23 @@ fn an_undo_disk_is_discarded_then_committed() {
     assert_eq!(pool.shown("u", "undo_overlays"), "");
     shut_down(&pool, "u");
     pool.ctl(&["vm-destroy", "u"]);
+
+    // A repository without room for the overlay to grow to its disk's size: the start
+    // fails with the reason, the VM stays stopped, and no volume is left behind.
+    pool.create_sr(dir.path(), "small", "64M");
+    pool.ctl(&["vdi-create", "big-disk", "--sr", "small", "--size", "256M"]);
+    pool.ctl(&guest_vm(
+        "full",
+        "big-disk",
+        &elf,
+        "seed=3 blk=rw mode=heartbeat",
+        &["--undo"],
+    ));
+    assert_eq!(pool.shown("full", "undo_disks"), "vda:none");
+    let before = volumes();
+    pool.refused(&["vm-start", "full"], "MiB free");
+    assert_eq!(pool.shown("full", "power"), "stopped");
+    assert_eq!(pool.shown("full", "undo_overlays"), "");
+    assert_eq!(volumes(), before, "nothing left behind");
+    pool.ctl(&["vm-destroy", "full"]);
 }
