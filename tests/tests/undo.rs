@@ -94,7 +94,12 @@ fn an_undo_disk_is_discarded_then_committed() {
     pool.refused(&["vm-undo", "nosuchvm", "commit"], "nosuchvm");
     assert_eq!(pool.shown("u", "undo_overlays"), overlay);
 
-    // Discard: the base is exactly as before the start, the overlay gone.
+    // A backup reads what the guest sees: a snapshot of the overlay.
+    let backups = dir.path().join("backups").display().to_string();
+    pool.ctl(&["vm-backup", "u", &backups]);
+
+    // Discard: the base is exactly as before the start, the overlay gone (the backup's
+    // VM snapshot stays, as the next backup's base).
     pool.ctl(&["vm-undo", "u", "discard"]);
     assert_eq!(pool.shown("u", "undo_disks"), "vda:none");
     assert_eq!(pool.shown("u", "undo_overlays"), "");
@@ -102,7 +107,16 @@ fn an_undo_disk_is_discarded_then_committed() {
         pool.disk_bytes(dir.path(), "u-disk") == original,
         "discarded"
     );
+    let base_volumes = base_volumes + 1;
     assert_eq!(volumes(), base_volumes, "no overlay or snapshot left");
+    // The next backup reads the disk's own volume: whole, since the overlay the last one
+    // read is gone.
+    pool.ctl(&["vm-backup", "u", &backups]);
+    pool.ctl(&["vm-backup-verify", &backups]);
+    let manifest =
+        std::fs::read_to_string(dir.path().join("backups/point-0002/manifest.json")).unwrap();
+    assert!(manifest.contains("\"full\": true"), "{manifest}");
+    assert_eq!(volumes(), base_volumes);
     pool.refused(&["vm-undo", "u", "discard"], "no pending undo changes");
     pool.refused(&["vm-undo", "u", "commit"], "no pending undo changes");
 
