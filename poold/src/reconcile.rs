@@ -764,6 +764,56 @@ mod tests {
     use std::sync::Mutex as StdMutex;
 
     #[test]
+    fn an_undo_vms_host_keeps_its_overlay_and_gives_back_the_base() {
+        let mut state = crate::jobs::test_utils::World::two_hosts_one_running_vm().state();
+        let vm = state.vms.get_mut("vm1").unwrap();
+        vm.spec.as_mut().unwrap().disks[0].undo = true;
+        vm.undo_overlays = vec![pb::UndoOverlay {
+            disk_id: "vda".into(),
+            volume_id: "ov1".into(),
+            snapshot_id: "s1".into(),
+        }];
+        let export = |id: &str, vol: &str, grants: &[&str]| spb::Export {
+            id: id.into(),
+            volume_id: vol.into(),
+            grants: grants
+                .iter()
+                .map(|g| spb::AccessGrant {
+                    initiator_iqn: (*g).into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let client = "iqn.2026-11.lab:poolctl-export";
+        let exports = BTreeMap::from([(
+            "st:1".to_string(),
+            vec![
+                export("e-vol1", "vol1", &["iqn.h1"]),
+                export("e-ov1", "ov1", &["iqn.h1", client]),
+            ],
+        )]);
+        let running: Reported = BTreeMap::from([
+            (
+                "h1".into(),
+                BTreeMap::from([("vm1".into(), P::Running as i32)]),
+            ),
+            ("h2".into(), BTreeMap::new()),
+        ]);
+        let revokes: Vec<(String, String)> = plan_access(&state, &running, &exports)
+            .into_iter()
+            .map(|r| (r.export_id, r.initiator))
+            .collect();
+        assert_eq!(
+            revokes,
+            [
+                ("e-ov1".to_string(), client.to_string()),
+                ("e-vol1".to_string(), "iqn.h1".to_string()),
+            ]
+        );
+    }
+
+    #[test]
     fn a_clients_grant_goes_only_from_a_volume_a_vm_runs_on() {
         let state = crate::jobs::test_utils::World::two_hosts_one_running_vm().state();
         let export = |id: &str, vol: &str, grants: &[&str]| spb::Export {
