@@ -545,6 +545,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_snapshot_of_the_overlay_is_not_reverted_to_in_place_once_it_is_discarded() {
+        let world = undo_world();
+        started_and_stopped(&world).await;
+        let t = world.start_job(job(JobSpec::SnapshotVm(SnapshotVmJob {
+            snapshot_id: "s1".into(),
+            vm_id: "vm1".into(),
+            name: "in-undo".into(),
+            memory: false,
+        })));
+        world.drive(&t).await;
+        let t = world.start_job(end_job(false));
+        world.drive(&t).await;
+        assert_eq!(world.task(&t).state(), pb::TaskState::Succeeded);
+        let r = world.apply(Op::StartJob(job(JobSpec::RevertVm(RevertVmJob {
+            vm_id: "vm1".into(),
+            snapshot_id: "s1".into(),
+            host_id: String::new(),
+        }))));
+        assert_eq!(r.code, Code::FailedPrecondition as i32);
+        assert!(r.message.contains("vm-clone"), "{}", r.message);
+        assert!(
+            !world
+                .storage
+                .calls()
+                .iter()
+                .any(|c| c.starts_with("revert"))
+        );
+    }
+
+    #[tokio::test]
     async fn a_snapshot_of_an_undo_vm_reads_the_overlay_and_a_destroy_deletes_it() {
         let world = undo_world();
         started_and_stopped(&world).await;

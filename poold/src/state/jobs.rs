@@ -245,6 +245,7 @@ impl PoolState {
                 if !vm.undo_overlays.is_empty() {
                     return Err(super::undo::pending_refusal(vm, "revert it"));
                 }
+                self.check_revert_in_place(vm, snap)?;
                 self.check_revert_placement(vm, snap, &j.host_id)?;
                 Ok(j.vm_id.clone())
             }

@@ -140,6 +140,39 @@ impl PoolState {
         Ok(j.vm_id.clone())
     }
 
+    /// A VM snapshot taken while an undo disk ran on its overlay holds a snapshot of the
+    /// overlay, not of the disk's volume; once the overlay is committed or discarded, that
+    /// volume cannot be reverted to it in place (storaged reverts a volume only to its own
+    /// lineage, which the gone overlay no longer links).
+    pub(super) fn check_revert_in_place(
+        &self,
+        vm: &pb::Vm,
+        snap: &pb::VmSnapshot,
+    ) -> Result<(), CommandResult> {
+        let current = vm.spec.iter().flat_map(|s| &s.disks);
+        for d in snap.spec.iter().flat_map(|s| &s.disks) {
+            let same_volume = current
+                .clone()
+                .any(|c| c.disk_id == d.disk_id && c.volume_id == d.volume_id);
+            let of = snap
+                .disk_snapshots
+                .get(&d.disk_id)
+                .and_then(|v| self.volumes.get(v))
+                .map(|v| v.origin_id.as_str())
+                .unwrap_or_default();
+            if same_volume && !of.is_empty() && of != d.volume_id {
+                return Err(err(
+                    Code::FailedPrecondition,
+                    format!(
+                        "VM snapshot {} holds disk {} as its undo overlay {of} had it, and that overlay's changes were since committed or discarded: volume {} cannot be reverted to it in place; clone the snapshot (vm-clone) to get that disk back",
+                        snap.id, d.disk_id, d.volume_id
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// A spec change of a VM with pending undo changes keeps its disks as they are; and
     /// an undo disk must be writable.
     pub(super) fn check_undo_spec(
