@@ -129,6 +129,7 @@ pub const METHODS: &[(&str, Level, bool)] = &[
     ("RevertVm", Level::VmAdmin, true),
     ("DeleteVmSnapshot", Level::VmAdmin, true),
     ("CloneVm", Level::VmAdmin, true),
+    ("UndoVmChanges", Level::VmAdmin, true),
     ("CreateVif", Level::VmAdmin, true),
     ("DestroyVif", Level::VmAdmin, true),
     ("CreateTemplate", Level::VmAdmin, true),

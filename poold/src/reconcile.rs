@@ -10,8 +10,9 @@
 //! narrow interface to hosts; [`Actuator`] implements it over hostd and storaged.
 //!
 //! Storage access follows the VMs:
-//! - before a host creates a VM, each disk's volume is exported and the host's initiator
-//!   granted ([`crate::jobs::vm::disk_access`]), and hostd gets iSCSI disk configs;
+//! - before a host creates a VM, each disk's volume (an undo disk's overlay) is exported
+//!   and the host's initiator granted ([`crate::jobs::vm::disk_access`]), and hostd gets
+//!   iSCSI disk configs;
 //! - [`plan_access`] revokes a pool host's grant on a volume once no VM that uses the
 //!   volume is placed on, migrating to, or still running on that host. Hosts the pool
 //!   cannot see (unreachable) keep their grants: cutting them off is fencing's job, done
@@ -232,13 +233,10 @@ pub fn plan_access(
             || reported
                 .values()
                 .any(|vms| vms.get(&vm.id).is_some_and(|p| active(*p)));
+        // What a host runs the VM on: an undo disk's overlay, where it has one.
+        let disks = running_volumes(vm);
         if running {
-            in_use.extend(
-                vm.spec
-                    .iter()
-                    .flat_map(|s| &s.disks)
-                    .map(|d| d.volume_id.as_str()),
-            );
+            in_use.extend(disks.iter().copied());
         }
         let mut on: BTreeSet<&str> = BTreeSet::new();
         if !vm.host_id.is_empty() {
@@ -253,8 +251,8 @@ pub fn plan_access(
                 on.insert(h);
             }
         }
-        for d in vm.spec.iter().flat_map(|s| &s.disks) {
-            wanted.entry(&d.volume_id).or_default().extend(on.iter());
+        for v in disks {
+            wanted.entry(v).or_default().extend(on.iter());
         }
     }
     // A job that saves or restores a VM needs its host(s) to keep the VM's disks and its
@@ -294,12 +292,7 @@ pub fn plan_access(
             _ => continue,
         };
         let hosts = hosts.into_iter().filter(|h| !h.is_empty());
-        let disks = state
-            .vms
-            .get(vm_id)
-            .into_iter()
-            .flat_map(|v| v.spec.iter().flat_map(|s| &s.disks))
-            .map(|d| d.volume_id.as_str());
+        let disks = state.vms.get(vm_id).into_iter().flat_map(running_volumes);
         let made = output("disks").into_iter().flat_map(|d| d.split(','));
         for v in disks
             .chain(made)
@@ -343,6 +336,20 @@ pub fn plan_access(
     }
     out.sort();
     out
+}
+
+/// The volumes a host runs a VM's disks on: each disk's, or its undo overlay.
+fn running_volumes(vm: &pb::Vm) -> Vec<&str> {
+    vm.spec
+        .iter()
+        .flat_map(|s| &s.disks)
+        .map(|d| {
+            vm.undo_overlays
+                .iter()
+                .find(|o| o.disk_id == d.disk_id)
+                .map_or(d.volume_id.as_str(), |o| o.volume_id.as_str())
+        })
+        .collect()
 }
 
 /// A private network's VXLAN peers as each host running a VM on it should have them:
@@ -755,6 +762,56 @@ mod tests {
     use crate::state::command::*;
     use hpb::PowerState as P;
     use std::sync::Mutex as StdMutex;
+
+    #[test]
+    fn an_undo_vms_host_keeps_its_overlay_and_gives_back_the_base() {
+        let mut state = crate::jobs::test_utils::World::two_hosts_one_running_vm().state();
+        let vm = state.vms.get_mut("vm1").unwrap();
+        vm.spec.as_mut().unwrap().disks[0].undo = true;
+        vm.undo_overlays = vec![pb::UndoOverlay {
+            disk_id: "vda".into(),
+            volume_id: "ov1".into(),
+            snapshot_id: "s1".into(),
+        }];
+        let export = |id: &str, vol: &str, grants: &[&str]| spb::Export {
+            id: id.into(),
+            volume_id: vol.into(),
+            grants: grants
+                .iter()
+                .map(|g| spb::AccessGrant {
+                    initiator_iqn: (*g).into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let client = "iqn.2026-11.lab:poolctl-export";
+        let exports = BTreeMap::from([(
+            "st:1".to_string(),
+            vec![
+                export("e-vol1", "vol1", &["iqn.h1"]),
+                export("e-ov1", "ov1", &["iqn.h1", client]),
+            ],
+        )]);
+        let running: Reported = BTreeMap::from([
+            (
+                "h1".into(),
+                BTreeMap::from([("vm1".into(), P::Running as i32)]),
+            ),
+            ("h2".into(), BTreeMap::new()),
+        ]);
+        let revokes: Vec<(String, String)> = plan_access(&state, &running, &exports)
+            .into_iter()
+            .map(|r| (r.export_id, r.initiator))
+            .collect();
+        assert_eq!(
+            revokes,
+            [
+                ("e-ov1".to_string(), client.to_string()),
+                ("e-vol1".to_string(), "iqn.h1".to_string()),
+            ]
+        );
+    }
 
     #[test]
     fn a_clients_grant_goes_only_from_a_volume_a_vm_runs_on() {

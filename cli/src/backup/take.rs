@@ -204,13 +204,22 @@ async fn write_point(
             .disk_snapshots
             .get(&disk.disk_id)
             .with_context(|| format!("the VM snapshot has no copy of disk {}", disk.disk_id))?;
-        // Incremental only over the same volume's earlier snapshot.
-        let base_volume = previous_disks
+        // The volume the snapshot was taken of: the disk's, or the undo overlay the VM ran
+        // on, whose lineage the changed chunks are asked in.
+        let of = origin(ctl, target).await?;
+        // Incremental only over an earlier snapshot of the same volume (an undo disk's
+        // overlay is another one after a commit or discard: a full read then).
+        let mut base_volume = previous_disks
             .get(disk.disk_id.as_str())
             .filter(|d| d.volume_id == disk.volume_id)
             .and(base)
             .and_then(|b| b.disk_snapshots.get(&disk.disk_id));
-        let delta = read_disk(ctl, disk, base_volume, target, dir).await?;
+        if let Some(b) = base_volume
+            && origin(ctl, b).await? != of
+        {
+            base_volume = None;
+        }
+        let delta = read_disk(ctl, disk, &of, base_volume, target, dir).await?;
         taken.chunks += delta.chunks.len() as u64;
         taken.bytes += delta
             .chunks
@@ -238,6 +247,19 @@ async fn write_point(
     write_synced(&dir.join(format::MANIFEST), &json)?;
     sync_dir(dir)?;
     Ok(taken)
+}
+
+/// The volume a snapshot was taken of.
+async fn origin(ctl: &mut Ctl, snapshot: &str) -> anyhow::Result<String> {
+    let v = call!(
+        ctl.client,
+        get_volume,
+        pb::GetVolumeRequest {
+            volume_id: snapshot.to_owned()
+        }
+    )
+    .with_context(|| format!("reading snapshot {snapshot}"))?;
+    Ok(v.origin_id)
 }
 
 /// Every changed chunk range of `target` against `base`, all pages.
@@ -272,11 +294,12 @@ async fn changed(
 async fn read_disk(
     ctl: &mut Ctl,
     disk: &pb::VmDisk,
+    lineage: &str,
     base: Option<&String>,
     target: &str,
     dir: &Path,
 ) -> anyhow::Result<DiskDelta> {
-    let (chunk_size, size, ranges) = changed(ctl, &disk.volume_id, base, target).await?;
+    let (chunk_size, size, ranges) = changed(ctl, lineage, base, target).await?;
     let mut delta = DiskDelta {
         disk_id: disk.disk_id.clone(),
         volume_id: disk.volume_id.clone(),

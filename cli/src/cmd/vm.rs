@@ -24,6 +24,10 @@ pub enum VmCommand {
         /// Existing disks, in order (vda, vdb, ...).
         #[arg(long)]
         disk: Vec<String>,
+        /// The disks in undo mode: the VM runs on a throwaway clone of each, whose changes
+        /// vm-undo commits or discards once it is stopped.
+        #[arg(long, requires = "disk")]
+        undo: bool,
         #[arg(long, default_value_t = 1)]
         vcpus: u32,
         #[arg(long, value_parser = parse_size, default_value = "512M")]
@@ -71,6 +75,24 @@ pub enum VmCommand {
         /// HA restart order within its priority: lower restarts first.
         #[arg(long)]
         ha_order: Option<u32>,
+    },
+    /// Put a stopped VM's disk in undo mode or back in normal mode (not while it has
+    /// pending undo changes).
+    #[command(name = "vm-disk-mode")]
+    DiskMode {
+        vm: String,
+        /// The disk's id (vda, vdb, ...).
+        disk: String,
+        #[arg(value_parser = ["normal", "undo"])]
+        mode: String,
+    },
+    /// End a stopped VM's pending undo changes: commit them into its disks' volumes, or
+    /// discard them (the volumes are then as before the VM's start).
+    #[command(name = "vm-undo")]
+    Undo {
+        vm: String,
+        #[arg(value_parser = ["commit", "discard"])]
+        action: String,
     },
     /// VMs and where they run.
     #[command(name = "vm-list")]
@@ -215,6 +237,7 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
             name,
             template,
             disk,
+            undo,
             vcpus,
             memory,
             kernel,
@@ -236,6 +259,7 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
                     disk_id: format!("vd{}", (b'a' + i as u8) as char),
                     volume_id: ctl.vdi_id(d).await?,
                     read_only: false,
+                    undo,
                 });
             }
             let source = match template {
@@ -321,6 +345,42 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
                     request_id: new_request_id(),
                     vm_id,
                     spec: Some(spec)
+                }
+            )?;
+            ctl.follow(r).await?;
+        }
+        VmCommand::DiskMode { vm, disk, mode } => {
+            let vm_id = ctl.vm_id(&vm).await?;
+            let current = ctl.vms().await?.into_iter().find(|v| v.id == vm_id);
+            let mut spec = current
+                .and_then(|v| v.spec)
+                .with_context(|| format!("VM {vm} has no spec"))?;
+            let d = spec
+                .disks
+                .iter_mut()
+                .find(|d| d.disk_id == disk)
+                .with_context(|| format!("VM {vm} has no disk {disk}"))?;
+            d.undo = mode == "undo";
+            let r = call!(
+                ctl.client,
+                update_vm,
+                pb::UpdateVmRequest {
+                    request_id: new_request_id(),
+                    vm_id,
+                    spec: Some(spec)
+                }
+            )?;
+            ctl.follow(r).await?;
+        }
+        VmCommand::Undo { vm, action } => {
+            let vm_id = ctl.vm_id(&vm).await?;
+            let r = call!(
+                ctl.client,
+                undo_vm_changes,
+                pb::UndoVmChangesRequest {
+                    request_id: new_request_id(),
+                    vm_id,
+                    commit: action == "commit"
                 }
             )?;
             ctl.follow(r).await?;
@@ -638,10 +698,12 @@ fn vm_table(vms: Vec<pb::Vm>, hosts: &[pb::Host], ids: bool) -> Table {
     ];
     if ids {
         columns.push("VIFS");
+        columns.push("UNDO");
     }
     let mut t = Table::new(&columns);
     for v in vms {
         let vifs = super::net::vifs_cell(&v.vifs);
+        let undo = undo_cell(&v);
         let spec = v.spec.unwrap_or_default();
         let disks: Vec<&str> = spec.disks.iter().map(|d| d.volume_id.as_str()).collect();
         let host = match names.get(v.host_id.as_str()) {
@@ -661,14 +723,33 @@ fn vm_table(vms: Vec<pb::Vm>, hosts: &[pb::Host], ids: bool) -> Table {
         ];
         if ids {
             row.push(vifs.into());
+            row.push(undo.into());
         }
         t.row(row);
     }
     t
 }
 
+/// Each undo disk and whether it has changes pending ("vda:pending,vdb:none").
+fn undo_cell(v: &pb::Vm) -> String {
+    let disks = v.spec.iter().flat_map(|s| &s.disks).filter(|d| d.undo);
+    disks
+        .map(|d| {
+            let pending = v.undo_overlays.iter().any(|o| o.disk_id == d.disk_id);
+            format!("{}:{}", d.disk_id, if pending { "pending" } else { "none" })
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// vm-show: one row per field, the host by name.
 fn vm_fields(v: pb::Vm, hosts: &[pb::Host]) -> Table {
+    let undo = undo_cell(&v);
+    let overlays: Vec<String> = v
+        .undo_overlays
+        .iter()
+        .map(|o| format!("{}={}", o.disk_id, o.volume_id))
+        .collect();
     let spec = v.spec.unwrap_or_default();
     let host = hosts
         .iter()
@@ -677,7 +758,10 @@ fn vm_fields(v: pb::Vm, hosts: &[pb::Host]) -> Table {
     let disks: Vec<String> = spec
         .disks
         .iter()
-        .map(|d| format!("{}={}", d.disk_id, d.volume_id))
+        .map(|d| {
+            let mode = if d.undo { " (undo)" } else { "" };
+            format!("{}={}{mode}", d.disk_id, d.volume_id)
+        })
         .collect();
     let mut t = Table::new(&["FIELD", "VALUE"]);
     for (k, val) in [
@@ -689,6 +773,8 @@ fn vm_fields(v: pb::Vm, hosts: &[pb::Host]) -> Table {
         ("vcpus", spec.vcpus.to_string()),
         ("memory", human_bytes(spec.memory_bytes)),
         ("disks", disks.join(",")),
+        ("undo_disks", undo),
+        ("undo_overlays", overlays.join(",")),
         ("stopped", stop_reason(v.last_stop_reason)),
         ("state_volume", v.state_volume_id),
         ("current_snapshot", v.current_snapshot_id),
@@ -881,6 +967,49 @@ mod tests {
             ]
         );
         assert!(scripts.render(true).contains("\"host\": \"h-1111\""));
+    }
+
+    #[test]
+    fn vm_show_and_long_list_name_undo_disks_and_their_pending_changes() {
+        let disk = |id: &str, undo: bool| pb::VmDisk {
+            disk_id: id.into(),
+            volume_id: format!("vol-{id}"),
+            undo,
+            ..Default::default()
+        };
+        let v = pb::Vm {
+            id: "a".into(),
+            spec: Some(pb::VmSpec {
+                name: "vm-a".into(),
+                disks: vec![disk("vda", true), disk("vdb", false), disk("vdc", true)],
+                ..Default::default()
+            }),
+            undo_overlays: vec![pb::UndoOverlay {
+                disk_id: "vda".into(),
+                volume_id: "ov1".into(),
+                snapshot_id: "s1".into(),
+            }],
+            ..Default::default()
+        };
+        assert_eq!(undo_cell(&v), "vda:pending,vdc:none");
+        let t = vm_fields(v.clone(), &[]);
+        let field = |k: &str| {
+            t.rows
+                .iter()
+                .find(|r| r[0] == Value::from(k))
+                .map(|r| r[1].clone())
+                .unwrap()
+        };
+        assert_eq!(
+            field("disks"),
+            Value::from("vda=vol-vda (undo),vdb=vol-vdb,vdc=vol-vdc (undo)")
+        );
+        assert_eq!(field("undo_overlays"), Value::from("vda=ov1"));
+        let long = vm_table(vec![v], &[], true);
+        assert_eq!(
+            long.rows[0].last().cloned(),
+            Some(Value::from("vda:pending,vdc:none"))
+        );
     }
 
     #[test]

@@ -158,6 +158,7 @@ pub async fn import(ctl: &mut Ctl, args: ImportArgs<'_>) -> anyhow::Result<Strin
                 disk_id,
                 volume_id,
                 read_only: false,
+                undo: false,
             });
         }
         let spec = pb::VmSpec {

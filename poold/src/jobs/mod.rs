@@ -26,6 +26,7 @@
 //! - [`suspend`]: suspend to a state volume, resume from it, quick migration;
 //! - [`checkpoint`]: VM snapshots with memory (taken by [`vm`]'s snapshot job, reverted
 //!   to by its revert job);
+//! - [`undo`]: undo disks: the start that makes a VM's overlays, their commit or discard;
 //! - [`ha`]: fencing an unreachable host at the storage, restarting its VMs elsewhere.
 
 pub mod checkpoint;
@@ -33,6 +34,7 @@ pub mod ha;
 pub mod migrate;
 pub mod storage;
 pub mod suspend;
+pub mod undo;
 pub mod vifs;
 pub mod vm;
 
@@ -292,6 +294,8 @@ pub async fn execute(env: &Env, job: &Job) -> Result<Finish, JobError> {
         JobSpec::FenceHost(j) => ha::fence(env, job, j).await,
         JobSpec::SuspendVm(j) => suspend::suspend(env, job, j).await,
         JobSpec::ResumeVm(j) => suspend::resume(env, job, j).await,
+        JobSpec::StartUndoVm(j) => undo::start(env, job, j).await,
+        JobSpec::EndUndo(j) => undo::end(env, job, j).await,
     }
 }
 

@@ -513,6 +513,7 @@ impl World {
                         disk_id: "vda".into(),
                         volume_id: "vol1".into(),
                         read_only: false,
+                        undo: false,
                     }],
                     ha_priority: pb::HaRestartPriority::Restart as i32,
                     ..Default::default()
@@ -580,6 +581,21 @@ impl World {
         );
         assert_eq!(r.code, 0, "job refused: {}", r.message);
         task_id
+    }
+
+    /// Applies `op` as a person's command; its result.
+    pub fn apply(&self, op: Op) -> CommandResult {
+        let mut s = self.ledger.state.lock().unwrap();
+        let n = s.applied_index + 1;
+        s.apply(
+            n,
+            &Command {
+                at_ms: 700,
+                task_id: format!("t{n}"),
+                op: Some(op),
+                ..Default::default()
+            },
+        )
     }
 
     pub async fn drive(&self, task: &str) {

@@ -91,7 +91,18 @@ pub struct HostAccess {
 /// Makes sure the host may reach each disk's volume (exported, its initiator granted) and
 /// returns the disks as hostd takes them, with the VM's network interfaces on that host.
 pub async fn disk_access(env: &Env, vm: &pb::Vm, host_id: &str) -> Result<HostAccess, JobError> {
-    let spec = vm.spec.clone().unwrap_or_default();
+    // An undo disk runs on its overlay; one without an overlay never runs (its start makes
+    // it first), so its volume is not written.
+    if let Some(d) = crate::state::undo::undo_disks_without_overlay(vm).first() {
+        return Err(JobError::refused(
+            Code::FailedPrecondition,
+            format!(
+                "VM {}'s undo disk {} has no overlay; start the VM again (its start makes one)",
+                vm.id, d.disk_id
+            ),
+        ));
+    }
+    let spec = crate::state::undo::running_spec(vm);
     let (disks, pool_initiators, chap) = read(&*env.ledger, |s| {
         let pool: std::collections::BTreeSet<String> = s
             .hosts
@@ -253,7 +264,8 @@ pub(super) async fn snapshot_disks(
     label: &str,
     state: Option<hpb::IscsiDisk>,
 ) -> Result<Snapped, JobError> {
-    let spec = vm.spec.clone().unwrap_or_default();
+    // What the guest sees: an undo disk's overlay, when it has one.
+    let spec = crate::state::undo::running_spec(vm);
     let disks = read(&*env.ledger, |s| disks_of(s, &spec))?;
     let running = !vm.host_id.is_empty()
         && matches!(
@@ -891,6 +903,23 @@ pub async fn destroy_vm(env: &Env, job: &Job, j: &DestroyVmJob) -> Result<Finish
         ));
     }
     let mut f = Finish::default();
+    // Pending undo changes go with it: nothing else uses an overlay or its snapshot.
+    for o in &vm.undo_overlays {
+        let Ok(loc) = read(&*env.ledger, |s| volume_loc(s, &o.volume_id)) else {
+            continue;
+        };
+        env.step(
+            &job.task_id,
+            2,
+            &format!("deleting disk {}'s undo changes", o.disk_id),
+            &[],
+        )
+        .await?;
+        for v in [&o.volume_id, &o.snapshot_id] {
+            delete_once(env, &loc, v).await?;
+            f = f.effect(EffectKind::RemoveVolume(v.clone()));
+        }
+    }
     // A suspended VM's saved state goes with it.
     if !vm.state_volume_id.is_empty()
         && let Ok(loc) = read(&*env.ledger, |s| volume_loc(s, &vm.state_volume_id))

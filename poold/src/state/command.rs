@@ -14,10 +14,11 @@ mod jobs;
 mod trust;
 mod users;
 pub use jobs::{
-    CloneVmJob, CreateSrJob, DeleteVmSnapshotJob, DestroyVmJob, Effect, EffectKind, FenceHostJob,
-    FinishJob, Job, JobSpec, JobStep, MigrateVmJob, MoveVm, RebootVmJob, ResumeVmJob, RevertVmJob,
-    ScheduleJob, ScheduleRun, SetCurrentSnapshot, SnapshotVmJob, SuspendVmJob, TemplateFromVmJob,
-    VmFromTemplateJob, VmSuspended, VolumeAction, VolumeJob,
+    CloneVmJob, CreateSrJob, DeleteVmSnapshotJob, DestroyVmJob, Effect, EffectKind, EndUndoJob,
+    FenceHostJob, FinishJob, Job, JobSpec, JobStep, MigrateVmJob, MoveVm, RebootVmJob, ResumeVmJob,
+    RevertVmJob, ScheduleJob, ScheduleRun, SetCurrentSnapshot, SnapshotVmJob, StartUndoVmJob,
+    SuspendVmJob, TemplateFromVmJob, UndoStarted, VmFromTemplateJob, VmSuspended, VolumeAction,
+    VolumeJob,
 };
 pub use trust::{
     CaRollRecord, FinishCaRoll, IssuedRecord, JoinTokenRecord, PoolCaRecord, RedeemJoinToken,

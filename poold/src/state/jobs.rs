@@ -63,6 +63,15 @@ impl PoolState {
         {
             return Some(format!("the saved state of suspended VM {}", vm.id));
         }
+        // An overlay, or the snapshot it came from (a disk's own volume is named below).
+        if let Some((vm, o)) = self.undo_user(volume_id)
+            && (o.volume_id == volume_id || o.snapshot_id == volume_id)
+        {
+            return Some(format!(
+                "the undo changes of disk {} of VM {}",
+                o.disk_id, vm.id
+            ));
+        }
         for vm in self.vms.values() {
             if let Some(d) = vm
                 .spec
@@ -233,6 +242,10 @@ impl PoolState {
                         format!("VM {} is running: shut it down before reverting it", vm.id),
                     ));
                 }
+                if !vm.undo_overlays.is_empty() {
+                    return Err(super::undo::pending_refusal(vm, "revert it"));
+                }
+                self.check_revert_in_place(vm, snap)?;
                 self.check_revert_placement(vm, snap, &j.host_id)?;
                 Ok(j.vm_id.clone())
             }
@@ -368,6 +381,8 @@ impl PoolState {
             }
             JobSpec::SuspendVm(j) => self.check_suspend(j),
             JobSpec::ResumeVm(j) => self.check_resume(j),
+            JobSpec::StartUndoVm(j) => self.check_start_undo(j),
+            JobSpec::EndUndo(j) => self.check_end_undo(j),
         }
     }
 
@@ -439,6 +454,12 @@ impl PoolState {
                         .is_some_and(|s| s.disks.iter().any(|d| d.volume_id == v.volume_id))
             })
         };
+        match action {
+            VolumeAction::Resize => self.check_not_undo_volume(&v.volume_id, "resized")?,
+            VolumeAction::Revert => self.check_not_undo_volume(&v.volume_id, "reverted")?,
+            VolumeAction::Delete => self.check_not_undo_volume(&v.volume_id, "deleted")?,
+            _ => {}
+        }
         match action {
             VolumeAction::Resize => {
                 if v.size_bytes == 0 || !v.size_bytes.is_multiple_of(512) {
@@ -686,7 +707,15 @@ impl PoolState {
                 // The job placed it when asked to start it; checked again here, since the
                 // host may have filled up while the disks were cloned.
                 let mut decided = None;
-                if !c.start_on_host.is_empty() {
+                if !c.start_on_host.is_empty()
+                    && !super::undo::undo_disks_without_overlay(&vm).is_empty()
+                {
+                    // Its undo disks' overlays come from a start of their own.
+                    decided = Some((
+                        "start".into(),
+                        "not started: its undo disks get their overlays when it is started".into(),
+                    ));
+                } else if !c.start_on_host.is_empty() {
                     match self.check_fits(&vm, &c.start_on_host) {
                         Ok(()) => {
                             vm.desired_power_state = hpb::PowerState::Running as i32;
@@ -780,6 +809,8 @@ impl PoolState {
             }
             EffectKind::VmSuspended(v) => self.apply_vm_suspended(v),
             EffectKind::VmResumed(m) => self.apply_vm_resumed(m),
+            EffectKind::UndoStarted(u) => return self.apply_undo_started(u),
+            EffectKind::UndoEnded(vm_id) => self.apply_undo_ended(vm_id),
             EffectKind::MoveVm(m) => {
                 // The migration ended with the VM running on the destination: recorded
                 // now, so the next action on it (another migration) does not meet the

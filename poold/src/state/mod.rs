@@ -4,7 +4,7 @@
 //! [`machine`] holds the state and the apply loop (request ids, tasks, audit of each
 //! command); each kind of object has its part of the apply in a file of its own:
 //! [`hosts`], [`storage`] (repositories and volumes), [`vms`] (VMs and templates),
-//! [`jobs`] (long operations), [`suspend`] (suspended VMs), [`schedules`] (scheduled snapshots), [`users`] (users, roles, audit log), [`trust`] (the pool's
+//! [`jobs`] (long operations), [`suspend`] (suspended VMs), [`undo`] (undo disks' overlays), [`schedules`] (scheduled snapshots), [`users`] (users, roles, audit log), [`trust`] (the pool's
 //! CA and join tokens), [`networks`] (guest networks, VIFs, MACs), [`alerts`] (raised and cleared as the state
 //! changes); [`placement`] is what
 //! the scheduler sees of the state. [`changes`] turns what a command changed into the
@@ -24,6 +24,7 @@ pub mod snapshot;
 pub mod storage;
 pub mod suspend;
 pub mod trust;
+pub mod undo;
 pub mod users;
 pub mod vms;
 

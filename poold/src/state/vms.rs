@@ -63,6 +63,7 @@ impl PoolState {
             .clone()
             .ok_or_else(|| err(Code::InvalidArgument, "a VM needs a spec"))?;
         self.validate_spec(&spec)?;
+        self.check_undo_spec(None, &spec)?;
         if !c.template_id.is_empty() && !self.templates.contains_key(&c.template_id) {
             return Err(err(
                 Code::NotFound,
@@ -85,6 +86,12 @@ impl PoolState {
             ..Default::default()
         };
         let mut applied = Applied::done(&c.vm_id);
+        if !c.start_on_host.is_empty() && !super::undo::undo_disks_without_overlay(&vm).is_empty() {
+            return Err(err(
+                Code::FailedPrecondition,
+                "a VM with undo disks is created stopped, then started (its start makes the overlays)",
+            ));
+        }
         if !c.start_on_host.is_empty() {
             self.check_fits(&vm, &c.start_on_host)?;
             vm.desired_power_state = hpb::PowerState::Running as i32;
@@ -104,6 +111,7 @@ impl PoolState {
             .clone()
             .ok_or_else(|| err(Code::InvalidArgument, "UpdateVm needs a spec"))?;
         self.validate_spec(&spec)?;
+        self.check_undo_spec(Some(self.vm(&u.vm_id)?), &spec)?;
         let vm = self.vm_mut(&u.vm_id)?;
         let old = vm.spec.clone().unwrap_or_default();
         let stopped = vm.desired_power_state() == hpb::PowerState::Stopped
@@ -154,6 +162,15 @@ impl PoolState {
                 if vm.host_id.is_empty() {
                     if p.host_id.is_empty() {
                         return Err(err(Code::InvalidArgument, "a start needs a placement"));
+                    }
+                    if !super::undo::undo_disks_without_overlay(&vm).is_empty() {
+                        return Err(err(
+                            Code::FailedPrecondition,
+                            format!(
+                                "VM {} has undo disks without an overlay: its start (StartVm) makes them first",
+                                vm.id
+                            ),
+                        ));
                     }
                     self.check_fits(&vm, &p.host_id)?;
                 } else if vm.desired_power_state() == hpb::PowerState::Stopped

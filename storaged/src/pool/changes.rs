@@ -36,7 +36,7 @@ pub struct ChangedChunks {
 
 impl State {
     /// Whether `id` is `volume` or was derived from it, following origin links.
-    fn descends_from(&self, id: Uuid, volume: Uuid) -> bool {
+    pub(super) fn descends_from(&self, id: Uuid, volume: Uuid) -> bool {
         let mut at = Some(id);
         // Bounded by the number of volumes: a cycle cannot be, but must not hang.
         for _ in 0..=self.volumes.len() {

@@ -116,7 +116,7 @@ pub enum PoolError {
     ShrinkNeedsForce { id: Uuid, from: u64, to: u64 },
     #[error("{id} is neither volume {volume} nor derived from it (not of the same lineage)")]
     NotSameLineage { id: Uuid, volume: Uuid },
-    #[error("{snapshot} is not a snapshot of {volume}")]
+    #[error("{snapshot} is not a snapshot of {volume} or of a volume derived from it")]
     NotSnapshotOf { snapshot: Uuid, volume: Uuid },
     #[error("the pool failed after an I/O error while committing metadata; import it again")]
     Failed,

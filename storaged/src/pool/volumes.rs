@@ -278,7 +278,10 @@ impl ThinPool {
         self.derive_volume(source, name, VolumeKind::Clone, labels)
     }
 
-    /// Makes `volume` read what `snapshot` (a snapshot of it) holds.
+    /// Makes `volume` read what `snapshot` holds: a snapshot of it, or of a volume derived
+    /// from it through origin links (a snapshot of a clone of one of its snapshots: how an
+    /// undo disk's overlay is committed). O(1) and atomic, as a snapshot is: `volume`
+    /// takes the snapshot's root.
     pub fn revert(&self, volume: Uuid, snapshot: Uuid) -> Result<VolumeInfo, PoolError> {
         self.check_failed()?;
         {
@@ -288,7 +291,7 @@ impl ThinPool {
             if vol.read_only() {
                 return Err(PoolError::ReadOnly { id: volume });
             }
-            if snap.kind != VolumeKind::Snapshot || snap.origin != Some(volume) {
+            if snap.kind != VolumeKind::Snapshot || !st.descends_from(snapshot, volume) {
                 return Err(PoolError::NotSnapshotOf { snapshot, volume });
             }
             let State {
@@ -554,6 +557,52 @@ mod tests {
         assert_err(t.pool.revert(snap_b, snap_b), |e| {
             matches!(e, PoolError::ReadOnly { .. })
         });
+        // A snapshot of a clone of b's snapshot is not a's either.
+        let b2 = t
+            .pool
+            .clone_volume(snap_b, "b2", BTreeMap::new())
+            .unwrap()
+            .id;
+        let snap_b2 = t.pool.snapshot(b2, "b2@1", BTreeMap::new()).unwrap().id;
+        assert_err(
+            t.pool.revert(a, snap_b2),
+            |e| matches!(e, PoolError::NotSnapshotOf { volume, .. } if *volume == a),
+        );
+    }
+
+    #[test]
+    fn revert_to_a_snapshot_of_a_clone_of_its_snapshot_takes_the_clones_data() {
+        let t = TestPool::new(32);
+        let base = t.volume("base", 2);
+        let old = pattern(1, 2 * CHUNK as usize);
+        t.pool.write(base, 0, &old).unwrap();
+        let s1 = t
+            .pool
+            .snapshot(base, "base@undo", BTreeMap::new())
+            .unwrap()
+            .id;
+        let overlay = t
+            .pool
+            .clone_volume(s1, "overlay", BTreeMap::new())
+            .unwrap()
+            .id;
+        let new = pattern(2, CHUNK as usize);
+        t.pool.write(overlay, 512, &new).unwrap();
+        let s2 = t
+            .pool
+            .snapshot(overlay, "overlay@commit", BTreeMap::new())
+            .unwrap()
+            .id;
+        t.pool.revert(base, s2).unwrap();
+        for gone in [s2, overlay, s1] {
+            t.pool.delete_volume(gone).unwrap();
+        }
+        let mut want = old.clone();
+        want[512..512 + new.len()].copy_from_slice(&new);
+        assert_eq!(t.read(base, 0, want.len()), want);
+        let t = t.reopen();
+        assert_eq!(t.read(base, 0, want.len()), want);
+        assert!(t.pool.check(false).unwrap().clean());
     }
 
     #[test]

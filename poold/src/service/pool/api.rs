@@ -432,6 +432,12 @@ impl PoolService for PoolHandler {
             .map(Response::new)
     }
 
+    async fn undo_vm_changes(&self, r: Request<pb::UndoVmChangesRequest>) -> R<pb::TaskResponse> {
+        let who = self.authorize(&r, "UndoVmChanges")?;
+        let res = vms::undo_changes(self, &who, r.into_inner()).await;
+        self.done(&who, res)
+    }
+
     async fn revert_vm(&self, r: Request<pb::RevertVmRequest>) -> R<pb::TaskResponse> {
         let who = self.authorize(&r, "RevertVm")?;
         let res = vms::revert(self, &who, r.into_inner()).await;

@@ -228,10 +228,12 @@ async fn volume_for_access(svc: &PoolHandler, volume_id: &str) -> Result<(SrLoc,
             let loc = crate::jobs::storage::volume_loc(s, volume_id).map_err(job_status)?;
             let size = s.volumes[volume_id].virtual_size_bytes;
             let user = s.vms.values().find(|vm| {
+                // The volume of a disk, or the undo overlay a host runs it on.
                 let uses = vm
                     .spec
                     .as_ref()
-                    .is_some_and(|sp| sp.disks.iter().any(|d| d.volume_id == volume_id));
+                    .is_some_and(|sp| sp.disks.iter().any(|d| d.volume_id == volume_id))
+                    || vm.undo_overlays.iter().any(|o| o.volume_id == volume_id);
                 let stopped = vm.desired_power_state() == hpb::PowerState::Stopped
                     && vm.power_state() == hpb::PowerState::Stopped;
                 uses && !stopped

@@ -12,6 +12,7 @@ use crate::auth::Caller;
 use crate::scheduler;
 use crate::state::command::*;
 use crate::state::jobs::{power_name, suspended_refusal, vm_suspended};
+use crate::state::undo::undo_disks_without_overlay;
 
 /// A new VM from a spec, or from a template with what the request says of the VM over
 /// the template's. A template with disks is cloned by a job; otherwise the VM is
@@ -82,6 +83,29 @@ pub(super) async fn create(
             String::new(),
         ),
     };
+    // Undo disks get their overlays from the start: the VM is made stopped, then started.
+    let undo = spec.disks.iter().any(|d| d.undo);
+    if undo && (r.start || !r.host_id.is_empty()) {
+        let op = Op::CreateVm(CreateVm {
+            vm_id: vm_id.clone(),
+            spec: Some(spec),
+            template_id,
+            start_on_host: String::new(),
+            vifs,
+        });
+        svc.c.write(who, &r.request_id, op).await?;
+        let start = pb::VmPowerRequest {
+            request_id: if r.request_id.is_empty() {
+                String::new()
+            } else {
+                format!("{}-start", r.request_id)
+            },
+            vm_id,
+            host_id: r.host_id,
+            force: false,
+        };
+        return set_power(svc, who, start, hpb::PowerState::Running).await;
+    }
     if r.start || !r.host_id.is_empty() {
         let networks: Vec<&str> = vifs.iter().map(|v| v.network_id.as_str()).collect();
         return svc
@@ -170,6 +194,24 @@ pub(super) async fn set_power(
             let r = suspended_refusal(&vm, "started");
             return Err(Status::new(tonic::Code::from(r.code), r.message));
         }
+        if vm.host_id.is_empty() && !undo_disks_without_overlay(&vm).is_empty() {
+            // Its undo disks' overlays are made first (a job), which then places it.
+            if let Some(prev) = svc
+                .c
+                .read(|s| s.lookup_request(&r.request_id, "vm.start"))
+                .await?
+            {
+                return prev.into_status();
+            }
+            let spec = vm.spec.clone().unwrap_or_default();
+            let networks: Vec<&str> = vm.vifs.iter().map(|v| v.network_id.as_str()).collect();
+            let host_id = svc.c.schedule(&spec, &networks, &r.host_id).await?;
+            let job = JobSpec::StartUndoVm(StartUndoVmJob {
+                vm_id: vm.id.clone(),
+                host_id,
+            });
+            return svc.start_job(who, &r.request_id, job).await;
+        }
         if vm.host_id.is_empty() {
             let spec = vm.spec.clone().unwrap_or_default();
             let vm_id = r.vm_id.clone();
@@ -222,6 +264,20 @@ pub(super) async fn destroy(
         delete_disks: r.delete_disks,
     });
     svc.start_job(who, &r.request_id, spec).await
+}
+
+/// Commits or discards a stopped VM's pending undo changes (a job; see `jobs::undo`).
+pub(super) async fn undo_changes(
+    svc: &PoolHandler,
+    who: &Caller,
+    r: pb::UndoVmChangesRequest,
+) -> Result<pb::Task, Status> {
+    need("vm_id", &r.vm_id)?;
+    let job = JobSpec::EndUndo(EndUndoJob {
+        vm_id: r.vm_id,
+        commit: r.commit,
+    });
+    svc.start_job(who, &r.request_id, job).await
 }
 
 /// Suspends a running or paused VM into a state volume (a job; see `jobs::suspend`).

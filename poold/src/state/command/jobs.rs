@@ -19,7 +19,7 @@ pub struct Job {
     pub cancel_requested: bool,
     #[prost(
         oneof = "JobSpec",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25"
     )]
     pub spec: Option<JobSpec>,
 }
@@ -50,6 +50,9 @@ impl Job {
             Some(JobSpec::SuspendVm(j)) if !j.resume_on_host_id.is_empty() => "vm.migrate.quick",
             Some(JobSpec::SuspendVm(_)) => "vm.suspend",
             Some(JobSpec::ResumeVm(_)) => "vm.resume",
+            Some(JobSpec::StartUndoVm(_)) => "vm.start",
+            Some(JobSpec::EndUndo(j)) if j.commit => "vm.undo.commit",
+            Some(JobSpec::EndUndo(_)) => "vm.undo.discard",
             None => "job.empty",
         }
     }
@@ -68,6 +71,8 @@ impl Job {
             Some(JobSpec::CloneVm(j)) => Some(&j.source_id),
             Some(JobSpec::SuspendVm(j)) => Some(&j.vm_id),
             Some(JobSpec::ResumeVm(j)) => Some(&j.vm_id),
+            Some(JobSpec::StartUndoVm(j)) => Some(&j.vm_id),
+            Some(JobSpec::EndUndo(j)) => Some(&j.vm_id),
             _ => None,
         }
     }
@@ -120,6 +125,10 @@ pub enum JobSpec {
     SuspendVm(SuspendVmJob),
     #[prost(message, tag = "23")]
     ResumeVm(ResumeVmJob),
+    #[prost(message, tag = "24")]
+    StartUndoVm(StartUndoVmJob),
+    #[prost(message, tag = "25")]
+    EndUndo(EndUndoJob),
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -348,6 +357,39 @@ pub struct ResumeVmJob {
     pub host_id: String,
 }
 
+/// Starts a stopped VM whose undo disks lack an overlay: each gets one (a snapshot of its
+/// volume, cloned), then the VM is placed on `host_id` to run (see `jobs::undo`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StartUndoVmJob {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    /// Where it runs, placed by the call (checked again when the job ends).
+    #[prost(string, tag = "2")]
+    pub host_id: String,
+}
+
+/// Ends a stopped VM's pending undo changes: commits them into the disks' volumes, or
+/// discards them; the overlays go either way.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct EndUndoJob {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    #[prost(bool, tag = "2")]
+    pub commit: bool,
+}
+
+/// A start made the VM's undo overlays: recorded on the VM, which then runs on `host_id`
+/// when that still fits (else it stays stopped, its overlays kept).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UndoStarted {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    #[prost(message, repeated, tag = "2")]
+    pub overlays: Vec<pb::UndoOverlay>,
+    #[prost(string, tag = "3")]
+    pub host_id: String,
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct JobStep {
     #[prost(string, tag = "1")]
@@ -387,7 +429,7 @@ pub struct FinishJob {
 pub struct Effect {
     #[prost(
         oneof = "EffectKind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"
     )]
     pub kind: Option<EffectKind>,
 }
@@ -435,6 +477,12 @@ pub enum EffectKind {
     /// The suspended VM runs on `to_host_id` again; it no longer has a state volume.
     #[prost(message, tag = "14")]
     VmResumed(MoveVm),
+    /// A start made undo overlays (see [`UndoStarted`]).
+    #[prost(message, tag = "15")]
+    UndoStarted(UndoStarted),
+    /// The VM's undo changes were committed or discarded: it has no overlay any more.
+    #[prost(string, tag = "16")]
+    UndoEnded(String),
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
