@@ -553,6 +553,7 @@ mod tests {
             vm_id: "vm1".into(),
             name: "in-undo".into(),
             memory: false,
+            ..Default::default()
         })));
         world.drive(&t).await;
         let t = world.start_job(end_job(false));
@@ -583,6 +584,7 @@ mod tests {
             vm_id: "vm1".into(),
             name: "before".into(),
             memory: false,
+            ..Default::default()
         })));
         world.drive(&t).await;
         assert_eq!(world.task(&t).state(), pb::TaskState::Succeeded);
