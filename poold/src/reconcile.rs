@@ -763,17 +763,9 @@ mod tests {
     use hpb::PowerState as P;
     use std::sync::Mutex as StdMutex;
 
-    #[test]
-    fn an_undo_vms_host_keeps_its_overlay_and_gives_back_the_base() {
-        let mut state = crate::jobs::test_utils::World::two_hosts_one_running_vm().state();
-        let vm = state.vms.get_mut("vm1").unwrap();
-        vm.spec.as_mut().unwrap().disks[0].undo = true;
-        vm.undo_overlays = vec![pb::UndoOverlay {
-            disk_id: "vda".into(),
-            volume_id: "ov1".into(),
-            snapshot_id: "s1".into(),
-        }];
-        let export = |id: &str, vol: &str, grants: &[&str]| spb::Export {
+    /// Export `id` of volume `vol`, granted to `grants`.
+    fn export(id: &str, vol: &str, grants: &[&str]) -> spb::Export {
+        spb::Export {
             id: id.into(),
             volume_id: vol.into(),
             grants: grants
@@ -784,7 +776,18 @@ mod tests {
                 })
                 .collect(),
             ..Default::default()
-        };
+        }
+    }
+    #[test]
+    fn an_undo_vms_host_keeps_its_overlay_and_gives_back_the_base() {
+        let mut state = crate::jobs::test_utils::World::two_hosts_one_running_vm().state();
+        let vm = state.vms.get_mut("vm1").unwrap();
+        vm.spec.as_mut().unwrap().disks[0].undo = true;
+        vm.undo_overlays = vec![pb::UndoOverlay {
+            disk_id: "vda".into(),
+            volume_id: "ov1".into(),
+            snapshot_id: "s1".into(),
+        }];
         let client = "iqn.2026-11.lab:poolctl-export";
         let exports = BTreeMap::from([(
             "st:1".to_string(),
@@ -816,18 +819,6 @@ mod tests {
     #[test]
     fn a_clients_grant_goes_only_from_a_volume_a_vm_runs_on() {
         let state = crate::jobs::test_utils::World::two_hosts_one_running_vm().state();
-        let export = |id: &str, vol: &str, grants: &[&str]| spb::Export {
-            id: id.into(),
-            volume_id: vol.into(),
-            grants: grants
-                .iter()
-                .map(|g| spb::AccessGrant {
-                    initiator_iqn: (*g).into(),
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        };
         let client = "iqn.2026-11.lab:poolctl-export";
         let exports = BTreeMap::from([(
             "st:1".to_string(),

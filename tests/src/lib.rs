@@ -346,7 +346,20 @@ impl Coordinators {
 
 /// Runs `poolctl` against the given pool and returns its output.
 pub fn poolctl(pool: &PoolArg, args: &[&str]) -> Output {
-    pool.poolctl().args(args).output().expect("run poolctl")
+    // Under `timeout`: a task that never ends fails the test (exit 124) in 10 minutes
+    // instead of holding CI until its own limit.
+    let inner = pool.poolctl();
+    let mut cmd = Command::new("timeout");
+    cmd.args(["--kill-after=10", "600"])
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    for (k, v) in inner.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    cmd.args(args).output().expect("run poolctl")
 }
 
 /// Writes `secret` into a new 0600 file `dir/<name>` and returns its path, for

@@ -338,16 +338,7 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
                     .context("the VM has no kernel to give a command line to")?
                     .command_line = c;
             }
-            let r = call!(
-                ctl.client,
-                update_vm,
-                pb::UpdateVmRequest {
-                    request_id: new_request_id(),
-                    vm_id,
-                    spec: Some(spec)
-                }
-            )?;
-            ctl.follow(r).await?;
+            update_spec(ctl, vm_id, spec).await?;
         }
         VmCommand::DiskMode { vm, disk, mode } => {
             let vm_id = ctl.vm_id(&vm).await?;
@@ -361,16 +352,7 @@ pub async fn run(ctl: &mut Ctl, command: VmCommand) -> anyhow::Result<()> {
                 .find(|d| d.disk_id == disk)
                 .with_context(|| format!("VM {vm} has no disk {disk}"))?;
             d.undo = mode == "undo";
-            let r = call!(
-                ctl.client,
-                update_vm,
-                pb::UpdateVmRequest {
-                    request_id: new_request_id(),
-                    vm_id,
-                    spec: Some(spec)
-                }
-            )?;
-            ctl.follow(r).await?;
+            update_spec(ctl, vm_id, spec).await?;
         }
         VmCommand::Undo { vm, action } => {
             let vm_id = ctl.vm_id(&vm).await?;
@@ -837,6 +819,21 @@ fn metrics_table(m: &hpb::VmMetrics) -> Table {
 
 /// A VM's snapshots as a tree: depth first from the roots, siblings oldest first; for
 /// people each name is indented under its parent's, for scripts PARENT says it.
+/// Replaces VM `vm_id`'s spec (the VM stopped) and follows the task.
+async fn update_spec(ctl: &mut Ctl, vm_id: String, spec: pb::VmSpec) -> anyhow::Result<()> {
+    let r = call!(
+        ctl.client,
+        update_vm,
+        pb::UpdateVmRequest {
+            request_id: new_request_id(),
+            vm_id,
+            spec: Some(spec)
+        }
+    )?;
+    ctl.follow(r).await?;
+    Ok(())
+}
+
 fn snapshot_table(snaps: Vec<pb::VmSnapshot>, current: &str, json: bool) -> Table {
     let known: std::collections::HashSet<&str> = snaps.iter().map(|s| s.id.as_str()).collect();
     let mut children: HashMap<&str, Vec<&pb::VmSnapshot>> = HashMap::new();
