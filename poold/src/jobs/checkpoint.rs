@@ -360,8 +360,13 @@ mod tests {
         let vol = checkpointed(&world, "cp1").await;
         world.stop_vm1();
         let t = world.start_job(revert_job("id-cp1", "h2"));
+        // h2 runs the VM before the job's end places it there: not a stale copy to stop
+        // (its heartbeat answer would have had it destroyed).
+        assert!(world.state().job_moves_vm_on("vm1", "h2"));
+        assert!(!world.state().job_moves_vm_on("vm1", "h1"));
         world.drive(&t).await;
         assert_eq!(world.task(&t).state(), pb::TaskState::Succeeded);
+        assert!(!world.state().job_moves_vm_on("vm1", "h2"));
         let hosts = world.hosts.calls();
         assert!(
             hosts.contains(&format!("restore:h2:7000:vm1:{vol}:disks=1")),

@@ -177,10 +177,9 @@ pub async fn observe(
             })
             .filter(|v| {
                 let placed_here = s.vms.get(&v.id).is_some_and(|x| x.host_id == req.host_id);
-                let migrating = s.migration_of(&v.id).is_some_and(|m| {
-                    m.destination_host_id == req.host_id || m.source_host_id == req.host_id
-                });
-                !placed_here && !migrating
+                // A restore (resume, revert to a checkpoint) runs it here before the job
+                // places it here, as a migration's destination does.
+                !placed_here && !s.job_moves_vm_on(&v.id, &req.host_id)
             })
             .map(|v| v.id.clone())
             .collect()

@@ -405,6 +405,23 @@ impl PoolState {
     }
 
     /// The migration a VM is in, if any.
+    /// Whether a job brings VM `vm_id` onto host `host_id` or moves it off it: a
+    /// migration's source or destination, or the host a resume, a quick migration or a
+    /// revert to a checkpoint restores it on. That host runs the VM before the job's end
+    /// places it there: not a stale copy to stop.
+    pub fn job_moves_vm_on(&self, vm_id: &str, host_id: &str) -> bool {
+        self.jobs.values().any(|j| match &j.spec {
+            Some(JobSpec::MigrateVm(m)) => {
+                m.vm_id == vm_id
+                    && (m.destination_host_id == host_id || m.source_host_id == host_id)
+            }
+            Some(JobSpec::ResumeVm(r)) => r.vm_id == vm_id && r.host_id == host_id,
+            Some(JobSpec::RevertVm(r)) => r.vm_id == vm_id && r.host_id == host_id,
+            Some(JobSpec::SuspendVm(q)) => q.vm_id == vm_id && q.resume_on_host_id == host_id,
+            _ => false,
+        })
+    }
+
     pub fn migration_of(&self, vm_id: &str) -> Option<&MigrateVmJob> {
         self.jobs.values().find_map(|j| match &j.spec {
             Some(JobSpec::MigrateVm(m)) if m.vm_id == vm_id => Some(m),
