@@ -353,7 +353,6 @@ mod tests {
 
     use super::*;
     use crate::jobs::test_utils::{World, migrate_job, position};
-    use crate::state::command::Command;
 
     fn suspend_job(to: &str) -> Job {
         Job {
@@ -374,21 +373,6 @@ mod tests {
             })),
             ..Default::default()
         }
-    }
-
-    /// Applies `op` as a person's command; its result.
-    fn apply(world: &World, op: Op) -> CommandResult {
-        let mut s = world.ledger.state.lock().unwrap();
-        let n = s.applied_index + 1;
-        s.apply(
-            n,
-            &Command {
-                at_ms: 700,
-                task_id: format!("t{n}"),
-                op: Some(op),
-                ..Default::default()
-            },
-        )
     }
 
     /// Suspends vm1 on h1 through its job; returns its state volume's id.
@@ -645,7 +629,7 @@ mod tests {
     async fn power_changes_that_do_not_fit_the_vms_state_are_refused() {
         fn refused(world: &World, op: Op, needle: &str) {
             let before = world.state().vms["vm1"].clone();
-            let r = apply(world, op);
+            let r = world.apply(op);
             assert_eq!(
                 Code::from(r.code),
                 Code::FailedPrecondition,
