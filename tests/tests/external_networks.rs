@@ -479,7 +479,8 @@ fn external_networks_keep_vlans_apart_and_a_vm_reachable_through_migrations_and_
         );
         assert!(
             lost <= bound,
-            "hop {hop}: {lost} echo requests lost with {downtime_ms} ms downtime (bound {bound})"
+            "hop {hop}: {lost} echo requests lost with {downtime_ms} ms downtime (bound {bound})\n{}",
+            lab.logs()
         );
         report.push(lost);
     }

@@ -221,7 +221,8 @@ fn vms_on_a_private_network_talk_across_hosts_and_through_a_migration_and_no_oth
     );
     assert!(
         lost <= bound,
-        "b lost {lost} datagrams in a migration with {downtime_ms} ms downtime (bound {bound})"
+        "b lost {lost} datagrams in a migration with {downtime_ms} ms downtime (bound {bound})\n{}",
+        lab.logs()
     );
     assert_eq!(
         extra, 0,

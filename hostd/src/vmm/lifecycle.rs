@@ -17,6 +17,7 @@ impl Vm {
         if self.vcpus.is_empty() {
             return Err(VmError::AlreadyStarted);
         }
+        self.wake_devices();
         let count = self.vcpus.len();
         self.ctl.vcpus_starting(count);
         for (n, vcpu) in self.vcpus.drain(..).enumerate() {
@@ -45,8 +46,17 @@ impl Vm {
         Ok(self.ctl.pause(timeout)?)
     }
 
+    /// Resumes every vCPU, and first the devices a save stopped (see
+    /// `MmioTransport::save`).
     pub fn resume(&self) -> Result<(), VmError> {
+        self.wake_devices();
         Ok(self.ctl.resume()?)
+    }
+
+    fn wake_devices(&self) {
+        for t in &self.virtio {
+            crate::devices::bus::lock(t).wake();
+        }
     }
 
     pub fn is_paused(&self) -> bool {

@@ -82,6 +82,11 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     active: bool,
+    /// The queues of a running device that [`MmioTransport::save`] stopped: it stays
+    /// stopped until [`MmioTransport::wake`], so nothing it does after the save (a frame
+    /// received into guest memory, a disk request the guest queued) happens here as well
+    /// as where the saved state is restored.
+    parked: Option<Vec<Queue>>,
 }
 
 fn new_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
@@ -116,6 +121,7 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             active: false,
+            parked: None,
         })
     }
 
@@ -141,6 +147,7 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
+        self.parked = None;
         if self.active {
             self.device.reset();
             self.active = false;
@@ -222,13 +229,17 @@ impl MmioTransport {
         }
     }
 
-    /// Saves the transport. A running device is quiesced for the moment it takes to
-    /// read its queues and then started again with them.
+    /// Saves the transport. A running device is stopped to read its queues, and stays
+    /// stopped until [`MmioTransport::wake`] (the VM resumes here): the state saved is
+    /// the last thing it did on this host unless the VM runs on here.
     pub fn save(&mut self) -> MmioState {
         let queues = if self.active {
-            let queues = self.device.quiesce();
-            let states = queues.iter().map(Queue::state).collect();
-            self.start_device(queues);
+            let parked = match self.parked.take() {
+                Some(q) => q,
+                None => self.device.quiesce(),
+            };
+            let states = parked.iter().map(Queue::state).collect();
+            self.parked = Some(parked);
             states
         } else {
             self.queues.iter().map(Queue::state).collect()
@@ -243,6 +254,14 @@ impl MmioTransport {
             interrupt_status: self.interrupt.status(),
             active: self.active,
             queues,
+        }
+    }
+
+    /// Starts a device that [`MmioTransport::save`] stopped again, with its queues as they
+    /// were; nothing for a device that was not stopped that way.
+    pub fn wake(&mut self) {
+        if let Some(queues) = self.parked.take() {
+            self.start_device(queues);
         }
     }
 
@@ -438,6 +457,8 @@ mod tests {
     #[derive(Default)]
     struct Probe {
         activated: Option<(u64, Vec<u16>)>,
+        activations: usize,
+        quiesces: usize,
         resets: usize,
     }
 
@@ -457,6 +478,7 @@ mod tests {
             data.fill(offset as u8 + 1);
         }
         fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+            self.0.lock().unwrap().activations += 1;
             self.0.lock().unwrap().activated = Some((
                 ctx.acked_features,
                 ctx.queues.iter().map(|q| q.size()).collect(),
@@ -467,6 +489,7 @@ mod tests {
             self.0.lock().unwrap().resets += 1;
         }
         fn quiesce(&mut self) -> Vec<Queue> {
+            self.0.lock().unwrap().quiesces += 1;
             let sizes = self
                 .0
                 .lock()
@@ -595,8 +618,19 @@ mod tests {
             probe2.lock().unwrap().activated,
             Some((VIRTIO_F_VERSION_1 | 0b100, vec![8]))
         );
-        // The source was started again after the save.
+        // The source stays stopped after the save (a second save reads the same queues)
+        // until the VM resumes here.
+        assert_eq!(t.save().queues, state.queues);
+        let counts = |p: &Mutex<Probe>| {
+            let p = p.lock().unwrap();
+            (p.activations, p.quiesces)
+        };
+        assert_eq!(counts(&probe), (1, 1));
+        t.wake();
+        assert_eq!(probe.lock().unwrap().activations, 2);
         assert_eq!(probe.lock().unwrap().activated.as_ref().unwrap().1, vec![8]);
+        t.wake();
+        assert_eq!(probe.lock().unwrap().activations, 2, "woken once");
     }
 
     #[test]

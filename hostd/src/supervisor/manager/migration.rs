@@ -141,11 +141,12 @@ impl Manager {
             })
             .await;
         if gone {
+            // The table stays locked until the taps are gone, so the VM coming back here
+            // by another migration plugs its taps after this removes the old ones.
             let mut vms = self.vms.lock().await;
             if vms.get(id).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
                 vms.remove(id);
                 let _ = std::fs::remove_dir_all(self.vm_dir(id));
-                drop(vms);
                 let config = entry.lock().config.clone();
                 self.unplug_nets(id, &config).await;
             }

@@ -338,18 +338,17 @@ impl Manager {
             // A VM that stopped by itself (guest poweroff, a crash, migrated away) gives
             // its taps back. Under the VM's op lock, so a start that plugs them again
             // comes wholly before (and the VM is live here) or after; and only while
-            // this entry is the VM's (a VM that came back by migration has a new one).
+            // this entry is the VM's. The table stays locked until the taps are gone: a
+            // VM coming back by migration (a new entry) plugs its taps after, not before
+            // this removes them from under it.
             let _op = entry.op.lock().await;
-            let current = manager
-                .vms
-                .lock()
-                .await
-                .get(&entry.id)
-                .is_some_and(|e| Arc::ptr_eq(e, &entry));
+            let vms = manager.vms.lock().await;
+            let current = vms.get(&entry.id).is_some_and(|e| Arc::ptr_eq(e, &entry));
             if current && !is_live(entry.power()) {
                 let config = entry.lock().config.clone();
                 manager.unplug_nets(&entry.id, &config).await;
             }
+            drop(vms);
         });
     }
 
