@@ -404,7 +404,6 @@ impl PoolState {
         })
     }
 
-    /// The migration a VM is in, if any.
     /// Whether a job brings VM `vm_id` onto host `host_id` or moves it off it: a
     /// migration's source or destination, or the host a resume, a quick migration or a
     /// revert to a checkpoint restores it on. That host runs the VM before the job's end
@@ -422,6 +421,7 @@ impl PoolState {
         })
     }
 
+    /// The migration a VM is in, if any.
     pub fn migration_of(&self, vm_id: &str) -> Option<&MigrateVmJob> {
         self.jobs.values().find_map(|j| match &j.spec {
             Some(JobSpec::MigrateVm(m)) if m.vm_id == vm_id => Some(m),
