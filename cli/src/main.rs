@@ -11,7 +11,8 @@
 //! - `lookup.rs`: whole listings and names turned into ids.
 //! - `output.rs`: tables and JSON, and how values read for people.
 //! - `transfer.rs`, `console.rs`: disk images and the serial console, over their own paths.
-//! - `backup/`: VM backups (`vm-backup`, `vm-restore`, `vm-backup-verify`).
+//! - `backup/`: VM backups (`vm-backup`, `vm-restore`, `vm-backup-verify`,
+//!   `vm-backup-prune`).
 //! - `image/`: standard image formats and OVA packages, through qemu-img.
 //! - `lab.rs`: `poolctl lab`, which starts the daemons as processes.
 //! - `pki.rs`: `pki-init`, `pki-issue`: the pool's CA and daemons' TLS directories, offline.
@@ -160,6 +161,7 @@ fn main() -> anyhow::Result<()> {
         Command::Backup(cmd::backup::BackupCommand::Verify { dir }) => {
             return cmd::backup::verify(&dir);
         }
+        Command::Backup(cmd::backup::BackupCommand::Prune(p)) => return cmd::backup::prune(p),
         other => other,
     };
     let members = if !args.pool.is_empty() {

@@ -10,7 +10,7 @@
 //! state machine refuses a run not later than the last. A run missed while no member led
 //! is made up once.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,40 +23,6 @@ use crate::state::command::*;
 use crate::state::schedules::latest_due;
 
 const DAY_MS: i64 = 86_400_000;
-
-/// The snapshots a retention keeps, of `(id, taken at ms)`: the newest `keep_last`, and the
-/// newest of each of the last `keep_daily` days and `keep_weekly` weeks (UTC, weeks from
-/// Monday) that have one. A retention of all zeros keeps everything.
-pub fn kept(snaps: &[(String, u64)], r: &pb::Retention) -> BTreeSet<String> {
-    if r.keep_last == 0 && r.keep_daily == 0 && r.keep_weekly == 0 {
-        return snaps.iter().map(|(id, _)| id.clone()).collect();
-    }
-    let mut newest_first: Vec<&(String, u64)> = snaps.iter().collect();
-    newest_first.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
-    let mut keep: BTreeSet<String> = newest_first
-        .iter()
-        .take(r.keep_last as usize)
-        .map(|(id, _)| id.clone())
-        .collect();
-    let day = |ms: u64| (ms as i64).div_euclid(DAY_MS);
-    // 1970-01-05 was a Monday: day 4.
-    let week = |ms: u64| (day(ms) - 4).div_euclid(7);
-    for (period, n) in [
-        (&day as &dyn Fn(u64) -> i64, r.keep_daily),
-        (&week, r.keep_weekly),
-    ] {
-        let mut seen = HashSet::new();
-        for (id, at) in &newest_first {
-            if seen.len() == n as usize {
-                break;
-            }
-            if seen.insert(period(*at)) {
-                keep.insert(id.clone());
-            }
-        }
-    }
-    keep
-}
 
 /// The name of the snapshot a run due at `due_ms` takes.
 pub fn snapshot_name(schedule: &str, due_ms: u64) -> String {
@@ -128,7 +94,7 @@ pub fn plan(st: &PoolState, now_ms: u64) -> Vec<ScheduleJob> {
             continue;
         }
         let mine = snapshots_of(st, s);
-        let keep = kept(&mine, &s.retention.unwrap_or_default());
+        let keep = proto::retention_kept(&mine, &s.retention.unwrap_or_default());
         if let Some((oldest, _)) = mine
             .iter()
             .filter(|(id, _)| !keep.contains(id) && !read_by_clone.contains(id.as_str()))
@@ -235,37 +201,6 @@ mod tests {
             snapshot_name("nightly", DEC_1 + 2 * HOUR),
             "nightly-20261201-0200"
         );
-    }
-
-    #[test]
-    fn retention_keeps_the_newest_of_each_rule_and_their_union() {
-        // One a day at 02:00 for 30 days, then a second on the last day at 14:00.
-        let mut snaps: Vec<(String, u64)> = (0..30)
-            .map(|d| (format!("d{:02}", d + 1), DEC_1 + d * DAY + 2 * HOUR))
-            .collect();
-        snaps.push(("d30b".into(), DEC_1 + 29 * DAY + 14 * HOUR));
-        let ids = |k: BTreeSet<String>| k.into_iter().collect::<Vec<_>>();
-        assert_eq!(ids(kept(&snaps, &retention(2, 0, 0))), ["d30", "d30b"]);
-        // The newest of each of the last 3 days: the 30th's later one.
-        assert_eq!(
-            ids(kept(&snaps, &retention(0, 3, 0))),
-            ["d28", "d29", "d30b"]
-        );
-        // Weeks from Monday: the 28th-30th, the 21st-27th, the 14th-20th.
-        assert_eq!(
-            ids(kept(&snaps, &retention(0, 0, 3))),
-            ["d20", "d27", "d30b"]
-        );
-        assert_eq!(
-            ids(kept(&snaps, &retention(1, 2, 2))),
-            ["d27", "d29", "d30b"]
-        );
-        assert_eq!(
-            kept(&snaps, &retention(0, 0, 0)).len(),
-            31,
-            "no rule keeps all"
-        );
-        assert!(kept(&[], &retention(3, 3, 3)).is_empty());
     }
 
     /// Runs the loop's tick at `now` on the world's clock and drives every job it started

@@ -110,6 +110,46 @@ pub fn civil_from_days(days: i64) -> (i64, u8, u8) {
     (year, month, day)
 }
 
+const DAY_MS: i64 = 86_400_000;
+
+/// What a retention keeps of `(id, taken at ms)` (a schedule's snapshots, a backup chain's
+/// points): the newest `keep_last`, and the
+/// newest of each of the last `keep_daily` days and `keep_weekly` weeks (UTC, weeks from
+/// Monday) that have one. A retention of all zeros keeps everything.
+pub fn retention_kept(
+    snaps: &[(String, u64)],
+    r: &coordinator::Retention,
+) -> std::collections::BTreeSet<String> {
+    if r.keep_last == 0 && r.keep_daily == 0 && r.keep_weekly == 0 {
+        return snaps.iter().map(|(id, _)| id.clone()).collect();
+    }
+    let mut newest_first: Vec<&(String, u64)> = snaps.iter().collect();
+    newest_first.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
+    let mut keep: std::collections::BTreeSet<String> = newest_first
+        .iter()
+        .take(r.keep_last as usize)
+        .map(|(id, _)| id.clone())
+        .collect();
+    let day = |ms: u64| (ms as i64).div_euclid(DAY_MS);
+    // 1970-01-05 was a Monday: day 4.
+    let week = |ms: u64| (day(ms) - 4).div_euclid(7);
+    for (period, n) in [
+        (&day as &dyn Fn(u64) -> i64, r.keep_daily),
+        (&week, r.keep_weekly),
+    ] {
+        let mut seen = std::collections::HashSet::new();
+        for (id, at) in &newest_first {
+            if seen.len() == n as usize {
+                break;
+            }
+            if seen.insert(period(*at)) {
+                keep.insert(id.clone());
+            }
+        }
+    }
+    keep
+}
+
 /// An error and its causes, "outer: inner: innermost": the message of a gRPC status made
 /// from an error, so the caller reads why, not only what. A cause whose text the outer
 /// message already ends with is not repeated.
@@ -136,7 +176,7 @@ pub use tonic;
 mod tests {
     use super::*;
     use prost::Message;
-    use std::collections::HashMap;
+    use std::collections::{BTreeSet, HashMap};
 
     #[test]
     fn timestamps_split_milliseconds_into_seconds_and_nanos() {
@@ -329,5 +369,52 @@ mod tests {
             coordinator::TaskState::default(),
             coordinator::TaskState::Unspecified
         );
+    }
+
+    const HOUR: u64 = 3_600_000;
+    const DAY: u64 = 24 * HOUR;
+    /// 2026-12-01 00:00 UTC, a Tuesday.
+    const DEC_1: u64 = 1_796_083_200_000;
+
+    fn retention(last: u32, daily: u32, weekly: u32) -> coordinator::Retention {
+        coordinator::Retention {
+            keep_last: last,
+            keep_daily: daily,
+            keep_weekly: weekly,
+        }
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_of_each_rule_and_their_union() {
+        // One a day at 02:00 for 30 days, then a second on the last day at 14:00.
+        let mut snaps: Vec<(String, u64)> = (0..30)
+            .map(|d| (format!("d{:02}", d + 1), DEC_1 + d * DAY + 2 * HOUR))
+            .collect();
+        snaps.push(("d30b".into(), DEC_1 + 29 * DAY + 14 * HOUR));
+        let ids = |k: BTreeSet<String>| k.into_iter().collect::<Vec<_>>();
+        assert_eq!(
+            ids(retention_kept(&snaps, &retention(2, 0, 0))),
+            ["d30", "d30b"]
+        );
+        // The newest of each of the last 3 days: the 30th's later one.
+        assert_eq!(
+            ids(retention_kept(&snaps, &retention(0, 3, 0))),
+            ["d28", "d29", "d30b"]
+        );
+        // Weeks from Monday: the 28th-30th, the 21st-27th, the 14th-20th.
+        assert_eq!(
+            ids(retention_kept(&snaps, &retention(0, 0, 3))),
+            ["d20", "d27", "d30b"]
+        );
+        assert_eq!(
+            ids(retention_kept(&snaps, &retention(1, 2, 2))),
+            ["d27", "d29", "d30b"]
+        );
+        assert_eq!(
+            retention_kept(&snaps, &retention(0, 0, 0)).len(),
+            31,
+            "no rule keeps all"
+        );
+        assert!(retention_kept(&[], &retention(3, 3, 3)).is_empty());
     }
 }

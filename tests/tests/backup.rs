@@ -3,7 +3,8 @@
 //! test guest rewriting about 1% of the disk, an incremental backup that holds only that,
 //! each point restored as a new VM whose disk must equal, byte for byte, what the VM's
 //! disk held at that point; then the refusals: a corrupt chunk named by verify and refused
-//! by restore, and a repository without room, each leaving the pool as it was.
+//! by restore, and a repository without room, each leaving the pool as it was; last, the
+//! chain pruned to its newest point, which restores as before.
 
 use std::path::Path;
 use std::time::Duration;
@@ -195,6 +196,33 @@ fn full_then_incremental_backups_restore_each_point_byte_for_byte() {
     assert!(!backups.join("point-0003").exists());
     let snaps = pool.ctl(&["vm-snapshot-list", "bk"]);
     assert_eq!(snaps.matches("backup-").count(), 1, "{snaps}");
+
+    // Mended, the chain takes a third point (nothing changed) and is pruned to it: the
+    // last point restores as before, the dropped ones are named as gone.
+    std::fs::rename(&moved, backups.join("point-0001")).unwrap();
+    bytes[CHUNK + 17] ^= 0x40;
+    std::fs::write(&data, &bytes).unwrap();
+    let third = pool.ctl(&["vm-backup", "bk", &b]);
+    assert_eq!(chunks_in(&third), 0, "{third}");
+    let dry = pool.ctl(&["vm-backup-prune", &b, "--keep-last", "1", "--dry-run"]);
+    assert!(dry.contains("would prune 1, 2"), "{dry}");
+    let pruned = pool.ctl(&["vm-backup-prune", &b, "--keep-last", "1"]);
+    assert!(pruned.contains("kept points 3; pruned 1, 2"), "{pruned}");
+    assert!(!backups.join("point-0001").join("manifest.json").exists());
+    let verified = pool.ctl(&["vm-backup-verify", &b]);
+    assert!(verified.contains("1 points"), "{verified}");
+    pool.ctl(&["vm-restore", &b, "--name", "r7"]);
+    assert!(
+        pool.disk_bytes(dir.path(), "r7-vda") == at_point_2,
+        "point 3 restored after the prune"
+    );
+    let o = poolctl(&pool.p, &["vm-restore", &b, "--point", "1", "--name", "r8"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("holds points 3"), "{}", text(&o));
+    // The next backup builds on the pruned chain.
+    let fourth = pool.ctl(&["vm-backup", "bk", &b]);
+    assert_eq!(chunks_in(&fourth), 0, "{fourth}");
+    pool.ctl(&["vm-backup-verify", &b]);
 }
 
 /// `storaged` dies by SIGKILL while a backup reads the VM's changed chunks. Left dead,

@@ -1,11 +1,12 @@
-//! The backup directory (format version 1; DESIGN.md, "VM backups", has the layout):
+//! The backup directory (format version 2; DESIGN.md, "VM backups", has the layout):
 //! manifests, the chain of points they form, checking every link and digest, and which
-//! bytes of which files make each disk at a point.
+//! bytes of which files make each disk at a point. Version 1 (before pruning) is read too.
 //!
 //! Pure file work: nothing here talks to the pool, so verification runs anywhere.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -13,8 +14,9 @@ use sha2::{Digest, Sha256};
 
 /// What `format` says in every manifest.
 pub const FORMAT: &str = "poolctl-vm-backup";
-/// The version written, and the only one read so far.
-pub const VERSION: u32 = 1;
+/// The version written; every version from 1 up to it is read. Version 2 added pruning:
+/// `absorbed`, `replaces` and chunk entries with `at`.
+pub const VERSION: u32 = 2;
 pub const MANIFEST: &str = "manifest.json";
 /// The VM's spec (`pool.v1.VmSpec`, protobuf) as the pool's VM snapshot recorded it.
 pub const SPEC_FILE: &str = "vm-spec.pb";
@@ -39,6 +41,14 @@ pub struct Manifest {
     /// SHA-256 of `vm-spec.pb`.
     pub spec_sha256: String,
     pub disks: Vec<DiskDelta>,
+    /// Points pruned into this one: their chunks this point did not change became its
+    /// own (entries with `at`); their directories hold only data still read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub absorbed: Vec<u32>,
+    /// The SHA-256s this manifest had before prunes rewrote it, so that the next point's
+    /// link, made before, still names it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replaces: Vec<String>,
 }
 
 /// A point's link to the one before: its number and its manifest file's SHA-256.
@@ -75,6 +85,20 @@ pub struct DiskDelta {
 pub struct ChunkEntry {
     pub index: u64,
     pub sha256: String,
+    /// Where the bytes are when not in the disk's own data file: a chunk a pruned point
+    /// held. Entries without it follow one another in `data_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DataRef>,
+}
+
+/// Bytes in another point's data file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataRef {
+    /// `point-NNNN/NAME`, relative to the chain's directory, of an earlier point.
+    pub file: String,
+    pub offset: u64,
+    pub len: u64,
 }
 
 impl DiskDelta {
@@ -102,7 +126,7 @@ pub enum BackupError {
         source: serde_json::Error,
     },
     #[error(
-        "{path} is format {format:?} version {version}; this poolctl reads {FORMAT:?} version {VERSION}"
+        "{path} is format {format:?} version {version}; this poolctl reads {FORMAT:?} versions 1 to {VERSION}"
     )]
     Version {
         path: PathBuf,
@@ -113,8 +137,12 @@ pub enum BackupError {
     BadLink { path: PathBuf, why: String },
     #[error("{path} is corrupt: {what}")]
     Corrupt { path: PathBuf, what: String },
-    #[error("there is no backup point {point} in {dir} (the last is {last})")]
-    NoPoint { point: u32, dir: PathBuf, last: u32 },
+    #[error("there is no backup point {point} in {dir} (it holds points {kept})")]
+    NoPoint {
+        point: u32,
+        dir: PathBuf,
+        kept: String,
+    },
 }
 
 /// A point as found on disk.
@@ -130,7 +158,84 @@ pub fn sha256_hex(data: &[u8]) -> String {
 }
 
 pub fn point_dir(root: &Path, point: u32) -> PathBuf {
-    root.join(format!("point-{point:04}"))
+    root.join(point_name(point))
+}
+
+pub fn point_name(point: u32) -> String {
+    format!("point-{point:04}")
+}
+
+/// A file name a manifest may give: no directory, nothing hidden.
+fn plain_name(n: &str) -> bool {
+    !n.is_empty() && !n.starts_with('.') && !n.contains(['/', '\\', '\0'])
+}
+
+/// The point number of a `point-NNNN` directory name.
+fn point_number(name: &str) -> Option<u32> {
+    let n = name.strip_prefix("point-")?;
+    (n.len() == 4 && n.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| n.parse().ok())
+        .flatten()
+}
+
+impl Point {
+    /// The directory the chain is in.
+    pub fn root(&self) -> &Path {
+        self.dir.parent().unwrap_or(Path::new("."))
+    }
+
+    fn corrupt(&self, what: String) -> BackupError {
+        BackupError::Corrupt {
+            path: self.dir.join(MANIFEST),
+            what,
+        }
+    }
+
+    /// Where each chunk of `d` (one of this point's disks) is, in the entries' order.
+    pub fn locate<'a>(
+        &self,
+        d: &'a DiskDelta,
+    ) -> Result<Vec<(&'a ChunkEntry, DataRef)>, BackupError> {
+        if !plain_name(&d.data_file) {
+            return Err(self.corrupt(format!(
+                "disk {} names the data file {:?}",
+                d.disk_id, d.data_file
+            )));
+        }
+        let own = format!("{}/{}", point_name(self.manifest.point), d.data_file);
+        let mut offset = 0;
+        let mut out = Vec::with_capacity(d.chunks.len());
+        for c in &d.chunks {
+            let r = match &c.at {
+                None => {
+                    let len = d.chunk_len(c.index);
+                    offset += len;
+                    DataRef {
+                        file: own.clone(),
+                        offset: offset - len,
+                        len,
+                    }
+                }
+                Some(r) => {
+                    let earlier = r
+                        .file
+                        .split_once('/')
+                        .filter(|(_, name)| plain_name(name))
+                        .and_then(|(dir, _)| point_number(dir))
+                        .is_some_and(|n| n < self.manifest.point);
+                    if !earlier || r.len == 0 || r.len > d.chunk_size {
+                        return Err(self.corrupt(format!(
+                            "chunk {} of disk {} is at {:?} ({} bytes): not in an earlier point's data",
+                            c.index, d.disk_id, r.file, r.len
+                        )));
+                    }
+                    r.clone()
+                }
+            };
+            out.push((c, r));
+        }
+        Ok(out)
+    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, BackupError> {
@@ -146,7 +251,7 @@ fn read(path: &Path) -> Result<Vec<u8>, BackupError> {
 }
 
 /// The numbers of the points in `root` (`point-NNNN`; unfinished `.tmp` ones are not).
-fn point_numbers(root: &Path) -> Result<Vec<u32>, BackupError> {
+pub fn point_numbers(root: &Path) -> Result<Vec<u32>, BackupError> {
     let entries = match std::fs::read_dir(root) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
@@ -163,13 +268,7 @@ fn point_numbers(root: &Path) -> Result<Vec<u32>, BackupError> {
             path: root.to_owned(),
             source,
         })?;
-        let name = e.file_name();
-        let Some(n) = name.to_str().and_then(|n| n.strip_prefix("point-")) else {
-            continue;
-        };
-        if n.len() == 4
-            && let Ok(n) = n.parse::<u32>()
-        {
+        if let Some(n) = e.file_name().to_str().and_then(point_number) {
             out.push(n);
         }
     }
@@ -177,49 +276,86 @@ fn point_numbers(root: &Path) -> Result<Vec<u32>, BackupError> {
     Ok(out)
 }
 
+/// Reads and checks one point's manifest on its own.
+fn read_point(root: &Path, n: u32) -> Result<Point, BackupError> {
+    let dir = point_dir(root, n);
+    let path = dir.join(MANIFEST);
+    let bytes = read(&path)?;
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).map_err(|source| BackupError::Parse {
+            path: path.clone(),
+            source,
+        })?;
+    if manifest.format != FORMAT || !(1..=VERSION).contains(&manifest.version) {
+        return Err(BackupError::Version {
+            path,
+            format: manifest.format,
+            version: manifest.version,
+        });
+    }
+    let bad = |why: String| BackupError::BadLink {
+        path: path.clone(),
+        why,
+    };
+    if manifest.point != n {
+        return Err(bad(format!("it says it is point {}", manifest.point)));
+    }
+    if let Some(a) = manifest.absorbed.iter().find(|&&a| a >= n) {
+        return Err(bad(format!("it says it absorbed the later point {a}")));
+    }
+    Ok(Point {
+        dir,
+        manifest,
+        manifest_sha256: sha256_hex(&bytes),
+    })
+}
+
 /// Every point of the chain in `root`, in order, each manifest checked against its
-/// predecessor; an empty directory is an empty chain.
+/// predecessor; an empty directory is an empty chain. A point that a later one absorbed
+/// (pruned) is not in it, whatever its directory still holds.
 pub fn load_chain(root: &Path) -> Result<Vec<Point>, BackupError> {
-    let numbers = point_numbers(root)?;
-    let last = numbers.last().copied().unwrap_or(0);
-    let mut chain: Vec<Point> = Vec::new();
-    for n in 1..=last {
-        let dir = point_dir(root, n);
-        let path = dir.join(MANIFEST);
-        let bytes = read(&path)?;
-        let manifest: Manifest =
-            serde_json::from_slice(&bytes).map_err(|source| BackupError::Parse {
-                path: path.clone(),
-                source,
-            })?;
-        if manifest.format != FORMAT || manifest.version != VERSION {
-            return Err(BackupError::Version {
-                path,
-                format: manifest.format,
-                version: manifest.version,
-            });
+    let mut pruned = BTreeSet::new();
+    let mut newest_first = Vec::new();
+    for n in point_numbers(root)?.into_iter().rev() {
+        if pruned.contains(&n) {
+            continue;
         }
+        let p = read_point(root, n)?;
+        pruned.extend(p.manifest.absorbed.iter().copied());
+        newest_first.push(p);
+    }
+    let mut chain: Vec<Point> = Vec::with_capacity(newest_first.len());
+    for p in newest_first.into_iter().rev() {
+        let path = p.dir.join(MANIFEST);
         let bad = |why: String| BackupError::BadLink {
             path: path.clone(),
             why,
         };
-        if manifest.point != n {
-            return Err(bad(format!("it says it is point {}", manifest.point)));
-        }
-        match (chain.last(), &manifest.previous) {
+        let gone = |link: &Link| {
+            if link.point < p.manifest.point && !pruned.contains(&link.point) {
+                BackupError::Missing {
+                    path: point_dir(root, link.point).join(MANIFEST),
+                }
+            } else {
+                bad(format!(
+                    "it builds on point {}, which cannot be",
+                    link.point
+                ))
+            }
+        };
+        match (chain.last(), &p.manifest.previous) {
             (None, None) => {
-                if let Some(d) = manifest.disks.iter().find(|d| !d.full) {
+                if let Some(d) = p.manifest.disks.iter().find(|d| !d.full) {
                     return Err(bad(format!(
-                        "point 1 must be full, but disk {} is incremental",
+                        "the first point must be full, but disk {} is incremental",
                         d.disk_id
                     )));
                 }
             }
-            (Some(prev), Some(link)) => {
-                if link.point != prev.manifest.point
-                    || link.manifest_sha256 != prev.manifest_sha256
-                    || manifest.vm_id != prev.manifest.vm_id
-                {
+            (Some(prev), Some(link)) if link.point == prev.manifest.point => {
+                let known = link.manifest_sha256 == prev.manifest_sha256
+                    || prev.manifest.replaces.contains(&link.manifest_sha256);
+                if !known || p.manifest.vm_id != prev.manifest.vm_id {
                     return Err(bad(format!(
                         "it builds on a point {} other than {} (whose manifest was changed or replaced)",
                         link.point,
@@ -227,14 +363,17 @@ pub fn load_chain(root: &Path) -> Result<Vec<Point>, BackupError> {
                     )));
                 }
             }
-            (None, Some(_)) => return Err(bad("point 1 cannot build on another".into())),
+            (Some(prev), Some(link)) if link.point > prev.manifest.point => return Err(gone(link)),
+            (None, Some(link)) => return Err(gone(link)),
+            (Some(_), Some(link)) => {
+                return Err(bad(format!(
+                    "it builds on point {}, before the point before it",
+                    link.point
+                )));
+            }
             (Some(_), None) => return Err(bad("it does not name the point before it".into())),
         }
-        chain.push(Point {
-            dir,
-            manifest,
-            manifest_sha256: sha256_hex(&bytes),
-        });
+        chain.push(p);
     }
     Ok(chain)
 }
@@ -252,22 +391,36 @@ pub fn verify(points: &[Point]) -> Result<u64, BackupError> {
             });
         }
         for d in &p.manifest.disks {
-            checked += verify_disk(&p.dir, d)?;
+            checked += verify_disk(p, d)?;
         }
     }
     Ok(checked)
 }
 
-fn verify_disk(dir: &Path, d: &DiskDelta) -> Result<u64, BackupError> {
-    let path = dir.join(&d.data_file);
-    let file = std::fs::File::open(&path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => BackupError::Missing { path: path.clone() },
+fn open(path: &Path) -> Result<std::fs::File, BackupError> {
+    std::fs::File::open(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => BackupError::Missing {
+            path: path.to_owned(),
+        },
         _ => BackupError::Read {
-            path: path.clone(),
+            path: path.to_owned(),
             source,
         },
-    })?;
-    let expected: u64 = d.chunks.iter().map(|c| d.chunk_len(c.index)).sum();
+    })
+}
+
+/// Checks the disk's own data file (its whole length, read in order) and each chunk it
+/// takes from an earlier point's file.
+fn verify_disk(p: &Point, d: &DiskDelta) -> Result<u64, BackupError> {
+    let located = p.locate(d)?;
+    let path = p.dir.join(&d.data_file);
+    let file = open(&path)?;
+    let expected: u64 = d
+        .chunks
+        .iter()
+        .filter(|c| c.at.is_none())
+        .map(|c| d.chunk_len(c.index))
+        .sum();
     let len = file
         .metadata()
         .map_err(|source| BackupError::Read {
@@ -281,30 +434,62 @@ fn verify_disk(dir: &Path, d: &DiskDelta) -> Result<u64, BackupError> {
             what: format!("it holds {len} bytes, its chunks {expected}"),
         });
     }
-    let mut r = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut own = std::io::BufReader::with_capacity(1 << 20, file);
     let mut buf = vec![0u8; d.chunk_size as usize];
-    let mut offset = 0u64;
-    for c in &d.chunks {
-        let n = d.chunk_len(c.index) as usize;
-        r.read_exact(&mut buf[..n])
+    let mut others: Vec<(&ChunkEntry, DataRef)> = Vec::new();
+    for (c, r) in located {
+        if c.at.is_some() {
+            others.push((c, r));
+            continue;
+        }
+        let n = r.len as usize;
+        own.read_exact(&mut buf[..n])
             .map_err(|source| BackupError::Read {
                 path: path.clone(),
                 source,
             })?;
-        if sha256_hex(&buf[..n]) != c.sha256 {
-            return Err(BackupError::Corrupt {
-                path,
-                what: format!(
-                    "chunk {} of disk {} (bytes {offset}..{}) does not match its SHA-256",
-                    c.index,
-                    d.disk_id,
-                    offset + n as u64
-                ),
-            });
+        check_chunk(&path, d, c, &r, &buf[..n])?;
+    }
+    // Each other file opened once, read in offset order.
+    others.sort_by(|a, b| (&a.1.file, a.1.offset).cmp(&(&b.1.file, b.1.offset)));
+    let mut current: Option<(String, std::fs::File)> = None;
+    for (c, r) in others {
+        let path = p.root().join(&r.file);
+        if current.as_ref().is_none_or(|(f, _)| *f != r.file) {
+            current = Some((r.file.clone(), open(&path)?));
         }
-        offset += n as u64;
+        let (_, f) = current.as_ref().expect("opened above");
+        let n = r.len as usize;
+        f.read_exact_at(&mut buf[..n], r.offset)
+            .map_err(|source| BackupError::Read {
+                path: path.clone(),
+                source,
+            })?;
+        check_chunk(&path, d, c, &r, &buf[..n])?;
     }
     Ok(d.chunks.len() as u64)
+}
+
+fn check_chunk(
+    path: &Path,
+    d: &DiskDelta,
+    c: &ChunkEntry,
+    r: &DataRef,
+    bytes: &[u8],
+) -> Result<(), BackupError> {
+    if sha256_hex(bytes) == c.sha256 {
+        return Ok(());
+    }
+    Err(BackupError::Corrupt {
+        path: path.to_owned(),
+        what: format!(
+            "chunk {} of disk {} (bytes {}..{}) does not match its SHA-256",
+            c.index,
+            d.disk_id,
+            r.offset,
+            r.offset + r.len
+        ),
+    })
 }
 
 /// Where a chunk's bytes are in the backup.
@@ -330,21 +515,30 @@ impl DiskImage {
     }
 }
 
-/// Each disk of the VM at `point`, put together from the chain's points up to it: the
-/// last full point of the disk, then every later delta over it.
-pub fn disks_at(chain: &[Point], point: u32) -> Result<Vec<DiskImage>, BackupError> {
-    let upto = chain
+/// Where `point` is in `chain`; a point not there (never taken, or pruned) is an error
+/// that lists the points kept.
+pub fn position(chain: &[Point], point: u32) -> Result<usize, BackupError> {
+    chain
         .iter()
         .position(|p| p.manifest.point == point)
         .ok_or_else(|| BackupError::NoPoint {
             point,
             dir: chain
                 .first()
-                .and_then(|p| p.dir.parent())
-                .map(Path::to_owned)
+                .map(|p| p.root().to_owned())
                 .unwrap_or_default(),
-            last: chain.last().map_or(0, |p| p.manifest.point),
-        })?;
+            kept: chain
+                .iter()
+                .map(|p| p.manifest.point.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// Each disk of the VM at `point`, put together from the chain's points up to it: the
+/// last full point of the disk, then every later delta over it.
+pub fn disks_at(chain: &[Point], point: u32) -> Result<Vec<DiskImage>, BackupError> {
+    let upto = position(chain, point)?;
     let target = &chain[upto];
     let mut out = Vec::new();
     for want in &target.manifest.disks {
@@ -374,18 +568,15 @@ pub fn disks_at(chain: &[Point], point: u32) -> Result<Vec<DiskImage>, BackupErr
                     img.chunks.remove(&k);
                 }
             }
-            let mut offset = 0;
-            for c in &d.chunks {
-                let len = d.chunk_len(c.index);
+            for (c, r) in p.locate(d)? {
                 img.chunks.insert(
                     c.index,
                     Source {
-                        file: p.dir.join(&d.data_file),
-                        offset,
-                        len,
+                        file: p.root().join(&r.file),
+                        offset: r.offset,
+                        len: r.len,
                     },
                 );
-                offset += len;
             }
         }
         // A disk that shrank keeps no chunk past its end.
@@ -396,14 +587,15 @@ pub fn disks_at(chain: &[Point], point: u32) -> Result<Vec<DiskImage>, BackupErr
     Ok(out)
 }
 
+/// Chains written by hand, for the tests of this module and of pruning.
 #[cfg(test)]
-mod tests {
+pub mod test_utils {
     use super::*;
 
-    const CS: u64 = 4096;
+    pub const CS: u64 = 4096;
 
     /// Writes a point with one disk `vda` of `size` bytes: `chunks` as (index, fill byte).
-    fn write_point(
+    pub fn write_point(
         root: &Path,
         n: u32,
         prev: Option<&Point>,
@@ -422,6 +614,7 @@ mod tests {
             entries.push(ChunkEntry {
                 index,
                 sha256: sha256_hex(&bytes),
+                at: None,
             });
             data.extend(bytes);
         }
@@ -430,7 +623,7 @@ mod tests {
             format: FORMAT.into(),
             version: VERSION,
             point: n,
-            created_at_ms: 1,
+            created_at_ms: u64::from(n) * 43_200_000,
             vm_id: "vm1".into(),
             vm_name: "web".into(),
             vm_snapshot_id: format!("snap{n}"),
@@ -450,6 +643,8 @@ mod tests {
                 chunks: entries,
                 zero_ranges: zeros.to_vec(),
             }],
+            absorbed: vec![],
+            replaces: vec![],
         };
         let bytes = serde_json::to_vec_pretty(&m).unwrap();
         std::fs::write(dir.join(MANIFEST), &bytes).unwrap();
@@ -460,7 +655,7 @@ mod tests {
         }
     }
 
-    fn fills(img: &DiskImage) -> Vec<(u64, u8)> {
+    pub fn fills(img: &DiskImage) -> Vec<(u64, u8)> {
         img.chunks
             .iter()
             .map(|(&k, s)| {
@@ -471,6 +666,12 @@ mod tests {
             })
             .collect()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_utils::*;
+    use super::*;
 
     fn chain3(root: &Path) -> Vec<Point> {
         let p1 = write_point(root, 1, None, 10 * CS, &[(0, 1), (1, 1), (5, 1)], &[]);
@@ -495,11 +696,7 @@ mod tests {
         assert_eq!((p3.size_bytes, p3.bytes()), (8 * CS + 512, 3 * CS + 512));
         assert!(matches!(
             disks_at(&chain, 4),
-            Err(BackupError::NoPoint {
-                point: 4,
-                last: 3,
-                ..
-            })
+            Err(BackupError::NoPoint { point: 4, kept, .. }) if kept == "1, 2, 3"
         ));
         // A directory with no point is an empty chain.
         assert!(load_chain(&dir.path().join("none")).unwrap().is_empty());
@@ -538,7 +735,7 @@ mod tests {
         let text = std::fs::read_to_string(&m2).unwrap();
         std::fs::write(
             &m2,
-            text.replace("\"created_at_ms\": 1", "\"created_at_ms\": 2"),
+            text.replace("\"vm_name\": \"web\"", "\"vm_name\": \"web2\""),
         )
         .unwrap();
         let err = load_chain(dir.path()).unwrap_err();

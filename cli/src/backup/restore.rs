@@ -41,9 +41,9 @@ pub async fn restore(ctl: &mut Ctl, args: RestoreArgs<'_>) -> anyhow::Result<Str
     };
     let point = args.point.unwrap_or(last.manifest.point);
     let images = format::disks_at(&chain, point)?;
-    let upto = &chain[..point as usize];
+    let upto = &chain[..=format::position(&chain, point)?];
     format::verify(upto)?;
-    let at = &upto[point as usize - 1];
+    let at = upto.last().expect("the point is in the chain");
     let spec_path = at.dir.join(format::SPEC_FILE);
     let spec_bytes =
         std::fs::read(&spec_path).with_context(|| format!("reading {}", spec_path.display()))?;

@@ -34,7 +34,7 @@ pub struct Taken {
 
 pub async fn backup(ctl: &mut Ctl, vm: &str, root: &Path) -> anyhow::Result<Taken> {
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-    let _lock = lock(root)?;
+    let _lock = super::lock(root)?;
     // A broken chain is refused before anything is taken.
     let chain = format::load_chain(root)?;
     let vm_id = ctl.vm_id(vm).await?;
@@ -83,32 +83,11 @@ pub async fn backup(ctl: &mut Ctl, vm: &str, root: &Path) -> anyhow::Result<Take
     let dir = format::point_dir(root, point);
     std::fs::rename(&tmp, &dir)
         .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
-    sync_dir(root)?;
+    super::sync_dir(root)?;
     if let Some(b) = base {
         delete_snapshot(ctl, &b.id, true).await;
     }
     Ok(taken)
-}
-
-/// One backup at a time writes into a directory: two would write the same next point.
-/// The lock goes with the returned file.
-fn lock(root: &Path) -> anyhow::Result<std::fs::File> {
-    let path = root.join(format::LOCK_FILE);
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => {
-            bail!("another vm-backup is writing into {}", root.display())
-        }
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("locking {}", path.display()))
-        }
-    }
 }
 
 /// Snapshots every disk of the VM at one instant; the pool's record of it.
@@ -184,7 +163,7 @@ async fn write_point(
     std::fs::create_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
     let spec = snap.spec.clone().context("the VM snapshot has no spec")?;
     let spec_bytes = prost::Message::encode_to_vec(&spec);
-    write_synced(&dir.join(format::SPEC_FILE), &spec_bytes)?;
+    super::write_synced(&dir.join(format::SPEC_FILE), &spec_bytes)?;
     let previous_disks: HashMap<&str, &DiskDelta> = last
         .map(|p| {
             p.manifest
@@ -242,10 +221,12 @@ async fn write_point(
         }),
         spec_sha256: format::sha256_hex(&spec_bytes),
         disks,
+        absorbed: vec![],
+        replaces: vec![],
     };
     let json = serde_json::to_vec_pretty(&manifest)?;
-    write_synced(&dir.join(format::MANIFEST), &json)?;
-    sync_dir(dir)?;
+    super::write_synced(&dir.join(format::MANIFEST), &json)?;
+    super::sync_dir(dir)?;
     Ok(taken)
 }
 
@@ -389,38 +370,10 @@ async fn copy_chunks(
             entries.push(ChunkEntry {
                 index: c,
                 sha256: format::sha256_hex(bytes),
+                at: None,
             });
             at += n;
         }
     }
     Ok(entries)
-}
-
-fn write_synced(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    let mut f =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    Ok(())
-}
-
-fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing {}", dir.display()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_backup_at_a_time_writes_into_a_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        let held = lock(dir.path()).unwrap();
-        let err = lock(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("another vm-backup"), "{err}");
-        drop(held);
-        lock(dir.path()).unwrap();
-    }
 }

@@ -1,5 +1,6 @@
-//! `poolctl vm-backup`, `vm-restore`, `vm-backup-verify`: a VM's disks and spec kept in a
-//! chain of full and incremental backups in a directory (see `crate::backup`).
+//! `poolctl vm-backup`, `vm-restore`, `vm-backup-verify`, `vm-backup-prune`: a VM's disks
+//! and spec kept in a chain of full and incremental backups in a directory (see
+//! `crate::backup`).
 
 use std::path::PathBuf;
 
@@ -33,6 +34,28 @@ pub enum BackupCommand {
     /// needed).
     #[command(name = "vm-backup-verify")]
     Verify { dir: PathBuf },
+    /// Drop the points of the chain in DIR that no --keep-* rule keeps (the newest always
+    /// stays). No data is copied: the point after a dropped one takes over the chunks it
+    /// still needs. No pool needed.
+    #[command(name = "vm-backup-prune")]
+    Prune(PruneArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PruneArgs {
+    pub dir: PathBuf,
+    /// Keep the newest N points.
+    #[arg(long, default_value_t = 0)]
+    pub keep_last: u32,
+    /// Keep the newest point of each of the last N days that have one (UTC).
+    #[arg(long, default_value_t = 0)]
+    pub keep_daily: u32,
+    /// Keep the newest point of each of the last N weeks that have one (from Monday, UTC).
+    #[arg(long, default_value_t = 0)]
+    pub keep_weekly: u32,
+    /// Say what would go, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 pub async fn run(ctl: &mut Ctl, command: BackupCommand) -> anyhow::Result<()> {
@@ -66,6 +89,42 @@ pub async fn run(ctl: &mut Ctl, command: BackupCommand) -> anyhow::Result<()> {
             println!("restored VM {id}");
         }
         BackupCommand::Verify { dir } => verify(&dir)?,
+        BackupCommand::Prune(p) => prune(p)?,
+    }
+    Ok(())
+}
+
+/// Prunes the chain in `p.dir`; runs without a pool.
+pub fn prune(p: PruneArgs) -> anyhow::Result<()> {
+    let retention = proto::coordinator::Retention {
+        keep_last: p.keep_last,
+        keep_daily: p.keep_daily,
+        keep_weekly: p.keep_weekly,
+    };
+    let r = backup::prune(&p.dir, &retention, p.dry_run)?;
+    let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+    let (go, freed) = if p.dry_run {
+        ("would prune", "would free")
+    } else {
+        ("pruned", "freed")
+    };
+    println!(
+        "kept points {}; {go} {}; {freed} {}",
+        list(&r.kept),
+        if r.removed.is_empty() {
+            "none".into()
+        } else {
+            list(&r.removed)
+        },
+        human_bytes(r.freed_bytes)
+    );
+    if r.held_bytes > 0 {
+        println!(
+            "{} of pruned points' data stays, read by the points kept ({} of it no longer \
+             read: a file goes when no kept point reads any of it)",
+            human_bytes(r.held_bytes),
+            human_bytes(r.dead_bytes)
+        );
     }
     Ok(())
 }
