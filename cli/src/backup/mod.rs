@@ -1,75 +1,13 @@
-//! VM backups: a chain of points in a directory, the first full and each later one the
-//! chunks changed since the one before, as the thin pool reports them.
+//! `poolctl`'s side of VM backups (the format, writing and pruning are
+//! `pool_image::backup`'s, shared with the coordinator's backup schedules).
 //!
 //! # Layout
-//! - `format.rs`: the directory's files, the chain, digests, a disk at a point.
-//! - `take.rs`: `vm-backup`.
+//! - `take.rs`: `vm-backup`: a VM snapshot through PoolService, written as the next point.
 //! - `restore.rs`: `vm-restore`.
-//! - `prune.rs`: `vm-backup-prune`.
 
-use std::path::Path;
-
-use anyhow::{Context, bail};
-
-pub mod format;
-mod prune;
 mod restore;
 mod take;
 
-pub use prune::prune;
+pub use pool_image::backup::{format, prune};
 pub use restore::{RestoreArgs, restore};
 pub use take::backup;
-
-/// One writer at a time in a backup directory: two backups would write the same next
-/// point, and a prune rewrites manifests a backup reads. The lock goes with the file.
-fn lock(root: &Path) -> anyhow::Result<std::fs::File> {
-    let path = root.join(format::LOCK_FILE);
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => {
-            bail!(
-                "another vm-backup or vm-backup-prune is writing into {}",
-                root.display()
-            )
-        }
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("locking {}", path.display()))
-        }
-    }
-}
-
-/// Writes `data` to `path` and syncs it.
-fn write_synced(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut f =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    Ok(())
-}
-
-/// Syncs a directory, so that what was created, renamed or removed in it stays so.
-fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing {}", dir.display()))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn one_writer_at_a_time_in_a_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        let held = super::lock(dir.path()).unwrap();
-        let err = super::lock(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("another vm-backup"), "{err}");
-        drop(held);
-        super::lock(dir.path()).unwrap();
-    }
-}

@@ -277,7 +277,10 @@ mod tests {
         vec![p1, p2, p3, p4, p5]
     }
 
-    fn images(chain: &[Point]) -> Vec<(u32, Vec<(u64, u8)>, u64)> {
+    /// A point's number, its disk's chunks as (index, fill byte), its disk's bytes.
+    type Image = (u32, Vec<(u64, u8)>, u64);
+
+    fn images(chain: &[Point]) -> Vec<Image> {
         chain
             .iter()
             .map(|p| {
