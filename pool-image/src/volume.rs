@@ -6,7 +6,9 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use anyhow::Context;
-use iscsi_initiator::{Chap, Lun, Session, SessionConfig};
+use iscsi_initiator::{Chap, SessionConfig};
+/// What [`connect`] answers, for callers that hold on to them.
+pub use iscsi_initiator::{Lun, Session};
 use proto::coordinator as pb;
 use tokio::task::JoinSet;
 

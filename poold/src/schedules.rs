@@ -1,16 +1,20 @@
-//! Scheduled snapshots and checkpoints: the leader's loop over `PoolSettings.schedules`.
+//! Scheduled snapshots, checkpoints and backups: the leader's loop over
+//! `PoolSettings.schedules`.
 //!
 //! Each second the leader [`plan`]s against the state and the clock: a schedule due since
 //! its last run starts a VM snapshot job (named `NAME-YYYYMMDD-HHMM` after the due time,
 //! tagged with the schedule); otherwise, the oldest of its snapshots that its
-//! [`Retention`](pb::Retention) no longer keeps is deleted by a job. Both are ordinary
+//! [`Retention`](pb::Retention) no longer keeps is deleted by a job. A backup schedule
+//! first has its newest snapshot written into its chain by a backup job (`jobs::backup`,
+//! which prunes the chain's points by the retention), once, written or not; of its
+//! snapshots only the chain's base stays. Both are ordinary
 //! tasks (requested by "schedule NAME"), one job per VM at a time. Everything is read from
 //! the replicated state (the last due time of each schedule is committed with its run), so
 //! a new leader carries on where the last one stopped, and a run is never taken twice: the
 //! state machine refuses a run not later than the last. A run missed while no member led
 //! is made up once.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +59,24 @@ pub fn run_job(s: &pb::Schedule, at_ms: u64, due_at_ms: u64, manual: bool) -> Sc
     }
 }
 
+/// The job that writes snapshot `snapshot_id` of backup schedule `s` into its chain.
+fn backup_job(s: &pb::Schedule, snapshot_id: &str) -> ScheduleJob {
+    ScheduleJob {
+        schedule: s.name.clone(),
+        job: Some(Job {
+            spec: Some(JobSpec::BackupVm(BackupVmJob {
+                vm_id: s.vm_id.clone(),
+                snapshot_id: snapshot_id.to_owned(),
+                directory: s.directory.clone(),
+                schedule: s.name.clone(),
+                retention: s.retention,
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// The schedule's snapshots now in the pool, as `(id, taken at ms)`.
 pub fn snapshots_of(st: &PoolState, s: &pb::Schedule) -> Vec<(String, u64)> {
     st.vm_snapshots
@@ -81,6 +103,15 @@ pub fn plan(st: &PoolState, now_ms: u64) -> Vec<ScheduleJob> {
             _ => None,
         })
         .collect();
+    // Backup schedules whose chain a job is writing now.
+    let writing: HashSet<&str> = st
+        .jobs
+        .values()
+        .filter_map(|j| match &j.spec {
+            Some(JobSpec::BackupVm(b)) => Some(b.schedule.as_str()),
+            _ => None,
+        })
+        .collect();
     let mut out = Vec::new();
     for s in &st.settings.schedules {
         if s.disabled || !st.vms.contains_key(&s.vm_id) || busy.contains(s.vm_id.as_str()) {
@@ -94,7 +125,26 @@ pub fn plan(st: &PoolState, now_ms: u64) -> Vec<ScheduleJob> {
             continue;
         }
         let mine = snapshots_of(st, s);
-        let keep = proto::retention_kept(&mine, &s.retention.unwrap_or_default());
+        let keep = if s.kind() == pb::ScheduleKind::Backup {
+            let run = st.schedule_runs.get(&s.name).cloned().unwrap_or_default();
+            if writing.contains(s.name.as_str()) {
+                continue;
+            }
+            let newest = mine
+                .iter()
+                .max_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+            if let Some((id, _)) = newest
+                && *id != run.backup_tried_snapshot_id
+                && *id != run.backup_snapshot_id
+            {
+                out.push(backup_job(s, id));
+                continue;
+            }
+            // Only the chain's base stays: the directory keeps the points.
+            BTreeSet::from([run.backup_snapshot_id])
+        } else {
+            proto::retention_kept(&mine, &s.retention.unwrap_or_default())
+        };
         if let Some((oldest, _)) = mine
             .iter()
             .filter(|(id, _)| !keep.contains(id) && !read_by_clone.contains(id.as_str()))
@@ -181,6 +231,7 @@ mod tests {
             at_seconds: 2 * 3600,
             retention: Some(retention(2, 4, 3)),
             disabled: false,
+            directory: String::new(),
         }
     }
 
@@ -398,6 +449,140 @@ mod tests {
         );
     }
 
+    /// Ends every backup job as its executor would, written or not (the writer itself is
+    /// `pool_image::backup`'s, run against real daemons in tests/tests/backup.rs).
+    async fn end_backups(w: &World, written: bool) -> Vec<String> {
+        let jobs: Vec<(String, BackupVmJob)> = w
+            .state()
+            .jobs
+            .values()
+            .filter_map(|j| match &j.spec {
+                Some(JobSpec::BackupVm(b)) => Some((j.task_id.clone(), b.clone())),
+                _ => None,
+            })
+            .collect();
+        for (task_id, b) in &jobs {
+            let done = EffectKind::BackupWritten(BackupWritten {
+                schedule: b.schedule.clone(),
+                snapshot_id: b.snapshot_id.clone(),
+                written,
+            });
+            let f = FinishJob {
+                task_id: task_id.clone(),
+                code: if written {
+                    0
+                } else {
+                    tonic::Code::Aborted as i32
+                },
+                message: if written { "" } else { "disk full" }.into(),
+                effects: vec![Effect { kind: Some(done) }],
+                ..Default::default()
+            };
+            assert_eq!(commit(w, Op::FinishJob(f)).await.code, 0);
+        }
+        jobs.into_iter().map(|(_, b)| b.snapshot_id).collect()
+    }
+
+    /// Ticks at `now` and drives the snapshot and delete jobs that starts; backup jobs are
+    /// left running.
+    async fn tick_but_backups(w: &World, now: u64) -> usize {
+        *w.ledger.clock_ms.lock().unwrap() = Some(now);
+        let n = tick(&*w.ledger, now).await;
+        let jobs: Vec<String> = w
+            .state()
+            .jobs
+            .values()
+            .filter(|j| !matches!(j.spec, Some(JobSpec::BackupVm(_))))
+            .map(|j| j.task_id.clone())
+            .collect();
+        for j in jobs {
+            w.drive(&j).await;
+        }
+        n
+    }
+
+    #[tokio::test]
+    async fn a_backup_schedule_writes_each_snapshot_once_and_keeps_only_its_base() {
+        let w = World::two_hosts_one_running_vm();
+        *w.ledger.clock_ms.lock().unwrap() = Some(DEC_1);
+        let backup = pb::Schedule {
+            name: "bk".into(),
+            kind: pb::ScheduleKind::Backup as i32,
+            directory: "/srv/backups/vm1".into(),
+            retention: Some(retention(7, 0, 0)),
+            ..nightly()
+        };
+        assert_eq!(commit(&w, Op::SetSchedule(backup)).await.code, 0);
+        let ids = |w: &World| {
+            let mut v: Vec<String> = snapshots_of(&w.state(), &w.state().settings.schedules[0])
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            v.sort();
+            v
+        };
+
+        // Night 1: the snapshot, then a backup job for it, and nothing else meanwhile.
+        assert_eq!(tick_but_backups(&w, DEC_1 + 2 * HOUR).await, 1);
+        let first = ids(&w);
+        assert_eq!(first.len(), 1);
+        assert_eq!(tick_but_backups(&w, DEC_1 + 2 * HOUR + 1000).await, 1);
+        let st = w.state();
+        let job = st.jobs.values().next().expect("a backup job");
+        let Some(JobSpec::BackupVm(b)) = &job.spec else {
+            panic!("{job:?}")
+        };
+        assert_eq!(
+            (b.snapshot_id.as_str(), b.directory.as_str()),
+            (first[0].as_str(), "/srv/backups/vm1")
+        );
+        assert_eq!(b.retention, Some(retention(7, 0, 0)));
+        assert_eq!(st.tasks[&job.task_id].requested_by, "schedule bk");
+        assert_eq!(st.tasks[&job.task_id].kind, "vm.backup");
+        assert_eq!(
+            tick_but_backups(&w, DEC_1 + 2 * HOUR + 2000).await,
+            0,
+            "one backup job at a time, and no delete while it writes"
+        );
+        assert_eq!(end_backups(&w, true).await, first);
+        assert_eq!(tick_but_backups(&w, DEC_1 + 3 * HOUR).await, 0);
+        assert_eq!(ids(&w), first, "the base stays");
+
+        // Night 2: written; the first snapshot, no longer the base, goes.
+        tick_but_backups(&w, DEC_1 + DAY + 2 * HOUR).await;
+        tick_but_backups(&w, DEC_1 + DAY + 2 * HOUR + 1000).await;
+        let second = end_backups(&w, true).await;
+        assert_eq!(second.len(), 1);
+        assert_eq!(tick_but_backups(&w, DEC_1 + DAY + 3 * HOUR).await, 1);
+        assert_eq!(ids(&w), second);
+        let run = &w.state().schedule_runs["bk"];
+        assert_eq!(run.backup_snapshot_id, second[0]);
+
+        // Night 3: the backup fails (the task says so, an alert is raised); it is not
+        // tried again, and its snapshot goes, the base stays.
+        tick_but_backups(&w, DEC_1 + 2 * DAY + 2 * HOUR).await;
+        tick_but_backups(&w, DEC_1 + 2 * DAY + 2 * HOUR + 1000).await;
+        let third = end_backups(&w, false).await;
+        for m in 0..10 {
+            tick_but_backups(&w, DEC_1 + 2 * DAY + 3 * HOUR + m * 60_000).await;
+        }
+        assert_eq!(ids(&w), second);
+        let backups = tasks_of(&w, "vm.backup");
+        assert_eq!(backups.len(), 3, "each snapshot tried once");
+        assert_eq!(backups[2].state, pb::TaskState::Failed as i32);
+        assert!(
+            w.state()
+                .alerts
+                .values()
+                .any(|a| a.message.contains("vm.backup") && a.message.contains("disk full"))
+        );
+        let run = &w.state().schedule_runs["bk"];
+        assert_eq!(
+            (&run.backup_snapshot_id, &run.backup_tried_snapshot_id),
+            (&second[0], &third[0])
+        );
+    }
+
     #[tokio::test]
     async fn bad_schedules_and_settings_are_refused_and_change_nothing() {
         let w = World::two_hosts_one_running_vm();
@@ -437,6 +622,28 @@ mod tests {
                     ..nightly()
                 },
                 "kind",
+            ),
+            (
+                pb::Schedule {
+                    kind: pb::ScheduleKind::Backup as i32,
+                    ..nightly()
+                },
+                "absolute path",
+            ),
+            (
+                pb::Schedule {
+                    kind: pb::ScheduleKind::Backup as i32,
+                    directory: "/srv/../etc".into(),
+                    ..nightly()
+                },
+                "absolute path",
+            ),
+            (
+                pb::Schedule {
+                    directory: "/srv/backups".into(),
+                    ..nightly()
+                },
+                "only a backup schedule",
             ),
         ] {
             let r = commit(&w, Op::SetSchedule(bad)).await;

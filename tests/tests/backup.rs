@@ -4,7 +4,8 @@
 //! each point restored as a new VM whose disk must equal, byte for byte, what the VM's
 //! disk held at that point; then the refusals: a corrupt chunk named by verify and refused
 //! by restore, and a repository without room, each leaving the pool as it was; last, the
-//! chain pruned to its newest point, which restores as before.
+//! chain pruned to its newest point, which restores as before. A backup schedule's chain,
+//! written and pruned by the coordinator, restores the same way.
 
 use std::path::Path;
 use std::time::Duration;
@@ -223,6 +224,186 @@ fn full_then_incremental_backups_restore_each_point_byte_for_byte() {
     let fourth = pool.ctl(&["vm-backup", "bk", &b]);
     assert_eq!(chunks_in(&fourth), 0, "{fourth}");
     pool.ctl(&["vm-backup-verify", &b]);
+}
+
+/// Polls `f` every 200 ms for up to `limit`.
+fn wait_until<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() > end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The `vm.backup` tasks a schedule started, as task-list's JSON lines.
+fn backup_tasks(pool: &Pool, schedule: &str) -> Vec<String> {
+    let by = format!("\"by\": \"schedule {schedule}\"");
+    pool.ctl(&["task-list", "--all", "--json"])
+        .lines()
+        .filter(|l| l.contains(&by) && field(l, "kind") == "vm.backup")
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Runs schedule `name` now and waits for the backup job its snapshot starts to end;
+/// that task's line.
+fn run_backup(pool: &Pool, name: &str) -> String {
+    let before = backup_tasks(pool, name).len();
+    pool.ctl(&["schedule-run", name]);
+    wait_until(Duration::from_secs(60), || {
+        backup_tasks(pool, name)
+            .into_iter()
+            .nth(before)
+            .filter(|t| matches!(field(t, "state").as_str(), "succeeded" | "failed"))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "schedule {name}'s backup ended: {}\n{}",
+            pool.ctl(&["task-list", "--all", "--json"]),
+            pool.logs()
+        )
+    })
+}
+
+/// The schedule's VM snapshots, by name.
+fn schedule_snapshots(pool: &Pool, vm: &str, schedule: &str) -> Vec<String> {
+    pool.ctl(&["vm-snapshot-list", vm, "--json"])
+        .lines()
+        .filter(|l| l.contains("\"id\"") && field(l, "schedule") == schedule)
+        .map(|l| field(l, "name"))
+        .collect()
+}
+
+/// A backup schedule, run now three times: the leader writes its chain (full, then
+/// incremental) in the format `vm-backup` writes, prunes it to the retention, keeps only
+/// the newest point's snapshot, and the chain restores byte for byte; a directory it
+/// cannot write fails the task once, with an alert, and leaves nothing behind.
+#[test]
+fn a_backup_schedule_writes_and_prunes_a_chain_that_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::start(dir.path(), 1);
+    pool.wait_hosts_enabled();
+    pool.create_sr(dir.path(), "sr1", "256M");
+    let at_point_1 = image(&dir.path().join("disk.raw"));
+    pool.ctl(&[
+        "vdi-import",
+        &dir.path().join("disk.raw").display().to_string(),
+        "sb-disk",
+        "--sr",
+        "sr1",
+    ]);
+    let elf = guest_elf(dir.path());
+    pool.ctl(&guest_vm(
+        "sb",
+        "sb-disk",
+        &elf,
+        "seed=9 blk=write blk_kib=160 mode=once",
+        &[],
+    ));
+    let backups = dir.path().join("nightly");
+    let b = backups.display().to_string();
+    pool.refused(
+        &[
+            "schedule-set",
+            "nb",
+            "--vm",
+            "sb",
+            "--every",
+            "1d",
+            "--backup-dir",
+            "nightly",
+        ],
+        "absolute path",
+    );
+    pool.ctl(&[
+        "schedule-set",
+        "nb",
+        "--vm",
+        "sb",
+        "--every",
+        "1d",
+        "--backup-dir",
+        &b,
+        "--keep-last",
+        "2",
+    ]);
+    let list = pool.ctl(&["schedule-list"]);
+    assert!(list.contains(&format!("backup to {b}")), "{list}");
+
+    let t1 = run_backup(&pool, "nb");
+    assert_eq!(field(&t1, "state"), "succeeded", "{t1}\n{}", pool.logs());
+    let verified = pool.ctl(&["vm-backup-verify", &b]);
+    assert!(verified.contains("1 points"), "{verified}");
+
+    pool.ctl(&["vm-start", "sb"]);
+    pool.wait_vm("sb", "\"power\": \"stopped\"", Duration::from_secs(60));
+    let at_point_2 = pool.disk_bytes(dir.path(), "sb-disk");
+    assert_ne!(at_point_1, at_point_2, "the guest wrote");
+    let t2 = run_backup(&pool, "nb");
+    assert_eq!(field(&t2, "state"), "succeeded", "{t2}");
+    let t3 = run_backup(&pool, "nb");
+    assert_eq!(field(&t3, "state"), "succeeded", "{t3}");
+
+    // Kept: the last two points; of the schedule's snapshots, the newest point's.
+    let verified = pool.ctl(&["vm-backup-verify", &b]);
+    assert!(verified.contains("2 points"), "{verified}");
+    assert!(!backups.join("point-0001").join("manifest.json").exists());
+    assert!(backups.join("point-0003").join("manifest.json").exists());
+    let snaps = wait_until(Duration::from_secs(30), || {
+        let s = schedule_snapshots(&pool, "sb", "nb");
+        (s.len() == 1).then_some(s)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "one snapshot stays: {:?}",
+            schedule_snapshots(&pool, "sb", "nb")
+        )
+    });
+    assert!(snaps[0].starts_with("nb-"), "{snaps:?}");
+    for (point, name) in [("2", "rb2"), ("3", "rb3")] {
+        pool.ctl(&["vm-restore", &b, "--point", point, "--name", name]);
+        assert!(
+            pool.disk_bytes(dir.path(), &format!("{name}-vda")) == at_point_2,
+            "point {point} restored"
+        );
+    }
+
+    // A directory that cannot be made: the task fails once and says where; an alert.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let bad = file.join("sub").display().to_string();
+    pool.ctl(&[
+        "schedule-set",
+        "bad",
+        "--vm",
+        "sb",
+        "--every",
+        "1d",
+        "--backup-dir",
+        &bad,
+    ]);
+    let failed = run_backup(&pool, "bad");
+    assert_eq!(field(&failed, "state"), "failed", "{failed}");
+    let tasks = pool.ctl(&["task-list", "--all", "--json"]);
+    assert!(
+        tasks.contains(&bad),
+        "the task names the directory: {tasks}"
+    );
+    let alerts = pool.ctl(&["alerts", "--json"]);
+    assert!(alerts.contains("vm.backup"), "{alerts}");
+    let gone = wait_until(Duration::from_secs(30), || {
+        schedule_snapshots(&pool, "sb", "bad")
+            .is_empty()
+            .then_some(())
+    });
+    assert!(gone.is_some(), "the failed run's snapshot is deleted");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(backup_tasks(&pool, "bad").len(), 1, "tried once");
 }
 
 /// `storaged` dies by SIGKILL while a backup reads the VM's changed chunks. Left dead,

@@ -90,11 +90,13 @@ export interface ScheduleForm {
   keepDaily: number;
   keepWeekly: number;
   disabled: boolean;
+  /** A backup schedule's directory (on the coordinator members); "" for snapshots. */
+  backupDir: string;
 }
 
 /** A new schedule: daily, at midnight UTC, keeping everything (poolctl's defaults). */
 export function emptyForm(): ScheduleForm {
-  return { name: "", vmId: "", checkpoint: false, count: 1, unit: "d", day: 0, at: "", keepLast: 0, keepDaily: 0, keepWeekly: 0, disabled: false };
+  return { name: "", vmId: "", checkpoint: false, count: 1, unit: "d", day: 0, at: "", keepLast: 0, keepDaily: 0, keepWeekly: 0, disabled: false, backupDir: "" };
 }
 
 /** A schedule the pool has, as the form shows it to be changed. */
@@ -113,6 +115,7 @@ export function toForm(s: Schedule): ScheduleForm {
     keepDaily: s.retention?.keepDaily ?? 0,
     keepWeekly: s.retention?.keepWeekly ?? 0,
     disabled: s.disabled,
+    backupDir: s.kind === ScheduleKind.BACKUP ? s.directory : "",
   };
 }
 
@@ -148,6 +151,11 @@ export function checkForm(f: ScheduleForm): Checked {
     const when = isWeekly(every) ? `${WEEKDAYS[f.day]} ${f.at.trim()}` : f.at.trim();
     return fail(`${when} is not within the period of ${period(every)}: runs are at that time past each period's start (midnight UTC, or Monday's for weekly periods)`);
   }
+  const dir = f.backupDir.trim();
+  if (dir !== "" && (!dir.startsWith("/") || dir.split("/").includes(".."))) {
+    return fail(`backup directory ${JSON.stringify(dir)}: an absolute path without . or .. is needed`);
+  }
+  if (dir !== "" && f.checkpoint) return fail("a backup schedule backs up the disks: choose snapshots or a backup directory, not both");
   const keeps: [string, number][] = [
     ["keep last", f.keepLast],
     ["keep daily", f.keepDaily],
@@ -161,7 +169,8 @@ export function checkForm(f: ScheduleForm): Checked {
     schedule: create(ScheduleSchema, {
       name,
       vmId: f.vmId,
-      kind: f.checkpoint ? ScheduleKind.CHECKPOINT : ScheduleKind.SNAPSHOT,
+      kind: dir !== "" ? ScheduleKind.BACKUP : f.checkpoint ? ScheduleKind.CHECKPOINT : ScheduleKind.SNAPSHOT,
+      directory: dir,
       everySeconds: every,
       atSeconds: at,
       retention: { keepLast: f.keepLast, keepDaily: f.keepDaily, keepWeekly: f.keepWeekly },
@@ -177,6 +186,7 @@ export function retention(r: { keepLast: number; keepDaily: number; keepWeekly: 
 }
 
 export function kind(k: ScheduleKind): string {
+  if (k === ScheduleKind.BACKUP) return "backup";
   return k === ScheduleKind.CHECKPOINT ? "checkpoint" : "snapshot";
 }
 

@@ -63,6 +63,20 @@ describe("the form", () => {
     expect(c.schedule.disabled).toBe(false);
   });
 
+  it("makes a backup schedule of a directory, and keeps it when the schedule is edited", () => {
+    const c = checkForm(form({ backupDir: " /srv/backups/web ", keepLast: 7 }));
+    expect(c.ok && c.schedule.kind).toBe(ScheduleKind.BACKUP);
+    expect(c.ok && c.schedule.directory).toBe("/srv/backups/web");
+    if (!c.ok) return;
+    expect(toForm(c.schedule)).toMatchObject({ backupDir: "/srv/backups/web", checkpoint: false, keepLast: 7 });
+    expect(checkForm(form({ backupDir: "backups" }))).toEqual({ ok: false, error: 'backup directory "backups": an absolute path without . or .. is needed' });
+    expect(checkForm(form({ backupDir: "/srv/../etc" })).ok).toBe(false);
+    expect(checkForm(form({ backupDir: "/srv/b", checkpoint: true })).ok).toBe(false);
+    // Not a backup: no directory sent.
+    const s = checkForm(form({}));
+    expect(s.ok && s.schedule.directory).toBe("");
+  });
+
   it("counts a weekly period's time from Monday's midnight", () => {
     const c = checkForm(form({ count: 1, unit: "w", day: 6, at: "03:00", checkpoint: true }));
     expect(c.ok && c.schedule.atSeconds).toBe(6 * 86_400 + 3 * 3600);
@@ -106,6 +120,7 @@ describe("the form", () => {
     });
     const f = toForm(s);
     expect(f).toMatchObject({ name: "weekly", count: 1, unit: "w", day: 6, at: "03:00", checkpoint: true, keepLast: 2, keepDaily: 0, keepWeekly: 4, disabled: true });
+    expect(f.backupDir).toBe("");
     const again = checkForm(f);
     expect(again.ok && again.schedule).toEqual(s);
   });

@@ -105,12 +105,12 @@ struct Api<'a>(&'a mut Ctl);
 impl write::Pool for Api<'_> {
     type Access = Access;
 
-    async fn origin(&mut self, snapshot: &str) -> anyhow::Result<String> {
+    async fn origin(&mut self, snapshot: String) -> anyhow::Result<String> {
         let v = call!(
             self.0.client,
             get_volume,
             pb::GetVolumeRequest {
-                volume_id: snapshot.to_owned()
+                volume_id: snapshot.clone()
             }
         )
         .with_context(|| format!("reading snapshot {snapshot}"))?;
@@ -119,9 +119,9 @@ impl write::Pool for Api<'_> {
 
     async fn changed(
         &mut self,
-        volume: &str,
-        base: Option<&str>,
-        target: &str,
+        volume: String,
+        base: Option<String>,
+        target: String,
     ) -> anyhow::Result<Changed> {
         let mut out = Changed::default();
         let mut token = String::new();
@@ -130,9 +130,9 @@ impl write::Pool for Api<'_> {
                 self.0.client,
                 list_changed_chunks,
                 spb::ListChangedChunksRequest {
-                    volume_id: volume.to_owned(),
-                    base_snapshot_id: base.unwrap_or_default().to_owned(),
-                    target_snapshot_id: target.to_owned(),
+                    volume_id: volume.clone(),
+                    base_snapshot_id: base.clone().unwrap_or_default(),
+                    target_snapshot_id: target.clone(),
                     page_size: 0,
                     page_token: token.clone(),
                 }
@@ -147,8 +147,8 @@ impl write::Pool for Api<'_> {
         }
     }
 
-    async fn open(&mut self, volume: &str) -> anyhow::Result<Access> {
-        transfer::open(&mut self.0.client, volume).await
+    async fn open(&mut self, volume: String) -> anyhow::Result<Access> {
+        transfer::open(&mut self.0.client, &volume).await
     }
 
     fn lun(access: &Access) -> &iscsi_initiator::Lun {

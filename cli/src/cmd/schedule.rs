@@ -1,5 +1,5 @@
-//! `poolctl schedule-*`: scheduled VM snapshots and checkpoints with retention, pool
-//! settings the coordinator runs as tasks (requested by "schedule NAME").
+//! `poolctl schedule-*`: scheduled VM snapshots, checkpoints and backups with retention,
+//! pool settings the coordinator runs as tasks (requested by "schedule NAME").
 
 use std::collections::HashMap;
 
@@ -13,8 +13,9 @@ use crate::output::{Table, ts};
 
 #[derive(Debug, Subcommand)]
 pub enum ScheduleCommand {
-    /// Add a schedule, or replace the one named NAME: snapshot (or checkpoint) VM every
-    /// period, keeping what the --keep rules say (all, when none is given). Times are UTC.
+    /// Add a schedule, or replace the one named NAME: snapshot (or checkpoint, or back up)
+    /// VM every period, keeping what the --keep rules say (all, when none is given). Times
+    /// are UTC.
     #[command(name = "schedule-set")]
     Set {
         name: String,
@@ -31,6 +32,11 @@ pub enum ScheduleCommand {
         /// Checkpoints (memory too; the VM must be running) instead of disk snapshots.
         #[arg(long)]
         checkpoint: bool,
+        /// Back the VM up into this directory instead (vm-backup's chain: full, then
+        /// incremental); the --keep rules prune its points. An absolute path on the
+        /// coordinator members, which write into it as they lead: a shared mount.
+        #[arg(long, value_name = "DIR", conflicts_with = "checkpoint")]
+        backup_dir: Option<String>,
         /// Keep the newest N.
         #[arg(long, default_value_t = 0)]
         keep_last: u32,
@@ -63,6 +69,7 @@ pub async fn run(ctl: &mut Ctl, command: ScheduleCommand) -> anyhow::Result<()> 
             every,
             at,
             checkpoint,
+            backup_dir,
             keep_last,
             keep_daily,
             keep_weekly,
@@ -77,10 +84,10 @@ pub async fn run(ctl: &mut Ctl, command: ScheduleCommand) -> anyhow::Result<()> 
                     period(every)
                 );
             }
-            let kind = if checkpoint {
-                pb::ScheduleKind::Checkpoint
-            } else {
-                pb::ScheduleKind::Snapshot
+            let kind = match (&backup_dir, checkpoint) {
+                (Some(_), _) => pb::ScheduleKind::Backup,
+                (None, true) => pb::ScheduleKind::Checkpoint,
+                (None, false) => pb::ScheduleKind::Snapshot,
             };
             let r = call!(
                 ctl.client,
@@ -99,6 +106,7 @@ pub async fn run(ctl: &mut Ctl, command: ScheduleCommand) -> anyhow::Result<()> 
                             keep_weekly,
                         }),
                         disabled,
+                        directory: backup_dir.unwrap_or_default(),
                     }),
                 }
             )?;
@@ -156,8 +164,9 @@ fn schedule_table(list: Vec<pb::ScheduleStatus>, vm_names: &HashMap<String, Stri
     for st in list {
         let s = st.schedule.unwrap_or_default();
         let kind = match s.kind() {
-            pb::ScheduleKind::Checkpoint => "checkpoint",
-            _ => "snapshot",
+            pb::ScheduleKind::Checkpoint => "checkpoint".to_owned(),
+            pb::ScheduleKind::Backup => format!("backup to {}", s.directory),
+            _ => "snapshot".to_owned(),
         };
         let r = s.retention.unwrap_or_default();
         let keep = if r.keep_last == 0 && r.keep_daily == 0 && r.keep_weekly == 0 {

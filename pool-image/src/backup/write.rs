@@ -27,16 +27,18 @@ pub trait Pool {
     /// An open grant on a volume and its logged-in LUN.
     type Access: Send;
     /// The volume a snapshot was taken of.
-    fn origin(&mut self, snapshot: &str) -> impl Future<Output = anyhow::Result<String>> + Send;
+    // Owned arguments: the futures borrow nothing but the pool.
+    fn origin(&mut self, snapshot: String) -> impl Future<Output = anyhow::Result<String>> + Send;
     /// Every chunk range of snapshot `target` that differs from snapshot `base` (from
     /// nothing: every allocated chunk) in `volume`'s lineage, all pages.
     fn changed(
         &mut self,
-        volume: &str,
-        base: Option<&str>,
-        target: &str,
+        volume: String,
+        base: Option<String>,
+        target: String,
     ) -> impl Future<Output = anyhow::Result<Changed>> + Send;
-    fn open(&mut self, volume: &str) -> impl Future<Output = anyhow::Result<Self::Access>> + Send;
+    fn open(&mut self, volume: String)
+    -> impl Future<Output = anyhow::Result<Self::Access>> + Send;
     fn lun(access: &Self::Access) -> &Lun;
     /// Logs out and revokes the grant; a failure is the implementation's to report.
     fn close(&mut self, access: Self::Access) -> impl Future<Output = ()> + Send;
@@ -166,11 +168,12 @@ impl Next {
         let spec = snap.spec.clone().context("the VM snapshot has no spec")?;
         let spec_bytes = prost::Message::encode_to_vec(&spec);
         super::write_synced(&dir.join(format::SPEC_FILE), &spec_bytes)?;
-        let previous_disks: HashMap<&str, &DiskDelta> = self
+        // Each disk's volume at the last point.
+        let previous_volumes: HashMap<String, String> = self
             .last
             .iter()
             .flat_map(|p| &p.manifest.disks)
-            .map(|d| (d.disk_id.as_str(), d))
+            .map(|d| (d.disk_id.clone(), d.volume_id.clone()))
             .collect();
         let mut written = Written {
             point: self.point,
@@ -185,20 +188,21 @@ impl Next {
                 .with_context(|| format!("the VM snapshot has no copy of disk {}", disk.disk_id))?;
             // The volume the snapshot was taken of: the disk's, or the undo overlay the VM
             // ran on, whose lineage the changed chunks are asked in.
-            let of = pool.origin(target).await?;
+            let of = pool.origin(target.clone()).await?;
             // Incremental only over an earlier snapshot of the same volume (an undo disk's
             // overlay is another one after a commit or discard: a full read then).
-            let mut base_volume = previous_disks
-                .get(disk.disk_id.as_str())
-                .filter(|d| d.volume_id == disk.volume_id)
+            let mut base_volume = previous_volumes
+                .get(&disk.disk_id)
+                .filter(|v| **v == disk.volume_id)
                 .and(self.base.as_ref())
-                .and_then(|b| b.disk_snapshots.get(&disk.disk_id));
-            if let Some(b) = base_volume
-                && pool.origin(b).await? != of
+                .and_then(|b| b.disk_snapshots.get(&disk.disk_id))
+                .cloned();
+            if let Some(b) = &base_volume
+                && pool.origin(b.clone()).await? != of
             {
                 base_volume = None;
             }
-            let delta = read_disk(pool, disk, &of, base_volume, target, dir).await?;
+            let delta = read_disk(pool, disk, &of, base_volume.as_ref(), target, dir).await?;
             written.chunks += delta.chunks.len() as u64;
             written.bytes += delta
                 .chunks
@@ -240,7 +244,7 @@ async fn read_disk<P: Pool>(
     dir: &Path,
 ) -> anyhow::Result<DiskDelta> {
     let changed = pool
-        .changed(lineage, base.map(String::as_str), target)
+        .changed(lineage.to_owned(), base.cloned(), target.to_owned())
         .await?;
     let mut delta = DiskDelta {
         disk_id: disk.disk_id.clone(),
@@ -269,7 +273,7 @@ async fn read_disk<P: Pool>(
         .map(|r| (r.first_chunk, r.chunk_count))
         .collect();
     if !mapped.is_empty() {
-        let access = pool.open(target).await?;
+        let access = pool.open(target.to_owned()).await?;
         let r = copy_chunks(P::lun(&access), &delta, &mapped, &mut out).await;
         pool.close(access).await;
         delta.chunks = r.with_context(|| format!("reading disk {}", disk.disk_id))?;
@@ -296,16 +300,20 @@ async fn copy_chunks(
         );
     }
     let per_read = largest / d.chunk_size;
-    // (first chunk, chunks) of each read, in order.
-    let reads = ranges.iter().flat_map(|&(first, count)| {
-        (0..count.div_ceil(per_read)).map(move |i| {
-            let start = first + i * per_read;
-            (start, per_read.min(first + count - start))
+    // (first chunk, chunks) of each read, in order; collected, as closures held across the
+    // awaits below would keep the future from being `Send`.
+    let reads: Vec<(u64, u64)> = ranges
+        .iter()
+        .flat_map(|&(first, count)| {
+            (0..count.div_ceil(per_read)).map(move |i| {
+                let start = first + i * per_read;
+                (start, per_read.min(first + count - start))
+            })
         })
-    });
+        .collect();
     let mut entries = Vec::new();
     let mut in_flight = VecDeque::new();
-    let mut reads = reads.peekable();
+    let mut reads = reads.into_iter().peekable();
     while reads.peek().is_some() || !in_flight.is_empty() {
         if in_flight.len() < IN_FLIGHT
             && let Some((first, count)) = reads.next()

@@ -27,8 +27,10 @@
 //! - [`checkpoint`]: VM snapshots with memory (taken by [`vm`]'s snapshot job, reverted
 //!   to by its revert job);
 //! - [`undo`]: undo disks: the start that makes a VM's overlays, their commit or discard;
-//! - [`ha`]: fencing an unreachable host at the storage, restarting its VMs elsewhere.
+//! - [`ha`]: fencing an unreachable host at the storage, restarting its VMs elsewhere;
+//! - [`backup`]: a backup schedule's snapshot written into its chain, the chain pruned.
 
+pub mod backup;
 pub mod checkpoint;
 pub mod ha;
 pub mod migrate;
@@ -296,6 +298,7 @@ pub async fn execute(env: &Env, job: &Job) -> Result<Finish, JobError> {
         JobSpec::ResumeVm(j) => suspend::resume(env, job, j).await,
         JobSpec::StartUndoVm(j) => undo::start(env, job, j).await,
         JobSpec::EndUndo(j) => undo::end(env, job, j).await,
+        JobSpec::BackupVm(j) => backup::backup_vm(env, job, j).await,
     }
 }
 

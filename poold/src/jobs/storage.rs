@@ -163,6 +163,71 @@ pub async fn delete_once(env: &Env, loc: &SrLoc, volume_id: &str) -> Result<(), 
     }
 }
 
+/// Grants `initiator` iSCSI access to the volume's export (made if missing) with the CHAP
+/// secrets the pool derives for that initiator: how an initiator outside the pool logs in
+/// (poolctl's transfers, the web console's downloads, scheduled backups).
+pub async fn grant_access(
+    env: &Env,
+    loc: &SrLoc,
+    volume_id: &str,
+    size_bytes: u64,
+    initiator: &str,
+) -> Result<pb::VolumeAccess, JobError> {
+    let export = super::vm::export_of(env, loc, volume_id).await?;
+    let key = read(&*env.ledger, |s| s.token_key.clone());
+    let chap = crate::chap::secrets(&key, initiator).map_err(|s| JobError::Refused {
+        code: s.code(),
+        message: s.message().to_owned(),
+    })?;
+    env.storage
+        .grant(&loc.address, &export.id, &chap)
+        .await
+        .map_err(|s| {
+            JobError::from_status(format!("granting {initiator} volume {volume_id}"), s)
+        })?;
+    let portal = export.portals.first().cloned().ok_or_else(|| {
+        JobError::refused(
+            Code::FailedPrecondition,
+            format!("storaged at {} lists no iSCSI portal", loc.address),
+        )
+    })?;
+    Ok(pb::VolumeAccess {
+        portal,
+        target_iqn: export.target_iqn,
+        lun: export.lun,
+        size_bytes,
+        chap_username: chap.initiator.user,
+        chap_secret: chap.initiator.secret,
+        mutual_chap_username: chap.target.user,
+        mutual_chap_secret: chap.target.secret,
+    })
+}
+
+/// Revokes `initiator` on every export of the volume; answers how many of its sessions
+/// were dropped.
+pub async fn revoke_access(
+    env: &Env,
+    loc: &SrLoc,
+    volume_id: &str,
+    initiator: &str,
+) -> Result<u32, JobError> {
+    let what = |s| JobError::from_status(format!("revoking {initiator} on volume {volume_id}"), s);
+    let mut dropped = 0;
+    for e in env
+        .storage
+        .list_exports(&loc.address, volume_id)
+        .await
+        .map_err(what)?
+    {
+        dropped += env
+            .storage
+            .revoke(&loc.address, &e.id, initiator)
+            .await
+            .map_err(what)?;
+    }
+    Ok(dropped)
+}
+
 pub async fn create_sr(env: &Env, job: &Job, j: &CreateSrJob) -> Result<Finish, JobError> {
     let mut sr =
         j.sr.clone()

@@ -14,11 +14,11 @@ mod jobs;
 mod trust;
 mod users;
 pub use jobs::{
-    CloneVmJob, CreateSrJob, DeleteVmSnapshotJob, DestroyVmJob, Effect, EffectKind, EndUndoJob,
-    FenceHostJob, FinishJob, Job, JobSpec, JobStep, MigrateVmJob, MoveVm, RebootVmJob, ResumeVmJob,
-    RevertVmJob, ScheduleJob, ScheduleRun, SetCurrentSnapshot, SnapshotVmJob, StartUndoVmJob,
-    SuspendVmJob, TemplateFromVmJob, UndoStarted, VmFromTemplateJob, VmSuspended, VolumeAction,
-    VolumeJob,
+    BackupVmJob, BackupWritten, CloneVmJob, CreateSrJob, DeleteVmSnapshotJob, DestroyVmJob, Effect,
+    EffectKind, EndUndoJob, FenceHostJob, FinishJob, Job, JobSpec, JobStep, MigrateVmJob, MoveVm,
+    RebootVmJob, ResumeVmJob, RevertVmJob, ScheduleJob, ScheduleRun, SetCurrentSnapshot,
+    SnapshotVmJob, StartUndoVmJob, SuspendVmJob, TemplateFromVmJob, UndoStarted, VmFromTemplateJob,
+    VmSuspended, VolumeAction, VolumeJob,
 };
 pub use trust::{
     CaRollRecord, FinishCaRoll, IssuedRecord, JoinTokenRecord, PoolCaRecord, RedeemJoinToken,
@@ -456,6 +456,44 @@ mod tests {
         let back = Command::decode(c.encode_to_vec().as_slice()).unwrap();
         assert_eq!(back, c);
         assert_eq!(back.op.unwrap().kind(), "vm.start");
+    }
+
+    /// Every job and effect variant survives the log: a oneof's `tags` list left behind
+    /// decodes a new variant as nothing ("empty job").
+    #[test]
+    fn the_newest_job_and_effect_round_trip() {
+        let job = Op::ScheduleJob(ScheduleJob {
+            schedule: "nb".into(),
+            job: Some(Job {
+                spec: Some(JobSpec::BackupVm(BackupVmJob {
+                    vm_id: "vm".into(),
+                    snapshot_id: "s".into(),
+                    directory: "/b".into(),
+                    schedule: "nb".into(),
+                    retention: None,
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let finish = Op::FinishJob(FinishJob {
+            task_id: "t".into(),
+            effects: vec![Effect {
+                kind: Some(EffectKind::BackupWritten(BackupWritten {
+                    schedule: "nb".into(),
+                    snapshot_id: "s".into(),
+                    written: true,
+                })),
+            }],
+            ..Default::default()
+        });
+        for op in [job, finish] {
+            let c = Command {
+                op: Some(op),
+                ..Default::default()
+            };
+            assert_eq!(Command::decode(c.encode_to_vec().as_slice()).unwrap(), c);
+        }
     }
 
     /// `SetRole` as logs written before passwords and tokens could change held it.

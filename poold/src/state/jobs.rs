@@ -225,6 +225,24 @@ impl PoolState {
                 }
                 Ok(j.template_id.clone())
             }
+            JobSpec::BackupVm(j) => {
+                self.vm(&j.vm_id)?;
+                self.snapshot_of(&j.snapshot_id, &j.vm_id)?;
+                super::schedules::check_backup_directory(&j.directory)?;
+                if let Some(o) = self.jobs.values().find(|o| {
+                    o.task_id != job.task_id
+                        && matches!(&o.spec, Some(JobSpec::BackupVm(b)) if b.directory == j.directory)
+                }) {
+                    return Err(err(
+                        Code::FailedPrecondition,
+                        format!(
+                            "task {} is writing into {} already",
+                            o.task_id, j.directory
+                        ),
+                    ));
+                }
+                Ok(j.vm_id.clone())
+            }
             JobSpec::SnapshotVm(j) if j.memory => self.check_checkpoint(j),
             JobSpec::SnapshotVm(j) => {
                 self.vm(&j.vm_id)?;
@@ -828,6 +846,14 @@ impl PoolState {
             EffectKind::VmResumed(m) => self.apply_vm_resumed(m),
             EffectKind::UndoStarted(u) => return self.apply_undo_started(u),
             EffectKind::UndoEnded(vm_id) => self.apply_undo_ended(vm_id),
+            EffectKind::BackupWritten(b) => {
+                if let Some(r) = self.schedule_runs.get_mut(&b.schedule) {
+                    r.backup_tried_snapshot_id = b.snapshot_id.clone();
+                    if b.written {
+                        r.backup_snapshot_id = b.snapshot_id.clone();
+                    }
+                }
+            }
             EffectKind::MoveVm(m) => {
                 // The migration ended with the VM running on the destination: recorded
                 // now, so the next action on it (another migration) does not meet the

@@ -61,14 +61,21 @@ pub fn validate_schedule(s: &pb::Schedule) -> Result<(), CommandResult> {
     if s.vm_id.is_empty() {
         return Err(err(Code::InvalidArgument, "a schedule needs a VM (vm_id)"));
     }
-    if !matches!(
-        s.kind(),
-        pb::ScheduleKind::Snapshot | pb::ScheduleKind::Checkpoint
-    ) {
-        return Err(err(
-            Code::InvalidArgument,
-            "a schedule's kind is snapshot or checkpoint",
-        ));
+    match s.kind() {
+        pb::ScheduleKind::Snapshot | pb::ScheduleKind::Checkpoint if !s.directory.is_empty() => {
+            return Err(err(
+                Code::InvalidArgument,
+                "only a backup schedule writes into a directory",
+            ));
+        }
+        pb::ScheduleKind::Snapshot | pb::ScheduleKind::Checkpoint => {}
+        pb::ScheduleKind::Backup => check_backup_directory(&s.directory)?,
+        pb::ScheduleKind::Unspecified => {
+            return Err(err(
+                Code::InvalidArgument,
+                "a schedule's kind is snapshot, checkpoint or backup",
+            ));
+        }
     }
     if !(MIN_EVERY_SECONDS..=MAX_EVERY_SECONDS).contains(&s.every_seconds) {
         return Err(err(
@@ -86,6 +93,25 @@ pub fn validate_schedule(s: &pb::Schedule) -> Result<(), CommandResult> {
                 "at_seconds ({}) must be less than every_seconds ({})",
                 s.at_seconds, s.every_seconds
             ),
+        ));
+    }
+    Ok(())
+}
+
+/// A backup chain's directory as the pool accepts it: absolute, plain (no `.` or `..`
+/// component), so that every member names the same place.
+pub fn check_backup_directory(d: &str) -> Result<(), CommandResult> {
+    let p = std::path::Path::new(d);
+    let plain = p.components().all(|c| {
+        matches!(
+            c,
+            std::path::Component::RootDir | std::path::Component::Normal(_)
+        )
+    });
+    if d.is_empty() || !p.is_absolute() || !plain || d.len() > 4096 || d.contains('\0') {
+        return Err(err(
+            Code::InvalidArgument,
+            format!("backup directory {d:?}: an absolute path without . or .. is needed"),
         ));
     }
     Ok(())
@@ -204,6 +230,7 @@ impl PoolState {
                     j.due_at_ms
                 },
                 last_task_id: task_id.to_owned(),
+                ..last
             },
         );
         match self.start_job(job, task_id) {

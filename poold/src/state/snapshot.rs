@@ -466,6 +466,8 @@ mod tests {
                 last_due_ms: 86_400_000,
                 last_task_id: "t9".into(),
                 schedule: "nightly".into(),
+                backup_snapshot_id: "s1".into(),
+                backup_tried_snapshot_id: "s2".into(),
             },
         );
         s

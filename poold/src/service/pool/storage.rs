@@ -259,25 +259,9 @@ pub(super) async fn open_access(
     need("volume_id", &r.volume_id)?;
     need("initiator_iqn", &r.initiator_iqn)?;
     let (loc, size) = volume_for_access(svc, &r.volume_id).await?;
-    let env = svc.env();
-    let export = crate::jobs::vm::export_of(&env, &loc, &r.volume_id)
+    crate::jobs::storage::grant_access(&svc.env(), &loc, &r.volume_id, size, &r.initiator_iqn)
         .await
-        .map_err(job_status)?;
-    let chap = crate::chap::secrets(&svc.c.node.state().token_key, &r.initiator_iqn)?;
-    svc.storage.grant(&loc.address, &export.id, &chap).await?;
-    let portal = export.portals.first().cloned().ok_or_else(|| {
-        Status::failed_precondition(format!("storaged at {} lists no iSCSI portal", loc.address))
-    })?;
-    Ok(pb::VolumeAccess {
-        portal,
-        target_iqn: export.target_iqn,
-        lun: export.lun,
-        size_bytes: size,
-        chap_username: chap.initiator.user,
-        chap_secret: chap.initiator.secret,
-        mutual_chap_username: chap.target.user,
-        mutual_chap_secret: chap.target.secret,
-    })
+        .map_err(job_status)
 }
 
 /// Revokes the initiator's access on every export of the volume; answers how many of its
@@ -293,13 +277,10 @@ pub(super) async fn close_access(
         .read(|s| crate::jobs::storage::volume_loc(s, &r.volume_id))
         .await?
         .map_err(job_status)?;
-    let mut dropped = 0;
-    for e in svc.storage.list_exports(&loc.address, &r.volume_id).await? {
-        dropped += svc
-            .storage
-            .revoke(&loc.address, &e.id, &r.initiator_iqn)
-            .await?;
-    }
+    let dropped =
+        crate::jobs::storage::revoke_access(&svc.env(), &loc, &r.volume_id, &r.initiator_iqn)
+            .await
+            .map_err(job_status)?;
     Ok(pb::CloseVolumeAccessResponse {
         sessions_dropped: dropped,
     })

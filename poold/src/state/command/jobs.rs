@@ -19,7 +19,7 @@ pub struct Job {
     pub cancel_requested: bool,
     #[prost(
         oneof = "JobSpec",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26"
     )]
     pub spec: Option<JobSpec>,
 }
@@ -53,6 +53,7 @@ impl Job {
             Some(JobSpec::StartUndoVm(_)) => "vm.start",
             Some(JobSpec::EndUndo(j)) if j.commit => "vm.undo.commit",
             Some(JobSpec::EndUndo(_)) => "vm.undo.discard",
+            Some(JobSpec::BackupVm(_)) => "vm.backup",
             None => "job.empty",
         }
     }
@@ -129,6 +130,26 @@ pub enum JobSpec {
     StartUndoVm(StartUndoVmJob),
     #[prost(message, tag = "25")]
     EndUndo(EndUndoJob),
+    #[prost(message, tag = "26")]
+    BackupVm(BackupVmJob),
+}
+
+/// Writes a VM snapshot as the next point of a backup chain (a backup schedule's; see
+/// `jobs::backup`). It holds no VM: the snapshot is read while the VM carries on.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BackupVmJob {
+    #[prost(string, tag = "1")]
+    pub vm_id: String,
+    #[prost(string, tag = "2")]
+    pub snapshot_id: String,
+    /// The chain's directory, on the leader.
+    #[prost(string, tag = "3")]
+    pub directory: String,
+    #[prost(string, tag = "4")]
+    pub schedule: String,
+    /// Which points stay after this one is written.
+    #[prost(message, optional, tag = "5")]
+    pub retention: Option<pb::Retention>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -254,6 +275,24 @@ pub struct ScheduleRun {
     pub last_task_id: String,
     #[prost(string, tag = "3")]
     pub schedule: String,
+    /// A backup schedule's snapshot that its chain's newest point was read from: the
+    /// next point's base, which its retention never deletes.
+    #[prost(string, tag = "4")]
+    pub backup_snapshot_id: String,
+    /// The last snapshot a backup job was run for, written or not: each is tried once.
+    #[prost(string, tag = "5")]
+    pub backup_tried_snapshot_id: String,
+}
+
+/// A backup job's end, for its schedule's record.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BackupWritten {
+    #[prost(string, tag = "1")]
+    pub schedule: String,
+    #[prost(string, tag = "2")]
+    pub snapshot_id: String,
+    #[prost(bool, tag = "3")]
+    pub written: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -429,7 +468,7 @@ pub struct FinishJob {
 pub struct Effect {
     #[prost(
         oneof = "EffectKind",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17"
     )]
     pub kind: Option<EffectKind>,
 }
@@ -483,6 +522,9 @@ pub enum EffectKind {
     /// The VM's undo changes were committed or discarded: it has no overlay any more.
     #[prost(string, tag = "16")]
     UndoEnded(String),
+    /// A backup job ended: its schedule tried the snapshot, and wrote it or not.
+    #[prost(message, tag = "17")]
+    BackupWritten(BackupWritten),
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -1,0 +1,194 @@
+//! A backup schedule's point: one of its VM snapshots written as the next point of the
+//! chain in its directory (`pool_image::backup`, the format `poolctl vm-backup` writes),
+//! then the chain pruned by the schedule's retention.
+//!
+//! The leader reads the changed chunks over iSCSI, logged in as an initiator of its own
+//! (granted for the read, revoked after), and writes into the directory on its own
+//! filesystem: in a pool of several members, a mount they all share. A job run again
+//! after a leader change finds a point already written from the snapshot and does not
+//! write it twice; a point cut short is never in the chain (written aside, renamed
+//! whole). A backup that fails is recorded as tried: the schedule's next run tries again.
+
+use std::path::Path;
+
+use pool_image::backup::{self, write};
+use pool_image::volume::{Lun, Session};
+use proto::storage as spb;
+use tonic::Code;
+
+use super::storage::{SrLoc, grant_access, revoke_access, volume_loc};
+use super::{Env, Finish, JobError, read};
+use crate::state::command::*;
+
+pub async fn backup_vm(env: &Env, job: &Job, j: &BackupVmJob) -> Result<Finish, JobError> {
+    let (snap, snapshots, vm_name) = read(&*env.ledger, |s| {
+        (
+            s.vm_snapshots.get(&j.snapshot_id).cloned(),
+            s.vm_snapshots
+                .values()
+                .filter(|x| x.vm_id == j.vm_id)
+                .cloned()
+                .collect::<Vec<_>>(),
+            s.vms
+                .get(&j.vm_id)
+                .and_then(|v| v.spec.as_ref())
+                .map_or_else(|| j.vm_id.clone(), |sp| sp.name.clone()),
+        )
+    });
+    let snap = snap.ok_or_else(|| {
+        JobError::refused(
+            Code::NotFound,
+            format!("VM snapshot {} is gone", j.snapshot_id),
+        )
+    })?;
+    env.step(
+        &job.task_id,
+        5,
+        &format!("writing into {}", j.directory),
+        &[],
+    )
+    .await?;
+    let root = Path::new(&j.directory);
+    let mut pool = Pool { env };
+    let done = async {
+        let next = write::next(root, &vm_name, &j.vm_id, &snapshots)?;
+        let written = match next.holds(&snap.id) {
+            Some(point) => write::Written {
+                point,
+                ..Default::default()
+            },
+            None => next.write(&mut pool, &snap).await?,
+        };
+        let r = j.retention.unwrap_or_default();
+        let pruned = if r.keep_last + r.keep_daily + r.keep_weekly == 0 {
+            backup::Pruned::default()
+        } else {
+            backup::prune(root, &r, false)?
+        };
+        anyhow::Ok((written, pruned))
+    }
+    .await;
+    let record = EffectKind::BackupWritten(BackupWritten {
+        schedule: j.schedule.clone(),
+        snapshot_id: snap.id.clone(),
+        written: done.is_ok(),
+    });
+    match done {
+        Ok((w, p)) => {
+            let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+            Ok(Finish::default()
+                .effect(record)
+                .result("point", w.point)
+                .result("chunks", w.chunks)
+                .result("bytes", w.bytes)
+                .result("pruned_points", list(&p.removed))
+                .result("freed_bytes", p.freed_bytes))
+        }
+        Err(e) => Ok(Finish {
+            failed: Some((
+                Code::Aborted,
+                format!(
+                    "schedule {}: backup of {vm_name} into {}: {e:#}",
+                    j.schedule, j.directory
+                ),
+            )),
+            ..Finish::default().effect(record)
+        }),
+    }
+}
+
+/// The pool as this member reads it for a backup.
+struct Pool<'a> {
+    env: &'a Env,
+}
+
+struct Access {
+    loc: SrLoc,
+    volume_id: String,
+    initiator: String,
+    session: Session,
+    lun: Lun,
+}
+
+impl Pool<'_> {
+    fn loc(&self, volume_id: &str) -> Result<SrLoc, JobError> {
+        read(&*self.env.ledger, |s| volume_loc(s, volume_id))
+    }
+}
+
+impl write::Pool for Pool<'_> {
+    type Access = Access;
+
+    async fn origin(&mut self, snapshot: String) -> anyhow::Result<String> {
+        read(&*self.env.ledger, |s| {
+            s.volumes.get(&snapshot).map(|v| v.origin_id.clone())
+        })
+        .ok_or_else(|| anyhow::anyhow!("no volume with id {snapshot}"))
+    }
+
+    async fn changed(
+        &mut self,
+        volume: String,
+        base: Option<String>,
+        target: String,
+    ) -> anyhow::Result<write::Changed> {
+        let loc = self.loc(&volume)?;
+        let mut out = write::Changed::default();
+        let mut token = String::new();
+        loop {
+            let r = spb::ListChangedChunksRequest {
+                volume_id: volume.clone(),
+                base_snapshot_id: base.clone().unwrap_or_default(),
+                target_snapshot_id: target.clone(),
+                page_size: 0,
+                page_token: token,
+            };
+            let r = self
+                .env
+                .storage
+                .changed_chunks(&loc.address, r)
+                .await
+                .map_err(|s| JobError::from_status(format!("changed chunks of {target}"), s))?;
+            out.ranges.extend(r.ranges);
+            if r.next_page_token.is_empty() {
+                out.chunk_size = r.chunk_size_bytes;
+                out.target_size = r.target_size_bytes;
+                return Ok(out);
+            }
+            token = r.next_page_token;
+        }
+    }
+
+    async fn open(&mut self, volume: String) -> anyhow::Result<Access> {
+        let loc = self.loc(&volume)?;
+        let size = read(&*self.env.ledger, |s| {
+            s.volumes.get(&volume).map_or(0, |v| v.virtual_size_bytes)
+        });
+        let initiator = format!("iqn.2026-11.org.pool.poold-backup:{}", uuid::Uuid::new_v4());
+        let access = grant_access(self.env, &loc, &volume, size, &initiator).await?;
+        match pool_image::volume::connect(&access, &initiator).await {
+            Ok((session, lun)) => Ok(Access {
+                loc,
+                volume_id: volume,
+                initiator,
+                session,
+                lun,
+            }),
+            Err(e) => {
+                let _ = revoke_access(self.env, &loc, &volume, &initiator).await;
+                Err(e)
+            }
+        }
+    }
+
+    fn lun(access: &Access) -> &Lun {
+        &access.lun
+    }
+
+    async fn close(&mut self, a: Access) {
+        let _ = a.session.logout().await;
+        if let Err(e) = revoke_access(self.env, &a.loc, &a.volume_id, &a.initiator).await {
+            tracing::warn!(volume = %a.volume_id, initiator = %a.initiator, error = %e.describe(), "a backup's grant stays");
+        }
+    }
+}
