@@ -83,6 +83,11 @@ impl Ledger for Coordinator {
     }
 }
 
+/// The first 8 characters of an id (a task's), for the names of what a job makes.
+pub(crate) fn short(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
 /// What jobs act through.
 #[derive(Clone)]
 pub struct Env {

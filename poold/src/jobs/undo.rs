@@ -25,13 +25,9 @@ use proto::storage as spb;
 use tonic::Code;
 
 use super::storage::{Make, SrLoc, delete_once, find_made, make_once, volume_loc};
-use super::{Env, Finish, JobError, read};
+use super::{Env, Finish, JobError, read, short};
 use crate::state::command::*;
 use crate::state::undo::undo_disks_without_overlay;
-
-fn short(id: &str) -> &str {
-    id.get(..8).unwrap_or(id)
-}
 
 /// Step names of a start: the base's snapshot and the overlay cloned from it.
 fn base_step(disk: &str) -> String {

@@ -21,7 +21,7 @@ use proto::storage as spb;
 use tonic::Code;
 
 use super::storage::{Make, SrLoc, delete_once, make_once, volume_loc};
-use super::{Env, Finish, JobError, read};
+use super::{Env, Finish, JobError, read, short};
 use crate::scheduler;
 use crate::state::PoolState;
 use crate::state::command::*;
@@ -236,10 +236,6 @@ pub fn vm_config(vm: &pb::Vm, access: HostAccess) -> hpb::VmConfig {
         labels: spec.labels,
         nets: access.nets,
     }
-}
-
-fn short(id: &str) -> &str {
-    id.get(..8).unwrap_or(id)
 }
 
 /// What [`snapshot_disks`] made: disk id → snapshot volume, and for a checkpoint what its

@@ -234,13 +234,9 @@ impl MmioTransport {
     /// the last thing it did on this host unless the VM runs on here.
     pub fn save(&mut self) -> MmioState {
         let queues = if self.active {
-            let parked = match self.parked.take() {
-                Some(q) => q,
-                None => self.device.quiesce(),
-            };
-            let states = parked.iter().map(Queue::state).collect();
-            self.parked = Some(parked);
-            states
+            let device = &mut self.device;
+            let parked = self.parked.get_or_insert_with(|| device.quiesce());
+            parked.iter().map(Queue::state).collect()
         } else {
             self.queues.iter().map(Queue::state).collect()
         };
