@@ -19,6 +19,7 @@ import {
   RoleDescriptionSchema,
   TaskSchema,
   TaskState,
+  UndoOverlaySchema,
   UserSchema,
   VmSchema,
   VmSnapshotSchema,
@@ -123,6 +124,48 @@ describe("VmPanel", () => {
     expect((calls[1]!.req as { spec: { disks: unknown[] } }).spec.disks).toEqual([]);
     // The VM's own spec object is left as it was (the change is a copy).
     expect(vm.spec?.disks).toHaveLength(1);
+  });
+
+  it("puts a disk in undo mode, and commits or discards (once the user says yes) what a run changed", async () => {
+    const { inv, vm } = pool();
+    const { c, calls } = client();
+    const w = mount(VmPanel, { props: { vm, inv, tick: 0, client: c }, ...withCan(everything) });
+    expect(w.find("[data-disk=disk0] [data-field=undo]").exists()).toBe(false);
+    await w.find("[data-disk=disk0] button[data-action=undo-on]").trigger("click");
+    await flushPromises();
+    const spec = (calls[0]!.req as { spec: { disks: { diskId: string; undo: boolean }[] } }).spec;
+    expect(calls[0]!.method).toBe("updateVm");
+    expect(spec.disks.map((d) => `${d.diskId}:${d.undo}`)).toEqual(["disk0:true"]);
+
+    // Started and stopped since: the run's changes wait; the mode cannot change meanwhile.
+    vm.spec!.disks[0]!.undo = true;
+    vm.undoOverlays = [create(UndoOverlaySchema, { diskId: "disk0", volumeId: "v-overlay", snapshotId: "v-base" })];
+    await w.setProps({ tick: 1 });
+    expect(w.find("[data-disk=disk0] [data-field=undo]").text()).toBe("undo");
+    expect(w.find("[data-disk=disk0] [data-field=undo-pending]").exists()).toBe(true);
+    expect(w.find("[data-disk=disk0] button[data-action=undo-off]").exists()).toBe(false);
+    expect(w.find("[data-field=undo-changes]").text()).toContain("Changes to disk0");
+    await w.find("button[data-action=undo-commit]").trigger("click");
+    await flushPromises();
+    const answer = [false, true];
+    window.confirm = () => answer.shift() ?? false;
+    await w.find("button[data-action=undo-discard]").trigger("click");
+    await w.find("button[data-action=undo-discard]").trigger("click");
+    await flushPromises();
+    expect(calls.slice(1)).toEqual([
+      { method: "undoVmChanges", req: { vmId: "vm1", commit: true } },
+      { method: "undoVmChanges", req: { vmId: "vm1", commit: false } },
+    ]);
+    // Running (the feed's next copy of the VM): the changes are shown, nothing offered.
+    const running = create(VmSchema, { ...vm, powerState: PowerState.RUNNING });
+    await w.setProps({ vm: running, tick: 2 });
+    expect(w.find("[data-field=undo-changes]").text()).toContain("while it runs");
+    expect(w.find("button[data-action=undo-commit]").exists()).toBe(false);
+    // A role that may not end them is not offered it.
+    const cannot: Can = (m) => m !== "UndoVmChanges";
+    const other = mount(VmPanel, { props: { vm, inv, tick: 3, client: client().c }, ...withCan(cannot) });
+    expect(other.find("[data-field=undo-changes]").exists()).toBe(true);
+    expect(other.find("button[data-action=undo-commit]").exists()).toBe(false);
   });
 
   it("offers a role that may do nothing no action, only the views", () => {
