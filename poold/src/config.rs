@@ -34,6 +34,9 @@ pub struct Config {
     /// Threads serving gRPC (clients, hosts and the peer transport); the Raft log, fsync
     /// and state machine have their own thread. Default 1; see `poold --help`.
     pub api_threads: Option<usize>,
+    /// Directories under which backup schedules may have this member write (`--backup-root`).
+    #[serde(default)]
+    pub backup_roots: Vec<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]

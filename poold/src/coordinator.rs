@@ -101,6 +101,8 @@ pub struct Coordinator {
     pub leader_since: Mutex<Option<(u64, Instant)>>,
     /// One-shot tickets for the web console's websockets (this member's only).
     pub console_tickets: crate::service::pool::console::Tickets,
+    /// Where this member may write backup chains (`--backup-root`); none: nowhere.
+    pub backup_roots: Arc<[std::path::PathBuf]>,
 }
 
 /// A client of another member: its address and the TLS generation it was made with.
@@ -156,6 +158,7 @@ impl Coordinator {
             liveness: Mutex::new(HashMap::new()),
             leader_since: Mutex::new(None),
             console_tickets: Default::default(),
+            backup_roots: Arc::from([]),
         }
     }
 

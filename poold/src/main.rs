@@ -86,6 +86,11 @@ struct Args {
     /// The web console's built files (web/dist after `npm run build` in web/).
     #[arg(long, value_name = "DIR", requires = "web_listen")]
     web_root: Option<PathBuf>,
+    /// A directory under which backup schedules may have this member write their chains
+    /// (repeatable; it writes as root, so nowhere unless given). In a pool of several
+    /// members, a mount they all share at the same path.
+    #[arg(long = "backup-root", value_name = "DIR")]
+    backup_roots: Vec<PathBuf>,
     /// Log filter, e.g. "info" or "poold=debug" (RUST_LOG wins when set).
     #[arg(long, default_value = "info,raft=warn")]
     log: String,
@@ -130,6 +135,13 @@ fn main() -> anyhow::Result<()> {
     }
     if args.tls_dir.is_some() {
         cfg.tls_dir = args.tls_dir.clone();
+    }
+    if !args.backup_roots.is_empty() {
+        cfg.backup_roots = args.backup_roots.clone();
+    }
+    let backup_roots = cfg.backup_roots.clone();
+    if let Some(bad) = backup_roots.iter().find(|r| !r.is_absolute()) {
+        anyhow::bail!("backup root {}: an absolute path is needed", bad.display());
     }
     let id = cfg
         .member_id
@@ -253,6 +265,7 @@ fn main() -> anyhow::Result<()> {
             found_ca,
             tls: Some(tls),
             tls_dir: Some(tls_dir),
+            backup_roots,
         })
         .context("starting the Raft member")?;
         let member = match web {

@@ -75,6 +75,9 @@ pub struct MemberConfig {
     /// Where `tls` was read from: renewed credentials are written there. Without it the
     /// member does not renew (tests of one layer).
     pub tls_dir: Option<PathBuf>,
+    /// The directories under which backup schedules may have this member write
+    /// (`--backup-root`): it writes as root, so only where its operator allows.
+    pub backup_roots: Vec<PathBuf>,
 }
 
 /// Where a member that generated the first admin's password leaves it.
@@ -136,8 +139,10 @@ impl Member {
             tokio::runtime::Handle::current(),
             faults.clone(),
         )?;
+        let mut coordinator = Coordinator::new(handle, faults, cfg.initial_members, tls);
+        coordinator.backup_roots = cfg.backup_roots.into();
         Ok(Member {
-            coordinator: Arc::new(Coordinator::new(handle, faults, cfg.initial_members, tls)),
+            coordinator: Arc::new(coordinator),
             admin_password: cfg.admin_password,
             found_ca: cfg.found_ca,
             data_dir: cfg.data_dir,
@@ -166,6 +171,7 @@ impl Member {
             ledger: c.clone(),
             storage: grpc.clone(),
             hosts: grpc.clone(),
+            backup_roots: c.backup_roots.clone(),
         };
         // The leader-only loops; each idles on a follower.
         let loops = vec![

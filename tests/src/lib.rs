@@ -291,6 +291,9 @@ impl Coordinators {
         .arg(dir.join(format!("pki/member-{id}")))
         .arg("--admin-password-file")
         .arg(dir.join("admin-password"))
+        // Backup schedules may write anywhere in the test's own directory.
+        .arg("--backup-root")
+        .arg(dir)
         .args(["--log", "info,raft=warn"]);
         if found_ca {
             // The directory `LocalCa` keeps: poold finds the CA in its `ca/`.

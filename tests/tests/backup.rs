@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use e2e_tests::pool::{Api, Pool, field, guest_elf, guest_vm};
-use e2e_tests::{poolctl, text};
+use e2e_tests::{poolctl, text, wait_for};
 use proto::storage as spb;
 
 const DISK: usize = 16 << 20;
@@ -45,30 +45,37 @@ fn chunks_in(report: &str) -> usize {
     words[i - 1].parse().unwrap()
 }
 
-#[test]
-fn full_then_incremental_backups_restore_each_point_byte_for_byte() {
-    let dir = tempfile::tempdir().unwrap();
-    let pool = Pool::start(dir.path(), 1);
+/// A pool of one host with a repository `sr1`, and VM `vm` (stopped) whose disk `disk` is
+/// [`image`] imported; the guest runs `cmdline` when started. The image's bytes.
+fn pool_with_imaged_vm(dir: &Path, vm: &str, disk: &str, cmdline: &str) -> (Pool, Vec<u8>) {
+    let pool = Pool::start(dir, 1);
     pool.wait_hosts_enabled();
-    pool.create_sr(dir.path(), "sr1", "256M");
-    let at_point_1 = image(&dir.path().join("disk.raw"));
+    pool.create_sr(dir, "sr1", "256M");
+    let raw = dir.join("disk.raw");
+    let data = image(&raw);
     pool.ctl(&[
         "vdi-import",
-        &dir.path().join("disk.raw").display().to_string(),
-        "bk-disk",
+        &raw.display().to_string(),
+        disk,
         "--sr",
         "sr1",
     ]);
-    let elf = guest_elf(dir.path());
+    let elf = guest_elf(dir);
+    pool.ctl(&guest_vm(vm, disk, &elf, cmdline, &[]));
+    (pool, data)
+}
+
+#[test]
+fn full_then_incremental_backups_restore_each_point_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
     // The guest writes its pattern over the first 160 KiB and zeroes and discards 16 KiB
     // after it (about 1% of the disk), then powers off.
-    pool.ctl(&guest_vm(
+    let (pool, at_point_1) = pool_with_imaged_vm(
+        dir.path(),
         "bk",
         "bk-disk",
-        &elf,
         "seed=5 blk=write blk_kib=160 mode=once",
-        &[],
-    ));
+    );
     let backups = dir.path().join("backups");
     let b = backups.display().to_string();
 
@@ -226,20 +233,6 @@ fn full_then_incremental_backups_restore_each_point_byte_for_byte() {
     pool.ctl(&["vm-backup-verify", &b]);
 }
 
-/// Polls `f` every 200 ms for up to `limit`.
-fn wait_until<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let end = std::time::Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if std::time::Instant::now() > end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// The `vm.backup` tasks a schedule started, as task-list's JSON lines.
 fn backup_tasks(pool: &Pool, schedule: &str) -> Vec<String> {
     let by = format!("\"by\": \"schedule {schedule}\"");
@@ -255,7 +248,7 @@ fn backup_tasks(pool: &Pool, schedule: &str) -> Vec<String> {
 fn run_backup(pool: &Pool, name: &str) -> String {
     let before = backup_tasks(pool, name).len();
     pool.ctl(&["schedule-run", name]);
-    wait_until(Duration::from_secs(60), || {
+    wait_for(Duration::from_secs(60), || {
         backup_tasks(pool, name)
             .into_iter()
             .nth(before)
@@ -286,25 +279,12 @@ fn schedule_snapshots(pool: &Pool, vm: &str, schedule: &str) -> Vec<String> {
 #[test]
 fn a_backup_schedule_writes_and_prunes_a_chain_that_restores() {
     let dir = tempfile::tempdir().unwrap();
-    let pool = Pool::start(dir.path(), 1);
-    pool.wait_hosts_enabled();
-    pool.create_sr(dir.path(), "sr1", "256M");
-    let at_point_1 = image(&dir.path().join("disk.raw"));
-    pool.ctl(&[
-        "vdi-import",
-        &dir.path().join("disk.raw").display().to_string(),
-        "sb-disk",
-        "--sr",
-        "sr1",
-    ]);
-    let elf = guest_elf(dir.path());
-    pool.ctl(&guest_vm(
+    let (pool, at_point_1) = pool_with_imaged_vm(
+        dir.path(),
         "sb",
         "sb-disk",
-        &elf,
         "seed=9 blk=write blk_kib=160 mode=once",
-        &[],
-    ));
+    );
     let backups = dir.path().join("nightly");
     let b = backups.display().to_string();
     pool.refused(
@@ -354,7 +334,7 @@ fn a_backup_schedule_writes_and_prunes_a_chain_that_restores() {
     assert!(verified.contains("2 points"), "{verified}");
     assert!(!backups.join("point-0001").join("manifest.json").exists());
     assert!(backups.join("point-0003").join("manifest.json").exists());
-    let snaps = wait_until(Duration::from_secs(30), || {
+    let snaps = wait_for(Duration::from_secs(30), || {
         let s = schedule_snapshots(&pool, "sb", "nb");
         (s.len() == 1).then_some(s)
     })
@@ -396,7 +376,7 @@ fn a_backup_schedule_writes_and_prunes_a_chain_that_restores() {
     );
     let alerts = pool.ctl(&["alerts", "--json"]);
     assert!(alerts.contains("vm.backup"), "{alerts}");
-    let gone = wait_until(Duration::from_secs(30), || {
+    let gone = wait_for(Duration::from_secs(30), || {
         schedule_snapshots(&pool, "sb", "bad")
             .is_empty()
             .then_some(())
@@ -404,6 +384,26 @@ fn a_backup_schedule_writes_and_prunes_a_chain_that_restores() {
     assert!(gone.is_some(), "the failed run's snapshot is deleted");
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(backup_tasks(&pool, "bad").len(), 1, "tried once");
+
+    // Outside the members' --backup-root: refused by the member, which writes as root.
+    let outside = format!("/var/tmp/pool-e2e-{}", std::process::id());
+    pool.ctl(&[
+        "schedule-set",
+        "out",
+        "--vm",
+        "sb",
+        "--every",
+        "1d",
+        "--backup-dir",
+        &outside,
+    ]);
+    let refused = run_backup(&pool, "out");
+    assert_eq!(field(&refused, "state"), "failed", "{refused}");
+    assert!(
+        field(&refused, "error").contains("--backup-root"),
+        "{refused}"
+    );
+    assert!(!Path::new(&outside).exists());
 }
 
 /// `storaged` dies by SIGKILL while a backup reads the VM's changed chunks. Left dead,
@@ -413,21 +413,8 @@ fn a_backup_schedule_writes_and_prunes_a_chain_that_restores() {
 fn a_storaged_killed_during_a_backup_leaves_the_chain_valid() {
     const CHANGED_KIB: usize = 12 << 10;
     let dir = tempfile::tempdir().unwrap();
-    let mut pool = Pool::start(dir.path(), 1);
-    pool.wait_hosts_enabled();
-    pool.create_sr(dir.path(), "sr1", "256M");
-    let imported = dir.path().join("disk.raw");
-    let at_point_1 = image(&imported);
-    pool.ctl(&[
-        "vdi-import",
-        &imported.display().to_string(),
-        "kill-disk",
-        "--sr",
-        "sr1",
-    ]);
-    let elf = guest_elf(dir.path());
     let cmdline = format!("seed=7 blk=write blk_kib={CHANGED_KIB} mode=once");
-    pool.ctl(&guest_vm("kb", "kill-disk", &elf, &cmdline, &[]));
+    let (mut pool, at_point_1) = pool_with_imaged_vm(dir.path(), "kb", "kill-disk", &cmdline);
     let backups = dir.path().join("backups");
     let b = backups.display().to_string();
     pool.ctl(&["vm-backup", "kb", &b]);

@@ -9,6 +9,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use e2e_tests::pool::{Pool, field, guest_elf, guest_vm};
+use e2e_tests::wait_for;
 
 /// `(name, id, schedule)` of the VM's snapshots.
 fn snapshots(pool: &Pool, vm: &str) -> Vec<(String, String, String)> {
@@ -28,20 +29,6 @@ fn of_schedule(rows: &[(String, String, String)], schedule: &str) -> Vec<String>
         .collect();
     ids.sort();
     ids
-}
-
-/// Polls `f` every 200 ms for up to `limit`.
-fn wait_until<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let end = std::time::Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if std::time::Instant::now() > end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]
@@ -103,7 +90,7 @@ fn schedules_run_as_tasks_and_their_retention_deletes_only_their_oldest() {
         "--keep-last",
         "1",
     ]);
-    let rows = wait_until(Duration::from_secs(40), || {
+    let rows = wait_for(Duration::from_secs(40), || {
         let rows = snapshots(&pool, "sv");
         (!of_schedule(&rows, "minutely").is_empty()).then_some(rows)
     })
@@ -141,7 +128,7 @@ fn schedules_run_as_tasks_and_their_retention_deletes_only_their_oldest() {
         taken.extend(new);
     }
     assert_eq!(taken.len(), 3, "three runs, three snapshots: {taken:?}");
-    let kept = wait_until(Duration::from_secs(20), || {
+    let kept = wait_for(Duration::from_secs(20), || {
         let now = of_schedule(&snapshots(&pool, "sv"), "hourly");
         (now.len() == 2).then_some(now)
     })

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use pool_client::new_request_id;
-use pool_image::backup::write::{self, Changed, Written};
+use pool_image::backup::write::{self, Written};
 use proto::coordinator as pb;
 use proto::storage as spb;
 
@@ -117,34 +117,11 @@ impl write::Pool for Api<'_> {
         Ok(v.origin_id)
     }
 
-    async fn changed(
+    async fn changed_chunks(
         &mut self,
-        volume: String,
-        base: Option<String>,
-        target: String,
-    ) -> anyhow::Result<Changed> {
-        let mut out = Changed::default();
-        let mut token = String::new();
-        loop {
-            let r = call!(
-                self.0.client,
-                list_changed_chunks,
-                spb::ListChangedChunksRequest {
-                    volume_id: volume.clone(),
-                    base_snapshot_id: base.clone().unwrap_or_default(),
-                    target_snapshot_id: target.clone(),
-                    page_size: 0,
-                    page_token: token.clone(),
-                }
-            )?;
-            out.ranges.extend(r.ranges);
-            if r.next_page_token.is_empty() {
-                out.chunk_size = r.chunk_size_bytes;
-                out.target_size = r.target_size_bytes;
-                return Ok(out);
-            }
-            token = r.next_page_token;
-        }
+        r: spb::ListChangedChunksRequest,
+    ) -> anyhow::Result<spb::ListChangedChunksResponse> {
+        Ok(call!(self.0.client, list_changed_chunks, r)?)
     }
 
     async fn open(&mut self, volume: String) -> anyhow::Result<Access> {

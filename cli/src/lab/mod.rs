@@ -417,7 +417,10 @@ pub fn lab(args: LabArgs) -> anyhow::Result<()> {
             .arg("--tls-dir")
             .arg(dir.join(format!("pki/member-{id}")))
             .arg("--admin-password-file")
-            .arg(dir.join("pki").join(ADMIN_PASSWORD));
+            .arg(dir.join("pki").join(ADMIN_PASSWORD))
+            // The lab's backup schedules write under its directory (one machine: shared).
+            .arg("--backup-root")
+            .arg(dir.join("backups"));
         // The pool keeps its CA, so `poolctl host-join` can add hosts to the lab; founded
         // once (after a CA roll the lab's own CA is no longer the pool's).
         if !dir.join(format!("poold-{id}")).exists() {

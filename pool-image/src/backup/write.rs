@@ -29,14 +29,11 @@ pub trait Pool {
     /// The volume a snapshot was taken of.
     // Owned arguments: the futures borrow nothing but the pool.
     fn origin(&mut self, snapshot: String) -> impl Future<Output = anyhow::Result<String>> + Send;
-    /// Every chunk range of snapshot `target` that differs from snapshot `base` (from
-    /// nothing: every allocated chunk) in `volume`'s lineage, all pages.
-    fn changed(
+    /// One page of `ListChangedChunks` as asked.
+    fn changed_chunks(
         &mut self,
-        volume: String,
-        base: Option<String>,
-        target: String,
-    ) -> impl Future<Output = anyhow::Result<Changed>> + Send;
+        r: spb::ListChangedChunksRequest,
+    ) -> impl Future<Output = anyhow::Result<spb::ListChangedChunksResponse>> + Send;
     fn open(&mut self, volume: String)
     -> impl Future<Output = anyhow::Result<Self::Access>> + Send;
     fn lun(access: &Self::Access) -> &Lun;
@@ -46,10 +43,40 @@ pub trait Pool {
 
 /// `ListChangedChunks`' answer, all pages.
 #[derive(Debug, Clone, Default)]
-pub struct Changed {
-    pub chunk_size: u64,
-    pub target_size: u64,
-    pub ranges: Vec<spb::ChunkRange>,
+struct Changed {
+    chunk_size: u64,
+    target_size: u64,
+    ranges: Vec<spb::ChunkRange>,
+}
+
+/// Every chunk range of snapshot `target` that differs from snapshot `base` (from nothing:
+/// every allocated chunk) in `volume`'s lineage.
+async fn changed<P: Pool>(
+    pool: &mut P,
+    volume: &str,
+    base: Option<&String>,
+    target: &str,
+) -> anyhow::Result<Changed> {
+    let mut out = Changed::default();
+    let mut token = String::new();
+    loop {
+        let r = pool
+            .changed_chunks(spb::ListChangedChunksRequest {
+                volume_id: volume.to_owned(),
+                base_snapshot_id: base.cloned().unwrap_or_default(),
+                target_snapshot_id: target.to_owned(),
+                page_size: 0,
+                page_token: token,
+            })
+            .await?;
+        out.ranges.extend(r.ranges);
+        if r.next_page_token.is_empty() {
+            out.chunk_size = r.chunk_size_bytes;
+            out.target_size = r.target_size_bytes;
+            return Ok(out);
+        }
+        token = r.next_page_token;
+    }
 }
 
 /// What one written point holds.
@@ -243,9 +270,7 @@ async fn read_disk<P: Pool>(
     target: &str,
     dir: &Path,
 ) -> anyhow::Result<DiskDelta> {
-    let changed = pool
-        .changed(lineage.to_owned(), base.cloned(), target.to_owned())
-        .await?;
+    let changed = changed(pool, lineage, base, target).await?;
     let mut delta = DiskDelta {
         disk_id: disk.disk_id.clone(),
         volume_id: disk.volume_id.clone(),

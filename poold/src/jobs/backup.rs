@@ -9,10 +9,11 @@
 //! write it twice; a point cut short is never in the chain (written aside, renamed
 //! whole). A backup that fails is recorded as tried: the schedule's next run tries again.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use pool_image::backup::{self, write};
 use pool_image::volume::{Lun, Session};
+use proto::coordinator as pb;
 use proto::storage as spb;
 use tonic::Code;
 
@@ -48,26 +49,25 @@ pub async fn backup_vm(env: &Env, job: &Job, j: &BackupVmJob) -> Result<Finish, 
         &[],
     )
     .await?;
-    let root = Path::new(&j.directory);
-    let mut pool = Pool { env };
-    let done = async {
-        let next = write::next(root, &vm_name, &j.vm_id, &snapshots)?;
-        let written = match next.holds(&snap.id) {
-            Some(point) => write::Written {
-                point,
-                ..Default::default()
-            },
-            None => next.write(&mut pool, &snap).await?,
-        };
-        let r = j.retention.unwrap_or_default();
-        let pruned = if r.keep_last + r.keep_daily + r.keep_weekly == 0 {
-            backup::Pruned::default()
-        } else {
-            backup::prune(root, &r, false)?
-        };
-        anyhow::Ok((written, pruned))
-    }
-    .await;
+    let done = match allowed(&env.backup_roots, &j.directory) {
+        Err(e) => Err(e),
+        // Off the runtime: the writer's file work blocks (a disk's data file is synced
+        // whole), and a member may serve everything on one thread.
+        Ok(()) => {
+            let (env, j, snap, name, handle) = (
+                env.clone(),
+                j.clone(),
+                snap.clone(),
+                vm_name.clone(),
+                tokio::runtime::Handle::current(),
+            );
+            tokio::task::spawn_blocking(move || {
+                handle.block_on(write_and_prune(&env, &j, &name, &snap, &snapshots))
+            })
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("the backup's thread ended: {e}")))
+        }
+    };
     let record = EffectKind::BackupWritten(BackupWritten {
         schedule: j.schedule.clone(),
         snapshot_id: snap.id.clone(),
@@ -95,6 +95,52 @@ pub async fn backup_vm(env: &Env, job: &Job, j: &BackupVmJob) -> Result<Finish, 
             ..Finish::default().effect(record)
         }),
     }
+}
+
+/// Writes `snap` as the next point of `j`'s chain (unless the last point is it already),
+/// then prunes the chain by `j`'s retention.
+async fn write_and_prune(
+    env: &Env,
+    j: &BackupVmJob,
+    vm_name: &str,
+    snap: &pb::VmSnapshot,
+    snapshots: &[pb::VmSnapshot],
+) -> anyhow::Result<(write::Written, backup::Pruned)> {
+    let root = Path::new(&j.directory);
+    let next = write::next(root, vm_name, &j.vm_id, snapshots)?;
+    let written = match next.holds(&snap.id) {
+        Some(point) => write::Written {
+            point,
+            ..Default::default()
+        },
+        None => next.write(&mut Pool { env }, snap).await?,
+    };
+    let r = j.retention.unwrap_or_default();
+    let pruned = if r.keep_last + r.keep_daily + r.keep_weekly == 0 {
+        backup::Pruned::default()
+    } else {
+        backup::prune(root, &r, false)?
+    };
+    Ok((written, pruned))
+}
+
+/// Whether this member may write into `dir`: under one of its `--backup-root`s (it writes
+/// as root, so only where its operator said).
+fn allowed(roots: &[PathBuf], dir: &str) -> anyhow::Result<()> {
+    if roots.iter().any(|r| Path::new(dir).starts_with(r)) {
+        return Ok(());
+    }
+    if roots.is_empty() {
+        anyhow::bail!(
+            "this member writes no backups: it was started without --backup-root (give \
+             each member the directory, a mount they all share, that holds {dir})"
+        );
+    }
+    let list: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+    anyhow::bail!(
+        "{dir} is not under this member's --backup-root ({})",
+        list.join(", ")
+    )
 }
 
 /// The pool as this member reads it for a backup.
@@ -126,37 +172,17 @@ impl write::Pool for Pool<'_> {
         .ok_or_else(|| anyhow::anyhow!("no volume with id {snapshot}"))
     }
 
-    async fn changed(
+    async fn changed_chunks(
         &mut self,
-        volume: String,
-        base: Option<String>,
-        target: String,
-    ) -> anyhow::Result<write::Changed> {
-        let loc = self.loc(&volume)?;
-        let mut out = write::Changed::default();
-        let mut token = String::new();
-        loop {
-            let r = spb::ListChangedChunksRequest {
-                volume_id: volume.clone(),
-                base_snapshot_id: base.clone().unwrap_or_default(),
-                target_snapshot_id: target.clone(),
-                page_size: 0,
-                page_token: token,
-            };
-            let r = self
-                .env
-                .storage
-                .changed_chunks(&loc.address, r)
-                .await
-                .map_err(|s| JobError::from_status(format!("changed chunks of {target}"), s))?;
-            out.ranges.extend(r.ranges);
-            if r.next_page_token.is_empty() {
-                out.chunk_size = r.chunk_size_bytes;
-                out.target_size = r.target_size_bytes;
-                return Ok(out);
-            }
-            token = r.next_page_token;
-        }
+        r: spb::ListChangedChunksRequest,
+    ) -> anyhow::Result<spb::ListChangedChunksResponse> {
+        let loc = self.loc(&r.volume_id)?;
+        let what = format!("changed chunks of {}", r.target_snapshot_id);
+        self.env
+            .storage
+            .changed_chunks(&loc.address, r)
+            .await
+            .map_err(|s| JobError::from_status(what, s).into())
     }
 
     async fn open(&mut self, volume: String) -> anyhow::Result<Access> {
@@ -190,5 +216,26 @@ impl write::Pool for Pool<'_> {
         if let Err(e) = revoke_access(self.env, &a.loc, &a.volume_id, &a.initiator).await {
             tracing::warn!(volume = %a.volume_id, initiator = %a.initiator, error = %e.describe(), "a backup's grant stays");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_writes_backups_only_under_its_roots() {
+        let roots = [PathBuf::from("/srv/backups"), PathBuf::from("/mnt/nfs")];
+        allowed(&roots, "/srv/backups/web").unwrap();
+        allowed(&roots, "/mnt/nfs").unwrap();
+        let e = allowed(&roots, "/srv/backups-other/web")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not under this member's --backup-root (/srv/backups, /mnt/nfs)"),
+            "{e}"
+        );
+        let e = allowed(&[], "/srv/backups/web").unwrap_err().to_string();
+        assert!(e.contains("started without --backup-root"), "{e}");
     }
 }

@@ -94,6 +94,8 @@ pub struct Env {
     pub ledger: Arc<dyn Ledger>,
     pub storage: Arc<dyn StorageOps>,
     pub hosts: Arc<dyn HostOps>,
+    /// Where this member may write backup chains (`Coordinator::backup_roots`).
+    pub backup_roots: Arc<[std::path::PathBuf]>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -179,27 +179,16 @@ pub async fn grant_access(
         code: s.code(),
         message: s.message().to_owned(),
     })?;
-    env.storage
-        .grant(&loc.address, &export.id, &chap)
-        .await
-        .map_err(|s| {
-            JobError::from_status(format!("granting {initiator} volume {volume_id}"), s)
-        })?;
-    let portal = export.portals.first().cloned().ok_or_else(|| {
-        JobError::refused(
-            Code::FailedPrecondition,
-            format!("storaged at {} lists no iSCSI portal", loc.address),
-        )
-    })?;
+    let d = super::vm::grant_volume(env, loc, &export, volume_id, initiator, &chap).await?;
     Ok(pb::VolumeAccess {
-        portal,
-        target_iqn: export.target_iqn,
-        lun: export.lun,
+        portal: d.portal,
+        target_iqn: d.target_iqn,
+        lun: d.lun,
         size_bytes,
-        chap_username: chap.initiator.user,
-        chap_secret: chap.initiator.secret,
-        mutual_chap_username: chap.target.user,
-        mutual_chap_secret: chap.target.secret,
+        chap_username: d.chap_username,
+        chap_secret: d.chap_secret,
+        mutual_chap_username: d.mutual_chap_username,
+        mutual_chap_secret: d.mutual_chap_secret,
     })
 }
 

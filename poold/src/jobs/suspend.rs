@@ -54,7 +54,15 @@ pub(super) async fn state_volume_access(
             .map_err(|st| JobError::from_status(format!("CHAP for host {host_id}"), st))
     })?;
     let export = export_of(env, loc, volume_id).await?;
-    grant_volume(env, loc, &export, volume_id, host_id, &chap).await
+    grant_volume(
+        env,
+        loc,
+        &export,
+        volume_id,
+        &format!("host {host_id}"),
+        &chap,
+    )
+    .await
 }
 
 /// Where `vm`'s saved state goes: its first disk's repository.

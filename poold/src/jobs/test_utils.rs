@@ -538,6 +538,7 @@ impl World {
             ledger: self.ledger.clone(),
             storage: self.storage.clone(),
             hosts: self.hosts.clone(),
+            backup_roots: Arc::from([]),
         }
     }
 

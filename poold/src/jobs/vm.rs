@@ -149,7 +149,8 @@ pub async fn disk_access(env: &Env, vm: &pb::Vm, host_id: &str) -> Result<HostAc
                 }
             }
         }
-        let iscsi = grant_volume(env, &loc, &export, &d.volume_id, host_id, &chap).await?;
+        let grantee = format!("host {host_id}");
+        let iscsi = grant_volume(env, &loc, &export, &d.volume_id, &grantee, &chap).await?;
         out.push(hpb::DiskConfig {
             id: d.disk_id.clone(),
             backend: Some(hpb::disk_config::Backend::Iscsi(iscsi)),
@@ -159,14 +160,14 @@ pub async fn disk_access(env: &Env, vm: &pb::Vm, host_id: &str) -> Result<HostAc
     Ok(HostAccess { disks: out, nets })
 }
 
-/// Grants the host's initiator (`chap`'s) access to an exported volume; how the host logs
-/// in to it.
+/// Grants an initiator (`chap`'s; `grantee` names it in errors, "host h1") access to an
+/// exported volume; how it logs in to it.
 pub async fn grant_volume(
     env: &Env,
     loc: &SrLoc,
     export: &spb::Export,
     volume_id: &str,
-    host_id: &str,
+    grantee: &str,
     chap: &crate::chap::Secrets,
 ) -> Result<hpb::IscsiDisk, JobError> {
     env.storage
@@ -174,7 +175,7 @@ pub async fn grant_volume(
         .await
         .map_err(|s| {
             JobError::from_status(
-                format!("granting host {host_id} access to volume {volume_id}"),
+                format!("granting {grantee} access to volume {volume_id}"),
                 s,
             )
         })?;

@@ -66,6 +66,7 @@ impl PoolHandler {
             ledger: self.c.clone(),
             storage: self.storage.clone(),
             hosts: self.hosts.clone(),
+            backup_roots: self.c.backup_roots.clone(),
         }
     }
 
