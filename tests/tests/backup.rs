@@ -275,7 +275,8 @@ fn schedule_snapshots(pool: &Pool, vm: &str, schedule: &str) -> Vec<String> {
 /// A backup schedule, run now three times: the leader writes its chain (full, then
 /// incremental) in the format `vm-backup` writes, prunes it to the retention, keeps only
 /// the newest point's snapshot, and the chain restores byte for byte; a directory it
-/// cannot write fails the task once, with an alert, and leaves nothing behind.
+/// cannot write fails the task once, with an alert, and leaves nothing behind; one outside
+/// the members' --backup-root is refused by them.
 #[test]
 fn a_backup_schedule_writes_and_prunes_a_chain_that_restores() {
     let dir = tempfile::tempdir().unwrap();
