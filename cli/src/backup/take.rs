@@ -23,7 +23,7 @@ pub async fn backup(ctl: &mut Ctl, vm: &str, root: &Path) -> anyhow::Result<Writ
     let vm_id = ctl.vm_id(vm).await?;
     let snapshots = ctl.vm_snapshots(&vm_id).await?;
     // A broken chain is refused before anything is taken.
-    let next = write::next(root, vm, &vm_id, &snapshots)?;
+    let next = write::next(root, vm, &vm_id, &snapshots, None)?;
     let snap = take_snapshot(ctl, &vm_id, next.point).await?;
     let written = match next.write(&mut Api(ctl), &snap).await {
         Ok(w) => w,

@@ -98,17 +98,22 @@ pub struct Next {
     pub point: u32,
 }
 
-/// Locks `root` (made if missing) and reads its chain for a new point of VM `vm_id`
-/// (called `vm` in errors), whose snapshots in the pool are `snapshots`. A broken chain,
-/// another VM's chain or a base snapshot gone are refused before anything is taken.
+/// Locks `root` (made if missing; waiting up to `wait` for another writer, none: not at
+/// all) and reads its chain for a new point of VM `vm_id` (called `vm` in errors), whose
+/// snapshots in the pool are `snapshots`. A broken chain, another VM's chain or a base
+/// snapshot gone are refused before anything is taken.
 pub fn next(
     root: &Path,
     vm: &str,
     vm_id: &str,
     snapshots: &[pb::VmSnapshot],
+    wait: Option<std::time::Duration>,
 ) -> anyhow::Result<Next> {
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-    let lock = super::lock(root)?;
+    let lock = match wait {
+        Some(limit) => super::lock_waiting(root, limit)?,
+        None => super::lock(root)?,
+    };
     let last = format::load_chain(root)?.pop();
     if let Some(p) = &last
         && p.manifest.vm_id != vm_id

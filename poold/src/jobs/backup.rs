@@ -5,7 +5,8 @@
 //! The leader reads the changed chunks over iSCSI, logged in as an initiator of its own
 //! (granted for the read, revoked after), and writes into the directory on its own
 //! filesystem: in a pool of several members, a mount they all share. A job run again
-//! after a leader change finds a point already written from the snapshot and does not
+//! after a leader change waits for the directory's lock (the last leader's writer may
+//! still hold it), then finds a point already written from the snapshot and does not
 //! write it twice; a point cut short is never in the chain (written aside, renamed
 //! whole). A backup that fails is recorded as tried: the schedule's next run tries again.
 
@@ -20,6 +21,9 @@ use tonic::Code;
 use super::storage::{SrLoc, grant_access, revoke_access, volume_loc};
 use super::{Env, Finish, JobError, read};
 use crate::state::command::*;
+
+/// How long a backup job waits for another writer of its directory.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 pub async fn backup_vm(env: &Env, job: &Job, j: &BackupVmJob) -> Result<Finish, JobError> {
     let (snap, snapshots, vm_name) = read(&*env.ledger, |s| {
@@ -107,7 +111,9 @@ async fn write_and_prune(
     snapshots: &[pb::VmSnapshot],
 ) -> anyhow::Result<(write::Written, backup::Pruned)> {
     let root = Path::new(&j.directory);
-    let next = write::next(root, vm_name, &j.vm_id, snapshots)?;
+    // A job run again by a new leader may find the last leader's writer still at it (a
+    // blocking thread outlives its task): it waits, then finds the point written.
+    let next = write::next(root, vm_name, &j.vm_id, snapshots, Some(LOCK_WAIT))?;
     let written = match next.holds(&snap.id) {
         Some(point) => write::Written {
             point,
