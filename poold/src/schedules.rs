@@ -7,7 +7,7 @@
 //! [`Retention`](pb::Retention) no longer keeps is deleted by a job. A backup schedule
 //! first has its newest snapshot written into its chain by a backup job (`jobs::backup`,
 //! which prunes the chain's points by the retention), once, written or not; of its
-//! snapshots only the chain's base stays. Both are ordinary
+//! snapshots only the chain's base stays. All are ordinary
 //! tasks (requested by "schedule NAME"), one job per VM at a time. Everything is read from
 //! the replicated state (the last due time of each schedule is committed with its run), so
 //! a new leader carries on where the last one stopped, and a run is never taken twice: the

@@ -35,11 +35,12 @@ pub fn prune(root: &Path, r: &Retention, dry_run: bool) -> anyhow::Result<Pruned
     if r.keep_last == 0 && r.keep_daily == 0 && r.keep_weekly == 0 {
         bail!("say what to keep: --keep-last, --keep-daily or --keep-weekly");
     }
-    if format::load_chain(root)?.is_empty() {
+    // Before the lock, which makes a file: no `.lock` in a directory that holds no chain.
+    if format::point_numbers(root)?.is_empty() {
         bail!("{} holds no backup point", root.display());
     }
     let _lock = super::lock(root)?;
-    // Read again under the lock: a backup may have added a point since.
+    // Read under the lock: a backup may be adding a point.
     let mut chain = format::load_chain(root)?;
     let items: Vec<(String, u64)> = chain
         .iter()
