@@ -70,6 +70,58 @@ impl Ctl {
         print!("{}", t.render(self.json));
     }
 
+    /// The task's states as the pool streams them (WatchTask: each change as a member
+    /// applies it, no polling delay), from `task` until it ends. A stream that breaks (a
+    /// member gone) is opened again on whichever member answers; one that keeps breaking
+    /// with nothing new is an error.
+    async fn watch(
+        &mut self,
+        mut task: pb::Task,
+        bar: &mut Progress,
+        finished: impl Fn(&pb::Task) -> bool,
+    ) -> anyhow::Result<pb::Task> {
+        let mut broken = 0u32;
+        loop {
+            if !self.json {
+                bar.show(task.progress_percent, &task.status_message);
+            }
+            let req = pb::GetTaskRequest {
+                task_id: task.id.clone(),
+            };
+            let mut stream = call!(self.client, watch_task, req)?;
+            loop {
+                match stream.message().await {
+                    Ok(Some(t)) => {
+                        if t != task {
+                            broken = 0;
+                        }
+                        task = t;
+                        if finished(&task) {
+                            return Ok(task);
+                        }
+                        if !self.json {
+                            bar.show(task.progress_percent, &task.status_message);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) if e.code() == tonic::Code::NotFound => return Err(explain(e)),
+                    Err(e) => {
+                        tracing::info!(task = %task.id, error = %e.message(), "the task's stream broke; following it again");
+                        break;
+                    }
+                }
+            }
+            broken += 1;
+            if broken > 30 {
+                bail!(
+                    "following task {}: the pool ended its stream 30 times with no change",
+                    task.id
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Shows the task a change started and, unless told not to, follows it to its end.
     pub async fn follow(&mut self, resp: pb::TaskResponse) -> anyhow::Result<pb::Task> {
         let mut task = resp
@@ -82,18 +134,8 @@ impl Ctl {
             )
         };
         let mut bar = Progress::new();
-        while self.wait && !finished(&task) {
-            if !self.json {
-                bar.show(task.progress_percent, &task.status_message);
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            task = call!(
-                self.client,
-                get_task,
-                pb::GetTaskRequest {
-                    task_id: task.id.clone()
-                }
-            )?;
+        if self.wait && !finished(&task) {
+            task = self.watch(task, &mut bar, finished).await?;
         }
         bar.done();
         if pb::TaskState::try_from(task.state) == Ok(pb::TaskState::Failed) {
