@@ -3,8 +3,9 @@
 //! The data does not pass through the coordinator: it grants this client's own initiator
 //! name access to the volume (OpenVolumeAccess) and poolctl reads or writes the blocks
 //! over iSCSI straight from storaged, several requests in flight, then revokes the grant.
-//! An import reads the image as a raw disk (`crate::image::Reader`: the file itself, or
-//! `qemu-nbd` for other formats), only the ranges qemu maps as data. Zero blocks are
+//! An import reads the image as a raw disk (`crate::image::Reader`: a raw file itself,
+//! another format's file where `qemu-img map` says its data is stored as is, or else
+//! through `qemu-nbd`), only the ranges qemu maps as data. Zero blocks are
 //! neither written (a fresh thin volume reads zeros) nor stored in the exported file
 //! (they stay holes). Backups (`crate::backup`) read and restore chunks
 //! through the same grant ([`open`], [`Access`]).

@@ -115,6 +115,9 @@ pub struct Image {
     pub path: PathBuf,
     pub format: Format,
     pub virtual_size: u64,
+    /// Whether the offsets `qemu-img map` gives lie in this file: not for VMDK (its
+    /// extent files) or a qcow2 with an external data file.
+    pub offsets_in_file: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,12 +142,37 @@ struct Specific {
 }
 
 /// One entry of `qemu-img map --output=json`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 struct MapEntry {
     start: u64,
     length: u64,
     data: bool,
     zero: bool,
+    /// Backing files below the image the range is read from (0: the image itself).
+    #[serde(default)]
+    depth: u32,
+    /// Where the range's bytes lie in the file, as stored: absent for compressed or
+    /// encrypted clusters.
+    offset: Option<u64>,
+}
+
+/// A stretch of the virtual disk stored as is at `offset` in the image file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub start: u64,
+    pub length: u64,
+    pub offset: u64,
+}
+
+/// Where an image's data is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Map {
+    /// The ranges of the virtual disk that hold data (the rest reads zeros), merged.
+    pub data: Vec<std::ops::Range<u64>>,
+    /// When every data range is stored as is in the image file itself (no backing file,
+    /// compression or encryption under it): where, so the bytes can be read straight
+    /// from the file rather than through `qemu-nbd`.
+    pub in_file: Option<Vec<Extent>>,
 }
 
 async fn run(tool: &'static str, args: &[&OsStr], path: &Path) -> Result<Vec<u8>, ImageError> {
@@ -227,10 +255,15 @@ pub async fn inspect(path: &Path, format: Option<Format>) -> Result<Image, Image
             format: i.format.clone(),
         })?;
         if image.is_none() {
+            let data_file = i
+                .specific
+                .as_ref()
+                .is_some_and(|s| s.kind == "qcow2" && s.data.get("data-file").is_some());
             image = Some(Image {
                 path: top.clone(),
                 format: f,
                 virtual_size: i.virtual_size,
+                offsets_in_file: f != Format::Vmdk && !data_file,
             });
         }
         if let Some(s) = i.specific.as_ref().filter(|s| s.kind == "vmdk") {
@@ -265,8 +298,8 @@ pub async fn inspect(path: &Path, format: Option<Format>) -> Result<Image, Image
     Err(ImageError::ChainTooLong { path: top })
 }
 
-/// The ranges of the image's virtual disk that hold data (the rest reads zeros), merged.
-pub async fn data_ranges(img: &Image) -> Result<Vec<std::ops::Range<u64>>, ImageError> {
+/// Where the image's data is (`qemu-img map`).
+pub async fn map(img: &Image) -> Result<Map, ImageError> {
     let args: Vec<&OsStr> = vec![
         OsStr::new("map"),
         OsStr::new("--output=json"),
@@ -275,19 +308,42 @@ pub async fn data_ranges(img: &Image) -> Result<Vec<std::ops::Range<u64>>, Image
         img.path.as_os_str(),
     ];
     let out = run("qemu-img", &args, &img.path).await?;
-    let map: Vec<MapEntry> = serde_json::from_slice(&out).map_err(|source| ImageError::Output {
-        tool: "qemu-img map",
-        path: img.path.clone(),
-        source,
-    })?;
-    let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
-    for e in map.into_iter().filter(|e| e.data && !e.zero) {
-        match ranges.last_mut() {
-            Some(r) if r.end == e.start => r.end += e.length,
-            _ => ranges.push(e.start..e.start + e.length),
+    let entries: Vec<MapEntry> =
+        serde_json::from_slice(&out).map_err(|source| ImageError::Output {
+            tool: "qemu-img map",
+            path: img.path.clone(),
+            source,
+        })?;
+    Ok(map_of(img, &entries))
+}
+
+fn map_of(img: &Image, entries: &[MapEntry]) -> Map {
+    let mut data: Vec<std::ops::Range<u64>> = Vec::new();
+    let mut in_file = img.offsets_in_file.then(Vec::new);
+    for e in entries {
+        if e.data && !e.zero {
+            match data.last_mut() {
+                Some(r) if r.end == e.start => r.end += e.length,
+                _ => data.push(e.start..e.start + e.length),
+            }
+        }
+        let Some(extents) = &mut in_file else {
+            continue;
+        };
+        match e.offset {
+            // A zero range reads zeros wherever it is stored.
+            _ if e.zero => {}
+            Some(offset) if e.data && e.depth == 0 => extents.push(Extent {
+                start: e.start,
+                length: e.length,
+                offset,
+            }),
+            // Unallocated with nothing below reads zeros; anything else only qemu reads.
+            None if !e.data && e.depth == 0 => {}
+            _ => in_file = None,
         }
     }
-    Ok(ranges)
+    Map { data, in_file }
 }
 
 /// A private directory (0700) for sockets and intermediate files, removed when dropped.
@@ -422,5 +478,58 @@ mod tests {
         }
         assert_eq!(Format::parse("vhd"), Some(Format::Vpc));
         assert_eq!(Format::parse("vdi"), None);
+    }
+
+    fn entries(json: &str) -> Vec<MapEntry> {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn image(format: Format, offsets_in_file: bool) -> Image {
+        Image {
+            path: PathBuf::from("/x"),
+            format,
+            virtual_size: 8 << 20,
+            offsets_in_file,
+        }
+    }
+
+    #[test]
+    fn data_is_read_from_the_file_only_where_qemu_says_it_is_stored_as_is() {
+        // As qemu-img 7.2 maps a qcow2: data at an offset, then an unallocated tail.
+        let plain = entries(
+            r#"[{"start": 0, "length": 3145728, "depth": 0, "present": true, "zero": false, "data": true, "offset": 327680},
+                {"start": 3145728, "length": 1048576, "depth": 0, "present": true, "zero": true, "data": false, "offset": 9999},
+                {"start": 4194304, "length": 1048576, "depth": 0, "present": false, "zero": false, "data": false},
+                {"start": 5242880, "length": 1048576, "depth": 0, "present": true, "zero": false, "data": true, "offset": 65536}]"#,
+        );
+        let m = map_of(&image(Format::Qcow2, true), &plain);
+        assert_eq!(m.data, vec![0..3 << 20, 5 << 20..6 << 20]);
+        let extent = |start, length, offset| Extent {
+            start,
+            length,
+            offset,
+        };
+        assert_eq!(
+            m.in_file,
+            Some(vec![
+                extent(0, 3 << 20, 327680),
+                extent(5 << 20, 1 << 20, 65536)
+            ])
+        );
+        // VMDK's offsets are in its extent files.
+        assert_eq!(map_of(&image(Format::Vmdk, false), &plain).in_file, None);
+
+        // Compressed (no offset) or in a backing file: only qemu reads those.
+        for other in [
+            r#"{"start": 6291456, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true}"#,
+            r#"{"start": 6291456, "length": 65536, "depth": 1, "present": true, "zero": false, "data": true, "offset": 0}"#,
+            r#"{"start": 6291456, "length": 65536, "depth": 1, "present": false, "zero": false, "data": false}"#,
+        ] {
+            let mut e = plain.clone();
+            e.extend(entries(&format!("[{other}]")));
+            let m = map_of(&image(Format::Qcow2, true), &e);
+            assert_eq!(m.in_file, None, "{other}");
+            assert_eq!(m.data[0], 0..3 << 20);
+        }
     }
 }

@@ -55,7 +55,8 @@ pub fn chunk(lun: &Lun) -> usize {
 }
 
 pub fn zeros(b: &[u8]) -> bool {
-    b.iter().all(|&x| x == 0)
+    // An OR over each block vectorises; the first block with a bit set ends the look.
+    b.chunks(512).all(|c| c.iter().fold(0, |a, &x| a | x) == 0)
 }
 
 /// Reads the whole LUN into `file` (created 0600, it must not exist; zero blocks left as

@@ -62,9 +62,9 @@ pub async fn import_new(
 
 /// Copies the image's data into the volume.
 pub async fn write(client: &mut PoolClient, volume_id: &str, img: &Image) -> anyhow::Result<()> {
-    let data = qemu::data_ranges(img).await?;
-    let mut src = Reader::open(img).await?;
-    let r = transfer::import(client, volume_id, &mut src, img.virtual_size, &data).await;
+    let map = qemu::map(img).await?;
+    let mut src = Reader::open(img, &map).await?;
+    let r = transfer::import(client, volume_id, &mut src, img.virtual_size, &map.data).await;
     src.close().await;
     r.with_context(|| format!("writing {} into volume {volume_id}", img.path.display()))
 }

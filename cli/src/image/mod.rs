@@ -26,16 +26,24 @@ use self::qemu::{Format, Image, NbdServer};
 /// through `qemu-nbd`.
 pub enum Reader {
     File(std::fs::File),
+    /// An image whose data qemu says is stored as is in the file (an uncompressed qcow2,
+    /// VHD, VHDX): read there, without `qemu-nbd` between.
+    Extents(std::fs::File, Vec<qemu::Extent>),
     /// Boxed: a child process and a socket are large beside a file.
     Nbd(Box<(nbd::Client, NbdServer)>),
 }
 
 impl Reader {
-    pub async fn open(img: &Image) -> anyhow::Result<Reader> {
+    pub async fn open(img: &Image, map: &qemu::Map) -> anyhow::Result<Reader> {
+        let file = || {
+            std::fs::File::open(&img.path)
+                .with_context(|| format!("opening {}", img.path.display()))
+        };
         if img.format == Format::Raw {
-            let f = std::fs::File::open(&img.path)
-                .with_context(|| format!("opening {}", img.path.display()))?;
-            return Ok(Reader::File(f));
+            return Ok(Reader::File(file()?));
+        }
+        if let Some(extents) = &map.in_file {
+            return Ok(Reader::Extents(file()?, extents.clone()));
         }
         let server = NbdServer::start(img).await?;
         // The socket exists from its bind; qemu-nbd listens a moment later.
@@ -63,15 +71,16 @@ impl Reader {
     /// Fills `buf` from the virtual disk at `offset`; past its end reads zeros.
     pub async fn read_at(&mut self, buf: &mut [u8], offset: u64) -> anyhow::Result<()> {
         match self {
-            Reader::File(f) => {
-                let mut done = 0;
-                while done < buf.len() {
-                    let n = f.read_at(&mut buf[done..], offset + done as u64)?;
-                    if n == 0 {
-                        buf[done..].fill(0);
-                        break;
-                    }
-                    done += n;
+            Reader::File(f) => read_full(f, buf, offset)?,
+            Reader::Extents(f, extents) => {
+                buf.fill(0);
+                let end = offset + buf.len() as u64;
+                let first = extents.partition_point(|e| e.start + e.length <= offset);
+                for e in extents[first..].iter().take_while(|e| e.start < end) {
+                    let from = e.start.max(offset);
+                    let to = (e.start + e.length).min(end);
+                    let at = (from - offset) as usize..(to - offset) as usize;
+                    read_full(f, &mut buf[at], e.offset + (from - e.start))?;
                 }
             }
             Reader::Nbd(nbd) => {
@@ -93,4 +102,18 @@ impl Reader {
             server.stop().await;
         }
     }
+}
+
+/// Fills `buf` from `f` at `offset`; past the file's end reads zeros.
+fn read_full(f: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = f.read_at(&mut buf[done..], offset + done as u64)?;
+        if n == 0 {
+            buf[done..].fill(0);
+            break;
+        }
+        done += n;
+    }
+    Ok(())
 }
