@@ -118,10 +118,18 @@ pub fn prune(p: PruneArgs) -> anyhow::Result<()> {
         },
         human_bytes(r.freed_bytes)
     );
+    if r.carried_bytes > 0 {
+        println!(
+            "{} {} of chunks still read out of mostly unread files into the points kept",
+            if p.dry_run { "would copy" } else { "copied" },
+            human_bytes(r.carried_bytes)
+        );
+    }
     if r.held_bytes > 0 {
         println!(
             "{} of pruned points' data stays, read by the points kept ({} of it no longer \
-             read: a file goes when no kept point reads any of it)",
+             read: a file goes when no kept point reads any of it, or is compacted once \
+             most of it is unread)",
             human_bytes(r.held_bytes),
             human_bytes(r.dead_bytes)
         );

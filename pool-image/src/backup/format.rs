@@ -171,7 +171,7 @@ fn plain_name(n: &str) -> bool {
 }
 
 /// The point number of a `point-NNNN` directory name.
-fn point_number(name: &str) -> Option<u32> {
+pub(super) fn point_number(name: &str) -> Option<u32> {
     let n = name.strip_prefix("point-")?;
     (n.len() == 4 && n.bytes().all(|b| b.is_ascii_digit()))
         .then(|| n.parse().ok())
@@ -222,10 +222,11 @@ impl Point {
                         .split_once('/')
                         .filter(|(_, name)| plain_name(name))
                         .and_then(|(dir, _)| point_number(dir))
-                        .is_some_and(|n| n < self.manifest.point);
+                        // An earlier point's data, or chunks carried into this one's.
+                        .is_some_and(|n| n <= self.manifest.point);
                     if !earlier || r.len == 0 || r.len > d.chunk_size {
                         return Err(self.corrupt(format!(
-                            "chunk {} of disk {} is at {:?} ({} bytes): not in an earlier point's data",
+                            "chunk {} of disk {} is at {:?} ({} bytes): not in this or an earlier point's data",
                             c.index, d.disk_id, r.file, r.len
                         )));
                     }

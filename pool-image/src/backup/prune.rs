@@ -1,13 +1,17 @@
 //! `vm-backup-prune`: drops the points of a chain that a retention no longer keeps,
-//! without copying any data.
+//! copying no data but what mostly dead files still hold.
 //!
 //! A point is pruned by folding it into the point after it: that point's manifest takes
 //! over the pruned point's chunks it did not change itself (as entries naming the pruned
 //! point's data file) and its link to the point before, records the pruned point in
 //! `absorbed` and its own earlier digest in `replaces` (so the next point's link still
-//! holds), and is written whole and renamed over the old one. Then what no kept point
-//! reads is deleted. A prune cut short leaves either the old manifest or the new one, and
-//! a pruned point's leftovers are skipped by every reader and deleted by the next prune.
+//! holds), and is written whole and renamed over the old one. A pruned point's data file
+//! that kept points read less than half of is compacted: the chunks still read are copied
+//! (digests checked on the way) into `carried-point-NNNN-NAME` in the reading point's own
+//! directory and its manifest rewritten to name them there, so the dead rest can go. Then
+//! what no kept point reads is deleted. A prune cut short leaves either the old manifest
+//! or the new one, and a pruned point's leftovers (or a carried file no manifest names
+//! yet) are skipped by every reader and deleted by the next prune.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -15,7 +19,11 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use proto::coordinator::Retention;
 
-use super::format::{self, ChunkEntry, DiskDelta, Point};
+use super::format::{self, ChunkEntry, DataRef, DiskDelta, Manifest, Point};
+
+/// How a carried file's name starts: the chunks a point took over, copied out of a
+/// pruned point's mostly dead data file.
+const CARRIED: &str = "carried-";
 
 /// What a prune did (or, dry, would do).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -26,9 +34,11 @@ pub struct Pruned {
     pub freed_bytes: u64,
     /// Bytes of pruned points' data files that kept points still read.
     pub held_bytes: u64,
-    /// Of those, bytes no kept point reads (chunks rewritten since): freed only when the
-    /// whole file is, with a new full chain.
+    /// Of those, bytes no kept point reads (chunks rewritten since): freed when the whole
+    /// file is, or once they outweigh what is read and the file is compacted.
     pub dead_bytes: u64,
+    /// Bytes copied out of mostly dead files into carried ones.
+    pub carried_bytes: u64,
 }
 
 pub fn prune(root: &Path, r: &Retention, dry_run: bool) -> anyhow::Result<Pruned> {
@@ -71,6 +81,7 @@ pub fn prune(root: &Path, r: &Retention, dry_run: bool) -> anyhow::Result<Pruned
         out.removed.push(k.manifest.point);
         absorb(&k, &mut chain[i], !dry_run)?;
     }
+    compact(root, &mut chain, dry_run, &mut out)?;
     collect_garbage(root, &chain, dry_run, &mut out)?;
     Ok(out)
 }
@@ -84,7 +95,6 @@ fn absorb(k: &Point, s: &mut Point, write: bool) -> anyhow::Result<()> {
     m.absorbed.push(k.manifest.point);
     m.absorbed.sort_unstable();
     m.absorbed.dedup();
-    m.replaces.push(s.manifest_sha256.clone());
     for d in m.disks.iter_mut().filter(|d| !d.full) {
         let kd = k
             .manifest
@@ -99,6 +109,15 @@ fn absorb(k: &Point, s: &mut Point, write: bool) -> anyhow::Result<()> {
             })?;
         fold_disk(k, kd, d)?;
     }
+    rewrite(s, m, write)
+}
+
+/// Replaces `s`'s manifest with `m` (on disk too when `write`: whole, synced, renamed),
+/// keeping its earlier digest in `replaces` so the next point's link still holds.
+fn rewrite(s: &mut Point, mut m: Manifest, write: bool) -> anyhow::Result<()> {
+    if !m.replaces.contains(&s.manifest_sha256) {
+        m.replaces.push(s.manifest_sha256.clone());
+    }
     let bytes = serde_json::to_vec_pretty(&m)?;
     if write {
         let tmp = s.dir.join(format!("{}.tmp", format::MANIFEST));
@@ -110,6 +129,138 @@ fn absorb(k: &Point, s: &mut Point, write: bool) -> anyhow::Result<()> {
     }
     s.manifest = m;
     s.manifest_sha256 = format::sha256_hex(&bytes);
+    Ok(())
+}
+
+/// The pruned points' data files (outside `chain`'s directories) that `chain` reads less
+/// of than it does not: their chunks still read are copied into carried files of the
+/// points that read them, so the files can go. Dry: counted, not copied.
+fn compact(
+    root: &Path,
+    chain: &mut [Point],
+    dry_run: bool,
+    out: &mut Pruned,
+) -> anyhow::Result<()> {
+    let live: BTreeSet<u32> = chain.iter().map(|p| p.manifest.point).collect();
+    let mut read: HashMap<String, u64> = HashMap::new();
+    for p in chain.iter() {
+        for d in &p.manifest.disks {
+            for c in &d.chunks {
+                if let Some(r) = &c.at {
+                    *read.entry(r.file.clone()).or_default() += r.len;
+                }
+            }
+        }
+    }
+    let mut sparse = BTreeSet::new();
+    for (file, used) in read {
+        let pruned = file
+            .split_once('/')
+            .and_then(|(dir, _)| format::point_number(dir))
+            .is_some_and(|n| !live.contains(&n));
+        if !pruned {
+            continue;
+        }
+        let path = root.join(&file);
+        let len = std::fs::metadata(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
+        if len.saturating_sub(used) > used {
+            sparse.insert(file);
+        }
+    }
+    if sparse.is_empty() {
+        return Ok(());
+    }
+    for p in chain.iter_mut() {
+        let mut m = p.manifest.clone();
+        let mut carried = false;
+        for d in &mut m.disks {
+            // (entry, where) of each chunk read from a sparse file, by file and offset.
+            let mut moves: Vec<(usize, DataRef)> = d
+                .chunks
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| {
+                    c.at.clone()
+                        .filter(|r| sparse.contains(&r.file))
+                        .map(|r| (i, r))
+                })
+                .collect();
+            moves.sort_by(|a, b| (&a.1.file, a.1.offset).cmp(&(&b.1.file, b.1.offset)));
+            for group in moves.chunk_by(|a, b| a.1.file == b.1.file) {
+                let from = &group[0].1.file;
+                let name = format!("{CARRIED}{}", from.replace('/', "-"));
+                let rel = format!("{}/{name}", format::point_name(m.point));
+                let mut offset = 0;
+                for (i, r) in group {
+                    d.chunks[*i].at = Some(DataRef {
+                        file: rel.clone(),
+                        offset,
+                        len: r.len,
+                    });
+                    offset += r.len;
+                }
+                if !dry_run {
+                    copy_chunks(root, &p.dir.join(&name), d, group)?;
+                }
+                out.carried_bytes += offset;
+                carried = true;
+            }
+        }
+        if carried {
+            rewrite(p, m, !dry_run)?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies the chunks `group` names (entries of `d` at their old places, all in one file,
+/// in offset order) into `to`, checking each one's digest: a corrupt chunk is not carried
+/// on as if it were good.
+fn copy_chunks(
+    root: &Path,
+    to: &Path,
+    d: &DiskDelta,
+    group: &[(usize, DataRef)],
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let src = root.join(&group[0].1.file);
+    let f = std::fs::File::open(&src).with_context(|| format!("opening {}", src.display()))?;
+    let out = std::fs::File::create(to).with_context(|| format!("creating {}", to.display()))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
+    let mut buf = vec![0u8; d.chunk_size as usize];
+    for (i, r) in group {
+        let c = &d.chunks[*i];
+        let bytes = buf.get_mut(..r.len as usize).with_context(|| {
+            format!(
+                "chunk {} of disk {} is longer than a chunk",
+                c.index, d.disk_id
+            )
+        })?;
+        f.read_exact_at(bytes, r.offset).with_context(|| {
+            format!(
+                "reading chunk {} of disk {} in {}",
+                c.index,
+                d.disk_id,
+                src.display()
+            )
+        })?;
+        if format::sha256_hex(bytes) != c.sha256 {
+            bail!(
+                "{}: chunk {} of disk {} does not match its digest: not carried on, the file \
+                 stays (vm-backup-verify names every bad chunk)",
+                src.display(),
+                c.index,
+                d.disk_id
+            );
+        }
+        out.write_all(bytes)?;
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()
+        .with_context(|| format!("syncing {}", to.display()))?;
     Ok(())
 }
 
@@ -214,6 +365,7 @@ fn collect_garbage(
     }
     for n in format::point_numbers(root)? {
         if live.contains(&n) {
+            remove_stray_carried(root, n, &read, dry_run, out)?;
             continue;
         }
         let dir = format::point_dir(root, n);
@@ -241,6 +393,32 @@ fn collect_garbage(
     }
     if !dry_run {
         super::sync_dir(root)?;
+    }
+    Ok(())
+}
+
+/// Deletes the carried files in kept point `n`'s directory that no manifest names (a
+/// compaction cut short before its manifest was written).
+fn remove_stray_carried(
+    root: &Path,
+    n: u32,
+    read: &HashMap<String, u64>,
+    dry_run: bool,
+    out: &mut Pruned,
+) -> anyhow::Result<()> {
+    let dir = format::point_dir(root, n);
+    for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let rel = format!("{}/{name}", format::point_name(n));
+        if !name.starts_with(CARRIED) || read.contains_key(&rel) {
+            continue;
+        }
+        out.freed_bytes += e.metadata()?.len();
+        if !dry_run {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+        }
     }
     Ok(())
 }
@@ -447,7 +625,10 @@ mod tests {
         std::fs::write(&m, text.replace("point-0002/", "../point-0002/")).unwrap();
         let chain = load_chain(root).unwrap();
         let err = verify(&chain).unwrap_err().to_string();
-        assert!(err.contains("not in an earlier point's data"), "{err}");
+        assert!(
+            err.contains("not in this or an earlier point's data"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -464,5 +645,99 @@ mod tests {
         assert!(err.contains("another vm-backup"), "{err}");
         drop(held);
         assert_eq!(load_chain(root).unwrap().len(), 5);
+    }
+
+    /// A full point of 8 chunks, 6 of them rewritten by point 2 and one more by 3.
+    fn mostly_rewritten(root: &Path) -> Vec<Point> {
+        let all: Vec<(u64, u8)> = (0..8).map(|c| (c, 1)).collect();
+        let p1 = write_point(root, 1, None, 8 * CS, &all, &[]);
+        let six: Vec<(u64, u8)> = (0..6).map(|c| (c, 2)).collect();
+        let p2 = write_point(root, 2, Some(&p1), 8 * CS, &six, &[]);
+        let p3 = write_point(root, 3, Some(&p2), 8 * CS, &[(0, 3)], &[]);
+        vec![p1, p2, p3]
+    }
+
+    #[test]
+    fn a_mostly_dead_file_is_compacted_into_the_point_that_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let written = mostly_rewritten(root);
+        let before = images(&load_chain(root).unwrap());
+
+        let dry = prune(root, &keep(1, 0), true).unwrap();
+        assert_eq!(dry.carried_bytes, 2 * CS);
+        assert!(
+            !point_dir(root, 3)
+                .join("carried-point-0001-disk-vda.data")
+                .exists()
+        );
+
+        let r = prune(root, &keep(1, 0), false).unwrap();
+        assert_eq!((r.kept, r.removed), (vec![3], vec![1, 2]));
+        // Point 1's file: 2 of its 8 chunks still read, so carried; point 2's: 5 of 6, kept.
+        assert_eq!(r.carried_bytes, 2 * CS);
+        assert_eq!((r.held_bytes, r.dead_bytes), (6 * CS, CS));
+        assert!(!point_dir(root, 1).exists(), "point 1 is freed whole");
+        let carried = point_dir(root, 3).join("carried-point-0001-disk-vda.data");
+        assert_eq!(std::fs::metadata(&carried).unwrap().len(), 2 * CS);
+        let chain = load_chain(root).unwrap();
+        assert_eq!(verify(&chain).unwrap(), 8);
+        assert_eq!(images(&chain), before[2..]);
+        let at: Vec<_> = chain[0].manifest.disks[0]
+            .chunks
+            .iter()
+            .map(|c| c.at.as_ref().map(|r| (r.file.as_str(), r.offset)))
+            .collect();
+        assert_eq!(
+            at[5..],
+            [
+                Some(("point-0002/disk-vda.data", 5 * CS)),
+                Some(("point-0003/carried-point-0001-disk-vda.data", 0)),
+                Some(("point-0003/carried-point-0001-disk-vda.data", CS))
+            ]
+        );
+        // Point 4's link, made before the prune, still holds; so does one made after it.
+        assert!(
+            chain[0]
+                .manifest
+                .replaces
+                .contains(&written[2].manifest_sha256)
+        );
+        write_point(root, 4, chain.last(), 8 * CS, &[(7, 4)], &[]);
+        verify(&load_chain(root).unwrap()).unwrap();
+
+        // A carried file no manifest names (a compaction cut short) goes with the next prune.
+        let stray = point_dir(root, 3).join("carried-point-0002-disk-vda.data");
+        std::fs::write(&stray, b"half written").unwrap();
+        assert_eq!(load_chain(root).unwrap().len(), 2);
+        prune(root, &keep(5, 0), false).unwrap();
+        assert!(!stray.exists());
+        assert!(carried.exists());
+    }
+
+    #[test]
+    fn a_corrupt_chunk_is_not_carried_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        mostly_rewritten(root);
+        let file = point_dir(root, 1).join("disk-vda.data");
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[6 * CS as usize + 3] ^= 1;
+        std::fs::write(&file, &bytes).unwrap();
+        let err = prune(root, &keep(1, 0), false).unwrap_err().to_string();
+        assert!(
+            err.contains("chunk 6 of disk vda does not match its digest"),
+            "{err}"
+        );
+        assert!(err.contains("point-0001/disk-vda.data"), "{err}");
+        // Folded, not compacted: the file stays and the chain still reads (verify names it).
+        assert!(file.exists());
+        let chain = load_chain(root).unwrap();
+        assert_eq!(chain.len(), 1);
+        let err = verify(&chain).unwrap_err();
+        assert!(
+            matches!(&err, BackupError::Corrupt { path, .. } if *path == file),
+            "{err}"
+        );
     }
 }
