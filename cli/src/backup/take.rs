@@ -9,6 +9,7 @@
 //! VM snapshot deleted: the newest one is always the next incremental's base.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use pool_client::new_request_id;
@@ -19,12 +20,28 @@ use proto::storage as spb;
 use crate::ctl::{Ctl, call};
 use crate::transfer::{self, Access};
 
-pub async fn backup(ctl: &mut Ctl, vm: &str, root: &Path) -> anyhow::Result<Written> {
+/// Where a backup's time went.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Took {
+    /// The chain read and the VM snapshot taken.
+    pub snapshot: Duration,
+    /// The changed chunks asked, read over iSCSI and written, synced.
+    pub write: Duration,
+    /// The base snapshot deleted.
+    pub delete: Duration,
+}
+
+pub async fn backup(ctl: &mut Ctl, vm: &str, root: &Path) -> anyhow::Result<(Written, Took)> {
+    let start = Instant::now();
     let vm_id = ctl.vm_id(vm).await?;
     let snapshots = ctl.vm_snapshots(&vm_id).await?;
     // A broken chain is refused before anything is taken.
     let next = write::next(root, vm, &vm_id, &snapshots, None)?;
     let snap = take_snapshot(ctl, &vm_id, next.point).await?;
+    let mut took = Took {
+        snapshot: start.elapsed(),
+        ..Took::default()
+    };
     let written = match next.write(&mut Api(ctl), &snap).await {
         Ok(w) => w,
         Err(e) => {
@@ -34,10 +51,12 @@ pub async fn backup(ctl: &mut Ctl, vm: &str, root: &Path) -> anyhow::Result<Writ
             return Err(e);
         }
     };
+    took.write = start.elapsed() - took.snapshot;
     if let Some(b) = &written.base_snapshot_id {
         delete_snapshot(ctl, b, true).await;
     }
-    Ok(written)
+    took.delete = start.elapsed() - took.snapshot - took.write;
+    Ok((written, took))
 }
 
 /// Snapshots every disk of the VM at one instant; the pool's record of it.

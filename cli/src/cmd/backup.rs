@@ -61,13 +61,17 @@ pub struct PruneArgs {
 pub async fn run(ctl: &mut Ctl, command: BackupCommand) -> anyhow::Result<()> {
     match command {
         BackupCommand::Backup { vm, dir } => {
-            let t = backup::backup(ctl, &vm, &dir).await?;
+            let (t, took) = backup::backup(ctl, &vm, &dir).await?;
             println!(
-                "backup point {} of {vm} in {}: {} chunks, {}",
+                "backup point {} of {vm} in {}: {} chunks, {} (snapshot {:.2} s, changed \
+                 chunks read and written {:.2} s, base snapshot deleted {:.2} s)",
                 t.point,
                 dir.display(),
                 t.chunks,
-                human_bytes(t.bytes)
+                human_bytes(t.bytes),
+                took.snapshot.as_secs_f64(),
+                took.write.as_secs_f64(),
+                took.delete.as_secs_f64()
             );
         }
         BackupCommand::Restore {
