@@ -40,7 +40,7 @@ pub use snapshots::StoredSnapshot;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedReceiver as Receiver, UnboundedSender as Sender};
 
 use raft::eraftpb::{ConfState, Message};
@@ -269,7 +269,12 @@ impl Node {
     async fn run(mut self, mut rx: Receiver<NodeMsg>) {
         let mut last_tick = Instant::now();
         loop {
-            let wait = self.cfg.tick.saturating_sub(last_tick.elapsed());
+            // What the last `on_durable` made ready (a commit, say) is handled at once.
+            let wait = if self.raw.has_ready() {
+                Duration::ZERO
+            } else {
+                self.cfg.tick.saturating_sub(last_tick.elapsed())
+            };
             match tokio::time::timeout(wait, rx.recv()).await {
                 Ok(Some(m)) => self.handle(m),
                 Err(_) => {}
@@ -290,10 +295,15 @@ impl Node {
             self.start_read_round();
             self.recheck_conf_changes();
             // Compaction after the pass, so a snapshot covers everything it applied.
+            // `on_durable` again after the pass: messages held for a write that is already
+            // durable (a follower's answer to a heartbeat that brought nothing to write,
+            // which a ReadIndex round waits for) leave now, not after the next wake-up,
+            // which may be a whole tick away when no other message comes.
             if let Err(e) = self
                 .on_durable()
                 .and_then(|_| self.on_ready())
                 .and_then(|_| self.maybe_snapshot())
+                .and_then(|_| self.on_durable())
             {
                 storage_failed(&e);
             }
