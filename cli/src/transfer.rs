@@ -10,6 +10,7 @@
 //! (they stay holes). Backups (`crate::backup`) read and restore chunks
 //! through the same grant ([`open`], [`Access`]).
 
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::path::Path;
 use std::time::Instant;
@@ -90,6 +91,16 @@ impl Access {
     }
 }
 
+/// Pieces read ahead of the writes when the image file is read directly.
+const READ_AHEAD: usize = 4;
+
+/// A piece's length, and that padded with zeros to a whole block (the last piece's may
+/// not be).
+fn padded(p: &Range<u64>, bs: u64) -> (usize, usize) {
+    let n = p.end - p.start;
+    (n as usize, (n.div_ceil(bs) * bs) as usize)
+}
+
 /// Redraws the bar: `done` of `total` bytes moved since `start`.
 fn show_progress(bar: &mut Progress, done: u64, total: u64, start: Instant) {
     let secs = start.elapsed().as_secs_f64().max(1e-6);
@@ -155,11 +166,41 @@ async fn copy_in(
     let start = Instant::now();
     let mut tasks = JoinSet::new();
     let mut done = 0u64;
-    for p in pieces {
-        let n = p.end - p.start;
-        // The last piece is padded with zeros to a whole block.
-        let mut buf = vec![0u8; n.div_ceil(bs) as usize * bs as usize];
-        src.read_at(&mut buf[..n as usize], p.start).await?;
+    // A file read directly is read ahead on blocking threads, leaving this runtime's one
+    // thread to the writes in flight; qemu-nbd's socket is read here, a piece at a time.
+    let direct = src.direct();
+    let mut ahead = VecDeque::new();
+    let mut pieces = pieces.into_iter();
+    loop {
+        let (p, buf) = match &direct {
+            Some(d) => {
+                while ahead.len() < READ_AHEAD
+                    && let Some(p) = pieces.next()
+                {
+                    let (d, start) = (d.clone(), p.start);
+                    let (n, padded) = padded(&p, bs);
+                    let read = tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; padded];
+                        d.read_at(&mut buf[..n], start).map(|()| buf)
+                    });
+                    ahead.push_back((p, read));
+                }
+                let Some((p, read)) = ahead.pop_front() else {
+                    break;
+                };
+                let buf = read.await?.context("reading the image")?;
+                (p, buf)
+            }
+            None => {
+                let Some(p) = pieces.next() else {
+                    break;
+                };
+                let (n, padded) = padded(&p, bs);
+                let mut buf = vec![0u8; padded];
+                src.read_at(&mut buf[..n], p.start).await?;
+                (p, buf)
+            }
+        };
         // A fresh thin volume reads zeros: zero pieces are not written, so it stays thin.
         if !zeros(&buf) {
             if tasks.len() >= IN_FLIGHT {
@@ -169,7 +210,7 @@ async fn copy_in(
             let lba = p.start / bs;
             tasks.spawn(async move { lun.write(lba, buf.into()).await });
         }
-        done += n;
+        done += p.end - p.start;
         show_progress(&mut bar, done, total, start);
     }
     while let Some(r) = tasks.join_next().await {

@@ -4,11 +4,13 @@
 //! shut down the disk's own volume (read through `vdi-export`) still holds the first
 //! pattern. A discard leaves it so; a second start (on the same overlay across a stop)
 //! then a commit makes it hold the second pattern, and no overlay is left. Refusals
-//! change nothing.
+//! change nothing. An undo VM keeps its overlay through a live migration and an HA
+//! restart, and a template made from it keeps its disks in undo mode.
 
 use std::time::Duration;
 
-use e2e_tests::pool::{Pool, console_until, guest_elf, guest_vm};
+use e2e_tests::pool::{Pool, console_until, field, guest_elf, guest_vm, heartbeat_seqs};
+use e2e_tests::wait_for;
 
 /// Starts VM `vm` and waits until its guest has written (and checked) its disk.
 fn run_guest_once(pool: &Pool, vm: &str) {
@@ -173,4 +175,119 @@ fn an_undo_disk_is_discarded_then_committed() {
     assert_eq!(pool.shown("full", "undo_overlays"), "");
     assert_eq!(volumes(), before, "nothing left behind");
     pool.ctl(&["vm-destroy", "full"]);
+}
+
+/// The highest heartbeat `vm`'s console shows, once it is past `above`.
+fn heartbeat_past(pool: &Pool, vm: &str, above: u64) -> u64 {
+    console_until(&pool.p, None, vm, Duration::from_secs(60), |seen| {
+        let max = heartbeat_seqs(seen).into_iter().max()?;
+        (max > above).then(|| max.to_string())
+    })
+    .and_then(|n| n.parse().ok())
+    .unwrap_or_else(|| panic!("{vm} counts past {above}\n{}", pool.logs()))
+}
+
+/// Waits until `vm` runs on a host other than `not`; that host.
+fn running_elsewhere(pool: &Pool, vm: &str, not: &str) -> String {
+    wait_for(Duration::from_secs(90), || {
+        pool.vm(vm)
+            .filter(|l| l.contains("\"power\": \"running\"") && field(l, "host") != not)
+            .map(|l| field(&l, "host"))
+    })
+    .unwrap_or_else(|| panic!("{vm} running on another host than {not}\n{}", pool.logs()))
+}
+
+#[test]
+fn an_undo_vm_keeps_its_overlay_through_migration_and_ha_and_its_template_stays_undo() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pool = Pool::start(dir.path(), 2);
+    pool.wait_hosts_enabled();
+    pool.ctl(&["pool-set", "--heartbeat-timeout", "2"]);
+    pool.ctl(&["pool-ha-enable", "--failures", "1", "--timeout", "2"]);
+    pool.create_sr(dir.path(), "sr1", "1G");
+    pool.ctl(&["vdi-create", "m-disk", "--sr", "sr1", "--size", "16M"]);
+    let base = pool.disk_bytes(dir.path(), "m-disk");
+    let elf = guest_elf(dir.path());
+    pool.ctl(&guest_vm(
+        "m",
+        "m-disk",
+        &elf,
+        "seed=4 blk=rw mode=heartbeat hb_ms=200",
+        &["--undo", "--ha", "restart"],
+    ));
+    run_guest_once(&pool, "m");
+    let overlay = pool.shown("m", "undo_overlays");
+    assert!(overlay.starts_with("vda="), "{overlay}");
+
+    // Live migration: the guest goes on counting on the same overlay.
+    let line = pool.wait_vm("m", "\"power\": \"running\"", Duration::from_secs(10));
+    let first = field(&line, "host");
+    let before = heartbeat_past(&pool, "m", 2);
+    let hosts = pool.ctl(&["host-list", "--json"]);
+    let other = hosts
+        .lines()
+        .filter(|l| l.contains("\"id\": \""))
+        .map(|l| field(l, "id"))
+        .find(|h| *h != first)
+        .expect("a second host");
+    pool.ctl(&["vm-migrate", "m", "--host", &other]);
+    assert_eq!(running_elsewhere(&pool, "m", &first), other);
+    heartbeat_past(&pool, "m", before + 2);
+    assert_eq!(
+        pool.shown("m", "undo_overlays"),
+        overlay,
+        "the same overlay"
+    );
+
+    // HA: its host dies; the VM is restarted on the other one, on the same overlay, and
+    // the guest (booted afresh) finds and checks its disk there.
+    let victim_addr = field(
+        hosts
+            .lines()
+            .find(|l| l.contains(&format!("\"id\": \"{other}\"")))
+            .expect("host listed"),
+        "address",
+    );
+    let victim = pool
+        .hosts
+        .iter()
+        .position(|h| h.addr == victim_addr)
+        .expect("a host of ours");
+    pool.hosts[victim].daemon.proc.kill();
+    assert_eq!(running_elsewhere(&pool, "m", &other), first);
+    assert_eq!(
+        pool.shown("m", "undo_overlays"),
+        overlay,
+        "the same overlay"
+    );
+    let blk = console_until(&pool.p, None, "m", Duration::from_secs(60), |seen| {
+        seen.lines()
+            .find(|l| l.starts_with("BLK done") && seen.contains(&format!("{l}\n")))
+            .map(str::to_owned)
+    })
+    .unwrap_or_else(|| panic!("the restarted guest's disk line\n{}", pool.logs()));
+    assert_eq!(blk, "BLK done devices=1 result=ok");
+    shut_down(&pool, "m");
+    assert_eq!(pool.shown("m", "undo_disks"), "vda:pending");
+    assert!(
+        pool.disk_bytes(dir.path(), "m-disk") == base,
+        "the disk's own volume is never written while its changes are pending"
+    );
+
+    // A template of the VM: what the guest sees, and its disk still in undo mode, so a VM
+    // made from it runs on an overlay of its own.
+    pool.ctl(&["template-create", "mt", "m"]);
+    pool.ctl(&["vm-create", "from-t", "--template", "mt", "--memory", "64M"]);
+    assert_eq!(pool.shown("from-t", "undo_disks"), "vda:none");
+    pool.ctl(&[
+        "vm-set",
+        "from-t",
+        "--cmdline",
+        "seed=4 blk=verify mode=heartbeat",
+    ]);
+    run_guest_once(&pool, "from-t");
+    let own = pool.shown("from-t", "undo_overlays");
+    assert!(own.starts_with("vda=") && own != overlay, "{own}");
+    shut_down(&pool, "from-t");
+    assert_eq!(pool.shown("from-t", "undo_disks"), "vda:pending");
 }

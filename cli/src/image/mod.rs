@@ -17,33 +17,63 @@ pub mod vm;
 pub use pool_image::{ova, qemu};
 
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use anyhow::Context;
 
 use self::qemu::{Format, Image, NbdServer};
 
-/// An image's virtual disk read as raw bytes: a raw file directly, any other format
-/// through `qemu-nbd`.
+/// An image's virtual disk read as raw bytes: from its own file where the bytes lie
+/// there as they are, else through `qemu-nbd`.
 pub enum Reader {
-    File(std::fs::File),
-    /// An image whose data qemu says is stored as is in the file (an uncompressed qcow2,
-    /// VHD, VHDX): read there, without `qemu-nbd` between.
-    Extents(std::fs::File, Vec<qemu::Extent>),
+    Direct(Direct),
     /// Boxed: a child process and a socket are large beside a file.
     Nbd(Box<(nbd::Client, NbdServer)>),
 }
 
+/// An image file read directly; clones share it (reads on blocking threads).
+#[derive(Clone)]
+pub struct Direct {
+    file: Arc<std::fs::File>,
+    /// None: a raw file, the virtual disk itself. Some: another format's file, whose data
+    /// qemu says is stored as is at these places (an uncompressed qcow2, VHD, VHDX).
+    extents: Option<Arc<[qemu::Extent]>>,
+}
+
+impl Direct {
+    /// Fills `buf` from the virtual disk at `offset`; past its end reads zeros.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let Some(extents) = &self.extents else {
+            return read_full(&self.file, buf, offset);
+        };
+        buf.fill(0);
+        let end = offset + buf.len() as u64;
+        let first = extents.partition_point(|e| e.start + e.length <= offset);
+        for e in extents[first..].iter().take_while(|e| e.start < end) {
+            let from = e.start.max(offset);
+            let to = (e.start + e.length).min(end);
+            let at = (from - offset) as usize..(to - offset) as usize;
+            read_full(&self.file, &mut buf[at], e.offset + (from - e.start))?;
+        }
+        Ok(())
+    }
+}
+
 impl Reader {
     pub async fn open(img: &Image, map: &qemu::Map) -> anyhow::Result<Reader> {
-        let file = || {
-            std::fs::File::open(&img.path)
-                .with_context(|| format!("opening {}", img.path.display()))
+        let direct = |extents| -> anyhow::Result<Reader> {
+            let file = std::fs::File::open(&img.path)
+                .with_context(|| format!("opening {}", img.path.display()))?;
+            Ok(Reader::Direct(Direct {
+                file: Arc::new(file),
+                extents,
+            }))
         };
         if img.format == Format::Raw {
-            return Ok(Reader::File(file()?));
+            return direct(None);
         }
         if let Some(extents) = &map.in_file {
-            return Ok(Reader::Extents(file()?, extents.clone()));
+            return direct(Some(extents.as_slice().into()));
         }
         let server = NbdServer::start(img).await?;
         // The socket exists from its bind; qemu-nbd listens a moment later.
@@ -71,18 +101,7 @@ impl Reader {
     /// Fills `buf` from the virtual disk at `offset`; past its end reads zeros.
     pub async fn read_at(&mut self, buf: &mut [u8], offset: u64) -> anyhow::Result<()> {
         match self {
-            Reader::File(f) => read_full(f, buf, offset)?,
-            Reader::Extents(f, extents) => {
-                buf.fill(0);
-                let end = offset + buf.len() as u64;
-                let first = extents.partition_point(|e| e.start + e.length <= offset);
-                for e in extents[first..].iter().take_while(|e| e.start < end) {
-                    let from = e.start.max(offset);
-                    let to = (e.start + e.length).min(end);
-                    let at = (from - offset) as usize..(to - offset) as usize;
-                    read_full(f, &mut buf[at], e.offset + (from - e.start))?;
-                }
-            }
+            Reader::Direct(d) => d.read_at(buf, offset)?,
             Reader::Nbd(nbd) => {
                 let client = &mut nbd.0;
                 let have = client.size.saturating_sub(offset).min(buf.len() as u64) as usize;
@@ -93,6 +112,14 @@ impl Reader {
             }
         }
         Ok(())
+    }
+
+    /// The file itself, when the bytes are read from it.
+    pub fn direct(&self) -> Option<Direct> {
+        match self {
+            Reader::Direct(d) => Some(d.clone()),
+            Reader::Nbd(_) => None,
+        }
     }
 
     pub async fn close(self) {
