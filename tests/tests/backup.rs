@@ -481,6 +481,133 @@ fn a_storaged_killed_during_a_backup_leaves_the_chain_valid() {
     );
 }
 
+/// The id of the member leading now.
+fn leader(pool: &Pool) -> usize {
+    let members = pool.ctl(&["member-list", "--json"]);
+    members
+        .lines()
+        .find(|l| l.contains("\"leader\": true"))
+        .and_then(|l| {
+            let id = l.split("\"id\": ").nth(1)?;
+            id.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("a leader among {members}"))
+}
+
+/// Runs schedule `name`; returns once the backup job it starts has begun the point in
+/// `tmp`, with storaged frozen (SIGSTOP) right then, so that the job is in the middle of
+/// its reads until storaged is let go.
+fn schedule_run_until_it_reads(pool: &Pool, name: &str, tmp: &Path) -> usize {
+    let before = backup_tasks(pool, name).len();
+    pool.ctl(&["schedule-run", name]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !tmp.join("vm-spec.pb").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backup job never started {}: {}\n{}",
+            tmp.display(),
+            pool.ctl(&["task-list", "--all", "--json"]),
+            pool.logs()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    e2e_tests::pool::signal(pool.storaged.daemon.proc.pid(), "-STOP");
+    before
+}
+
+/// Waits for schedule `name`'s backup task number `n` (from 0) to end; its line.
+fn backup_task_end(pool: &Pool, name: &str, n: usize) -> String {
+    wait_for(Duration::from_secs(120), || {
+        backup_tasks(pool, name)
+            .into_iter()
+            .nth(n)
+            .filter(|t| matches!(field(t, "state").as_str(), "succeeded" | "failed"))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "schedule {name}'s backup ended: {}\n{}",
+            pool.ctl(&["task-list", "--all", "--json"]),
+            pool.logs()
+        )
+    })
+}
+
+#[test]
+fn a_scheduled_backup_survives_its_leader_leaving_or_dying_mid_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut pool, at_point_1) = pool_with_imaged_vm(
+        dir.path(),
+        "lb",
+        "lb-disk",
+        "seed=3 blk=write blk_kib=4096 mode=once",
+    );
+    let backups = dir.path().join("leader-backups");
+    let b = backups.display().to_string();
+    pool.ctl(&[
+        "schedule-set",
+        "lbs",
+        "--vm",
+        "lb",
+        "--every",
+        "1d",
+        "--backup-dir",
+        &b,
+        "--keep-last",
+        "5",
+    ]);
+    let storaged = pool.storaged.daemon.proc.pid();
+
+    // Leadership moves while the job reads: the old leader's writer, on a thread of its
+    // own, goes on to the end of its point; the new leader's run of the job waits for the
+    // directory, finds that point written and writes nothing twice.
+    let first = leader(&pool);
+    let n = schedule_run_until_it_reads(&pool, "lbs", &backups.join("point-0001.tmp"));
+    let to = if first == 1 { 2 } else { 1 };
+    pool.ctl(&["member-transfer", &to.to_string()]);
+    e2e_tests::pool::signal(storaged, "-CONT");
+    let t = backup_task_end(&pool, "lbs", n);
+    assert_eq!(field(&t, "state"), "succeeded", "{t}\n{}", pool.logs());
+    assert_ne!(leader(&pool), first);
+    let verified = pool.ctl(&["vm-backup-verify", &b]);
+    assert!(verified.contains("1 points"), "{verified}");
+    assert!(!backups.join("point-0002").exists() && !backups.join("point-0001.tmp").exists());
+
+    // The leader dies while the job reads: the new leader runs the job again from the
+    // start, over what the dead one left half written.
+    pool.ctl(&["vm-start", "lb"]);
+    pool.wait_vm("lb", "\"power\": \"stopped\"", Duration::from_secs(120));
+    let at_point_2 = pool.disk_bytes(dir.path(), "lb-disk");
+    assert_ne!(at_point_1, at_point_2, "the guest wrote");
+    let dead = leader(&pool);
+    let n = schedule_run_until_it_reads(&pool, "lbs", &backups.join("point-0002.tmp"));
+    pool.coordinators.procs[dead - 1].kill();
+    e2e_tests::pool::signal(storaged, "-CONT");
+    let t = backup_task_end(&pool, "lbs", n);
+    assert_eq!(field(&t, "state"), "succeeded", "{t}\n{}", pool.logs());
+    let verified = pool.ctl(&["vm-backup-verify", &b]);
+    assert!(verified.contains("2 points"), "{verified}");
+    for (point, name, want) in [("1", "lb1", &at_point_1), ("2", "lb2", &at_point_2)] {
+        pool.ctl(&["vm-restore", &b, "--point", point, "--name", name]);
+        assert!(
+            pool.disk_bytes(dir.path(), &format!("{name}-vda")) == *want,
+            "point {point} restored"
+        );
+    }
+    // Of the schedule's snapshots only the newest point's stays, the next one's base.
+    let snaps = wait_for(Duration::from_secs(30), || {
+        let s = schedule_snapshots(&pool, "lb", "lbs");
+        (s.len() == 1).then_some(s)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "one snapshot stays: {:?}",
+            schedule_snapshots(&pool, "lb", "lbs")
+        )
+    });
+    assert!(snaps[0].starts_with("lbs-"), "{snaps:?}");
+    pool.coordinators.restart(dead);
+}
+
 /// `vm-backup` of VM kb into `root`, with storaged frozen (SIGSTOP) the moment the new
 /// point's directory has its spec: its chunks are read from storaged after that, so
 /// whatever happens to storaged next lands in the middle of the reads.

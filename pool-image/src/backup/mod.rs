@@ -15,7 +15,7 @@ pub mod format;
 pub mod prune;
 pub mod write;
 
-pub use prune::{Pruned, prune};
+pub use prune::{Pruned, prune, prune_waiting};
 
 /// One writer at a time in a backup directory: two backups would write the same next
 /// point, and a prune rewrites manifests a backup reads. The lock goes with the file.

@@ -42,6 +42,25 @@ pub struct Pruned {
 }
 
 pub fn prune(root: &Path, r: &Retention, dry_run: bool) -> anyhow::Result<Pruned> {
+    prune_with(root, r, dry_run, None)
+}
+
+/// As [`prune`], waiting up to `wait` for another writer of the directory: a backup job
+/// run again by a new leader may find the last leader's writer still at its own prune.
+pub fn prune_waiting(
+    root: &Path,
+    r: &Retention,
+    wait: std::time::Duration,
+) -> anyhow::Result<Pruned> {
+    prune_with(root, r, false, Some(wait))
+}
+
+fn prune_with(
+    root: &Path,
+    r: &Retention,
+    dry_run: bool,
+    wait: Option<std::time::Duration>,
+) -> anyhow::Result<Pruned> {
     if r.keep_last == 0 && r.keep_daily == 0 && r.keep_weekly == 0 {
         bail!("say what to keep: --keep-last, --keep-daily or --keep-weekly");
     }
@@ -49,7 +68,10 @@ pub fn prune(root: &Path, r: &Retention, dry_run: bool) -> anyhow::Result<Pruned
     if format::point_numbers(root)?.is_empty() {
         bail!("{} holds no backup point", root.display());
     }
-    let _lock = super::lock(root)?;
+    let _lock = match wait {
+        Some(limit) => super::lock_waiting(root, limit)?,
+        None => super::lock(root)?,
+    };
     // Read under the lock: a backup may be adding a point.
     let mut chain = format::load_chain(root)?;
     let items: Vec<(String, u64)> = chain

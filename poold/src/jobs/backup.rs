@@ -112,20 +112,25 @@ async fn write_and_prune(
 ) -> anyhow::Result<(write::Written, backup::Pruned)> {
     let root = Path::new(&j.directory);
     // A job run again by a new leader may find the last leader's writer still at it (a
-    // blocking thread outlives its task): it waits, then finds the point written.
+    // blocking thread outlives its task): it waits, then finds the point written; and
+    // waits again for that writer's prune.
     let next = write::next(root, vm_name, &j.vm_id, snapshots, Some(LOCK_WAIT))?;
     let written = match next.holds(&snap.id) {
-        Some(point) => write::Written {
-            point,
-            ..Default::default()
-        },
+        Some(point) => {
+            // Unlocked before the prune, which locks the directory again.
+            drop(next);
+            write::Written {
+                point,
+                ..Default::default()
+            }
+        }
         None => next.write(&mut Pool { env }, snap).await?,
     };
     let r = j.retention.unwrap_or_default();
     let pruned = if r.keep_last + r.keep_daily + r.keep_weekly == 0 {
         backup::Pruned::default()
     } else {
-        backup::prune(root, &r, false)?
+        backup::prune_waiting(root, &r, LOCK_WAIT)?
     };
     Ok((written, pruned))
 }
