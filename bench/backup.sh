@@ -5,7 +5,7 @@
 #                       better of as it comes and -W -m 16) to a new volume's iscsi:// target,
 #                       divided by that of `poolctl vdi-import` of the same image into a new
 #                       volume of the same repository (volume creation and grant included);
-#                       goal >= 1.0. tests/tests/images.rs.
+#                       medians of 3 rounds taking turns; goal >= 1.0. tests/tests/images.rs.
 #   backup_incremental_vs_full  `poolctl vm-backup` of a VM's 4 GiB disk whose every chunk
 #                       holds data: the incremental after the guest rewrote 1% of it, as a
 #                       fraction of the full backup's time; goal <= 0.05.
@@ -52,7 +52,7 @@ cargo test --release -q -p e2e-tests --test checkpoint --no-run
 cargo build --release -q -p storaged --example changed_chunks_bench
 
 # Every figure first, then the table: a failure prints none of it.
-imported=$(bench_line import_vs_qemu_img '^qcow2 import ' \
+imported=$(bench_line import_vs_qemu_img '^(qcow2 import |runs )' \
   cargo test --release -q -p e2e-tests --test images -- --ignored --nocapture import_vs_qemu_img)
 backup=$(bench_line backup_incremental_vs_full '^backup of a ' \
   cargo test --release -q -p e2e-tests --test backup -- --ignored --nocapture backup_times_on_a_4_gib_disk)
