@@ -141,6 +141,20 @@ impl Pool {
     }
 
     /// The value of row `key` of `vm-show VM --json`.
+    /// Which of our hosts (its index in `hosts`) the pool knows as `host_id`.
+    pub fn host_index(&self, host_id: &str) -> usize {
+        let hosts = self.ctl(&["host-list", "--json"]);
+        let line = hosts
+            .lines()
+            .find(|l| l.contains(&format!("\"id\": \"{host_id}\"")))
+            .unwrap_or_else(|| panic!("host {host_id} listed: {hosts}"));
+        let addr = field(line, "address");
+        self.hosts
+            .iter()
+            .position(|h| h.addr == addr)
+            .unwrap_or_else(|| panic!("host {host_id} at {addr} is one of ours"))
+    }
+
     pub fn shown(&self, vm: &str, key: &str) -> String {
         let out = self.ctl(&["vm-show", vm, "--json"]);
         let line = out

@@ -248,19 +248,7 @@ fn backup_tasks(pool: &Pool, schedule: &str) -> Vec<String> {
 fn run_backup(pool: &Pool, name: &str) -> String {
     let before = backup_tasks(pool, name).len();
     pool.ctl(&["schedule-run", name]);
-    wait_for(Duration::from_secs(60), || {
-        backup_tasks(pool, name)
-            .into_iter()
-            .nth(before)
-            .filter(|t| matches!(field(t, "state").as_str(), "succeeded" | "failed"))
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "schedule {name}'s backup ended: {}\n{}",
-            pool.ctl(&["task-list", "--all", "--json"]),
-            pool.logs()
-        )
-    })
+    backup_task_end(pool, name, before)
 }
 
 /// The schedule's VM snapshots, by name.

@@ -148,19 +148,8 @@ fn ha_restarts_a_dead_hosts_vm_elsewhere_after_fencing_it() {
         .unwrap_or_else(|| panic!("the guest runs before the failure\n{}", pool.logs()));
 
     // Which hostd that is, and the VM's target as its initiator sees it.
-    let hosts = poolctl_ok(&pool.p, &["host-list", "--json"]);
-    let victim_addr = field(
-        hosts
-            .lines()
-            .find(|l| l.contains(&format!("\"id\": \"{first}\"")))
-            .expect("host listed"),
-        "address",
-    );
-    let victim = pool
-        .hosts
-        .iter()
-        .position(|h| h.addr == victim_addr)
-        .expect("a host of ours");
+    let victim = pool.host_index(&first);
+    let victim_addr = pool.hosts[victim].addr.clone();
     let victim_iqn = pool.hosts[victim].iqn.clone();
     let survivor_iqn = pool.hosts[1 - victim].iqn.clone();
     let portal = pool.storaged.iscsi.clone();

@@ -241,18 +241,7 @@ fn an_undo_vm_keeps_its_overlay_through_migration_and_ha_and_its_template_stays_
 
     // HA: its host dies; the VM is restarted on the other one, on the same overlay, and
     // the guest (booted afresh) finds and checks its disk there.
-    let victim_addr = field(
-        hosts
-            .lines()
-            .find(|l| l.contains(&format!("\"id\": \"{other}\"")))
-            .expect("host listed"),
-        "address",
-    );
-    let victim = pool
-        .hosts
-        .iter()
-        .position(|h| h.addr == victim_addr)
-        .expect("a host of ours");
+    let victim = pool.host_index(&other);
     pool.hosts[victim].daemon.proc.kill();
     assert_eq!(running_elsewhere(&pool, "m", &other), first);
     assert_eq!(
