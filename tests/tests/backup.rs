@@ -246,9 +246,9 @@ fn backup_tasks(pool: &Pool, schedule: &str) -> Vec<String> {
 /// Runs schedule `name` now and waits for the backup job its snapshot starts to end;
 /// that task's line.
 fn run_backup(pool: &Pool, name: &str) -> String {
-    let before = backup_tasks(pool, name).len();
+    let before = backup_task_ids(pool, name);
     pool.ctl(&["schedule-run", name]);
-    backup_task_end(pool, name, before)
+    backup_task_end(pool, name, &before)
 }
 
 /// The schedule's VM snapshots, by name.
@@ -485,8 +485,8 @@ fn leader(pool: &Pool) -> usize {
 /// Runs schedule `name`; returns once the backup job it starts has begun the point in
 /// `tmp`, with storaged frozen (SIGSTOP) right then, so that the job is in the middle of
 /// its reads until storaged is let go.
-fn schedule_run_until_it_reads(pool: &Pool, name: &str, tmp: &Path) -> usize {
-    let before = backup_tasks(pool, name).len();
+fn schedule_run_until_it_reads(pool: &Pool, name: &str, tmp: &Path) -> Vec<String> {
+    let before = backup_task_ids(pool, name);
     pool.ctl(&["schedule-run", name]);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !tmp.join("vm-spec.pb").exists() {
@@ -503,13 +503,22 @@ fn schedule_run_until_it_reads(pool: &Pool, name: &str, tmp: &Path) -> usize {
     before
 }
 
-/// Waits for schedule `name`'s backup task number `n` (from 0) to end; its line.
-fn backup_task_end(pool: &Pool, name: &str, n: usize) -> String {
+/// The ids of schedule `name`'s backup tasks so far (listed by id, not in order).
+fn backup_task_ids(pool: &Pool, name: &str) -> Vec<String> {
+    backup_tasks(pool, name)
+        .iter()
+        .map(|t| field(t, "id"))
+        .collect()
+}
+
+/// Waits for a backup task of schedule `name` other than those in `before` to end; its
+/// line.
+fn backup_task_end(pool: &Pool, name: &str, before: &[String]) -> String {
     wait_for(Duration::from_secs(120), || {
-        backup_tasks(pool, name)
-            .into_iter()
-            .nth(n)
-            .filter(|t| matches!(field(t, "state").as_str(), "succeeded" | "failed"))
+        backup_tasks(pool, name).into_iter().find(|t| {
+            !before.contains(&field(t, "id"))
+                && matches!(field(t, "state").as_str(), "succeeded" | "failed")
+        })
     })
     .unwrap_or_else(|| {
         panic!(
@@ -549,11 +558,11 @@ fn a_scheduled_backup_survives_its_leader_leaving_or_dying_mid_write() {
     // own, goes on to the end of its point; the new leader's run of the job waits for the
     // directory, finds that point written and writes nothing twice.
     let first = leader(&pool);
-    let n = schedule_run_until_it_reads(&pool, "lbs", &backups.join("point-0001.tmp"));
+    let before = schedule_run_until_it_reads(&pool, "lbs", &backups.join("point-0001.tmp"));
     let to = if first == 1 { 2 } else { 1 };
     pool.ctl(&["member-transfer", &to.to_string()]);
     e2e_tests::pool::signal(storaged, "-CONT");
-    let t = backup_task_end(&pool, "lbs", n);
+    let t = backup_task_end(&pool, "lbs", &before);
     assert_eq!(field(&t, "state"), "succeeded", "{t}\n{}", pool.logs());
     assert_ne!(leader(&pool), first);
     let verified = pool.ctl(&["vm-backup-verify", &b]);
@@ -567,10 +576,10 @@ fn a_scheduled_backup_survives_its_leader_leaving_or_dying_mid_write() {
     let at_point_2 = pool.disk_bytes(dir.path(), "lb-disk");
     assert_ne!(at_point_1, at_point_2, "the guest wrote");
     let dead = leader(&pool);
-    let n = schedule_run_until_it_reads(&pool, "lbs", &backups.join("point-0002.tmp"));
+    let before = schedule_run_until_it_reads(&pool, "lbs", &backups.join("point-0002.tmp"));
     pool.coordinators.procs[dead - 1].kill();
     e2e_tests::pool::signal(storaged, "-CONT");
-    let t = backup_task_end(&pool, "lbs", n);
+    let t = backup_task_end(&pool, "lbs", &before);
     assert_eq!(field(&t, "state"), "succeeded", "{t}\n{}", pool.logs());
     let verified = pool.ctl(&["vm-backup-verify", &b]);
     assert!(verified.contains("2 points"), "{verified}");
