@@ -53,7 +53,10 @@ pub(super) fn job_status(e: crate::jobs::JobError) -> Status {
     match e {
         crate::jobs::JobError::Refused { code, message } => Status::new(code, message),
         crate::jobs::JobError::Transient { what, source } => {
-            Status::new(source.code(), format!("{what}: {}", source.message()))
+            let mut s = Status::new(source.code(), format!("{what}: {}", source.message()));
+            // Kept: it says which daemon behind the coordinator did not answer.
+            *s.metadata_mut() = source.metadata().clone();
+            s
         }
         other => Status::unavailable(other.to_string()),
     }
@@ -62,6 +65,24 @@ pub(super) fn job_status(e: crate::jobs::JobError) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_transient_job_error_keeps_which_daemon_did_not_answer() {
+        let mut source = Status::unavailable("tcp connect error");
+        source.metadata_mut().insert(
+            pool_client::UNREACHABLE_BACKEND,
+            "127.0.0.1:7300".parse().unwrap(),
+        );
+        let s = job_status(crate::jobs::JobError::Transient {
+            what: "listing exports of volume v".into(),
+            source,
+        });
+        assert_eq!(pool_client::unreachable_backend(&s), Some("127.0.0.1:7300"));
+        assert_eq!(
+            s.message(),
+            "listing exports of volume v: tcp connect error"
+        );
+    }
 
     fn items(n: usize) -> impl Iterator<Item = (String, usize)> {
         (0..n).map(|i| (format!("id-{i:03}"), i))
