@@ -1,5 +1,5 @@
 //! The emulated KVM host: a Debian kernel under QEMU's software emulation with AMD-V
-//! (`-cpu qemu64,+svm,+npt`), whose own KVM (`kvm_amd`, nested paging) runs real guests.
+//! (`-cpu qemu64,+svm,+npt` with AES-NI, see [`OUTER_CPU`]), whose own KVM (`kvm_amd`, nested paging) runs real guests.
 //! On machines whose `/dev/kvm` cannot run Linux (PVM), scenarios that need real KVM run
 //! their script inside it; on a host with real VT-x/AMD-V they run directly.
 //!
@@ -35,6 +35,13 @@ const OUTER_MEMORY_MIB: u32 = 2048;
 /// thread, which the single outer CPU never got back to (the emulated host froze in 3 of 5
 /// runs; with two, 0 of 4).
 const OUTER_VCPUS: u32 = 2;
+/// Its CPU: AMD-V with nested paging, and the AES-NI, PCLMULQDQ and SSSE3/SSE4 that every
+/// real KVM host has. Without them rustls (ring) encrypts the TLS migration stream in
+/// portable code, which under TCG moved 2.5 MB/s: a Linux guest ticking five times a
+/// second dirtied memory as fast, so each hop throttled it to 90% for 50-60 s (its ticks
+/// up to 7 s apart, and more of its deaths in the emulation). With them a hop takes ~10 s
+/// in one round, unthrottled.
+const OUTER_CPU: &str = "qemu64,+svm,+npt,+ssse3,+sse4.1,+sse4.2,+popcnt,+aes,+pclmulqdq";
 /// What the emulated host's kernel prints when a CPU has not scheduled for 20 s or more.
 const SOFT_LOCKUP: &str = "watchdog: BUG: soft lockup";
 /// The outer init prints a heartbeat every 10 s; this long without one is a frozen emulator.
@@ -415,7 +422,7 @@ impl EmuHost {
             .unwrap_or(0);
         let log = runs.join(format!("{}.try{tries}.log", scenario.name));
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg", "-cpu", "qemu64,+svm,+npt"])
+        cmd.args(["-accel", "tcg", "-cpu", OUTER_CPU])
             .args(["-smp", &OUTER_VCPUS.to_string()])
             .args(["-m", &OUTER_MEMORY_MIB.to_string()])
             .args([
