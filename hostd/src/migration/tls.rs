@@ -60,10 +60,14 @@ impl StreamTls {
     }
 
     pub fn new(tls: &DaemonTls) -> Result<StreamTls, TlsSetupError> {
+        StreamTls::with_suites(tls, hardware_aes())
+    }
+
+    fn with_suites(tls: &DaemonTls, hardware_aes: bool) -> Result<StreamTls, TlsSetupError> {
         let Identity::Host(host) = tls.identity() else {
             return Err(TlsSetupError::NotAHost(tls.identity().clone()));
         };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(provider(hardware_aes));
         let roots = Arc::new(pool_trust::serve::root_store(&tls.bundle)?);
         // The leaf and, during a CA roll, the new CA cross-signed by the old: a host that
         // has not renewed yet still accepts this one.
@@ -124,10 +128,50 @@ impl StreamTls {
     }
 }
 
+/// ring's TLS 1.3 suites, ChaCha20-Poly1305 first on a CPU without AES and carry-less
+/// multiply instructions: AES-GCM in portable code is several times slower than ChaCha20,
+/// and guest memory is the stream's whole load (an emulated CPU without them moved 2.5
+/// MB/s). The source's order decides, as rustls servers follow the client's preference.
+fn provider(hardware_aes: bool) -> rustls::crypto::CryptoProvider {
+    let mut provider = rustls::crypto::ring::default_provider();
+    if !hardware_aes {
+        provider
+            .cipher_suites
+            .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
+    }
+    provider
+}
+
+/// Whether this CPU has AES and carry-less multiply instructions (ring uses both for
+/// AES-GCM).
+fn hardware_aes() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
 /// Credentials of a fresh test pool for each of `hosts`, and one of another pool with
 /// the same host names (a stranger).
 #[cfg(test)]
 pub(crate) fn test_hosts(hosts: &[&str]) -> (Vec<StreamTls>, Vec<StreamTls>) {
+    let (ours, theirs) = test_credentials(hosts);
+    let streams = |d: Vec<DaemonTls>| d.iter().map(|d| StreamTls::new(d).unwrap()).collect();
+    (streams(ours), streams(theirs))
+}
+
+#[cfg(test)]
+fn test_credentials(hosts: &[&str]) -> (Vec<DaemonTls>, Vec<DaemonTls>) {
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
     let now_ms = SystemTime::now()
@@ -138,15 +182,11 @@ pub(crate) fn test_hosts(hosts: &[&str]) -> (Vec<StreamTls>, Vec<StreamTls>) {
     let issue = |ca: &pool_trust::PoolCa| {
         hosts
             .iter()
-            .map(|h| {
-                let creds = ca
+            .map(|h| DaemonTls {
+                bundle: ca.bundle(),
+                creds: ca
                     .issue(&Identity::Host((*h).into()), &[], validity)
-                    .unwrap();
-                StreamTls::new(&DaemonTls {
-                    bundle: ca.bundle(),
-                    creds,
-                })
-                .unwrap()
+                    .unwrap(),
             })
             .collect()
     };
@@ -154,4 +194,43 @@ pub(crate) fn test_hosts(hosts: &[&str]) -> (Vec<StreamTls>, Vec<StreamTls>) {
     let ours = pool_trust::PoolCa::create(pool.clone(), validity).unwrap();
     let theirs = pool_trust::PoolCa::create(pool, validity).unwrap();
     (issue(&ours), issue(&theirs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::CipherSuite;
+    use std::os::unix::net::UnixStream;
+
+    /// The suite a stream from a source to a destination settles on, each with or
+    /// without AES instructions.
+    fn negotiated(src_aes: bool, dst_aes: bool) -> CipherSuite {
+        let (creds, _) = test_credentials(&["src", "dst"]);
+        let src = StreamTls::with_suites(&creds[0], src_aes).unwrap();
+        let dst = StreamTls::with_suites(&creds[1], dst_aes).unwrap();
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let mut server = dst.accept().unwrap();
+        let accept = std::thread::spawn(move || {
+            while server.is_handshaking() {
+                server.complete_io(&mut b).unwrap();
+            }
+            server.negotiated_cipher_suite().unwrap().suite()
+        });
+        let mut client = src.connect("dst").unwrap();
+        while client.is_handshaking() {
+            client.complete_io(&mut a).unwrap();
+        }
+        let ours = client.negotiated_cipher_suite().unwrap().suite();
+        assert_eq!(ours, accept.join().unwrap());
+        ours
+    }
+
+    #[test]
+    fn a_source_without_aes_instructions_streams_with_chacha20() {
+        use CipherSuite::*;
+        assert_eq!(negotiated(false, true), TLS13_CHACHA20_POLY1305_SHA256);
+        assert_eq!(negotiated(false, false), TLS13_CHACHA20_POLY1305_SHA256);
+        assert_eq!(negotiated(true, true), TLS13_AES_256_GCM_SHA384);
+        assert_eq!(negotiated(true, false), TLS13_AES_256_GCM_SHA384);
+    }
 }
