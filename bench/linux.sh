@@ -36,6 +36,8 @@ done
 # The scenarios: each is the e2e tests that assert it.
 tests=$(cargo test -p e2e-tests --test linux --test linux_pool -- --test-threads 1 2>&1 || true)
 grep -E '^test .* \.\.\. |^test result' <<<"$tests" || true
+# A scenario that did not pass says why (its panic and the lines before it).
+grep -B 25 -A 5 "panicked at" <<<"$tests" | tail -n 120 || true
 passed() { grep -q "^test $1 \.\.\. ok" <<<"$tests"; }
 scenarios=(
   "stock_kernels_boot_through_each_entry_and_find_their_disks"
