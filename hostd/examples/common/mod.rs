@@ -148,7 +148,11 @@ impl QemuVm {
         let deadline = Instant::now() + Duration::from_secs(300);
         let done = loop {
             let q = self.qmp.cmd(r#"{"execute":"query-migrate"}"#);
-            if q.contains("\"status\": \"completed\"") {
+            // A VM that came in by migration may still report that incoming migration
+            // (completed, no times) right after `migrate`: only an outgoing one has times.
+            if q.contains("\"status\": \"completed\"")
+                && json_u64(&q, "total-time").is_some_and(|t| t > 0)
+            {
                 break q;
             }
             assert!(
