@@ -4,8 +4,8 @@
 //! their script inside it; on a host with real VT-x/AMD-V they run directly.
 //!
 //! The outer image is Debian's `linux-image-amd64` kernel and one initramfs: static
-//! busybox, the kvm modules, this workspace's binaries (stripped) with their shared
-//! libraries, and an `/init` that loads KVM, prints a heartbeat, runs `/scenario/run.sh`
+//! busybox, the kvm modules, this workspace's binaries (stripped) and iproute2's `ip` with
+//! their shared libraries, and an `/init` that loads KVM, prints a heartbeat, runs `/scenario/run.sh`
 //! and powers off. It is built once per set of binaries and cached under `target/emuhost/`.
 //! A scenario's files go in a second cpio appended to it. Everything comes back over the
 //! serial console, one line at a time: each expected line has a deadline counted from the
@@ -27,8 +27,12 @@ const BINARIES: &[&str] = &["hostd", "hostd-vmm"];
 /// Kernel modules the outer init loads (with their dependencies): KVM, and tun for the
 /// taps of VMs with a network.
 const OUTER_MODULES: &[&str] = &["kvm_amd", "tun"];
-/// Loaded when a scenario uses the network.
-const NET_MODULES: &[&str] = &["virtio_pci", "virtio_net"];
+/// Loaded when a scenario uses the network: the outer NIC, and the bridges and veth pairs
+/// that scenarios giving each host a network namespace of its own build.
+const NET_MODULES: &[&str] = &["virtio_pci", "virtio_net", "bridge", "veth"];
+/// This machine's tools the image carries besides busybox, with their shared libraries:
+/// iproute2's `ip` (network namespaces and veth pairs, which busybox's `ip` cannot make).
+const TOOLS: &[&str] = &["ip"];
 /// The outer VM's memory.
 const OUTER_MEMORY_MIB: u32 = 2048;
 /// Its vCPUs: with one, a 2-vCPU Linux guest could spin on a lock held by its other vCPU
@@ -156,6 +160,9 @@ pub struct Scenario {
     /// Addresses on this host's loopback (e.g. 127.0.0.11:7011) that reach the same port
     /// of the scenario (a hostd it starts listening on 0.0.0.0): QEMU forwards them in.
     pub inside: Vec<(std::net::Ipv4Addr, u16)>,
+    /// Runs in the emulated host even where this host's KVM runs Linux: the script builds
+    /// what only a machine of its own may have (its `/run`, bridges, network namespaces).
+    pub emulated_only: bool,
 }
 
 impl Scenario {
@@ -169,6 +176,7 @@ impl Scenario {
             total: Duration::from_secs(900),
             outside: Vec::new(),
             inside: Vec::new(),
+            emulated_only: false,
         }
     }
 
@@ -288,7 +296,10 @@ fn with_summary(name: &str, why: String) -> String {
 pub fn start(scenario: &Scenario, attempt: u32) -> Result<Running, Failure> {
     let lock = RunLock::take();
     let fail = |e: String| Failure::Failed(e);
-    let mut running = if host_has_real_kvm() && std::env::var_os("EMUHOST_FORCE").is_none() {
+    let direct = host_has_real_kvm()
+        && !scenario.emulated_only
+        && std::env::var_os("EMUHOST_FORCE").is_none();
+    let mut running = if direct {
         start_direct(scenario).map_err(fail)?
     } else {
         EmuHost::build()
@@ -342,7 +353,11 @@ impl EmuHost {
         let outer = Kernel::fetch(&debs, "linux-image-amd64")?;
         let busybox = debian::busybox(&debs)?;
         let bins: Vec<PathBuf> = BINARIES.iter().map(|b| crate::binary(b)).collect();
-        let key = cache_key(&outer, &bins);
+        let tools = TOOLS
+            .iter()
+            .map(|t| tool(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = cache_key(&outer, &[bins.as_slice(), &tools].concat());
         let dir = cache.join(format!("outer-{key:016x}"));
         let host = EmuHost {
             kernel: outer.bzimage(),
@@ -374,6 +389,11 @@ impl EmuHost {
         let mut libs = std::collections::BTreeSet::new();
         for (name, path) in BINARIES.iter().zip(&bins) {
             c.file(&format!("usr/bin/{name}"), 0o755, &stripped(path)?);
+            libs.extend(shared_libraries(path)?);
+        }
+        for (name, path) in TOOLS.iter().zip(&tools) {
+            let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            c.file(&format!("usr/bin/{name}"), 0o755, &data);
             libs.extend(shared_libraries(path)?);
         }
         let mut made = std::collections::BTreeSet::new();
@@ -865,6 +885,15 @@ fn cache_key(kernel: &Kernel, bins: &[PathBuf]) -> u64 {
         }
     }
     h.finish()
+}
+
+/// Where this machine's `name` is, from the usual system folders.
+fn tool(name: &str) -> Result<PathBuf, String> {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| format!("no {name} on this machine (Debian: iproute2)"))
 }
 
 /// A stripped copy of a binary (debug builds are 5× larger, and TCG pays to load them).

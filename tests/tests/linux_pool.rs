@@ -60,6 +60,30 @@ case $n in
 esac
 "#;
 
+/// The guest of the network scenario: its network interface (found by its own
+/// `virtio_net`, by the DSDT) comes up at the address its command line gives, and it prints
+/// its MAC, then its counters every 2 s while the emulated host pings it.
+const NET_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t devtmpfs devtmpfs /dev
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+COLDPLUG
+[ -e /sys/class/net/eth0 ] || echo "NET no eth0: [$(ls /sys/class/net | tr '\n' ' ')] modules=[$(cut -d' ' -f1 /proc/modules | tr '\n' ' ')]"
+ip=$(sed -n 's/.*guestip=\([0-9.]*\).*/\1/p' /proc/cmdline)
+ip link set lo up; ip link set eth0 up; ip addr add $ip/24 dev eth0
+echo "NET eth0 mac=$(cat /sys/class/net/eth0/address) ip=$ip"
+i=0
+while :; do
+  i=$((i+1))
+  echo "NET tick=$i rx=$(cat /sys/class/net/eth0/statistics/rx_packets) tx=$(cat /sys/class/net/eth0/statistics/tx_packets)"
+  sleep 2
+done
+"#;
+
+/// The network scenario's guest address on the external network `lan`.
+const GUEST_IP: &str = "192.168.77.10";
+
 /// One host inside the emulated host: its name, the loopback IP and port the pool knows it
 /// by, and its TLS directory made here.
 struct InnerHost {
@@ -101,6 +125,11 @@ fn setup(n_hosts: usize) -> Setup {
     }
 }
 
+/// A host's address on the emulated host's management bridge (with `lan`).
+fn mgmt_ip(h: &InnerHost) -> Ipv4Addr {
+    Ipv4Addr::new(10, 99, 0, h.ip.octets()[3])
+}
+
 /// How long one poolctl command may take.
 const CTL_LIMIT: Duration = Duration::from_secs(180);
 
@@ -111,22 +140,45 @@ fn port(addr: &str) -> u16 {
 
 /// A scenario that starts the hosts (with the guest's kernel and initramfs in their image
 /// folder) and keeps them running until the test ends it.
-fn hosts_scenario(name: &str, s: &Setup, p: &PoolArg) -> Scenario {
+///
+/// With `lan`, each host runs in a network namespace of its own (as on separate machines:
+/// a VM's tap and bridge exist once per host, and the two ends of a migration both have
+/// them), with two veth links to bridges of the emulated host: `mgmt` (10.99.0.0/24, the
+/// hosts' migration streams) and `uplink` (the external network `lan`, whose outside world
+/// is the emulated host itself at 192.168.77.1). Busybox `nc` relays carry the pool's
+/// addresses across: 127.0.0.1:PORT in a host's namespace to the emulated host's relays
+/// out, and each host's port in from QEMU's forward. Such a scenario runs in the emulated
+/// host on any machine (see [`Scenario::emulated_only`]).
+fn hosts_scenario(name: &str, s: &Setup, p: &PoolArg, lan: bool) -> Scenario {
     let cloud = kernel("linux-image-cloud-amd64");
-    let initramfs = INITRAMFS_INIT.replace("COLDPLUG\n", &format!("{}\n", guest::COLDPLUG));
     let member = &s.pool.coordinators.addrs[0];
     let mut script = String::from("#!/bin/sh\nmkdir -p /tmp/images\n");
-    let mut scenario = Scenario::new(name, "")
-        .file(
-            "images/bzimage",
-            0o644,
-            std::fs::read(cloud.bzimage()).unwrap(),
-        )
-        .file(
+    let mut scenario = Scenario::new(name, "").file(
+        "images/bzimage",
+        0o644,
+        std::fs::read(cloud.bzimage()).unwrap(),
+    );
+    scenario = if lan {
+        let init = NET_INIT.replace("COLDPLUG\n", &format!("{}\n", guest::COLDPLUG));
+        let modules = [guest::MODULES, &["virtio_net"]].concat();
+        // A function: busybox's shell runs its own applet before anything on PATH.
+        script += "ip() { /usr/bin/ip \"$@\"; }\nmount -t tmpfs tmpfs /run\n\
+                   for b in mg0:10.99.0.1 lan0:192.168.77.1; do \
+                   ip link add ${b%:*} type bridge && ip addr add ${b#*:}/24 dev ${b%:*} && ip link set ${b%:*} up \
+                   || echo \"SCENARIO-FAIL bridge $b\"; done\n";
+        scenario.file(
             "images/initramfs",
             0o644,
-            guest::initramfs(&cloud, &initramfs, guest::MODULES),
-        );
+            guest::initramfs(&cloud, &init, &modules),
+        )
+    } else {
+        let init = INITRAMFS_INIT.replace("COLDPLUG\n", &format!("{}\n", guest::COLDPLUG));
+        scenario.file(
+            "images/initramfs",
+            0o644,
+            guest::initramfs(&cloud, &init, guest::MODULES),
+        )
+    };
     for h in &s.hosts {
         let tls = p.tls_dir(
             pool_trust::Identity::Host(h.name.clone()),
@@ -145,9 +197,31 @@ fn hosts_scenario(name: &str, s: &Setup, p: &PoolArg) -> Scenario {
                 std::fs::read(e.path()).unwrap(),
             );
         }
+        let mut exec = String::new();
+        if lan {
+            let mgmt = mgmt_ip(h);
+            script += &format!(
+                "ip netns add {n} && ip link add {n}m type veth peer name mgmt netns {n} \
+                 && ip link add {n}u type veth peer name uplink netns {n} \
+                 && ip link set {n}m master mg0 up && ip link set {n}u master lan0 up \
+                 && ip -n {n} link set lo up && ip -n {n} addr add {mgmt}/24 dev mgmt \
+                 && ip -n {n} link set mgmt up && ip -n {n} link set uplink up \
+                 || echo \"SCENARIO-FAIL namespace {n}\"\n\
+                 for port in $(cat $S/outside); do printf '#!/bin/sh\\nexec nc 10.99.0.1 %s\\n' $port > /tmp/{n}-out-$port; \
+                 chmod +x /tmp/{n}-out-$port; ip netns exec {n} nc -ll -p $port -e /tmp/{n}-out-$port & done\n\
+                 printf '#!/bin/sh\\nexec nc {mgmt} {port}\\n' > /tmp/in-{port}; chmod +x /tmp/in-{port}; \
+                 nc -ll -p {port} -e /tmp/in-{port} &\n\
+                 echo 'migration_listen = \"{mgmt}:0\"' > /tmp/{n}.toml\n",
+                n = h.name,
+                port = h.port
+            );
+            exec = format!("ip netns exec {n} hostd -c /tmp/{n}.toml", n = h.name);
+        } else {
+            exec.push_str("hostd");
+        }
         script += &format!(
             "mkdir -p /tmp/{n}; chmod 700 $S/tls-{n}; : > /tmp/{n}.log\n\
-             hostd --listen 0.0.0.0:{port} --pool-advertise {ip}:{port} --tie-vms --run-dir /tmp/{n} \
+             {exec} --listen 0.0.0.0:{port} --pool-advertise {ip}:{port} --tie-vms --run-dir /tmp/{n} \
              --initiator-iqn iqn.2026-11.org.pool.e2e:{n} --host-id {n} --tls-dir $S/tls-{n} \
              --image-dir $S/images --pool {member} --heartbeat-ms 500 --log info > /tmp/{n}.log 2>&1 &\n\
              tail -s 1 -f /tmp/{n}.log | sed 's/^/{n}: /' &\n\
@@ -169,6 +243,13 @@ fn hosts_scenario(name: &str, s: &Setup, p: &PoolArg) -> Scenario {
                    echo 1 > $T/events/kvm/$e/enable; done\n\
                    echo 'exit_reason != 96 && exit_reason != 123' > $T/events/kvm/kvm_exit/filter\n";
     }
+    if lan {
+        // Pings the guest five times a second once it first answers: every reply is a line.
+        script += &format!(
+            "(until ping -c 1 -W 1 {GUEST_IP} >/dev/null 2>&1; do sleep 1; done; \
+             echo 'PINGER the guest answers'; exec ping -i 0.2 {GUEST_IP}) &\n"
+        );
+    }
     script += "echo HOSTS STARTED\nwhile :; do sleep 30; for p in $(pidof hostd-vmm); do \
                echo \"VMM $p: $(for t in /proc/$p/task/*; do echo \"$(cat $t/comm)=$(cat $t/wchan)\"; done | tr '\\n' ' ')\"; \
                done;";
@@ -185,6 +266,7 @@ fn hosts_scenario(name: &str, s: &Setup, p: &PoolArg) -> Scenario {
     ];
     scenario.inside = s.hosts.iter().map(|h| (h.ip, h.port)).collect();
     scenario.fail_on.push("panicked at".into());
+    scenario.emulated_only = lan;
     scenario
 }
 
@@ -303,12 +385,10 @@ fn ctl(pool: &Pool, host: &mut Running, args: &[&str]) -> Result<String, Failure
     }
 }
 
-/// Starts the scenario's hosts, waits until they all joined, and starts the VM `deb`: the
-/// cloud kernel, 2 vCPUs, 256 MiB, its root an ext4 image with `init` imported to a thin
-/// volume of a new storage repository.
-fn start_linux_vm(name: &str, s: &Setup, init: &str, attempt: u32) -> Result<Running, Failure> {
+/// Starts the scenario's hosts (see [`hosts_scenario`]) and waits until they all joined.
+fn start_hosts(name: &str, s: &Setup, lan: bool, attempt: u32) -> Result<Running, Failure> {
     let pool = &s.pool;
-    let scenario = hosts_scenario(name, s, &pool.p);
+    let scenario = hosts_scenario(name, s, &pool.p, lan);
     let mut host = emuhost::start(&scenario, attempt)?;
     host.wait("HOSTS STARTED", Duration::from_secs(60))?;
     println!("ran {}", host.way);
@@ -322,6 +402,15 @@ fn start_linux_vm(name: &str, s: &Setup, init: &str, attempt: u32) -> Result<Run
             .then_some(())
     })
     .map_err(|e| Failure::Failed(format!("{n} hosts join the pool: {e}\n{}", pool.logs())))?;
+    Ok(host)
+}
+
+/// Starts the scenario's hosts, waits until they all joined, and starts the VM `deb`: the
+/// cloud kernel, 2 vCPUs, 256 MiB, its root an ext4 image with `init` imported to a thin
+/// volume of a new storage repository.
+fn start_linux_vm(name: &str, s: &Setup, init: &str, attempt: u32) -> Result<Running, Failure> {
+    let pool = &s.pool;
+    let mut host = start_hosts(name, s, false, attempt)?;
     let dir = s._dir.path();
     let img = dir.join("sr1.img").display().to_string();
     ctl(
@@ -671,6 +760,127 @@ fn linux_migrates_live_five_hops_keeping_its_clock_and_data() {
             downtimes[2]
         );
         assert!(maxgap < 5.0, "the guest's clock jumped or stalled: {maxgap} s\n{all}");
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The replies the emulated host's pinger got so far: their sequence numbers.
+fn ping_replies(host: &Running) -> Vec<u64> {
+    let prefix = format!("64 bytes from {GUEST_IP}: seq=");
+    host.report()
+        .lines
+        .iter()
+        .filter_map(|(_, l)| l.split(&prefix).nth(1)?.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+/// Reads the console until the pinger has `at_least` replies; their sequence numbers.
+fn wait_replies(host: &mut Running, at_least: usize, limit: Duration) -> Result<Vec<u64>, Failure> {
+    let start = std::time::Instant::now();
+    loop {
+        let r = ping_replies(host);
+        if r.len() >= at_least {
+            return Ok(r);
+        }
+        if start.elapsed() > limit {
+            return Err(Failure::Failed(format!(
+                "{} ping replies, not {at_least}, within {limit:?}",
+                r.len()
+            )));
+        }
+        host.idle(Duration::from_millis(500))?;
+    }
+}
+
+/// Scenario 5: a stock kernel's `virtio_net` comes up with the MAC the pool gave its VIF on
+/// the external network `lan` (each host in a network namespace of its own, `uplink` its
+/// NIC), and the guest answers the emulated host's pings (5 a second) through live
+/// migrations there and back: after each hop the replies go on, and the pings lost in a
+/// hop stay within what its downtime and one second of the MAC announcement explain.
+#[test]
+fn linux_keeps_its_mac_and_answers_ping_through_live_migration() {
+    emuhost::retrying_up_to("linux-net", 3, |attempt| {
+        let s = setup(2);
+        let mut host = start_hosts("linux-net", &s, true, attempt)?;
+        let pool = &s.pool;
+        // Placement needs every host to have reported its uplink.
+        until(&mut host, Duration::from_secs(60), || {
+            let o = poolctl(&pool.p, &["host-list", "--json"]);
+            (String::from_utf8_lossy(&o.stdout).matches("uplink").count() >= 2).then_some(())
+        })
+        .map_err(|e| Failure::Failed(format!("the hosts report uplink: {e}\n{}", pool.logs())))?;
+        ctl(
+            pool,
+            &mut host,
+            &["network-create", "lan", "--kind", "external", "--nic", "uplink"],
+        )?;
+        let cmdline = format!("console=ttyS0 panic=-1 quiet guestip={GUEST_IP}");
+        ctl(
+            pool,
+            &mut host,
+            &[
+                "vm-create",
+                "deb",
+                "--vcpus",
+                "1",
+                "--memory",
+                "192M",
+                "--kernel",
+                "/scenario/images/bzimage",
+                "--initrd",
+                "/scenario/images/initramfs",
+                "--cmdline",
+                &cmdline,
+                "--network",
+                "lan",
+                "--start",
+            ],
+        )?;
+        let vifs = ctl(pool, &mut host, &["vif-list", "--vm", "deb", "--json"])?;
+        let mac = vifs
+            .lines()
+            .find(|l| l.contains("\"mac\""))
+            .map(|l| field(l, "mac"))
+            .unwrap_or_else(|| panic!("deb has a VIF: {vifs}"));
+        let up = wait_console(pool, &mut host, "deb", "NET eth0 ", Duration::from_secs(300))?;
+        assert!(up.contains(&format!("mac={mac} ")), "the pool's MAC {mac}: {up}");
+        host.wait("PINGER the guest answers", Duration::from_secs(120))?;
+        wait_replies(&mut host, 10, Duration::from_secs(30))?;
+        let ids = host_ids(pool);
+        for hop in 1..=2 {
+            let before = ping_replies(&host);
+            let on = field(&pool.vm("deb").unwrap_or_default(), "host");
+            let to = ids
+                .iter()
+                .find(|(_, id)| *id != on)
+                .map(|(name, _)| name.clone())
+                .expect("the other host");
+            let out = ctl(pool, &mut host, &["vm-migrate", "deb", "--host", &to])?;
+            let downtime: f64 = out
+                .lines()
+                .find_map(|l| l.strip_prefix("downtime ")?.strip_suffix(" ms")?.parse().ok())
+                .ok_or_else(|| Failure::Failed(format!("hop {hop}: no downtime in {out}")))?;
+            // Ten replies after the migration ended: the guest answers on its new host.
+            let at_end = ping_replies(&host).len();
+            let after = wait_replies(&mut host, at_end + 10, Duration::from_secs(30)).map_err(|e| {
+                Failure::Failed(format!(
+                    "hop {hop} to {to}: no pings answered after it: {e}\nthe guest's console:\n{}\n{}",
+                    console_tail(pool, 20),
+                    pool.logs()
+                ))
+            })?;
+            let (first, last) = (before.last().copied().unwrap_or(0), after.last().copied().unwrap_or(0));
+            let lost = (last - first) - (after.len() - before.len()) as u64;
+            let bound = ((downtime + 1000.0) / 200.0).ceil() as u64 + 1;
+            println!("hop {hop} to {to}: downtime {downtime} ms, pings lost {lost} of {} (bound {bound})", last - first);
+            assert!(lost <= bound, "hop {hop}: {lost} pings lost, more than {bound}");
+            let to_id = ids.iter().find(|(n, _)| *n == to).map(|(_, id)| id.as_str());
+            let now_on = field(&pool.vm("deb").unwrap_or_default(), "host");
+            assert_eq!(Some(now_on.as_str()), to_id, "hop {hop}: deb runs on {to}");
+        }
+        let vifs_after = ctl(pool, &mut host, &["vif-list", "--vm", "deb", "--json"])?;
+        assert!(vifs_after.contains(&mac), "the VIF keeps its MAC: {vifs_after}");
         Ok(())
     })
     .unwrap_or_else(|e| panic!("{e}"));
