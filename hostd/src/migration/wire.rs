@@ -10,8 +10,8 @@
 //! ```text
 //! Hello(version, token, vm, memory, vCPUs, guest CPUID)
 //!                         ← Accept | Refuse(reason)      (token and CPU checked here)
-//! Pages / Zero ...          full pass, then dirty rounds
-//! Sync                      (version 2) the last round fits: catch up
+//! Pages / Zero ...          full pass, then dirty rounds, each pass followed by
+//! Sync                      (version 2) catch up
 //!                         ← Synced                       (everything before Sync is in)
 //! Pages / Zero ...          the last delta (the VM is paused now)
 //! State(saved vCPU, irqchip, clock and device state)

@@ -147,7 +147,14 @@ impl Runner {
                 if !sent.confirmed {
                     last.error = "the destination's confirmation was lost after switchover".into();
                 }
-                tracing::info!(downtime = ?sent.downtime, total = ?sent.total, rounds = sent.rounds, "migrated");
+                tracing::info!(
+                    downtime = ?sent.downtime,
+                    total = ?sent.total,
+                    rounds = sent.rounds,
+                    round_kib = ?sent.switchover.round_bytes.iter().map(|b| b >> 10).collect::<Vec<_>>(),
+                    last_delta_kib = sent.switchover.last_delta_bytes >> 10,
+                    "migrated"
+                );
                 self.state.detail = format!("migrated to {}", m.destination);
                 self.outbox.send(&Event {
                     kind: Some(event::Kind::Migration(last)),
