@@ -7,10 +7,12 @@
 //! - migration: the guest prints a tick every 0.1 s while it hops between two VMs over
 //!   loopback TCP (ours: this process's VMs over the real migration stream, as in
 //!   `migration_bench`; QEMU: `-incoming tcp:`, QMP `migrate`, 300 ms downtime limit like
-//!   ours); each VMM's own downtime figure, and the ticks must go on after every hop.
+//!   ours); each VMM's own downtime figure, and the ticks must go on after every hop. Ours
+//!   is TLS 1.3 as in production; QEMU's in clear, and again over TLS (`tls-creds-x509`)
+//!   when `QEMU_TLS_DIR` names its credentials (see `common::QemuVm::start_migratable`).
 //!
 //! `linux_bench HOSTD QEMU BZIMAGE INITRAMFS RUNS HOPS` prints `RESULT <who> boot_ms=..`
-//! and `RESULT <who> downtime_ms=..` lines (medians) for hostd and qemu.
+//! and `RESULT <who> downtime_ms=..` lines (medians) for hostd, qemu and qemu_tls.
 
 mod common;
 
@@ -156,13 +158,19 @@ fn hostd_hops(g: &Guest, hops: usize) {
         );
         let downtime = sent.downtime.as_secs_f64() * 1000.0;
         eprintln!(
-            "hostd hop {hop}: downtime {downtime:.1} ms (pause {:.1}, last delta {:.1}, restore {:.1}, resume {:.1}), total {:.0} ms, rounds {}, {} KiB",
+            "hostd hop {hop}: downtime {downtime:.1} ms (pause {:.1}, last delta {:.1} for {} KiB, restore {:.1}, resume {:.1}), total {:.0} ms, rounds {} of {:?} KiB, {} KiB",
             ms(sent.switchover.pause),
             ms(sent.switchover.last_delta),
+            sent.switchover.last_delta_bytes >> 10,
             ms(sent.switchover.restore),
             ms(sent.switchover.resume),
             ms(sent.total),
             sent.rounds,
+            sent.switchover
+                .round_bytes
+                .iter()
+                .map(|b| b >> 10)
+                .collect::<Vec<_>>(),
             sent.bytes_sent >> 10
         );
         downtimes.push(downtime);
@@ -174,25 +182,34 @@ fn hostd_hops(g: &Guest, hops: usize) {
     println!("RESULT hostd downtime_ms={:.1}", median(downtimes));
 }
 
-fn qemu_hops(qemu_bin: &Path, g: &Guest, hops: usize) {
+/// QEMU's hops, in clear or (with `tls`, its credential directory) over TLS.
+fn qemu_hops(qemu_bin: &Path, g: &Guest, hops: usize, tls: Option<&Path>) {
+    let who = if tls.is_some() { "qemu_tls" } else { "qemu" };
     let dir = tempfile::tempdir().unwrap();
-    let mut current = QemuVm::start(qemu(qemu_bin, g, TICK_CMDLINE), dir.path(), 0);
-    wait_ticks("qemu", 3, || current.serial_text());
+    let start = |n, incoming| {
+        QemuVm::start_migratable(
+            qemu(qemu_bin, g, TICK_CMDLINE),
+            dir.path(),
+            n,
+            incoming,
+            tls,
+        )
+    };
+    let mut current = start(0, None);
+    wait_ticks(who, 3, || current.serial_text());
     let mut downtimes = Vec::new();
     for hop in 0..hops {
         let port = free_port();
-        let mut c = qemu(qemu_bin, g, TICK_CMDLINE);
-        c.arg("-incoming").arg(format!("tcp:127.0.0.1:{port}"));
-        let dest = QemuVm::start(c, dir.path(), hop + 1);
-        let (downtime, total) = current.migrate(port, false);
-        eprintln!("qemu hop {hop}: downtime {downtime} ms, total {total} ms");
+        let dest = start(hop + 1, Some(port));
+        let (downtime, total) = current.migrate(port, tls.is_some());
+        eprintln!("{who} hop {hop}: downtime {downtime} ms, total {total} ms");
         downtimes.push(downtime);
         current.quit();
-        wait_ticks("qemu", 3, || dest.serial_text());
+        wait_ticks(who, 3, || dest.serial_text());
         current = dest;
     }
     current.quit();
-    println!("RESULT qemu downtime_ms={:.1}", median(downtimes));
+    println!("RESULT {who} downtime_ms={:.1}", median(downtimes));
 }
 
 fn main() {
@@ -212,5 +229,8 @@ fn main() {
     let (runs, hops) = (runs.parse().unwrap(), hops.parse().unwrap());
     boots(Path::new(hostd), Path::new(qemu_bin), &g, runs);
     hostd_hops(&g, hops);
-    qemu_hops(Path::new(qemu_bin), &g, hops);
+    qemu_hops(Path::new(qemu_bin), &g, hops, None);
+    if let Some(tls) = std::env::var_os("QEMU_TLS_DIR") {
+        qemu_hops(Path::new(qemu_bin), &g, hops, Some(Path::new(&tls)));
+    }
 }

@@ -147,33 +147,7 @@ fn qemu_vm(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
-    if let Some(tls) = tls {
-        // A VM is a destination, then a source: it gets both ends' credentials.
-        for end in ["server", "client"] {
-            c.arg("-object").arg(format!(
-                "tls-creds-x509,id=tls-{end},dir={},endpoint={end},verify-peer=on",
-                tls.display()
-            ));
-        }
-    }
-    match (incoming, tls) {
-        (Some(port), None) => {
-            c.arg("-incoming").arg(format!("tcp:127.0.0.1:{port}"));
-        }
-        // The TLS credentials are a migration parameter, set before it listens.
-        (Some(_), Some(_)) => {
-            c.args(["-incoming", "defer"]);
-        }
-        (None, _) => {}
-    }
-    let mut vm = QemuVm::start(c, dir, n);
-    if let (Some(port), Some(_)) = (incoming, tls) {
-        vm.qmp_ok(r#"{"execute":"migrate-set-parameters","arguments":{"tls-creds":"tls-server"}}"#);
-        vm.qmp_ok(&format!(
-            r#"{{"execute":"migrate-incoming","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#
-        ));
-    }
-    vm
+    QemuVm::start_migratable(c, dir, n, incoming, tls)
 }
 
 fn serial_heartbeats(q: &QemuVm) -> usize {

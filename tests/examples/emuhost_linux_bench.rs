@@ -65,6 +65,40 @@ fn with_qemu(mut s: Scenario) -> Scenario {
     s
 }
 
+/// QEMU's TLS migration credentials, in the names `tls-creds-x509` reads, under
+/// `qemu-x509/`: a CA made for the run, and a server and a client certificate naming
+/// 127.0.0.1 (one directory for both ends: every VM is a destination, then a source).
+fn with_qemu_tls(mut s: Scenario) -> Scenario {
+    let pki = tempfile::tempdir().expect("a temporary folder");
+    let pool = pool_trust::PoolId::parse("qemu").expect("a valid pool id");
+    let ca = pool_trust::LocalCa::open_or_create(&pki.path().join("ca"), &pool)
+        .unwrap_or_else(|e| panic!("a CA for QEMU: {e}"));
+    for end in ["server", "client"] {
+        let dir = pki.path().join(end);
+        ca.issue(
+            &pool_trust::Identity::Host(format!("qemu-{end}")),
+            &["127.0.0.1"],
+            &dir,
+        )
+        .unwrap_or_else(|e| panic!("QEMU's {end} certificate: {e}"));
+        if end == "server" {
+            s = s.file("qemu-x509/ca-cert.pem", 0o644, read(&dir.join("ca.pem")));
+        }
+        s = s
+            .file(
+                &format!("qemu-x509/{end}-cert.pem"),
+                0o644,
+                read(&dir.join("cert.pem")),
+            )
+            .file(
+                &format!("qemu-x509/{end}-key.pem"),
+                0o600,
+                read(&dir.join("key.pem")),
+            );
+    }
+    s
+}
+
 fn main() {
     let a: Vec<String> = std::env::args().skip(1).collect();
     let [bench, runs, hops] = &a[..] else {
@@ -73,7 +107,7 @@ fn main() {
     };
     let cloud = guest::kernel("linux-image-cloud-amd64");
     let script = format!(
-        "#!/bin/sh\n$S/linux_bench \"$(command -v hostd)\" $S/qemu/qemu $S/images/bzimage \
+        "#!/bin/sh\nchmod 700 $S/qemu-x509\nQEMU_TLS_DIR=$S/qemu-x509 $S/linux_bench \"$(command -v hostd)\" $S/qemu/qemu $S/images/bzimage \
          $S/images/initramfs {runs} {hops} 2>&1\necho \"BENCH-END rc=$?\"\n"
     );
     let mut s = Scenario::new("linux-bench", &script)
@@ -89,6 +123,7 @@ fn main() {
             guest::initramfs(&cloud, INIT, guest::MODULES),
         );
     s = with_qemu(s);
+    s = with_qemu_tls(s);
     s.fail_on.push("BENCH-PANIC".into());
     s.total = std::time::Duration::from_secs(3000);
     // Each boot or hop shows a line well within a minute, even emulated.
@@ -96,6 +131,7 @@ fn main() {
         .expect("RESULT qemu boot_ms=", 1500)
         .expect("RESULT hostd downtime_ms=", 900)
         .expect("RESULT qemu downtime_ms=", 900)
+        .expect("RESULT qemu_tls downtime_ms=", 900)
         .expect("BENCH-END rc=0", 60);
     match emuhost::run(&s) {
         Ok(report) => {

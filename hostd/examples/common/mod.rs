@@ -121,6 +121,49 @@ impl QemuVm {
     }
 
     /// A QMP command that must succeed.
+    /// Starts `cmd` (a QEMU command line) with QEMU's TLS migration credentials when `tls`
+    /// names a directory of them in QEMU's names (ca-cert.pem, server-cert.pem,
+    /// server-key.pem, client-cert.pem, client-key.pem): a server and a client
+    /// `tls-creds-x509` object, both verifying the peer, since every VM is a destination and
+    /// then a source. With `incoming`, it waits for a migration on that loopback port (over
+    /// TLS with the server's credentials: `-incoming defer`, then `migrate-incoming`).
+    pub fn start_migratable(
+        mut cmd: Command,
+        dir: &Path,
+        n: usize,
+        incoming: Option<u16>,
+        tls: Option<&Path>,
+    ) -> QemuVm {
+        if let Some(tls) = tls {
+            for end in ["server", "client"] {
+                cmd.arg("-object").arg(format!(
+                    "tls-creds-x509,id=tls-{end},dir={},endpoint={end},verify-peer=on",
+                    tls.display()
+                ));
+            }
+        }
+        match (incoming, tls) {
+            (Some(port), None) => {
+                cmd.arg("-incoming").arg(format!("tcp:127.0.0.1:{port}"));
+            }
+            // The TLS credentials are a migration parameter, set before it listens.
+            (Some(_), Some(_)) => {
+                cmd.args(["-incoming", "defer"]);
+            }
+            (None, _) => {}
+        }
+        let mut vm = QemuVm::start(cmd, dir, n);
+        if let (Some(port), Some(_)) = (incoming, tls) {
+            vm.qmp_ok(
+                r#"{"execute":"migrate-set-parameters","arguments":{"tls-creds":"tls-server"}}"#,
+            );
+            vm.qmp_ok(&format!(
+                r#"{{"execute":"migrate-incoming","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#
+            ));
+        }
+        vm
+    }
+
     pub fn qmp_ok(&mut self, json: &str) {
         let answer = self.qmp.cmd(json);
         assert!(answer.contains("\"return\""), "QMP {json}: {answer}");
