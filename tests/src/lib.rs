@@ -49,9 +49,21 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A loopback port nothing listens on now, never the same twice in one test process:
+/// tests running side by side pick their ports before their daemons bind them, and the
+/// kernel may hand the same free port to both (a pool's poolctl then met another test's
+/// member: "invalid peer certificate: UnknownIssuer").
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    l.local_addr().expect("local address").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        let port = l.local_addr().expect("local address").port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A process that is killed (SIGKILL) when dropped, so a failing test leaves nothing behind.
