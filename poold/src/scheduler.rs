@@ -19,7 +19,7 @@
 //! Scores: **pack** prefers the fullest host after placement (fewer hosts busy), **spread**
 //! the emptiest; ties go to the host that sorts first, so the choice is deterministic.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use proto::coordinator::{HostState, PlacementStrategy};
 
@@ -327,27 +327,39 @@ pub fn place(hosts: &[HostCandidate], d: &Demand, p: &Policy) -> Result<usize, U
 }
 
 /// A scheduler for many placements in a row (a host evacuation, HA restarts, a batch of
-/// new VMs): hosts are indexed once, CPU features become bit sets, groups become host sets,
+/// new VMs): hosts are indexed once, CPU features and groups become bit sets,
 /// and each placement updates the allocations it made. Gives the same answers as
 /// [`place`] placement after placement.
 pub struct BatchScheduler {
     policy: Policy,
+    /// What every placement reads of every host, compact (the scan walks all of them).
     hosts: Vec<Slot>,
+    /// Each host's CPU feature bits, `words` per host, in slot order.
+    features: Vec<u64>,
+    words: usize,
+    /// What only VMs with disks or networks read: ids, addresses, NICs.
+    info: Vec<SlotInfo>,
     feature_ids: HashMap<String, usize>,
-    /// group → hosts that run at least one VM of it.
-    groups: HashMap<String, HashSet<usize>>,
+    /// group → bit set of the hosts (slots) that run at least one VM of it.
+    groups: HashMap<String, Vec<u64>>,
 }
 
 struct Slot {
-    id: String,
     enabled: bool,
     mem_cap: u64,
     mem_alloc: u64,
     cpu_cap: u32,
     cpu_alloc: u32,
-    features: Vec<u64>,
+}
+
+struct SlotInfo {
+    id: String,
     ip: String,
     nics: Vec<String>,
+}
+
+fn has_bit(bits: &[u64], i: usize) -> bool {
+    bits[i / 64] & (1 << (i % 64)) != 0
 }
 
 impl BatchScheduler {
@@ -360,38 +372,44 @@ impl BatchScheduler {
             }
         }
         let words = feature_ids.len().div_ceil(64).max(1);
-        let mut groups: HashMap<String, HashSet<usize>> = HashMap::new();
+        let host_words = hosts.len().div_ceil(64).max(1);
+        let mut groups: HashMap<String, Vec<u64>> = HashMap::new();
         let mut order: Vec<usize> = (0..hosts.len()).collect();
         order.sort_by(|a, b| hosts[*a].id.cmp(&hosts[*b].id));
-        let slots = order
-            .iter()
-            .enumerate()
-            .map(|(slot, &i)| {
-                let h = &hosts[i];
-                let mut features = vec![0u64; words];
-                for f in &h.cpu_features {
-                    let b = feature_ids[f];
-                    features[b / 64] |= 1 << (b % 64);
-                }
-                for g in &h.groups {
-                    groups.entry(g.clone()).or_default().insert(slot);
-                }
-                Slot {
-                    id: h.id.clone(),
-                    enabled: h.state == HostState::Enabled,
-                    mem_cap: scaled(h.memory_bytes, policy.memory_overcommit_percent),
-                    mem_alloc: h.memory_allocated_bytes,
-                    cpu_cap: scaled(h.logical_cpus as u64, policy.cpu_overcommit_percent) as u32,
-                    cpu_alloc: h.vcpus_allocated,
-                    features,
-                    ip: h.ip.clone(),
-                    nics: h.nics.clone(),
-                }
-            })
-            .collect();
+        let mut features = vec![0u64; words * hosts.len()];
+        let mut slots = Vec::with_capacity(hosts.len());
+        let mut info = Vec::with_capacity(hosts.len());
+        for (slot, &i) in order.iter().enumerate() {
+            let h = &hosts[i];
+            for f in &h.cpu_features {
+                let b = feature_ids[f];
+                features[slot * words + b / 64] |= 1 << (b % 64);
+            }
+            for g in &h.groups {
+                let set = groups
+                    .entry(g.clone())
+                    .or_insert_with(|| vec![0; host_words]);
+                set[slot / 64] |= 1 << (slot % 64);
+            }
+            slots.push(Slot {
+                enabled: h.state == HostState::Enabled,
+                mem_cap: scaled(h.memory_bytes, policy.memory_overcommit_percent),
+                mem_alloc: h.memory_allocated_bytes,
+                cpu_cap: scaled(h.logical_cpus as u64, policy.cpu_overcommit_percent) as u32,
+                cpu_alloc: h.vcpus_allocated,
+            });
+            info.push(SlotInfo {
+                id: h.id.clone(),
+                ip: h.ip.clone(),
+                nics: h.nics.clone(),
+            });
+        }
         BatchScheduler {
             policy,
             hosts: slots,
+            features,
+            words,
+            info,
             feature_ids,
             groups,
         }
@@ -400,7 +418,7 @@ impl BatchScheduler {
     /// Places one VM and records its allocation; `None` when no host fits (use
     /// [`explain`] for the reasons).
     pub fn place(&mut self, d: &Demand) -> Option<&str> {
-        let words = self.hosts.first().map_or(1, |h| h.features.len());
+        let words = self.words;
         let mut need = vec![0u64; words];
         for f in &d.required_cpu_features {
             match self.feature_ids.get(f) {
@@ -408,30 +426,26 @@ impl BatchScheduler {
                 None => return None,
             }
         }
-        let empty = HashSet::new();
-        let anti = if d.anti_affinity_group.is_empty() {
-            &empty
-        } else {
-            self.groups.get(&d.anti_affinity_group).unwrap_or(&empty)
-        };
-        let affine = if d.affinity_group.is_empty() {
-            &empty
-        } else {
-            self.groups.get(&d.affinity_group).unwrap_or(&empty)
-        };
+        let group = |g: &str| (!g.is_empty()).then(|| self.groups.get(g)).flatten();
+        let anti = group(&d.anti_affinity_group);
+        let affine = group(&d.affinity_group);
         let pack = self.policy.strategy == PlacementStrategy::Pack;
+        let (features, info) = (&self.features, &self.info);
         let fits = |i: usize, s: &Slot| -> bool {
             s.enabled
                 && s.mem_alloc + d.memory_bytes <= s.mem_cap
                 && s.cpu_alloc + d.vcpus <= s.cpu_cap
-                && s.features.iter().zip(&need).all(|(h, n)| h & n == *n)
-                && !anti.contains(&i)
+                && features[i * words..(i + 1) * words]
+                    .iter()
+                    .zip(&need)
+                    .all(|(h, n)| h & n == *n)
+                && !anti.is_some_and(|a| has_bit(a, i))
                 && d.srs
                     .iter()
-                    .all(|sr| sr.reachable && (sr.shared || sr.ip == s.ip))
+                    .all(|sr| sr.reachable && (sr.shared || sr.ip == info[i].ip))
                 && d.networks.iter().all(|n| match &n.need {
-                    NetNeed::Nic(nic) => s.nics.contains(nic),
-                    NetNeed::Host(id) => s.id == *id,
+                    NetNeed::Nic(nic) => info[i].nics.contains(nic),
+                    NetNeed::Host(id) => info[i].id == *id,
                 })
         };
         let score = |s: &Slot| {
@@ -453,11 +467,11 @@ impl BatchScheduler {
             }
         };
         let mut best: Option<(usize, f64)> = None;
-        // Affinity: only the hosts that hold the group, when any of them fits.
-        let mut affine_sorted: Vec<usize> = affine.iter().copied().collect();
-        affine_sorted.sort_unstable();
-        for &i in &affine_sorted {
-            scan(&mut best, i);
+        // Affinity: only the hosts that hold the group (in slot order), when any fits.
+        if let Some(a) = affine {
+            for i in (0..hosts.len()).filter(|&i| has_bit(a, i)) {
+                scan(&mut best, i);
+            }
         }
         if best.is_none() {
             for i in 0..hosts.len() {
@@ -468,12 +482,17 @@ impl BatchScheduler {
         let s = &mut self.hosts[i];
         s.mem_alloc += d.memory_bytes;
         s.cpu_alloc += d.vcpus;
+        let host_words = self.hosts.len().div_ceil(64).max(1);
         for g in [&d.affinity_group, &d.anti_affinity_group] {
             if !g.is_empty() {
-                self.groups.entry(g.clone()).or_default().insert(i);
+                let set = self
+                    .groups
+                    .entry(g.clone())
+                    .or_insert_with(|| vec![0; host_words]);
+                set[i / 64] |= 1 << (i % 64);
             }
         }
-        Some(&self.hosts[i].id)
+        Some(&self.info[i].id)
     }
 }
 
@@ -806,6 +825,108 @@ mod tests {
         assert_eq!(place(&hosts, &d, &spread()).unwrap(), 0);
         let mut b = BatchScheduler::new(&hosts, spread());
         assert_eq!(b.place(&d), Some("a"));
+    }
+
+    /// Over more hosts than one bit-set word holds, VMs with features, groups, repositories
+    /// and networks: the batch scheduler places each where [`place`] does, given the
+    /// allocations and groups of the placements before it.
+    #[test]
+    fn the_batch_scheduler_agrees_with_place_placement_after_placement() {
+        let hosts: Vec<HostCandidate> = (0..150)
+            .map(|i| {
+                let mut h = host(&format!("h{:03}", (i * 37) % 150));
+                h.memory_bytes = (8 + (i as u64 % 5) * 8) * GIB;
+                h.logical_cpus = 4 + (i % 3) * 4;
+                h.ip = format!("10.0.0.{}", i % 7);
+                if i % 4 == 0 {
+                    h.cpu_features.push("avx512f".into());
+                }
+                if i % 9 == 0 {
+                    h.state = HostState::Disabled;
+                }
+                if i % 6 == 0 {
+                    h.nics.push("eth1".into());
+                }
+                h
+            })
+            .collect();
+        let demands: Vec<Demand> = (0..600u64)
+            .map(|i| Demand {
+                required_cpu_features: if i % 11 == 0 {
+                    vec!["avx512f".into()]
+                } else {
+                    vec![]
+                },
+                affinity_group: if i % 7 == 0 {
+                    format!("aff-{}", i % 21)
+                } else {
+                    String::new()
+                },
+                anti_affinity_group: if i % 5 == 0 {
+                    format!("anti-{}", i % 15)
+                } else {
+                    String::new()
+                },
+                srs: if i % 13 == 0 {
+                    vec![SrReach {
+                        id: "local".into(),
+                        reachable: true,
+                        shared: false,
+                        ip: format!("10.0.0.{}", i % 7),
+                    }]
+                } else {
+                    vec![]
+                },
+                networks: match i % 17 {
+                    0 => vec![NetReach {
+                        network: "lan".into(),
+                        need: NetNeed::Nic("eth1".into()),
+                    }],
+                    1 => vec![NetReach {
+                        network: "inside".into(),
+                        need: NetNeed::Host("h042".into()),
+                    }],
+                    _ => vec![],
+                },
+                ..vm(1 + (i % 4) as u32, 1 + i % 6)
+            })
+            .collect();
+        for policy in [
+            spread(),
+            Policy {
+                strategy: PlacementStrategy::Pack,
+                ..spread()
+            },
+        ] {
+            let mut reference = hosts.clone();
+            let mut batch = BatchScheduler::new(&hosts, policy);
+            let mut placed = 0;
+            for (n, d) in demands.iter().enumerate() {
+                let want = place(&reference, d, &policy).ok();
+                let got = batch.place(d).map(str::to_owned);
+                assert_eq!(
+                    got,
+                    want.map(|i| reference[i].id.clone()),
+                    "placement {n} ({d:?}) under {:?}",
+                    policy.strategy
+                );
+                if let Some(i) = want {
+                    placed += 1;
+                    let h = &mut reference[i];
+                    h.memory_allocated_bytes += d.memory_bytes;
+                    h.vcpus_allocated += d.vcpus;
+                    for g in [&d.affinity_group, &d.anti_affinity_group] {
+                        if !g.is_empty() && !h.groups.contains(g) {
+                            h.groups.push(g.clone());
+                        }
+                    }
+                }
+            }
+            assert!(
+                placed > 100 && placed < demands.len(),
+                "{placed} placed: some must not fit"
+            );
+        }
     }
 
     struct ScoreCase {
