@@ -158,10 +158,12 @@ fn hostd_hops(g: &Guest, hops: usize) {
         );
         let downtime = sent.downtime.as_secs_f64() * 1000.0;
         eprintln!(
-            "hostd hop {hop}: downtime {downtime:.1} ms (pause {:.1}, last delta {:.1} for {} KiB, restore {:.1}, resume {:.1}), total {:.0} ms, rounds {} of {:?} KiB, {} KiB",
+            "hostd hop {hop}: downtime {downtime:.1} ms (pause {:.1}, last delta {:.1} for {} KiB, {} pages as deltas, {} unchanged, restore {:.1}, resume {:.1}), total {:.0} ms, rounds {} of {:?} KiB, {} KiB",
             ms(sent.switchover.pause),
             ms(sent.switchover.last_delta),
             sent.switchover.last_delta_bytes >> 10,
+            sent.switchover.last_delta_pages,
+            sent.switchover.last_same_pages,
             ms(sent.switchover.restore),
             ms(sent.switchover.resume),
             ms(sent.total),

@@ -439,6 +439,7 @@ impl HostService for HostServer {
         Ok(Response::new(PrepareMigrationReceiveResponse {
             address,
             migration_id: format!("in-{}", req.vm_id),
+            stream_version: u32::from(crate::migration::wire::VERSION),
         }))
     }
 
@@ -474,6 +475,7 @@ impl HostService for HostServer {
                     destination_host: req.destination_host,
                     // Set by the manager: the host's own TLS directory.
                     tls_dir: String::new(),
+                    destination_stream_version: req.destination_stream_version,
                 },
             )
             .await

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use hostd::console::Console;
 use hostd::devices::virtio::block::{Disk, FileBackend};
-use hostd::migration::{self, Incoming, MigrationError, SendOptions, StreamTls};
+use hostd::migration::{self, Incoming, MigrationError, SendOptions, StreamTls, wire};
 use hostd::testguest::{self, check_pattern, heartbeat_sum, heartbeats};
 use hostd::vmm::{BootProtocol, BootSpec, Vm, VmSpec};
 use proto::host::MigrationProgress;
@@ -99,6 +99,7 @@ fn options(addr: &str, token: &str) -> SendOptions {
         timeout: Duration::from_secs(60),
         auto_converge: false,
         bandwidth_limit: 0,
+        stream_version: migration::wire::VERSION,
     }
 }
 
@@ -173,9 +174,14 @@ fn a_dirtying_guest_moves_over_the_stream_and_goes_on_where_it_was() {
         let (src, src_console) = vms.pop().unwrap();
         let (addr, dest) = destination(spec(cmd, Some(&img)), "s3cret");
         let mut reports: Vec<MigrationProgress> = Vec::new();
+        // The middle hop speaks version 2, as to a destination from before deltas.
+        let version = [wire::VERSION, wire::FALLBACK_VERSION, wire::VERSION][hop];
         let sent = migration::send(
             &src,
-            &options(&addr, "s3cret"),
+            &SendOptions {
+                stream_version: version,
+                ..options(&addr, "s3cret")
+            },
             &AtomicBool::new(false),
             MigrationProgress::default(),
             &mut |p| reports.push(p.clone()),
@@ -192,9 +198,27 @@ fn a_dirtying_guest_moves_over_the_stream_and_goes_on_where_it_was() {
             "full copy and switchover reported: {reports:?}"
         );
         eprintln!(
-            "hop {hop}: downtime {:?}, total {:?}, rounds {}, {} bytes",
-            sent.downtime, sent.total, sent.rounds, sent.bytes_sent
+            "hop {hop} (version {version}): downtime {:?}, total {:?}, rounds {}, {} bytes, \
+             {} pages as deltas, {} unchanged",
+            sent.downtime,
+            sent.total,
+            sent.rounds,
+            sent.bytes_sent,
+            sent.delta_pages,
+            sent.same_pages
         );
+        // The guest's page generations change a word a page: sent again, they go as
+        // deltas where the stream has them, and never where it has not.
+        if version >= wire::DELTA_VERSION && sent.rounds > 0 {
+            assert!(
+                sent.delta_pages > 0,
+                "hop {hop}: no deltas in {} rounds",
+                sent.rounds
+            );
+        }
+        if version < wire::DELTA_VERSION {
+            assert_eq!(sent.delta_pages + sent.same_pages, 0, "hop {hop}");
+        }
         let before = heartbeats(&console.text()).len();
         wait_heartbeats(&console, before + 3);
         vms.push((vm, console));

@@ -148,6 +148,7 @@ fn slow_loris_connections_are_dropped_and_the_real_migration_still_completes() {
             timeout: Duration::from_secs(60),
             auto_converge: false,
             bandwidth_limit: 0,
+            stream_version: migration::wire::VERSION,
         },
         &AtomicBool::new(false),
         MigrationProgress::default(),

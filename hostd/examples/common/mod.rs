@@ -374,6 +374,7 @@ pub fn migrate_hop_then(
         timeout,
         auto_converge: false,
         bandwidth_limit: 0,
+        stream_version: migration::wire::VERSION,
     };
     let sent = migration::send(
         vm,

@@ -7,7 +7,9 @@
 //! a Pages or Zero frame is taken exactly when its whole range lies in one region of RAM,
 //! by 128-bit arithmetic here that cannot wrap, and a refused one changes no page; a
 //! taken frame writes no page outside its range (the memory's dirty bitmap tells), and
-//! afterwards its range holds the pages it carried, or zeros.
+//! afterwards its range holds the pages it carried, or zeros. A Delta frame is taken
+//! exactly when all its pages lie in RAM, writes only those, and leaves each byte it
+//! names as its last run says; a refused one changes nothing.
 #![no_main]
 
 use hostd::migration::MigrationError;
@@ -66,7 +68,7 @@ fuzz_target!(|data: &[u8]| {
         .map(|&(s, l)| (GuestAddress(s), l as usize))
         .collect();
     let memory = GuestRam::from_ranges(&ranges).expect("guest memory");
-    let mut apply = Apply::new(&memory);
+    let mut apply = Apply::new(&memory, wire::VERSION);
     let mut rest = data;
     while let Ok(Some((frame, n))) = wire::decode(rest) {
         rest = &rest[n..];
@@ -78,6 +80,35 @@ fuzz_target!(|data: &[u8]| {
             Frame::Zero { gpa, pages } => Some((*gpa, u64::from(*pages), None)),
             _ => None,
         };
+        if let Frame::Delta { data } = &frame {
+            let runs: Vec<_> = wire::delta_runs(data).map(|r| r.expect("decoded")).collect();
+            let result = apply.frame(frame.clone());
+            let dirty = dirty_pages(&memory);
+            if runs.iter().all(|r| in_ram(r.gpa, 1)) {
+                assert!(matches!(result, Ok(Applied::Memory)), "{result:?}");
+                assert!(
+                    dirty.iter().all(|p| runs.iter().any(|r| r.gpa / PAGE == *p)),
+                    "a delta wrote pages {dirty:?} outside its entries"
+                );
+                // The last run over each byte is what it holds.
+                let mut want = std::collections::HashMap::new();
+                for r in &runs {
+                    for (i, b) in r.bytes.iter().enumerate() {
+                        want.insert(r.gpa + (r.offset + i) as u64, *b);
+                    }
+                }
+                for (at, b) in want {
+                    assert_holds(&memory, at, &[b]);
+                }
+                continue;
+            }
+            assert!(
+                matches!(result, Err(MigrationError::OutsideMemory { .. })),
+                "{result:?}"
+            );
+            assert!(dirty.is_empty(), "a refused delta wrote {dirty:?}");
+            return;
+        }
         let result = apply.frame(frame);
         let dirty = dirty_pages(&memory);
         let Some((gpa, pages, carried)) = claim else {

@@ -59,6 +59,12 @@ pub trait FrameSink {
     fn send(&mut self, frame: &Frame) -> Result<(), MigrationError>;
     /// A Pages frame straight from `data`, without building it in a buffer first.
     fn send_pages(&mut self, gpa: u64, data: &[u8]) -> Result<(), MigrationError>;
+    /// A Delta frame of `data`'s entries.
+    fn send_delta(&mut self, data: &[u8]) -> Result<(), MigrationError> {
+        self.send(&Frame::Delta {
+            data: data.to_vec(),
+        })
+    }
     /// Bytes sent so far.
     fn sent(&self) -> u64;
 }
@@ -72,6 +78,11 @@ impl FrameSink for Conn {
         Conn::send_pages(self, gpa, data)
     }
 
+    fn send_delta(&mut self, data: &[u8]) -> Result<(), MigrationError> {
+        self.queue(&wire::delta_header(data.len()))?;
+        self.queue(data)
+    }
+
     fn sent(&self) -> u64 {
         self.sent
     }
@@ -79,6 +90,8 @@ impl FrameSink for Conn {
 
 /// Room the receive buffer keeps for one read.
 const READ_ROOM: usize = 1 << 20;
+/// Queued memory frames go out once they reach this many bytes.
+const QUEUE: usize = 256 << 10;
 
 pub struct Conn {
     stream: Tls,
@@ -87,8 +100,11 @@ pub struct Conn {
     buf: Vec<u8>,
     pos: usize,
     end: usize,
+    /// Memory frames queued to go out together (at most [`QUEUE`] bytes).
     out: Vec<u8>,
-    /// Payload bytes written so far.
+    /// Where a frame is encoded.
+    frame: Vec<u8>,
+    /// Bytes sent (or queued) so far.
     pub sent: u64,
 }
 
@@ -119,7 +135,8 @@ impl Conn {
             buf,
             pos: 0,
             end: received.len(),
-            out: Vec::new(),
+            out: Vec::with_capacity(QUEUE),
+            frame: Vec::new(),
             sent: 0,
         })
     }
@@ -128,36 +145,80 @@ impl Conn {
         let _ = self.stream.sock().set_read_timeout(Some(timeout));
     }
 
+    /// Sends `frame`. Memory frames (Pages, Zero, Delta) are queued with the ones before them
+    /// and go out in large writes; any other frame, and every [`Conn::recv`], sends what
+    /// is queued first.
     pub fn send(&mut self, frame: &Frame) -> Result<(), MigrationError> {
-        self.out.clear();
-        wire::encode(frame, &mut self.out);
-        let out = std::mem::take(&mut self.out);
-        let r = self.write(&out);
-        self.out = out;
-        r
+        self.frame.clear();
+        wire::encode(frame, &mut self.frame);
+        let bytes = std::mem::take(&mut self.frame);
+        let r = self.queue(&bytes);
+        self.frame = bytes;
+        r?;
+        if matches!(
+            frame,
+            Frame::Pages { .. } | Frame::Zero { .. } | Frame::Delta { .. }
+        ) {
+            Ok(())
+        } else {
+            self.flush()
+        }
     }
 
     /// A Pages frame straight from `data`, without building it in a buffer first.
     pub fn send_pages(&mut self, gpa: u64, data: &[u8]) -> Result<(), MigrationError> {
-        self.write(&wire::pages_header(gpa, data.len()))?;
-        self.write(data)
+        self.queue(&wire::pages_header(gpa, data.len()))?;
+        self.queue(data)
+    }
+
+    /// Adds `bytes` to what goes out next. Every write is a TLS record and a system call
+    /// of its own: a dirty round of scattered single pages, each a header and a page,
+    /// cost four of them per page when every frame was written on its own.
+    fn queue(&mut self, bytes: &[u8]) -> Result<(), MigrationError> {
+        self.sent += bytes.len() as u64;
+        if self.out.len() + bytes.len() > QUEUE {
+            self.write_out()?;
+        }
+        if bytes.len() >= QUEUE {
+            return self.write(bytes);
+        }
+        self.out.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn write_out(&mut self) -> Result<(), MigrationError> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::take(&mut self.out);
+        let r = self.write(&out);
+        self.out = out;
+        self.out.clear();
+        r
+    }
+
+    /// Sends everything queued.
+    pub fn flush(&mut self) -> Result<(), MigrationError> {
+        self.write_out()?;
+        self.stream.flush().map_err(|source| MigrationError::Io {
+            what: "sending",
+            source,
+        })
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<(), MigrationError> {
         self.stream
             .write_all(bytes)
-            .and_then(|()| self.stream.flush())
             .map_err(|source| MigrationError::Io {
                 what: "sending",
                 source,
-            })?;
-        self.sent += bytes.len() as u64;
-        Ok(())
+            })
     }
 
     /// The next frame; an error if the peer closes, stops sending for the timeout, or
     /// sends something that does not decode.
     pub fn recv(&mut self) -> Result<Frame, MigrationError> {
+        self.flush()?;
         loop {
             if let Some((frame, n)) = wire::decode(&self.buf[self.pos..self.end])? {
                 self.pos += n;

@@ -388,7 +388,7 @@ fn serve(
     conn.send(&Frame::Accept).map_err(fatal)?;
     on_accept();
     conn.set_timeout(IO_TIMEOUT);
-    let mut apply = Apply::new(&memory);
+    let mut apply = Apply::new(&memory, hello.version);
     let snapshot = loop {
         if abort.load(Ordering::Acquire) {
             return Err(fatal(MigrationError::Cancelled));
@@ -507,14 +507,18 @@ pub struct Apply<'a> {
     /// Fresh memory is zero already, so a Zero frame only clears pages an earlier Pages
     /// frame filled (touching the others would allocate them).
     written: Written,
+    /// The stream's version: Delta frames only from [`wire::DELTA_VERSION`] on.
+    version: u16,
 }
 
 impl<'a> Apply<'a> {
-    /// `memory` must be fresh (all zero), as the VM made for the receive is.
-    pub fn new(memory: &'a GuestRam) -> Self {
+    /// `memory` must be fresh (all zero), as the VM made for the receive is; `version`
+    /// is the stream's (its Hello's).
+    pub fn new(memory: &'a GuestRam, version: u16) -> Self {
         Self {
             memory,
             written: Written::new(memory),
+            version,
         }
     }
 
@@ -532,6 +536,20 @@ impl<'a> Apply<'a> {
             }
             Frame::Zero { gpa, pages } => {
                 write_zeros(self.memory, &mut self.written, gpa, pages)?;
+                Ok(Applied::Memory)
+            }
+            Frame::Delta { data } if self.version >= wire::DELTA_VERSION => {
+                // Every page in RAM before any byte changes.
+                for run in wire::delta_runs(&data) {
+                    check_in_ram(self.memory, "Delta", run?.gpa, 1)?;
+                }
+                for run in wire::delta_runs(&data) {
+                    let run = run?;
+                    self.memory
+                        .write_slice(run.bytes, GuestAddress(run.gpa + run.offset as u64))
+                        .map_err(MigrationError::Memory)?;
+                    self.written.mark(run.gpa, 1);
+                }
                 Ok(Applied::Memory)
             }
             Frame::Sync => Ok(Applied::Sync),
@@ -679,9 +697,57 @@ mod tests {
     }
 
     #[test]
+    fn a_delta_writes_its_runs_only_in_a_version_3_stream_and_is_refused_whole_outside_ram() {
+        let mem = ram();
+        let at = 2 * MIB as u64;
+        let old = [5u8; PAGE];
+        let mut new = old;
+        new[10..13].copy_from_slice(&[1, 2, 3]);
+        new[4000] = 9;
+        let mut data = Vec::new();
+        assert!(wire::encode_delta(at, &old, &new, &mut data));
+        let delta = Frame::Delta { data: data.clone() };
+        // A version 2 stream has no deltas.
+        let mut v2 = Apply::new(&mem, wire::FALLBACK_VERSION);
+        assert!(matches!(
+            v2.frame(delta.clone()),
+            Err(MigrationError::Unexpected { .. })
+        ));
+        let mut apply = Apply::new(&mem, wire::VERSION);
+        let pages = Frame::Pages {
+            gpa: at,
+            data: old.to_vec(),
+        };
+        assert!(matches!(apply.frame(pages), Ok(Applied::Memory)));
+        assert!(matches!(apply.frame(delta), Ok(Applied::Memory)));
+        let mut page = [0u8; PAGE];
+        mem.read_slice(&mut page, GuestAddress(at)).unwrap();
+        assert_eq!(page, new);
+        // A zero run clears a page a delta wrote.
+        assert!(matches!(
+            apply.frame(Frame::Zero { gpa: at, pages: 1 }),
+            Ok(Applied::Memory)
+        ));
+        mem.read_slice(&mut page, GuestAddress(at)).unwrap();
+        assert_eq!(page, [0u8; PAGE]);
+        // Two entries, the second in the hole: refused, and the first page unchanged.
+        let mut small = [0u8; PAGE];
+        small[100] = 1;
+        let mut two = Vec::new();
+        assert!(wire::encode_delta(at, &[0; PAGE], &small, &mut two));
+        assert!(wire::encode_delta(MIB as u64, &[0; PAGE], &small, &mut two));
+        assert!(matches!(
+            apply.frame(Frame::Delta { data: two }),
+            Err(MigrationError::OutsideMemory { frame: "Delta", .. })
+        ));
+        mem.read_slice(&mut page, GuestAddress(at)).unwrap();
+        assert_eq!(page, [0u8; PAGE]);
+    }
+
+    #[test]
     fn apply_takes_pages_zeros_and_sync_and_refuses_the_rest_whole() {
         let mem = ram();
-        let mut apply = Apply::new(&mem);
+        let mut apply = Apply::new(&mem, wire::FALLBACK_VERSION);
         let at = 2 * MIB as u64;
         let data = [[1u8; PAGE], [2u8; PAGE]].concat();
         let pages = |gpa, data: &[u8]| Frame::Pages {

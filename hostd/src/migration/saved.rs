@@ -190,7 +190,8 @@ pub fn save(vm: &Vm, vm_id: &str, vol: Arc<dyn BlockBackend>) -> Result<u64, Sav
     let snapshot = vm.save_state()?;
     let mut sink = VolumeSink::new(vol.clone());
     sink.send(&Frame::Hello(Hello {
-        version: wire::VERSION,
+        // A full pass has no deltas; any host may restore it.
+        version: wire::FALLBACK_VERSION,
         token: String::new(),
         vm_id: vm_id.to_owned(),
         memory_bytes: vm.memory_bytes(),
@@ -239,7 +240,7 @@ pub fn restore(
     check_hello(&hello, vm_id, spec)?;
     let shell = new_guest_ram(spec.memory_bytes).and_then(|m| Vm::prepare(spec, m))?;
     let memory = shell.memory().clone();
-    let mut apply = Apply::new(&memory);
+    let mut apply = Apply::new(&memory, hello.version);
     let snapshot = loop {
         match apply.frame(stream.next()?)? {
             Applied::Memory | Applied::Sync => {}

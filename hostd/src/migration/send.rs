@@ -45,6 +45,9 @@ const THROTTLE_PERIOD: Duration = Duration::from_millis(50);
 const REPORT_EVERY: Duration = Duration::from_millis(200);
 /// A last round this small is sent paused however fast the dirty set shrinks.
 const SMALL_ROUND: u64 = 256 << 10;
+/// The copies of pages sent in dirty rounds (the base of their deltas) take at most this
+/// much memory, and at most an eighth of the guest's.
+const CACHE_MAX: u64 = 64 << 20;
 
 #[derive(Debug, Clone)]
 pub struct SendOptions {
@@ -64,6 +67,8 @@ pub struct SendOptions {
     pub auto_converge: bool,
     /// Bytes per second; 0: no limit.
     pub bandwidth_limit: u64,
+    /// The stream version to speak: [`wire::speak`] of what the destination reads.
+    pub stream_version: u16,
 }
 
 /// How a completed migration went.
@@ -78,6 +83,9 @@ pub struct Sent {
     /// VM must still not run here again.
     pub confirmed: bool,
     pub throttle_percent: u32,
+    /// Pages sent as deltas, and pages of dirty sets not sent (unchanged), in all.
+    pub delta_pages: u64,
+    pub same_pages: u64,
     /// Where the downtime went.
     pub switchover: Switchover,
 }
@@ -97,6 +105,54 @@ pub struct Switchover {
     pub last_delta_bytes: u64,
     /// Guest bytes of each dirty round sent while the guest ran, in order.
     pub round_bytes: Vec<u64>,
+    /// Of the last dirty set: pages sent as deltas, and pages not sent at all (written
+    /// with what they held).
+    pub last_delta_pages: u64,
+    pub last_same_pages: u64,
+}
+
+/// What was sent last of pages that went in dirty rounds, as the destination has them:
+/// the base of their next delta. Direct-mapped, as QEMU's XBZRLE cache: a page's slot is
+/// its frame number modulo the slots, and a page sent takes its slot.
+struct PageCache {
+    /// Frame number + 1 of the page in each slot; 0: empty.
+    tags: Vec<u64>,
+    data: Vec<u8>,
+}
+
+impl PageCache {
+    fn new(memory_bytes: u64) -> Self {
+        let slots = (memory_bytes / 8).min(CACHE_MAX).max(PAGE as u64) as usize / PAGE;
+        // Zeroed allocations are mapped lazily: only slots used take memory.
+        Self {
+            tags: vec![0; slots],
+            data: vec![0; slots * PAGE],
+        }
+    }
+
+    fn slot(&self, pfn: u64) -> usize {
+        (pfn % self.tags.len() as u64) as usize
+    }
+
+    fn get(&self, pfn: u64) -> Option<&[u8]> {
+        let i = self.slot(pfn);
+        (self.tags[i] == pfn + 1).then(|| &self.data[i * PAGE..(i + 1) * PAGE])
+    }
+
+    fn put(&mut self, pfn: u64, page: &[u8]) {
+        let i = self.slot(pfn);
+        self.tags[i] = pfn + 1;
+        self.data[i * PAGE..(i + 1) * PAGE].copy_from_slice(page);
+    }
+}
+
+/// How a page of a dirty round goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PageKind {
+    Zero,
+    Whole,
+    /// In the Delta frame being built, or not at all (unchanged).
+    Delta,
 }
 
 /// Pauses the vCPUs for `percent` of every period, on a thread of its own.
@@ -178,6 +234,16 @@ struct Sender<'a, C = Conn> {
     cancel: &'a AtomicBool,
     started: Instant,
     buf: Vec<u8>,
+    /// Pages sent in dirty rounds, when the stream has Delta frames.
+    cache: Option<PageCache>,
+    /// Whether pages sent go into the cache (not for the last dirty set: nothing follows).
+    keep: bool,
+    /// The Delta frame being built.
+    delta: Vec<u8>,
+    kinds: Vec<PageKind>,
+    /// Pages sent as deltas, and pages not sent (unchanged), so far.
+    delta_pages: u64,
+    same_pages: u64,
     progress: MigrationProgress,
     report: &'a mut dyn FnMut(&MigrationProgress),
     last_report: Instant,
@@ -209,7 +275,8 @@ impl<C: FrameSink> Sender<'_, C> {
         }
     }
 
-    /// Sends `pages` pages from `gpa`: runs of zero pages as Zero frames, the others as
+    /// Sends `pages` pages from `gpa`: runs of zero pages as Zero frames, pages the
+    /// destination has (in the cache) as a Delta frame of what changed, the others as
     /// Pages frames.
     fn send_run(&mut self, gpa: u64, pages: usize) -> Result<(), MigrationError> {
         let len = pages * PAGE;
@@ -218,31 +285,76 @@ impl<C: FrameSink> Sender<'_, C> {
             .read_slice(&mut self.buf[..len], GuestAddress(gpa))
             .map_err(MigrationError::Memory)?;
         let buf = std::mem::take(&mut self.buf);
-        let mut i = 0;
+        let mut kinds = std::mem::take(&mut self.kinds);
+        kinds.clear();
+        for (i, page) in buf[..len].chunks_exact(PAGE).enumerate() {
+            let kind = self.classify(gpa + (i * PAGE) as u64, page);
+            kinds.push(kind);
+        }
         let r: Result<(), MigrationError> = (|| {
+            let mut i = 0;
             while i < pages {
-                let zero = is_zero(&buf[i * PAGE..(i + 1) * PAGE]);
+                let kind = kinds[i];
                 let mut j = i + 1;
-                while j < pages && is_zero(&buf[j * PAGE..(j + 1) * PAGE]) == zero {
+                while j < pages && kinds[j] == kind {
                     j += 1;
                 }
                 let at = gpa + (i * PAGE) as u64;
-                if zero {
-                    self.conn.send(&Frame::Zero {
+                match kind {
+                    PageKind::Zero => self.conn.send(&Frame::Zero {
                         gpa: at,
                         pages: (j - i) as u32,
-                    })?;
-                } else {
-                    self.conn.send_pages(at, &buf[i * PAGE..j * PAGE])?;
+                    })?,
+                    PageKind::Whole => self.conn.send_pages(at, &buf[i * PAGE..j * PAGE])?,
+                    PageKind::Delta => {}
                 }
                 i = j;
+            }
+            if !self.delta.is_empty() {
+                self.conn.send_delta(&self.delta)?;
+                self.delta.clear();
             }
             Ok(())
         })();
         self.buf = buf;
+        self.kinds = kinds;
         r?;
         self.limit_bandwidth();
         Ok(())
+    }
+
+    /// How the page at `gpa` goes, given what the destination has of it; a delta is
+    /// added to the frame being built.
+    fn classify(&mut self, gpa: u64, page: &[u8]) -> PageKind {
+        let zero = is_zero(page);
+        let Some(cache) = self.cache.as_mut() else {
+            return if zero {
+                PageKind::Zero
+            } else {
+                PageKind::Whole
+            };
+        };
+        let pfn = gpa / PAGE as u64;
+        let before = self.delta.len();
+        let delta = !zero
+            && cache
+                .get(pfn)
+                .is_some_and(|old| wire::encode_delta(gpa, old, page, &mut self.delta));
+        if delta {
+            if self.delta.len() == before {
+                self.same_pages += 1;
+            } else {
+                self.delta_pages += 1;
+            }
+        }
+        if self.keep {
+            cache.put(pfn, page);
+        }
+        match (delta, zero) {
+            (true, _) => PageKind::Delta,
+            (false, true) => PageKind::Zero,
+            (false, false) => PageKind::Whole,
+        }
     }
 
     fn limit_bandwidth(&self) {
@@ -407,7 +519,7 @@ pub fn send(
     })?;
     let mut conn = Conn::new(handshake(stream, opts)?, IO_TIMEOUT)?;
     conn.send(&Frame::Hello(Hello {
-        version: wire::VERSION,
+        version: opts.stream_version,
         token: opts.token.clone(),
         vm_id: opts.vm_id.clone(),
         memory_bytes: vm.memory_bytes(),
@@ -433,13 +545,19 @@ pub fn send(
         cancel,
         started,
         buf: Vec::with_capacity(RUN_PAGES * PAGE),
+        cache: None,
+        keep: false,
+        delta: Vec::new(),
+        kinds: Vec::with_capacity(RUN_PAGES),
+        delta_pages: 0,
+        same_pages: 0,
         progress,
         report,
         last_report: Instant::now(),
     };
     let mut throttle = opts.auto_converge.then(|| Throttle::new(vm.run_control()));
     let mut paused = false;
-    let result = run(&mut s, &mut throttle, &mut paused);
+    let result = run(&mut s, &mut throttle, &mut paused, opts.stream_version);
     if let Some(t) = throttle.as_mut() {
         t.finish();
     }
@@ -473,6 +591,7 @@ fn run(
     s: &mut Sender<Conn>,
     throttle: &mut Option<Throttle>,
     paused: &mut bool,
+    version: u16,
 ) -> Result<Sent, MigrationError> {
     s.progress.phase = MigrationPhase::FullCopy as i32;
     s.report(true);
@@ -486,6 +605,12 @@ fn run(
     // destination drained its socket buffers, and all of that went paused: 0.6 MB of a
     // 1.4 MB last delta for a Linux guest in the emulated host.)
     s.sync()?;
+    if version >= wire::DELTA_VERSION {
+        // From now on a page sent is kept, so that sent again it goes as a delta: a
+        // guest's hot pages change a few words between rounds.
+        s.cache = Some(PageCache::new(s.vm.memory_bytes()));
+        s.keep = true;
+    }
     // Link rate: bytes on the wire per second, from the last pass that moved enough to
     // measure, until the destination had them. (Zero pages cost almost nothing to send, so
     // pages per second would promise far more than a round of dirty pages, which are
@@ -581,7 +706,11 @@ fn run(
     merge(&mut pending, s.vm.take_dirty_pages()?);
     steps.last_delta_bytes = dirty_bytes(&pending);
     steps.round_bytes = round_bytes;
+    s.keep = false;
+    let (deltas, same) = (s.delta_pages, s.same_pages);
     s.send_dirty(&pending)?;
+    steps.last_delta_pages = s.delta_pages - deltas;
+    steps.last_same_pages = s.same_pages - same;
     s.conn.send(&Frame::State(state::encode(&snapshot)))?;
     lap(&mut steps.last_delta);
     s.conn.set_timeout(RESTORE_TIMEOUT);
@@ -616,6 +745,8 @@ fn run(
         bytes_sent: s.conn.sent,
         confirmed,
         throttle_percent: throttle.as_ref().map_or(0, Throttle::get),
+        delta_pages: s.delta_pages,
+        same_pages: s.same_pages,
     })
 }
 
@@ -643,6 +774,12 @@ pub(super) fn write_paused<C: FrameSink>(
         cancel,
         started: Instant::now(),
         buf: Vec::with_capacity(RUN_PAGES * PAGE),
+        cache: None,
+        keep: false,
+        delta: Vec::new(),
+        kinds: Vec::with_capacity(RUN_PAGES),
+        delta_pages: 0,
+        same_pages: 0,
         progress: MigrationProgress::default(),
         report: &mut report,
         last_report: Instant::now(),

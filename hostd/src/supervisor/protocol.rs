@@ -71,6 +71,9 @@ pub struct MigrateSend {
     /// The host's TLS directory, read when the migration starts.
     #[prost(string, tag = "10")]
     pub tls_dir: String,
+    /// The newest stream version the destination reads (0: it did not say).
+    #[prost(uint32, tag = "11")]
+    pub destination_stream_version: u32,
 }
 
 /// Save the VM's memory and device state into a volume (see

@@ -135,6 +135,7 @@ pub async fn migrate(env: &Env, job: &Job, j: &MigrateVmJob) -> Result<Finish, J
                 auto_converge: j.auto_converge,
                 bandwidth_limit_bytes_per_second: 0,
                 destination_host: names.1,
+                destination_stream_version: prep.stream_version,
             },
         )
         .await;
@@ -349,10 +350,11 @@ mod tests {
         assert_eq!(t.results["downtime_ms"], "42");
         let calls = world.hosts.calls();
         // The destination was granted before it was prepared, prepared before the source
-        // sent, and nothing was revoked by the job.
+        // sent (speaking the stream version the destination reads), and nothing was
+        // revoked by the job.
         let grant = world.storage.position("grant:e-vol1:iqn.h2");
         let prep = position(&calls, "prepare:h2:7000");
-        let send = position(&calls, "send:h1:7000");
+        let send = position(&calls, "send:h1:7000:v3");
         assert!(grant.is_some() && prep < send, "{calls:?}");
         assert!(
             !world

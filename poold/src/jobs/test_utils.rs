@@ -393,14 +393,15 @@ impl HostOps for FakeHosts {
         Ok(hpb::PrepareMigrationReceiveResponse {
             address: "dst-mig:9000".into(),
             migration_id: format!("in-{}", r.vm_id),
+            stream_version: 3,
         })
     }
     async fn start_migration_send(
         &self,
         a: &str,
-        _r: hpb::StartMigrationSendRequest,
+        r: hpb::StartMigrationSendRequest,
     ) -> Result<ProgressStream, Status> {
-        self.call(format!("send:{a}"));
+        self.call(format!("send:{a}:v{}", r.destination_stream_version));
         let items: Vec<Result<hpb::MigrationProgress, Status>> = self
             .progress
             .lock()

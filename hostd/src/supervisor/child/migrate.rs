@@ -69,6 +69,7 @@ impl Runner {
             },
             auto_converge: m.auto_converge,
             bandwidth_limit: m.bandwidth_limit_bytes_per_second,
+            stream_version: migration::wire::speak(m.destination_stream_version),
         };
         let base = MigrationProgress {
             migration_id: m.migration_id.clone(),
@@ -153,6 +154,8 @@ impl Runner {
                     rounds = sent.rounds,
                     round_kib = ?sent.switchover.round_bytes.iter().map(|b| b >> 10).collect::<Vec<_>>(),
                     last_delta_kib = sent.switchover.last_delta_bytes >> 10,
+                    last_delta_pages = sent.switchover.last_delta_pages,
+                    last_same_pages = sent.switchover.last_same_pages,
                     "migrated"
                 );
                 self.state.detail = format!("migrated to {}", m.destination);
