@@ -112,12 +112,18 @@ pub struct Switchover {
 }
 
 /// What was sent last of pages that went in dirty rounds, as the destination has them:
-/// the base of their next delta. Direct-mapped, as QEMU's XBZRLE cache: a page's slot is
-/// its frame number modulo the slots, and a page sent takes its slot.
+/// the base of their next delta. Bounded, as QEMU's XBZRLE cache, but a map rather than
+/// direct-mapped: while there is room no page takes another's place (a guest rewriting
+/// whole pages would otherwise push out the hot pages that change a few words), and when
+/// full the page put longest ago goes.
 struct PageCache {
+    /// Frame number to slot.
+    slots: std::collections::HashMap<u64, usize>,
     /// Frame number + 1 of the page in each slot; 0: empty.
-    tags: Vec<u64>,
+    owners: Vec<u64>,
     data: Vec<u8>,
+    /// The slot the next new page takes.
+    next: usize,
 }
 
 impl PageCache {
@@ -125,23 +131,32 @@ impl PageCache {
         let slots = (memory_bytes / 8).min(CACHE_MAX).max(PAGE as u64) as usize / PAGE;
         // Zeroed allocations are mapped lazily: only slots used take memory.
         Self {
-            tags: vec![0; slots],
+            slots: std::collections::HashMap::new(),
+            owners: vec![0; slots],
             data: vec![0; slots * PAGE],
+            next: 0,
         }
     }
 
-    fn slot(&self, pfn: u64) -> usize {
-        (pfn % self.tags.len() as u64) as usize
-    }
-
     fn get(&self, pfn: u64) -> Option<&[u8]> {
-        let i = self.slot(pfn);
-        (self.tags[i] == pfn + 1).then(|| &self.data[i * PAGE..(i + 1) * PAGE])
+        let i = *self.slots.get(&pfn)?;
+        Some(&self.data[i * PAGE..(i + 1) * PAGE])
     }
 
     fn put(&mut self, pfn: u64, page: &[u8]) {
-        let i = self.slot(pfn);
-        self.tags[i] = pfn + 1;
+        let i = match self.slots.get(&pfn) {
+            Some(&i) => i,
+            None => {
+                let i = self.next;
+                self.next = (i + 1) % self.owners.len();
+                if let Some(old) = self.owners[i].checked_sub(1) {
+                    self.slots.remove(&old);
+                }
+                self.owners[i] = pfn + 1;
+                self.slots.insert(pfn, i);
+                i
+            }
+        };
         self.data[i * PAGE..(i + 1) * PAGE].copy_from_slice(page);
     }
 }
@@ -253,7 +268,36 @@ fn is_zero(page: &[u8]) -> bool {
     page.chunks_exact(8).all(|w| w == [0u8; 8])
 }
 
-impl<C: FrameSink> Sender<'_, C> {
+impl<'a, C: FrameSink> Sender<'a, C> {
+    fn new(
+        vm: &'a Vm,
+        conn: C,
+        limits: Limits,
+        cancel: &'a AtomicBool,
+        started: Instant,
+        progress: MigrationProgress,
+        report: &'a mut dyn FnMut(&MigrationProgress),
+    ) -> Self {
+        Self {
+            vm,
+            mem: vm.memory().clone(),
+            conn,
+            limits,
+            cancel,
+            started,
+            buf: Vec::with_capacity(RUN_PAGES * PAGE),
+            cache: None,
+            keep: false,
+            delta: Vec::new(),
+            kinds: Vec::with_capacity(RUN_PAGES),
+            delta_pages: 0,
+            same_pages: 0,
+            progress,
+            report,
+            last_report: Instant::now(),
+        }
+    }
+
     fn check(&self) -> Result<(), MigrationError> {
         if self.cancel.load(Ordering::Acquire) {
             return Err(MigrationError::Cancelled);
@@ -532,29 +576,13 @@ pub fn send(
     }
 
     vm.set_dirty_logging(true)?;
-    let mut s = Sender {
-        vm,
-        mem: vm.memory().clone(),
-        conn,
-        limits: Limits {
-            timeout: opts.timeout,
-            bandwidth_limit: opts.bandwidth_limit,
-            downtime_budget: opts.downtime_budget,
-            max_rounds: opts.max_rounds,
-        },
-        cancel,
-        started,
-        buf: Vec::with_capacity(RUN_PAGES * PAGE),
-        cache: None,
-        keep: false,
-        delta: Vec::new(),
-        kinds: Vec::with_capacity(RUN_PAGES),
-        delta_pages: 0,
-        same_pages: 0,
-        progress,
-        report,
-        last_report: Instant::now(),
+    let limits = Limits {
+        timeout: opts.timeout,
+        bandwidth_limit: opts.bandwidth_limit,
+        downtime_budget: opts.downtime_budget,
+        max_rounds: opts.max_rounds,
     };
+    let mut s = Sender::new(vm, conn, limits, cancel, started, progress, report);
     let mut throttle = opts.auto_converge.then(|| Throttle::new(vm.run_control()));
     let mut paused = false;
     let result = run(&mut s, &mut throttle, &mut paused, opts.stream_version);
@@ -761,29 +789,22 @@ pub(super) fn write_paused<C: FrameSink>(
     cancel: &AtomicBool,
 ) -> Result<C, MigrationError> {
     let mut report = |_: &MigrationProgress| {};
-    let mut s = Sender {
-        vm,
-        mem: vm.memory().clone(),
-        conn: sink,
-        limits: Limits {
-            timeout: super::DEFAULT_TIMEOUT,
-            bandwidth_limit: 0,
-            downtime_budget: Duration::ZERO,
-            max_rounds: 0,
-        },
-        cancel,
-        started: Instant::now(),
-        buf: Vec::with_capacity(RUN_PAGES * PAGE),
-        cache: None,
-        keep: false,
-        delta: Vec::new(),
-        kinds: Vec::with_capacity(RUN_PAGES),
-        delta_pages: 0,
-        same_pages: 0,
-        progress: MigrationProgress::default(),
-        report: &mut report,
-        last_report: Instant::now(),
+    let limits = Limits {
+        timeout: super::DEFAULT_TIMEOUT,
+        bandwidth_limit: 0,
+        downtime_budget: Duration::ZERO,
+        max_rounds: 0,
     };
+    let progress = MigrationProgress::default();
+    let mut s = Sender::new(
+        vm,
+        sink,
+        limits,
+        cancel,
+        Instant::now(),
+        progress,
+        &mut report,
+    );
     s.full_pass()?;
     s.conn.send(&Frame::State(state::encode(snapshot)))?;
     Ok(s.conn)
