@@ -172,8 +172,8 @@ impl Conn {
     }
 
     /// Adds `bytes` to what goes out next. Every write is a TLS record and a system call
-    /// of its own: a dirty round of scattered single pages, each a header and a page,
-    /// cost four of them per page when every frame was written on its own.
+    /// of its own: written one by one, a dirty round of scattered single pages cost two
+    /// of each per page (the header, then the page).
     fn queue(&mut self, bytes: &[u8]) -> Result<(), MigrationError> {
         self.sent += bytes.len() as u64;
         if self.out.len() + bytes.len() > QUEUE {
