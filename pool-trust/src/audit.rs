@@ -5,6 +5,12 @@
 //! `tracing` event with target `audit` (under systemd: the daemon's journal), naming the
 //! caller by its certificate's identity (or "no certificate"), its address, the method
 //! and the gRPC code. Reads that succeed are not written: they would drown the rest.
+//!
+//! Each call runs on a task of its own, to its end, whether or not its caller waits for
+//! the answer: hyper drops a call's future when the caller's connection goes, and a change
+//! cut short between its steps (a target served, its record not yet kept) would be left
+//! half made; a caller killed mid-call (a coordinator that dies while storaged is slow)
+//! must not do that. The change it asked for is made, and audited, as if it had waited.
 //! `poold`'s `PoolService` audits into the replicated log instead (users, not daemons).
 
 use std::future::Future;
@@ -91,7 +97,9 @@ where
         + Send
         + 'static,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
     B: Send + 'static,
+    RB: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -108,7 +116,7 @@ where
         // The clone is the one polled ready; the original stays for the next call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
+        let call = tokio::spawn(async move {
             let resp = inner.call(req).await?;
             // A refused or failed unary call answers with its status in the headers
             // (trailers-only); a call that went ahead has none there.
@@ -123,6 +131,14 @@ where
                 tracing::info!(target: "audit", daemon, who = %who, from = %from, call = %method, result = ?result, "audit");
             }
             Ok(resp)
+        });
+        Box::pin(async move {
+            match call.await {
+                Ok(answer) => answer,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                // Cancelled: only by the runtime going down, which drops this future too.
+                Err(_) => std::future::pending().await,
+            }
         })
     }
 }
@@ -130,6 +146,53 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    use tower_layer::Layer;
+
+    /// A call that takes a while, then marks that it made its change.
+    #[derive(Clone)]
+    struct Slow(Arc<AtomicBool>);
+
+    impl tonic::codegen::Service<http::Request<()>> for Slow {
+        type Response = http::Response<()>;
+        type Error = std::convert::Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            let done = self.0.clone();
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                done.store(true, Ordering::SeqCst);
+                Ok(http::Response::new(()))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_call_whose_caller_goes_away_still_runs_to_its_end() {
+        use tonic::codegen::Service;
+        let done = Arc::new(AtomicBool::new(false));
+        let mut svc = AuditLayer::new(PoolId::generate(), "test").layer(Slow(done.clone()));
+        let req = http::Request::builder()
+            .uri("/pool.storage.v1.StorageService/CreateExport")
+            .body(())
+            .unwrap();
+        // The caller gives up (hyper drops the future when the connection goes).
+        let gone = tokio::time::timeout(Duration::from_millis(5), svc.call(req)).await;
+        assert!(gone.is_err(), "the call was still running when dropped");
+        assert!(!done.load(Ordering::SeqCst));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            done.load(Ordering::SeqCst),
+            "the dropped call made its change"
+        );
+    }
 
     #[test]
     fn reads_are_audited_only_when_refused_and_everything_else_always() {
