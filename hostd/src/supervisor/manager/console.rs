@@ -16,7 +16,7 @@ impl Manager {
 
     pub async fn console_input(&self, id: &str, data: Vec<u8>) -> Result<(), ManagerError> {
         let entry = self.get(id).await?;
-        Self::require(&entry, "console input", "running", is_live)?;
+        Self::require(&entry, "console input", "running", is_live).await?;
         entry
             .command(command::Op::ConsoleInput(data))
             .await

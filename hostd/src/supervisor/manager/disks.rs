@@ -16,7 +16,8 @@ impl Manager {
             "attaching a disk",
             "stopped (disks are announced at boot)",
             |s| !is_live(s),
-        )?;
+        )
+        .await?;
         spec::validate_disk(&disk, &self.cfg.initiator_iqn, &self.cfg.image_dirs)?;
         let mut config = entry.lock().config.clone();
         if config.disks.iter().any(|d| d.id == disk.id) {
@@ -40,7 +41,8 @@ impl Manager {
             "detaching a disk",
             "stopped (disks are announced at boot)",
             |s| !is_live(s),
-        )?;
+        )
+        .await?;
         let mut r = entry.lock();
         let before = r.config.disks.len();
         r.config.disks.retain(|d| d.id != disk_id);

@@ -83,6 +83,13 @@ impl Entry {
         power(&self.lock().state)
     }
 
+    /// Whether the VM is arriving here (by migration or from a saved state): it reads
+    /// Migrating, and not because this host is sending it away.
+    pub(super) fn arriving(&self) -> bool {
+        self.power() == PowerState::Migrating
+            && self.migration.borrow().as_ref().is_none_or(migration_ended)
+    }
+
     pub(super) fn set_state(&self, state: VmState) {
         {
             let mut r = self.lock();

@@ -76,7 +76,7 @@ impl Manager {
     pub async fn pause(&self, id: &str) -> Result<VmProto, ManagerError> {
         let entry = self.get(id).await?;
         let _op = entry.op.lock().await;
-        Self::require(&entry, "pause", "running", |s| s == PowerState::Running)?;
+        Self::require(&entry, "pause", "running", |s| s == PowerState::Running).await?;
         entry.command(command::Op::Pause(Empty {})).await?;
         Ok(entry.to_proto())
     }
@@ -84,7 +84,7 @@ impl Manager {
     pub async fn resume(&self, id: &str) -> Result<VmProto, ManagerError> {
         let entry = self.get(id).await?;
         let _op = entry.op.lock().await;
-        Self::require(&entry, "resume", "paused", |s| s == PowerState::Paused)?;
+        Self::require(&entry, "resume", "paused", |s| s == PowerState::Paused).await?;
         entry.command(command::Op::Resume(Empty {})).await?;
         Ok(entry.to_proto())
     }
@@ -94,7 +94,8 @@ impl Manager {
         let _op = entry.op.lock().await;
         Self::require(&entry, "reboot", "running or paused", |s| {
             matches!(s, PowerState::Running | PowerState::Paused)
-        })?;
+        })
+        .await?;
         let boots = entry.lock().state.boots;
         entry
             .command(command::Op::Reboot(Polite {

@@ -2,17 +2,13 @@
 //! starting a send and following its progress, cancelling, and forgetting a VM that left.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use proto::host::{MigrationPhase, MigrationProgress, PowerState, StopReason, VmConfig};
 use tokio::sync::watch;
 
-use super::{Arrival, Manager, ManagerError, STOP_GRACE, power};
+use super::{Arrival, Manager, ManagerError, STOP_GRACE};
 use crate::supervisor::protocol::{Empty, IncomingRecord, MigrateSend, command};
 use crate::supervisor::spec;
-
-/// How long a migration asked of a VM that is still arriving here waits for it to run.
-const ARRIVAL_WAIT: Duration = Duration::from_secs(5);
 
 /// Whether a migration in this phase is over.
 pub fn migration_ended(p: &MigrationProgress) -> bool {
@@ -86,17 +82,10 @@ impl Manager {
         m.tls_dir = self.cfg.tls_dir.display().to_string();
         let entry = self.get(id).await?;
         let _op = entry.op.lock().await;
-        // A VM that has just arrived by migration reads Migrating until its process says
-        // it runs, which can come a moment after the source reported the migration
-        // complete and the coordinator already asked to move it on: wait for that.
-        if entry.power() == PowerState::Migrating {
-            entry
-                .wait_until(ARRIVAL_WAIT, |s| power(s) != PowerState::Migrating)
-                .await;
-        }
         Self::require(&entry, "live migration", "running", |s| {
             s == PowerState::Running
-        })?;
+        })
+        .await?;
         if let Some(p) = entry.migration.borrow().as_ref()
             && !migration_ended(p)
         {

@@ -46,6 +46,8 @@ use entry::Entry;
 
 /// Shutdown waits this much past the guest's own timeout for the process to end.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a call to a VM still arriving here waits for it to run.
+const ARRIVAL_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -314,12 +316,22 @@ impl Manager {
         let _ = std::fs::remove_dir_all(self.vm_dir(&entry.id));
     }
 
-    fn require(
+    /// Ok when VM `entry`'s state is `ok`, else a WrongState error naming `what` was
+    /// asked and the state it `need`s. A VM still arriving here (by migration or from a
+    /// saved state) reads Migrating until its process says it runs, which can come a
+    /// moment after the coordinator heard the move was done and sent its next call: that
+    /// call waits for the arrival (at most [`ARRIVAL_WAIT`]) rather than fail.
+    async fn require(
         entry: &Entry,
         what: &'static str,
         need: &'static str,
         ok: impl Fn(PowerState) -> bool,
     ) -> Result<(), ManagerError> {
+        if !ok(entry.power()) && entry.arriving() {
+            entry
+                .wait_until(ARRIVAL_WAIT, |s| power(s) != PowerState::Migrating)
+                .await;
+        }
         let state = entry.power();
         if ok(state) {
             Ok(())

@@ -28,7 +28,8 @@ impl Manager {
         let _op = entry.op.lock().await;
         Self::require(&entry, "saving it", "running or paused", |s| {
             matches!(s, PowerState::Running | PowerState::Paused)
-        })?;
+        })
+        .await?;
         let reply = entry
             .command_within(
                 command::Op::Save(Save {
