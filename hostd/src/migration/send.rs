@@ -113,18 +113,35 @@ pub struct Switchover {
 
 /// What was sent last of pages that went in dirty rounds, as the destination has them:
 /// the base of their next delta. Bounded, as QEMU's XBZRLE cache, but a map rather than
-/// direct-mapped: while there is room no page takes another's place (a guest rewriting
-/// whole pages would otherwise push out the hot pages that change a few words), and when
-/// full the page put longest ago goes.
+/// direct-mapped (a guest rewriting whole pages would push out the hot pages that change
+/// a few words). It must keep those hot pages while a round's other pages stream past:
+/// - a page put again (dirty in another round) is marked, and a full cache evicts by
+///   CLOCK: the hand passes over marked pages once, clearing the mark, and takes the
+///   first unmarked one;
+/// - a round takes in at most half the cache as new pages (the rest go whole, not kept),
+///   so one round's scan of once-written pages cannot sweep the whole cache and the
+///   hand visits a slot at most about once a round: a page dirty every round is marked
+///   again before the hand comes back to it;
+/// - a page left out for that in one round and dirty again in the next is taken in then,
+///   whatever the round has taken: it is hot, wherever it lies behind the scan.
 struct PageCache {
     /// Frame number to slot.
     slots: std::collections::HashMap<u64, usize>,
     /// Frame number + 1 of the page in each slot; 0: empty.
     owners: Vec<u64>,
+    /// Put again since the hand last passed.
+    marked: Vec<bool>,
     data: Vec<u8>,
-    /// The slot the next new page takes.
-    next: usize,
+    /// The CLOCK hand: the slot looked at next for a new page.
+    hand: usize,
+    /// New pages taken in this round.
+    taken: usize,
+    /// Pages left out in the last round, and in this one (at most `LEFT_OUT_MAX`).
+    left_out: [std::collections::HashSet<u64>; 2],
 }
+
+/// How many left-out pages a round remembers, in cache sizes.
+const LEFT_OUT_MAX: usize = 4;
 
 impl PageCache {
     fn new(memory_bytes: u64) -> Self {
@@ -133,9 +150,19 @@ impl PageCache {
         Self {
             slots: std::collections::HashMap::new(),
             owners: vec![0; slots],
+            marked: vec![false; slots],
             data: vec![0; slots * PAGE],
-            next: 0,
+            hand: 0,
+            taken: 0,
+            left_out: Default::default(),
         }
+    }
+
+    /// A new dirty round: it may take in new pages again.
+    fn new_round(&mut self) {
+        self.taken = 0;
+        self.left_out.swap(0, 1);
+        self.left_out[1].clear();
     }
 
     fn get(&self, pfn: u64) -> Option<&[u8]> {
@@ -143,21 +170,48 @@ impl PageCache {
         Some(&self.data[i * PAGE..(i + 1) * PAGE])
     }
 
+    /// Keeps `page` as what the destination has of frame `pfn`: always when the frame is
+    /// kept already (its copy must stay what was sent), and while the round may take
+    /// another page otherwise.
     fn put(&mut self, pfn: u64, page: &[u8]) {
         let i = match self.slots.get(&pfn) {
-            Some(&i) => i,
+            Some(&i) => {
+                self.marked[i] = true;
+                i
+            }
             None => {
-                let i = self.next;
-                self.next = (i + 1) % self.owners.len();
+                if self.taken >= self.owners.len().div_ceil(2) && !self.left_out[0].contains(&pfn) {
+                    if self.left_out[1].len() < LEFT_OUT_MAX * self.owners.len() {
+                        self.left_out[1].insert(pfn);
+                    }
+                    return;
+                }
+                self.taken += 1;
+                let i = self.victim();
                 if let Some(old) = self.owners[i].checked_sub(1) {
                     self.slots.remove(&old);
                 }
                 self.owners[i] = pfn + 1;
+                self.marked[i] = false;
                 self.slots.insert(pfn, i);
                 i
             }
         };
         self.data[i * PAGE..(i + 1) * PAGE].copy_from_slice(page);
+    }
+
+    /// The slot a new page takes: the first empty or unmarked one from the hand on,
+    /// clearing the marks it passes (one turn clears them all, so it ends).
+    fn victim(&mut self) -> usize {
+        loop {
+            let i = self.hand;
+            self.hand = (i + 1) % self.owners.len();
+            if self.owners[i] != 0 && self.marked[i] {
+                self.marked[i] = false;
+                continue;
+            }
+            return i;
+        }
     }
 }
 
@@ -653,6 +707,9 @@ fn run(
     let pending = loop {
         s.check()?;
         let dirty = s.vm.take_dirty_pages()?;
+        if let Some(c) = s.cache.as_mut() {
+            c.new_round();
+        }
         let interval = last_take.elapsed();
         last_take = Instant::now();
         let bytes = dirty_bytes(&dirty);
@@ -808,4 +865,39 @@ pub(super) fn write_paused<C: FrameSink>(
     s.full_pass()?;
     s.conn.send(&Frame::State(state::encode(snapshot)))?;
     Ok(s.conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hot_pages_stay_cached_while_rounds_of_once_written_pages_stream_past() {
+        let mut c = PageCache::new(64 * 8 * PAGE as u64);
+        assert_eq!(c.owners.len(), 64);
+        // One hot page before each round's scan of 200 once-written pages, one after it.
+        let (before, after) = (3u64, 1_000_000u64);
+        let mut cold = 10_000u64;
+        for round in 0..12u8 {
+            c.new_round();
+            c.put(before, &[round; PAGE]);
+            for _ in 0..200 {
+                c.put(cold, &[0xcc; PAGE]);
+                cold += 1;
+            }
+            c.put(after, &[round; PAGE]);
+            // Kept from the round it came in (the one after the scan, left out once,
+            // from the next), and always as put last.
+            assert_eq!(c.get(before).map(|p| p[0]), Some(round), "round {round}");
+            if round >= 1 {
+                assert_eq!(c.get(after).map(|p| p[0]), Some(round), "round {round}");
+            }
+            assert!(c.slots.len() <= 64);
+            assert!(c.left_out[1].len() <= LEFT_OUT_MAX * 64);
+        }
+        // Every slot the map names holds that page.
+        for (&pfn, &i) in &c.slots {
+            assert_eq!(c.owners[i], pfn + 1);
+        }
+    }
 }
