@@ -162,7 +162,10 @@ fn a_dirtying_guest_moves_over_the_stream_and_goes_on_where_it_was() {
     let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let img = image(&dir, 8 << 20);
-    let cmd = "seed=5 blk=write mode=heartbeat hb_ms=20 dirty_mib_s=64 dirty_mib=8";
+    // 16 MiB/s: the cursor takes 125 ms over the 2 MiB of region one page of generations
+    // covers, so that page changes in part between rounds and goes as a delta. (At 64
+    // MiB/s rounds slowed by a loaded machine found it wholly rewritten: no delta.)
+    let cmd = "seed=5 blk=write mode=heartbeat hb_ms=20 dirty_mib_s=16 dirty_mib=8";
     let console_a = Console::new(1 << 20, None).unwrap();
     let mut a = Vm::new(&spec(cmd, Some(&img)), console_a.clone()).unwrap();
     a.start().unwrap();
@@ -170,12 +173,18 @@ fn a_dirtying_guest_moves_over_the_stream_and_goes_on_where_it_was() {
 
     let mut vms = vec![(a, console_a)];
     let mut texts = Vec::new();
-    for hop in 0..3 {
+    let mut deltas = 0;
+    for hop in 0..4 {
         let (src, src_console) = vms.pop().unwrap();
         let (addr, dest) = destination(spec(cmd, Some(&img)), "s3cret");
         let mut reports: Vec<MigrationProgress> = Vec::new();
-        // The middle hop speaks version 2, as to a destination from before deltas.
-        let version = [wire::VERSION, wire::FALLBACK_VERSION, wire::VERSION][hop];
+        // The second hop speaks version 2, as to a destination from before deltas.
+        let version = [
+            wire::VERSION,
+            wire::FALLBACK_VERSION,
+            wire::VERSION,
+            wire::VERSION,
+        ][hop];
         let sent = migration::send(
             &src,
             &SendOptions {
@@ -208,13 +217,18 @@ fn a_dirtying_guest_moves_over_the_stream_and_goes_on_where_it_was() {
             sent.same_pages
         );
         // The guest's page generations change a word a page: sent again, they go as
-        // deltas where the stream has them, and never where it has not.
+        // deltas where the stream has them (or not at all, unchanged), and never where it
+        // has not. Whether a hop's last sets catch a generation page changed in part is
+        // timing (about one hop in six misses); one of the three version 3 hops does.
         if version >= wire::DELTA_VERSION && sent.rounds > 0 {
             assert!(
-                sent.delta_pages > 0,
-                "hop {hop}: no deltas in {} rounds",
+                sent.delta_pages + sent.same_pages > 0,
+                "hop {hop}: no page found in the cache in {} rounds",
                 sent.rounds
             );
+        }
+        if version >= wire::DELTA_VERSION {
+            deltas += sent.delta_pages;
         }
         if version < wire::DELTA_VERSION {
             assert_eq!(sent.delta_pages + sent.same_pages, 0, "hop {hop}");
@@ -223,6 +237,7 @@ fn a_dirtying_guest_moves_over_the_stream_and_goes_on_where_it_was() {
         wait_heartbeats(&console, before + 3);
         vms.push((vm, console));
     }
+    assert!(deltas > 0, "no page went as a delta in the version 3 hops");
     let (last, console) = vms.pop().unwrap();
     last.stop();
     drop(last);
@@ -659,6 +674,16 @@ mod daemons {
             );
             assert!(a.last().error.is_empty(), "{:?}", a.last());
             downtimes.push(a.last().downtime_ms);
+            // The coordinator's next call comes as soon as the source says Completed,
+            // which may be before the destination's VM process says the VM runs: on odd
+            // hops a pause and a resume right then wait for the arrival, never refused.
+            if hop % 2 == 1 {
+                let m1 = || VmRequest { vm_id: "m1".into() };
+                let paused = clients[d].pause_vm(m1()).await;
+                assert!(paused.is_ok(), "hop {hop}: pause on arrival: {paused:?}");
+                let resumed = clients[d].resume_vm(m1()).await;
+                assert!(resumed.is_ok(), "hop {hop}: resume: {resumed:?}");
+            }
             assert!(
                 a.progress
                     .iter()
