@@ -48,6 +48,20 @@ const OUTER_VCPUS: u32 = 2;
 const OUTER_CPU: &str = "qemu64,+svm,+npt,+ssse3,+sse4.1,+sse4.2,+popcnt,+aes,+pclmulqdq";
 /// What the emulated host's kernel prints when a CPU has not scheduled for 20 s or more.
 const SOFT_LOCKUP: &str = "watchdog: BUG: soft lockup";
+/// What it prints when a CPU has held up RCU for 21 s or more (an emulated CPU wedged in
+/// a nested guest, its other CPU still beating).
+const RCU_STALL: &str = "detected stalls on CPUs/tasks";
+
+/// Whether kernel message `line` (`[ seconds] text`) is stamped within 20 s of `uptime`:
+/// a message of the kernel whose uptime that is; a nested guest's kernel has a clock of
+/// its own.
+fn stamped_near(line: &str, uptime: f64) -> bool {
+    line.trim_start()
+        .strip_prefix('[')
+        .and_then(|l| l.split(']').next())
+        .and_then(|t| t.trim().parse::<f64>().ok())
+        .is_some_and(|t| (t - uptime).abs() < 20.0)
+}
 /// The outer init prints a heartbeat every 10 s; this long without one is a frozen emulator.
 const HEARTBEAT_SILENCE: Duration = Duration::from_secs(60);
 
@@ -581,6 +595,8 @@ pub struct Running {
     marks: Lines,
     /// The outer heartbeat's last line (or the init's, or the emulator's start).
     last_beat: Instant,
+    /// When a line said the emulated host's uptime, and what it said.
+    uptime: Option<(Instant, f64)>,
     /// The script's exit status once it ended.
     ended: Option<i32>,
     /// The per-run initrd, removed with this.
@@ -653,6 +669,7 @@ impl Running {
             marks: Vec::new(),
             // An emulator frozen before its first beat is as stalled as one that stops.
             last_beat: Instant::now(),
+            uptime: None,
             ended: None,
             initrd: None,
             _lock: None,
@@ -683,6 +700,17 @@ impl Running {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Whether `line`, which came at `at`, is a message of the emulated host's kernel
+    /// (see [`stamped_near`]), its uptime then told by the last heartbeat.
+    fn own_kernel_line(&self, at: Instant, line: &str) -> bool {
+        self.uptime.is_some_and(|(when, uptime)| {
+            stamped_near(
+                line,
+                uptime + at.saturating_duration_since(when).as_secs_f64(),
+            )
+        })
     }
 
     /// The next line, or None when `until` passes first; Err when the try is over.
@@ -737,6 +765,13 @@ impl Running {
             // line may follow the firmware's screen-clearing escapes).
             if line.starts_with("EMUHOST-HB") || line.contains("EMUHOST init") {
                 self.last_beat = at;
+                if let Some(u) = line
+                    .split("uptime=")
+                    .nth(1)
+                    .and_then(|u| u.trim().parse().ok())
+                {
+                    self.uptime = Some((at, u));
+                }
             }
             self.lines.push((t, line.clone()));
             // The emulated host's own kernel finding a CPU stuck: QEMU's emulated SVM
@@ -744,6 +779,15 @@ impl Running {
             if emulated && line.contains(SOFT_LOCKUP) {
                 return Err(Failure::Stalled(format!(
                     "{}: the emulated host's kernel reports a stuck CPU, waiting for {waiting_for:?}; {}",
+                    self.name,
+                    self.tail()
+                )));
+            }
+            // The same, told by RCU; only from the emulated host's own kernel (a Linux
+            // guest's stall, relayed by a scenario, may be ours to answer for).
+            if emulated && line.contains(RCU_STALL) && self.own_kernel_line(at, &line) {
+                return Err(Failure::Stalled(format!(
+                    "{}: the emulated host's kernel reports an RCU stall, waiting for {waiting_for:?}; {}",
                     self.name,
                     self.tail()
                 )));
@@ -922,4 +966,23 @@ fn shared_libraries(path: &Path) -> Result<Vec<String>, String> {
         .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')))
         .map(str::to_owned)
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kernel_line_is_the_emulated_hosts_when_stamped_with_its_uptime() {
+        let stall = "[  283.781604] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:";
+        assert!(stamped_near(stall, 281.3));
+        assert!(stamped_near(stall, 300.0));
+        // A nested guest's kernel, booted a minute ago.
+        assert!(!stamped_near(stall, 900.0));
+        assert!(!stamped_near(
+            "rcu: INFO: rcu_preempt detected stalls",
+            283.0
+        ));
+        assert!(!stamped_near("[ x] rcu", 0.0));
+    }
 }
