@@ -51,6 +51,9 @@ const SOFT_LOCKUP: &str = "watchdog: BUG: soft lockup";
 /// What it prints when a CPU has held up RCU for 21 s or more (an emulated CPU wedged in
 /// a nested guest, its other CPU still beating).
 const RCU_STALL: &str = "detected stalls on CPUs/tasks";
+/// What it prints when it dies: seen as "corrupted stack end detected inside scheduler"
+/// with and without huge pages, the emulation corrupting the emulated host itself.
+const KERNEL_PANIC: &str = "Kernel panic";
 
 /// Whether kernel message `line` (`[ seconds] text`) is stamped within 20 s of `uptime`:
 /// a message of the kernel whose uptime that is; a nested guest's kernel has a clock of
@@ -783,11 +786,15 @@ impl Running {
                     self.tail()
                 )));
             }
-            // The same, told by RCU; only from the emulated host's own kernel (a Linux
-            // guest's stall, relayed by a scenario, may be ours to answer for).
-            if emulated && line.contains(RCU_STALL) && self.own_kernel_line(at, &line) {
+            // The same, told by RCU, and the emulated host's kernel dying: only from that
+            // kernel (a Linux guest's stall or panic, relayed by a scenario, may be ours
+            // to answer for, and fails it through `fail_on`).
+            if emulated
+                && (line.contains(RCU_STALL) || line.contains(KERNEL_PANIC))
+                && self.own_kernel_line(at, &line)
+            {
                 return Err(Failure::Stalled(format!(
-                    "{}: the emulated host's kernel reports an RCU stall, waiting for {waiting_for:?}; {}",
+                    "{}: the emulated host's kernel reports a stall or died, waiting for {waiting_for:?}; {}",
                     self.name,
                     self.tail()
                 )));
