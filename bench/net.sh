@@ -7,7 +7,8 @@
 #     counted by a socket in the namespace from the first to the last datagram's kernel
 #     receive time, median of RUNS (5) boots each way;
 #   - host -> guest -> host UDP echo round trip, p50 and p99 of RUNS x 400 sequential
-#     round trips after a warm-up;
+#     round trips after a warm-up (and of hostd with its VIF's busy polling off, for
+#     reference: net_rtt_p50_nopoll_vs_qemu);
 #   - echoes lost at 1,000 pps over one live migration between two taps on one bridge
 #     (ours; QEMU's with its self-announce for reference).
 # Ratios are hostd / QEMU: above 1 is better for packets/s and throughput, below 1 for
@@ -32,6 +33,9 @@ done
 echo "BENCH net_pps_vs_qemu $(ratio "$(field hostd pps)" "$(field qemu pps)") x"
 echo "BENCH net_throughput_vs_qemu $(ratio "$(field hostd mb_s)" "$(field qemu mb_s)") x"
 echo "BENCH net_rtt_p50_vs_qemu $(ratio "$(field hostd rtt_p50_us)" "$(field qemu rtt_p50_us)") x"
+nopoll=$(awk '$1=="REFERENCE" && $2=="hostd-nopoll" { split($3, kv, "="); print kv[2] }' <<<"$out")
+if [ -z "$nopoll" ]; then echo "no round trip for hostd-nopoll: the benchmark is incomplete" >&2; exit 1; fi
+echo "BENCH net_rtt_p50_nopoll_vs_qemu $(ratio "$nopoll" "$(field qemu rtt_p50_us)") x"
 lost=$(field hostd lost)
 if [ "$lost" = none ]; then
   echo "hostd's migration was not measured (see the MIGRATION line): no net_migration_lost_packets" >&2

@@ -12,6 +12,8 @@
 //!   (`(received - 1) / span`), median of RUNS boots each way;
 //! - host → guest → host UDP echo round trips (`udp_echo`), sequential, 64-byte payloads,
 //!   RTT_WARMUP unmeasured then RTT_EACH measured per boot, RUNS boots each way; p50, p99;
+//!   also of hostd with busy polling off (`poll_us=0`), a reference row: what the VIF's
+//!   watching window (on by default, as any VIF of hostd's) is worth;
 //! - echoes lost at 1,000 pps over one live migration: two VMs of one VMM in one
 //!   namespace, their taps on one bridge carrying the namespace's address; one echo
 //!   request a millisecond from 1 s before the migration to 1 s after it. Ours: this
@@ -24,8 +26,9 @@
 //! has no such port, so there the guest spins (its default command line, the same for both).
 //! QEMU's microvm gets an i8042 so the guest's shutdown check is one port read there too.
 //!
-//! `net_bench HOSTD RUNS` prints the table and `RESULT <who> pps=.. mb_s=..
-//! rtt_p50_us=.. rtt_p99_us=.. lost=..` lines (`lost=none` when the migration could not
+//! `net_bench HOSTD RUNS` prints the table, `RESULT <who> pps=.. mb_s=..
+//! rtt_p50_us=.. rtt_p99_us=.. lost=..` lines and a `REFERENCE hostd-nopoll rtt_p50_us=..
+//! rtt_p99_us=..` line (`lost=none` when the migration could not
 //! be measured, with a `MIGRATION <who> failed: ..` line saying why).
 
 mod common;
@@ -70,6 +73,8 @@ const NS_PREFIX: &str = "nbench";
 enum Vmm {
     Hostd,
     Qemu,
+    /// hostd with its VIF's busy polling off (`poll_us=0`): the round trip's reference.
+    HostdNoPoll,
 }
 
 impl Vmm {
@@ -77,6 +82,7 @@ impl Vmm {
         match self {
             Vmm::Hostd => "hostd",
             Vmm::Qemu => "qemu",
+            Vmm::HostdNoPoll => "hostd-nopoll",
         }
     }
 }
@@ -235,13 +241,18 @@ impl Bench {
         let err = self.dir.path().join(format!("{n}.err"));
         let stderr = File::create(&err).unwrap();
         match vmm {
-            Vmm::Hostd => {
+            Vmm::Hostd | Vmm::HostdNoPoll => {
                 let log = self.dir.path().join(format!("{n}.log"));
+                let poll = if vmm == Vmm::HostdNoPoll {
+                    ",poll_us=0"
+                } else {
+                    ""
+                };
                 let child = ns
                     .exec(&self.hostd)
                     .args(["--log", "error", "run", "--kernel", testguest::ELF_PATH])
                     .args(["--memory-mib", &MIB.to_string(), "--cmdline", cmdline])
-                    .args(["--net", &format!("tap={tap},mac={MAC}")])
+                    .args(["--net", &format!("tap={tap},mac={MAC}{poll}")])
                     .stdin(Stdio::null())
                     .stdout(File::create(&log).unwrap())
                     .stderr(stderr)
@@ -793,15 +804,18 @@ fn main() {
         dir: tempfile::tempdir().unwrap(),
         boots: 0,
     };
-    let namespaces = [Netns::new("h"), Netns::new("q")];
-    let whos = [Vmm::Hostd, Vmm::Qemu];
-    let mut figs = [Figures::default(), Figures::default()];
+    let namespaces = [Netns::new("h"), Netns::new("q"), Netns::new("n")];
+    // The streams are bound by the kernel's tap path, not by polling: the reference
+    // VMM only takes the round trips.
+    let whos = [Vmm::Hostd, Vmm::Qemu, Vmm::HostdNoPoll];
+    let streamed = &whos[..2];
+    let mut figs = [Figures::default(), Figures::default(), Figures::default()];
     for run in 0..runs {
-        for (i, &who) in whos.iter().enumerate() {
+        for (i, &who) in streamed.iter().enumerate() {
             let (pps, _) = stream(&mut b, who, &namespaces[i], 64, SMALL_COUNT);
             figs[i].pps.push(pps);
         }
-        for (i, &who) in whos.iter().enumerate() {
+        for (i, &who) in streamed.iter().enumerate() {
             let (_, bytes) = stream(&mut b, who, &namespaces[i], 1448, LARGE_COUNT);
             figs[i].bytes_s.push(bytes);
         }
@@ -829,10 +843,10 @@ fn main() {
         "qemu migration: {} of {} echoes lost, longest gap {:.1} ms, downtime {:.1} ms",
         theirs.0, theirs.1, theirs.2, theirs.3
     );
-    let lost = [ours.as_ref().ok().copied(), Some(theirs)];
+    let lost = [ours.as_ref().ok().copied(), Some(theirs), None];
 
     println!(
-        "{:<6} {:>12} {:>14} {:>13} {:>13} {:>22}",
+        "{:<12} {:>12} {:>14} {:>13} {:>13} {:>22}",
         "VMM", "64 B pps", "1448 B MB/s", "RTT p50 µs", "RTT p99 µs", "migration lost/sent"
     );
     for (i, who) in whos.iter().enumerate() {
@@ -841,17 +855,27 @@ fn main() {
             Some((l, s, gap, _)) => format!("{l}/{s} ({gap:.0} ms gap)"),
             None => "not measured".into(),
         };
+        let stream = |v: &[f64], scale: f64| match v {
+            [] => "-".to_string(),
+            v => format!("{:.1}", median(v.to_vec()) / scale),
+        };
         println!(
-            "{:<6} {:>12.0} {:>14.1} {:>13.1} {:>13.1} {:>22}",
+            "{:<12} {:>12} {:>14} {:>13.1} {:>13.1} {:>22}",
             who.name(),
-            median(f.pps.clone()),
-            median(f.bytes_s.clone()) / 1e6,
+            stream(&f.pps, 1.0),
+            stream(&f.bytes_s, 1e6),
             percentile(&f.rtt_us, 0.5),
             percentile(&f.rtt_us, 0.99),
             mig
         );
     }
-    for (i, who) in whos.iter().enumerate() {
+    println!(
+        "REFERENCE {} rtt_p50_us={:.2} rtt_p99_us={:.2}",
+        Vmm::HostdNoPoll.name(),
+        percentile(&figs[2].rtt_us, 0.5),
+        percentile(&figs[2].rtt_us, 0.99)
+    );
+    for (i, who) in streamed.iter().enumerate() {
         let f = &figs[i];
         println!(
             "RESULT {} pps={:.0} mb_s={:.2} rtt_p50_us={:.2} rtt_p99_us={:.2} lost={}",

@@ -93,7 +93,8 @@ enum Cmd {
         #[arg(long)]
         disk: Vec<String>,
         /// A network interface on a tap (made if missing, gone when this exits); repeat
-        /// for more: `tap=NAME,mac=02:00:00:00:00:01[,mtu=N][,vlan=N][,bps=N][,pps=N]`.
+        /// for more: `tap=NAME,mac=02:00:00:00:00:01[,mtu=N][,vlan=N][,bps=N][,pps=N]`
+        /// `[,poll_us=N]` (busy-poll ceiling after traffic, 0-1000 µs; 50 when absent).
         #[arg(long)]
         net: Vec<String>,
         /// Print to stderr how long it took from start to the first console byte.
@@ -229,6 +230,7 @@ fn parse_net(id: &str, value: &str) -> anyhow::Result<proto::host::NetConfig> {
             "vlan" => n.vlan = Some(u32::try_from(num()?)?),
             "bps" => n.rate_bytes_per_sec = Some(num()?),
             "pps" => n.rate_packets_per_sec = Some(num()?),
+            "poll_us" => n.busy_poll_us = Some(u32::try_from(num()?)?),
             _ => anyhow::bail!("--net {value:?}: unknown key {key:?}"),
         }
     }

@@ -301,6 +301,7 @@ mod tests {
                     rate_bytes_per_sec: Some(1 << 20),
                     rate_packets_per_sec: None,
                     vlan: Some(42),
+                    busy_poll_us: Some(20),
                     network: None,
                 }],
             }),

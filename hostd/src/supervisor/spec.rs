@@ -15,7 +15,7 @@ use crate::devices::virtio::block::backend::OpenError;
 use crate::devices::virtio::block::iscsi::{self, IscsiBackend, IscsiError, IscsiTarget};
 use crate::devices::virtio::block::{Disk, FileBackend};
 use crate::devices::virtio::net::{
-    DEFAULT_MTU, MacAddr, Nic, NicError, RateLimit, Tap, TapError, Vlan, tap,
+    DEFAULT_MTU, MacAddr, Nic, NicError, RateLimit, Tap, TapError, Vlan, busy_poll_from_us, tap,
 };
 use crate::network::{NetworkError, NetworkKind, NetworkSpec};
 use crate::vmm::{BootProtocol, BootSpec, CpuidRegs, MAX_VCPUS, MIN_MEMORY_BYTES, VmSpec, layout};
@@ -447,6 +447,9 @@ fn check_net(
     };
     let rate = RateLimit::new(n.rate_bytes_per_sec, n.rate_packets_per_sec).map_err(err)?;
     let vlan = n.vlan.map(Vlan::new).transpose().map_err(err)?;
+    if let Some(us) = n.busy_poll_us {
+        busy_poll_from_us(u64::from(us)).map_err(err)?;
+    }
     Nic::check(&n.id, mtu).map_err(err)?;
     Ok((mac, mtu, rate, vlan))
 }
@@ -458,7 +461,12 @@ pub fn open_net(n: &NetConfig) -> Result<Nic, SpecError> {
         id: n.id.clone(),
         source,
     })?;
-    Nic::new(n.id.clone(), Arc::new(tap), mac, mtu, rate, vlan).map_err(|source| SpecError::Net {
+    let nic = Nic::new(n.id.clone(), Arc::new(tap), mac, mtu, rate, vlan);
+    match n.busy_poll_us {
+        Some(us) => nic.and_then(|nic| nic.with_busy_poll_us(u64::from(us))),
+        None => nic,
+    }
+    .map_err(|source| SpecError::Net {
         id: n.id.clone(),
         source,
     })
@@ -758,6 +766,7 @@ mod tests {
             mtu: 9000,
             rate_packets_per_sec: Some(1000),
             vlan: Some(7),
+            busy_poll_us: Some(0),
             ..net("eth0", &tap, "02:00:00:00:00:01")
         });
         let spec = to_spec(&c, "").unwrap();
@@ -767,6 +776,11 @@ mod tests {
         assert_eq!((nic.mtu, nic.vlan.map(|v| v.id())), (9000, Some(7)));
         assert_eq!(nic.rate.packets_per_s.map(|r| r.get()), Some(1000));
         assert_eq!(nic.rate.bytes_per_s, None);
+        assert_eq!(
+            nic.busy_poll,
+            std::time::Duration::ZERO,
+            "busy polling off as asked"
+        );
         drop(spec);
         let bad = |f: &dyn Fn(&mut NetConfig)| {
             let mut c = c.clone();
@@ -784,6 +798,10 @@ mod tests {
         assert_eq!(
             nic_error(bad(&|n| n.vlan = Some(4095))),
             NicError::BadVlan { tag: 4095 }
+        );
+        assert_eq!(
+            nic_error(bad(&|n| n.busy_poll_us = Some(1001))),
+            NicError::BadBusyPoll { us: 1001 }
         );
         assert_eq!(
             nic_error(bad(&|n| n.mac = "01:00:00:00:00:01".into())),

@@ -28,6 +28,8 @@ pub fn nets_on(s: &PoolState, vm: &pb::Vm, host_id: &str) -> Vec<hpb::NetConfig>
                 rate_bytes_per_sec: p.vif.rate_bytes_per_sec,
                 rate_packets_per_sec: p.vif.rate_packets_per_sec,
                 vlan: (p.network.vlan != 0).then_some(p.network.vlan),
+                // The VMM's own ceiling: the pool has no setting for it.
+                busy_poll_us: None,
                 network: Some(hpb::NetworkAttachment {
                     network_id: p.network.id.clone(),
                     name: p.network.name.clone(),

@@ -183,7 +183,7 @@ mod tests {
     use crate::devices::IrqLine;
     use crate::devices::virtio::net::frame::{MacAddr, VNET_HDR_LEN, Vlan, VnetHdr};
     use crate::devices::virtio::net::test_utils::{DriverQueue, TestTap, mem};
-    use crate::devices::virtio::net::{DEFAULT_MTU, RateLimit};
+    use crate::devices::virtio::net::{DEFAULT_BUSY_POLL, DEFAULT_MTU, MAX_BUSY_POLL, RateLimit};
     use crate::devices::virtio::{INT_VRING, VirtioInterrupt};
     use crate::vmm::GuestRam;
 
@@ -208,8 +208,15 @@ mod tests {
 
     impl Rig {
         fn new(acked: u64, rate: RateLimit, vlan: Option<Vlan>) -> Rig {
+            Self::polling(acked, rate, vlan, DEFAULT_BUSY_POLL)
+        }
+
+        /// A rig whose VIF watches after traffic for at most `busy_poll`.
+        fn polling(acked: u64, rate: RateLimit, vlan: Option<Vlan>, busy_poll: Duration) -> Rig {
             let net_side = TestTap::new();
-            let nic = Nic::new("eth0", net_side.tap.clone(), MAC, DEFAULT_MTU, rate, vlan).unwrap();
+            let mut nic =
+                Nic::new("eth0", net_side.tap.clone(), MAC, DEFAULT_MTU, rate, vlan).unwrap();
+            nic.busy_poll = busy_poll;
             let mem = mem();
             let (rx, tx) = (DriverQueue::new(16, 0x1000), DriverQueue::new(64, 0x2000));
             let kicks = [0, 1].map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap());
@@ -238,6 +245,12 @@ mod tests {
 
         /// Queues `frame` for TX behind `hdr`, header and frame in two descriptors.
         fn send(&mut self, hdr: VnetHdr, frame: &[u8]) {
+            self.queue_tx(hdr, frame);
+            self.kicks[TX_QUEUE].write(1).unwrap();
+        }
+
+        /// Queues `frame` for TX as [`Rig::send`] does, without telling the device.
+        fn queue_tx(&mut self, hdr: VnetHdr, frame: &[u8]) {
             let at = TX_DATA + self.slot * 0x1_0000;
             self.slot = (self.slot + 1) % 32;
             self.mem
@@ -253,7 +266,19 @@ mod tests {
                     (at + 0x100, frame.len() as u32, false),
                 ],
             );
-            self.kicks[TX_QUEUE].write(1).unwrap();
+        }
+
+        /// Whether a TX chain comes back within `limit`, looked for without sleeping (a
+        /// sleep would be longer than the windows under test).
+        fn tx_used_within(&mut self, limit: Duration) -> bool {
+            let deadline = Instant::now() + limit;
+            while Instant::now() < deadline {
+                if !self.tx.used(&self.mem).is_empty() {
+                    return true;
+                }
+                std::hint::spin_loop();
+            }
+            false
         }
 
         /// Posts RX buffer `i` of 2 KiB and tells the device.
@@ -415,6 +440,49 @@ mod tests {
         assert_eq!(frame, inbound, "delivered untagged");
         let s = r.nic.metrics.snapshot();
         assert_eq!((s.rx_packets, s.rx_dropped, s.announces), (1, 2, 1));
+    }
+
+    #[test]
+    fn a_frame_queued_without_a_kick_goes_only_while_the_worker_watches() {
+        // Never watching: such a frame waits for the next kick.
+        let mut r = Rig::polling(ACKED, RateLimit::default(), None, Duration::ZERO);
+        r.send(plain(), &udp(MAC, b"kicked"));
+        assert!(r.tx_used_within(Duration::from_secs(2)));
+        // (Until the worker has looked at the ring once more with kicks on, a frame
+        // queued now would rightly still go.)
+        std::thread::sleep(Duration::from_millis(50));
+        r.queue_tx(plain(), &udp(MAC, b"quiet"));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(r.tx.used(&r.mem).is_empty(), "taken with no kick");
+        r.kicks[TX_QUEUE].write(1).unwrap();
+        assert!(r.tx_used_within(Duration::from_secs(2)));
+
+        // Watching up to 1 ms: kicked frames 100 µs apart grow the window past their gap,
+        // and then one queued 100 µs after the last goes without a kick. Tried again when
+        // a loaded machine stretched the gaps past the ceiling (which shrinks the window).
+        let mut r = Rig::polling(ACKED, RateLimit::default(), None, MAX_BUSY_POLL);
+        let gap = Duration::from_micros(100);
+        let taken = (0..50).any(|_| {
+            for _ in 0..10 {
+                r.send(plain(), &udp(MAC, b"kicked"));
+                assert!(r.tx_used_within(Duration::from_secs(2)));
+                std::thread::sleep(gap);
+            }
+            r.queue_tx(plain(), &udp(MAC, b"quiet"));
+            let taken = r.tx_used_within(Duration::from_millis(5));
+            if !taken {
+                r.kicks[TX_QUEUE].write(1).unwrap();
+                assert!(r.tx_used_within(Duration::from_secs(2)));
+            }
+            taken
+        });
+        assert!(taken, "a watching worker never took a frame without a kick");
+        let sent = r.nic.metrics.snapshot().tx_packets;
+        let mut seen = 0;
+        while r.net_side.recv().is_some() {
+            seen += 1;
+        }
+        assert_eq!(seen, sent, "every frame taken reached the tap");
     }
 
     #[test]

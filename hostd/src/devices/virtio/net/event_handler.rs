@@ -6,6 +6,8 @@
 //!   on the RX queue): no busy loop, and the tap's own queue holds the rest.
 //! - TX kick: every frame the guest queued is checked and written to the tap, unless the
 //!   rate limit says to wait: then the frame waits in hand and a timer resumes sending.
+//! - After traffic the worker watches the tap, the kicks and the TX ring itself (with the
+//!   guest's kicks off) for the VIF's [`BusyPoll`] window before it sleeps again.
 
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
@@ -16,11 +18,15 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::Nic;
+use super::busy_poll::BusyPoll;
 use super::frame::{self, Chain, ChainError, MAX_FRAME, Refused, VNET_HDR_LEN, VnetHdr};
 use super::rate::Limiter;
 use crate::devices::virtio::block::request::Desc;
 use crate::devices::virtio::{INT_VRING, VirtioInterrupt};
 use crate::vmm::GuestRam;
+
+/// A gap between two looks of a watching worker this long means it was off the CPU.
+const PREEMPTED: Duration = Duration::from_micros(20);
 
 pub(super) struct Handler {
     mem: GuestRam,
@@ -44,6 +50,9 @@ pub(super) struct Handler {
     tx_deferred: Option<u16>,
     tx_hdr: VnetHdr,
     tx_buf: Vec<u8>,
+    busy: BusyPoll,
+    /// Watching: the guest's TX kicks are off, the worker reads the ring instead.
+    spinning: bool,
 }
 
 /// Pops the next chain, or, with none, asks the driver for a kick when it adds one
@@ -92,6 +101,7 @@ impl Handler {
             tx,
             interrupt,
             limiter: Limiter::new(&nic.rate, Instant::now()),
+            busy: BusyPoll::new(nic.busy_poll),
             nic,
             acked,
             timer: TimerFd::new()?,
@@ -103,6 +113,7 @@ impl Handler {
             tx_deferred: None,
             tx_hdr: VnetHdr::default(),
             tx_buf: Vec::with_capacity(VNET_HDR_LEN + MAX_FRAME),
+            spinning: false,
         })
     }
 
@@ -111,6 +122,9 @@ impl Handler {
         // The driver may have queued frames and buffers before it set DRIVER_OK.
         self.process_tx();
         self.process_rx();
+        let mut last_work = Instant::now();
+        let mut last_look = last_work;
+        let mut watch_until: Option<Instant> = None;
         loop {
             let watch_tap = !self.rx_starved && !self.tap_broken;
             let fd = |fd: i32, on: bool| libc::pollfd {
@@ -125,8 +139,31 @@ impl Handler {
                 fd(self.timer.as_raw_fd(), true),
                 fd(self.nic.tap.as_raw_fd(), watch_tap),
             ];
+            let timeout = if watch_until.is_some() { 0 } else { -1 };
             // SAFETY: `fds` is a valid array of pollfd that outlives the call.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+            if r == 0 {
+                let now = Instant::now();
+                // A long gap since the last look: another thread had this CPU (the
+                // guest's vCPU, the peer). Watching on would take it from them, as
+                // vhost-net stops its busy loop when the scheduler wants the CPU.
+                let preempted = now.duration_since(last_look) > PREEMPTED;
+                last_look = now;
+                if self.tx_waiting() {
+                    self.process_tx();
+                    last_work = Instant::now();
+                    (last_look, watch_until) = (last_work, self.watch(last_work));
+                } else if preempted || watch_until.is_some_and(|t| now >= t) {
+                    watch_until = None;
+                    self.spinning = false;
+                    // Kicks back on; a frame queued meanwhile goes now.
+                    self.process_tx();
+                } else {
+                    // SAFETY: no arguments; it cannot fail on Linux.
+                    unsafe { libc::sched_yield() };
+                }
+                continue;
+            }
             if r < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -139,6 +176,7 @@ impl Handler {
             if ready(0) {
                 break;
             }
+            self.busy.woke_after(last_work.elapsed());
             if ready(1) {
                 let _ = rx_kick.read();
                 self.rx_starved = false;
@@ -156,6 +194,8 @@ impl Handler {
             if ready(1) || ready(4) {
                 self.process_rx();
             }
+            last_work = Instant::now();
+            (last_look, watch_until) = (last_work, self.watch(last_work));
         }
         if self.tx_deferred.take().is_some() {
             // Popped but not sent: the driver gets it back where it was, so a device
@@ -285,6 +325,9 @@ impl Handler {
                 add_used(&mut self.tx, &self.mem, head, 0, &self.nic);
                 used = true;
             }
+            if self.spinning {
+                break;
+            }
             match self.tx.enable_notification(&self.mem) {
                 Ok(true) if popped || !retried => {
                     // A chain that came after the ring was found empty is popped on the
@@ -309,6 +352,34 @@ impl Handler {
         if used {
             notify(&mut self.tx, &self.mem, &self.interrupt);
         }
+    }
+
+    /// Until when to watch after work done at `now`; none when the window is empty or
+    /// sending waits for the rate limit's timer. While watching, the guest's TX kicks
+    /// stay off.
+    fn watch(&mut self, now: Instant) -> Option<Instant> {
+        let window = self.busy.window();
+        if window.is_zero() || self.throttled {
+            if self.spinning {
+                self.spinning = false;
+                self.process_tx();
+            }
+            return None;
+        }
+        if !self.spinning {
+            self.spinning = true;
+            if let Err(e) = self.tx.disable_notification(&self.mem) {
+                tracing::warn!(nic = %self.nic.id, error = %e, "virtio-net TX queue");
+            }
+        }
+        Some(now + window)
+    }
+
+    /// The guest has queued a TX chain not taken yet.
+    fn tx_waiting(&self) -> bool {
+        self.tx
+            .avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+            .is_ok_and(|i| i.0 != self.tx.next_avail())
     }
 
     /// Parses a TX chain into `tx_buf` and `tx_hdr`; false (counted) when it must not go.

@@ -2,7 +2,7 @@
 //!
 //! Files, one role each (the Firecracker layout, as virtio-blk): [`device`] (config space,
 //! features, activation), [`event_handler`] (the worker: tap readable, queue kicks, the
-//! rate-limit timer), [`frame`] (guest chains and frames parsed into typed values, the
+//! rate-limit timer), [`busy_poll`] (how long the worker watches after traffic), [`frame`] (guest chains and frames parsed into typed values, the
 //! VIF's policy: anti-spoofing and VLAN access port), [`tap`] (the tap backend),
 //! [`rate`] (token buckets), [`metrics`] (counters), `test_utils` (a driver-side queue
 //! and a tap with a packet socket, for tests).
@@ -10,6 +10,7 @@
 //! The device keeps no state of its own beyond the transport's (features, queues), so
 //! a saved [`crate::devices::virtio::mmio::MmioState`] is all a snapshot needs.
 
+pub mod busy_poll;
 pub mod device;
 pub mod event_handler;
 pub mod frame;
@@ -22,6 +23,7 @@ pub mod test_utils;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use busy_poll::{DEFAULT_BUSY_POLL, MAX_BUSY_POLL};
 pub use device::Net;
 pub use frame::{MacAddr, Vlan};
 pub use metrics::{NetMetrics, NetMetricsSnapshot};
@@ -45,10 +47,12 @@ pub enum NicError {
     BadVlan { tag: u32 },
     #[error("a rate limit of zero {unit}/s would stop all traffic; leave it out for no limit")]
     ZeroRate { unit: &'static str },
+    #[error("busy poll of {us} µs is above the most allowed, {} µs", MAX_BUSY_POLL.as_micros())]
+    BadBusyPoll { us: u64 },
 }
 
-/// A VIF as a VM is given it: its name in the VM, its tap, its MAC, MTU, rate limit and
-/// VLAN, and its counters. The same `Nic` is handed to the VM again after a reboot, so
+/// A VIF as a VM is given it: its name in the VM, its tap, its MAC, MTU, rate limit,
+/// VLAN and busy-poll ceiling, and its counters. The same `Nic` is handed to the VM again after a reboot, so
 /// the tap and the counters outlive the device.
 #[derive(Clone)]
 pub struct Nic {
@@ -58,6 +62,8 @@ pub struct Nic {
     pub mtu: u16,
     pub rate: RateLimit,
     pub vlan: Option<Vlan>,
+    /// The ceiling of the worker's [`busy_poll::BusyPoll`] window; zero: never watch.
+    pub busy_poll: Duration,
     pub metrics: Arc<NetMetrics>,
 }
 
@@ -79,8 +85,15 @@ impl Nic {
             mtu,
             rate,
             vlan,
+            busy_poll: DEFAULT_BUSY_POLL,
             metrics: Arc::new(NetMetrics::default()),
         })
+    }
+
+    /// The VIF with a busy-poll ceiling of `us` µs (0: never watch), if allowed.
+    pub fn with_busy_poll_us(mut self, us: u64) -> Result<Self, NicError> {
+        self.busy_poll = busy_poll_from_us(us)?;
+        Ok(self)
     }
 
     /// Checks an interface's id and MTU (what [`Nic::new`] checks besides the types).
@@ -135,6 +148,15 @@ impl Nic {
     }
 }
 
+/// A busy-poll ceiling as configured, in µs: at most [`MAX_BUSY_POLL`].
+pub fn busy_poll_from_us(us: u64) -> Result<Duration, NicError> {
+    let d = Duration::from_micros(us);
+    if d > MAX_BUSY_POLL {
+        return Err(NicError::BadBusyPoll { us });
+    }
+    Ok(d)
+}
+
 /// How announcements are spaced (QEMU's schedule): the first round as the VM runs (until
 /// it, frames for the VM still go to its old port), the next 50 ms later, each gap after
 /// that 100 ms longer than the one before; five rounds in all.
@@ -178,6 +200,7 @@ impl std::fmt::Debug for Nic {
             .field("mtu", &self.mtu)
             .field("rate", &self.rate)
             .field("vlan", &self.vlan)
+            .field("busy_poll", &self.busy_poll)
             .finish()
     }
 }
@@ -220,6 +243,16 @@ mod tests {
         assert_eq!(
             Nic::check("eth0", MAX_MTU + 1),
             Err(NicError::BadMtu { mtu: 9001 })
+        );
+    }
+
+    #[test]
+    fn a_busy_poll_ceiling_above_a_millisecond_is_refused() {
+        assert_eq!(busy_poll_from_us(0), Ok(Duration::ZERO));
+        assert_eq!(busy_poll_from_us(1000), Ok(MAX_BUSY_POLL));
+        assert_eq!(
+            busy_poll_from_us(1001),
+            Err(NicError::BadBusyPoll { us: 1001 })
         );
     }
 }
