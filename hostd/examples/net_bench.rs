@@ -712,7 +712,7 @@ fn migration_hostd() -> Result<(u64, u64, f64, f64), String> {
     ns.bridge();
     let open = |tap: &str| {
         let nic = ns
-            .run(|| hostd::supervisor::spec::open_net(&net_config(tap)))
+            .run(|| hostd::supervisor::spec::open_net(&net_config(tap), None))
             .map_err(|e| format!("opening {tap}: {}", proto::error_chain(&e)))?;
         ns.enslave(tap);
         Ok::<_, String>(nic)

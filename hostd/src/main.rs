@@ -272,7 +272,7 @@ fn run_one(
             .enumerate()
             .map(|(i, n)| {
                 let config = parse_net(&format!("eth{i}"), n)?;
-                Ok(hostd::supervisor::spec::open_net(&config)?)
+                Ok(hostd::supervisor::spec::open_net(&config, None)?)
             })
             .collect::<anyhow::Result<Vec<_>>>()?,
         cpuid_mask: Vec::new(),
@@ -403,6 +403,10 @@ fn daemon(args: Args) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!(proto::error_chain(&e)))
         .context("loading the TLS directory")?;
     tracing::info!(config = ?config.redacted(), "hostd starting");
+    if let Some(us) = config.vif_busy_poll_us {
+        hostd::devices::virtio::net::busy_poll_from_us(u64::from(us))
+            .context("vif_busy_poll_us in the config")?;
+    }
     // VM processes run the lean hostd-vmm beside this binary when it is there.
     let exe = std::env::current_exe().context("finding the hostd binary")?;
     let lean = exe.with_file_name("hostd-vmm");
@@ -435,6 +439,7 @@ fn daemon(args: Args) -> anyhow::Result<()> {
                     .vxlan_port
                     .unwrap_or(hostd::network::VXLAN_PORT),
             }),
+            vif_busy_poll_us: config.vif_busy_poll_us,
         })
         .await?;
         let listen = config

@@ -24,6 +24,10 @@ pub struct VmRecord {
     /// Set when the VM starts from a saved state in this volume instead of booting.
     #[prost(message, optional, tag = "5")]
     pub restore_from: Option<IscsiDisk>,
+    /// This host's busy-poll ceiling for interfaces whose config gives none (hostd's
+    /// `vif_busy_poll_us`); absent: the VMM's own.
+    #[prost(uint32, optional, tag = "6")]
+    pub vif_busy_poll_us: Option<u32>,
 }
 
 /// What an incoming VM's process waits for.

@@ -454,15 +454,16 @@ fn check_net(
     Ok((mac, mtu, rate, vlan))
 }
 
-/// Opens a network interface's tap (the host's plumbing made it) and makes the VIF.
-pub fn open_net(n: &NetConfig) -> Result<Nic, SpecError> {
+/// Opens a network interface's tap (the host's plumbing made it) and makes the VIF;
+/// `busy_poll_us` is the host's ceiling for an interface whose config gives none.
+pub fn open_net(n: &NetConfig, busy_poll_us: Option<u32>) -> Result<Nic, SpecError> {
     let (mac, mtu, rate, vlan) = check_net(n, true)?;
     let tap = Tap::open(&n.tap).map_err(|source| SpecError::Tap {
         id: n.id.clone(),
         source,
     })?;
     let nic = Nic::new(n.id.clone(), Arc::new(tap), mac, mtu, rate, vlan);
-    match n.busy_poll_us {
+    match n.busy_poll_us.or(busy_poll_us) {
         Some(us) => nic.and_then(|nic| nic.with_busy_poll_us(u64::from(us))),
         None => nic,
     }
@@ -558,7 +559,11 @@ pub fn open_state_volume(
 /// Builds the VMM's spec, opening every disk (logging in to iSCSI targets).
 /// The daemon has held the configuration to its image directories ([`validate`]) before
 /// the VM process that calls this was started.
-pub fn to_spec(config: &VmConfig, initiator_iqn: &str) -> Result<VmSpec, SpecError> {
+pub fn to_spec(
+    config: &VmConfig,
+    initiator_iqn: &str,
+    vif_busy_poll_us: Option<u32>,
+) -> Result<VmSpec, SpecError> {
     check(config, initiator_iqn)?;
     let mut opener = Opener {
         initiator_iqn,
@@ -579,7 +584,11 @@ pub fn to_spec(config: &VmConfig, initiator_iqn: &str) -> Result<VmSpec, SpecErr
             .iter()
             .map(|d| opener.open(d))
             .collect::<Result<_, _>>()?,
-        nets: config.nets.iter().map(open_net).collect::<Result<_, _>>()?,
+        nets: config
+            .nets
+            .iter()
+            .map(|n| open_net(n, vif_busy_poll_us))
+            .collect::<Result<_, _>>()?,
         cpuid_mask: config
             .cpuid_mask
             .iter()
@@ -627,7 +636,7 @@ mod tests {
         img.as_file().set_len(1 << 20).unwrap();
         let mut c = config(crate::testguest::ELF_PATH);
         c.disks.push(file_disk("vda", img.path()));
-        let spec = to_spec(&c, "").unwrap();
+        let spec = to_spec(&c, "", None).unwrap();
         assert_eq!(spec.disks[0].backend.size(), 1 << 20);
         assert_eq!(spec.boot.protocol, BootProtocol::Auto);
     }
@@ -715,7 +724,7 @@ mod tests {
         );
         assert_eq!(peers, ["10.0.0.2".parse::<IpAddr>().unwrap()]);
         assert!(matches!(
-            to_spec(&c, ""),
+            to_spec(&c, "", None),
             Err(SpecError::TapName { ref tap, .. }) if tap.is_empty()
         ));
         let bad = |f: &dyn Fn(&mut NetConfig)| {
@@ -769,7 +778,7 @@ mod tests {
             busy_poll_us: Some(0),
             ..net("eth0", &tap, "02:00:00:00:00:01")
         });
-        let spec = to_spec(&c, "").unwrap();
+        let spec = to_spec(&c, "", Some(20)).unwrap();
         let nic = &spec.nets[0];
         assert_eq!(nic.tap.name(), tap);
         assert_eq!(nic.mac.to_string(), "02:00:00:00:00:01");
@@ -781,6 +790,12 @@ mod tests {
             std::time::Duration::ZERO,
             "busy polling off as asked"
         );
+        drop(spec);
+        // The host's ceiling is for interfaces that give none.
+        let mut quiet = c.clone();
+        quiet.nets[0].busy_poll_us = None;
+        let spec = to_spec(&quiet, "", Some(20)).unwrap();
+        assert_eq!(spec.nets[0].busy_poll, std::time::Duration::from_micros(20));
         drop(spec);
         let bad = |f: &dyn Fn(&mut NetConfig)| {
             let mut c = c.clone();

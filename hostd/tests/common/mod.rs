@@ -166,6 +166,7 @@ impl Daemon {
             .expect("image directories"),
             tls_dir: pki.dir_of(&identity),
             networks,
+            vif_busy_poll_us: None,
         })
         .await
         .unwrap();

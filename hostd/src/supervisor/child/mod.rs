@@ -128,7 +128,7 @@ pub fn run(dir: &Path) -> Result<(), ChildError> {
 
     // Disks are opened (iSCSI sessions logged in) here, before the VM boots or, for an
     // incoming migration, before the source is told to switch over.
-    let spec = match spec::to_spec(&config, &record.initiator_iqn) {
+    let spec = match spec::to_spec(&config, &record.initiator_iqn, record.vif_busy_poll_us) {
         Ok(s) => s,
         Err(e) => return Err(runner.fail_to_start(proto::error_chain(&e))),
     };

@@ -71,6 +71,9 @@ pub struct ManagerConfig {
     /// This host's side of the pool's networks, in the daemon's network namespace;
     /// `None`: VMs' interfaces must name taps made by someone else.
     pub networks: Option<crate::network::HostNetConfig>,
+    /// The busy-poll ceiling of VIFs whose config gives none, in µs (0: off); `None`:
+    /// the VMM's default.
+    pub vif_busy_poll_us: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]

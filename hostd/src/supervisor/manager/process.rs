@@ -126,6 +126,7 @@ impl Manager {
             initiator_iqn: self.cfg.initiator_iqn.clone(),
             incoming,
             restore_from,
+            vif_busy_poll_us: self.cfg.vif_busy_poll_us,
         };
         // The record holds CHAP secrets and a migration's token: readable by us only.
         {
