@@ -94,7 +94,8 @@ enum Cmd {
         disk: Vec<String>,
         /// A network interface on a tap (made if missing, gone when this exits); repeat
         /// for more: `tap=NAME,mac=02:00:00:00:00:01[,mtu=N][,vlan=N][,bps=N][,pps=N]`
-        /// `[,poll_us=N]` (busy-poll ceiling after traffic, 0-1000 µs; 50 when absent).
+        /// `[,poll_us=N]` (busy-poll ceiling after traffic, 0-1000 µs; 50 when absent)
+        /// `[,ip=A]...` (locked: only ARP and IPv4 from these addresses leave the guest).
         #[arg(long)]
         net: Vec<String>,
         /// Print to stderr how long it took from start to the first console byte.
@@ -231,6 +232,11 @@ fn parse_net(id: &str, value: &str) -> anyhow::Result<proto::host::NetConfig> {
             "bps" => n.rate_bytes_per_sec = Some(num()?),
             "pps" => n.rate_packets_per_sec = Some(num()?),
             "poll_us" => n.busy_poll_us = Some(u32::try_from(num()?)?),
+            "ip" => n
+                .lock
+                .get_or_insert_with(Default::default)
+                .ipv4
+                .push(v.into()),
             _ => anyhow::bail!("--net {value:?}: unknown key {key:?}"),
         }
     }

@@ -302,6 +302,9 @@ mod tests {
                     rate_packets_per_sec: None,
                     vlan: Some(42),
                     busy_poll_us: Some(20),
+                    lock: Some(host::AddressLock {
+                        ipv4: vec!["10.0.0.2".into()],
+                    }),
                     network: None,
                 }],
             }),

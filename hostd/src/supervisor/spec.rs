@@ -15,7 +15,8 @@ use crate::devices::virtio::block::backend::OpenError;
 use crate::devices::virtio::block::iscsi::{self, IscsiBackend, IscsiError, IscsiTarget};
 use crate::devices::virtio::block::{Disk, FileBackend};
 use crate::devices::virtio::net::{
-    DEFAULT_MTU, MacAddr, Nic, NicError, RateLimit, Tap, TapError, Vlan, busy_poll_from_us, tap,
+    DEFAULT_MTU, MacAddr, Nic, NicError, RateLimit, Tap, TapError, Vlan, busy_poll_from_us,
+    ipv4_lock, tap,
 };
 use crate::network::{NetworkError, NetworkKind, NetworkSpec};
 use crate::vmm::{BootProtocol, BootSpec, CpuidRegs, MAX_VCPUS, MIN_MEMORY_BYTES, VmSpec, layout};
@@ -450,6 +451,9 @@ fn check_net(
     if let Some(us) = n.busy_poll_us {
         busy_poll_from_us(u64::from(us)).map_err(err)?;
     }
+    if let Some(lock) = &n.lock {
+        ipv4_lock(&lock.ipv4).map_err(err)?;
+    }
     Nic::check(&n.id, mtu).map_err(err)?;
     Ok((mac, mtu, rate, vlan))
 }
@@ -462,15 +466,18 @@ pub fn open_net(n: &NetConfig, busy_poll_us: Option<u32>) -> Result<Nic, SpecErr
         id: n.id.clone(),
         source,
     })?;
-    let nic = Nic::new(n.id.clone(), Arc::new(tap), mac, mtu, rate, vlan);
-    match n.busy_poll_us.or(busy_poll_us) {
-        Some(us) => nic.and_then(|nic| nic.with_busy_poll_us(u64::from(us))),
-        None => nic,
-    }
-    .map_err(|source| SpecError::Net {
+    let err = |source| SpecError::Net {
         id: n.id.clone(),
         source,
-    })
+    };
+    let mut nic = Nic::new(n.id.clone(), Arc::new(tap), mac, mtu, rate, vlan).map_err(err)?;
+    if let Some(us) = n.busy_poll_us.or(busy_poll_us) {
+        nic = nic.with_busy_poll_us(u64::from(us)).map_err(err)?;
+    }
+    if let Some(lock) = &n.lock {
+        nic.ipv4_lock = Some(ipv4_lock(&lock.ipv4).map_err(err)?);
+    }
+    Ok(nic)
 }
 
 fn protocol(p: i32) -> Result<BootProtocol, SpecError> {
@@ -776,6 +783,9 @@ mod tests {
             rate_packets_per_sec: Some(1000),
             vlan: Some(7),
             busy_poll_us: Some(0),
+            lock: Some(proto::host::AddressLock {
+                ipv4: vec!["10.0.0.2".into()],
+            }),
             ..net("eth0", &tap, "02:00:00:00:00:01")
         });
         let spec = to_spec(&c, "", Some(20)).unwrap();
@@ -789,6 +799,10 @@ mod tests {
             nic.busy_poll,
             std::time::Duration::ZERO,
             "busy polling off as asked"
+        );
+        assert_eq!(
+            nic.ipv4_lock.as_deref(),
+            Some(&[std::net::Ipv4Addr::new(10, 0, 0, 2)][..])
         );
         drop(spec);
         // The host's ceiling is for interfaces that give none.
@@ -817,6 +831,17 @@ mod tests {
         assert_eq!(
             nic_error(bad(&|n| n.busy_poll_us = Some(1001))),
             NicError::BadBusyPoll { us: 1001 }
+        );
+        assert_eq!(
+            nic_error(bad(&|n| n
+                .lock
+                .as_mut()
+                .unwrap()
+                .ipv4
+                .push("10.0.0.256".into()))),
+            NicError::BadAddress {
+                addr: "10.0.0.256".into()
+            }
         );
         assert_eq!(
             nic_error(bad(&|n| n.mac = "01:00:00:00:00:01".into())),

@@ -30,6 +30,7 @@ pub fn nets_on(s: &PoolState, vm: &pb::Vm, host_id: &str) -> Vec<hpb::NetConfig>
                 vlan: (p.network.vlan != 0).then_some(p.network.vlan),
                 // The VMM's own ceiling: the pool has no setting for it.
                 busy_poll_us: None,
+                lock: None,
                 network: Some(hpb::NetworkAttachment {
                     network_id: p.network.id.clone(),
                     name: p.network.name.clone(),

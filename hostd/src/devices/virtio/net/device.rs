@@ -181,7 +181,7 @@ mod tests {
 
     use super::*;
     use crate::devices::IrqLine;
-    use crate::devices::virtio::net::frame::{MacAddr, VNET_HDR_LEN, Vlan, VnetHdr};
+    use crate::devices::virtio::net::frame::{ETH_HLEN, MacAddr, VNET_HDR_LEN, Vlan, VnetHdr};
     use crate::devices::virtio::net::test_utils::{DriverQueue, TestTap, mem};
     use crate::devices::virtio::net::{DEFAULT_BUSY_POLL, DEFAULT_MTU, MAX_BUSY_POLL, RateLimit};
     use crate::devices::virtio::{INT_VRING, VirtioInterrupt};
@@ -213,10 +213,20 @@ mod tests {
 
         /// A rig whose VIF watches after traffic for at most `busy_poll`.
         fn polling(acked: u64, rate: RateLimit, vlan: Option<Vlan>, busy_poll: Duration) -> Rig {
+            Self::with(acked, rate, vlan, |nic| nic.busy_poll = busy_poll)
+        }
+
+        /// A rig whose VIF `adjust` set up further.
+        fn with(
+            acked: u64,
+            rate: RateLimit,
+            vlan: Option<Vlan>,
+            adjust: impl FnOnce(&mut Nic),
+        ) -> Rig {
             let net_side = TestTap::new();
             let mut nic =
                 Nic::new("eth0", net_side.tap.clone(), MAC, DEFAULT_MTU, rate, vlan).unwrap();
-            nic.busy_poll = busy_poll;
+            adjust(&mut nic);
             let mem = mem();
             let (rx, tx) = (DriverQueue::new(16, 0x1000), DriverQueue::new(64, 0x2000));
             let kicks = [0, 1].map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap());
@@ -483,6 +493,28 @@ mod tests {
             seen += 1;
         }
         assert_eq!(seen, sent, "every frame taken reached the tap");
+    }
+
+    #[test]
+    fn a_locked_vif_sends_only_from_its_addresses_and_counts_the_rest() {
+        // `udp` frames come from 10.0.0.1.
+        let own: std::sync::Arc<[std::net::Ipv4Addr]> = [[10, 0, 0, 1].into()].into();
+        let mut r = Rig::with(ACKED, RateLimit::default(), None, |n| {
+            n.ipv4_lock = Some(own)
+        });
+        let mut foreign = udp(MAC, b"from 10.0.0.9");
+        foreign[ETH_HLEN + 15] = 9;
+        r.send(plain(), &foreign);
+        r.send(plain(), &udp(MAC, b"from 10.0.0.1"));
+        assert_eq!(r.tx.wait_used(&r.mem, 2).len(), 2, "both chains given back");
+        let seen = r.net_side.recv().expect("the VIF's own frame");
+        assert_eq!(seen.frame, udp(MAC, b"from 10.0.0.1"));
+        assert!(
+            r.net_side.recv().is_none(),
+            "nothing else reached the network"
+        );
+        let m = r.nic.metrics.snapshot();
+        assert_eq!((m.tx_packets, m.tx_spoofed, m.tx_dropped), (1, 1, 1));
     }
 
     #[test]

@@ -400,11 +400,16 @@ impl Handler {
                 return false;
             }
         };
-        match frame::check_egress(frame, self.nic.mac) {
+        match frame::check_egress(frame, self.nic.mac, self.nic.ipv4_lock.as_deref()) {
             Ok(()) => true,
             Err(Refused::Spoofed { src }) => {
                 self.nic.metrics.tx_spoofed();
                 tracing::debug!(nic = %self.nic.id, %src, "frame with a forged source MAC dropped");
+                false
+            }
+            Err(Refused::ForeignAddress { src }) => {
+                self.nic.metrics.tx_spoofed();
+                tracing::debug!(nic = %self.nic.id, %src, "frame from an address not the VIF's dropped");
                 false
             }
             Err(why) => {

@@ -1,9 +1,12 @@
 //! Frames between the guest and the tap: descriptor chains parsed into typed values, the
-//! offload header, and the VIF's policy on each frame (its own source MAC only; a VLAN
-//! access port: tagged toward the network, untagged toward the guest).
+//! offload header, and the VIF's policy on each frame (its own source MAC only, and when
+//! locked only ARP and IPv4 from its own addresses; a VLAN access port: tagged toward the
+//! network, untagged toward the guest).
 //!
 //! Everything here is guest or network input. A malformed chain or header is refused
 //! with an error the worker counts; nothing here panics on what it is given.
+
+use std::net::Ipv4Addr;
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -20,6 +23,8 @@ pub const VLAN_HLEN: usize = 4;
 pub const ETH_P_8021Q: u16 = 0x8100;
 pub const ETH_P_8021AD: u16 = 0x88a8;
 pub const ETH_P_RARP: u16 = 0x8035;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IP: u16 = 0x0800;
 /// Largest frame either side may hand over: a 64 KiB TSO segment with its headers.
 pub const MAX_FRAME: usize = 65535 + ETH_HLEN + VLAN_HLEN;
 
@@ -317,16 +322,23 @@ pub enum Refused {
     OtherVlan,
     /// An untagged frame from the network on a VIF with a VLAN.
     Untagged,
-    /// Shorter than an Ethernet header.
+    /// Shorter than an Ethernet header (or, on a VIF locked to its addresses, than the
+    /// ARP or IPv4 header it must check).
     Runt,
+    /// From a VIF locked to its addresses: ARP or IPv4 from another address.
+    ForeignAddress { src: Ipv4Addr },
+    /// From a VIF locked to its addresses: neither ARP nor IPv4 (the lock names IPv4
+    /// addresses only, so nothing else can be vouched for).
+    NotIpv4 { ethertype: u16 },
 }
 
 fn ethertype(frame: &[u8]) -> u16 {
     u16::from_be_bytes([frame[12], frame[13]])
 }
 
-/// The VIF's policy on a frame the guest sends.
-pub fn check_egress(frame: &[u8], mac: MacAddr) -> Result<(), Refused> {
+/// The VIF's policy on a frame the guest sends: its own source MAC, untagged, and, when
+/// `lock` lists the VIF's IPv4 addresses, only ARP and IPv4 from one of them.
+pub fn check_egress(frame: &[u8], mac: MacAddr, lock: Option<&[Ipv4Addr]>) -> Result<(), Refused> {
     if frame.len() < ETH_HLEN {
         return Err(Refused::Runt);
     }
@@ -334,10 +346,70 @@ pub fn check_egress(frame: &[u8], mac: MacAddr) -> Result<(), Refused> {
     if src != mac {
         return Err(Refused::Spoofed { src });
     }
-    if matches!(ethertype(frame), ETH_P_8021Q | ETH_P_8021AD) {
+    let ty = ethertype(frame);
+    if matches!(ty, ETH_P_8021Q | ETH_P_8021AD) {
         return Err(Refused::TaggedFromGuest);
     }
-    Ok(())
+    match lock {
+        None => Ok(()),
+        Some(own) => check_addresses(&frame[ETH_HLEN..], ty, mac, own),
+    }
+}
+
+fn ipv4_at(b: &[u8], at: usize) -> Ipv4Addr {
+    Ipv4Addr::new(b[at], b[at + 1], b[at + 2], b[at + 3])
+}
+
+/// A locked VIF's ARP and IPv4: sent from one of `own`. Also let through: an ARP probe
+/// (sender 0.0.0.0, RFC 5227) and a DHCP client's request before it has an address
+/// (UDP from 0.0.0.0 to port 67).
+fn check_addresses(payload: &[u8], ty: u16, mac: MacAddr, own: &[Ipv4Addr]) -> Result<(), Refused> {
+    let allowed = |a: Ipv4Addr| own.contains(&a);
+    match ty {
+        ETH_P_ARP => {
+            // Ethernet/IPv4 ARP: 8 bytes of header, then sender MAC and address.
+            if payload.len() < 28 {
+                return Err(Refused::Runt);
+            }
+            if payload[..6] != [0, 1, 8, 0, 6, 4] {
+                return Err(Refused::NotIpv4 { ethertype: ty });
+            }
+            let sha = MacAddr(payload[8..14].try_into().expect("six bytes"));
+            if sha != mac {
+                return Err(Refused::Spoofed { src: sha });
+            }
+            let spa = ipv4_at(payload, 14);
+            if spa.is_unspecified() || allowed(spa) {
+                Ok(())
+            } else {
+                Err(Refused::ForeignAddress { src: spa })
+            }
+        }
+        ETH_P_IP => {
+            if payload.len() < 20 {
+                return Err(Refused::Runt);
+            }
+            let src = ipv4_at(payload, 12);
+            if payload[0] >> 4 != 4 {
+                return Err(Refused::NotIpv4 { ethertype: ty });
+            }
+            if allowed(src) {
+                return Ok(());
+            }
+            let ihl = usize::from(payload[0] & 0x0f) * 4;
+            let dhcp = src.is_unspecified()
+                && payload[9] == 17
+                && payload
+                    .get(ihl + 2..ihl + 4)
+                    .is_some_and(|port| port == [0, 67]);
+            if dhcp {
+                Ok(())
+            } else {
+                Err(Refused::ForeignAddress { src })
+            }
+        }
+        other => Err(Refused::NotIpv4 { ethertype: other }),
+    }
 }
 
 /// A frame on its way to the network, in pieces: header, addresses, the VLAN tag (none
@@ -620,21 +692,103 @@ mod tests {
 
     #[test]
     fn only_the_vifs_own_untagged_frames_leave_it() {
-        assert_eq!(check_egress(&eth(MAC, 0x0800, 46), MAC), Ok(()));
+        assert_eq!(check_egress(&eth(MAC, 0x0800, 46), MAC, None), Ok(()));
         let other = MacAddr([0x02, 0, 0, 0, 0, 2]);
         assert_eq!(
-            check_egress(&eth(other, 0x0800, 46), MAC),
+            check_egress(&eth(other, 0x0800, 46), MAC, None),
             Err(Refused::Spoofed { src: other })
         );
         assert_eq!(
-            check_egress(&eth(MAC, ETH_P_8021Q, 46), MAC),
+            check_egress(&eth(MAC, ETH_P_8021Q, 46), MAC, None),
             Err(Refused::TaggedFromGuest)
         );
         assert_eq!(
-            check_egress(&eth(MAC, ETH_P_8021AD, 46), MAC),
+            check_egress(&eth(MAC, ETH_P_8021AD, 46), MAC, None),
             Err(Refused::TaggedFromGuest)
         );
-        assert_eq!(check_egress(&[0; 13], MAC), Err(Refused::Runt));
+        assert_eq!(check_egress(&[0; 13], MAC, None), Err(Refused::Runt));
+    }
+
+    /// An Ethernet/IPv4 ARP frame from the VIF, its sender `sha` and `spa`.
+    fn arp(sha: MacAddr, spa: [u8; 4]) -> Vec<u8> {
+        let mut f = eth(MAC, ETH_P_ARP, 0);
+        f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        f.extend_from_slice(&sha.0);
+        f.extend_from_slice(&spa);
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&[10, 0, 0, 9]);
+        f
+    }
+
+    /// An IPv4/UDP frame from the VIF, from `src` to UDP port `dport`.
+    fn ipv4(src: [u8; 4], dport: u16) -> Vec<u8> {
+        let mut f = eth(MAC, ETH_P_IP, 0);
+        f.extend_from_slice(&[0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+        f.extend_from_slice(&src);
+        f.extend_from_slice(&[10, 0, 0, 9]);
+        f.extend_from_slice(&[0x30, 0x39]);
+        f.extend_from_slice(&dport.to_be_bytes());
+        f.extend_from_slice(&[0, 8, 0, 0]);
+        f
+    }
+
+    #[test]
+    fn a_locked_vif_sends_arp_and_ipv4_only_from_its_own_addresses() {
+        let own = [Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 3)];
+        let lock = Some(&own[..]);
+        let other = MacAddr([0x02, 0, 0, 0, 0, 2]);
+        for spa in [[10, 0, 0, 2], [10, 0, 0, 3], [0, 0, 0, 0]] {
+            assert_eq!(check_egress(&arp(MAC, spa), MAC, lock), Ok(()), "{spa:?}");
+        }
+        assert_eq!(
+            check_egress(&arp(MAC, [10, 0, 0, 4]), MAC, lock),
+            Err(Refused::ForeignAddress {
+                src: Ipv4Addr::new(10, 0, 0, 4)
+            })
+        );
+        assert_eq!(
+            check_egress(&arp(other, [10, 0, 0, 2]), MAC, lock),
+            Err(Refused::Spoofed { src: other }),
+            "the ARP sender's MAC is the VIF's too"
+        );
+        assert_eq!(check_egress(&ipv4([10, 0, 0, 3], 7), MAC, lock), Ok(()));
+        assert_eq!(
+            check_egress(&ipv4([10, 0, 0, 5], 7), MAC, lock),
+            Err(Refused::ForeignAddress {
+                src: Ipv4Addr::new(10, 0, 0, 5)
+            })
+        );
+        // A DHCP client before it has an address; nothing else from 0.0.0.0.
+        assert_eq!(check_egress(&ipv4([0; 4], 67), MAC, lock), Ok(()));
+        assert_eq!(
+            check_egress(&ipv4([0; 4], 68), MAC, lock),
+            Err(Refused::ForeignAddress {
+                src: Ipv4Addr::UNSPECIFIED
+            })
+        );
+        // Nothing the lock cannot vouch for: IPv6, other protocols, cut-short headers.
+        assert_eq!(
+            check_egress(&eth(MAC, 0x86dd, 60), MAC, lock),
+            Err(Refused::NotIpv4 { ethertype: 0x86dd })
+        );
+        assert_eq!(
+            check_egress(&ipv4([10, 0, 0, 2], 7)[..ETH_HLEN + 19], MAC, lock),
+            Err(Refused::Runt)
+        );
+        assert_eq!(
+            check_egress(&arp(MAC, [10, 0, 0, 2])[..ETH_HLEN + 27], MAC, lock),
+            Err(Refused::Runt)
+        );
+        // Locked to nothing: only probes and DHCP; unlocked: anything from its MAC.
+        assert_eq!(
+            check_egress(&ipv4([10, 0, 0, 2], 7), MAC, Some(&[])),
+            Err(Refused::ForeignAddress {
+                src: Ipv4Addr::new(10, 0, 0, 2)
+            })
+        );
+        assert_eq!(check_egress(&arp(MAC, [0; 4]), MAC, Some(&[])), Ok(()));
+        assert_eq!(check_egress(&ipv4([10, 9, 9, 9], 7), MAC, None), Ok(()));
+        assert_eq!(check_egress(&eth(MAC, 0x86dd, 60), MAC, None), Ok(()));
     }
 
     fn joined(e: &Egress) -> Vec<u8> {
@@ -713,6 +867,6 @@ mod tests {
         assert_eq!(&f[22..28], &MAC.0);
         assert_eq!(&f[28..32], &[0; 4]);
         assert_eq!(&f[32..38], &MAC.0);
-        assert_eq!(check_egress(&f, MAC), Ok(()));
+        assert_eq!(check_egress(&f, MAC, None), Ok(()));
     }
 }

@@ -20,6 +20,7 @@ pub mod tap;
 #[cfg(test)]
 pub mod test_utils;
 
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +50,10 @@ pub enum NicError {
     ZeroRate { unit: &'static str },
     #[error("busy poll of {us} µs is above the most allowed, {} µs", MAX_BUSY_POLL.as_micros())]
     BadBusyPoll { us: u64 },
+    #[error("{addr:?} is not a unicast IPv4 address a VIF can be locked to")]
+    BadAddress { addr: String },
+    #[error("a VIF can be locked to at most {MAX_LOCKED} addresses, not {count}")]
+    TooManyAddresses { count: usize },
 }
 
 /// A VIF as a VM is given it: its name in the VM, its tap, its MAC, MTU, rate limit,
@@ -64,6 +69,9 @@ pub struct Nic {
     pub vlan: Option<Vlan>,
     /// The ceiling of the worker's [`busy_poll::BusyPoll`] window; zero: never watch.
     pub busy_poll: Duration,
+    /// Locked to these IPv4 addresses: the guest sends only ARP and IPv4 from them
+    /// ([`frame::check_egress`]); `None`: any protocol and address from its MAC.
+    pub ipv4_lock: Option<Arc<[Ipv4Addr]>>,
     pub metrics: Arc<NetMetrics>,
 }
 
@@ -86,6 +94,7 @@ impl Nic {
             rate,
             vlan,
             busy_poll: DEFAULT_BUSY_POLL,
+            ipv4_lock: None,
             metrics: Arc::new(NetMetrics::default()),
         })
     }
@@ -148,6 +157,31 @@ impl Nic {
     }
 }
 
+/// The most IPv4 addresses one VIF may be locked to.
+pub const MAX_LOCKED: usize = 64;
+
+/// A VIF's address lock as configured: unicast IPv4 addresses, at most [`MAX_LOCKED`],
+/// duplicates dropped.
+pub fn ipv4_lock(addrs: &[String]) -> Result<Arc<[Ipv4Addr]>, NicError> {
+    if addrs.len() > MAX_LOCKED {
+        return Err(NicError::TooManyAddresses { count: addrs.len() });
+    }
+    let mut out: Vec<Ipv4Addr> = Vec::with_capacity(addrs.len());
+    for a in addrs {
+        let ip: Ipv4Addr = a
+            .parse()
+            .ok()
+            .filter(|ip: &Ipv4Addr| {
+                !(ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast())
+            })
+            .ok_or_else(|| NicError::BadAddress { addr: a.clone() })?;
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    Ok(out.into())
+}
+
 /// A busy-poll ceiling as configured, in µs: at most [`MAX_BUSY_POLL`].
 pub fn busy_poll_from_us(us: u64) -> Result<Duration, NicError> {
     let d = Duration::from_micros(us);
@@ -201,6 +235,7 @@ impl std::fmt::Debug for Nic {
             .field("rate", &self.rate)
             .field("vlan", &self.vlan)
             .field("busy_poll", &self.busy_poll)
+            .field("ipv4_lock", &self.ipv4_lock)
             .finish()
     }
 }
@@ -243,6 +278,37 @@ mod tests {
         assert_eq!(
             Nic::check("eth0", MAX_MTU + 1),
             Err(NicError::BadMtu { mtu: 9001 })
+        );
+    }
+
+    #[test]
+    fn a_lock_takes_unicast_ipv4_addresses_only() {
+        let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        let lock = ipv4_lock(&s(&["10.0.0.2", "10.0.0.3", "10.0.0.2"])).unwrap();
+        assert_eq!(
+            &lock[..],
+            &[Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 3)]
+        );
+        assert!(ipv4_lock(&[]).unwrap().is_empty());
+        for bad in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "fe80::1",
+            "10.0.0",
+            "",
+        ] {
+            assert_eq!(
+                ipv4_lock(&s(&[bad])).unwrap_err(),
+                NicError::BadAddress { addr: bad.into() }
+            );
+        }
+        let many: Vec<String> = (0..=MAX_LOCKED).map(|i| format!("10.0.1.{i}")).collect();
+        assert_eq!(
+            ipv4_lock(&many).unwrap_err(),
+            NicError::TooManyAddresses {
+                count: MAX_LOCKED + 1
+            }
         );
     }
 
