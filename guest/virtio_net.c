@@ -578,10 +578,11 @@ static int parse_mac(const char **s, const char *end, u8 mac[6])
 	return 0;
 }
 
-/* The UDP sender: udp_send=IP:PORT[,size=N][,count=N][,pps=N][,src_mac=MAC][,forged=N].
- * `forged` of the `count` frames (all of them when only src_mac is given) carry src_mac
- * as their Ethernet source instead of the interface's MAC, to test a host's
- * anti-spoofing: forged and genuine frames take turns, forged first, while both remain. */
+/* The UDP sender: udp_send=IP:PORT[,size=N][,count=N][,pps=N][,src_mac=MAC][,src_ip=IP][,forged=N].
+ * `forged` of the `count` frames (all of them when only src_mac or src_ip is given) carry
+ * src_mac as their Ethernet source instead of the interface's MAC and src_ip as their IPv4
+ * source instead of its address, to test a host's anti-spoofing: forged and genuine
+ * frames take turns, forged first, while both remain. */
 
 static int udp_send(const char *s, usize len)
 {
@@ -591,7 +592,8 @@ static int udp_send(const char *s, usize len)
 		bad_cmdline("udp_send");
 	i64 port = parse_dec(&s, end), size = 64, count = 1000, pps = 0, forged = -1;
 	u8 src_mac[6] = {0};
-	int have_src_mac = 0;
+	int have_src_mac = 0, have_src_ip = 0;
+	u32 src_ip = 0;
 	if (port <= 0 || port > 65535)
 		bad_cmdline("udp_send");
 	while (s < end && *s == ',') {
@@ -601,6 +603,13 @@ static int udp_send(const char *s, usize len)
 			if (parse_mac(&s, end, src_mac) || (s < end && *s != ','))
 				bad_cmdline("udp_send");
 			have_src_mac = 1;
+			continue;
+		}
+		if (!strncmp(s, "src_ip=", 7)) {
+			s += 7;
+			if (parse_ip(&s, end, &src_ip) || (s < end && *s != ','))
+				bad_cmdline("udp_send");
+			have_src_ip = 1;
 			continue;
 		}
 		i64 *v = !strncmp(s, "size=", 5)     ? &size
@@ -616,9 +625,10 @@ static int udp_send(const char *s, usize len)
 		if ((*v = parse_dec(&s, end)) < 0)
 			bad_cmdline("udp_send");
 	}
+	int have_forgery = have_src_mac || have_src_ip;
 	if (forged < 0)
-		forged = have_src_mac ? count : 0;
-	if (s != end || size < 8 || size > BUF - NET_HDR - ETH - 28 || forged > count || (forged && !have_src_mac))
+		forged = have_forgery ? count : 0;
+	if (s != end || size < 8 || size > BUF - NET_HDR - ETH - 28 || forged > count || (forged && !have_forgery))
 		bad_cmdline("udp_send");
 	if ((dst & net.mask) != (net.ip & net.mask)) {
 		puts("NET send error=destination-not-on-link\n");
@@ -675,11 +685,16 @@ static int udp_send(const char *s, usize len)
 			int forge = sent_forged < (u64)forged && (!genuine_left || sent_forged <= sent - sent_forged);
 			sent_forged += (u64)forge;
 			memcpy(f, net.peer_mac, 6);
-			memcpy(f + 6, forge ? src_mac : net.mac, 6);
+			memcpy(f + 6, forge && have_src_mac ? src_mac : net.mac, 6);
 			put16(f + 12, ETH_IP);
 			u8 *ip = f + ETH, *u = ip + 20;
 			u32 ulen = (u32)size + 8;
 			ip_header(ip, IP_UDP, dst, ulen);
+			if (forge && have_src_ip) {
+				put32(ip + 12, src_ip);
+				put16(ip + 10, 0);
+				put16(ip + 10, fold(sum16(ip, 20, 0)));
+			}
 			put16(u, 1024);
 			put16(u + 2, (u16)port);
 			put16(u + 4, (u16)ulen);

@@ -707,6 +707,17 @@ fn a_migrating_vm_is_plugged_on_the_destination_first_and_unplugged_on_the_sourc
 
 const SPOOF_VIF_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x24, 0x01];
 const SPOOF_FORGED_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x66, 0x66];
+const SPOOF_VIF_IP: &str = "10.78.0.2";
+const SPOOF_FORGED_IP: [u8; 4] = [10, 78, 0, 9];
+
+/// What the guest forges in its frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Forgery {
+    /// Another source MAC.
+    Mac,
+    /// Its own MAC, another source IPv4 address, on a VIF locked to its own.
+    Ip,
+}
 
 fn mac_text(mac: [u8; 6]) -> String {
     mac.map(|b| format!("{b:02x}")).join(":")
@@ -730,7 +741,7 @@ fn forged_frames(count: u64, forged: u64) -> Vec<bool> {
 }
 
 /// What a packet socket on every interface of the namespace saw while it ran: frames
-/// from the forged MAC, and the guest's genuine UDP datagrams to `port`.
+/// from the forged MAC or IPv4 address, and the guest's genuine UDP datagrams to `port`.
 #[derive(Debug, Default)]
 struct Sniffed {
     forged: u64,
@@ -775,11 +786,11 @@ fn sniff(stop: Arc<std::sync::atomic::AtomicBool>, port: u16) -> std::thread::Jo
                 continue;
             }
             let f = &buf[..n as usize];
-            if f[6..12] == SPOOF_FORGED_MAC {
+            let ipv4 = f[12..14] == [0x08, 0x00] && f.len() >= 14 + 28;
+            if f[6..12] == SPOOF_FORGED_MAC || (ipv4 && f[14 + 12..14 + 16] == SPOOF_FORGED_IP) {
                 seen.forged += 1;
             } else if f[6..12] == SPOOF_VIF_MAC
-                && f[12..14] == [0x08, 0x00]
-                && f.len() >= 14 + 28
+                && ipv4
                 && f[14 + 9] == 17
                 && f[14 + 22..14 + 24] == port.to_be_bytes()
             {
@@ -796,7 +807,18 @@ fn sniff(stop: Arc<std::sync::atomic::AtomicBool>, port: u16) -> std::thread::Jo
 /// datagrams), and the VM's metrics count them as spoofed.
 #[test]
 fn a_vif_drops_and_counts_frames_with_a_forged_source_mac() {
-    in_new_netns(|| async {
+    forged_frames_stay_behind(Forgery::Mac);
+}
+
+/// The same for a VIF locked to its address whose guest sends datagrams from another
+/// one (with its own MAC).
+#[test]
+fn a_locked_vif_drops_and_counts_frames_from_a_forged_source_address() {
+    forged_frames_stay_behind(Forgery::Ip);
+}
+
+fn forged_frames_stay_behind(forgery: Forgery) {
+    in_new_netns(move || async move {
         const FORGED: u64 = 20;
         const GENUINE: u64 = 30;
         const PORT: u16 = 9000;
@@ -852,16 +874,25 @@ fn a_vif_drops_and_counts_frames_with_a_forged_source_mac() {
 
         let mut c = d.client().await;
         let count = FORGED + GENUINE;
+        let forge = match forgery {
+            Forgery::Mac => format!("src_mac={}", mac_text(SPOOF_FORGED_MAC)),
+            Forgery::Ip => format!("src_ip={}", Ipv4Addr::from(SPOOF_FORGED_IP)),
+        };
         let mut cfg = config(&format!(
-            "ip=10.78.0.2/24 udp_send={bridge_ip}:{PORT},size=64,count={count},pps=1000,\
-             src_mac={},forged={FORGED}",
-            mac_text(SPOOF_FORGED_MAC)
+            "ip={SPOOF_VIF_IP}/24 udp_send={bridge_ip}:{PORT},size=64,count={count},pps=1000,\
+             {forge},forged={FORGED}"
         ));
-        cfg.nets = vec![vif(
+        let mut eth0 = vif(
             "eth0",
             &mac_text(SPOOF_VIF_MAC),
             attachment("spoofnet", AttachmentKind::Internal, "", &[]),
-        )];
+        );
+        if forgery == Forgery::Ip {
+            eth0.lock = Some(proto::host::AddressLock {
+                ipv4: vec![SPOOF_VIF_IP.into()],
+            });
+        }
+        cfg.nets = vec![eth0];
         create(&mut c, "vm-spoof", cfg, true).await;
         let mut console = ConsoleReader::open(&mut c, "vm-spoof").await;
         // The whole `NET send` line (the command line printed at boot holds its words).
@@ -886,7 +917,7 @@ fn a_vif_drops_and_counts_frames_with_a_forged_source_mac() {
             .collect();
         assert_eq!(genuine.len() as u64, GENUINE);
         assert_eq!(got, genuine, "the datagrams received are the genuine ones");
-        assert_eq!(sniffed.forged, 0, "frames from the forged MAC were seen");
+        assert_eq!(sniffed.forged, 0, "forged frames were seen");
         // The sniffer saw the genuine ones (on the tap and on the bridge), so it could
         // have seen forged ones.
         assert!(sniffed.genuine_udp >= GENUINE, "{sniffed:?}");

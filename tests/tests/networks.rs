@@ -269,6 +269,57 @@ fn networks_vifs_macs_and_placement_through_poolctl() {
         "no network named \"nosuchnet\"",
     );
 
+    // A network that locks each VIF to its own addresses: a VIF there needs some, each
+    // unique on the network.
+    pool.ctl(&[
+        "network-create",
+        "locked",
+        "--kind",
+        "private",
+        "--lock-addresses",
+    ]);
+    let locked = line_of(&pool.ctl(&["network-list", "--json"]), "locked");
+    assert!(locked.contains("\"locked\": true"), "{locked}");
+    assert!(priv_.contains("\"locked\": false"), "{priv_}");
+    let must_lock = "locks each VIF to its own addresses";
+    refused(
+        &pool,
+        &[
+            "vm-create",
+            "orphan",
+            "--memory",
+            "64M",
+            "--network",
+            "locked",
+        ],
+        must_lock,
+    );
+    refused(&pool, &["vif-create", "pinned", "locked"], must_lock);
+    pool.ctl(&[
+        "vif-create",
+        "pinned",
+        "locked",
+        "--ip",
+        "10.0.0.2",
+        "--ip",
+        "10.0.0.3",
+    ]);
+    let on_locked = pool.ctl(&["vif-list", "--network", "locked", "--json"]);
+    assert!(
+        on_locked.contains("\"ipv4\": \"10.0.0.2,10.0.0.3\""),
+        "{on_locked}"
+    );
+    refused(
+        &pool,
+        &["vif-create", "pinned", "locked", "--ip", "10.0.0.3"],
+        "address 10.0.0.3 is VIF",
+    );
+    refused(
+        &pool,
+        &["vif-create", "pinned", "priv", "--ip", "10.0.0.256"],
+        "not a unicast IPv4 address",
+    );
+
     // An internal network pins its VMs to its host; ExplainPlacement names the network.
     let explain = pool.ctl(&["vm-explain", "pinned", "--json"]);
     let rejected = explain
@@ -308,11 +359,14 @@ fn networks_vifs_macs_and_placement_through_poolctl() {
         "{explain}"
     );
 
-    // A clone has VIFs on the same networks with MACs of its own.
+    // A clone has VIFs on the same networks with MACs of its own, and no addresses (its
+    // source's are taken).
     pool.ctl(&["vm-clone", "pinned", "pinned2"]);
     let clone = pool.ctl(&["vif-list", "--vm", "pinned2", "--json"]);
-    assert_eq!(clone.matches("\"id\":").count(), 2, "{clone}");
+    assert_eq!(clone.matches("\"id\":").count(), 3, "{clone}");
     assert!(!clone.contains("0a:00:27:00:00:07"), "{clone}");
+    assert!(clone.contains("\"network\": \"locked\""), "{clone}");
+    assert!(!clone.contains("10.0.0."), "{clone}");
 
     // Once no VIF is on it, a network goes.
     pool.ctl(&["vm-destroy", "faraway"]);

@@ -29,6 +29,10 @@ pub enum NetCommand {
         /// 68-9000; default 1500.
         #[arg(long, default_value_t = 0)]
         mtu: u32,
+        /// Lock each VIF to its own addresses (`vif-create --ip`): its guest sends only
+        /// ARP and IPv4 from them.
+        #[arg(long)]
+        lock_addresses: bool,
     },
     /// Guest networks.
     #[command(name = "network-list")]
@@ -50,6 +54,10 @@ pub enum NetCommand {
         /// Rate limit in packets per second, each direction.
         #[arg(long)]
         rate_packets: Option<u64>,
+        /// An IPv4 address of the VIF, unique on its network; repeat for more. On a
+        /// network with --lock-addresses, the only ones its guest may send from.
+        #[arg(long = "ip")]
+        ipv4: Vec<String>,
     },
     /// VIFs, of one VM (--vm) or on one network (--network), or all.
     #[command(name = "vif-list")]
@@ -82,6 +90,7 @@ pub async fn run(ctl: &mut Ctl, command: NetCommand) -> anyhow::Result<()> {
             host,
             vlan,
             mtu,
+            lock_addresses,
         } => {
             let host_id = ctl.host_id_or_any(host.as_deref()).await?;
             let r = call!(
@@ -95,6 +104,7 @@ pub async fn run(ctl: &mut Ctl, command: NetCommand) -> anyhow::Result<()> {
                     host_id,
                     vlan,
                     mtu,
+                    lock_addresses,
                 }
             )?;
             ctl.follow(r).await?;
@@ -122,6 +132,7 @@ pub async fn run(ctl: &mut Ctl, command: NetCommand) -> anyhow::Result<()> {
             mac,
             rate_bytes,
             rate_packets,
+            ipv4,
         } => {
             let vm_id = ctl.vm_id(&vm).await?;
             let network = ctl.network_id(&network).await?;
@@ -135,6 +146,7 @@ pub async fn run(ctl: &mut Ctl, command: NetCommand) -> anyhow::Result<()> {
                     mac: mac.unwrap_or_default(),
                     rate_bytes_per_sec: rate_bytes,
                     rate_packets_per_sec: rate_packets,
+                    ipv4,
                 }
             )?;
             ctl.follow(r).await?;
@@ -223,7 +235,7 @@ impl Ctl {
 /// as its id in JSON.
 fn network_table(networks: Vec<pb::Network>, hosts: &[pb::Host], ids: bool) -> Table {
     let mut t = Table::new(&[
-        "ID", "NAME", "KIND", "NIC", "HOST", "VLAN", "MTU", "VNI", "CREATED",
+        "ID", "NAME", "KIND", "NIC", "HOST", "VLAN", "MTU", "VNI", "LOCKED", "CREATED",
     ]);
     for n in networks {
         let host = match hosts.iter().find(|h| h.id == n.host_id) {
@@ -239,6 +251,7 @@ fn network_table(networks: Vec<pb::Network>, hosts: &[pb::Host], ids: bool) -> T
             n.vlan.into(),
             n.mtu.into(),
             n.vni.into(),
+            n.lock_addresses.into(),
             ts(&n.created_at).into(),
         ]);
     }
@@ -246,7 +259,15 @@ fn network_table(networks: Vec<pb::Network>, hosts: &[pb::Host], ids: bool) -> T
 }
 
 fn vif_table(vifs: Vec<pb::Vif>) -> Table {
-    let mut t = Table::new(&["ID", "VM", "NETWORK", "MAC", "RATE_BYTES", "RATE_PACKETS"]);
+    let mut t = Table::new(&[
+        "ID",
+        "VM",
+        "NETWORK",
+        "MAC",
+        "IPV4",
+        "RATE_BYTES",
+        "RATE_PACKETS",
+    ]);
     let limit = |r: Option<u64>| r.map_or("-".to_owned(), |r| r.to_string());
     for v in vifs {
         t.row(vec![
@@ -254,6 +275,12 @@ fn vif_table(vifs: Vec<pb::Vif>) -> Table {
             v.vm_id.into(),
             v.network_name.into(),
             v.mac.into(),
+            if v.ipv4.is_empty() {
+                "-".to_owned()
+            } else {
+                v.ipv4.join(",")
+            }
+            .into(),
             limit(v.rate_bytes_per_sec).into(),
             limit(v.rate_packets_per_sec).into(),
         ]);
@@ -311,6 +338,7 @@ mod tests {
                 network_name: "wan".into(),
                 mac: "02:00:00:00:00:02".into(),
                 rate_packets_per_sec: Some(1000),
+                ipv4: vec!["10.0.0.2".into(), "10.0.0.3".into()],
                 ..Default::default()
             },
         ];
@@ -323,5 +351,6 @@ mod tests {
             t.contains("\"rate_packets\": 1000") || t.contains("\"rate_packets\": \"1000\""),
             "{t}"
         );
+        assert!(t.contains("\"ipv4\": \"10.0.0.2,10.0.0.3\""), "{t}");
     }
 }

@@ -30,7 +30,9 @@ pub fn nets_on(s: &PoolState, vm: &pb::Vm, host_id: &str) -> Vec<hpb::NetConfig>
                 vlan: (p.network.vlan != 0).then_some(p.network.vlan),
                 // The VMM's own ceiling: the pool has no setting for it.
                 busy_poll_us: None,
-                lock: None,
+                lock: p.network.lock_addresses.then(|| hpb::AddressLock {
+                    ipv4: p.vif.ipv4.clone(),
+                }),
                 network: Some(hpb::NetworkAttachment {
                     network_id: p.network.id.clone(),
                     name: p.network.name.clone(),

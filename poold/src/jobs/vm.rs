@@ -1028,8 +1028,9 @@ mod tests {
                 vni,
                 ..Default::default()
             };
-            s.networks
-                .insert("n1".into(), net("n1", pb::NetworkKind::Private, 0, 7));
+            let mut locked = net("n1", pb::NetworkKind::Private, 0, 7);
+            locked.lock_addresses = true;
+            s.networks.insert("n1".into(), locked);
             s.networks
                 .insert("n2".into(), net("n2", pb::NetworkKind::Internal, 12, 0));
             let vm = s.vms.get_mut("vm1").unwrap();
@@ -1041,6 +1042,7 @@ mod tests {
                     network_name: "n1-name".into(),
                     mac: "02:00:00:00:00:01".into(),
                     rate_bytes_per_sec: Some(1 << 20),
+                    ipv4: vec!["10.0.0.2".into()],
                     ..Default::default()
                 },
                 pb::Vif {
@@ -1049,6 +1051,7 @@ mod tests {
                     network_id: "n2".into(),
                     network_name: "n2-name".into(),
                     mac: "02:00:00:00:00:02".into(),
+                    ipv4: vec!["10.0.0.3".into()],
                     ..Default::default()
                 },
             ];
@@ -1064,6 +1067,15 @@ mod tests {
             ("eth0", "02:00:00:00:00:01", 1400, None)
         );
         assert_eq!(eth0.rate_bytes_per_sec, Some(1 << 20));
+        assert_eq!(
+            eth0.lock.as_ref().map(|l| &l.ipv4[..]),
+            Some(&["10.0.0.2".to_string()][..]),
+            "locked to its addresses, as its network says"
+        );
+        assert_eq!(
+            eth1.lock, None,
+            "an unlocked network's VIF: its addresses are notes"
+        );
         assert!(eth0.tap.is_empty(), "hostd plugs the tap");
         let a = eth0.network.as_ref().unwrap();
         assert_eq!(a.kind(), hpb::AttachmentKind::Private);

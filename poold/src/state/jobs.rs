@@ -716,18 +716,20 @@ impl PoolState {
                 if self.vms.contains_key(&c.vm_id) {
                     return None;
                 }
-                // New MACs (a clone's VIFs are its own); an effect cannot fail, so a VIF
-                // on a network destroyed meanwhile is left out.
+                // New MACs and no addresses (a clone's VIFs are its own: on a network
+                // that locks them it sends no IP until it is given some); an effect
+                // cannot fail, so a VIF on a network destroyed meanwhile is left out.
                 let wanted: Vec<pb::Vif> = c
                     .vifs
                     .iter()
                     .filter(|v| self.networks.contains_key(&v.network_id))
                     .map(|v| pb::Vif {
                         mac: String::new(),
+                        ipv4: Vec::new(),
                         ..v.clone()
                     })
                     .collect();
-                let vifs = self.new_vifs(&c.vm_id, &wanted).unwrap_or_default();
+                let vifs = self.new_vifs(&c.vm_id, &wanted, false).unwrap_or_default();
                 let mut vm = pb::Vm {
                     id: c.vm_id.clone(),
                     spec: c.spec.clone(),

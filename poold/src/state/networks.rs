@@ -26,6 +26,32 @@ pub const DEFAULT_MTU: u32 = 1500;
 pub const MTUS: std::ops::RangeInclusive<u32> = 68..=9000;
 /// 802.1Q tags a network may carry (0 is "untagged", 4095 reserved).
 pub const VLANS: std::ops::RangeInclusive<u32> = 1..=4094;
+/// The most IPv4 addresses one VIF may hold (hostd's limit on a lock).
+pub const MAX_VIF_ADDRESSES: usize = 64;
+
+/// A VIF's addresses checked and written the one way (unicast IPv4, no repeats).
+fn vif_addresses(v: &pb::Vif) -> Result<Vec<String>, CommandResult> {
+    let bad = |m: String| Err(err(Code::InvalidArgument, m));
+    if v.ipv4.len() > MAX_VIF_ADDRESSES {
+        return bad(format!(
+            "a VIF holds at most {MAX_VIF_ADDRESSES} IPv4 addresses, not {}",
+            v.ipv4.len()
+        ));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(v.ipv4.len());
+    for a in &v.ipv4 {
+        let ip = match a.parse::<std::net::Ipv4Addr>() {
+            Ok(ip) if !(ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast()) => ip,
+            _ => return bad(format!("{a:?} is not a unicast IPv4 address")),
+        };
+        let ip = ip.to_string();
+        if out.contains(&ip) {
+            return bad(format!("address {ip} is given twice"));
+        }
+        out.push(ip);
+    }
+    Ok(out)
+}
 
 fn fnv1a(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5u32, |h, b| {
@@ -212,10 +238,13 @@ impl PoolState {
 
     /// Checks new VIFs of VM `vm_id` and completes them: the network's name, a MAC where
     /// none was given, an id `<vm id>-vif<n>` where none was given. Changes nothing.
+    /// `given` VIFs come from a user, who must name a VIF's addresses on a network that
+    /// locks them; a clone's come without (the addresses are its source's).
     pub(crate) fn new_vifs(
         &self,
         vm_id: &str,
         vifs: &[pb::Vif],
+        given: bool,
     ) -> Result<Vec<pb::Vif>, CommandResult> {
         let mut taken = self.macs_in_use();
         let mut ids: std::collections::BTreeSet<String> = self
@@ -246,6 +275,32 @@ impl PoolState {
                 }
             }
             let mut v = v.clone();
+            v.ipv4 = vif_addresses(&v)?;
+            if given && net.lock_addresses && v.ipv4.is_empty() {
+                return Err(err(
+                    Code::InvalidArgument,
+                    format!(
+                        "network {:?} locks each VIF to its own addresses: give this one at least one (vif-create --ip)",
+                        net.name
+                    ),
+                ));
+            }
+            let holder = self
+                .vms
+                .values()
+                .flat_map(|vm| vm.vifs.iter())
+                .chain(out.iter())
+                .filter(|o| o.network_id == net.id)
+                .find_map(|o| v.ipv4.iter().find(|a| o.ipv4.contains(a)).map(|a| (o, a)));
+            if let Some((o, a)) = holder {
+                return Err(err(
+                    Code::AlreadyExists,
+                    format!(
+                        "address {a} is VIF {}'s (VM {}) on network {:?}",
+                        o.id, o.vm_id, net.name
+                    ),
+                ));
+            }
             v.vm_id = vm_id.to_owned();
             v.network_name = net.name.clone();
             if v.id.is_empty() {
@@ -322,7 +377,7 @@ impl PoolState {
         }
         self.stopped_vm(&v.vm_id, "VIFs are added")?;
         let vif = self
-            .new_vifs(&v.vm_id, std::slice::from_ref(v))?
+            .new_vifs(&v.vm_id, std::slice::from_ref(v), true)?
             .pop()
             .expect("one VIF");
         let vm = self.vms.get_mut(&v.vm_id).expect("checked above");
@@ -699,6 +754,86 @@ mod tests {
         );
         ok(&mut s, zero(|v| v.rate_packets_per_sec = Some(1000)));
         assert_eq!(s.vms["c"].vifs[0].rate_packets_per_sec, Some(1000));
+    }
+
+    #[test]
+    fn addresses_are_unicast_unique_on_their_network_and_required_where_locked() {
+        let mut s = pool();
+        let mut locked = net("locked", pb::NetworkKind::Private);
+        locked.lock_addresses = true;
+        ok(&mut s, Op::CreateNetwork(locked));
+        assert!(s.networks["locked"].lock_addresses);
+        let at = |network: &str, ips: &[&str]| pb::Vif {
+            ipv4: ips.iter().map(|a| a.to_string()).collect(),
+            ..on(network)
+        };
+        ok(
+            &mut s,
+            vm("a", vec![at("locked", &["10.0.0.2", "10.0.0.3"])]),
+        );
+        assert_eq!(s.vms["a"].vifs[0].ipv4, ["10.0.0.2", "10.0.0.3"]);
+        // The same address on another network is another address.
+        ok(&mut s, vm("b", vec![at("priv", &["10.0.0.2"])]));
+        let cases: Vec<(Op, Code, &str)> = vec![
+            (
+                vm("c", vec![at("locked", &[])]),
+                Code::InvalidArgument,
+                "locks each VIF to its own addresses",
+            ),
+            (
+                vm("c", vec![at("locked", &["10.0.0.3"])]),
+                Code::AlreadyExists,
+                "address 10.0.0.3 is VIF a-vif0's (VM a)",
+            ),
+            (
+                vm(
+                    "c",
+                    vec![at("priv", &["10.0.0.9"]), at("priv", &["10.0.0.9"])],
+                ),
+                Code::AlreadyExists,
+                "address 10.0.0.9 is VIF c-vif0's",
+            ),
+            (
+                vm("c", vec![at("priv", &["10.0.0.4", "10.0.0.4"])]),
+                Code::InvalidArgument,
+                "given twice",
+            ),
+            (
+                vm("c", vec![at("priv", &["10.0.0.256"])]),
+                Code::InvalidArgument,
+                "\"10.0.0.256\" is not a unicast IPv4 address",
+            ),
+            (
+                vm("c", vec![at("priv", &["224.0.0.5"])]),
+                Code::InvalidArgument,
+                "not a unicast IPv4 address",
+            ),
+            (
+                vm("c", vec![at("priv", &["0.0.0.0"])]),
+                Code::InvalidArgument,
+                "not a unicast IPv4 address",
+            ),
+        ];
+        for (op, code, says) in cases {
+            refused(&mut s, op, code, says);
+        }
+        let many: Vec<String> = (0..=MAX_VIF_ADDRESSES)
+            .map(|i| format!("10.1.0.{i}"))
+            .collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        refused(
+            &mut s,
+            vm("c", vec![at("priv", &many)]),
+            Code::InvalidArgument,
+            "at most 64",
+        );
+        // An address is written plainly: no blanks around it.
+        refused(
+            &mut s,
+            vm("c", vec![at("priv", &[" 10.0.0.5"])]),
+            Code::InvalidArgument,
+            "not a unicast",
+        );
     }
 
     #[test]

@@ -73,7 +73,7 @@ impl PoolState {
         if self.vms.contains_key(&c.vm_id) {
             return Err(err(Code::AlreadyExists, format!("VM {} exists", c.vm_id)));
         }
-        let vifs = self.new_vifs(&c.vm_id, &c.vifs)?;
+        let vifs = self.new_vifs(&c.vm_id, &c.vifs, true)?;
         let mut vm = pb::Vm {
             id: c.vm_id.clone(),
             spec: Some(spec),

@@ -18,6 +18,7 @@ fn network_id(s: &PoolState, r: &str) -> Result<String, Status> {
 }
 
 /// One VIF on each named network, in order, for a new VM (MACs and ids come at apply).
+/// Such a VIF has no addresses, so a network that locks VIFs to theirs is refused.
 pub(super) async fn vifs_on(svc: &PoolHandler, names: &[String]) -> Result<Vec<pb::Vif>, Status> {
     if names.is_empty() {
         return Ok(Vec::new());
@@ -27,8 +28,15 @@ pub(super) async fn vifs_on(svc: &PoolHandler, names: &[String]) -> Result<Vec<p
             names
                 .iter()
                 .map(|n| {
+                    let id = network_id(s, n)?;
+                    if s.networks.get(&id).is_some_and(|net| net.lock_addresses) {
+                        return Err(Status::invalid_argument(format!(
+                            "network {n:?} locks each VIF to its own addresses: create the VM \
+                             without it, then add the VIF with `vif-create --ip`"
+                        )));
+                    }
                     Ok(pb::Vif {
-                        network_id: network_id(s, n)?,
+                        network_id: id,
                         ..Default::default()
                     })
                 })
@@ -64,6 +72,7 @@ pub(super) async fn create(
         host_id,
         vlan: r.vlan,
         mtu: r.mtu,
+        lock_addresses: r.lock_addresses,
         ..Default::default()
     });
     svc.c.write(who, &r.request_id, op).await
@@ -123,6 +132,7 @@ pub(super) async fn create_vif(
         mac: r.mac,
         rate_bytes_per_sec: r.rate_bytes_per_sec,
         rate_packets_per_sec: r.rate_packets_per_sec,
+        ipv4: r.ipv4,
         ..Default::default()
     });
     svc.c.write(who, &r.request_id, op).await
