@@ -1,10 +1,10 @@
 //! Guest memory: the RAM layout every VM gets, its KVM memory slots, and the dirty-page
 //! tracking live migration reads.
 
-use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
-use kvm_ioctls::VmFd;
 use std::sync::Arc;
 
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use kvm_ioctls::VmFd;
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap, WithBitmapSlice};
 use vm_memory::mmap::{FromRangesError, MmapRegion, MmapRegionBuilder, MmapRegionError};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
@@ -36,6 +36,10 @@ impl DirtyRegion {
 /// of megabytes, and under nested KVM each fault is a long trip.
 const RAM_ALIGN: usize = 2 << 20;
 
+/// How guest RAM is mapped: private, anonymous, not reserved up front.
+const RAM_PROT: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
+const RAM_FLAGS: libc::c_int = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+
 /// One RAM region's anonymous mapping, unmapped with the last clone of its region.
 #[derive(Debug)]
 struct Mapping {
@@ -46,11 +50,9 @@ struct Mapping {
 impl Mapping {
     /// `len` bytes of private anonymous memory at a 2 MiB-aligned address.
     fn aligned(len: usize) -> std::io::Result<Mapping> {
-        let prot = libc::PROT_READ | libc::PROT_WRITE;
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         let span = len + RAM_ALIGN;
         // SAFETY: a new anonymous mapping at an address of the kernel's choosing.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), span, prot, flags, -1, 0) };
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), span, RAM_PROT, RAM_FLAGS, -1, 0) };
         if p == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
@@ -143,8 +145,9 @@ pub fn new_guest_ram(memory_bytes: u64) -> Result<GuestRam, VmError> {
         // bitmap owns, so it lives as long as the region.
         let region = unsafe {
             MmapRegionBuilder::new_with_bitmap(len, bitmap)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+                // Recorded only (the mapping is made): what the region says it is.
+                .with_mmap_prot(RAM_PROT)
+                .with_mmap_flags(RAM_FLAGS)
                 .with_raw_mmap_pointer(addr)
         }
         .build()

@@ -330,12 +330,13 @@ impl Manager {
         need: &'static str,
         ok: impl Fn(PowerState) -> bool,
     ) -> Result<(), ManagerError> {
-        if !ok(entry.power()) && entry.arriving() {
+        let mut state = entry.power();
+        if !ok(state) && entry.arriving() {
             entry
                 .wait_until(ARRIVAL_WAIT, |s| power(s) != PowerState::Migrating)
                 .await;
+            state = entry.power();
         }
-        let state = entry.power();
         if ok(state) {
             Ok(())
         } else {
