@@ -10,6 +10,7 @@ use super::request::{need, page};
 use crate::auth::Caller;
 use crate::state::PoolState;
 use crate::state::command::{ObjectId, Op};
+use crate::state::networks::MAX_VIF_ADDRESSES;
 
 fn network_id(s: &PoolState, r: &str) -> Result<String, Status> {
     s.network_by_ref(r)
@@ -124,6 +125,13 @@ pub(super) async fn create_vif(
 ) -> Result<pb::Task, Status> {
     need("vm_id", &r.vm_id)?;
     need("network", &r.network)?;
+    // Checked again when it commits; here so that a huge list never reaches the log.
+    if r.ipv4.len() > MAX_VIF_ADDRESSES {
+        return Err(Status::invalid_argument(format!(
+            "a VIF holds at most {MAX_VIF_ADDRESSES} IPv4 addresses, not {}",
+            r.ipv4.len()
+        )));
+    }
     let network_id = svc.c.read(|s| network_id(s, &r.network)).await??;
     let op = Op::CreateVif(pb::Vif {
         id: uuid::Uuid::new_v4().to_string(),

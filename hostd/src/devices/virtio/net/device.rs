@@ -496,6 +496,27 @@ mod tests {
     }
 
     #[test]
+    fn a_watching_worker_reports_a_broken_tx_ring_and_stops_watching_it() {
+        let mut r = Rig::polling(ACKED, RateLimit::default(), None, MAX_BUSY_POLL);
+        // Traffic 100 µs apart opens a window; then the ring's index runs past its size.
+        for _ in 0..20 {
+            r.send(plain(), &udp(MAC, b"kicked"));
+            assert!(r.tx_used_within(Duration::from_secs(2)));
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        r.tx.publish_bogus_index(&r.mem, 64 + 5);
+        r.kicks[TX_QUEUE].write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while r.nic.metrics.snapshot().invalid == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            r.nic.metrics.snapshot().invalid >= 1,
+            "the broken ring was never reported (the worker kept watching it)"
+        );
+    }
+
+    #[test]
     fn a_locked_vif_sends_only_from_its_addresses_and_counts_the_rest() {
         // `udp` frames come from 10.0.0.1.
         let own: std::sync::Arc<[std::net::Ipv4Addr]> = [[10, 0, 0, 1].into()].into();

@@ -149,11 +149,15 @@ impl Handler {
                 // vhost-net stops its busy loop when the scheduler wants the CPU.
                 let preempted = now.duration_since(last_look) > PREEMPTED;
                 last_look = now;
-                if self.tx_waiting() {
-                    self.process_tx();
+                // Frames the guest queued are taken, and watching goes on only if some
+                // were (a ring whose index runs ahead of what it holds would keep this
+                // branch spinning; with kicks back on it is reported and slept through).
+                let waiting = self.tx_waiting();
+                let moved = waiting && self.process_tx();
+                if moved && !preempted {
                     last_work = Instant::now();
                     (last_look, watch_until) = (last_work, self.watch(last_work));
-                } else if preempted || watch_until.is_some_and(|t| now >= t) {
+                } else if waiting || preempted || watch_until.is_some_and(|t| now >= t) {
                     watch_until = None;
                     self.spinning = false;
                     // Kicks back on; a frame queued meanwhile goes now.
@@ -194,6 +198,11 @@ impl Handler {
             if ready(1) || ready(4) {
                 self.process_rx();
             }
+            if self.spinning && self.tx_waiting() {
+                // Kicks are off while watching: the ring is read here too, or traffic
+                // toward the guest would hold up what it sends.
+                self.process_tx();
+            }
             last_work = Instant::now();
             (last_look, watch_until) = (last_work, self.watch(last_work));
         }
@@ -224,7 +233,11 @@ impl Handler {
                 },
             };
             self.rx_pending = None;
-            let Some(hdr) = self.rx_buf.get(..VNET_HDR_LEN) else {
+            let Some(hdr) = self
+                .rx_buf
+                .get(..VNET_HDR_LEN)
+                .filter(|_| len >= VNET_HDR_LEN)
+            else {
                 self.nic.metrics.rx_dropped();
                 continue;
             };
@@ -275,27 +288,31 @@ impl Handler {
     }
 
     /// Sends every frame the guest queued, until the queue is empty or the rate limit
-    /// says to wait.
-    fn process_tx(&mut self) {
+    /// says to wait; whether it took any.
+    fn process_tx(&mut self) -> bool {
         if self.throttled {
-            return;
+            return false;
         }
+        let mut took = false;
         let mut used = false;
         let mut retried = false;
         loop {
             if let Err(e) = self.tx.disable_notification(&self.mem) {
                 tracing::warn!(nic = %self.nic.id, error = %e, "virtio-net TX queue");
-                return;
+                return took;
             }
             let mut popped = false;
             loop {
                 let head = match self.tx_deferred.take() {
-                    Some(head) => head,
+                    Some(head) => {
+                        took = true;
+                        head
+                    }
                     None => {
                         let Some(chain) = self.tx.pop_descriptor_chain(&self.mem) else {
                             break;
                         };
-                        popped = true;
+                        (popped, took) = (true, true);
                         let head = chain.head_index();
                         let descs: Vec<Desc> = chain.map(Desc::from).collect();
                         if !self.prepare_tx(&descs) {
@@ -313,7 +330,7 @@ impl Handler {
                     if used {
                         notify(&mut self.tx, &self.mem, &self.interrupt);
                     }
-                    return;
+                    return took;
                 }
                 match self.nic.transmit(self.tx_hdr, &self.tx_buf[VNET_HDR_LEN..]) {
                     Ok(()) => self.nic.metrics.tx(len),
@@ -352,6 +369,7 @@ impl Handler {
         if used {
             notify(&mut self.tx, &self.mem, &self.interrupt);
         }
+        took
     }
 
     /// Until when to watch after work done at `now`; none when the window is empty or
@@ -400,7 +418,12 @@ impl Handler {
                 return false;
             }
         };
-        match frame::check_egress(frame, self.nic.mac, self.nic.ipv4_lock.as_deref()) {
+        match frame::check_egress(
+            frame,
+            &self.tx_hdr,
+            self.nic.mac,
+            self.nic.ipv4_lock.as_deref(),
+        ) {
             Ok(()) => true,
             Err(Refused::Spoofed { src }) => {
                 self.nic.metrics.tx_spoofed();

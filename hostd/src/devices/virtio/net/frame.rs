@@ -178,7 +178,9 @@ impl VnetHdr {
                 return Err(HdrError::Csum);
             }
             let end = usize::from(self.csum_start) + usize::from(self.csum_offset) + 2;
-            if end > len {
+            // A checksum written into the Ethernet header would rewrite the source MAC
+            // after it was checked.
+            if end > len || usize::from(self.csum_start) < ETH_HLEN {
                 return Err(HdrError::CsumRange {
                     start: self.csum_start,
                     offset: self.csum_offset,
@@ -328,17 +330,26 @@ pub enum Refused {
     /// From a VIF locked to its addresses: ARP or IPv4 from another address.
     ForeignAddress { src: Ipv4Addr },
     /// From a VIF locked to its addresses: neither ARP nor IPv4 (the lock names IPv4
-    /// addresses only, so nothing else can be vouched for).
+    /// addresses only, so nothing else can be vouched for), or a malformed IPv4 header.
     NotIpv4 { ethertype: u16 },
+    /// From a VIF locked to its addresses: an offload that would write where the lock
+    /// looked (a checksum inside the IPv4 header, or any on ARP), after the check.
+    OffloadIntoHeader,
 }
 
 fn ethertype(frame: &[u8]) -> u16 {
     u16::from_be_bytes([frame[12], frame[13]])
 }
 
-/// The VIF's policy on a frame the guest sends: its own source MAC, untagged, and, when
-/// `lock` lists the VIF's IPv4 addresses, only ARP and IPv4 from one of them.
-pub fn check_egress(frame: &[u8], mac: MacAddr, lock: Option<&[Ipv4Addr]>) -> Result<(), Refused> {
+/// The VIF's policy on a frame the guest sends (behind `hdr`, checked by
+/// [`VnetHdr::check_tx`]): its own source MAC, untagged, and, when `lock` lists the VIF's
+/// IPv4 addresses, only ARP and IPv4 from one of them.
+pub fn check_egress(
+    frame: &[u8],
+    hdr: &VnetHdr,
+    mac: MacAddr,
+    lock: Option<&[Ipv4Addr]>,
+) -> Result<(), Refused> {
     if frame.len() < ETH_HLEN {
         return Err(Refused::Runt);
     }
@@ -352,7 +363,7 @@ pub fn check_egress(frame: &[u8], mac: MacAddr, lock: Option<&[Ipv4Addr]>) -> Re
     }
     match lock {
         None => Ok(()),
-        Some(own) => check_addresses(&frame[ETH_HLEN..], ty, mac, own),
+        Some(own) => check_addresses(&frame[ETH_HLEN..], ty, hdr, mac, own),
     }
 }
 
@@ -362,11 +373,22 @@ fn ipv4_at(b: &[u8], at: usize) -> Ipv4Addr {
 
 /// A locked VIF's ARP and IPv4: sent from one of `own`. Also let through: an ARP probe
 /// (sender 0.0.0.0, RFC 5227) and a DHCP client's request before it has an address
-/// (UDP from 0.0.0.0 to port 67).
-fn check_addresses(payload: &[u8], ty: u16, mac: MacAddr, own: &[Ipv4Addr]) -> Result<(), Refused> {
+/// (UDP from 0.0.0.0 to port 67, unfragmented). What the kernel writes for an offload
+/// (a checksum at `csum_start`) must land past the headers checked here.
+fn check_addresses(
+    payload: &[u8],
+    ty: u16,
+    hdr: &VnetHdr,
+    mac: MacAddr,
+    own: &[Ipv4Addr],
+) -> Result<(), Refused> {
     let allowed = |a: Ipv4Addr| own.contains(&a);
+    let csum = hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0;
     match ty {
         ETH_P_ARP => {
+            if csum || hdr.gso_type != VIRTIO_NET_HDR_GSO_NONE {
+                return Err(Refused::OffloadIntoHeader);
+            }
             // Ethernet/IPv4 ARP: 8 bytes of header, then sender MAC and address.
             if payload.len() < 28 {
                 return Err(Refused::Runt);
@@ -390,14 +412,19 @@ fn check_addresses(payload: &[u8], ty: u16, mac: MacAddr, own: &[Ipv4Addr]) -> R
                 return Err(Refused::Runt);
             }
             let src = ipv4_at(payload, 12);
-            if payload[0] >> 4 != 4 {
+            let ihl = usize::from(payload[0] & 0x0f) * 4;
+            if payload[0] >> 4 != 4 || ihl < 20 || payload.len() < ihl {
                 return Err(Refused::NotIpv4 { ethertype: ty });
+            }
+            if csum && usize::from(hdr.csum_start) < ETH_HLEN + ihl {
+                return Err(Refused::OffloadIntoHeader);
             }
             if allowed(src) {
                 return Ok(());
             }
-            let ihl = usize::from(payload[0] & 0x0f) * 4;
+            let unfragmented = u16::from_be_bytes([payload[6], payload[7]]) & 0x3fff == 0;
             let dhcp = src.is_unspecified()
+                && unfragmented
                 && payload[9] == 17
                 && payload
                     .get(ihl + 2..ihl + 4)
@@ -692,22 +719,38 @@ mod tests {
 
     #[test]
     fn only_the_vifs_own_untagged_frames_leave_it() {
-        assert_eq!(check_egress(&eth(MAC, 0x0800, 46), MAC, None), Ok(()));
+        assert_eq!(
+            check_egress(&eth(MAC, 0x0800, 46), &NO_OFFLOAD, MAC, None),
+            Ok(())
+        );
         let other = MacAddr([0x02, 0, 0, 0, 0, 2]);
         assert_eq!(
-            check_egress(&eth(other, 0x0800, 46), MAC, None),
+            check_egress(&eth(other, 0x0800, 46), &NO_OFFLOAD, MAC, None),
             Err(Refused::Spoofed { src: other })
         );
         assert_eq!(
-            check_egress(&eth(MAC, ETH_P_8021Q, 46), MAC, None),
+            check_egress(&eth(MAC, ETH_P_8021Q, 46), &NO_OFFLOAD, MAC, None),
             Err(Refused::TaggedFromGuest)
         );
         assert_eq!(
-            check_egress(&eth(MAC, ETH_P_8021AD, 46), MAC, None),
+            check_egress(&eth(MAC, ETH_P_8021AD, 46), &NO_OFFLOAD, MAC, None),
             Err(Refused::TaggedFromGuest)
         );
-        assert_eq!(check_egress(&[0; 13], MAC, None), Err(Refused::Runt));
+        assert_eq!(
+            check_egress(&[0; 13], &NO_OFFLOAD, MAC, None),
+            Err(Refused::Runt)
+        );
     }
+
+    const NO_OFFLOAD: VnetHdr = VnetHdr {
+        flags: 0,
+        gso_type: VIRTIO_NET_HDR_GSO_NONE,
+        hdr_len: 0,
+        gso_size: 0,
+        csum_start: 0,
+        csum_offset: 0,
+        num_buffers: 0,
+    };
 
     /// An Ethernet/IPv4 ARP frame from the VIF, its sender `sha` and `spa`.
     fn arp(sha: MacAddr, spa: [u8; 4]) -> Vec<u8> {
@@ -738,57 +781,136 @@ mod tests {
         let lock = Some(&own[..]);
         let other = MacAddr([0x02, 0, 0, 0, 0, 2]);
         for spa in [[10, 0, 0, 2], [10, 0, 0, 3], [0, 0, 0, 0]] {
-            assert_eq!(check_egress(&arp(MAC, spa), MAC, lock), Ok(()), "{spa:?}");
+            assert_eq!(
+                check_egress(&arp(MAC, spa), &NO_OFFLOAD, MAC, lock),
+                Ok(()),
+                "{spa:?}"
+            );
         }
         assert_eq!(
-            check_egress(&arp(MAC, [10, 0, 0, 4]), MAC, lock),
+            check_egress(&arp(MAC, [10, 0, 0, 4]), &NO_OFFLOAD, MAC, lock),
             Err(Refused::ForeignAddress {
                 src: Ipv4Addr::new(10, 0, 0, 4)
             })
         );
         assert_eq!(
-            check_egress(&arp(other, [10, 0, 0, 2]), MAC, lock),
+            check_egress(&arp(other, [10, 0, 0, 2]), &NO_OFFLOAD, MAC, lock),
             Err(Refused::Spoofed { src: other }),
             "the ARP sender's MAC is the VIF's too"
         );
-        assert_eq!(check_egress(&ipv4([10, 0, 0, 3], 7), MAC, lock), Ok(()));
         assert_eq!(
-            check_egress(&ipv4([10, 0, 0, 5], 7), MAC, lock),
+            check_egress(&ipv4([10, 0, 0, 3], 7), &NO_OFFLOAD, MAC, lock),
+            Ok(())
+        );
+        assert_eq!(
+            check_egress(&ipv4([10, 0, 0, 5], 7), &NO_OFFLOAD, MAC, lock),
             Err(Refused::ForeignAddress {
                 src: Ipv4Addr::new(10, 0, 0, 5)
             })
         );
         // A DHCP client before it has an address; nothing else from 0.0.0.0.
-        assert_eq!(check_egress(&ipv4([0; 4], 67), MAC, lock), Ok(()));
         assert_eq!(
-            check_egress(&ipv4([0; 4], 68), MAC, lock),
+            check_egress(&ipv4([0; 4], 67), &NO_OFFLOAD, MAC, lock),
+            Ok(())
+        );
+        assert_eq!(
+            check_egress(&ipv4([0; 4], 68), &NO_OFFLOAD, MAC, lock),
             Err(Refused::ForeignAddress {
                 src: Ipv4Addr::UNSPECIFIED
             })
         );
         // Nothing the lock cannot vouch for: IPv6, other protocols, cut-short headers.
         assert_eq!(
-            check_egress(&eth(MAC, 0x86dd, 60), MAC, lock),
+            check_egress(&eth(MAC, 0x86dd, 60), &NO_OFFLOAD, MAC, lock),
             Err(Refused::NotIpv4 { ethertype: 0x86dd })
         );
         assert_eq!(
-            check_egress(&ipv4([10, 0, 0, 2], 7)[..ETH_HLEN + 19], MAC, lock),
+            check_egress(
+                &ipv4([10, 0, 0, 2], 7)[..ETH_HLEN + 19],
+                &NO_OFFLOAD,
+                MAC,
+                lock
+            ),
             Err(Refused::Runt)
         );
         assert_eq!(
-            check_egress(&arp(MAC, [10, 0, 0, 2])[..ETH_HLEN + 27], MAC, lock),
+            check_egress(
+                &arp(MAC, [10, 0, 0, 2])[..ETH_HLEN + 27],
+                &NO_OFFLOAD,
+                MAC,
+                lock
+            ),
             Err(Refused::Runt)
         );
         // Locked to nothing: only probes and DHCP; unlocked: anything from its MAC.
         assert_eq!(
-            check_egress(&ipv4([10, 0, 0, 2], 7), MAC, Some(&[])),
+            check_egress(&ipv4([10, 0, 0, 2], 7), &NO_OFFLOAD, MAC, Some(&[])),
             Err(Refused::ForeignAddress {
                 src: Ipv4Addr::new(10, 0, 0, 2)
             })
         );
-        assert_eq!(check_egress(&arp(MAC, [0; 4]), MAC, Some(&[])), Ok(()));
-        assert_eq!(check_egress(&ipv4([10, 9, 9, 9], 7), MAC, None), Ok(()));
-        assert_eq!(check_egress(&eth(MAC, 0x86dd, 60), MAC, None), Ok(()));
+        assert_eq!(
+            check_egress(&arp(MAC, [0; 4]), &NO_OFFLOAD, MAC, Some(&[])),
+            Ok(())
+        );
+        assert_eq!(
+            check_egress(&ipv4([10, 9, 9, 9], 7), &NO_OFFLOAD, MAC, None),
+            Ok(())
+        );
+        assert_eq!(
+            check_egress(&eth(MAC, 0x86dd, 60), &NO_OFFLOAD, MAC, None),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_locked_vif_refuses_offloads_that_would_write_where_it_looked() {
+        let own = [Ipv4Addr::new(10, 0, 0, 2)];
+        let lock = Some(&own[..]);
+        let csum_at = |start: u16, offset: u16| VnetHdr {
+            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            csum_start: start,
+            csum_offset: offset,
+            ..NO_OFFLOAD
+        };
+        let udp = ipv4([10, 0, 0, 2], 7);
+        // The UDP checksum (past the 20-byte IPv4 header) is fine; one whose start lies
+        // in the IPv4 header could overwrite the source address the lock checked.
+        assert_eq!(check_egress(&udp, &csum_at(34, 6), MAC, lock), Ok(()));
+        assert_eq!(
+            check_egress(&udp, &csum_at(26, 0), MAC, lock),
+            Err(Refused::OffloadIntoHeader)
+        );
+        assert_eq!(
+            check_egress(&arp(MAC, [10, 0, 0, 2]), &csum_at(34, 0), MAC, lock),
+            Err(Refused::OffloadIntoHeader)
+        );
+        // An IHL below 5 is no IPv4 header, and a DHCP request comes in one piece.
+        let mut short_ihl = udp.clone();
+        short_ihl[ETH_HLEN] = 0x44;
+        assert_eq!(
+            check_egress(&short_ihl, &NO_OFFLOAD, MAC, lock),
+            Err(Refused::NotIpv4 {
+                ethertype: ETH_P_IP
+            })
+        );
+        let mut fragment = ipv4([0; 4], 67);
+        fragment[ETH_HLEN + 7] = 1;
+        assert_eq!(
+            check_egress(&fragment, &NO_OFFLOAD, MAC, lock),
+            Err(Refused::ForeignAddress {
+                src: Ipv4Addr::UNSPECIFIED
+            })
+        );
+        // No VIF takes a checksum into its Ethernet header (where its MAC was checked).
+        assert_eq!(
+            csum_at(6, 0).check_tx(FEATURES, 60),
+            Err(HdrError::CsumRange {
+                start: 6,
+                offset: 0,
+                len: 60
+            })
+        );
     }
 
     fn joined(e: &Egress) -> Vec<u8> {
@@ -867,6 +989,6 @@ mod tests {
         assert_eq!(&f[22..28], &MAC.0);
         assert_eq!(&f[28..32], &[0; 4]);
         assert_eq!(&f[32..38], &MAC.0);
-        assert_eq!(check_egress(&f, MAC, None), Ok(()));
+        assert_eq!(check_egress(&f, &NO_OFFLOAD, MAC, None), Ok(()));
     }
 }

@@ -84,6 +84,13 @@ impl DriverQueue {
         head
     }
 
+    /// Publishes an available index `ahead` entries past what the ring holds (a broken
+    /// driver's).
+    pub fn publish_bogus_index(&mut self, mem: &GuestRam, ahead: u16) {
+        let bogus = self.avail_idx.wrapping_add(ahead);
+        mem.write_obj(bogus, GuestAddress(self.avail + 2)).unwrap();
+    }
+
     /// Chains the device has returned since the last call: (head, bytes written).
     pub fn used(&mut self, mem: &GuestRam) -> Vec<(u32, u32)> {
         let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
