@@ -80,6 +80,16 @@ pub mod saved_state {
 /// Milliseconds since the Unix epoch: the one wall clock the daemons and tools read for
 /// what they stamp or age (task times, heartbeats, snapshot times). A clock set before
 /// 1970 reads as 0.
+/// The most IPv4 addresses one VIF may hold: the pool's limit, and hostd's on a lock.
+pub const MAX_VIF_ADDRESSES: usize = 64;
+
+/// `s` as an address a VIF may hold: unicast IPv4 (not 0.0.0.0, broadcast or multicast).
+pub fn vif_ipv4(s: &str) -> Option<std::net::Ipv4Addr> {
+    s.parse().ok().filter(|ip: &std::net::Ipv4Addr| {
+        !(ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast())
+    })
+}
+
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

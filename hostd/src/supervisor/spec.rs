@@ -283,7 +283,7 @@ fn check(config: &VmConfig, initiator_iqn: &str) -> Result<(), SpecError> {
     }
     let mut macs = Vec::with_capacity(config.nets.len());
     for (i, n) in config.nets.iter().enumerate() {
-        let (mac, ..) = check_net(n, false)?;
+        let mac = check_net(n, false)?.mac;
         if n.tap.is_empty() && n.network.is_none() {
             return Err(SpecError::NoTap { id: n.id.clone() });
         }
@@ -427,10 +427,17 @@ pub fn attachment(
 
 /// A network interface's settings, checked: its MAC, MTU, rate limit and VLAN, and its
 /// tap's name when `need_tap` (an empty one is for the host to plug).
-fn check_net(
-    n: &NetConfig,
-    need_tap: bool,
-) -> Result<(MacAddr, u16, RateLimit, Option<Vlan>), SpecError> {
+/// A network interface's settings as [`check_net`] found them.
+struct NetSettings {
+    mac: MacAddr,
+    mtu: u16,
+    rate: RateLimit,
+    vlan: Option<Vlan>,
+    busy_poll: Option<std::time::Duration>,
+    lock: Option<Arc<[std::net::Ipv4Addr]>>,
+}
+
+fn check_net(n: &NetConfig, need_tap: bool) -> Result<NetSettings, SpecError> {
     let err = |source| SpecError::Net {
         id: n.id.clone(),
         source,
@@ -448,20 +455,32 @@ fn check_net(
     };
     let rate = RateLimit::new(n.rate_bytes_per_sec, n.rate_packets_per_sec).map_err(err)?;
     let vlan = n.vlan.map(Vlan::new).transpose().map_err(err)?;
-    if let Some(us) = n.busy_poll_us {
-        busy_poll_from_us(u64::from(us)).map_err(err)?;
-    }
-    if let Some(lock) = &n.lock {
-        ipv4_lock(&lock.ipv4).map_err(err)?;
-    }
+    let busy_poll = n
+        .busy_poll_us
+        .map(|us| busy_poll_from_us(u64::from(us)))
+        .transpose()
+        .map_err(err)?;
+    let lock = n
+        .lock
+        .as_ref()
+        .map(|l| ipv4_lock(&l.ipv4))
+        .transpose()
+        .map_err(err)?;
     Nic::check(&n.id, mtu).map_err(err)?;
-    Ok((mac, mtu, rate, vlan))
+    Ok(NetSettings {
+        mac,
+        mtu,
+        rate,
+        vlan,
+        busy_poll,
+        lock,
+    })
 }
 
 /// Opens a network interface's tap (the host's plumbing made it) and makes the VIF;
 /// `busy_poll_us` is the host's ceiling for an interface whose config gives none.
 pub fn open_net(n: &NetConfig, busy_poll_us: Option<u32>) -> Result<Nic, SpecError> {
-    let (mac, mtu, rate, vlan) = check_net(n, true)?;
+    let s = check_net(n, true)?;
     let tap = Tap::open(&n.tap).map_err(|source| SpecError::Tap {
         id: n.id.clone(),
         source,
@@ -470,13 +489,14 @@ pub fn open_net(n: &NetConfig, busy_poll_us: Option<u32>) -> Result<Nic, SpecErr
         id: n.id.clone(),
         source,
     };
-    let mut nic = Nic::new(n.id.clone(), Arc::new(tap), mac, mtu, rate, vlan).map_err(err)?;
-    if let Some(us) = n.busy_poll_us.or(busy_poll_us) {
+    let mut nic =
+        Nic::new(n.id.clone(), Arc::new(tap), s.mac, s.mtu, s.rate, s.vlan).map_err(err)?;
+    if let Some(ceiling) = s.busy_poll {
+        nic.busy_poll = ceiling;
+    } else if let Some(us) = busy_poll_us {
         nic = nic.with_busy_poll_us(u64::from(us)).map_err(err)?;
     }
-    if let Some(lock) = &n.lock {
-        nic.ipv4_lock = Some(ipv4_lock(&lock.ipv4).map_err(err)?);
-    }
+    nic.ipv4_lock = s.lock;
     Ok(nic)
 }
 

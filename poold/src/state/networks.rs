@@ -26,8 +26,7 @@ pub const DEFAULT_MTU: u32 = 1500;
 pub const MTUS: std::ops::RangeInclusive<u32> = 68..=9000;
 /// 802.1Q tags a network may carry (0 is "untagged", 4095 reserved).
 pub const VLANS: std::ops::RangeInclusive<u32> = 1..=4094;
-/// The most IPv4 addresses one VIF may hold (hostd's limit on a lock).
-pub const MAX_VIF_ADDRESSES: usize = 64;
+pub use proto::MAX_VIF_ADDRESSES;
 
 /// A VIF's addresses checked and written the one way (unicast IPv4, no repeats).
 fn vif_addresses(v: &pb::Vif) -> Result<Vec<String>, CommandResult> {
@@ -40,9 +39,8 @@ fn vif_addresses(v: &pb::Vif) -> Result<Vec<String>, CommandResult> {
     }
     let mut out: Vec<String> = Vec::with_capacity(v.ipv4.len());
     for a in &v.ipv4 {
-        let ip = match a.parse::<std::net::Ipv4Addr>() {
-            Ok(ip) if !(ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast()) => ip,
-            _ => return bad(format!("{a:?} is not a unicast IPv4 address")),
+        let Some(ip) = proto::vif_ipv4(a) else {
+            return bad(format!("{a:?} is not a unicast IPv4 address"));
         };
         let ip = ip.to_string();
         if out.contains(&ip) {

@@ -159,9 +159,7 @@ impl Handler {
                     (last_look, watch_until) = (last_work, self.watch(last_work));
                 } else if waiting || preempted || watch_until.is_some_and(|t| now >= t) {
                     watch_until = None;
-                    self.spinning = false;
-                    // Kicks back on; a frame queued meanwhile goes now.
-                    self.process_tx();
+                    self.stop_watching();
                 } else {
                     // SAFETY: no arguments; it cannot fail on Linux.
                     unsafe { libc::sched_yield() };
@@ -378,10 +376,7 @@ impl Handler {
     fn watch(&mut self, now: Instant) -> Option<Instant> {
         let window = self.busy.window();
         if window.is_zero() || self.throttled {
-            if self.spinning {
-                self.spinning = false;
-                self.process_tx();
-            }
+            self.stop_watching();
             return None;
         }
         if !self.spinning {
@@ -391,6 +386,15 @@ impl Handler {
             }
         }
         Some(now + window)
+    }
+
+    /// Turns the guest's TX kicks back on (if watching turned them off); a frame queued
+    /// meanwhile goes now.
+    fn stop_watching(&mut self) {
+        if self.spinning {
+            self.spinning = false;
+            self.process_tx();
+        }
     }
 
     /// The guest has queued a TX chain not taken yet.

@@ -2,8 +2,9 @@
 //!
 //! Files, one role each (the Firecracker layout, as virtio-blk): [`device`] (config space,
 //! features, activation), [`event_handler`] (the worker: tap readable, queue kicks, the
-//! rate-limit timer), [`busy_poll`] (how long the worker watches after traffic), [`frame`] (guest chains and frames parsed into typed values, the
-//! VIF's policy: anti-spoofing and VLAN access port), [`tap`] (the tap backend),
+//! rate-limit timer), [`busy_poll`] (how long the worker watches after traffic),
+//! [`frame`] (guest chains and frames parsed into typed values, the VIF's policy:
+//! anti-spoofing, the address lock and VLAN access port), [`tap`] (the tap backend),
 //! [`rate`] (token buckets), [`metrics`] (counters), `test_utils` (a driver-side queue
 //! and a tap with a packet socket, for tests).
 //!
@@ -23,6 +24,8 @@ pub mod test_utils;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use proto::MAX_VIF_ADDRESSES;
 
 pub use busy_poll::{DEFAULT_BUSY_POLL, MAX_BUSY_POLL};
 pub use device::Net;
@@ -52,13 +55,13 @@ pub enum NicError {
     BadBusyPoll { us: u64 },
     #[error("{addr:?} is not a unicast IPv4 address a VIF can be locked to")]
     BadAddress { addr: String },
-    #[error("a VIF can be locked to at most {MAX_LOCKED} addresses, not {count}")]
+    #[error("a VIF can be locked to at most {MAX_VIF_ADDRESSES} addresses, not {count}")]
     TooManyAddresses { count: usize },
 }
 
 /// A VIF as a VM is given it: its name in the VM, its tap, its MAC, MTU, rate limit,
-/// VLAN and busy-poll ceiling, and its counters. The same `Nic` is handed to the VM again after a reboot, so
-/// the tap and the counters outlive the device.
+/// VLAN, busy-poll ceiling and address lock, and its counters. The same `Nic` is handed
+/// to the VM again after a reboot, so the tap and the counters outlive the device.
 #[derive(Clone)]
 pub struct Nic {
     pub id: String,
@@ -157,24 +160,15 @@ impl Nic {
     }
 }
 
-/// The most IPv4 addresses one VIF may be locked to.
-pub const MAX_LOCKED: usize = 64;
-
-/// A VIF's address lock as configured: unicast IPv4 addresses, at most [`MAX_LOCKED`],
-/// duplicates dropped.
+/// A VIF's address lock as configured: addresses a VIF may hold ([`proto::vif_ipv4`]),
+/// at most [`MAX_VIF_ADDRESSES`], duplicates dropped.
 pub fn ipv4_lock(addrs: &[String]) -> Result<Arc<[Ipv4Addr]>, NicError> {
-    if addrs.len() > MAX_LOCKED {
+    if addrs.len() > MAX_VIF_ADDRESSES {
         return Err(NicError::TooManyAddresses { count: addrs.len() });
     }
     let mut out: Vec<Ipv4Addr> = Vec::with_capacity(addrs.len());
     for a in addrs {
-        let ip: Ipv4Addr = a
-            .parse()
-            .ok()
-            .filter(|ip: &Ipv4Addr| {
-                !(ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast())
-            })
-            .ok_or_else(|| NicError::BadAddress { addr: a.clone() })?;
+        let ip = proto::vif_ipv4(a).ok_or_else(|| NicError::BadAddress { addr: a.clone() })?;
         if !out.contains(&ip) {
             out.push(ip);
         }
@@ -303,11 +297,13 @@ mod tests {
                 NicError::BadAddress { addr: bad.into() }
             );
         }
-        let many: Vec<String> = (0..=MAX_LOCKED).map(|i| format!("10.0.1.{i}")).collect();
+        let many: Vec<String> = (0..=MAX_VIF_ADDRESSES)
+            .map(|i| format!("10.0.1.{i}"))
+            .collect();
         assert_eq!(
             ipv4_lock(&many).unwrap_err(),
             NicError::TooManyAddresses {
-                count: MAX_LOCKED + 1
+                count: MAX_VIF_ADDRESSES + 1
             }
         );
     }
