@@ -249,6 +249,11 @@ pub fn ts(t: &Option<prost_types::Timestamp>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// What a table shows for nothing: "-".
+pub fn or_dash(s: String) -> String {
+    if s.is_empty() { "-".to_owned() } else { s }
+}
+
 /// A protobuf enum value's name without its prefix, in kebab case ("HOST_STATE_ENABLED" →
 /// "enabled"); "?" for a value this poolctl does not know.
 pub fn enum_name(name: Option<&str>, prefix: &str) -> String {

@@ -131,6 +131,7 @@ pub const METHODS: &[(&str, Level, bool)] = &[
     ("CloneVm", Level::VmAdmin, true),
     ("UndoVmChanges", Level::VmAdmin, true),
     ("CreateVif", Level::VmAdmin, true),
+    ("UpdateVif", Level::VmAdmin, true),
     ("DestroyVif", Level::VmAdmin, true),
     ("CreateTemplate", Level::VmAdmin, true),
     ("DeleteTemplate", Level::VmAdmin, true),

@@ -269,32 +269,50 @@ fn networks_vifs_macs_and_placement_through_poolctl() {
         "no network named \"nosuchnet\"",
     );
 
-    // A network that locks each VIF to its own addresses: a VIF there needs some, each
-    // unique on the network.
+    // A network that locks each VIF to its own addresses hands them out from its subnet:
+    // without one, anyone allowed a VIF could claim any address (a router's).
+    refused(
+        &pool,
+        &[
+            "network-create",
+            "locked",
+            "--kind",
+            "private",
+            "--lock-addresses",
+        ],
+        "a network that locks addresses needs a subnet",
+    );
+    refused(
+        &pool,
+        &[
+            "network-create",
+            "locked",
+            "--kind",
+            "private",
+            "--subnet",
+            "10.0.0.1/24",
+        ],
+        "host bits set: the network is 10.0.0.0/24",
+    );
     pool.ctl(&[
         "network-create",
         "locked",
         "--kind",
         "private",
         "--lock-addresses",
+        "--subnet",
+        "10.0.0.0/24",
+        "--gateway",
+        "10.0.0.1",
     ]);
     let locked = line_of(&pool.ctl(&["network-list", "--json"]), "locked");
     assert!(locked.contains("\"locked\": true"), "{locked}");
-    assert!(priv_.contains("\"locked\": false"), "{priv_}");
-    let must_lock = "locks each VIF to its own addresses";
-    refused(
-        &pool,
-        &[
-            "vm-create",
-            "orphan",
-            "--memory",
-            "64M",
-            "--network",
-            "locked",
-        ],
-        must_lock,
+    assert!(
+        locked.contains("\"subnet\": \"10.0.0.0/24\"")
+            && locked.contains("\"gateway\": \"10.0.0.1\""),
+        "{locked}"
     );
-    refused(&pool, &["vif-create", "pinned", "locked"], must_lock);
+    assert!(priv_.contains("\"locked\": false"), "{priv_}");
     pool.ctl(&[
         "vif-create",
         "pinned",
@@ -309,16 +327,57 @@ fn networks_vifs_macs_and_placement_through_poolctl() {
         on_locked.contains("\"ipv4\": \"10.0.0.2,10.0.0.3\""),
         "{on_locked}"
     );
-    refused(
-        &pool,
-        &["vif-create", "pinned", "locked", "--ip", "10.0.0.3"],
-        "address 10.0.0.3 is VIF",
-    );
+    for (ip, says) in [
+        ("10.0.0.3", "address 10.0.0.3 is VIF"),
+        (
+            "10.0.0.1",
+            "address 10.0.0.1 is network \"locked\"'s gateway",
+        ),
+        (
+            "10.0.1.5",
+            "not a host address of network \"locked\"'s subnet 10.0.0.0/24",
+        ),
+    ] {
+        refused(&pool, &["vif-create", "pinned", "locked", "--ip", ip], says);
+    }
     refused(
         &pool,
         &["vif-create", "pinned", "priv", "--ip", "10.0.0.256"],
         "not a unicast IPv4 address",
     );
+    // A VM made on the network gets the lowest free address; a stopped VM's VIF takes
+    // others, or a free one again, and keeps its MAC.
+    pool.ctl(&[
+        "vm-create",
+        "handed",
+        "--memory",
+        "64M",
+        "--network",
+        "locked",
+    ]);
+    let handed = pool.ctl(&["vif-list", "--vm", "handed", "--json"]);
+    assert!(handed.contains("\"ipv4\": \"10.0.0.4\""), "{handed}");
+    let field = |line: &str, key: &str| {
+        let from = line.find(&format!("\"{key}\": \"")).expect(key) + key.len() + 5;
+        line[from..].split('"').next().unwrap().to_owned()
+    };
+    let (vif, mac) = (field(&handed, "id"), field(&handed, "mac"));
+    pool.ctl(&["vif-update", &vif, "--ip", "10.0.0.9", "--ip", "10.0.0.10"]);
+    let changed = pool.ctl(&["vif-list", "--vm", "handed", "--json"]);
+    assert!(
+        changed.contains("\"ipv4\": \"10.0.0.9,10.0.0.10\"") && changed.contains(&mac),
+        "{changed}"
+    );
+    refused(
+        &pool,
+        &["vif-update", &vif, "--ip", "10.0.0.2"],
+        "address 10.0.0.2 is VIF",
+    );
+    refused(&pool, &["vif-update", &vif], "--ip");
+    pool.ctl(&["vif-update", &vif, "--reset-ips"]);
+    let reset = pool.ctl(&["vif-list", "--vm", "handed", "--json"]);
+    assert!(reset.contains("\"ipv4\": \"10.0.0.4\""), "{reset}");
+    pool.ctl(&["vm-destroy", "handed"]);
 
     // An internal network pins its VMs to its host; ExplainPlacement names the network.
     let explain = pool.ctl(&["vm-explain", "pinned", "--json"]);
@@ -359,14 +418,20 @@ fn networks_vifs_macs_and_placement_through_poolctl() {
         "{explain}"
     );
 
-    // A clone has VIFs on the same networks with MACs of its own, and no addresses (its
-    // source's are taken).
+    // A clone has VIFs on the same networks with MACs of its own, and addresses of its
+    // own (its source's are taken): a free one from the locked network's subnet.
     pool.ctl(&["vm-clone", "pinned", "pinned2"]);
     let clone = pool.ctl(&["vif-list", "--vm", "pinned2", "--json"]);
     assert_eq!(clone.matches("\"id\":").count(), 3, "{clone}");
     assert!(!clone.contains("0a:00:27:00:00:07"), "{clone}");
-    assert!(clone.contains("\"network\": \"locked\""), "{clone}");
-    assert!(!clone.contains("10.0.0."), "{clone}");
+    let on_locked = clone
+        .lines()
+        .find(|l| l.contains("\"network\": \"locked\""));
+    assert!(
+        on_locked.is_some_and(|l| l.contains("\"ipv4\": \"10.0.0.4\"")),
+        "{clone}"
+    );
+    assert_eq!(clone.matches("10.0.0.").count(), 1, "{clone}");
 
     // Once no VIF is on it, a network goes.
     pool.ctl(&["vm-destroy", "faraway"]);

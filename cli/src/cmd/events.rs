@@ -10,7 +10,7 @@ use proto::coordinator as pb;
 use proto::coordinator::pool_event::Object;
 
 use crate::ctl::{Ctl, call};
-use crate::output::{enum_name, host_state, json_string, power, task_state};
+use crate::output::{enum_name, host_state, json_string, or_dash, power, task_state};
 
 #[derive(Debug, Subcommand)]
 pub enum EventsCommand {
@@ -85,14 +85,13 @@ fn line(json: bool, e: &pb::PoolEvent) -> String {
             json_string(&state)
         )
     } else {
-        let dash = |s: String| if s.is_empty() { "-".to_owned() } else { s };
         format!(
             "{} {} {} {change} {} {}",
             e.position,
             e.kind,
             e.id,
-            dash(name),
-            dash(state)
+            or_dash(name),
+            or_dash(state)
         )
     }
 }

@@ -6,7 +6,7 @@ use proto::coordinator as pb;
 
 use crate::ctl::{Ctl, call};
 use crate::lookup::pick;
-use crate::output::{Table, enum_name, ts};
+use crate::output::{Table, enum_name, or_dash, ts};
 
 #[derive(Debug, Subcommand)]
 pub enum NetCommand {
@@ -29,8 +29,15 @@ pub enum NetCommand {
         /// 68-9000; default 1500.
         #[arg(long, default_value_t = 0)]
         mtu: u32,
-        /// Lock each VIF to its own addresses (`vif-create --ip`): its guest sends only
-        /// ARP and IPv4 from them.
+        /// The IPv4 subnet VIFs' addresses come from (10.0.0.0/24): a VIF made without
+        /// --ip gets the lowest free host address, and may hold only host addresses of it.
+        #[arg(long)]
+        subnet: Option<String>,
+        /// The subnet's router, never handed to a VIF.
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Lock each VIF to its own addresses: its guest sends only ARP and IPv4 from
+        /// them. Needs --subnet.
         #[arg(long)]
         lock_addresses: bool,
     },
@@ -55,9 +62,21 @@ pub enum NetCommand {
         #[arg(long)]
         rate_packets: Option<u64>,
         /// An IPv4 address of the VIF, unique on its network; repeat for more. On a
-        /// network with --lock-addresses, the only ones its guest may send from.
+        /// network with --lock-addresses, the only ones its guest may send from. By
+        /// default, a network with a subnet hands out its lowest free one.
         #[arg(long = "ip")]
         ipv4: Vec<String>,
+    },
+    /// Change a stopped VM's interface: its addresses.
+    #[command(name = "vif-update")]
+    VifUpdate {
+        vif: String,
+        /// The VIF's addresses from now on (repeat for more), in place of its old ones.
+        #[arg(long = "ip", required_unless_present = "reset_ips")]
+        ipv4: Vec<String>,
+        /// Drop its addresses; a network with a subnet hands out its lowest free one.
+        #[arg(long, conflicts_with = "ipv4")]
+        reset_ips: bool,
     },
     /// VIFs, of one VM (--vm) or on one network (--network), or all.
     #[command(name = "vif-list")]
@@ -90,6 +109,8 @@ pub async fn run(ctl: &mut Ctl, command: NetCommand) -> anyhow::Result<()> {
             host,
             vlan,
             mtu,
+            subnet,
+            gateway,
             lock_addresses,
         } => {
             let host_id = ctl.host_id_or_any(host.as_deref()).await?;
@@ -105,6 +126,8 @@ pub async fn run(ctl: &mut Ctl, command: NetCommand) -> anyhow::Result<()> {
                     vlan,
                     mtu,
                     lock_addresses,
+                    subnet: subnet.unwrap_or_default(),
+                    gateway: gateway.unwrap_or_default(),
                 }
             )?;
             ctl.follow(r).await?;
@@ -183,6 +206,23 @@ pub async fn run(ctl: &mut Ctl, command: NetCommand) -> anyhow::Result<()> {
             }
             ctl.print(&vif_table(vifs));
         }
+        NetCommand::VifUpdate {
+            vif,
+            ipv4,
+            reset_ips: _,
+        } => {
+            // Without --ip, --reset-ips was given (clap requires one of them).
+            let r = call!(
+                ctl.client,
+                update_vif,
+                pb::UpdateVifRequest {
+                    request_id: new_request_id(),
+                    vif_id: vif,
+                    ipv4: Some(pb::VifAddresses { ipv4 }),
+                }
+            )?;
+            ctl.follow(r).await?;
+        }
         NetCommand::VifDestroy { vif } => {
             let r = call!(
                 ctl.client,
@@ -235,7 +275,8 @@ impl Ctl {
 /// as its id in JSON.
 fn network_table(networks: Vec<pb::Network>, hosts: &[pb::Host], ids: bool) -> Table {
     let mut t = Table::new(&[
-        "ID", "NAME", "KIND", "NIC", "HOST", "VLAN", "MTU", "VNI", "LOCKED", "CREATED",
+        "ID", "NAME", "KIND", "NIC", "HOST", "VLAN", "MTU", "VNI", "SUBNET", "GATEWAY", "LOCKED",
+        "CREATED",
     ]);
     for n in networks {
         let host = match hosts.iter().find(|h| h.id == n.host_id) {
@@ -251,6 +292,8 @@ fn network_table(networks: Vec<pb::Network>, hosts: &[pb::Host], ids: bool) -> T
             n.vlan.into(),
             n.mtu.into(),
             n.vni.into(),
+            or_dash(n.subnet.clone()).into(),
+            or_dash(n.gateway.clone()).into(),
             n.lock_addresses.into(),
             ts(&n.created_at).into(),
         ]);
@@ -275,12 +318,7 @@ fn vif_table(vifs: Vec<pb::Vif>) -> Table {
             v.vm_id.into(),
             v.network_name.into(),
             v.mac.into(),
-            if v.ipv4.is_empty() {
-                "-".to_owned()
-            } else {
-                v.ipv4.join(",")
-            }
-            .into(),
+            or_dash(v.ipv4.join(",")).into(),
             limit(v.rate_bytes_per_sec).into(),
             limit(v.rate_packets_per_sec).into(),
         ]);

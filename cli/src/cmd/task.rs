@@ -4,7 +4,7 @@ use clap::Subcommand;
 use proto::coordinator as pb;
 
 use crate::ctl::Ctl;
-use crate::output::{Table, Value, task_state, ts};
+use crate::output::{Table, Value, or_dash, task_state, ts};
 
 #[derive(Debug, Subcommand)]
 pub enum TaskCommand {
@@ -40,11 +40,7 @@ fn task_table(tasks: Vec<pb::Task>, all: bool) -> Table {
         "ID", "KIND", "STATE", "PROGRESS", "TARGET", "BY", "CREATED", "ERROR",
     ]);
     for task in tasks.into_iter().filter(|t| all || started_by_a_user(t)) {
-        let by = if task.requested_by.is_empty() {
-            "-".to_owned()
-        } else {
-            task.requested_by
-        };
+        let by = or_dash(task.requested_by);
         t.row(vec![
             task.id.into(),
             task.kind.into(),

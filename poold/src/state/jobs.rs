@@ -716,9 +716,10 @@ impl PoolState {
                 if self.vms.contains_key(&c.vm_id) {
                     return None;
                 }
-                // New MACs and no addresses (a clone's VIFs are its own: on a network
-                // that locks them it sends no IP until it is given some); an effect
-                // cannot fail, so a VIF on a network destroyed meanwhile is left out.
+                // New MACs, and addresses of their own: a free one where the network
+                // has a subnet, else none (on a network that locks them it sends no IP
+                // until given some); an effect cannot fail, so a VIF on a network
+                // destroyed meanwhile is left out.
                 let wanted: Vec<pb::Vif> = c
                     .vifs
                     .iter()

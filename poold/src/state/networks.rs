@@ -29,26 +29,83 @@ pub const VLANS: std::ops::RangeInclusive<u32> = 1..=4094;
 pub use proto::MAX_VIF_ADDRESSES;
 
 /// A VIF's addresses checked and written the one way (unicast IPv4, no repeats).
-fn vif_addresses(v: &pb::Vif) -> Result<Vec<String>, CommandResult> {
+fn vif_addresses(asked: &[String]) -> Result<Vec<std::net::Ipv4Addr>, CommandResult> {
     let bad = |m: String| Err(err(Code::InvalidArgument, m));
-    if v.ipv4.len() > MAX_VIF_ADDRESSES {
+    if asked.len() > MAX_VIF_ADDRESSES {
         return bad(format!(
             "a VIF holds at most {MAX_VIF_ADDRESSES} IPv4 addresses, not {}",
-            v.ipv4.len()
+            asked.len()
         ));
     }
-    let mut out: Vec<String> = Vec::with_capacity(v.ipv4.len());
-    for a in &v.ipv4 {
+    let mut out = Vec::with_capacity(asked.len());
+    for a in asked {
         let Some(ip) = proto::vif_ipv4(a) else {
             return bad(format!("{a:?} is not a unicast IPv4 address"));
         };
-        let ip = ip.to_string();
         if out.contains(&ip) {
             return bad(format!("address {ip} is given twice"));
         }
         out.push(ip);
     }
     Ok(out)
+}
+
+/// The prefix lengths a network's subnet may have: at least 2 host addresses, no more
+/// than a /8 of them.
+pub const SUBNET_PREFIXES: std::ops::RangeInclusive<u8> = 8..=30;
+
+/// A network's IPv4 subnet: its first address and prefix length.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Subnet {
+    base: u32,
+    prefix: u8,
+}
+
+impl Subnet {
+    /// "10.0.0.0/24": a prefix in [`SUBNET_PREFIXES`], no host bits set.
+    pub fn parse(s: &str) -> Result<Subnet, String> {
+        let bad = || format!("subnet {s:?} is not an IPv4 network like 10.0.0.0/24");
+        let (ip, len) = s.split_once('/').ok_or_else(bad)?;
+        let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| bad())?;
+        let prefix: u8 = len.parse().map_err(|_| bad())?;
+        if !SUBNET_PREFIXES.contains(&prefix) {
+            return Err(format!(
+                "subnet {s}: a prefix of /{}-/{} leaves room for VIFs, not /{prefix}",
+                SUBNET_PREFIXES.start(),
+                SUBNET_PREFIXES.end()
+            ));
+        }
+        let base = u32::from(ip);
+        let mask = u32::MAX << (32 - prefix);
+        if base & !mask != 0 {
+            return Err(format!(
+                "subnet {s} has host bits set: the network is {}/{prefix}",
+                std::net::Ipv4Addr::from(base & mask)
+            ));
+        }
+        Ok(Subnet { base, prefix })
+    }
+
+    /// Its addresses a VIF or a gateway may hold: all but the first and the last.
+    fn hosts(self) -> std::ops::RangeInclusive<u32> {
+        let last = self.base | (u32::MAX >> self.prefix);
+        self.base + 1..=last - 1
+    }
+
+    fn holds(self, ip: std::net::Ipv4Addr) -> bool {
+        self.hosts().contains(&u32::from(ip))
+    }
+}
+
+impl std::fmt::Display for Subnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", std::net::Ipv4Addr::from(self.base), self.prefix)
+    }
+}
+
+/// The subnet of a network that has one (checked when the network was created).
+fn subnet_of(n: &pb::Network) -> Option<Subnet> {
+    Subnet::parse(&n.subnet).ok()
 }
 
 fn fnv1a(bytes: &[u8]) -> u32 {
@@ -158,6 +215,26 @@ impl PoolState {
         }
         let mut n = n.clone();
         n.mtu = mtu;
+        if !n.subnet.is_empty() {
+            let net = Subnet::parse(&n.subnet).map_err(|e| err(Code::InvalidArgument, e))?;
+            n.subnet = net.to_string();
+            if !n.gateway.is_empty() {
+                match n.gateway.parse::<std::net::Ipv4Addr>() {
+                    Ok(g) if net.holds(g) => n.gateway = g.to_string(),
+                    _ => {
+                        return bad(format!(
+                            "gateway {:?} is not a host address of subnet {net}",
+                            n.gateway
+                        ));
+                    }
+                }
+            }
+        } else if !n.gateway.is_empty() {
+            return bad(format!(
+                "gateway {} needs the network's subnet (--subnet)",
+                n.gateway
+            ));
+        }
         n.created_at = Some(proto::timestamp(at_ms));
         n.vni = 0;
         match n.kind() {
@@ -273,32 +350,7 @@ impl PoolState {
                 }
             }
             let mut v = v.clone();
-            v.ipv4 = vif_addresses(&v)?;
-            if given && net.lock_addresses && v.ipv4.is_empty() {
-                return Err(err(
-                    Code::InvalidArgument,
-                    format!(
-                        "network {:?} locks each VIF to its own addresses: give this one at least one (vif-create --ip)",
-                        net.name
-                    ),
-                ));
-            }
-            let holder = self
-                .vms
-                .values()
-                .flat_map(|vm| vm.vifs.iter())
-                .chain(out.iter())
-                .filter(|o| o.network_id == net.id)
-                .find_map(|o| v.ipv4.iter().find(|a| o.ipv4.contains(a)).map(|a| (o, a)));
-            if let Some((o, a)) = holder {
-                return Err(err(
-                    Code::AlreadyExists,
-                    format!(
-                        "address {a} is VIF {}'s (VM {}) on network {:?}",
-                        o.id, o.vm_id, net.name
-                    ),
-                ));
-            }
+            v.ipv4 = self.vif_ipv4s(net, &v.ipv4, "", &out, given)?;
             v.vm_id = vm_id.to_owned();
             v.network_name = net.name.clone();
             if v.id.is_empty() {
@@ -349,6 +401,96 @@ impl PoolState {
         Ok(out)
     }
 
+    /// The addresses a VIF on `net` ends with, from those `asked`: each unicast and given
+    /// once; with a subnet, a host address of it other than the gateway; held by no other
+    /// VIF on the network (`skip` is the VIF being changed, `pending` VIFs not yet in the
+    /// state). None asked on a network with a subnet: its lowest free host address (for a
+    /// clone's VIF, none if it is full). A user (`given`) must name some on a locked
+    /// network without a subnet.
+    fn vif_ipv4s(
+        &self,
+        net: &pb::Network,
+        asked: &[String],
+        skip: &str,
+        pending: &[pb::Vif],
+        given: bool,
+    ) -> Result<Vec<String>, CommandResult> {
+        let mut ips = vif_addresses(asked)?;
+        let subnet = subnet_of(net);
+        let gateway: Option<std::net::Ipv4Addr> = net.gateway.parse().ok();
+        let others: Vec<&pb::Vif> = self
+            .vms
+            .values()
+            .flat_map(|vm| vm.vifs.iter())
+            .chain(pending)
+            .filter(|o| o.network_id == net.id && (skip.is_empty() || o.id != skip))
+            .collect();
+        for ip in &ips {
+            if let Some(sub) = subnet
+                && !sub.holds(*ip)
+            {
+                return Err(err(
+                    Code::InvalidArgument,
+                    format!(
+                        "address {ip} is not a host address of network {:?}'s subnet {sub}",
+                        net.name
+                    ),
+                ));
+            }
+            if gateway == Some(*ip) {
+                return Err(err(
+                    Code::InvalidArgument,
+                    format!("address {ip} is network {:?}'s gateway", net.name),
+                ));
+            }
+            let a = ip.to_string();
+            if let Some(o) = others.iter().find(|o| o.ipv4.contains(&a)) {
+                return Err(err(
+                    Code::AlreadyExists,
+                    format!(
+                        "address {a} is VIF {}'s (VM {}) on network {:?}",
+                        o.id, o.vm_id, net.name
+                    ),
+                ));
+            }
+        }
+        if ips.is_empty() {
+            if let Some(sub) = subnet {
+                let held: std::collections::BTreeSet<u32> = others
+                    .iter()
+                    .flat_map(|o| o.ipv4.iter())
+                    .filter_map(|a| a.parse::<std::net::Ipv4Addr>().ok())
+                    .map(u32::from)
+                    .chain(gateway.map(u32::from))
+                    .collect();
+                match sub.hosts().find(|a| !held.contains(a)) {
+                    Some(free) => ips.push(free.into()),
+                    // A clone is made by an effect, which cannot fail: its VIF comes
+                    // without an address, as it would on a network with no subnet.
+                    None if !given => {}
+                    None => {
+                        return Err(err(
+                            Code::ResourceExhausted,
+                            format!(
+                                "network {:?}'s subnet {sub} has no free address left",
+                                net.name
+                            ),
+                        ));
+                    }
+                }
+            } else if given && net.lock_addresses {
+                return Err(err(
+                    Code::InvalidArgument,
+                    format!(
+                        "network {:?} locks each VIF to its own addresses: give this one at least one (vif-create --ip)",
+                        net.name
+                    ),
+                ));
+            }
+        }
+        Ok(ips.iter().map(ToString::to_string).collect())
+    }
+
     fn stopped_vm(&self, vm_id: &str, what: &str) -> Result<&pb::Vm, CommandResult> {
         let vm = self
             .vms
@@ -381,6 +523,40 @@ impl PoolState {
         let vm = self.vms.get_mut(&v.vm_id).expect("checked above");
         vm.vifs.push(vif);
         Ok(Applied::done(&v.id))
+    }
+
+    /// A stopped VM's VIF gets new addresses (`None`: unchanged).
+    pub(super) fn update_vif(
+        &mut self,
+        id: &str,
+        ipv4: Option<&[String]>,
+    ) -> Result<Applied, CommandResult> {
+        let (vm_id, vif) = self
+            .vms
+            .values()
+            .find_map(|vm| vm.vifs.iter().find(|v| v.id == id).map(|v| (&vm.id, v)))
+            .ok_or_else(|| err(Code::NotFound, format!("no VIF with id {id}")))?;
+        let vm_id = vm_id.clone();
+        self.stopped_vm(&vm_id, "a VIF's addresses change")?;
+        let net = self.networks.get(&vif.network_id).ok_or_else(|| {
+            err(
+                Code::NotFound,
+                format!("no network with id {:?}", vif.network_id),
+            )
+        })?;
+        let ipv4 = match ipv4 {
+            Some(asked) => Some(self.vif_ipv4s(net, asked, id, &[], true)?),
+            None => None,
+        };
+        let vif = self
+            .vms
+            .get_mut(&vm_id)
+            .and_then(|vm| vm.vifs.iter_mut().find(|v| v.id == id))
+            .expect("found above");
+        if let Some(ipv4) = ipv4 {
+            vif.ipv4 = ipv4;
+        }
+        Ok(Applied::done(id))
     }
 
     pub(super) fn destroy_vif(&mut self, id: &str) -> Result<Applied, CommandResult> {
@@ -831,6 +1007,234 @@ mod tests {
             vm("c", vec![at("priv", &[" 10.0.0.5"])]),
             Code::InvalidArgument,
             "not a unicast",
+        );
+    }
+
+    #[test]
+    fn a_subnet_is_a_network_address_and_its_gateway_one_of_its_hosts() {
+        let mut s = pool();
+        let with = |subnet: &str, gateway: &str| {
+            let mut n = net("lan", pb::NetworkKind::Private);
+            n.subnet = subnet.into();
+            n.gateway = gateway.into();
+            Op::CreateNetwork(n)
+        };
+        let cases: Vec<(Op, &str)> = vec![
+            (with("10.0.0.0", ""), "not an IPv4 network like 10.0.0.0/24"),
+            (with("10.0.0.0/33", ""), "not /33"),
+            (with("10.0.0.0/31", ""), "/8-/30 leaves room"),
+            (with("10.0.0.0/7", ""), "not /7"),
+            (with("10.0.0.0/x", ""), "not an IPv4 network"),
+            (
+                with("10.0.1.0/16", ""),
+                "host bits set: the network is 10.0.0.0/16",
+            ),
+            (
+                with("10.0.0.0/24", "10.0.1.1"),
+                "not a host address of subnet 10.0.0.0/24",
+            ),
+            (with("10.0.0.0/24", "10.0.0.0"), "not a host address"),
+            (with("10.0.0.0/24", "10.0.0.255"), "not a host address"),
+            (with("10.0.0.0/24", "gw"), "not a host address"),
+            (with("", "10.0.0.1"), "needs the network's subnet"),
+        ];
+        for (op, says) in cases {
+            refused(&mut s, op, Code::InvalidArgument, says);
+        }
+        ok(&mut s, with("192.168.8.0/30", "192.168.8.1"));
+        assert_eq!(s.networks["lan"].subnet, "192.168.8.0/30");
+        assert_eq!(s.networks["lan"].gateway, "192.168.8.1");
+    }
+
+    #[test]
+    fn a_subnet_hands_out_its_lowest_free_host_address_and_bounds_given_ones() {
+        let mut s = pool();
+        let mut lan = net("lan", pb::NetworkKind::Private);
+        lan.subnet = "10.9.0.0/29".into();
+        lan.gateway = "10.9.0.1".into();
+        lan.lock_addresses = true;
+        ok(&mut s, Op::CreateNetwork(lan));
+        let at = |ips: &[&str]| pb::Vif {
+            ipv4: ips.iter().map(|a| a.to_string()).collect(),
+            ..on("lan")
+        };
+        // .1 is the gateway: the first VIF gets .2, a VM's two VIFs .3 and .5 around a
+        // given .4.
+        ok(&mut s, vm("a", vec![at(&[])]));
+        assert_eq!(s.vms["a"].vifs[0].ipv4, ["10.9.0.2"]);
+        ok(&mut s, vm("b", vec![at(&[]), at(&["10.9.0.4"]), at(&[])]));
+        let b: Vec<_> = s.vms["b"].vifs.iter().map(|v| v.ipv4.join(",")).collect();
+        assert_eq!(b, ["10.9.0.3", "10.9.0.4", "10.9.0.5"]);
+        let cases: Vec<(Op, Code, &str)> = vec![
+            (
+                vm("c", vec![at(&["10.9.0.1"])]),
+                Code::InvalidArgument,
+                "address 10.9.0.1 is network \"lan\"'s gateway",
+            ),
+            (
+                vm("c", vec![at(&["10.9.0.7"])]),
+                Code::InvalidArgument,
+                "10.9.0.7 is not a host address of network \"lan\"'s subnet 10.9.0.0/29",
+            ),
+            (
+                vm("c", vec![at(&["10.9.0.0"])]),
+                Code::InvalidArgument,
+                "not a host address",
+            ),
+            (
+                vm("c", vec![at(&["10.8.0.2"])]),
+                Code::InvalidArgument,
+                "not a host address",
+            ),
+            (
+                vm("c", vec![at(&["10.9.0.4"])]),
+                Code::AlreadyExists,
+                "address 10.9.0.4 is VIF b-vif1's (VM b)",
+            ),
+        ];
+        for (op, code, says) in cases {
+            refused(&mut s, op, code, says);
+        }
+        ok(&mut s, vm("c", vec![at(&[])]));
+        assert_eq!(s.vms["c"].vifs[0].ipv4, ["10.9.0.6"]);
+        // Six host addresses, one the gateway's: the subnet is full.
+        refused(
+            &mut s,
+            vm("d", vec![at(&[])]),
+            Code::ResourceExhausted,
+            "subnet 10.9.0.0/29 has no free address left",
+        );
+        // A clone's VIFs come without addresses and get free ones, or none when the
+        // subnet is full (an effect cannot fail).
+        assert!(
+            s.new_vifs("d", &[on("lan")], false).unwrap()[0]
+                .ipv4
+                .is_empty()
+        );
+        ok(&mut s, Op::DestroyVm(ObjectId { id: "c".into() }));
+        let clone = s.new_vifs("d", &[on("lan")], false).unwrap();
+        assert_eq!(clone[0].ipv4, ["10.9.0.6"]);
+    }
+
+    #[test]
+    fn a_stopped_vms_vif_changes_its_addresses_within_the_rules() {
+        let mut s = pool();
+        let mut lan = net("lan", pb::NetworkKind::Private);
+        lan.subnet = "10.9.0.0/24".into();
+        lan.gateway = "10.9.0.1".into();
+        ok(&mut s, Op::CreateNetwork(lan));
+        ok(&mut s, vm("a", vec![on("lan"), on("priv")]));
+        ok(&mut s, vm("b", vec![on("lan")]));
+        assert_eq!(s.vms["a"].vifs[0].ipv4, ["10.9.0.2"]);
+        assert!(
+            s.vms["a"].vifs[1].ipv4.is_empty(),
+            "no subnet: none handed out"
+        );
+        let update = |id: &str, ips: Option<&[&str]>| {
+            Op::UpdateVif(UpdateVif {
+                vif_id: id.into(),
+                ipv4: ips.map(|ips| pb::VifAddresses {
+                    ipv4: ips.iter().map(|a| a.to_string()).collect(),
+                }),
+            })
+        };
+        ok(&mut s, update("a-vif0", Some(&["10.9.0.20", "10.9.0.21"])));
+        assert_eq!(s.vms["a"].vifs[0].ipv4, ["10.9.0.20", "10.9.0.21"]);
+        // Its own addresses again: not "taken" by itself.
+        ok(&mut s, update("a-vif0", Some(&["10.9.0.21"])));
+        assert_eq!(s.vms["a"].vifs[0].ipv4, ["10.9.0.21"]);
+        // Nothing asked on a subnet: the lowest free one (.2 was given back).
+        ok(&mut s, update("a-vif0", Some(&[])));
+        assert_eq!(s.vms["a"].vifs[0].ipv4, ["10.9.0.2"]);
+        ok(&mut s, update("a-vif1", Some(&["192.0.2.7"])));
+        assert_eq!(s.vms["a"].vifs[1].ipv4, ["192.0.2.7"]);
+        ok(&mut s, update("a-vif1", Some(&[])));
+        assert!(s.vms["a"].vifs[1].ipv4.is_empty());
+        let mac = s.vms["a"].vifs[0].mac.clone();
+        ok(&mut s, update("a-vif0", None));
+        assert_eq!(s.vms["a"].vifs[0].ipv4, ["10.9.0.2"]);
+        assert_eq!(
+            s.vms["a"].vifs[0].mac, mac,
+            "an address change keeps the MAC"
+        );
+        let cases: Vec<(Op, Code, &str)> = vec![
+            (
+                update("a-vif0", Some(&["10.9.0.3"])),
+                Code::AlreadyExists,
+                "address 10.9.0.3 is VIF b-vif0's (VM b)",
+            ),
+            (
+                update("a-vif0", Some(&["10.9.0.1"])),
+                Code::InvalidArgument,
+                "gateway",
+            ),
+            (
+                update("a-vif0", Some(&["10.9.1.1"])),
+                Code::InvalidArgument,
+                "not a host address",
+            ),
+            (
+                update("a-vif0", Some(&["10.9.0.9", "10.9.0.9"])),
+                Code::InvalidArgument,
+                "given twice",
+            ),
+            (
+                update("ghost", Some(&[])),
+                Code::NotFound,
+                "no VIF with id ghost",
+            ),
+        ];
+        for (op, code, says) in cases {
+            refused(&mut s, op, code, says);
+        }
+        ok(
+            &mut s,
+            Op::SetVmPower(SetVmPower {
+                vm_id: "a".into(),
+                desired: hpb::PowerState::Running as i32,
+                host_id: "h1".into(),
+                ..Default::default()
+            }),
+        );
+        refused(
+            &mut s,
+            update("a-vif0", Some(&["10.9.0.30"])),
+            Code::FailedPrecondition,
+            "only while it is stopped",
+        );
+    }
+
+    #[test]
+    fn a_locked_network_without_a_subnet_still_takes_given_addresses_only() {
+        // Networks made before subnets existed: the log replays them as it did.
+        let mut s = pool();
+        let mut old = net("old", pb::NetworkKind::Private);
+        old.lock_addresses = true;
+        ok(&mut s, Op::CreateNetwork(old));
+        refused(
+            &mut s,
+            vm("a", vec![on("old")]),
+            Code::InvalidArgument,
+            "locks each VIF to its own addresses",
+        );
+        ok(
+            &mut s,
+            vm(
+                "a",
+                vec![pb::Vif {
+                    ipv4: vec!["10.0.0.9".into()],
+                    ..on("old")
+                }],
+            ),
+        );
+        refused(
+            &mut s,
+            Op::UpdateVif(UpdateVif {
+                vif_id: "a-vif0".into(),
+                ipv4: Some(pb::VifAddresses::default()),
+            }),
+            Code::InvalidArgument,
+            "locks each VIF to its own addresses",
         );
     }
 

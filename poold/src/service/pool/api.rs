@@ -513,6 +513,12 @@ impl PoolService for PoolHandler {
             .map(Response::new)
     }
 
+    async fn update_vif(&self, r: Request<pb::UpdateVifRequest>) -> R<pb::TaskResponse> {
+        let who = self.authorize(&r, "UpdateVif")?;
+        let res = networks::update_vif(self, &who, r.into_inner()).await;
+        self.done(&who, res)
+    }
+
     async fn destroy_vif(&self, r: Request<pb::DestroyVifRequest>) -> R<pb::TaskResponse> {
         let who = self.authorize(&r, "DestroyVif")?;
         let res = networks::destroy_vif(self, &who, r.into_inner()).await;

@@ -9,7 +9,7 @@ use super::PoolHandler;
 use super::request::{need, page};
 use crate::auth::Caller;
 use crate::state::PoolState;
-use crate::state::command::{ObjectId, Op};
+use crate::state::command::{ObjectId, Op, UpdateVif};
 use crate::state::networks::MAX_VIF_ADDRESSES;
 
 fn network_id(s: &PoolState, r: &str) -> Result<String, Status> {
@@ -19,7 +19,8 @@ fn network_id(s: &PoolState, r: &str) -> Result<String, Status> {
 }
 
 /// One VIF on each named network, in order, for a new VM (MACs and ids come at apply).
-/// Such a VIF has no addresses, so a network that locks VIFs to theirs is refused.
+/// Such a VIF has no addresses: a network with a subnet hands one out, a locked network
+/// without one cannot take it.
 pub(super) async fn vifs_on(svc: &PoolHandler, names: &[String]) -> Result<Vec<pb::Vif>, Status> {
     if names.is_empty() {
         return Ok(Vec::new());
@@ -30,7 +31,10 @@ pub(super) async fn vifs_on(svc: &PoolHandler, names: &[String]) -> Result<Vec<p
                 .iter()
                 .map(|n| {
                     let id = network_id(s, n)?;
-                    if s.networks.get(&id).is_some_and(|net| net.lock_addresses) {
+                    if s.networks
+                        .get(&id)
+                        .is_some_and(|net| net.lock_addresses && net.subnet.is_empty())
+                    {
                         return Err(Status::invalid_argument(format!(
                             "network {n:?} locks each VIF to its own addresses: create the VM \
                              without it, then add the VIF with `vif-create --ip`"
@@ -46,12 +50,31 @@ pub(super) async fn vifs_on(svc: &PoolHandler, names: &[String]) -> Result<Vec<p
         .await?
 }
 
+/// At most this many addresses in one call: checked again when the change commits, here
+/// so that a huge list never reaches the log.
+fn few_addresses(ipv4: &[String]) -> Result<(), Status> {
+    if ipv4.len() > MAX_VIF_ADDRESSES {
+        return Err(Status::invalid_argument(format!(
+            "a VIF holds at most {MAX_VIF_ADDRESSES} IPv4 addresses, not {}",
+            ipv4.len()
+        )));
+    }
+    Ok(())
+}
+
 pub(super) async fn create(
     svc: &PoolHandler,
     who: &Caller,
     r: pb::CreateNetworkRequest,
 ) -> Result<pb::Task, Status> {
     need("name", &r.name)?;
+    // Without a subnet anyone allowed a VIF could claim any address (a router's); the
+    // state machine does not refuse it, for networks created before subnets existed.
+    if r.lock_addresses && r.subnet.is_empty() {
+        return Err(Status::invalid_argument(
+            "a network that locks addresses needs a subnet (--subnet) to hand them out from",
+        ));
+    }
     let host_id = if r.host_id.is_empty() {
         String::new()
     } else {
@@ -74,6 +97,8 @@ pub(super) async fn create(
         vlan: r.vlan,
         mtu: r.mtu,
         lock_addresses: r.lock_addresses,
+        subnet: r.subnet,
+        gateway: r.gateway,
         ..Default::default()
     });
     svc.c.write(who, &r.request_id, op).await
@@ -125,13 +150,7 @@ pub(super) async fn create_vif(
 ) -> Result<pb::Task, Status> {
     need("vm_id", &r.vm_id)?;
     need("network", &r.network)?;
-    // Checked again when it commits; here so that a huge list never reaches the log.
-    if r.ipv4.len() > MAX_VIF_ADDRESSES {
-        return Err(Status::invalid_argument(format!(
-            "a VIF holds at most {MAX_VIF_ADDRESSES} IPv4 addresses, not {}",
-            r.ipv4.len()
-        )));
-    }
+    few_addresses(&r.ipv4)?;
     let network_id = svc.c.read(|s| network_id(s, &r.network)).await??;
     let op = Op::CreateVif(pb::Vif {
         id: uuid::Uuid::new_v4().to_string(),
@@ -175,6 +194,25 @@ pub(super) async fn list_vifs(
         vifs,
         next_page_token: next,
     })
+}
+
+pub(super) async fn update_vif(
+    svc: &PoolHandler,
+    who: &Caller,
+    r: pb::UpdateVifRequest,
+) -> Result<pb::Task, Status> {
+    need("vif_id", &r.vif_id)?;
+    let Some(ipv4) = r.ipv4 else {
+        return Err(Status::invalid_argument(
+            "nothing to change: give the VIF's addresses",
+        ));
+    };
+    few_addresses(&ipv4.ipv4)?;
+    let op = Op::UpdateVif(UpdateVif {
+        vif_id: r.vif_id,
+        ipv4: Some(ipv4),
+    });
+    svc.c.write(who, &r.request_id, op).await
 }
 
 pub(super) async fn destroy_vif(
