@@ -496,6 +496,25 @@ mod tests {
     }
 
     #[test]
+    fn wakes_that_move_no_frame_open_no_window() {
+        // RX buffers refilled 100 µs apart, 20 times, no traffic: a window grown by those
+        // wakes would take a frame queued right after one without its kick.
+        let mut r = Rig::polling(ACKED, RateLimit::default(), None, MAX_BUSY_POLL);
+        for i in 0..20 {
+            r.post_rx(i);
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        r.post_rx(20);
+        r.queue_tx(plain(), &udp(MAC, b"quiet"));
+        assert!(
+            !r.tx_used_within(Duration::from_millis(20)),
+            "a frame went without a kick: the worker watched after wakes with no traffic"
+        );
+        r.kicks[TX_QUEUE].write(1).unwrap();
+        assert!(r.tx_used_within(Duration::from_secs(2)));
+    }
+
+    #[test]
     fn a_watching_worker_reports_a_broken_tx_ring_and_stops_watching_it() {
         let mut r = Rig::polling(ACKED, RateLimit::default(), None, MAX_BUSY_POLL);
         // Traffic 100 µs apart opens a window; then the ring's index runs past its size.

@@ -178,7 +178,8 @@ impl Handler {
             if ready(0) {
                 break;
             }
-            self.busy.woke_after(last_work.elapsed());
+            let idle = last_work.elapsed();
+            let mut moved = false;
             if ready(1) {
                 let _ = rx_kick.read();
                 self.rx_starved = false;
@@ -191,18 +192,25 @@ impl Handler {
                 self.throttled = false;
             }
             if ready(2) || ready(3) {
-                self.process_tx();
+                moved |= self.process_tx();
             }
             if ready(1) || ready(4) {
-                self.process_rx();
+                moved |= self.process_rx();
             }
             if self.spinning && self.tx_waiting() {
                 // Kicks are off while watching: the ring is read here too, or traffic
                 // toward the guest would hold up what it sends.
-                self.process_tx();
+                moved |= self.process_tx();
             }
-            last_work = Instant::now();
-            (last_look, watch_until) = (last_work, self.watch(last_work));
+            // Only frames feed the window's rule and open a window: a wake that moved
+            // none (buffers refilled, the rate limit's timer) says nothing of when the
+            // next frame comes.
+            last_look = Instant::now();
+            if moved {
+                self.busy.woke_after(idle);
+                last_work = last_look;
+                watch_until = self.watch(last_work);
+            }
         }
         if self.tx_deferred.take().is_some() {
             // Popped but not sent: the driver gets it back where it was, so a device
@@ -212,14 +220,19 @@ impl Handler {
         vec![self.rx, self.tx]
     }
 
-    /// Moves frames from the tap into the guest's buffers while both have some.
-    fn process_rx(&mut self) {
+    /// Moves frames from the tap into the guest's buffers while both have some; whether
+    /// any came from the tap or went to the guest.
+    fn process_rx(&mut self) -> bool {
         let mut used = false;
+        let mut read = false;
         loop {
             let len = match self.rx_pending {
                 Some(len) => len,
                 None => match self.nic.tap.read(&mut self.rx_buf) {
-                    Ok(len) => len,
+                    Ok(len) => {
+                        read = true;
+                        len
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
@@ -283,6 +296,7 @@ impl Handler {
         if used {
             notify(&mut self.rx, &self.mem, &self.interrupt);
         }
+        used || read
     }
 
     /// Sends every frame the guest queued, until the queue is empty or the rate limit
