@@ -4,8 +4,12 @@
 //! typing and sending text to the guest; export with its progress shown, suspend and
 //! resume; a checkpoint, and a revert to it on a host named in the page, checked through
 //! the API; a schedule keeping one snapshot, run twice from its page, then deleted, its
-//! snapshot kept, checked through the API), downloads a disk as qcow2 and logs out. Screenshots of each view are kept
-//! in target/tmp/console-shots.
+//! snapshot kept, checked through the API; guest networks made in the networks page's form,
+//! a bad subnet refused in the pool's words, a VIF added to a stopped VM with an address
+//! the pool hands out from the subnet (checked through the API), readdressed, the network's
+//! destruction refused while the VIF is on it, then done), downloads a disk as qcow2 and
+//! logs out; a read-only user is offered no action. Screenshots of each view are kept in
+//! target/tmp/console-shots.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -51,6 +55,7 @@ fn the_console_logs_in_follows_the_pool_live_and_drives_a_vm() {
              kill-host) kill -KILL $(pgrep -f -- \"--host-id $2 \") ;;\n\
              vm) pc vm-show \"$2\" --json ;;\n\
              snapshots) pc vm-snapshot-list \"$2\" --json ;;\n\
+             vifs) pc vif-list --vm \"$2\" --json ;;\n\
              *) echo \"unknown change $1\" >&2; exit 2 ;;\n\
              esac\n",
             binary("poolctl").display(),

@@ -10,7 +10,8 @@
 //                          kills host H's hostd (and with it its VMs) with SIGKILL;
 //                          `vm NAME` prints the VM's fields as the API has them
 //                          (`poolctl vm-show --json`), to check the page against;
-//                          `snapshots VM` its snapshots (`vm-snapshot-list --json`)
+//                          `snapshots VM` its snapshots (`vm-snapshot-list --json`),
+//                          `vifs VM` its VIFs (`vif-list --vm VM --json`)
 //   CONSOLE_VM             a running VM of the test guest in heartbeat mode (default demo)
 //   CONSOLE_SHOTS          where a screenshot of each view goes
 //   CONSOLE_VIEWER_PASSWORD_FILE  the password of `viewer`, a read-only user
@@ -350,6 +351,91 @@ try {
   await stoppedPanel.locator("[data-field=power]", { hasText: "stopped" }).waitFor({ timeout: 60_000 });
   step(`made-in-browser checkpointed on ${ranOn} (${paused}), forced off, reverted to it on ${there}: running there`);
 
+  // Guest networks, made in the networks page's form: a private one with a subnet; one
+  // with a subnet that has host bits set, refused in the pool's own words (the page's hint
+  // says so first, and the form goes regardless); an internal one on a host picked in the
+  // form, with a VLAN tag, kept for the read-only user to look at.
+  await page.locator("[data-page=networks]").click();
+  const networksPage = page.locator("[data-panel=networks]");
+  const netForm = networksPage.locator("form[data-form=new-network]");
+  const netAlert = netForm.locator("[data-field=error]");
+  await netForm.locator("input[name=network-name]").fill("browser-net");
+  await netForm.locator("select[name=network-kind]").selectOption({ label: "private" });
+  await netForm.locator("input[name=network-subnet]").fill("10.77.0.0/24");
+  await netForm.locator("input[name=network-gateway]").fill("10.77.0.1");
+  await netForm.getByRole("button", { name: "Create network" }).click();
+  await networksPage.locator("tr[data-network=browser-net] [data-field=subnet]", { hasText: "10.77.0.0/24" }).waitFor();
+  if ((await netAlert.count()) > 0) throw new Error(`create network: ${await netAlert.innerText()}`);
+  const netLink = page.locator(".tree a[data-kind=network]", { hasText: "browser-net" });
+  await netLink.waitFor();
+  await netForm.locator("input[name=network-name]").fill("browser-bad");
+  await netForm.locator("input[name=network-subnet]").fill("10.78.0.5/24");
+  await netForm.locator("[data-field=hints]", { hasText: "host bits" }).waitFor();
+  await netForm.getByRole("button", { name: "Create network" }).click();
+  await netAlert.filter({ hasText: "InvalidArgument" }).filter({ hasText: "10.78.0.5/24" }).waitFor();
+  const refusedSubnet = (await netAlert.innerText()).trim();
+  if ((await page.locator(".tree a[data-kind=network]", { hasText: "browser-bad" }).count()) > 0) throw new Error("a network with a bad subnet is in the tree");
+  await snap("network-refused");
+  await netForm.locator("input[name=network-name]").fill("browser-lan");
+  await netForm.locator("input[name=network-subnet]").fill("");
+  await netForm.locator("select[name=network-kind]").selectOption({ label: "internal" });
+  const lanHost = (await netForm.locator("select[name=network-host] option:not([disabled])").first().textContent()).trim();
+  await netForm.locator("select[name=network-host]").selectOption({ label: lanHost });
+  await netForm.locator("input[name=network-vlan]").fill("42");
+  await netForm.getByRole("button", { name: "Create network" }).click();
+  const lanRow = networksPage.locator("tr[data-network=browser-lan]");
+  await lanRow.locator("[data-field=where]", { hasText: `host ${lanHost}` }).waitFor();
+  await lanRow.locator("[data-field=vlan]", { hasText: "42" }).waitFor();
+  await snap("networks");
+  await netLink.click();
+  const netPanel = page.locator("[data-panel=network]", { hasText: "browser-net" });
+  await netPanel.locator("[data-field=subnet]", { hasText: "10.77.0.0/24" }).waitFor();
+  await netPanel.locator("[data-field=gateway]", { hasText: "10.77.0.1" }).waitFor();
+  const vni = (await netPanel.locator("[data-field=vni]").innerText()).trim();
+  if (!/^\d+/.test(vni)) throw new Error(`the private network's VNI reads ${vni}`);
+  await snap("network");
+  step(`networks made in the form: browser-net (private, 10.77.0.0/24, VNI ${vni.split(" ")[0]}), browser-lan (internal on ${lanHost}, VLAN 42); a bad subnet refused: ${refusedSubnet}`);
+
+  // A VIF on it for the stopped made-in-browser, with no address given: the pool hands
+  // out the lowest free one (the gateway's is not), as the page and the API both say.
+  // Readdressed; the network's panel lists it, and the pool refuses to destroy the
+  // network while it is there. Removed, the network goes, and leaves the tree.
+  await page.locator(".tree a[data-kind=vm]", { hasText: "made-in-browser" }).click();
+  const vifForm = stoppedPanel.locator("form[data-form=new-vif]");
+  const netOption = vifForm.locator("select[name=network] option", { hasText: /^browser-net \(/ });
+  await vifForm.locator("select[name=network]").selectOption(await netOption.getAttribute("value"));
+  await vifForm.getByRole("button", { name: "Add interface" }).click();
+  const vifRow = stoppedPanel.locator("[data-list=vifs] tr[data-network=browser-net]");
+  await vifRow.locator("[data-field=addresses]", { hasText: /^10\.77\.0\.\d+$/ }).waitFor();
+  const mac = (await vifRow.locator("[data-field=mac]").innerText()).trim();
+  const handed = (await vifRow.locator("[data-field=addresses]").innerText()).trim();
+  if (!/^02(:[0-9a-f]{2}){5}$/.test(mac)) throw new Error(`the VIF's MAC reads ${mac}`);
+  if (handed !== "10.77.0.2") throw new Error(`the pool handed out ${handed}, not 10.77.0.2 (the lowest free after the gateway)`);
+  const apiVifs = JSON.parse(change("vifs", "made-in-browser"));
+  if (apiVifs.length !== 1 || apiVifs[0].mac !== mac || apiVifs[0].ipv4 !== handed || apiVifs[0].network !== "browser-net") {
+    throw new Error(`the API lists made-in-browser's VIFs as ${JSON.stringify(apiVifs)}, the page ${mac} ${handed}`);
+  }
+  await snap("vif-added");
+  await vifRow.locator("input[name=vif-addresses]").fill("10.77.0.20");
+  await vifRow.getByRole("button", { name: "Set addresses" }).click();
+  await vifRow.locator("[data-field=addresses]", { hasText: /^10\.77\.0\.20$/ }).waitFor();
+  if ((await stoppedPanel.locator("[role=alert]").count()) > 0) throw new Error(`VIF: ${await stoppedPanel.locator("[role=alert]").innerText()}`);
+  step(`a VIF on browser-net added to made-in-browser: ${mac}, given ${handed} by the pool; readdressed to 10.77.0.20`);
+  await netLink.click();
+  await netPanel.locator(`[data-list=vifs] tr[data-vm=made-in-browser][data-vif='${mac}'] [data-field=addresses]`, { hasText: "10.77.0.20" }).waitFor();
+  await netPanel.getByRole("button", { name: "Destroy" }).click();
+  await netPanel.locator("[data-field=error]", { hasText: "in use by VIF" }).waitFor();
+  const inUse = (await netPanel.locator("[data-field=error]").innerText()).trim();
+  await snap("network-in-use");
+  await page.locator(".tree a[data-kind=vm]", { hasText: "made-in-browser" }).click();
+  await vifRow.getByRole("button", { name: "Remove" }).click();
+  await vifRow.waitFor({ state: "detached" });
+  await netLink.click();
+  await netPanel.locator("[data-list=vifs] td", { hasText: "No VM is on this network" }).waitFor();
+  await netPanel.getByRole("button", { name: "Destroy" }).click();
+  await netLink.waitFor({ state: "detached" });
+  step(`browser-net refused while in use (${inUse}); the VIF removed, destroyed and gone from the tree`);
+
   // A schedule of the running demo VM made in its page, keeping the last snapshot only:
   // first a time outside its period, refused in the page before any call; then run now
   // twice, the retention deletes the older run's snapshot, and the VM's tree shows one
@@ -534,8 +620,25 @@ try {
   const scheduleActions = (await page.locator("main button:not([role=tab])").allTextContents()).map((t) => t.trim());
   if (scheduleActions.length > 0) throw new Error(`a read-only user is offered ${scheduleActions} on the schedules page`);
   if ((await page.locator("form[data-form=schedule]").count()) > 0) throw new Error("a read-only user is offered the schedule form");
+  // Nor on the networks: the list and a network's panel, no form, no destroy; a stopped
+  // VM's interfaces are listed, with no change offered.
+  await page.locator("[data-page=networks]").click();
+  await page.locator("[data-panel=networks] tr[data-network=browser-lan]").waitFor();
+  if ((await page.locator("form[data-form=new-network]").count()) > 0) throw new Error("a read-only user is offered the network form");
+  const networkActions = (await page.locator("main button:not([role=tab])").allTextContents()).map((t) => t.trim());
+  if (networkActions.length > 0) throw new Error(`a read-only user is offered ${networkActions} on the networks page`);
+  await page.locator(".tree a[data-kind=network]", { hasText: "browser-lan" }).click();
+  await page.locator("[data-panel=network] [data-field=host]").waitFor();
+  const netActions = (await page.locator("main button:not([role=tab])").allTextContents()).map((t) => t.trim());
+  if (netActions.length > 0) throw new Error(`a read-only user is offered ${netActions} on a network`);
+  await page.locator(".tree a[data-kind=vm]", { hasText: "made-in-browser" }).click();
+  await page.locator("[data-panel=vm] [data-field=power]", { hasText: "stopped" }).waitFor();
+  await page.locator("[data-panel=vm] [data-list=vifs]").waitFor();
+  const vifActions = (await page.locator("main button:not([role=tab])").allTextContents()).map((t) => t.trim());
+  if (vifActions.length > 0) throw new Error(`a read-only user is offered ${vifActions} on a stopped VM`);
+  if ((await page.locator("form[data-form=new-vif]").count()) > 0) throw new Error("a read-only user is offered a new VIF");
   await snap("read-only");
-  step("a read-only user is offered no action (a VM, the pool, schedules)");
+  step("a read-only user is offered no action (a VM, the pool, schedules, networks, a stopped VM's interfaces)");
   await page.getByRole("button", { name: "Log out" }).click();
 
   if (problems.length > 0) throw new Error(`the page reported:\n${problems.join("\n")}`);

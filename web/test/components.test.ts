@@ -15,6 +15,7 @@ import {
   HostSchema,
   HostState,
   ListVolumeExportsResponseSchema,
+  NetworkSchema,
   Role,
   RoleDescriptionSchema,
   TaskSchema,
@@ -31,6 +32,7 @@ import UsersPage from "../src/components/UsersPage.vue";
 import AlertsPage from "../src/components/AlertsPage.vue";
 import VmPanel from "../src/components/VmPanel.vue";
 import VolumePanel from "../src/components/VolumePanel.vue";
+import InventoryTree from "../src/components/InventoryTree.vue";
 
 const everything: Can = () => true;
 const nothing: Can = () => false;
@@ -629,5 +631,53 @@ describe("AlertsPage", () => {
     expect(calls).toEqual([{ method: "dismissAlert", req: { alertId: "0000000000000002" } }]);
     const ro = mount(AlertsPage, { props: { inv: alerts(), tick: 0, client: c }, ...withCan(nothing) });
     expect(ro.findAll("button")).toHaveLength(0);
+  });
+});
+
+describe("InventoryTree", () => {
+  afterEach(() => {
+    vi.unstubAllGlobals();
+    vi.restoreAllMocks();
+  });
+
+  it("draws the rows in sight again once a search is cleared", async () => {
+    // A box 220 px high while in the page (happy-dom lays nothing out), and a resize
+    // observer that reports when told to, as a browser does when a box leaves the page.
+    vi.spyOn(HTMLElement.prototype, "clientHeight", "get").mockImplementation(function (this: HTMLElement) {
+      return this.isConnected ? 220 : 0;
+    });
+    const observers: { report: () => void }[] = [];
+    vi.stubGlobal(
+      "ResizeObserver",
+      class {
+        observed = new Set<Element>();
+        constructor(private readonly callback: () => void) {
+          observers.push({ report: () => this.observed.size > 0 && this.callback() });
+        }
+        observe(el: Element) {
+          this.observed.add(el);
+        }
+        unobserve(el: Element) {
+          this.observed.delete(el);
+        }
+        disconnect() {
+          this.observed.clear();
+        }
+      },
+    );
+    const inv = new Inventory();
+    for (let i = 0; i < 60; i++) inv.objects.network.set(`n${i}`, create(NetworkSchema, { id: `n${i}`, name: `net-${i}` }));
+    const w = mount(InventoryTree, { props: { inv, tick: 0 }, attachTo: document.body });
+    // 10 rows in sight and 10 more each side (none above the first).
+    const drawn = () => w.findAll(".row").length;
+    await w.vm.$nextTick();
+    expect(drawn()).toBe(30);
+    await w.find("input.search").setValue("net-1");
+    expect(w.findAll(".found a").length).toBeGreaterThan(0);
+    await w.find("input.search").setValue("");
+    for (const o of observers) o.report();
+    await w.vm.$nextTick();
+    expect(drawn()).toBe(30);
+    w.unmount();
   });
 });

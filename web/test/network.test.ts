@@ -1,0 +1,178 @@
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { describe, expect, it } from "vitest";
+import { PowerState } from "../src/gen/host_pb";
+import { NetworkKind, NetworkSchema, VifSchema, VmSchema } from "../src/gen/pool_pb";
+import {
+  addressRoom,
+  emptyNetworkForm,
+  inSubnet,
+  kindLabel,
+  networkHints,
+  networkRequest,
+  noAddressMeans,
+  parseAddresses,
+  parseIpv4,
+  parseSubnet,
+  rateLabel,
+  summary,
+  vifsChangeable,
+  vifsOn,
+  vlanLabel,
+  type NetworkForm,
+} from "../src/network";
+
+const hostName = (id: string) => (id === "h1" ? "host-a" : id);
+
+describe("a network in words", () => {
+  it("names its kind, VLAN and where it lives, as poolctl does", () => {
+    expect([NetworkKind.EXTERNAL, NetworkKind.PRIVATE, NetworkKind.INTERNAL].map(kindLabel)).toEqual(["external", "private", "internal"]);
+    expect(kindLabel(NetworkKind.UNSPECIFIED)).toBe("kind 0");
+    expect(vlanLabel(0)).toBe("untagged");
+    expect(vlanLabel(42)).toBe("42");
+  });
+
+  it("sums a network up in one line: the kind's own fields, the VLAN only when tagged", () => {
+    const net = (more: object) => create(NetworkSchema, { name: "n", mtu: 1500, ...more });
+    expect(summary(net({ kind: NetworkKind.PRIVATE, vni: 3, subnet: "10.77.0.0/24", gateway: "10.77.0.1" }), hostName)).toBe(
+      "private, every host, VNI 3, MTU 1500, 10.77.0.0/24 via 10.77.0.1",
+    );
+    expect(summary(net({ kind: NetworkKind.EXTERNAL, nic: "eth1", vlan: 10, mtu: 9000 }), hostName)).toBe("external, NIC eth1, VLAN 10, MTU 9000");
+    // An internal network's host by name; an unknown one by id.
+    expect(summary(net({ kind: NetworkKind.INTERNAL, hostId: "h1", subnet: "10.1.0.0/16", lockAddresses: true }), hostName)).toBe(
+      "internal, host host-a, MTU 1500, 10.1.0.0/16, addresses locked",
+    );
+    expect(summary(net({ kind: NetworkKind.INTERNAL, hostId: "h9" }), hostName)).toBe("internal, host h9, MTU 1500");
+  });
+
+  it("reads a VIF's rate limits, either or both, or none", () => {
+    const vif = (more: MessageInitShape<typeof VifSchema>) => create(VifSchema, more);
+    expect(rateLabel(vif({}))).toBe("unlimited");
+    expect(rateLabel(vif({ rateBytesPerSec: 1n << 20n }))).toBe("1.0 MiB/s");
+    expect(rateLabel(vif({ rateBytesPerSec: 512n, ratePacketsPerSec: 1000n }))).toBe("512 B/s, 1000 packets/s");
+  });
+
+  it("says what a VIF with no address gets on a network", () => {
+    expect(noAddressMeans({ subnet: "10.77.0.0/24", lockAddresses: true })).toBe("the pool's pick from 10.77.0.0/24");
+    expect(noAddressMeans({ subnet: "", lockAddresses: false })).toBe("no address");
+    expect(noAddressMeans({ subnet: "", lockAddresses: true })).toContain("refused");
+    expect(noAddressMeans(undefined)).toBe("");
+  });
+});
+
+describe("addresses and subnets", () => {
+  it("takes four decimal octets, nothing else", () => {
+    expect(parseIpv4("10.0.0.5")).toBe(0x0a000005);
+    expect(parseIpv4("255.255.255.255")).toBe(0xffffffff);
+    for (const bad of ["10.0.0", "10.0.0.256", "10.0.0.05", "10.0.0.-1", "a.b.c.d", "10.0.0.5/24", "", " 10.0.0.5"]) {
+      expect(parseIpv4(bad), bad).toBeUndefined();
+    }
+  });
+
+  it("takes a subnet the pool takes, and says what is wrong with another in the pool's words", () => {
+    expect(parseSubnet("10.77.0.0/24")).toEqual({ ok: true, subnet: { base: 0x0a4d0000, prefix: 24 } });
+    expect(parseSubnet(" 192.168.4.0/30 ").ok).toBe(true);
+    expect(parseSubnet("10.77.0.5/24")).toEqual({ ok: false, error: "10.77.0.5/24 has host bits set: the network is 10.77.0.0/24" });
+    expect(parseSubnet("10.0.0.0/31")).toEqual({ ok: false, error: "a prefix of /8-/30 leaves room for VIFs, not /31" });
+    expect(parseSubnet("10.0.0.0/7").ok).toBe(false);
+    expect(parseSubnet("10.0.0.0")).toEqual({ ok: false, error: "10.0.0.0 is not an IPv4 network like 10.0.0.0/24" });
+    expect(parseSubnet("10.0.0.300/24").ok).toBe(false);
+  });
+
+  it("knows a subnet's host addresses: not its first or last", () => {
+    expect(inSubnet("10.77.0.1", "10.77.0.0/24")).toBe(true);
+    expect(inSubnet("10.77.0.254", "10.77.0.0/24")).toBe(true);
+    expect(inSubnet("10.77.0.0", "10.77.0.0/24")).toBe(false);
+    expect(inSubnet("10.77.0.255", "10.77.0.0/24")).toBe(false);
+    expect(inSubnet("10.77.1.1", "10.77.0.0/24")).toBe(false);
+    expect(inSubnet("10.77.0.1", "")).toBe(false);
+    // Room for VIFs: the host addresses less the gateway's.
+    expect(addressRoom({ subnet: "10.77.0.0/24", gateway: "10.77.0.1" })).toBe(253);
+    expect(addressRoom({ subnet: "10.77.0.0/30", gateway: "" })).toBe(2);
+    expect(addressRoom({ subnet: "", gateway: "" })).toBeUndefined();
+  });
+
+  it("parses addresses as a user types them: commas, spaces or lines, written the usual way", () => {
+    expect(parseAddresses("")).toEqual({ ok: true, addresses: [] });
+    expect(parseAddresses("  ")).toEqual({ ok: true, addresses: [] });
+    expect(parseAddresses("10.77.0.20, 10.77.0.21\n10.77.0.22 ;10.77.0.23")).toEqual({
+      ok: true,
+      addresses: ["10.77.0.20", "10.77.0.21", "10.77.0.22", "10.77.0.23"],
+    });
+    expect(parseAddresses("10.77.0.20, 10.77.0.x")).toEqual({ ok: false, error: "10.77.0.x is not an IPv4 address like 10.0.0.5" });
+    expect(parseAddresses("10.77.0.20 10.77.0.20")).toEqual({ ok: false, error: "10.77.0.20 is given twice" });
+    // Whether an address suits the network (its subnet, free) is the pool's to say.
+    expect(parseAddresses("192.168.9.9").ok).toBe(true);
+  });
+});
+
+describe("the VIFs on a network", () => {
+  const vm = (id: string, name: string, vifs: [string, string][], more: object = {}) =>
+    create(VmSchema, {
+      id,
+      spec: { name },
+      vifs: vifs.map(([network, mac], i) => ({ id: `${id}-vif${i}`, vmId: id, networkId: network, mac })),
+      ...more,
+    });
+
+  it("are found in the VMs, by VM name as people read it, then in device order", () => {
+    const vms = [
+      vm("a", "web-10", [["n1", "02:00:00:00:00:01"]]),
+      vm("b", "web-9", [
+        ["n1", "02:00:00:00:00:03"],
+        ["n2", "02:00:00:00:00:04"],
+        ["n1", "02:00:00:00:00:02"],
+      ]),
+      vm("c", "db", [["n2", "02:00:00:00:00:05"]]),
+    ];
+    expect(vifsOn(vms, "n1").map((x) => `${x.vm.spec!.name}:${x.index}:${x.vif.mac}`)).toEqual([
+      "web-9:0:02:00:00:00:00:03",
+      "web-9:2:02:00:00:00:00:02",
+      "web-10:0:02:00:00:00:00:01",
+    ]);
+    expect(vifsOn(vms, "n3")).toEqual([]);
+  });
+
+  it("change only while the VM is stopped, meant to stay so, on no host", () => {
+    const stopped = { powerState: PowerState.STOPPED, desiredPowerState: PowerState.STOPPED, hostId: "" };
+    expect(vifsChangeable(vm("a", "a", [], stopped))).toBe(true);
+    expect(vifsChangeable(vm("a", "a", [], { ...stopped, desiredPowerState: PowerState.RUNNING }))).toBe(false);
+    expect(vifsChangeable(vm("a", "a", [], { ...stopped, powerState: PowerState.RUNNING, hostId: "h1" }))).toBe(false);
+    expect(vifsChangeable(vm("a", "a", [], { ...stopped, powerState: PowerState.CRASHED }))).toBe(false);
+    expect(vifsChangeable(vm("a", "a", [], { ...stopped, powerState: PowerState.SUSPENDED }))).toBe(false);
+  });
+});
+
+describe("the new-network form", () => {
+  const form = (more: Partial<NetworkForm>): NetworkForm => ({ ...emptyNetworkForm(), name: "lab", ...more });
+
+  it("asks for the kind's own fields only, names trimmed, empty numbers as the pool's defaults", () => {
+    expect(
+      networkRequest(form({ name: " lab ", kind: NetworkKind.PRIVATE, nic: "eth1", hostId: "h1", subnet: " 10.77.0.0/24", gateway: "10.77.0.1 " })),
+    ).toEqual({ name: "lab", kind: NetworkKind.PRIVATE, nic: "", hostId: "", vlan: 0, mtu: 0, subnet: "10.77.0.0/24", gateway: "10.77.0.1", lockAddresses: false });
+    expect(networkRequest(form({ kind: NetworkKind.EXTERNAL, nic: " eth1 ", hostId: "h1", vlan: 10, mtu: "9000" }))).toMatchObject({
+      kind: NetworkKind.EXTERNAL,
+      nic: "eth1",
+      hostId: "",
+      vlan: 10,
+      mtu: 9000,
+    });
+    expect(networkRequest(form({ kind: NetworkKind.INTERNAL, nic: "eth1", hostId: "h1", lockAddresses: true }))).toMatchObject({
+      nic: "",
+      hostId: "h1",
+      lockAddresses: true,
+    });
+  });
+
+  it("says what the pool will refuse, and nothing of a form it takes", () => {
+    expect(networkHints(form({ subnet: "10.77.0.0/24", gateway: "10.77.0.1", lockAddresses: true, vlan: 4094, mtu: 68 }))).toEqual([]);
+    expect(networkHints(form({ kind: NetworkKind.EXTERNAL }))).toEqual(["an external network needs the host NIC it is bridged onto"]);
+    expect(networkHints(form({ kind: NetworkKind.INTERNAL }))).toEqual(["an internal network needs the host it lives on"]);
+    expect(networkHints(form({ vlan: 4095, mtu: 9001 }))).toEqual(["a VLAN tag is 1-4094 (empty: untagged)", "an MTU is 68-9000 (empty: 1500)"]);
+    expect(networkHints(form({ subnet: "10.77.0.5/24" }))).toEqual(["10.77.0.5/24 has host bits set: the network is 10.77.0.0/24"]);
+    expect(networkHints(form({ subnet: "10.77.0.0/24", gateway: "10.77.0.255" }))).toEqual(["the gateway 10.77.0.255 is not a host address of 10.77.0.0/24"]);
+    expect(networkHints(form({ gateway: "10.77.0.1", lockAddresses: true }))).toEqual([
+      "a gateway needs the network's subnet",
+      "a network that locks addresses needs a subnet to hand them out from",
+    ]);
+  });
+});
