@@ -53,7 +53,7 @@
 
 mod host;
 pub mod names;
-mod netlink;
+pub(crate) mod netlink;
 mod tap;
 
 use std::io;

@@ -515,6 +515,61 @@ mod tests {
     }
 
     #[test]
+    fn a_deleted_tap_is_reported_once_and_leaves_the_worker_asleep() {
+        // Its own id, so that its worker's thread is found by name ("net-gone-tap").
+        let mut r = Rig::with(ACKED, RateLimit::default(), None, |n| {
+            n.id = "gone-tap".into()
+        });
+        r.post_rx(0);
+        let name = r.net_side.tap.name().to_owned();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let nl = crate::network::netlink::Netlink::open().unwrap();
+                let dev = nl.device(&name).await.unwrap().expect("the rig's tap");
+                nl.delete(dev.index, &name).await.unwrap();
+            });
+        // Each RX kick wakes the worker; a broken tap is read no more.
+        for i in 1..20 {
+            std::thread::sleep(Duration::from_millis(5));
+            r.post_rx(i);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let errors = r.nic.metrics.snapshot().rx_errors;
+        assert!(
+            errors <= 1,
+            "{errors} tap read errors: the worker kept reading a deleted tap"
+        );
+        // The worker's CPU time (user + system, in clock ticks of 10 ms).
+        let busy = || -> u64 {
+            let tasks = std::fs::read_dir("/proc/self/task").unwrap();
+            tasks
+                .flatten()
+                .find(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.trim() == "net-gone-tap")
+                })
+                .map(|t| {
+                    let stat = std::fs::read_to_string(t.path().join("stat")).unwrap();
+                    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+                    let f: Vec<&str> = after_comm.split(' ').collect();
+                    // Fields 14 and 15 of stat, 12 and 13 after the state.
+                    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+                })
+                .expect("the worker thread")
+        };
+        let before = busy();
+        std::thread::sleep(Duration::from_millis(300));
+        let ticks = busy() - before;
+        assert!(
+            ticks < 10,
+            "the worker spent {ticks}0 ms of 300 on a deleted tap"
+        );
+    }
+
+    #[test]
     fn a_watching_worker_reports_a_broken_tx_ring_and_stops_watching_it() {
         let mut r = Rig::polling(ACKED, RateLimit::default(), None, MAX_BUSY_POLL);
         // Traffic 100 µs apart opens a window; then the ring's index runs past its size.

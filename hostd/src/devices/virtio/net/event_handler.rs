@@ -127,9 +127,11 @@ impl Handler {
         let mut watch_until: Option<Instant> = None;
         loop {
             let watch_tap = !self.rx_starved && !self.tap_broken;
+            // A negative fd is passed over: `poll` reports POLLERR and POLLHUP even for
+            // an fd asked nothing, and a deleted tap's would wake the worker forever.
             let fd = |fd: i32, on: bool| libc::pollfd {
-                fd,
-                events: if on { libc::POLLIN } else { 0 },
+                fd: if on { fd } else { -1 },
+                events: libc::POLLIN,
                 revents: 0,
             };
             let mut fds = [
@@ -228,6 +230,7 @@ impl Handler {
         loop {
             let len = match self.rx_pending {
                 Some(len) => len,
+                None if self.tap_broken => break,
                 None => match self.nic.tap.read(&mut self.rx_buf) {
                     Ok(len) => {
                         read = true;
