@@ -294,6 +294,21 @@ fn networks_vifs_macs_and_placement_through_poolctl() {
         ],
         "host bits set: the network is 10.0.0.0/24",
     );
+    refused(
+        &pool,
+        &[
+            "network-create",
+            "locked",
+            "--kind",
+            "external",
+            "--nic",
+            "eth0",
+            "--lock-addresses",
+            "--subnet",
+            "10.0.0.0/24",
+        ],
+        "needs its router's address (--gateway)",
+    );
     pool.ctl(&[
         "network-create",
         "locked",

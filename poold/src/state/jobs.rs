@@ -112,22 +112,30 @@ impl PoolState {
         })
     }
 
-    /// Checks a job before it starts; returns the task's target id.
-    pub(crate) fn check_job(&self, job: &Job) -> Result<String, CommandResult> {
-        if let Some(vm) = job.busy_vm()
-            && let Some(other) = self
-                .jobs
-                .values()
-                .find(|o| o.busy_vm() == Some(vm) && o.task_id != job.task_id)
+    /// Refuses when a job other than task `except` holds VM `vm` (it read the VM when it
+    /// began and acts on what it read).
+    pub(crate) fn vm_not_busy(&self, vm: &str, except: &str) -> Result<(), CommandResult> {
+        match self
+            .jobs
+            .values()
+            .find(|o| o.busy_vm() == Some(vm) && o.task_id != except)
         {
-            return Err(err(
+            Some(other) => Err(err(
                 Code::FailedPrecondition,
                 format!(
                     "VM {vm} is busy with task {} ({}); wait for it to end",
                     other.task_id,
                     other.kind()
                 ),
-            ));
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks a job before it starts; returns the task's target id.
+    pub(crate) fn check_job(&self, job: &Job) -> Result<String, CommandResult> {
+        if let Some(vm) = job.busy_vm() {
+            self.vm_not_busy(vm, &job.task_id)?;
         }
         let spec = job
             .spec
@@ -699,9 +707,11 @@ impl PoolState {
         Ok(s.task_id.clone())
     }
 
-    /// Applies one effect; returns a task result it decided, if any.
-    fn apply_effect(&mut self, e: &Effect, at_ms: u64) -> Option<(String, String)> {
-        let Some(kind) = &e.kind else { return None };
+    /// Applies one effect; returns the task results it decided.
+    fn apply_effect(&mut self, e: &Effect, at_ms: u64) -> Vec<(String, String)> {
+        let Some(kind) = &e.kind else {
+            return Vec::new();
+        };
         match kind {
             EffectKind::PutVolume(v) => {
                 self.volumes.insert(v.id.clone(), v.clone());
@@ -714,7 +724,7 @@ impl PoolState {
             }
             EffectKind::CreateVm(c) => {
                 if self.vms.contains_key(&c.vm_id) {
-                    return None;
+                    return Vec::new();
                 }
                 // New MACs, and addresses of their own: a free one where the network
                 // has a subnet, else none (on a network that locks them it sends no IP
@@ -731,6 +741,22 @@ impl PoolState {
                     })
                     .collect();
                 let vifs = self.new_vifs(&c.vm_id, &wanted, false).unwrap_or_default();
+                let mut decided: Vec<(String, String)> = vifs
+                    .iter()
+                    .filter(|v| v.ipv4.is_empty())
+                    .filter_map(|v| {
+                        let n = self.networks.get(&v.network_id)?;
+                        (!n.subnet.is_empty()).then(|| {
+                            (
+                                format!("{}.ipv4", v.id),
+                                format!(
+                                    "none: network {:?}'s subnet {} is full (vif-update --ip)",
+                                    n.name, n.subnet
+                                ),
+                            )
+                        })
+                    })
+                    .collect();
                 let mut vm = pb::Vm {
                     id: c.vm_id.clone(),
                     spec: c.spec.clone(),
@@ -744,12 +770,11 @@ impl PoolState {
                 };
                 // The job placed it when asked to start it; checked again here, since the
                 // host may have filled up while the disks were cloned.
-                let mut decided = None;
                 if !c.start_on_host.is_empty()
                     && !super::undo::undo_disks_without_overlay(&vm).is_empty()
                 {
                     // Its undo disks' overlays come from a start of their own.
-                    decided = Some((
+                    decided.push((
                         "start".into(),
                         "not started: its undo disks get their overlays when it is started".into(),
                     ));
@@ -760,7 +785,7 @@ impl PoolState {
                             vm.host_id = c.start_on_host.clone();
                         }
                         Err(e) => {
-                            decided = Some(("start".into(), format!("not started: {}", e.message)))
+                            decided.push(("start".into(), format!("not started: {}", e.message)))
                         }
                     }
                 }
@@ -847,7 +872,7 @@ impl PoolState {
             }
             EffectKind::VmSuspended(v) => self.apply_vm_suspended(v),
             EffectKind::VmResumed(m) => self.apply_vm_resumed(m),
-            EffectKind::UndoStarted(u) => return self.apply_undo_started(u),
+            EffectKind::UndoStarted(u) => return self.apply_undo_started(u).into_iter().collect(),
             EffectKind::UndoEnded(vm_id) => self.apply_undo_ended(vm_id),
             EffectKind::BackupWritten(b) => {
                 if let Some(r) = self.schedule_runs.get_mut(&b.schedule) {
@@ -867,6 +892,6 @@ impl PoolState {
                 }
             }
         }
-        None
+        Vec::new()
     }
 }

@@ -62,12 +62,11 @@ pub struct Subnet {
 }
 
 impl Subnet {
-    /// "10.0.0.0/24": a prefix in [`SUBNET_PREFIXES`], no host bits set.
+    /// "10.0.0.0/24" as a new network's subnet: a prefix in [`SUBNET_PREFIXES`], no host
+    /// bits set, unicast addresses only (not 0/8, 127/8 or 224/3).
     pub fn parse(s: &str) -> Result<Subnet, String> {
-        let bad = || format!("subnet {s:?} is not an IPv4 network like 10.0.0.0/24");
-        let (ip, len) = s.split_once('/').ok_or_else(bad)?;
-        let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| bad())?;
-        let prefix: u8 = len.parse().map_err(|_| bad())?;
+        let (ip, prefix) = Subnet::parts(s)
+            .ok_or_else(|| format!("subnet {s:?} is not an IPv4 network like 10.0.0.0/24"))?;
         if !SUBNET_PREFIXES.contains(&prefix) {
             return Err(format!(
                 "subnet {s}: a prefix of /{}-/{} leaves room for VIFs, not /{prefix}",
@@ -75,15 +74,41 @@ impl Subnet {
                 SUBNET_PREFIXES.end()
             ));
         }
-        let base = u32::from(ip);
+        let net = Subnet {
+            base: u32::from(ip),
+            prefix,
+        };
         let mask = u32::MAX << (32 - prefix);
-        if base & !mask != 0 {
+        if net.base & !mask != 0 {
             return Err(format!(
                 "subnet {s} has host bits set: the network is {}/{prefix}",
-                std::net::Ipv4Addr::from(base & mask)
+                std::net::Ipv4Addr::from(net.base & mask)
             ));
         }
-        Ok(Subnet { base, prefix })
+        // A prefix of 8 or more lies in one first octet.
+        if matches!(net.base >> 24, 0 | 127 | 224..) {
+            return Err(format!(
+                "subnet {s} is not for interfaces (0/8, loopback, multicast or reserved)"
+            ));
+        }
+        Ok(net)
+    }
+
+    /// A subnet as the state holds it, checked when its network was made: read without
+    /// today's rules, so that a stricter check never changes what a replayed log did.
+    fn read(s: &str) -> Option<Subnet> {
+        let (ip, prefix) = Subnet::parts(s).filter(|(_, p)| (1..=30).contains(p))?;
+        Some(Subnet {
+            base: u32::from(ip),
+            prefix,
+        })
+    }
+
+    /// "a.b.c.d/n" as its address and prefix length, n at most 32.
+    fn parts(s: &str) -> Option<(std::net::Ipv4Addr, u8)> {
+        let (ip, len) = s.split_once('/')?;
+        let prefix: u8 = len.parse().ok().filter(|p| *p <= 32)?;
+        Some((ip.parse().ok()?, prefix))
     }
 
     /// Its addresses a VIF or a gateway may hold: all but the first and the last.
@@ -105,7 +130,7 @@ impl std::fmt::Display for Subnet {
 
 /// The subnet of a network that has one (checked when the network was created).
 fn subnet_of(n: &pb::Network) -> Option<Subnet> {
-    Subnet::parse(&n.subnet).ok()
+    Subnet::read(&n.subnet)
 }
 
 fn fnv1a(bytes: &[u8]) -> u32 {
@@ -538,6 +563,8 @@ impl PoolState {
             .ok_or_else(|| err(Code::NotFound, format!("no VIF with id {id}")))?;
         let vm_id = vm_id.clone();
         self.stopped_vm(&vm_id, "a VIF's addresses change")?;
+        // A job (a revert, a resume) read the VIF when it began and plugs it as it was.
+        self.vm_not_busy(&vm_id, "")?;
         let net = self.networks.get(&vif.network_id).ok_or_else(|| {
             err(
                 Code::NotFound,
@@ -1021,7 +1048,7 @@ mod tests {
         };
         let cases: Vec<(Op, &str)> = vec![
             (with("10.0.0.0", ""), "not an IPv4 network like 10.0.0.0/24"),
-            (with("10.0.0.0/33", ""), "not /33"),
+            (with("10.0.0.0/33", ""), "not an IPv4 network"),
             (with("10.0.0.0/31", ""), "/8-/30 leaves room"),
             (with("10.0.0.0/7", ""), "not /7"),
             (with("10.0.0.0/x", ""), "not an IPv4 network"),
@@ -1037,6 +1064,11 @@ mod tests {
             (with("10.0.0.0/24", "10.0.0.255"), "not a host address"),
             (with("10.0.0.0/24", "gw"), "not a host address"),
             (with("", "10.0.0.1"), "needs the network's subnet"),
+            (with("224.0.0.0/8", ""), "not for interfaces"),
+            (with("239.1.0.0/16", ""), "not for interfaces"),
+            (with("240.0.0.0/8", ""), "not for interfaces"),
+            (with("127.0.0.0/8", ""), "not for interfaces"),
+            (with("0.0.0.0/8", ""), "not for interfaces"),
         ];
         for (op, says) in cases {
             refused(&mut s, op, Code::InvalidArgument, says);
@@ -1044,6 +1076,85 @@ mod tests {
         ok(&mut s, with("192.168.8.0/30", "192.168.8.1"));
         assert_eq!(s.networks["lan"].subnet, "192.168.8.0/30");
         assert_eq!(s.networks["lan"].gateway, "192.168.8.1");
+        // The edges of the address space: the first and last host addresses.
+        for (subnet, first, last) in [
+            ("10.0.0.0/8", "10.0.0.1", "10.255.255.254"),
+            ("223.255.255.252/30", "223.255.255.253", "223.255.255.254"),
+        ] {
+            let sub = Subnet::parse(subnet).unwrap();
+            let ip = |a: u32| std::net::Ipv4Addr::from(a).to_string();
+            assert_eq!(ip(*sub.hosts().start()), first);
+            assert_eq!(ip(*sub.hosts().end()), last);
+        }
+    }
+
+    #[test]
+    fn a_clone_on_a_full_subnet_says_its_vif_has_no_address_and_its_source_keeps_its_own() {
+        let mut s = pool();
+        let mut lan = net("lan", pb::NetworkKind::Private);
+        lan.subnet = "10.9.0.0/30".into();
+        ok(&mut s, Op::CreateNetwork(lan));
+        ok(&mut s, vm("a", vec![on("lan")]));
+        ok(&mut s, vm("b", vec![on("lan")]));
+        assert_eq!(s.vms["b"].vifs[0].ipv4, ["10.9.0.2"], "the subnet is full");
+        let job = Job {
+            spec: Some(JobSpec::CloneVm(CloneVmJob {
+                vm_id: "c".into(),
+                source_id: "a".into(),
+                name: "c".into(),
+            })),
+            ..Default::default()
+        };
+        let n = s.applied_index + 1;
+        let r = s.apply(
+            n,
+            &Command {
+                task_id: "clone".into(),
+                at_ms: 5000,
+                op: Some(Op::StartJob(job)),
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.code, 0, "{}", r.message);
+        // The job read a's VIFs when it began: they stay as they are until it ends.
+        let update = |ips: &[&str]| {
+            Op::UpdateVif(UpdateVif {
+                vif_id: "a-vif0".into(),
+                ipv4: Some(pb::VifAddresses {
+                    ipv4: ips.iter().map(|a| a.to_string()).collect(),
+                }),
+            })
+        };
+        refused(
+            &mut s,
+            update(&[]),
+            Code::FailedPrecondition,
+            "VM a is busy with task clone (vm.clone)",
+        );
+        let spec = s.vms["a"].spec.clone();
+        ok(
+            &mut s,
+            Op::FinishJob(FinishJob {
+                task_id: "clone".into(),
+                effects: vec![Effect {
+                    kind: Some(EffectKind::CreateVm(CreateVm {
+                        vm_id: "c".into(),
+                        spec,
+                        vifs: vec![on("lan")],
+                        ..Default::default()
+                    })),
+                }],
+                ..Default::default()
+            }),
+        );
+        assert!(s.vms["c"].vifs[0].ipv4.is_empty());
+        let said = &s.tasks["clone"].results;
+        assert_eq!(
+            said.get("c-vif0.ipv4").map(String::as_str),
+            Some("none: network \"lan\"'s subnet 10.9.0.0/30 is full (vif-update --ip)"),
+            "{said:?}"
+        );
+        ok(&mut s, update(&["10.9.0.1"]));
     }
 
     #[test]

@@ -50,6 +50,18 @@ pub(super) async fn vifs_on(svc: &PoolHandler, names: &[String]) -> Result<Vec<p
         .await?
 }
 
+/// A job holding the VM (a revert, a resume) plugs its VIFs as they were when it began:
+/// none comes or goes meanwhile. (UpdateVif's state check does this; CreateVif and
+/// DestroyVif predate it, and the log replays them without it.)
+async fn not_busy(svc: &PoolHandler, vm_id: &str) -> Result<(), Status> {
+    svc.c
+        .read(|s| {
+            s.vm_not_busy(vm_id, "")
+                .map_err(|r| Status::new(tonic::Code::from(r.code), r.message))
+        })
+        .await?
+}
+
 /// At most this many addresses in one call: checked again when the change commits, here
 /// so that a huge list never reaches the log.
 fn few_addresses(ipv4: &[String]) -> Result<(), Status> {
@@ -73,6 +85,13 @@ pub(super) async fn create(
     if r.lock_addresses && r.subnet.is_empty() {
         return Err(Status::invalid_argument(
             "a network that locks addresses needs a subnet (--subnet) to hand them out from",
+        ));
+    }
+    // An external network's LAN has a router the pool must never hand to a VIF.
+    if r.lock_addresses && r.gateway.is_empty() && r.kind == pb::NetworkKind::External as i32 {
+        return Err(Status::invalid_argument(
+            "an external network that locks addresses needs its router's address (--gateway), \
+             so that no VIF is given it",
         ));
     }
     let host_id = if r.host_id.is_empty() {
@@ -152,6 +171,7 @@ pub(super) async fn create_vif(
     need("network", &r.network)?;
     few_addresses(&r.ipv4)?;
     let network_id = svc.c.read(|s| network_id(s, &r.network)).await??;
+    not_busy(svc, &r.vm_id).await?;
     let op = Op::CreateVif(pb::Vif {
         id: uuid::Uuid::new_v4().to_string(),
         vm_id: r.vm_id,
@@ -221,6 +241,18 @@ pub(super) async fn destroy_vif(
     r: pb::DestroyVifRequest,
 ) -> Result<pb::Task, Status> {
     need("vif_id", &r.vif_id)?;
+    let vm_id = svc
+        .c
+        .read(|s| {
+            s.vms
+                .values()
+                .find(|vm| vm.vifs.iter().any(|v| v.id == r.vif_id))
+                .map(|vm| vm.id.clone())
+        })
+        .await?;
+    if let Some(vm_id) = vm_id {
+        not_busy(svc, &vm_id).await?;
+    }
     svc.c
         .write(
             who,
