@@ -23,22 +23,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 need_qemu
-# qemu-img's iscsi driver is qemu-block-extra's module, which loads only into a qemu-utils
-# of its own version (qemu-img 10 lists iscsi even without it): ask dpkg, as .ci/run does,
-# and install the three packages together at one version when they differ.
-pkgver() { dpkg-query -W -f='${db:Status-Abbrev} ${Version}' "$1" 2>/dev/null | awk '$1 == "ii" {print $2}'; }
-if [ -z "$(pkgver qemu-block-extra)" ] || [ "$(pkgver qemu-block-extra)" != "$(pkgver qemu-utils)" ] ||
-  [ "$(pkgver qemu-system-x86)" != "$(pkgver qemu-utils)" ]; then
-  echo "installing qemu-utils, qemu-block-extra and qemu-system-x86 at one version" >&2
-  as_root apt-get update -qq >/dev/null
-  v=$(apt-cache policy qemu-block-extra | awk '/Candidate:/ {print $2}')
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --allow-downgrades \
-    --no-install-recommends "qemu-utils=$v" "qemu-block-extra=$v" "qemu-system-x86=$v" >/dev/null
-fi
-[ -n "$(pkgver qemu-block-extra)" ] && [ "$(pkgver qemu-block-extra)" = "$(pkgver qemu-utils)" ] || {
-  echo "qemu-img has no iscsi driver of its version (qemu-block-extra): nothing to compare against" >&2
-  exit 1
-}
 command -v qemu-nbd >/dev/null || {
   echo "qemu-nbd is missing (qemu-utils): vdi-import reads images through it" >&2
   exit 1
