@@ -7,11 +7,11 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { flushPromises, mount, type VueWrapper } from "@vue/test-utils";
 import { describe, expect, it } from "vitest";
 import { ref } from "vue";
-import type { PoolClient } from "../src/api";
 import { PowerState } from "../src/gen/host_pb";
 import { HostSchema, NetworkKind, NetworkSchema, VifSchema, VmSchema } from "../src/gen/pool_pb";
 import { Inventory } from "../src/inventory";
 import { CAN, type Can } from "../src/permissions";
+import { recordingClient } from "./client";
 import NetworkPanel from "../src/components/NetworkPanel.vue";
 import NetworksPage from "../src/components/NetworksPage.vue";
 import VmPanel from "../src/components/VmPanel.vue";
@@ -20,22 +20,7 @@ const everything: Can = () => true;
 const nothing: Can = () => false;
 const withCan = (can: Can) => ({ global: { provide: { [CAN as symbol]: ref(can) } } });
 
-/** A client recording calls; `fail[method]` is thrown, anything else answers {}. */
-function client(fail: Record<string, ConnectError> = {}) {
-  const calls: { method: string; req: unknown }[] = [];
-  const c = new Proxy(
-    {},
-    {
-      get: (_t, method: string) => async (req: unknown) => {
-        calls.push({ method, req });
-        const err = fail[method];
-        if (err !== undefined) throw err;
-        return {};
-      },
-    },
-  ) as PoolClient;
-  return { c, calls };
-}
+const client = (fail: Record<string, ConnectError> = {}) => recordingClient(fail);
 
 /** Two hosts, a private network with a subnet, an internal one on host-a, and two VMs:
  * web (stopped, one VIF on each network) and db (running, one on the private one). */

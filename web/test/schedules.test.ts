@@ -6,7 +6,6 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { flushPromises, mount } from "@vue/test-utils";
 import { describe, expect, it } from "vitest";
 import { ref } from "vue";
-import type { PoolClient } from "../src/api";
 import { PowerState } from "../src/gen/host_pb";
 import {
   ListSchedulesResponseSchema,
@@ -22,6 +21,7 @@ import {
 } from "../src/gen/pool_pb";
 import { Inventory } from "../src/inventory";
 import { CAN, type Can } from "../src/permissions";
+import { recordingClient } from "./client";
 import SchedulesPage from "../src/components/SchedulesPage.vue";
 import VmPanel from "../src/components/VmPanel.vue";
 
@@ -48,22 +48,9 @@ function listing() {
   });
 }
 
-/** A client recording calls; `fail[method]` is thrown, listSchedules answers `list()`. */
-function client(list = listing, fail: Record<string, ConnectError> = {}) {
-  const calls: { method: string; req: unknown }[] = [];
-  const c = new Proxy(
-    {},
-    {
-      get: (_t, method: string) => async (req: unknown) => {
-        calls.push({ method, req });
-        const err = fail[method];
-        if (err !== undefined) throw err;
-        return method === "listSchedules" ? list() : {};
-      },
-    },
-  ) as PoolClient;
-  return { c, calls };
-}
+/** listSchedules answers `list()`. */
+const client = (list = listing, fail: Record<string, ConnectError> = {}) =>
+  recordingClient(fail, (method) => (method === "listSchedules" ? list() : {}));
 
 function inventory() {
   const inv = new Inventory();

@@ -772,6 +772,29 @@ mod tests {
         );
     }
 
+    /// Starts task "clone": VM `vm` cloned from `source` (which the job then holds).
+    fn start_clone(s: &mut PoolState, vm: &str, source: &str) {
+        let job = Job {
+            spec: Some(JobSpec::CloneVm(CloneVmJob {
+                vm_id: vm.into(),
+                source_id: source.into(),
+                name: vm.into(),
+            })),
+            ..Default::default()
+        };
+        let n = s.applied_index + 1;
+        let r = s.apply(
+            n,
+            &Command {
+                task_id: "clone".into(),
+                at_ms: 5000,
+                op: Some(Op::StartJob(job)),
+                ..Default::default()
+            },
+        );
+        assert_eq!(r.code, 0, "{}", r.message);
+    }
+
     /// A pool with hosts h1 (NICs eth0, eth1) and h2 (eth0) and one network of each kind.
     fn pool() -> PoolState {
         let mut s = PoolState::new("pool-a", BTreeMap::new());
@@ -1097,25 +1120,7 @@ mod tests {
         ok(&mut s, vm("a", vec![on("lan")]));
         ok(&mut s, vm("b", vec![on("lan")]));
         assert_eq!(s.vms["b"].vifs[0].ipv4, ["10.9.0.2"], "the subnet is full");
-        let job = Job {
-            spec: Some(JobSpec::CloneVm(CloneVmJob {
-                vm_id: "c".into(),
-                source_id: "a".into(),
-                name: "c".into(),
-            })),
-            ..Default::default()
-        };
-        let n = s.applied_index + 1;
-        let r = s.apply(
-            n,
-            &Command {
-                task_id: "clone".into(),
-                at_ms: 5000,
-                op: Some(Op::StartJob(job)),
-                ..Default::default()
-            },
-        );
-        assert_eq!(r.code, 0, "{}", r.message);
+        start_clone(&mut s, "c", "a");
         // The job read a's VIFs when it began: they stay as they are until it ends.
         let update = |ips: &[&str]| {
             Op::UpdateVif(UpdateVif {
@@ -1543,25 +1548,7 @@ mod tests {
         // network destroyed meanwhile is left out.
         let mut gone = s.vms["a"].vifs.clone();
         gone.push(on("vanished"));
-        let j = Job {
-            spec: Some(JobSpec::CloneVm(CloneVmJob {
-                vm_id: "b".into(),
-                source_id: "a".into(),
-                name: "b".into(),
-            })),
-            ..Default::default()
-        };
-        let n = s.applied_index + 1;
-        let r = s.apply(
-            n,
-            &Command {
-                task_id: "clone".into(),
-                at_ms: 5000,
-                op: Some(Op::StartJob(j)),
-                ..Default::default()
-            },
-        );
-        assert_eq!(r.code, 0, "{}", r.message);
+        start_clone(&mut s, "b", "a");
         let spec = s.vms["a"].spec.clone();
         ok(
             &mut s,
