@@ -127,6 +127,11 @@ export function parseSubnet(s: string): { ok: true; subnet: Subnet } | { ok: fal
   if (base % size !== 0) {
     return { ok: false, error: `${s.trim()} has host bits set: the network is ${formatIpv4(base - (base % size))}/${prefix}` };
   }
+  // A prefix of 8 or more lies in one first octet.
+  const first = Math.floor(base / 2 ** 24);
+  if (first === 0 || first === 127 || first >= 224) {
+    return { ok: false, error: `${s.trim()} is not for interfaces (0/8, loopback, multicast or reserved)` };
+  }
   return { ok: true, subnet: { base, prefix } };
 }
 

@@ -76,6 +76,10 @@ describe("addresses and subnets", () => {
     expect(parseSubnet("10.0.0.0/7").ok).toBe(false);
     expect(parseSubnet("10.0.0.0")).toEqual({ ok: false, error: "10.0.0.0 is not an IPv4 network like 10.0.0.0/24" });
     expect(parseSubnet("10.0.0.300/24").ok).toBe(false);
+    // Ranges no interface holds, as the pool refuses them.
+    expect(parseSubnet("239.1.0.0/16")).toEqual({ ok: false, error: "239.1.0.0/16 is not for interfaces (0/8, loopback, multicast or reserved)" });
+    for (const s of ["0.0.0.0/8", "127.0.0.0/8", "240.0.0.0/8"]) expect(parseSubnet(s).ok).toBe(false);
+    expect(parseSubnet("223.255.255.252/30").ok).toBe(true);
   });
 
   it("knows a subnet's host addresses: not its first or last", () => {
