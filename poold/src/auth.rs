@@ -148,6 +148,7 @@ pub const METHODS: &[(&str, Level, bool)] = &[
     ("RemoveStorageRepository", Level::PoolOperator, true),
     ("CreateNetwork", Level::PoolOperator, true),
     ("DestroyNetwork", Level::PoolOperator, true),
+    ("UpdateNetwork", Level::PoolOperator, true),
     ("SetHaSettings", Level::PoolOperator, true),
     // Schedules take and delete snapshots of any VM, and use the pool's storage.
     ("SetSchedule", Level::PoolOperator, true),

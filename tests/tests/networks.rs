@@ -394,6 +394,67 @@ fn networks_vifs_macs_and_placement_through_poolctl() {
     assert!(reset.contains("\"ipv4\": \"10.0.0.4\""), "{reset}");
     pool.ctl(&["vm-destroy", "handed"]);
 
+    // Ranges: the pool hands out and allows only the addresses it owns on the LAN.
+    fn ranged<'a>(ranges: &[&'a str]) -> Vec<&'a str> {
+        let mut a = vec!["network-create", "ranged", "--kind", "private", "--subnet"];
+        a.extend(["10.1.0.0/24", "--gateway", "10.1.0.1"]);
+        for r in ranges {
+            a.extend(["--range", r]);
+        }
+        a
+    }
+    refused(
+        &pool,
+        &ranged(&["10.1.0.1-10.1.0.9"]),
+        "range 10.1.0.1-10.1.0.9 holds the gateway 10.1.0.1",
+    );
+    pool.ctl(&ranged(&["10.1.0.60", "10.1.0.50-10.1.0.51"]));
+    let listed = line_of(&pool.ctl(&["network-list", "--json"]), "ranged");
+    assert!(
+        listed.contains("\"ranges\": \"10.1.0.50-10.1.0.51,10.1.0.60\""),
+        "{listed}"
+    );
+    pool.ctl(&["vif-create", "pinned", "ranged"]);
+    let on_ranged = pool.ctl(&["vif-list", "--network", "ranged", "--json"]);
+    assert!(on_ranged.contains("\"ipv4\": \"10.1.0.50\""), "{on_ranged}");
+    refused(
+        &pool,
+        &["vif-create", "pinned", "ranged", "--ip", "10.1.0.10"],
+        "address 10.1.0.10 is outside network \"ranged\"'s ranges (10.1.0.50-10.1.0.51, 10.1.0.60)",
+    );
+    // Ranges change around the addresses VIFs hold, and the next VIF comes from them.
+    refused(
+        &pool,
+        &[
+            "network-update",
+            "ranged",
+            "--range",
+            "10.1.0.100-10.1.0.199",
+        ],
+        "holds 10.1.0.50, outside the new ranges",
+    );
+    pool.ctl(&[
+        "network-update",
+        "ranged",
+        "--range",
+        "10.1.0.50",
+        "--range",
+        "10.1.0.9",
+    ]);
+    pool.ctl(&["vif-create", "pinned", "ranged"]);
+    let readdressed = pool.ctl(&["vif-list", "--network", "ranged", "--json"]);
+    assert!(
+        readdressed.contains("\"ipv4\": \"10.1.0.9\""),
+        "{readdressed}"
+    );
+    pool.ctl(&["network-update", "ranged", "--no-ranges"]);
+    let listed = line_of(&pool.ctl(&["network-list", "--json"]), "ranged");
+    assert!(listed.contains("\"ranges\": \"-\""), "{listed}");
+    for line in readdressed.lines().filter(|l| l.contains("\"id\"")) {
+        pool.ctl(&["vif-destroy", &field(line, "id")]);
+    }
+    pool.ctl(&["network-destroy", "ranged"]);
+
     // An internal network pins its VMs to its host; ExplainPlacement names the network.
     let explain = pool.ctl(&["vm-explain", "pinned", "--json"]);
     let rejected = explain

@@ -36,10 +36,28 @@ pub enum NetCommand {
         /// The subnet's router, never handed to a VIF.
         #[arg(long)]
         gateway: Option<String>,
+        /// Addresses of the subnet the pool owns (10.0.0.100-10.0.0.199, or one address;
+        /// repeat for more): it hands out only these, and a VIF may hold only these, so
+        /// the other machines on the LAN keep theirs. Needs --subnet; by default, all of
+        /// its host addresses but the gateway.
+        #[arg(long = "range")]
+        ranges: Vec<String>,
         /// Lock each VIF to its own addresses: its guest sends only ARP and IPv4 from
         /// them. Needs --subnet.
         #[arg(long)]
         lock_addresses: bool,
+    },
+    /// Change a network's address ranges; its VIFs' addresses must lie in the new ones.
+    #[command(name = "network-update")]
+    Update {
+        network: String,
+        /// The addresses the pool owns from now on (as network-create's --range), in place
+        /// of the old ranges.
+        #[arg(long = "range", required_unless_present = "no_ranges")]
+        ranges: Vec<String>,
+        /// Drop the ranges: every host address of the subnet but the gateway.
+        #[arg(long, conflicts_with = "ranges")]
+        no_ranges: bool,
     },
     /// Guest networks.
     #[command(name = "network-list")]
@@ -111,6 +129,7 @@ pub async fn run(ctl: &mut Ctl, command: NetCommand) -> anyhow::Result<()> {
             mtu,
             subnet,
             gateway,
+            ranges,
             lock_addresses,
         } => {
             let host_id = ctl.host_id_or_any(host.as_deref()).await?;
@@ -128,6 +147,7 @@ pub async fn run(ctl: &mut Ctl, command: NetCommand) -> anyhow::Result<()> {
                     lock_addresses,
                     subnet: subnet.unwrap_or_default(),
                     gateway: gateway.unwrap_or_default(),
+                    ranges,
                 }
             )?;
             ctl.follow(r).await?;
@@ -145,6 +165,24 @@ pub async fn run(ctl: &mut Ctl, command: NetCommand) -> anyhow::Result<()> {
                 pb::DestroyNetworkRequest {
                     request_id: new_request_id(),
                     network_id,
+                }
+            )?;
+            ctl.follow(r).await?;
+        }
+        NetCommand::Update {
+            network,
+            ranges,
+            no_ranges: _,
+        } => {
+            // Without --range, --no-ranges was given (clap requires one of them).
+            let network_id = ctl.network_id(&network).await?;
+            let r = call!(
+                ctl.client,
+                update_network,
+                pb::UpdateNetworkRequest {
+                    request_id: new_request_id(),
+                    network_id,
+                    ranges: Some(pb::NetworkRanges { ranges }),
                 }
             )?;
             ctl.follow(r).await?;
@@ -275,8 +313,8 @@ impl Ctl {
 /// as its id in JSON.
 fn network_table(networks: Vec<pb::Network>, hosts: &[pb::Host], ids: bool) -> Table {
     let mut t = Table::new(&[
-        "ID", "NAME", "KIND", "NIC", "HOST", "VLAN", "MTU", "VNI", "SUBNET", "GATEWAY", "LOCKED",
-        "CREATED",
+        "ID", "NAME", "KIND", "NIC", "HOST", "VLAN", "MTU", "VNI", "SUBNET", "GATEWAY", "RANGES",
+        "LOCKED", "CREATED",
     ]);
     for n in networks {
         let host = match hosts.iter().find(|h| h.id == n.host_id) {
@@ -294,6 +332,7 @@ fn network_table(networks: Vec<pb::Network>, hosts: &[pb::Host], ids: bool) -> T
             n.vni.into(),
             or_dash(n.subnet.clone()).into(),
             or_dash(n.gateway.clone()).into(),
+            or_dash(n.ranges.join(",")).into(),
             n.lock_addresses.into(),
             ts(&n.created_at).into(),
         ]);

@@ -48,7 +48,7 @@ pub struct Command {
     pub peer: String,
     #[prost(
         oneof = "Op",
-        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50"
+        tags = "10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51"
     )]
     pub op: Option<Op>,
 }
@@ -153,6 +153,8 @@ pub enum Op {
     ScheduleJob(ScheduleJob),
     #[prost(message, tag = "50")]
     UpdateVif(UpdateVif),
+    #[prost(message, tag = "51")]
+    UpdateNetwork(UpdateNetwork),
 }
 
 impl Op {
@@ -213,6 +215,7 @@ impl Op {
             Op::CreateVif(_) => "vif.create",
             Op::DestroyVif(_) => "vif.destroy",
             Op::UpdateVif(_) => "vif.update",
+            Op::UpdateNetwork(_) => "network.update",
             Op::DismissAlert(_) => "alert.dismiss",
             Op::SetSchedule(_) => "schedule.set",
             Op::DeleteSchedule(_) => "schedule.delete",
@@ -228,6 +231,15 @@ pub struct UpdateVif {
     pub vif_id: String,
     #[prost(message, optional, tag = "2")]
     pub ipv4: Option<pb::VifAddresses>,
+}
+
+/// A network changed: its address ranges where `ranges` is present.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UpdateNetwork {
+    #[prost(string, tag = "1")]
+    pub network_id: String,
+    #[prost(message, optional, tag = "2")]
+    pub ranges: Option<pb::NetworkRanges>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -750,8 +750,13 @@ impl PoolState {
                             (
                                 format!("{}.ipv4", v.id),
                                 format!(
-                                    "none: network {:?}'s subnet {} is full (vif-update --ip)",
-                                    n.name, n.subnet
+                                    "none: network {:?}'s {} is full (vif-update --ip)",
+                                    n.name,
+                                    if n.ranges.is_empty() {
+                                        format!("subnet {}", n.subnet)
+                                    } else {
+                                        format!("ranges ({})", n.ranges.join(", "))
+                                    }
                                 ),
                             )
                         })

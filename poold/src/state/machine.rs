@@ -491,6 +491,9 @@ impl PoolState {
             Op::CreateVif(v) => self.create_vif(v),
             Op::DestroyVif(r) => self.destroy_vif(&r.id),
             Op::UpdateVif(u) => self.update_vif(&u.vif_id, u.ipv4.as_ref().map(|a| &a.ipv4[..])),
+            Op::UpdateNetwork(u) => {
+                self.update_network(&u.network_id, u.ranges.as_ref().map(|r| &r.ranges[..]))
+            }
             Op::DismissAlert(r) => self.dismiss_alert(&r.id, &cmd.requested_by, at_ms),
             Op::SetSchedule(sch) => self.set_schedule(sch, at_ms),
             Op::DeleteSchedule(r) => self.delete_schedule(&r.id),

@@ -133,6 +133,83 @@ fn subnet_of(n: &pb::Network) -> Option<Subnet> {
     Subnet::read(&n.subnet)
 }
 
+/// The most address ranges a network may have.
+pub const MAX_RANGES: usize = 16;
+
+/// "10.0.0.100-10.0.0.199", or one address, as its first and last address.
+fn range_parts(s: &str) -> Option<std::ops::RangeInclusive<u32>> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let a: std::net::Ipv4Addr = a.trim().parse().ok()?;
+    let b: std::net::Ipv4Addr = b.trim().parse().ok()?;
+    Some(u32::from(a)..=u32::from(b))
+}
+
+fn range_text(r: &std::ops::RangeInclusive<u32>) -> String {
+    let (a, b) = (
+        std::net::Ipv4Addr::from(*r.start()),
+        std::net::Ipv4Addr::from(*r.end()),
+    );
+    if a == b {
+        a.to_string()
+    } else {
+        format!("{a}-{b}")
+    }
+}
+
+/// A new network's ranges, written the one way and in order: each within the subnet's
+/// host addresses, first before last, none holding the gateway or overlapping another.
+fn parse_ranges(
+    asked: &[String],
+    subnet: Subnet,
+    gateway: Option<std::net::Ipv4Addr>,
+) -> Result<Vec<String>, String> {
+    if asked.len() > MAX_RANGES {
+        return Err(format!(
+            "a network has at most {MAX_RANGES} address ranges, not {}",
+            asked.len()
+        ));
+    }
+    let mut ranges = Vec::with_capacity(asked.len());
+    for a in asked {
+        let r = range_parts(a).ok_or_else(|| {
+            format!("range {a:?} is not an address or two like 10.0.0.100-10.0.0.199")
+        })?;
+        if r.is_empty() {
+            return Err(format!("range {a}: its first address comes after its last"));
+        }
+        let hosts = subnet.hosts();
+        if !hosts.contains(r.start()) || !hosts.contains(r.end()) {
+            return Err(format!(
+                "range {a} is not within the host addresses of subnet {subnet}"
+            ));
+        }
+        if let Some(g) = gateway.filter(|g| r.contains(&u32::from(*g))) {
+            return Err(format!("range {a} holds the gateway {g}"));
+        }
+        ranges.push(r);
+    }
+    ranges.sort_by_key(|r| *r.start());
+    if let Some(w) = ranges.windows(2).find(|w| w[1].start() <= w[0].end()) {
+        return Err(format!(
+            "ranges {} and {} overlap",
+            range_text(&w[0]),
+            range_text(&w[1])
+        ));
+    }
+    Ok(ranges.iter().map(range_text).collect())
+}
+
+/// The addresses the pool hands out on a network: its ranges, else its subnet's hosts
+/// (the gateway is left out by the caller), else none. Stored ranges were checked when
+/// the network was made.
+fn pool_of(n: &pb::Network, subnet: Subnet) -> Vec<std::ops::RangeInclusive<u32>> {
+    if n.ranges.is_empty() {
+        vec![subnet.hosts()]
+    } else {
+        n.ranges.iter().filter_map(|r| range_parts(r)).collect()
+    }
+}
+
 fn fnv1a(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5u32, |h, b| {
         (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
@@ -254,10 +331,17 @@ impl PoolState {
                     }
                 }
             }
+            n.ranges = parse_ranges(&n.ranges, net, n.gateway.parse().ok())
+                .map_err(|e| err(Code::InvalidArgument, e))?;
         } else if !n.gateway.is_empty() {
             return bad(format!(
                 "gateway {} needs the network's subnet (--subnet)",
                 n.gateway
+            ));
+        } else if !n.ranges.is_empty() {
+            return bad(format!(
+                "address ranges ({}) need the network's subnet (--subnet)",
+                n.ranges.join(", ")
             ));
         }
         n.created_at = Some(proto::timestamp(at_ms));
@@ -309,6 +393,59 @@ impl PoolState {
         }
         self.networks.insert(n.id.clone(), n.clone());
         Ok(Applied::done(n.id))
+    }
+
+    /// A network's ranges change (`None`: unchanged). Every address its VIFs hold must lie
+    /// in the new ones: a VIF outside them would hold an address the pool says it does
+    /// not own.
+    pub(super) fn update_network(
+        &mut self,
+        id: &str,
+        ranges: Option<&[String]>,
+    ) -> Result<Applied, CommandResult> {
+        let n = self
+            .networks
+            .get(id)
+            .ok_or_else(|| err(Code::NotFound, format!("no network with id {id:?}")))?;
+        let Some(asked) = ranges else {
+            return Ok(Applied::done(id));
+        };
+        let Some(subnet) = subnet_of(n) else {
+            return Err(err(
+                Code::FailedPrecondition,
+                format!(
+                    "network {:?} has no subnet for address ranges to lie in",
+                    n.name
+                ),
+            ));
+        };
+        let ranges = parse_ranges(asked, subnet, n.gateway.parse().ok())
+            .map_err(|e| err(Code::InvalidArgument, e))?;
+        let changed = pb::Network {
+            ranges,
+            ..n.clone()
+        };
+        let pool = pool_of(&changed, subnet);
+        for vm in self.vms.values() {
+            for v in vm.vifs.iter().filter(|v| v.network_id == id) {
+                let outside = v.ipv4.iter().find(|a| {
+                    a.parse::<std::net::Ipv4Addr>()
+                        .is_ok_and(|ip| !pool.iter().any(|r| r.contains(&u32::from(ip))))
+                });
+                if let Some(a) = outside {
+                    return Err(err(
+                        Code::FailedPrecondition,
+                        format!(
+                            "VIF {} (VM {}) holds {a}, outside the new ranges: give it an \
+                             address in them first (vif-update)",
+                            v.id, vm.id
+                        ),
+                    ));
+                }
+            }
+        }
+        self.networks.insert(id.to_owned(), changed);
+        Ok(Applied::done(id))
     }
 
     pub(super) fn destroy_network(&mut self, id: &str) -> Result<Applied, CommandResult> {
@@ -427,10 +564,11 @@ impl PoolState {
     }
 
     /// The addresses a VIF on `net` ends with, from those `asked`: each unicast and given
-    /// once; with a subnet, a host address of it other than the gateway; held by no other
-    /// VIF on the network (`skip` is the VIF being changed, `pending` VIFs not yet in the
-    /// state). None asked on a network with a subnet: its lowest free host address (for a
-    /// clone's VIF, none if it is full). A user (`given`) must name some on a locked
+    /// once; with a subnet, a host address of it other than the gateway, in one of the
+    /// network's ranges where it has some; held by no other VIF on the network (`skip` is
+    /// the VIF being changed, `pending` VIFs not yet in the state). None asked on a network
+    /// with a subnet: its lowest free address of those (for a clone's VIF, none if there is
+    /// none). A user (`given`) must name some on a locked
     /// network without a subnet.
     fn vif_ipv4s(
         &self,
@@ -468,6 +606,21 @@ impl PoolState {
                     format!("address {ip} is network {:?}'s gateway", net.name),
                 ));
             }
+            if let Some(sub) = subnet
+                && !net.ranges.is_empty()
+                && !pool_of(net, sub)
+                    .iter()
+                    .any(|r| r.contains(&u32::from(*ip)))
+            {
+                return Err(err(
+                    Code::InvalidArgument,
+                    format!(
+                        "address {ip} is outside network {:?}'s ranges ({}): the pool does not own it",
+                        net.name,
+                        net.ranges.join(", ")
+                    ),
+                ));
+            }
             let a = ip.to_string();
             if let Some(o) = others.iter().find(|o| o.ipv4.contains(&a)) {
                 return Err(err(
@@ -488,7 +641,16 @@ impl PoolState {
                     .map(u32::from)
                     .chain(gateway.map(u32::from))
                     .collect();
-                match sub.hosts().find(|a| !held.contains(a)) {
+                let free = pool_of(net, sub)
+                    .into_iter()
+                    .flatten()
+                    .find(|a| !held.contains(a));
+                let whence = if net.ranges.is_empty() {
+                    format!("subnet {sub}")
+                } else {
+                    format!("ranges ({})", net.ranges.join(", "))
+                };
+                match free {
                     Some(free) => ips.push(free.into()),
                     // A clone is made by an effect, which cannot fail: its VIF comes
                     // without an address, as it would on a network with no subnet.
@@ -496,10 +658,7 @@ impl PoolState {
                     None => {
                         return Err(err(
                             Code::ResourceExhausted,
-                            format!(
-                                "network {:?}'s subnet {sub} has no free address left",
-                                net.name
-                            ),
+                            format!("network {:?}'s {whence} has no free address left", net.name),
                         ));
                     }
                 }
@@ -1230,6 +1389,208 @@ mod tests {
         ok(&mut s, Op::DestroyVm(ObjectId { id: "c".into() }));
         let clone = s.new_vifs("d", &[on("lan")], false).unwrap();
         assert_eq!(clone[0].ipv4, ["10.9.0.6"]);
+    }
+
+    #[test]
+    fn ranges_are_checked_written_in_order_and_bound_every_address() {
+        let mut s = pool();
+        let before = s.networks.len();
+        let with = |gateway: &str, ranges: &[&str]| {
+            let mut n = net("lan", pb::NetworkKind::External);
+            n.nic = "eth1".into();
+            n.vlan = 7;
+            n.subnet = "192.168.1.0/24".into();
+            n.gateway = gateway.into();
+            n.ranges = ranges.iter().map(|r| r.to_string()).collect();
+            Op::CreateNetwork(n)
+        };
+        let many: Vec<String> = (0..=MAX_RANGES)
+            .map(|i| format!("192.168.1.{}", i + 2))
+            .collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let cases: Vec<(Op, &str)> = vec![
+            (with("", &["192.168.1.x"]), "not an address or two"),
+            (with("", &["192.168.1.9-"]), "not an address or two"),
+            (
+                with("", &["192.168.1.20-192.168.1.10"]),
+                "first address comes after its last",
+            ),
+            (
+                with("", &["192.168.1.0-192.168.1.9"]),
+                "not within the host addresses of subnet 192.168.1.0/24",
+            ),
+            (
+                with("", &["192.168.1.250-192.168.1.255"]),
+                "not within the host addresses",
+            ),
+            (with("", &["192.168.2.5"]), "not within the host addresses"),
+            (
+                with("192.168.1.1", &["192.168.1.1-192.168.1.9"]),
+                "holds the gateway 192.168.1.1",
+            ),
+            (
+                with(
+                    "",
+                    &["192.168.1.50-192.168.1.60", "192.168.1.10-192.168.1.50"],
+                ),
+                "ranges 192.168.1.10-192.168.1.50 and 192.168.1.50-192.168.1.60 overlap",
+            ),
+            (with("", &many), "at most 16 address ranges"),
+        ];
+        for (op, says) in cases {
+            refused(&mut s, op, Code::InvalidArgument, says);
+        }
+        let mut bare = net("bare", pb::NetworkKind::Private);
+        bare.ranges = vec!["10.0.0.5-10.0.0.9".into()];
+        refused(
+            &mut s,
+            Op::CreateNetwork(bare),
+            Code::InvalidArgument,
+            "address ranges (10.0.0.5-10.0.0.9) need the network's subnet",
+        );
+        assert_eq!(s.networks.len(), before, "nothing refused was made");
+
+        // Written the one way, in order: a single address stands alone.
+        ok(
+            &mut s,
+            with(
+                "192.168.1.1",
+                &[
+                    "192.168.1.200 - 192.168.1.201",
+                    "192.168.1.100-192.168.1.100",
+                ],
+            ),
+        );
+        assert_eq!(
+            s.networks["lan"].ranges,
+            ["192.168.1.100", "192.168.1.200-192.168.1.201"]
+        );
+        let at = |ips: &[&str]| pb::Vif {
+            ipv4: ips.iter().map(|a| a.to_string()).collect(),
+            ..on("lan")
+        };
+        // Handed out from the ranges only, lowest first, across the gap between them.
+        ok(&mut s, vm("a", vec![at(&[]), at(&[])]));
+        let a: Vec<_> = s.vms["a"].vifs.iter().map(|v| v.ipv4.join(",")).collect();
+        assert_eq!(a, ["192.168.1.100", "192.168.1.200"]);
+        // A NAS at .10 is outside every range: nobody is given it.
+        refused(
+            &mut s,
+            vm("b", vec![at(&["192.168.1.10"])]),
+            Code::InvalidArgument,
+            "address 192.168.1.10 is outside network \"lan\"'s ranges (192.168.1.100, 192.168.1.200-192.168.1.201)",
+        );
+        ok(&mut s, vm("b", vec![at(&["192.168.1.201"])]));
+        refused(
+            &mut s,
+            vm("c", vec![at(&[])]),
+            Code::ResourceExhausted,
+            "network \"lan\"'s ranges (192.168.1.100, 192.168.1.200-192.168.1.201) has no free address left",
+        );
+        // Changing a VIF's addresses keeps to the ranges too.
+        let vif = s.vms["b"].vifs[0].id.clone();
+        refused(
+            &mut s,
+            Op::UpdateVif(UpdateVif {
+                vif_id: vif,
+                ipv4: Some(pb::VifAddresses {
+                    ipv4: vec!["192.168.1.150".into()],
+                }),
+            }),
+            Code::InvalidArgument,
+            "outside network \"lan\"'s ranges",
+        );
+        // A clone gets none, and its task says which ranges are full.
+        start_clone(&mut s, "c", "b");
+        let spec = s.vms["b"].spec.clone();
+        ok(
+            &mut s,
+            Op::FinishJob(FinishJob {
+                task_id: "clone".into(),
+                effects: vec![Effect {
+                    kind: Some(EffectKind::CreateVm(CreateVm {
+                        vm_id: "c".into(),
+                        spec,
+                        vifs: vec![on("lan")],
+                        ..Default::default()
+                    })),
+                }],
+                ..Default::default()
+            }),
+        );
+        assert!(s.vms["c"].vifs[0].ipv4.is_empty());
+        assert_eq!(
+            s.tasks["clone"]
+                .results
+                .get("c-vif0.ipv4")
+                .map(String::as_str),
+            Some(
+                "none: network \"lan\"'s ranges (192.168.1.100, 192.168.1.200-192.168.1.201) is full (vif-update --ip)"
+            )
+        );
+        assert_eq!(s.vms["b"].vifs[0].ipv4, ["192.168.1.201"]);
+    }
+
+    #[test]
+    fn a_networks_ranges_change_only_around_the_addresses_its_vifs_hold() {
+        let mut s = pool();
+        let mut lan = net("lan", pb::NetworkKind::Private);
+        lan.subnet = "10.9.0.0/24".into();
+        lan.gateway = "10.9.0.1".into();
+        ok(&mut s, Op::CreateNetwork(lan));
+        ok(&mut s, vm("a", vec![on("lan")]));
+        assert_eq!(s.vms["a"].vifs[0].ipv4, ["10.9.0.2"]);
+        let update = |id: &str, ranges: &[&str]| {
+            Op::UpdateNetwork(UpdateNetwork {
+                network_id: id.into(),
+                ranges: Some(pb::NetworkRanges {
+                    ranges: ranges.iter().map(|r| r.to_string()).collect(),
+                }),
+            })
+        };
+        refused(
+            &mut s,
+            update("lan", &["10.9.0.100-10.9.0.199"]),
+            Code::FailedPrecondition,
+            "VIF a-vif0 (VM a) holds 10.9.0.2, outside the new ranges",
+        );
+        refused(
+            &mut s,
+            update("lan", &["10.9.0.1-10.9.0.5"]),
+            Code::InvalidArgument,
+            "holds the gateway 10.9.0.1",
+        );
+        refused(
+            &mut s,
+            update("nope", &[]),
+            Code::NotFound,
+            "no network with id \"nope\"",
+        );
+        refused(
+            &mut s,
+            update("priv", &["10.0.0.5"]),
+            Code::FailedPrecondition,
+            "network \"priv\" has no subnet",
+        );
+        assert!(
+            s.networks["lan"].ranges.is_empty(),
+            "nothing refused changed it"
+        );
+        ok(
+            &mut s,
+            update("lan", &["10.9.0.100-10.9.0.199", "10.9.0.2"]),
+        );
+        assert_eq!(
+            s.networks["lan"].ranges,
+            ["10.9.0.2", "10.9.0.100-10.9.0.199"]
+        );
+        // The next VIF comes from the new ranges.
+        ok(&mut s, vm("b", vec![on("lan")]));
+        assert_eq!(s.vms["b"].vifs[0].ipv4, ["10.9.0.100"]);
+        // No ranges: the whole subnet again.
+        ok(&mut s, update("lan", &[]));
+        ok(&mut s, vm("c", vec![on("lan")]));
+        assert_eq!(s.vms["c"].vifs[0].ipv4, ["10.9.0.3"]);
     }
 
     #[test]

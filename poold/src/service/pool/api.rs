@@ -500,6 +500,12 @@ impl PoolService for PoolHandler {
         self.done(&who, res)
     }
 
+    async fn update_network(&self, r: Request<pb::UpdateNetworkRequest>) -> R<pb::TaskResponse> {
+        let who = self.authorize(&r, "UpdateNetwork")?;
+        let res = networks::update(self, &who, r.into_inner()).await;
+        self.done(&who, res)
+    }
+
     async fn create_vif(&self, r: Request<pb::CreateVifRequest>) -> R<pb::TaskResponse> {
         let who = self.authorize(&r, "CreateVif")?;
         let res = networks::create_vif(self, &who, r.into_inner()).await;

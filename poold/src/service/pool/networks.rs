@@ -9,8 +9,8 @@ use super::PoolHandler;
 use super::request::{need, page};
 use crate::auth::Caller;
 use crate::state::PoolState;
-use crate::state::command::{ObjectId, Op, UpdateVif};
-use crate::state::networks::MAX_VIF_ADDRESSES;
+use crate::state::command::{ObjectId, Op, UpdateNetwork, UpdateVif};
+use crate::state::networks::{MAX_RANGES, MAX_VIF_ADDRESSES};
 
 fn network_id(s: &PoolState, r: &str) -> Result<String, Status> {
     s.network_by_ref(r)
@@ -94,6 +94,13 @@ pub(super) async fn create(
              so that no VIF is given it",
         ));
     }
+    // Checked again when the change commits; here so that a huge list never reaches the log.
+    if r.ranges.len() > MAX_RANGES {
+        return Err(Status::invalid_argument(format!(
+            "a network has at most {MAX_RANGES} address ranges, not {}",
+            r.ranges.len()
+        )));
+    }
     let host_id = if r.host_id.is_empty() {
         String::new()
     } else {
@@ -118,6 +125,7 @@ pub(super) async fn create(
         lock_addresses: r.lock_addresses,
         subnet: r.subnet,
         gateway: r.gateway,
+        ranges: r.ranges,
         ..Default::default()
     });
     svc.c.write(who, &r.request_id, op).await
@@ -214,6 +222,31 @@ pub(super) async fn list_vifs(
         vifs,
         next_page_token: next,
     })
+}
+
+pub(super) async fn update(
+    svc: &PoolHandler,
+    who: &Caller,
+    r: pb::UpdateNetworkRequest,
+) -> Result<pb::Task, Status> {
+    need("network_id", &r.network_id)?;
+    let Some(ranges) = r.ranges else {
+        return Err(Status::invalid_argument(
+            "nothing to change: give the network's ranges",
+        ));
+    };
+    if ranges.ranges.len() > MAX_RANGES {
+        return Err(Status::invalid_argument(format!(
+            "a network has at most {MAX_RANGES} address ranges, not {}",
+            ranges.ranges.len()
+        )));
+    }
+    let network_id = svc.c.read(|s| network_id(s, &r.network_id)).await??;
+    let op = Op::UpdateNetwork(UpdateNetwork {
+        network_id,
+        ranges: Some(ranges),
+    });
+    svc.c.write(who, &r.request_id, op).await
 }
 
 pub(super) async fn update_vif(
