@@ -6,10 +6,11 @@
 //! the API; a schedule keeping one snapshot, run twice from its page, then deleted, its
 //! snapshot kept, checked through the API; guest networks made in the networks page's form,
 //! a bad subnet refused in the pool's words, a VIF added to a stopped VM with an address
-//! the pool hands out from the subnet (checked through the API), readdressed, the network's
-//! destruction refused while the VIF is on it, then done), downloads a disk as qcow2 and
-//! logs out; a read-only user is offered no action. Screenshots of each view are kept in
-//! target/tmp/console-shots.
+//! the pool hands out from the network's range (checked through the API), an address
+//! outside the range refused, readdressed, the network's ranges narrowed past it refused
+//! then cleared in its panel, its destruction refused while the VIF is on it, then done),
+//! downloads a disk as qcow2 and logs out; a read-only user is offered no action.
+//! Screenshots of each view are kept in target/tmp/console-shots.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

@@ -351,10 +351,11 @@ try {
   await stoppedPanel.locator("[data-field=power]", { hasText: "stopped" }).waitFor({ timeout: 60_000 });
   step(`made-in-browser checkpointed on ${ranOn} (${paused}), forced off, reverted to it on ${there}: running there`);
 
-  // Guest networks, made in the networks page's form: a private one with a subnet; one
-  // with a subnet that has host bits set, refused in the pool's own words (the page's hint
-  // says so first, and the form goes regardless); an internal one on a host picked in the
-  // form, with a VLAN tag, kept for the read-only user to look at.
+  // Guest networks, made in the networks page's form: a private one with a subnet and an
+  // address range (the pool hands VIFs addresses from it only); one with a subnet that has
+  // host bits set, refused in the pool's own words (the page's hint says so first, and the
+  // form goes regardless); an internal one on a host picked in the form, with a VLAN tag,
+  // kept for the read-only user to look at.
   await page.locator("[data-page=networks]").click();
   const networksPage = page.locator("[data-panel=networks]");
   const netForm = networksPage.locator("form[data-form=new-network]");
@@ -363,8 +364,10 @@ try {
   await netForm.locator("select[name=network-kind]").selectOption({ label: "private" });
   await netForm.locator("input[name=network-subnet]").fill("10.77.0.0/24");
   await netForm.locator("input[name=network-gateway]").fill("10.77.0.1");
+  await netForm.locator("input[name=network-ranges]").fill("10.77.0.10-10.77.0.29");
   await netForm.getByRole("button", { name: "Create network" }).click();
   await networksPage.locator("tr[data-network=browser-net] [data-field=subnet]", { hasText: "10.77.0.0/24" }).waitFor();
+  await networksPage.locator("tr[data-network=browser-net] [data-field=ranges]", { hasText: "10.77.0.10-10.77.0.29" }).waitFor();
   if ((await netAlert.count()) > 0) throw new Error(`create network: ${await netAlert.innerText()}`);
   const netLink = page.locator(".tree a[data-kind=network]", { hasText: "browser-net" });
   await netLink.waitFor();
@@ -391,15 +394,18 @@ try {
   const netPanel = page.locator("[data-panel=network]", { hasText: "browser-net" });
   await netPanel.locator("[data-field=subnet]", { hasText: "10.77.0.0/24" }).waitFor();
   await netPanel.locator("[data-field=gateway]", { hasText: "10.77.0.1" }).waitFor();
+  await netPanel.locator("[data-field=ranges]", { hasText: "10.77.0.10-10.77.0.29" }).waitFor();
+  await netPanel.locator("[data-field=room]", { hasText: "0 held of 20" }).waitFor();
   const vni = (await netPanel.locator("[data-field=vni]").innerText()).trim();
   if (!/^\d+/.test(vni)) throw new Error(`the private network's VNI reads ${vni}`);
   await snap("network");
-  step(`networks made in the form: browser-net (private, 10.77.0.0/24, VNI ${vni.split(" ")[0]}), browser-lan (internal on ${lanHost}, VLAN 42); a bad subnet refused: ${refusedSubnet}`);
+  step(`networks made in the form: browser-net (private, 10.77.0.0/24, range 10.77.0.10-10.77.0.29, VNI ${vni.split(" ")[0]}), browser-lan (internal on ${lanHost}, VLAN 42); a bad subnet refused: ${refusedSubnet}`);
 
   // A VIF on it for the stopped made-in-browser, with no address given: the pool hands
-  // out the lowest free one (the gateway's is not), as the page and the API both say.
-  // Readdressed; the network's panel lists it, and the pool refuses to destroy the
-  // network while it is there. Removed, the network goes, and leaves the tree.
+  // out the lowest free one of its range, as the page and the API both say. Readdressed:
+  // outside the range, the page says so and the pool refuses it; inside, it is taken.
+  // The network's panel lists it, and the pool refuses to destroy the network while it
+  // is there. Removed, the network goes, and leaves the tree.
   await page.locator(".tree a[data-kind=vm]", { hasText: "made-in-browser" }).click();
   const vifForm = stoppedPanel.locator("form[data-form=new-vif]");
   const netOption = vifForm.locator("select[name=network] option", { hasText: /^browser-net \(/ });
@@ -410,19 +416,38 @@ try {
   const mac = (await vifRow.locator("[data-field=mac]").innerText()).trim();
   const handed = (await vifRow.locator("[data-field=addresses]").innerText()).trim();
   if (!/^02(:[0-9a-f]{2}){5}$/.test(mac)) throw new Error(`the VIF's MAC reads ${mac}`);
-  if (handed !== "10.77.0.2") throw new Error(`the pool handed out ${handed}, not 10.77.0.2 (the lowest free after the gateway)`);
+  if (handed !== "10.77.0.10") throw new Error(`the pool handed out ${handed}, not 10.77.0.10 (the lowest of its range)`);
   const apiVifs = JSON.parse(change("vifs", "made-in-browser"));
   if (apiVifs.length !== 1 || apiVifs[0].mac !== mac || apiVifs[0].ipv4 !== handed || apiVifs[0].network !== "browser-net") {
     throw new Error(`the API lists made-in-browser's VIFs as ${JSON.stringify(apiVifs)}, the page ${mac} ${handed}`);
   }
   await snap("vif-added");
+  await vifRow.locator("input[name=vif-addresses]").fill("10.77.0.2");
+  await vifRow.locator("[data-field=vif-hints]", { hasText: "outside network" }).waitFor();
+  await vifRow.getByRole("button", { name: "Set addresses" }).click();
+  await stoppedPanel.locator("[data-field=vif-error]", { hasText: "the pool does not own it" }).waitFor();
+  const outside = (await stoppedPanel.locator("[data-field=vif-error]").innerText()).trim();
   await vifRow.locator("input[name=vif-addresses]").fill("10.77.0.20");
   await vifRow.getByRole("button", { name: "Set addresses" }).click();
   await vifRow.locator("[data-field=addresses]", { hasText: /^10\.77\.0\.20$/ }).waitFor();
   if ((await stoppedPanel.locator("[role=alert]").count()) > 0) throw new Error(`VIF: ${await stoppedPanel.locator("[role=alert]").innerText()}`);
-  step(`a VIF on browser-net added to made-in-browser: ${mac}, given ${handed} by the pool; readdressed to 10.77.0.20`);
+  step(`a VIF on browser-net added to made-in-browser: ${mac}, given ${handed} by the pool; 10.77.0.2 refused (${outside}); readdressed to 10.77.0.20`);
   await netLink.click();
   await netPanel.locator(`[data-list=vifs] tr[data-vm=made-in-browser][data-vif='${mac}'] [data-field=addresses]`, { hasText: "10.77.0.20" }).waitFor();
+  // Its ranges changed in its panel: ones that leave the VIF's address outside, hinted and
+  // refused in the pool's words; then cleared (an empty input): all but the gateway.
+  const rangesForm = netPanel.locator("form[data-form=ranges]");
+  await rangesForm.locator("input[name=network-ranges]").fill("10.77.0.10-10.77.0.19");
+  await rangesForm.locator("[data-field=ranges-hints]", { hasText: "outside the new ranges" }).waitFor();
+  await rangesForm.getByRole("button", { name: "Change ranges" }).click();
+  await netPanel.locator("[data-field=ranges-error]", { hasText: "outside the new ranges" }).waitFor();
+  const leftOutside = (await netPanel.locator("[data-field=ranges-error]").innerText()).trim();
+  await snap("network-ranges-refused");
+  await rangesForm.locator("input[name=network-ranges]").fill("");
+  await rangesForm.getByRole("button", { name: "Change ranges" }).click();
+  await netPanel.locator("[data-field=ranges]", { hasText: "all host addresses but the gateway" }).waitFor();
+  if ((await netPanel.locator("[data-field=ranges-error]").count()) > 0) throw new Error(`clear the ranges: ${await netPanel.locator("[data-field=ranges-error]").innerText()}`);
+  step(`browser-net's ranges: 10.77.0.10-10.77.0.19 refused (${leftOutside}); cleared`);
   await netPanel.getByRole("button", { name: "Destroy" }).click();
   await netPanel.locator("[data-field=error]", { hasText: "in use by VIF" }).waitFor();
   const inUse = (await netPanel.locator("[data-field=error]").innerText()).trim();

@@ -1,11 +1,12 @@
 // Guest networks as the console shows them: a network's kind and where it lives in
-// poolctl's words (network-list), its subnet's room for VIFs, the VIFs on it found in the
-// VMs the feed keeps, and addresses as a user types them parsed into a list. Free of Vue.
+// poolctl's words (network-list), the room for VIFs in its subnet or address ranges, the
+// VIFs on it found in the VMs the feed keeps, and addresses and ranges as a user types
+// them parsed into a list. Free of Vue.
 // The pool checks everything again when a change commits (poold/src/state/networks.rs):
 // what is checked here is only said next to the form, never kept from the pool.
 import { PowerState } from "./gen/host_pb";
 import type { MessageInitShape } from "@bufbuild/protobuf";
-import { NetworkKind, type CreateNetworkRequestSchema, type Network, type Vif, type Vm } from "./gen/pool_pb";
+import { NetworkKind, type CreateNetworkRequestSchema, type Network, type UpdateNetworkRequestSchema, type Vif, type Vm } from "./gen/pool_pb";
 import { bytes } from "./format";
 import { collate, vmName } from "./inventory";
 
@@ -45,12 +46,16 @@ export function placeLabel(n: Network, hostName: (id: string) => string): string
 }
 
 /** A network in one line: "private, every host, VNI 3, VLAN 10, MTU 1500, 10.77.0.0/24
- * via 10.77.0.1, addresses locked" (the VLAN only when tagged). */
+ * via 10.77.0.1 (VIFs from 10.77.0.100-10.77.0.199), addresses locked" (the VLAN only
+ * when tagged, the ranges only when it has some). */
 export function summary(n: Network, hostName: (id: string) => string): string {
   const parts = [kindLabel(n.kind), placeLabel(n, hostName)];
   if (n.vlan !== 0) parts.push(`VLAN ${n.vlan}`);
   parts.push(`MTU ${n.mtu}`);
-  if (n.subnet !== "") parts.push(n.gateway === "" ? n.subnet : `${n.subnet} via ${n.gateway}`);
+  if (n.subnet !== "") {
+    const via = n.gateway === "" ? n.subnet : `${n.subnet} via ${n.gateway}`;
+    parts.push(n.ranges.length === 0 ? via : `${via} (VIFs from ${n.ranges.join(", ")})`);
+  }
   if (n.lockAddresses) parts.push("addresses locked");
   return parts.filter((p) => p !== "").join(", ");
 }
@@ -144,13 +149,153 @@ export function inSubnet(ip: string, subnet: string): boolean {
   return a >= first && a <= last;
 }
 
-/** How many addresses of the network's subnet VIFs may hold (all its host addresses but
- * the gateway); undefined without a subnet. */
-export function addressRoom(n: Pick<Network, "subnet" | "gateway">): number | undefined {
+/** How many addresses of the network's subnet VIFs may hold: those of its ranges (which
+ * never hold the gateway), else all its host addresses but the gateway; undefined without
+ * a subnet. */
+export function addressRoom(n: Pick<Network, "subnet" | "gateway" | "ranges">): number | undefined {
   const s = parseSubnet(n.subnet);
   if (n.subnet === "" || !s.ok) return undefined;
+  if (n.ranges.length > 0) {
+    return n.ranges.reduce((k, r) => {
+      const p = rangeParts(r);
+      return p === undefined ? k : k + p.last - p.first + 1;
+    }, 0);
+  }
   const { first, last } = hostRange(s.subnet);
   return last - first + 1 - (n.gateway !== "" && inSubnet(n.gateway, n.subnet) ? 1 : 0);
+}
+
+/** The most address ranges a network may have. */
+export const MAX_RANGES = 16;
+
+/** "10.0.0.100-10.0.0.199", or one address, as its first and last address (either may
+ * come first: that is for `checkRanges` to say); undefined unless one or two addresses. */
+export function rangeParts(s: string): { first: number; last: number } | undefined {
+  const dash = s.indexOf("-");
+  const first = parseIpv4((dash < 0 ? s : s.slice(0, dash)).trim());
+  const last = parseIpv4((dash < 0 ? s : s.slice(dash + 1)).trim());
+  return first === undefined || last === undefined ? undefined : { first, last };
+}
+
+/** A range written the pool's one way: "a-b", or "a" for a single address. */
+export function rangeText(r: { first: number; last: number }): string {
+  return r.first === r.last ? formatIpv4(r.first) : `${formatIpv4(r.first)}-${formatIpv4(r.last)}`;
+}
+
+/** Ranges as a user types them, "10.0.0.100-10.0.0.199, 10.0.0.50" (commas, spaces or
+ * lines between them, spaces around a dash allowed), as a list of words as typed. */
+export function splitRanges(text: string): string[] {
+  return text
+    .replace(/\s*-\s*/g, "-")
+    .split(/[\s,;]+/)
+    .filter((w) => w !== "");
+}
+
+/**
+ * A network's ranges, new or changed, checked as the pool checks them (state/networks.rs
+ * `parse_ranges`), against its subnet and gateway (the gateway may be empty): written
+ * the one way and in order, or the first thing the pool refuses, in its words.
+ */
+export function checkRanges(asked: string[], subnet: Subnet, gateway: string): { ok: true; ranges: string[] } | { ok: false; error: string } {
+  if (asked.length > MAX_RANGES) return { ok: false, error: `a network has at most ${MAX_RANGES} address ranges, not ${asked.length}` };
+  const { first: low, last: high } = hostRange(subnet);
+  const gw = parseIpv4(gateway);
+  const ranges: { first: number; last: number }[] = [];
+  for (const a of asked) {
+    const r = rangeParts(a);
+    if (r === undefined) return { ok: false, error: `range ${JSON.stringify(a)} is not an address or two like 10.0.0.100-10.0.0.199` };
+    if (r.first > r.last) return { ok: false, error: `range ${a}: its first address comes after its last` };
+    if (r.first < low || r.last > high) {
+      return { ok: false, error: `range ${a} is not within the host addresses of subnet ${formatIpv4(subnet.base)}/${subnet.prefix}` };
+    }
+    if (gw !== undefined && gw >= r.first && gw <= r.last) return { ok: false, error: `range ${a} holds the gateway ${formatIpv4(gw)}` };
+    ranges.push(r);
+  }
+  ranges.sort((x, y) => x.first - y.first);
+  for (let i = 1; i < ranges.length; i++) {
+    if (ranges[i]!.first <= ranges[i - 1]!.last) {
+      return { ok: false, error: `ranges ${rangeText(ranges[i - 1]!)} and ${rangeText(ranges[i]!)} overlap` };
+    }
+  }
+  return { ok: true, ranges: ranges.map(rangeText) };
+}
+
+/** Where the pool hands VIF addresses out from on a network: its ranges, else all its
+ * subnet's host addresses (but the gateway); "" without a subnet. */
+export function rangesLabel(n: Pick<Network, "subnet" | "gateway" | "ranges">): string {
+  if (n.ranges.length > 0) return n.ranges.join(", ");
+  if (n.subnet === "") return "";
+  return n.gateway === "" ? "all host addresses" : "all host addresses but the gateway";
+}
+
+/** What changing a network's ranges to those typed asks the pool for (UpdateNetwork):
+ * the words as typed, for the pool to check and write its one way. None typed is an
+ * empty list, which clears them: VIFs may then hold every host address but the gateway. */
+export function rangesUpdate(networkId: string, text: string): MessageInitShape<typeof UpdateNetworkRequestSchema> {
+  return { networkId, ranges: { ranges: splitRanges(text) } };
+}
+
+/**
+ * The VIFs holding an address outside a network's new ranges (as `checkRanges` gives
+ * them; none: every host address of the subnet), each with the first such address, as
+ * the pool looks for them before it changes the ranges (state/networks.rs
+ * `update_network`, which refuses while any is).
+ */
+export function vifsOutside<T extends { vm: Vm; vif: Vif }>(on: Iterable<T>, subnet: Subnet, ranges: string[]): (T & { address: string })[] {
+  const owned = ranges.length > 0 ? ranges.map(rangeParts).filter((r) => r !== undefined) : [hostRange(subnet)];
+  const out: (T & { address: string })[] = [];
+  for (const a of on) {
+    const address = a.vif.ipv4.find((ip) => {
+      const n = parseIpv4(ip);
+      return n !== undefined && !owned.some((r) => n >= r.first && n <= r.last);
+    });
+    if (address !== undefined) out.push({ ...a, address });
+  }
+  return out;
+}
+
+/**
+ * What the pool will refuse of a network's ranges changed to those typed, in its words:
+ * a network without a subnet, the ranges themselves (`checkRanges`), else each VIF on it
+ * (`on`, as `vifsOn` finds them) left holding an address outside them (the pool names
+ * the first it finds; here all are, to be readdressed first).
+ */
+export function rangesChangeHints(n: Pick<Network, "name" | "subnet" | "gateway">, text: string, on: Iterable<{ vm: Vm; vif: Vif }>): string[] {
+  if (n.subnet === "") return [`network ${JSON.stringify(n.name)} has no subnet for address ranges to lie in`];
+  const s = parseSubnet(n.subnet);
+  if (!s.ok) return [];
+  const r = checkRanges(splitRanges(text), s.subnet, n.gateway);
+  if (!r.ok) return [r.error];
+  return vifsOutside(on, s.subnet, r.ranges).map(
+    ({ vm, vif, address }) => `VIF ${vif.id} (VM ${vm.id}) holds ${address}, outside the new ranges: give it an address in them first (vif-update)`,
+  );
+}
+
+/**
+ * What the pool will refuse of these addresses for a VIF on the network, in its words
+ * (state/networks.rs `vif_ipv4s`): one not a host address of its subnet, its gateway, or
+ * one outside its ranges. Said beside the form; whether an address is free, and the
+ * rest, is the pool's to say.
+ */
+export function vifAddressHints(addresses: string[], n: Pick<Network, "name" | "subnet" | "gateway" | "ranges"> | undefined): string[] {
+  if (n === undefined || n.subnet === "") return [];
+  const s = parseSubnet(n.subnet);
+  if (!s.ok) return [];
+  const name = JSON.stringify(n.name);
+  const { first, last } = hostRange(s.subnet);
+  const gateway = parseIpv4(n.gateway);
+  const ranges = n.ranges.map(rangeParts).filter((r) => r !== undefined);
+  const hints: string[] = [];
+  for (const a of addresses) {
+    const ip = parseIpv4(a);
+    if (ip === undefined) continue;
+    if (ip < first || ip > last) hints.push(`address ${a} is not a host address of network ${name}'s subnet ${n.subnet}`);
+    else if (ip === gateway) hints.push(`address ${a} is network ${name}'s gateway`);
+    else if (ranges.length > 0 && !ranges.some((r) => ip >= r.first && ip <= r.last)) {
+      hints.push(`address ${a} is outside network ${name}'s ranges (${n.ranges.join(", ")}): the pool does not own it`);
+    }
+  }
+  return hints;
 }
 
 /**
@@ -171,10 +316,11 @@ export function parseAddresses(text: string): { ok: true; addresses: string[] } 
   return { ok: true, addresses };
 }
 
-/** What a VIF gets when no address is given on this network. */
-export function noAddressMeans(n: Pick<Network, "subnet" | "lockAddresses"> | undefined): string {
+/** What a VIF gets when no address is given on this network: the pool picks from its
+ * ranges where it has some, else from its subnet. */
+export function noAddressMeans(n: Pick<Network, "subnet" | "ranges" | "lockAddresses"> | undefined): string {
   if (n === undefined) return "";
-  if (n.subnet !== "") return `the pool's pick from ${n.subnet}`;
+  if (n.subnet !== "") return `the pool's pick from ${n.ranges.length > 0 ? n.ranges.join(", ") : n.subnet}`;
   return n.lockAddresses ? "refused: this network locks VIFs to their addresses" : "no address";
 }
 
@@ -190,11 +336,13 @@ export interface NetworkForm {
   mtu: number | string;
   subnet: string;
   gateway: string;
+  /** Address ranges as typed, "10.0.0.100-10.0.0.199, 10.0.0.50"; empty: none. */
+  ranges: string;
   lockAddresses: boolean;
 }
 
 export function emptyNetworkForm(): NetworkForm {
-  return { name: "", kind: NetworkKind.PRIVATE, nic: "", hostId: "", vlan: "", mtu: "", subnet: "", gateway: "", lockAddresses: false };
+  return { name: "", kind: NetworkKind.PRIVATE, nic: "", hostId: "", vlan: "", mtu: "", subnet: "", gateway: "", ranges: "", lockAddresses: false };
 }
 
 /** A number field's value as a whole number: empty is 0 ("untagged", "the default");
@@ -216,6 +364,7 @@ export function networkRequest(f: NetworkForm): MessageInitShape<typeof CreateNe
     mtu: Math.max(0, whole(f.mtu)),
     subnet: f.subnet.trim(),
     gateway: f.gateway.trim(),
+    ranges: splitRanges(f.ranges),
     lockAddresses: f.lockAddresses,
   };
 }
@@ -234,12 +383,18 @@ export function networkHints(f: NetworkForm): string[] {
   if (mtu < 0 || (mtu !== 0 && (mtu < MTU_RANGE[0] || mtu > MTU_RANGE[1]))) hints.push(`an MTU is ${MTU_RANGE[0]}-${MTU_RANGE[1]} (empty: 1500)`);
   const subnet = f.subnet.trim();
   const gateway = f.gateway.trim();
+  const ranges = splitRanges(f.ranges);
   if (subnet !== "") {
     const s = parseSubnet(subnet);
     if (!s.ok) hints.push(s.error);
-    else if (gateway !== "" && !inSubnet(gateway, subnet)) hints.push(`the gateway ${gateway} is not a host address of ${subnet}`);
+    else {
+      if (gateway !== "" && !inSubnet(gateway, subnet)) hints.push(`the gateway ${gateway} is not a host address of ${subnet}`);
+      const r = checkRanges(ranges, s.subnet, gateway);
+      if (!r.ok) hints.push(r.error);
+    }
   } else {
     if (gateway !== "") hints.push("a gateway needs the network's subnet");
+    if (ranges.length > 0) hints.push(`address ranges (${ranges.join(", ")}) need the network's subnet`);
     if (f.lockAddresses) hints.push("a network that locks addresses needs a subnet to hand them out from");
   }
   return hints;

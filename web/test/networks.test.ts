@@ -77,6 +77,7 @@ describe("NetworkPanel", () => {
     expect(w.find("[data-field=vlan]").text()).toBe("untagged");
     expect(w.find("[data-field=subnet]").text()).toBe("10.77.0.0/24");
     expect(w.find("[data-field=gateway]").text()).toBe("10.77.0.1");
+    expect(w.find("[data-field=ranges]").text()).toBe("all host addresses but the gateway");
     expect(w.find("[data-field=room]").text()).toBe("3 held of 253");
     expect(w.find("[data-field=locked]").text()).toContain("yes");
     expect(w.find("[data-field=nic]").exists()).toBe(false);
@@ -86,6 +87,14 @@ describe("NetworkPanel", () => {
     ]);
   });
 
+  it("shows a network's ranges, and counts the room for VIFs in them", () => {
+    const { inv, lab } = pool();
+    lab.ranges = ["10.77.0.2-10.77.0.9", "10.77.0.50"];
+    const w = mount(NetworkPanel, { props: { n: lab, inv, tick: 0, client: client().c }, ...withCan(nothing) });
+    expect(w.find("[data-field=ranges]").text()).toBe("10.77.0.2-10.77.0.9, 10.77.0.50 (VIFs hold addresses from these only)");
+    expect(w.find("[data-field=room]").text()).toBe("3 held of 9");
+  });
+
   it("names an internal network's host and its VLAN tag, and opens the host and a VM", async () => {
     const { inv, back } = pool();
     const w = mount(NetworkPanel, { props: { n: back, inv, tick: 0, client: client().c }, ...withCan(nothing) });
@@ -93,6 +102,8 @@ describe("NetworkPanel", () => {
     expect(w.find("[data-field=vlan]").text()).toBe("42");
     expect(w.find("[data-field=subnet]").text()).toContain("none");
     expect(w.find("[data-field=vni]").exists()).toBe(false);
+    // No subnet: no ranges, no room to count.
+    expect(w.find("[data-field=ranges]").exists()).toBe(false);
     await w.find("[data-field=host] a").trigger("click");
     await w.find("[data-list=vifs] tr[data-vm=web] a").trigger("click");
     expect(w.emitted("select")).toEqual([
@@ -130,21 +141,93 @@ describe("NetworkPanel", () => {
     );
   });
 
-  it("offers no destroy to a role that may not", () => {
+  it("offers each action only to a role allowed its call, a change of ranges only with a subnet", () => {
+    const { inv, lab, back } = pool();
+    const offered = (can: Can, n = lab) =>
+      mount(NetworkPanel, { props: { n, inv, tick: 0, client: client().c }, ...withCan(can) })
+        .findAll("button")
+        .map((b) => b.attributes("data-action"));
+    expect(offered(everything)).toEqual(["change-ranges", "destroy-network"]);
+    expect(offered((m) => m !== "DestroyNetwork")).toEqual(["change-ranges"]);
+    expect(offered((m) => m !== "UpdateNetwork")).toEqual(["destroy-network"]);
+    expect(offered(nothing)).toEqual([]);
+    expect(offered(everything, back)).toEqual(["destroy-network"]);
+  });
+
+  it("changes the ranges to those typed, from the present ones, and clears them with none", async () => {
     const { inv, lab } = pool();
-    const w = mount(NetworkPanel, { props: { n: lab, inv, tick: 0, client: client().c }, ...withCan((m) => m !== "DestroyNetwork") });
-    expect(w.findAll("button")).toHaveLength(0);
+    lab.ranges = ["10.77.0.2-10.77.0.9", "10.77.0.50"];
+    const { c, calls } = client();
+    const w = mount(NetworkPanel, { props: { n: lab, inv, tick: 0, client: c }, ...withCan(everything) });
+    const form = w.find("form[data-form=ranges]");
+    const input = () => form.find("input[name=network-ranges]").element as HTMLInputElement;
+    expect(input().value).toBe("10.77.0.2-10.77.0.9, 10.77.0.50");
+    expect(input().placeholder).toBe("empty: all host addresses but the gateway");
+    expect(form.find("[data-field=ranges-help]").text()).toBe("comma-separated; empty clears them (VIFs then take from all host addresses but the gateway)");
+    await form.find("input[name=network-ranges]").setValue("10.77.0.2 - 10.77.0.99, 10.77.0.150");
+    expect(form.find("[data-field=ranges-hints]").exists()).toBe(false);
+    await form.trigger("submit");
+    await flushPromises();
+    // Taken: the input follows the feed again.
+    expect(input().value).toBe("10.77.0.2-10.77.0.9, 10.77.0.50");
+    await form.find("input[name=network-ranges]").setValue("");
+    await form.trigger("submit");
+    await flushPromises();
+    expect(calls).toEqual([
+      { method: "updateNetwork", req: { networkId: "n1", ranges: { ranges: ["10.77.0.2-10.77.0.99", "10.77.0.150"] } } },
+      { method: "updateNetwork", req: { networkId: "n1", ranges: { ranges: [] } } },
+    ]);
+    expect(w.find("[data-field=ranges-error]").exists()).toBe(false);
+  });
+
+  it("says beside the form what the pool will refuse of the ranges, a VIF left outside them too, and shows its refusal as is", async () => {
+    const { inv, lab } = pool();
+    const refusal = new ConnectError(
+      "VIF vm1-vif0 (VM vm1) holds 10.77.0.2, outside the new ranges: give it an address in them first (vif-update)",
+      Code.FailedPrecondition,
+    );
+    const { c, calls } = client({ updateNetwork: refusal });
+    const w = mount(NetworkPanel, { props: { n: lab, inv, tick: 0, client: c }, ...withCan(everything) });
+    const form = w.find("form[data-form=ranges]");
+    expect((form.find("input[name=network-ranges]").element as HTMLInputElement).value).toBe("");
+    const hints = () => form.findAll("[data-field=ranges-hints] li").map((li) => li.text());
+    await form.find("input[name=network-ranges]").setValue("10.77.0.1-10.77.0.9");
+    expect(hints()).toEqual(["range 10.77.0.1-10.77.0.9 holds the gateway 10.77.0.1"]);
+    await form.find("input[name=network-ranges]").setValue("10.77.0.100-10.77.0.199");
+    expect(hints()).toEqual([
+      "VIF vm2-vif0 (VM vm2) holds 10.77.0.3, outside the new ranges: give it an address in them first (vif-update)",
+      "VIF vm1-vif0 (VM vm1) holds 10.77.0.2, outside the new ranges: give it an address in them first (vif-update)",
+    ]);
+    await form.find("input[name=network-ranges]").setValue("10.77.0.3-10.77.0.9");
+    expect(hints()).toEqual([refusal.rawMessage]);
+    // Sent regardless: the pool has the last word.
+    await form.trigger("submit");
+    await flushPromises();
+    expect(calls).toEqual([{ method: "updateNetwork", req: { networkId: "n1", ranges: { ranges: ["10.77.0.3-10.77.0.9"] } } }]);
+    expect(w.find("[data-field=ranges-error]").text()).toBe(`change the ranges of lab: FailedPrecondition: ${refusal.rawMessage}`);
+    // What was typed stays, to be corrected.
+    expect((form.find("input[name=network-ranges]").element as HTMLInputElement).value).toBe("10.77.0.3-10.77.0.9");
   });
 });
 
 describe("NetworksPage", () => {
   it("lists the networks with where each lives and how many VIFs it has", () => {
     const { inv } = pool();
+    const lan = create(NetworkSchema, {
+      id: "n3",
+      name: "lan",
+      kind: NetworkKind.EXTERNAL,
+      nic: "eth1",
+      subnet: "192.168.1.0/24",
+      ranges: ["192.168.1.100-192.168.1.199", "192.168.1.250"],
+    });
+    inv.objects.network.set(lan.id, lan);
     const w = mount(NetworksPage, { props: { inv, tick: 0, client: client().c }, ...withCan(nothing) });
-    const row = (name: string) => ["kind", "where", "vlan", "subnet", "vifs"].map((f) => w.find(`tr[data-network=${name}] [data-field=${f}]`).text());
-    expect(w.findAll("tr[data-network]").map((r) => r.attributes("data-network"))).toEqual(["back", "lab"]);
-    expect(row("lab")).toEqual(["private", "every host, VNI 7", "untagged", "10.77.0.0/24", "2"]);
-    expect(row("back")).toEqual(["internal", "host host-a", "42", "", "1"]);
+    const row = (name: string) => ["kind", "where", "vlan", "subnet", "ranges", "vifs"].map((f) => w.find(`tr[data-network=${name}] [data-field=${f}]`).text());
+    expect(w.findAll("tr[data-network]").map((r) => r.attributes("data-network"))).toEqual(["back", "lab", "lan"]);
+    expect(row("lab")).toEqual(["private", "every host, VNI 7", "untagged", "10.77.0.0/24", "all host addresses but the gateway", "2"]);
+    expect(row("back")).toEqual(["internal", "host host-a", "42", "", "", "1"]);
+    expect(row("lan")).toEqual(["external", "NIC eth1", "untagged", "192.168.1.0/24", "192.168.1.100-192.168.1.199, 192.168.1.250", "0"]);
     // A read-only user: the list, no form.
     expect(w.find("form").exists()).toBe(false);
     expect(w.findAll("button")).toHaveLength(0);
@@ -172,6 +255,7 @@ describe("NetworksPage", () => {
     await w.find("input[name=network-vlan]").setValue("12");
     await w.find("input[name=network-subnet]").setValue("10.78.0.0/24");
     await w.find("input[name=network-gateway]").setValue("10.78.0.1");
+    await w.find("input[name=network-ranges]").setValue("10.78.0.100 - 10.78.0.199, 10.78.0.50");
     await w.find("input[name=network-lock]").setValue(true);
     expect(w.find("[data-field=hints]").exists()).toBe(false);
     await w.find("form[data-form=new-network]").trigger("submit");
@@ -179,10 +263,22 @@ describe("NetworksPage", () => {
     expect(calls).toEqual([
       {
         method: "createNetwork",
-        req: { name: "lab2", kind: NetworkKind.PRIVATE, nic: "", hostId: "", vlan: 12, mtu: 0, subnet: "10.78.0.0/24", gateway: "10.78.0.1", lockAddresses: true },
+        req: {
+          name: "lab2",
+          kind: NetworkKind.PRIVATE,
+          nic: "",
+          hostId: "",
+          vlan: 12,
+          mtu: 0,
+          subnet: "10.78.0.0/24",
+          gateway: "10.78.0.1",
+          ranges: ["10.78.0.100-10.78.0.199", "10.78.0.50"],
+          lockAddresses: true,
+        },
       },
     ]);
     expect((w.find("input[name=network-name]").element as HTMLInputElement).value).toBe("");
+    expect((w.find("input[name=network-ranges]").element as HTMLInputElement).value).toBe("");
   });
 
   it("says beside the form what the pool will refuse, sends it anyway, and shows the pool's own words", async () => {
@@ -199,6 +295,24 @@ describe("NetworksPage", () => {
     expect(w.find("[role=alert]").text()).toBe('create network bad: InvalidArgument: subnet "10.78.0.5/24" has host bits set: the network is 10.78.0.0/24');
     // What was typed stays, to be corrected.
     expect((w.find("input[name=network-subnet]").element as HTMLInputElement).value).toBe("10.78.0.5/24");
+  });
+
+  it("says beside the form which ranges the pool will refuse, in its words, and sends them regardless", async () => {
+    const { inv } = pool();
+    const refusal = new ConnectError("range 10.78.0.1-10.78.0.9 holds the gateway 10.78.0.1", Code.InvalidArgument);
+    const { c, calls } = client({ createNetwork: refusal });
+    const w = mount(NetworksPage, { props: { inv, tick: 0, client: c }, ...withCan(everything) });
+    await w.find("input[name=network-name]").setValue("lab2");
+    await w.find("input[name=network-ranges]").setValue("10.78.0.1-10.78.0.9");
+    expect(w.find("[data-field=hints]").text()).toBe("address ranges (10.78.0.1-10.78.0.9) need the network's subnet");
+    await w.find("input[name=network-subnet]").setValue("10.78.0.0/24");
+    expect(w.find("[data-field=hints]").exists()).toBe(false);
+    await w.find("input[name=network-gateway]").setValue("10.78.0.1");
+    expect(w.find("[data-field=hints]").text()).toBe("range 10.78.0.1-10.78.0.9 holds the gateway 10.78.0.1");
+    await w.find("form[data-form=new-network]").trigger("submit");
+    await flushPromises();
+    expect(calls.map((x) => x.method)).toEqual(["createNetwork"]);
+    expect(w.find("[role=alert]").text()).toBe("create network lab2: InvalidArgument: range 10.78.0.1-10.78.0.9 holds the gateway 10.78.0.1");
   });
 });
 
@@ -232,6 +346,34 @@ describe("VmPanel's network interfaces", () => {
       { method: "createVif", req: { vmId: "vm1", network: "n2", ipv4: ["10.9.0.5", "10.9.0.6"], mac: "02:00:00:00:00:aa" } },
     ]);
     expect((form.find("input[name=vif-new-addresses]").element as HTMLInputElement).value).toBe("");
+  });
+
+  it("picks from a network's ranges, and says beside the forms which addresses the pool will refuse", async () => {
+    const { inv, lab, web } = pool();
+    lab.ranges = ["10.77.0.2-10.77.0.9", "10.77.0.50"];
+    const { c, calls } = client();
+    const w = mount(VmPanel, { props: { vm: web, inv, tick: 0, client: c }, ...withCan(everything) });
+    expect(w.find("[data-list=vifs] a").attributes("title")).toContain("10.77.0.0/24 via 10.77.0.1 (VIFs from 10.77.0.2-10.77.0.9, 10.77.0.50)");
+    const form = w.find("form[data-form=new-vif]");
+    await form.find("select[name=network]").setValue("n1");
+    expect(form.find("input[name=vif-new-addresses]").attributes("placeholder")).toBe("addresses (empty: the pool's pick from 10.77.0.2-10.77.0.9, 10.77.0.50)");
+    await form.find("input[name=vif-new-addresses]").setValue("10.77.0.50, 10.77.0.20 10.77.0.1");
+    expect(w.findAll("[data-field=new-vif-hints] li").map((li) => li.text())).toEqual([
+      'address 10.77.0.20 is outside network "lab"\'s ranges (10.77.0.2-10.77.0.9, 10.77.0.50): the pool does not own it',
+      'address 10.77.0.1 is network "lab"\'s gateway',
+    ]);
+    // Sent regardless: the pool has the last word.
+    await form.trigger("submit");
+    await flushPromises();
+    expect(calls).toEqual([{ method: "createVif", req: { vmId: "vm1", network: "n1", ipv4: ["10.77.0.50", "10.77.0.20", "10.77.0.1"], mac: "" } }]);
+    expect(w.find("[data-field=new-vif-hints]").exists()).toBe(false);
+    // A VIF's row says so of what is typed there, not of the addresses it holds.
+    const row = w.find("[data-list=vifs] tr[data-network=lab]");
+    expect(row.find("[data-field=vif-hints]").exists()).toBe(false);
+    await row.find("input[name=vif-addresses]").setValue("10.78.0.5");
+    expect(row.find("[data-field=vif-hints]").text()).toBe('address 10.78.0.5 is not a host address of network "lab"\'s subnet 10.77.0.0/24');
+    await row.find("input[name=vif-addresses]").setValue("10.77.0.3");
+    expect(row.find("[data-field=vif-hints]").exists()).toBe(false);
   });
 
   it("refuses addresses that are not addresses before asking the pool, and shows the pool's refusal of others", async () => {
