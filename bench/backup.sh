@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # bench/backup.sh: backups and images in and out (release build).
 #   import_vs_qemu_img  a 2 GiB qcow2 image whose every cluster holds data: the time of
-#                       `qemu-img convert` (its own iSCSI initiator, -n --target-is-zero; the
-#                       better of as it comes and -W -m 16) to a new volume's iscsi:// target,
-#                       divided by that of `poolctl vdi-import` of the same image into a new
-#                       volume of the same repository (volume creation and grant included);
-#                       medians of 3 rounds taking turns; goal >= 1.0. tests/tests/images.rs.
+#                       `qemu-img convert -t writeback` (its own iSCSI initiator, -n
+#                       --target-is-zero, flushing before it exits as vdi-import does; the
+#                       better of as it comes and -W -m 16) to a new volume's iscsi://
+#                       target, divided by that of `poolctl vdi-import` of the same image
+#                       into a new volume of the same repository (volume creation and grant
+#                       included); medians of 3 rounds taking turns; goal >= 1.0. qemu-img's
+#                       default (cache unsafe: no flush at all) is printed beside it.
+#                       tests/tests/images.rs.
 #   backup_incremental_vs_full  `poolctl vm-backup` of a VM's 4 GiB disk whose every chunk
 #                       holds data: the incremental after the guest rewrote 1% of it, as a
 #                       fraction of the full backup's time; goal <= 0.05.
