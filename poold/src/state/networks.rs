@@ -954,6 +954,26 @@ mod tests {
         assert_eq!(r.code, 0, "{}", r.message);
     }
 
+    /// Ends the clone `start_clone` began: VM `vm`, with the spec of `source` and `vifs`.
+    fn finish_clone(s: &mut PoolState, vm: &str, source: &str, vifs: Vec<pb::Vif>) {
+        let spec = s.vms[source].spec.clone();
+        ok(
+            s,
+            Op::FinishJob(FinishJob {
+                task_id: "clone".into(),
+                effects: vec![Effect {
+                    kind: Some(EffectKind::CreateVm(CreateVm {
+                        vm_id: vm.into(),
+                        spec,
+                        vifs,
+                        ..Default::default()
+                    })),
+                }],
+                ..Default::default()
+            }),
+        );
+    }
+
     /// A pool with hosts h1 (NICs eth0, eth1) and h2 (eth0) and one network of each kind.
     fn pool() -> PoolState {
         let mut s = PoolState::new("pool-a", BTreeMap::new());
@@ -1295,22 +1315,7 @@ mod tests {
             Code::FailedPrecondition,
             "VM a is busy with task clone (vm.clone)",
         );
-        let spec = s.vms["a"].spec.clone();
-        ok(
-            &mut s,
-            Op::FinishJob(FinishJob {
-                task_id: "clone".into(),
-                effects: vec![Effect {
-                    kind: Some(EffectKind::CreateVm(CreateVm {
-                        vm_id: "c".into(),
-                        spec,
-                        vifs: vec![on("lan")],
-                        ..Default::default()
-                    })),
-                }],
-                ..Default::default()
-            }),
-        );
+        finish_clone(&mut s, "c", "a", vec![on("lan")]);
         assert!(s.vms["c"].vifs[0].ipv4.is_empty());
         let said = &s.tasks["clone"].results;
         assert_eq!(
@@ -1502,22 +1507,7 @@ mod tests {
         );
         // A clone gets none, and its task says which ranges are full.
         start_clone(&mut s, "c", "b");
-        let spec = s.vms["b"].spec.clone();
-        ok(
-            &mut s,
-            Op::FinishJob(FinishJob {
-                task_id: "clone".into(),
-                effects: vec![Effect {
-                    kind: Some(EffectKind::CreateVm(CreateVm {
-                        vm_id: "c".into(),
-                        spec,
-                        vifs: vec![on("lan")],
-                        ..Default::default()
-                    })),
-                }],
-                ..Default::default()
-            }),
-        );
+        finish_clone(&mut s, "c", "b", vec![on("lan")]);
         assert!(s.vms["c"].vifs[0].ipv4.is_empty());
         assert_eq!(
             s.tasks["clone"]
@@ -1910,27 +1900,16 @@ mod tests {
         let mut gone = s.vms["a"].vifs.clone();
         gone.push(on("vanished"));
         start_clone(&mut s, "b", "a");
-        let spec = s.vms["a"].spec.clone();
-        ok(
+        finish_clone(
             &mut s,
-            Op::FinishJob(FinishJob {
-                task_id: "clone".into(),
-                effects: vec![Effect {
-                    kind: Some(EffectKind::CreateVm(CreateVm {
-                        vm_id: "b".into(),
-                        spec,
-                        vifs: gone
-                            .iter()
-                            .map(|v| pb::Vif {
-                                network_id: v.network_id.clone(),
-                                ..Default::default()
-                            })
-                            .collect(),
-                        ..Default::default()
-                    })),
-                }],
-                ..Default::default()
-            }),
+            "b",
+            "a",
+            gone.iter()
+                .map(|v| pb::Vif {
+                    network_id: v.network_id.clone(),
+                    ..Default::default()
+                })
+                .collect(),
         );
         let (a, b) = (&s.vms["a"].vifs, &s.vms["b"].vifs);
         assert_eq!(b.len(), 2);
