@@ -6,7 +6,7 @@
 #                       better of as it comes and -W -m 16) to a new volume's iscsi://
 #                       target, divided by that of `poolctl vdi-import` of the same image
 #                       into a new volume of the same repository (volume creation and grant
-#                       included); medians of 3 rounds taking turns; goal >= 1.0. qemu-img's
+#                       included); medians of 4 rounds taking turns; goal >= 1.0. qemu-img's
 #                       default (cache unsafe: no flush at all) is printed beside it.
 #                       tests/tests/images.rs.
 #   backup_incremental_vs_full  `poolctl vm-backup` of a VM's 4 GiB disk whose every chunk

@@ -168,8 +168,10 @@ describe("NetworkPanel", () => {
     expect(form.find("[data-field=ranges-hints]").exists()).toBe(false);
     await form.trigger("submit");
     await flushPromises();
-    // Taken: the input follows the feed again.
-    expect(input().value).toBe("10.77.0.2-10.77.0.9, 10.77.0.50");
+    // Taken: the input keeps it until the feed brings the change, then follows the feed.
+    expect(input().value).toBe("10.77.0.2 - 10.77.0.99, 10.77.0.150");
+    await w.setProps({ n: { ...lab, ranges: ["10.77.0.2-10.77.0.99", "10.77.0.150"] } });
+    expect(input().value).toBe("10.77.0.2-10.77.0.99, 10.77.0.150");
     await form.find("input[name=network-ranges]").setValue("");
     await form.trigger("submit");
     await flushPromises();

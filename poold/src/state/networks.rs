@@ -139,8 +139,9 @@ pub const MAX_RANGES: usize = 16;
 /// "10.0.0.100-10.0.0.199", or one address, as its first and last address.
 fn range_parts(s: &str) -> Option<std::ops::RangeInclusive<u32>> {
     let (a, b) = s.split_once('-').unwrap_or((s, s));
-    let a: std::net::Ipv4Addr = a.trim().parse().ok()?;
-    let b: std::net::Ipv4Addr = b.trim().parse().ok()?;
+    // ASCII spaces only: what counts as Unicode whitespace must not change a replay.
+    let a: std::net::Ipv4Addr = a.trim_ascii().parse().ok()?;
+    let b: std::net::Ipv4Addr = b.trim_ascii().parse().ok()?;
     Some(u32::from(a)..=u32::from(b))
 }
 
@@ -410,6 +411,10 @@ impl PoolState {
         let Some(asked) = ranges else {
             return Ok(Applied::done(id));
         };
+        // Clearing what is not there changes nothing, subnet or not.
+        if asked.is_empty() && n.ranges.is_empty() {
+            return Ok(Applied::done(id));
+        }
         let Some(subnet) = subnet_of(n) else {
             return Err(err(
                 Code::FailedPrecondition,
@@ -1562,6 +1567,7 @@ mod tests {
             Code::FailedPrecondition,
             "network \"priv\" has no subnet",
         );
+        ok(&mut s, update("priv", &[]));
         assert!(
             s.networks["lan"].ranges.is_empty(),
             "nothing refused changed it"
