@@ -8,7 +8,7 @@
 #     receive time, median of RUNS (5) boots each way;
 #   - host -> guest -> host UDP echo round trip, p50 and p99 of RUNS x 400 sequential
 #     round trips after a warm-up (and of hostd with its VIF's busy polling off, for
-#     reference: net_rtt_p50_nopoll_vs_qemu);
+#     reference: net_rtt_p50_nopoll_vs_qemu, and its streams in the table);
 #   - echoes lost at 1,000 pps over one live migration between two taps on one bridge
 #     (ours; QEMU's with its self-announce for reference).
 # Ratios are hostd / QEMU: above 1 is better for packets/s and throughput, below 1 for
