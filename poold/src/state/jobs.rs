@@ -752,11 +752,7 @@ impl PoolState {
                                 format!(
                                     "none: network {:?}'s {} is full (vif-update --ip)",
                                     n.name,
-                                    if n.ranges.is_empty() {
-                                        format!("subnet {}", n.subnet)
-                                    } else {
-                                        format!("ranges ({})", n.ranges.join(", "))
-                                    }
+                                    super::networks::handed_from(n)
                                 ),
                             )
                         })

@@ -211,6 +211,21 @@ fn pool_of(n: &pb::Network, subnet: Subnet) -> Vec<std::ops::RangeInclusive<u32>
     }
 }
 
+/// Whether `ip` lies in one of `pool`'s ranges.
+fn owns(pool: &[std::ops::RangeInclusive<u32>], ip: std::net::Ipv4Addr) -> bool {
+    pool.iter().any(|r| r.contains(&u32::from(ip)))
+}
+
+/// Where a network with a subnet hands VIF addresses out from, in words: "subnet S", or
+/// "ranges (A-B, C)".
+pub(super) fn handed_from(n: &pb::Network) -> String {
+    if n.ranges.is_empty() {
+        format!("subnet {}", n.subnet)
+    } else {
+        format!("ranges ({})", n.ranges.join(", "))
+    }
+}
+
 fn fnv1a(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5u32, |h, b| {
         (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
@@ -435,7 +450,7 @@ impl PoolState {
             for v in vm.vifs.iter().filter(|v| v.network_id == id) {
                 let outside = v.ipv4.iter().find(|a| {
                     a.parse::<std::net::Ipv4Addr>()
-                        .is_ok_and(|ip| !pool.iter().any(|r| r.contains(&u32::from(ip))))
+                        .is_ok_and(|ip| !owns(&pool, ip))
                 });
                 if let Some(a) = outside {
                     return Err(err(
@@ -585,6 +600,10 @@ impl PoolState {
     ) -> Result<Vec<String>, CommandResult> {
         let mut ips = vif_addresses(asked)?;
         let subnet = subnet_of(net);
+        // The ranges a given address must lie in, where the network has some.
+        let owned = subnet
+            .filter(|_| !net.ranges.is_empty())
+            .map(|sub| pool_of(net, sub));
         let gateway: Option<std::net::Ipv4Addr> = net.gateway.parse().ok();
         let others: Vec<&pb::Vif> = self
             .vms
@@ -611,11 +630,8 @@ impl PoolState {
                     format!("address {ip} is network {:?}'s gateway", net.name),
                 ));
             }
-            if let Some(sub) = subnet
-                && !net.ranges.is_empty()
-                && !pool_of(net, sub)
-                    .iter()
-                    .any(|r| r.contains(&u32::from(*ip)))
+            if let Some(owned) = &owned
+                && !owns(owned, *ip)
             {
                 return Err(err(
                     Code::InvalidArgument,
@@ -650,11 +666,6 @@ impl PoolState {
                     .into_iter()
                     .flatten()
                     .find(|a| !held.contains(a));
-                let whence = if net.ranges.is_empty() {
-                    format!("subnet {sub}")
-                } else {
-                    format!("ranges ({})", net.ranges.join(", "))
-                };
                 match free {
                     Some(free) => ips.push(free.into()),
                     // A clone is made by an effect, which cannot fail: its VIF comes
@@ -663,7 +674,11 @@ impl PoolState {
                     None => {
                         return Err(err(
                             Code::ResourceExhausted,
-                            format!("network {:?}'s {whence} has no free address left", net.name),
+                            format!(
+                                "network {:?}'s {} has no free address left",
+                                net.name,
+                                handed_from(net)
+                            ),
                         ));
                     }
                 }

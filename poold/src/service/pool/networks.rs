@@ -74,6 +74,18 @@ fn few_addresses(ipv4: &[String]) -> Result<(), Status> {
     Ok(())
 }
 
+/// At most this many ranges in one call: checked again when the change commits, here so
+/// that a huge list never reaches the log.
+fn few_ranges(ranges: &[String]) -> Result<(), Status> {
+    if ranges.len() > MAX_RANGES {
+        return Err(Status::invalid_argument(format!(
+            "a network has at most {MAX_RANGES} address ranges, not {}",
+            ranges.len()
+        )));
+    }
+    Ok(())
+}
+
 pub(super) async fn create(
     svc: &PoolHandler,
     who: &Caller,
@@ -94,13 +106,7 @@ pub(super) async fn create(
              so that no VIF is given it",
         ));
     }
-    // Checked again when the change commits; here so that a huge list never reaches the log.
-    if r.ranges.len() > MAX_RANGES {
-        return Err(Status::invalid_argument(format!(
-            "a network has at most {MAX_RANGES} address ranges, not {}",
-            r.ranges.len()
-        )));
-    }
+    few_ranges(&r.ranges)?;
     let host_id = if r.host_id.is_empty() {
         String::new()
     } else {
@@ -235,12 +241,7 @@ pub(super) async fn update(
             "nothing to change: give the network's ranges",
         ));
     };
-    if ranges.ranges.len() > MAX_RANGES {
-        return Err(Status::invalid_argument(format!(
-            "a network has at most {MAX_RANGES} address ranges, not {}",
-            ranges.ranges.len()
-        )));
-    }
+    few_ranges(&ranges.ranges)?;
     let network_id = svc.c.read(|s| network_id(s, &r.network_id)).await??;
     let op = Op::UpdateNetwork(UpdateNetwork {
         network_id,
