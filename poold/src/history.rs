@@ -401,7 +401,7 @@ pub struct History {
 }
 
 fn unix_ms(t: &proto::prost_types::Timestamp) -> i64 {
-    t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
+    proto::timestamp_ms(t) as i64
 }
 
 impl History {

@@ -33,6 +33,7 @@ use crate::coordinator::Coordinator;
 use crate::jobs::{Env, JobError};
 use crate::state::PoolState;
 use crate::state::command::JobSpec;
+use crate::state::vms::active;
 
 /// What the reconciler does to one VM on one host.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -91,13 +92,6 @@ pub enum ActionError {
 
 /// Reported power states: host id → VM id → `pool.host.v1.PowerState`.
 pub type Reported = BTreeMap<String, BTreeMap<String, i32>>;
-
-fn active(p: i32) -> bool {
-    matches!(
-        hpb::PowerState::try_from(p),
-        Ok(hpb::PowerState::Running | hpb::PowerState::Paused | hpb::PowerState::Migrating)
-    )
-}
 
 /// The actions that bring hosts to the desired state. Hosts that did not report (never
 /// heard from) or are unreachable are left alone: what they run is unknown. A fenced host

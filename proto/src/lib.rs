@@ -105,6 +105,13 @@ pub fn timestamp(unix_ms: u64) -> prost_types::Timestamp {
     }
 }
 
+/// Milliseconds since the epoch of a protobuf `Timestamp`, the inverse of [`timestamp`]
+/// (0 for a time before the epoch).
+pub fn timestamp_ms(t: &prost_types::Timestamp) -> u64 {
+    let ms = t.seconds.saturating_mul(1000) + i64::from(t.nanos) / 1_000_000;
+    u64::try_from(ms).unwrap_or(0)
+}
+
 /// The civil (proleptic Gregorian) date of a day count since 1970-01-01, as (year,
 /// month 1-12, day 1-31): H. Hinnant's algorithm, for clocks shown to people or guests.
 pub fn civil_from_days(days: i64) -> (i64, u8, u8) {

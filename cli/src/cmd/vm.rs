@@ -758,6 +758,7 @@ fn vm_fields(v: pb::Vm, hosts: &[pb::Host]) -> Table {
         ("undo_disks", undo),
         ("undo_overlays", overlays.join(",")),
         ("stopped", stop_reason(v.last_stop_reason)),
+        ("started", ts(&v.started_at)),
         ("state_volume", v.state_volume_id),
         ("current_snapshot", v.current_snapshot_id),
         ("created", ts(&v.created_at)),

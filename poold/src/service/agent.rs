@@ -94,7 +94,9 @@ pub async fn observe(
         let vm_changed = req.vms.iter().any(|v| {
             state.takes_report(&req.host_id, &v.id, v.power_state)
                 && state.vms.get(&v.id).is_some_and(|x| {
-                    x.power_state != v.power_state || x.last_stop_reason != v.last_stop_reason
+                    x.power_state != v.power_state
+                        || x.last_stop_reason != v.last_stop_reason
+                        || x.started_at != v.started_at
                 })
         });
         let info_changed = req.info.is_some() && req.info != host.info;
@@ -147,6 +149,7 @@ pub async fn observe(
                     vm_id: v.id.clone(),
                     power_state: v.power_state,
                     last_stop_reason: v.last_stop_reason,
+                    started_at_ms: v.started_at.as_ref().map_or(0, proto::timestamp_ms),
                 })
                 .collect(),
             nics: req.nics.clone(),
@@ -167,14 +170,7 @@ pub async fn observe(
         let s = c.node.state();
         req.vms
             .iter()
-            .filter(|v| {
-                matches!(
-                    proto::host::PowerState::try_from(v.power_state),
-                    Ok(proto::host::PowerState::Running
-                        | proto::host::PowerState::Paused
-                        | proto::host::PowerState::Migrating)
-                )
-            })
+            .filter(|v| crate::state::vms::active(v.power_state))
             .filter(|v| {
                 let placed_here = s.vms.get(&v.id).is_some_and(|x| x.host_id == req.host_id);
                 // A restore (resume, revert to a checkpoint) runs it here before the job

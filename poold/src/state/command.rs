@@ -299,6 +299,11 @@ pub struct ReportedVm {
     pub power_state: i32,
     #[prost(int32, tag = "3")]
     pub last_stop_reason: i32,
+    /// When the host's run of the VM began (unix ms, the host's clock; 0: never ran
+    /// there, or a report from before the field). Tells a stop the pool already took from
+    /// a new one.
+    #[prost(uint64, tag = "4")]
+    pub started_at_ms: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -4,7 +4,6 @@
 #![allow(clippy::result_large_err)]
 
 use proto::coordinator as pb;
-use proto::host as hpb;
 use tonic::Code;
 
 use super::command::*;
@@ -132,12 +131,7 @@ impl PoolState {
         h.last_heartbeat_at = Some(proto::timestamp(at_ms));
         let state = h.state();
         let fencing = self.fence_job(&r.host_id).is_some();
-        let runs_something = r.vms.iter().any(|v| {
-            matches!(
-                hpb::PowerState::try_from(v.power_state),
-                Ok(hpb::PowerState::Running | hpb::PowerState::Paused | hpb::PowerState::Migrating)
-            )
-        });
+        let runs_something = r.vms.iter().any(|v| super::vms::active(v.power_state));
         let h = self.host_mut(&r.host_id)?;
         match state {
             // Back before it was fenced: nothing was restarted elsewhere.

@@ -748,6 +748,7 @@ pub(super) mod tests {
             vm_id: "vm1".into(),
             power_state: hpb::PowerState::Running as i32,
             last_stop_reason: 0,
+            started_at_ms: 0,
         };
         s.apply(
             5,
@@ -793,6 +794,7 @@ pub(super) mod tests {
                         vm_id: "vm1".into(),
                         power_state: hpb::PowerState::Stopped as i32,
                         last_stop_reason: hpb::StopReason::GuestPoweroff as i32,
+                        started_at_ms: 0,
                     }],
                     ..Default::default()
                 }),
@@ -801,6 +803,75 @@ pub(super) mod tests {
         assert_eq!(s.hosts["h1"].vcpus_allocated, 0);
         assert!(s.vms["vm1"].host_id.is_empty());
         assert_eq!(s.tasks["task-s"].state, pb::TaskState::Succeeded as i32);
+    }
+
+    /// A guest that powers off stops its VM for good; the stopped definition the host
+    /// keeps of that run (until reconciliation removes it) does not stop the VM again when
+    /// it is started at once on the same host.
+    #[test]
+    fn a_guest_poweroff_counts_once_per_run() {
+        use hpb::PowerState as P;
+        let mut s = PoolState::new("p", BTreeMap::new());
+        s.apply(2, &cmd("j", 1, join("h1", "10.0.0.1:7000")));
+        s.apply(3, &cmd("r", 2, report("h1", 8, 4)));
+        s.apply(4, &cmd("c", 3, create_vm("vm1", spec("a", 1, 1), "h1")));
+        let says = |power: P, started_at_ms: u64| {
+            let last_stop_reason = if power == P::Stopped {
+                hpb::StopReason::GuestPoweroff as i32
+            } else {
+                0
+            };
+            Op::HostReport(HostReport {
+                host_id: "h1".into(),
+                vms: vec![ReportedVm {
+                    vm_id: "vm1".into(),
+                    power_state: power as i32,
+                    last_stop_reason,
+                    started_at_ms,
+                }],
+                ..Default::default()
+            })
+        };
+        let start = |request_id: &str| {
+            let op = Op::SetVmPower(SetVmPower {
+                vm_id: "vm1".into(),
+                desired: P::Running as i32,
+                host_id: "h1".into(),
+                ..Default::default()
+            });
+            cmd(request_id, 9, op)
+        };
+        s.apply(5, &cmd("", 4, says(P::Running, 1000)));
+        assert_eq!(s.vms["vm1"].started_at, Some(proto::timestamp(1000)));
+        s.apply(6, &cmd("", 5, says(P::Stopped, 1000)));
+        assert_eq!(s.vms["vm1"].desired_power_state(), P::Stopped);
+        assert!(s.vms["vm1"].host_id.is_empty());
+
+        // Started again at once: the host still reports the run that powered off.
+        s.apply(7, &start("s2"));
+        s.apply(8, &cmd("", 6, says(P::Stopped, 1000)));
+        let vm = &s.vms["vm1"];
+        assert_eq!(vm.desired_power_state(), P::Running);
+        assert_eq!(vm.host_id, "h1");
+        assert_eq!(s.tasks["task-s2"].state, pb::TaskState::Running as i32);
+        s.apply(9, &cmd("", 7, says(P::Running, 2000)));
+        assert_eq!(s.tasks["task-s2"].state, pb::TaskState::Succeeded as i32);
+        assert_eq!(s.vms["vm1"].started_at, Some(proto::timestamp(2000)));
+
+        // A run the pool never saw running (it powered off between two reports) counts.
+        s.apply(10, &cmd("", 8, says(P::Stopped, 2000)));
+        assert_eq!(s.vms["vm1"].desired_power_state(), P::Stopped);
+        s.apply(11, &start("s3"));
+        s.apply(12, &cmd("", 9, says(P::Stopped, 3000)));
+        assert_eq!(s.vms["vm1"].desired_power_state(), P::Stopped);
+        assert!(s.vms["vm1"].host_id.is_empty());
+        assert_eq!(s.tasks["task-s3"].state, pb::TaskState::Succeeded as i32);
+
+        // A report from before hosts told their runs apart counts as it always did.
+        s.apply(13, &start("s4"));
+        s.apply(14, &cmd("", 10, says(P::Stopped, 0)));
+        assert_eq!(s.vms["vm1"].desired_power_state(), P::Stopped);
+        assert_eq!(s.vms["vm1"].started_at, Some(proto::timestamp(3000)));
     }
 
     #[test]
@@ -818,6 +889,7 @@ pub(super) mod tests {
                     vm_id: "vm1".into(),
                     power_state: power as i32,
                     last_stop_reason: 0,
+                    started_at_ms: 0,
                 }],
                 ..Default::default()
             })

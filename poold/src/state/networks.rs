@@ -1799,6 +1799,7 @@ mod tests {
                     vm_id: "a".into(),
                     power_state: hpb::PowerState::Stopped as i32,
                     last_stop_reason: 0,
+                    started_at_ms: 0,
                 }],
                 ..Default::default()
             }),

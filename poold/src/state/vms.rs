@@ -10,6 +10,15 @@ use tonic::Code;
 use super::command::*;
 use super::machine::{Applied, PoolState, err};
 
+/// Whether a `pool.host.v1.PowerState` has the VM live on its host: running, paused, or
+/// migrating.
+pub fn active(power_state: i32) -> bool {
+    matches!(
+        hpb::PowerState::try_from(power_state),
+        Ok(hpb::PowerState::Running | hpb::PowerState::Paused | hpb::PowerState::Migrating)
+    )
+}
+
 impl PoolState {
     fn vm_mut(&mut self, id: &str) -> Result<&mut pb::Vm, CommandResult> {
         self.vms
@@ -286,15 +295,26 @@ impl PoolState {
         let Some(vm) = self.vms.get_mut(&rv.vm_id) else {
             return;
         };
+        // A stop the pool has not taken yet: one it saw the VM run before, or a run it
+        // never saw running. Not the stopped definition of a run the pool already took
+        // the stop of, which a host reports until reconciliation removes it (a VM started
+        // again at once, on the same host, reads as powered off by its guest otherwise).
+        let known_run = rv.started_at_ms != 0
+            && vm.started_at.as_ref().map(proto::timestamp_ms) == Some(rv.started_at_ms);
+        let new_stop = !known_run || active(vm.power_state);
         vm.power_state = rv.power_state;
         vm.last_stop_reason = rv.last_stop_reason;
+        if rv.started_at_ms != 0 {
+            vm.started_at = Some(proto::timestamp(rv.started_at_ms));
+        }
         let stopped = matches!(
             vm.power_state(),
             hpb::PowerState::Stopped | hpb::PowerState::Crashed
         );
         // The guest powered itself off: the pool takes that as the VM's wish (a crash,
         // by contrast, is restarted).
-        if vm.power_state() == hpb::PowerState::Stopped
+        if new_stop
+            && vm.power_state() == hpb::PowerState::Stopped
             && vm.last_stop_reason() == hpb::StopReason::GuestPoweroff
             && vm.desired_power_state() == hpb::PowerState::Running
         {
