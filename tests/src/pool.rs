@@ -307,7 +307,7 @@ pub fn console_until(
         .args(["vm-console", vm])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("run poolctl vm-console");
     let mut out = child.stdout.take().expect("piped stdout");
@@ -339,9 +339,15 @@ pub fn console_until(
     let _ = child.kill();
     let _ = child.wait();
     if result.is_none() {
+        // Why the console ended, when poolctl said (a VM on no host, say).
+        let mut why = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut why);
+        }
         eprintln!(
-            "console of {vm} did not show what was awaited:\n{}",
-            tail(&seen)
+            "console of {vm} did not show what was awaited:\n{}{}",
+            tail(&seen),
+            why.trim_end()
         );
     }
     result
