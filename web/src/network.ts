@@ -235,6 +235,16 @@ export function rangesUpdate(networkId: string, text: string): MessageInitShape<
   return { networkId, ranges: { ranges: splitRanges(text) } };
 }
 
+/** Whether address `ip` (as `parseIpv4` reads it) lies in one of `ranges`. */
+function inRanges(ip: number, ranges: { first: number; last: number }[]): boolean {
+  return ranges.some((r) => ip >= r.first && ip <= r.last);
+}
+
+/** A network's ranges as numbers; what does not parse is left out (the pool wrote them). */
+function ownedRanges(ranges: string[]): { first: number; last: number }[] {
+  return ranges.map(rangeParts).filter((r) => r !== undefined);
+}
+
 /**
  * The VIFs holding an address outside a network's new ranges (as `checkRanges` gives
  * them; none: every host address of the subnet), each with the first such address, as
@@ -242,12 +252,12 @@ export function rangesUpdate(networkId: string, text: string): MessageInitShape<
  * `update_network`, which refuses while any is).
  */
 export function vifsOutside<T extends { vm: Vm; vif: Vif }>(on: Iterable<T>, subnet: Subnet, ranges: string[]): (T & { address: string })[] {
-  const owned = ranges.length > 0 ? ranges.map(rangeParts).filter((r) => r !== undefined) : [hostRange(subnet)];
+  const owned = ranges.length > 0 ? ownedRanges(ranges) : [hostRange(subnet)];
   const out: (T & { address: string })[] = [];
   for (const a of on) {
     const address = a.vif.ipv4.find((ip) => {
       const n = parseIpv4(ip);
-      return n !== undefined && !owned.some((r) => n >= r.first && n <= r.last);
+      return n !== undefined && !inRanges(n, owned);
     });
     if (address !== undefined) out.push({ ...a, address });
   }
@@ -284,14 +294,14 @@ export function vifAddressHints(addresses: string[], n: Pick<Network, "name" | "
   const name = JSON.stringify(n.name);
   const { first, last } = hostRange(s.subnet);
   const gateway = parseIpv4(n.gateway);
-  const ranges = n.ranges.map(rangeParts).filter((r) => r !== undefined);
+  const ranges = ownedRanges(n.ranges);
   const hints: string[] = [];
   for (const a of addresses) {
     const ip = parseIpv4(a);
     if (ip === undefined) continue;
     if (ip < first || ip > last) hints.push(`address ${a} is not a host address of network ${name}'s subnet ${n.subnet}`);
     else if (ip === gateway) hints.push(`address ${a} is network ${name}'s gateway`);
-    else if (ranges.length > 0 && !ranges.some((r) => ip >= r.first && ip <= r.last)) {
+    else if (ranges.length > 0 && !inRanges(ip, ranges)) {
       hints.push(`address ${a} is outside network ${name}'s ranges (${n.ranges.join(", ")}): the pool does not own it`);
     }
   }
