@@ -515,6 +515,39 @@ mod tests {
     }
 
     #[test]
+    fn frames_of_another_vlan_open_no_window() {
+        // Another VLAN's frames on the bridge, 100 µs apart, 20 times: dropped on the way
+        // in, they are no traffic of this VIF's, and a window grown by them would take a
+        // frame queued right after without its kick.
+        let v = Vlan::new(42).unwrap();
+        let mut r = Rig::polling(ACKED, RateLimit::default(), Some(v), MAX_BUSY_POLL);
+        r.post_rx(0);
+        let inbound = udp(PEER, b"for vlan 43");
+        let mut other = inbound[..12].to_vec();
+        other.extend_from_slice(&Vlan::new(43).unwrap().tag_bytes());
+        other.extend_from_slice(&inbound[12..]);
+        for _ in 0..20 {
+            r.net_side.send([0; 10], &other);
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let dropped = Instant::now();
+        while r.nic.metrics.snapshot().rx_dropped < 20 {
+            assert!(
+                dropped.elapsed() < Duration::from_secs(2),
+                "frames not read"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        r.queue_tx(plain(), &udp(MAC, b"quiet"));
+        assert!(
+            !r.tx_used_within(Duration::from_millis(20)),
+            "a frame went without a kick: the worker watched after another VLAN's frames"
+        );
+        r.kicks[TX_QUEUE].write(1).unwrap();
+        assert!(r.tx_used_within(Duration::from_secs(2)));
+    }
+
+    #[test]
     fn a_deleted_tap_is_reported_once_and_leaves_the_worker_asleep() {
         // Its own id, so that its worker's thread is found by name ("net-gone-tap").
         let mut r = Rig::with(ACKED, RateLimit::default(), None, |n| {

@@ -223,7 +223,9 @@ impl Handler {
     }
 
     /// Moves frames from the tap into the guest's buffers while both have some; whether
-    /// any came from the tap or went to the guest.
+    /// any for the guest came from the tap or went to the guest. Frames dropped on the
+    /// way in (another VLAN's, malformed) are not the guest's traffic: they open no
+    /// busy-poll window.
     fn process_rx(&mut self) -> bool {
         let mut used = false;
         let mut read = false;
@@ -232,10 +234,7 @@ impl Handler {
                 Some(len) => len,
                 None if self.tap_broken => break,
                 None => match self.nic.tap.read(&mut self.rx_buf) {
-                    Ok(len) => {
-                        read = true;
-                        len
-                    }
+                    Ok(len) => len,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
@@ -264,6 +263,7 @@ impl Handler {
                     continue;
                 }
             };
+            read = true;
             let Some((head, descs)) = pop(&mut self.rx, &self.mem) else {
                 self.rx_pending = Some(len);
                 self.rx_starved = true;
