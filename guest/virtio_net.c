@@ -1,7 +1,9 @@
 /*
- * A polling virtio-net driver over virtio-mmio (version 2, split virtqueues, no offloads)
- * and the small IPv4 stack the tests and the benchmark talk to: ARP and ICMP echo for the
- * address on the command line, a UDP echo service, a UDP sink and a UDP sender.
+ * A polling virtio-net driver over virtio-mmio (version 2, split virtqueues) and the small
+ * IPv4 stack the tests and the benchmark talk to: ARP and ICMP echo for the address on the
+ * command line, a UDP echo service, a UDP sink and a UDP sender. The only offload: the
+ * sender leaves its UDP checksums to the device when it offers that (VIRTIO_NET_F_CSUM),
+ * as Linux's driver does.
  *
  * One interface: the first virtio-mmio device with device id 1. Every frame from the
  * network is parsed with its lengths and checksums checked before use; a malformed one is
@@ -11,6 +13,7 @@
  */
 #include "guest.h"
 
+#define F_CSUM 0
 #define F_NET_MAC 5
 #define NET_HDR 12 /* struct virtio_net_hdr_v1 (with num_buffers) */
 #define BUF 2048   /* one frame of up to 1514 bytes behind its header */
@@ -39,6 +42,7 @@ static struct {
 	u8 tx_busy[QMAX];
 	unsigned n_free;
 	int use_idle;
+	int csum; /* the device completes checksums (F_CSUM) */
 	int stop; /* a shutdown request was seen */
 	u64 poll_us;
 	u64 echo_port, sink_port;
@@ -506,6 +510,8 @@ static int net_init(const char *cl)
 		printf("NET error=features offered=0x%lx\n", offered);
 		return -1;
 	}
+	want |= offered & (1UL << F_CSUM);
+	net.csum = (want >> F_CSUM) & 1;
 	wr(VM_DRIVER_FEATURES_SEL, 0);
 	wr(VM_DRIVER_FEATURES, (u32)want);
 	wr(VM_DRIVER_FEATURES_SEL, 1);
@@ -698,7 +704,17 @@ static int udp_send(const char *s, usize len)
 			put16(u, 1024);
 			put16(u + 2, (u16)port);
 			put16(u + 4, (u16)ulen);
-			put16(u + 6, 0); /* no checksum: allowed over IPv4, and costs nothing to check */
+			if (net.csum) {
+				/* The pseudo-header's sum, for the device to complete from UDP's start
+				 * (virtio_net_hdr: NEEDS_CSUM, csum_start, csum_offset). */
+				u8 *h = f - NET_HDR;
+				h[0] = 1;
+				h[6] = ETH + 20;
+				h[8] = 6;
+				put16(u + 6, (u16)~fold(pseudo(get32(ip + 12), dst, ulen)));
+			} else {
+				put16(u + 6, 0); /* no checksum: allowed over IPv4 */
+			}
 			for (u64 i = 0; i < (u64)size; i++)
 				u[8 + i] = (u8)(sent >> (8 * (i & 7)));
 			tx_put(f, ETH + 20 + ulen, 0);

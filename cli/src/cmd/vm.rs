@@ -811,6 +811,7 @@ fn metrics_table(m: &hpb::VmMetrics) -> Table {
             ("tx_errors", n.tx_errors),
             ("invalid", n.invalid),
             ("announces", n.announces),
+            ("tx_batched", n.tx_batched),
         ] {
             add(&n.nic_id, name, v.into());
         }

@@ -343,6 +343,7 @@ impl Runner {
                         tx_errors: m.tx_errors,
                         invalid: m.invalid,
                         announces: m.announces,
+                        tx_batched: m.tx_batched,
                     }
                 })
                 .collect(),

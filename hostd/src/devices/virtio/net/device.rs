@@ -514,6 +514,69 @@ mod tests {
         assert!(r.tx_used_within(Duration::from_secs(2)));
     }
 
+    /// Datagrams of one flow queued together leave in one write, one USO frame, and the
+    /// host's kernel hands its socket each of them as the guest sent it, in order; a
+    /// frame of another kind between them ends the batch and keeps its place.
+    #[test]
+    fn a_flows_datagrams_go_in_one_write_and_arrive_one_by_one() {
+        use std::net::{Ipv4Addr, UdpSocket};
+
+        use crate::devices::virtio::net::coalesce::{PARTIAL, offloaded_udp};
+
+        let mut r = Rig::polling(ACKED, RateLimit::default(), None, Duration::ZERO);
+        // RFC 2544's benchmarking range, a /30 for this test's process alone.
+        let third = (std::process::id() % 256) as u8;
+        let (host, guest) = ([198, 18, third, 1], [198, 18, third, 2]);
+        let tap_mac = r.net_side.host_address(Ipv4Addr::from(host));
+        let sock = UdpSocket::bind((Ipv4Addr::from(host), 0)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let port = sock.local_addr().unwrap().port();
+        let datagram = |i: u16, payload: &[u8]| {
+            offloaded_udp(
+                [tap_mac, MAC.0],
+                [guest, host],
+                [4000, port],
+                i,
+                true,
+                payload,
+            )
+        };
+        let payloads: Vec<Vec<u8>> = (0..25u8)
+            .map(|i| vec![i; if i == 9 || i == 24 { 20 } else { 64 }])
+            .collect();
+        let between = udp(MAC, b"between");
+        for (i, p) in payloads.iter().enumerate() {
+            r.queue_tx(PARTIAL, &datagram(i as u16, p));
+            if i == 15 {
+                // Not the flow's: the batch so far goes first, then this, then the rest.
+                r.queue_tx(plain(), &between);
+            }
+        }
+        r.kicks[TX_QUEUE].write(1).unwrap();
+        r.tx.wait_used(&r.mem, 26);
+        let mut buf = [0u8; 2048];
+        for (i, p) in payloads.iter().enumerate() {
+            let n = sock
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("datagram {i}: {e}"));
+            assert_eq!(&buf[..n], &p[..], "datagram {i}");
+        }
+        // Batches: 0-9 (the shorter 9 ends one), 10-15, the other frame, 16-24.
+        let s = r.nic.metrics.snapshot();
+        assert_eq!((s.tx_packets, s.tx_batched, s.tx_errors), (26, 25, 0));
+        let mut seen = Vec::new();
+        while let Some(f) = r.net_side.recv() {
+            seen.push((
+                f.hdr[1],
+                u16::from_le_bytes([f.hdr[4], f.hdr[5]]),
+                f.frame.len(),
+            ));
+        }
+        let uso = |n: usize, last: usize| (5, 64, 42 + 64 * (n - 1) + last);
+        let alone = (0, 0, between.len());
+        assert_eq!(seen, vec![uso(10, 20), uso(6, 64), alone, uso(9, 20)]);
+    }
+
     #[test]
     fn frames_of_another_vlan_open_no_window() {
         // Another VLAN's frames on the bridge, 100 µs apart, 20 times: dropped on the way

@@ -6,6 +6,8 @@
 //!   on the RX queue): no busy loop, and the tap's own queue holds the rest.
 //! - TX kick: every frame the guest queued is checked and written to the tap, unless the
 //!   rate limit says to wait: then the frame waits in hand and a timer resumes sending.
+//!   UDP datagrams of one flow queued back to back go in one write ([`Batch`]), written
+//!   before anything else goes and before the worker sleeps.
 //! - After traffic the worker watches the tap, the kicks and the TX ring itself (with the
 //!   guest's kicks off) for the VIF's [`BusyPoll`] window before it sleeps again.
 
@@ -19,6 +21,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::Nic;
 use super::busy_poll::BusyPoll;
+use super::coalesce::{Batch, Out};
 use super::frame::{self, Chain, ChainError, MAX_FRAME, Refused, VNET_HDR_LEN, VnetHdr};
 use super::rate::Limiter;
 use crate::devices::virtio::block::request::Desc;
@@ -50,6 +53,12 @@ pub(super) struct Handler {
     tx_deferred: Option<u16>,
     tx_hdr: VnetHdr,
     tx_buf: Vec<u8>,
+    /// UDP datagrams taken from the guest and not written yet.
+    batch: Batch,
+    /// Off once the kernel refused a batch: datagrams go one by one.
+    batching: bool,
+    /// Where a refused batch's datagrams are rebuilt.
+    scratch: Vec<u8>,
     busy: BusyPoll,
     /// Watching: the guest's TX kicks are off, the worker reads the ring instead.
     spinning: bool,
@@ -79,6 +88,38 @@ fn add_used(q: &mut Queue, mem: &GuestRam, head: u16, len: u32, nic: &Nic) {
     if let Err(e) = q.add_used(mem, head, len) {
         tracing::warn!(nic = %nic.id, error = %e, "virtio-net used ring");
     }
+}
+
+/// Writes what `batch` holds to the tap: the datagram alone, or one USO frame. A kernel
+/// that refuses USO (EINVAL: nothing was injected) gets the datagrams one by one, and
+/// `batching` goes off.
+fn flush(batch: &mut Batch, nic: &Nic, scratch: &mut Vec<u8>, batching: &mut bool) {
+    let n = batch.len() as u64;
+    let bytes: u64 = batch.lens().sum();
+    let failed = |e: std::io::Error, n: u64| {
+        (0..n).for_each(|_| nic.metrics.tx_error());
+        tracing::debug!(nic = %nic.id, error = %e, frames = n, "tap write failed");
+    };
+    match batch.out() {
+        None => return,
+        Some(Out::One(hdr, frame)) => match nic.transmit(hdr, frame) {
+            Ok(()) => nic.metrics.tx(bytes),
+            Err(e) => failed(e, 1),
+        },
+        Some(Out::Many(hdr, frame)) => match nic.transmit(hdr, frame) {
+            Ok(()) => nic.metrics.tx_batch(n, bytes),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                *batching = false;
+                tracing::warn!(nic = %nic.id, error = %e, "the kernel refused a UDP segmentation offload frame: datagrams go one by one");
+                batch.each(scratch, |hdr, frame| match nic.transmit(hdr, frame) {
+                    Ok(()) => nic.metrics.tx(frame.len() as u64),
+                    Err(e) => failed(e, 1),
+                });
+            }
+            Err(e) => failed(e, n),
+        },
+    }
+    batch.clear();
 }
 
 fn notify(q: &mut Queue, mem: &GuestRam, interrupt: &VirtioInterrupt) {
@@ -113,6 +154,9 @@ impl Handler {
             tx_deferred: None,
             tx_hdr: VnetHdr::default(),
             tx_buf: Vec::with_capacity(VNET_HDR_LEN + MAX_FRAME),
+            batch: Batch::default(),
+            batching: true,
+            scratch: Vec::new(),
             spinning: false,
         })
     }
@@ -341,22 +385,18 @@ impl Handler {
                 let len = (self.tx_buf.len() - VNET_HDR_LEN) as u64;
                 if let Err(wait) = self.limiter.admit(len, Instant::now()) {
                     self.tx_deferred = Some(head);
+                    self.flush_batch();
                     self.throttle(wait);
                     if used {
                         notify(&mut self.tx, &self.mem, &self.interrupt);
                     }
                     return took;
                 }
-                match self.nic.transmit(self.tx_hdr, &self.tx_buf[VNET_HDR_LEN..]) {
-                    Ok(()) => self.nic.metrics.tx(len),
-                    Err(e) => {
-                        self.nic.metrics.tx_error();
-                        tracing::debug!(nic = %self.nic.id, error = %e, "tap write failed");
-                    }
-                }
+                self.send_tx();
                 add_used(&mut self.tx, &self.mem, head, 0, &self.nic);
                 used = true;
             }
+            self.flush_batch();
             if self.spinning {
                 break;
             }
@@ -385,6 +425,42 @@ impl Handler {
             notify(&mut self.tx, &self.mem, &self.interrupt);
         }
         took
+    }
+
+    /// Sends the frame in `tx_buf`: into the batch if it may join it (or start the next
+    /// one), else after what the batch holds.
+    fn send_tx(&mut self) {
+        let frame = &self.tx_buf[VNET_HDR_LEN..];
+        if self.batching {
+            if self.batch.add(&self.tx_hdr, frame) {
+                return;
+            }
+            flush(
+                &mut self.batch,
+                &self.nic,
+                &mut self.scratch,
+                &mut self.batching,
+            );
+            if self.batching && self.batch.add(&self.tx_hdr, frame) {
+                return;
+            }
+        }
+        match self.nic.transmit(self.tx_hdr, frame) {
+            Ok(()) => self.nic.metrics.tx(frame.len() as u64),
+            Err(e) => {
+                self.nic.metrics.tx_error();
+                tracing::debug!(nic = %self.nic.id, error = %e, "tap write failed");
+            }
+        }
+    }
+
+    fn flush_batch(&mut self) {
+        flush(
+            &mut self.batch,
+            &self.nic,
+            &mut self.scratch,
+            &mut self.batching,
+        );
     }
 
     /// Until when to watch after work done at `now`; none when the window is empty or

@@ -18,6 +18,7 @@ pub struct NetMetrics {
     tx_throttled: AtomicU64,
     invalid: AtomicU64,
     announces: AtomicU64,
+    tx_batched: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -45,6 +46,8 @@ pub struct NetMetricsSnapshot {
     pub invalid: u64,
     /// Gratuitous RARPs sent for the VIF's MAC.
     pub announces: u64,
+    /// Of `tx_packets`, the UDP datagrams written several to a write (one USO frame).
+    pub tx_batched: u64,
 }
 
 fn add(c: &AtomicU64, v: u64) {
@@ -68,6 +71,13 @@ impl NetMetrics {
     pub fn tx(&self, bytes: u64) {
         add(&self.tx_packets, 1);
         add(&self.tx_bytes, bytes);
+    }
+
+    /// `n` datagrams of `bytes` in all reached the tap in one USO frame.
+    pub fn tx_batch(&self, n: u64, bytes: u64) {
+        add(&self.tx_packets, n);
+        add(&self.tx_bytes, bytes);
+        add(&self.tx_batched, n);
     }
 
     pub fn tx_dropped(&self) {
@@ -110,6 +120,7 @@ impl NetMetrics {
             tx_throttled: get(&self.tx_throttled),
             invalid: get(&self.invalid),
             announces: get(&self.announces),
+            tx_batched: get(&self.tx_batched),
         }
     }
 }

@@ -12,6 +12,7 @@
 //! a saved [`crate::devices::virtio::mmio::MmioState`] is all a snapshot needs.
 
 pub mod busy_poll;
+pub mod coalesce;
 pub mod device;
 pub mod event_handler;
 pub mod frame;

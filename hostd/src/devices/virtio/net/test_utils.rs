@@ -226,6 +226,49 @@ impl TestTap {
         Self { tap, sock }
     }
 
+    /// Gives the host's end of the tap IPv4 address `ip`/30, so frames the VIF sends to
+    /// it reach the host's sockets; the tap's MAC, the destination they need.
+    pub fn host_address(&self, ip: std::net::Ipv4Addr) -> [u8; 6] {
+        // SAFETY: plain socket and ioctl calls on a zeroed ifreq naming the tap; every
+        // result is checked.
+        unsafe {
+            let ctl = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            check(ctl, "control socket");
+            let ctl = OwnedFd::from_raw_fd(ctl);
+            let mut req: libc::ifreq = std::mem::zeroed();
+            for (d, s) in req.ifr_name.iter_mut().zip(self.tap.name().bytes()) {
+                *d = s as libc::c_char;
+            }
+            let set = |req: &mut libc::ifreq, addr: std::net::Ipv4Addr, op, what: &str| {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: 0,
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(addr).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                std::ptr::write_unaligned(
+                    (&mut req.ifr_ifru as *mut libc::__c_anonymous_ifr_ifru).cast(),
+                    sin,
+                );
+                check(
+                    libc::ioctl(ctl.as_raw_fd(), op, req as *mut libc::ifreq),
+                    what,
+                );
+            };
+            set(&mut req, ip, libc::SIOCSIFADDR, "SIOCSIFADDR");
+            let mask = std::net::Ipv4Addr::new(255, 255, 255, 252);
+            set(&mut req, mask, libc::SIOCSIFNETMASK, "SIOCSIFNETMASK");
+            check(
+                libc::ioctl(ctl.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req),
+                "SIOCGIFHWADDR",
+            );
+            let mac = req.ifr_ifru.ifru_hwaddr.sa_data;
+            std::array::from_fn(|i| mac[i] as u8)
+        }
+    }
+
     /// Sends `frame` into the tap (toward the VIF) with offload header `hdr`.
     pub fn send(&self, hdr: [u8; 10], frame: &[u8]) {
         let mut buf = hdr.to_vec();
