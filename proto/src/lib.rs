@@ -108,7 +108,10 @@ pub fn timestamp(unix_ms: u64) -> prost_types::Timestamp {
 /// Milliseconds since the epoch of a protobuf `Timestamp`, the inverse of [`timestamp`]
 /// (0 for a time before the epoch).
 pub fn timestamp_ms(t: &prost_types::Timestamp) -> u64 {
-    let ms = t.seconds.saturating_mul(1000) + i64::from(t.nanos) / 1_000_000;
+    let ms = t
+        .seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(t.nanos) / 1_000_000);
     u64::try_from(ms).unwrap_or(0)
 }
 

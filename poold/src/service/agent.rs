@@ -96,7 +96,10 @@ pub async fn observe(
                 && state.vms.get(&v.id).is_some_and(|x| {
                     x.power_state != v.power_state
                         || x.last_stop_reason != v.last_stop_reason
-                        || x.started_at != v.started_at
+                        || v.started_at.as_ref().is_some_and(|t| {
+                            x.started_at.as_ref().map(proto::timestamp_ms)
+                                != Some(proto::timestamp_ms(t))
+                        })
                 })
         });
         let info_changed = req.info.is_some() && req.info != host.info;
