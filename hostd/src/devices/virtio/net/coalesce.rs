@@ -7,12 +7,13 @@
 //!
 //! Only datagrams the kernel splits back into what the guest sent are taken: Ethernet,
 //! IPv4 without options and with a valid header checksum, not a fragment, no padding, UDP
-//! with the checksum left to the device (`NEEDS_CSUM` at the UDP checksum, holding the
-//! pseudo-header sum, as Linux's drivers leave it), and IP ids the kernel gives again
-//! (consecutive ones, or any with don't-fragment set: RFC 6864 gives an atomic datagram's
-//! id no meaning). A batch holds one flow (the same Ethernet header, addresses, ports,
-//! TOS, TTL and flags), payloads of one size but for a shorter last one, at most 64 KiB:
-//! what the kernel's USO takes.
+//! with the checksum left to the device (exactly `NEEDS_CSUM` at the UDP checksum, holding
+//! the pseudo-header sum, as Linux's drivers leave it), and IP ids the kernel gives again:
+//! consecutive ones, or, with don't-fragment set, any (the kernel numbers the segments
+//! from the first one's id; RFC 6864 gives an atomic datagram's id no meaning, and a Linux
+//! guest's unconnected socket sends them all 0). A batch holds one flow (the same Ethernet
+//! header, addresses, ports, TOS, TTL and flags), payloads of one size but for a shorter
+//! last one, at most 64 KiB: what the kernel's USO takes.
 
 use super::frame::{
     ETH_HLEN, ETH_P_IP, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE,
@@ -43,8 +44,6 @@ struct Kept {
 /// headers, then every payload.
 #[derive(Debug)]
 pub struct Batch {
-    /// The first datagram's offload header.
-    hdr: VnetHdr,
     /// The first datagram's headers as it sent them, then the payloads.
     buf: Vec<u8>,
     kept: Vec<Kept>,
@@ -65,7 +64,6 @@ pub enum Out<'a> {
 impl Default for Batch {
     fn default() -> Self {
         Self {
-            hdr: VnetHdr::default(),
             buf: Vec::with_capacity(ETH_HLEN + IP_MAX),
             kept: Vec::with_capacity(MAX_SEGMENTS),
             gso_size: 0,
@@ -122,14 +120,9 @@ fn ip_check(ip: &[u8]) -> u16 {
 
 /// `frame`'s payload length when a batch may take it (see the module's rules).
 fn datagram(hdr: &VnetHdr, frame: &[u8]) -> Option<usize> {
-    let plain = VnetHdr {
-        flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
-        gso_type: VIRTIO_NET_HDR_GSO_NONE,
-        csum_start: UDP_AT as u16,
-        csum_offset: 6,
-        ..*hdr
-    };
-    if *hdr != plain || frame.len() <= HEADERS || be16(frame, 12) != ETH_P_IP {
+    // The whole header, so that a datagram the batch gives back alone (`each`) goes with
+    // the header it came with.
+    if *hdr != PARTIAL || frame.len() <= HEADERS || be16(frame, 12) != ETH_P_IP {
         return None;
     }
     let ip = &frame[IP_AT..];
@@ -180,7 +173,6 @@ impl Batch {
             payload,
         };
         if self.kept.is_empty() {
-            self.hdr = *hdr;
             self.buf.clear();
             self.buf.extend_from_slice(frame);
             self.gso_size = payload;
@@ -214,7 +206,7 @@ impl Batch {
     pub fn out(&mut self) -> Option<Out<'_>> {
         match self.kept.len() {
             0 => None,
-            1 => Some(Out::One(self.hdr, &self.buf)),
+            1 => Some(Out::One(PARTIAL, &self.buf)),
             _ => {
                 let total = self.buf.len() - IP_AT;
                 let udp_len = total - 20;
@@ -253,7 +245,7 @@ impl Batch {
             put16(scratch, UDP_AT + 6, k.udp_check);
             scratch.extend_from_slice(&self.buf[at..at + k.payload]);
             at += k.payload;
-            f(self.hdr, scratch);
+            f(PARTIAL, scratch);
         }
     }
 
@@ -305,9 +297,9 @@ pub(super) fn offloaded_udp(
     f
 }
 
-/// The offload header of a datagram whose UDP checksum the device completes.
-#[cfg(test)]
-pub(super) const PARTIAL: VnetHdr = VnetHdr {
+/// The offload header of a datagram whose UDP checksum the device completes, as Linux's
+/// driver writes it; the only one a batch takes.
+pub const PARTIAL: VnetHdr = VnetHdr {
     flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
     gso_type: VIRTIO_NET_HDR_GSO_NONE,
     hdr_len: 0,
@@ -421,6 +413,25 @@ mod tests {
     }
 
     #[test]
+    fn atomic_datagrams_come_back_numbered_from_the_first_id() {
+        // A Linux guest's unconnected socket: don't-fragment, every id 0.
+        let sent: Vec<Vec<u8>> = (0..3u8).map(|i| udp(7, 0, true, &[i; 64])).collect();
+        let mut b = Batch::default();
+        for f in &sent {
+            assert!(b.add(&PARTIAL, f));
+        }
+        let Some(Out::Many(hdr, frame)) = b.out() else {
+            panic!("not one USO frame");
+        };
+        let split = split(&hdr, frame);
+        for (i, (got, f)) in split.iter().zip(&sent).enumerate() {
+            let mut want = udp(7, i as u16, true, &f[HEADERS..]);
+            want = as_sent(&want);
+            assert_eq!(got, &want, "datagram {i}: all but the id as sent");
+        }
+    }
+
+    #[test]
     fn a_lone_datagram_goes_as_it_came() {
         let f = udp(7, 1, true, b"hello");
         let mut b = Batch::default();
@@ -458,6 +469,11 @@ mod tests {
             ..PARTIAL
         };
         assert!(refused(&valid, &ok));
+        let hinted = VnetHdr {
+            hdr_len: 42,
+            ..PARTIAL
+        };
+        assert!(refused(&hinted, &ok), "a header length it would not keep");
         // Not IPv4 and UDP as the kernel splits it.
         assert!(refused(&PARTIAL, &with(|f| put16(f, 12, 0x86dd))));
         assert!(refused(&PARTIAL, &with(|f| f[IP_AT] = 0x46)), "IP options");

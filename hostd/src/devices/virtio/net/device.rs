@@ -561,8 +561,16 @@ mod tests {
                 .unwrap_or_else(|e| panic!("datagram {i}: {e}"));
             assert_eq!(&buf[..n], &p[..], "datagram {i}");
         }
-        // Batches: 0-9 (the shorter 9 ends one), 10-15, the other frame, 16-24.
-        let s = r.nic.metrics.snapshot();
+        // Batches: 0-9 (the shorter 9 ends one), 10-15, the other frame, 16-24. (Counted
+        // once the write returned, which may be after the socket had the datagrams.)
+        let counted = Instant::now();
+        let s = loop {
+            let s = r.nic.metrics.snapshot();
+            if s.tx_packets == 26 || counted.elapsed() > Duration::from_secs(2) {
+                break s;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
         assert_eq!((s.tx_packets, s.tx_batched, s.tx_errors), (26, 25, 0));
         let mut seen = Vec::new();
         while let Some(f) = r.net_side.recv() {
