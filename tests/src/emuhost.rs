@@ -118,6 +118,23 @@ sync
 poweroff -f
 "#;
 
+/// The lines of `line` as they were written. The init's heartbeat (one write of a whole
+/// line) can land inside a line the scenario is writing in pieces ("LINUX acpi=[APIC" +
+/// heartbeat + " DSDT ...]"): it comes out as a line of its own, and what came before it
+/// waits in `unfinished` for the rest of its line.
+fn unmix_heartbeat(unfinished: &mut String, line: &str) -> Vec<String> {
+    const BEAT: &str = "EMUHOST-HB uptime=";
+    let mut line = std::mem::take(unfinished) + line;
+    match line.find(BEAT) {
+        Some(at) if at > 0 => {
+            let beat = line.split_off(at);
+            *unfinished = line;
+            vec![beat]
+        }
+        _ => vec![line],
+    }
+}
+
 /// Where the emulated host's inputs and outputs are cached: `target/emuhost`.
 pub fn cache_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -647,14 +664,19 @@ impl Running {
         ] {
             let tx = tx.clone();
             std::thread::spawn(move || {
+                let mut unfinished = String::new();
                 for line in std::io::BufReader::new(out).split(b'\n') {
                     let Ok(line) = line else { return };
-                    let text = String::from_utf8_lossy(&line)
-                        .trim_end_matches('\r')
-                        .to_owned();
-                    if tx.send((Instant::now(), text)).is_err() {
-                        return;
+                    let text = String::from_utf8_lossy(&line);
+                    let text = text.trim_end_matches('\r');
+                    for text in unmix_heartbeat(&mut unfinished, text) {
+                        if tx.send((Instant::now(), text)).is_err() {
+                            return;
+                        }
                     }
+                }
+                if !unfinished.is_empty() {
+                    let _ = tx.send((Instant::now(), unfinished));
                 }
             });
         }
@@ -978,6 +1000,30 @@ fn shared_libraries(path: &Path) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_heartbeat_inside_a_line_comes_out_whole_and_the_line_too() {
+        let mut unfinished = String::new();
+        let mut lines = Vec::new();
+        for l in [
+            "LINUX cpus=2",
+            "LINUX acpi=[APICEMUHOST-HB uptime=32.83",
+            " DSDT FACP data dynamic ]",
+            "EMUHOST-HB uptime=42.85",
+        ] {
+            lines.extend(unmix_heartbeat(&mut unfinished, l));
+        }
+        assert_eq!(
+            lines,
+            [
+                "LINUX cpus=2",
+                "EMUHOST-HB uptime=32.83",
+                "LINUX acpi=[APIC DSDT FACP data dynamic ]",
+                "EMUHOST-HB uptime=42.85",
+            ]
+        );
+        assert!(unfinished.is_empty());
+    }
 
     #[test]
     fn a_kernel_line_is_the_emulated_hosts_when_stamped_with_its_uptime() {
