@@ -95,31 +95,34 @@ fn add_used(q: &mut Queue, mem: &GuestRam, head: u16, len: u32, nic: &Nic) {
 /// `batching` goes off.
 fn flush(batch: &mut Batch, nic: &Nic, scratch: &mut Vec<u8>, batching: &mut bool) {
     let n = batch.len() as u64;
-    let bytes: u64 = batch.lens().sum();
-    let failed = |e: std::io::Error, n: u64| {
-        (0..n).for_each(|_| nic.metrics.tx_error());
-        tracing::debug!(nic = %nic.id, error = %e, frames = n, "tap write failed");
-    };
     match batch.out() {
         None => return,
-        Some(Out::One(hdr, frame)) => match nic.transmit(hdr, frame) {
-            Ok(()) => nic.metrics.tx(bytes),
-            Err(e) => failed(e, 1),
-        },
+        Some(Out::One(hdr, frame)) => send_one(nic, hdr, frame),
         Some(Out::Many(hdr, frame)) => match nic.transmit(hdr, frame) {
-            Ok(()) => nic.metrics.tx_batch(n, bytes),
+            Ok(()) => nic.metrics.tx_batch(n, batch.lens().sum()),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 *batching = false;
                 tracing::warn!(nic = %nic.id, error = %e, "the kernel refused a UDP segmentation offload frame: datagrams go one by one");
-                batch.each(scratch, |hdr, frame| match nic.transmit(hdr, frame) {
-                    Ok(()) => nic.metrics.tx(frame.len() as u64),
-                    Err(e) => failed(e, 1),
-                });
+                batch.each(scratch, |hdr, frame| send_one(nic, hdr, frame));
             }
-            Err(e) => failed(e, n),
+            Err(e) => {
+                (0..n).for_each(|_| nic.metrics.tx_error());
+                tracing::debug!(nic = %nic.id, error = %e, frames = n, "tap write failed");
+            }
         },
     }
     batch.clear();
+}
+
+/// Writes one frame from the guest to the tap, counted as sent or failed.
+fn send_one(nic: &Nic, hdr: VnetHdr, frame: &[u8]) {
+    match nic.transmit(hdr, frame) {
+        Ok(()) => nic.metrics.tx(frame.len() as u64),
+        Err(e) => {
+            nic.metrics.tx_error();
+            tracing::debug!(nic = %nic.id, error = %e, "tap write failed");
+        }
+    }
 }
 
 fn notify(q: &mut Queue, mem: &GuestRam, interrupt: &VirtioInterrupt) {
@@ -445,13 +448,7 @@ impl Handler {
                 return;
             }
         }
-        match self.nic.transmit(self.tx_hdr, frame) {
-            Ok(()) => self.nic.metrics.tx(frame.len() as u64),
-            Err(e) => {
-                self.nic.metrics.tx_error();
-                tracing::debug!(nic = %self.nic.id, error = %e, "tap write failed");
-            }
-        }
+        send_one(&self.nic, self.tx_hdr, frame);
     }
 
     fn flush_batch(&mut self) {
